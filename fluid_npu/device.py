@@ -1,0 +1,209 @@
+"""Which accelerator, which distributed back end, which autocast dtype — the only hardware module.
+
+Order of preference: Ascend NPU (torch_npu) > CUDA > CPU. ``torch_npu`` is imported here and only
+here (plus ``ops/``), lazily and inside ``try/except``: with torch_npu installed but no CANN toolkit
+even ``import torch`` can fail, so nothing at import time touches it.
+
+The decision itself is the pure function ``choose`` (given what is available, what do we pick), so it
+is tested on a CPU for every combination; ``current()`` feeds it the real probes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def npu_import_error() -> str | None:
+    """None when torch_npu imports and an NPU is usable, else the reason (cached)."""
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as exc:  # not installed, or installed without CANN
+        return f"torch_npu cannot be imported: {exc}"
+    npu = getattr(torch, "npu", None)
+    if npu is None or not npu.is_available():
+        return "torch_npu imported but no NPU is visible (check ASCEND_RT_VISIBLE_DEVICES)"
+    return None
+
+
+def is_npu_available() -> bool:
+    return npu_import_error() is None
+
+
+def is_cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """What this process runs on."""
+
+    type: str  # "npu" | "cuda" | "cpu"
+    index: int | None
+    backend: str  # torch.distributed back end: "hccl" | "nccl" | "gloo"
+    autocast_dtype: torch.dtype | None  # None = run in the parameters' dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.type) if self.index is None else torch.device(self.type, self.index)
+
+
+def choose(
+    *,
+    npu: bool,
+    cuda: bool,
+    bf16_supported: bool,
+    want_bf16: bool = True,
+    want_fp16: bool = False,
+    local_rank: int | None = None,
+    force: str | None = None,
+) -> DeviceChoice:
+    """The pure device decision: npu > cuda > cpu, its collective back end and autocast dtype.
+
+    ``force`` ("npu" / "cuda" / "cpu") overrides the order (config key ``device``); forcing a device
+    that is not available raises ``RuntimeError`` naming it.
+    """
+    available = {"npu": npu, "cuda": cuda, "cpu": True}
+    if force not in (None, "auto"):
+        if force not in available:
+            raise RuntimeError(f"unknown device {force!r}; choose npu, cuda, cpu or auto")
+        if not available[force]:
+            raise RuntimeError(f"device {force!r} was requested but is not available here")
+        kind = force
+    else:
+        kind = "npu" if npu else "cuda" if cuda else "cpu"
+    backend = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[kind]
+    dtype: torch.dtype | None = None
+    if kind != "cpu":
+        if want_bf16 and bf16_supported:
+            dtype = torch.bfloat16
+        elif want_fp16 or want_bf16:
+            dtype = torch.float16
+    elif want_bf16:
+        dtype = torch.bfloat16  # CPU autocast supports bf16; only used when asked for
+    index = None if kind == "cpu" else (local_rank or 0)
+    return DeviceChoice(kind, index, backend, dtype)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def current(
+    want_bf16: bool = False, want_fp16: bool = False, force: str | None = None
+) -> DeviceChoice:
+    """The device this process should use, probing torch_npu / CUDA for real."""
+    npu = is_npu_available()
+    cuda = not npu and is_cuda_available()
+    if npu:
+        bf16 = bool(torch.npu.is_bf16_supported())
+    elif cuda:
+        bf16 = bool(torch.cuda.is_bf16_supported())
+    else:
+        bf16 = True
+    return choose(
+        npu=npu,
+        cuda=cuda,
+        bf16_supported=bf16,
+        want_bf16=want_bf16,
+        want_fp16=want_fp16,
+        local_rank=local_rank() if (npu or cuda) else None,
+        force=force,
+    )
+
+
+def device_module(device_type: str) -> ModuleType | None:
+    """``torch.npu`` / ``torch.cuda`` for an accelerator type, None for CPU."""
+    if device_type == "npu":
+        if npu_import_error() is not None:
+            return None
+        return torch.npu
+    if device_type == "cuda":
+        return torch.cuda
+    return None
+
+
+def set_device(choice: DeviceChoice) -> None:
+    """Bind this process to its accelerator (before ``init_process_group`` on hccl / nccl)."""
+    module = device_module(choice.type)
+    if module is not None and choice.index is not None:
+        module.set_device(choice.index)
+
+
+def autocast(choice: DeviceChoice) -> AbstractContextManager[Any]:
+    """``torch.autocast`` on the chosen device type in its dtype, or a no-op."""
+    if choice.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(choice.type, dtype=choice.autocast_dtype)
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for queued kernels (for timing); a no-op on CPU."""
+    dev = torch.device(device) if device is not None else current().device
+    module = device_module(dev.type)
+    if module is not None:
+        module.synchronize()
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    module = device_module(torch.device(device).type)
+    if module is not None:
+        module.reset_peak_memory_stats()
+
+
+def memory_stats(device: torch.device | str) -> dict[str, float]:
+    """Allocated / peak / reserved accelerator memory in MiB; process RSS peak on CPU."""
+    dev = torch.device(device)
+    module = device_module(dev.type)
+    mib = 1024.0 * 1024.0
+    if module is None:
+        import resource
+
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"rss_peak_mib": peak_kib / 1024.0}
+    return {
+        "allocated_mib": module.memory_allocated(dev) / mib,
+        "peak_allocated_mib": module.max_memory_allocated(dev) / mib,
+        "reserved_mib": module.memory_reserved(dev) / mib,
+    }
+
+
+def empty_cache(device: torch.device | str) -> None:
+    module = device_module(torch.device(device).type)
+    if module is not None:
+        module.empty_cache()
+
+
+def visible_device_count() -> int:
+    """How many accelerators torchrun should use on this node (0 on a CPU-only host)."""
+    if is_npu_available():
+        return int(torch.npu.device_count())
+    if is_cuda_available():
+        return torch.cuda.device_count()
+    return 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and every accelerator for a reproducible run."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # numpy is a dependency, but seeding must not be what breaks
+        pass
+    torch.manual_seed(seed)  # also seeds CUDA and, with torch_npu loaded, the NPU generators
+    for kind in ("cuda", "npu"):
+        module = device_module(kind) if kind == "cuda" and is_cuda_available() else None
+        if kind == "npu" and is_npu_available():
+            module = torch.npu
+        if module is not None:
+            module.manual_seed_all(seed)

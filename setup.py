@@ -1,0 +1,40 @@
+"""Packaging for fluid-npu: the ``fluid_npu`` package, the ``fluid_ops`` kernel library (``ops/``) and
+the ``fluid`` console script.
+
+torch is deliberately not pinned here: on an Ascend host torch and torch_npu are a preinstalled,
+matched pair that must not be replaced, and ``run_npu.sh`` installs the CPU wheel when torch is absent.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fluid-npu",
+    version="0.1.0",
+    description="FLUID: adapt a pretrained causal LM into a lossless parallel-decoding diffusion LM "
+    "(Strictly Causal Alignment + Elastic Horizons), native on Ascend NPUs, CUDA and CPU.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fluid_npu", "fluid_npu.*"]) + ["fluid_ops"],
+    package_dir={"fluid_ops": "ops"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        # torch_npu must match the preinstalled torch exactly; CANN comes from Ascend's installer.
+        "npu": ["torch_npu", "decorator", "attrs", "psutil", "cloudpickle", "tornado"],
+        "cuda": ["triton>=3.0"],
+        "deepspeed": ["deepspeed>=0.15"],
+        "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
+        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},
+)
