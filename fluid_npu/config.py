@@ -1,0 +1,358 @@
+"""Typed run configuration: dataclasses filled from a LLaMA-Factory-style YAML plus ``key=value``.
+
+A YAML is flat, as in LLaMA-Factory. Each key belongs to exactly one group:
+
+* ``ModelArgs`` — the base model, adapter, MASK token, attention back end, device options;
+* ``DataArgs`` — datasets, template, ``cutoff_len`` (read by ``fluid_npu.data``);
+* ``FluidArgs`` — the method: stage, LoRA, the §1.1 layout and loss, the K-head;
+* ``TrainArgs`` — the optimisation keys we own; any other ``transformers.TrainingArguments`` name
+  (``seed``, ``report_to``, ``save_total_limit``, …) passes through to the Trainer.
+
+Keys that LLaMA-Factory recipes carry but that mean nothing here (``do_train``,
+``overwrite_cache``, …) are accepted with a one-line warning. An unknown key or a value of the wrong
+type is a ``ConfigError`` naming the key and the nearest valid one; values are checked in each
+dataclass's ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fluid_npu.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("fluid_stage1", "fluid_stage2")
+ATTN_BACKENDS = ("auto", "reference", "blocked", "npu", "triton", "eager", "sdpa")
+
+# LLaMA-Factory keys that have no meaning in fluid-npu: accepted with a warning.
+IGNORED_KEYS = {
+    "do_train": "training always runs with `fluid train`",
+    "do_eval": "evaluation runs when val_size > 0",
+    "do_predict": "use `fluid generate` for predictions",
+    "overwrite_cache": "datasets are tokenized in memory, nothing is cached",
+    "overwrite_output_dir": "output_dir is written atomically; resume with resume_from_checkpoint",
+    "plot_loss": "run.json carries the loss figures",
+    "ddp_timeout": "set HCCL_CONNECT_TIMEOUT / the torchrun timeout instead",
+    "flash_attn": "the attention back end is chosen by attn_backend",
+    "cache_dir": "nothing is downloaded",
+    "tokenized_path": "datasets are tokenized in memory",
+    "packing": "FLUID expands each example separately; packing is not used",
+    "neat_packing": "FLUID expands each example separately; packing is not used",
+    "enable_thinking": "the template decides thinking markers",
+    "use_fast_tokenizer": "the tokenizer's own class is used",
+    "quantization_bit": "quantized training is not supported; the key is ignored",
+    "upcast_layernorm": "norms follow the model dtype",
+    "use_unsloth": "not used",
+    "print_param_status": "trainable parameters are logged at start",
+    "new_special_tokens": "the MASK token is added by mask_token resolution",
+    "eval_dataset": "evaluation uses val_size",
+}
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str | None = None
+    adapter_name_or_path: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    mask_token: str | None = None
+    attn_backend: str = "auto"
+    loss_impl: str = "auto"
+    device: str = "auto"
+    npu_fused_kernels: bool = True
+    use_mindspeed: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _choice("loss_impl", self.loss_impl, ("auto", "fused", "reference"))
+        _choice("device", self.device, ("auto", "npu", "cuda", "cpu"))
+
+
+@dataclass
+class DataArgs:
+    dataset: str | None = None
+    dataset_dir: str = "data"
+    template: str | None = None
+    cutoff_len: int = 1024
+    skip_bad_rows: bool = False
+    max_samples: int | None = None
+    val_size: float = 0.0
+    mask_history: bool = False
+    train_on_prompt: bool = False
+    preprocessing_num_workers: int | None = None
+    seed: int = field(default=42, metadata={"internal": True})  # copied from TrainArgs.seed
+
+    def __post_init__(self) -> None:
+        _positive("cutoff_len", self.cutoff_len)
+        if self.max_samples is not None:
+            _positive("max_samples", self.max_samples)
+        if self.val_size < 0:
+            raise ConfigError(f"val_size must be ≥ 0 (a fraction < 1 or a count), got {self.val_size}")
+
+
+@dataclass
+class FluidArgs:
+    stage: str = "fluid_stage1"
+    finetuning_type: str = "lora"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target: str | list[str] = "all"
+    train_mask_embedding: bool = False
+    k_masks: int = 16
+    anchor_prob: float = 0.5
+    noise_ratio: float = 0.1
+    max_slots_ratio: float | None = 6.0
+    loss_reduction: str = "sum_of_means"
+    ar_loss_weight: float = 1.0
+    diff_loss_weight: float = 1.0
+    khead_label: str = "ce_threshold"
+    khead_tau: float = 2.8
+    khead_sigma: float = 1.5
+    skip_nonfinite_check: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("stage", self.stage, STAGES)
+        _choice("finetuning_type", self.finetuning_type, ("lora", "full"))
+        _choice("loss_reduction", self.loss_reduction, ("sum_of_means", "pooled"))
+        _choice("khead_label", self.khead_label, ("ce_threshold", "accept_length"))
+        _positive("k_masks", self.k_masks)
+        _positive("lora_rank", self.lora_rank)
+        for name in ("anchor_prob", "noise_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {value}")
+        if self.max_slots_ratio is not None and self.max_slots_ratio <= 0:
+            raise ConfigError(f"max_slots_ratio must be > 0 or null, got {self.max_slots_ratio}")
+        if self.khead_sigma <= 0 or self.khead_tau <= 0:
+            raise ConfigError("khead_sigma and khead_tau must be > 0")
+        if isinstance(self.lora_target, str) and self.lora_target != "all":
+            self.lora_target = [t.strip() for t in self.lora_target.split(",") if t.strip()]
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str | None = None
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2.0e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    bf16: bool = False
+    fp16: bool = False
+    deepspeed: str | None = None
+    fsdp: str | list[str] = ""
+    fsdp_config: str | None = None
+    logging_steps: float = 10
+    save_steps: float = 500
+    save_total_limit: int | None = None
+    seed: int = 42
+    resume_from_checkpoint: str | None = None
+    report_to: str | list[str] = "none"
+    gradient_checkpointing: bool = False
+    dataloader_num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            _positive(name, getattr(self, name))
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both true: choose one")
+
+
+GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "fluid": FluidArgs, "train": TrainArgs}
+
+
+@dataclass
+class FluidConfig:
+    """A whole run: the four typed groups plus pass-through TrainingArguments names."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    fluid: FluidArgs = field(default_factory=FluidArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    extra_training_args: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat key → value mapping (what a YAML for this run would hold)."""
+        flat: dict[str, Any] = {}
+        for group in GROUPS:
+            for f in dataclasses.fields(getattr(self, group)):
+                if not f.metadata.get("internal"):
+                    flat[f.name] = getattr(getattr(self, group), f.name)
+        flat.update(self.extra_training_args)
+        return flat
+
+    def require(self, *keys: str) -> None:
+        """Raise a ConfigError for each listed key that is unset (None)."""
+        flat = self.to_dict()
+        missing = [k for k in keys if flat.get(k) in (None, "")]
+        if missing:
+            raise ConfigError(f"missing required key(s): {', '.join(missing)}; add them to the YAML")
+
+
+def _owner_of() -> dict[str, str]:
+    owners = {}
+    for group, cls in GROUPS.items():
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("internal"):
+                owners[f.name] = group
+    return owners
+
+
+def _training_argument_fields() -> dict[str, dataclasses.Field]:
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _choice(name: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        near = difflib.get_close_matches(str(value), valid, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{name}: {value!r} is not valid{hint}; choose one of {', '.join(valid)}")
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation, converting the few safe cases (int → float)."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if origin is list:
+        (inner,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, list):
+            return [_coerce(key, v, inner) for v in value]
+        raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(
+        f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__}); "
+        f"fix the value in the YAML or the {key}=... override"
+    )
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _nearest(key: str, candidates: list[str]) -> str:
+    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["lora_rank=8", "bf16=false"]`` → ``{"lora_rank": 8, "bf16": False}`` (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not key=value (e.g. learning_rate=1e-4)")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({exc})") from None
+    return out
+
+
+def build_config(values: dict[str, Any], source: str | None = None) -> FluidConfig:
+    """Validate a flat key → value mapping into a ``FluidConfig`` (see the module docstring)."""
+    owners = _owner_of()
+    hf_fields = _training_argument_fields()
+    per_group: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+    extra: dict[str, Any] = {}
+    hints = {g: typing.get_type_hints(cls) for g, cls in GROUPS.items()}
+    for key, value in values.items():
+        if key in owners:
+            group = owners[key]
+            per_group[group][key] = _coerce(key, value, hints[group][key])
+        elif key in IGNORED_KEYS:
+            logger.warning("config key %r is ignored: %s", key, IGNORED_KEYS[key])
+        elif key in hf_fields:
+            extra[key] = value
+        else:
+            candidates = sorted(set(owners) | set(hf_fields))
+            raise ConfigError(f"unknown config key {key!r}{_nearest(key, candidates)}")
+    if per_group["fluid"].get("stage") == "sft":
+        raise ConfigError("stage: sft is LLaMA-Factory's; use stage: fluid_stage1 (or fluid_stage2)")
+    try:
+        groups = {g: GROUPS[g](**per_group[g]) for g in GROUPS}
+    except TypeError as exc:  # pragma: no cover - keys were checked above
+        raise ConfigError(str(exc)) from None
+    groups["data"].seed = groups["train"].seed
+    return FluidConfig(**groups, extra_training_args=extra, source=source)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FluidConfig:
+    """Read a YAML recipe (or nothing) and apply ``key=value`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML recipe path")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of key: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(parse_overrides(overrides or []))
+    return build_config(values, source=str(path) if path is not None else None)

@@ -1,0 +1,154 @@
+"""Loading any HF causal-LM directory, openPangu-Embedded included, without remote code.
+
+* A model directory must hold safetensors weights; a pickle ``.bin`` checkpoint is refused unless
+  ``allow_pickle`` is set (a pickle can run arbitrary code when loaded).
+* openPangu-Embedded (``model_type: PanguEmbedded``) is a Llama with biases on q/k/v/o. Its remote
+  code imports torch_npu unconditionally, so we map its config onto ``LlamaConfig`` with
+  ``attention_bias=True`` and load the (Llama-named) weights into ``LlamaForCausalLM``.
+* ``fingerprint`` identifies a base model's weights cheaply, so an adapter or K-head trained on one
+  base can refuse to load onto another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fluid_npu.errors import CheckpointError
+
+PANGU_TYPES = ("pangu_embedded", "panguembedded")
+# openPangu config keys that are Llama keys under another name.
+PANGU_RENAMES = {"bias": "attention_bias"}
+PANGU_DROP = ("auto_map", "architectures", "model_type", "_name_or_path", "transformers_version")
+
+
+def check_model_dir(path: str | Path, *, allow_pickle: bool = False) -> Path:
+    """Return the directory when it holds a loadable checkpoint, else raise a CheckpointError."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(
+            f"model directory {str(p)!r} does not exist; set model_name_or_path to a local HF "
+            "model directory (nothing is downloaded)"
+        )
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{p} has no config.json; it is not a HF model directory")
+    safetensors = list(p.glob("*.safetensors"))
+    pickles = list(p.glob("*.bin")) + list(p.glob("*.pt")) + list(p.glob("*.pth"))
+    if not safetensors:
+        if pickles and not allow_pickle:
+            raise CheckpointError(
+                f"{p} holds only pickle weights ({pickles[0].name}); convert them to safetensors, "
+                "or set allow_pickle: true if you trust the file"
+            )
+        if not pickles:
+            raise CheckpointError(f"{p} holds no weights (*.safetensors)")
+    return p
+
+
+def is_pangu_config(raw: dict[str, Any]) -> bool:
+    model_type = str(raw.get("model_type", "")).lower()
+    archs = [str(a).lower() for a in raw.get("architectures") or []]
+    return model_type in PANGU_TYPES or any(a.startswith("panguembedded") for a in archs)
+
+
+def pangu_to_llama_config(raw: dict[str, Any]) -> LlamaConfig:
+    """Map an openPangu-Embedded config dict onto an equivalent ``LlamaConfig`` (biases on q/k/v/o)."""
+    values = {PANGU_RENAMES.get(k, k): v for k, v in raw.items() if k not in PANGU_DROP}
+    values.setdefault("attention_bias", True)
+    values["mlp_bias"] = False
+    if "torch_dtype" in values and "dtype" not in values:
+        values["dtype"] = values.pop("torch_dtype")
+    config = LlamaConfig(**values)
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def load_config(path: str | Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    if is_pangu_config(raw):
+        return pangu_to_llama_config(raw)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{path}: transformers does not know model_type {raw.get('model_type')!r} ({exc}); "
+            "set trust_remote_code: true only if you trust the model's code"
+        ) from None
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM from a local directory (openPangu as Llama); eval mode, on CPU."""
+    p = check_model_dir(path, allow_pickle=allow_pickle)
+    config = load_config(p, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(
+        config=config,
+        attn_implementation=attn_implementation,
+        use_safetensors=not allow_pickle or bool(list(p.glob("*.safetensors"))),
+    )
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    cls = LlamaForCausalLM if isinstance(config, LlamaConfig) else AutoModelForCausalLM
+    if cls is AutoModelForCausalLM:
+        kwargs["trust_remote_code"] = trust_remote_code
+    try:
+        model = cls.from_pretrained(p, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load the model in {p}: {exc}") from None
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a model (a pad token is set to EOS when it has none)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot load a tokenizer from {path}: {exc}. openPangu's PanguTokenizer is remote "
+            "code: save it once as a fast tokenizer, or set trust_remote_code: true"
+        ) from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of a base model's shape and a few weight rows (cheap, stable across saves).
+
+    The input embedding rows of the original vocabulary and the first decoder weight identify the
+    base; rows appended for a new MASK token are excluded, so the base and its FLUID descendant
+    with a resized vocabulary share the fingerprint.
+    """
+    config = model.config
+    h = hashlib.sha256()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        h.update(f"{key}={getattr(config, key, None)};".encode())
+    emb = model.get_input_embeddings().weight.detach()
+    h.update(emb[:8].float().cpu().numpy().tobytes())
+    first = next(
+        (p for n, p in model.named_parameters() if "layers.0." in n and "lora_" not in n),
+        None,
+    )
+    if first is not None:
+        h.update(first.detach()[:4].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

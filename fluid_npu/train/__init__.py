@@ -1,0 +1,1 @@
+"""Trainers: Stage I (strictly causal alignment) and Stage II (the K-head) on transformers Trainer."""
