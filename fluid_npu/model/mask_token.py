@@ -102,13 +102,21 @@ def resolve_mask_token(
     old = model.get_input_embeddings().weight.shape[0]
     if tid >= old:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        with torch.no_grad():
-            emb = model.get_input_embeddings().weight
-            emb[old:] = emb[:old].mean(dim=0, keepdim=True)
-            out = model.get_output_embeddings()
-            if out is not None and out.weight is not emb:
-                out.weight[old:] = out.weight[:old].mean(dim=0, keepdim=True)
+        init_new_rows(model, old)
     return MaskToken(NEW_MASK, tid, "added")
+
+
+def init_new_rows(model: PreTrainedModel, n_old: int) -> None:
+    """Rows past ``n_old`` (a new MASK token) in the input and output embeddings start at the mean
+    of the old rows, deterministically, so a base + adapter reload rebuilds them exactly."""
+    weights = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight}
+    out = model.get_output_embeddings()
+    if out is not None:
+        weights[id(out.weight)] = out.weight
+    with torch.no_grad():
+        for weight in weights.values():
+            if weight.shape[0] > n_old:
+                weight[n_old:] = weight[:n_old].mean(dim=0, keepdim=True)
 
 
 def check_unused(mask: MaskToken, occurs: Callable[[int], bool]) -> None:

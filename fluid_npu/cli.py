@@ -1,0 +1,124 @@
+"""The ``fluid`` command: ``train | merge | generate | bench | demo``, with one error style.
+
+A bad input (a ``FluidError``: config, dataset, checkpoint, prompt, flag) prints one line on stderr
+— ``fluid: error: <what is wrong and how to fix it>`` — and exits with status 2; the traceback is
+shown only with ``--debug``. Subcommands live beside what they run and register themselves here
+through ``add_parser`` functions, so this file stays a thin dispatcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from fluid_npu.errors import FluidError
+
+# (module, function adding the subcommand's parser); each handler returns an exit code.
+SUBCOMMANDS = (
+    ("fluid_npu.cli", "_add_train"),
+    ("fluid_npu.cli", "_add_merge"),
+    ("fluid_npu.sampling.cli", "add_generate_parser"),
+    ("fluid_npu.sampling.cli", "add_bench_parser"),
+    ("fluid_npu.demo", "add_demo_parser"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        raise FluidError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train Stage I or Stage II from a YAML recipe")
+    p.add_argument("config", help="YAML recipe (LLaMA-Factory key names + FLUID keys)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4")
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fluid_npu.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.fluid.stage == "fluid_stage1":
+        from fluid_npu.train.stage1 import run_stage1
+
+        record = run_stage1(cfg)
+    else:
+        from fluid_npu.train.stage2 import run_stage2
+
+        record = run_stage2(cfg)
+    keys = ("train_loss", "loss_ar", "loss_diff", "khead_exact_acc")
+    summary = ", ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))
+    print(f"fluid: {cfg.fluid.stage} finished -> {cfg.train.output_dir} ({summary})")
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge a Stage I LoRA adapter into its base model")
+    p.add_argument("--base", required=True, help="base model directory")
+    p.add_argument("--adapter", required=True, help="Stage I adapter directory")
+    p.add_argument("--output", required=True, help="where the merged HF model is written")
+    p.add_argument("--allow-pickle", action="store_true", help="accept a pickle .bin base")
+    p.set_defaults(handler=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from fluid_npu.model.merge import merge_adapter
+
+    out = merge_adapter(args.base, args.adapter, args.output, allow_pickle=args.allow_pickle)
+    print(f"fluid: merged model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fluid",
+        description="FLUID on Ascend NPUs, CUDA and CPU: Stage I / II training, the elastic "
+        "sampler, benchmarks and the CPU demo.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for module_name, fn in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # the module exists but something it needs is missing
+                raise
+            continue  # that part of the toolkit is not installed in this checkout
+        adder: Callable[[argparse._SubParsersAction], None] = getattr(module, fn)
+        adder(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FLUID_DEBUG") == "1"
+    logging.basicConfig(
+        level=logging.INFO if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "handler", None) is None:
+            parser.print_help()
+            return 0
+        return int(args.handler(args) or 0)
+    except FluidError as exc:
+        if debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"fluid: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fluid: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

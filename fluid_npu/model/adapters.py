@@ -1,0 +1,161 @@
+"""LoRA adapters through peft, their FLUID metadata, and loading a FLUID model for use.
+
+* ``apply_lora`` wraps a base model for Stage I: all linear layers but the LM head by default
+  (peft's ``all-linear``), an explicit ``lora_target`` list honoured, and the MASK embedding row
+  trainable (peft trainable tokens) when ``train_mask_embedding`` is set or the MASK token is new.
+* Every FLUID output directory carries ``fluid_model.json``: the base model's fingerprint, the MASK
+  token and the vocabulary size, so an adapter (or K-head) refuses to load onto another base.
+* ``load_fluid`` is how Stage II, the sampler and ``fluid merge`` get a ready model: base (+ adapter,
+  resized for an added MASK token), tokenizer and MASK id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fluid_npu.errors import CheckpointError
+from fluid_npu.model.loading import fingerprint, load_model, load_tokenizer
+from fluid_npu.model.mask_token import MaskToken, init_new_rows, resolve_mask_token
+
+META_FILE = "fluid_model.json"
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target: str | list[str],
+    trainable_token_ids: list[int] | None = None,
+) -> Any:
+    """Wrap ``model`` with LoRA adapters (peft); returns the ``PeftModel``."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = "all-linear" if target == "all" else list(target)
+    if isinstance(modules, list):
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        unknown = [m for m in modules if m not in names]
+        if unknown:
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            )
+            raise CheckpointError(
+                f"lora_target names modules this model does not have: {unknown}; "
+                f"its linear layers are {linear} (or use lora_target: all)"
+            )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=modules,
+        task_type="CAUSAL_LM",
+        trainable_token_indices=trainable_token_ids or None,
+    )
+    return get_peft_model(model, config)
+
+
+@dataclass(frozen=True)
+class FluidModelMeta:
+    base_fingerprint: str
+    mask_token: str
+    mask_id: int
+    vocab_size: int  # rows of the base vocabulary, before a MASK token was added
+    base_model: str | None = None
+    stage: str = "fluid_stage1"
+
+    def save(self, directory: str | Path) -> None:
+        from fluid_npu.train.io import write_json_atomic
+
+        write_json_atomic(Path(directory) / META_FILE, self.__dict__)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FluidModelMeta | None:
+        path = Path(directory) / META_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise CheckpointError(f"{path} is unreadable ({exc}); re-run the stage that wrote it")
+
+
+@dataclass
+class LoadedFluid:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    mask: MaskToken
+    base_fingerprint: str
+    adapter_fingerprint: str | None
+
+
+def load_fluid(
+    model_dir: str | Path,
+    adapter_dir: str | Path | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    merge: bool = False,
+    mask_token: str | None = None,
+) -> LoadedFluid:
+    """A FLUID model ready for inference or Stage II: base (+ Stage I adapter), tokenizer, MASK."""
+    model = load_model(
+        model_dir,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
+    base_fp = fingerprint(model)
+    tok_dir = model_dir
+    adapter_fp = None
+    if adapter_dir is not None:
+        adir = Path(adapter_dir)
+        if not (adir / "adapter_config.json").is_file():
+            raise CheckpointError(f"{adir} is not a LoRA adapter directory (no adapter_config.json)")
+        meta = FluidModelMeta.load(adir)
+        if meta is not None and meta.base_fingerprint != base_fp:
+            raise CheckpointError(
+                f"the adapter in {adir} was trained on another base model (fingerprint "
+                f"{meta.base_fingerprint}, this base is {base_fp}); pass the base it was trained on"
+            )
+        if (adir / "tokenizer_config.json").is_file():
+            tok_dir = adir
+        tokenizer = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            n_old = model.get_input_embeddings().weight.shape[0]
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            init_new_rows(model, n_old)
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"the adapter in {adir} does not fit this base model: {exc}")
+        adapter_fp = (meta.base_fingerprint if meta else "") + ":" + _file_digest(adir)
+        if merge:
+            model = model.merge_and_unload()
+    else:
+        tokenizer = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
+    mask = resolve_mask_token(tokenizer, configured=mask_token, allow_new=False)
+    model.eval()
+    return LoadedFluid(model, tokenizer, mask, base_fp, adapter_fp)
+
+
+def _file_digest(directory: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(directory.glob("adapter_model.safetensors")):
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]

@@ -1,0 +1,111 @@
+"""Output directories, atomic writes and ``run.json`` — how every stage leaves its results on disk.
+
+Nothing a run writes is ever half-written: files and whole directories are written to a temporary
+sibling and renamed into place, so a crash leaves either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fluid_npu.errors import ConfigError
+
+RUN_FILE = "run.json"
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create ``path`` when needed and check it is writable; a ConfigError names it otherwise."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise ConfigError(
+            f"output_dir {str(out)!r} is not writable ({exc.strerror or exc}); choose another "
+            "output_dir or fix its permissions"
+        ) from None
+    return out
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and an atomic rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True, default=_jsonable)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def publish_dir(staging: Path, target: Path) -> None:
+    """Move every file of ``staging`` into ``target`` by rename (same filesystem), then remove it."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        dest = target / item.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    staging.rmdir()
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh temporary directory beside ``target`` (same filesystem, so renames are atomic)."""
+    target.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target, prefix=".staging-"))
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a run depends on (torch_npu only when it is loaded)."""
+    import sys
+
+    import torch
+    import transformers
+
+    import fluid_npu
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "fluid_npu": fluid_npu.__version__,
+    }
+    for name in ("peft", "accelerate", "datasets", "triton", "deepspeed"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "unknown")
+        except Exception:
+            continue
+    if "torch_npu" in sys.modules:
+        out["torch_npu"] = getattr(sys.modules["torch_npu"], "__version__", "unknown")
+    return out
+
+
+def write_run_json(output_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``run.json`` with the given record plus versions and a timestamp."""
+    payload = {"versions": versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
+    path = Path(output_dir) / RUN_FILE
+    write_json_atomic(path, payload)
+    return path

@@ -1,0 +1,154 @@
+"""One training run from a config: checks, device, model + MASK, data, adapters, Trainer, save.
+
+``TrainingSession`` does everything a stage needs before and after its loss: it validates the
+inputs up front (so a bad dataset or output directory fails before any weight is touched), loads
+the base model and tokenizer, resolves the MASK token, tokenizes the data and checks the MASK never
+occurs in it, applies LoRA or full fine-tuning, and at the end saves the adapter / model, the
+tokenizer and ``fluid_model.json`` atomically and writes ``run.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from fluid_npu import device as devices
+from fluid_npu.config import FluidConfig
+from fluid_npu.model.adapters import FluidModelMeta, apply_lora
+from fluid_npu.model.attention import configure_attention
+from fluid_npu.model.loading import check_model_dir, fingerprint, load_model, load_tokenizer
+from fluid_npu.model.mask_token import check_unused, resolve_mask_token
+from fluid_npu.train.common import FluidTrainer, save_final, training_arguments
+from fluid_npu.train.io import prepare_output_dir, write_run_json
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[PreTrainedModel, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class TrainingSession:
+    """Set-up and tear-down of a Stage I run (Stage II reuses the data and trainer parts)."""
+
+    def __init__(self, cfg: FluidConfig, stage: str) -> None:
+        cfg.require("model_name_or_path", "dataset", "output_dir")
+        self.cfg = cfg
+        self.stage = stage
+        self.output_dir = prepare_output_dir(cfg.train.output_dir)
+        check_model_dir(cfg.model.model_name_or_path, allow_pickle=cfg.model.allow_pickle)
+        self.choice = devices.current(
+            want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
+        )
+        self.args = training_arguments(cfg, self.choice)  # fail on bad arguments before loading
+        devices.seed_everything(cfg.train.seed)
+        self.tokenizer = load_tokenizer(
+            cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code
+        )
+        base = load_model(
+            cfg.model.model_name_or_path,
+            dtype=torch.bfloat16 if cfg.train.bf16 and cfg.fluid.finetuning_type == "lora" else None,
+            trust_remote_code=cfg.model.trust_remote_code,
+            allow_pickle=cfg.model.allow_pickle,
+        )
+        self.base_fingerprint = fingerprint(base)
+        self.base_vocab_size = base.get_input_embeddings().weight.shape[0]
+        self.mask = resolve_mask_token(
+            self.tokenizer, base, configured=cfg.model.mask_token, allow_new=True
+        )
+        self.data = self._load_data()
+        base.config.use_cache = False
+        configure_attention(base, cfg.model.attn_backend)
+        self.model = self._trainable(base)
+
+    def _load_data(self) -> Any:
+        from fluid_npu.data import build_sft_dataset, token_occurs
+
+        data = build_sft_dataset(self.cfg.data, self.tokenizer)
+        check_unused(self.mask, lambda tid: token_occurs(data.train, tid))
+        data.train = data.train.add_column("index", list(range(len(data.train))))
+        return data
+
+    def _trainable(self, model: PreTrainedModel) -> PreTrainedModel:
+        f = self.cfg.fluid
+        if f.finetuning_type == "full":
+            model.train()
+            return model
+        tokens = [self.mask.id] if (f.train_mask_embedding or self.mask.source == "added") else None
+        peft_model = apply_lora(
+            model,
+            rank=f.lora_rank,
+            alpha=f.lora_alpha,
+            dropout=f.lora_dropout,
+            target=f.lora_target,
+            trainable_token_ids=tokens,
+        )
+        if self.cfg.train.gradient_checkpointing:
+            peft_model.enable_input_require_grads()
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in peft_model.parameters())
+        logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+        return peft_model
+
+    def train(
+        self,
+        loss_fn: LossFn,
+        collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        callbacks: list[Any] | None = None,
+    ) -> dict[str, Any]:
+        """Run the Trainer with ``loss_fn``, save everything, and return the run record."""
+        args = self.args
+
+        class _Trainer(FluidTrainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                loss, parts = loss_fn(model, inputs)
+                self.record_parts(loss, parts)
+                return (loss, {"loss": loss}) if return_outputs else loss
+
+        trainer = _Trainer(
+            model=self.model,
+            args=args,
+            train_dataset=self.data.train,
+            data_collator=collator,
+            processing_class=self.tokenizer,
+            callbacks=callbacks,
+        )
+        result = trainer.train(resume_from_checkpoint=self.cfg.train.resume_from_checkpoint)
+        meta = FluidModelMeta(
+            base_fingerprint=self.base_fingerprint,
+            mask_token=self.mask.token,
+            mask_id=self.mask.id,
+            vocab_size=self.base_vocab_size,
+            base_model=str(self.cfg.model.model_name_or_path),
+            stage=self.stage,
+        )
+        save_final(trainer, self.tokenizer, self.output_dir, [meta])
+        record = {
+            "stage": self.stage,
+            "config": self.cfg.to_dict(),
+            "device": {
+                "type": self.choice.type,
+                "backend": self.choice.backend,
+                "autocast_dtype": str(self.choice.autocast_dtype),
+                "world_size": args.world_size,
+            },
+            "mask_token": {"token": self.mask.token, "id": self.mask.id, "source": self.mask.source},
+            "base_fingerprint": self.base_fingerprint,
+            "data": _as_dict(getattr(self.data, "stats", None)),
+            "train_loss": float(result.training_loss),
+            "global_step": int(result.global_step),
+            **trainer.last_parts,
+            "log_history": trainer.state.log_history,
+        }
+        if trainer.is_world_process_zero():
+            write_run_json(self.output_dir, record)
+        self.trainer = trainer
+        return record
+
+
+def _as_dict(stats: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else stats

@@ -1,0 +1,151 @@
+"""Stage I — strictly causal alignment (DESIGN §1.1) on transformers' Trainer.
+
+Each batch is expanded per example by ``fluid_npu.layout`` (anchors, MASK slots, reveal noise),
+run through the backbone once with the FLUID visibility, and trained with
+``L = w_ar·CE(main) + w_diff·CE(slots)`` (``sum_of_means``) or one mean over both (``pooled``).
+The vocabulary projection is fused with the loss (``fluid_ops.linear_cross_entropy``) unless
+``loss_impl: reference`` asks for materialised logits.
+
+``run_stage1(cfg)`` is what ``fluid train`` calls for ``stage: fluid_stage1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, TrainerCallback
+
+from fluid_npu import device as devices
+from fluid_npu.config import FluidConfig
+from fluid_npu.layout import IGNORE, LayoutConfig, collate, expand, noise_vocabulary
+from fluid_npu.model.attention import configure_attention, forward_hidden, lm_head
+from fluid_ops.meta import MAIN, AttnMeta
+
+logger = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "labels", "position_ids", "anchor", "slot_index")
+
+
+class LayoutCollator:
+    """Expands each example with its dataset index and the current epoch, then batches them."""
+
+    def __init__(self, layout: LayoutConfig) -> None:
+        self.layout = layout
+        self.epoch = 0
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        expanded = [
+            expand(f["input_ids"], f["labels"], self.layout, int(f["index"]), self.epoch)
+            for f in features
+        ]
+        batch = collate(expanded, self.layout.pad_id)
+        out: dict[str, Any] = {k: getattr(batch, k) for k in BATCH_KEYS}
+        out["n_main"] = batch.n_main
+        return out
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the collator which epoch it is drawing layouts for (same on resume)."""
+
+    def __init__(self, collator: LayoutCollator) -> None:
+        self.collator = collator
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.collator.epoch = int(state.epoch or 0)
+
+
+def use_fused_loss(model: PreTrainedModel, loss_impl: str) -> bool:
+    """The fused linear+CE needs a plain LM head (no adapter on it)."""
+    if loss_impl == "reference":
+        return False
+    head = lm_head(model)
+    plain = type(head) is torch.nn.Linear
+    if loss_impl == "fused" and not plain:
+        raise ValueError("loss_impl: fused needs a plain LM head; lora_target includes lm_head")
+    return plain
+
+
+def ce_sum(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, fused: bool
+) -> torch.Tensor:
+    """Summed cross-entropy of the selected tokens (``hidden [T, H]``, ``labels [T]``)."""
+    if fused:
+        import fluid_ops
+
+        return fluid_ops.linear_cross_entropy(
+            hidden, head.weight, labels, bias=head.bias, reduction="sum"
+        )
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def stage1_loss(
+    model: PreTrainedModel,
+    inputs: dict[str, Any],
+    *,
+    reduction: str = "sum_of_means",
+    w_ar: float = 1.0,
+    w_diff: float = 1.0,
+    fused: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The §1.1 loss of one collated batch, and its parts (``loss_ar``, ``loss_diff``)."""
+    anchor = inputs["anchor"]
+    meta = AttnMeta.self_attention(inputs["position_ids"], anchor, n_main=int(inputs["n_main"]))
+    hidden, _ = forward_hidden(model, inputs["input_ids"], inputs["position_ids"], meta)
+    head = lm_head(model)
+    labels = inputs["labels"]
+    sums, counts = [], []
+    for part in (anchor == MAIN, anchor >= 0):
+        sel = part & (labels != IGNORE)
+        counts.append(sel.sum())
+        sums.append(ce_sum(hidden[sel], head, labels[sel], fused))
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    mean_ar = sums[0] / counts[0] if counts[0] > 0 else zero + 0 * sums[0]
+    mean_diff = sums[1] / counts[1] if counts[1] > 0 else zero + 0 * sums[1]
+    if reduction == "pooled":
+        total = (counts[0] + counts[1]).clamp(min=1)
+        loss = (sums[0] + sums[1]) / total
+    else:
+        loss = w_ar * mean_ar + w_diff * mean_diff
+    return loss, {"loss_ar": mean_ar.detach(), "loss_diff": mean_diff.detach()}
+
+
+def layout_config(cfg: FluidConfig, tokenizer: Any, mask_id: int, vocab_size: int) -> LayoutConfig:
+    f = cfg.fluid
+    return LayoutConfig(
+        mask_id=mask_id,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        k_max=f.k_masks,
+        anchor_prob=f.anchor_prob,
+        noise_ratio=f.noise_ratio,
+        max_slots_ratio=f.max_slots_ratio,
+        seed=cfg.train.seed,
+        noise_ids=noise_vocabulary(tokenizer, vocab_size),
+    )
+
+
+def run_stage1(cfg: FluidConfig) -> dict[str, Any]:
+    """Train Stage I from a config; returns the ``run.json`` record (also written to disk)."""
+    from fluid_npu.train.session import TrainingSession
+
+    session = TrainingSession(cfg, stage="fluid_stage1")
+    model = session.model
+    fused = use_fused_loss(model, cfg.model.loss_impl)
+    collator = LayoutCollator(
+        layout_config(cfg, session.tokenizer, session.mask.id, session.base_vocab_size)
+    )
+
+    def compute(model: PreTrainedModel, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        return stage1_loss(
+            model,
+            inputs,
+            reduction=cfg.fluid.loss_reduction,
+            w_ar=cfg.fluid.ar_loss_weight,
+            w_diff=cfg.fluid.diff_loss_weight,
+            fused=fused,
+        )
+
+    return session.train(compute, collator, callbacks=[EpochCallback(collator)])
