@@ -1,21 +1,25 @@
-"""Packaging for fluid-npu: the ``fluid_npu`` package, the ``fluid_ops`` kernel library (``ops/``) and
-the ``fluid`` console script.
+"""Packaging for fluid-npu: the ``fluid_npu`` package, the ``fluid_ops`` kernel library
+(``ops/``) and the ``fluid`` console script.
 
 torch is deliberately not pinned here: on an Ascend host torch and torch_npu are a preinstalled,
-matched pair that must not be replaced, and ``run_npu.sh`` installs the CPU wheel when torch is absent.
+matched pair that must not be replaced; ``run_npu.sh`` installs the CPU wheel when torch is absent.
 """
+
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 setup(
     name="fluid-npu",
     version="0.1.0",
-    description="FLUID: adapt a pretrained causal LM into a lossless parallel-decoding diffusion LM "
-    "(Strictly Causal Alignment + Elastic Horizons), native on Ascend NPUs, CUDA and CPU.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    description=(
+        "FLUID: adapt a pretrained causal LM into a lossless parallel-decoding diffusion LM "
+        "(Strictly Causal Alignment + Elastic Horizons), native on Ascend NPUs, CUDA and CPU."
+    ),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fluid_npu", "fluid_npu.*"]) + ["fluid_ops"],
+    packages=[*find_packages(include=["fluid_npu", "fluid_npu.*"]), "fluid_ops"],
     package_dir={"fluid_ops": "ops"},
     install_requires=[
         "torch>=2.4",
@@ -34,7 +38,8 @@ setup(
         "cuda": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.15"],
         "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
-        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0", "matplotlib>=3.7"],
+        # triton is installed by run_npu.sh except on Ascend, where triton-ascend provides it.
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},
 )

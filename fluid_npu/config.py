@@ -97,7 +97,9 @@ class DataArgs:
         if self.max_samples is not None:
             _positive("max_samples", self.max_samples)
         if self.val_size < 0:
-            raise ConfigError(f"val_size must be ≥ 0 (a fraction < 1 or a count), got {self.val_size}")
+            raise ConfigError(
+                f"val_size must be ≥ 0 (a fraction < 1 or a count), got {self.val_size}"
+            )
 
 
 @dataclass
@@ -177,7 +179,12 @@ class TrainArgs:
             raise ConfigError("bf16 and fp16 are both true: choose one")
 
 
-GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "fluid": FluidArgs, "train": TrainArgs}
+GROUPS: dict[str, type] = {
+    "model": ModelArgs,
+    "data": DataArgs,
+    "fluid": FluidArgs,
+    "train": TrainArgs,
+}
 
 
 @dataclass
@@ -206,7 +213,9 @@ class FluidConfig:
         flat = self.to_dict()
         missing = [k for k in keys if flat.get(k) in (None, "")]
         if missing:
-            raise ConfigError(f"missing required key(s): {', '.join(missing)}; add them to the YAML")
+            raise ConfigError(
+                f"missing required key(s): {', '.join(missing)}; add them to the YAML"
+            )
 
 
 def _owner_of() -> dict[str, str]:
@@ -252,7 +261,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 return _coerce(key, value, option)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(
+            f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})"
+        )
     if origin is list:
         (inner,) = typing.get_args(hint) or (Any,)
         if isinstance(value, list):
@@ -329,7 +340,9 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
             candidates = sorted(set(owners) | set(hf_fields))
             raise ConfigError(f"unknown config key {key!r}{_nearest(key, candidates)}")
     if per_group["fluid"].get("stage") == "sft":
-        raise ConfigError("stage: sft is LLaMA-Factory's; use stage: fluid_stage1 (or fluid_stage2)")
+        raise ConfigError(
+            "stage: sft is LLaMA-Factory's; use stage: fluid_stage1 (or fluid_stage2)"
+        )
     try:
         groups = {g: GROUPS[g](**per_group[g]) for g in GROUPS}
     except TypeError as exc:  # pragma: no cover - keys were checked above

@@ -4,7 +4,7 @@ Order of preference: Ascend NPU (torch_npu) > CUDA > CPU. ``torch_npu`` is impor
 here (plus ``ops/``), lazily and inside ``try/except``: with torch_npu installed but no CANN toolkit
 even ``import torch`` can fail, so nothing at import time touches it.
 
-The decision itself is the pure function ``choose`` (given what is available, what do we pick), so it
+The decision itself is the pure function ``choose`` (given what is available, what we pick), so it
 is tested on a CPU for every combination; ``current()`` feeds it the real probes.
 """
 
@@ -53,7 +53,9 @@ class DeviceChoice:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.type) if self.index is None else torch.device(self.type, self.index)
+        return (
+            torch.device(self.type) if self.index is None else torch.device(self.type, self.index)
+        )
 
 
 def choose(

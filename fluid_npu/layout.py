@@ -142,7 +142,7 @@ def expand(
 
 @dataclass
 class Batch:
-    """Collated expanded examples: ``[B, n_main + n_slot_max]`` tensors and the attention metadata."""
+    """Collated expanded examples: ``[B, n_main + n_slot_max]`` tensors and attention metadata."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor

@@ -91,7 +91,7 @@ def force_backend(op: str, name: str) -> Iterator[None]:
 
 
 def triton_unavailable(device: torch.device) -> str | None:
-    """None when Triton kernels can run on ``device`` (CUDA, NPU via triton-ascend, CPU interpreter)."""
+    """None when Triton can run on ``device`` (CUDA, NPU via triton-ascend, CPU interpreter)."""
     try:
         import triton  # noqa: F401
     except Exception as exc:  # triton absent or broken: say why

@@ -80,7 +80,7 @@ class AttnMeta:
 
 
 def visibility(meta: AttnMeta) -> torch.Tensor:
-    """Dense bool mask ``[B, Lq, Lk]``, True = the query may attend the key (the SDPA convention)."""
+    """Dense bool mask ``[B, Lq, Lk]``, True = the query may attend the key (SDPA convention)."""
     qp = meta.q_pos[:, :, None]
     qa = meta.q_anchor[:, :, None]
     kp = meta.k_pos[:, None, :]

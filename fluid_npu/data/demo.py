@@ -56,7 +56,7 @@ def demo_examples(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def write_demo_dataset(directory: str | Path, n_train: int = 2000, seed: int = 0) -> Path:
-    """Write ``demo.jsonl`` and ``dataset_info.json`` (dataset name ``fluid_demo``) to ``directory``."""
+    """Write ``demo.jsonl`` and ``dataset_info.json`` (dataset ``fluid_demo``) to ``directory``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".demo.jsonl.tmp"

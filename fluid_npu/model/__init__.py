@@ -1,1 +1,1 @@
-"""Loading causal LMs (openPangu without remote code), the MASK token, the FLUID attention, the K-head."""
+"""Causal LMs (openPangu without remote code), the MASK token, the FLUID attention, the K-head."""

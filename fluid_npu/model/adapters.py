@@ -5,7 +5,7 @@
   trainable (peft trainable tokens) when ``train_mask_embedding`` is set or the MASK token is new.
 * Every FLUID output directory carries ``fluid_model.json``: the base model's fingerprint, the MASK
   token and the vocabulary size, so an adapter (or K-head) refuses to load onto another base.
-* ``load_fluid`` is how Stage II, the sampler and ``fluid merge`` get a ready model: base (+ adapter,
+* ``load_fluid`` is how Stage II, the sampler and ``fluid merge`` get a model: base (+ adapter,
   resized for an added MASK token), tokenizer and MASK id.
 """
 
@@ -44,7 +44,11 @@ def apply_lora(
         unknown = [m for m in modules if m not in names]
         if unknown:
             linear = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear)
+                }
             )
             raise CheckpointError(
                 f"lora_target names modules this model does not have: {unknown}; "
@@ -84,7 +88,9 @@ class FluidModelMeta:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(**data)
         except (json.JSONDecodeError, TypeError) as exc:
-            raise CheckpointError(f"{path} is unreadable ({exc}); re-run the stage that wrote it")
+            raise CheckpointError(
+                f"{path} is unreadable ({exc}); re-run the stage that wrote it"
+            ) from None
 
 
 @dataclass
@@ -121,7 +127,9 @@ def load_fluid(
     if adapter_dir is not None:
         adir = Path(adapter_dir)
         if not (adir / "adapter_config.json").is_file():
-            raise CheckpointError(f"{adir} is not a LoRA adapter directory (no adapter_config.json)")
+            raise CheckpointError(
+                f"{adir} is not a LoRA adapter directory (no adapter_config.json)"
+            )
         meta = FluidModelMeta.load(adir)
         if meta is not None and meta.base_fingerprint != base_fp:
             raise CheckpointError(
@@ -140,7 +148,9 @@ def load_fluid(
         try:
             model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"the adapter in {adir} does not fit this base model: {exc}")
+            raise CheckpointError(
+                f"the adapter in {adir} does not fit this base model: {exc}"
+            ) from None
         adapter_fp = (meta.base_fingerprint if meta else "") + ":" + _file_digest(adir)
         if merge:
             model = model.merge_and_unload()

@@ -45,7 +45,9 @@ def _fluid_attention(
             "the 'fluid' attention needs fluid_meta=AttnMeta(...) in the forward call; "
             "use fluid_npu.model.attention.forward_hidden"
         )
-    out = fluid_ops.fluid_attention(query, key, value, fluid_meta, scale=scaling, backend=fluid_backend)
+    out = fluid_ops.fluid_attention(
+        query, key, value, fluid_meta, scale=scaling, backend=fluid_backend
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -66,7 +66,7 @@ def is_pangu_config(raw: dict[str, Any]) -> bool:
 
 
 def pangu_to_llama_config(raw: dict[str, Any]) -> LlamaConfig:
-    """Map an openPangu-Embedded config dict onto an equivalent ``LlamaConfig`` (biases on q/k/v/o)."""
+    """Map an openPangu-Embedded config dict onto an equivalent ``LlamaConfig`` (q/k/v/o biases)."""
     values = {PANGU_RENAMES.get(k, k): v for k, v in raw.items() if k not in PANGU_DROP}
     values.setdefault("attention_bias", True)
     values["mlp_bias"] = False

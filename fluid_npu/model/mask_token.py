@@ -45,7 +45,7 @@ class MaskToken:
 
 def _single_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or tid == tokenizer.unk_token_id and token != tokenizer.unk_token:
+    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
         return None
     return int(tid)
 

@@ -93,7 +93,9 @@ def build_tiny_model(
     return model.eval()
 
 
-def save_tiny(directory: str | Path, arch: str = "llama", seed: int = 0, **tok_kwargs: bool) -> Path:
+def save_tiny(
+    directory: str | Path, arch: str = "llama", seed: int = 0, **tok_kwargs: bool
+) -> Path:
     """Write a tiny model + tokenizer as a HF directory (safetensors) and return its path."""
     out = Path(directory)
     tok = build_tiny_tokenizer(**tok_kwargs)

@@ -1,5 +1,5 @@
-"""What Stage I and Stage II share: TrainingArguments from the config, a Trainer base that logs extra
-loss parts and stops on a non-finite loss, and the atomic final save.
+"""What Stage I and Stage II share: TrainingArguments from the config, a Trainer base that logs
+extra loss parts and stops on a non-finite loss, and the atomic final save.
 
 Distribution (torchrun + hccl / nccl / gloo, DeepSpeed, FSDP) is entirely transformers' Trainer and
 accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingArguments``.
@@ -55,7 +55,9 @@ def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> Traini
         ddp_find_unused_parameters=False,
     )
     if t.deepspeed is not None and not Path(t.deepspeed).is_file():
-        raise ConfigError(f"deepspeed config {t.deepspeed!r} does not exist; point it at a JSON file")
+        raise ConfigError(
+            f"deepspeed config {t.deepspeed!r} does not exist; point it at a JSON file"
+        )
     kwargs.update(cfg.extra_training_args)
     try:
         return TrainingArguments(**kwargs)

@@ -25,8 +25,8 @@ def prepare_output_dir(path: str | Path) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True):
+            pass
     except OSError as exc:
         raise ConfigError(
             f"output_dir {str(out)!r} is not writable ({exc.strerror or exc}); choose another "
@@ -53,7 +53,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def publish_dir(staging: Path, target: Path) -> None:
-    """Move every file of ``staging`` into ``target`` by rename (same filesystem), then remove it."""
+    """Move every entry of ``staging`` into ``target`` by rename (same filesystem), then drop it."""
     target.mkdir(parents=True, exist_ok=True)
     for item in staging.iterdir():
         dest = target / item.name

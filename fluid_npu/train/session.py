@@ -49,7 +49,9 @@ class TrainingSession:
         )
         base = load_model(
             cfg.model.model_name_or_path,
-            dtype=torch.bfloat16 if cfg.train.bf16 and cfg.fluid.finetuning_type == "lora" else None,
+            dtype=torch.bfloat16
+            if cfg.train.bf16 and cfg.fluid.finetuning_type == "lora"
+            else None,
             trust_remote_code=cfg.model.trust_remote_code,
             allow_pickle=cfg.model.allow_pickle,
         )
@@ -67,7 +69,13 @@ class TrainingSession:
         from fluid_npu.data import build_sft_dataset, token_occurs
 
         data = build_sft_dataset(self.cfg.data, self.tokenizer)
-        check_unused(self.mask, lambda tid: token_occurs(data.train, tid))
+        check_unused(
+            self.mask,
+            lambda tid: (
+                token_occurs(data.train, tid)
+                or (data.eval is not None and token_occurs(data.eval, tid))
+            ),
+        )
         data.train = data.train.add_column("index", list(range(len(data.train))))
         return data
 
@@ -89,7 +97,9 @@ class TrainingSession:
             peft_model.enable_input_require_grads()
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in peft_model.parameters())
-        logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+        logger.info(
+            "trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total
+        )
         return peft_model
 
     def train(
@@ -134,7 +144,11 @@ class TrainingSession:
                 "autocast_dtype": str(self.choice.autocast_dtype),
                 "world_size": args.world_size,
             },
-            "mask_token": {"token": self.mask.token, "id": self.mask.id, "source": self.mask.source},
+            "mask_token": {
+                "token": self.mask.token,
+                "id": self.mask.id,
+                "source": self.mask.source,
+            },
             "base_fingerprint": self.base_fingerprint,
             "data": _as_dict(getattr(self.data, "stats", None)),
             "train_loss": float(result.training_loss),

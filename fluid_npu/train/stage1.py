@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, TrainerCallback
 
-from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.layout import IGNORE, LayoutConfig, collate, expand, noise_vocabulary
-from fluid_npu.model.attention import configure_attention, forward_hidden, lm_head
+from fluid_npu.model.attention import forward_hidden, lm_head
 from fluid_ops.meta import MAIN, AttnMeta
 
 logger = logging.getLogger(__name__)

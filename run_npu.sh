@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# fluid-npu launcher.
+#
+#   bash run_npu.sh                         set up what is missing, then run the embedded CPU demo
+#   bash run_npu.sh test [pytest args]      set up what is missing, then run the whole test suite
+#   bash run_npu.sh train CONFIG [k=v ...]  torchrun `fluid train` over the visible devices
+#   bash run_npu.sh <fluid subcommand> ...  any other `fluid` command (generate, bench, merge, ...)
+#
+# Environment set-up: an existing .venv is used as it is. Otherwise, when the system Python already
+# has torch (an Ascend host with its matched torch/torch_npu pair, or a CUDA host), a .venv is made
+# with --system-site-packages so that pair is kept and never reinstalled; on a bare machine a plain
+# .venv gets the CPU wheel torch==2.13.0. Then `pip install -e .[dev]` (and triton, except on Ascend
+# where triton-ascend provides it). On Ascend the CANN set_env.sh is sourced when present.
+#
+# Distributed launch (train): NPROC (processes per node; default = visible NPUs/GPUs, else 1),
+# NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500). HCCL defaults:
+# HCCL_CONNECT_TIMEOUT=1200 s (range 120-7200), HCCL_EXEC_TIMEOUT=1800 s; set them to override.
+set -eo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+
+log() { printf '[run_npu] %s\n' "$*" >&2; }
+
+# --- Ascend CANN environment ------------------------------------------------------------------
+for cann in "${ASCEND_HOME_PATH:-}/set_env.sh" /usr/local/Ascend/cann/set_env.sh \
+  /usr/local/Ascend/ascend-toolkit/set_env.sh; do
+  if [ -f "$cann" ]; then
+    # shellcheck disable=SC1090
+    source "$cann" && log "sourced $cann"
+    break
+  fi
+done
+
+# --- Python environment -----------------------------------------------------------------------
+SYS_PY="$(command -v python3 || command -v python || true)"
+[ -n "$SYS_PY" ] || { log "error: no python3 on PATH; install Python >= 3.10"; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  if "$SYS_PY" -c "import torch" >/dev/null 2>&1; then
+    log "system Python has torch: creating .venv with --system-site-packages (torch is kept)"
+    "$SYS_PY" -m venv --system-site-packages .venv
+  else
+    log "creating .venv"
+    "$SYS_PY" -m venv .venv
+  fi
+fi
+PY="$ROOT/.venv/bin/python"
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  log "installing torch==2.13.0 (CPU wheel)"
+  pip_install "torch==2.13.0"
+fi
+ASCEND=0
+if "$PY" -c "import torch_npu" >/dev/null 2>&1; then ASCEND=1; fi
+
+stamp=".venv/.fluid-installed"
+want="$(cat setup.py pyproject.toml | cksum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import fluid_npu, fluid_ops" >/dev/null 2>&1; then
+  log "installing fluid-npu (pip install -e .[dev])"
+  pip_install -e ".[dev]"
+  if [ "$ASCEND" = 0 ] && ! "$PY" -c "import triton" >/dev/null 2>&1; then
+    pip_install "triton>=3.0" || log "triton could not be installed: Triton kernels stay unavailable"
+  fi
+  echo "$want" >"$stamp"
+fi
+
+# --- Commands -----------------------------------------------------------------------------------
+visible_devices() {
+  if [ -n "${NPROC:-}" ]; then echo "$NPROC"; return; fi
+  for var in ASCEND_RT_VISIBLE_DEVICES CUDA_VISIBLE_DEVICES; do
+    if [ -n "${!var:-}" ]; then echo "${!var}" | tr ',' '\n' | grep -c .; return; fi
+  done
+  "$PY" -c "from fluid_npu.device import visible_device_count as n; print(max(1, n()))"
+}
+
+cmd="${1:-demo}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  demo)
+    exec "$PY" -m fluid_npu.cli demo "$@"
+    ;;
+  test)
+    set +e
+    "$PY" -m pytest tests "$@"
+    rc=$?
+    [ "$rc" = 5 ] && { log "error: pytest collected no tests"; exit 1; }
+    exit "$rc"
+    ;;
+  train)
+    [ $# -ge 1 ] || { log "usage: bash run_npu.sh train CONFIG [key=value ...]"; exit 2; }
+    export HCCL_CONNECT_TIMEOUT="${HCCL_CONNECT_TIMEOUT:-1200}"
+    export HCCL_EXEC_TIMEOUT="${HCCL_EXEC_TIMEOUT:-1800}"
+    nproc="$(visible_devices)"
+    log "torchrun: $nproc process(es) per node, ${NNODES:-1} node(s), node rank ${NODE_RANK:-0}"
+    exec "$PY" -m torch.distributed.run \
+      --nproc_per_node="$nproc" --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
+      --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
+      -m fluid_npu.cli train "$@"
+    ;;
+  *)
+    exec "$PY" -m fluid_npu.cli "$cmd" "$@"
+    ;;
+esac

@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: tiny random models and tokenizers, built offline in seconds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tiny_tokenizer(mask_token=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama + tokenizer (no MASK token: Stage I adds one)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture
+def make_model():
+    def make(arch: str = "llama", tok=None, **kwargs):
+        return build_tiny_model(
+            arch, tok if tok is not None else build_tiny_tokenizer(mask_token=True), **kwargs
+        )
+
+    return make

@@ -1,0 +1,143 @@
+"""Config loading: the reference FLUID recipe, LLaMA-Factory extras, overrides and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fluid_npu.config import build_config, load_config, parse_overrides
+from fluid_npu.errors import ConfigError
+
+REFERENCE = textwrap.dedent(
+    """\
+    stage: fluid_stage1
+    model_name_or_path: /models/openPangu-Embedded-7B
+    finetuning_type: lora
+    lora_rank: 16
+    lora_alpha: 32
+    lora_target: all
+    cutoff_len: 1024
+    k_masks: 16
+    per_device_train_batch_size: 2
+    gradient_accumulation_steps: 8
+    learning_rate: 2.0e-4
+    lr_scheduler_type: cosine
+    warmup_ratio: 0.1
+    num_train_epochs: 3.0
+    bf16: true
+    deepspeed: configs/ds_z2.json
+    template: openpangu
+    dataset: alpaca_en,sharegpt_zh
+    dataset_dir: data
+    output_dir: outputs/stage1
+    save_steps: 500
+    logging_steps: 10
+    max_steps: -1
+    """
+)
+
+LLAMA_FACTORY_EXTRAS = textwrap.dedent(
+    """\
+    do_train: true
+    overwrite_cache: true
+    preprocessing_num_workers: 16
+    overwrite_output_dir: true
+    plot_loss: true
+    ddp_timeout: 180000000
+    seed: 7
+    report_to: none
+    resume_from_checkpoint: null
+    save_total_limit: 3
+    eval_strategy: "no"
+    """
+)
+
+
+def test_reference_recipe_loads(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(REFERENCE)
+    cfg = load_config(path)
+    assert cfg.fluid.stage == "fluid_stage1"
+    assert (cfg.fluid.lora_rank, cfg.fluid.lora_alpha, cfg.fluid.lora_target) == (16, 32.0, "all")
+    assert cfg.fluid.k_masks == 16 and cfg.data.cutoff_len == 1024
+    assert cfg.train.learning_rate == pytest.approx(2e-4) and cfg.train.bf16 is True
+    assert (
+        cfg.data.dataset == "alpaca_en,sharegpt_zh" and cfg.train.deepspeed == "configs/ds_z2.json"
+    )
+
+
+def test_llama_factory_keys_warn_or_pass_through(tmp_path, caplog):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(REFERENCE + LLAMA_FACTORY_EXTRAS)
+    with caplog.at_level("WARNING"):
+        cfg = load_config(path)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for key in ("do_train", "overwrite_cache", "overwrite_output_dir", "plot_loss"):
+        assert key in warned
+    assert cfg.train.seed == 7 and cfg.data.seed == 7
+    assert cfg.train.save_total_limit == 3
+    assert cfg.data.preprocessing_num_workers == 16
+    assert cfg.extra_training_args == {"eval_strategy": "no"}
+
+
+def test_overrides_apply_and_parse_yaml_scalars(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(REFERENCE)
+    cfg = load_config(
+        path, ["lora_rank=8", "bf16=false", "learning_rate=1e-4", "lora_target=q_proj,v_proj"]
+    )
+    assert cfg.fluid.lora_rank == 8 and cfg.train.bf16 is False
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.fluid.lora_target == ["q_proj", "v_proj"]
+    assert parse_overrides(["max_slots_ratio=null"]) == {"max_slots_ratio": None}
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"lora_rnak": 8}, "did you mean 'lora_rank'"),
+        ({"cutof_len": 8}, "did you mean 'cutoff_len'"),
+        ({"lora_rank": "big"}, "lora_rank: expected int"),
+        ({"bf16": "yes please"}, "bf16: expected bool"),
+        ({"k_masks": 0}, "k_masks must be > 0"),
+        ({"anchor_prob": 1.5}, "anchor_prob must be in [0, 1]"),
+        ({"stage": "sft"}, "fluid_stage1"),
+        ({"loss_reduction": "pooles"}, "did you mean 'pooled'"),
+    ],
+)
+def test_bad_values_name_the_key(values, needle):
+    with pytest.raises(ConfigError) as info:
+        build_config(values)
+    assert needle in str(info.value)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [
+        ("lora_rnak: 8\n", "did you mean 'lora_rank'"),
+        ("lora_rank: big\n", "lora_rank: expected int"),
+        ("model_name_or_path: /does/not/exist\ndataset: x\noutput_dir: OUT\n", "does not exist"),
+    ],
+)
+def test_cli_reports_one_clear_line(tmp_path, yaml_text, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text.replace("OUT", str(tmp_path / "out")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluid_npu.cli", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fluid: error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -1,0 +1,63 @@
+"""The device layer's contract: given what is available, which device, back end and dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fluid_npu import device
+
+
+@pytest.mark.parametrize(
+    ("npu", "cuda", "bf16", "want", "expect"),
+    [
+        (True, True, True, "auto", ("npu", "hccl", torch.bfloat16)),
+        (True, False, False, "auto", ("npu", "hccl", torch.float16)),
+        (False, True, True, "auto", ("cuda", "nccl", torch.bfloat16)),
+        (False, True, False, "auto", ("cuda", "nccl", torch.float16)),
+        (False, False, True, "auto", ("cpu", "gloo", torch.bfloat16)),
+        (True, True, True, "cpu", ("cpu", "gloo", torch.bfloat16)),
+        (True, True, True, "cuda", ("cuda", "nccl", torch.bfloat16)),
+    ],
+)
+def test_choose_order_backend_dtype(npu, cuda, bf16, want, expect):
+    choice = device.choose(npu=npu, cuda=cuda, bf16_supported=bf16, want_bf16=True, force=want)
+    assert (choice.type, choice.backend, choice.autocast_dtype) == expect
+
+
+def test_local_rank_selects_the_accelerator_index():
+    choice = device.choose(npu=True, cuda=False, bf16_supported=True, local_rank=5)
+    assert (choice.type, choice.index, choice.backend) == ("npu", 5, "hccl")
+    assert device.choose(npu=False, cuda=False, bf16_supported=True, local_rank=5).index is None
+
+
+def test_no_mixed_precision_unless_asked():
+    assert (
+        device.choose(npu=False, cuda=True, bf16_supported=True, want_bf16=False).autocast_dtype
+        is None
+    )
+    assert (
+        device.choose(npu=False, cuda=False, bf16_supported=True, want_bf16=False).autocast_dtype
+        is None
+    )
+
+
+def test_forcing_an_absent_device_fails_clearly():
+    with pytest.raises(RuntimeError, match="'npu' was requested but is not available"):
+        device.choose(npu=False, cuda=False, bf16_supported=True, force="npu")
+
+
+def test_this_machine_is_cpu_without_torch_npu():
+    assert device.npu_import_error() is not None  # torch_npu is never installed here
+    choice = device.current()
+    assert choice.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert device.device_module("npu") is None
+    stats = device.memory_stats("cpu")
+    assert stats["rss_peak_mib"] > 0
+
+
+def test_seed_everything_is_reproducible():
+    device.seed_everything(123)
+    a = torch.rand(4)
+    device.seed_everything(123)
+    assert torch.equal(a, torch.rand(4))
