@@ -1,1 +1,35 @@
-"""Datasets for FLUID training: files, dataset_info.json registries, alpaca / sharegpt, chat templates."""
+"""Datasets for FLUID training: dataset_info.json registries, alpaca / sharegpt, chat templates.
+
+``build_sft_dataset(args, tokenizer)`` is the entry point; ``token_occurs`` serves the MASK-token
+check; ``get_template`` / ``TEMPLATES`` render conversations for training and for inference.
+"""
+
+from fluid_npu.data.loader import (
+    IGNORE_INDEX,
+    DataStats,
+    SFTData,
+    build_sft_dataset,
+    token_occurs,
+)
+from fluid_npu.data.templates import (
+    TEMPLATES,
+    ChatTemplate,
+    Conversation,
+    Encoded,
+    TokenizerChatTemplate,
+    get_template,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TEMPLATES",
+    "ChatTemplate",
+    "Conversation",
+    "DataStats",
+    "Encoded",
+    "SFTData",
+    "TokenizerChatTemplate",
+    "build_sft_dataset",
+    "get_template",
+    "token_occurs",
+]

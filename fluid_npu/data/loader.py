@@ -1,0 +1,351 @@
+"""Supervised fine-tuning examples from LLaMA-Factory-style datasets: ``build_sft_dataset``.
+
+Stage I and Stage II read tokenized (prompt, response) examples: ``input_ids`` and ``labels`` with
+``labels[i] = input_ids[i]`` on response tokens and -100 on prompt tokens (the Stage I layout does
+the shift itself). This module reads the files through ``datasets`` (json / jsonl / parquet files or
+directories of them, never the network), converts each row with ``formats.py``, renders it with a
+chat template from ``templates.py``, truncates to ``cutoff_len`` and reports bad rows — as one clear
+``DataError`` naming the dataset, row and fix, or, with ``skip_bad_rows``, dropped and counted.
+Files that are missing, empty or malformed fail with the file (and line) named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow.compute as pc
+
+from fluid_npu.data.formats import DatasetSpec, RowError, finalize_spec, resolve_datasets
+from fluid_npu.data.formats import to_conversation as _to_conversation
+from fluid_npu.data.templates import Template, get_template
+from fluid_npu.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+REPORTED_SKIPS = 5  # how many skipped rows the stats keep (dataset, index, problem)
+# Part of the key of the tokenization cache of ``datasets``: it hashes the mapped function and its
+# arguments but not the code they call, so a change to this package's data code must change the key.
+_CODE_DIGEST = hashlib.sha256(
+    b"".join(
+        (Path(__file__).parent / n).read_bytes()
+        for n in ("formats.py", "loader.py", "templates.py")
+    )
+).hexdigest()
+_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "error": datasets.Value("string"),
+        "truncated": datasets.Value("bool"),
+    }
+)
+
+
+@dataclass
+class DataStats:
+    """What the pipeline did: rows read, kept, skipped (the first few with why), tokens."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    rows_skipped: int = 0
+    skipped: list[tuple[str, int, str]] = field(default_factory=list)
+    truncated: int = 0
+    tokens: int = 0
+    response_tokens: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+
+    def summary(self) -> str:
+        text = (
+            f"{self.rows_read} rows read, {self.rows_kept} kept ({self.train_examples} train, "
+            f"{self.eval_examples} eval), {self.truncated} truncated, {self.tokens} tokens "
+            f"({self.response_tokens} with loss)"
+        )
+        if self.rows_skipped:
+            first = ", ".join(f"{name}[{i}]: {why}" for name, i, why in self.skipped)
+            text += f"; {self.rows_skipped} bad rows skipped (first: {first})"
+        return text
+
+
+@dataclass
+class SFTData:
+    """Tokenized examples (columns ``input_ids``, ``labels``) and how they were made."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    stats: DataStats
+    template: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------
+
+
+def _data_files(spec: DatasetSpec) -> tuple[str, list[Path]]:
+    """The ``datasets`` builder name and the files of ``spec`` (a file or a directory)."""
+    path, where = spec.path, f"dataset {spec.name!r}"
+    if not path.exists():
+        raise DataError(f"{where}: {path} does not exist; check `file_name` / the path")
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix in SUFFIX_BUILDERS
+        )
+        if not files:
+            raise DataError(f"{where}: directory {path} has no {'/'.join(SUFFIX_BUILDERS)} files")
+    elif path.suffix not in SUFFIX_BUILDERS:
+        raise DataError(f"{where}: {path} is not a {'/'.join(SUFFIX_BUILDERS)} file")
+    else:
+        files = [path]
+    builders = {SUFFIX_BUILDERS[p.suffix] for p in files}
+    if len(builders) > 1:
+        raise DataError(f"{where}: directory {path} mixes json and parquet files; keep one kind")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{where}: {f} is empty")
+    return builders.pop(), files
+
+
+def _json_problem(file: Path) -> str | None:
+    """Why ``file`` is not JSON / JSON lines (with the line number), or None if it parses."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        return f"{file} is not UTF-8 text ({e})"
+    lines = text.splitlines()
+    if not text.strip():
+        return f"{file} is empty"
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as whole:
+        first = next(line for line in lines if line.strip())
+        try:
+            is_lines = isinstance(json.loads(first), dict)
+        except json.JSONDecodeError:
+            is_lines = False
+        if not is_lines:
+            return f"{file} line {whole.lineno}: malformed JSON ({whole.msg}, column {whole.colno})"
+    for lineno, line in enumerate(lines, 1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"{file} line {lineno}: malformed JSON ({e.msg}, column {e.colno})"
+    return None
+
+
+def load_raw(spec: DatasetSpec, cache_dir: str | None = None) -> datasets.Dataset:
+    """Read the rows of ``spec`` with ``datasets`` (offline); clear errors for bad files."""
+    builder, files = _data_files(spec)
+    try:
+        ds = datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
+        )
+    except Exception as e:  # datasets wraps parse errors in several types: diagnose them here
+        problems = [_json_problem(f) for f in files] if builder == "json" else []
+        problem = next((p for p in problems if p), None)
+        cause = e.__cause__ or e
+        names = ", ".join(map(str, files))
+        detail = problem or f"cannot read {names} ({type(cause).__name__}: {cause})"
+        raise DataError(f"dataset {spec.name!r}: {detail}; fix the file") from e
+    if len(ds) == 0:
+        raise DataError(f"dataset {spec.name!r}: {spec.path} has no rows")
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad(problem: str) -> dict[str, Any]:
+    return {"input_ids": [], "labels": [], "error": problem, "truncated": False}
+
+
+def _tokenize_row(
+    row: dict[str, Any],
+    *,
+    spec: DatasetSpec,
+    template: Template,
+    tokenizer: Any,
+    cutoff_len: int,
+    mask_history: bool,
+    train_on_prompt: bool,
+    code_digest: str,
+) -> dict[str, Any]:
+    """One row → ``input_ids`` / ``labels``, or an ``error`` text when the row is bad.
+
+    ``code_digest`` is unused here: it only keys the ``datasets`` cache on this package's code.
+    """
+    try:
+        conversation = _to_conversation(row, spec)
+    except RowError as e:
+        return _bad(str(e))
+    encoded = template.encode(tokenizer, conversation)
+    ids, spans = encoded.input_ids, encoded.spans
+    if mask_history:
+        spans = spans[-1:]
+    if not any(end > start for start, end in spans):
+        return _bad("the rendered conversation has no response tokens")
+    labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        labels[start:end] = ids[start:end]
+    truncated = len(ids) > cutoff_len
+    if not any(start < min(end, cutoff_len) for start, end in spans):
+        return _bad(
+            f"no response token fits in cutoff_len={cutoff_len} (the response starts at token "
+            f"{spans[-1][0]}); raise cutoff_len or shorten the prompt"
+        )
+    return {
+        "input_ids": ids[:cutoff_len],
+        "labels": labels[:cutoff_len],
+        "error": "",
+        "truncated": truncated,
+    }
+
+
+def _is_good(errors: list[str]) -> list[bool]:
+    return [e == "" for e in errors]
+
+
+def _tokenize_dataset(
+    spec: DatasetSpec, raw: datasets.Dataset, template: Template, tokenizer: Any, args: Any
+) -> datasets.Dataset:
+    workers = getattr(args, "preprocessing_num_workers", None)
+    return raw.map(
+        _tokenize_row,
+        remove_columns=raw.column_names,
+        features=_FEATURES,
+        num_proc=workers if workers and workers > 1 else None,
+        desc=f"Tokenizing {spec.name}",
+        fn_kwargs={
+            "spec": spec,
+            "template": template,
+            "tokenizer": tokenizer,
+            "cutoff_len": int(args.cutoff_len),
+            "mask_history": bool(getattr(args, "mask_history", False)),
+            "train_on_prompt": bool(getattr(args, "train_on_prompt", False)),
+            "code_digest": _CODE_DIGEST,
+        },
+    )
+
+
+def _drop_bad_rows(
+    name: str, processed: datasets.Dataset, skip: bool, stats: DataStats
+) -> datasets.Dataset:
+    errors = _columns(processed, "error").column("error")
+    bad = pc.indices_nonzero(pc.not_equal(errors, "")).to_pylist()
+    if not bad:
+        return processed
+    first = bad[0]
+    if not skip:
+        more = f" ({len(bad) - 1} more bad rows in this dataset)" if len(bad) > 1 else ""
+        raise DataError(
+            f"dataset {name!r} row {first} (0-based): {errors[first].as_py()}{more}. Fix the row, "
+            "or set skip_bad_rows: true to drop such rows"
+        )
+    stats.rows_skipped += len(bad)
+    room = REPORTED_SKIPS - len(stats.skipped)
+    stats.skipped += [(name, i, errors[i].as_py()) for i in bad[: max(room, 0)]]
+    return processed.filter(_is_good, input_columns="error", batched=True)
+
+
+def _columns(dataset: datasets.Dataset, *names: str) -> Any:
+    """Columns of ``dataset`` as one Arrow table (respecting any indices mapping)."""
+    return dataset.select_columns(list(names)).with_format("arrow")[:]
+
+
+def _count(dataset: datasets.Dataset, stats: DataStats) -> None:
+    table = _columns(dataset, "input_ids", "labels", "truncated")
+    ids, labels = table.column("input_ids"), table.column("labels")
+    stats.tokens += pc.sum(pc.list_value_length(ids)).as_py() or 0
+    response = pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)
+    stats.response_tokens += pc.sum(response).as_py() or 0
+    stats.truncated += pc.sum(table.column("truncated")).as_py() or 0
+
+
+def _split(data: datasets.Dataset, val_size: float, seed: int) -> tuple[Any, Any]:
+    if not val_size:
+        return data, None
+    if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
+        raise DataError(f"val_size={val_size} must be a fraction in (0, 1) or a number of examples")
+    test_size: float | int = int(val_size) if val_size >= 1 else float(val_size)
+    # datasets rounds the held-out fraction up
+    held = test_size if isinstance(test_size, int) else math.ceil(test_size * len(data))
+    if not 1 <= held < len(data):
+        raise DataError(
+            f"val_size={val_size} holds out {held} of {len(data)} examples; both train and eval "
+            "need at least one: lower val_size or add data"
+        )
+    parts = data.train_test_split(test_size=test_size, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
+    """Load, convert, tokenize and split the datasets named by ``args.dataset``.
+
+    ``args`` is any object with the data keys of the config (``dataset``, ``dataset_dir``,
+    ``template``, ``cutoff_len``, ``skip_bad_rows``, ``max_samples``, ``val_size``, ``seed``,
+    ``mask_history``, ``train_on_prompt``; optional ``preprocessing_num_workers``, ``cache_dir``).
+    ``max_samples`` keeps the first rows of each dataset. Row indices in messages are 0-based.
+    """
+    cutoff_len = int(args.cutoff_len)
+    if cutoff_len < 2:
+        raise DataError(f"cutoff_len={cutoff_len} is too small; use at least 2 (1024 is typical)")
+    template = get_template(getattr(args, "template", None), tokenizer)
+    specs = resolve_datasets(args.dataset, getattr(args, "dataset_dir", "data"))
+    skip = bool(getattr(args, "skip_bad_rows", False))
+    max_samples = getattr(args, "max_samples", None)
+    stats, parts = DataStats(), []
+    for spec in specs:
+        raw = load_raw(spec, getattr(args, "cache_dir", None))
+        if max_samples is not None:
+            raw = raw.select(range(min(int(max_samples), len(raw))))
+        spec = finalize_spec(spec, raw.column_names, raw.select(range(min(8, len(raw)))))
+        stats.rows_read += len(raw)
+        processed = _tokenize_dataset(spec, raw, template, tokenizer, args)
+        kept = _drop_bad_rows(spec.name, processed, skip, stats)
+        if len(kept):
+            _count(kept, stats)
+            parts.append(kept.remove_columns(["error", "truncated"]))
+    if not parts:
+        raise DataError(
+            f"no usable examples in {args.dataset!r}: all {stats.rows_read} rows are bad "
+            f"({stats.summary()})"
+        )
+    data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    stats.rows_kept = len(data)
+    train, evaluation = _split(data, float(getattr(args, "val_size", 0) or 0), int(args.seed))
+    stats.train_examples = len(train)
+    stats.eval_examples = 0 if evaluation is None else len(evaluation)
+    log = logger.warning if stats.rows_skipped else logger.info
+    log("data (%s, template %s): %s", args.dataset, template.name, stats.summary())
+    return SFTData(train=train, eval=evaluation, stats=stats, template=template.name)
+
+
+def token_occurs(dataset: Any, token_id: int) -> bool:
+    """Whether ``token_id`` appears in the ``input_ids`` of any example of ``dataset``.
+
+    ``dataset`` is a ``datasets.Dataset`` (scanned with Arrow), any iterable of examples, or None.
+    """
+    if dataset is None:
+        return False
+    if isinstance(dataset, datasets.Dataset):
+        for table in dataset.with_format("arrow").iter(batch_size=65536):
+            flat = pc.list_flatten(table.column("input_ids"))
+            if pc.any(pc.equal(flat, token_id)).as_py():
+                return True
+        return False
+    return any(token_id in example["input_ids"] for example in dataset)

@@ -1,0 +1,373 @@
+"""Chat templates: a conversation becomes token ids plus the spans of tokens that carry loss.
+
+Stage I / Stage II train on supervised examples exactly like LLaMA-Factory SFT: prompt tokens
+(system, user turns, role headers) carry no loss, assistant responses do, including the turn-end /
+EOS token the model must learn to emit so the sampler knows when to stop. This module owns that
+split, for two kinds of template:
+
+* named templates (``default``, ``empty``, ``qwen``, ``llama3``, ``openpangu``): a handful of
+  format strings, rendered piece by piece so the response spans are known by construction;
+* the tokenizer's own Jinja chat template (``template: auto`` or unset, when the tokenizer has one):
+  rendered with ``apply_chat_template``; the spans come from ``{% generation %}`` markers when the
+  template has them, otherwise from rendering each turn incrementally and diffing token prefixes.
+
+Both return an ``Encoded`` (ids + response spans) and can encode a bare prompt for inference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fluid_npu.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "function"
+PROMPT_ROLES = (USER, OBSERVATION)  # roles at even positions: no loss
+RESPONSE_ROLES = (ASSISTANT, FUNCTION)  # roles at odd positions: the loss-carrying turns
+AUTO = "auto"
+
+
+@dataclass
+class Conversation:
+    """A validated conversation: ``messages`` alternate prompt-side / response-side roles.
+
+    ``messages`` is a list of ``(role, content)``; roles at even positions are ``user`` or
+    ``observation`` (a tool result), at odd positions ``assistant`` or ``function`` (a tool call).
+    A training conversation ends with a response-side message; an inference prompt ends with a
+    prompt-side one. ``tools`` is a JSON text describing the available tools, or None.
+    """
+
+    messages: list[tuple[str, str]]
+    system: str | None = None
+    tools: str | None = None
+
+    def __post_init__(self) -> None:
+        for i, (role, _) in enumerate(self.messages):
+            allowed = PROMPT_ROLES if i % 2 == 0 else RESPONSE_ROLES
+            if role not in allowed:
+                raise ValueError(f"message {i} has role {role!r}; expected one of {allowed}")
+
+
+@dataclass
+class Encoded:
+    """Token ids of a rendered conversation and the ``[start, end)`` spans of each response."""
+
+    input_ids: list[int]
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+class Template(Protocol):
+    """What the tokenization step needs from a template."""
+
+    name: str
+
+    def encode(self, tokenizer: Any, conversation: Conversation) -> Encoded: ...
+
+    def encode_prompt(self, tokenizer: Any, conversation: Conversation) -> list[int]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Named templates
+# ---------------------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"(\{content\}|\{eos\})")
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` prepends its BOS token when encoding plain text."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat format given by format strings with ``{content}`` and ``{eos}`` placeholders.
+
+    ``user`` ends with the assistant header (the generation prompt); ``assistant`` is exactly the
+    loss-carrying part (the content and its end marker); ``separator`` sits between a response and
+    the next prompt turn and carries no loss. ``bos`` is ``always`` (prepend the tokenizer's BOS
+    token when it has one) or ``tokenizer`` (prepend it only when the tokenizer itself would).
+    ``special_tokens`` are the markers that must be single tokens of the tokenizer (warned if not).
+    """
+
+    name: str
+    user: str
+    assistant: str
+    system: str = "{content}"
+    observation: str | None = None
+    separator: str = ""
+    default_system: str = ""
+    force_system: bool = False
+    bos: str = "tokenizer"
+    special_tokens: tuple[str, ...] = ()
+
+    def _pieces(self, tokenizer: Any, fmt: str, content: str) -> list[int]:
+        ids: list[int] = []
+        text = ""
+        for part in _PLACEHOLDER.split(fmt):
+            if part == "{eos}":
+                if text:
+                    ids += tokenizer.encode(text, add_special_tokens=False)
+                    text = ""
+                if tokenizer.eos_token_id is not None:
+                    ids.append(tokenizer.eos_token_id)
+            else:
+                text += content if part == "{content}" else part
+        if text:
+            ids += tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def _head(self, tokenizer: Any, conversation: Conversation) -> list[int]:
+        ids: list[int] = []
+        add_bos = self.bos == "always" or _tokenizer_adds_bos(tokenizer)
+        if add_bos and tokenizer.bos_token_id is not None:
+            ids.append(tokenizer.bos_token_id)
+        system = conversation.system if conversation.system is not None else self.default_system
+        if conversation.tools:
+            tools = f"You have access to the following tools:\n{conversation.tools}"
+            system = f"{system}\n\n{tools}" if system else tools
+        if system or self.force_system:
+            ids += self._pieces(tokenizer, self.system, system)
+        return ids
+
+    def _turn(self, tokenizer: Any, index: int, role: str, content: str) -> list[int]:
+        if role in RESPONSE_ROLES:
+            return self._pieces(tokenizer, self.assistant, content)
+        fmt = self.observation if role == OBSERVATION and self.observation else self.user
+        sep = self.separator if index > 0 else ""
+        return self._pieces(tokenizer, sep + fmt, content)
+
+    def encode(self, tokenizer: Any, conversation: Conversation) -> Encoded:
+        ids = self._head(tokenizer, conversation)
+        spans = []
+        for i, (role, content) in enumerate(conversation.messages):
+            piece = self._turn(tokenizer, i, role, content)
+            if role in RESPONSE_ROLES:
+                spans.append((len(ids), len(ids) + len(piece)))
+            ids += piece
+        return Encoded(ids, spans)
+
+    def encode_prompt(self, tokenizer: Any, conversation: Conversation) -> list[int]:
+        """The ids of a conversation ending with a user turn, up to the assistant header."""
+        return self.encode(tokenizer, conversation).input_ids
+
+    def missing_tokens(self, tokenizer: Any) -> list[str]:
+        """The markers of this template that ``tokenizer`` would split into several tokens."""
+        return [
+            t
+            for t in self.special_tokens
+            if len(tokenizer.encode(t, add_special_tokens=False)) != 1
+        ]
+
+
+# The ChatML layout of Qwen (and LLaMA-Factory's ``qwen`` template, default system included).
+_QWEN = ChatTemplate(
+    name="qwen",
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    assistant="{content}<|im_end|>",
+    observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    separator="\n",
+    default_system="You are a helpful assistant.",
+    special_tokens=("<|im_start|>", "<|im_end|>"),
+)
+
+# Llama 3 / 3.1 instruct: header tokens, <|eot_id|> ends every turn, BOS <|begin_of_text|> first.
+_LLAMA3 = ChatTemplate(
+    name="llama3",
+    system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+    user=(
+        "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    assistant="{content}<|eot_id|>",
+    observation=(
+        "<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    bos="always",
+    special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+)
+
+# openPangu-Embedded (7B V1.1 / 1B). Based on the ``chat_template`` of its tokenizer_config.json
+# (as mirrored in the public repository wujing215/OpenPangu7B-on-NVIDIA): every turn is
+# "[unused9]<role>：<content>[unused10]" with the roles 系统 (system), 用户 (user),
+# 助手 (assistant), 工具 (tool result) and 方法 (function); a system turn is always rendered, empty
+# when the conversation has none ("[unused9]系统：[unused10]"); the generation prompt is
+# "[unused9]助手：". The colon is the full-width "：" (U+FF1A). The same tokenizer_config sets
+# eos_token "[unused10]" and add_bos_token true, so the sequence starts with <s>, as the
+# vLLM-Ascend prompt examples show ("<s>[unused9]系统：[unused10][unused9]用户：...").
+_OPENPANGU = ChatTemplate(
+    name="openpangu",
+    system="[unused9]系统：{content}[unused10]",
+    user="[unused9]用户：{content}[unused10][unused9]助手：",
+    assistant="{content}[unused10]",
+    observation="[unused9]工具：{content}[unused10][unused9]助手：",
+    force_system=True,
+    bos="always",
+    special_tokens=("[unused9]", "[unused10]"),
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    t.name: t
+    for t in (
+        # A plain-text dialogue for base models without a chat format.
+        ChatTemplate(
+            name="default",
+            system="System: {content}\n",
+            user="Human: {content}\nAssistant: ",
+            assistant="{content}{eos}",
+            separator="\n",
+        ),
+        # Raw concatenation: prompt and response texts joined, EOS after each response.
+        ChatTemplate(name="empty", user="{content}", assistant="{content}{eos}"),
+        _QWEN,
+        _LLAMA3,
+        _OPENPANGU,
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer's own chat template
+# ---------------------------------------------------------------------------------------------
+
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_HF_ROLES = {USER: "user", ASSISTANT: "assistant", OBSERVATION: "tool", FUNCTION: "assistant"}
+
+
+class TokenizerChatTemplate:
+    """The tokenizer's Jinja chat template, with response spans located robustly.
+
+    With ``{% generation %}`` markers, ``return_assistant_tokens_mask`` gives the spans directly.
+    Otherwise each response turn ``k`` is rendered twice — the conversation before it with the
+    generation prompt, and up to and including it — and the span is the token difference; trailing
+    whitespace-only tokens (the newline after ``<|im_end|>`` in ChatML) are left to the prompt.
+    Every partial rendering must be a token prefix of the full one; templates that rewrite earlier
+    turns (e.g. dropping past reasoning) cannot be split this way and raise ``ConfigError``.
+
+    BOS: when the tokenizer prepends BOS to plain text (openPangu) but the template does not write
+    it, it is prepended, as ``tokenizer(apply_chat_template(..., tokenize=False))`` would at
+    inference; a template that writes BOS itself (Llama 3) does not get a second one.
+    """
+
+    name = "tokenizer"
+
+    def __init__(self, tokenizer: Any) -> None:
+        source = tokenizer.chat_template
+        if isinstance(source, dict):
+            source = source.get("default") or next(iter(source.values()))
+        self.has_generation_markers = bool(_GENERATION_MARKER.search(str(source)))
+        self.add_bos = _tokenizer_adds_bos(tokenizer)
+
+    def _bos(self, tokenizer: Any, text: str) -> list[int]:
+        if self.add_bos and not text.startswith(tokenizer.bos_token):
+            return [tokenizer.bos_token_id]
+        return []
+
+    @staticmethod
+    def _messages(conversation: Conversation) -> list[dict[str, str]]:
+        out = []
+        if conversation.system is not None:
+            out.append({"role": "system", "content": conversation.system})
+        out += [{"role": _HF_ROLES[r], "content": c} for r, c in conversation.messages]
+        return out
+
+    @staticmethod
+    def _tools(conversation: Conversation) -> list[dict] | None:
+        if not conversation.tools:
+            return None
+        tools = json.loads(conversation.tools)
+        return tools if isinstance(tools, list) else [tools]
+
+    def _ids(self, tokenizer: Any, messages: list[dict], tools: Any, generation: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation
+        )
+        return self._bos(tokenizer, text) + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, tokenizer: Any, conversation: Conversation) -> Encoded:
+        messages, tools = self._messages(conversation), self._tools(conversation)
+        if self.has_generation_markers:
+            out = tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=True,
+            )  # fmt: skip
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+            bos = self._bos(tokenizer, text)
+            spans = [(s + len(bos), e + len(bos)) for s, e in _runs(out["assistant_masks"])]
+            return Encoded(bos + list(out["input_ids"]), spans)
+        full = self._ids(tokenizer, messages, tools, generation=False)
+        offset = len(messages) - len(conversation.messages)
+        spans = []
+        for i, (role, _) in enumerate(conversation.messages):
+            if role not in RESPONSE_ROLES:
+                continue
+            k = offset + i
+            prompt = self._ids(tokenizer, messages[:k], tools, generation=True)
+            upto = self._ids(tokenizer, messages[: k + 1], tools, generation=False)
+            start = len(prompt)
+            previous_end = spans[-1][1] if spans else 0
+            if full[:start] != prompt or full[: len(upto)] != upto or start < previous_end:
+                raise ConfigError(
+                    "the tokenizer's chat template does not render conversations turn by turn "
+                    f"(rendering up to message {k} is not a prefix of the whole conversation), so "
+                    "the response tokens cannot be located; set `template:` to one of "
+                    f"{sorted(TEMPLATES)}"
+                )
+            end = max(len(upto), start)
+            while end > start and not tokenizer.decode(upto[end - 1 : end]).strip():
+                end -= 1
+            spans.append((start, end))
+        return Encoded(full, spans)
+
+    def encode_prompt(self, tokenizer: Any, conversation: Conversation) -> list[int]:
+        """The ids of a conversation ending with a user turn, with the generation prompt."""
+        tools = self._tools(conversation)
+        return self._ids(tokenizer, self._messages(conversation), tools, generation=True)
+
+
+def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
+    """The ``[start, end)`` runs of ones in a 0/1 mask."""
+    spans, start = [], None
+    for i, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def get_template(name: str | None, tokenizer: Any) -> Template:
+    """The template called ``name``; None or ``auto`` picks the tokenizer's chat template if any.
+
+    Raises ``ConfigError`` for an unknown name, listing the valid ones. Warns when a named
+    template's markers are not single tokens of ``tokenizer`` (the wrong template for the model).
+    """
+    if name is None or name == AUTO:
+        if getattr(tokenizer, "chat_template", None):
+            return TokenizerChatTemplate(tokenizer)
+        logger.info("the tokenizer has no chat template: using the `default` template")
+        return TEMPLATES["default"]
+    if name not in TEMPLATES:
+        valid = ", ".join([AUTO, *sorted(TEMPLATES)])
+        raise ConfigError(f"unknown template {name!r}; valid templates: {valid}")
+    template = TEMPLATES[name]
+    missing = template.missing_tokens(tokenizer)
+    if missing:
+        logger.warning(
+            "template %r: %s are not single tokens of this tokenizer; is it the model's template?",
+            name,
+            ", ".join(missing),
+        )
+    return template
