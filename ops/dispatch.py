@@ -100,6 +100,12 @@ def triton_unavailable(device: torch.device) -> str | None:
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
     if device.type not in ("cpu", "cuda", "npu"):
         return f"Triton has no back end for device type {device.type!r}"
+    if device.type == "npu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # triton-ascend registers its back end as "ascend" (≤ 3.2) or "cann" (later releases).
+        from triton.backends import backends as registered
+
+        if not {"ascend", "cann"} & set(registered):
+            return "the installed triton has no Ascend back end; install triton-ascend"
     return None
 
 
