@@ -12,9 +12,19 @@
 # .venv gets the CPU wheel torch==2.13.0. Then `pip install -e .[dev]` (and triton, except on Ascend
 # where triton-ascend provides it). On Ascend the CANN set_env.sh is sourced when present.
 #
-# Distributed launch (train): NPROC (processes per node; default = visible NPUs/GPUs, else 1),
-# NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500). HCCL defaults:
-# HCCL_CONNECT_TIMEOUT=1200 s (range 120-7200), HCCL_EXEC_TIMEOUT=1800 s; set them to override.
+# FLUID_PYTHON=/path/to/python uses that interpreter as it is (a managed cluster image, CI): no
+# .venv is made and nothing is installed.
+#
+# Distributed launch (train): torchrun with NPROC processes per node (default: the devices listed
+# in ASCEND_RT_VISIBLE_DEVICES, else CUDA_VISIBLE_DEVICES, else every visible NPU/GPU, else 1 CPU
+# process; NPROC=2 on a CPU host runs two gloo processes), NNODES (1), NODE_RANK (0), MASTER_ADDR
+# (127.0.0.1; required when NNODES > 1), MASTER_PORT (29500). Each process binds the device of its
+# LOCAL_RANK and joins hccl (NPU) / nccl (CUDA) / gloo (CPU) through transformers' Trainer.
+# HCCL defaults, exported when unset: HCCL_CONNECT_TIMEOUT=1200 s (link set-up; CANN's default is
+# 120 s, allowed 120-7200; raised because ranks that load a 7B checkpoint at different speeds reach
+# the first collective minutes apart) and HCCL_EXEC_TIMEOUT=1800 s (CANN's default: how long ranks
+# wait for each other in a collective, e.g. while rank 0 writes a checkpoint).
+# FLUID_DRY_RUN=1 prints the torchrun command and the HCCL settings instead of running them.
 set -eo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,6 +45,7 @@ for cann in "${ASCEND_HOME_PATH:-}/set_env.sh" /usr/local/Ascend/cann/set_env.sh
 done
 
 # --- Python environment -----------------------------------------------------------------------
+setup_env() {
 SYS_PY="$(command -v python3 || command -v python || true)"
 [ -n "$SYS_PY" ] || { log "error: no python3 on PATH; install Python >= 3.10"; exit 1; }
 if [ ! -x .venv/bin/python ]; then
@@ -66,14 +77,30 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import f
   fi
   echo "$want" >"$stamp"
 fi
+}
+
+if [ -n "${FLUID_PYTHON:-}" ]; then
+  PY="$FLUID_PYTHON"
+  [ -x "$PY" ] || { log "error: FLUID_PYTHON=$PY is not an executable"; exit 2; }
+else
+  setup_env
+fi
 
 # --- Commands -----------------------------------------------------------------------------------
 visible_devices() {
   if [ -n "${NPROC:-}" ]; then echo "$NPROC"; return; fi
   for var in ASCEND_RT_VISIBLE_DEVICES CUDA_VISIBLE_DEVICES; do
-    if [ -n "${!var:-}" ]; then echo "${!var}" | tr ',' '\n' | grep -c .; return; fi
+    if [ -n "${!var:-}" ]; then echo "${!var}" | tr ',' '\n' | grep -c . || true; return; fi
   done
   "$PY" -c "from fluid_npu.device import visible_device_count as n; print(max(1, n()))"
+}
+
+need_int() {  # need_int NAME VALUE MIN [MAX]: a clear error for a malformed launcher variable
+  local name="$1" value="$2" min="$3" max="${4:-}"
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "$value" -lt "$min" ] || { [ -n "$max" ] && [ "$value" -gt "$max" ]; }; then
+    log "error: $name=$value must be an integer in [$min, ${max:-inf}]"
+    exit 2
+  fi
 }
 
 cmd="${1:-demo}"
@@ -93,12 +120,31 @@ case "$cmd" in
     [ $# -ge 1 ] || { log "usage: bash run_npu.sh train CONFIG [key=value ...]"; exit 2; }
     export HCCL_CONNECT_TIMEOUT="${HCCL_CONNECT_TIMEOUT:-1200}"
     export HCCL_EXEC_TIMEOUT="${HCCL_EXEC_TIMEOUT:-1800}"
+    need_int HCCL_CONNECT_TIMEOUT "$HCCL_CONNECT_TIMEOUT" 120 7200
+    need_int HCCL_EXEC_TIMEOUT "$HCCL_EXEC_TIMEOUT" 0
     nproc="$(visible_devices)"
-    log "torchrun: $nproc process(es) per node, ${NNODES:-1} node(s), node rank ${NODE_RANK:-0}"
-    exec "$PY" -m torch.distributed.run \
-      --nproc_per_node="$nproc" --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
-      --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
-      -m fluid_npu.cli train "$@"
+    nnodes="${NNODES:-1}"
+    node_rank="${NODE_RANK:-0}"
+    need_int "processes per node (NPROC or the visible devices)" "$nproc" 1
+    need_int NNODES "$nnodes" 1
+    need_int NODE_RANK "$node_rank" 0 "$((nnodes - 1))"
+    need_int MASTER_PORT "${MASTER_PORT:-29500}" 1 65535
+    if [ "$nnodes" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+      log "error: NNODES=$nnodes needs MASTER_ADDR (the address of node 0) on every node"
+      exit 2
+    fi
+    launch=("$PY" -m torch.distributed.run
+      --nproc_per_node="$nproc" --nnodes="$nnodes" --node_rank="$node_rank"
+      --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}"
+      -m fluid_npu.cli train "$@")
+    log "torchrun: $nproc process(es) per node, $nnodes node(s), node rank $node_rank;" \
+      "HCCL_CONNECT_TIMEOUT=$HCCL_CONNECT_TIMEOUT HCCL_EXEC_TIMEOUT=$HCCL_EXEC_TIMEOUT"
+    if [ "${FLUID_DRY_RUN:-0}" = 1 ]; then
+      printf '%q ' "${launch[@]}"
+      printf '\n'
+      exit 0
+    fi
+    exec "${launch[@]}"
     ;;
   *)
     exec "$PY" -m fluid_npu.cli "$cmd" "$@"

@@ -159,13 +159,13 @@ class TrainArgs:
     bf16: bool = False
     fp16: bool = False
     deepspeed: str | None = None
-    fsdp: str | list[str] = ""
+    fsdp: bool | str | list[str] = ""
     fsdp_config: str | None = None
     logging_steps: float = 10
     save_steps: float = 500
     save_total_limit: int | None = None
     seed: int = 42
-    resume_from_checkpoint: str | None = None
+    resume_from_checkpoint: str | bool | None = None  # true: the last complete checkpoint
     report_to: str | list[str] = "none"
     gradient_checkpointing: bool = False
     dataloader_num_workers: int = 0

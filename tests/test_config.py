@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from fluid_npu.cli import main as cli_main
 from fluid_npu.config import build_config, load_config, parse_overrides
 from fluid_npu.errors import ConfigError
 
@@ -127,17 +128,25 @@ def test_missing_config_file_is_a_config_error(tmp_path):
         ("model_name_or_path: /does/not/exist\ndataset: x\noutput_dir: OUT\n", "does not exist"),
     ],
 )
-def test_cli_reports_one_clear_line(tmp_path, yaml_text, needle):
+def test_cli_reports_one_clear_line(tmp_path, yaml_text, needle, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml_text.replace("OUT", str(tmp_path / "out")))
+    assert cli_main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("fluid: error:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_debug_shows_the_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora_rnak: 8\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "fluid_npu.cli", "train", str(cfg)],
+        [sys.executable, "-m", "fluid_npu.cli", "--debug", "train", str(cfg)],
         capture_output=True,
         text=True,
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fluid: error:")]
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr

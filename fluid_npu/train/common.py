@@ -1,24 +1,48 @@
 """What Stage I and Stage II share: TrainingArguments from the config, a Trainer base that logs
-extra loss parts and stops on a non-finite loss, and the atomic final save.
+extra loss parts and stops on a non-finite loss, crash-safe checkpoints, and the atomic final save.
 
 Distribution (torchrun + hccl / nccl / gloo, DeepSpeed, FSDP) is entirely transformers' Trainer and
-accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingArguments``.
+accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingArguments``. What
+``FluidTrainer`` adds for it:
+
+* ``run_objective`` runs a stage's loss *inside* the wrapped model's forward (the DDP / FSDP /
+  DeepSpeed wrapper, or accelerate's autocast wrapper on one device), so gradient synchronisation,
+  parameter gathering and mixed precision see the computation exactly as for ``model(**inputs)``;
+* loss parts (``loss_ar``, ``loss_diff``, …) are averaged over all processes before they are logged;
+* ``checkpoint-N`` directories appear atomically and a resume is validated first
+  (``fluid_npu.train.checkpoint``).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.errors import ConfigError, FluidError
-from fluid_npu.train.io import publish_dir, staging_dir
+from fluid_npu.train.checkpoint import (
+    PREFIX,
+    last_complete_checkpoint,
+    publish_checkpoint,
+    remove_stale_staging,
+    resolve_resume,
+    staging_root,
+)
+from fluid_npu.train.io import FINAL_STAGING, publish_dir
+
+Parts = dict[str, torch.Tensor]
+Objective = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, Parts]]
 
 
 def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> TrainingArguments:
@@ -54,15 +78,33 @@ def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> Traini
         use_cpu=choice.type == "cpu",
         ddp_find_unused_parameters=False,
     )
-    if t.deepspeed is not None and not Path(t.deepspeed).is_file():
-        raise ConfigError(
-            f"deepspeed config {t.deepspeed!r} does not exist; point it at a JSON file"
-        )
+    if t.deepspeed is not None:
+        check_deepspeed_config(t.deepspeed)
     kwargs.update(cfg.extra_training_args)
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
         raise ConfigError(f"invalid training arguments: {exc}") from None
+
+
+def deepspeed_available() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def check_deepspeed_config(path: str) -> None:
+    """The ``deepspeed`` key names a readable JSON file and the deepspeed package is installed."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed config {path!r} does not exist; point it at a JSON file")
+    try:
+        json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"deepspeed config {path!r} is not valid JSON ({exc})") from None
+    if not deepspeed_available():
+        raise ConfigError(
+            f"deepspeed: {path} is set but the deepspeed package is not installed; install it "
+            "(pip install -e '.[deepspeed]', which works on Ascend too) or remove the key"
+        )
 
 
 class FluidTrainer(Trainer):
@@ -88,41 +130,121 @@ class FluidTrainer(Trainer):
                 "Lower learning_rate, or check the data and bf16/fp16 settings"
             )
         for key, v in values.items():
-            if math.isfinite(v):
-                self._part_sums[key] += v
-                self._part_counts[key] += 1
+            finite = math.isfinite(v)
+            self._part_sums[key] += v if finite else 0.0
+            self._part_counts[key] += int(finite)
+
+    def run_objective(
+        self, model: torch.nn.Module, inputs: dict[str, Any], objective: Objective
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``objective(inner, inputs)`` run as the forward of ``model`` (the wrapped model).
+
+        ``inner`` is the model inside the DDP / FSDP / DeepSpeed / compile wrappers; its ``forward``
+        is swapped for this call only, so the wrappers' gradient hooks, unsharding and engine run as
+        for ``model(**inputs)``. accelerate's autocast, which it installs by wrapping that same
+        ``forward``, is applied here instead.
+        """
+        from accelerate.utils import extract_model_from_parallel
+
+        inner = extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
+        accelerator = self.accelerator
+
+        def forward(**batch: Any) -> dict[str, torch.Tensor]:
+            with accelerator.autocast():
+                loss, parts = objective(inner, batch)
+            return {"loss": loss, **parts}
+
+        previous = inner.__dict__.get("forward")
+        inner.forward = forward
+        try:
+            out = model(**inputs)
+        finally:
+            if previous is None:
+                del inner.forward
+            else:
+                inner.forward = previous
+        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:
-            for key, total in self._part_sums.items():
-                if self._part_counts[key]:
-                    logs[key] = round(total / self._part_counts[key], 6)
+        if "loss" in logs:  # a training-step log: every process gets here together
+            keys = sorted(self._part_sums)
+            sums = [self._part_sums[k] for k in keys]
+            counts = [float(self._part_counts[k]) for k in keys]
+            if keys and self.args.world_size > 1:
+                packed = torch.tensor(sums + counts, dtype=torch.float32, device=self.args.device)
+                packed = self.accelerator.reduce(packed, reduction="sum").tolist()
+                sums, counts = packed[: len(keys)], packed[len(keys) :]
+            for key, total, count in zip(keys, sums, counts):
+                if count:
+                    logs[key] = round(total / count, 6)
             self.last_parts = {k: v for k, v in logs.items() if k in self._part_sums}
             self._part_sums.clear()
             self._part_counts.clear()
         super().log(logs, *args, **kwargs)
 
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> TrainOutput:
+        """``Trainer.train`` with the checkpoint validated (or the last complete one picked)."""
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if self.args.should_save:  # nothing is saving yet: no step has run on any process
+            remove_stale_staging(self.args.output_dir)
+        return super().train(resume, *args, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Write ``checkpoint-N`` into a staging directory on every process, then rename it."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{PREFIX}-{self.state.global_step}"
+        staging = staging_root(run_dir, self.state.global_step)
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(staging)  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every shard / RNG state is on disk
+        if self.args.should_save:
+            publish_checkpoint(staging / name, run_dir / name)
+            best = self.state.best_global_step
+            if best and (run_dir / f"{PREFIX}-{best}").is_dir():
+                self.state.best_model_checkpoint = str(run_dir / f"{PREFIX}-{best}")
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
 
 def _last_checkpoint(output_dir: str | None) -> str | None:
-    if not output_dir or not Path(output_dir).is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir)
+    last = last_complete_checkpoint(output_dir)
+    return str(last) if last is not None else None
 
 
 def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, extra: list[Any]) -> None:
     """Save the model / adapter, tokenizer and metadata objects atomically into ``output_dir``.
 
-    ``extra`` holds objects with a ``save(directory)`` method (e.g. ``FluidModelMeta``).
-    Only the main process writes.
+    ``extra`` holds objects with a ``save(directory)`` method (e.g. ``FluidModelMeta``); the last
+    one is published last, so its file marks a complete save. Every process takes part (the save is
+    collective under DeepSpeed / FSDP) and writes into the same staging directory; the saving
+    process adds the rest and publishes it.
     """
-    if not trainer.is_world_process_zero():
-        trainer.save_model(str(output_dir))  # collective under DeepSpeed / FSDP; rank 0 writes
-        return
-    stage = staging_dir(output_dir)
+    stage = output_dir / FINAL_STAGING
+    if trainer.args.should_save and stage.exists():
+        shutil.rmtree(stage)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(stage))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.args.should_save:
+        return
+    stage.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(stage))
+    last = []
     for item in extra:
+        before = {p.name for p in stage.iterdir()}
         item.save(stage)
-    publish_dir(stage, output_dir)
+        last = sorted({p.name for p in stage.iterdir()} - before)
+    publish_dir(stage, output_dir, last=last)

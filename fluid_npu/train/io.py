@@ -18,6 +18,7 @@ from typing import Any
 from fluid_npu.errors import ConfigError
 
 RUN_FILE = "run.json"
+FINAL_STAGING = ".staging-final"  # where every rank writes the final save before it is published
 
 
 def prepare_output_dir(path: str | Path) -> Path:
@@ -52,10 +53,25 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
-def publish_dir(staging: Path, target: Path) -> None:
-    """Move every entry of ``staging`` into ``target`` by rename (same filesystem), then drop it."""
+def remove_if_empty(path: str | Path) -> None:
+    """Remove the directory ``path`` if it exists and holds nothing (a run that failed early)."""
+    p = Path(path)
+    try:
+        if p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+    except OSError:
+        pass  # best effort: an empty directory left behind is harmless
+
+
+def publish_dir(staging: Path, target: Path, last: list[str] | None = None) -> None:
+    """Move every entry of ``staging`` into ``target`` by rename (same filesystem), then drop it.
+
+    Entries named in ``last`` move after all others, so their presence marks a complete publish.
+    """
     target.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
+    tail = set(last or ())
+    items = sorted(staging.iterdir(), key=lambda p: (p.name in tail, p.name))
+    for item in items:
         dest = target / item.name
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)

@@ -3,14 +3,18 @@
 ``TrainingSession`` does everything a stage needs before and after its loss: it validates the
 inputs up front (so a bad dataset or output directory fails before any weight is touched), loads
 the base model and tokenizer, resolves the MASK token, tokenizes the data and checks the MASK never
-occurs in it, applies LoRA or full fine-tuning, and at the end saves the adapter / model, the
-tokenizer and ``fluid_model.json`` atomically and writes ``run.json``.
+occurs in it, swaps torch_npu's fused layer kernels in on an NPU (``npu_fused_kernels``), applies
+LoRA or full fine-tuning, and at the end saves the adapter / model, the tokenizer and
+``fluid_model.json`` atomically and writes ``run.json``. A run that fails during set-up removes the
+output directory it created (nothing half-made is left); the loss runs inside the wrapped model's
+forward (``FluidTrainer.run_objective``), so DDP / FSDP / DeepSpeed see it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,12 +22,16 @@ from transformers import PreTrainedModel
 
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
+from fluid_npu.errors import CheckpointError
 from fluid_npu.model.adapters import FluidModelMeta, apply_lora
 from fluid_npu.model.attention import configure_attention
+from fluid_npu.model.fused_layers import apply_npu_fused_layers, enable_mindspeed
 from fluid_npu.model.loading import check_model_dir, fingerprint, load_model, load_tokenizer
+from fluid_npu.model.loading import load_config as load_model_config
 from fluid_npu.model.mask_token import check_unused, resolve_mask_token
+from fluid_npu.train.checkpoint import resolve_resume
 from fluid_npu.train.common import FluidTrainer, save_final, training_arguments
-from fluid_npu.train.io import prepare_output_dir, write_run_json
+from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +45,32 @@ class TrainingSession:
         cfg.require("model_name_or_path", "dataset", "output_dir")
         self.cfg = cfg
         self.stage = stage
-        self.output_dir = prepare_output_dir(cfg.train.output_dir)
         check_model_dir(cfg.model.model_name_or_path, allow_pickle=cfg.model.allow_pickle)
         self.choice = devices.current(
             want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
         )
         self.args = training_arguments(cfg, self.choice)  # fail on bad arguments before loading
+        self.mindspeed = enable_mindspeed() if cfg.model.use_mindspeed else None
+        self.resume = resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
+        created = not Path(cfg.train.output_dir).exists()
+        self.output_dir = prepare_output_dir(cfg.train.output_dir)
+        try:
+            self._load()
+        except BaseException:
+            if created:
+                remove_if_empty(self.output_dir)
+            raise
+
+    def _load(self) -> None:
+        cfg = self.cfg
         devices.seed_everything(cfg.train.seed)
+        # the model's config first: an architecture that needs remote code fails with that reason
+        try:
+            load_model_config(
+                cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code
+            )
+        except CheckpointError as exc:  # transformers' text spans lines; the CLI prints one
+            raise CheckpointError(" ".join(str(exc).split())) from None
         self.tokenizer = load_tokenizer(
             cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code
         )
@@ -63,6 +90,9 @@ class TrainingSession:
         self.data = self._load_data()
         base.config.use_cache = False
         configure_attention(base, cfg.model.attn_backend)
+        self.fused_modules = apply_npu_fused_layers(
+            base, enabled=self.choice.type == "npu" and cfg.model.npu_fused_kernels
+        )
         self.model = self._trainable(base)
 
     def _load_data(self) -> Any:
@@ -113,7 +143,7 @@ class TrainingSession:
 
         class _Trainer(FluidTrainer):
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                loss, parts = loss_fn(model, inputs)
+                loss, parts = self.run_objective(model, inputs, loss_fn)
                 self.record_parts(loss, parts)
                 return (loss, {"loss": loss}) if return_outputs else loss
 
@@ -125,7 +155,7 @@ class TrainingSession:
             processing_class=self.tokenizer,
             callbacks=callbacks,
         )
-        result = trainer.train(resume_from_checkpoint=self.cfg.train.resume_from_checkpoint)
+        result = trainer.train(resume_from_checkpoint=self.resume)
         meta = FluidModelMeta(
             base_fingerprint=self.base_fingerprint,
             mask_token=self.mask.token,
@@ -143,6 +173,8 @@ class TrainingSession:
                 "backend": self.choice.backend,
                 "autocast_dtype": str(self.choice.autocast_dtype),
                 "world_size": args.world_size,
+                "npu_fused_modules": self.fused_modules,
+                "mindspeed": self.mindspeed,
             },
             "mask_token": {
                 "token": self.mask.token,

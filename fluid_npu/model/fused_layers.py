@@ -1,0 +1,174 @@
+"""torch_npu's fused layer kernels swapped into a transformers backbone from outside.
+
+``apply_npu_fused_layers(model)`` replaces the ``forward`` of module *instances* — the model's code
+and classes stay untouched — for the decoder layers of Llama (openPangu loads as Llama), Qwen2,
+Qwen3 and Mistral:
+
+* ``*RMSNorm`` → ``fluid_ops.npu_layers.rms_norm`` (``npu_rms_norm``), Qwen3's q/k norms included;
+* ``*MLP`` with a SiLU gate → ``down_proj(npu_swiglu(cat([gate_proj(x), up_proj(x)], -1)))``; the
+  projections are called as modules, so LoRA on them keeps working. The concatenation costs one
+  copy of the two projections; what the fused kernel saves is the separate SiLU and product
+  kernels and the intermediate they keep for the backward;
+* ``*Attention`` → the same forward with its modeling module's ``apply_rotary_pos_emb`` pointing
+  at ``npu_rotary_mul`` for the duration of the call (transformers calls that module-level
+  function from inside the forward; no other instance or model is affected).
+
+Every swapped forward checks the kernel's documented contract (``*_fits``) per call and runs the
+original code otherwise, so any shape or dtype the kernel does not take still works. Classes are
+matched by name from an allow-list whose semantics were checked (Gemma's ``1 + weight`` norm, for
+one, is not the same op), and modules whose ``forward`` was already replaced by someone else are
+left alone. transformers' hub-kernel mechanism is not used: nothing is downloaded.
+
+It is a no-op (returns 0) unless an NPU is usable, so the training session and the sampler call it
+unconditionally; config key ``npu_fused_kernels: false`` turns it off. ``enable_mindspeed`` is the
+explicit, optional MindSpeed import (config key ``use_mindspeed``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fluid_npu.errors import ConfigError
+
+ARCHS = ("Llama", "Qwen2", "Qwen3", "Mistral")
+NORM_CLASSES = frozenset(f"{a}RMSNorm" for a in ARCHS)
+MLP_CLASSES = frozenset(f"{a}MLP" for a in ARCHS)
+ATTENTION_CLASSES = frozenset(f"{a}Attention" for a in ARCHS)
+MARK = "_fluid_npu_fused"  # set on every module whose forward was swapped here
+
+
+def _npu_layers() -> Any:
+    import fluid_ops.npu_layers as npu_layers
+
+    return npu_layers
+
+
+def _fused_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    ops = _npu_layers()
+    if ops.rms_norm_fits(hidden_states, self.weight):
+        return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
+
+
+def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    ops = _npu_layers()
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.dtype == up.dtype:
+        gate_up = torch.cat([gate, up], dim=-1)
+        if ops.swiglu_fits(gate_up):
+            return self.down_proj(ops.swiglu(gate_up))
+    return self.down_proj(self.act_fn(gate) * up)  # the original forward, projections reused
+
+
+def _fused_rotary(
+    original: Callable[..., Any],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ops = _npu_layers()
+    if unsqueeze_dim == 1:  # q, k are BNSD; cos, sin become B1SD
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        if ops.rotary_fits(q, c, s) and ops.rotary_fits(k, c, s):
+            return ops.rotary_mul(q, c, s), ops.rotary_mul(k, c, s)
+    return original(q, k, cos, sin, unsqueeze_dim)
+
+
+def _fused_attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    modeling = sys.modules[type(self).__module__]
+    original = modeling.apply_rotary_pos_emb
+    modeling.apply_rotary_pos_emb = functools.partial(_fused_rotary, original)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        modeling.apply_rotary_pos_emb = original
+
+
+def _kind(module: nn.Module) -> str | None:
+    """Which swap applies to ``module`` (None: none, or its forward is already replaced)."""
+    if getattr(module, MARK, False) or "forward" in module.__dict__:
+        return None
+    name = type(module).__name__
+    if name in NORM_CLASSES and hasattr(module, "variance_epsilon"):
+        return "norm"
+    if name in MLP_CLASSES and all(hasattr(module, a) for a in ("gate_proj", "up_proj")):
+        act = module.act_fn
+        if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+            return "mlp"
+        return None
+    if name in ATTENTION_CLASSES:
+        modeling = sys.modules.get(type(module).__module__)
+        if callable(getattr(modeling, "apply_rotary_pos_emb", None)):
+            return "attention"
+    return None
+
+
+SWAPS = {
+    "norm": _fused_norm_forward,
+    "mlp": _fused_mlp_forward,
+    "attention": _fused_attention_forward,
+}
+
+
+def apply_npu_fused_layers(model: nn.Module, *, enabled: bool | None = None) -> int:
+    """Swap torch_npu's fused kernels into ``model``'s layers; returns how many modules changed.
+
+    ``enabled=None`` means "when an NPU is usable" (``fluid_npu.device.is_npu_available``); a caller
+    that keeps a model on the CPU of an NPU host passes ``False``. Calling it twice changes nothing
+    the second time.
+    """
+    if enabled is None:
+        from fluid_npu.device import is_npu_available
+
+        enabled = is_npu_available()
+    if not enabled:
+        return 0
+    swapped = 0
+    for module in model.modules():
+        kind = _kind(module)
+        if kind is None:
+            continue
+        module.forward = types.MethodType(SWAPS[kind], module)
+        setattr(module, MARK, True)
+        swapped += 1
+    return swapped
+
+
+def remove_npu_fused_layers(model: nn.Module) -> int:
+    """Undo ``apply_npu_fused_layers`` (the class forwards apply again); returns the count."""
+    restored = 0
+    for module in model.modules():
+        if getattr(module, MARK, False):
+            del module.forward
+            delattr(module, MARK)
+            restored += 1
+    return restored
+
+
+def enable_mindspeed() -> str:
+    """Import MindSpeed's adaptor (``use_mindspeed: true``); a ConfigError says how to install it.
+
+    Returns its version. MindSpeed patches Megatron-LM and ``torch.cuda`` process-wide; fluid-npu's
+    own NPU kernels do not need it.
+    """
+    from fluid_ops.dispatch import BackendUnavailable
+
+    try:
+        _npu_layers().import_mindspeed()
+    except BackendUnavailable as exc:
+        raise ConfigError(f"use_mindspeed: true, but {exc}; or set use_mindspeed: false") from None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mindspeed")
+    except PackageNotFoundError:
+        return "unknown"
