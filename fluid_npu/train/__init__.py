@@ -1,1 +1,1 @@
-"""Trainers: Stage I (strictly causal alignment) and Stage II (the K-head) on transformers Trainer."""
+"""Trainers: Stage I (strictly causal alignment) and Stage II (the K-head) on the HF Trainer."""
