@@ -93,6 +93,7 @@ def test_fingerprint_ignores_added_rows_but_not_other_weights():
     resolve_mask_token(tok, a, allow_new=True)  # adds <|mask|>, resizes
     assert fingerprint(a) == fp
     assert fingerprint(build_tiny_model("llama", build_tiny_tokenizer(), seed=1)) != fp
+    assert fingerprint(a.to(torch.bfloat16)) == fp  # one fingerprint whatever the load dtype
 
 
 def test_mask_from_tokenizer_mask_token():

@@ -144,11 +144,15 @@ def fingerprint(model: PreTrainedModel) -> str:
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         h.update(f"{key}={getattr(config, key, None)};".encode())
     emb = model.get_input_embeddings().weight.detach()
-    h.update(emb[:8].float().cpu().numpy().tobytes())
+    h.update(_dtype_free(emb[:8]))
     first = next(
         (p for n, p in model.named_parameters() if "layers.0." in n and "lora_" not in n),
         None,
     )
     if first is not None:
-        h.update(first.detach()[:4].float().cpu().numpy().tobytes())
+        h.update(_dtype_free(first.detach()[:4]))
     return h.hexdigest()[:16]
+
+
+def _dtype_free(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.bfloat16).float().cpu().numpy().tobytes()
