@@ -36,7 +36,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the embedded CPU demo end to end")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="where the demo writes (outputs/demo)")
     p.add_argument("--fresh", action="store_true", help="redo every step")
-    p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--pretrain-steps", type=int, default=400)
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts for the sampler")
     p.set_defaults(handler=run_demo)
 
@@ -128,7 +128,55 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         figures = {k: v for k, v in rec.items() if k.startswith(("khead_", "const_"))}
         print(f"  K-head held-out: {json.dumps(figures)}")
-    print("[4/4] elastic sampler vs plain greedy decoding")
-    from fluid_npu.sampling.demo import sampler_demo
-
+    print("[4/4] elastic sampler vs plain greedy decoding (held-out prompts)")
     return sampler_demo(base, stage1, stage2, out, n_prompts=args.prompts)
+
+
+def demo_prompt_ids(tokenizer: object, n: int) -> list[list[int]]:
+    """Held-out demo prompts rendered with the template Stage I trained on (``empty``)."""
+    from fluid_npu.data.demo import demo_prompts
+    from fluid_npu.data.templates import Conversation, get_template
+
+    template = get_template("empty", tokenizer)
+    return [
+        template.encode_prompt(tokenizer, Conversation([("user", p)])) for p in demo_prompts(n)
+    ]
+
+
+def sampler_demo(base: Path, stage1: Path, stage2: Path, out: Path, n_prompts: int) -> int:
+    """Decode held-out prompts with plain greedy AR and the elastic sampler; check and report."""
+    from fluid_npu.sampling import FluidForCausalLM
+    from fluid_npu.train.io import write_json_atomic
+
+    fluid = FluidForCausalLM.from_pretrained(base, adapter=stage1, khead=stage2)
+    prompts = demo_prompt_ids(fluid.tokenizer, n_prompts)
+    runs = [("ar", "fused"), ("entropy", "fused"), ("khead", "fused"), ("khead", "reference")]
+    results: dict[str, dict] = {}
+    baseline: list[list[int]] | None = None
+    for policy, loop in runs:
+        tokens, forwards, wall = [], 0, 0.0
+        for ids in prompts:
+            fluid.generate(torch.tensor([ids]), max_new_tokens=96, policy=policy, loop=loop)
+            stats = fluid.last_stats
+            tokens.append(list(fluid.last_output.new_tokens[0]))
+            forwards += sum(stats.row_forwards)
+            wall += stats.wall_s
+        new = sum(len(t) for t in tokens)
+        baseline = tokens if baseline is None else baseline
+        same = sum(a == b for a, b in zip(tokens, baseline))
+        results[f"{policy}/{loop}"] = {
+            "tpf": new / forwards,
+            "tokens_per_s": new / wall,
+            "identical_to_ar": f"{same}/{len(prompts)}",
+        }
+    ar_speed = results["ar/fused"]["tokens_per_s"]
+    print(f"  {'policy/loop':<18}{'TPF':>6}{'tok/s':>9}{'speed vs AR':>13}  identical to AR")
+    for name, r in results.items():
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ar_speed
+        print(f"  {name:<18}{r['tpf']:>6.2f}{r['tokens_per_s']:>9.1f}{r['speedup_vs_ar']:>12.2f}x"
+              f"  {r['identical_to_ar']}")
+    example = fluid.tokenizer.decode(prompts[0]) + fluid.tokenizer.decode(baseline[0])
+    print(f"  example: {example!r}")
+    write_json_atomic(out / "sampler.json", {"prompts": len(prompts), "results": results})
+    print(f"  written to {out / 'sampler.json'}")
+    return 0

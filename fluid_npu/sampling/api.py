@@ -1,0 +1,312 @@
+"""The sampler's public API: ``generate`` on any FLUID model, and a transformers-style wrapper.
+
+``generate(model, tokenizer_or_mask_id, input_ids, ...)`` checks its input (one ``FluidError`` per
+problem: empty prompt, prompt too long for the context, bad horizon, no MASK token), runs the
+chosen loop (``fused`` or ``reference``) under the chosen horizon policy and returns the sequences
+like transformers' ``generate`` (prompt as given + new tokens, padded after EOS), the new tokens per
+row and the call's ``GenerateStats``. Greedy decoding is the contract: every token equals
+``model.generate(do_sample=False)``'s, up to exact numerical ties.
+
+``FluidForCausalLM.from_pretrained(model_dir, adapter=None, khead=None)`` loads base + Stage I
+adapter (merged for speed) + K-head with their fingerprint checks, and its ``generate(input_ids,
+attention_mask=None, max_new_tokens=..., policy=..., loop=...)`` feels like the transformers call,
+with ``last_stats`` holding the statistics of the latest call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fluid_npu import device as devices
+from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.model.attention import DENSE_IMPLS, FLUID, attention_kind, configure_attention
+from fluid_npu.model.khead import KHead
+from fluid_npu.model.mask_token import resolve_mask_token
+from fluid_npu.sampling.engine import Engine, StreamFn, split_prompts
+from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE, run_fused
+from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
+from fluid_npu.sampling.reference import DEFAULT_MAX_REFINE, DEFAULT_REFINE_THRESHOLD, run_reference
+from fluid_npu.sampling.stats import GenerateStats
+
+LOOPS = ("fused", "reference")
+# Measured on CPU: for the sampler's short cached calls the model's own SDPA with a dense bool mask
+# is as fast as or faster than the registered "fluid" attention (blocked / reference back ends).
+DEFAULT_ATTN = "sdpa"
+
+
+class PromptError(DataError):
+    """A prompt is empty or does not fit the model's context."""
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [B, prompt width + longest new], transformers' layout
+    new_tokens: list[list[int]]  # per row, EOS included when it was generated
+    stats: GenerateStats
+
+
+def _mask_id(model: PreTrainedModel, source: PreTrainedTokenizerBase | int | None) -> int:
+    if isinstance(source, int):
+        mask_id = source
+    elif source is None:
+        raise ConfigError("generate needs the tokenizer (or the MASK token id) of the FLUID model")
+    else:
+        mask_id = resolve_mask_token(source, allow_new=False).id
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if not 0 <= mask_id < vocab:
+        raise ConfigError(f"MASK token id {mask_id} is outside the model's vocabulary ({vocab})")
+    return int(mask_id)
+
+
+def _as_batch(
+    input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None, pad: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+        if attention_mask is not None and attention_mask.dim() == 1:
+            attention_mask = attention_mask.reshape(1, -1)
+        return ids.long(), attention_mask
+    rows = [list(r) for r in input_ids]
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _eos_and_pad(model: PreTrainedModel, eos: int | Sequence[int] | None, pad: int | None):
+    gen = getattr(model, "generation_config", None)
+    if eos is None:
+        eos = getattr(gen, "eos_token_id", None)
+    eos_ids = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    if pad is None:
+        pad = getattr(gen, "pad_token_id", None)
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad)
+
+
+def check_context(
+    model: PreTrainedModel, lengths: list[int], max_new_tokens: int, k_max: int
+) -> None:
+    """Prompts must fit ``max_position_embeddings − max_new_tokens``; no sliding windows crossed."""
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    limit = getattr(cfg, "max_position_embeddings", None)
+    for row, n in enumerate(lengths):
+        if n == 0:
+            raise PromptError(f"prompt {row} is empty; give at least one token")
+        if limit is not None and n > limit - max_new_tokens:
+            raise PromptError(
+                f"prompt {row} has {n} tokens but the context holds {limit} positions and "
+                f"{max_new_tokens} are reserved for new tokens (at most {limit - max_new_tokens}); "
+                "shorten the prompt or lower --max-new-tokens"
+            )
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    if window is not None and max(lengths) + max_new_tokens + k_max > int(window):
+        raise ConfigError(
+            f"this model uses sliding-window attention ({window} positions), which the sampler's "
+            "visibility rule does not model; keep prompt + max_new_tokens within the window"
+        )
+
+
+@contextlib.contextmanager
+def attention(model: PreTrainedModel, backend: str | None) -> Iterator[None]:
+    """Run the sampler's forwards with ``backend``, restoring the model's attention afterwards.
+
+    ``None`` keeps a model already on ``sdpa`` / ``eager`` / the ``fluid`` attention and switches
+    any other implementation (flash, flex: they take no FLUID mask) to ``DEFAULT_ATTN``.
+    """
+    kind = attention_kind(model)
+    current = getattr(model.config, "fluid_attn_backend", "auto") if kind == FLUID else kind
+    if backend is None:
+        backend = current if kind in (*DENSE_IMPLS, FLUID) else DEFAULT_ATTN
+    if backend == current:
+        yield
+        return
+    old_backend = model.config.__dict__.get("fluid_attn_backend")
+    try:
+        configure_attention(model, backend)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{exc}; choose sdpa, eager, auto, reference, blocked, npu or triton"
+        ) from None
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(kind)
+        if old_backend is None:
+            model.config.__dict__.pop("fluid_attn_backend", None)
+        else:
+            model.config.fluid_attn_backend = old_backend
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer_or_mask_id: PreTrainedTokenizerBase | int | None,
+    input_ids: torch.Tensor | Sequence[Sequence[int]],
+    attention_mask: torch.Tensor | None = None,
+    *,
+    policy: str = "entropy",
+    loop: str = "fused",
+    max_new_tokens: int = 64,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    khead: KHead | None = None,
+    k_max: int | None = None,
+    k_min: int = 1,
+    anchors: int = DEFAULT_ANCHORS,
+    coverage: float = DEFAULT_COVERAGE,
+    refine_threshold: float = DEFAULT_REFINE_THRESHOLD,
+    max_refine: int = DEFAULT_MAX_REFINE,
+    attn_backend: str | None = None,
+    stream: StreamFn | None = None,
+) -> GenerateOutput:
+    """Lossless elastic decoding of a batch of prompts (see the module docstring).
+
+    ``eos_token_id`` / ``pad_token_id`` default to the model's generation config (as transformers);
+    pass ``eos_token_id=[]`` to decode exactly ``max_new_tokens``. ``k_max`` defaults to the
+    K-head's (else 16). ``anchors``: the most candidate accept lengths that get a draft block in
+    the fused loop (0 = all), taken until they hold ``coverage`` of the estimated probability.
+    ``stream(row, tokens)`` is called as tokens are committed.
+    """
+    if loop not in LOOPS:
+        raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if anchors < 0 or max_refine < 0 or not 0.0 < refine_threshold <= 1.0 or coverage <= 0:
+        raise ConfigError(
+            "anchors and max_refine must be >= 0, refine_threshold in (0, 1], coverage > 0"
+        )
+    mask_id = _mask_id(model, tokenizer_or_mask_id)
+    eos_ids, pad_id = _eos_and_pad(model, eos_token_id, pad_token_id)
+    if k_max is None:
+        k_max = khead.k_max if khead is not None else DEFAULT_K_MAX
+    pol = parse_policy(policy, k_max=k_max, k_min=k_min, has_khead=khead is not None)
+    ids, mask = _as_batch(input_ids, attention_mask, pad_id)
+    prompts = split_prompts(ids, mask)
+    if not prompts:
+        raise PromptError("no prompts given")
+    check_context(model, [len(p) for p in prompts], max_new_tokens, pol.block_len)
+    stats = GenerateStats(policy=pol.name, loop=loop, batch_size=len(prompts))
+    dev = next(model.parameters()).device
+    if khead is not None:
+        khead = khead.to(dev)
+    start = time.perf_counter()
+    with attention(model, attn_backend), torch.inference_mode():
+        eng = Engine(
+            model,
+            [p.to(dev) for p in prompts],
+            mask_id=mask_id,
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            stats=stats,
+            stream=stream,
+        )
+        if loop == "fused":
+            run_fused(eng, pol, khead, anchors=anchors, coverage=coverage)
+        else:
+            eng.prefill()
+            run_reference(eng, pol, khead, refine_threshold=refine_threshold, max_refine=max_refine)
+        devices.synchronize(dev)
+    stats.wall_s = time.perf_counter() - start
+    eng.finish()
+    new = eng.new_tokens()
+    width = max(len(t) for t in new)
+    tail = torch.full((len(new), width), pad_id, dtype=torch.long)
+    for row, toks in enumerate(new):
+        tail[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+    tail = tail.to(ids.device)
+    return GenerateOutput(torch.cat([ids, tail], dim=1), new, stats)
+
+
+class FluidForCausalLM:
+    """A loaded FLUID model with a transformers-style ``generate`` (greedy, lossless, elastic)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        mask_id: int,
+        khead: KHead | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mask_id = mask_id
+        self.khead = khead
+        self.last_stats: GenerateStats | None = None
+        self.last_output: GenerateOutput | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        adapter: str | Path | None = None,
+        khead: str | Path | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        mask_token: str | None = None,
+        device: str | torch.device | None = None,
+    ) -> FluidForCausalLM:
+        """Base model (+ Stage I adapter, merged) (+ K-head); mismatches are CheckpointErrors."""
+        from fluid_npu.model.adapters import load_fluid
+        from fluid_npu.model.khead import load_khead
+
+        loaded = load_fluid(model_dir, adapter, dtype=dtype, merge=True, mask_token=mask_token)
+        head = None
+        if khead is not None:
+            head, _ = load_khead(
+                khead,
+                base_fingerprint=loaded.base_fingerprint,
+                adapter_fingerprint=loaded.adapter_fingerprint,
+                hidden_size=loaded.model.config.get_text_config().hidden_size,
+            )
+        model = loaded.model
+        if device is not None:
+            model = model.to(device)
+        return cls(model, loaded.tokenizer, loaded.mask.id, head)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        policy: str | None = None,
+        loop: str = "fused",
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Prompt + new tokens ``[B, L]`` like transformers; statistics in ``last_stats``."""
+        if policy is None:
+            policy = "khead" if self.khead is not None else "entropy"
+        out = generate(
+            self.model,
+            self.mask_id,
+            input_ids,
+            attention_mask,
+            policy=policy,
+            loop=loop,
+            max_new_tokens=max_new_tokens,
+            khead=self.khead,
+            **kwargs,
+        )
+        self.last_output, self.last_stats = out, out.stats
+        return out.sequences

@@ -1,0 +1,286 @@
+"""``fluid bench sampler``: TPF and speed of every policy × loop against transformers' ``generate``.
+
+For each batch size (default 1 and 8) the prompts are decoded in batches, first by transformers'
+greedy ``generate`` (the baseline, timed in the same run), then by the sampler for every policy
+(``ar``, ``fixed:4``, ``fixed:8``, ``entropy``, and ``khead`` when a K-head is given) and loop
+(``fused``, ``reference``). Each row reports TPF and tokens/s, both also as ratios to the baseline,
+and the losslessness check of its tokens against the baseline's (``lossless.compare``: mismatches
+and tolerated numerical ties). Every configuration is warmed up once before it is timed.
+
+Top-level keys: ``best_lossless_tpf`` (the largest TPF among rows without a mismatch),
+``speedup_b1`` / ``speedup_b8`` (the best tokens/s ratio among those rows at batch 1 / 8), the
+command, the device, the baseline figures and every row. The JSON is written atomically and a
+markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fluid_npu import device as devices
+from fluid_npu.sampling.lossless import compare, hf_greedy
+from fluid_npu.sampling.policies import DEFAULT_K_MAX, HorizonError, parse_policy
+from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_file
+
+DEFAULT_POLICIES = ("ar", "fixed:4", "fixed:8", "entropy")
+
+
+@dataclass
+class BenchSettings:
+    model: str
+    prompts: str
+    json_path: str
+    adapter: str | None = None
+    khead: str | None = None
+    max_new_tokens: int = 64
+    batch_sizes: tuple[int, ...] = (1, 8)
+    policies: tuple[str, ...] | None = None
+    loops: tuple[str, ...] = ("fused", "reference")
+    chat: bool = False
+    mask_token: str | None = None
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None
+    repeats: int = 1
+
+
+def _batches(items: list[list[int]], size: int) -> list[list[list[int]]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class _Runner:
+    """Decodes the prompts in batches with transformers or the sampler, timed."""
+
+    def __init__(self, fluid: Any, s: BenchSettings, eos_ids: list[int], pad: int) -> None:
+        self.fluid, self.s, self.eos_ids, self.pad = fluid, s, eos_ids, pad
+
+    def _inputs(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = left_pad(batch, self.pad)
+        return ids.to(self.fluid.device), mask.to(self.fluid.device)
+
+    def hf(self, batches: list[list[list[int]]]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for b in batches:
+            ids, mask = self._inputs(b)
+            out += hf_greedy(
+                self.fluid.model, ids, mask, self.s.max_new_tokens, self.eos_ids, self.pad
+            )
+        return out
+
+    def ours(self, batches: list[list[list[int]]], policy: str, loop: str) -> tuple[list, list]:
+        from fluid_npu.sampling.api import generate
+
+        new, stats = [], []
+        for b in batches:
+            ids, mask = self._inputs(b)
+            out = generate(
+                self.fluid.model,
+                self.fluid.mask_id,
+                ids,
+                mask,
+                policy=policy,
+                loop=loop,
+                max_new_tokens=self.s.max_new_tokens,
+                khead=self.fluid.khead,
+                **self.s.gen_kwargs,
+            )
+            new += out.new_tokens
+            stats.append(out.stats)
+        return new, stats
+
+    def timed(self, fn: Any, *args: Any) -> tuple[Any, float]:
+        """Warm up on the first batch, then the best wall time of ``repeats`` full runs."""
+        fn(args[0][:1], *args[1:])
+        best, out = float("inf"), None
+        for _ in range(max(1, self.s.repeats)):
+            devices.synchronize(self.fluid.device)
+            start = time.perf_counter()
+            out = fn(*args)
+            devices.synchronize(self.fluid.device)
+            best = min(best, time.perf_counter() - start)
+        return out, best
+
+
+def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
+    """Run the benchmark described by ``s``; returns (and writes) the report."""
+    from fluid_npu.sampling.api import FluidForCausalLM
+    from fluid_npu.train.io import versions, write_json_atomic
+
+    with quiet_loading():
+        fluid = FluidForCausalLM.from_pretrained(
+            s.model, s.adapter, s.khead, mask_token=s.mask_token
+        )
+    model, tok = fluid.model, fluid.tokenizer
+    rows_in = read_prompt_file(s.prompts)
+    prompts = [
+        encode_prompt(tok, r, chat=s.chat, where=f"{s.prompts}:{i + 1}").ids
+        for i, r in enumerate(rows_in)
+    ]
+    eos = model.generation_config.eos_token_id
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    policies = _policies(s, fluid)
+    run = _Runner(fluid, s, eos_ids, pad)
+
+    baseline: dict[int, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    for bs in s.batch_sizes:
+        batches = _batches(prompts, bs)
+        ref, hf_s = run.timed(run.hf, batches)
+        n_ref = sum(len(t) for t in ref)
+        baseline[bs] = {"tokens": n_ref, "wall_s": hf_s, "tokens_per_s": n_ref / hf_s, "tpf": 1.0}
+        for loop in s.loops:
+            for pol in policies:
+                (new, stats), wall = run.timed(run.ours, batches, pol, loop)
+                diffs = compare(model, prompts, new, ref)
+                rows.append(_row(bs, pol, loop, new, stats, wall, baseline[bs], diffs))
+                _print_row(rows[-1])
+    report = _report(s, rows, baseline, len(prompts), versions())
+    write_json_atomic(s.json_path, report)
+    print(_table(rows))
+    print(
+        f"best_lossless_tpf={report['best_lossless_tpf']:.2f} "
+        f"speedup_b1={report['speedup_b1']} speedup_b8={report['speedup_b8']} -> {s.json_path}"
+    )
+    return report
+
+
+def _policies(s: BenchSettings, fluid: Any) -> list[str]:
+    """The policies to run: the user's (all must be valid) or the defaults that fit ``k_max``."""
+    k_max = s.gen_kwargs.get("k_max") or (fluid.khead.k_max if fluid.khead else DEFAULT_K_MAX)
+    has_khead = fluid.khead is not None
+    if s.policies:
+        for p in s.policies:
+            parse_policy(p, k_max=k_max, has_khead=has_khead)  # a HorizonError names the bad one
+        return list(s.policies)
+    chosen = []
+    for p in (*DEFAULT_POLICIES, *(("khead",) if has_khead else ())):
+        try:
+            parse_policy(p, k_max=k_max, has_khead=has_khead)
+        except HorizonError as exc:
+            print(f"bench: skipping {p}: {exc}")
+            continue
+        chosen.append(p)
+    return chosen
+
+
+def _row(
+    bs: int,
+    pol: str,
+    loop: str,
+    new: list,
+    stats: list,
+    wall: float,
+    base: dict[str, Any],
+    diffs: list,
+) -> dict[str, Any]:
+    tokens = sum(len(t) for t in new)
+    row_forwards = sum(sum(st.row_forwards) for st in stats)
+    tpf = tokens / row_forwards if row_forwards else 0.0
+    accept: dict[str, int] = {}
+    khist: dict[str, int] = {}
+    for st in stats:
+        for hist, dst in ((st.accept_hist, accept), (st.k_hist, khist)):
+            for k, v in hist.items():
+                dst[str(k)] = dst.get(str(k), 0) + v
+    mismatches = [d.to_dict() for d in diffs if not d.tie]
+    ties = [d.to_dict() for d in diffs if d.tie]
+    return {
+        "batch_size": bs,
+        "policy": stats[0].policy if stats else pol,
+        "loop": loop,
+        "new_tokens": tokens,
+        "decode_forwards": sum(st.decode_forwards for st in stats),
+        "prefill_forwards": sum(st.prefill_forwards for st in stats),
+        "tpf": tpf,
+        "tpf_ratio": tpf / base["tpf"],
+        "tokens_per_s": tokens / wall,
+        "speedup": (tokens / wall) / base["tokens_per_s"],
+        "wall_s": wall,
+        "lossless": not mismatches,
+        "mismatches": mismatches,
+        "ties": ties,
+        "accept_hist": dict(sorted(accept.items(), key=lambda kv: int(kv[0]))),
+        "k_hist": dict(sorted(khist.items(), key=lambda kv: int(kv[0]))),
+    }
+
+
+def _best(rows: list[dict[str, Any]], key: str, bs: int | None = None) -> float | None:
+    vals = [r[key] for r in rows if r["lossless"] and (bs is None or r["batch_size"] == bs)]
+    return max(vals) if vals else None
+
+
+def _report(s: BenchSettings, rows: list, baseline: dict, n_prompts: int, vers: dict) -> dict:
+    dev = devices.current()
+    return {
+        "benchmark": "sampler",
+        "command": s.command,
+        "model": s.model,
+        "adapter": s.adapter,
+        "khead": s.khead,
+        "prompts": s.prompts,
+        "n_prompts": n_prompts,
+        "max_new_tokens": s.max_new_tokens,
+        "device": _device_info(dev),
+        "versions": vers,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "baseline": {str(k): v for k, v in baseline.items()},
+        "best_lossless_tpf": _best(rows, "tpf") or 0.0,
+        "speedup_b1": _best(rows, "speedup", 1),
+        "speedup_b8": _best(rows, "speedup", 8),
+        "mismatches": sum(len(r["mismatches"]) for r in rows),
+        "ties": sum(len(r["ties"]) for r in rows),
+        "rows": rows,
+    }
+
+
+def _device_info(dev: devices.DeviceChoice) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "type": dev.type,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    module = devices.device_module(dev.type)
+    if module is not None and hasattr(module, "get_device_name"):
+        info["accelerator"] = module.get_device_name(dev.index or 0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back to what platform knows
+    return platform.processor() or platform.machine()
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    print(
+        f"bench: b={r['batch_size']} {r['loop']:9s} {r['policy']:12s} TPF {r['tpf']:.2f} "
+        f"{r['tokens_per_s']:.1f} tok/s (x{r['speedup']:.2f}) "
+        f"mismatches {len(r['mismatches'])} ties {len(r['ties'])}",
+        flush=True,
+    )
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| batch | loop | policy | TPF | tokens/s | speedup | lossless |",
+        "|---:|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batch_size']} | {r['loop']} | {r['policy']} | {r['tpf']:.2f} | "
+            f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f} | "
+            f"{'yes' if r['lossless'] else 'NO'} ({len(r['ties'])} ties) |"
+        )
+    return "\n".join(lines)

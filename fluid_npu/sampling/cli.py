@@ -1,0 +1,263 @@
+"""``fluid generate`` and ``fluid bench sampler``: the sampler's command-line entry points.
+
+``fluid generate --model DIR [--adapter DIR] [--khead DIR] --policy P --loop L
+(--prompt TEXT | --prompts IN.jsonl --output OUT.jsonl) --max-new-tokens N --batch-size B
+[--chat]``:
+one ``--prompt`` streams its text to the terminal as steps commit tokens; a prompts file is
+decoded in batches of ``B`` and written atomically, one JSON line per prompt with ``prompt``,
+``text``, ``token_ids`` (new tokens only), ``forwards`` and ``tpf``. Statistics go to stderr.
+
+``fluid bench sampler`` is ``fluid_npu.sampling.bench``. Bad input raises ``FluidError`` subclasses,
+which ``fluid_npu.cli`` prints as one line before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.fused import DEFAULT_ANCHORS
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base (or merged) HF model directory")
+    p.add_argument("--adapter", default=None, help="Stage I LoRA adapter directory")
+    p.add_argument("--khead", default=None, help="Stage II K-head directory")
+    p.add_argument("--mask-token", default=None, help="MASK token (default: the tokenizer's)")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt")
+    p.add_argument(
+        "--k-max", type=int, default=None, help="largest horizon (default: K-head's, 16)"
+    )
+    p.add_argument(
+        "--anchors",
+        type=int,
+        default=DEFAULT_ANCHORS,
+        help="fused loop: draft blocks per step (0 = all)",
+    )
+    p.add_argument(
+        "--attn-backend",
+        default=None,
+        help="sdpa (default) | eager | auto | reference | blocked | npu | triton",
+    )
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="lossless elastic decoding with a FLUID model")
+    _add_model_args(p)
+    p.add_argument("--policy", default="entropy", help="ar | fixed:K | entropy[:T] | khead")
+    p.add_argument("--loop", default="fused", choices=("fused", "reference"))
+    p.add_argument("--prompt", default=None, help="one prompt, streamed to the terminal")
+    p.add_argument("--prompts", default=None, help="JSONL with 'prompt' or 'input_ids' per line")
+    p.add_argument("--output", default=None, help="JSONL to write (with --prompts)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
+    p.set_defaults(handler=generate_command)
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (TPF and speed against transformers)")
+    targets = p.add_subparsers(dest="target", metavar="TARGET", parser_class=type(p))
+    s = targets.add_parser("sampler", help="policies x loops vs transformers' greedy generate")
+    _add_model_args(s)
+    s.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'input_ids' per line")
+    s.add_argument("--json", required=True, help="where the JSON report is written")
+    s.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    s.add_argument("--policies", default=None, help="comma-separated (default: ar,fixed:4,...)")
+    s.add_argument("--loops", default="fused,reference", help="comma-separated loops")
+    s.add_argument("--repeats", type=int, default=1, help="timed runs per row (best is kept)")
+    s.set_defaults(handler=bench_command)
+    p.set_defaults(handler=lambda args: _bench_usage(p))
+
+
+def _bench_usage(p: argparse.ArgumentParser) -> int:
+    p.print_help()
+    return 0
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def _load(args: argparse.Namespace):
+    from fluid_npu.sampling.api import FluidForCausalLM
+    from fluid_npu.sampling.prompts import quiet_loading
+
+    with quiet_loading():
+        return FluidForCausalLM.from_pretrained(
+            args.model, args.adapter, args.khead, mask_token=args.mask_token
+        )
+
+
+def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"k_max": args.k_max, "anchors": args.anchors, "attn_backend": args.attn_backend}
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from fluid_npu.sampling.api import PromptError
+    from fluid_npu.sampling.prompts import encode_prompt, left_pad, read_prompt_file
+
+    _check_common(args)
+    if (args.prompt is None) == (args.prompts is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --prompts IN.jsonl")
+    if args.prompts is not None and args.output is None:
+        raise ConfigError("--prompts needs --output OUT.jsonl")
+    if args.prompt is not None:
+        rows = [{"prompt": args.prompt}]
+    else:
+        rows = read_prompt_file(args.prompts)
+    where = args.prompts or "--prompt"
+    for i, r in enumerate(rows):  # what needs no model is checked before loading it
+        if r.get("input_ids", None) == [] or str(r.get("prompt", "x")).strip() == "":
+            raise PromptError(f"{where}:{i + 1}: the prompt is empty; give some text")
+    fluid = _load(args)
+    tok = fluid.tokenizer
+    prompts = [
+        encode_prompt(tok, r, chat=args.chat, where=f"{where}:{i + 1}") for i, r in enumerate(rows)
+    ]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if args.prompt is not None:
+        return _stream_one(fluid, prompts[0].ids, args)
+    out_rows = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        ids, mask = left_pad([p.ids for p in chunk], pad)
+        fluid.generate(
+            ids,
+            mask,
+            max_new_tokens=args.max_new_tokens,
+            policy=args.policy,
+            loop=args.loop,
+            **_gen_kwargs(args),
+        )
+        st = fluid.last_stats
+        for i, p in enumerate(chunk):
+            new = fluid.last_output.new_tokens[i]
+            out_rows.append(
+                {
+                    "prompt": p.text,
+                    "text": tok.decode(new, skip_special_tokens=True),
+                    "token_ids": new,
+                    "forwards": st.row_forwards[i],
+                    "tpf": st.row_tpf(i),
+                }
+            )
+        print(
+            f"fluid: {min(start + len(chunk), len(prompts))}/{len(prompts)} prompts, "
+            f"TPF {st.tpf:.2f}",
+            file=sys.stderr,
+        )
+    from fluid_npu.sampling.prompts import write_jsonl_atomic
+
+    path = write_jsonl_atomic(args.output, out_rows)
+    print(f"fluid: wrote {len(out_rows)} rows to {path}", file=sys.stderr)
+    return 0
+
+
+class _TextStream:
+    """Prints the decoded text of a growing token list as it grows (whole characters only)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, row: int, tokens: list[int]) -> None:
+        self.tokens.extend(tokens)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        sys.stdout.write(text[self.printed :])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+    def close(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        sys.stdout.write(text[self.printed :] + "\n")
+        sys.stdout.flush()
+
+
+def _stream_one(fluid: Any, ids: list[int], args: argparse.Namespace) -> int:
+    import torch
+
+    stream = _TextStream(fluid.tokenizer)
+    fluid.generate(
+        torch.tensor([ids]),
+        None,
+        max_new_tokens=args.max_new_tokens,
+        policy=args.policy,
+        loop=args.loop,
+        stream=stream,
+        **_gen_kwargs(args),
+    )
+    stream.close()
+    st = fluid.last_stats
+    print(
+        f"fluid: {st.total_new_tokens} tokens in {st.decode_forwards} forwards "
+        f"(+{st.prefill_forwards} prefill), TPF {st.tpf:.2f}, {st.tokens_per_s:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The ``fluid bench sampler`` command that reproduces this run."""
+    parts = ["fluid", "bench", "sampler"]
+    for key in (
+        "model",
+        "adapter",
+        "khead",
+        "prompts",
+        "json",
+        "max_new_tokens",
+        "batch_sizes",
+        "policies",
+        "loops",
+        "repeats",
+        "k_max",
+        "anchors",
+        "attn_backend",
+        "mask_token",
+    ):
+        value = getattr(args, key, None)
+        if value is not None:
+            parts += [f"--{key.replace('_', '-')}", str(value)]
+    if args.chat:
+        parts.append("--chat")
+    return " ".join(parts)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench
+
+    _check_common(args)
+    try:
+        sizes = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--batch-sizes takes integers like 1,8, got {args.batch_sizes!r}"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError("--batch-sizes needs positive integers, e.g. 1,8")
+    settings = BenchSettings(
+        model=args.model,
+        adapter=args.adapter,
+        khead=args.khead,
+        prompts=args.prompts,
+        json_path=args.json,
+        max_new_tokens=args.max_new_tokens,
+        batch_sizes=sizes,
+        policies=tuple(p.strip() for p in args.policies.split(",")) if args.policies else None,
+        loops=tuple(s.strip() for s in args.loops.split(",") if s.strip()),
+        chat=args.chat,
+        mask_token=args.mask_token,
+        gen_kwargs=_gen_kwargs(args),
+        command=_command_line(args),
+        repeats=args.repeats,
+    )
+    run_sampler_bench(settings)
+    return 0

@@ -1,0 +1,128 @@
+"""Prompt files and prompt encoding for ``fluid generate`` and ``fluid bench sampler``.
+
+An input JSONL line holds ``"prompt"`` (text, tokenized as the tokenizer does by default, or through
+its chat template with ``chat=True``) or ``"input_ids"`` (a list of token ids, used as given). Bad
+lines are ``DataError``s naming the file and line. Output JSONL is written atomically (a temporary
+file beside the target, then a rename), so a crash never leaves half a file behind.
+``quiet_loading`` keeps transformers' progress bars off stderr while the commands load a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fluid_npu.errors import DataError
+from fluid_npu.sampling.api import PromptError
+
+
+@dataclass
+class Prompt:
+    text: str | None  # None when the line gave input_ids
+    ids: list[int]
+
+
+def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a prompts JSONL file (each with ``prompt`` or ``input_ids``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"prompts file {str(p)!r} does not exist; pass a JSONL file")
+    rows = []
+    with p.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or ("prompt" not in row and "input_ids" not in row):
+                raise DataError(f'{p}:{n}: each line needs "prompt" (text) or "input_ids" (ids)')
+            rows.append(row)
+    if not rows:
+        raise DataError(f"prompts file {p} holds no prompts")
+    return rows
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], *, chat: bool = False, where: str = ""
+) -> Prompt:
+    """Token ids of one prompt row; an empty prompt is a ``PromptError``."""
+    if "input_ids" in row:
+        ids = row["input_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise DataError(f"{where}: input_ids must be a list of non-negative integers")
+        if not ids:
+            raise PromptError(f"{where}: the prompt is empty (input_ids = [])")
+        if max(ids) >= len(tokenizer):
+            raise DataError(
+                f"{where}: token id {max(ids)} is outside the vocabulary ({len(tokenizer)})"
+            )
+        return Prompt(row.get("prompt"), list(ids))
+    text = row["prompt"]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: prompt must be a string")
+    if not text.strip():
+        raise PromptError(f"{where}: the prompt is empty; give some text")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("--chat needs a tokenizer with a chat template; this one has none")
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return Prompt(text, [int(t) for t in ids])
+
+
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of a left-padded batch."""
+    width = max(len(r) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, r in enumerate(batch):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write ``rows`` as JSONL through a temporary file renamed into place."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No weight-loading progress bars: stderr keeps to our own lines (an error is one line)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

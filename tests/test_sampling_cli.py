@@ -1,0 +1,202 @@
+"""The sampler's user surface: ``fluid generate``, ``fluid bench sampler``, ``FluidForCausalLM``,
+and one clear error per bad input, through the CLI (exit 2, one line on stderr) and the API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fluid_npu.cli import main
+from fluid_npu.errors import CheckpointError, FluidError
+from fluid_npu.model.adapters import FluidModelMeta, apply_lora, load_fluid
+from fluid_npu.model.khead import KHead, KHeadConfig, load_khead, save_khead
+from fluid_npu.model.loading import fingerprint
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
+from fluid_npu.sampling import FluidForCausalLM, HorizonError, PromptError, generate
+from fluid_npu.sampling.lossless import hf_greedy
+from fluid_npu.sampling.prompts import left_pad
+
+CONTEXT = 96  # max_position_embeddings of the test model
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A FLUID-ready tiny model (MASK token, short context), its K-head, and mismatched parts."""
+    root = tmp_path_factory.mktemp("sampler")
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = build_tiny_model("llama", tok, max_position_embeddings=CONTEXT)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    base_fp = load_fluid(root / "model").base_fingerprint
+    torch.manual_seed(0)
+    save_khead(KHead(64, 8), KHeadConfig(64, 8, base_fingerprint=base_fp), root / "khead")
+    save_khead(KHead(64, 8), KHeadConfig(64, 8, base_fingerprint="0" * 16), root / "khead_other")
+    other = build_tiny_model("llama", tok, seed=1, max_position_embeddings=CONTEXT)
+    other_fp = fingerprint(other)
+    assert other_fp != base_fp
+    apply_lora(other, rank=4, alpha=8, dropout=0.0, target="all").save_pretrained(
+        root / "adapter_other"
+    )
+    FluidModelMeta(other_fp, tok.mask_token, tok.mask_token_id, len(tok)).save(
+        root / "adapter_other"
+    )
+    save_tiny(root / "nomask", "llama")  # a plain base: no MASK token, no reserved tokens
+    return {k: str(root / k) for k in ("model", "khead", "khead_other", "adapter_other", "nomask")}
+
+
+def _write_prompts(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_generate_prompts_file(dirs, tmp_path):
+    rows = [{"prompt": "hello there"}, {"prompt": "a"}, {"input_ids": [5, 6, 7, 8]}]
+    src = _write_prompts(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out" / "gen.jsonl"
+    argv = [
+        "generate",
+        "--model",
+        dirs["model"],
+        "--prompts",
+        src,
+        "--output",
+        str(out),
+        "--policy",
+        "fixed:3",
+        "--loop",
+        "fused",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+    ]
+    assert main(argv) == 0
+    got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in got] == ["hello there", "a", None]
+    assert [p.name for p in out.parent.iterdir()] == ["gen.jsonl"]  # no temporary file left
+    fluid = FluidForCausalLM.from_pretrained(dirs["model"])
+    tok = fluid.tokenizer
+    batches = [[tok("hello there")["input_ids"], tok("a")["input_ids"]], [[5, 6, 7, 8]]]
+    expected = []
+    for b in batches:
+        fluid.generate(*left_pad(b, tok.pad_token_id), max_new_tokens=6, policy="fixed:3")
+        expected += fluid.last_output.new_tokens
+    for r, toks in zip(got, expected):
+        assert r["token_ids"] == toks and len(toks) <= 6
+        assert r["text"] == tok.decode(toks, skip_special_tokens=True)
+        assert r["forwards"] >= 1 and r["tpf"] == pytest.approx(len(toks) / r["forwards"])
+
+
+def test_generate_streams_one_prompt(dirs, capsys):
+    argv = [
+        "generate",
+        "--model",
+        dirs["model"],
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-new-tokens",
+        "5",
+        "--policy",
+        "entropy",
+        "--loop",
+        "reference",
+    ]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    fluid = FluidForCausalLM.from_pretrained(dirs["model"])
+    ids = fluid.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
+    seq = fluid.generate(torch.tensor([ids]), max_new_tokens=5, policy="entropy", loop="reference")
+    text = fluid.tokenizer.decode(seq[0, len(ids) :], skip_special_tokens=True)
+    assert captured.out == text + "\n"
+    assert "TPF" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "fragment"),
+    [
+        (["--prompt", ""], "model", "empty"),
+        (["--prompt", "x" * 90, "--max-new-tokens", "10"], "model", "context holds 96"),
+        (["--prompt", "hi", "--policy", "fixed:0"], "model", "K must lie in [1, k_max=16]"),
+        (["--prompt", "hi", "--policy", "fixed:99"], "model", "K must lie in [1, k_max=16]"),
+        (["--prompt", "hi", "--policy", "fixed:9", "--khead", "khead"], "model", "k_max=8"),
+        (["--prompt", "hi", "--adapter", "adapter_other"], "model", "another base model"),
+        (["--prompt", "hi", "--khead", "khead_other"], "model", "another base model"),
+        (["--prompt", "hi"], "nomask", "no MASK token"),
+        (["--max-new-tokens", "4"], "model", "exactly one of --prompt"),
+    ],
+)
+def test_cli_bad_input_is_one_line(dirs, capsys, extra, key, fragment):
+    extra = [dirs.get(a, a) if a in ("khead", "khead_other", "adapter_other") else a for a in extra]
+    assert main(["generate", "--model", dirs[key], *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fluid: error: "), err
+    assert fragment in err[0]
+
+
+def test_api_bad_input(dirs):
+    fluid = FluidForCausalLM.from_pretrained(dirs["model"])
+    model, tok = fluid.model, fluid.tokenizer
+    with pytest.raises(PromptError, match="empty"):
+        generate(model, tok, [[]])
+    with pytest.raises(PromptError, match="context holds 96"):
+        generate(model, tok, torch.ones(1, 90, dtype=torch.long), max_new_tokens=10)
+    with pytest.raises(HorizonError, match=r"K must lie in \[1, k_max=16\]"):
+        generate(model, tok, [[1, 2]], policy="fixed:17")
+    with pytest.raises(HorizonError, match="needs a K-head"):
+        generate(model, tok, [[1, 2]], policy="khead")
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_fluid(dirs["model"], dirs["adapter_other"])
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_khead(dirs["khead_other"], base_fingerprint=load_fluid(dirs["model"]).base_fingerprint)
+    with pytest.raises(FluidError, match="no MASK token"):
+        FluidForCausalLM.from_pretrained(dirs["nomask"])
+    plain = build_tiny_tokenizer()
+    with pytest.raises(FluidError, match="no MASK token"):
+        generate(model, plain, [[1, 2]])
+
+
+def test_fluid_for_causal_lm_matches_transformers(dirs):
+    fluid = FluidForCausalLM.from_pretrained(dirs["model"], khead=dirs["khead"])
+    tok = fluid.tokenizer
+    ids, mask = left_pad([tok("one two")["input_ids"], tok("x")["input_ids"]], tok.pad_token_id)
+    seq = fluid.generate(ids, mask, max_new_tokens=7)
+    assert fluid.last_stats.policy == "khead" and fluid.last_stats.decode_forwards > 0
+    assert seq.shape[1] <= ids.shape[1] + 7 and torch.equal(seq[:, : ids.shape[1]], ids)
+    eos = fluid.model.generation_config.eos_token_id
+    hf = hf_greedy(fluid.model, ids, mask, 7, [eos], tok.pad_token_id)
+    assert fluid.last_output.new_tokens == hf
+
+
+def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "count 1 to 5"}, {"prompt": "ab"}])
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "sampler",
+        "--model",
+        dirs["model"],
+        "--khead",
+        dirs["khead"],
+        "--prompts",
+        src,
+        "--json",
+        str(out),
+        "--max-new-tokens",
+        "4",
+    ]
+    assert main(argv) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    for key in ("best_lossless_tpf", "speedup_b1", "speedup_b8", "command", "device", "rows"):
+        assert key in report
+    assert report["command"].startswith("fluid bench sampler --model")
+    policies = {r["policy"] for r in report["rows"]}
+    assert policies == {"ar", "fixed:4", "fixed:8", "entropy:2", "khead"}
+    assert len(report["rows"]) == 2 * 2 * 5  # batch sizes x loops x policies
+    assert all(r["lossless"] for r in report["rows"]) and report["mismatches"] == 0
+    assert report["best_lossless_tpf"] >= 1.0 and report["speedup_b1"] > 0
+    assert "| batch | loop | policy |" in capsys.readouterr().out
