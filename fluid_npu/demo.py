@@ -138,9 +138,7 @@ def demo_prompt_ids(tokenizer: object, n: int) -> list[list[int]]:
     from fluid_npu.data.templates import Conversation, get_template
 
     template = get_template("empty", tokenizer)
-    return [
-        template.encode_prompt(tokenizer, Conversation([("user", p)])) for p in demo_prompts(n)
-    ]
+    return [template.encode_prompt(tokenizer, Conversation([("user", p)])) for p in demo_prompts(n)]
 
 
 def sampler_demo(base: Path, stage1: Path, stage2: Path, out: Path, n_prompts: int) -> int:
@@ -173,8 +171,10 @@ def sampler_demo(base: Path, stage1: Path, stage2: Path, out: Path, n_prompts: i
     print(f"  {'policy/loop':<18}{'TPF':>6}{'tok/s':>9}{'speed vs AR':>13}  identical to AR")
     for name, r in results.items():
         r["speedup_vs_ar"] = r["tokens_per_s"] / ar_speed
-        print(f"  {name:<18}{r['tpf']:>6.2f}{r['tokens_per_s']:>9.1f}{r['speedup_vs_ar']:>12.2f}x"
-              f"  {r['identical_to_ar']}")
+        print(
+            f"  {name:<18}{r['tpf']:>6.2f}{r['tokens_per_s']:>9.1f}{r['speedup_vs_ar']:>12.2f}x"
+            f"  {r['identical_to_ar']}"
+        )
     example = fluid.tokenizer.decode(prompts[0]) + fluid.tokenizer.decode(baseline[0])
     print(f"  example: {example!r}")
     write_json_atomic(out / "sampler.json", {"prompts": len(prompts), "results": results})
