@@ -83,12 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module_name, fn in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:  # the module exists but something it needs is missing
-                raise
-            continue  # that part of the toolkit is not installed in this checkout
+        module = importlib.import_module(module_name)
         adder: Callable[[argparse._SubParsersAction], None] = getattr(module, fn)
         adder(sub)
     return parser

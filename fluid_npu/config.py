@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from fluid_npu.device import DEVICE_CHOICES
 from fluid_npu.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class ModelArgs:
     def __post_init__(self) -> None:
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _choice("loss_impl", self.loss_impl, ("auto", "fused", "reference"))
-        _choice("device", self.device, ("auto", "npu", "cuda", "cpu"))
+        _choice("device", self.device, DEVICE_CHOICES)
 
 
 @dataclass
@@ -253,14 +254,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _coerce(key, value, option)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(
             f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})"
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -36,12 +37,19 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the embedded CPU demo end to end")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="where the demo writes (outputs/demo)")
     p.add_argument("--fresh", action="store_true", help="redo every step")
-    p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts for the sampler")
+    p.add_argument("--pretrain-steps", type=_positive, default=400)
+    p.add_argument("--prompts", type=_positive, default=16, help="held-out prompts for the sampler")
     p.set_defaults(handler=run_demo)
 
 
-def pretrain_base(out: Path, data_dir: Path, steps: int, seed: int = 0) -> Path:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def pretrain_base(out: Path, steps: int, seed: int = 0) -> Path:
     """Build the demo's base model and pretrain it with plain next-token prediction."""
     from fluid_npu.data.demo import demo_examples
     from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -52,7 +60,10 @@ def pretrain_base(out: Path, data_dir: Path, steps: int, seed: int = 0) -> Path:
     texts = [f"{r['instruction']}\n{r['output']}{tok.eos_token}" for r in rows]
     enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     g = torch.Generator().manual_seed(seed)
     batch = 32
     t0 = time.time()
@@ -105,7 +116,7 @@ def run_demo(args: argparse.Namespace) -> int:
     base, stage1, stage2 = out / "base", out / "stage1", out / "stage2"
     print(f"[1/4] base model -> {base}")
     if not (base / "config.json").is_file():
-        pretrain_base(base, data_dir, args.pretrain_steps)
+        pretrain_base(base, args.pretrain_steps)
     print(f"[2/4] Stage I (configs/demo_stage1.yaml) -> {stage1}")
     if not (stage1 / "run.json").is_file():
         shutil.rmtree(stage1, ignore_errors=True)
@@ -148,6 +159,7 @@ def sampler_demo(base: Path, stage1: Path, stage2: Path, out: Path, n_prompts: i
 
     fluid = FluidForCausalLM.from_pretrained(base, adapter=stage1, khead=stage2)
     prompts = demo_prompt_ids(fluid.tokenizer, n_prompts)
+    n = len(prompts)
     runs = [("ar", "fused"), ("entropy", "fused"), ("khead", "fused"), ("khead", "reference")]
     results: dict[str, dict] = {}
     baseline: list[list[int]] | None = None
@@ -175,8 +187,12 @@ def sampler_demo(base: Path, stage1: Path, stage2: Path, out: Path, n_prompts: i
             f"  {name:<18}{r['tpf']:>6.2f}{r['tokens_per_s']:>9.1f}{r['speedup_vs_ar']:>12.2f}x"
             f"  {r['identical_to_ar']}"
         )
-    example = fluid.tokenizer.decode(prompts[0]) + fluid.tokenizer.decode(baseline[0])
-    print(f"  example: {example!r}")
+    prompt, answer = (fluid.tokenizer.decode(t) for t in (prompts[0], baseline[0]))
+    print(f"  example: {prompt!r} -> {answer!r}")
     write_json_atomic(out / "sampler.json", {"prompts": len(prompts), "results": results})
     print(f"  written to {out / 'sampler.json'}")
+    lossy = [name for name, r in results.items() if r["identical_to_ar"] != f"{n}/{n}"]
+    if lossy:
+        print(f"  NOT LOSSLESS: {', '.join(lossy)} differ from greedy AR decoding")
+        return 1
     return 0

@@ -20,6 +20,10 @@ from typing import Any
 
 import torch
 
+from fluid_npu.errors import ConfigError
+
+DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")  # the config key ``device``
+
 
 @functools.lru_cache(maxsize=1)
 def npu_import_error() -> str | None:
@@ -71,14 +75,17 @@ def choose(
     """The pure device decision: npu > cuda > cpu, its collective back end and autocast dtype.
 
     ``force`` ("npu" / "cuda" / "cpu") overrides the order (config key ``device``); forcing a device
-    that is not available raises ``RuntimeError`` naming it.
+    that is not available raises ``ConfigError`` naming it.
     """
     available = {"npu": npu, "cuda": cuda, "cpu": True}
     if force not in (None, "auto"):
         if force not in available:
-            raise RuntimeError(f"unknown device {force!r}; choose npu, cuda, cpu or auto")
+            raise ConfigError(f"unknown device {force!r}; choose npu, cuda, cpu or auto")
         if not available[force]:
-            raise RuntimeError(f"device {force!r} was requested but is not available here")
+            raise ConfigError(
+                f"device {force!r} was requested but is not available here; "
+                "set device: auto (or the device this host has)"
+            )
         kind = force
     else:
         kind = "npu" if npu else "cuda" if cuda else "cpu"
@@ -176,6 +183,17 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
         "peak_allocated_mib": module.max_memory_allocated(dev) / mib,
         "reserved_mib": module.memory_reserved(dev) / mib,
     }
+
+
+def device_name(device: torch.device | str) -> str:
+    """A human-readable name of the accelerator (or the CPU) for benchmark reports."""
+    dev = torch.device(device)
+    module = device_module(dev.type)
+    if module is None:
+        import platform
+
+        return platform.processor() or platform.machine() or "cpu"
+    return str(module.get_device_name(dev))
 
 
 def empty_cache(device: torch.device | str) -> None:

@@ -176,6 +176,12 @@ CASES: dict[str, Case] = {
     ),
     "k-masks-zero": Case(lambda w, o: _stage1(w, o, k_masks=0), "k_masks must be > 0, got 0"),
     "k-masks-negative": Case(lambda w, o: _stage1(w, o, k_masks=-3), "k_masks must be > 0"),
+    "attn-backend-unavailable": Case(
+        lambda w, o: _stage1(w, o, attn_backend="npu"), "attn_backend: 'npu' cannot run on cpu"
+    ),
+    "device-unavailable": Case(
+        lambda w, o: _stage1(w, o, device="npu"), "device 'npu' was requested but is not available"
+    ),
     "anchor-prob-negative": Case(
         lambda w, o: _stage1(w, o, anchor_prob=-0.1), "anchor_prob must be in [0, 1]"
     ),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fluid_npu import device
+from fluid_npu.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def test_no_mixed_precision_unless_asked():
 
 
 def test_forcing_an_absent_device_fails_clearly():
-    with pytest.raises(RuntimeError, match="'npu' was requested but is not available"):
+    with pytest.raises(ConfigError, match="'npu' was requested but is not available"):
         device.choose(npu=False, cuda=False, bf16_supported=True, force="npu")
 
 

@@ -71,6 +71,8 @@ def test_generate_prompts_file(dirs, tmp_path):
         "6",
         "--batch-size",
         "2",
+        "--device",
+        "cpu",
     ]
     assert main(argv) == 0
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -193,6 +195,9 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     report = json.loads(out.read_text(encoding="utf-8"))
     for key in ("best_lossless_tpf", "speedup_b1", "speedup_b8", "command", "device", "rows"):
         assert key in report
+    assert set(report["speedup_by_batch"]) == {"1", "8"}
+    assert report["speedup_by_batch"]["1"] == report["speedup_b1"]
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
     assert report["command"].startswith("fluid bench sampler --model")
     policies = {r["policy"] for r in report["rows"]}
     assert policies == {"ar", "fixed:4", "fixed:8", "entropy:2", "khead"}
@@ -200,3 +205,54 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     assert all(r["lossless"] for r in report["rows"]) and report["mismatches"] == 0
     assert report["best_lossless_tpf"] >= 1.0 and report["speedup_b1"] > 0
     assert "| batch | loop | policy |" in capsys.readouterr().out
+
+
+def _bench_argv(model: str, src: str, out, *extra: str) -> list[str]:
+    return ["bench", "sampler", "--model", model, "--prompts", src, "--json", str(out), *extra]
+
+
+def test_bench_sampler_mismatch_exits_1_after_writing(dirs, tmp_path, capsys, monkeypatch):
+    from fluid_npu.sampling import bench
+    from fluid_npu.sampling.lossless import Difference
+
+    def one_mismatch(model, prompts, ours, theirs, tol=0.0):
+        return [Difference(row=0, index=0, ours=1, theirs=2, gap=5.0, tie=False)]
+
+    monkeypatch.setattr(bench, "compare", one_mismatch)
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "ab"}])
+    out = tmp_path / "bench.json"
+    extra = ["--max-new-tokens", "3", "--batch-sizes", "1,2", "--loops", "fused"]
+    argv = _bench_argv(dirs["model"], src, out, *extra, "--policies", "ar", "--device", "cpu")
+    assert main(argv) == 1
+    report = json.loads(out.read_text(encoding="utf-8"))  # written before the failure
+    assert report["mismatches"] == 2 and not any(r["lossless"] for r in report["rows"])
+    assert report["best_lossless_tpf"] is None
+    assert report["speedup_by_batch"] == {"1": None, "2": None}
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fluid: 2 of 2 rows were not lossless"), err
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--loops", "fused,bogus"], "--loops takes a comma-separated subset"),
+        (["--batch-sizes", "1,0"], "--batch-sizes needs positive integers"),
+        (["--batch-sizes", "1,x"], "--batch-sizes takes integers"),
+        (["--device", "bogus"], "unknown device 'bogus'"),
+        (["--device", "npu"], "device 'npu' was requested but is not available"),
+    ],
+)
+def test_bench_sampler_bad_args_before_loading(tmp_path, capsys, monkeypatch, extra, fragment):
+    from fluid_npu import device
+
+    monkeypatch.setattr(device, "is_npu_available", lambda: False)
+    monkeypatch.setattr(device, "is_cuda_available", lambda: False)
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "ab"}])
+    out = tmp_path / "bench.json"
+    # the model directory does not exist: an error about it would mean the model was loaded first
+    assert main(_bench_argv(str(tmp_path / "no_model"), src, out, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fluid: error: "), err
+    assert fragment in err[0] and not out.exists()

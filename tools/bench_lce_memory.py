@@ -16,11 +16,13 @@ memory the step needed at its worst moment, counting the gradients it creates. T
 ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every large tensor with ``mmap`` and returns it on
 free: the resident set then follows live tensors instead of a heap that never shrinks. The child
 checks that the step really raised the peak (otherwise the figure would be meaningless and it
-fails). With ``--device cuda`` the figure is ``torch.cuda.max_memory_allocated`` − the allocated
-bytes before the step, the allocator's own count.
+fails). With ``--device accelerator`` (the device ``fluid_npu.device.current()`` picks: an NPU or a
+GPU) the figure is the allocator's peak − the allocated bytes before the step, the allocator's own
+count (``fluid_npu.device.memory_stats``).
 
 Time: after the measured step the child repeats the step ``--repeats`` times (grads reset to None)
-and reports the median wall time; the ratio is lce / materialised, both measured in this run.
+and reports the median wall time (``time.perf_counter`` between device synchronizations); the
+ratio is lce / materialised, both measured in this run.
 
     python tools/bench_lce_memory.py --json benchmarks/lce_memory.json
 """
@@ -36,6 +38,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 VARIANTS = ("materialised", "lce")
@@ -52,14 +58,34 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _resolve_device(name: str) -> torch.device:
+    """``cpu`` or ``accelerator`` (``fluid_npu.device.current()``) as a ``torch.device``."""
+    import torch
+
+    from fluid_npu import device as hw
+
+    if name == "cpu":
+        return torch.device("cpu")
+    choice = hw.current()
+    if choice.type == "cpu":
+        print(
+            "--device accelerator: no accelerator is available here; use --device cpu",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return choice.device
+
+
 def _child(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from fluid_npu import device as hw
     from fluid_ops import vocab
     from fluid_ops.vocab import linear_cross_entropy
 
-    device = torch.device(args.device)
+    device = _resolve_device(args.device)
+    on_accel = device.type != "cpu"
     dtype = getattr(torch, args.dtype)
     chunks = {"chunk_tokens": args.chunk_tokens, "chunk_vocab": args.chunk_vocab}
     chunks = {k: v for k, v in chunks.items() if v is not None}
@@ -88,16 +114,16 @@ def _child(args: argparse.Namespace) -> dict:
 
     step(*inputs(8, 64, 1))  # warm-up on tiny inputs: lazy imports and one-time setup
     hidden, weight, labels = inputs(args.tokens, args.vocab, 0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+    if on_accel:
+        hw.synchronize(device)
+        hw.reset_peak_memory(device)
+        before = hw.memory_stats(device)["allocated_mib"] * 2**20
     else:
         before, peak_before = _rss_bytes(), _peak_rss_bytes()
     loss = step(hidden, weight, labels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
+    if on_accel:
+        hw.synchronize(device)
+        peak = hw.memory_stats(device)["peak_allocated_mib"] * 2**20 - before
     else:
         peak_after = _peak_rss_bytes()
         if peak_after <= peak_before:
@@ -107,12 +133,10 @@ def _child(args: argparse.Namespace) -> dict:
     times = []
     for _ in range(args.repeats):
         hidden.grad = weight.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        hw.synchronize(device)
         start = time.perf_counter()
         step(hidden, weight, labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        hw.synchronize(device)
         times.append(time.perf_counter() - start)
     return {
         "peak_mem_bytes": int(peak),
@@ -127,9 +151,7 @@ def _child(args: argparse.Namespace) -> dict:
         },
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device_name": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else platform.processor(),
+        "device_name": hw.device_name(device) if on_accel else platform.processor(),
     }
 
 
@@ -155,7 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--backend", default="auto", help="vocab back end: auto, torch or triton")
-    parser.add_argument("--device", default="cpu", help="cpu (resident set) or cuda (allocator)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "accelerator"],
+        help="cpu (resident set) or accelerator (the one fluid_npu.device.current() picks; "
+        "allocator peak)",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the results to this file")
     parser.add_argument("--child", choices=VARIANTS, dest="variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -163,6 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(_child(args)))
         return {}
 
+    device = args.device
+    if device == "accelerator":  # fail early, before starting the children; report which one
+        device = str(_resolve_device(device))
     results = {v: _run_variant(v, args) for v in VARIANTS}
     mat, lce = results["materialised"], results["lce"]
     report = {
@@ -170,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "device": args.device,
+            "device": device,
             "device_name": mat["device_name"],
             "torch": mat["torch"],
             "threads": mat["threads"],
@@ -188,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
             "peak RSS (ru_maxrss) minus RSS after allocating inputs, fresh child per variant, "
             "MALLOC_MMAP_THRESHOLD_=65536"
             if args.device == "cpu"
-            else "torch.cuda.max_memory_allocated minus memory_allocated before the step"
+            else "accelerator allocator peak (max_memory_allocated) minus memory_allocated before "
+            "the step"
         ),
         "materialised_fp32_logits_bytes": args.tokens * args.vocab * 4,
         "materialised": mat,

@@ -11,7 +11,7 @@
 * ``blocked_cost_ratio`` and ``stage1_cost_per_token_vs_ar`` — from ``tools/bench_stage1.py``
   (Stage I step with ``blocked`` ÷ with ``reference``; Stage I cost per expanded token ÷ AR cost
   per token), cutoff 1024, CPU.
-* With ``--device cuda``: ``token_stats`` time ÷ the naive computation (logits, log-softmax,
+* With ``--device accelerator``: ``token_stats`` time ÷ the naive computation (logits, log-softmax,
   entropy, argmax) at 8192 tokens × V = 153 376 × hidden 4096 in bf16; Triton attention vs SDPA
   with a dense mask comes from ``tools/bench_triton_attention.py``.
 """
@@ -97,7 +97,12 @@ def token_stats_speed(device: str, tokens: int, vocab: int, hidden: int, repeats
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "accelerator"],
+        help="accelerator = fluid_npu.device.current() (NPU or GPU)",
+    )
     ap.add_argument("--skip-stage1", action="store_true", help="skip the (slow) step timings")
     args = ap.parse_args(argv)
     report: dict = {
@@ -128,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             report["blocked_cost_ratio"] = s1["blocked_cost_ratio"]
             report["stage1_cost_per_token_vs_ar"] = s1["stage1_cost_per_token_vs_ar"]
     else:
-        report["device_name"] = torch.cuda.get_device_name(0)
-        report["token_stats"] = token_stats_speed("cuda", 8192, 153376, 4096, repeats=10)
+        from fluid_npu import device as devices
+
+        dev = devices.current().device
+        if dev.type == "cpu":
+            raise SystemExit("bench_ops: --device accelerator needs an NPU or a GPU")
+        report["device_name"] = devices.device_name(dev)
+        report["token_stats"] = token_stats_speed(str(dev), 8192, 153376, 4096, repeats=10)
         report["token_stats_time_ratio"] = round(report["token_stats"]["token_stats_time_ratio"], 3)
         print(f"token_stats_time_ratio {report['token_stats_time_ratio']}", flush=True)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=2))

@@ -5,7 +5,9 @@ of them prompt; every response column an anchor with probability ``--anchor-prob
 ``k_c ~ U{1..k_max}`` slots; slots after the main stream in anchor order), then times forward +
 backward of ``fluid_ops.attention_triton.triton_attention`` and of
 ``F.scaled_dot_product_attention`` given the dense ``visibility`` mask (k/v expanded to the query
-heads beforehand, so SDPA runs its fused masked kernel), in bf16 on one CUDA device. Both are
+heads beforehand, so SDPA runs its fused masked kernel), in bf16 on the accelerator that
+``fluid_npu.device.current()`` picks (an NPU or a GPU; the script refuses to run on a CPU-only
+host). Times are wall-clock (``time.perf_counter``) between device synchronizations. Both are
 measured in the same run; the figure of merit is the ratio triton ÷ SDPA. Also reports the
 compute ratio of the tile selection (``tile_stats``) and the max deviation from SDPA.
 
@@ -25,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fluid_npu import device as hw
 from fluid_ops import attention_triton
 from fluid_ops.attention_triton import tile_stats, triton_attention
 from fluid_ops.meta import MAIN, AttnMeta, visibility
@@ -46,20 +49,29 @@ def stage1_layout(
     return AttnMeta.self_attention(pos, anchor, n_main=n_main)
 
 
-def timed(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs (CUDA events)."""
+def timed(fn, warmup: int, iters: int, device: torch.device) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs.
+
+    Each run is timed with ``time.perf_counter`` between two synchronizations of ``device``, so the
+    figure covers the queued kernels, not just their launch.
+    """
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        hw.synchronize(device)
+        start = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        hw.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def _profiler_activity(device: torch.device) -> torch.profiler.ProfilerActivity:
+    """The profiler activity that records kernels of ``device`` (out-of-tree back ends such as the
+    NPU register as ``PrivateUse1``)."""
+    acts = torch.profiler.ProfilerActivity
+    return getattr(acts, device.type.upper(), acts.PrivateUse1)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,15 +90,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--launch",
         default="",
-        help="CUDA launch overrides, e.g. fwd.num_warps=8,bwd.num_stages=3 (tuning)",
+        help="Triton launch overrides, e.g. fwd.num_warps=8,bwd.num_stages=3 (tuning)",
     )
     ap.add_argument("--profile", action="store_true", help="print a kernel time table per tile")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA device")
+    choice = hw.current()
+    if choice.type == "cpu":
+        ap.exit(2, "this benchmark needs an accelerator (NPU or GPU); none is available here\n")
 
-    dev = torch.device("cuda")
+    dev = choice.device
     for item in filter(None, args.launch.split(",")):
         key, value = item.split("=")
         kernel, option = key.split(".")
@@ -130,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "device": torch.cuda.get_device_name(dev),
+        "device": hw.device_name(dev),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "python": platform.python_version(),
@@ -142,14 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
             "anchor_prob": args.anchor_prob,
         },
         "dtype": "bfloat16",
-        "time_unit": "ms (median of CUDA-event timings)",
+        "time_unit": "ms (median of wall-clock timings between device synchronizations)",
         "date": time.strftime("%Y-%m-%d"),
         "launch": attention_triton._LAUNCH,
     }
     ref = sdpa().detach().float()
-    results["sdpa_mask_fwd_ms"] = timed(sdpa, args.warmup, args.iters)
-    results["sdpa_mask_fwd_bwd_ms"] = timed(fwd_bwd(sdpa), args.warmup, args.iters)
-    results["sdpa_causal_fwd_bwd_ms"] = timed(fwd_bwd(sdpa_causal), args.warmup, args.iters)
+    results["sdpa_mask_fwd_ms"] = timed(sdpa, args.warmup, args.iters, dev)
+    results["sdpa_mask_fwd_bwd_ms"] = timed(fwd_bwd(sdpa), args.warmup, args.iters, dev)
+    results["sdpa_causal_fwd_bwd_ms"] = timed(fwd_bwd(sdpa_causal), args.warmup, args.iters, dev)
 
     tiles = [None] if args.tiles == "default" else [t.split("x") for t in args.tiles.split(",")]
     results["triton"] = []
@@ -166,13 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
             fresh = AttnMeta(meta.q_pos, meta.q_anchor, meta.k_pos, meta.k_anchor)
             return attention_triton._plan(fresh, bm_, bn_, dev)
 
-        fwd = timed(tri, args.warmup, args.iters)
-        fwd_bwd_ms = timed(fwd_bwd(tri), args.warmup, args.iters)
+        fwd = timed(tri, args.warmup, args.iters, dev)
+        fwd_bwd_ms = timed(fwd_bwd(tri), args.warmup, args.iters, dev)
         entry = {
             "attn_tile": stats["attn_tile"],
             "attn_compute_ratio": round(stats["attn_compute_ratio"], 4),
             "dense_compute_ratio": round(stats["dense_pairs"] / stats["visible_pairs"], 4),
-            "plan_ms": timed(plan, args.warmup, args.iters),
+            "plan_ms": timed(plan, args.warmup, args.iters, dev),
             "fwd_ms": fwd,
             "fwd_bwd_ms": fwd_bwd_ms,
             "fwd_bwd_ratio_vs_sdpa_mask": fwd_bwd_ms / results["sdpa_mask_fwd_bwd_ms"],
@@ -181,9 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
         results["triton"].append(entry)
         if args.profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.profile(activities=[_profiler_activity(dev)]) as prof:
                 fwd_bwd(tri)()
-                torch.cuda.synchronize()
+                hw.synchronize(dev)
             print(f"tile {stats['attn_tile']}:")
             print(prof.key_averages().table(sort_by="device_time_total", row_limit=20))
     print(json.dumps(results, indent=2))

@@ -21,6 +21,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 import fluid_ops
+from fluid_npu.errors import ConfigError
 from fluid_ops.meta import AttnMeta, visibility
 
 FLUID = "fluid"
@@ -62,12 +63,29 @@ def register() -> None:
     AttentionMaskInterface.register(FLUID, _no_mask)
 
 
-def configure_attention(model: PreTrainedModel, backend: str) -> None:
+def configure_attention(
+    model: PreTrainedModel, backend: str, device_type: str | None = None
+) -> None:
     """Make ``model`` run the FLUID layout with ``backend`` (config key ``attn_backend``).
 
     ``eager`` / ``sdpa`` keep the model's own attention (a dense mask is passed); every other
     value selects the registered ``"fluid"`` attention and the named ``fluid_ops`` back end.
+    With ``device_type`` (where the model will run: "npu", "cuda", "cpu"), a named back end that
+    cannot run there is a ``ConfigError`` now, not a failure at the first forward.
     """
+    if device_type is not None and backend in KERNEL_BACKENDS and backend != "auto":
+        from types import SimpleNamespace
+
+        from fluid_ops.dispatch import why_unavailable
+
+        # The availability checks read only ``.type`` ("npu" is no torch device type before
+        # torch_npu is imported).
+        reason = why_unavailable("attention", backend, SimpleNamespace(type=device_type))
+        if reason is not None:
+            raise ConfigError(
+                f"attn_backend: {backend!r} cannot run on {device_type} ({reason}); "
+                "use attn_backend: auto"
+            )
     if backend in DENSE_IMPLS:
         model.set_attn_implementation(backend)
     elif backend in KERNEL_BACKENDS:

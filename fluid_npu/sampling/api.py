@@ -85,7 +85,10 @@ def _as_batch(
     return ids, mask
 
 
-def _eos_and_pad(model: PreTrainedModel, eos: int | Sequence[int] | None, pad: int | None):
+def eos_and_pad(
+    model: PreTrainedModel, eos: int | Sequence[int] | None = None, pad: int | None = None
+) -> tuple[list[int], int]:
+    """EOS ids and pad id: as given, else the generation config's; pad falls back to EOS, then 0."""
     gen = getattr(model, "generation_config", None)
     if eos is None:
         eos = getattr(gen, "eos_token_id", None)
@@ -193,7 +196,7 @@ def generate(
             "anchors and max_refine must be >= 0, refine_threshold in (0, 1], coverage > 0"
         )
     mask_id = _mask_id(model, tokenizer_or_mask_id)
-    eos_ids, pad_id = _eos_and_pad(model, eos_token_id, pad_token_id)
+    eos_ids, pad_id = eos_and_pad(model, eos_token_id, pad_token_id)
     if k_max is None:
         k_max = khead.k_max if khead is not None else DEFAULT_K_MAX
     pol = parse_policy(policy, k_max=k_max, k_min=k_min, has_khead=khead is not None)

@@ -7,10 +7,13 @@ greedy ``generate`` (the baseline, timed in the same run), then by the sampler f
 and the losslessness check of its tokens against the baseline's (``lossless.compare``: mismatches
 and tolerated numerical ties). Every configuration is warmed up once before it is timed.
 
-Top-level keys: ``best_lossless_tpf`` (the largest TPF among rows without a mismatch),
-``speedup_b1`` / ``speedup_b8`` (the best tokens/s ratio among those rows at batch 1 / 8), the
-command, the device, the baseline figures and every row. The JSON is written atomically and a
-markdown table is printed.
+Top-level keys: ``best_lossless_tpf`` (the largest TPF among rows without a mismatch; None when
+no row is lossless), ``speedup_by_batch`` (per batch size, the best tokens/s ratio among those rows)
+and its ``speedup_b1`` / ``speedup_b8`` entries, ``mismatches`` (their total over the rows), the
+command, the device the model ran on (type, index, name), the baseline figures and every row. The
+JSON is written atomically and a markdown table is printed. Settings are checked (one
+``ConfigError`` each) before the model is loaded; ``settings.device`` is ``auto`` (the
+``fluid_npu.device.current()`` choice) or a device type to force.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from fluid_npu import device as devices
+from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.lossless import compare, hf_greedy
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, HorizonError, parse_policy
 from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_file
@@ -47,6 +51,28 @@ class BenchSettings:
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
     command: str | None = None
     repeats: int = 1
+    device: str = "auto"
+
+
+def check_settings(s: BenchSettings) -> torch.device:
+    """Every setting that needs no model, one ``ConfigError`` each; returns the device to use."""
+    from fluid_npu.sampling.api import LOOPS
+
+    bad_loops = [loop for loop in s.loops if loop not in LOOPS]
+    if not s.loops or bad_loops:
+        raise ConfigError(
+            f"--loops takes a comma-separated subset of {','.join(LOOPS)}, got {s.loops!r}"
+        )
+    if s.repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {s.repeats}")
+    sizes = s.batch_sizes
+    if not sizes or not all(
+        isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes
+    ):
+        raise ConfigError(f"batch sizes must be positive integers like 1,8, got {sizes!r}")
+    if s.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {s.max_new_tokens}")
+    return devices.current(force=s.device).device
 
 
 def _batches(items: list[list[int]], size: int) -> list[list[list[int]]]:
@@ -97,7 +123,7 @@ class _Runner:
         """Warm up on the first batch, then the best wall time of ``repeats`` full runs."""
         fn(args[0][:1], *args[1:])
         best, out = float("inf"), None
-        for _ in range(max(1, self.s.repeats)):
+        for _ in range(self.s.repeats):
             devices.synchronize(self.fluid.device)
             start = time.perf_counter()
             out = fn(*args)
@@ -108,12 +134,13 @@ class _Runner:
 
 def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
     """Run the benchmark described by ``s``; returns (and writes) the report."""
-    from fluid_npu.sampling.api import FluidForCausalLM
+    from fluid_npu.sampling.api import FluidForCausalLM, eos_and_pad
     from fluid_npu.train.io import versions, write_json_atomic
 
+    dev = check_settings(s)
     with quiet_loading():
         fluid = FluidForCausalLM.from_pretrained(
-            s.model, s.adapter, s.khead, mask_token=s.mask_token
+            s.model, s.adapter, s.khead, mask_token=s.mask_token, device=dev
         )
     model, tok = fluid.model, fluid.tokenizer
     rows_in = read_prompt_file(s.prompts)
@@ -121,9 +148,7 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
         encode_prompt(tok, r, chat=s.chat, where=f"{s.prompts}:{i + 1}").ids
         for i, r in enumerate(rows_in)
     ]
-    eos = model.generation_config.eos_token_id
-    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    eos_ids, pad = eos_and_pad(model, pad=tok.pad_token_id)
     policies = _policies(s, fluid)
     run = _Runner(fluid, s, eos_ids, pad)
 
@@ -140,14 +165,20 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
                 diffs = compare(model, prompts, new, ref)
                 rows.append(_row(bs, pol, loop, new, stats, wall, baseline[bs], diffs))
                 _print_row(rows[-1])
-    report = _report(s, rows, baseline, len(prompts), versions())
+    report = _report(s, rows, baseline, len(prompts), versions(), fluid.device)
     write_json_atomic(s.json_path, report)
     print(_table(rows))
+    best = report["best_lossless_tpf"]
     print(
-        f"best_lossless_tpf={report['best_lossless_tpf']:.2f} "
-        f"speedup_b1={report['speedup_b1']} speedup_b8={report['speedup_b8']} -> {s.json_path}"
+        f"best_lossless_tpf={'none' if best is None else f'{best:.2f}'} "
+        f"speedup_by_batch={report['speedup_by_batch']} -> {s.json_path}"
     )
     return report
+
+
+def unlossless_rows(report: dict[str, Any]) -> int:
+    """How many rows of a report have a real mismatch with transformers' greedy tokens."""
+    return sum(1 for r in report["rows"] if not r["lossless"])
 
 
 def _policies(s: BenchSettings, fluid: Any) -> list[str]:
@@ -215,8 +246,15 @@ def _best(rows: list[dict[str, Any]], key: str, bs: int | None = None) -> float 
     return max(vals) if vals else None
 
 
-def _report(s: BenchSettings, rows: list, baseline: dict, n_prompts: int, vers: dict) -> dict:
-    dev = devices.current()
+def _report(
+    s: BenchSettings,
+    rows: list,
+    baseline: dict,
+    n_prompts: int,
+    vers: dict,
+    dev: torch.device,
+) -> dict:
+    by_batch = {str(bs): _best(rows, "speedup", bs) for bs in s.batch_sizes}
     return {
         "benchmark": "sampler",
         "command": s.command,
@@ -230,7 +268,8 @@ def _report(s: BenchSettings, rows: list, baseline: dict, n_prompts: int, vers: 
         "versions": vers,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "baseline": {str(k): v for k, v in baseline.items()},
-        "best_lossless_tpf": _best(rows, "tpf") or 0.0,
+        "best_lossless_tpf": _best(rows, "tpf"),
+        "speedup_by_batch": by_batch,
         "speedup_b1": _best(rows, "speedup", 1),
         "speedup_b8": _best(rows, "speedup", 8),
         "mismatches": sum(len(r["mismatches"]) for r in rows),
@@ -239,17 +278,16 @@ def _report(s: BenchSettings, rows: list, baseline: dict, n_prompts: int, vers: 
     }
 
 
-def _device_info(dev: devices.DeviceChoice) -> dict[str, Any]:
-    info: dict[str, Any] = {
+def _device_info(dev: torch.device) -> dict[str, Any]:
+    """The device the model actually ran on, its name, and the host CPU."""
+    return {
         "type": dev.type,
+        "index": dev.index,
+        "name": devices.device_name(dev),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
-    module = devices.device_module(dev.type)
-    if module is not None and hasattr(module, "get_device_name"):
-        info["accelerator"] = module.get_device_name(dev.index or 0)
-    return info
 
 
 def _cpu_name() -> str:

@@ -2,13 +2,17 @@
 
 ``fluid generate --model DIR [--adapter DIR] [--khead DIR] --policy P --loop L
 (--prompt TEXT | --prompts IN.jsonl --output OUT.jsonl) --max-new-tokens N --batch-size B
-[--chat]``:
+[--chat] [--device D]``:
 one ``--prompt`` streams its text to the terminal as steps commit tokens; a prompts file is
 decoded in batches of ``B`` and written atomically, one JSON line per prompt with ``prompt``,
 ``text``, ``token_ids`` (new tokens only), ``forwards`` and ``tpf``. Statistics go to stderr.
 
-``fluid bench sampler`` is ``fluid_npu.sampling.bench``. Bad input raises ``FluidError`` subclasses,
-which ``fluid_npu.cli`` prints as one line before exiting with status 2.
+``fluid bench sampler`` is ``fluid_npu.sampling.bench``; it exits with status 1 (after writing its
+report) when any row is not lossless. Bad input raises ``FluidError`` subclasses, which
+``fluid_npu.cli`` prints as one line before exiting with status 2.
+
+``--device`` (default ``auto``: ``fluid_npu.device.current()``, the best available accelerator, else
+the CPU) names the device type to run on; one that is not available is a ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
+
+import torch
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS
@@ -36,6 +42,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_ANCHORS,
         help="fused loop: draft blocks per step (0 = all)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: the best available accelerator, else the CPU) or a device type to "
+        "force, e.g. npu or cpu; an unavailable one is an error",
     )
     p.add_argument(
         "--attn-backend",
@@ -83,13 +95,20 @@ def _check_common(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-def _load(args: argparse.Namespace):
+def _device(args: argparse.Namespace) -> torch.device:
+    """The ``--device`` to run on (checked before any model is loaded)."""
+    from fluid_npu import device as devices
+
+    return devices.current(force=args.device).device
+
+
+def _load(args: argparse.Namespace, dev: torch.device):
     from fluid_npu.sampling.api import FluidForCausalLM
     from fluid_npu.sampling.prompts import quiet_loading
 
     with quiet_loading():
         return FluidForCausalLM.from_pretrained(
-            args.model, args.adapter, args.khead, mask_token=args.mask_token
+            args.model, args.adapter, args.khead, mask_token=args.mask_token, device=dev
         )
 
 
@@ -98,7 +117,7 @@ def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from fluid_npu.sampling.api import PromptError
+    from fluid_npu.sampling.api import PromptError, eos_and_pad
     from fluid_npu.sampling.prompts import encode_prompt, left_pad, read_prompt_file
 
     _check_common(args)
@@ -114,12 +133,12 @@ def generate_command(args: argparse.Namespace) -> int:
     for i, r in enumerate(rows):  # what needs no model is checked before loading it
         if r.get("input_ids", None) == [] or str(r.get("prompt", "x")).strip() == "":
             raise PromptError(f"{where}:{i + 1}: the prompt is empty; give some text")
-    fluid = _load(args)
+    fluid = _load(args, _device(args))
     tok = fluid.tokenizer
     prompts = [
         encode_prompt(tok, r, chat=args.chat, where=f"{where}:{i + 1}") for i, r in enumerate(rows)
     ]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    _, pad = eos_and_pad(fluid.model, pad=tok.pad_token_id)
     if args.prompt is not None:
         return _stream_one(fluid, prompts[0].ids, args)
     out_rows = []
@@ -182,8 +201,6 @@ class _TextStream:
 
 
 def _stream_one(fluid: Any, ids: list[int], args: argparse.Namespace) -> int:
-    import torch
-
     stream = _TextStream(fluid.tokenizer)
     fluid.generate(
         torch.tensor([ids]),
@@ -222,6 +239,7 @@ def _command_line(args: argparse.Namespace) -> str:
         "anchors",
         "attn_backend",
         "mask_token",
+        "device",
     ):
         value = getattr(args, key, None)
         if value is not None:
@@ -232,7 +250,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench
+    from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench, unlossless_rows
 
     _check_common(args)
     try:
@@ -242,7 +260,9 @@ def bench_command(args: argparse.Namespace) -> int:
             f"--batch-sizes takes integers like 1,8, got {args.batch_sizes!r}"
         ) from None
     if not sizes or min(sizes) < 1:
-        raise ConfigError("--batch-sizes needs positive integers, e.g. 1,8")
+        raise ConfigError(
+            f"--batch-sizes needs positive integers like 1,8, got {args.batch_sizes!r}"
+        )
     settings = BenchSettings(
         model=args.model,
         adapter=args.adapter,
@@ -258,6 +278,15 @@ def bench_command(args: argparse.Namespace) -> int:
         gen_kwargs=_gen_kwargs(args),
         command=_command_line(args),
         repeats=args.repeats,
+        device=args.device,
     )
-    run_sampler_bench(settings)
+    report = run_sampler_bench(settings)  # checks the settings before loading the model
+    bad = unlossless_rows(report)
+    if bad:
+        print(
+            f"fluid: {bad} of {len(report['rows'])} rows were not lossless "
+            f"({report['mismatches']} mismatches); see {settings.json_path}",
+            file=sys.stderr,
+        )
+        return 1
     return 0

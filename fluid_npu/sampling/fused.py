@@ -21,8 +21,9 @@ even the first decode step verifies a full horizon.
 ``A`` is pruned to the most likely accept lengths, scored from the drafts' own confidences
 ``p_i``: ``P(a = j) = p_1 ⋯ p_j · (1 − p_{j+1})``, taken best first until they cover ``coverage``
 (0.9) of the probability, at most ``anchors`` (2) of them; confident drafts thus cost one block.
-With ``anchors=0`` every ``j`` gets a block. (Measured on the CPU demo model, k_max 8: TPF 4.71
-with 2 anchors, 4.80 with 3, 5.16 with all; tokens/s is best with 2 — every block costs compute.)
+With ``anchors=0`` every ``j`` gets a block. More anchors can raise TPF a little, but every block
+costs compute, so tokens/s need not follow; measure the trade-off on your model with
+``fluid bench sampler --anchors N`` (the README lists the current figures).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ Spellings:
 * ``entropy[:T]`` — draft ``k_max`` slots and keep the longest leading run whose predictive entropy
   is below ``T`` nats (default ``DEFAULT_ENTROPY`` = 2.0): the sampler sprints through predictable
   text and drafts nothing at a high-entropy transition. A kept wrong draft costs one verified
-  position, a dropped right one a whole step, so the bound is loose: on the CPU demo model
-  (k_max 8, fused loop) T = 1.0 / 1.5 / 2.0 / 3.0 gave TPF 4.10 / 4.51 / 4.74 / 4.80 (3.0 keeps
-  everything there), and 2.0 the best tokens/s;
+  position, a dropped right one a whole step, so the bound is loose (a larger ``T`` keeps more);
+  compare thresholds on your model with ``fluid bench sampler --policies entropy:1,entropy:2,...``
+  (the README lists the current figures);
 * ``khead`` — draft ``k_max`` slots and keep ``K`` = the K-head's prediction from the anchor's final
   hidden state, clamped to ``[k_min, k_max]``.
 

@@ -79,12 +79,6 @@ def publish_dir(staging: Path, target: Path, last: list[str] | None = None) -> N
     staging.rmdir()
 
 
-def staging_dir(target: Path) -> Path:
-    """A fresh temporary directory beside ``target`` (same filesystem, so renames are atomic)."""
-    target.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target, prefix=".staging-"))
-
-
 def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()

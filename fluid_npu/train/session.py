@@ -89,7 +89,7 @@ class TrainingSession:
         )
         self.data = self._load_data()
         base.config.use_cache = False
-        configure_attention(base, cfg.model.attn_backend)
+        configure_attention(base, cfg.model.attn_backend, self.choice.type)
         self.fused_modules = apply_npu_fused_layers(
             base, enabled=self.choice.type == "npu" and cfg.model.npu_fused_kernels
         )

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, TrainerCallback
 
 from fluid_npu.config import FluidConfig
+from fluid_npu.errors import ConfigError
 from fluid_npu.layout import IGNORE, LayoutConfig, collate, expand, noise_vocabulary
 from fluid_npu.model.attention import forward_hidden, lm_head
 from fluid_ops.meta import MAIN, AttnMeta
@@ -64,7 +65,10 @@ def use_fused_loss(model: PreTrainedModel, loss_impl: str) -> bool:
     head = lm_head(model)
     plain = type(head) is torch.nn.Linear
     if loss_impl == "fused" and not plain:
-        raise ValueError("loss_impl: fused needs a plain LM head; lora_target includes lm_head")
+        raise ConfigError(
+            "loss_impl: fused needs a plain LM head but lora_target includes lm_head; "
+            "use loss_impl: auto (or reference), or drop lm_head from lora_target"
+        )
     return plain
 
 

@@ -302,7 +302,7 @@ class Stage2Run:
         )
         model = self.loaded.model
         run_module = model.get_base_model() if hasattr(model, "get_base_model") else model
-        configure_attention(run_module, cfg.model.attn_backend)
+        configure_attention(run_module, cfg.model.attn_backend, self.choice.type)
         run_module.config.use_cache = False
         self.backbone = FrozenBackbone(
             run_module, rule=f.khead_label, tau=f.khead_tau, k_max=f.k_masks
