@@ -21,6 +21,31 @@ from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_ti
 torch.set_num_threads(1)
 
 
+def tiny_stage1_recipe(base, data, **extra: object) -> dict[str, object]:
+    """The tiny Stage I run the training tests share (tiny model, demo data, LoRA r8, k_max 4)."""
+    values: dict[str, object] = dict(
+        stage="fluid_stage1",
+        model_name_or_path=str(base),
+        dataset="fluid_demo",
+        dataset_dir=str(data),
+        template="empty",
+        cutoff_len=64,
+        k_masks=4,
+        lora_rank=8,
+        lora_alpha=16,
+        learning_rate=1e-2,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(extra)
+    return values
+
+
+def as_overrides(values: dict[str, object]) -> list[str]:
+    return [f"{k}={v}" for k, v in values.items()]
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tiny_tokenizer(mask_token=True)

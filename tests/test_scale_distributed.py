@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_stage1_recipe
 from safetensors.torch import load_file
 
 from fluid_npu import device as devices
@@ -59,25 +60,14 @@ def demo_data(tmp_path_factory):
 
 
 def _recipe(base: Path, data: Path) -> dict[str, object]:
-    return dict(
-        stage="fluid_stage1",
-        model_name_or_path=str(base),
-        dataset="fluid_demo",
-        dataset_dir=str(data),
-        template="empty",
-        cutoff_len=64,
-        k_masks=4,
-        lora_rank=8,
-        lora_alpha=16,
-        learning_rate=1.0e-2,
+    return tiny_stage1_recipe(
+        base,
+        data,
         lr_scheduler_type="cosine",
         warmup_ratio=0.25,
         max_steps=4,
         save_steps=2,
         logging_steps=1,
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
     )
 
 

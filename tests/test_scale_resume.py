@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import as_overrides, tiny_stage1_recipe
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -62,28 +63,15 @@ def demo_data(tmp_path_factory):
 
 def _overrides(base: Path, data: Path, out: Path, **extra: object) -> list[str]:
     values: dict[str, object] = dict(
-        stage="fluid_stage1",
-        model_name_or_path=base,
-        dataset="fluid_demo",
-        dataset_dir=data,
-        template="empty",
-        cutoff_len=64,
-        k_masks=4,
-        lora_rank=8,
-        lora_alpha=16,
         per_device_train_batch_size=4,
-        learning_rate=1e-2,
         lr_scheduler_type="cosine",
         max_steps=6,
         save_steps=2,
         logging_steps=1,
         output_dir=out,
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
     )
     values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return as_overrides(tiny_stage1_recipe(base, data, **values))
 
 
 def _losses(record: dict) -> list[float]:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import as_overrides, tiny_stage1_recipe
 from transformers import AutoModelForCausalLM
 
 from fluid_npu.cli import main as cli_main
@@ -26,28 +27,15 @@ def demo_data(tmp_path_factory):
 
 def _overrides(base, data, out, **extra) -> list[str]:
     values = dict(
-        stage="fluid_stage1",
-        model_name_or_path=str(base),
-        dataset="fluid_demo",
-        dataset_dir=str(data),
-        template="empty",
-        cutoff_len=64,
-        k_masks=4,
-        lora_rank=8,
-        lora_alpha=16,
         per_device_train_batch_size=4,
-        learning_rate=1e-2,
         lr_scheduler_type="constant",
         max_steps=50,
         logging_steps=10,
         save_steps=1000,
         output_dir=str(out),
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
     )
     values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    return as_overrides(tiny_stage1_recipe(base, data, **values))
 
 
 @pytest.fixture(scope="module")

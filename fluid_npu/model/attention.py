@@ -70,7 +70,7 @@ def configure_attention(
 
     ``eager`` / ``sdpa`` keep the model's own attention (a dense mask is passed); every other
     value selects the registered ``"fluid"`` attention and the named ``fluid_ops`` back end.
-    With ``device_type`` (where the model will run: "npu", "cuda", "cpu"), a named back end that
+    With ``device_type`` (``DeviceChoice.type``: where the model will run), a named back end that
     cannot run there is a ``ConfigError`` now, not a failure at the first forward.
     """
     if device_type is not None and backend in KERNEL_BACKENDS and backend != "auto":
