@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -330,6 +331,27 @@ def blocked_attention(
     if meta.n_main is None:
         return reference_attention(q, k, v, meta, scale)
     chunk = chunk or BLOCKED_CHUNK.get(q.device.type, ACCELERATOR_CHUNK)
+
+    def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, blk: Block) -> torch.Tensor:
+        if blk.causal:
+            return _sdpa(qs, ks, vs, scale, is_causal=True)
+        return _sdpa(qs, ks, vs, scale, mask=blk.mask[:, None])
+
+    return run_blocks(q, k, v, meta, chunk, attend)
+
+
+def run_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttnMeta,
+    chunk: int,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Block], torch.Tensor],
+) -> torch.Tensor:
+    """Plan the blocks, run ``attend(q_block, k_keys, v_keys, block)`` on each, zero empty rows.
+
+    Shared by the ``blocked`` (SDPA) and ``npu`` (torch_npu) back ends; only ``attend`` differs.
+    """
     blocks = plan_blocks(meta, q.shape[2], k.shape[2], chunk)
     pieces = Pieces(blocks, q, k, v)
     outs = []
@@ -337,12 +359,7 @@ def blocked_attention(
         if not blk.ranges:
             outs.append(q.new_zeros(*qs.shape[:3], v.shape[-1]))
             continue
-        ks, vs = pieces.keys(blk)
-        if blk.causal:
-            out = _sdpa(qs, ks, vs, scale, is_causal=True)
-        else:
-            out = _sdpa(qs, ks, vs, scale, mask=blk.mask[:, None])
-        outs.append(zero_rows(out, blk.keep))
+        outs.append(zero_rows(attend(qs, *pieces.keys(blk), blk), blk.keep))
     return torch.cat(outs, dim=2) if len(outs) != 1 else outs[0]
 
 

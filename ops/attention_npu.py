@@ -26,7 +26,7 @@ from types import ModuleType
 
 import torch
 
-from fluid_ops.attention import Block, Pieces, plan_blocks, safe_mask, zero_rows
+from fluid_ops.attention import Block, run_blocks, safe_mask, zero_rows
 from fluid_ops.dispatch import BackendUnavailable
 from fluid_ops.meta import AttnMeta, visibility
 
@@ -68,16 +68,9 @@ def npu_attention(
     npu = _torch_npu()
     if _use_infer_kernel(q, k, v):
         return _infer(npu, q, k, v, meta, scale)
-    blocks = plan_blocks(meta, q.shape[2], k.shape[2], chunk)
-    pieces = Pieces(blocks, q, k, v)
-    outs = []
-    for blk, qs in zip(blocks, pieces.q):
-        if not blk.ranges:
-            outs.append(q.new_zeros(*qs.shape[:3], v.shape[-1]))
-            continue
-        out = _fusion(npu, qs, *pieces.keys(blk), blk, scale)
-        outs.append(zero_rows(out, blk.keep))
-    return torch.cat(outs, dim=2) if len(outs) != 1 else outs[0]
+    return run_blocks(
+        q, k, v, meta, chunk, lambda qs, ks, vs, blk: _fusion(npu, qs, ks, vs, blk, scale)
+    )
 
 
 def _use_infer_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

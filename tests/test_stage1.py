@@ -93,39 +93,14 @@ def test_saved_run_reloads_to_identical_logits(trained, tiny_model_dir):
 def test_merge_loads_with_plain_transformers(trained, tiny_model_dir, tmp_path):
     out, _ = trained
     merged_dir = tmp_path / "merged"
-    assert (
-        cli_main(
-            [
-                "merge",
-                "--base",
-                str(tiny_model_dir),
-                "--adapter",
-                str(out),
-                "--output",
-                str(merged_dir),
-            ]
-        )
-        == 0
-    )
+    argv = ["merge", "--base", str(tiny_model_dir), "--adapter", str(out)]
+    assert cli_main([*argv, "--output", str(merged_dir)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     ref = load_fluid(tiny_model_dir, out).model
     ids = torch.randint(0, 250, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
-    assert (
-        cli_main(
-            [
-                "merge",
-                "--base",
-                str(tiny_model_dir),
-                "--adapter",
-                str(out),
-                "--output",
-                str(merged_dir),
-            ]
-        )
-        == 2
-    )
+    assert cli_main([*argv, "--output", str(merged_dir)]) == 2  # never overwrites a model
 
 
 def test_resume_from_checkpoint_continues_the_same_run(tiny_model_dir, demo_data, tmp_path):
