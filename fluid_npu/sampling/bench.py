@@ -31,6 +31,7 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.lossless import compare, hf_greedy
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, HorizonError, parse_policy
 from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_file
+from fluid_npu.sampling.stats import GenerateStats
 
 DEFAULT_POLICIES = ("ar", "fixed:4", "fixed:8", "entropy")
 
@@ -75,8 +76,40 @@ def check_settings(s: BenchSettings) -> torch.device:
     return devices.current(force=s.device).device
 
 
-def _batches(items: list[list[int]], size: int) -> list[list[list[int]]]:
+def split_batches(items: list[list[int]], size: int) -> list[list[list[int]]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def decode_batches(
+    fluid: Any,
+    batches: list[list[list[int]]],
+    policy: str,
+    loop: str,
+    max_new_tokens: int,
+    pad: int,
+    gen_kwargs: dict[str, Any] | None = None,
+) -> tuple[list[list[int]], list[GenerateStats]]:
+    """The sampler on each batch (left-padded, on ``fluid``'s device): new tokens per prompt and
+    one ``GenerateStats`` per batch."""
+    from fluid_npu.sampling.api import generate
+
+    new, stats = [], []
+    for b in batches:
+        ids, mask = left_pad(b, pad)
+        out = generate(
+            fluid.model,
+            fluid.mask_id,
+            ids.to(fluid.device),
+            mask.to(fluid.device),
+            policy=policy,
+            loop=loop,
+            max_new_tokens=max_new_tokens,
+            khead=fluid.khead,
+            **(gen_kwargs or {}),
+        )
+        new += out.new_tokens
+        stats.append(out.stats)
+    return new, stats
 
 
 class _Runner:
@@ -99,25 +132,9 @@ class _Runner:
         return out
 
     def ours(self, batches: list[list[list[int]]], policy: str, loop: str) -> tuple[list, list]:
-        from fluid_npu.sampling.api import generate
-
-        new, stats = [], []
-        for b in batches:
-            ids, mask = self._inputs(b)
-            out = generate(
-                self.fluid.model,
-                self.fluid.mask_id,
-                ids,
-                mask,
-                policy=policy,
-                loop=loop,
-                max_new_tokens=self.s.max_new_tokens,
-                khead=self.fluid.khead,
-                **self.s.gen_kwargs,
-            )
-            new += out.new_tokens
-            stats.append(out.stats)
-        return new, stats
+        return decode_batches(
+            self.fluid, batches, policy, loop, self.s.max_new_tokens, self.pad, self.s.gen_kwargs
+        )
 
     def timed(self, fn: Any, *args: Any) -> tuple[Any, float]:
         """Warm up on the first batch, then the best wall time of ``repeats`` full runs."""
@@ -155,7 +172,7 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
     baseline: dict[int, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     for bs in s.batch_sizes:
-        batches = _batches(prompts, bs)
+        batches = split_batches(prompts, bs)
         ref, hf_s = run.timed(run.hf, batches)
         n_ref = sum(len(t) for t in ref)
         baseline[bs] = {"tokens": n_ref, "wall_s": hf_s, "tokens_per_s": n_ref / hf_s, "tpf": 1.0}
@@ -264,7 +281,7 @@ def _report(
         "prompts": s.prompts,
         "n_prompts": n_prompts,
         "max_new_tokens": s.max_new_tokens,
-        "device": _device_info(dev),
+        "device": device_info(dev),
         "versions": vers,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "baseline": {str(k): v for k, v in baseline.items()},
@@ -278,7 +295,7 @@ def _report(
     }
 
 
-def _device_info(dev: torch.device) -> dict[str, Any]:
+def device_info(dev: torch.device) -> dict[str, Any]:
     """The device the model actually ran on, its name, and the host CPU."""
     return {
         "type": dev.type,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base (or merged) HF model directory")
     p.add_argument("--adapter", default=None, help="Stage I LoRA adapter directory")
     p.add_argument("--khead", default=None, help="Stage II K-head directory")
@@ -58,7 +59,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="lossless elastic decoding with a FLUID model")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--policy", default="entropy", help="ar | fixed:K | entropy[:T] | khead")
     p.add_argument("--loop", default="fused", choices=("fused", "reference"))
     p.add_argument("--prompt", default=None, help="one prompt, streamed to the terminal")
@@ -72,7 +73,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (TPF and speed against transformers)")
     targets = p.add_subparsers(dest="target", metavar="TARGET", parser_class=type(p))
     s = targets.add_parser("sampler", help="policies x loops vs transformers' greedy generate")
-    _add_model_args(s)
+    add_model_args(s)
     s.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'input_ids' per line")
     s.add_argument("--json", required=True, help="where the JSON report is written")
     s.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
@@ -88,21 +89,21 @@ def _bench_usage(p: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _check_common(args: argparse.Namespace) -> None:
+def check_common(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if getattr(args, "batch_size", 1) < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-def _device(args: argparse.Namespace) -> torch.device:
+def device_from_args(args: argparse.Namespace) -> torch.device:
     """The ``--device`` to run on (checked before any model is loaded)."""
     from fluid_npu import device as devices
 
     return devices.current(force=args.device).device
 
 
-def _load(args: argparse.Namespace, dev: torch.device):
+def load_model(args: argparse.Namespace, dev: torch.device):
     from fluid_npu.sampling.api import FluidForCausalLM
     from fluid_npu.sampling.prompts import quiet_loading
 
@@ -112,7 +113,7 @@ def _load(args: argparse.Namespace, dev: torch.device):
         )
 
 
-def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"k_max": args.k_max, "anchors": args.anchors, "attn_backend": args.attn_backend}
 
 
@@ -120,7 +121,7 @@ def generate_command(args: argparse.Namespace) -> int:
     from fluid_npu.sampling.api import PromptError, eos_and_pad
     from fluid_npu.sampling.prompts import encode_prompt, left_pad, read_prompt_file
 
-    _check_common(args)
+    check_common(args)
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts IN.jsonl")
     if args.prompts is not None and args.output is None:
@@ -133,7 +134,7 @@ def generate_command(args: argparse.Namespace) -> int:
     for i, r in enumerate(rows):  # what needs no model is checked before loading it
         if r.get("input_ids", None) == [] or str(r.get("prompt", "x")).strip() == "":
             raise PromptError(f"{where}:{i + 1}: the prompt is empty; give some text")
-    fluid = _load(args, _device(args))
+    fluid = load_model(args, device_from_args(args))
     tok = fluid.tokenizer
     prompts = [
         encode_prompt(tok, r, chat=args.chat, where=f"{where}:{i + 1}") for i, r in enumerate(rows)
@@ -151,7 +152,7 @@ def generate_command(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             policy=args.policy,
             loop=args.loop,
-            **_gen_kwargs(args),
+            **gen_kwargs(args),
         )
         st = fluid.last_stats
         for i, p in enumerate(chunk):
@@ -209,7 +210,7 @@ def _stream_one(fluid: Any, ids: list[int], args: argparse.Namespace) -> int:
         policy=args.policy,
         loop=args.loop,
         stream=stream,
-        **_gen_kwargs(args),
+        **gen_kwargs(args),
     )
     stream.close()
     st = fluid.last_stats
@@ -221,38 +222,48 @@ def _stream_one(fluid: Any, ids: list[int], args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_line(args: argparse.Namespace) -> str:
-    """The ``fluid bench sampler`` command that reproduces this run."""
-    parts = ["fluid", "bench", "sampler"]
-    for key in (
-        "model",
-        "adapter",
-        "khead",
-        "prompts",
-        "json",
-        "max_new_tokens",
-        "batch_sizes",
-        "policies",
-        "loops",
-        "repeats",
-        "k_max",
-        "anchors",
-        "attn_backend",
-        "mask_token",
-        "device",
-    ):
+BENCH_KEYS = (
+    "model",
+    "adapter",
+    "khead",
+    "prompts",
+    "json",
+    "max_new_tokens",
+    "batch_sizes",
+    "policies",
+    "loops",
+    "repeats",
+    "k_max",
+    "anchors",
+    "attn_backend",
+    "mask_token",
+    "device",
+    "chat",
+)
+
+
+def command_line(words: Sequence[str], args: argparse.Namespace, keys: Sequence[str]) -> str:
+    """The command that reproduces a run: ``words``, then ``--key value`` for each key that is set.
+
+    A ``True`` flag is written bare, a list as its items; ``None`` and ``False`` are left out.
+    """
+    parts = list(words)
+    for key in keys:
         value = getattr(args, key, None)
-        if value is not None:
-            parts += [f"--{key.replace('_', '-')}", str(value)]
-    if args.chat:
-        parts.append("--chat")
+        if value is None or value is False:
+            continue
+        parts.append(f"--{key.replace('_', '-')}")
+        if isinstance(value, (list, tuple)):
+            parts += [str(v) for v in value]
+        elif value is not True:
+            parts.append(str(value))
     return " ".join(parts)
 
 
 def bench_command(args: argparse.Namespace) -> int:
     from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench, unlossless_rows
 
-    _check_common(args)
+    check_common(args)
     try:
         sizes = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
     except ValueError:
@@ -275,8 +286,8 @@ def bench_command(args: argparse.Namespace) -> int:
         loops=tuple(s.strip() for s in args.loops.split(",") if s.strip()),
         chat=args.chat,
         mask_token=args.mask_token,
-        gen_kwargs=_gen_kwargs(args),
-        command=_command_line(args),
+        gen_kwargs=gen_kwargs(args),
+        command=command_line(["fluid", "bench", "sampler"], args, BENCH_KEYS),
         repeats=args.repeats,
         device=args.device,
     )

@@ -1,7 +1,8 @@
 """Prompt files and prompt encoding for ``fluid generate`` and ``fluid bench sampler``.
 
-An input JSONL line holds ``"prompt"`` (text, tokenized as the tokenizer does by default, or through
-its chat template with ``chat=True``) or ``"input_ids"`` (a list of token ids, used as given). Bad
+``read_jsonl`` reads any JSONL file line by line (errors name the file and line). A line of a
+prompts file holds ``"prompt"`` (text, tokenized as the tokenizer does by default, or through its
+chat template with ``chat=True``) or ``"input_ids"`` (a list of token ids, used as given). Bad
 lines are ``DataError``s naming the file and line. Output JSONL is written atomically (a temporary
 file beside the target, then a rename), so a crash never leaves half a file behind.
 ``quiet_loading`` keeps transformers' progress bars off stderr while the commands load a model.
@@ -29,25 +30,36 @@ class Prompt:
     ids: list[int]
 
 
-def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a prompts JSONL file (each with ``prompt`` or ``input_ids``)."""
+def read_jsonl(path: str | Path, what: str = "prompts") -> list[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSONL file of ``what``.
+
+    A missing file, a line that is not JSON and a file without rows are ``DataError``s naming the
+    file (and line).
+    """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"prompts file {str(p)!r} does not exist; pass a JSONL file")
+        raise DataError(f"{what} file {str(p)!r} does not exist; pass a JSONL file")
     rows = []
     with p.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                rows.append((n, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or ("prompt" not in row and "input_ids" not in row):
-                raise DataError(f'{p}:{n}: each line needs "prompt" (text) or "input_ids" (ids)')
-            rows.append(row)
     if not rows:
-        raise DataError(f"prompts file {p} holds no prompts")
+        raise DataError(f"{what} file {p} holds no {what}")
+    return rows
+
+
+def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a prompts JSONL file (each with ``prompt`` or ``input_ids``)."""
+    rows = []
+    for n, row in read_jsonl(path, "prompts"):
+        if not isinstance(row, dict) or ("prompt" not in row and "input_ids" not in row):
+            raise DataError(f'{path}:{n}: each line needs "prompt" (text) or "input_ids" (ids)')
+        rows.append(row)
     return rows
 
 

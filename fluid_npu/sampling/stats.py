@@ -12,11 +12,14 @@ Counted, never estimated (DESIGN §1.3):
 * ``accept_hist[a]``: row-steps that accepted ``a`` drafted tokens; ``k_hist[k]``: row-steps that
   drafted ``k`` tokens for verification (the horizon the policy chose);
 * ``wall_s``: wall time of the call, prefill included (the device synchronised at the end).
+
+``GenerateStats.merged`` folds the calls of one run (its batches) into one record.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,22 @@ class GenerateStats:
     _pending_accept: list[torch.Tensor] = field(default_factory=list, repr=False)
     _pending_k: list[torch.Tensor] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def merged(cls, parts: Sequence[GenerateStats]) -> GenerateStats:
+        """One run's statistics from its calls (e.g. batches): rows appended, counts summed."""
+        out = cls(policy=parts[0].policy if parts else "", loop=parts[0].loop if parts else "")
+        for st in parts:
+            st.finalize()
+            out.batch_size += st.batch_size
+            out.prefill_forwards += st.prefill_forwards
+            out.decode_forwards += st.decode_forwards
+            out.new_tokens += st.new_tokens
+            out.row_forwards += st.row_forwards
+            out.accept_hist.update(st.accept_hist)
+            out.k_hist.update(st.k_hist)
+            out.wall_s += st.wall_s
+        return out
+
     @property
     def total_new_tokens(self) -> int:
         return int(sum(self.new_tokens))
@@ -58,8 +77,12 @@ class GenerateStats:
 
     @property
     def mean_accept(self) -> float:
-        n = sum(self.accept_hist.values())
-        return sum(a * c for a, c in self.accept_hist.items()) / n if n else 0.0
+        return _mean(self.accept_hist)
+
+    @property
+    def mean_k(self) -> float:
+        """The mean horizon the policy drafted per row-step (0.0 for ``ar``)."""
+        return _mean(self.k_hist)
 
     def record(
         self, accepted: torch.Tensor | None = None, drafted: torch.Tensor | None = None
@@ -94,7 +117,13 @@ class GenerateStats:
             "tpf": self.tpf,
             "tokens_per_s": self.tokens_per_s,
             "mean_accept": self.mean_accept,
+            "mean_k": self.mean_k,
             "accept_hist": {str(k): v for k, v in sorted(self.accept_hist.items())},
             "k_hist": {str(k): v for k, v in sorted(self.k_hist.items())},
             "wall_s": self.wall_s,
         }
+
+
+def _mean(hist: Counter) -> float:
+    n = sum(hist.values())
+    return sum(v * c for v, c in hist.items()) / n if n else 0.0
