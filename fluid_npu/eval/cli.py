@@ -1,0 +1,123 @@
+"""``fluid eval``: accuracy, TPF and speed of horizon policies beside the AR baseline.
+
+``fluid eval --model DIR [--adapter DIR] [--khead DIR] --task gsm8k --data FILE.jsonl
+[--fewshot FILE.jsonl --num-fewshot K] [--chat] --policy P [P ...] [--max-new-tokens N]
+[--batch-size B] --json OUT.json``:
+``--task demo`` takes the demo's held-out problems when no ``--data`` is given (``--limit`` of
+them, 100 by default). ``--policy`` takes several policies and may be repeated; ``ar`` always runs
+too, first, as the baseline (default: ``khead`` with a K-head, else ``entropy``). The JSON goes to
+``--json``, the markdown table beside it (``--markdown``) and the two PNGs into ``--plot-dir``
+(default: the JSON's folder); the table is also printed. Every input that needs no model (files,
+rows, few-shot count, sizes, device) is checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fluid_npu.errors import ConfigError
+
+DEFAULT_NUM_FEWSHOT = 5  # --fewshot without --num-fewshot: lm-evaluation-harness's gsm8k
+UNBOUNDED_K = 1 << 30  # policies are spelt-checked before the model (and its k_max) is loaded
+EVAL_KEYS = (
+    "model",
+    "adapter",
+    "khead",
+    "task",
+    "data",
+    "limit",
+    "fewshot",
+    "num_fewshot",
+    "policy",
+    "loop",
+    "max_new_tokens",
+    "batch_size",
+    "k_max",
+    "anchors",
+    "attn_backend",
+    "mask_token",
+    "device",
+    "json",
+    "chat",
+)
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    from fluid_npu.eval.runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+    from fluid_npu.eval.tasks import TASKS
+    from fluid_npu.sampling.cli import add_model_args
+
+    p = sub.add_parser("eval", help="accuracy at a speed: policies vs AR on GSM8K-format tasks")
+    add_model_args(p)
+    p.add_argument("--task", required=True, choices=TASKS, help="gsm8k (needs --data) or demo")
+    p.add_argument("--data", default=None, help="JSONL rows: question, answer ending '#### n'")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--fewshot", default=None, help="JSONL of few-shot examples (same format)")
+    p.add_argument(
+        "--num-fewshot", type=int, default=None, help="examples per prompt (default 5 w/ --fewshot)"
+    )
+    p.add_argument(
+        "--policy",
+        nargs="+",
+        action="extend",
+        default=None,
+        help="one or more of fixed:K | entropy[:T] | khead (ar always runs as the baseline)",
+    )
+    p.add_argument("--loop", default="fused", choices=("fused", "reference"))
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per batch")
+    p.add_argument("--json", required=True, help="where the JSON report is written")
+    p.add_argument("--markdown", default=None, help="markdown table (default: beside the JSON)")
+    p.add_argument("--plot-dir", default=None, help="where the PNGs go (default: JSON's folder)")
+    p.set_defaults(handler=eval_command, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from fluid_npu.eval.report import markdown_table, write_eval_report
+    from fluid_npu.eval.runner import run_eval
+    from fluid_npu.eval.tasks import read_rows, select_fewshot, task_rows
+    from fluid_npu.sampling.cli import (
+        check_common,
+        command_line,
+        device_from_args,
+        gen_kwargs,
+        load_model,
+    )
+    from fluid_npu.sampling.policies import parse_policy
+
+    check_common(args)
+    if args.num_fewshot is None:
+        args.num_fewshot = DEFAULT_NUM_FEWSHOT if args.fewshot else 0
+    rows = task_rows(args.task, args.data, args.limit)
+    fewshot = read_rows(args.fewshot, "few-shot") if args.fewshot else None
+    select_fewshot(fewshot, args.num_fewshot, args.fewshot or "the few-shot file")
+    json_path = Path(args.json)
+    if json_path.suffix != ".json":
+        raise ConfigError(f"--json takes a path ending in .json, got {args.json!r}")
+    for spec in args.policy or ():  # spelling now; horizons against the K-head's k_max later
+        parse_policy(spec, k_max=args.k_max or UNBOUNDED_K, has_khead=args.khead is not None)
+    dev = device_from_args(args)
+    fluid = load_model(args, dev)
+    policies = args.policy or ["khead" if fluid.khead is not None else "entropy"]
+    result = run_eval(
+        fluid,
+        args.task,
+        rows,
+        policies,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
+        fewshot_rows=fewshot,
+        num_fewshot=args.num_fewshot,
+        loop=args.loop,
+        gen_kwargs=gen_kwargs(args),
+        echo=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    result["command"] = command_line(["fluid", "eval"], args, EVAL_KEYS)
+    result.update(model=args.model, adapter=args.adapter, khead=args.khead, data=args.data)
+    markdown = args.markdown or json_path.with_suffix(".md")
+    written = write_eval_report(result, json_path, markdown, args.plot_dir or json_path.parent)
+    print(markdown_table(result))
+    print("fluid: wrote " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
+    return 0
