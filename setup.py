@@ -39,7 +39,7 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],
         "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
         # triton is installed by run_npu.sh except on Ascend, where triton-ascend provides it.
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "lm-eval>=0.4"],
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval tests load local JSON through datasets
 # Triton reads TRITON_INTERPRET once, at its first import (transformers may import it): the CPU
 # suite runs every Triton kernel under the interpreter. On a GPU host run `TRITON_INTERPRET=0
 # pytest -m gpu` for the compiled kernels.

@@ -1,0 +1,286 @@
+"""The lm-evaluation-harness model type ``fluid``: generation through the elastic sampler,
+log-likelihoods through the AR path of the same adapted model.
+
+Importing this module registers the model (``lm_eval.api.registry``), so any lm-eval task runs on
+a FLUID model::
+
+    import fluid_npu.eval.harness  # noqa: F401  (registers "fluid")
+    lm_eval.simple_evaluate(model="fluid", model_args="model=DIR,khead=DIR,policy=khead", ...)
+
+or from the shell, ``python -m fluid_npu.eval run --model fluid --model_args ... --device cpu``
+(lm-eval's own command line with the model registered; there ``--device`` goes to lm-eval, not
+into ``model_args``). ``model_args``: ``model`` (base or merged
+directory), ``adapter``, ``khead``, ``policy`` (default ``khead`` with a K-head, else
+``entropy``), ``loop``, ``batch_size``, ``device`` (``auto``, ``cpu``, ``cuda:0``, ``npu``, …),
+``max_gen_toks`` (default 256), ``max_length``, ``k_max``, ``mask_token``; an unknown one is a
+``ConfigError``. A loaded ``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
+
+* ``generate_until``: greedy and lossless (the sampler's contract), ``until`` strings cut the text,
+  ``max_gen_toks`` bounds it; a request to sample is a ``ConfigError``. Prompts are rendered like
+  ``fluid eval``'s (the ``empty`` template) and decoded in batches of ``batch_size``; the calls'
+  statistics (TPF, K histogram) accumulate in ``generation_stats``.
+* ``loglikelihood`` / ``loglikelihood_rolling``: one plain forward of the model (right-padded
+  batches), as lm-eval's ``hf`` model scores them: the context's trailing spaces move to the
+  continuation, an empty context is the BOS (else EOS) token, long inputs keep their last
+  ``max_length`` tokens, and rolling windows come from lm-eval's own ``get_rolling_token_windows``.
+
+lm-eval is the ``eval`` extra; without it importing this module raises a ``ConfigError`` saying
+how to install it, and nothing else in ``fluid_npu`` imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fluid_npu.errors import ConfigError
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as _exc:  # the harness was asked for without the eval extra
+    raise ConfigError(
+        f"the lm-eval model type `fluid` needs lm-evaluation-harness ({_exc}); "
+        "install it with: pip install 'fluid-npu[eval]'"
+    ) from None
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8  # for batch_size=auto
+TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def _device(device: str | None) -> torch.device:
+    from fluid_npu import device as devices
+
+    text = "auto" if device is None else str(device)
+    choice = devices.current(force=text.split(":")[0])
+    return torch.device(text) if ":" in text else choice.device
+
+
+def _batch_size(value: Any) -> int:
+    if value is None or str(value).startswith("auto"):
+        return DEFAULT_BATCH_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1:
+        raise ConfigError(f"batch_size must be a positive integer or auto, got {value!r}")
+    return size
+
+
+@register_model("fluid")
+class FluidLM(LM):
+    """A ``FluidForCausalLM`` behind lm-eval's ``LM`` interface (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        adapter: str | None = None,
+        khead: str | None = None,
+        policy: str | None = None,
+        loop: str = "fused",
+        batch_size: int | str | None = 1,
+        device: str | None = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        max_length: int | None = None,
+        k_max: int | None = None,
+        mask_token: str | None = None,
+        max_batch_size: int | None = None,  # lm-eval passes it; batches here are fixed
+        fluid: Any = None,
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        from fluid_npu.eval.runner import policy_names
+        from fluid_npu.sampling.api import LOOPS, FluidForCausalLM
+        from fluid_npu.sampling.prompts import quiet_loading
+
+        if unknown:
+            raise ConfigError(
+                f"unknown model_args for the fluid model: {', '.join(sorted(unknown))}; valid: "
+                "model, adapter, khead, policy, loop, batch_size, device, max_gen_toks, "
+                "max_length, k_max, mask_token"
+            )
+        if loop not in LOOPS:
+            raise ConfigError(f"unknown sampler loop {loop!r}; choose {' or '.join(LOOPS)}")
+        self.batch_size = _batch_size(batch_size)  # checked before the model is loaded
+        if fluid is None:
+            if model is None:
+                raise ConfigError("the fluid model needs model_args model=DIR (base or merged)")
+            with quiet_loading():
+                fluid = FluidForCausalLM.from_pretrained(
+                    model, adapter, khead, mask_token=mask_token, device=_device(device)
+                )
+        self.fluid = fluid
+        self.tokenizer = fluid.tokenizer
+        self._device = fluid.device
+        self.loop = loop
+        self.max_gen_toks = int(max_gen_toks)
+        cfg = fluid.model.config.get_text_config()
+        self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 2048))
+        self.gen_kwargs = {"k_max": k_max} if k_max else {}
+        policy = policy or ("khead" if fluid.khead is not None else "entropy")
+        self.policy = policy_names(fluid, [policy], k_max)[-1]  # checked, canonically spelt
+        self._stats: list[Any] = []
+
+    # ------------------------------------------------------------------ lm-eval plumbing
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "fluid")).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) or ""
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return int(bos if bos is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def generation_stats(self) -> Any:
+        """The sampler statistics of every ``generate_until`` batch so far, merged."""
+        from fluid_npu.sampling.stats import GenerateStats
+
+        return GenerateStats.merged(self._stats)
+
+    def _encode(self, text: str) -> list[int]:
+        from fluid_npu.eval.tasks import encode_text
+
+        return encode_text(self.tokenizer, text)
+
+    # ------------------------------------------------------------------ log-likelihoods
+
+    def _context_continuation(self, context: str, continuation: str) -> tuple[list, list]:
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        ctx = self._encode(context) if context else []
+        whole = self._encode(context + continuation)
+        cont = whole[len(ctx) :]
+        return (ctx or [self.prefix_token_id]), cont
+
+    @torch.inference_mode()
+    def score_tokens(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
+        """``(log p(continuation | context), continuation is the greedy one)`` per token pair."""
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        model, dev = self.fluid.model, self.fluid.device
+        too_long = [i for i, (_, cont) in enumerate(pairs) if len(cont) > self.max_length]
+        if too_long:
+            raise ConfigError(
+                f"request {too_long[0]}: the continuation is longer than max_length "
+                f"({self.max_length} tokens)"
+            )
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            seqs = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1) :][:-1] for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.zeros((len(seqs), width), dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, s in enumerate(seqs):
+                ids[row, : len(s)] = torch.tensor(s)
+                mask[row, : len(s)] = 1
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+            logp = logits.float().log_softmax(dim=-1)
+            for row, i in enumerate(chunk):
+                cont = torch.tensor(pairs[i][1], device=dev)
+                n = len(seqs[row])
+                rows = logp[row, n - len(cont) : n]
+                score = float(rows.gather(1, cont[:, None]).sum())
+                out[i] = (score, bool((rows.argmax(dim=-1) == cont).all()))
+        return out  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list:
+        pairs = [self._context_continuation(*r.args) for r in requests]
+        empty = [i for i, (_, cont) in enumerate(pairs) if not cont]
+        if empty:
+            raise ConfigError(f"loglikelihood request {empty[0]} has an empty continuation")
+        results = self.score_tokens(pairs)
+        for r, res in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", r.args, res)
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for r in requests:
+            (text,) = r.args
+            tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=tokens,
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            total = sum(score for score, _ in self.score_tokens(windows)) if windows else 0.0
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            out.append(total)
+        return out
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        from fluid_npu.eval.tasks import cut_at_stop
+        from fluid_npu.sampling.api import eos_and_pad
+        from fluid_npu.sampling.bench import decode_batches, split_batches
+
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+        _, pad = eos_and_pad(self.fluid.model, pad=self.tokenizer.pad_token_id)
+        out: list[str] = [""] * len(requests)
+        for indices in groups.values():
+            until, max_gen = self._generation_settings(requests[indices[0]].args[1])
+            keep = max(1, self.max_length - max_gen)
+            prompts = [self._encode(requests[i].args[0])[-keep:] for i in indices]
+            new, stats = decode_batches(
+                self.fluid,
+                split_batches(prompts, self.batch_size),
+                self.policy,
+                self.loop,
+                max_gen,
+                pad,
+                self.gen_kwargs,
+            )
+            self._stats += stats
+            for i, tokens in zip(indices, new):
+                text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out
+
+    def _generation_settings(self, kwargs: dict[str, Any]) -> tuple[list[str], int]:
+        kwargs = dict(kwargs or {})
+        if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+            raise ConfigError(
+                "the fluid model decodes greedily (lossless elastic decoding); set the task's "
+                "generation_kwargs to do_sample: false, temperature: 0"
+            )
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        return until, int(kwargs.get("max_gen_toks", self.max_gen_toks))
+
+
+def main() -> None:
+    """lm-eval's command line with the model ``fluid`` registered: ``python -m fluid_npu.eval``."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

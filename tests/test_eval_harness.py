@@ -1,0 +1,197 @@
+"""The lm-evaluation-harness model type ``fluid``: log-likelihoods equal a direct AR computation,
+``generate_until`` equals the sampler, and ``simple_evaluate`` on a local task file (no hub) gives
+the accuracy ``run_eval`` computes on the same rows."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
+from test_eval import ROWS, bigram_model, write_jsonl
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.eval import run_eval
+from fluid_npu.eval.harness import FluidLM
+from fluid_npu.eval.tasks import cut_at_stop, encode_text
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling import FluidForCausalLM, generate
+
+TASK_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+output_type: generate_until
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer.split('#### ')[-1]}}}}"
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    regexes_to_ignore: [",", "\\\\$", "\\\\.$"]
+generation_kwargs:
+  until: ["Question:"]
+  do_sample: false
+  temperature: 0.0
+  max_gen_toks: 12
+filter_list:
+  - name: strict-match
+    filter:
+      - function: regex
+        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
+      - function: take_first
+  - name: flexible-extract
+    filter:
+      - function: regex
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
+      - function: take_first
+"""
+
+
+def request(kind: str, *args, idx: int = 0) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=idx)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(mask_token=True)
+
+
+@pytest.fixture(scope="module")
+def random_lm(tok):
+    fluid = FluidForCausalLM(build_tiny_model("llama", tok, seed=5), tok, tok.mask_token_id)
+    return FluidLM(fluid=fluid, policy="fixed:3", batch_size=2)
+
+
+@torch.no_grad()
+def _direct_logprob(model, context: list[int], continuation: list[int]) -> float:
+    ids = torch.tensor([context + continuation])
+    logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    start = len(context) - 1
+    return float(sum(logp[start + j, t] for j, t in enumerate(continuation)))
+
+
+def test_loglikelihood_equals_direct_ar(random_lm, tok):
+    pairs = [
+        ("Question: 2+2?\nAnswer:", " 4"),
+        ("a much longer context than the others, to pad the batch", " x"),
+        ("trailing space ", "moves"),
+        ("", "empty context"),
+    ]
+    got = random_lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
+    model = random_lm.fluid.model
+    for (context, cont), (score, greedy) in zip(pairs, got):
+        stripped = context.rstrip()
+        ctx = encode_text(tok, stripped) if stripped else [tok.bos_token_id]
+        whole = encode_text(tok, context + cont)
+        expected = _direct_logprob(model, ctx, whole[len(ctx) :] if stripped else whole)
+        assert score == pytest.approx(expected, abs=1e-4), (context, cont)
+        assert greedy is False  # a random model does not favour these texts
+
+
+def test_loglikelihood_is_greedy_on_the_bigram_model(tok):
+    lm = FluidLM(fluid=FluidForCausalLM(bigram_model(tok), tok, tok.mask_token_id))
+    (_, yes), (_, no) = lm.loglikelihood(
+        [request("loglikelihood", "Answer:", " x=42"), request("loglikelihood", "Answer:", " y")]
+    )
+    assert yes and not no
+
+
+def test_loglikelihood_rolling_equals_direct_ar(random_lm, tok):
+    text = "The quick brown fox jumps over the lazy dog."
+    (got,) = random_lm.loglikelihood_rolling([request("loglikelihood_rolling", text)])
+    tokens = tok(text, add_special_tokens=False)["input_ids"]
+    expected = _direct_logprob(random_lm.fluid.model, [random_lm.prefix_token_id], tokens)
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_generate_until_equals_the_sampler(random_lm, tok):
+    contexts = ["Question: What is 2+2?\nAnswer:", "Hello", "Question: a\nAnswer:"]
+    kwargs = {"until": ["\n\n", "e"], "max_gen_toks": 10, "do_sample": False}
+    got = random_lm.generate_until([request("generate_until", c, kwargs) for c in contexts])
+    for context, text in zip(contexts, got):
+        ids = torch.tensor([encode_text(tok, context)])
+        out = generate(random_lm.fluid.model, tok, ids, policy="fixed:3", max_new_tokens=10)
+        full = tok.decode(out.new_tokens[0], skip_special_tokens=True)
+        assert text == cut_at_stop(full, ["\n\n", "e"])
+    assert random_lm.generation_stats.total_new_tokens > 0
+    with pytest.raises(ConfigError, match="decodes greedily"):
+        random_lm.generate_until([request("generate_until", "a", {"do_sample": True})])
+
+
+def test_model_args_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown model_args for the fluid model: pretrained"):
+        FluidLM.create_from_arg_string("pretrained=gpt2")
+    with pytest.raises(ConfigError, match="needs model_args model=DIR"):
+        FluidLM.create_from_arg_string("policy=ar")
+    with pytest.raises(ConfigError, match="batch_size"):
+        FluidLM(fluid=object(), batch_size="many")
+
+
+@pytest.mark.slow
+def test_simple_evaluate_on_a_local_task(tmp_path, tok):
+    """lm-eval's gsm8k filters on a local JSONL, through model_args: the same accuracy as ours."""
+    model_dir = tmp_path / "bigram"
+    bigram_model(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "test.jsonl", ROWS)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    text = TASK_YAML.format(name="tiny_gsm8k", data=data, cache=tmp_path / "hf-cache")
+    (tasks / "tiny_gsm8k.yaml").write_text(text, encoding="utf-8")
+    result = simple_evaluate(
+        model="fluid",
+        model_args=f"model={model_dir},policy=fixed:3,batch_size=2,device=cpu",
+        tasks=["tiny_gsm8k"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        bootstrap_iters=0,
+    )
+    metrics = result["results"]["tiny_gsm8k"]
+    ours = run_eval(
+        FluidForCausalLM.from_pretrained(model_dir), "gsm8k", ROWS, ["fixed:3"], max_new_tokens=12
+    )
+    assert metrics["exact_match,flexible-extract"] == ours["results"]["fixed:3"]["accuracy"]
+    assert ours["results"]["fixed:3"]["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["exact_match,strict-match"] == 0.0  # the answers carry no "#### n"
+    samples = result["samples"]["tiny_gsm8k"]
+    by_question = {s["doc"]["question"]: s["resps"][0][0] for s in samples}
+    for row, sample in zip(ROWS, ours["samples"]):
+        assert by_question[row["question"]] == cut_at_stop(sample["outputs"]["ar"]["text"])
+    assert json.dumps(metrics, default=str)  # the harness result is plain data
+
+
+def test_without_lm_eval_the_harness_says_how_to_install_it(monkeypatch):
+    for name in ("lm_eval", "lm_eval.api.model", "lm_eval.api.registry"):
+        monkeypatch.setitem(sys.modules, name, None)  # what an environment without it imports
+    monkeypatch.delitem(sys.modules, "fluid_npu.eval.harness")
+    with pytest.raises(ConfigError, match=r"pip install 'fluid-npu\[eval\]'"):
+        importlib.import_module("fluid_npu.eval.harness")
+    assert run_eval is importlib.import_module("fluid_npu.eval").run_eval  # fluid eval needs none
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_knows_the_fluid_model():
+    """``python -m fluid_npu.eval`` is lm-eval's own command line with ``fluid`` registered."""
+    code = (
+        "import sys; sys.argv = ['lm-eval', '--help']\n"
+        "from lm_eval.api.registry import get_model\n"
+        "try:\n    import fluid_npu.eval.__main__\nexcept SystemExit:\n    pass\n"
+        "print(get_model('fluid').__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "run" in out.stdout and out.stdout.strip().endswith("FluidLM")
