@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import write_short_dataset
 
 from fluid_npu.cli import main as cli_main
 from fluid_npu.config import ModelArgs
-from fluid_npu.data.demo import write_demo_dataset
 from fluid_npu.model.adapters import FluidModelMeta, apply_lora
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
 from fluid_npu.model.loading import fingerprint, load_model, load_tokenizer
@@ -56,7 +56,7 @@ def world(tmp_path_factory) -> World:
     base_mask = save_tiny(root / "base-mask", "llama", mask_token=True)
     other = save_tiny(root / "other", "llama", seed=1)
 
-    data = write_demo_dataset(root / "data", n_train=16, seed=0)
+    data = write_short_dataset(root / "data", n_train=16, seed=0)
     info = json.loads((data / "dataset_info.json").read_text())
     for name, text in BAD_FILES.items():
         (data / f"{name}.jsonl").write_text(text)

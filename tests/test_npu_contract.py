@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from synthetic import write_short_dataset
 
 import fluid_ops
 import fluid_ops.npu_layers as npu_layers
 from fluid_npu import device as devices
 from fluid_npu.cli import main as cli_main
 from fluid_npu.config import load_config
-from fluid_npu.data.demo import write_demo_dataset
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.fused_layers import (
@@ -236,7 +236,7 @@ def test_the_training_session_swaps_the_kernels_on_npu_unless_opted_out(
 ):
     from fluid_npu.train import session as session_mod
 
-    data = write_demo_dataset(tmp_path / "data", n_train=8)
+    data = write_short_dataset(tmp_path / "data", n_train=8)
     npu = devices.DeviceChoice("npu", 0, "hccl", None)
     monkeypatch.setattr(session_mod.devices, "current", lambda **kwargs: npu)
     counts = {}

@@ -30,10 +30,10 @@ import torch
 import yaml
 from conftest import tiny_stage1_recipe
 from safetensors.torch import load_file
+from synthetic import write_short_dataset
 
 from fluid_npu import device as devices
 from fluid_npu.config import load_config
-from fluid_npu.data.demo import write_demo_dataset
 from fluid_npu.errors import ConfigError
 from fluid_npu.train import common
 from fluid_npu.train.checkpoint import validate_checkpoint
@@ -56,7 +56,7 @@ LAUNCH_VARS = (
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    return write_demo_dataset(tmp_path_factory.mktemp("data"), n_train=48, seed=0)
+    return write_short_dataset(tmp_path_factory.mktemp("data"), n_train=48, seed=0)
 
 
 def _recipe(base: Path, data: Path) -> dict[str, object]:

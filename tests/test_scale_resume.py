@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import as_overrides, tiny_stage1_recipe
 from safetensors.torch import load_file
+from synthetic import write_short_dataset
 from transformers.trainer_utils import get_last_checkpoint
 
 from fluid_npu.cli import main as cli_main
 from fluid_npu.config import load_config
-from fluid_npu.data.demo import write_demo_dataset
 from fluid_npu.errors import CheckpointError
 from fluid_npu.train import stage1
 from fluid_npu.train.checkpoint import (
@@ -58,7 +58,7 @@ sys.exit(main(sys.argv[3:]))
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    return write_demo_dataset(tmp_path_factory.mktemp("data"), n_train=48, seed=0)
+    return write_short_dataset(tmp_path_factory.mktemp("data"), n_train=48, seed=0)
 
 
 def _overrides(base: Path, data: Path, out: Path, **extra: object) -> list[str]:

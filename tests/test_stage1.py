@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 from conftest import as_overrides, tiny_stage1_recipe
+from synthetic import write_short_dataset
 from transformers import AutoModelForCausalLM
 
 from fluid_npu.cli import main as cli_main
 from fluid_npu.config import load_config
-from fluid_npu.data.demo import write_demo_dataset
 from fluid_npu.layout import LayoutConfig
 from fluid_npu.model.adapters import load_fluid
 from fluid_npu.model.attention import configure_attention
@@ -22,7 +22,7 @@ from fluid_npu.train.stage1 import run_stage1 as run
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    return write_demo_dataset(tmp_path_factory.mktemp("data"), n_train=64, seed=0)
+    return write_short_dataset(tmp_path_factory.mktemp("data"), n_train=64, seed=0)
 
 
 def _overrides(base, data, out, **extra) -> list[str]:
