@@ -4,8 +4,10 @@
 expanded sequence that one strictly causal forward pass trains on:
 
 * main stream: positions ``0…N-1``, input ``x_i``, label ``x_{i+1}`` where that is a response token;
-* anchors: each column ``c`` whose next token is a response token, with probability ``anchor_prob``,
-  drawn per example; ``k_c ~ U{1…k_max}`` slots (every anchor gets ``k_max`` with ``fixed_k``);
+* anchors: each column ``c`` whose next token is a response token — and the column just before
+  the first of them, whose slots are what the sampler's prefill drafts from (the prompt's second to
+  last token; DESIGN §1.1 leaves it out) — with probability ``anchor_prob``, drawn per example;
+  ``k_c ~ U{1…k_max}`` slots (every anchor gets ``k_max`` with ``fixed_k``);
 * slot ``(c, j)``: position ``c+j``, input ``MASK`` (revealed to ``x_{c+j}`` with probability
   ``r_c ~ U(0,1)``, then replaced by a random token with probability ``noise_ratio``), label
   ``x_{c+j+1}`` (-100 on a prompt token). Slots are clipped so every slot's label exists.
@@ -89,8 +91,13 @@ def expand(
     target = np.full(n, IGNORE, dtype=np.int64)
     target[:-1] = np.where(resp[1:], x[1:], IGNORE)
 
-    # Anchors: columns whose next token is a response token, and which leave ≥ 1 supervised slot.
-    cols = np.nonzero(target != IGNORE)[0]
+    # Anchors: columns whose next token is a response token, and the column just before each of
+    # those runs (its slots' labels are the response's first tokens: the sampler drafts from it in
+    # the prefill, before the prompt's last token is decoded); each must leave a supervised slot.
+    supervised = target != IGNORE
+    lead = np.zeros(n, dtype=bool)
+    lead[:-1] = supervised[1:] & ~supervised[:-1]
+    cols = np.nonzero(supervised | lead)[0]
     cols = cols[cols <= n - 3]
     chosen = cols[rng.random(len(cols)) < cfg.anchor_prob]
     if cfg.fixed_k:

@@ -78,7 +78,18 @@ def test_slot_labels_and_positions(tok):
         c, j = e.anchor[i], e.slot_index[i]
         assert e.position_ids[i] == c + j and e.input_ids[i] == tok.mask_token_id
         assert e.labels[i] == ids[c + j + 1]  # slot j predicts the token after its own position
-        assert c + 1 >= 6  # anchors only where the next token is a response token
+        assert c + 2 >= 6  # anchors: next token a response token, or the column just before
+
+
+def test_the_column_before_the_response_is_an_anchor(tok):
+    """The sampler's prefill drafts from the prompt's second-to-last token: Stage I trains it."""
+    rng = np.random.default_rng(5)
+    ids, labels = _example(rng, 20, 8)
+    e = expand(ids, labels, _cfg(tok, anchor_prob=1.0, reveal=False), index=0)
+    anchors = sorted(set(e.anchor[e.n_main :].tolist()))
+    assert anchors == list(range(6, 18))  # 6 = the lead column; 18 leaves no supervised slot
+    lead = e.anchor == 6
+    assert np.array_equal(e.labels[lead], ids[8 : 8 + int(lead.sum())])  # the response's first
 
 
 def test_max_slots_ratio_caps_the_expansion(tok):

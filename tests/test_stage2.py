@@ -138,10 +138,11 @@ def test_anchor_tables_of_a_layout_truncate_at_the_end_and_at_prompt_tokens():
     table = anchor_tables(b.anchor, b.slot_index, b.labels, ce, argmax, b.n_main, k_max)
 
     # (row, anchor c, valid slots): slot j of c is valid while c + j ≤ n - 2 (its label exists)
-    # and x_{c+j+1} is a response token; anchor 9 has none (its first slot would predict the
+    # and x_{c+j+1} is a response token; anchor 1 is the column before the response (what the
+    # sampler's prefill drafts from); anchor 9 has none (its first slot would predict the
     # trailing prompt token); the 6-token row ends the runs early
-    expected = [(0, 2, 4), (0, 3, 4), (0, 4, 4), (0, 5, 4), (0, 6, 3), (0, 7, 2), (0, 8, 1)]
-    expected += [(0, 9, 0), (1, 2, 2), (1, 3, 1)]
+    expected = [(0, 1, 4), (0, 2, 4), (0, 3, 4), (0, 4, 4), (0, 5, 4), (0, 6, 3), (0, 7, 2)]
+    expected += [(0, 8, 1), (0, 9, 0), (1, 1, 3), (1, 2, 2), (1, 3, 1)]
     assert n == 12
     assert list(zip(table.row.tolist(), table.col.tolist(), table.n_valid.tolist())) == expected
     for a, (row, c, n_valid) in enumerate(expected):
