@@ -22,45 +22,10 @@ from test_eval import ROWS, bigram_model, write_jsonl
 from fluid_npu.errors import ConfigError
 from fluid_npu.eval import run_eval
 from fluid_npu.eval.harness import FluidLM
+from fluid_npu.eval.lm_eval_task import write_lm_eval_task
 from fluid_npu.eval.tasks import cut_at_stop, encode_text
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling import FluidForCausalLM, generate
-
-TASK_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-output_type: generate_until
-test_split: test
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer.split('#### ')[-1]}}}}"
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-    ignore_case: true
-    regexes_to_ignore: [",", "\\\\$", "\\\\.$"]
-generation_kwargs:
-  until: ["Question:"]
-  do_sample: false
-  temperature: 0.0
-  max_gen_toks: 12
-filter_list:
-  - name: strict-match
-    filter:
-      - function: regex
-        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
-      - function: take_first
-  - name: flexible-extract
-    filter:
-      - function: regex
-        group_select: -1
-        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
-      - function: take_first
-"""
 
 
 def request(kind: str, *args, idx: int = 0) -> Instance:
@@ -151,9 +116,7 @@ def test_simple_evaluate_on_a_local_task(tmp_path, tok):
     tok.save_pretrained(model_dir)
     data = write_jsonl(tmp_path / "test.jsonl", ROWS)
     tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    text = TASK_YAML.format(name="tiny_gsm8k", data=data, cache=tmp_path / "hf-cache")
-    (tasks / "tiny_gsm8k.yaml").write_text(text, encoding="utf-8")
+    write_lm_eval_task(tasks, "tiny_gsm8k", data, max_gen_toks=12, cache_dir=tmp_path / "hf-cache")
     result = simple_evaluate(
         model="fluid",
         model_args=f"model={model_dir},policy=fixed:3,batch_size=2,device=cpu",

@@ -59,7 +59,12 @@ def _device(device: str | None) -> torch.device:
     from fluid_npu import device as devices
 
     text = "auto" if device is None else str(device)
-    choice = devices.current(force=text.split(":")[0])
+    try:
+        choice = devices.current(force=text.split(":")[0])
+    except ConfigError as exc:  # lm-eval's command line asks for cuda unless told otherwise
+        raise ConfigError(
+            f"{exc}; with lm-eval's command line pass --device cpu | cuda | npu | auto"
+        ) from None
     return torch.device(text) if ":" in text else choice.device
 
 

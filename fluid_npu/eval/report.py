@@ -85,7 +85,8 @@ def write_eval_report(
     return written
 
 
-def _pyplot(what: str) -> Any:
+def pyplot(what: str) -> Any:
+    """matplotlib's pyplot on the Agg back end, or None (with a warning) when it is missing."""
     try:
         import matplotlib
 
@@ -97,8 +98,10 @@ def _pyplot(what: str) -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+def save_figure(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Save ``fig`` as a PNG through a temporary sibling and a rename; close it."""
     out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
@@ -109,7 +112,7 @@ def _save(plt: Any, fig: Any, path: str | Path) -> Path:
 
 def plot_accuracy_vs_tpf(result: dict[str, Any], path: str | Path) -> Path | None:
     """Accuracy against TPF, a point per policy; None when matplotlib is missing."""
-    plt = _pyplot("accuracy-vs-TPF")
+    plt = pyplot("accuracy-vs-TPF")
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -125,12 +128,12 @@ def plot_accuracy_vs_tpf(result: dict[str, Any], path: str | Path) -> Path | Non
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     ax.set_title(f"{result['task']}: accuracy vs TPF ({result['n']} prompts)")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_k_histogram(result: dict[str, Any], path: str | Path) -> Path | None:
     """The drafted horizons per row-step of every non-``ar`` policy, as fractions (bars)."""
-    plt = _pyplot("K-histogram")
+    plt = pyplot("K-histogram")
     if plt is None:
         return None
     policies = [p for p in result["policies"] if p != "ar"]
@@ -148,4 +151,4 @@ def plot_k_histogram(result: dict[str, Any], path: str | Path) -> Path | None:
     if policies:
         ax.legend()
     ax.set_title(f"{result['task']}: horizons chosen per step")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
