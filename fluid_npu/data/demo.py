@@ -20,6 +20,7 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from fluid_npu.eval.tasks import prompt_text  # the zero-shot GSM8K prompt: trained and evaluated
 from fluid_npu.train.io import write_json_atomic, write_text_atomic
 
 NAMES = (
@@ -136,11 +137,6 @@ def demo_split(split: str, n: int, seed: int = 0) -> list[dict[str, str]]:
         {"question": q, "answer": f"{solution}\n#### {answer}"}
         for q, solution, answer in demo_problems(split, n, seed)
     ]
-
-
-def prompt_text(question: str) -> str:
-    """The zero-shot GSM8K prompt every demo model is trained and evaluated with."""
-    return f"Question: {question}\nAnswer:"
 
 
 def demo_examples(n: int, seed: int = 0) -> list[dict[str, str]]:

@@ -1,0 +1,122 @@
+"""The CPU demo: its task (splits, answers, GSM8K export), its tokenizer, and ``fluid demo`` end to
+end at a toy budget — every stage's output, the summary and report, and a second run that reuses
+every finished stage."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from fluid_npu.cli import main
+from fluid_npu.data.demo import (
+    demo_examples,
+    demo_problems,
+    demo_split,
+    is_test_question,
+    write_gsm8k,
+)
+from fluid_npu.demo.base import corpus, train_demo_tokenizer
+from fluid_npu.eval import extract_answer, task_rows
+
+
+def test_splits_are_deterministic_disjoint_and_correct():
+    train, test = demo_problems("train", 400), demo_problems("test", 100)
+    assert train == demo_problems("train", 400) and test == demo_problems("test", 100)
+    assert not {q for q, _, _ in train} & {q for q, _, _ in test}
+    assert all(is_test_question(q) for q, _, _ in test)
+    assert not any(is_test_question(q) for q, _, _ in train)
+    for question, solution, answer in train + test:
+        assert solution.endswith(f"The answer is {answer}.")
+        # every "a op b = c" step of the solution is right
+        for a, op, b, c in re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", solution):
+            assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert answer >= 0 and set(re.findall(r"\d+", question)) <= set(
+            re.findall(r"\d+", solution)
+        )
+    assert len({kind for kind in (q.split(".")[1] for q, _, _ in train)}) > 10
+
+
+def test_gsm8k_export_is_what_eval_reads(tmp_path):
+    path = write_gsm8k(tmp_path / "test.jsonl", "test", 20)
+    rows = task_rows("demo", data=path)
+    assert rows == demo_split("test", 20)
+    for row in rows:
+        assert row["answer"].split("\n#### ")[1] == extract_answer(row["answer"])
+    alpaca = demo_examples(3)
+    assert alpaca[0]["instruction"].startswith("Question: ")
+    assert alpaca[0]["instruction"].endswith("\nAnswer:")
+
+
+def test_tokenizer_learns_the_task_words_and_has_a_mask():
+    tok = train_demo_tokenizer(corpus(500))
+    assert tok.mask_token == "<mask>" and tok.eos_token == "</s>" and tok.pad_token == "<pad>"
+    text = "Question: Mia has 12 apples. She buys 7 more apples.\nAnswer: The answer is 19."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text  # byte-level: lossless round trip
+    assert len(ids) < len(text) / 3  # words and small numbers are single tokens
+    assert tok("ünïcode ✓", add_special_tokens=False)["input_ids"]  # anything still encodes
+
+
+def _files(root):
+    return {p.relative_to(root): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--pretrain-steps",
+        "3",
+        "--train-steps",
+        "2",
+        "--train-problems",
+        "64",
+        "--eval-problems",
+        "4",
+        "--bench-prompts",
+        "2",
+    ]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.count(": running") == 8
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("base_acc", "stage1_ar_acc", "scratch_acc", "best_tpf", "speedup_b1", "minutes"):
+        assert key in summary
+    assert summary["lossless"] is True and summary["eval_problems"] == 4
+    assert set(summary["goals"]) == {
+        "base_acc",
+        "stage1_ar_acc",
+        "best_tpf",
+        "speedup_b1",
+        "scratch_acc",
+    }
+    stages = json.loads((out / "stages.json").read_text())
+    assert len(stages) == 8 and summary["minutes"] == pytest.approx(
+        sum(stages.values()) / 60, abs=0.01
+    )
+    report = (out / "report.md").read_text()
+    for part in ("## Goals", "## Accuracy at a speed", "transformers generate", "loss_curves.png"):
+        assert part in report
+    for png in ("plots/loss_curves.png", "plots/accuracy_tpf.png", "eval/fluid_k_hist.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+    fluid = json.loads((out / "eval" / "fluid.json").read_text())
+    assert fluid["policies"][0] == "ar" and "khead" in fluid["policies"]
+    assert len(json.loads((out / "scratch" / "base" / "config.json").read_text())) > 0
+    assert task_rows("demo", data=out / "data" / "test.jsonl") == demo_split("test", 4)
+    lm_eval_task = (out / "data" / "lm_eval" / "fluid_demo.yaml").read_text()
+    assert str((out / "data" / "test.jsonl").resolve()) in lm_eval_task
+
+    before = _files(out)
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert second.count("done, reused") == 8 and ": running" not in second
+    after = _files(out)
+    changed = {p for p in before if after.get(p) != before[p]}
+    assert changed <= {
+        p for p in before if str(p).startswith(("report.md", "summary.json", "plots/", "data/"))
+    }
