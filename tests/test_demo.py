@@ -94,6 +94,7 @@ def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
         "best_tpf",
         "speedup_b1",
         "scratch_acc",
+        "minutes",
     }
     stages = json.loads((out / "stages.json").read_text())
     assert len(stages) == 8 and summary["minutes"] == pytest.approx(

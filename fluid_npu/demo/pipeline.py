@@ -24,7 +24,7 @@ import argparse
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,7 @@ def _evaluate(
     model: Path,
     adapter: Path | None,
     khead: Path | None,
-    policies,
+    policies: Sequence[str],
     data: Path,
 ) -> None:
     from fluid_npu.eval import run_eval, task_rows, write_eval_report

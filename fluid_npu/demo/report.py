@@ -31,6 +31,7 @@ GOALS: dict[str, tuple[str, Any]] = {
     "stage1_ar_acc": ("≥ base_acc − 0.01", lambda s: s["stage1_ar_acc"] >= s["base_acc"] - 0.01),
     "best_tpf": ("≥ 5.0, identical to AR", lambda s: (s["best_tpf"] or 0.0) >= 5.0),
     "speedup_b1": ("≥ 3.0 vs transformers generate", lambda s: (s["speedup_b1"] or 0.0) >= 3.0),
+    "minutes": ("≤ 15 after set-up", lambda s: s["minutes"] <= 15.0),
     # "clearly": a gap of at least 0.10, over three standard errors of a 300-problem accuracy
     "scratch_acc": (
         "≤ stage1_ar_acc − 0.10",
