@@ -44,7 +44,7 @@ from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import configure_attention, forward_hidden, lm_head
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
 from fluid_npu.train.common import FluidTrainer, training_arguments
-from fluid_npu.train.io import prepare_output_dir, write_run_json
+from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.train.khead_labels import (
     anchor_tables,
     gaussian_target,
@@ -271,7 +271,17 @@ class Stage2Run:
                 f"output_dir {cfg.train.output_dir!r} is the Stage I model directory; Stage II "
                 "would overwrite its run.json: choose another output_dir"
             )
+        created = not out.exists()
         self.output_dir = prepare_output_dir(cfg.train.output_dir)
+        try:
+            self._set_up()
+        except BaseException:
+            if created:  # a directory this run made and left empty goes again
+                remove_if_empty(self.output_dir)
+            raise
+
+    def _set_up(self) -> None:
+        cfg, f = self.cfg, self.cfg.fluid
         self.choice = devices.current(
             want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
         )
