@@ -149,6 +149,10 @@ def _json_problem(file: Path) -> str | None:
 def load_raw(spec: DatasetSpec, cache_dir: str | None = None) -> datasets.Dataset:
     """Read the rows of ``spec`` with ``datasets`` (offline); clear errors for bad files."""
     builder, files = _data_files(spec)
+    # datasets logs its own ERROR line for a parse failure; ours below names the line and the fix
+    json_log = logging.getLogger("datasets.packaged_modules.json.json")
+    level = json_log.level
+    json_log.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(
             builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
@@ -160,6 +164,8 @@ def load_raw(spec: DatasetSpec, cache_dir: str | None = None) -> datasets.Datase
         names = ", ".join(map(str, files))
         detail = problem or f"cannot read {names} ({type(cause).__name__}: {cause})"
         raise DataError(f"dataset {spec.name!r}: {detail}; fix the file") from e
+    finally:
+        json_log.setLevel(level)
     if len(ds) == 0:
         raise DataError(f"dataset {spec.name!r}: {spec.path} has no rows")
     return ds
