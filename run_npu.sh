@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fluid-npu launcher.
 #
-#   bash run_npu.sh                         set up what is missing, then run the embedded CPU demo
+#   bash run_npu.sh [--fresh ...]           set up what is missing, then run the embedded CPU demo
 #   bash run_npu.sh test [pytest args]      set up what is missing, then run the whole test suite
 #   bash run_npu.sh train CONFIG [k=v ...]  torchrun `fluid train` over the visible devices
 #   bash run_npu.sh <fluid subcommand> ...  any other `fluid` command (generate, bench, merge, ...)
@@ -104,7 +104,11 @@ need_int() {  # need_int NAME VALUE MIN [MAX]: a clear error for a malformed lau
 }
 
 cmd="${1:-demo}"
-[ $# -gt 0 ] && shift
+if [[ "$cmd" == -* ]]; then  # bash run_npu.sh --fresh ...: flags of the demo
+  cmd=demo
+else
+  [ $# -gt 0 ] && shift
+fi
 case "$cmd" in
   demo)
     exec "$PY" -m fluid_npu.cli demo "$@"

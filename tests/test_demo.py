@@ -35,7 +35,11 @@ def test_splits_are_deterministic_disjoint_and_correct():
         assert answer >= 0 and set(re.findall(r"\d+", question)) <= set(
             re.findall(r"\d+", solution)
         )
-    assert len({kind for kind in (q.split(".")[1] for q, _, _ in train)}) > 10
+    kinds = {"+": 0, "-": 0, "*": 0, "After buying": 0}  # add, subtract, multiply, two steps
+    for _, solution, _ in train:
+        for kind in kinds:
+            kinds[kind] += kind in solution
+    assert all(n > 40 for n in kinds.values()), kinds
 
 
 def test_gsm8k_export_is_what_eval_reads(tmp_path):
@@ -65,7 +69,7 @@ def _files(root):
 
 @pytest.mark.slow
 def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
-    out = tmp_path / "demo"
+    out = tmp_path / "my #1: demo"  # every path reaches a YAML override or an lm-eval task
     argv = [
         "demo",
         "--out",
@@ -96,7 +100,7 @@ def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
         "scratch_acc",
         "minutes",
     }
-    stages = json.loads((out / "stages.json").read_text())
+    stages = json.loads((out / "stages.json").read_text())["seconds"]
     assert len(stages) == 8 and summary["minutes"] == pytest.approx(
         sum(stages.values()) / 60, abs=0.01
     )
@@ -121,3 +125,28 @@ def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert changed <= {
         p for p in before if str(p).startswith(("report.md", "summary.json", "plots/", "data/"))
     }
+
+    # other settings on the same directory: one clear error, nothing touched
+    assert main([*argv[:-1], "3"]) == 2
+    assert "other settings (bench_prompts); pass --fresh" in capsys.readouterr().err
+    assert _files(out) == after
+
+    # a stage that is redone makes the stages after it run again, not the others
+    (out / "stage2" / "run.json").unlink()
+    assert main(argv) == 0
+    third = capsys.readouterr().out
+    assert third.count(": running") == 3  # Stage II, the FLUID evaluation and the bench
+    assert "eval: FLUID model (ar, fixed, entropy, khead): running (after Stage II" in third
+
+
+def test_fresh_deletes_only_a_demo_directory(tmp_path, capsys):
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("precious")
+    assert main(["demo", "--out", str(keep), "--fresh"]) == 2
+    assert "is not a demo output directory" in capsys.readouterr().err
+    assert (keep / "thesis.txt").read_text() == "precious"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["demo", "--out", str(afile / "run")]) == 2
+    assert "is not writable" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from fluid_npu.errors import DataError
 from fluid_npu.eval.tasks import prompt_text  # the zero-shot GSM8K prompt: trained and evaluated
 from fluid_npu.train.io import write_json_atomic, write_text_atomic
 
@@ -31,6 +32,7 @@ ITEMS = ("apples", "pears", "books", "cards", "shells", "coins", "stamps", "pens
 BOXES = ("boxes", "bags", "baskets", "jars", "crates", "trays")
 MAX_OPERAND = 20  # sums and products stay small enough for a tiny model to learn exactly
 TEST_FRACTION = 0.2
+MAX_MISSES = 10_000  # draws in a row that give nothing new before a split counts as exhausted
 
 Problem = tuple[str, str, int]  # question, solution (ending "The answer is n."), answer
 
@@ -116,10 +118,18 @@ def _stream(split: str, seed: int) -> Iterator[Problem]:
         raise ValueError(f"unknown demo split {split!r}; use 'train' or 'test'")
     rng = random.Random(seed)
     seen: set[str] = set()
+    misses = 0
     while True:
         problem = rng.choice(KINDS)(rng)
         if problem[0] in seen or is_test_question(problem[0]) != (split == "test"):
+            misses += 1
+            if misses > MAX_MISSES:  # the split is nearly exhausted: fail instead of spinning
+                raise DataError(
+                    f"the demo's {split} split has no more than about {len(seen)} distinct "
+                    "problems; ask for fewer"
+                )
             continue
+        misses = 0
         seen.add(problem[0])
         yield problem
 
@@ -148,7 +158,7 @@ def demo_examples(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    write_text_atomic(path, [json.dumps(row) + "\n" for row in rows])
     return path
 
 

@@ -4,7 +4,7 @@
 text (so words and small numbers are single tokens) and adds ``<s> </s> <pad> <mask>``;
 ``pretrain_base`` trains a small Llama from random weights with plain next-token prediction on the
 same text (prompt and solution, as a pretrained LM would have seen such text) and saves both in
-HF format. ``stage1_control`` builds the control of the demo: a randomly initialised model of the
+HF format. ``random_like`` builds the control of the demo: a randomly initialised model of the
 same shape, saved the same way, to receive the same Stage I budget.
 """
 

@@ -12,10 +12,11 @@
 6. *bench*: the sampler benchmark at batch size 1 against transformers' ``generate``;
 7. *report*: ``summary.json``, ``report.md`` and the plots (``demo/report.py``).
 
-Every stage leaves a marker when it finishes and is skipped on the next run (``--fresh`` redoes
-everything); ``stages.json`` keeps how long each stage took when it ran, so ``minutes`` in the
-summary is the cost of the whole pipeline, however many runs it took. Exit status 1 when a policy
-is not lossless.
+Every stage leaves a marker when it finishes and is skipped on the next run unless a stage it
+depends on ran again; ``stages.json`` keeps how long each stage took when it ran (so ``minutes`` in
+the summary is the cost of the whole pipeline, however many runs it took) and the settings of the
+run that made them: a later run with other settings stops with a clear error (``--fresh`` redoes
+everything). Exit status 1 when a policy is not lossless.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,18 +32,27 @@ from typing import Any
 
 import torch
 
-from fluid_npu.train.io import write_json_atomic
+from fluid_npu.errors import ConfigError
+from fluid_npu.train.io import prepare_output_dir, write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
 DEFAULT_OUT = Path("runs/demo")
 N_TRAIN = 8000
+MAX_NEW_TOKENS = 96
 EVAL_POLICIES = ("fixed:8", "fixed:16", "entropy", "khead")
 BENCH_POLICIES = ("ar", "fixed:8", "fixed:16", "entropy", "khead")
+SETTINGS = ("pretrain_steps", "train_problems", "eval_problems", "bench_prompts", "train_steps")
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded CPU demo end to end")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="where the demo writes (runs/demo)")
+    """Register ``fluid demo`` and its budget flags."""
+    p = sub.add_parser(
+        "demo",
+        help="run the embedded CPU demo end to end",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="where the demo writes")
     p.add_argument("--fresh", action="store_true", help="redo every stage")
     p.add_argument("--pretrain-steps", type=_positive, default=800, help="base model AR steps")
     p.add_argument("--train-problems", type=_positive, default=N_TRAIN, help="training problems")
@@ -51,13 +62,10 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "--train-steps",
         type=_positive,
         default=None,
-        help="max_steps of Stage I, the control and Stage II (default: the configs' own)",
+        help="max_steps of Stage I, the control and Stage II (None: the configs' own)",
     )
     p.add_argument(
-        "--threads",
-        type=_positive,
-        default=None,
-        help="torch threads (default: torch's choice, one per core)",
+        "--threads", type=_positive, default=None, help="torch threads (None: one per core)"
     )
     p.set_defaults(handler=run_demo)
 
@@ -73,36 +81,58 @@ def _positive(text: str) -> int:
 
 
 class Stages:
-    """Runs each stage once: skipped when its marker exists, else timed into ``stages.json``."""
+    """Runs each stage once (see the module docstring); times and settings in ``stages.json``."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, settings: dict[str, Any], total: int) -> None:
         self.path = out / "stages.json"
-        self.seconds: dict[str, float] = (
-            json.loads(self.path.read_text()) if self.path.is_file() else {}
-        )
-        self.order: list[str] = []  # stage names in pipeline order (stages.json is sorted)
-        self.count = 0
+        record = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.seconds: dict[str, float] = record.get("seconds", {})
+        old = record.get("settings")
+        if old is not None and old != settings:
+            changed = ", ".join(k for k in settings if old.get(k) != settings[k])
+            raise ConfigError(
+                f"{out} holds a demo run made with other settings ({changed}); pass --fresh to "
+                "redo it, or --out a new directory"
+            )
+        self.settings = settings
+        self.total = total
+        self.order: list[str] = []  # stage names in pipeline order
+        self.ran: set[str] = set()
 
-    def run(self, name: str, marker: Path, fn: Callable[[], Any], total: int) -> None:
-        self.count += 1
+    def run(
+        self, name: str, marker: Path, fn: Callable[[], Any], needs: Sequence[str] = ()
+    ) -> None:
+        """Run ``fn`` unless ``marker`` exists and no stage in ``needs`` ran again this time."""
         self.order.append(name)
-        state = "done, reused" if marker.exists() else "running"
-        print(f"[{self.count}/{total}] {name}: {state}", flush=True)
-        if marker.exists():
+        stale = [n for n in needs if n in self.ran]
+        reuse = marker.exists() and not stale
+        state = "done, reused" if reuse else "running" + (f" (after {stale[0]})" if stale else "")
+        print(f"[{len(self.order)}/{self.total}] {name}: {state}", flush=True)
+        if reuse:
             return
-        start = time.time()
+        start = time.perf_counter()
         fn()
         if not marker.exists():
             raise RuntimeError(f"demo stage {name!r} finished without writing {marker}")
-        self.seconds[name] = round(time.time() - start, 1)
-        write_json_atomic(self.path, self.seconds)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        self.ran.add(name)
+        write_json_atomic(self.path, {"seconds": self.seconds, "settings": self.settings})
         print(f"      {name} took {self.seconds[name]:.0f} s", flush=True)
+
+
+def _value(path: Path) -> str:
+    return json.dumps(str(path))  # a YAML scalar whatever the path holds ("#", ": ", "[")
 
 
 def _train(config: str, overrides: list[str]) -> dict:
     from fluid_npu.config import load_config
 
-    cfg = load_config(ROOT / "configs" / config, overrides)
+    if not (CONFIGS / config).is_file():
+        raise ConfigError(
+            f"the demo recipe {CONFIGS / config} is missing: run the demo from a source checkout "
+            "(pip install -e .), where configs/ lives"
+        )
+    cfg = load_config(CONFIGS / config, overrides)
     if cfg.fluid.stage == "fluid_stage1":
         from fluid_npu.train.stage1 import run_stage1
 
@@ -128,7 +158,9 @@ def _evaluate(
     with quiet_loading():
         fluid = FluidForCausalLM.from_pretrained(model, adapter=adapter, khead=khead)
     rows = task_rows("demo", data=data)
-    result = run_eval(fluid, "demo", rows, policies, batch_size=16, max_new_tokens=96, echo=print)
+    result = run_eval(
+        fluid, "demo", rows, policies, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, echo=print
+    )
     write_eval_report(result, out / f"{name}.json", out / f"{name}.md", out)
 
 
@@ -139,7 +171,21 @@ def trained(base: Path, stage1: Path) -> tuple[Path, Path | None]:
     return stage1, None
 
 
+def _fresh(out: Path) -> None:
+    """Empty ``out`` for ``--fresh``: only a demo run (or an empty directory), nothing else."""
+    if not out.exists():
+        return
+    if out.is_dir() and ((out / "stages.json").is_file() or not any(out.iterdir())):
+        shutil.rmtree(out)
+        return
+    raise ConfigError(
+        f"--fresh would delete {out}, which is not a demo output directory (no stages.json); "
+        "choose --out a new or demo directory"
+    )
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    """Run (or reuse) every stage, then write the report; 1 when a policy is not lossless."""
     from fluid_npu.data.demo import write_demo_dataset, write_gsm8k
     from fluid_npu.demo.base import pretrain_base, random_like
     from fluid_npu.demo.report import write_report
@@ -150,78 +196,45 @@ def run_demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.fresh:
-        shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+        _fresh(out)
+    prepare_output_dir(out)
+    settings = {key: getattr(args, key) for key in SETTINGS}
+    stages = Stages(out, settings, total=9)
+    start = time.perf_counter()
     data = write_demo_dataset(out / "data", n_train=args.train_problems, seed=0)
-    write_gsm8k(data / "test.jsonl", "test", args.eval_problems)  # the held-out problems, exported
-    write_lm_eval_task(data / "lm_eval", "fluid_demo", data / "test.jsonl", max_gen_toks=96)
+    test = write_gsm8k(data / "test.jsonl", "test", args.eval_problems)  # the held-out problems
+    write_lm_eval_task(data / "lm_eval", "fluid_demo", test, max_gen_toks=MAX_NEW_TOKENS)
     base, stage1, stage2 = out / "base", out / "stage1", out / "stage2"
     scratch_base, scratch = out / "scratch" / "base", out / "scratch" / "stage1"
     evals, bench = out / "eval", out / "bench"
-    stages = Stages(out)
-    test = data / "test.jsonl"
     steps = [] if args.train_steps is None else [f"max_steps={args.train_steps}"]
-    total = 9
 
     def pretrain() -> None:
         curve = pretrain_base(base, args.pretrain_steps, n_problems=args.train_problems)
         write_json_atomic(base / "pretrain_log.json", curve)
 
-    def stage1_on(model: Path, output: Path) -> Callable[[], None]:
-        def train() -> None:
-            shutil.rmtree(output, ignore_errors=True)  # a run cut short restarts from scratch
-            paths = [f"model_name_or_path={model}", f"dataset_dir={data}", f"output_dir={output}"]
-            _train("demo_stage1.yaml", paths + steps)
+    def stage1_on(model: Path, output: Path) -> None:
+        shutil.rmtree(output, ignore_errors=True)  # a run cut short restarts from scratch
+        paths = [f"model_name_or_path={_value(model)}", f"dataset_dir={_value(data)}"]
+        _train("demo_stage1.yaml", [*paths, f"output_dir={_value(output)}", *steps])
 
-        return train
-
-    def scratch_stage1() -> None:
-        if not (scratch_base / "config.json").is_file():
-            random_like(base, scratch_base)
-        stage1_on(scratch_base, scratch)()
+    def control() -> None:
+        random_like(base, scratch_base)  # the base's shape and tokenizer, random weights
+        stage1_on(scratch_base, scratch)
 
     def khead() -> None:
         shutil.rmtree(stage2, ignore_errors=True)
         model, adapter = trained(base, stage1)
-        paths = [f"model_name_or_path={model}", f"dataset_dir={data}", f"output_dir={stage2}"]
+        paths = [f"model_name_or_path={_value(model)}", f"dataset_dir={_value(data)}"]
         if adapter is not None:
-            paths.append(f"adapter_name_or_path={adapter}")
-        _train("demo_stage2.yaml", paths + steps)
-
-    stages.run("base: tokenizer + AR pretraining", base / "pretrain_log.json", pretrain, total)
-    stages.run(
-        "Stage I (configs/demo_stage1.yaml)", stage1 / "run.json", stage1_on(base, stage1), total
-    )
-    stages.run("control: Stage I on a random init", scratch / "run.json", scratch_stage1, total)
-    stages.run("Stage II: K-head (configs/demo_stage2.yaml)", stage2 / "run.json", khead, total)
-    stages.run(
-        "eval: base model (ar)",
-        evals / "base.json",
-        lambda: _evaluate(evals, "base", base, None, None, (), test),
-        total,
-    )
-    stages.run(
-        "eval: FLUID model (ar, fixed, entropy, khead)",
-        evals / "fluid.json",
-        lambda: _evaluate(evals, "fluid", *trained(base, stage1), stage2, EVAL_POLICIES, test),
-        total,
-    )
-    stages.run(
-        "eval: control (ar)",
-        evals / "scratch.json",
-        lambda: _evaluate(evals, "scratch", *trained(scratch_base, scratch), None, (), test),
-        total,
-    )
+            paths.append(f"adapter_name_or_path={_value(adapter)}")
+        _train("demo_stage2.yaml", [*paths, f"output_dir={_value(stage2)}", *steps])
 
     def sampler_bench() -> None:
         from fluid_npu.data.demo import demo_prompts
-        from fluid_npu.train.io import write_text_atomic
 
-        prompts = write_text_atomic(
-            bench / "prompts.jsonl",
-            [json.dumps({"prompt": p}) + "\n" for p in demo_prompts(args.bench_prompts)],
-        )
+        lines = [json.dumps({"prompt": p}) + "\n" for p in demo_prompts(args.bench_prompts)]
+        prompts = write_text_atomic(bench / "prompts.jsonl", lines)
         model, adapter = trained(base, stage1)
         settings = BenchSettings(
             model=str(model),
@@ -229,7 +242,7 @@ def run_demo(args: argparse.Namespace) -> int:
             khead=str(stage2),
             prompts=str(prompts),
             json_path=str(bench / "sampler.json"),
-            max_new_tokens=96,
+            max_new_tokens=MAX_NEW_TOKENS,
             batch_sizes=(1,),
             policies=BENCH_POLICIES,
             loops=("fused",),
@@ -238,15 +251,41 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         run_sampler_bench(settings)
 
+    b, s1 = "base: tokenizer + AR pretraining", "Stage I (configs/demo_stage1.yaml)"
+    ctl, s2 = "control: Stage I on a random init", "Stage II: K-head (configs/demo_stage2.yaml)"
+    stages.run(b, base / "pretrain_log.json", pretrain)
+    stages.run(s1, stage1 / "run.json", lambda: stage1_on(base, stage1), needs=[b])
+    stages.run(ctl, scratch / "run.json", control, needs=[b])
+    stages.run(s2, stage2 / "run.json", khead, needs=[s1])
+    stages.run(
+        "eval: base model (ar)",
+        evals / "base.json",
+        lambda: _evaluate(evals, "base", base, None, None, (), test),
+        needs=[b],
+    )
+    stages.run(
+        "eval: FLUID model (ar, fixed, entropy, khead)",
+        evals / "fluid.json",
+        lambda: _evaluate(evals, "fluid", *trained(base, stage1), stage2, EVAL_POLICIES, test),
+        needs=[s1, s2],
+    )
+    stages.run(
+        "eval: control (ar)",
+        evals / "scratch.json",
+        lambda: _evaluate(evals, "scratch", *trained(scratch_base, scratch), None, (), test),
+        needs=[ctl],
+    )
     stages.run(
         "bench: sampler vs transformers generate, batch 1",
         bench / "sampler.json",
         sampler_bench,
-        total,
+        needs=[s1, s2],
     )
-    print(f"[{total}/{total}] report", flush=True)
-    order = [name for name in stages.order if name in stages.seconds]
-    summary = write_report(out, {name: stages.seconds[name] for name in order}, time.time() - start)
+    print(f"[{stages.total}/{stages.total}] report", flush=True)
+    command = " ".join(["fluid", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "fluid demo"
+    summary = write_report(
+        out, stages.order, stages.seconds, time.perf_counter() - start, command, MAX_NEW_TOKENS
+    )
     print(f"  summary: {json.dumps(summary)}")
     print(f"  report:  {out / 'report.md'}")
     return 0 if summary["lossless"] else 1

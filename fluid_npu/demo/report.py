@@ -1,13 +1,15 @@
 """The demo's results on disk: ``summary.json``, ``report.md`` and the plots.
 
-``write_report(out, seconds, wall)`` reads what the stages left under ``out`` (the base model's
+``write_report(out, order, seconds, wall, command, max_new_tokens)`` reads what the stages left
+under ``out`` (the base model's
 pretraining log, the Stage I / control / Stage II ``run.json`` files, the three evaluations and the
 sampler benchmark) and writes:
 
 * ``summary.json`` — ``base_acc``, ``stage1_ar_acc``, ``scratch_acc``, ``best_tpf`` (the largest
   TPF among the FLUID model's policies whose outputs are all identical to AR), ``speedup_b1``
-  (batch-1 tokens/s ÷ transformers ``generate``), ``minutes`` (the whole pipeline: the sum of every
-  stage's time when it ran) and each goal of the demo with its figure and whether it is met;
+  (batch-1 tokens/s ÷ transformers ``generate`` of the fastest lossless policy), ``minutes`` (the
+  whole pipeline: the sum of every stage's time when it ran; None when a stage's time is unknown)
+  and each goal of the demo with its figure and whether it is met;
 * ``plots/loss_curves.png`` (pretraining, Stage I and the control, Stage II) and
   ``plots/accuracy_tpf.png`` (every model and policy); the evaluation's own K histogram
   (``eval/fluid_k_hist.png``) and Stage II's K-head report (``stage2/khead_report.png``);
@@ -31,7 +33,7 @@ GOALS: dict[str, tuple[str, Any]] = {
     "stage1_ar_acc": ("≥ base_acc − 0.01", lambda s: s["stage1_ar_acc"] >= s["base_acc"] - 0.01),
     "best_tpf": ("≥ 5.0, identical to AR", lambda s: (s["best_tpf"] or 0.0) >= 5.0),
     "speedup_b1": ("≥ 3.0 vs transformers generate", lambda s: (s["speedup_b1"] or 0.0) >= 3.0),
-    "minutes": ("≤ 15 after set-up", lambda s: s["minutes"] <= 15.0),
+    "minutes": ("≤ 15 after set-up", lambda s: s["minutes"] is not None and s["minutes"] <= 15.0),
     # "clearly": a gap of at least 0.10, over three standard errors of a 300-problem accuracy
     "scratch_acc": (
         "≤ stage1_ar_acc − 0.10",
@@ -44,7 +46,7 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def summarize(out: Path, seconds: dict[str, float]) -> dict[str, Any]:
+def summarize(out: Path, order: list[str], seconds: dict[str, float]) -> dict[str, Any]:
     """The summary figures and goals from the stage outputs under ``out``."""
     evals = {name: _load(out / "eval" / f"{name}.json") for name in ("base", "fluid", "scratch")}
     bench = _load(out / "bench" / "sampler.json")
@@ -58,7 +60,11 @@ def summarize(out: Path, seconds: dict[str, float]) -> dict[str, Any]:
         "best_tpf": None if best is None else lossless[best]["tpf"],
         "best_tpf_policy": best,
         "speedup_b1": bench["speedup_by_batch"].get("1"),
-        "minutes": round(sum(seconds.values()) / 60, 2),
+        "minutes": (
+            round(sum(seconds[n] for n in order) / 60, 2)
+            if all(n in seconds for n in order)
+            else None
+        ),
         "eval_problems": evals["fluid"]["n"],
         "bench_prompts": bench["n_prompts"],
         "lossless": len(lossless) == len(fluid) - 1 and bench["mismatches"] == 0,
@@ -124,7 +130,8 @@ def plot_accuracy_tpf(out: Path, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, marker in (("base", "s"), ("scratch", "x"), ("fluid", "o")):
-        for policy, r in _load(out / "eval" / f"{name}.json")["results"].items():
+        result = _load(out / "eval" / f"{name}.json")
+        for policy, r in ((p, result["results"][p]) for p in result["policies"]):
             label = {"base": "base (AR)", "scratch": "control (AR)"}.get(name, f"FLUID {policy}")
             ax.scatter(r["tpf"], r["accuracy"], marker=marker, s=60, label=label)
     ax.set_xlabel("tokens per forward (TPF)")
@@ -135,7 +142,14 @@ def plot_accuracy_tpf(out: Path, path: Path) -> Path | None:
     return save_figure(plt, fig, path)
 
 
-def _markdown(out: Path, summary: dict[str, Any], seconds: dict[str, float], wall: float) -> str:
+def _markdown(
+    out: Path,
+    summary: dict[str, Any],
+    seconds: dict[str, float],
+    wall: float,
+    command: str,
+    max_new_tokens: int,
+) -> str:
     fluid = _load(out / "eval" / "fluid.json")
     bench = _load(out / "bench" / "sampler.json")
     stage2 = _load(out / "stage2" / "run.json")
@@ -149,7 +163,8 @@ def _markdown(out: Path, summary: dict[str, Any], seconds: dict[str, float], wal
         ("fluid", "FLUID (Stage I + II)"),
         ("scratch", "control"),
     ):
-        for policy, r in _load(out / "eval" / f"{name}.json")["results"].items():
+        result = _load(out / "eval" / f"{name}.json")
+        for policy, r in ((p, result["results"][p]) for p in result["policies"]):
             accuracy.append(
                 [label, policy, r["accuracy"], r["tpf"], r["tokens_per_s"], r["identical_to_ar"]]
             )
@@ -166,10 +181,11 @@ def _markdown(out: Path, summary: dict[str, Any], seconds: dict[str, float], wal
     example = fluid["samples"][0]
     parts = [
         "# FLUID CPU demo report",
-        f"`bash run_npu.sh` (= `fluid demo --out {out}`), {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"`{command}`, {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{platform.processor() or platform.machine()}, device {fluid['device'].get('type')}. "
         f"Held-out problems: {summary['eval_problems']}; sampler benchmark: "
-        f"{summary['bench_prompts']} prompts, batch 1, greedy, 96 new tokens at most.",
+        f"{summary['bench_prompts']} prompts, batch 1, greedy, "
+        f"{max_new_tokens} new tokens at most.",
         "## Goals",
         _table(["figure", "value", "goal", "met"], goals),
         "## Stages",
@@ -202,11 +218,24 @@ def _head(stage2: dict[str, Any], who: str) -> list[Any]:
     ]
 
 
-def write_report(out: Path, seconds: dict[str, float], wall: float) -> dict[str, Any]:
-    """Write ``summary.json``, the plots and ``report.md`` under ``out``; returns the summary."""
-    summary = summarize(out, seconds)
+def write_report(
+    out: Path,
+    order: list[str],
+    seconds: dict[str, float],
+    wall: float,
+    command: str,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """Write ``summary.json``, the plots and ``report.md`` under ``out``; returns the summary.
+
+    ``order``: the stage names in pipeline order; ``seconds``: each one's time when it ran;
+    ``wall``: this run's time; ``command``: how the demo was started.
+    """
+    summary = summarize(out, order, seconds)
     write_json_atomic(out / "summary.json", summary)
     plot_losses(out, out / "plots" / "loss_curves.png")
     plot_accuracy_tpf(out, out / "plots" / "accuracy_tpf.png")
-    write_text_atomic(out / "report.md", _markdown(out, summary, seconds, wall))
+    timed = {name: seconds[name] for name in order if name in seconds}
+    markdown = _markdown(out, summary, timed, wall, command, max_new_tokens)
+    write_text_atomic(out / "report.md", [markdown])
     return summary
