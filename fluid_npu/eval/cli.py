@@ -45,6 +45,7 @@ EVAL_KEYS = (
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fluid eval`` and its flags."""
     from fluid_npu.eval.runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
     from fluid_npu.eval.tasks import TASKS
     from fluid_npu.sampling.cli import add_model_args
@@ -74,6 +75,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    """Check every input, load the model, evaluate, write the report; 0 on success."""
     from fluid_npu.eval.report import markdown_table, write_eval_report
     from fluid_npu.eval.runner import run_eval
     from fluid_npu.eval.tasks import read_rows, select_fewshot, task_rows
@@ -85,6 +87,7 @@ def eval_command(args: argparse.Namespace) -> int:
         load_model,
     )
     from fluid_npu.sampling.policies import parse_policy
+    from fluid_npu.train.io import prepare_output_dir
 
     check_common(args)
     if args.num_fewshot is None:
@@ -95,6 +98,10 @@ def eval_command(args: argparse.Namespace) -> int:
     json_path = Path(args.json)
     if json_path.suffix != ".json":
         raise ConfigError(f"--json takes a path ending in .json, got {args.json!r}")
+    markdown = Path(args.markdown) if args.markdown else json_path.with_suffix(".md")
+    plot_dir = Path(args.plot_dir) if args.plot_dir else json_path.parent
+    for where in {json_path.parent, markdown.parent, plot_dir}:  # writable before the model loads
+        prepare_output_dir(where)
     for spec in args.policy or ():  # spelling now; horizons against the K-head's k_max later
         parse_policy(spec, k_max=args.k_max or UNBOUNDED_K, has_khead=args.khead is not None)
     dev = device_from_args(args)
@@ -116,8 +123,7 @@ def eval_command(args: argparse.Namespace) -> int:
     )
     result["command"] = command_line(["fluid", "eval"], args, EVAL_KEYS)
     result.update(model=args.model, adapter=args.adapter, khead=args.khead, data=args.data)
-    markdown = args.markdown or json_path.with_suffix(".md")
-    written = write_eval_report(result, json_path, markdown, args.plot_dir or json_path.parent)
+    written = write_eval_report(result, json_path, markdown, plot_dir)
     print(markdown_table(result))
     print("fluid: wrote " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
     return 0

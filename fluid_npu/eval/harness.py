@@ -173,10 +173,12 @@ class FluidLM(LM):
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        ctx = self._encode(context) if context else []
+        if not context:  # scored after the prefix token alone: no BOS of the template's own
+            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            return [self.prefix_token_id], cont
+        ctx = self._encode(context)
         whole = self._encode(context + continuation)
-        cont = whole[len(ctx) :]
-        return (ctx or [self.prefix_token_id]), cont
+        return ctx, whole[len(ctx) :]
 
     @torch.inference_mode()
     def score_tokens(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:

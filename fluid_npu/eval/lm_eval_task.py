@@ -9,6 +9,7 @@ and by the harness tests. Writing it needs no lm-eval.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fluid_npu.train.io import write_text_atomic
@@ -49,6 +50,11 @@ filter_list:
 """
 
 
+def _scalar(path: str | Path) -> str:
+    """An absolute path as a YAML scalar, whatever characters it holds ("#", ": ", "[")."""
+    return json.dumps(str(Path(path).resolve()))
+
+
 def write_lm_eval_task(
     directory: str | Path,
     name: str,
@@ -58,8 +64,6 @@ def write_lm_eval_task(
     cache_dir: str | Path | None = None,
 ) -> Path:
     """Write the task YAML for the GSM8K-format JSONL ``data`` (absolute path); returns its path."""
-    cache = "" if cache_dir is None else f"  cache_dir: {Path(cache_dir).resolve()}\n"
-    text = TEMPLATE.format(
-        name=name, data=Path(data).resolve(), cache=cache, max_gen_toks=max_gen_toks
-    )
-    return write_text_atomic(Path(directory) / f"{name}.yaml", text)
+    cache = "" if cache_dir is None else f"  cache_dir: {_scalar(cache_dir)}\n"
+    text = TEMPLATE.format(name=name, data=_scalar(data), cache=cache, max_gen_toks=max_gen_toks)
+    return write_text_atomic(Path(directory) / f"{name}.yaml", [text])

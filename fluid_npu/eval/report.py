@@ -69,8 +69,7 @@ def write_eval_report(
     """Write the JSON (and the markdown table, and the PNGs); returns what was written by kind."""
     from fluid_npu.train.io import write_json_atomic, write_text_atomic
 
-    write_json_atomic(json_path, result)
-    written = {"json": Path(json_path)}
+    written: dict[str, Path] = {}
     if markdown_path is not None:
         written["markdown"] = write_text_atomic(markdown_path, [markdown_table(result)])
     if plot_dir is not None:
@@ -82,6 +81,8 @@ def write_eval_report(
         ):
             if path is not None:
                 written[kind] = path
+    write_json_atomic(json_path, result)  # last: its presence means the whole report is there
+    written["json"] = Path(json_path)
     return written
 
 

@@ -77,6 +77,7 @@ def check_settings(s: BenchSettings) -> torch.device:
 
 
 def split_batches(items: list[list[int]], size: int) -> list[list[list[int]]]:
+    """``items`` in consecutive batches of ``size`` (the last one shorter)."""
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 

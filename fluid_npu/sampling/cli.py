@@ -20,15 +20,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS
 
+if TYPE_CHECKING:
+    from fluid_npu.sampling.api import FluidForCausalLM
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags every sampler command shares: model, adapter, K-head, sampler and device."""
     p.add_argument("--model", required=True, help="base (or merged) HF model directory")
     p.add_argument("--adapter", default=None, help="Stage I LoRA adapter directory")
     p.add_argument("--khead", default=None, help="Stage II K-head directory")
@@ -90,6 +94,7 @@ def _bench_usage(p: argparse.ArgumentParser) -> int:
 
 
 def check_common(args: argparse.Namespace) -> None:
+    """Check the shared flags that need no model; one ``ConfigError`` names the bad one."""
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if getattr(args, "batch_size", 1) < 1:
@@ -103,7 +108,8 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
     return devices.current(force=args.device).device
 
 
-def load_model(args: argparse.Namespace, dev: torch.device):
+def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
+    """The ``FluidForCausalLM`` the flags name, on ``dev``."""
     from fluid_npu.sampling.api import FluidForCausalLM
     from fluid_npu.sampling.prompts import quiet_loading
 
@@ -114,6 +120,7 @@ def load_model(args: argparse.Namespace, dev: torch.device):
 
 
 def gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler keywords the flags set (``k_max``, ``anchors``, ``attn_backend``)."""
     return {"k_max": args.k_max, "anchors": args.anchors, "attn_backend": args.attn_backend}
 
 
