@@ -5,8 +5,8 @@ expanded sequence that one strictly causal forward pass trains on:
 
 * main stream: positions ``0…N-1``, input ``x_i``, label ``x_{i+1}`` where that is a response token;
 * anchors: each column ``c`` whose next token is a response token — and the column just before
-  the first of them, whose slots are what the sampler's prefill drafts from (the prompt's second to
-  last token; DESIGN §1.1 leaves it out) — with probability ``anchor_prob``, drawn per example;
+  each run of those, whose slots are what the sampler's prefill drafts from (the prompt's second
+  to last token; DESIGN §1.1 leaves it out) — with probability ``anchor_prob``, drawn per example;
   ``k_c ~ U{1…k_max}`` slots (every anchor gets ``k_max`` with ``fixed_k``);
 * slot ``(c, j)``: position ``c+j``, input ``MASK`` (revealed to ``x_{c+j}`` with probability
   ``r_c ~ U(0,1)``, then replaced by a random token with probability ``noise_ratio``), label

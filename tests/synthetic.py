@@ -13,7 +13,7 @@ import random
 import string
 from pathlib import Path
 
-from fluid_npu.train.io import write_json_atomic
+from fluid_npu.train.io import write_json_atomic, write_text_atomic
 
 LETTERS = string.ascii_lowercase
 
@@ -59,10 +59,7 @@ def write_short_dataset(directory: str | Path, n_train: int = 2000, seed: int = 
     """Write ``demo.jsonl`` and ``dataset_info.json`` (dataset ``fluid_demo``) to ``directory``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".demo.jsonl.tmp"
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in short_examples(n_train, seed):
-            fh.write(json.dumps(row) + "\n")
-    tmp.replace(out / "demo.jsonl")
+    rows = short_examples(n_train, seed)
+    write_text_atomic(out / "demo.jsonl", [json.dumps(row) + "\n" for row in rows])
     write_json_atomic(out / "dataset_info.json", {"fluid_demo": {"file_name": "demo.jsonl"}})
     return out
