@@ -136,7 +136,7 @@ def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert main(argv) == 0
     third = capsys.readouterr().out
     assert third.count(": running") == 3  # Stage II, the FLUID evaluation and the bench
-    assert "eval: FLUID model (ar, fixed, entropy, khead): running (after Stage II" in third
+    assert "eval: FLUID model (ar, fixed, entropy, khead): running again (after Stage II" in third
 
 
 def test_fresh_deletes_only_a_demo_directory(tmp_path, capsys):

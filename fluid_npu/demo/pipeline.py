@@ -106,7 +106,9 @@ class Stages:
         self.order.append(name)
         stale = [n for n in needs if n in self.ran]
         reuse = marker.exists() and not stale
-        state = "done, reused" if reuse else "running" + (f" (after {stale[0]})" if stale else "")
+        state = "done, reused" if reuse else "running"
+        if marker.exists() and stale:  # done before, but a stage it needs was redone
+            state += f" again (after {stale[0]})"
         print(f"[{len(self.order)}/{self.total}] {name}: {state}", flush=True)
         if reuse:
             return
