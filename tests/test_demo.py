@@ -8,6 +8,8 @@ import json
 import re
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from fluid_npu.cli import main
 from fluid_npu.data.demo import (
@@ -111,7 +113,10 @@ def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     fluid = json.loads((out / "eval" / "fluid.json").read_text())
     assert fluid["policies"][0] == "ar" and "khead" in fluid["policies"]
-    assert len(json.loads((out / "scratch" / "base" / "config.json").read_text())) > 0
+    base, scratch = (load_file(out / d / "model.safetensors") for d in ("base", "scratch/base"))
+    assert base.keys() == scratch.keys()  # the control: the base's shape, its own random weights
+    assert all(base[k].shape == scratch[k].shape for k in base)
+    assert not torch.equal(base["model.embed_tokens.weight"], scratch["model.embed_tokens.weight"])
     assert task_rows("demo", data=out / "data" / "test.jsonl") == demo_split("test", 4)
     lm_eval_task = (out / "data" / "lm_eval" / "fluid_demo.yaml").read_text()
     assert str((out / "data" / "test.jsonl").resolve()) in lm_eval_task

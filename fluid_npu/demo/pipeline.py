@@ -285,9 +285,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print(f"[{stages.total}/{stages.total}] report", flush=True)
     command = " ".join(["fluid", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "fluid demo"
-    summary = write_report(
-        out, stages.order, stages.seconds, time.perf_counter() - start, command, MAX_NEW_TOKENS
-    )
+    summary = write_report(out, stages.order, stages.seconds, time.perf_counter() - start, command)
     print(f"  summary: {json.dumps(summary)}")
     print(f"  report:  {out / 'report.md'}")
     return 0 if summary["lossless"] else 1

@@ -1,9 +1,8 @@
 """The demo's results on disk: ``summary.json``, ``report.md`` and the plots.
 
-``write_report(out, order, seconds, wall, command, max_new_tokens)`` reads what the stages left
-under ``out`` (the base model's
-pretraining log, the Stage I / control / Stage II ``run.json`` files, the three evaluations and the
-sampler benchmark) and writes:
+``write_report(out, order, seconds, wall, command)`` reads what the stages left under ``out`` (the
+base model's pretraining log, the Stage I / control / Stage II ``run.json`` files, the three
+evaluations and the sampler benchmark; each once) and writes:
 
 * ``summary.json`` — ``base_acc``, ``stage1_ar_acc``, ``scratch_acc``, ``best_tpf`` (the largest
   TPF among the FLUID model's policies whose outputs are all identical to AR), ``speedup_b1``
@@ -46,10 +45,21 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def summarize(out: Path, order: list[str], seconds: dict[str, float]) -> dict[str, Any]:
-    """The summary figures and goals from the stage outputs under ``out``."""
-    evals = {name: _load(out / "eval" / f"{name}.json") for name in ("base", "fluid", "scratch")}
-    bench = _load(out / "bench" / "sampler.json")
+def load_results(out: Path) -> dict[str, Any]:
+    """What the stages left under ``out``, read once: ``evals`` (base / fluid / scratch), ``bench``
+    and ``stage2`` (its ``run.json``)."""
+    return {
+        "evals": {n: _load(out / "eval" / f"{n}.json") for n in ("base", "fluid", "scratch")},
+        "bench": _load(out / "bench" / "sampler.json"),
+        "stage2": _load(out / "stage2" / "run.json"),
+    }
+
+
+def summarize(
+    results: dict[str, Any], order: list[str], seconds: dict[str, float]
+) -> dict[str, Any]:
+    """The summary figures and goals from ``load_results`` and the stage times."""
+    evals, bench = results["evals"], results["bench"]
     fluid = evals["fluid"]["results"]
     lossless = {p: r for p, r in fluid.items() if p != "ar" and r["identical_to_ar"] == 1.0}
     best = max(lossless, key=lambda p: lossless[p]["tpf"], default=None)
@@ -123,14 +133,14 @@ def plot_losses(out: Path, path: Path) -> Path | None:
     return save_figure(plt, fig, path)
 
 
-def plot_accuracy_tpf(out: Path, path: Path) -> Path | None:
+def plot_accuracy_tpf(evals: dict[str, Any], path: Path) -> Path | None:
     """Held-out accuracy against TPF: the base, the control and every FLUID policy."""
     plt = pyplot("accuracy-vs-TPF")
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, marker in (("base", "s"), ("scratch", "x"), ("fluid", "o")):
-        result = _load(out / "eval" / f"{name}.json")
+        result = evals[name]
         for policy, r in ((p, result["results"][p]) for p in result["policies"]):
             label = {"base": "base (AR)", "scratch": "control (AR)"}.get(name, f"FLUID {policy}")
             ax.scatter(r["tpf"], r["accuracy"], marker=marker, s=60, label=label)
@@ -143,16 +153,13 @@ def plot_accuracy_tpf(out: Path, path: Path) -> Path | None:
 
 
 def _markdown(
-    out: Path,
+    results: dict[str, Any],
     summary: dict[str, Any],
     seconds: dict[str, float],
     wall: float,
     command: str,
-    max_new_tokens: int,
 ) -> str:
-    fluid = _load(out / "eval" / "fluid.json")
-    bench = _load(out / "bench" / "sampler.json")
-    stage2 = _load(out / "stage2" / "run.json")
+    fluid, bench, stage2 = results["evals"]["fluid"], results["bench"], results["stage2"]
     goals = [
         [name, g["value"], g["goal"], "yes" if g["met"] else "**no**"]
         for name, g in summary["goals"].items()
@@ -163,7 +170,7 @@ def _markdown(
         ("fluid", "FLUID (Stage I + II)"),
         ("scratch", "control"),
     ):
-        result = _load(out / "eval" / f"{name}.json")
+        result = results["evals"][name]
         for policy, r in ((p, result["results"][p]) for p in result["policies"]):
             accuracy.append(
                 [label, policy, r["accuracy"], r["tpf"], r["tokens_per_s"], r["identical_to_ar"]]
@@ -185,7 +192,7 @@ def _markdown(
         f"{platform.processor() or platform.machine()}, device {fluid['device'].get('type')}. "
         f"Held-out problems: {summary['eval_problems']}; sampler benchmark: "
         f"{summary['bench_prompts']} prompts, batch 1, greedy, "
-        f"{max_new_tokens} new tokens at most.",
+        f"{bench['max_new_tokens']} new tokens at most.",
         "## Goals",
         _table(["figure", "value", "goal", "met"], goals),
         "## Stages",
@@ -219,23 +226,18 @@ def _head(stage2: dict[str, Any], who: str) -> list[Any]:
 
 
 def write_report(
-    out: Path,
-    order: list[str],
-    seconds: dict[str, float],
-    wall: float,
-    command: str,
-    max_new_tokens: int,
+    out: Path, order: list[str], seconds: dict[str, float], wall: float, command: str
 ) -> dict[str, Any]:
     """Write ``summary.json``, the plots and ``report.md`` under ``out``; returns the summary.
 
     ``order``: the stage names in pipeline order; ``seconds``: each one's time when it ran;
     ``wall``: this run's time; ``command``: how the demo was started.
     """
-    summary = summarize(out, order, seconds)
+    results = load_results(out)
+    summary = summarize(results, order, seconds)
     write_json_atomic(out / "summary.json", summary)
     plot_losses(out, out / "plots" / "loss_curves.png")
-    plot_accuracy_tpf(out, out / "plots" / "accuracy_tpf.png")
+    plot_accuracy_tpf(results["evals"], out / "plots" / "accuracy_tpf.png")
     timed = {name: seconds[name] for name in order if name in seconds}
-    markdown = _markdown(out, summary, timed, wall, command, max_new_tokens)
-    write_text_atomic(out / "report.md", [markdown])
+    write_text_atomic(out / "report.md", [_markdown(results, summary, timed, wall, command)])
     return summary
