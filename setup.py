@@ -38,8 +38,20 @@ setup(
         "cuda": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.15"],
         "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
+        # `fluid serve` / `fluid bench serve`; the openai client is for the tests and examples.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.30", "prometheus-client>=0.20", "httpx>=0.27"],
         # triton is installed by run_npu.sh except on Ascend, where triton-ascend provides it.
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "lm-eval>=0.4"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "matplotlib>=3.7",
+            "lm-eval>=0.4",
+            "fastapi>=0.110",
+            "uvicorn>=0.30",
+            "prometheus-client>=0.20",
+            "httpx>=0.27",
+            "openai>=1.40",
+        ],
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},
 )

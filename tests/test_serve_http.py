@@ -1,0 +1,431 @@
+"""The HTTP layer of ``fluid serve`` over the wire, driven by the official ``openai`` client and
+httpx, against a scripted scheduler (the Scheduler contract with known outputs and a gate that
+holds its steps), so every behaviour is exact: streaming format, usage, stop strings, 400 / 401 /
+404 / 429, client disconnects, the SIGTERM drain and an engine failure. The same server code runs
+the real scheduler in ``test_serve_live.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from fluid_npu.model.tiny import build_tiny_tokenizer
+from fluid_npu.sampling.api import PromptError
+from fluid_npu.serve.app import ServeConfig, create_app
+from fluid_npu.serve.server import DrainingServer, bind
+from fluid_npu.serve.worker import Worker
+
+TOK = build_tiny_tokenizer(mask_token=True)
+EOS = TOK.eos_token_id
+SCRIPT = TOK("the quick brown fox jumps over the lazy dog. " * 40, add_special_tokens=False)[
+    "input_ids"
+]
+WAIT_STEPS = 2000  # bounded polling loops: 2000 x 5 ms at most
+
+
+@dataclass
+class Req:
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    eos_ids: Any = None
+
+
+@dataclass
+class Ev:
+    request_id: str
+    tokens: list[int]
+    finished: bool
+    finish_reason: str | None
+    new_tokens: int
+    forwards: int
+    accepted: int
+
+
+def script(prompt: list[int], max_new: int, eos: bool) -> list[int]:
+    """The scripted answer: text from SCRIPT, EOS after a length that depends on the prompt."""
+    out = SCRIPT[len(prompt) % 10 :][:max_new]
+    stop_at = 10 + len(prompt) % 7
+    if eos and len(out) > stop_at:
+        out = [*out[:stop_at], EOS]
+    return out
+
+
+class ScriptedScheduler:
+    """The Scheduler contract: FIFO admission, ``max_batch`` slots, aborts, 1-3 tokens a step."""
+
+    def __init__(self, max_batch: int = 4, max_len: int = 600, step_s: float = 0.0) -> None:
+        self.max_batch, self.max_len, self.step_s = max_batch, max_len, step_s
+        self.waiting: list[tuple[Req, list[int]]] = []
+        self.running: dict[str, list] = {}  # id -> [request, remaining tokens, new, forwards]
+        self.aborts: list[str] = []
+        self.aborted: list[str] = []  # every abort applied, for the tests
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+
+    def submit(self, req: Req) -> None:
+        if not req.prompt:
+            raise PromptError("the prompt is empty")
+        if len(req.prompt) + req.max_new_tokens > self.max_len:
+            raise PromptError(f"prompt + max_new_tokens exceeds max_len {self.max_len}")
+        self.waiting.append((req, script(req.prompt, req.max_new_tokens, req.eos_ids != [])))
+
+    def abort(self, request_id: str) -> bool:
+        self.aborts.append(request_id)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.aborts)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def step(self) -> list[Ev]:
+        assert self.gate.wait(60), "a test left the gate closed"
+        if self.fail:
+            raise RuntimeError("device lost")
+        time.sleep(self.step_s)
+        events = []
+        for rid in self.aborts:
+            self.aborted.append(rid)
+            entry = self.running.pop(rid, None)
+            self.waiting = [w for w in self.waiting if w[0].request_id != rid]
+            n, fw = (entry[2], entry[3]) if entry else (0, 0)
+            events.append(Ev(rid, [], True, "abort", n, fw, 0))
+        self.aborts.clear()
+        while self.waiting and len(self.running) < self.max_batch:
+            req, toks = self.waiting.pop(0)
+            self.running[req.request_id] = [req, toks, 0, 0]
+        for rid, entry in list(self.running.items()):
+            req, toks, n, fw = entry
+            take = 1 + fw % 3  # 1, 2, 3 tokens per step in turn
+            chunk, entry[1] = toks[:take], toks[take:]
+            entry[2], entry[3] = n + len(chunk), fw + 1
+            done = not entry[1]
+            reason = None
+            if done:
+                reason = "stop" if chunk and chunk[-1] == EOS else "length"
+                del self.running[rid]
+            events.append(Ev(rid, chunk, done, reason, entry[2], entry[3], len(chunk) - 1))
+        return events
+
+
+@contextlib.contextmanager
+def serving(sched: ScriptedScheduler, drain_timeout: float = 30.0, **config: Any):
+    """An in-process server on 127.0.0.1 at a free port; yields (base url, server, worker)."""
+    worker = Worker(sched, request_cls=Req)
+    cfg = ServeConfig(model_name="tiny", max_len=sched.max_len, max_batch=sched.max_batch)
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    app = create_app(worker, TOK, cfg)
+    sock = bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30)
+    server = DrainingServer(uv, worker, drain_timeout)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        _until(lambda: server.started)
+        yield url, server, worker
+    finally:
+        sched.gate.set()
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+    assert not thread.is_alive()
+
+
+def _until(cond, what: str = "condition") -> None:
+    for _ in range(WAIT_STEPS):
+        if cond():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def expected_text(prompt_ids: list[int], max_new: int, eos: bool = True) -> str:
+    return TOK.decode(script(prompt_ids, max_new, eos), skip_special_tokens=True)
+
+
+def _metric(url: str, name: str) -> float:
+    """One sample of /metrics by its exact key, else the sum of ``name``'s labelled samples."""
+    samples = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    if name in samples:
+        return samples[name]
+    return sum(v for k, v in samples.items() if k.startswith(name + "{"))
+
+
+def test_completions_and_chat_with_the_openai_client():
+    with serving(ScriptedScheduler()) as (url, _, _):
+        c = client(url)
+        prompt = "Question: 2+2?"
+        ids = TOK(prompt)["input_ids"]
+        out = c.completions.create(model="tiny", prompt=prompt, max_tokens=30)
+        assert out.choices[0].text == expected_text(ids, 30)
+        assert out.choices[0].finish_reason == "stop"  # the script's EOS
+        assert out.usage.prompt_tokens == len(ids)
+        assert out.usage.completion_tokens == len(script(ids, 30, True))
+        assert out.usage.model_extra["tpf"] > 1.0  # several tokens per step
+        long = c.completions.create(model="tiny", prompt=prompt, max_tokens=40, extra_body={
+            "ignore_eos": True})  # fmt: skip
+        assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 40
+
+        messages = [{"role": "user", "content": "hello"}]
+        chat_prompt = TOK.apply_chat_template(messages, add_generation_prompt=True)
+        chat_prompt = chat_prompt["input_ids"] if hasattr(chat_prompt, "keys") else chat_prompt
+        reply = c.chat.completions.create(model="tiny", messages=messages, max_tokens=25)
+        assert reply.choices[0].message.content == expected_text(chat_prompt, 25)
+        assert reply.choices[0].message.role == "assistant"
+
+        stream = c.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=25, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == reply.choices[0].message.content
+        final = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert len(final) == 1 and final[0].usage.completion_tokens == reply.usage.completion_tokens
+        assert (
+            chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
+        )
+
+        pieces = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=30, stream=True))
+        assert len(pieces) > 3  # streamed, not one block
+        assert "".join(p.choices[0].text for p in pieces) == out.choices[0].text
+        assert pieces[-1].choices[0].finish_reason == "stop" and pieces[-1].usage is not None
+
+        models = c.models.list()
+        assert [m.id for m in models.data] == ["tiny"]
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        assert _metric(url, "fluid_requests_total") == 5
+        generated = out.usage.completion_tokens * 2 + long.usage.completion_tokens
+        generated += reply.usage.completion_tokens * 2
+        assert _metric(url, "fluid_generation_tokens_total") == generated
+        assert _metric(url, "fluid_time_to_first_token_seconds_count") == 5
+        assert _metric(url, "fluid_request_tpf_count") == 5
+        assert _metric(url, "fluid_accepted_draft_tokens_count") > 10
+
+
+def test_stop_strings_cut_the_text_and_abort_the_request():
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        ids = TOK("abc")["input_ids"]
+        full = expected_text(ids, 60, eos=False)
+        cut = full.index(" over")
+        out = c.completions.create(
+            model="tiny", prompt="abc", max_tokens=60, stop=[" over", "zzz"],
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert out.choices[0].text == full[:cut]
+        assert out.choices[0].finish_reason == "stop"
+        assert out.usage.completion_tokens < 60
+        streamed = c.completions.create(
+            model="tiny", prompt="abc", max_tokens=60, stop=" over", stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert "".join(p.choices[0].text for p in streamed) == full[:cut]
+        _until(lambda: len(sched.aborted) == 2, "the two aborts")
+
+
+def test_bad_requests_get_openai_errors_and_leave_others_alone():
+    with serving(ScriptedScheduler(max_len=64)) as (url, _, _):
+        c = client(url)
+        cases = [
+            (dict(prompt="a", temperature=0.8), "temperature"),
+            (dict(prompt="a", n=2), "n"),
+            (dict(prompt="a", logprobs=1), "logprobs"),
+            (dict(prompt="a", max_tokens=500), "max_tokens"),
+            (dict(prompt="x" * 80), "prompt"),
+            (dict(prompt="a", extra_body={"mystery": 1}), "mystery"),
+        ]
+        for kwargs, param in cases:
+            with pytest.raises(openai.BadRequestError) as info:
+                c.completions.create(model="tiny", **kwargs)
+            assert info.value.body["param"] == param, kwargs
+            assert param in info.value.body["message"] or param == "prompt"
+        with pytest.raises(openai.NotFoundError) as info:
+            c.completions.create(model="other", prompt="a")
+        assert info.value.body["code"] == "model_not_found"
+        raw = httpx.post(f"{url}/v1/completions", content=b"{not json")
+        assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+        raw = httpx.post(f"{url}/v1/chat/completions", content=b"x" * (5 << 20))
+        assert raw.status_code == 400 and "bytes" in raw.json()["error"]["message"]
+        ok = c.completions.create(model="tiny", prompt="a", max_tokens=8)
+        assert ok.choices[0].text == expected_text(TOK("a")["input_ids"], 8)
+        assert _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="400"}')
+
+
+def test_api_key():
+    with serving(ScriptedScheduler(), api_key="s3cret") as (url, _, _):
+        for key in ("wrong", "none"):
+            with pytest.raises(openai.AuthenticationError) as info:
+                client(url, key).completions.create(model="tiny", prompt="a", max_tokens=2)
+            assert info.value.body["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        out = client(url, "s3cret").completions.create(model="tiny", prompt="a", max_tokens=2)
+        assert out.usage.completion_tokens == 2
+        assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open
+
+
+def _streamed(url: str, prompt: str, max_tokens: int) -> Any:
+    """The httpx stream of a completion that ignores EOS (a context manager)."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    return httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60)
+
+
+def _sse_text(lines: Any) -> tuple[str, str | None]:
+    """The text and finish reason of a completion stream's lines."""
+    text, reason = "", None
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            choice = json.loads(line[6:])["choices"][0]
+            text += choice["text"]
+            reason = choice["finish_reason"] or reason
+    return text, reason
+
+
+def stream_text(url: str, prompt: str, max_tokens: int) -> tuple[str, str | None]:
+    with _streamed(url, prompt, max_tokens) as resp:
+        return _sse_text(resp.iter_lines())
+
+
+def test_queue_full_is_429_with_retry_after():
+    sched = ScriptedScheduler(max_batch=1)
+    with serving(sched, max_queue=1) as (url, _, worker):
+        sched.gate.clear()  # steps wait: the requests stay in flight
+        results: list[tuple[str, str | None]] = []
+
+        def run(prompt: str) -> None:
+            results.append(stream_text(url, prompt, 12))
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in ("first", "second")]
+        for t in threads:
+            t.start()
+        _until(lambda: worker.outstanding == 2, "two requests in flight")
+        with pytest.raises(openai.RateLimitError) as info:
+            client(url).completions.create(model="tiny", prompt="third", max_tokens=2)
+        assert info.value.response.headers["retry-after"] == "1"
+        assert info.value.body["code"] == "queue_full"
+        sched.gate.set()
+        for t in threads:
+            t.join(60)
+        assert sorted(results) == sorted(
+            (expected_text(TOK(p)["input_ids"], 12, eos=False), "length")
+            for p in ("first", "second")
+        )
+        assert client(url).completions.create(model="tiny", prompt="a", max_tokens=2).choices
+
+
+def test_client_disconnect_aborts_the_request():
+    sched = ScriptedScheduler(max_batch=1, step_s=0.002)
+    with serving(sched) as (url, _, worker):
+        with _streamed(url, "long one", 500) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+        # the client went away mid-stream
+        _until(lambda: len(sched.aborted) == 1, "the abort of the streamed request")
+        _until(lambda: worker.outstanding == 0, "the slot to be free")
+
+        sched.gate.clear()  # a non-streamed request whose client gives up while it waits
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=0.5)
+        sched.gate.set()
+        _until(lambda: len(sched.aborted) == 2, "the abort of the non-streamed request")
+        assert (
+            _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="abort"}')
+            == 2
+        )
+        out = client(url).completions.create(model="tiny", prompt="next", max_tokens=4)
+        assert out.usage.completion_tokens == 4
+
+
+def test_sigterm_drain_finishes_requests_in_flight():
+    sched = ScriptedScheduler(max_batch=2)
+    with serving(sched) as (url, server, worker):
+        sched.gate.clear()
+        results: list[tuple[str, str | None]] = []
+        prompts = ("alpha", "beta")
+
+        def run(prompt: str) -> None:
+            results.append(stream_text(url, prompt, 30))
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        _until(lambda: worker.outstanding == 2, "two requests in flight")
+        server.handle_exit(signal.SIGTERM, None)  # what the SIGTERM handler runs
+        assert worker.draining
+        _until(lambda: server.should_exit, "the server to stop accepting")
+        time.sleep(0.3)  # uvicorn closes its listening socket on its next tick
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=5)
+        sched.gate.set()
+        for t in threads:
+            t.join(60)
+        want = sorted(
+            (expected_text(TOK(p)["input_ids"], 30, eos=False), "length") for p in prompts
+        )
+        assert sorted(results) == want
+
+
+def test_drain_timeout_aborts_what_is_still_running():
+    sched = ScriptedScheduler(max_batch=1, step_s=0.01)
+    with serving(sched, drain_timeout=0.2) as (url, server, _):
+        with _streamed(url, "slow", 550) as resp:
+            lines = resp.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            server.handle_exit(signal.SIGTERM, None)
+            text, reason = _sse_text([first, *lines])
+        assert reason == "abort" and 0 < len(text) < 550
+
+
+def test_engine_failure_is_500_and_unhealthy():
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        sched.gate.clear()
+        box: list[Any] = []
+        t = threading.Thread(
+            target=lambda: box.append(
+                httpx.post(
+                    f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=60
+                )
+            )
+        )
+        t.start()
+        _until(lambda: sched.waiting, "the request to be queued")
+        sched.fail = True
+        sched.gate.set()
+        t.join(60)
+        assert box[0].status_code == 500 and "device lost" in box[0].json()["error"]["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "device lost" in health.json()["error"]
+        with pytest.raises(openai.InternalServerError):
+            client(url).completions.create(model="tiny", prompt="a", max_tokens=2)
