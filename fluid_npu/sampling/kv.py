@@ -1,13 +1,13 @@
 """The decode engine's static KV cache: one preallocated row per request slot, written in place.
 
-``SlotKV`` holds, per layer, keys and values ``[slots, kv_heads, capacity, head_dim]`` allocated once
-(zeros, so no stale memory is ever NaN). A slot's cache index *is* the token's position: a request
-in slot ``s`` with ``n`` committed tokens holds positions ``0 … n-2`` at indices ``0 … n-2`` (the
-last committed token is fed by the next step). A forward writes its ``W`` new entries per row at
-indices ``len_b … len_b + W − 1`` (``index_put_``: no reallocation, no concatenation, no copy of
-the cache); after the step only the accepted main tokens — which come first in a step's memory
-order, at index = position — count as committed, so nothing needs cutting: whatever lies at or
-beyond a row's committed length is simply never visible.
+``SlotKV`` holds, per layer, keys and values ``[slots, kv_heads, capacity, head_dim]`` allocated
+once (zeros, so no stale memory is ever NaN). A slot's cache index *is* the token's position: a
+request in slot ``s`` with ``n`` committed tokens holds positions ``0 … n-2`` at indices ``0 …
+n-2`` (the last committed token is fed by the next step). A forward writes its ``W`` new entries
+per row at indices ``len_b … len_b + W − 1`` (``index_put_``: no reallocation, no concatenation, no
+copy of the cache); after the step only the accepted main tokens — which come first in a step's
+memory order, at index = position — count as committed, so nothing needs cutting: whatever lies at
+or beyond a row's committed length is simply never visible.
 
 Visibility, per forward, from the committed lengths and the new tokens' §1.1 metadata alone
 (``step_mask``): a real query sees every committed entry of its row (every anchor of a step lies

@@ -246,7 +246,7 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit, prefill a chunk, decode once; the events of this step (see the module docstring)."""
+        """Admit, prefill a chunk, decode once; this step's events (see the module docstring)."""
         events = self._retire_aborted()
         self._admit()
         if any(s is not None and not s.running for s in self.slots):
