@@ -31,7 +31,7 @@ from fluid_npu.model.attention import DENSE_IMPLS, FLUID, attention_kind, config
 from fluid_npu.model.khead import KHead
 from fluid_npu.model.mask_token import resolve_mask_token
 from fluid_npu.sampling.engine import Engine, StreamFn, split_prompts
-from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE, run_fused
+from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
 from fluid_npu.sampling.reference import DEFAULT_MAX_REFINE, DEFAULT_REFINE_THRESHOLD, run_reference
 from fluid_npu.sampling.stats import GenerateStats
@@ -178,6 +178,7 @@ def generate(
     max_refine: int = DEFAULT_MAX_REFINE,
     attn_backend: str | None = None,
     stream: StreamFn | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
 ) -> GenerateOutput:
     """Lossless elastic decoding of a batch of prompts (see the module docstring).
 
@@ -185,7 +186,11 @@ def generate(
     pass ``eos_token_id=[]`` to decode exactly ``max_new_tokens``. ``k_max`` defaults to the
     K-head's (else 16). ``anchors``: the most candidate accept lengths that get a draft block in
     the fused loop (0 = all), taken until they hold ``coverage`` of the estimated probability.
-    ``stream(row, tokens)`` is called as tokens are committed.
+    ``stream(row, tokens)`` is called as tokens are committed. The fused loop runs on the decode
+    engine (``Scheduler``: static KV cache, fixed-shape steps) with every prompt in its own slot;
+    ``engine_kwargs`` go to the ``Scheduler`` (``max_batch`` < the number of prompts refills
+    slots as rows finish, ``compile``, ``prefill_chunk``, ``adaptive``). ``attn_backend`` applies
+    to the reference loop; the engine runs its own attention over the slot cache.
     """
     if loop not in LOOPS:
         raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
@@ -210,6 +215,24 @@ def generate(
     if khead is not None:
         khead = khead.to(dev)
     start = time.perf_counter()
+    if loop == "fused":
+        return _generate_fused(
+            model,
+            mask_id,
+            ids,
+            prompts,
+            pol,
+            khead,
+            stats,
+            eos_ids,
+            pad_id,
+            max_new_tokens,
+            anchors=anchors,
+            coverage=coverage,
+            stream=stream,
+            start=start,
+            **(engine_kwargs or {}),
+        )
     with attention(model, attn_backend), torch.inference_mode():
         eng = Engine(
             model,
@@ -221,21 +244,73 @@ def generate(
             stats=stats,
             stream=stream,
         )
-        if loop == "fused":
-            run_fused(eng, pol, khead, anchors=anchors, coverage=coverage)
-        else:
-            eng.prefill()
-            run_reference(eng, pol, khead, refine_threshold=refine_threshold, max_refine=max_refine)
+        eng.prefill()
+        run_reference(eng, pol, khead, refine_threshold=refine_threshold, max_refine=max_refine)
         devices.synchronize(dev)
     stats.wall_s = time.perf_counter() - start
     eng.finish()
     new = eng.new_tokens()
+    return GenerateOutput(_sequences(ids, new, pad_id), new, stats)
+
+
+def _generate_fused(
+    model: PreTrainedModel,
+    mask_id: int,
+    ids: torch.Tensor,
+    prompts: list[torch.Tensor],
+    pol: Any,
+    khead: KHead | None,
+    stats: GenerateStats,
+    eos_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+    *,
+    anchors: int,
+    coverage: float,
+    stream: StreamFn | None,
+    start: float,
+    **engine: Any,
+) -> GenerateOutput:
+    from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+
+    lengths = [len(p) for p in prompts]
+    engine.setdefault("max_batch", len(prompts))
+    engine.setdefault("max_len", max(lengths) + max_new_tokens)
+    sched = Scheduler(
+        model,
+        mask_id,
+        policy=pol,
+        khead=khead,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        anchors=max(1, anchors),
+        coverage=coverage,
+        **engine,
+    )
+    try:
+        reqs = [Request(str(i), p.tolist(), max_new_tokens) for i, p in enumerate(prompts)]
+        results = run_requests(sched, reqs, stream)
+        devices.synchronize(sched.device)
+    finally:
+        sched.close()
+    stats.wall_s = time.perf_counter() - start
+    new = [results[str(i)][0] for i in range(len(prompts))]
+    stats.prefill_forwards = sched.prefill_forwards
+    stats.decode_forwards = sched.decode_forwards
+    stats.accept_hist.update(sched.accept_hist)
+    stats.k_hist.update(sched.k_hist)
+    stats.new_tokens = [len(t) for t in new]
+    stats.row_forwards = [results[str(i)][1].forwards for i in range(len(prompts))]
+    stats.finalize()
+    return GenerateOutput(_sequences(ids, new, pad_id), new, stats)
+
+
+def _sequences(ids: torch.Tensor, new: list[list[int]], pad_id: int) -> torch.Tensor:
     width = max(len(t) for t in new)
     tail = torch.full((len(new), width), pad_id, dtype=torch.long)
     for row, toks in enumerate(new):
         tail[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-    tail = tail.to(ids.device)
-    return GenerateOutput(torch.cat([ids, tail], dim=1), new, stats)
+    return torch.cat([ids, tail.to(ids.device)], dim=1)
 
 
 class FluidForCausalLM:

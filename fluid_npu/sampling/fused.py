@@ -39,13 +39,18 @@ DEFAULT_COVERAGE = 0.9
 
 
 def choose_anchors(
-    logp: torch.Tensor, m: torch.Tensor, count: int, coverage: float = DEFAULT_COVERAGE
+    logp: torch.Tensor,
+    m: torch.Tensor,
+    count: int,
+    coverage: float = DEFAULT_COVERAGE,
+    fixed: bool = False,
 ) -> torch.Tensor:
     """Candidate accept lengths that get a draft block, ``[B, n]`` (``-1`` = no block).
 
     ``logp [B, M]``: log-confidence of each pending draft; ``m [B]``: how many are real. Lengths
     are taken most likely first until they cover ``coverage`` of the probability or ``count``
-    of them are taken (``count=0``: every length, no coverage cut).
+    of them are taken (``count=0``: every length, no coverage cut). ``fixed``: exactly ``count``
+    columns, no host read (the decode engine's fixed shapes); otherwise as many as some row needs.
     """
     b, big_m = logp.shape
     j = torch.arange(big_m + 1, device=logp.device)
@@ -60,6 +65,11 @@ def choose_anchors(
     vals, idx = vals[:, :count], idx[:, :count]
     mass = vals.clamp(min=0)
     keep = (vals >= 0) & (mass.cumsum(dim=1) - mass < coverage)
+    if fixed:
+        out = torch.where(keep, idx, -1)
+        if out.shape[1] < count:
+            out = torch.cat([out, out.new_full((b, count - out.shape[1]), -1)], dim=1)
+        return out
     n = int(keep.sum(dim=1).max())
     return torch.where(keep, idx, -1)[:, :n]
 

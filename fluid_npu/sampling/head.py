@@ -1,0 +1,45 @@
+"""The LM head as the sampler reads it: AR argmax for verification, token statistics for drafts.
+
+Both go through ``fluid_ops.token_stats``, which never materialises the logits, once a call would
+hold more than ``DIRECT_LOGITS`` of them; below that the head is applied directly — the same
+``F.linear`` and softmax, without the op's fixed cost (≈ 0.7 ms a call on a CPU, as much as a
+whole decode step of a tiny model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+import fluid_ops
+from fluid_npu.model.attention import lm_head
+
+DIRECT_LOGITS = 1 << 22  # logits per call up to which the LM head is applied directly
+
+
+class LMHead:
+    """The model's output projection (weight ``[V, H]``, optional bias) with the sampler's reads."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        head = lm_head(model)
+        self.weight, self.bias = head.weight, getattr(head, "bias", None)
+
+    def _direct(self, hidden: torch.Tensor) -> bool:
+        return hidden.numel() // hidden.shape[-1] * self.weight.shape[0] <= DIRECT_LOGITS
+
+    def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The AR argmax on ``hidden [..., H]`` (first index on exact ties)."""
+        if self._direct(hidden):
+            return F.linear(hidden, self.weight, self.bias).argmax(dim=-1)
+        return fluid_ops.token_stats(hidden, self.weight, bias=self.bias).argmax
+
+    def stats(self, hidden: torch.Tensor) -> fluid_ops.TokenStats:
+        """Argmax, max log-prob and entropy (nats) on ``hidden [..., H]``."""
+        if not self._direct(hidden):
+            return fluid_ops.token_stats(hidden, self.weight, bias=self.bias)
+        logits = F.linear(hidden, self.weight, self.bias)
+        logp = logits.float().log_softmax(dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+        arg = logits.argmax(dim=-1)
+        return fluid_ops.TokenStats(arg, logp.gather(-1, arg[..., None])[..., 0], entropy, None)

@@ -1,0 +1,178 @@
+"""The decode engine's static KV cache: one preallocated row per request slot, written in place.
+
+``SlotKV`` holds, per layer, keys and values ``[slots, kv_heads, capacity, head_dim]`` allocated
+once (zeros, so no stale memory is ever NaN). A slot's cache index *is* the token's position: a
+request in slot ``s`` with ``n`` committed tokens holds positions ``0 … n-2`` at indices ``0 …
+n-2`` (the last committed token is fed by the next step). A forward writes its ``W`` new entries
+per row at indices ``len_b … len_b + W − 1`` (``index_put_``: no reallocation, no concatenation, no
+copy of the cache); after the step only the accepted main tokens — which come first in a step's
+memory order, at index = position — count as committed, so nothing needs cutting: whatever lies at
+or beyond a row's committed length is simply never visible.
+
+Visibility, per forward, from the committed lengths and the new tokens' §1.1 metadata alone
+(``step_mask``): a real query sees every committed entry of its row (every anchor of a step lies
+at or after the row's last committed position, so the §1.1 rule reduces to that), and the new
+entries by ``fluid_ops.meta.visibility`` of the step itself. Stale entries (rejected drafts, a
+previous request's tail) are at or beyond ``len_b + W`` or overwritten, so they are never seen.
+
+Forwards address a contiguous range of slots ``[lo, hi)``: the cache hands the attention a view
+(``keys[lo:hi, :, :extent]``), never a gathered copy. The attention itself is the registered
+``fluid_slots`` implementation (``slot_attention``): one SDPA call with the step's bool mask, or
+``is_causal`` for a prefill chunk that starts a prompt (no mask tensor at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, Cache, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from fluid_ops.attention import _sdpa
+from fluid_ops.meta import PAD, AttnMeta, visibility
+
+SLOT_ATTENTION = "fluid_slots"
+
+
+@dataclass
+class ForwardPlan:
+    """What one engine forward writes and attends (set on the cache before the model runs).
+
+    ``rows``: the slot range ``[lo, hi)``; ``write [B, W]``: the cache index of each new token;
+    ``extent``: keys ``[0, extent)`` are handed to the attention; ``mask [B, 1, W, extent]`` (True
+    = attend) or ``causal`` (every row starts at index 0 with no slots: plain causal attention
+    over the first ``W`` keys).
+    """
+
+    lo: int
+    hi: int
+    write: torch.Tensor
+    extent: int
+    mask: torch.Tensor | None
+    causal: bool = False
+
+
+def step_mask(
+    length: torch.Tensor, q_pos: torch.Tensor, q_anchor: torch.Tensor, extent: int
+) -> torch.Tensor:
+    """The bool mask ``[B, 1, W, extent]`` of a forward whose new tokens sit at ``length + t``.
+
+    ``length [B]``: committed entries per row (the new tokens' first index); ``q_pos`` /
+    ``q_anchor [B, W]``: the new tokens' §1.1 metadata. Rows with no visible key (padding) are
+    opened to key 0 so no softmax is empty; their outputs are never read.
+    """
+    b, w = q_pos.shape
+    new_vis = visibility(AttnMeta.self_attention(q_pos, q_anchor))  # [B, W, W]
+    j = torch.arange(extent, device=q_pos.device)
+    rel = j[None, :] - length[:, None]  # index among the new tokens, [B, extent]
+    in_new = (rel >= 0) & (rel < w)
+    new_part = new_vis.gather(2, rel.clamp(0, w - 1)[:, None, :].expand(b, w, extent))
+    real = (q_anchor != PAD)[:, :, None]
+    mask = ((rel < 0)[:, None, :] & real) | (new_part & in_new[:, None, :])
+    mask[..., 0] |= ~mask.any(dim=-1)
+    return mask[:, None]
+
+
+class SlotKV(Cache):
+    """Static per-slot KV cache (see the module docstring); a transformers ``Cache`` for the model.
+
+    Only ``update`` is used by the decoder layers: it writes the new keys / values where the
+    current ``ForwardPlan`` says and returns views over ``[0, extent)`` of the plan's rows.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        slots: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        cfg = model.config.get_text_config()
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.keys = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)
+        ]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.slots, self.capacity = slots, capacity
+        self.layers: list[Any] = []  # transformers' layer objects are not used
+        self.plan: ForwardPlan | None = None
+        self._rows: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def set_plan(self, plan: ForwardPlan) -> None:
+        self.plan = plan
+        self._rows = torch.arange(plan.hi - plan.lo, device=plan.write.device)[:, None]
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self.plan
+        if plan is None:
+            raise RuntimeError("SlotKV.update called without a ForwardPlan (use the Scheduler)")
+        keys = self.keys[layer_idx][plan.lo : plan.hi]
+        values = self.values[layer_idx][plan.lo : plan.hi]
+        # [B, H, W, D] -> [B, W, H, D]: the layout of an index with rows and columns broadcast
+        keys[self._rows, :, plan.write] = key_states.transpose(1, 2).to(keys.dtype)
+        values[self._rows, :, plan.write] = value_states.transpose(1, 2).to(values.dtype)
+        return keys[:, :, : plan.extent], values[:, :, : plan.extent]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.plan is None else int(self.plan.extent)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def slot_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    fluid_plan: ForwardPlan | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``fluid_slots`` attention: SDPA over the slot cache under the plan's mask.
+
+    Without a plan (any forward outside the engine, e.g. a plain ``model(...)`` or ``generate``
+    while a ``Scheduler`` owns the model) it is exactly transformers' ``sdpa`` attention.
+    """
+    if fluid_plan is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **_
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    if fluid_plan.causal:
+        w = query.shape[2]
+        out = _sdpa(query, key[:, :, :w], value[:, :, :w], scale, is_causal=True)
+    else:
+        out = _sdpa(query, key, value, scale, mask=fluid_plan.mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_slot_attention() -> None:
+    """Register ``fluid_slots`` with transformers (idempotent), with sdpa's mask function.
+
+    The engine's own forwards pass their mask as a 4D tensor, which transformers hands through
+    untouched; every other forward gets the mask sdpa would.
+    """
+    AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+    AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)

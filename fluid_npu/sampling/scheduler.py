@@ -1,0 +1,604 @@
+"""The decode engine: request slots over a static KV cache, continuous batching, fused steps.
+
+A ``Scheduler`` owns the model and ``max_batch`` request slots in one preallocated ``SlotKV``.
+Requests are ``submit``-ted into a FIFO queue; every ``step()``:
+
+1. retires aborted requests and admits waiting ones into free slots (lowest index first);
+2. runs one **prefill** forward for the slots still encoding their prompt: each row its next
+   chunk of at most ``prefill_chunk`` tokens of ``prompt[:-1]`` (a chunk that starts a prompt,
+   with no drafts, is plain causal attention — no mask tensor); the chunk that ends a prompt also
+   drafts the first ``K`` tokens (MASK slots anchored at the prompt's ``P-2``, as Stage I trains);
+3. runs one **fused decode** forward for every running slot (``fused.py`` for the method): verify
+   the pending drafts against the AR argmax, commit, draft the next block — all on the device;
+4. reads back one small packed tensor (the only host synchronisation of the step) and turns it
+   into ``Event``s: committed tokens, finished requests (EOS / ``max_new_tokens``), statistics.
+
+Shapes are fixed per step: the decode batch is the slot range ``[0, hi)`` with ``hi`` rounded up
+to a power of two, and the width is ``(M + 1) + A·K`` with ``M`` (pending drafts) rounded up to a
+power of two and ``A`` candidate blocks, both decided from the previous step's read-back; rows
+that do not take part are ``PAD``. So a step's work is a handful of shapes that ``torch.compile``
+(``compile=True``) or a device graph can capture.
+
+**Drafting that pays for itself.** Every row keeps an average of the drafted tokens it got
+accepted per verify (``accept_ema``); drafting costs a wider forward, whose price is measured
+online (step seconds per shape). A row whose drafts earn less than that price decodes as plain AR
+(no block, width 1 when every row does) and probes again every ``PROBE_EVERY`` steps, like vLLM's
+adaptive draft length. ``A`` (blocks per step, at most ``anchors``) is 2 only while the measured
+step with two blocks costs less than ``1 + BLOCK_MARGIN`` times the step with one.
+
+Every committed token is an AR argmax of the model, so each request's output equals greedy
+decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.model.attention import attention_kind
+from fluid_npu.sampling.api import PromptError, check_context, eos_and_pad
+from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE, choose_anchors
+from fluid_npu.sampling.head import LMHead
+from fluid_npu.sampling.kv import (
+    SLOT_ATTENTION,
+    ForwardPlan,
+    SlotKV,
+    register_slot_attention,
+    step_mask,
+)
+from fluid_npu.sampling.policies import DEFAULT_K_MAX, Policy, parse_policy
+from fluid_ops.meta import MAIN, PAD
+
+PREFILL_CHUNK = 512
+PROBE_EVERY = 16  # steps between probes of a row decoding as AR
+EMA = 0.7  # weight of the past in accept_ema
+BLOCK_MARGIN = 0.15  # a second block per step while it costs less than this much more
+DEFAULT_MAX_LEN = 4096
+_NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
+
+
+@dataclass
+class Request:
+    """One generation request: prompt token ids and its own limits."""
+
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    eos_ids: Sequence[int] | None = None  # None: the scheduler's default EOS ids
+
+
+@dataclass
+class Event:
+    """What one step produced for one request."""
+
+    request_id: str
+    tokens: list[int]  # committed in this step (may be empty)
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS), "length" (max_new_tokens), "abort"
+    new_tokens: int  # committed so far
+    forwards: int  # decode forwards this request took part in so far
+    accepted: int  # drafted tokens accepted in this step
+
+
+@dataclass
+class _Slot:
+    req: Request
+    prompt: list[int]
+    prefilled: int = 0  # prompt[:-1] tokens encoded so far
+    running: bool = False
+    forwards: int = 0
+    new: list[int] = field(default_factory=list)
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+class Scheduler:
+    """Continuous-batching lossless decoder; see the module docstring. Not thread-safe."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        mask_id: int,
+        *,
+        policy: str | Policy = "entropy",
+        khead: torch.nn.Module | None = None,
+        k_max: int | None = None,
+        k_min: int = 1,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        eos_ids: Sequence[int] | None = None,
+        pad_id: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+        anchors: int = DEFAULT_ANCHORS,
+        coverage: float = DEFAULT_COVERAGE,
+        adaptive: bool = True,
+        compile: bool = False,
+    ) -> None:
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ConfigError(
+                f"max_batch and prefill_chunk must be at least 1, got {max_batch}, {prefill_chunk}"
+            )
+        if anchors < 1 or coverage <= 0:
+            raise ConfigError(f"anchors must be >= 1 and coverage > 0, got {anchors}, {coverage}")
+        if k_max is None:
+            k_max = getattr(khead, "k_max", DEFAULT_K_MAX)
+        self.policy = parse_policy(policy, k_max=k_max, k_min=k_min, has_khead=khead is not None)
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.khead = None if khead is None else khead.to(self.device)
+        self.mask_id = int(mask_id)
+        self.eos_ids, self.pad_id = eos_and_pad(model, eos_ids, pad_id)
+        cfg = model.config.get_text_config()
+        limit = getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_LEN
+        self.max_len = int(max_len or min(limit, DEFAULT_MAX_LEN))
+        self.k = self.policy.block_len
+        self.anchors, self.coverage, self.adaptive = anchors, coverage, adaptive
+        self.prefill_chunk = prefill_chunk
+        self.slots_n = max_batch
+        widest = max(prefill_chunk, 1 + self.k + anchors * self.k) + self.k
+        dtype = next(model.parameters()).dtype
+        self.kv = SlotKV(model, max_batch, self.max_len + widest, dtype, self.device)
+        self.head = LMHead(model)
+        self._init_state()
+        self.waiting: deque[_Slot] = deque()
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self._ids: set[str] = set()
+        self._aborted: list[str] = []
+        self.prefill_forwards = 0
+        self.decode_forwards = 0
+        self.accept_hist: Counter = Counter()
+        self.k_hist: Counter = Counter()
+        self.step_cost: dict[tuple[int, int], float] = {}  # (rows, width) -> seconds (EMA)
+        self._next_shape = (0, 0)  # (M, A) of the next decode step, from the last read-back
+        register_slot_attention()
+        self._restore = attention_kind(model)
+        model.set_attn_implementation(SLOT_ATTENTION)
+        self._cache_kw = _cache_keyword(model)
+        self._decoder = model.get_decoder()
+        self._run = self._decoder
+        if compile:
+            self._run = torch.compile(self._decoder, dynamic=False)
+
+    # ------------------------------------------------------------------ state
+
+    def _init_state(self) -> None:
+        s, k, dev = self.slots_n, max(self.k, 1), self.device
+        z = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
+        self.length = z(s)  # committed cache entries (= position of the last committed token)
+        self.last = z(s)  # last committed token (v_0, fed by the next step)
+        self.drafts, self.logp, self.m = z(s, k), z(s, k, dtype=torch.float32), z(s)
+        self.cand = torch.full((s, self.anchors), -1, dtype=torch.long, device=dev)
+        self.new_count, self.max_new = z(s), z(s)
+        self.eos = torch.full((s, max(1, len(self.eos_ids))), -1, dtype=torch.long, device=dev)
+        self.run = z(s, dtype=torch.bool)
+        self.ema = torch.ones(s, dtype=torch.float32, device=dev)
+        self.paid = z(s, dtype=torch.bool)  # the row drafted a block for its current drafts
+        self.since_probe = z(s)
+
+    def close(self) -> None:
+        """Give the model its own attention back (the scheduler is unusable afterwards)."""
+        self.model.set_attn_implementation(self._restore)
+
+    # ------------------------------------------------------------------ requests
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for s in self.slots if s is not None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.num_running > 0 or bool(self._aborted)
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; a bad one is a ``PromptError`` / ``ConfigError`` naming the problem."""
+
+        if req.request_id in self._ids:
+            raise ConfigError(f"request id {req.request_id!r} is already queued or running")
+        if not req.prompt:
+            raise PromptError(f"request {req.request_id!r}: the prompt is empty; give some tokens")
+        if req.max_new_tokens < 1:
+            raise ConfigError(
+                f"request {req.request_id!r}: max_new_tokens must be at least 1, "
+                f"got {req.max_new_tokens}"
+            )
+        check_context(self.model, [len(req.prompt)], req.max_new_tokens, self.k)
+        if len(req.prompt) + req.max_new_tokens > self.max_len:
+            raise PromptError(
+                f"request {req.request_id!r}: prompt ({len(req.prompt)} tokens) + max_new_tokens "
+                f"({req.max_new_tokens}) exceeds the engine's max_len {self.max_len}; shorten "
+                "the prompt or lower max_new_tokens"
+            )
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        if min(req.prompt) < 0 or max(req.prompt) >= vocab:
+            raise PromptError(
+                f"request {req.request_id!r}: token ids must lie in [0, {vocab}) (the vocabulary)"
+            )
+        if req.eos_ids is not None and len(req.eos_ids) > self.eos.shape[1]:
+            self._widen_eos(len(req.eos_ids))
+        self._ids.add(req.request_id)
+        self.waiting.append(_Slot(req, [int(t) for t in req.prompt]))
+
+    def _widen_eos(self, n: int) -> None:
+        pad = torch.full((self.slots_n, n - self.eos.shape[1]), -1, dtype=torch.long)
+        self.eos = torch.cat([self.eos, pad.to(self.device)], dim=1)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its slot is free before the next step, which emits an "abort" event."""
+        if request_id not in self._ids:
+            return False
+        self._aborted.append(request_id)
+        return True
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit, prefill a chunk, decode once; this step's events (see the module docstring)."""
+        events = self._retire_aborted()
+        self._admit()
+        if any(s is not None and not s.running for s in self.slots):
+            self._prefill()
+        if any(s is not None and s.running for s in self.slots):
+            events += self._decode()
+        return events
+
+    def _retire_aborted(self) -> list[Event]:
+        events = []
+        for rid in self._aborted:
+            self._ids.discard(rid)
+            for i, s in enumerate(self.slots):
+                if s is not None and s.req.request_id == rid:
+                    self._free(i)
+                    events.append(Event(rid, [], True, "abort", len(s.new), s.forwards, 0))
+            for s in list(self.waiting):
+                if s.req.request_id == rid:
+                    self.waiting.remove(s)
+                    events.append(Event(rid, [], True, "abort", 0, 0, 0))
+        self._aborted.clear()
+        return events
+
+    def _free(self, i: int) -> None:
+        self.slots[i] = None
+        self.run[i] = False
+
+    def _admit(self) -> None:
+        for i in range(self.slots_n):
+            if not self.waiting:
+                return
+            if self.slots[i] is None:
+                slot = self.waiting.popleft()
+                self.slots[i] = slot
+                eos = list(slot.req.eos_ids) if slot.req.eos_ids is not None else self.eos_ids
+                row = torch.full((self.eos.shape[1],), -1, dtype=torch.long)
+                row[: len(eos)] = torch.tensor(eos, dtype=torch.long)
+                self.eos[i] = row.to(self.device)
+                self.max_new[i] = slot.req.max_new_tokens
+                self.new_count[i] = 0
+                self.length[i] = 0
+                self.run[i] = False
+
+    # ------------------------------------------------------------------ forwards
+
+    def _forward(
+        self,
+        lo: int,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        anchor: torch.Tensor,
+        length: torch.Tensor,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """Hidden states ``[B, W, H]`` of new tokens written at ``length + t`` in slots ``lo…``."""
+        b, w = ids.shape
+        write = length[:, None] + torch.arange(w, device=ids.device)[None]
+        if causal:
+            plan = ForwardPlan(lo, lo + b, write, w, None, causal=True)
+        else:
+            # keys [0, extent): the committed entries and this forward's; rounded for few shapes
+            extent = min(self.kv.capacity, _round_up(self._max_extent(lo, b, w), 64))
+            mask = step_mask(length, pos, anchor, extent)
+            plan = ForwardPlan(lo, lo + b, write, extent, mask)
+        self.kv.set_plan(plan)
+        out = self._run(
+            input_ids=ids,
+            attention_mask=_NO_MASK if plan.mask is None else plan.mask,  # 4D: passed through
+            position_ids=pos,
+            use_cache=True,
+            fluid_plan=plan,
+            **{self._cache_kw: self.kv},
+        )
+        self.kv.plan = None
+        return out.last_hidden_state
+
+    def _max_extent(self, lo: int, b: int, w: int) -> int:
+        # host-side bound, no device read: every slot's length is at most max_len
+        top = 0
+        for i in range(lo, lo + b):
+            s = self.slots[i]
+            if s is not None:
+                top = max(top, len(s.prompt) + len(s.new))
+        return min(top, self.max_len) + w
+
+    def _prefill(self) -> None:
+        """One forward: every prefilling slot encodes its next chunk of ``prompt[:-1]``."""
+        rows = [i for i, s in enumerate(self.slots) if s is not None and not s.running]
+        lo, hi = rows[0], rows[-1] + 1
+        chunks: dict[int, tuple[int, list[int], bool]] = {}
+        for i in rows:
+            s = self.slots[i]
+            body = s.prompt[:-1]
+            chunk = body[s.prefilled : s.prefilled + self.prefill_chunk]
+            chunks[i] = (s.prefilled, chunk, s.prefilled + len(chunk) >= len(body))
+        width = max(len(c) for _, c, _ in chunks.values())
+        k = self.k
+        draft = k if k > 0 and any(last for _, _, last in chunks.values()) else 0
+        if width == 0 and draft == 0:  # one-token prompts only: nothing to encode
+            for i in rows:
+                self._start(i, None, None)
+            return
+        b = hi - lo
+        ids = torch.full((b, width + draft), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((b, width + draft), dtype=torch.long)
+        anchor = torch.full((b, width + draft), PAD, dtype=torch.long)
+        for i, (start, chunk, last) in chunks.items():
+            r, n = i - lo, len(chunk)
+            if n:
+                ids[r, :n] = torch.tensor(chunk)
+                pos[r, :n] = torch.arange(start, start + n)
+                anchor[r, :n] = MAIN
+            p = len(self.slots[i].prompt)
+            if draft and last and p >= 2:
+                ids[r, width:] = self.mask_id
+                pos[r, width:] = torch.arange(p - 1, p - 1 + draft)
+                anchor[r, width:] = p - 2
+        causal = (
+            draft == 0 and all(start == 0 for start, _, _ in chunks.values()) and b == len(rows)
+        )
+        dev = self.device
+        # self.length of a prefilling slot is what it has encoded; of any other slot, at least its
+        # committed length: this forward's writes land beyond what any row has kept
+        length = self.length[lo:hi].clone()
+        hidden = self._forward(lo, ids.to(dev), pos.to(dev), anchor.to(dev), length, causal)
+        self.prefill_forwards += 1
+        for i, (start, chunk, last) in chunks.items():
+            s = self.slots[i]
+            s.prefilled = start + len(chunk)
+            self.length[i] = s.prefilled
+            if last:
+                r = i - lo
+                p = len(s.prompt)
+                if draft and p >= 2:
+                    self._start(i, hidden[r, width:], hidden[r, width - 1])
+                else:
+                    self._start(i, None, None)
+
+    def _start(
+        self, i: int, slot_hidden: torch.Tensor | None, anchor_hidden: torch.Tensor | None
+    ) -> None:
+        """Slot ``i`` finished its prefill: it decodes from the next step on."""
+        s = self.slots[i]
+        s.running = True
+        self.length[i] = len(s.prompt) - 1
+        self.last[i] = s.prompt[-1]
+        self.ema[i] = 1.0
+        self.since_probe[i] = 0
+        big_m, n_blocks = self._next_shape
+        self._next_shape = (big_m, max(n_blocks, 1 if self.k else 0))
+        if slot_hidden is None or self.k == 0:
+            self.m[i] = 0
+            self.paid[i] = False
+            self.cand[i] = -1
+            if self.k > 0:
+                self.cand[i, 0] = 0  # no drafts yet: draft from v_0 in the first step
+            self.run[i] = True
+            return
+        st = self.head.stats(slot_hidden[None])
+        keep = self.policy.keep(st.entropy, anchor_hidden[None], self.khead)
+        self.drafts[i], self.logp[i] = st.argmax[0], st.max_logprob[0]
+        self.m[i] = keep[0]
+        self.paid[i] = True
+        self.cand[i] = choose_anchors(
+            st.max_logprob, keep, self.anchors, self.coverage, fixed=True
+        )[0]
+        self.run[i] = True
+        m = int(keep[0])  # admission only: not the per-step path
+        self._next_shape = (max(self._next_shape[0], m), self._next_shape[1])
+
+    # ------------------------------------------------------------------ decode
+
+    def _decode(self) -> list[Event]:
+        hi = _pow2(1 + max(i for i, s in enumerate(self.slots) if s is not None and s.running))
+        hi = min(hi, self.slots_n)
+        big_m, n_blocks = self._next_shape
+        big_m = min(_pow2(big_m) if big_m else 0, self.k)
+        n_blocks = self._choose_blocks(hi, big_m, n_blocks)
+        k = self.k
+        dev = self.device
+        run = self.run[:hi]
+        base = self.length[:hi]
+        m = torch.where(run, self.m[:hi].clamp(max=big_m), 0)
+        j = torch.arange(big_m + 1, device=dev)
+        drafts = self.drafts[:hi, :big_m]
+        ids = [torch.cat([self.last[:hi, None], drafts], dim=1)]
+        pos = [base[:, None] + j[None]]
+        anchor = [torch.where(run[:, None] & (j[None] <= m[:, None]), MAIN, PAD)]
+        cand = torch.where(run[:, None], self.cand[:hi, :n_blocks], -1)
+        if n_blocks:
+            c = base[:, None] + cand.clamp(min=0)
+            ids.append(torch.full((hi, n_blocks * k), self.mask_id, dtype=torch.long, device=dev))
+            pos.append((c[:, :, None] + torch.arange(1, k + 1, device=dev)).reshape(hi, -1))
+            blk = torch.where(cand >= 0, c, PAD)
+            anchor.append(blk[:, :, None].expand(hi, n_blocks, k).reshape(hi, -1))
+        ids_t, pos_t, anchor_t = (torch.cat(t, dim=1) for t in (ids, pos, anchor))
+        width = ids_t.shape[1]
+        t0 = time.perf_counter()
+        hidden = self._forward(0, ids_t, pos_t, anchor_t, base)
+        self.decode_forwards += 1
+
+        ar = self.head.argmax(hidden[:, : big_m + 1])
+        match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
+        a = match.long().cumprod(dim=1).sum(dim=1)
+        corr = ar.gather(1, a[:, None])
+        toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)  # [hi, M+1]
+        take = torch.minimum(a + 1, self.max_new[:hi] - self.new_count[:hi])
+        eos = self.eos[:hi]
+        is_eos = (toks[:, :, None] == eos[:, None, :]).any(dim=-1) & (j[None] < take[:, None])
+        hit_eos = is_eos.any(dim=1)
+        take = torch.where(hit_eos, is_eos.long().argmax(dim=1) + 1, take)
+        take = torch.where(run, take, 0)
+        done = run & (hit_eos | (self.new_count[:hi] + take >= self.max_new[:hi]))
+        self.new_count[:hi] += take
+        self.length[:hi] += take
+        self.last[:hi] = torch.where(
+            run, toks.gather(1, (take - 1).clamp(min=0)[:, None])[:, 0], self.last[:hi]
+        )
+        if self.adaptive:
+            paid = self.paid[:hi] & run
+            self.ema[:hi] = torch.where(
+                paid, EMA * self.ema[:hi] + (1 - EMA) * a.float(), self.ema[:hi]
+            )
+        m_next = torch.zeros(hi, dtype=torch.long, device=dev)
+        if n_blocks:
+            hit = cand == a[:, None]
+            has = hit.any(dim=1) & run
+            rows = torch.arange(hi, device=dev)
+            sel = hidden[:, big_m + 1 :].view(hi, n_blocks, k, -1)[rows, hit.long().argmax(dim=1)]
+            st = self.head.stats(sel)
+            keep = self.policy.keep(st.entropy, hidden[rows, a], self.khead)
+            m_next = torch.where(has, keep, 0)
+            self.drafts[:hi], self.logp[:hi] = st.argmax, st.max_logprob
+        self.paid[:hi] = False
+        cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
+        if k:
+            cand_next = choose_anchors(
+                self.logp[:hi], m_next, self.anchors, self.coverage, fixed=True
+            )
+            if self.adaptive:
+                worth = self.ema[:hi] >= self._price(hi)
+                probe = self.since_probe[:hi] >= PROBE_EVERY
+                draft_on = worth | probe
+                self.since_probe[:hi] = torch.where(draft_on, 0, self.since_probe[:hi] + 1)
+                m_next = torch.where(draft_on, m_next, 0)
+                cand_next = torch.where(draft_on[:, None], cand_next, -1)
+            self.paid[:hi] = (cand_next >= 0).any(dim=1) & run
+        self.m[:hi] = m_next
+        self.cand[:hi] = cand_next
+        # the step's one host read: per row take, done, accepted, drafted, tokens; then the shape
+        n_cand = (cand_next >= 0).sum(dim=1)
+        packed = torch.cat(
+            [
+                take[:, None],
+                done[:, None].long(),
+                a[:, None],
+                m[:, None],
+                toks,
+                torch.stack([m_next.max(), n_cand.max()])[None].expand(hi, 2),
+            ],
+            dim=1,
+        ).tolist()
+        self._record_cost(hi, width, time.perf_counter() - t0)
+        self._next_shape = (packed[0][-2], packed[0][-1])
+        return self._events(packed, hi, big_m)
+
+    def _events(self, packed: list[list[int]], hi: int, big_m: int) -> list[Event]:
+        events = []
+        for i in range(hi):
+            s = self.slots[i]
+            if s is None or not s.running:
+                continue
+            take, done, a, m = packed[i][:4]
+            toks = packed[i][4 : 4 + take]
+            s.forwards += 1
+            s.new.extend(toks)
+            self.accept_hist[a] += 1
+            self.k_hist[m] += 1
+            reason = None
+            if done:
+                reason = "stop" if toks and toks[-1] in self._eos_of(i) else "length"
+                self._ids.discard(s.req.request_id)
+                self._free(i)
+            events.append(
+                Event(s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, a)
+            )
+        return events
+
+    def _eos_of(self, i: int) -> list[int]:
+        s = self.slots[i]
+        return list(s.req.eos_ids) if s.req.eos_ids is not None else self.eos_ids
+
+    # ------------------------------------------------------------------ measured costs
+
+    def _record_cost(self, rows: int, width: int, seconds: float) -> None:
+        key = (rows, width)
+        old = self.step_cost.get(key)
+        self.step_cost[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds
+
+    def _cost(self, rows: int, width: int) -> float | None:
+        return self.step_cost.get((rows, width))
+
+    def _price(self, rows: int) -> float:
+        """Accepted drafts per verify that a block must earn: the measured relative extra cost."""
+        k = self.k
+        ar = self._cost(rows, 1)
+        drafted = [c for (r, w), c in self.step_cost.items() if r == rows and w > 1 + k // 2]
+        if ar is None or not drafted:
+            return 0.0  # not measured yet: draft
+        return max(0.0, min(drafted) / ar - 1.0)
+
+    def _choose_blocks(self, rows: int, big_m: int, wanted: int) -> int:
+        if self.k == 0 or wanted <= 1:
+            return min(wanted, 1) if self.k else 0
+        one = self._cost(rows, big_m + 1 + self.k)
+        two = self._cost(rows, big_m + 1 + 2 * self.k)
+        if one is None or two is None:
+            return 2 if two is None else 1  # measure both shapes first
+        return 2 if two <= (1 + BLOCK_MARGIN) * one else 1
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _cache_keyword(model: PreTrainedModel) -> str:
+    """``cache`` on transformers >= 5.24 (``past_key_values`` is deprecated there), else the old."""
+    import inspect
+
+    params = inspect.signature(model.get_decoder().forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def run_requests(
+    sched: Scheduler, requests: Sequence[Request], stream: Any = None
+) -> dict[str, tuple[list[int], Event]]:
+    """Decode ``requests`` to the end; ``stream(index, tokens)`` as tokens commit.
+
+    Returns, per request id, its new tokens and its final event.
+    """
+    index = {r.request_id: n for n, r in enumerate(requests)}
+    out: dict[str, Event] = {}
+    new: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for r in requests:
+        sched.submit(r)
+    for _ in itertools.count():
+        if not sched.has_work():
+            break
+        for ev in sched.step():
+            new[ev.request_id].extend(ev.tokens)
+            if stream is not None and ev.tokens:
+                stream(index[ev.request_id], ev.tokens)
+            if ev.finished:
+                out[ev.request_id] = ev
+    return {rid: (new[rid], out[rid]) for rid in new}
