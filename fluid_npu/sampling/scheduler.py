@@ -61,6 +61,7 @@ PREFILL_CHUNK = 512
 PROBE_EVERY = 16  # steps between probes of a row decoding as AR
 EMA = 0.7  # weight of the past in accept_ema
 BLOCK_MARGIN = 0.15  # a second block per step while it costs less than this much more
+DEFAULT_PRICE = 0.25  # a block's relative cost assumed before it is measured
 DEFAULT_MAX_LEN = 4096
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
 
@@ -414,8 +415,7 @@ class Scheduler:
             st.max_logprob, keep, self.anchors, self.coverage, fixed=True
         )[0]
         self.run[i] = True
-        m = int(keep[0])  # admission only: not the per-step path
-        self._next_shape = (max(self._next_shape[0], m), self._next_shape[1])
+        self._next_shape = (self.k, self._next_shape[1])  # widest: no host read of keep
 
     # ------------------------------------------------------------------ decode
 
@@ -555,7 +555,7 @@ class Scheduler:
         ar = self._cost(rows, 1)
         drafted = [c for (r, w), c in self.step_cost.items() if r == rows and w > 1 + k // 2]
         if ar is None or not drafted:
-            return 0.0  # not measured yet: draft
+            return DEFAULT_PRICE  # until both shapes have run at this batch size
         return max(0.0, min(drafted) / ar - 1.0)
 
     def _choose_blocks(self, rows: int, big_m: int, wanted: int) -> int:

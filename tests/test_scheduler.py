@@ -1,0 +1,195 @@
+"""The decode engine (``Scheduler``): continuous batching that never changes a request's tokens.
+
+Every request's output must equal greedy decoding of it alone (transformers' ``generate``, fp32),
+whatever joins or leaves the batch around it: staggered arrivals, different lengths, EOS mid-way,
+slots refilled, long prompts prefilled in chunks, aborts. The cache is static (the same storage
+from the first step to the last) and a decode step reads the device once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sampling_lossless import chain_model
+
+from fluid_npu.errors import FluidError
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.lossless import compare, hf_greedy
+from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+
+TEXTS = ("hello world", "a", "the quick brown fox jumps", "xyz", "over the lazy dog", "ab")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(mask_token=True)
+
+
+def _greedy_alone(model, prompt: list[int], max_new: int, eos: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    return hf_greedy(model, ids, torch.ones_like(ids), max_new, eos, 0)[0]
+
+
+def _assert_same(model, prompts, ours, theirs, what):
+    real = [d for d in compare(model, prompts, ours, theirs) if not d.tie]
+    assert not real, f"{what}: {real}"
+
+
+@pytest.mark.parametrize("policy", ["ar", "fixed:3", "entropy:6"])
+def test_staggered_arrivals_equal_decoding_alone(tok, policy):
+    model = build_tiny_model("llama", tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    lengths = [9, 4, 12, 7, 10, 5]
+    eos = [_greedy_alone(model, prompts[0], 12, [])[4]]  # row 0 stops mid-way on this token
+    sched = Scheduler(model, tok.mask_token_id, policy=policy, max_batch=3, eos_ids=eos, k_max=4)
+    out: dict[str, list[int]] = {}
+    reasons = {}
+    arrivals = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5]}  # step -> requests arriving before it
+    step = 0
+    while step < 200 and (sched.has_work() or any(k >= step for k in arrivals)):
+        for i in arrivals.get(step, []):
+            sched.submit(Request(f"r{i}", prompts[i], lengths[i]))
+        for ev in sched.step():
+            out.setdefault(ev.request_id, []).extend(ev.tokens)
+            if ev.finished:
+                reasons[ev.request_id] = ev.finish_reason
+        step += 1
+    ours = [out[f"r{i}"] for i in range(len(prompts))]
+    alone = [_greedy_alone(model, p, n, eos) for p, n in zip(prompts, lengths)]
+    _assert_same(model, prompts, ours, alone, policy)
+    assert reasons["r0"] == "stop" and ours[0][-1] == eos[0] and len(ours[0]) < lengths[0]
+    assert all(reasons[f"r{i}"] == "length" for i in (1, 2)), reasons
+    assert sched.num_running == 0 and sched.num_waiting == 0
+
+
+def test_refill_chunked_prefill_and_static_cache(tok):
+    model = build_tiny_model("qwen3", tok, seed=4)
+    prompts = [tok(t * 3)["input_ids"] for t in TEXTS]  # up to 75 tokens: several chunks of 16
+    reqs = [Request(str(i), p, 6 + i) for i, p in enumerate(prompts)]
+    sched = Scheduler(
+        model,
+        tok.mask_token_id,
+        policy="fixed:2",
+        max_batch=2,
+        prefill_chunk=16,
+        eos_ids=[],
+        k_max=4,
+    )
+    storage = [k.data_ptr() for k in sched.kv.keys]
+    results = run_requests(sched, reqs)
+    assert [k.data_ptr() for k in sched.kv.keys] == storage  # nothing reallocated
+    ours = [results[str(i)][0] for i in range(len(prompts))]
+    alone = [_greedy_alone(model, p, 6 + i, []) for i, p in enumerate(prompts)]
+    _assert_same(model, prompts, ours, alone, "refill/chunks")
+    assert sched.prefill_forwards > len(prompts) // 2  # long prompts took several chunks
+
+
+def test_predictable_model_batched_with_other_lengths(tok):
+    model = chain_model(tok, attn_scale=4.0)
+    prompts = [tok(p)["input_ids"] for p in ("abc", "hello p", "xx", "ijk")]
+    reqs = [Request(str(i), p, n) for i, (p, n) in enumerate(zip(prompts, (40, 25, 33, 40)))]
+    eos = [tok.eos_token_id]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=4, eos_ids=eos, k_max=8)
+    results = run_requests(sched, reqs)
+    ours = [results[str(i)][0] for i in range(4)]
+    alone = [_greedy_alone(model, p, r.max_new_tokens, eos) for p, r in zip(prompts, reqs)]
+    _assert_same(model, prompts, ours, alone, "chain")
+    forwards = sum(results[str(i)][1].forwards for i in range(4))
+    assert sum(len(t) for t in ours) / forwards > 1.5  # drafts accepted while batched
+    assert max(sched.accept_hist) >= 3
+
+
+def test_abort_frees_the_slot_and_spares_the_others(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:3]]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=2, eos_ids=[], k_max=4)
+    for i, p in enumerate(prompts):
+        sched.submit(Request(str(i), p, 10))
+    out: dict[str, list[int]] = {"0": [], "1": [], "2": []}
+    events = sched.step()
+    assert {e.request_id for e in events} == {"0", "1"}  # two slots: request 2 waits
+    assert sched.abort("1") and not sched.abort("nope")
+    for ev in events:
+        out[ev.request_id] += ev.tokens
+    finished = {}
+    while sched.has_work():
+        for ev in sched.step():
+            out[ev.request_id] += ev.tokens
+            if ev.finished:
+                finished[ev.request_id] = ev.finish_reason
+    assert finished == {"0": "length", "1": "abort", "2": "length"}
+    for i in (0, 2):  # request 2 took the aborted request's slot
+        _assert_same(
+            model,
+            [prompts[i]],
+            [out[str(i)]],
+            [_greedy_alone(model, prompts[i], 10, [])],
+            f"abort/{i}",
+        )
+
+
+def test_bad_requests_are_clear_errors(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=1, max_len=32)
+    sched.submit(Request("a", [1, 2], 4))
+    cases = {
+        "already queued": Request("a", [1, 2], 4),
+        "empty": Request("b", [], 4),
+        "max_len 32": Request("c", [1] * 30, 4),
+        "vocabulary": Request("d", [10**6], 4),
+        "at least 1": Request("e", [1], 0),
+    }
+    for words, req in cases.items():
+        with pytest.raises(FluidError, match=words):
+            sched.submit(req)
+
+
+def test_decode_step_reads_the_device_once(tok, monkeypatch):
+    model = chain_model(tok, attn_scale=4.0)
+    sched = Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=2, eos_ids=[], k_max=8)
+    for i, p in enumerate(("abc", "xx")):
+        sched.submit(Request(str(i), tok(p)["input_ids"], 30))
+    sched.step()  # admission + prefill (host work is allowed there)
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _orig=original, **k):
+            reads.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    steps = 0
+    while sched.has_work():
+        sched.step()
+        steps += 1
+    monkeypatch.undo()
+    assert steps > 3
+    assert reads.count("tolist") == steps and len(reads) == steps, reads
+
+
+def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
+    model = build_tiny_model("llama", tok, seed=3)  # random: its drafts are almost never right
+    # a block costing half a step more must earn half a token per verify; these earn ~0
+    monkeypatch.setattr(Scheduler, "_price", lambda self, rows: 0.5)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=1, eos_ids=[], k_max=4)
+    widths = []
+    original = sched._record_cost
+    sched._record_cost = lambda rows, width, s: (widths.append(width), original(rows, width, s))
+    results = run_requests(sched, [Request("0", tok("hello")["input_ids"], 60)])
+    assert len(results["0"][0]) == 60
+    late = widths[10:]
+    assert late.count(1) > 0.8 * len(late), widths  # mostly plain AR steps ...
+    assert any(w > 1 for w in late)  # ... which still probe
+
+
+def test_the_price_of_a_block_is_measured(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=4, k_max=4)
+    assert sched._price(2) == pytest.approx(0.25)  # nothing measured: the default
+    sched._record_cost(2, 1, 0.010)
+    sched._record_cost(2, 9, 0.013)
+    sched._record_cost(4, 9, 0.100)  # another batch size does not count
+    assert sched._price(2) == pytest.approx(0.3)
+    sched._record_cost(2, 13, 0.012)  # ... and the cheapest drafting shape sets it
+    assert sched._price(2) == pytest.approx(0.2)
