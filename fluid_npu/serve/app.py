@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,6 +48,7 @@ class ServeConfig:
     max_batch: int
     max_queue: int | None = None  # waiting places beyond the batch; None: unbounded
     api_key: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # shown by /health: policy, device, ...
 
 
 class _Generation:
@@ -282,7 +283,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             return JSONResponse({"status": "engine failed", "error": str(worker.error)}, 503)
         if worker.draining:
             return JSONResponse({"status": "draining"}, 503)
-        return JSONResponse({"status": "ok", "model": config.model_name})
+        return JSONResponse({"status": "ok", "model": config.model_name, "info": config.info})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

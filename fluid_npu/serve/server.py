@@ -88,8 +88,8 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, str]:
-    """Load the model and build the scheduler: ``(scheduler, tokenizer, max_len, policy)``."""
+def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, Any]]:
+    """Load the model, build the scheduler: ``(scheduler, tokenizer, max_len, info)``."""
     import torch
 
     from fluid_npu import device as devices
@@ -112,21 +112,29 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, str]:
     cfg = fluid.model.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     limit = getattr(cfg, "max_position_embeddings", None)
-    max_len = settings.max_len or limit
-    if max_len is None:
-        raise ConfigError("the model's config has no max_position_embeddings; pass --max-len")
-    if limit is not None and max_len > limit:
-        raise ConfigError(f"--max-len {max_len} is over the model's context ({limit} positions)")
+    if settings.max_len is not None and limit is not None and settings.max_len > limit:
+        raise ConfigError(
+            f"--max-len {settings.max_len} is over the model's context ({limit} positions)"
+        )
     scheduler = Scheduler(
         fluid.model,
         fluid.mask_id,
         policy=policy,
         khead=fluid.khead,
         max_batch=settings.max_batch,
-        max_len=max_len,
+        max_len=settings.max_len,  # None: the scheduler's default (the context, at most 4096)
         compile=settings.compile,
     )
-    return scheduler, fluid.tokenizer, max_len, policy
+    max_len = int(getattr(scheduler, "max_len", None) or settings.max_len or limit)
+    info = {
+        "policy": policy,
+        "device": str(dev),
+        "dtype": str(next(fluid.model.parameters()).dtype).removeprefix("torch."),
+        "max_batch": settings.max_batch,
+        "max_len": max_len,
+        "compile": settings.compile,
+    }
+    return scheduler, fluid.tokenizer, max_len, info
 
 
 class DrainingServer(uvicorn.Server):
@@ -155,7 +163,7 @@ def serve(settings: ServeSettings) -> int:
     settings.check()
     sock = bind(settings.host, settings.port)
     try:
-        scheduler, tokenizer, max_len, policy = build_scheduler(settings)
+        scheduler, tokenizer, max_len, info = build_scheduler(settings)
         worker = Worker(scheduler)
         name = settings.served_model_name or settings.model.rstrip("/").split("/")[-1]
         config = ServeConfig(
@@ -164,11 +172,12 @@ def serve(settings: ServeSettings) -> int:
             max_batch=settings.max_batch,
             max_queue=settings.max_queue,
             api_key=settings.api_key,
+            info=info,
         )
         app = create_app(worker, tokenizer, config)
         host, port = sock.getsockname()[:2]
         app.state.banner = (
-            f"fluid: serving {name!r} on http://{host}:{port}/v1 (policy {policy}, "
+            f"fluid: serving {name!r} on http://{host}:{port}/v1 (policy {info['policy']}, "
             f"max batch {settings.max_batch}, context {max_len})"
         )
         uv_config = uvicorn.Config(
