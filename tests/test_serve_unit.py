@@ -13,6 +13,8 @@ from fluid_npu.serve.protocol import APIError, parse_chat, parse_completion
 from fluid_npu.serve.responses import Shape, usage
 from fluid_npu.serve.text import Detokenizer, chat_ids, completion_ids
 
+USER = [{"role": "user", "content": "x"}]
+
 
 @pytest.fixture(scope="module")
 def tok():
@@ -77,14 +79,13 @@ def test_completion_errors_name_the_field(body, param, words):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         "messages[0].content"),
         ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages[0]"),
-        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
-        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-         "response_format"),
-        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
-          "max_completion_tokens": 4}, "max_completion_tokens"),
+        ({"messages": USER, "logprobs": True}, "logprobs"),
+        ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": USER, "max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
         ("not an object", None),
     ],
 )  # fmt: skip
@@ -127,7 +128,7 @@ def _ids(tok, text: str) -> list[int]:
 
 
 def test_detokenizer_streams_the_decoded_text(tok):
-    ids = _ids(tok, "héllo wörld") + [tok.eos_token_id]
+    ids = [*_ids(tok, "héllo wörld"), tok.eos_token_id]
     d = Detokenizer(tok)
     out = "".join(d.add([t]) for t in ids) + d.flush()
     assert out == "héllo wörld" == tok.decode(ids, skip_special_tokens=True)
