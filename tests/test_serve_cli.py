@@ -92,3 +92,13 @@ def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
         fluid["output_tokens_per_s"] / ar["output_tokens_per_s"], rel=1e-2
     )
     assert report["server_args"][:2] == ["--model", model_dir]
+
+
+def test_missing_serve_extra_is_one_clear_error(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a)
+    )
+    assert "pip install -e '.[serve]'" in _error(capsys, ["serve", "--model", "m"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -187,8 +188,11 @@ def _machine(url: str) -> dict[str, Any]:
 
 def _run_one(url: str, s: ServeBenchSettings, prompts: list[str]) -> dict[str, Any]:
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    load_before = os.getloadavg()[0]
     result = asyncio.run(_load(url, s, model, prompts))
     result["machine"] = _machine(url)
+    # the host's 1-minute load average before and after: other work on the machine skews timings
+    result["machine"]["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result
 
 

@@ -48,7 +48,23 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=serve_command)
 
 
+def need_serve_extra() -> None:
+    """FastAPI, uvicorn, prometheus-client and httpx, or one error naming the extra."""
+    import importlib.util
+
+    missing = [
+        name
+        for name in ("fastapi", "uvicorn", "prometheus_client", "httpx")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"fluid serve needs {', '.join(missing)}: pip install -e '.[serve]' (or '.[dev]')"
+        )
+
+
 def serve_command(args: argparse.Namespace) -> int:
+    need_serve_extra()
     from fluid_npu.serve.server import ServeSettings, serve
 
     if not args.model:
@@ -100,6 +116,7 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def bench_serve_command(args: argparse.Namespace) -> int:
+    need_serve_extra()
     from fluid_npu.sampling.cli import command_line
     from fluid_npu.serve.bench import BENCH_KEYS, ServeBenchSettings, run_serve_bench
 

@@ -15,7 +15,8 @@ one thread and the asyncio server never touches it:
 * a failing ``step()`` (a bug, out of memory) ends every open stream with an error and marks the
   worker dead, which ``/health`` reports.
 
-Events cross back with ``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per request.
+A step's events cross back in one ``loop.call_soon_threadsafe`` call, into one ``asyncio.Queue`` per
+request.
 """
 
 from __future__ import annotations
@@ -182,13 +183,16 @@ class Worker:
                 start = time.perf_counter()
                 events = self.scheduler.step()
                 seconds = time.perf_counter() - start
+                delivery = []
                 for ev in events:
                     stream = self.streams.get(ev.request_id)
                     if stream is None:
                         continue
                     if ev.finished:
                         del self.streams[ev.request_id]
-                    self._send(stream.queue.put_nowait, ev)
+                    delivery.append((stream.queue, ev))
+                if delivery:  # one wake-up of the event loop per step, not one per request
+                    self._send(_deliver, delivery)
                 if self.on_step is not None:
                     self.on_step(self.scheduler, events, seconds)
         except BaseException as exc:  # the engine cannot go on: fail every open request loudly
@@ -197,6 +201,11 @@ class Worker:
             for stream in self.streams.values():
                 self._send(stream.queue.put_nowait, exc)
             self.streams.clear()
+
+
+def _deliver(delivery: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, ev in delivery:
+        q.put_nowait(ev)
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:
