@@ -247,23 +247,26 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         work.result()  # an engine failure raises its APIError here
         return JSONResponse(shape.full("".join(pieces), gen.finish_reason, gen.usage()))
 
+    async def answer(request: Request, chat: bool) -> Response:
+        authorize(request)
+        body = await _read_json(request)
+        req = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
+        check_model(req.sampling.model)
+        if isinstance(req, protocol.ChatRequest):
+            ids = chat_ids(tokenizer, req.messages)
+            shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", config.model_name)
+        else:
+            ids = completion_ids(tokenizer, req.prompt)
+            shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", config.model_name)
+        return await generate(request, request.url.path, shape, ids, req.sampling)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        authorize(request)
-        req = protocol.parse_completion(await _read_json(request))
-        check_model(req.sampling.model)
-        ids = completion_ids(tokenizer, req.prompt)
-        shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", config.model_name)
-        return await generate(request, "/v1/completions", shape, ids, req.sampling)
+        return await answer(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        authorize(request)
-        req = protocol.parse_chat(await _read_json(request))
-        check_model(req.sampling.model)
-        ids = chat_ids(tokenizer, req.messages)
-        shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", config.model_name)
-        return await generate(request, "/v1/chat/completions", shape, ids, req.sampling)
+        return await answer(request, chat=True)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -44,42 +44,25 @@ class ServerMetrics:
         self.generation_tokens = Counter(
             "fluid_generation_tokens", "Generated tokens returned", registry=r
         )
-        self.tpf = Histogram(
-            "fluid_request_tpf",
-            "Tokens per decode forward of each finished request",
-            buckets=TPF_BUCKETS,
-            registry=r,
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=r)
+
+        self.tpf = hist(
+            "fluid_request_tpf", "Tokens per decode forward of each finished request", TPF_BUCKETS
         )
-        self.accepted = Histogram(
+        self.accepted = hist(
             "fluid_accepted_draft_tokens",
             "Drafted tokens accepted per request per step",
-            buckets=ACCEPT_BUCKETS,
-            registry=r,
+            ACCEPT_BUCKETS,
         )
-        self.ttft = Histogram(
-            "fluid_time_to_first_token_seconds",
-            "Request arrival to its first token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
+        self.ttft = hist("fluid_time_to_first_token_seconds", "Request arrival to its first token")
+        self.itl = hist(
             "fluid_inter_token_latency_seconds",
             "Time between tokens of one request (each token of a multi-token step at its share)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.e2e = Histogram(
-            "fluid_e2e_request_latency_seconds",
-            "Request arrival to its last token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.step_seconds = Histogram(
-            "fluid_step_seconds",
-            "Duration of one scheduler step",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.e2e = hist("fluid_e2e_request_latency_seconds", "Request arrival to its last token")
+        self.step_seconds = hist("fluid_step_seconds", "Duration of one scheduler step")
         self.running = Gauge("fluid_num_requests_running", "Requests in the batch", registry=r)
         self.waiting = Gauge("fluid_num_requests_waiting", "Requests queued", registry=r)
         info = Gauge("fluid_model_info", "The served model", ["model"], registry=r)
