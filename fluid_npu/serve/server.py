@@ -133,6 +133,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "max_batch": settings.max_batch,
         "max_len": max_len,
         "compile": settings.compile,
+        "torch_threads": torch.get_num_threads(),
     }
     return scheduler, fluid.tokenizer, max_len, info
 
