@@ -1,15 +1,17 @@
 """``fluid bench serve``: a load generator for ``fluid serve``, FLUID against ``ar`` in one run.
 
 For each policy (default: ``khead`` when a K-head is given, else ``entropy``, then ``ar``) a
-``fluid serve`` process is started with the same flags but ``--policy``, warmed up, and sent the
-same ``--num-requests`` streamed requests — prompts taken in turn from the JSONL, arrivals a Poisson
-process at ``--rate`` per second (``inf``: all at once), at most ``--concurrency`` in flight — then
-drained. ``--url`` loads one running server instead.
+``fluid serve`` process is started with the same flags but ``--policy``; all run at once, idle
+while another is loaded. Each is warmed up, then sent the same ``--num-requests`` streamed
+requests — prompts taken in turn from the JSONL, arrivals a Poisson process at ``--rate`` per
+second (``inf``: all at once), at most ``--concurrency`` in flight — in ``--rounds`` slices that
+visit the servers in turn, so a change in the machine's load (a shared box) falls on every policy
+alike; then each is drained. ``--url`` loads one running server instead.
 
-Per policy: generated-token throughput (completion tokens ÷ wall time from the first request to
-the last answer), requests/s, TTFT, ITL (gap between successive streamed chunks: with FLUID one
-chunk holds every token a step committed), TPOT ((end − first token) ÷ (tokens − 1)) and end-to-end
-latency at p50 / p90 / p99, the mean TPF the server reported, and failures. Across policies:
+Per policy: generated-token throughput (completion tokens ÷ the summed wall time of its slices),
+requests/s, TTFT, ITL (gap between successive streamed chunks: with FLUID one chunk holds every
+token a step committed), TPOT ((end − first token) ÷ (tokens − 1)) and end-to-end latency at
+p50 / p90 / p99, the mean TPF the server reported, and failures. Across policies:
 throughput ÷ ``ar``'s and the fraction of outputs identical to ``ar``'s (greedy decoding is
 lossless, so every FLUID output should equal AR's). The JSON (command, machine, versions, every
 figure) is written atomically and a markdown table printed.
@@ -18,12 +20,13 @@ figure) is written atomically and a markdown table printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -34,8 +37,8 @@ from fluid_npu.serve.launch import ServerProcess
 
 BENCH_KEYS = (
     "model", "adapter", "khead", "url", "policies", "prompts", "json", "num_requests", "rate",
-    "concurrency", "max_tokens", "ignore_eos", "chat", "warmup", "seed", "dtype", "device",
-    "max_batch", "max_len", "compile", "mask_token",
+    "concurrency", "max_tokens", "ignore_eos", "chat", "warmup", "rounds", "seed", "dtype",
+    "device", "max_batch", "max_len", "compile", "mask_token",
 )  # fmt: skip
 PERCENTILES = (50, 90, 99)
 GOAL_VS_AR = 3.0
@@ -54,6 +57,7 @@ class ServeBenchSettings:
     ignore_eos: bool = False
     chat: bool = False
     warmup: int = 4
+    rounds: int = 4
     seed: int = 0
     server_args: list[str] = field(default_factory=list)
     command: str = ""
@@ -63,8 +67,11 @@ class ServeBenchSettings:
             raise ConfigError("--num-requests, --concurrency and --max-tokens must be at least 1")
         if not self.rate > 0:
             raise ConfigError(f"--rate must be > 0 requests/s (inf: all at once), got {self.rate}")
-        if self.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.warmup < 0 or not 1 <= self.rounds <= self.num_requests:
+            raise ConfigError(
+                f"--warmup must be >= 0 and --rounds in 1..--num-requests, got {self.warmup}, "
+                f"{self.rounds}"
+            )
         if self.url is not None and self.policies:
             raise ConfigError("--policies needs servers started here (--model), not --url")
 
@@ -125,7 +132,10 @@ async def _one(
     return rec
 
 
-async def _load(url: str, s: ServeBenchSettings, model: str, prompts: list[str]) -> dict[str, Any]:
+async def _load(
+    url: str, s: ServeBenchSettings, model: str, jobs: list[tuple[int, str]], seed: int
+) -> tuple[list[dict[str, Any]], float]:
+    """Send ``jobs`` (index, prompt) with Poisson arrivals; their records and the wall time."""
     limits = httpx.Limits(max_connections=s.concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
         gate = asyncio.Semaphore(s.concurrency)
@@ -134,19 +144,17 @@ async def _load(url: str, s: ServeBenchSettings, model: str, prompts: list[str])
             async with gate:
                 return await _one(client, s, model, prompt)
 
-        await asyncio.gather(*(send(prompts[i % len(prompts)]) for i in range(s.warmup)))
-        rng = random.Random(s.seed)
+        rng = random.Random(seed)
         start = time.perf_counter()
         tasks = []
         due = 0.0
-        for i in range(s.num_requests):
+        for _, prompt in jobs:
             if math.isfinite(s.rate):
                 due += rng.expovariate(s.rate)
                 await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
-            tasks.append(asyncio.ensure_future(send(prompts[i % len(prompts)])))
+            tasks.append(asyncio.ensure_future(send(prompt)))
         records = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - start
-    return summarize(list(records), wall)
+        return list(records), time.perf_counter() - start
 
 
 def summarize(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
@@ -186,18 +194,42 @@ def _machine(url: str) -> dict[str, Any]:
     return {"server": health.get("info", {}), "cpu": _cpu_name(), "versions": versions()}
 
 
-def _run_one(url: str, s: ServeBenchSettings, prompts: list[str]) -> dict[str, Any]:
-    model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-    load_before = os.getloadavg()[0]
-    result = asyncio.run(_load(url, s, model, prompts))
-    result["machine"] = _machine(url)
-    # the host's 1-minute load average before and after: other work on the machine skews timings
-    result["machine"]["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    return result
-
-
 def default_policies(server_args: list[str]) -> tuple[str, ...]:
     return ("khead" if "--khead" in server_args else "entropy", "ar")
+
+
+def run_rounds(urls: dict[str, str], s: ServeBenchSettings, prompts: list[str]) -> dict[str, Any]:
+    """Warm every server, then load them in turn, ``rounds`` times, and summarise each.
+
+    Every server gets the same requests in the same order and arrival times; interleaving the
+    servers round by round spreads a change in the machine's load over all of them alike.
+    """
+    models = {
+        n: httpx.get(f"{u}/v1/models", timeout=30).json()["data"][0]["id"] for n, u in urls.items()
+    }
+    warm = [(i, prompts[i % len(prompts)]) for i in range(s.warmup)]
+    for name, url in urls.items():
+        asyncio.run(_load(url, replace(s, rate=math.inf), models[name], warm, s.seed))
+    jobs = [(i, prompts[i % len(prompts)]) for i in range(s.num_requests)]
+    per_round = math.ceil(len(jobs) / s.rounds)
+    records: dict[str, list[dict[str, Any]]] = {n: [] for n in urls}
+    walls = dict.fromkeys(urls, 0.0)
+    load = [round(os.getloadavg()[0], 2)]
+    for r in range(s.rounds):
+        chunk = jobs[r * per_round : (r + 1) * per_round]
+        for name, url in urls.items():
+            recs, wall = asyncio.run(_load(url, s, models[name], chunk, s.seed + r))
+            records[name] += recs
+            walls[name] += wall
+        load.append(round(os.getloadavg()[0], 2))
+    results = {}
+    for name, url in urls.items():
+        results[name] = summarize(records[name], walls[name])
+        # the host's 1-minute load average at the start and after each round: other work on
+        # the machine skews timings
+        results[name]["machine"] = {**_machine(url), "loadavg_1m": load}
+        _print(name, results[name])
+    return results
 
 
 def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
@@ -206,17 +238,21 @@ def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
 
     s.check()
     prompts = read_prompts(s.prompts)
-    results: dict[str, dict[str, Any]] = {}
     if s.url is not None:
-        results["server"] = _run_one(s.url.rstrip("/"), s, prompts)
+        results = run_rounds({"server": s.url.rstrip("/")}, s, prompts)
     else:
-        for policy in s.policies or default_policies(s.server_args):
-            print(f"bench serve: starting fluid serve --policy {policy}", flush=True)
-            with ServerProcess([*s.server_args, "--policy", policy]) as server:
-                results[policy] = _run_one(server.url, s, prompts)
-            if server.returncode != 0:
-                raise DataError(f"fluid serve --policy {policy} exited with {server.returncode}")
-            _print(policy, results[policy])
+        policies = s.policies or default_policies(s.server_args)
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for policy in policies:
+                print(f"bench serve: starting fluid serve --policy {policy}", flush=True)
+                servers[policy] = stack.enter_context(
+                    ServerProcess([*s.server_args, "--policy", policy])
+                )
+            results = run_rounds({p: srv.url for p, srv in servers.items()}, s, prompts)
+        bad = {p: srv.returncode for p, srv in servers.items() if srv.returncode != 0}
+        if bad:
+            raise DataError(f"fluid serve exited with a non-zero status after the drain: {bad}")
     report = _report(s, results, len(prompts))
     write_json_atomic(s.json_path, report)
     print(table(report))
@@ -250,6 +286,7 @@ def _report(s: ServeBenchSettings, results: dict[str, Any], n_prompts: int) -> d
                 "ignore_eos",
                 "chat",
                 "warmup",
+                "rounds",
                 "seed",
             )
         },

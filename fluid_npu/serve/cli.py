@@ -111,6 +111,7 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-tokens each")
     s.add_argument("--chat", action="store_true", help="send prompts to /v1/chat/completions")
     s.add_argument("--warmup", type=int, default=4, help="untimed requests first, per server")
+    s.add_argument("--rounds", type=int, default=4, help="slices visiting the servers in turn")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     s.set_defaults(handler=bench_serve_command)
 
@@ -135,6 +136,7 @@ def bench_serve_command(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         chat=args.chat,
         warmup=args.warmup,
+        rounds=args.rounds,
         seed=args.seed,
         server_args=_server_args(args),
         command=command_line(["fluid", "bench", "serve"], args, BENCH_KEYS),
