@@ -270,6 +270,8 @@ def _report(s: ServeBenchSettings, results: dict[str, Any], n_prompts: int) -> d
         pairs = [(a, b) for a, b in zip(r["texts"], ar["texts"]) if a is not None and b is not None]
         same[name] = round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
     best = max(vs_ar.values(), default=None)
+    for r in results.values():  # the outputs were needed for the comparison, not in the report
+        r["sample_texts"] = [t for t in r.pop("texts") if t is not None][:2]
     return {
         "benchmark": "serve",
         "command": s.command,
