@@ -38,8 +38,16 @@ setup(
         "cuda": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.15"],
         "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
-        # `fluid serve` / `fluid bench serve`; the openai client is for the tests and examples.
-        "serve": ["fastapi>=0.110", "uvicorn>=0.30", "prometheus-client>=0.20", "httpx>=0.27"],
+        # `fluid serve` / `fluid bench serve` (httptools and uvloop: uvicorn's fast HTTP parser and
+        # event loop, picked up when installed); the openai client is for the tests and examples.
+        "serve": [
+            "fastapi>=0.110",
+            "uvicorn>=0.30",
+            "httptools>=0.6",
+            "uvloop>=0.19; sys_platform != 'win32'",
+            "prometheus-client>=0.20",
+            "httpx>=0.27",
+        ],
         # triton is installed by run_npu.sh except on Ascend, where triton-ascend provides it.
         "dev": [
             "pytest>=8",
@@ -48,6 +56,8 @@ setup(
             "lm-eval>=0.4",
             "fastapi>=0.110",
             "uvicorn>=0.30",
+            "httptools>=0.6",
+            "uvloop>=0.19; sys_platform != 'win32'",
             "prometheus-client>=0.20",
             "httpx>=0.27",
             "openai>=1.40",
