@@ -46,6 +46,27 @@ class PromptError(DataError):
     """A prompt is empty or does not fit the model's context."""
 
 
+DTYPES = {
+    "auto": None,  # the checkpoint's own dtype
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``auto`` (None: the checkpoint's dtype), ``float32``, ``bfloat16`` or ``float16``."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in DTYPES:
+        raise ConfigError(
+            f"--dtype {name!r} is not a compute dtype; choose auto, float32, bfloat16 or float16"
+        )
+    return DTYPES[key]
+
+
 @dataclass
 class GenerateOutput:
     sequences: torch.Tensor  # [B, prompt width + longest new], transformers' layout
@@ -337,14 +358,19 @@ class FluidForCausalLM:
         adapter: str | Path | None = None,
         khead: str | Path | None = None,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         mask_token: str | None = None,
         device: str | torch.device | None = None,
     ) -> FluidForCausalLM:
-        """Base model (+ Stage I adapter, merged) (+ K-head); mismatches are CheckpointErrors."""
+        """Base model (+ Stage I adapter, merged) (+ K-head); mismatches are CheckpointErrors.
+
+        ``dtype``: ``auto`` / None (the checkpoint's), ``float32``, ``bfloat16``, ``float16`` or a
+        ``torch.dtype``: the dtype the model computes in.
+        """
         from fluid_npu.model.adapters import load_fluid
         from fluid_npu.model.khead import load_khead
 
+        dtype = parse_dtype(dtype)
         loaded = load_fluid(model_dir, adapter, dtype=dtype, merge=True, mask_token=mask_token)
         head = None
         if khead is not None:

@@ -28,7 +28,7 @@ import torch
 
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.lossless import compare, hf_greedy
+from fluid_npu.sampling.lossless import compare, exact_match_rate, hf_greedy
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, HorizonError, parse_policy
 from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_file
 from fluid_npu.sampling.stats import GenerateStats
@@ -53,6 +53,8 @@ class BenchSettings:
     command: str | None = None
     repeats: int = 1
     device: str = "auto"
+    dtype: str = "auto"
+    static_baseline: bool = True
 
 
 def check_settings(s: BenchSettings) -> torch.device:
@@ -73,6 +75,9 @@ def check_settings(s: BenchSettings) -> torch.device:
         raise ConfigError(f"batch sizes must be positive integers like 1,8, got {sizes!r}")
     if s.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {s.max_new_tokens}")
+    from fluid_npu.sampling.api import parse_dtype
+
+    parse_dtype(s.dtype)
     return devices.current(force=s.device).device
 
 
@@ -123,16 +128,26 @@ class _Runner:
         ids, mask = left_pad(batch, self.pad)
         return ids.to(self.fluid.device), mask.to(self.fluid.device)
 
-    def hf(self, batches: list[list[list[int]]]) -> list[list[int]]:
+    def hf(self, batches: list[list[list[int]]], cache: str | None = None) -> list[list[int]]:
         out: list[list[int]] = []
         for b in batches:
             ids, mask = self._inputs(b)
             out += hf_greedy(
-                self.fluid.model, ids, mask, self.s.max_new_tokens, self.eos_ids, self.pad
+                self.fluid.model, ids, mask, self.s.max_new_tokens, self.eos_ids, self.pad, cache
             )
         return out
 
     def ours(self, batches: list[list[list[int]]], policy: str, loop: str) -> tuple[list, list]:
+        if loop == "fused":  # the engine: every prompt queued, len(batches[0]) slots refilled
+            prompts = [p for b in batches for p in b]
+            kwargs = dict(self.s.gen_kwargs)
+            kwargs["engine_kwargs"] = {
+                **kwargs.get("engine_kwargs", {}),
+                "max_batch": len(batches[0]),
+            }
+            return decode_batches(
+                self.fluid, [prompts], policy, loop, self.s.max_new_tokens, self.pad, kwargs
+            )
         return decode_batches(
             self.fluid, batches, policy, loop, self.s.max_new_tokens, self.pad, self.s.gen_kwargs
         )
@@ -152,13 +167,18 @@ class _Runner:
 
 def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
     """Run the benchmark described by ``s``; returns (and writes) the report."""
-    from fluid_npu.sampling.api import FluidForCausalLM, eos_and_pad
+    from fluid_npu.sampling.api import FluidForCausalLM, eos_and_pad, parse_dtype
     from fluid_npu.train.io import versions, write_json_atomic
 
     dev = check_settings(s)
     with quiet_loading():
         fluid = FluidForCausalLM.from_pretrained(
-            s.model, s.adapter, s.khead, mask_token=s.mask_token, device=dev
+            s.model,
+            s.adapter,
+            s.khead,
+            mask_token=s.mask_token,
+            device=dev,
+            dtype=parse_dtype(s.dtype),
         )
     model, tok = fluid.model, fluid.tokenizer
     rows_in = read_prompt_file(s.prompts)
@@ -177,13 +197,23 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
         ref, hf_s = run.timed(run.hf, batches)
         n_ref = sum(len(t) for t in ref)
         baseline[bs] = {"tokens": n_ref, "wall_s": hf_s, "tokens_per_s": n_ref / hf_s, "tpf": 1.0}
+        if s.static_baseline:
+            static, st_s = run.timed(run.hf, batches, "static")
+            baseline[bs]["static_cache"] = {
+                "wall_s": st_s,
+                "tokens_per_s": sum(len(t) for t in static) / st_s,
+                "compiled": hasattr(model, "_compiled_call"),  # transformers auto-compiled it
+                "exact_match_rate": exact_match_rate(static, ref),
+            }
         for loop in s.loops:
             for pol in policies:
                 (new, stats), wall = run.timed(run.ours, batches, pol, loop)
                 diffs = compare(model, prompts, new, ref)
                 rows.append(_row(bs, pol, loop, new, stats, wall, baseline[bs], diffs))
+                rows[-1]["exact_match_rate"] = exact_match_rate(new, ref)
                 _print_row(rows[-1])
-    report = _report(s, rows, baseline, len(prompts), versions(), fluid.device)
+    dtype = next(model.parameters()).dtype
+    report = _report(s, rows, baseline, len(prompts), versions(), fluid.device, dtype)
     write_json_atomic(s.json_path, report)
     print(_table(rows))
     best = report["best_lossless_tpf"]
@@ -271,8 +301,17 @@ def _report(
     n_prompts: int,
     vers: dict,
     dev: torch.device,
+    dtype: torch.dtype,
 ) -> dict:
     by_batch = {str(bs): _best(rows, "speedup", bs) for bs in s.batch_sizes}
+    efficiency = {}
+    for bs in s.batch_sizes:
+        best = max(
+            (r for r in rows if r["lossless"] and r["batch_size"] == bs and r["tpf"] > 1.0),
+            key=lambda r: r["speedup"],
+            default=None,
+        )
+        efficiency[str(bs)] = None if best is None else best["speedup"] / best["tpf"]
     return {
         "benchmark": "sampler",
         "command": s.command,
@@ -288,6 +327,9 @@ def _report(
         "baseline": {str(k): v for k, v in baseline.items()},
         "best_lossless_tpf": _best(rows, "tpf"),
         "speedup_by_batch": by_batch,
+        "speedup_vs_generate": by_batch,
+        "overhead_efficiency": efficiency,
+        "dtype": str(dtype).removeprefix("torch."),
         "speedup_b1": _best(rows, "speedup", 1),
         "speedup_b8": _best(rows, "speedup", 8),
         "mismatches": sum(len(r["mismatches"]) for r in rows),

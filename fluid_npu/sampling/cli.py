@@ -2,10 +2,12 @@
 
 ``fluid generate --model DIR [--adapter DIR] [--khead DIR] --policy P --loop L
 (--prompt TEXT | --prompts IN.jsonl --output OUT.jsonl) --max-new-tokens N --batch-size B
-[--chat] [--device D]``:
-one ``--prompt`` streams its text to the terminal as steps commit tokens; a prompts file is
-decoded in batches of ``B`` and written atomically, one JSON line per prompt with ``prompt``,
-``text``, ``token_ids`` (new tokens only), ``forwards`` and ``tpf``. Statistics go to stderr.
+[--chat] [--device D] [--dtype auto|float32|bfloat16|float16]``:
+one ``--prompt`` streams its text to the terminal as steps commit tokens; a prompts file is decoded
+with ``B`` requests in flight (the engine refills a slot as soon as its row finishes; ``--loop
+reference``: consecutive batches of ``B``) and written atomically, one JSON line per prompt with
+``prompt``, ``text``, ``token_ids`` (new tokens only), ``forwards`` and ``tpf``. Statistics go to
+stderr.
 
 ``fluid bench sampler`` is ``fluid_npu.sampling.bench``; it exits with status 1 (after writing its
 report) when any row is not lossless. Bad input raises ``FluidError`` subclasses, which
@@ -55,6 +57,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "force, e.g. npu or cpu; an unavailable one is an error",
     )
     p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (the checkpoint's) | float32 | bfloat16 | float16: the dtype the model runs in",
+    )
+    p.add_argument(
         "--attn-backend",
         default=None,
         help="sdpa (default) | eager | auto | reference | blocked | npu | triton",
@@ -99,6 +106,9 @@ def check_common(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if getattr(args, "batch_size", 1) < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    from fluid_npu.sampling.api import parse_dtype
+
+    parse_dtype(getattr(args, "dtype", "auto"))
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
@@ -115,7 +125,12 @@ def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
 
     with quiet_loading():
         return FluidForCausalLM.from_pretrained(
-            args.model, args.adapter, args.khead, mask_token=args.mask_token, device=dev
+            args.model,
+            args.adapter,
+            args.khead,
+            mask_token=args.mask_token,
+            device=dev,
+            dtype=getattr(args, "dtype", "auto"),
         )
 
 
@@ -150,8 +165,12 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         return _stream_one(fluid, prompts[0].ids, args)
     out_rows = []
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start : start + args.batch_size]
+    # the engine (fused loop) keeps --batch-size slots busy, refilling each as its row finishes;
+    # the reference loop decodes consecutive batches
+    group = len(prompts) if args.loop == "fused" else args.batch_size
+    extra = {"engine_kwargs": {"max_batch": args.batch_size}} if args.loop == "fused" else {}
+    for start in range(0, len(prompts), group):
+        chunk = prompts[start : start + group]
         ids, mask = left_pad([p.ids for p in chunk], pad)
         fluid.generate(
             ids,
@@ -160,6 +179,7 @@ def generate_command(args: argparse.Namespace) -> int:
             policy=args.policy,
             loop=args.loop,
             **gen_kwargs(args),
+            **extra,
         )
         st = fluid.last_stats
         for i, p in enumerate(chunk):
@@ -245,6 +265,7 @@ BENCH_KEYS = (
     "attn_backend",
     "mask_token",
     "device",
+    "dtype",
     "chat",
 )
 
@@ -297,6 +318,7 @@ def bench_command(args: argparse.Namespace) -> int:
         command=command_line(["fluid", "bench", "sampler"], args, BENCH_KEYS),
         repeats=args.repeats,
         device=args.device,
+        dtype=args.dtype,
     )
     report = run_sampler_bench(settings)  # checks the settings before loading the model
     bad = unlossless_rows(report)
