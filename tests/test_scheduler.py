@@ -193,3 +193,27 @@ def test_the_price_of_a_block_is_measured(tok):
     assert sched._price(2) == pytest.approx(0.3)
     sched._record_cost(2, 13, 0.012)  # ... and the cheapest drafting shape sets it
     assert sched._price(2) == pytest.approx(0.2)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(tok):
+    """``compile=True``: the decode step's forward runs under torch.compile (inductor on CPU)."""
+    from torch._dynamo.utils import counters
+
+    model = build_tiny_model("llama", tok, seed=3)
+    p = tok("hello world")["input_ids"]
+    outs = []
+    for compile in (False, True):
+        sched = Scheduler(
+            model,
+            tok.mask_token_id,
+            policy="ar",
+            max_batch=1,
+            max_len=48,
+            eos_ids=[],
+            compile=compile,
+        )
+        outs.append(run_requests(sched, [Request("0", p, 20)])["0"][0])
+        sched.close()
+    assert outs[0] == outs[1] == _greedy_alone(model, p, 20, [])
+    assert counters["stats"]["unique_graphs"] >= 1  # a graph really was captured

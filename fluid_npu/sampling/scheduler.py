@@ -166,9 +166,11 @@ class Scheduler:
         model.set_attn_implementation(SLOT_ATTENTION)
         self._cache_kw = _cache_keyword(model)
         self._decoder = model.get_decoder()
-        self._run = self._decoder
+        self._compiled = None  # the decode step's forward under torch.compile (prefill stays eager)
         if compile:
-            self._run = torch.compile(self._decoder, dynamic=False)
+            # inductor on a CPU; on an accelerator also device graphs ("reduce-overhead")
+            mode = None if self.device.type == "cpu" else "reduce-overhead"
+            self._compiled = torch.compile(self._decoder, dynamic=False, mode=mode)
 
     # ------------------------------------------------------------------ state
 
@@ -301,6 +303,7 @@ class Scheduler:
         anchor: torch.Tensor,
         length: torch.Tensor,
         causal: bool = False,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Hidden states ``[B, W, H]`` of new tokens written at ``length + t`` in slots ``lo…``."""
         b, w = ids.shape
@@ -313,7 +316,12 @@ class Scheduler:
             mask = step_mask(length, pos, anchor, extent)
             plan = ForwardPlan(lo, lo + b, write, extent, mask)
         self.kv.set_plan(plan)
-        out = self._run(
+        run = (
+            self._compiled
+            if (self._compiled is not None and lo == 0 and not causal and compiled)
+            else self._decoder
+        )
+        out = run(
             input_ids=ids,
             attention_mask=_NO_MASK if plan.mask is None else plan.mask,  # 4D: passed through
             position_ids=pos,
@@ -445,7 +453,7 @@ class Scheduler:
         ids_t, pos_t, anchor_t = (torch.cat(t, dim=1) for t in (ids, pos, anchor))
         width = ids_t.shape[1]
         t0 = time.perf_counter()
-        hidden = self._forward(0, ids_t, pos_t, anchor_t, base)
+        hidden = self._forward(0, ids_t, pos_t, anchor_t, base, compiled=True)
         self.decode_forwards += 1
 
         ar = self.head.argmax(hidden[:, : big_m + 1])
