@@ -175,7 +175,10 @@ def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=1, eos_ids=[], k_max=4)
     widths = []
     original = sched._record_cost
-    sched._record_cost = lambda rows, width, s: (widths.append(width), original(rows, width, s))
+    sched._record_cost = lambda rows, width, s, b=0: (
+        widths.append(width),
+        original(rows, width, s, b),
+    )
     results = run_requests(sched, [Request("0", tok("hello")["input_ids"], 60)])
     assert len(results["0"][0]) == 60
     late = widths[10:]

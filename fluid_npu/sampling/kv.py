@@ -64,9 +64,13 @@ def step_mask(
     opened to key 0 so no softmax is empty; their outputs are never read.
     """
     b, w = q_pos.shape
-    new_vis = visibility(AttnMeta.self_attention(q_pos, q_anchor))  # [B, W, W]
     j = torch.arange(extent, device=q_pos.device)
     rel = j[None, :] - length[:, None]  # index among the new tokens, [B, extent]
+    if w == 1:  # one main token per row (AR steps): the committed entries and itself
+        mask = (rel <= 0)[:, None, :] & (q_anchor != PAD)[:, :, None]
+        mask[..., 0] = True
+        return mask[:, None]
+    new_vis = visibility(AttnMeta.self_attention(q_pos, q_anchor))  # [B, W, W]
     in_new = (rel >= 0) & (rel < w)
     new_part = new_vis.gather(2, rel.clamp(0, w - 1)[:, None, :].expand(b, w, extent))
     real = (q_anchor != PAD)[:, :, None]

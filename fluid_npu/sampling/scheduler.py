@@ -160,6 +160,7 @@ class Scheduler:
         self.accept_hist: Counter = Counter()
         self.k_hist: Counter = Counter()
         self.step_cost: dict[tuple[int, int], float] = {}  # (rows, width) -> seconds (EMA)
+        self.block_cost: dict[tuple[int, int], float] = {}  # (rows, blocks) -> seconds (EMA)
         self._next_shape = (0, 0)  # (M, A) of the next decode step, from the last read-back
         register_slot_attention()
         self._restore = attention_kind(model)
@@ -517,7 +518,7 @@ class Scheduler:
             ],
             dim=1,
         ).tolist()
-        self._record_cost(hi, width, time.perf_counter() - t0)
+        self._record_cost(hi, width, time.perf_counter() - t0, n_blocks)
         self._next_shape = (packed[0][-2], packed[0][-1])
         return self._events(packed, hi, big_m)
 
@@ -549,10 +550,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ measured costs
 
-    def _record_cost(self, rows: int, width: int, seconds: float) -> None:
-        key = (rows, width)
-        old = self.step_cost.get(key)
-        self.step_cost[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds
+    def _record_cost(self, rows: int, width: int, seconds: float, blocks: int = 0) -> None:
+        for table, key in ((self.step_cost, (rows, width)), (self.block_cost, (rows, blocks))):
+            old = table.get(key)
+            table[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds
 
     def _cost(self, rows: int, width: int) -> float | None:
         return self.step_cost.get((rows, width))
@@ -567,12 +568,13 @@ class Scheduler:
         return max(0.0, min(drafted) / ar - 1.0)
 
     def _choose_blocks(self, rows: int, big_m: int, wanted: int) -> int:
+        """Blocks for this step: what the drafts' coverage asks for, a second one only while a
+        step with two measures (at this batch size) less than ``1 + BLOCK_MARGIN`` times one."""
         if self.k == 0 or wanted <= 1:
             return min(wanted, 1) if self.k else 0
-        one = self._cost(rows, big_m + 1 + self.k)
-        two = self._cost(rows, big_m + 1 + 2 * self.k)
+        one, two = self.block_cost.get((rows, 1)), self.block_cost.get((rows, 2))
         if one is None or two is None:
-            return 2 if two is None else 1  # measure both shapes first
+            return 2 if two is None else 1  # measure both first
         return 2 if two <= (1 + BLOCK_MARGIN) * one else 1
 
 
