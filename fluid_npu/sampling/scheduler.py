@@ -24,7 +24,9 @@ accepted per verify (``accept_ema``); drafting costs a wider forward, whose pric
 online (step seconds per shape). A row whose drafts earn less than that price decodes as plain AR
 (no block, width 1 when every row does) and probes again every ``PROBE_EVERY`` steps, like vLLM's
 adaptive draft length. ``A`` (blocks per step, at most ``anchors``) is 2 only while the measured
-step with two blocks costs less than ``1 + BLOCK_MARGIN`` times the step with one.
+step with two blocks costs less than ``1 + BLOCK_MARGIN`` times the step with one. These choices
+follow measured time, so they vary run to run (the tokens never do); ``adaptive=False`` turns them
+off: every row always drafts, and ``A`` is what the drafts' coverage asks for (DESIGN §1.3's loop).
 
 Every committed token is an AR argmax of the model, so each request's output equals greedy
 decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py``).
@@ -305,17 +307,22 @@ class Scheduler:
         length: torch.Tensor,
         causal: bool = False,
         compiled: bool = False,
+        rows: list[int] | None = None,
     ) -> torch.Tensor:
-        """Hidden states ``[B, W, H]`` of new tokens written at ``length + t`` in slots ``lo…``."""
+        """Hidden states ``[B, W, H]`` of new tokens written at ``length + t`` in slots ``lo…``
+        (or in the slots ``rows``)."""
         b, w = ids.shape
         write = length[:, None] + torch.arange(w, device=ids.device)[None]
+        slots = range(lo, lo + b) if rows is None else rows
         if causal:
             plan = ForwardPlan(lo, lo + b, write, w, None, causal=True)
         else:
             # keys [0, extent): the committed entries and this forward's; rounded for few shapes
-            extent = min(self.kv.capacity, _round_up(self._max_extent(lo, b, w), 64))
+            extent = min(self.kv.capacity, _round_up(self._max_extent(slots, w), 64))
             mask = step_mask(length, pos, anchor, extent)
             plan = ForwardPlan(lo, lo + b, write, extent, mask)
+        if rows is not None:
+            plan.rows = torch.tensor(rows, dtype=torch.long, device=ids.device)
         self.kv.set_plan(plan)
         run = (
             self._compiled
@@ -333,10 +340,10 @@ class Scheduler:
         self.kv.plan = None
         return out.last_hidden_state
 
-    def _max_extent(self, lo: int, b: int, w: int) -> int:
+    def _max_extent(self, slots: range | list[int], w: int) -> int:
         # host-side bound, no device read: every slot's length is at most max_len
         top = 0
-        for i in range(lo, lo + b):
+        for i in slots:
             s = self.slots[i]
             if s is not None:
                 top = max(top, len(s.prompt) + len(s.new))
@@ -345,7 +352,6 @@ class Scheduler:
     def _prefill(self) -> None:
         """One forward: every prefilling slot encodes its next chunk of ``prompt[:-1]``."""
         rows = [i for i, s in enumerate(self.slots) if s is not None and not s.running]
-        lo, hi = rows[0], rows[-1] + 1
         chunks: dict[int, tuple[int, list[int], bool]] = {}
         for i in rows:
             s = self.slots[i]
@@ -359,12 +365,13 @@ class Scheduler:
             for i in rows:
                 self._start(i, None, None)
             return
-        b = hi - lo
+        b = len(rows)
+        at = {i: r for r, i in enumerate(rows)}  # slot -> row of this forward
         ids = torch.full((b, width + draft), self.pad_id, dtype=torch.long)
         pos = torch.zeros((b, width + draft), dtype=torch.long)
         anchor = torch.full((b, width + draft), PAD, dtype=torch.long)
         for i, (start, chunk, last) in chunks.items():
-            r, n = i - lo, len(chunk)
+            r, n = at[i], len(chunk)
             if n:
                 ids[r, :n] = torch.tensor(chunk)
                 pos[r, :n] = torch.arange(start, start + n)
@@ -374,21 +381,20 @@ class Scheduler:
                 ids[r, width:] = self.mask_id
                 pos[r, width:] = torch.arange(p - 1, p - 1 + draft)
                 anchor[r, width:] = p - 2
-        causal = (
-            draft == 0 and all(start == 0 for start, _, _ in chunks.values()) and b == len(rows)
-        )
+        causal = draft == 0 and all(start == 0 for start, _, _ in chunks.values())
         dev = self.device
-        # self.length of a prefilling slot is what it has encoded; of any other slot, at least its
-        # committed length: this forward's writes land beyond what any row has kept
-        length = self.length[lo:hi].clone()
-        hidden = self._forward(lo, ids.to(dev), pos.to(dev), anchor.to(dev), length, causal)
+        # a prefilling slot's chunk goes right after what it has encoded so far
+        length = torch.tensor([chunks[i][0] for i in rows], dtype=torch.long, device=dev)
+        hidden = self._forward(
+            rows[0], ids.to(dev), pos.to(dev), anchor.to(dev), length, causal, rows=rows
+        )
         self.prefill_forwards += 1
         for i, (start, chunk, last) in chunks.items():
             s = self.slots[i]
             s.prefilled = start + len(chunk)
             self.length[i] = s.prefilled
             if last:
-                r = i - lo
+                r = at[i]
                 p = len(s.prompt)
                 if draft and p >= 2:
                     self._start(i, hidden[r, width:], hidden[r, width - 1])
@@ -433,7 +439,9 @@ class Scheduler:
         hi = min(hi, self.slots_n)
         big_m, n_blocks = self._next_shape
         big_m = min(_pow2(big_m) if big_m else 0, self.k)
-        n_blocks = self._choose_blocks(hi, big_m, n_blocks)
+        if self.adaptive:
+            n_blocks = self._choose_blocks(hi, big_m, n_blocks)
+        n_blocks = min(n_blocks, self.anchors) if self.k else 0
         k = self.k
         dev = self.device
         run = self.run[:hi]
