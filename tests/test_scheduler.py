@@ -194,16 +194,26 @@ def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
     assert any(w > 1 for w in late)  # ... which still probe
 
 
-def test_the_price_of_a_block_is_measured(tok):
+def test_block_length_and_price_follow_the_measured_costs(tok):
     model = build_tiny_model("llama", tok, seed=3)
-    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=4, k_max=4)
-    assert sched._price(2) == pytest.approx(0.25)  # nothing measured: the default
-    sched._record_cost(2, 1, 0.010)
-    sched._record_cost(2, 9, 0.013)
-    sched._record_cost(4, 9, 0.100)  # another batch size does not count
-    assert sched._price(2) == pytest.approx(0.3)
-    sched._record_cost(2, 13, 0.012)  # ... and the cheapest drafting shape sets it
-    assert sched._price(2) == pytest.approx(0.2)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:8", max_batch=4, k_max=8)
+    assert sched._price(4) == pytest.approx(0.25)  # nothing measured: the default
+    assert sched._choose_len(4, 8) == 8
+    for rows, width in ((1, 1), (4, 1), (4, 17), (2, 9)):  # seconds = 4 ms + 0.5 ms per token
+        sched._record_cost(rows, width, 0.004 + 0.0005 * rows * width)
+    c0, c1 = sched._cost_model()
+    assert c0 == pytest.approx(0.004) and c1 == pytest.approx(0.0005)
+    assert sched._price(4) == pytest.approx((0.004 + 0.0005 * 4 * 17) / 0.006 - 1)
+    # drafts accepted up to depth 2 only: at 4 rows, blocks of 2 give the most tokens per second
+    sched.verifies_by_len[8] = 20
+    sched.accepted_by_count[2] = 20
+    assert sched._expected_accept(8) == pytest.approx(2.0)
+    assert sched._choose_len(4, 8) == 2
+    # ... while on a machine where width is free (overhead-bound) the full length wins
+    sched.step_cost.clear()
+    sched._record_cost(1, 1, 0.004)
+    sched._record_cost(4, 17, 0.004)
+    assert sched._choose_len(4, 8) == 8
 
 
 @pytest.mark.slow

@@ -19,14 +19,17 @@ power of two and ``A`` candidate blocks, both decided from the previous step's r
 that do not take part are ``PAD``. So a step's work is a handful of shapes that ``torch.compile``
 (``compile=True``) or a device graph can capture.
 
-**Drafting that pays for itself.** Every row keeps an average of the drafted tokens it got
-accepted per verify (``accept_ema``); drafting costs a wider forward, whose price is measured
-online (step seconds per shape). A row whose drafts earn less than that price decodes as plain AR
-(no block, width 1 when every row does) and probes again every ``PROBE_EVERY`` steps, like vLLM's
-adaptive draft length. ``A`` (blocks per step, at most ``anchors``) is 2 only while the measured
-step with two blocks costs less than ``1 + BLOCK_MARGIN`` times the step with one. These choices
-follow measured time, so they vary run to run (the tokens never do); ``adaptive=False`` turns them
-off: every row always drafts, and ``A`` is what the drafts' coverage asks for (DESIGN §1.3's loop).
+**Drafting that pays for itself.** Step seconds are measured for every shape that runs and fitted
+as ``c0 + c1 · tokens`` (``_cost_model``): overhead-bound steps (a small batch, a CPU-light model)
+make width nearly free, compute-bound ones (a large batch) make it expensive. From that model and
+the acceptance seen so far (accepted drafts per verify at every depth), each step picks its block
+length among ``K``, ``K/2``, ``K/4`` for the most expected tokens per second, and a second block
+only while it adds less than ``BLOCK_MARGIN`` to the step. Every row keeps an average of the drafts
+it got accepted per verify (``ema``); a row whose drafts earn less than a block costs (``_price``)
+decodes as plain AR (no block, width 1 when every row does) and probes again every ``PROBE_EVERY``
+steps, like vLLM's adaptive draft length. These choices follow measured time, so they vary run to
+run (the tokens never do); ``adaptive=False`` turns them off: every row always drafts, and ``A`` is
+what the drafts' coverage asks for (DESIGN §1.3's loop).
 
 Every committed token is an AR argmax of the model, so each request's output equals greedy
 decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py``).
@@ -64,6 +67,8 @@ PROBE_EVERY = 16  # steps between probes of a row decoding as AR
 EMA = 0.7  # weight of the past in accept_ema
 BLOCK_MARGIN = 0.15  # a second block per step while it costs less than this much more
 DEFAULT_PRICE = 0.25  # a block's relative cost assumed before it is measured
+LEN_PROBE_EVERY = 32  # steps between full-length blocks once a shorter one is chosen
+MIN_VERIFIES = 8  # verifies observed before the block length adapts
 DEFAULT_MAX_LEN = 4096
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
 
@@ -162,7 +167,12 @@ class Scheduler:
         self.accept_hist: Counter = Counter()
         self.k_hist: Counter = Counter()
         self.step_cost: dict[tuple[int, int], float] = {}  # (rows, width) -> seconds (EMA)
-        self.block_cost: dict[tuple[int, int], float] = {}  # (rows, blocks) -> seconds (EMA)
+        self._fit: tuple[float, float] | None = None  # the step cost model, see _cost_model
+        self._len = self.k  # the block length chosen last
+        self.verifies_by_len = [0] * (self.k + 1)  # verifies of drafts from blocks of length L
+        self.accepted_by_count = [0] * (self.k + 2)  # verifies that accepted a drafts
+        self._drafted_len = self.k  # block length of the drafts the next step verifies
+        self._len_steps = 0
         self._next_shape = (0, 0)  # (M, A) of the next decode step, from the last read-back
         register_slot_attention()
         self._restore = attention_kind(model)
@@ -439,10 +449,11 @@ class Scheduler:
         hi = min(hi, self.slots_n)
         big_m, n_blocks = self._next_shape
         big_m = min(_pow2(big_m) if big_m else 0, self.k)
-        if self.adaptive:
-            n_blocks = self._choose_blocks(hi, big_m, n_blocks)
         n_blocks = min(n_blocks, self.anchors) if self.k else 0
-        k = self.k
+        k = self.k  # this step's block length
+        if self.adaptive and n_blocks:
+            k = self._len = self._choose_len(hi, big_m)
+            n_blocks = self._choose_blocks(hi, big_m, n_blocks, k)
         dev = self.device
         run = self.run[:hi]
         base = self.length[:hi]
@@ -496,7 +507,7 @@ class Scheduler:
             st = self.head.stats(sel)
             keep = self.policy.keep(st.entropy, hidden[rows, a], self.khead)
             m_next = torch.where(has, keep, 0)
-            self.drafts[:hi], self.logp[:hi] = st.argmax, st.max_logprob
+            self.drafts[:hi, :k], self.logp[:hi, :k] = st.argmax, st.max_logprob
         self.paid[:hi] = False
         cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
         if k:
@@ -528,7 +539,9 @@ class Scheduler:
         ).tolist()
         self._record_cost(hi, width, time.perf_counter() - t0, n_blocks)
         self._next_shape = (packed[0][-2], packed[0][-1])
-        return self._events(packed, hi, big_m)
+        events = self._events(packed, hi, big_m)
+        self._drafted_len = k if n_blocks else 0
+        return events
 
     def _events(self, packed: list[list[int]], hi: int, big_m: int) -> list[Event]:
         events = []
@@ -538,6 +551,9 @@ class Scheduler:
                 continue
             take, done, a, m = packed[i][:4]
             toks = packed[i][4 : 4 + take]
+            if m and self._drafted_len:  # a verify of drafts from a block of _drafted_len
+                self.verifies_by_len[min(self._drafted_len, self.k)] += 1
+                self.accepted_by_count[a] += 1
             s.forwards += 1
             s.new.extend(toks)
             self.accept_hist[a] += 1
@@ -559,30 +575,76 @@ class Scheduler:
     # ------------------------------------------------------------------ measured costs
 
     def _record_cost(self, rows: int, width: int, seconds: float, blocks: int = 0) -> None:
-        for table, key in ((self.step_cost, (rows, width)), (self.block_cost, (rows, blocks))):
-            old = table.get(key)
-            table[key] = seconds if old is None else EMA * old + (1 - EMA) * seconds
+        old = self.step_cost.get((rows, width))
+        self.step_cost[(rows, width)] = seconds if old is None else EMA * old + (1 - EMA) * seconds
+        self._fit = None
 
-    def _cost(self, rows: int, width: int) -> float | None:
-        return self.step_cost.get((rows, width))
+    def _cost_model(self) -> tuple[float, float] | None:
+        """``(c0, c1)``: step seconds ≈ c0 + c1 · tokens in the step, least squares over every
+        shape measured so far (None until two different token counts have run)."""
+        if self._fit is None:
+            pts = [(r * w, t) for (r, w), t in self.step_cost.items()]
+            xs = {x for x, _ in pts}
+            if len(xs) < 2:
+                return None
+            n = len(pts)
+            mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
+            sxx = sum((x - mx) ** 2 for x, _ in pts)
+            c1 = max(0.0, sum((x - mx) * (t - my) for x, t in pts) / sxx)
+            self._fit = (max(my - c1 * mx, 1e-9), c1)
+        return self._fit
+
+    def _step_seconds(self, rows: int, width: int) -> float | None:
+        fit = self._cost_model()
+        return None if fit is None else fit[0] + fit[1] * rows * width
 
     def _price(self, rows: int) -> float:
-        """Accepted drafts per verify that a block must earn: the measured relative extra cost."""
-        k = self.k
-        ar = self._cost(rows, 1)
-        drafted = [c for (r, w), c in self.step_cost.items() if r == rows and w > 1 + k // 2]
-        if ar is None or not drafted:
-            return DEFAULT_PRICE  # until both shapes have run at this batch size
-        return max(0.0, min(drafted) / ar - 1.0)
+        """Accepted drafts per verify that a block must earn: its relative extra cost."""
+        ar = self._step_seconds(rows, 1)
+        drafted = self._step_seconds(rows, 2 * self._len + 1)
+        if ar is None or drafted is None:
+            return DEFAULT_PRICE  # until the cost of steps has been measured
+        return max(0.0, drafted / ar - 1.0)
 
-    def _choose_blocks(self, rows: int, big_m: int, wanted: int) -> int:
-        """Blocks for this step: what the drafts' coverage asks for, a second one only while a
-        step with two measures (at this batch size) less than ``1 + BLOCK_MARGIN`` times one."""
-        if self.k == 0 or wanted <= 1:
-            return min(wanted, 1) if self.k else 0
-        one, two = self.block_cost.get((rows, 1)), self.block_cost.get((rows, 2))
+    def _choose_len(self, rows: int, big_m: int) -> int:
+        """This step's block length: of ``K``, ``K/2`` and ``K/4``, the one with the most expected
+        tokens per second at this batch size — acceptance from the verifies so far, seconds from
+        the measured cost model. The full length runs every ``LEN_PROBE_EVERY`` steps so the
+        acceptance of every depth stays measured."""
+        k = self.k
+        self._len_steps += 1
+        if not self.adaptive or k <= 2 or self._len_steps % LEN_PROBE_EVERY == 0:
+            return k
+        if sum(self.verifies_by_len) < MIN_VERIFIES or self._cost_model() is None:
+            return k
+
+        def rate(n: int) -> float:
+            return (1 + self._expected_accept(n)) / self._step_seconds(rows, min(big_m, n) + 1 + n)
+
+        return max(sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True), key=rate)
+
+    def _expected_accept(self, length: int) -> float:
+        """Expected accepted drafts per verify when blocks hold ``length`` slots (from history)."""
+        total = 0.0
+        reached = sum(self.accepted_by_count)  # verifies that accepted >= j drafts, j = 0 ...
+        tried = sum(self.verifies_by_len)  # verifies whose block reached depth j
+        for j in range(1, length + 1):
+            reached -= self.accepted_by_count[j - 1]
+            tried -= self.verifies_by_len[j - 1]
+            if tried <= 0:
+                break
+            total += reached / tried
+        return total
+
+    def _choose_blocks(self, rows: int, big_m: int, wanted: int, length: int) -> int:
+        """Blocks for this step: what the drafts' coverage asks for, a second one only while the
+        cost model says it adds less than ``BLOCK_MARGIN`` to the step."""
+        if wanted <= 1:
+            return wanted
+        one = self._step_seconds(rows, big_m + 1 + length)
+        two = self._step_seconds(rows, big_m + 1 + 2 * length)
         if one is None or two is None:
-            return 2 if two is None else 1  # measure both first
+            return 1
         return 2 if two <= (1 + BLOCK_MARGIN) * one else 1
 
 
