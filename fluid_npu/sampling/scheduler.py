@@ -419,7 +419,7 @@ class Scheduler:
         s.running = True
         self.length[i] = len(s.prompt) - 1
         self.last[i] = s.prompt[-1]
-        self.ema[i] = 1.0
+        self.ema[i] = max(1.0, self._expected_accept(self._len))  # optimistic: drafts first
         self.since_probe[i] = 0
         big_m, n_blocks = self._next_shape
         self._next_shape = (big_m, max(n_blocks, 1 if self.k else 0))
@@ -499,6 +499,7 @@ class Scheduler:
                 paid, EMA * self.ema[:hi] + (1 - EMA) * a.float(), self.ema[:hi]
             )
         m_next = torch.zeros(hi, dtype=torch.long, device=dev)
+        self.paid[:hi] = False
         if n_blocks:
             hit = cand == a[:, None]
             has = hit.any(dim=1) & run
@@ -508,20 +509,18 @@ class Scheduler:
             keep = self.policy.keep(st.entropy, hidden[rows, a], self.khead)
             m_next = torch.where(has, keep, 0)
             self.drafts[:hi, :k], self.logp[:hi, :k] = st.argmax, st.max_logprob
-        self.paid[:hi] = False
+            self.paid[:hi] = has  # the next verify judges a block this row paid for
         cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
         if k:
             cand_next = choose_anchors(
                 self.logp[:hi], m_next, self.anchors, self.coverage, fixed=True
             )
-            if self.adaptive:
+            if self.adaptive:  # drafts already made are verified; new blocks only where they pay
                 worth = self.ema[:hi] >= self._price(hi)
                 probe = self.since_probe[:hi] >= PROBE_EVERY
                 draft_on = worth | probe
                 self.since_probe[:hi] = torch.where(draft_on, 0, self.since_probe[:hi] + 1)
-                m_next = torch.where(draft_on, m_next, 0)
                 cand_next = torch.where(draft_on[:, None], cand_next, -1)
-            self.paid[:hi] = (cand_next >= 0).any(dim=1) & run
         self.m[:hi] = m_next
         self.cand[:hi] = cand_next
         # the step's one host read: per row take, done, accepted, drafted, tokens; then the shape
