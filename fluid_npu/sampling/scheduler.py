@@ -131,6 +131,7 @@ class Scheduler:
         coverage: float = DEFAULT_COVERAGE,
         adaptive: bool = True,
         compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ConfigError(
@@ -181,9 +182,12 @@ class Scheduler:
         self._decoder = model.get_decoder()
         self._compiled = None  # the decode step's forward under torch.compile (prefill stays eager)
         if compile:
-            # inductor on a CPU; on an accelerator also device graphs ("reduce-overhead")
-            mode = None if self.device.type == "cpu" else "reduce-overhead"
-            self._compiled = torch.compile(self._decoder, dynamic=False, mode=mode)
+            # inductor on a CPU; on an accelerator also device graphs ("reduce-overhead"); an
+            # Ascend graph mode comes as compile_options={"backend": torchair's npu backend}
+            options = dict(compile_options or {})
+            if "backend" not in options:
+                options.setdefault("mode", None if self.device.type == "cpu" else "reduce-overhead")
+            self._compiled = torch.compile(self._decoder, dynamic=False, **options)
 
     # ------------------------------------------------------------------ state
 
