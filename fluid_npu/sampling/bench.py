@@ -1,16 +1,21 @@
 """``fluid bench sampler``: TPF and speed of every policy × loop against transformers' ``generate``.
 
 For each batch size (default 1 and 8) the prompts are decoded in batches, first by transformers'
-greedy ``generate`` (the baseline, timed in the same run), then by the sampler for every policy
+greedy ``generate`` (the baseline, timed in the same run; and with its static cache, which it
+compiles where it auto-compiles), then by the sampler — the decode engine keeping that many
+requests in flight, refilling slots as rows finish — for every policy
 (``ar``, ``fixed:4``, ``fixed:8``, ``entropy``, and ``khead`` when a K-head is given) and loop
 (``fused``, ``reference``). Each row reports TPF and tokens/s, both also as ratios to the baseline,
 and the losslessness check of its tokens against the baseline's (``lossless.compare``: mismatches
 and tolerated numerical ties). Every configuration is warmed up once before it is timed.
 
 Top-level keys: ``best_lossless_tpf`` (the largest TPF among rows without a mismatch; None when
-no row is lossless), ``speedup_by_batch`` (per batch size, the best tokens/s ratio among those rows)
-and its ``speedup_b1`` / ``speedup_b8`` entries, ``mismatches`` (their total over the rows), the
-command, the device the model ran on (type, index, name), the baseline figures and every row. The
+no row is lossless), ``speedup_vs_generate`` (= ``speedup_by_batch``: per batch size, the best
+tokens/s ratio among those rows) and its ``speedup_b1`` / ``speedup_b8`` entries,
+``overhead_efficiency`` (per batch size, that row's speedup ÷ its TPF: how much of the TPF the
+engine turns into speed), ``mismatches`` and ``ties`` (totals over the rows), ``dtype``, the
+command, the device the model ran on (type, index, name), the baseline figures and every row
+(with its ``exact_match_rate``: rows token-identical to ``generate`` in the same dtype). The
 JSON is written atomically and a markdown table is printed. Settings are checked (one
 ``ConfigError`` each) before the model is loaded; ``settings.device`` is ``auto`` (the
 ``fluid_npu.device.current()`` choice) or a device type to force.
@@ -95,10 +100,19 @@ def decode_batches(
     pad: int,
     gen_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[list[int]], list[GenerateStats]]:
-    """The sampler on each batch (left-padded, on ``fluid``'s device): new tokens per prompt and
-    one ``GenerateStats`` per batch."""
+    """The sampler on prompts grouped in batches (on ``fluid``'s device): new tokens per prompt.
+
+    The fused loop runs every prompt through one decode engine with ``len(batches[0])`` slots,
+    each refilled as soon as its row finishes (one ``GenerateStats``); the reference loop decodes
+    each left-padded batch in turn (one ``GenerateStats`` per batch).
+    """
     from fluid_npu.sampling.api import generate
 
+    kwargs = dict(gen_kwargs or {})
+    if loop == "fused" and batches:
+        engine = {**kwargs.get("engine_kwargs", {}), "max_batch": len(batches[0])}
+        kwargs["engine_kwargs"] = engine
+        batches = [[p for b in batches for p in b]]
     new, stats = [], []
     for b in batches:
         ids, mask = left_pad(b, pad)
@@ -111,7 +125,7 @@ def decode_batches(
             loop=loop,
             max_new_tokens=max_new_tokens,
             khead=fluid.khead,
-            **(gen_kwargs or {}),
+            **kwargs,
         )
         new += out.new_tokens
         stats.append(out.stats)
@@ -138,16 +152,6 @@ class _Runner:
         return out
 
     def ours(self, batches: list[list[list[int]]], policy: str, loop: str) -> tuple[list, list]:
-        if loop == "fused":  # the engine: every prompt queued, len(batches[0]) slots refilled
-            prompts = [p for b in batches for p in b]
-            kwargs = dict(self.s.gen_kwargs)
-            kwargs["engine_kwargs"] = {
-                **kwargs.get("engine_kwargs", {}),
-                "max_batch": len(batches[0]),
-            }
-            return decode_batches(
-                self.fluid, [prompts], policy, loop, self.s.max_new_tokens, self.pad, kwargs
-            )
         return decode_batches(
             self.fluid, batches, policy, loop, self.s.max_new_tokens, self.pad, self.s.gen_kwargs
         )
