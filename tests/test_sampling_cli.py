@@ -205,6 +205,29 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     assert all(r["lossless"] for r in report["rows"]) and report["mismatches"] == 0
     assert report["best_lossless_tpf"] >= 1.0 and report["speedup_b1"] > 0
     assert "| batch | loop | policy |" in capsys.readouterr().out
+    assert report["speedup_vs_generate"] == report["speedup_by_batch"]
+    assert set(report["overhead_efficiency"]) == {"1", "8"} and report["dtype"] == "float32"
+    assert all(0.0 <= r["exact_match_rate"] <= 1.0 for r in report["rows"])
+    static = report["baseline"]["1"]["static_cache"]  # transformers' static cache, same run
+    assert static["tokens_per_s"] > 0 and static["exact_match_rate"] == 1.0
+
+
+def test_bench_sampler_in_bf16(dirs, tmp_path):
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "count 1 to 5"}, {"prompt": "ab"}])
+    out = tmp_path / "bench.json"
+    argv = _bench_argv(dirs["model"], src, out, "--dtype", "bfloat16", "--batch-sizes", "2")
+    assert (
+        main([*argv, "--loops", "fused", "--policies", "ar,fixed:2", "--max-new-tokens", "6"]) == 0
+    )
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["dtype"] == "bfloat16" and report["mismatches"] == 0
+
+
+def test_bad_dtype_is_one_clear_error(dirs, tmp_path, capsys):
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "ab"}])
+    assert main(_bench_argv(dirs["model"], src, tmp_path / "o.json", "--dtype", "fp8")) == 2
+    err = capsys.readouterr().err
+    assert "--dtype 'fp8'" in err and "bfloat16" in err and not (tmp_path / "o.json").exists()
 
 
 def _bench_argv(model: str, src: str, out, *extra: str) -> list[str]:
