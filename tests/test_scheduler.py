@@ -62,6 +62,19 @@ def test_staggered_arrivals_equal_decoding_alone(tok, policy):
     assert sched.num_running == 0 and sched.num_waiting == 0
 
 
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [("llama", {"attention_bias": True}), ("qwen2", {}), ("mistral", {})],  # llama+bias: openPangu
+)
+def test_architectures_in_one_batch(tok, arch, extra):
+    model = build_tiny_model(arch, tok, seed=5, **extra)
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:4]]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=3, eos_ids=[], k_max=4)
+    results = run_requests(sched, [Request(str(i), p, 9) for i, p in enumerate(prompts)])
+    ours = [results[str(i)][0] for i in range(len(prompts))]
+    _assert_same(model, prompts, ours, [_greedy_alone(model, p, 9, []) for p in prompts], arch)
+
+
 def test_refill_chunked_prefill_and_static_cache(tok):
     model = build_tiny_model("qwen3", tok, seed=4)
     prompts = [tok(t * 3)["input_ids"] for t in TEXTS]  # up to 75 tokens: several chunks of 16
