@@ -99,6 +99,10 @@ def check_common(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if getattr(args, "batch_size", 1) < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.k_max is not None and args.k_max < 1:
+        raise ConfigError(f"--k-max must be at least 1, got {args.k_max}")
+    if args.anchors < 0:
+        raise ConfigError(f"--anchors must be 0 (every candidate) or more, got {args.anchors}")
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
