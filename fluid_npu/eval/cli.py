@@ -8,7 +8,9 @@ them, 100 by default). ``--policy`` takes several policies and may be repeated; 
 too, first, as the baseline (default: ``khead`` with a K-head, else ``entropy``). The JSON goes to
 ``--json``, the markdown table beside it (``--markdown``) and the two PNGs into ``--plot-dir``
 (default: the JSON's folder); the table is also printed. Every input that needs no model (files,
-rows, few-shot count, sizes, device) is checked before the model is loaded.
+rows, few-shot count, sizes, policies against the sampler's k_max, device) is checked before the
+model is loaded. Exit status 1, after the report is written, when a policy's outputs are not
+identical to AR's (the rule of ``lossless_rule.py``, shared with the demo).
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def khead_k_max(khead: str | None) -> int | None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    """Check every input, load the model, evaluate, write the report; 0 on success."""
+    """Check every input, load the model, evaluate, write the report; 0 on success, 1 (after
+    writing the report) when a policy is not lossless (``eval/lossless_rule.py``)."""
+    from fluid_npu.eval.lossless_rule import lossless_status
     from fluid_npu.eval.report import markdown_table, write_eval_report
     from fluid_npu.eval.runner import run_eval
     from fluid_npu.eval.tasks import read_rows, select_fewshot, task_rows
@@ -141,4 +145,7 @@ def eval_command(args: argparse.Namespace) -> int:
     written = write_eval_report(result, json_path, markdown, plot_dir)
     print(markdown_table(result))
     print("fluid: wrote " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
-    return 0
+    status, message = lossless_status(result, str(json_path))
+    if message:
+        print(message, file=sys.stderr)
+    return status
