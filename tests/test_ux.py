@@ -5,6 +5,7 @@ multi-process runs, errors that name the real cause, and one losslessness rule f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -146,3 +147,74 @@ def test_policy_and_flag_errors_name_real_bounds_and_flags(tmp_path, capsys):
         assert "--anchors must be 0 (every candidate) or more, got -1" in line, line
         line = _one_error(capsys, [*argv, "--k-max", "0"])
         assert "--k-max must be at least 1, got 0" in line, line
+
+
+def test_fluid_eval_fails_when_a_policy_is_not_identical_to_ar(tmp_path, monkeypatch, capsys):
+    """Like ``fluid bench`` and the demo: the JSON is written, then exit status 1."""
+    from fluid_npu.cli import main
+    from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+    from fluid_npu.sampling import bench
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    build_tiny_model("llama", tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "d.jsonl"
+    _write_rows(data, ROWS)
+    argv = ["eval", "--model", str(tmp_path / "model"), "--task", "gsm8k", "--data", str(data)]
+    argv += ["--policy", "fixed:2", "fixed:3", "--max-new-tokens", "6", "--device", "cpu"]
+    assert main([*argv, "--json", str(tmp_path / "same.json")]) == 0  # lossless: status 0
+
+    real = bench.decode_batches
+
+    def decode(fluid, batches, policy, *args):  # fixed:3 answers the first prompt differently
+        new, stats = real(fluid, batches, policy, *args)
+        if policy == "fixed:3" and len(new) == len(ROWS):
+            new[0] = [tok.eos_token_id]
+        return new, stats
+
+    monkeypatch.setattr(bench, "decode_batches", decode)
+    capsys.readouterr()
+    assert main([*argv, "--json", str(tmp_path / "differs.json")]) == 1
+    report = json.loads((tmp_path / "differs.json").read_text())
+    assert report["results"]["fixed:3"]["identical_to_ar"] == 0.5
+    err = capsys.readouterr().err
+    assert "fluid: not lossless: fixed:3 (identical to ar 0.500)" in err
+
+
+@pytest.mark.slow
+def test_demo_recipes_ship_with_the_package(tmp_path):
+    """A pip-installed fluid-npu has no checkout (no configs/): the demo's recipes are package
+    data. Build the wheel from a copy of the sources, unpack it, and load the recipes from there."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for name in ("fluid_npu", "ops"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*pip, "-w", str(tmp_path / "dist"), str(src)], check=True, cwd=src)
+    (wheel,) = (tmp_path / "dist").glob("fluid_npu-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert not (site / "configs").exists()
+    code = (
+        "from fluid_npu.config import load_config\n"
+        "from fluid_npu.demo.pipeline import recipe\n"
+        "for name in ('demo_stage1.yaml', 'demo_stage2.yaml'):\n"
+        "    path = recipe(name)\n"
+        "    print(path, load_config(path, ['model_name_or_path=m']).fluid.stage)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.split("\n")
+    assert lines[0] == f"{site}/fluid_npu/demo/configs/demo_stage1.yaml fluid_stage1"
+    assert lines[1] == f"{site}/fluid_npu/demo/configs/demo_stage2.yaml fluid_stage2"
