@@ -169,3 +169,20 @@ def test_fresh_deletes_only_a_demo_directory(tmp_path, capsys):
     afile.write_text("x")
     assert main(["demo", "--out", str(afile / "run")]) == 2
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_the_recipes_run_by_hand_leave_the_demo_run_alone():
+    """README: `fluid train configs/demo_stage1.yaml` then `... demo_stage2.yaml` after the demo.
+    They read the demo's base and data but write elsewhere: overwriting runs/demo/stage1 would
+    leave the demo reusing evaluations of a model that is gone."""
+    from pathlib import Path
+
+    from fluid_npu.config import load_config
+    from fluid_npu.demo.pipeline import DEFAULT_OUT, recipe
+
+    stage1, stage2 = (load_config(recipe(f"demo_stage{i}.yaml")) for i in (1, 2))
+    for cfg in (stage1, stage2):
+        out = Path(cfg.train.output_dir)
+        assert out != DEFAULT_OUT and DEFAULT_OUT not in out.parents, out
+    assert stage1.model.model_name_or_path == str(DEFAULT_OUT / "base")
+    assert stage2.model.model_name_or_path == stage1.train.output_dir  # the chain by hand
