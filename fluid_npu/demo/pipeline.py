@@ -261,8 +261,8 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         run_sampler_bench(settings)
 
-    b, s1 = "base: tokenizer + AR pretraining", "Stage I (configs/demo_stage1.yaml)"
-    ctl, s2 = "control: Stage I on a random init", "Stage II: K-head (configs/demo_stage2.yaml)"
+    b, s1 = "base: tokenizer + AR pretraining", "Stage I (demo_stage1.yaml)"
+    ctl, s2 = "control: Stage I on a random init", "Stage II: K-head (demo_stage2.yaml)"
     stages.run(b, base / "pretrain_log.json", pretrain)
     stages.run(s1, stage1 / "run.json", lambda: stage1_on(base, stage1), needs=[b])
     stages.run(ctl, scratch / "run.json", control, needs=[b])
