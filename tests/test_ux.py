@@ -218,3 +218,14 @@ def test_demo_recipes_ship_with_the_package(tmp_path):
     lines = run.stdout.split("\n")
     assert lines[0] == f"{site}/fluid_npu/demo/configs/demo_stage1.yaml fluid_stage1"
     assert lines[1] == f"{site}/fluid_npu/demo/configs/demo_stage2.yaml fluid_stage2"
+
+
+def test_eval_names_a_tokenizer_that_encodes_questions_to_nothing(tmp_path):
+    from fluid_npu.errors import DataError
+    from fluid_npu.eval import run_eval
+    from fluid_npu.sampling import FluidForCausalLM
+
+    _qwen2_with_a_word_level_tokenizer(tmp_path / "qwen2")
+    fluid = FluidForCausalLM.from_pretrained(tmp_path / "qwen2")
+    with pytest.raises(DataError, match=r"the tokenizer \(Qwen2Tokenizer.*into no token ids"):
+        run_eval(fluid, "gsm8k", ROWS, ["fixed:2"], max_new_tokens=4, warmup=False)

@@ -4,8 +4,9 @@ transformers 5 picks some tokenizer classes from the checkpoint's ``model_type``
 ``tokenizer_config.json`` (e.g. ``Qwen2Tokenizer`` for every ``qwen2`` checkpoint). Given a
 tokenizer saved in another format (word-level, unigram), that class silently encodes words as no
 ids at all, and every row would fail as "no response tokens" — or train on the EOS token alone.
-``check_tokenizer_encodes`` tries the dataset's own text first and says which class was loaded,
-which class the checkpoint asks for, and what to do.
+``check_tokenizer_encodes`` tries the dataset's own text first (training data in ``loader.py``,
+the questions in ``fluid eval``) and says which class was loaded, which class the checkpoint asks
+for, and what to do.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fluid_npu.data.tokenizer_check import check_tokenizer_encodes
 from fluid_npu.errors import ConfigError
 from fluid_npu.eval.tasks import (
     TASKS,
@@ -96,6 +97,7 @@ def run_eval(
     shots = select_fewshot(fewshot_rows, num_fewshot)
     names = policy_names(fluid, policies, gen_kwargs.get("k_max"))
     tok = fluid.tokenizer
+    check_tokenizer_encodes(tok, [row["question"] for row in rows[:8]])  # it, not the prompts
     prompts = [encode_question(tok, row["question"], shots, chat) for row in rows]
     _, pad = eos_and_pad(fluid.model, pad=tok.pad_token_id)
     batches = split_batches(prompts, batch_size)
