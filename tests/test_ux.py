@@ -73,17 +73,11 @@ def _qwen2_with_a_word_level_tokenizer(directory) -> None:
 
     from fluid_npu.model.tiny import build_tiny_model
 
-    words = ["<s>", "</s>", "<pad>", "<unk>", "<mask>", "count", "to", "letters"]
+    specials = {f"{n}_token": f"<{n}>" for n in ("bos", "eos", "pad", "unk", "mask")}
+    words = [*specials.values(), "count", "to", "letters"]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
     build_tiny_model("qwen2", tok).save_pretrained(directory)
     tok.save_pretrained(directory)
 
