@@ -284,3 +284,12 @@ def test_bad_inputs_api(bigram):
         run_eval(bigram, "gsm8k", ROWS, ["fast"])
     with pytest.raises(DataError, match="does not exist"):
         read_rows("/nonexistent/data.jsonl")
+
+
+def test_a_policy_whose_divergences_are_near_ties_is_lossless():
+    from fluid_npu.eval.lossless_rule import is_lossless
+
+    assert is_lossless({"identical_to_ar": 1.0})
+    assert is_lossless({"identical_to_ar": 0.9, "mismatches": 0, "ties": [{"gap": 0.01}]})
+    assert not is_lossless({"identical_to_ar": 0.9, "mismatches": 1})
+    assert not is_lossless({"identical_to_ar": 0.9})  # not judged: not excused

@@ -206,7 +206,7 @@ def generate(
     ``eos_token_id`` / ``pad_token_id`` default to the model's generation config (as transformers);
     pass ``eos_token_id=[]`` to decode exactly ``max_new_tokens``. ``k_max`` defaults to the
     K-head's (else 16). ``anchors``: the most candidate accept lengths that get a draft block in
-    the fused loop (0 = all), taken until they hold ``coverage`` of the estimated probability.
+    the fused loop, taken until they hold ``coverage`` of the estimated probability.
     ``stream(row, tokens)`` is called as tokens are committed. The fused loop runs on the decode
     engine (``Scheduler``: static KV cache, fixed-shape steps) with every prompt in its own slot;
     ``engine_kwargs`` go to the ``Scheduler`` (``max_batch`` < the number of prompts refills
@@ -217,9 +217,9 @@ def generate(
         raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if anchors < 0 or max_refine < 0 or not 0.0 < refine_threshold <= 1.0 or coverage <= 0:
+    if anchors < 1 or max_refine < 0 or not 0.0 < refine_threshold <= 1.0 or coverage <= 0:
         raise ConfigError(
-            "anchors and max_refine must be >= 0, refine_threshold in (0, 1], coverage > 0"
+            "anchors must be >= 1, max_refine >= 0, refine_threshold in (0, 1], coverage > 0"
         )
     mask_id = _mask_id(model, tokenizer_or_mask_id)
     eos_ids, pad_id = eos_and_pad(model, eos_token_id, pad_token_id)
@@ -304,7 +304,7 @@ def _generate_fused(
         khead=khead,
         eos_ids=eos_ids,
         pad_id=pad_id,
-        anchors=max(1, anchors),
+        anchors=anchors,
         coverage=coverage,
         **engine,
     )

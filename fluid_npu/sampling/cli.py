@@ -48,7 +48,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--anchors",
         type=int,
         default=DEFAULT_ANCHORS,
-        help="fused loop: draft blocks per step (0 = all)",
+        help="fused loop: the most draft blocks per step (the engine adds the second only while "
+        "it is cheap)",
     )
     p.add_argument(
         "--device",
@@ -106,6 +107,12 @@ def check_common(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if getattr(args, "batch_size", 1) < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.k_max is not None and args.k_max < 1:
+        raise ConfigError(f"--k-max must be at least 1, got {args.k_max}")
+    if args.anchors < 1:
+        raise ConfigError(
+            f"--anchors must be at least 1 (the most draft blocks per step), got {args.anchors}"
+        )
     from fluid_npu.sampling.api import parse_dtype
 
     parse_dtype(getattr(args, "dtype", "auto"))
