@@ -41,7 +41,7 @@ import itertools
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -60,6 +60,16 @@ from fluid_npu.sampling.kv import (
     step_mask,
 )
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, Policy, parse_policy
+from fluid_npu.sampling.rules import (
+    ACCEPT,
+    DRAFT,
+    DRAW,
+    SamplingParams,
+    filtered_probs,
+    residual,
+    sample,
+    uniform,
+)
 from fluid_ops.meta import MAIN, PAD
 
 PREFILL_CHUNK = 512
@@ -81,6 +91,8 @@ class Request:
     prompt: list[int]
     max_new_tokens: int
     eos_ids: Sequence[int] | None = None  # None: the scheduler's default EOS ids
+    sampling: SamplingParams | None = None  # None: greedy
+    stop: Sequence[str] = ()  # stop strings, checked on the committed text (needs a tokenizer)
 
 
 @dataclass
@@ -94,13 +106,17 @@ class Event:
     new_tokens: int  # committed so far
     forwards: int  # decode forwards this request took part in so far
     accepted: int  # drafted tokens accepted in this step
+    logprobs: list[float] | None = None  # of ``tokens``, when the request asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # (token id, logprob) best first
 
 
 @dataclass
 class _Slot:
     req: Request
     prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
     prefilled: int = 0  # prompt[:-1] tokens encoded so far
+    stopped: bool = False  # a stop string ended it
     running: bool = False
     forwards: int = 0
     new: list[int] = field(default_factory=list)
@@ -126,6 +142,7 @@ class Scheduler:
         max_len: int | None = None,
         eos_ids: Sequence[int] | None = None,
         pad_id: int | None = None,
+        tokenizer: Any = None,
         prefill_chunk: int = PREFILL_CHUNK,
         anchors: int = DEFAULT_ANCHORS,
         coverage: float = DEFAULT_COVERAGE,
@@ -146,6 +163,7 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.khead = None if khead is None else khead.to(self.device)
         self.mask_id = int(mask_id)
+        self.tokenizer = tokenizer  # decodes committed text for stop strings
         self.eos_ids, self.pad_id = eos_and_pad(model, eos_ids, pad_id)
         cfg = model.config.get_text_config()
         limit = getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_LEN
@@ -204,6 +222,12 @@ class Scheduler:
         self.ema = torch.ones(s, dtype=torch.float32, device=dev)
         self.paid = z(s, dtype=torch.bool)  # the row drafted a block for its current drafts
         self.since_probe = z(s)
+        # sampling (rules.py): per-slot settings, the drafts' q(x) and the slots' hidden states
+        self.temp, self.top_p, self.min_p = (z(s, dtype=torch.float32) for _ in range(3))
+        self.top_k, self.seed = z(s), z(s)
+        self.qprob = z(s, k, dtype=torch.float32)
+        self.dhid: torch.Tensor | None = None  # [slots, K, H], made at the first sampled request
+        self._seeds = itertools.count(1)
 
     def close(self) -> None:
         """Give the model its own attention back (the scheduler is unusable afterwards)."""
@@ -246,10 +270,20 @@ class Scheduler:
             raise PromptError(
                 f"request {req.request_id!r}: token ids must lie in [0, {vocab}) (the vocabulary)"
             )
+        if req.stop and self.tokenizer is None:
+            raise ConfigError(
+                f"request {req.request_id!r} has stop strings but the Scheduler has no tokenizer "
+                "to read the text with; pass Scheduler(..., tokenizer=...)"
+            )
+        if any(not isinstance(x, str) or not x for x in req.stop):
+            raise ConfigError(f"request {req.request_id!r}: stop strings must be non-empty text")
         if req.eos_ids is not None and len(req.eos_ids) > self.eos.shape[1]:
             self._widen_eos(len(req.eos_ids))
         self._ids.add(req.request_id)
-        self.waiting.append(_Slot(req, [int(t) for t in req.prompt]))
+        params = req.sampling or SamplingParams()
+        if params.seed is None and not params.greedy:
+            params = replace(params, seed=next(self._seeds))
+        self.waiting.append(_Slot(req, [int(t) for t in req.prompt], params))
 
     def _widen_eos(self, n: int) -> None:
         pad = torch.full((self.slots_n, n - self.eos.shape[1]), -1, dtype=torch.long)
@@ -309,6 +343,56 @@ class Scheduler:
                 self.new_count[i] = 0
                 self.length[i] = 0
                 self.run[i] = False
+                self._set_sampling(i, slot.params)
+
+    def _set_sampling(self, i: int, params: SamplingParams) -> None:
+        self.temp[i] = params.temperature
+        self.top_k[i] = params.top_k
+        self.top_p[i] = params.top_p
+        self.min_p[i] = params.min_p
+        self.seed[i] = params.seed or 0
+        if not params.greedy and self.dhid is None and self.k:
+            h = self.model.config.get_text_config().hidden_size
+            dtype = next(self.model.parameters()).dtype
+            self.dhid = torch.zeros((self.slots_n, self.k, h), dtype=dtype, device=self.device)
+
+    def _sampling_rows(self, hi: int) -> tuple[bool, bool]:
+        """Whether any slot below ``hi`` samples, and whether any wants logprobs (host flags)."""
+        live = [s.params for s in self.slots[:hi] if s is not None]
+        return any(not p.greedy for p in live), any(p.logprobs for p in live)
+
+    def _filtered(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        t, k, p, m = (x[rows] for x in (self.temp, self.top_k, self.top_p, self.min_p))
+        return filtered_probs(logits, t, k, p, m)
+
+    def _draft(
+        self,
+        rows: slice,
+        hidden: torch.Tensor,
+        anchor_hidden: torch.Tensor,
+        first: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Drafts ``[b, L]``, their log-confidence and how many to keep, from slot hidden states.
+
+        Greedy rows draft the slots' argmax; sampling rows draw from the slots' filtered
+        distribution ``q`` (the draft for position ``first + j`` with that position's DRAFT
+        uniform) and keep ``q(draft)`` and the hidden states for the next step's verify.
+        """
+        st = self.head.stats(hidden)
+        drafts, conf = st.argmax, st.max_logprob
+        lo, hi = rows.start, rows.stop
+        if any(s is not None and not s.params.greedy for s in self.slots[lo:hi]):
+            n = hidden.shape[1]
+            q = self._filtered(self.head.logits(hidden), rows)
+            where = first.to(self.device)[:, None] + torch.arange(n, device=self.device)
+            drawn = sample(q, uniform(self.seed[rows][:, None], where, DRAFT))
+            qp = q.gather(-1, drawn[..., None])[..., 0]
+            sampled = (self.temp[rows] > 0)[:, None]
+            drafts = torch.where(sampled, drawn, drafts)
+            conf = torch.where(sampled, qp.clamp(min=1e-30).log(), conf)
+            self.qprob[rows, :n] = qp
+            self.dhid[rows, :n] = hidden.to(self.dhid.dtype)
+        return drafts, conf, self.policy.keep(st.entropy, anchor_hidden, self.khead)
 
     # ------------------------------------------------------------------ forwards
 
@@ -435,14 +519,14 @@ class Scheduler:
                 self.cand[i, 0] = 0  # no drafts yet: draft from v_0 in the first step
             self.run[i] = True
             return
-        st = self.head.stats(slot_hidden[None])
-        keep = self.policy.keep(st.entropy, anchor_hidden[None], self.khead)
-        self.drafts[i], self.logp[i] = st.argmax[0], st.max_logprob[0]
+        p = len(s.prompt)
+        drafts, conf, keep = self._draft(
+            slice(i, i + 1), slot_hidden[None], anchor_hidden[None], torch.tensor([p])
+        )
+        self.drafts[i], self.logp[i] = drafts[0], conf[0]
         self.m[i] = keep[0]
         self.paid[i] = True
-        self.cand[i] = choose_anchors(
-            st.max_logprob, keep, self.anchors, self.coverage, fixed=True
-        )[0]
+        self.cand[i] = choose_anchors(conf, keep, self.anchors, self.coverage, fixed=True)[0]
         self.run[i] = True
         self._next_shape = (self.k, self._next_shape[1])  # widest: no host read of keep
 
@@ -484,6 +568,12 @@ class Scheduler:
         match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
         a = match.long().cumprod(dim=1).sum(dim=1)
         corr = ar.gather(1, a[:, None])
+        any_sampled, any_lp = self._sampling_rows(hi)
+        logits = None
+        if any_sampled or any_lp:
+            logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
+        if any_sampled:
+            a, corr = self._verify_sampled(logits, drafts, m, base, a, corr, hi, big_m)
         toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)  # [hi, M+1]
         take = torch.minimum(a + 1, self.max_new[:hi] - self.new_count[:hi])
         eos = self.eos[:hi]
@@ -509,10 +599,10 @@ class Scheduler:
             has = hit.any(dim=1) & run
             rows = torch.arange(hi, device=dev)
             sel = hidden[:, big_m + 1 :].view(hi, n_blocks, k, -1)[rows, hit.long().argmax(dim=1)]
-            st = self.head.stats(sel)
-            keep = self.policy.keep(st.entropy, hidden[rows, a], self.khead)
+            first = base + a + 2  # the block's first slot guesses the position after the correction
+            drafted, conf, keep = self._draft(slice(0, hi), sel, hidden[rows, a], first)
             m_next = torch.where(has, keep, 0)
-            self.drafts[:hi, :k], self.logp[:hi, :k] = st.argmax, st.max_logprob
+            self.drafts[:hi, :k], self.logp[:hi, :k] = drafted, conf
             self.paid[:hi] = has  # the next verify judges a block this row paid for
         cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
         if k:
@@ -529,7 +619,7 @@ class Scheduler:
         self.cand[:hi] = cand_next
         # the step's one host read: per row take, done, accepted, drafted, tokens; then the shape
         n_cand = (cand_next >= 0).sum(dim=1)
-        packed = torch.cat(
+        packed_t = torch.cat(
             [
                 take[:, None],
                 done[:, None].long(),
@@ -539,21 +629,54 @@ class Scheduler:
                 torch.stack([m_next.max(), n_cand.max()])[None].expand(hi, 2),
             ],
             dim=1,
-        ).tolist()
+        )
+        n_top = 0
+        if any_lp:  # logprobs of the committed tokens (+ the best alternatives), same read
+            n_top = max(s.params.top_logprobs for s in self.slots[:hi] if s is not None)
+            lp = self._logprobs(logits, hi)
+            parts = [packed_t.double(), lp.gather(-1, toks[..., None])[..., 0].double()]
+            if n_top:
+                top = lp.topk(n_top, dim=-1)
+                parts += [top.indices.flatten(1).double(), top.values.flatten(1).double()]
+            packed_t = torch.cat(parts, dim=1)
+        packed = packed_t.tolist()
         self._record_cost(hi, width, time.perf_counter() - t0, n_blocks)
-        self._next_shape = (packed[0][-2], packed[0][-1])
-        events = self._events(packed, hi, big_m)
+        width_int = 4 + big_m + 1 + 2
+        self._next_shape = (int(packed[0][width_int - 2]), int(packed[0][width_int - 1]))
+        events = self._events(packed, hi, big_m, n_top)
         self._drafted_len = k if n_blocks else 0
         return events
 
-    def _events(self, packed: list[list[int]], hi: int, big_m: int) -> list[Event]:
+    def _events(
+        self, packed: list[list[float]], hi: int, big_m: int, n_top: int = 0
+    ) -> list[Event]:
         events = []
+        w = big_m + 1
         for i in range(hi):
             s = self.slots[i]
             if s is None or not s.running:
                 continue
-            take, done, a, m = packed[i][:4]
-            toks = packed[i][4 : 4 + take]
+            row = packed[i]
+            take, done, a, m = (int(x) for x in row[:4])
+            toks = [int(t) for t in row[4 : 4 + take]]
+            lps = tops = None
+            if s.params.logprobs:
+                at = 4 + w + 2
+                lps = row[at : at + take]
+                if s.params.top_logprobs:
+                    ids = row[at + w : at + w + w * n_top]
+                    vals = row[at + w + w * n_top : at + w + 2 * w * n_top]
+                    n = s.params.top_logprobs
+                    tops = [
+                        [(int(ids[t * n_top + r]), vals[t * n_top + r]) for r in range(n)]
+                        for t in range(take)
+                    ]
+            if s.req.stop and toks:
+                cut = self._stop_cut(s, toks)
+                if cut is not None:
+                    toks, done = toks[:cut], 1
+                    lps = None if lps is None else lps[:cut]
+                    tops = None if tops is None else tops[:cut]
             if m and self._drafted_len:  # a verify of drafts from a block of _drafted_len
                 self.verifies_by_len[min(self._drafted_len, self.k)] += 1
                 self.accepted_by_count[a] += 1
@@ -563,13 +686,69 @@ class Scheduler:
             self.k_hist[m] += 1
             reason = None
             if done:
-                reason = "stop" if toks and toks[-1] in self._eos_of(i) else "length"
+                stopped = toks and (toks[-1] in self._eos_of(i) or s.stopped)
+                reason = "stop" if stopped else "length"
                 self._ids.discard(s.req.request_id)
                 self._free(i)
             events.append(
-                Event(s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, a)
+                Event(
+                    s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, a, lps, tops
+                )
             )
         return events
+
+    def _stop_cut(self, s: _Slot, toks: list[int]) -> int | None:
+        """How many of this step's ``toks`` to keep when one completes a stop string (the one
+        that completes it included, as transformers' ``stop_strings`` cuts), else None."""
+        longest = max(len(x) for x in s.req.stop)
+        before = s.new[-(longest + 8) :]
+        text_before = self.tokenizer.decode(before, skip_special_tokens=False)
+        for n in range(1, len(toks) + 1):
+            text = self.tokenizer.decode(before + toks[:n], skip_special_tokens=False)
+            fresh = text[max(0, len(text_before) - longest + 1) :]
+            if any(x in fresh for x in s.req.stop):
+                s.stopped = True
+                return n
+        return None
+
+    def _logprobs(self, logits: torch.Tensor, hi: int) -> torch.Tensor:
+        """Log-probabilities under the AR distribution after temperature (1 for greedy rows)."""
+        t = torch.where(self.temp[:hi] > 0, self.temp[:hi], 1.0)[:, None, None]
+        return (logits / t).log_softmax(dim=-1)
+
+    def _verify_sampled(
+        self,
+        logits: torch.Tensor,
+        drafts: torch.Tensor,
+        m: torch.Tensor,
+        base: torch.Tensor,
+        a_greedy: torch.Tensor,
+        corr_greedy: torch.Tensor,
+        hi: int,
+        big_m: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative rejection sampling for the sampling rows (``rules.py``); greedy rows keep
+        their argmax results. Returns accepted counts ``[hi]`` and corrections ``[hi, 1]``."""
+        dev = self.device
+        rows = slice(0, hi)
+        p = self._filtered(logits, rows)  # [hi, M+1, V]
+        j = torch.arange(big_m, device=dev)
+        seed = self.seed[:hi]
+        guess = base[:, None] + 1 + j[None]  # the position each draft guesses
+        p_draft = p[:, :big_m].gather(-1, drafts[..., None])[..., 0]
+        u = uniform(seed[:, None], guess, ACCEPT)
+        ok = (u * self.qprob[:hi, :big_m].double() <= p_draft.double()) & (j[None] < m[:, None])
+        a = ok.long().cumprod(dim=1).sum(dim=1)
+        idx = torch.arange(hi, device=dev)
+        p_a = p[idx, a]
+        dist = p_a
+        if self.dhid is not None and big_m:
+            q_a = self._filtered(self.head.logits(self.dhid[idx, a.clamp(max=self.k - 1)]), rows)
+            dist = torch.where((a < m)[:, None], residual(p_a, q_a), p_a)
+        drawn = sample(dist, uniform(seed, base + 1 + a, DRAW))
+        sampled = self.temp[:hi] > 0
+        a = torch.where(sampled, a, a_greedy)
+        return a, torch.where(sampled[:, None], drawn[:, None], corr_greedy)
 
     def _eos_of(self, i: int) -> list[int]:
         s = self.slots[i]
