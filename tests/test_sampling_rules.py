@@ -186,7 +186,7 @@ def test_stop_strings_cut_as_transformers_does(tok, policy):
         model, tok.mask_token_id, policy=policy, max_batch=2, eos_ids=[], k_max=8, tokenizer=tok
     )
     res = run_requests(sched, [Request("s", prompt, 20, stop=stops), Request("n", prompt, 20)])
-    ours, event = res["s"]
+    ours, event = res["s"].tokens, res["s"].final
     assert event.finish_reason == "stop" and tok.decode(ours).endswith("fg")
     assert len(res["n"][0]) == 20  # the other request is not stopped
     ids = torch.tensor([prompt])
@@ -209,3 +209,31 @@ def test_stop_strings_need_a_tokenizer(tok):
     sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=1)
     with pytest.raises(ConfigError, match="tokenizer"):
         sched.submit(Request("a", [1, 2], 4, stop=["x"]))
+
+
+def test_generate_api_takes_transformers_sampling_settings(tok):
+    from transformers import GenerationConfig
+
+    from fluid_npu.sampling import generate
+    from fluid_npu.sampling.api import FluidForCausalLM
+
+    model = chain_model(tok, attn_scale=4.0)
+    ids = torch.tensor([tok("hello p")["input_ids"]] * 2)
+    kw = dict(policy="fixed:4", max_new_tokens=8, eos_token_id=[], k_max=8)
+    a = generate(model, tok, ids, do_sample=True, temperature=T, min_p=MIN_P, seed=7, **kw)
+    b = generate(model, tok, ids[:1], do_sample=True, temperature=T, min_p=MIN_P, seed=7, **kw)
+    c = generate(model, tok, ids[1:], do_sample=True, temperature=T, min_p=MIN_P, seed=8, **kw)
+    assert a.new_tokens == [b.new_tokens[0], c.new_tokens[0]]  # row r is seeded seed + r
+    greedy = generate(model, tok, ids[:1], temperature=T, **kw)  # do_sample=False: greedy
+    assert greedy.new_tokens == generate(model, tok, ids[:1], **kw).new_tokens
+    out = generate(model, tok, ids[:1], logprobs=True, top_logprobs=2, stop_strings="rs", **kw)
+    assert out.finish_reasons == ["stop"] and tok.decode(out.new_tokens[0]).endswith("rs")
+    assert len(out.logprobs[0]) == len(out.new_tokens[0]) == len(out.top_logprobs[0])
+    with pytest.raises(ConfigError, match="fused loop"):
+        generate(model, tok, ids[:1], loop="reference", do_sample=True, **kw)
+    fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
+    config = GenerationConfig(do_sample=True, temperature=T, top_k=0, min_p=MIN_P, max_new_tokens=8)
+    seq = fluid.generate(
+        ids[:1], generation_config=config, seed=7, eos_token_id=[], k_max=8, policy="fixed:4"
+    )
+    assert seq[0, ids.shape[1] :].tolist() == b.new_tokens[0]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,11 @@ from fluid_npu.sampling.engine import Engine, StreamFn, split_prompts
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
 from fluid_npu.sampling.reference import DEFAULT_MAX_REFINE, DEFAULT_REFINE_THRESHOLD, run_reference
+from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.stats import GenerateStats
 
 LOOPS = ("fused", "reference")
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "stop_strings")
 # Measured on CPU: for the sampler's short cached calls the model's own SDPA with a dense bool mask
 # is as fast as or faster than the registered "fluid" attention (blocked / reference back ends).
 DEFAULT_ATTN = "sdpa"
@@ -72,6 +74,9 @@ class GenerateOutput:
     sequences: torch.Tensor  # [B, prompt width + longest new], transformers' layout
     new_tokens: list[list[int]]  # per row, EOS included when it was generated
     stats: GenerateStats
+    finish_reasons: list[str] | None = None  # per row: "stop" (EOS / stop string) or "length"
+    logprobs: list[list[float]] | None = None  # per row and token, when asked for
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
 
 def _mask_id(model: PreTrainedModel, source: PreTrainedTokenizerBase | int | None) -> int:
@@ -200,6 +205,16 @@ def generate(
     attn_backend: str | None = None,
     stream: StreamFn | None = None,
     engine_kwargs: dict[str, Any] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> GenerateOutput:
     """Lossless elastic decoding of a batch of prompts (see the module docstring).
 
@@ -212,6 +227,15 @@ def generate(
     ``engine_kwargs`` go to the ``Scheduler`` (``max_batch`` < the number of prompts refills
     slots as rows finish, ``compile``, ``prefill_chunk``, ``adaptive``). ``attn_backend`` applies
     to the reference loop; the engine runs its own attention over the slot cache.
+
+    Sampling (fused loop), transformers' conventions: ``do_sample=False`` is greedy whatever the
+    other settings; with ``do_sample=True``, ``temperature`` / ``top_k`` (0 = off) / ``top_p``
+    (1.0 = off) / ``min_p`` apply in that order and the output distribution is exactly AR
+    sampling's (``rules.py``). ``seed`` seeds row ``r`` with ``seed + r`` (None: the engine's
+    counter), so a row's tokens do not depend on the batch. ``stop_strings`` end a row on its
+    committed text (cut as transformers cuts; needs the tokenizer, given as the second argument
+    or ``tokenizer=``); ``logprobs`` / ``top_logprobs`` return the committed tokens'
+    log-probabilities under the AR distribution after temperature.
     """
     if loop not in LOOPS:
         raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
@@ -235,8 +259,30 @@ def generate(
     dev = next(model.parameters()).device
     if khead is not None:
         khead = khead.to(dev)
+    if tokenizer is None and isinstance(tokenizer_or_mask_id, PreTrainedTokenizerBase):
+        tokenizer = tokenizer_or_mask_id
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    params = SamplingParams(
+        temperature=temperature if do_sample else 0.0,
+        top_k=top_k if do_sample else 0,
+        top_p=top_p if do_sample else 1.0,
+        min_p=min_p if do_sample else 0.0,
+        seed=seed,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    if do_sample and temperature == 0.0:
+        raise ConfigError("do_sample=True needs temperature > 0 (or do_sample=False for greedy)")
+    if loop != "fused" and (not params.greedy or stops or logprobs):
+        raise ConfigError(
+            "sampling, stop strings and logprobs run on the fused loop (the decode engine); "
+            "use loop='fused'"
+        )
     start = time.perf_counter()
     if loop == "fused":
+        engine = dict(engine_kwargs or {})
+        if stops:
+            engine["tokenizer"] = tokenizer
         return _generate_fused(
             model,
             mask_id,
@@ -252,7 +298,9 @@ def generate(
             coverage=coverage,
             stream=stream,
             start=start,
-            **(engine_kwargs or {}),
+            params=params,
+            stops=stops,
+            **engine,
         )
     with attention(model, attn_backend), torch.inference_mode():
         eng = Engine(
@@ -290,6 +338,8 @@ def _generate_fused(
     coverage: float,
     stream: StreamFn | None,
     start: float,
+    params: SamplingParams,
+    stops: list[str],
     **engine: Any,
 ) -> GenerateOutput:
     from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
@@ -309,7 +359,10 @@ def _generate_fused(
         **engine,
     )
     try:
-        reqs = [Request(str(i), p.tolist(), max_new_tokens) for i, p in enumerate(prompts)]
+        reqs = [
+            Request(str(i), p.tolist(), max_new_tokens, sampling=_row_params(params, i), stop=stops)
+            for i, p in enumerate(prompts)
+        ]
         results = run_requests(sched, reqs, stream)
         devices.synchronize(sched.device)
     finally:
@@ -323,7 +376,22 @@ def _generate_fused(
     stats.new_tokens = [len(t) for t in new]
     stats.row_forwards = [results[str(i)][1].forwards for i in range(len(prompts))]
     stats.finalize()
-    return GenerateOutput(_sequences(ids, new, pad_id), new, stats)
+    done = [results[str(i)] for i in range(len(prompts))]
+    return GenerateOutput(
+        _sequences(ids, new, pad_id),
+        new,
+        stats,
+        finish_reasons=[d.final.finish_reason for d in done],
+        logprobs=[d.logprobs for d in done] if params.logprobs else None,
+        top_logprobs=[d.top_logprobs for d in done] if params.top_logprobs else None,
+    )
+
+
+def _row_params(params: SamplingParams, row: int) -> SamplingParams:
+    """Row ``row``'s settings: a given seed becomes ``seed + row``."""
+    if params.seed is None or params.greedy:
+        return params
+    return replace(params, seed=params.seed + row)
 
 
 def _sequences(ids: torch.Tensor, new: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -393,12 +461,26 @@ class FluidForCausalLM:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         policy: str | None = None,
         loop: str = "fused",
+        generation_config: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Prompt + new tokens ``[B, L]`` like transformers; statistics in ``last_stats``."""
+        """Prompt + new tokens ``[B, L]`` like transformers; statistics in ``last_stats``.
+
+        Greedy unless ``do_sample=True``; the sampling keywords are transformers' (``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``stop_strings``) plus ``seed``, and a
+        ``generation_config`` (a ``transformers.GenerationConfig``) supplies any of them, and
+        ``max_new_tokens`` / ``eos_token_id``, that are not passed explicitly.
+        """
+        if generation_config is not None:
+            for name in (*GENERATION_KEYS, "eos_token_id"):
+                value = getattr(generation_config, name, None)
+                if name not in kwargs and value is not None:
+                    kwargs[name] = value
+            if max_new_tokens is None:
+                max_new_tokens = getattr(generation_config, "max_new_tokens", None)
         if policy is None:
             policy = "khead" if self.khead is not None else "entropy"
         out = generate(
@@ -408,8 +490,9 @@ class FluidForCausalLM:
             attention_mask,
             policy=policy,
             loop=loop,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
             khead=self.khead,
+            tokenizer=kwargs.pop("tokenizer", self.tokenizer),
             **kwargs,
         )
         self.last_output, self.last_stats = out, out.stats

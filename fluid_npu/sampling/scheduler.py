@@ -42,7 +42,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -539,7 +539,12 @@ class Scheduler:
         big_m = min(_pow2(big_m) if big_m else 0, self.k)
         n_blocks = min(n_blocks, self.anchors) if self.k else 0
         k = self.k  # this step's block length
-        if self.adaptive and n_blocks:
+        any_sampled, any_lp = self._sampling_rows(hi)
+        # a sampling row's tokens depend on its drafts (the rejection rule), so while one is in
+        # the batch the block choices stay per-row (no timing-driven shape choices): its seed
+        # then gives the same tokens alone or in any batch
+        adaptive = self.adaptive and not any_sampled
+        if adaptive and n_blocks:
             k = self._len = self._choose_len(hi, big_m)
             n_blocks = self._choose_blocks(hi, big_m, n_blocks, k)
         dev = self.device
@@ -568,7 +573,6 @@ class Scheduler:
         match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
         a = match.long().cumprod(dim=1).sum(dim=1)
         corr = ar.gather(1, a[:, None])
-        any_sampled, any_lp = self._sampling_rows(hi)
         logits = None
         if any_sampled or any_lp:
             logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
@@ -612,7 +616,7 @@ class Scheduler:
             if self.adaptive:  # drafts already made are verified; new blocks only where they pay
                 worth = self.ema[:hi] >= self._price(hi)
                 probe = self.since_probe[:hi] >= PROBE_EVERY
-                draft_on = worth | probe
+                draft_on = worth | probe | (self.temp[:hi] > 0)
                 self.since_probe[:hi] = torch.where(draft_on, 0, self.since_probe[:hi] + 1)
                 cand_next = torch.where(draft_on[:, None], cand_next, -1)
         self.m[:hi] = m_next
@@ -842,25 +846,36 @@ def _cache_keyword(model: PreTrainedModel) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+class Finished(NamedTuple):
+    """A request decoded to the end by ``run_requests``."""
+
+    tokens: list[int]
+    final: Event  # its last event (finish_reason, forwards)
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
 def run_requests(
     sched: Scheduler, requests: Sequence[Request], stream: Any = None
-) -> dict[str, tuple[list[int], Event]]:
-    """Decode ``requests`` to the end; ``stream(index, tokens)`` as tokens commit.
-
-    Returns, per request id, its new tokens and its final event.
-    """
+) -> dict[str, Finished]:
+    """Decode ``requests`` to the end; ``stream(index, tokens)`` as tokens commit."""
     index = {r.request_id: n for n, r in enumerate(requests)}
-    out: dict[str, Event] = {}
+    final: dict[str, Event] = {}
     new: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    lps: dict[str, list[float] | None] = {r.request_id: None for r in requests}
+    tops: dict[str, list | None] = {r.request_id: None for r in requests}
     for r in requests:
         sched.submit(r)
-    for _ in itertools.count():
-        if not sched.has_work():
-            break
+    while sched.has_work():
         for ev in sched.step():
-            new[ev.request_id].extend(ev.tokens)
+            rid = ev.request_id
+            new[rid].extend(ev.tokens)
+            if ev.logprobs is not None:
+                lps[rid] = (lps[rid] or []) + ev.logprobs
+            if ev.top_logprobs is not None:
+                tops[rid] = (tops[rid] or []) + ev.top_logprobs
             if stream is not None and ev.tokens:
-                stream(index[ev.request_id], ev.tokens)
+                stream(index[rid], ev.tokens)
             if ev.finished:
-                out[ev.request_id] = ev
-    return {rid: (new[rid], out[rid]) for rid in new}
+                final[rid] = ev
+    return {rid: Finished(new[rid], final[rid], lps[rid], tops[rid]) for rid in new}
