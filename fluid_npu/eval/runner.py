@@ -29,6 +29,7 @@ from typing import Any
 from fluid_npu.data.tokenizer_check import check_tokenizer_encodes
 from fluid_npu.errors import ConfigError
 from fluid_npu.eval.tasks import (
+    STOP_STRINGS,
     TASKS,
     cut_at_stop,
     encode_question,
@@ -109,10 +110,13 @@ def run_eval(
     outputs: dict[str, list[list[int]]] = {}
     texts: dict[str, list[str]] = {}
     answers: dict[str, list[str | None]] = {}
+    decode_kwargs = dict(gen_kwargs)
+    if loop == "fused":  # decoding ends at the stop strings the outputs are cut at
+        decode_kwargs.setdefault("stop_strings", list(STOP_STRINGS))
     for name in names:
         if warmup:
-            decode_batches(fluid, [prompts[:1]], name, loop, WARMUP_TOKENS, pad, gen_kwargs)
-        new, parts = decode_batches(fluid, batches, name, loop, max_new_tokens, pad, gen_kwargs)
+            decode_batches(fluid, [prompts[:1]], name, loop, WARMUP_TOKENS, pad, decode_kwargs)
+        new, parts = decode_batches(fluid, batches, name, loop, max_new_tokens, pad, decode_kwargs)
         outputs[name] = new
         texts[name] = [tok.decode(t, skip_special_tokens=True) for t in new]
         answers[name] = [extract_answer(cut_at_stop(t)) for t in texts[name]]
