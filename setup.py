@@ -21,6 +21,8 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["fluid_npu", "fluid_npu.*"]), "fluid_ops"],
     package_dir={"fluid_ops": "ops"},
+    # the demo's recipes travel with the package (configs/demo_*.yaml link to them in a checkout)
+    package_data={"fluid_npu.demo": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",

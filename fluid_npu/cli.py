@@ -56,8 +56,18 @@ def _train(args: argparse.Namespace) -> int:
         record = run_stage2(cfg)
     keys = ("train_loss", "loss_ar", "loss_diff", "khead_exact_acc")
     summary = ", ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))
-    print(f"fluid: {cfg.fluid.stage} finished -> {cfg.train.output_dir} ({summary})")
+    if is_main_process():  # torchrun runs one process per device: one line, not one per rank
+        print(f"fluid: {cfg.fluid.stage} finished -> {cfg.train.output_dir} ({summary})")
     return 0
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0 of a distributed run (or not a distributed run at all)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:

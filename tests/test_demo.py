@@ -118,8 +118,6 @@ def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert all(base[k].shape == scratch[k].shape for k in base)
     assert not torch.equal(base["model.embed_tokens.weight"], scratch["model.embed_tokens.weight"])
     assert task_rows("demo", data=out / "data" / "test.jsonl") == demo_split("test", 4)
-    lm_eval_task = (out / "data" / "lm_eval" / "fluid_demo.yaml").read_text()
-    assert str((out / "data" / "test.jsonl").resolve()) in lm_eval_task
 
     before = _files(out)
     assert main(argv) == 0
@@ -143,6 +141,22 @@ def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert third.count(": running") == 3  # Stage II, the FLUID evaluation and the bench
     assert "eval: FLUID model (ar, fixed, entropy, khead): running again (after Stage II" in third
 
+    # the run directory survives a move: the files that point at others point inside, relatively
+    moved = tmp_path / "elsewhere" / "moved demo"
+    moved.parent.mkdir()
+    out.rename(moved)
+    for name in ("stages.json", "summary.json", "data/lm_eval/fluid_demo.yaml"):
+        assert str(tmp_path) not in (moved / name).read_text(), name
+    links = re.findall(r"\]\(([^)]+)\)", (moved / "report.md").read_text())
+    assert links and all((moved / link).is_file() for link in links)
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=str(moved / "data" / "lm_eval"), include_defaults=False)
+    docs = list(get_task_dict(["fluid_demo"], manager)["fluid_demo"].test_docs())
+    assert docs == demo_split("test", 4)
+    assert main([*argv[:2], str(moved), *argv[3:]]) == 0
+    assert capsys.readouterr().out.count("done, reused") == 8
+
 
 def test_fresh_deletes_only_a_demo_directory(tmp_path, capsys):
     keep = tmp_path / "notes"
@@ -155,3 +169,20 @@ def test_fresh_deletes_only_a_demo_directory(tmp_path, capsys):
     afile.write_text("x")
     assert main(["demo", "--out", str(afile / "run")]) == 2
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_the_recipes_run_by_hand_leave_the_demo_run_alone():
+    """README: `fluid train configs/demo_stage1.yaml` then `... demo_stage2.yaml` after the demo.
+    They read the demo's base and data but write elsewhere: overwriting runs/demo/stage1 would
+    leave the demo reusing evaluations of a model that is gone."""
+    from pathlib import Path
+
+    from fluid_npu.config import load_config
+    from fluid_npu.demo.pipeline import DEFAULT_OUT, recipe
+
+    stage1, stage2 = (load_config(recipe(f"demo_stage{i}.yaml")) for i in (1, 2))
+    for cfg in (stage1, stage2):
+        out = Path(cfg.train.output_dir)
+        assert out != DEFAULT_OUT and DEFAULT_OUT not in out.parents, out
+    assert stage1.model.model_name_or_path == str(DEFAULT_OUT / "base")
+    assert stage2.model.model_name_or_path == stage1.train.output_dir  # the chain by hand

@@ -284,3 +284,29 @@ def test_bad_inputs_api(bigram):
         run_eval(bigram, "gsm8k", ROWS, ["fast"])
     with pytest.raises(DataError, match="does not exist"):
         read_rows("/nonexistent/data.jsonl")
+
+
+def test_a_policy_whose_divergences_are_near_ties_is_lossless():
+    from fluid_npu.eval.lossless_rule import is_lossless
+
+    assert is_lossless({"identical_to_ar": 1.0})
+    assert is_lossless({"identical_to_ar": 0.9, "mismatches": 0, "ties": [{"gap": 0.01}]})
+    assert not is_lossless({"identical_to_ar": 0.9, "mismatches": 1})
+    assert not is_lossless({"identical_to_ar": 0.9})  # not judged: not excused
+
+
+def test_decoding_ends_at_the_stop_strings(bigram, monkeypatch):
+    """fluid eval hands its stop strings to the sampler, so no policy decodes past them."""
+    from fluid_npu.eval.tasks import STOP_STRINGS
+    from fluid_npu.sampling import bench
+
+    seen = []
+    real = bench.decode_batches
+
+    def spy(fluid, batches, policy, loop, max_new, pad, kwargs):
+        seen.append(kwargs.get("stop_strings"))
+        return real(fluid, batches, policy, loop, max_new, pad, kwargs)
+
+    monkeypatch.setattr(bench, "decode_batches", spy)
+    run_eval(bigram, "gsm8k", ROWS, ["fixed:2"], max_new_tokens=12, warmup=False)
+    assert seen and all(s == list(STOP_STRINGS) for s in seen)

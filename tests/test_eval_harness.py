@@ -110,13 +110,18 @@ def test_model_args_errors(tmp_path):
 
 @pytest.mark.slow
 def test_simple_evaluate_on_a_local_task(tmp_path, tok):
-    """lm-eval's gsm8k filters on a local JSONL, through model_args: the same accuracy as ours."""
+    """lm-eval's gsm8k filters on a local JSONL, through model_args: the same accuracy as ours.
+    The task and its data are moved after being written, as a copied run directory is."""
     model_dir = tmp_path / "bigram"
     bigram_model(tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    data = write_jsonl(tmp_path / "test.jsonl", ROWS)
-    tasks = tmp_path / "tasks"
-    write_lm_eval_task(tasks, "tiny_gsm8k", data, max_gen_toks=12, cache_dir=tmp_path / "hf-cache")
+    (tmp_path / "run").mkdir()
+    data = write_jsonl(tmp_path / "run" / "test.jsonl", ROWS)
+    write_lm_eval_task(
+        tmp_path / "run" / "tasks", "tiny_gsm8k", data, max_gen_toks=12, cache_dir=tmp_path / "hf"
+    )
+    (tmp_path / "run").rename(tmp_path / "moved run")
+    tasks = tmp_path / "moved run" / "tasks"
     result = simple_evaluate(
         model="fluid",
         model_args=f"model={model_dir},policy=fixed:3,batch_size=2,device=cpu",

@@ -89,6 +89,38 @@ def test_generate_prompts_file(dirs, tmp_path):
         assert r["token_ids"] == toks and len(toks) <= 6
         assert r["text"] == tok.decode(toks, skip_special_tokens=True)
         assert r["forwards"] >= 1 and r["tpf"] == pytest.approx(len(toks) / r["forwards"])
+        assert r["finish_reason"] in ("stop", "length")
+
+
+def test_generate_samples_with_a_seed_and_stops(dirs, tmp_path):
+    src = _write_prompts(tmp_path / "in.jsonl", [{"prompt": "hello there"}, {"prompt": "a"}])
+    base = ["generate", "--model", dirs["model"], "--prompts", src, "--policy", "fixed:3"]
+    flags = ["--temperature", "0.9", "--top-k", "20", "--seed", "3", "--max-new-tokens", "8"]
+    runs = []
+    for n, size in enumerate(("1", "2")):  # the same seed, alone or batched: the same tokens
+        out = tmp_path / f"s{n}.jsonl"
+        argv = [*base, *flags, "--batch-size", size, "--logprobs", "2", "--output", str(out)]
+        assert main(argv) == 0
+        runs.append([json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()])
+    assert [r["token_ids"] for r in runs[0]] == [r["token_ids"] for r in runs[1]]
+    row = runs[0][0]
+    assert len(row["logprobs"]) == len(row["token_ids"]) == len(row["top_logprobs"])
+    assert all(len(t) == 2 for t in row["top_logprobs"])
+    text = row["text"]
+    stop = text[2:4] if len(text) >= 4 else text[-1]  # a stop string this run produces
+    out = tmp_path / "stop.jsonl"
+    assert main([*base, *flags, "--stop", stop, "--output", str(out)]) == 0
+    first = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+    assert first["finish_reason"] == "stop" and first["text"].endswith(stop)
+    assert text.startswith(first["text"])
+
+
+def test_sampling_flags_are_checked_before_loading(dirs, capsys):
+    base = ["generate", "--model", dirs["model"], "--prompt", "hi"]
+    assert main([*base, "--top-p", "0"]) == 2
+    assert "--top-p must lie in (0, 1]" in capsys.readouterr().err
+    assert main([*base, "--temperature", "0.5", "--loop", "reference"]) == 2
+    assert "need --loop fused" in capsys.readouterr().err
 
 
 def test_generate_streams_one_prompt(dirs, capsys):
@@ -205,6 +237,29 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     assert all(r["lossless"] for r in report["rows"]) and report["mismatches"] == 0
     assert report["best_lossless_tpf"] >= 1.0 and report["speedup_b1"] > 0
     assert "| batch | loop | policy |" in capsys.readouterr().out
+    assert report["speedup_vs_generate"] == report["speedup_by_batch"]
+    assert set(report["overhead_efficiency"]) == {"1", "8"} and report["dtype"] == "float32"
+    assert all(0.0 <= r["exact_match_rate"] <= 1.0 for r in report["rows"])
+    static = report["baseline"]["1"]["static_cache"]  # transformers' static cache, same run
+    assert static["tokens_per_s"] > 0 and static["exact_match_rate"] == 1.0
+
+
+def test_bench_sampler_in_bf16(dirs, tmp_path):
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "count 1 to 5"}, {"prompt": "ab"}])
+    out = tmp_path / "bench.json"
+    argv = _bench_argv(dirs["model"], src, out, "--dtype", "bfloat16", "--batch-sizes", "2")
+    assert (
+        main([*argv, "--loops", "fused", "--policies", "ar,fixed:2", "--max-new-tokens", "6"]) == 0
+    )
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["dtype"] == "bfloat16" and report["mismatches"] == 0
+
+
+def test_bad_dtype_is_one_clear_error(dirs, tmp_path, capsys):
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "ab"}])
+    assert main(_bench_argv(dirs["model"], src, tmp_path / "o.json", "--dtype", "fp8")) == 2
+    err = capsys.readouterr().err
+    assert "--dtype 'fp8'" in err and "bfloat16" in err and not (tmp_path / "o.json").exists()
 
 
 def _bench_argv(model: str, src: str, out, *extra: str) -> list[str]:

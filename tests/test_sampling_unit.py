@@ -10,7 +10,7 @@ import torch
 import fluid_ops
 from fluid_npu.model.khead import KHead
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
-from fluid_npu.sampling import engine as engine_mod
+from fluid_npu.sampling import head as head_mod
 from fluid_npu.sampling.cache import RowCache
 from fluid_npu.sampling.engine import Engine
 from fluid_npu.sampling.fused import choose_anchors
@@ -148,13 +148,14 @@ def test_keep_new_marks_rejected_entries_and_compacts():
 @pytest.mark.parametrize("direct", [True, False])
 def test_lm_head_statistics_paths_agree(direct, monkeypatch):
     eng = _engine()
-    hidden = torch.randn(2, 5, eng.weight.shape[1])
-    monkeypatch.setattr(engine_mod, "DIRECT_LOGITS", 1 << 30 if direct else 0)
+    head = eng.head
+    hidden = torch.randn(2, 5, head.weight.shape[1])
+    monkeypatch.setattr(head_mod, "DIRECT_LOGITS", 1 << 30 if direct else 0)
     with torch.no_grad():
         got = eng.slot_stats(hidden)
-        ref = fluid_ops.token_stats(hidden, eng.weight)
+        ref = fluid_ops.token_stats(hidden, head.weight)
         direct_argmax = eng.argmax(hidden)
-        naive = (hidden @ eng.weight.T).argmax(-1)
+        naive = (hidden @ head.weight.T).argmax(-1)
     torch.testing.assert_close(got.entropy, ref.entropy, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.max_logprob, ref.max_logprob, atol=1e-5, rtol=0)
     assert torch.equal(got.argmax, ref.argmax)

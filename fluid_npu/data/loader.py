@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from fluid_npu.data.formats import DatasetSpec, RowError, finalize_spec, resolve_datasets
 from fluid_npu.data.formats import to_conversation as _to_conversation
 from fluid_npu.data.templates import Template, get_template
+from fluid_npu.data.tokenizer_check import check_tokenizer_encodes
 from fluid_npu.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,17 @@ def _tokenize_row(
     }
 
 
+def _sample_texts(spec: DatasetSpec, raw: datasets.Dataset, rows: int = 8) -> list[str]:
+    """The message texts of the first rows that convert (for ``check_tokenizer_encodes``)."""
+    texts = []
+    for row in raw.select(range(min(rows, len(raw)))):
+        try:
+            texts += [content for _, content in _to_conversation(row, spec).messages]
+        except RowError:
+            continue
+    return texts
+
+
 def _is_good(errors: list[str]) -> list[bool]:
     return [e == "" for e in errors]
 
@@ -320,6 +332,7 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
         if max_samples is not None:
             raw = raw.select(range(min(int(max_samples), len(raw))))
         spec = finalize_spec(spec, raw.column_names, raw.select(range(min(8, len(raw)))))
+        check_tokenizer_encodes(tokenizer, _sample_texts(spec, raw))
         stats.rows_read += len(raw)
         processed = _tokenize_dataset(spec, raw, template, tokenizer, args)
         kept = _drop_bad_rows(spec.name, processed, skip, stats)

@@ -4,9 +4,9 @@
    and the held-out problems in GSM8K format, with an lm-evaluation-harness task for them;
 2. *base*: a tokenizer trained on the task and a small Llama pretrained as a plain AR model — the
    stand-in for openPangu (``demo/base.py``); nothing is downloaded;
-3. *Stage I* (``configs/demo_stage1.yaml``) on the base, and the *control*: the same recipe and
-   budget on a randomly initialised model of the same shape;
-4. *Stage II* (``configs/demo_stage2.yaml``): the K-head on the Stage I model;
+3. *Stage I* (``demo_stage1.yaml``) on the base, and the *control*: the same recipe and budget on
+   a randomly initialised model of the same shape;
+4. *Stage II* (``demo_stage2.yaml``): the K-head on the Stage I model;
 5. *eval*: accuracy on the held-out problems of the base, the Stage I model (``ar``, ``fixed``,
    ``entropy``, ``khead``) and the control (``fluid_npu.eval``);
 6. *bench*: the sampler benchmark at batch size 1 against transformers' ``generate``;
@@ -17,6 +17,9 @@ depends on ran again; ``stages.json`` keeps how long each stage took when it ran
 the summary is the cost of the whole pipeline, however many runs it took) and the settings of the
 run that made them: a later run with other settings stops with a clear error (``--fresh`` redoes
 everything). Exit status 1 when a policy is not lossless.
+
+The two recipes are package data (``fluid_npu/demo/configs/``; a checkout's ``configs/demo_*.yaml``
+link to them), so a pip-installed ``fluid demo`` needs no source checkout.
 """
 
 from __future__ import annotations
@@ -35,8 +38,7 @@ import torch
 from fluid_npu.errors import ConfigError
 from fluid_npu.train.io import prepare_output_dir, write_json_atomic, write_text_atomic
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (setup.py), not the checkout's
 DEFAULT_OUT = Path("runs/demo")
 N_TRAIN = 8000
 MAX_NEW_TOKENS = 96
@@ -126,15 +128,21 @@ def _value(path: Path) -> str:
     return json.dumps(str(path))  # a YAML scalar whatever the path holds ("#", ": ", "[")
 
 
+def recipe(name: str) -> Path:
+    """The demo recipe ``name`` shipped with the package (``fluid_npu/demo/configs/``)."""
+    path = CONFIGS / name
+    if not path.is_file():
+        raise ConfigError(
+            f"the demo recipe {path} is missing from the installed package; reinstall fluid-npu "
+            "(pip install fluid-npu, or pip install -e . in a checkout)"
+        )
+    return path
+
+
 def _train(config: str, overrides: list[str]) -> dict:
     from fluid_npu.config import load_config
 
-    if not (CONFIGS / config).is_file():
-        raise ConfigError(
-            f"the demo recipe {CONFIGS / config} is missing: run the demo from a source checkout "
-            "(pip install -e .), where configs/ lives"
-        )
-    cfg = load_config(CONFIGS / config, overrides)
+    cfg = load_config(recipe(config), overrides)
     if cfg.fluid.stage == "fluid_stage1":
         from fluid_npu.train.stage1 import run_stage1
 
@@ -253,8 +261,8 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         run_sampler_bench(settings)
 
-    b, s1 = "base: tokenizer + AR pretraining", "Stage I (configs/demo_stage1.yaml)"
-    ctl, s2 = "control: Stage I on a random init", "Stage II: K-head (configs/demo_stage2.yaml)"
+    b, s1 = "base: tokenizer + AR pretraining", "Stage I (demo_stage1.yaml)"
+    ctl, s2 = "control: Stage I on a random init", "Stage II: K-head (demo_stage2.yaml)"
     stages.run(b, base / "pretrain_log.json", pretrain)
     stages.run(s1, stage1 / "run.json", lambda: stage1_on(base, stage1), needs=[b])
     stages.run(ctl, scratch / "run.json", control, needs=[b])

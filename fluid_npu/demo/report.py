@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fluid_npu.eval.lossless_rule import is_lossless, not_lossless
 from fluid_npu.eval.report import pyplot, save_figure
+from fluid_npu.eval.runner import BASELINE
 from fluid_npu.train.io import write_json_atomic, write_text_atomic
 
 # name: (goal text, test on the summary)
@@ -61,7 +63,7 @@ def summarize(
     """The summary figures and goals from ``load_results`` and the stage times."""
     evals, bench = results["evals"], results["bench"]
     fluid = evals["fluid"]["results"]
-    lossless = {p: r for p, r in fluid.items() if p != "ar" and r["identical_to_ar"] == 1.0}
+    lossless = {p: r for p, r in fluid.items() if p != BASELINE and is_lossless(r)}
     best = max(lossless, key=lambda p: lossless[p]["tpf"], default=None)
     summary: dict[str, Any] = {
         "base_acc": evals["base"]["results"]["ar"]["accuracy"],
@@ -77,7 +79,7 @@ def summarize(
         ),
         "eval_problems": evals["fluid"]["n"],
         "bench_prompts": bench["n_prompts"],
-        "lossless": len(lossless) == len(fluid) - 1 and bench["mismatches"] == 0,
+        "lossless": not not_lossless(evals["fluid"]) and bench["mismatches"] == 0,
     }
     summary["goals"] = {
         name: {"value": summary[name], "goal": text, "met": bool(test(summary))}

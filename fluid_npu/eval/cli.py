@@ -8,19 +8,21 @@ them, 100 by default). ``--policy`` takes several policies and may be repeated; 
 too, first, as the baseline (default: ``khead`` with a K-head, else ``entropy``). The JSON goes to
 ``--json``, the markdown table beside it (``--markdown``) and the two PNGs into ``--plot-dir``
 (default: the JSON's folder); the table is also printed. Every input that needs no model (files,
-rows, few-shot count, sizes, device) is checked before the model is loaded.
+rows, few-shot count, sizes, policies against the sampler's k_max, device) is checked before the
+model is loaded. Exit status 1, after the report is written, when a policy's outputs are not
+identical to AR's (the rule of ``lossless_rule.py``, shared with the demo).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from fluid_npu.errors import ConfigError
 
 DEFAULT_NUM_FEWSHOT = 5  # --fewshot without --num-fewshot: lm-evaluation-harness's gsm8k
-UNBOUNDED_K = 1 << 30  # policies are spelt-checked before the model (and its k_max) is loaded
 EVAL_KEYS = (
     "model",
     "adapter",
@@ -74,8 +76,24 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=eval_command, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
 
 
+def khead_k_max(khead: str | None) -> int | None:
+    """The ``k_max`` a K-head directory was trained with, read before any model loads (None when
+    there is no K-head or its config is unreadable: loading it reports that)."""
+    from fluid_npu.model.khead import CONFIG
+
+    if khead is None:
+        return None
+    try:
+        value = json.loads((Path(khead) / CONFIG).read_text(encoding="utf-8")).get("k_max")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def eval_command(args: argparse.Namespace) -> int:
-    """Check every input, load the model, evaluate, write the report; 0 on success."""
+    """Check every input, load the model, evaluate, write the report; 0 on success, 1 (after
+    writing the report) when a policy is not lossless (``eval/lossless_rule.py``)."""
+    from fluid_npu.eval.lossless_rule import lossless_status
     from fluid_npu.eval.report import markdown_table, write_eval_report
     from fluid_npu.eval.runner import run_eval
     from fluid_npu.eval.tasks import read_rows, select_fewshot, task_rows
@@ -86,7 +104,7 @@ def eval_command(args: argparse.Namespace) -> int:
         gen_kwargs,
         load_model,
     )
-    from fluid_npu.sampling.policies import parse_policy
+    from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
     from fluid_npu.train.io import prepare_output_dir
 
     check_common(args)
@@ -102,8 +120,9 @@ def eval_command(args: argparse.Namespace) -> int:
     plot_dir = Path(args.plot_dir) if args.plot_dir else json_path.parent
     for where in {json_path.parent, markdown.parent, plot_dir}:  # writable before the model loads
         prepare_output_dir(where)
-    for spec in args.policy or ():  # spelling now; horizons against the K-head's k_max later
-        parse_policy(spec, k_max=args.k_max or UNBOUNDED_K, has_khead=args.khead is not None)
+    k_max = args.k_max or khead_k_max(args.khead) or DEFAULT_K_MAX  # the sampler's own bound
+    for spec in args.policy or ():
+        parse_policy(spec, k_max=k_max, has_khead=args.khead is not None)
     dev = device_from_args(args)
     fluid = load_model(args, dev)
     policies = args.policy or ["khead" if fluid.khead is not None else "entropy"]
@@ -126,4 +145,7 @@ def eval_command(args: argparse.Namespace) -> int:
     written = write_eval_report(result, json_path, markdown, plot_dir)
     print(markdown_table(result))
     print("fluid: wrote " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
-    return 0
+    status, message = lossless_status(result, str(json_path))
+    if message:
+        print(message, file=sys.stderr)
+    return status

@@ -258,6 +258,9 @@ class FluidLM(LM):
             until, max_gen = self._generation_settings(requests[indices[0]].args[1])
             keep = max(1, self.max_length - max_gen)
             prompts = [self._encode(requests[i].args[0])[-keep:] for i in indices]
+            kwargs = dict(self.gen_kwargs)
+            if self.loop == "fused" and until:  # decoding ends at lm-eval's stop sequences
+                kwargs["stop_strings"] = list(until)
             new, stats = decode_batches(
                 self.fluid,
                 split_batches(prompts, self.batch_size),
@@ -265,7 +268,7 @@ class FluidLM(LM):
                 self.loop,
                 max_gen,
                 pad,
-                self.gen_kwargs,
+                kwargs,
             )
             self._stats += stats
             for i, tokens in zip(indices, new):

@@ -1,22 +1,47 @@
 """A GSM8K-format JSONL as an lm-evaluation-harness task: the YAML that ``--include_path`` reads.
 
-``write_lm_eval_task(directory, name, data)`` writes ``<directory>/<name>.yaml``: a local ``json``
-dataset (nothing is downloaded), the zero-shot prompt ``fluid eval`` uses, greedy generation cut
-at "Question:", exact match under lm-eval's two gsm8k filters (``strict-match``: the number after
+``write_lm_eval_task(directory, name, data)`` writes ``<directory>/<name>.yaml``: a local JSONL
+(nothing is downloaded), the zero-shot prompt ``fluid eval`` uses, greedy generation cut at
+"Question:", exact match under lm-eval's two gsm8k filters (``strict-match``: the number after
 ``####``; ``flexible-extract``: the last number). Used by ``fluid demo`` for its held-out problems
 and by the harness tests. Writing it needs no lm-eval.
+
+The YAML names the JSONL by its path *relative to the YAML's folder*, so a run directory holding
+both can be moved or copied. lm-eval itself would resolve a relative ``data_files`` against the
+working directory, so the task loads its rows through ``custom_dataset``: a small loader written
+beside the YAML (``fluid_local_data.py``, lm-eval's ``!function`` convention) that resolves the
+paths against its own folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from fluid_npu.train.io import write_text_atomic
 
+LOADER = "fluid_local_data"
+LOADER_TEXT = '''\
+"""Rows of the lm-eval tasks in this folder (written by fluid-npu): ``data_files`` relative to
+this folder, so the folder and its data can be moved together."""
+
+from pathlib import Path
+
+import datasets
+
+HERE = Path(__file__).resolve().parent
+
+
+def load(data_files, cache_dir=None, **_metadata):
+    files = {split: str(HERE / path) for split, path in data_files.items()}
+    return datasets.load_dataset("json", data_files=files, cache_dir=cache_dir)
+'''
+
 TEMPLATE = """\
 task: {name}
 dataset_path: json
+custom_dataset: !function {loader}.load
 dataset_kwargs:
   data_files:
     test: {data}
@@ -50,9 +75,9 @@ filter_list:
 """
 
 
-def _scalar(path: str | Path) -> str:
-    """An absolute path as a YAML scalar, whatever characters it holds ("#", ": ", "[")."""
-    return json.dumps(str(Path(path).resolve()))
+def _scalar(text: str | Path) -> str:
+    """A path as a YAML scalar, whatever characters it holds ("#", ": ", "[")."""
+    return json.dumps(str(text))
 
 
 def write_lm_eval_task(
@@ -63,7 +88,16 @@ def write_lm_eval_task(
     max_gen_toks: int = 256,
     cache_dir: str | Path | None = None,
 ) -> Path:
-    """Write the task YAML for the GSM8K-format JSONL ``data`` (absolute path); returns its path."""
-    cache = "" if cache_dir is None else f"  cache_dir: {_scalar(cache_dir)}\n"
-    text = TEMPLATE.format(name=name, data=_scalar(data), cache=cache, max_gen_toks=max_gen_toks)
-    return write_text_atomic(Path(directory) / f"{name}.yaml", [text])
+    """Write the task YAML for the GSM8K-format JSONL ``data`` and its loader; returns the YAML.
+
+    ``data`` is stored relative to ``directory`` (move the two together); ``cache_dir``, the
+    ``datasets`` cache, is stored absolute.
+    """
+    directory = Path(directory)
+    relative = os.path.relpath(Path(data).resolve(), directory.resolve())
+    cache = "" if cache_dir is None else f"  cache_dir: {_scalar(Path(cache_dir).resolve())}\n"
+    text = TEMPLATE.format(
+        name=name, loader=LOADER, data=_scalar(relative), cache=cache, max_gen_toks=max_gen_toks
+    )
+    write_text_atomic(directory / f"{LOADER}.py", [LOADER_TEXT])
+    return write_text_atomic(directory / f"{name}.yaml", [text])

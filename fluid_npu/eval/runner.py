@@ -10,7 +10,9 @@ extractor. Per policy it reports:
 * ``tokens_per_s`` — new tokens over the summed wall time of the sampler calls, and ``speedup``,
   its ratio to ``ar``'s in the same run; each policy is warmed up once on one prompt first;
 * ``identical_to_ar`` — the fraction of prompts whose new tokens equal AR's token for token: 1.0
-  for a lossless policy (the sampler's contract), below only through numerical near-ties;
+  for a lossless policy (the sampler's contract), below only through numerical near-ties, which
+  ``ties`` lists (each first divergence re-scored in fp32, ``sampling.lossless.compare``) and
+  ``mismatches`` counts the rest;
 * ``k_hist`` / ``mean_k`` — the horizons the policy drafted per row-step (``GenerateStats``), and
   ``accept_hist`` / ``mean_accept`` — the drafted tokens accepted per row-step.
 
@@ -24,8 +26,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fluid_npu.data.tokenizer_check import check_tokenizer_encodes
 from fluid_npu.errors import ConfigError
 from fluid_npu.eval.tasks import (
+    STOP_STRINGS,
     TASKS,
     cut_at_stop,
     encode_question,
@@ -79,6 +83,7 @@ def run_eval(
     """
     from fluid_npu.sampling.api import LOOPS, eos_and_pad
     from fluid_npu.sampling.bench import decode_batches, device_info, split_batches
+    from fluid_npu.sampling.lossless import compare
     from fluid_npu.train.io import versions
 
     if task not in TASKS:
@@ -96,6 +101,7 @@ def run_eval(
     shots = select_fewshot(fewshot_rows, num_fewshot)
     names = policy_names(fluid, policies, gen_kwargs.get("k_max"))
     tok = fluid.tokenizer
+    check_tokenizer_encodes(tok, [row["question"] for row in rows[:8]])  # it, not the prompts
     prompts = [encode_question(tok, row["question"], shots, chat) for row in rows]
     _, pad = eos_and_pad(fluid.model, pad=tok.pad_token_id)
     batches = split_batches(prompts, batch_size)
@@ -104,15 +110,22 @@ def run_eval(
     outputs: dict[str, list[list[int]]] = {}
     texts: dict[str, list[str]] = {}
     answers: dict[str, list[str | None]] = {}
+    decode_kwargs = dict(gen_kwargs)
+    if loop == "fused":  # decoding ends at the stop strings the outputs are cut at
+        decode_kwargs.setdefault("stop_strings", list(STOP_STRINGS))
     for name in names:
         if warmup:
-            decode_batches(fluid, [prompts[:1]], name, loop, WARMUP_TOKENS, pad, gen_kwargs)
-        new, parts = decode_batches(fluid, batches, name, loop, max_new_tokens, pad, gen_kwargs)
+            decode_batches(fluid, [prompts[:1]], name, loop, WARMUP_TOKENS, pad, decode_kwargs)
+        new, parts = decode_batches(fluid, batches, name, loop, max_new_tokens, pad, decode_kwargs)
         outputs[name] = new
         texts[name] = [tok.decode(t, skip_special_tokens=True) for t in new]
         answers[name] = [extract_answer(cut_at_stop(t)) for t in texts[name]]
         r = _figures(name, GenerateStats.merged(parts), answers[name], references, new, outputs)
         r["speedup"] = _ratio(r, results.get(BASELINE, r))
+        if name != BASELINE:  # a divergence from ar is excused only as an fp32-judged near-tie
+            diffs = compare(fluid.model, prompts, new, outputs[BASELINE])
+            r["ties"] = [d.to_dict() for d in diffs if d.tie]
+            r["mismatches"] = sum(not d.tie for d in diffs)
         results[name] = r
         if echo is not None:
             echo(

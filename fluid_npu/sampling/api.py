@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,11 @@ from fluid_npu.sampling.engine import Engine, StreamFn, split_prompts
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
 from fluid_npu.sampling.reference import DEFAULT_MAX_REFINE, DEFAULT_REFINE_THRESHOLD, run_reference
+from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.stats import GenerateStats
 
 LOOPS = ("fused", "reference")
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "stop_strings")
 # Measured on CPU: for the sampler's short cached calls the model's own SDPA with a dense bool mask
 # is as fast as or faster than the registered "fluid" attention (blocked / reference back ends).
 DEFAULT_ATTN = "sdpa"
@@ -46,11 +48,35 @@ class PromptError(DataError):
     """A prompt is empty or does not fit the model's context."""
 
 
+DTYPES = {
+    "auto": None,  # the checkpoint's own dtype
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``auto`` (None: the checkpoint's dtype), ``float32``, ``bfloat16`` or ``float16``."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in DTYPES:
+        raise ConfigError(
+            f"--dtype {name!r} is not a compute dtype; choose auto, float32, bfloat16 or float16"
+        )
+    return DTYPES[key]
+
+
 @dataclass
 class GenerateOutput:
     sequences: torch.Tensor  # [B, prompt width + longest new], transformers' layout
     new_tokens: list[list[int]]  # per row, EOS included when it was generated
     stats: GenerateStats
+    finish_reasons: list[str] | None = None  # per row: "stop" (EOS / stop string) or "length"
+    logprobs: list[list[float]] | None = None  # per row and token, when asked for
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
 
 def _mask_id(model: PreTrainedModel, source: PreTrainedTokenizerBase | int | None) -> int:
@@ -179,26 +205,45 @@ def generate(
     attn_backend: str | None = None,
     stream: StreamFn | None = None,
     engine_kwargs: dict[str, Any] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> GenerateOutput:
     """Lossless elastic decoding of a batch of prompts (see the module docstring).
 
     ``eos_token_id`` / ``pad_token_id`` default to the model's generation config (as transformers);
     pass ``eos_token_id=[]`` to decode exactly ``max_new_tokens``. ``k_max`` defaults to the
     K-head's (else 16). ``anchors``: the most candidate accept lengths that get a draft block in
-    the fused loop (0 = all), taken until they hold ``coverage`` of the estimated probability.
+    the fused loop, taken until they hold ``coverage`` of the estimated probability.
     ``stream(row, tokens)`` is called as tokens are committed. The fused loop runs on the decode
     engine (``Scheduler``: static KV cache, fixed-shape steps) with every prompt in its own slot;
     ``engine_kwargs`` go to the ``Scheduler`` (``max_batch`` < the number of prompts refills
     slots as rows finish, ``compile``, ``prefill_chunk``, ``adaptive``). ``attn_backend`` applies
     to the reference loop; the engine runs its own attention over the slot cache.
+
+    Sampling (fused loop), transformers' conventions: ``do_sample=False`` is greedy whatever the
+    other settings; with ``do_sample=True``, ``temperature`` / ``top_k`` (0 = off) / ``top_p``
+    (1.0 = off) / ``min_p`` apply in that order and the output distribution is exactly AR
+    sampling's (``rules.py``). ``seed`` seeds row ``r`` with ``seed + r`` (None: the engine's
+    counter), so a row's tokens do not depend on the batch. ``stop_strings`` end a row on its
+    committed text (cut as transformers cuts; needs the tokenizer, given as the second argument
+    or ``tokenizer=``); ``logprobs`` / ``top_logprobs`` return the committed tokens'
+    log-probabilities under the AR distribution after temperature.
     """
     if loop not in LOOPS:
         raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if anchors < 0 or max_refine < 0 or not 0.0 < refine_threshold <= 1.0 or coverage <= 0:
+    if anchors < 1 or max_refine < 0 or not 0.0 < refine_threshold <= 1.0 or coverage <= 0:
         raise ConfigError(
-            "anchors and max_refine must be >= 0, refine_threshold in (0, 1], coverage > 0"
+            "anchors must be >= 1, max_refine >= 0, refine_threshold in (0, 1], coverage > 0"
         )
     mask_id = _mask_id(model, tokenizer_or_mask_id)
     eos_ids, pad_id = eos_and_pad(model, eos_token_id, pad_token_id)
@@ -214,8 +259,30 @@ def generate(
     dev = next(model.parameters()).device
     if khead is not None:
         khead = khead.to(dev)
+    if tokenizer is None and isinstance(tokenizer_or_mask_id, PreTrainedTokenizerBase):
+        tokenizer = tokenizer_or_mask_id
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    params = SamplingParams(
+        temperature=temperature if do_sample else 0.0,
+        top_k=top_k if do_sample else 0,
+        top_p=top_p if do_sample else 1.0,
+        min_p=min_p if do_sample else 0.0,
+        seed=seed,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    if do_sample and temperature == 0.0:
+        raise ConfigError("do_sample=True needs temperature > 0 (or do_sample=False for greedy)")
+    if loop != "fused" and (not params.greedy or stops or logprobs):
+        raise ConfigError(
+            "sampling, stop strings and logprobs run on the fused loop (the decode engine); "
+            "use loop='fused'"
+        )
     start = time.perf_counter()
     if loop == "fused":
+        engine = dict(engine_kwargs or {})
+        if stops:
+            engine["tokenizer"] = tokenizer
         return _generate_fused(
             model,
             mask_id,
@@ -231,7 +298,9 @@ def generate(
             coverage=coverage,
             stream=stream,
             start=start,
-            **(engine_kwargs or {}),
+            params=params,
+            stops=stops,
+            **engine,
         )
     with attention(model, attn_backend), torch.inference_mode():
         eng = Engine(
@@ -269,6 +338,8 @@ def _generate_fused(
     coverage: float,
     stream: StreamFn | None,
     start: float,
+    params: SamplingParams,
+    stops: list[str],
     **engine: Any,
 ) -> GenerateOutput:
     from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
@@ -283,12 +354,15 @@ def _generate_fused(
         khead=khead,
         eos_ids=eos_ids,
         pad_id=pad_id,
-        anchors=max(1, anchors),
+        anchors=anchors,
         coverage=coverage,
         **engine,
     )
     try:
-        reqs = [Request(str(i), p.tolist(), max_new_tokens) for i, p in enumerate(prompts)]
+        reqs = [
+            Request(str(i), p.tolist(), max_new_tokens, sampling=_row_params(params, i), stop=stops)
+            for i, p in enumerate(prompts)
+        ]
         results = run_requests(sched, reqs, stream)
         devices.synchronize(sched.device)
     finally:
@@ -302,7 +376,22 @@ def _generate_fused(
     stats.new_tokens = [len(t) for t in new]
     stats.row_forwards = [results[str(i)][1].forwards for i in range(len(prompts))]
     stats.finalize()
-    return GenerateOutput(_sequences(ids, new, pad_id), new, stats)
+    done = [results[str(i)] for i in range(len(prompts))]
+    return GenerateOutput(
+        _sequences(ids, new, pad_id),
+        new,
+        stats,
+        finish_reasons=[d.final.finish_reason for d in done],
+        logprobs=[d.logprobs for d in done] if params.logprobs else None,
+        top_logprobs=[d.top_logprobs for d in done] if params.top_logprobs else None,
+    )
+
+
+def _row_params(params: SamplingParams, row: int) -> SamplingParams:
+    """Row ``row``'s settings: a given seed becomes ``seed + row``."""
+    if params.seed is None or params.greedy:
+        return params
+    return replace(params, seed=params.seed + row)
 
 
 def _sequences(ids: torch.Tensor, new: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -337,14 +426,19 @@ class FluidForCausalLM:
         adapter: str | Path | None = None,
         khead: str | Path | None = None,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         mask_token: str | None = None,
         device: str | torch.device | None = None,
     ) -> FluidForCausalLM:
-        """Base model (+ Stage I adapter, merged) (+ K-head); mismatches are CheckpointErrors."""
+        """Base model (+ Stage I adapter, merged) (+ K-head); mismatches are CheckpointErrors.
+
+        ``dtype``: ``auto`` / None (the checkpoint's), ``float32``, ``bfloat16``, ``float16`` or a
+        ``torch.dtype``: the dtype the model computes in.
+        """
         from fluid_npu.model.adapters import load_fluid
         from fluid_npu.model.khead import load_khead
 
+        dtype = parse_dtype(dtype)
         loaded = load_fluid(model_dir, adapter, dtype=dtype, merge=True, mask_token=mask_token)
         head = None
         if khead is not None:
@@ -367,12 +461,26 @@ class FluidForCausalLM:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         policy: str | None = None,
         loop: str = "fused",
+        generation_config: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Prompt + new tokens ``[B, L]`` like transformers; statistics in ``last_stats``."""
+        """Prompt + new tokens ``[B, L]`` like transformers; statistics in ``last_stats``.
+
+        Greedy unless ``do_sample=True``; the sampling keywords are transformers' (``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``stop_strings``) plus ``seed``, and a
+        ``generation_config`` (a ``transformers.GenerationConfig``) supplies any of them, and
+        ``max_new_tokens`` / ``eos_token_id``, that are not passed explicitly.
+        """
+        if generation_config is not None:
+            for name in (*GENERATION_KEYS, "eos_token_id"):
+                value = getattr(generation_config, name, None)
+                if name not in kwargs and value is not None:
+                    kwargs[name] = value
+            if max_new_tokens is None:
+                max_new_tokens = getattr(generation_config, "max_new_tokens", None)
         if policy is None:
             policy = "khead" if self.khead is not None else "entropy"
         out = generate(
@@ -382,8 +490,9 @@ class FluidForCausalLM:
             attention_mask,
             policy=policy,
             loop=loop,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
             khead=self.khead,
+            tokenizer=kwargs.pop("tokenizer", self.tokenizer),
             **kwargs,
         )
         self.last_output, self.last_stats = out, out.stats

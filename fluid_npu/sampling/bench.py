@@ -1,16 +1,21 @@
 """``fluid bench sampler``: TPF and speed of every policy × loop against transformers' ``generate``.
 
 For each batch size (default 1 and 8) the prompts are decoded in batches, first by transformers'
-greedy ``generate`` (the baseline, timed in the same run), then by the sampler for every policy
+greedy ``generate`` (the baseline, timed in the same run; and with its static cache, which it
+compiles where it auto-compiles), then by the sampler — the decode engine keeping that many
+requests in flight, refilling slots as rows finish — for every policy
 (``ar``, ``fixed:4``, ``fixed:8``, ``entropy``, and ``khead`` when a K-head is given) and loop
 (``fused``, ``reference``). Each row reports TPF and tokens/s, both also as ratios to the baseline,
 and the losslessness check of its tokens against the baseline's (``lossless.compare``: mismatches
 and tolerated numerical ties). Every configuration is warmed up once before it is timed.
 
 Top-level keys: ``best_lossless_tpf`` (the largest TPF among rows without a mismatch; None when
-no row is lossless), ``speedup_by_batch`` (per batch size, the best tokens/s ratio among those rows)
-and its ``speedup_b1`` / ``speedup_b8`` entries, ``mismatches`` (their total over the rows), the
-command, the device the model ran on (type, index, name), the baseline figures and every row. The
+no row is lossless), ``speedup_vs_generate`` (= ``speedup_by_batch``: per batch size, the best
+tokens/s ratio among those rows) and its ``speedup_b1`` / ``speedup_b8`` entries,
+``overhead_efficiency`` (per batch size, that row's speedup ÷ its TPF: how much of the TPF the
+engine turns into speed), ``mismatches`` and ``ties`` (totals over the rows), ``dtype``, the
+command, the device the model ran on (type, index, name), the baseline figures and every row
+(with its ``exact_match_rate``: rows token-identical to ``generate`` in the same dtype). The
 JSON is written atomically and a markdown table is printed. Settings are checked (one
 ``ConfigError`` each) before the model is loaded; ``settings.device`` is ``auto`` (the
 ``fluid_npu.device.current()`` choice) or a device type to force.
@@ -28,7 +33,7 @@ import torch
 
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.lossless import compare, hf_greedy
+from fluid_npu.sampling.lossless import compare, exact_match_rate, hf_greedy
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, HorizonError, parse_policy
 from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_file
 from fluid_npu.sampling.stats import GenerateStats
@@ -53,6 +58,8 @@ class BenchSettings:
     command: str | None = None
     repeats: int = 1
     device: str = "auto"
+    dtype: str = "auto"
+    static_baseline: bool = True
 
 
 def check_settings(s: BenchSettings) -> torch.device:
@@ -73,6 +80,9 @@ def check_settings(s: BenchSettings) -> torch.device:
         raise ConfigError(f"batch sizes must be positive integers like 1,8, got {sizes!r}")
     if s.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {s.max_new_tokens}")
+    from fluid_npu.sampling.api import parse_dtype
+
+    parse_dtype(s.dtype)
     return devices.current(force=s.device).device
 
 
@@ -90,10 +100,23 @@ def decode_batches(
     pad: int,
     gen_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[list[int]], list[GenerateStats]]:
-    """The sampler on each batch (left-padded, on ``fluid``'s device): new tokens per prompt and
-    one ``GenerateStats`` per batch."""
+    """The sampler on prompts grouped in batches (on ``fluid``'s device): new tokens per prompt.
+
+    The fused loop runs every prompt through one decode engine with ``len(batches[0])`` slots,
+    each refilled as soon as its row finishes (one ``GenerateStats``); the reference loop decodes
+    each left-padded batch in turn (one ``GenerateStats`` per batch). ``gen_kwargs`` may carry
+    ``stop_strings`` (decoding of a row ends at one, on the fused loop; ``fluid``'s tokenizer reads
+    the text) and the other sampling keywords of ``generate``.
+    """
     from fluid_npu.sampling.api import generate
 
+    kwargs = dict(gen_kwargs or {})
+    if kwargs.get("stop_strings"):
+        kwargs.setdefault("tokenizer", fluid.tokenizer)
+    if loop == "fused" and batches:
+        engine = {**kwargs.get("engine_kwargs", {}), "max_batch": len(batches[0])}
+        kwargs["engine_kwargs"] = engine
+        batches = [[p for b in batches for p in b]]
     new, stats = [], []
     for b in batches:
         ids, mask = left_pad(b, pad)
@@ -106,7 +129,7 @@ def decode_batches(
             loop=loop,
             max_new_tokens=max_new_tokens,
             khead=fluid.khead,
-            **(gen_kwargs or {}),
+            **kwargs,
         )
         new += out.new_tokens
         stats.append(out.stats)
@@ -123,12 +146,12 @@ class _Runner:
         ids, mask = left_pad(batch, self.pad)
         return ids.to(self.fluid.device), mask.to(self.fluid.device)
 
-    def hf(self, batches: list[list[list[int]]]) -> list[list[int]]:
+    def hf(self, batches: list[list[list[int]]], cache: str | None = None) -> list[list[int]]:
         out: list[list[int]] = []
         for b in batches:
             ids, mask = self._inputs(b)
             out += hf_greedy(
-                self.fluid.model, ids, mask, self.s.max_new_tokens, self.eos_ids, self.pad
+                self.fluid.model, ids, mask, self.s.max_new_tokens, self.eos_ids, self.pad, cache
             )
         return out
 
@@ -152,13 +175,18 @@ class _Runner:
 
 def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
     """Run the benchmark described by ``s``; returns (and writes) the report."""
-    from fluid_npu.sampling.api import FluidForCausalLM, eos_and_pad
+    from fluid_npu.sampling.api import FluidForCausalLM, eos_and_pad, parse_dtype
     from fluid_npu.train.io import versions, write_json_atomic
 
     dev = check_settings(s)
     with quiet_loading():
         fluid = FluidForCausalLM.from_pretrained(
-            s.model, s.adapter, s.khead, mask_token=s.mask_token, device=dev
+            s.model,
+            s.adapter,
+            s.khead,
+            mask_token=s.mask_token,
+            device=dev,
+            dtype=parse_dtype(s.dtype),
         )
     model, tok = fluid.model, fluid.tokenizer
     rows_in = read_prompt_file(s.prompts)
@@ -177,13 +205,23 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
         ref, hf_s = run.timed(run.hf, batches)
         n_ref = sum(len(t) for t in ref)
         baseline[bs] = {"tokens": n_ref, "wall_s": hf_s, "tokens_per_s": n_ref / hf_s, "tpf": 1.0}
+        if s.static_baseline:
+            static, st_s = run.timed(run.hf, batches, "static")
+            baseline[bs]["static_cache"] = {
+                "wall_s": st_s,
+                "tokens_per_s": sum(len(t) for t in static) / st_s,
+                "compiled": hasattr(model, "_compiled_call"),  # transformers auto-compiled it
+                "exact_match_rate": exact_match_rate(static, ref),
+            }
         for loop in s.loops:
             for pol in policies:
                 (new, stats), wall = run.timed(run.ours, batches, pol, loop)
                 diffs = compare(model, prompts, new, ref)
                 rows.append(_row(bs, pol, loop, new, stats, wall, baseline[bs], diffs))
+                rows[-1]["exact_match_rate"] = exact_match_rate(new, ref)
                 _print_row(rows[-1])
-    report = _report(s, rows, baseline, len(prompts), versions(), fluid.device)
+    dtype = next(model.parameters()).dtype
+    report = _report(s, rows, baseline, len(prompts), versions(), fluid.device, dtype)
     write_json_atomic(s.json_path, report)
     print(_table(rows))
     best = report["best_lossless_tpf"]
@@ -271,8 +309,17 @@ def _report(
     n_prompts: int,
     vers: dict,
     dev: torch.device,
+    dtype: torch.dtype,
 ) -> dict:
     by_batch = {str(bs): _best(rows, "speedup", bs) for bs in s.batch_sizes}
+    efficiency = {}
+    for bs in s.batch_sizes:
+        best = max(
+            (r for r in rows if r["lossless"] and r["batch_size"] == bs and r["tpf"] > 1.0),
+            key=lambda r: r["speedup"],
+            default=None,
+        )
+        efficiency[str(bs)] = None if best is None else best["speedup"] / best["tpf"]
     return {
         "benchmark": "sampler",
         "command": s.command,
@@ -288,6 +335,9 @@ def _report(
         "baseline": {str(k): v for k, v in baseline.items()},
         "best_lossless_tpf": _best(rows, "tpf"),
         "speedup_by_batch": by_batch,
+        "speedup_vs_generate": by_batch,
+        "overhead_efficiency": efficiency,
+        "dtype": str(dtype).removeprefix("torch."),
         "speedup_b1": _best(rows, "speedup", 1),
         "speedup_b8": _best(rows, "speedup", 8),
         "mismatches": sum(len(r["mismatches"]) for r in rows),

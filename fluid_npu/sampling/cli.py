@@ -2,10 +2,12 @@
 
 ``fluid generate --model DIR [--adapter DIR] [--khead DIR] --policy P --loop L
 (--prompt TEXT | --prompts IN.jsonl --output OUT.jsonl) --max-new-tokens N --batch-size B
-[--chat] [--device D]``:
-one ``--prompt`` streams its text to the terminal as steps commit tokens; a prompts file is
-decoded in batches of ``B`` and written atomically, one JSON line per prompt with ``prompt``,
-``text``, ``token_ids`` (new tokens only), ``forwards`` and ``tpf``. Statistics go to stderr.
+[--chat] [--device D] [--dtype auto|float32|bfloat16|float16]``:
+one ``--prompt`` streams its text to the terminal as steps commit tokens; a prompts file is decoded
+with ``B`` requests in flight (the engine refills a slot as soon as its row finishes; ``--loop
+reference``: consecutive batches of ``B``) and written atomically, one JSON line per prompt with
+``prompt``, ``text``, ``token_ids`` (new tokens only), ``forwards`` and ``tpf``. Statistics go to
+stderr.
 
 ``fluid bench sampler`` is ``fluid_npu.sampling.bench``; it exits with status 1 (after writing its
 report) when any row is not lossless. Bad input raises ``FluidError`` subclasses, which
@@ -46,13 +48,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--anchors",
         type=int,
         default=DEFAULT_ANCHORS,
-        help="fused loop: draft blocks per step (0 = all)",
+        help="fused loop: the most draft blocks per step (the engine adds the second only while "
+        "it is cheap)",
     )
     p.add_argument(
         "--device",
         default="auto",
         help="auto (default: the best available accelerator, else the CPU) or a device type to "
         "force, e.g. npu or cpu; an unavailable one is an error",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (the checkpoint's) | float32 | bfloat16 | float16: the dtype the model runs in",
     )
     p.add_argument(
         "--attn-backend",
@@ -70,6 +78,23 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=None, help="JSONL with 'prompt' or 'input_ids' per line")
     p.add_argument("--output", default=None, help="JSONL to write (with --prompts)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling, exact"
+    )
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k best (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="sampling: min-p (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling: prompt i is seeded seed + i")
+    p.add_argument(
+        "--stop", action="append", default=None, help="a stop string (repeat the flag for more)"
+    )
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write each token's log-probability and its N best alternatives (0-20)",
+    )
     p.set_defaults(handler=generate_command)
 
 
@@ -99,6 +124,15 @@ def check_common(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if getattr(args, "batch_size", 1) < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.k_max is not None and args.k_max < 1:
+        raise ConfigError(f"--k-max must be at least 1, got {args.k_max}")
+    if args.anchors < 1:
+        raise ConfigError(
+            f"--anchors must be at least 1 (the most draft blocks per step), got {args.anchors}"
+        )
+    from fluid_npu.sampling.api import parse_dtype
+
+    parse_dtype(getattr(args, "dtype", "auto"))
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
@@ -115,7 +149,12 @@ def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
 
     with quiet_loading():
         return FluidForCausalLM.from_pretrained(
-            args.model, args.adapter, args.khead, mask_token=args.mask_token, device=dev
+            args.model,
+            args.adapter,
+            args.khead,
+            mask_token=args.mask_token,
+            device=dev,
+            dtype=getattr(args, "dtype", "auto"),
         )
 
 
@@ -124,11 +163,45 @@ def gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"k_max": args.k_max, "anchors": args.anchors, "attn_backend": args.attn_backend}
 
 
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``fluid generate``'s sampling flags as ``generate`` keywords (checked before loading)."""
+    from fluid_npu.sampling.rules import MAX_TOP_LOGPROBS, SamplingParams
+
+    logprobs = args.logprobs is not None
+    if logprobs and not 0 <= args.logprobs <= MAX_TOP_LOGPROBS:
+        raise ConfigError(f"--logprobs N takes N in [0, {MAX_TOP_LOGPROBS}], got {args.logprobs}")
+    try:
+        SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            logprobs=logprobs,
+            top_logprobs=args.logprobs or 0,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"--{str(exc).replace('_', '-', 1)}") from None
+    return {
+        "do_sample": args.temperature > 0,
+        "temperature": args.temperature if args.temperature > 0 else 1.0,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "seed": args.seed,
+        "stop_strings": args.stop,
+        "logprobs": logprobs,
+        "top_logprobs": args.logprobs or 0,
+    }
+
+
 def generate_command(args: argparse.Namespace) -> int:
     from fluid_npu.sampling.api import PromptError, eos_and_pad
     from fluid_npu.sampling.prompts import encode_prompt, left_pad, read_prompt_file
 
     check_common(args)
+    sampling = sampling_kwargs(args)
+    if args.loop != "fused" and (sampling["do_sample"] or args.stop or args.logprobs is not None):
+        raise ConfigError("--temperature > 0, --stop and --logprobs need --loop fused")
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts IN.jsonl")
     if args.prompts is not None and args.output is None:
@@ -148,10 +221,14 @@ def generate_command(args: argparse.Namespace) -> int:
     ]
     _, pad = eos_and_pad(fluid.model, pad=tok.pad_token_id)
     if args.prompt is not None:
-        return _stream_one(fluid, prompts[0].ids, args)
+        return _stream_one(fluid, prompts[0].ids, args, sampling)
     out_rows = []
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start : start + args.batch_size]
+    # the engine (fused loop) keeps --batch-size slots busy, refilling each as its row finishes;
+    # the reference loop decodes consecutive batches
+    group = len(prompts) if args.loop == "fused" else args.batch_size
+    extra = {"engine_kwargs": {"max_batch": args.batch_size}} if args.loop == "fused" else {}
+    for start in range(0, len(prompts), group):
+        chunk = prompts[start : start + group]
         ids, mask = left_pad([p.ids for p in chunk], pad)
         fluid.generate(
             ids,
@@ -160,19 +237,26 @@ def generate_command(args: argparse.Namespace) -> int:
             policy=args.policy,
             loop=args.loop,
             **gen_kwargs(args),
+            **sampling,
+            **extra,
         )
-        st = fluid.last_stats
+        st, out = fluid.last_stats, fluid.last_output
         for i, p in enumerate(chunk):
-            new = fluid.last_output.new_tokens[i]
-            out_rows.append(
-                {
-                    "prompt": p.text,
-                    "text": tok.decode(new, skip_special_tokens=True),
-                    "token_ids": new,
-                    "forwards": st.row_forwards[i],
-                    "tpf": st.row_tpf(i),
-                }
-            )
+            new = out.new_tokens[i]
+            row = {
+                "prompt": p.text,
+                "text": tok.decode(new, skip_special_tokens=True),
+                "token_ids": new,
+                "forwards": st.row_forwards[i],
+                "tpf": st.row_tpf(i),
+            }
+            if out.finish_reasons is not None:
+                row["finish_reason"] = out.finish_reasons[i]
+            if out.logprobs is not None:
+                row["logprobs"] = out.logprobs[i]
+            if out.top_logprobs is not None:
+                row["top_logprobs"] = [[list(pair) for pair in t] for t in out.top_logprobs[i]]
+            out_rows.append(row)
         print(
             f"fluid: {min(start + len(chunk), len(prompts))}/{len(prompts)} prompts, "
             f"TPF {st.tpf:.2f}",
@@ -208,7 +292,9 @@ class _TextStream:
         sys.stdout.flush()
 
 
-def _stream_one(fluid: Any, ids: list[int], args: argparse.Namespace) -> int:
+def _stream_one(
+    fluid: Any, ids: list[int], args: argparse.Namespace, sampling: dict[str, Any]
+) -> int:
     stream = _TextStream(fluid.tokenizer)
     fluid.generate(
         torch.tensor([ids]),
@@ -218,6 +304,7 @@ def _stream_one(fluid: Any, ids: list[int], args: argparse.Namespace) -> int:
         loop=args.loop,
         stream=stream,
         **gen_kwargs(args),
+        **sampling,
     )
     stream.close()
     st = fluid.last_stats
@@ -245,6 +332,7 @@ BENCH_KEYS = (
     "attn_backend",
     "mask_token",
     "device",
+    "dtype",
     "chat",
 )
 
@@ -297,6 +385,7 @@ def bench_command(args: argparse.Namespace) -> int:
         command=command_line(["fluid", "bench", "sampler"], args, BENCH_KEYS),
         repeats=args.repeats,
         device=args.device,
+        dtype=args.dtype,
     )
     report = run_sampler_bench(settings)  # checks the settings before loading the model
     bad = unlossless_rows(report)

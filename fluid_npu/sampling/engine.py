@@ -1,8 +1,11 @@
-"""What both sampler loops share: prompts, prefill, cached forwards, token statistics, commits.
+"""The reference loop's engine: prompts, prefill, cached forwards, token statistics, commits.
 
-``Engine`` owns one ``generate`` call's state for the rows still running: the ``RowCache``, each
-row's next position and last committed token, and the output buffer of the whole batch. The loops
-(``fused.py``, ``reference.py``) decide what to feed; the engine runs it and commits tokens:
+The fused loop runs on the decode engine (``scheduler.py``: static slot cache, continuous
+batching); this first engine remains for the published FLUID loop (``reference.py``), which refines
+drafts over several forwards and is kept as the research baseline. ``Engine`` owns one
+``generate`` call's state for the rows still running: the ``RowCache``, each row's next position
+and last committed token, and the output buffer of the whole batch. The loop decides what to feed;
+the engine runs it and commits tokens:
 
 * prompts are taken row by row from ``input_ids`` / ``attention_mask`` (any padding side) and
   left-padded again, positions counted from each row's first real token (as transformers does);
@@ -13,10 +16,7 @@ row's next position and last committed token, and the output buffer of the whole
   ``max_new_tokens``, and keeps the output on the host (one transfer per step, no tiny kernels); a
   row that stops leaves the batch (``retire``);
 * the LM head: ``argmax`` (verification) and ``slot_stats`` (argmax, max log-prob, entropy of the
-  drafts) go through ``fluid_ops.token_stats``, which never materialises the logits, once a call
-  would hold more than ``DIRECT_LOGITS`` of them; below that the head is applied directly — the same
-  ``F.linear`` and softmax, without the op's fixed cost (≈ 0.7 ms a call on a CPU, as much as a
-  whole decode step of a tiny model).
+  drafts) are ``head.LMHead``'s, shared with the decode engine.
 """
 
 from __future__ import annotations
@@ -24,17 +24,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 import fluid_ops
-from fluid_npu.model.attention import forward_hidden, lm_head
+from fluid_npu.model.attention import forward_hidden
 from fluid_npu.sampling.cache import RowCache
+from fluid_npu.sampling.head import LMHead
 from fluid_npu.sampling.stats import GenerateStats
 from fluid_ops.meta import MAIN, PAD
 
 StreamFn = Callable[[int, list[int]], None]  # (row, newly committed token ids)
-DIRECT_LOGITS = 1 << 22  # logits per call up to which the LM head is applied directly
 
 
 def split_prompts(
@@ -64,8 +63,7 @@ class Engine:
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
-        head = lm_head(model)
-        self.weight, self.bias = head.weight, getattr(head, "bias", None)
+        self.head = LMHead(model)
         self.mask_id = mask_id
         self.max_new = max_new_tokens
         self.stats = stats
@@ -147,24 +145,13 @@ class Engine:
         self.cache.appended(pos, anchor)
         return hidden
 
-    def _direct(self, hidden: torch.Tensor) -> bool:
-        return hidden.numel() // hidden.shape[-1] * self.weight.shape[0] <= DIRECT_LOGITS
-
     def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The AR argmax of the LM head on ``hidden [..., H]`` (first index on exact ties)."""
-        if self._direct(hidden):
-            return F.linear(hidden, self.weight, self.bias).argmax(dim=-1)
-        return fluid_ops.token_stats(hidden, self.weight, bias=self.bias).argmax
+        """The AR argmax of the LM head on ``hidden [..., H]`` (``LMHead.argmax``)."""
+        return self.head.argmax(hidden)
 
     def slot_stats(self, hidden: torch.Tensor) -> fluid_ops.TokenStats:
-        """Argmax, max log-prob and entropy (nats) of the LM head on ``hidden [..., H]``."""
-        if not self._direct(hidden):
-            return fluid_ops.token_stats(hidden, self.weight, bias=self.bias)
-        logits = F.linear(hidden, self.weight, self.bias)
-        logp = logits.float().log_softmax(dim=-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1)
-        arg = logits.argmax(dim=-1)
-        return fluid_ops.TokenStats(arg, logp.gather(-1, arg[..., None])[..., 0], entropy, None)
+        """Argmax, max log-prob and entropy of the LM head on ``hidden`` (``LMHead.stats``)."""
+        return self.head.stats(hidden)
 
     # ------------------------------------------------------------------ commits
 

@@ -28,6 +28,10 @@ class LMHead:
     def _direct(self, hidden: torch.Tensor) -> bool:
         return hidden.numel() // hidden.shape[-1] * self.weight.shape[0] <= DIRECT_LOGITS
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The full logits ``[..., V]`` (float32) — for sampling and logprobs, not for argmax."""
+        return F.linear(hidden, self.weight, self.bias).float()
+
     def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """The AR argmax on ``hidden [..., H]`` (first index on exact ties)."""
         if self._direct(hidden):

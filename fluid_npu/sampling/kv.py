@@ -15,10 +15,14 @@ at or after the row's last committed position, so the §1.1 rule reduces to that
 entries by ``fluid_ops.meta.visibility`` of the step itself. Stale entries (rejected drafts, a
 previous request's tail) are at or beyond ``len_b + W`` or overwritten, so they are never seen.
 
-Forwards address a contiguous range of slots ``[lo, hi)``: the cache hands the attention a view
-(``keys[lo:hi, :, :extent]``), never a gathered copy. The attention itself is the registered
-``fluid_slots`` implementation (``slot_attention``): one SDPA call with the step's bool mask, or
-``is_causal`` for a prefill chunk that starts a prompt (no mask tensor at all).
+Decode steps address the contiguous range of slots ``[0, hi)``: the cache hands the attention a
+view (``keys[:hi, :, :extent]``), never a copy. A prefill forward addresses only the slots that are
+encoding a prompt (``rows``): their new entries are written in place, and the attention reads a
+gathered copy of just those rows' ``[0, extent)`` — the prompt chunk itself, plus the prefix
+already encoded for a long prompt's later chunks — so a prefill never computes idle rows. The
+attention itself is the registered ``fluid_slots`` implementation (``slot_attention``): one SDPA
+call with the step's bool mask, or ``is_causal`` for a prefill chunk that starts a prompt (no mask
+tensor at all).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ SLOT_ATTENTION = "fluid_slots"
 class ForwardPlan:
     """What one engine forward writes and attends (set on the cache before the model runs).
 
-    ``rows``: the slot range ``[lo, hi)``; ``write [B, W]``: the cache index of each new token;
+    ``lo, hi``: the slot range ``[lo, hi)``, or ``rows [B]`` (slot indices, gathered); ``write
+    [B, W]``: the cache index of each new token;
     ``extent``: keys ``[0, extent)`` are handed to the attention; ``mask [B, 1, W, extent]`` (True
     = attend) or ``causal`` (every row starts at index 0 with no slots: plain causal attention
     over the first ``W`` keys).
@@ -52,6 +57,7 @@ class ForwardPlan:
     extent: int
     mask: torch.Tensor | None
     causal: bool = False
+    rows: torch.Tensor | None = None
 
 
 def step_mask(
@@ -64,9 +70,13 @@ def step_mask(
     opened to key 0 so no softmax is empty; their outputs are never read.
     """
     b, w = q_pos.shape
-    new_vis = visibility(AttnMeta.self_attention(q_pos, q_anchor))  # [B, W, W]
     j = torch.arange(extent, device=q_pos.device)
     rel = j[None, :] - length[:, None]  # index among the new tokens, [B, extent]
+    if w == 1:  # one main token per row (AR steps): the committed entries and itself
+        mask = (rel <= 0)[:, None, :] & (q_anchor != PAD)[:, :, None]
+        mask[..., 0] = True
+        return mask[:, None]
+    new_vis = visibility(AttnMeta.self_attention(q_pos, q_anchor))  # [B, W, W]
     in_new = (rel >= 0) & (rel < w)
     new_part = new_vis.gather(2, rel.clamp(0, w - 1)[:, None, :].expand(b, w, extent))
     real = (q_anchor != PAD)[:, :, None]
@@ -110,7 +120,10 @@ class SlotKV(Cache):
 
     def set_plan(self, plan: ForwardPlan) -> None:
         self.plan = plan
-        self._rows = torch.arange(plan.hi - plan.lo, device=plan.write.device)[:, None]
+        if plan.rows is not None:
+            self._rows = plan.rows[:, None]
+        else:
+            self._rows = torch.arange(plan.hi - plan.lo, device=plan.write.device)[:, None]
 
     def update(
         self,
@@ -123,12 +136,18 @@ class SlotKV(Cache):
         plan = self.plan
         if plan is None:
             raise RuntimeError("SlotKV.update called without a ForwardPlan (use the Scheduler)")
-        keys = self.keys[layer_idx][plan.lo : plan.hi]
-        values = self.values[layer_idx][plan.lo : plan.hi]
+        if plan.rows is None:
+            keys = self.keys[layer_idx][plan.lo : plan.hi]
+            values = self.values[layer_idx][plan.lo : plan.hi]
+        else:
+            keys, values = self.keys[layer_idx], self.values[layer_idx]
         # [B, H, W, D] -> [B, W, H, D]: the layout of an index with rows and columns broadcast
         keys[self._rows, :, plan.write] = key_states.transpose(1, 2).to(keys.dtype)
         values[self._rows, :, plan.write] = value_states.transpose(1, 2).to(values.dtype)
-        return keys[:, :, : plan.extent], values[:, :, : plan.extent]
+        keys, values = keys[:, :, : plan.extent], values[:, :, : plan.extent]
+        if plan.rows is not None:
+            keys, values = keys.index_select(0, plan.rows), values.index_select(0, plan.rows)
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.plan is None else int(self.plan.extent)

@@ -1,0 +1,136 @@
+"""Sampling rules of the decode engine: temperature / top-k / top-p / min-p, seeds, exact drafts.
+
+Greedy decoding (temperature 0) commits the AR argmax. With temperature > 0 the engine samples and
+stays *exact* — its output distribution is AR sampling's — by speculative rejection sampling
+(Leviathan et al. / Chen et al.): a draft ``x`` proposed from the slot's own distribution ``q`` is
+accepted with probability ``min(1, p(x) / q(x))`` where ``p`` is the AR distribution at that
+position; at the first rejection the token is drawn from ``norm(max(0, p − q))``, and when every
+draft is accepted the bonus token from ``p``. ``p`` and ``q`` are both the model's distribution
+after the request's temperature, then top-k, then top-p (nucleus), then min-p — the order
+transformers applies them in.
+
+**Seeds without generator state.** Every random number is a hash of ``(seed, position, purpose)``
+(``uniform``): the accept test of the draft at position ``t``, the draw of the token committed at
+``t``, the draft sampled for ``t``. Each position's accept test and draw happen at most once, and
+the three purposes are independent streams, so the rejection rule's guarantee holds, the same seed
+and settings give the same tokens whatever else shares the batch, and nothing is stateful or
+synchronised with the host (the step stays capturable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fluid_npu.errors import ConfigError
+
+ACCEPT, DRAW, DRAFT = 0, 1, 2  # the purposes of a random number
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
+_M31 = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """A request's decoding settings (transformers' / the OpenAI API's meanings).
+
+    ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1.0 switch those filters off;
+    ``min_p`` 0 too. ``seed`` None draws one from the scheduler's counter. ``logprobs``: return the
+    log-probability of each committed token under the AR distribution after temperature, and its
+    ``top_logprobs`` best alternatives (0–20).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must lie in (0, 1] (1 = off), got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ConfigError(f"min_p must lie in [0, 1) (0 = off), got {self.min_p}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(
+                f"top_logprobs must lie in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise ConfigError("top_logprobs needs logprobs=True")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer hash (xorshift-multiply rounds; products stay below 2^62: no overflow)."""
+    for mul in (0x2C1B3C6D, 0x297A2D39, 0x1B873593):
+        x = x & _M31
+        x = (x ^ (x >> 16)) * mul
+    x = x & _M31
+    return x ^ (x >> 15)
+
+
+def uniform(seed: torch.Tensor, position: torch.Tensor, purpose: int) -> torch.Tensor:
+    """Uniforms in (0, 1), float64, one per element of ``position`` (``seed`` broadcast to it)."""
+    seed = seed.to(torch.long)
+    h1 = _mix(_mix(seed) ^ _mix(position.to(torch.long) * 3 + purpose + 0x5BD1E995))
+    h2 = _mix(h1 ^ 0x3C6EF372)
+    bits = (h1 << 22) ^ h2  # 53 random bits
+    return ((bits & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)
+
+
+def filtered_probs(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p; per-row settings ``[B]``.
+
+    ``logits [B, ..., V]``; rows with temperature 0 get temperature 1 (their caller decodes them
+    greedily and never reads these).
+    """
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    t = torch.where(temperature > 0, temperature, 1.0).to(torch.float32).view(shape)
+    scores = logits.float() / t
+    vocab = scores.shape[-1]
+    # top-k: keep scores >= the k-th largest
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).view(shape)
+    ordered = scores.sort(dim=-1, descending=True).values
+    kth = ordered.gather(-1, (k - 1).expand(*scores.shape[:-1], 1))
+    scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    # top-p: keep the smallest prefix (by probability) whose mass reaches top_p
+    sp, idx = probs.sort(dim=-1, descending=True)
+    before = sp.cumsum(dim=-1) - sp  # mass strictly before each token
+    drop = before >= top_p.to(torch.float32).view(shape)
+    drop[..., 0] = False
+    probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0.0))
+    # min-p: drop tokens below min_p × the top probability
+    top = probs.amax(dim=-1, keepdim=True)
+    probs = probs.masked_fill(probs < min_p.to(torch.float32).view(shape) * top, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws from ``probs [..., V]`` with uniforms ``u [...]`` (float64)."""
+    cdf = probs.double().cumsum(dim=-1)
+    cdf = cdf / cdf[..., -1:]
+    pick = torch.searchsorted(cdf, u[..., None].to(cdf.dtype)).squeeze(-1)
+    return pick.clamp(max=probs.shape[-1] - 1)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``norm(max(0, p − q))``, or ``p`` where that is empty (only when p == q, never rejected)."""
+    r = (p - q).clamp(min=0.0)
+    mass = r.sum(dim=-1, keepdim=True)
+    return torch.where(mass > 0, r / mass.clamp(min=1e-30), p)

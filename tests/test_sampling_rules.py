@@ -1,0 +1,239 @@
+"""Sampling that stays exact: the engine's output distribution is AR sampling's.
+
+The statistical test is sized so it neither passes by luck nor fails by chance: with ``N`` seeded
+requests over a support of ``S`` sequences, the total variation (TV) between the empirical and the
+exact distribution has mean at most ``0.5 * sqrt(S / N)`` and exceeds it by ``t`` with probability
+at most ``exp(-2 N t²)`` (McDiarmid: one sample moves TV by at most ``1/N``). With N = 3000, S ≤ 32
+and t = 0.04 the bound is 0.092 and a correct sampler fails with probability < 1e-4; the same
+samples judged against a slightly different temperature's distribution exceed it (the test has
+power), and transformers' own ``do_sample=True`` at the same count is held to the same bound.
+The drafts really go through the rejection rule: some are accepted, some rejected.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import pytest
+import torch
+from test_sampling_lossless import chain_model
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.rules import SamplingParams, filtered_probs, uniform
+from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+
+T, MIN_P, LENGTH, N = 8.0, 0.2, 3, 3000
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(mask_token=True)
+
+
+def _exact(model, prompt: list[int], temperature: float) -> dict[tuple[int, ...], float]:
+    """The exact distribution of the first LENGTH tokens under AR sampling (enumerated)."""
+    out: dict[tuple[int, ...], float] = {(): 1.0}
+    one = torch.ones(1)
+    for _ in range(LENGTH):
+        grown = {}
+        for prefix, prob in out.items():
+            with torch.inference_mode():
+                logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1]
+            p = filtered_probs(logits[None], one * temperature, one.long() * 0, one, one * MIN_P)[0]
+            for t in p.nonzero().flatten().tolist():
+                grown[(*prefix, t)] = prob * float(p[t])
+        out = grown
+    return out
+
+
+def _tv(samples: list[tuple[int, ...]], exact: dict[tuple[int, ...], float]) -> float:
+    emp = collections.Counter(samples)
+    keys = set(emp) | set(exact)
+    return 0.5 * sum(abs(emp[k] / len(samples) - exact.get(k, 0.0)) for k in keys)
+
+
+@pytest.mark.slow
+def test_sampled_outputs_follow_the_ar_distribution(tok):
+    model = chain_model(tok, attn_scale=4.0)  # its drafts are often right, so accepts happen
+    prompt = tok("hello p")["input_ids"]
+    exact = _exact(model, prompt, T)
+    assert 8 <= len(exact) <= 32
+    bound = 0.5 * math.sqrt(len(exact) / N) + 0.04
+    sched = Scheduler(
+        model, tok.mask_token_id, policy="fixed:4", max_batch=64, eos_ids=[], k_max=8, max_len=32
+    )
+    params = [SamplingParams(temperature=T, min_p=MIN_P, seed=s) for s in range(1, N + 1)]
+    res = run_requests(
+        sched, [Request(str(i), prompt, LENGTH, sampling=p) for i, p in enumerate(params)]
+    )
+    ours = [tuple(res[str(i)][0]) for i in range(N)]
+    tv = _tv(ours, exact)
+    hist = sched.accept_hist
+    verifies = sum(hist.values())
+    accepted = sum(c for a, c in hist.items() if a > 0)
+    print(
+        f"TV {tv:.4f} (bound {bound:.4f}); verifies that accepted a draft "
+        f"{accepted}/{verifies} = {accepted / verifies:.3f}; accept histogram {dict(hist)}"
+    )
+    assert tv <= bound
+    assert 0.05 < accepted / verifies < 0.95  # the rejection rule is really exercised
+    assert _tv(ours, _exact(model, prompt, 6.0)) > bound  # the test can tell a wrong sampler
+    # transformers' own sampler, same count, same bound
+    model.generation_config.eos_token_id = None
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        hf = model.generate(
+            torch.tensor([prompt] * N),
+            attention_mask=torch.ones(N, len(prompt), dtype=torch.long),
+            do_sample=True,
+            temperature=T,
+            top_k=0,
+            top_p=1.0,
+            min_p=MIN_P,
+            max_new_tokens=LENGTH,
+            pad_token_id=tok.pad_token_id,
+        )
+    hf_tv = _tv([tuple(r) for r in hf[:, len(prompt) :].tolist()], exact)
+    print(f"transformers do_sample TV {hf_tv:.4f}")
+    assert hf_tv <= bound
+
+
+def test_a_seed_gives_the_same_tokens_alone_or_in_any_batch(tok):
+    model = chain_model(tok, attn_scale=4.0)
+    prompts = [tok(t)["input_ids"] for t in ("hello p", "abc", "xx", "ijk")]
+    params = SamplingParams(temperature=T, min_p=MIN_P, seed=1234)
+
+    def run(batch: int, order: list[int]) -> dict[int, list[int]]:
+        sched = Scheduler(
+            model,
+            tok.mask_token_id,
+            policy="entropy",
+            max_batch=batch,
+            eos_ids=[],
+            k_max=8,
+            max_len=64,
+        )
+        res = run_requests(sched, [Request(str(i), prompts[i], 12, sampling=params) for i in order])
+        return {i: res[str(i)][0] for i in order}
+
+    alone = {i: run(1, [i])[i] for i in range(4)}
+    assert run(4, [0, 1, 2, 3]) == alone
+    assert run(2, [3, 1, 0, 2]) == alone
+    other = SamplingParams(temperature=T, min_p=MIN_P, seed=99)
+    sched = Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=1, eos_ids=[], k_max=8)
+    differs = run_requests(sched, [Request("x", prompts[0], 12, sampling=other)])["x"][0]
+    assert differs != alone[0]  # the seed matters
+
+
+def test_greedy_logprobs_are_the_models(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    prompt = tok("hello world")["input_ids"]
+    params = SamplingParams(logprobs=True, top_logprobs=3)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=2, eos_ids=[], k_max=4)
+    sched.submit(Request("a", prompt, 6, sampling=params))
+    sched.submit(Request("b", prompt, 6))  # no logprobs asked: none returned
+    tokens, lps, tops = [], [], []
+    while sched.has_work():
+        for ev in sched.step():
+            if ev.request_id == "b":
+                assert ev.logprobs is None and ev.top_logprobs is None
+                continue
+            tokens += ev.tokens
+            lps += ev.logprobs
+            tops += ev.top_logprobs
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+    ref = logits.log_softmax(-1)
+    for i, t in enumerate(tokens):
+        assert lps[i] == pytest.approx(float(ref[i, t]), abs=1e-4)
+        best = ref[i].topk(3)
+        assert [tid for tid, _ in tops[i]] == best.indices.tolist()
+        assert tops[i][0][0] == t  # greedy: the committed token is the best one
+        assert [v for _, v in tops[i]] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+def test_bad_settings_name_the_field():
+    for kwargs, words in (
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.0}, "min_p"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "logprobs=True"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            SamplingParams(**kwargs)
+
+
+def test_uniforms_are_uniform_and_keyed():
+    pos = torch.arange(20000)
+    u = uniform(torch.tensor(7), pos, 0)
+    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.003
+    assert torch.equal(u, uniform(torch.tensor(7), pos, 0))  # a pure function of its key
+    other = uniform(torch.tensor(7), pos, 1)
+    assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 0.03  # streams independent
+
+
+@pytest.mark.parametrize("policy", ["ar", "fixed:4"])  # one token a step, several a step
+def test_stop_strings_cut_as_transformers_does(tok, policy):
+    model = chain_model(tok, attn_scale=4.0)
+    prompt = tok("abc")["input_ids"]  # the chain continues d e f g h ...
+    stops = ["fg", "zz"]
+    sched = Scheduler(
+        model, tok.mask_token_id, policy=policy, max_batch=2, eos_ids=[], k_max=8, tokenizer=tok
+    )
+    res = run_requests(sched, [Request("s", prompt, 20, stop=stops), Request("n", prompt, 20)])
+    ours, event = res["s"].tokens, res["s"].final
+    assert event.finish_reason == "stop" and tok.decode(ours).endswith("fg")
+    assert len(res["n"][0]) == 20  # the other request is not stopped
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        hf = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=20,
+            stop_strings=stops,
+            tokenizer=tok,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=None,
+        )
+    assert ours == hf[0, len(prompt) :].tolist()
+
+
+def test_stop_strings_need_a_tokenizer(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=1)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        sched.submit(Request("a", [1, 2], 4, stop=["x"]))
+
+
+def test_generate_api_takes_transformers_sampling_settings(tok):
+    from transformers import GenerationConfig
+
+    from fluid_npu.sampling import generate
+    from fluid_npu.sampling.api import FluidForCausalLM
+
+    model = chain_model(tok, attn_scale=4.0)
+    ids = torch.tensor([tok("hello p")["input_ids"]] * 2)
+    kw = dict(policy="fixed:4", max_new_tokens=8, eos_token_id=[], k_max=8)
+    a = generate(model, tok, ids, do_sample=True, temperature=T, min_p=MIN_P, seed=7, **kw)
+    b = generate(model, tok, ids[:1], do_sample=True, temperature=T, min_p=MIN_P, seed=7, **kw)
+    c = generate(model, tok, ids[1:], do_sample=True, temperature=T, min_p=MIN_P, seed=8, **kw)
+    assert a.new_tokens == [b.new_tokens[0], c.new_tokens[0]]  # row r is seeded seed + r
+    greedy = generate(model, tok, ids[:1], temperature=T, **kw)  # do_sample=False: greedy
+    assert greedy.new_tokens == generate(model, tok, ids[:1], **kw).new_tokens
+    out = generate(model, tok, ids[:1], logprobs=True, top_logprobs=2, stop_strings="rs", **kw)
+    assert out.finish_reasons == ["stop"] and tok.decode(out.new_tokens[0]).endswith("rs")
+    assert len(out.logprobs[0]) == len(out.new_tokens[0]) == len(out.top_logprobs[0])
+    with pytest.raises(ConfigError, match="fused loop"):
+        generate(model, tok, ids[:1], loop="reference", do_sample=True, **kw)
+    fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
+    config = GenerationConfig(do_sample=True, temperature=T, top_k=0, min_p=MIN_P, max_new_tokens=8)
+    seq = fluid.generate(
+        ids[:1], generation_config=config, seed=7, eos_token_id=[], k_max=8, policy="fixed:4"
+    )
+    assert seq[0, ids.shape[1] :].tolist() == b.new_tokens[0]
