@@ -37,6 +37,8 @@ class Req:
     prompt: list[int]
     max_new_tokens: int
     eos_ids: Any = None
+    sampling: Any = None
+    stop: Any = ()
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Ev:
     new_tokens: int
     forwards: int
     accepted: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def script(prompt: list[int], max_new: int, eos: bool) -> list[int]:
@@ -68,6 +72,7 @@ class ScriptedScheduler:
         self.running: dict[str, list] = {}  # id -> [request, remaining tokens, new, forwards]
         self.aborts: list[str] = []
         self.aborted: list[str] = []  # every abort applied, for the tests
+        self.requests: list[Req] = []  # every request submitted, for the tests
         self.gate = threading.Event()
         self.gate.set()
         self.fail = False
@@ -77,6 +82,7 @@ class ScriptedScheduler:
             raise PromptError("the prompt is empty")
         if len(req.prompt) + req.max_new_tokens > self.max_len:
             raise PromptError(f"prompt + max_new_tokens exceeds max_len {self.max_len}")
+        self.requests.append(req)
         self.waiting.append((req, script(req.prompt, req.max_new_tokens, req.eos_ids != [])))
 
     def abort(self, request_id: str) -> bool:
@@ -120,7 +126,12 @@ class ScriptedScheduler:
             if done:
                 reason = "stop" if chunk and chunk[-1] == EOS else "length"
                 del self.running[rid]
-            events.append(Ev(rid, chunk, done, reason, entry[2], entry[3], len(chunk) - 1))
+            ev = Ev(rid, chunk, done, reason, entry[2], entry[3], len(chunk) - 1)
+            if req.sampling is not None and req.sampling.logprobs:  # scripted: -0.25 per token
+                ev.logprobs = [-0.25 * (n + i + 1) for i in range(len(chunk))]
+                ev.top_logprobs = [[(t, lp), (EOS, lp - 1.0)][: req.sampling.top_logprobs]
+                                   for t, lp in zip(chunk, ev.logprobs)]  # fmt: skip
+            events.append(ev)
         return events
 
 
@@ -231,34 +242,75 @@ def test_completions_and_chat_with_the_openai_client():
 
 
 def test_stop_strings_cut_the_text_and_abort_the_request():
-    sched = ScriptedScheduler()
+    # the scripted scheduler knows no stop strings: the server finds them and aborts the request
+    # (the real engine ends it itself); slow steps, so the abort lands long before the 500th token
+    sched = ScriptedScheduler(step_s=0.002)
     with serving(sched) as (url, _, _):
         c = client(url)
         ids = TOK("abc")["input_ids"]
-        full = expected_text(ids, 60, eos=False)
+        full = expected_text(ids, 500, eos=False)
         cut = full.index(" over")
         out = c.completions.create(
-            model="tiny", prompt="abc", max_tokens=60, stop=[" over", "zzz"],
+            model="tiny", prompt="abc", max_tokens=500, stop=[" over", "zzz"],
             extra_body={"ignore_eos": True},
         )  # fmt: skip
         assert out.choices[0].text == full[:cut]
         assert out.choices[0].finish_reason == "stop"
-        assert out.usage.completion_tokens < 60
+        assert out.usage.completion_tokens == len(TOK(full[:cut] + " over")["input_ids"])
         streamed = c.completions.create(
-            model="tiny", prompt="abc", max_tokens=60, stop=" over", stream=True,
+            model="tiny", prompt="abc", max_tokens=500, stop=" over", stream=True,
             extra_body={"ignore_eos": True},
         )  # fmt: skip
         assert "".join(p.choices[0].text for p in streamed) == full[:cut]
         _until(lambda: len(sched.aborted) == 2, "the two aborts")
 
 
+def test_sampling_settings_reach_the_engine_and_logprobs_come_back():
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        out = c.completions.create(
+            model="tiny", prompt="abc", max_tokens=6, temperature=0.7, top_p=0.9, seed=11,
+            logprobs=2, stop=["zz"], extra_body={"top_k": 5, "min_p": 0.05, "ignore_eos": True},
+        )  # fmt: skip
+        req = sched.requests[-1]
+        p = req.sampling
+        assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (0.7, 0.9, 5, 0.05, 11)
+        assert (p.logprobs, p.top_logprobs, tuple(req.stop), req.eos_ids) == (True, 2, ("zz",), [])
+        lp = out.choices[0].logprobs
+        toks = script(TOK("abc")["input_ids"], 6, False)
+        assert lp.token_logprobs == [-0.25 * (i + 1) for i in range(6)]
+        assert lp.tokens == [TOK.decode([t]) for t in toks]
+        assert "".join(lp.tokens) == out.choices[0].text
+        assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(6)]
+        assert [len(top) for top in lp.top_logprobs] == [2] * 6
+
+        messages = [{"role": "user", "content": "hi"}]
+        reply = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
+                                          logprobs=True, top_logprobs=1)  # fmt: skip
+        content = reply.choices[0].logprobs.content
+        assert [e.logprob for e in content] == [-0.25 * (i + 1) for i in range(5)]
+        assert all(len(e.top_logprobs) == 1 and e.top_logprobs[0].token == e.token for e in content)
+        raw = bytes(b for e in content for b in e.bytes)
+        assert raw.decode() == reply.choices[0].message.content
+        chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
+                                                logprobs=True, stream=True))  # fmt: skip
+        streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                    for e in ch.choices[0].logprobs.content]  # fmt: skip
+        assert [e.logprob for e in streamed] == [e.logprob for e in content]
+        plain = c.completions.create(model="tiny", prompt="abc", max_tokens=3)
+        assert plain.choices[0].logprobs is None and sched.requests[-1].sampling.temperature == 0
+
+
 def test_bad_requests_get_openai_errors_and_leave_others_alone():
     with serving(ScriptedScheduler(max_len=64)) as (url, _, _):
         c = client(url)
         cases = [
-            (dict(prompt="a", temperature=0.8), "temperature"),
+            (dict(prompt="a", temperature=2.5), "temperature"),
+            (dict(prompt="a", top_p=0), "top_p"),
             (dict(prompt="a", n=2), "n"),
-            (dict(prompt="a", logprobs=1), "logprobs"),
+            (dict(prompt="a", logprobs=21), "logprobs"),
+            (dict(prompt="a", presence_penalty=0.5), "presence_penalty"),
             (dict(prompt="a", max_tokens=500), "max_tokens"),
             (dict(prompt="x" * 80), "prompt"),
             (dict(prompt="a", extra_body={"mystery": 1}), "mystery"),

@@ -49,12 +49,15 @@ def server(model_dir):
     assert proc.returncode == 0, proc.log_tail()
 
 
-def offline(model_dir, tmp_path, prompts, max_new: int, chat: bool = False) -> list[dict]:
-    """``fluid generate --prompts`` rows (text, token_ids) for ``prompts``."""
-    src, out = tmp_path / f"in{max_new}{chat}.jsonl", tmp_path / f"out{max_new}{chat}.jsonl"
+def offline(
+    model_dir, tmp_path, prompts, max_new: int, chat: bool = False, extra: tuple[str, ...] = ()
+) -> list[dict]:
+    """``fluid generate --prompts`` rows (text, token_ids, ...) for ``prompts``."""
+    tag = f"{max_new}{chat}{abs(hash(extra))}"
+    src, out = tmp_path / f"in{tag}.jsonl", tmp_path / f"out{tag}.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
     argv = ["generate", "--model", model_dir, "--prompts", str(src), "--output", str(out),
-            "--max-new-tokens", str(max_new), "--batch-size", "4"]  # fmt: skip
+            "--max-new-tokens", str(max_new), "--batch-size", "4", *extra]  # fmt: skip
     assert main([*argv, "--chat"] if chat else argv) == 0
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
@@ -118,11 +121,54 @@ def test_32_concurrent_streaming_clients_each_equal_offline(server, model_dir, t
     assert "fluid_num_requests_running 0.0" in metrics
 
 
+def test_sampling_logprobs_and_stop_equal_fluid_generate(server, model_dir, tmp_path):
+    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    # sampling: a request seeded s equals the offline prompt seeded s (row 0 of --seed s), and
+    # the same seed gives the same tokens whatever else is in the batch
+    want = offline(model_dir, tmp_path, ["hello p"], 30, extra=("--temperature", "0.9",
+                   "--top-p", "0.95", "--seed", "7"))[0]  # fmt: skip
+
+    async def sampled() -> list[str]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key=KEY, max_retries=0
+        ) as client:
+            jobs = [
+                client.completions.create(model="model", prompt=p, max_tokens=30,
+                                          temperature=0.9, top_p=0.95, seed=7 if i % 2 == 0 else i)
+                for i, p in enumerate(["hello p", "xx", "hello p", "abc", "hello p"])
+            ]  # fmt: skip
+            return [r.choices[0].text for r in await asyncio.gather(*jobs)]
+
+    texts = asyncio.run(sampled())
+    assert texts[0] == texts[2] == texts[4] == want["text"]
+    # log-probabilities: the same numbers as offline, in the OpenAI completions format
+    row = offline(model_dir, tmp_path, ["nop"], 12, extra=("--logprobs", "2"))[0]
+    out = c.completions.create(model="model", prompt="nop", max_tokens=12, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(row["logprobs"], abs=1e-5)
+    assert lp.tokens == list(map(_decode(model_dir), row["token_ids"]))
+    assert [len(t) for t in lp.top_logprobs] == [2] * len(row["token_ids"])
+    # stop strings end the request in the engine; the text stops before the stop string
+    row = offline(model_dir, tmp_path, ["abc"], 40, extra=("--stop", "hij"))[0]
+    assert row["text"].endswith("hij")
+    out = c.completions.create(model="model", prompt="abc", max_tokens=40, stop=["hij"])
+    assert out.choices[0].text == row["text"].removesuffix("hij")
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == len(row["token_ids"])
+
+
+def _decode(model_dir: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return lambda t: tok.decode([t])
+
+
 def test_bad_requests_and_api_key(server):
     c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        c.completions.create(model="model", prompt="abc", temperature=0.7)
-    assert info.value.body["param"] == "temperature"
+        c.completions.create(model="model", prompt="abc", temperature=0.7, n=2)
+    assert info.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as info:
         c.completions.create(model="model", prompt="abc", max_tokens=MAX_LEN)
     assert info.value.body["param"] == "max_tokens"

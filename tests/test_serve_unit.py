@@ -28,11 +28,28 @@ def _err(fn, body) -> APIError:
     return info.value
 
 
-def test_completion_defaults_and_neutral_values():
-    req = parse_completion({"model": "m", "prompt": "hi", "temperature": 0, "top_p": 1, "n": 1})
+def test_completion_defaults_and_sampling_settings():
+    req = parse_completion({"model": "m", "prompt": "hi", "n": 1})
     assert req.prompt == "hi"
-    assert req.sampling.max_tokens == 16  # OpenAI's completions default
-    assert req.sampling.stop == [] and not req.sampling.stream
+    s = req.sampling
+    assert s.max_tokens == 16  # OpenAI's completions default
+    assert s.stop == [] and not s.stream
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.seed, s.logprobs) == (
+        0,
+        1,
+        0,
+        0,
+        None,
+        False,
+    )
+    s = parse_completion(
+        {"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 3,
+         "logprobs": 0}
+    ).sampling  # fmt: skip
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (0.7, 0.9, 5, 0.1, 3)
+    assert s.logprobs and s.top_logprobs == 0  # logprobs 0: the chosen tokens' only
+    s = parse_chat({"messages": USER, "logprobs": True, "top_logprobs": 3}).sampling
+    assert s.logprobs and s.top_logprobs == 3
     req = parse_completion(
         {"prompt": [[5, 6]], "max_tokens": 3, "stop": "x", "seed": 7, "stream": True,
          "stream_options": {"include_usage": True}, "ignore_eos": True}
@@ -44,11 +61,13 @@ def test_completion_defaults_and_neutral_values():
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
-        ({"prompt": "a", "temperature": 0.7}, "temperature", "greedily"),
-        ({"prompt": "a", "top_p": 0.9}, "top_p", "must be 1"),
+        ({"prompt": "a", "temperature": 2.5}, "temperature", "less than or equal to 2"),
+        ({"prompt": "a", "top_p": 0}, "top_p", "greater than 0"),
+        ({"prompt": "a", "top_k": -1}, "top_k", "greater than or equal to 0"),
+        ({"prompt": "a", "min_p": 1.0}, "min_p", "less than 1"),
         ({"prompt": "a", "n": 2}, "n", "one request per completion"),
         ({"prompt": "a", "best_of": 3}, "best_of", "1 or absent"),
-        ({"prompt": "a", "logprobs": 2}, "logprobs", "not produced"),
+        ({"prompt": "a", "logprobs": 21}, "logprobs", "less than or equal to 20"),
         ({"prompt": "a", "echo": True}, "echo", "false"),
         ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty", "0 or absent"),
         ({"prompt": "a", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
@@ -82,7 +101,8 @@ def test_completion_errors_name_the_field(body, param, words):
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
          "messages[0].content"),
         ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages[0]"),
-        ({"messages": USER, "logprobs": True}, "logprobs"),
+        ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
         ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
         ({"messages": USER, "max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),

@@ -30,10 +30,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.protocol import APIError
-from fluid_npu.serve.responses import DONE, Shape, usage
+from fluid_npu.serve.responses import DONE, LogprobEntry, Shape, usage
 from fluid_npu.serve.text import Detokenizer, chat_ids, completion_ids
 from fluid_npu.serve.worker import Stream, Worker
 
@@ -55,15 +56,22 @@ class _Generation:
     """One admitted request: reads its events, detokenizes, applies stop strings, counts."""
 
     def __init__(
-        self, worker: Worker, metrics: ServerMetrics, stream: Stream, detok: Detokenizer
+        self,
+        worker: Worker,
+        metrics: ServerMetrics,
+        stream: Stream,
+        detok: Detokenizer,
+        logprobs: bool = False,
     ) -> None:
         self.worker, self.metrics, self.stream, self.detok = worker, metrics, stream, detok
         self.finish_reason: str | None = None
         self.forwards = 0
+        self.logprobs: list[LogprobEntry] | None = [] if logprobs else None
         self._last: float | None = None
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text deltas until the request ends (``finish_reason`` is then set)."""
+    async def deltas(self) -> AsyncIterator[tuple[str, list[LogprobEntry] | None]]:
+        """Text deltas and their tokens' log-probabilities until the request ends
+        (``finish_reason`` is then set)."""
         while self.finish_reason is None:
             item = await self.stream.queue.get()
             if isinstance(item, BaseException):
@@ -71,7 +79,9 @@ class _Generation:
                 raise APIError(f"the engine failed: {item}", status=500, type="server_error")
             self._timing(len(item.tokens))
             self.forwards = item.forwards
+            used = self.detok.tokens_used
             text = self.detok.add(item.tokens)
+            entries = self._entries(item, self.detok.tokens_used - used)
             if self.detok.stopped:
                 self.finish_reason = "stop"
                 if not item.finished:
@@ -79,8 +89,19 @@ class _Generation:
             elif item.finished:
                 self.finish_reason = item.finish_reason or "stop"
                 text += self.detok.flush()
-            if text:
-                yield text
+            if text or entries:
+                yield text, entries
+
+    def _entries(self, item: Any, n: int) -> list[LogprobEntry] | None:
+        """The log-probabilities of the first ``n`` tokens of an event (those in the output)."""
+        if self.logprobs is None or not n:
+            return None
+        lps = getattr(item, "logprobs", None) or []
+        tops = getattr(item, "top_logprobs", None) or [[] for _ in lps]
+        out = [(t, float(lp), [(a, float(b)) for a, b in top])
+               for t, lp, top in zip(item.tokens[:n], lps, tops)]  # fmt: skip
+        self.logprobs += out
+        return out
 
     def _timing(self, n: int) -> None:
         if not n:
@@ -221,16 +242,32 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         request: Request, endpoint: str, shape: Shape, ids: list[int], s: protocol.Sampling
     ) -> Response:
         max_new = check_length(ids, s, "messages" if shape.chat else "prompt")
+        params = SamplingParams(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            seed=s.seed,
+            logprobs=s.logprobs,
+            top_logprobs=s.top_logprobs,
+        )
         check_capacity()
-        stream = await worker.submit(shape.id, ids, max_new, [] if s.ignore_eos else None)
+        stream = await worker.submit(
+            shape.id,
+            ids,
+            max_new_tokens=max_new,
+            eos_ids=[] if s.ignore_eos else None,
+            sampling=params,
+            stop=tuple(s.stop),
+        )
         metrics.prompt_tokens.inc(len(ids))
-        gen = _Generation(worker, metrics, stream, Detokenizer(tokenizer, s.stop))
+        gen = _Generation(worker, metrics, stream, Detokenizer(tokenizer, s.stop), s.logprobs)
         if s.stream:
             return _ClosingStream(_events(gen, shape, s), lambda: gen.close(endpoint))
         pieces: list[str] = []
 
         async def collect() -> None:
-            async for text in gen.deltas():
+            async for text, _ in gen.deltas():
                 pieces.append(text)
 
         work = asyncio.ensure_future(collect())
@@ -245,7 +282,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         if not work.done() or work.cancelled():  # the client is gone: nobody reads an answer
             return Response(status_code=499)
         work.result()  # an engine failure raises its APIError here
-        return JSONResponse(shape.full("".join(pieces), gen.finish_reason, gen.usage()))
+        answer = shape.full("".join(pieces), gen.finish_reason, gen.usage(), gen.logprobs)
+        return JSONResponse(answer)
 
     async def answer(request: Request, chat: bool) -> Response:
         authorize(request)
@@ -254,10 +292,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         check_model(req.sampling.model)
         if isinstance(req, protocol.ChatRequest):
             ids = chat_ids(tokenizer, req.messages)
-            shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", config.model_name)
+            shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", config.model_name, tokenizer)
         else:
             ids = completion_ids(tokenizer, req.prompt)
-            shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", config.model_name)
+            shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", config.model_name, tokenizer)
         return await generate(request, request.url.path, shape, ids, req.sampling)
 
     @app.post("/v1/completions")
@@ -300,8 +338,8 @@ async def _events(gen: _Generation, shape: Shape, s: protocol.Sampling) -> Async
     if shape.chat:
         yield shape.chunk("", role=True)
     try:
-        async for text in gen.deltas():
-            yield shape.chunk(text)
+        async for text, entries in gen.deltas():
+            yield shape.chunk(text, logprobs=entries)
     except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
         yield f"data: {json.dumps(exc.body())}\n\n"
         return

@@ -5,14 +5,16 @@
 OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is silently ignored:
 
 * a field the server does not know is an error naming it;
-* a field it knows but cannot honour is accepted only at its neutral value — decoding is greedy
-  (lossless FLUID decoding is the greedy AR output), so ``temperature`` must be 0 or absent,
-  ``top_p`` 1, ``n`` / ``best_of`` 1, penalties 0, ``logprobs`` / ``echo`` / ``suffix`` / tools
-  absent; any other value is an error naming the field and what is supported;
-* ``seed`` is accepted: greedy decoding gives the same output for every seed, so it is honoured;
-  ``user`` is an opaque end-user tag and is accepted as such;
-* ``stop`` (up to 4 non-empty strings) is applied by the server on the decoded text;
-* ``ignore_eos`` (a vLLM extension) decodes exactly ``max_tokens`` tokens.
+* the engine's decoding settings are honoured: ``temperature`` (0 = greedy, the lossless FLUID
+  output; above 0 exact speculative sampling), ``top_p``, ``seed`` (the same seed gives the same
+  output alone or in any batch), ``logprobs`` (completions: the number of alternatives, 0–20;
+  chat: ``logprobs`` + ``top_logprobs``), and vLLM's extensions ``top_k``, ``min_p`` and
+  ``ignore_eos`` (decode exactly ``max_tokens`` tokens);
+* ``stop`` (up to 4 non-empty strings) ends the request in the engine; the text is cut before the
+  stop string, as the OpenAI API returns it;
+* a field it knows but cannot honour is accepted only at its neutral value: ``n`` / ``best_of`` 1,
+  penalties 0, ``echo`` false, ``suffix`` / ``logit_bias`` / tools absent; any other value is an
+  error naming the field and what is supported; ``user`` is an opaque end-user tag, accepted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
 
 
@@ -83,6 +86,8 @@ class _Common(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)  # vLLM's extension; 0 = off
+    min_p: float | None = Field(default=None, ge=0, lt=1)  # vLLM's extension; 0 = off
     n: int | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -98,7 +103,7 @@ class _Common(_Strict):
 class CompletionBody(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -107,7 +112,7 @@ class ChatBody(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -119,6 +124,13 @@ class Sampling:
     """What one request asks of the decoder, after the checks."""
 
     max_tokens: int | None  # None: as many as the context leaves (chat's default)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -173,15 +185,12 @@ def _neutral(body: _Common, name: str, ok: tuple[Any, ...], what: str) -> None:
     value = getattr(body, name)
     if value not in ok:
         raise APIError(
-            f"{name}={value!r} is not supported: this server decodes greedily (lossless FLUID "
-            f"decoding), so {name} must be {what}",
+            f"{name}={value!r} is not supported by this server; {name} must be {what}",
             param=name,
         )
 
 
-def _sampling(body: _Common, max_tokens: int | None) -> Sampling:
-    _neutral(body, "temperature", (None, 0), "0 or absent")
-    _neutral(body, "top_p", (None, 1), "1 or absent")
+def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> Sampling:
     _neutral(body, "n", (None, 1), "1 or absent (send one request per completion)")
     _neutral(body, "presence_penalty", (None, 0), "0 or absent")
     _neutral(body, "frequency_penalty", (None, 0), "0 or absent")
@@ -194,6 +203,13 @@ def _sampling(body: _Common, max_tokens: int | None) -> Sampling:
         raise APIError("stream_options is only allowed with stream: true", param="stream_options")
     return Sampling(
         max_tokens=max_tokens,
+        temperature=0.0 if body.temperature is None else float(body.temperature),
+        top_p=1.0 if body.top_p is None else float(body.top_p),
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        seed=body.seed,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
         stop=stop,
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -220,10 +236,10 @@ def parse_completion(body: Any) -> CompletionRequest:
         raise APIError("prompt is empty; give some text or token ids", param="prompt")
     _neutral(req, "best_of", (None, 1), "1 or absent")
     _neutral(req, "echo", (None, False), "false or absent")
-    _neutral(req, "logprobs", (None,), "absent (log-probabilities are not produced yet)")
     _neutral(req, "suffix", (None,), "absent")
     max_tokens = req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
-    return CompletionRequest(prompt=prompt, sampling=_sampling(req, max_tokens))
+    sampling = _sampling(req, max_tokens, req.logprobs is not None, req.logprobs or 0)
+    return CompletionRequest(prompt=prompt, sampling=sampling)
 
 
 def _message_text(msg: Message) -> str:
@@ -235,8 +251,8 @@ def _message_text(msg: Message) -> str:
 def parse_chat(body: Any) -> ChatRequest:
     """A checked ``/v1/chat/completions`` request (text messages only)."""
     req: ChatBody = _validate(ChatBody, body)
-    _neutral(req, "logprobs", (None, False), "false or absent (not produced yet)")
-    _neutral(req, "top_logprobs", (None,), "absent")
+    if req.top_logprobs and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     if req.tools:
         raise APIError("tools are not supported; leave them out", param="tools")
     _neutral(req, "tool_choice", (None, "none"), "'none' or absent")
@@ -251,5 +267,6 @@ def parse_chat(body: Any) -> ChatRequest:
             param="max_completion_tokens",
         )
     messages = [{"role": m.role, "content": _message_text(m)} for m in req.messages]
-    sampling = _sampling(req, req.max_completion_tokens or req.max_tokens)
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
     return ChatRequest(messages=messages, sampling=sampling)

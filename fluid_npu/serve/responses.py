@@ -5,6 +5,11 @@ the OpenAI counts plus the request's own FLUID figures: ``forwards`` (decode for
 in) and ``tpf`` (generated tokens per forward). A stream ends with a chunk holding the
 ``finish_reason`` and ``usage``; with ``stream_options.include_usage`` the OpenAI-style extra chunk
 (empty ``choices``, ``usage``) follows; then ``data: [DONE]``.
+
+Log-probabilities come as ``(token id, logprob, [(id, logprob), ...])`` per token and are written
+in each endpoint's own format: completions' ``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
+``text_offset``, chat's ``content`` list of ``{token, logprob, bytes, top_logprobs}``; a token's
+text is its own decoding (special tokens included).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import time
 from typing import Any
 
 DONE = "data: [DONE]\n\n"
+LogprobEntry = tuple[int, float, list[tuple[int, float]]]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, forwards: int) -> dict[str, Any]:
@@ -35,28 +41,72 @@ def sse(payload: dict[str, Any]) -> str:
 class Shape:
     """The bodies of one request: ``chat`` or plain completion, with its id, time and model."""
 
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+    def __init__(self, chat: bool, request_id: str, model: str, tokenizer: Any = None) -> None:
         self.chat = chat
         self.id = request_id
         self.model = model
+        self.tokenizer = tokenizer  # for the text of log-probability tokens
         self.created = int(time.time())
+        self.offset = 0  # completions' text_offset of the next token
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def logprobs(self, entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
+        """The ``logprobs`` of a choice for ``entries`` (None: none were asked for)."""
+        if entries is None:
+            return None
+        if self.chat:
+
+            def item(tok: int, lp: float) -> dict[str, Any]:
+                text = self._text(tok)
+                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+            content = [
+                {**item(tok, lp), "top_logprobs": [item(t, p) for t, p in top]}
+                for tok, lp, top in entries
+            ]
+            return {"content": content, "refusal": None}
+        texts = [self._text(tok) for tok, _, _ in entries]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        tops = [{self._text(t): p for t, p in top} for _, _, top in entries]
+        return {
+            "tokens": texts,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": tops if any(tops) else None,
+            "text_offset": offsets,
+        }
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str | None, use: dict[str, Any]) -> dict[str, Any]:
+    def full(
+        self,
+        text: str,
+        finish_reason: str | None,
+        use: dict[str, Any],
+        logprobs: list[LogprobEntry] | None = None,
+    ) -> dict[str, Any]:
         """The non-streamed answer."""
         if self.chat:
             body = self._head("chat.completion")
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": self.logprobs(logprobs),
                 "finish_reason": finish_reason,
             }
         else:
             body = self._head("text_completion")
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": self.logprobs(logprobs),
+                "finish_reason": finish_reason,
+            }
         body["choices"] = [choice]
         body["usage"] = use
         return body
@@ -67,20 +117,23 @@ class Shape:
         finish_reason: str | None = None,
         use: dict[str, Any] | None = None,
         role: bool = False,
+        logprobs: list[LogprobEntry] | None = None,
     ) -> str:
-        """One stream event: a text delta (``None``: none), maybe the end and the usage."""
+        """One stream event: a text delta (``None``: none), its tokens' log-probabilities, maybe
+        the end and the usage."""
+        lps = self.logprobs(logprobs)
         if self.chat:
             body = self._head("chat.completion.chunk")
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish_reason}
         else:
             body = self._head("text_completion")
             choice = {
                 "index": 0,
                 "text": text or "",
-                "logprobs": None,
+                "logprobs": lps,
                 "finish_reason": finish_reason,
             }
         body["choices"] = [choice]

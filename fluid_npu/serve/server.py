@@ -123,6 +123,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         khead=fluid.khead,
         max_batch=settings.max_batch,
         max_len=settings.max_len,  # None: the scheduler's default (the context, at most 4096)
+        tokenizer=fluid.tokenizer,  # the engine ends requests on their stop strings
         compile=settings.compile,
     )
     max_len = int(getattr(scheduler, "max_len", None) or settings.max_len or limit)

@@ -91,17 +91,14 @@ class Worker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
-    async def submit(
-        self, request_id: str, prompt: list[int], max_new_tokens: int, eos_ids: list[int] | None
-    ) -> Stream:
-        """Queue a request; returns its ``Stream`` once the scheduler took it (else APIError)."""
+    async def submit(self, request_id: str, prompt: list[int], **fields: Any) -> Stream:
+        """Queue a request (``fields``: the rest of the scheduler's ``Request``); returns its
+        ``Stream`` once the scheduler took it, else raises an ``APIError``."""
         if self.draining:
             raise APIError("the server is shutting down", status=503, type="server_error")
         if not self.alive:
             raise APIError(f"the engine stopped: {self.error}", status=500, type="server_error")
-        req = self.request_cls(
-            request_id=request_id, prompt=prompt, max_new_tokens=max_new_tokens, eos_ids=eos_ids
-        )
+        req = self.request_cls(request_id=request_id, prompt=prompt, **fields)
         loop = asyncio.get_running_loop()
         stream = Stream(request_id, len(prompt))
         accepted = loop.create_future()
