@@ -34,22 +34,16 @@ def test_completion_defaults_and_sampling_settings():
     s = req.sampling
     assert s.max_tokens == 16  # OpenAI's completions default
     assert s.stop == [] and not s.stream
-    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.seed, s.logprobs) == (
-        0,
-        1,
-        0,
-        0,
-        None,
-        False,
-    )
+    greedy = dict(temperature=0, top_p=1, top_k=0, min_p=0, seed=None, logprobs=False)
+    assert s.params == {**greedy, "top_logprobs": 0}
     s = parse_completion(
         {"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 3,
          "logprobs": 0}
     ).sampling  # fmt: skip
-    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (0.7, 0.9, 5, 0.1, 3)
-    assert s.logprobs and s.top_logprobs == 0  # logprobs 0: the chosen tokens' only
+    assert s.params == dict(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=3, logprobs=True,
+                            top_logprobs=0)  # logprobs 0: the chosen tokens' only  # fmt: skip
     s = parse_chat({"messages": USER, "logprobs": True, "top_logprobs": 3}).sampling
-    assert s.logprobs and s.top_logprobs == 3
+    assert s.params["logprobs"] and s.params["top_logprobs"] == 3
     req = parse_completion(
         {"prompt": [[5, 6]], "max_tokens": 3, "stop": "x", "seed": 7, "stream": True,
          "stream_options": {"include_usage": True}, "ignore_eos": True}

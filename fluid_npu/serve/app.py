@@ -242,26 +242,18 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         request: Request, endpoint: str, shape: Shape, ids: list[int], s: protocol.Sampling
     ) -> Response:
         max_new = check_length(ids, s, "messages" if shape.chat else "prompt")
-        params = SamplingParams(
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            seed=s.seed,
-            logprobs=s.logprobs,
-            top_logprobs=s.top_logprobs,
-        )
         check_capacity()
         stream = await worker.submit(
             shape.id,
             ids,
             max_new_tokens=max_new,
             eos_ids=[] if s.ignore_eos else None,
-            sampling=params,
+            sampling=SamplingParams(**s.params),
             stop=tuple(s.stop),
         )
         metrics.prompt_tokens.inc(len(ids))
-        gen = _Generation(worker, metrics, stream, Detokenizer(tokenizer, s.stop), s.logprobs)
+        detok = Detokenizer(tokenizer, s.stop)
+        gen = _Generation(worker, metrics, stream, detok, s.params["logprobs"])
         if s.stream:
             return _ClosingStream(_events(gen, shape, s), lambda: gen.close(endpoint))
         pieces: list[str] = []

@@ -124,13 +124,7 @@ class Sampling:
     """What one request asks of the decoder, after the checks."""
 
     max_tokens: int | None  # None: as many as the context leaves (chat's default)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
+    params: dict[str, Any] = field(default_factory=dict)  # the engine's SamplingParams fields
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -201,15 +195,18 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options is only allowed with stream: true", param="stream_options")
+    params = {
+        "temperature": 0.0 if body.temperature is None else float(body.temperature),
+        "top_p": 1.0 if body.top_p is None else float(body.top_p),
+        "top_k": body.top_k or 0,
+        "min_p": body.min_p or 0.0,
+        "seed": body.seed,
+        "logprobs": logprobs,
+        "top_logprobs": top_logprobs,
+    }
     return Sampling(
         max_tokens=max_tokens,
-        temperature=0.0 if body.temperature is None else float(body.temperature),
-        top_p=1.0 if body.top_p is None else float(body.top_p),
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
-        seed=body.seed,
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
+        params=params,
         stop=stop,
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
