@@ -55,14 +55,15 @@ def _tv(samples: list[tuple[int, ...]], exact: dict[tuple[int, ...], float]) -> 
 
 
 @pytest.mark.slow
-def test_sampled_outputs_follow_the_ar_distribution(tok):
+@pytest.mark.parametrize("policy", ["fixed:4", "entropy:6"])
+def test_sampled_outputs_follow_the_ar_distribution(tok, policy):
     model = chain_model(tok, attn_scale=4.0)  # its drafts are often right, so accepts happen
     prompt = tok("hello p")["input_ids"]
     exact = _exact(model, prompt, T)
     assert 8 <= len(exact) <= 32
     bound = 0.5 * math.sqrt(len(exact) / N) + 0.04
     sched = Scheduler(
-        model, tok.mask_token_id, policy="fixed:4", max_batch=64, eos_ids=[], k_max=8, max_len=32
+        model, tok.mask_token_id, policy=policy, max_batch=64, eos_ids=[], k_max=8, max_len=32
     )
     params = [SamplingParams(temperature=T, min_p=MIN_P, seed=s) for s in range(1, N + 1)]
     res = run_requests(
