@@ -273,10 +273,9 @@ def generate(
     )
     if do_sample and temperature == 0.0:
         raise ConfigError("do_sample=True needs temperature > 0 (or do_sample=False for greedy)")
-    if loop != "fused" and (not params.greedy or stops or logprobs):
+    if loop != "fused" and (stops or logprobs):
         raise ConfigError(
-            "sampling, stop strings and logprobs run on the fused loop (the decode engine); "
-            "use loop='fused'"
+            "stop strings and logprobs run on the fused loop (the decode engine); use loop='fused'"
         )
     start = time.perf_counter()
     if loop == "fused":
@@ -314,7 +313,14 @@ def generate(
             stream=stream,
         )
         eng.prefill()
-        run_reference(eng, pol, khead, refine_threshold=refine_threshold, max_refine=max_refine)
+        run_reference(
+            eng,
+            pol,
+            khead,
+            refine_threshold=refine_threshold,
+            max_refine=max_refine,
+            sampling=params,
+        )
         devices.synchronize(dev)
     stats.wall_s = time.perf_counter() - start
     eng.finish()

@@ -200,8 +200,8 @@ def generate_command(args: argparse.Namespace) -> int:
 
     check_common(args)
     sampling = sampling_kwargs(args)
-    if args.loop != "fused" and (sampling["do_sample"] or args.stop or args.logprobs is not None):
-        raise ConfigError("--temperature > 0, --stop and --logprobs need --loop fused")
+    if args.loop != "fused" and (args.stop or args.logprobs is not None):
+        raise ConfigError("--stop and --logprobs need --loop fused")
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts IN.jsonl")
     if args.prompts is not None and args.output is None:
