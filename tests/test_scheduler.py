@@ -209,7 +209,7 @@ def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
 
 def test_block_length_and_price_follow_the_measured_costs(tok):
     model = build_tiny_model("llama", tok, seed=3)
-    sched = Scheduler(model, tok.mask_token_id, policy="fixed:8", max_batch=4, k_max=8)
+    sched = Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=4, k_max=8)
     assert sched._price(4) == pytest.approx(0.25)  # nothing measured: the default
     assert sched._choose_len(4, 8) == 8
     for rows, width in ((1, 1), (4, 1), (4, 17), (2, 9)):  # seconds = 4 ms + 0.5 ms per token
@@ -227,6 +227,14 @@ def test_block_length_and_price_follow_the_measured_costs(tok):
     sched._record_cost(1, 1, 0.004)
     sched._record_cost(4, 17, 0.004)
     assert sched._choose_len(4, 8) == 8
+    fixed = Scheduler(model, tok.mask_token_id, policy="fixed:8", max_batch=4, k_max=8)
+    fixed.step_cost, fixed.verifies_by_len, fixed.accepted_by_count = (
+        dict(sched.step_cost),
+        list(sched.verifies_by_len),
+        list(sched.accepted_by_count),
+    )
+    fixed._record_cost(4, 17, 1.0)  # width very expensive: fixed:K still drafts K
+    assert fixed._choose_len(4, 8) == 8
 
 
 @pytest.mark.slow

@@ -793,12 +793,15 @@ class Scheduler:
         return max(0.0, drafted / ar - 1.0)
 
     def _choose_len(self, rows: int, big_m: int) -> int:
-        """This step's block length: of ``K``, ``K/2`` and ``K/4``, the one with the most expected
+        """This step's block length (elastic policies; ``fixed:K`` keeps ``K``): of ``K``, ``K/2``
+        and ``K/4``, the one with the most expected
         tokens per second at this batch size — acceptance from the verifies so far, seconds from
         the measured cost model. The full length runs every ``LEN_PROBE_EVERY`` steps so the
         acceptance of every depth stays measured."""
         k = self.k
         self._len_steps += 1
+        if self.policy.kind == "fixed":  # fixed:K is a fixed horizon, by definition
+            return k
         if not self.adaptive or k <= 2 or self._len_steps % LEN_PROBE_EVERY == 0:
             return k
         if sum(self.verifies_by_len) < MIN_VERIFIES or self._cost_model() is None:
