@@ -42,10 +42,10 @@ from transformers import PreTrainedModel
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.attention import attention_kind
-from fluid_npu.sampling.api import PromptError, check_context, eos_and_pad
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE, choose_anchors
 from fluid_npu.sampling.head import LMHead
+from fluid_npu.sampling.inputs import PromptError, check_context, eos_and_pad
 from fluid_npu.sampling.kv import (
     SLOT_ATTENTION,
     SlotKV,
