@@ -5,7 +5,9 @@ problem: empty prompt, prompt too long for the context, bad horizon, no MASK tok
 chosen loop (``fused`` or ``reference``) under the chosen horizon policy and returns the sequences
 like transformers' ``generate`` (prompt as given + new tokens, padded after EOS), the new tokens per
 row and the call's ``GenerateStats``. Greedy decoding is the contract: every token equals
-``model.generate(do_sample=False)``'s, up to exact numerical ties.
+``model.generate(do_sample=False)``'s, up to numerical near-ties; with ``do_sample=True`` the output
+distribution is AR sampling's exactly (``rules.py``). The fused loop runs on the decode engine
+(``scheduler.py``); the published reference loop on its first engine (``engine.py``).
 
 ``FluidForCausalLM.from_pretrained(model_dir, adapter=None, khead=None)`` loads base + Stage I
 adapter (merged for speed) + K-head with their fingerprint checks, and its ``generate(input_ids,
