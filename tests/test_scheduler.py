@@ -264,3 +264,25 @@ def test_compiled_decode_step_gives_the_same_tokens(tok):
         sched.close()
     assert outs[0] == outs[1] == _greedy_alone(model, p, 20, [])
     assert counters["stats"]["unique_graphs"] >= 1  # a graph really was captured
+
+
+def test_a_lone_long_request_moves_down_and_the_step_shrinks(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:4]]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=4, eos_ids=[], k_max=4)
+    rows = []
+    original = sched.kv.set_plan
+
+    def spy(plan):
+        rows.append(plan.hi - plan.lo)
+        original(plan)
+
+    sched.kv.set_plan = spy
+    lengths = [3, 3, 3, 24]
+    results = run_requests(
+        sched, [Request(str(i), p, n) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    )
+    ours = [results[str(i)][0] for i in range(4)]
+    alone = [_greedy_alone(model, p, n, []) for p, n in zip(prompts, lengths)]
+    _assert_same(model, prompts, ours, alone, "compaction")
+    assert rows[-1] == 1 and max(rows) == 4  # the last steps computed the lone request only

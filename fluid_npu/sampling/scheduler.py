@@ -233,6 +233,7 @@ class Scheduler(StepMixin):
         """Admit, prefill a chunk, decode once; this step's events (see the module docstring)."""
         events = self._retire_aborted()
         self._admit()
+        self._compact()
         if any(s is not None and not s.running for s in self.slots):
             self._prefill()
         if any(s is not None and s.running for s in self.slots):
@@ -253,6 +254,39 @@ class Scheduler(StepMixin):
                     events.append(Event(rid, [], True, "abort", 0, 0, 0))
         self._aborted.clear()
         return events
+
+    ROW_STATE = (
+        "length", "last", "drafts", "logp", "m", "cand", "new_count", "max_new", "eos", "run",
+        "ema", "paid", "since_probe", "temp", "top_p", "min_p", "top_k", "seed", "qprob",
+    )  # fmt: skip
+
+    def _compact(self) -> None:
+        """Move running requests down into free slots below them, so the decode range ``[0, hi)``
+        stays as small as the number of requests (no idle rows computed). A move copies one slot's
+        committed cache once, when a request leaves — never per step; with requests waiting, the
+        free slots are refilled instead."""
+        if self.waiting:
+            return
+        while True:
+            free = [i for i, x in enumerate(self.slots) if x is None]
+            busy = [i for i, x in enumerate(self.slots) if x is not None]
+            if not free or not busy or free[0] > busy[-1]:
+                return
+            src, dst = busy[-1], free[0]
+            slot = self.slots[src]
+            if not slot.running:
+                return  # a prompt still prefilling stays where it is
+            n = len(slot.prompt) + len(slot.new) - 1  # committed cache entries
+            for keys, values in zip(self.kv.keys, self.kv.values):
+                keys[dst, :, :n] = keys[src, :, :n]
+                values[dst, :, :n] = values[src, :, :n]
+            for name in self.ROW_STATE:
+                t = getattr(self, name)
+                t[dst] = t[src]
+            if self.dhid is not None:
+                self.dhid[dst] = self.dhid[src]
+            self.slots[dst], self.slots[src] = slot, None
+            self.run[src] = False
 
     def _free(self, i: int) -> None:
         self.slots[i] = None
