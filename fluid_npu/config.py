@@ -159,6 +159,7 @@ class TrainArgs:
     max_steps: int = -1
     bf16: bool = False
     fp16: bool = False
+    pure_bf16: bool = False  # bf16 weights and optimizer, no fp32 master copy (LLaMA-Factory's)
     deepspeed: str | None = None
     fsdp: bool | str | list[str] = ""
     fsdp_config: str | None = None
@@ -178,6 +179,8 @@ class TrainArgs:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both true: choose one")
+        if self.pure_bf16 and self.fp16:
+            raise ConfigError("pure_bf16 and fp16 are both true: choose one")
 
 
 GROUPS: dict[str, type] = {

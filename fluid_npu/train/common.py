@@ -61,7 +61,7 @@ def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> Traini
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
-        bf16=t.bf16,
+        bf16=t.bf16 and not t.pure_bf16,  # pure bf16 runs without autocast (precision.py)
         fp16=t.fp16,
         deepspeed=t.deepspeed,
         fsdp=t.fsdp,

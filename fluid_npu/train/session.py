@@ -32,6 +32,7 @@ from fluid_npu.model.mask_token import check_unused, resolve_mask_token
 from fluid_npu.train.checkpoint import resolve_resume
 from fluid_npu.train.common import FluidTrainer, save_final, training_arguments
 from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
+from fluid_npu.train.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,13 @@ class TrainingSession:
             want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
         )
         self.args = training_arguments(cfg, self.choice)  # fail on bad arguments before loading
+        self.precision = resolve_precision(
+            bf16=cfg.train.bf16,
+            fp16=cfg.train.fp16,
+            pure_bf16=cfg.train.pure_bf16,
+            choice=self.choice,
+            deepspeed=cfg.train.deepspeed,
+        )
         self.mindspeed = enable_mindspeed() if cfg.model.use_mindspeed else None
         self.resume = resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
         created = not Path(cfg.train.output_dir).exists()
@@ -76,9 +84,7 @@ class TrainingSession:
         )
         base = load_model(
             cfg.model.model_name_or_path,
-            dtype=torch.bfloat16
-            if cfg.train.bf16 and cfg.fluid.finetuning_type == "lora"
-            else None,
+            dtype=self.precision.load_dtype(cfg.fluid.finetuning_type),
             trust_remote_code=cfg.model.trust_remote_code,
             allow_pickle=cfg.model.allow_pickle,
         )
@@ -94,6 +100,8 @@ class TrainingSession:
             base, enabled=self.choice.type == "npu" and cfg.model.npu_fused_kernels
         )
         self.model = self._trainable(base)
+        self.precision.cast_trainable(self.model)
+        self.precision_record = self.precision.observe(self.model)
 
     def _load_data(self) -> Any:
         from fluid_npu.data import build_sft_dataset, token_occurs
@@ -176,6 +184,7 @@ class TrainingSession:
                 "npu_fused_modules": self.fused_modules,
                 "mindspeed": self.mindspeed,
             },
+            "precision": self.precision_record,
             "mask_token": {
                 "token": self.mask.token,
                 "id": self.mask.id,

@@ -130,13 +130,10 @@ def layout_config(cfg: FluidConfig, tokenizer: Any, mask_id: int, vocab_size: in
     )
 
 
-def run_stage1(cfg: FluidConfig) -> dict[str, Any]:
-    """Train Stage I from a config; returns the ``run.json`` record (also written to disk)."""
-    from fluid_npu.train.session import TrainingSession
-
-    session = TrainingSession(cfg, stage="fluid_stage1")
-    model = session.model
-    fused = use_fused_loss(model, cfg.model.loss_impl)
+def stage1_objective(session: Any) -> tuple[Any, LayoutCollator, list[TrainerCallback]]:
+    """The loss function, collator and callbacks that ``session.train`` needs for Stage I."""
+    cfg = session.cfg
+    fused = use_fused_loss(session.model, cfg.model.loss_impl)
     collator = LayoutCollator(
         layout_config(cfg, session.tokenizer, session.mask.id, session.base_vocab_size)
     )
@@ -151,4 +148,13 @@ def run_stage1(cfg: FluidConfig) -> dict[str, Any]:
             fused=fused,
         )
 
-    return session.train(compute, collator, callbacks=[EpochCallback(collator)])
+    return compute, collator, [EpochCallback(collator)]
+
+
+def run_stage1(cfg: FluidConfig) -> dict[str, Any]:
+    """Train Stage I from a config; returns the ``run.json`` record (also written to disk)."""
+    from fluid_npu.train.session import TrainingSession
+
+    session = TrainingSession(cfg, stage="fluid_stage1")
+    compute, collator, callbacks = stage1_objective(session)
+    return session.train(compute, collator, callbacks=callbacks)

@@ -58,6 +58,7 @@ from fluid_npu.train.khead_report import (
     plot_khead_report,
     split_heldout,
 )
+from fluid_npu.train.precision import resolve_precision
 from fluid_npu.train.stage1 import EpochCallback, LayoutCollator
 from fluid_ops.meta import AttnMeta
 
@@ -148,9 +149,10 @@ def slot_stats(
 
 
 def head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The head in fp32 whatever the surrounding autocast."""
+    """The head in its own dtype (fp32, or bf16 under pure_bf16) whatever the autocast."""
+    dtype = next(head.parameters()).dtype
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return head(hidden.float())
+        return head(hidden.to(dtype)).float()
 
 
 class KHeadObjective(nn.Module):
@@ -285,10 +287,17 @@ class Stage2Run:
         self.choice = devices.current(
             want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
         )
-        # bf16 / fp16 apply to the backbone's weights (loaded in that dtype, run as at inference);
-        # the head trains in fp32, so the Trainer itself runs without mixed precision (DeepSpeed's
-        # and FSDP's "auto" precision then keep the head in fp32 too).
-        self.backbone_dtype = self.choice.autocast_dtype
+        # bf16 / fp16 apply to the frozen backbone (loaded in that dtype, run as at inference);
+        # the head trains in fp32 (bf16 under pure_bf16), so the Trainer itself runs without mixed
+        # precision (DeepSpeed's and FSDP's "auto" precision then keep the head as it is).
+        self.precision = resolve_precision(
+            bf16=cfg.train.bf16,
+            fp16=cfg.train.fp16,
+            pure_bf16=cfg.train.pure_bf16,
+            choice=self.choice,
+            deepspeed=cfg.train.deepspeed,
+        )
+        self.backbone_dtype = self.precision.compute_dtype
         plain = dataclasses.replace(cfg.train, bf16=False, fp16=False)
         self.args = training_arguments(dataclasses.replace(cfg, train=plain), self.choice)
         if self.args.gradient_checkpointing:
@@ -318,8 +327,9 @@ class Stage2Run:
             run_module, rule=f.khead_label, tau=f.khead_tau, k_max=f.k_masks
         ).to(self.args.device)
         self.hidden_size = int(run_module.config.get_text_config().hidden_size)
-        self.head = KHead(self.hidden_size, f.k_masks).float()
+        self.head = KHead(self.hidden_size, f.k_masks).to(self.precision.trainable_dtype)
         self.objective = KHeadObjective(self.head, self.backbone, f.khead_sigma)
+        self.precision_record = self.precision.observe(nn.ModuleList([self.head, run_module]))
 
     def _load_data(self) -> None:
         from fluid_npu.data import build_sft_dataset, token_occurs
@@ -407,9 +417,10 @@ class Stage2Run:
                 "type": self.choice.type,
                 "backend": self.choice.backend,
                 "backbone_dtype": str(next(self.backbone.model.parameters()).dtype),
-                "head_dtype": str(torch.float32),
+                "head_dtype": str(self.precision.trainable_dtype),
                 "world_size": self.args.world_size,
             },
+            "precision": self.precision_record,
             "stage1": {
                 "model_name_or_path": str(self.cfg.model.model_name_or_path),
                 "adapter_name_or_path": self.cfg.model.adapter_name_or_path,
