@@ -15,6 +15,7 @@ accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingA
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -39,14 +40,26 @@ from fluid_npu.train.checkpoint import (
     resolve_resume,
     staging_root,
 )
+from fluid_npu.train.data import evaluation_arguments
 from fluid_npu.train.io import FINAL_STAGING, publish_dir
 
 Parts = dict[str, torch.Tensor]
+# transformers 5.24 renamed TrainingArguments.gradient_checkpointing (kept as our config key)
+CHECKPOINTING = next(
+    (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
+    "gradient_checkpointing",
+)
 Objective = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, Parts]]
 
 
-def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> TrainingArguments:
-    """``TrainingArguments`` from the typed config plus pass-through keys."""
+def training_arguments(
+    cfg: FluidConfig, choice: devices.DeviceChoice, *, evaluate: bool = True
+) -> TrainingArguments:
+    """``TrainingArguments`` from the typed config plus pass-through keys.
+
+    ``evaluate``: the held-out split (``val_size`` / ``eval_dataset``) is evaluated every
+    ``eval_steps`` (``fluid_npu.train.data.evaluation_arguments``).
+    """
     t = cfg.train
     kwargs: dict[str, Any] = dict(
         output_dir=t.output_dir,
@@ -72,7 +85,7 @@ def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> Traini
         seed=t.seed,
         data_seed=t.seed,
         report_to=t.report_to,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **{CHECKPOINTING: t.gradient_checkpointing},
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
         use_cpu=choice.type == "cpu",
@@ -81,6 +94,7 @@ def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> Traini
     if t.deepspeed is not None:
         check_deepspeed_config(t.deepspeed)
     kwargs.update(cfg.extra_training_args)
+    kwargs.update(evaluation_arguments(cfg) if evaluate else {})
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
@@ -115,14 +129,18 @@ class FluidTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means: scale for GA
-        self._part_sums: dict[str, float] = defaultdict(float)
-        self._part_counts: dict[str, int] = defaultdict(int)
+        # running sums of the loss parts since the last log: "train" and "eval" (held-out)
+        self._part_sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._part_counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.last_parts: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
 
     def record_parts(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Add a batch's loss parts to the running means (training or held-out evaluation)."""
         values = {k: float(v.detach()) for k, v in parts.items()}
         value = float(loss.detach())
-        if not math.isfinite(value):
+        kind = "train" if self.model.training else "eval"
+        if kind == "train" and not math.isfinite(value):
             last = _last_checkpoint(self.args.output_dir)
             raise FluidError(
                 f"the loss became {value} at step {self.state.global_step}; the run stopped and "
@@ -131,8 +149,8 @@ class FluidTrainer(Trainer):
             )
         for key, v in values.items():
             finite = math.isfinite(v)
-            self._part_sums[key] += v if finite else 0.0
-            self._part_counts[key] += int(finite)
+            self._part_sums[kind][key] += v if finite else 0.0
+            self._part_counts[kind][key] += int(finite)
 
     def run_objective(
         self, model: torch.nn.Module, inputs: dict[str, Any], objective: Objective
@@ -166,21 +184,27 @@ class FluidTrainer(Trainer):
         return out["loss"], {k: v for k, v in out.items() if k != "loss"}
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:  # a training-step log: every process gets here together
-            keys = sorted(self._part_sums)
-            sums = [self._part_sums[k] for k in keys]
-            counts = [float(self._part_counts[k]) for k in keys]
-            if keys and self.args.world_size > 1:
-                packed = torch.tensor(sums + counts, dtype=torch.float32, device=self.args.device)
-                packed = self.accelerator.reduce(packed, reduction="sum").tolist()
-                sums, counts = packed[: len(keys)], packed[len(keys) :]
-            for key, total, count in zip(keys, sums, counts):
-                if count:
-                    logs[key] = round(total / count, 6)
-            self.last_parts = {k: v for k, v in logs.items() if k in self._part_sums}
-            self._part_sums.clear()
-            self._part_counts.clear()
+        # a training-step or an evaluation log: every process gets here together
+        if "loss" in logs:
+            self.last_parts = self._mean_parts("train")
+            logs.update(self.last_parts)
+        elif "eval_loss" in logs:
+            logs.update({f"eval_{k}": v for k, v in self._mean_parts("eval").items()})
+            self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
         super().log(logs, *args, **kwargs)
+
+    def _mean_parts(self, kind: str) -> dict[str, float]:
+        """The running means of ``kind``'s loss parts over every process; resets the sums."""
+        keys = sorted(self._part_sums[kind])
+        sums = [self._part_sums[kind][k] for k in keys]
+        counts = [float(self._part_counts[kind][k]) for k in keys]
+        if keys and self.args.world_size > 1:
+            packed = torch.tensor(sums + counts, dtype=torch.float32, device=self.args.device)
+            packed = self.accelerator.reduce(packed, reduction="sum").tolist()
+            sums, counts = packed[: len(keys)], packed[len(keys) :]
+        self._part_sums[kind].clear()
+        self._part_counts[kind].clear()
+        return {k: round(t / c, 6) for k, t, c in zip(keys, sums, counts) if c}
 
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any

@@ -31,15 +31,20 @@ BATCH_KEYS = ("input_ids", "labels", "position_ids", "anchor", "slot_index")
 
 
 class LayoutCollator:
-    """Expands each example with its dataset index and the current epoch, then batches them."""
+    """Expands each example with its dataset index and the current epoch, then batches them.
+
+    A row with its own ``epoch`` (the held-out rows, ``fluid_npu.train.data``) keeps that layout
+    draw whatever the training epoch.
+    """
 
     def __init__(self, layout: LayoutConfig) -> None:
         self.layout = layout
         self.epoch = 0
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        epoch = self.epoch
         expanded = [
-            expand(f["input_ids"], f["labels"], self.layout, int(f["index"]), self.epoch)
+            expand(f["input_ids"], f["labels"], self.layout, int(f["index"]), f.get("epoch", epoch))
             for f in features
         ]
         batch = collate(expanded, self.layout.pad_id)

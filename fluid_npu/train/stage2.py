@@ -43,7 +43,8 @@ from fluid_npu.layout import IGNORE, LayoutConfig
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import configure_attention, forward_hidden, lm_head
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
-from fluid_npu.train.common import FluidTrainer, training_arguments
+from fluid_npu.train.common import CHECKPOINTING, FluidTrainer, training_arguments
+from fluid_npu.train.data import load_run_data
 from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.train.khead_labels import (
     anchor_tables,
@@ -181,8 +182,9 @@ class KHeadObjective(nn.Module):
             return {"loss": zero, "khead_acc": nan, "khead_label_mean": nan}
         target = gaussian_target(batch.k_star, self.head.k_max, self.sigma)
         loss = khead_kl_loss(logits, target)
-        counts = torch.bincount(batch.k_star - 1, minlength=self.head.k_max)
-        self.label_counts += counts.to(self.label_counts.device)
+        if self.training:  # the training labels only, not a held-out evaluation's
+            counts = torch.bincount(batch.k_star - 1, minlength=self.head.k_max)
+            self.label_counts += counts.to(self.label_counts.device)
         with torch.no_grad():
             acc = ((logits.argmax(dim=-1) + 1) == batch.k_star).float().mean()
         return {
@@ -299,10 +301,15 @@ class Stage2Run:
         )
         self.backbone_dtype = self.precision.compute_dtype
         plain = dataclasses.replace(cfg.train, bf16=False, fp16=False)
-        self.args = training_arguments(dataclasses.replace(cfg, train=plain), self.choice)
-        if self.args.gradient_checkpointing:
+        # the held-out split always feeds the final report; it is also evaluated during training
+        # (KL loss, head accuracy every eval_steps) when eval_steps / eval_strategy / do_eval ask
+        asked = {"eval_steps", "eval_strategy", "do_eval"} & set(cfg.extra_training_args)
+        self.args = training_arguments(
+            dataclasses.replace(cfg, train=plain), self.choice, evaluate=bool(asked)
+        )
+        if getattr(self.args, CHECKPOINTING):
             logger.warning("gradient_checkpointing is ignored in Stage II: the backbone is frozen")
-            self.args.gradient_checkpointing = False
+            setattr(self.args, CHECKPOINTING, False)
         devices.seed_everything(cfg.train.seed)
         self.loaded = load_stage1(cfg, self.backbone_dtype)
         self._load_data()
@@ -332,20 +339,11 @@ class Stage2Run:
         self.precision_record = self.precision.observe(nn.ModuleList([self.head, run_module]))
 
     def _load_data(self) -> None:
-        from fluid_npu.data import build_sft_dataset, token_occurs
-        from fluid_npu.model.mask_token import check_unused
-
-        data = build_sft_dataset(self.cfg.data, self.loaded.tokenizer)
-        check_unused(
-            self.loaded.mask,
-            lambda tid: (
-                token_occurs(data.train, tid)
-                or (data.eval is not None and token_occurs(data.eval, tid))
-            ),
-        )
+        self.args.device  # noqa: B018 - sets up torch.distributed: the data is built on rank 0
+        data = load_run_data(self.cfg, self.loaded.tokenizer, self.loaded.mask)
         train, heldout, source = split_heldout(data.train, data.eval, self.cfg.train.seed)
-        self.train_set = train.add_column("index", list(range(len(train))))
-        self.heldout = heldout.add_column("index", list(range(len(heldout))))
+        self.train_set = _reindex(train)
+        self.heldout = _reindex(heldout)
         self.heldout_source = source
         self.data_stats = dataclasses.asdict(data.stats)
 
@@ -364,6 +362,7 @@ class Stage2Run:
             model=self.objective,
             args=self.args,
             train_dataset=self.train_set,
+            eval_dataset=self.heldout if self.args.eval_strategy != "no" else None,
             data_collator=collator,
             callbacks=[EpochCallback(collator)],
         )
@@ -435,6 +434,7 @@ class Stage2Run:
             "train_loss": float(result.training_loss),
             "global_step": int(result.global_step),
             **trainer.last_parts,
+            **trainer.last_eval,
             "train_label_hist": counts.tolist(),
             **figures,
             "plot": None if plot is None else plot.name,
@@ -442,6 +442,11 @@ class Stage2Run:
         }
         write_run_json(self.output_dir, record)
         return record
+
+
+def _reindex(dataset: Any) -> Any:
+    """``dataset`` with its ``index`` column renumbered 0…n-1 (after a split)."""
+    return dataset.remove_columns("index").add_column("index", list(range(len(dataset))))
 
 
 def run_stage2(cfg: FluidConfig) -> dict[str, Any]:
