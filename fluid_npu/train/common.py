@@ -42,6 +42,7 @@ from fluid_npu.train.checkpoint import (
 )
 from fluid_npu.train.data import evaluation_arguments
 from fluid_npu.train.io import FINAL_STAGING, publish_dir
+from fluid_npu.train.report import Throughput, observe_parallelism, peak_memory_mib
 
 Parts = dict[str, torch.Tensor]
 # transformers 5.24 renamed TrainingArguments.gradient_checkpointing (kept as our config key)
@@ -101,6 +102,12 @@ def training_arguments(
         raise ConfigError(f"invalid training arguments: {exc}") from None
 
 
+def requested_parallelism(cfg: FluidConfig) -> dict[str, Any]:
+    """The config keys that ask for a distributed wrapper (shown beside what really ran)."""
+    t = cfg.train
+    return {"deepspeed": t.deepspeed, "fsdp": t.fsdp, "fsdp_config": t.fsdp_config}
+
+
 def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
@@ -134,6 +141,32 @@ class FluidTrainer(Trainer):
         self._part_counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.last_parts: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
+        self.throughput = Throughput()
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any) -> Any:
+        self.throughput.count(inputs)
+        return super().training_step(model, inputs, *args)
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if self.args.world_size == 1:
+            return values
+        packed = torch.tensor(values, dtype=torch.float64, device=self.args.device)
+        return self.accelerator.reduce(packed, reduction="sum").tolist()
+
+    def peak_memory(self) -> dict[str, Any]:
+        """The largest peak memory of any process so far (device allocated, or host RSS)."""
+        peak, kind = peak_memory_mib(self.args.device)
+        if self.args.world_size > 1:
+            mine = torch.tensor([peak], dtype=torch.float64, device=self.args.device)
+            peak = float(self.accelerator.gather(mine).max())
+        return {"peak_memory_mib": peak, "memory_kind": kind}
+
+    def run_figures(self, requested: dict[str, Any]) -> dict[str, Any]:
+        """``parallelism``, ``throughput`` and peak memory for ``run.json`` (a collective)."""
+        return {
+            "parallelism": observe_parallelism(self, requested),
+            "throughput": {**self.throughput.summary(self._sum_over_ranks), **self.peak_memory()},
+        }
 
     def record_parts(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         """Add a batch's loss parts to the running means (training or held-out evaluation)."""
@@ -188,6 +221,8 @@ class FluidTrainer(Trainer):
         if "loss" in logs:
             self.last_parts = self._mean_parts("train")
             logs.update(self.last_parts)
+            logs.update(self.throughput.interval(self._sum_over_ranks))
+            logs["peak_memory_mib"] = self.peak_memory()["peak_memory_mib"]
         elif "eval_loss" in logs:
             logs.update({f"eval_{k}": v for k, v in self._mean_parts("eval").items()})
             self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}

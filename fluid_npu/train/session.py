@@ -36,7 +36,12 @@ from fluid_npu.model.loading import (
 from fluid_npu.model.loading import load_config as load_model_config
 from fluid_npu.model.mask_token import resolve_mask_token
 from fluid_npu.train.checkpoint import resolve_resume
-from fluid_npu.train.common import FluidTrainer, save_final, training_arguments
+from fluid_npu.train.common import (
+    FluidTrainer,
+    requested_parallelism,
+    save_final,
+    training_arguments,
+)
 from fluid_npu.train.data import load_run_data
 from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.train.precision import resolve_precision
@@ -193,6 +198,7 @@ class TrainingSession:
             base_model=str(self.cfg.model.model_name_or_path),
             stage=self.stage,
         )
+        figures = trainer.run_figures(requested_parallelism(self.cfg))
         save_final(trainer, self.tokenizer, self.output_dir, [meta])
         record = {
             "stage": self.stage,
@@ -205,6 +211,7 @@ class TrainingSession:
                 "npu_fused_modules": self.fused_modules,
                 "mindspeed": self.mindspeed,
             },
+            **figures,
             "precision": self.precision_record,
             "quantization_bit": self.cfg.model.quantization_bit if self.quantization else None,
             "mask_token": {

@@ -43,7 +43,12 @@ from fluid_npu.layout import IGNORE, LayoutConfig
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import configure_attention, forward_hidden, lm_head
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
-from fluid_npu.train.common import CHECKPOINTING, FluidTrainer, training_arguments
+from fluid_npu.train.common import (
+    CHECKPOINTING,
+    FluidTrainer,
+    requested_parallelism,
+    training_arguments,
+)
 from fluid_npu.train.data import load_run_data
 from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.train.khead_labels import (
@@ -369,6 +374,7 @@ class Stage2Run:
         result = trainer.train(resume_from_checkpoint=self.cfg.train.resume_from_checkpoint)
         self.trainer = trainer
         state = trainer.accelerator.get_state_dict(trainer.model)  # gathers under ZeRO-3 / FSDP
+        self.figures = trainer.run_figures(requested_parallelism(self.cfg))  # collective
         if not trainer.is_world_process_zero():  # only the main process saves and reports
             return {"stage": "fluid_stage2", "train_loss": float(result.training_loss)}
         self.head.load_state_dict(
@@ -419,6 +425,7 @@ class Stage2Run:
                 "head_dtype": str(self.precision.trainable_dtype),
                 "world_size": self.args.world_size,
             },
+            **self.figures,
             "precision": self.precision_record,
             "stage1": {
                 "model_name_or_path": str(self.cfg.model.model_name_or_path),
