@@ -47,6 +47,7 @@ setup(
             "matplotlib>=3.7",
             "lm-eval>=0.4",
             "bitsandbytes>=0.46",
+            "deepspeed>=0.15",  # the ZeRO-2 / ZeRO-3 tests run on two CPU processes
         ],
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},

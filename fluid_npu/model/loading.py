@@ -197,25 +197,32 @@ def fingerprint(model: PreTrainedModel, checkpoint: str | Path | None = None) ->
 
     The input embedding rows of the original vocabulary and the first decoder weight identify the
     base; rows appended for a new MASK token are excluded, so the base and its FLUID descendant
-    with a resized vocabulary share the fingerprint. A quantized model (QLoRA) reads that decoder
-    weight from its ``checkpoint`` directory, so it has the fingerprint of the unquantized base.
+    with a resized vocabulary share the fingerprint. A quantized (QLoRA) or ZeRO-3-partitioned
+    model reads those weights from its ``checkpoint`` directory: same fingerprint as the base.
     """
     config = model.config
     h = hashlib.sha256()
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         h.update(f"{key}={getattr(config, key, None)};".encode())
-    emb = model.get_input_embeddings().weight.detach()
+    emb = _whole(model, model.get_input_embeddings().weight, checkpoint)
     h.update(_dtype_free(emb[:8]))
     first = next(
         (p for n, p in model.named_parameters() if "layers.0." in n and "lora_" not in n),
         None,
     )
     if first is not None:
-        if getattr(model, "is_quantized", False) and checkpoint is not None:
-            name = next(n for n, p in model.named_parameters() if p is first)
-            first = _checkpoint_tensor(Path(checkpoint), name)
-        h.update(_dtype_free(first.detach()[:4]))
+        h.update(_dtype_free(_whole(model, first, checkpoint)[:4]))
     return h.hexdigest()[:16]
+
+
+def _whole(model: PreTrainedModel, param: torch.Tensor, checkpoint: str | Path | None) -> Any:
+    """``param`` as stored in ``checkpoint`` when the model holds only a quantized form of it or a
+    ZeRO-3 partition (``ds_numel``); else the parameter itself."""
+    partial = getattr(model, "is_quantized", False) or hasattr(param, "ds_numel")
+    if not partial or checkpoint is None:
+        return param.detach()
+    name = next(n for n, p in model.named_parameters() if p is param)
+    return _checkpoint_tensor(Path(checkpoint), name)
 
 
 def _dtype_free(t: torch.Tensor) -> bytes:

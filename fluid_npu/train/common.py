@@ -43,6 +43,7 @@ from fluid_npu.train.checkpoint import (
 from fluid_npu.train.data import evaluation_arguments
 from fluid_npu.train.io import FINAL_STAGING, publish_dir
 from fluid_npu.train.report import Throughput, observe_parallelism, peak_memory_mib
+from fluid_npu.train.sharded import full_state_resume_everywhere
 
 Parts = dict[str, torch.Tensor]
 # transformers 5.24 renamed TrainingArguments.gradient_checkpointing (kept as our config key)
@@ -142,6 +143,40 @@ class FluidTrainer(Trainer):
         self.last_parts: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self.throughput = Throughput()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self._fsdp_on_cpu_processes()
+
+    def _fsdp_on_cpu_processes(self) -> None:
+        """Honour ``fsdp`` on CPU processes, where accelerate silently falls back to DDP.
+
+        accelerate turns FSDP on only for accelerator back ends, so two gloo processes with
+        ``fsdp: full_shard`` would train replicated under DistributedDataParallel. FSDP2
+        (``fully_shard``) runs on gloo, so the plugin transformers built from the config is
+        installed here as accelerate would on a GPU; FSDP1 needs an accelerator and says so.
+        """
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        plugin_args = self.args.fsdp_plugin_args
+        if self.is_fsdp_enabled or plugin_args is None:
+            return
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            return
+        plugin = FullyShardedDataParallelPlugin(**plugin_args)
+        if plugin.fsdp_version != 2:
+            raise ConfigError(
+                "fsdp on CPU processes needs FSDP2 (torch's fully_shard): set version: 2 in "
+                "fsdp_config (FSDP1 runs only on an accelerator)"
+            )
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+        self.is_fsdp_enabled = True
+        self.accelerator.get_state_dict = _full_state_dict_on_cpu  # type: ignore[method-assign]
+        self.fsdp_on_cpu = True
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any) -> Any:
         self.throughput.count(inputs)
@@ -248,6 +283,9 @@ class FluidTrainer(Trainer):
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if self.args.should_save:  # nothing is saving yet: no step has run on any process
             remove_stale_staging(self.args.output_dir)
+        if getattr(self, "fsdp_on_cpu", False) and resume:
+            with full_state_resume_everywhere():
+                return super().train(resume, *args, **kwargs)
         return super().train(resume, *args, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -276,6 +314,19 @@ class FluidTrainer(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+
+def _full_state_dict_on_cpu(model: torch.nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+    """The whole FSDP2 state dict for CPU processes, as fresh tensors on every process.
+
+    accelerate asks for it with ``cpu_offload=True``, which on tensors already on the CPU returns
+    views of FSDP's freed all-gather buffers (safetensors then fails on an "invalid python
+    storage"); gathering without the offload returns tensors of their own.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
 
 
 def _last_checkpoint(output_dir: str | None) -> str | None:

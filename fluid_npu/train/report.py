@@ -30,17 +30,18 @@ def observe_parallelism(trainer: Any, requested: dict[str, Any]) -> dict[str, An
     try:
         from torch.distributed.fsdp import FSDPModule
 
-        if isinstance(wrapped, FSDPModule):
-            name = f"FSDPModule ({name})"
+        fsdp2 = isinstance(wrapped, FSDPModule)  # fully_shard changes the model in place
     except ImportError:  # an older torch without FSDP2
-        pass
+        fsdp2 = False
+    if fsdp2:
+        name = f"FSDPModule ({name})"
     zero_stage = None
     if hasattr(wrapped, "zero_optimization_stage"):  # a DeepSpeedEngine
         zero_stage = int(wrapped.zero_optimization_stage())
     local, full = _param_counts(wrapped)
     return {
         "world_size": int(trainer.args.world_size),
-        "wrapper": name if wrapped is not inner else None,
+        "wrapper": name if fsdp2 or wrapped is not inner else None,
         "zero_stage": zero_stage,
         "local_param_fraction": round(local / full, 4) if full else None,
         "requested": {k: v for k, v in requested.items() if v not in (None, "", False, [])},

@@ -104,7 +104,8 @@ class TrainingSession:
             device=self.args.device,
         )
         self.base_fingerprint = fingerprint(base, checkpoint=cfg.model.model_name_or_path)
-        self.base_vocab_size = base.get_input_embeddings().weight.shape[0]
+        # num_embeddings, not weight.shape: under ZeRO-3 the weight is this process's partition
+        self.base_vocab_size = int(base.get_input_embeddings().num_embeddings)
         self.mask = resolve_mask_token(
             self.tokenizer, base, configured=cfg.model.mask_token, allow_new=True
         )

@@ -23,6 +23,7 @@ from fluid_npu.config import FluidConfig
 from fluid_npu.errors import ConfigError
 from fluid_npu.layout import IGNORE, LayoutConfig, collate, expand, noise_vocabulary
 from fluid_npu.model.attention import forward_hidden, lm_head
+from fluid_npu.train.sharded import through_forward
 from fluid_ops.meta import MAIN, AttnMeta
 
 logger = logging.getLogger(__name__)
@@ -77,17 +78,24 @@ def use_fused_loss(model: PreTrainedModel, loss_impl: str) -> bool:
     return plain
 
 
-def ce_sum(
+def token_ce(
     hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, fused: bool
 ) -> torch.Tensor:
-    """Summed cross-entropy of the selected tokens (``hidden [T, H]``, ``labels [T]``)."""
+    """Per-token cross-entropy ``[T]`` of ``hidden [T, H]`` against ``labels [T]`` (fp32).
+
+    The fused path runs as the head's own forward (``through_forward``), so its weight is
+    gathered under ZeRO-3 / FSDP as for ``head(hidden)``; the reference path calls the head.
+    """
     if fused:
         import fluid_ops
 
-        return fluid_ops.linear_cross_entropy(
-            hidden, head.weight, labels, bias=head.bias, reduction="sum"
-        )
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+        def fused_ce(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fluid_ops.linear_cross_entropy(
+                x, head.weight, y, bias=head.bias, reduction="none"
+            )
+
+        return through_forward(head, fused_ce, hidden, labels)
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
 def stage1_loss(
@@ -103,13 +111,12 @@ def stage1_loss(
     anchor = inputs["anchor"]
     meta = AttnMeta.self_attention(inputs["position_ids"], anchor, n_main=int(inputs["n_main"]))
     hidden, _ = forward_hidden(model, inputs["input_ids"], inputs["position_ids"], meta)
-    head = lm_head(model)
     labels = inputs["labels"]
-    sums, counts = [], []
-    for part in (anchor == MAIN, anchor >= 0):
-        sel = part & (labels != IGNORE)
-        counts.append(sel.sum())
-        sums.append(ce_sum(hidden[sel], head, labels[sel], fused))
+    supervised = ((anchor == MAIN) | (anchor >= 0)) & (labels != IGNORE)
+    ce = token_ce(hidden[supervised], lm_head(model), labels[supervised], fused)  # one head call
+    is_main = anchor[supervised] == MAIN
+    sums = [ce[is_main].sum(), ce[~is_main].sum()]
+    counts = [is_main.sum(), (~is_main).sum()]
     zero = hidden.new_zeros((), dtype=torch.float32)
     mean_ar = sums[0] / counts[0] if counts[0] > 0 else zero + 0 * sums[0]
     mean_diff = sums[1] / counts[1] if counts[1] > 0 else zero + 0 * sums[1]

@@ -65,6 +65,7 @@ from fluid_npu.train.khead_report import (
     split_heldout,
 )
 from fluid_npu.train.precision import resolve_precision
+from fluid_npu.train.sharded import unpartitioned_loading
 from fluid_npu.train.stage1 import EpochCallback, LayoutCollator
 from fluid_ops.meta import AttnMeta
 
@@ -316,7 +317,8 @@ class Stage2Run:
             logger.warning("gradient_checkpointing is ignored in Stage II: the backbone is frozen")
             setattr(self.args, CHECKPOINTING, False)
         devices.seed_everything(cfg.train.seed)
-        self.loaded = load_stage1(cfg, self.backbone_dtype)
+        with unpartitioned_loading():  # every process keeps the whole frozen backbone
+            self.loaded = load_stage1(cfg, self.backbone_dtype)
         self._load_data()
 
         tok = self.loaded.tokenizer
@@ -373,10 +375,13 @@ class Stage2Run:
         )
         result = trainer.train(resume_from_checkpoint=self.cfg.train.resume_from_checkpoint)
         self.trainer = trainer
-        state = trainer.accelerator.get_state_dict(trainer.model)  # gathers under ZeRO-3 / FSDP
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers ZeRO-3 / FSDP
         self.figures = trainer.run_figures(requested_parallelism(self.cfg))  # collective
         if not trainer.is_world_process_zero():  # only the main process saves and reports
             return {"stage": "fluid_stage2", "train_loss": float(result.training_loss)}
+        # a fresh module: the trained one may carry a wrapper's hooks (ZeRO-3 gathers in every
+        # forward, a collective that only this process would now join)
+        self.head = KHead(self.hidden_size, self.cfg.fluid.k_masks)
         self.head.load_state_dict(
             {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
         )
