@@ -39,9 +39,18 @@ setup(
         "npu": ["torch_npu", "decorator", "attrs", "psutil", "cloudpickle", "tornado"],
         "cuda": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.15"],
+        # quantization_bit (QLoRA); bitsandbytes >= 0.46 also runs on CPU
+        "qlora": ["bitsandbytes>=0.46"],
         "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
         # triton is installed by run_npu.sh except on Ascend, where triton-ascend provides it.
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "lm-eval>=0.4"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "matplotlib>=3.7",
+            "lm-eval>=0.4",
+            "bitsandbytes>=0.46",
+            "deepspeed>=0.15",  # the ZeRO-2 / ZeRO-3 tests run on two CPU processes
+        ],
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},
 )
