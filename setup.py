@@ -38,8 +38,10 @@ setup(
         "cuda": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.15"],
         "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
+        # `fluid real`: reading the GGUF model (transformers' gguf_file=) and the report's plots
+        "real": ["gguf>=0.10", "matplotlib>=3.7"],
         # triton is installed by run_npu.sh except on Ascend, where triton-ascend provides it.
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "lm-eval>=0.4"],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "lm-eval>=0.4", "gguf>=0.10"],
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},
 )
