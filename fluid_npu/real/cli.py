@@ -47,7 +47,7 @@ def add_real_parser(sub: argparse._SubParsersAction) -> None:
     add("--curve-prompts", type=_positive, default=4, help="problems per point of the curve")
     add("--curve-tokens", type=_positive, default=48, help="new tokens per curve problem")
     add("--nll-problems", type=_positive, default=100, help="problems scored for gold NLL")
-    add("--eval-problems", type=_positive, default=16, help="problems every decoder runs on")
+    add("--eval-problems", type=_positive, default=12, help="problems every decoder runs on")
     add("--max-new-tokens", type=_positive, default=160, help="new tokens per problem")
     add(
         "--policies",
