@@ -10,17 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fluid_npu.demo.pipeline import _positive  # the demo's budget flags take the same integers
+
 DEFAULT_OUT = "runs/real"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def add_real_parser(sub: argparse._SubParsersAction) -> None:

@@ -39,6 +39,7 @@ from fluid_npu.train.io import prepare_output_dir, write_json_atomic
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 CURVE_POLICIES = ("fixed:4", "entropy")
+FRESH = ("stages.json", "summary.json", "report.md", "stage1", "stage2", "eval", "plots")
 SETTINGS = (
     "distill_questions",
     "distill_tokens",
@@ -135,7 +136,7 @@ def run_real(args: argparse.Namespace) -> int:
         )
     prepare_output_dir(out)
     if args.fresh:
-        for name in ("stages.json", "data/distill.jsonl", "stage1", "stage2", "eval"):
+        for name in (*FRESH, "data/distill.jsonl", "data/distill.json", "data/dataset_info.json"):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     rows = read_rows(test)
