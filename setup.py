@@ -42,6 +42,8 @@ setup(
         # quantization_bit (QLoRA); bitsandbytes >= 0.46 also runs on CPU
         "qlora": ["bitsandbytes>=0.46"],
         "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
+        # `fluid real`: reading the GGUF model (transformers' gguf_file=) and the report's plots
+        "real": ["gguf>=0.10", "matplotlib>=3.7"],
         # triton is installed by run_npu.sh except on Ascend, where triton-ascend provides it.
         "dev": [
             "pytest>=8",
@@ -50,6 +52,7 @@ setup(
             "lm-eval>=0.4",
             "bitsandbytes>=0.46",
             "deepspeed>=0.15",  # the ZeRO-2 / ZeRO-3 tests run on two CPU processes
+            "gguf>=0.10",  # the real-model preparation is tested on a tiny GGUF
         ],
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},
