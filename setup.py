@@ -44,6 +44,16 @@ setup(
         "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
         # `fluid real`: reading the GGUF model (transformers' gguf_file=) and the report's plots
         "real": ["gguf>=0.10", "matplotlib>=3.7"],
+        # `fluid serve` / `fluid bench serve` (httptools and uvloop: uvicorn's fast HTTP parser and
+        # event loop, picked up when installed); the openai client is for the tests and examples.
+        "serve": [
+            "fastapi>=0.110",
+            "uvicorn>=0.30",
+            "httptools>=0.6",
+            "uvloop>=0.19; sys_platform != 'win32'",
+            "prometheus-client>=0.20",
+            "httpx>=0.27",
+        ],
         # triton is installed by run_npu.sh except on Ascend, where triton-ascend provides it.
         "dev": [
             "pytest>=8",
@@ -53,6 +63,13 @@ setup(
             "bitsandbytes>=0.46",
             "deepspeed>=0.15",  # the ZeRO-2 / ZeRO-3 tests run on two CPU processes
             "gguf>=0.10",  # the real-model preparation is tested on a tiny GGUF
+            "fastapi>=0.110",
+            "uvicorn>=0.30",
+            "httptools>=0.6",
+            "uvloop>=0.19; sys_platform != 'win32'",
+            "prometheus-client>=0.20",
+            "httpx>=0.27",
+            "openai>=1.40",
         ],
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},

@@ -1,0 +1,21 @@
+"""``fluid serve``: an OpenAI-compatible HTTP server over the continuous-batching scheduler.
+
+The pieces, each one concept:
+
+* ``protocol``: the request bodies of ``/v1/completions`` and ``/v1/chat/completions``, checked
+  field by field (an unsupported field or value is an ``APIError`` naming it: HTTP 400), and the
+  OpenAI-style error body;
+* ``text``: prompt encoding, chat-template rendering and the incremental detokenizer that applies
+  ``stop`` strings;
+* ``worker``: the engine thread that owns the scheduler (the model) and talks to the asyncio side
+  through queues: submit, abort, drain;
+* ``metrics``: the Prometheus metrics of one server;
+* ``app``: the FastAPI routes — they only translate requests into scheduler requests and events
+  into responses (JSON or server-sent events);
+* ``server``: loading the model, building the scheduler, running uvicorn with a SIGTERM drain;
+* ``launch``: starting and stopping a ``fluid serve`` process (the benchmark and the tests);
+* ``bench``: ``fluid bench serve``, the load generator; ``cli``: both commands' flags.
+
+FastAPI, uvicorn and prometheus-client are the ``serve`` extra; nothing here is imported by the
+rest of the package.
+"""

@@ -1,0 +1,335 @@
+"""``fluid bench serve``: a load generator for ``fluid serve``, FLUID against ``ar`` in one run.
+
+For each policy (default: ``khead`` when a K-head is given, else ``entropy``, then ``ar``) a
+``fluid serve`` process is started with the same flags but ``--policy``; all run at once, idle
+while another is loaded. Each is warmed up, then sent the same ``--num-requests`` streamed
+requests — prompts taken in turn from the JSONL, arrivals a Poisson process at ``--rate`` per
+second (``inf``: all at once), at most ``--concurrency`` in flight — in ``--rounds`` slices that
+visit the servers in turn, so a change in the machine's load (a shared box) falls on every policy
+alike; then each is drained. ``--url`` loads one running server instead.
+
+Per policy: generated-token throughput (completion tokens ÷ the summed wall time of its slices),
+requests/s, TTFT, ITL (gap between successive streamed chunks: with FLUID one chunk holds every
+token a step committed), TPOT ((end − first token) ÷ (tokens − 1)) and end-to-end latency at
+p50 / p90 / p99, the mean TPF the server reported, and failures. Across policies:
+throughput ÷ ``ar``'s and the fraction of outputs identical to ``ar``'s (greedy decoding is
+lossless, so every FLUID output should equal AR's). The JSON (command, machine, versions, every
+figure) is written atomically and a markdown table printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+import numpy as np
+
+from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.serve.launch import ServerProcess
+
+BENCH_KEYS = (
+    "model", "adapter", "khead", "url", "policies", "prompts", "json", "num_requests", "rate",
+    "concurrency", "max_tokens", "ignore_eos", "chat", "warmup", "rounds", "seed", "dtype",
+    "device", "max_batch", "max_len", "compile", "mask_token",
+)  # fmt: skip
+PERCENTILES = (50, 90, 99)
+GOAL_VS_AR = 3.0
+
+
+@dataclass
+class ServeBenchSettings:
+    prompts: str
+    json_path: str
+    url: str | None = None
+    policies: tuple[str, ...] | None = None
+    num_requests: int = 64
+    rate: float = math.inf
+    concurrency: int = 16
+    max_tokens: int = 128
+    ignore_eos: bool = False
+    chat: bool = False
+    warmup: int = 4
+    rounds: int = 4
+    seed: int = 0
+    server_args: list[str] = field(default_factory=list)
+    command: str = ""
+
+    def check(self) -> None:
+        if self.num_requests < 1 or self.concurrency < 1 or self.max_tokens < 1:
+            raise ConfigError("--num-requests, --concurrency and --max-tokens must be at least 1")
+        if not self.rate > 0:
+            raise ConfigError(f"--rate must be > 0 requests/s (inf: all at once), got {self.rate}")
+        if self.warmup < 0 or not 1 <= self.rounds <= self.num_requests:
+            raise ConfigError(
+                f"--warmup must be >= 0 and --rounds in 1..--num-requests, got {self.warmup}, "
+                f"{self.rounds}"
+            )
+        if self.url is not None and self.policies:
+            raise ConfigError("--policies needs servers started here (--model), not --url")
+
+
+def read_prompts(path: str) -> list[str]:
+    """The ``prompt`` texts of a JSONL file (errors name the file and line)."""
+    from fluid_npu.sampling.prompts import read_jsonl
+
+    out = []
+    for n, row in read_jsonl(path, "prompts"):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise DataError(f'{path}:{n}: each line needs "prompt" (text)')
+        out.append(row["prompt"])
+    return out
+
+
+def _pct(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
+    if not values:
+        return {f"p{p}": None for p in PERCENTILES}
+    arr = np.asarray(values) * scale
+    return {f"p{p}": round(float(np.percentile(arr, p)), 3) for p in PERCENTILES}
+
+
+async def _one(
+    client: httpx.AsyncClient, s: ServeBenchSettings, model: str, prompt: str
+) -> dict[str, Any]:
+    """One streamed request; its timings, text, usage and error (if any)."""
+    if s.chat:
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
+    else:
+        path, body = "/v1/completions", {"prompt": prompt}
+    body.update(model=model, max_tokens=s.max_tokens, stream=True, ignore_eos=s.ignore_eos)
+    rec: dict[str, Any] = {"chunks": [], "text": "", "usage": None, "error": None}
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", path, json=body) as resp:
+            if resp.status_code != 200:
+                rec["error"] = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return rec
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    rec["error"] = data["error"]["message"]
+                for choice in data.get("choices", []):
+                    piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if piece:
+                        rec["chunks"].append(time.perf_counter() - start)
+                        rec["text"] += piece
+                    rec["finish_reason"] = choice.get("finish_reason") or rec.get("finish_reason")
+                rec["usage"] = data.get("usage") or rec["usage"]
+    except httpx.HTTPError as exc:
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+    rec["e2e"] = time.perf_counter() - start
+    if rec["usage"] is None and rec["error"] is None:
+        rec["error"] = "the stream ended without usage"
+    return rec
+
+
+async def _load(
+    url: str, s: ServeBenchSettings, model: str, jobs: list[tuple[int, str]], seed: int
+) -> tuple[list[dict[str, Any]], float]:
+    """Send ``jobs`` (index, prompt) with Poisson arrivals; their records and the wall time."""
+    limits = httpx.Limits(max_connections=s.concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        gate = asyncio.Semaphore(s.concurrency)
+
+        async def send(prompt: str) -> dict[str, Any]:
+            async with gate:
+                return await _one(client, s, model, prompt)
+
+        rng = random.Random(seed)
+        start = time.perf_counter()
+        tasks = []
+        due = 0.0
+        for _, prompt in jobs:
+            if math.isfinite(s.rate):
+                due += rng.expovariate(s.rate)
+                await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(send(prompt)))
+        records = await asyncio.gather(*tasks)
+        return list(records), time.perf_counter() - start
+
+
+def summarize(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """The figures of one policy's run (see the module docstring)."""
+    ok = [r for r in records if r["error"] is None]
+    tokens = sum(r["usage"]["completion_tokens"] for r in ok)
+    forwards = sum(r["usage"].get("forwards", 0) for r in ok)
+    ttft = [r["chunks"][0] for r in ok if r["chunks"]]
+    itl = [b - a for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])]
+    tpot = [
+        (r["e2e"] - r["chunks"][0]) / (r["usage"]["completion_tokens"] - 1)
+        for r in ok
+        if r["chunks"] and r["usage"]["completion_tokens"] > 1
+    ]
+    return {
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
+        "errors": sorted({str(r["error"]) for r in records if r["error"] is not None})[:5],
+        "wall_s": round(wall, 3),
+        "generated_tokens": tokens,
+        "output_tokens_per_s": round(tokens / wall, 2),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "tpf": round(tokens / forwards, 3) if forwards else None,
+        "ttft_ms": _pct(ttft),
+        "itl_ms": _pct(itl),
+        "tpot_ms": _pct(tpot),
+        "e2e_ms": _pct([r["e2e"] for r in ok]),
+        "texts": [r["text"] if r["error"] is None else None for r in records],
+    }
+
+
+def _machine(url: str) -> dict[str, Any]:
+    from fluid_npu.sampling.bench import _cpu_name
+    from fluid_npu.train.io import versions
+
+    health = httpx.get(f"{url}/health", timeout=30).json()
+    return {"server": health.get("info", {}), "cpu": _cpu_name(), "versions": versions()}
+
+
+def default_policies(server_args: list[str]) -> tuple[str, ...]:
+    return ("khead" if "--khead" in server_args else "entropy", "ar")
+
+
+def run_rounds(urls: dict[str, str], s: ServeBenchSettings, prompts: list[str]) -> dict[str, Any]:
+    """Warm every server, then load them in turn, ``rounds`` times, and summarise each.
+
+    Every server gets the same requests in the same order and arrival times; interleaving the
+    servers round by round spreads a change in the machine's load over all of them alike.
+    """
+    models = {
+        n: httpx.get(f"{u}/v1/models", timeout=30).json()["data"][0]["id"] for n, u in urls.items()
+    }
+    warm = [(i, prompts[i % len(prompts)]) for i in range(s.warmup)]
+    for name, url in urls.items():
+        asyncio.run(_load(url, replace(s, rate=math.inf), models[name], warm, s.seed))
+    jobs = [(i, prompts[i % len(prompts)]) for i in range(s.num_requests)]
+    per_round = math.ceil(len(jobs) / s.rounds)
+    records: dict[str, list[dict[str, Any]]] = {n: [] for n in urls}
+    walls = dict.fromkeys(urls, 0.0)
+    load = [round(os.getloadavg()[0], 2)]
+    for r in range(s.rounds):
+        chunk = jobs[r * per_round : (r + 1) * per_round]
+        for name, url in urls.items():
+            recs, wall = asyncio.run(_load(url, s, models[name], chunk, s.seed + r))
+            records[name] += recs
+            walls[name] += wall
+        load.append(round(os.getloadavg()[0], 2))
+    results = {}
+    for name, url in urls.items():
+        results[name] = summarize(records[name], walls[name])
+        # the host's 1-minute load average at the start and after each round: other work on
+        # the machine skews timings
+        results[name]["machine"] = {**_machine(url), "loadavg_1m": load}
+        _print(name, results[name])
+    return results
+
+
+def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
+    """Run every policy's load and write the report (see the module docstring)."""
+    from fluid_npu.train.io import write_json_atomic
+
+    s.check()
+    prompts = read_prompts(s.prompts)
+    if s.url is not None:
+        results = run_rounds({"server": s.url.rstrip("/")}, s, prompts)
+    else:
+        policies = s.policies or default_policies(s.server_args)
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for policy in policies:
+                print(f"bench serve: starting fluid serve --policy {policy}", flush=True)
+                servers[policy] = stack.enter_context(
+                    ServerProcess([*s.server_args, "--policy", policy])
+                )
+            results = run_rounds({p: srv.url for p, srv in servers.items()}, s, prompts)
+        bad = {p: srv.returncode for p, srv in servers.items() if srv.returncode != 0}
+        if bad:
+            raise DataError(f"fluid serve exited with a non-zero status after the drain: {bad}")
+    report = _report(s, results, len(prompts))
+    write_json_atomic(s.json_path, report)
+    print(table(report))
+    print(f"bench serve: wrote {s.json_path}", flush=True)
+    return report
+
+
+def _report(s: ServeBenchSettings, results: dict[str, Any], n_prompts: int) -> dict[str, Any]:
+    ar = results.get("ar")
+    vs_ar, same = {}, {}
+    for name, r in results.items():
+        if ar is None or name == "ar":
+            continue
+        vs_ar[name] = round(r["output_tokens_per_s"] / ar["output_tokens_per_s"], 3)
+        pairs = [(a, b) for a, b in zip(r["texts"], ar["texts"]) if a is not None and b is not None]
+        same[name] = round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
+    best = max(vs_ar.values(), default=None)
+    for r in results.values():  # the outputs were needed for the comparison, not in the report
+        r["sample_texts"] = [t for t in r.pop("texts") if t is not None][:2]
+    return {
+        "benchmark": "serve",
+        "command": s.command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "prompts": s.prompts,
+        "n_prompts": n_prompts,
+        "settings": {
+            k: getattr(s, k)
+            for k in (
+                "num_requests",
+                "rate",
+                "concurrency",
+                "max_tokens",
+                "ignore_eos",
+                "chat",
+                "warmup",
+                "rounds",
+                "seed",
+            )
+        },
+        "server_args": s.server_args,
+        "results": results,
+        "throughput_vs_ar": vs_ar,
+        "identical_to_ar": same,
+        "failed_requests": sum(r["failed"] for r in results.values()),
+        "goal": {
+            "throughput_vs_ar": GOAL_VS_AR,
+            "best": best,
+            "met": best is not None and best >= GOAL_VS_AR,
+        },
+    }
+
+
+def _print(name: str, r: dict[str, Any]) -> None:
+    print(
+        f"bench serve: {name}: {r['output_tokens_per_s']:.1f} tok/s, TPF {r['tpf']}, TTFT p50 "
+        f"{r['ttft_ms']['p50']} ms, ITL p50 {r['itl_ms']['p50']} ms, {r['failed']} failed",
+        flush=True,
+    )
+
+
+def table(report: dict[str, Any]) -> str:
+    """The markdown table of a report (one row per policy)."""
+    lines = [
+        "| policy | tokens/s | × ar | TPF | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms "
+        "| TPOT p50 ms | identical to ar | failed |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for name, r in report["results"].items():
+        ratio = report["throughput_vs_ar"].get(name, 1.0 if name == "ar" else None)
+        same = report["identical_to_ar"].get(name, "—" if name != "ar" else "")
+
+        def trio(key: str, r: dict[str, Any] = r) -> str:
+            return " / ".join("—" if v is None else f"{v:.1f}" for v in r[key].values())
+
+        lines.append(
+            f"| {name} | {r['output_tokens_per_s']:.1f} | "
+            f"{'—' if ratio is None else f'{ratio:.2f}'} | {r['tpf']} | {trio('ttft_ms')} | "
+            f"{trio('itl_ms')} | {r['tpot_ms']['p50']} | {same} | {r['failed']} |"
+        )
+    return "\n".join(lines)

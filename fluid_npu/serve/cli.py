@@ -1,0 +1,166 @@
+"""The flags of ``fluid serve`` and ``fluid bench serve``; both register with ``fluid_npu.cli``.
+
+``fluid serve --model DIR [--adapter DIR] [--khead DIR] [--policy P] [--dtype D] [--host H]
+[--port N] [--max-batch N] [--max-queue N] [--api-key KEY] ...`` runs the OpenAI-compatible server
+(``fluid_npu.serve.server``); ``--api-key`` falls back to ``$FLUID_API_KEY``.
+
+``fluid bench serve`` (``fluid_npu.serve.bench``) starts one ``fluid serve`` per policy — the
+FLUID policy and ``ar`` by default, same flags otherwise — and loads each with the same requests,
+or loads a running server given by ``--url``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from fluid_npu.errors import ConfigError
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base (or merged) HF model directory")
+    p.add_argument("--adapter", default=None, help="Stage I LoRA adapter directory")
+    p.add_argument("--khead", default=None, help="Stage II K-head directory")
+    p.add_argument("--mask-token", default=None, help="MASK token (default: the tokenizer's)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto (best accelerator, else CPU) or a type")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument(
+        "--max-len", type=int, default=None, help="prompt + completion tokens per request"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    _add_model_flags(p)
+    p.add_argument("--policy", default=None, help="ar | fixed:K | entropy[:T] | khead")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument(
+        "--max-queue", type=int, default=None, help="waiting places beyond the batch (429 past it)"
+    )
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send")
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests"
+    )
+    p.set_defaults(handler=serve_command)
+
+
+def need_serve_extra() -> None:
+    """FastAPI, uvicorn, prometheus-client and httpx, or one error naming the extra."""
+    import importlib.util
+
+    missing = [
+        name
+        for name in ("fastapi", "uvicorn", "prometheus_client", "httpx")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"fluid serve needs {', '.join(missing)}: pip install -e '.[serve]' (or '.[dev]')"
+        )
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    need_serve_extra()
+    from fluid_npu.serve.server import ServeSettings, serve
+
+    if not args.model:
+        raise ConfigError("fluid serve needs --model DIR")
+    settings = ServeSettings(
+        model=args.model,
+        adapter=args.adapter,
+        khead=args.khead,
+        policy=args.policy,
+        dtype=args.dtype,
+        device=args.device,
+        mask_token=args.mask_token,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_len=args.max_len,
+        api_key=args.api_key or os.environ.get("FLUID_API_KEY") or None,
+        served_model_name=args.served_model_name,
+        drain_timeout=args.drain_timeout,
+        compile=args.compile,
+    )
+    return serve(settings)
+
+
+def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """``fluid bench serve``: a target of the ``bench`` command the sampler registers."""
+    bench = sub.choices.get("bench")
+    if bench is None:
+        raise RuntimeError("register `fluid bench` before `fluid bench serve`")
+    targets = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    s = targets.add_parser("serve", help="load `fluid serve`: throughput, TTFT, ITL vs ar")
+    _add_model_flags(s)
+    s.add_argument("--url", default=None, help="load this running server instead (no --model)")
+    s.add_argument(
+        "--policies", default=None, help="comma-separated (default: khead or entropy,ar)"
+    )
+    s.add_argument("--prompts", required=True, help="JSONL with 'prompt' per line")
+    s.add_argument("--json", required=True, help="where the JSON report is written")
+    s.add_argument("--num-requests", type=int, default=64, help="requests per policy")
+    s.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrivals per second")
+    s.add_argument("--concurrency", type=int, default=16, help="most requests in flight")
+    s.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
+    s.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-tokens each")
+    s.add_argument("--chat", action="store_true", help="send prompts to /v1/chat/completions")
+    s.add_argument("--warmup", type=int, default=4, help="untimed requests first, per server")
+    s.add_argument("--rounds", type=int, default=4, help="slices visiting the servers in turn")
+    s.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    s.set_defaults(handler=bench_serve_command)
+
+
+def bench_serve_command(args: argparse.Namespace) -> int:
+    need_serve_extra()
+    from fluid_npu.sampling.cli import command_line
+    from fluid_npu.serve.bench import BENCH_KEYS, ServeBenchSettings, run_serve_bench
+
+    if (args.url is None) == (args.model is None):
+        raise ConfigError("give exactly one of --model DIR (servers started here) or --url URL")
+    policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else None
+    settings = ServeBenchSettings(
+        prompts=args.prompts,
+        json_path=args.json,
+        url=args.url,
+        policies=policies,
+        num_requests=args.num_requests,
+        rate=args.rate,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        ignore_eos=args.ignore_eos,
+        chat=args.chat,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        seed=args.seed,
+        server_args=_server_args(args),
+        command=command_line(["fluid", "bench", "serve"], args, BENCH_KEYS),
+    )
+    report = run_serve_bench(settings)
+    return 1 if report["failed_requests"] else 0
+
+
+def _server_args(args: argparse.Namespace) -> list[str]:
+    """The ``fluid serve`` flags a spawned server gets from the bench's own flags."""
+    out: list[str] = []
+    for key in (
+        "model",
+        "adapter",
+        "khead",
+        "mask_token",
+        "dtype",
+        "device",
+        "max_batch",
+        "max_len",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            out += [f"--{key.replace('_', '-')}", str(value)]
+    if args.compile:
+        out.append("--compile")
+    return out

@@ -1,0 +1,126 @@
+"""Start and stop a ``fluid serve`` process: what ``fluid bench serve`` and the tests share.
+
+``ServerProcess(args)`` runs ``python -m fluid_npu.cli serve ARGS --host 127.0.0.1 --port FREE``
+with its output in a log file, waits (bounded) until ``/health`` answers 200 — a server that exits
+first is a ``FluidError`` carrying the tail of its log — and on exit sends SIGTERM (the drain) and
+waits for the exit status, killing the process only if it outlives the bound.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from fluid_npu.errors import FluidError
+
+POLL_S = 0.2
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """One ``fluid serve`` child process on 127.0.0.1 (a context manager)."""
+
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        ready_timeout: float = 900.0,
+        stop_timeout: float = 120.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [*args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        # the child writes here for the server's whole life, so no context manager
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="fluid-serve-", suffix=".log", delete=False
+        )
+        self.log_path = Path(self._log.name)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+
+    def start(self) -> str:
+        """Launch and wait for ``/health``; returns the base URL."""
+        cmd = [sys.executable, "-m", "fluid_npu.cli", "serve", *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FluidError(
+                    f"fluid serve exited with status {self.proc.returncode} before it was ready:"
+                    f"\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self.url
+            except httpx.TransportError:
+                pass
+            time.sleep(POLL_S)
+        self.kill()
+        raise FluidError(f"fluid serve was not ready after {self.ready_timeout:g} s")
+
+    def terminate(self) -> None:
+        """Send SIGTERM: the server drains and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self) -> int:
+        """The exit status, killing the process if it does not end within ``stop_timeout``."""
+        assert self.proc is not None
+        try:
+            self.returncode = self.proc.wait(self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.returncode = self.proc.wait()
+        return self.returncode
+
+    def stop(self) -> int:
+        self.terminate()
+        return self.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            self.start()
+        except BaseException:
+            self.kill()
+            self._log.close()
+            self.log_path.unlink(missing_ok=True)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc is not None and self.returncode is None:
+            self.stop()
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)

@@ -1,0 +1,84 @@
+"""The Prometheus metrics of one ``fluid serve`` process (``GET /metrics``).
+
+Each server has its own registry (so several servers can live in one test process). Counted where
+the figure is known:
+
+* on the event loop, per request: ``fluid_requests_total{endpoint, finish_reason}`` (finish reason,
+  or the HTTP status of a refused request), ``fluid_prompt_tokens_total``,
+  ``fluid_generation_tokens_total``, ``fluid_request_tpf`` (tokens per decode forward of each
+  finished request), ``fluid_time_to_first_token_seconds`` (arrival to the first streamed token) and
+  ``fluid_inter_token_latency_seconds`` (gap between successive deliveries of tokens, divided by the
+  tokens delivered: a step that commits several tokens counts each at its share, as vLLM counts
+  speculative steps), ``fluid_e2e_request_latency_seconds``;
+* in the engine thread, per step: ``fluid_accepted_draft_tokens`` (drafted tokens accepted per
+  request per step), ``fluid_num_requests_running`` / ``fluid_num_requests_waiting`` (the
+  scheduler's own counts after the step), ``fluid_step_seconds``.
+
+prometheus-client's metrics are thread-safe, so both sides write without locks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+TPF_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
+ACCEPT_BUCKETS = tuple(float(i) for i in range(17))
+
+
+class ServerMetrics:
+    """Every metric of one server, in its own registry."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fluid_requests",
+            "Requests answered, by endpoint and finish reason (or refusal status)",
+            ["endpoint", "finish_reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("fluid_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter(
+            "fluid_generation_tokens", "Generated tokens returned", registry=r
+        )
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=r)
+
+        self.tpf = hist(
+            "fluid_request_tpf", "Tokens per decode forward of each finished request", TPF_BUCKETS
+        )
+        self.accepted = hist(
+            "fluid_accepted_draft_tokens",
+            "Drafted tokens accepted per request per step",
+            ACCEPT_BUCKETS,
+        )
+        self.ttft = hist("fluid_time_to_first_token_seconds", "Request arrival to its first token")
+        self.itl = hist(
+            "fluid_inter_token_latency_seconds",
+            "Time between tokens of one request (each token of a multi-token step at its share)",
+        )
+        self.e2e = hist("fluid_e2e_request_latency_seconds", "Request arrival to its last token")
+        self.step_seconds = hist("fluid_step_seconds", "Duration of one scheduler step")
+        self.running = Gauge("fluid_num_requests_running", "Requests in the batch", registry=r)
+        self.waiting = Gauge("fluid_num_requests_waiting", "Requests queued", registry=r)
+        info = Gauge("fluid_model_info", "The served model", ["model"], registry=r)
+        info.labels(model=model_name).set(1)
+
+    def on_step(self, scheduler: Any, events: list[Any], seconds: float) -> None:
+        """Engine-thread hook, after every step."""
+        self.step_seconds.observe(seconds)
+        for ev in events:
+            if ev.tokens or ev.accepted:
+                self.accepted.observe(ev.accepted)
+        self.running.set(scheduler.num_running)
+        self.waiting.set(scheduler.num_waiting)
+
+    def refused(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, finish_reason=str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,269 @@
+"""The OpenAI request bodies ``fluid serve`` accepts, and its OpenAI-style errors.
+
+``parse_completion`` / ``parse_chat`` turn a decoded JSON body into a checked request or raise one
+``APIError`` (HTTP 400 unless said otherwise) whose ``param`` names the offending field, as the
+OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is silently ignored:
+
+* a field the server does not know is an error naming it;
+* the engine's decoding settings are honoured: ``temperature`` (0 = greedy, the lossless FLUID
+  output; above 0 exact speculative sampling), ``top_p``, ``seed`` (the same seed gives the same
+  output alone or in any batch), ``logprobs`` (completions: the number of alternatives, 0–20;
+  chat: ``logprobs`` + ``top_logprobs``), and vLLM's extensions ``top_k``, ``min_p`` and
+  ``ignore_eos`` (decode exactly ``max_tokens`` tokens);
+* ``stop`` (up to 4 non-empty strings) ends the request in the engine; the text is cut before the
+  stop string, as the OpenAI API returns it;
+* a field it knows but cannot honour is accepted only at its neutral value: ``n`` / ``best_of`` 1,
+  penalties 0, ``echo`` false, ``suffix`` / ``logit_bias`` / tools absent; any other value is an
+  error naming the field and what is supported; ``user`` is an opaque end-user tag, accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
+
+
+class APIError(Exception):
+    """An HTTP error answered as an OpenAI-style JSON body."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.type = type
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """``{"error": {...}}`` as the OpenAI API writes it."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class _Common(_Strict):
+    """Fields both endpoints share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)  # vLLM's extension; 0 = off
+    min_p: float | None = Field(default=None, ge=0, lt=1)  # vLLM's extension; 0 = off
+    n: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+
+
+class CompletionBody(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatBody(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+
+@dataclass
+class Sampling:
+    """What one request asks of the decoder, after the checks."""
+
+    max_tokens: int | None  # None: as many as the context leaves (chat's default)
+    params: dict[str, Any] = field(default_factory=dict)  # the engine's SamplingParams fields
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    ignore_eos: bool = False
+    model: str | None = None
+
+
+@dataclass
+class CompletionRequest:
+    prompt: str | list[int]
+    sampling: Sampling
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, str]]
+    sampling: Sampling
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    """``messages[0].content`` from pydantic's location (union member tags left out)."""
+    out = str(loc[0])
+    if out == "messages":
+        for part in loc[1:]:
+            if isinstance(part, int):
+                out += f"[{part}]"
+            elif part in ("role", "content"):
+                out += f".{part}"
+                break
+    return out
+
+
+def _validate(model: type[_Strict], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = _param(err["loc"]) if err["loc"] else None
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(model.model_fields))
+            raise APIError(
+                f"unknown field {param!r}; this server accepts {known}", param=param
+            ) from None
+        if err["type"] == "missing":
+            raise APIError(f"{param!r} is required", param=param) from None
+        raise APIError(f"{param}: {err['msg']}", param=param) from None
+
+
+def _neutral(body: _Common, name: str, ok: tuple[Any, ...], what: str) -> None:
+    value = getattr(body, name)
+    if value not in ok:
+        raise APIError(
+            f"{name}={value!r} is not supported by this server; {name} must be {what}",
+            param=name,
+        )
+
+
+def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> Sampling:
+    _neutral(body, "n", (None, 1), "1 or absent (send one request per completion)")
+    _neutral(body, "presence_penalty", (None, 0), "0 or absent")
+    _neutral(body, "frequency_penalty", (None, 0), "0 or absent")
+    if body.logit_bias:
+        raise APIError("logit_bias is not supported; leave it out", param="logit_bias")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP or any(s == "" for s in stop):
+        raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
+    if body.stream_options is not None and not body.stream:
+        raise APIError("stream_options is only allowed with stream: true", param="stream_options")
+    params = {
+        "temperature": 0.0 if body.temperature is None else float(body.temperature),
+        "top_p": 1.0 if body.top_p is None else float(body.top_p),
+        "top_k": body.top_k or 0,
+        "min_p": body.min_p or 0.0,
+        "seed": body.seed,
+        "logprobs": logprobs,
+        "top_logprobs": top_logprobs,
+    }
+    return Sampling(
+        max_tokens=max_tokens,
+        params=params,
+        stop=stop,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        ignore_eos=body.ignore_eos,
+        model=body.model,
+    )
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    """A checked ``/v1/completions`` request (one prompt: text or token ids)."""
+    req: CompletionBody = _validate(CompletionBody, body)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(
+                f"prompt holds {len(prompt)} prompts; this server takes one prompt per request "
+                "(send concurrent requests: they are batched)",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, list) and any(t < 0 for t in prompt):
+        raise APIError("prompt token ids must be non-negative", param="prompt")
+    if prompt == [] or (isinstance(prompt, str) and not prompt.strip()):
+        raise APIError("prompt is empty; give some text or token ids", param="prompt")
+    _neutral(req, "best_of", (None, 1), "1 or absent")
+    _neutral(req, "echo", (None, False), "false or absent")
+    _neutral(req, "suffix", (None,), "absent")
+    max_tokens = req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+    sampling = _sampling(req, max_tokens, req.logprobs is not None, req.logprobs or 0)
+    return CompletionRequest(prompt=prompt, sampling=sampling)
+
+
+def _message_text(msg: Message) -> str:
+    if isinstance(msg.content, str):
+        return msg.content
+    return "".join(part.text for part in msg.content)
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    """A checked ``/v1/chat/completions`` request (text messages only)."""
+    req: ChatBody = _validate(ChatBody, body)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.tools:
+        raise APIError("tools are not supported; leave them out", param="tools")
+    _neutral(req, "tool_choice", (None, "none"), "'none' or absent")
+    _neutral(req, "parallel_tool_calls", (None,), "absent")
+    if req.response_format not in (None, {"type": "text"}):
+        raise APIError(
+            "response_format must be {'type': 'text'} or absent", param="response_format"
+        )
+    if req.max_tokens and req.max_completion_tokens and req.max_tokens != req.max_completion_tokens:
+        raise APIError(
+            "max_tokens and max_completion_tokens disagree; give one",
+            param="max_completion_tokens",
+        )
+    messages = [{"role": m.role, "content": _message_text(m)} for m in req.messages]
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
+    return ChatRequest(messages=messages, sampling=sampling)

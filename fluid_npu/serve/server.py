@@ -1,0 +1,200 @@
+"""Running ``fluid serve``: bind the port, load the model, build the scheduler, serve, drain.
+
+The port is bound first (a taken port fails before minutes of model loading), on 127.0.0.1 unless
+``--host`` says otherwise. uvicorn serves the FastAPI app on that socket; the engine thread is
+started by the app's lifespan. SIGTERM (or the first Ctrl-C) drains: the listening socket closes,
+new requests on open connections get 503, requests in flight run to their end — those still running
+``drain_timeout`` seconds later are aborted (their streams end with ``finish_reason: "abort"``) —
+and the process exits with status 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.serve.app import ServeConfig, create_app
+from fluid_npu.serve.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+GRACE_S = 5.0  # uvicorn's own limit beyond the drain, for connections that will not close
+
+
+@dataclass
+class ServeSettings:
+    model: str
+    adapter: str | None = None
+    khead: str | None = None
+    policy: str | None = None  # None: khead with a K-head, else entropy
+    dtype: str = "auto"
+    device: str = "auto"
+    mask_token: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8
+    max_queue: int | None = None
+    max_len: int | None = None
+    api_key: str | None = None
+    served_model_name: str | None = None
+    drain_timeout: float = 30.0
+    compile: bool = False
+
+    def check(self) -> None:
+        """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise ConfigError(f"--max-queue must be at least 0, got {self.max_queue}")
+        if self.max_len is not None and self.max_len < 2:
+            raise ConfigError(f"--max-len must be at least 2, got {self.max_len}")
+        if self.drain_timeout < 0:
+            raise ConfigError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key is empty; give a key or leave the flag out")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; a taken port or a bad host is a ``ConfigError``."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} cannot be resolved ({exc})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, Any]]:
+    """Load the model, build the scheduler: ``(scheduler, tokenizer, max_len, info)``."""
+    import torch
+
+    from fluid_npu import device as devices
+    from fluid_npu.sampling.api import FluidForCausalLM
+    from fluid_npu.sampling.prompts import quiet_loading
+    from fluid_npu.sampling.scheduler import Scheduler
+
+    dev = devices.current(force=settings.device).device
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    with quiet_loading():
+        fluid = FluidForCausalLM.from_pretrained(
+            settings.model,
+            settings.adapter,
+            settings.khead,
+            dtype=dtype,
+            mask_token=settings.mask_token,
+            device=dev,
+        )
+    policy = settings.policy or ("khead" if fluid.khead is not None else "entropy")
+    cfg = fluid.model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if settings.max_len is not None and limit is not None and settings.max_len > limit:
+        raise ConfigError(
+            f"--max-len {settings.max_len} is over the model's context ({limit} positions)"
+        )
+    scheduler = Scheduler(
+        fluid.model,
+        fluid.mask_id,
+        policy=policy,
+        khead=fluid.khead,
+        max_batch=settings.max_batch,
+        max_len=settings.max_len,  # None: the scheduler's default (the context, at most 4096)
+        tokenizer=fluid.tokenizer,  # the engine ends requests on their stop strings
+        compile=settings.compile,
+    )
+    max_len = int(getattr(scheduler, "max_len", None) or settings.max_len or limit)
+    info = {
+        "policy": policy,
+        "device": str(dev),
+        "dtype": str(next(fluid.model.parameters()).dtype).removeprefix("torch."),
+        "max_batch": settings.max_batch,
+        "max_len": max_len,
+        "compile": settings.compile,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return scheduler, fluid.tokenizer, max_len, info
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's ``Server`` whose SIGTERM drains the engine and ends with status 0."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.worker = worker
+        self.drain_timeout = drain_timeout
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.worker.draining:
+            print(
+                f"fluid: draining (up to {self.drain_timeout:g} s for requests in flight)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.worker.drain(self.drain_timeout)
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:  # a drain is a clean exit: uvicorn must not re-raise it
+            self._captured_signals = [s for s in self._captured_signals if s != sig]
+
+
+def serve(settings: ServeSettings) -> int:
+    """Run the server until SIGTERM / Ctrl-C; returns the exit status."""
+    settings.check()
+    sock = bind(settings.host, settings.port)
+    try:
+        scheduler, tokenizer, max_len, info = build_scheduler(settings)
+        worker = Worker(scheduler)
+        name = settings.served_model_name or settings.model.rstrip("/").split("/")[-1]
+        config = ServeConfig(
+            model_name=name,
+            max_len=max_len,
+            max_batch=settings.max_batch,
+            max_queue=settings.max_queue,
+            api_key=settings.api_key,
+            info=info,
+        )
+        app = create_app(worker, tokenizer, config)
+        host, port = sock.getsockname()[:2]
+        app.state.banner = (
+            f"fluid: serving {name!r} on http://{host}:{port}/v1 (policy {info['policy']}, "
+            f"max batch {settings.max_batch}, context {max_len})"
+        )
+        uv_config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=settings.drain_timeout + GRACE_S,
+            lifespan="on",
+        )
+        server = DrainingServer(uv_config, worker, settings.drain_timeout)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if worker.error is not None:
+        print(f"fluid: the engine failed: {worker.error}", file=sys.stderr)
+        return 1
+    print("fluid: server stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,215 @@
+"""The engine thread: the one owner of the scheduler (and so of the model), fed through queues.
+
+The scheduler is not thread-safe and its ``step()`` blocks for a whole forward pass, so it lives in
+one thread and the asyncio server never touches it:
+
+* ``submit`` (from the event loop) puts the request in the inbox and awaits the scheduler's answer:
+  a ``FluidError`` from ``Scheduler.submit`` (empty prompt, too long, duplicate id) comes back as an
+  ``APIError`` (400) before any response is started; otherwise a ``Stream`` of ``Event``s;
+* ``abort`` (a client went away, a stop string matched) is applied before the next step, so the
+  slot is free for the step after;
+* between steps the thread takes every command waiting in the inbox, then steps while there is
+  work, and sleeps on the inbox when there is none;
+* ``drain(timeout)`` (SIGTERM) refuses new requests and lets the running ones finish; those still
+  running at the deadline are aborted, so their streams end with ``finish_reason: "abort"``;
+* a failing ``step()`` (a bug, out of memory) ends every open stream with an error and marks the
+  worker dead, which ``/health`` reports.
+
+A step's events cross back in one ``loop.call_soon_threadsafe`` call, into one ``asyncio.Queue`` per
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fluid_npu.errors import FluidError
+from fluid_npu.serve.protocol import APIError
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05  # how long the idle thread waits on the inbox before checking its flags
+
+
+@dataclass
+class Stream:
+    """One submitted request as the event loop sees it: events arrive on ``queue``."""
+
+    request_id: str
+    prompt_tokens: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Event | BaseException
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Submit:
+    request: Any
+    stream: Stream
+    accepted: asyncio.Future
+
+
+class Worker:
+    """The engine thread around one scheduler; see the module docstring."""
+
+    def __init__(
+        self,
+        scheduler: Any,
+        request_cls: Callable[..., Any] | None = None,
+        *,
+        on_step: Callable[[Any, list[Any], float], None] | None = None,
+    ) -> None:
+        if request_cls is None:
+            from fluid_npu.sampling.scheduler import Request as request_cls
+        self.scheduler = scheduler
+        self.request_cls = request_cls
+        self.on_step = on_step  # (scheduler, events, step seconds): metrics, called in the thread
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.streams: dict[str, Stream] = {}  # touched by the engine thread only
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+        self.draining = False
+        self._drain_deadline: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.outstanding = 0  # submitted and not finished (event-loop side)
+
+    # --- event-loop side -------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._thread = threading.Thread(target=self._run, name="fluid-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    async def submit(self, request_id: str, prompt: list[int], **fields: Any) -> Stream:
+        """Queue a request (``fields``: the rest of the scheduler's ``Request``); returns its
+        ``Stream`` once the scheduler took it, else raises an ``APIError``."""
+        if self.draining:
+            raise APIError("the server is shutting down", status=503, type="server_error")
+        if not self.alive:
+            raise APIError(f"the engine stopped: {self.error}", status=500, type="server_error")
+        req = self.request_cls(request_id=request_id, prompt=prompt, **fields)
+        loop = asyncio.get_running_loop()
+        stream = Stream(request_id, len(prompt))
+        accepted = loop.create_future()
+        self.outstanding += 1
+        self.inbox.put(_Submit(req, stream, accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:  # the client left while the request was being queued
+            self.abort(request_id)
+            self.outstanding -= 1
+            raise
+        except BaseException:
+            self.outstanding -= 1
+            raise
+        return stream
+
+    def finished(self) -> None:
+        """The event loop is done with one stream (its last event was read, or it was aborted)."""
+        self.outstanding -= 1
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests; abort what still runs ``timeout`` seconds from now."""
+        self.draining = True
+        self.inbox.put(("drain", time.monotonic() + timeout))
+
+    def stop(self, join_timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(join_timeout)
+
+    # --- engine thread ---------------------------------------------------------------------
+    def _send(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self.loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens any more
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=IDLE_WAIT_S) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, item: Any) -> None:
+        if isinstance(item, _Submit):
+            try:
+                self.scheduler.submit(item.request)
+            except FluidError as exc:
+                self._send(_set_exception, item.accepted, APIError(str(exc), param="prompt"))
+                return
+            self.streams[item.stream.request_id] = item.stream
+            self._send(_set_result, item.accepted, None)
+            return
+        kind, value = item
+        if kind == "abort" and value in self.streams:
+            self.scheduler.abort(value)
+        elif kind == "drain":
+            self._drain_deadline = value
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._take_commands(block=not self.scheduler.has_work())
+                if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                    for rid in list(self.streams):
+                        self.scheduler.abort(rid)
+                    self._drain_deadline = None
+                if not self.scheduler.has_work():
+                    continue
+                start = time.perf_counter()
+                events = self.scheduler.step()
+                seconds = time.perf_counter() - start
+                delivery = []
+                for ev in events:
+                    stream = self.streams.get(ev.request_id)
+                    if stream is None:
+                        continue
+                    if ev.finished:
+                        del self.streams[ev.request_id]
+                    delivery.append((stream.queue, ev))
+                if delivery:  # one wake-up of the event loop per step, not one per request
+                    self._send(_deliver, delivery)
+                if self.on_step is not None:
+                    self.on_step(self.scheduler, events, seconds)
+        except BaseException as exc:  # the engine cannot go on: fail every open request loudly
+            logger.exception("the engine thread failed")
+            self.error = exc
+            for stream in self.streams.values():
+                self._send(stream.queue.put_nowait, exc)
+            self.streams.clear()
+
+
+def _deliver(delivery: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, ev in delivery:
+        q.put_nowait(ev)
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

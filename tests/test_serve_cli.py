@@ -1,0 +1,104 @@
+"""``fluid serve`` / ``fluid bench serve`` on the command line: one ``fluid: error`` line and exit 2
+for every bad flag (before any model is loaded), and the load generator end to end — FLUID against
+``ar`` on servers it starts itself, and against a running server given by ``--url``."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from test_serve_http import TOK, ScriptedScheduler, script, serving
+from test_serve_live import model_dir  # noqa: F401  (the constructed chain model, a fixture)
+
+from fluid_npu.cli import main
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fluid: error: "), err
+    return err[0]
+
+
+def _prompts(tmp_path, rows) -> str:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_serve_flag_errors(capsys, tmp_path):
+    assert "--model" in _error(capsys, ["serve"])
+    assert "float8" in _error(capsys, ["serve", "--model", "m", "--dtype", "float8"])
+    assert "--max-batch" in _error(capsys, ["serve", "--model", "m", "--max-batch", "0"])
+    assert "--max-queue" in _error(capsys, ["serve", "--model", "m", "--max-queue", "-1"])
+    assert "--api-key" in _error(capsys, ["serve", "--model", "m", "--api-key", " "])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        assert "choose another --port" in _error(capsys, ["serve", "--model", "m", "--port", port])
+    assert "does not exist" in _error(capsys, ["serve", "--model", str(tmp_path / "missing")])
+
+
+def test_bench_serve_flag_errors(capsys, tmp_path):
+    good = _prompts(tmp_path, [{"prompt": "abc"}])
+    base = ["bench", "serve", "--prompts", good, "--json", str(tmp_path / "r.json")]
+    assert "exactly one of --model" in _error(capsys, base)
+    assert "exactly one of --model" in _error(capsys, [*base, "--model", "m", "--url", "u"])
+    assert "--policies" in _error(capsys, [*base, "--url", "http://x", "--policies", "ar"])
+    assert "--rate" in _error(capsys, [*base, "--url", "http://x", "--rate", "0"])
+    bad = _prompts(tmp_path, [{"text": "abc"}])
+    msg = _error(capsys, ["bench", "serve", "--prompts", bad, "--json", "r", "--url", "http://x"])
+    assert 'prompts.jsonl:1: each line needs "prompt"' in msg
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_serve_against_a_running_server(tmp_path, capsys):
+    prompts = _prompts(tmp_path, [{"prompt": p} for p in ("abc", "hello", "xyz")])
+    out = tmp_path / "report.json"
+    with serving(ScriptedScheduler(max_batch=2)) as (url, _, _):
+        argv = ["bench", "serve", "--url", url, "--prompts", prompts, "--json", str(out),
+                "--num-requests", "9", "--concurrency", "3", "--max-tokens", "20",
+                "--rate", "200", "--warmup", "1"]  # fmt: skip
+        assert main(argv) == 0
+    report = json.loads(out.read_text())
+    r = report["results"]["server"]
+    assert r["completed"] == 9 and r["failed"] == 0
+    want = [script(TOK(p)["input_ids"], 20, True) for p in ("abc", "hello", "xyz") * 3]
+    assert r["generated_tokens"] == sum(len(w) for w in want)
+    assert r["sample_texts"] == [TOK.decode(w, skip_special_tokens=True) for w in want[:2]]
+    assert r["tpf"] > 1.0  # the scripted scheduler commits 1-3 tokens a step
+    assert all(r[k]["p50"] is not None for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"))
+    assert report["command"].startswith("fluid bench serve --url")
+    assert "| server |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
+    prompts = _prompts(tmp_path, [{"prompt": p} for p in ("xx", "nop", "abc", "qrs")])
+    out = tmp_path / "report.json"
+    argv = ["bench", "serve", "--model", model_dir, "--prompts", prompts, "--json", str(out),
+            "--num-requests", "12", "--concurrency", "4", "--max-tokens", "48",
+            "--max-batch", "4", "--max-len", "128", "--warmup", "2"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    fluid, ar = report["results"]["entropy"], report["results"]["ar"]
+    assert fluid["failed"] == ar["failed"] == 0
+    assert report["identical_to_ar"] == {"entropy": 1.0}  # lossless through the whole server
+    assert fluid["generated_tokens"] == ar["generated_tokens"]
+    assert ar["tpf"] == 1.0 and fluid["tpf"] > 1.5
+    assert report["throughput_vs_ar"]["entropy"] == pytest.approx(
+        fluid["output_tokens_per_s"] / ar["output_tokens_per_s"], rel=1e-2
+    )
+    assert report["server_args"][:2] == ["--model", model_dir]
+
+
+def test_missing_serve_extra_is_one_clear_error(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a)
+    )
+    assert "pip install -e '.[serve]'" in _error(capsys, ["serve", "--model", "m"])

@@ -1,0 +1,344 @@
+"""The HTTP layer of ``fluid serve`` over the wire, driven by the official ``openai`` client and
+httpx, against a scripted scheduler (the Scheduler contract with known outputs and a gate that
+holds its steps), so every behaviour is exact: streaming format, usage, stop strings, 400 / 401 /
+404. ``test_serve_lifecycle.py`` uses the same scheduler for 429, disconnects, the drain and engine
+failures; the same server code runs the real scheduler in ``test_serve_live.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from fluid_npu.model.tiny import build_tiny_tokenizer
+from fluid_npu.sampling.api import PromptError
+from fluid_npu.serve.app import ServeConfig, create_app
+from fluid_npu.serve.server import DrainingServer, bind
+from fluid_npu.serve.worker import Worker
+
+TOK = build_tiny_tokenizer(mask_token=True)
+EOS = TOK.eos_token_id
+SCRIPT = TOK("the quick brown fox jumps over the lazy dog. " * 40, add_special_tokens=False)[
+    "input_ids"
+]
+WAIT_STEPS = 2000  # bounded polling loops: 2000 x 5 ms at most
+
+
+@dataclass
+class Req:
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    eos_ids: Any = None
+    sampling: Any = None
+    stop: Any = ()
+
+
+@dataclass
+class Ev:
+    request_id: str
+    tokens: list[int]
+    finished: bool
+    finish_reason: str | None
+    new_tokens: int
+    forwards: int
+    accepted: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+def script(prompt: list[int], max_new: int, eos: bool) -> list[int]:
+    """The scripted answer: text from SCRIPT, EOS after a length that depends on the prompt."""
+    out = SCRIPT[len(prompt) % 10 :][:max_new]
+    stop_at = 10 + len(prompt) % 7
+    if eos and len(out) > stop_at:
+        out = [*out[:stop_at], EOS]
+    return out
+
+
+class ScriptedScheduler:
+    """The Scheduler contract: FIFO admission, ``max_batch`` slots, aborts, 1-3 tokens a step."""
+
+    def __init__(self, max_batch: int = 4, max_len: int = 600, step_s: float = 0.0) -> None:
+        self.max_batch, self.max_len, self.step_s = max_batch, max_len, step_s
+        self.waiting: list[tuple[Req, list[int]]] = []
+        self.running: dict[str, list] = {}  # id -> [request, remaining tokens, new, forwards]
+        self.aborts: list[str] = []
+        self.aborted: list[str] = []  # every abort applied, for the tests
+        self.requests: list[Req] = []  # every request submitted, for the tests
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+
+    def submit(self, req: Req) -> None:
+        if not req.prompt:
+            raise PromptError("the prompt is empty")
+        if len(req.prompt) + req.max_new_tokens > self.max_len:
+            raise PromptError(f"prompt + max_new_tokens exceeds max_len {self.max_len}")
+        self.requests.append(req)
+        self.waiting.append((req, script(req.prompt, req.max_new_tokens, req.eos_ids != [])))
+
+    def abort(self, request_id: str) -> bool:
+        self.aborts.append(request_id)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.aborts)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def step(self) -> list[Ev]:
+        assert self.gate.wait(60), "a test left the gate closed"
+        if self.fail:
+            raise RuntimeError("device lost")
+        time.sleep(self.step_s)
+        events = []
+        for rid in self.aborts:
+            self.aborted.append(rid)
+            entry = self.running.pop(rid, None)
+            self.waiting = [w for w in self.waiting if w[0].request_id != rid]
+            n, fw = (entry[2], entry[3]) if entry else (0, 0)
+            events.append(Ev(rid, [], True, "abort", n, fw, 0))
+        self.aborts.clear()
+        while self.waiting and len(self.running) < self.max_batch:
+            req, toks = self.waiting.pop(0)
+            self.running[req.request_id] = [req, toks, 0, 0]
+        for rid, entry in list(self.running.items()):
+            req, toks, n, fw = entry
+            take = 1 + fw % 3  # 1, 2, 3 tokens per step in turn
+            chunk, entry[1] = toks[:take], toks[take:]
+            entry[2], entry[3] = n + len(chunk), fw + 1
+            done = not entry[1]
+            reason = None
+            if done:
+                reason = "stop" if chunk and chunk[-1] == EOS else "length"
+                del self.running[rid]
+            ev = Ev(rid, chunk, done, reason, entry[2], entry[3], len(chunk) - 1)
+            if req.sampling is not None and req.sampling.logprobs:  # scripted: -0.25 per token
+                ev.logprobs = [-0.25 * (n + i + 1) for i in range(len(chunk))]
+                ev.top_logprobs = [[(t, lp), (EOS, lp - 1.0)][: req.sampling.top_logprobs]
+                                   for t, lp in zip(chunk, ev.logprobs)]  # fmt: skip
+            events.append(ev)
+        return events
+
+
+@contextlib.contextmanager
+def serving(sched: ScriptedScheduler, drain_timeout: float = 30.0, **config: Any):
+    """An in-process server on 127.0.0.1 at a free port; yields (base url, server, worker)."""
+    worker = Worker(sched, request_cls=Req)
+    cfg = ServeConfig(model_name="tiny", max_len=sched.max_len, max_batch=sched.max_batch)
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    app = create_app(worker, TOK, cfg)
+    sock = bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30)
+    server = DrainingServer(uv, worker, drain_timeout)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        _until(lambda: server.started)
+        yield url, server, worker
+    finally:
+        sched.gate.set()
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+    assert not thread.is_alive()
+
+
+def _until(cond, what: str = "condition") -> None:
+    for _ in range(WAIT_STEPS):
+        if cond():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def expected_text(prompt_ids: list[int], max_new: int, eos: bool = True) -> str:
+    return TOK.decode(script(prompt_ids, max_new, eos), skip_special_tokens=True)
+
+
+def _metric(url: str, name: str) -> float:
+    """One sample of /metrics by its exact key, else the sum of ``name``'s labelled samples."""
+    samples = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    if name in samples:
+        return samples[name]
+    return sum(v for k, v in samples.items() if k.startswith(name + "{"))
+
+
+def test_completions_and_chat_with_the_openai_client():
+    with serving(ScriptedScheduler()) as (url, _, _):
+        c = client(url)
+        prompt = "Question: 2+2?"
+        ids = TOK(prompt)["input_ids"]
+        out = c.completions.create(model="tiny", prompt=prompt, max_tokens=30)
+        assert out.choices[0].text == expected_text(ids, 30)
+        assert out.choices[0].finish_reason == "stop"  # the script's EOS
+        assert out.usage.prompt_tokens == len(ids)
+        assert out.usage.completion_tokens == len(script(ids, 30, True))
+        assert out.usage.model_extra["tpf"] > 1.0  # several tokens per step
+        long = c.completions.create(model="tiny", prompt=prompt, max_tokens=40, extra_body={
+            "ignore_eos": True})  # fmt: skip
+        assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 40
+
+        messages = [{"role": "user", "content": "hello"}]
+        chat_prompt = TOK.apply_chat_template(messages, add_generation_prompt=True)
+        chat_prompt = chat_prompt["input_ids"] if hasattr(chat_prompt, "keys") else chat_prompt
+        reply = c.chat.completions.create(model="tiny", messages=messages, max_tokens=25)
+        assert reply.choices[0].message.content == expected_text(chat_prompt, 25)
+        assert reply.choices[0].message.role == "assistant"
+
+        stream = c.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=25, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == reply.choices[0].message.content
+        final = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert len(final) == 1 and final[0].usage.completion_tokens == reply.usage.completion_tokens
+        assert (
+            chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
+        )
+
+        pieces = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=30, stream=True))
+        assert len(pieces) > 3  # streamed, not one block
+        assert "".join(p.choices[0].text for p in pieces) == out.choices[0].text
+        assert pieces[-1].choices[0].finish_reason == "stop" and pieces[-1].usage is not None
+
+        models = c.models.list()
+        assert [m.id for m in models.data] == ["tiny"]
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        assert _metric(url, "fluid_requests_total") == 5
+        generated = out.usage.completion_tokens * 2 + long.usage.completion_tokens
+        generated += reply.usage.completion_tokens * 2
+        assert _metric(url, "fluid_generation_tokens_total") == generated
+        assert _metric(url, "fluid_time_to_first_token_seconds_count") == 5
+        assert _metric(url, "fluid_request_tpf_count") == 5
+        assert _metric(url, "fluid_accepted_draft_tokens_count") > 10
+
+
+def test_stop_strings_cut_the_text_and_abort_the_request():
+    # the scripted scheduler knows no stop strings: the server finds them and aborts the request
+    # (the real engine ends it itself); slow steps, so the abort lands long before the 500th token
+    sched = ScriptedScheduler(step_s=0.002)
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        ids = TOK("abc")["input_ids"]
+        full = expected_text(ids, 500, eos=False)
+        cut = full.index(" over")
+        out = c.completions.create(
+            model="tiny", prompt="abc", max_tokens=500, stop=[" over", "zzz"],
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert out.choices[0].text == full[:cut]
+        assert out.choices[0].finish_reason == "stop"
+        assert out.usage.completion_tokens == len(TOK(full[:cut] + " over")["input_ids"])
+        streamed = c.completions.create(
+            model="tiny", prompt="abc", max_tokens=500, stop=" over", stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert "".join(p.choices[0].text for p in streamed) == full[:cut]
+        _until(lambda: len(sched.aborted) == 2, "the two aborts")
+
+
+def test_sampling_settings_reach_the_engine_and_logprobs_come_back():
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        out = c.completions.create(
+            model="tiny", prompt="abc", max_tokens=6, temperature=0.7, top_p=0.9, seed=11,
+            logprobs=2, stop=["zz"], extra_body={"top_k": 5, "min_p": 0.05, "ignore_eos": True},
+        )  # fmt: skip
+        req = sched.requests[-1]
+        p = req.sampling
+        assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (0.7, 0.9, 5, 0.05, 11)
+        assert (p.logprobs, p.top_logprobs, tuple(req.stop), req.eos_ids) == (True, 2, ("zz",), [])
+        lp = out.choices[0].logprobs
+        toks = script(TOK("abc")["input_ids"], 6, False)
+        assert lp.token_logprobs == [-0.25 * (i + 1) for i in range(6)]
+        assert lp.tokens == [TOK.decode([t]) for t in toks]
+        assert "".join(lp.tokens) == out.choices[0].text
+        assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(6)]
+        assert [len(top) for top in lp.top_logprobs] == [2] * 6
+
+        messages = [{"role": "user", "content": "hi"}]
+        reply = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
+                                          logprobs=True, top_logprobs=1)  # fmt: skip
+        content = reply.choices[0].logprobs.content
+        assert [e.logprob for e in content] == [-0.25 * (i + 1) for i in range(5)]
+        assert all(len(e.top_logprobs) == 1 and e.top_logprobs[0].token == e.token for e in content)
+        raw = bytes(b for e in content for b in e.bytes)
+        assert raw.decode() == reply.choices[0].message.content
+        chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
+                                                logprobs=True, stream=True))  # fmt: skip
+        streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                    for e in ch.choices[0].logprobs.content]  # fmt: skip
+        assert [e.logprob for e in streamed] == [e.logprob for e in content]
+        plain = c.completions.create(model="tiny", prompt="abc", max_tokens=3)
+        assert plain.choices[0].logprobs is None and sched.requests[-1].sampling.temperature == 0
+
+
+def test_bad_requests_get_openai_errors_and_leave_others_alone():
+    with serving(ScriptedScheduler(max_len=64)) as (url, _, _):
+        c = client(url)
+        cases = [
+            (dict(prompt="a", temperature=2.5), "temperature"),
+            (dict(prompt="a", top_p=0), "top_p"),
+            (dict(prompt="a", n=2), "n"),
+            (dict(prompt="a", logprobs=21), "logprobs"),
+            (dict(prompt="a", presence_penalty=0.5), "presence_penalty"),
+            (dict(prompt="a", max_tokens=500), "max_tokens"),
+            (dict(prompt="x" * 80), "prompt"),
+            (dict(prompt="a", extra_body={"mystery": 1}), "mystery"),
+        ]
+        for kwargs, param in cases:
+            with pytest.raises(openai.BadRequestError) as info:
+                c.completions.create(model="tiny", **kwargs)
+            assert info.value.body["param"] == param, kwargs
+            assert param in info.value.body["message"] or param == "prompt"
+        with pytest.raises(openai.NotFoundError) as info:
+            c.completions.create(model="other", prompt="a")
+        assert info.value.body["code"] == "model_not_found"
+        raw = httpx.post(f"{url}/v1/completions", content=b"{not json")
+        assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+        raw = httpx.post(f"{url}/v1/chat/completions", content=b"x" * (5 << 20))
+        assert raw.status_code == 400 and "bytes" in raw.json()["error"]["message"]
+        ok = c.completions.create(model="tiny", prompt="a", max_tokens=8)
+        assert ok.choices[0].text == expected_text(TOK("a")["input_ids"], 8)
+        assert _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="400"}')
+
+
+def test_api_key():
+    with serving(ScriptedScheduler(), api_key="s3cret") as (url, _, _):
+        for key in ("wrong", "none"):
+            with pytest.raises(openai.AuthenticationError) as info:
+                client(url, key).completions.create(model="tiny", prompt="a", max_tokens=2)
+            assert info.value.body["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        out = client(url, "s3cret").completions.create(model="tiny", prompt="a", max_tokens=2)
+        assert out.usage.completion_tokens == 2
+        assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open

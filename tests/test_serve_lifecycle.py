@@ -1,0 +1,154 @@
+"""The lifecycle of ``fluid serve``'s HTTP layer against the scripted scheduler of
+``test_serve_http``: 429 with ``Retry-After`` past the queue, client disconnects (streamed or not)
+abort their requests, the SIGTERM drain finishes what is in flight (or aborts it at the deadline),
+and an engine failure answers 500 and turns ``/health`` unhealthy."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from test_serve_http import TOK, ScriptedScheduler, _metric, _until, client, expected_text, serving
+
+
+def _streamed(url: str, prompt: str, max_tokens: int) -> Any:
+    """The httpx stream of a completion that ignores EOS (a context manager)."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    return httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60)
+
+
+def _sse_text(lines: Any) -> tuple[str, str | None]:
+    """The text and finish reason of a completion stream's lines."""
+    text, reason = "", None
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            choice = json.loads(line[6:])["choices"][0]
+            text += choice["text"]
+            reason = choice["finish_reason"] or reason
+    return text, reason
+
+
+def stream_text(url: str, prompt: str, max_tokens: int) -> tuple[str, str | None]:
+    with _streamed(url, prompt, max_tokens) as resp:
+        return _sse_text(resp.iter_lines())
+
+
+def test_queue_full_is_429_with_retry_after():
+    sched = ScriptedScheduler(max_batch=1)
+    with serving(sched, max_queue=1) as (url, _, worker):
+        sched.gate.clear()  # steps wait: the requests stay in flight
+        results: list[tuple[str, str | None]] = []
+
+        def run(prompt: str) -> None:
+            results.append(stream_text(url, prompt, 12))
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in ("first", "second")]
+        for t in threads:
+            t.start()
+        _until(lambda: worker.outstanding == 2, "two requests in flight")
+        with pytest.raises(openai.RateLimitError) as info:
+            client(url).completions.create(model="tiny", prompt="third", max_tokens=2)
+        assert info.value.response.headers["retry-after"] == "1"
+        assert info.value.body["code"] == "queue_full"
+        sched.gate.set()
+        for t in threads:
+            t.join(60)
+        assert sorted(results) == sorted(
+            (expected_text(TOK(p)["input_ids"], 12, eos=False), "length")
+            for p in ("first", "second")
+        )
+        assert client(url).completions.create(model="tiny", prompt="a", max_tokens=2).choices
+
+
+def test_client_disconnect_aborts_the_request():
+    sched = ScriptedScheduler(max_batch=1, step_s=0.002)
+    with serving(sched) as (url, _, worker):
+        with _streamed(url, "long one", 500) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+        # the client went away mid-stream
+        _until(lambda: len(sched.aborted) == 1, "the abort of the streamed request")
+        _until(lambda: worker.outstanding == 0, "the slot to be free")
+
+        sched.gate.clear()  # a non-streamed request whose client gives up while it waits
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=0.5)
+        sched.gate.set()
+        _until(lambda: len(sched.aborted) == 2, "the abort of the non-streamed request")
+        assert (
+            _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="abort"}')
+            == 2
+        )
+        out = client(url).completions.create(model="tiny", prompt="next", max_tokens=4)
+        assert out.usage.completion_tokens == 4
+
+
+def test_sigterm_drain_finishes_requests_in_flight():
+    sched = ScriptedScheduler(max_batch=2)
+    with serving(sched) as (url, server, worker):
+        sched.gate.clear()
+        results: list[tuple[str, str | None]] = []
+        prompts = ("alpha", "beta")
+
+        def run(prompt: str) -> None:
+            results.append(stream_text(url, prompt, 30))
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        _until(lambda: worker.outstanding == 2, "two requests in flight")
+        server.handle_exit(signal.SIGTERM, None)  # what the SIGTERM handler runs
+        assert worker.draining
+        _until(lambda: server.should_exit, "the server to stop accepting")
+        time.sleep(0.3)  # uvicorn closes its listening socket on its next tick
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=5)
+        sched.gate.set()
+        for t in threads:
+            t.join(60)
+        want = sorted(
+            (expected_text(TOK(p)["input_ids"], 30, eos=False), "length") for p in prompts
+        )
+        assert sorted(results) == want
+
+
+def test_drain_timeout_aborts_what_is_still_running():
+    sched = ScriptedScheduler(max_batch=1, step_s=0.01)
+    with serving(sched, drain_timeout=0.2) as (url, server, _):
+        with _streamed(url, "slow", 550) as resp:
+            lines = resp.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            server.handle_exit(signal.SIGTERM, None)
+            text, reason = _sse_text([first, *lines])
+        assert reason == "abort" and 0 < len(text) < 550
+
+
+def test_engine_failure_is_500_and_unhealthy():
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        sched.gate.clear()
+        box: list[Any] = []
+        t = threading.Thread(
+            target=lambda: box.append(
+                httpx.post(
+                    f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=60
+                )
+            )
+        )
+        t.start()
+        _until(lambda: sched.waiting, "the request to be queued")
+        sched.fail = True
+        sched.gate.set()
+        t.join(60)
+        assert box[0].status_code == 500 and "device lost" in box[0].json()["error"]["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "device lost" in health.json()["error"]
+        with pytest.raises(openai.InternalServerError):
+            client(url).completions.create(model="tiny", prompt="a", max_tokens=2)

@@ -1,0 +1,242 @@
+"""``fluid serve`` end to end: real server processes on 127.0.0.1 at free ports, started and stopped
+here, the real scheduler and model, driven by the official ``openai`` client.
+
+The model is the constructed "chain" Llama of ``test_sampling_lossless`` (each letter predicts the
+next, ``m`` predicts EOS, ``*`` repeats): its drafts are accepted, so responses carry several
+tokens per step, and its margins are wide, so greedy outputs have no near-ties. Every served output
+must equal the offline one (``fluid generate`` / ``FluidForCausalLM.generate``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from test_sampling_lossless import chain_model
+
+from fluid_npu.cli import main
+from fluid_npu.model.tiny import build_tiny_tokenizer
+from fluid_npu.serve.launch import ServerProcess
+
+KEY = "test-key"
+MAX_LEN = 160
+PROMPTS = [
+    "abc", "hello p", "xx", "ijk", "q", "defgh", "the quick brown fox", "zz top", "lazy dog",
+    "stuv", "a b c", "nop", "wxy", "jumps over", "k", "fgh ij",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = chain_model(tok, attn_scale=4.0)
+    path = tmp_path_factory.mktemp("serve-chain") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    args = ["--model", model_dir, "--max-batch", "8", "--max-len", str(MAX_LEN), "--api-key", KEY]
+    with ServerProcess(args) as proc:
+        yield proc
+    assert proc.returncode == 0, proc.log_tail()
+
+
+def offline(
+    model_dir, tmp_path, prompts, max_new: int, chat: bool = False, extra: tuple[str, ...] = ()
+) -> list[dict]:
+    """``fluid generate --prompts`` rows (text, token_ids, ...) for ``prompts``."""
+    tag = f"{max_new}{chat}{abs(hash(extra))}"
+    src, out = tmp_path / f"in{tag}.jsonl", tmp_path / f"out{tag}.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+    argv = ["generate", "--model", model_dir, "--prompts", str(src), "--output", str(out),
+            "--max-new-tokens", str(max_new), "--batch-size", "4", *extra]  # fmt: skip
+    assert main([*argv, "--chat"] if chat else argv) == 0
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def test_completion_chat_and_streams_equal_fluid_generate(server, model_dir, tmp_path):
+    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    model = c.models.list().data[0].id
+    want = offline(model_dir, tmp_path, PROMPTS[:4], 40)
+    tpf = []
+    for prompt, row in zip(PROMPTS[:4], want):
+        out = c.completions.create(model=model, prompt=prompt, max_tokens=40)
+        tpf.append(out.usage.model_extra["tpf"])
+        assert out.choices[0].text == row["text"], prompt
+        assert out.usage.completion_tokens == len(row["token_ids"])
+        streamed = c.completions.create(model=model, prompt=prompt, max_tokens=40, stream=True)
+        assert "".join(ch.choices[0].text for ch in streamed) == row["text"]
+    assert max(tpf) > 1.5  # drafts were accepted: several tokens per forward
+
+    chat_want = offline(model_dir, tmp_path, ["abc"], 30, chat=True)[0]
+    messages = [{"role": "user", "content": "abc"}]
+    reply = c.chat.completions.create(model=model, messages=messages, max_tokens=30)
+    assert reply.choices[0].message.content == chat_want["text"]
+    chunks = list(
+        c.chat.completions.create(model=model, messages=messages, max_tokens=30, stream=True)
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == chat_want["text"]
+    assert chunks[-1].usage.completion_tokens == len(chat_want["token_ids"])
+
+
+def test_32_concurrent_streaming_clients_each_equal_offline(server, model_dir, tmp_path):
+    lengths = (12, 50)
+    want = {n: offline(model_dir, tmp_path, PROMPTS, n) for n in lengths}
+    jobs = [(PROMPTS[i % len(PROMPTS)], lengths[(i // len(PROMPTS)) % 2]) for i in range(32)]
+
+    async def one(client: openai.AsyncOpenAI, prompt: str, n: int) -> tuple[str, str, int]:
+        text, reason, tokens = "", None, -1
+        stream = await client.completions.create(
+            model="model", prompt=prompt, max_tokens=n, stream=True
+        )
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return text, reason, tokens
+
+    async def run() -> list[tuple[str, str, int]]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300
+        ) as client:
+            return await asyncio.gather(*(one(client, p, n) for p, n in jobs))
+
+    results = asyncio.run(run())
+    assert len(results) == 32
+    for (prompt, n), (text, reason, tokens) in zip(jobs, results):
+        row = want[n][PROMPTS.index(prompt)]
+        assert text == row["text"], (prompt, n)
+        assert tokens == len(row["token_ids"])
+        assert reason == ("length" if len(row["token_ids"]) == n else "stop")
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "fluid_num_requests_running 0.0" in metrics
+
+
+def test_sampling_logprobs_and_stop_equal_fluid_generate(server, model_dir, tmp_path):
+    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    # sampling: a request seeded s equals the offline prompt seeded s (row 0 of --seed s), and
+    # the same seed gives the same tokens whatever else is in the batch
+    want = offline(model_dir, tmp_path, ["hello p"], 30, extra=("--temperature", "0.9",
+                   "--top-p", "0.95", "--seed", "7"))[0]  # fmt: skip
+
+    async def sampled() -> list[str]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key=KEY, max_retries=0
+        ) as client:
+            jobs = [
+                client.completions.create(model="model", prompt=p, max_tokens=30,
+                                          temperature=0.9, top_p=0.95, seed=7 if i % 2 == 0 else i)
+                for i, p in enumerate(["hello p", "xx", "hello p", "abc", "hello p"])
+            ]  # fmt: skip
+            return [r.choices[0].text for r in await asyncio.gather(*jobs)]
+
+    texts = asyncio.run(sampled())
+    assert texts[0] == texts[2] == texts[4] == want["text"]
+    # log-probabilities: the same numbers as offline, in the OpenAI completions format
+    row = offline(model_dir, tmp_path, ["nop"], 12, extra=("--logprobs", "2"))[0]
+    out = c.completions.create(model="model", prompt="nop", max_tokens=12, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(row["logprobs"], abs=1e-5)
+    assert lp.tokens == list(map(_decode(model_dir), row["token_ids"]))
+    assert [len(t) for t in lp.top_logprobs] == [2] * len(row["token_ids"])
+    # stop strings end the request in the engine; the text stops before the stop string
+    row = offline(model_dir, tmp_path, ["abc"], 40, extra=("--stop", "hij"))[0]
+    assert row["text"].endswith("hij")
+    out = c.completions.create(model="model", prompt="abc", max_tokens=40, stop=["hij"])
+    assert out.choices[0].text == row["text"].removesuffix("hij")
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == len(row["token_ids"])
+
+
+def _decode(model_dir: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return lambda t: tok.decode([t])
+
+
+def test_bad_requests_and_api_key(server):
+    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="model", prompt="abc", temperature=0.7, n=2)
+    assert info.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="model", prompt="abc", max_tokens=MAX_LEN)
+    assert info.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert c.completions.create(model="model", prompt="abc", max_tokens=3).usage.total_tokens
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {name}")
+
+
+def _poll(cond, what: str, steps: int = 3000) -> None:
+    for _ in range(steps):  # bounded: 3000 x 10 ms
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_disconnect_429_and_sigterm_drain(model_dir, tmp_path):
+    """One slot, one queue place: a client that disconnects has its request aborted; a third
+    request is refused with 429; SIGTERM lets the two in flight finish, closes the port, exits 0."""
+    args = ["--model", model_dir, "--max-batch", "1", "--max-queue", "1", "--policy", "ar",
+            "--max-len", "600"]  # fmt: skip
+    long_body = {"model": "model", "prompt": "xx", "max_tokens": 500, "stream": True,
+                 "ignore_eos": True}  # fmt: skip
+    with ServerProcess(args) as proc:
+        url = proc.url
+        with httpx.stream("POST", f"{url}/v1/completions", json=long_body, timeout=60) as resp:
+            first = next(line for line in resp.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"][0]["text"]
+        _poll(lambda: _metric(url, "fluid_num_requests_running") == 0, "the slot to be freed")
+        # AR decodes one token per step: far fewer than 500 steps ran, so the request was aborted
+        assert _metric(url, "fluid_step_seconds_count") < 100
+
+        prompts = ("xx", "nop")  # neither reaches the chain's EOS: both run to max_tokens
+        want = offline(model_dir, tmp_path, prompts, 300)
+        results: dict[str, tuple[str, str]] = {}
+
+        def stream(prompt: str) -> None:
+            body = {"model": "model", "prompt": prompt, "max_tokens": 300, "stream": True}
+            text, reason = "", None
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        choice = json.loads(line[6:])["choices"][0]
+                        text += choice["text"]
+                        reason = choice["finish_reason"] or reason
+            results[prompt] = (text, reason)
+
+        threads = [threading.Thread(target=stream, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        _poll(lambda: _metric(url, "fluid_num_requests_running") == 1, "a request running")
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": "q", "max_tokens": 2})
+        if refused.status_code == 200:  # the first two finished before the third arrived
+            pytest.fail("the load was too short to fill the queue; raise max_tokens")
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        proc.terminate()
+        assert proc.wait() == 0, proc.log_tail()
+        for t in threads:
+            t.join(120)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")
+    for prompt, row in zip(prompts, want):
+        assert results[prompt] == (row["text"], "length")
+        assert len(row["token_ids"]) == 300
