@@ -39,7 +39,11 @@ setup(
         "npu": ["torch_npu", "decorator", "attrs", "psutil", "cloudpickle", "tornado"],
         "cuda": ["triton>=3.0"],
         "deepspeed": ["deepspeed>=0.15"],
+        # quantization_bit (QLoRA); bitsandbytes >= 0.46 also runs on CPU
+        "qlora": ["bitsandbytes>=0.46"],
         "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
+        # `fluid real`: reading the GGUF model (transformers' gguf_file=) and the report's plots
+        "real": ["gguf>=0.10", "matplotlib>=3.7"],
         # `fluid serve` / `fluid bench serve` (httptools and uvloop: uvicorn's fast HTTP parser and
         # event loop, picked up when installed); the openai client is for the tests and examples.
         "serve": [
@@ -56,6 +60,9 @@ setup(
             "ruff>=0.6",
             "matplotlib>=3.7",
             "lm-eval>=0.4",
+            "bitsandbytes>=0.46",
+            "deepspeed>=0.15",  # the ZeRO-2 / ZeRO-3 tests run on two CPU processes
+            "gguf>=0.10",  # the real-model preparation is tested on a tiny GGUF
             "fastapi>=0.110",
             "uvicorn>=0.30",
             "httptools>=0.6",

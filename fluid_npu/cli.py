@@ -25,6 +25,7 @@ SUBCOMMANDS = (
     ("fluid_npu.sampling.cli", "add_bench_parser"),
     ("fluid_npu.eval.cli", "add_eval_parser"),
     ("fluid_npu.demo", "add_demo_parser"),
+    ("fluid_npu.real", "add_real_parser"),
     ("fluid_npu.serve.cli", "add_serve_parser"),
     ("fluid_npu.serve.cli", "add_bench_serve_parser"),
 )

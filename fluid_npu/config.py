@@ -38,12 +38,10 @@ ATTN_BACKENDS = ("auto", "reference", "blocked", "npu", "triton", "eager", "sdpa
 # LLaMA-Factory keys that have no meaning in fluid-npu: accepted with a warning.
 IGNORED_KEYS = {
     "do_train": "training always runs with `fluid train`",
-    "do_eval": "evaluation runs when val_size > 0",
     "do_predict": "use `fluid generate` for predictions",
     "overwrite_cache": "datasets are tokenized in memory, nothing is cached",
     "overwrite_output_dir": "output_dir is written atomically; resume with resume_from_checkpoint",
     "plot_loss": "run.json carries the loss figures",
-    "ddp_timeout": "set HCCL_CONNECT_TIMEOUT / the torchrun timeout instead",
     "flash_attn": "the attention back end is chosen by attn_backend",
     "cache_dir": "nothing is downloaded",
     "tokenized_path": "datasets are tokenized in memory",
@@ -51,12 +49,10 @@ IGNORED_KEYS = {
     "neat_packing": "FLUID expands each example separately; packing is not used",
     "enable_thinking": "the template decides thinking markers",
     "use_fast_tokenizer": "the tokenizer's own class is used",
-    "quantization_bit": "quantized training is not supported; the key is ignored",
     "upcast_layernorm": "norms follow the model dtype",
     "use_unsloth": "not used",
     "print_param_status": "trainable parameters are logged at start",
     "new_special_tokens": "the MASK token is added by mask_token resolution",
-    "eval_dataset": "evaluation uses val_size",
 }
 
 
@@ -72,8 +68,14 @@ class ModelArgs:
     device: str = "auto"
     npu_fused_kernels: bool = True
     use_mindspeed: bool = False
+    quantization_bit: int | None = None  # 4 / 8: QLoRA, the frozen base quantized (bitsandbytes)
+    quantization_type: str = "nf4"
+    double_quantization: bool = True
 
     def __post_init__(self) -> None:
+        if self.quantization_bit is not None:
+            _choice("quantization_bit", str(self.quantization_bit), ("4", "8"))
+        _choice("quantization_type", self.quantization_type, ("nf4", "fp4"))
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _choice("loss_impl", self.loss_impl, ("auto", "fused", "reference"))
         _choice("device", self.device, DEVICE_CHOICES)
@@ -88,6 +90,7 @@ class DataArgs:
     skip_bad_rows: bool = False
     max_samples: int | None = None
     val_size: float = 0.0
+    eval_dataset: str | None = None  # held out instead of val_size: evaluated every eval_steps
     mask_history: bool = False
     train_on_prompt: bool = False
     preprocessing_num_workers: int | None = None
@@ -100,6 +103,11 @@ class DataArgs:
         if self.val_size < 0:
             raise ConfigError(
                 f"val_size must be ≥ 0 (a fraction < 1 or a count), got {self.val_size}"
+            )
+        if self.val_size and self.eval_dataset:
+            raise ConfigError(
+                "val_size and eval_dataset both hold out data: set one of them (val_size splits "
+                "the training data, eval_dataset names separate datasets)"
             )
 
 
@@ -159,6 +167,7 @@ class TrainArgs:
     max_steps: int = -1
     bf16: bool = False
     fp16: bool = False
+    pure_bf16: bool = False  # bf16 weights and optimizer, no fp32 master copy (LLaMA-Factory's)
     deepspeed: str | None = None
     fsdp: bool | str | list[str] = ""
     fsdp_config: str | None = None
@@ -178,6 +187,8 @@ class TrainArgs:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both true: choose one")
+        if self.pure_bf16 and self.fp16:
+            raise ConfigError("pure_bf16 and fp16 are both true: choose one")
 
 
 GROUPS: dict[str, type] = {

@@ -6,16 +6,21 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval tests load local JSON through datasets
-# Triton reads TRITON_INTERPRET once, at its first import (transformers may import it): the CPU
-# suite runs every Triton kernel under the interpreter. On a GPU host run `TRITON_INTERPRET=0
-# pytest -m gpu` for the compiled kernels.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
 
-from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
+from fluid_npu.device import is_cuda_available, is_npu_available
+
+# Triton reads TRITON_INTERPRET once, at its first import (transformers may import it, so this comes
+# first): on a host without a GPU (CUDA, or an NPU with triton-ascend) every Triton kernel runs
+# under the interpreter; on a GPU host the kernels compile and the `gpu` tests run.
+HAS_GPU = is_cuda_available() or is_npu_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and a contended 2-core machine (or a
 # 2-process gloo test) slows down badly when each process spins several.
@@ -69,10 +74,14 @@ def make_model():
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests exercise compiled kernels: under the Triton interpreter they would not."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    """`gpu` tests run compiled kernels on CUDA: they need a CUDA device and no interpreter."""
+    if not is_cuda_available():
+        reason = "compiled CUDA kernels: this host has no CUDA device"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        reason = "compiled CUDA kernels: TRITON_INTERPRET=1 was set; unset it to run them"
+    else:
         return
-    skip = pytest.mark.skip(reason="compiled-kernel test: run `TRITON_INTERPRET=0 pytest -m gpu`")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

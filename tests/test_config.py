@@ -81,7 +81,9 @@ def test_llama_factory_keys_warn_or_pass_through(tmp_path, caplog):
     assert cfg.train.seed == 7 and cfg.data.seed == 7
     assert cfg.train.save_total_limit == 3
     assert cfg.data.preprocessing_num_workers == 16
-    assert cfg.extra_training_args == {"eval_strategy": "no"}
+    # keys that take effect now: ddp_timeout reaches the Trainer (test_scale_keys checks it)
+    assert "ddp_timeout" not in warned
+    assert cfg.extra_training_args == {"eval_strategy": "no", "ddp_timeout": 180000000}
 
 
 def test_overrides_apply_and_parse_yaml_scalars(tmp_path):

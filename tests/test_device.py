@@ -48,13 +48,27 @@ def test_forcing_an_absent_device_fails_clearly():
         device.choose(npu=False, cuda=False, bf16_supported=True, force="npu")
 
 
-def test_this_machine_is_cpu_without_torch_npu():
-    assert device.npu_import_error() is not None  # torch_npu is never installed here
+def test_this_host_is_detected_as_what_it_has():
+    """Whatever this host is (CPU box, CUDA box, Ascend box), the probes agree with torch."""
+    npu = device.is_npu_available()
+    cuda = torch.cuda.is_available()
     choice = device.current()
-    assert choice.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert device.device_module("npu") is None
-    stats = device.memory_stats("cpu")
-    assert stats["rss_peak_mib"] > 0
+    assert choice.type == ("npu" if npu else "cuda" if cuda else "cpu")
+    assert choice.backend == {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[choice.type]
+    if npu:
+        assert device.npu_import_error() is None and device.device_module("npu") is torch.npu
+        assert device.visible_device_count() == torch.npu.device_count() >= 1
+    else:  # the reason is kept for whoever asks for an NPU
+        assert device.npu_import_error().startswith("torch_npu ")
+        assert device.device_module("npu") is None
+    if choice.type == "cpu":
+        assert device.visible_device_count() == 0
+        assert device.memory_stats("cpu")["rss_peak_mib"] > 0
+    else:
+        x = torch.ones(1024, device=choice.device)
+        stats = device.memory_stats(choice.device)
+        assert stats["allocated_mib"] > 0 and stats["peak_allocated_mib"] >= stats["allocated_mib"]
+        del x
 
 
 def test_seed_everything_is_reproducible():

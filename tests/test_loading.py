@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AddedToken, LlamaConfig, LlamaForCausalLM
 
 from fluid_npu.errors import CheckpointError, ConfigError, DataError, FluidError
 from fluid_npu.model.loading import check_model_dir, fingerprint, load_model
@@ -142,3 +142,46 @@ def test_configured_mask_must_exist_and_must_not_occur_in_data():
     with pytest.raises(DataError, match="occurs in the training data"):
         check_unused(mask, lambda tid: tid == mask.id)
     check_unused(mask, lambda tid: False)
+
+
+def _with_unused_specials(tokens: list[str], **kwargs: bool):
+    """The tiny tokenizer plus special tokens nothing uses (SmolLM2 has 14, from code data)."""
+    tok = build_tiny_tokenizer(**kwargs)
+    tok.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True
+    )
+    return tok
+
+
+def test_mask_from_unused_special_tokens_highest_id_not_in_the_template():
+    tok = _with_unused_specials(["<repo_name>", "<file_sep>", "<empty_output>"])
+    mask = resolve_mask_token(tok)
+    assert (mask.token, mask.source) == ("<empty_output>", "unused special")
+    assert mask.id == max(tok.convert_tokens_to_ids(["<repo_name>", "<empty_output>"]))
+    assert tok.mask_token == "<empty_output>"  # recorded: a saved tokenizer resolves the same id
+    # a special token the chat template writes is never the MASK, nor BOS / EOS / PAD
+    tok = _with_unused_specials(["<repo_name>"])
+    tok.chat_template += "{{ '<repo_name>' }}"
+    with pytest.raises(FluidError, match="no MASK token"):
+        resolve_mask_token(tok)
+    # reserved [unusedN] tokens keep precedence (openPangu's rule is unchanged)
+    tok = _with_unused_specials(["<empty_output>"], reserved=2)
+    assert resolve_mask_token(tok).token == "[unused1]"
+
+
+def test_unused_special_tokens_need_a_chat_template():
+    tok = _with_unused_specials(["<empty_output>"], chat_template=False)
+    with pytest.raises(FluidError, match="no MASK token"):
+        resolve_mask_token(tok)
+
+
+def test_unused_special_mask_survives_save_and_reload(tmp_path):
+    from fluid_npu.model.loading import load_tokenizer
+
+    tok = _with_unused_specials(["<repo_name>", "<empty_output>"])
+    first = resolve_mask_token(tok)
+    tok.save_pretrained(tmp_path)
+    again = resolve_mask_token(load_tokenizer(tmp_path))
+    assert (again.token, again.id) == (first.token, first.id)
+    fresh = _with_unused_specials(["<repo_name>", "<empty_output>"])  # without the saved record
+    assert resolve_mask_token(fresh).id == first.id

@@ -119,7 +119,7 @@ def test_sampling_flags_are_checked_before_loading(dirs, capsys):
     base = ["generate", "--model", dirs["model"], "--prompt", "hi"]
     assert main([*base, "--top-p", "0"]) == 2
     assert "--top-p must lie in (0, 1]" in capsys.readouterr().err
-    assert main([*base, "--temperature", "0.5", "--loop", "reference"]) == 2
+    assert main([*base, "--stop", "x", "--loop", "reference"]) == 2
     assert "need --loop fused" in capsys.readouterr().err
 
 
@@ -311,3 +311,22 @@ def test_bench_sampler_bad_args_before_loading(tmp_path, capsys, monkeypatch, ex
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fluid: error: "), err
     assert fragment in err[0] and not out.exists()
+
+
+def test_compile_flag_reaches_the_engine(dirs, tmp_path, monkeypatch):
+    from fluid_npu.sampling import scheduler
+
+    seen = {}
+    real = scheduler.Scheduler.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        kwargs["compile"] = False  # the wiring is under test here, not inductor (tested apart)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler.Scheduler, "__init__", spy)
+    src = _write_prompts(tmp_path / "in.jsonl", [{"prompt": "ab"}, {"prompt": "cd"}])
+    out = tmp_path / "o.jsonl"
+    argv = ["generate", "--model", dirs["model"], "--prompts", src, "--output", str(out)]
+    assert main([*argv, "--compile", "--batch-size", "2", "--max-new-tokens", "3"]) == 0
+    assert seen["compile"] is True and seen["max_batch"] == 2

@@ -54,33 +54,61 @@ def _tv(samples: list[tuple[int, ...]], exact: dict[tuple[int, ...], float]) -> 
     return 0.5 * sum(abs(emp[k] / len(samples) - exact.get(k, 0.0)) for k in keys)
 
 
-@pytest.mark.slow
-def test_sampled_outputs_follow_the_ar_distribution(tok):
-    model = chain_model(tok, attn_scale=4.0)  # its drafts are often right, so accepts happen
-    prompt = tok("hello p")["input_ids"]
-    exact = _exact(model, prompt, T)
-    assert 8 <= len(exact) <= 32
-    bound = 0.5 * math.sqrt(len(exact) / N) + 0.04
+def _sampled(model, tok, prompt: list[int], policy: str, loop: str):
+    """N seeded samples of LENGTH tokens (seeds 1..N) and the accept histogram of the run."""
+    if loop == "reference":
+        from fluid_npu.sampling import generate
+
+        out = generate(
+            model,
+            tok,
+            torch.tensor([prompt] * N),
+            policy=policy,
+            loop="reference",
+            max_new_tokens=LENGTH,
+            eos_token_id=[],
+            k_max=8,
+            do_sample=True,
+            temperature=T,
+            top_k=0,
+            min_p=MIN_P,
+            seed=1,
+        )
+        return [tuple(t) for t in out.new_tokens], out.stats.accept_hist
     sched = Scheduler(
-        model, tok.mask_token_id, policy="fixed:4", max_batch=64, eos_ids=[], k_max=8, max_len=32
+        model, tok.mask_token_id, policy=policy, max_batch=64, eos_ids=[], k_max=8, max_len=32
     )
     params = [SamplingParams(temperature=T, min_p=MIN_P, seed=s) for s in range(1, N + 1)]
     res = run_requests(
         sched, [Request(str(i), prompt, LENGTH, sampling=p) for i, p in enumerate(params)]
     )
-    ours = [tuple(res[str(i)][0]) for i in range(N)]
+    return [tuple(res[str(i)][0]) for i in range(N)], sched.accept_hist
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("policy", "loop"), [("fixed:4", "fused"), ("entropy:6", "fused"), ("fixed:3", "reference")]
+)
+def test_sampled_outputs_follow_the_ar_distribution(tok, policy, loop):
+    model = chain_model(tok, attn_scale=4.0)  # its drafts are often right, so accepts happen
+    prompt = tok("hello p")["input_ids"]
+    exact = _exact(model, prompt, T)
+    assert 8 <= len(exact) <= 32
+    bound = 0.5 * math.sqrt(len(exact) / N) + 0.04
+    ours, hist = _sampled(model, tok, prompt, policy, loop)
     tv = _tv(ours, exact)
-    hist = sched.accept_hist
     verifies = sum(hist.values())
     accepted = sum(c for a, c in hist.items() if a > 0)
     print(
-        f"TV {tv:.4f} (bound {bound:.4f}); verifies that accepted a draft "
+        f"{loop}/{policy}: TV {tv:.4f} (bound {bound:.4f}); verifies that accepted a draft "
         f"{accepted}/{verifies} = {accepted / verifies:.3f}; accept histogram {dict(hist)}"
     )
     assert tv <= bound
     assert 0.05 < accepted / verifies < 0.95  # the rejection rule is really exercised
     assert _tv(ours, _exact(model, prompt, 6.0)) > bound  # the test can tell a wrong sampler
-    # transformers' own sampler, same count, same bound
+    if (policy, loop) != ("fixed:4", "fused"):
+        return
+    # transformers' own sampler, same count, same bound (once)
     model.generation_config.eos_token_id = None
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -230,7 +258,7 @@ def test_generate_api_takes_transformers_sampling_settings(tok):
     assert out.finish_reasons == ["stop"] and tok.decode(out.new_tokens[0]).endswith("rs")
     assert len(out.logprobs[0]) == len(out.new_tokens[0]) == len(out.top_logprobs[0])
     with pytest.raises(ConfigError, match="fused loop"):
-        generate(model, tok, ids[:1], loop="reference", do_sample=True, **kw)
+        generate(model, tok, ids[:1], loop="reference", stop_strings="x", **kw)
     fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
     config = GenerationConfig(do_sample=True, temperature=T, top_k=0, min_p=MIN_P, max_new_tokens=8)
     seq = fluid.generate(

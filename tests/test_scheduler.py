@@ -14,6 +14,7 @@ from test_sampling_lossless import chain_model
 
 from fluid_npu.errors import FluidError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.lossless import compare, hf_greedy
 from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
 
@@ -192,14 +193,16 @@ def test_decode_step_reads_the_device_once(tok, monkeypatch):
 def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
     model = build_tiny_model("llama", tok, seed=3)  # random: its drafts are almost never right
     # a block costing half a step more must earn half a token per verify; these earn ~0
-    monkeypatch.setattr(Scheduler, "_price", lambda self, rows: 0.5)
-    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=1, eos_ids=[], k_max=4)
+    monkeypatch.setattr(DraftBudget, "price", lambda self, rows: 0.5)
     widths = []
-    original = sched._record_cost
-    sched._record_cost = lambda rows, width, s, b=0: (
-        widths.append(width),
-        original(rows, width, s, b),
-    )
+    original = DraftBudget.record
+
+    def record(self, rows, width, seconds):
+        widths.append(width)
+        original(self, rows, width, seconds)
+
+    monkeypatch.setattr(DraftBudget, "record", record)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=1, eos_ids=[], k_max=4)
     results = run_requests(sched, [Request("0", tok("hello")["input_ids"], 60)])
     assert len(results["0"][0]) == 60
     late = widths[10:]
@@ -207,26 +210,36 @@ def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
     assert any(w > 1 for w in late)  # ... which still probe
 
 
-def test_block_length_and_price_follow_the_measured_costs(tok):
-    model = build_tiny_model("llama", tok, seed=3)
-    sched = Scheduler(model, tok.mask_token_id, policy="fixed:8", max_batch=4, k_max=8)
-    assert sched._price(4) == pytest.approx(0.25)  # nothing measured: the default
-    assert sched._choose_len(4, 8) == 8
+def test_block_length_and_price_follow_the_measured_costs():
+    budget = DraftBudget(8, fixed=False, adaptive=True)
+    assert budget.price(4) == pytest.approx(0.25)  # nothing measured: the default
+    assert budget.choose_length(4, 8) == 8
     for rows, width in ((1, 1), (4, 1), (4, 17), (2, 9)):  # seconds = 4 ms + 0.5 ms per token
-        sched._record_cost(rows, width, 0.004 + 0.0005 * rows * width)
-    c0, c1 = sched._cost_model()
+        budget.record(rows, width, 0.004 + 0.0005 * rows * width)
+    c0, c1 = budget.cost_model()
     assert c0 == pytest.approx(0.004) and c1 == pytest.approx(0.0005)
-    assert sched._price(4) == pytest.approx((0.004 + 0.0005 * 4 * 17) / 0.006 - 1)
+    assert budget.price(4) == pytest.approx((0.004 + 0.0005 * 4 * 17) / 0.006 - 1)
     # drafts accepted up to depth 2 only: at 4 rows, blocks of 2 give the most tokens per second
-    sched.verifies_by_len[8] = 20
-    sched.accepted_by_count[2] = 20
-    assert sched._expected_accept(8) == pytest.approx(2.0)
-    assert sched._choose_len(4, 8) == 2
+    for _ in range(20):
+        budget.observe(8, 2)
+    assert budget.expected_accept(8) == pytest.approx(2.0)
+    assert budget.choose_length(4, 8) == 2
     # ... while on a machine where width is free (overhead-bound) the full length wins
-    sched.step_cost.clear()
-    sched._record_cost(1, 1, 0.004)
-    sched._record_cost(4, 17, 0.004)
-    assert sched._choose_len(4, 8) == 8
+    budget.step_cost.clear()
+    budget.record(1, 1, 0.004)
+    budget.record(4, 17, 0.004)
+    assert budget.choose_length(4, 8) == 8
+    # a second block only while it is cheap
+    assert budget.choose_blocks(4, 8, 2, 8) == 2
+    budget.record(4, 25, 0.02)  # width now costs: 8 more slots x 4 rows = +0.016 s
+    assert budget.choose_blocks(4, 8, 2, 8) == 1
+    # fixed:K keeps K however expensive width is
+    fixed = DraftBudget(8, fixed=True, adaptive=True)
+    fixed.step_cost = dict(budget.step_cost)
+    for _ in range(20):
+        fixed.observe(8, 2)
+    fixed.record(4, 17, 1.0)
+    assert fixed.choose_length(4, 8) == 8
 
 
 @pytest.mark.slow
@@ -251,3 +264,25 @@ def test_compiled_decode_step_gives_the_same_tokens(tok):
         sched.close()
     assert outs[0] == outs[1] == _greedy_alone(model, p, 20, [])
     assert counters["stats"]["unique_graphs"] >= 1  # a graph really was captured
+
+
+def test_a_lone_long_request_moves_down_and_the_step_shrinks(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:4]]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=4, eos_ids=[], k_max=4)
+    rows = []
+    original = sched.kv.set_plan
+
+    def spy(plan):
+        rows.append(plan.hi - plan.lo)
+        original(plan)
+
+    sched.kv.set_plan = spy
+    lengths = [3, 3, 3, 24]
+    results = run_requests(
+        sched, [Request(str(i), p, n) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    )
+    ours = [results[str(i)][0] for i in range(4)]
+    alone = [_greedy_alone(model, p, n, []) for p, n in zip(prompts, lengths)]
+    _assert_same(model, prompts, ours, alone, "compaction")
+    assert rows[-1] == 1 and max(rows) == 4  # the last steps computed the lone request only

@@ -11,6 +11,7 @@ from conftest import as_overrides, tiny_stage1_recipe
 from synthetic import write_short_dataset
 from transformers import AutoModelForCausalLM
 
+from fluid_npu import device as devices
 from fluid_npu.cli import main as cli_main
 from fluid_npu.config import load_config
 from fluid_npu.layout import LayoutConfig
@@ -68,7 +69,7 @@ def test_stage1_lowers_both_losses(which, request):
     saved = json.loads((out / "run.json").read_text())
     for key in ("train_loss", "loss_ar", "loss_diff", "versions", "device", "config"):
         assert key in saved
-    assert saved["config"]["k_masks"] == 4 and saved["device"]["type"] == "cpu"
+    assert saved["config"]["k_masks"] == 4 and saved["device"]["type"] == devices.current().type
     weights = "adapter_model.safetensors" if which == "trained" else "model.safetensors"
     assert (out / weights).is_file() and (out / "fluid_model.json").is_file()
     assert not list(out.glob(".staging-*"))  # nothing half-written left behind

@@ -465,7 +465,7 @@ def test_stage2_resume_continues_the_same_run(stage1_full, run_data, tmp_path):
     def run(out, **extra):
         return Stage2Run(load_config(None, _values(**_common(run_data, out, **{**base, **extra}))))
 
-    whole = run(tmp_path / "whole").train()
+    whole = run(tmp_path / "whole", eval_steps=2).train()
     run(tmp_path / "part", max_steps=2).train()
     checkpoint = tmp_path / "part" / "checkpoint-2"
     a = load_khead(tmp_path / "whole")[0].state_dict()
@@ -478,3 +478,7 @@ def test_stage2_resume_continues_the_same_run(stage1_full, run_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     for key in ("train_label_hist", "const_k", "khead_exact_acc", "heldout_label_hist"):
         assert resumed[key] == whole[key], key
+    # val_size: the held-out KL loss and accuracy are evaluated every eval_steps as in Stage I
+    evals = [h for h in whole["log_history"] if "eval_loss" in h]
+    assert evals and {"eval_khead_acc", "eval_khead_label_mean"} <= set(evals[-1])
+    assert whole["eval_loss"] == evals[-1]["eval_loss"]

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fluid_npu.errors import CheckpointError
+from fluid_npu.errors import CheckpointError, ConfigError
 
 PANGU_TYPES = ("pangu_embedded", "panguembedded")
 # openPangu config keys that are Llama keys under another name.
@@ -90,6 +90,57 @@ def load_config(path: str | Path, *, trust_remote_code: bool = False) -> Pretrai
         ) from None
 
 
+def quantization_config(
+    bits: int,
+    *,
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+) -> Any:
+    """bitsandbytes' ``BitsAndBytesConfig`` for QLoRA, after a small quantized layer ran there.
+
+    bitsandbytes supports some devices and not others (and its support grows by version), so the
+    answer comes from trying it: a 64×64 layer quantized to ``bits`` and run forward there. Any
+    failure is one ``ConfigError`` naming ``quantization_bit``: never a warning and a run in
+    full precision.
+    """
+    key = f"quantization_bit: {bits}"
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # not installed, or its native library does not load
+        raise ConfigError(
+            f"{key} (QLoRA) needs the bitsandbytes package, which cannot be imported ({exc}); "
+            "install it (pip install -e '.[qlora]') or remove quantization_bit"
+        ) from None
+    try:
+        with torch.no_grad():
+            if bits == 4:
+                layer = bnb.nn.Linear4bit(
+                    64, 64, compute_dtype=compute_dtype, quant_type=quant_type
+                ).to(device)
+            else:
+                layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to(device)
+            layer(torch.ones(2, 64, dtype=compute_dtype, device=device))
+    except Exception as exc:
+        raise ConfigError(
+            f"{key}: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run a {bits}-bit "
+            f"layer on this {device.type} device ({type(exc).__name__}: {exc}); remove "
+            "quantization_bit (LoRA on unquantized weights) or train on a device it supports"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_quant_storage=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -97,8 +148,14 @@ def load_model(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    quantization: Any = None,
+    device: torch.device | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM from a local directory (openPangu as Llama); eval mode, on CPU."""
+    """Load a causal LM from a local directory (openPangu as Llama); eval mode, on CPU.
+
+    ``quantization`` (a ``BitsAndBytesConfig`` from ``quantization_config``) loads the linear
+    layers quantized, straight onto ``device``.
+    """
     p = check_model_dir(path, allow_pickle=allow_pickle)
     config = load_config(p, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = dict(
@@ -108,6 +165,9 @@ def load_model(
     )
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": str(device or "cpu")}
     cls = LlamaForCausalLM if isinstance(config, LlamaConfig) else AutoModelForCausalLM
     if cls is AutoModelForCausalLM:
         kwargs["trust_remote_code"] = trust_remote_code
@@ -132,27 +192,55 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     return tok
 
 
-def fingerprint(model: PreTrainedModel) -> str:
+def fingerprint(model: PreTrainedModel, checkpoint: str | Path | None = None) -> str:
     """A short hash of a base model's shape and a few weight rows (cheap, stable across saves).
 
     The input embedding rows of the original vocabulary and the first decoder weight identify the
     base; rows appended for a new MASK token are excluded, so the base and its FLUID descendant
-    with a resized vocabulary share the fingerprint.
+    with a resized vocabulary share the fingerprint. A quantized (QLoRA) or ZeRO-3-partitioned
+    model reads those weights from its ``checkpoint`` directory: same fingerprint as the base.
     """
     config = model.config
     h = hashlib.sha256()
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         h.update(f"{key}={getattr(config, key, None)};".encode())
-    emb = model.get_input_embeddings().weight.detach()
+    emb = _whole(model, model.get_input_embeddings().weight, checkpoint)
     h.update(_dtype_free(emb[:8]))
     first = next(
         (p for n, p in model.named_parameters() if "layers.0." in n and "lora_" not in n),
         None,
     )
     if first is not None:
-        h.update(_dtype_free(first.detach()[:4]))
+        h.update(_dtype_free(_whole(model, first, checkpoint)[:4]))
     return h.hexdigest()[:16]
+
+
+def _whole(model: PreTrainedModel, param: torch.Tensor, checkpoint: str | Path | None) -> Any:
+    """``param`` as stored in ``checkpoint`` when the model holds only a quantized form of it or a
+    ZeRO-3 partition (``ds_numel``); else the parameter itself."""
+    partial = getattr(model, "is_quantized", False) or hasattr(param, "ds_numel")
+    if not partial or checkpoint is None:
+        return param.detach()
+    name = next(n for n, p in model.named_parameters() if p is param)
+    return _checkpoint_tensor(Path(checkpoint), name)
 
 
 def _dtype_free(t: torch.Tensor) -> bytes:
     return t.detach().to(torch.bfloat16).float().cpu().numpy().tobytes()
+
+
+def _checkpoint_tensor(directory: Path, name: str) -> torch.Tensor:
+    """The tensor ``name`` as stored in a (possibly sharded) safetensors checkpoint."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = [directory / weight_map[name]] if name in weight_map else []
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            if name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                return f.get_tensor(name)
+    raise CheckpointError(f"{directory} has no tensor {name!r}; is it the model that was loaded?")

@@ -40,7 +40,7 @@ PANGU_USED = ("[unused9]", "[unused10]", "[unused16]", "[unused17]")
 class MaskToken:
     token: str
     id: int
-    source: str  # "config" | "tokenizer" | "reserved" | "added"
+    source: str  # "config" | "tokenizer" | "reserved" | "unused special" | "added"
 
 
 def _single_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
@@ -65,6 +65,27 @@ def reserved_candidates(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return preferred + [t for t in names if t not in preferred]
 
 
+def unused_special_candidates(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Special added tokens that no role of the tokenizer and no chat-template text uses, by
+    descending id; empty for a tokenizer without a chat template."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    if not template:
+        return []
+    roles = {
+        getattr(tokenizer, f"{role}_token", None) for role in ("bos", "eos", "pad", "unk", "cls")
+    }
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found = [
+        (int(tid), added.content)
+        for tid, added in decoder.items()
+        if getattr(added, "special", False)
+        and added.content not in roles
+        and added.content not in template
+        and added.content not in PANGU_USED
+    ]
+    return [token for _, token in sorted(found, reverse=True)]
+
+
 def resolve_mask_token(
     tokenizer: PreTrainedTokenizerBase,
     model: PreTrainedModel | None = None,
@@ -84,11 +105,14 @@ def resolve_mask_token(
         return MaskToken(configured, tid, "config")
     if tokenizer.mask_token is not None and tokenizer.mask_token_id is not None:
         return MaskToken(tokenizer.mask_token, int(tokenizer.mask_token_id), "tokenizer")
-    candidates = reserved_candidates(tokenizer)
-    if candidates:
-        token = candidates[0]
-        tokenizer.mask_token = token
-        return MaskToken(token, int(tokenizer.convert_tokens_to_ids(token)), "reserved")
+    for source, candidates in (
+        ("reserved", reserved_candidates(tokenizer)),
+        ("unused special", unused_special_candidates(tokenizer)),
+    ):
+        if candidates:
+            token = candidates[0]
+            tokenizer.mask_token = token
+            return MaskToken(token, int(tokenizer.convert_tokens_to_ids(token)), source)
     if not allow_new:
         raise FluidError(
             "the tokenizer has no MASK token and no reserved token to use as one; this model was "

@@ -5,7 +5,9 @@ problem: empty prompt, prompt too long for the context, bad horizon, no MASK tok
 chosen loop (``fused`` or ``reference``) under the chosen horizon policy and returns the sequences
 like transformers' ``generate`` (prompt as given + new tokens, padded after EOS), the new tokens per
 row and the call's ``GenerateStats``. Greedy decoding is the contract: every token equals
-``model.generate(do_sample=False)``'s, up to exact numerical ties.
+``model.generate(do_sample=False)``'s, up to numerical near-ties; with ``do_sample=True`` the output
+distribution is AR sampling's exactly (``rules.py``). The fused loop runs on the decode engine
+(``scheduler.py``); the published reference loop on its first engine (``engine.py``).
 
 ``FluidForCausalLM.from_pretrained(model_dir, adapter=None, khead=None)`` loads base + Stage I
 adapter (merged for speed) + K-head with their fingerprint checks, and its ``generate(input_ids,
@@ -26,12 +28,19 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fluid_npu import device as devices
-from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.errors import ConfigError
 from fluid_npu.model.attention import DENSE_IMPLS, FLUID, attention_kind, configure_attention
 from fluid_npu.model.khead import KHead
-from fluid_npu.model.mask_token import resolve_mask_token
 from fluid_npu.sampling.engine import Engine, StreamFn, split_prompts
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
+from fluid_npu.sampling.inputs import (
+    PromptError,
+    as_batch,
+    check_context,
+    eos_and_pad,
+    mask_id_of,
+    parse_dtype,
+)
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
 from fluid_npu.sampling.reference import DEFAULT_MAX_REFINE, DEFAULT_REFINE_THRESHOLD, run_reference
 from fluid_npu.sampling.rules import SamplingParams
@@ -44,31 +53,6 @@ GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "stop_
 DEFAULT_ATTN = "sdpa"
 
 
-class PromptError(DataError):
-    """A prompt is empty or does not fit the model's context."""
-
-
-DTYPES = {
-    "auto": None,  # the checkpoint's own dtype
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``auto`` (None: the checkpoint's dtype), ``float32``, ``bfloat16`` or ``float16``."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in DTYPES:
-        raise ConfigError(
-            f"--dtype {name!r} is not a compute dtype; choose auto, float32, bfloat16 or float16"
-        )
-    return DTYPES[key]
-
-
 @dataclass
 class GenerateOutput:
     sequences: torch.Tensor  # [B, prompt width + longest new], transformers' layout
@@ -77,80 +61,6 @@ class GenerateOutput:
     finish_reasons: list[str] | None = None  # per row: "stop" (EOS / stop string) or "length"
     logprobs: list[list[float]] | None = None  # per row and token, when asked for
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
-
-
-def _mask_id(model: PreTrainedModel, source: PreTrainedTokenizerBase | int | None) -> int:
-    if isinstance(source, int):
-        mask_id = source
-    elif source is None:
-        raise ConfigError("generate needs the tokenizer (or the MASK token id) of the FLUID model")
-    else:
-        mask_id = resolve_mask_token(source, allow_new=False).id
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if not 0 <= mask_id < vocab:
-        raise ConfigError(f"MASK token id {mask_id} is outside the model's vocabulary ({vocab})")
-    return int(mask_id)
-
-
-def _as_batch(
-    input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None, pad: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(input_ids, torch.Tensor):
-        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
-        if attention_mask is not None and attention_mask.dim() == 1:
-            attention_mask = attention_mask.reshape(1, -1)
-        return ids.long(), attention_mask
-    rows = [list(r) for r in input_ids]
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def eos_and_pad(
-    model: PreTrainedModel, eos: int | Sequence[int] | None = None, pad: int | None = None
-) -> tuple[list[int], int]:
-    """EOS ids and pad id: as given, else the generation config's; pad falls back to EOS, then 0."""
-    gen = getattr(model, "generation_config", None)
-    if eos is None:
-        eos = getattr(gen, "eos_token_id", None)
-    eos_ids = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-    if pad is None:
-        pad = getattr(gen, "pad_token_id", None)
-    if pad is None:
-        pad = eos_ids[0] if eos_ids else 0
-    return eos_ids, int(pad)
-
-
-def check_context(
-    model: PreTrainedModel, lengths: list[int], max_new_tokens: int, k_max: int
-) -> None:
-    """Prompts must fit ``max_position_embeddings − max_new_tokens``; no sliding windows crossed."""
-    cfg = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
-    limit = getattr(cfg, "max_position_embeddings", None)
-    for row, n in enumerate(lengths):
-        if n == 0:
-            raise PromptError(f"prompt {row} is empty; give at least one token")
-        if limit is not None and n > limit - max_new_tokens:
-            raise PromptError(
-                f"prompt {row} has {n} tokens but the context holds {limit} positions and "
-                f"{max_new_tokens} are reserved for new tokens (at most {limit - max_new_tokens}); "
-                "shorten the prompt or lower --max-new-tokens"
-            )
-    window = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "use_sliding_window", True) is False:
-        window = None
-    if window is not None and max(lengths) + max_new_tokens + k_max > int(window):
-        raise ConfigError(
-            f"this model uses sliding-window attention ({window} positions), which the sampler's "
-            "visibility rule does not model; keep prompt + max_new_tokens within the window"
-        )
 
 
 @contextlib.contextmanager
@@ -245,12 +155,12 @@ def generate(
         raise ConfigError(
             "anchors must be >= 1, max_refine >= 0, refine_threshold in (0, 1], coverage > 0"
         )
-    mask_id = _mask_id(model, tokenizer_or_mask_id)
+    mask_id = mask_id_of(model, tokenizer_or_mask_id)
     eos_ids, pad_id = eos_and_pad(model, eos_token_id, pad_token_id)
     if k_max is None:
         k_max = khead.k_max if khead is not None else DEFAULT_K_MAX
     pol = parse_policy(policy, k_max=k_max, k_min=k_min, has_khead=khead is not None)
-    ids, mask = _as_batch(input_ids, attention_mask, pad_id)
+    ids, mask = as_batch(input_ids, attention_mask, pad_id)
     prompts = split_prompts(ids, mask)
     if not prompts:
         raise PromptError("no prompts given")
@@ -273,10 +183,9 @@ def generate(
     )
     if do_sample and temperature == 0.0:
         raise ConfigError("do_sample=True needs temperature > 0 (or do_sample=False for greedy)")
-    if loop != "fused" and (not params.greedy or stops or logprobs):
+    if loop != "fused" and (stops or logprobs):
         raise ConfigError(
-            "sampling, stop strings and logprobs run on the fused loop (the decode engine); "
-            "use loop='fused'"
+            "stop strings and logprobs run on the fused loop (the decode engine); use loop='fused'"
         )
     start = time.perf_counter()
     if loop == "fused":
@@ -314,7 +223,14 @@ def generate(
             stream=stream,
         )
         eng.prefill()
-        run_reference(eng, pol, khead, refine_threshold=refine_threshold, max_refine=max_refine)
+        run_reference(
+            eng,
+            pol,
+            khead,
+            refine_threshold=refine_threshold,
+            max_refine=max_refine,
+            sampling=params,
+        )
         devices.synchronize(dev)
     stats.wall_s = time.perf_counter() - start
     eng.finish()

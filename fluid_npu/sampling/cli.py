@@ -58,6 +58,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "force, e.g. npu or cpu; an unavailable one is an error",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the engine's decode step under torch.compile (inductor; device graphs on an "
+        "accelerator): slower first steps, faster ones after",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         help="auto (the checkpoint's) | float32 | bfloat16 | float16: the dtype the model runs in",
@@ -159,8 +165,16 @@ def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
 
 
 def gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampler keywords the flags set (``k_max``, ``anchors``, ``attn_backend``)."""
-    return {"k_max": args.k_max, "anchors": args.anchors, "attn_backend": args.attn_backend}
+    """The sampler keywords the flags set (``k_max``, ``anchors``, ``attn_backend``, and the
+    engine's ``compile``)."""
+    out: dict[str, Any] = {
+        "k_max": args.k_max,
+        "anchors": args.anchors,
+        "attn_backend": args.attn_backend,
+    }
+    if getattr(args, "compile", False):
+        out["engine_kwargs"] = {"compile": True}
+    return out
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,8 +214,8 @@ def generate_command(args: argparse.Namespace) -> int:
 
     check_common(args)
     sampling = sampling_kwargs(args)
-    if args.loop != "fused" and (sampling["do_sample"] or args.stop or args.logprobs is not None):
-        raise ConfigError("--temperature > 0, --stop and --logprobs need --loop fused")
+    if args.loop != "fused" and (args.stop or args.logprobs is not None):
+        raise ConfigError("--stop and --logprobs need --loop fused")
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts IN.jsonl")
     if args.prompts is not None and args.output is None:
@@ -226,7 +240,9 @@ def generate_command(args: argparse.Namespace) -> int:
     # the engine (fused loop) keeps --batch-size slots busy, refilling each as its row finishes;
     # the reference loop decodes consecutive batches
     group = len(prompts) if args.loop == "fused" else args.batch_size
-    extra = {"engine_kwargs": {"max_batch": args.batch_size}} if args.loop == "fused" else {}
+    kwargs = gen_kwargs(args)
+    if args.loop == "fused":
+        kwargs["engine_kwargs"] = {**kwargs.get("engine_kwargs", {}), "max_batch": args.batch_size}
     for start in range(0, len(prompts), group):
         chunk = prompts[start : start + group]
         ids, mask = left_pad([p.ids for p in chunk], pad)
@@ -236,9 +252,8 @@ def generate_command(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             policy=args.policy,
             loop=args.loop,
-            **gen_kwargs(args),
+            **kwargs,
             **sampling,
-            **extra,
         )
         st, out = fluid.last_stats, fluid.last_output
         for i, p in enumerate(chunk):
@@ -333,6 +348,7 @@ BENCH_KEYS = (
     "mask_token",
     "device",
     "dtype",
+    "compile",
     "chat",
 )
 

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fluid_npu.errors import DataError
-from fluid_npu.sampling.api import PromptError
+from fluid_npu.sampling.inputs import PromptError
 
 
 @dataclass

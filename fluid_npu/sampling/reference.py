@@ -17,6 +17,12 @@ One step per row, with ``n`` committed tokens (the last, ``x_{n-1}``, not yet in
 
 A step costs ``2 + rounds`` forwards (one with ``ar``) and commits ``a + 2`` tokens (``t_0``, the
 accepted drafts, the correction), each one the AR argmax.
+
+**Sampling** (``sampling`` with temperature > 0): ``t_0`` is drawn from the AR distribution ``p``;
+the refined drafts are deterministic, i.e. proposals with ``q`` a point mass, so the rejection rule
+becomes: accept draft ``d`` with probability ``p(d)``; at the first rejection draw from ``p`` with
+``d`` removed (``norm(max(0, p − δ_d))``), and after the last accepted draft from ``p`` — exactly AR
+sampling's distribution, with the same seeded uniforms as the decode engine (``rules.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,15 @@ import torch
 
 from fluid_npu.sampling.engine import Engine
 from fluid_npu.sampling.policies import Policy
+from fluid_npu.sampling.rules import (
+    ACCEPT,
+    DRAW,
+    SamplingParams,
+    filtered_probs,
+    residual,
+    sample,
+    uniform,
+)
 from fluid_ops.meta import MAIN, PAD
 
 DEFAULT_REFINE_THRESHOLD = 0.9
@@ -37,8 +52,11 @@ def run_reference(
     khead: torch.nn.Module | None = None,
     refine_threshold: float = DEFAULT_REFINE_THRESHOLD,
     max_refine: int = DEFAULT_MAX_REFINE,
+    sampling: SamplingParams | None = None,
 ) -> None:
-    """Decode until every row has finished (EOS or ``max_new_tokens``)."""
+    """Decode until every row has finished (EOS or ``max_new_tokens``); ``sampling`` with a
+    temperature samples (row ``r`` seeded ``seed + r``), else greedy."""
+    rule = None if sampling is None or sampling.greedy else _Sampler(eng, sampling)
     kd = policy.block_len
     dev = eng.device
     log_thr = float(torch.log(torch.tensor(refine_threshold)))
@@ -54,7 +72,7 @@ def run_reference(
             [torch.full((b, 1), MAIN, device=dev), anchor_pos[:, None].expand(b, kd)], 1
         )
         hidden = eng.forward(ids, pos, anchor, n_main=1)
-        t0 = eng.argmax(hidden[:, 0])
+        t0 = eng.argmax(hidden[:, 0]) if rule is None else rule.draw(hidden[:, 0], anchor_pos + 1)
         if kd:
             st = eng.slot_stats(hidden[:, 1:])
             k = policy.keep(st.entropy, hidden[:, 0], khead)
@@ -77,7 +95,7 @@ def run_reference(
             continue  # nothing drafted anywhere: the next step drafts again from t_0
         drafts, logp = drafts[:, :width], logp[:, :width]
         drafts = _refine(eng, drafts, logp, k, anchor_pos, refine_threshold, log_thr, max_refine)
-        _verify(eng, drafts, k)
+        _verify(eng, drafts, k, rule)
 
 
 def _refine(
@@ -125,7 +143,9 @@ def _commit_confident(
     return fixed | new | forced
 
 
-def _verify(eng: Engine, drafts: torch.Tensor, k: torch.Tensor) -> None:
+def _verify(
+    eng: Engine, drafts: torch.Tensor, k: torch.Tensor, rule: _Sampler | None = None
+) -> None:
     """Verify ``t_0, d_1 … d_K`` in one forward; commit the accepted drafts and the correction."""
     width = drafts.shape[1]
     dev = drafts.device
@@ -134,13 +154,63 @@ def _verify(eng: Engine, drafts: torch.Tensor, k: torch.Tensor) -> None:
     ids = torch.cat([eng.last[:, None], drafts], dim=1)
     anchor = torch.where(j[None] <= k[:, None], MAIN, PAD)
     hidden = eng.forward(ids, base[:, None] + j[None], anchor, n_main=width + 1)
-    ar = eng.argmax(hidden)
-    match = (drafts == ar[:, :width]) & (j[None, :width] < k[:, None])
-    a = match.long().cumprod(dim=1).sum(dim=1)
-    correction = ar.gather(1, a[:, None])
+    if rule is None:
+        ar = eng.argmax(hidden)
+        match = (drafts == ar[:, :width]) & (j[None, :width] < k[:, None])
+        a = match.long().cumprod(dim=1).sum(dim=1)
+        correction = ar.gather(1, a[:, None])
+    else:
+        a, correction = rule.verify(hidden, drafts, k, base)
     cand = torch.cat([drafts, correction], dim=1).scatter(1, a[:, None], correction)
     eng.stats.record(accepted=a)
     finished, committed = eng.commit(cand, a + 1)
     eng.last = correction[:, 0]
     eng.cache.keep_new(width + 1, committed)  # a + 1 each, unless the row just finished
     eng.retire(finished)
+
+
+class _Sampler:
+    """The sampling rule over the reference loop's active rows (point-mass proposals)."""
+
+    def __init__(self, eng: Engine, params: SamplingParams) -> None:
+        self.eng, self.params = eng, params
+        # row r: seed + r; no seed: 1 + r, the decode engine's own numbering
+        first = 1 if params.seed is None else int(params.seed)
+        self.seeds = torch.arange(len(eng.tokens), device=eng.device) + first
+
+    def _p(self, hidden: torch.Tensor) -> torch.Tensor:
+        b = hidden.shape[0]
+        full = torch.ones(b, device=hidden.device)
+        pr = self.params
+        return filtered_probs(
+            self.eng.head.logits(hidden),
+            full * pr.temperature,
+            full.long() * pr.top_k,
+            full * pr.top_p,
+            full * pr.min_p,
+        )
+
+    def _seed(self) -> torch.Tensor:
+        return self.seeds[torch.tensor(self.eng.row_ids, device=self.eng.device)]
+
+    def draw(self, hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """A token per row from ``p`` at ``position`` (the DRAW uniform of that position)."""
+        return sample(self._p(hidden), uniform(self._seed(), position, DRAW))
+
+    def verify(
+        self, hidden: torch.Tensor, drafts: torch.Tensor, k: torch.Tensor, base: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        width = drafts.shape[1]
+        p = self._p(hidden)  # [b, W+1, V]
+        j = torch.arange(width, device=drafts.device)
+        seed = self._seed()
+        p_draft = p[:, :width].gather(-1, drafts[..., None])[..., 0]
+        u = uniform(seed[:, None], base[:, None] + 1 + j[None], ACCEPT)
+        ok = (u <= p_draft.double()) & (j[None] < k[:, None])
+        a = ok.long().cumprod(dim=1).sum(dim=1)
+        rows = torch.arange(p.shape[0], device=p.device)
+        dist = p[rows, a]
+        rejected = drafts.gather(1, a.clamp(max=max(width - 1, 0))[:, None])
+        point = torch.zeros_like(dist).scatter(1, rejected, 1.0)  # the proposal: a point mass
+        dist = torch.where((a < k)[:, None], residual(dist, point), dist)
+        return a, sample(dist, uniform(seed, base + 1 + a, DRAW))[:, None]

@@ -19,17 +19,11 @@ power of two and ``A`` candidate blocks, both decided from the previous step's r
 that do not take part are ``PAD``. So a step's work is a handful of shapes that ``torch.compile``
 (``compile=True``) or a device graph can capture.
 
-**Drafting that pays for itself.** Step seconds are measured for every shape that runs and fitted
-as ``c0 + c1 · tokens`` (``_cost_model``): overhead-bound steps (a small batch, a CPU-light model)
-make width nearly free, compute-bound ones (a large batch) make it expensive. From that model and
-the acceptance seen so far (accepted drafts per verify at every depth), each step picks its block
-length among ``K``, ``K/2``, ``K/4`` for the most expected tokens per second, and a second block
-only while it adds less than ``BLOCK_MARGIN`` to the step. Every row keeps an average of the drafts
-it got accepted per verify (``ema``); a row whose drafts earn less than a block costs (``_price``)
-decodes as plain AR (no block, width 1 when every row does) and probes again every ``PROBE_EVERY``
-steps, like vLLM's adaptive draft length. These choices follow measured time, so they vary run to
-run (the tokens never do); ``adaptive=False`` turns them off: every row always drafts, and ``A`` is
-what the drafts' coverage asks for (DESIGN §1.3's loop).
+**Drafting that pays for itself** (``drafting.py``): each step's block length and second block
+follow a fitted model of the measured step cost and the acceptance seen so far, and a row whose
+drafts earn less than a block costs decodes as plain AR, probing now and then. These choices follow
+measured time, so they vary run to run (the tokens never do); ``adaptive=False`` turns them off,
+and while a sampling request is in the batch they stay per-row (so its seed is batch-invariant).
 
 Every committed token is an AR argmax of the model, so each request's output equals greedy
 decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py``).
@@ -38,10 +32,9 @@ decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py`
 from __future__ import annotations
 
 import itertools
-import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
@@ -49,84 +42,26 @@ from transformers import PreTrainedModel
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.attention import attention_kind
-from fluid_npu.sampling.api import PromptError, check_context, eos_and_pad
+from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE, choose_anchors
 from fluid_npu.sampling.head import LMHead
+from fluid_npu.sampling.inputs import PromptError, check_context, eos_and_pad
 from fluid_npu.sampling.kv import (
     SLOT_ATTENTION,
-    ForwardPlan,
     SlotKV,
     register_slot_attention,
-    step_mask,
 )
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, Policy, parse_policy
-from fluid_npu.sampling.rules import (
-    ACCEPT,
-    DRAFT,
-    DRAW,
-    SamplingParams,
-    filtered_probs,
-    residual,
-    sample,
-    uniform,
-)
+from fluid_npu.sampling.requests import Event, Request, Slot
+from fluid_npu.sampling.rules import SamplingParams
+from fluid_npu.sampling.step import StepMixin, cache_keyword
 from fluid_ops.meta import MAIN, PAD
 
 PREFILL_CHUNK = 512
-PROBE_EVERY = 16  # steps between probes of a row decoding as AR
-EMA = 0.7  # weight of the past in accept_ema
-BLOCK_MARGIN = 0.15  # a second block per step while it costs less than this much more
-DEFAULT_PRICE = 0.25  # a block's relative cost assumed before it is measured
-LEN_PROBE_EVERY = 32  # steps between full-length blocks once a shorter one is chosen
-MIN_VERIFIES = 8  # verifies observed before the block length adapts
 DEFAULT_MAX_LEN = 4096
-_NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
 
 
-@dataclass
-class Request:
-    """One generation request: prompt token ids and its own limits."""
-
-    request_id: str
-    prompt: list[int]
-    max_new_tokens: int
-    eos_ids: Sequence[int] | None = None  # None: the scheduler's default EOS ids
-    sampling: SamplingParams | None = None  # None: greedy
-    stop: Sequence[str] = ()  # stop strings, checked on the committed text (needs a tokenizer)
-
-
-@dataclass
-class Event:
-    """What one step produced for one request."""
-
-    request_id: str
-    tokens: list[int]  # committed in this step (may be empty)
-    finished: bool
-    finish_reason: str | None  # "stop" (EOS), "length" (max_new_tokens), "abort"
-    new_tokens: int  # committed so far
-    forwards: int  # decode forwards this request took part in so far
-    accepted: int  # drafted tokens accepted in this step
-    logprobs: list[float] | None = None  # of ``tokens``, when the request asked for them
-    top_logprobs: list[list[tuple[int, float]]] | None = None  # (token id, logprob) best first
-
-
-@dataclass
-class _Slot:
-    req: Request
-    prompt: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    prefilled: int = 0  # prompt[:-1] tokens encoded so far
-    stopped: bool = False  # a stop string ended it
-    running: bool = False
-    forwards: int = 0
-    new: list[int] = field(default_factory=list)
-
-
-def _pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-class Scheduler:
+class Scheduler(StepMixin):
     """Continuous-batching lossless decoder; see the module docstring. Not thread-safe."""
 
     def __init__(
@@ -177,26 +112,21 @@ class Scheduler:
         self.kv = SlotKV(model, max_batch, self.max_len + widest, dtype, self.device)
         self.head = LMHead(model)
         self._init_state()
-        self.waiting: deque[_Slot] = deque()
-        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: deque[Slot] = deque()
+        self.slots: list[Slot | None] = [None] * max_batch
         self._ids: set[str] = set()
         self._aborted: list[str] = []
         self.prefill_forwards = 0
         self.decode_forwards = 0
         self.accept_hist: Counter = Counter()
         self.k_hist: Counter = Counter()
-        self.step_cost: dict[tuple[int, int], float] = {}  # (rows, width) -> seconds (EMA)
-        self._fit: tuple[float, float] | None = None  # the step cost model, see _cost_model
-        self._len = self.k  # the block length chosen last
-        self.verifies_by_len = [0] * (self.k + 1)  # verifies of drafts from blocks of length L
-        self.accepted_by_count = [0] * (self.k + 2)  # verifies that accepted a drafts
+        self.budget = DraftBudget(self.k, fixed=self.policy.kind == "fixed", adaptive=adaptive)
         self._drafted_len = self.k  # block length of the drafts the next step verifies
-        self._len_steps = 0
         self._next_shape = (0, 0)  # (M, A) of the next decode step, from the last read-back
         register_slot_attention()
         self._restore = attention_kind(model)
         model.set_attn_implementation(SLOT_ATTENTION)
-        self._cache_kw = _cache_keyword(model)
+        self._cache_kw = cache_keyword(model)
         self._decoder = model.get_decoder()
         self._compiled = None  # the decode step's forward under torch.compile (prefill stays eager)
         if compile:
@@ -283,7 +213,7 @@ class Scheduler:
         params = req.sampling or SamplingParams()
         if params.seed is None and not params.greedy:
             params = replace(params, seed=next(self._seeds))
-        self.waiting.append(_Slot(req, [int(t) for t in req.prompt], params))
+        self.waiting.append(Slot(req, [int(t) for t in req.prompt], params))
 
     def _widen_eos(self, n: int) -> None:
         pad = torch.full((self.slots_n, n - self.eos.shape[1]), -1, dtype=torch.long)
@@ -303,6 +233,7 @@ class Scheduler:
         """Admit, prefill a chunk, decode once; this step's events (see the module docstring)."""
         events = self._retire_aborted()
         self._admit()
+        self._compact()
         if any(s is not None and not s.running for s in self.slots):
             self._prefill()
         if any(s is not None and s.running for s in self.slots):
@@ -323,6 +254,39 @@ class Scheduler:
                     events.append(Event(rid, [], True, "abort", 0, 0, 0))
         self._aborted.clear()
         return events
+
+    ROW_STATE = (
+        "length", "last", "drafts", "logp", "m", "cand", "new_count", "max_new", "eos", "run",
+        "ema", "paid", "since_probe", "temp", "top_p", "min_p", "top_k", "seed", "qprob",
+    )  # fmt: skip
+
+    def _compact(self) -> None:
+        """Move running requests down into free slots below them, so the decode range ``[0, hi)``
+        stays as small as the number of requests (no idle rows computed). A move copies one slot's
+        committed cache once, when a request leaves — never per step; with requests waiting, the
+        free slots are refilled instead."""
+        if self.waiting:
+            return
+        while True:
+            free = [i for i, x in enumerate(self.slots) if x is None]
+            busy = [i for i, x in enumerate(self.slots) if x is not None]
+            if not free or not busy or free[0] > busy[-1]:
+                return
+            src, dst = busy[-1], free[0]
+            slot = self.slots[src]
+            if not slot.running:
+                return  # a prompt still prefilling stays where it is
+            n = len(slot.prompt) + len(slot.new) - 1  # committed cache entries
+            for keys, values in zip(self.kv.keys, self.kv.values):
+                keys[dst, :, :n] = keys[src, :, :n]
+                values[dst, :, :n] = values[src, :, :n]
+            for name in self.ROW_STATE:
+                t = getattr(self, name)
+                t[dst] = t[src]
+            if self.dhid is not None:
+                self.dhid[dst] = self.dhid[src]
+            self.slots[dst], self.slots[src] = slot, None
+            self.run[src] = False
 
     def _free(self, i: int) -> None:
         self.slots[i] = None
@@ -355,97 +319,6 @@ class Scheduler:
             h = self.model.config.get_text_config().hidden_size
             dtype = next(self.model.parameters()).dtype
             self.dhid = torch.zeros((self.slots_n, self.k, h), dtype=dtype, device=self.device)
-
-    def _sampling_rows(self, hi: int) -> tuple[bool, bool]:
-        """Whether any slot below ``hi`` samples, and whether any wants logprobs (host flags)."""
-        live = [s.params for s in self.slots[:hi] if s is not None]
-        return any(not p.greedy for p in live), any(p.logprobs for p in live)
-
-    def _filtered(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        t, k, p, m = (x[rows] for x in (self.temp, self.top_k, self.top_p, self.min_p))
-        return filtered_probs(logits, t, k, p, m)
-
-    def _draft(
-        self,
-        rows: slice,
-        hidden: torch.Tensor,
-        anchor_hidden: torch.Tensor,
-        first: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Drafts ``[b, L]``, their log-confidence and how many to keep, from slot hidden states.
-
-        Greedy rows draft the slots' argmax; sampling rows draw from the slots' filtered
-        distribution ``q`` (the draft for position ``first + j`` with that position's DRAFT
-        uniform) and keep ``q(draft)`` and the hidden states for the next step's verify.
-        """
-        st = self.head.stats(hidden)
-        drafts, conf = st.argmax, st.max_logprob
-        lo, hi = rows.start, rows.stop
-        if any(s is not None and not s.params.greedy for s in self.slots[lo:hi]):
-            n = hidden.shape[1]
-            q = self._filtered(self.head.logits(hidden), rows)
-            where = first.to(self.device)[:, None] + torch.arange(n, device=self.device)
-            drawn = sample(q, uniform(self.seed[rows][:, None], where, DRAFT))
-            qp = q.gather(-1, drawn[..., None])[..., 0]
-            sampled = (self.temp[rows] > 0)[:, None]
-            drafts = torch.where(sampled, drawn, drafts)
-            conf = torch.where(sampled, qp.clamp(min=1e-30).log(), conf)
-            self.qprob[rows, :n] = qp
-            self.dhid[rows, :n] = hidden.to(self.dhid.dtype)
-        return drafts, conf, self.policy.keep(st.entropy, anchor_hidden, self.khead)
-
-    # ------------------------------------------------------------------ forwards
-
-    def _forward(
-        self,
-        lo: int,
-        ids: torch.Tensor,
-        pos: torch.Tensor,
-        anchor: torch.Tensor,
-        length: torch.Tensor,
-        causal: bool = False,
-        compiled: bool = False,
-        rows: list[int] | None = None,
-    ) -> torch.Tensor:
-        """Hidden states ``[B, W, H]`` of new tokens written at ``length + t`` in slots ``lo…``
-        (or in the slots ``rows``)."""
-        b, w = ids.shape
-        write = length[:, None] + torch.arange(w, device=ids.device)[None]
-        slots = range(lo, lo + b) if rows is None else rows
-        if causal:
-            plan = ForwardPlan(lo, lo + b, write, w, None, causal=True)
-        else:
-            # keys [0, extent): the committed entries and this forward's; rounded for few shapes
-            extent = min(self.kv.capacity, _round_up(self._max_extent(slots, w), 64))
-            mask = step_mask(length, pos, anchor, extent)
-            plan = ForwardPlan(lo, lo + b, write, extent, mask)
-        if rows is not None:
-            plan.rows = torch.tensor(rows, dtype=torch.long, device=ids.device)
-        self.kv.set_plan(plan)
-        run = (
-            self._compiled
-            if (self._compiled is not None and lo == 0 and not causal and compiled)
-            else self._decoder
-        )
-        out = run(
-            input_ids=ids,
-            attention_mask=_NO_MASK if plan.mask is None else plan.mask,  # 4D: passed through
-            position_ids=pos,
-            use_cache=True,
-            fluid_plan=plan,
-            **{self._cache_kw: self.kv},
-        )
-        self.kv.plan = None
-        return out.last_hidden_state
-
-    def _max_extent(self, slots: range | list[int], w: int) -> int:
-        # host-side bound, no device read: every slot's length is at most max_len
-        top = 0
-        for i in slots:
-            s = self.slots[i]
-            if s is not None:
-                top = max(top, len(s.prompt) + len(s.new))
-        return min(top, self.max_len) + w
 
     def _prefill(self) -> None:
         """One forward: every prefilling slot encodes its next chunk of ``prompt[:-1]``."""
@@ -507,7 +380,9 @@ class Scheduler:
         s.running = True
         self.length[i] = len(s.prompt) - 1
         self.last[i] = s.prompt[-1]
-        self.ema[i] = max(1.0, self._expected_accept(self._len))  # optimistic: drafts first
+        self.ema[i] = max(
+            1.0, self.budget.expected_accept(self.budget.length)
+        )  # optimistic: drafts first
         self.since_probe[i] = 0
         big_m, n_blocks = self._next_shape
         self._next_shape = (big_m, max(n_blocks, 1 if self.k else 0))
@@ -529,321 +404,6 @@ class Scheduler:
         self.cand[i] = choose_anchors(conf, keep, self.anchors, self.coverage, fixed=True)[0]
         self.run[i] = True
         self._next_shape = (self.k, self._next_shape[1])  # widest: no host read of keep
-
-    # ------------------------------------------------------------------ decode
-
-    def _decode(self) -> list[Event]:
-        hi = _pow2(1 + max(i for i, s in enumerate(self.slots) if s is not None and s.running))
-        hi = min(hi, self.slots_n)
-        big_m, n_blocks = self._next_shape
-        big_m = min(_pow2(big_m) if big_m else 0, self.k)
-        n_blocks = min(n_blocks, self.anchors) if self.k else 0
-        k = self.k  # this step's block length
-        any_sampled, any_lp = self._sampling_rows(hi)
-        # a sampling row's tokens depend on its drafts (the rejection rule), so while one is in
-        # the batch the block choices stay per-row (no timing-driven shape choices): its seed
-        # then gives the same tokens alone or in any batch
-        adaptive = self.adaptive and not any_sampled
-        if adaptive and n_blocks:
-            k = self._len = self._choose_len(hi, big_m)
-            n_blocks = self._choose_blocks(hi, big_m, n_blocks, k)
-        dev = self.device
-        run = self.run[:hi]
-        base = self.length[:hi]
-        m = torch.where(run, self.m[:hi].clamp(max=big_m), 0)
-        j = torch.arange(big_m + 1, device=dev)
-        drafts = self.drafts[:hi, :big_m]
-        ids = [torch.cat([self.last[:hi, None], drafts], dim=1)]
-        pos = [base[:, None] + j[None]]
-        anchor = [torch.where(run[:, None] & (j[None] <= m[:, None]), MAIN, PAD)]
-        cand = torch.where(run[:, None], self.cand[:hi, :n_blocks], -1)
-        if n_blocks:
-            c = base[:, None] + cand.clamp(min=0)
-            ids.append(torch.full((hi, n_blocks * k), self.mask_id, dtype=torch.long, device=dev))
-            pos.append((c[:, :, None] + torch.arange(1, k + 1, device=dev)).reshape(hi, -1))
-            blk = torch.where(cand >= 0, c, PAD)
-            anchor.append(blk[:, :, None].expand(hi, n_blocks, k).reshape(hi, -1))
-        ids_t, pos_t, anchor_t = (torch.cat(t, dim=1) for t in (ids, pos, anchor))
-        width = ids_t.shape[1]
-        t0 = time.perf_counter()
-        hidden = self._forward(0, ids_t, pos_t, anchor_t, base, compiled=True)
-        self.decode_forwards += 1
-
-        ar = self.head.argmax(hidden[:, : big_m + 1])
-        match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
-        a = match.long().cumprod(dim=1).sum(dim=1)
-        corr = ar.gather(1, a[:, None])
-        logits = None
-        if any_sampled or any_lp:
-            logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
-        if any_sampled:
-            a, corr = self._verify_sampled(logits, drafts, m, base, a, corr, hi, big_m)
-        toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)  # [hi, M+1]
-        take = torch.minimum(a + 1, self.max_new[:hi] - self.new_count[:hi])
-        eos = self.eos[:hi]
-        is_eos = (toks[:, :, None] == eos[:, None, :]).any(dim=-1) & (j[None] < take[:, None])
-        hit_eos = is_eos.any(dim=1)
-        take = torch.where(hit_eos, is_eos.long().argmax(dim=1) + 1, take)
-        take = torch.where(run, take, 0)
-        done = run & (hit_eos | (self.new_count[:hi] + take >= self.max_new[:hi]))
-        self.new_count[:hi] += take
-        self.length[:hi] += take
-        self.last[:hi] = torch.where(
-            run, toks.gather(1, (take - 1).clamp(min=0)[:, None])[:, 0], self.last[:hi]
-        )
-        if self.adaptive:
-            paid = self.paid[:hi] & run
-            self.ema[:hi] = torch.where(
-                paid, EMA * self.ema[:hi] + (1 - EMA) * a.float(), self.ema[:hi]
-            )
-        m_next = torch.zeros(hi, dtype=torch.long, device=dev)
-        self.paid[:hi] = False
-        if n_blocks:
-            hit = cand == a[:, None]
-            has = hit.any(dim=1) & run
-            rows = torch.arange(hi, device=dev)
-            sel = hidden[:, big_m + 1 :].view(hi, n_blocks, k, -1)[rows, hit.long().argmax(dim=1)]
-            first = base + a + 2  # the block's first slot guesses the position after the correction
-            drafted, conf, keep = self._draft(slice(0, hi), sel, hidden[rows, a], first)
-            m_next = torch.where(has, keep, 0)
-            self.drafts[:hi, :k], self.logp[:hi, :k] = drafted, conf
-            self.paid[:hi] = has  # the next verify judges a block this row paid for
-        cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
-        if k:
-            cand_next = choose_anchors(
-                self.logp[:hi], m_next, self.anchors, self.coverage, fixed=True
-            )
-            if self.adaptive:  # drafts already made are verified; new blocks only where they pay
-                worth = self.ema[:hi] >= self._price(hi)
-                probe = self.since_probe[:hi] >= PROBE_EVERY
-                draft_on = worth | probe | (self.temp[:hi] > 0)
-                self.since_probe[:hi] = torch.where(draft_on, 0, self.since_probe[:hi] + 1)
-                cand_next = torch.where(draft_on[:, None], cand_next, -1)
-        self.m[:hi] = m_next
-        self.cand[:hi] = cand_next
-        # the step's one host read: per row take, done, accepted, drafted, tokens; then the shape
-        n_cand = (cand_next >= 0).sum(dim=1)
-        packed_t = torch.cat(
-            [
-                take[:, None],
-                done[:, None].long(),
-                a[:, None],
-                m[:, None],
-                toks,
-                torch.stack([m_next.max(), n_cand.max()])[None].expand(hi, 2),
-            ],
-            dim=1,
-        )
-        n_top = 0
-        if any_lp:  # logprobs of the committed tokens (+ the best alternatives), same read
-            n_top = max(s.params.top_logprobs for s in self.slots[:hi] if s is not None)
-            lp = self._logprobs(logits, hi)
-            parts = [packed_t.double(), lp.gather(-1, toks[..., None])[..., 0].double()]
-            if n_top:
-                top = lp.topk(n_top, dim=-1)
-                parts += [top.indices.flatten(1).double(), top.values.flatten(1).double()]
-            packed_t = torch.cat(parts, dim=1)
-        packed = packed_t.tolist()
-        self._record_cost(hi, width, time.perf_counter() - t0, n_blocks)
-        width_int = 4 + big_m + 1 + 2
-        self._next_shape = (int(packed[0][width_int - 2]), int(packed[0][width_int - 1]))
-        events = self._events(packed, hi, big_m, n_top)
-        self._drafted_len = k if n_blocks else 0
-        return events
-
-    def _events(
-        self, packed: list[list[float]], hi: int, big_m: int, n_top: int = 0
-    ) -> list[Event]:
-        events = []
-        w = big_m + 1
-        for i in range(hi):
-            s = self.slots[i]
-            if s is None or not s.running:
-                continue
-            row = packed[i]
-            take, done, a, m = (int(x) for x in row[:4])
-            toks = [int(t) for t in row[4 : 4 + take]]
-            lps = tops = None
-            if s.params.logprobs:
-                at = 4 + w + 2
-                lps = row[at : at + take]
-                if s.params.top_logprobs:
-                    ids = row[at + w : at + w + w * n_top]
-                    vals = row[at + w + w * n_top : at + w + 2 * w * n_top]
-                    n = s.params.top_logprobs
-                    tops = [
-                        [(int(ids[t * n_top + r]), vals[t * n_top + r]) for r in range(n)]
-                        for t in range(take)
-                    ]
-            if s.req.stop and toks:
-                cut = self._stop_cut(s, toks)
-                if cut is not None:
-                    toks, done = toks[:cut], 1
-                    lps = None if lps is None else lps[:cut]
-                    tops = None if tops is None else tops[:cut]
-            if m and self._drafted_len:  # a verify of drafts from a block of _drafted_len
-                self.verifies_by_len[min(self._drafted_len, self.k)] += 1
-                self.accepted_by_count[a] += 1
-            s.forwards += 1
-            s.new.extend(toks)
-            self.accept_hist[a] += 1
-            self.k_hist[m] += 1
-            reason = None
-            if done:
-                stopped = toks and (toks[-1] in self._eos_of(i) or s.stopped)
-                reason = "stop" if stopped else "length"
-                self._ids.discard(s.req.request_id)
-                self._free(i)
-            events.append(
-                Event(
-                    s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, a, lps, tops
-                )
-            )
-        return events
-
-    def _stop_cut(self, s: _Slot, toks: list[int]) -> int | None:
-        """How many of this step's ``toks`` to keep when one completes a stop string (the one
-        that completes it included, as transformers' ``stop_strings`` cuts), else None."""
-        longest = max(len(x) for x in s.req.stop)
-        before = s.new[-(longest + 8) :]
-        text_before = self.tokenizer.decode(before, skip_special_tokens=False)
-        for n in range(1, len(toks) + 1):
-            text = self.tokenizer.decode(before + toks[:n], skip_special_tokens=False)
-            fresh = text[max(0, len(text_before) - longest + 1) :]
-            if any(x in fresh for x in s.req.stop):
-                s.stopped = True
-                return n
-        return None
-
-    def _logprobs(self, logits: torch.Tensor, hi: int) -> torch.Tensor:
-        """Log-probabilities under the AR distribution after temperature (1 for greedy rows)."""
-        t = torch.where(self.temp[:hi] > 0, self.temp[:hi], 1.0)[:, None, None]
-        return (logits / t).log_softmax(dim=-1)
-
-    def _verify_sampled(
-        self,
-        logits: torch.Tensor,
-        drafts: torch.Tensor,
-        m: torch.Tensor,
-        base: torch.Tensor,
-        a_greedy: torch.Tensor,
-        corr_greedy: torch.Tensor,
-        hi: int,
-        big_m: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Speculative rejection sampling for the sampling rows (``rules.py``); greedy rows keep
-        their argmax results. Returns accepted counts ``[hi]`` and corrections ``[hi, 1]``."""
-        dev = self.device
-        rows = slice(0, hi)
-        p = self._filtered(logits, rows)  # [hi, M+1, V]
-        j = torch.arange(big_m, device=dev)
-        seed = self.seed[:hi]
-        guess = base[:, None] + 1 + j[None]  # the position each draft guesses
-        p_draft = p[:, :big_m].gather(-1, drafts[..., None])[..., 0]
-        u = uniform(seed[:, None], guess, ACCEPT)
-        ok = (u * self.qprob[:hi, :big_m].double() <= p_draft.double()) & (j[None] < m[:, None])
-        a = ok.long().cumprod(dim=1).sum(dim=1)
-        idx = torch.arange(hi, device=dev)
-        p_a = p[idx, a]
-        dist = p_a
-        if self.dhid is not None and big_m:
-            q_a = self._filtered(self.head.logits(self.dhid[idx, a.clamp(max=self.k - 1)]), rows)
-            dist = torch.where((a < m)[:, None], residual(p_a, q_a), p_a)
-        drawn = sample(dist, uniform(seed, base + 1 + a, DRAW))
-        sampled = self.temp[:hi] > 0
-        a = torch.where(sampled, a, a_greedy)
-        return a, torch.where(sampled[:, None], drawn[:, None], corr_greedy)
-
-    def _eos_of(self, i: int) -> list[int]:
-        s = self.slots[i]
-        return list(s.req.eos_ids) if s.req.eos_ids is not None else self.eos_ids
-
-    # ------------------------------------------------------------------ measured costs
-
-    def _record_cost(self, rows: int, width: int, seconds: float, blocks: int = 0) -> None:
-        old = self.step_cost.get((rows, width))
-        self.step_cost[(rows, width)] = seconds if old is None else EMA * old + (1 - EMA) * seconds
-        self._fit = None
-
-    def _cost_model(self) -> tuple[float, float] | None:
-        """``(c0, c1)``: step seconds ≈ c0 + c1 · tokens in the step, least squares over every
-        shape measured so far (None until two different token counts have run)."""
-        if self._fit is None:
-            pts = [(r * w, t) for (r, w), t in self.step_cost.items()]
-            xs = {x for x, _ in pts}
-            if len(xs) < 2:
-                return None
-            n = len(pts)
-            mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
-            sxx = sum((x - mx) ** 2 for x, _ in pts)
-            c1 = max(0.0, sum((x - mx) * (t - my) for x, t in pts) / sxx)
-            self._fit = (max(my - c1 * mx, 1e-9), c1)
-        return self._fit
-
-    def _step_seconds(self, rows: int, width: int) -> float | None:
-        fit = self._cost_model()
-        return None if fit is None else fit[0] + fit[1] * rows * width
-
-    def _price(self, rows: int) -> float:
-        """Accepted drafts per verify that a block must earn: its relative extra cost."""
-        ar = self._step_seconds(rows, 1)
-        drafted = self._step_seconds(rows, 2 * self._len + 1)
-        if ar is None or drafted is None:
-            return DEFAULT_PRICE  # until the cost of steps has been measured
-        return max(0.0, drafted / ar - 1.0)
-
-    def _choose_len(self, rows: int, big_m: int) -> int:
-        """This step's block length: of ``K``, ``K/2`` and ``K/4``, the one with the most expected
-        tokens per second at this batch size — acceptance from the verifies so far, seconds from
-        the measured cost model. The full length runs every ``LEN_PROBE_EVERY`` steps so the
-        acceptance of every depth stays measured."""
-        k = self.k
-        self._len_steps += 1
-        if not self.adaptive or k <= 2 or self._len_steps % LEN_PROBE_EVERY == 0:
-            return k
-        if sum(self.verifies_by_len) < MIN_VERIFIES or self._cost_model() is None:
-            return k
-
-        def rate(n: int) -> float:
-            return (1 + self._expected_accept(n)) / self._step_seconds(rows, min(big_m, n) + 1 + n)
-
-        return max(sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True), key=rate)
-
-    def _expected_accept(self, length: int) -> float:
-        """Expected accepted drafts per verify when blocks hold ``length`` slots (from history)."""
-        total = 0.0
-        reached = sum(self.accepted_by_count)  # verifies that accepted >= j drafts, j = 0 ...
-        tried = sum(self.verifies_by_len)  # verifies whose block reached depth j
-        for j in range(1, length + 1):
-            reached -= self.accepted_by_count[j - 1]
-            tried -= self.verifies_by_len[j - 1]
-            if tried <= 0:
-                break
-            total += reached / tried
-        return total
-
-    def _choose_blocks(self, rows: int, big_m: int, wanted: int, length: int) -> int:
-        """Blocks for this step: what the drafts' coverage asks for, a second one only while the
-        cost model says it adds less than ``BLOCK_MARGIN`` to the step."""
-        if wanted <= 1:
-            return wanted
-        one = self._step_seconds(rows, big_m + 1 + length)
-        two = self._step_seconds(rows, big_m + 1 + 2 * length)
-        if one is None or two is None:
-            return 1
-        return 2 if two <= (1 + BLOCK_MARGIN) * one else 1
-
-
-def _round_up(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
-
-
-def _cache_keyword(model: PreTrainedModel) -> str:
-    """``cache`` on transformers >= 5.24 (``past_key_values`` is deprecated there), else the old."""
-    import inspect
-
-    params = inspect.signature(model.get_decoder().forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class Finished(NamedTuple):

@@ -15,6 +15,7 @@ accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingA
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -39,14 +40,28 @@ from fluid_npu.train.checkpoint import (
     resolve_resume,
     staging_root,
 )
+from fluid_npu.train.data import evaluation_arguments
 from fluid_npu.train.io import FINAL_STAGING, publish_dir
+from fluid_npu.train.report import Throughput, observe_parallelism, peak_memory_mib
+from fluid_npu.train.sharded import full_state_resume_everywhere
 
 Parts = dict[str, torch.Tensor]
+# transformers 5.24 renamed TrainingArguments.gradient_checkpointing (kept as our config key)
+CHECKPOINTING = next(
+    (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
+    "gradient_checkpointing",
+)
 Objective = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, Parts]]
 
 
-def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> TrainingArguments:
-    """``TrainingArguments`` from the typed config plus pass-through keys."""
+def training_arguments(
+    cfg: FluidConfig, choice: devices.DeviceChoice, *, evaluate: bool = True
+) -> TrainingArguments:
+    """``TrainingArguments`` from the typed config plus pass-through keys.
+
+    ``evaluate``: the held-out split (``val_size`` / ``eval_dataset``) is evaluated every
+    ``eval_steps`` (``fluid_npu.train.data.evaluation_arguments``).
+    """
     t = cfg.train
     kwargs: dict[str, Any] = dict(
         output_dir=t.output_dir,
@@ -61,7 +76,7 @@ def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> Traini
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
-        bf16=t.bf16,
+        bf16=t.bf16 and not t.pure_bf16,  # pure bf16 runs without autocast (precision.py)
         fp16=t.fp16,
         deepspeed=t.deepspeed,
         fsdp=t.fsdp,
@@ -72,7 +87,7 @@ def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> Traini
         seed=t.seed,
         data_seed=t.seed,
         report_to=t.report_to,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **{CHECKPOINTING: t.gradient_checkpointing},
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
         use_cpu=choice.type == "cpu",
@@ -81,10 +96,17 @@ def training_arguments(cfg: FluidConfig, choice: devices.DeviceChoice) -> Traini
     if t.deepspeed is not None:
         check_deepspeed_config(t.deepspeed)
     kwargs.update(cfg.extra_training_args)
+    kwargs.update(evaluation_arguments(cfg) if evaluate else {})
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
         raise ConfigError(f"invalid training arguments: {exc}") from None
+
+
+def requested_parallelism(cfg: FluidConfig) -> dict[str, Any]:
+    """The config keys that ask for a distributed wrapper (shown beside what really ran)."""
+    t = cfg.train
+    return {"deepspeed": t.deepspeed, "fsdp": t.fsdp, "fsdp_config": t.fsdp_config}
 
 
 def deepspeed_available() -> bool:
@@ -115,14 +137,78 @@ class FluidTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means: scale for GA
-        self._part_sums: dict[str, float] = defaultdict(float)
-        self._part_counts: dict[str, int] = defaultdict(int)
+        # running sums of the loss parts since the last log: "train" and "eval" (held-out)
+        self._part_sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self._part_counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.last_parts: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.throughput = Throughput()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self._fsdp_on_cpu_processes()
+
+    def _fsdp_on_cpu_processes(self) -> None:
+        """Honour ``fsdp`` on CPU processes, where accelerate silently falls back to DDP.
+
+        accelerate turns FSDP on only for accelerator back ends, so two gloo processes with
+        ``fsdp: full_shard`` would train replicated under DistributedDataParallel. FSDP2
+        (``fully_shard``) runs on gloo, so the plugin transformers built from the config is
+        installed here as accelerate would on a GPU; FSDP1 needs an accelerator and says so.
+        """
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        plugin_args = self.args.fsdp_plugin_args
+        if self.is_fsdp_enabled or plugin_args is None:
+            return
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            return
+        plugin = FullyShardedDataParallelPlugin(**plugin_args)
+        if plugin.fsdp_version != 2:
+            raise ConfigError(
+                "fsdp on CPU processes needs FSDP2 (torch's fully_shard): set version: 2 in "
+                "fsdp_config (FSDP1 runs only on an accelerator)"
+            )
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+        self.is_fsdp_enabled = True
+        self.accelerator.get_state_dict = _full_state_dict_on_cpu  # type: ignore[method-assign]
+        self.fsdp_on_cpu = True
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any) -> Any:
+        self.throughput.count(inputs)
+        return super().training_step(model, inputs, *args)
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if self.args.world_size == 1:
+            return values
+        packed = torch.tensor(values, dtype=torch.float64, device=self.args.device)
+        return self.accelerator.reduce(packed, reduction="sum").tolist()
+
+    def peak_memory(self) -> dict[str, Any]:
+        """The largest peak memory of any process so far (device allocated, or host RSS)."""
+        peak, kind = peak_memory_mib(self.args.device)
+        if self.args.world_size > 1:
+            mine = torch.tensor([peak], dtype=torch.float64, device=self.args.device)
+            peak = float(self.accelerator.gather(mine).max())
+        return {"peak_memory_mib": peak, "memory_kind": kind}
+
+    def run_figures(self, requested: dict[str, Any]) -> dict[str, Any]:
+        """``parallelism``, ``throughput`` and peak memory for ``run.json`` (a collective)."""
+        return {
+            "parallelism": observe_parallelism(self, requested),
+            "throughput": {**self.throughput.summary(self._sum_over_ranks), **self.peak_memory()},
+        }
 
     def record_parts(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Add a batch's loss parts to the running means (training or held-out evaluation)."""
         values = {k: float(v.detach()) for k, v in parts.items()}
         value = float(loss.detach())
-        if not math.isfinite(value):
+        kind = "train" if self.model.training else "eval"
+        if kind == "train" and not math.isfinite(value):
             last = _last_checkpoint(self.args.output_dir)
             raise FluidError(
                 f"the loss became {value} at step {self.state.global_step}; the run stopped and "
@@ -131,8 +217,8 @@ class FluidTrainer(Trainer):
             )
         for key, v in values.items():
             finite = math.isfinite(v)
-            self._part_sums[key] += v if finite else 0.0
-            self._part_counts[key] += int(finite)
+            self._part_sums[kind][key] += v if finite else 0.0
+            self._part_counts[kind][key] += int(finite)
 
     def run_objective(
         self, model: torch.nn.Module, inputs: dict[str, Any], objective: Objective
@@ -166,21 +252,29 @@ class FluidTrainer(Trainer):
         return out["loss"], {k: v for k, v in out.items() if k != "loss"}
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:  # a training-step log: every process gets here together
-            keys = sorted(self._part_sums)
-            sums = [self._part_sums[k] for k in keys]
-            counts = [float(self._part_counts[k]) for k in keys]
-            if keys and self.args.world_size > 1:
-                packed = torch.tensor(sums + counts, dtype=torch.float32, device=self.args.device)
-                packed = self.accelerator.reduce(packed, reduction="sum").tolist()
-                sums, counts = packed[: len(keys)], packed[len(keys) :]
-            for key, total, count in zip(keys, sums, counts):
-                if count:
-                    logs[key] = round(total / count, 6)
-            self.last_parts = {k: v for k, v in logs.items() if k in self._part_sums}
-            self._part_sums.clear()
-            self._part_counts.clear()
+        # a training-step or an evaluation log: every process gets here together
+        if "loss" in logs:
+            self.last_parts = self._mean_parts("train")
+            logs.update(self.last_parts)
+            logs.update(self.throughput.interval(self._sum_over_ranks))
+            logs["peak_memory_mib"] = self.peak_memory()["peak_memory_mib"]
+        elif "eval_loss" in logs:
+            logs.update({f"eval_{k}": v for k, v in self._mean_parts("eval").items()})
+            self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
         super().log(logs, *args, **kwargs)
+
+    def _mean_parts(self, kind: str) -> dict[str, float]:
+        """The running means of ``kind``'s loss parts over every process; resets the sums."""
+        keys = sorted(self._part_sums[kind])
+        sums = [self._part_sums[kind][k] for k in keys]
+        counts = [float(self._part_counts[kind][k]) for k in keys]
+        if keys and self.args.world_size > 1:
+            packed = torch.tensor(sums + counts, dtype=torch.float32, device=self.args.device)
+            packed = self.accelerator.reduce(packed, reduction="sum").tolist()
+            sums, counts = packed[: len(keys)], packed[len(keys) :]
+        self._part_sums[kind].clear()
+        self._part_counts[kind].clear()
+        return {k: round(t / c, 6) for k, t, c in zip(keys, sums, counts) if c}
 
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
@@ -189,6 +283,9 @@ class FluidTrainer(Trainer):
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if self.args.should_save:  # nothing is saving yet: no step has run on any process
             remove_stale_staging(self.args.output_dir)
+        if getattr(self, "fsdp_on_cpu", False) and resume:
+            with full_state_resume_everywhere():
+                return super().train(resume, *args, **kwargs)
         return super().train(resume, *args, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -217,6 +314,19 @@ class FluidTrainer(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+
+def _full_state_dict_on_cpu(model: torch.nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+    """The whole FSDP2 state dict for CPU processes, as fresh tensors on every process.
+
+    accelerate asks for it with ``cpu_offload=True``, which on tensors already on the CPU returns
+    views of FSDP's freed all-gather buffers (safetensors then fails on an "invalid python
+    storage"); gathering without the offload returns tensors of their own.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
 
 
 def _last_checkpoint(output_dir: str | None) -> str | None:

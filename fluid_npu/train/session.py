@@ -22,16 +22,29 @@ from transformers import PreTrainedModel
 
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
-from fluid_npu.errors import CheckpointError
+from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.model.adapters import FluidModelMeta, apply_lora
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.fused_layers import apply_npu_fused_layers, enable_mindspeed
-from fluid_npu.model.loading import check_model_dir, fingerprint, load_model, load_tokenizer
+from fluid_npu.model.loading import (
+    check_model_dir,
+    fingerprint,
+    load_model,
+    load_tokenizer,
+    quantization_config,
+)
 from fluid_npu.model.loading import load_config as load_model_config
-from fluid_npu.model.mask_token import check_unused, resolve_mask_token
+from fluid_npu.model.mask_token import resolve_mask_token
 from fluid_npu.train.checkpoint import resolve_resume
-from fluid_npu.train.common import FluidTrainer, save_final, training_arguments
+from fluid_npu.train.common import (
+    FluidTrainer,
+    requested_parallelism,
+    save_final,
+    training_arguments,
+)
+from fluid_npu.train.data import load_run_data
 from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
+from fluid_npu.train.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +63,14 @@ class TrainingSession:
             want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
         )
         self.args = training_arguments(cfg, self.choice)  # fail on bad arguments before loading
+        self.precision = resolve_precision(
+            bf16=cfg.train.bf16,
+            fp16=cfg.train.fp16,
+            pure_bf16=cfg.train.pure_bf16,
+            choice=self.choice,
+            deepspeed=cfg.train.deepspeed,
+        )
+        self.quantization = self._quantization()
         self.mindspeed = enable_mindspeed() if cfg.model.use_mindspeed else None
         self.resume = resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
         created = not Path(cfg.train.output_dir).exists()
@@ -76,14 +97,15 @@ class TrainingSession:
         )
         base = load_model(
             cfg.model.model_name_or_path,
-            dtype=torch.bfloat16
-            if cfg.train.bf16 and cfg.fluid.finetuning_type == "lora"
-            else None,
+            dtype=self.precision.load_dtype(cfg.fluid.finetuning_type),
             trust_remote_code=cfg.model.trust_remote_code,
             allow_pickle=cfg.model.allow_pickle,
+            quantization=self.quantization,
+            device=self.args.device,
         )
-        self.base_fingerprint = fingerprint(base)
-        self.base_vocab_size = base.get_input_embeddings().weight.shape[0]
+        self.base_fingerprint = fingerprint(base, checkpoint=cfg.model.model_name_or_path)
+        # num_embeddings, not weight.shape: under ZeRO-3 the weight is this process's partition
+        self.base_vocab_size = int(base.get_input_embeddings().num_embeddings)
         self.mask = resolve_mask_token(
             self.tokenizer, base, configured=cfg.model.mask_token, allow_new=True
         )
@@ -94,20 +116,30 @@ class TrainingSession:
             base, enabled=self.choice.type == "npu" and cfg.model.npu_fused_kernels
         )
         self.model = self._trainable(base)
+        self.precision.cast_trainable(self.model)
+        self.precision_record = self.precision.observe(self.model)
+
+    def _quantization(self) -> Any:
+        """QLoRA's ``BitsAndBytesConfig`` for ``quantization_bit``, or None (checked up front)."""
+        m = self.cfg.model
+        if m.quantization_bit is None:
+            return None
+        if self.cfg.fluid.finetuning_type != "lora":
+            raise ConfigError(
+                f"quantization_bit: {m.quantization_bit} quantizes the frozen base for QLoRA; "
+                "set finetuning_type: lora, or remove quantization_bit"
+            )
+        return quantization_config(
+            m.quantization_bit,
+            quant_type=m.quantization_type,
+            double_quant=m.double_quantization,
+            compute_dtype=self.precision.compute_dtype,
+            device=self.args.device,
+        )
 
     def _load_data(self) -> Any:
-        from fluid_npu.data import build_sft_dataset, token_occurs
-
-        data = build_sft_dataset(self.cfg.data, self.tokenizer)
-        check_unused(
-            self.mask,
-            lambda tid: (
-                token_occurs(data.train, tid)
-                or (data.eval is not None and token_occurs(data.eval, tid))
-            ),
-        )
-        data.train = data.train.add_column("index", list(range(len(data.train))))
-        return data
+        self.args.device  # noqa: B018 - sets up torch.distributed: the data is built on rank 0
+        return load_run_data(self.cfg, self.tokenizer, self.mask)
 
     def _trainable(self, model: PreTrainedModel) -> PreTrainedModel:
         f = self.cfg.fluid
@@ -151,11 +183,14 @@ class TrainingSession:
             model=self.model,
             args=args,
             train_dataset=self.data.train,
+            eval_dataset=self.data.eval if args.eval_strategy != "no" else None,
             data_collator=collator,
             processing_class=self.tokenizer,
             callbacks=callbacks,
         )
         result = trainer.train(resume_from_checkpoint=self.resume)
+        if trainer.eval_dataset is not None and _last_eval_step(trainer) != result.global_step:
+            trainer.evaluate()  # the final weights' held-out losses, whatever eval_steps was
         meta = FluidModelMeta(
             base_fingerprint=self.base_fingerprint,
             mask_token=self.mask.token,
@@ -164,6 +199,7 @@ class TrainingSession:
             base_model=str(self.cfg.model.model_name_or_path),
             stage=self.stage,
         )
+        figures = trainer.run_figures(requested_parallelism(self.cfg))
         save_final(trainer, self.tokenizer, self.output_dir, [meta])
         record = {
             "stage": self.stage,
@@ -176,6 +212,9 @@ class TrainingSession:
                 "npu_fused_modules": self.fused_modules,
                 "mindspeed": self.mindspeed,
             },
+            **figures,
+            "precision": self.precision_record,
+            "quantization_bit": self.cfg.model.quantization_bit if self.quantization else None,
             "mask_token": {
                 "token": self.mask.token,
                 "id": self.mask.id,
@@ -186,6 +225,7 @@ class TrainingSession:
             "train_loss": float(result.training_loss),
             "global_step": int(result.global_step),
             **trainer.last_parts,
+            **trainer.last_eval,
             "log_history": trainer.state.log_history,
         }
         if trainer.is_world_process_zero():
@@ -198,3 +238,8 @@ def _as_dict(stats: Any) -> Any:
     import dataclasses
 
     return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else stats
+
+
+def _last_eval_step(trainer: Any) -> int | None:
+    steps = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+    return steps[-1] if steps else None

@@ -23,6 +23,7 @@ from fluid_npu.config import FluidConfig
 from fluid_npu.errors import ConfigError
 from fluid_npu.layout import IGNORE, LayoutConfig, collate, expand, noise_vocabulary
 from fluid_npu.model.attention import forward_hidden, lm_head
+from fluid_npu.train.sharded import through_forward
 from fluid_ops.meta import MAIN, AttnMeta
 
 logger = logging.getLogger(__name__)
@@ -31,15 +32,20 @@ BATCH_KEYS = ("input_ids", "labels", "position_ids", "anchor", "slot_index")
 
 
 class LayoutCollator:
-    """Expands each example with its dataset index and the current epoch, then batches them."""
+    """Expands each example with its dataset index and the current epoch, then batches them.
+
+    A row with its own ``epoch`` (the held-out rows, ``fluid_npu.train.data``) keeps that layout
+    draw whatever the training epoch.
+    """
 
     def __init__(self, layout: LayoutConfig) -> None:
         self.layout = layout
         self.epoch = 0
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        epoch = self.epoch
         expanded = [
-            expand(f["input_ids"], f["labels"], self.layout, int(f["index"]), self.epoch)
+            expand(f["input_ids"], f["labels"], self.layout, int(f["index"]), f.get("epoch", epoch))
             for f in features
         ]
         batch = collate(expanded, self.layout.pad_id)
@@ -72,17 +78,24 @@ def use_fused_loss(model: PreTrainedModel, loss_impl: str) -> bool:
     return plain
 
 
-def ce_sum(
+def token_ce(
     hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, fused: bool
 ) -> torch.Tensor:
-    """Summed cross-entropy of the selected tokens (``hidden [T, H]``, ``labels [T]``)."""
+    """Per-token cross-entropy ``[T]`` of ``hidden [T, H]`` against ``labels [T]`` (fp32).
+
+    The fused path runs as the head's own forward (``through_forward``), so its weight is
+    gathered under ZeRO-3 / FSDP as for ``head(hidden)``; the reference path calls the head.
+    """
     if fused:
         import fluid_ops
 
-        return fluid_ops.linear_cross_entropy(
-            hidden, head.weight, labels, bias=head.bias, reduction="sum"
-        )
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+        def fused_ce(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fluid_ops.linear_cross_entropy(
+                x, head.weight, y, bias=head.bias, reduction="none"
+            )
+
+        return through_forward(head, fused_ce, hidden, labels)
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
 def stage1_loss(
@@ -98,13 +111,12 @@ def stage1_loss(
     anchor = inputs["anchor"]
     meta = AttnMeta.self_attention(inputs["position_ids"], anchor, n_main=int(inputs["n_main"]))
     hidden, _ = forward_hidden(model, inputs["input_ids"], inputs["position_ids"], meta)
-    head = lm_head(model)
     labels = inputs["labels"]
-    sums, counts = [], []
-    for part in (anchor == MAIN, anchor >= 0):
-        sel = part & (labels != IGNORE)
-        counts.append(sel.sum())
-        sums.append(ce_sum(hidden[sel], head, labels[sel], fused))
+    supervised = ((anchor == MAIN) | (anchor >= 0)) & (labels != IGNORE)
+    ce = token_ce(hidden[supervised], lm_head(model), labels[supervised], fused)  # one head call
+    is_main = anchor[supervised] == MAIN
+    sums = [ce[is_main].sum(), ce[~is_main].sum()]
+    counts = [is_main.sum(), (~is_main).sum()]
     zero = hidden.new_zeros((), dtype=torch.float32)
     mean_ar = sums[0] / counts[0] if counts[0] > 0 else zero + 0 * sums[0]
     mean_diff = sums[1] / counts[1] if counts[1] > 0 else zero + 0 * sums[1]
@@ -130,13 +142,10 @@ def layout_config(cfg: FluidConfig, tokenizer: Any, mask_id: int, vocab_size: in
     )
 
 
-def run_stage1(cfg: FluidConfig) -> dict[str, Any]:
-    """Train Stage I from a config; returns the ``run.json`` record (also written to disk)."""
-    from fluid_npu.train.session import TrainingSession
-
-    session = TrainingSession(cfg, stage="fluid_stage1")
-    model = session.model
-    fused = use_fused_loss(model, cfg.model.loss_impl)
+def stage1_objective(session: Any) -> tuple[Any, LayoutCollator, list[TrainerCallback]]:
+    """The loss function, collator and callbacks that ``session.train`` needs for Stage I."""
+    cfg = session.cfg
+    fused = use_fused_loss(session.model, cfg.model.loss_impl)
     collator = LayoutCollator(
         layout_config(cfg, session.tokenizer, session.mask.id, session.base_vocab_size)
     )
@@ -151,4 +160,13 @@ def run_stage1(cfg: FluidConfig) -> dict[str, Any]:
             fused=fused,
         )
 
-    return session.train(compute, collator, callbacks=[EpochCallback(collator)])
+    return compute, collator, [EpochCallback(collator)]
+
+
+def run_stage1(cfg: FluidConfig) -> dict[str, Any]:
+    """Train Stage I from a config; returns the ``run.json`` record (also written to disk)."""
+    from fluid_npu.train.session import TrainingSession
+
+    session = TrainingSession(cfg, stage="fluid_stage1")
+    compute, collator, callbacks = stage1_objective(session)
+    return session.train(compute, collator, callbacks=callbacks)

@@ -43,7 +43,13 @@ from fluid_npu.layout import IGNORE, LayoutConfig
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import configure_attention, forward_hidden, lm_head
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
-from fluid_npu.train.common import FluidTrainer, training_arguments
+from fluid_npu.train.common import (
+    CHECKPOINTING,
+    FluidTrainer,
+    requested_parallelism,
+    training_arguments,
+)
+from fluid_npu.train.data import load_run_data
 from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.train.khead_labels import (
     anchor_tables,
@@ -58,6 +64,8 @@ from fluid_npu.train.khead_report import (
     plot_khead_report,
     split_heldout,
 )
+from fluid_npu.train.precision import resolve_precision
+from fluid_npu.train.sharded import unpartitioned_loading
 from fluid_npu.train.stage1 import EpochCallback, LayoutCollator
 from fluid_ops.meta import AttnMeta
 
@@ -148,9 +156,10 @@ def slot_stats(
 
 
 def head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The head in fp32 whatever the surrounding autocast."""
+    """The head in its own dtype (fp32, or bf16 under pure_bf16) whatever the autocast."""
+    dtype = next(head.parameters()).dtype
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return head(hidden.float())
+        return head(hidden.to(dtype)).float()
 
 
 class KHeadObjective(nn.Module):
@@ -179,8 +188,9 @@ class KHeadObjective(nn.Module):
             return {"loss": zero, "khead_acc": nan, "khead_label_mean": nan}
         target = gaussian_target(batch.k_star, self.head.k_max, self.sigma)
         loss = khead_kl_loss(logits, target)
-        counts = torch.bincount(batch.k_star - 1, minlength=self.head.k_max)
-        self.label_counts += counts.to(self.label_counts.device)
+        if self.training:  # the training labels only, not a held-out evaluation's
+            counts = torch.bincount(batch.k_star - 1, minlength=self.head.k_max)
+            self.label_counts += counts.to(self.label_counts.device)
         with torch.no_grad():
             acc = ((logits.argmax(dim=-1) + 1) == batch.k_star).float().mean()
         return {
@@ -285,17 +295,30 @@ class Stage2Run:
         self.choice = devices.current(
             want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
         )
-        # bf16 / fp16 apply to the backbone's weights (loaded in that dtype, run as at inference);
-        # the head trains in fp32, so the Trainer itself runs without mixed precision (DeepSpeed's
-        # and FSDP's "auto" precision then keep the head in fp32 too).
-        self.backbone_dtype = self.choice.autocast_dtype
+        # bf16 / fp16 apply to the frozen backbone (loaded in that dtype, run as at inference);
+        # the head trains in fp32 (bf16 under pure_bf16), so the Trainer itself runs without mixed
+        # precision (DeepSpeed's and FSDP's "auto" precision then keep the head as it is).
+        self.precision = resolve_precision(
+            bf16=cfg.train.bf16,
+            fp16=cfg.train.fp16,
+            pure_bf16=cfg.train.pure_bf16,
+            choice=self.choice,
+            deepspeed=cfg.train.deepspeed,
+        )
+        self.backbone_dtype = self.precision.compute_dtype
         plain = dataclasses.replace(cfg.train, bf16=False, fp16=False)
-        self.args = training_arguments(dataclasses.replace(cfg, train=plain), self.choice)
-        if self.args.gradient_checkpointing:
+        # the held-out split always feeds the final report; it is also evaluated during training
+        # (KL loss, head accuracy every eval_steps) when eval_steps / eval_strategy / do_eval ask
+        asked = {"eval_steps", "eval_strategy", "do_eval"} & set(cfg.extra_training_args)
+        self.args = training_arguments(
+            dataclasses.replace(cfg, train=plain), self.choice, evaluate=bool(asked)
+        )
+        if getattr(self.args, CHECKPOINTING):
             logger.warning("gradient_checkpointing is ignored in Stage II: the backbone is frozen")
-            self.args.gradient_checkpointing = False
+            setattr(self.args, CHECKPOINTING, False)
         devices.seed_everything(cfg.train.seed)
-        self.loaded = load_stage1(cfg, self.backbone_dtype)
+        with unpartitioned_loading():  # every process keeps the whole frozen backbone
+            self.loaded = load_stage1(cfg, self.backbone_dtype)
         self._load_data()
 
         tok = self.loaded.tokenizer
@@ -318,24 +341,16 @@ class Stage2Run:
             run_module, rule=f.khead_label, tau=f.khead_tau, k_max=f.k_masks
         ).to(self.args.device)
         self.hidden_size = int(run_module.config.get_text_config().hidden_size)
-        self.head = KHead(self.hidden_size, f.k_masks).float()
+        self.head = KHead(self.hidden_size, f.k_masks).to(self.precision.trainable_dtype)
         self.objective = KHeadObjective(self.head, self.backbone, f.khead_sigma)
+        self.precision_record = self.precision.observe(nn.ModuleList([self.head, run_module]))
 
     def _load_data(self) -> None:
-        from fluid_npu.data import build_sft_dataset, token_occurs
-        from fluid_npu.model.mask_token import check_unused
-
-        data = build_sft_dataset(self.cfg.data, self.loaded.tokenizer)
-        check_unused(
-            self.loaded.mask,
-            lambda tid: (
-                token_occurs(data.train, tid)
-                or (data.eval is not None and token_occurs(data.eval, tid))
-            ),
-        )
+        self.args.device  # noqa: B018 - sets up torch.distributed: the data is built on rank 0
+        data = load_run_data(self.cfg, self.loaded.tokenizer, self.loaded.mask)
         train, heldout, source = split_heldout(data.train, data.eval, self.cfg.train.seed)
-        self.train_set = train.add_column("index", list(range(len(train))))
-        self.heldout = heldout.add_column("index", list(range(len(heldout))))
+        self.train_set = _reindex(train)
+        self.heldout = _reindex(heldout)
         self.heldout_source = source
         self.data_stats = dataclasses.asdict(data.stats)
 
@@ -354,14 +369,19 @@ class Stage2Run:
             model=self.objective,
             args=self.args,
             train_dataset=self.train_set,
+            eval_dataset=self.heldout if self.args.eval_strategy != "no" else None,
             data_collator=collator,
             callbacks=[EpochCallback(collator)],
         )
         result = trainer.train(resume_from_checkpoint=self.cfg.train.resume_from_checkpoint)
         self.trainer = trainer
-        state = trainer.accelerator.get_state_dict(trainer.model)  # gathers under ZeRO-3 / FSDP
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers ZeRO-3 / FSDP
+        self.figures = trainer.run_figures(requested_parallelism(self.cfg))  # collective
         if not trainer.is_world_process_zero():  # only the main process saves and reports
             return {"stage": "fluid_stage2", "train_loss": float(result.training_loss)}
+        # a fresh module: the trained one may carry a wrapper's hooks (ZeRO-3 gathers in every
+        # forward, a collective that only this process would now join)
+        self.head = KHead(self.hidden_size, self.cfg.fluid.k_masks)
         self.head.load_state_dict(
             {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
         )
@@ -407,9 +427,11 @@ class Stage2Run:
                 "type": self.choice.type,
                 "backend": self.choice.backend,
                 "backbone_dtype": str(next(self.backbone.model.parameters()).dtype),
-                "head_dtype": str(torch.float32),
+                "head_dtype": str(self.precision.trainable_dtype),
                 "world_size": self.args.world_size,
             },
+            **self.figures,
+            "precision": self.precision_record,
             "stage1": {
                 "model_name_or_path": str(self.cfg.model.model_name_or_path),
                 "adapter_name_or_path": self.cfg.model.adapter_name_or_path,
@@ -424,6 +446,7 @@ class Stage2Run:
             "train_loss": float(result.training_loss),
             "global_step": int(result.global_step),
             **trainer.last_parts,
+            **trainer.last_eval,
             "train_label_hist": counts.tolist(),
             **figures,
             "plot": None if plot is None else plot.name,
@@ -431,6 +454,11 @@ class Stage2Run:
         }
         write_run_json(self.output_dir, record)
         return record
+
+
+def _reindex(dataset: Any) -> Any:
+    """``dataset`` with its ``index`` column renumbered 0…n-1 (after a split)."""
+    return dataset.remove_columns("index").add_column("index", list(range(len(dataset))))
 
 
 def run_stage2(cfg: FluidConfig) -> dict[str, Any]:

@@ -1,0 +1,125 @@
+"""Drafting that pays for itself: the decode engine's measured step costs and its draft choices.
+
+A ``DraftBudget`` watches every decode step the engine runs — its shape (rows × width) and seconds —
+and every verify — the block length the drafts came from and how many were accepted — and answers
+the engine's three questions before a step:
+
+* **block length** (``choose_length``): of ``K``, ``K/2``, ``K/4``, the one with the most expected
+  tokens per second at this batch size; ``fixed:K`` keeps ``K``, and the full length runs every
+  ``LEN_PROBE_EVERY`` steps so every depth's acceptance stays measured;
+* **a second candidate block** (``choose_blocks``): only while it adds less than ``BLOCK_MARGIN``
+  to the step;
+* **the price of a block** (``price``): the accepted drafts per verify a row must earn for drafting
+  to beat plain AR; rows below it decode as AR and probe now and then (the engine's ``ema``).
+
+Step seconds are fitted as ``c0 + c1 · tokens`` by least squares over every shape seen
+(``cost_model``): an overhead-bound machine (small batch, small model, an accelerator with spare
+compute) gets ``c1 ≈ 0`` and drafts long; a compute-bound one (a large batch on a CPU) drafts short.
+Expected accepted drafts come from the verify history: ``P(a ≥ j)`` among verifies whose block
+reached depth ``j``. All of this is host arithmetic on a few dozen numbers, outside the step.
+"""
+
+from __future__ import annotations
+
+EMA = 0.7  # weight of the past in running averages
+BLOCK_MARGIN = 0.15  # a second block per step while it costs less than this much more
+DEFAULT_PRICE = 0.25  # a block's relative cost assumed before it is measured
+LEN_PROBE_EVERY = 32  # steps between full-length blocks once a shorter one is chosen
+MIN_VERIFIES = 8  # verifies observed before the block length adapts
+
+
+class DraftBudget:
+    """Measured costs and acceptance of one engine; see the module docstring."""
+
+    def __init__(self, k: int, *, fixed: bool, adaptive: bool) -> None:
+        self.k, self.fixed, self.adaptive = k, fixed, adaptive
+        self.step_cost: dict[tuple[int, int], float] = {}  # (rows, width) -> seconds (EMA)
+        self.verifies_by_len = [0] * (k + 1)  # verifies of drafts from blocks of length L
+        self.accepted_by_count = [0] * (k + 2)  # verifies that accepted a drafts
+        self.length = k  # the block length chosen last
+        self._fit: tuple[float, float] | None = None
+        self._steps = 0
+
+    # ------------------------------------------------------------------ observations
+
+    def record(self, rows: int, width: int, seconds: float) -> None:
+        """A decode step of ``rows`` × ``width`` tokens took ``seconds``."""
+        old = self.step_cost.get((rows, width))
+        self.step_cost[(rows, width)] = seconds if old is None else EMA * old + (1 - EMA) * seconds
+        self._fit = None
+
+    def observe(self, drafted_len: int, accepted: int) -> None:
+        """A verify of drafts from a block of ``drafted_len`` slots accepted ``accepted``."""
+        self.verifies_by_len[min(drafted_len, self.k)] += 1
+        self.accepted_by_count[accepted] += 1
+
+    # ------------------------------------------------------------------ estimates
+
+    def cost_model(self) -> tuple[float, float] | None:
+        """``(c0, c1)``: step seconds ≈ c0 + c1 · tokens (None until two token counts ran)."""
+        if self._fit is None:
+            pts = [(r * w, t) for (r, w), t in self.step_cost.items()]
+            if len({x for x, _ in pts}) < 2:
+                return None
+            n = len(pts)
+            mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
+            sxx = sum((x - mx) ** 2 for x, _ in pts)
+            c1 = max(0.0, sum((x - mx) * (t - my) for x, t in pts) / sxx)
+            self._fit = (max(my - c1 * mx, 1e-9), c1)
+        return self._fit
+
+    def seconds(self, rows: int, width: int) -> float | None:
+        fit = self.cost_model()
+        return None if fit is None else fit[0] + fit[1] * rows * width
+
+    def expected_accept(self, length: int) -> float:
+        """Expected accepted drafts per verify when blocks hold ``length`` slots."""
+        total = 0.0
+        reached = sum(self.accepted_by_count)  # verifies that accepted >= j drafts, j = 0 ...
+        tried = sum(self.verifies_by_len)  # verifies whose block reached depth j
+        for j in range(1, length + 1):
+            reached -= self.accepted_by_count[j - 1]
+            tried -= self.verifies_by_len[j - 1]
+            if tried <= 0:
+                break
+            total += reached / tried
+        return total
+
+    # ------------------------------------------------------------------ decisions
+
+    def price(self, rows: int) -> float:
+        """Accepted drafts per verify that a block must earn: its relative extra cost."""
+        ar = self.seconds(rows, 1)
+        drafted = self.seconds(rows, 2 * self.length + 1)
+        if ar is None or drafted is None:
+            return DEFAULT_PRICE  # until the cost of steps has been measured
+        return max(0.0, drafted / ar - 1.0)
+
+    def choose_length(self, rows: int, big_m: int) -> int:
+        """This step's block length (see the module docstring); remembered as ``length``."""
+        self.length = self._length(rows, big_m)
+        return self.length
+
+    def _length(self, rows: int, big_m: int) -> int:
+        k = self.k
+        self._steps += 1
+        if self.fixed or not self.adaptive or k <= 2 or self._steps % LEN_PROBE_EVERY == 0:
+            return k
+        if sum(self.verifies_by_len) < MIN_VERIFIES or self.cost_model() is None:
+            return k
+
+        def rate(n: int) -> float:
+            return (1 + self.expected_accept(n)) / self.seconds(rows, min(big_m, n) + 1 + n)
+
+        return max(sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True), key=rate)
+
+    def choose_blocks(self, rows: int, big_m: int, wanted: int, length: int) -> int:
+        """Blocks for this step: what the drafts' coverage asks for, a second one only while the
+        cost model says it adds less than ``BLOCK_MARGIN`` to the step."""
+        if wanted <= 1:
+            return wanted
+        one = self.seconds(rows, big_m + 1 + length)
+        two = self.seconds(rows, big_m + 1 + 2 * length)
+        if one is None or two is None:
+            return 1
+        return 2 if two <= (1 + BLOCK_MARGIN) * one else 1

@@ -1,0 +1,114 @@
+"""The sampler's inputs, checked: prompts, MASK id, EOS / pad ids, context limits, compute dtype.
+
+Shared by the public API (``api.py``), the decode engine (``scheduler.py``) and the CLI; every
+problem is one ``FluidError`` naming it and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.model.mask_token import resolve_mask_token
+
+
+class PromptError(DataError):
+    """A prompt is empty or does not fit the model's context."""
+
+
+DTYPES = {
+    "auto": None,  # the checkpoint's own dtype
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``auto`` (None: the checkpoint's dtype), ``float32``, ``bfloat16`` or ``float16``."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in DTYPES:
+        raise ConfigError(
+            f"--dtype {name!r} is not a compute dtype; choose auto, float32, bfloat16 or float16"
+        )
+    return DTYPES[key]
+
+
+def mask_id_of(model: PreTrainedModel, source: PreTrainedTokenizerBase | int | None) -> int:
+    if isinstance(source, int):
+        mask_id = source
+    elif source is None:
+        raise ConfigError("generate needs the tokenizer (or the MASK token id) of the FLUID model")
+    else:
+        mask_id = resolve_mask_token(source, allow_new=False).id
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if not 0 <= mask_id < vocab:
+        raise ConfigError(f"MASK token id {mask_id} is outside the model's vocabulary ({vocab})")
+    return int(mask_id)
+
+
+def as_batch(
+    input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None, pad: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+        if attention_mask is not None and attention_mask.dim() == 1:
+            attention_mask = attention_mask.reshape(1, -1)
+        return ids.long(), attention_mask
+    rows = [list(r) for r in input_ids]
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def eos_and_pad(
+    model: PreTrainedModel, eos: int | Sequence[int] | None = None, pad: int | None = None
+) -> tuple[list[int], int]:
+    """EOS ids and pad id: as given, else the generation config's; pad falls back to EOS, then 0."""
+    gen = getattr(model, "generation_config", None)
+    if eos is None:
+        eos = getattr(gen, "eos_token_id", None)
+    eos_ids = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    if pad is None:
+        pad = getattr(gen, "pad_token_id", None)
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad)
+
+
+def check_context(
+    model: PreTrainedModel, lengths: list[int], max_new_tokens: int, k_max: int
+) -> None:
+    """Prompts must fit ``max_position_embeddings − max_new_tokens``; no sliding windows crossed."""
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    limit = getattr(cfg, "max_position_embeddings", None)
+    for row, n in enumerate(lengths):
+        if n == 0:
+            raise PromptError(f"prompt {row} is empty; give at least one token")
+        if limit is not None and n > limit - max_new_tokens:
+            raise PromptError(
+                f"prompt {row} has {n} tokens but the context holds {limit} positions and "
+                f"{max_new_tokens} are reserved for new tokens (at most {limit - max_new_tokens}); "
+                "shorten the prompt or lower --max-new-tokens"
+            )
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    if window is not None and max(lengths) + max_new_tokens + k_max > int(window):
+        raise ConfigError(
+            f"this model uses sliding-window attention ({window} positions), which the sampler's "
+            "visibility rule does not model; keep prompt + max_new_tokens within the window"
+        )

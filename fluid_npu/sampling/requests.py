@@ -1,0 +1,50 @@
+"""What flows through the decode engine: a ``Request`` in, ``Event``s out, and a ``Slot`` between.
+
+The serving layer and ``run_requests`` speak only these; the engine (``scheduler.py``) owns slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fluid_npu.sampling.rules import SamplingParams
+
+
+@dataclass
+class Request:
+    """One generation request: prompt token ids and its own limits."""
+
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    eos_ids: Sequence[int] | None = None  # None: the scheduler's default EOS ids
+    sampling: SamplingParams | None = None  # None: greedy
+    stop: Sequence[str] = ()  # stop strings, checked on the committed text (needs a tokenizer)
+
+
+@dataclass
+class Event:
+    """What one step produced for one request."""
+
+    request_id: str
+    tokens: list[int]  # committed in this step (may be empty)
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS), "length" (max_new_tokens), "abort"
+    new_tokens: int  # committed so far
+    forwards: int  # decode forwards this request took part in so far
+    accepted: int  # drafted tokens accepted in this step
+    logprobs: list[float] | None = None  # of ``tokens``, when the request asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # (token id, logprob) best first
+
+
+@dataclass
+class Slot:
+    req: Request
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    prefilled: int = 0  # prompt[:-1] tokens encoded so far
+    stopped: bool = False  # a stop string ended it
+    running: bool = False
+    forwards: int = 0
+    new: list[int] = field(default_factory=list)

@@ -1,0 +1,364 @@
+"""One decode step of the engine (``scheduler.py``): verify, commit, draft — fixed shapes, one read.
+
+``StepMixin._decode`` is the fused step of DESIGN §1.3 over the running slots ``[0, hi)``: the main
+tokens (``v_0`` and the pending drafts, padded to a power-of-two width), then the candidate MASK
+blocks; after the forward, everything — the accepted length, the correction (argmax, or the
+rejection rule of ``rules.py`` for sampling rows), EOS, ``max_new_tokens``, the next drafts and
+blocks, the AR fallback — is computed on the device, and one packed tensor (plus logprobs when a
+request wants them) is read back and turned into ``Event``s on the host, where stop strings are
+checked on the committed text. ``_draft`` turns slot hidden states into drafts (argmax, or drawn
+from the slots' own distribution ``q`` for sampling rows) for both the prefill and this step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+from fluid_npu.sampling.fused import choose_anchors
+from fluid_npu.sampling.kv import ForwardPlan, step_mask
+from fluid_npu.sampling.requests import Event, Slot
+from fluid_npu.sampling.rules import ACCEPT, DRAFT, DRAW, filtered_probs, residual, sample, uniform
+from fluid_ops.meta import MAIN, PAD
+
+PROBE_EVERY = 16  # steps between probes of a row decoding as AR
+_NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
+EMA = 0.7  # weight of the past in a row's accepted-drafts average
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+class StepMixin:
+    """The decode step of ``Scheduler`` (which owns the state these methods read and write)."""
+
+    # ------------------------------------------------------------------ forwards
+
+    def _forward(
+        self,
+        lo: int,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        anchor: torch.Tensor,
+        length: torch.Tensor,
+        causal: bool = False,
+        compiled: bool = False,
+        rows: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states ``[B, W, H]`` of new tokens written at ``length + t`` in slots ``lo…``
+        (or in the slots ``rows``)."""
+        b, w = ids.shape
+        write = length[:, None] + torch.arange(w, device=ids.device)[None]
+        slots = range(lo, lo + b) if rows is None else rows
+        if causal:
+            plan = ForwardPlan(lo, lo + b, write, w, None, causal=True)
+        else:
+            # keys [0, extent): the committed entries and this forward's; rounded for few shapes
+            extent = min(self.kv.capacity, _round_up(self._max_extent(slots, w), 64))
+            mask = step_mask(length, pos, anchor, extent)
+            plan = ForwardPlan(lo, lo + b, write, extent, mask)
+        if rows is not None:
+            plan.rows = torch.tensor(rows, dtype=torch.long, device=ids.device)
+        self.kv.set_plan(plan)
+        run = (
+            self._compiled
+            if (self._compiled is not None and lo == 0 and not causal and compiled)
+            else self._decoder
+        )
+        out = run(
+            input_ids=ids,
+            attention_mask=_NO_MASK if plan.mask is None else plan.mask,  # 4D: passed through
+            position_ids=pos,
+            use_cache=True,
+            fluid_plan=plan,
+            **{self._cache_kw: self.kv},
+        )
+        self.kv.plan = None
+        return out.last_hidden_state
+
+    def _max_extent(self, slots: range | list[int], w: int) -> int:
+        # host-side bound, no device read: every slot's length is at most max_len
+        top = 0
+        for i in slots:
+            s = self.slots[i]
+            if s is not None:
+                top = max(top, len(s.prompt) + len(s.new))
+        return min(top, self.max_len) + w
+
+    def _sampling_rows(self, hi: int) -> tuple[bool, bool]:
+        """Whether any slot below ``hi`` samples, and whether any wants logprobs (host flags)."""
+        live = [s.params for s in self.slots[:hi] if s is not None]
+        return any(not p.greedy for p in live), any(p.logprobs for p in live)
+
+    def _filtered(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        t, k, p, m = (x[rows] for x in (self.temp, self.top_k, self.top_p, self.min_p))
+        return filtered_probs(logits, t, k, p, m)
+
+    def _draft(
+        self,
+        rows: slice,
+        hidden: torch.Tensor,
+        anchor_hidden: torch.Tensor,
+        first: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Drafts ``[b, L]``, their log-confidence and how many to keep, from slot hidden states.
+
+        Greedy rows draft the slots' argmax; sampling rows draw from the slots' filtered
+        distribution ``q`` (the draft for position ``first + j`` with that position's DRAFT
+        uniform) and keep ``q(draft)`` and the hidden states for the next step's verify.
+        """
+        st = self.head.stats(hidden)
+        drafts, conf = st.argmax, st.max_logprob
+        lo, hi = rows.start, rows.stop
+        if any(s is not None and not s.params.greedy for s in self.slots[lo:hi]):
+            n = hidden.shape[1]
+            q = self._filtered(self.head.logits(hidden), rows)
+            where = first.to(self.device)[:, None] + torch.arange(n, device=self.device)
+            drawn = sample(q, uniform(self.seed[rows][:, None], where, DRAFT))
+            qp = q.gather(-1, drawn[..., None])[..., 0]
+            sampled = (self.temp[rows] > 0)[:, None]
+            drafts = torch.where(sampled, drawn, drafts)
+            conf = torch.where(sampled, qp.clamp(min=1e-30).log(), conf)
+            self.qprob[rows, :n] = qp
+            self.dhid[rows, :n] = hidden.to(self.dhid.dtype)
+        return drafts, conf, self.policy.keep(st.entropy, anchor_hidden, self.khead)
+
+    def _decode(self) -> list[Event]:
+        hi = _pow2(1 + max(i for i, s in enumerate(self.slots) if s is not None and s.running))
+        hi = min(hi, self.slots_n)
+        big_m, n_blocks = self._next_shape
+        big_m = min(_pow2(big_m) if big_m else 0, self.k)
+        n_blocks = min(n_blocks, self.anchors) if self.k else 0
+        k = self.k  # this step's block length
+        any_sampled, any_lp = self._sampling_rows(hi)
+        # a sampling row's tokens depend on its drafts (the rejection rule), so while one is in
+        # the batch the block choices stay per-row (no timing-driven shape choices): its seed
+        # then gives the same tokens alone or in any batch
+        adaptive = self.adaptive and not any_sampled
+        if adaptive and n_blocks:
+            k = self.budget.choose_length(hi, big_m)
+            n_blocks = self.budget.choose_blocks(hi, big_m, n_blocks, k)
+        dev = self.device
+        run = self.run[:hi]
+        base = self.length[:hi]
+        m = torch.where(run, self.m[:hi].clamp(max=big_m), 0)
+        j = torch.arange(big_m + 1, device=dev)
+        drafts = self.drafts[:hi, :big_m]
+        ids = [torch.cat([self.last[:hi, None], drafts], dim=1)]
+        pos = [base[:, None] + j[None]]
+        anchor = [torch.where(run[:, None] & (j[None] <= m[:, None]), MAIN, PAD)]
+        cand = torch.where(run[:, None], self.cand[:hi, :n_blocks], -1)
+        if n_blocks:
+            c = base[:, None] + cand.clamp(min=0)
+            ids.append(torch.full((hi, n_blocks * k), self.mask_id, dtype=torch.long, device=dev))
+            pos.append((c[:, :, None] + torch.arange(1, k + 1, device=dev)).reshape(hi, -1))
+            blk = torch.where(cand >= 0, c, PAD)
+            anchor.append(blk[:, :, None].expand(hi, n_blocks, k).reshape(hi, -1))
+        ids_t, pos_t, anchor_t = (torch.cat(t, dim=1) for t in (ids, pos, anchor))
+        width = ids_t.shape[1]
+        t0 = time.perf_counter()
+        hidden = self._forward(0, ids_t, pos_t, anchor_t, base, compiled=True)
+        self.decode_forwards += 1
+
+        ar = self.head.argmax(hidden[:, : big_m + 1])
+        match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
+        a = match.long().cumprod(dim=1).sum(dim=1)
+        corr = ar.gather(1, a[:, None])
+        logits = None
+        if any_sampled or any_lp:
+            logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
+        if any_sampled:
+            a, corr = self._verify_sampled(logits, drafts, m, base, a, corr, hi, big_m)
+        toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)  # [hi, M+1]
+        take = torch.minimum(a + 1, self.max_new[:hi] - self.new_count[:hi])
+        eos = self.eos[:hi]
+        is_eos = (toks[:, :, None] == eos[:, None, :]).any(dim=-1) & (j[None] < take[:, None])
+        hit_eos = is_eos.any(dim=1)
+        take = torch.where(hit_eos, is_eos.long().argmax(dim=1) + 1, take)
+        take = torch.where(run, take, 0)
+        done = run & (hit_eos | (self.new_count[:hi] + take >= self.max_new[:hi]))
+        self.new_count[:hi] += take
+        self.length[:hi] += take
+        self.last[:hi] = torch.where(
+            run, toks.gather(1, (take - 1).clamp(min=0)[:, None])[:, 0], self.last[:hi]
+        )
+        if self.adaptive:
+            paid = self.paid[:hi] & run
+            self.ema[:hi] = torch.where(
+                paid, EMA * self.ema[:hi] + (1 - EMA) * a.float(), self.ema[:hi]
+            )
+        m_next = torch.zeros(hi, dtype=torch.long, device=dev)
+        self.paid[:hi] = False
+        if n_blocks:
+            hit = cand == a[:, None]
+            has = hit.any(dim=1) & run
+            rows = torch.arange(hi, device=dev)
+            sel = hidden[:, big_m + 1 :].view(hi, n_blocks, k, -1)[rows, hit.long().argmax(dim=1)]
+            first = base + a + 2  # the block's first slot guesses the position after the correction
+            drafted, conf, keep = self._draft(slice(0, hi), sel, hidden[rows, a], first)
+            m_next = torch.where(has, keep, 0)
+            self.drafts[:hi, :k], self.logp[:hi, :k] = drafted, conf
+            self.paid[:hi] = has  # the next verify judges a block this row paid for
+        cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
+        if k:
+            cand_next = choose_anchors(
+                self.logp[:hi], m_next, self.anchors, self.coverage, fixed=True
+            )
+            if self.adaptive:  # drafts already made are verified; new blocks only where they pay
+                worth = self.ema[:hi] >= self.budget.price(hi)
+                probe = self.since_probe[:hi] >= PROBE_EVERY
+                draft_on = worth | probe | (self.temp[:hi] > 0)
+                self.since_probe[:hi] = torch.where(draft_on, 0, self.since_probe[:hi] + 1)
+                cand_next = torch.where(draft_on[:, None], cand_next, -1)
+        self.m[:hi] = m_next
+        self.cand[:hi] = cand_next
+        # the step's one host read: per row take, done, accepted, drafted, tokens; then the shape
+        n_cand = (cand_next >= 0).sum(dim=1)
+        packed_t = torch.cat(
+            [
+                take[:, None],
+                done[:, None].long(),
+                a[:, None],
+                m[:, None],
+                toks,
+                torch.stack([m_next.max(), n_cand.max()])[None].expand(hi, 2),
+            ],
+            dim=1,
+        )
+        n_top = 0
+        if any_lp:  # logprobs of the committed tokens (+ the best alternatives), same read
+            n_top = max(s.params.top_logprobs for s in self.slots[:hi] if s is not None)
+            lp = self._logprobs(logits, hi)
+            parts = [packed_t.double(), lp.gather(-1, toks[..., None])[..., 0].double()]
+            if n_top:
+                top = lp.topk(n_top, dim=-1)
+                parts += [top.indices.flatten(1).double(), top.values.flatten(1).double()]
+            packed_t = torch.cat(parts, dim=1)
+        packed = packed_t.tolist()
+        self.budget.record(hi, width, time.perf_counter() - t0)
+        width_int = 4 + big_m + 1 + 2
+        self._next_shape = (int(packed[0][width_int - 2]), int(packed[0][width_int - 1]))
+        events = self._events(packed, hi, big_m, n_top)
+        self._drafted_len = k if n_blocks else 0
+        return events
+
+    def _events(
+        self, packed: list[list[float]], hi: int, big_m: int, n_top: int = 0
+    ) -> list[Event]:
+        events = []
+        w = big_m + 1
+        for i in range(hi):
+            s = self.slots[i]
+            if s is None or not s.running:
+                continue
+            row = packed[i]
+            take, done, a, m = (int(x) for x in row[:4])
+            toks = [int(t) for t in row[4 : 4 + take]]
+            lps = tops = None
+            if s.params.logprobs:
+                at = 4 + w + 2
+                lps = row[at : at + take]
+                if s.params.top_logprobs:
+                    ids = row[at + w : at + w + w * n_top]
+                    vals = row[at + w + w * n_top : at + w + 2 * w * n_top]
+                    n = s.params.top_logprobs
+                    tops = [
+                        [(int(ids[t * n_top + r]), vals[t * n_top + r]) for r in range(n)]
+                        for t in range(take)
+                    ]
+            if s.req.stop and toks:
+                cut = self._stop_cut(s, toks)
+                if cut is not None:
+                    toks, done = toks[:cut], 1
+                    lps = None if lps is None else lps[:cut]
+                    tops = None if tops is None else tops[:cut]
+            if m and self._drafted_len:  # a verify of drafts from a block of _drafted_len
+                self.budget.observe(self._drafted_len, a)
+            s.forwards += 1
+            s.new.extend(toks)
+            self.accept_hist[a] += 1
+            self.k_hist[m] += 1
+            reason = None
+            if done:
+                stopped = toks and (toks[-1] in self._eos_of(i) or s.stopped)
+                reason = "stop" if stopped else "length"
+                self._ids.discard(s.req.request_id)
+                self._free(i)
+            events.append(
+                Event(
+                    s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, a, lps, tops
+                )
+            )
+        return events
+
+    def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:
+        """How many of this step's ``toks`` to keep when one completes a stop string (the one
+        that completes it included, as transformers' ``stop_strings`` cuts), else None."""
+        longest = max(len(x) for x in s.req.stop)
+        before = s.new[-(longest + 8) :]
+        text_before = self.tokenizer.decode(before, skip_special_tokens=False)
+        for n in range(1, len(toks) + 1):
+            text = self.tokenizer.decode(before + toks[:n], skip_special_tokens=False)
+            fresh = text[max(0, len(text_before) - longest + 1) :]
+            if any(x in fresh for x in s.req.stop):
+                s.stopped = True
+                return n
+        return None
+
+    def _logprobs(self, logits: torch.Tensor, hi: int) -> torch.Tensor:
+        """Log-probabilities under the AR distribution after temperature (1 for greedy rows)."""
+        t = torch.where(self.temp[:hi] > 0, self.temp[:hi], 1.0)[:, None, None]
+        return (logits / t).log_softmax(dim=-1)
+
+    def _verify_sampled(
+        self,
+        logits: torch.Tensor,
+        drafts: torch.Tensor,
+        m: torch.Tensor,
+        base: torch.Tensor,
+        a_greedy: torch.Tensor,
+        corr_greedy: torch.Tensor,
+        hi: int,
+        big_m: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative rejection sampling for the sampling rows (``rules.py``); greedy rows keep
+        their argmax results. Returns accepted counts ``[hi]`` and corrections ``[hi, 1]``."""
+        dev = self.device
+        rows = slice(0, hi)
+        p = self._filtered(logits, rows)  # [hi, M+1, V]
+        j = torch.arange(big_m, device=dev)
+        seed = self.seed[:hi]
+        guess = base[:, None] + 1 + j[None]  # the position each draft guesses
+        p_draft = p[:, :big_m].gather(-1, drafts[..., None])[..., 0]
+        u = uniform(seed[:, None], guess, ACCEPT)
+        ok = (u * self.qprob[:hi, :big_m].double() <= p_draft.double()) & (j[None] < m[:, None])
+        a = ok.long().cumprod(dim=1).sum(dim=1)
+        idx = torch.arange(hi, device=dev)
+        p_a = p[idx, a]
+        dist = p_a
+        if self.dhid is not None and big_m:
+            q_a = self._filtered(self.head.logits(self.dhid[idx, a.clamp(max=self.k - 1)]), rows)
+            dist = torch.where((a < m)[:, None], residual(p_a, q_a), p_a)
+        drawn = sample(dist, uniform(seed, base + 1 + a, DRAW))
+        sampled = self.temp[:hi] > 0
+        a = torch.where(sampled, a, a_greedy)
+        return a, torch.where(sampled[:, None], drawn[:, None], corr_greedy)
+
+    def _eos_of(self, i: int) -> list[int]:
+        s = self.slots[i]
+        return list(s.req.eos_ids) if s.req.eos_ids is not None else self.eos_ids
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """``cache`` on transformers >= 5.24 (``past_key_values`` is deprecated there), else the old."""
+    import inspect
+
+    params = inspect.signature(model.get_decoder().forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

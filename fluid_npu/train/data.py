@@ -1,0 +1,118 @@
+"""The datasets of a training run: tokenized once, on the main process, and shared by every rank.
+
+``load_run_data`` builds the train split and the held-out split — ``val_size`` of the training data
+or the separate ``eval_dataset`` (LLaMA-Factory's keys) — checks that the MASK token occurs in
+neither, and adds the ``index`` column the layout draws are seeded by (plus a fixed ``epoch`` on the
+held-out rows, so every evaluation scores the same layouts and ``eval_loss`` is comparable from one
+evaluation to the next).
+
+Under torchrun only rank 0 reads and tokenizes; the result (or its error) reaches the other ranks
+with one ``broadcast_object_list``, so 8 processes do not tokenize the same corpus 8 times, and a
+bad row fails every rank with the same message instead of hanging the others in a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fluid_npu.config import FluidConfig
+from fluid_npu.errors import ConfigError, FluidError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+EVAL_EPOCH = 0  # the layout epoch of every held-out row
+
+
+def main_process_builds(build: Callable[[], T], what: str = "the datasets") -> T:
+    """``build()`` on rank 0 only; its result (or error) is shared with the other ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return build()
+    box: list[Any] = [None]
+    failure: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", build())]
+        except Exception as exc:  # every rank must still reach the broadcast below
+            failure = exc
+            message = str(exc) if isinstance(exc, FluidError) else f"{type(exc).__name__}: {exc}"
+            box = [("error", (type(exc) if isinstance(exc, FluidError) else FluidError, message))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        cls, message = value
+        raise cls(f"{message} (raised on the main process while building {what})")
+    if dist.get_rank() != 0:
+        logger.info("%s: received from the main process", what)
+    return value
+
+
+def load_run_data(cfg: FluidConfig, tokenizer: Any, mask: Any) -> Any:
+    """Tokenized train (+ held-out) data with ``index`` columns, shared from the main process."""
+    return main_process_builds(lambda: _build(cfg, tokenizer, mask))
+
+
+def _build(cfg: FluidConfig, tokenizer: Any, mask: Any) -> Any:
+    from fluid_npu.data import build_sft_dataset, token_occurs
+    from fluid_npu.model.mask_token import check_unused
+
+    data = build_sft_dataset(cfg.data, tokenizer)
+    if cfg.data.eval_dataset:
+        held = build_sft_dataset(
+            dataclasses.replace(cfg.data, dataset=cfg.data.eval_dataset, val_size=0.0), tokenizer
+        )
+        data.eval = held.train
+        data.stats.eval_examples = len(held.train)
+    check_unused(
+        mask,
+        lambda tid: (
+            token_occurs(data.train, tid)
+            or (data.eval is not None and token_occurs(data.eval, tid))
+        ),
+    )
+    data.train = data.train.add_column("index", list(range(len(data.train))))
+    if data.eval is not None:
+        n = len(data.eval)
+        data.eval = data.eval.add_column("index", list(range(n)))
+        data.eval = data.eval.add_column("epoch", [EVAL_EPOCH] * n)
+    return data
+
+
+def has_eval_split(cfg: FluidConfig) -> bool:
+    """Whether the config holds out data (``val_size`` or ``eval_dataset``)."""
+    return bool(cfg.data.val_size) or bool(cfg.data.eval_dataset)
+
+
+def evaluation_arguments(cfg: FluidConfig) -> dict[str, Any]:
+    """The ``TrainingArguments`` that evaluate the held-out split every ``eval_steps``.
+
+    With held-out data, evaluation runs every ``eval_steps`` (default: ``logging_steps``) unless
+    ``do_eval: false`` or an explicit ``eval_strategy`` says otherwise; asking for evaluation
+    without held-out data is a ``ConfigError``.
+    """
+    extra = cfg.extra_training_args
+    do_eval = extra.get("do_eval")
+    strategy = extra.get("eval_strategy")
+    if not has_eval_split(cfg):
+        if do_eval or strategy not in (None, "no"):
+            raise ConfigError(
+                "do_eval / eval_strategy ask for evaluation but nothing is held out: set val_size "
+                "(a fraction or a number of examples) or eval_dataset"
+            )
+        return {}
+    if do_eval is False:
+        return {"do_eval": False, "eval_strategy": strategy or "no"}
+    return {
+        "do_eval": True,
+        "eval_strategy": strategy or "steps",
+        "eval_steps": extra.get("eval_steps") or cfg.train.logging_steps,
+        "prediction_loss_only": True,
+        "label_names": ["labels"],  # every batch has them: the Trainer then asks for the loss
+    }

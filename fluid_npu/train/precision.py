@@ -1,0 +1,94 @@
+"""Training precision as LLaMA-Factory does it: fp32 trainable weights under mixed precision.
+
+A checkpoint's own dtype never decides how a run trains (transformers 5 loads ``dtype="auto"``, so
+a bf16 checkpoint would otherwise train in pure bf16, where AdamW updates below ~4e-3 of a weight
+round away). The rule:
+
+* ``bf16: true`` / ``fp16: true`` — mixed precision: the frozen weights (the LoRA base, Stage II's
+  backbone) are stored in that compute dtype, every trainable parameter (full fine-tuning, LoRA, the
+  MASK embedding row, the K-head) in fp32, and the forward runs under autocast;
+* ``pure_bf16: true`` — everything in bf16, trainable parameters included, no autocast (half the
+  optimizer memory, the updates of a pure bf16 run);
+* neither — fp32 throughout.
+
+``Precision.observe`` reads the dtypes back from the model, so ``run.json`` states what really
+trained, not what was asked for.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fluid_npu.device import DeviceChoice
+from fluid_npu.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run stores and computes: ``mode`` is ``fp32``, ``bf16``, ``fp16`` or ``pure_bf16``."""
+
+    mode: str
+    compute_dtype: torch.dtype  # frozen weights and the forward's matmuls
+    trainable_dtype: torch.dtype  # the parameters the optimizer updates
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the Trainer runs the forward under autocast (bf16 / fp16 mixed precision)."""
+        return self.mode in ("bf16", "fp16")
+
+    def load_dtype(self, finetuning_type: str) -> torch.dtype:
+        """The dtype to load a base in: full fine-tuning trains every weight, LoRA freezes them."""
+        return self.trainable_dtype if finetuning_type == "full" else self.compute_dtype
+
+    def cast_trainable(self, model: torch.nn.Module) -> None:
+        """Store every trainable floating-point parameter of ``model`` in ``trainable_dtype``."""
+        for param in model.parameters():
+            trainable = param.requires_grad and param.is_floating_point()
+            if trainable and param.dtype != self.trainable_dtype:
+                param.data = param.data.to(self.trainable_dtype)
+
+    def observe(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The run's precision as the model's parameters show it (for ``run.json``)."""
+        trainable: Counter[str] = Counter()
+        frozen: Counter[str] = Counter()
+        for param in model.parameters():
+            (trainable if param.requires_grad else frozen)[_name(param.dtype)] += param.numel()
+        return {
+            "mode": self.mode,
+            "compute_dtype": _name(self.compute_dtype),
+            "autocast": self.autocast,
+            "trainable_params": dict(trainable),
+            "frozen_params": dict(frozen),
+        }
+
+
+def resolve_precision(
+    *, bf16: bool, fp16: bool, pure_bf16: bool, choice: DeviceChoice, deepspeed: str | None = None
+) -> Precision:
+    """The precision of a run from its ``bf16`` / ``fp16`` / ``pure_bf16`` keys and the device."""
+    if pure_bf16:
+        if fp16:
+            raise ConfigError("pure_bf16 and fp16 are both true: choose one")
+        if choice.type != "cpu" and choice.autocast_dtype != torch.bfloat16:
+            raise ConfigError(
+                f"pure_bf16: this {choice.type} device does not support bf16; use fp16: true "
+                "(mixed precision) instead"
+            )
+        if deepspeed is not None:
+            raise ConfigError(
+                "pure_bf16 cannot be combined with deepspeed (DeepSpeed's bf16 mode keeps its own "
+                "fp32 master weights): use bf16: true, or remove the deepspeed key"
+            )
+        return Precision("pure_bf16", torch.bfloat16, torch.bfloat16)
+    if (bf16 or fp16) and choice.autocast_dtype is not None:
+        mode = "bf16" if choice.autocast_dtype == torch.bfloat16 else "fp16"
+        return Precision(mode, choice.autocast_dtype, torch.float32)
+    return Precision("fp32", torch.float32, torch.float32)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,203 @@
+"""LLaMA-Factory keys that used to be ignored: held-out evaluation (``val_size``, ``eval_dataset``,
+``do_eval``, ``eval_steps``), ``ddp_timeout``, and the datasets built once on the main process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import as_overrides, tiny_stage1_recipe
+from synthetic import short_examples, write_short_dataset
+
+from fluid_npu import device as devices
+from fluid_npu.config import load_config
+from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.train.common import training_arguments
+from fluid_npu.train.data import main_process_builds
+from fluid_npu.train.stage1 import run_stage1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = write_short_dataset(tmp_path_factory.mktemp("data"), n_train=32, seed=0)
+    rows = short_examples(7, seed=1)
+    (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = json.loads((out / "dataset_info.json").read_text())
+    info["fluid_heldout"] = {"file_name": "heldout.jsonl"}
+    (out / "dataset_info.json").write_text(json.dumps(info))
+    return out
+
+
+def _overrides(base: Path, data: Path, out: Path, **extra: object) -> list[str]:
+    values: dict[str, object] = dict(
+        max_steps=4, logging_steps=1, save_steps=100, per_device_train_batch_size=4, output_dir=out
+    )
+    return as_overrides(tiny_stage1_recipe(base, data, **{**values, **extra}))
+
+
+def _run(base: Path, data: Path, out: Path, **extra: object) -> dict:
+    return run_stage1(load_config(None, _overrides(base, data, out, **extra)))
+
+
+def _evals(record: dict) -> list[dict]:
+    return [h for h in record["log_history"] if "eval_loss" in h]
+
+
+def test_val_size_is_evaluated_every_eval_steps(tiny_model_dir, data, tmp_path):
+    record = _run(tiny_model_dir, data, tmp_path / "o", val_size=6, eval_steps=2)
+    evals = _evals(record)
+    assert [h["step"] for h in evals] == [2, 4]
+    for h in evals:  # sum_of_means with unit weights: the loss is the sum of its parts
+        assert h["eval_loss"] == pytest.approx(h["eval_loss_ar"] + h["eval_loss_diff"], abs=1e-5)
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]  # training helps the held-out examples
+    assert record["data"]["eval_examples"] == 6 and record["data"]["train_examples"] == 26
+    for key in ("eval_loss", "eval_loss_ar", "eval_loss_diff"):
+        assert record[key] == evals[-1][key]
+    on_disk = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert on_disk["eval_loss_diff"] == record["eval_loss_diff"]
+
+
+def test_eval_dataset_is_held_out_and_the_final_weights_are_evaluated(
+    tiny_model_dir, data, tmp_path
+):
+    values = dict(eval_dataset="fluid_heldout", eval_steps=3)
+    record = _run(tiny_model_dir, data, tmp_path / "o", **values)
+    assert record["data"]["eval_examples"] == 7 and record["data"]["train_examples"] == 32
+    assert [h["step"] for h in _evals(record)] == [3, 4]  # step 4: the final evaluation
+    assert record["eval_loss"] == _evals(record)[-1]["eval_loss"]
+
+
+def test_do_eval_false_keeps_the_split_but_skips_evaluation(tiny_model_dir, data, tmp_path):
+    values = dict(val_size=6, do_eval=False, max_steps=2)
+    record = _run(tiny_model_dir, data, tmp_path / "o", **values)
+    assert _evals(record) == [] and "eval_loss" not in record
+    assert record["data"]["train_examples"] == 26
+
+
+def _cpu() -> devices.DeviceChoice:
+    return devices.choose(npu=False, cuda=False, bf16_supported=True, want_bf16=False)
+
+
+def test_eval_and_ddp_timeout_keys_reach_training_arguments(tmp_path):
+    out = f"output_dir={tmp_path / 'o'}"
+    args = training_arguments(load_config(None, [out, "ddp_timeout=7200", "val_size=0.1"]), _cpu())
+    assert args.ddp_timeout == 7200
+    assert args.eval_strategy == "steps" and args.eval_steps == 10  # logging_steps by default
+    args = training_arguments(load_config(None, [out, "val_size=0.1", "eval_steps=5"]), _cpu())
+    assert args.eval_steps == 5 and args.prediction_loss_only
+    args = training_arguments(load_config(None, [out, "val_size=0.1"]), _cpu(), evaluate=False)
+    assert args.eval_strategy == "no"
+    with pytest.raises(ConfigError, match="nothing is held out: set val_size"):
+        training_arguments(load_config(None, [out, "do_eval=true"]), _cpu())
+    with pytest.raises(ConfigError, match="val_size and eval_dataset both hold out data"):
+        load_config(None, [out, "val_size=0.1", "eval_dataset=x"])
+
+
+# -- the datasets are built once, on rank 0 ---------------------------------------------------
+
+
+def _build_on_two_ranks(rank: int, port: int, marks: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for fail in (False, True):
+            out = Path(marks) / ("fails" if fail else "works")
+
+            def build(out: Path = out, fail: bool = fail) -> dict[str, int]:
+                (out / f"built-on-{rank}").touch()
+                if fail:
+                    raise DataError("row 3 has no response")
+                return {"rows": 32, "rank": rank}
+
+            try:
+                got = main_process_builds(build)
+                (out / f"got-{rank}.json").write_text(json.dumps(got))
+            except DataError as exc:
+                (out / f"error-{rank}.txt").write_text(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_main_process_builds_and_every_rank_gets_the_result(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in ("works", "fails"):
+        (tmp_path / name).mkdir()
+    torch.set_num_threads(1)
+    mp.spawn(_build_on_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True)
+    works = sorted(p.name for p in (tmp_path / "works").iterdir())
+    assert works == ["built-on-0", "got-0.json", "got-1.json"]
+    assert json.loads((tmp_path / "works" / "got-1.json").read_text()) == {"rows": 32, "rank": 0}
+    # a failure: the same error on both ranks, no rank left waiting in the collective
+    fails = sorted(p.name for p in (tmp_path / "fails").iterdir())
+    assert fails == ["built-on-0", "error-0.txt", "error-1.txt"]
+    assert (tmp_path / "fails" / "error-1.txt").read_text().startswith("row 3 has no response")
+
+
+# -- quantization_bit: QLoRA through bitsandbytes, or one clear error -------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantization_bit_trains_qlora_on_a_quantized_base(tiny_model_dir, data, tmp_path, bits):
+    from fluid_npu.model.adapters import load_fluid
+    from fluid_npu.model.loading import fingerprint, load_model
+    from fluid_npu.train.session import TrainingSession
+    from fluid_npu.train.stage1 import stage1_objective
+
+    values = _overrides(tiny_model_dir, data, tmp_path / "o", quantization_bit=bits, max_steps=2)
+    try:
+        session = TrainingSession(load_config(None, values), stage="fluid_stage1")
+    except ConfigError as exc:  # a device bitsandbytes does not support: the one clear error
+        assert f"quantization_bit: {bits}" in str(exc)
+        return
+    q_proj = session.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(q_proj).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
+    w = q_proj.weight  # really quantized, not full precision (4-bit: two values a byte)
+    assert w.dtype == torch.int8 if bits == 8 else w.numel() * w.element_size() == 64 * 64 // 2
+    record = session.train(*stage1_objective(session)[:2], callbacks=stage1_objective(session)[2])
+    assert record["quantization_bit"] == bits and torch.isfinite(torch.tensor(record["train_loss"]))
+    # same fingerprint as the unquantized base: the adapter loads onto it (Stage II, sampler)
+    assert session.base_fingerprint == fingerprint(load_model(tiny_model_dir))
+    load_fluid(tiny_model_dir, tmp_path / "o")
+
+
+def test_quantization_bit_problems_are_one_config_error(
+    tiny_model_dir, data, tmp_path, monkeypatch
+):
+    import sys
+
+    from fluid_npu.train.session import TrainingSession
+
+    def session(**extra: object) -> None:
+        TrainingSession(
+            load_config(None, _overrides(tiny_model_dir, data, tmp_path / "o", **extra)),
+            "fluid_stage1",
+        )
+
+    with pytest.raises(
+        ConfigError, match="quantization_bit: 4 quantizes the frozen base for QLoRA"
+    ):
+        session(quantization_bit=4, finetuning_type="full")
+    with pytest.raises(ConfigError, match="quantization_bit: '3' is not valid"):
+        load_config(None, ["quantization_bit=3"])
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def no_kernel(*args: object, **kwargs: object) -> None:
+        raise NotImplementedError("no 4-bit kernel for this device")
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", no_kernel)
+    with pytest.raises(
+        ConfigError, match=r"quantization_bit: 4: bitsandbytes .* cannot run a 4-bit"
+    ):
+        session(quantization_bit=4)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match="needs the bitsandbytes package"):
+        session(quantization_bit=8)
+    assert not (tmp_path / "o").exists()  # nothing half-made is left
