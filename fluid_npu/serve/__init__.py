@@ -11,7 +11,7 @@ The pieces, each one concept:
   through queues: submit, abort, drain;
 * ``metrics``: the Prometheus metrics of one server;
 * ``app``: the FastAPI routes — they only translate requests into scheduler requests and events
-  into responses (JSON or server-sent events);
+  into responses (JSON or server-sent events); ``responses``: those OpenAI bodies;
 * ``server``: loading the model, building the scheduler, running uvicorn with a SIGTERM drain;
 * ``launch``: starting and stopping a ``fluid serve`` process (the benchmark and the tests);
 * ``bench``: ``fluid bench serve``, the load generator; ``cli``: both commands' flags.
