@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from fluid_npu.errors import FluidError
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.metrics import ServerMetrics
@@ -242,13 +243,17 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         request: Request, endpoint: str, shape: Shape, ids: list[int], s: protocol.Sampling
     ) -> Response:
         max_new = check_length(ids, s, "messages" if shape.chat else "prompt")
+        try:
+            params = SamplingParams(**s.params)
+        except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
+            raise APIError(str(exc)) from None
         check_capacity()
         stream = await worker.submit(
             shape.id,
             ids,
             max_new_tokens=max_new,
             eos_ids=[] if s.ignore_eos else None,
-            sampling=SamplingParams(**s.params),
+            sampling=params,
             stop=tuple(s.stop),
         )
         metrics.prompt_tokens.inc(len(ids))
