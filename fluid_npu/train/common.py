@@ -79,8 +79,7 @@ def training_arguments(
         bf16=t.bf16 and not t.pure_bf16,  # pure bf16 runs without autocast (precision.py)
         fp16=t.fp16,
         deepspeed=t.deepspeed,
-        fsdp=t.fsdp,
-        fsdp_config=t.fsdp_config,
+        **fsdp_arguments(t.fsdp, t.fsdp_config),
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -101,6 +100,44 @@ def training_arguments(
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
         raise ConfigError(f"invalid training arguments: {exc}") from None
+
+
+def fsdp_arguments(fsdp: bool | str | list[str], config: str | None) -> dict[str, Any]:
+    """``fsdp`` / ``fsdp_config`` for ``TrainingArguments``, LLaMA-Factory's strings translated.
+
+    ``fsdp: "full_shard auto_wrap"`` (LLaMA-Factory, older transformers) is deprecated in
+    transformers 5: it becomes ``fsdp=True`` with the options in ``fsdp_config`` — ``full_shard`` /
+    ``shard_grad_op`` as FSDP2's ``reshard_after_forward`` true / false, ``offload`` as
+    ``cpu_offload``; ``auto_wrap`` is the default. An option FSDP2 lacks names the key to change.
+    """
+    if not fsdp:
+        return {"fsdp": False, "fsdp_config": config}
+    options: dict[str, Any] = {}
+    if config is not None:
+        try:
+            options = json.loads(Path(config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"fsdp_config {config!r} is not readable JSON ({exc})") from None
+    words = fsdp.split() if isinstance(fsdp, str) else [] if fsdp is True else list(fsdp)
+    version = int(options.get("version", 2))
+    for word in (w.lower() for w in words):
+        if word in ("true", "auto_wrap"):
+            continue
+        if word == "offload":
+            options.setdefault("cpu_offload", True)
+        elif version == 2 and word in ("full_shard", "shard_grad_op"):
+            options.setdefault("reshard_after_forward", word == "full_shard")
+        elif version == 1 and word.upper() in FSDP1_STRATEGIES:
+            options.setdefault("reshard_after_forward", word)
+        else:
+            raise ConfigError(
+                f"fsdp: {word!r} is not an FSDP{version} option; use full_shard, shard_grad_op, "
+                "offload or auto_wrap (other strategies need version: 1 in fsdp_config)"
+            )
+    return {"fsdp": True, "fsdp_config": options}
+
+
+FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
 
 
 def requested_parallelism(cfg: FluidConfig) -> dict[str, Any]:
