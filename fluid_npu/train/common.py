@@ -43,7 +43,11 @@ from fluid_npu.train.checkpoint import (
 from fluid_npu.train.data import evaluation_arguments
 from fluid_npu.train.io import FINAL_STAGING, publish_dir
 from fluid_npu.train.report import Throughput, observe_parallelism, peak_memory_mib
-from fluid_npu.train.sharded import full_state_resume_everywhere
+from fluid_npu.train.sharded import (
+    enable_fsdp_on_cpu_processes,
+    fsdp_arguments,
+    full_state_resume_everywhere,
+)
 
 Parts = dict[str, torch.Tensor]
 # transformers 5.24 renamed TrainingArguments.gradient_checkpointing (kept as our config key)
@@ -102,44 +106,6 @@ def training_arguments(
         raise ConfigError(f"invalid training arguments: {exc}") from None
 
 
-def fsdp_arguments(fsdp: bool | str | list[str], config: str | None) -> dict[str, Any]:
-    """``fsdp`` / ``fsdp_config`` for ``TrainingArguments``, LLaMA-Factory's strings translated.
-
-    ``fsdp: "full_shard auto_wrap"`` (LLaMA-Factory, older transformers) is deprecated in
-    transformers 5: it becomes ``fsdp=True`` with the options in ``fsdp_config`` — ``full_shard`` /
-    ``shard_grad_op`` as FSDP2's ``reshard_after_forward`` true / false, ``offload`` as
-    ``cpu_offload``; ``auto_wrap`` is the default. An option FSDP2 lacks names the key to change.
-    """
-    if not fsdp:
-        return {"fsdp": False, "fsdp_config": config}
-    options: dict[str, Any] = {}
-    if config is not None:
-        try:
-            options = json.loads(Path(config).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"fsdp_config {config!r} is not readable JSON ({exc})") from None
-    words = fsdp.split() if isinstance(fsdp, str) else [] if fsdp is True else list(fsdp)
-    version = int(options.get("version", 2))
-    for word in (w.lower() for w in words):
-        if word in ("true", "auto_wrap"):
-            continue
-        if word == "offload":
-            options.setdefault("cpu_offload", True)
-        elif version == 2 and word in ("full_shard", "shard_grad_op"):
-            options.setdefault("reshard_after_forward", word == "full_shard")
-        elif version == 1 and word.upper() in FSDP1_STRATEGIES:
-            options.setdefault("reshard_after_forward", word)
-        else:
-            raise ConfigError(
-                f"fsdp: {word!r} is not an FSDP{version} option; use full_shard, shard_grad_op, "
-                "offload or auto_wrap (other strategies need version: 1 in fsdp_config)"
-            )
-    return {"fsdp": True, "fsdp_config": options}
-
-
-FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
-
-
 def requested_parallelism(cfg: FluidConfig) -> dict[str, Any]:
     """The config keys that ask for a distributed wrapper (shown beside what really ran)."""
     t = cfg.train
@@ -183,37 +149,7 @@ class FluidTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        self._fsdp_on_cpu_processes()
-
-    def _fsdp_on_cpu_processes(self) -> None:
-        """Honour ``fsdp`` on CPU processes, where accelerate silently falls back to DDP.
-
-        accelerate turns FSDP on only for accelerator back ends, so two gloo processes with
-        ``fsdp: full_shard`` would train replicated under DistributedDataParallel. FSDP2
-        (``fully_shard``) runs on gloo, so the plugin transformers built from the config is
-        installed here as accelerate would on a GPU; FSDP1 needs an accelerator and says so.
-        """
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-        state = self.accelerator.state
-        plugin_args = self.args.fsdp_plugin_args
-        if self.is_fsdp_enabled or plugin_args is None:
-            return
-        if state.distributed_type != DistributedType.MULTI_CPU:
-            return
-        plugin = FullyShardedDataParallelPlugin(**plugin_args)
-        if plugin.fsdp_version != 2:
-            raise ConfigError(
-                "fsdp on CPU processes needs FSDP2 (torch's fully_shard): set version: 2 in "
-                "fsdp_config (FSDP1 runs only on an accelerator)"
-            )
-        if state.mixed_precision != "no":
-            plugin.set_mixed_precision(state.mixed_precision)
-        state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = plugin
-        self.is_fsdp_enabled = True
-        self.accelerator.get_state_dict = _full_state_dict_on_cpu  # type: ignore[method-assign]
-        self.fsdp_on_cpu = True
+        self.fsdp_on_cpu = enable_fsdp_on_cpu_processes(self)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any) -> Any:
         self.throughput.count(inputs)
@@ -351,19 +287,6 @@ class FluidTrainer(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
-
-
-def _full_state_dict_on_cpu(model: torch.nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
-    """The whole FSDP2 state dict for CPU processes, as fresh tensors on every process.
-
-    accelerate asks for it with ``cpu_offload=True``, which on tensors already on the CPU returns
-    views of FSDP's freed all-gather buffers (safetensors then fails on an "invalid python
-    storage"); gathering without the offload returns tensors of their own.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
 
 
 def _last_checkpoint(output_dir: str | None) -> str | None:
