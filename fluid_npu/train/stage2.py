@@ -144,13 +144,7 @@ class Stage2Run:
         # bf16 / fp16 apply to the frozen backbone (loaded in that dtype, run as at inference);
         # the head trains in fp32 (bf16 under pure_bf16), so the Trainer itself runs without mixed
         # precision (DeepSpeed's and FSDP's "auto" precision then keep the head as it is).
-        self.precision = resolve_precision(
-            bf16=cfg.train.bf16,
-            fp16=cfg.train.fp16,
-            pure_bf16=cfg.train.pure_bf16,
-            choice=self.choice,
-            deepspeed=cfg.train.deepspeed,
-        )
+        self.precision = resolve_precision(cfg.train, self.choice)
         self.backbone_dtype = self.precision.compute_dtype
         plain = dataclasses.replace(cfg.train, bf16=False, fp16=False)
         # the held-out split always feeds the final report; it is also evaluated during training
