@@ -55,8 +55,9 @@ class Precision:
         """The run's precision as the model's parameters show it (for ``run.json``)."""
         trainable: Counter[str] = Counter()
         frozen: Counter[str] = Counter()
-        for param in model.parameters():
-            (trainable if param.requires_grad else frozen)[_name(param.dtype)] += param.numel()
+        for param in model.parameters():  # ds_numel: the whole size of a ZeRO-3 partition
+            count = int(getattr(param, "ds_numel", param.numel()))
+            (trainable if param.requires_grad else frozen)[_name(param.dtype)] += count
         return {
             "mode": self.mode,
             "compute_dtype": _name(self.compute_dtype),
