@@ -185,6 +185,19 @@ def test_quantization_bit_problems_are_one_config_error(
         ConfigError, match="quantization_bit: 4 quantizes the frozen base for QLoRA"
     ):
         session(quantization_bit=4, finetuning_type="full")
+    with pytest.raises(ConfigError, match="quantization_bit: 4 is QLoRA for Stage I"):
+        from fluid_npu.train.stage2 import Stage2Run
+
+        Stage2Run(
+            load_config(
+                None,
+                [
+                    *_overrides(tiny_model_dir, data, tmp_path / "s2"),
+                    "stage=fluid_stage2",
+                    "quantization_bit=4",
+                ],
+            )
+        )
     with pytest.raises(ConfigError, match="quantization_bit: '3' is not valid"):
         load_config(None, ["quantization_bit=3"])
     bnb = pytest.importorskip("bitsandbytes")

@@ -8,7 +8,10 @@ accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingA
 * ``run_objective`` runs a stage's loss *inside* the wrapped model's forward (the DDP / FSDP /
   DeepSpeed wrapper, or accelerate's autocast wrapper on one device), so gradient synchronisation,
   parameter gathering and mixed precision see the computation exactly as for ``model(**inputs)``;
-* loss parts (``loss_ar``, ``loss_diff``, …) are averaged over all processes before they are logged;
+* loss parts (``loss_ar``, ``loss_diff``, …) are averaged over all processes before they are logged,
+  for training and for the held-out evaluation (``eval_loss_ar``, …), with the token rates and peak
+  memory of ``fluid_npu.train.report``; ``run_figures`` gives ``run.json`` the observed parallelism;
+* ``fsdp`` takes effect on CPU processes too (``fluid_npu.train.sharded``);
 * ``checkpoint-N`` directories appear atomically and a resume is validated first
   (``fluid_npu.train.checkpoint``).
 """

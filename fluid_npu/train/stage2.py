@@ -119,6 +119,11 @@ class Stage2Run:
             raise ConfigError(f"run_stage2 needs stage: fluid_stage2, got {f.stage!r}")
         if f.anchor_prob <= 0:
             raise ConfigError("anchor_prob must be > 0 for Stage II: anchors are what it labels")
+        if cfg.model.quantization_bit is not None:
+            raise ConfigError(
+                f"quantization_bit: {cfg.model.quantization_bit} is QLoRA for Stage I; Stage II "
+                "runs its frozen backbone in the compute dtype (bf16: true halves it): drop the key"
+            )
         self.cfg = cfg
         out = Path(cfg.train.output_dir).resolve()
         stage1_dirs = (cfg.model.model_name_or_path, cfg.model.adapter_name_or_path)
