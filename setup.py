@@ -25,7 +25,7 @@ setup(
     package_data={"fluid_npu.demo": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0,<6",
+        "transformers>=5.24,<5.25",  # what CI tests: 5.24 renamed past_key_values to cache
         "peft>=0.17",
         "accelerate>=1.0",
         "datasets>=3.0",

@@ -185,6 +185,19 @@ def test_quantization_bit_problems_are_one_config_error(
         ConfigError, match="quantization_bit: 4 quantizes the frozen base for QLoRA"
     ):
         session(quantization_bit=4, finetuning_type="full")
+    with pytest.raises(ConfigError, match="quantization_bit: 4 is QLoRA for Stage I"):
+        from fluid_npu.train.stage2 import Stage2Run
+
+        Stage2Run(
+            load_config(
+                None,
+                [
+                    *_overrides(tiny_model_dir, data, tmp_path / "s2"),
+                    "stage=fluid_stage2",
+                    "quantization_bit=4",
+                ],
+            )
+        )
     with pytest.raises(ConfigError, match="quantization_bit: '3' is not valid"):
         load_config(None, ["quantization_bit=3"])
     bnb = pytest.importorskip("bitsandbytes")
@@ -201,3 +214,29 @@ def test_quantization_bit_problems_are_one_config_error(
     with pytest.raises(ConfigError, match="needs the bitsandbytes package"):
         session(quantization_bit=8)
     assert not (tmp_path / "o").exists()  # nothing half-made is left
+
+
+def test_llama_factory_fsdp_strings_become_fsdp_config(tmp_path):
+    """transformers 5 deprecates ``fsdp="full_shard auto_wrap"``: we pass fsdp=True + options."""
+    from fluid_npu.train.common import fsdp_arguments
+
+    wrap = tmp_path / "fsdp.json"
+    wrap.write_text(json.dumps({"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}))
+    got = fsdp_arguments("full_shard auto_wrap offload", str(wrap))
+    assert got == {
+        "fsdp": True,
+        "fsdp_config": {
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            "reshard_after_forward": True,
+            "cpu_offload": True,
+        },
+    }
+    assert fsdp_arguments("shard_grad_op", None)["fsdp_config"] == {"reshard_after_forward": False}
+    assert fsdp_arguments(True, None) == {"fsdp": True, "fsdp_config": {}}
+    assert fsdp_arguments("", None) == {"fsdp": False, "fsdp_config": None}
+    with pytest.raises(ConfigError, match="fsdp: 'hybrid_shard' is not an FSDP2 option"):
+        fsdp_arguments("hybrid_shard", None)
+    args = training_arguments(
+        load_config(None, [f"output_dir={tmp_path / 'o'}", "fsdp=full_shard auto_wrap"]), _cpu()
+    )
+    assert args.fsdp and args.fsdp_config["reshard_after_forward"] is True

@@ -146,7 +146,7 @@ def forward_hidden(
         inputs_embeds=inputs_embeds,
         attention_mask=mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
+        cache=past_key_values,
         use_cache=use_cache,
         **kwargs,
     )

@@ -8,7 +8,10 @@ accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingA
 * ``run_objective`` runs a stage's loss *inside* the wrapped model's forward (the DDP / FSDP /
   DeepSpeed wrapper, or accelerate's autocast wrapper on one device), so gradient synchronisation,
   parameter gathering and mixed precision see the computation exactly as for ``model(**inputs)``;
-* loss parts (``loss_ar``, ``loss_diff``, …) are averaged over all processes before they are logged;
+* loss parts (``loss_ar``, ``loss_diff``, …) are averaged over all processes before they are logged,
+  for training and for the held-out evaluation (``eval_loss_ar``, …), with the token rates and peak
+  memory of ``fluid_npu.train.report``; ``run_figures`` gives ``run.json`` the observed parallelism;
+* ``fsdp`` takes effect on CPU processes too (``fluid_npu.train.sharded``);
 * ``checkpoint-N`` directories appear atomically and a resume is validated first
   (``fluid_npu.train.checkpoint``).
 """
@@ -43,7 +46,11 @@ from fluid_npu.train.checkpoint import (
 from fluid_npu.train.data import evaluation_arguments
 from fluid_npu.train.io import FINAL_STAGING, publish_dir
 from fluid_npu.train.report import Throughput, observe_parallelism, peak_memory_mib
-from fluid_npu.train.sharded import full_state_resume_everywhere
+from fluid_npu.train.sharded import (
+    enable_fsdp_on_cpu_processes,
+    fsdp_arguments,
+    full_state_resume_everywhere,
+)
 
 Parts = dict[str, torch.Tensor]
 # transformers 5.24 renamed TrainingArguments.gradient_checkpointing (kept as our config key)
@@ -79,8 +86,7 @@ def training_arguments(
         bf16=t.bf16 and not t.pure_bf16,  # pure bf16 runs without autocast (precision.py)
         fp16=t.fp16,
         deepspeed=t.deepspeed,
-        fsdp=t.fsdp,
-        fsdp_config=t.fsdp_config,
+        **fsdp_arguments(t.fsdp, t.fsdp_config),
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -146,37 +152,7 @@ class FluidTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        self._fsdp_on_cpu_processes()
-
-    def _fsdp_on_cpu_processes(self) -> None:
-        """Honour ``fsdp`` on CPU processes, where accelerate silently falls back to DDP.
-
-        accelerate turns FSDP on only for accelerator back ends, so two gloo processes with
-        ``fsdp: full_shard`` would train replicated under DistributedDataParallel. FSDP2
-        (``fully_shard``) runs on gloo, so the plugin transformers built from the config is
-        installed here as accelerate would on a GPU; FSDP1 needs an accelerator and says so.
-        """
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-        state = self.accelerator.state
-        plugin_args = self.args.fsdp_plugin_args
-        if self.is_fsdp_enabled or plugin_args is None:
-            return
-        if state.distributed_type != DistributedType.MULTI_CPU:
-            return
-        plugin = FullyShardedDataParallelPlugin(**plugin_args)
-        if plugin.fsdp_version != 2:
-            raise ConfigError(
-                "fsdp on CPU processes needs FSDP2 (torch's fully_shard): set version: 2 in "
-                "fsdp_config (FSDP1 runs only on an accelerator)"
-            )
-        if state.mixed_precision != "no":
-            plugin.set_mixed_precision(state.mixed_precision)
-        state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = plugin
-        self.is_fsdp_enabled = True
-        self.accelerator.get_state_dict = _full_state_dict_on_cpu  # type: ignore[method-assign]
-        self.fsdp_on_cpu = True
+        self.fsdp_on_cpu = enable_fsdp_on_cpu_processes(self)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any) -> Any:
         self.throughput.count(inputs)
@@ -314,19 +290,6 @@ class FluidTrainer(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
-
-
-def _full_state_dict_on_cpu(model: torch.nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
-    """The whole FSDP2 state dict for CPU processes, as fresh tensors on every process.
-
-    accelerate asks for it with ``cpu_offload=True``, which on tensors already on the CPU returns
-    views of FSDP's freed all-gather buffers (safetensors then fails on an "invalid python
-    storage"); gathering without the offload returns tensors of their own.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
 
 
 def _last_checkpoint(output_dir: str | None) -> str | None:

@@ -55,8 +55,9 @@ class Precision:
         """The run's precision as the model's parameters show it (for ``run.json``)."""
         trainable: Counter[str] = Counter()
         frozen: Counter[str] = Counter()
-        for param in model.parameters():
-            (trainable if param.requires_grad else frozen)[_name(param.dtype)] += param.numel()
+        for param in model.parameters():  # ds_numel: the whole size of a ZeRO-3 partition
+            count = int(getattr(param, "ds_numel", param.numel()))
+            (trainable if param.requires_grad else frozen)[_name(param.dtype)] += count
         return {
             "mode": self.mode,
             "compute_dtype": _name(self.compute_dtype),
@@ -66,10 +67,13 @@ class Precision:
         }
 
 
-def resolve_precision(
-    *, bf16: bool, fp16: bool, pure_bf16: bool, choice: DeviceChoice, deepspeed: str | None = None
-) -> Precision:
-    """The precision of a run from its ``bf16`` / ``fp16`` / ``pure_bf16`` keys and the device."""
+def resolve_precision(train: Any, choice: DeviceChoice) -> Precision:
+    """The precision of a run from its ``bf16`` / ``fp16`` / ``pure_bf16`` keys and the device.
+
+    ``train`` is the config's ``TrainArgs`` (``deepspeed`` is read too: pure bf16 excludes it).
+    """
+    bf16, fp16, pure_bf16 = train.bf16, train.fp16, train.pure_bf16
+    deepspeed = train.deepspeed
     if pure_bf16:
         if fp16:
             raise ConfigError("pure_bf16 and fp16 are both true: choose one")

@@ -63,13 +63,7 @@ class TrainingSession:
             want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
         )
         self.args = training_arguments(cfg, self.choice)  # fail on bad arguments before loading
-        self.precision = resolve_precision(
-            bf16=cfg.train.bf16,
-            fp16=cfg.train.fp16,
-            pure_bf16=cfg.train.pure_bf16,
-            choice=self.choice,
-            deepspeed=cfg.train.deepspeed,
-        )
+        self.precision = resolve_precision(cfg.train, self.choice)
         self.quantization = self._quantization()
         self.mindspeed = enable_mindspeed() if cfg.model.use_mindspeed else None
         self.resume = resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)

@@ -12,16 +12,26 @@ logits. With plain or DDP-replicated weights the hooks do nothing and the call c
 Stage II's frozen backbone is not handed to the Trainer: every process keeps a whole copy, and
 ``unpartitioned_loading`` keeps transformers from loading it ZeRO-3-partitioned (``zero.Init``)
 when the run's DeepSpeed config is stage 3.
+
+The ``fsdp`` key: ``fsdp_arguments`` turns LLaMA-Factory's ``"full_shard auto_wrap"`` strings
+(deprecated in transformers 5) into ``fsdp=True`` plus ``fsdp_config`` options, and
+``enable_fsdp_on_cpu_processes`` makes it take effect on CPU processes (gloo), where accelerate
+would silently train under DDP instead; its checkpoints save and resume there without rank-0
+broadcasts (``full_state_resume_everywhere``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
+
+from fluid_npu.errors import ConfigError
 
 T = TypeVar("T")
 FSDP_MODEL_NAME = "pytorch_model_fsdp"  # accelerate's names for a FULL_STATE_DICT checkpoint
@@ -108,3 +118,85 @@ def _load_optimizer_everywhere(
     state = torch.load(path, weights_only=True, map_location="cpu")
     options = StateDictOptions(full_state_dict=True)
     set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def fsdp_arguments(fsdp: bool | str | list[str], config: str | None) -> dict[str, Any]:
+    """``fsdp`` / ``fsdp_config`` for ``TrainingArguments``, LLaMA-Factory's strings translated.
+
+    ``fsdp: "full_shard auto_wrap"`` (LLaMA-Factory, older transformers) is deprecated in
+    transformers 5: it becomes ``fsdp=True`` with the options in ``fsdp_config`` — ``full_shard`` /
+    ``shard_grad_op`` as FSDP2's ``reshard_after_forward`` true / false, ``offload`` as
+    ``cpu_offload``; ``auto_wrap`` is the default. An option FSDP2 lacks names the key to change.
+    """
+    if not fsdp:
+        return {"fsdp": False, "fsdp_config": config}
+    options: dict[str, Any] = {}
+    if config is not None:
+        try:
+            options = json.loads(Path(config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"fsdp_config {config!r} is not readable JSON ({exc})") from None
+    words = fsdp.split() if isinstance(fsdp, str) else [] if fsdp is True else list(fsdp)
+    version = int(options.get("version", 2))
+    for word in (w.lower() for w in words):
+        if word in ("true", "auto_wrap"):
+            continue
+        if word == "offload":
+            options.setdefault("cpu_offload", True)
+        elif version == 2 and word in ("full_shard", "shard_grad_op"):
+            options.setdefault("reshard_after_forward", word == "full_shard")
+        elif version == 1 and word.upper() in FSDP1_STRATEGIES:
+            options.setdefault("reshard_after_forward", word)
+        else:
+            raise ConfigError(
+                f"fsdp: {word!r} is not an FSDP{version} option; use full_shard, shard_grad_op, "
+                "offload or auto_wrap (other strategies need version: 1 in fsdp_config)"
+            )
+    return {"fsdp": True, "fsdp_config": options}
+
+
+FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
+
+
+def enable_fsdp_on_cpu_processes(trainer: Any) -> bool:
+    """Honour ``fsdp`` on CPU processes, where accelerate silently falls back to DDP.
+
+    accelerate turns FSDP on only for accelerator back ends, so two gloo processes with
+    ``fsdp: full_shard`` would train replicated under DistributedDataParallel. FSDP2
+    (``fully_shard``) runs on gloo, so the plugin transformers built from the config is
+    installed here as accelerate would on a GPU; FSDP1 needs an accelerator and says so.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    plugin_args = trainer.args.fsdp_plugin_args
+    if trainer.is_fsdp_enabled or plugin_args is None:
+        return False
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if plugin.fsdp_version != 2:
+        raise ConfigError(
+            "fsdp on CPU processes needs FSDP2 (torch's fully_shard): set version: 2 in "
+            "fsdp_config (FSDP1 runs only on an accelerator)"
+        )
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+    trainer.accelerator.get_state_dict = _full_state_dict_on_cpu
+    return True
+
+
+def _full_state_dict_on_cpu(model: torch.nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+    """The whole FSDP2 state dict for CPU processes, as fresh tensors on every process.
+
+    accelerate asks for it with ``cpu_offload=True``, which on tensors already on the CPU returns
+    views of FSDP's freed all-gather buffers (safetensors then fails on an "invalid python
+    storage"); gathering without the offload returns tensors of their own.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}

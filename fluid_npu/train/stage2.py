@@ -28,20 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.errors import CheckpointError, ConfigError, DataError
-from fluid_npu.layout import IGNORE, LayoutConfig
+from fluid_npu.layout import LayoutConfig
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
-from fluid_npu.model.attention import configure_attention, forward_hidden, lm_head
+from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
 from fluid_npu.train.common import (
     CHECKPOINTING,
@@ -51,11 +49,11 @@ from fluid_npu.train.common import (
 )
 from fluid_npu.train.data import load_run_data
 from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
-from fluid_npu.train.khead_labels import (
-    anchor_tables,
-    gaussian_target,
-    horizon_labels,
-    khead_kl_loss,
+from fluid_npu.train.khead_objective import (
+    COUNTS,
+    FrozenBackbone,
+    KHeadObjective,
+    predict_heldout,
 )
 from fluid_npu.train.khead_report import (
     PLOT_FILE,
@@ -67,162 +65,10 @@ from fluid_npu.train.khead_report import (
 from fluid_npu.train.precision import resolve_precision
 from fluid_npu.train.sharded import unpartitioned_loading
 from fluid_npu.train.stage1 import EpochCallback, LayoutCollator
-from fluid_ops.meta import AttnMeta
 
 logger = logging.getLogger(__name__)
 
 HEAD_PREFIX = "head."
-COUNTS = "label_counts"
-
-
-@dataclass
-class AnchorBatch:
-    """What the head trains on: one row per anchor with at least one supervised slot."""
-
-    hidden: torch.Tensor  # [A, H] final hidden state of the anchor's main token
-    k_star: torch.Tensor  # [A] int64 label in 1…k_max
-    n_valid: torch.Tensor  # [A] supervised slots of the anchor
-
-
-class FrozenBackbone:
-    """The Stage I model, frozen: runs a fixed-k layout batch and labels its anchors.
-
-    Deliberately not an ``nn.Module``: whoever holds it (``KHeadObjective``) does not register it,
-    so optimizers, distributed wrappers and checkpoints never see its parameters.
-    """
-
-    def __init__(self, model: nn.Module, *, rule: str, tau: float, k_max: int) -> None:
-        self.model = model
-        self.rule, self.tau, self.k_max = rule, tau, k_max
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-
-    def to(self, device: torch.device | str) -> FrozenBackbone:
-        self.model.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def anchors(self, inputs: dict[str, Any]) -> AnchorBatch:
-        """Backbone forward (no gradient), per-slot CE / argmax, per-anchor labels K*."""
-        self.model.eval()
-        anchor, labels = inputs["anchor"], inputs["labels"]
-        n_main = int(inputs["n_main"])
-        meta = AttnMeta.self_attention(inputs["position_ids"], anchor, n_main=n_main)
-        hidden, _ = forward_hidden(self.model, inputs["input_ids"], inputs["position_ids"], meta)
-        is_slot = anchor >= 0
-        ce_slots, argmax_slots = slot_stats(hidden[is_slot], lm_head(self.model), labels[is_slot])
-        ce = torch.zeros(anchor.shape, dtype=torch.float32, device=anchor.device)
-        argmax = torch.full_like(anchor, -1)
-        ce[is_slot] = ce_slots
-        argmax[is_slot] = argmax_slots
-        table = anchor_tables(
-            anchor, inputs["slot_index"], labels, ce, argmax, n_main=n_main, k_max=self.k_max
-        )
-        table = table.select(table.n_valid > 0)
-        return AnchorBatch(
-            hidden=hidden[table.row, table.col],
-            k_star=horizon_labels(self.rule, table, self.tau),
-            n_valid=table.n_valid,
-        )
-
-
-def slot_stats(
-    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token CE (0 where the label is ignored) and argmax of ``head(hidden)``.
-
-    A plain ``nn.Linear`` LM head goes through ``fluid_ops.token_stats`` (no ``[T, V]`` logits);
-    an adapted head (LoRA on ``lm_head``) is called as a module, ``chunk`` tokens at a time.
-    """
-    if type(head) is nn.Linear:
-        import fluid_ops
-
-        stats = fluid_ops.token_stats(hidden, head.weight, labels, bias=head.bias)
-        return stats.ce, stats.argmax
-    ces, argmaxes = [], []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = head(hidden[start : start + chunk]).float()
-        lab = labels[start : start + chunk]
-        ces.append(F.cross_entropy(logits, lab, ignore_index=IGNORE, reduction="none"))
-        argmaxes.append(logits.argmax(dim=-1))
-    if not ces:
-        return hidden.new_zeros(0, dtype=torch.float32), labels.new_zeros(0)
-    return torch.cat(ces), torch.cat(argmaxes)
-
-
-def head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The head in its own dtype (fp32, or bf16 under pure_bf16) whatever the autocast."""
-    dtype = next(head.parameters()).dtype
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return head(hidden.to(dtype)).float()
-
-
-class KHeadObjective(nn.Module):
-    """What the Trainer trains: the K-head (the only submodule) and the Stage II loss.
-
-    ``forward(**batch)`` returns ``{"loss", "khead_acc", "khead_label_mean"}``; it also counts the
-    training labels in the buffer ``label_counts``, whose mode is the report's constant-K
-    baseline. Being a buffer, the histogram is saved in every ``checkpoint-N`` and restored on
-    resume, so a resumed run reports the same baseline as an uninterrupted one (under DDP the
-    buffer is rank 0's, broadcast each step: the histogram of rank 0's share of the batches).
-    """
-
-    def __init__(self, head: KHead, backbone: FrozenBackbone, sigma: float) -> None:
-        super().__init__()
-        self.head = head
-        self.backbone = backbone  # a plain object: not registered, not trained, not saved
-        self.sigma = sigma
-        self.register_buffer(COUNTS, torch.zeros(head.k_max, dtype=torch.long))
-
-    def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
-        batch = self.backbone.anchors(inputs)
-        logits = head_logits(self.head, batch.hidden)
-        if batch.k_star.numel() == 0:  # no supervised anchor in this batch: a zero with a graph
-            zero = logits.sum() * 0.0
-            nan = torch.tensor(float("nan"))
-            return {"loss": zero, "khead_acc": nan, "khead_label_mean": nan}
-        target = gaussian_target(batch.k_star, self.head.k_max, self.sigma)
-        loss = khead_kl_loss(logits, target)
-        if self.training:  # the training labels only, not a held-out evaluation's
-            counts = torch.bincount(batch.k_star - 1, minlength=self.head.k_max)
-            self.label_counts += counts.to(self.label_counts.device)
-        with torch.no_grad():
-            acc = ((logits.argmax(dim=-1) + 1) == batch.k_star).float().mean()
-        return {
-            "loss": loss,
-            "khead_acc": acc,
-            "khead_label_mean": batch.k_star.float().mean(),
-        }
-
-
-@torch.no_grad()
-def predict_heldout(
-    head: KHead,
-    backbone: FrozenBackbone,
-    dataset: Any,
-    collator: LayoutCollator,
-    batch_size: int,
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(K̂, K*)`` for every supervised anchor of ``dataset`` (CPU int64 tensors)."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
-    device = backbone.device
-    head = head.to(device).eval()
-    preds, labels = [], []
-    for batch in tqdm(loader, desc="Stage II held-out", disable=not progress):
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        anchors = backbone.anchors(inputs)
-        preds.append((head_logits(head, anchors.hidden).argmax(dim=-1) + 1).cpu())
-        labels.append(anchors.k_star.cpu())
-    return torch.cat(preds), torch.cat(labels)
 
 
 def load_stage1(cfg: FluidConfig, dtype: torch.dtype | None) -> LoadedFluid:
@@ -273,6 +119,11 @@ class Stage2Run:
             raise ConfigError(f"run_stage2 needs stage: fluid_stage2, got {f.stage!r}")
         if f.anchor_prob <= 0:
             raise ConfigError("anchor_prob must be > 0 for Stage II: anchors are what it labels")
+        if cfg.model.quantization_bit is not None:
+            raise ConfigError(
+                f"quantization_bit: {cfg.model.quantization_bit} is QLoRA for Stage I; Stage II "
+                "runs its frozen backbone in the compute dtype (bf16: true halves it): drop the key"
+            )
         self.cfg = cfg
         out = Path(cfg.train.output_dir).resolve()
         stage1_dirs = (cfg.model.model_name_or_path, cfg.model.adapter_name_or_path)
@@ -298,13 +149,7 @@ class Stage2Run:
         # bf16 / fp16 apply to the frozen backbone (loaded in that dtype, run as at inference);
         # the head trains in fp32 (bf16 under pure_bf16), so the Trainer itself runs without mixed
         # precision (DeepSpeed's and FSDP's "auto" precision then keep the head as it is).
-        self.precision = resolve_precision(
-            bf16=cfg.train.bf16,
-            fp16=cfg.train.fp16,
-            pure_bf16=cfg.train.pure_bf16,
-            choice=self.choice,
-            deepspeed=cfg.train.deepspeed,
-        )
+        self.precision = resolve_precision(cfg.train, self.choice)
         self.backbone_dtype = self.precision.compute_dtype
         plain = dataclasses.replace(cfg.train, bf16=False, fp16=False)
         # the held-out split always feeds the final report; it is also evaluated during training
