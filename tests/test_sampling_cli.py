@@ -229,7 +229,10 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
         assert key in report
     assert set(report["speedup_by_batch"]) == {"1", "8"}
     assert report["speedup_by_batch"]["1"] == report["speedup_b1"]
-    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    from fluid_npu import device as devices
+
+    expected = devices.current().device.type  # --device auto: the best device this host has
+    assert report["device"]["type"] == expected and report["device"]["name"]
     assert report["command"].startswith("fluid bench sampler --model")
     policies = {r["policy"] for r in report["rows"]}
     assert policies == {"ar", "fixed:4", "fixed:8", "entropy:2", "khead"}

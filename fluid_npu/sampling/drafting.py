@@ -4,8 +4,9 @@ A ``DraftBudget`` watches every decode step the engine runs — its shape (rows 
 and every verify — the block length the drafts came from and how many were accepted — and answers
 the engine's three questions before a step:
 
-* **block length** (``choose_length``): of ``K``, ``K/2``, ``K/4``, the one with the most expected
-  tokens per second at this batch size; ``fixed:K`` keeps ``K``, and the full length runs every
+* **block length** (``choose_length``): of ``K``, ``K/2``, ``K/4``, 2 and 1, the one with the most
+  expected tokens per second at this batch size (a compute-bound step wastes least on short
+  blocks); ``fixed:K`` keeps ``K``, and the full length runs every
   ``LEN_PROBE_EVERY`` steps so every depth's acceptance stays measured;
 * **a second candidate block** (``choose_blocks``): only while it adds less than ``BLOCK_MARGIN``
   to the step;
@@ -103,7 +104,7 @@ class DraftBudget:
     def _length(self, rows: int, big_m: int) -> int:
         k = self.k
         self._steps += 1
-        if self.fixed or not self.adaptive or k <= 2 or self._steps % LEN_PROBE_EVERY == 0:
+        if self.fixed or not self.adaptive or k <= 1 or self._steps % LEN_PROBE_EVERY == 0:
             return k
         if sum(self.verifies_by_len) < MIN_VERIFIES or self.cost_model() is None:
             return k
@@ -111,7 +112,9 @@ class DraftBudget:
         def rate(n: int) -> float:
             return (1 + self.expected_accept(n)) / self.seconds(rows, min(big_m, n) + 1 + n)
 
-        return max(sorted({k, max(2, k // 2), max(2, k // 4)}, reverse=True), key=rate)
+        return max(
+            sorted({k, max(1, k // 2), max(1, k // 4), min(k, 2), 1}, reverse=True), key=rate
+        )
 
     def choose_blocks(self, rows: int, big_m: int, wanted: int, length: int) -> int:
         """Blocks for this step: what the drafts' coverage asks for, a second one only while the
