@@ -229,10 +229,16 @@ def test_block_length_and_price_follow_the_measured_costs():
     budget.record(1, 1, 0.004)
     budget.record(4, 17, 0.004)
     assert budget.choose_length(4, 8) == 8
-    # a second block only while it is cheap
+    # a second block: measured first, then kept while what it catches pays for its cost
     assert budget.choose_blocks(4, 8, 2, 8) == 2
-    budget.record(4, 25, 0.02)  # width now costs: 8 more slots x 4 rows = +0.016 s
+    for hit in [1] * 4 + [0] * 12 + [-1] * 4:  # it caught 4 of 20 rows' accept lengths
+        budget.observe_blocks(2, hit)
+    budget.observe_blocks(1, 0)  # a row with one block says nothing about the second
+    assert (budget.two_block_rows, budget.second_hits) == (20, 4)
+    assert budget.choose_blocks(4, 8, 2, 8) == 2  # width is free here
+    budget.record(4, 25, 0.02)  # width now costs: 8 more slots x 4 rows, far more than it saves
     assert budget.choose_blocks(4, 8, 2, 8) == 1
+    assert budget.choose_blocks(4, 8, 1, 8) == 1  # one wanted: one
     # fixed:K keeps K however expensive width is
     fixed = DraftBudget(8, fixed=True, adaptive=True)
     fixed.step_cost = dict(budget.step_cost)

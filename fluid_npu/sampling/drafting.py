@@ -8,8 +8,10 @@ the engine's three questions before a step:
   expected tokens per second at this batch size (a compute-bound step wastes least on short
   blocks); ``fixed:K`` keeps ``K``, and the full length runs every
   ``LEN_PROBE_EVERY`` steps so every depth's acceptance stays measured;
-* **a second candidate block** (``choose_blocks``): only while it adds less than ``BLOCK_MARGIN``
-  to the step;
+* **a second candidate block** (``choose_blocks``): when the drafts' confidences leave the accept
+  length uncertain, a second block anchored at the next most likely length; worth it while the
+  tokens it saves — the fraction of rows whose accept length it catches (measured) times the
+  drafts a step then accepts — outweigh its measured extra cost;
 * **the price of a block** (``price``): the accepted drafts per verify a row must earn for drafting
   to beat plain AR; rows below it decode as AR and probe now and then (the engine's ``ema``).
 
@@ -23,7 +25,7 @@ reached depth ``j``. All of this is host arithmetic on a few dozen numbers, outs
 from __future__ import annotations
 
 EMA = 0.7  # weight of the past in running averages
-BLOCK_MARGIN = 0.15  # a second block per step while it costs less than this much more
+MIN_BLOCK_SAMPLES = 16  # rows seen with two blocks before the second block's worth is judged
 DEFAULT_PRICE = 0.25  # a block's relative cost assumed before it is measured
 LEN_PROBE_EVERY = 32  # steps between full-length blocks once a shorter one is chosen
 MIN_VERIFIES = 8  # verifies observed before the block length adapts
@@ -38,6 +40,8 @@ class DraftBudget:
         self.verifies_by_len = [0] * (k + 1)  # verifies of drafts from blocks of length L
         self.accepted_by_count = [0] * (k + 2)  # verifies that accepted a drafts
         self.length = k  # the block length chosen last
+        self.two_block_rows = 0  # rows that had two candidate blocks in a step ...
+        self.second_hits = 0  # ... and whose accept length the second one caught
         self._fit: tuple[float, float] | None = None
         self._steps = 0
 
@@ -53,6 +57,12 @@ class DraftBudget:
         """A verify of drafts from a block of ``drafted_len`` slots accepted ``accepted``."""
         self.verifies_by_len[min(drafted_len, self.k)] += 1
         self.accepted_by_count[accepted] += 1
+
+    def observe_blocks(self, had: int, hit: int) -> None:
+        """A row had ``had`` candidate blocks and its accept length hit block ``hit`` (-1: none)."""
+        if had >= 2:
+            self.two_block_rows += 1
+            self.second_hits += hit >= 1
 
     # ------------------------------------------------------------------ estimates
 
@@ -117,12 +127,15 @@ class DraftBudget:
         )
 
     def choose_blocks(self, rows: int, big_m: int, wanted: int, length: int) -> int:
-        """Blocks for this step: what the drafts' coverage asks for, a second one only while the
-        cost model says it adds less than ``BLOCK_MARGIN`` to the step."""
+        """Blocks for this step: what the drafts' coverage asks for; a second one while its
+        measured catch rate times the drafts a step accepts outweighs its extra cost."""
         if wanted <= 1:
             return wanted
+        if self.two_block_rows < MIN_BLOCK_SAMPLES:
+            return 2  # measure what a second block catches first
         one = self.seconds(rows, big_m + 1 + length)
         two = self.seconds(rows, big_m + 1 + 2 * length)
         if one is None or two is None:
-            return 1
-        return 2 if two <= (1 + BLOCK_MARGIN) * one else 1
+            return 2
+        gained = self.second_hits / self.two_block_rows * self.expected_accept(length)
+        return 2 if two / one - 1.0 <= gained / (1.0 + self.expected_accept(length)) else 1

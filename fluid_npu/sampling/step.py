@@ -57,7 +57,7 @@ class StepMixin:
             plan = ForwardPlan(lo, lo + b, write, w, None, causal=True)
         else:
             # keys [0, extent): the committed entries and this forward's; rounded for few shapes
-            extent = min(self.kv.capacity, _round_up(self._max_extent(slots, w), 64))
+            extent = min(self.kv.capacity, self._bucket(self._max_extent(slots, w), 64))
             mask = step_mask(length, pos, anchor, extent)
             plan = ForwardPlan(lo, lo + b, write, extent, mask)
         if rows is not None:
@@ -78,6 +78,10 @@ class StepMixin:
         )
         self.kv.plan = None
         return out.last_hidden_state
+
+    def _bucket(self, n: int, to: int) -> int:
+        """``n`` rounded up to a multiple of ``to`` when the step is compiled (few shapes)."""
+        return _round_up(n, to) if self._compiled is not None else n
 
     def _max_extent(self, slots: range | list[int], w: int) -> int:
         # host-side bound, no device read: every slot's length is at most max_len
@@ -127,10 +131,12 @@ class StepMixin:
         return drafts, conf, self.policy.keep(st.entropy, anchor_hidden, self.khead)
 
     def _decode(self) -> list[Event]:
-        hi = _pow2(1 + max(i for i, s in enumerate(self.slots) if s is not None and s.running))
+        hi = 1 + max(i for i, s in enumerate(self.slots) if s is not None and s.running)
+        hi = _pow2(hi) if self._compiled is not None else hi
         hi = min(hi, self.slots_n)
         big_m, n_blocks = self._next_shape
-        big_m = min(_pow2(big_m) if big_m else 0, self.k)
+        if self._compiled is not None:  # a few shapes for the compiled step; exact sizes else
+            big_m = min(_pow2(big_m) if big_m else 0, self.k)
         n_blocks = min(n_blocks, self.anchors) if self.k else 0
         k = self.k  # this step's block length
         any_sampled, any_lp = self._sampling_rows(hi)
@@ -192,6 +198,8 @@ class StepMixin:
             )
         m_next = torch.zeros(hi, dtype=torch.long, device=dev)
         self.paid[:hi] = False
+        blocks_had = (cand >= 0).sum(dim=1)  # candidate blocks each row had in this step
+        hit_block = torch.full_like(a, -1)  # which of them the accepted length hit (-1: none)
         if n_blocks:
             hit = cand == a[:, None]
             has = hit.any(dim=1) & run
@@ -202,6 +210,7 @@ class StepMixin:
             m_next = torch.where(has, keep, 0)
             self.drafts[:hi, :k], self.logp[:hi, :k] = drafted, conf
             self.paid[:hi] = has  # the next verify judges a block this row paid for
+            hit_block = torch.where(has, hit.long().argmax(dim=1), -1)
         cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
         if k:
             cand_next = choose_anchors(
@@ -225,6 +234,8 @@ class StepMixin:
                 m[:, None],
                 toks,
                 torch.stack([m_next.max(), n_cand.max()])[None].expand(hi, 2),
+                blocks_had[:, None],
+                hit_block[:, None],
             ],
             dim=1,
         )
@@ -239,7 +250,7 @@ class StepMixin:
             packed_t = torch.cat(parts, dim=1)
         packed = packed_t.tolist()
         self.budget.record(hi, width, time.perf_counter() - t0)
-        width_int = 4 + big_m + 1 + 2
+        width_int = 4 + big_m + 1 + 2  # the two shape columns end here; two block columns follow
         self._next_shape = (int(packed[0][width_int - 2]), int(packed[0][width_int - 1]))
         events = self._events(packed, hi, big_m, n_top)
         self._drafted_len = k if n_blocks else 0
@@ -259,7 +270,7 @@ class StepMixin:
             toks = [int(t) for t in row[4 : 4 + take]]
             lps = tops = None
             if s.params.logprobs:
-                at = 4 + w + 2
+                at = 4 + w + 4
                 lps = row[at : at + take]
                 if s.params.top_logprobs:
                     ids = row[at + w : at + w + w * n_top]
@@ -277,6 +288,7 @@ class StepMixin:
                     tops = None if tops is None else tops[:cut]
             if m and self._drafted_len:  # a verify of drafts from a block of _drafted_len
                 self.budget.observe(self._drafted_len, a)
+            self.budget.observe_blocks(int(row[4 + w + 2]), int(row[4 + w + 3]))
             s.forwards += 1
             s.new.extend(toks)
             self.accept_hist[a] += 1
