@@ -120,8 +120,8 @@ def plot_losses(out: Path, path: Path) -> Path | None:
     return save_figure(plt, fig, path)
 
 
-def plot_curve(curve: dict[str, Any], path: Path) -> Path | None:
-    """FLUID TPF against Stage I steps, one line per policy."""
+def plot_curve(curve: dict[str, Any], path: Path, prompt_lookup_tpf: float) -> Path | None:
+    """FLUID TPF against Stage I steps, one line per policy, with the two TPF goals."""
     plt = pyplot("TPF-vs-steps")
     if plt is None:
         return None
@@ -129,7 +129,11 @@ def plot_curve(curve: dict[str, Any], path: Path) -> Path | None:
     steps = [p["step"] for p in curve["points"]]
     for policy in curve["policies"]:
         ax.plot(steps, [p[policy] for p in curve["points"]], marker="o", label=f"FLUID {policy}")
-    ax.axhline(2.5, color="grey", linestyle="--", linewidth=1, label="goal 2.5")
+    ax.axhline(2.5, color="grey", linestyle="--", linewidth=1, label="goal: TPF 2.5")
+    ax.axhline(
+        2 * prompt_lookup_tpf, color="grey", linestyle=":", linewidth=1,
+        label=f"goal: 2 × prompt lookup ({2 * prompt_lookup_tpf:.2f})",
+    )  # fmt: skip
     ax.set_xlabel("Stage I steps")
     ax.set_ylabel("tokens per forward")
     ax.grid(alpha=0.3)
@@ -188,7 +192,8 @@ def _markdown(out: Path, summary: dict[str, Any], wall: float, command: str) -> 
         f"{m['torch_threads']} torch threads); model {prep.get('model', {}).get('package', '?')} "
         f"(GGUF → HF, max logit difference {prep.get('model', {}).get('max_logit_diff', '?')}); "
         f"problems {prep.get('problems', {}).get('package', '?')}. MASK token: "
-        f"{f['mask_token']} (same in every stage: {_fmt(f['mask_token_same'])}).",
+        f"{', '.join(f'{k} `{v}`' for k, v in f['mask_token'].items())} (the same: "
+        f"{_fmt(f['mask_token_same'])}).",
         "## Goals",
         _table(["figure", "value", "goal", "met"], goals),
         "## Gold-solution NLL (teacher forced, nats per token)",
@@ -235,7 +240,8 @@ def write_report(
     summary["command"] = command
     write_json_atomic(out / "summary.json", summary)
     plot_losses(out, out / "plots" / "loss_curves.png")
-    plot_curve(_load(out / "eval" / "curve.json"), out / "plots" / "tpf_vs_steps.png")
+    curve = _load(out / "eval" / "curve.json")
+    plot_curve(curve, out / "plots" / "tpf_vs_steps.png", summary["figures"]["prompt_lookup_tpf"])
     plot_decoders(_load(out / "eval" / "decode.json"), out / "plots" / "decoders.png")
     write_text_atomic(out / "report.md", [_markdown(out, summary, wall, command)])
     return summary
