@@ -48,7 +48,7 @@ class DraftBudget:
     # ------------------------------------------------------------------ observations
 
     def record(self, rows: int, width: int, seconds: float) -> None:
-        """A decode step of ``rows`` × ``width`` tokens took ``seconds``."""
+        """A decode step of ``rows`` × ``width`` tokens took ``seconds`` (width 1: plain AR)."""
         old = self.step_cost.get((rows, width))
         self.step_cost[(rows, width)] = seconds if old is None else EMA * old + (1 - EMA) * seconds
         self._fit = None
@@ -67,9 +67,11 @@ class DraftBudget:
     # ------------------------------------------------------------------ estimates
 
     def cost_model(self) -> tuple[float, float] | None:
-        """``(c0, c1)``: step seconds ≈ c0 + c1 · tokens (None until two token counts ran)."""
+        """``(c0, c1)``: a drafting step's seconds ≈ c0 + c1 · tokens, least squares over the
+        drafting shapes seen (None until two token counts ran). Plain AR steps (width 1) are kept
+        apart: a drafting step also pays for reading its slots, which width alone does not tell."""
         if self._fit is None:
-            pts = [(r * w, t) for (r, w), t in self.step_cost.items()]
+            pts = [(r * w, t) for (r, w), t in self.step_cost.items() if w > 1]
             if len({x for x, _ in pts}) < 2:
                 return None
             n = len(pts)
@@ -80,6 +82,9 @@ class DraftBudget:
         return self._fit
 
     def seconds(self, rows: int, width: int) -> float | None:
+        """A step's expected seconds: measured for plain AR (width 1), else the cost model's."""
+        if width == 1 and (rows, 1) in self.step_cost:
+            return self.step_cost[(rows, 1)]
         fit = self.cost_model()
         return None if fit is None else fit[0] + fit[1] * rows * width
 
@@ -95,6 +100,17 @@ class DraftBudget:
                 break
             total += reached / tried
         return total
+
+    def prior_accept(self) -> float:
+        """What a new request's drafts are expected to earn per verify: the history's average once
+        there is one, ``K`` (optimistic: draft and see) before."""
+        if sum(self.verifies_by_len) < MIN_VERIFIES:
+            return float(self.k)
+        return self.expected_accept(self.length)
+
+    def drafting_pays(self, rows: int) -> bool:
+        """Whether a new request should start by drafting (the prior against the price)."""
+        return not self.adaptive or self.prior_accept() >= self.price(rows)
 
     # ------------------------------------------------------------------ decisions
 

@@ -331,7 +331,13 @@ class Scheduler(StepMixin):
             chunks[i] = (s.prefilled, chunk, s.prefilled + len(chunk) >= len(body))
         width = max(len(c) for _, c, _ in chunks.values())
         k = self.k
-        draft = k if k > 0 and any(last for _, _, last in chunks.values()) else 0
+        ending = [i for i, (_, _, last) in chunks.items() if last]
+        # the chunk that ends a prompt drafts the first tokens — unless drafting has not been paying
+        # (sampling rows always draft: their tokens must not depend on the batch's history)
+        pays = self.budget.drafting_pays(len(rows)) or any(
+            not self.slots[i].params.greedy for i in ending
+        )
+        draft = k if k > 0 and ending and pays else 0
         if width == 0 and draft == 0:  # one-token prompts only: nothing to encode
             for i in rows:
                 self._start(i, None, None)
@@ -380,9 +386,7 @@ class Scheduler(StepMixin):
         s.running = True
         self.length[i] = len(s.prompt) - 1
         self.last[i] = s.prompt[-1]
-        self.ema[i] = max(
-            1.0, self.budget.expected_accept(self.budget.length)
-        )  # optimistic: drafts first
+        self.ema[i] = self.budget.prior_accept()  # what drafts have earned so far (K at first)
         self.since_probe[i] = 0
         big_m, n_blocks = self._next_shape
         self._next_shape = (big_m, max(n_blocks, 1 if self.k else 0))
@@ -390,7 +394,7 @@ class Scheduler(StepMixin):
             self.m[i] = 0
             self.paid[i] = False
             self.cand[i] = -1
-            if self.k > 0:
+            if self.k > 0 and (not s.params.greedy or self.budget.drafting_pays(1)):
                 self.cand[i, 0] = 0  # no drafts yet: draft from v_0 in the first step
             self.run[i] = True
             return
