@@ -151,7 +151,6 @@ class Scheduler(StepMixin):
         self.run = z(s, dtype=torch.bool)
         self.ema = torch.ones(s, dtype=torch.float32, device=dev)
         self.paid = z(s, dtype=torch.bool)  # the row drafted a block for its current drafts
-        self.since_probe = z(s)
         # sampling (rules.py): per-slot settings, the drafts' q(x) and the slots' hidden states
         self.temp, self.top_p, self.min_p = (z(s, dtype=torch.float32) for _ in range(3))
         self.top_k, self.seed = z(s), z(s)
@@ -257,7 +256,7 @@ class Scheduler(StepMixin):
 
     ROW_STATE = (
         "length", "last", "drafts", "logp", "m", "cand", "new_count", "max_new", "eos", "run",
-        "ema", "paid", "since_probe", "temp", "top_p", "min_p", "top_k", "seed", "qprob",
+        "ema", "paid", "temp", "top_p", "min_p", "top_k", "seed", "qprob",
     )  # fmt: skip
 
     def _compact(self) -> None:
@@ -287,6 +286,10 @@ class Scheduler(StepMixin):
                 self.dhid[dst] = self.dhid[src]
             self.slots[dst], self.slots[src] = slot, None
             self.run[src] = False
+
+    def _decode_rows(self) -> int:
+        """The rows the next decode step computes (the price of a draft is per step)."""
+        return 1 + max((i for i, x in enumerate(self.slots) if x is not None), default=0)
 
     def _free(self, i: int) -> None:
         self.slots[i] = None
@@ -334,7 +337,7 @@ class Scheduler(StepMixin):
         ending = [i for i, (_, _, last) in chunks.items() if last]
         # the chunk that ends a prompt drafts the first tokens — unless drafting has not been paying
         # (sampling rows always draft: their tokens must not depend on the batch's history)
-        pays = self.budget.drafting_pays(len(rows)) or any(
+        pays = self.budget.drafting_pays(self._decode_rows()) or any(
             not self.slots[i].params.greedy for i in ending
         )
         draft = k if k > 0 and ending and pays else 0
@@ -387,14 +390,15 @@ class Scheduler(StepMixin):
         self.length[i] = len(s.prompt) - 1
         self.last[i] = s.prompt[-1]
         self.ema[i] = self.budget.prior_accept()  # what drafts have earned so far (K at first)
-        self.since_probe[i] = 0
         big_m, n_blocks = self._next_shape
         self._next_shape = (big_m, max(n_blocks, 1 if self.k else 0))
         if slot_hidden is None or self.k == 0:
             self.m[i] = 0
             self.paid[i] = False
             self.cand[i] = -1
-            if self.k > 0 and (not s.params.greedy or self.budget.drafting_pays(1)):
+            if self.k > 0 and (
+                not s.params.greedy or self.budget.drafting_pays(self._decode_rows())
+            ):
                 self.cand[i, 0] = 0  # no drafts yet: draft from v_0 in the first step
             self.run[i] = True
             return

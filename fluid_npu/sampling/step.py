@@ -23,7 +23,7 @@ from fluid_npu.sampling.requests import Event, Slot
 from fluid_npu.sampling.rules import ACCEPT, DRAFT, DRAW, filtered_probs, residual, sample, uniform
 from fluid_ops.meta import MAIN, PAD
 
-PROBE_EVERY = 16  # steps between probes of a row decoding as AR
+PROBE_EVERY = 16  # steps between the probes of the rows decoding as AR
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
 EMA = 0.7  # weight of the past in a row's accepted-drafts average
 
@@ -218,9 +218,10 @@ class StepMixin:
             )
             if self.adaptive:  # drafts already made are verified; new blocks only where they pay
                 worth = self.ema[:hi] >= self.budget.price(hi)
-                probe = self.since_probe[:hi] >= PROBE_EVERY
+                # every row that decodes as AR probes on the same step: one wide step in
+                # PROBE_EVERY for the batch, not one per row
+                probe = self.decode_forwards % PROBE_EVERY == 0
                 draft_on = worth | probe | (self.temp[:hi] > 0)
-                self.since_probe[:hi] = torch.where(draft_on, 0, self.since_probe[:hi] + 1)
                 cand_next = torch.where(draft_on[:, None], cand_next, -1)
         self.m[:hi] = m_next
         self.cand[:hi] = cand_next
