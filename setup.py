@@ -9,6 +9,21 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+DEEPSPEED = ["deepspeed>=0.15"]  # ZeRO; the tests run ZeRO-2 / ZeRO-3 on two CPU processes
+QLORA = ["bitsandbytes>=0.46"]  # quantization_bit (QLoRA); >= 0.46 also runs on a CPU
+EVAL = ["matplotlib>=3.7", "lm-eval>=0.4"]
+REAL = ["gguf>=0.10", "matplotlib>=3.7"]  # `fluid real`: the GGUF model, the report's plots
+# `fluid serve` / `fluid bench serve` (httptools and uvloop: uvicorn's fast HTTP parser and event
+# loop, picked up when installed)
+SERVE = [
+    "fastapi>=0.110",
+    "uvicorn>=0.30",
+    "httptools>=0.6",
+    "uvloop>=0.19; sys_platform != 'win32'",
+    "prometheus-client>=0.20",
+    "httpx>=0.27",
+]
+
 setup(
     name="fluid-npu",
     version="0.1.0",
@@ -38,39 +53,16 @@ setup(
         # torch_npu must match the preinstalled torch exactly; CANN comes from Ascend's installer.
         "npu": ["torch_npu", "decorator", "attrs", "psutil", "cloudpickle", "tornado"],
         "cuda": ["triton>=3.0"],
-        "deepspeed": ["deepspeed>=0.15"],
-        # quantization_bit (QLoRA); bitsandbytes >= 0.46 also runs on CPU
-        "qlora": ["bitsandbytes>=0.46"],
-        "eval": ["matplotlib>=3.7", "lm-eval>=0.4"],
-        # `fluid real`: reading the GGUF model (transformers' gguf_file=) and the report's plots
-        "real": ["gguf>=0.10", "matplotlib>=3.7"],
-        # `fluid serve` / `fluid bench serve` (httptools and uvloop: uvicorn's fast HTTP parser and
-        # event loop, picked up when installed); the openai client is for the tests and examples.
-        "serve": [
-            "fastapi>=0.110",
-            "uvicorn>=0.30",
-            "httptools>=0.6",
-            "uvloop>=0.19; sys_platform != 'win32'",
-            "prometheus-client>=0.20",
-            "httpx>=0.27",
-        ],
-        # triton is installed by run_npu.sh except on Ascend, where triton-ascend provides it.
-        "dev": [
-            "pytest>=8",
-            "ruff>=0.6",
-            "matplotlib>=3.7",
-            "lm-eval>=0.4",
-            "bitsandbytes>=0.46",
-            "deepspeed>=0.15",  # the ZeRO-2 / ZeRO-3 tests run on two CPU processes
-            "gguf>=0.10",  # the real-model preparation is tested on a tiny GGUF
-            "fastapi>=0.110",
-            "uvicorn>=0.30",
-            "httptools>=0.6",
-            "uvloop>=0.19; sys_platform != 'win32'",
-            "prometheus-client>=0.20",
-            "httpx>=0.27",
-            "openai>=1.40",
-        ],
+        "deepspeed": DEEPSPEED,
+        "qlora": QLORA,
+        "eval": EVAL,
+        "real": REAL,
+        "serve": SERVE,
+        # everything the test suite exercises (triton is installed by run_npu.sh except on Ascend,
+        # where triton-ascend provides it); the openai client drives the live server tests
+        "dev": sorted(
+            {"pytest>=8", "ruff>=0.6", "openai>=1.40", *DEEPSPEED, *QLORA, *EVAL, *REAL, *SERVE}
+        ),
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},
 )
