@@ -59,7 +59,18 @@ def _train(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))
     if is_main_process():  # torchrun runs one process per device: one line, not one per rank
         print(f"fluid: {cfg.fluid.stage} finished -> {cfg.train.output_dir} ({summary})")
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Leave the process group together: every rank waits for the others, then tears it down
+    (a rank exiting with its collective threads alive can abort, seen with DeepSpeed on gloo)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

@@ -102,11 +102,12 @@ class DraftBudget:
         return total
 
     def prior_accept(self) -> float:
-        """What a new request's drafts are expected to earn per verify: the history's average once
-        there is one, ``K`` (optimistic: draft and see) before."""
+        """What a new request's drafts are expected to earn per verify: the history's average at
+        the full length once there is one (the length chosen later can only do as well for its
+        cost), ``K`` (optimistic: draft and see) before."""
         if sum(self.verifies_by_len) < MIN_VERIFIES:
             return float(self.k)
-        return self.expected_accept(self.length)
+        return self.expected_accept(self.k)
 
     def drafting_pays(self, rows: int) -> bool:
         """Whether a new request should start by drafting (the prior against the price)."""
