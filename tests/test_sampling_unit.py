@@ -75,14 +75,16 @@ def test_choose_anchors():
     logp = torch.log(torch.tensor([[0.9, 0.9, 0.5], [0.1, 0.9, 0.9], [0.99, 0.99, 0.99]]))
     m = torch.tensor([3, 3, 1])
     # P(a=j): row 0: .1, .09, .405, .405; row 1: .9, .01, .009, .081; row 2: .01, .99
-    assert choose_anchors(logp, m, 0).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, -1, -1]]
+    every = choose_anchors(logp, m, 4, coverage=1.0)  # every length, most likely first
+    assert sorted(every[0].tolist()) == [0, 1, 2, 3] and every[2].tolist() == [1, 0, -1, -1]
     top2 = choose_anchors(logp, m, 2, coverage=1.0)
     assert sorted(top2[0].tolist()) == [2, 3] and top2[1].tolist() == [0, 3]
     assert top2[2].tolist() == [1, 0]
     cut = choose_anchors(logp, m, 3, coverage=0.9)  # rows 1 and 2 are covered by one length
     assert sorted(cut[0].tolist()) == [0, 2, 3] and cut[1].tolist() == [0, -1, -1]
     assert cut[2].tolist() == [1, -1, -1]
-    assert choose_anchors(logp[:, :0], torch.zeros(3, dtype=torch.long), 3).tolist() == [[0]] * 3
+    none = choose_anchors(logp[:, :0], torch.zeros(3, dtype=torch.long), 3)  # no drafts: v_0
+    assert none.tolist() == [[0, -1, -1]] * 3
 
 
 def _engine(max_new: int = 5, eos=(7,), batch: int = 3) -> Engine:

@@ -36,18 +36,14 @@ DEFAULT_COVERAGE = 0.9
 
 
 def choose_anchors(
-    logp: torch.Tensor,
-    m: torch.Tensor,
-    count: int,
-    coverage: float = DEFAULT_COVERAGE,
-    fixed: bool = False,
+    logp: torch.Tensor, m: torch.Tensor, count: int, coverage: float = DEFAULT_COVERAGE
 ) -> torch.Tensor:
-    """Candidate accept lengths that get a draft block, ``[B, n]`` (``-1`` = no block).
+    """Candidate accept lengths that get a draft block, ``[B, count]`` (``-1`` = no block).
 
     ``logp [B, M]``: log-confidence of each pending draft; ``m [B]``: how many are real. Lengths
     are taken most likely first until they cover ``coverage`` of the probability or ``count``
-    of them are taken (``count=0``: every length, no coverage cut). ``fixed``: exactly ``count``
-    columns, no host read (the decode engine's fixed shapes); otherwise as many as some row needs.
+    of them are taken. Always ``count`` columns, computed on the device (the engine's fixed
+    shapes: no host read).
     """
     b, big_m = logp.shape
     j = torch.arange(big_m + 1, device=logp.device)
@@ -56,16 +52,11 @@ def choose_anchors(
     reach = torch.cat([ones, torch.cumprod(p, dim=1)], dim=1)  # P(a >= j)
     stop = torch.cat([1.0 - p, ones], dim=1)  # P(draft j+1 rejected | reached j)
     score = torch.where(j[None] <= m[:, None], reach * stop, -1.0)
-    if count <= 0:
-        return torch.where(score >= 0, j[None].expand(b, -1), -1)
     vals, idx = score.sort(dim=1, descending=True)
     vals, idx = vals[:, :count], idx[:, :count]
     mass = vals.clamp(min=0)
     keep = (vals >= 0) & (mass.cumsum(dim=1) - mass < coverage)
-    if fixed:
-        out = torch.where(keep, idx, -1)
-        if out.shape[1] < count:
-            out = torch.cat([out, out.new_full((b, count - out.shape[1]), -1)], dim=1)
-        return out
-    n = int(keep.sum(dim=1).max())
-    return torch.where(keep, idx, -1)[:, :n]
+    out = torch.where(keep, idx, -1)
+    if out.shape[1] < count:  # fewer lengths than count exist (M + 1 < count)
+        out = torch.cat([out, out.new_full((b, count - out.shape[1]), -1)], dim=1)
+    return out

@@ -409,7 +409,7 @@ class Scheduler(StepMixin):
         self.drafts[i], self.logp[i] = drafts[0], conf[0]
         self.m[i] = keep[0]
         self.paid[i] = True
-        self.cand[i] = choose_anchors(conf, keep, self.anchors, self.coverage, fixed=True)[0]
+        self.cand[i] = choose_anchors(conf, keep, self.anchors, self.coverage)[0]
         self.run[i] = True
         self._next_shape = (self.k, self._next_shape[1])  # widest: no host read of keep
 
