@@ -71,7 +71,11 @@ def _two_processes(
 ) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "MASTER_PORT")}
     env.update(
-        FLUID_PYTHON=sys.executable, NPROC="2", MASTER_PORT=str(_port()), OMP_NUM_THREADS="1"
+        FLUID_PYTHON=sys.executable,
+        NPROC="2",
+        MASTER_PORT=str(_port()),
+        OMP_NUM_THREADS="1",
+        PYTHONFAULTHANDLER="1",  # a rank that aborts prints where it was
     )
     cmd = [
         "bash",
@@ -81,7 +85,7 @@ def _two_processes(
         f"output_dir={out}",
     ]
     proc = subprocess.run([*cmd, *overrides], env=env, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     return json.loads((out / "run.json").read_text())
 
 
