@@ -13,7 +13,7 @@ import random
 import string
 from pathlib import Path
 
-from fluid_npu.train.io import write_json_atomic, write_text_atomic
+from fluid_npu.io import write_json_atomic, write_text_atomic
 
 LETTERS = string.ascii_lowercase
 

@@ -14,17 +14,11 @@ import pytest
 import torch
 
 from fluid_npu.cli import main
+from fluid_npu.data.gsm8k import prompt_text, reference_answer
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.eval import extract_answer, is_correct, run_eval, task_rows, write_eval_report
 from fluid_npu.eval.report import markdown_table, plot_paths
-from fluid_npu.eval.tasks import (
-    cut_at_stop,
-    encode_question,
-    prompt_text,
-    read_rows,
-    reference_answer,
-    select_fewshot,
-)
+from fluid_npu.eval.tasks import cut_at_stop, encode_question, read_rows, select_fewshot
 from fluid_npu.model.adapters import load_fluid
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     if diff > 1e-3:
         raise SystemExit(f"the two prefills disagree (max abs diff {diff:.2e})")
     if args.json:
-        from fluid_npu.train.io import write_json_atomic
+        from fluid_npu.io import write_json_atomic
 
         write_json_atomic(args.json, report)
     return report

@@ -20,9 +20,9 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from fluid_npu.data.gsm8k import prompt_text  # the zero-shot GSM8K prompt: trained and evaluated
 from fluid_npu.errors import DataError
-from fluid_npu.eval.tasks import prompt_text  # the zero-shot GSM8K prompt: trained and evaluated
-from fluid_npu.train.io import write_json_atomic, write_text_atomic
+from fluid_npu.io import write_json_atomic, write_text_atomic
 
 NAMES = (
     ("Mia", "She"), ("Tom", "He"), ("Ava", "She"), ("Leo", "He"), ("Zoe", "She"), ("Sam", "He"),

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from fluid_npu.errors import ConfigError
-from fluid_npu.train.io import prepare_output_dir, write_json_atomic, write_text_atomic
+from fluid_npu.io import prepare_output_dir, write_json_atomic, write_text_atomic
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (setup.py), not the checkout's
 DEFAULT_OUT = Path("runs/demo")

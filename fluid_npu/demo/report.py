@@ -26,7 +26,7 @@ from typing import Any
 from fluid_npu.eval.lossless_rule import is_lossless, not_lossless
 from fluid_npu.eval.report import pyplot, save_figure
 from fluid_npu.eval.runner import BASELINE
-from fluid_npu.train.io import write_json_atomic, write_text_atomic
+from fluid_npu.io import write_json_atomic, write_text_atomic
 
 # name: (goal text, test on the summary)
 GOALS: dict[str, tuple[str, Any]] = {

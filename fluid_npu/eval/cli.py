@@ -97,6 +97,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from fluid_npu.eval.report import markdown_table, write_eval_report
     from fluid_npu.eval.runner import run_eval
     from fluid_npu.eval.tasks import read_rows, select_fewshot, task_rows
+    from fluid_npu.io import prepare_output_dir
     from fluid_npu.sampling.cli import (
         check_common,
         command_line,
@@ -105,7 +106,6 @@ def eval_command(args: argparse.Namespace) -> int:
         load_model,
     )
     from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
-    from fluid_npu.train.io import prepare_output_dir
 
     check_common(args)
     if args.num_fewshot is None:

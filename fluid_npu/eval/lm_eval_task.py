@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from fluid_npu.train.io import write_text_atomic
+from fluid_npu.io import write_text_atomic
 
 LOADER = "fluid_local_data"
 LOADER_TEXT = '''\

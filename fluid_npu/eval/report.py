@@ -67,7 +67,7 @@ def write_eval_report(
     plot_dir: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write the JSON (and the markdown table, and the PNGs); returns what was written by kind."""
-    from fluid_npu.train.io import write_json_atomic, write_text_atomic
+    from fluid_npu.io import write_json_atomic, write_text_atomic
 
     written: dict[str, Path] = {}
     if markdown_path is not None:

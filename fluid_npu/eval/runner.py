@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fluid_npu.data.gsm8k import reference_answer
 from fluid_npu.data.tokenizer_check import check_tokenizer_encodes
 from fluid_npu.errors import ConfigError
 from fluid_npu.eval.tasks import (
@@ -34,7 +35,6 @@ from fluid_npu.eval.tasks import (
     cut_at_stop,
     encode_question,
     extract_answer,
-    reference_answer,
     select_fewshot,
 )
 from fluid_npu.sampling.stats import GenerateStats
@@ -81,10 +81,10 @@ def run_eval(
     ``gen_kwargs`` go to the sampler (``k_max``, ``anchors``, ``attn_backend``); ``echo`` receives
     one progress line per policy. Returns the report described in the module docstring.
     """
+    from fluid_npu.io import versions
     from fluid_npu.sampling.api import LOOPS, eos_and_pad
     from fluid_npu.sampling.bench import decode_batches, device_info, split_batches
     from fluid_npu.sampling.lossless import compare
-    from fluid_npu.train.io import versions
 
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

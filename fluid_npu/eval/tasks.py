@@ -1,7 +1,8 @@
 """Exact-match tasks in GSM8K format: rows, prompts, the final-number extractor, scoring.
 
 A row is ``{"question": str, "answer": str}`` whose answer ends with a ``#### n`` line (GSM8K's
-own format); the reference is the number after ``####``. Two tasks share it:
+own format); the reference is the number after ``####``. The format, its reference and the plain
+prompt live in ``fluid_npu.data.gsm8k`` (the demo's data is written in it). Two tasks share it:
 
 * ``gsm8k`` — rows from ``--data FILE.jsonl`` (nothing is downloaded);
 * ``demo`` — the synthetic word problems of ``fluid_npu.data.demo`` (``demo_split("test", n)``)
@@ -23,39 +24,31 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from fluid_npu.data import demo
+from fluid_npu.data.gsm8k import (
+    FINAL_NUMBER,
+    NUMBER,
+    normalize_number,
+    prompt_text,
+    reference_answer,
+)
 from fluid_npu.data.templates import Conversation, TokenizerChatTemplate, get_template
 from fluid_npu.errors import ConfigError, DataError
 
 TASKS = ("gsm8k", "demo")
-FIELDS = ("question", "answer")
 STOP_STRINGS = ("Question:",)
 DEFAULT_DEMO_ROWS = 100
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-_AFTER_HASHES = re.compile(rf"####\s*({_NUMBER})")
-_THE_ANSWER_IS = re.compile(rf"[Tt]he (?:final )?answer is:?\s*({_NUMBER})")
-_ANY_NUMBER = re.compile(_NUMBER)
-
-
-def normalize_number(text: str) -> str | None:
-    """``"$1,000.50"`` → ``"1000.5"``, ``"19.0"`` → ``"19"``; None when it is not a number."""
-    cleaned = text.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
+_THE_ANSWER_IS = re.compile(rf"[Tt]he (?:final )?answer is:?\s*({NUMBER})")
+_ANY_NUMBER = re.compile(NUMBER)
 
 
 def extract_answer(text: str) -> str | None:
     """The final number of a model's answer (see the module docstring), normalised, or None."""
-    for pattern in (_AFTER_HASHES, _THE_ANSWER_IS):
+    for pattern in (FINAL_NUMBER, _THE_ANSWER_IS):
         match = pattern.search(text)
         if match:
             return normalize_number(match.group(1))
@@ -67,28 +60,6 @@ def cut_at_stop(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
     """``text`` up to the first of ``stops`` (all of it when none occurs)."""
     ends = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return text[: min(ends)] if ends else text
-
-
-def reference_answer(row: Any, where: str) -> str:
-    """The number after ``####`` in a row's answer; a ``DataError`` naming ``where`` otherwise."""
-    if not isinstance(row, dict):
-        raise DataError(f'{where}: each row must be a JSON object with "question" and "answer"')
-    missing = [f for f in FIELDS if not isinstance(row.get(f), str)]
-    if missing:
-        raise DataError(
-            f'{where}: the row has no text field "{missing[0]}"; GSM8K rows need "question" and '
-            '"answer" (a solution ending in a line "#### n")'
-        )
-    if not row["question"].strip():
-        raise DataError(f"{where}: the question is empty")
-    match = _AFTER_HASHES.search(row["answer"])
-    value = normalize_number(match.group(1)) if match else None
-    if value is None:
-        raise DataError(
-            f'{where}: the answer has no final "#### n" line with a number; GSM8K answers end '
-            'with e.g. "#### 72"'
-        )
-    return value
 
 
 def is_correct(output: str, reference: str) -> bool:
@@ -115,9 +86,7 @@ def task_rows(task: str, data: str | Path | None = None, limit: int | None = Non
     if data is not None:
         rows = read_rows(data)
     elif task == "demo":
-        from fluid_npu.data.demo import demo_split
-
-        rows = demo_split("test", limit or DEFAULT_DEMO_ROWS)
+        rows = demo.demo_split("test", limit or DEFAULT_DEMO_ROWS)
     else:
         raise ConfigError(
             f"--task {task} needs --data FILE.jsonl (GSM8K rows: question, answer ending "
@@ -142,12 +111,6 @@ def select_fewshot(rows: Sequence[dict] | None, k: int, where: str = "the few-sh
     for i, row in enumerate(rows[:k]):
         reference_answer(row, f"few-shot example {i + 1}")
     return list(rows[:k])
-
-
-def prompt_text(question: str, shots: Sequence[dict] = ()) -> str:
-    """The plain (non-chat) prompt: few-shot examples, then ``Question: ...\\nAnswer:``."""
-    head = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
-    return f"{head}Question: {question}\nAnswer:"
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:

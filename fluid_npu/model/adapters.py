@@ -75,7 +75,7 @@ class FluidModelMeta:
     stage: str = "fluid_stage1"
 
     def save(self, directory: str | Path) -> None:
-        from fluid_npu.train.io import write_json_atomic
+        from fluid_npu.io import write_json_atomic
 
         write_json_atomic(Path(directory) / META_FILE, self.__dict__)
 

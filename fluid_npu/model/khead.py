@@ -60,7 +60,7 @@ def save_khead(head: KHead, config: KHeadConfig, directory: str | Path) -> Path:
     """Write the head's weights and config (temp files renamed into place)."""
     from safetensors.torch import save_file
 
-    from fluid_npu.train.io import write_json_atomic
+    from fluid_npu.io import write_json_atomic
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from typing import Any
 import tomllib
 
 from fluid_npu.errors import DataError, FluidError
-from fluid_npu.train.io import write_json_atomic, write_text_atomic
+from fluid_npu.io import write_json_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def convert_gguf(gguf_path: Path, out: Path, probe: str = "Question: 2 + 3 = ?\n
 
 def toml_to_gsm8k(toml_dir: Path, out: Path) -> list[dict[str, str]]:
     """GSM8K JSONL rows (``question``, ``answer`` ending ``#### n``) from the TOML files."""
-    from fluid_npu.eval.tasks import reference_answer
+    from fluid_npu.data.gsm8k import reference_answer
 
     files = sorted(toml_dir.glob("*.toml"))
     if not files:

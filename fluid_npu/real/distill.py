@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fluid_npu.errors import DataError
-from fluid_npu.train.io import write_json_atomic, write_text_atomic
+from fluid_npu.io import write_json_atomic, write_text_atomic
 
 DATASET = "real_distill"
 FILE = "distill.jsonl"

@@ -185,7 +185,7 @@ def decode_all(
 
 
 def _reference(row: dict[str, str]) -> str:
-    from fluid_npu.eval.tasks import reference_answer
+    from fluid_npu.data.gsm8k import reference_answer
 
     return reference_answer(row, "gsm8k row")
 

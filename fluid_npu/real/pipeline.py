@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.io import prepare_output_dir, write_json_atomic
 from fluid_npu.real.prepare import TEST_FILE
-from fluid_npu.train.io import prepare_output_dir, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

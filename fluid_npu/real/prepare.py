@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fluid_npu.errors import DataError
+from fluid_npu.io import prepare_output_dir, write_json_atomic
 from fluid_npu.real.assets import (
     GGUF_NAME,
     GSM_SYMBOLIC,
@@ -22,7 +23,6 @@ from fluid_npu.real.assets import (
     ensure_package,
     toml_to_gsm8k,
 )
-from fluid_npu.train.io import prepare_output_dir, write_json_atomic
 
 TEST_FILE = "data/gsm8k_test.jsonl"
 

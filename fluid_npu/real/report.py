@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fluid_npu.eval.report import pyplot, save_figure
-from fluid_npu.train.io import versions, write_json_atomic, write_text_atomic
+from fluid_npu.io import versions, write_json_atomic, write_text_atomic
 
 GOALS: dict[str, tuple[str, Any]] = {
     "nll_ratio": ("≤ 1.02 (Stage I AR ÷ base, gold solutions)", lambda v: v <= 1.02),

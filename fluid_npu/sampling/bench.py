@@ -175,8 +175,8 @@ class _Runner:
 
 def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
     """Run the benchmark described by ``s``; returns (and writes) the report."""
+    from fluid_npu.io import versions, write_json_atomic
     from fluid_npu.sampling.api import FluidForCausalLM, eos_and_pad, parse_dtype
-    from fluid_npu.train.io import versions, write_json_atomic
 
     dev = check_settings(s)
     with quiet_loading():

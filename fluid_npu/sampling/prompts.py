@@ -108,7 +108,7 @@ def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Write ``rows`` as JSONL through a temporary file renamed into place."""
-    from fluid_npu.train.io import write_text_atomic
+    from fluid_npu.io import write_text_atomic
 
     return write_text_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 

@@ -187,8 +187,8 @@ def summarize(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 
 
 def _machine(url: str) -> dict[str, Any]:
+    from fluid_npu.io import versions
     from fluid_npu.sampling.bench import _cpu_name
-    from fluid_npu.train.io import versions
 
     health = httpx.get(f"{url}/health", timeout=30).json()
     return {"server": health.get("info", {}), "cpu": _cpu_name(), "versions": versions()}
@@ -234,7 +234,7 @@ def run_rounds(urls: dict[str, str], s: ServeBenchSettings, prompts: list[str]) 
 
 def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
     """Run every policy's load and write the report (see the module docstring)."""
-    from fluid_npu.train.io import write_json_atomic
+    from fluid_npu.io import write_json_atomic
 
     s.check()
     prompts = read_prompts(s.prompts)

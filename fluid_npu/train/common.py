@@ -35,6 +35,7 @@ from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.errors import ConfigError, FluidError
+from fluid_npu.io import FINAL_STAGING, publish_dir
 from fluid_npu.train.checkpoint import (
     PREFIX,
     last_complete_checkpoint,
@@ -44,7 +45,6 @@ from fluid_npu.train.checkpoint import (
     staging_root,
 )
 from fluid_npu.train.data import evaluation_arguments
-from fluid_npu.train.io import FINAL_STAGING, publish_dir
 from fluid_npu.train.report import Throughput, observe_parallelism, peak_memory_mib
 from fluid_npu.train.sharded import (
     enable_fsdp_on_cpu_processes,

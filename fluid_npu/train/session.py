@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.errors import CheckpointError, ConfigError
+from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.model.adapters import FluidModelMeta, apply_lora
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.fused_layers import apply_npu_fused_layers, enable_mindspeed
@@ -43,7 +44,6 @@ from fluid_npu.train.common import (
     training_arguments,
 )
 from fluid_npu.train.data import load_run_data
-from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.train.precision import resolve_precision
 
 logger = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ from torch import nn
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.errors import CheckpointError, ConfigError, DataError
+from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.layout import LayoutConfig
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import configure_attention
@@ -48,7 +49,6 @@ from fluid_npu.train.common import (
     training_arguments,
 )
 from fluid_npu.train.data import load_run_data
-from fluid_npu.train.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.train.khead_objective import (
     COUNTS,
     FrozenBackbone,

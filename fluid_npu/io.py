@@ -1,7 +1,9 @@
-"""Output directories, atomic writes and ``run.json`` — how every stage leaves its results on disk.
+"""Output directories, atomic writes and ``run.json``: how results are left on disk.
 
 Nothing a run writes is ever half-written: files and whole directories are written to a temporary
-sibling and renamed into place, so a crash leaves either the old state or the new one.
+sibling and renamed into place, so a crash leaves either the old state or the new one. Generic I/O,
+at the bottom of the package's layers (DESIGN §2): any module may import it, it imports nothing of
+the package but ``errors`` (and, in ``versions``, the package's version).
 """
 
 from __future__ import annotations
