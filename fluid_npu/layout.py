@@ -12,6 +12,9 @@ expanded sequence that one strictly causal forward pass trains on:
   ``r_c ~ U(0,1)``, then replaced by a random token with probability ``noise_ratio``), label
   ``x_{c+j+1}`` (-100 on a prompt token). Slots are clipped so every slot's label exists.
 
+Where a slot sits is ``slot_block``'s rule, the one place it is written: the sampler's drafts
+(the prefill's, the decode step's blocks, the reference loop's) are placed by it too.
+
 Draws come from a generator seeded by ``(seed, example index, epoch)``: a resumed run, or the same
 example in another process, gets the same layout. ``collate`` batches expanded examples with the
 main streams right-padded to a common ``n_main`` and the slot regions after them, and builds the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +78,34 @@ def response_mask(labels: Sequence[int]) -> np.ndarray:
     return np.asarray(labels) != IGNORE
 
 
+class SlotBlock(NamedTuple):
+    """The §1.1 slots of a set of anchors, each ``[..., k]`` (see ``slot_block``)."""
+
+    input_ids: torch.Tensor  # MASK
+    position_ids: torch.Tensor  # c + j
+    anchor: torch.Tensor  # c, or PAD where the slot is not live
+    slot_index: torch.Tensor  # j = 1 … k
+
+
+def slot_block(
+    anchors: torch.Tensor, k: int, mask_id: int, live: torch.Tensor | None = None
+) -> SlotBlock:
+    """The ``k`` slots of each anchor in ``anchors [...]`` (positions ``c``): slot ``j = 1…k``
+    of anchor ``c`` sits at position ``c + j``, carries the anchor id ``c`` and the input ``MASK``.
+
+    Stage I's layout, the sampler's prefill drafts and the decode step's draft blocks all place
+    their slots with this one rule. ``live`` ``[...]`` (per anchor) or ``[..., k]`` (per slot):
+    where False the slot's anchor id is ``PAD`` (a slot no query sees and that sees nothing).
+    """
+    j = torch.arange(1, k + 1, device=anchors.device)
+    pos = anchors[..., None] + j
+    anchor = anchors[..., None].expand(pos.shape)
+    if live is not None:
+        live = live[..., None] if live.dim() == anchors.dim() else live
+        anchor = torch.where(live, anchor, PAD)
+    return SlotBlock(torch.full_like(pos, mask_id), pos, anchor, j.expand(pos.shape))
+
+
 def _generator(cfg: LayoutConfig, index: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([cfg.seed, index, epoch, 0xF1D]))
 
@@ -114,23 +146,17 @@ def expand(
             chosen, ks = chosen[kept], ks[kept]
     reveal_p = rng.random(len(chosen)) if cfg.reveal else np.zeros(len(chosen))
 
-    total = int(ks.sum())
-    s_ids = np.full(total, cfg.mask_id, dtype=np.int64)
-    s_lab = np.empty(total, dtype=np.int64)
-    s_pos = np.empty(total, dtype=np.int64)
-    s_anc = np.empty(total, dtype=np.int64)
-    s_j = np.empty(total, dtype=np.int64)
+    # every anchor's k_max slots, then the first k_c of each (row-major: grouped by anchor)
+    slots = slot_block(torch.from_numpy(chosen), cfg.k_max, cfg.mask_id)
+    taken = slots.slot_index <= torch.from_numpy(ks)[:, None]
+    s_ids, s_pos, s_anc, s_j = (t[taken].numpy() for t in slots)
+    s_lab = target[s_pos]
     at = 0
-    for c, k, r in zip(chosen.tolist(), ks.tolist(), reveal_p.tolist()):
-        j = np.arange(1, k + 1)
+    for k, r in zip(ks.tolist(), reveal_p.tolist()):
         sl = slice(at, at + k)
-        s_pos[sl] = c + j
-        s_anc[sl] = c
-        s_j[sl] = j
-        s_lab[sl] = target[c + j]
         if r > 0:
             revealed = rng.random(k) < r
-            s_ids[sl] = np.where(revealed, x[c + j], cfg.mask_id)
+            s_ids[sl] = np.where(revealed, x[s_pos[sl]], cfg.mask_id)
             if cfg.noise_ratio > 0 and len(cfg.noise_ids):
                 noisy = revealed & (rng.random(k) < cfg.noise_ratio)
                 if noisy.any():
@@ -161,20 +187,6 @@ class Batch:
     @property
     def meta(self) -> AttnMeta:
         return AttnMeta.self_attention(self.position_ids, self.anchor, n_main=self.n_main)
-
-    @property
-    def is_slot(self) -> torch.Tensor:
-        return self.anchor >= 0
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.labels.to(device),
-            self.position_ids.to(device),
-            self.anchor.to(device),
-            self.slot_index.to(device),
-            self.n_main,
-        )
 
 
 def collate(examples: Sequence[Expanded], pad_id: int) -> Batch:

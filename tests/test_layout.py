@@ -8,7 +8,14 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from fluid_npu.layout import IGNORE, LayoutConfig, collate, expand, noise_vocabulary
+from fluid_npu.layout import (
+    IGNORE,
+    LayoutConfig,
+    collate,
+    expand,
+    noise_vocabulary,
+    slot_block,
+)
 from fluid_npu.model.attention import configure_attention, forward_hidden, lm_head
 from fluid_npu.model.tiny import ARCHS, build_tiny_model, build_tiny_tokenizer
 from fluid_ops.meta import MAIN, PAD, visibility
@@ -79,6 +86,19 @@ def test_slot_labels_and_positions(tok):
         assert e.position_ids[i] == c + j and e.input_ids[i] == tok.mask_token_id
         assert e.labels[i] == ids[c + j + 1]  # slot j predicts the token after its own position
         assert c + 2 >= 6  # anchors: next token a response token, or the column just before
+
+
+def test_slot_block_places_slot_j_of_anchor_c_at_c_plus_j():
+    """The one placement rule the layout and the sampler share: position c + j, input MASK."""
+    anchors = torch.tensor([[3, 10], [0, -1]])
+    block = slot_block(anchors, 4, mask_id=7, live=anchors >= 0)
+    assert block.position_ids.shape == (2, 2, 4) and (block.input_ids == 7).all()
+    assert block.position_ids[0, 1].tolist() == [11, 12, 13, 14]
+    assert block.slot_index[1, 0].tolist() == [1, 2, 3, 4]
+    assert block.anchor[0, 0].tolist() == [3] * 4 and block.anchor[1, 1].tolist() == [PAD] * 4
+    per_slot = slot_block(torch.tensor([5]), 3, 7, live=torch.tensor([[True, True, False]]))
+    assert per_slot.anchor.tolist() == [[5, 5, PAD]]
+    assert slot_block(torch.tensor([2]), 0, 7).position_ids.shape == (1, 0)
 
 
 def test_the_column_before_the_response_is_an_anchor(tok):

@@ -31,6 +31,7 @@ from fluid_npu.sampling.engine import Engine
 from fluid_npu.sampling.lossless import compare, hf_greedy
 from fluid_npu.sampling.prompts import left_pad
 from fluid_npu.sampling.scheduler import Scheduler
+from fluid_ops.meta import MAIN
 
 POLICIES = ("ar", "fixed:3", "entropy:6", "khead")  # entropy:6 nats keeps every random draft
 PROMPTS = ("hello world", "a", "the quick brown fox", "xyz")
@@ -79,7 +80,7 @@ def cache_probe(monkeypatch):
                 continue
             row = self.row_ids[i]
             fresh = fresh_cache(self.model, [*self._prompts[row].tolist(), *self.tokens[row][:-1]])
-            idx = self.cache.main_entries(i)
+            idx = torch.nonzero(self.cache.anchor[i] == MAIN).flatten()  # committed, in order
             assert idx.numel() == fresh.get_seq_length(), "cache holds other than the committed"
             for layer, ref in zip(self.cache.kv.layers, fresh.layers):
                 torch.testing.assert_close(layer.keys[i][:, idx], ref.keys[0], atol=2e-5, rtol=0)

@@ -144,7 +144,7 @@ def test_keep_new_marks_rejected_entries_and_compacts():
     assert cache.pos[1].tolist() == list(range(25, 39))
     cache.select(torch.tensor([0]))
     assert cache.maybe_compact(force_check=True) is False  # 12 holes: below COMPACT_MIN
-    assert cache.main_entries(0).tolist() == [12, 13]
+    assert cache.anchor[0].tolist() == [PAD] * 12 + [MAIN, MAIN]  # the kept row is unchanged
 
 
 @pytest.mark.parametrize("direct", [True, False])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from fluid_ops.meta import MAIN, PAD, AttnMeta
+from fluid_ops.meta import PAD, AttnMeta
 
 COMPACT_MIN = 16  # holes tolerated before a compaction, and the fraction of the cache ...
 COMPACT_FRACTION = 0.125  # ... above which they are squeezed out
@@ -124,7 +124,3 @@ class RowCache:
         self.pos = self.pos.gather(1, order)
         self.anchor = self.anchor.gather(1, order)
         return True
-
-    def main_entries(self, row: int) -> torch.Tensor:
-        """Indices of the committed (``MAIN``) entries of ``row``, in position order."""
-        return torch.nonzero(self.anchor[row] == MAIN).flatten()

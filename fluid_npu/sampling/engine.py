@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 import fluid_ops
+from fluid_npu.layout import slot_block
 from fluid_npu.model.attention import forward_hidden
 from fluid_npu.sampling.cache import RowCache
 from fluid_npu.sampling.head import LMHead
@@ -110,10 +111,10 @@ class Engine:
                 anchor[row, width - n :] = MAIN
         if draft > 0:
             c = self._lengths - 2  # the anchor's position; the last prefill column holds it
-            slots = c[:, None] + torch.arange(1, draft + 1)[None]
-            ids = torch.cat([ids, torch.full((batch, draft), self.mask_id)], dim=1)
-            pos = torch.cat([pos, slots], dim=1)
-            anchor = torch.cat([anchor, torch.where(c >= 0, c, PAD)[:, None].expand(-1, draft)], 1)
+            block = slot_block(c, draft, self.mask_id, live=c >= 0)
+            ids = torch.cat([ids, block.input_ids], dim=1)
+            pos = torch.cat([pos, block.position_ids], dim=1)
+            anchor = torch.cat([anchor, block.anchor], dim=1)
         ids, pos, anchor = (t.to(self.device) for t in (ids, pos, anchor))
         hidden = self._run(ids, pos, anchor, n_main=width)
         self.stats.prefill_forwards += 1

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from fluid_npu.layout import slot_block
 from fluid_npu.sampling.engine import Engine
 from fluid_npu.sampling.policies import Policy
 from fluid_npu.sampling.rules import (
@@ -64,13 +65,10 @@ def run_reference(
         b = eng.active
         anchor_pos = eng.next_pos - 1
         # 1. draft: x_{n-1} then K_d MASK slots anchored at it
-        ids = torch.cat(
-            [eng.last[:, None], torch.full((b, kd), eng.mask_id, dtype=torch.long, device=dev)], 1
-        )
-        pos = anchor_pos[:, None] + torch.arange(kd + 1, device=dev)[None]
-        anchor = torch.cat(
-            [torch.full((b, 1), MAIN, device=dev), anchor_pos[:, None].expand(b, kd)], 1
-        )
+        block = slot_block(anchor_pos, kd, eng.mask_id)
+        ids = torch.cat([eng.last[:, None], block.input_ids], 1)
+        pos = torch.cat([anchor_pos[:, None], block.position_ids], 1)
+        anchor = torch.cat([torch.full((b, 1), MAIN, device=dev), block.anchor], 1)
         hidden = eng.forward(ids, pos, anchor, n_main=1)
         t0 = eng.argmax(hidden[:, 0]) if rule is None else rule.draw(hidden[:, 0], anchor_pos + 1)
         if kd:
@@ -114,16 +112,15 @@ def _refine(
     col = torch.arange(width, device=dev)
     live = col[None] < k[:, None]
     fixed = _commit_confident(logp, live, torch.zeros_like(live), log_thr)
-    pos = anchor_pos[:, None] + 1 + col[None]
-    anchor = torch.where(live, anchor_pos[:, None], PAD)
+    block = slot_block(anchor_pos, width, eng.mask_id, live=live)
     for _ in range(max_refine):
         if bool((fixed | ~live).all()):
             break
         # slot j (0-based) reveals x at its own position: t_0 for j = 0, else the draft before it
         shifted = torch.cat([eng.last[:, None], drafts[:, :-1]], dim=1)
         known = torch.cat([torch.ones_like(fixed[:, :1]), fixed[:, :-1]], dim=1)
-        ids = torch.where(known, shifted, eng.mask_id)
-        hidden = eng.forward(ids, pos, anchor, n_main=0)
+        ids = torch.where(known, shifted, block.input_ids)
+        hidden = eng.forward(ids, block.position_ids, block.anchor, n_main=0)
         eng.cache.crop(width)
         st = eng.slot_stats(hidden)
         drafts = torch.where(fixed, drafts, st.argmax)

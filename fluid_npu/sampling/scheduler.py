@@ -41,6 +41,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fluid_npu.errors import ConfigError
+from fluid_npu.layout import slot_block
 from fluid_npu.model.attention import attention_kind
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE, choose_anchors
@@ -357,10 +358,9 @@ class Scheduler(StepMixin):
                 pos[r, :n] = torch.arange(start, start + n)
                 anchor[r, :n] = MAIN
             p = len(self.slots[i].prompt)
-            if draft and last and p >= 2:
-                ids[r, width:] = self.mask_id
-                pos[r, width:] = torch.arange(p - 1, p - 1 + draft)
-                anchor[r, width:] = p - 2
+            if draft and last and p >= 2:  # the first drafts: slots anchored at P-2
+                block = slot_block(torch.tensor(p - 2), draft, self.mask_id)
+                ids[r, width:], pos[r, width:], anchor[r, width:] = block[:3]
         causal = draft == 0 and all(start == 0 for start, _, _ in chunks.values())
         dev = self.device
         # a prefilling slot's chunk goes right after what it has encoded so far

@@ -17,6 +17,7 @@ import time
 import torch
 from transformers import PreTrainedModel
 
+from fluid_npu.layout import slot_block
 from fluid_npu.sampling.fused import choose_anchors
 from fluid_npu.sampling.kv import ForwardPlan, step_mask
 from fluid_npu.sampling.requests import Event, Slot
@@ -157,12 +158,11 @@ class StepMixin:
         pos = [base[:, None] + j[None]]
         anchor = [torch.where(run[:, None] & (j[None] <= m[:, None]), MAIN, PAD)]
         cand = torch.where(run[:, None], self.cand[:hi, :n_blocks], -1)
-        if n_blocks:
-            c = base[:, None] + cand.clamp(min=0)
-            ids.append(torch.full((hi, n_blocks * k), self.mask_id, dtype=torch.long, device=dev))
-            pos.append((c[:, :, None] + torch.arange(1, k + 1, device=dev)).reshape(hi, -1))
-            blk = torch.where(cand >= 0, c, PAD)
-            anchor.append(blk[:, :, None].expand(hi, n_blocks, k).reshape(hi, -1))
+        if n_blocks:  # the block anchored at accept length j: anchor position base + j
+            block = slot_block(base[:, None] + cand.clamp(min=0), k, self.mask_id, live=cand >= 0)
+            ids.append(block.input_ids.reshape(hi, -1))
+            pos.append(block.position_ids.reshape(hi, -1))
+            anchor.append(block.anchor.reshape(hi, -1))
         ids_t, pos_t, anchor_t = (torch.cat(t, dim=1) for t in (ids, pos, anchor))
         width = ids_t.shape[1]
         t0 = time.perf_counter()
