@@ -4,12 +4,14 @@ A ``Scheduler`` owns the model and ``max_batch`` request slots in one preallocat
 Requests are ``submit``-ted into a FIFO queue; every ``step()``:
 
 1. retires aborted requests and admits waiting ones into free slots (lowest index first);
-2. runs one **prefill** forward for the slots still encoding their prompt: each row its next
-   chunk of at most ``prefill_chunk`` tokens of ``prompt[:-1]`` (a chunk that starts a prompt,
-   with no drafts, is plain causal attention — no mask tensor); the chunk that ends a prompt also
-   drafts the first ``K`` tokens (MASK slots anchored at the prompt's ``P-2``, as Stage I trains);
-3. runs one **fused decode** forward for every running slot (``fused.py`` for the method): verify
-   the pending drafts against the AR argmax, commit, draft the next block — all on the device;
+2. runs one **prefill** forward for the slots still encoding their prompt (``prefill.py``): each
+   row its next chunk of at most ``prefill_chunk`` tokens of ``prompt[:-1]`` (a chunk that starts
+   a prompt, with no drafts, is plain causal attention — no mask tensor); the chunk that ends a
+   prompt also drafts the first ``K`` tokens (MASK slots anchored at the prompt's ``P-2``, as
+   Stage I trains);
+3. runs one **fused decode** forward for every running slot (``step.py``; ``fused.py`` for the
+   method): verify the pending drafts against the AR argmax, commit, draft the next block — all
+   on the device;
 4. reads back one small packed tensor (the only host synchronisation of the step) and turns it
    into ``Event``s: committed tokens, finished requests (EOS / ``max_new_tokens``), statistics.
 
@@ -41,10 +43,9 @@ import torch
 from transformers import PreTrainedModel
 
 from fluid_npu.errors import ConfigError
-from fluid_npu.layout import slot_block
 from fluid_npu.model.attention import attention_kind
 from fluid_npu.sampling.drafting import DraftBudget
-from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE, choose_anchors
+from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.head import LMHead
 from fluid_npu.sampling.inputs import PromptError, check_context, eos_and_pad
 from fluid_npu.sampling.kv import (
@@ -53,16 +54,16 @@ from fluid_npu.sampling.kv import (
     register_slot_attention,
 )
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, Policy, parse_policy
+from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.step import StepMixin, cache_keyword
-from fluid_ops.meta import MAIN, PAD
 
 PREFILL_CHUNK = 512
 DEFAULT_MAX_LEN = 4096
 
 
-class Scheduler(StepMixin):
+class Scheduler(PrefillMixin, StepMixin):
     """Continuous-batching lossless decoder; see the module docstring. Not thread-safe."""
 
     def __init__(
@@ -288,130 +289,9 @@ class Scheduler(StepMixin):
             self.slots[dst], self.slots[src] = slot, None
             self.run[src] = False
 
-    def _decode_rows(self) -> int:
-        """The rows the next decode step computes (the price of a draft is per step)."""
-        return 1 + max((i for i, x in enumerate(self.slots) if x is not None), default=0)
-
     def _free(self, i: int) -> None:
         self.slots[i] = None
         self.run[i] = False
-
-    def _admit(self) -> None:
-        for i in range(self.slots_n):
-            if not self.waiting:
-                return
-            if self.slots[i] is None:
-                slot = self.waiting.popleft()
-                self.slots[i] = slot
-                eos = list(slot.req.eos_ids) if slot.req.eos_ids is not None else self.eos_ids
-                row = torch.full((self.eos.shape[1],), -1, dtype=torch.long)
-                row[: len(eos)] = torch.tensor(eos, dtype=torch.long)
-                self.eos[i] = row.to(self.device)
-                self.max_new[i] = slot.req.max_new_tokens
-                self.new_count[i] = 0
-                self.length[i] = 0
-                self.run[i] = False
-                self._set_sampling(i, slot.params)
-
-    def _set_sampling(self, i: int, params: SamplingParams) -> None:
-        self.temp[i] = params.temperature
-        self.top_k[i] = params.top_k
-        self.top_p[i] = params.top_p
-        self.min_p[i] = params.min_p
-        self.seed[i] = params.seed or 0
-        if not params.greedy and self.dhid is None and self.k:
-            h = self.model.config.get_text_config().hidden_size
-            dtype = next(self.model.parameters()).dtype
-            self.dhid = torch.zeros((self.slots_n, self.k, h), dtype=dtype, device=self.device)
-
-    def _prefill(self) -> None:
-        """One forward: every prefilling slot encodes its next chunk of ``prompt[:-1]``."""
-        rows = [i for i, s in enumerate(self.slots) if s is not None and not s.running]
-        chunks: dict[int, tuple[int, list[int], bool]] = {}
-        for i in rows:
-            s = self.slots[i]
-            body = s.prompt[:-1]
-            chunk = body[s.prefilled : s.prefilled + self.prefill_chunk]
-            chunks[i] = (s.prefilled, chunk, s.prefilled + len(chunk) >= len(body))
-        width = max(len(c) for _, c, _ in chunks.values())
-        k = self.k
-        ending = [i for i, (_, _, last) in chunks.items() if last]
-        # the chunk that ends a prompt drafts the first tokens — unless drafting has not been paying
-        # (sampling rows always draft: their tokens must not depend on the batch's history)
-        pays = self.budget.drafting_pays(self._decode_rows()) or any(
-            not self.slots[i].params.greedy for i in ending
-        )
-        draft = k if k > 0 and ending and pays else 0
-        if width == 0 and draft == 0:  # one-token prompts only: nothing to encode
-            for i in rows:
-                self._start(i, None, None)
-            return
-        b = len(rows)
-        at = {i: r for r, i in enumerate(rows)}  # slot -> row of this forward
-        ids = torch.full((b, width + draft), self.pad_id, dtype=torch.long)
-        pos = torch.zeros((b, width + draft), dtype=torch.long)
-        anchor = torch.full((b, width + draft), PAD, dtype=torch.long)
-        for i, (start, chunk, last) in chunks.items():
-            r, n = at[i], len(chunk)
-            if n:
-                ids[r, :n] = torch.tensor(chunk)
-                pos[r, :n] = torch.arange(start, start + n)
-                anchor[r, :n] = MAIN
-            p = len(self.slots[i].prompt)
-            if draft and last and p >= 2:  # the first drafts: slots anchored at P-2
-                block = slot_block(torch.tensor(p - 2), draft, self.mask_id)
-                ids[r, width:], pos[r, width:], anchor[r, width:] = block[:3]
-        causal = draft == 0 and all(start == 0 for start, _, _ in chunks.values())
-        dev = self.device
-        # a prefilling slot's chunk goes right after what it has encoded so far
-        length = torch.tensor([chunks[i][0] for i in rows], dtype=torch.long, device=dev)
-        hidden = self._forward(
-            rows[0], ids.to(dev), pos.to(dev), anchor.to(dev), length, causal, rows=rows
-        )
-        self.prefill_forwards += 1
-        for i, (start, chunk, last) in chunks.items():
-            s = self.slots[i]
-            s.prefilled = start + len(chunk)
-            self.length[i] = s.prefilled
-            if last:
-                r = at[i]
-                p = len(s.prompt)
-                if draft and p >= 2:
-                    self._start(i, hidden[r, width:], hidden[r, width - 1])
-                else:
-                    self._start(i, None, None)
-
-    def _start(
-        self, i: int, slot_hidden: torch.Tensor | None, anchor_hidden: torch.Tensor | None
-    ) -> None:
-        """Slot ``i`` finished its prefill: it decodes from the next step on."""
-        s = self.slots[i]
-        s.running = True
-        self.length[i] = len(s.prompt) - 1
-        self.last[i] = s.prompt[-1]
-        self.ema[i] = self.budget.prior_accept()  # what drafts have earned so far (K at first)
-        big_m, n_blocks = self._next_shape
-        self._next_shape = (big_m, max(n_blocks, 1 if self.k else 0))
-        if slot_hidden is None or self.k == 0:
-            self.m[i] = 0
-            self.paid[i] = False
-            self.cand[i] = -1
-            if self.k > 0 and (
-                not s.params.greedy or self.budget.drafting_pays(self._decode_rows())
-            ):
-                self.cand[i, 0] = 0  # no drafts yet: draft from v_0 in the first step
-            self.run[i] = True
-            return
-        p = len(s.prompt)
-        drafts, conf, keep = self._draft(
-            slice(i, i + 1), slot_hidden[None], anchor_hidden[None], torch.tensor([p])
-        )
-        self.drafts[i], self.logp[i] = drafts[0], conf[0]
-        self.m[i] = keep[0]
-        self.paid[i] = True
-        self.cand[i] = choose_anchors(conf, keep, self.anchors, self.coverage)[0]
-        self.run[i] = True
-        self._next_shape = (self.k, self._next_shape[1])  # widest: no host read of keep
 
 
 class Finished(NamedTuple):
