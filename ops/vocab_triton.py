@@ -14,8 +14,8 @@ read once and never copied to fp32:
 One source for CUDA and triton-ascend: a 1-D grid whose programs stride over rows (sized to the
 vector-core count on Ascend, one program per row elsewhere), power-of-two tiles along the
 vocabulary, no ``tl.dot``, no atomics. Under ``TRITON_INTERPRET=1`` it runs on CPU tensors (tests).
-This module imports triton at import time; ``fluid_ops.vocab`` imports it only when the back end
-is selected.
+This module imports triton at import time; ``fluid_ops.vocab_tiles`` imports it only when the back
+end is selected.
 """
 
 from __future__ import annotations

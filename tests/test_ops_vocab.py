@@ -70,13 +70,13 @@ def test_token_stats_matches_full_logits(lead, hidden_size, vocab_size, ct, cv, 
 
 
 def test_auto_vocab_chunk_is_wide_for_few_tokens_and_bounded_for_many():
-    from fluid_ops.vocab import MIN_AUTO_CHUNK_VOCAB, TILE_BUDGET, _vocab_chunk
+    from fluid_ops.vocab_tiles import MIN_AUTO_CHUNK_VOCAB, TILE_BUDGET, vocab_chunk
 
-    assert _vocab_chunk(5000, 153376, 1024, 256) == 256  # explicit sizes are kept
-    assert _vocab_chunk(5000, 153376, 4096, 0) == MIN_AUTO_CHUNK_VOCAB
-    wide = _vocab_chunk(200, 153376, 4096, 0)
+    assert vocab_chunk(5000, 153376, 1024, 256) == 256  # explicit sizes are kept
+    assert vocab_chunk(5000, 153376, 4096, 0) == MIN_AUTO_CHUNK_VOCAB
+    wide = vocab_chunk(200, 153376, 4096, 0)
     assert wide % 1024 == 0 and 200 * wide >= TILE_BUDGET > 200 * (wide - 1024)
-    assert _vocab_chunk(1, 153376, 1024, 0) == 153376
+    assert vocab_chunk(1, 153376, 1024, 0) == 153376
     h, w, b, labels = _inputs((3,), 8, 9000)
     stats = token_stats(h, w, labels, bias=b)  # one 9000-wide chunk
     torch.testing.assert_close(stats.ce, _naive_stats(F.linear(h, w, b), labels)[3])
@@ -363,6 +363,39 @@ def test_wrappers_compile_without_graph_breaks():
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(leaf.grad, ref.grad)
     torch.testing.assert_close(entropy, _naive_stats(F.linear(h, w), None)[2])
+
+
+def test_compiled_token_stats_equal_eager_over_an_lm_head():
+    """A small LM (embedding → LM head) read through token_stats, compiled with dynamic shapes:
+    the op stays one opaque node (its fake gives the shapes), one graph serves two lengths, and
+    the compiled statistics equal eager's."""
+    torch.manual_seed(0)
+    embed, head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 300)
+
+    def stats(ids, labels):
+        return token_stats(embed(ids), head.weight, labels, bias=head.bias, chunk_vocab=128)
+
+    graphs = []
+
+    def aot_eager_recording(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(stats, fullgraph=True, dynamic=True, backend=aot_eager_recording)
+    compiled_after = []
+    for length in (7, 12):
+        ids = torch.randint(0, 50, (2, length))
+        labels = torch.randint(0, 300, (2, length))
+        labels[:, 0] = -100
+        got, want = compiled(ids, labels), stats(ids, labels)
+        assert torch.equal(got.argmax, want.argmax)
+        for name in ("max_logprob", "entropy", "ce"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), msg=name)
+        assert not any(t.requires_grad for t in got)  # statistics only: no gradient to follow
+        compiled_after.append(len(graphs))
+    assert compiled_after[0] == compiled_after[1] > 0  # the second length reused the graph
+    ops = [n.target for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.fluid_ops.token_stats) == 1  # one opaque op, not its tile loop
 
 
 _TRITON_CHILD = textwrap.dedent(
