@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import re
@@ -34,11 +35,12 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.fused_layers import (
     MARK,
+    ROTARY_ORIGINAL,
     apply_npu_fused_layers,
     enable_mindspeed,
-    remove_npu_fused_layers,
 )
 from fluid_npu.model.tiny import build_tiny_model
+from fluid_ops import dispatch
 from fluid_ops.meta import AttnMeta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,10 +143,22 @@ class FakeTorchNpu:
         return [(a, k) for name, a, k in self.calls if name == op]
 
 
+ARCH_MODELING = {
+    arch: f"transformers.models.{arch}.modeling_{arch}"
+    for arch in ("llama", "qwen2", "qwen3", "mistral")
+}
+
+
 @pytest.fixture
 def fake_npu(monkeypatch) -> FakeTorchNpu:
+    """torch_npu's layer ops emulated on this CPU: the import hook returns the fake and the kernels'
+    device type is "cpu". The modeling modules' rotary functions are restored afterwards."""
     fake = FakeTorchNpu()
-    monkeypatch.setattr(npu_layers, "_torch_npu", lambda: fake)
+    monkeypatch.setattr(dispatch, "load_torch_npu", lambda: fake)
+    monkeypatch.setattr(npu_layers, "KERNEL_DEVICE_TYPE", "cpu")
+    for name in ARCH_MODELING.values():
+        modeling = importlib.import_module(name)
+        monkeypatch.setattr(modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)
     return fake
 
 
@@ -166,10 +180,25 @@ def test_fused_layers_keep_logits_and_call_each_op_as_documented(arch, fake_npu,
     ref_logits, ref_grads = _forward_and_grad(model, ids)
 
     n_norms = 2 * layers + 1 + (2 * layers if arch == "qwen3" else 0)  # + q/k norms
+    modeling = sys.modules[ARCH_MODELING[arch]]
+    plain_rotary = modeling.apply_rotary_pos_emb
     assert apply_npu_fused_layers(model, enabled=True) == n_norms + 2 * layers
+    fused_rotary = modeling.apply_rotary_pos_emb  # swapped once, at set-up
+    assert getattr(fused_rotary, ROTARY_ORIGINAL) is plain_rotary
     assert apply_npu_fused_layers(model, enabled=True) == 0  # already swapped
+    other = build_tiny_model(arch, tokenizer)  # a second model: the rotary is not wrapped twice
+    assert apply_npu_fused_layers(other, enabled=True) == n_norms + 2 * layers
+    assert modeling.apply_rotary_pos_emb is fused_rotary
+    attentions = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    assert len(attentions) == layers and all(getattr(m, MARK) for m in attentions)
+    assert not any("forward" in m.__dict__ for m in attentions)  # their own forward runs
+    seen = []  # the rotary function each attention forward sees while it runs
+    for m in attentions:
+        m.o_proj.register_forward_pre_hook(lambda *_: seen.append(modeling.apply_rotary_pos_emb))
     fake_npu.calls.clear()
     logits, grads = _forward_and_grad(model, ids)
+    assert len(seen) == layers and all(f is fused_rotary for f in seen)  # no per-call patching
+    assert modeling.apply_rotary_pos_emb is fused_rotary
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
@@ -195,9 +224,6 @@ def test_fused_layers_keep_logits_and_call_each_op_as_documented(arch, fake_npu,
     for (x,), kwargs in swi:
         assert kwargs == {"dim": -1} and x.is_contiguous()
         assert x.shape == (2, 9, 2 * cfg.intermediate_size)
-
-    assert remove_npu_fused_layers(model) == n_norms + 2 * layers
-    assert not any(getattr(m, MARK, False) or "forward" in m.__dict__ for m in model.modules())
 
 
 def test_fused_layers_are_a_noop_off_npu(fake_npu, tokenizer, monkeypatch):
@@ -230,6 +256,39 @@ def test_shapes_and_dtypes_outside_the_contract_take_the_plain_path(fake_npu, to
     out = norm(h)
     assert fake_npu.calls == []
     torch.testing.assert_close(out, type(norm).forward(norm, h))
+
+
+def test_tensors_off_the_kernel_device_and_other_rotary_layouts_take_the_plain_path(
+    fake_npu, tokenizer, monkeypatch
+):
+    """The rotary swap is per modeling module, so every caller of it must still get transformers'
+    result where the kernel does not apply: a model left on the CPU of an NPU host, a layout other
+    than BNSD (``unsqueeze_dim=2``)."""
+    from transformers.models.llama import modeling_llama
+
+    model = build_tiny_model("llama", tokenizer)
+    ids = torch.randint(0, 250, (2, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    plain_rotary = modeling_llama.apply_rotary_pos_emb
+    apply_npu_fused_layers(model, enabled=True)
+    fused_rotary = modeling_llama.apply_rotary_pos_emb
+    assert fused_rotary is not plain_rotary
+
+    q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)  # BSND: cos / sin unsqueeze at 2
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    for got, want in zip(fused_rotary(q, k, cos, sin, 2), plain_rotary(q, k, cos, sin, 2)):
+        torch.testing.assert_close(got, want)
+    assert fake_npu.calls == []
+
+    monkeypatch.setattr(npu_layers, "KERNEL_DEVICE_TYPE", "npu")  # the model stays on the CPU
+    c, s = torch.ones(1, 1, 3, 16), torch.ones(1, 1, 3, 16)
+    assert not npu_layers.rotary_fits(torch.randn(2, 4, 3, 16), c, s)
+    assert not npu_layers.rms_norm_fits(torch.randn(2, 8), torch.ones(8))
+    assert not npu_layers.swiglu_fits(torch.randn(4, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref)
+    assert fake_npu.calls == []
 
 
 def test_the_training_session_swaps_the_kernels_on_npu_unless_opted_out(
