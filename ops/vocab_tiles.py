@@ -89,26 +89,12 @@ def _torch_grad_chunk(
     return g.to(logits.dtype)
 
 
-def _triton_grad_chunk(
-    logits: Tensor,
-    col_offset: int,
-    labels: Tensor,
-    lse: Tensor,
-    coef_p: Tensor,
-    coef_y: Tensor,
-) -> Tensor:
-    from fluid_ops import vocab_triton
-
-    vocab_triton.grad_chunk(logits, col_offset, labels, lse, coef_p, coef_y, out=logits)
-    return logits
-
-
 def _kernels(backend: str) -> tuple[Callable[..., None], Callable[..., Tensor]]:
     """``(reduce_chunk, grad_chunk)`` of back end ``backend``."""
     if backend == "triton":
         from fluid_ops import vocab_triton
 
-        return vocab_triton.reduce_chunk, _triton_grad_chunk
+        return vocab_triton.reduce_chunk, vocab_triton.grad_chunk  # the tile in place
     return _torch_reduce_chunk, _torch_grad_chunk
 
 
