@@ -16,8 +16,8 @@ Conventions of both vendor ops, unlike SDPA (op-plugin docs, ``docs/context/torc
 docs say costs speed), so no row we hand over is ever fully masked: rows without a visible key are
 opened to every key and zeroed afterwards, the same rule as the other back ends.
 
-torch_npu is reached only through ``_torch_npu()`` so tests can inject a CPU emulation of the
-documented semantics and check the exact arguments.
+torch_npu is reached only through ``fluid_ops.dispatch.load_torch_npu()`` so tests can inject a CPU
+emulation of the documented semantics and check the exact arguments.
 
 Argument names that changed between torch_npu releases are read from the installed op, never
 assumed: the inference op's scale is ``scale_value`` up to torch_npu 6.0.x and ``scale`` from 7.0
@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
+from fluid_ops import dispatch
 from fluid_ops.attention import Block, run_blocks, safe_mask, zero_rows
-from fluid_ops.dispatch import BackendUnavailable
 from fluid_ops.meta import AttnMeta, visibility
 
 # Slot queries per fused call: each launch costs more than on a CPU; 1024 is what measured best for
@@ -48,15 +48,6 @@ COMPRESSED_CAUSAL = 2048  # side of the compressed causal mask that sparse_mode 
 LEFT_UP_CAUSAL = 2  # sparse_mode: query i sees keys j <= i (SDPA's is_causal)
 EXPLICIT_MASK = 0  # sparse_mode: the full atten_mask is applied as given
 _CAUSAL_MASKS: dict[torch.device, torch.Tensor] = {}
-
-
-def _torch_npu() -> ModuleType:
-    """The torch_npu module (imported lazily; tests replace this function with a fake)."""
-    try:
-        import torch_npu
-    except Exception as exc:  # not installed, or installed without CANN
-        raise BackendUnavailable(f"torch_npu cannot be imported ({exc})") from exc
-    return torch_npu
 
 
 def compressed_causal_mask(device: torch.device) -> torch.Tensor:
@@ -76,7 +67,7 @@ def npu_attention(
     chunk: int = NPU_CHUNK,
 ) -> torch.Tensor:
     """FLUID attention through torch_npu (shapes and semantics of ``fluid_attention``)."""
-    npu = _torch_npu()
+    npu = dispatch.load_torch_npu()
     if _use_infer_kernel(q, k, v):
         return _infer(npu, q, k, v, meta, scale)
     return run_blocks(

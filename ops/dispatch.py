@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -109,12 +110,22 @@ def triton_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def load_torch_npu() -> ModuleType:
+    """The torch_npu module, imported on first use: the one import hook of every torch_npu call in
+    fluid_ops (tests replace it with a CPU emulation of the documented semantics)."""
+    try:
+        import torch_npu
+    except Exception as exc:  # not installed, or installed without CANN
+        raise BackendUnavailable(f"torch_npu cannot be imported ({exc})") from exc
+    return torch_npu
+
+
 def npu_unavailable(device: torch.device) -> str | None:
     """None when torch_npu's fused ops can run on ``device``."""
     if device.type != "npu":
         return f"torch_npu kernels need NPU tensors, got {device.type!r}"
     try:
-        import torch_npu  # noqa: F401
-    except Exception as exc:
-        return f"torch_npu cannot be imported ({exc})"
+        load_torch_npu()
+    except BackendUnavailable as exc:
+        return str(exc)
     return None

@@ -17,8 +17,9 @@ calls them with their documented contracts (op-plugin docs, ``docs/context/``):
   input whose ``dim`` has even size.
 
 Each op has a ``*_fits`` predicate; callers fall back to the plain torch code when it is false, so
-a shape or dtype the kernel does not take never reaches it. torch_npu is reached only through
-``_torch_npu()``, the one import hook, which tests replace with a CPU emulation of these semantics.
+a device, shape or dtype the kernel does not take never reaches it. The kernels take tensors on
+``KERNEL_DEVICE_TYPE`` only; torch_npu is reached only through the one import hook,
+``fluid_ops.dispatch.load_torch_npu``. Tests replace both with a CPU emulation of these semantics.
 
 MindSpeed patches Megatron-LM (and, through ``transfer_to_npu``, ``torch.cuda``) for Ascend. It is
 never required; ``import_mindspeed`` imports ``mindspeed.megatron_adaptor`` on request only, and
@@ -34,21 +35,18 @@ from types import ModuleType
 
 import torch
 
+from fluid_ops import dispatch
 from fluid_ops.dispatch import BackendUnavailable
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROTARY_MAX_HEAD_DIM = 896  # D < 896 (half mode, jit_compile=False)
 ROTARY_MAX_BATCH_HEADS = 1000  # B, N < 1000
 MINDSPEED_SOURCE = "https://gitcode.com/Ascend/MindSpeed.git"
+KERNEL_DEVICE_TYPE = "npu"  # where torch_npu's kernels run (tests point it at a CPU emulation)
 
 
-def _torch_npu() -> ModuleType:
-    """The torch_npu module (imported lazily; tests replace this function with a fake)."""
-    try:
-        import torch_npu
-    except Exception as exc:  # not installed, or installed without CANN
-        raise BackendUnavailable(f"torch_npu cannot be imported ({exc})") from exc
-    return torch_npu
+def _on_kernel_device(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == KERNEL_DEVICE_TYPE for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +57,8 @@ def _torch_npu() -> ModuleType:
 def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``npu_rms_norm`` takes ``x`` normalised over its last dimension with ``weight``."""
     return (
-        x.dtype in FLOAT_DTYPES
+        _on_kernel_device(x, weight)
+        and x.dtype in FLOAT_DTYPES
         and weight.dtype == x.dtype
         and 2 <= x.dim() <= 8
         and weight.dim() == 1
@@ -69,7 +68,7 @@ def rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / sqrt(mean(x²) + eps) · weight`` through ``torch_npu.npu_rms_norm``."""
-    out, _rstd = _torch_npu().npu_rms_norm(x, weight, epsilon=float(eps))
+    out, _rstd = dispatch.load_torch_npu().npu_rms_norm(x, weight, epsilon=float(eps))
     return out
 
 
@@ -85,7 +84,8 @@ def rotary_fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         return False
     b, n, s, d = x.shape
     return (
-        x.dtype in FLOAT_DTYPES
+        _on_kernel_device(x, cos, sin)
+        and x.dtype in FLOAT_DTYPES
         and cos.dtype == x.dtype
         and sin.dtype == x.dtype
         and d % 2 == 0
@@ -98,7 +98,7 @@ def rotary_fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 
 def rotary_mul(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x·cos + rotate_half(x)·sin`` through ``torch_npu.npu_rotary_mul`` (half mode)."""
-    return _torch_npu().npu_rotary_mul(x, cos, sin)
+    return dispatch.load_torch_npu().npu_rotary_mul(x, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +109,8 @@ def rotary_mul(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def swiglu_fits(x: torch.Tensor) -> bool:
     """Whether ``npu_swiglu`` takes ``x`` split in halves along its last dimension."""
     return (
-        x.dtype in FLOAT_DTYPES
+        _on_kernel_device(x)
+        and x.dtype in FLOAT_DTYPES
         and 1 <= x.dim() <= 8
         and x.numel() > 0
         and x.shape[-1] % 2 == 0
@@ -119,7 +120,7 @@ def swiglu_fits(x: torch.Tensor) -> bool:
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """``silu(A) · B`` for ``A, B = x.chunk(2, -1)`` through ``torch_npu.npu_swiglu``."""
-    return _torch_npu().npu_swiglu(x, dim=-1)
+    return dispatch.load_torch_npu().npu_swiglu(x, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ read once and never copied to fp32:
 One source for CUDA and triton-ascend: a 1-D grid whose programs stride over rows (sized to the
 vector-core count on Ascend, one program per row elsewhere), power-of-two tiles along the
 vocabulary, no ``tl.dot``, no atomics. Under ``TRITON_INTERPRET=1`` it runs on CPU tensors (tests).
-This module imports triton at import time; ``fluid_ops.vocab`` imports it only when the back end
-is selected.
+This module imports triton at import time; ``fluid_ops.vocab_tiles`` imports it only when the back
+end is selected.
 """
 
 from __future__ import annotations
@@ -175,17 +175,18 @@ def grad_chunk(
     lse: torch.Tensor,
     coef_p: torch.Tensor,
     coef_y: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``out = coef_p[:, None] · exp(logits − lse[:, None]) − coef_y[:, None] · onehot(labels)``.
 
-    ``out`` may be ``logits`` itself (in place); it is written in its own dtype.
+    ``out`` (returned) is written in its own dtype; None means ``logits`` itself, in place.
     """
+    out = logits if out is None else out
     if logits.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("grad_chunk needs row-major logits and output tiles")
     rows, cols = logits.shape
     if rows == 0 or cols == 0:
-        return
+        return out
     _grad_chunk_kernel[_grid(rows, logits.device)](
         logits,
         logits.stride(0),
@@ -201,3 +202,4 @@ def grad_chunk(
         BLOCK=BLOCK_V,
         FMIN=_FMIN,
     )
+    return out

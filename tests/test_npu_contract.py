@@ -3,13 +3,10 @@
 * The device layer: on an NPU host a process binds ``npu:<LOCAL_RANK>``, joins ``hccl`` and
   autocasts to bf16 (``torch.autocast("npu", dtype=torch.bfloat16)``); the FLUID attention runs the
   ``npu`` back end when asked for.
-* torch_npu's fused layer kernels (``fluid_ops.npu_layers``), swapped into Llama / Qwen2 / Qwen3 /
-  Mistral by ``apply_npu_fused_layers``: a fake torch_npu implementing the documented semantics in
-  plain torch is injected through the one import hook; the swapped models give the original logits
-  and gradients, and every op is called with its documented arguments.
 * MindSpeed is optional and imported lazily; its absence is a clear ConfigError.
 * The openPangu-7B recipes load and ship valid ZeRO-2 JSON.
-* torch_npu's renamed arguments: ``test_npu_versions``.
+* torch_npu's fused layer kernels: ``test_npu_fused_layers``; its renamed arguments:
+  ``test_npu_versions``.
 """
 
 from __future__ import annotations
@@ -22,23 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from synthetic import write_short_dataset
 
 import fluid_ops
-import fluid_ops.npu_layers as npu_layers
 from fluid_npu import device as devices
 from fluid_npu.cli import main as cli_main
 from fluid_npu.config import load_config
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.attention import configure_attention
-from fluid_npu.model.fused_layers import (
-    MARK,
-    apply_npu_fused_layers,
-    enable_mindspeed,
-    remove_npu_fused_layers,
-)
-from fluid_npu.model.tiny import build_tiny_model
+from fluid_npu.model.fused_layers import enable_mindspeed
 from fluid_ops.meta import AttnMeta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,158 +95,6 @@ def test_the_npu_attention_backend_is_selected_and_says_why_it_cannot_run_here(m
     meta = AttnMeta.self_attention(pos, torch.full_like(pos, -1), n_main=4)
     with pytest.raises(fluid_ops.BackendUnavailable, match="need NPU tensors"):
         fluid_ops.fluid_attention(q, k, v, meta, backend="npu")
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused layer kernels
-# ---------------------------------------------------------------------------------------------
-
-
-class FakeTorchNpu:
-    """torch_npu's three layer ops with their documented semantics in plain torch; records calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple, dict]] = []
-
-    def npu_rms_norm(self, x, gamma, epsilon=1e-6):
-        self.calls.append(("npu_rms_norm", (x, gamma), {"epsilon": epsilon}))
-        assert x.dtype == gamma.dtype, "gamma must have the dtype of self"
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
-        return (x.float() * rstd * gamma.float()).to(x.dtype), rstd
-
-    def npu_rotary_mul(self, x, r1, r2, rotary_mode="half"):
-        self.calls.append(("npu_rotary_mul", (x, r1, r2), {}))
-        assert rotary_mode == "half"
-        x1, x2 = torch.chunk(x, 2, -1)
-        return r1 * x + r2 * torch.cat((-x2, x1), dim=-1)
-
-    def npu_swiglu(self, x, dim=-1):
-        self.calls.append(("npu_swiglu", (x,), {"dim": dim}))
-        a, b = torch.chunk(x, 2, dim=dim)
-        return a * torch.sigmoid(a) * b
-
-    def named(self, op: str) -> list[tuple[tuple, dict]]:
-        return [(a, k) for name, a, k in self.calls if name == op]
-
-
-@pytest.fixture
-def fake_npu(monkeypatch) -> FakeTorchNpu:
-    fake = FakeTorchNpu()
-    monkeypatch.setattr(npu_layers, "_torch_npu", lambda: fake)
-    return fake
-
-
-def _forward_and_grad(model, ids):
-    model.zero_grad()
-    logits = model(ids).logits
-    logits.float().logsumexp(-1).mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), grads
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "mistral"])
-def test_fused_layers_keep_logits_and_call_each_op_as_documented(arch, fake_npu, tokenizer):
-    model = build_tiny_model(arch, tokenizer).train()
-    cfg = model.config
-    layers, heads, kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    ids = torch.randint(0, 250, (2, 9))
-    ref_logits, ref_grads = _forward_and_grad(model, ids)
-
-    n_norms = 2 * layers + 1 + (2 * layers if arch == "qwen3" else 0)  # + q/k norms
-    assert apply_npu_fused_layers(model, enabled=True) == n_norms + 2 * layers
-    assert apply_npu_fused_layers(model, enabled=True) == 0  # already swapped
-    fake_npu.calls.clear()
-    logits, grads = _forward_and_grad(model, ids)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-
-    norms = {id(m.weight): m for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
-    rms = fake_npu.named("npu_rms_norm")
-    assert len(rms) == n_norms
-    for (x, gamma), kwargs in rms:
-        assert id(gamma) in norms and kwargs == {"epsilon": norms[id(gamma)].variance_epsilon}
-        assert x.shape[-1] == gamma.shape[0]
-
-    rot = fake_npu.named("npu_rotary_mul")
-    assert len(rot) == 2 * layers  # q and k of every layer
-    for (x, r1, r2), kwargs in rot:
-        assert kwargs == {} and x.dim() == 4 and x.shape[1] in (heads, kv)  # BNSD
-        assert tuple(r1.shape) in {(1, 1, 9, head_dim), (2, 1, 9, head_dim)}  # 11SD or B1SD
-        assert r1.shape == r2.shape
-        assert r1.dtype == x.dtype
-
-    swi = fake_npu.named("npu_swiglu")
-    assert len(swi) == layers
-    for (x,), kwargs in swi:
-        assert kwargs == {"dim": -1} and x.is_contiguous()
-        assert x.shape == (2, 9, 2 * cfg.intermediate_size)
-
-    assert remove_npu_fused_layers(model) == n_norms + 2 * layers
-    assert not any(getattr(m, MARK, False) or "forward" in m.__dict__ for m in model.modules())
-
-
-def test_fused_layers_are_a_noop_off_npu(fake_npu, tokenizer, monkeypatch):
-    model = build_tiny_model("llama", tokenizer)
-    monkeypatch.setattr(devices, "is_npu_available", lambda: False)  # a host without an NPU
-    assert apply_npu_fused_layers(model) == 0
-    assert apply_npu_fused_layers(model, enabled=False) == 0
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    with torch.no_grad():
-        model(torch.randint(0, 250, (1, 5)))
-    assert fake_npu.calls == []
-
-
-def test_shapes_and_dtypes_outside_the_contract_take_the_plain_path(fake_npu, tokenizer):
-    assert not npu_layers.rms_norm_fits(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16))
-    assert not npu_layers.rms_norm_fits(torch.randn(8), torch.ones(8))  # 1-D input
-    x = torch.randn(2, 4, 3, 900)
-    assert not npu_layers.rotary_fits(x, torch.ones(2, 1, 3, 900), torch.ones(2, 1, 3, 900))
-    x = torch.randn(2, 4, 3, 16)
-    assert npu_layers.rotary_fits(x, torch.ones(1, 1, 3, 16), torch.ones(1, 1, 3, 16))
-    assert not npu_layers.rotary_fits(x, torch.ones(2, 3, 1, 16), torch.ones(2, 3, 1, 16))  # BSND
-    assert not npu_layers.swiglu_fits(torch.randn(4, 6).t())  # not contiguous
-    assert not npu_layers.swiglu_fits(torch.randn(4, 5))  # odd last dimension
-
-    model = build_tiny_model("llama", tokenizer)  # fp32 norms fed bf16 activations: no fused call
-    apply_npu_fused_layers(model, enabled=True)
-    norm = model.model.norm
-    fake_npu.calls.clear()
-    h = torch.randn(1, 3, 64, dtype=torch.bfloat16)
-    out = norm(h)
-    assert fake_npu.calls == []
-    torch.testing.assert_close(out, type(norm).forward(norm, h))
-
-
-def test_the_training_session_swaps_the_kernels_on_npu_unless_opted_out(
-    fake_npu, tiny_model_dir, tmp_path, monkeypatch
-):
-    from fluid_npu.train import session as session_mod
-
-    data = write_short_dataset(tmp_path / "data", n_train=8)
-    npu = devices.DeviceChoice("npu", 0, "hccl", None)
-    monkeypatch.setattr(session_mod.devices, "current", lambda **kwargs: npu)
-    counts = {}
-    for flag in ("true", "false"):
-        cfg = load_config(
-            None,
-            [
-                f"model_name_or_path={tiny_model_dir}",
-                "dataset=fluid_demo",
-                f"dataset_dir={data}",
-                "template=empty",
-                "cutoff_len=32",
-                f"output_dir={tmp_path / flag}",
-                f"npu_fused_kernels={flag}",
-            ],
-        )
-        session = session_mod.TrainingSession(cfg, stage="fluid_stage1")
-        counts[flag] = session.fused_modules
-        swapped = [m for m in session.model.modules() if getattr(m, MARK, False)]
-        assert len(swapped) == counts[flag]
-    assert counts == {"true": 9, "false": 0}  # 5 norms + 2 MLPs + 2 attentions of the tiny Llama
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,23 +213,3 @@ def test_the_pangu_recipes_load_with_the_8x910b_settings(stage):
     from fluid_npu.data.templates import TEMPLATES
 
     assert "openpangu" in TEMPLATES
-
-
-def test_fake_npu_semantics_match_the_plain_modules():
-    """The fake itself is checked against transformers' own code paths, so it cannot drift."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
-
-    fake = FakeTorchNpu()
-    norm = LlamaRMSNorm(16, eps=1e-5)
-    with torch.no_grad():
-        norm.weight.normal_()
-    x = torch.randn(2, 3, 16)
-    torch.testing.assert_close(fake.npu_rms_norm(x, norm.weight, epsilon=1e-5)[0], norm(x))
-    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
-    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
-    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
-    c, s = cos[:, None], sin[:, None]
-    torch.testing.assert_close(fake.npu_rotary_mul(q, c, s), q_ref)
-    torch.testing.assert_close(fake.npu_rotary_mul(k, c, s), k_ref)
-    g, u = torch.randn(3, 6), torch.randn(3, 6)
-    torch.testing.assert_close(fake.npu_swiglu(torch.cat([g, u], -1)), F.silu(g) * u)

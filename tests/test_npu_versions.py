@@ -64,10 +64,10 @@ def test_the_inference_scale_keyword_follows_the_installed_torch_npu(
 
     from test_ops_attention import _qkv, cached_meta, naive_attention
 
-    from fluid_ops import attention_npu
+    from fluid_ops import attention_npu, dispatch
 
     fake = _torch_npu_release(spelling, exposes)
-    monkeypatch.setattr(attention_npu, "_torch_npu", lambda: fake)
+    monkeypatch.setattr(dispatch, "load_torch_npu", lambda: fake)
     monkeypatch.setattr(attention_npu, "_KEYWORDS", {})
     op = fake.npu_fused_infer_attention_score
     told = attention_npu.keyword_for(op, attention_npu.INFER_SCALE)

@@ -5,7 +5,7 @@ layout (main stream right-padded to ``n_main``, then each row's slot groups by a
 right-padded) and cached inference (left-padded main cache, new main tokens, MASK blocks anchored on
 some of them). The ``npu`` back end runs on CPU against an emulation of the documented semantics of
 ``torch_npu.npu_fusion_attention`` / ``npu_fused_infer_attention_score`` (op-plugin docs), injected
-through ``attention_npu._torch_npu``; the exact arguments it passes are checked too.
+through ``dispatch.load_torch_npu``; the exact arguments it passes are checked too.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ class FakeTorchNpu(types.ModuleType):
 @pytest.fixture
 def fake_npu(monkeypatch):
     fake = FakeTorchNpu()
-    monkeypatch.setattr(attention_npu, "_torch_npu", lambda: fake)
+    monkeypatch.setattr(dispatch, "load_torch_npu", lambda: fake)
     return fake
 
 
@@ -541,7 +541,7 @@ def test_npu_through_the_dispatcher(fake_npu):
 
 def test_torch_npu_hook_imports_or_says_why():
     try:
-        module = attention_npu._torch_npu()
+        module = dispatch.load_torch_npu()
     except BackendUnavailable as exc:
         assert "torch_npu cannot be imported" in str(exc)
     else:

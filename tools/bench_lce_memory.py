@@ -81,7 +81,7 @@ def _child(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from fluid_npu import device as hw
-    from fluid_ops import vocab
+    from fluid_ops import vocab, vocab_tiles
     from fluid_ops.vocab import linear_cross_entropy
 
     device = _resolve_device(args.device)
@@ -147,7 +147,7 @@ def _child(args: argparse.Namespace) -> dict:
         "chunks": {  # what the lce variant runs with (library defaults unless given)
             "chunk_tokens": ct,
             "chunk_vocab": args.chunk_vocab
-            or f"auto ({vocab._vocab_chunk(args.tokens, args.vocab, ct, 0)})",
+            or f"auto ({vocab_tiles.vocab_chunk(args.tokens, args.vocab, ct, 0)})",
         },
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -1,25 +1,29 @@
 """torch_npu's fused layer kernels swapped into a transformers backbone from outside.
 
-``apply_npu_fused_layers(model)`` replaces the ``forward`` of module *instances* — the model's code
-and classes stay untouched — for the decoder layers of Llama (openPangu loads as Llama), Qwen2,
-Qwen3 and Mistral:
+``apply_npu_fused_layers(model)`` swaps fused kernels into the decoder layers of Llama (openPangu
+loads as Llama), Qwen2, Qwen3 and Mistral — the model's code and classes stay untouched:
 
 * ``*RMSNorm`` → ``fluid_ops.npu_layers.rms_norm`` (``npu_rms_norm``), Qwen3's q/k norms included;
 * ``*MLP`` with a SiLU gate → ``down_proj(npu_swiglu(cat([gate_proj(x), up_proj(x)], -1)))``; the
   projections are called as modules, so LoRA on them keeps working. The concatenation costs one
   copy of the two projections; what the fused kernel saves is the separate SiLU and product
   kernels and the intermediate they keep for the backward;
-* ``*Attention`` → the same forward with its modeling module's ``apply_rotary_pos_emb`` pointing
-  at ``npu_rotary_mul`` for the duration of the call (transformers calls that module-level
-  function from inside the forward; no other instance or model is affected).
+* ``*Attention`` → its own forward, which calls its modeling module's ``apply_rotary_pos_emb``;
+  that module-level function is replaced once, at set-up, by one that runs ``npu_rotary_mul``
+  where the kernel's contract holds and transformers' function everywhere else. Nothing is patched
+  per call, so concurrent forwards and ``torch.compile`` see one fixed function; a second set-up
+  keeps it (the original stays reachable as its ``ROTARY_ORIGINAL`` attribute). The swap is
+  per modeling module, so it also serves other models of that architecture in the process when
+  their tensors fit the kernel (an NPU tensor of a supported shape): the same function, fused.
 
-Every swapped forward checks the kernel's documented contract (``*_fits``) per call and runs the
-original code otherwise, so any shape or dtype the kernel does not take still works. Classes are
-matched by name from an allow-list whose semantics were checked (Gemma's ``1 + weight`` norm, for
-one, is not the same op), and modules whose ``forward`` was already replaced by someone else are
-left alone. transformers' hub-kernel mechanism is not used: nothing is downloaded.
+Norms and MLPs get a new ``forward`` per module *instance*. Every fused path checks the kernel's
+documented contract (``*_fits``: device, shape, dtype) per call and runs the original code
+otherwise, so anything the kernel does not take still works. Classes are matched by name from an
+allow-list whose semantics were checked (Gemma's ``1 + weight`` norm, for one, is not the same op),
+and modules whose ``forward`` was already replaced by someone else are left alone. transformers'
+hub-kernel mechanism is not used: nothing is downloaded.
 
-It is a no-op (returns 0) unless an NPU is usable, so the training session and the sampler call it
+It is a no-op (returns 0) unless an NPU is usable, so the training session calls it
 unconditionally; config key ``npu_fused_kernels: false`` turns it off. ``enable_mindspeed`` is the
 explicit, optional MindSpeed import (config key ``use_mindspeed``).
 """
@@ -41,7 +45,8 @@ ARCHS = ("Llama", "Qwen2", "Qwen3", "Mistral")
 NORM_CLASSES = frozenset(f"{a}RMSNorm" for a in ARCHS)
 MLP_CLASSES = frozenset(f"{a}MLP" for a in ARCHS)
 ATTENTION_CLASSES = frozenset(f"{a}Attention" for a in ARCHS)
-MARK = "_fluid_npu_fused"  # set on every module whose forward was swapped here
+MARK = "_fluid_npu_fused"  # set on every module that runs a fused kernel from here
+ROTARY_ORIGINAL = "_fluid_npu_original"  # on an installed fused rotary: the function it wraps
 
 
 def _npu_layers() -> Any:
@@ -67,30 +72,34 @@ def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.act_fn(gate) * up)  # the original forward, projections reused
 
 
-def _fused_rotary(
-    original: Callable[..., Any],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    unsqueeze_dim: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    ops = _npu_layers()
-    if unsqueeze_dim == 1:  # q, k are BNSD; cos, sin become B1SD
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        if ops.rotary_fits(q, c, s) and ops.rotary_fits(k, c, s):
-            return ops.rotary_mul(q, c, s), ops.rotary_mul(k, c, s)
-    return original(q, k, cos, sin, unsqueeze_dim)
+def _fused_rotary_for(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original`` (a modeling module's ``apply_rotary_pos_emb``) with ``npu_rotary_mul`` for the
+    calls its contract takes; every other call goes to ``original`` unchanged."""
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        unsqueeze_dim: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ops = _npu_layers()
+        if unsqueeze_dim == 1:  # q, k are BNSD; cos, sin become B1SD
+            c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+            if ops.rotary_fits(q, c, s) and ops.rotary_fits(k, c, s):
+                return ops.rotary_mul(q, c, s), ops.rotary_mul(k, c, s)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    setattr(apply_rotary_pos_emb, ROTARY_ORIGINAL, original)
+    return apply_rotary_pos_emb
 
 
-def _fused_attention_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    modeling = sys.modules[type(self).__module__]
-    original = modeling.apply_rotary_pos_emb
-    modeling.apply_rotary_pos_emb = functools.partial(_fused_rotary, original)
-    try:
-        return type(self).forward(self, *args, **kwargs)
-    finally:
-        modeling.apply_rotary_pos_emb = original
+def _install_fused_rotary(modeling: types.ModuleType) -> None:
+    """Point ``modeling.apply_rotary_pos_emb`` at the fused rotary once (a fused one stays)."""
+    current = modeling.apply_rotary_pos_emb
+    if getattr(current, ROTARY_ORIGINAL, None) is None:
+        modeling.apply_rotary_pos_emb = _fused_rotary_for(current)
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -112,11 +121,7 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-SWAPS = {
-    "norm": _fused_norm_forward,
-    "mlp": _fused_mlp_forward,
-    "attention": _fused_attention_forward,
-}
+FORWARDS = {"norm": _fused_norm_forward, "mlp": _fused_mlp_forward}
 
 
 def apply_npu_fused_layers(model: nn.Module, *, enabled: bool | None = None) -> int:
@@ -137,21 +142,13 @@ def apply_npu_fused_layers(model: nn.Module, *, enabled: bool | None = None) -> 
         kind = _kind(module)
         if kind is None:
             continue
-        module.forward = types.MethodType(SWAPS[kind], module)
+        if kind == "attention":  # its forward stays; the function it calls is swapped
+            _install_fused_rotary(sys.modules[type(module).__module__])
+        else:
+            module.forward = types.MethodType(FORWARDS[kind], module)
         setattr(module, MARK, True)
         swapped += 1
     return swapped
-
-
-def remove_npu_fused_layers(model: nn.Module) -> int:
-    """Undo ``apply_npu_fused_layers`` (the class forwards apply again); returns the count."""
-    restored = 0
-    for module in model.modules():
-        if getattr(module, MARK, False):
-            del module.forward
-            delattr(module, MARK)
-            restored += 1
-    return restored
 
 
 def enable_mindspeed() -> str:
