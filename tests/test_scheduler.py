@@ -248,6 +248,30 @@ def test_block_length_and_price_follow_the_measured_costs():
     assert fixed.choose_length(4, 8) == 8
 
 
+def test_the_budget_is_cautious_where_width_costs_and_deaf_to_a_busy_host():
+    budget = DraftBudget(16, fixed=False, adaptive=True)
+    # before any decode step, the prefill forwards tell what width costs: 30 us a token here
+    budget.record_prefill(32 * 46, 0.001 + 30e-6 * 32 * 46)
+    budget.record_prefill(16 * 46, 0.001 + 30e-6 * 16 * 46)
+    assert budget.cost_model() == pytest.approx((0.001, 30e-6))
+    # 32 rows: a second block of 16 would add ~48 % to the step; it is not tried ...
+    assert budget.choose_blocks(32, 16, 2, 16) == 1
+    # ... while at one row, where width is nearly free, it is measured
+    assert budget.choose_blocks(1, 16, 2, 16) == 2
+    # once two drafting shapes ran, they alone make the model
+    budget.record(4, 17, 0.002 + 10e-6 * 4 * 17)
+    budget.record(4, 33, 0.002 + 10e-6 * 4 * 33)
+    assert budget.cost_model() == pytest.approx((0.002, 10e-6))
+    # a timing taken while the host was busy does not move a shape's cost
+    budget.record(4, 1, 0.001)
+    budget.record(4, 1, 0.050)
+    assert budget.seconds(4, 1) == pytest.approx(0.001)
+    # probing costs about `price` AR steps, so a dear block is probed rarely
+    cheap = budget.probe_interval(4)
+    budget.record(4, 1, 0.0001)  # AR steps are now far cheaper than drafting ones
+    assert budget.price(4) > 10 and budget.probe_interval(4) >= 10 * budget.price(4) > cheap
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(tok):
     """``compile=True``: the decode step's forward runs under torch.compile (inductor on CPU)."""

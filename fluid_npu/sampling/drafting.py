@@ -13,22 +13,34 @@ the engine's three questions before a step:
   tokens it saves — the fraction of rows whose accept length it catches (measured) times the
   drafts a step then accepts — outweigh its measured extra cost;
 * **the price of a block** (``price``): the accepted drafts per verify a row must earn for drafting
-  to beat plain AR; rows below it decode as AR and probe now and then (the engine's ``ema``).
+  to beat plain AR; rows below it decode as AR (the engine's ``ema``) and probe once per
+  ``probe_interval`` steps — an interval that grows with the price, so probing never costs more
+  than ``PROBE_SHARE`` of the AR steps between probes.
 
 Step seconds are fitted as ``c0 + c1 · tokens`` by least squares over every shape seen
 (``cost_model``): an overhead-bound machine (small batch, small model, an accelerator with spare
 compute) gets ``c1 ≈ 0`` and drafts long; a compute-bound one (a large batch on a CPU) drafts short.
+Until two drafting shapes have run, the prefill forwards (``record_prefill``) stand in, so the
+engine's first decode steps already know what width costs: a wide batch on a CPU does not open
+with a second block it cannot afford (one is tried only while it adds at most ``MEASURE_SHARE`` to
+a step).
 Expected accepted drafts come from the verify history: ``P(a ≥ j)`` among verifies whose block
 reached depth ``j``. All of this is host arithmetic on a few dozen numbers, outside the step.
 """
 
 from __future__ import annotations
 
-EMA = 0.7  # weight of the past in running averages
+import math
+from collections import deque
+
+WINDOW = 8  # a shape's cost is the least of its last WINDOW timings: a busy host only adds time
 MIN_BLOCK_SAMPLES = 16  # rows seen with two blocks before the second block's worth is judged
 DEFAULT_PRICE = 0.25  # a block's relative cost assumed before it is measured
 LEN_PROBE_EVERY = 32  # steps between full-length blocks once a shorter one is chosen
 MIN_VERIFIES = 8  # verifies observed before the block length adapts
+PROBE_EVERY = 16  # the fewest steps between the probes of the rows decoding as AR ...
+PROBE_SHARE = 0.1  # ... and at most this share of the AR steps' time spent probing
+MEASURE_SHARE = 0.25  # a second block is tried only while it adds at most this share to a step
 
 
 class DraftBudget:
@@ -36,7 +48,9 @@ class DraftBudget:
 
     def __init__(self, k: int, *, fixed: bool, adaptive: bool) -> None:
         self.k, self.fixed, self.adaptive = k, fixed, adaptive
-        self.step_cost: dict[tuple[int, int], float] = {}  # (rows, width) -> seconds (EMA)
+        self.step_cost: dict[tuple[int, int], float] = {}  # (rows, width) -> seconds
+        self.prefill_cost: dict[int, float] = {}  # tokens of a prefill forward -> seconds
+        self._timings: dict[object, deque[float]] = {}
         self.verifies_by_len = [0] * (k + 1)  # verifies of drafts from blocks of length L
         self.accepted_by_count = [0] * (k + 2)  # verifies that accepted a drafts
         self.length = k  # the block length chosen last
@@ -49,9 +63,20 @@ class DraftBudget:
 
     def record(self, rows: int, width: int, seconds: float) -> None:
         """A decode step of ``rows`` × ``width`` tokens took ``seconds`` (width 1: plain AR)."""
-        old = self.step_cost.get((rows, width))
-        self.step_cost[(rows, width)] = seconds if old is None else EMA * old + (1 - EMA) * seconds
+        self.step_cost[(rows, width)] = self._least_recent((rows, width), seconds)
         self._fit = None
+
+    def record_prefill(self, tokens: int, seconds: float) -> None:
+        """A prefill forward of ``tokens`` tokens (slots included) took ``seconds``."""
+        self.prefill_cost[tokens] = self._least_recent(("prefill", tokens), seconds)
+        self._fit = None
+
+    def _least_recent(self, key: object, seconds: float) -> float:
+        """The least of a shape's last ``WINDOW`` timings: robust to a host busy with other work
+        (which only ever adds time), still following a cost that grows with the context."""
+        timings = self._timings.setdefault(key, deque(maxlen=WINDOW))
+        timings.append(seconds)
+        return min(timings)
 
     def observe(self, drafted_len: int, accepted: int) -> None:
         """A verify of drafts from a block of ``drafted_len`` slots accepted ``accepted``."""
@@ -68,10 +93,13 @@ class DraftBudget:
 
     def cost_model(self) -> tuple[float, float] | None:
         """``(c0, c1)``: a drafting step's seconds ≈ c0 + c1 · tokens, least squares over the
-        drafting shapes seen (None until two token counts ran). Plain AR steps (width 1) are kept
-        apart: a drafting step also pays for reading its slots, which width alone does not tell."""
+        drafting shapes seen, the prefill forwards added until two token counts ran (None until
+        then). Plain AR steps (width 1) are kept apart: a drafting step also pays for reading its
+        slots, which width alone does not tell."""
         if self._fit is None:
             pts = [(r * w, t) for (r, w), t in self.step_cost.items() if w > 1]
+            if len({x for x, _ in pts}) < 2:
+                pts += list(self.prefill_cost.items())
             if len({x for x, _ in pts}) < 2:
                 return None
             n = len(pts)
@@ -123,6 +151,12 @@ class DraftBudget:
             return DEFAULT_PRICE  # until the cost of steps has been measured
         return max(0.0, drafted / ar - 1.0)
 
+    def probe_interval(self, rows: int) -> int:
+        """Steps between the probes of rows decoding as AR: a probe costs about ``price`` AR
+        steps, so it comes once per ``price / PROBE_SHARE`` steps, never more often than once per
+        ``PROBE_EVERY``."""
+        return max(PROBE_EVERY, math.ceil(self.price(rows) / PROBE_SHARE))
+
     def choose_length(self, rows: int, big_m: int) -> int:
         """This step's block length (see the module docstring); remembered as ``length``."""
         self.length = self._length(rows, big_m)
@@ -148,10 +182,11 @@ class DraftBudget:
         measured catch rate times the drafts a step accepts outweighs its extra cost."""
         if wanted <= 1:
             return wanted
-        if self.two_block_rows < MIN_BLOCK_SAMPLES:
-            return 2  # measure what a second block catches first
         one = self.seconds(rows, big_m + 1 + length)
         two = self.seconds(rows, big_m + 1 + 2 * length)
+        if self.two_block_rows < MIN_BLOCK_SAMPLES:  # measure what a second block catches first,
+            cheap = one is None or two is None or two / one - 1.0 <= MEASURE_SHARE
+            return 2 if cheap else 1  # ... where trying it costs little
         if one is None or two is None:
             return 2
         gained = self.second_hits / self.two_block_rows * self.expected_accept(length)

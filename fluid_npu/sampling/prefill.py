@@ -13,8 +13,11 @@ slot decodes (``step.py``).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from fluid_npu import device as devices
 from fluid_npu.layout import slot_block
 from fluid_npu.sampling.fused import choose_anchors
 from fluid_npu.sampling.rules import SamplingParams
@@ -97,10 +100,14 @@ class PrefillMixin:
         dev = self.device
         # a prefilling slot's chunk goes right after what it has encoded so far
         length = torch.tensor([chunks[i][0] for i in rows], dtype=torch.long, device=dev)
+        t0 = time.perf_counter()
         hidden = self._forward(
             rows[0], ids.to(dev), pos.to(dev), anchor.to(dev), length, causal, rows=rows
         )
         self.prefill_forwards += 1
+        if self.adaptive and draft:  # what width costs, known before the first decode step
+            devices.synchronize(dev)
+            self.budget.record_prefill(b * (width + draft), time.perf_counter() - t0)
         for i, (start, chunk, last) in chunks.items():
             s = self.slots[i]
             s.prefilled = start + len(chunk)

@@ -24,7 +24,6 @@ from fluid_npu.sampling.requests import Event, Slot
 from fluid_npu.sampling.rules import ACCEPT, DRAFT, DRAW, filtered_probs, residual, sample, uniform
 from fluid_ops.meta import MAIN, PAD
 
-PROBE_EVERY = 16  # steps between the probes of the rows decoding as AR
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
 EMA = 0.7  # weight of the past in a row's accepted-drafts average
 
@@ -216,9 +215,10 @@ class StepMixin:
             cand_next = choose_anchors(self.logp[:hi], m_next, self.anchors, self.coverage)
             if self.adaptive:  # drafts already made are verified; new blocks only where they pay
                 worth = self.ema[:hi] >= self.budget.price(hi)
-                # every row that decodes as AR probes on the same step: one wide step in
-                # PROBE_EVERY for the batch, not one per row
-                probe = self.decode_forwards % PROBE_EVERY == 0
+                # every row that decodes as AR probes on the same step: one wide step per
+                # probe interval for the batch, not one per row
+                probe = self.decode_forwards - self._last_probe >= self.budget.probe_interval(hi)
+                self._last_probe = self.decode_forwards if probe else self._last_probe
                 draft_on = worth | probe | (self.temp[:hi] > 0)
                 cand_next = torch.where(draft_on[:, None], cand_next, -1)
         self.m[:hi] = m_next
