@@ -16,15 +16,16 @@ exactly 0 (and contributes no gradient); nothing is ever NaN. Back ends, chosen 
 * ``triton``: block-sparse flash attention (``fluid_ops.attention_triton``).
 
 **The custom op.** ``fluid_ops::fluid_attention`` (a ``torch.library`` custom op) takes the four
-metadata tensors as arguments, selects the back end and runs it inside its real implementation;
-its fake implementation gives ``torch.compile`` the output's shape and dtype, so a compiled model
-traces through it without looking at the planning (host transfers, caches). Its backward,
-``fluid_ops::fluid_attention_backward``, recomputes the forward of the same back end and takes its
-vector-Jacobian product (a custom op's implementation runs below autograd, so the forward's own
-graph cannot be kept). In eager mode, a call that records autograd (training) therefore runs the
-back end directly under autograd instead — the same function and numbers, with its native backward
-and no recomputation; every other call (inference, and any call ``torch.compile`` traces) goes
-through the op.
+metadata tensors and ``n_main`` as arguments, selects the back end and runs it inside its real
+implementation; its fake implementation gives ``torch.compile`` the output's shape, dtype and
+strides (those of ``q``), so a compiled model traces through it without looking at the planning
+(host transfers, caches). Its backward, ``fluid_ops::fluid_attention_backward``, recomputes the
+forward of the same back end and takes its vector-Jacobian product with ``torch.func.vjp`` (the
+``triton`` back end: its own backward kernels), because a custom op's implementation runs below
+autograd and the forward's own graph cannot be kept. In eager mode a call that records autograd
+(training) therefore runs the back end directly under autograd instead — the same function and
+numbers, its native backward, no recomputation; every other call (inference, and every call that
+``torch.compile`` traces, training included) goes through the op.
 
 Every back end is checked against a float64 softmax straight from ``visibility`` in
 ``tests/test_ops_attention.py``; the op against direct calls in ``tests/test_attention_op.py``.
@@ -80,7 +81,9 @@ def _records_autograd(*tensors: torch.Tensor) -> bool:
 
 
 def _meta_args(meta: AttnMeta) -> tuple:
-    return meta.q_pos, meta.q_anchor, meta.k_pos, meta.k_anchor, meta.n_main
+    """The metadata as the op's arguments (``n_main`` a plain int: the schema says ``int?``)."""
+    n_main = None if meta.n_main is None else int(meta.n_main)
+    return meta.q_pos, meta.q_anchor, meta.k_pos, meta.k_anchor, n_main
 
 
 def _run(
