@@ -102,6 +102,7 @@ def _visit_list(active: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def resolve_tiles(block_m: int | None, block_n: int | None) -> tuple[int, int]:
+    """The tile sizes to use (the defaults for None), checked: powers of two ≥ 16."""
     block_m = DEFAULT_BLOCK_M if block_m is None else int(block_m)
     block_n = DEFAULT_BLOCK_N if block_n is None else int(block_n)
     for name, value in (("block_m", block_m), ("block_n", block_n)):
