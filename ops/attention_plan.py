@@ -75,6 +75,8 @@ def plan_blocks(meta: AttnMeta, lq: int, lk: int, chunk: int) -> list[Block]:
 
 
 def _plan(meta: AttnMeta, lq: int, lk: int, chunk: int) -> list[Block]:
+    """The plan, uncached: the query spans, their key ranges (fact 1), whether the main span is a
+    causal square (fact 3), then one block per span (the square, or masked: fact 2)."""
     if meta.n_main is None:
         return [_masked_block(meta, 0, lq, ((0, lk),))]
     n_main = min(max(int(meta.n_main), 0), lq)
@@ -92,7 +94,7 @@ def _plan(meta: AttnMeta, lq: int, lk: int, chunk: int) -> list[Block]:
             keep = meta.q_anchor[:, :n_main] == MAIN  # padding rows are zeroed
             blocks.append(Block(0, n_main, ((0, n_main),), True, None, keep))
         else:
-            m0, m1, s0, s1 = host[4 * i : 4 * i + 4]
+            m0, m1, s0, s1 = host[4 * i : 4 * i + 4]  # span i's main range, then its slot range
             blocks.append(_masked_block(meta, q0, q1, _merge((m0, m1), (s0, s1))))
     return _drop_full_keeps(blocks)
 
