@@ -8,43 +8,50 @@ exactly 0 (and contributes no gradient); nothing is ever NaN. Back ends, chosen 
 ``fluid_ops.dispatch``:
 
 * ``reference``: the dense bool mask from ``visibility`` + ``F.scaled_dot_product_attention``;
-* ``blocked``: the Stage I memory order exploited with stock SDPA on any device. The queries are
-  cut into blocks: the main stream ``[0, n_main)`` as one block (one ``is_causal`` call when the
-  main region is a causal square, see ``plan_blocks``), then the slot queries in chunks. Each block
-  attends only to the key ranges it can see: main keys up to its largest anchor, slot keys of its
-  anchors. The CPU fast path; falls back to the reference math when ``meta.n_main`` is None;
+* ``blocked``: the Stage I memory order exploited with stock SDPA on any device: the queries cut
+  into blocks that each attend only the key ranges they can see (``fluid_ops.attention_plan``
+  plans, ``fluid_ops.attention_blocked`` runs). The CPU fast path; the reference math when
+  ``meta.n_main`` is None;
 * ``npu``: ``torch_npu`` fused kernels over the same blocks (``fluid_ops.attention_npu``);
 * ``triton``: block-sparse flash attention (``fluid_ops.attention_triton``).
 
+**The custom op.** ``fluid_ops::fluid_attention`` (a ``torch.library`` custom op) takes the four
+metadata tensors and ``n_main`` as arguments, selects the back end and runs it inside its real
+implementation; its fake implementation gives ``torch.compile`` the output's shape, dtype and
+strides (those of ``q``), so a compiled model traces through it without looking at the planning
+(host transfers, caches). Its backward, ``fluid_ops::fluid_attention_backward``, recomputes the
+forward of the same back end and takes its vector-Jacobian product with ``torch.func.vjp`` (the
+``triton`` back end: its own backward kernels), because a custom op's implementation runs below
+autograd and the forward's own graph cannot be kept. In eager mode a call that records autograd
+(training) therefore runs the back end directly under autograd instead — the same function and
+numbers, its native backward, no recomputation; every other call (inference, and every call that
+``torch.compile`` traces, training included) goes through the op.
+
 Every back end is checked against a float64 softmax straight from ``visibility`` in
-``tests/test_ops_attention.py``.
+``tests/test_ops_attention.py``; the op against direct calls in ``tests/test_attention_op.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.torch_version import TorchVersion
 
 from fluid_ops import dispatch
-from fluid_ops.meta import MAIN, PAD, AttnMeta, visibility
+from fluid_ops.attention_blocked import (
+    _sdpa,  # noqa: F401  (re-exported: fluid_npu.sampling.kv)
+    blocked_attention,
+    reference_attention,
+    run_blocks,
+    zero_rows,
+)
+from fluid_ops.attention_plan import Block, plan_blocks, safe_mask
+from fluid_ops.meta import AttnMeta, visibility
 
 OP = "attention"
-# Slot queries per SDPA call in the blocked back end: small blocks waste least on a CPU, while an
-# accelerator pays a launch per block (measured fwd+bwd, N=1024, k_max=16, anchor_prob 0.5: CPU
-# 64/128/256 within noise of each other; H100 1024 best of 128..1024).
-BLOCKED_CHUNK = {"cpu": 256}
-ACCELERATOR_CHUNK = 1024
-
-_NATIVE_GQA = TorchVersion(torch.__version__) >= "2.5"  # SDPA's enable_gqa
-_NEG = -(2**62)  # "sees no main key" / empty-reduction sentinels for int64 metadata
-_BIG = 2**62
-_PLAN_BUDGET = 1 << 22  # elements of the [segments, B, Lk] temporaries planned at once
 
 
 def fluid_attention(
@@ -55,7 +62,7 @@ def fluid_attention(
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """FLUID attention ``[B, Hq, Lq, D]`` of ``q`` over ``k``/``v`` under ``visibility(meta)``.
+    """FLUID attention ``[B, Hq, Lq, Dv]`` of ``q`` over ``k``/``v`` under ``visibility(meta)``.
 
     ``scale`` defaults to ``1/sqrt(D)``. ``backend`` names a back end (``reference``, ``blocked``,
     ``npu``, ``triton``) or ``None``/``"auto"`` for the dispatch order; see ``fluid_ops.dispatch``.
@@ -64,8 +71,130 @@ def fluid_attention(
     if meta.q_pos.device != q.device:
         meta = meta.to(q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _records_autograd(q, k, v) and not torch.compiler.is_compiling():
+        return _run(q, k, v, meta, scale, backend)  # eager training: see the module docstring
+    return _attention_op(q, k, v, *_meta_args(meta), scale, backend)
+
+
+def _records_autograd(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _meta_args(meta: AttnMeta) -> tuple:
+    """The metadata as the op's arguments (``n_main`` a plain int: the schema says ``int?``)."""
+    n_main = None if meta.n_main is None else int(meta.n_main)
+    return meta.q_pos, meta.q_anchor, meta.k_pos, meta.k_anchor, n_main
+
+
+def _run(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttnMeta,
+    scale: float,
+    backend: str | None,
+) -> torch.Tensor:
+    """Select the back end for ``q``'s device and run it (the op's real implementation)."""
     name = dispatch.select(OP, q.device, backend)
     return _BACKENDS[name](q, k, v, meta, scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# The custom ops: forward, its fake, and autograd through the backward op.
+
+
+@torch.library.custom_op("fluid_ops::fluid_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_anchor: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_anchor: torch.Tensor,
+    n_main: int | None,
+    scale: float,
+    backend: str | None,
+) -> torch.Tensor:
+    meta = AttnMeta(q_pos, q_anchor, k_pos, k_anchor, n_main)
+    return _laid_out(_run(q, k, v, meta, scale, backend), partial(_out_like, q, v))
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, *_meta_and_options):
+    return _out_like(q, v)
+
+
+@torch.library.custom_op("fluid_ops::fluid_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_anchor: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_anchor: torch.Tensor,
+    n_main: int | None,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    meta = AttnMeta(q_pos, q_anchor, k_pos, k_anchor, n_main)
+    if backend == "triton":  # its kernels have a backward of their own (and no torch.func rule)
+        from fluid_ops.attention_triton import triton_attention_backward
+
+        grads = triton_attention_backward(grad_out, q, k, v, meta, scale)
+    else:
+
+        def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return _BACKENDS[backend](q, k, v, meta, scale)
+
+        _, vjp = torch.func.vjp(forward, q, k, v)  # recompute, then the back end's own backward
+        grads = vjp(grad_out)
+    return tuple(_laid_out(g, partial(torch.empty_like, x)) for g, x in zip(grads, (q, k, v)))
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, *_meta_and_options):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _out_like(q: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """An empty output ``[B, Hq, Lq, Dv]`` laid out like ``q`` (transformers hands a transposed
+    BSHD view: the output then transposes back to BSHD for free)."""
+    if v.shape[-1] == q.shape[-1]:
+        return torch.empty_like(q, **kw)
+    return q.new_empty((*q.shape[:3], v.shape[-1]), **kw)
+
+
+def _laid_out(t: torch.Tensor, empty: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``t`` with the strides of ``empty()``, copied into a new tensor only when they differ.
+
+    The fake implementations promise these strides and a compiled graph plans its views on them,
+    so the real implementations keep the promise.
+    """
+    if t.stride() == empty(device="meta").stride():  # the strides alone: nothing allocated
+        return t
+    return empty().copy_(t)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, q_pos, q_anchor, k_pos, k_anchor, n_main, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, q_pos, q_anchor, k_pos, k_anchor)
+    # the back end the forward ran (same call, same thread: the same answer as its selection)
+    ctx.options = (n_main, scale, dispatch.select(OP, q.device, backend))
+
+
+def _backward(ctx, grad_out):
+    dq, dk, dv = _attention_backward_op(grad_out, *ctx.saved_tensors, *ctx.options)
+    return dq, dk, dv, *([None] * 7)
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks, figures and the back-end table.
 
 
 def visible_pairs(meta: AttnMeta, query_chunk: int = 1024) -> int:
@@ -101,268 +230,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) ->
         raise ValueError(f"AttnMeta has batch {meta.batch}, the tensors have batch {b}")
 
 
-def _sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-) -> torch.Tensor:
-    """Stock SDPA with GQA (native ``enable_gqa`` when torch has it, else expanded KV heads)."""
-    gqa = q.shape[1] != k.shape[1]
-    if gqa and not _NATIVE_GQA:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        gqa = False
-    extra = {"enable_gqa": True} if gqa else {}
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **extra
-    )
-
-
-def zero_rows(out: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Zero the query rows where ``keep [B, Lq]`` is False (their gradient is zero too)."""
-    return out if keep is None else out.masked_fill(~keep[:, None, :, None], 0.0)
-
-
-def safe_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mask', keep)``: rows of ``mask [B, Lq, Lk]`` with no visible key opened to every key.
-
-    No kernel then ever sees a fully masked row (the source of NaN in softmax and its gradient);
-    ``keep [B, Lq]`` marks the real rows, and the opened ones are zeroed after the call.
-    """
-    keep = mask.any(dim=-1)
-    return mask | ~keep[..., None], keep
-
-
-def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float
-) -> torch.Tensor:
-    """Dense bool mask from ``visibility`` + one SDPA call; the ground truth of the back ends."""
-    mask, keep = safe_mask(visibility(meta))
-    return zero_rows(_sdpa(q, k, v, scale, mask=mask[:, None]), keep)
-
-
-@dataclass(frozen=True)
-class Block:
-    """Queries ``[q0, q1)`` attend the keys in ``ranges`` (ascending, disjoint index intervals).
-
-    ``causal``: the block is the square ``[q0, q1) × [q0, q1)`` whose visibility is exactly the
-    causal triangle for every kept row (no mask needed). Otherwise ``mask [B, q1-q0, K]`` (True =
-    attend, over the concatenated ranges, fully masked rows opened) is set when ``ranges`` is not
-    empty. ``keep [B, q1-q0]`` marks the rows that see at least one key; the others are zeroed
-    (None: every row sees a key).
-    """
-
-    q0: int
-    q1: int
-    ranges: tuple[tuple[int, int], ...]
-    causal: bool
-    mask: torch.Tensor | None
-    keep: torch.Tensor | None
-
-
-def plan_blocks(meta: AttnMeta, lq: int, lk: int, chunk: int) -> list[Block]:
-    """Cut the queries into blocks and find, per block, the key ranges holding all its visible keys.
-
-    Blocks: ``[0, n_main)`` (the main stream) then ``[n_main, Lq)`` in chunks of ``chunk``. The key
-    ranges come from the metadata itself, so they are exact supersets whatever the order: a block
-    sees main keys whose position is ≤ the largest limit of its rows (``q_pos`` for a main query,
-    the anchor for a slot), and slot keys whose anchor lies between the smallest and largest anchor
-    of its slot rows (per batch row, then the union over the batch). With the Stage I memory order
-    this is "main keys up to the block's largest anchor + its own slot groups".
-
-    The main block is one causal square when ``Lq == Lk`` (no cache), queries and keys are the same
-    tokens there, its anchors are a run of MAIN followed by PAD with strictly increasing positions,
-    and no main key lies beyond ``n_main``. Then a real main query ``i`` sees exactly the keys
-    ``j <= i``: earlier indices are real main tokens at smaller positions, later ones are larger
-    positions or padding; pad queries see only main keys under the causal square (never NaN) and
-    are zeroed. Otherwise the main block uses a mask like the others.
-
-    Without ``n_main`` the plan is one block over all queries and keys. All the planning needs one
-    host transfer; the plan is cached on ``meta`` (every layer of a forward reuses it), so treat an
-    ``AttnMeta`` as immutable once it has been used.
-    """
-    key = (lq, lk, chunk, str(meta.q_pos.device))
-    cache = vars(meta).setdefault("_fluid_blocks", {})
-    if key not in cache:
-        cache[key] = _plan(meta, lq, lk, chunk)
-    return cache[key]
-
-
-def _plan(meta: AttnMeta, lq: int, lk: int, chunk: int) -> list[Block]:
-    if meta.n_main is None:
-        return [_masked_block(meta, 0, lq, ((0, lk),))]
-    n_main = min(max(int(meta.n_main), 0), lq)
-    spans = ([(0, n_main)] if n_main > 0 else []) + [
-        (s, min(s + chunk, lq)) for s in range(n_main, lq, chunk)
-    ]
-    group = max(1, _PLAN_BUDGET // max(1, meta.batch * lk))  # spans planned at once
-    stats = [_key_extents(meta, spans[i : i + group]) for i in range(0, len(spans), group)]
-    flags = _causal_main_ok(meta, n_main) if lq == lk and n_main > 0 else meta.q_pos.new_zeros(1)
-    host = torch.cat([*stats, flags.view(1).long()]).tolist()  # the one host transfer
-    causal_ok = bool(host[-1])
-    extents = [host[4 * i : 4 * i + 4] for i in range(len(spans))]
-    blocks = []
-    for (q0, q1), (m0, m1, s0, s1) in zip(spans, extents):
-        if causal_ok and (q0, q1) == (0, n_main):
-            keep = meta.q_anchor[:, :n_main] == MAIN
-            blocks.append(Block(0, n_main, ((0, n_main),), True, None, keep))
-            continue
-        ranges = sorted(r for r in ((m0, m1), (s0, s1)) if r[1] > r[0])
-        if len(ranges) == 2 and ranges[1][0] <= ranges[0][1]:  # touching or overlapping
-            ranges = [(ranges[0][0], max(m1, s1))]
-        blocks.append(_masked_block(meta, q0, q1, tuple(ranges)))
-    return _drop_full_keeps(blocks)
-
-
-def _drop_full_keeps(blocks: list[Block]) -> list[Block]:
-    """Set ``keep`` to None on blocks whose every row sees a key (nothing to zero); one transfer."""
-    full = torch.stack([blk.keep.all() for blk in blocks]).tolist() if blocks else []
-    return [replace(blk, keep=None) if f else blk for blk, f in zip(blocks, full)]
-
-
-def _key_extents(meta: AttnMeta, spans: list[tuple[int, int]]) -> torch.Tensor:
-    """``[4 * len(spans)]`` int64: per span, the main then the slot key range (start, end)."""
-    dev = meta.q_pos.device
-    n = len(spans)
-    lo, hi = spans[0][0], spans[-1][1]
-    seg = torch.repeat_interleave(
-        torch.arange(n, device=dev), torch.tensor([b - a for a, b in spans], device=dev)
-    ).expand(meta.batch, -1)
-    qa, qp = meta.q_anchor[:, lo:hi].long(), meta.q_pos[:, lo:hi].long()
-    is_slot = qa >= 0
-    limit = torch.where(qa == MAIN, qp, torch.where(is_slot, qa, _NEG))
-
-    def reduce(values: torch.Tensor, how: str, fill: int) -> torch.Tensor:  # -> [n, B, 1]
-        out = torch.full((meta.batch, n), fill, dtype=torch.long, device=dev)
-        return out.scatter_reduce(1, seg, values, how).t()[..., None]
-
-    lim = reduce(limit, "amax", _NEG)
-    a_lo = reduce(torch.where(is_slot, qa, _BIG), "amin", _BIG)
-    a_hi = reduce(torch.where(is_slot, qa, _NEG), "amax", _NEG)
-    p_hi = reduce(torch.where(is_slot, qp, _NEG), "amax", _NEG)
-    ka, kp = meta.k_anchor.long()[None], meta.k_pos.long()[None]
-    see_main = (ka == MAIN) & (kp <= lim)
-    see_slot = (ka >= 0) & (ka >= a_lo) & (ka <= a_hi) & (kp <= p_hi)
-    lk = ka.shape[-1]
-    idx = torch.arange(lk, device=dev)
-
-    def extent(cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start = torch.where(cond, idx, lk).amin(dim=(1, 2))
-        end = torch.where(cond, idx + 1, 0).amax(dim=(1, 2))
-        return start, end
-
-    (m0, m1), (s0, s1) = extent(see_main), extent(see_slot)
-    return torch.stack([m0, m1, s0, s1], dim=1).flatten()
-
-
-def _causal_main_ok(meta: AttnMeta, n_main: int) -> torch.Tensor:
-    """0-d bool: ``[0, n_main)`` is an exact causal square (conditions in ``plan_blocks``)."""
-    qa, ka = meta.q_anchor[:, :n_main], meta.k_anchor[:, :n_main]
-    qp, kp = meta.q_pos[:, :n_main], meta.k_pos[:, :n_main]
-    is_main = ka == MAIN
-    checks = [
-        (qa == ka).all() & (qp == kp).all(),  # queries are the keys
-        ((ka == MAIN) | (ka == PAD)).all(),  # only main tokens and padding
-        (is_main[:, 1:] <= is_main[:, :-1]).all(),  # main run first, padding after
-        ((kp[:, 1:] > kp[:, :-1]) | ~is_main[:, 1:]).all(),  # increasing positions
-        (meta.k_anchor[:, n_main:] != MAIN).all(),  # no main key after the main region
-    ]
-    return torch.stack(checks).all()
-
-
-def _masked_block(meta: AttnMeta, q0: int, q1: int, ranges: tuple[tuple[int, int], ...]) -> Block:
-    if not ranges:
-        keep = torch.zeros_like(meta.q_anchor[:, q0:q1], dtype=torch.bool)
-        return Block(q0, q1, ranges, False, None, keep)
-    sub = AttnMeta(
-        meta.q_pos[:, q0:q1],
-        meta.q_anchor[:, q0:q1],
-        take_keys(meta.k_pos, ranges, dim=1),
-        take_keys(meta.k_anchor, ranges, dim=1),
-    )
-    mask, keep = safe_mask(visibility(sub))
-    return Block(q0, q1, ranges, False, mask, keep)
-
-
-def take_keys(t: torch.Tensor, ranges: tuple[tuple[int, int], ...], dim: int = 1) -> torch.Tensor:
-    """The key ranges of metadata ``t`` along ``dim``, concatenated (a view for one range)."""
-    parts = [t.narrow(dim, a, b - a) for a, b in ranges]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-class Pieces:
-    """Query and key/value tensors cut once at every boundary a plan uses.
-
-    Each block gathers its keys from these pieces instead of slicing the full tensors: autograd
-    then accumulates gradients piece by piece, where a slice per block would zero-fill and add a
-    full-size gradient for every block (which dominated the backward pass on CPU).
-    """
-
-    def __init__(self, blocks: list[Block], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        cuts = sorted({0, k.shape[2], *(x for blk in blocks for r in blk.ranges for x in r)})
-        sizes = [b - a for a, b in itertools.pairwise(cuts)]
-        self._at = {c: i for i, c in enumerate(cuts)}
-        self.k, self.v = k.split(sizes, dim=2), v.split(sizes, dim=2)
-        self.q = q.split([blk.q1 - blk.q0 for blk in blocks], dim=2)
-
-    def keys(self, blk: Block) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's keys and values over its ranges, concatenated (a view when one piece)."""
-        idx = [i for a, b in blk.ranges for i in range(self._at[a], self._at[b])]
-        if len(idx) == 1:
-            return self.k[idx[0]], self.v[idx[0]]
-        return torch.cat([self.k[i] for i in idx], 2), torch.cat([self.v[i] for i in idx], 2)
-
-
-def blocked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    meta: AttnMeta,
-    scale: float,
-    chunk: int | None = None,
-) -> torch.Tensor:
-    """The Stage I / cached-inference structure exploited with stock SDPA (see ``plan_blocks``).
-
-    ``chunk``: slot queries per call; None picks ``BLOCKED_CHUNK`` for the device type.
-    """
-    if meta.n_main is None:
-        return reference_attention(q, k, v, meta, scale)
-    chunk = chunk or BLOCKED_CHUNK.get(q.device.type, ACCELERATOR_CHUNK)
-
-    def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, blk: Block) -> torch.Tensor:
-        if blk.causal:
-            return _sdpa(qs, ks, vs, scale, is_causal=True)
-        return _sdpa(qs, ks, vs, scale, mask=blk.mask[:, None])
-
-    return run_blocks(q, k, v, meta, chunk, attend)
-
-
-def run_blocks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    meta: AttnMeta,
-    chunk: int,
-    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Block], torch.Tensor],
-) -> torch.Tensor:
-    """Plan the blocks, run ``attend(q_block, k_keys, v_keys, block)`` on each, zero empty rows.
-
-    Shared by the ``blocked`` (SDPA) and ``npu`` (torch_npu) back ends; only ``attend`` differs.
-    """
-    blocks = plan_blocks(meta, q.shape[2], k.shape[2], chunk)
-    pieces = Pieces(blocks, q, k, v)
-    outs = []
-    for blk, qs in zip(blocks, pieces.q):
-        if not blk.ranges:
-            outs.append(q.new_zeros(*qs.shape[:3], v.shape[-1]))
-            continue
-        outs.append(zero_rows(attend(qs, *pieces.keys(blk), blk), blk.keep))
-    return torch.cat(outs, dim=2) if len(outs) != 1 else outs[0]
-
-
 def _npu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float):
     from fluid_ops.attention_npu import npu_attention
 
@@ -389,3 +256,18 @@ dispatch.register_backend(OP, "triton", dispatch.triton_unavailable)
 dispatch.set_preference(OP, "npu", ["npu", "triton", "blocked"])
 dispatch.set_preference(OP, "cuda", ["triton", "blocked"])
 dispatch.set_preference(OP, "default", ["blocked"])
+
+# Names the other attention modules and tests import from here (attention_npu: Block, run_blocks,
+# safe_mask, zero_rows), besides the entry point.
+__all__ = [
+    "OP",
+    "Block",
+    "blocked_attention",
+    "fluid_attention",
+    "plan_blocks",
+    "reference_attention",
+    "run_blocks",
+    "safe_mask",
+    "visible_pairs",
+    "zero_rows",
+]

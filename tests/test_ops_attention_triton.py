@@ -1,4 +1,4 @@
-"""Tests of the ``triton`` attention back end (``fluid_ops.attention_triton``).
+"""Tests of the ``triton`` attention back end (``fluid_ops.attention_triton`` and its tiles).
 
 On CPU the kernels run under the Triton interpreter, so shapes stay tiny. Every case is compared
 with a float64 softmax over ``visibility(meta)`` (values and the gradients of q, k and v): fp32
@@ -23,15 +23,16 @@ import pytest
 import torch
 import triton.language as tl
 
-from fluid_ops.attention_triton import (
+from fluid_ops.attention import fluid_attention
+from fluid_ops.attention_tiles import (
     DEFAULT_BLOCK_M,
     DEFAULT_BLOCK_N,
-    _plan,
     _tile_pairs,
     active_tiles,
+    plan_visits,
     tile_stats,
-    triton_attention,
 )
+from fluid_ops.attention_triton import triton_attention
 from fluid_ops.meta import MAIN, PAD, AttnMeta, visibility
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 # here would be too late (the conftest imports torch, which imports triton) and would leak into
 # the other test modules, so the interpreted tests otherwise run in a child process.
 INTERPRETER_IN_PROCESS = type(tl.zeros).__name__ == "InterpretedFunction"
-N_INTERPRETED = 13  # test cases in TestInterpretedKernels
+N_INTERPRETED = 14  # test cases in TestInterpretedKernels
 
 # --------------------------------------------------------------------------------------------
 # Metadata builders and the reference.
@@ -208,12 +209,33 @@ class TestInterpretedKernels:
         q = torch.randn(1, 2, length, 16, generator=g, requires_grad=True)
         k = torch.randn(1, 1, length, 16, generator=g, requires_grad=True)
         v = torch.randn(1, 1, length, 16, generator=g, requires_grad=True)
-        plan = _plan(meta, 16, 16, q.device)  # int32 metadata and both visit lists
+        plan = plan_visits(meta, 16, 16, q.device)  # int32 metadata and both visit lists
         torch.library.opcheck(
             torch.ops.fluid_ops.triton_attn_fwd.default,
             (q, k, v, *plan, 0.25, 16, 16),
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
         )
+
+    def test_through_fluid_attention_op_and_inference_mode(self):
+        """The custom op's backward (the kernels' own, after a recomputed forward) equals the
+        kernels under autograd; inference-mode metadata (no version counter) plans and runs."""
+        meta = stage1_meta([14, 9], k_max=3, seed=8)
+        length = meta.q_pos.shape[1]
+        g = torch.Generator().manual_seed(0)
+        leaves = [torch.randn(2, h, length, 16, generator=g).requires_grad_() for h in (2, 1, 1)]
+        grad = torch.randn(2, 2, length, 16, generator=g)
+        args = (*leaves, meta.q_pos, meta.q_anchor, meta.k_pos, meta.k_anchor, meta.n_main, 0.25)
+        out = torch.ops.fluid_ops.fluid_attention(*args, "triton")
+        want = triton_attention(*leaves, meta, 0.25)
+        for a, e in zip(
+            torch.autograd.grad(out, leaves, grad), torch.autograd.grad(want, leaves, grad)
+        ):
+            torch.testing.assert_close(a, e, atol=0, rtol=0)
+        with torch.inference_mode():
+            pos, anchor = meta.q_pos.clone(), meta.q_anchor.clone()  # inference tensors
+            fresh = AttnMeta.self_attention(pos, anchor, n_main=meta.n_main)
+            got = fluid_attention(*(t.detach() for t in leaves), fresh, 0.25, backend="triton")
+        torch.testing.assert_close(got, want.detach(), atol=0, rtol=0)
 
     def test_torch_compile_fullgraph_matches_eager(self):
         meta = stage1_meta([12, 9], k_max=3, seed=7)
@@ -261,11 +283,11 @@ if not INTERPRETER_IN_PROCESS:
 def test_plan_is_cached_per_meta_and_tile_shape():
     meta = stage1_meta([30, 20], k_max=3, seed=12)
     cpu = torch.device("cpu")
-    first = _plan(meta, 32, 16, cpu)
-    assert _plan(meta, 32, 16, cpu) is first  # every layer of a step reuses it
-    assert _plan(meta, 16, 16, cpu) is not first
+    first = plan_visits(meta, 32, 16, cpu)
+    assert plan_visits(meta, 32, 16, cpu) is first  # every layer of a step reuses it
+    assert plan_visits(meta, 16, 16, cpu) is not first
     meta.k_pos = meta.k_pos.clone()  # a replaced tensor invalidates the entry
-    assert _plan(meta, 32, 16, cpu) is not first
+    assert plan_visits(meta, 32, 16, cpu) is not first
 
 
 def test_invalid_inputs_raise():
