@@ -1,4 +1,5 @@
-"""``fluid generate`` and ``fluid bench sampler``: the sampler's command-line entry points.
+"""``fluid generate``, the sampler's command-line entry point, and the flags and helpers it shares
+with ``fluid bench sampler`` (``bench_cli.py``), ``fluid eval`` and ``fluid serve``.
 
 ``fluid generate --model DIR [--adapter DIR] [--khead DIR] --policy P --loop L
 (--prompt TEXT | --prompts IN.jsonl --output OUT.jsonl) --max-new-tokens N --batch-size B
@@ -9,9 +10,8 @@ reference``: consecutive batches of ``B``) and written atomically, one JSON line
 ``prompt``, ``text``, ``token_ids`` (new tokens only), ``forwards`` and ``tpf``. Statistics go to
 stderr.
 
-``fluid bench sampler`` is ``fluid_npu.sampling.bench``; it exits with status 1 (after writing its
-report) when any row is not lossless. Bad input raises ``FluidError`` subclasses, which
-``fluid_npu.cli`` prints as one line before exiting with status 2.
+Bad input raises ``FluidError`` subclasses, which ``fluid_npu.cli`` prints as one line before
+exiting with status 2.
 
 ``--device`` (default ``auto``: ``fluid_npu.device.current()``, the best available accelerator, else
 the CPU) names the device type to run on; one that is not available is a ``ConfigError``.
@@ -102,26 +102,6 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         help="write each token's log-probability and its N best alternatives (0-20)",
     )
     p.set_defaults(handler=generate_command)
-
-
-def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (TPF and speed against transformers)")
-    targets = p.add_subparsers(dest="target", metavar="TARGET", parser_class=type(p))
-    s = targets.add_parser("sampler", help="policies x loops vs transformers' greedy generate")
-    add_model_args(s)
-    s.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'input_ids' per line")
-    s.add_argument("--json", required=True, help="where the JSON report is written")
-    s.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
-    s.add_argument("--policies", default=None, help="comma-separated (default: ar,fixed:4,...)")
-    s.add_argument("--loops", default="fused,reference", help="comma-separated loops")
-    s.add_argument("--repeats", type=int, default=1, help="timed runs per row (best is kept)")
-    s.set_defaults(handler=bench_command)
-    p.set_defaults(handler=lambda args: _bench_usage(p))
-
-
-def _bench_usage(p: argparse.ArgumentParser) -> int:
-    p.print_help()
-    return 0
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -331,28 +311,6 @@ def _stream_one(
     return 0
 
 
-BENCH_KEYS = (
-    "model",
-    "adapter",
-    "khead",
-    "prompts",
-    "json",
-    "max_new_tokens",
-    "batch_sizes",
-    "policies",
-    "loops",
-    "repeats",
-    "k_max",
-    "anchors",
-    "attn_backend",
-    "mask_token",
-    "device",
-    "dtype",
-    "compile",
-    "chat",
-)
-
-
 def command_line(words: Sequence[str], args: argparse.Namespace, keys: Sequence[str]) -> str:
     """The command that reproduces a run: ``words``, then ``--key value`` for each key that is set.
 
@@ -369,47 +327,3 @@ def command_line(words: Sequence[str], args: argparse.Namespace, keys: Sequence[
         elif value is not True:
             parts.append(str(value))
     return " ".join(parts)
-
-
-def bench_command(args: argparse.Namespace) -> int:
-    from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench, unlossless_rows
-
-    check_common(args)
-    try:
-        sizes = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
-    except ValueError:
-        raise ConfigError(
-            f"--batch-sizes takes integers like 1,8, got {args.batch_sizes!r}"
-        ) from None
-    if not sizes or min(sizes) < 1:
-        raise ConfigError(
-            f"--batch-sizes needs positive integers like 1,8, got {args.batch_sizes!r}"
-        )
-    settings = BenchSettings(
-        model=args.model,
-        adapter=args.adapter,
-        khead=args.khead,
-        prompts=args.prompts,
-        json_path=args.json,
-        max_new_tokens=args.max_new_tokens,
-        batch_sizes=sizes,
-        policies=tuple(p.strip() for p in args.policies.split(",")) if args.policies else None,
-        loops=tuple(s.strip() for s in args.loops.split(",") if s.strip()),
-        chat=args.chat,
-        mask_token=args.mask_token,
-        gen_kwargs=gen_kwargs(args),
-        command=command_line(["fluid", "bench", "sampler"], args, BENCH_KEYS),
-        repeats=args.repeats,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    report = run_sampler_bench(settings)  # checks the settings before loading the model
-    bad = unlossless_rows(report)
-    if bad:
-        print(
-            f"fluid: {bad} of {len(report['rows'])} rows were not lossless "
-            f"({report['mismatches']} mismatches); see {settings.json_path}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0

@@ -1,0 +1,100 @@
+"""``fluid bench sampler``: its flags and command (the benchmark itself is ``bench.py``).
+
+It exits with status 1 (after writing its report) when any row is not lossless; bad input is one
+``ConfigError`` (status 2). ``fluid bench serve`` registers as another target of the same ``bench``
+command (``fluid_npu.serve.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.cli import add_model_args, check_common, command_line, gen_kwargs
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (TPF and speed against transformers)")
+    targets = p.add_subparsers(dest="target", metavar="TARGET", parser_class=type(p))
+    s = targets.add_parser("sampler", help="policies x loops vs transformers' greedy generate")
+    add_model_args(s)
+    s.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'input_ids' per line")
+    s.add_argument("--json", required=True, help="where the JSON report is written")
+    s.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    s.add_argument("--policies", default=None, help="comma-separated (default: ar,fixed:4,...)")
+    s.add_argument("--loops", default="fused,reference", help="comma-separated loops")
+    s.add_argument("--repeats", type=int, default=1, help="timed runs per row (best is kept)")
+    s.set_defaults(handler=bench_command)
+    p.set_defaults(handler=lambda args: _bench_usage(p))
+
+
+def _bench_usage(p: argparse.ArgumentParser) -> int:
+    p.print_help()
+    return 0
+
+
+BENCH_KEYS = (
+    "model",
+    "adapter",
+    "khead",
+    "prompts",
+    "json",
+    "max_new_tokens",
+    "batch_sizes",
+    "policies",
+    "loops",
+    "repeats",
+    "k_max",
+    "anchors",
+    "attn_backend",
+    "mask_token",
+    "device",
+    "dtype",
+    "compile",
+    "chat",
+)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench, unlossless_rows
+
+    check_common(args)
+    try:
+        sizes = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--batch-sizes takes integers like 1,8, got {args.batch_sizes!r}"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(
+            f"--batch-sizes needs positive integers like 1,8, got {args.batch_sizes!r}"
+        )
+    settings = BenchSettings(
+        model=args.model,
+        adapter=args.adapter,
+        khead=args.khead,
+        prompts=args.prompts,
+        json_path=args.json,
+        max_new_tokens=args.max_new_tokens,
+        batch_sizes=sizes,
+        policies=tuple(p.strip() for p in args.policies.split(",")) if args.policies else None,
+        loops=tuple(s.strip() for s in args.loops.split(",") if s.strip()),
+        chat=args.chat,
+        mask_token=args.mask_token,
+        gen_kwargs=gen_kwargs(args),
+        command=command_line(["fluid", "bench", "sampler"], args, BENCH_KEYS),
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    report = run_sampler_bench(settings)  # checks the settings before loading the model
+    bad = unlossless_rows(report)
+    if bad:
+        print(
+            f"fluid: {bad} of {len(report['rows'])} rows were not lossless "
+            f"({report['mismatches']} mismatches); see {settings.json_path}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
