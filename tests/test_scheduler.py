@@ -210,6 +210,28 @@ def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
     assert any(w > 1 for w in late)  # ... which still probe
 
 
+def test_requests_that_start_as_ar_add_no_blocks(tok, monkeypatch):
+    """Where drafting does not pay, a request joining the batch decodes as AR from its first step:
+    no step carries block columns that no row asked for."""
+    model = build_tiny_model("llama", tok, seed=3)
+    monkeypatch.setattr(DraftBudget, "drafting_pays", lambda self, rows: False)
+    monkeypatch.setattr(DraftBudget, "price", lambda self, rows: 1e6)  # no probes either
+    widths = []
+    original = DraftBudget.record
+
+    def record(self, rows, width, seconds):
+        widths.append(width)
+        original(self, rows, width, seconds)
+
+    monkeypatch.setattr(DraftBudget, "record", record)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=2, eos_ids=[], k_max=4)
+    prompts = ["hello", "a b c", "x y", "one two three four"]
+    reqs = [Request(str(i), tok(p)["input_ids"], 6 + 3 * i) for i, p in enumerate(prompts)]
+    results = run_requests(sched, reqs)
+    assert [len(results[str(i)][0]) for i in range(4)] == [6, 9, 12, 15]
+    assert widths and set(widths) == {1}, widths
+
+
 def test_block_length_and_price_follow_the_measured_costs():
     budget = DraftBudget(8, fixed=False, adaptive=True)
     assert budget.price(4) == pytest.approx(0.25)  # nothing measured: the default
@@ -266,6 +288,8 @@ def test_the_budget_is_cautious_where_width_costs_and_deaf_to_a_busy_host():
     budget.record(4, 1, 0.001)
     budget.record(4, 1, 0.050)
     assert budget.seconds(4, 1) == pytest.approx(0.001)
+    # AR at an unmeasured row count: the nearest measured one, plus the rows between
+    assert budget.seconds(2, 1) == pytest.approx(0.001 + 10e-6 * (2 - 4))
     # probing costs about `price` AR steps, so a dear block is probed rarely
     cheap = budget.probe_interval(4)
     budget.record(4, 1, 0.0001)  # AR steps are now far cheaper than drafting ones

@@ -110,10 +110,17 @@ class DraftBudget:
         return self._fit
 
     def seconds(self, rows: int, width: int) -> float | None:
-        """A step's expected seconds: measured for plain AR (width 1), else the cost model's."""
-        if width == 1 and (rows, 1) in self.step_cost:
-            return self.step_cost[(rows, 1)]
+        """A step's expected seconds. Plain AR (width 1): measured at this row count, else at the
+        nearest one measured (plus the model's cost of the rows between) — the drafting model's
+        ``c0`` also holds the slots' reading, so it would make AR look dear and drafting cheap.
+        Drafting steps: the cost model's."""
         fit = self.cost_model()
+        if width == 1:
+            ar = [r for (r, w) in self.step_cost if w == 1]
+            if ar:
+                near = min(ar, key=lambda r: (abs(r - rows), r))
+                extra = 0.0 if fit is None else fit[1] * (rows - near)
+                return max(self.step_cost[(near, 1)] + extra, 1e-9)
         return None if fit is None else fit[0] + fit[1] * rows * width
 
     def expected_accept(self, length: int) -> float:

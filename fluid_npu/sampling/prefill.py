@@ -130,7 +130,6 @@ class PrefillMixin:
         self.last[i] = s.prompt[-1]
         self.ema[i] = self.budget.prior_accept()  # what drafts have earned so far (K at first)
         big_m, n_blocks = self._next_shape
-        self._next_shape = (big_m, max(n_blocks, 1 if self.k else 0))
         if slot_hidden is None or self.k == 0:
             self.m[i] = 0
             self.paid[i] = False
@@ -139,8 +138,10 @@ class PrefillMixin:
                 not s.params.greedy or self.budget.drafting_pays(self._decode_rows())
             ):
                 self.cand[i, 0] = 0  # no drafts yet: draft from v_0 in the first step
-            self.run[i] = True
+                self._next_shape = (big_m, max(n_blocks, 1))
+            self.run[i] = True  # (a row that starts as AR adds no block to the next step)
             return
+        self._next_shape = (big_m, max(n_blocks, 1))
         p = len(s.prompt)
         drafts, conf, keep = self._draft(
             slice(i, i + 1), slot_hidden[None], anchor_hidden[None], torch.tensor([p])

@@ -149,6 +149,8 @@ class Scheduler(PrefillMixin, StepMixin):
         self.last = z(s)  # last committed token (v_0, fed by the next step)
         self.drafts, self.logp, self.m = z(s, k), z(s, k, dtype=torch.float32), z(s)
         self.cand = torch.full((s, self.anchors), -1, dtype=torch.long, device=dev)
+        self._from_v0 = self.cand.clone()  # one candidate block, at accept length 0
+        self._from_v0[:, :1] = 0
         self.new_count, self.max_new = z(s), z(s)
         self.eos = torch.full((s, max(1, len(self.eos_ids))), -1, dtype=torch.long, device=dev)
         self.run = z(s, dtype=torch.bool)

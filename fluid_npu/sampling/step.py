@@ -212,7 +212,10 @@ class StepMixin:
             hit_block = torch.where(has, hit.long().argmax(dim=1), -1)
         cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
         if k:
-            cand_next = choose_anchors(self.logp[:hi], m_next, self.anchors, self.coverage)
+            if n_blocks:
+                cand_next = choose_anchors(self.logp[:hi], m_next, self.anchors, self.coverage)
+            else:  # no block, so no pending drafts: what choose_anchors gives for m = 0
+                cand_next = self._from_v0[:hi]
             if self.adaptive:  # drafts already made are verified; new blocks only where they pay
                 worth = self.ema[:hi] >= self.budget.price(hi)
                 # every row that decodes as AR probes on the same step: one wide step per
