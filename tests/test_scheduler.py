@@ -190,10 +190,8 @@ def test_decode_step_reads_the_device_once(tok, monkeypatch):
     assert reads.count("tolist") == steps and len(reads) == steps, reads
 
 
-def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
-    model = build_tiny_model("llama", tok, seed=3)  # random: its drafts are almost never right
-    # a block costing half a step more must earn half a token per verify; these earn ~0
-    monkeypatch.setattr(DraftBudget, "price", lambda self, rows: 0.5)
+def _step_widths(monkeypatch) -> list[int]:
+    """The width of every decode step the engine runs from now on (its budget records each)."""
     widths = []
     original = DraftBudget.record
 
@@ -202,6 +200,14 @@ def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
         original(self, rows, width, seconds)
 
     monkeypatch.setattr(DraftBudget, "record", record)
+    return widths
+
+
+def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
+    model = build_tiny_model("llama", tok, seed=3)  # random: its drafts are almost never right
+    # a block costing half a step more must earn half a token per verify; these earn ~0
+    monkeypatch.setattr(DraftBudget, "price", lambda self, rows: 0.5)
+    widths = _step_widths(monkeypatch)
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=1, eos_ids=[], k_max=4)
     results = run_requests(sched, [Request("0", tok("hello")["input_ids"], 60)])
     assert len(results["0"][0]) == 60
@@ -216,14 +222,7 @@ def test_requests_that_start_as_ar_add_no_blocks(tok, monkeypatch):
     model = build_tiny_model("llama", tok, seed=3)
     monkeypatch.setattr(DraftBudget, "drafting_pays", lambda self, rows: False)
     monkeypatch.setattr(DraftBudget, "price", lambda self, rows: 1e6)  # no probes either
-    widths = []
-    original = DraftBudget.record
-
-    def record(self, rows, width, seconds):
-        widths.append(width)
-        original(self, rows, width, seconds)
-
-    monkeypatch.setattr(DraftBudget, "record", record)
+    widths = _step_widths(monkeypatch)
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=2, eos_ids=[], k_max=4)
     prompts = ["hello", "a b c", "x y", "one two three four"]
     reqs = [Request(str(i), tok(p)["input_ids"], 6 + 3 * i) for i, p in enumerate(prompts)]
