@@ -243,7 +243,7 @@ def test_generate_api_takes_transformers_sampling_settings(tok):
     from transformers import GenerationConfig
 
     from fluid_npu.sampling import generate
-    from fluid_npu.sampling.api import FluidForCausalLM
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
 
     model = chain_model(tok, attn_scale=4.0)
     ids = torch.tensor([tok("hello p")["input_ids"]] * 2)

@@ -103,7 +103,8 @@ class FluidLM(LM):
     ) -> None:
         super().__init__()
         from fluid_npu.eval.runner import policy_names
-        from fluid_npu.sampling.api import LOOPS, FluidForCausalLM
+        from fluid_npu.sampling.api import LOOPS
+        from fluid_npu.sampling.pretrained import FluidForCausalLM
         from fluid_npu.sampling.prompts import quiet_loading
 
         if unknown:

@@ -1,17 +1,24 @@
 """The elastic sampler (DESIGN §1.3): lossless self-speculative decoding with MASK-slot drafts.
 
 * ``generate(model, tokenizer_or_mask_id, input_ids, ...)`` → ``GenerateOutput`` (``api.py``);
-* ``FluidForCausalLM.from_pretrained(model_dir, adapter, khead).generate(...)`` (``api.py``);
-* loops: ``fused.py`` (verify + draft in one forward) and ``reference.py`` (draft, refine, verify);
-* horizon policies ``ar`` / ``fixed:K`` / ``entropy[:T]`` / ``khead`` (``policies.py``);
-* per-row KV cache bookkeeping (``cache.py``), shared engine (``engine.py``), statistics
-  (``stats.py``), the check against transformers' greedy ``generate`` (``lossless.py``);
-* ``fluid generate`` / ``fluid bench sampler`` (``cli.py``, ``bench.py``; prompt files and
-  atomic JSONL output in ``prompts.py``).
+  ``FluidForCausalLM.from_pretrained(model_dir, adapter, khead).generate(...)``
+  (``pretrained.py``, transformers' conventions);
+* the decode engine the fused loop runs on: ``scheduler.py`` (request slots, queue, ``step()``),
+  ``prefill.py`` (admission, chunked prefill, first drafts), ``step.py`` (the fixed-shape fused
+  step, one host read), ``kv.py`` (the static slot KV cache), ``drafting.py`` (measured costs →
+  block length, second block, AR fallback), ``requests.py``, ``head.py``;
+* the method's pieces: ``fused.py`` (candidate blocks), ``policies.py`` (horizons ``ar`` /
+  ``fixed:K`` / ``entropy[:T]`` / ``khead``), ``rules.py`` (exact sampling: filters, seeds, the
+  rejection rule), ``inputs.py`` (prompt / EOS / dtype checks);
+* the published reference loop on the first engine: ``reference.py``, ``engine.py``, ``cache.py``;
+* ``stats.py`` (TPF and friends), ``lossless.py`` (the check against transformers' ``generate``),
+  ``fluid generate`` (``cli.py``), ``fluid bench sampler`` (``bench_cli.py``, ``bench.py``),
+  prompt files and atomic JSONL output (``prompts.py``).
 """
 
-from fluid_npu.sampling.api import FluidForCausalLM, GenerateOutput, PromptError, generate
+from fluid_npu.sampling.api import GenerateOutput, PromptError, generate
 from fluid_npu.sampling.policies import HorizonError, Policy, parse_policy
+from fluid_npu.sampling.pretrained import FluidForCausalLM
 from fluid_npu.sampling.stats import GenerateStats
 
 __all__ = [

@@ -80,7 +80,7 @@ def check_settings(s: BenchSettings) -> torch.device:
         raise ConfigError(f"batch sizes must be positive integers like 1,8, got {sizes!r}")
     if s.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {s.max_new_tokens}")
-    from fluid_npu.sampling.api import parse_dtype
+    from fluid_npu.sampling.inputs import parse_dtype
 
     parse_dtype(s.dtype)
     return devices.current(force=s.device).device
@@ -176,7 +176,8 @@ class _Runner:
 def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
     """Run the benchmark described by ``s``; returns (and writes) the report."""
     from fluid_npu.io import versions, write_json_atomic
-    from fluid_npu.sampling.api import FluidForCausalLM, eos_and_pad, parse_dtype
+    from fluid_npu.sampling.inputs import eos_and_pad, parse_dtype
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
 
     dev = check_settings(s)
     with quiet_loading():

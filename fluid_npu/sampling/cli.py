@@ -30,7 +30,7 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS
 
 if TYPE_CHECKING:
-    from fluid_npu.sampling.api import FluidForCausalLM
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +116,7 @@ def check_common(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--anchors must be at least 1 (the most draft blocks per step), got {args.anchors}"
         )
-    from fluid_npu.sampling.api import parse_dtype
+    from fluid_npu.sampling.inputs import parse_dtype
 
     parse_dtype(getattr(args, "dtype", "auto"))
 
@@ -130,7 +130,7 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
 
 def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
     """The ``FluidForCausalLM`` the flags name, on ``dev``."""
-    from fluid_npu.sampling.api import FluidForCausalLM
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
     from fluid_npu.sampling.prompts import quiet_loading
 
     with quiet_loading():

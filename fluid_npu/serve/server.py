@@ -93,7 +93,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
     import torch
 
     from fluid_npu import device as devices
-    from fluid_npu.sampling.api import FluidForCausalLM
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
     from fluid_npu.sampling.prompts import quiet_loading
     from fluid_npu.sampling.scheduler import Scheduler
 
