@@ -216,6 +216,20 @@ def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
     assert any(w > 1 for w in late)  # ... which still probe
 
 
+def test_the_first_requests_drop_the_optimistic_prior_once_verifies_tell(tok, monkeypatch):
+    """The first requests start on the prior "draft and see" (K accepted per verify); once the
+    history says drafts earn nothing, they decode as AR at once rather than after the prior
+    decays through many wasted verifies."""
+    model = build_tiny_model("llama", tok, seed=3)  # random: its drafts are almost never right
+    monkeypatch.setattr(DraftBudget, "price", lambda self, rows: 0.5)  # probes every 16 steps
+    widths = _step_widths(monkeypatch)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=4, eos_ids=[], k_max=4)
+    prompts = ["hello", "a b c", "x y", "one two three four"]
+    run_requests(sched, [Request(str(i), tok(p)["input_ids"], 40) for i, p in enumerate(prompts)])
+    assert sched.budget.prior_accept() < 0.5
+    assert set(widths[4:16]) == {1}, widths  # drafting stopped within the first four steps
+
+
 def test_requests_that_start_as_ar_add_no_blocks(tok, monkeypatch):
     """Where drafting does not pay, a request joining the batch decodes as AR from its first step:
     no step carries block columns that no row asked for."""

@@ -140,9 +140,13 @@ class DraftBudget:
         """What a new request's drafts are expected to earn per verify: the history's average at
         the full length once there is one (the length chosen later can only do as well for its
         cost), ``K`` (optimistic: draft and see) before."""
-        if sum(self.verifies_by_len) < MIN_VERIFIES:
+        if not self.has_history():
             return float(self.k)
         return self.expected_accept(self.k)
+
+    def has_history(self) -> bool:
+        """Whether enough verifies were seen for the history to replace the optimistic prior."""
+        return sum(self.verifies_by_len) >= MIN_VERIFIES
 
     def drafting_pays(self, rows: int) -> bool:
         """Whether a new request should start by drafting (the prior against the price)."""

@@ -126,6 +126,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self._drafted_len = self.k  # block length of the drafts the next step verifies
         self._next_shape = (0, 0)  # (M, A) of the next decode step, from the last read-back
         self._last_probe = 0  # the decode step whose AR rows last probed
+        self._prior_replaced = False  # whether the rows' optimistic prior met the history
         register_slot_attention()
         self._restore = attention_kind(model)
         model.set_attn_implementation(SLOT_ATTENTION)

@@ -255,6 +255,11 @@ class StepMixin:
         width_int = 4 + big_m + 1 + 2  # the two shape columns end here; two block columns follow
         self._next_shape = (int(packed[0][width_int - 2]), int(packed[0][width_int - 1]))
         events = self._events(packed, hi, big_m, n_top)
+        if self.adaptive and not self._prior_replaced and self.budget.has_history():
+            # the first requests started on the optimistic prior (K); now that verifies tell what
+            # drafts earn, no row keeps more credit than that (on the device: no read)
+            self.ema.clamp_(max=self.budget.prior_accept())
+            self._prior_replaced = True
         self._drafted_len = k if n_blocks else 0
         return events
 
