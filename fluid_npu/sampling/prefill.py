@@ -34,7 +34,7 @@ class PrefillMixin:
             if self.slots[i] is None:
                 slot = self.waiting.popleft()
                 self.slots[i] = slot
-                eos = list(slot.req.eos_ids) if slot.req.eos_ids is not None else self.eos_ids
+                eos = self._eos_of(i)
                 row = torch.full((self.eos.shape[1],), -1, dtype=torch.long)
                 row[: len(eos)] = torch.tensor(eos, dtype=torch.long)
                 self.eos[i] = row.to(self.device)

@@ -183,7 +183,6 @@ class Scheduler(PrefillMixin, StepMixin):
 
     def submit(self, req: Request) -> None:
         """Queue a request; a bad one is a ``PromptError`` / ``ConfigError`` naming the problem."""
-
         if req.request_id in self._ids:
             raise ConfigError(f"request id {req.request_id!r} is already queued or running")
         if not req.prompt:
@@ -323,9 +322,11 @@ def run_requests(
             rid = ev.request_id
             new[rid].extend(ev.tokens)
             if ev.logprobs is not None:
-                lps[rid] = (lps[rid] or []) + ev.logprobs
+                lps[rid] = lps[rid] or []
+                lps[rid].extend(ev.logprobs)
             if ev.top_logprobs is not None:
-                tops[rid] = (tops[rid] or []) + ev.top_logprobs
+                tops[rid] = tops[rid] or []
+                tops[rid].extend(ev.top_logprobs)
             if stream is not None and ev.tokens:
                 stream(index[rid], ev.tokens)
             if ev.finished:
