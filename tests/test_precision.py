@@ -14,9 +14,11 @@ import torch
 from conftest import as_overrides, tiny_stage1_recipe
 from synthetic import write_short_dataset
 
+from fluid_npu import device as devices
 from fluid_npu.config import load_config
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.train.precision import device_choice, resolve_precision
 from fluid_npu.train.session import TrainingSession
 from fluid_npu.train.stage1 import run_stage1, stage1_objective
 from fluid_npu.train.stage2 import Stage2Run
@@ -128,3 +130,19 @@ def test_khead_is_fp32_over_a_bf16_backbone_unless_pure_bf16(stage1_bf16, data, 
 def test_pure_bf16_conflicts_are_config_errors(bf16_base, data, tmp_path):
     with pytest.raises(ConfigError, match="pure_bf16 and fp16 are both true"):
         load_config(None, _values(bf16_base, data, tmp_path / "o", pure_bf16=True, fp16=True))
+
+
+@pytest.mark.parametrize("keys", [{"pure_bf16": True}, {"bf16": True}])
+def test_a_bf16_accelerator_is_chosen_for_pure_bf16_alone(
+    bf16_base, data, tmp_path, monkeypatch, keys
+):
+    """On a GPU / NPU with bf16, ``pure_bf16: true`` without ``bf16: true`` must get the bf16 device
+    it needs (it once got none, and every accelerator was refused as lacking bf16)."""
+    monkeypatch.setattr(devices, "is_npu_available", lambda: False)
+    monkeypatch.setattr(devices, "is_cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cfg = load_config(None, _values(bf16_base, data, tmp_path / "o", **keys))
+    choice = device_choice(cfg.train)
+    assert (choice.type, choice.autocast_dtype) == ("cuda", BF16)
+    expected = "pure_bf16" if keys.get("pure_bf16") else "bf16"
+    assert resolve_precision(cfg.train, choice).mode == expected

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fluid_npu import device as devices
 from fluid_npu.device import DeviceChoice
 from fluid_npu.errors import ConfigError
 
@@ -67,6 +68,14 @@ class Precision:
         }
 
 
+def device_choice(train: Any, force: str | None = None) -> DeviceChoice:
+    """The device of a run and its autocast dtype: bf16 when ``bf16`` *or* ``pure_bf16`` asks for
+    it (a pure bf16 run needs a bf16 device as much as a mixed one), fp16 for ``fp16``."""
+    return devices.current(
+        want_bf16=train.bf16 or train.pure_bf16, want_fp16=train.fp16, force=force
+    )
+
+
 def resolve_precision(train: Any, choice: DeviceChoice) -> Precision:
     """The precision of a run from its ``bf16`` / ``fp16`` / ``pure_bf16`` keys and the device.
 
@@ -74,9 +83,7 @@ def resolve_precision(train: Any, choice: DeviceChoice) -> Precision:
     """
     bf16, fp16, pure_bf16 = train.bf16, train.fp16, train.pure_bf16
     deepspeed = train.deepspeed
-    if pure_bf16:
-        if fp16:
-            raise ConfigError("pure_bf16 and fp16 are both true: choose one")
+    if pure_bf16:  # (pure_bf16 with fp16 is refused by the config itself)
         if choice.type != "cpu" and choice.autocast_dtype != torch.bfloat16:
             raise ConfigError(
                 f"pure_bf16: this {choice.type} device does not support bf16; use fp16: true "

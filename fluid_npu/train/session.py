@@ -44,7 +44,7 @@ from fluid_npu.train.common import (
     training_arguments,
 )
 from fluid_npu.train.data import load_run_data
-from fluid_npu.train.precision import resolve_precision
+from fluid_npu.train.precision import device_choice, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ class TrainingSession:
         self.cfg = cfg
         self.stage = stage
         check_model_dir(cfg.model.model_name_or_path, allow_pickle=cfg.model.allow_pickle)
-        self.choice = devices.current(
-            want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
-        )
+        self.choice = device_choice(cfg.train, cfg.model.device)
         self.args = training_arguments(cfg, self.choice)  # fail on bad arguments before loading
         self.precision = resolve_precision(cfg.train, self.choice)
         self.quantization = self._quantization()

@@ -62,7 +62,7 @@ from fluid_npu.train.khead_report import (
     plot_khead_report,
     split_heldout,
 )
-from fluid_npu.train.precision import resolve_precision
+from fluid_npu.train.precision import device_choice, resolve_precision
 from fluid_npu.train.sharded import unpartitioned_loading
 from fluid_npu.train.stage1 import EpochCallback, LayoutCollator
 
@@ -143,9 +143,7 @@ class Stage2Run:
 
     def _set_up(self) -> None:
         cfg, f = self.cfg, self.cfg.fluid
-        self.choice = devices.current(
-            want_bf16=cfg.train.bf16, want_fp16=cfg.train.fp16, force=cfg.model.device
-        )
+        self.choice = device_choice(cfg.train, cfg.model.device)
         # bf16 / fp16 apply to the frozen backbone (loaded in that dtype, run as at inference);
         # the head trains in fp32 (bf16 under pure_bf16), so the Trainer itself runs without mixed
         # precision (DeepSpeed's and FSDP's "auto" precision then keep the head as it is).
