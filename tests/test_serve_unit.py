@@ -182,3 +182,78 @@ def test_response_shapes():
     comp = Shape(False, "cmpl-1", "m")
     assert json.loads(comp.usage_chunk(use)[6:])["choices"] == []
     assert comp.full("x", "length", use)["choices"][0]["text"] == "x"
+
+
+class _FailingScheduler:
+    """Takes one request, then fails its step once a second request is queued behind it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.taken: list[str] = []
+        self.stepping = threading.Event()
+        self.release = threading.Event()
+
+    def submit(self, req) -> None:
+        self.taken.append(req.request_id)
+
+    def abort(self, request_id: str) -> None:
+        pass
+
+    def has_work(self) -> bool:
+        return bool(self.taken)
+
+    def step(self):
+        self.stepping.set()
+        self.release.wait()
+        raise RuntimeError("device lost")
+
+
+def test_requests_queued_behind_a_failing_step_are_answered():
+    """A request submitted while the step that kills the engine runs gets a 500, not a hang."""
+    import asyncio
+
+    from fluid_npu.sampling.requests import Request
+    from fluid_npu.serve.worker import Worker
+
+    async def scenario() -> tuple[BaseException, BaseException]:
+        sched = _FailingScheduler()
+        worker = Worker(sched, Request)
+        worker.start(asyncio.get_running_loop())
+        first = await worker.submit("a", [1, 2], max_new_tokens=3)
+        await asyncio.to_thread(sched.stepping.wait)
+        second = asyncio.ensure_future(worker.submit("b", [1, 2], max_new_tokens=3))
+        await asyncio.sleep(0)  # "b" is in the inbox while the step runs
+        sched.release.set()
+        failed = await first.queue.get()
+        try:
+            await asyncio.wait_for(second, timeout=60)  # a hang would never answer
+        except APIError as exc:
+            return failed, exc
+        raise AssertionError("the queued request was accepted by a dead engine")
+
+    failed, refused = asyncio.run(scenario())
+    assert isinstance(failed, RuntimeError) and "device lost" in str(failed)
+    assert refused.status == 500 and "device lost" in str(refused)
+
+
+def test_bench_report_survives_an_ar_run_whose_requests_all_failed():
+    """Every ``ar`` request failing leaves no ratio to report (None), not a crash after the run."""
+    from types import SimpleNamespace
+
+    from fluid_npu.serve.bench import _report, table
+
+    keys = ("num_requests", "rate", "concurrency", "max_tokens", "ignore_eos", "chat", "warmup")
+    s = SimpleNamespace(
+        command="c", prompts="p", server_args=[], rounds=1, seed=0, **{k: 0 for k in keys}
+    )
+    quiet = {"p50": None, "p90": None, "p99": None}
+
+    def result(rate: float, failed: int) -> dict:
+        return {"output_tokens_per_s": rate, "texts": [None] * failed, "failed": failed, "tpf": 1.0,
+                "ttft_ms": quiet, "itl_ms": quiet, "tpot_ms": quiet}  # fmt: skip
+
+    report = _report(s, {"khead": result(100.0, 0), "ar": result(0.0, 4)}, 4)
+    assert report["throughput_vs_ar"] == {"khead": None}
+    assert report["goal"]["best"] is None and not report["goal"]["met"]
+    assert "| khead | 100.0 | — |" in table(report)

@@ -266,10 +266,11 @@ def _report(s: ServeBenchSettings, results: dict[str, Any], n_prompts: int) -> d
     for name, r in results.items():
         if ar is None or name == "ar":
             continue
-        vs_ar[name] = round(r["output_tokens_per_s"] / ar["output_tokens_per_s"], 3)
+        ar_rate = ar["output_tokens_per_s"]  # 0 when every ar request failed: no ratio then
+        vs_ar[name] = round(r["output_tokens_per_s"] / ar_rate, 3) if ar_rate else None
         pairs = [(a, b) for a, b in zip(r["texts"], ar["texts"]) if a is not None and b is not None]
         same[name] = round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
-    best = max(vs_ar.values(), default=None)
+    best = max((v for v in vs_ar.values() if v is not None), default=None)
     for r in results.values():  # the outputs were needed for the comparison, not in the report
         r["sample_texts"] = [t for t in r.pop("texts") if t is not None][:2]
     return {

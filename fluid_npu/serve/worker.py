@@ -13,7 +13,9 @@ one thread and the asyncio server never touches it:
 * ``drain(timeout)`` (SIGTERM) refuses new requests and lets the running ones finish; those still
   running at the deadline are aborted, so their streams end with ``finish_reason: "abort"``;
 * a failing ``step()`` (a bug, out of memory) ends every open stream with an error and marks the
-  worker dead, which ``/health`` reports.
+  worker dead, which ``/health`` reports; requests still queued then (or at ``stop``) get a 500
+  at once instead of waiting forever, and a request whose admission itself fails (other than a
+  ``FluidError``) fails alone.
 
 A step's events cross back in one ``loop.call_soon_threadsafe`` call, into one ``asyncio.Queue`` per
 request.
@@ -158,6 +160,10 @@ class Worker:
             except FluidError as exc:
                 self._send(_set_exception, item.accepted, APIError(str(exc), param="prompt"))
                 return
+            except Exception as exc:  # a bug in one request's admission fails that request only
+                logger.exception("submitting request %s failed", item.stream.request_id)
+                self._send(_set_exception, item.accepted, _engine_error(exc))
+                return
             self.streams[item.stream.request_id] = item.stream
             self._send(_set_result, item.accepted, None)
             return
@@ -198,6 +204,22 @@ class Worker:
             for stream in self.streams.values():
                 self._send(stream.queue.put_nowait, exc)
             self.streams.clear()
+        finally:  # requests queued but never taken (a failed step, a stop) are answered too
+            self._refuse_queued(self.error)
+
+    def _refuse_queued(self, exc: BaseException | None) -> None:
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Submit):
+                self._send(_set_exception, item.accepted, _engine_error(exc))
+
+
+def _engine_error(exc: BaseException | None) -> APIError:
+    why = "it stopped" if exc is None else f"{type(exc).__name__}: {exc}"
+    return APIError(f"the engine cannot take the request: {why}", status=500, type="server_error")
 
 
 def _deliver(delivery: list[tuple[asyncio.Queue, Any]]) -> None:
