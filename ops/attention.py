@@ -41,14 +41,8 @@ from typing import Any
 import torch
 
 from fluid_ops import dispatch
-from fluid_ops.attention_blocked import (
-    _sdpa,  # noqa: F401  (re-exported: fluid_npu.sampling.kv)
-    blocked_attention,
-    reference_attention,
-    run_blocks,
-    zero_rows,
-)
-from fluid_ops.attention_plan import Block, plan_blocks, safe_mask
+from fluid_ops.attention_blocked import blocked_attention, reference_attention
+from fluid_ops.attention_plan import plan_blocks
 from fluid_ops.meta import AttnMeta, visibility
 
 OP = "attention"
@@ -257,17 +251,12 @@ dispatch.set_preference(OP, "npu", ["npu", "triton", "blocked"])
 dispatch.set_preference(OP, "cuda", ["triton", "blocked"])
 dispatch.set_preference(OP, "default", ["blocked"])
 
-# Names the other attention modules and tests import from here (attention_npu: Block, run_blocks,
-# safe_mask, zero_rows), besides the entry point.
+# The entry point, and what tests and tools import from here.
 __all__ = [
     "OP",
-    "Block",
     "blocked_attention",
     "fluid_attention",
     "plan_blocks",
     "reference_attention",
-    "run_blocks",
-    "safe_mask",
     "visible_pairs",
-    "zero_rows",
 ]

@@ -38,8 +38,9 @@ from typing import Any
 import torch
 
 from fluid_ops import dispatch
-from fluid_ops.attention import Block, run_blocks, safe_mask, zero_rows
-from fluid_ops.meta import AttnMeta, visibility
+from fluid_ops.attention_blocked import run_blocks, zero_rows
+from fluid_ops.attention_plan import Block, safe_mask
+from fluid_ops.meta import AttnMeta, cached_plan, visibility
 
 # Slot queries per fused call: each launch costs more than on a CPU; 1024 is what measured best for
 # the blocked back end on an H100 (the nearest analogue we could time), not yet tuned on a 910B.
@@ -109,11 +110,8 @@ def _fusion(
 def _infer(
     npu: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float
 ) -> torch.Tensor:
-    cache = vars(meta).setdefault("_fluid_npu_infer", {})
-    if q.device not in cache:  # every layer of a decoding step shares the metadata
-        mask, keep = safe_mask(visibility(meta))
-        cache[q.device] = ((~mask)[:, None], keep)
-    masked_out, keep = cache[q.device]
+    # every layer of a decoding step shares the metadata: one mask per step (``cached_plan``)
+    masked_out, keep = cached_plan(meta, ("npu_infer", str(q.device)), lambda: _infer_mask(meta))
     op = npu.npu_fused_infer_attention_score
     kwargs: dict[str, Any] = dict(
         atten_mask=masked_out,  # B1SS, True = masked out
@@ -125,6 +123,11 @@ def _infer(
     args = (q.contiguous(), k.contiguous(), v.contiguous())
     out, _lse = call_renamed(op, INFER_SCALE, scale, args, kwargs)
     return zero_rows(out, keep)
+
+
+def _infer_mask(meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    mask, keep = safe_mask(visibility(meta))
+    return (~mask)[:, None], keep  # B1SS, True = masked out
 
 
 # The inference op's scale keyword: torch_npu >= 7.0 first, then the 6.0.x spelling.

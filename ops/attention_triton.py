@@ -31,7 +31,6 @@ from fluid_ops.meta import AttnMeta
 
 _MAX_PROGRAMS = 65535  # grid limit shared by CUDA (y/z) and Ascend (coreDim)
 _LOG2E = 1.4426950408889634
-_plan = plan_visits  # the name tools/bench_triton_attention.py times
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 
 from fluid_ops import attention, attention_npu, dispatch
 from fluid_ops.attention import fluid_attention, plan_blocks, visible_pairs
+from fluid_ops.attention_plan import safe_mask
 from fluid_ops.dispatch import BackendUnavailable, force_backend
 from fluid_ops.meta import MAIN, PAD, AttnMeta, visibility
 
@@ -513,7 +514,27 @@ def test_npu_cached_inference_uses_the_infer_kernel(fake_npu, dtype):
     assert kw["scale"] == pytest.approx(1 / math.sqrt(32))
     assert kw["atten_mask"].dtype == torch.bool
     assert kw["atten_mask"].shape == (3, 1, *meta.q_pos.shape[1:], meta.k_pos.shape[1])
-    assert torch.equal(kw["atten_mask"][:, 0], ~attention.safe_mask(visibility(meta))[0])
+    assert torch.equal(kw["atten_mask"][:, 0], ~safe_mask(visibility(meta))[0])
+
+
+def test_npu_inference_builds_one_mask_per_step_for_every_layer(fake_npu, monkeypatch):
+    """Every layer of a decode step passes the same metadata tensors (the custom op rebuilds the
+    ``AttnMeta`` around them per call): the inference kernel's mask is built once per step, and
+    again after the metadata is written in place (the next step)."""
+    builds = []
+    original = attention_npu.visibility
+    monkeypatch.setattr(attention_npu, "visibility", lambda m: builds.append(1) or original(m))
+    meta = cached_meta([12, 7, 3], [4, 2, 4], seed=3)
+    q, k, v = _qkv(meta, 4, 2, d=32, dtype=torch.bfloat16)
+    tensors = (meta.q_pos, meta.q_anchor, meta.k_pos, meta.k_anchor, meta.n_main)
+    scale = 1 / math.sqrt(32)
+    with torch.no_grad():
+        for _layer in range(3):  # as the op calls it: a new AttnMeta over the same tensors
+            attention_npu.npu_attention(q, k, v, AttnMeta(*tensors), scale)
+        assert len(builds) == 1 and len(fake_npu.calls) == 3
+        meta.q_anchor[0, -1] = PAD  # the next step's metadata, written in place
+        attention_npu.npu_attention(q, k, v, AttnMeta(*tensors), scale)
+    assert len(builds) == 2
 
 
 def test_npu_fp32_or_grad_inference_goes_through_fusion_attention(fake_npu):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fluid_npu.layout import LayoutConfig, collate, expand
-from fluid_ops.attention_triton import tile_stats
+from fluid_ops.attention_tiles import tile_stats
 
 TOOLS = Path(__file__).resolve().parent
 

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from fluid_npu import device as hw
-from fluid_ops import attention_triton
-from fluid_ops.attention_triton import tile_stats, triton_attention
+from fluid_ops import attention_tiles, attention_triton
+from fluid_ops.attention_tiles import tile_stats
+from fluid_ops.attention_triton import triton_attention
 from fluid_ops.meta import MAIN, AttnMeta, visibility
 
 
@@ -176,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         bm_, bn_ = stats["attn_tile"]
 
         def plan(bm_=bm_, bn_=bn_):  # the torch-side tile selection alone, uncached
-            fresh = AttnMeta(meta.q_pos, meta.q_anchor, meta.k_pos, meta.k_anchor)
-            return attention_triton._plan(fresh, bm_, bn_, dev)
+            return attention_tiles._build_visits(meta, bm_, bn_, dev)
 
         fwd = timed(tri, args.warmup, args.iters, dev)
         fwd_bwd_ms = timed(fwd_bwd(tri), args.warmup, args.iters, dev)

@@ -34,7 +34,7 @@ import torch
 from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from fluid_ops.attention import _sdpa
+from fluid_ops.attention_blocked import _sdpa
 from fluid_ops.meta import PAD, AttnMeta, visibility
 
 SLOT_ATTENTION = "fluid_slots"
