@@ -204,33 +204,37 @@ def fingerprint(model: PreTrainedModel, checkpoint: str | Path | None = None) ->
     h = hashlib.sha256()
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         h.update(f"{key}={getattr(config, key, None)};".encode())
-    emb = _whole(model, model.get_input_embeddings().weight, checkpoint)
-    h.update(_dtype_free(emb[:8]))
+    emb = _first_rows(model, model.get_input_embeddings().weight, 8, checkpoint)
+    h.update(_dtype_free(emb))
     first = next(
         (p for n, p in model.named_parameters() if "layers.0." in n and "lora_" not in n),
         None,
     )
     if first is not None:
-        h.update(_dtype_free(_whole(model, first, checkpoint)[:4]))
+        h.update(_dtype_free(_first_rows(model, first, 4, checkpoint)))
     return h.hexdigest()[:16]
 
 
-def _whole(model: PreTrainedModel, param: torch.Tensor, checkpoint: str | Path | None) -> Any:
-    """``param`` as stored in ``checkpoint`` when the model holds only a quantized form of it or a
-    ZeRO-3 partition (``ds_numel``); else the parameter itself."""
+def _first_rows(
+    model: PreTrainedModel, param: torch.Tensor, rows: int, checkpoint: str | Path | None
+) -> torch.Tensor:
+    """The first ``rows`` rows of ``param``; read from ``checkpoint`` (those rows only, not the
+    tensor) when the model is quantized (its weights, the unquantized ones too, may be held in
+    another precision than saved) or ``param`` is a ZeRO-3 partition (``ds_numel``)."""
     partial = getattr(model, "is_quantized", False) or hasattr(param, "ds_numel")
     if not partial or checkpoint is None:
-        return param.detach()
+        return param.detach()[:rows]
     name = next(n for n, p in model.named_parameters() if p is param)
-    return _checkpoint_tensor(Path(checkpoint), name)
+    return _checkpoint_rows(Path(checkpoint), name, rows)
 
 
 def _dtype_free(t: torch.Tensor) -> bytes:
     return t.detach().to(torch.bfloat16).float().cpu().numpy().tobytes()
 
 
-def _checkpoint_tensor(directory: Path, name: str) -> torch.Tensor:
-    """The tensor ``name`` as stored in a (possibly sharded) safetensors checkpoint."""
+def _checkpoint_rows(directory: Path, name: str, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of tensor ``name`` in a (possibly sharded) safetensors checkpoint,
+    read without loading the rest of it."""
     from safetensors import safe_open
 
     index = directory / "model.safetensors.index.json"
@@ -242,5 +246,8 @@ def _checkpoint_tensor(directory: Path, name: str) -> torch.Tensor:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             if name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                return f.get_tensor(name)
-    raise CheckpointError(f"{directory} has no tensor {name!r}; is it the model that was loaded?")
+                return f.get_slice(name)[:rows]
+    raise CheckpointError(
+        f"{directory} has no safetensors tensor {name!r}; is it the model that was loaded (a "
+        "quantized or ZeRO-3 base must be a safetensors checkpoint)?"
+    )
