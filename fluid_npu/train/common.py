@@ -159,16 +159,18 @@ class FluidTrainer(Trainer):
         return super().training_step(model, inputs, *args)
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
-        if self.args.world_size == 1:
+        """``values`` summed over the processes: one float32 all-reduce (HCCL on some Ascend parts
+        has no float64 reductions)."""
+        if self.args.world_size == 1 or not values:
             return values
-        packed = torch.tensor(values, dtype=torch.float64, device=self.args.device)
+        packed = torch.tensor(values, dtype=torch.float32, device=self.args.device)
         return self.accelerator.reduce(packed, reduction="sum").tolist()
 
     def peak_memory(self) -> dict[str, Any]:
         """The largest peak memory of any process so far (device allocated, or host RSS)."""
         peak, kind = peak_memory_mib(self.args.device)
         if self.args.world_size > 1:
-            mine = torch.tensor([peak], dtype=torch.float64, device=self.args.device)
+            mine = torch.tensor([peak], dtype=torch.float32, device=self.args.device)
             peak = float(self.accelerator.gather(mine).max())
         return {"peak_memory_mib": peak, "memory_kind": kind}
 
@@ -244,10 +246,8 @@ class FluidTrainer(Trainer):
         keys = sorted(self._part_sums[kind])
         sums = [self._part_sums[kind][k] for k in keys]
         counts = [float(self._part_counts[kind][k]) for k in keys]
-        if keys and self.args.world_size > 1:
-            packed = torch.tensor(sums + counts, dtype=torch.float32, device=self.args.device)
-            packed = self.accelerator.reduce(packed, reduction="sum").tolist()
-            sums, counts = packed[: len(keys)], packed[len(keys) :]
+        packed = self._sum_over_ranks(sums + counts)
+        sums, counts = packed[: len(keys)], packed[len(keys) :]
         self._part_sums[kind].clear()
         self._part_counts[kind].clear()
         return {k: round(t / c, 6) for k, t, c in zip(keys, sums, counts) if c}

@@ -70,10 +70,14 @@ def _param_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 
 class Throughput:
-    """Token counts and wall time between logging steps, and over the whole run."""
+    """Token counts and wall time between logging steps, and over the whole run.
+
+    A micro-batch's counts stay on its device (``count`` adds them up there, no host read in the
+    training step); they are read once per log (``interval``)."""
 
     def __init__(self) -> None:
-        self.main = self.expanded = 0.0  # since the last log
+        self.main: Any = 0.0  # since the last log (a device tensor once a batch is counted)
+        self.expanded: Any = 0.0
         self.total_main = self.total_expanded = 0.0
         self.started: float | None = None
         self.last: float | None = None
@@ -86,15 +90,15 @@ class Throughput:
         anchor = inputs.get("anchor")
         if anchor is None:
             return
-        self.main += float((anchor == MAIN).sum())
-        self.expanded += float((anchor != PAD).sum())
+        self.main = self.main + (anchor == MAIN).sum()
+        self.expanded = self.expanded + (anchor != PAD).sum()
 
     def interval(self, reduce: Any) -> dict[str, float]:
         """Rates since the last call, with ``reduce`` summing token counts over the processes."""
         now = time.perf_counter()
         if self.last is None:
             return {}
-        main, expanded = reduce([self.main, self.expanded])
+        main, expanded = reduce([float(self.main), float(self.expanded)])
         if not expanded:  # no step since the last log: the time in between is not training
             return {}
         seconds = max(now - self.last, 1e-9)
