@@ -273,7 +273,7 @@ def test_bench_sampler_mismatch_exits_1_after_writing(dirs, tmp_path, capsys, mo
     from fluid_npu.sampling import bench
     from fluid_npu.sampling.lossless import Difference
 
-    def one_mismatch(model, prompts, ours, theirs, tol=0.0):
+    def one_mismatch(model, prompts, ours, theirs, **_):
         return [Difference(row=0, index=0, ours=1, theirs=2, gap=5.0, tie=False)]
 
     monkeypatch.setattr(bench, "compare", one_mismatch)

@@ -64,3 +64,26 @@ def test_a_real_difference_is_not_excused_in_bf16(tok):
     worst = int(logits.argmin())  # the least likely token: no tie with the argmax
     diffs = compare(model, [p], [[worst, *ref[1:]]], [ref])
     assert len(diffs) == 1 and not diffs[0].tie and diffs[0].gap > diffs[0].tolerance > 0
+
+
+def test_one_fp32_copy_serves_every_check_of_a_run(tok, monkeypatch):
+    """``fluid eval`` / ``bench`` judge every policy with one scorer: a bf16 model is copied to
+    fp32 once for the run, not once per policy that diverges (a 7B model's copy is ~28 GB)."""
+    from fluid_npu.sampling import lossless
+
+    model = build_tiny_model("llama", tok, seed=3).to(torch.bfloat16)
+    copies = []
+    original = lossless.copy.deepcopy
+
+    def deepcopy(x, *rest):
+        copies.extend([1] if x is model else [])
+        return original(x, *rest)
+
+    monkeypatch.setattr(lossless.copy, "deepcopy", deepcopy)
+    p = tok("hello world")["input_ids"]
+    ref = hf_greedy(model, torch.tensor([p]), torch.ones(1, len(p)), 4, [], 0)[0]
+    other = (ref[0] + 1) % model.config.vocab_size
+    scorer = lossless.fp32_scorer(model)
+    for _policy in range(3):
+        assert len(compare(model, [p], [[other, *ref[1:]]], [ref], scorer=scorer)) == 1
+    assert len(copies) == 1

@@ -84,7 +84,7 @@ def run_eval(
     from fluid_npu.io import versions
     from fluid_npu.sampling.api import LOOPS, eos_and_pad
     from fluid_npu.sampling.bench import decode_batches, device_info, split_batches
-    from fluid_npu.sampling.lossless import compare
+    from fluid_npu.sampling.lossless import compare, fp32_scorer
 
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -113,6 +113,7 @@ def run_eval(
     decode_kwargs = dict(gen_kwargs)
     if loop == "fused":  # decoding ends at the stop strings the outputs are cut at
         decode_kwargs.setdefault("stop_strings", list(STOP_STRINGS))
+    scorer = fp32_scorer(fluid.model)  # one fp32 copy (if any) for every policy's check
     for name in names:
         if warmup:
             decode_batches(fluid, [prompts[:1]], name, loop, WARMUP_TOKENS, pad, decode_kwargs)
@@ -123,7 +124,7 @@ def run_eval(
         r = _figures(name, GenerateStats.merged(parts), answers[name], references, new, outputs)
         r["speedup"] = _ratio(r, results.get(BASELINE, r))
         if name != BASELINE:  # a divergence from ar is excused only as an fp32-judged near-tie
-            diffs = compare(fluid.model, prompts, new, outputs[BASELINE])
+            diffs = compare(fluid.model, prompts, new, outputs[BASELINE], scorer=scorer)
             r["ties"] = [d.to_dict() for d in diffs if d.tie]
             r["mismatches"] = sum(not d.tie for d in diffs)
         results[name] = r

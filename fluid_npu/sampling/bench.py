@@ -33,7 +33,7 @@ import torch
 
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.lossless import compare, exact_match_rate, hf_greedy
+from fluid_npu.sampling.lossless import compare, exact_match_rate, fp32_scorer, hf_greedy
 from fluid_npu.sampling.policies import DEFAULT_K_MAX, HorizonError, parse_policy
 from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_file
 from fluid_npu.sampling.stats import GenerateStats
@@ -198,6 +198,7 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
     eos_ids, pad = eos_and_pad(model, pad=tok.pad_token_id)
     policies = _policies(s, fluid)
     run = _Runner(fluid, s, eos_ids, pad)
+    scorer = fp32_scorer(model)  # one fp32 copy (if any) for every row's check
 
     baseline: dict[int, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -217,7 +218,7 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
         for loop in s.loops:
             for pol in policies:
                 (new, stats), wall = run.timed(run.ours, batches, pol, loop)
-                diffs = compare(model, prompts, new, ref)
+                diffs = compare(model, prompts, new, ref, scorer=scorer)
                 rows.append(_row(bs, pol, loop, new, stats, wall, baseline[bs], diffs))
                 rows[-1]["exact_match_rate"] = exact_match_rate(new, ref)
                 _print_row(rows[-1])

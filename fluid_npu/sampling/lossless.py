@@ -19,8 +19,9 @@ prompts in bf16 and on 100 % in fp32 — this check tells the two cases apart).
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -94,11 +95,13 @@ def hf_greedy(
     return [cut_at_eos(row, eos_ids) for row in new]
 
 
-def fp32_scorer(model: PreTrainedModel) -> PreTrainedModel:
-    """``model`` itself when it computes in float32, else a float32 copy (for re-scoring only)."""
+def fp32_scorer(model: PreTrainedModel) -> Callable[[], PreTrainedModel]:
+    """A getter of ``model`` itself when it computes in float32, else of a float32 copy (made at
+    the first call, then kept): pass one to every ``compare`` of a run, so a bf16 model is copied
+    at most once however many policies diverge."""
     if next(model.parameters()).dtype == torch.float32:
-        return model
-    return copy.deepcopy(model).float().eval()
+        return lambda: model
+    return functools.cache(lambda: copy.deepcopy(model).float().eval())
 
 
 @torch.inference_mode()
@@ -108,12 +111,14 @@ def compare(
     ours: Sequence[Sequence[int]],
     theirs: Sequence[Sequence[int]],
     ulps: float = TIE_ULPS,
+    scorer: Callable[[], PreTrainedModel] | None = None,
 ) -> list[Difference]:
-    """Every row's first difference between ``ours`` and ``theirs`` (see the module docstring)."""
+    """Every row's first difference between ``ours`` and ``theirs`` (see the module docstring);
+    ``scorer``: the run's ``fp32_scorer(model)``, else one of this call's own."""
     diffs = []
     dtype = next(model.parameters()).dtype
     dev = next(model.parameters()).device
-    scorer = None
+    scorer = scorer or fp32_scorer(model)
     for row, (prompt, a, b) in enumerate(zip(prompts, ours, theirs)):
         a, b = list(a), list(b)
         if a == b:
@@ -123,9 +128,8 @@ def compare(
         other = b[i] if i < len(b) else None
         gap, tie, tol = float("inf"), False, 0.0
         if mine is not None and other is not None:
-            scorer = scorer or fp32_scorer(model)
             ids = torch.tensor([[*map(int, prompt), *b[:i]]], device=dev)
-            logits = scorer(input_ids=ids).logits[0, -1].float()
+            logits = scorer()(input_ids=ids).logits[0, -1].float()
             top = logits.max()
             gap = float((logits[mine] - logits[other]).abs())
             tol = ulps * resolution(dtype, max(abs(float(logits[mine])), abs(float(logits[other]))))
