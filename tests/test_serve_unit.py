@@ -257,3 +257,28 @@ def test_bench_report_survives_an_ar_run_whose_requests_all_failed():
     assert report["throughput_vs_ar"] == {"khead": None}
     assert report["goal"]["best"] is None and not report["goal"]["met"]
     assert "| khead | 100.0 | — |" in table(report)
+
+
+def test_detokenizer_work_grows_linearly_and_matches_the_whole_decode(tok):
+    """A long output streamed a token at a time: the same text as one decode of all of it (stop
+    strings applied the same way), with the tokens decoded in all growing linearly, not
+    quadratically (the event loop serves every client)."""
+    import random
+
+    words = ["héllo", "wörld", "one", "two.", "three", "a", "b", "c"]
+    rng = random.Random(0)
+    ids = _ids(tok, " ".join(rng.choice(words) for _ in range(150)))
+    decoded = []
+
+    class Counting:
+        def decode(self, t, **kw):
+            decoded.append(len(t))
+            return tok.decode(t, **kw)
+
+    whole = tok.decode(ids, skip_special_tokens=True)
+    for stop in ([], ["two. three"]):
+        decoded.clear()
+        d = Detokenizer(Counting(), stop=stop)
+        out = "".join(d.add([t]) for t in ids) + d.flush()
+        assert out == (whole.split(stop[0])[0] if stop else whole)
+        assert sum(decoded) <= 8 * d.tokens_used, (sum(decoded), d.tokens_used)
