@@ -164,6 +164,9 @@ def test_bad_requests_are_clear_errors(tok):
     for words, req in cases.items():
         with pytest.raises(FluidError, match=words):
             sched.submit(req)
+    limit = model.config.max_position_embeddings  # a cache longer than the model can attend
+    with pytest.raises(FluidError, match=f"over the model's context \\({limit} positions"):
+        Scheduler(model, tok.mask_token_id, policy="ar", max_len=limit + 1)
 
 
 def test_decode_step_reads_the_device_once(tok, monkeypatch):

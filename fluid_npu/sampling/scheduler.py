@@ -103,8 +103,13 @@ class Scheduler(PrefillMixin, StepMixin):
         self.tokenizer = tokenizer  # decodes committed text for stop strings
         self.eos_ids, self.pad_id = eos_and_pad(model, eos_ids, pad_id)
         cfg = model.config.get_text_config()
-        limit = getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_LEN
-        self.max_len = int(max_len or min(limit, DEFAULT_MAX_LEN))
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if max_len is not None and limit is not None and max_len > limit:
+            raise ConfigError(
+                f"max_len {max_len} is over the model's context ({limit} positions); "
+                f"use at most {limit}"
+            )
+        self.max_len = int(max_len or min(limit or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN))
         self.k = self.policy.block_len
         self.anchors, self.coverage, self.adaptive = anchors, coverage, adaptive
         self.prefill_chunk = prefill_chunk

@@ -109,13 +109,6 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
             device=dev,
         )
     policy = settings.policy or ("khead" if fluid.khead is not None else "entropy")
-    cfg = fluid.model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    limit = getattr(cfg, "max_position_embeddings", None)
-    if settings.max_len is not None and limit is not None and settings.max_len > limit:
-        raise ConfigError(
-            f"--max-len {settings.max_len} is over the model's context ({limit} positions)"
-        )
     scheduler = Scheduler(
         fluid.model,
         fluid.mask_id,
@@ -126,7 +119,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         tokenizer=fluid.tokenizer,  # the engine ends requests on their stop strings
         compile=settings.compile,
     )
-    max_len = int(getattr(scheduler, "max_len", None) or settings.max_len or limit)
+    max_len = scheduler.max_len
     info = {
         "policy": policy,
         "device": str(dev),
