@@ -78,9 +78,11 @@ def test_bench_serve_against_a_running_server(tmp_path, capsys):
 def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
     prompts = _prompts(tmp_path, [{"prompt": p} for p in ("xx", "nop", "abc", "qrs")])
     out = tmp_path / "report.json"
+    # drafting every step (--no-adaptive-drafting): the same TPF on any machine
     argv = ["bench", "serve", "--model", model_dir, "--prompts", prompts, "--json", str(out),
             "--num-requests", "12", "--concurrency", "4", "--max-tokens", "48",
-            "--max-batch", "4", "--max-len", "128", "--warmup", "2"]  # fmt: skip
+            "--max-batch", "4", "--max-len", "128", "--warmup", "2",
+            "--no-adaptive-drafting"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(out.read_text())
     fluid, ar = report["results"]["entropy"], report["results"]["ar"]
@@ -92,6 +94,7 @@ def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
         fluid["output_tokens_per_s"] / ar["output_tokens_per_s"], rel=1e-2
     )
     assert report["server_args"][:2] == ["--model", model_dir]
+    assert "--no-adaptive-drafting" in report["server_args"]
 
 
 def test_missing_serve_extra_is_one_clear_error(capsys, monkeypatch):

@@ -29,6 +29,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--max-len", type=int, default=None, help="prompt + completion tokens per request"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument(
+        "--no-adaptive-drafting",
+        action="store_true",
+        help="every step drafts the policy's blocks (no choices from measured step costs): the "
+        "same TPF on any machine, not the fastest",
+    )
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +92,7 @@ def serve_command(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         drain_timeout=args.drain_timeout,
         compile=args.compile,
+        adaptive=not args.no_adaptive_drafting,
     )
     return serve(settings)
 
@@ -161,6 +168,6 @@ def _server_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, key)
         if value is not None:
             out += [f"--{key.replace('_', '-')}", str(value)]
-    if args.compile:
-        out.append("--compile")
+    out += ["--compile"] if args.compile else []
+    out += ["--no-adaptive-drafting"] if args.no_adaptive_drafting else []
     return out

@@ -48,6 +48,7 @@ class ServeSettings:
     served_model_name: str | None = None
     drain_timeout: float = 30.0
     compile: bool = False
+    adaptive: bool = True  # the engine's cost-driven drafting choices (False: fixed blocks)
 
     def check(self) -> None:
         """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
@@ -118,6 +119,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         max_len=settings.max_len,  # None: the scheduler's default (the context, at most 4096)
         tokenizer=fluid.tokenizer,  # the engine ends requests on their stop strings
         compile=settings.compile,
+        adaptive=settings.adaptive,
     )
     max_len = scheduler.max_len
     info = {
@@ -127,6 +129,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "max_batch": settings.max_batch,
         "max_len": max_len,
         "compile": settings.compile,
+        "adaptive_drafting": settings.adaptive,
         "torch_threads": torch.get_num_threads(),
     }
     return scheduler, fluid.tokenizer, max_len, info
