@@ -190,10 +190,22 @@ def device_name(device: torch.device | str) -> str:
     dev = torch.device(device)
     module = device_module(dev.type)
     if module is None:
-        import platform
-
-        return platform.processor() or platform.machine() or "cpu"
+        return cpu_name()
     return str(module.get_device_name(dev))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def empty_cache(device: torch.device | str) -> None:

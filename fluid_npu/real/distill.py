@@ -49,21 +49,18 @@ def greedy_answers(
     """The model's greedy answer to each question (chat template, left-padded batches) and whether
     it ended with EOS; an answer holding another special token is returned empty."""
     from fluid_npu.eval.tasks import encode_question
+    from fluid_npu.sampling.inputs import eos_and_pad
+    from fluid_npu.sampling.prompts import left_pad
 
-    eos = model.generation_config.eos_token_id
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    eos_list, pad = eos_and_pad(model, pad=tokenizer.pad_token_id)
+    eos_ids = set(eos_list)
     special = {int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special} - eos_ids
     out: list[tuple[str, bool]] = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
         prompts = [encode_question(tokenizer, q, chat=True) for q in chunk]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        ids, mask = left_pad(prompts, pad)
+        width = ids.shape[1]
         with torch.inference_mode():
             gen = model.generate(
                 input_ids=ids,

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fluid_npu.eval.tasks import encode_question, is_correct
+from fluid_npu.sampling.lossless import cut_at_eos
 
 PROMPT_LOOKUP_TOKENS = 10  # transformers' own example value for prompt_lookup_num_tokens
 WARMUP_TOKENS = 4
@@ -94,14 +95,7 @@ def _hf_decode(model: Any, ids: list[int], max_new: int, eos: list[int], **kw: A
         )
         wall = time.perf_counter() - start
     new = out[0, len(ids) :].tolist()
-    return {"tokens": _cut_at_eos(new, eos), "forwards": fc.count, "wall_s": wall}
-
-
-def _cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
+    return {"tokens": cut_at_eos(new, eos), "forwards": fc.count, "wall_s": wall}
 
 
 def _fluid_decode(fluid: Any, ids: list[int], max_new: int, policy: str) -> dict:

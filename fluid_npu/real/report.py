@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fluid_npu.device import cpu_name
 from fluid_npu.eval.report import pyplot, save_figure
 from fluid_npu.io import versions, write_json_atomic, write_text_atomic
 
@@ -38,15 +38,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """The CPU's model name, its cores and torch's threads (the figures depend on them)."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def summarize(out: Path, seconds: dict[str, float]) -> dict[str, Any]:

@@ -24,7 +24,6 @@ JSON is written atomically and a markdown table is printed. Settings are checked
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -354,21 +353,10 @@ def device_info(dev: torch.device) -> dict[str, Any]:
         "type": dev.type,
         "index": dev.index,
         "name": devices.device_name(dev),
-        "cpu": _cpu_name(),
+        "cpu": devices.cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: fall back to what platform knows
-    return platform.processor() or platform.machine()
 
 
 def _print_row(r: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from fluid_npu.device import cpu_name
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.serve.launch import ServerProcess
 
@@ -188,10 +189,9 @@ def summarize(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 
 def _machine(url: str) -> dict[str, Any]:
     from fluid_npu.io import versions
-    from fluid_npu.sampling.bench import _cpu_name
 
     health = httpx.get(f"{url}/health", timeout=30).json()
-    return {"server": health.get("info", {}), "cpu": _cpu_name(), "versions": versions()}
+    return {"server": health.get("info", {}), "cpu": cpu_name(), "versions": versions()}
 
 
 def default_policies(server_args: list[str]) -> tuple[str, ...]:
