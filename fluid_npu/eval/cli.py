@@ -16,11 +16,10 @@ identical to AR's (the rule of ``lossless_rule.py``, shared with the demo).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from fluid_npu.errors import ConfigError
+from fluid_npu.errors import CheckpointError, ConfigError
 
 DEFAULT_NUM_FEWSHOT = 5  # --fewshot without --num-fewshot: lm-evaluation-harness's gsm8k
 EVAL_KEYS = (
@@ -79,15 +78,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def khead_k_max(khead: str | None) -> int | None:
     """The ``k_max`` a K-head directory was trained with, read before any model loads (None when
     there is no K-head or its config is unreadable: loading it reports that)."""
-    from fluid_npu.model.khead import CONFIG
+    from fluid_npu.model.khead import read_khead_config
 
     if khead is None:
         return None
     try:
-        value = json.loads((Path(khead) / CONFIG).read_text(encoding="utf-8")).get("k_max")
-    except (OSError, ValueError, AttributeError):
+        return read_khead_config(khead).k_max
+    except CheckpointError:
         return None
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -105,7 +103,7 @@ def eval_command(args: argparse.Namespace) -> int:
         gen_kwargs,
         load_model,
     )
-    from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
+    from fluid_npu.sampling.policies import block_bound, parse_policy
 
     check_common(args)
     if args.num_fewshot is None:
@@ -120,7 +118,7 @@ def eval_command(args: argparse.Namespace) -> int:
     plot_dir = Path(args.plot_dir) if args.plot_dir else json_path.parent
     for where in {json_path.parent, markdown.parent, plot_dir}:  # writable before the model loads
         prepare_output_dir(where)
-    k_max = args.k_max or khead_k_max(args.khead) or DEFAULT_K_MAX  # the sampler's own bound
+    k_max = block_bound(args.k_max, khead_k_max(args.khead))
     for spec in args.policy or ():
         parse_policy(spec, k_max=k_max, has_khead=args.khead is not None)
     dev = device_from_args(args)

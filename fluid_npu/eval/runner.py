@@ -47,9 +47,9 @@ WARMUP_TOKENS = 8
 
 def policy_names(fluid: Any, policies: Sequence[str], k_max: int | None = None) -> list[str]:
     """``ar`` then the other policies, each checked and canonically spelt, without repeats."""
-    from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
+    from fluid_npu.sampling.policies import block_bound, parse_policy
 
-    k_max = k_max or (fluid.khead.k_max if fluid.khead is not None else DEFAULT_K_MAX)
+    k_max = block_bound(k_max, fluid.khead)
     names = [BASELINE]
     for spec in policies:
         name = parse_policy(spec, k_max=k_max, has_khead=fluid.khead is not None).name

@@ -72,6 +72,17 @@ def save_khead(head: KHead, config: KHeadConfig, directory: str | Path) -> Path:
     return out
 
 
+def read_khead_config(directory: str | Path) -> KHeadConfig:
+    """A K-head directory's config (its weights checked present); a CheckpointError says why not."""
+    d = Path(directory)
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise CheckpointError(f"{d} is not a K-head directory (needs {WEIGHTS} and {CONFIG})")
+    try:
+        return KHeadConfig(**json.loads((d / CONFIG).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{d / CONFIG} is unreadable ({exc}); re-run Stage II") from None
+
+
 def load_khead(
     directory: str | Path,
     *,
@@ -84,12 +95,7 @@ def load_khead(
     from safetensors.torch import load_file
 
     d = Path(directory)
-    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
-        raise CheckpointError(f"{d} is not a K-head directory (needs {WEIGHTS} and {CONFIG})")
-    try:
-        config = KHeadConfig(**json.loads((d / CONFIG).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise CheckpointError(f"{d / CONFIG} is unreadable ({exc}); re-run Stage II") from None
+    config = read_khead_config(d)
     if hidden_size is not None and config.hidden_size != hidden_size:
         raise CheckpointError(
             f"the K-head in {d} expects hidden size {config.hidden_size}, the model has "

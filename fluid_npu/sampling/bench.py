@@ -33,7 +33,7 @@ import torch
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.lossless import compare, exact_match_rate, fp32_scorer, hf_greedy
-from fluid_npu.sampling.policies import DEFAULT_K_MAX, HorizonError, parse_policy
+from fluid_npu.sampling.policies import HorizonError, block_bound, parse_policy
 from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_file
 from fluid_npu.sampling.stats import GenerateStats
 
@@ -240,7 +240,7 @@ def unlossless_rows(report: dict[str, Any]) -> int:
 
 def _policies(s: BenchSettings, fluid: Any) -> list[str]:
     """The policies to run: the user's (all must be valid) or the defaults that fit ``k_max``."""
-    k_max = s.gen_kwargs.get("k_max") or (fluid.khead.k_max if fluid.khead else DEFAULT_K_MAX)
+    k_max = block_bound(s.gen_kwargs.get("k_max"), fluid.khead)
     has_khead = fluid.khead is not None
     if s.policies:
         for p in s.policies:

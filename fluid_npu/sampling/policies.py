@@ -25,6 +25,7 @@ changes how many forwards they take.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,6 +87,13 @@ class Policy:
             raise HorizonError("the khead policy needs a K-head (--khead DIR)")
         k = khead.predict(anchor_hidden).to(entropy.device).long()
         return k.clamp(self.k_min, min(self.k_max, n))
+
+
+def block_bound(k_max: int | None, khead: Any = None) -> int:
+    """The horizon bound a run uses: the one asked for, else the K-head's (a ``KHead``, its
+    ``k_max`` or None), else ``DEFAULT_K_MAX``."""
+    head_k = getattr(khead, "k_max", khead)
+    return int(k_max or head_k or DEFAULT_K_MAX)
 
 
 def parse_policy(
