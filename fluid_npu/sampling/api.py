@@ -35,7 +35,7 @@ from fluid_npu.sampling.inputs import (
     eos_and_pad,
     mask_id_of,
 )
-from fluid_npu.sampling.policies import DEFAULT_K_MAX, parse_policy
+from fluid_npu.sampling.policies import block_bound, parse_policy
 from fluid_npu.sampling.reference import DEFAULT_MAX_REFINE, DEFAULT_REFINE_THRESHOLD, run_reference
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.stats import GenerateStats
@@ -151,9 +151,9 @@ def generate(
         )
     mask_id = mask_id_of(model, tokenizer_or_mask_id)
     eos_ids, pad_id = eos_and_pad(model, eos_token_id, pad_token_id)
-    if k_max is None:
-        k_max = khead.k_max if khead is not None else DEFAULT_K_MAX
-    pol = parse_policy(policy, k_max=k_max, k_min=k_min, has_khead=khead is not None)
+    pol = parse_policy(
+        policy, k_max=block_bound(k_max, khead), k_min=k_min, has_khead=khead is not None
+    )
     ids, mask = as_batch(input_ids, attention_mask, pad_id)
     prompts = split_prompts(ids, mask)
     if not prompts:

@@ -92,8 +92,10 @@ class Policy:
 def block_bound(k_max: int | None, khead: Any = None) -> int:
     """The horizon bound a run uses: the one asked for, else the K-head's (a ``KHead``, its
     ``k_max`` or None), else ``DEFAULT_K_MAX``."""
+    if k_max is not None:
+        return int(k_max)
     head_k = getattr(khead, "k_max", khead)
-    return int(k_max or head_k or DEFAULT_K_MAX)
+    return int(head_k or DEFAULT_K_MAX)
 
 
 def parse_policy(

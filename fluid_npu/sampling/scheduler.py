@@ -53,7 +53,7 @@ from fluid_npu.sampling.kv import (
     SlotKV,
     register_slot_attention,
 )
-from fluid_npu.sampling.policies import DEFAULT_K_MAX, Policy, parse_policy
+from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
 from fluid_npu.sampling.rules import SamplingParams
@@ -93,9 +93,9 @@ class Scheduler(PrefillMixin, StepMixin):
             )
         if anchors < 1 or coverage <= 0:
             raise ConfigError(f"anchors must be >= 1 and coverage > 0, got {anchors}, {coverage}")
-        if k_max is None:
-            k_max = getattr(khead, "k_max", DEFAULT_K_MAX)
-        self.policy = parse_policy(policy, k_max=k_max, k_min=k_min, has_khead=khead is not None)
+        self.policy = parse_policy(
+            policy, k_max=block_bound(k_max, khead), k_min=k_min, has_khead=khead is not None
+        )
         self.model = model
         self.device = next(model.parameters()).device
         self.khead = None if khead is None else khead.to(self.device)
