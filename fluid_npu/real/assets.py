@@ -82,9 +82,9 @@ def installed_location(pkg: Package) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def ensure_package(pkg: Package, cache: Path, *, use_installed: bool = True) -> Path:
+def ensure_package(pkg: Package, cache: Path) -> Path:
     """The folder of ``pkg``'s module: installed, cached under ``cache``, or installed there now."""
-    if use_installed and (found := installed_location(pkg)) is not None:
+    if (found := installed_location(pkg)) is not None:
         return found
     target = cache / f"{pkg.name}-{pkg.version}"
     if (target / pkg.module).is_dir():

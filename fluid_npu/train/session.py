@@ -206,7 +206,7 @@ class TrainingSession:
             },
             **figures,
             "precision": self.precision_record,
-            "quantization_bit": self.cfg.model.quantization_bit if self.quantization else None,
+            "quantization_bit": self.cfg.model.quantization_bit,
             "mask_token": {
                 "token": self.mask.token,
                 "id": self.mask.id,
