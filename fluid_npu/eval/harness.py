@@ -260,7 +260,7 @@ class FluidLM(LM):
             keep = max(1, self.max_length - max_gen)
             prompts = [self._encode(requests[i].args[0])[-keep:] for i in indices]
             kwargs = dict(self.gen_kwargs)
-            if self.loop == "fused" and until:  # decoding ends at lm-eval's stop sequences
+            if until:  # decoding ends at lm-eval's stop sequences (``decode_batches``)
                 kwargs["stop_strings"] = list(until)
             new, stats = decode_batches(
                 self.fluid,

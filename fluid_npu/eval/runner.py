@@ -110,9 +110,8 @@ def run_eval(
     outputs: dict[str, list[list[int]]] = {}
     texts: dict[str, list[str]] = {}
     answers: dict[str, list[str | None]] = {}
-    decode_kwargs = dict(gen_kwargs)
-    if loop == "fused":  # decoding ends at the stop strings the outputs are cut at
-        decode_kwargs.setdefault("stop_strings", list(STOP_STRINGS))
+    decode_kwargs = dict(gen_kwargs)  # decoding ends at the stop strings outputs are cut at
+    decode_kwargs.setdefault("stop_strings", list(STOP_STRINGS))
     scorer = fp32_scorer(fluid.model)  # one fp32 copy (if any) for every policy's check
     for name in names:
         if warmup:

@@ -104,12 +104,15 @@ def decode_batches(
     The fused loop runs every prompt through one decode engine with ``len(batches[0])`` slots,
     each refilled as soon as its row finishes (one ``GenerateStats``); the reference loop decodes
     each left-padded batch in turn (one ``GenerateStats`` per batch). ``gen_kwargs`` may carry
-    ``stop_strings`` (decoding of a row ends at one, on the fused loop; ``fluid``'s tokenizer reads
-    the text) and the other sampling keywords of ``generate``.
+    ``stop_strings`` (on the fused loop decoding of a row ends at one, ``fluid``'s tokenizer reading
+    the text; the reference loop has no stops and decodes on, for the caller to cut) and the other
+    sampling keywords of ``generate``.
     """
     from fluid_npu.sampling.api import generate
 
     kwargs = dict(gen_kwargs or {})
+    if loop != "fused":
+        kwargs.pop("stop_strings", None)
     if kwargs.get("stop_strings"):
         kwargs.setdefault("tokenizer", fluid.tokenizer)
     if loop == "fused" and batches:

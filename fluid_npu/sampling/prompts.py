@@ -86,13 +86,16 @@ def encode_prompt(
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("--chat needs a tokenizer with a chat template; this one has none")
-        enc = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        ids = enc["input_ids"] if hasattr(enc, "keys") else enc
-    else:
-        ids = tokenizer(text)["input_ids"]
-    return Prompt(text, [int(t) for t in ids])
+        return Prompt(text, chat_template_ids(tokenizer, [{"role": "user", "content": text}]))
+    return Prompt(text, [int(t) for t in tokenizer(text)["input_ids"]])
+
+
+def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's chat template, the assistant turn
+    opened (``add_generation_prompt``): what ``--chat`` and the server's chat route decode from."""
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+    return [int(t) for t in ids]
 
 
 def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

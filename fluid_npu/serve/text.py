@@ -37,14 +37,14 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         raise APIError(
             "this model's tokenizer has no chat template; use /v1/completions", param="messages"
         )
+    from fluid_npu.sampling.prompts import chat_template_ids
+
     try:
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return chat_template_ids(tokenizer, messages)
     except Exception as exc:  # the template's own error (e.g. a role it does not allow)
         raise APIError(
             f"the chat template rejected the messages: {exc}", param="messages"
         ) from None
-    ids = enc["input_ids"] if hasattr(enc, "keys") else enc
-    return [int(t) for t in ids]
 
 
 class Detokenizer:
