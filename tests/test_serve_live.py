@@ -43,7 +43,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    args = ["--model", model_dir, "--max-batch", "8", "--max-len", str(MAX_LEN), "--api-key", KEY]
+    # fixed blocks (--no-adaptive-drafting): the TPF asserted below must not follow step timings
+    args = ["--model", model_dir, "--max-batch", "8", "--max-len", str(MAX_LEN), "--api-key", KEY,
+            "--no-adaptive-drafting"]  # fmt: skip
     with ServerProcess(args) as proc:
         yield proc
     assert proc.returncode == 0, proc.log_tail()
