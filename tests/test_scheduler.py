@@ -14,7 +14,7 @@ from test_sampling_lossless import chain_model
 
 from fluid_npu.errors import FluidError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
-from fluid_npu.sampling.drafting import DraftBudget
+from fluid_npu.sampling.drafting import HISTORY, DraftBudget
 from fluid_npu.sampling.lossless import compare, hf_greedy
 from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
 
@@ -310,6 +310,68 @@ def test_the_budget_is_cautious_where_width_costs_and_deaf_to_a_busy_host():
     cheap = budget.probe_interval(4)
     budget.record(4, 1, 0.0001)  # AR steps are now far cheaper than drafting ones
     assert budget.price(4) > 10 and budget.probe_interval(4) >= 10 * budget.price(4) > cheap
+
+
+def test_each_verify_counts_against_the_block_its_drafts_came_from(tok, monkeypatch):
+    """The prefill drafts as many slots as the budget's chosen length and the decode steps draft
+    blocks of another length: outputs stay greedy decoding's, and every verify is recorded with the
+    length of the block its own drafts came from (a per-engine length misattributed them)."""
+    model = build_tiny_model("llama", tok, seed=3)
+    monkeypatch.setattr(DraftBudget, "prefill_length", lambda self, rows: 2)
+    monkeypatch.setattr(DraftBudget, "choose_length", lambda self, rows, big_m: 3)
+    seen = []
+    original = DraftBudget.observe
+
+    def observe(self, drafted_len, accepted):
+        seen.append((drafted_len, accepted))
+        original(self, drafted_len, accepted)
+
+    monkeypatch.setattr(DraftBudget, "observe", observe)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=2, eos_ids=[], k_max=4)
+    results = run_requests(sched, [Request(str(i), p, 8) for i, p in enumerate(prompts)])
+    ours = [results[str(i)][0] for i in range(len(prompts))]
+    _assert_same(model, prompts, ours, [_greedy_alone(model, p, 8, []) for p in prompts], "lens")
+    assert {n for n, _ in seen} == {2, 3}, seen  # prefill drafts (2) and step blocks (3)
+    assert all(a <= n for n, a in seen), seen
+
+
+def test_a_budget_store_carries_costs_and_acceptance_between_engines(tok):
+    """``budgets=``: engines on the same model share one budget per policy, so a second engine
+    starts from the first one's measurements instead of the optimistic prior."""
+    model = build_tiny_model("llama", tok, seed=3)  # random: its drafts are almost never right
+    store: dict = {}
+    kw = dict(max_batch=2, eos_ids=[], k_max=4, budgets=store)
+    first = Scheduler(model, tok.mask_token_id, policy="fixed:4", **kw)
+    run_requests(first, [Request(str(i), tok(t)["input_ids"], 20) for i, t in enumerate(TEXTS)])
+    first.close()
+    second = Scheduler(model, tok.mask_token_id, policy="fixed:4", **kw)
+    assert second.budget is first.budget and second.budget.has_history()
+    assert second.budget.prior_accept() < 1.0  # a new request is not credited with K accepts
+    other = Scheduler(model, tok.mask_token_id, policy="entropy:6", **kw)
+    assert other.budget is not first.budget and not other.budget.has_history()
+    assert len(store) == 2
+    # the acceptance counts follow the recent past: halved once HISTORY verifies are counted
+    budget = DraftBudget(4, fixed=False, adaptive=True)
+    for _ in range(HISTORY - 1):
+        budget.observe(4, 0)
+    budget.observe(4, 4)
+    assert sum(budget.verifies_by_len) == HISTORY // 2
+    assert budget.accepted_by_count[0] == (HISTORY - 1) // 2 and budget.accepted_by_count[4] == 0
+
+
+def test_the_prefill_drafts_what_the_decode_steps_would():
+    """A prefill's first drafts take the length a decode step at that batch would: short where
+    width is dear (many rows on a compute-bound host), the full K where it is nearly free."""
+    budget = DraftBudget(16, fixed=False, adaptive=True)
+    for rows, width in ((1, 1), (32, 1), (1, 33), (32, 33), (32, 5)):
+        budget.record(rows, width, 0.001 + 30e-6 * rows * width)
+    for a in range(17):  # verifies accepting every count, all 16 most often (~9.5 on average)
+        for _ in range(10 if a == 16 else 2):
+            budget.observe(16, a)
+    assert budget.prefill_length(1) == 16
+    assert budget.prefill_length(32) < 16
+    assert DraftBudget(16, fixed=True, adaptive=True).prefill_length(32) == 16
 
 
 @pytest.mark.slow

@@ -118,6 +118,8 @@ def decode_batches(
     if loop == "fused" and batches:
         engine = {**kwargs.get("engine_kwargs", {}), "max_batch": len(batches[0])}
         kwargs["engine_kwargs"] = engine
+        if hasattr(fluid, "engine_kwargs"):  # its draft budgets carry over between calls
+            kwargs = fluid.engine_kwargs(kwargs)
         batches = [[p for b in batches for p in b]]
     new, stats = [], []
     for b in batches:

@@ -7,7 +7,8 @@ the engine's three questions before a step:
 * **block length** (``choose_length``): of ``K``, ``K/2``, ``K/4``, 2 and 1, the one with the most
   expected tokens per second at this batch size (a compute-bound step wastes least on short
   blocks); ``fixed:K`` keeps ``K``, and the full length runs every
-  ``LEN_PROBE_EVERY`` steps so every depth's acceptance stays measured;
+  ``LEN_PROBE_EVERY`` steps so every depth's acceptance stays measured. The prefill's first
+  drafts take the same length (``prefill_length``);
 * **a second candidate block** (``choose_blocks``): when the drafts' confidences leave the accept
   length uncertain, a second block anchored at the next most likely length; worth it while the
   tokens it saves — the fraction of rows whose accept length it catches (measured) times the
@@ -25,7 +26,12 @@ engine's first decode steps already know what width costs: a wide batch on a CPU
 with a second block it cannot afford (one is tried only while it adds at most ``MEASURE_SHARE`` to
 a step).
 Expected accepted drafts come from the verify history: ``P(a ≥ j)`` among verifies whose block
-reached depth ``j``. All of this is host arithmetic on a few dozen numbers, outside the step.
+reached depth ``j``; once ``HISTORY`` verifies are counted, the counts are halved, so the estimate
+follows the recent past. All of this is host arithmetic on a few dozen numbers, outside the step.
+
+A budget measures one model on one device; it can outlive an engine (``Scheduler(budgets=…)``): a
+new engine on the same model then starts from what earlier ones measured, as a long-lived server's
+engine does, instead of from the optimistic prior.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ MIN_VERIFIES = 8  # verifies observed before the block length adapts
 PROBE_EVERY = 16  # the fewest steps between the probes of the rows decoding as AR ...
 PROBE_SHARE = 0.1  # ... and at most this share of the AR steps' time spent probing
 MEASURE_SHARE = 0.25  # a second block is tried only while it adds at most this share to a step
+HISTORY = 4096  # verifies counted before the acceptance counts are halved (recent past weighs most)
 
 
 class DraftBudget:
@@ -82,6 +89,9 @@ class DraftBudget:
         """A verify of drafts from a block of ``drafted_len`` slots accepted ``accepted``."""
         self.verifies_by_len[min(drafted_len, self.k)] += 1
         self.accepted_by_count[accepted] += 1
+        if sum(self.verifies_by_len) >= HISTORY:
+            self.verifies_by_len = [n // 2 for n in self.verifies_by_len]
+            self.accepted_by_count = [n // 2 for n in self.accepted_by_count]
 
     def observe_blocks(self, had: int, hit: int) -> None:
         """A row had ``had`` candidate blocks and its accept length hit block ``hit`` (-1: none)."""
@@ -170,13 +180,18 @@ class DraftBudget:
 
     def choose_length(self, rows: int, big_m: int) -> int:
         """This step's block length (see the module docstring); remembered as ``length``."""
-        self.length = self._length(rows, big_m)
+        self._steps += 1
+        self.length = self.k if self._steps % LEN_PROBE_EVERY == 0 else self._length(rows, big_m)
         return self.length
+
+    def prefill_length(self, rows: int) -> int:
+        """The length of a prefill's first drafts, which the first decode step of ``rows`` rows
+        verifies (up to ``K`` of them) while drafting its next block."""
+        return self._length(rows, self.k)
 
     def _length(self, rows: int, big_m: int) -> int:
         k = self.k
-        self._steps += 1
-        if self.fixed or not self.adaptive or k <= 1 or self._steps % LEN_PROBE_EVERY == 0:
+        if self.fixed or not self.adaptive or k <= 1:
             return k
         if sum(self.verifies_by_len) < MIN_VERIFIES or self.cost_model() is None:
             return k

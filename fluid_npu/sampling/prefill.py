@@ -72,11 +72,13 @@ class PrefillMixin:
         k = self.k
         ending = [i for i, (_, _, last) in chunks.items() if last]
         # the chunk that ends a prompt drafts the first tokens — unless drafting has not been paying
-        # (sampling rows always draft: their tokens must not depend on the batch's history)
-        pays = self.budget.drafting_pays(self._decode_rows()) or any(
-            not self.slots[i].params.greedy for i in ending
-        )
-        draft = k if k > 0 and ending and pays else 0
+        # — as many as the decode steps' blocks hold (sampling rows always draft K: their tokens
+        # must not depend on the batch's history)
+        sampling = any(not self.slots[i].params.greedy for i in ending)
+        rows_next = self._decode_rows()
+        draft = 0
+        if k > 0 and ending and (sampling or self.budget.drafting_pays(rows_next)):
+            draft = k if sampling else self.budget.prefill_length(rows_next)
         if width == 0 and draft == 0:  # one-token prompts only: nothing to encode
             for i in rows:
                 self._start(i, None, None)
@@ -132,6 +134,7 @@ class PrefillMixin:
         big_m, n_blocks = self._next_shape
         if slot_hidden is None or self.k == 0:
             self.m[i] = 0
+            s.drafted = 0
             self.paid[i] = False
             self.cand[i] = -1
             if self.k > 0 and (
@@ -141,14 +144,14 @@ class PrefillMixin:
                 self._next_shape = (big_m, max(n_blocks, 1))
             self.run[i] = True  # (a row that starts as AR adds no block to the next step)
             return
-        self._next_shape = (big_m, max(n_blocks, 1))
-        p = len(s.prompt)
+        p, n = len(s.prompt), slot_hidden.shape[0]
         drafts, conf, keep = self._draft(
             slice(i, i + 1), slot_hidden[None], anchor_hidden[None], torch.tensor([p])
         )
-        self.drafts[i], self.logp[i] = drafts[0], conf[0]
+        self.drafts[i, :n], self.logp[i, :n] = drafts[0], conf[0]
         self.m[i] = keep[0]
         self.paid[i] = True
+        s.drafted = n
         self.cand[i] = choose_anchors(conf, keep, self.anchors, self.coverage)[0]
         self.run[i] = True
-        self._next_shape = (self.k, self._next_shape[1])  # widest: no host read of keep
+        self._next_shape = (max(big_m, n), max(n_blocks, 1))  # widest: no host read of keep

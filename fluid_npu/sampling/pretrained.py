@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fluid_npu.model.khead import KHead
 from fluid_npu.sampling.api import GENERATION_KEYS, GenerateOutput, generate
+from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.inputs import parse_dtype
 from fluid_npu.sampling.stats import GenerateStats
 
@@ -37,6 +38,9 @@ class FluidForCausalLM:
         self.khead = khead
         self.last_stats: GenerateStats | None = None
         self.last_output: GenerateOutput | None = None
+        # the decode engine's measured step costs and acceptance, per policy: each generate call
+        # continues from what the earlier ones measured (``drafting.py``)
+        self.draft_budgets: dict[Any, DraftBudget] = {}
 
     @classmethod
     def from_pretrained(
@@ -71,6 +75,11 @@ class FluidForCausalLM:
         if device is not None:
             model = model.to(device)
         return cls(model, loaded.tokenizer, loaded.mask.id, head)
+
+    def engine_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` with this model's draft budgets added to its ``engine_kwargs``."""
+        engine = {"budgets": self.draft_budgets, **kwargs.get("engine_kwargs", {})}
+        return {**kwargs, "engine_kwargs": engine}
 
     @property
     def device(self) -> torch.device:
@@ -112,7 +121,7 @@ class FluidForCausalLM:
             max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
             khead=self.khead,
             tokenizer=kwargs.pop("tokenizer", self.tokenizer),
-            **kwargs,
+            **self.engine_kwargs(kwargs),
         )
         self.last_output, self.last_stats = out, out.stats
         return out.sequences

@@ -47,4 +47,5 @@ class Slot:
     stopped: bool = False  # a stop string ended it
     running: bool = False
     forwards: int = 0
+    drafted: int = 0  # length of the block its pending drafts came from (0: none pending)
     new: list[int] = field(default_factory=list)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -86,6 +86,7 @@ class Scheduler(PrefillMixin, StepMixin):
         adaptive: bool = True,
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
+        budgets: MutableMapping[Any, DraftBudget] | None = None,
     ) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ConfigError(
@@ -127,8 +128,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self.decode_forwards = 0
         self.accept_hist: Counter = Counter()
         self.k_hist: Counter = Counter()
-        self.budget = DraftBudget(self.k, fixed=self.policy.kind == "fixed", adaptive=adaptive)
-        self._drafted_len = self.k  # block length of the drafts the next step verifies
+        self.budget = self._budget(budgets)
         self._next_shape = (0, 0)  # (M, A) of the next decode step, from the last read-back
         self._last_probe = 0  # the decode step whose AR rows last probed
         self._prior_replaced = False  # whether the rows' optimistic prior met the history
@@ -145,6 +145,17 @@ class Scheduler(PrefillMixin, StepMixin):
             if "backend" not in options:
                 options.setdefault("mode", None if self.device.type == "cpu" else "reduce-overhead")
             self._compiled = torch.compile(self._decoder, dynamic=False, **options)
+
+    def _budget(self, budgets: MutableMapping[Any, DraftBudget] | None) -> DraftBudget:
+        """This engine's draft budget: a new one, or the one ``budgets`` keeps for this policy
+        (the same model on the same device: costs and acceptance carry over between engines)."""
+        fixed = self.policy.kind == "fixed"
+        if budgets is None:
+            return DraftBudget(self.k, fixed=fixed, adaptive=self.adaptive)
+        key = (self.policy, self.adaptive)
+        if key not in budgets:
+            budgets[key] = DraftBudget(self.k, fixed=fixed, adaptive=self.adaptive)
+        return budgets[key]
 
     # ------------------------------------------------------------------ state
 

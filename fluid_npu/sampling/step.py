@@ -254,17 +254,16 @@ class StepMixin:
         self.budget.record(hi, width, time.perf_counter() - t0)
         width_int = 4 + big_m + 1 + 2  # the two shape columns end here; two block columns follow
         self._next_shape = (int(packed[0][width_int - 2]), int(packed[0][width_int - 1]))
-        events = self._events(packed, hi, big_m, n_top)
+        events = self._events(packed, hi, big_m, k, n_top)
         if self.adaptive and not self._prior_replaced and self.budget.has_history():
             # the first requests started on the optimistic prior (K); now that verifies tell what
             # drafts earn, no row keeps more credit than that (on the device: no read)
             self.ema.clamp_(max=self.budget.prior_accept())
             self._prior_replaced = True
-        self._drafted_len = k if n_blocks else 0
         return events
 
     def _events(
-        self, packed: list[list[float]], hi: int, big_m: int, n_top: int = 0
+        self, packed: list[list[float]], hi: int, big_m: int, k: int, n_top: int = 0
     ) -> list[Event]:
         events = []
         w = big_m + 1
@@ -293,9 +292,11 @@ class StepMixin:
                     toks, done = toks[:cut], 1
                     lps = None if lps is None else lps[:cut]
                     tops = None if tops is None else tops[:cut]
-            if m and self._drafted_len:  # a verify of drafts from a block of _drafted_len
-                self.budget.observe(self._drafted_len, a)
-            self.budget.observe_blocks(int(row[4 + w + 2]), int(row[4 + w + 3]))
+            if m and s.drafted:  # a verify of drafts from a block of s.drafted slots
+                self.budget.observe(s.drafted, a)
+            hit = int(row[4 + w + 3])
+            self.budget.observe_blocks(int(row[4 + w + 2]), hit)
+            s.drafted = k if hit >= 0 else 0  # the next drafts: this step's block of k slots
             s.forwards += 1
             s.new.extend(toks)
             self.accept_hist[a] += 1
