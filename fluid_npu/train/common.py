@@ -18,7 +18,6 @@ accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingA
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -53,11 +52,6 @@ from fluid_npu.train.sharded import (
 )
 
 Parts = dict[str, torch.Tensor]
-# transformers 5.24 renamed TrainingArguments.gradient_checkpointing (kept as our config key)
-CHECKPOINTING = next(
-    (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
-    "gradient_checkpointing",
-)
 Objective = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, Parts]]
 
 
@@ -98,7 +92,8 @@ def training_arguments(
         seed=t.seed,
         data_seed=t.seed,
         report_to=t.report_to,
-        **{CHECKPOINTING: t.gradient_checkpointing},
+        # transformers 5.24 renamed it (gradient_checkpointing stays our config key)
+        activation_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
         use_cpu=choice.type == "cpu",

@@ -44,7 +44,6 @@ from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
 from fluid_npu.train.common import (
-    CHECKPOINTING,
     FluidTrainer,
     requested_parallelism,
     training_arguments,
@@ -158,9 +157,9 @@ class Stage2Run:
         self.args = training_arguments(
             dataclasses.replace(cfg, train=plain), self.choice, evaluate=bool(asked), held_out=True
         )
-        if getattr(self.args, CHECKPOINTING):
+        if self.args.activation_checkpointing:
             logger.warning("gradient_checkpointing is ignored in Stage II: the backbone is frozen")
-            setattr(self.args, CHECKPOINTING, False)
+            self.args.activation_checkpointing = False
         devices.seed_everything(cfg.train.seed)
         with unpartitioned_loading():  # every process keeps the whole frozen backbone
             self.loaded = load_stage1(cfg, self.backbone_dtype)
