@@ -87,10 +87,15 @@ def test_real_run_end_to_end_then_reuses_every_stage(tmp_path, capsys):
     assert names == {"generate", "prompt_lookup", "base generate"} | {
         f"fluid {p}" for p in ("fixed:4", "entropy", "khead")
     }
+    samples = decode["samples"]
     for name, r in decode["decoders"].items():
         if name != "base generate":
             assert r["identical_to_generate"] == 1.0, name
         assert r["tpf"] > 0 and r["new_tokens"] > 0
+        # the decoder's totals are the per-sample scores the report lists, summed
+        assert r["correct"] == sum(s[name]["correct"] for s in samples), name
+        assert r["accuracy"] == r["correct"] / len(samples) and len(samples) == decode["n"]
+        assert r["new_tokens"] == sum(s[name]["new_tokens"] for s in samples), name
     assert decode["decoders"]["generate"]["tpf"] == pytest.approx(1.0)
     assert f["nll_rows"] == len(ROWS) and f["base_nll"] > 0 and f["stage1_nll"] > 0
     assert f["nll_ratio"] == pytest.approx(f["stage1_nll"] / f["base_nll"])

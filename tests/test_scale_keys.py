@@ -96,6 +96,14 @@ def test_eval_and_ddp_timeout_keys_reach_training_arguments(tmp_path):
         load_config(None, [out, "val_size=0.1", "eval_dataset=x"])
 
 
+def test_gradient_checkpointing_key_reaches_training_arguments(tmp_path):
+    """Our key keeps its LLaMA-Factory name; transformers 5.24 calls it activation_checkpointing."""
+    out = f"output_dir={tmp_path / 'o'}"
+    args = training_arguments(load_config(None, [out, "gradient_checkpointing=true"]), _cpu())
+    assert args.activation_checkpointing is True
+    assert training_arguments(load_config(None, [out]), _cpu()).activation_checkpointing is False
+
+
 # -- the datasets are built once, on rank 0 ---------------------------------------------------
 
 

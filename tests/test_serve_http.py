@@ -19,6 +19,7 @@ import uvicorn
 
 from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.api import PromptError
+from fluid_npu.sampling.requests import Request
 from fluid_npu.serve.app import ServeConfig, create_app
 from fluid_npu.serve.server import DrainingServer, bind
 from fluid_npu.serve.worker import Worker
@@ -29,16 +30,6 @@ SCRIPT = TOK("the quick brown fox jumps over the lazy dog. " * 40, add_special_t
     "input_ids"
 ]
 WAIT_STEPS = 2000  # bounded polling loops: 2000 x 5 ms at most
-
-
-@dataclass
-class Req:
-    request_id: str
-    prompt: list[int]
-    max_new_tokens: int
-    eos_ids: Any = None
-    sampling: Any = None
-    stop: Any = ()
 
 
 @dataclass
@@ -68,16 +59,16 @@ class ScriptedScheduler:
 
     def __init__(self, max_batch: int = 4, max_len: int = 600, step_s: float = 0.0) -> None:
         self.max_batch, self.max_len, self.step_s = max_batch, max_len, step_s
-        self.waiting: list[tuple[Req, list[int]]] = []
+        self.waiting: list[tuple[Request, list[int]]] = []
         self.running: dict[str, list] = {}  # id -> [request, remaining tokens, new, forwards]
         self.aborts: list[str] = []
         self.aborted: list[str] = []  # every abort applied, for the tests
-        self.requests: list[Req] = []  # every request submitted, for the tests
+        self.requests: list[Request] = []  # every request submitted, for the tests
         self.gate = threading.Event()
         self.gate.set()
         self.fail = False
 
-    def submit(self, req: Req) -> None:
+    def submit(self, req: Request) -> None:
         if not req.prompt:
             raise PromptError("the prompt is empty")
         if len(req.prompt) + req.max_new_tokens > self.max_len:
@@ -138,7 +129,7 @@ class ScriptedScheduler:
 @contextlib.contextmanager
 def serving(sched: ScriptedScheduler, drain_timeout: float = 30.0, **config: Any):
     """An in-process server on 127.0.0.1 at a free port; yields (base url, server, worker)."""
-    worker = Worker(sched, request_cls=Req)
+    worker = Worker(sched)
     cfg = ServeConfig(model_name="tiny", max_len=sched.max_len, max_batch=sched.max_batch)
     for k, v in config.items():
         setattr(cfg, k, v)
@@ -274,6 +265,7 @@ def test_sampling_settings_reach_the_engine_and_logprobs_come_back():
             logprobs=2, stop=["zz"], extra_body={"top_k": 5, "min_p": 0.05, "ignore_eos": True},
         )  # fmt: skip
         req = sched.requests[-1]
+        assert type(req) is Request  # the engine's own request type, as the scheduler takes it
         p = req.sampling
         assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (0.7, 0.9, 5, 0.05, 11)
         assert (p.logprobs, p.top_logprobs, tuple(req.stop), req.eos_ids) == (True, 2, ("zz",), [])

@@ -213,12 +213,11 @@ def test_requests_queued_behind_a_failing_step_are_answered():
     """A request submitted while the step that kills the engine runs gets a 500, not a hang."""
     import asyncio
 
-    from fluid_npu.sampling.requests import Request
     from fluid_npu.serve.worker import Worker
 
     async def scenario() -> tuple[BaseException, BaseException]:
         sched = _FailingScheduler()
-        worker = Worker(sched, Request)
+        worker = Worker(sched)
         worker.start(asyncio.get_running_loop())
         first = await worker.submit("a", [1, 2], max_new_tokens=3)
         await asyncio.to_thread(sched.stepping.wait)

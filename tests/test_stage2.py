@@ -23,6 +23,7 @@ from fluid_npu.model.adapters import load_fluid
 from fluid_npu.model.khead import attach_khead, load_khead
 from fluid_npu.model.loading import fingerprint
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.train.data import EVAL_EPOCH
 from fluid_npu.train.khead_labels import (
     accept_length_labels,
     anchor_tables,
@@ -416,15 +417,20 @@ def test_stage2_keeps_a_lora_backbone_bit_identical(
     values = _common(
         run_data, tmp_path / "s2", stage="fluid_stage2", model_name_or_path=str(tiny_model_dir),
         adapter_name_or_path=str(stage1_lora), max_steps=2, max_samples=40, val_size=0,
-        learning_rate=1e-2,
+        learning_rate=1e-2, do_eval=True, eval_steps=1,
     )  # fmt: skip
     run = Stage2Run(load_config(None, _values(**values)))
     before = _snapshot(run.loaded.model)
     assert any("lora_" in k for k in before)
     record = run.train()
-    # val_size 0: 10% of the examples are held out of Stage II training for the report
+    # val_size 0: 10% of the examples are held out of Stage II training for the report, and
+    # do_eval evaluates them during training, each time with the same layouts
     assert record["heldout"]["source"].startswith("auto")
     assert (record["heldout"]["examples"], record["train_examples"]) == (4, 36)
+    assert set(run.heldout["epoch"]) == {EVAL_EPOCH}
+    assert set(run.heldout["index"]).isdisjoint(run.train_set["index"])
+    evals = [h for h in record["log_history"] if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [1, 2] and "eval_khead_acc" in evals[-1]
     assert all(not p.requires_grad for p in run.loaded.model.parameters())
     _assert_bit_identical(before, run.loaded.model)
 

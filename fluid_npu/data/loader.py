@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 REPORTED_SKIPS = 5  # how many skipped rows the stats keep (dataset, index, problem)
+HEAD_ROWS = 8  # the first rows that tell the format (sharegpt tags) and test the tokenizer
 # Part of the key of the tokenization cache of ``datasets``: it hashes the mapped function and its
 # arguments but not the code they call, so a change to this package's data code must change the key.
 _CODE_DIGEST = hashlib.sha256(
@@ -223,10 +224,10 @@ def _tokenize_row(
     }
 
 
-def _sample_texts(spec: DatasetSpec, raw: datasets.Dataset, rows: int = 8) -> list[str]:
-    """The message texts of the first rows that convert (for ``check_tokenizer_encodes``)."""
+def _sample_texts(spec: DatasetSpec, head: list[dict[str, Any]]) -> list[str]:
+    """The message texts of the ``head`` rows that convert (for ``check_tokenizer_encodes``)."""
     texts = []
-    for row in raw.select(range(min(rows, len(raw)))):
+    for row in head:
         try:
             texts += [content for _, content in _to_conversation(row, spec).messages]
         except RowError:
@@ -331,8 +332,9 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
         raw = load_raw(spec, getattr(args, "cache_dir", None))
         if max_samples is not None:
             raw = raw.select(range(min(int(max_samples), len(raw))))
-        spec = finalize_spec(spec, raw.column_names, raw.select(range(min(8, len(raw)))))
-        check_tokenizer_encodes(tokenizer, _sample_texts(spec, raw))
+        head = raw.select(range(min(HEAD_ROWS, len(raw)))).to_list()
+        spec = finalize_spec(spec, raw.column_names, head)
+        check_tokenizer_encodes(tokenizer, _sample_texts(spec, head))
         stats.rows_read += len(raw)
         processed = _tokenize_dataset(spec, raw, template, tokenizer, args)
         kept = _drop_bad_rows(spec.name, processed, skip, stats)

@@ -152,20 +152,20 @@ def decode_all(
         ref = runs["generate"][-1]["tokens"]
         sample: dict[str, Any] = {"question": row["question"], "prompt_tokens": len(ids)}
         for name in table:
-            r = runs[name][-1]
+            r = runs[name][-1]  # scored once here; _figures sums these
             text = fluid.tokenizer.decode(r["tokens"], skip_special_tokens=True)
+            r["correct"] = is_correct(text, _reference(row))
+            r["identical"] = r["tokens"] == ref
             sample[name] = {
-                "correct": is_correct(text, _reference(row)),
-                "identical": r["tokens"] == ref,
+                "correct": r["correct"],
+                "identical": r["identical"],
                 "new_tokens": len(r["tokens"]),
             }
         sample["text"] = fluid.tokenizer.decode(ref, skip_special_tokens=True)
         samples.append(sample)
         if echo is not None:
             echo(f"decode: {i + 1}/{len(rows)} prompts ({len(ref)} tokens)")
-    figures = {
-        name: _figures(runs[name], runs["generate"], rows, fluid.tokenizer) for name in table
-    }
+    figures = {name: _figures(runs[name]) for name in table}
     base_tps = figures["generate"]["tokens_per_s"]
     for f in figures.values():
         f["speed_vs_generate"] = f["tokens_per_s"] / base_tps if base_tps else 0.0
@@ -184,20 +184,19 @@ def _reference(row: dict[str, str]) -> str:
     return reference_answer(row, "gsm8k row")
 
 
-def _figures(runs: list[dict], ref: list[dict], rows: Sequence[dict], tok: Any) -> dict[str, Any]:
+def _figures(runs: list[dict]) -> dict[str, Any]:
+    """One decoder's totals over its runs (each already scored by ``decode_all``)."""
     tokens = sum(len(r["tokens"]) for r in runs)
     forwards = sum(r["forwards"] for r in runs)
     wall = sum(r["wall_s"] for r in runs)
-    texts = [tok.decode(r["tokens"], skip_special_tokens=True) for r in runs]
-    correct = sum(is_correct(t, _reference(row)) for t, row in zip(texts, rows))
+    correct = sum(r["correct"] for r in runs)
     return {
         "new_tokens": tokens,
         "forwards": forwards,
         "wall_s": wall,
         "tpf": tokens / forwards if forwards else 0.0,
         "tokens_per_s": tokens / wall if wall else 0.0,
-        "accuracy": correct / len(rows),
+        "accuracy": correct / len(runs),
         "correct": correct,
-        "identical_to_generate": sum(r["tokens"] == g["tokens"] for r, g in zip(runs, ref))
-        / len(runs),
+        "identical_to_generate": sum(r["identical"] for r in runs) / len(runs),
     }

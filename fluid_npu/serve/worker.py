@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluid_npu.errors import FluidError
+from fluid_npu.sampling.requests import Request
 from fluid_npu.serve.protocol import APIError
 
 logger = logging.getLogger(__name__)
@@ -64,14 +65,10 @@ class Worker:
     def __init__(
         self,
         scheduler: Any,
-        request_cls: Callable[..., Any] | None = None,
         *,
         on_step: Callable[[Any, list[Any], float], None] | None = None,
     ) -> None:
-        if request_cls is None:
-            from fluid_npu.sampling.scheduler import Request as request_cls
         self.scheduler = scheduler
-        self.request_cls = request_cls
         self.on_step = on_step  # (scheduler, events, step seconds): metrics, called in the thread
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, Stream] = {}  # touched by the engine thread only
@@ -100,7 +97,7 @@ class Worker:
             raise APIError("the server is shutting down", status=503, type="server_error")
         if not self.alive:
             raise APIError(f"the engine stopped: {self.error}", status=500, type="server_error")
-        req = self.request_cls(request_id=request_id, prompt=prompt, **fields)
+        req = Request(request_id=request_id, prompt=prompt, **fields)
         loop = asyncio.get_running_loop()
         stream = Stream(request_id, len(prompt))
         accepted = loop.create_future()

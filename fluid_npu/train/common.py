@@ -18,7 +18,6 @@ accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingA
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -44,7 +43,7 @@ from fluid_npu.train.checkpoint import (
     resolve_resume,
     staging_root,
 )
-from fluid_npu.train.data import evaluation_arguments
+from fluid_npu.train.data import evaluation_arguments, has_eval_split
 from fluid_npu.train.report import Throughput, observe_parallelism, peak_memory_mib
 from fluid_npu.train.sharded import (
     enable_fsdp_on_cpu_processes,
@@ -53,21 +52,21 @@ from fluid_npu.train.sharded import (
 )
 
 Parts = dict[str, torch.Tensor]
-# transformers 5.24 renamed TrainingArguments.gradient_checkpointing (kept as our config key)
-CHECKPOINTING = next(
-    (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
-    "gradient_checkpointing",
-)
 Objective = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, Parts]]
 
 
 def training_arguments(
-    cfg: FluidConfig, choice: devices.DeviceChoice, *, evaluate: bool = True
+    cfg: FluidConfig,
+    choice: devices.DeviceChoice,
+    *,
+    evaluate: bool = True,
+    held_out: bool | None = None,
 ) -> TrainingArguments:
     """``TrainingArguments`` from the typed config plus pass-through keys.
 
-    ``evaluate``: the held-out split (``val_size`` / ``eval_dataset``) is evaluated every
-    ``eval_steps`` (``fluid_npu.train.data.evaluation_arguments``).
+    ``evaluate``: the held-out split is evaluated every ``eval_steps``
+    (``fluid_npu.train.data.evaluation_arguments``). ``held_out``: whether the run has held-out
+    data; None leaves it to the config (``val_size`` / ``eval_dataset``, Stage I's rule).
     """
     t = cfg.train
     kwargs: dict[str, Any] = dict(
@@ -93,7 +92,8 @@ def training_arguments(
         seed=t.seed,
         data_seed=t.seed,
         report_to=t.report_to,
-        **{CHECKPOINTING: t.gradient_checkpointing},
+        # transformers 5.24 renamed it (gradient_checkpointing stays our config key)
+        activation_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
         use_cpu=choice.type == "cpu",
@@ -102,7 +102,9 @@ def training_arguments(
     if t.deepspeed is not None:
         check_deepspeed_config(t.deepspeed)
     kwargs.update(cfg.extra_training_args)
-    kwargs.update(evaluation_arguments(cfg) if evaluate else {})
+    if evaluate:
+        held = has_eval_split(cfg) if held_out is None else held_out
+        kwargs.update(evaluation_arguments(cfg, held))
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:

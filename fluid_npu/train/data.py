@@ -86,21 +86,25 @@ def _build(cfg: FluidConfig, tokenizer: Any, mask: Any) -> Any:
 
 
 def has_eval_split(cfg: FluidConfig) -> bool:
-    """Whether the config holds out data (``val_size`` or ``eval_dataset``)."""
+    """Whether the config holds out data (``val_size`` or ``eval_dataset``).
+
+    This is Stage I's rule; Stage II holds examples out for its report even with ``val_size: 0``
+    (``fluid_npu.train.khead_report.split_heldout``).
+    """
     return bool(cfg.data.val_size) or bool(cfg.data.eval_dataset)
 
 
-def evaluation_arguments(cfg: FluidConfig) -> dict[str, Any]:
+def evaluation_arguments(cfg: FluidConfig, held_out: bool) -> dict[str, Any]:
     """The ``TrainingArguments`` that evaluate the held-out split every ``eval_steps``.
 
-    With held-out data, evaluation runs every ``eval_steps`` (default: ``logging_steps``) unless
-    ``do_eval: false`` or an explicit ``eval_strategy`` says otherwise; asking for evaluation
-    without held-out data is a ``ConfigError``.
+    ``held_out``: whether the run has held-out data to evaluate. With it, evaluation runs every
+    ``eval_steps`` (default: ``logging_steps``) unless ``do_eval: false`` or an explicit
+    ``eval_strategy`` says otherwise; asking for evaluation without it is a ``ConfigError``.
     """
     extra = cfg.extra_training_args
     do_eval = extra.get("do_eval")
     strategy = extra.get("eval_strategy")
-    if not has_eval_split(cfg):
+    if not held_out:
         if do_eval or strategy not in (None, "no"):
             raise ConfigError(
                 "do_eval / eval_strategy ask for evaluation but nothing is held out: set val_size "

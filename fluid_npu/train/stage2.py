@@ -19,7 +19,8 @@ At the end (main process) the head is saved with ``save_khead`` (``khead.safeten
 ``khead_config.json`` with the fingerprints), the held-out report of ``khead_report`` is measured
 and plotted, and ``run.json`` records config, versions, device, losses and the figures. The
 held-out examples are the ``val_size`` split; with ``val_size: 0`` a seeded 10 % of the examples
-(at most 1000) is held out of Stage II training instead. Held-out anchors are every anchor the
+(at most 1000) is held out of Stage II training instead; either is also evaluated during training
+when ``do_eval`` / ``eval_steps`` / ``eval_strategy`` ask. Held-out anchors are every anchor the
 slot budget allows (``anchor_prob`` 1), with the same label rule as training.
 ``run_stage2(cfg)`` is what ``fluid train`` calls for ``stage: fluid_stage2``.
 """
@@ -43,12 +44,11 @@ from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
 from fluid_npu.train.common import (
-    CHECKPOINTING,
     FluidTrainer,
     requested_parallelism,
     training_arguments,
 )
-from fluid_npu.train.data import load_run_data
+from fluid_npu.train.data import EVAL_EPOCH, load_run_data
 from fluid_npu.train.khead_objective import (
     COUNTS,
     FrozenBackbone,
@@ -150,15 +150,16 @@ class Stage2Run:
         self.precision = resolve_precision(cfg.train, self.choice)
         self.backbone_dtype = self.precision.compute_dtype
         plain = dataclasses.replace(cfg.train, bf16=False, fp16=False)
-        # the held-out split always feeds the final report; it is also evaluated during training
-        # (KL loss, head accuracy every eval_steps) when eval_steps / eval_strategy / do_eval ask
+        # the held-out split (val_size / eval_dataset, else split_heldout's seeded part) always
+        # feeds the final report; it is also evaluated during training (KL loss, head accuracy
+        # every eval_steps) when eval_steps / eval_strategy / do_eval ask
         asked = {"eval_steps", "eval_strategy", "do_eval"} & set(cfg.extra_training_args)
         self.args = training_arguments(
-            dataclasses.replace(cfg, train=plain), self.choice, evaluate=bool(asked)
+            dataclasses.replace(cfg, train=plain), self.choice, evaluate=bool(asked), held_out=True
         )
-        if getattr(self.args, CHECKPOINTING):
+        if self.args.activation_checkpointing:
             logger.warning("gradient_checkpointing is ignored in Stage II: the backbone is frozen")
-            setattr(self.args, CHECKPOINTING, False)
+            self.args.activation_checkpointing = False
         devices.seed_everything(cfg.train.seed)
         with unpartitioned_loading():  # every process keeps the whole frozen backbone
             self.loaded = load_stage1(cfg, self.backbone_dtype)
@@ -191,9 +192,12 @@ class Stage2Run:
     def _load_data(self) -> None:
         self.args.device  # noqa: B018 - sets up torch.distributed: the data is built on rank 0
         data = load_run_data(self.cfg, self.loaded.tokenizer, self.loaded.mask)
+        # load_run_data numbered both splits; after split_heldout's split the numbers stay unique
         train, heldout, source = split_heldout(data.train, data.eval, self.cfg.train.seed)
-        self.train_set = _reindex(train)
-        self.heldout = _reindex(heldout)
+        if "epoch" not in heldout.column_names:  # a part of train: one layout per evaluation too
+            heldout = heldout.add_column("epoch", [EVAL_EPOCH] * len(heldout))
+        self.train_set = train
+        self.heldout = heldout
         self.heldout_source = source
         self.data_stats = dataclasses.asdict(data.stats)
 
@@ -297,11 +301,6 @@ class Stage2Run:
         }
         write_run_json(self.output_dir, record)
         return record
-
-
-def _reindex(dataset: Any) -> Any:
-    """``dataset`` with its ``index`` column renumbered 0…n-1 (after a split)."""
-    return dataset.remove_columns("index").add_column("index", list(range(len(dataset))))
 
 
 def run_stage2(cfg: FluidConfig) -> dict[str, Any]:
