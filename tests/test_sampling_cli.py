@@ -234,7 +234,8 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     expected = devices.current().device.type  # --device auto: the best device this host has
     assert report["device"]["type"] == expected and report["device"]["name"]
     assert report["command"].startswith("fluid bench sampler --model")
-    policies = {r["policy"] for r in report["rows"]}
+    rows = report["rows"]
+    policies = {r["policy"] for r in rows}
     assert policies == {"ar", "fixed:4", "fixed:8", "entropy:2", "khead"}
     assert len(report["rows"]) == 2 * 2 * 5  # batch sizes x loops x policies
     assert all(r["lossless"] for r in report["rows"]) and report["mismatches"] == 0
@@ -243,6 +244,11 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     assert report["speedup_vs_generate"] == report["speedup_by_batch"]
     assert set(report["overhead_efficiency"]) == {"1", "8"} and report["dtype"] == "float32"
     assert all(0.0 <= r["exact_match_rate"] <= 1.0 for r in report["rows"])
+    # the work behind each row: at least one computed position per committed token, and drafting
+    # computes more per token than plain AR on the same engine
+    per_token = {(r["batch_size"], r["loop"], r["policy"]): r["computed_per_token"] for r in rows}
+    assert all(r["computed_tokens"] >= r["new_tokens"] for r in rows)
+    assert per_token[(1, "fused", "fixed:8")] > per_token[(1, "fused", "ar")] >= 1.0
     static = report["baseline"]["1"]["static_cache"]  # transformers' static cache, same run
     assert static["tokens_per_s"] > 0 and static["exact_match_rate"] == 1.0
 

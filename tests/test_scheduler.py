@@ -336,6 +336,22 @@ def test_each_verify_counts_against_the_block_its_drafts_came_from(tok, monkeypa
     assert all(a <= n for n, a in seen), seen
 
 
+def test_computed_tokens_count_every_position_of_every_forward(tok):
+    """``computed_tokens``: rows x width of each forward. Plain AR on one request of P prompt
+    tokens and N new ones: the prefill encodes P - 1 positions, then N one-token steps."""
+    model = build_tiny_model("llama", tok, seed=3)
+    prompt = tok("the quick brown fox")["input_ids"]
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=1, eos_ids=[])
+    run_requests(sched, [Request("0", prompt, 7)])
+    assert sched.computed_tokens == len(prompt) - 1 + 7
+    drafting = Scheduler(
+        model, tok.mask_token_id, policy="fixed:4", max_batch=1, eos_ids=[], adaptive=False
+    )
+    run_requests(drafting, [Request("0", prompt, 7)])
+    # the prefill adds K slots; every step verifies its pending drafts and drafts a new block
+    assert drafting.computed_tokens > len(prompt) - 1 + 4 + drafting.decode_forwards
+
+
 def test_a_budget_store_carries_costs_and_acceptance_between_engines(tok):
     """``budgets=``: engines on the same model share one budget per policy, so a second engine
     starts from the first one's measurements instead of the optimistic prior."""

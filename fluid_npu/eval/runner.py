@@ -83,7 +83,8 @@ def run_eval(
     """
     from fluid_npu.io import versions
     from fluid_npu.sampling.api import LOOPS, eos_and_pad
-    from fluid_npu.sampling.bench import decode_batches, device_info, split_batches
+    from fluid_npu.sampling.bench import decode_batches, split_batches
+    from fluid_npu.sampling.bench_report import device_info
     from fluid_npu.sampling.lossless import compare, fp32_scorer
 
     if task not in TASKS:

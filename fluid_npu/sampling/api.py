@@ -281,6 +281,7 @@ def _generate_fused(
     new = [results[str(i)][0] for i in range(len(prompts))]
     stats.prefill_forwards = sched.prefill_forwards
     stats.decode_forwards = sched.decode_forwards
+    stats.computed_tokens = sched.computed_tokens
     stats.accept_hist.update(sched.accept_hist)
     stats.k_hist.update(sched.k_hist)
     stats.new_tokens = [len(t) for t in new]

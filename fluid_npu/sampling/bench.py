@@ -7,7 +7,11 @@ requests in flight, refilling slots as rows finish — for every policy
 (``ar``, ``fixed:4``, ``fixed:8``, ``entropy``, and ``khead`` when a K-head is given) and loop
 (``fused``, ``reference``). Each row reports TPF and tokens/s, both also as ratios to the baseline,
 and the losslessness check of its tokens against the baseline's (``lossless.compare``: mismatches
-and tolerated numerical ties). Every configuration is warmed up once before it is timed.
+and tolerated numerical ties). Every configuration is warmed up once before it is timed; the
+engine keeps its draft budget (measured step costs and acceptance) from the warm-up on, as a
+long-lived engine would. Each fused row also counts the work its forwards did
+(``computed_tokens``, ``computed_per_token`` per committed token) and, from the engine's fitted
+step cost, the ``speedup_ceiling`` that per-token compute alone allows (``compute_bound``).
 
 Top-level keys: ``best_lossless_tpf`` (the largest TPF among rows without a mismatch; None when
 no row is lossless), ``speedup_vs_generate`` (= ``speedup_by_batch``: per batch size, the best
@@ -23,7 +27,6 @@ JSON is written atomically and a markdown table is printed. Settings are checked
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +35,13 @@ import torch
 
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.bench_report import (
+    bench_row,
+    build_report,
+    compute_bound,
+    print_row,
+    table,
+)
 from fluid_npu.sampling.lossless import compare, exact_match_rate, fp32_scorer, hf_greedy
 from fluid_npu.sampling.policies import HorizonError, block_bound, parse_policy
 from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_file
@@ -223,24 +233,21 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
             for pol in policies:
                 (new, stats), wall = run.timed(run.ours, batches, pol, loop)
                 diffs = compare(model, prompts, new, ref, scorer=scorer)
-                rows.append(_row(bs, pol, loop, new, stats, wall, baseline[bs], diffs))
+                rows.append(bench_row(bs, pol, loop, new, stats, wall, baseline[bs], diffs))
                 rows[-1]["exact_match_rate"] = exact_match_rate(new, ref)
-                _print_row(rows[-1])
+                if loop == "fused":
+                    rows[-1].update(compute_bound(fluid, rows[-1], hf_s))
+                print_row(rows[-1])
     dtype = next(model.parameters()).dtype
-    report = _report(s, rows, baseline, len(prompts), versions(), fluid.device, dtype)
+    report = build_report(s, rows, baseline, len(prompts), versions(), fluid.device, dtype)
     write_json_atomic(s.json_path, report)
-    print(_table(rows))
+    print(table(rows))
     best = report["best_lossless_tpf"]
     print(
         f"best_lossless_tpf={'none' if best is None else f'{best:.2f}'} "
         f"speedup_by_batch={report['speedup_by_batch']} -> {s.json_path}"
     )
     return report
-
-
-def unlossless_rows(report: dict[str, Any]) -> int:
-    """How many rows of a report have a real mismatch with transformers' greedy tokens."""
-    return sum(1 for r in report["rows"] if not r["lossless"])
 
 
 def _policies(s: BenchSettings, fluid: Any) -> list[str]:
@@ -260,128 +267,3 @@ def _policies(s: BenchSettings, fluid: Any) -> list[str]:
             continue
         chosen.append(p)
     return chosen
-
-
-def _row(
-    bs: int,
-    pol: str,
-    loop: str,
-    new: list,
-    stats: list,
-    wall: float,
-    base: dict[str, Any],
-    diffs: list,
-) -> dict[str, Any]:
-    tokens = sum(len(t) for t in new)
-    row_forwards = sum(sum(st.row_forwards) for st in stats)
-    tpf = tokens / row_forwards if row_forwards else 0.0
-    accept: dict[str, int] = {}
-    khist: dict[str, int] = {}
-    for st in stats:
-        for hist, dst in ((st.accept_hist, accept), (st.k_hist, khist)):
-            for k, v in hist.items():
-                dst[str(k)] = dst.get(str(k), 0) + v
-    mismatches = [d.to_dict() for d in diffs if not d.tie]
-    ties = [d.to_dict() for d in diffs if d.tie]
-    return {
-        "batch_size": bs,
-        "policy": stats[0].policy if stats else pol,
-        "loop": loop,
-        "new_tokens": tokens,
-        "decode_forwards": sum(st.decode_forwards for st in stats),
-        "prefill_forwards": sum(st.prefill_forwards for st in stats),
-        "tpf": tpf,
-        "tpf_ratio": tpf / base["tpf"],
-        "tokens_per_s": tokens / wall,
-        "speedup": (tokens / wall) / base["tokens_per_s"],
-        "wall_s": wall,
-        "lossless": not mismatches,
-        "mismatches": mismatches,
-        "ties": ties,
-        "accept_hist": dict(sorted(accept.items(), key=lambda kv: int(kv[0]))),
-        "k_hist": dict(sorted(khist.items(), key=lambda kv: int(kv[0]))),
-    }
-
-
-def _best(rows: list[dict[str, Any]], key: str, bs: int | None = None) -> float | None:
-    vals = [r[key] for r in rows if r["lossless"] and (bs is None or r["batch_size"] == bs)]
-    return max(vals) if vals else None
-
-
-def _report(
-    s: BenchSettings,
-    rows: list,
-    baseline: dict,
-    n_prompts: int,
-    vers: dict,
-    dev: torch.device,
-    dtype: torch.dtype,
-) -> dict:
-    by_batch = {str(bs): _best(rows, "speedup", bs) for bs in s.batch_sizes}
-    efficiency = {}
-    for bs in s.batch_sizes:
-        best = max(
-            (r for r in rows if r["lossless"] and r["batch_size"] == bs and r["tpf"] > 1.0),
-            key=lambda r: r["speedup"],
-            default=None,
-        )
-        efficiency[str(bs)] = None if best is None else best["speedup"] / best["tpf"]
-    return {
-        "benchmark": "sampler",
-        "command": s.command,
-        "model": s.model,
-        "adapter": s.adapter,
-        "khead": s.khead,
-        "prompts": s.prompts,
-        "n_prompts": n_prompts,
-        "max_new_tokens": s.max_new_tokens,
-        "device": device_info(dev),
-        "versions": vers,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "baseline": {str(k): v for k, v in baseline.items()},
-        "best_lossless_tpf": _best(rows, "tpf"),
-        "speedup_by_batch": by_batch,
-        "speedup_vs_generate": by_batch,
-        "overhead_efficiency": efficiency,
-        "dtype": str(dtype).removeprefix("torch."),
-        "speedup_b1": _best(rows, "speedup", 1),
-        "speedup_b8": _best(rows, "speedup", 8),
-        "mismatches": sum(len(r["mismatches"]) for r in rows),
-        "ties": sum(len(r["ties"]) for r in rows),
-        "rows": rows,
-    }
-
-
-def device_info(dev: torch.device) -> dict[str, Any]:
-    """The device the model actually ran on, its name, and the host CPU."""
-    return {
-        "type": dev.type,
-        "index": dev.index,
-        "name": devices.device_name(dev),
-        "cpu": devices.cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def _print_row(r: dict[str, Any]) -> None:
-    print(
-        f"bench: b={r['batch_size']} {r['loop']:9s} {r['policy']:12s} TPF {r['tpf']:.2f} "
-        f"{r['tokens_per_s']:.1f} tok/s (x{r['speedup']:.2f}) "
-        f"mismatches {len(r['mismatches'])} ties {len(r['ties'])}",
-        flush=True,
-    )
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| batch | loop | policy | TPF | tokens/s | speedup | lossless |",
-        "|---:|---|---|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['batch_size']} | {r['loop']} | {r['policy']} | {r['tpf']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f} | "
-            f"{'yes' if r['lossless'] else 'NO'} ({len(r['ties'])} ties) |"
-        )
-    return "\n".join(lines)

@@ -57,7 +57,8 @@ BENCH_KEYS = (
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench, unlossless_rows
+    from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench
+    from fluid_npu.sampling.bench_report import unlossless_rows
 
     check_common(args)
     try:

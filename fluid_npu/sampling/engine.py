@@ -144,6 +144,7 @@ class Engine:
             self.model, ids, pos, meta, past_key_values=self.cache.kv, use_cache=True
         )
         self.cache.appended(pos, anchor)
+        self.stats.computed_tokens += ids.numel()
         return hidden
 
     def argmax(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self._aborted: list[str] = []
         self.prefill_forwards = 0
         self.decode_forwards = 0
+        self.computed_tokens = 0  # rows x width of every forward (GenerateStats.computed_tokens)
         self.accept_hist: Counter = Counter()
         self.k_hist: Counter = Counter()
         self.budget = self._budget(budgets)

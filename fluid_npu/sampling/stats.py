@@ -11,6 +11,9 @@ Counted, never estimated (DESIGN §1.3):
   decoding at any batch size;
 * ``accept_hist[a]``: row-steps that accepted ``a`` drafted tokens; ``k_hist[k]``: row-steps that
   drafted ``k`` tokens for verification (the horizon the policy chose);
+* ``computed_tokens``: token positions the call's forwards computed, prefill included (rows ×
+  width of each forward: padding, drafts that were rejected and blocks that were not used count
+  too) — the work a compute-bound device pays for, against ``total_new_tokens`` committed;
 * ``wall_s``: wall time of the call, prefill included (the device synchronised at the end).
 
 ``GenerateStats.merged`` folds the calls of one run (its batches) into one record.
@@ -33,6 +36,7 @@ class GenerateStats:
     batch_size: int = 0
     prefill_forwards: int = 0
     decode_forwards: int = 0
+    computed_tokens: int = 0
     new_tokens: list[int] = field(default_factory=list)
     row_forwards: list[int] = field(default_factory=list)
     accept_hist: Counter = field(default_factory=Counter)
@@ -50,6 +54,7 @@ class GenerateStats:
             out.batch_size += st.batch_size
             out.prefill_forwards += st.prefill_forwards
             out.decode_forwards += st.decode_forwards
+            out.computed_tokens += st.computed_tokens
             out.new_tokens += st.new_tokens
             out.row_forwards += st.row_forwards
             out.accept_hist.update(st.accept_hist)

@@ -63,6 +63,7 @@ class StepMixin:
         if rows is not None:
             plan.rows = torch.tensor(rows, dtype=torch.long, device=ids.device)
         self.kv.set_plan(plan)
+        self.computed_tokens += ids.numel()
         run = (
             self._compiled
             if (self._compiled is not None and lo == 0 and not causal and compiled)
