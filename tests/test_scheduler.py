@@ -209,7 +209,7 @@ def _step_widths(monkeypatch) -> list[int]:
 def test_drafts_that_never_pay_fall_back_to_ar(tok, monkeypatch):
     model = build_tiny_model("llama", tok, seed=3)  # random: its drafts are almost never right
     # a block costing half a step more must earn half a token per verify; these earn ~0
-    monkeypatch.setattr(DraftBudget, "price", lambda self, rows: 0.5)
+    monkeypatch.setattr(DraftBudget, "price", lambda self, rows, length=None: 0.5)
     widths = _step_widths(monkeypatch)
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=1, eos_ids=[], k_max=4)
     results = run_requests(sched, [Request("0", tok("hello")["input_ids"], 60)])
@@ -224,7 +224,8 @@ def test_the_first_requests_drop_the_optimistic_prior_once_verifies_tell(tok, mo
     history says drafts earn nothing, they decode as AR at once rather than after the prior
     decays through many wasted verifies."""
     model = build_tiny_model("llama", tok, seed=3)  # random: its drafts are almost never right
-    monkeypatch.setattr(DraftBudget, "price", lambda self, rows: 0.5)  # probes every 16 steps
+    # probes every 16 steps
+    monkeypatch.setattr(DraftBudget, "price", lambda self, rows, length=None: 0.5)
     widths = _step_widths(monkeypatch)
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=4, eos_ids=[], k_max=4)
     prompts = ["hello", "a b c", "x y", "one two three four"]
@@ -238,7 +239,8 @@ def test_requests_that_start_as_ar_add_no_blocks(tok, monkeypatch):
     no step carries block columns that no row asked for."""
     model = build_tiny_model("llama", tok, seed=3)
     monkeypatch.setattr(DraftBudget, "drafting_pays", lambda self, rows: False)
-    monkeypatch.setattr(DraftBudget, "price", lambda self, rows: 1e6)  # no probes either
+    # no probes either
+    monkeypatch.setattr(DraftBudget, "price", lambda self, rows, length=None: 1e6)
     widths = _step_widths(monkeypatch)
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=2, eos_ids=[], k_max=4)
     prompts = ["hello", "a b c", "x y", "one two three four"]
@@ -251,7 +253,7 @@ def test_requests_that_start_as_ar_add_no_blocks(tok, monkeypatch):
 def test_block_length_and_price_follow_the_measured_costs():
     budget = DraftBudget(8, fixed=False, adaptive=True)
     assert budget.price(4) == pytest.approx(0.25)  # nothing measured: the default
-    assert budget.choose_length(4, 8) == 8
+    assert budget.choose_length(4) == 8
     for rows, width in ((1, 1), (4, 1), (4, 17), (2, 9)):  # seconds = 4 ms + 0.5 ms per token
         budget.record(rows, width, 0.004 + 0.0005 * rows * width)
     c0, c1 = budget.cost_model()
@@ -261,12 +263,12 @@ def test_block_length_and_price_follow_the_measured_costs():
     for _ in range(20):
         budget.observe(8, 2)
     assert budget.expected_accept(8) == pytest.approx(2.0)
-    assert budget.choose_length(4, 8) == 2
+    assert budget.choose_length(4) == 2
     # ... while on a machine where width is free (overhead-bound) the full length wins
     budget.step_cost.clear()
     budget.record(1, 1, 0.004)
     budget.record(4, 17, 0.004)
-    assert budget.choose_length(4, 8) == 8
+    assert budget.choose_length(4) == 8
     # a second block: measured first, then kept while what it catches pays for its cost
     assert budget.choose_blocks(4, 8, 2, 8) == 2
     for hit in [1] * 4 + [0] * 12 + [-1] * 4:  # it caught 4 of 20 rows' accept lengths
@@ -283,7 +285,7 @@ def test_block_length_and_price_follow_the_measured_costs():
     for _ in range(20):
         fixed.observe(8, 2)
     fixed.record(4, 17, 1.0)
-    assert fixed.choose_length(4, 8) == 8
+    assert fixed.choose_length(4) == 8
 
 
 def test_the_budget_is_cautious_where_width_costs_and_deaf_to_a_busy_host():
@@ -318,7 +320,7 @@ def test_each_verify_counts_against_the_block_its_drafts_came_from(tok, monkeypa
     length of the block its own drafts came from (a per-engine length misattributed them)."""
     model = build_tiny_model("llama", tok, seed=3)
     monkeypatch.setattr(DraftBudget, "prefill_length", lambda self, rows: 2)
-    monkeypatch.setattr(DraftBudget, "choose_length", lambda self, rows, big_m: 3)
+    monkeypatch.setattr(DraftBudget, "choose_length", lambda self, rows: 3)
     seen = []
     original = DraftBudget.observe
 
@@ -388,6 +390,22 @@ def test_the_prefill_drafts_what_the_decode_steps_would():
     assert budget.prefill_length(1) == 16
     assert budget.prefill_length(32) < 16
     assert DraftBudget(16, fixed=True, adaptive=True).prefill_length(32) == 16
+
+
+def test_drafts_pay_only_through_the_steps_that_find_them():
+    """A step whose accept length hit none of its blocks leaves nothing to verify: the price of
+    drafting grows as the measured hit rate falls, until drafting no longer pays."""
+    budget = DraftBudget(8, fixed=True, adaptive=True)
+    budget.record(4, 1, 0.002)
+    budget.record(4, 17, 0.004)  # blocks of 8 double a 4-row step: they must earn 1 token
+    budget.record(2, 17, 0.003)
+    for _ in range(20):
+        budget.observe(8, 2)
+    assert budget.price(4) == pytest.approx(1.0) and budget.drafting_pays(4)
+    for hit in [0] * 10 + [-1] * 30:  # a quarter of the drafting steps found their drafts
+        budget.observe_blocks(1, hit)
+    assert budget.hit_rate() == pytest.approx(0.25)
+    assert budget.price(4) == pytest.approx(4.0) and not budget.drafting_pays(4)
 
 
 @pytest.mark.slow

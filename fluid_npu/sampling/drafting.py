@@ -26,8 +26,11 @@ engine's first decode steps already know what width costs: a wide batch on a CPU
 with a second block it cannot afford (one is tried only while it adds at most ``MEASURE_SHARE`` to
 a step).
 Expected accepted drafts come from the verify history: ``P(a ≥ j)`` among verifies whose block
-reached depth ``j``; once ``HISTORY`` verifies are counted, the counts are halved, so the estimate
-follows the recent past. All of this is host arithmetic on a few dozen numbers, outside the step.
+reached depth ``j``; a drafting row commits ``1 + hit_rate · E[a]`` tokens a step, where
+``hit_rate`` is the measured share of its steps whose accept length hit one of its blocks (the
+others leave no drafts, so the next step verifies nothing). Once ``HISTORY`` observations are
+counted, the counts are halved, so the estimates follow the recent past. All of this is host
+arithmetic on a few dozen numbers, outside the step.
 
 A budget measures one model on one device; it can outlive an engine (``Scheduler(budgets=…)``): a
 new engine on the same model then starts from what earlier ones measured, as a long-lived server's
@@ -61,6 +64,8 @@ class DraftBudget:
         self.verifies_by_len = [0] * (k + 1)  # verifies of drafts from blocks of length L
         self.accepted_by_count = [0] * (k + 2)  # verifies that accepted a drafts
         self.length = k  # the block length chosen last
+        self.block_rows = 0  # row-steps with at least one candidate block ...
+        self.block_hits = 0  # ... whose accept length hit one of them (the next step verifies)
         self.two_block_rows = 0  # rows that had two candidate blocks in a step ...
         self.second_hits = 0  # ... and whose accept length the second one caught
         self._fit: tuple[float, float] | None = None
@@ -95,6 +100,12 @@ class DraftBudget:
 
     def observe_blocks(self, had: int, hit: int) -> None:
         """A row had ``had`` candidate blocks and its accept length hit block ``hit`` (-1: none)."""
+        if had >= 1:
+            self.block_rows += 1
+            self.block_hits += hit >= 0
+            if self.block_rows >= HISTORY:
+                self.block_rows //= 2
+                self.block_hits //= 2
         if had >= 2:
             self.two_block_rows += 1
             self.second_hits += hit >= 1
@@ -148,29 +159,42 @@ class DraftBudget:
 
     def prior_accept(self) -> float:
         """What a new request's drafts are expected to earn per verify: the history's average at
-        the full length once there is one (the length chosen later can only do as well for its
-        cost), ``K`` (optimistic: draft and see) before."""
+        the block length now chosen once there is a history, ``K`` (optimistic: draft and see)
+        before."""
         if not self.has_history():
             return float(self.k)
-        return self.expected_accept(self.k)
+        return self.expected_accept(self.length)
+
+    def hit_rate(self) -> float:
+        """The share of drafting row-steps whose accept length hit one of their blocks — only
+        those steps leave drafts for the next one to verify (1 until measured)."""
+        if self.block_rows < MIN_BLOCK_SAMPLES:
+            return 1.0
+        return max(self.block_hits / self.block_rows, 1e-3)
 
     def has_history(self) -> bool:
         """Whether enough verifies were seen for the history to replace the optimistic prior."""
         return sum(self.verifies_by_len) >= MIN_VERIFIES
 
     def drafting_pays(self, rows: int) -> bool:
-        """Whether a new request should start by drafting (the prior against the price)."""
-        return not self.adaptive or self.prior_accept() >= self.price(rows)
+        """Whether a new request should start by drafting: before a history, yes (draft and
+        see); then, whether drafts of the length a step at ``rows`` would choose earn its price."""
+        if not self.adaptive or not self.has_history():
+            return True
+        length = self._length(rows)
+        return self.expected_accept(length) >= self.price(rows, length)
 
     # ------------------------------------------------------------------ decisions
 
-    def price(self, rows: int) -> float:
-        """Accepted drafts per verify that a block must earn: its relative extra cost."""
+    def price(self, rows: int, length: int | None = None) -> float:
+        """Accepted drafts per verify that blocks of ``length`` (default: the length chosen last)
+        must earn: their relative extra cost, over the share of steps that find drafts to verify
+        (``hit_rate``)."""
         ar = self.seconds(rows, 1)
-        drafted = self.seconds(rows, 2 * self.length + 1)
+        drafted = self.seconds(rows, 2 * (self.length if length is None else length) + 1)
         if ar is None or drafted is None:
             return DEFAULT_PRICE  # until the cost of steps has been measured
-        return max(0.0, drafted / ar - 1.0)
+        return max(0.0, drafted / ar - 1.0) / self.hit_rate()
 
     def probe_interval(self, rows: int) -> int:
         """Steps between the probes of rows decoding as AR: a probe costs about ``price`` AR
@@ -178,26 +202,30 @@ class DraftBudget:
         ``PROBE_EVERY``."""
         return max(PROBE_EVERY, math.ceil(self.price(rows) / PROBE_SHARE))
 
-    def choose_length(self, rows: int, big_m: int) -> int:
+    def choose_length(self, rows: int) -> int:
         """This step's block length (see the module docstring); remembered as ``length``."""
         self._steps += 1
-        self.length = self.k if self._steps % LEN_PROBE_EVERY == 0 else self._length(rows, big_m)
+        self.length = self.k if self._steps % LEN_PROBE_EVERY == 0 else self._length(rows)
         return self.length
 
     def prefill_length(self, rows: int) -> int:
-        """The length of a prefill's first drafts, which the first decode step of ``rows`` rows
-        verifies (up to ``K`` of them) while drafting its next block."""
-        return self._length(rows, self.k)
+        """The length of a prefill's first drafts: the one a decode step of ``rows`` rows would
+        choose, since that step verifies them and drafts on."""
+        return self._length(rows)
 
-    def _length(self, rows: int, big_m: int) -> int:
+    def _length(self, rows: int) -> int:
         k = self.k
         if self.fixed or not self.adaptive or k <= 1:
             return k
         if sum(self.verifies_by_len) < MIN_VERIFIES or self.cost_model() is None:
             return k
 
+        hit = self.hit_rate()
+
         def rate(n: int) -> float:
-            return (1 + self.expected_accept(n)) / self.seconds(rows, min(big_m, n) + 1 + n)
+            # committed tokens per second of a row that keeps drafting n-slot blocks: each step
+            # verifies up to n pending drafts and drafts n more (width 2n + 1)
+            return (1 + hit * self.expected_accept(n)) / self.seconds(rows, 2 * n + 1)
 
         return max(
             sorted({k, max(1, k // 2), max(1, k // 4), min(k, 2), 1}, reverse=True), key=rate

@@ -146,7 +146,7 @@ class StepMixin:
         # then gives the same tokens alone or in any batch
         adaptive = self.adaptive and not any_sampled
         if adaptive and n_blocks:
-            k = self.budget.choose_length(hi, big_m)
+            k = self.budget.choose_length(hi)
             n_blocks = self.budget.choose_blocks(hi, big_m, n_blocks, k)
         dev = self.device
         run = self.run[:hi]
