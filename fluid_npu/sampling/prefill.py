@@ -5,8 +5,9 @@ their prompts into the slot cache, a chunk per step.
 its EOS ids, token budget and sampling settings. ``_prefill`` runs one forward for every slot
 still encoding its prompt: each its next chunk of at most ``prefill_chunk`` tokens of
 ``prompt[:-1]`` (a forward of first chunks without drafts is plain causal attention, no mask
-tensor); the chunk that ends a prompt also drafts the first ``K`` tokens — MASK slots anchored at
-the prompt's ``P-2``, as Stage I trains them — unless drafting has not been paying. ``_start``
+tensor); the chunk that ends a prompt also drafts the first tokens — MASK slots anchored at the
+prompt's ``P-2``, as Stage I trains them; as many as the decode steps' blocks now hold (``K`` for a
+sampling request) — unless drafting has not been paying. ``_start``
 turns those slots into the request's first drafts and candidate blocks: from the next step on the
 slot decodes (``step.py``).
 """

@@ -7,7 +7,7 @@ Requests are ``submit``-ted into a FIFO queue; every ``step()``:
 2. runs one **prefill** forward for the slots still encoding their prompt (``prefill.py``): each
    row its next chunk of at most ``prefill_chunk`` tokens of ``prompt[:-1]`` (a chunk that starts
    a prompt, with no drafts, is plain causal attention — no mask tensor); the chunk that ends a
-   prompt also drafts the first ``K`` tokens (MASK slots anchored at the prompt's ``P-2``, as
+   prompt also drafts the first tokens (a block of MASK slots anchored at the prompt's ``P-2``, as
    Stage I trains);
 3. runs one **fused decode** forward for every running slot (``step.py``; ``fused.py`` for the
    method): verify the pending drafts against the AR argmax, commit, draft the next block — all
@@ -26,6 +26,8 @@ follow a fitted model of the measured step cost and the acceptance seen so far, 
 drafts earn less than a block costs decodes as plain AR, probing now and then. These choices follow
 measured time, so they vary run to run (the tokens never do); ``adaptive=False`` turns them off,
 and while a sampling request is in the batch they stay per-row (so its seed is batch-invariant).
+``budgets=`` (a dict the caller keeps, as ``FluidForCausalLM`` does) lets engines on the same model
+share what they measured, one budget per policy, instead of each starting from the prior.
 
 Every committed token is an AR argmax of the model, so each request's output equals greedy
 decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py``).
