@@ -206,6 +206,25 @@ def test_fluid_for_causal_lm_matches_transformers(dirs):
     assert fluid.last_output.new_tokens == hf
 
 
+def test_fluid_for_causal_lm_keeps_its_draft_budget_across_calls(dirs):
+    """Each ``generate`` call continues from the costs and acceptance the earlier ones measured
+    (one budget per policy); ``engine_kwargs`` may be None or bring its own store."""
+    fluid = FluidForCausalLM.from_pretrained(dirs["model"], khead=dirs["khead"])
+    tok = fluid.tokenizer
+    ids, mask = left_pad([tok("one two")["input_ids"], tok("x")["input_ids"]], tok.pad_token_id)
+    fluid.generate(ids, mask, max_new_tokens=6, policy="fixed:4")
+    (budget,) = fluid.draft_budgets.values()
+    steps = budget._decode_steps
+    assert steps > 0
+    fluid.generate(ids, mask, max_new_tokens=6, policy="fixed:4", engine_kwargs=None)
+    assert list(fluid.draft_budgets.values()) == [budget] and budget._decode_steps > steps
+    fluid.generate(ids, mask, max_new_tokens=6, policy="entropy")
+    assert len(fluid.draft_budgets) == 2
+    own: dict = {}
+    fluid.generate(ids, mask, max_new_tokens=6, policy="ar", engine_kwargs={"budgets": own})
+    assert len(own) == 1 and len(fluid.draft_budgets) == 2
+
+
 def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "count 1 to 5"}, {"prompt": "ab"}])
     out = tmp_path / "bench.json"
@@ -244,11 +263,12 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     assert report["speedup_vs_generate"] == report["speedup_by_batch"]
     assert set(report["overhead_efficiency"]) == {"1", "8"} and report["dtype"] == "float32"
     assert all(0.0 <= r["exact_match_rate"] <= 1.0 for r in report["rows"])
-    # the work behind each row: at least one computed position per committed token, and drafting
-    # computes more per token than plain AR on the same engine
+    # the work behind each row: at least one computed position per committed token, and a
+    # drafting policy never computes less than plain AR (alone in the batch, AR computes exactly
+    # the prompts and one position per new token; a policy that drafts adds slots to that)
     per_token = {(r["batch_size"], r["loop"], r["policy"]): r["computed_per_token"] for r in rows}
     assert all(r["computed_tokens"] >= r["new_tokens"] for r in rows)
-    assert per_token[(1, "fused", "fixed:8")] > per_token[(1, "fused", "ar")] >= 1.0
+    assert per_token[(1, "fused", "fixed:8")] >= per_token[(1, "fused", "ar")] >= 1.0
     static = report["baseline"]["1"]["static_cache"]  # transformers' static cache, same run
     assert static["tokens_per_s"] > 0 and static["exact_match_rate"] == 1.0
 

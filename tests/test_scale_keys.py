@@ -90,8 +90,12 @@ def test_eval_and_ddp_timeout_keys_reach_training_arguments(tmp_path):
     assert args.eval_steps == 5 and args.prediction_loss_only
     args = training_arguments(load_config(None, [out, "val_size=0.1"]), _cpu(), evaluate=False)
     assert args.eval_strategy == "no"
-    with pytest.raises(ConfigError, match="nothing is held out: set val_size"):
-        training_arguments(load_config(None, [out, "do_eval=true"]), _cpu())
+    for asks in ("do_eval=true", "eval_steps=5", "eval_strategy=steps"):
+        with pytest.raises(ConfigError, match="nothing is held out: set val_size"):
+            training_arguments(load_config(None, [out, asks]), _cpu())
+    # eval_steps beside do_eval: false asks for nothing
+    args = training_arguments(load_config(None, [out, "eval_steps=5", "do_eval=false"]), _cpu())
+    assert args.eval_strategy == "no"
     with pytest.raises(ConfigError, match="val_size and eval_dataset both hold out data"):
         load_config(None, [out, "val_size=0.1", "eval_dataset=x"])
 

@@ -160,6 +160,7 @@ def test_split_heldout_uses_val_size_or_holds_out_a_seeded_part():
     other = datasets.Dataset.from_dict({"input_ids": [[100]]})
     train, held, source = split_heldout(data, other, seed=0)
     assert (len(train), len(held), source) == (50, 1, "val_size")
+    assert split_heldout(data, other, seed=0, given="eval_dataset")[2] == "eval_dataset"
     train, held, source = split_heldout(data, None, seed=0)
     assert len(held) == 5 and len(train) == 45 and source.startswith("auto")
     seen = {r[0] for r in train["input_ids"]} | {r[0] for r in held["input_ids"]}

@@ -129,7 +129,8 @@ def generate(
     ``stream(row, tokens)`` is called as tokens are committed. The fused loop runs on the decode
     engine (``Scheduler``: static KV cache, fixed-shape steps) with every prompt in its own slot;
     ``engine_kwargs`` go to the ``Scheduler`` (``max_batch`` < the number of prompts refills
-    slots as rows finish, ``compile``, ``prefill_chunk``, ``adaptive``). ``attn_backend`` applies
+    slots as rows finish, ``compile``, ``prefill_chunk``, ``adaptive``, ``budgets``: a dict that
+    keeps the drafting budget across calls, as ``FluidForCausalLM`` does). ``attn_backend`` applies
     to the reference loop; the engine runs its own attention over the slot cache.
 
     Sampling (fused loop), transformers' conventions: ``do_sample=False`` is greedy whatever the

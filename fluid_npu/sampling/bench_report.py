@@ -68,8 +68,8 @@ def compute_bound(fluid: Any, row: dict[str, Any], baseline_s: float) -> dict[st
     each, its wall time with every per-forward cost removed — and ``speedup_ceiling``, the
     baseline's wall time over that floor: no overhead work can take the row past it."""
     fit = None
-    for (policy, _), budget in getattr(fluid, "draft_budgets", {}).items():
-        if policy.name == row["policy"]:
+    for key, budget in getattr(fluid, "draft_budgets", {}).items():
+        if key[0].name == row["policy"]:  # keyed by (policy, ...): Scheduler._budget
             fit = budget.cost_model()
     if fit is None or fit[1] <= 0:
         return {}
@@ -82,6 +82,7 @@ def compute_bound(fluid: Any, row: dict[str, Any], baseline_s: float) -> dict[st
 
 
 def best_lossless(rows: list[dict[str, Any]], key: str, bs: int | None = None) -> float | None:
+    """The largest ``key`` among the lossless rows (of batch size ``bs``); None if there is none."""
     vals = [r[key] for r in rows if r["lossless"] and (bs is None or r["batch_size"] == bs)]
     return max(vals) if vals else None
 
@@ -144,6 +145,7 @@ def device_info(dev: torch.device) -> dict[str, Any]:
 
 
 def print_row(r: dict[str, Any]) -> None:
+    """One line per row as it is measured."""
     print(
         f"bench: b={r['batch_size']} {r['loop']:9s} {r['policy']:12s} TPF {r['tpf']:.2f} "
         f"{r['tokens_per_s']:.1f} tok/s (x{r['speedup']:.2f}) "
@@ -153,6 +155,7 @@ def print_row(r: dict[str, Any]) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table (printed at the end of a run)."""
     lines = [
         "| batch | loop | policy | TPF | tokens/s | speedup | computed / token | ceiling "
         "| lossless |",

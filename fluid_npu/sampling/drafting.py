@@ -69,7 +69,9 @@ class DraftBudget:
         self.two_block_rows = 0  # rows that had two candidate blocks in a step ...
         self.second_hits = 0  # ... and whose accept length the second one caught
         self._fit: tuple[float, float] | None = None
-        self._steps = 0
+        self._steps = 0  # block-length choices made (every LEN_PROBE_EVERY-th runs the full K)
+        self._decode_steps = 0  # decode steps recorded ...
+        self._last_probe = 0  # ... and the one on which the AR rows last probed
 
     # ------------------------------------------------------------------ observations
 
@@ -77,6 +79,7 @@ class DraftBudget:
         """A decode step of ``rows`` × ``width`` tokens took ``seconds`` (width 1: plain AR)."""
         self.step_cost[(rows, width)] = self._least_recent((rows, width), seconds)
         self._fit = None
+        self._decode_steps += 1
 
     def record_prefill(self, tokens: int, seconds: float) -> None:
         """A prefill forward of ``tokens`` tokens (slots included) took ``seconds``."""
@@ -106,6 +109,8 @@ class DraftBudget:
             if self.block_rows >= HISTORY:
                 self.block_rows //= 2
                 self.block_hits //= 2
+                self.two_block_rows //= 2
+                self.second_hits //= 2
         if had >= 2:
             self.two_block_rows += 1
             self.second_hits += hit >= 1
@@ -203,10 +208,20 @@ class DraftBudget:
         return max(PROBE_EVERY, math.ceil(self.price(rows) / PROBE_SHARE))
 
     def choose_length(self, rows: int) -> int:
-        """This step's block length (see the module docstring); remembered as ``length``."""
+        """This step's block length (see the module docstring). The chosen length is remembered
+        as ``length`` (what prices are taken at); a full-length probe step is not."""
         self._steps += 1
-        self.length = self.k if self._steps % LEN_PROBE_EVERY == 0 else self._length(rows)
-        return self.length
+        self.length = self._length(rows)
+        return self.k if self._steps % LEN_PROBE_EVERY == 0 else self.length
+
+    def probe_due(self, rows: int) -> bool:
+        """Whether the rows decoding as AR probe on this step: once per ``probe_interval`` decode
+        steps, counted over every engine that shares this budget (a short call whose history
+        says drafting does not pay still probes in turn)."""
+        due = self._decode_steps - self._last_probe >= self.probe_interval(rows)
+        if due:
+            self._last_probe = self._decode_steps
+        return due
 
     def prefill_length(self, rows: int) -> int:
         """The length of a prefill's first drafts: the one a decode step of ``rows`` rows would

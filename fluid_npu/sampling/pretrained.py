@@ -78,7 +78,7 @@ class FluidForCausalLM:
 
     def engine_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` with this model's draft budgets added to its ``engine_kwargs``."""
-        engine = {"budgets": self.draft_budgets, **kwargs.get("engine_kwargs", {})}
+        engine = {"budgets": self.draft_budgets, **(kwargs.get("engine_kwargs") or {})}
         return {**kwargs, "engine_kwargs": engine}
 
     @property

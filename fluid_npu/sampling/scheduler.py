@@ -131,9 +131,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self.computed_tokens = 0  # rows x width of every forward (GenerateStats.computed_tokens)
         self.accept_hist: Counter = Counter()
         self.k_hist: Counter = Counter()
-        self.budget = self._budget(budgets)
         self._next_shape = (0, 0)  # (M, A) of the next decode step, from the last read-back
-        self._last_probe = 0  # the decode step whose AR rows last probed
         self._prior_replaced = False  # whether the rows' optimistic prior met the history
         register_slot_attention()
         self._restore = attention_kind(model)
@@ -148,14 +146,16 @@ class Scheduler(PrefillMixin, StepMixin):
             if "backend" not in options:
                 options.setdefault("mode", None if self.device.type == "cpu" else "reduce-overhead")
             self._compiled = torch.compile(self._decoder, dynamic=False, **options)
+        self.budget = self._budget(budgets)
 
     def _budget(self, budgets: MutableMapping[Any, DraftBudget] | None) -> DraftBudget:
-        """This engine's draft budget: a new one, or the one ``budgets`` keeps for this policy
-        (the same model on the same device: costs and acceptance carry over between engines)."""
+        """This engine's draft budget: a new one, or the one ``budgets`` keeps for this policy,
+        device, dtype and compile setting (costs and acceptance carry over between engines)."""
         fixed = self.policy.kind == "fixed"
         if budgets is None:
             return DraftBudget(self.k, fixed=fixed, adaptive=self.adaptive)
-        key = (self.policy, self.adaptive)
+        dtype = next(self.model.parameters()).dtype
+        key = (self.policy, self.adaptive, self._compiled is not None, str(self.device), dtype)
         if key not in budgets:
             budgets[key] = DraftBudget(self.k, fixed=fixed, adaptive=self.adaptive)
         return budgets[key]

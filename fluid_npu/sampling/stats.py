@@ -118,6 +118,7 @@ class GenerateStats:
             "batch_size": self.batch_size,
             "prefill_forwards": self.prefill_forwards,
             "decode_forwards": self.decode_forwards,
+            "computed_tokens": self.computed_tokens,
             "new_tokens": self.total_new_tokens,
             "tpf": self.tpf,
             "tokens_per_s": self.tokens_per_s,

@@ -221,8 +221,7 @@ class StepMixin:
                 worth = self.ema[:hi] >= self.budget.price(hi)
                 # every row that decodes as AR probes on the same step: one wide step per
                 # probe interval for the batch, not one per row
-                probe = self.decode_forwards - self._last_probe >= self.budget.probe_interval(hi)
-                self._last_probe = self.decode_forwards if probe else self._last_probe
+                probe = self.budget.probe_due(hi)
                 draft_on = worth | probe | (self.temp[:hi] > 0)
                 cand_next = torch.where(draft_on[:, None], cand_next, -1)
         self.m[:hi] = m_next
@@ -293,10 +292,11 @@ class StepMixin:
                     toks, done = toks[:cut], 1
                     lps = None if lps is None else lps[:cut]
                     tops = None if tops is None else tops[:cut]
-            if m and s.drafted:  # a verify of drafts from a block of s.drafted slots
-                self.budget.observe(s.drafted, a)
             hit = int(row[4 + w + 3])
-            self.budget.observe_blocks(int(row[4 + w + 2]), hit)
+            if s.params.greedy:  # what greedy drafts earn (a sampling row's rejection rule differs)
+                if m and s.drafted:  # a verify of drafts from a block of s.drafted slots
+                    self.budget.observe(s.drafted, a)
+                self.budget.observe_blocks(int(row[4 + w + 2]), hit)
             s.drafted = k if hit >= 0 else 0  # the next drafts: this step's block of k slots
             s.forwards += 1
             s.new.extend(toks)

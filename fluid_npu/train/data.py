@@ -99,16 +99,18 @@ def evaluation_arguments(cfg: FluidConfig, held_out: bool) -> dict[str, Any]:
 
     ``held_out``: whether the run has held-out data to evaluate. With it, evaluation runs every
     ``eval_steps`` (default: ``logging_steps``) unless ``do_eval: false`` or an explicit
-    ``eval_strategy`` says otherwise; asking for evaluation without it is a ``ConfigError``.
+    ``eval_strategy`` says otherwise; asking for evaluation without it (``do_eval``, an
+    ``eval_strategy`` other than ``no``, or ``eval_steps`` without ``do_eval: false``) is a
+    ``ConfigError``.
     """
     extra = cfg.extra_training_args
     do_eval = extra.get("do_eval")
     strategy = extra.get("eval_strategy")
     if not held_out:
-        if do_eval or strategy not in (None, "no"):
+        if do_eval or strategy not in (None, "no") or (extra.get("eval_steps") and do_eval is None):
             raise ConfigError(
-                "do_eval / eval_strategy ask for evaluation but nothing is held out: set val_size "
-                "(a fraction or a number of examples) or eval_dataset"
+                "do_eval / eval_strategy / eval_steps ask for evaluation but nothing is held out: "
+                "set val_size (a fraction or a number of examples) or eval_dataset"
             )
         return {}
     if do_eval is False:

@@ -31,10 +31,13 @@ AUTO_HELDOUT_MAX = 1000
 PLOT_FILE = "khead_report.png"
 
 
-def split_heldout(train: Any, evaluation: Any, seed: int) -> tuple[Any, Any, str]:
-    """``(train, heldout, source)``: the ``val_size`` split, or a seeded part of ``train``."""
+def split_heldout(
+    train: Any, evaluation: Any, seed: int, given: str = "val_size"
+) -> tuple[Any, Any, str]:
+    """``(train, heldout, source)``: the held-out data the config gave (``given`` names where it
+    came from: ``val_size`` or ``eval_dataset``), or a seeded part of ``train``."""
     if evaluation is not None and len(evaluation) > 0:
-        return train, evaluation, "val_size"
+        return train, evaluation, given
     n = len(train)
     if n < 2:
         raise DataError(
