@@ -48,7 +48,7 @@ DEFAULT_PRICE = 0.25  # a block's relative cost assumed before it is measured
 LEN_PROBE_EVERY = 32  # steps between full-length blocks once a shorter one is chosen
 MIN_VERIFIES = 8  # verifies observed before the block length adapts
 PROBE_EVERY = 16  # the fewest steps between the probes of the rows decoding as AR ...
-PROBE_SHARE = 0.1  # ... and at most this share of the AR steps' time spent probing
+PROBE_SHARE = 0.05  # ... and at most this share of the AR steps' time spent probing
 MEASURE_SHARE = 0.25  # a second block is tried only while it adds at most this share to a step
 HISTORY = 4096  # verifies counted before the acceptance counts are halved (recent past weighs most)
 
@@ -202,10 +202,10 @@ class DraftBudget:
         return max(0.0, drafted / ar - 1.0) / self.hit_rate()
 
     def probe_interval(self, rows: int) -> int:
-        """Steps between the probes of rows decoding as AR: a probe costs about ``price`` AR
-        steps, so it comes once per ``price / PROBE_SHARE`` steps, never more often than once per
-        ``PROBE_EVERY``."""
-        return max(PROBE_EVERY, math.ceil(self.price(rows) / PROBE_SHARE))
+        """Steps between the probes of rows decoding as AR: a probe costs about ``2 · price`` AR
+        steps (the step that drafts and the one that verifies), so it comes once per
+        ``2 · price / PROBE_SHARE`` steps, never more often than once per ``PROBE_EVERY``."""
+        return max(PROBE_EVERY, math.ceil(2 * self.price(rows) / PROBE_SHARE))
 
     def choose_length(self, rows: int) -> int:
         """This step's block length (see the module docstring). The chosen length is remembered
