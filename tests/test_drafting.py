@@ -282,3 +282,36 @@ def test_the_compute_bound_of_a_bench_row_comes_from_the_fitted_step_cost():
     assert out["speedup_ceiling"] == pytest.approx(5.0)
     assert out["step_cost_fit"]["c1_us_per_token"] == pytest.approx(20.0)
     assert compute_bound(fluid, {"policy": "ar", "computed_tokens": 10}, 0.5) == {}
+
+
+def test_one_row_worth_a_block_does_not_widen_a_batch_that_pays_more(tok, monkeypatch):
+    """A block widens the step for every row: with three rows decoding as AR beside one whose
+    drafts just earn their price, the batch's steps stay plain AR (one row's gain does not pay
+    four rows' wider step); alone, the same row drafts."""
+    model = build_tiny_model("llama", tok, seed=3)
+    monkeypatch.setattr(DraftBudget, "price", lambda self, rows, length=None: 1.0)
+    monkeypatch.setattr(DraftBudget, "probe_due", lambda self, rows: False)
+    monkeypatch.setattr(DraftBudget, "drafting_pays", lambda self, rows: False)
+    monkeypatch.setattr(DraftBudget, "prior_accept", lambda self: 1.5)  # the earner's average
+    widths = _step_widths(monkeypatch)
+
+    def run(prompts: list[str]) -> None:
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=4, eos_ids=[],
+                          k_max=4, adaptive=True)  # fmt: skip
+        reqs = [Request(str(i), tok(p)["input_ids"], 12) for i, p in enumerate(prompts)]
+        for r in reqs:
+            sched.submit(r)
+        sched.step()  # every prompt prefilled, no drafts (drafting_pays is False)
+        sched.ema[:] = 0.0
+        sched.ema[0] = 1.5  # row 0 earns 1.5 per verify: above the price, alone
+        sched.cand[0, 0] = 0  # and asks for a block from its next step
+        sched._next_shape = (0, 1)
+        widths.clear()
+        while sched.has_work():
+            sched.step()
+
+    run(["hello"])
+    assert max(widths) > 1  # alone, its block pays: it drafts
+    run(["hello", "a b c", "x y", "one two three four"])
+    # the block it asked for (width 5) and the verify of its drafts (5); then no more blocks
+    assert widths[:2] == [5, 5] and set(widths[2:]) == {1}, widths

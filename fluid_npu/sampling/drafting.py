@@ -14,7 +14,9 @@ the engine's three questions before a step:
   tokens it saves — the fraction of rows whose accept length it catches (measured) times the
   drafts a step then accepts — outweigh its measured extra cost;
 * **the price of a block** (``price``): the accepted drafts per verify a row must earn for drafting
-  to beat plain AR; rows below it decode as AR (the engine's ``ema``) and probe once per
+  to beat plain AR; since a block widens the step for every row, the rows above it draft only
+  while their averages sum to the price times the batch's running rows (the engine applies both
+  on the device); rows below it decode as AR (the engine's ``ema``) and probe once per
   ``probe_interval`` steps — an interval that grows with the price, so probing never costs more
   than ``PROBE_SHARE`` of the AR steps between probes.
 

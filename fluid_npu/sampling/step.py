@@ -218,7 +218,14 @@ class StepMixin:
             else:  # no block, so no pending drafts: what choose_anchors gives for m = 0
                 cand_next = self._from_v0[:hi]
             if self.adaptive:  # drafts already made are verified; new blocks only where they pay
-                worth = self.ema[:hi] >= self.budget.price(hi)
+                price = self.budget.price(hi)
+                worth = self.ema[:hi] >= price
+                # a block widens the step for every row, so the rows worth a block draft only while
+                # together they earn what the whole batch pays: sum of their averages >= price
+                # times the rows still running (all rows worth it: each row's own test)
+                going = run & ~done
+                earned = torch.where(worth & going, self.ema[:hi], 0.0).sum()
+                worth = worth & (earned >= price * going.sum())
                 # every row that decodes as AR probes on the same step: one wide step per
                 # probe interval for the batch, not one per row
                 probe = self.budget.probe_due(hi)
