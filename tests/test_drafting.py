@@ -49,7 +49,7 @@ def test_the_first_requests_drop_the_optimistic_prior_once_verifies_tell(tok, mo
     history says drafts earn nothing, they decode as AR at once rather than after the prior
     decays through many wasted verifies."""
     model = build_tiny_model("llama", tok, seed=3)  # random: its drafts are almost never right
-    # probes every 16 steps
+    # probes every 32 steps
     monkeypatch.setattr(DraftBudget, "price", lambda self, rows, length=None: 0.5)
     widths = _step_widths(monkeypatch)
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=4, eos_ids=[], k_max=4)

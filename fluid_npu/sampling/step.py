@@ -212,7 +212,12 @@ class StepMixin:
             self.paid[:hi] = has  # the next verify judges a block this row paid for
             hit_block = torch.where(has, hit.long().argmax(dim=1), -1)
         cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
-        if k:
+        probe = self.adaptive and bool(k) and self.budget.probe_due(hi)
+        # a plain AR step of a batch where no row drafts and no probe is due leaves every row AR:
+        # averages only move on verifies, so rows return to drafting through probes (or a new
+        # request that drafts) and the step skips the pricing below
+        all_ar = self.adaptive and not (n_blocks or big_m or probe or any_sampled)
+        if k and not all_ar:
             if n_blocks:
                 cand_next = choose_anchors(self.logp[:hi], m_next, self.anchors, self.coverage)
             else:  # no block, so no pending drafts: what choose_anchors gives for m = 0
@@ -226,9 +231,8 @@ class StepMixin:
                 going = run & ~done
                 earned = torch.where(worth & going, self.ema[:hi], 0.0).sum()
                 worth = worth & (earned >= price * going.sum())
-                # every row that decodes as AR probes on the same step: one wide step per
-                # probe interval for the batch, not one per row
-                probe = self.budget.probe_due(hi)
+                # every row that decodes as AR probes on the same step (probe_due above): one
+                # wide step per probe interval for the batch, not one per row
                 draft_on = worth | probe | (self.temp[:hi] > 0)
                 cand_next = torch.where(draft_on[:, None], cand_next, -1)
         self.m[:hi] = m_next
