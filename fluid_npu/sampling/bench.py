@@ -109,7 +109,8 @@ def decode_batches(
     pad: int,
     gen_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[list[int]], list[GenerateStats]]:
-    """The sampler on prompts grouped in batches (on ``fluid``'s device): new tokens per prompt.
+    """The sampler on prompts grouped in batches (``fluid``: a ``FluidForCausalLM``, on its device;
+    the fused loop continues from its draft budgets): new tokens per prompt.
 
     The fused loop runs every prompt through one decode engine with ``len(batches[0])`` slots,
     each refilled as soon as its row finishes (one ``GenerateStats``); the reference loop decodes
@@ -127,9 +128,7 @@ def decode_batches(
         kwargs.setdefault("tokenizer", fluid.tokenizer)
     if loop == "fused" and batches:
         engine = {**kwargs.get("engine_kwargs", {}), "max_batch": len(batches[0])}
-        kwargs["engine_kwargs"] = engine
-        if hasattr(fluid, "engine_kwargs"):  # its draft budgets carry over between calls
-            kwargs = fluid.engine_kwargs(kwargs)
+        kwargs = fluid.engine_kwargs({**kwargs, "engine_kwargs": engine})  # + its draft budgets
         batches = [[p for b in batches for p in b]]
     new, stats = [], []
     for b in batches:
