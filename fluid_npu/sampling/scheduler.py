@@ -19,7 +19,9 @@ Shapes are fixed per step: the decode batch is the slot range ``[0, hi)`` with `
 to a power of two, and the width is ``(M + 1) + A·K`` with ``M`` (pending drafts) rounded up to a
 power of two and ``A`` candidate blocks, both decided from the previous step's read-back; rows
 that do not take part are ``PAD``. So a step's work is a handful of shapes that ``torch.compile``
-(``compile=True``) or a device graph can capture.
+(``compile=True``) or a device graph can capture. Eager forwards of a Llama, Mistral, Qwen2 or
+Qwen3 decoder (openPangu included) run as plain tensor calls (``lean.py``: the same arithmetic,
+bit for bit, without ~15 module calls per layer; ``lean=False`` runs the modules).
 
 **Drafting that pays for itself** (``drafting.py``): each step's block length and second block
 follow a fitted model of the measured step cost and the acceptance seen so far, and a row whose
@@ -55,6 +57,7 @@ from fluid_npu.sampling.kv import (
     SlotKV,
     register_slot_attention,
 )
+from fluid_npu.sampling.lean import LeanDecoder
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
@@ -87,6 +90,7 @@ class Scheduler(PrefillMixin, StepMixin):
         coverage: float = DEFAULT_COVERAGE,
         adaptive: bool = True,
         compile: bool = False,
+        lean: bool = True,
         compile_options: dict[str, Any] | None = None,
         budgets: MutableMapping[Any, DraftBudget] | None = None,
     ) -> None:
@@ -138,6 +142,8 @@ class Scheduler(PrefillMixin, StepMixin):
         model.set_attn_implementation(SLOT_ATTENTION)
         self._cache_kw = cache_keyword(model)
         self._decoder = model.get_decoder()
+        # the decoder's forward without module dispatch where it is exactly the same (lean.py)
+        self._lean = LeanDecoder.of(model) if lean else None
         self._compiled = None  # the decode step's forward under torch.compile (prefill stays eager)
         if compile:
             # inductor on a CPU; on an accelerator also device graphs ("reduce-overhead"); an

@@ -64,21 +64,21 @@ class StepMixin:
             plan.rows = torch.tensor(rows, dtype=torch.long, device=ids.device)
         self.kv.set_plan(plan)
         self.computed_tokens += ids.numel()
-        run = (
-            self._compiled
-            if (self._compiled is not None and lo == 0 and not causal and compiled)
-            else self._decoder
-        )
-        out = run(
-            input_ids=ids,
-            attention_mask=_NO_MASK if plan.mask is None else plan.mask,  # 4D: passed through
-            position_ids=pos,
-            use_cache=True,
-            fluid_plan=plan,
-            **{self._cache_kw: self.kv},
-        )
+        use_compiled = self._compiled is not None and lo == 0 and not causal and compiled
+        if use_compiled or self._lean is None:
+            run = self._compiled if use_compiled else self._decoder
+            hidden = run(
+                input_ids=ids,
+                attention_mask=_NO_MASK if plan.mask is None else plan.mask,  # 4D: passed through
+                position_ids=pos,
+                use_cache=True,
+                fluid_plan=plan,
+                **{self._cache_kw: self.kv},
+            ).last_hidden_state
+        else:  # the same arithmetic without module dispatch (lean.py)
+            hidden = self._lean(ids, pos, self.kv)
         self.kv.plan = None
-        return out.last_hidden_state
+        return hidden
 
     def _bucket(self, n: int, to: int) -> int:
         """``n`` rounded up to a multiple of ``to`` when the step is compiled (few shapes)."""

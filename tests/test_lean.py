@@ -1,0 +1,125 @@
+"""The engine's lean decoder forward (``sampling/lean.py``) is the module path's arithmetic exactly.
+
+Every forward of a decode — chunked prefill, drafting steps with candidate blocks, AR steps — gives
+bit-identical hidden states with and without it, for each architecture it takes (Llama with biases
+as openPangu has, Qwen2, Qwen3, Mistral), in fp32 and bf16. Models it cannot reproduce exactly
+(a PEFT-wrapped projection, a forward hook, a replaced MLP forward) keep the module path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling import step as step_module
+from fluid_npu.sampling.lean import LeanDecoder
+from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+
+TEXTS = ("hello world", "a", "the quick brown fox jumps", "xyz over the lazy dog" * 3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(mask_token=True)
+
+
+def _decode(model, tok, lean: bool, monkeypatch) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Every request's tokens and every forward's hidden states, with or without the lean path."""
+    hidden: list[torch.Tensor] = []
+    forward = step_module.StepMixin._forward
+
+    def record(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        hidden.append(out.clone())
+        return out
+
+    monkeypatch.setattr(step_module.StepMixin, "_forward", record)
+    sched = Scheduler(
+        model,
+        tok.mask_token_id,
+        policy="fixed:3",
+        max_batch=3,
+        prefill_chunk=16,  # the long prompt takes several chunks
+        eos_ids=[],
+        k_max=4,
+        adaptive=False,  # the same shapes in both runs (the budget follows measured time)
+        lean=lean,
+    )
+    assert (sched._lean is not None) is lean
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    results = run_requests(sched, [Request(str(i), p, 8 + i) for i, p in enumerate(prompts)])
+    sched.close()
+    monkeypatch.setattr(step_module.StepMixin, "_forward", forward)
+    return [results[str(i)][0] for i in range(len(prompts))], hidden
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [("llama", {"attention_bias": True, "mlp_bias": True}), ("qwen2", {}), ("qwen3", {}),
+     ("mistral", {})],
+)  # fmt: skip
+def test_lean_forward_is_bit_identical_to_the_modules(tok, arch, extra, dtype, monkeypatch):
+    model = build_tiny_model(arch, tok, seed=11, **extra)
+    with torch.no_grad():  # norms start at 1 and biases at 0: make every one of them count
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.to(dtype)
+    tokens, hidden = _decode(model, tok, True, monkeypatch)
+    ref_tokens, ref_hidden = _decode(model, tok, False, monkeypatch)
+    assert tokens == ref_tokens
+    assert len(hidden) == len(ref_hidden) > len(TEXTS)
+    for ours, theirs in zip(hidden, ref_hidden):
+        assert ours.dtype == dtype and torch.equal(ours, theirs)
+
+
+def test_models_it_cannot_reproduce_keep_the_module_path(tok):
+    from peft import LoraConfig, get_peft_model
+
+    model = build_tiny_model("llama", tok, seed=1)
+    assert LeanDecoder.of(model) is not None
+
+    hooked = build_tiny_model("llama", tok, seed=1)
+    handle = hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert LeanDecoder.of(hooked) is None
+    handle.remove()
+    assert LeanDecoder.of(hooked) is not None
+
+    replaced = build_tiny_model("qwen3", tok, seed=1)
+    mlp = replaced.model.layers[0].mlp
+    mlp.forward = lambda x: mlp.down_proj(x[..., : mlp.intermediate_size])  # as a fused MLP would
+    assert LeanDecoder.of(replaced) is None
+
+    lora = get_peft_model(
+        build_tiny_model("mistral", tok, seed=1),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    assert LeanDecoder.of(lora) is None
+    assert LeanDecoder.of(lora.merge_and_unload()) is not None
+
+
+def test_an_unmerged_adapter_decodes_through_the_modules(tok):
+    """A PEFT model's LoRA must count: the engine falls back and matches the merged model."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny_model("llama", tok, seed=2)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a LoRA that changes the output
+    lora.eval()
+    prompt = tok("the quick brown fox")["input_ids"]
+
+    def run(model):
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=1, eos_ids=[])
+        out = run_requests(sched, [Request("r", prompt, 12)])["r"][0]
+        sched.close()
+        return out
+
+    with torch.no_grad():
+        unmerged = run(lora)
+        merged = run(lora.merge_and_unload())
+    plain = run(build_tiny_model("llama", tok, seed=2))
+    assert unmerged == merged != plain
