@@ -63,7 +63,7 @@ class _Layer:
 def _hooked(module: torch.nn.Module) -> bool:
     """Whether a hook (or accelerate's offload hook) would run in ``module``'s forward."""
     return any(
-        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in module.modules()
+        m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in vars(m) for m in module.modules()
     )
 
 

@@ -137,13 +137,15 @@ class Scheduler(PrefillMixin, StepMixin):
         self.k_hist: Counter = Counter()
         self._next_shape = (0, 0)  # (M, A) of the next decode step, from the last read-back
         self._prior_replaced = False  # whether the rows' optimistic prior met the history
-        register_slot_attention()
-        self._restore = attention_kind(model)
-        model.set_attn_implementation(SLOT_ATTENTION)
-        self._cache_kw = cache_keyword(model)
         self._decoder = model.get_decoder()
         # the decoder's forward without module dispatch where it is exactly the same (lean.py)
         self._lean = LeanDecoder.of(model) if lean else None
+        self._restore: str | None = None
+        if self._lean is None or compile:  # the model's modules run: they attend over the slots
+            register_slot_attention()
+            self._restore = attention_kind(model)
+            model.set_attn_implementation(SLOT_ATTENTION)
+        self._cache_kw = cache_keyword(model)
         self._compiled = None  # the decode step's forward under torch.compile (prefill stays eager)
         if compile:
             # inductor on a CPU; on an accelerator also device graphs ("reduce-overhead"); an
@@ -191,7 +193,8 @@ class Scheduler(PrefillMixin, StepMixin):
 
     def close(self) -> None:
         """Give the model its own attention back (the scheduler is unusable afterwards)."""
-        self.model.set_attn_implementation(self._restore)
+        if self._restore is not None:
+            self.model.set_attn_implementation(self._restore)
 
     # ------------------------------------------------------------------ requests
 

@@ -12,7 +12,10 @@ from the slots' own distribution ``q`` for sampling rows) for both the prefill a
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -390,7 +393,10 @@ def _round_up(n: int, to: int) -> int:
 
 def cache_keyword(model: PreTrainedModel) -> str:
     """``cache`` on transformers >= 5.24 (``past_key_values`` is deprecated there), else the old."""
-    import inspect
+    return _cache_keyword(type(model.get_decoder()).forward)
 
-    params = inspect.signature(model.get_decoder().forward).parameters
+
+@functools.lru_cache(maxsize=64)
+def _cache_keyword(forward: Any) -> str:
+    params = inspect.signature(forward).parameters
     return "cache" if "cache" in params else "past_key_values"
