@@ -1,0 +1,139 @@
+"""The engine's lean eager forward (``sampling/lean.py``) against the model's modules, in one run.
+
+For each batch size and policy it decodes every prompt of ``--prompts`` through the decode engine
+twice per repeat — ``Scheduler(lean=True)`` and ``Scheduler(lean=False)``, alternating, each
+variant with its own draft budget (warmed up by one untimed pass) — and keeps each variant's best
+time. It reports tokens/s of both, their ratio (``lean_speedup``), the mean time of a decode step,
+and checks that both variants committed exactly the same tokens (the lean forward is the modules'
+arithmetic bit for bit; the draft budget's timing-driven choices change shapes, never tokens).
+Exits 1 when any row's tokens differ.
+
+    OMP_NUM_THREADS=1 python tools/bench_lean.py --model runs/demo/stage1 --khead runs/demo/stage2 \
+        --prompts benchmarks/demo_prompts64.jsonl --json benchmarks/lean_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = {"lean": True, "modules": False}
+
+
+def _decode(fluid: Any, prompts: list[list[int]], batch: int, policy: str, lean: bool,
+            budgets: dict, max_new: int) -> tuple[float, list[list[int]], int]:  # fmt: skip
+    """Wall seconds, tokens per prompt and decode steps of one pass over ``prompts``."""
+    import torch
+
+    from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+
+    tokens: list[list[int]] = []
+    steps = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for lo in range(0, len(prompts), batch):
+            part = prompts[lo : lo + batch]
+            sched = Scheduler(
+                fluid.model,
+                fluid.mask_id,
+                policy=policy,
+                khead=fluid.khead,
+                max_batch=len(part),
+                max_len=max(len(p) for p in part) + max_new,
+                lean=lean,
+                budgets=budgets,
+            )
+            try:
+                reqs = [Request(str(i), p, max_new) for i, p in enumerate(part)]
+                done = run_requests(sched, reqs)
+            finally:
+                sched.close()
+            tokens += [done[str(i)][0] for i in range(len(part))]
+            steps += sched.decode_forwards
+    return time.perf_counter() - start, tokens, steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--khead", default=None)
+    ap.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'input_ids' per line")
+    ap.add_argument("--json", required=True, help="where the JSON report is written")
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--policies", default="ar,entropy")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args(argv)
+
+    from fluid_npu.sampling.bench_report import device_info
+    from fluid_npu.sampling.lean import LeanDecoder
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
+    from fluid_npu.sampling.prompts import encode_prompt, quiet_loading, read_prompt_file
+
+    with quiet_loading():
+        fluid = FluidForCausalLM.from_pretrained(args.model, khead=args.khead, dtype=args.dtype)
+    if LeanDecoder.of(fluid.model) is None:
+        print(f"bench_lean: {args.model} does not take the lean forward", file=sys.stderr)
+        return 2
+    rows = read_prompt_file(args.prompts)
+    prompts = [encode_prompt(fluid.tokenizer, r, where=f"{args.prompts}:{n + 1}").ids
+               for n, r in enumerate(rows)]  # fmt: skip
+    report: dict[str, Any] = {
+        "command": " ".join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "device": device_info(fluid.device),
+        "dtype": str(next(fluid.model.parameters()).dtype),
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "rows": [],
+    }
+    failed = False
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for policy in args.policies.split(","):
+            budgets = {name: {} for name in VARIANTS}
+            best = {name: float("inf") for name in VARIANTS}
+            steps, out = {}, {}
+            for name, lean in VARIANTS.items():  # warm-up: fills each variant's budget
+                _decode(fluid, prompts, batch, policy, lean, budgets[name], args.max_new_tokens)
+            for _ in range(args.repeats):
+                for name, lean in VARIANTS.items():
+                    sec, toks, n = _decode(
+                        fluid, prompts, batch, policy, lean, budgets[name], args.max_new_tokens
+                    )
+                    if sec < best[name]:
+                        best[name], steps[name], out[name] = sec, n, toks
+            same = out["lean"] == out["modules"]
+            failed |= not same
+            total = sum(len(t) for t in out["lean"])
+            row = {
+                "batch_size": batch,
+                "policy": policy,
+                "new_tokens": total,
+                "identical_tokens": same,
+                **{f"{n}_tokens_per_s": total / best[n] for n in VARIANTS},
+                **{f"{n}_ms_per_step": 1e3 * best[n] / steps[n] for n in VARIANTS},
+                "lean_speedup": best["modules"] / best["lean"],
+            }
+            report["rows"].append(row)
+            print(
+                f"bench_lean: b={batch} {policy:10s} lean {row['lean_tokens_per_s']:.0f} tok/s, "
+                f"modules {row['modules_tokens_per_s']:.0f} tok/s: x{row['lean_speedup']:.2f} "
+                f"({'same tokens' if same else 'TOKENS DIFFER'})",
+                flush=True,
+            )
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
