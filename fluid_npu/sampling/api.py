@@ -253,11 +253,14 @@ def _generate_fused(
     stops: list[str],
     **engine: Any,
 ) -> GenerateOutput:
-    from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+    from fluid_npu.sampling.scheduler import PREFILL_CHUNK, Request, Scheduler, run_requests
 
     lengths = [len(p) for p in prompts]
     engine.setdefault("max_batch", len(prompts))
     engine.setdefault("max_len", max(lengths) + max_new_tokens)
+    # no chunk is wider than the longest prompt: the slot cache (zero-filled per call) is sized by
+    # max_len plus the widest forward, so a known short batch does not pay for 512-token chunks
+    engine.setdefault("prefill_chunk", max(1, min(PREFILL_CHUNK, max(lengths) - 1)))
     sched = Scheduler(
         model,
         mask_id,
