@@ -141,7 +141,7 @@ class Scheduler(PrefillMixin, StepMixin):
         # the decoder's forward without module dispatch where it is exactly the same (lean.py)
         self._lean = LeanDecoder.of(model) if lean else None
         self._restore: str | None = None
-        if self._lean is None or compile:  # the model's modules run: they attend over the slots
+        if self._lean is None:  # the model's modules run: they attend over the slots
             register_slot_attention()
             self._restore = attention_kind(model)
             model.set_attn_implementation(SLOT_ATTENTION)
@@ -153,7 +153,8 @@ class Scheduler(PrefillMixin, StepMixin):
             options = dict(compile_options or {})
             if "backend" not in options:
                 options.setdefault("mode", None if self.device.type == "cpu" else "reduce-overhead")
-            self._compiled = torch.compile(self._decoder, dynamic=False, **options)
+            target = self._decoder if self._lean is None else self._lean
+            self._compiled = torch.compile(target, dynamic=False, **options)
         self.budget = self._budget(budgets)
 
     def _budget(self, budgets: MutableMapping[Any, DraftBudget] | None) -> DraftBudget:

@@ -68,7 +68,9 @@ class StepMixin:
         self.kv.set_plan(plan)
         self.computed_tokens += ids.numel()
         use_compiled = self._compiled is not None and lo == 0 and not causal and compiled
-        if use_compiled or self._lean is None:
+        if self._lean is not None:  # the same arithmetic without module dispatch (lean.py)
+            hidden = (self._compiled if use_compiled else self._lean)(ids, pos, self.kv)
+        else:
             run = self._compiled if use_compiled else self._decoder
             hidden = run(
                 input_ids=ids,
@@ -78,8 +80,6 @@ class StepMixin:
                 fluid_plan=plan,
                 **{self._cache_kw: self.kv},
             ).last_hidden_state
-        else:  # the same arithmetic without module dispatch (lean.py)
-            hidden = self._lean(ids, pos, self.kv)
         self.kv.plan = None
         return hidden
 
