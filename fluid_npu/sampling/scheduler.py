@@ -15,15 +15,15 @@ Requests are ``submit``-ted into a FIFO queue; every ``step()``:
 4. reads back one small packed tensor (the only host synchronisation of the step) and turns it
    into ``Event``s: committed tokens, finished requests (EOS / ``max_new_tokens``), statistics.
 
-Shapes are fixed per step: the decode batch is the slot range ``[0, hi)`` with ``hi`` rounded up to
-a power of two, and the width is ``(M + 1) + A·K`` with ``M`` (pending drafts) rounded up to a
-power of two and ``A`` candidate blocks, both decided from the previous step's read-back; rows that
-do not take part are ``PAD``. So a step's work is a bounded set of shapes that ``torch.compile``
-(``compile=True``) or a device graph can capture — a handful for AR, more once the draft budget
-varies the block length (docs/engine.md measures what that costs a compiled step on a CPU). Eager
-forwards of a Llama, Mistral, Qwen2 or Qwen3 decoder (openPangu included) run as plain tensor calls
-(``lean.py``: the same arithmetic, bit for bit, without ~15 module calls per layer; ``lean=False``
-runs the modules).
+Shapes are fixed per step: the decode batch is the slot range ``[0, hi)`` and the width is ``(M +
+1) + A·K`` with ``M`` pending drafts and ``A`` candidate blocks (``hi`` and ``M`` rounded up to
+powers of two and the keys to multiples of 64 when compiled), both decided from the previous step's
+read-back; rows that do not take part are ``PAD``. So a step's work is a bounded set of shapes that
+``torch.compile`` (``compile=True``) or a device graph can capture — a handful for AR, more once
+the draft budget varies the block length (docs/engine.md measures what that costs a compiled step
+on a CPU). Eager forwards of a Llama, Mistral, Qwen2 or Qwen3 decoder (openPangu included) run as
+plain tensor calls (``lean.py``: the same arithmetic, bit for bit, without ~15 module calls per
+layer; ``lean=False`` runs the modules).
 
 **Drafting that pays for itself** (``drafting.py``): each step's block length and second block
 follow a fitted model of the measured step cost and the acceptance seen so far, and a row whose
