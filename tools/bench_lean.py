@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default=None, help="cpu, cuda, npu (default: cpu)")
     args = ap.parse_args(argv)
 
     from fluid_npu.sampling.bench_report import device_info
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     from fluid_npu.sampling.prompts import encode_prompt, quiet_loading, read_prompt_file
 
     with quiet_loading():
-        fluid = FluidForCausalLM.from_pretrained(args.model, khead=args.khead, dtype=args.dtype)
+        fluid = FluidForCausalLM.from_pretrained(
+            args.model, khead=args.khead, dtype=args.dtype, device=args.device
+        )
     if LeanDecoder.of(fluid.model) is None:
         print(f"bench_lean: {args.model} does not take the lean forward", file=sys.stderr)
         return 2

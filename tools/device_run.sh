@@ -13,7 +13,9 @@
 # 32, bf16, against transformers' generate and its static cache), engine_gpu_compile.json (the
 # same with the decode step under torch.compile, "reduce-overhead": CUDA graphs), ops_gpu.json
 # (`tools/bench_ops.py --device accelerator`: token_stats vs the naive path, Triton attention vs
-# SDPA), serve_gpu_c16.json (`fluid bench serve`, 16 concurrent clients) and run.log.
+# SDPA), lean_gpu.json (`tools/bench_lean.py`: the eager forward without transformers' modules
+# against with them, batch 1 / 8), serve_gpu_c16.json (`fluid bench serve`, 16 concurrent clients)
+# and run.log.
 #
 # `DRY=1 bash tools/device_run.sh` runs the same steps on this machine's CPU with small sizes and
 # no GPU-only step: it checks the commands, not the figures.
@@ -67,7 +69,10 @@ fi
 step engine 150 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/engine_gpu_bf16.json" --max-new-tokens "$NEW" --batch-sizes "$SIZES" \
   --policies "$POLICIES" --loops fused --repeats 2 --device "$DEV" --dtype "$DT"
-step engine_compile 150 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
+step lean 60 "$PY" tools/bench_lean.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
+  --json "$OUT/lean_gpu.json" --max-new-tokens "$NEW" --batch-sizes "$COMPILE_SIZES" \
+  --policies ar,entropy --repeats 2 --device "$DEV" --dtype "$DT"
+step engine_compile 120 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/engine_gpu_compile.json" --max-new-tokens "$NEW" --batch-sizes "$COMPILE_SIZES" \
   --policies ar,entropy --loops fused --repeats 2 --device "$DEV" --dtype "$DT" --compile
 step serve 120 "${FLUID[@]}" bench serve --model "$MODEL" --khead "$KHEAD" --policies entropy:2,fixed:4,ar \
