@@ -123,3 +123,32 @@ def test_an_unmerged_adapter_decodes_through_the_modules(tok):
         merged = run(lora.merge_and_unload())
     plain = run(build_tiny_model("llama", tok, seed=2))
     assert unmerged == merged != plain
+
+
+def test_generate_takes_the_lean_forward_and_leaves_the_attention_alone(tok, monkeypatch):
+    """``generate`` (and so every CLI and the server) runs the lean forward by default, and the
+    model keeps its attention implementation: nothing is swapped in for the call."""
+    from fluid_npu.sampling import generate
+
+    calls = []
+    lean_call = LeanDecoder.__call__
+
+    def counted(self, *args):
+        calls.append(args[0].shape)
+        return lean_call(self, *args)
+
+    monkeypatch.setattr(LeanDecoder, "__call__", counted)
+    model = build_tiny_model("qwen3", tok, seed=4)
+    swaps = []
+    set_attn = type(model).set_attn_implementation
+    monkeypatch.setattr(
+        type(model),
+        "set_attn_implementation",
+        lambda self, impl: (swaps.append(impl), set_attn(self, impl))[1],
+    )
+    ids = torch.tensor([tok("the quick brown fox")["input_ids"]])
+    out = generate(model, tok, ids, policy="fixed:3", max_new_tokens=10, eos_token_id=[])
+    assert len(out.new_tokens[0]) == 10
+    assert calls and all(len(shape) == 2 for shape in calls)  # prefill and every decode step
+    assert out.stats.prefill_forwards + out.stats.decode_forwards == len(calls)
+    assert swaps == [] and model.config._attn_implementation == "sdpa"
