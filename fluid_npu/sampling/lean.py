@@ -16,7 +16,8 @@ above (openPangu loads as Llama), every projection a plain ``nn.Linear`` (no PEF
 quantised layer), no forward hooks (accelerate offload, user hooks) and no ``forward`` replaced on
 an attention, MLP or layer instance (the NPU fused layers of ``model/fused_layers.py`` replace the
 MLP's: the module path keeps them; replaced norm forwards are called as they are). Any other
-architecture keeps the module path. ``Scheduler(lean=False)`` turns it off.
+architecture keeps the module path. ``Scheduler(lean=False)`` turns it off. Under
+``Scheduler(compile=True)`` it is also what the decode step compiles.
 """
 
 from __future__ import annotations
