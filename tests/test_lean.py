@@ -100,6 +100,71 @@ def test_models_it_cannot_reproduce_keep_the_module_path(tok):
     assert LeanDecoder.of(lora.merge_and_unload()) is not None
 
 
+def _refused(model) -> bool:
+    return LeanDecoder.of(model) is None
+
+
+def test_what_would_change_the_modules_arithmetic_is_refused(tok, monkeypatch):
+    """Each of these makes the module path compute something the lean forward would not."""
+    import functools
+
+    from torch.nn.modules import module as nn_module
+    from transformers.models.llama import modeling_llama
+
+    # a projection whose forward is replaced on the instance (what tensor parallelism installs)
+    model = build_tiny_model("llama", tok, seed=1)
+    proj = model.model.layers[1].self_attn.q_proj
+    proj.forward = lambda x: torch.nn.functional.linear(x, proj.weight) * 2
+    assert _refused(model)
+
+    # a global forward hook
+    handle = nn_module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert _refused(build_tiny_model("llama", tok, seed=1))
+    finally:
+        handle.remove()
+    assert not _refused(build_tiny_model("llama", tok, seed=1))
+
+    # the modeling module's rotary replaced (as the NPU fused layers do, for every model)
+    original = modeling_llama.apply_rotary_pos_emb
+    monkeypatch.setattr(
+        modeling_llama, "apply_rotary_pos_emb", functools.wraps(original)(lambda *a, **k: None)
+    )
+    assert _refused(build_tiny_model("llama", tok, seed=1))
+    assert not _refused(build_tiny_model("qwen3", tok, seed=1))  # its modeling module keeps its own
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)
+
+    # a compiled submodule (inductor does not round intermediates as eager does)
+    model = build_tiny_model("llama", tok, seed=1)
+    model.model.layers[0].mlp.compile()
+    assert _refused(model)
+
+    # a same-named subclass with its own forward (remote code reusing the name)
+    class LlamaDecoderLayer(modeling_llama.LlamaDecoderLayer):
+        def forward(self, hidden_states, *args, **kwargs):
+            return super().forward(hidden_states * 2, *args, **kwargs)
+
+    model = build_tiny_model("llama", tok, seed=1)
+    model.model.layers[0].__class__ = LlamaDecoderLayer
+    assert _refused(model)
+
+    # a layer whose cache index is not its place (the modules index the cache by layer_idx)
+    model = build_tiny_model("llama", tok, seed=1, num_hidden_layers=3)
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([layers[0], layers[1], layers[1]])
+    assert _refused(model)
+
+
+def test_inert_output_capturing_hooks_do_not_refuse(tok):
+    """transformers installs output-capturing hooks on the first ``output_hidden_states`` call;
+    they do nothing unless outputs are captured, so the lean forward still applies."""
+    model = build_tiny_model("qwen2", tok, seed=1)
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]), output_hidden_states=True)
+    assert any(m._forward_hooks for m in model.modules())  # the hooks are there
+    assert not _refused(model)
+
+
 def test_an_unmerged_adapter_decodes_through_the_modules(tok):
     """A PEFT model's LoRA must count: the engine falls back and matches the merged model."""
     from peft import LoraConfig, get_peft_model

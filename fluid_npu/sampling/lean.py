@@ -10,18 +10,25 @@ own weights (no copy), the model's own rotary-embedding and RMSNorm modules' ``f
 RoPE scaling and norm detail is transformers'), and exactly the operations of the modeling code
 in its order, so its hidden states are bit-identical to the module path (tested in fp32 and bf16).
 
-It applies only where that equivalence is known; ``LeanDecoder.of`` returns None otherwise and
-the engine runs the model's modules as before: the decoder and its layers of one of the classes
-above (openPangu loads as Llama), every projection a plain ``nn.Linear`` (no PEFT wrapper, no
-quantised layer), no forward hooks (accelerate offload, user hooks) and no ``forward`` replaced on
-an attention, MLP or layer instance (the NPU fused layers of ``model/fused_layers.py`` replace the
-MLP's: the module path keeps them; replaced norm forwards are called as they are). Any other
-architecture keeps the module path. ``Scheduler(lean=False)`` turns it off. Under
-``Scheduler(compile=True)`` it is also what the decode step compiles.
+It applies only where that equivalence is known; ``LeanDecoder.of`` returns None otherwise and the
+engine runs the model's modules as before. Every module it bypasses — the decoder, its layers,
+their attention and MLP — must be exactly transformers' class for one of the architectures above
+(openPangu loads as Llama; a same-named subclass or remote code does not count) with no ``forward``
+set on the instance (tensor parallelism's projections, the NPU fused MLP of training); every
+projection a plain ``nn.Linear`` (no PEFT wrapper, no quantised layer); each layer's cache index
+its place; no forward hook, global or per module (accelerate's offload included; transformers'
+output-capturing hooks, inert unless outputs are captured, are allowed); no ``torch.compile``-d
+submodule; no hub kernels; and transformers' own ``apply_rotary_pos_emb`` in the modeling module
+(the fused layers of training replace it process-wide). Norms, the rotary embedding, the activation
+and the embedding are called through their ``forward``, so a replacement there is followed.
+``Scheduler(lean=False)`` turns it off; under ``Scheduler(compile=True)`` it is also what the
+decode step compiles.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -31,52 +38,81 @@ from transformers import PreTrainedModel
 
 from fluid_npu.sampling.kv import SlotKV, slot_attention
 
-# decoder-layer classes whose forward is: norm → attention (q/k/v, optional per-head q/k norm,
-# RoPE, cache, SDPA, o) → residual → norm → gated MLP → residual
-_LAYERS = {
-    "LlamaDecoderLayer": False,
-    "MistralDecoderLayer": False,
-    "Qwen2DecoderLayer": False,
-    "Qwen3DecoderLayer": True,  # q_norm / k_norm over each head
-}
-_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-_MODELS = {"LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"}
+# architectures whose decoder layer is: norm → attention (q/k/v, Qwen3's per-head q/k norm, RoPE,
+# cache, SDPA, o) → residual → norm → gated MLP → residual; name prefix → modeling module
+_ARCHS = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3"}
+_PARTS = ("Model", "DecoderLayer", "Attention", "MLP", "RMSNorm", "RotaryEmbedding")
+_CAPTURE_HOOK = "output_capturing_hook"  # transformers' output capture: inert unless asked for
 
 
 @dataclass
 class _Layer:
-    norm1: torch.nn.Module
-    q: torch.nn.Linear
-    k: torch.nn.Linear
-    v: torch.nn.Linear
-    o: torch.nn.Linear
-    q_norm: torch.nn.Module | None
-    k_norm: torch.nn.Module | None
-    norm2: torch.nn.Module
-    gate: torch.nn.Linear
-    up: torch.nn.Linear
-    down: torch.nn.Linear
-    act: torch.nn.Module
-    attn: torch.nn.Module  # the attention module (its scaling, handed to the attention)
+    norm1: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    norm2: nn.Module
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+    act: nn.Module
+    attn: nn.Module  # the attention module (its scaling, handed to the attention)
     head_dim: int
 
 
-def _hooked(module: torch.nn.Module) -> bool:
-    """Whether a hook (or accelerate's offload hook) would run in ``module``'s forward."""
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in vars(m) for m in module.modules()
-    )
+def _classes(decoder: nn.Module) -> dict[str, type] | None:
+    """transformers' own classes of ``decoder``'s architecture, or None for another one."""
+    name = type(decoder).__name__
+    prefix = name[: -len("Model")] if name.endswith("Model") else ""
+    if prefix not in _ARCHS:
+        return None
+    try:
+        modeling = importlib.import_module(
+            f"transformers.models.{_ARCHS[prefix]}.modeling_{_ARCHS[prefix]}"
+        )
+    except ImportError:  # a transformers without this architecture
+        return None
+    return {part: getattr(modeling, prefix + part, None) for part in _PARTS}
 
 
-def _replaced(*modules: torch.nn.Module) -> bool:
+def _hooked(module: nn.Module) -> bool:
+    """Whether a hook would run in ``module``'s forward: its own or its submodules' (transformers'
+    inert output-capturing hooks aside), a global one, accelerate's offload hook, a tensor-parallel
+    forward, or a ``torch.compile``-d submodule (inductor does not round as eager does)."""
+    glob = nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+        return True
+    for m in module.modules():
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        if any(getattr(h, "__name__", None) != _CAPTURE_HOOK for h in hooks):
+            return True
+        own = vars(m)
+        if "_hf_hook" in own or own.get("_is_hooked") or own.get("_compiled_call_impl"):
+            return True
+    return False
+
+
+def _replaced(*modules: nn.Module) -> bool:
     """Whether any of ``modules`` has its own ``forward`` (set on the instance, not the class)."""
     return any("forward" in vars(m) for m in modules)
+
+
+def _own_rotary(attention_class: type) -> bool:
+    """Whether the attention's modeling module still has transformers' ``apply_rotary_pos_emb``
+    (the NPU fused layers of training, or any wrapper, replace it for every model in the
+    process)."""
+    modeling = sys.modules[attention_class.__module__]
+    fn = getattr(modeling, "apply_rotary_pos_emb", None)
+    return fn is not None and fn.__module__ == modeling.__name__ and not hasattr(fn, "__wrapped__")
 
 
 class LeanDecoder:
     """``decoder(input_ids, position_ids, kv)`` → the last hidden states ``[B, W, H]``."""
 
-    def __init__(self, decoder: torch.nn.Module, layers: list[_Layer]) -> None:
+    def __init__(self, decoder: nn.Module, layers: list[_Layer]) -> None:
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm
@@ -84,26 +120,46 @@ class LeanDecoder:
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> LeanDecoder | None:
-        """The lean forward of ``model``'s decoder, or None where it is not known to be exact."""
+        """The lean forward of ``model``'s decoder, or None where it is not known to be exact.
+
+        Every module it bypasses must be exactly transformers' class with the class's forward;
+        norms, the rotary embedding, the activation and the embedding are called through their own
+        ``forward`` (an instance's replacement included). Checked once, when an engine is made.
+        """
         dec = model.get_decoder()
-        if type(dec).__name__ not in _MODELS or _hooked(dec) or _replaced(dec):
+        kinds = _classes(dec)
+        if (
+            kinds is None
+            or any(k is None for k in kinds.values())
+            or type(dec) is not kinds["Model"]
+        ):
             return None
-        if type(dec.norm).__name__ not in _NORMS or type(dec.embed_tokens) is not nn.Embedding:
+        if getattr(model, "use_kernels", False) or _hooked(dec) or _replaced(dec):
             return None
+        if not _own_rotary(kinds["Attention"]) or type(dec.embed_tokens) is not nn.Embedding:
+            return None
+        if (
+            type(dec.norm) is not kinds["RMSNorm"]
+            or type(dec.rotary_emb) is not kinds["RotaryEmbedding"]
+        ):
+            return None
+        per_head_norm = kinds["Model"].__name__ == "Qwen3Model"
         layers = []
-        for layer in dec.layers[: dec.config.num_hidden_layers]:
-            per_head_norm = _LAYERS.get(type(layer).__name__)
-            if per_head_norm is None or _replaced(layer, layer.self_attn, layer.mlp):
-                return None
+        for i, layer in enumerate(dec.layers[: dec.config.num_hidden_layers]):
             at, mlp = layer.self_attn, layer.mlp
+            exact = (layer, kinds["DecoderLayer"]), (at, kinds["Attention"]), (mlp, kinds["MLP"])
+            if any(type(m) is not kind for m, kind in exact) or getattr(at, "layer_idx", i) != i:
+                return None  # (a layer's cache index must be its place, as the modules use it)
             linears = (at.q_proj, at.k_proj, at.v_proj, at.o_proj)
             linears += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
             norms = [layer.input_layernorm, layer.post_attention_layernorm]
             if per_head_norm:
                 norms += [at.q_norm, at.k_norm]
-            if any(type(m) is not nn.Linear for m in linears):
+            if any(type(m) is not nn.Linear for m in linears) or _replaced(
+                layer, at, mlp, *linears
+            ):
                 return None
-            if any(type(n).__name__ not in _NORMS for n in norms):
+            if any(type(n) is not kinds["RMSNorm"] for n in norms):
                 return None
             layers.append(
                 _Layer(
