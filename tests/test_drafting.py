@@ -10,7 +10,7 @@ import torch
 from test_scheduler import TEXTS, _assert_same, _greedy_alone
 
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
-from fluid_npu.sampling.drafting import HISTORY, DraftBudget
+from fluid_npu.sampling.drafting import HISTORY, MARGIN, DraftBudget
 from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
 
 
@@ -84,7 +84,8 @@ def test_block_length_and_price_follow_the_measured_costs():
         budget.record(rows, width, 0.004 + 0.0005 * rows * width)
     c0, c1 = budget.cost_model()
     assert c0 == pytest.approx(0.004) and c1 == pytest.approx(0.0005)
-    assert budget.price(4) == pytest.approx((0.004 + 0.0005 * 4 * 17) / 0.006 - 1)
+    ratio = (0.004 + 0.0005 * 4 * 17) / 0.006  # a 17-wide step against an AR one, at 4 rows
+    assert budget.price(4) == pytest.approx((1 + MARGIN) * ratio - 1)
     # drafts accepted up to depth 2 only: at 4 rows, blocks of 2 give the most tokens per second
     for _ in range(20):
         budget.observe(8, 2)
@@ -213,11 +214,29 @@ def test_drafts_pay_only_through_the_steps_that_find_them():
     budget.record(2, 17, 0.003)
     for _ in range(20):
         budget.observe(8, 2)
-    assert budget.price(4) == pytest.approx(1.0) and budget.drafting_pays(4)
+    price = (1 + MARGIN) * 2 - 1  # doubling the step, with the margin over AR
+    assert budget.price(4) == pytest.approx(price) and budget.drafting_pays(4)
     for hit in [0] * 10 + [-1] * 30:  # a quarter of the drafting steps found their drafts
         budget.observe_blocks(1, hit)
     assert budget.hit_rate() == pytest.approx(0.25)
-    assert budget.price(4) == pytest.approx(4.0) and not budget.drafting_pays(4)
+    assert budget.price(4) == pytest.approx(4 * price) and not budget.drafting_pays(4)
+
+
+def test_a_block_that_barely_beats_ar_is_not_drafted():
+    """Break-even choices go to AR: drafts that would make the batch only a few per cent faster
+    than AR (less than ``MARGIN``) are not worth the timing noise they are judged on."""
+    budget = DraftBudget(8, fixed=True, adaptive=True)
+    budget.record(4, 1, 0.002)
+    budget.record(4, 17, 0.004)  # a drafting step costs two AR steps ...
+    budget.record(2, 17, 0.003)
+    for _ in range(20):
+        budget.observe(8, 1)  # ... and commits 1 + ~1.05 tokens: ~2 % faster than AR
+    budget.observe(8, 2)
+    assert 1.0 < budget.expected_accept(8) < 1.0 + MARGIN  # without the margin it would pay
+    assert not budget.drafting_pays(4)
+    for _ in range(60):
+        budget.observe(8, 2)  # 1 + ~1.75 tokens for the price of 2 AR steps: it pays
+    assert budget.drafting_pays(4)
 
 
 def test_a_sampling_request_beside_greedy_ones_drafts_k_whatever_the_budget_says(tok, monkeypatch):

@@ -13,12 +13,14 @@ the engine's three questions before a step:
   length uncertain, a second block anchored at the next most likely length; worth it while the
   tokens it saves — the fraction of rows whose accept length it catches (measured) times the
   drafts a step then accepts — outweigh its measured extra cost;
-* **the price of a block** (``price``): the accepted drafts per verify a row must earn for drafting
-  to beat plain AR; since a block widens the step for every row, the rows above it draft only
-  while their averages sum to the price times the batch's running rows (the engine applies both
-  on the device); rows below it decode as AR (the engine's ``ema``) and probe once per
-  ``probe_interval`` steps — an interval that grows with the price, so probing never costs more
-  than ``PROBE_SHARE`` of the AR steps between probes.
+* **the price of a block** (``price``): the accepted drafts per verify a row must earn for
+  drafting to beat plain AR by ``MARGIN`` (10 %: at break-even the choice follows timing noise,
+  and a wrong one costs more than the few per cent a right one gains, so it goes to AR); since a
+  block widens the step for every row, the rows above it draft only while their averages sum to
+  the price times the batch's running rows (the engine applies both on the device); rows below it
+  decode as AR (the engine's ``ema``) and probe once per ``probe_interval`` steps — an interval
+  that grows with the price, so probing never costs more than ``PROBE_SHARE`` of the AR steps
+  between probes.
 
 Step seconds are fitted as ``c0 + c1 · tokens`` by least squares over every shape seen
 (``cost_model``): an overhead-bound machine (small batch, small model, an accelerator with spare
@@ -53,6 +55,7 @@ PROBE_EVERY = 32  # the fewest steps between the probes of the rows decoding as 
 PROBE_SHARE = 0.05  # ... and at most this share of the AR steps' time spent probing
 MEASURE_SHARE = 0.25  # a second block is tried only while it adds at most this share to a step
 HISTORY = 4096  # verifies counted before the acceptance counts are halved (recent past weighs most)
+MARGIN = 0.1  # a block must beat plain AR by this share of its cost: break-even choices go to AR
 
 
 class DraftBudget:
@@ -195,13 +198,13 @@ class DraftBudget:
 
     def price(self, rows: int, length: int | None = None) -> float:
         """Accepted drafts per verify that blocks of ``length`` (default: the length chosen last)
-        must earn: their relative extra cost, over the share of steps that find drafts to verify
-        (``hit_rate``)."""
+        must earn: their relative extra cost with the ``MARGIN`` over AR, over the share of steps
+        that find drafts to verify (``hit_rate``)."""
         ar = self.seconds(rows, 1)
         drafted = self.seconds(rows, 2 * (self.length if length is None else length) + 1)
         if ar is None or drafted is None:
             return DEFAULT_PRICE  # until the cost of steps has been measured
-        return max(0.0, drafted / ar - 1.0) / self.hit_rate()
+        return max(0.0, (1.0 + MARGIN) * drafted / ar - 1.0) / self.hit_rate()
 
     def probe_interval(self, rows: int) -> int:
         """Steps between the probes of rows decoding as AR: a probe costs about ``2 · price`` AR
