@@ -54,11 +54,21 @@ def _decode(model, tok, lean: bool, monkeypatch) -> tuple[list[list[int]], list[
     return [results[str(i)][0] for i in range(len(prompts))], hidden
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+             "original_max_position_embeddings": 512}  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("arch", "extra"),
     [("llama", {"attention_bias": True, "mlp_bias": True}), ("qwen2", {}), ("qwen3", {}),
-     ("mistral", {})],
+     ("mistral", {}),
+     # what real checkpoints vary: head_dim apart from hidden / heads, another activation, the
+     # RoPE scalings of Llama 3 and YaRN (its attention factor rides in cos / sin), tied heads
+     ("llama", {"head_dim": 32, "hidden_act": "gelu_pytorch_tanh", "rope_parameters": LLAMA3_ROPE}),
+     ("qwen3", {"rope_parameters": YARN_ROPE, "tie_word_embeddings": True})],
 )  # fmt: skip
 def test_lean_forward_is_bit_identical_to_the_modules(tok, arch, extra, dtype, monkeypatch):
     model = build_tiny_model(arch, tok, seed=11, **extra)
