@@ -227,3 +227,19 @@ def test_generate_takes_the_lean_forward_and_leaves_the_attention_alone(tok, mon
     assert calls and all(len(shape) == 2 for shape in calls)  # prefill and every decode step
     assert out.stats.prefill_forwards + out.stats.decode_forwards == len(calls)
     assert swaps == [] and model.config._attn_implementation == "sdpa"
+
+
+def test_lean_and_module_engines_keep_separate_draft_budgets(tok):
+    """A budget holds measured step times, which differ between the two forwards: engines share
+    one only when they run the same forward."""
+    model = build_tiny_model("llama", tok, seed=1)
+    budgets: dict = {}
+
+    def budget(lean: bool):
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", budgets=budgets, lean=lean)
+        sched.close()
+        return sched.budget
+
+    assert budget(True) is budget(True)
+    assert budget(False) is budget(False)
+    assert budget(True) is not budget(False) and len(budgets) == 2

@@ -15,8 +15,6 @@ Exits 1 when any row's tokens differ.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -72,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, npu (default: cpu)")
     args = ap.parse_args(argv)
 
+    from fluid_npu.io import write_json_atomic
     from fluid_npu.sampling.bench_report import device_info
     from fluid_npu.sampling.lean import LeanDecoder
     from fluid_npu.sampling.pretrained import FluidForCausalLM
@@ -130,11 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({'same tokens' if same else 'TOKENS DIFFER'})",
                 flush=True,
             )
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.json, report)
     return 1 if failed else 0
 
 

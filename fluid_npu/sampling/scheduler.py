@@ -161,12 +161,14 @@ class Scheduler(PrefillMixin, StepMixin):
 
     def _budget(self, budgets: MutableMapping[Any, DraftBudget] | None) -> DraftBudget:
         """This engine's draft budget: a new one, or the one ``budgets`` keeps for this policy,
-        device, dtype and compile setting (costs and acceptance carry over between engines)."""
+        device, dtype and forward (compiled, lean or modules: each costs its own time); costs and
+        acceptance carry over between engines."""
         fixed = self.policy.kind == "fixed"
         if budgets is None:
             return DraftBudget(self.k, fixed=fixed, adaptive=self.adaptive)
         dtype = next(self.model.parameters()).dtype
-        key = (self.policy, self.adaptive, self._compiled is not None, str(self.device), dtype)
+        forward = (self._compiled is not None, self._lean is not None)
+        key = (self.policy, self.adaptive, forward, str(self.device), dtype)
         if key not in budgets:
             budgets[key] = DraftBudget(self.k, fixed=fixed, adaptive=self.adaptive)
         return budgets[key]
