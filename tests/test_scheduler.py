@@ -237,6 +237,25 @@ def test_compiled_decode_step_gives_the_same_tokens(tok, lean):
     assert counters["stats"]["unique_graphs"] > graphs  # a graph really was captured
 
 
+@pytest.mark.parametrize("compiling", [True, False])
+def test_a_step_that_compiles_is_not_timed_into_the_budget(tok, monkeypatch, compiling):
+    """A compiled engine's decode step during which torch.compile compiled a frame took seconds of
+    compilation, not of decoding: timed into the draft budget it would price every block out (the
+    engine would decode as AR). Such steps are not recorded; steps that compiled nothing are."""
+    from fluid_npu.sampling import step
+
+    frames = iter(range(10**6))
+    monkeypatch.setattr(step, "_compiles", (lambda: next(frames)) if compiling else (lambda: 7))
+    model = build_tiny_model("llama", tok, seed=3)
+    p = tok("hello world")["input_ids"]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=1, eos_ids=[], k_max=4)
+    sched._compiled = sched._lean  # stands in for the compiled forward (the same arithmetic)
+    out = run_requests(sched, [Request("0", p, 12)])["0"][0]
+    assert out == _greedy_alone(model, p, 12, [])
+    assert sched.decode_forwards > 0
+    assert (sched.budget.step_cost == {}) is compiling
+
+
 def test_a_lone_long_request_moves_down_and_the_step_shrinks(tok):
     model = build_tiny_model("llama", tok, seed=3)
     prompts = [tok(t)["input_ids"] for t in TEXTS[:4]]
