@@ -16,7 +16,14 @@ from transformers import AddedToken
 
 from fluid_npu.cli import main
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
-from fluid_npu.real.measure import ForwardCounter, gold_ids, gold_nll
+from fluid_npu.real.measure import (
+    ALWAYS,
+    ForwardCounter,
+    _fluid_decode,
+    chat_ids,
+    gold_ids,
+    gold_nll,
+)
 
 ROWS = [
     {
@@ -84,8 +91,9 @@ def test_real_run_end_to_end_then_reuses_every_stage(tmp_path, capsys):
     assert f["mask_token_same"] and f["lossless"]
     decode = json.loads((out / "eval" / "decode.json").read_text())
     names = set(decode["decoders"])
+    policies = ("fixed:4", "entropy", "khead")
     assert names == {"generate", "prompt_lookup", "base generate"} | {
-        f"fluid {p}" for p in ("fixed:4", "entropy", "khead")
+        f"fluid {p}{suffix}" for p in policies for suffix in ("", ALWAYS)
     }
     samples = decode["samples"]
     for name, r in decode["decoders"].items():
@@ -115,6 +123,30 @@ def test_real_run_end_to_end_then_reuses_every_stage(tmp_path, capsys):
     assert main(argv) == 0  # everything reused
     assert capsys.readouterr().out.count("done, reused") == 6
     assert main([*argv, "--max-new-tokens", "13"]) == 2  # other settings: one error
+
+
+def test_fluid_decoders_run_with_the_draft_budget_and_without(tmp_path, monkeypatch):
+    """The TPF figures (curve, `always drafting` rows) must show what the slots can draft, which
+    the engine's draft budget hides where drafts do not pay: those decodes turn it off."""
+    from fluid_npu.real.pipeline import _load_fluid
+    from fluid_npu.sampling.scheduler import Scheduler
+
+    out = tmp_path / "real"
+    tiny_real_base(out)
+    fluid = _load_fluid(out / "base", None)
+    seen = []
+    init = Scheduler.__init__
+
+    def spy(self, *args, adaptive=True, **kwargs):
+        seen.append(adaptive)
+        init(self, *args, adaptive=adaptive, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "__init__", spy)
+    ids = chat_ids(fluid.tokenizer, ROWS[0]["question"])
+    on = _fluid_decode(fluid, ids, 8, "fixed:4")
+    off = _fluid_decode(fluid, ids, 8, "fixed:4", adaptive=False)
+    assert seen == [True, False]
+    assert on["tokens"] == off["tokens"]  # lossless either way
 
 
 def test_real_run_without_prepared_assets_is_one_error(tmp_path, capsys):

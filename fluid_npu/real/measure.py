@@ -7,8 +7,11 @@
   ``generate`` on the base (its accuracy), greedy ``generate`` on the Stage I model (the reference
   every FLUID policy must equal token for token, and the speed baseline), transformers'
   prompt-lookup decoding (``prompt_lookup_num_tokens``, training-free drafting) on the Stage I
-  model, and each FLUID policy through the public ``FluidForCausalLM.generate``. Batch 1 because
-  prompt-lookup decoding takes one sequence, and because that is the latency a user sees.
+  model, and each FLUID policy through the public ``FluidForCausalLM.generate`` — twice: as the
+  engine runs by default (its draft budget decodes as AR where drafts do not pay on this
+  machine) and with the budget off (``, always drafting``: every step drafts as the policy says,
+  so TPF shows what the slots can draft). Batch 1 because prompt-lookup decoding takes one
+  sequence, and because that is the latency a user sees.
 
 TPF is new tokens per model forward: for transformers' decoders the forwards are counted with a
 hook on the model (the prompt's forward, which also yields the first token, counts as one); for
@@ -28,6 +31,7 @@ from fluid_npu.eval.tasks import encode_question, is_correct
 from fluid_npu.sampling.lossless import cut_at_eos
 
 PROMPT_LOOKUP_TOKENS = 10  # transformers' own example value for prompt_lookup_num_tokens
+ALWAYS = ", always drafting"  # the suffix of a FLUID decoder run with the draft budget off
 WARMUP_TOKENS = 4
 
 
@@ -98,9 +102,14 @@ def _hf_decode(model: Any, ids: list[int], max_new: int, eos: list[int], **kw: A
     return {"tokens": cut_at_eos(new, eos), "forwards": fc.count, "wall_s": wall}
 
 
-def _fluid_decode(fluid: Any, ids: list[int], max_new: int, policy: str) -> dict:
+def _fluid_decode(
+    fluid: Any, ids: list[int], max_new: int, policy: str, adaptive: bool = True
+) -> dict:
+    """One prompt through ``FluidForCausalLM.generate``; ``adaptive=False`` turns the engine's
+    draft budget off, so every step drafts as the policy says (what the slots can draft, not
+    only what pays on this machine)."""
     x = torch.tensor([ids], device=fluid.device)
-    fluid.generate(x, max_new_tokens=max_new, policy=policy)
+    fluid.generate(x, max_new_tokens=max_new, policy=policy, engine_kwargs={"adaptive": adaptive})
     out, stats = fluid.last_output, fluid.last_stats
     return {
         "tokens": out.new_tokens[0],
@@ -122,6 +131,10 @@ def decoders(
     }
     for policy in policies:
         table[f"fluid {policy}"] = lambda ids, p=policy: _fluid_decode(fluid, ids, max_new, p)
+    for policy in policies:
+        table[f"fluid {policy}{ALWAYS}"] = lambda ids, p=policy: _fluid_decode(
+            fluid, ids, max_new, p, adaptive=False
+        )
     if base is not None:
         table["base generate"] = lambda ids: _hf_decode(base, ids, max_new, eos)
     return table

@@ -9,9 +9,11 @@ On the assets of ``fluid real prepare`` (``OUT/base``, ``OUT/data/gsm8k_test.jso
 3. *Stage II* (``configs/real_stage2.yaml``): the K-head on the frozen Stage I model;
 4. *gold NLL* of the base and of the Stage I model's AR path on every test problem;
 5. *curve*: FLUID TPF on a few test prompts at step 0 (the base's untrained slots) and at every
-   Stage I checkpoint — how TPF grows with adaptation;
+   Stage I checkpoint, the engine's draft budget off (every step drafts) — how TPF grows with
+   adaptation;
 6. *decode*: on ``--eval-problems`` test problems at batch 1, in one process: transformers'
-   ``generate`` (base, Stage I), prompt lookup and every FLUID policy (``real/measure.py``);
+   ``generate`` (base, Stage I), prompt lookup and every FLUID policy, with the draft budget on
+   (the default) and off (``real/measure.py``);
 7. *report*: ``summary.json``, ``report.md`` and plots (``real/report.py``).
 
 Stages are cached as in ``fluid demo`` (``fluid_npu.demo.pipeline.Stages``): a finished stage is
@@ -105,8 +107,10 @@ def tpf_curve(base: Path, stage1: Path, rows: list[dict], max_new: int) -> list[
         fluid = _load_fluid(base, adapter)
         point: dict[str, Any] = {"step": step}
         for policy in CURVE_POLICIES:
-            runs = [
-                _fluid_decode(fluid, chat_ids(fluid.tokenizer, r["question"]), max_new, policy)
+            runs = [  # the draft budget off: what the slots can draft, step by step
+                _fluid_decode(
+                    fluid, chat_ids(fluid.tokenizer, r["question"]), max_new, policy, False
+                )
                 for r in rows
             ]
             tokens = sum(len(r["tokens"]) for r in runs)

@@ -199,12 +199,16 @@ def _markdown(out: Path, summary: dict[str, Any], wall: float, command: str) -> 
         f"## Decoders on {decode['n']} GSM8K problems (batch 1, greedy, "
         f"≤ {decode['max_new_tokens']} new tokens)",
         "Every decoder but the first runs the Stage I model; `identical` = the fraction of "
-        "problems whose tokens equal transformers' greedy `generate` on it.",
+        "problems whose tokens equal transformers' greedy `generate` on it. A FLUID policy runs "
+        "as the engine does by default (its draft budget decodes as AR where drafts do not pay "
+        "on this machine) and `always drafting` (the budget off: TPF shows what the slots can "
+        "draft).",
         _table(["decoder", "accuracy", "TPF", "tokens/s", "× generate", "identical"], decoders),
         "![decoders](plots/decoders.png)",
         "## TPF against Stage I steps",
         f"FLUID on the first {curve['prompts']} problems (≤ {curve['max_new_tokens']} new tokens); "
-        "step 0 is the base model with untrained MASK slots.",
+        "step 0 is the base model with untrained MASK slots; the draft budget is off (every "
+        "step drafts), so the curve shows what the slots can draft.",
         _table(["step", *curve["policies"]], points),
         "![TPF vs steps](plots/tpf_vs_steps.png)",
         "## Training",
