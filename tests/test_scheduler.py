@@ -237,6 +237,23 @@ def test_compiled_decode_step_gives_the_same_tokens(tok, lean):
     assert counters["stats"]["unique_graphs"] > graphs  # a graph really was captured
 
 
+def test_compile_options_reach_torch_compile(tok, monkeypatch):
+    """``compile_options`` go to ``torch.compile`` as given (``dynamic`` included: static shapes
+    only by default); the compiled forward is the lean one where it applies."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    model = build_tiny_model("llama", tok, seed=3)
+    for options in (None, {"dynamic": None, "fullgraph": True}):
+        sched = Scheduler(
+            model, tok.mask_token_id, policy="ar", compile=True, compile_options=options
+        )
+        assert sched._compiled is sched._lean
+    assert seen == [
+        {"mode": None, "dynamic": False},
+        {"dynamic": None, "fullgraph": True, "mode": None},
+    ]
+
+
 @pytest.mark.parametrize("compiling", [True, False])
 def test_a_step_that_compiles_is_not_timed_into_the_budget(tok, monkeypatch, compiling):
     """A compiled engine's decode step during which torch.compile compiled a frame took seconds of

@@ -156,7 +156,8 @@ class Scheduler(PrefillMixin, StepMixin):
             if "backend" not in options:
                 options.setdefault("mode", None if self.device.type == "cpu" else "reduce-overhead")
             target = self._decoder if self._lean is None else self._lean
-            self._compiled = torch.compile(target, dynamic=False, **options)
+            options.setdefault("dynamic", False)  # static shapes (bucketed): see docs/engine.md
+            self._compiled = torch.compile(target, **options)
         self.budget = self._budget(budgets)
 
     def _budget(self, budgets: MutableMapping[Any, DraftBudget] | None) -> DraftBudget:
