@@ -33,6 +33,7 @@ def test_serve_flag_errors(capsys, tmp_path):
     assert "--max-batch" in _error(capsys, ["serve", "--model", "m", "--max-batch", "0"])
     assert "--max-queue" in _error(capsys, ["serve", "--model", "m", "--max-queue", "-1"])
     assert "--api-key" in _error(capsys, ["serve", "--model", "m", "--api-key", " "])
+    assert "--threads" in _error(capsys, ["serve", "--model", "m", "--threads", "0"])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -48,6 +49,7 @@ def test_bench_serve_flag_errors(capsys, tmp_path):
     assert "exactly one of --model" in _error(capsys, [*base, "--model", "m", "--url", "u"])
     assert "--policies" in _error(capsys, [*base, "--url", "http://x", "--policies", "ar"])
     assert "--rate" in _error(capsys, [*base, "--url", "http://x", "--rate", "0"])
+    assert "--threads" in _error(capsys, [*base, "--model", "m", "--threads", "-1"])
     bad = _prompts(tmp_path, [{"text": "abc"}])
     msg = _error(capsys, ["bench", "serve", "--prompts", bad, "--json", "r", "--url", "http://x"])
     assert 'prompts.jsonl:1: each line needs "prompt"' in msg
@@ -82,7 +84,7 @@ def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
     argv = ["bench", "serve", "--model", model_dir, "--prompts", prompts, "--json", str(out),
             "--num-requests", "12", "--concurrency", "4", "--max-tokens", "48",
             "--max-batch", "4", "--max-len", "128", "--warmup", "2",
-            "--no-adaptive-drafting"]  # fmt: skip
+            "--no-adaptive-drafting", "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(out.read_text())
     fluid, ar = report["results"]["entropy"], report["results"]["ar"]
@@ -95,6 +97,23 @@ def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
     )
     assert report["server_args"][:2] == ["--model", model_dir]
     assert "--no-adaptive-drafting" in report["server_args"]
+    at = report["server_args"].index("--threads")
+    assert report["server_args"][at : at + 2] == ["--threads", "1"]
+
+
+def test_threads_set_the_engine_s_torch_threads(model_dir):  # noqa: F811
+    """``--threads N``: the engine computes on N torch threads (reported by /health)."""
+    import torch
+
+    from fluid_npu.serve.server import ServeSettings, build_scheduler
+
+    before = torch.get_num_threads()
+    try:
+        for n in (2, 1):
+            *_, info = build_scheduler(ServeSettings(model=model_dir, threads=n))
+            assert info["torch_threads"] == n == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_missing_serve_extra_is_one_clear_error(capsys, monkeypatch):

@@ -39,7 +39,7 @@ from fluid_npu.serve.launch import ServerProcess
 BENCH_KEYS = (
     "model", "adapter", "khead", "url", "policies", "prompts", "json", "num_requests", "rate",
     "concurrency", "max_tokens", "ignore_eos", "chat", "warmup", "rounds", "seed", "dtype",
-    "device", "max_batch", "max_len", "compile", "mask_token", "no_adaptive_drafting",
+    "device", "max_batch", "max_len", "compile", "mask_token", "no_adaptive_drafting", "threads",
 )  # fmt: skip
 PERCENTILES = (50, 90, 99)
 GOAL_VS_AR = 3.0

@@ -1,8 +1,9 @@
 """The flags of ``fluid serve`` and ``fluid bench serve``; both register with ``fluid_npu.cli``.
 
 ``fluid serve --model DIR [--adapter DIR] [--khead DIR] [--policy P] [--dtype D] [--host H]
-[--port N] [--max-batch N] [--max-queue N] [--api-key KEY] ...`` runs the OpenAI-compatible server
-(``fluid_npu.serve.server``); ``--api-key`` falls back to ``$FLUID_API_KEY``.
+[--port N] [--max-batch N] [--max-queue N] [--api-key KEY] [--threads N] ...`` runs the
+OpenAI-compatible server (``fluid_npu.serve.server``); ``--api-key`` falls back to
+``$FLUID_API_KEY``.
 
 ``fluid bench serve`` (``fluid_npu.serve.bench``) starts one ``fluid serve`` per policy — the
 FLUID policy and ``ar`` by default, same flags otherwise — and loads each with the same requests,
@@ -29,6 +30,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--max-len", type=int, default=None, help="prompt + completion tokens per request"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the engine (default: torch's, one per core); on a CPU shared "
+        "with the clients or other servers, fewer is faster",
+    )
     p.add_argument(
         "--no-adaptive-drafting",
         action="store_true",
@@ -93,6 +101,7 @@ def serve_command(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         compile=args.compile,
         adaptive=not args.no_adaptive_drafting,
+        threads=args.threads,
     )
     return serve(settings)
 
@@ -130,6 +139,8 @@ def bench_serve_command(args: argparse.Namespace) -> int:
 
     if (args.url is None) == (args.model is None):
         raise ConfigError("give exactly one of --model DIR (servers started here) or --url URL")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else None
     settings = ServeBenchSettings(
         prompts=args.prompts,
@@ -164,6 +175,7 @@ def _server_args(args: argparse.Namespace) -> list[str]:
         "device",
         "max_batch",
         "max_len",
+        "threads",
     ):
         value = getattr(args, key)
         if value is not None:

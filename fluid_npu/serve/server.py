@@ -49,6 +49,7 @@ class ServeSettings:
     drain_timeout: float = 30.0
     compile: bool = False
     adaptive: bool = True  # the engine's cost-driven drafting choices (False: fixed blocks)
+    threads: int | None = None  # torch's intra-op threads for the engine (None: torch's default)
 
     def check(self) -> None:
         """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
@@ -64,6 +65,8 @@ class ServeSettings:
             raise ConfigError(f"--max-len must be at least 2, got {self.max_len}")
         if self.drain_timeout < 0:
             raise ConfigError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
 
@@ -98,6 +101,8 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
     from fluid_npu.sampling.prompts import quiet_loading
     from fluid_npu.sampling.scheduler import Scheduler
 
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     dev = devices.current(force=settings.device).device
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     with quiet_loading():
