@@ -109,11 +109,15 @@ def test_real_run_end_to_end_then_reuses_every_stage(tmp_path, capsys):
     assert f["nll_ratio"] == pytest.approx(f["stage1_nll"] / f["base_nll"])
     curve = json.loads((out / "eval" / "curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 2, 4]
+    assert curve["adaptive"] is False  # the curve shows what the slots draft, budget off
     assert set(summary["goals"]) == {
         "nll_ratio", "lossless", "best_tpf", "tpf_vs_prompt_lookup", "speed_vs_generate"
     }  # fmt: skip
     report = (out / "report.md").read_text()
-    for part in ("## Goals", "TPF against Stage I steps", "prompt_lookup", "<empty_output>"):
+    for part in (
+        "## Goals", "TPF against Stage I steps", "prompt_lookup", "<empty_output>",
+        "`always drafting` (the budget off", "the draft budget is off (every step drafts)",
+    ):  # fmt: skip
         assert part in report
     for plot in ("loss_curves", "tpf_vs_steps", "decoders"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 0
@@ -147,6 +151,8 @@ def test_fluid_decoders_run_with_the_draft_budget_and_without(tmp_path, monkeypa
     off = _fluid_decode(fluid, ids, 8, "fixed:4", adaptive=False)
     assert seen == [True, False]
     assert on["tokens"] == off["tokens"]  # lossless either way
+    # the two keep separate draft budgets: the budget-off decode never feeds the default one
+    assert sorted(key[1] for key in fluid.draft_budgets) == [False, True]
 
 
 def test_real_run_without_prepared_assets_is_one_error(tmp_path, capsys):

@@ -254,6 +254,27 @@ def test_compile_options_reach_torch_compile(tok, monkeypatch):
     ]
 
 
+def test_compiled_engine_times_only_the_steps_that_did_not_compile(tok):
+    """With real dynamo (the eager backend: no inductor, quick): the first decode step compiles
+    and is left out of the budget; later steps on known shapes are timed into it."""
+    model = build_tiny_model("llama", tok, seed=3)
+    p = tok("hello world")["input_ids"]
+    sched = Scheduler(
+        model,
+        tok.mask_token_id,
+        policy="fixed:2",
+        max_batch=1,
+        eos_ids=[],
+        k_max=4,
+        compile=True,
+        compile_options={"backend": "eager"},
+    )
+    out = run_requests(sched, [Request("0", p, 24)])["0"][0]
+    assert out == _greedy_alone(model, p, 24, [])
+    timed = sched.budget._decode_steps
+    assert 0 < timed < sched.decode_forwards and sched.budget.step_cost
+
+
 @pytest.mark.parametrize("compiling", [True, False])
 def test_a_step_that_compiles_is_not_timed_into_the_budget(tok, monkeypatch, compiling):
     """A compiled engine's decode step during which torch.compile compiled a frame took seconds of

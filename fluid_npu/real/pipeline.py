@@ -109,7 +109,7 @@ def tpf_curve(base: Path, stage1: Path, rows: list[dict], max_new: int) -> list[
         for policy in CURVE_POLICIES:
             runs = [  # the draft budget off: what the slots can draft, step by step
                 _fluid_decode(
-                    fluid, chat_ids(fluid.tokenizer, r["question"]), max_new, policy, False
+                    fluid, chat_ids(fluid.tokenizer, r["question"]), max_new, policy, adaptive=False
                 )
                 for r in rows
             ]
@@ -182,6 +182,7 @@ def run_real(args: argparse.Namespace) -> int:
     def curve() -> None:
         points = tpf_curve(base, stage1, rows[: args.curve_prompts], args.curve_tokens)
         record = {"policies": CURVE_POLICIES, "points": points, "prompts": args.curve_prompts}
+        record["adaptive"] = False  # measured with the draft budget off (the report says so)
         write_json_atomic(evals / "curve.json", {**record, "max_new_tokens": args.curve_tokens})
 
     def decode() -> None:

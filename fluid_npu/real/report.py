@@ -22,6 +22,7 @@ import torch
 from fluid_npu.device import cpu_name
 from fluid_npu.eval.report import pyplot, save_figure
 from fluid_npu.io import versions, write_json_atomic, write_text_atomic
+from fluid_npu.real.measure import ALWAYS
 
 GOALS: dict[str, tuple[str, Any]] = {
     "nll_ratio": ("≤ 1.02 (Stage I AR ÷ base, gold solutions)", lambda v: v <= 1.02),
@@ -145,7 +146,7 @@ def plot_decoders(decode: dict[str, Any], path: Path) -> Path | None:
         (axes[1], "speed_vs_generate", "tokens/s ÷ generate"),
     ):
         ax.bar(range(len(names)), [decode["decoders"][n][key] for n in names])
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     return save_figure(plt, fig, path)
@@ -178,6 +179,18 @@ def _markdown(out: Path, summary: dict[str, Any], wall: float, command: str) -> 
     ]  # fmt: skip
     points = [[p["step"], *(p[q] for q in curve["policies"])] for p in curve["points"]]
     sample = decode["samples"][0]
+    # what the files say they measured (a run directory from an older build has neither)
+    always = ""
+    if any(n.endswith(ALWAYS) for n in decode["order"]):
+        always = (
+            " A FLUID policy runs as the engine does by default (its draft budget decodes as AR "
+            "where drafts do not pay on this machine) and `always drafting` (the budget off: TPF "
+            "shows what the slots can draft)."
+        )
+    budget_off = ""
+    if curve.get("adaptive") is False:
+        budget_off = "; the draft budget is off (every step drafts), so the curve shows what the "
+        budget_off += "slots can draft"
     parts = [
         "# FLUID on SmolLM2-135M-Instruct and real GSM8K problems",
         f"`{command}`, {time.strftime('%Y-%m-%d %H:%M')}; {m['cpu']} ({m['cores']} cores, "
@@ -199,16 +212,12 @@ def _markdown(out: Path, summary: dict[str, Any], wall: float, command: str) -> 
         f"## Decoders on {decode['n']} GSM8K problems (batch 1, greedy, "
         f"≤ {decode['max_new_tokens']} new tokens)",
         "Every decoder but the first runs the Stage I model; `identical` = the fraction of "
-        "problems whose tokens equal transformers' greedy `generate` on it. A FLUID policy runs "
-        "as the engine does by default (its draft budget decodes as AR where drafts do not pay "
-        "on this machine) and `always drafting` (the budget off: TPF shows what the slots can "
-        "draft).",
+        "problems whose tokens equal transformers' greedy `generate` on it." + always,
         _table(["decoder", "accuracy", "TPF", "tokens/s", "× generate", "identical"], decoders),
         "![decoders](plots/decoders.png)",
         "## TPF against Stage I steps",
         f"FLUID on the first {curve['prompts']} problems (≤ {curve['max_new_tokens']} new tokens); "
-        "step 0 is the base model with untrained MASK slots; the draft budget is off (every "
-        "step drafts), so the curve shows what the slots can draft.",
+        "step 0 is the base model with untrained MASK slots" + budget_off + ".",
         _table(["step", *curve["policies"]], points),
         "![TPF vs steps](plots/tpf_vs_steps.png)",
         "## Training",

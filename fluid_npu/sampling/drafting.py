@@ -1,8 +1,9 @@
 """Drafting that pays for itself: the decode engine's measured step costs and its draft choices.
 
-A ``DraftBudget`` watches every decode step the engine runs — its shape (rows × width) and seconds —
-and every verify — the block length the drafts came from and how many were accepted — and answers
-the engine's three questions before a step:
+A ``DraftBudget`` watches every decode step the engine runs — its shape (rows × width) and seconds;
+a compiled engine's steps that compiled are left out — and every verify — the block length the
+drafts came from and how many were accepted — and answers the engine's three questions before a
+step:
 
 * **block length** (``choose_length``): of ``K``, ``K/2``, ``K/4``, 2 and 1, the one with the most
   expected tokens per second at this batch size (a compute-bound step wastes least on short

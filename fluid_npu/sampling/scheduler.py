@@ -31,7 +31,8 @@ drafts earn less than a block costs decodes as plain AR, probing now and then. T
 measured time, so they vary run to run (the tokens never do); ``adaptive=False`` turns them off,
 and while a sampling request is in the batch they stay per-row (so its seed is batch-invariant).
 ``budgets=`` (a dict the caller keeps, as ``FluidForCausalLM`` does) lets engines on the same model
-share what they measured, one budget per policy, instead of each starting from the prior.
+share what they measured — one budget per policy, ``adaptive`` setting, device, dtype and forward —
+instead of each starting from the prior.
 
 Every committed token is an AR argmax of the model, so each request's output equals greedy
 decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py``).
@@ -162,8 +163,8 @@ class Scheduler(PrefillMixin, StepMixin):
 
     def _budget(self, budgets: MutableMapping[Any, DraftBudget] | None) -> DraftBudget:
         """This engine's draft budget: a new one, or the one ``budgets`` keeps for this policy,
-        device, dtype and forward (compiled, lean or modules: each costs its own time); costs and
-        acceptance carry over between engines."""
+        ``adaptive`` setting, device, dtype and forward (compiled, lean or modules: each costs its
+        own time); costs and acceptance carry over between engines."""
         fixed = self.policy.kind == "fixed"
         if budgets is None:
             return DraftBudget(self.k, fixed=fixed, adaptive=self.adaptive)
