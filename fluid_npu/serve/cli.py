@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from fluid_npu.demo.pipeline import _positive  # the same integers as the demo's --threads
 from fluid_npu.errors import ConfigError
 
 
@@ -32,7 +33,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive,
         default=None,
         help="torch threads for the engine (default: torch's, one per core); on a CPU shared "
         "with the clients or other servers, fewer is faster",
@@ -139,8 +140,6 @@ def bench_serve_command(args: argparse.Namespace) -> int:
 
     if (args.url is None) == (args.model is None):
         raise ConfigError("give exactly one of --model DIR (servers started here) or --url URL")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else None
     settings = ServeBenchSettings(
         prompts=args.prompts,
