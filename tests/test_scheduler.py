@@ -254,6 +254,24 @@ def test_compile_options_reach_torch_compile(tok, monkeypatch):
     ]
 
 
+def test_engines_share_a_budget_only_with_the_same_compile_settings(tok, monkeypatch):
+    """A draft budget holds measured step costs, so engines compiled with other settings (another
+    backend or mode costs other time) or not compiled keep their own; the same settings share."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    model = build_tiny_model("llama", tok, seed=3)
+    store: dict = {}
+
+    def engine(**kw):
+        return Scheduler(model, tok.mask_token_id, policy="entropy", budgets=store, **kw)
+
+    inductor = engine(compile=True)
+    assert engine(compile=True).budget is inductor.budget
+    eager_backend = engine(compile=True, compile_options={"backend": "eager"})
+    assert eager_backend.budget is not inductor.budget
+    assert engine().budget not in (inductor.budget, eager_backend.budget)
+    assert len(store) == 3
+
+
 def test_compiled_engine_times_only_the_steps_that_did_not_compile(tok):
     """With real dynamo (the eager backend: no inductor, quick): the first decode step compiles
     and is left out of the budget; later steps on known shapes are timed into it."""

@@ -50,6 +50,11 @@ def test_bench_serve_flag_errors(capsys, tmp_path):
     assert "--policies" in _error(capsys, [*base, "--url", "http://x", "--policies", "ar"])
     assert "--rate" in _error(capsys, [*base, "--url", "http://x", "--rate", "0"])
     assert "--threads" in _error(capsys, [*base, "--model", "m", "--threads", "-1"])
+    # flags for servers started here are not silently dropped against a running server
+    url = [*base, "--url", "http://x"]
+    assert "--threads configure the servers" in _error(capsys, [*url, "--threads", "2"])
+    msg = _error(capsys, [*url, "--dtype", "bfloat16", "--compile", "--max-batch", "4"])
+    assert "--dtype, --max-batch, --compile configure" in msg
     bad = _prompts(tmp_path, [{"text": "abc"}])
     msg = _error(capsys, ["bench", "serve", "--prompts", bad, "--json", "r", "--url", "http://x"])
     assert 'prompts.jsonl:1: each line needs "prompt"' in msg

@@ -150,6 +150,7 @@ class Scheduler(PrefillMixin, StepMixin):
             model.set_attn_implementation(SLOT_ATTENTION)
         self._cache_kw = cache_keyword(model)
         self._compiled = None  # the decode step's forward under torch.compile (prefill stays eager)
+        self._compile_key: tuple[tuple[str, str], ...] | None = None  # its settings (budget key)
         if compile:
             # inductor on a CPU; on an accelerator also device graphs ("reduce-overhead"); an
             # Ascend graph mode comes as compile_options={"backend": torchair's npu backend}
@@ -159,17 +160,19 @@ class Scheduler(PrefillMixin, StepMixin):
             target = self._decoder if self._lean is None else self._lean
             options.setdefault("dynamic", False)  # static shapes (bucketed): see docs/engine.md
             self._compiled = torch.compile(target, **options)
+            self._compile_key = tuple(sorted((k, repr(v)) for k, v in options.items()))
         self.budget = self._budget(budgets)
 
     def _budget(self, budgets: MutableMapping[Any, DraftBudget] | None) -> DraftBudget:
         """This engine's draft budget: a new one, or the one ``budgets`` keeps for this policy,
-        ``adaptive`` setting, device, dtype and forward (compiled, lean or modules: each costs its
-        own time); costs and acceptance carry over between engines."""
+        ``adaptive`` setting, device, dtype and forward (compiled — with its settings: a backend
+        or mode costs its own time — lean or modules); costs and acceptance carry over between
+        engines."""
         fixed = self.policy.kind == "fixed"
         if budgets is None:
             return DraftBudget(self.k, fixed=fixed, adaptive=self.adaptive)
         dtype = next(self.model.parameters()).dtype
-        forward = (self._compiled is not None, self._lean is not None)
+        forward = (self._compile_key, self._lean is not None)
         key = (self.policy, self.adaptive, forward, str(self.device), dtype)
         if key not in budgets:
             budgets[key] = DraftBudget(self.k, fixed=fixed, adaptive=self.adaptive)

@@ -7,7 +7,8 @@ OpenAI-compatible server (``fluid_npu.serve.server``); ``--api-key`` falls back 
 
 ``fluid bench serve`` (``fluid_npu.serve.bench``) starts one ``fluid serve`` per policy — the
 FLUID policy and ``ar`` by default, same flags otherwise — and loads each with the same requests,
-or loads a running server given by ``--url``.
+or loads a running server given by ``--url`` (whose own settings hold: a server flag given with
+``--url`` is an error, not silently dropped).
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import os
 
 from fluid_npu.demo.pipeline import _positive  # the same integers as the demo's --threads
 from fluid_npu.errors import ConfigError
+
+# the model flags a spawned server gets (``fluid bench serve`` passes them on)
+SERVER_KEYS = (
+    "adapter", "khead", "mask_token", "dtype", "device", "max_batch", "max_len", "threads",
+)  # fmt: skip
+SERVER_SWITCHES = ("compile", "no_adaptive_drafting")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -130,7 +137,9 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--warmup", type=int, default=4, help="untimed requests first, per server")
     s.add_argument("--rounds", type=int, default=4, help="slices visiting the servers in turn")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
-    s.set_defaults(handler=bench_serve_command)
+    # what a server flag is when not given: with --url, a flag set otherwise is an error
+    defaults = {key: s.get_default(key) for key in (*SERVER_KEYS, *SERVER_SWITCHES)}
+    s.set_defaults(handler=bench_serve_command, server_defaults=defaults)
 
 
 def bench_serve_command(args: argparse.Namespace) -> int:
@@ -140,6 +149,17 @@ def bench_serve_command(args: argparse.Namespace) -> int:
 
     if (args.url is None) == (args.model is None):
         raise ConfigError("give exactly one of --model DIR (servers started here) or --url URL")
+    if args.url is not None:
+        given = [
+            f"--{key.replace('_', '-')}"
+            for key, default in args.server_defaults.items()
+            if getattr(args, key) != default
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} configure the servers started here (--model DIR), and the "
+                "server at --url runs with its own settings: drop them, or start it with them"
+            )
     policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else None
     settings = ServeBenchSettings(
         prompts=args.prompts,
@@ -165,17 +185,7 @@ def bench_serve_command(args: argparse.Namespace) -> int:
 def _server_args(args: argparse.Namespace) -> list[str]:
     """The ``fluid serve`` flags a spawned server gets from the bench's own flags."""
     out: list[str] = []
-    for key in (
-        "model",
-        "adapter",
-        "khead",
-        "mask_token",
-        "dtype",
-        "device",
-        "max_batch",
-        "max_len",
-        "threads",
-    ):
+    for key in ("model", *SERVER_KEYS):
         value = getattr(args, key)
         if value is not None:
             out += [f"--{key.replace('_', '-')}", str(value)]
