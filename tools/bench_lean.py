@@ -14,11 +14,12 @@ Exits 1 when any row's tokens differ.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from engine_args import engine_parser, load, report_head
 
 VARIANTS = {"lean": True, "modules": False}
 
@@ -57,41 +58,19 @@ def _decode(fluid: Any, prompts: list[list[int]], batch: int, policy: str, lean:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--khead", default=None)
-    ap.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'input_ids' per line")
-    ap.add_argument("--json", required=True, help="where the JSON report is written")
-    ap.add_argument("--batch-sizes", default="1,8,32")
-    ap.add_argument("--policies", default="ar,entropy")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap = engine_parser(__doc__)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--device", default=None, help="cpu, cuda, npu (default: cpu)")
     args = ap.parse_args(argv)
 
     from fluid_npu.io import write_json_atomic
-    from fluid_npu.sampling.bench_report import device_info
     from fluid_npu.sampling.lean import LeanDecoder
-    from fluid_npu.sampling.pretrained import FluidForCausalLM
-    from fluid_npu.sampling.prompts import encode_prompt, quiet_loading, read_prompt_file
 
-    with quiet_loading():
-        fluid = FluidForCausalLM.from_pretrained(
-            args.model, khead=args.khead, dtype=args.dtype, device=args.device
-        )
+    fluid, prompts = load(args)
     if LeanDecoder.of(fluid.model) is None:
         print(f"bench_lean: {args.model} does not take the lean forward", file=sys.stderr)
         return 2
-    rows = read_prompt_file(args.prompts)
-    prompts = [encode_prompt(fluid.tokenizer, r, where=f"{args.prompts}:{n + 1}").ids
-               for n, r in enumerate(rows)]  # fmt: skip
     report: dict[str, Any] = {
-        "command": " ".join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
-        "device": device_info(fluid.device),
-        "dtype": str(next(fluid.model.parameters()).dtype),
-        "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens,
+        **report_head(argv, fluid, prompts, args),
         "repeats": args.repeats,
         "rows": [],
     }

@@ -2,14 +2,15 @@
 their prompts into the slot cache, a chunk per step.
 
 ``PrefillMixin._admit`` gives each free slot (lowest index first) the next waiting request, with
-its EOS ids, token budget and sampling settings. ``_prefill`` runs one forward for every slot
+its EOS ids, token budget and sampling settings (one write per setting for all the slots a step
+admits: on an eager accelerator every write is a launch). ``_prefill`` runs one forward for every slot
 still encoding its prompt: each its next chunk of at most ``prefill_chunk`` tokens of
 ``prompt[:-1]`` (a forward of first chunks without drafts is plain causal attention, no mask
 tensor); the chunk that ends a prompt also drafts the first tokens — MASK slots anchored at the
 prompt's ``P-2``, as Stage I trains them; as many as the decode steps' blocks now hold (``K`` for a
 sampling request) — unless drafting has not been paying. ``_start``
-turns those slots into the request's first drafts and candidate blocks: from the next step on the
-slot decodes (``step.py``).
+turns those slots into the requests' first drafts and candidate blocks, for every prompt the chunk
+ended at once: from the next step on the slots decode (``step.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from fluid_npu import device as devices
 from fluid_npu.layout import slot_block
 from fluid_npu.sampling.fused import choose_anchors
-from fluid_npu.sampling.rules import SamplingParams
 from fluid_ops.meta import MAIN, PAD
 
 
@@ -29,36 +29,43 @@ class PrefillMixin:
     """Admission and chunked prefill of ``Scheduler`` (which owns the state these methods use)."""
 
     def _admit(self) -> None:
+        """Waiting requests into free slots (lowest index first), their per-slot settings written
+        once for all of them."""
+        rows = []
         for i in range(self.slots_n):
             if not self.waiting:
-                return
+                break
             if self.slots[i] is None:
-                slot = self.waiting.popleft()
-                self.slots[i] = slot
-                eos = self._eos_of(i)
-                row = torch.full((self.eos.shape[1],), -1, dtype=torch.long)
-                row[: len(eos)] = torch.tensor(eos, dtype=torch.long)
-                self.eos[i] = row.to(self.device)
-                self.max_new[i] = slot.req.max_new_tokens
-                self.new_count[i] = 0
-                self.length[i] = 0
-                self.run[i] = False
-                self._set_sampling(i, slot.params)
+                self.slots[i] = self.waiting.popleft()
+                rows.append(i)
+        if not rows:
+            return
+        slots = [self.slots[i] for i in rows]
+        dev = self.device
+        at = torch.tensor(rows, device=dev)
+        eos = torch.full((len(rows), self.eos.shape[1]), -1, dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids = self._eos_of(i)
+            eos[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.eos[at] = eos.to(dev)
+        self.max_new[at] = torch.tensor([s.req.max_new_tokens for s in slots], device=dev)
+        self.new_count.index_fill_(0, at, 0)
+        self.length.index_fill_(0, at, 0)
+        self.run.index_fill_(0, at, False)
+        params = [s.params for s in slots]
+        self.temp[at] = torch.tensor([p.temperature for p in params], device=dev)
+        self.top_k[at] = torch.tensor([p.top_k for p in params], device=dev)
+        self.top_p[at] = torch.tensor([p.top_p for p in params], device=dev)
+        self.min_p[at] = torch.tensor([p.min_p for p in params], device=dev)
+        self.seed[at] = torch.tensor([p.seed or 0 for p in params], device=dev)
+        if any(not p.greedy for p in params) and self.dhid is None and self.k:
+            h = self.model.config.get_text_config().hidden_size
+            dtype = next(self.model.parameters()).dtype
+            self.dhid = torch.zeros((self.slots_n, self.k, h), dtype=dtype, device=dev)
 
     def _decode_rows(self) -> int:
         """The rows the next decode step computes (the price of a draft is per step)."""
         return 1 + max((i for i, x in enumerate(self.slots) if x is not None), default=0)
-
-    def _set_sampling(self, i: int, params: SamplingParams) -> None:
-        self.temp[i] = params.temperature
-        self.top_k[i] = params.top_k
-        self.top_p[i] = params.top_p
-        self.min_p[i] = params.min_p
-        self.seed[i] = params.seed or 0
-        if not params.greedy and self.dhid is None and self.k:
-            h = self.model.config.get_text_config().hidden_size
-            dtype = next(self.model.parameters()).dtype
-            self.dhid = torch.zeros((self.slots_n, self.k, h), dtype=dtype, device=self.device)
 
     def _prefill(self) -> None:
         """One forward: every prefilling slot encodes its next chunk of ``prompt[:-1]``."""
@@ -81,16 +88,15 @@ class PrefillMixin:
         if k > 0 and ending and (sampling or self.budget.drafting_pays(rows_next)):
             draft = k if sampling else self.budget.prefill_length(rows_next)
         if width == 0 and draft == 0:  # one-token prompts only: nothing to encode
-            for i in rows:
-                self._start(i, None, None)
+            self._start(rows)
             return
         b = len(rows)
-        at = {i: r for r, i in enumerate(rows)}  # slot -> row of this forward
+        at_row = {i: r for r, i in enumerate(rows)}  # slot -> row of this forward
         ids = torch.full((b, width + draft), self.pad_id, dtype=torch.long)
         pos = torch.zeros((b, width + draft), dtype=torch.long)
         anchor = torch.full((b, width + draft), PAD, dtype=torch.long)
         for i, (start, chunk, last) in chunks.items():
-            r, n = at[i], len(chunk)
+            r, n = at_row[i], len(chunk)
             if n:
                 ids[r, :n] = torch.tensor(chunk)
                 pos[r, :n] = torch.arange(start, start + n)
@@ -111,48 +117,64 @@ class PrefillMixin:
         if self.adaptive and draft:  # what width costs, known before the first decode step
             devices.synchronize(dev)
             self.budget.record_prefill(b * (width + draft), time.perf_counter() - t0)
-        for i, (start, chunk, last) in chunks.items():
-            s = self.slots[i]
-            s.prefilled = start + len(chunk)
-            self.length[i] = s.prefilled
-            if last:
-                r = at[i]
-                p = len(s.prompt)
-                if draft and p >= 2:
-                    self._start(i, hidden[r, width:], hidden[r, width - 1])
-                else:
-                    self._start(i, None, None)
+        for i, (start, chunk, _) in chunks.items():
+            self.slots[i].prefilled = start + len(chunk)
+        at = torch.tensor(rows, device=dev)  # a prefilling slot's length: what it has encoded
+        self.length[at] = torch.tensor([self.slots[i].prefilled for i in rows], device=dev)
+        # the prompts this chunk ended decode from the next step: with their first drafts (one
+        # batch for all of them), or without (a prompt of one token, or drafting not paying)
+        drafted = [i for i in ending if draft and len(self.slots[i].prompt) >= 2]
+        if drafted:
+            r = torch.tensor([at_row[i] for i in drafted], device=dev)
+            self._start(drafted, hidden[r, width:], hidden[r, width - 1])
+        self._start([i for i in ending if i not in drafted])
 
     def _start(
-        self, i: int, slot_hidden: torch.Tensor | None, anchor_hidden: torch.Tensor | None
+        self,
+        rows: list[int],
+        slot_hidden: torch.Tensor | None = None,
+        anchor_hidden: torch.Tensor | None = None,
     ) -> None:
-        """Slot ``i`` finished its prefill: it decodes from the next step on."""
-        s = self.slots[i]
-        s.running = True
-        self.length[i] = len(s.prompt) - 1
-        self.last[i] = s.prompt[-1]
-        self.ema[i] = self.budget.prior_accept()  # what drafts have earned so far (K at first)
+        """The slots ``rows`` finished their prefill: they decode from the next step on. With
+        ``slot_hidden [R, n, H]`` (and their anchors' ``anchor_hidden [R, H]``) those slots become
+        their first drafts; without, the first step drafts a block from ``v_0`` where drafting
+        pays (a sampling request always drafts)."""
+        if not rows:
+            return
+        dev = self.device
+        slots = [self.slots[i] for i in rows]
+        at = torch.tensor(rows, device=dev)  # (their length, P - 1, is what the prefill wrote)
+        self.last[at] = torch.tensor([s.prompt[-1] for s in slots], device=dev)
+        self.ema.index_fill_(
+            0, at, self.budget.prior_accept()
+        )  # what drafts have earned so far (K at first)
         big_m, n_blocks = self._next_shape
         if slot_hidden is None or self.k == 0:
-            self.m[i] = 0
-            s.drafted = 0
-            self.paid[i] = False
-            self.cand[i] = -1
-            if self.k > 0 and (
-                not s.params.greedy or self.budget.drafting_pays(self._decode_rows())
-            ):
-                self.cand[i, 0] = 0  # no drafts yet: draft from v_0 in the first step
+            self.m.index_fill_(0, at, 0)
+            self.paid.index_fill_(0, at, False)
+            pays = self.k > 0 and self.budget.drafting_pays(self._decode_rows())
+            first = [self.k > 0 and (pays or not s.params.greedy) for s in slots]
+            cand = torch.full((len(rows), self.anchors), -1, dtype=torch.long)
+            cand[:, 0] = torch.tensor(first, dtype=torch.long) - 1  # 0: a block from v_0
+            self.cand[at] = cand.to(dev)
+            if any(first):
                 self._next_shape = (big_m, max(n_blocks, 1))
-            self.run[i] = True  # (a row that starts as AR adds no block to the next step)
+            for s in slots:
+                s.drafted = 0
+                s.running = True
+            self.run.index_fill_(
+                0, at, True
+            )  # (a row that starts as AR adds no block to the next step)
             return
-        p, n = len(s.prompt), slot_hidden.shape[0]
-        drafts, conf, keep = self._draft(
-            slice(i, i + 1), slot_hidden[None], anchor_hidden[None], torch.tensor([p])
-        )
-        self.drafts[i, :n], self.logp[i, :n] = drafts[0], conf[0]
-        self.m[i] = keep[0]
-        self.paid[i] = True
-        s.drafted = n
-        self.cand[i] = choose_anchors(conf, keep, self.anchors, self.coverage)[0]
-        self.run[i] = True
+        n = slot_hidden.shape[1]
+        prompt = torch.tensor([len(s.prompt) for s in slots])
+        drafts, conf, keep = self._draft(rows, slot_hidden, anchor_hidden, prompt)
+        self.drafts[at, :n], self.logp[at, :n] = drafts, conf
+        self.m[at] = keep
+        self.paid.index_fill_(0, at, True)
+        self.cand[at] = choose_anchors(conf, keep, self.anchors, self.coverage)
+        for s in slots:
+            s.drafted = n
+            s.running = True
+        self.run.index_fill_(0, at, True)
         self._next_shape = (max(big_m, n), max(n_blocks, 1))  # widest: no host read of keep

@@ -101,18 +101,19 @@ class StepMixin:
         live = [s.params for s in self.slots[:hi] if s is not None]
         return any(not p.greedy for p in live), any(p.logprobs for p in live)
 
-    def _filtered(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+    def _filtered(self, logits: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
         t, k, p, m = (x[rows] for x in (self.temp, self.top_k, self.top_p, self.min_p))
         return filtered_probs(logits, t, k, p, m)
 
     def _draft(
         self,
-        rows: slice,
+        rows: slice | list[int],
         hidden: torch.Tensor,
         anchor_hidden: torch.Tensor,
         first: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Drafts ``[b, L]``, their log-confidence and how many to keep, from slot hidden states.
+        """Drafts ``[b, L]``, their log-confidence and how many to keep, from slot hidden states
+        of the slots ``rows`` (a range: the decode step's; a list: the prompts a prefill ended).
 
         Greedy rows draft the slots' argmax; sampling rows draw from the slots' filtered
         distribution ``q`` (the draft for position ``first + j`` with that position's DRAFT
@@ -120,18 +121,19 @@ class StepMixin:
         """
         st = self.head.stats(hidden)
         drafts, conf = st.argmax, st.max_logprob
-        lo, hi = rows.start, rows.stop
-        if any(s is not None and not s.params.greedy for s in self.slots[lo:hi]):
+        slots = self.slots[rows] if isinstance(rows, slice) else [self.slots[i] for i in rows]
+        if any(s is not None and not s.params.greedy for s in slots):
+            at = rows if isinstance(rows, slice) else torch.tensor(rows, device=self.device)
             n = hidden.shape[1]
-            q = self._filtered(self.head.logits(hidden), rows)
+            q = self._filtered(self.head.logits(hidden), at)
             where = first.to(self.device)[:, None] + torch.arange(n, device=self.device)
-            drawn = sample(q, uniform(self.seed[rows][:, None], where, DRAFT))
+            drawn = sample(q, uniform(self.seed[at][:, None], where, DRAFT))
             qp = q.gather(-1, drawn[..., None])[..., 0]
-            sampled = (self.temp[rows] > 0)[:, None]
+            sampled = (self.temp[at] > 0)[:, None]
             drafts = torch.where(sampled, drawn, drafts)
             conf = torch.where(sampled, qp.clamp(min=1e-30).log(), conf)
-            self.qprob[rows, :n] = qp
-            self.dhid[rows, :n] = hidden.to(self.dhid.dtype)
+            self.qprob[at, :n] = qp
+            self.dhid[at, :n] = hidden.to(self.dhid.dtype)
         return drafts, conf, self.policy.keep(st.entropy, anchor_hidden, self.khead)
 
     def _decode(self) -> list[Event]:

@@ -1,0 +1,130 @@
+"""Device ops the decode engine dispatches per decode step and per prefill, outside and inside the
+forward: what each costs in launches on an eager accelerator, measured on any machine.
+
+On a CPU an op is ~1-3 µs of dispatch; on an eager NPU or GPU every op that is not a view is a
+kernel launch (tens of µs of host work on an NPU), so the engine's bookkeeping around the model —
+verify, commit, draft, the next blocks, admission, the prefill's first drafts — is paid per op
+whatever the model size. This tool decodes every prompt of ``--prompts`` through the engine
+(``max_batch`` = the batch size, slots refilled as requests finish, as ``fluid bench sampler``
+does) under a ``TorchDispatchMode`` that counts every aten op, and splits them by where they ran:
+``decode`` (a decode step outside its forward), ``prefill`` (a prefill outside its forward, its
+requests' admission included) and ``forward`` (inside the model forward, mask included). ``kernels``
+leaves out view ops (``is_view``) and those that only touch metadata (``NO_LAUNCH``: ``to`` that
+needs no copy, ``detach_``, ...): no launch on any device. On a CPU the small input tensors a
+step builds on the host before moving them are counted too, so on an accelerator the launches are
+at most these counts. Counts depend a little on the draft budget's timing-driven shape choices;
+``--no-adaptive`` makes them repeatable.
+
+    python tools/step_ops.py --model runs/demo/stage1 --khead runs/demo/stage2 \\
+        --prompts benchmarks/demo_prompts64.jsonl --json benchmarks/step_ops_cpu.json
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from engine_args import engine_parser, load, report_head
+
+# ops that only change a tensor's metadata (or hand the same tensor back): no launch either
+NO_LAUNCH = {
+    "aten::detach", "aten::detach_", "aten::lift_fresh", "aten::alias", "aten::to",
+    "aten::resolve_conj", "aten::resolve_neg",
+}  # fmt: skip
+
+
+def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptive: bool,
+          max_new: int) -> dict[str, Any]:  # fmt: skip
+    """Ops (and non-view ops) per decode step, per prefill and per forward of one warm pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+
+    where = ["other"]
+    ops: Counter = Counter()
+    kernels: Counter = Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops[where[-1]] += 1
+            kernels[where[-1]] += not (func.is_view or func._schema.name in NO_LAUNCH)
+            return func(*args, **(kwargs or {}))
+
+    sched = Scheduler(fluid.model, fluid.mask_id, policy=policy, khead=fluid.khead,
+                      max_batch=batch, adaptive=adaptive)  # fmt: skip
+    calls: Counter = Counter()
+
+    def within(name: str, fn: Any) -> Any:
+        def run(*a: Any, **kw: Any) -> Any:
+            where.append(name)
+            calls[name] += 1
+            try:
+                return fn(*a, **kw)
+            finally:
+                where.pop()
+
+        return run
+
+    sched._forward = within("forward", sched._forward)
+    sched._decode = within("decode", sched._decode)
+    sched._prefill = within("prefill", sched._prefill)
+    sched._admit = within("prefill", sched._admit)  # admission is a prefill's share
+    try:
+        reqs = [Request(f"w{i}", p, max_new) for i, p in enumerate(prompts)]
+        run_requests(sched, reqs)  # warm-up: the budget's choices settle
+        ops.clear(), kernels.clear(), calls.clear()
+        before = sched.prefill_forwards
+        with Count():
+            reqs = [Request(str(i), p, max_new) for i, p in enumerate(prompts)]
+            done = run_requests(sched, reqs)
+    finally:
+        sched.close()
+    steps, forwards = calls["decode"], calls["forward"]
+    prefills = sched.prefill_forwards - before
+    per = lambda c, n: round(c / max(n, 1), 1)  # noqa: E731
+    return {
+        "batch_size": batch,
+        "policy": policy,
+        "adaptive": adaptive,
+        "new_tokens": sum(len(f.tokens) for f in done.values()),
+        "decode_steps": steps,
+        "prefills": prefills,
+        "forwards": forwards,
+        "decode_ops_per_step": per(ops["decode"], steps),
+        "decode_kernels_per_step": per(kernels["decode"], steps),
+        "prefill_ops_per_prefill": per(ops["prefill"], prefills),
+        "prefill_kernels_per_prefill": per(kernels["prefill"], prefills),
+        "forward_ops_per_forward": per(ops["forward"], forwards),
+        "forward_kernels_per_forward": per(kernels["forward"], forwards),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = engine_parser(__doc__)
+    ap.add_argument("--no-adaptive", action="store_true", help="the draft budget off: repeatable")
+    args = ap.parse_args(argv)
+
+    from fluid_npu.io import write_json_atomic
+
+    fluid, prompts = load(args)
+    report: dict[str, Any] = {**report_head(argv, fluid, prompts, args), "rows": []}
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for policy in args.policies.split(","):
+            row = count(fluid, prompts, batch, policy, not args.no_adaptive, args.max_new_tokens)
+            report["rows"].append(row)
+            print(
+                f"step_ops: b={batch} {policy:10s} decode step {row['decode_ops_per_step']} ops "
+                f"({row['decode_kernels_per_step']} kernels), prefill "
+                f"{row['prefill_ops_per_prefill']} ({row['prefill_kernels_per_prefill']}), "
+                f"forward {row['forward_ops_per_forward']} ({row['forward_kernels_per_forward']})",
+                flush=True,
+            )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
