@@ -1,16 +1,16 @@
 """Admission and prefill of the engine (``scheduler.py``): waiting requests into free slots, then
 their prompts into the slot cache, a chunk per step.
 
-``PrefillMixin._admit`` gives each free slot (lowest index first) the next waiting request, with
-its EOS ids, token budget and sampling settings (one write per setting for all the slots a step
-admits: on an eager accelerator every write is a launch). ``_prefill`` runs one forward for every slot
-still encoding its prompt: each its next chunk of at most ``prefill_chunk`` tokens of
-``prompt[:-1]`` (a forward of first chunks without drafts is plain causal attention, no mask
-tensor); the chunk that ends a prompt also drafts the first tokens — MASK slots anchored at the
-prompt's ``P-2``, as Stage I trains them; as many as the decode steps' blocks now hold (``K`` for a
-sampling request) — unless drafting has not been paying. ``_start``
-turns those slots into the requests' first drafts and candidate blocks, for every prompt the chunk
-ended at once: from the next step on the slots decode (``step.py``).
+``PrefillMixin._admit`` gives each free slot (lowest index first) the next waiting request, with its
+EOS ids, token budget and sampling settings (one write per setting for all the slots a step admits:
+on an eager accelerator every write is a launch). ``_prefill`` runs one forward for every slot still
+encoding its prompt: each its next chunk of at most ``prefill_chunk`` tokens of ``prompt[:-1]`` (a
+forward of first chunks without drafts is plain causal attention, no mask tensor); the chunk that
+ends a prompt also drafts the first tokens — MASK slots anchored at the prompt's ``P-2``, as Stage I
+trains them; as many as the decode steps' blocks now hold (``K`` for a sampling request) — unless
+drafting has not been paying. ``_start`` turns those slots into the requests' first drafts and
+candidate blocks, for every prompt the chunk ended at once: from the next step on the slots decode
+(``step.py``).
 """
 
 from __future__ import annotations

@@ -156,19 +156,26 @@ class StepMixin:
         dev = self.device
         run = self.run[:hi]
         base = self.length[:hi]
-        m = torch.where(run, self.m[:hi].clamp(max=big_m), 0)
         j = torch.arange(big_m + 1, device=dev)
+        if big_m:
+            m = torch.where(run, self.m[:hi].clamp(max=big_m), 0)
+            real = run[:, None] & (j[None] <= m[:, None])
+        else:  # no row has pending drafts (every AR step): each feeds its last token alone
+            m = torch.zeros(hi, dtype=torch.long, device=dev)
+            real = run[:, None]
         drafts = self.drafts[:hi, :big_m]
         ids = [torch.cat([self.last[:hi, None], drafts], dim=1)]
         pos = [base[:, None] + j[None]]
-        anchor = [torch.where(run[:, None] & (j[None] <= m[:, None]), MAIN, PAD)]
+        anchor = [torch.where(real, MAIN, PAD)]
         cand = torch.where(run[:, None], self.cand[:hi, :n_blocks], -1)
         if n_blocks:  # the block anchored at accept length j: anchor position base + j
             block = slot_block(base[:, None] + cand.clamp(min=0), k, self.mask_id, live=cand >= 0)
             ids.append(block.input_ids.reshape(hi, -1))
             pos.append(block.position_ids.reshape(hi, -1))
             anchor.append(block.anchor.reshape(hi, -1))
-        ids_t, pos_t, anchor_t = (torch.cat(t, dim=1) for t in (ids, pos, anchor))
+        ids_t, pos_t, anchor_t = (
+            t[0] if len(t) == 1 else torch.cat(t, dim=1) for t in (ids, pos, anchor)
+        )
         width = ids_t.shape[1]
         compiles = _compiles() if self._compiled is not None else 0
         t0 = time.perf_counter()
@@ -176,15 +183,20 @@ class StepMixin:
         self.decode_forwards += 1
 
         ar = self.head.argmax(hidden[:, : big_m + 1])
-        match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
-        a = match.long().cumprod(dim=1).sum(dim=1)
-        corr = ar.gather(1, a[:, None])
+        if big_m:
+            match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
+            a = match.long().cumprod(dim=1).sum(dim=1)
+            corr = ar.gather(1, a[:, None])
+        else:  # nothing to verify: the argmax after v_0 is the step's token (a = m = 0)
+            a, corr = m, ar
         logits = None
         if any_sampled or any_lp:
             logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
         if any_sampled:
             a, corr = self._verify_sampled(logits, drafts, m, base, a, corr, hi, big_m)
-        toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)  # [hi, M+1]
+        toks = corr  # [hi, M+1]: the accepted drafts, then the correction
+        if big_m:
+            toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)
         take = torch.minimum(a + 1, self.max_new[:hi] - self.new_count[:hi])
         eos = self.eos[:hi]
         is_eos = (toks[:, :, None] == eos[:, None, :]).any(dim=-1) & (j[None] < take[:, None])
