@@ -155,6 +155,38 @@ def test_a_seed_gives_the_same_tokens_alone_or_in_any_batch(tok):
     assert differs != alone[0]  # the seed matters
 
 
+def test_requests_admitted_together_keep_their_own_settings(tok):
+    """Requests admitted in one step (their settings written for all of them at once) each
+    decode with their own EOS ids, token budget, temperature, top-k and seed: the same tokens and
+    finish reasons as each decoded alone."""
+    model = chain_model(tok, attn_scale=4.0)
+    prompts = [tok(t)["input_ids"] for t in ("hello p", "abc", "xx", "ijk")]
+    greedy_alone = run_requests(
+        Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=1, eos_ids=[], k_max=8),
+        [Request("g", prompts[0], 12)],
+    )["g"][0]
+    reqs = [
+        Request("0", prompts[0], 12, eos_ids=[greedy_alone[5]]),  # stops on its 6th token
+        Request("1", prompts[1], 7, sampling=SamplingParams(temperature=T, min_p=MIN_P, seed=5)),
+        Request("2", prompts[2], 12, sampling=SamplingParams(temperature=0.7, top_k=3, seed=9)),
+        Request("3", prompts[3], 3),
+    ]
+
+    def run(batch: int, group: list[Request]) -> dict[str, tuple[list[int], str]]:
+        sched = Scheduler(
+            model, tok.mask_token_id, policy="entropy", max_batch=batch, eos_ids=[], k_max=8
+        )
+        res = run_requests(sched, group)
+        return {rid: (f.tokens, f.final.finish_reason) for rid, f in res.items()}
+
+    alone = {}
+    for r in reqs:
+        alone.update(run(1, [r]))
+    assert run(4, reqs) == alone
+    assert alone["0"] == (greedy_alone[:6], "stop")
+    assert len(alone["1"][0]) == 7 and len(alone["3"][0]) == 3
+
+
 def test_greedy_logprobs_are_the_models(tok):
     model = build_tiny_model("llama", tok, seed=3)
     prompt = tok("hello world")["input_ids"]
