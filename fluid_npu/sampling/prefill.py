@@ -145,9 +145,8 @@ class PrefillMixin:
         slots = [self.slots[i] for i in rows]
         at = torch.tensor(rows, device=dev)  # (their length, P - 1, is what the prefill wrote)
         self.last[at] = torch.tensor([s.prompt[-1] for s in slots], device=dev)
-        self.ema.index_fill_(
-            0, at, self.budget.prior_accept()
-        )  # what drafts have earned so far (K at first)
+        # what drafts have earned so far (K at first)
+        self.ema.index_fill_(0, at, self.budget.prior_accept())
         big_m, n_blocks = self._next_shape
         if slot_hidden is None or self.k == 0:
             self.m.index_fill_(0, at, 0)
@@ -162,9 +161,8 @@ class PrefillMixin:
             for s in slots:
                 s.drafted = 0
                 s.running = True
-            self.run.index_fill_(
-                0, at, True
-            )  # (a row that starts as AR adds no block to the next step)
+            # (a row that starts as AR adds no block to the next step)
+            self.run.index_fill_(0, at, True)
             return
         n = slot_hidden.shape[1]
         prompt = torch.tensor([len(s.prompt) for s in slots])
