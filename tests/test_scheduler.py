@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_sampling_lossless import chain_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fluid_npu.errors import FluidError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -190,6 +191,54 @@ def test_decode_step_reads_the_device_once(tok, monkeypatch):
     monkeypatch.undo()
     assert steps > 3
     assert reads.count("tolist") == steps and len(reads) == steps, reads
+
+
+class _Kernels(TorchDispatchMode):
+    """Counts the ops that launch work on a device (views and metadata-only ops left out)."""
+
+    QUIET = frozenset(
+        ("aten::detach", "aten::detach_", "aten::lift_fresh", "aten::alias", "aten::to")
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not (func.is_view or func._schema.name in self.QUIET)
+        return func(*args, **(kwargs or {}))
+
+
+def test_admission_and_first_drafts_cost_the_same_launches_for_one_or_many(tok):
+    """Requests a step admits, and the prompts a prefill ends, get their settings and first drafts
+    in one set of writes: on an eager accelerator every op is a launch, so 4 requests arriving
+    together cost the launches of 1 (the prefill forward itself aside)."""
+    model = chain_model(tok, attn_scale=4.0)
+
+    def kernels(n: int) -> tuple[int, int]:
+        sched = Scheduler(
+            model, tok.mask_token_id, policy="fixed:4", max_batch=4, eos_ids=[], adaptive=False
+        )
+        for i in range(n):
+            eos = [3 + i] if i % 2 else None  # a request's own EOS ids beside the default
+            sched.submit(Request(str(i), tok(TEXTS[i])["input_ids"] + [5, 6], 8, eos_ids=eos))
+        forward = sched._forward
+        with _Kernels() as admit:
+            sched._admit()
+        with _Kernels() as prefill:
+            sched._forward = lambda *a, **k: _untracked(forward, *a, **k)
+            sched._prefill()
+        assert all(s.running for s in sched.slots[:n])
+        return admit.n, prefill.n
+
+    assert kernels(4) == kernels(1)
+
+
+def _untracked(fn, *args, **kwargs):
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return fn(*args, **kwargs)
 
 
 def test_computed_tokens_count_every_position_of_every_forward(tok):

@@ -43,11 +43,9 @@ class PrefillMixin:
         slots = [self.slots[i] for i in rows]
         dev = self.device
         at = torch.tensor(rows, device=dev)
-        eos = torch.full((len(rows), self.eos.shape[1]), -1, dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids = self._eos_of(i)
-            eos[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        self.eos[at] = eos.to(dev)
+        width = self.eos.shape[1]
+        eos = [(ids := self._eos_of(i)) + [-1] * (width - len(ids)) for i in rows]
+        self.eos[at] = torch.tensor(eos, dtype=torch.long, device=dev)
         self.max_new[at] = torch.tensor([s.req.max_new_tokens for s in slots], device=dev)
         self.new_count.index_fill_(0, at, 0)
         self.length.index_fill_(0, at, 0)
@@ -92,19 +90,24 @@ class PrefillMixin:
             return
         b = len(rows)
         at_row = {i: r for r, i in enumerate(rows)}  # slot -> row of this forward
-        ids = torch.full((b, width + draft), self.pad_id, dtype=torch.long)
-        pos = torch.zeros((b, width + draft), dtype=torch.long)
-        anchor = torch.full((b, width + draft), PAD, dtype=torch.long)
-        for i, (start, chunk, last) in chunks.items():
-            r, n = at_row[i], len(chunk)
-            if n:
-                ids[r, :n] = torch.tensor(chunk)
-                pos[r, :n] = torch.arange(start, start + n)
-                anchor[r, :n] = MAIN
-            p = len(self.slots[i].prompt)
-            if draft and last and p >= 2:  # the first drafts: slots anchored at P-2
-                block = slot_block(torch.tensor(p - 2), draft, self.mask_id)
-                ids[r, width:], pos[r, width:], anchor[r, width:] = block[:3]
+        # built as lists on the host, one tensor each (few ops however many rows)
+        pad = [self.pad_id] * width, [0] * width, [PAD] * width
+        ids, pos, anchor = ([], [], [])
+        for i in rows:
+            start, chunk, _ = chunks[i]
+            n = len(chunk)
+            ids.append(chunk + pad[0][n:])
+            pos.append(list(range(start, start + n)) + pad[1][n:])
+            anchor.append([MAIN] * n + pad[2][n:])
+        ids, pos, anchor = (
+            torch.tensor(x, dtype=torch.long).reshape(b, width) for x in (ids, pos, anchor)
+        )
+        drafted = [i for i in ending if draft and len(self.slots[i].prompt) >= 2]
+        if draft:  # the first drafts: slots anchored at P-2 (PAD in rows that end no prompt)
+            live = [i in drafted for i in rows]
+            at_p2 = [len(self.slots[i].prompt) - 2 if d else 0 for i, d in zip(rows, live)]
+            block = slot_block(torch.tensor(at_p2), draft, self.mask_id, live=torch.tensor(live))
+            ids, pos, anchor = (torch.cat(x, dim=1) for x in zip((ids, pos, anchor), block[:3]))
         causal = draft == 0 and all(start == 0 for start, _, _ in chunks.values())
         dev = self.device
         # a prefilling slot's chunk goes right after what it has encoded so far
@@ -123,7 +126,6 @@ class PrefillMixin:
         self.length[at] = torch.tensor([self.slots[i].prefilled for i in rows], device=dev)
         # the prompts this chunk ended decode from the next step: with their first drafts (one
         # batch for all of them), or without (a prompt of one token, or drafting not paying)
-        drafted = [i for i in ending if draft and len(self.slots[i].prompt) >= 2]
         if drafted:
             r = torch.tensor([at_row[i] for i in drafted], device=dev)
             self._start(drafted, hidden[r, width:], hidden[r, width - 1])
