@@ -5,15 +5,15 @@ On a CPU an op is ~1-3 µs of dispatch; on an eager NPU or GPU every op that is 
 kernel launch (tens of µs of host work on an NPU), so the engine's bookkeeping around the model —
 verify, commit, draft, the next blocks, admission, the prefill's first drafts — is paid per op
 whatever the model size. This tool decodes every prompt of ``--prompts`` through the engine
-(``max_batch`` = the batch size, slots refilled as requests finish, as ``fluid bench sampler``
-does) under a ``TorchDispatchMode`` that counts every aten op, and splits them by where they ran:
+(``max_batch`` = the batch size, slots refilled as requests finish, as ``fluid bench sampler`` does)
+under a ``TorchDispatchMode`` that counts every aten op, and splits them by where they ran:
 ``decode`` (a decode step outside its forward), ``prefill`` (a prefill outside its forward, its
 requests' admission included) and ``forward`` (inside the model forward, mask included). ``kernels``
 leaves out view ops (``is_view``) and those that only touch metadata (``NO_LAUNCH``: ``to`` that
-needs no copy, ``detach_``, ...): no launch on any device. On a CPU the small input tensors a
-step builds on the host before moving them are counted too, so on an accelerator the launches are
-at most these counts. Counts depend a little on the draft budget's timing-driven shape choices;
-``--no-adaptive`` makes them repeatable.
+needs no copy, ``detach_``, a Python scalar wrapped on the host, ...): no launch on any device. On a
+CPU the small input tensors a step builds on the host before moving them are counted too, so on an
+accelerator the launches are at most these counts. Counts depend a little on the draft budget's
+timing-driven shape choices; ``--no-adaptive`` makes them repeatable.
 
     python tools/step_ops.py --model runs/demo/stage1 --khead runs/demo/stage2 \\
         --prompts benchmarks/demo_prompts64.jsonl --json benchmarks/step_ops_cpu.json
@@ -28,10 +28,11 @@ from typing import Any
 
 from engine_args import engine_parser, load, report_head
 
-# ops that only change a tensor's metadata (or hand the same tensor back): no launch either
+# ops that only change a tensor's metadata, hand the same tensor back, or wrap a Python scalar on
+# the host (``torch.where(c, x, 0)``): no launch on an accelerator either
 NO_LAUNCH = {
     "aten::detach", "aten::detach_", "aten::lift_fresh", "aten::alias", "aten::to",
-    "aten::resolve_conj", "aten::resolve_neg",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::scalar_tensor",
 }  # fmt: skip
 
 
