@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from engine_args import engine_parser, load, report_head
+from engine_args import engine_parser, load, report_head, save
 
 VARIANTS = {"lean": True, "modules": False}
 
@@ -62,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
-    from fluid_npu.io import write_json_atomic
     from fluid_npu.sampling.lean import LeanDecoder
 
     fluid, prompts = load(args)
@@ -108,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({'same tokens' if same else 'TOKENS DIFFER'})",
                 flush=True,
             )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.json, report)
+    save(args.json, report)
     return 1 if failed else 0
 
 

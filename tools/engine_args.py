@@ -1,5 +1,6 @@
 """What the engine benchmarks in ``tools/`` share: their flags, the model and prompts they load, the
-head of their JSON report (``bench_lean.py``, ``step_ops.py``; run as scripts from any directory).
+head of their JSON report and its writing (``bench_lean.py``, ``step_ops.py``; run as scripts from
+any directory).
 """
 
 from __future__ import annotations
@@ -52,3 +53,13 @@ def report_head(argv: list[str] | None, fluid: Any, prompts: list[list[int]],
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
     }
+
+
+def save(path: str, report: dict[str, Any]) -> None:
+    """The JSON report at ``path`` (its folder made; written atomically)."""
+    from pathlib import Path
+
+    from fluid_npu.io import write_json_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, report)

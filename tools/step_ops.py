@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from engine_args import engine_parser, load, report_head
+from engine_args import engine_parser, load, report_head, save
 
 # ops that only change a tensor's metadata, hand the same tensor back, or wrap a Python scalar on
 # the host (``torch.where(c, x, 0)``): no launch on an accelerator either
@@ -107,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-adaptive", action="store_true", help="the draft budget off: repeatable")
     args = ap.parse_args(argv)
 
-    from fluid_npu.io import write_json_atomic
-
     fluid, prompts = load(args)
     report: dict[str, Any] = {**report_head(argv, fluid, prompts, args), "rows": []}
     for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -122,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"forward {row['forward_ops_per_forward']} ({row['forward_kernels_per_forward']})",
                 flush=True,
             )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.json, report)
+    save(args.json, report)
     return 0
 
 
