@@ -321,6 +321,39 @@ def test_engines_share_a_budget_only_with_the_same_compile_settings(tok, monkeyp
     assert len(store) == 3
 
 
+def test_a_compiled_step_over_some_slots_writes_the_cache_in_place(tok):
+    """A compiled decode step over fewer rows than the engine has slots writes its keys and values
+    into the whole cache tensor at absolute slot indices: a write through a view of some rows is
+    functionalised into a ``slice_scatter`` of the whole cache — a copy of every slot's cache each
+    step (3-20x slower on a CPU; far worse for a long context on an accelerator)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = build_tiny_model("llama", tok, seed=3)
+    sched = Scheduler(
+        model,
+        tok.mask_token_id,
+        policy="ar",
+        max_batch=4,
+        eos_ids=[],
+        compile=True,
+        compile_options={"backend": aot_autograd(fw_compiler=capture)},
+    )
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:2]]
+    out = run_requests(sched, [Request(str(i), p, 6) for i, p in enumerate(prompts)])
+    assert [out[str(i)].tokens for i in range(2)] == [
+        _greedy_alone(model, p, 6, []) for p in prompts
+    ]
+    ops = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert graphs and "aten.index_put.default" in ops  # the step's cache writes were traced
+    assert not any("scatter" in op for op in ops), ops
+
+
 def test_compiled_engine_times_only_the_steps_that_did_not_compile(tok):
     """With real dynamo (the eager backend: no inductor, quick): the first decode step compiles
     and is left out of the budget; later steps on known shapes are timed into it."""
