@@ -16,7 +16,9 @@ entries by ``fluid_ops.meta.visibility`` of the step itself. Stale entries (reje
 previous request's tail) are at or beyond ``len_b + W`` or overwritten, so they are never seen.
 
 Decode steps address the contiguous range of slots ``[0, hi)``: the cache hands the attention a
-view (``keys[:hi, :, :extent]``), never a copy. A prefill forward addresses only the slots that are
+view (``keys[:hi, :, :extent]``), never a copy, and writes go through the whole cache tensor at
+absolute slot indices (under ``torch.compile`` a write into a view of some rows would become a copy
+of the whole cache every step). A prefill forward addresses only the slots that are
 encoding a prompt (``rows``): their new entries are written in place, and the attention reads a
 gathered copy of just those rows' ``[0, extent)`` — the prompt chunk itself, plus the prefix
 already encoded for a long prompt's later chunks — so a prefill never computes idle rows. The
