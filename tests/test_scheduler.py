@@ -14,6 +14,7 @@ from test_sampling_lossless import chain_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fluid_npu.errors import FluidError
+from fluid_npu.model.khead import KHead
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling.lossless import compare, hf_greedy
 from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
@@ -119,6 +120,44 @@ def test_predictable_model_batched_with_other_lengths(tok):
     forwards = sum(results[str(i)][1].forwards for i in range(4))
     assert sum(len(t) for t in ours) / forwards > 1.5  # drafts accepted while batched
     assert max(sched.accept_hist) >= 3
+
+
+class _RecordingKHead(KHead):
+    """A K-head that keeps the anchor hidden states it is asked about."""
+
+    def __init__(self, hidden_size: int, k_max: int) -> None:
+        super().__init__(hidden_size, k_max)
+        self.seen: list[torch.Tensor] = []
+
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.seen.append(hidden.clone())
+        return super().predict(hidden)
+
+
+def test_khead_reads_each_prompts_own_last_token_when_prompts_of_other_lengths_share_a_prefill(
+    tok,
+):
+    model = build_tiny_model("llama", tok, seed=3)
+    torch.manual_seed(1)
+    head = _RecordingKHead(model.config.hidden_size, 4).eval()
+    prompts = [tok(t)["input_ids"] for t in ("the quick brown fox jumps", "ab")]
+    assert len(prompts[0]) > len(prompts[1]) >= 2
+
+    def first_anchors(batch: list[list[int]]) -> torch.Tensor:
+        head.seen.clear()
+        sched = Scheduler(
+            model, tok.mask_token_id, policy="khead", khead=head, max_batch=2, adaptive=False
+        )
+        for n, p in enumerate(batch):
+            sched.submit(Request(str(n), p, 4))
+        sched.step()  # the prefill (it drafts the first tokens) and one decode step
+        return head.seen[0]  # the prefill's call: one anchor per prompt
+
+    together = first_anchors(prompts)
+    alone = torch.cat([first_anchors([p]) for p in prompts])
+    # the shorter prompt's chunk is padded to the longer one's: its anchor is its own last token,
+    # not a padding position
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
 
 
 def test_abort_frees_the_slot_and_spares_the_others(tok):

@@ -126,9 +126,10 @@ class PrefillMixin:
         self.length[at] = torch.tensor([self.slots[i].prefilled for i in rows], device=dev)
         # the prompts this chunk ended decode from the next step: with their first drafts (one
         # batch for all of them), or without (a prompt of one token, or drafting not paying)
-        if drafted:
+        if drafted:  # the anchor: each prompt's last encoded token (shorter chunks are padded)
             r = torch.tensor([at_row[i] for i in drafted], device=dev)
-            self._start(drafted, hidden[r, width:], hidden[r, width - 1])
+            end = torch.tensor([len(chunks[i][1]) - 1 for i in drafted], device=dev)
+            self._start(drafted, hidden[r, width:], hidden[r, end])
         self._start([i for i in ending if i not in drafted])
 
     def _start(
