@@ -222,9 +222,31 @@ def test_bad_settings_name_the_field():
         ({"min_p": 1.0}, "min_p"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "logprobs=True"),
+        ({"seed": 1 << 64}, "seed"),  # int64 tensors hold the seeds: one past them is refused
+        ({"seed": -(1 << 63) - 1}, "seed"),
+        ({"top_k": 1 << 63}, "top_k"),
     ):
         with pytest.raises(ConfigError, match=words):
             SamplingParams(**kwargs)
+    # the ends of the range are fine, and a temperature too small to divide by decodes greedily
+    assert SamplingParams(seed=-(1 << 63), top_k=(1 << 63) - 1).seed == -(1 << 63)
+    tiny = SamplingParams(temperature=1e-40)
+    assert tiny.greedy and tiny.temperature == 0.0
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
+def test_seeds_at_the_ends_of_the_int64_range_decode(tok):
+    """The engine writes seeds into int64 tensors on its own thread: every seed the checks let
+    through must decode (a server request with a huge seed once stopped the engine for all)."""
+    model = build_tiny_model("llama", tok, seed=3)
+    prompt = tok("hello world")["input_ids"]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=2, eos_ids=[], k_max=4)
+    reqs = [
+        Request(str(n), prompt, 5, sampling=SamplingParams(temperature=0.8, top_k=top_k, seed=s))
+        for n, (s, top_k) in enumerate([((1 << 63) - 1, (1 << 63) - 1), (-(1 << 63), 0)])
+    ]
+    res = run_requests(sched, reqs)
+    assert [len(res[r.request_id].tokens) for r in reqs] == [5, 5]
 
 
 def test_uniforms_are_uniform_and_keyed():

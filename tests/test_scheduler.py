@@ -160,6 +160,19 @@ def test_khead_reads_each_prompts_own_last_token_when_prompts_of_other_lengths_s
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
 
 
+def test_a_sliding_window_bounds_the_engines_context(tok):
+    """``max_len`` is what a request may fill (the server offers it as the context and fills a
+    chat's default ``max_tokens`` up to it): with a sliding window it leaves room for the drafts
+    inside the window, so a request that fills it is accepted."""
+    model = build_tiny_model("mistral", tok, seed=3, sliding_window=64, max_position_embeddings=512)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", k_max=4, max_batch=1)
+    assert sched.max_len == 64 - 4
+    prompt = tok("hello world")["input_ids"]
+    sched.submit(Request("full", prompt, sched.max_len - len(prompt)))  # no error: it fits
+    with pytest.raises(FluidError, match="at most 60"):
+        Scheduler(model, tok.mask_token_id, policy="fixed:4", k_max=4, max_len=64)
+
+
 def test_abort_frees_the_slot_and_spares_the_others(tok):
     model = build_tiny_model("llama", tok, seed=3)
     prompts = [tok(t)["input_ids"] for t in TEXTS[:3]]

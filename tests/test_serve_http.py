@@ -210,10 +210,11 @@ def test_completions_and_chat_with_the_openai_client():
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
         assert text == reply.choices[0].message.content
         final = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
-        assert len(final) == 1 and final[0].usage.completion_tokens == reply.usage.completion_tokens
+        assert len(final) == 1 and final[0].usage is None  # include_usage: its own chunk only
         assert (
             chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
         )
+        assert [ch.usage is not None for ch in chunks].count(True) == 1  # summed: counted once
 
         pieces = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=30, stream=True))
         assert len(pieces) > 3  # streamed, not one block
@@ -222,6 +223,9 @@ def test_completions_and_chat_with_the_openai_client():
 
         models = c.models.list()
         assert [m.id for m in models.data] == ["tiny"]
+        assert c.models.retrieve("tiny").id == "tiny"
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("other")
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
         assert _metric(url, "fluid_requests_total") == 5
         generated = out.usage.completion_tokens * 2 + long.usage.completion_tokens
@@ -319,6 +323,17 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
         assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
         raw = httpx.post(f"{url}/v1/chat/completions", content=b"x" * (5 << 20))
         assert raw.status_code == 400 and "bytes" in raw.json()["error"]["message"]
+        # a prompt the tokenizer cannot encode (a lone surrogate: half an emoji) is the client's
+        raw = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "hi \\ud83d"}')
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == "prompt"
+        # a seed past int64 is refused before the engine, which keeps serving everyone
+        raw = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "seed": 1 << 64})
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == "seed"
+        assert httpx.get(f"{url}/health").status_code == 200
+        # routing errors are OpenAI-style bodies too
+        for method, path, status in (("GET", "/v1/completions", 405), ("POST", "/v1/x", 404)):
+            raw = httpx.request(method, f"{url}{path}")
+            assert raw.status_code == status and path in raw.json()["error"]["message"]
         ok = c.completions.create(model="tiny", prompt="a", max_tokens=8)
         assert ok.choices[0].text == expected_text(TOK("a")["input_ids"], 8)
         assert _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="400"}')
@@ -334,3 +349,9 @@ def test_api_key():
         out = client(url, "s3cret").completions.create(model="tiny", prompt="a", max_tokens=2)
         assert out.usage.completion_tokens == 2
         assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open
+    with serving(ScriptedScheduler(), api_key="clé-secrète") as (url, _, _):  # non-ASCII key
+        body = {"prompt": "a", "max_tokens": 2}
+        for given, status in (("clé-secrète", 200), ("wrong", 401), ("clé", 401)):
+            auth = f"Bearer {given}".encode()  # a header's raw UTF-8 bytes
+            raw = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": auth})
+            assert raw.status_code == status, (given, raw.text)

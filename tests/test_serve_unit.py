@@ -11,7 +11,7 @@ from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.prompts import encode_prompt
 from fluid_npu.serve.protocol import APIError, parse_chat, parse_completion
 from fluid_npu.serve.responses import Shape, usage
-from fluid_npu.serve.text import Detokenizer, chat_ids, completion_ids
+from fluid_npu.serve.text import Detokenizer, TokenText, chat_ids, completion_ids
 
 USER = [{"role": "user", "content": "x"}]
 
@@ -94,7 +94,7 @@ def test_completion_errors_name_the_field(body, param, words):
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
          "messages[0].content"),
-        ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": "x", "nick": "bob"}]}, "messages[0].nick"),
         ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
         ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
@@ -107,6 +107,18 @@ def test_chat_errors_name_the_field(body, param):
     err = _err(parse_chat, body)
     if param is not None:
         assert err.param is not None and err.param.startswith(param)
+
+
+def test_fields_the_openai_api_allows_as_null_or_extra_are_accepted():
+    # null is the OpenAI API's "not given" for stream; a message may name its participant
+    assert not parse_completion({"prompt": "a", "stream": None, "ignore_eos": None}).sampling.stream
+    named = parse_chat({"messages": [{"role": "user", "content": "x", "name": "bob"}]})
+    assert named.messages == [{"role": "user", "content": "x"}]
+    for field in ("seed", "top_k"):  # beyond int64: refused here, never reaching the engine
+        err = _err(parse_completion, {"prompt": "a", field: 1 << 64})
+        assert err.param == field
+    err = _err(parse_chat, {"messages": [{"role": "user", "content": "x", "nick": "b"}]})
+    assert "content, name, role" in err.message  # the fields a message takes, not the body's
 
 
 def test_chat_parts_and_default_length():
@@ -150,6 +162,82 @@ def test_detokenizer_streams_the_decoded_text(tok):
     first = d.add(ids[:2])  # 'h' and the first byte of 'é': the half character is held back
     assert first == "h"
     assert d.tokens_used == 2
+
+
+def _byte_fallback_tokenizer():
+    """A Llama 2 / Mistral-style tokenizer built offline: SentencePiece-like BPE over single
+    characters with ``<0xNN>`` byte-fallback tokens, ``▁`` for spaces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"])}
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    for ch in "▁abcdefghijklmnopqrstuvwxyz.,!?":
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "byte_fallback"])
+def test_detokenizer_never_streams_a_replacement_character(tok, kind):
+    """Multi-byte characters split over tokens: a byte-fallback tokenizer spells a whole run of
+    byte tokens as U+FFFDs (complete characters in it too) until the run ends; streamed a token
+    or a few at a time, with or without stop strings, the text is the whole decode's, and no
+    piece carries a U+FFFD."""
+    tk = tok if kind == "byte_level" else _byte_fallback_tokenizer()
+    for answer in ("hi 😀 €, 日本", "a😀😀b €€ x", "日本語 🎉!"):
+        ids = [*_ids(tk, answer), tk.eos_token_id]
+        whole = tk.decode(ids, skip_special_tokens=True)
+        assert "\ufffd" not in whole
+        for step in (1, 2, 3):
+            for stop in ([], ["!"], ["本語"], ["😀"]):
+                d = Detokenizer(tk, stop)
+                pieces = [d.add(ids[i : i + step]) for i in range(0, len(ids), step)]
+                pieces.append(d.flush())
+                assert not any("\ufffd" in p for p in pieces), (answer, step, stop, pieces)
+                cut = min((whole.index(x) for x in stop if x in whole), default=len(whole))
+                assert "".join(pieces) == whole[:cut], (answer, step, stop)
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "byte_fallback"])
+def test_logprob_tokens_carry_their_own_bytes(tok, kind):
+    tk = tok if kind == "byte_level" else _byte_fallback_tokenizer()
+    words = TokenText(tk)
+    assert (words.byte_level, words.byte_fallback) == (kind == "byte_level", kind != "byte_level")
+    ids = _ids(tk, "héllo 😀 日本")
+    text = tk.decode(ids)
+    assert b"".join(words.bytes(t) for t in ids).decode().strip() == text
+    parts = [words.text(t) for t in ids]
+    assert any(p.startswith("bytes:\\x") for p in parts)  # part of a character: its bytes
+    assert len({p for p in parts if p.startswith("bytes:")}) > 3  # distinct, not all U+FFFD
+    # chat: the bytes join into the text; completions: offsets count the returned text's
+    # characters (a token inside a character points at it; the EOS the text skips adds none)
+    entries = [(t, -0.5, [(t, -0.5)]) for t in [*ids, tk.eos_token_id]]
+    chat = Shape(True, "c", "m", words).logprobs(entries)["content"]
+    assert bytes(b for e in chat for b in e["bytes"]).decode().strip().startswith(text)
+    comp = Shape(False, "c", "m", words).logprobs(entries)
+    offsets = comp["text_offset"]
+    assert offsets == sorted(offsets) and len(set(offsets)) < len(offsets)
+    first = ids.index(next(t for t in ids if words.text(t).startswith("bytes:")))
+    assert text[offsets[first]] == "é" and offsets[first + 1] == offsets[first]
+    assert offsets[-1] == len(text)  # the EOS after the whole text
+
+
+def test_log_probabilities_that_are_not_finite_stay_json(tok):
+    words = TokenText(tok)
+    for chat in (True, False):
+        body = Shape(chat, "c", "m", words).logprobs([(5, float("-inf"), [(5, float("nan"))])])
+        json.dumps(body, allow_nan=False)  # no Infinity / NaN: a JSON parser takes it
+        assert "-9999.0" in json.dumps(body)
 
 
 def test_detokenizer_stop_strings(tok):

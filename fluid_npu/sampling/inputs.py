@@ -7,6 +7,7 @@ problem is one ``FluidError`` naming it and the fix.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -87,6 +88,14 @@ def eos_and_pad(
     return eos_ids, int(pad)
 
 
+def sliding_window(cfg: Any) -> int | None:
+    """The model's sliding attention window (positions), or None when it attends to everything."""
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 def check_context(
     model: PreTrainedModel, lengths: list[int], max_new_tokens: int, k_max: int
 ) -> None:
@@ -104,10 +113,8 @@ def check_context(
                 f"{max_new_tokens} are reserved for new tokens (at most {limit - max_new_tokens}); "
                 "shorten the prompt or lower --max-new-tokens"
             )
-    window = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "use_sliding_window", True) is False:
-        window = None
-    if window is not None and max(lengths) + max_new_tokens + k_max > int(window):
+    window = sliding_window(cfg)
+    if window is not None and max(lengths) + max_new_tokens + k_max > window:
         raise ConfigError(
             f"this model uses sliding-window attention ({window} positions), which the sampler's "
             "visibility rule does not model; keep prompt + max_new_tokens within the window"

@@ -27,6 +27,8 @@ from fluid_npu.errors import ConfigError
 
 ACCEPT, DRAW, DRAFT = 0, 1, 2  # the purposes of a random number
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
+MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily (as vLLM treats it)
+INT64_MAX = (1 << 63) - 1  # seeds and top_k live in int64 tensors
 _M31 = (1 << 31) - 1
 
 
@@ -34,10 +36,11 @@ _M31 = (1 << 31) - 1
 class SamplingParams:
     """A request's decoding settings (transformers' / the OpenAI API's meanings).
 
-    ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1.0 switch those filters off;
-    ``min_p`` 0 too. ``seed`` None draws one from the scheduler's counter. ``logprobs``: return the
-    log-probability of each committed token under the AR distribution after temperature, and its
-    ``top_logprobs`` best alternatives (0–20).
+    ``temperature`` 0 is greedy (so is one below ``MIN_TEMPERATURE``); ``top_k`` 0 and ``top_p``
+    1.0 switch those filters off; ``min_p`` 0 too. ``seed`` None draws one from the scheduler's
+    counter (a given one is any 64-bit signed integer). ``logprobs``: return the log-probability
+    of each committed token under the AR distribution after temperature, and its ``top_logprobs``
+    best alternatives (0–20).
     """
 
     temperature: float = 0.0
@@ -51,8 +54,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.temperature < MIN_TEMPERATURE:
+            # logits / 1e-40 overflow: below this the distribution is the argmax's (vLLM's rule)
+            object.__setattr__(self, "temperature", 0.0)
+        if not 0 <= self.top_k <= INT64_MAX:
+            raise ConfigError(f"top_k must lie in [0, {INT64_MAX}] (0 = off), got {self.top_k}")
+        if self.seed is not None and not -INT64_MAX - 1 <= self.seed <= INT64_MAX:
+            raise ConfigError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must lie in (0, 1] (1 = off), got {self.top_p}")
         if not 0.0 <= self.min_p < 1.0:

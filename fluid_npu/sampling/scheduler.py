@@ -54,7 +54,7 @@ from fluid_npu.model.attention import attention_kind
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.head import LMHead
-from fluid_npu.sampling.inputs import PromptError, check_context, eos_and_pad
+from fluid_npu.sampling.inputs import PromptError, check_context, eos_and_pad, sliding_window
 from fluid_npu.sampling.kv import (
     SLOT_ATTENTION,
     SlotKV,
@@ -121,6 +121,15 @@ class Scheduler(PrefillMixin, StepMixin):
             )
         self.max_len = int(max_len or min(limit or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN))
         self.k = self.policy.block_len
+        window = sliding_window(cfg)
+        if window is not None:  # a request's tokens and drafts stay inside the window
+            room = window - self.k
+            if max_len is not None and max_len > room:
+                raise ConfigError(
+                    f"max_len {max_len} does not fit this model's sliding attention window "
+                    f"({window} positions, {self.k} of them for drafts); use at most {room}"
+                )
+            self.max_len = min(self.max_len, room)
         self.anchors, self.coverage, self.adaptive = anchors, coverage, adaptive
         self.prefill_chunk = prefill_chunk
         self.slots_n = max_batch

@@ -29,6 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluid_npu.errors import FluidError
 from fluid_npu.sampling.rules import SamplingParams
@@ -36,7 +37,7 @@ from fluid_npu.serve import protocol
 from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.protocol import APIError
 from fluid_npu.serve.responses import DONE, LogprobEntry, Shape, usage
-from fluid_npu.serve.text import Detokenizer, chat_ids, completion_ids
+from fluid_npu.serve.text import Detokenizer, TokenText, chat_ids, completion_ids
 from fluid_npu.serve.worker import Stream, Worker
 
 MAX_BODY_BYTES = 4 << 20
@@ -167,6 +168,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     """The server's ASGI application around a (not yet started) ``Worker``."""
     metrics = ServerMetrics(config.model_name)
     worker.on_step = metrics.on_step
+    words = TokenText(tokenizer)  # log-probability tokens' text and bytes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -183,16 +185,32 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         endpoint = request.url.path
-        if endpoint.startswith("/v1/") and endpoint != "/v1/models":
+        if endpoint in ("/v1/completions", "/v1/chat/completions"):
             metrics.refused(endpoint, exc.status)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # routing errors (404 unknown path, 405 wrong method) in the OpenAI shape too
+        body = protocol.error_body(
+            f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error"
+        )
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        body = protocol.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        return JSONResponse(body, status_code=500)
 
     def authorize(request: Request) -> None:
         if config.api_key is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), config.api_key):
+        # compared as bytes (compare_digest refuses non-ASCII str): the header's raw bytes (ASGI
+        # servers hand them over decoded as latin-1) against the key's UTF-8
+        key, given_key = config.api_key.encode(), token.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_key, key):
             raise APIError(
                 "a valid API key is required: send 'Authorization: Bearer KEY'",
                 status=401,
@@ -289,10 +307,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         check_model(req.sampling.model)
         if isinstance(req, protocol.ChatRequest):
             ids = chat_ids(tokenizer, req.messages)
-            shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", config.model_name, tokenizer)
+            shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", config.model_name, words)
         else:
             ids = completion_ids(tokenizer, req.prompt)
-            shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", config.model_name, tokenizer)
+            shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", config.model_name, words)
         return await generate(request, request.url.path, shape, ids, req.sampling)
 
     @app.post("/v1/completions")
@@ -303,17 +321,24 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await answer(request, chat=True)
 
+    card = {
+        "id": config.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "fluid-npu",
+        "max_model_len": config.max_len,
+    }
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
-        card = {
-            "id": config.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "fluid-npu",
-            "max_model_len": config.max_len,
-        }
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict[str, Any]:
+        authorize(request)
+        check_model(model)
+        return card
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -340,8 +365,9 @@ async def _events(gen: _Generation, shape: Shape, s: protocol.Sampling) -> Async
     except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
         yield f"data: {json.dumps(exc.body())}\n\n"
         return
-    use = gen.usage()
-    yield shape.chunk(None if shape.chat else "", gen.finish_reason, use)
+    use = gen.usage()  # once: in its own chunk when asked for (OpenAI's), else in the last one
+    last = None if s.include_usage else use
+    yield shape.chunk(None if shape.chat else "", gen.finish_reason, last)
     if s.include_usage:
         yield shape.usage_chunk(use)
     yield DONE

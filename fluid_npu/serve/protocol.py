@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fluid_npu.sampling.rules import INT64_MAX
+
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
@@ -77,6 +79,7 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+    name: str | None = None  # a participant's name (the OpenAI SDK's); not given to the template
 
 
 class _Common(_Strict):
@@ -86,18 +89,18 @@ class _Common(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)  # vLLM's extension; 0 = off
+    top_k: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's extension; 0 = off
     min_p: float | None = Field(default=None, ge=0, lt=1)  # vLLM's extension; 0 = off
     n: int | None = Field(default=None, ge=1)
-    stream: bool = False
+    stream: bool | None = None  # null = false, as the OpenAI API allows
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = None
 
 
 class CompletionBody(_Common):
@@ -126,9 +129,9 @@ class Sampling:
     max_tokens: int | None  # None: as many as the context leaves (chat's default)
     params: dict[str, Any] = field(default_factory=dict)  # the engine's SamplingParams fields
     stop: list[str] = field(default_factory=list)
-    stream: bool = False
+    stream: bool | None = None  # null = false, as the OpenAI API allows
     include_usage: bool = False
-    ignore_eos: bool = False
+    ignore_eos: bool | None = None
     model: str | None = None
 
 
@@ -151,9 +154,11 @@ def _param(loc: tuple[Any, ...]) -> str:
         for part in loc[1:]:
             if isinstance(part, int):
                 out += f"[{part}]"
-            elif part in ("role", "content"):
+            else:  # a message's field (or an unknown key): what follows are union member tags
                 out += f".{part}"
                 break
+    elif out == "stream_options" and len(loc) > 1:
+        out += f".{loc[1]}"
     return out
 
 
@@ -166,7 +171,9 @@ def _validate(model: type[_Strict], body: Any) -> Any:
         err = exc.errors()[0]
         param = _param(err["loc"]) if err["loc"] else None
         if err["type"] == "extra_forbidden":
-            known = ", ".join(sorted(model.model_fields))
+            nested = {"messages": Message, "stream_options": StreamOptions}.get(str(err["loc"][0]))
+            where = model if nested is None or len(err["loc"]) < 2 else nested
+            known = ", ".join(sorted(where.model_fields))
             raise APIError(
                 f"unknown field {param!r}; this server accepts {known}", param=param
             ) from None
@@ -208,9 +215,9 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         max_tokens=max_tokens,
         params=params,
         stop=stop,
-        stream=body.stream,
+        stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        ignore_eos=body.ignore_eos,
+        ignore_eos=bool(body.ignore_eos),
         model=body.model,
     )
 

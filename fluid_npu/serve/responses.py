@@ -3,20 +3,28 @@
 Pure functions from what a request produced to the JSON the OpenAI client parses. ``usage`` carries
 the OpenAI counts plus the request's own FLUID figures: ``forwards`` (decode forwards it took part
 in) and ``tpf`` (generated tokens per forward). A stream ends with a chunk holding the
-``finish_reason`` and ``usage``; with ``stream_options.include_usage`` the OpenAI-style extra chunk
-(empty ``choices``, ``usage``) follows; then ``data: [DONE]``.
+``finish_reason``, and the usage once: with ``stream_options.include_usage`` in the OpenAI-style
+extra chunk (empty ``choices``) that follows it, else in that last chunk itself (a client that adds
+up the usage of every chunk counts it once either way); then ``data: [DONE]``.
 
 Log-probabilities come as ``(token id, logprob, [(id, logprob), ...])`` per token and are written
 in each endpoint's own format: completions' ``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
-``text_offset``, chat's ``content`` list of ``{token, logprob, bytes, top_logprobs}``; a token's
-text is its own decoding (special tokens included).
+``text_offset``, chat's ``content`` list of ``{token, logprob, bytes, top_logprobs}``. A token's
+text and bytes are its own (``text.TokenText``: part of a multi-byte character is ``bytes:\\xNN``,
+and the bytes of consecutive tokens join into the text); ``text_offset`` counts characters of the
+returned text (special tokens, which it leaves out, take none). A log-probability that is not finite
+is written as ``-9999.0`` (JSON has no infinities).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import time
 from typing import Any
+
+from fluid_npu.serve.text import TokenText
 
 DONE = "data: [DONE]\n\n"
 LogprobEntry = tuple[int, float, list[tuple[int, float]]]
@@ -33,6 +41,10 @@ def usage(prompt_tokens: int, completion_tokens: int, forwards: int) -> dict[str
     }
 
 
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
 def sse(payload: dict[str, Any]) -> str:
     """One server-sent event carrying ``payload`` as JSON."""
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -41,41 +53,49 @@ def sse(payload: dict[str, Any]) -> str:
 class Shape:
     """The bodies of one request: ``chat`` or plain completion, with its id, time and model."""
 
-    def __init__(self, chat: bool, request_id: str, model: str, tokenizer: Any = None) -> None:
+    def __init__(
+        self, chat: bool, request_id: str, model: str, tokens: TokenText | None = None
+    ) -> None:
         self.chat = chat
         self.id = request_id
         self.model = model
-        self.tokenizer = tokenizer  # for the text of log-probability tokens
+        self.tokens = tokens  # the text and bytes of log-probability tokens
         self.created = int(time.time())
         self.offset = 0  # completions' text_offset of the next token
-
-    def _text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip = tokens.strip_start if tokens is not None else 0  # leading spaces dropped
 
     def logprobs(self, entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
         """The ``logprobs`` of a choice for ``entries`` (None: none were asked for)."""
         if entries is None:
             return None
+        words = self.tokens
+        if words is None:
+            raise ValueError("log-probabilities need the tokenizer's TokenText")
         if self.chat:
 
             def item(tok: int, lp: float) -> dict[str, Any]:
-                text = self._text(tok)
-                return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+                raw = words.bytes(tok)
+                return {"token": words.text(tok), "logprob": _finite(lp), "bytes": list(raw)}
 
             content = [
                 {**item(tok, lp), "top_logprobs": [item(t, p) for t, p in top]}
                 for tok, lp, top in entries
             ]
             return {"content": content, "refusal": None}
-        texts = [self._text(tok) for tok, _, _ in entries]
         offsets = []
-        for text in texts:
+        for tok, _, _ in entries:
             offsets.append(self.offset)
-            self.offset += len(text)
-        tops = [{self._text(t): p for t, p in top} for _, _, top in entries]
+            if tok not in words.special:  # the returned text skips special tokens
+                piece = self._chars.decode(words.bytes(tok))
+                while self._strip and piece:  # the spaces the decoder drops at the start
+                    self._strip = self._strip - 1 if piece[0] == " " else 0
+                    piece = piece[1:] if piece[0] == " " else piece
+                self.offset += len(piece)
+        tops = [{words.text(t): _finite(p) for t, p in top} for _, _, top in entries]
         return {
-            "tokens": texts,
-            "token_logprobs": [lp for _, lp, _ in entries],
+            "tokens": [words.text(tok) for tok, _, _ in entries],
+            "token_logprobs": [_finite(lp) for _, lp, _ in entries],
             "top_logprobs": tops if any(tops) else None,
             "text_offset": offsets,
         }

@@ -10,10 +10,15 @@
   incomplete UTF-8 character is held back, and with ``stop`` strings the text is cut before the
   first one (OpenAI's rule: the stop string is not returned) and the tail that could still become
   a stop string is held back until it cannot.
+* ``TokenText`` is one token's own bytes and text for log-probabilities: a token may hold part of
+  a UTF-8 character (byte-level BPE, SentencePiece byte fallback), so its bytes come from its
+  vocabulary spelling, not from decoding it alone (which gives U+FFFD).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from fluid_npu.errors import FluidError
@@ -29,6 +34,8 @@ def completion_ids(tokenizer: Any, prompt: str | list[int]) -> list[int]:
         return encode_prompt(tokenizer, row, where="prompt").ids
     except FluidError as exc:
         raise APIError(str(exc).removeprefix("prompt: "), param="prompt") from None
+    except Exception as exc:  # the tokenizer's own (e.g. a lone UTF-16 surrogate in the text)
+        raise APIError(f"the tokenizer cannot encode the prompt: {exc}", param="prompt") from None
 
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -108,26 +115,109 @@ class Detokenizer:
     def _advance(self, final: bool) -> None:
         """Bring ``text`` up to every token fed. The newest tokens' text is decoded with the
         previous chunk before them; while it ends in an incomplete multi-byte character it stays
-        provisional (those tokens are decoded again with the next ones) until the output ends."""
+        provisional (those tokens are decoded again with the next ones) and only the text before
+        its trailing U+FFFDs counts: a byte-fallback tokenizer (Llama 2, Mistral, Gemma) spells a
+        whole run of byte tokens as one U+FFFD per byte until its last character is complete."""
         if self.read == len(self.tokens):
             return
-        before = self._decode(self.tokens[self.prefix : self.read])
         now = self._decode(self.tokens[self.prefix :])
+        before = self._decode(self.tokens[self.prefix : self.read])
+        if now.endswith("\ufffd") and not final:
+            if now.startswith(before):  # what is certain so far (a prefix of the final text)
+                self.text = self.text[: self.settled] + now[len(before) :].rstrip("\ufffd")
+            return
         if not now.startswith(before):  # the context changed its own spelling (rare)
             self.text = self._decode(self.tokens)
         else:
             self.text = self.text[: self.settled] + now[len(before) :]
-            if now.endswith("\ufffd") and not final:
-                return  # provisional: the settled text ends where it did
         self.settled = len(self.text)
         self.prefix, self.read = self.read, len(self.tokens)
 
     def _release(self, final: bool) -> str:
         end = len(self.text)
-        if not final:
-            if self.text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for it
-                end -= 1
-            end = max(self.sent, end - self.hold) if self.stop else end
+        if not final and self.stop:  # the tail that could still begin a stop string waits
+            end = max(self.sent, end - self.hold)
         out = self.text[self.sent : end]
         self.sent = max(self.sent, end)
         return out
+
+
+_HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet inverted: each byte is spelled by one printable character (itself
+    where printable, else the next code point from 256 on, in byte order)."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
+
+
+def _decoder_parts(tokenizer: Any) -> list[dict[str, Any]]:
+    """A fast tokenizer's decoder steps (a sequence's parts); empty for other tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return []
+    spec = json.loads(backend.to_str()).get("decoder") or {}
+    return spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
+
+
+class TokenText:
+    """One token's bytes and printable text (log-probabilities' ``token`` / ``bytes``), cached.
+
+    Byte-level tokenizers (GPT-2, Llama 3, Qwen, SmolLM2) spell each byte with one character;
+    SentencePiece byte fallback (Llama 2, Mistral, Gemma) has ``<0xNN>`` tokens and ``▁`` for a
+    space; other tokenizers' tokens are their decoded text. A token whose bytes are not UTF-8 on
+    their own is written ``bytes:\\xNN…`` (as the OpenAI API writes such tokens).
+    ``strip_start``: how many leading spaces the decoder drops from a text (SentencePiece's ``▁``
+    before the first word), so character offsets in the returned text can leave them out.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        parts = _decoder_parts(tokenizer)
+        kinds = {str(p.get("type")) for p in parts}
+        self.byte_level = "ByteLevel" in kinds
+        self.byte_fallback = "ByteFallback" in kinds
+        self.strip_start = sum(
+            int(p.get("start", 0))
+            for p in parts
+            if p.get("type") == "Strip" and p.get("content") == " "
+        )
+        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self._alphabet = _byte_alphabet() if self.byte_level else {}
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def bytes(self, token: int) -> bytes:
+        return self._entry(token)[1]
+
+    def text(self, token: int) -> str:
+        return self._entry(token)[0]
+
+    def _entry(self, token: int) -> tuple[str, bytes]:
+        hit = self._cache.get(token)
+        if hit is None:
+            raw = self._bytes(token)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            hit = self._cache[token] = (text, raw)
+        return hit
+
+    def _bytes(self, token: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if token in self.special or not isinstance(piece, str):
+            return self.tokenizer.decode([token]).encode("utf-8")
+        if self.byte_level and all(c in self._alphabet for c in piece):
+            return bytes(self._alphabet[c] for c in piece)
+        if self.byte_fallback:
+            hexed = _HEX_BYTE.fullmatch(piece)
+            return bytes([int(hexed.group(1), 16)]) if hexed else piece.replace("▁", " ").encode()
+        return self.tokenizer.decode([token]).encode("utf-8")
