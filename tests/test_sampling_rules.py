@@ -155,6 +155,64 @@ def test_a_seed_gives_the_same_tokens_alone_or_in_any_batch(tok):
     assert differs != alone[0]  # the seed matters
 
 
+def test_a_seeded_request_ignores_what_ran_in_its_slot_before(tok):
+    """With two candidate blocks per row, the first step after a prefill holds both of a new
+    row's blocks whatever the step before it held (it once held only as many as the previous
+    request left): a seed's tokens are the same on a fresh engine and after another request."""
+    model = build_tiny_model("llama", tok, seed=3)
+    kw = dict(policy="fixed:3", k_max=3, anchors=2, adaptive=False, max_batch=1, eos_ids=[])
+    prompt = [11, 88, 125, 216, 217]
+
+    def tokens(seed: int, before: list[int] | None) -> list[int]:
+        reqs = [] if before is None else [
+            Request("o", before, 2, sampling=SamplingParams(temperature=1.0, top_k=5, seed=480))
+        ]  # fmt: skip
+        params = SamplingParams(temperature=1.0, top_k=5, min_p=0.05, seed=seed)
+        reqs.append(Request("r", prompt, 7, sampling=params))
+        return run_requests(Scheduler(model, tok.mask_token_id, **kw), reqs)["r"].tokens
+
+    for seed in range(60):  # (with the narrower first step, 3 of these 60 seeds differed)
+        assert tokens(seed, [74]) == tokens(seed, None), seed
+
+
+def test_each_draft_is_drawn_for_the_position_it_is_tested_at_and_never_reused(tok, monkeypatch):
+    """The random number behind a sampled draft is keyed by the position the draft guesses (the
+    one its accept test is keyed by) and the block's anchor: a position drafted again from a
+    later anchor draws afresh (the rejection rule needs drafts independent of what was seen)."""
+    from fluid_npu.sampling import step
+    from fluid_npu.sampling.rules import ACCEPT, DRAFT
+
+    calls: list[tuple[int, list[int], list[int] | None]] = []
+
+    def spy(seed, position, purpose, anchor=None):
+        pos = position.flatten().tolist()
+        at = None if anchor is None else anchor.expand_as(position).flatten().tolist()
+        calls.append((purpose, pos, at))
+        return uniform(seed, position, purpose, anchor)
+
+    monkeypatch.setattr(step, "uniform", spy)
+    model = build_tiny_model("llama", tok, seed=3)
+    tested = redrafted = 0
+    for seed in range(1, 13):
+        calls.clear()
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", k_max=3, anchors=1,
+                          max_batch=1, eos_ids=[], adaptive=False)  # fmt: skip
+        params = SamplingParams(temperature=1.0, seed=seed)
+        run_requests(sched, [Request("r", [11, 88, 125, 216, 217], 24, sampling=params)])
+        drafted: list[int] = []
+        keys: list[tuple[int, int]] = []
+        for purpose, pos, at in calls:
+            if purpose == DRAFT:
+                drafted = pos
+                keys += list(zip(pos, at))
+            elif purpose == ACCEPT:  # the pending drafts: the last block drawn
+                assert pos == drafted[: len(pos)], (seed, pos, drafted)
+                tested += len(pos)
+        assert len(set(keys)) == len(keys), seed  # no (position, anchor) drawn twice
+        redrafted += len(keys) - len({p for p, _ in keys})
+    assert tested > 50 and redrafted > 0  # drafts were tested, and some positions drafted again
+
+
 def test_requests_admitted_together_keep_their_own_settings(tok):
     """Requests admitted in one step (their settings written for all of them at once) each
     decode with their own EOS ids, token budget, temperature, top-k and seed: the same tokens and
@@ -284,6 +342,31 @@ def test_stop_strings_cut_as_transformers_does(tok, policy):
             eos_token_id=None,
         )
     assert ours == hf[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("step_tokens", [1, 3])
+def test_stop_strings_made_of_multi_byte_characters_cut_at_the_completing_token(tok, step_tokens):
+    """Byte-level tokens: a character takes several tokens (its text reads U+FFFD until the
+    last), and a stop string of several such characters more tokens than it has characters; the
+    engine cuts at the token that completes the stop string however the steps fall."""
+    from fluid_npu.sampling.requests import Slot
+
+    model = build_tiny_model("llama", tok, seed=3)
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=1, tokenizer=tok)
+    for stop in ("é", "日本語", "日本語中文字", "😀😀😀😀"):
+        head = tok("ab" + stop, add_special_tokens=False)["input_ids"]
+        stream = head + tok("cd", add_special_tokens=False)["input_ids"]
+        slot = Slot(Request("0", [1], 100, stop=[stop]), [1])
+        cut = None
+        for i in range(0, len(stream), step_tokens):  # the tokens each step commits
+            toks = stream[i : i + step_tokens]
+            n = sched._stop_cut(slot, toks)
+            if n is not None:
+                cut = len(slot.new) + n
+                break
+            slot.new.extend(toks)
+        assert cut == len(head), (stop, cut, len(head))
+        assert tok.decode(stream[:cut]).endswith(stop)
 
 
 def test_stop_strings_need_a_tokenizer(tok):

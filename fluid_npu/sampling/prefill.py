@@ -178,4 +178,7 @@ class PrefillMixin:
             s.drafted = n
             s.running = True
         self.run.index_fill_(0, at, True)
-        self._next_shape = (max(big_m, n), max(n_blocks, 1))  # widest: no host read of keep
+        # the widest shape, with no host read of keep or of how many candidates each row got
+        # (choose_anchors gives up to ``anchors``): a step narrower than a row's candidates would
+        # drop some, and a sampling row's tokens would then depend on its neighbours
+        self._next_shape = (max(big_m, n), self.anchors)

@@ -11,8 +11,10 @@ transformers applies them in.
 
 **Seeds without generator state.** Every random number is a hash of ``(seed, position, purpose)``
 (``uniform``): the accept test of the draft at position ``t``, the draw of the token committed at
-``t``, the draft sampled for ``t``. Each position's accept test and draw happen at most once, and
-the three purposes are independent streams, so the rejection rule's guarantee holds, the same seed
+``t``, the draft sampled for ``t`` from the block anchored at ``c`` (keyed by ``c`` too: a position
+is drafted again from a later anchor when its first draft is rejected or dropped). Each position's
+accept test and draw count at most once, each (position, anchor) is drafted at most once, and the
+three purposes are independent streams, so the rejection rule's guarantee holds, the same seed
 and settings give the same tokens whatever else shares the batch, and nothing is stateful or
 synchronised with the host (the step stays capturable).
 """
@@ -86,10 +88,23 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def uniform(seed: torch.Tensor, position: torch.Tensor, purpose: int) -> torch.Tensor:
-    """Uniforms in (0, 1), float64, one per element of ``position`` (``seed`` broadcast to it)."""
+def uniform(
+    seed: torch.Tensor,
+    position: torch.Tensor,
+    purpose: int,
+    anchor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Uniforms in (0, 1), float64, one per element of ``position`` (``seed`` broadcast to it).
+
+    ``anchor`` (drafts) keys the number by the block's anchor too: a position drafted again from
+    a later anchor (its first draft rejected or dropped) gets a fresh number, so no draft reuses
+    one whose draft was already seen (its confidence chose the candidate blocks).
+    """
     seed = seed.to(torch.long)
-    h1 = _mix(_mix(seed) ^ _mix(position.to(torch.long) * 3 + purpose + 0x5BD1E995))
+    key = _mix(position.to(torch.long) * 3 + purpose + 0x5BD1E995)
+    if anchor is not None:
+        key = _mix(key ^ _mix(anchor.to(torch.long) + 0x2545F491))
+    h1 = _mix(_mix(seed) ^ key)
     h2 = _mix(h1 ^ 0x3C6EF372)
     bits = (h1 << 22) ^ h2  # 53 random bits
     return ((bits & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)

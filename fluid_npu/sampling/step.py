@@ -127,7 +127,8 @@ class StepMixin:
             n = hidden.shape[1]
             q = self._filtered(self.head.logits(hidden), at)
             where = first.to(self.device)[:, None] + torch.arange(n, device=self.device)
-            drawn = sample(q, uniform(self.seed[at][:, None], where, DRAFT))
+            anchor = first.to(self.device)[:, None] - 2  # slot j guesses anchor + 2 + j
+            drawn = sample(q, uniform(self.seed[at][:, None], where, DRAFT, anchor))
             qp = q.gather(-1, drawn[..., None])[..., 0]
             sampled = (self.temp[at] > 0)[:, None]
             drafts = torch.where(sampled, drawn, drafts)
@@ -203,6 +204,9 @@ class StepMixin:
         hit_eos = is_eos.any(dim=1)
         take = torch.where(hit_eos, is_eos.long().argmax(dim=1) + 1, take)
         take = torch.where(run, take, 0)
+        # the position a new block's first slot guesses (after the correction), from the length
+        # before this step's commit; only sampling rows' draws read it
+        first = base + a + 2 if any_sampled else base
         done = run & (hit_eos | (self.new_count[:hi] + take >= self.max_new[:hi]))
         self.new_count[:hi] += take
         self.length[:hi] += take
@@ -223,7 +227,6 @@ class StepMixin:
             has = hit.any(dim=1) & run
             rows = torch.arange(hi, device=dev)
             sel = hidden[:, big_m + 1 :].view(hi, n_blocks, k, -1)[rows, hit.long().argmax(dim=1)]
-            first = base + a + 2  # the block's first slot guesses the position after the correction
             drafted, conf, keep = self._draft(slice(0, hi), sel, hidden[rows, a], first)
             m_next = torch.where(has, keep, 0)
             self.drafts[:hi, :k], self.logp[:hi, :k] = drafted, conf
@@ -347,14 +350,19 @@ class StepMixin:
 
     def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:
         """How many of this step's ``toks`` to keep when one completes a stop string (the one
-        that completes it included, as transformers' ``stop_strings`` cuts), else None."""
-        longest = max(len(x) for x in s.req.stop)
+        that completes it included, as transformers' ``stop_strings`` cuts), else None.
+
+        The earlier tokens decoded as context are counted in bytes (a token spells at least one,
+        and one character may take several tokens); a newly completed stop string ends past the
+        text the earlier tokens alone spelled — compared by common prefix, since a character
+        split over tokens reads as U+FFFD until its last byte comes."""
+        longest = max(len(x.encode("utf-8")) for x in s.req.stop)
         before = s.new[-(longest + 8) :]
         text_before = self.tokenizer.decode(before, skip_special_tokens=False)
         for n in range(1, len(toks) + 1):
             text = self.tokenizer.decode(before + toks[:n], skip_special_tokens=False)
-            fresh = text[max(0, len(text_before) - longest + 1) :]
-            if any(x in fresh for x in s.req.stop):
+            same = _common_prefix(text_before, text)
+            if any(text.find(x, max(0, same - len(x) + 1)) >= 0 for x in s.req.stop):
                 s.stopped = True
                 return n
         return None
@@ -408,6 +416,15 @@ def _compiles() -> int:
     from torch._dynamo.utils import counters
 
     return counters["frames"]["total"]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """How many leading characters ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _round_up(n: int, to: int) -> int:
