@@ -173,6 +173,19 @@ def test_a_sliding_window_bounds_the_engines_context(tok):
         Scheduler(model, tok.mask_token_id, policy="fixed:4", k_max=4, max_len=64)
 
 
+def test_one_token_prompts_cost_no_prefill_forward(tok):
+    """A prompt of one token has nothing to encode and no anchor for first drafts: it goes
+    straight to decoding (a forward of padding only was run for such prompts while drafting)."""
+    model = build_tiny_model("llama", tok, seed=3)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", k_max=3, max_batch=2,
+                      adaptive=False, eos_ids=[])  # fmt: skip
+    prompts = [[5], [9]]
+    res = run_requests(sched, [Request(str(i), p, 6) for i, p in enumerate(prompts)])
+    assert sched.prefill_forwards == 0
+    ours = [res[str(i)].tokens for i in range(2)]
+    _assert_same(model, prompts, ours, [_greedy_alone(model, p, 6, []) for p in prompts], "1-tok")
+
+
 def test_abort_frees_the_slot_and_spares_the_others(tok):
     model = build_tiny_model("llama", tok, seed=3)
     prompts = [tok(t)["input_ids"] for t in TEXTS[:3]]

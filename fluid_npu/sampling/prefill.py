@@ -85,7 +85,7 @@ class PrefillMixin:
         draft = 0
         if k > 0 and ending and (sampling or self.budget.drafting_pays(rows_next)):
             draft = k if sampling else self.budget.prefill_length(rows_next)
-        if width == 0 and draft == 0:  # one-token prompts only: nothing to encode
+        if width == 0:  # one-token prompts only: nothing to encode and no anchor to draft from
             self._start(rows)
             return
         b = len(rows)
