@@ -260,6 +260,36 @@ def test_attention_dominated_model_ragged_accepts(loop, tok, cache_probe, record
     assert len(accepted) >= 3, accepted  # partial and full acceptance both occur
 
 
+def test_the_reference_is_plain_greedy_whatever_the_checkpoint_asks(tok):
+    """A checkpoint's generation_config (Qwen2.5-Instruct ships repetition_penalty 1.05) must not
+    reach the reference: the sampler commits the model's own argmax, and so does ``hf_greedy``
+    — and the model's config is as it was afterwards."""
+    model = build_tiny_model("llama", tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in ("hello there", "abc", "the quick brown fox")]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    eos = [tok.eos_token_id]
+    plain = hf_greedy(model, ids, mask, 24, eos, tok.pad_token_id)
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.no_repeat_ngram_size = 2
+    assert hf_greedy(model, ids, mask, 24, eos, tok.pad_token_id) == plain
+    assert model.generation_config.repetition_penalty == 1.3  # restored
+    ours = generate(model, tok, ids, mask, policy="ar", max_new_tokens=24).new_tokens
+    assert not [d for d in compare(model, prompts, ours, plain) if not d.tie]
+    penalized = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
+                               pad_token_id=tok.pad_token_id)  # fmt: skip
+    new = penalized[:, ids.shape[1] :].tolist()
+    assert any(row[: len(p)] != p for row, p in zip(new, plain))  # the config does bite
+
+
+def test_a_row_that_ended_first_is_reported_as_json_takes_it():
+    import json
+
+    from fluid_npu.sampling.lossless import Difference
+
+    ended = Difference(row=0, index=3, ours=None, theirs=5, gap=float("inf"), tie=False)
+    assert json.loads(json.dumps(ended.to_dict(), allow_nan=False))["gap"] is None
+
+
 def test_report_ties():
     """Prints the numerical ties the module tolerated (runs last in file order)."""
     print(f"sampler lossless tests: {len(TIES)} tolerated numerical tie(s)")

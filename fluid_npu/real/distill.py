@@ -50,6 +50,7 @@ def greedy_answers(
     it ended with EOS; an answer holding another special token is returned empty."""
     from fluid_npu.eval.tasks import encode_question
     from fluid_npu.sampling.inputs import eos_and_pad
+    from fluid_npu.sampling.lossless import plain_generation
     from fluid_npu.sampling.prompts import left_pad
 
     eos_list, pad = eos_and_pad(model, pad=tokenizer.pad_token_id)
@@ -61,7 +62,7 @@ def greedy_answers(
         prompts = [encode_question(tokenizer, q, chat=True) for q in chunk]
         ids, mask = left_pad(prompts, pad)
         width = ids.shape[1]
-        with torch.inference_mode():
+        with torch.inference_mode(), plain_generation(model):  # the model's own argmax
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=mask,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fluid_npu.eval.tasks import encode_question, is_correct
-from fluid_npu.sampling.lossless import cut_at_eos
+from fluid_npu.sampling.lossless import cut_at_eos, plain_generation
 
 PROMPT_LOOKUP_TOKENS = 10  # transformers' own example value for prompt_lookup_num_tokens
 ALWAYS = ", always drafting"  # the suffix of a FLUID decoder run with the draft budget off
@@ -86,7 +86,7 @@ class ForwardCounter:
 
 def _hf_decode(model: Any, ids: list[int], max_new: int, eos: list[int], **kw: Any) -> dict:
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    with ForwardCounter(model) as fc, torch.inference_mode():
+    with ForwardCounter(model) as fc, torch.inference_mode(), plain_generation(model):
         start = time.perf_counter()
         out = model.generate(
             input_ids=x,

@@ -18,14 +18,15 @@ prompts in bf16 and on 100 % in fp32 — this check tells the two cases apart).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 TIE_ULPS = 2  # resolution units two logits may differ by and still be a tie
 
@@ -48,7 +49,11 @@ class Difference:
     tolerance: float = 0.0  # the gap allowed: TIE_ULPS resolution units of the compute dtype
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As JSON takes it: a row that ended first has no gap (``None``, not ``Infinity``)."""
+        out = asdict(self)
+        if not math.isfinite(self.gap):
+            out["gap"] = None
+        return out
 
 
 def cut_at_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -59,6 +64,22 @@ def cut_at_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
         if int(t) in eos_ids:
             break
     return out
+
+
+@contextlib.contextmanager
+def plain_generation(model: PreTrainedModel) -> Iterator[None]:
+    """transformers' ``generate`` as plain decoding while inside: the checkpoint's own
+    ``generation_config`` (Qwen2.5-Instruct ships ``repetition_penalty`` 1.05; others
+    ``no_repeat_ngram_size``, ``suppress_tokens``, ...) fills every setting a call leaves out, so
+    it is swapped for one that keeps only the special token ids — the reference is then the
+    model's own argmax, as every token the sampler commits is."""
+    saved = model.generation_config
+    keep = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    model.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in keep})
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @torch.inference_mode()
@@ -73,24 +94,23 @@ def hf_greedy(
 ) -> list[list[int]]:
     """transformers' greedy ``generate`` on a left-padded batch; new tokens per row, cut at EOS.
 
-    ``cache_implementation="static"``: transformers' static cache, which it also compiles on the
-    devices where it auto-compiles (CUDA and others; not the CPU).
+    Plain greedy decoding whatever the checkpoint's ``generation_config`` asks for
+    (``plain_generation``). ``cache_implementation="static"``: transformers' static cache, which
+    it also compiles on the devices where it auto-compiles (CUDA and others; not the CPU).
     """
     extra = {} if cache_implementation is None else {"cache_implementation": cache_implementation}
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        eos_token_id=list(eos_ids) if eos_ids else None,
-        pad_token_id=pad_id,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        **extra,
-    )
+    with plain_generation(model):
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            eos_token_id=list(eos_ids) if eos_ids else None,
+            pad_token_id=pad_id,
+            **extra,
+        )
     new = out[:, input_ids.shape[1] :].tolist()
     return [cut_at_eos(row, eos_ids) for row in new]
 
