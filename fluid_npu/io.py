@@ -39,12 +39,23 @@ def prepare_output_dir(path: str | Path) -> Path:
     return out
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: set straight back (once, at import,
+    os.umask(mask)  # before any thread of ours writes files)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_text_atomic(path: str | Path, chunks: Iterable[str]) -> Path:
     """Write ``chunks`` to ``path`` through a temporary file, fsync, and an atomic rename."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; the result gets the mode any new file gets (the umask's)
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for chunk in chunks:
                 fh.write(chunk)

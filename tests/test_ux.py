@@ -223,3 +223,14 @@ def test_eval_names_a_tokenizer_that_encodes_questions_to_nothing(tmp_path):
     fluid = FluidForCausalLM.from_pretrained(tmp_path / "qwen2")
     with pytest.raises(DataError, match=r"the tokenizer \(Qwen2Tokenizer.*into no token ids"):
         run_eval(fluid, "gsm8k", ROWS, ["fixed:2"], max_new_tokens=4, warmup=False)
+
+
+def test_files_written_atomically_get_the_usual_mode(tmp_path):
+    """Outputs (generations, reports, run records) go through a temporary file and a rename; they
+    end with the mode any new file gets under the umask, not the temporary file's 0600."""
+    from fluid_npu.io import write_json_atomic
+
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    write_json_atomic(tmp_path / "report.json", {"a": 1})
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
