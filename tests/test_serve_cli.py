@@ -34,6 +34,7 @@ def test_serve_flag_errors(capsys, tmp_path):
     assert "--max-queue" in _error(capsys, ["serve", "--model", "m", "--max-queue", "-1"])
     assert "--api-key" in _error(capsys, ["serve", "--model", "m", "--api-key", " "])
     assert "--threads" in _error(capsys, ["serve", "--model", "m", "--threads", "0"])
+    assert "--drain-timeout" in _error(capsys, ["serve", "--model", "m", "--drain-timeout", "nan"])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

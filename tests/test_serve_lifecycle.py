@@ -148,7 +148,32 @@ def test_engine_failure_is_500_and_unhealthy():
         sched.gate.set()
         t.join(60)
         assert box[0].status_code == 500 and "device lost" in box[0].json()["error"]["message"]
+        # counted once: as a request that ended in an error, not also as a refusal
+        assert _metric(url, "fluid_requests_total") == 1
+        errors = 'fluid_requests_total{endpoint="/v1/completions",finish_reason="error"}'
+        assert _metric(url, errors) == 1
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and "device lost" in health.json()["error"]
         with pytest.raises(openai.InternalServerError):
             client(url).completions.create(model="tiny", prompt="a", max_tokens=2)
+
+
+def test_gauges_fall_to_zero_when_the_engine_fails():
+    sched = ScriptedScheduler(max_batch=2, step_s=0.01)
+    with serving(sched) as (url, _, _):
+        codes: list[int] = []
+        body = {"prompt": "x", "max_tokens": 300, "ignore_eos": True}
+
+        def ask() -> None:
+            codes.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code)
+
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        for t in threads:
+            t.start()
+        _until(lambda: _metric(url, "fluid_num_requests_running") == 2, "two running")
+        sched.fail = True
+        for t in threads:
+            t.join(60)
+        assert codes == [500, 500]
+        assert _metric(url, "fluid_num_requests_running") == 0
+        assert _metric(url, "fluid_num_requests_waiting") == 0

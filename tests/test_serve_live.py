@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 
@@ -242,3 +243,11 @@ def test_disconnect_429_and_sigterm_drain(model_dir, tmp_path):
     for prompt, row in zip(prompts, want):
         assert results[prompt] == (row["text"], "length")
         assert len(row["token_ids"]) == 300
+
+
+def test_the_first_ctrl_c_drains_and_exits_0(model_dir):
+    """Ctrl-C (SIGINT) drains like SIGTERM: status 0, not an interrupt's 130."""
+    with ServerProcess(["--model", model_dir, "--policy", "ar"]) as proc:
+        proc.proc.send_signal(signal.SIGINT)
+        assert proc.wait() == 0, proc.log_tail()
+        assert "draining" in proc.log_tail()

@@ -167,7 +167,7 @@ async def _until_disconnect(request: Request) -> None:
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     """The server's ASGI application around a (not yet started) ``Worker``."""
     metrics = ServerMetrics(config.model_name)
-    worker.on_step = metrics.on_step
+    worker.on_step, worker.on_failure = metrics.on_step, metrics.on_failure
     words = TokenText(tokenizer)  # log-probability tokens' text and bytes
 
     @contextlib.asynccontextmanager
@@ -296,7 +296,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             gen.close(endpoint)
         if not work.done() or work.cancelled():  # the client is gone: nobody reads an answer
             return Response(status_code=499)
-        work.result()  # an engine failure raises its APIError here
+        try:
+            work.result()  # an engine failure raises its APIError here
+        except APIError as exc:  # counted once, by close (finish_reason "error"), not as a refusal
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         answer = shape.full("".join(pieces), gen.finish_reason, gen.usage(), gen.logprobs)
         return JSONResponse(answer)
 

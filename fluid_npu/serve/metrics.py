@@ -77,6 +77,11 @@ class ServerMetrics:
         self.running.set(scheduler.num_running)
         self.waiting.set(scheduler.num_waiting)
 
+    def on_failure(self) -> None:
+        """Engine-thread hook: the engine failed, its requests were answered; none runs or waits."""
+        self.running.set(0)
+        self.waiting.set(0)
+
     def refused(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, finish_reason=str(status)).inc()
 

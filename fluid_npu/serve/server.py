@@ -63,7 +63,7 @@ class ServeSettings:
             raise ConfigError(f"--max-queue must be at least 0, got {self.max_queue}")
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"--max-len must be at least 2, got {self.max_len}")
-        if self.drain_timeout < 0:
+        if not self.drain_timeout >= 0:  # (NaN too)
             raise ConfigError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
@@ -149,7 +149,8 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout = drain_timeout
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.worker.draining:
+        first = not self.worker.draining
+        if first:
             print(
                 f"fluid: draining (up to {self.drain_timeout:g} s for requests in flight)",
                 file=sys.stderr,
@@ -157,7 +158,9 @@ class DrainingServer(uvicorn.Server):
             )
             self.worker.drain(self.drain_timeout)
         super().handle_exit(sig, frame)
-        if sig == signal.SIGTERM:  # a drain is a clean exit: uvicorn must not re-raise it
+        # a drain is a clean exit: uvicorn must not re-raise the signal (a second Ctrl-C, which
+        # forces the exit, still ends as an interrupt)
+        if sig == signal.SIGTERM or (first and sig == signal.SIGINT):
             self._captured_signals = [s for s in self._captured_signals if s != sig]
 
 
@@ -179,8 +182,9 @@ def serve(settings: ServeSettings) -> int:
         )
         app = create_app(worker, tokenizer, config)
         host, port = sock.getsockname()[:2]
+        where = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
         app.state.banner = (
-            f"fluid: serving {name!r} on http://{host}:{port}/v1 (policy {info['policy']}, "
+            f"fluid: serving {name!r} on http://{where}:{port}/v1 (policy {info['policy']}, "
             f"max batch {settings.max_batch}, context {max_len})"
         )
         uv_config = uvicorn.Config(

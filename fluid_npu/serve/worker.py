@@ -67,9 +67,11 @@ class Worker:
         scheduler: Any,
         *,
         on_step: Callable[[Any, list[Any], float], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.on_step = on_step  # (scheduler, events, step seconds): metrics, called in the thread
+        self.on_failure = on_failure  # the engine failed: nothing runs any more (metrics)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, Stream] = {}  # touched by the engine thread only
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -201,6 +203,8 @@ class Worker:
             for stream in self.streams.values():
                 self._send(stream.queue.put_nowait, exc)
             self.streams.clear()
+            if self.on_failure is not None:
+                self.on_failure()
         finally:  # requests queued but never taken (a failed step, a stop) are answered too
             self._refuse_queued(self.error)
 
