@@ -9,6 +9,7 @@ the package but ``errors`` (and, in ``versions``, the package's version).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -69,8 +70,10 @@ def write_text_atomic(path: str | Path, chunks: Iterable[str]) -> Path:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and an atomic rename."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable)
+    """Write JSON to ``path`` through a temporary file and an atomic rename. A number that is not
+    finite (a rate of ``inf``: all at once) is written ``null``: JSON has no Infinity or NaN, and
+    strict readers refuse them."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=_jsonable, allow_nan=False)
     write_text_atomic(path, (text, "\n"))
 
 
@@ -98,6 +101,16 @@ def publish_dir(staging: Path, target: Path, last: list[str] | None = None) -> N
             shutil.rmtree(dest)
         os.replace(item, dest)
     staging.rmdir()
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

@@ -65,12 +65,16 @@ def test_bench_serve_flag_errors(capsys, tmp_path):
 def test_bench_serve_against_a_running_server(tmp_path, capsys):
     prompts = _prompts(tmp_path, [{"prompt": p} for p in ("abc", "hello", "xyz")])
     out = tmp_path / "report.json"
-    with serving(ScriptedScheduler(max_batch=2)) as (url, _, _):
+    with serving(ScriptedScheduler(max_batch=2), api_key="k3y") as (url, _, _):
         argv = ["bench", "serve", "--url", url, "--prompts", prompts, "--json", str(out),
                 "--num-requests", "9", "--concurrency", "3", "--max-tokens", "20",
                 "--rate", "200", "--warmup", "1"]  # fmt: skip
-        assert main(argv) == 0
+        # a server with a key: without it one clear error before any load, with it the run
+        assert "--api-key or $FLUID_API_KEY" in _error(capsys, argv)
+        assert main([*argv, "--api-key", "k3y"]) == 0
+    assert "k3y" not in out.read_text()  # the key is not recorded
     report = json.loads(out.read_text())
+    assert report["settings"]["rate"] == 200
     r = report["results"]["server"]
     assert r["completed"] == 9 and r["failed"] == 0
     want = [script(TOK(p)["input_ids"], 20, True) for p in ("abc", "hello", "xyz") * 3]

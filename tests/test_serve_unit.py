@@ -342,6 +342,13 @@ def test_bench_report_survives_an_ar_run_whose_requests_all_failed():
 
     report = _report(s, {"khead": result(100.0, 0), "ar": result(0.0, 4)}, 4)
     assert report["throughput_vs_ar"] == {"khead": None}
+    # some requests failed on one side: the two did not serve the same requests, no ratio
+    for failed in ({"khead": 1, "ar": 0}, {"khead": 0, "ar": 1}):
+        runs = {name: result(100.0, n) for name, n in failed.items()}
+        assert _report(s, runs, 4)["throughput_vs_ar"] == {"khead": None}
+    assert _report(s, {n: result(100.0, 0) for n in ("khead", "ar")}, 4)["throughput_vs_ar"] == {
+        "khead": 1.0
+    }
     assert report["goal"]["best"] is None and not report["goal"]["met"]
     assert "| khead | 100.0 | — |" in table(report)
 

@@ -225,6 +225,10 @@ def test_eval_names_a_tokenizer_that_encodes_questions_to_nothing(tmp_path):
         run_eval(fluid, "gsm8k", ROWS, ["fixed:2"], max_new_tokens=4, warmup=False)
 
 
+def _refuse(name: str) -> None:
+    raise ValueError(f"not JSON: {name}")
+
+
 def test_files_written_atomically_get_the_usual_mode(tmp_path):
     """Outputs (generations, reports, run records) go through a temporary file and a rename; they
     end with the mode any new file gets under the umask, not the temporary file's 0600."""
@@ -232,5 +236,8 @@ def test_files_written_atomically_get_the_usual_mode(tmp_path):
 
     plain = tmp_path / "plain"
     plain.write_text("x")
-    write_json_atomic(tmp_path / "report.json", {"a": 1})
+    write_json_atomic(tmp_path / "report.json", {"a": 1, "rate": float("inf"), "x": [float("nan")]})
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    # JSON has no Infinity / NaN (strict readers refuse them): a number that is not finite is null
+    text = (tmp_path / "report.json").read_text()
+    assert json.loads(text, parse_constant=_refuse) == {"a": 1, "rate": None, "x": [None]}

@@ -60,6 +60,7 @@ class ServeBenchSettings:
     warmup: int = 4
     rounds: int = 4
     seed: int = 0
+    api_key: str | None = None  # sent as a bearer token; servers started here get it too
     server_args: list[str] = field(default_factory=list)
     command: str = ""
 
@@ -138,7 +139,10 @@ async def _load(
 ) -> tuple[list[dict[str, Any]], float]:
     """Send ``jobs`` (index, prompt) with Poisson arrivals; their records and the wall time."""
     limits = httpx.Limits(max_connections=s.concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+    headers = _auth(s)
+    async with httpx.AsyncClient(
+        base_url=url, timeout=None, limits=limits, headers=headers
+    ) as client:
         gate = asyncio.Semaphore(s.concurrency)
 
         async def send(prompt: str) -> dict[str, Any]:
@@ -187,6 +191,23 @@ def summarize(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     }
 
 
+def _auth(s: ServeBenchSettings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
+
+
+def _served_model(url: str, s: ServeBenchSettings) -> str:
+    """The name a server serves (its ``/v1/models``); a refusal is one clear error."""
+    resp = httpx.get(f"{url}/v1/models", timeout=30, headers=_auth(s))
+    if resp.status_code == 401:
+        raise ConfigError(
+            f"{url} wants an API key: give it with --api-key or $FLUID_API_KEY"
+            + (" (the one given was refused)" if s.api_key else "")
+        )
+    if resp.status_code != 200:
+        raise DataError(f"{url}/v1/models answered {resp.status_code}: {resp.text[:200]}")
+    return resp.json()["data"][0]["id"]
+
+
 def _machine(url: str) -> dict[str, Any]:
     from fluid_npu.io import versions
 
@@ -204,9 +225,7 @@ def run_rounds(urls: dict[str, str], s: ServeBenchSettings, prompts: list[str]) 
     Every server gets the same requests in the same order and arrival times; interleaving the
     servers round by round spreads a change in the machine's load over all of them alike.
     """
-    models = {
-        n: httpx.get(f"{u}/v1/models", timeout=30).json()["data"][0]["id"] for n, u in urls.items()
-    }
+    models = {n: _served_model(u, s) for n, u in urls.items()}
     warm = [(i, prompts[i % len(prompts)]) for i in range(s.warmup)]
     for name, url in urls.items():
         asyncio.run(_load(url, replace(s, rate=math.inf), models[name], warm, s.seed))
@@ -246,8 +265,9 @@ def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
             servers = {}
             for policy in policies:
                 print(f"bench serve: starting fluid serve --policy {policy}", flush=True)
+                env = {"FLUID_API_KEY": s.api_key} if s.api_key else None  # not on the command line
                 servers[policy] = stack.enter_context(
-                    ServerProcess([*s.server_args, "--policy", policy])
+                    ServerProcess([*s.server_args, "--policy", policy], env=env)
                 )
             results = run_rounds({p: srv.url for p, srv in servers.items()}, s, prompts)
         bad = {p: srv.returncode for p, srv in servers.items() if srv.returncode != 0}
@@ -266,8 +286,13 @@ def _report(s: ServeBenchSettings, results: dict[str, Any], n_prompts: int) -> d
     for name, r in results.items():
         if ar is None or name == "ar":
             continue
-        ar_rate = ar["output_tokens_per_s"]  # 0 when every ar request failed: no ratio then
-        vs_ar[name] = round(r["output_tokens_per_s"] / ar_rate, 3) if ar_rate else None
+        # a run with failed requests kept their time but not their tokens: no ratio then (the
+        # two sides would not have served the same requests)
+        failed = r["failed"] or ar["failed"]
+        ar_rate = ar["output_tokens_per_s"]
+        vs_ar[name] = (
+            None if failed or not ar_rate else round(r["output_tokens_per_s"] / ar_rate, 3)
+        )
         pairs = [(a, b) for a, b in zip(r["texts"], ar["texts"]) if a is not None and b is not None]
         same[name] = round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
     best = max((v for v in vs_ar.values() if v is not None), default=None)

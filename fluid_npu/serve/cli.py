@@ -137,6 +137,11 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--warmup", type=int, default=4, help="untimed requests first, per server")
     s.add_argument("--rounds", type=int, default=4, help="slices visiting the servers in turn")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="bearer key of the servers (default: $FLUID_API_KEY; servers started here get it)",
+    )
     # what a server flag is when not given: with --url, a flag set otherwise is an error
     defaults = {key: s.get_default(key) for key in (*SERVER_KEYS, *SERVER_SWITCHES)}
     s.set_defaults(handler=bench_serve_command, server_defaults=defaults)
@@ -175,6 +180,7 @@ def bench_serve_command(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         rounds=args.rounds,
         seed=args.seed,
+        api_key=args.api_key or os.environ.get("FLUID_API_KEY") or None,
         server_args=_server_args(args),
         command=command_line(["fluid", "bench", "serve"], args, BENCH_KEYS),
     )
