@@ -25,8 +25,9 @@ RUN_FILE = "run.json"
 FINAL_STAGING = ".staging-final"  # where every rank writes the final save before it is published
 
 
-def prepare_output_dir(path: str | Path) -> Path:
-    """Create ``path`` when needed and check it is writable; a ConfigError names it otherwise."""
+def prepare_output_dir(path: str | Path, name: str = "output_dir") -> Path:
+    """Create ``path`` when needed and check it is writable; a ConfigError names it (as ``name``,
+    the setting or flag it came from) otherwise."""
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -34,10 +35,19 @@ def prepare_output_dir(path: str | Path) -> Path:
             pass
     except OSError as exc:
         raise ConfigError(
-            f"output_dir {str(out)!r} is not writable ({exc.strerror or exc}); choose another "
-            "output_dir or fix its permissions"
+            f"{name} {str(out)!r} is not writable ({exc.strerror or exc}); choose another "
+            f"{name} or fix its permissions"
         ) from None
     return out
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """Before a long run: the file at ``path`` can be written (its folder made if needed), so a
+    bad path fails at once, not after the work; a ConfigError names ``flag`` otherwise."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {str(target)!r} is a directory; give a file path")
+    prepare_output_dir(target.resolve().parent, f"the folder of {flag}")
 
 
 def _read_umask() -> int:

@@ -115,6 +115,22 @@ def test_generate_samples_with_a_seed_and_stops(dirs, tmp_path):
     assert text.startswith(first["text"])
 
 
+def test_reference_loop_seeds_each_prompt_whatever_batch_it_is_in(dirs, tmp_path):
+    """Prompt i is seeded seed + i in the reference loop too, which decodes consecutive batches:
+    the same prompt in two batches does not get the same sample, and --batch-size changes
+    nothing."""
+    src = _write_prompts(tmp_path / "in.jsonl", [{"prompt": "hello there"}] * 4)
+    base = ["generate", "--model", dirs["model"], "--prompts", src, "--loop", "reference",
+            "--temperature", "1.0", "--seed", "5", "--max-new-tokens", "12"]  # fmt: skip
+    runs = {}
+    for size in ("2", "4"):
+        out = tmp_path / f"b{size}.jsonl"
+        assert main([*base, "--batch-size", size, "--output", str(out)]) == 0
+        runs[size] = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+    assert runs["2"] == runs["4"]
+    assert runs["2"][0] != runs["2"][2]  # seeds 5 and 7, not 5 twice
+
+
 def test_sampling_flags_are_checked_before_loading(dirs, capsys):
     base = ["generate", "--model", dirs["model"], "--prompt", "hi"]
     assert main([*base, "--top-p", "0"]) == 2
@@ -170,6 +186,42 @@ def test_cli_bad_input_is_one_line(dirs, capsys, extra, key, fragment):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fluid: error: "), err
     assert fragment in err[0]
+
+
+def test_output_paths_and_prompt_rows_are_checked_before_loading(dirs, tmp_path, capsys):
+    """A path that cannot be written fails before the model loads (the model directory here does
+    not exist: an error about it would mean it was loaded first), and prompt-file errors name
+    the file's own line."""
+    (tmp_path / "afile").write_text("x")
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "ab"}])
+    missing = str(tmp_path / "no_model")
+    cases = [
+        (["generate", "--model", missing, "--prompts", src, "--output",
+          str(tmp_path / "afile" / "out.jsonl")], "the folder of --output"),
+        (["generate", "--model", missing, "--prompts", src, "--output", str(tmp_path)],
+         "is a directory"),
+        (["generate", "--model", missing, "--prompt", "hi", "--logprobs", "2"], "--output"),
+        (_bench_argv(missing, src, tmp_path / "afile" / "b.json"), "the folder of --json"),
+    ]  # fmt: skip
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('\n{"prompt": "ok"}\n{"prompt": " "}\n')
+    cases.append((["generate", "--model", missing, "--prompts", str(blank), "--output",
+                   str(tmp_path / "o.jsonl")], "blank.jsonl:3: the prompt is empty"))  # fmt: skip
+    for argv, fragment in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], (argv, err)
+
+
+def test_one_prompt_with_output_is_written_and_ids_rows_may_label_the_prompt(dirs, tmp_path):
+    out = tmp_path / "one.jsonl"
+    base = ["generate", "--model", dirs["model"], "--max-new-tokens", "4", "--output", str(out)]
+    assert main([*base, "--prompt", "hello", "--logprobs", "1"]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["prompt"] == "hello" and len(row["logprobs"]) == len(row["token_ids"]) > 0
+    # input_ids are the prompt; an empty "prompt" beside them is only its label
+    src = _write_prompts(tmp_path / "ids.jsonl", [{"prompt": "", "input_ids": [5, 6, 7]}])
+    assert main([*base, "--prompts", src]) == 0
 
 
 def test_api_bad_input(dirs):

@@ -29,15 +29,14 @@ def engine_parser(doc: str) -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> tuple[Any, list[list[int]]]:
     """The FLUID model (``FluidForCausalLM``) and the prompts' token ids."""
     from fluid_npu.sampling.pretrained import FluidForCausalLM
-    from fluid_npu.sampling.prompts import encode_prompt, quiet_loading, read_prompt_file
+    from fluid_npu.sampling.prompts import encode_prompt, quiet_loading, read_prompt_lines
 
     with quiet_loading():
         fluid = FluidForCausalLM.from_pretrained(
             args.model, khead=args.khead, dtype=args.dtype, device=args.device
         )
-    rows = read_prompt_file(args.prompts)
-    prompts = [encode_prompt(fluid.tokenizer, r, where=f"{args.prompts}:{n + 1}").ids
-               for n, r in enumerate(rows)]  # fmt: skip
+    prompts = [encode_prompt(fluid.tokenizer, r, where=f"{args.prompts}:{n}").ids
+               for n, r in read_prompt_lines(args.prompts)]  # fmt: skip
     return fluid, prompts
 
 

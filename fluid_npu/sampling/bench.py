@@ -35,6 +35,7 @@ import torch
 
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
+from fluid_npu.io import check_output_file
 from fluid_npu.sampling.bench_report import (
     bench_row,
     build_report,
@@ -44,7 +45,7 @@ from fluid_npu.sampling.bench_report import (
 )
 from fluid_npu.sampling.lossless import compare, exact_match_rate, fp32_scorer, hf_greedy
 from fluid_npu.sampling.policies import HorizonError, block_bound, parse_policy
-from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_file
+from fluid_npu.sampling.prompts import encode_prompt, left_pad, quiet_loading, read_prompt_lines
 from fluid_npu.sampling.stats import GenerateStats
 
 DEFAULT_POLICIES = ("ar", "fixed:4", "fixed:8", "entropy")
@@ -92,6 +93,7 @@ def check_settings(s: BenchSettings) -> torch.device:
     from fluid_npu.sampling.inputs import parse_dtype
 
     parse_dtype(s.dtype)
+    check_output_file(s.json_path, "--json")  # before the runs, not after them
     return devices.current(force=s.device).device
 
 
@@ -203,10 +205,9 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
             dtype=parse_dtype(s.dtype),
         )
     model, tok = fluid.model, fluid.tokenizer
-    rows_in = read_prompt_file(s.prompts)
     prompts = [
-        encode_prompt(tok, r, chat=s.chat, where=f"{s.prompts}:{i + 1}").ids
-        for i, r in enumerate(rows_in)
+        encode_prompt(tok, r, chat=s.chat, where=f"{s.prompts}:{n}").ids
+        for n, r in read_prompt_lines(s.prompts)
     ]
     eos_ids, pad = eos_and_pad(model, pad=tok.pad_token_id)
     policies = _policies(s, fluid)

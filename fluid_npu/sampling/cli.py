@@ -189,8 +189,14 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def generate_command(args: argparse.Namespace) -> int:
+    from fluid_npu.io import check_output_file
     from fluid_npu.sampling.api import PromptError, eos_and_pad
-    from fluid_npu.sampling.prompts import encode_prompt, left_pad, read_prompt_file
+    from fluid_npu.sampling.prompts import (
+        empty_prompt,
+        encode_prompt,
+        left_pad,
+        read_prompt_lines,
+    )
 
     check_common(args)
     sampling = sampling_kwargs(args)
@@ -198,23 +204,27 @@ def generate_command(args: argparse.Namespace) -> int:
         raise ConfigError("--stop and --logprobs need --loop fused")
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts IN.jsonl")
-    if args.prompts is not None and args.output is None:
-        raise ConfigError("--prompts needs --output OUT.jsonl")
+    if args.output is None and (args.prompts is not None or args.logprobs is not None):
+        raise ConfigError(
+            f"{'--prompts' if args.prompts is not None else '--logprobs'} needs --output "
+            "OUT.jsonl (the rows, log-probabilities included, are written there)"
+        )
     if args.prompt is not None:
-        rows = [{"prompt": args.prompt}]
+        lines = [(1, {"prompt": args.prompt})]
+        where = "--prompt"
     else:
-        rows = read_prompt_file(args.prompts)
-    where = args.prompts or "--prompt"
-    for i, r in enumerate(rows):  # what needs no model is checked before loading it
-        if r.get("input_ids", None) == [] or str(r.get("prompt", "x")).strip() == "":
-            raise PromptError(f"{where}:{i + 1}: the prompt is empty; give some text")
+        lines = read_prompt_lines(args.prompts)
+        where = args.prompts
+    for n, r in lines:  # what needs no model is checked before loading it
+        if empty_prompt(r):
+            raise PromptError(f"{where}:{n}: the prompt is empty; give some text")
+    if args.output is not None:  # a path that cannot be written fails now, not after decoding
+        check_output_file(args.output, "--output")
     fluid = load_model(args, device_from_args(args))
     tok = fluid.tokenizer
-    prompts = [
-        encode_prompt(tok, r, chat=args.chat, where=f"{where}:{i + 1}") for i, r in enumerate(rows)
-    ]
+    prompts = [encode_prompt(tok, r, chat=args.chat, where=f"{where}:{n}") for n, r in lines]
     _, pad = eos_and_pad(fluid.model, pad=tok.pad_token_id)
-    if args.prompt is not None:
+    if args.output is None:  # one --prompt: its text streamed to stdout
         return _stream_one(fluid, prompts[0].ids, args, sampling)
     out_rows = []
     # the engine (fused loop) keeps --batch-size slots busy, refilling each as its row finishes;
@@ -226,6 +236,9 @@ def generate_command(args: argparse.Namespace) -> int:
     for start in range(0, len(prompts), group):
         chunk = prompts[start : start + group]
         ids, mask = left_pad([p.ids for p in chunk], pad)
+        # a call seeds its row r with seed + r (no seed: 1 + r): prompt i is seeded seed + i
+        # whichever batch it falls in, as the engine seeds it
+        first = 1 if args.seed is None else args.seed
         fluid.generate(
             ids,
             mask,
@@ -233,7 +246,7 @@ def generate_command(args: argparse.Namespace) -> int:
             policy=args.policy,
             loop=args.loop,
             **kwargs,
-            **sampling,
+            **{**sampling, "seed": first + start},
         )
         st, out = fluid.last_stats, fluid.last_output
         for i, p in enumerate(chunk):

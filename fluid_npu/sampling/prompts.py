@@ -53,14 +53,28 @@ def read_jsonl(path: str | Path, what: str = "prompts") -> list[tuple[int, Any]]
     return rows
 
 
-def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a prompts JSONL file (each with ``prompt`` or ``input_ids``)."""
+def read_prompt_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of a prompts JSONL file (each row with ``prompt`` or
+    ``input_ids``): errors about a row name its line, blank lines counted."""
     rows = []
     for n, row in read_jsonl(path, "prompts"):
         if not isinstance(row, dict) or ("prompt" not in row and "input_ids" not in row):
             raise DataError(f'{path}:{n}: each line needs "prompt" (text) or "input_ids" (ids)')
-        rows.append(row)
+        rows.append((n, row))
     return rows
+
+
+def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a prompts JSONL file (each with ``prompt`` or ``input_ids``)."""
+    return [row for _, row in read_prompt_lines(path)]
+
+
+def empty_prompt(row: dict[str, Any]) -> bool:
+    """Whether a row's prompt is empty: its ``input_ids`` when it has them (``prompt`` is then a
+    label), else its text."""
+    if "input_ids" in row:
+        return row["input_ids"] == []
+    return str(row.get("prompt", "")).strip() == ""
 
 
 def encode_prompt(
