@@ -290,6 +290,28 @@ def test_a_row_that_ended_first_is_reported_as_json_takes_it():
     assert json.loads(json.dumps(ended.to_dict(), allow_nan=False))["gap"] is None
 
 
+def test_padded_batches_read_as_transformers_reads_them(tok):
+    """A left-padded batch without its mask (transformers infers it from the pad id), or as the
+    lists a tokenizer returns without ``return_tensors`` (the mask given as a list): the same
+    prompts, the same tokens as with the tensor mask."""
+    from fluid_npu.sampling.inputs import PromptError
+
+    model = build_tiny_model("llama", tok, seed=3)
+    assert tok.pad_token_id not in (tok.eos_token_id,)
+    prompts = [tok(t)["input_ids"] for t in ("hello there", "abc")]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    want = generate(model, tok, ids, mask, policy="ar", max_new_tokens=8).new_tokens
+    hf = hf_greedy(model, ids, mask, 8, [tok.eos_token_id], tok.pad_token_id)
+    assert not [d for d in compare(model, prompts, want, hf) if not d.tie]
+    assert generate(model, tok, ids, policy="ar", max_new_tokens=8).new_tokens == want
+    lists = generate(model, tok, ids.tolist(), mask.tolist(), policy="ar", max_new_tokens=8)
+    assert lists.new_tokens == want
+    with pytest.raises(PromptError, match="shape"):
+        generate(model, tok, ids, mask[:, 1:], policy="ar", max_new_tokens=8)
+    with pytest.raises(PromptError, match="different lengths"):
+        generate(model, tok, prompts, [[1] * len(p) for p in prompts], max_new_tokens=8)
+
+
 def test_report_ties():
     """Prints the numerical ties the module tolerated (runs last in file order)."""
     print(f"sampler lossless tests: {len(TIES)} tolerated numerical tie(s)")

@@ -155,7 +155,11 @@ def generate(
     pol = parse_policy(
         policy, k_max=block_bound(k_max, khead), k_min=k_min, has_khead=khead is not None
     )
-    ids, mask = as_batch(input_ids, attention_mask, pad_id)
+    # a mask is inferred from the pad id only where one exists (given, or the model's), as in
+    # transformers: eos_and_pad's last fallback, 0, is no pad id
+    model_pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    has_pad = pad_token_id is not None or model_pad is not None
+    ids, mask = as_batch(input_ids, attention_mask, pad_id, eos_ids, has_pad)
     prompts = split_prompts(ids, mask)
     if not prompts:
         raise PromptError("no prompts given")

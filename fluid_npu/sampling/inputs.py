@@ -55,22 +55,52 @@ def mask_id_of(model: PreTrainedModel, source: PreTrainedTokenizerBase | int | N
 
 
 def as_batch(
-    input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None, pad: int
+    input_ids: torch.Tensor | Sequence[Sequence[int]],
+    attention_mask: torch.Tensor | Sequence[Sequence[int]] | None,
+    pad: int,
+    eos_ids: Sequence[int] = (),
+    infer_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``input_ids`` as a 2-D tensor and its attention mask, as transformers reads them.
+
+    Token-id lists of different lengths are the prompts themselves (left-padded here); a mask
+    given with lists or a tensor (a tensor, a list or an array, as a tokenizer returns it) is
+    used and must have the ids' shape. Without a mask (and with ``infer_mask``: the model has a
+    pad id of its own, or one was given), a batch that holds the pad id is padded where it holds
+    it — unless the pad id is an EOS id — as transformers' ``generate`` infers it.
+    """
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
-        if attention_mask is not None and attention_mask.dim() == 1:
-            attention_mask = attention_mask.reshape(1, -1)
-        return ids.long(), attention_mask
-    rows = [list(r) for r in input_ids]
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
+    else:
+        rows = [list(r) for r in input_ids]
+        width = max((len(r) for r in rows), default=0)
+        if attention_mask is None or any(len(r) != width for r in rows):
+            if attention_mask is not None:
+                raise PromptError(
+                    "input_ids rows of different lengths come with an attention_mask; give "
+                    "either padded rows with their mask or unpadded rows without one"
+                )
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                if r:
+                    ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                    mask[i, width - len(r) :] = 1
+            return ids, mask
+        ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), width)
+    if attention_mask is None:
+        if not infer_mask or pad in set(eos_ids) or not bool((ids == pad).any()):
+            return ids.long(), None
+        return ids.long(), ids.ne(pad).long()
+    mask = torch.as_tensor(attention_mask)
+    if mask.dim() == 1:
+        mask = mask.reshape(1, -1)
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise PromptError(
+            f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; "
+            "give the mask the tokenizer returned with these ids"
+        )
+    return ids.long(), mask.to(ids.device)
 
 
 def eos_and_pad(
