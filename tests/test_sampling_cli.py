@@ -256,6 +256,14 @@ def test_fluid_for_causal_lm_matches_transformers(dirs):
     eos = fluid.model.generation_config.eos_token_id
     hf = hf_greedy(fluid.model, ids, mask, 7, [eos], tok.pad_token_id)
     assert fluid.last_output.new_tokens == hf
+    # transformers' length settings: max_length counts the prompt (keyword or config)
+    from transformers import GenerationConfig
+
+    width = ids.shape[1]
+    config = GenerationConfig(max_length=width + 4, eos_token_id=[])
+    assert fluid.generate(ids, mask, generation_config=config).shape[1] == width + 4
+    assert fluid.generate(ids, mask, max_length=width + 3, eos_token_id=[]).shape[1] == width + 3
+    assert fluid.generate(ids, mask, 2, generation_config=config).shape[1] == width + 2
 
 
 def test_fluid_for_causal_lm_keeps_its_draft_budget_across_calls(dirs):

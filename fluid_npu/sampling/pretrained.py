@@ -100,15 +100,23 @@ class FluidForCausalLM:
         Greedy unless ``do_sample=True``; the sampling keywords are transformers' (``do_sample``,
         ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``stop_strings``) plus ``seed``, and a
         ``generation_config`` (a ``transformers.GenerationConfig``) supplies any of them, and
-        ``max_new_tokens`` / ``eos_token_id``, that are not passed explicitly.
+        ``max_new_tokens`` / ``max_length`` / ``eos_token_id`` / ``pad_token_id``, that are not
+        passed explicitly. ``max_length`` counts the prompt, as in transformers (``max_new_tokens``
+        wins when both are set); without either, 64 new tokens.
         """
+        max_length = kwargs.pop("max_length", None)
         if generation_config is not None:
-            for name in (*GENERATION_KEYS, "eos_token_id"):
+            for name in (*GENERATION_KEYS, "eos_token_id", "pad_token_id"):
                 value = getattr(generation_config, name, None)
                 if name not in kwargs and value is not None:
                     kwargs[name] = value
             if max_new_tokens is None:
                 max_new_tokens = getattr(generation_config, "max_new_tokens", None)
+            if max_length is None:
+                max_length = getattr(generation_config, "max_length", None)
+        if max_new_tokens is None and max_length is not None:
+            width = input_ids.shape[-1] if hasattr(input_ids, "shape") else max(map(len, input_ids))
+            max_new_tokens = max(1, int(max_length) - int(width))
         if policy is None:
             policy = "khead" if self.khead is not None else "entropy"
         out = generate(
