@@ -126,7 +126,9 @@ def test_reference_loop_seeds_each_prompt_whatever_batch_it_is_in(dirs, tmp_path
     for size in ("2", "4"):
         out = tmp_path / f"b{size}.jsonl"
         assert main([*base, "--batch-size", size, "--output", str(out)]) == 0
-        runs[size] = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert all(r["finish_reason"] in ("stop", "length") for r in rows)  # as the fused loop's
+        runs[size] = [r["token_ids"] for r in rows]
     assert runs["2"] == runs["4"]
     assert runs["2"][0] != runs["2"][2]  # seeds 5 and 7, not 5 twice
 

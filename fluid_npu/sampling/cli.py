@@ -223,7 +223,7 @@ def generate_command(args: argparse.Namespace) -> int:
     fluid = load_model(args, device_from_args(args))
     tok = fluid.tokenizer
     prompts = [encode_prompt(tok, r, chat=args.chat, where=f"{where}:{n}") for n, r in lines]
-    _, pad = eos_and_pad(fluid.model, pad=tok.pad_token_id)
+    eos_ids, pad = eos_and_pad(fluid.model, pad=tok.pad_token_id)
     if args.output is None:  # one --prompt: its text streamed to stdout
         return _stream_one(fluid, prompts[0].ids, args, sampling)
     out_rows = []
@@ -260,6 +260,8 @@ def generate_command(args: argparse.Namespace) -> int:
             }
             if out.finish_reasons is not None:
                 row["finish_reason"] = out.finish_reasons[i]
+            else:  # the reference loop stops at EOS or at the budget
+                row["finish_reason"] = "stop" if new and new[-1] in eos_ids else "length"
             if out.logprobs is not None:
                 row["logprobs"] = out.logprobs[i]
             if out.top_logprobs is not None:
