@@ -17,11 +17,12 @@ Top-level keys: ``best_lossless_tpf`` (the largest TPF among rows without a mism
 no row is lossless), ``speedup_vs_generate`` (= ``speedup_by_batch``: per batch size, the best
 tokens/s ratio among those rows) and its ``speedup_b1`` / ``speedup_b8`` entries,
 ``overhead_efficiency`` (per batch size, the fastest lossless *drafting* row's — TPF above 1,
-so not ``ar``'s — speedup ÷ its TPF: how much of the TPF the engine turns into speed), ``mismatches`` and ``ties`` (totals over the rows), ``dtype``, the
-command, the device the model ran on (type, index, name), the baseline figures and every row
-(with its ``exact_match_rate``: rows token-identical to ``generate`` in the same dtype). The
-JSON is written atomically and a markdown table is printed. Settings are checked (one
-``ConfigError`` each) before the model is loaded; ``settings.device`` is ``auto`` (the
+so not ``ar``'s — speedup ÷ its TPF: how much of the TPF the engine turns into speed),
+``mismatches`` and ``ties`` (totals over the rows), ``dtype``, the command, the device the
+model ran on (type, index, name), the baseline figures and every row (with its
+``exact_match_rate``: rows token-identical to ``generate`` in the same dtype). The JSON is
+written atomically and a markdown table is printed. Settings are checked (one ``ConfigError``
+each) before the model is loaded; ``settings.device`` is ``auto`` (the
 ``fluid_npu.device.current()`` choice) or a device type to force.
 """
 
