@@ -178,7 +178,10 @@ class PrefillMixin:
             s.drafted = n
             s.running = True
         self.run.index_fill_(0, at, True)
-        # the widest shape, with no host read of keep or of how many candidates each row got
-        # (choose_anchors gives up to ``anchors``): a step narrower than a row's candidates would
-        # drop some, and a sampling row's tokens would then depend on its neighbours
-        self._next_shape = (max(big_m, n), self.anchors)
+        # no host read of keep or of how many candidates each row got (choose_anchors gives up
+        # to ``anchors``): a sampling row gets room for all of them (a narrower step would drop
+        # some, and its tokens would then depend on its neighbours); greedy rows' first step
+        # keeps the blocks the batch had (at least one: measured faster, and their tokens are
+        # the argmax either way)
+        sampling = any(not s.params.greedy for s in slots)
+        self._next_shape = (max(big_m, n), self.anchors if sampling else max(n_blocks, 1))
