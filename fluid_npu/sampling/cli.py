@@ -1,14 +1,15 @@
 """``fluid generate``, the sampler's command-line entry point, and the flags and helpers it shares
-with ``fluid bench sampler`` (``bench_cli.py``), ``fluid eval`` and ``fluid serve``.
+with ``fluid bench sampler`` (``bench_cli.py``), ``fluid eval`` and ``fluid bench serve``.
 
 ``fluid generate --model DIR [--adapter DIR] [--khead DIR] --policy P --loop L
-(--prompt TEXT | --prompts IN.jsonl --output OUT.jsonl) --max-new-tokens N --batch-size B
-[--chat] [--device D] [--dtype auto|float32|bfloat16|float16]``:
-one ``--prompt`` streams its text to the terminal as steps commit tokens; a prompts file is decoded
-with ``B`` requests in flight (the engine refills a slot as soon as its row finishes; ``--loop
-reference``: consecutive batches of ``B``) and written atomically, one JSON line per prompt with
-``prompt``, ``text``, ``token_ids`` (new tokens only), ``forwards`` and ``tpf``. Statistics go to
-stderr.
+(--prompt TEXT [--output OUT.jsonl] | --prompts IN.jsonl --output OUT.jsonl) --max-new-tokens N
+--batch-size B [--chat] [--device D] [--dtype auto|float32|bfloat16|float16] [--logprobs N]``:
+one ``--prompt`` without ``--output`` streams its text to the terminal as steps commit tokens;
+otherwise the prompts are decoded with ``B`` requests in flight (the engine refills a slot as soon
+as its row finishes; ``--loop reference``: consecutive batches of ``B``) and written atomically,
+one JSON line per prompt with ``prompt``, ``text``, ``token_ids`` (new tokens only), ``forwards``,
+``tpf``, ``finish_reason`` and, with ``--logprobs`` (which needs ``--output``), ``logprobs`` /
+``top_logprobs``. Statistics go to stderr.
 
 Bad input raises ``FluidError`` subclasses, which ``fluid_npu.cli`` prints as one line before
 exiting with status 2.

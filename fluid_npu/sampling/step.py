@@ -1,13 +1,14 @@
 """One decode step of the engine (``scheduler.py``): verify, commit, draft — fixed shapes, one read.
 
 ``StepMixin._decode`` is the fused step of DESIGN §1.3 over the running slots ``[0, hi)``: the main
-tokens (``v_0`` and the pending drafts, padded to a power-of-two width), then the candidate MASK
-blocks; after the forward, everything — the accepted length, the correction (argmax, or the
-rejection rule of ``rules.py`` for sampling rows), EOS, ``max_new_tokens``, the next drafts and
-blocks, the AR fallback — is computed on the device, and one packed tensor (plus logprobs when a
-request wants them) is read back and turned into ``Event``s on the host, where stop strings are
-checked on the committed text. ``_draft`` turns slot hidden states into drafts (argmax, or drawn
-from the slots' own distribution ``q`` for sampling rows) for both the prefill and this step.
+tokens (``v_0`` and the pending drafts; their count rounded up to a power of two when compiled),
+then the candidate MASK blocks; after the forward, everything — the accepted length, the
+correction (argmax, or the rejection rule of ``rules.py`` for sampling rows), EOS,
+``max_new_tokens``, the next drafts and blocks, the AR fallback — is computed on the device, and
+one packed tensor (plus logprobs when a request wants them) is read back and turned into
+``Event``s on the host, where stop strings are checked on the committed text. ``_draft`` turns
+slot hidden states into drafts (argmax, or drawn from the slots' own distribution ``q`` for
+sampling rows) for both the prefill and this step.
 """
 
 from __future__ import annotations

@@ -16,6 +16,6 @@ The pieces, each one concept:
 * ``launch``: starting and stopping a ``fluid serve`` process (the benchmark and the tests);
 * ``bench``: ``fluid bench serve``, the load generator; ``cli``: both commands' flags.
 
-FastAPI, uvicorn and prometheus-client are the ``serve`` extra; nothing here is imported by the
-rest of the package.
+FastAPI, uvicorn and prometheus-client are the ``serve`` extra; of this package only ``serve.cli``
+(the flags, which import none of the extras) is imported by ``fluid_npu.cli``.
 """

@@ -11,7 +11,8 @@ alike; then each is drained. ``--url`` loads one running server instead.
 Per policy: generated-token throughput (completion tokens ÷ the summed wall time of its slices),
 requests/s, TTFT, ITL (gap between successive streamed chunks: with FLUID one chunk holds every
 token a step committed), TPOT ((end − first token) ÷ (tokens − 1)) and end-to-end latency at
-p50 / p90 / p99, the mean TPF the server reported, and failures. Across policies:
+p50 / p90 / p99, the TPF over all requests (completion tokens ÷ the forwards the server reported),
+and failures. Across policies:
 throughput ÷ ``ar``'s and the fraction of outputs identical to ``ar``'s (greedy decoding is
 lossless, so every FLUID output should equal AR's). The JSON (command, machine, versions, every
 figure) is written atomically and a markdown table printed.
