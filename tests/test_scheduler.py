@@ -186,6 +186,56 @@ def test_one_token_prompts_cost_no_prefill_forward(tok):
     _assert_same(model, prompts, ours, [_greedy_alone(model, p, 6, []) for p in prompts], "1-tok")
 
 
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Random norm weights: sharper, more varied logits than a fresh tiny model's."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def test_a_dynamic_rope_keeps_generates_frequencies_while_drafts_run_ahead(tok):
+    """Dynamic NTK rope grows its frequencies when a forward's largest position passes the
+    context; generate never gets there for a request that fits, but the engine's draft slots
+    (a block past the committed tokens) would, and regrow every row's rope mid-request."""
+    rope = {"rope_type": "dynamic", "factor": 64.0, "rope_theta": 10000.0}
+    prompt = tok("the quick brown fox")["input_ids"]
+    n = 40 - len(prompt)  # the request fills the context
+    for seed in range(12):  # (2 of these 12 seeds committed another token before)
+        model = _perturbed(
+            build_tiny_model(
+                "llama", tok, seed=seed, max_position_embeddings=40, rope_parameters=rope
+            )
+        )
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:8", k_max=8, max_batch=1,
+                          adaptive=False, eos_ids=[])  # fmt: skip
+        ours = run_requests(sched, [Request("0", prompt, n)])["0"].tokens
+        assert model.model.rotary_emb.max_seq_len_cached == 40  # not grown, not left changed
+        _assert_same(model, [prompt], [ours], [_greedy_alone(model, prompt, n, [])], f"s{seed}")
+
+
+@pytest.mark.parametrize("feature", ["longrope", "softcap"])
+def test_features_the_engine_cannot_reproduce_are_refused(tok, feature):
+    if feature == "longrope":
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0,
+                "original_max_position_embeddings": 32, "short_factor": [1.0] * 8,
+                "long_factor": [4.0 + i for i in range(8)]}  # fmt: skip
+        model = build_tiny_model("llama", tok, max_position_embeddings=128, rope_parameters=rope)
+    else:  # Gemma 2 (a small one: no tiny builder for it here)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.for_model(
+            "gemma2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=256, attn_logit_softcapping=1.0,
+        )  # fmt: skip
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(FluidError, match=feature.replace("softcap", "soft-capping")):
+        Scheduler(model, tok.mask_token_id, policy="fixed:3", k_max=3)
+
+
 def test_abort_frees_the_slot_and_spares_the_others(tok):
     model = build_tiny_model("llama", tok, seed=3)
     prompts = [tok(t)["input_ids"] for t in TEXTS[:3]]

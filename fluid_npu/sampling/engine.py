@@ -32,6 +32,7 @@ from fluid_npu.model.attention import forward_hidden
 from fluid_npu.sampling.cache import RowCache
 from fluid_npu.sampling.head import LMHead
 from fluid_npu.sampling.stats import GenerateStats
+from fluid_npu.sampling.support import PinnedRope, check_engine_support
 from fluid_ops.meta import MAIN, PAD
 
 StreamFn = Callable[[int, list[int]], None]  # (row, newly committed token ids)
@@ -62,7 +63,9 @@ class Engine:
         stats: GenerateStats,
         stream: StreamFn | None = None,
     ) -> None:
+        check_engine_support(model)
         self.model = model
+        self._rope = PinnedRope(model)
         self.device = next(model.parameters()).device
         self.head = LMHead(model)
         self.mask_id = mask_id
@@ -140,9 +143,10 @@ class Engine:
         self, ids: torch.Tensor, pos: torch.Tensor, anchor: torch.Tensor, n_main: int
     ) -> torch.Tensor:
         meta = self.cache.meta(pos, anchor, n_main)
-        hidden, _ = forward_hidden(
-            self.model, ids, pos, meta, past_key_values=self.cache.kv, use_cache=True
-        )
+        with self._rope():  # a dynamic rope at generate's frequencies (support.py)
+            hidden, _ = forward_hidden(
+                self.model, ids, pos, meta, past_key_values=self.cache.kv, use_cache=True
+            )
         self.cache.appended(pos, anchor)
         self.stats.computed_tokens += ids.numel()
         return hidden

@@ -66,6 +66,7 @@ from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.step import StepMixin, cache_keyword
+from fluid_npu.sampling.support import PinnedRope, check_engine_support
 
 PREFILL_CHUNK = 512
 DEFAULT_MAX_LEN = 4096
@@ -106,6 +107,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self.policy = parse_policy(
             policy, k_max=block_bound(k_max, khead), k_min=k_min, has_khead=khead is not None
         )
+        check_engine_support(model)  # features whose arithmetic depends on how forwards are cut
         self.model = model
         self.device = next(model.parameters()).device
         self.khead = None if khead is None else khead.to(self.device)
@@ -150,6 +152,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self._next_shape = (0, 0)  # (M, A) of the next decode step, from the last read-back
         self._prior_replaced = False  # whether the rows' optimistic prior met the history
         self._decoder = model.get_decoder()
+        self._rope = PinnedRope(model)  # a dynamic rope at the frequencies generate uses
         # the decoder's forward without module dispatch where it is exactly the same (lean.py)
         self._lean = LeanDecoder.of(model) if lean else None
         self._restore: str | None = None
