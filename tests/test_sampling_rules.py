@@ -315,6 +315,8 @@ def test_uniforms_are_uniform_and_keyed():
     assert torch.equal(u, uniform(torch.tensor(7), pos, 0))  # a pure function of its key
     other = uniform(torch.tensor(7), pos, 1)
     assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 0.03  # streams independent
+    for far in (7 + (1 << 31), 7 + (1 << 40), 7 - (1 << 62)):  # every bit of the seed counts
+        assert not torch.equal(u, uniform(torch.tensor(far), pos, 0)), far
 
 
 @pytest.mark.parametrize("policy", ["ar", "fixed:4"])  # one token a step, several a step
@@ -367,6 +369,26 @@ def test_stop_strings_made_of_multi_byte_characters_cut_at_the_completing_token(
             slot.new.extend(toks)
         assert cut == len(head), (stop, cut, len(head))
         assert tok.decode(stream[:cut]).endswith(stop)
+
+
+def test_stop_strings_match_the_text_as_returned_special_tokens_skipped(tok):
+    """A special token (here the MASK) is no text: a stop string does not match its spelling,
+    and one that spans it matches as the returned text reads (the server's, vLLM's)."""
+    from fluid_npu.sampling.requests import Slot
+
+    model = build_tiny_model("llama", tok, seed=3)
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=1, tokenizer=tok)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    stream = ids("ab") + [tok.mask_token_id] * 12 + ids("cd")
+    for stop, cut in (("mask", None), ("<", None), ("bc", len(stream) - 1)):
+        slot = Slot(Request("0", [1], 100, stop=[stop]), [1])
+        found = None
+        for t in stream:  # one token a step, as an AR step commits
+            if sched._stop_cut(slot, [t]) is not None:
+                found = len(slot.new) + 1
+                break
+            slot.new.append(t)
+        assert found == cut, (stop, found)
 
 
 def test_stop_strings_need_a_tokenizer(tok):

@@ -101,6 +101,8 @@ def uniform(
     one whose draft was already seen (its confidence chose the candidate blocks).
     """
     seed = seed.to(torch.long)
+    # every bit of a 64-bit seed counts (_mix reads 31): seeds apart by 2^31 draw apart
+    seed = _mix(seed) ^ _mix((seed >> 31) + 0x68E31DA4) ^ (seed >> 62)
     key = _mix(position.to(torch.long) * 3 + purpose + 0x5BD1E995)
     if anchor is not None:
         key = _mix(key ^ _mix(anchor.to(torch.long) + 0x2545F491))
