@@ -268,6 +268,25 @@ def test_fluid_for_causal_lm_matches_transformers(dirs):
     assert fluid.generate(ids, mask, 2, generation_config=config).shape[1] == width + 2
 
 
+def test_a_khead_matches_its_base_in_any_dtype(tmp_path):
+    """The base fingerprint reads the saved weights: loaded in float16 (whose rounding of small
+    values is not bf16's), the base is still the one its K-head was trained on."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = build_tiny_model("llama", tok)
+    with torch.no_grad():  # a value fp16 rounds away from bf16's rounding of it
+        model.get_input_embeddings().weight[0, :4] = torch.tensor([3.3e-6, 1e-5, -2e-6, 5e-7])
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    fp = load_fluid(tmp_path / "model").base_fingerprint
+    save_khead(KHead(64, 4), KHeadConfig(64, 4, base_fingerprint=fp), tmp_path / "khead")
+    for dtype in ("float32", "bfloat16", "float16"):
+        fluid = FluidForCausalLM.from_pretrained(tmp_path / "model", khead=tmp_path / "khead",
+                                                 dtype=dtype)  # fmt: skip
+        assert fluid.khead is not None and next(fluid.model.parameters()).dtype == getattr(
+            torch, dtype
+        )
+
+
 def test_fluid_for_causal_lm_keeps_its_draft_budget_across_calls(dirs):
     """Each ``generate`` call continues from the costs and acceptance the earlier ones measured
     (one budget per policy); ``engine_kwargs`` may be None or bring its own store."""

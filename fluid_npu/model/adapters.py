@@ -121,7 +121,7 @@ def load_fluid(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
-    base_fp = fingerprint(model)
+    base_fp = fingerprint(model, checkpoint=model_dir)  # (saved rows: any dtype it loads in)
     tok_dir = model_dir
     adapter_fp = None
     if adapter_dir is not None:

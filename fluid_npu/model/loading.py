@@ -220,12 +220,20 @@ def _first_rows(
 ) -> torch.Tensor:
     """The first ``rows`` rows of ``param``; read from ``checkpoint`` (those rows only, not the
     tensor) when the model is quantized (its weights, the unquantized ones too, may be held in
-    another precision than saved) or ``param`` is a ZeRO-3 partition (``ds_numel``)."""
-    partial = getattr(model, "is_quantized", False) or hasattr(param, "ds_numel")
-    if not partial or checkpoint is None:
+    another precision than saved), ``param`` is a ZeRO-3 partition (``ds_numel``), or it is held
+    in float16 (whose rounding of small values is not bf16's: the fingerprint's bf16 view of a
+    float16 copy differs from the saved weights')."""
+    quantized = getattr(model, "is_quantized", False) or hasattr(param, "ds_numel")
+    lossy = param.dtype == torch.float16
+    if not (quantized or lossy) or checkpoint is None:
         return param.detach()[:rows]
     name = next(n for n, p in model.named_parameters() if p is param)
-    return _checkpoint_rows(Path(checkpoint), name, rows)
+    try:
+        return _checkpoint_rows(Path(checkpoint), name, rows)
+    except CheckpointError:
+        if quantized:
+            raise
+        return param.detach()[:rows]  # (a float16 model from a non-safetensors checkpoint)
 
 
 def _dtype_free(t: torch.Tensor) -> bytes:
