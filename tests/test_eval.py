@@ -93,6 +93,7 @@ def bigram(tok):
         ("3 cats, then 4 dogs: 7.", "7"),  # else the last number
         ("no number at all", None),
         ("42 eggs\n\nQuestion: how many legs do 3 ducks have?", "42"),  # after cut_at_stop
+        ("Half of one is .5", "0.5"),  # a decimal without its leading zero is not 5
     ],
 )
 def test_extractor_on_gsm8k_strings(text, expected):
@@ -199,8 +200,9 @@ def test_fluid_eval_command(dirs, tmp_path, capsys):
     argv = ["eval", "--model", dirs["bigram"], "--task", "gsm8k", "--data", data]
     argv += ["--fewshot", fewshot, "--num-fewshot", "2", "--policy", "fixed:3", "entropy"]
     argv += ["--policy", "fixed:3", "--max-new-tokens", "12", "--batch-size", "2"]
-    assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
+    assert main([*argv, "--device", "cpu", "--dtype", "float32", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["dtype"] == "float32" and "--dtype float32" in report["command"]
     assert report["policies"] == ["ar", "fixed:3", "entropy:2"] and report["num_fewshot"] == 2
     assert report["results"]["entropy:2"]["accuracy"] == pytest.approx(2 / 3)
     assert (
@@ -210,6 +212,24 @@ def test_fluid_eval_command(dirs, tmp_path, capsys):
     assert (out.parent / "gsm8k.md").read_text() in capsys.readouterr().out
     names = sorted(p.name for p in out.parent.iterdir())
     assert names == ["gsm8k.json", "gsm8k.md", "gsm8k_accuracy_tpf.png", "gsm8k_k_hist.png"]
+    # output paths that cannot be written fail before the model loads, naming their flag
+    (tmp_path / "afile").write_text("x")
+    for extra, words in (
+        (["--json", str(tmp_path / "out")], "--json"),  # (a directory named like a report)
+        (["--json", str(out), "--plot-dir", str(tmp_path / "afile")], "--plot-dir"),
+    ):
+        bad = ["eval", "--model", str(tmp_path / "no_model"), "--task", "gsm8k", "--data", data]
+        capsys.readouterr()
+        assert main([*bad, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+
+
+def test_identical_to_ar_never_rounds_up_to_one():
+    from fluid_npu.eval.report import fraction
+
+    assert fraction(2499 / 2500) == "0.999" and fraction(1.0) == "1.000"
+    assert fraction(2 / 3) == "0.666"
 
 
 def test_demo_task(monkeypatch):

@@ -108,6 +108,14 @@ def test_model_args_errors(tmp_path):
         FluidLM(fluid=object(), batch_size="many")
 
 
+def test_model_args_choose_the_dtype(tmp_path, tok):
+    model = build_tiny_model("llama", tok, seed=5)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    lm = FluidLM.create_from_arg_string(f"model={tmp_path / 'm'},dtype=bfloat16,policy=ar")
+    assert next(lm.fluid.model.parameters()).dtype == torch.bfloat16
+
+
 @pytest.mark.slow
 def test_simple_evaluate_on_a_local_task(tmp_path, tok):
     """lm-eval's gsm8k filters on a local JSONL, through model_args: the same accuracy as ours.

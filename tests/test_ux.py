@@ -39,6 +39,21 @@ def test_lm_eval_task_loads_after_its_directory_moves(tmp_path):
     manager = TaskManager(include_path=str(moved / "data" / "lm_eval"), include_defaults=False)
     task = get_task_dict(["moved_task"], manager)["moved_task"]
     assert [doc["question"] for doc in task.test_docs()] == [r["question"] for r in ROWS]
+    # the target is the number fluid eval reads, however the "####" line is written
+    assert [task.doc_to_target(doc) for doc in task.test_docs()] == ["5", "20"]
+
+
+def test_lm_eval_targets_are_the_numbers_fluid_eval_reads(tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    answers = ("so 72\n####72", "so\n#### 72\n", "so\n#### 72 apples")
+    rows = [{"question": f"q{i}?", "answer": a} for i, a in enumerate(answers)]
+    _write_rows(tmp_path / "test.jsonl", rows)
+    write_lm_eval_task(tmp_path / "tasks", "targets", tmp_path / "test.jsonl", cache_dir=tmp_path)
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    task = get_task_dict(["targets"], manager)["targets"]
+    assert [task.doc_to_target(doc) for doc in task.test_docs()] == ["72", "72", "72"]
 
 
 @pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])

@@ -17,7 +17,7 @@ from typing import Any
 from fluid_npu.errors import DataError
 
 FIELDS = ("question", "answer")
-NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"  # a number as written in an answer: sign, $, commas
+NUMBER = r"-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # as written in an answer: sign, $, commas, ".5"
 FINAL_NUMBER = re.compile(rf"####\s*({NUMBER})")  # the answer's final "#### n" line
 
 

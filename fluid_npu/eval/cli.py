@@ -41,7 +41,11 @@ EVAL_KEYS = (
     "mask_token",
     "device",
     "json",
+    "markdown",
+    "plot_dir",
     "chat",
+    "dtype",
+    "compile",
 )
 
 
@@ -95,7 +99,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from fluid_npu.eval.report import markdown_table, write_eval_report
     from fluid_npu.eval.runner import run_eval
     from fluid_npu.eval.tasks import read_rows, select_fewshot, task_rows
-    from fluid_npu.io import prepare_output_dir
+    from fluid_npu.io import check_output_file, prepare_output_dir
     from fluid_npu.sampling.cli import (
         check_common,
         command_line,
@@ -116,8 +120,10 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--json takes a path ending in .json, got {args.json!r}")
     markdown = Path(args.markdown) if args.markdown else json_path.with_suffix(".md")
     plot_dir = Path(args.plot_dir) if args.plot_dir else json_path.parent
-    for where in {json_path.parent, markdown.parent, plot_dir}:  # writable before the model loads
-        prepare_output_dir(where)
+    # writable before the model loads, each named by its flag
+    check_output_file(json_path, "--json")
+    check_output_file(markdown, "--markdown" if args.markdown else "--json")
+    prepare_output_dir(plot_dir, "--plot-dir" if args.plot_dir else "the folder of --json")
     k_max = block_bound(args.k_max, khead_k_max(args.khead))
     for spec in args.policy or ():
         parse_policy(spec, k_max=k_max, has_khead=args.khead is not None)
@@ -140,6 +146,7 @@ def eval_command(args: argparse.Namespace) -> int:
     )
     result["command"] = command_line(["fluid", "eval"], args, EVAL_KEYS)
     result.update(model=args.model, adapter=args.adapter, khead=args.khead, data=args.data)
+    result["dtype"] = str(next(fluid.model.parameters()).dtype).removeprefix("torch.")
     written = write_eval_report(result, json_path, markdown, plot_dir)
     print(markdown_table(result))
     print("fluid: wrote " + ", ".join(str(p) for p in written.values()), file=sys.stderr)

@@ -12,8 +12,9 @@ or from the shell, ``python -m fluid_npu.eval run --model fluid --model_args ...
 into ``model_args``). ``model_args``: ``model`` (base or merged
 directory), ``adapter``, ``khead``, ``policy`` (default ``khead`` with a K-head, else
 ``entropy``), ``loop``, ``batch_size``, ``device`` (``auto``, ``cpu``, ``cuda:0``, ``npu``, …),
-``max_gen_toks`` (default 256), ``max_length``, ``k_max``, ``mask_token``; an unknown one is a
-``ConfigError``. A loaded ``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
+``max_gen_toks`` (default 256), ``max_length``, ``k_max``, ``mask_token``, ``dtype`` (``auto``,
+``float32``, ``bfloat16``, ``float16``); an unknown one is a ``ConfigError``. A loaded
+``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
 
 * ``generate_until``: greedy and lossless (the sampler's contract), ``until`` strings cut the text,
   ``max_gen_toks`` bounds it; a request to sample is a ``ConfigError``. Prompts are rendered like
@@ -97,6 +98,7 @@ class FluidLM(LM):
         max_length: int | None = None,
         k_max: int | None = None,
         mask_token: str | None = None,
+        dtype: str | None = None,
         max_batch_size: int | None = None,  # lm-eval passes it; batches here are fixed
         fluid: Any = None,
         **unknown: Any,
@@ -111,7 +113,7 @@ class FluidLM(LM):
             raise ConfigError(
                 f"unknown model_args for the fluid model: {', '.join(sorted(unknown))}; valid: "
                 "model, adapter, khead, policy, loop, batch_size, device, max_gen_toks, "
-                "max_length, k_max, mask_token"
+                "max_length, k_max, mask_token, dtype"
             )
         if loop not in LOOPS:
             raise ConfigError(f"unknown sampler loop {loop!r}; choose {' or '.join(LOOPS)}")
@@ -121,7 +123,12 @@ class FluidLM(LM):
                 raise ConfigError("the fluid model needs model_args model=DIR (base or merged)")
             with quiet_loading():
                 fluid = FluidForCausalLM.from_pretrained(
-                    model, adapter, khead, mask_token=mask_token, device=_device(device)
+                    model,
+                    adapter,
+                    khead,
+                    mask_token=mask_token,
+                    device=_device(device),
+                    dtype=dtype,
                 )
         self.fluid = fluid
         self.tokenizer = fluid.tokenizer

@@ -26,16 +26,24 @@ LOADER_TEXT = '''\
 """Rows of the lm-eval tasks in this folder (written by fluid-npu): ``data_files`` relative to
 this folder, so the folder and its data can be moved together."""
 
+import re
 from pathlib import Path
 
 import datasets
 
 HERE = Path(__file__).resolve().parent
+# the number after "####", as fluid eval reads it ("####72", a trailing newline or words)
+FINAL = re.compile(r"####\\s*(-?\\$?(?:\\d[\\d,]*(?:\\.\\d+)?|\\.\\d+))")
+
+
+def _target(row):
+    match = FINAL.search(row["answer"])
+    return {"target": match.group(1) if match else row["answer"].split("####")[-1].strip()}
 
 
 def load(data_files, cache_dir=None, **_metadata):
     files = {split: str(HERE / path) for split, path in data_files.items()}
-    return datasets.load_dataset("json", data_files=files, cache_dir=cache_dir)
+    return datasets.load_dataset("json", data_files=files, cache_dir=cache_dir).map(_target)
 '''
 
 TEMPLATE = """\
@@ -48,7 +56,7 @@ dataset_kwargs:
 {cache}output_type: generate_until
 test_split: test
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer.split('#### ')[-1]}}}}"
+doc_to_target: "{{{{target}}}}"
 metric_list:
   - metric: exact_match
     aggregation: mean

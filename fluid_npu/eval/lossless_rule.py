@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fluid_npu.eval.report import fraction
 from fluid_npu.eval.runner import BASELINE
 
 EXIT_NOT_LOSSLESS = 1
@@ -37,7 +38,7 @@ def lossless_status(result: dict[str, Any], where: str) -> tuple[int, str | None
     bad = not_lossless(result)
     if not bad:
         return 0, None
-    names = ", ".join(f"{name} (identical to ar {value:.3f})" for name, value in bad.items())
+    names = ", ".join(f"{name} (identical to ar {fraction(value)})" for name, value in bad.items())
     return EXIT_NOT_LOSSLESS, (
         f"fluid: not lossless: {names}; the outputs that differ from ar are under 'samples' "
         f"in {where}"

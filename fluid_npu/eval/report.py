@@ -17,6 +17,7 @@ Every file is written to a temporary sibling and renamed into place. matplotlib 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ COLUMNS = (
     ("TPF", "tpf", "{:.2f}"),
     ("tokens/s", "tokens_per_s", "{:.1f}"),
     ("speedup vs ar", "speedup", "{:.2f}"),
-    ("identical to ar", "identical_to_ar", "{:.3f}"),
+    ("identical to ar", "identical_to_ar", "fraction"),
     ("mean K", "mean_k", "{:.2f}"),
     ("mean accepted", "mean_accept", "{:.2f}"),
 )
@@ -42,6 +43,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{', chat' if result.get('chat') else ''}, {result['loop']} loop, batch "
         f"{result['batch_size']}, at most {result['max_new_tokens']} new tokens, on "
         f"{dev.get('name') or dev.get('type', '?')}"
+        f"{', ' + result['dtype'] if result.get('dtype') else ''}"
     )
     lines = [head, ""]
     if result.get("command"):
@@ -50,8 +52,17 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines.append("|---|" + "---:|" * (len(COLUMNS) - 1))
     for name in result["policies"]:
         r = result["results"][name]
-        lines.append("| " + " | ".join(fmt.format(r[key]) for _, key, fmt in COLUMNS) + " |")
+        cells = [
+            fraction(r[key]) if fmt == "fraction" else fmt.format(r[key]) for _, key, fmt in COLUMNS
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def fraction(value: float) -> str:
+    """A share in [0, 1] to 3 decimals, rounded down: one differing row in thousands must not
+    read 1.000."""
+    return f"{math.floor(value * 1000) / 1000:.3f}"
 
 
 def plot_paths(json_path: str | Path, plot_dir: str | Path) -> tuple[Path, Path]:

@@ -41,8 +41,9 @@ def check_model_dir(path: str | Path, *, allow_pickle: bool = False) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(
-            f"model directory {str(p)!r} does not exist; set model_name_or_path to a local HF "
-            "model directory (nothing is downloaded)"
+            f"model directory {str(p)!r} does not exist; give a local HF model directory "
+            "(--model / model=DIR, or model_name_or_path in a training config; nothing is "
+            "downloaded)"
         )
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p} has no config.json; it is not a HF model directory")
