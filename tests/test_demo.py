@@ -153,7 +153,8 @@ def test_fluid_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
 
     manager = TaskManager(include_path=str(moved / "data" / "lm_eval"), include_defaults=False)
     docs = list(get_task_dict(["fluid_demo"], manager)["fluid_demo"].test_docs())
-    assert docs == demo_split("test", 4)
+    assert [{k: v for k, v in d.items() if k != "target"} for d in docs] == demo_split("test", 4)
+    assert all(d["answer"].endswith(f"#### {d['target']}") for d in docs)  # the reference number
     assert main([*argv[:2], str(moved), *argv[3:]]) == 0
     assert capsys.readouterr().out.count("done, reused") == 8
 
