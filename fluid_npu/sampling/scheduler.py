@@ -113,6 +113,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self.khead = None if khead is None else khead.to(self.device)
         self.mask_id = int(mask_id)
         self.tokenizer = tokenizer  # decodes committed text for stop strings
+        self._special = frozenset(getattr(tokenizer, "all_special_ids", None) or [])
         self.eos_ids, self.pad_id = eos_and_pad(model, eos_ids, pad_id)
         cfg = model.config.get_text_config()
         limit = getattr(cfg, "max_position_embeddings", None)

@@ -26,6 +26,7 @@ from fluid_npu.sampling.fused import choose_anchors
 from fluid_npu.sampling.kv import ForwardPlan, step_mask
 from fluid_npu.sampling.requests import Event, Slot
 from fluid_npu.sampling.rules import ACCEPT, DRAFT, DRAW, filtered_probs, residual, sample, uniform
+from fluid_npu.sampling.stops import stop_cut
 from fluid_ops.meta import MAIN, PAD
 
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
@@ -351,38 +352,11 @@ class StepMixin:
         return events
 
     def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:
-        """How many of this step's ``toks`` to keep when one completes a stop string (the one
-        that completes it included, as transformers' ``stop_strings`` cuts), else None.
-
-        Stop strings are found in the text as it is returned — special tokens skipped, as the
-        server's text and vLLM read it (a ``<mask>`` or ``</s>`` is no text to match ``s>``
-        in). The earlier tokens decoded as context are counted in bytes of text (a token spells at
-        least one, and one character may take several tokens); a newly completed stop string ends
-        past the text the earlier tokens alone spelled — compared by common prefix, since a
-        character split over tokens reads as U+FFFD until its last byte comes."""
-        longest = max(len(x.encode("utf-8")) for x in s.req.stop)
-        special = self._special_ids()
-        before, spelled = [], 0  # the last earlier tokens that spell longest + 8 of them
-        for t in reversed(s.new):
-            if spelled >= longest + 8:
-                break
-            before.append(t)
-            spelled += t not in special
-        before.reverse()
-        text_before = self.tokenizer.decode(before, skip_special_tokens=True)
-        for n in range(1, len(toks) + 1):
-            text = self.tokenizer.decode(before + toks[:n], skip_special_tokens=True)
-            same = _common_prefix(text_before, text)
-            if any(text.find(x, max(0, same - len(x) + 1)) >= 0 for x in s.req.stop):
-                s.stopped = True
-                return n
-        return None
-
-    def _special_ids(self) -> frozenset[int]:
-        ids = getattr(self, "_special", None)
-        if ids is None:
-            ids = self._special = frozenset(getattr(self.tokenizer, "all_special_ids", []) or [])
-        return ids
+        """How many of this step's ``toks`` slot ``s`` keeps when one completes a stop string
+        (``stops.py``), else None."""
+        n = stop_cut(self.tokenizer, self._special, s.new, toks, s.req.stop)
+        s.stopped = s.stopped or n is not None
+        return n
 
     def _logprobs(self, logits: torch.Tensor, hi: int) -> torch.Tensor:
         """Log-probabilities under the AR distribution after temperature (1 for greedy rows)."""
@@ -433,15 +407,6 @@ def _compiles() -> int:
     from torch._dynamo.utils import counters
 
     return counters["frames"]["total"]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    """How many leading characters ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _round_up(n: int, to: int) -> int:

@@ -31,6 +31,8 @@ from transformers import PreTrainedModel
 
 from fluid_npu.errors import ConfigError
 
+_NOTHING = contextlib.nullcontext()
+
 
 def rope_types(rotary: Any) -> set[str]:
     """The rope types a rotary-embedding module uses (one per layer type where it has several)."""
@@ -84,11 +86,12 @@ class PinnedRope:
                 self.rotary, "original_max_seq_len", self.rotary.max_seq_len_cached
             )
 
+    def __call__(self) -> contextlib.AbstractContextManager[None]:
+        """A context for one forward (nothing to enter for a rotary that is not dynamic)."""
+        return _NOTHING if self.rotary is None else self._pinned()
+
     @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        if self.rotary is None:
-            yield
-            return
+    def _pinned(self) -> Iterator[None]:
         saved = self.rotary.__dict__.get("forward")
         self.rotary.forward = self._plain
         try:
