@@ -134,3 +134,103 @@ def test_missing_serve_extra_is_one_clear_error(capsys, monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a)
     )
     assert "pip install -e '.[serve]'" in _error(capsys, ["serve", "--model", "m"])
+
+
+class _SpecServer:
+    """A scripted OpenAI-style server (stdlib, 127.0.0.1): streamed completions carry ``usage``
+    only when ``stream_options.include_usage`` asks for it, as the OpenAI API (and vLLM) do;
+    ``dead`` makes every request but ``/v1/models`` end with the connection dropped, as when a
+    server dies under load."""
+
+    def __init__(self, dead: bool = False) -> None:
+        import http.server
+        import threading
+
+        spec = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, body: bytes, kind: str = "application/json") -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    return self._send(json.dumps({"data": [{"id": "spec"}]}).encode())
+                if spec.dead:
+                    self.close_connection = True
+                    return
+                self._send(json.dumps({"status": "ok", "info": {"policy": "spec"}}).encode())
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                spec.bodies.append(body)
+                if spec.dead:
+                    self.close_connection = True
+                    return
+                chunks = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]}
+                          for t in ("one", " two", " three")]  # fmt: skip
+                chunks[-1]["choices"][0]["finish_reason"] = "length"
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    usage = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+                    chunks.append({"choices": [], "usage": usage})
+                sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+                self._send(sse.encode(), "text/event-stream")
+
+        self.dead, self.bodies = dead, []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> _SpecServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _bench_argv(url: str, prompts: str, out) -> list[str]:
+    return ["bench", "serve", "--url", url, "--prompts", prompts, "--json", str(out),
+            "--num-requests", "4", "--concurrency", "2", "--max-tokens", "3", "--warmup", "0",
+            "--rounds", "2"]  # fmt: skip
+
+
+def test_bench_serve_asks_for_usage_as_the_openai_api_wants(tmp_path):
+    prompts = _prompts(tmp_path, [{"prompt": "abc"}])
+    out = tmp_path / "spec.json"
+    with _SpecServer() as spec:
+        assert main(_bench_argv(spec.url, prompts, out)) == 0
+    r = json.loads(out.read_text())["results"]["server"]
+    assert r["completed"] == 4 and r["failed"] == 0 and r["generated_tokens"] == 12
+    assert all(b["stream_options"] == {"include_usage": True} for b in spec.bodies)
+    assert all("ignore_eos" not in b for b in spec.bodies)  # not an OpenAI field: only if asked
+
+
+def test_bench_serve_reports_a_server_that_died_under_load(tmp_path):
+    prompts = _prompts(tmp_path, [{"prompt": "abc"}])
+    out = tmp_path / "dead.json"
+    with _SpecServer(dead=True) as spec:
+        assert main(_bench_argv(spec.url, prompts, out)) == 1  # failed requests: exit 1
+    report = json.loads(out.read_text())  # written all the same
+    r = report["results"]["server"]
+    assert r["completed"] == 0 and r["failed"] == 4 and report["failed_requests"] == 4
+    assert r["machine"]["server"] is None and r["machine"]["server_error"]
+
+
+def test_rounds_are_even_and_never_empty():
+    from fluid_npu.serve.bench import split_rounds
+
+    for n, rounds in ((10, 8), (6, 4), (9, 3), (5, 5), (64, 3)):
+        parts = split_rounds(list(range(n)), rounds)
+        assert [x for p in parts for x in p] == list(range(n))
+        assert len(parts) == rounds and min(map(len, parts)) >= 1
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -106,7 +107,12 @@ async def _one(
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
     else:
         path, body = "/v1/completions", {"prompt": prompt}
-    body.update(model=model, max_tokens=s.max_tokens, stream=True, ignore_eos=s.ignore_eos)
+    # usage in the stream is asked for, as the OpenAI API wants (fluid serve sends it anyway)
+    body.update(
+        model=model, max_tokens=s.max_tokens, stream=True, stream_options={"include_usage": True}
+    )
+    if s.ignore_eos:  # not an OpenAI field: sent only when asked for (vLLM and fluid serve know it)
+        body["ignore_eos"] = True
     rec: dict[str, Any] = {"chunks": [], "text": "", "usage": None, "error": None}
     start = time.perf_counter()
     try:
@@ -210,14 +216,27 @@ def _served_model(url: str, s: ServeBenchSettings) -> str:
 
 
 def _machine(url: str) -> dict[str, Any]:
+    """What ran: the server's ``/health`` info (None, with the reason, when it no longer
+    answers: a server that died during the load still gets its figures reported)."""
     from fluid_npu.io import versions
 
-    health = httpx.get(f"{url}/health", timeout=30).json()
-    return {"server": health.get("info", {}), "cpu": cpu_name(), "versions": versions()}
+    out: dict[str, Any] = {"server": None, "cpu": cpu_name(), "versions": versions()}
+    try:
+        out["server"] = httpx.get(f"{url}/health", timeout=30).json().get("info", {})
+    except (httpx.HTTPError, ValueError) as exc:
+        out["server_error"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def default_policies(server_args: list[str]) -> tuple[str, ...]:
     return ("khead" if "--khead" in server_args else "entropy", "ar")
+
+
+def split_rounds(jobs: list[Any], rounds: int) -> list[list[Any]]:
+    """``jobs`` in ``rounds`` consecutive slices as even as they allow (sizes differ by at most
+    one), none empty while there are at least as many jobs as rounds."""
+    cuts = [r * len(jobs) // rounds for r in range(rounds + 1)]
+    return [jobs[a:b] for a, b in itertools.pairwise(cuts)]
 
 
 def run_rounds(urls: dict[str, str], s: ServeBenchSettings, prompts: list[str]) -> dict[str, Any]:
@@ -231,12 +250,12 @@ def run_rounds(urls: dict[str, str], s: ServeBenchSettings, prompts: list[str]) 
     for name, url in urls.items():
         asyncio.run(_load(url, replace(s, rate=math.inf), models[name], warm, s.seed))
     jobs = [(i, prompts[i % len(prompts)]) for i in range(s.num_requests)]
-    per_round = math.ceil(len(jobs) / s.rounds)
+    slices = split_rounds(jobs, s.rounds)
     records: dict[str, list[dict[str, Any]]] = {n: [] for n in urls}
     walls = dict.fromkeys(urls, 0.0)
     load = [round(os.getloadavg()[0], 2)]
     for r in range(s.rounds):
-        chunk = jobs[r * per_round : (r + 1) * per_round]
+        chunk = slices[r]
         for name, url in urls.items():
             recs, wall = asyncio.run(_load(url, s, models[name], chunk, s.seed + r))
             records[name] += recs
@@ -271,13 +290,18 @@ def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
                     ServerProcess([*s.server_args, "--policy", policy], env=env)
                 )
             results = run_rounds({p: srv.url for p, srv in servers.items()}, s, prompts)
-        bad = {p: srv.returncode for p, srv in servers.items() if srv.returncode != 0}
-        if bad:
-            raise DataError(f"fluid serve exited with a non-zero status after the drain: {bad}")
+        for policy, srv in servers.items():
+            results[policy]["server_exit_status"] = srv.returncode
     report = _report(s, results, len(prompts))
-    write_json_atomic(s.json_path, report)
+    write_json_atomic(s.json_path, report)  # written whatever happened: the figures say what did
     print(table(report))
     print(f"bench serve: wrote {s.json_path}", flush=True)
+    bad = {n: r["server_exit_status"] for n, r in results.items() if r.get("server_exit_status")}
+    if bad:
+        raise DataError(
+            f"fluid serve exited with a non-zero status after the drain: {bad} (the report was "
+            f"written to {s.json_path}; the server's own output says why)"
+        )
     return report
 
 
