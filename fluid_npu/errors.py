@@ -23,3 +23,7 @@ class DataError(FluidError):
 
 class CheckpointError(FluidError):
     """A model, adapter, K-head or trainer checkpoint is missing, truncated or mismatched."""
+
+
+class NumericalError(FluidError):
+    """The model's numbers broke (NaN or inf, an overflow): the message says where and the fix."""

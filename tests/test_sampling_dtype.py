@@ -87,3 +87,73 @@ def test_one_fp32_copy_serves_every_check_of_a_run(tok, monkeypatch):
     for _policy in range(3):
         assert len(compare(model, [p], [[other, *ref[1:]]], [ref], scorer=scorer)) == 1
     assert len(copies) == 1
+
+
+def _overflowing(tok, on: str) -> torch.nn.Module:
+    """A float16 tiny Llama where the token ``on`` has a massive activation: its residual passes
+    65504 in layer 0 (inf in float16, in transformers as in the engine); other tokens stay
+    finite."""
+    model = build_tiny_model("llama", tok, seed=5)
+    z = tok.convert_tokens_to_ids(on)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[z] = 0.0
+        emb[z, 0] = 30000.0
+        mlp = model.model.layers[0].mlp
+        mlp.gate_proj.weight[0, 0] = 30.0
+        mlp.up_proj.weight[0, 0] = 30.0
+        mlp.down_proj.weight[:, 0] = 2.0
+    return model.to(torch.float16)
+
+
+def _engine(model, tok, prompts, policy, max_new=12, **sampling):
+    from fluid_npu.sampling.rules import SamplingParams
+    from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+
+    params = SamplingParams(**sampling) if sampling else None
+    sched = Scheduler(model, tok.mask_token_id, policy=policy, max_batch=1, eos_ids=[], k_max=4)
+    try:
+        reqs = [Request(str(i), p, max_new, sampling=params) for i, p in enumerate(prompts)]
+        out = run_requests(sched, reqs)
+    finally:
+        sched.close()
+    return [out[str(i)].tokens for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("policy", ["ar", "fixed:4"])
+def test_a_float16_overflow_stays_in_its_own_request(policy, tok):
+    # the overflowing request leaves its slot to the next one: nothing of it may leak (a NaN key
+    # or value kept in the slot cache poisons every query that merely has it in range)
+    model = _overflowing(tok, "Z")
+    bad = tok("a long request Z that overflows")["input_ids"]
+    good = tok("hello world")["input_ids"]
+    with torch.inference_mode():
+        assert not model(input_ids=torch.tensor([bad])).logits.isfinite().all()
+    ids = torch.tensor([good])
+    ref = hf_greedy(model, ids, torch.ones_like(ids), 12, [], tok.pad_token_id)[0]
+    assert _engine(model, tok, [good], policy) == [ref]
+    assert _engine(model, tok, [bad, good], policy)[1] == ref  # the same slot, after the overflow
+
+
+def test_a_float16_overflow_on_the_mask_token_leaves_the_committed_tokens_alone(tok):
+    # drafts are MASK slots: one that overflows is rejected like any wrong draft, and its keys and
+    # values (masked for the main tokens) must not reach them
+    model = _overflowing(tok, tok.mask_token)
+    good = [tok(t)["input_ids"] for t in TEXTS]
+    for p in good:
+        ids = torch.tensor([p])
+        ref = hf_greedy(model, ids, torch.ones_like(ids), 12, [], tok.pad_token_id)[0]
+        assert _engine(model, tok, [p], "fixed:4") == [ref]
+
+
+def test_sampling_from_nan_is_an_error_not_a_token(tok):
+    # transformers' sampling refuses NaN / inf probabilities; the engine ends that request (no
+    # token drawn from NaN) and run_requests says why, naming the request and the fix
+    from fluid_npu.errors import NumericalError
+
+    model = _overflowing(tok, "Z")
+    bad = tok("Z")["input_ids"]
+    with pytest.raises(NumericalError, match=r"request\(s\) \[0\].*NaN or inf.*bfloat16"):
+        _engine(model, tok, [bad], "ar", temperature=0.8, seed=1)
+    good = tok("hello world")["input_ids"]  # a finite request samples as before
+    assert len(_engine(model, tok, [good], "ar", temperature=0.8, seed=1)[0]) == 12

@@ -529,3 +529,21 @@ def test_a_lone_long_request_moves_down_and_the_step_shrinks(tok):
     alone = [_greedy_alone(model, p, n, []) for p, n in zip(prompts, lengths)]
     _assert_same(model, prompts, ours, alone, "compaction")
     assert rows[-1] == 1 and max(rows) == 4  # the last steps computed the lone request only
+
+
+def test_accepted_drafts_count_only_what_reaches_the_output(tok):
+    # a limit (or EOS, or a stop string) can end a step's tokens inside its accepted drafts: the
+    # event's accepted count (the server's accepted-draft histogram) is what went into the output
+    model = chain_model(tok, attn_scale=4.0)
+    prompt = tok("xx")["input_ids"]  # then '*' for ever: every draft is accepted
+    sched = Scheduler(
+        model, tok.mask_token_id, policy="fixed:8", max_batch=1, k_max=8, adaptive=False
+    )
+    sched.submit(Request("r", prompt, 3, eos_ids=[]))
+    events = []
+    while sched.has_work():
+        events += sched.step()
+    assert sum(len(e.tokens) for e in events) == 3
+    assert max(sched.accept_hist) >= 3  # the verify accepted more drafts than the limit left
+    assert all(e.accepted <= len(e.tokens) for e in events), events
+    assert sum(e.accepted for e in events) <= 3

@@ -7,6 +7,7 @@ failures; the same server code runs the real scheduler in ``test_serve_live.py``
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -355,3 +356,87 @@ def test_api_key():
             auth = f"Bearer {given}".encode()  # a header's raw UTF-8 bytes
             raw = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": auth})
             assert raw.status_code == status, (given, raw.text)
+
+
+class PacedScheduler(ScriptedScheduler):
+    """A scripted scheduler whose steps run only as the test releases them."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.allowed = threading.Semaphore(0)
+
+    def step(self) -> list[Ev]:
+        assert self.allowed.acquire(timeout=60), "a test left its steps unreleased"
+        return super().step()
+
+
+def test_metrics_count_steps_as_they_run_like_vllm():
+    # generated tokens move while a request runs (rate() follows a long generation); one
+    # inter-token gap per step that gave the request tokens, however many (vLLM's ITL); TPOT once
+    # per request; accepted drafts never more than the step's tokens
+    sched = PacedScheduler(max_batch=2)
+    with serving(sched) as (url, _, worker):
+        c = client(url)
+        done: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: done.append(
+                c.completions.create(
+                    model="tiny", prompt="one two", max_tokens=30, extra_body={"ignore_eos": True}
+                )
+            )
+        )
+        thread.start()
+        _until(lambda: worker.outstanding == 1, "the request in flight")
+        sched.allowed.release(3)  # three steps: 1 + 2 + 3 tokens of 30
+        _until(lambda: _metric(url, "fluid_generation_tokens_total") == 6, "tokens counted")
+        assert not done and worker.outstanding == 1  # still running: its tokens already count
+        sched.allowed.release(1000)
+        thread.join(60)
+        (out,) = done
+        assert out.usage.completion_tokens == 30
+        assert _metric(url, "fluid_generation_tokens_total") == 30
+        # the script commits 1, 2, 3, 1, 2, 3, ... tokens a step: 30 tokens in 15 steps
+        assert out.usage.forwards == 15
+        assert _metric(url, "fluid_inter_token_latency_seconds_count") == 14
+        assert _metric(url, "fluid_request_time_per_output_token_seconds_count") == 1
+        assert _metric(url, "fluid_accepted_draft_tokens_count") == 15
+        assert _metric(url, "fluid_accepted_draft_tokens_sum") == 30 - 15
+
+
+class BreakingScheduler(ScriptedScheduler):
+    """A scripted scheduler whose request for the prompt "boom" ends as the engine ends a sampling
+    request whose distribution came out NaN / inf (``finish_reason`` "error", no tokens)."""
+
+    def step(self) -> list[Ev]:
+        events = super().step()
+        for rid, entry in list(self.running.items()):
+            if entry[0].prompt == TOK("boom")["input_ids"]:
+                del self.running[rid]
+                events = [e for e in events if e.request_id != rid]
+                events.append(Ev(rid, [], True, "error", entry[2], entry[3], 0))
+        return events
+
+
+def test_a_request_whose_numbers_broke_is_a_500_and_others_go_on():
+    sched = BreakingScheduler(max_batch=4)
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        with pytest.raises(openai.InternalServerError, match=r"NaN or inf.*bfloat16"):
+            c.completions.create(model="tiny", prompt="boom", max_tokens=20, temperature=0.5)
+        with _streamed_body(url, {"prompt": "boom", "max_tokens": 20, "stream": True}) as lines:
+            events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert "NaN or inf" in events[-1]["error"]["message"]
+        out = c.completions.create(model="tiny", prompt="fine", max_tokens=6)
+        assert out.choices[0].finish_reason in ("stop", "length")
+        assert out.choices[0].text == expected_text(TOK("fine")["input_ids"], 6)
+        assert (
+            _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="error"}')
+            == 2
+        )
+
+
+@contextlib.contextmanager
+def _streamed_body(url: str, body: dict):
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        yield list(resp.iter_lines())

@@ -25,6 +25,14 @@ already encoded for a long prompt's later chunks — so a prefill never computes
 attention itself is the registered ``fluid_slots`` implementation (``slot_attention``): one SDPA
 call with the step's bool mask, or ``is_causal`` for a prefill chunk that starts a prompt (no mask
 tensor at all).
+
+A masked entry must be harmless whatever it holds, and attention multiplies it by a zero weight: 0 ×
+NaN is NaN. In float16 a token's keys or values can overflow (a "massive activation" past 65504;
+bfloat16 and float32 have float32's range), and in the cache such an entry would poison every
+query of its row that merely has it in range — the step's own drafts for the main tokens, and a
+later request in the same slot (transformers keeps no such entry: its cache is one request's).
+So float16 entries are written with NaN / inf as zero: the token that overflowed is broken for its
+own request as it is in transformers, and nothing else is.
 """
 
 from __future__ import annotations
@@ -144,8 +152,13 @@ class SlotKV(Cache):
         # functionalised into a copy of the whole cache every step (measured: 16 of 32 slots ran
         # 3-20x slower than all 32); [B, H, W, D] -> [B, W, H, D]: the layout of an index with
         # rows and columns broadcast
-        keys[self._rows, :, plan.write] = key_states.transpose(1, 2).to(keys.dtype)
-        values[self._rows, :, plan.write] = value_states.transpose(1, 2).to(values.dtype)
+        new_k = key_states.transpose(1, 2).to(keys.dtype)
+        new_v = value_states.transpose(1, 2).to(values.dtype)
+        if keys.dtype == torch.float16:  # see the module docstring: no NaN / inf enters the cache
+            new_k = torch.nan_to_num(new_k, nan=0.0, posinf=0.0, neginf=0.0)
+            new_v = torch.nan_to_num(new_v, nan=0.0, posinf=0.0, neginf=0.0)
+        keys[self._rows, :, plan.write] = new_k
+        values[self._rows, :, plan.write] = new_v
         if plan.rows is None:
             return (
                 keys[plan.lo : plan.hi, :, : plan.extent],

@@ -30,10 +30,12 @@ class Event:
     request_id: str
     tokens: list[int]  # committed in this step (may be empty)
     finished: bool
-    finish_reason: str | None  # "stop" (EOS), "length" (max_new_tokens), "abort"
+    # "stop" (EOS), "length" (max_new_tokens), "abort", "error" (a sampling request's distribution
+    # was NaN / inf: the model overflowed; nothing of that step is committed)
+    finish_reason: str | None
     new_tokens: int  # committed so far
     forwards: int  # decode forwards this request took part in so far
-    accepted: int  # drafted tokens accepted in this step
+    accepted: int  # drafted tokens accepted in this step and kept in ``tokens``
     logprobs: list[float] | None = None  # of ``tokens``, when the request asked for them
     top_logprobs: list[list[tuple[int, float]]] | None = None  # (token id, logprob) best first
 

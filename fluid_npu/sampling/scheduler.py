@@ -29,7 +29,8 @@ layer; ``lean=False`` runs the modules).
 follow a fitted model of the measured step cost and the acceptance seen so far, and a row whose
 drafts earn less than a block costs decodes as plain AR, probing now and then. These choices follow
 measured time, so they vary run to run (the tokens never do); ``adaptive=False`` turns them off,
-and while a sampling request is in the batch they stay per-row (so its seed is batch-invariant).
+and while a sampling request is in the batch they stay per-row (so its seed is batch-invariant in
+float32: docs/engine.md, Sampling).
 ``budgets=`` (a dict the caller keeps, as ``FluidForCausalLM`` does) lets engines on the same model
 share what they measured — one budget per policy, ``adaptive`` setting, device, dtype and forward —
 instead of each starting from the prior.
@@ -49,7 +50,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
-from fluid_npu.errors import ConfigError
+from fluid_npu.errors import ConfigError, NumericalError
 from fluid_npu.model.attention import attention_kind
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
@@ -382,4 +383,12 @@ def run_requests(
                 stream(index[rid], ev.tokens)
             if ev.finished:
                 final[rid] = ev
+    broken = [index[rid] for rid, ev in final.items() if ev.finish_reason == "error"]
+    if broken:
+        raise NumericalError(
+            f"request(s) {sorted(broken)} (0-based, in the order given) stopped: the model's "
+            "next-token probabilities were NaN or inf, so nothing could be sampled from them (as "
+            "transformers' sampling refuses them). The model's activations overflowed; in float16 "
+            "run it in bfloat16 or float32 (--dtype)"
+        )
     return {rid: Finished(new[rid], final[rid], lps[rid], tops[rid]) for rid in new}

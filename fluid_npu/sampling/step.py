@@ -196,8 +196,9 @@ class StepMixin:
         logits = None
         if any_sampled or any_lp:
             logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
+        broken = None  # sampling rows whose distribution is not finite (they end as "error")
         if any_sampled:
-            a, corr = self._verify_sampled(logits, drafts, m, base, a, corr, hi, big_m)
+            a, corr, broken = self._verify_sampled(logits, drafts, m, base, a, corr, hi, big_m)
         toks = corr  # [hi, M+1]: the accepted drafts, then the correction
         if big_m:
             toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)
@@ -211,6 +212,10 @@ class StepMixin:
         # before this step's commit; only sampling rows' draws read it
         first = base + a + 2 if any_sampled else base
         done = run & (hit_eos | (self.new_count[:hi] + take >= self.max_new[:hi]))
+        if broken is not None:  # nothing drawn from NaN / inf is committed: the row ends here
+            broken = broken & run
+            take = torch.where(broken, 0, take)
+            done = done | broken
         self.new_count[:hi] += take
         self.length[:hi] += take
         self.last[:hi] = torch.where(
@@ -266,7 +271,7 @@ class StepMixin:
         packed_t = torch.cat(
             [
                 take[:, None],
-                done[:, None].long(),
+                done[:, None].long() + (0 if broken is None else broken[:, None].long()),
                 a[:, None],
                 m[:, None],
                 toks,
@@ -308,7 +313,7 @@ class StepMixin:
             if s is None or not s.running:
                 continue
             row = packed[i]
-            take, done, a, m = (int(x) for x in row[:4])
+            take, done, a, m = (int(x) for x in row[:4])  # done 2: the row's numbers broke
             toks = [int(t) for t in row[4 : 4 + take]]
             lps = tops = None
             if s.params.logprobs:
@@ -341,14 +346,18 @@ class StepMixin:
             reason = None
             if done:
                 stopped = toks and (toks[-1] in self._eos_of(i) or s.stopped)
-                reason = "stop" if stopped else "length"
+                reason = "error" if done == 2 else "stop" if stopped else "length"
                 self._ids.discard(s.req.request_id)
                 self._free(i)
+            # the accepted drafts that went into the output (a limit, EOS or stop string can end
+            # the step's tokens inside the accepted run)
+            kept = min(a, len(toks))
             events.append(
                 Event(
-                    s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, a, lps, tops
+                    s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, kept, lps,
+                    tops,
                 )
-            )
+            )  # fmt: skip
         return events
 
     def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:
@@ -375,7 +384,9 @@ class StepMixin:
         big_m: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Speculative rejection sampling for the sampling rows (``rules.py``); greedy rows keep
-        their argmax results. Returns accepted counts ``[hi]`` and corrections ``[hi, 1]``."""
+        their argmax results. Returns accepted counts ``[hi]``, corrections ``[hi, 1]`` and which
+        sampling rows' AR distributions are not finite ``[hi]`` (an overflow upstream: NaN or inf
+        logits, where transformers' sampling raises; nothing is drawn from them)."""
         dev = self.device
         rows = slice(0, hi)
         p = self._filtered(logits, rows)  # [hi, M+1, V]
@@ -395,7 +406,9 @@ class StepMixin:
         drawn = sample(dist, uniform(seed, base + 1 + a, DRAW))
         sampled = self.temp[:hi] > 0
         a = torch.where(sampled, a, a_greedy)
-        return a, torch.where(sampled[:, None], drawn[:, None], corr_greedy)
+        live = torch.arange(big_m + 1, device=dev)[None] <= m[:, None]  # v_0 and its drafts
+        broken = sampled & ~(torch.isfinite(p).all(dim=-1) | ~live).all(dim=-1)
+        return a, torch.where(sampled[:, None], drawn[:, None], corr_greedy), broken
 
     def _eos_of(self, i: int) -> list[int]:
         s = self.slots[i]

@@ -54,6 +54,14 @@ class ServeConfig:
     info: dict[str, Any] = field(default_factory=dict)  # shown by /health: policy, device, ...
 
 
+# a sampling request whose distribution came out NaN / inf (the engine ends it, others go on)
+NUMERIC_FAILURE = (
+    "the model's next-token probabilities for this request were NaN or inf, so nothing could be "
+    "sampled: its activations overflowed (float16 overflows where bfloat16 does not: serve with "
+    "--dtype bfloat16)"
+)
+
+
 class _Generation:
     """One admitted request: reads its events, detokenizes, applies stop strings, counts."""
 
@@ -69,7 +77,9 @@ class _Generation:
         self.finish_reason: str | None = None
         self.forwards = 0
         self.logprobs: list[LogprobEntry] | None = [] if logprobs else None
-        self._last: float | None = None
+        self._last: float | None = None  # when tokens last arrived ...
+        self._first = 0.0  # ... and first
+        self._tokens = 0  # tokens delivered
 
     async def deltas(self) -> AsyncIterator[tuple[str, list[LogprobEntry] | None]]:
         """Text deltas and their tokens' log-probabilities until the request ends
@@ -88,6 +98,9 @@ class _Generation:
                 self.finish_reason = "stop"
                 if not item.finished:
                     self.worker.abort(self.stream.request_id)
+            elif item.finished and item.finish_reason == "error":
+                self.finish_reason = "error"
+                raise APIError(NUMERIC_FAILURE, status=500, type="server_error")
             elif item.finished:
                 self.finish_reason = item.finish_reason or "stop"
                 text += self.detok.flush()
@@ -106,15 +119,17 @@ class _Generation:
         return out
 
     def _timing(self, n: int) -> None:
+        """Time to first token, then one inter-token gap per delivery of tokens (a step's)."""
         if not n:
             return
         now = time.monotonic()
         if self._last is None:
             self.metrics.ttft.observe(now - self.stream.submitted_at)
+            self._first = now
         else:
-            for _ in range(n):
-                self.metrics.itl.observe((now - self._last) / n)
+            self.metrics.itl.observe(now - self._last)
         self._last = now
+        self._tokens += n
 
     def usage(self) -> dict[str, Any]:
         return usage(self.stream.prompt_tokens, self.detok.tokens_used, self.forwards)
@@ -127,8 +142,9 @@ class _Generation:
         self.worker.finished()
         m = self.metrics
         m.requests.labels(endpoint=endpoint, finish_reason=self.finish_reason).inc()
-        m.generation_tokens.inc(self.detok.tokens_used)
         m.e2e.observe(time.monotonic() - self.stream.submitted_at)
+        if self._tokens >= 2 and self._last is not None:
+            m.tpot.observe((self._last - self._first) / (self._tokens - 1))
         if self.forwards:
             m.tpf.observe(self.detok.tokens_used / self.forwards)
 

@@ -4,15 +4,19 @@ Each server has its own registry (so several servers can live in one test proces
 the figure is known:
 
 * on the event loop, per request: ``fluid_requests_total{endpoint, finish_reason}`` (finish reason,
-  or the HTTP status of a refused request), ``fluid_prompt_tokens_total``,
-  ``fluid_generation_tokens_total``, ``fluid_request_tpf`` (tokens per decode forward of each
-  finished request), ``fluid_time_to_first_token_seconds`` (arrival to the first streamed token) and
-  ``fluid_inter_token_latency_seconds`` (gap between successive deliveries of tokens, divided by the
-  tokens delivered: a step that commits several tokens counts each at its share, as vLLM counts
-  speculative steps), ``fluid_e2e_request_latency_seconds``;
-* in the engine thread, per step: ``fluid_accepted_draft_tokens`` (drafted tokens accepted per
-  request per step), ``fluid_num_requests_running`` / ``fluid_num_requests_waiting`` (the
-  scheduler's own counts after the step), ``fluid_step_seconds``.
+  or the HTTP status of a refused request), ``fluid_prompt_tokens_total``, ``fluid_request_tpf``
+  (tokens per decode forward of each finished request), ``fluid_time_to_first_token_seconds``
+  (arrival to the first token), ``fluid_inter_token_latency_seconds`` (the gap between two
+  deliveries of tokens to one request: one observation per step that gave it tokens, however many
+  it gave — what vLLM observes, so a multi-token step shows as one longer gap),
+  ``fluid_request_time_per_output_token_seconds`` (per request with two or more tokens: first to
+  last token over the tokens after the first — where several tokens a step show as a shorter
+  time), ``fluid_e2e_request_latency_seconds``;
+* in the engine thread, per step: ``fluid_generation_tokens_total`` (the tokens the step committed,
+  so ``rate()`` follows a long generation as it runs), ``fluid_accepted_draft_tokens`` (drafted
+  tokens that went into a request's output in the step), ``fluid_num_requests_running`` /
+  ``fluid_num_requests_waiting`` (the scheduler's own counts after the step),
+  ``fluid_step_seconds``.
 
 prometheus-client's metrics are thread-safe, so both sides write without locks.
 """
@@ -42,7 +46,9 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("fluid_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.generation_tokens = Counter(
-            "fluid_generation_tokens", "Generated tokens returned", registry=r
+            "fluid_generation_tokens",
+            "Tokens generated, counted at the step that made them",
+            registry=r,
         )
 
         def hist(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
@@ -53,13 +59,17 @@ class ServerMetrics:
         )
         self.accepted = hist(
             "fluid_accepted_draft_tokens",
-            "Drafted tokens accepted per request per step",
+            "Drafted tokens accepted into a request's output, per request per step",
             ACCEPT_BUCKETS,
         )
         self.ttft = hist("fluid_time_to_first_token_seconds", "Request arrival to its first token")
         self.itl = hist(
             "fluid_inter_token_latency_seconds",
-            "Time between tokens of one request (each token of a multi-token step at its share)",
+            "Time between two steps that gave one request tokens (one observation per step)",
+        )
+        self.tpot = hist(
+            "fluid_request_time_per_output_token_seconds",
+            "Per request: first to last token, over the tokens after the first",
         )
         self.e2e = hist("fluid_e2e_request_latency_seconds", "Request arrival to its last token")
         self.step_seconds = hist("fluid_step_seconds", "Duration of one scheduler step")
@@ -71,9 +81,13 @@ class ServerMetrics:
     def on_step(self, scheduler: Any, events: list[Any], seconds: float) -> None:
         """Engine-thread hook, after every step."""
         self.step_seconds.observe(seconds)
+        made = 0
         for ev in events:
-            if ev.tokens or ev.accepted:
+            made += len(ev.tokens)
+            if ev.tokens:
                 self.accepted.observe(ev.accepted)
+        if made:
+            self.generation_tokens.inc(made)
         self.running.set(scheduler.num_running)
         self.waiting.set(scheduler.num_waiting)
 

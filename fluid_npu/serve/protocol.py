@@ -7,7 +7,8 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
 * a field the server does not know is an error naming it;
 * the engine's decoding settings are honoured: ``temperature`` (0 = greedy, the lossless FLUID
   output; above 0 exact speculative sampling), ``top_p``, ``seed`` (the same seed gives the same
-  output alone or in any batch), ``logprobs`` (completions: the number of alternatives, 0–20;
+  output alone or in any batch in float32; in bfloat16 / float16 a batch's rounding can move a
+  draw, docs/engine.md), ``logprobs`` (completions: the number of alternatives, 0–20;
   chat: ``logprobs`` + ``top_logprobs``), and vLLM's extensions ``top_k``, ``min_p`` and
   ``ignore_eos`` (decode exactly ``max_tokens`` tokens);
 * ``stop`` (up to 4 non-empty strings) ends the request in the engine; the text is cut before the
