@@ -424,3 +424,85 @@ def test_generate_api_takes_transformers_sampling_settings(tok):
         ids[:1], generation_config=config, seed=7, eos_token_id=[], k_max=8, policy="fixed:4"
     )
     assert seq[0, ids.shape[1] :].tolist() == b.new_tokens[0]
+
+
+def test_generate_is_a_drop_in_for_transformers_generate(tok):
+    # what a transformers user relies on: settings the engine does not do are refused by name
+    # (a GenerationConfig's too), sampling without top_k keeps transformers' 50, an unseeded call
+    # follows torch's global generator, max_length must leave room, an explicit eos None is "no
+    # EOS", and ids that are not one prompt or a batch of integer ids are refused
+    from transformers import GenerationConfig
+
+    from fluid_npu.sampling import generate
+    from fluid_npu.sampling.inputs import PromptError
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
+
+    model = build_tiny_model("llama", tok, seed=3)
+    fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
+    ids = torch.tensor([tok("hello world")["input_ids"]])
+    for bad, name in (
+        (GenerationConfig(repetition_penalty=1.05), "repetition_penalty"),
+        (GenerationConfig(num_beams=2), "num_beams"),
+        (GenerationConfig(do_sample=True, num_return_sequences=2), "num_return_sequences"),
+        (GenerationConfig(min_new_tokens=5), "min_new_tokens"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            fluid.generate(ids, generation_config=bad, max_new_tokens=4)
+    with pytest.raises(ConfigError, match="max_length 5 leaves no room"):
+        fluid.generate(ids, max_length=5)
+    for bad_ids in (ids[None], ids.float()):
+        with pytest.raises(PromptError, match="input_ids"):
+            fluid.generate(bad_ids, max_new_tokens=2)
+
+    # nearly flat distributions (a hot temperature): without top_k every token could come; with
+    # transformers' default only the 50 most likely at the first step
+    many = ids.expand(64, -1)
+    with torch.inference_mode():
+        top50 = set(model(input_ids=ids).logits[0, -1].topk(50).indices.tolist())
+    kw = dict(max_new_tokens=1, eos_token_id=[], policy="ar")
+    first = fluid.generate(many, do_sample=True, temperature=50.0, seed=1, **kw)[:, -1].tolist()
+    assert set(first) <= top50 and len(set(first)) > 10
+    wide = generate(model, tok, many, do_sample=True, temperature=50.0, top_k=0, seed=1, **kw)
+    assert not {t[0] for t in wide.new_tokens} <= top50  # top_k=0 turns it off
+
+    # unseeded sampling: torch.manual_seed reproduces a call, and calls differ
+    kw = dict(max_new_tokens=6, eos_token_id=[], policy="ar", do_sample=True, temperature=5.0)
+    torch.manual_seed(0)
+    one = fluid.generate(ids.expand(4, -1), **kw)
+    two = fluid.generate(ids.expand(4, -1), **kw)
+    torch.manual_seed(0)
+    again = fluid.generate(ids.expand(4, -1), **kw)
+    assert torch.equal(one, again) and not torch.equal(one, two)
+
+    # eos_token_id=None given: no EOS (transformers); not given: the model's
+    chain = FluidForCausalLM(chain_model(tok, attn_scale=4.0), tok, tok.mask_token_id)
+    abc = torch.tensor([tok("abc")["input_ids"]])  # ... l, m, then EOS
+    stops = chain.generate(abc, max_new_tokens=20, policy="ar")
+    assert stops[0, -1].item() == tok.eos_token_id and stops.shape[1] < abc.shape[1] + 20
+    assert chain.generate(abc, max_new_tokens=20, policy="ar", eos_token_id=None).shape[1] == (
+        abc.shape[1] + 20
+    )
+
+
+def test_a_stop_string_may_begin_in_the_prompt_as_transformers_reads_it(tok):
+    # transformers' stop_strings read the whole sequence: "cd" after the prompt "abc" stops at the
+    # first new token "d"; the OpenAI API (the server) matches stop strings in the output only
+    from fluid_npu.sampling import generate
+
+    model = chain_model(tok, attn_scale=4.0)
+    prompt = tok("abc")["input_ids"]
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        hf = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
+            stop_strings=["cd"], tokenizer=tok, pad_token_id=tok.pad_token_id, eos_token_id=None,
+        )  # fmt: skip
+    want = hf[0, len(prompt) :].tolist()
+    assert tok.decode(want) == "d"
+    out = generate(
+        model, tok, ids, policy="fixed:4", max_new_tokens=10, eos_token_id=[], stop_strings="cd"
+    )
+    assert out.new_tokens == [want] and out.finish_reasons == ["stop"]
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", eos_ids=[], tokenizer=tok)
+    served = run_requests(sched, [Request("s", prompt, 10, stop=["cd"])])["s"]
+    assert len(served.tokens) == 10 and served.final.finish_reason == "length"

@@ -42,6 +42,7 @@ from fluid_npu.sampling.stats import GenerateStats
 
 LOOPS = ("fused", "reference")
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "stop_strings")
+TRANSFORMERS_TOP_K = 50  # transformers' top_k when sampling without one
 # Measured on CPU: for the sampler's short cached calls the model's own SDPA with a dense bool mask
 # is as fast as or faster than the registered "fluid" attention (blocked / reference back ends).
 DEFAULT_ATTN = "sdpa"
@@ -111,7 +112,7 @@ def generate(
     engine_kwargs: dict[str, Any] | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
-    top_k: int = 0,
+    top_k: int | None = None,
     top_p: float = 1.0,
     min_p: float = 0.0,
     seed: int | None = None,
@@ -134,13 +135,15 @@ def generate(
     to the reference loop; the engine runs its own attention over the slot cache.
 
     Sampling (fused loop), transformers' conventions: ``do_sample=False`` is greedy whatever the
-    other settings; with ``do_sample=True``, ``temperature`` / ``top_k`` (0 = off) / ``top_p``
+    other settings; with ``do_sample=True``, ``temperature`` / ``top_k`` (None: 50, transformers'
+    default; 0 = off) / ``top_p``
     (1.0 = off) / ``min_p`` apply in that order and the output distribution is exactly AR
-    sampling's (``rules.py``). ``seed`` seeds row ``r`` with ``seed + r`` (None: the engine's
-    counter), so a row's tokens do not depend on the batch. ``stop_strings`` end a row on its
-    committed text (cut as transformers cuts; needs the tokenizer, given as the second argument
-    or ``tokenizer=``); ``logprobs`` / ``top_logprobs`` return the committed tokens'
-    log-probabilities under the AR distribution after temperature.
+    sampling's (``rules.py``). ``seed`` seeds row ``r`` with ``seed + r`` (None: each row's
+    seed drawn from torch's global generator, so ``torch.manual_seed`` reproduces a call and
+    calls differ, as in transformers), so a row's tokens do not depend on the batch.
+    ``stop_strings`` end a row on its committed text (cut as transformers cuts; needs the
+    tokenizer, given as the second argument or ``tokenizer=``); ``logprobs`` / ``top_logprobs``
+    return the committed tokens' log-probabilities under the AR distribution after temperature.
     """
     if loop not in LOOPS:
         raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
@@ -173,7 +176,7 @@ def generate(
     stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
     params = SamplingParams(
         temperature=temperature if do_sample else 0.0,
-        top_k=top_k if do_sample else 0,
+        top_k=(TRANSFORMERS_TOP_K if top_k is None else top_k) if do_sample else 0,
         top_p=top_p if do_sample else 1.0,
         min_p=min_p if do_sample else 0.0,
         seed=seed,
@@ -278,7 +281,14 @@ def _generate_fused(
     )
     try:
         reqs = [
-            Request(str(i), p.tolist(), max_new_tokens, sampling=_row_params(params, i), stop=stops)
+            Request(
+                str(i),
+                p.tolist(),
+                max_new_tokens,
+                sampling=_row_params(params, i),
+                stop=stops,
+                stop_in_prompt=True,  # transformers' stop_strings read the prompt too
+            )
             for i, p in enumerate(prompts)
         ]
         results = run_requests(sched, reqs, stream)

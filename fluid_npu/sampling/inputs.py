@@ -70,6 +70,16 @@ def as_batch(
     it — unless the pad id is an EOS id — as transformers' ``generate`` infers it.
     """
     if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() not in (1, 2):
+            raise PromptError(
+                f"input_ids has {input_ids.dim()} dimensions {tuple(input_ids.shape)}; give one "
+                "prompt [L] or a batch [B, L] of token ids"
+            )
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise PromptError(
+                f"input_ids are {input_ids.dtype}; token ids are integers (the tokenizer's "
+                "input_ids, e.g. torch.long)"
+            )
         ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
     else:
         rows = [list(r) for r in input_ids]

@@ -15,11 +15,34 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fluid_npu.errors import ConfigError
 from fluid_npu.model.khead import KHead
 from fluid_npu.sampling.api import GENERATION_KEYS, GenerateOutput, generate
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.inputs import parse_dtype
 from fluid_npu.sampling.stats import GenerateStats
+
+# GenerationConfig fields the decoding follows (the rest of GENERATION_KEYS' kin), and fields
+# that only describe the checkpoint or transformers' own bookkeeping
+_FOLLOWED = {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id"}
+_INERT = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
+          "use_cache", "cache_implementation", "return_legacy_cache"}  # fmt: skip
+
+
+def _check_generation_config(config: Any) -> None:
+    """Refuse a ``GenerationConfig`` setting the engine would otherwise drop silently (every
+    field it holds away from transformers' defaults must be one it follows)."""
+    diff = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(vars(config))
+    unknown = sorted(
+        k for k, v in diff.items()
+        if k not in _FOLLOWED and k not in _INERT and k not in GENERATION_KEYS and v is not None
+    )  # fmt: skip
+    if unknown:
+        raise ConfigError(
+            f"generation_config sets {', '.join(unknown)}, which FLUID decoding does not do "
+            f"(it follows {', '.join(sorted({*GENERATION_KEYS, *_FOLLOWED}))}); leave them at "
+            "transformers' defaults"
+        )
 
 
 class FluidForCausalLM:
@@ -98,25 +121,40 @@ class FluidForCausalLM:
         """Prompt + new tokens ``[B, L]`` like transformers; statistics in ``last_stats``.
 
         Greedy unless ``do_sample=True``; the sampling keywords are transformers' (``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``stop_strings``) plus ``seed``, and a
+        ``temperature``, ``top_k`` — 50 when sampling and not given, transformers' default; 0 turns
+        it off —, ``top_p``, ``min_p``, ``stop_strings``) plus ``seed`` (None: drawn from torch's
+        global generator, so ``torch.manual_seed`` reproduces a call as in transformers), and a
         ``generation_config`` (a ``transformers.GenerationConfig``) supplies any of them, and
         ``max_new_tokens`` / ``max_length`` / ``eos_token_id`` / ``pad_token_id``, that are not
-        passed explicitly. ``max_length`` counts the prompt, as in transformers (``max_new_tokens``
-        wins when both are set); without either, 64 new tokens.
+        passed explicitly; any other setting it holds away from transformers' default (beams,
+        ``repetition_penalty``, ``num_return_sequences``, ...) is refused by name, never dropped.
+        ``max_length`` counts the prompt, as in transformers (``max_new_tokens`` wins when both
+        are set) and must leave room for a token; without either, 64 new tokens (the checkpoint's
+        own ``generation_config`` gives only the EOS and pad ids: FLUID decodes greedily, and the
+        lossless check compares with plain greedy decoding). ``eos_token_id=None`` given
+        explicitly turns EOS off, as in transformers.
         """
         max_length = kwargs.pop("max_length", None)
+        if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
+            kwargs["eos_token_id"] = []  # transformers: an explicit None stops at no token
         if generation_config is not None:
+            _check_generation_config(generation_config)
             for name in (*GENERATION_KEYS, "eos_token_id", "pad_token_id"):
                 value = getattr(generation_config, name, None)
                 if name not in kwargs and value is not None:
                     kwargs[name] = value
             if max_new_tokens is None:
                 max_new_tokens = getattr(generation_config, "max_new_tokens", None)
-            if max_length is None:
-                max_length = getattr(generation_config, "max_length", None)
+            if max_length is None and "max_length" in generation_config.to_diff_dict():
+                max_length = generation_config.max_length
         if max_new_tokens is None and max_length is not None:
             width = input_ids.shape[-1] if hasattr(input_ids, "shape") else max(map(len, input_ids))
-            max_new_tokens = max(1, int(max_length) - int(width))
+            if int(max_length) <= int(width):
+                raise ConfigError(
+                    f"max_length {max_length} leaves no room after the prompt ({width} tokens): "
+                    "max_length counts the prompt, as in transformers; give max_new_tokens instead"
+                )
+            max_new_tokens = int(max_length) - int(width)
         if policy is None:
             policy = "khead" if self.khead is not None else "entropy"
         out = generate(

@@ -21,6 +21,9 @@ class Request:
     eos_ids: Sequence[int] | None = None  # None: the scheduler's default EOS ids
     sampling: SamplingParams | None = None  # None: greedy
     stop: Sequence[str] = ()  # stop strings, checked on the committed text (needs a tokenizer)
+    # a stop string may begin in the prompt, as transformers' stop_strings read the whole
+    # sequence (False: in the output only, as the OpenAI API and vLLM match them)
+    stop_in_prompt: bool = False
 
 
 @dataclass

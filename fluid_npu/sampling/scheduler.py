@@ -41,7 +41,6 @@ decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py`
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter, deque
 from collections.abc import MutableMapping, Sequence
 from dataclasses import replace
@@ -213,7 +212,6 @@ class Scheduler(PrefillMixin, StepMixin):
         self.top_k, self.seed = z(s), z(s)
         self.qprob = z(s, k, dtype=torch.float32)
         self.dhid: torch.Tensor | None = None  # [slots, K, H], made at the first sampled request
-        self._seeds = itertools.count(1)
 
     def close(self) -> None:
         """Give the model its own attention back (the scheduler is unusable afterwards)."""
@@ -268,7 +266,9 @@ class Scheduler(PrefillMixin, StepMixin):
         self._ids.add(req.request_id)
         params = req.sampling or SamplingParams()
         if params.seed is None and not params.greedy:
-            params = replace(params, seed=next(self._seeds))
+            # unseeded: a seed from torch's global generator (transformers samples from it, so
+            # torch.manual_seed reproduces a run and two runs differ, as in vLLM without a seed)
+            params = replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
         self.waiting.append(Slot(req, [int(t) for t in req.prompt], params))
 
     def _widen_eos(self, n: int) -> None:

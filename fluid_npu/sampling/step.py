@@ -363,7 +363,11 @@ class StepMixin:
     def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:
         """How many of this step's ``toks`` slot ``s`` keeps when one completes a stop string
         (``stops.py``), else None."""
-        n = stop_cut(self.tokenizer, self._special, s.new, toks, s.req.stop)
+        earlier = s.new
+        window = 4 * (max(len(x.encode("utf-8")) for x in s.req.stop) + 8)  # stop_cut's, and more
+        if s.req.stop_in_prompt and len(s.new) < window:
+            earlier = [*s.prompt[-window:], *s.new]
+        n = stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop)
         s.stopped = s.stopped or n is not None
         return n
 
