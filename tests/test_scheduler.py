@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fluid_npu.errors import FluidError
 from fluid_npu.model.khead import KHead
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling import generate
 from fluid_npu.sampling.lossless import compare, hf_greedy
 from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
 
@@ -547,3 +548,56 @@ def test_accepted_drafts_count_only_what_reaches_the_output(tok):
     assert max(sched.accept_hist) >= 3  # the verify accepted more drafts than the limit left
     assert all(e.accepted <= len(e.tokens) for e in events), events
     assert sum(e.accepted for e in events) <= 3
+
+
+@pytest.mark.parametrize("arch", ["stablelm", "nemotron"])
+def test_decoders_that_do_not_hand_keywords_to_the_attention_decode_as_generate(arch, tok):
+    # StableLM's and Nemotron's decoder layers call their attention without the forward's
+    # keywords: the engine's plan must still reach it (it once fell back to plain SDPA with a
+    # stand-in mask, and a causal prefill then attended both ways)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # norms off their initial 1 / 0, so a wrong prefill shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    prompts = [tok(t)["input_ids"] for t in ("the quick brown fox jumps over the lazy dog", "ab")]
+    alone = [_greedy_alone(model, p, 10, []) for p in prompts]
+    for policy in ("ar", "fixed:4"):
+        sched = Scheduler(
+            model, tok.mask_token_id, policy=policy, max_batch=2, eos_ids=[], k_max=4,
+            adaptive=False, prefill_chunk=8,
+        )  # fmt: skip
+        results = run_requests(sched, [Request(str(i), p, 10) for i, p in enumerate(prompts)])
+        sched.close()
+        ours = [results[str(i)].tokens for i in range(len(prompts))]
+        _assert_same(model, prompts, ours, alone, f"{arch}/{policy}")
+
+
+def test_window_and_context_errors_say_what_fits(tok):
+    # the window's refusal names the draft slots and what fits; an engine a window leaves no room
+    # in is refused when it is made; a model whose layers none slide is not refused; a request
+    # over the context is named by its id, with the library's keyword
+    model = build_tiny_model("mistral", tok, seed=3, sliding_window=16, max_position_embeddings=64)
+    with pytest.raises(FluidError, match=r"4 draft slots.*at most 12.*15 asked"):
+        generate(model, tok, [[5] * 5], policy="fixed:4", k_max=4, max_new_tokens=10)
+    with pytest.raises(FluidError, match="leaves no room beside the policy's 16 draft slots"):
+        Scheduler(model, tok.mask_token_id, policy="entropy")
+    full = build_tiny_model(
+        "qwen2", tok, seed=3, sliding_window=16, use_sliding_window=True, max_window_layers=2
+    )  # every layer full attention (layer_types): no window to keep within
+    out = generate(full, tok, [[5] * 30], policy="ar", max_new_tokens=6, eos_token_id=[])
+    assert len(out.new_tokens[0]) == 6
+    small = build_tiny_model("llama", tok, seed=3, max_position_embeddings=32)
+    sched = Scheduler(small, tok.mask_token_id, policy="ar", max_batch=2)
+    sched.submit(Request("alpha", [5] * 4, 4))
+    with pytest.raises(FluidError, match=r"request 'gamma' has 30 tokens.*lower max_new_tokens"):
+        sched.submit(Request("gamma", [5] * 30, 8))

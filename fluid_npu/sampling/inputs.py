@@ -129,33 +129,47 @@ def eos_and_pad(
 
 
 def sliding_window(cfg: Any) -> int | None:
-    """The model's sliding attention window (positions), or None when it attends to everything."""
+    """The model's sliding attention window (positions), or None when it attends to everything
+    (no window, windows switched off, or — by ``layer_types`` — no layer that slides)."""
     window = getattr(cfg, "sliding_window", None)
     if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds is not None and "sliding_attention" not in kinds:
         return None
     return int(window)
 
 
 def check_context(
-    model: PreTrainedModel, lengths: list[int], max_new_tokens: int, k_max: int
+    model: PreTrainedModel,
+    lengths: list[int],
+    max_new_tokens: int,
+    k_max: int,
+    names: Sequence[str] | None = None,
 ) -> None:
-    """Prompts must fit ``max_position_embeddings − max_new_tokens``; no sliding windows crossed."""
+    """Prompts must fit ``max_position_embeddings − max_new_tokens``; no sliding windows crossed.
+
+    ``names``: what each prompt is called in an error (default ``prompt <row>``)."""
     cfg = (
         model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     )
     limit = getattr(cfg, "max_position_embeddings", None)
     for row, n in enumerate(lengths):
+        name = f"prompt {row}" if names is None else names[row]
         if n == 0:
-            raise PromptError(f"prompt {row} is empty; give at least one token")
+            raise PromptError(f"{name} is empty; give at least one token")
         if limit is not None and n > limit - max_new_tokens:
             raise PromptError(
-                f"prompt {row} has {n} tokens but the context holds {limit} positions and "
+                f"{name} has {n} tokens but the context holds {limit} positions and "
                 f"{max_new_tokens} are reserved for new tokens (at most {limit - max_new_tokens}); "
-                "shorten the prompt or lower --max-new-tokens"
+                "shorten the prompt or lower max_new_tokens"
             )
     window = sliding_window(cfg)
     if window is not None and max(lengths) + max_new_tokens + k_max > window:
         raise ConfigError(
             f"this model uses sliding-window attention ({window} positions), which the sampler's "
-            "visibility rule does not model; keep prompt + max_new_tokens within the window"
+            f"visibility rule does not model: prompt + max_new_tokens + the {k_max} draft slots "
+            f"must stay within the window (at most {window - k_max} tokens of prompt and new "
+            f"ones, {max(lengths) + max_new_tokens} asked); lower max_new_tokens or the horizon "
+            "(k_max, a fixed:K policy, or ar)"
         )

@@ -37,6 +37,7 @@ own request as it is in transformers, and nothing else is.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,9 @@ from fluid_ops.attention_blocked import _sdpa
 from fluid_ops.meta import PAD, AttnMeta, visibility
 
 SLOT_ATTENTION = "fluid_slots"
+# the plan of the engine forward running in this thread (None outside one): the attention reads
+# it when a decoder layer does not hand its keywords on to the attention (StableLM, Nemotron)
+_ACTIVE_PLAN: ContextVar[ForwardPlan | None] = ContextVar("fluid_active_plan", default=None)
 
 
 @dataclass
@@ -130,6 +134,7 @@ class SlotKV(Cache):
 
     def set_plan(self, plan: ForwardPlan) -> None:
         self.plan = plan
+        _ACTIVE_PLAN.set(plan)
         if plan.rows is not None:
             self._rows = plan.rows[:, None]
         else:
@@ -167,6 +172,11 @@ class SlotKV(Cache):
         keys, values = keys[:, :, : plan.extent], values[:, :, : plan.extent]
         return keys.index_select(0, plan.rows), values.index_select(0, plan.rows)
 
+    def clear_plan(self) -> None:
+        """The forward is over (or failed): no plan until the next ``set_plan``."""
+        self.plan = None
+        _ACTIVE_PLAN.set(None)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.plan is None else int(self.plan.extent)
 
@@ -187,9 +197,14 @@ def slot_attention(
 ) -> tuple[torch.Tensor, None]:
     """The ``fluid_slots`` attention: SDPA over the slot cache under the plan's mask.
 
-    Without a plan (any forward outside the engine, e.g. a plain ``model(...)`` or ``generate``
-    while a ``Scheduler`` owns the model) it is exactly transformers' ``sdpa`` attention.
+    The plan comes as a keyword through the decoder, or — for decoder layers that do not hand
+    their keywords on to the attention (StableLM, Nemotron) — from the engine forward running in
+    this thread. Without one (any forward outside the engine, e.g. a plain ``model(...)`` or
+    ``generate`` while a ``Scheduler`` owns the model) it is exactly transformers' ``sdpa``
+    attention.
     """
+    if fluid_plan is None:
+        fluid_plan = _ACTIVE_PLAN.get()
     if fluid_plan is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -127,6 +127,12 @@ class Scheduler(PrefillMixin, StepMixin):
         window = sliding_window(cfg)
         if window is not None:  # a request's tokens and drafts stay inside the window
             room = window - self.k
+            if room < 2:
+                raise ConfigError(
+                    f"this model's sliding attention window ({window} positions) leaves no room "
+                    f"beside the policy's {self.k} draft slots; use a shorter horizon (k_max, a "
+                    "fixed:K policy, or ar)"
+                )
             if max_len is not None and max_len > room:
                 raise ConfigError(
                     f"max_len {max_len} does not fit this model's sliding attention window "
@@ -242,7 +248,13 @@ class Scheduler(PrefillMixin, StepMixin):
                 f"request {req.request_id!r}: max_new_tokens must be at least 1, "
                 f"got {req.max_new_tokens}"
             )
-        check_context(self.model, [len(req.prompt)], req.max_new_tokens, self.k)
+        check_context(
+            self.model,
+            [len(req.prompt)],
+            req.max_new_tokens,
+            self.k,
+            [f"request {req.request_id!r}"],
+        )
         if len(req.prompt) + req.max_new_tokens > self.max_len:
             raise PromptError(
                 f"request {req.request_id!r}: prompt ({len(req.prompt)} tokens) + max_new_tokens "

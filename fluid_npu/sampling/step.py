@@ -70,20 +70,22 @@ class StepMixin:
         self.kv.set_plan(plan)
         self.computed_tokens += ids.numel()
         use_compiled = self._compiled is not None and lo == 0 and not causal and compiled
-        with self._rope():  # (support.py: a dynamic rope at generate's frequencies)
-            if self._lean is not None:  # the same arithmetic without module dispatch (lean.py)
-                hidden = (self._compiled if use_compiled else self._lean)(ids, pos, self.kv)
-            else:
-                run = self._compiled if use_compiled else self._decoder
-                hidden = run(
-                    input_ids=ids,
-                    attention_mask=_NO_MASK if plan.mask is None else plan.mask,  # 4D: as given
-                    position_ids=pos,
-                    use_cache=True,
-                    fluid_plan=plan,
-                    **{self._cache_kw: self.kv},
-                ).last_hidden_state
-        self.kv.plan = None
+        try:
+            with self._rope():  # (support.py: a dynamic rope at generate's frequencies)
+                if self._lean is not None:  # the same arithmetic without module dispatch (lean.py)
+                    hidden = (self._compiled if use_compiled else self._lean)(ids, pos, self.kv)
+                else:
+                    run = self._compiled if use_compiled else self._decoder
+                    hidden = run(
+                        input_ids=ids,
+                        attention_mask=_NO_MASK if plan.mask is None else plan.mask,  # 4D as is
+                        position_ids=pos,
+                        use_cache=True,
+                        fluid_plan=plan,
+                        **{self._cache_kw: self.kv},
+                    ).last_hidden_state
+        finally:
+            self.kv.clear_plan()
         return hidden
 
     def _bucket(self, n: int, to: int) -> int:
