@@ -185,6 +185,23 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
     }
 
 
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes free on the accelerator (its ``mem_get_info``), or the host's available memory
+    (``MemAvailable``) for the CPU; None where the figure is not known."""
+    dev = torch.device(device)
+    module = device_module(dev.type)
+    try:
+        if module is not None:
+            return int(module.mem_get_info(dev)[0])
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, AttributeError, ValueError):
+        return None
+    return None
+
+
 def device_name(device: torch.device | str) -> str:
     """A human-readable name of the accelerator (or the CPU) for benchmark reports."""
     dev = torch.device(device)

@@ -601,3 +601,19 @@ def test_window_and_context_errors_say_what_fits(tok):
     sched.submit(Request("alpha", [5] * 4, 4))
     with pytest.raises(FluidError, match=r"request 'gamma' has 30 tokens.*lower max_new_tokens"):
         sched.submit(Request("gamma", [5] * 30, 8))
+
+
+def test_a_kv_cache_larger_than_free_memory_is_one_clear_error(tok, monkeypatch):
+    # sized before anything is allocated: on a CPU an over-large cache would be the OOM killer's
+    from fluid_npu import device as devices
+
+    free = devices.free_memory("cpu")
+    assert free is None or free > 0  # the host's available memory, where /proc/meminfo says
+    model = build_tiny_model("llama", tok, seed=3)
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, max_len=64)
+    need = sched.kv.nbytes
+    monkeypatch.setattr(devices, "free_memory", lambda device: need - 1)
+    with pytest.raises(FluidError, match=r"KV cache needs 0\.00 GiB.*2 request slots.*--max-batch"):
+        Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, max_len=64)
+    monkeypatch.setattr(devices, "free_memory", lambda device: need)
+    Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, max_len=64)  # exactly fits

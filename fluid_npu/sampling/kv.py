@@ -1,13 +1,15 @@
 """The decode engine's static KV cache: one preallocated row per request slot, written in place.
 
 ``SlotKV`` holds, per layer, keys and values ``[slots, kv_heads, capacity, head_dim]`` allocated
-once (zeros, so no stale memory is ever NaN). A slot's cache index *is* the token's position: a
-request in slot ``s`` with ``n`` committed tokens holds positions ``0 … n-2`` at indices ``0 …
-n-2`` (the last committed token is fed by the next step). A forward writes its ``W`` new entries
-per row at indices ``len_b … len_b + W − 1`` (``index_put_``: no reallocation, no concatenation, no
-copy of the cache); after the step only the accepted main tokens — which come first in a step's
-memory order, at index = position — count as committed, so nothing needs cutting: whatever lies at
-or beyond a row's committed length is simply never visible.
+once (zeros, so no stale memory is ever NaN); a cache larger than the device's free memory is one
+``ConfigError`` naming its size and the fix before anything is allocated (on a CPU the kernel's OOM
+killer would otherwise end the process later, without a word). A slot's cache index *is* the token's
+position: a request in slot ``s`` with ``n`` committed tokens holds positions ``0 … n-2`` at indices
+``0 … n-2`` (the last committed token is fed by the next step). A forward writes its ``W`` new
+entries per row at indices ``len_b … len_b + W − 1`` (``index_put_``: no reallocation, no
+concatenation, no copy of the cache); after the step only the accepted main tokens — which come
+first in a step's memory order, at index = position — count as committed, so nothing needs cutting:
+whatever lies at or beyond a row's committed length is simply never visible.
 
 Visibility, per forward, from the committed lengths and the new tokens' §1.1 metadata alone
 (``step_mask``): a real query sees every committed entry of its row (every anchor of a step lies
@@ -45,6 +47,8 @@ import torch
 from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from fluid_npu import device as devices
+from fluid_npu.errors import ConfigError
 from fluid_ops.attention_blocked import _sdpa
 from fluid_ops.meta import PAD, AttnMeta, visibility
 
@@ -119,10 +123,24 @@ class SlotKV(Cache):
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         shape = (slots, kv_heads, capacity, head_dim)
-        self.keys = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)
-        ]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        layers = cfg.num_hidden_layers
+        need = 2 * layers * slots * kv_heads * capacity * head_dim * dtype.itemsize
+        why = (
+            f"the engine's KV cache needs {need / 2**30:.2f} GiB (keys and values: {layers} "
+            f"layers x {slots} request slots x {capacity} positions x {kv_heads} KV heads x "
+            f"{head_dim} x {dtype.itemsize} bytes)"
+        )
+        fix = "lower max_batch (--max-batch) or max_len (--max-len)"
+        free = devices.free_memory(device)
+        if free is not None and need > free:  # before the allocator (on a CPU: the OOM killer)
+            raise ConfigError(f"{why} but {device} has {free / 2**30:.2f} GiB free; {fix}")
+        try:
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+            self.values = [torch.zeros_like(k) for k in self.keys]
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if "memory" not in str(exc).lower():
+                raise
+            raise ConfigError(f"{why} and {device} could not allocate it; {fix}") from None
         self.slots, self.capacity = slots, capacity
         self.layers: list[Any] = []  # transformers' layer objects are not used
         self.plan: ForwardPlan | None = None

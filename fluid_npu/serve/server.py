@@ -136,6 +136,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "compile": settings.compile,
         "adaptive_drafting": settings.adaptive,
         "torch_threads": torch.get_num_threads(),
+        "kv_cache_gib": round(scheduler.kv.nbytes / 2**30, 3),  # allocated once, at start
     }
     return scheduler, fluid.tokenizer, max_len, info
 
@@ -185,7 +186,8 @@ def serve(settings: ServeSettings) -> int:
         where = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
         app.state.banner = (
             f"fluid: serving {name!r} on http://{where}:{port}/v1 (policy {info['policy']}, "
-            f"max batch {settings.max_batch}, context {max_len})"
+            f"max batch {settings.max_batch}, context {max_len}, KV cache "
+            f"{info['kv_cache_gib']:.2f} GiB)"
         )
         uv_config = uvicorn.Config(
             app,
