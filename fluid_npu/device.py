@@ -186,13 +186,15 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
 
 
 def free_memory(device: torch.device | str) -> int | None:
-    """Bytes free on the accelerator (its ``mem_get_info``), or the host's available memory
-    (``MemAvailable``) for the CPU; None where the figure is not known."""
+    """Bytes free on the accelerator (its ``mem_get_info``, plus what torch's caching allocator
+    holds unused), or the host's available memory (``MemAvailable``) for the CPU; None where the
+    figure is not known."""
     dev = torch.device(device)
     module = device_module(dev.type)
     try:
         if module is not None:
-            return int(module.mem_get_info(dev)[0])
+            cached = module.memory_reserved(dev) - module.memory_allocated(dev)
+            return int(module.mem_get_info(dev)[0]) + int(cached)
         with open("/proc/meminfo", encoding="utf-8") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
