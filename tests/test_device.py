@@ -76,3 +76,25 @@ def test_seed_everything_is_reproducible():
     a = torch.rand(4)
     device.seed_everything(123)
     assert torch.equal(a, torch.rand(4))
+
+
+def test_free_memory_counts_the_caching_allocators_unused_blocks(monkeypatch):
+    # an accelerator's free memory is mem_get_info's plus what torch's allocator holds unused
+    # (the KV cache can be carved from those blocks); the CPU's is the host's available memory
+    class FakeModule:
+        @staticmethod
+        def mem_get_info(dev):
+            return (100, 1000)
+
+        @staticmethod
+        def memory_reserved(dev):
+            return 50
+
+        @staticmethod
+        def memory_allocated(dev):
+            return 20
+
+    monkeypatch.setattr(device, "device_module", lambda kind: FakeModule if kind == "cuda" else None)
+    assert device.free_memory("cuda:0") == 130
+    cpu = device.free_memory("cpu")
+    assert cpu is None or cpu > 0
