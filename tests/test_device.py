@@ -94,7 +94,8 @@ def test_free_memory_counts_the_caching_allocators_unused_blocks(monkeypatch):
         def memory_allocated(dev):
             return 20
 
-    monkeypatch.setattr(device, "device_module", lambda kind: FakeModule if kind == "cuda" else None)
+    fake = lambda kind: FakeModule if kind == "cuda" else None  # noqa: E731
+    monkeypatch.setattr(device, "device_module", fake)
     assert device.free_memory("cuda:0") == 130
     cpu = device.free_memory("cpu")
     assert cpu is None or cpu > 0
