@@ -617,3 +617,20 @@ def test_a_kv_cache_larger_than_free_memory_is_one_clear_error(tok, monkeypatch)
         Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, max_len=64)
     monkeypatch.setattr(devices, "free_memory", lambda device: need)
     Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, max_len=64)  # exactly fits
+
+
+def test_closing_one_engine_leaves_another_on_the_same_model_decoding(tok):
+    # engines on a model's own modules switch it to the slot attention; the first to close must
+    # not take it from one still decoding (its causal prefill then attended both ways)
+    model = _perturbed(build_tiny_model("llama", tok, seed=4))
+    first = Scheduler(model, tok.mask_token_id, policy="ar", lean=False, eos_ids=[])
+    second = Scheduler(model, tok.mask_token_id, policy="ar", lean=False, eos_ids=[], max_batch=3)
+    run_requests(first, [Request("x", [5, 6, 7, 8], 4)])
+    first.close()
+    first.close()  # twice: harmless
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:3]]
+    res = run_requests(second, [Request(str(i), p, 8) for i, p in enumerate(prompts)])
+    second.close()
+    assert model.config._attn_implementation == "sdpa"  # the model's own, once both are closed
+    ours = [res[str(i)].tokens for i in range(3)]
+    _assert_same(model, prompts, ours, [_greedy_alone(model, p, 8, []) for p in prompts], "2nd")

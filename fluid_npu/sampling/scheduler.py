@@ -41,6 +41,7 @@ decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py`
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter, deque
 from collections.abc import MutableMapping, Sequence
 from dataclasses import replace
@@ -162,11 +163,11 @@ class Scheduler(PrefillMixin, StepMixin):
         self._rope = PinnedRope(model)  # a dynamic rope at the frequencies generate uses
         # the decoder's forward without module dispatch where it is exactly the same (lean.py)
         self._lean = LeanDecoder.of(model) if lean else None
-        self._restore: str | None = None
+        self._holds_attention = False
         if self._lean is None:  # the model's modules run: they attend over the slots
             register_slot_attention()
-            self._restore = attention_kind(model)
-            model.set_attn_implementation(SLOT_ATTENTION)
+            _hold_slot_attention(model)
+            self._holds_attention = True
         self._cache_kw = cache_keyword(model)
         self._compiled = None  # the decode step's forward under torch.compile (prefill stays eager)
         self._compile_key: tuple[tuple[str, str], ...] | None = None  # its settings (budget key)
@@ -220,9 +221,11 @@ class Scheduler(PrefillMixin, StepMixin):
         self.dhid: torch.Tensor | None = None  # [slots, K, H], made at the first sampled request
 
     def close(self) -> None:
-        """Give the model its own attention back (the scheduler is unusable afterwards)."""
-        if self._restore is not None:
-            self.model.set_attn_implementation(self._restore)
+        """Give the model its own attention back once no other open engine runs on it (the
+        scheduler is unusable afterwards; closing twice is harmless)."""
+        if self._holds_attention:
+            self._holds_attention = False
+            _release_slot_attention(self.model)
 
     # ------------------------------------------------------------------ requests
 
@@ -359,6 +362,29 @@ class Scheduler(PrefillMixin, StepMixin):
     def _free(self, i: int) -> None:
         self.slots[i] = None
         self.run[i] = False
+
+
+# engines running a model's own modules switch it to the slot attention: the first one saves the
+# model's attention and the last one to close gives it back (closing one engine must not take the
+# slot attention from another still decoding on the same model)
+_SLOT_HOLDERS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
+def _hold_slot_attention(model: PreTrainedModel) -> None:
+    held = _SLOT_HOLDERS.get(model)
+    if held is None or held[0] == 0:
+        _SLOT_HOLDERS[model] = held = [0, attention_kind(model)]
+        model.set_attn_implementation(SLOT_ATTENTION)
+    held[0] += 1
+
+
+def _release_slot_attention(model: PreTrainedModel) -> None:
+    held = _SLOT_HOLDERS.get(model)
+    if held is None or held[0] == 0:
+        return
+    held[0] -= 1
+    if held[0] == 0:
+        model.set_attn_implementation(held[1])
 
 
 class Finished(NamedTuple):
