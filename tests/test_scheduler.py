@@ -634,3 +634,49 @@ def test_closing_one_engine_leaves_another_on_the_same_model_decoding(tok):
     assert model.config._attn_implementation == "sdpa"  # the model's own, once both are closed
     ours = [res[str(i)].tokens for i in range(3)]
     _assert_same(model, prompts, ours, [_greedy_alone(model, p, 8, []) for p in prompts], "2nd")
+
+
+def test_compiled_engines_of_other_sizes_reuse_the_compiled_step(tok):
+    # every engine in a process shares dynamo's recompile limit (8); generate makes an engine per
+    # call, sized by its prompts: the cache's compiled shape is bucketed so calls keep running
+    # the compiled step (calls after the eighth ran none of it when every size was its own)
+    import torch._dynamo
+
+    from fluid_npu.sampling import generate
+
+    counts = {"compiles": 0, "runs": 0}
+
+    def counting(gm, example_inputs):
+        counts["compiles"] += 1
+
+        def run(*args):
+            counts["runs"] += 1
+            return gm.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    try:
+        model = build_tiny_model("llama", tok, seed=3)
+        engine = {"compile": True, "compile_options": {"backend": counting}}
+        for n in range(12):  # other prompt lengths and batch sizes each call
+            prompts = [[5 + i] * (3 + n) for i in range(1 + n % 3)]
+            before = counts["runs"]
+            out = generate(model, tok, prompts, policy="ar", max_new_tokens=5, eos_token_id=[],
+                           engine_kwargs=engine)  # fmt: skip
+            assert counts["runs"] - before == out.stats.decode_forwards, f"call {n}"
+        assert counts["compiles"] <= 6
+    finally:
+        torch._dynamo.reset()
+
+
+def test_device_graphs_see_a_cache_that_keeps_its_address(tok):
+    # reduce-overhead (CUDA / NPU graphs) records a graph only when the inputs it writes are
+    # static: the cache tensors are marked as transformers' StaticCache marks its own
+    model = build_tiny_model("llama", tok, seed=3)
+    graphs = Scheduler(model, tok.mask_token_id, policy="ar", compile=True,
+                       compile_options={"mode": "reduce-overhead"})  # fmt: skip
+    cache = [*graphs.kv.keys, *graphs.kv.values]
+    assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in cache)
+    plain = Scheduler(model, tok.mask_token_id, policy="ar", compile=True)  # inductor on a CPU
+    assert not any(hasattr(t, "_dynamo_static_input_type") for t in plain.kv.keys)

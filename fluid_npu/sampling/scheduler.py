@@ -66,11 +66,12 @@ from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
 from fluid_npu.sampling.rules import SamplingParams
-from fluid_npu.sampling.step import StepMixin, cache_keyword
+from fluid_npu.sampling.step import StepMixin, _pow2, _round_up, cache_keyword
 from fluid_npu.sampling.support import PinnedRope, check_engine_support
 
 PREFILL_CHUNK = 512
 DEFAULT_MAX_LEN = 4096
+CAPACITY_STEP = 256  # a compiled engine's cache length is a multiple of this
 
 
 class Scheduler(PrefillMixin, StepMixin):
@@ -145,7 +146,12 @@ class Scheduler(PrefillMixin, StepMixin):
         self.slots_n = max_batch
         widest = max(prefill_chunk, 1 + self.k + anchors * self.k) + self.k
         dtype = next(model.parameters()).dtype
-        self.kv = SlotKV(model, max_batch, self.max_len + widest, dtype, self.device)
+        cache_slots, capacity = max_batch, self.max_len + widest
+        if compile:  # the cache's shape is a compiled one: a few sizes, so engines made for
+            # other batches and lengths (a generate call each) reuse what an earlier one compiled
+            # instead of spending dynamo's recompile limit, which every engine in a process shares
+            cache_slots, capacity = _pow2(max_batch), _round_up(capacity, CAPACITY_STEP)
+        self.kv = SlotKV(model, cache_slots, capacity, dtype, self.device)
         self.head = LMHead(model)
         self._init_state()
         self.waiting: deque[Slot] = deque()
@@ -179,6 +185,11 @@ class Scheduler(PrefillMixin, StepMixin):
                 options.setdefault("mode", None if self.device.type == "cpu" else "reduce-overhead")
             target = self._decoder if self._lean is None else self._lean
             options.setdefault("dynamic", False)  # static shapes (bucketed): see docs/engine.md
+            if options.get("mode") == "reduce-overhead" or self.device.type != "cpu":
+                # device graphs record only when every input the graph writes keeps its address
+                # (the cache is written in place each step): as transformers' StaticCache does
+                for t in (*self.kv.keys, *self.kv.values):
+                    torch._dynamo.mark_static_address(t)
             self._compiled = torch.compile(target, **options)
             self._compile_key = tuple(sorted((k, repr(v)) for k, v in options.items()))
         self.budget = self._budget(budgets)
