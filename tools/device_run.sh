@@ -14,8 +14,9 @@
 # same with the decode step under torch.compile, "reduce-overhead": CUDA graphs), ops_gpu.json
 # (`tools/bench_ops.py --device accelerator`: token_stats vs the naive path, Triton attention vs
 # SDPA), lean_gpu.json (`tools/bench_lean.py`: the eager forward without transformers' modules
-# against with them, batch 1 / 8), serve_gpu_c16.json (`fluid bench serve`, 16 concurrent clients)
-# and run.log.
+# against with them, batch 1 / 8), serve_gpu_c16.json (`fluid bench serve`, 16 concurrent clients),
+# cudagraphs_gpu.json (`tools/check_cudagraphs.py`: the compiled step recorded as CUDA graphs, no
+# skip) and run.log.
 #
 # `DRY=1 bash tools/device_run.sh` runs the same steps on this machine's CPU with small sizes and
 # no GPU-only step: it checks the commands, not the figures.
@@ -72,6 +73,10 @@ step engine 150 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --
 step lean 60 "$PY" tools/bench_lean.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/lean_gpu.json" --max-new-tokens "$NEW" --batch-sizes "$COMPILE_SIZES" \
   --policies ar,entropy --repeats 2 --device "$DEV" --dtype "$DT"
+if [[ "${DRY:-0}" != 1 ]]; then  # device graphs really recorded (0 skips), tokens as eager
+  step cudagraphs 60 "$PY" tools/check_cudagraphs.py --model "$MODEL" --prompts "$PROMPTS" \
+    --json "$OUT/cudagraphs_gpu.json" --dtype "$DT" --device "$DEV"
+fi
 step engine_compile 120 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/engine_gpu_compile.json" --max-new-tokens "$NEW" --batch-sizes "$COMPILE_SIZES" \
   --policies ar,entropy --loops fused --repeats 2 --device "$DEV" --dtype "$DT" --compile
