@@ -190,6 +190,8 @@ def free_memory(device: torch.device | str) -> int | None:
     holds unused), or the host's available memory (``MemAvailable``) for the CPU; None where the
     figure is not known."""
     dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda", "npu"):  # mps, xpu, meta, ...: not known here
+        return None
     module = device_module(dev.type)
     try:
         if module is not None:

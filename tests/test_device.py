@@ -97,5 +97,6 @@ def test_free_memory_counts_the_caching_allocators_unused_blocks(monkeypatch):
     fake = lambda kind: FakeModule if kind == "cuda" else None  # noqa: E731
     monkeypatch.setattr(device, "device_module", fake)
     assert device.free_memory("cuda:0") == 130
+    assert device.free_memory("meta") is None  # a device it knows nothing of: not the host's
     cpu = device.free_memory("cpu")
     assert cpu is None or cpu > 0

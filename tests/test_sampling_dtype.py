@@ -157,3 +157,24 @@ def test_sampling_from_nan_is_an_error_not_a_token(tok):
         _engine(model, tok, [bad], "ar", temperature=0.8, seed=1)
     good = tok("hello world")["input_ids"]  # a finite request samples as before
     assert len(_engine(model, tok, [good], "ar", temperature=0.8, seed=1)[0]) == 12
+
+
+def test_a_rejected_draft_that_overflows_does_not_fail_the_request(tok):
+    # only the distribution a step draws from must be finite: MASK slots that propose the
+    # overflowing token (rejected: it is outside the top 10) leave the request as it was
+    z, mask, d = tok.convert_tokens_to_ids("Z"), tok.mask_token_id, 5
+    model = _overflowing(tok, "Z").float()
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, d] = 0.0
+        emb[mask, d] = 40.0  # MASK slots carry a dimension nothing else writes ...
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[d] = 0.0
+            layer.mlp.down_proj.weight[d] = 0.0
+        head = model.lm_head.weight
+        head[z] = 0.0
+        head[z, d] = 30.0  # ... which makes them draft "Z"
+    model = model.to(torch.float16)
+    prompt = tok("hello world")["input_ids"]
+    out = _engine(model, tok, [prompt], "fixed:4", temperature=1.0, top_k=10, seed=1)
+    assert len(out[0]) == 12 and z not in out[0]

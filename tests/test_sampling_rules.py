@@ -450,9 +450,13 @@ def test_generate_is_a_drop_in_for_transformers_generate(tok):
             fluid.generate(ids, generation_config=bad, max_new_tokens=4)
     with pytest.raises(ConfigError, match="max_length 5 leaves no room"):
         fluid.generate(ids, max_length=5)
-    for bad_ids in (ids[None], ids.float()):
+    for bad_ids in (ids[None], ids.float(), [[104.9, 101.2]], [[[5, 6]], [[7, 8]]]):
         with pytest.raises(PromptError, match="input_ids"):
             fluid.generate(bad_ids, max_new_tokens=2)
+    # the model's own generation config (what save_pretrained writes) is accepted as it is
+    assert fluid.generate(ids, generation_config=model.generation_config, max_new_tokens=3).shape[
+        1
+    ] == (ids.shape[1] + 3)
 
     # nearly flat distributions (a hot temperature): without top_k every token could come; with
     # transformers' default only the 50 most likely at the first step
@@ -506,3 +510,7 @@ def test_a_stop_string_may_begin_in_the_prompt_as_transformers_reads_it(tok):
     sched = Scheduler(model, tok.mask_token_id, policy="ar", eos_ids=[], tokenizer=tok)
     served = run_requests(sched, [Request("s", prompt, 10, stop=["cd"])])["s"]
     assert len(served.tokens) == 10 and served.final.finish_reason == "length"
+    # lm-eval's until, fluid eval and fluid generate --stop match in the output only
+    out = generate(model, tok, ids, policy="ar", max_new_tokens=10, eos_token_id=[],
+                   stop_strings="cd", stop_in_prompt=False)  # fmt: skip
+    assert len(out.new_tokens[0]) == 10 and out.finish_reasons == ["length"]

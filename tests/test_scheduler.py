@@ -680,3 +680,11 @@ def test_device_graphs_see_a_cache_that_keeps_its_address(tok):
     assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in cache)
     plain = Scheduler(model, tok.mask_token_id, policy="ar", compile=True)  # inductor on a CPU
     assert not any(hasattr(t, "_dynamo_static_input_type") for t in plain.kv.keys)
+
+
+def test_an_engine_that_fails_to_start_gives_the_model_its_attention_back(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    with pytest.raises(RuntimeError, match="mode"):
+        Scheduler(model, tok.mask_token_id, policy="ar", lean=False, compile=True,
+                  compile_options={"mode": "no-such-mode"})  # fmt: skip
+    assert model.config._attn_implementation == "sdpa"

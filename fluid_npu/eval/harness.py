@@ -269,6 +269,7 @@ class FluidLM(LM):
             kwargs = dict(self.gen_kwargs)
             if until:  # decoding ends at lm-eval's stop sequences (``decode_batches``)
                 kwargs["stop_strings"] = list(until)
+                kwargs["stop_in_prompt"] = False  # lm-eval matches in the continuation only
             new, stats = decode_batches(
                 self.fluid,
                 split_batches(prompts, self.batch_size),

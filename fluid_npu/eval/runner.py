@@ -113,6 +113,7 @@ def run_eval(
     answers: dict[str, list[str | None]] = {}
     decode_kwargs = dict(gen_kwargs)  # decoding ends at the stop strings outputs are cut at
     decode_kwargs.setdefault("stop_strings", list(STOP_STRINGS))
+    decode_kwargs.setdefault("stop_in_prompt", False)  # in the answer only, as the server
     scorer = fp32_scorer(fluid.model)  # one fp32 copy (if any) for every policy's check
     for name in names:
         if warmup:

@@ -117,6 +117,7 @@ def generate(
     min_p: float = 0.0,
     seed: int | None = None,
     stop_strings: Sequence[str] | str | None = None,
+    stop_in_prompt: bool = True,
     logprobs: bool = False,
     top_logprobs: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -142,8 +143,11 @@ def generate(
     seed drawn from torch's global generator, so ``torch.manual_seed`` reproduces a call and
     calls differ, as in transformers), so a row's tokens do not depend on the batch.
     ``stop_strings`` end a row on its committed text (cut as transformers cuts; needs the
-    tokenizer, given as the second argument or ``tokenizer=``); ``logprobs`` / ``top_logprobs``
-    return the committed tokens' log-probabilities under the AR distribution after temperature.
+    tokenizer, given as the second argument or ``tokenizer=``; with ``stop_in_prompt`` — the
+    default, transformers' reading — a stop string may begin in the prompt, without it only in
+    the output, as the OpenAI API, vLLM and lm-eval's ``until`` match); ``logprobs`` /
+    ``top_logprobs`` return the committed tokens' log-probabilities under the AR distribution
+    after temperature.
     """
     if loop not in LOOPS:
         raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
@@ -211,6 +215,7 @@ def generate(
             start=start,
             params=params,
             stops=stops,
+            stop_in_prompt=stop_in_prompt,
             **engine,
         )
     with attention(model, attn_backend), torch.inference_mode():
@@ -258,6 +263,7 @@ def _generate_fused(
     start: float,
     params: SamplingParams,
     stops: list[str],
+    stop_in_prompt: bool,
     **engine: Any,
 ) -> GenerateOutput:
     from fluid_npu.sampling.scheduler import PREFILL_CHUNK, Request, Scheduler, run_requests
@@ -287,7 +293,7 @@ def _generate_fused(
                 max_new_tokens,
                 sampling=_row_params(params, i),
                 stop=stops,
-                stop_in_prompt=True,  # transformers' stop_strings read the prompt too
+                stop_in_prompt=stop_in_prompt,
             )
             for i, p in enumerate(prompts)
         ]

@@ -184,6 +184,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "min_p": args.min_p,
         "seed": args.seed,
         "stop_strings": args.stop,
+        "stop_in_prompt": False,  # in the output only: the same text as fluid serve returns
         "logprobs": logprobs,
         "top_logprobs": args.logprobs or 0,
     }

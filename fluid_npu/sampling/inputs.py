@@ -6,6 +6,7 @@ problem is one ``FluidError`` naming it and the fix.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,6 +84,11 @@ def as_batch(
         ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
     else:
         rows = [list(r) for r in input_ids]
+        if not all(_token_id(t) for r in rows for t in r):
+            raise PromptError(
+                "input_ids must be one prompt or a batch of prompts of integer token ids (the "
+                "tokenizer's input_ids); a row holds something else"
+            )
         width = max((len(r) for r in rows), default=0)
         if attention_mask is None or any(len(r) != width for r in rows):
             if attention_mask is not None:
@@ -111,6 +117,15 @@ def as_batch(
             "give the mask the tokenizer returned with these ids"
         )
     return ids.long(), mask.to(ids.device)
+
+
+def _token_id(t: Any) -> bool:
+    """Whether ``t`` is one integer token id (a Python / numpy integer or a 0-d integer tensor)."""
+    if isinstance(t, torch.Tensor):
+        return t.dim() == 0 and not (
+            t.is_floating_point() or t.is_complex() or t.dtype == torch.bool
+        )
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def eos_and_pad(

@@ -33,8 +33,11 @@ NaN is NaN. In float16 a token's keys or values can overflow (a "massive activat
 bfloat16 and float32 have float32's range), and in the cache such an entry would poison every
 query of its row that merely has it in range — the step's own drafts for the main tokens, and a
 later request in the same slot (transformers keeps no such entry: its cache is one request's).
-So float16 entries are written with NaN / inf as zero: the token that overflowed is broken for its
-own request as it is in transformers, and nothing else is.
+So float16 entries are written with NaN / inf as zero: nothing of an overflow reaches another
+request, or the step's main tokens through a masked draft entry. The request whose own token
+overflowed changes too: its later positions read a zero entry where transformers reads inf and
+decodes NaN (argmax token 0 when greedy; its sampling raises) — garbage either way, but no longer
+transformers' garbage, and not flagged unless a sampled distribution itself is NaN.
 """
 
 from __future__ import annotations

@@ -27,6 +27,12 @@ from fluid_npu.sampling.stats import GenerateStats
 _FOLLOWED = {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id"}
 _INERT = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
           "use_cache", "cache_implementation", "return_legacy_cache"}  # fmt: skip
+# values that leave a setting off (a config made from a model's writes some out explicitly)
+_NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
+            "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "length_penalty": 1.0,
+            "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0,
+            "min_new_tokens": 0, "diversity_penalty": 0.0, "typical_p": 1.0,
+            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}  # fmt: skip
 
 
 def _check_generation_config(config: Any) -> None:
@@ -35,7 +41,9 @@ def _check_generation_config(config: Any) -> None:
     diff = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(vars(config))
     unknown = sorted(
         k for k, v in diff.items()
-        if k not in _FOLLOWED and k not in _INERT and k not in GENERATION_KEYS and v is not None
+        if k not in _FOLLOWED and k not in _INERT and k not in GENERATION_KEYS
+        and v is not None and v is not False and v != {} and v != []
+        and not (k in _NEUTRAL and v == _NEUTRAL[k])
     )  # fmt: skip
     if unknown:
         raise ConfigError(
@@ -145,8 +153,8 @@ class FluidForCausalLM:
                     kwargs[name] = value
             if max_new_tokens is None:
                 max_new_tokens = getattr(generation_config, "max_new_tokens", None)
-            if max_length is None and "max_length" in generation_config.to_diff_dict():
-                max_length = generation_config.max_length
+            if max_length is None:
+                max_length = getattr(generation_config, "max_length", None)
         if max_new_tokens is None and max_length is not None:
             width = input_ids.shape[-1] if hasattr(input_ids, "shape") else max(map(len, input_ids))
             if int(max_length) <= int(width):

@@ -171,8 +171,8 @@ class _Sampler:
 
     def __init__(self, eng: Engine, params: SamplingParams) -> None:
         self.eng, self.params = eng, params
-        # row r: seed + r; no seed: 1 + r, the decode engine's own numbering
-        first = 1 if params.seed is None else int(params.seed)
+        # row r: seed + r; no seed: drawn from torch's global generator, as the engine does
+        first = int(torch.randint(0, 2**62, ()).item()) if params.seed is None else int(params.seed)
         self.seeds = torch.arange(len(eng.tokens), device=eng.device) + first
 
     def _p(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,10 @@ class SamplingParams:
     """A request's decoding settings (transformers' / the OpenAI API's meanings).
 
     ``temperature`` 0 is greedy (so is one below ``MIN_TEMPERATURE``); ``top_k`` 0 and ``top_p``
-    1.0 switch those filters off; ``min_p`` 0 too. ``seed`` None draws one from the scheduler's
-    counter (a given one is any 64-bit signed integer). ``logprobs``: return the log-probability
-    of each committed token under the AR distribution after temperature, and its ``top_logprobs``
-    best alternatives (0–20).
+    1.0 switch those filters off; ``min_p`` 0 too. ``seed`` None draws one from torch's global
+    generator when the request is submitted (a given one is any 64-bit signed integer).
+    ``logprobs``: return the log-probability of each committed token under the AR distribution
+    after temperature, and its ``top_logprobs`` best alternatives (0–20).
     """
 
     temperature: float = 0.0

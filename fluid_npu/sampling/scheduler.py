@@ -174,25 +174,31 @@ class Scheduler(PrefillMixin, StepMixin):
             register_slot_attention()
             _hold_slot_attention(model)
             self._holds_attention = True
-        self._cache_kw = cache_keyword(model)
-        self._compiled = None  # the decode step's forward under torch.compile (prefill stays eager)
-        self._compile_key: tuple[tuple[str, str], ...] | None = None  # its settings (budget key)
-        if compile:
-            # inductor on a CPU; on an accelerator also device graphs ("reduce-overhead"); an
-            # Ascend graph mode comes as compile_options={"backend": torchair's npu backend}
-            options = dict(compile_options or {})
-            if "backend" not in options:
-                options.setdefault("mode", None if self.device.type == "cpu" else "reduce-overhead")
-            target = self._decoder if self._lean is None else self._lean
-            options.setdefault("dynamic", False)  # static shapes (bucketed): see docs/engine.md
-            if options.get("mode") == "reduce-overhead" or self.device.type != "cpu":
-                # device graphs record only when every input the graph writes keeps its address
-                # (the cache is written in place each step): as transformers' StaticCache does
-                for t in (*self.kv.keys, *self.kv.values):
-                    torch._dynamo.mark_static_address(t)
-            self._compiled = torch.compile(target, **options)
-            self._compile_key = tuple(sorted((k, repr(v)) for k, v in options.items()))
-        self.budget = self._budget(budgets)
+        try:  # a failure from here on gives the model its attention back
+            self._cache_kw = cache_keyword(model)
+            # the decode step's forward under torch.compile (prefill stays eager), its settings
+            self._compiled = None
+            self._compile_key: tuple[tuple[str, str], ...] | None = None  # (the budget's key)
+            if compile:
+                # inductor on a CPU; on an accelerator also device graphs ("reduce-overhead"); an
+                # Ascend graph mode comes as compile_options={"backend": torchair's npu backend}
+                options = dict(compile_options or {})
+                if "backend" not in options:
+                    graphs = None if self.device.type == "cpu" else "reduce-overhead"
+                    options.setdefault("mode", graphs)
+                target = self._decoder if self._lean is None else self._lean
+                options.setdefault("dynamic", False)  # static shapes (bucketed): see docs/engine.md
+                if options.get("mode") == "reduce-overhead" or self.device.type != "cpu":
+                    # device graphs record only when every input the graph writes keeps its address
+                    # (the cache is written in place each step): as transformers' StaticCache does
+                    for t in (*self.kv.keys, *self.kv.values):
+                        torch._dynamo.mark_static_address(t)
+                self._compiled = torch.compile(target, **options)
+                self._compile_key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+            self.budget = self._budget(budgets)
+        except BaseException:
+            self.close()
+            raise
 
     def _budget(self, budgets: MutableMapping[Any, DraftBudget] | None) -> DraftBudget:
         """This engine's draft budget: a new one, or the one ``budgets`` keeps for this policy,

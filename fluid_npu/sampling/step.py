@@ -412,8 +412,9 @@ class StepMixin:
         drawn = sample(dist, uniform(seed, base + 1 + a, DRAW))
         sampled = self.temp[:hi] > 0
         a = torch.where(sampled, a, a_greedy)
-        live = torch.arange(big_m + 1, device=dev)[None] <= m[:, None]  # v_0 and its drafts
-        broken = sampled & ~(torch.isfinite(p).all(dim=-1) | ~live).all(dim=-1)
+        # the distribution the step draws from (a rejected draft's position, NaN or not, is not
+        # drawn from; an accepted one's probability was finite, or it would not have passed)
+        broken = sampled & ~torch.isfinite(p_a).all(dim=-1)
         return a, torch.where(sampled[:, None], drawn[:, None], corr_greedy), broken
 
     def _eos_of(self, i: int) -> list[int]:
