@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fluid_npu.errors import NumericalError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling import generate
 from fluid_npu.sampling.lossless import compare, exact_match_rate, hf_greedy, resolution
@@ -122,8 +123,11 @@ def _engine(model, tok, prompts, policy, max_new=12, **sampling):
 
 @pytest.mark.parametrize("policy", ["ar", "fixed:4"])
 def test_a_float16_overflow_stays_in_its_own_request(policy, tok):
-    # the overflowing request leaves its slot to the next one: nothing of it may leak (a NaN key
-    # or value kept in the slot cache poisons every query that merely has it in range)
+    # the overflowing request ends as "error" (transformers decodes NaN there) and leaves its slot
+    # to the next one: nothing of it may leak (a NaN key or value kept in the slot cache poisons
+    # every query that merely has it in range)
+    from fluid_npu.sampling.scheduler import Request, Scheduler
+
     model = _overflowing(tok, "Z")
     bad = tok("a long request Z that overflows")["input_ids"]
     good = tok("hello world")["input_ids"]
@@ -132,7 +136,18 @@ def test_a_float16_overflow_stays_in_its_own_request(policy, tok):
     ids = torch.tensor([good])
     ref = hf_greedy(model, ids, torch.ones_like(ids), 12, [], tok.pad_token_id)[0]
     assert _engine(model, tok, [good], policy) == [ref]
-    assert _engine(model, tok, [bad, good], policy)[1] == ref  # the same slot, after the overflow
+    sched = Scheduler(model, tok.mask_token_id, policy=policy, max_batch=1, eos_ids=[], k_max=4)
+    for rid, p in (("bad", bad), ("good", good)):  # the same slot, one after the other
+        sched.submit(Request(rid, p, 12))
+    events = []
+    while sched.has_work():
+        events += sched.step()
+    sched.close()
+    final = {e.request_id: e for e in events if e.finished}
+    assert final["bad"].finish_reason == "error"
+    assert [t for e in events if e.request_id == "good" for t in e.tokens] == ref
+    with pytest.raises(NumericalError, match=r"request\(s\) \[0\].*overflowed"):
+        _engine(model, tok, [bad, good], policy)
 
 
 def test_a_float16_overflow_on_the_mask_token_leaves_the_committed_tokens_alone(tok):

@@ -35,9 +35,11 @@ query of its row that merely has it in range — the step's own drafts for the m
 later request in the same slot (transformers keeps no such entry: its cache is one request's).
 So float16 entries are written with NaN / inf as zero: nothing of an overflow reaches another
 request, or the step's main tokens through a masked draft entry. The request whose own token
-overflowed changes too: its later positions read a zero entry where transformers reads inf and
-decodes NaN (argmax token 0 when greedy; its sampling raises) — garbage either way, but no longer
-transformers' garbage, and not flagged unless a sampled distribution itself is NaN.
+overflowed is ended instead: each forward's plan collects which entries overflowed
+(``ForwardPlan.overflow``), and the engine ends a request — ``finish_reason`` "error", nothing more
+committed — when one of its *committed* tokens did (a prompt token, or a step's fed token up to
+the accepted length: a rejected draft that overflows is harmless, as in transformers, which never
+feeds it). transformers decodes NaN there (token 0 when greedy; its sampling raises).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class ForwardPlan:
     mask: torch.Tensor | None
     causal: bool = False
     rows: torch.Tensor | None = None
+    overflow: torch.Tensor | None = None  # [B, W] float16: entries whose key / value was NaN / inf
 
 
 def step_mask(
@@ -181,6 +184,11 @@ class SlotKV(Cache):
         new_k = key_states.transpose(1, 2).to(keys.dtype)
         new_v = value_states.transpose(1, 2).to(values.dtype)
         if keys.dtype == torch.float16:  # see the module docstring: no NaN / inf enters the cache
+            if plan.overflow is not None:  # which entries overflowed (the engine judges them)
+                fine = torch.isfinite(new_k).flatten(2).all(-1) & torch.isfinite(new_v).flatten(
+                    2
+                ).all(-1)
+                plan.overflow |= ~fine
             new_k = torch.nan_to_num(new_k, nan=0.0, posinf=0.0, neginf=0.0)
             new_v = torch.nan_to_num(new_v, nan=0.0, posinf=0.0, neginf=0.0)
         keys[self._rows, :, plan.write] = new_k

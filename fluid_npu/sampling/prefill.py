@@ -48,6 +48,7 @@ class PrefillMixin:
         self.eos[at] = torch.tensor(eos, dtype=torch.long, device=dev)
         self.max_new[at] = torch.tensor([s.req.max_new_tokens for s in slots], device=dev)
         self.new_count.index_fill_(0, at, 0)
+        self.overflowed.index_fill_(0, at, False)
         self.length.index_fill_(0, at, 0)
         self.run.index_fill_(0, at, False)
         params = [s.params for s in slots]
@@ -117,6 +118,11 @@ class PrefillMixin:
             rows[0], ids.to(dev), pos.to(dev), anchor.to(dev), length, causal, rows=rows
         )
         self.prefill_forwards += 1
+        if self._overflow is not None:  # float16: a prompt token overflowed (judged next step)
+            main = anchor.to(dev)[:, :width] == MAIN
+            rows_t = torch.tensor(rows, device=dev)
+            hit = (self._overflow[:, :width] & main).any(dim=1)
+            self.overflowed[rows_t] = self.overflowed[rows_t] | hit
         if self.adaptive and draft:  # what width costs, known before the first decode step
             devices.synchronize(dev)
             self.budget.record_prefill(b * (width + draft), time.perf_counter() - t0)

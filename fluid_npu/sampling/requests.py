@@ -33,8 +33,8 @@ class Event:
     request_id: str
     tokens: list[int]  # committed in this step (may be empty)
     finished: bool
-    # "stop" (EOS), "length" (max_new_tokens), "abort", "error" (a sampling request's distribution
-    # was NaN / inf: the model overflowed; nothing of that step is committed)
+    # "stop" (EOS), "length" (max_new_tokens), "abort", "error" (the model overflowed to NaN /
+    # inf on the request's tokens or a sampled distribution; nothing of that step is committed)
     finish_reason: str | None
     new_tokens: int  # committed so far
     forwards: int  # decode forwards this request took part in so far

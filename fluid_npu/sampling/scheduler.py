@@ -231,6 +231,9 @@ class Scheduler(PrefillMixin, StepMixin):
         self.run = z(s, dtype=torch.bool)
         self.ema = torch.ones(s, dtype=torch.float32, device=dev)
         self.paid = z(s, dtype=torch.bool)  # the row drafted a block for its current drafts
+        self.overflowed = z(s, dtype=torch.bool)  # float16: a prompt token's key / value overflowed
+        self._watch = next(self.model.parameters()).dtype == torch.float16  # (kv.py)
+        self._overflow: torch.Tensor | None = None  # the last forward's per-entry flags
         # sampling (rules.py): per-slot settings, the drafts' q(x) and the slots' hidden states
         self.temp, self.top_p, self.min_p = (z(s, dtype=torch.float32) for _ in range(3))
         self.top_k, self.seed = z(s), z(s)
@@ -345,7 +348,7 @@ class Scheduler(PrefillMixin, StepMixin):
 
     ROW_STATE = (
         "length", "last", "drafts", "logp", "m", "cand", "new_count", "max_new", "eos", "run",
-        "ema", "paid", "temp", "top_p", "min_p", "top_k", "seed", "qprob",
+        "ema", "paid", "temp", "top_p", "min_p", "top_k", "seed", "qprob", "overflowed",
     )  # fmt: skip
 
     def _compact(self) -> None:
@@ -442,8 +445,8 @@ def run_requests(
     if broken:
         raise NumericalError(
             f"request(s) {sorted(broken)} (0-based, in the order given) stopped: the model's "
-            "next-token probabilities were NaN or inf, so nothing could be sampled from them (as "
-            "transformers' sampling refuses them). The model's activations overflowed; in float16 "
-            "run it in bfloat16 or float32 (--dtype)"
+            "activations overflowed to NaN or inf on their tokens (transformers' sampling refuses "
+            "such probabilities; its greedy decoding returns token 0 from there on). float16 "
+            "overflows where bfloat16 does not: run it in bfloat16 or float32 (--dtype)"
         )
     return {rid: Finished(new[rid], final[rid], lps[rid], tops[rid]) for rid in new}

@@ -67,6 +67,9 @@ class StepMixin:
             plan = ForwardPlan(lo, lo + b, write, extent, mask)
         if rows is not None:
             plan.rows = torch.tensor(rows, dtype=torch.long, device=ids.device)
+        if self._watch:  # float16: which of this forward's entries overflowed (kv.py)
+            plan.overflow = torch.zeros((b, w), dtype=torch.bool, device=ids.device)
+        self._overflow = plan.overflow
         self.kv.set_plan(plan)
         self.computed_tokens += ids.numel()
         use_compiled = self._compiled is not None and lo == 0 and not causal and compiled
@@ -214,6 +217,12 @@ class StepMixin:
         # before this step's commit; only sampling rows' draws read it
         first = base + a + 2 if any_sampled else base
         done = run & (hit_eos | (self.new_count[:hi] + take >= self.max_new[:hi]))
+        if self._overflow is not None:  # float16: a committed token's key / value overflowed
+            # (v_0 and the accepted drafts fed this step: entries 0 ... take - 1; a rejected draft
+            # that overflows is never part of the sequence)
+            fed = j[None] < take.clamp(min=1)[:, None]
+            own = (self._overflow[:, : big_m + 1] & fed).any(dim=1) | self.overflowed[:hi]
+            broken = own if broken is None else broken | own
         if broken is not None:  # nothing drawn from NaN / inf is committed: the row ends here
             broken = broken & run
             take = torch.where(broken, 0, take)

@@ -54,11 +54,10 @@ class ServeConfig:
     info: dict[str, Any] = field(default_factory=dict)  # shown by /health: policy, device, ...
 
 
-# a sampling request whose distribution came out NaN / inf (the engine ends it, others go on)
+# a request whose numbers came out NaN / inf (the engine ends it, the others go on)
 NUMERIC_FAILURE = (
-    "the model's next-token probabilities for this request were NaN or inf, so nothing could be "
-    "sampled: its activations overflowed (float16 overflows where bfloat16 does not: serve with "
-    "--dtype bfloat16)"
+    "the model's activations overflowed to NaN or inf on this request's tokens, so nothing more "
+    "could be decoded (float16 overflows where bfloat16 does not: serve with --dtype bfloat16)"
 )
 
 
