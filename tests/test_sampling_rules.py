@@ -179,7 +179,7 @@ def test_each_draft_is_drawn_for_the_position_it_is_tested_at_and_never_reused(t
     """The random number behind a sampled draft is keyed by the position the draft guesses (the
     one its accept test is keyed by) and the block's anchor: a position drafted again from a
     later anchor draws afresh (the rejection rule needs drafts independent of what was seen)."""
-    from fluid_npu.sampling import step
+    from fluid_npu.sampling import sampled, step
     from fluid_npu.sampling.rules import ACCEPT, DRAFT
 
     calls: list[tuple[int, list[int], list[int] | None]] = []
@@ -190,7 +190,8 @@ def test_each_draft_is_drawn_for_the_position_it_is_tested_at_and_never_reused(t
         calls.append((purpose, pos, at))
         return uniform(seed, position, purpose, anchor)
 
-    monkeypatch.setattr(step, "uniform", spy)
+    monkeypatch.setattr(step, "uniform", spy)  # the drafts' numbers ...
+    monkeypatch.setattr(sampled, "uniform", spy)  # ... and their accept tests'
     model = build_tiny_model("llama", tok, seed=3)
     tested = redrafted = 0
     for seed in range(1, 13):

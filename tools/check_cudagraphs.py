@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", required=True, help="JSONL with 'prompt' per line")
     ap.add_argument("--json", required=True)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", default="auto", help="auto (the best accelerator) or a type")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args(argv)
@@ -34,15 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch._dynamo.utils import counters
 
+    from fluid_npu import device as devices
     from fluid_npu.io import write_json_atomic
     from fluid_npu.sampling.pretrained import FluidForCausalLM
     from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
 
-    fluid = FluidForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    dev = devices.current(force=None if args.device == "auto" else args.device).device
+    fluid = FluidForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=dev)
     with open(args.prompts, encoding="utf-8") as fh:
         texts = [json.loads(line)["prompt"] for line in fh if line.strip()][: args.num_prompts]
     prompts = [fluid.tokenizer(t)["input_ids"] for t in texts]
-    report: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device}
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "device": str(dev)}
     tokens = {}
     for compiled in (False, True):
         counters.clear()

@@ -26,7 +26,8 @@ gathered copy of just those rows' ``[0, extent)`` — the prompt chunk itself, p
 already encoded for a long prompt's later chunks — so a prefill never computes idle rows. The
 attention itself is the registered ``fluid_slots`` implementation (``slot_attention``): one SDPA
 call with the step's bool mask, or ``is_causal`` for a prefill chunk that starts a prompt (no mask
-tensor at all).
+tensor at all). An engine that runs the model's own modules holds the model on that attention
+(``hold_slot_attention``); the last engine to let go gives the model its own back.
 
 A masked entry must be harmless whatever it holds, and attention multiplies it by a zero weight: 0 ×
 NaN is NaN. In float16 a token's keys or values can overflow (a "massive activation" past 65504;
@@ -44,6 +45,7 @@ feeds it). transformers decodes NaN there (token 0 when greedy; its sampling rai
 
 from __future__ import annotations
 
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
+from fluid_npu.model.attention import attention_kind
 from fluid_ops.attention_blocked import _sdpa
 from fluid_ops.meta import PAD, AttnMeta, visibility
 
@@ -257,3 +260,28 @@ def register_slot_attention() -> None:
     """
     AttentionInterface.register(SLOT_ATTENTION, slot_attention)
     AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)
+
+
+# engines running a model's own modules switch it to the slot attention: the first one saves the
+# model's attention and the last one to close gives it back (closing one engine must not take the
+# slot attention from another still decoding on the same model)
+_SLOT_HOLDERS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
+def hold_slot_attention(model: PreTrainedModel) -> None:
+    """An engine runs ``model``'s modules over its slots: the slot attention, until released."""
+    held = _SLOT_HOLDERS.get(model)
+    if held is None or held[0] == 0:
+        _SLOT_HOLDERS[model] = held = [0, attention_kind(model)]
+        model.set_attn_implementation(SLOT_ATTENTION)
+    held[0] += 1
+
+
+def release_slot_attention(model: PreTrainedModel) -> None:
+    """That engine is done; the last one gives the model its own attention back."""
+    held = _SLOT_HOLDERS.get(model)
+    if held is None or held[0] == 0:
+        return
+    held[0] -= 1
+    if held[0] == 0:
+        model.set_attn_implementation(held[1])

@@ -114,15 +114,9 @@ class PrefillMixin:
         # a prefilling slot's chunk goes right after what it has encoded so far
         length = torch.tensor([chunks[i][0] for i in rows], dtype=torch.long, device=dev)
         t0 = time.perf_counter()
-        hidden = self._forward(
-            rows[0], ids.to(dev), pos.to(dev), anchor.to(dev), length, causal, rows=rows
-        )
+        anchor = anchor.to(dev)
+        hidden = self._forward(rows[0], ids.to(dev), pos.to(dev), anchor, length, causal, rows=rows)
         self.prefill_forwards += 1
-        if self._overflow is not None:  # float16: a prompt token overflowed (judged next step)
-            main = anchor.to(dev)[:, :width] == MAIN
-            rows_t = torch.tensor(rows, device=dev)
-            hit = (self._overflow[:, :width] & main).any(dim=1)
-            self.overflowed[rows_t] = self.overflowed[rows_t] | hit
         if self.adaptive and draft:  # what width costs, known before the first decode step
             devices.synchronize(dev)
             self.budget.record_prefill(b * (width + draft), time.perf_counter() - t0)
@@ -130,6 +124,9 @@ class PrefillMixin:
             self.slots[i].prefilled = start + len(chunk)
         at = torch.tensor(rows, device=dev)  # a prefilling slot's length: what it has encoded
         self.length[at] = torch.tensor([self.slots[i].prefilled for i in rows], device=dev)
+        if self._overflow is not None:  # float16: a prompt token overflowed (judged next step)
+            hit = (self._overflow[:, :width] & (anchor[:, :width] == MAIN)).any(dim=1)
+            self.overflowed[at] = self.overflowed[at] | hit
         # the prompts this chunk ended decode from the next step: with their first drafts (one
         # batch for all of them), or without (a prompt of one token, or drafting not paying)
         if drafted:  # the anchor: each prompt's last encoded token (shorter chunks are padded)

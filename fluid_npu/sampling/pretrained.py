@@ -27,12 +27,10 @@ from fluid_npu.sampling.stats import GenerateStats
 _FOLLOWED = {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id"}
 _INERT = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
           "use_cache", "cache_implementation", "return_legacy_cache"}  # fmt: skip
-# values that leave a setting off (a config made from a model's writes some out explicitly)
-_NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
-            "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "length_penalty": 1.0,
-            "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0,
-            "min_new_tokens": 0, "diversity_penalty": 0.0, "typical_p": 1.0,
-            "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}  # fmt: skip
+# settings whose "off" is 1 (a config made from a model's writes some out explicitly); every
+# other setting is off when it is None, False, 0 or empty
+_OFF_AT_ONE = {"num_beams", "num_beam_groups", "num_return_sequences", "repetition_penalty",
+               "encoder_repetition_penalty", "length_penalty", "typical_p"}  # fmt: skip
 
 
 def _check_generation_config(config: Any) -> None:
@@ -42,8 +40,7 @@ def _check_generation_config(config: Any) -> None:
     unknown = sorted(
         k for k, v in diff.items()
         if k not in _FOLLOWED and k not in _INERT and k not in GENERATION_KEYS
-        and v is not None and v is not False and v != {} and v != []
-        and not (k in _NEUTRAL and v == _NEUTRAL[k])
+        and v and not (k in _OFF_AT_ONE and v == 1)
     )  # fmt: skip
     if unknown:
         raise ConfigError(

@@ -41,7 +41,6 @@ decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py`
 
 from __future__ import annotations
 
-import weakref
 from collections import Counter, deque
 from collections.abc import MutableMapping, Sequence
 from dataclasses import replace
@@ -51,15 +50,15 @@ import torch
 from transformers import PreTrainedModel
 
 from fluid_npu.errors import ConfigError, NumericalError
-from fluid_npu.model.attention import attention_kind
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.head import LMHead
 from fluid_npu.sampling.inputs import PromptError, check_context, eos_and_pad, sliding_window
 from fluid_npu.sampling.kv import (
-    SLOT_ATTENTION,
     SlotKV,
+    hold_slot_attention,
     register_slot_attention,
+    release_slot_attention,
 )
 from fluid_npu.sampling.lean import LeanDecoder
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
@@ -172,7 +171,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self._holds_attention = False
         if self._lean is None:  # the model's modules run: they attend over the slots
             register_slot_attention()
-            _hold_slot_attention(model)
+            hold_slot_attention(model)
             self._holds_attention = True
         try:  # a failure from here on gives the model its attention back
             self._cache_kw = cache_keyword(model)
@@ -245,7 +244,7 @@ class Scheduler(PrefillMixin, StepMixin):
         scheduler is unusable afterwards; closing twice is harmless)."""
         if self._holds_attention:
             self._holds_attention = False
-            _release_slot_attention(self.model)
+            release_slot_attention(self.model)
 
     # ------------------------------------------------------------------ requests
 
@@ -382,29 +381,6 @@ class Scheduler(PrefillMixin, StepMixin):
     def _free(self, i: int) -> None:
         self.slots[i] = None
         self.run[i] = False
-
-
-# engines running a model's own modules switch it to the slot attention: the first one saves the
-# model's attention and the last one to close gives it back (closing one engine must not take the
-# slot attention from another still decoding on the same model)
-_SLOT_HOLDERS: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
-
-
-def _hold_slot_attention(model: PreTrainedModel) -> None:
-    held = _SLOT_HOLDERS.get(model)
-    if held is None or held[0] == 0:
-        _SLOT_HOLDERS[model] = held = [0, attention_kind(model)]
-        model.set_attn_implementation(SLOT_ATTENTION)
-    held[0] += 1
-
-
-def _release_slot_attention(model: PreTrainedModel) -> None:
-    held = _SLOT_HOLDERS.get(model)
-    if held is None or held[0] == 0:
-        return
-    held[0] -= 1
-    if held[0] == 0:
-        model.set_attn_implementation(held[1])
 
 
 class Finished(NamedTuple):

@@ -1,0 +1,65 @@
+"""The decode step's sampling rows (``step.py``): filtered distributions, the speculative
+rejection rule of ``rules.py`` over a step's drafts, and log-probabilities.
+
+``SampledMixin`` holds what a step does only when a request samples (or asks for logprobs); the
+greedy path never calls it. Every random number is ``rules.uniform`` of the request's seed and the
+position it decides, so a seeded request draws the same numbers alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fluid_npu.sampling.rules import ACCEPT, DRAW, filtered_probs, residual, sample, uniform
+
+
+class SampledMixin:
+    """Sampling-row arithmetic of ``Scheduler`` (which owns the per-slot settings it reads)."""
+
+    def _filtered(self, logits: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+        t, k, p, m = (x[rows] for x in (self.temp, self.top_k, self.top_p, self.min_p))
+        return filtered_probs(logits, t, k, p, m)
+
+    def _logprobs(self, logits: torch.Tensor, hi: int) -> torch.Tensor:
+        """Log-probabilities under the AR distribution after temperature (1 for greedy rows)."""
+        t = torch.where(self.temp[:hi] > 0, self.temp[:hi], 1.0)[:, None, None]
+        return (logits / t).log_softmax(dim=-1)
+
+    def _verify_sampled(
+        self,
+        logits: torch.Tensor,
+        drafts: torch.Tensor,
+        m: torch.Tensor,
+        base: torch.Tensor,
+        a_greedy: torch.Tensor,
+        corr_greedy: torch.Tensor,
+        hi: int,
+        big_m: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Speculative rejection sampling for the sampling rows (``rules.py``); greedy rows keep
+        their argmax results. Returns accepted counts ``[hi]``, corrections ``[hi, 1]`` and which
+        sampling rows' AR distributions are not finite ``[hi]`` (an overflow upstream: NaN or inf
+        logits, where transformers' sampling raises; nothing is drawn from them)."""
+        dev = self.device
+        rows = slice(0, hi)
+        p = self._filtered(logits, rows)  # [hi, M+1, V]
+        j = torch.arange(big_m, device=dev)
+        seed = self.seed[:hi]
+        guess = base[:, None] + 1 + j[None]  # the position each draft guesses
+        p_draft = p[:, :big_m].gather(-1, drafts[..., None])[..., 0]
+        u = uniform(seed[:, None], guess, ACCEPT)
+        ok = (u * self.qprob[:hi, :big_m].double() <= p_draft.double()) & (j[None] < m[:, None])
+        a = ok.long().cumprod(dim=1).sum(dim=1)
+        idx = torch.arange(hi, device=dev)
+        p_a = p[idx, a]
+        dist = p_a
+        if self.dhid is not None and big_m:
+            q_a = self._filtered(self.head.logits(self.dhid[idx, a.clamp(max=self.k - 1)]), rows)
+            dist = torch.where((a < m)[:, None], residual(p_a, q_a), p_a)
+        drawn = sample(dist, uniform(seed, base + 1 + a, DRAW))
+        sampled = self.temp[:hi] > 0
+        a = torch.where(sampled, a, a_greedy)
+        # the distribution the step draws from (a rejected draft's position, NaN or not, is not
+        # drawn from; an accepted one's probability was finite, or it would not have passed)
+        broken = sampled & ~torch.isfinite(p_a).all(dim=-1)
+        return a, torch.where(sampled[:, None], drawn[:, None], corr_greedy), broken
