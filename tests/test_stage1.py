@@ -4,6 +4,9 @@ continues the same run, the fused loss equals the reference loss, and `fluid mer
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,6 +92,23 @@ def test_saved_run_reloads_to_identical_logits(trained, tiny_model_dir):
     base.resize_token_embeddings(len(first.tokenizer))
     with torch.no_grad():  # the adapter really changed the model
         assert not torch.allclose(a[1], base(ids).logits[1], atol=1e-3)
+
+
+def test_loading_an_adapter_prints_no_third_party_notices(trained, tiny_model_dir):
+    # a fresh process: bitsandbytes logs its notice once, when peft first imports it
+    out, _ = trained
+    code = (
+        "import sys; from fluid_npu.model.adapters import load_fluid; "
+        "assert 'peft' not in sys.modules; load_fluid(sys.argv[1], sys.argv[2])"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
+    run_ = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir), str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert run_.returncode == 0, run_.stderr
+    for notice in ("gemm_4bit", "is_gradient_checkpointing"):
+        assert notice not in run_.stderr, run_.stderr
 
 
 def test_merge_loads_with_plain_transformers(trained, tiny_model_dir, tmp_path):

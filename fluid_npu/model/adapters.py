@@ -12,6 +12,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,10 +147,11 @@ def load_fluid(
             n_old = model.get_input_embeddings().weight.shape[0]
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             init_new_rows(model, n_old)
-        from peft import PeftModel
-
         try:
-            model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+            with _quiet_peft():
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(
                 f"the adapter in {adir} does not fit this base model: {exc}"
@@ -159,6 +164,25 @@ def load_fluid(
     mask = resolve_mask_token(tokenizer, configured=mask_token, allow_new=False)
     model.eval()
     return LoadedFluid(model, tokenizer, mask, base_fp, adapter_fp)
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Loading an adapter for use without two third-party notices on every load: importing peft
+    imports bitsandbytes (when installed), which logs that its optional 4-bit CPU kernels are
+    missing (only QLoRA training, ``quantization_bit``, uses them), and peft reads transformers'
+    deprecated ``is_gradient_checkpointing`` (a FutureWarning). Anything else still shows."""
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(max(level, logging.ERROR))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+            )
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _file_digest(directory: Path) -> str:
