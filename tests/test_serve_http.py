@@ -22,6 +22,7 @@ from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.api import PromptError
 from fluid_npu.sampling.requests import Request
 from fluid_npu.serve.app import ServeConfig, create_app
+from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.server import DrainingServer, bind
 from fluid_npu.serve.worker import Worker
 
@@ -296,7 +297,15 @@ def test_sampling_settings_reach_the_engine_and_logprobs_come_back():
                     for e in ch.choices[0].logprobs.content]  # fmt: skip
         assert [e.logprob for e in streamed] == [e.logprob for e in content]
         plain = c.completions.create(model="tiny", prompt="abc", max_tokens=3)
-        assert plain.choices[0].logprobs is None and sched.requests[-1].sampling.temperature == 0
+        assert plain.choices[0].logprobs is None
+        p = sched.requests[-1].sampling  # left out: OpenAI's defaults (this model sets none)
+        assert (p.temperature, p.top_p, p.top_k, p.min_p) == (1.0, 1.0, 0, 0.0)
+    model_defaults = SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20)
+    sched = ScriptedScheduler()
+    with serving(sched, defaults=model_defaults) as (url, _, _):
+        client(url).completions.create(model="tiny", prompt="abc", max_tokens=3)
+        p = sched.requests[-1].sampling  # the model's generation config, as vLLM reads it
+        assert (p.temperature, p.top_p, p.top_k) == (0.6, 0.9, 20)
 
 
 def test_bad_requests_get_openai_errors_and_leave_others_alone():
@@ -324,6 +333,13 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
         assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
         raw = httpx.post(f"{url}/v1/chat/completions", content=b"x" * (5 << 20))
         assert raw.status_code == 400 and "bytes" in raw.json()["error"]["message"]
+        raw = httpx.post(f"{url}/v1/completions", content=b"[" * 100_000)  # deeper than Python
+        assert raw.status_code == 400 and "nests" in raw.json()["error"]["message"]
+        # the limit is named as the request gave it
+        messages = [{"role": "user", "content": "a"}]
+        with pytest.raises(openai.BadRequestError) as info:
+            c.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=500)
+        assert info.value.body["param"] == "max_completion_tokens"
         # a prompt the tokenizer cannot encode (a lone surrogate: half an emoji) is the client's
         raw = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "hi \\ud83d"}')
         assert raw.status_code == 400 and raw.json()["error"]["param"] == "prompt"

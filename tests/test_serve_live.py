@@ -71,20 +71,24 @@ def test_completion_chat_and_streams_equal_fluid_generate(server, model_dir, tmp
     want = offline(model_dir, tmp_path, PROMPTS[:4], 40)
     tpf = []
     for prompt, row in zip(PROMPTS[:4], want):
-        out = c.completions.create(model=model, prompt=prompt, max_tokens=40)
+        out = c.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0)
         tpf.append(out.usage.model_extra["tpf"])
         assert out.choices[0].text == row["text"], prompt
         assert out.usage.completion_tokens == len(row["token_ids"])
-        streamed = c.completions.create(model=model, prompt=prompt, max_tokens=40, stream=True)
+        streamed = c.completions.create(
+            model=model, prompt=prompt, max_tokens=40, temperature=0, stream=True
+        )
         assert "".join(ch.choices[0].text for ch in streamed) == row["text"]
     assert max(tpf) > 1.5  # drafts were accepted: several tokens per forward
 
     chat_want = offline(model_dir, tmp_path, ["abc"], 30, chat=True)[0]
     messages = [{"role": "user", "content": "abc"}]
-    reply = c.chat.completions.create(model=model, messages=messages, max_tokens=30)
+    reply = c.chat.completions.create(model=model, messages=messages, max_tokens=30, temperature=0)
     assert reply.choices[0].message.content == chat_want["text"]
     chunks = list(
-        c.chat.completions.create(model=model, messages=messages, max_tokens=30, stream=True)
+        c.chat.completions.create(
+            model=model, messages=messages, max_tokens=30, temperature=0, stream=True
+        )
     )
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == chat_want["text"]
     assert chunks[-1].usage.completion_tokens == len(chat_want["token_ids"])
@@ -98,7 +102,7 @@ def test_32_concurrent_streaming_clients_each_equal_offline(server, model_dir, t
     async def one(client: openai.AsyncOpenAI, prompt: str, n: int) -> tuple[str, str, int]:
         text, reason, tokens = "", None, -1
         stream = await client.completions.create(
-            model="model", prompt=prompt, max_tokens=n, stream=True
+            model="model", prompt=prompt, max_tokens=n, temperature=0, stream=True
         )
         async for chunk in stream:
             text += chunk.choices[0].text
@@ -146,7 +150,9 @@ def test_sampling_logprobs_and_stop_equal_fluid_generate(server, model_dir, tmp_
     assert texts[0] == texts[2] == texts[4] == want["text"]
     # log-probabilities: the same numbers as offline, in the OpenAI completions format
     row = offline(model_dir, tmp_path, ["nop"], 12, extra=("--logprobs", "2"))[0]
-    out = c.completions.create(model="model", prompt="nop", max_tokens=12, logprobs=2)
+    out = c.completions.create(
+        model="model", prompt="nop", max_tokens=12, logprobs=2, temperature=0
+    )
     lp = out.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx(row["logprobs"], abs=1e-5)
     assert lp.tokens == list(map(_decode(model_dir), row["token_ids"]))
@@ -154,7 +160,8 @@ def test_sampling_logprobs_and_stop_equal_fluid_generate(server, model_dir, tmp_
     # stop strings end the request in the engine; the text stops before the stop string
     row = offline(model_dir, tmp_path, ["abc"], 40, extra=("--stop", "hij"))[0]
     assert row["text"].endswith("hij")
-    out = c.completions.create(model="model", prompt="abc", max_tokens=40, stop=["hij"])
+    out = c.completions.create(model="model", prompt="abc", max_tokens=40, stop=["hij"],
+                               temperature=0)  # fmt: skip
     assert out.choices[0].text == row["text"].removesuffix("hij")
     assert out.choices[0].finish_reason == "stop"
     assert out.usage.completion_tokens == len(row["token_ids"])
@@ -216,7 +223,8 @@ def test_disconnect_429_and_sigterm_drain(model_dir, tmp_path):
         results: dict[str, tuple[str, str]] = {}
 
         def stream(prompt: str) -> None:
-            body = {"model": "model", "prompt": prompt, "max_tokens": 300, "stream": True}
+            body = {"model": "model", "prompt": prompt, "max_tokens": 300, "stream": True,
+                    "temperature": 0}  # fmt: skip
             text, reason = "", None
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():

@@ -34,14 +34,17 @@ def test_completion_defaults_and_sampling_settings():
     s = req.sampling
     assert s.max_tokens == 16  # OpenAI's completions default
     assert s.stop == [] and not s.stream
-    greedy = dict(temperature=0, top_p=1, top_k=0, min_p=0, seed=None, logprobs=False)
-    assert s.params == {**greedy, "top_logprobs": 0}
+    left_out = dict(temperature=None, top_p=None, top_k=None, min_p=None, seed=None)
+    assert s.params == {**left_out, "logprobs": False, "top_logprobs": 0}  # the server's defaults
     s = parse_completion(
         {"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 3,
          "logprobs": 0}
     ).sampling  # fmt: skip
     assert s.params == dict(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=3, logprobs=True,
                             top_logprobs=0)  # logprobs 0: the chosen tokens' only  # fmt: skip
+    assert (
+        parse_completion({"prompt": "hi", "top_k": -1}).sampling.params["top_k"] == 0
+    )  # vLLM's off
     s = parse_chat({"messages": USER, "logprobs": True, "top_logprobs": 3}).sampling
     assert s.params["logprobs"] and s.params["top_logprobs"] == 3
     req = parse_completion(
@@ -57,7 +60,7 @@ def test_completion_defaults_and_sampling_settings():
     [
         ({"prompt": "a", "temperature": 2.5}, "temperature", "less than or equal to 2"),
         ({"prompt": "a", "top_p": 0}, "top_p", "greater than 0"),
-        ({"prompt": "a", "top_k": -1}, "top_k", "greater than or equal to 0"),
+        ({"prompt": "a", "top_k": -2}, "top_k", "greater than or equal to -1"),
         ({"prompt": "a", "min_p": 1.0}, "min_p", "less than 1"),
         ({"prompt": "a", "n": 2}, "n", "one request per completion"),
         ({"prompt": "a", "best_of": 3}, "best_of", "1 or absent"),
@@ -113,7 +116,7 @@ def test_fields_the_openai_api_allows_as_null_or_extra_are_accepted():
     # null is the OpenAI API's "not given" for stream; a message may name its participant
     assert not parse_completion({"prompt": "a", "stream": None, "ignore_eos": None}).sampling.stream
     named = parse_chat({"messages": [{"role": "user", "content": "x", "name": "bob"}]})
-    assert named.messages == [{"role": "user", "content": "x"}]
+    assert named.messages == [{"role": "user", "content": "x", "name": "bob"}]  # to the template
     for field in ("seed", "top_k"):  # beyond int64: refused here, never reaching the engine
         err = _err(parse_completion, {"prompt": "a", field: 1 << 64})
         assert err.param == field
@@ -128,9 +131,28 @@ def test_chat_parts_and_default_length():
                                                    {"type": "text", "text": "b"}]}],
          "max_completion_tokens": 5}
     )  # fmt: skip
-    assert req.messages[1] == {"role": "user", "content": "ab"}
+    assert req.messages[1] == {"role": "user", "content": "a\nb"}  # one part per line, as vLLM
+    for part in ({"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": 5}):
+        err = _err(parse_chat, {"messages": [{"role": "user", "content": [part]}]})
+        assert err.param == "messages[0].content" and "text parts" in err.message
     assert req.sampling.max_tokens == 5
     assert parse_chat({"messages": [{"role": "user", "content": "x"}]}).sampling.max_tokens is None
+
+
+def test_left_out_settings_take_the_models_generation_config_else_openais():
+    from transformers import GenerationConfig
+
+    from fluid_npu.serve.protocol import SamplingDefaults
+
+    left_out = parse_completion({"prompt": "a", "top_p": 0.5}).sampling.params
+    openai = SamplingDefaults.of(None).fill(left_out)
+    assert (openai["temperature"], openai["top_p"], openai["top_k"]) == (1.0, 0.5, 0)
+    assert SamplingDefaults.of(GenerationConfig()) == SamplingDefaults()  # nothing set: OpenAI's
+    model = SamplingDefaults.of(GenerationConfig(do_sample=True, temperature=0.6, top_k=20))
+    filled = model.fill(left_out)
+    assert (filled["temperature"], filled["top_p"], filled["top_k"]) == (0.6, 0.5, 20)
+    asked = parse_completion({"prompt": "a", "temperature": 0}).sampling.params
+    assert model.fill(asked)["temperature"] == 0.0  # what the request says wins
 
 
 def test_prompt_encoding_matches_fluid_generate(tok):

@@ -52,6 +52,8 @@ class ServeConfig:
     max_queue: int | None = None  # waiting places beyond the batch; None: unbounded
     api_key: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # shown by /health: policy, device, ...
+    # what a request that leaves temperature / top_p / top_k / min_p out gets
+    defaults: protocol.SamplingDefaults = field(default_factory=protocol.SamplingDefaults)
 
 
 # a request whose numbers came out NaN / inf (the engine ends it, the others go on)
@@ -172,6 +174,8 @@ async def _read_json(request: Request) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:  # json.loads recurses once per level of nesting
+        raise APIError("the request body nests too deeply to be a request") from None
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -252,10 +256,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         if sampling.max_tokens is None:
             return room
         if sampling.max_tokens > room:
+            name = sampling.max_tokens_field
             raise APIError(
-                f"max_tokens={sampling.max_tokens} with a {len(prompt)}-token prompt exceeds the "
+                f"{name}={sampling.max_tokens} with a {len(prompt)}-token prompt exceeds the "
                 f"context of {config.max_len} tokens; ask for at most {room}",
-                param="max_tokens",
+                param=name,
             )
         return sampling.max_tokens
 
@@ -277,7 +282,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     ) -> Response:
         max_new = check_length(ids, s, "messages" if shape.chat else "prompt")
         try:
-            params = SamplingParams(**s.params)
+            params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
         check_capacity()

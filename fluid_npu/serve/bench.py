@@ -107,9 +107,14 @@ async def _one(
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
     else:
         path, body = "/v1/completions", {"prompt": prompt}
+    # greedy (the policies' outputs must then be identical: the OpenAI default is temperature 1);
     # usage in the stream is asked for, as the OpenAI API wants (fluid serve sends it anyway)
     body.update(
-        model=model, max_tokens=s.max_tokens, stream=True, stream_options={"include_usage": True}
+        model=model,
+        max_tokens=s.max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     if s.ignore_eos:  # not an OpenAI field: sent only when asked for (vLLM and fluid serve know it)
         body["ignore_eos"] = True

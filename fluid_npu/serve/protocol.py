@@ -9,8 +9,11 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   output; above 0 exact speculative sampling), ``top_p``, ``seed`` (the same seed gives the same
   output alone or in any batch in float32; in bfloat16 / float16 a batch's rounding can move a
   draw, docs/engine.md), ``logprobs`` (completions: the number of alternatives, 0–20;
-  chat: ``logprobs`` + ``top_logprobs``), and vLLM's extensions ``top_k``, ``min_p`` and
-  ``ignore_eos`` (decode exactly ``max_tokens`` tokens);
+  chat: ``logprobs`` + ``top_logprobs``), and vLLM's extensions ``top_k`` (0 or -1 = off),
+  ``min_p`` and ``ignore_eos`` (decode exactly ``max_tokens`` tokens);
+* a decoding setting left out takes the server's default (``SamplingDefaults``), as vLLM does:
+  the model's ``generation_config`` where it sets ``temperature`` / ``top_p`` / ``top_k`` /
+  ``min_p``, else the OpenAI API's (temperature 1, top_p 1): greedy decoding is ``temperature: 0``;
 * ``stop`` (up to 4 non-empty strings) ends the request in the engine; the text is cut before the
   stop string, as the OpenAI API returns it;
 * a field it knows but cannot honour is accepted only at its neutral value: ``n`` / ``best_of`` 1,
@@ -80,7 +83,7 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None  # a participant's name (the OpenAI SDK's); not given to the template
+    name: str | None = None  # a participant's name: handed to the chat template, as vLLM does
 
 
 class _Common(_Strict):
@@ -90,7 +93,7 @@ class _Common(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's extension; 0 = off
+    top_k: int | None = Field(default=None, ge=-1, le=INT64_MAX)  # vLLM's; 0 or -1 = off
     min_p: float | None = Field(default=None, ge=0, lt=1)  # vLLM's extension; 0 = off
     n: int | None = Field(default=None, ge=1)
     stream: bool | None = None  # null = false, as the OpenAI API allows
@@ -123,17 +126,47 @@ class ChatBody(_Common):
     response_format: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a decoding setting out gets: OpenAI's defaults (temperature 1,
+    top_p 1, no top-k / min-p), or the model's ``generation_config`` where it sets one (vLLM's
+    ``--generation-config auto``, its default)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    @classmethod
+    def of(cls, generation_config: Any) -> SamplingDefaults:
+        """The defaults a model's ``GenerationConfig`` (or None) sets; the rest stay OpenAI's."""
+        given = {}
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            value = getattr(generation_config, name, None)
+            if value is not None:
+                given[name] = type(getattr(cls, name))(value)  # (the field's type: int or float)
+        return cls(**given)
+
+    def fill(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with every setting the request left out (None) taken from these."""
+        return {
+            k: getattr(self, k) if v is None and hasattr(self, k) else v for k, v in params.items()
+        }
+
+
 @dataclass
 class Sampling:
     """What one request asks of the decoder, after the checks."""
 
     max_tokens: int | None  # None: as many as the context leaves (chat's default)
-    params: dict[str, Any] = field(default_factory=dict)  # the engine's SamplingParams fields
+    # the engine's SamplingParams fields; None: left out (SamplingDefaults.fill gives the default)
+    params: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     stream: bool | None = None  # null = false, as the OpenAI API allows
     include_usage: bool = False
     ignore_eos: bool | None = None
     model: str | None = None
+    max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
 
 
 @dataclass
@@ -144,7 +177,7 @@ class CompletionRequest:
 
 @dataclass
 class ChatRequest:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, str]]  # role, content (text) and, where given, name
     sampling: Sampling
 
 
@@ -171,6 +204,13 @@ def _validate(model: type[_Strict], body: Any) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         param = _param(err["loc"]) if err["loc"] else None
+        loc = err["loc"]
+        if len(loc) > 2 and loc[0] == "messages" and loc[2] == "content":
+            raise APIError(
+                f"{param}: a message's content is a string or a list of text parts "
+                '[{"type": "text", "text": "..."}] (this server reads text only)',
+                param=param,
+            ) from None
         if err["type"] == "extra_forbidden":
             nested = {"messages": Message, "stream_options": StreamOptions}.get(str(err["loc"][0]))
             where = model if nested is None or len(err["loc"]) < 2 else nested
@@ -203,11 +243,11 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options is only allowed with stream: true", param="stream_options")
-    params = {
-        "temperature": 0.0 if body.temperature is None else float(body.temperature),
-        "top_p": 1.0 if body.top_p is None else float(body.top_p),
-        "top_k": body.top_k or 0,
-        "min_p": body.min_p or 0.0,
+    params = {  # None: left out, for the server's defaults (SamplingDefaults)
+        "temperature": None if body.temperature is None else float(body.temperature),
+        "top_p": None if body.top_p is None else float(body.top_p),
+        "top_k": None if body.top_k is None else max(body.top_k, 0),  # vLLM's -1: off, as 0
+        "min_p": None if body.min_p is None else float(body.min_p),
         "seed": body.seed,
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
@@ -250,7 +290,7 @@ def parse_completion(body: Any) -> CompletionRequest:
 def _message_text(msg: Message) -> str:
     if isinstance(msg.content, str):
         return msg.content
-    return "".join(part.text for part in msg.content)
+    return "\n".join(part.text for part in msg.content)  # text parts one per line, as vLLM
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -271,7 +311,14 @@ def parse_chat(body: Any) -> ChatRequest:
             "max_tokens and max_completion_tokens disagree; give one",
             param="max_completion_tokens",
         )
-    messages = [{"role": m.role, "content": _message_text(m)} for m in req.messages]
+    messages = []
+    for m in req.messages:
+        message = {"role": m.role, "content": _message_text(m)}
+        if m.name is not None:
+            message["name"] = m.name
+        messages.append(message)
     max_tokens = req.max_completion_tokens or req.max_tokens
     sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
+    if req.max_completion_tokens:
+        sampling.max_tokens_field = "max_completion_tokens"
     return ChatRequest(messages=messages, sampling=sampling)

@@ -22,6 +22,7 @@ import uvicorn
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.serve.app import ServeConfig, create_app
+from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,9 @@ def serve(settings: ServeSettings) -> int:
     sock = bind(settings.host, settings.port)
     try:
         scheduler, tokenizer, max_len, info = build_scheduler(settings)
+        # a request that leaves a decoding setting out: the model's generation config, else OpenAI's
+        defaults = SamplingDefaults.of(getattr(scheduler.model, "generation_config", None))
+        info["default_sampling"] = dict(defaults.__dict__)
         worker = Worker(scheduler)
         name = settings.served_model_name or settings.model.rstrip("/").split("/")[-1]
         config = ServeConfig(
@@ -180,6 +184,7 @@ def serve(settings: ServeSettings) -> int:
             max_queue=settings.max_queue,
             api_key=settings.api_key,
             info=info,
+            defaults=defaults,
         )
         app = create_app(worker, tokenizer, config)
         host, port = sock.getsockname()[:2]
