@@ -440,3 +440,39 @@ def test_compile_flag_reaches_the_engine(dirs, tmp_path, monkeypatch):
     argv = ["generate", "--model", dirs["model"], "--prompts", src, "--output", str(out)]
     assert main([*argv, "--compile", "--batch-size", "2", "--max-new-tokens", "3"]) == 0
     assert seen["compile"] is True and seen["max_batch"] == 2
+
+
+def test_generate_and_serve_end_at_the_tokenizers_own_eos(dirs, tmp_path):
+    """A chat checkpoint whose tokenizer ends a turn with a token its generation config does not
+    list (early Llama 3): ``fluid generate`` and ``fluid serve`` stop there, as vLLM does, and the
+    ending token is counted but not spelled."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from fluid_npu.serve.server import ServeSettings, build_scheduler
+
+    model = tmp_path / "model"
+    shutil.copytree(dirs["model"], model)
+    src = _write_prompts(tmp_path / "in.jsonl", [{"prompt": "hello there"}])
+
+    def row(name: str) -> dict:
+        out = tmp_path / name
+        argv = ["generate", "--model", str(model), "--prompts", src, "--output", str(out),
+                "--max-new-tokens", "12"]  # fmt: skip
+        assert main(argv) == 0
+        return json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+
+    ids = row("before.jsonl")["token_ids"]
+    tok = AutoTokenizer.from_pretrained(model)
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i] and ids[i] >= 32)
+    tok.eos_token = tok.convert_ids_to_tokens(ids[k])
+    tok.save_pretrained(model)  # the generation config still lists only </s>
+    after = row("after.jsonl")
+    assert after["token_ids"] == ids[: k + 1] and after["finish_reason"] == "stop"
+    assert after["text"] == tok.decode(ids[:k], skip_special_tokens=True)
+    scheduler, *_ = build_scheduler(ServeSettings(model=str(model), max_batch=1, max_len=64))
+    try:
+        assert scheduler.eos_ids == [tok.convert_tokens_to_ids("</s>"), ids[k]]
+    finally:
+        scheduler.close()

@@ -61,6 +61,7 @@ class ScriptedScheduler:
 
     def __init__(self, max_batch: int = 4, max_len: int = 600, step_s: float = 0.0) -> None:
         self.max_batch, self.max_len, self.step_s = max_batch, max_len, step_s
+        self.eos_ids = [EOS]  # where a request ends unless it asks to ignore EOS
         self.waiting: list[tuple[Request, list[int]]] = []
         self.running: dict[str, list] = {}  # id -> [request, remaining tokens, new, forwards]
         self.aborts: list[str] = []

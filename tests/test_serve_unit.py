@@ -8,10 +8,11 @@ import json
 import pytest
 
 from fluid_npu.model.tiny import build_tiny_tokenizer
+from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.sampling.prompts import encode_prompt
 from fluid_npu.serve.protocol import APIError, parse_chat, parse_completion
 from fluid_npu.serve.responses import Shape, usage
-from fluid_npu.serve.text import Detokenizer, TokenText, chat_ids, completion_ids
+from fluid_npu.serve.text import TokenText, chat_ids, completion_ids
 
 USER = [{"role": "user", "content": "x"}]
 
@@ -228,6 +229,36 @@ def test_detokenizer_never_streams_a_replacement_character(tok, kind):
                 assert not any("\ufffd" in p for p in pieces), (answer, step, stop, pieces)
                 cut = min((whole.index(x) for x in stop if x in whole), default=len(whole))
                 assert "".join(pieces) == whole[:cut], (answer, step, stop)
+
+
+def test_detokenizer_spells_the_output_as_it_reads_after_its_prompt():
+    """SentencePiece drops the leading space of a text: the output's first space (after the
+    prompt) and a space after a skipped special token mid-output are kept, as vLLM keeps them."""
+    from fluid_npu.sampling.detok import output_text
+    from fluid_npu.sampling.stops import stop_cut
+
+    tk = _byte_fallback_tokenizer()
+    prompt, whole = _ids(tk, "the capital is"), _ids(tk, "the capital is paris. i like it")
+    out = whole[len(prompt) :]
+    assert tk.decode(out) == "paris. i like it"  # decoded alone: the space is gone
+    assert output_text(tk, prompt, out) == " paris. i like it" == tk.decode(whole)[14:]
+    dot = out.index(tk.convert_tokens_to_ids("."))
+    mixed = [*out[: dot + 1], tk.bos_token_id, *out[dot + 1 :]]  # a special token mid-output
+    for step in (1, 2, 3):
+        d = Detokenizer(tk, prompt=prompt)
+        pieces = [d.add(mixed[i : i + step]) for i in range(0, len(mixed), step)]
+        assert "".join(pieces) + d.flush() == " paris. i like it", step
+    # an EOS that is no special token ends the text unspelled, and is counted
+    d = Detokenizer(tk, prompt=prompt, eos_ids=[out[dot]])
+    assert d.add(out[: dot + 1]) + d.flush() == " paris" and d.tokens_used == dot + 1
+    # a stop string may begin at the output's first space, never in the prompt
+    d = Detokenizer(tk, stop=[" paris"], prompt=prompt)
+    assert d.add(out) + d.flush() == "" and d.stopped
+    tail = prompt[-4:]
+    special = frozenset(tk.all_special_ids)
+    cut = stop_cut(tk, special, tail, out, [" paris"], context=len(tail))
+    assert cut == len(" paris")  # (one token a character: through the token spelling "s")
+    assert stop_cut(tk, special, tail, out, ["is paris"], context=len(tail)) is None
 
 
 @pytest.mark.parametrize("kind", ["byte_level", "byte_fallback"])

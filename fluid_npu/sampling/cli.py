@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS
 
 if TYPE_CHECKING:
@@ -193,6 +194,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def generate_command(args: argparse.Namespace) -> int:
     from fluid_npu.io import check_output_file
     from fluid_npu.sampling.api import PromptError, eos_and_pad
+    from fluid_npu.sampling.detok import output_text
+    from fluid_npu.sampling.inputs import serving_eos
     from fluid_npu.sampling.prompts import (
         empty_prompt,
         encode_prompt,
@@ -225,7 +228,9 @@ def generate_command(args: argparse.Namespace) -> int:
     fluid = load_model(args, device_from_args(args))
     tok = fluid.tokenizer
     prompts = [encode_prompt(tok, r, chat=args.chat, where=f"{where}:{n}") for n, r in lines]
-    eos_ids, pad = eos_and_pad(fluid.model, pad=tok.pad_token_id)
+    # the generation config's EOS ids and the tokenizer's own, as fluid serve (and vLLM) stop
+    eos_ids, pad = eos_and_pad(fluid.model, serving_eos(fluid.model, tok), tok.pad_token_id)
+    sampling = {**sampling, "eos_token_id": eos_ids}
     if args.output is None:  # one --prompt: its text streamed to stdout
         return _stream_one(fluid, prompts[0].ids, args, sampling)
     out_rows = []
@@ -255,7 +260,7 @@ def generate_command(args: argparse.Namespace) -> int:
             new = out.new_tokens[i]
             row = {
                 "prompt": p.text,
-                "text": tok.decode(new, skip_special_tokens=True),
+                "text": output_text(tok, p.ids, new, eos_ids),  # as fluid serve returns it
                 "token_ids": new,
                 "forwards": st.row_forwards[i],
                 "tpf": st.row_tpf(i),
@@ -282,32 +287,24 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 class _TextStream:
-    """Prints the decoded text of a growing token list as it grows (whole characters only)."""
+    """Prints an output's text as it grows (whole characters only; ``detok.py``)."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.printed = 0
+    def __init__(self, tokenizer: Any, prompt: list[int], eos_ids: list[int]) -> None:
+        self.detok = Detokenizer(tokenizer, prompt=prompt, eos_ids=eos_ids)
 
     def __call__(self, row: int, tokens: list[int]) -> None:
-        self.tokens.extend(tokens)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return
-        sys.stdout.write(text[self.printed :])
+        sys.stdout.write(self.detok.add(tokens))
         sys.stdout.flush()
-        self.printed = len(text)
 
     def close(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        sys.stdout.write(text[self.printed :] + "\n")
+        sys.stdout.write(self.detok.flush() + "\n")
         sys.stdout.flush()
 
 
 def _stream_one(
     fluid: Any, ids: list[int], args: argparse.Namespace, sampling: dict[str, Any]
 ) -> int:
-    stream = _TextStream(fluid.tokenizer)
+    stream = _TextStream(fluid.tokenizer, ids, sampling["eos_token_id"])
     fluid.generate(
         torch.tensor([ids]),
         None,

@@ -143,6 +143,18 @@ def eos_and_pad(
     return eos_ids, int(pad)
 
 
+def serving_eos(model: PreTrainedModel, tokenizer: Any) -> list[int]:
+    """Where ``fluid serve`` and ``fluid generate`` end an output: the generation config's EOS ids
+    and the tokenizer's own EOS token, as vLLM ends one (a chat checkpoint whose template closes a
+    turn with a token its generation config does not list, e.g. ``<|eot_id|>``, still stops).
+    The Python ``generate`` keeps transformers' rule: the generation config's ids only."""
+    eos_ids, _ = eos_and_pad(model)
+    own = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(own, int) and own not in eos_ids:
+        eos_ids.append(own)
+    return eos_ids
+
+
 def sliding_window(cfg: Any) -> int | None:
     """The model's sliding attention window (positions), or None when it attends to everything
     (no window, windows switched off, or — by ``layer_types`` — no layer that slides)."""

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fluid_npu.layout import slot_block
+from fluid_npu.sampling.detok import PROMPT_CONTEXT
 from fluid_npu.sampling.fused import choose_anchors
 from fluid_npu.sampling.kv import ForwardPlan, step_mask
 from fluid_npu.sampling.requests import Event, Slot
@@ -371,11 +372,14 @@ class StepMixin(SampledMixin):
     def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:
         """How many of this step's ``toks`` slot ``s`` keeps when one completes a stop string
         (``stops.py``), else None."""
-        earlier = s.new
+        earlier, context = s.new, 0
         window = 4 * (max(len(x.encode("utf-8")) for x in s.req.stop) + 8)  # stop_cut's, and more
         if s.req.stop_in_prompt and len(s.new) < window:
             earlier = [*s.prompt[-window:], *s.new]
-        n = stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop)
+        elif len(s.new) < window:  # the output's text as the server spells it after its prompt
+            tail = s.prompt[-PROMPT_CONTEXT:]
+            earlier, context = [*tail, *s.new], len(tail)
+        n = stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context)
         s.stopped = s.stopped or n is not None
         return n
 

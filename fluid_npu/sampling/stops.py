@@ -22,9 +22,13 @@ def stop_cut(
     earlier: Sequence[int],
     toks: Sequence[int],
     stops: Sequence[str],
+    context: int = 0,
 ) -> int | None:
     """How many of ``toks`` (this step's, after ``earlier``) to keep when one of them completes
-    a string of ``stops``, else None; ``special``: the tokenizer's special ids."""
+    a string of ``stops``, else None; ``special``: the tokenizer's special ids. The first
+    ``context`` tokens of ``earlier`` are the prompt's: decoded only for how the output after them
+    is spelled (a SentencePiece decoder drops the leading space of a text), no stop string may
+    begin in their text."""
     longest = max(len(x.encode("utf-8")) for x in stops)
     before: list[int] = []  # the last earlier tokens that spell longest + 8 of them
     spelled = 0
@@ -34,11 +38,13 @@ def stop_cut(
         before.append(t)
         spelled += t not in special
     before.reverse()
+    kept = max(0, context - (len(earlier) - len(before)))  # prompt tokens still in the window
+    floor = len(tokenizer.decode(before[:kept], skip_special_tokens=True)) if kept else 0
     text_before = tokenizer.decode(before, skip_special_tokens=True)
     for n in range(1, len(toks) + 1):
         text = tokenizer.decode([*before, *toks[:n]], skip_special_tokens=True)
         same = _common_prefix(text_before, text)
-        if any(text.find(x, max(0, same - len(x) + 1)) >= 0 for x in stops):
+        if any(text.find(x, max(floor, same - len(x) + 1)) >= 0 for x in stops):
             return n
     return None
 

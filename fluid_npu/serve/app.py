@@ -32,12 +32,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluid_npu.errors import FluidError
+from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.protocol import APIError
 from fluid_npu.serve.responses import DONE, LogprobEntry, Shape, usage
-from fluid_npu.serve.text import Detokenizer, TokenText, chat_ids, completion_ids
+from fluid_npu.serve.text import TokenText, chat_ids, completion_ids
 from fluid_npu.serve.worker import Stream, Worker
 
 MAX_BODY_BYTES = 4 << 20
@@ -295,7 +296,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             stop=tuple(s.stop),
         )
         metrics.prompt_tokens.inc(len(ids))
-        detok = Detokenizer(tokenizer, s.stop)
+        eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
+        detok = Detokenizer(tokenizer, s.stop, prompt=ids, eos_ids=eos)
+        if detok.spelled_context:  # the output's leading space is kept: offsets count it
+            shape.strip = 0
         gen = _Generation(worker, metrics, stream, detok, s.params["logprobs"])
         if s.stream:
             return _ClosingStream(_events(gen, shape, s), lambda: gen.close(endpoint))

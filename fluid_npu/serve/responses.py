@@ -63,7 +63,7 @@ class Shape:
         self.created = int(time.time())
         self.offset = 0  # completions' text_offset of the next token
         self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._strip = tokens.strip_start if tokens is not None else 0  # leading spaces dropped
+        self.strip = tokens.strip_start if tokens is not None else 0  # leading spaces dropped
 
     def logprobs(self, entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
         """The ``logprobs`` of a choice for ``entries`` (None: none were asked for)."""
@@ -88,8 +88,8 @@ class Shape:
             offsets.append(self.offset)
             if tok not in words.special:  # the returned text skips special tokens
                 piece = self._chars.decode(words.bytes(tok))
-                while self._strip and piece:  # the spaces the decoder drops at the start
-                    self._strip = self._strip - 1 if piece[0] == " " else 0
+                while self.strip and piece:  # the spaces the decoder drops at the start
+                    self.strip = self.strip - 1 if piece[0] == " " else 0
                     piece = piece[1:] if piece[0] == " " else piece
                 self.offset += len(piece)
         tops = [{words.text(t): _finite(p) for t, p in top} for _, _, top in entries]

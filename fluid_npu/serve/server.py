@@ -98,6 +98,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
     import torch
 
     from fluid_npu import device as devices
+    from fluid_npu.sampling.inputs import serving_eos
     from fluid_npu.sampling.pretrained import FluidForCausalLM
     from fluid_npu.sampling.prompts import quiet_loading
     from fluid_npu.sampling.scheduler import Scheduler
@@ -121,6 +122,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         fluid.mask_id,
         policy=policy,
         khead=fluid.khead,
+        eos_ids=serving_eos(fluid.model, fluid.tokenizer),  # the tokenizer's EOS too, as vLLM
         max_batch=settings.max_batch,
         max_len=settings.max_len,  # None: the scheduler's default (the context, at most 4096)
         tokenizer=fluid.tokenizer,  # the engine ends requests on their stop strings

@@ -1,0 +1,147 @@
+"""Incremental detokenization: a growing output's text, as ``fluid serve`` and ``fluid generate``
+return it.
+
+``Detokenizer`` turns committed token ids into text deltas — the output's text with special tokens
+skipped — decoding only the newest tokens with a few before them as context, so a long output costs
+linear, not quadratic, time; a trailing incomplete UTF-8 character is held back; with ``stop``
+strings the text is cut before the first one (OpenAI's rule: the stop string is not returned) and
+the tail that could still become one is held back until it cannot.
+
+The text is what the tokens spell *after the prompt*, as vLLM and transformers' text-generation
+pipeline return it: the last prompt tokens are decoded as context before the first output tokens,
+so a SentencePiece tokenizer (Llama 2, Mistral, Gemma), which drops the leading space of a text,
+keeps the space that separates the completion from the prompt (``" Paris"`` after ``"… is"``,
+not ``"Paris"``). The context also never consists of skipped special tokens alone: such a context
+spells nothing, and the space after a special token mid-output would be dropped in the same way.
+An EOS token that ends the output (``eos_ids``) is counted but never spelled, as vLLM leaves it out
+of the text — whether or not the tokenizer calls it special.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+PROMPT_CONTEXT = 4  # prompt tokens decoded before the output's first ones
+
+
+class Detokenizer:
+    """Text deltas of one output; ``tokens_used`` counts the tokens taken (up to a stop string)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: Sequence[str] | None = None,
+        prompt: Sequence[int] = (),
+        eos_ids: Collection[int] = (),
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop or [])
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.eos = frozenset(int(t) for t in eos_ids)
+        self.ids: list[int] = [int(t) for t in prompt[-PROMPT_CONTEXT:]] if prompt else []
+        self.start = len(self.ids)  # ids[:start]: prompt context; ids[start:]: the output's
+        self.head = self._decode(self.ids)  # the context's own text (not part of the output)
+        self.ended = 0  # EOS tokens taken (counted, never spelled)
+        self.text = ""  # the decoded output so far (cut at a stop string once one is found)
+        self.sent = 0  # characters of ``text`` already returned
+        self.stopped = False  # a stop string was found: the output ends here
+        self.prefix, self.read = 0, self.start  # ids[prefix:read]: context; ids[:read] settled
+        self.settled = 0  # characters of ``text`` that ids[:read] spell
+
+    @property
+    def spelled_context(self) -> bool:
+        """Whether the prompt context spells any text (so the output's leading space is kept)."""
+        return bool(self.head)
+
+    @property
+    def tokens_used(self) -> int:
+        return len(self.ids) - self.start + self.ended
+
+    def add(self, tokens: Sequence[int]) -> str:
+        """Feed committed tokens; returns the text that is now safe to send (maybe empty).
+
+        With stop strings the tokens are taken one at a time, so ``tokens_used`` counts exactly
+        the tokens up to the one that completed the stop string.
+        """
+        if self.stopped:
+            return ""
+        if not self.stop:
+            for tok in tokens:
+                self._take(tok)
+            self._advance(final=False)
+            return self._release(final=False)
+        for tok in tokens:
+            self._take(tok)
+            start = max(0, self.settled - self.hold)  # a stop may begin in the held-back tail
+            self._advance(final=False)
+            cut = min(
+                (i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1
+            )
+            if cut >= 0:
+                self.text = self.text[:cut]
+                self.stopped = True
+                return self._release(final=True)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """The text still held back, at the end of the output."""
+        if not self.stopped:
+            self._advance(final=True)
+        return self._release(final=True)
+
+    def _take(self, tok: int) -> None:
+        if tok in self.eos:
+            self.ended += 1
+        else:
+            self.ids.append(int(tok))
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _advance(self, final: bool) -> None:
+        """Bring ``text`` up to every token fed. The newest tokens' text is decoded with the
+        previous chunk before them; while it ends in an incomplete multi-byte character it stays
+        provisional (those tokens are decoded again with the next ones) and only the text before
+        its trailing U+FFFDs counts: a byte-fallback tokenizer (Llama 2, Mistral, Gemma) spells a
+        whole run of byte tokens as one U+FFFD per byte until its last character is complete."""
+        if self.read == len(self.ids):
+            return
+        now = self._decode(self.ids[self.prefix :])
+        before = self._decode(self.ids[self.prefix : self.read])
+        if now.endswith("\ufffd") and not final:
+            if now.startswith(before):  # what is certain so far (a prefix of the final text)
+                self.text = self.text[: self.settled] + now[len(before) :].rstrip("\ufffd")
+            return
+        if not now.startswith(before):  # the context changed its own spelling (rare)
+            self.text = self._whole()
+        else:
+            self.text = self.text[: self.settled] + now[len(before) :]
+        spelled = len(self.text) > self.settled
+        self.settled = len(self.text)
+        if spelled:  # a chunk that spelled nothing (skipped special tokens) is no context alone
+            self.prefix = self.read
+        self.read = len(self.ids)
+
+    def _whole(self) -> str:
+        """The output's text decoded in one piece (after the context's own text)."""
+        whole = self._decode(self.ids)
+        if whole.startswith(self.head):
+            return whole[len(self.head) :]
+        return self._decode(self.ids[self.start :])
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        if not final and self.stop:  # the tail that could still begin a stop string waits
+            end = max(self.sent, end - self.hold)
+        out = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return out
+
+
+def output_text(
+    tokenizer: Any, prompt: Sequence[int], new: Sequence[int], eos_ids: Collection[int] = ()
+) -> str:
+    """The whole text of an output ``new`` after ``prompt``, as ``Detokenizer`` streams it."""
+    d = Detokenizer(tokenizer, prompt=prompt, eos_ids=eos_ids)
+    return d.add(new) + d.flush()
