@@ -145,7 +145,9 @@ def generate(
     ``stop_strings`` end a row on its committed text (cut as transformers cuts; needs the
     tokenizer, given as the second argument or ``tokenizer=``; with ``stop_in_prompt`` — the
     default, transformers' reading — a stop string may begin in the prompt, without it only in
-    the output, as the OpenAI API, vLLM and lm-eval's ``until`` match); ``logprobs`` /
+    the output, as the OpenAI API, vLLM and lm-eval's ``until`` match). The text matched is the
+    decoded text with special tokens skipped, as vLLM reads it — unlike transformers, which also
+    matches a special token's own spelling (``"s"`` in ``<s>``); ``logprobs`` /
     ``top_logprobs`` return the committed tokens' log-probabilities under the AR distribution
     after temperature.
     """
