@@ -14,7 +14,7 @@ import logging
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
 
@@ -176,7 +176,7 @@ def serve(settings: ServeSettings) -> int:
         scheduler, tokenizer, max_len, info = build_scheduler(settings)
         # a request that leaves a decoding setting out: the model's generation config, else OpenAI's
         defaults = SamplingDefaults.of(getattr(scheduler.model, "generation_config", None))
-        info["default_sampling"] = dict(defaults.__dict__)
+        info["default_sampling"] = asdict(defaults)
         worker = Worker(scheduler)
         name = settings.served_model_name or settings.model.rstrip("/").split("/")[-1]
         config = ServeConfig(
