@@ -266,6 +266,43 @@ def test_abort_frees_the_slot_and_spares_the_others(tok):
         )
 
 
+def test_an_aborted_id_can_be_submitted_again_at_once(tok):
+    """As in vLLM, ``abort`` frees the id: a client retrying under its own id is not refused,
+    whether the first request was still waiting or already decoding; the retry decodes as alone."""
+    model = build_tiny_model("llama", tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:2]]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=1, eos_ids=[], k_max=4)
+    sched.submit(Request("run", prompts[0], 8))
+    sched.submit(Request("wait", prompts[1], 8))
+    sched.step()  # "run" decodes, "wait" waits for the one slot
+    assert sched.abort("run") and sched.abort("wait") and not sched.abort("wait")
+    sched.submit(Request("run", prompts[1], 8))  # refused before: "already queued or running"
+    sched.submit(Request("wait", prompts[0], 8))
+    events: list = []
+    while sched.has_work():
+        events += sched.step()
+    first = [(e.request_id, e.finish_reason) for e in events if e.finished]
+    assert first[:2] == [("run", "abort"), ("wait", "abort")]
+    out = {"run": [], "wait": []}
+    for e in events:
+        if e.finish_reason != "abort":
+            out[e.request_id] += e.tokens
+    for rid, p in (("run", prompts[1]), ("wait", prompts[0])):
+        _assert_same(model, [p], [out[rid]], [_greedy_alone(model, p, 8, [])], f"resubmit/{rid}")
+
+
+def test_run_requests_checks_every_request_before_queueing_any(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, max_len=32)
+    p = tok(TEXTS[0])["input_ids"]
+    with pytest.raises(FluidError, match="'a' is given twice"):
+        run_requests(sched, [Request("a", p, 4), Request("b", p, 4), Request("a", p, 4)])
+    with pytest.raises(FluidError, match="max_len 32"):
+        run_requests(sched, [Request("a", p, 4), Request("b", [1] * 30, 4)])
+    assert not sched.has_work()  # the good requests before the bad one were not left queued
+    assert set(run_requests(sched, [Request("a", p, 4)])) == {"a"}
+
+
 def test_bad_requests_are_clear_errors(tok):
     model = build_tiny_model("llama", tok, seed=3)
     sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=1, max_len=32)

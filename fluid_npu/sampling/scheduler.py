@@ -156,7 +156,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self.waiting: deque[Slot] = deque()
         self.slots: list[Slot | None] = [None] * max_batch
         self._ids: set[str] = set()
-        self._aborted: list[str] = []
+        self._aborted: list[Slot] = []  # aborted, their "abort" events due at the next step
         self.prefill_forwards = 0
         self.decode_forwards = 0
         self.computed_tokens = 0  # rows x width of every forward (GenerateStats.computed_tokens)
@@ -310,11 +310,27 @@ class Scheduler(PrefillMixin, StepMixin):
         self.eos = torch.cat([self.eos, pad.to(self.device)], dim=1)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request; its slot is free before the next step, which emits an "abort" event."""
+        """Stop a request; its slot is free before the next step, which emits an "abort" event.
+        The id is free at once (as in vLLM): a request may be submitted under it again."""
         if request_id not in self._ids:
             return False
-        self._aborted.append(request_id)
-        return True
+        self._ids.discard(request_id)
+        for s in self.waiting:
+            if s.req.request_id == request_id:
+                self.waiting.remove(s)  # never admitted: nothing to free
+                self._aborted.append(s)
+                return True
+        for s in self.slots:
+            if s is not None and s.req.request_id == request_id:
+                self._aborted.append(s)
+                return True
+        raise AssertionError(f"request id {request_id!r} is neither waiting nor running")
+
+    def _withdraw(self, request_ids: Sequence[str]) -> None:
+        """Take back requests submitted but never stepped, without an event (``run_requests``)."""
+        ids = set(request_ids)
+        self.waiting = deque(s for s in self.waiting if s.req.request_id not in ids)
+        self._ids -= ids
 
     # ------------------------------------------------------------------ one step
 
@@ -332,16 +348,13 @@ class Scheduler(PrefillMixin, StepMixin):
 
     def _retire_aborted(self) -> list[Event]:
         events = []
-        for rid in self._aborted:
-            self._ids.discard(rid)
-            for i, s in enumerate(self.slots):
-                if s is not None and s.req.request_id == rid:
-                    self._free(i)
-                    events.append(Event(rid, [], True, "abort", len(s.new), s.forwards, 0))
-            for s in list(self.waiting):
-                if s.req.request_id == rid:
-                    self.waiting.remove(s)
-                    events.append(Event(rid, [], True, "abort", 0, 0, 0))
+        for slot in self._aborted:
+            rid = slot.req.request_id
+            at = [i for i, s in enumerate(self.slots) if s is slot]  # (a waiting one has none)
+            for i in at:
+                self._free(i)
+            new, forwards = (len(slot.new), slot.forwards) if at else (0, 0)
+            events.append(Event(rid, [], True, "abort", new, forwards, 0))
         self._aborted.clear()
         return events
 
@@ -401,8 +414,21 @@ def run_requests(
     new: dict[str, list[int]] = {r.request_id: [] for r in requests}
     lps: dict[str, list[float] | None] = {r.request_id: None for r in requests}
     tops: dict[str, list | None] = {r.request_id: None for r in requests}
+    seen: set[str] = set()
     for r in requests:
-        sched.submit(r)
+        if r.request_id in seen:
+            raise ConfigError(
+                f"request id {r.request_id!r} is given twice; give every request its own id"
+            )
+        seen.add(r.request_id)
+    submitted: list[str] = []
+    try:
+        for r in requests:
+            sched.submit(r)
+            submitted.append(r.request_id)
+    except Exception:
+        sched._withdraw(submitted)  # a bad request queues none of them
+        raise
     while sched.has_work():
         for ev in sched.step():
             rid = ev.request_id
