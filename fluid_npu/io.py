@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,15 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
+_DISTRIBUTIONS = {  # module -> the distributions that install it
+    "peft": ("peft",),
+    "accelerate": ("accelerate",),
+    "datasets": ("datasets",),
+    "triton": ("triton", "triton-ascend", "pytorch-triton"),
+    "deepspeed": ("deepspeed",),
+}
+
+
 def versions() -> dict[str, str]:
     """Versions of the packages a run depends on (torch_npu only when it is loaded)."""
     import sys
@@ -146,12 +156,19 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "fluid_npu": fluid_npu.__version__,
     }
-    for name in ("peft", "accelerate", "datasets", "triton", "deepspeed"):
-        try:
-            module = __import__(name)
+    # read from the installed distributions, not by importing: importing peft or deepspeed only
+    # to print a version loads bitsandbytes / an accelerator probe, which log notices
+    for name, dists in _DISTRIBUTIONS.items():
+        module = sys.modules.get(name)
+        if module is not None:
             out[name] = getattr(module, "__version__", "unknown")
-        except Exception:
             continue
+        for dist in dists:
+            try:
+                out[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
     if "torch_npu" in sys.modules:
         out["torch_npu"] = getattr(sys.modules["torch_npu"], "__version__", "unknown")
     return out

@@ -151,11 +151,11 @@ def test_golden_slots_equal_inference_forward(tok, arch, impl):
             for c in np.unique(e.anchor[n:]):
                 sel = np.nonzero(e.anchor == c)[0]
                 cache = DynamicCache(config=model.config)
-                model(torch.tensor([e.input_ids[: c + 1]]), past_key_values=cache, use_cache=True)
+                model(torch.tensor([e.input_ids[: c + 1]]), cache=cache, use_cache=True)
                 out = model(
                     torch.tensor(e.input_ids[sel])[None],
                     position_ids=torch.tensor(e.position_ids[sel])[None],
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                 ).logits[0]
                 torch.testing.assert_close(

@@ -4,6 +4,10 @@ and one clear error per bad input, through the CLI (exit 2, one line on stderr) 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from importlib import metadata
 
 import pytest
 import torch
@@ -476,3 +480,24 @@ def test_generate_and_serve_end_at_the_tokenizers_own_eos(dirs, tmp_path):
         assert scheduler.eos_ids == [tok.convert_tokens_to_ids("</s>"), ids[k]]
     finally:
         scheduler.close()
+
+
+def test_bench_sampler_prints_no_third_party_notices(dirs, tmp_path):
+    """A fresh ``fluid bench sampler`` (both loops) shows its own lines only: the versions in its
+    JSON come from the installed packages, not from importing peft / deepspeed (which logged
+    bitsandbytes' 4-bit kernels notice and DeepSpeed's accelerator probe), and no decoder call
+    uses the cache argument transformers deprecated."""
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "ab"}])
+    out = tmp_path / "bench.json"
+    argv = _bench_argv(dirs["model"], src, out, "--batch-sizes", "1", "--policies", "ar")
+    code = "import sys; from fluid_npu.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run_ = subprocess.run(
+        [sys.executable, "-c", code, *argv, "--max-new-tokens", "3"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert run_.returncode == 0, run_.stderr
+    for notice in ("gemm_4bit", "Setting accelerator", "deprecated"):
+        assert notice not in run_.stderr + run_.stdout, run_.stderr
+    versions = json.loads(out.read_text(encoding="utf-8"))["versions"]
+    assert versions["peft"] == metadata.version("peft")

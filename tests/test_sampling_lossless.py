@@ -70,7 +70,7 @@ def cache_probe(monkeypatch):
 
     def fresh_cache(model, seq: list[int]):
         with torch.inference_mode():
-            return model(input_ids=torch.tensor([seq]), use_cache=True).past_key_values
+            return model(input_ids=torch.tensor([seq]), use_cache=True).cache
 
     original = Engine.retire
 

@@ -181,3 +181,22 @@ def test_attention_backends_agree_and_are_restored(backend):
     prompts = [tok("abc def")["input_ids"], tok("z")["input_ids"]]
     assert all(d.tie for d in compare(model, prompts, got.new_tokens, ref.new_tokens))
     assert attention_kind(model) == "sdpa" and "fluid_attn_backend" not in model.config.__dict__
+
+
+@pytest.mark.parametrize("loop", ["fused", "reference"])
+def test_decoding_uses_no_deprecated_transformers_argument(loop, monkeypatch):
+    """transformers 5.24 renamed the decoder's ``past_key_values`` to ``cache`` and warns on the
+    old name (an output's ``.past_key_values`` included) — once per process, in every run a user
+    makes; neither loop may read or pass it."""
+    from transformers.utils import generic
+
+    from fluid_npu.sampling.api import generate
+
+    said: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(msg))
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = build_tiny_model("llama", tok, seed=1)
+    ids = torch.tensor([tok("abcab")["input_ids"]])
+    out = generate(model, tok, ids, policy="fixed:2", loop=loop, max_new_tokens=6, eos_token_id=[])
+    assert out.sequences.shape[1] == ids.shape[1] + 6
+    assert not [m for m in said if "deprecated" in m], said

@@ -126,7 +126,7 @@ def forward_hidden(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     meta: AttnMeta,
-    past_key_values: Any = None,
+    cache: Any = None,
     use_cache: bool = False,
     inputs_embeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any]:
@@ -146,11 +146,11 @@ def forward_hidden(
         inputs_embeds=inputs_embeds,
         attention_mask=mask,
         position_ids=position_ids,
-        cache=past_key_values,
+        cache=cache,
         use_cache=use_cache,
         **kwargs,
     )
-    return out.last_hidden_state, out.past_key_values if use_cache else None
+    return out.last_hidden_state, out.cache if use_cache else None
 
 
 def lm_head(model: PreTrainedModel) -> torch.nn.Module:

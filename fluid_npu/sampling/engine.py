@@ -145,7 +145,7 @@ class Engine:
         meta = self.cache.meta(pos, anchor, n_main)
         with self._rope():  # a dynamic rope at generate's frequencies (support.py)
             hidden, _ = forward_hidden(
-                self.model, ids, pos, meta, past_key_values=self.cache.kv, use_cache=True
+                self.model, ids, pos, meta, cache=self.cache.kv, use_cache=True
             )
         self.cache.appended(pos, anchor)
         self.stats.computed_tokens += ids.numel()
