@@ -159,6 +159,13 @@ def test_a_float16_overflow_on_the_mask_token_leaves_the_committed_tokens_alone(
         ids = torch.tensor([p])
         ref = hf_greedy(model, ids, torch.ones_like(ids), 12, [], tok.pad_token_id)[0]
         assert _engine(model, tok, [p], "fixed:4") == [ref]
+        # the reference loop keeps rejected MASK slots in its cache as hidden entries, which
+        # still reach every query as 0 * NaN unless stored as zeros (it decoded 0s before)
+        out = generate(
+            model, tok, ids, policy="fixed:4", loop="reference", max_new_tokens=12,
+            eos_token_id=[], k_max=4,
+        )  # fmt: skip
+        assert out.sequences[0, ids.shape[1] :].tolist() == ref
 
 
 def test_sampling_from_nan_is_an_error_not_a_token(tok):

@@ -13,9 +13,16 @@ for a committed token, ``PAD`` for anything a query must never see), per row. So
 
 A key's position, not its index, decides causality, so holes and compaction never change what a
 query attends: the cache stays exact and nothing is recomputed.
+
+In float16 a MASK slot's keys or values can overflow (a massive activation past 65504): a hidden
+``PAD`` entry still reaches every query as ``0 * NaN`` in the attention's sums, so float16 entries
+enter the cache with NaN / inf as zero (``_Float16SafeCache``), as the decode engine's slot cache
+does (``kv.py``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -26,11 +33,28 @@ COMPACT_MIN = 16  # holes tolerated before a compaction, and the fraction of the
 COMPACT_FRACTION = 0.125  # ... above which they are squeezed out
 
 
+class _Float16SafeCache(DynamicCache):
+    """A ``DynamicCache`` whose float16 entries are stored, and attended, with NaN / inf as 0."""
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if key_states.dtype == torch.float16:
+            key_states = torch.nan_to_num(key_states, nan=0.0, posinf=0.0, neginf=0.0)
+            value_states = torch.nan_to_num(value_states, nan=0.0, posinf=0.0, neginf=0.0)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
 class RowCache:
     """KV cache of the active rows with ``pos`` / ``anchor`` ``[B, T]`` for every entry."""
 
     def __init__(self, batch: int, device: torch.device) -> None:
-        self.kv = DynamicCache()
+        self.kv = _Float16SafeCache()
         self.pos = torch.zeros((batch, 0), dtype=torch.long, device=device)
         self.anchor = torch.zeros((batch, 0), dtype=torch.long, device=device)
         self._waste_bound = 0  # upper bound of what a compaction would save (see keep_new)
