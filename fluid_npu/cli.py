@@ -1,4 +1,4 @@
-"""The ``fluid`` command (train, merge, generate, bench, eval, demo, serve), one error style.
+"""The ``fluid`` command (train, merge, generate, bench, eval, demo, real, serve), one error style.
 
 A bad input (a ``FluidError``: config, dataset, checkpoint, prompt, flag) prints one line on stderr
 — ``fluid: error: <what is wrong and how to fix it>`` — and exits with status 2; the traceback is

@@ -24,7 +24,10 @@ Time: after the measured step the child repeats the step ``--repeats`` times (gr
 and reports the median wall time (``time.perf_counter`` between device synchronizations); the
 ratio is lce / materialised, both measured in this run.
 
-    python tools/bench_lce_memory.py --json benchmarks/lce_memory.json
+    python tools/bench_lce_memory.py --json OUT.json
+
+(``tools/bench_ops.py`` runs it for the [kernels] report: ``benchmarks/ops_cpu.json``, key
+``lce_memory``.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The [kernels] figures in one report: memory, attention work and speed of the fused paths.
 
-    python tools/bench_ops.py --json outputs/bench/ops.json [--device cuda]
+    python tools/bench_ops.py --json outputs/bench/ops.json [--device accelerator]
 
 * ``lce_peak_mem_ratio`` — peak memory of a Stage I loss step with ``linear_cross_entropy`` ÷ with
   materialised logits (V = 32000, 2048 tokens, hidden 512; ``tools/bench_lce_memory.py``, each

@@ -12,8 +12,8 @@
 # back under $OUT (at most 8 files): engine_gpu_bf16.json (`fluid bench sampler`, batch 1 / 8 /
 # 32, bf16, against transformers' generate and its static cache), engine_gpu_compile.json (the
 # same with the decode step under torch.compile, "reduce-overhead": CUDA graphs), ops_gpu.json
-# (`tools/bench_ops.py --device accelerator`: token_stats vs the naive path, Triton attention vs
-# SDPA), lean_gpu.json (`tools/bench_lean.py`: the eager forward without transformers' modules
+# (`tools/bench_ops.py --device accelerator`: token_stats vs the naive path, and the Triton
+# kernel's tile-work ratio), lean_gpu.json (`tools/bench_lean.py`: the eager forward without transformers' modules
 # against with them, batch 1 / 8), serve_gpu_c16.json (`fluid bench serve`, 16 concurrent clients),
 # cudagraphs_gpu.json (`tools/check_cudagraphs.py`: the compiled step recorded as CUDA graphs, no
 # skip) and run.log.
