@@ -357,6 +357,67 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
         assert _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="400"}')
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_prompt_that_takes_long_to_tokenize_stalls_no_other_stream(chat, monkeypatch):
+    """Tokenizing runs beside the event loop: a 4 MiB text takes seconds to encode, and while
+    one does the streams already running go on (a helper's soak: every stream stood still for
+    2.1 s). Here the tokenization of one request is held until the test releases it."""
+    from fluid_npu.serve import app as app_mod
+
+    name = "chat_ids" if chat else "completion_ids"
+    real, entered, release = getattr(app_mod, name), threading.Event(), threading.Event()
+
+    def held(tokenizer: Any, prompt: Any) -> list[int]:
+        if "HOLD" in json.dumps(prompt):
+            entered.set()
+            release.wait(60)
+        return real(tokenizer, prompt)
+
+    monkeypatch.setattr(app_mod, name, held)
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        try:
+            sched.gate.clear()  # the stream is in flight before the held request comes
+            texts: list[str] = []
+            run = threading.Thread(
+                target=lambda: texts.extend(
+                    ch.choices[0].text
+                    for ch in c.completions.create(
+                        model="tiny", prompt="a", max_tokens=8, stream=True
+                    )
+                )
+            )
+            run.start()
+            _until(lambda: len(sched.requests) == 1, "the stream's request")
+            if chat:
+                msgs = [{"role": "user", "content": "HOLD"}]
+                slow = threading.Thread(
+                    target=lambda: c.chat.completions.create(model="tiny", messages=msgs)
+                )
+            else:
+                slow = threading.Thread(
+                    target=lambda: c.completions.create(model="tiny", prompt="HOLD")
+                )
+            slow.start()
+            assert entered.wait(30)
+            held_from = time.monotonic()  # the held request arrived before this
+            sched.gate.set()
+            _until(lambda: not run.is_alive(), "the stream to end while a prompt is encoded")
+            assert "".join(texts) == expected_text(TOK("a")["input_ids"], 8)
+            assert httpx.get(f"{url}/health").status_code == 200
+            before = _metric(url, "fluid_time_to_first_token_seconds_sum")
+            time.sleep(0.1)  # held a while longer than a step takes
+        finally:
+            release.set()
+        held = time.monotonic() - held_from
+        slow.join(60)
+        assert len(sched.requests) == 2  # the held request went on once encoded
+        # its latencies start when it arrived, not when its tokens were ready (as vLLM's)
+        slow_ttft = _metric(url, "fluid_time_to_first_token_seconds_sum") - before
+        assert slow_ttft >= held
+
+
 def test_api_key():
     with serving(ScriptedScheduler(), api_key="s3cret") as (url, _, _):
         for key in ("wrong", "none"):

@@ -92,9 +92,12 @@ class Worker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
-    async def submit(self, request_id: str, prompt: list[int], **fields: Any) -> Stream:
+    async def submit(
+        self, request_id: str, prompt: list[int], arrived: float | None = None, **fields: Any
+    ) -> Stream:
         """Queue a request (``fields``: the rest of the scheduler's ``Request``); returns its
-        ``Stream`` once the scheduler took it, else raises an ``APIError``."""
+        ``Stream`` once the scheduler took it, else raises an ``APIError``. ``arrived``: when the
+        request reached the server (``time.monotonic``; default now), where its latencies start."""
         if self.draining:
             raise APIError("the server is shutting down", status=503, type="server_error")
         if not self.alive:
@@ -102,6 +105,8 @@ class Worker:
         req = Request(request_id=request_id, prompt=prompt, **fields)
         loop = asyncio.get_running_loop()
         stream = Stream(request_id, len(prompt))
+        if arrived is not None:
+            stream.submitted_at = arrived
         accepted = loop.create_future()
         self.outstanding += 1
         self.inbox.put(_Submit(req, stream, accepted))
