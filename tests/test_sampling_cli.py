@@ -369,6 +369,46 @@ def test_bench_sampler_in_bf16(dirs, tmp_path):
     assert report["dtype"] == "bfloat16" and report["mismatches"] == 0
 
 
+def test_no_adaptive_drafting_reaches_every_engine_of_generate_bench_and_eval(
+    dirs, tmp_path, monkeypatch
+):
+    """``--no-adaptive-drafting`` (as on ``fluid serve``): the engines run with the draft budget
+    off — TPF independent of the machine's speed — and the reports say so."""
+    from fluid_npu.sampling.scheduler import Scheduler
+
+    seen: list[bool] = []
+    init = Scheduler.__init__
+
+    def spy(self, *a, **k):
+        seen.append(k.get("adaptive", True))
+        init(self, *a, **k)
+
+    monkeypatch.setattr(Scheduler, "__init__", spy)
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "count 1 to 5"}, {"prompt": "ab"}])
+    out = tmp_path / "bench.json"
+    argv = _bench_argv(dirs["model"], src, out, "--batch-sizes", "2", "--loops", "fused")
+    flags = ["--policies", "fixed:4", "--max-new-tokens", "6", "--no-adaptive-drafting"]
+    assert main([*argv, *flags]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["adaptive_drafting"] is False and "--no-adaptive-drafting" in report["command"]
+    assert seen and not any(seen)
+    seen.clear()
+    gen = ["generate", "--model", dirs["model"], "--prompts", src, "--max-new-tokens", "4"]
+    assert main([*gen, "--output", str(tmp_path / "o.jsonl"), "--no-adaptive-drafting"]) == 0
+    assert seen and not any(seen)
+    seen.clear()
+    ev = tmp_path / "eval.json"
+    data = _write_prompts(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
+    evargs = ["eval", "--model", dirs["model"], "--task", "gsm8k", "--data", data, "--policy"]
+    evargs += ["fixed:4", "--max-new-tokens", "4", "--json", str(ev), "--no-adaptive-drafting"]
+    assert main(evargs) == 0
+    assert seen and not any(seen)
+    assert "--no-adaptive-drafting" in json.loads(ev.read_text(encoding="utf-8"))["command"]
+    seen.clear()
+    assert main([*argv, "--policies", "ar", "--max-new-tokens", "2"]) == 0  # the default: on
+    assert all(seen) and json.loads(out.read_text(encoding="utf-8"))["adaptive_drafting"]
+
+
 def test_bad_dtype_is_one_clear_error(dirs, tmp_path, capsys):
     src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "ab"}])
     assert main(_bench_argv(dirs["model"], src, tmp_path / "o.json", "--dtype", "fp8")) == 2

@@ -46,6 +46,7 @@ EVAL_KEYS = (
     "chat",
     "dtype",
     "compile",
+    "no_adaptive_drafting",
 )
 
 

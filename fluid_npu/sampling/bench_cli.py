@@ -52,6 +52,7 @@ BENCH_KEYS = (
     "device",
     "dtype",
     "compile",
+    "no_adaptive_drafting",
     "chat",
 )
 

@@ -124,6 +124,7 @@ def build_report(
         "speedup_vs_generate": by_batch,
         "overhead_efficiency": efficiency,
         "dtype": str(dtype).removeprefix("torch."),
+        "adaptive_drafting": (s.gen_kwargs.get("engine_kwargs") or {}).get("adaptive", True),
         "speedup_b1": best_lossless(rows, "speedup", 1),
         "speedup_b8": best_lossless(rows, "speedup", 8),
         "mismatches": sum(len(r["mismatches"]) for r in rows),

@@ -66,6 +66,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "accelerator): slower first steps, faster ones after",
     )
     p.add_argument(
+        "--no-adaptive-drafting",
+        action="store_true",
+        help="fused loop: every step drafts the policy's blocks (the draft budget off: no choices "
+        "from measured step costs): the same TPF on any machine, not the fastest",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         help="auto (the checkpoint's) | float32 | bfloat16 | float16: the dtype the model runs in",
@@ -148,14 +154,19 @@ def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
 
 def gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The sampler keywords the flags set (``k_max``, ``anchors``, ``attn_backend``, and the
-    engine's ``compile``)."""
+    engine's ``compile`` and ``adaptive``)."""
     out: dict[str, Any] = {
         "k_max": args.k_max,
         "anchors": args.anchors,
         "attn_backend": args.attn_backend,
     }
+    engine: dict[str, Any] = {}
     if getattr(args, "compile", False):
-        out["engine_kwargs"] = {"compile": True}
+        engine["compile"] = True
+    if getattr(args, "no_adaptive_drafting", False):
+        engine["adaptive"] = False
+    if engine:
+        out["engine_kwargs"] = engine
     return out
 
 
