@@ -22,8 +22,10 @@
 # LOCAL_RANK and joins hccl (NPU) / nccl (CUDA) / gloo (CPU) through transformers' Trainer.
 # HCCL defaults, exported when unset: HCCL_CONNECT_TIMEOUT=1200 s (link set-up; CANN's default is
 # 120 s, allowed 120-7200; raised because ranks that load a 7B checkpoint at different speeds reach
-# the first collective minutes apart) and HCCL_EXEC_TIMEOUT=1800 s (CANN's default: how long ranks
-# wait for each other in a collective, e.g. while rank 0 writes a checkpoint).
+# the first collective minutes apart) and HCCL_EXEC_TIMEOUT=1800 s (how long ranks wait for each
+# other in a collective, e.g. while rank 0 writes a checkpoint; CANN's default was 1800 s up to
+# 6.3 and is 1836 s from 7.0, so the bound is the same on every release; CANN clamps it to 1091 s
+# in its AIV expansion mode).
 # FLUID_DRY_RUN=1 prints the torchrun command and the HCCL settings instead of running them.
 set -eo pipefail
 

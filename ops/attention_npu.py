@@ -19,21 +19,15 @@ opened to every key and zeroed afterwards, the same rule as the other back ends.
 torch_npu is reached only through ``fluid_ops.dispatch.load_torch_npu()`` so tests can inject a CPU
 emulation of the documented semantics and check the exact arguments.
 
-Argument names that changed between torch_npu releases are read from the installed op, never
-assumed: the inference op's scale is ``scale_value`` up to torch_npu 6.0.x and ``scale`` from 7.0
-(``npu_fusion_attention`` has always said ``scale``; nothing else we pass was renamed between 2.1
-and the newest docs). ``keyword_for`` looks at the op's Python signature, then its schema under
-``torch.ops.npu``, then the prototype in its docstring, and as a last resort calls it and keeps
-the spelling that it accepts.
+Both ops take the softmax scale as ``scale`` in every torch_npu release that has them (op-plugin's
+``op_plugin_functions.yaml``, 6.0.rc1 to master; ``scale_value`` belongs to the older
+``npu_prompt_flash_attention`` / ``npu_incre_flash_attention``, which we do not call), so it is
+passed by that name.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
-from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
 import torch
 
@@ -112,84 +106,20 @@ def _infer(
 ) -> torch.Tensor:
     # every layer of a decoding step shares the metadata: one mask per step (``cached_plan``)
     masked_out, keep = cached_plan(meta, ("npu_infer", str(q.device)), lambda: _infer_mask(meta))
-    op = npu.npu_fused_infer_attention_score
-    kwargs: dict[str, Any] = dict(
+    out, _lse = npu.npu_fused_infer_attention_score(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
         atten_mask=masked_out,  # B1SS, True = masked out
         num_heads=q.shape[1],
         num_key_value_heads=k.shape[1],
+        scale=scale,
         input_layout="BNSD",
         sparse_mode=EXPLICIT_MASK,
     )
-    args = (q.contiguous(), k.contiguous(), v.contiguous())
-    out, _lse = call_renamed(op, INFER_SCALE, scale, args, kwargs)
     return zero_rows(out, keep)
 
 
 def _infer_mask(meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor]:
     mask, keep = safe_mask(visibility(meta))
     return (~mask)[:, None], keep  # B1SS, True = masked out
-
-
-# The inference op's scale keyword: torch_npu >= 7.0 first, then the 6.0.x spelling.
-INFER_SCALE = ("scale", "scale_value")
-_KEYWORDS: dict[tuple[Any, tuple[str, ...]], str] = {}  # (op, spellings) -> the one it takes
-
-
-def keyword_for(op: Callable[..., Any], spellings: tuple[str, ...]) -> str | None:
-    """Which of ``spellings`` the installed ``op`` takes, from what it says about itself.
-
-    None when neither its signature, its ``torch.ops.npu`` schema nor its docstring tells.
-    """
-    try:
-        params = inspect.signature(op).parameters
-    except (TypeError, ValueError):  # a builtin without a text signature
-        params = {}
-    named = [p for p in params.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if named:
-        names = {p.name for p in named}
-        return next((s for s in spellings if s in names), None)
-    schema_names = _schema_argument_names(getattr(op, "__name__", ""))
-    if schema_names:
-        return next((s for s in spellings if s in schema_names), None)
-    doc = getattr(op, "__doc__", None) or ""
-    return next((s for s in spellings if re.search(rf"\b{s}\s*=", doc)), None)
-
-
-def _schema_argument_names(name: str) -> set[str]:
-    """Argument names of ``torch.ops.npu.<name>`` (empty when there is no such op)."""
-    try:
-        packet = getattr(torch.ops.npu, name)
-        return {a.name for a in packet.default._schema.arguments}
-    except Exception:  # no npu namespace (torch_npu not loaded) or no such overload
-        return set()
-
-
-def call_renamed(
-    op: Callable[..., Any],
-    spellings: tuple[str, ...],
-    value: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    """``op(*args, **kwargs, <name>=value)`` with ``<name>`` the spelling the installed op takes.
-
-    The spelling is resolved once per op (``keyword_for``); when the op does not say, each
-    spelling is tried in turn and the one it accepts is remembered.
-    """
-    key = (getattr(op, "__func__", op), spellings)  # a bound method: its function
-    name = _KEYWORDS.get(key) or keyword_for(op, spellings)
-    if name is not None:
-        _KEYWORDS[key] = name
-        return op(*args, **kwargs, **{name: value})
-    errors = []
-    for candidate in spellings:
-        try:
-            result = op(*args, **kwargs, **{candidate: value})
-        except TypeError as exc:  # an unknown keyword: try the next spelling
-            if candidate not in str(exc):
-                raise
-            errors.append(str(exc))
-            continue
-        _KEYWORDS[key] = candidate
-        return result
-    raise TypeError(f"{getattr(op, '__name__', op)} takes none of {spellings}: {errors}")

@@ -5,8 +5,8 @@
   ``npu`` back end when asked for.
 * MindSpeed is optional and imported lazily; its absence is a clear ConfigError.
 * The openPangu-7B recipes load and ship valid ZeRO-2 JSON.
-* torch_npu's fused layer kernels: ``test_npu_fused_layers``; its renamed arguments:
-  ``test_npu_versions``.
+* torch_npu's fused layer kernels: ``test_npu_fused_layers``; the attention ops' argument names
+  in every release's schema: ``test_npu_real_ops``.
 """
 
 from __future__ import annotations

@@ -288,10 +288,10 @@ class FakeTorchNpu(types.ModuleType):
         else:
             assert sparse_mode == 0, "only the explicit-mask mode is emulated"
             assert atten_mask.dtype in (torch.bool, torch.int8, torch.uint8)
-            ok = {(sq, skv), (b, sq, skv), (1, sq, skv), (b, 1, sq, skv), (1, 1, sq, skv)}
-            if sq == 1:
-                ok = {(b, skv), (b, 1, skv), (b, 1, 1, skv)}
-            assert tuple(atten_mask.shape) in ok, f"mask shape {tuple(atten_mask.shape)}"
+            # the one shape every release takes (torch_npu 6.0.0's docs allow only B1SS; later
+            # ones add (1, Sq, Skv), 11SS and per-Sq special cases, never (B, Sq, Skv))
+            shape = tuple(atten_mask.shape)
+            assert shape == (b, 1, sq, skv), f"mask shape {shape}: only (B, 1, Sq, Skv)"
             masked = atten_mask.bool().reshape(-1, 1, sq, skv)
         masked = masked.expand(b, n, sq, skv)
         self._check_rows(masked, inner_precise)
