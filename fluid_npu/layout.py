@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -209,7 +209,7 @@ def collate(examples: Sequence[Expanded], pad_id: int) -> Batch:
     return Batch(ids, labels, pos, anchor, slot, n_main)
 
 
-def noise_vocabulary(tokenizer, vocab_size: int) -> np.ndarray:
+def noise_vocabulary(tokenizer: Any, vocab_size: int) -> np.ndarray:
     """Token ids a noisy revealed slot may take: the whole vocabulary except special tokens."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})

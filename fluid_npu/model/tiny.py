@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -53,7 +59,7 @@ def build_tiny_tokenizer(
     return tok
 
 
-def tiny_config(arch: str, vocab_size: int, **overrides: object):
+def tiny_config(arch: str, vocab_size: int, **overrides: object) -> PretrainedConfig:
     """A ~100k-parameter config of ``arch`` (GQA: 4 query heads, 2 KV heads, head dim 16)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
