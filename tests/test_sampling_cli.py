@@ -219,6 +219,38 @@ def test_output_paths_and_prompt_rows_are_checked_before_loading(dirs, tmp_path,
         assert len(err) == 1 and fragment in err[0], (argv, err)
 
 
+def test_generate_reads_chat_conversations(dirs, tmp_path, capsys):
+    """A ``messages`` line (system prompt, earlier turns) decodes from the chat template's
+    rendering, as the server's chat route and vLLM's ``LLM.chat``: the same tokens as the ids of
+    that rendering given as ``input_ids``; the row keeps its messages."""
+    tok = FluidForCausalLM.from_pretrained(dirs["model"]).tokenizer
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count"}]
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"]
+    src = _write_prompts(tmp_path / "c.jsonl", [{"messages": chat}, {"input_ids": list(ids)}])
+    out = tmp_path / "c_out.jsonl"
+    base = ["generate", "--model", dirs["model"], "--max-new-tokens", "5", "--policy", "fixed:3"]
+    assert main([*base, "--prompts", src, "--output", str(out), "--batch-size", "2"]) == 0
+    conv, plain = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert conv["messages"] == chat and conv["prompt"] is None
+    assert conv["token_ids"] == plain["token_ids"] and conv["text"] == plain["text"]
+    bad = {
+        "not a list": ({"messages": "hi"}, "non-empty list"),
+        "no role": ({"messages": [{"content": "hi"}]}, 'messages[0] needs a "role"'),
+        "an image": (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "text parts",
+        ),
+        "extra key": ({"messages": [{"role": "user", "content": "x", "tool": 1}]}, "['tool']"),
+        "two prompts": ({"prompt": "a", "messages": chat}, "give one of prompt / messages"),
+    }
+    capsys.readouterr()
+    for case, (row, fragment) in bad.items():  # each refused before the model loads
+        bad_src = _write_prompts(tmp_path / "bad.jsonl", [{"prompt": "ok"}, row])
+        assert main([*base, "--prompts", bad_src, "--output", str(out)]) == 2, case
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "bad.jsonl:2" in err[0] and fragment in err[0], (case, err)
+
+
 def test_one_prompt_with_output_is_written_and_ids_rows_may_label_the_prompt(dirs, tmp_path):
     out = tmp_path / "one.jsonl"
     base = ["generate", "--model", dirs["model"], "--max-new-tokens", "4", "--output", str(out)]

@@ -58,7 +58,7 @@ def test_bench_serve_flag_errors(capsys, tmp_path):
     assert "--dtype, --max-batch, --compile configure" in msg
     bad = _prompts(tmp_path, [{"text": "abc"}])
     msg = _error(capsys, ["bench", "serve", "--prompts", bad, "--json", "r", "--url", "http://x"])
-    assert 'prompts.jsonl:1: each line needs "prompt"' in msg
+    assert 'prompts.jsonl:1: each line needs "prompt" (text) or "messages"' in msg
     assert not (tmp_path / "r.json").exists()
 
 
@@ -84,6 +84,24 @@ def test_bench_serve_against_a_running_server(tmp_path, capsys):
     assert all(r[k]["p50"] is not None for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"))
     assert report["command"].startswith("fluid bench serve --url")
     assert "| server |" in capsys.readouterr().out
+
+
+def test_bench_serve_sends_conversations_to_the_chat_route(tmp_path):
+    """A ``messages`` line (as ``fluid generate`` reads it) is sent as that conversation."""
+    from fluid_npu.serve.text import chat_ids
+
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "hello"}]
+    prompts = _prompts(tmp_path, [{"messages": chat}, {"prompt": "abc"}])
+    out = tmp_path / "report.json"
+    sched = ScriptedScheduler(max_batch=2)
+    with serving(sched) as (url, _, _):
+        argv = ["bench", "serve", "--url", url, "--prompts", prompts, "--json", str(out),
+                "--num-requests", "2", "--max-tokens", "8", "--warmup", "0",
+                "--rounds", "1"]  # fmt: skip
+        assert main(argv) == 0
+    assert json.loads(out.read_text())["results"]["server"]["completed"] == 2
+    sent = sorted(r.prompt for r in sched.requests)
+    assert sent == sorted([chat_ids(TOK, chat), TOK("abc")["input_ids"]])
 
 
 @pytest.mark.slow

@@ -172,6 +172,20 @@ def test_prompt_encoding_matches_fluid_generate(tok):
         chat_ids(plain, [{"role": "user", "content": "hi"}])
 
 
+def test_a_conversation_encodes_offline_as_the_chat_route_encodes_it(tok):
+    """A ``messages`` line of ``fluid generate`` / ``fluid bench sampler`` is what the server's
+    chat route renders for the same messages: text parts joined one per line, names kept."""
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "ok", "name": "bot"},
+        {"role": "user", "content": "again"},
+    ]
+    served = chat_ids(tok, parse_chat({"messages": messages}).messages)
+    assert encode_prompt(tok, {"messages": messages}).ids == served
+    assert "<|im_start|>user\na\nb<|im_end|>" in tok.decode(served)
+
+
 def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 

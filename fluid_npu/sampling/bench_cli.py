@@ -11,7 +11,13 @@ import argparse
 import sys
 
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.cli import add_model_args, check_common, command_line, gen_kwargs
+from fluid_npu.sampling.cli import (
+    PROMPTS_HELP,
+    add_model_args,
+    check_common,
+    command_line,
+    gen_kwargs,
+)
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +25,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     targets = p.add_subparsers(dest="target", metavar="TARGET", parser_class=type(p))
     s = targets.add_parser("sampler", help="policies x loops vs transformers' greedy generate")
     add_model_args(s)
-    s.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'input_ids' per line")
+    s.add_argument("--prompts", required=True, help=PROMPTS_HELP)
     s.add_argument("--json", required=True, help="where the JSON report is written")
     s.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
     s.add_argument("--policies", default=None, help="comma-separated (default: ar,fixed:4,...)")

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from fluid_npu.sampling.pretrained import FluidForCausalLM
 
 
+PROMPTS_HELP = "JSONL with 'prompt' (text), 'input_ids' or 'messages' (a chat) per line"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags every sampler command shares: model, adapter, K-head, sampler and device."""
     p.add_argument("--model", required=True, help="base (or merged) HF model directory")
@@ -89,7 +92,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="entropy", help="ar | fixed:K | entropy[:T] | khead")
     p.add_argument("--loop", default="fused", choices=("fused", "reference"))
     p.add_argument("--prompt", default=None, help="one prompt, streamed to the terminal")
-    p.add_argument("--prompts", default=None, help="JSONL with 'prompt' or 'input_ids' per line")
+    p.add_argument("--prompts", default=None, help=PROMPTS_HELP)
     p.add_argument("--output", default=None, help="JSONL to write (with --prompts)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     p.add_argument(
@@ -269,8 +272,10 @@ def generate_command(args: argparse.Namespace) -> int:
         st, out = fluid.last_stats, fluid.last_output
         for i, p in enumerate(chunk):
             new = out.new_tokens[i]
+            given = lines[start + i][1]
             row = {
                 "prompt": p.text,
+                **({"messages": given["messages"]} if "messages" in given else {}),
                 "text": output_text(tok, p.ids, new, eos_ids),  # as fluid serve returns it
                 "token_ids": new,
                 "forwards": st.row_forwards[i],

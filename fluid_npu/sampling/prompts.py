@@ -2,9 +2,13 @@
 
 ``read_jsonl`` reads any JSONL file line by line (errors name the file and line). A line of a
 prompts file holds ``"prompt"`` (text, tokenized as the tokenizer does by default, or through its
-chat template with ``chat=True``) or ``"input_ids"`` (a list of token ids, used as given). Bad
-lines are ``DataError``s naming the file and line. Output JSONL is written atomically (a temporary
-file beside the target, then a rename), so a crash never leaves half a file behind.
+chat template with ``chat=True``), ``"input_ids"`` (a list of token ids, used as given) or
+``"messages"`` (a conversation in the OpenAI chat format — ``role``, ``content`` as text or text
+parts, optional ``name`` — rendered by the tokenizer's chat template with the assistant turn opened,
+as ``fluid serve``'s chat route and vLLM's ``LLM.chat`` do; system prompts and earlier turns
+included). Bad lines are ``DataError``s naming the file and line. Output JSONL is written
+atomically (a temporary file beside the target, then a rename), so a crash never leaves half a file
+behind.
 ``quiet_loading`` keeps transformers' progress bars off stderr while the commands load a model.
 """
 
@@ -53,19 +57,30 @@ def read_jsonl(path: str | Path, what: str = "prompts") -> list[tuple[int, Any]]
     return rows
 
 
+PROMPT_KEYS = ("prompt", "input_ids", "messages")  # what a prompts line may hold
+
+
 def read_prompt_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of a prompts JSONL file (each row with ``prompt`` or
-    ``input_ids``): errors about a row name its line, blank lines counted."""
+    """``(line number, row)`` of a prompts JSONL file (each row with ``prompt``, ``input_ids`` or
+    ``messages``): errors about a row name its line, blank lines counted."""
     rows = []
     for n, row in read_jsonl(path, "prompts"):
-        if not isinstance(row, dict) or ("prompt" not in row and "input_ids" not in row):
-            raise DataError(f'{path}:{n}: each line needs "prompt" (text) or "input_ids" (ids)')
+        if not isinstance(row, dict) or not any(k in row for k in PROMPT_KEYS):
+            raise DataError(
+                f'{path}:{n}: each line needs "prompt" (text), "input_ids" (ids) or "messages" '
+                "(a chat conversation)"
+            )
+        given = [k for k in PROMPT_KEYS if k in row and (k != "prompt" or "input_ids" not in row)]
+        if len(given) > 1:  # (a "prompt" beside "input_ids" is that line's label)
+            raise DataError(f"{path}:{n}: give one of {' / '.join(given)} per line, not both")
+        if "messages" in row:  # checked here, before any model is loaded
+            chat_messages(row["messages"], f"{path}:{n}")
         rows.append((n, row))
     return rows
 
 
 def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a prompts JSONL file (each with ``prompt`` or ``input_ids``)."""
+    """The rows of a prompts JSONL file (each with ``prompt``, ``input_ids`` or ``messages``)."""
     return [row for _, row in read_prompt_lines(path)]
 
 
@@ -74,6 +89,8 @@ def empty_prompt(row: dict[str, Any]) -> bool:
     label), else its text."""
     if "input_ids" in row:
         return row["input_ids"] == []
+    if "messages" in row:
+        return row["messages"] == []
     return str(row.get("prompt", "")).strip() == ""
 
 
@@ -92,6 +109,11 @@ def encode_prompt(
                 f"{where}: token id {max(ids)} is outside the vocabulary ({len(tokenizer)})"
             )
         return Prompt(row.get("prompt"), list(ids))
+    if "messages" in row:
+        messages = chat_messages(row["messages"], where)
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f'{where}: a "messages" line needs a tokenizer with a chat template')
+        return Prompt(None, chat_template_ids(tokenizer, messages))
     text = row["prompt"]
     if not isinstance(text, str):
         raise DataError(f"{where}: prompt must be a string")
@@ -102,6 +124,46 @@ def encode_prompt(
             raise DataError("--chat needs a tokenizer with a chat template; this one has none")
         return Prompt(text, chat_template_ids(tokenizer, [{"role": "user", "content": text}]))
     return Prompt(text, [int(t) for t in tokenizer(text)["input_ids"]])
+
+
+def join_text_parts(content: str | list[dict[str, Any]]) -> str:
+    """A message's text: its string, or its text parts one per line (vLLM's join)."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part["text"] for part in content)
+
+
+def chat_messages(value: Any, where: str) -> list[dict[str, str]]:
+    """A ``messages`` line as the chat template takes it: each message's ``role``, its text (a
+    string, or ``{"type": "text", "text": ...}`` parts joined one per line) and its ``name`` where
+    given — what ``fluid serve``'s chat route hands the template for the same messages."""
+    if not isinstance(value, list) or not value:
+        raise PromptError(f'{where}: "messages" must be a non-empty list of chat messages')
+    out = []
+    for i, m in enumerate(value):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise DataError(f'{at} needs a "role" (e.g. "system", "user", "assistant")')
+        unknown = set(m) - {"role", "content", "name"}
+        if unknown:
+            raise DataError(f"{at} has {sorted(unknown)}; a message holds role, content, name")
+        content = m.get("content")
+        parts_ok = isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        )
+        if not isinstance(content, str) and not parts_ok:
+            raise DataError(
+                f'{at}: "content" must be text or a list of text parts '
+                '({"type": "text", "text": ...}); only text is read'
+            )
+        message = {"role": m["role"], "content": join_text_parts(content)}
+        if "name" in m:
+            if not isinstance(m["name"], str):
+                raise DataError(f'{at}: "name" must be text')
+            message["name"] = m["name"]
+        out.append(message)
+    return out
 
 
 def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -80,14 +80,24 @@ class ServeBenchSettings:
             raise ConfigError("--policies needs servers started here (--model), not --url")
 
 
-def read_prompts(path: str) -> list[str]:
-    """The ``prompt`` texts of a JSONL file (errors name the file and line)."""
-    from fluid_npu.sampling.prompts import read_jsonl
+Prompt = str | list[dict[str, str]]  # a text, or a conversation (chat messages)
 
-    out = []
+
+def read_prompts(path: str) -> list[Prompt]:
+    """The prompts of a JSONL file: each line's ``prompt`` text, or its ``messages`` (a
+    conversation, sent to the chat route; ``fluid generate`` reads the same lines). Errors name
+    the file and line."""
+    from fluid_npu.sampling.prompts import chat_messages, read_jsonl
+
+    out: list[Prompt] = []
     for n, row in read_jsonl(path, "prompts"):
+        if isinstance(row, dict) and "messages" in row and "prompt" not in row:
+            out.append(chat_messages(row["messages"], f"{path}:{n}"))
+            continue
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise DataError(f'{path}:{n}: each line needs "prompt" (text)')
+            raise DataError(
+                f'{path}:{n}: each line needs "prompt" (text) or "messages" (a conversation)'
+            )
         out.append(row["prompt"])
     return out
 
@@ -100,10 +110,12 @@ def _pct(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
 
 
 async def _one(
-    client: httpx.AsyncClient, s: ServeBenchSettings, model: str, prompt: str
+    client: httpx.AsyncClient, s: ServeBenchSettings, model: str, prompt: Prompt
 ) -> dict[str, Any]:
     """One streamed request; its timings, text, usage and error (if any)."""
-    if s.chat:
+    if isinstance(prompt, list):  # a conversation: the chat route, --chat or not
+        path, body = "/v1/chat/completions", {"messages": prompt}
+    elif s.chat:
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
     else:
         path, body = "/v1/completions", {"prompt": prompt}
@@ -147,7 +159,7 @@ async def _one(
 
 
 async def _load(
-    url: str, s: ServeBenchSettings, model: str, jobs: list[tuple[int, str]], seed: int
+    url: str, s: ServeBenchSettings, model: str, jobs: list[tuple[int, Prompt]], seed: int
 ) -> tuple[list[dict[str, Any]], float]:
     """Send ``jobs`` (index, prompt) with Poisson arrivals; their records and the wall time."""
     limits = httpx.Limits(max_connections=s.concurrency + 4)
@@ -157,7 +169,7 @@ async def _load(
     ) as client:
         gate = asyncio.Semaphore(s.concurrency)
 
-        async def send(prompt: str) -> dict[str, Any]:
+        async def send(prompt: Prompt) -> dict[str, Any]:
             async with gate:
                 return await _one(client, s, model, prompt)
 
@@ -244,7 +256,9 @@ def split_rounds(jobs: list[Any], rounds: int) -> list[list[Any]]:
     return [jobs[a:b] for a, b in itertools.pairwise(cuts)]
 
 
-def run_rounds(urls: dict[str, str], s: ServeBenchSettings, prompts: list[str]) -> dict[str, Any]:
+def run_rounds(
+    urls: dict[str, str], s: ServeBenchSettings, prompts: list[Prompt]
+) -> dict[str, Any]:
     """Warm every server, then load them in turn, ``rounds`` times, and summarise each.
 
     Every server gets the same requests in the same order and arrival times; interleaving the
