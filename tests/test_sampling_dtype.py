@@ -168,6 +168,20 @@ def test_a_float16_overflow_on_the_mask_token_leaves_the_committed_tokens_alone(
         assert out.sequences[0, ids.shape[1] :].tolist() == ref
 
 
+@pytest.mark.parametrize("policy", ["ar", "fixed:4"])
+def test_the_reference_loop_keeps_a_main_tokens_own_overflow_as_transformers_does(policy, tok):
+    # only hidden entries (MASK slots, padding) are stored as zeros: a prompt token that overflows
+    # poisons its row as in transformers' generate, never turns into plausible other tokens
+    model = _overflowing(tok, "Z")
+    ids = torch.tensor([tok("a long request Z that overflows")["input_ids"]])
+    ref = hf_greedy(model, ids, torch.ones_like(ids), 12, [], tok.pad_token_id)[0]
+    out = generate(
+        model, tok, ids, policy=policy, loop="reference", max_new_tokens=12, eos_token_id=[],
+        k_max=4,
+    )  # fmt: skip
+    assert out.sequences[0, ids.shape[1] :].tolist() == ref
+
+
 def test_sampling_from_nan_is_an_error_not_a_token(tok):
     # transformers' sampling refuses NaN / inf probabilities; the engine ends that request (no
     # token drawn from NaN) and run_requests says why, naming the request and the fix

@@ -15,9 +15,10 @@ A key's position, not its index, decides causality, so holes and compaction neve
 query attends: the cache stays exact and nothing is recomputed.
 
 In float16 a MASK slot's keys or values can overflow (a massive activation past 65504): a hidden
-``PAD`` entry still reaches every query as ``0 * NaN`` in the attention's sums, so float16 entries
-enter the cache with NaN / inf as zero (``_Float16SafeCache``), as the decode engine's slot cache
-does (``kv.py``).
+entry still reaches every query as ``0 * NaN`` in the attention's sums, so the float16 entries of
+everything but main tokens (MASK slots, padding) enter the cache with NaN / inf as zero
+(``_Float16SafeCache``). A main token's own overflow is kept as it is: it poisons its row exactly
+as it does in transformers' ``generate`` (the decode engine ends such a request as an error).
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from fluid_ops.meta import PAD, AttnMeta
+from fluid_ops.meta import MAIN, PAD, AttnMeta
 
 COMPACT_MIN = 16  # holes tolerated before a compaction, and the fraction of the cache ...
 COMPACT_FRACTION = 0.125  # ... above which they are squeezed out
 
 
 class _Float16SafeCache(DynamicCache):
-    """A ``DynamicCache`` whose float16 entries are stored, and attended, with NaN / inf as 0."""
+    """A ``DynamicCache`` whose float16 entries other than main tokens are stored, and attended,
+    with NaN / inf as 0; ``anchor`` is the kinds of the entries the current forward adds."""
+
+    anchor: torch.Tensor | None = None  # [B, W] of the forward under way (RowCache.meta sets it)
 
     def update(
         self,
@@ -44,9 +48,10 @@ class _Float16SafeCache(DynamicCache):
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if key_states.dtype == torch.float16:
-            key_states = torch.nan_to_num(key_states, nan=0.0, posinf=0.0, neginf=0.0)
-            value_states = torch.nan_to_num(value_states, nan=0.0, posinf=0.0, neginf=0.0)
+        if key_states.dtype == torch.float16 and self.anchor is not None:
+            hidden = (self.anchor != MAIN)[:, None, :, None]  # [B, 1, W, 1]
+            key_states = torch.where(hidden & ~key_states.isfinite(), 0.0, key_states)
+            value_states = torch.where(hidden & ~value_states.isfinite(), 0.0, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
@@ -65,6 +70,7 @@ class RowCache:
 
     def meta(self, q_pos: torch.Tensor, q_anchor: torch.Tensor, n_main: int | None) -> AttnMeta:
         """Metadata for new tokens ``[B, W]`` attending the cache followed by themselves."""
+        self.kv.anchor = q_anchor
         return AttnMeta(
             q_pos,
             q_anchor,
