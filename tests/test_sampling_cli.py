@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -241,6 +242,7 @@ def test_generate_reads_chat_conversations(dirs, tmp_path, capsys):
             "text parts",
         ),
         "extra key": ({"messages": [{"role": "user", "content": "x", "tool": 1}]}, "['tool']"),
+        "a tool turn": ({"messages": [{"role": "tool", "content": "x"}]}, "one of system, "),
         "two prompts": ({"prompt": "a", "messages": chat}, "give one of prompt / messages"),
     }
     capsys.readouterr()
@@ -249,6 +251,21 @@ def test_generate_reads_chat_conversations(dirs, tmp_path, capsys):
         assert main([*base, "--prompts", bad_src, "--output", str(out)]) == 2, case
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "bad.jsonl:2" in err[0] and fragment in err[0], (case, err)
+    # "name": null is no name (as the server reads it); a template's own refusal is one line too
+    named = _write_prompts(tmp_path / "n.jsonl", [{"messages": [{**chat[1], "name": None}]}])
+    assert main([*base, "--prompts", named, "--output", str(out)]) == 0
+    strict = tmp_path / "strict"
+    shutil.copytree(dirs["model"], strict)
+    config = json.loads((strict / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = "{{ raise_exception('roles must alternate user/assistant') }}"
+    (strict / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    for template in strict.glob("chat_template.jinja"):
+        template.write_text(config["chat_template"], encoding="utf-8")
+    capsys.readouterr()
+    argv = ["generate", "--model", str(strict), "--prompts", src, "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "c.jsonl:1: the chat template rejected the messages: roles must alternate" in err
 
 
 def test_one_prompt_with_output_is_written_and_ids_rows_may_label_the_prompt(dirs, tmp_path):

@@ -58,7 +58,10 @@ def test_bench_serve_flag_errors(capsys, tmp_path):
     assert "--dtype, --max-batch, --compile configure" in msg
     bad = _prompts(tmp_path, [{"text": "abc"}])
     msg = _error(capsys, ["bench", "serve", "--prompts", bad, "--json", "r", "--url", "http://x"])
-    assert 'prompts.jsonl:1: each line needs "prompt" (text) or "messages"' in msg
+    assert 'prompts.jsonl:1: each line needs "prompt" (text), "input_ids"' in msg
+    ids = _prompts(tmp_path, [{"input_ids": [1, 2]}])
+    msg = _error(capsys, ["bench", "serve", "--prompts", ids, "--json", "r", "--url", "http://x"])
+    assert 'fluid bench serve sends text: each line needs "prompt"' in msg
     assert not (tmp_path / "r.json").exists()
 
 

@@ -184,6 +184,13 @@ def test_a_conversation_encodes_offline_as_the_chat_route_encodes_it(tok):
     served = chat_ids(tok, parse_chat({"messages": messages}).messages)
     assert encode_prompt(tok, {"messages": messages}).ids == served
     assert "<|im_start|>user\na\nb<|im_end|>" in tok.decode(served)
+    # the roles a line may give are the chat route's
+    from typing import get_args
+
+    from fluid_npu.sampling.prompts import CHAT_ROLES
+    from fluid_npu.serve.protocol import Message
+
+    assert get_args(Message.model_fields["role"].annotation) == CHAT_ROLES
 
 
 def _ids(tok, text: str) -> list[int]:

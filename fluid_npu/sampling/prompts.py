@@ -113,7 +113,7 @@ def encode_prompt(
         messages = chat_messages(row["messages"], where)
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f'{where}: a "messages" line needs a tokenizer with a chat template')
-        return Prompt(None, chat_template_ids(tokenizer, messages))
+        return Prompt(None, _rendered(tokenizer, messages, where))
     text = row["prompt"]
     if not isinstance(text, str):
         raise DataError(f"{where}: prompt must be a string")
@@ -122,8 +122,11 @@ def encode_prompt(
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("--chat needs a tokenizer with a chat template; this one has none")
-        return Prompt(text, chat_template_ids(tokenizer, [{"role": "user", "content": text}]))
+        return Prompt(text, _rendered(tokenizer, [{"role": "user", "content": text}], where))
     return Prompt(text, [int(t) for t in tokenizer(text)["input_ids"]])
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")  # what fluid serve's chat route takes
 
 
 def join_text_parts(content: str | list[dict[str, Any]]) -> str:
@@ -142,8 +145,8 @@ def chat_messages(value: Any, where: str) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(value):
         at = f"{where}: messages[{i}]"
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise DataError(f'{at} needs a "role" (e.g. "system", "user", "assistant")')
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            raise DataError(f'{at} needs a "role": one of {", ".join(CHAT_ROLES)}')
         unknown = set(m) - {"role", "content", "name"}
         if unknown:
             raise DataError(f"{at} has {sorted(unknown)}; a message holds role, content, name")
@@ -158,12 +161,19 @@ def chat_messages(value: Any, where: str) -> list[dict[str, str]]:
                 '({"type": "text", "text": ...}); only text is read'
             )
         message = {"role": m["role"], "content": join_text_parts(content)}
-        if "name" in m:
+        if m.get("name") is not None:
             if not isinstance(m["name"], str):
                 raise DataError(f'{at}: "name" must be text')
             message["name"] = m["name"]
         out.append(message)
     return out
+
+
+def _rendered(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[int]:
+    try:
+        return chat_template_ids(tokenizer, messages)
+    except Exception as exc:  # the template's own (e.g. roles that must alternate)
+        raise DataError(f"{where}: the chat template rejected the messages: {exc}") from None
 
 
 def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -87,18 +87,19 @@ def read_prompts(path: str) -> list[Prompt]:
     """The prompts of a JSONL file: each line's ``prompt`` text, or its ``messages`` (a
     conversation, sent to the chat route; ``fluid generate`` reads the same lines). Errors name
     the file and line."""
-    from fluid_npu.sampling.prompts import chat_messages, read_jsonl
+    from fluid_npu.sampling.prompts import chat_messages, read_prompt_lines
 
     out: list[Prompt] = []
-    for n, row in read_jsonl(path, "prompts"):
-        if isinstance(row, dict) and "messages" in row and "prompt" not in row:
+    for n, row in read_prompt_lines(path):  # (one of prompt / input_ids / messages a line)
+        if "messages" in row:
             out.append(chat_messages(row["messages"], f"{path}:{n}"))
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        elif "input_ids" in row or not isinstance(row.get("prompt"), str):
             raise DataError(
-                f'{path}:{n}: each line needs "prompt" (text) or "messages" (a conversation)'
+                f'{path}:{n}: fluid bench serve sends text: each line needs "prompt" (text) or '
+                '"messages" (a conversation)'
             )
-        out.append(row["prompt"])
+        else:
+            out.append(row["prompt"])
     return out
 
 
