@@ -11,7 +11,8 @@ from test_scheduler import TEXTS, _assert_same, _greedy_alone
 
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling.drafting import HISTORY, MARGIN, DraftBudget
-from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+from fluid_npu.sampling.offline import run_requests
+from fluid_npu.sampling.scheduler import Request, Scheduler
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import torch
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling import step as step_module
 from fluid_npu.sampling.lean import LeanDecoder
-from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+from fluid_npu.sampling.offline import run_requests
+from fluid_npu.sampling.scheduler import Request, Scheduler
 
 TEXTS = ("hello world", "a", "the quick brown fox jumps", "xyz over the lazy dog" * 3)
 

@@ -108,8 +108,9 @@ def _overflowing(tok, on: str) -> torch.nn.Module:
 
 
 def _engine(model, tok, prompts, policy, max_new=12, **sampling):
+    from fluid_npu.sampling.offline import run_requests
     from fluid_npu.sampling.rules import SamplingParams
-    from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+    from fluid_npu.sampling.scheduler import Request, Scheduler
 
     params = SamplingParams(**sampling) if sampling else None
     sched = Scheduler(model, tok.mask_token_id, policy=policy, max_batch=1, eos_ids=[], k_max=4)

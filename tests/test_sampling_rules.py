@@ -21,8 +21,9 @@ from test_sampling_lossless import chain_model
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.offline import run_requests
 from fluid_npu.sampling.rules import SamplingParams, filtered_probs, uniform
-from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+from fluid_npu.sampling.scheduler import Request, Scheduler
 
 T, MIN_P, LENGTH, N = 8.0, 0.2, 3, 3000
 

@@ -18,7 +18,8 @@ from fluid_npu.model.khead import KHead
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling import generate
 from fluid_npu.sampling.lossless import compare, hf_greedy
-from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+from fluid_npu.sampling.offline import run_requests
+from fluid_npu.sampling.scheduler import Request, Scheduler
 
 TEXTS = ("hello world", "a", "the quick brown fox jumps", "xyz", "over the lazy dog", "ab")
 

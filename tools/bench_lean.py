@@ -28,7 +28,8 @@ def _decode(fluid: Any, prompts: list[list[int]], batch: int, policy: str, lean:
     """Wall seconds, tokens per prompt and decode steps of one pass over ``prompts``."""
     import torch
 
-    from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+    from fluid_npu.sampling.offline import run_requests
+    from fluid_npu.sampling.scheduler import Request, Scheduler
 
     tokens: list[list[int]] = []
     steps = 0

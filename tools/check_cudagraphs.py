@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fluid_npu import device as devices
     from fluid_npu.io import write_json_atomic
+    from fluid_npu.sampling.offline import run_requests
     from fluid_npu.sampling.pretrained import FluidForCausalLM
-    from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+    from fluid_npu.sampling.scheduler import Request, Scheduler
 
     dev = devices.current(force=None if args.device == "auto" else args.device).device
     fluid = FluidForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=dev)

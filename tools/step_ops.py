@@ -40,7 +40,8 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
     """Ops (and non-view ops) per decode step, per prefill and per forward of one warm pass."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fluid_npu.sampling.scheduler import Request, Scheduler, run_requests
+    from fluid_npu.sampling.offline import run_requests
+    from fluid_npu.sampling.scheduler import Request, Scheduler
 
     where = ["other"]
     ops: Counter = Counter()

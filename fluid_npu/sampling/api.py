@@ -268,7 +268,8 @@ def _generate_fused(
     stop_in_prompt: bool,
     **engine: Any,
 ) -> GenerateOutput:
-    from fluid_npu.sampling.scheduler import PREFILL_CHUNK, Request, Scheduler, run_requests
+    from fluid_npu.sampling.offline import run_requests
+    from fluid_npu.sampling.scheduler import PREFILL_CHUNK, Request, Scheduler
 
     lengths = [len(p) for p in prompts]
     engine.setdefault("max_batch", len(prompts))

@@ -44,12 +44,12 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import MutableMapping, Sequence
 from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from fluid_npu.errors import ConfigError, NumericalError
+from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.head import LMHead
@@ -394,61 +394,3 @@ class Scheduler(PrefillMixin, StepMixin):
     def _free(self, i: int) -> None:
         self.slots[i] = None
         self.run[i] = False
-
-
-class Finished(NamedTuple):
-    """A request decoded to the end by ``run_requests``."""
-
-    tokens: list[int]
-    final: Event  # its last event (finish_reason, forwards)
-    logprobs: list[float] | None
-    top_logprobs: list[list[tuple[int, float]]] | None
-
-
-def run_requests(
-    sched: Scheduler, requests: Sequence[Request], stream: Any = None
-) -> dict[str, Finished]:
-    """Decode ``requests`` to the end; ``stream(index, tokens)`` as tokens commit."""
-    index = {r.request_id: n for n, r in enumerate(requests)}
-    final: dict[str, Event] = {}
-    new: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    lps: dict[str, list[float] | None] = {r.request_id: None for r in requests}
-    tops: dict[str, list | None] = {r.request_id: None for r in requests}
-    seen: set[str] = set()
-    for r in requests:
-        if r.request_id in seen:
-            raise ConfigError(
-                f"request id {r.request_id!r} is given twice; give every request its own id"
-            )
-        seen.add(r.request_id)
-    submitted: list[str] = []
-    try:
-        for r in requests:
-            sched.submit(r)
-            submitted.append(r.request_id)
-    except Exception:
-        sched._withdraw(submitted)  # a bad request queues none of them
-        raise
-    while sched.has_work():
-        for ev in sched.step():
-            rid = ev.request_id
-            new[rid].extend(ev.tokens)
-            if ev.logprobs is not None:
-                lps[rid] = lps[rid] or []
-                lps[rid].extend(ev.logprobs)
-            if ev.top_logprobs is not None:
-                tops[rid] = tops[rid] or []
-                tops[rid].extend(ev.top_logprobs)
-            if stream is not None and ev.tokens:
-                stream(index[rid], ev.tokens)
-            if ev.finished:
-                final[rid] = ev
-    broken = [index[rid] for rid, ev in final.items() if ev.finish_reason == "error"]
-    if broken:
-        raise NumericalError(
-            f"request(s) {sorted(broken)} (0-based, in the order given) stopped: the model's "
-            "activations overflowed to NaN or inf on their tokens (transformers' sampling refuses "
-            "such probabilities; its greedy decoding returns token 0 from there on). float16 "
-            "overflows where bfloat16 does not: run it in bfloat16 or float32 (--dtype)"
-        )
-    return {rid: Finished(new[rid], final[rid], lps[rid], tops[rid]) for rid in new}
