@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fluid_npu.sampling.prompts import chat_messages
 from fluid_npu.sampling.rules import INT64_MAX
 
 MAX_STOP = 4
@@ -287,12 +288,6 @@ def parse_completion(body: Any) -> CompletionRequest:
     return CompletionRequest(prompt=prompt, sampling=sampling)
 
 
-def _message_text(msg: Message) -> str:
-    if isinstance(msg.content, str):
-        return msg.content
-    return "\n".join(part.text for part in msg.content)  # text parts one per line, as vLLM
-
-
 def parse_chat(body: Any) -> ChatRequest:
     """A checked ``/v1/chat/completions`` request (text messages only)."""
     req: ChatBody = _validate(ChatBody, body)
@@ -311,12 +306,9 @@ def parse_chat(body: Any) -> ChatRequest:
             "max_tokens and max_completion_tokens disagree; give one",
             param="max_completion_tokens",
         )
-    messages = []
-    for m in req.messages:
-        message = {"role": m.role, "content": _message_text(m)}
-        if m.name is not None:
-            message["name"] = m.name
-        messages.append(message)
+    # what the template gets (text parts one per line, as vLLM; names kept): the rule
+    # ``fluid generate`` applies to a "messages" line, so both render a conversation alike
+    messages = chat_messages([m.model_dump(exclude_none=True) for m in req.messages], "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens
     sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
     if req.max_completion_tokens:
