@@ -11,7 +11,9 @@ from setuptools import find_packages, setup
 
 DEEPSPEED = ["deepspeed>=0.15"]  # ZeRO; the tests run ZeRO-2 / ZeRO-3 on two CPU processes
 QLORA = ["bitsandbytes>=0.46"]  # quantization_bit (QLoRA); >= 0.46 also runs on a CPU
-EVAL = ["matplotlib>=3.7", "lm-eval>=0.4.13,<0.5"]  # custom_dataset task key; what CI tests
+# custom_dataset task key; what CI tests. tenacity: the one package of lm-eval's "api" extra that
+# nothing else brings (its local-completions model against `fluid serve`, tested)
+EVAL = ["matplotlib>=3.7", "lm-eval>=0.4.13,<0.5", "tenacity>=8"]
 REAL = ["gguf>=0.10", "matplotlib>=3.7"]  # `fluid real`: the GGUF model, the report's plots
 # `fluid serve` / `fluid bench serve` (httptools and uvloop: uvicorn's fast HTTP parser and event
 # loop, picked up when installed)

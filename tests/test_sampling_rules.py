@@ -274,6 +274,58 @@ def test_greedy_logprobs_are_the_models(tok):
         assert [v for _, v in tops[i]] == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "modules"])
+def test_prompt_logprobs_are_the_models_whatever_the_chunks_and_batch(tok, lean):
+    """``prompt_logprobs``: every prompt token after the first with its log-probability under the
+    model (after the request's temperature, as its output's logprobs) and its best alternatives,
+    read from the prefill — equal to one plain forward however the prompt is cut into chunks,
+    beside requests that ask nothing (in the same forwards) and a one-token prompt (nothing to
+    score); only the request's first event carries them, and its output is unchanged."""
+    model = build_tiny_model("llama", tok, seed=3)
+    long = tok("the quick brown fox jumps over the lazy dog and then it ran away")["input_ids"]
+    short = tok("hello world")["input_ids"]
+    with torch.inference_mode():
+        plain = {len(p): model(torch.tensor([p])).logits[0, :-1].float() for p in (long, short)}
+    asks = {
+        "long": (long, SamplingParams(prompt_logprobs=3)),
+        "hot": (short, SamplingParams(prompt_logprobs=0, temperature=0.7, seed=1)),
+        "quiet": (long, SamplingParams()),
+        "one": (long[:1], SamplingParams(prompt_logprobs=2)),
+    }
+    for chunk in (512, 4):
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=4, eos_ids=[],
+                          k_max=4, prefill_chunk=chunk, lean=lean)  # fmt: skip
+        for rid, (p, sp) in asks.items():
+            sched.submit(Request(rid, p, 5, sampling=sp))
+        firsts: dict[str, list] = {}
+        while sched.has_work():
+            for ev in sched.step():
+                if ev.request_id not in firsts:
+                    firsts[ev.request_id] = ev.prompt_logprobs
+                else:
+                    assert ev.prompt_logprobs is None  # the first event only
+        for rid in ("long", "hot"):
+            prompt, params = asks[rid]
+            ref = (plain[len(prompt)] / (params.temperature or 1.0)).log_softmax(-1)
+            got = firsts[rid]
+            assert len(got) == len(prompt) - 1
+            for j, (lp, top) in enumerate(got):
+                assert lp == pytest.approx(float(ref[j, prompt[j + 1]]), abs=1e-4)
+                best = ref[j].topk(params.prompt_logprobs or 1)
+                assert [t for t, _ in top] == best.indices.tolist()[: len(top)]
+                assert len(top) == params.prompt_logprobs
+                assert [v for _, v in top] == pytest.approx(best.values.tolist()[: len(top)],
+                                                            abs=1e-4)  # fmt: skip
+        assert firsts["quiet"] is None and firsts["one"] == []
+        assert run_requests(
+            Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=1, eos_ids=[],
+                      k_max=4, lean=lean), [Request("x", long, 5)]
+        )["x"].tokens == run_requests(
+            Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=1, eos_ids=[],
+                      k_max=4, lean=lean), [Request("x", long, 5, sampling=asks["long"][1])]
+        )["x"].tokens  # fmt: skip
+
+
 def test_bad_settings_name_the_field():
     for kwargs, words in (
         ({"temperature": -1.0}, "temperature"),
@@ -285,6 +337,8 @@ def test_bad_settings_name_the_field():
         ({"seed": 1 << 64}, "seed"),  # int64 tensors hold the seeds: one past them is refused
         ({"seed": -(1 << 63) - 1}, "seed"),
         ({"top_k": 1 << 63}, "top_k"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
     ):
         with pytest.raises(ConfigError, match=words):
             SamplingParams(**kwargs)

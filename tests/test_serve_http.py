@@ -45,6 +45,7 @@ class Ev:
     accepted: int
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 def script(prompt: list[int], max_new: int, eos: bool) -> list[int]:
@@ -125,6 +126,10 @@ class ScriptedScheduler:
                 ev.logprobs = [-0.25 * (n + i + 1) for i in range(len(chunk))]
                 ev.top_logprobs = [[(t, lp), (EOS, lp - 1.0)][: req.sampling.top_logprobs]
                                    for t, lp in zip(chunk, ev.logprobs)]  # fmt: skip
+            asked = req.sampling.prompt_logprobs if req.sampling is not None else None
+            if fw == 0 and asked is not None:  # scripted: prompt token j + 1 has -0.5 (j + 1)
+                ev.prompt_logprobs = [(-0.5 * (j + 1), [(t, -0.5 * (j + 1)), (EOS, -9.0)][:asked])
+                                      for j, t in enumerate(req.prompt[1:])]  # fmt: skip
             events.append(ev)
         return events
 
@@ -307,6 +312,125 @@ def test_sampling_settings_reach_the_engine_and_logprobs_come_back():
         client(url).completions.create(model="tiny", prompt="abc", max_tokens=3)
         p = sched.requests[-1].sampling  # the model's generation config, as vLLM reads it
         assert (p.temperature, p.top_p, p.top_k) == (0.6, 0.9, 20)
+
+
+def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():
+    """As vLLM answers a batch: choice ``index`` in the order given, each the text its prompt alone
+    gets, usage summed; streamed, the choices' chunks interleave and the usage comes once."""
+    sched = ScriptedScheduler(max_batch=2)
+    with serving(sched) as (url, _, worker):
+        c = client(url)
+        prompts = ["one", "a longer second prompt", "3"]
+        ids = [TOK(p)["input_ids"] for p in prompts]
+        out = c.completions.create(model="tiny", prompt=prompts, max_tokens=25)
+        assert [ch.index for ch in out.choices] == [0, 1, 2]
+        assert [ch.text for ch in out.choices] == [expected_text(i, 25) for i in ids]
+        assert out.usage.prompt_tokens == sum(map(len, ids))
+        assert out.usage.completion_tokens == sum(len(script(i, 25, True)) for i in ids)
+        alone = [c.completions.create(model="tiny", prompt=p, max_tokens=25) for p in prompts]
+        assert [a.choices[0].text for a in alone] == [ch.text for ch in out.choices]
+        before = len(sched.requests)
+        with pytest.raises(openai.BadRequestError) as info:  # which prompt, and nothing ran
+            c.completions.create(model="tiny", prompt=[ids[0], [10**9]], max_tokens=2)
+        assert info.value.body["message"].startswith("prompt[1]: ")
+        assert len(sched.requests) == before
+        as_ids = c.completions.create(model="tiny", prompt=ids, max_tokens=25)
+        assert [ch.text for ch in as_ids.choices] == [ch.text for ch in out.choices]
+        assert len({r.request_id for r in sched.requests}) == len(sched.requests)  # ids unique
+
+        chunks = list(c.completions.create(model="tiny", prompt=prompts, max_tokens=25,
+                                           stream=True))  # fmt: skip
+        texts, ends = ["", "", ""], {}
+        for ch in chunks:
+            for choice in ch.choices:
+                texts[choice.index] += choice.text
+                if choice.finish_reason:
+                    ends[choice.index] = choice.finish_reason
+        assert texts == [ch.text for ch in out.choices] and ends == {
+            0: "stop",
+            1: "stop",
+            2: "stop",
+        }
+        assert len({ch.choices[0].index for ch in chunks[:4]}) > 1  # interleaved, not in turn
+        with_usage = [ch for ch in chunks if ch.usage is not None]
+        assert len(with_usage) == 1 and with_usage[0] is chunks[-1]
+        assert with_usage[0].usage.completion_tokens == out.usage.completion_tokens
+        assert worker.outstanding == 0
+
+
+def test_echo_returns_the_prompt_and_its_logprobs_first():
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 0 or 1): the
+    prompt's tokens come first with their log-probabilities (the first one null), then the
+    completion's; max_tokens 0 returns the prompt alone and frees the engine's slot."""
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, worker):
+        c = client(url)
+        prompt = "the quick brown fox"
+        ids = TOK(prompt)["input_ids"]
+        toks = script(ids, 3, True)
+        out = c.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True,
+                                   logprobs=1, temperature=0)  # fmt: skip
+        choice = out.choices[0]
+        assert choice.text == prompt + expected_text(ids, 3)
+        assert sched.requests[-1].sampling.prompt_logprobs == 1
+        lp = choice.logprobs
+        assert lp.tokens == [TOK.decode([t]) for t in ids + toks]
+        assert lp.token_logprobs == [None, *(-0.5 * (j + 1) for j in range(len(ids) - 1)),
+                                     *(-0.25 * (i + 1) for i in range(3))]  # fmt: skip
+        assert lp.top_logprobs[0] is None
+        assert [list(t.values()) for t in lp.top_logprobs[1:len(ids)]] == [
+            [-0.5 * (j + 1)] for j in range(len(ids) - 1)]  # fmt: skip
+        n = len(ids)
+        assert lp.text_offset[:n] == [len(TOK.decode(ids[:j])) for j in range(n)]
+        completion = TOK.decode(toks)
+        assert lp.text_offset[n:] == [len(prompt) + len(TOK.decode(toks[:i])) for i in range(3)]
+        assert choice.text[lp.text_offset[n] :] == completion
+        assert out.usage.prompt_tokens == n and out.usage.completion_tokens == 3
+
+        scored = c.completions.create(model="tiny", prompt=[ids], max_tokens=0, echo=True,
+                                      logprobs=0, temperature=0)  # fmt: skip
+        s = scored.choices[0]
+        assert s.text == TOK.decode(ids, skip_special_tokens=True)  # token ids: their text
+        assert s.finish_reason == "length" and scored.usage.completion_tokens == 0
+        assert (
+            s.logprobs.token_logprobs == lp.token_logprobs[:n] and s.logprobs.top_logprobs is None
+        )
+        plain = c.completions.create(model="tiny", prompt=prompt, max_tokens=2, echo=True)
+        assert plain.choices[0].text == prompt + expected_text(ids, 2)
+        assert plain.choices[0].logprobs is None
+        assert sched.requests[-1].sampling.prompt_logprobs is None  # nothing scored for it
+
+        events = []
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1,
+                "stream": True}  # fmt: skip
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+            events = [json.loads(line[6:]) for line in resp.iter_lines()
+                      if line.startswith("data: {")]  # fmt: skip
+        assert events[0]["choices"][0]["text"] == prompt
+        assert events[0]["choices"][0]["logprobs"]["token_logprobs"] == lp.token_logprobs[:n]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert "".join(e["choices"][0]["text"] for e in events) == prompt
+        _until(lambda: worker.outstanding == 0 and not sched.running, "the scored slots freed")
+
+
+def test_more_prompts_than_the_server_holds_is_400_then_429():
+    sched = ScriptedScheduler(max_batch=2)
+    with serving(sched, max_queue=1) as (url, _, worker):
+        c = client(url)
+        with pytest.raises(openai.BadRequestError) as info:
+            c.completions.create(model="tiny", prompt=["a", "b", "c", "d"], max_tokens=2)
+        assert info.value.body["param"] == "prompt" and "at most 3" in info.value.body["message"]
+        sched.gate.clear()  # one request in flight: two places left, three asked for
+        first = threading.Thread(target=lambda: c.completions.create(
+            model="tiny", prompt="x", max_tokens=2))  # fmt: skip
+        first.start()
+        _until(lambda: worker.outstanding == 1, "one request in flight")
+        with pytest.raises(openai.RateLimitError):
+            c.completions.create(model="tiny", prompt=["a", "b", "c"], max_tokens=2)
+        sched.gate.set()
+        first.join(60)
+        out = c.completions.create(model="tiny", prompt=["a", "b", "c"], max_tokens=2)
+        assert len(out.choices) == 3 and worker.outstanding == 0
 
 
 def test_bad_requests_get_openai_errors_and_leave_others_alone():

@@ -90,6 +90,24 @@ def test_client_disconnect_aborts_the_request():
         assert out.usage.completion_tokens == 4
 
 
+def test_a_disconnect_aborts_every_prompt_of_a_request():
+    sched = ScriptedScheduler(max_batch=2, step_s=0.002)
+    with serving(sched) as (url, _, worker):
+        body = {"model": "tiny", "prompt": ["p one", "p two", "p three"], "max_tokens": 500,
+                "stream": True, "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+            assert next(line for line in resp.iter_lines() if line.startswith("data: "))
+        _until(lambda: len(sched.aborted) == 3, "the abort of all three prompts")
+        _until(lambda: worker.outstanding == 0, "the slots to be free")
+        sched.gate.clear()  # not streamed: the client gives up while they wait
+        body = {"prompt": ["x", "y"], "max_tokens": 5}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+        sched.gate.set()
+        _until(lambda: len(sched.aborted) == 5, "the abort of both prompts")
+        _until(lambda: worker.outstanding == 0, "the slots to be free")
+
+
 def test_sigterm_drain_finishes_requests_in_flight():
     sched = ScriptedScheduler(max_batch=2)
     with serving(sched) as (url, server, worker):

@@ -18,6 +18,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from test_sampling_lossless import chain_model
 
 from fluid_npu.cli import main
@@ -172,6 +173,49 @@ def _decode(model_dir: str):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return lambda t: tok.decode([t])
+
+
+def test_lm_eval_scores_and_generates_through_the_server(server, model_dir, tmp_path, monkeypatch):
+    """lm-evaluation-harness's ``local-completions`` model against ``fluid serve``, as a user runs
+    it: batches of prompts in one request; log-likelihoods from ``echo`` + ``logprobs`` equal a
+    direct float32 forward of the model, their greedy flags its argmax; ``generate_until`` equals
+    ``fluid generate`` cut at the stop string. Token-id and text requests alike."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # what the harness sends as its bearer token
+    pairs = [("abc", " def"), ("hello p", "q"), ("xx", " yy zz"), ("the quick", " brown")]
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    want = []
+    with torch.no_grad():
+        for ctx, cont in pairs:
+            c_ids = tok(ctx)["input_ids"]
+            x_ids = tok(ctx + cont)["input_ids"][len(c_ids) :]
+            logp = model(torch.tensor([c_ids + x_ids])).logits[0].float().log_softmax(-1)
+            rows = [logp[len(c_ids) - 1 + j] for j in range(len(x_ids))]
+            want.append((sum(float(r[t]) for r, t in zip(rows, x_ids)),
+                         all(int(r.argmax()) == t for r, t in zip(rows, x_ids))))  # fmt: skip
+    assert {greedy for _, greedy in want} == {True, False}  # both kinds of answer are checked
+    offline_rows = offline(model_dir, tmp_path, [c for c, _ in pairs], 20)
+    until = "m"
+    for tokenized in (True, False):
+        lm = LocalCompletionsAPI(
+            model="model", base_url=f"{server.url}/v1/completions", tokenizer=model_dir,
+            tokenizer_backend="huggingface", tokenized_requests=tokenized, batch_size=3,
+            max_length=MAX_LEN, max_gen_toks=20,
+        )  # fmt: skip
+        got = lm.loglikelihood(
+            [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+        )
+        for (lp, greedy), (want_lp, want_greedy) in zip(got, want):
+            assert lp == pytest.approx(want_lp, rel=1e-5, abs=1e-4) and greedy == want_greedy
+        texts = lm.generate_until(
+            [Instance("generate_until", {}, (c, {"until": [until], "max_gen_toks": 20}), i)
+             for i, (c, _) in enumerate(pairs)]
+        )  # fmt: skip
+        assert texts == [row["text"].split(until)[0] for row in offline_rows]
 
 
 def test_bad_requests_and_api_key(server):

@@ -31,18 +31,20 @@ def _err(fn, body) -> APIError:
 
 def test_completion_defaults_and_sampling_settings():
     req = parse_completion({"model": "m", "prompt": "hi", "n": 1})
-    assert req.prompt == "hi"
+    assert req.prompts == ["hi"]
     s = req.sampling
     assert s.max_tokens == 16  # OpenAI's completions default
     assert s.stop == [] and not s.stream
     left_out = dict(temperature=None, top_p=None, top_k=None, min_p=None, seed=None)
-    assert s.params == {**left_out, "logprobs": False, "top_logprobs": 0}  # the server's defaults
+    assert s.params == {**left_out, "logprobs": False, "top_logprobs": 0, "prompt_logprobs": None}
+    assert not s.echo
     s = parse_completion(
         {"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 3,
          "logprobs": 0}
     ).sampling  # fmt: skip
     assert s.params == dict(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=3, logprobs=True,
-                            top_logprobs=0)  # logprobs 0: the chosen tokens' only  # fmt: skip
+                            top_logprobs=0, prompt_logprobs=None)  # fmt: skip
+    # (logprobs 0: the chosen tokens' only)
     assert (
         parse_completion({"prompt": "hi", "top_k": -1}).sampling.params["top_k"] == 0
     )  # vLLM's off
@@ -52,8 +54,27 @@ def test_completion_defaults_and_sampling_settings():
         {"prompt": [[5, 6]], "max_tokens": 3, "stop": "x", "seed": 7, "stream": True,
          "stream_options": {"include_usage": True}, "ignore_eos": True}
     )  # fmt: skip
-    assert req.prompt == [5, 6] and req.sampling.max_tokens == 3
+    assert req.prompts == [[5, 6]] and req.sampling.max_tokens == 3
     assert req.sampling.stop == ["x"] and req.sampling.include_usage and req.sampling.ignore_eos
+
+
+def test_completion_prompt_lists_and_echo():
+    """Several prompts are one choice each, in order (a text list or a token-id list); echo asks
+    for the prompt's log-probabilities with as many alternatives as ``logprobs``; max_tokens 0 is
+    the prompt scored alone (lm-evaluation-harness's loglikelihood request)."""
+    req = parse_completion({"prompt": ["a b", "c"], "max_tokens": 2})
+    assert req.prompts == ["a b", "c"] and not req.sampling.echo
+    assert parse_completion({"prompt": [[1, 2], [3]]}).prompts == [[1, 2], [3]]
+    scored = parse_completion(
+        {"prompt": [[1, 2, 3]], "echo": True, "max_tokens": 0, "logprobs": 1, "temperature": 0}
+    )  # fmt: skip
+    s = scored.sampling
+    assert s.echo and s.max_tokens == 0
+    assert s.params["logprobs"] and s.params["top_logprobs"] == 1
+    assert s.params["prompt_logprobs"] == 1
+    plain_echo = parse_completion({"prompt": "x", "echo": True}).sampling  # no logprobs asked
+    assert plain_echo.echo and plain_echo.params["prompt_logprobs"] is None
+    assert plain_echo.max_tokens == 16
 
 
 @pytest.mark.parametrize(
@@ -66,17 +87,19 @@ def test_completion_defaults_and_sampling_settings():
         ({"prompt": "a", "n": 2}, "n", "one request per completion"),
         ({"prompt": "a", "best_of": 3}, "best_of", "1 or absent"),
         ({"prompt": "a", "logprobs": 21}, "logprobs", "less than or equal to 20"),
-        ({"prompt": "a", "echo": True}, "echo", "false"),
         ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty", "0 or absent"),
         ({"prompt": "a", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
         ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
         ({"prompt": "a", "stop": [""]}, "stop", "non-empty"),
-        ({"prompt": "a", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens", "echo: true"),
+        ({"prompt": "a", "max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
         ({"prompt": "a", "max_tokens": "5"}, "max_tokens", "valid integer"),
         ({"prompt": "a", "frobnicate": 1}, "frobnicate", "unknown field 'frobnicate'"),
         ({"prompt": ""}, "prompt", "empty"),
         ({"prompt": []}, "prompt", "empty"),
-        ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+        ({"prompt": ["a", " "]}, "prompt", "prompt[1] is empty"),
+        ({"prompt": [[1], [2, -3]]}, "prompt", "prompt[1]: token ids must be non-negative"),
+        ({"prompt": ["a", [1]]}, "prompt", "valid string"),
         ({"prompt": [1, -2]}, "prompt", "non-negative"),
         ({"max_tokens": 3}, "prompt", "required"),
         ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options", "stream"),

@@ -3,8 +3,8 @@
 
 ``run_requests`` checks every request before any is queued (a repeated id, or a request the
 scheduler refuses, leaves nothing behind), steps the scheduler until all have finished, and returns
-each request's tokens, last event and log-probabilities; a request that overflowed to NaN / inf is
-one ``NumericalError`` naming it.
+each request's tokens, last event and log-probabilities (its prompt's too, when asked for); a
+request that overflowed to NaN / inf is one ``NumericalError`` naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fluid_npu.errors import ConfigError, NumericalError
-from fluid_npu.sampling.requests import Event, Request
+from fluid_npu.sampling.requests import Event, PromptLogprob, Request
 
 if TYPE_CHECKING:
     from fluid_npu.sampling.scheduler import Scheduler
@@ -26,6 +26,7 @@ class Finished(NamedTuple):
     final: Event  # its last event (finish_reason, forwards)
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
+    prompt_logprobs: list[PromptLogprob] | None = None  # with SamplingParams.prompt_logprobs
 
 
 def run_requests(
@@ -37,6 +38,7 @@ def run_requests(
     new: dict[str, list[int]] = {r.request_id: [] for r in requests}
     lps: dict[str, list[float] | None] = {r.request_id: None for r in requests}
     tops: dict[str, list | None] = {r.request_id: None for r in requests}
+    prompt_lps: dict[str, list[PromptLogprob] | None] = {r.request_id: None for r in requests}
     seen: set[str] = set()
     for r in requests:
         if r.request_id in seen:
@@ -62,6 +64,8 @@ def run_requests(
             if ev.top_logprobs is not None:
                 tops[rid] = tops[rid] or []
                 tops[rid].extend(ev.top_logprobs)
+            if ev.prompt_logprobs is not None:
+                prompt_lps[rid] = ev.prompt_logprobs
             if stream is not None and ev.tokens:
                 stream(index[rid], ev.tokens)
             if ev.finished:
@@ -74,4 +78,6 @@ def run_requests(
             "such probabilities; its greedy decoding returns token 0 from there on). float16 "
             "overflows where bfloat16 does not: run it in bfloat16 or float32 (--dtype)"
         )
-    return {rid: Finished(new[rid], final[rid], lps[rid], tops[rid]) for rid in new}
+    return {
+        rid: Finished(new[rid], final[rid], lps[rid], tops[rid], prompt_lps[rid]) for rid in new
+    }

@@ -24,6 +24,8 @@ from fluid_npu.layout import slot_block
 from fluid_npu.sampling.fused import choose_anchors
 from fluid_ops.meta import MAIN, PAD
 
+PROMPT_LOGITS = 1 << 24  # prompt logprobs: logits per LM-head call (64 MiB in float32)
+
 
 class PrefillMixin:
     """Admission and chunked prefill of ``Scheduler`` (which owns the state these methods use)."""
@@ -117,6 +119,7 @@ class PrefillMixin:
         anchor = anchor.to(dev)
         hidden = self._forward(rows[0], ids.to(dev), pos.to(dev), anchor, length, causal, rows=rows)
         self.prefill_forwards += 1
+        self._prompt_logprobs(rows, chunks, hidden)
         if self.adaptive and draft:  # what width costs, known before the first decode step
             devices.synchronize(dev)
             self.budget.record_prefill(b * (width + draft), time.perf_counter() - t0)
@@ -134,6 +137,37 @@ class PrefillMixin:
             end = torch.tensor([len(chunks[i][1]) - 1 for i in drafted], device=dev)
             self._start(drafted, hidden[r, width:], hidden[r, end])
         self._start([i for i in ending if i not in drafted])
+
+    def _prompt_logprobs(
+        self, rows: list[int], chunks: dict[int, tuple[int, list[int], bool]], hidden: torch.Tensor
+    ) -> None:
+        """The log-probabilities of the prompt tokens this forward's chunks predict, for the
+        requests that ask for them (``SamplingParams.prompt_logprobs``): the hidden state at prompt
+        position ``j`` gives token ``j + 1``'s, after the request's temperature as the decode
+        steps' logprobs are; the LM head runs over at most ``PROMPT_LOGITS`` logits at a time. One
+        host read per such request and chunk (only these requests pay it)."""
+        vocab = self.head.weight.shape[0]
+        piece = max(1, PROMPT_LOGITS // vocab)
+        for r, i in enumerate(rows):
+            s = self.slots[i]
+            start, chunk, _ = chunks[i]
+            if s.prompt_lps is None or not chunk:
+                continue
+            n, n_top = len(chunk), s.params.prompt_logprobs or 0
+            targets = torch.tensor(s.prompt[start + 1 : start + n + 1], device=self.device)
+            temperature = s.params.temperature or 1.0
+            for lo in range(0, n, piece):
+                hi = min(lo + piece, n)  # (the row's padding and draft slots follow its chunk)
+                lp = (self.head.logits(hidden[r, lo:hi]) / temperature).log_softmax(-1)
+                parts = [lp.gather(-1, targets[lo:hi, None])]
+                if n_top:
+                    top = lp.topk(n_top, dim=-1)
+                    parts += [top.indices, top.values]
+                read = torch.cat([x.double() for x in parts], dim=1).tolist()
+                s.prompt_lps += [
+                    (row[0], [(int(t), v) for t, v in zip(row[1 : 1 + n_top], row[1 + n_top :])])
+                    for row in read
+                ]
 
     def _start(
         self,

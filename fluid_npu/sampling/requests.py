@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from fluid_npu.sampling.rules import SamplingParams
 
+PromptLogprob = tuple[float, list[tuple[int, float]]]  # a prompt token's, and its alternatives
+
 
 @dataclass
 class Request:
@@ -41,6 +43,9 @@ class Event:
     accepted: int  # drafted tokens accepted in this step and kept in ``tokens``
     logprobs: list[float] | None = None  # of ``tokens``, when the request asked for them
     top_logprobs: list[list[tuple[int, float]]] | None = None  # (token id, logprob) best first
+    # with SamplingParams.prompt_logprobs, in the request's first event only: for each prompt
+    # token after the first, its log-probability and the best alternatives (token id, logprob)
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 @dataclass
@@ -53,4 +58,6 @@ class Slot:
     running: bool = False
     forwards: int = 0
     drafted: int = 0  # length of the block its pending drafts came from (0: none pending)
+    # its prompt's log-probabilities as the prefill reads them, until its first event carries them
+    prompt_lps: list[PromptLogprob] | None = None
     new: list[int] = field(default_factory=list)

@@ -42,7 +42,10 @@ class SamplingParams:
     1.0 switch those filters off; ``min_p`` 0 too. ``seed`` None draws one from torch's global
     generator when the request is submitted (a given one is any 64-bit signed integer).
     ``logprobs``: return the log-probability of each committed token under the AR distribution
-    after temperature, and its ``top_logprobs`` best alternatives (0–20).
+    after temperature, and its ``top_logprobs`` best alternatives (0–20). ``prompt_logprobs``
+    (vLLM's): the same for every prompt token after the first, with that many alternatives
+    (0–20; None: none), read from the prefill's own forwards (what a scorer such as
+    lm-evaluation-harness asks a server for with ``echo``).
     """
 
     temperature: float = 0.0
@@ -52,6 +55,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -73,6 +77,11 @@ class SamplingParams:
             )
         if self.top_logprobs and not self.logprobs:
             raise ConfigError("top_logprobs needs logprobs=True")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(
+                f"prompt_logprobs must lie in [0, {MAX_TOP_LOGPROBS}] (or None), "
+                f"got {self.prompt_logprobs}"
+            )
 
     @property
     def greedy(self) -> bool:

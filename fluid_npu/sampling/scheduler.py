@@ -303,7 +303,10 @@ class Scheduler(PrefillMixin, StepMixin):
             # unseeded: a seed from torch's global generator (transformers samples from it, so
             # torch.manual_seed reproduces a run and two runs differ, as in vLLM without a seed)
             params = replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
-        self.waiting.append(Slot(req, [int(t) for t in req.prompt], params))
+        slot = Slot(req, [int(t) for t in req.prompt], params)
+        if params.prompt_logprobs is not None:
+            slot.prompt_lps = []  # filled by the prefill (prefill.py), sent with the first event
+        self.waiting.append(slot)
 
     def _widen_eos(self, n: int) -> None:
         pad = torch.full((self.slots_n, n - self.eos.shape[1]), -1, dtype=torch.long)

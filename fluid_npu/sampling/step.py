@@ -361,12 +361,12 @@ class StepMixin(SampledMixin):
             # the accepted drafts that went into the output (a limit, EOS or stop string can end
             # the step's tokens inside the accepted run)
             kept = min(a, len(toks))
-            events.append(
-                Event(
-                    s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, kept, lps,
-                    tops,
-                )
-            )  # fmt: skip
+            event = Event(
+                s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, kept, lps, tops
+            )
+            if s.prompt_lps is not None:  # the prompt's log-probabilities, in the first event
+                event.prompt_logprobs, s.prompt_lps = s.prompt_lps, None
+            events.append(event)
         return events
 
     def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:

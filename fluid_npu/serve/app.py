@@ -69,6 +69,16 @@ NUMERIC_FAILURE = (
 )
 
 
+@dataclass
+class _Echo:
+    """A completion that returns its prompt first (``echo``): the prompt's text and token ids,
+    and whether any token is generated after it (``max_tokens: 0``: the prompt scored alone)."""
+
+    text: str
+    ids: list[int]
+    generate: bool
+
+
 class _Generation:
     """One admitted request: reads its events, detokenizes, applies stop strings, counts."""
 
@@ -79,8 +89,10 @@ class _Generation:
         stream: Stream,
         detok: Detokenizer,
         logprobs: bool = False,
+        echo: _Echo | None = None,
     ) -> None:
         self.worker, self.metrics, self.stream, self.detok = worker, metrics, stream, detok
+        self.echo = echo
         self.finish_reason: str | None = None
         self.forwards = 0
         self.logprobs: list[LogprobEntry] | None = [] if logprobs else None
@@ -90,12 +102,21 @@ class _Generation:
 
     async def deltas(self) -> AsyncIterator[tuple[str, list[LogprobEntry] | None]]:
         """Text deltas and their tokens' log-probabilities until the request ends
-        (``finish_reason`` is then set)."""
+        (``finish_reason`` is then set); with ``echo`` the prompt's first."""
         while self.finish_reason is None:
             item = await self.stream.queue.get()
             if isinstance(item, BaseException):
                 self.finish_reason = "error"
                 raise APIError(f"the engine failed: {item}", status=500, type="server_error")
+            if self.echo is not None:  # the first event: the prompt (with its logprobs) first
+                echo, self.echo = self.echo, None
+                yield echo.text, self._prompt_entries(echo, item)
+                if not echo.generate:  # scored alone: the token decoded to get here is dropped
+                    self._timing(1)
+                    self.finish_reason = "length"
+                    if not item.finished:
+                        self.worker.abort(self.stream.request_id)
+                    return
             self._timing(len(item.tokens))
             self.forwards = item.forwards
             used = self.detok.tokens_used
@@ -113,6 +134,18 @@ class _Generation:
                 text += self.detok.flush()
             if text or entries:
                 yield text, entries
+
+    def _prompt_entries(self, echo: _Echo, item: Any) -> list[LogprobEntry] | None:
+        """The prompt's tokens with their log-probabilities (the first one's null), from the
+        request's first event; None when none were asked for."""
+        lps = getattr(item, "prompt_logprobs", None)
+        if self.logprobs is None or lps is None:
+            return None
+        out: list[LogprobEntry] = [(echo.ids[0], None, None)]
+        out += [(t, float(lp), [(a, float(b)) for a, b in top])
+                for t, (lp, top) in zip(echo.ids[1:], lps)]  # fmt: skip
+        self.logprobs += out
+        return out
 
     def _entries(self, item: Any, n: int) -> list[LogprobEntry] | None:
         """The log-probabilities of the first ``n`` tokens of an event (those in the output)."""
@@ -274,10 +307,19 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             )
         return sampling.max_tokens
 
-    def check_capacity() -> None:
+    def check_capacity(n: int) -> None:
+        """Room for ``n`` more requests: 429 while the queue is full; 400 for more prompts than
+        the batch and the queue hold together (no wait makes room for them)."""
         if config.max_queue is None:
             return
-        if worker.outstanding >= config.max_batch + config.max_queue:
+        room = config.max_batch + config.max_queue
+        if n > room:
+            raise APIError(
+                f"the request holds {n} prompts; this server runs and queues at most {room} "
+                "requests at once: send fewer prompts per request",
+                param="prompt",
+            )
+        if worker.outstanding + n > room:
             raise APIError(
                 f"the server is at capacity ({config.max_batch} running, {config.max_queue} "
                 "queued); retry later",
@@ -290,41 +332,59 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     async def generate(
         request: Request,
         endpoint: str,
-        shape: Shape,
-        ids: list[int],
+        shapes: list[Shape],
+        prompts: list[list[int]],
         s: protocol.Sampling,
         arrived: float,
+        texts: list[str] | None = None,
     ) -> Response:
-        max_new = check_length(ids, s, "messages" if shape.chat else "prompt")
+        """Run the request's prompts (one choice each) and answer: streamed, or whole once every
+        choice has ended. ``texts``: the prompts' text, which ``echo`` returns."""
+        param = "messages" if shapes[0].chat else "prompt"
+        limits = [check_length(ids, s, param) for ids in prompts]
         try:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
-        check_capacity()
-        stream = await worker.submit(
-            shape.id,
-            ids,
-            max_new_tokens=max_new,
-            eos_ids=[] if s.ignore_eos else None,
-            sampling=params,
-            stop=tuple(s.stop),
-            arrived=arrived,
-        )
-        metrics.prompt_tokens.inc(len(ids))
+        check_capacity(len(prompts))
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
-        detok = Detokenizer(tokenizer, s.stop, prompt=ids, eos_ids=eos)
-        if detok.spelled_context:  # the output's leading space is kept: offsets count it
-            shape.strip = 0
-        gen = _Generation(worker, metrics, stream, detok, s.params["logprobs"])
+        gens: list[_Generation] = []
+        try:
+            for n, (shape, ids, max_new) in enumerate(zip(shapes, prompts, limits)):
+                rid = shape.id if len(prompts) == 1 else f"{shape.id}-{n}"
+                stream = await worker.submit(
+                    rid,
+                    ids,
+                    max_new_tokens=max(max_new, 1),  # (max_tokens 0: one decoded, dropped)
+                    eos_ids=[] if s.ignore_eos else None,
+                    sampling=params,
+                    stop=tuple(s.stop),
+                    arrived=arrived,
+                )
+                metrics.prompt_tokens.inc(len(ids))
+                detok = Detokenizer(tokenizer, s.stop, prompt=ids, eos_ids=eos)
+                if detok.spelled_context:  # the output's leading space is kept: offsets count it
+                    shape.strip = 0
+                echo = None
+                if s.echo and texts is not None:
+                    echo = _Echo(texts[n], ids, generate=max_new > 0)
+                    shape.echoing(len(ids), texts[n])
+                gens.append(_Generation(worker, metrics, stream, detok, s.params["logprobs"], echo))
+        except BaseException:  # a prompt refused (or the client gone): none of them runs
+            for gen in gens:
+                gen.close(endpoint)
+            raise
         if s.stream:
-            return _ClosingStream(_events(gen, shape, s), lambda: gen.close(endpoint))
-        pieces: list[str] = []
+            return _ClosingStream(
+                _events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]
+            )
+        pieces: list[list[str]] = [[] for _ in gens]
 
-        async def collect() -> None:
-            async for text, _ in gen.deltas():
-                pieces.append(text)
+        async def collect(n: int) -> None:
+            async for text, _ in gens[n].deltas():
+                pieces[n].append(text)
 
-        work = asyncio.ensure_future(collect())
+        work = asyncio.ensure_future(asyncio.gather(*(collect(n) for n in range(len(gens)))))
         gone = asyncio.ensure_future(_until_disconnect(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -332,15 +392,19 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             gone.cancel()
             if not work.done():
                 work.cancel()
-            gen.close(endpoint)
+            for gen in gens:
+                gen.close(endpoint)
         if not work.done() or work.cancelled():  # the client is gone: nobody reads an answer
             return Response(status_code=499)
         try:
             work.result()  # an engine failure raises its APIError here
         except APIError as exc:  # counted once, by close (finish_reason "error"), not as a refusal
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-        answer = shape.full("".join(pieces), gen.finish_reason, gen.usage(), gen.logprobs)
-        return JSONResponse(answer)
+        choices = [
+            shape.choice("".join(text), gen.finish_reason, gen.logprobs)
+            for shape, gen, text in zip(shapes, gens, pieces)
+        ]
+        return JSONResponse(shapes[0].answer(choices, _usage(gens)))
 
     async def answer(request: Request, chat: bool) -> Response:
         arrived = time.monotonic()
@@ -349,13 +413,21 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         req = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
         check_model(req.sampling.model)
         loop = asyncio.get_running_loop()
+        texts = None
         if isinstance(req, protocol.ChatRequest):
-            ids = await loop.run_in_executor(tokenizing, chat_ids, tokenizer, req.messages)
-            shape = Shape(True, f"chatcmpl-{uuid.uuid4().hex}", config.model_name, words)
+            prompts = [await loop.run_in_executor(tokenizing, chat_ids, tokenizer, req.messages)]
+            cid = f"chatcmpl-{uuid.uuid4().hex}"
         else:
-            ids = await loop.run_in_executor(tokenizing, completion_ids, tokenizer, req.prompt)
-            shape = Shape(False, f"cmpl-{uuid.uuid4().hex}", config.model_name, words)
-        return await generate(request, request.url.path, shape, ids, req.sampling, arrived)
+            prompts = await loop.run_in_executor(tokenizing, _encode, tokenizer, req.prompts)
+            if req.sampling.echo:  # the text as given; token ids decoded (as vLLM echoes them)
+                texts = await loop.run_in_executor(tokenizing, _prompt_texts, tokenizer,
+                                                   req.prompts, prompts)  # fmt: skip
+            cid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        shapes = [Shape(chat, cid, config.model_name, words, index=n, created=created)
+                  for n in range(len(prompts))]  # fmt: skip
+        return await generate(request, request.url.path, shapes, prompts, req.sampling, arrived,
+                              texts)  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -399,19 +471,70 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     return app
 
 
-async def _events(gen: _Generation, shape: Shape, s: protocol.Sampling) -> AsyncIterator[str]:
-    """The server-sent events of one streamed request."""
-    if shape.chat:
-        yield shape.chunk("", role=True)
+def _encode(tokenizer: Any, given: list[str | list[int]]) -> list[list[int]]:
+    """Each completion prompt's token ids; a bad one is an ``APIError`` that says which."""
+    out = []
+    for n, prompt in enumerate(given):
+        try:
+            out.append(completion_ids(tokenizer, prompt))
+        except APIError as exc:
+            if len(given) > 1:
+                exc.message = f"prompt[{n}]: {exc.message}"
+                exc.args = (exc.message,)
+            raise
+    return out
+
+
+def _prompt_texts(
+    tokenizer: Any, given: list[str | list[int]], prompts: list[list[int]]
+) -> list[str]:
+    """Each prompt's text: as given, or its token ids decoded (special tokens left out)."""
+    return [p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=True)
+            for p, ids in zip(given, prompts)]  # fmt: skip
+
+
+def _usage(gens: list[_Generation]) -> dict[str, Any]:
+    """The usage of a request's choices together (TPF: their tokens over their forwards)."""
+    uses = [gen.usage() for gen in gens]
+    return usage(*(sum(u[k] for u in uses) for k in ("prompt_tokens", "completion_tokens",
+                                                      "forwards")))  # fmt: skip
+
+
+async def _events(
+    gens: list[_Generation], shapes: list[Shape], s: protocol.Sampling
+) -> AsyncIterator[str]:
+    """The server-sent events of one streamed request, its choices' chunks as they come."""
+    out: asyncio.Queue = asyncio.Queue()  # (choice, chunk text) | (choice, None): it ended
+
+    async def run(n: int) -> None:
+        gen, shape = gens[n], shapes[n]
+        if shape.chat:
+            await out.put((n, shape.chunk("", role=True)))
+        try:
+            async for text, entries in gen.deltas():
+                await out.put((n, shape.chunk(text, logprobs=entries)))
+        except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
+            await out.put((n, exc))
+        await out.put((n, None))
+
+    tasks = [asyncio.ensure_future(run(n)) for n in range(len(gens))]
     try:
-        async for text, entries in gen.deltas():
-            yield shape.chunk(text, logprobs=entries)
-    except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
-        yield f"data: {json.dumps(exc.body())}\n\n"
-        return
-    use = gen.usage()  # once: in its own chunk when asked for (OpenAI's), else in the last one
-    last = None if s.include_usage else use
-    yield shape.chunk(None if shape.chat else "", gen.finish_reason, last)
-    if s.include_usage:
-        yield shape.usage_chunk(use)
-    yield DONE
+        open_ = len(gens)
+        while open_:
+            n, item = await out.get()
+            if isinstance(item, APIError):
+                yield f"data: {json.dumps(item.body())}\n\n"
+                return
+            if item is not None:
+                yield item
+                continue
+            open_ -= 1  # choice n ended: its last chunk (the usage once: in the last one ended,
+            # or in its own chunk when asked for, as OpenAI's)
+            last = _usage(gens) if not open_ and not s.include_usage else None
+            yield shapes[n].chunk(None if shapes[n].chat else "", gens[n].finish_reason, last)
+        if s.include_usage:
+            yield shapes[0].usage_chunk(_usage(gens))
+        yield DONE
+    finally:
+        for task in tasks:
+            task.cancel()

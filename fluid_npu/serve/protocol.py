@@ -16,9 +16,14 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   ``min_p``, else the OpenAI API's (temperature 1, top_p 1): greedy decoding is ``temperature: 0``;
 * ``stop`` (up to 4 non-empty strings) ends the request in the engine; the text is cut before the
   stop string, as the OpenAI API returns it;
+* completions take ``prompt`` as one text or token-id list, or a list of them (each its own
+  choice, ``index`` in the order given, as vLLM answers a batch); ``echo`` returns the prompt before
+  the completion, with ``logprobs`` every prompt token's log-probability too (the first one's is
+  null), and with ``max_tokens: 0`` the prompt alone — how lm-evaluation-harness scores text
+  through a server (``local-completions``);
 * a field it knows but cannot honour is accepted only at its neutral value: ``n`` / ``best_of`` 1,
-  penalties 0, ``echo`` false, ``suffix`` / ``logit_bias`` / tools absent; any other value is an
-  error naming the field and what is supported; ``user`` is an opaque end-user tag, accepted.
+  penalties 0, ``suffix`` / ``logit_bias`` / tools absent; any other value is an error naming the
+  field and what is supported; ``user`` is an opaque end-user tag, accepted.
 """
 
 from __future__ import annotations
@@ -110,6 +115,7 @@ class _Common(_Strict):
 
 class CompletionBody(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: with echo, the prompt scored alone
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
@@ -168,11 +174,12 @@ class Sampling:
     ignore_eos: bool | None = None
     model: str | None = None
     max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
+    echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
 
 
 @dataclass
 class CompletionRequest:
-    prompt: str | list[int]
+    prompts: list[str | list[int]]  # one choice each, in this order
     sampling: Sampling
 
 
@@ -252,6 +259,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         "seed": body.seed,
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
+        "prompt_logprobs": None,
     }
     return Sampling(
         max_tokens=max_tokens,
@@ -265,27 +273,32 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
 
 
 def parse_completion(body: Any) -> CompletionRequest:
-    """A checked ``/v1/completions`` request (one prompt: text or token ids)."""
+    """A checked ``/v1/completions`` request: its prompts (text or token ids), one choice each."""
     req: CompletionBody = _validate(CompletionBody, body)
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(
-                f"prompt holds {len(prompt)} prompts; this server takes one prompt per request "
-                "(send concurrent requests: they are batched)",
-                param="prompt",
-            )
-        prompt = prompt[0]
-    if isinstance(prompt, list) and any(t < 0 for t in prompt):
-        raise APIError("prompt token ids must be non-negative", param="prompt")
-    if prompt == [] or (isinstance(prompt, str) and not prompt.strip()):
-        raise APIError("prompt is empty; give some text or token ids", param="prompt")
+    many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+    prompts: list[str | list[int]] = list(prompt) if many else [prompt]  # type: ignore[arg-type]
+    for n, one in enumerate(prompts):
+        where = f"prompt[{n}]" if many and len(prompts) > 1 else "prompt"
+        if isinstance(one, list) and any(t < 0 for t in one):
+            raise APIError(f"{where}: token ids must be non-negative", param="prompt")
+        if one == [] or (isinstance(one, str) and not one.strip()):
+            raise APIError(f"{where} is empty; give some text or token ids", param="prompt")
     _neutral(req, "best_of", (None, 1), "1 or absent")
-    _neutral(req, "echo", (None, False), "false or absent")
     _neutral(req, "suffix", (None,), "absent")
-    max_tokens = req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+    echo = bool(req.echo)
+    if req.max_tokens == 0 and not echo:
+        raise APIError(
+            "max_tokens=0 asks for no tokens, which only scores the prompt: send it with "
+            "echo: true (and logprobs), or ask for at least 1 token",
+            param="max_tokens",
+        )
+    max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     sampling = _sampling(req, max_tokens, req.logprobs is not None, req.logprobs or 0)
-    return CompletionRequest(prompt=prompt, sampling=sampling)
+    sampling.echo = echo
+    if echo and req.logprobs is not None:  # the prompt's log-probabilities, as vLLM's echo gives
+        sampling.params["prompt_logprobs"] = req.logprobs
+    return CompletionRequest(prompts=prompts, sampling=sampling)
 
 
 def parse_chat(body: Any) -> ChatRequest:

@@ -13,7 +13,11 @@ in each endpoint's own format: completions' ``tokens`` / ``token_logprobs`` / ``
 text and bytes are its own (``text.TokenText``: part of a multi-byte character is ``bytes:\\xNN``,
 and the bytes of consecutive tokens join into the text); ``text_offset`` counts characters of the
 returned text (special tokens, which it leaves out, take none). A log-probability that is not finite
-is written as ``-9999.0`` (JSON has no infinities).
+is written as ``-9999.0`` (JSON has no infinities). With ``echo`` the prompt's tokens come first,
+the first of them with a null log-probability (nothing predicts it), as vLLM writes it.
+
+A completions request with several prompts has one ``Shape`` per prompt (its choice's ``index``,
+its own text offsets), all under one id.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from fluid_npu.serve.text import TokenText
 
 DONE = "data: [DONE]\n\n"
-LogprobEntry = tuple[int, float, list[tuple[int, float]]]
+LogprobEntry = tuple[int, float | None, list[tuple[int, float]] | None]  # None: a prompt's first
 
 
 def usage(prompt_tokens: int, completion_tokens: int, forwards: int) -> dict[str, Any]:
@@ -41,8 +45,8 @@ def usage(prompt_tokens: int, completion_tokens: int, forwards: int) -> dict[str
     }
 
 
-def _finite(logprob: float) -> float:
-    return logprob if math.isfinite(logprob) else -9999.0
+def _finite(logprob: float | None) -> float | None:
+    return logprob if logprob is None or math.isfinite(logprob) else -9999.0
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -54,16 +58,34 @@ class Shape:
     """The bodies of one request: ``chat`` or plain completion, with its id, time and model."""
 
     def __init__(
-        self, chat: bool, request_id: str, model: str, tokens: TokenText | None = None
+        self,
+        chat: bool,
+        request_id: str,
+        model: str,
+        tokens: TokenText | None = None,
+        index: int = 0,
+        created: int | None = None,
     ) -> None:
         self.chat = chat
         self.id = request_id
         self.model = model
         self.tokens = tokens  # the text and bytes of log-probability tokens
-        self.created = int(time.time())
+        self.index = index  # the choice's
+        self.created = int(time.time()) if created is None else created
         self.offset = 0  # completions' text_offset of the next token
         self._chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.strip = tokens.strip_start if tokens is not None else 0  # leading spaces dropped
+        # echo: after this many (prompt) entries the completion's start at this text offset, with
+        # ``strip`` then as the completion alone has it
+        self.echo: tuple[int, int, int] | None = None
+        self._entries = 0  # entries written so far
+
+    def echoing(self, prompt_entries: int, prompt_text: str) -> None:
+        """The text returned starts with ``prompt_text``, whose log-probabilities (when asked for)
+        are the first ``prompt_entries`` entries: offsets count them from 0, and the completion's
+        from the end of that text."""
+        self.echo = (prompt_entries, len(prompt_text), self.strip)
+        self.strip = self.tokens.strip_start if self.tokens is not None else 0
 
     def logprobs(self, entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
         """The ``logprobs`` of a choice for ``entries`` (None: none were asked for)."""
@@ -85,6 +107,9 @@ class Shape:
             return {"content": content, "refusal": None}
         offsets = []
         for tok, _, _ in entries:
+            if self.echo is not None and self._entries == self.echo[0]:  # the completion starts
+                self.offset, self.strip = self.echo[1], self.echo[2]
+            self._entries += 1
             offsets.append(self.offset)
             if tok not in words.special:  # the returned text skips special tokens
                 piece = self._chars.decode(words.bytes(tok))
@@ -92,7 +117,8 @@ class Shape:
                     self.strip = self.strip - 1 if piece[0] == " " else 0
                     piece = piece[1:] if piece[0] == " " else piece
                 self.offset += len(piece)
-        tops = [{words.text(t): _finite(p) for t, p in top} for _, _, top in entries]
+        tops = [None if top is None else {words.text(t): _finite(p) for t, p in top}
+                for _, _, top in entries]  # fmt: skip
         return {
             "tokens": [words.text(tok) for tok, _, _ in entries],
             "token_logprobs": [_finite(lp) for _, lp, _ in entries],
@@ -103,6 +129,26 @@ class Shape:
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
+    def choice(
+        self, text: str, finish_reason: str | None, logprobs: list[LogprobEntry] | None = None
+    ) -> dict[str, Any]:
+        """This shape's choice of a non-streamed answer."""
+        out: dict[str, Any] = {"index": self.index}
+        if self.chat:
+            out["message"] = {"role": "assistant", "content": text}
+        else:
+            out["text"] = text
+        out["logprobs"] = self.logprobs(logprobs)
+        out["finish_reason"] = finish_reason
+        return out
+
+    def answer(self, choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
+        """The non-streamed answer holding ``choices`` (by ``index``)."""
+        body = self._head("chat.completion" if self.chat else "text_completion")
+        body["choices"] = sorted(choices, key=lambda c: c["index"])
+        body["usage"] = use
+        return body
+
     def full(
         self,
         text: str,
@@ -110,26 +156,8 @@ class Shape:
         use: dict[str, Any],
         logprobs: list[LogprobEntry] | None = None,
     ) -> dict[str, Any]:
-        """The non-streamed answer."""
-        if self.chat:
-            body = self._head("chat.completion")
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": self.logprobs(logprobs),
-                "finish_reason": finish_reason,
-            }
-        else:
-            body = self._head("text_completion")
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": self.logprobs(logprobs),
-                "finish_reason": finish_reason,
-            }
-        body["choices"] = [choice]
-        body["usage"] = use
-        return body
+        """The non-streamed answer of one choice."""
+        return self.answer([self.choice(text, finish_reason, logprobs)], use)
 
     def chunk(
         self,
@@ -147,11 +175,16 @@ class Shape:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish_reason}
+            choice = {
+                "index": self.index,
+                "delta": delta,
+                "logprobs": lps,
+                "finish_reason": finish_reason,
+            }
         else:
             body = self._head("text_completion")
             choice = {
-                "index": 0,
+                "index": self.index,
                 "text": text or "",
                 "logprobs": lps,
                 "finish_reason": finish_reason,
