@@ -22,7 +22,7 @@ from synthetic import write_short_dataset
 import fluid_ops.npu_layers as npu_layers
 from fluid_npu import device as devices
 from fluid_npu.config import load_config
-from fluid_npu.model.fused_layers import MARK, ROTARY_ORIGINAL, apply_npu_fused_layers
+from fluid_npu.model.fused_layers import MARK, ROTARY_OFF, ROTARY_ORIGINAL, apply_npu_fused_layers
 from fluid_npu.model.tiny import build_tiny_model
 from fluid_ops import dispatch
 
@@ -42,6 +42,7 @@ class FakeTorchNpu:
     def npu_rotary_mul(self, x, r1, r2, rotary_mode="half"):
         self.calls.append(("npu_rotary_mul", (x, r1, r2), {}))
         assert rotary_mode == "half"
+        assert r1.abs().max() <= 1 and r2.abs().max() <= 1, "r1, r2 must lie in [-1, 1]"
         x1, x2 = torch.chunk(x, 2, -1)
         return r1 * x + r2 * torch.cat((-x2, x1), dim=-1)
 
@@ -70,6 +71,7 @@ def fake_npu(monkeypatch) -> FakeTorchNpu:
     for name in ARCH_MODELING.values():
         modeling = importlib.import_module(name)
         monkeypatch.setattr(modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)
+        monkeypatch.setattr(modeling, ROTARY_OFF, False, raising=False)
     return fake
 
 
@@ -135,6 +137,35 @@ def test_fused_layers_keep_logits_and_call_each_op_as_documented(arch, fake_npu,
     for (x,), kwargs in swi:
         assert kwargs == {"dim": -1} and x.is_contiguous()
         assert x.shape == (2, 9, 2 * cfg.intermediate_size)
+
+
+def test_a_rotary_scaled_past_one_keeps_transformers_function(fake_npu, tokenizer):
+    """YaRN multiplies cos / sin by its attention factor (> 1 here), outside the kernel's
+    documented [-1, 1]: such a model keeps transformers' rotary (logits unchanged, no
+    npu_rotary_mul call) while its norms and MLP are fused, and so does every later model of the
+    architecture, since the swap is per modeling module."""
+    modeling = sys.modules[ARCH_MODELING["llama"]]
+    plain_rotary = modeling.apply_rotary_pos_emb
+    yarn = build_tiny_model("llama", tokenizer, max_position_embeddings=256, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+        "original_max_position_embeddings": 64})  # fmt: skip
+    assert yarn.model.rotary_emb.attention_scaling > 1
+    ids = torch.randint(0, 250, (2, 9))
+    with torch.no_grad():
+        ref = yarn(ids).logits
+    first = build_tiny_model("llama", tokenizer)
+    apply_npu_fused_layers(first, enabled=True)  # fused until a scaled model arrives
+    assert getattr(modeling.apply_rotary_pos_emb, ROTARY_ORIGINAL) is plain_rotary
+    layers = yarn.config.num_hidden_layers
+    assert apply_npu_fused_layers(yarn, enabled=True) == 2 * layers + 1 + layers  # norms, MLPs
+    assert modeling.apply_rotary_pos_emb is plain_rotary
+    fake_npu.calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(yarn(ids).logits, ref)
+        first(ids)
+    assert not fake_npu.named("npu_rotary_mul") and fake_npu.named("npu_swiglu")
+    apply_npu_fused_layers(build_tiny_model("llama", tokenizer), enabled=True)
+    assert modeling.apply_rotary_pos_emb is plain_rotary  # off for this architecture from now on
 
 
 def test_fused_layers_are_a_noop_off_npu(fake_npu, tokenizer, monkeypatch):
@@ -242,7 +273,8 @@ def test_fake_npu_semantics_match_the_plain_modules():
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(fake.npu_rms_norm(x, norm.weight, epsilon=1e-5)[0], norm(x))
     q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
-    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    angle = torch.randn(2, 5, 8)
+    cos, sin = angle.cos(), angle.sin()  # (the kernel's documented range: [-1, 1])
     q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
     c, s = cos[:, None], sin[:, None]
     torch.testing.assert_close(fake.npu_rotary_mul(q, c, s), q_ref)

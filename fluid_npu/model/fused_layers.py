@@ -15,6 +15,11 @@ loads as Llama), Qwen2, Qwen3 and Mistral — the model's code and classes stay 
   keeps it (the original stays reachable as its ``ROTARY_ORIGINAL`` attribute). The swap is
   per modeling module, so it also serves other models of that architecture in the process when
   their tensors fit the kernel (an NPU tensor of a supported shape): the same function, fused.
+  The kernel takes ``cos`` / ``sin`` in [-1, 1] only (op-plugin's documented range on A2 / A3); a
+  rotary that scales them past 1 (YaRN's and LongRoPE's attention factor: ``attention_scaling``)
+  cannot be checked per call without reading the device, so a model with one keeps transformers'
+  function — and its modeling module keeps it from then on, for every model of that
+  architecture in the process (``ROTARY_OFF``); its norms and MLP are still fused.
 
 Norms and MLPs get a new ``forward`` per module *instance*. Every fused path checks the kernel's
 documented contract (``*_fits``: device, shape, dtype) per call and runs the original code
@@ -47,6 +52,7 @@ MLP_CLASSES = frozenset(f"{a}MLP" for a in ARCHS)
 ATTENTION_CLASSES = frozenset(f"{a}Attention" for a in ARCHS)
 MARK = "_fluid_npu_fused"  # set on every module that runs a fused kernel from here
 ROTARY_ORIGINAL = "_fluid_npu_original"  # on an installed fused rotary: the function it wraps
+ROTARY_OFF = "_fluid_npu_rotary_off"  # on a modeling module: a model of it scales cos / sin past 1
 
 
 def _npu_layers() -> Any:
@@ -95,11 +101,36 @@ def _fused_rotary_for(original: Callable[..., Any]) -> Callable[..., Any]:
     return apply_rotary_pos_emb
 
 
-def _install_fused_rotary(modeling: types.ModuleType) -> None:
-    """Point ``modeling.apply_rotary_pos_emb`` at the fused rotary once (a fused one stays)."""
+def _install_fused_rotary(modeling: types.ModuleType) -> bool:
+    """Point ``modeling.apply_rotary_pos_emb`` at the fused rotary once (a fused one stays);
+    False where a scaled rotary turned it off for this module (``ROTARY_OFF``)."""
+    if getattr(modeling, ROTARY_OFF, False):
+        return False
     current = modeling.apply_rotary_pos_emb
     if getattr(current, ROTARY_ORIGINAL, None) is None:
         modeling.apply_rotary_pos_emb = _fused_rotary_for(current)
+    return True
+
+
+def _keep_plain_rotary(modeling: types.ModuleType) -> None:
+    """transformers' own ``apply_rotary_pos_emb`` for ``modeling``, now and from now on."""
+    original = getattr(modeling.apply_rotary_pos_emb, ROTARY_ORIGINAL, None)
+    if original is not None:
+        modeling.apply_rotary_pos_emb = original
+    setattr(modeling, ROTARY_OFF, True)
+
+
+def scales_rotary_past_one(model: nn.Module) -> bool:
+    """Whether ``model``'s rotary embedding multiplies ``cos`` / ``sin`` by more than 1 (YaRN's
+    or LongRoPE's ``attention_scaling``), outside ``npu_rotary_mul``'s documented [-1, 1]."""
+    for module in model.modules():
+        scale = getattr(module, "attention_scaling", None)
+        if scale is None or not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        values = scale.values() if isinstance(scale, dict) else [scale]
+        if any(abs(float(v)) > 1.0 for v in values):
+            return True
+    return False
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -138,12 +169,18 @@ def apply_npu_fused_layers(model: nn.Module, *, enabled: bool | None = None) -> 
     if not enabled:
         return 0
     swapped = 0
+    scaled = scales_rotary_past_one(model)  # (the fused rotary's cos / sin must stay in [-1, 1])
     for module in model.modules():
         kind = _kind(module)
         if kind is None:
             continue
         if kind == "attention":  # its forward stays; the function it calls is swapped
-            _install_fused_rotary(sys.modules[type(module).__module__])
+            modeling = sys.modules[type(module).__module__]
+            if scaled:
+                _keep_plain_rotary(modeling)
+                continue
+            if not _install_fused_rotary(modeling):
+                continue
         else:
             module.forward = types.MethodType(FORWARDS[kind], module)
         setattr(module, MARK, True)
