@@ -487,9 +487,10 @@ def test_a_prompt_that_takes_long_to_tokenize_stalls_no_other_stream(chat, monke
     one does the streams already running go on (a helper's soak: every stream stood still for
     2.1 s). Here the tokenization of one request is held until the test releases it."""
     from fluid_npu.serve import app as app_mod
+    from fluid_npu.serve import generation
 
-    name = "chat_ids" if chat else "completion_ids"
-    real, entered, release = getattr(app_mod, name), threading.Event(), threading.Event()
+    name, where = ("chat_ids", app_mod) if chat else ("completion_ids", generation)
+    real, entered, release = getattr(where, name), threading.Event(), threading.Event()
 
     def held(tokenizer: Any, prompt: Any) -> list[int]:
         if "HOLD" in json.dumps(prompt):
@@ -497,7 +498,7 @@ def test_a_prompt_that_takes_long_to_tokenize_stalls_no_other_stream(chat, monke
             release.wait(60)
         return real(tokenizer, prompt)
 
-    monkeypatch.setattr(app_mod, name, held)
+    monkeypatch.setattr(where, name, held)
     sched = ScriptedScheduler()
     with serving(sched) as (url, _, _):
         c = client(url)
@@ -542,6 +543,51 @@ def test_a_prompt_that_takes_long_to_tokenize_stalls_no_other_stream(chat, monke
         assert slow_ttft >= held
 
 
+def test_tokenizer_routes_answer_as_vllms():
+    """vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``: the ids a completion or a
+    chat request would run, their text back, the special tokens and chat template; bad bodies are
+    400s naming the field."""
+    with serving(ScriptedScheduler()) as (url, _, _):
+        text = "Question: 2+2?"
+
+        def post(path: str, body: dict) -> httpx.Response:
+            return httpx.post(f"{url}{path}", json=body)
+
+        got = post("/tokenize", {"model": "tiny", "prompt": text}).json()
+        assert got["tokens"] == TOK(text)["input_ids"] and got["count"] == len(got["tokens"])
+        assert got["max_model_len"] == 600 and got["token_strs"] is None
+        plain = post("/tokenize", {"prompt": text, "add_special_tokens": False,
+                                   "return_token_strs": True}).json()  # fmt: skip
+        assert plain["tokens"] == TOK(text, add_special_tokens=False)["input_ids"]
+        assert plain["token_strs"] == TOK.convert_ids_to_tokens(plain["tokens"])
+        messages = [{"role": "user", "content": "hello"}]
+        chat = post("/tokenize", {"messages": messages}).json()["tokens"]
+        assert chat == TOK.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+            "input_ids"]  # fmt: skip
+        closed = post("/tokenize", {"messages": messages, "add_generation_prompt": False})
+        assert len(closed.json()["tokens"]) < len(chat)
+        back = post("/detokenize", {"tokens": got["tokens"]}).json()["prompt"]
+        assert back == TOK.decode(got["tokens"])
+        info = httpx.get(f"{url}/tokenizer_info").json()
+        assert info["eos_token"] == TOK.eos_token and info["bos_token"] == TOK.bos_token
+        assert info["chat_template"] == TOK.chat_template and info["model_max_length"] == 600
+        for path, body, param in (
+            ("/tokenize", {}, "prompt"),
+            ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+            ("/tokenize", {"prompt": "a", "add_generation_prompt": True}, "add_generation_prompt"),
+            ("/tokenize", {"messages": messages, "add_special_tokens": True},
+             "add_special_tokens"),
+            ("/tokenize", {"prompt": "a", "echo": True}, "echo"),
+            ("/detokenize", {"tokens": [1, -2]}, "tokens"),
+            ("/detokenize", {"tokens": [10**9]}, "tokens"),
+            ("/detokenize", {"tokens": "abc"}, "tokens"),
+        ):  # fmt: skip
+            bad = post(path, body)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (path, body)
+        wrong = post("/tokenize", {"model": "other", "prompt": "a"})
+        assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
+
+
 def test_api_key():
     with serving(ScriptedScheduler(), api_key="s3cret") as (url, _, _):
         for key in ("wrong", "none"):
@@ -552,6 +598,13 @@ def test_api_key():
         out = client(url, "s3cret").completions.create(model="tiny", prompt="a", max_tokens=2)
         assert out.usage.completion_tokens == 2
         assert httpx.get(f"{url}/health").status_code == 200  # health and metrics stay open
+        for method, path, body in (("POST", "/tokenize", {"prompt": "a"}),
+                                   ("POST", "/detokenize", {"tokens": [5]}),
+                                   ("GET", "/tokenizer_info", None)):  # fmt: skip
+            assert httpx.request(method, f"{url}{path}", json=body).status_code == 401, path
+            ok = httpx.request(method, f"{url}{path}", json=body,
+                               headers={"Authorization": "Bearer s3cret"})  # fmt: skip
+            assert ok.status_code == 200, path
     with serving(ScriptedScheduler(), api_key="clé-secrète") as (url, _, _):  # non-ASCII key
         body = {"prompt": "a", "max_tokens": 2}
         for given, status in (("clé-secrète", 200), ("wrong", 401), ("clé", 401)):

@@ -179,7 +179,8 @@ def test_lm_eval_scores_and_generates_through_the_server(server, model_dir, tmp_
     """lm-evaluation-harness's ``local-completions`` model against ``fluid serve``, as a user runs
     it: batches of prompts in one request; log-likelihoods from ``echo`` + ``logprobs`` equal a
     direct float32 forward of the model, their greedy flags its argmax; ``generate_until`` equals
-    ``fluid generate`` cut at the stop string. Token-id and text requests alike."""
+    ``fluid generate`` cut at the stop string. Token-id and text requests alike, with a local
+    tokenizer or none (the harness then tokenizes through the server's ``/tokenize``)."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from transformers import AutoModelForCausalLM
@@ -200,12 +201,14 @@ def test_lm_eval_scores_and_generates_through_the_server(server, model_dir, tmp_
     assert {greedy for _, greedy in want} == {True, False}  # both kinds of answer are checked
     offline_rows = offline(model_dir, tmp_path, [c for c, _ in pairs], 20)
     until = "m"
-    for tokenized in (True, False):
+    local = {"tokenizer": model_dir, "tokenizer_backend": "huggingface"}
+    remote = {"auth_token": KEY}  # its default backend finds /tokenize and /tokenizer_info
+    for tokenized, where in ((True, local), (False, local), (True, remote)):
         lm = LocalCompletionsAPI(
-            model="model", base_url=f"{server.url}/v1/completions", tokenizer=model_dir,
-            tokenizer_backend="huggingface", tokenized_requests=tokenized, batch_size=3,
-            max_length=MAX_LEN, max_gen_toks=20,
+            model="model", base_url=f"{server.url}/v1/completions", tokenized_requests=tokenized,
+            batch_size=3, max_length=MAX_LEN, max_gen_toks=20, **where,
         )  # fmt: skip
+        assert (type(lm.tokenizer).__name__ == "RemoteTokenizer") == (where is remote)
         got = lm.loglikelihood(
             [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
         )

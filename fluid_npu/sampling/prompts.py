@@ -176,10 +176,14 @@ def _rendered(tokenizer: Any, messages: list[dict[str, str]], where: str) -> lis
         raise DataError(f"{where}: the chat template rejected the messages: {exc}") from None
 
 
-def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def chat_template_ids(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
     """Token ids of ``messages`` rendered by the tokenizer's chat template, the assistant turn
     opened (``add_generation_prompt``): what ``--chat`` and the server's chat route decode from."""
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    enc = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True
+    )
     ids = enc["input_ids"] if hasattr(enc, "keys") else enc
     return [int(t) for t in ids]
 

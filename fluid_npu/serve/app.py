@@ -1,10 +1,13 @@
-"""The FastAPI application: OpenAI routes that translate requests into scheduler requests and
-scheduler events into responses. No model code lives here; the ``Worker`` owns the model.
+"""The FastAPI application: OpenAI routes that check requests and submit them to the engine
+(one scheduler request per prompt); ``generation.py`` turns their events into responses. No model
+code lives here; the ``Worker`` owns the model.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``),
-``GET /v1/models``, ``GET /health`` (503 while draining or after an engine failure) and
-``GET /metrics`` (Prometheus text). With an API key every ``/v1`` route needs
-``Authorization: Bearer KEY`` (401 otherwise); ``/health`` and ``/metrics`` stay open, as in vLLM.
+``GET /v1/models``, vLLM's ``POST /tokenize`` / ``POST /detokenize`` / ``GET /tokenizer_info``,
+``GET /health`` (503 while draining or after an engine failure) and ``GET /metrics`` (Prometheus
+text). With an API key every ``/v1`` route and the tokenizer routes need
+``Authorization: Bearer KEY`` (401 otherwise: they spend the server's CPU and show its chat
+template); ``/health`` and ``/metrics`` stay open, as in vLLM.
 
 A request is checked before it touches the engine: body size and JSON, fields (``protocol``),
 model name (404), prompt + ``max_tokens`` against the context (400), then capacity — when the
@@ -40,11 +43,19 @@ from fluid_npu.errors import FluidError
 from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
+from fluid_npu.serve.generation import (
+    Echo,
+    Generation,
+    encode_prompts,
+    events,
+    prompt_texts,
+    usage,
+)
 from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.protocol import APIError
-from fluid_npu.serve.responses import DONE, LogprobEntry, Shape, usage
-from fluid_npu.serve.text import TokenText, chat_ids, completion_ids
-from fluid_npu.serve.worker import Stream, Worker
+from fluid_npu.serve.responses import Shape
+from fluid_npu.serve.text import TokenText, chat_ids, text_ids, tokenizer_info
+from fluid_npu.serve.worker import Worker
 
 MAX_BODY_BYTES = 4 << 20
 RETRY_AFTER_S = 1
@@ -60,133 +71,6 @@ class ServeConfig:
     info: dict[str, Any] = field(default_factory=dict)  # shown by /health: policy, device, ...
     # what a request that leaves temperature / top_p / top_k / min_p out gets
     defaults: protocol.SamplingDefaults = field(default_factory=protocol.SamplingDefaults)
-
-
-# a request whose numbers came out NaN / inf (the engine ends it, the others go on)
-NUMERIC_FAILURE = (
-    "the model's activations overflowed to NaN or inf on this request's tokens, so nothing more "
-    "could be decoded (float16 overflows where bfloat16 does not: serve with --dtype bfloat16)"
-)
-
-
-@dataclass
-class _Echo:
-    """A completion that returns its prompt first (``echo``): the prompt's text and token ids,
-    and whether any token is generated after it (``max_tokens: 0``: the prompt scored alone)."""
-
-    text: str
-    ids: list[int]
-    generate: bool
-
-
-class _Generation:
-    """One admitted request: reads its events, detokenizes, applies stop strings, counts."""
-
-    def __init__(
-        self,
-        worker: Worker,
-        metrics: ServerMetrics,
-        stream: Stream,
-        detok: Detokenizer,
-        logprobs: bool = False,
-        echo: _Echo | None = None,
-    ) -> None:
-        self.worker, self.metrics, self.stream, self.detok = worker, metrics, stream, detok
-        self.echo = echo
-        self.finish_reason: str | None = None
-        self.forwards = 0
-        self.logprobs: list[LogprobEntry] | None = [] if logprobs else None
-        self._last: float | None = None  # when tokens last arrived ...
-        self._first = 0.0  # ... and first
-        self._tokens = 0  # tokens delivered
-
-    async def deltas(self) -> AsyncIterator[tuple[str, list[LogprobEntry] | None]]:
-        """Text deltas and their tokens' log-probabilities until the request ends
-        (``finish_reason`` is then set); with ``echo`` the prompt's first."""
-        while self.finish_reason is None:
-            item = await self.stream.queue.get()
-            if isinstance(item, BaseException):
-                self.finish_reason = "error"
-                raise APIError(f"the engine failed: {item}", status=500, type="server_error")
-            if self.echo is not None:  # the first event: the prompt (with its logprobs) first
-                echo, self.echo = self.echo, None
-                yield echo.text, self._prompt_entries(echo, item)
-                if not echo.generate:  # scored alone: the token decoded to get here is dropped
-                    self._timing(1)
-                    self.finish_reason = "length"
-                    if not item.finished:
-                        self.worker.abort(self.stream.request_id)
-                    return
-            self._timing(len(item.tokens))
-            self.forwards = item.forwards
-            used = self.detok.tokens_used
-            text = self.detok.add(item.tokens)
-            entries = self._entries(item, self.detok.tokens_used - used)
-            if self.detok.stopped:
-                self.finish_reason = "stop"
-                if not item.finished:
-                    self.worker.abort(self.stream.request_id)
-            elif item.finished and item.finish_reason == "error":
-                self.finish_reason = "error"
-                raise APIError(NUMERIC_FAILURE, status=500, type="server_error")
-            elif item.finished:
-                self.finish_reason = item.finish_reason or "stop"
-                text += self.detok.flush()
-            if text or entries:
-                yield text, entries
-
-    def _prompt_entries(self, echo: _Echo, item: Any) -> list[LogprobEntry] | None:
-        """The prompt's tokens with their log-probabilities (the first one's null), from the
-        request's first event; None when none were asked for."""
-        lps = getattr(item, "prompt_logprobs", None)
-        if self.logprobs is None or lps is None:
-            return None
-        out: list[LogprobEntry] = [(echo.ids[0], None, None)]
-        out += [(t, float(lp), [(a, float(b)) for a, b in top])
-                for t, (lp, top) in zip(echo.ids[1:], lps)]  # fmt: skip
-        self.logprobs += out
-        return out
-
-    def _entries(self, item: Any, n: int) -> list[LogprobEntry] | None:
-        """The log-probabilities of the first ``n`` tokens of an event (those in the output)."""
-        if self.logprobs is None or not n:
-            return None
-        lps = getattr(item, "logprobs", None) or []
-        tops = getattr(item, "top_logprobs", None) or [[] for _ in lps]
-        out = [(t, float(lp), [(a, float(b)) for a, b in top])
-               for t, lp, top in zip(item.tokens[:n], lps, tops)]  # fmt: skip
-        self.logprobs += out
-        return out
-
-    def _timing(self, n: int) -> None:
-        """Time to first token, then one inter-token gap per delivery of tokens (a step's)."""
-        if not n:
-            return
-        now = time.monotonic()
-        if self._last is None:
-            self.metrics.ttft.observe(now - self.stream.submitted_at)
-            self._first = now
-        else:
-            self.metrics.itl.observe(now - self._last)
-        self._last = now
-        self._tokens += n
-
-    def usage(self) -> dict[str, Any]:
-        return usage(self.stream.prompt_tokens, self.detok.tokens_used, self.forwards)
-
-    def close(self, endpoint: str) -> None:
-        """Account for the request; abort it in the engine if it did not finish."""
-        if self.finish_reason is None:
-            self.worker.abort(self.stream.request_id)
-            self.finish_reason = "abort"
-        self.worker.finished()
-        m = self.metrics
-        m.requests.labels(endpoint=endpoint, finish_reason=self.finish_reason).inc()
-        m.e2e.observe(time.monotonic() - self.stream.submitted_at)
-        if self._tokens >= 2 and self._last is not None:
-            m.tpot.observe((self._last - self._first) / (self._tokens - 1))
-        if self.forwards:
-            m.tpf.observe(self.detok.tokens_used / self.forwards)
 
 
 class _ClosingStream(StreamingResponse):
@@ -215,6 +99,11 @@ async def _read_json(request: Request) -> Any:
         raise APIError(f"the request body is not valid JSON ({exc})") from None
     except RecursionError:  # json.loads recurses once per level of nesting
         raise APIError("the request body nests too deeply to be a request") from None
+
+
+def body_messages(req: protocol.TokenizeBody) -> list[dict[str, Any]]:
+    """A ``/tokenize`` body's messages as a chat request gives them (checked again there)."""
+    return [m.model_dump(exclude_none=True) for m in req.messages or []]
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -348,7 +237,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             raise APIError(str(exc)) from None
         check_capacity(len(prompts))
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
-        gens: list[_Generation] = []
+        gens: list[Generation] = []
         try:
             for n, (shape, ids, max_new) in enumerate(zip(shapes, prompts, limits)):
                 rid = shape.id if len(prompts) == 1 else f"{shape.id}-{n}"
@@ -367,16 +256,16 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                     shape.strip = 0
                 echo = None
                 if s.echo and texts is not None:
-                    echo = _Echo(texts[n], ids, generate=max_new > 0)
+                    echo = Echo(texts[n], ids, generate=max_new > 0)
                     shape.echoing(len(ids), texts[n])
-                gens.append(_Generation(worker, metrics, stream, detok, s.params["logprobs"], echo))
+                gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo))
         except BaseException:  # a prompt refused (or the client gone): none of them runs
             for gen in gens:
                 gen.close(endpoint)
             raise
         if s.stream:
             return _ClosingStream(
-                _events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]
+                events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]
             )
         pieces: list[list[str]] = [[] for _ in gens]
 
@@ -404,7 +293,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             shape.choice("".join(text), gen.finish_reason, gen.logprobs)
             for shape, gen, text in zip(shapes, gens, pieces)
         ]
-        return JSONResponse(shapes[0].answer(choices, _usage(gens)))
+        return JSONResponse(shapes[0].answer(choices, usage(gens)))
 
     async def answer(request: Request, chat: bool) -> Response:
         arrived = time.monotonic()
@@ -418,9 +307,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             prompts = [await loop.run_in_executor(tokenizing, chat_ids, tokenizer, req.messages)]
             cid = f"chatcmpl-{uuid.uuid4().hex}"
         else:
-            prompts = await loop.run_in_executor(tokenizing, _encode, tokenizer, req.prompts)
+            prompts = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts)
             if req.sampling.echo:  # the text as given; token ids decoded (as vLLM echoes them)
-                texts = await loop.run_in_executor(tokenizing, _prompt_texts, tokenizer,
+                texts = await loop.run_in_executor(tokenizing, prompt_texts, tokenizer,
                                                    req.prompts, prompts)  # fmt: skip
             cid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -456,6 +345,48 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         check_model(model)
         return card
 
+    # vLLM's tokenizer routes (lm-evaluation-harness finds them and needs no local tokenizer)
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        authorize(request)
+        req = protocol.parse_tokenize(await _read_json(request))
+        check_model(req.model)
+        loop = asyncio.get_running_loop()
+        if req.messages is not None:
+            if req.add_special_tokens:
+                raise APIError(
+                    "add_special_tokens must be false or absent with messages: the chat template "
+                    "places the special tokens itself",
+                    param="add_special_tokens",
+                )
+            messages = protocol.parse_chat({"messages": body_messages(req)}).messages
+            opened = req.add_generation_prompt is not False
+            ids = await loop.run_in_executor(tokenizing, chat_ids, tokenizer, messages, opened)
+        else:
+            special = req.add_special_tokens is not False
+            ids = await loop.run_in_executor(tokenizing, text_ids, tokenizer, req.prompt, special)
+        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": config.max_len, "tokens": ids,
+                "token_strs": strs}  # fmt: skip
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        authorize(request)
+        req = protocol.parse_detokenize(await _read_json(request))
+        check_model(req.model)
+        if req.tokens and max(req.tokens) >= len(tokenizer):
+            raise APIError(
+                f"token id {max(req.tokens)} is outside the vocabulary ({len(tokenizer)})",
+                param="tokens",
+            )
+        loop = asyncio.get_running_loop()
+        return {"prompt": await loop.run_in_executor(tokenizing, tokenizer.decode, req.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def info(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return tokenizer_info(tokenizer, config.max_len)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if not worker.alive:
@@ -469,72 +400,3 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _encode(tokenizer: Any, given: list[str | list[int]]) -> list[list[int]]:
-    """Each completion prompt's token ids; a bad one is an ``APIError`` that says which."""
-    out = []
-    for n, prompt in enumerate(given):
-        try:
-            out.append(completion_ids(tokenizer, prompt))
-        except APIError as exc:
-            if len(given) > 1:
-                exc.message = f"prompt[{n}]: {exc.message}"
-                exc.args = (exc.message,)
-            raise
-    return out
-
-
-def _prompt_texts(
-    tokenizer: Any, given: list[str | list[int]], prompts: list[list[int]]
-) -> list[str]:
-    """Each prompt's text: as given, or its token ids decoded (special tokens left out)."""
-    return [p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=True)
-            for p, ids in zip(given, prompts)]  # fmt: skip
-
-
-def _usage(gens: list[_Generation]) -> dict[str, Any]:
-    """The usage of a request's choices together (TPF: their tokens over their forwards)."""
-    uses = [gen.usage() for gen in gens]
-    return usage(*(sum(u[k] for u in uses) for k in ("prompt_tokens", "completion_tokens",
-                                                      "forwards")))  # fmt: skip
-
-
-async def _events(
-    gens: list[_Generation], shapes: list[Shape], s: protocol.Sampling
-) -> AsyncIterator[str]:
-    """The server-sent events of one streamed request, its choices' chunks as they come."""
-    out: asyncio.Queue = asyncio.Queue()  # (choice, chunk text) | (choice, None): it ended
-
-    async def run(n: int) -> None:
-        gen, shape = gens[n], shapes[n]
-        if shape.chat:
-            await out.put((n, shape.chunk("", role=True)))
-        try:
-            async for text, entries in gen.deltas():
-                await out.put((n, shape.chunk(text, logprobs=entries)))
-        except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
-            await out.put((n, exc))
-        await out.put((n, None))
-
-    tasks = [asyncio.ensure_future(run(n)) for n in range(len(gens))]
-    try:
-        open_ = len(gens)
-        while open_:
-            n, item = await out.get()
-            if isinstance(item, APIError):
-                yield f"data: {json.dumps(item.body())}\n\n"
-                return
-            if item is not None:
-                yield item
-                continue
-            open_ -= 1  # choice n ended: its last chunk (the usage once: in the last one ended,
-            # or in its own chunk when asked for, as OpenAI's)
-            last = _usage(gens) if not open_ and not s.include_usage else None
-            yield shapes[n].chunk(None if shapes[n].chat else "", gens[n].finish_reason, last)
-        if s.include_usage:
-            yield shapes[0].usage_chunk(_usage(gens))
-        yield DONE
-    finally:
-        for task in tasks:
-            task.cancel()

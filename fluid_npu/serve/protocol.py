@@ -133,6 +133,24 @@ class ChatBody(_Common):
     response_format: dict[str, Any] | None = None
 
 
+class TokenizeBody(_Strict):
+    """vLLM's ``/tokenize``: a text (``prompt``) or a conversation (``messages``)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool | None = None  # text: True (BOS as a completion gets it); chat: False
+    add_generation_prompt: bool | None = None  # chat: True (the assistant turn opened)
+    return_token_strs: bool | None = None
+
+
+class DetokenizeBody(_Strict):
+    """vLLM's ``/detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """What a request that leaves a decoding setting out gets: OpenAI's defaults (temperature 1,
@@ -270,6 +288,29 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         ignore_eos=bool(body.ignore_eos),
         model=body.model,
     )
+
+
+def parse_tokenize(body: Any) -> TokenizeBody:
+    """A checked ``/tokenize`` body: exactly one of ``prompt`` and ``messages``."""
+    req: TokenizeBody = _validate(TokenizeBody, body)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError("give either prompt (a text) or messages (a conversation)", param="prompt")
+    if req.messages is not None and not req.messages:
+        raise APIError("messages is empty; give at least one message", param="messages")
+    if req.prompt is not None and req.add_generation_prompt is not None:
+        raise APIError(
+            "add_generation_prompt applies to messages, not to a prompt",
+            param="add_generation_prompt",
+        )
+    return req
+
+
+def parse_detokenize(body: Any) -> DetokenizeBody:
+    """A checked ``/detokenize`` body: non-negative token ids."""
+    req: DetokenizeBody = _validate(DetokenizeBody, body)
+    if any(t < 0 for t in req.tokens):
+        raise APIError("tokens must be non-negative token ids", param="tokens")
+    return req
 
 
 def parse_completion(body: Any) -> CompletionRequest:

@@ -35,8 +35,41 @@ def completion_ids(tokenizer: Any, prompt: str | list[int]) -> list[int]:
         raise APIError(f"the tokenizer cannot encode the prompt: {exc}", param="prompt") from None
 
 
-def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation rendered by the tokenizer's chat template."""
+def text_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a text (``/tokenize``); with special tokens, those of ``completion_ids``."""
+    try:
+        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    except Exception as exc:  # the tokenizer's own (e.g. a lone UTF-16 surrogate in the text)
+        raise APIError(f"the tokenizer cannot encode the prompt: {exc}", param="prompt") from None
+    return [int(t) for t in ids]
+
+
+def tokenizer_info(tokenizer: Any, max_len: int) -> dict[str, Any]:
+    """vLLM's ``/tokenizer_info``: the tokenizer's class, special tokens, chat template and the
+    server's context (what lm-evaluation-harness's remote tokenizer reads)."""
+
+    def spelled(name: str) -> str | None:
+        token = getattr(tokenizer, name, None)
+        return None if token is None else str(token)
+
+    template = getattr(tokenizer, "chat_template", None)
+    return {
+        "tokenizer_class": type(tokenizer).__name__,
+        "bos_token": spelled("bos_token"),
+        "eos_token": spelled("eos_token"),
+        "pad_token": spelled("pad_token"),
+        "unk_token": spelled("unk_token"),
+        "chat_template": template if isinstance(template, str) else None,
+        "model_max_length": max_len,
+        "vocab_size": len(tokenizer),
+    }
+
+
+def chat_ids(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of a conversation rendered by the tokenizer's chat template (the assistant turn
+    opened unless ``add_generation_prompt`` is False)."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(
             "this model's tokenizer has no chat template; use /v1/completions", param="messages"
@@ -44,7 +77,7 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     from fluid_npu.sampling.prompts import chat_template_ids
 
     try:
-        return chat_template_ids(tokenizer, messages)
+        return chat_template_ids(tokenizer, messages, add_generation_prompt)
     except Exception as exc:  # the template's own error (e.g. a role it does not allow)
         raise APIError(
             f"the chat template rejected the messages: {exc}", param="messages"

@@ -1,0 +1,221 @@
+"""One request of ``fluid serve`` from its engine events to its response: the text deltas (stop
+strings, detokenization), ``echo``, log-probabilities, its metrics, and the server-sent events of
+a request's choices (one per prompt) interleaved as they come.
+
+``app.py`` checks a request, submits it (a ``Stream`` per prompt) and hands the streams here; a
+``Generation`` reads one stream until its request ends, ``events`` turns a request's generations
+into its SSE stream, ``usage`` adds up its choices' usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fluid_npu.sampling.detok import Detokenizer
+from fluid_npu.serve import protocol
+from fluid_npu.serve.metrics import ServerMetrics
+from fluid_npu.serve.protocol import APIError
+from fluid_npu.serve.responses import DONE, LogprobEntry, Shape
+from fluid_npu.serve.responses import usage as usage_body
+from fluid_npu.serve.text import completion_ids
+from fluid_npu.serve.worker import Stream, Worker
+
+# a request whose numbers came out NaN / inf (the engine ends it, the others go on)
+NUMERIC_FAILURE = (
+    "the model's activations overflowed to NaN or inf on this request's tokens, so nothing more "
+    "could be decoded (float16 overflows where bfloat16 does not: serve with --dtype bfloat16)"
+)
+
+
+@dataclass
+class Echo:
+    """A completion that returns its prompt first (``echo``): the prompt's text and token ids,
+    and whether any token is generated after it (``max_tokens: 0``: the prompt scored alone)."""
+
+    text: str
+    ids: list[int]
+    generate: bool
+
+
+class Generation:
+    """One admitted request: reads its events, detokenizes, applies stop strings, counts."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        metrics: ServerMetrics,
+        stream: Stream,
+        detok: Detokenizer,
+        logprobs: bool = False,
+        echo: Echo | None = None,
+    ) -> None:
+        self.worker, self.metrics, self.stream, self.detok = worker, metrics, stream, detok
+        self.echo = echo
+        self.finish_reason: str | None = None
+        self.forwards = 0
+        self.logprobs: list[LogprobEntry] | None = [] if logprobs else None
+        self._last: float | None = None  # when tokens last arrived ...
+        self._first = 0.0  # ... and first
+        self._tokens = 0  # tokens delivered
+
+    async def deltas(self) -> AsyncIterator[tuple[str, list[LogprobEntry] | None]]:
+        """Text deltas and their tokens' log-probabilities until the request ends
+        (``finish_reason`` is then set); with ``echo`` the prompt's first."""
+        while self.finish_reason is None:
+            item = await self.stream.queue.get()
+            if isinstance(item, BaseException):
+                self.finish_reason = "error"
+                raise APIError(f"the engine failed: {item}", status=500, type="server_error")
+            if self.echo is not None:  # the first event: the prompt (with its logprobs) first
+                echo, self.echo = self.echo, None
+                yield echo.text, self._prompt_entries(echo, item)
+                if not echo.generate:  # scored alone: the token decoded to get here is dropped
+                    self._timing(1)
+                    self.finish_reason = "length"
+                    if not item.finished:
+                        self.worker.abort(self.stream.request_id)
+                    return
+            self._timing(len(item.tokens))
+            self.forwards = item.forwards
+            used = self.detok.tokens_used
+            text = self.detok.add(item.tokens)
+            entries = self._entries(item, self.detok.tokens_used - used)
+            if self.detok.stopped:
+                self.finish_reason = "stop"
+                if not item.finished:
+                    self.worker.abort(self.stream.request_id)
+            elif item.finished and item.finish_reason == "error":
+                self.finish_reason = "error"
+                raise APIError(NUMERIC_FAILURE, status=500, type="server_error")
+            elif item.finished:
+                self.finish_reason = item.finish_reason or "stop"
+                text += self.detok.flush()
+            if text or entries:
+                yield text, entries
+
+    def _prompt_entries(self, echo: Echo, item: Any) -> list[LogprobEntry] | None:
+        """The prompt's tokens with their log-probabilities (the first one's null), from the
+        request's first event; None when none were asked for."""
+        lps = getattr(item, "prompt_logprobs", None)
+        if self.logprobs is None or lps is None:
+            return None
+        out: list[LogprobEntry] = [(echo.ids[0], None, None)]
+        out += [(t, float(lp), [(a, float(b)) for a, b in top])
+                for t, (lp, top) in zip(echo.ids[1:], lps)]  # fmt: skip
+        self.logprobs += out
+        return out
+
+    def _entries(self, item: Any, n: int) -> list[LogprobEntry] | None:
+        """The log-probabilities of the first ``n`` tokens of an event (those in the output)."""
+        if self.logprobs is None or not n:
+            return None
+        lps = getattr(item, "logprobs", None) or []
+        tops = getattr(item, "top_logprobs", None) or [[] for _ in lps]
+        out = [(t, float(lp), [(a, float(b)) for a, b in top])
+               for t, lp, top in zip(item.tokens[:n], lps, tops)]  # fmt: skip
+        self.logprobs += out
+        return out
+
+    def _timing(self, n: int) -> None:
+        """Time to first token, then one inter-token gap per delivery of tokens (a step's)."""
+        if not n:
+            return
+        now = time.monotonic()
+        if self._last is None:
+            self.metrics.ttft.observe(now - self.stream.submitted_at)
+            self._first = now
+        else:
+            self.metrics.itl.observe(now - self._last)
+        self._last = now
+        self._tokens += n
+
+    def usage(self) -> dict[str, Any]:
+        return usage_body(self.stream.prompt_tokens, self.detok.tokens_used, self.forwards)
+
+    def close(self, endpoint: str) -> None:
+        """Account for the request; abort it in the engine if it did not finish."""
+        if self.finish_reason is None:
+            self.worker.abort(self.stream.request_id)
+            self.finish_reason = "abort"
+        self.worker.finished()
+        m = self.metrics
+        m.requests.labels(endpoint=endpoint, finish_reason=self.finish_reason).inc()
+        m.e2e.observe(time.monotonic() - self.stream.submitted_at)
+        if self._tokens >= 2 and self._last is not None:
+            m.tpot.observe((self._last - self._first) / (self._tokens - 1))
+        if self.forwards:
+            m.tpf.observe(self.detok.tokens_used / self.forwards)
+
+
+def encode_prompts(tokenizer: Any, given: list[str | list[int]]) -> list[list[int]]:
+    """Each completion prompt's token ids; a bad one is an ``APIError`` that says which."""
+    out = []
+    for n, prompt in enumerate(given):
+        try:
+            out.append(completion_ids(tokenizer, prompt))
+        except APIError as exc:
+            if len(given) > 1:
+                exc.message = f"prompt[{n}]: {exc.message}"
+                exc.args = (exc.message,)
+            raise
+    return out
+
+
+def prompt_texts(
+    tokenizer: Any, given: list[str | list[int]], prompts: list[list[int]]
+) -> list[str]:
+    """Each prompt's text: as given, or its token ids decoded (special tokens left out)."""
+    return [p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=True)
+            for p, ids in zip(given, prompts)]  # fmt: skip
+
+
+def usage(gens: list[Generation]) -> dict[str, Any]:
+    """The usage of a request's choices together (TPF: their tokens over their forwards)."""
+    uses = [gen.usage() for gen in gens]
+    return usage_body(*(sum(u[k] for u in uses) for k in ("prompt_tokens", "completion_tokens",
+                                                      "forwards")))  # fmt: skip
+
+
+async def events(
+    gens: list[Generation], shapes: list[Shape], s: protocol.Sampling
+) -> AsyncIterator[str]:
+    """The server-sent events of one streamed request, its choices' chunks as they come."""
+    out: asyncio.Queue = asyncio.Queue()  # (choice, chunk text) | (choice, None): it ended
+
+    async def run(n: int) -> None:
+        gen, shape = gens[n], shapes[n]
+        if shape.chat:
+            await out.put((n, shape.chunk("", role=True)))
+        try:
+            async for text, entries in gen.deltas():
+                await out.put((n, shape.chunk(text, logprobs=entries)))
+        except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
+            await out.put((n, exc))
+        await out.put((n, None))
+
+    tasks = [asyncio.ensure_future(run(n)) for n in range(len(gens))]
+    try:
+        open_ = len(gens)
+        while open_:
+            n, item = await out.get()
+            if isinstance(item, APIError):
+                yield f"data: {json.dumps(item.body())}\n\n"
+                return
+            if item is not None:
+                yield item
+                continue
+            open_ -= 1  # choice n ended: its last chunk (the usage once: in the last one ended,
+            # or in its own chunk when asked for, as OpenAI's)
+            last = usage(gens) if not open_ and not s.include_usage else None
+            yield shapes[n].chunk(None if shapes[n].chat else "", gens[n].finish_reason, last)
+        if s.include_usage:
+            yield shapes[0].usage_chunk(usage(gens))
+        yield DONE
+    finally:
+        for task in tasks:
+            task.cancel()
