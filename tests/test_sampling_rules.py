@@ -277,7 +277,7 @@ def test_greedy_logprobs_are_the_models(tok):
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "modules"])
 def test_prompt_logprobs_are_the_models_whatever_the_chunks_and_batch(tok, lean):
     """``prompt_logprobs``: every prompt token after the first with its log-probability under the
-    model (after the request's temperature, as its output's logprobs) and its best alternatives,
+    model (its own distribution, whatever the request's temperature) and its best alternatives,
     read from the prefill — equal to one plain forward however the prompt is cut into chunks,
     beside requests that ask nothing (in the same forwards) and a one-token prompt (nothing to
     score); only the request's first event carries them, and its output is unchanged."""
@@ -306,7 +306,7 @@ def test_prompt_logprobs_are_the_models_whatever_the_chunks_and_batch(tok, lean)
                     assert ev.prompt_logprobs is None  # the first event only
         for rid in ("long", "hot"):
             prompt, params = asks[rid]
-            ref = (plain[len(prompt)] / (params.temperature or 1.0)).log_softmax(-1)
+            ref = plain[len(prompt)].log_softmax(-1)  # (raw: a score, not a sampling setting)
             got = firsts[rid]
             assert len(got) == len(prompt) - 1
             for j, (lp, top) in enumerate(got):

@@ -71,6 +71,8 @@ class ScriptedScheduler:
         self.gate = threading.Event()
         self.gate.set()
         self.fail = False
+        self.steps = 0  # steps run so far ...
+        self.submitted_step: dict[str, int] = {}  # ... when each request was submitted
 
     def submit(self, req: Request) -> None:
         if not req.prompt:
@@ -78,6 +80,7 @@ class ScriptedScheduler:
         if len(req.prompt) + req.max_new_tokens > self.max_len:
             raise PromptError(f"prompt + max_new_tokens exceeds max_len {self.max_len}")
         self.requests.append(req)
+        self.submitted_step[req.request_id] = self.steps
         self.waiting.append((req, script(req.prompt, req.max_new_tokens, req.eos_ids != [])))
 
     def abort(self, request_id: str) -> bool:
@@ -99,6 +102,7 @@ class ScriptedScheduler:
         assert self.gate.wait(60), "a test left the gate closed"
         if self.fail:
             raise RuntimeError("device lost")
+        self.steps += 1
         time.sleep(self.step_s)
         events = []
         for rid in self.aborts:
@@ -337,6 +341,9 @@ def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():
         as_ids = c.completions.create(model="tiny", prompt=ids, max_tokens=25)
         assert [ch.text for ch in as_ids.choices] == [ch.text for ch in out.choices]
         assert len({r.request_id for r in sched.requests}) == len(sched.requests)  # ids unique
+        # a request's prompts reach the engine together, between two steps: prefilled as a batch
+        batch = [r.request_id for r in sched.requests[-3:]]
+        assert len({sched.submitted_step[rid] for rid in batch}) == 1
 
         chunks = list(c.completions.create(model="tiny", prompt=prompts, max_tokens=25,
                                            stream=True))  # fmt: skip
@@ -387,6 +394,10 @@ def test_echo_returns_the_prompt_and_its_logprobs_first():
         assert choice.text[lp.text_offset[n] :] == completion
         assert out.usage.prompt_tokens == n and out.usage.completion_tokens == 3
 
+        one = c.completions.create(model="tiny", prompt=[ids[:1]], max_tokens=0, echo=True,
+                                   logprobs=1)  # fmt: skip
+        assert one.choices[0].logprobs.token_logprobs == [None]
+        assert one.choices[0].logprobs.top_logprobs == [None]  # asked for: a list, even of nulls
         scored = c.completions.create(model="tiny", prompt=[ids], max_tokens=0, echo=True,
                                       logprobs=0, temperature=0)  # fmt: skip
         s = scored.choices[0]
@@ -413,6 +424,30 @@ def test_echo_returns_the_prompt_and_its_logprobs_first():
         _until(lambda: worker.outstanding == 0 and not sched.running, "the scored slots freed")
 
 
+class PickyScheduler(ScriptedScheduler):
+    """A scripted scheduler that refuses the prompt "no" (as the engine refuses a request)."""
+
+    def submit(self, req: Request) -> None:
+        if req.prompt == TOK("no")["input_ids"]:
+            raise PromptError("this prompt is refused")
+        super().submit(req)
+
+
+def test_a_request_with_one_refused_prompt_runs_none_of_them():
+    sched = PickyScheduler()
+    with serving(sched) as (url, _, worker):
+        for stream in (False, True):
+            body = {"model": "tiny", "prompt": ["a", "b", "no", "d"], "max_tokens": 5,
+                    "stream": stream}  # fmt: skip
+            bad = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert bad.status_code == 400 and "refused" in bad.json()["error"]["message"]
+        _until(lambda: worker.outstanding == 0 and not sched.has_work(), "the engine idle")
+        assert len(sched.requests) == 4 and len(sched.aborted) == 4  # "a", "b" twice: never run
+        # one step per request, applying its aborts before any admission: nothing was decoded
+        assert sched.steps == 2 and not sched.running
+        assert _metric(url, "fluid_prompt_tokens_total") == 0
+
+
 def test_more_prompts_than_the_server_holds_is_400_then_429():
     sched = ScriptedScheduler(max_batch=2)
     with serving(sched, max_queue=1) as (url, _, worker):
@@ -431,6 +466,16 @@ def test_more_prompts_than_the_server_holds_is_400_then_429():
         first.join(60)
         out = c.completions.create(model="tiny", prompt=["a", "b", "c"], max_tokens=2)
         assert len(out.choices) == 3 and worker.outstanding == 0
+        # a request's prompts count at once: the next request sees all of them, never a part
+        sched.gate.clear()
+        three = threading.Thread(target=lambda: c.completions.create(
+            model="tiny", prompt=["a", "b", "c"], max_tokens=2))  # fmt: skip
+        three.start()
+        _until(lambda: worker.outstanding == 3, "three prompts counted")
+        with pytest.raises(openai.RateLimitError):
+            c.completions.create(model="tiny", prompt="d", max_tokens=2)
+        sched.gate.set()
+        three.join(60)
 
 
 def test_bad_requests_get_openai_errors_and_leave_others_alone():
@@ -663,13 +708,14 @@ class BreakingScheduler(ScriptedScheduler):
     request whose distribution came out NaN / inf (``finish_reason`` "error", no tokens)."""
 
     def step(self) -> list[Ev]:
-        events = super().step()
-        for rid, entry in list(self.running.items()):
-            if entry[0].prompt == TOK("boom")["input_ids"]:
-                del self.running[rid]
-                events = [e for e in events if e.request_id != rid]
-                events.append(Ev(rid, [], True, "error", entry[2], entry[3], 0))
-        return events
+        boom = {r.request_id for r in self.requests if r.prompt == TOK("boom")["input_ids"]}
+        out = []
+        for ev in super().step():
+            if ev.request_id in boom and ev.finish_reason != "abort":
+                self.running.pop(ev.request_id, None)
+                ev = Ev(ev.request_id, [], True, "error", ev.new_tokens, ev.forwards, 0)
+            out.append(ev)
+        return out
 
 
 def test_a_request_whose_numbers_broke_is_a_500_and_others_go_on():
@@ -681,12 +727,19 @@ def test_a_request_whose_numbers_broke_is_a_500_and_others_go_on():
         with _streamed_body(url, {"prompt": "boom", "max_tokens": 20, "stream": True}) as lines:
             events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
         assert "NaN or inf" in events[-1]["error"]["message"]
+        for stream in (False, True):  # echo scores nothing from a request whose numbers broke
+            body = {"prompt": "boom", "max_tokens": 0, "echo": True, "logprobs": 1,
+                    "stream": stream}  # fmt: skip
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+                text = resp.read().decode()
+            assert ("NaN or inf" in text) and "token_logprobs" not in text, text
+            assert resp.status_code == (200 if stream else 500)
         out = c.completions.create(model="tiny", prompt="fine", max_tokens=6)
         assert out.choices[0].finish_reason in ("stop", "length")
         assert out.choices[0].text == expected_text(TOK("fine")["input_ids"], 6)
         assert (
             _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="error"}')
-            == 2
+            == 4
         )
 
 

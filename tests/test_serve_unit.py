@@ -72,6 +72,8 @@ def test_completion_prompt_lists_and_echo():
     assert s.echo and s.max_tokens == 0
     assert s.params["logprobs"] and s.params["top_logprobs"] == 1
     assert s.params["prompt_logprobs"] == 1
+    six = ["\n\n", "Question:", "</s>", "<|im_end|>", "###", "Q:"]  # a task's until + EOS
+    assert parse_completion({"prompt": "x", "stop": six}).sampling.stop == six
     plain_echo = parse_completion({"prompt": "x", "echo": True}).sampling  # no logprobs asked
     assert plain_echo.echo and plain_echo.params["prompt_logprobs"] is None
     assert plain_echo.max_tokens == 16
@@ -89,7 +91,7 @@ def test_completion_prompt_lists_and_echo():
         ({"prompt": "a", "logprobs": 21}, "logprobs", "less than or equal to 20"),
         ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty", "0 or absent"),
         ({"prompt": "a", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
-        ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+        ({"prompt": "a", "stop": [f"s{i}" for i in range(65)]}, "stop", "up to 64"),
         ({"prompt": "a", "stop": [""]}, "stop", "non-empty"),
         ({"prompt": "a", "max_tokens": 0}, "max_tokens", "echo: true"),
         ({"prompt": "a", "max_tokens": -1}, "max_tokens", "greater than or equal to 0"),

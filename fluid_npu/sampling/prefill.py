@@ -143,9 +143,10 @@ class PrefillMixin:
     ) -> None:
         """The log-probabilities of the prompt tokens this forward's chunks predict, for the
         requests that ask for them (``SamplingParams.prompt_logprobs``): the hidden state at prompt
-        position ``j`` gives token ``j + 1``'s, after the request's temperature as the decode
-        steps' logprobs are; the LM head runs over at most ``PROMPT_LOGITS`` logits at a time. One
-        host read per such request and chunk (only these requests pay it)."""
+        position ``j`` gives token ``j + 1``'s under the model's own distribution (no temperature:
+        a score must not move with a decoding setting, as vLLM's raw prompt logprobs); the LM head
+        runs over at most ``PROMPT_LOGITS`` logits at a time. One host read per such request and
+        chunk (only these requests pay it)."""
         vocab = self.head.weight.shape[0]
         piece = max(1, PROMPT_LOGITS // vocab)
         for r, i in enumerate(rows):
@@ -155,10 +156,9 @@ class PrefillMixin:
                 continue
             n, n_top = len(chunk), s.params.prompt_logprobs or 0
             targets = torch.tensor(s.prompt[start + 1 : start + n + 1], device=self.device)
-            temperature = s.params.temperature or 1.0
             for lo in range(0, n, piece):
                 hi = min(lo + piece, n)  # (the row's padding and draft slots follow its chunk)
-                lp = (self.head.logits(hidden[r, lo:hi]) / temperature).log_softmax(-1)
+                lp = self.head.logits(hidden[r, lo:hi]).log_softmax(-1)
                 parts = [lp.gather(-1, targets[lo:hi, None])]
                 if n_top:
                     top = lp.topk(n_top, dim=-1)

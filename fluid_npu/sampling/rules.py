@@ -43,9 +43,10 @@ class SamplingParams:
     generator when the request is submitted (a given one is any 64-bit signed integer).
     ``logprobs``: return the log-probability of each committed token under the AR distribution
     after temperature, and its ``top_logprobs`` best alternatives (0–20). ``prompt_logprobs``
-    (vLLM's): the same for every prompt token after the first, with that many alternatives
-    (0–20; None: none), read from the prefill's own forwards (what a scorer such as
-    lm-evaluation-harness asks a server for with ``echo``).
+    (vLLM's): every prompt token after the first with its log-probability under the model's own
+    distribution (no temperature: a score) and that many alternatives (0–20; None: none), read
+    from the prefill's own forwards (what a scorer such as lm-evaluation-harness asks a server
+    for with ``echo``).
     """
 
     temperature: float = 0.0

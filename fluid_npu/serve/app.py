@@ -235,34 +235,32 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
-        check_capacity(len(prompts))
+        check_capacity(len(prompts))  # (then counted at once by submit_many: no await between)
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
+        one = len(prompts) == 1
+        requests = [
+            (shape.id if one else f"{shape.id}-{n}", ids, {"max_new_tokens": max(limit, 1)})
+            for n, (shape, ids, limit) in enumerate(zip(shapes, prompts, limits))
+        ]  # (max_tokens 0: one token decoded, then dropped)
+        streams = await worker.submit_many(  # admitted together: one step prefills them all
+            requests,
+            arrived,
+            eos_ids=[] if s.ignore_eos else None,
+            sampling=params,
+            stop=tuple(s.stop),
+        )
         gens: list[Generation] = []
-        try:
-            for n, (shape, ids, max_new) in enumerate(zip(shapes, prompts, limits)):
-                rid = shape.id if len(prompts) == 1 else f"{shape.id}-{n}"
-                stream = await worker.submit(
-                    rid,
-                    ids,
-                    max_new_tokens=max(max_new, 1),  # (max_tokens 0: one decoded, dropped)
-                    eos_ids=[] if s.ignore_eos else None,
-                    sampling=params,
-                    stop=tuple(s.stop),
-                    arrived=arrived,
-                )
-                metrics.prompt_tokens.inc(len(ids))
-                detok = Detokenizer(tokenizer, s.stop, prompt=ids, eos_ids=eos)
-                if detok.spelled_context:  # the output's leading space is kept: offsets count it
-                    shape.strip = 0
-                echo = None
-                if s.echo and texts is not None:
-                    echo = Echo(texts[n], ids, generate=max_new > 0)
-                    shape.echoing(len(ids), texts[n])
-                gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo))
-        except BaseException:  # a prompt refused (or the client gone): none of them runs
-            for gen in gens:
-                gen.close(endpoint)
-            raise
+        for n, (shape, ids, stream) in enumerate(zip(shapes, prompts, streams)):
+            metrics.prompt_tokens.inc(len(ids))
+            detok = Detokenizer(tokenizer, s.stop, prompt=ids, eos_ids=eos)
+            if detok.spelled_context:  # the output's leading space is kept: offsets count it
+                shape.strip = 0
+            shape.alternatives = s.params["top_logprobs"] > 0
+            echo = None
+            if s.echo and texts is not None:
+                echo = Echo(texts[n], ids, generate=limits[n] > 0)
+                shape.echoing(len(ids), texts[n])
+            gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo))
         if s.stream:
             return _ClosingStream(
                 events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]

@@ -71,7 +71,8 @@ class Generation:
             if isinstance(item, BaseException):
                 self.finish_reason = "error"
                 raise APIError(f"the engine failed: {item}", status=500, type="server_error")
-            if self.echo is not None:  # the first event: the prompt (with its logprobs) first
+            broke = item.finished and item.finish_reason in ("error", "abort")
+            if self.echo is not None and not broke:  # the first event: the prompt comes first
                 echo, self.echo = self.echo, None
                 yield echo.text, self._prompt_entries(echo, item)
                 if not echo.generate:  # scored alone: the token decoded to get here is dropped
@@ -80,6 +81,7 @@ class Generation:
                     if not item.finished:
                         self.worker.abort(self.stream.request_id)
                     return
+            self.echo = None  # (a request that overflowed or was aborted echoes nothing)
             self._timing(len(item.tokens))
             self.forwards = item.forwards
             used = self.detok.tokens_used

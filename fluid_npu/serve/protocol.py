@@ -14,7 +14,8 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
 * a decoding setting left out takes the server's default (``SamplingDefaults``), as vLLM does:
   the model's ``generation_config`` where it sets ``temperature`` / ``top_p`` / ``top_k`` /
   ``min_p``, else the OpenAI API's (temperature 1, top_p 1): greedy decoding is ``temperature: 0``;
-* ``stop`` (up to 4 non-empty strings) ends the request in the engine; the text is cut before the
+* ``stop`` (up to 64 non-empty strings: OpenAI takes 4, vLLM any number, and lm-evaluation-harness
+  adds the EOS text to a task's own) ends the request in the engine; the text is cut before the
   stop string, as the OpenAI API returns it;
 * completions take ``prompt`` as one text or token-id list, or a list of them (each its own
   choice, ``index`` in the order given, as vLLM answers a batch); ``echo`` returns the prompt before
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fluid_npu.sampling.prompts import chat_messages
 from fluid_npu.sampling.rules import INT64_MAX
 
-MAX_STOP = 4
+MAX_STOP = 64  # each is matched on every step's new text: a bound, not OpenAI's 4
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
 

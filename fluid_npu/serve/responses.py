@@ -79,6 +79,7 @@ class Shape:
         # ``strip`` then as the completion alone has it
         self.echo: tuple[int, int, int] | None = None
         self._entries = 0  # entries written so far
+        self.alternatives = False  # completions: top_logprobs asked for (a list even if all null)
 
     def echoing(self, prompt_entries: int, prompt_text: str) -> None:
         """The text returned starts with ``prompt_text``, whose log-probabilities (when asked for)
@@ -122,7 +123,7 @@ class Shape:
         return {
             "tokens": [words.text(tok) for tok, _, _ in entries],
             "token_logprobs": [_finite(lp) for _, lp, _ in entries],
-            "top_logprobs": tops if any(tops) else None,
+            "top_logprobs": tops if any(tops) or self.alternatives else None,
             "text_offset": offsets,
         }
 

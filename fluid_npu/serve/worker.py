@@ -5,7 +5,11 @@ one thread and the asyncio server never touches it:
 
 * ``submit`` (from the event loop) puts the request in the inbox and awaits the scheduler's answer:
   a ``FluidError`` from ``Scheduler.submit`` (empty prompt, too long, duplicate id) comes back as an
-  ``APIError`` (400) before any response is started; otherwise a ``Stream`` of ``Event``s;
+  ``APIError`` (400) before any response is started; otherwise a ``Stream`` of ``Event``s.
+  ``submit_many`` does the same for a request's prompts together: one command, taken between two
+  steps, so they are admitted (and prefilled) in the same step; all of them or, when one is
+  refused, none (those taken are aborted before any step runs them). Both count the requests as
+  ``outstanding`` before they first wait, so a capacity check just before them holds;
 * ``abort`` (a client went away, a stop string matched) is applied before the next step, so the
   slot is free for the step after;
 * between steps the thread takes every command waiting in the inbox, then steps while there is
@@ -54,8 +58,8 @@ class Stream:
 
 @dataclass
 class _Submit:
-    request: Any
-    stream: Stream
+    requests: list[Any]
+    streams: list[Stream]
     accepted: asyncio.Future
 
 
@@ -98,28 +102,42 @@ class Worker:
         """Queue a request (``fields``: the rest of the scheduler's ``Request``); returns its
         ``Stream`` once the scheduler took it, else raises an ``APIError``. ``arrived``: when the
         request reached the server (``time.monotonic``; default now), where its latencies start."""
+        return (await self.submit_many([(request_id, prompt, {})], arrived, **fields))[0]
+
+    async def submit_many(
+        self,
+        prompts: list[tuple[str, list[int], dict[str, Any]]],
+        arrived: float | None = None,
+        **fields: Any,
+    ) -> list[Stream]:
+        """Queue one request per ``(request_id, prompt, own fields)``, each with ``fields`` too,
+        in one command: admitted together, all or none (the module docstring); their ``Stream``s
+        in order."""
         if self.draining:
             raise APIError("the server is shutting down", status=503, type="server_error")
         if not self.alive:
             raise APIError(f"the engine stopped: {self.error}", status=500, type="server_error")
-        req = Request(request_id=request_id, prompt=prompt, **fields)
+        reqs = [Request(request_id=rid, prompt=prompt, **fields, **own)
+                for rid, prompt, own in prompts]  # fmt: skip
         loop = asyncio.get_running_loop()
-        stream = Stream(request_id, len(prompt))
-        if arrived is not None:
-            stream.submitted_at = arrived
+        streams = [Stream(rid, len(prompt)) for rid, prompt, _ in prompts]
+        for stream in streams:
+            if arrived is not None:
+                stream.submitted_at = arrived
         accepted = loop.create_future()
-        self.outstanding += 1
-        self.inbox.put(_Submit(req, stream, accepted))
+        self.outstanding += len(reqs)
+        self.inbox.put(_Submit(reqs, streams, accepted))
         try:
             await accepted
-        except asyncio.CancelledError:  # the client left while the request was being queued
-            self.abort(request_id)
-            self.outstanding -= 1
+        except asyncio.CancelledError:  # the client left while the requests were being queued
+            for req in reqs:
+                self.abort(req.request_id)
+            self.outstanding -= len(reqs)
             raise
         except BaseException:
-            self.outstanding -= 1
+            self.outstanding -= len(reqs)
             raise
-        return stream
+        return streams
 
     def finished(self) -> None:
         """The event loop is done with one stream (its last event was read, or it was aborted)."""
@@ -159,16 +177,22 @@ class Worker:
 
     def _apply(self, item: Any) -> None:
         if isinstance(item, _Submit):
+            taken: list[str] = []
             try:
-                self.scheduler.submit(item.request)
-            except FluidError as exc:
-                self._send(_set_exception, item.accepted, APIError(str(exc), param="prompt"))
+                for req in item.requests:
+                    self.scheduler.submit(req)
+                    taken.append(req.request_id)
+            except Exception as exc:
+                for rid in taken:  # all or none: those taken never run (their abort events
+                    self.scheduler.abort(rid)  # find no stream and go nowhere)
+                if isinstance(exc, FluidError):
+                    self._send(_set_exception, item.accepted, APIError(str(exc), param="prompt"))
+                else:  # a bug in one request's admission fails that request only
+                    logger.exception("submitting request %s failed", item.requests[len(taken)])
+                    self._send(_set_exception, item.accepted, _engine_error(exc))
                 return
-            except Exception as exc:  # a bug in one request's admission fails that request only
-                logger.exception("submitting request %s failed", item.stream.request_id)
-                self._send(_set_exception, item.accepted, _engine_error(exc))
-                return
-            self.streams[item.stream.request_id] = item.stream
+            for stream in item.streams:
+                self.streams[stream.request_id] = stream
             self._send(_set_result, item.accepted, None)
             return
         kind, value = item
