@@ -166,7 +166,13 @@ class TrainingSession:
         args = self.args
 
         class _Trainer(FluidTrainer):
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            def compute_loss(
+                self,
+                model: torch.nn.Module,
+                inputs: dict[str, Any],
+                return_outputs: bool = False,
+                num_items_in_batch: Any = None,
+            ) -> Any:
                 loss, parts = self.run_objective(model, inputs, loss_fn)
                 self.record_parts(loss, parts)
                 return (loss, {"loss": loss}) if return_outputs else loss

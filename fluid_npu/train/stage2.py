@@ -207,7 +207,13 @@ class Stage2Run:
         collator = LayoutCollator(self.layout)
 
         class _Trainer(FluidTrainer):
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            def compute_loss(
+                self,
+                model: torch.nn.Module,
+                inputs: dict[str, Any],
+                return_outputs: bool = False,
+                num_items_in_batch: Any = None,
+            ) -> Any:
                 out = model(**inputs)
                 loss = out["loss"]
                 self.record_parts(loss, {k: v for k, v in out.items() if k != "loss"})
