@@ -365,6 +365,36 @@ def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():
         assert worker.outstanding == 0
 
 
+def test_n_completions_per_prompt_in_vllms_order_with_seeds_that_reproduce():
+    sched = ScriptedScheduler(max_batch=8)
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        prompts = ["one", "a second prompt"]
+        ids = [TOK(p)["input_ids"] for p in prompts]
+        out = c.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=12, seed=5,
+                                   temperature=0.8)  # fmt: skip
+        assert [ch.index for ch in out.choices] == [0, 1, 2, 3]  # prompt x n + copy
+        assert [ch.text for ch in out.choices] == [expected_text(ids[k // 2], 12) for k in range(4)]
+        assert [r.sampling.seed for r in sched.requests[-4:]] == [5, 6, 5, 6]  # seed + copy
+        assert out.usage.prompt_tokens == len(ids[0]) + len(ids[1])  # a prompt counts once
+        assert out.usage.completion_tokens == 2 * sum(len(script(i, 12, True)) for i in ids)
+        top = (1 << 63) - 1
+        c.completions.create(model="tiny", prompt="x", n=2, max_tokens=2, seed=top)
+        assert [r.sampling.seed for r in sched.requests[-2:]] == [top, -(1 << 63)]  # wraps
+        chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                         n=3, max_tokens=5)  # fmt: skip
+        assert [ch.index for ch in chat.choices] == [0, 1, 2]
+        assert len({ch.message.content for ch in chat.choices}) == 1  # (the script ignores seeds)
+        texts, ends = ["", "", ""], [None, None, None]
+        for chunk in c.completions.create(model="tiny", prompt="one", n=3, max_tokens=12,
+                                          stream=True):  # fmt: skip
+            for ch in chunk.choices:
+                texts[ch.index] += ch.text
+                ends[ch.index] = ch.finish_reason or ends[ch.index]
+        assert texts == [expected_text(ids[0], 12)] * 3
+        assert ends == [out.choices[0].finish_reason] * 3
+
+
 def test_echo_returns_the_prompt_and_its_logprobs_first():
     """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 0 or 1): the
     prompt's tokens come first with their log-probabilities (the first one null), then the
@@ -484,7 +514,7 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
         cases = [
             (dict(prompt="a", temperature=2.5), "temperature"),
             (dict(prompt="a", top_p=0), "top_p"),
-            (dict(prompt="a", n=2), "n"),
+            (dict(prompt="a", n=65), "n"),
             (dict(prompt="a", logprobs=21), "logprobs"),
             (dict(prompt="a", presence_penalty=0.5), "presence_penalty"),
             (dict(prompt="a", max_tokens=500), "max_tokens"),

@@ -149,6 +149,14 @@ def test_sampling_logprobs_and_stop_equal_fluid_generate(server, model_dir, tmp_
 
     texts = asyncio.run(sampled())
     assert texts[0] == texts[2] == texts[4] == want["text"]
+    # n copies: copy j of a request seeded s is the offline output seeded s + j
+    copies = c.completions.create(model="model", prompt="hello p", max_tokens=30, n=3,
+                                  temperature=0.9, top_p=0.95, seed=7)  # fmt: skip
+    assert [ch.index for ch in copies.choices] == [0, 1, 2]
+    for j, choice in enumerate(copies.choices):
+        seeded = want if j == 0 else offline(model_dir, tmp_path, ["hello p"], 30, extra=(
+            "--temperature", "0.9", "--top-p", "0.95", "--seed", str(7 + j)))[0]  # fmt: skip
+        assert choice.text == seeded["text"], j
     # log-probabilities: the same numbers as offline, in the OpenAI completions format
     row = offline(model_dir, tmp_path, ["nop"], 12, extra=("--logprobs", "2"))[0]
     out = c.completions.create(
@@ -224,8 +232,8 @@ def test_lm_eval_scores_and_generates_through_the_server(server, model_dir, tmp_
 def test_bad_requests_and_api_key(server):
     c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        c.completions.create(model="model", prompt="abc", temperature=0.7, n=2)
-    assert info.value.body["param"] == "n"
+        c.completions.create(model="model", prompt="abc", temperature=0.7, presence_penalty=1)
+    assert info.value.body["param"] == "presence_penalty"
     with pytest.raises(openai.BadRequestError) as info:
         c.completions.create(model="model", prompt="abc", max_tokens=MAX_LEN)
     assert info.value.body["param"] == "max_tokens"

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -99,6 +99,14 @@ async def _read_json(request: Request) -> Any:
         raise APIError(f"the request body is not valid JSON ({exc})") from None
     except RecursionError:  # json.loads recurses once per level of nesting
         raise APIError("the request body nests too deeply to be a request") from None
+
+
+def _copy(params: SamplingParams, j: int) -> SamplingParams:
+    """The settings of copy ``j`` of a request's ``n``: a given seed moves to ``seed + j``
+    (wrapping in 64 bits), so copy 0 is the ``n: 1`` output and each copy is reproducible."""
+    if j == 0 or params.seed is None:
+        return params
+    return replace(params, seed=(params.seed + j + (1 << 63)) % (1 << 64) - (1 << 63))
 
 
 def body_messages(req: protocol.TokenizeBody) -> list[dict[str, Any]]:
@@ -227,39 +235,47 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         arrived: float,
         texts: list[str] | None = None,
     ) -> Response:
-        """Run the request's prompts (one choice each) and answer: streamed, or whole once every
-        choice has ended. ``texts``: the prompts' text, which ``echo`` returns."""
+        """Run the request's prompts, ``s.n`` choices each (``shapes``: one per choice, prompt by
+        prompt), and answer: streamed, or whole once every choice has ended. ``texts``: the
+        prompts' text, which ``echo`` returns."""
         param = "messages" if shapes[0].chat else "prompt"
         limits = [check_length(ids, s, param) for ids in prompts]
         try:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
-        check_capacity(len(prompts))  # (then counted at once by submit_many: no await between)
+        check_capacity(len(shapes))  # (then counted at once by submit_many: no await between)
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
-        one = len(prompts) == 1
         requests = [
-            (shape.id if one else f"{shape.id}-{n}", ids, {"max_new_tokens": max(limit, 1)})
-            for n, (shape, ids, limit) in enumerate(zip(shapes, prompts, limits))
-        ]  # (max_tokens 0: one token decoded, then dropped)
+            (
+                shape.id if len(shapes) == 1 else f"{shape.id}-{shape.index}",
+                prompts[shape.index // s.n],
+                {
+                    "max_new_tokens": max(limits[shape.index // s.n], 1),  # (0: one, dropped)
+                    "sampling": _copy(params, shape.index % s.n),
+                },
+            )
+            for shape in shapes
+        ]
         streams = await worker.submit_many(  # admitted together: one step prefills them all
             requests,
             arrived,
             eos_ids=[] if s.ignore_eos else None,
-            sampling=params,
             stop=tuple(s.stop),
         )
-        gens: list[Generation] = []
-        for n, (shape, ids, stream) in enumerate(zip(shapes, prompts, streams)):
+        for ids in prompts:
             metrics.prompt_tokens.inc(len(ids))
-            detok = Detokenizer(tokenizer, s.stop, prompt=ids, eos_ids=eos)
+        gens: list[Generation] = []
+        for shape, stream in zip(shapes, streams):
+            k = shape.index // s.n  # the choice's prompt
+            detok = Detokenizer(tokenizer, s.stop, prompt=prompts[k], eos_ids=eos)
             if detok.spelled_context:  # the output's leading space is kept: offsets count it
                 shape.strip = 0
             shape.alternatives = s.params["top_logprobs"] > 0
             echo = None
             if s.echo and texts is not None:
-                echo = Echo(texts[n], ids, generate=limits[n] > 0)
-                shape.echoing(len(ids), texts[n])
+                echo = Echo(texts[k], prompts[k], generate=limits[k] > 0)
+                shape.echoing(len(prompts[k]), texts[k])
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo))
         if s.stream:
             return _ClosingStream(
@@ -291,7 +307,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             shape.choice("".join(text), gen.finish_reason, gen.logprobs)
             for shape, gen, text in zip(shapes, gens, pieces)
         ]
-        return JSONResponse(shapes[0].answer(choices, usage(gens)))
+        return JSONResponse(shapes[0].answer(choices, usage(gens, s.n)))
 
     async def answer(request: Request, chat: bool) -> Response:
         arrived = time.monotonic()
@@ -311,8 +327,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                                                    req.prompts, prompts)  # fmt: skip
             cid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        shapes = [Shape(chat, cid, config.model_name, words, index=n, created=created)
-                  for n in range(len(prompts))]  # fmt: skip
+        shapes = [Shape(chat, cid, config.model_name, words, index=k, created=created)
+                  for k in range(len(prompts) * req.sampling.n)]  # fmt: skip
         return await generate(request, request.url.path, shapes, prompts, req.sampling, arrived,
                               texts)  # fmt: skip
 

@@ -176,11 +176,13 @@ def prompt_texts(
             for p, ids in zip(given, prompts)]  # fmt: skip
 
 
-def usage(gens: list[Generation]) -> dict[str, Any]:
-    """The usage of a request's choices together (TPF: their tokens over their forwards)."""
+def usage(gens: list[Generation], n: int = 1) -> dict[str, Any]:
+    """The usage of a request's choices together (``n`` per prompt, whose prompt counts once, as
+    vLLM counts it; TPF: their tokens over their forwards)."""
     uses = [gen.usage() for gen in gens]
-    return usage_body(*(sum(u[k] for u in uses) for k in ("prompt_tokens", "completion_tokens",
-                                                      "forwards")))  # fmt: skip
+    prompt = sum(u["prompt_tokens"] for u in uses[::n])
+    return usage_body(prompt, *(sum(u[k] for u in uses) for k in ("completion_tokens",
+                                                                   "forwards")))  # fmt: skip
 
 
 async def events(
@@ -213,10 +215,10 @@ async def events(
                 continue
             open_ -= 1  # choice n ended: its last chunk (the usage once: in the last one ended,
             # or in its own chunk when asked for, as OpenAI's)
-            last = usage(gens) if not open_ and not s.include_usage else None
+            last = usage(gens, s.n) if not open_ and not s.include_usage else None
             yield shapes[n].chunk(None if shapes[n].chat else "", gens[n].finish_reason, last)
         if s.include_usage:
-            yield shapes[0].usage_chunk(usage(gens))
+            yield shapes[0].usage_chunk(usage(gens, s.n))
         yield DONE
     finally:
         for task in tasks:

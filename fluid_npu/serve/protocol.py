@@ -22,7 +22,10 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   the completion, with ``logprobs`` every prompt token's log-probability too (the first one's is
   null), and with ``max_tokens: 0`` the prompt alone — how lm-evaluation-harness scores text
   through a server (``local-completions``);
-* a field it knows but cannot honour is accepted only at its neutral value: ``n`` / ``best_of`` 1,
+* ``n`` completions per prompt (up to ``MAX_N``; choice ``index`` = prompt × n + copy, as vLLM
+  orders them); copy ``j`` of a seeded request draws with ``seed + j`` (64-bit wrap), so copy 0
+  is the ``n: 1`` output and every copy is reproducible; unseeded copies draw their own seeds;
+* a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
   penalties 0, ``suffix`` / ``logit_bias`` / tools absent; any other value is an error naming the
   field and what is supported; ``user`` is an opaque end-user tag, accepted.
 """
@@ -37,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fluid_npu.sampling.prompts import chat_messages
 from fluid_npu.sampling.rules import INT64_MAX
 
+MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_STOP = 64  # each is matched on every step's new text: a bound, not OpenAI's 4
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
@@ -102,7 +106,7 @@ class _Common(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, le=INT64_MAX)  # vLLM's; 0 or -1 = off
     min_p: float | None = Field(default=None, ge=0, lt=1)  # vLLM's extension; 0 = off
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool | None = None  # null = false, as the OpenAI API allows
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -194,6 +198,7 @@ class Sampling:
     model: str | None = None
     max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
     echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
+    n: int = 1  # completions of each prompt
 
 
 @dataclass
@@ -260,7 +265,6 @@ def _neutral(body: _Common, name: str, ok: tuple[Any, ...], what: str) -> None:
 
 
 def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> Sampling:
-    _neutral(body, "n", (None, 1), "1 or absent (send one request per completion)")
     _neutral(body, "presence_penalty", (None, 0), "0 or absent")
     _neutral(body, "frequency_penalty", (None, 0), "0 or absent")
     if body.logit_bias:
@@ -288,6 +292,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         ignore_eos=bool(body.ignore_eos),
         model=body.model,
+        n=body.n or 1,
     )
 
 
