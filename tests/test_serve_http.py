@@ -485,6 +485,9 @@ def test_more_prompts_than_the_server_holds_is_400_then_429():
         with pytest.raises(openai.BadRequestError) as info:
             c.completions.create(model="tiny", prompt=["a", "b", "c", "d"], max_tokens=2)
         assert info.value.body["param"] == "prompt" and "at most 3" in info.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as info:
+            c.completions.create(model="tiny", prompt="a", n=4, max_tokens=2)
+        assert info.value.body["param"] == "n" and "smaller n" in info.value.body["message"]
         sched.gate.clear()  # one request in flight: two places left, three asked for
         first = threading.Thread(target=lambda: c.completions.create(
             model="tiny", prompt="x", max_tokens=2))  # fmt: skip
@@ -633,6 +636,7 @@ def test_tokenizer_routes_answer_as_vllms():
         assert got["max_model_len"] == 600 and got["token_strs"] is None
         plain = post("/tokenize", {"prompt": text, "add_special_tokens": False,
                                    "return_token_strs": True}).json()  # fmt: skip
+        assert post("/tokenize", {"prompt": text}).headers["content-type"] == "application/json"
         assert plain["tokens"] == TOK(text, add_special_tokens=False)["input_ids"]
         assert plain["token_strs"] == TOK.convert_ids_to_tokens(plain["tokens"])
         messages = [{"role": "user", "content": "hello"}]

@@ -88,6 +88,8 @@ def test_completion_prompt_lists_and_echo():
         ({"prompt": "a", "min_p": 1.0}, "min_p", "less than 1"),
         ({"prompt": "a", "n": 65}, "n", "less than or equal to 64"),
         ({"prompt": "a", "n": 0}, "n", "greater than or equal to 1"),
+        ({"prompt": ["a"] * 17, "n": 64}, "n", "1088 completions (17 prompts x n=64)"),
+        ({"prompt": [[5]] * 1025}, "prompt", "at most 1024 per request"),
         ({"prompt": "a", "best_of": 3}, "best_of", "1 or absent"),
         ({"prompt": "a", "logprobs": 21}, "logprobs", "less than or equal to 20"),
         ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty", "0 or absent"),
@@ -421,6 +423,38 @@ def test_requests_queued_behind_a_failing_step_are_answered():
 
     failed, refused = asyncio.run(scenario())
     assert isinstance(failed, RuntimeError) and "device lost" in str(failed)
+    assert refused.status == 500 and "device lost" in str(refused)
+
+
+def test_a_submission_that_reaches_a_dead_engine_late_is_refused_not_lost(monkeypatch):
+    """A large request takes a while to build its scheduler requests: the engine may die between
+    ``submit_many``'s first check and its command reaching the inbox. The closed inbox refuses it
+    (500) instead of leaving it to wait forever."""
+    import asyncio
+
+    from fluid_npu.serve.worker import Worker
+
+    async def scenario() -> BaseException:
+        sched = _FailingScheduler()
+        worker = Worker(sched)
+        worker.start(asyncio.get_running_loop())
+        first = await worker.submit("a", [1, 2], max_new_tokens=3)
+        await asyncio.to_thread(sched.stepping.wait)
+        sched.release.set()
+        await first.queue.get()  # the engine failed ...
+        await asyncio.to_thread(worker._thread.join, 60)  # ... and its thread ended
+        monkeypatch.setattr(Worker, "alive", property(lambda self: True))  # (the stale check)
+        before = worker.outstanding
+        late = asyncio.ensure_future(worker.submit_many([("b", [1, 2], {}), ("c", [3], {})],
+                                                        max_new_tokens=3))  # fmt: skip
+        try:
+            await asyncio.wait_for(late, timeout=60)  # a lost command would never answer
+        except APIError as exc:
+            assert worker.outstanding == before and worker.inbox.empty()
+            return exc
+        raise AssertionError("a dead engine accepted the request")
+
+    refused = asyncio.run(scenario())
     assert refused.status == 500 and "device lost" in str(refused)
 
 

@@ -204,17 +204,17 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             )
         return sampling.max_tokens
 
-    def check_capacity(n: int) -> None:
-        """Room for ``n`` more requests: 429 while the queue is full; 400 for more prompts than
-        the batch and the queue hold together (no wait makes room for them)."""
+    def check_capacity(n: int, copies: int = 1) -> None:
+        """Room for ``n`` more requests (prompts x ``copies``): 429 while the queue is full; 400
+        for more than the batch and the queue hold together (no wait makes room for them)."""
         if config.max_queue is None:
             return
         room = config.max_batch + config.max_queue
         if n > room:
             raise APIError(
-                f"the request holds {n} prompts; this server runs and queues at most {room} "
-                "requests at once: send fewer prompts per request",
-                param="prompt",
+                f"the request asks for {n} completions (prompts x n); this server runs and queues "
+                f"at most {room} at once: send fewer prompts or a smaller n per request",
+                param="n" if copies > 1 else "prompt",
             )
         if worker.outstanding + n > room:
             raise APIError(
@@ -244,7 +244,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
-        check_capacity(len(shapes))  # (then counted at once by submit_many: no await between)
+        check_capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
         requests = [
             (
@@ -361,27 +361,34 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
 
     # vLLM's tokenizer routes (lm-evaluation-harness finds them and needs no local tokenizer)
     @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
+    async def tokenize(request: Request) -> Response:
         authorize(request)
         req = protocol.parse_tokenize(await _read_json(request))
         check_model(req.model)
-        loop = asyncio.get_running_loop()
+        if req.messages is not None and req.add_special_tokens:
+            raise APIError(
+                "add_special_tokens must be false or absent with messages: the chat template "
+                "places the special tokens itself",
+                param="add_special_tokens",
+            )
+        messages = None
         if req.messages is not None:
-            if req.add_special_tokens:
-                raise APIError(
-                    "add_special_tokens must be false or absent with messages: the chat template "
-                    "places the special tokens itself",
-                    param="add_special_tokens",
-                )
             messages = protocol.parse_chat({"messages": body_messages(req)}).messages
-            opened = req.add_generation_prompt is not False
-            ids = await loop.run_in_executor(tokenizing, chat_ids, tokenizer, messages, opened)
-        else:
-            special = req.add_special_tokens is not False
-            ids = await loop.run_in_executor(tokenizing, text_ids, tokenizer, req.prompt, special)
-        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return {"count": len(ids), "max_model_len": config.max_len, "tokens": ids,
-                "token_strs": strs}  # fmt: skip
+
+        def answer() -> bytes:  # on the tokenizing thread, the JSON too (4 MiB of text: seconds)
+            if messages is not None:
+                opened = req.add_generation_prompt is not False
+                ids = chat_ids(tokenizer, messages, opened)
+            else:
+                ids = text_ids(tokenizer, req.prompt or "", req.add_special_tokens is not False)
+            strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+            body = {"count": len(ids), "max_model_len": config.max_len, "tokens": ids,
+                    "token_strs": strs}  # fmt: skip
+            return json.dumps(body, ensure_ascii=False).encode()
+
+        loop = asyncio.get_running_loop()
+        content = await loop.run_in_executor(tokenizing, answer)
+        return Response(content, media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:

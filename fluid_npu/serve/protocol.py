@@ -41,6 +41,7 @@ from fluid_npu.sampling.prompts import chat_messages
 from fluid_npu.sampling.rules import INT64_MAX
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
+MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
 MAX_STOP = 64  # each is matched on every step's new text: a bound, not OpenAI's 4
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
@@ -343,6 +344,12 @@ def parse_completion(body: Any) -> CompletionRequest:
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     sampling = _sampling(req, max_tokens, req.logprobs is not None, req.logprobs or 0)
     sampling.echo = echo
+    if len(prompts) * sampling.n > MAX_CHOICES:
+        raise APIError(
+            f"the request asks for {len(prompts) * sampling.n} completions ({len(prompts)} "
+            f"prompts x n={sampling.n}); this server takes at most {MAX_CHOICES} per request",
+            param="n" if sampling.n > 1 else "prompt",
+        )
     if echo and req.logprobs is not None:  # the prompt's log-probabilities, as vLLM's echo gives
         sampling.params["prompt_logprobs"] = req.logprobs
     return CompletionRequest(prompts=prompts, sampling=sampling)

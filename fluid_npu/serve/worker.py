@@ -84,6 +84,9 @@ class Worker:
         self._drain_deadline: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # the inbox closes when the thread ends: a submission after that is refused, never lost
+        self._inbox_lock = threading.Lock()
+        self._closed = False
         self.outstanding = 0  # submitted and not finished (event-loop side)
 
     # --- event-loop side -------------------------------------------------------------------
@@ -125,8 +128,11 @@ class Worker:
             if arrived is not None:
                 stream.submitted_at = arrived
         accepted = loop.create_future()
-        self.outstanding += len(reqs)
-        self.inbox.put(_Submit(reqs, streams, accepted))
+        with self._inbox_lock:  # (building a large request takes a while: the engine may be gone)
+            if self._closed:
+                raise _engine_error(self.error)
+            self.outstanding += len(reqs)
+            self.inbox.put(_Submit(reqs, streams, accepted))
         try:
             await accepted
         except asyncio.CancelledError:  # the client left while the requests were being queued
@@ -235,6 +241,8 @@ class Worker:
             if self.on_failure is not None:
                 self.on_failure()
         finally:  # requests queued but never taken (a failed step, a stop) are answered too
+            with self._inbox_lock:
+                self._closed = True
             self._refuse_queued(self.error)
 
     def _refuse_queued(self, exc: BaseException | None) -> None:
