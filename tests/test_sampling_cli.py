@@ -142,6 +142,8 @@ def test_sampling_flags_are_checked_before_loading(dirs, capsys):
     base = ["generate", "--model", dirs["model"], "--prompt", "hi"]
     assert main([*base, "--top-p", "0"]) == 2
     assert "--top-p must lie in (0, 1]" in capsys.readouterr().err
+    assert main([*base, "--repetition-penalty", "0"]) == 2
+    assert "--repetition-penalty must be > 0 (1 = off)" in capsys.readouterr().err
     assert main([*base, "--stop", "x", "--loop", "reference"]) == 2
     assert "need --loop fused" in capsys.readouterr().err
 

@@ -326,6 +326,103 @@ def test_prompt_logprobs_are_the_models_whatever_the_chunks_and_batch(tok, lean)
         )["x"].tokens  # fmt: skip
 
 
+@torch.no_grad()
+def _penalised_ar(model, prompt: list[int], n: int, rep=1.0, presence=0.0, frequency=0.0):
+    """Plain AR decoding with the penalties' formulas (penalties.py), one token a forward."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([seq])).logits[0, -1].float()
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[torch.tensor(seq)] = True
+        count = torch.zeros_like(logits)
+        for t in out:
+            count[t] += 1
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        logits = logits - frequency * count - presence * (count > 0).float()
+        out.append(int(logits.argmax()))
+        seq.append(out[-1])
+    return out
+
+
+def test_penalties_are_the_penalised_ar_models_with_drafts_accepted(tok):
+    """Repetition (transformers'), presence and frequency (OpenAI's) penalties: every committed
+    token is the argmax of the penalised AR distribution — position j of a verify sees the drafts
+    before it — on the chain model, whose drafts are accepted and whose "*" run the penalties
+    break; beside unpenalised requests in the same batch, which keep their plain output."""
+    model = chain_model(tok, attn_scale=4.0)
+    cases = [dict(repetition_penalty=5.0), dict(frequency_penalty=1.5),
+             dict(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.7)]  # fmt: skip
+    for settings in cases:
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=3, eos_ids=[],
+                          k_max=4, adaptive=False)  # fmt: skip
+        prompts = {"xx": tok("xx")["input_ids"], "hello p": tok("hello p")["input_ids"]}
+        reqs = [Request(f"pen {t}", p, 16, sampling=SamplingParams(**settings))
+                for t, p in prompts.items()]  # fmt: skip
+        reqs += [Request(f"plain {t}", p, 16) for t, p in prompts.items()]
+        out = run_requests(sched, reqs)
+        for text, prompt in prompts.items():
+            want = _penalised_ar(model, prompt, 16, settings.get("repetition_penalty", 1.0),
+                                 settings.get("presence_penalty", 0.0),
+                                 settings.get("frequency_penalty", 0.0))  # fmt: skip
+            assert out[f"pen {text}"].tokens == want, (settings, text)
+            assert out[f"plain {text}"].tokens == _penalised_ar(model, prompt, 16)
+        xx = out["pen xx"]
+        assert xx.tokens != _penalised_ar(model, prompts["xx"], 16)  # the penalty changed it ...
+        assert xx.final.forwards < 16  # ... while drafts were accepted
+    # a penalised request that moves down a slot when the one below it ends keeps its counts
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=2, eos_ids=[],
+                      k_max=4, adaptive=False)  # fmt: skip
+    xx = tok("xx")["input_ids"]
+    pen = Request("pen", xx, 16, sampling=SamplingParams(**cases[0]))
+    out = run_requests(sched, [Request("short", xx, 2), pen])
+    assert out["pen"].tokens == _penalised_ar(model, xx, 16, cases[0]["repetition_penalty"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_repetition_penalty_equals_transformers_generate(tok, arch):
+    """``repetition_penalty`` through ``generate`` and a checkpoint's ``generation_config``
+    (Qwen2.5-Instruct ships 1.05) decodes as transformers' greedy ``generate`` with it."""
+    from transformers import GenerationConfig
+
+    from fluid_npu.sampling import generate
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
+
+    model = build_tiny_model(arch, tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in ("hello there", "abc", "the quick brown fox")]
+    fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
+    config = GenerationConfig(repetition_penalty=1.3, max_new_tokens=24)
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=24, min_new_tokens=24, repetition_penalty=1.3,
+                              eos_token_id=None, pad_token_id=tok.pad_token_id)  # fmt: skip
+        plain = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=24, min_new_tokens=24, eos_token_id=None,
+                               pad_token_id=tok.pad_token_id)  # fmt: skip
+        assert not torch.equal(want, plain)  # the penalty matters here
+        got = fluid.generate(ids, policy="fixed:3", generation_config=config, eos_token_id=None)
+        assert got.tolist() == want.tolist()
+        assert generate(model, tok, ids, policy="ar", max_new_tokens=24, eos_token_id=[],
+                        repetition_penalty=1.3).sequences.tolist() == want.tolist()  # fmt: skip
+
+
+def test_penalised_sampling_draws_the_same_alone_or_in_a_batch(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    prompt = tok("hello world")["input_ids"]
+    params = SamplingParams(temperature=0.9, seed=4, repetition_penalty=1.4, presence_penalty=0.3)
+    alone = run_requests(
+        Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=1, eos_ids=[], k_max=4),
+        [Request("a", prompt, 20, sampling=params)],
+    )["a"].tokens
+    others = [Request(f"o{i}", tok(t)["input_ids"], 20, sampling=SamplingParams(temperature=0.7))
+              for i, t in enumerate(("abc", "the quick brown fox"))]  # fmt: skip
+    batch = run_requests(
+        Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=3, eos_ids=[], k_max=4),
+        [others[0], Request("a", prompt, 20, sampling=params), others[1]],
+    )["a"].tokens
+    assert batch == alone
+
+
 def test_bad_settings_name_the_field():
     for kwargs, words in (
         ({"temperature": -1.0}, "temperature"),
@@ -339,6 +436,9 @@ def test_bad_settings_name_the_field():
         ({"top_k": 1 << 63}, "top_k"),
         ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3.0}, "frequency_penalty"),
     ):
         with pytest.raises(ConfigError, match=words):
             SamplingParams(**kwargs)
@@ -497,7 +597,7 @@ def test_generate_is_a_drop_in_for_transformers_generate(tok):
     fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
     ids = torch.tensor([tok("hello world")["input_ids"]])
     for bad, name in (
-        (GenerationConfig(repetition_penalty=1.05), "repetition_penalty"),
+        (GenerationConfig(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
         (GenerationConfig(num_beams=2), "num_beams"),
         (GenerationConfig(do_sample=True, num_return_sequences=2), "num_return_sequences"),
         (GenerationConfig(min_new_tokens=5), "min_new_tokens"),

@@ -310,12 +310,18 @@ def test_sampling_settings_reach_the_engine_and_logprobs_come_back():
         assert plain.choices[0].logprobs is None
         p = sched.requests[-1].sampling  # left out: OpenAI's defaults (this model sets none)
         assert (p.temperature, p.top_p, p.top_k, p.min_p) == (1.0, 1.0, 0, 0.0)
-    model_defaults = SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20)
+    model_defaults = SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.05)
     sched = ScriptedScheduler()
     with serving(sched, defaults=model_defaults) as (url, _, _):
         client(url).completions.create(model="tiny", prompt="abc", max_tokens=3)
         p = sched.requests[-1].sampling  # the model's generation config, as vLLM reads it
         assert (p.temperature, p.top_p, p.top_k) == (0.6, 0.9, 20)
+        assert p.repetition_penalty == 1.05 and p.presence_penalty == 0.0
+        client(url).completions.create(model="tiny", prompt="abc", max_tokens=3,
+                                       presence_penalty=0.5, frequency_penalty=-0.25,
+                                       extra_body={"repetition_penalty": 1.2})  # fmt: skip
+        p = sched.requests[-1].sampling
+        assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.2, 0.5, -0.25)
 
 
 def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():
@@ -519,7 +525,7 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
             (dict(prompt="a", top_p=0), "top_p"),
             (dict(prompt="a", n=65), "n"),
             (dict(prompt="a", logprobs=21), "logprobs"),
-            (dict(prompt="a", presence_penalty=0.5), "presence_penalty"),
+            (dict(prompt="a", presence_penalty=2.5), "presence_penalty"),
             (dict(prompt="a", max_tokens=500), "max_tokens"),
             (dict(prompt="x" * 80), "prompt"),
             (dict(prompt="a", extra_body={"mystery": 1}), "mystery"),

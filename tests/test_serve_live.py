@@ -157,6 +157,12 @@ def test_sampling_logprobs_and_stop_equal_fluid_generate(server, model_dir, tmp_
         seeded = want if j == 0 else offline(model_dir, tmp_path, ["hello p"], 30, extra=(
             "--temperature", "0.9", "--top-p", "0.95", "--seed", str(7 + j)))[0]  # fmt: skip
         assert choice.text == seeded["text"], j
+    # a repetition penalty (on the chain model's "*" run, drafts accepted) as fluid generate's
+    row = offline(model_dir, tmp_path, ["xx"], 16, extra=("--repetition-penalty", "5"))[0]
+    out = c.completions.create(model="model", prompt="xx", max_tokens=16, temperature=0,
+                               extra_body={"repetition_penalty": 5})  # fmt: skip
+    assert out.choices[0].text == row["text"]
+    assert row["text"] != offline(model_dir, tmp_path, ["xx"], 16)[0]["text"]
     # log-probabilities: the same numbers as offline, in the OpenAI completions format
     row = offline(model_dir, tmp_path, ["nop"], 12, extra=("--logprobs", "2"))[0]
     out = c.completions.create(
@@ -232,8 +238,8 @@ def test_lm_eval_scores_and_generates_through_the_server(server, model_dir, tmp_
 def test_bad_requests_and_api_key(server):
     c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        c.completions.create(model="model", prompt="abc", temperature=0.7, presence_penalty=1)
-    assert info.value.body["param"] == "presence_penalty"
+        c.completions.create(model="model", prompt="abc", temperature=0.7, logit_bias={"5": 1})
+    assert info.value.body["param"] == "logit_bias"
     with pytest.raises(openai.BadRequestError) as info:
         c.completions.create(model="model", prompt="abc", max_tokens=MAX_LEN)
     assert info.value.body["param"] == "max_tokens"

@@ -35,15 +35,19 @@ def test_completion_defaults_and_sampling_settings():
     s = req.sampling
     assert s.max_tokens == 16  # OpenAI's completions default
     assert s.stop == [] and not s.stream
-    left_out = dict(temperature=None, top_p=None, top_k=None, min_p=None, seed=None)
+    left_out = dict(temperature=None, top_p=None, top_k=None, min_p=None, seed=None,
+                    repetition_penalty=None, presence_penalty=0.0,
+                    frequency_penalty=0.0)  # fmt: skip
     assert s.params == {**left_out, "logprobs": False, "top_logprobs": 0, "prompt_logprobs": None}
     assert not s.echo
     s = parse_completion(
         {"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 3,
-         "logprobs": 0}
+         "logprobs": 0, "repetition_penalty": 1.1, "presence_penalty": -0.5,
+         "frequency_penalty": 2}
     ).sampling  # fmt: skip
     assert s.params == dict(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=3, logprobs=True,
-                            top_logprobs=0, prompt_logprobs=None)  # fmt: skip
+                            top_logprobs=0, prompt_logprobs=None, repetition_penalty=1.1,
+                            presence_penalty=-0.5, frequency_penalty=2.0)  # fmt: skip
     # (logprobs 0: the chosen tokens' only)
     assert (
         parse_completion({"prompt": "hi", "top_k": -1}).sampling.params["top_k"] == 0
@@ -92,7 +96,9 @@ def test_completion_prompt_lists_and_echo():
         ({"prompt": [[5]] * 1025}, "prompt", "at most 1024 per request"),
         ({"prompt": "a", "best_of": 3}, "best_of", "1 or absent"),
         ({"prompt": "a", "logprobs": 21}, "logprobs", "less than or equal to 20"),
-        ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty", "0 or absent"),
+        ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+        ({"prompt": "a", "frequency_penalty": -2.1}, "frequency_penalty", "greater than or equal"),
+        ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
         ({"prompt": "a", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
         ({"prompt": "a", "stop": [f"s{i}" for i in range(65)]}, "stop", "up to 64"),
         ({"prompt": "a", "stop": [""]}, "stop", "non-empty"),

@@ -41,7 +41,9 @@ from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.stats import GenerateStats
 
 LOOPS = ("fused", "reference")
-GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "stop_strings")
+GENERATION_KEYS = (
+    "do_sample", "temperature", "top_k", "top_p", "min_p", "stop_strings", "repetition_penalty",
+)  # fmt: skip
 TRANSFORMERS_TOP_K = 50  # transformers' top_k when sampling without one
 # Measured on CPU: for the sampler's short cached calls the model's own SDPA with a dense bool mask
 # is as fast as or faster than the registered "fluid" attention (blocked / reference back ends).
@@ -115,6 +117,7 @@ def generate(
     top_k: int | None = None,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
     seed: int | None = None,
     stop_strings: Sequence[str] | str | None = None,
     stop_in_prompt: bool = True,
@@ -139,9 +142,11 @@ def generate(
     other settings; with ``do_sample=True``, ``temperature`` / ``top_k`` (None: 50, transformers'
     default; 0 = off) / ``top_p``
     (1.0 = off) / ``min_p`` apply in that order and the output distribution is exactly AR
-    sampling's (``rules.py``). ``seed`` seeds row ``r`` with ``seed + r`` (None: each row's
-    seed drawn from torch's global generator, so ``torch.manual_seed`` reproduces a call and
-    calls differ, as in transformers), so a row's tokens do not depend on the batch.
+    sampling's (``rules.py``). ``repetition_penalty`` (1.0 = off) applies before them, greedy
+    or not, as transformers applies it (``penalties.py``). ``seed`` seeds row ``r`` with
+    ``seed + r`` (None: each row's seed drawn from torch's global generator, so
+    ``torch.manual_seed`` reproduces a call and calls differ, as in transformers), so a row's
+    tokens do not depend on the batch.
     ``stop_strings`` end a row on its committed text (cut as transformers cuts; needs the
     tokenizer, given as the second argument or ``tokenizer=``; with ``stop_in_prompt`` — the
     default, transformers' reading — a stop string may begin in the prompt, without it only in
@@ -185,15 +190,17 @@ def generate(
         top_k=(TRANSFORMERS_TOP_K if top_k is None else top_k) if do_sample else 0,
         top_p=top_p if do_sample else 1.0,
         min_p=min_p if do_sample else 0.0,
+        repetition_penalty=float(repetition_penalty),
         seed=seed,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
     if do_sample and temperature == 0.0:
         raise ConfigError("do_sample=True needs temperature > 0 (or do_sample=False for greedy)")
-    if loop != "fused" and (stops or logprobs):
+    if loop != "fused" and (stops or logprobs or params.penalised):
         raise ConfigError(
-            "stop strings and logprobs run on the fused loop (the decode engine); use loop='fused'"
+            "stop strings, logprobs and repetition_penalty run on the fused loop (the decode "
+            "engine); use loop='fused'"
         )
     start = time.perf_counter()
     if loop == "fused":

@@ -101,6 +101,13 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k best (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass (1 = off)")
     p.add_argument("--min-p", type=float, default=0.0, help="sampling: min-p (0 = off)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="transformers' repetition penalty on prompt and output tokens, greedy or sampling "
+        "(1 = off)",
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling: prompt i is seeded seed + i")
     p.add_argument(
         "--stop", action="append", default=None, help="a stop string (repeat the flag for more)"
@@ -186,6 +193,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             top_k=args.top_k,
             top_p=args.top_p,
             min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
             logprobs=logprobs,
             top_logprobs=args.logprobs or 0,
         )
@@ -197,6 +205,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.top_k,
         "top_p": args.top_p,
         "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
         "stop_strings": args.stop,
         "stop_in_prompt": False,  # in the output only: the same text as fluid serve returns

@@ -22,6 +22,7 @@ import torch
 from fluid_npu import device as devices
 from fluid_npu.layout import slot_block
 from fluid_npu.sampling.fused import choose_anchors
+from fluid_npu.sampling.penalties import Penalties
 from fluid_ops.meta import MAIN, PAD
 
 PROMPT_LOGITS = 1 << 24  # prompt logprobs: logits per LM-head call (64 MiB in float32)
@@ -63,6 +64,14 @@ class PrefillMixin:
             h = self.model.config.get_text_config().hidden_size
             dtype = next(self.model.parameters()).dtype
             self.dhid = torch.zeros((self.slots_n, self.k, h), dtype=dtype, device=dev)
+        for i, s in zip(rows, slots):  # penalties (penalties.py): counts from the prompt on
+            p = s.params
+            if p.penalised and self.penalties is None:
+                vocab = self.head.weight.shape[0]
+                self.penalties = Penalties(self.slots_n, vocab, dev)
+            if p.penalised:
+                self.penalties.admit(i, s.prompt, p.repetition_penalty, p.presence_penalty,
+                                     p.frequency_penalty)  # fmt: skip
 
     def _decode_rows(self) -> int:
         """The rows the next decode step computes (the price of a draft is per step)."""

@@ -127,12 +127,13 @@ class FluidForCausalLM:
 
         Greedy unless ``do_sample=True``; the sampling keywords are transformers' (``do_sample``,
         ``temperature``, ``top_k`` — 50 when sampling and not given, transformers' default; 0 turns
-        it off —, ``top_p``, ``min_p``, ``stop_strings``) plus ``seed`` (None: drawn from torch's
-        global generator, so ``torch.manual_seed`` reproduces a call as in transformers), and a
+        it off —, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_strings``) plus ``seed``
+        (None: drawn from torch's global generator, so ``torch.manual_seed`` reproduces a call as
+        in transformers), and a
         ``generation_config`` (a ``transformers.GenerationConfig``) supplies any of them, and
         ``max_new_tokens`` / ``max_length`` / ``eos_token_id`` / ``pad_token_id``, that are not
         passed explicitly; any other setting it holds away from transformers' default (beams,
-        ``repetition_penalty``, ``num_return_sequences``, ...) is refused by name, never dropped.
+        ``no_repeat_ngram_size``, ``num_return_sequences``, ...) is refused by name, never dropped.
         ``max_length`` counts the prompt, as in transformers (``max_new_tokens`` wins when both
         are set) and must leave room for a token; without either, 64 new tokens (the checkpoint's
         own ``generation_config`` gives only the EOS and pad ids: FLUID decodes greedily, and the

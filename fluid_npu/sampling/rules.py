@@ -46,7 +46,8 @@ class SamplingParams:
     (vLLM's): every prompt token after the first with its log-probability under the model's own
     distribution (no temperature: a score) and that many alternatives (0–20; None: none), read
     from the prefill's own forwards (what a scorer such as lm-evaluation-harness asks a server
-    for with ``echo``).
+    for with ``echo``). ``repetition_penalty`` (transformers', 1 = off), ``presence_penalty`` and
+    ``frequency_penalty`` (OpenAI's, 0 = off, in [-2, 2]): ``penalties.py``.
     """
 
     temperature: float = 0.0
@@ -57,6 +58,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -78,6 +82,14 @@ class SamplingParams:
             )
         if self.top_logprobs and not self.logprobs:
             raise ConfigError("top_logprobs needs logprobs=True")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ConfigError(f"{name} must lie in [-2, 2] (0 = off), got {value}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
             raise ConfigError(
                 f"prompt_logprobs must lie in [0, {MAX_TOP_LOGPROBS}] (or None), "
@@ -87,6 +99,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether a penalty is on (``penalties.py``)."""
+        return (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (
+            1.0, 0.0, 0.0)  # fmt: skip
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

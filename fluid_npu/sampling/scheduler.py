@@ -61,6 +61,7 @@ from fluid_npu.sampling.kv import (
     release_slot_attention,
 )
 from fluid_npu.sampling.lean import LeanDecoder
+from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
@@ -238,6 +239,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self.top_k, self.seed = z(s), z(s)
         self.qprob = z(s, k, dtype=torch.float32)
         self.dhid: torch.Tensor | None = None  # [slots, K, H], made at the first sampled request
+        self.penalties: Penalties | None = None  # made at the first penalised request
 
     def close(self) -> None:
         """Give the model its own attention back once no other open engine runs on it (the
@@ -391,6 +393,8 @@ class Scheduler(PrefillMixin, StepMixin):
                 t[dst] = t[src]
             if self.dhid is not None:
                 self.dhid[dst] = self.dhid[src]
+            if self.penalties is not None:
+                self.penalties.move(dst, src)
             self.slots[dst], self.slots[src] = slot, None
             self.run[src] = False
 

@@ -190,15 +190,22 @@ class StepMixin(SampledMixin):
         self.decode_forwards += 1
 
         ar = self.head.argmax(hidden[:, : big_m + 1])
+        logits = None
+        penalised = [i for i, s in enumerate(self.slots[:hi]) if s is not None and s.running
+                     and s.params.penalised]  # fmt: skip
+        if any_sampled or any_lp or penalised:
+            logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
+        pen_rows = None
+        if penalised:  # (penalties.py) the penalised AR distribution, its argmax for greedy rows
+            pen_rows = torch.tensor(penalised, device=dev)
+            logits = self.penalties.apply(logits, drafts, m, pen_rows)
+            ar = ar.index_copy(0, pen_rows, logits[pen_rows].argmax(dim=-1))
         if big_m:
             match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
             a = match.long().cumprod(dim=1).sum(dim=1)
             corr = ar.gather(1, a[:, None])
         else:  # nothing to verify: the argmax after v_0 is the step's token (a = m = 0)
             a, corr = m, ar
-        logits = None
-        if any_sampled or any_lp:
-            logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
         broken = None  # sampling rows whose distribution is not finite (they end as "error")
         if any_sampled:
             a, corr, broken = self._verify_sampled(logits, drafts, m, base, a, corr, hi, big_m)
@@ -227,6 +234,8 @@ class StepMixin(SampledMixin):
             done = done | broken
         self.new_count[:hi] += take
         self.length[:hi] += take
+        if pen_rows is not None:  # the committed tokens count from the next step on
+            self.penalties.commit(pen_rows, toks, take)
         self.last[:hi] = torch.where(
             run, toks.gather(1, (take - 1).clamp(min=0)[:, None])[:, 0], self.last[:hi]
         )

@@ -13,7 +13,8 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   ``min_p`` and ``ignore_eos`` (decode exactly ``max_tokens`` tokens);
 * a decoding setting left out takes the server's default (``SamplingDefaults``), as vLLM does:
   the model's ``generation_config`` where it sets ``temperature`` / ``top_p`` / ``top_k`` /
-  ``min_p``, else the OpenAI API's (temperature 1, top_p 1): greedy decoding is ``temperature: 0``;
+  ``min_p`` / ``repetition_penalty``, else the OpenAI API's (temperature 1, top_p 1): greedy
+  decoding is ``temperature: 0``;
 * ``stop`` (up to 64 non-empty strings: OpenAI takes 4, vLLM any number, and lm-evaluation-harness
   adds the EOS text to a task's own) ends the request in the engine; the text is cut before the
   stop string, as the OpenAI API returns it;
@@ -25,8 +26,11 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
 * ``n`` completions per prompt (up to ``MAX_N``; choice ``index`` = prompt × n + copy, as vLLM
   orders them); copy ``j`` of a seeded request draws with ``seed + j`` (64-bit wrap), so copy 0
   is the ``n: 1`` output and every copy is reproducible; unseeded copies draw their own seeds;
+* penalties (``penalties.py``): OpenAI's ``presence_penalty`` / ``frequency_penalty`` ([-2, 2],
+  on the output's tokens) and vLLM's ``repetition_penalty`` (transformers', on prompt and output;
+  left out: the model's ``generation_config``, as vLLM reads it);
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
-  penalties 0, ``suffix`` / ``logit_bias`` / tools absent; any other value is an error naming the
+  ``suffix`` / ``logit_bias`` / tools absent; any other value is an error naming the
   field and what is supported; ``user`` is an opaque end-user tag, accepted.
 """
 
@@ -112,8 +116,9 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)  # vLLM's (transformers')
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool | None = None
@@ -167,12 +172,13 @@ class SamplingDefaults:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     @classmethod
     def of(cls, generation_config: Any) -> SamplingDefaults:
         """The defaults a model's ``GenerationConfig`` (or None) sets; the rest stay OpenAI's."""
         given = {}
-        for name in ("temperature", "top_p", "top_k", "min_p"):
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             value = getattr(generation_config, name, None)
             if value is not None:
                 given[name] = type(getattr(cls, name))(value)  # (the field's type: int or float)
@@ -266,8 +272,6 @@ def _neutral(body: _Common, name: str, ok: tuple[Any, ...], what: str) -> None:
 
 
 def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> Sampling:
-    _neutral(body, "presence_penalty", (None, 0), "0 or absent")
-    _neutral(body, "frequency_penalty", (None, 0), "0 or absent")
     if body.logit_bias:
         raise APIError("logit_bias is not supported; leave it out", param="logit_bias")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -280,6 +284,11 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         "top_p": None if body.top_p is None else float(body.top_p),
         "top_k": None if body.top_k is None else max(body.top_k, 0),  # vLLM's -1: off, as 0
         "min_p": None if body.min_p is None else float(body.min_p),
+        "repetition_penalty": (
+            None if body.repetition_penalty is None else float(body.repetition_penalty)
+        ),
+        "presence_penalty": float(body.presence_penalty or 0.0),
+        "frequency_penalty": float(body.frequency_penalty or 0.0),
         "seed": body.seed,
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
