@@ -143,7 +143,7 @@ def test_sampling_flags_are_checked_before_loading(dirs, capsys):
     assert main([*base, "--top-p", "0"]) == 2
     assert "--top-p must lie in (0, 1]" in capsys.readouterr().err
     assert main([*base, "--repetition-penalty", "0"]) == 2
-    assert "--repetition-penalty must be > 0 (1 = off)" in capsys.readouterr().err
+    assert "--repetition-penalty must be > 0 and at most 10000 (1 = off)" in capsys.readouterr().err
     assert main([*base, "--stop", "x", "--loop", "reference"]) == 2
     assert "need --loop fused" in capsys.readouterr().err
 

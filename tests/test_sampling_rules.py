@@ -437,6 +437,9 @@ def test_bad_settings_name_the_field():
         ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt_logprobs": -1}, "prompt_logprobs"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": 1e39}, "repetition_penalty"),  # (float32 per slot: overflow)
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"temperature": float("inf")}, "temperature"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3.0}, "frequency_penalty"),
     ):

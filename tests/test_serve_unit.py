@@ -99,6 +99,8 @@ def test_completion_prompt_lists_and_echo():
         ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
         ({"prompt": "a", "frequency_penalty": -2.1}, "frequency_penalty", "greater than or equal"),
         ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"prompt": "a", "repetition_penalty": 1e39}, "repetition_penalty", "less than or equal"),
+        ({"prompt": "a", "repetition_penalty": float("inf")}, "repetition_penalty", "finite"),
         ({"prompt": "a", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
         ({"prompt": "a", "stop": [f"s{i}" for i in range(65)]}, "stop", "up to 64"),
         ({"prompt": "a", "stop": [""]}, "stop", "non-empty"),

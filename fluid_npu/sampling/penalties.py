@@ -13,9 +13,10 @@ applied to the raw logits before temperature and the filters (the order of both)
 
 A verify step scores position ``j`` after the pending drafts ``d_0 … d_{j−1}`` — the sequence the
 AR model would have seen there — so "so far" for position ``j`` includes those drafts: the counts
-of committed tokens (``[slots, V]``, made at the first penalised request) are broadcast over the
-step's positions and each pending draft is added to the positions after it (one small scatter per
-draft position, no host read). Only the rows of penalised requests are computed. Every committed
+of committed tokens (``[slots, V]``, made at the first penalised request) penalise every position
+at once, then only the draft tokens' entries are rewritten per position with what the drafts
+before it add (``[R, M+1, M]`` values, no host read). Only the rows of penalised requests are
+computed (and pay for full logits). Every committed
 token is then the argmax (or the exact sample) of the penalised AR distribution, as transformers'
 ``generate(repetition_penalty=…)`` decodes it.
 """
@@ -62,23 +63,38 @@ class Penalties:
 
     def apply(self, logits: torch.Tensor, drafts: torch.Tensor, m: torch.Tensor,
               rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """``logits [hi, M+1, V]`` (float32) of a verify step with the penalties applied in
-        ``rows``: position ``j`` sees the committed tokens and the row's pending drafts before
-        ``j`` (``drafts [hi, M]``, the first ``m`` of each row real)."""
-        sub = logits[rows]  # [R, P, V]
-        r, p = sub.shape[0], sub.shape[1]
-        count = self.count[rows][:, None, :].repeat(1, p, 1).float()
-        idx = torch.arange(r, device=sub.device)[:, None]
-        for i in range(p - 1):  # draft i is part of what positions i + 1 … M have seen
-            real = (i < m[rows])[:, None]  # [R, 1]
-            after = torch.arange(i + 1, p, device=sub.device)[None]
-            tok = drafts[rows, i][:, None]
-            count[idx, after, tok] += real.float()
-        seen = self.prompt[rows][:, None, :] | (count > 0)
+        """The penalised ``logits [R, M+1, V]`` (float32) of the verify positions of slots
+        ``rows`` (``[R]``): position ``j`` sees the committed tokens and the row's pending drafts
+        before ``j`` (``drafts [R, M]``, the first ``m [R]`` of each row real).
+
+        The committed counts penalise every position at once (broadcast); then only the entries
+        of draft tokens are rewritten, at every position, with the counts the drafts before that
+        position add — ``[R, M+1, M]`` values, so no per-position ``[V]`` counts are built. A
+        token drafted twice gets the same value from both entries (its count at a position does
+        not depend on which of its occurrences wrote it)."""
+        r, p, _ = logits.shape
         rep = self.rep[rows][:, None, None]
-        out = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        out = out - self.frequency[rows][:, None, None] * count
-        out = out - self.presence[rows][:, None, None] * (count > 0).float()
-        logits = logits.clone()
-        logits[rows] = out
-        return logits
+        presence = self.presence[rows][:, None, None]
+        frequency = self.frequency[rows][:, None, None]
+
+        def penalise(x: torch.Tensor, count: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+            # transformers' order: a negative logit is multiplied, any other divided
+            x = torch.where(seen, torch.where(x < 0, x * rep, x / rep), x)
+            return x - frequency * count - presence * (count > 0).to(x.dtype)
+
+        count = self.count[rows].float()  # [R, V]
+        prompt = self.prompt[rows]
+        out = penalise(logits, count[:, None, :], (prompt | (count > 0))[:, None, :])
+        if p == 1 or drafts.shape[1] == 0:
+            return out
+        d = drafts[:, : p - 1]  # [R, M]
+        mm = d.shape[1]
+        i = torch.arange(mm, device=d.device)
+        real = i[None] < m[:, None]  # [R, M]
+        same = (d[:, :, None] == d[:, None, :]) & real[:, None, :]  # [R, i, i']: d_i' = d_i, real
+        before = (i[None, :] < torch.arange(p, device=d.device)[:, None]).float()  # [P, M]: i' < j
+        occurrences = torch.einsum("rab,jb->rja", same.float(), before)  # [R, P, M]
+        at = d[:, None, :].expand(r, p, mm)
+        drafted = count.gather(1, d)[:, None, :] + occurrences
+        seen = prompt.gather(1, d)[:, None, :] | (drafted > 0)
+        return out.scatter(2, at, penalise(logits.gather(2, at), drafted, seen))

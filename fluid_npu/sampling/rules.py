@@ -21,6 +21,7 @@ synchronised with the host (the step stays capturable).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from fluid_npu.errors import ConfigError
 
 ACCEPT, DRAW, DRAFT = 0, 1, 2  # the purposes of a random number
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
+MAX_REPETITION_PENALTY = 1e4  # finite, and far inside float32 (the engine keeps it per slot)
 MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily (as vLLM treats it)
 INT64_MAX = (1 << 63) - 1  # seeds and top_k live in int64 tensors
 _M31 = (1 << 31) - 1
@@ -63,8 +65,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ConfigError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}"
+            )
         if self.temperature < MIN_TEMPERATURE:
             # logits / 1e-40 overflow: below this the distribution is the argmax's (vLLM's rule)
             object.__setattr__(self, "temperature", 0.0)
@@ -82,9 +86,10 @@ class SamplingParams:
             )
         if self.top_logprobs and not self.logprobs:
             raise ConfigError("top_logprobs needs logprobs=True")
-        if not self.repetition_penalty > 0:
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise ConfigError(
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
+                f"repetition_penalty must be > 0 and at most {MAX_REPETITION_PENALTY:g} "
+                f"(1 = off), got {self.repetition_penalty}"
             )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)

@@ -193,13 +193,19 @@ class StepMixin(SampledMixin):
         logits = None
         penalised = [i for i, s in enumerate(self.slots[:hi]) if s is not None and s.running
                      and s.params.penalised]  # fmt: skip
-        if any_sampled or any_lp or penalised:
+        if any_sampled or any_lp:
             logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
         pen_rows = None
         if penalised:  # (penalties.py) the penalised AR distribution, its argmax for greedy rows
             pen_rows = torch.tensor(penalised, device=dev)
-            logits = self.penalties.apply(logits, drafts, m, pen_rows)
-            ar = ar.index_copy(0, pen_rows, logits[pen_rows].argmax(dim=-1))
+            own = (
+                self.head.logits(hidden[pen_rows, : big_m + 1]) if logits is None
+                else logits[pen_rows]
+            )  # fmt: skip
+            own = self.penalties.apply(own, drafts[pen_rows], m[pen_rows], pen_rows)
+            if logits is not None:
+                logits[pen_rows] = own
+            ar = ar.index_copy(0, pen_rows, own.argmax(dim=-1))
         if big_m:
             match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
             a = match.long().cumprod(dim=1).sum(dim=1)

@@ -42,7 +42,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fluid_npu.sampling.prompts import chat_messages
-from fluid_npu.sampling.rules import INT64_MAX
+from fluid_npu.sampling.rules import INT64_MAX, MAX_REPETITION_PENALTY
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
@@ -118,7 +118,9 @@ class _Common(_Strict):
     seed: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0)  # vLLM's (transformers')
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False
+    )  # vLLM's (transformers')
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool | None = None
