@@ -194,7 +194,8 @@ class Worker:
                 if isinstance(exc, FluidError):
                     self._send(_set_exception, item.accepted, APIError(str(exc), param="prompt"))
                 else:  # a bug in one request's admission fails that request only
-                    logger.exception("submitting request %s failed", item.requests[len(taken)])
+                    failed = item.requests[len(taken)].request_id
+                    logger.exception("submitting request %s failed", failed)
                     self._send(_set_exception, item.accepted, _engine_error(exc))
                 return
             for stream in item.streams:
