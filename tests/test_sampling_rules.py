@@ -378,6 +378,41 @@ def test_penalties_are_the_penalised_ar_models_with_drafts_accepted(tok):
     assert out["pen"].tokens == _penalised_ar(model, xx, 16, cases[0]["repetition_penalty"])
 
 
+def test_logit_bias_is_added_before_the_penalties_at_every_verified_position(tok):
+    """OpenAI's ``logit_bias``: each committed token is the argmax of the AR logits plus the
+    bias, then penalised — on the chain model with drafts accepted, beside a plain request."""
+
+    @torch.no_grad()
+    def biased_ar(model, prompt, n, bias, rep):
+        seq, out = list(prompt), []
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            for t, b in bias:
+                logits[t] += b
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[torch.tensor(seq)] = True
+            logits = torch.where(seen, torch.where(logits < 0, logits * rep, logits / rep), logits)
+            out.append(int(logits.argmax()))
+            seq.append(out[-1])
+        return out
+
+    model = chain_model(tok, attn_scale=4.0)
+    xx = tok("xx")["input_ids"]
+    plain = _penalised_ar(model, xx, 12)
+    star = tok.convert_tokens_to_ids("*")
+    for bias, rep in ((((plain[1], -100.0),), 1.0), (((star, -3.0), (65, 2.0)), 1.0),
+                      (((plain[2], -100.0),), 2.0)):  # fmt: skip
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=2, eos_ids=[],
+                          k_max=4, adaptive=False)  # fmt: skip
+        params = SamplingParams(logit_bias=bias, repetition_penalty=rep)
+        out = run_requests(sched, [Request("a", xx, 12, sampling=params), Request("b", xx, 12)])
+        want = biased_ar(model, xx, 12, bias, rep)
+        assert out["a"].tokens == want and out["b"].tokens == plain
+        assert want != plain or out["a"].final.forwards < 12  # changed, or drafts accepted
+    with pytest.raises(ConfigError, match="logit_bias token 99999 is outside the vocabulary"):
+        sched.submit(Request("c", xx, 4, sampling=SamplingParams(logit_bias=((99999, 1.0),))))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_repetition_penalty_equals_transformers_generate(tok, arch):
     """``repetition_penalty`` through ``generate`` and a checkpoint's ``generation_config``
@@ -440,6 +475,9 @@ def test_bad_settings_name_the_field():
         ({"repetition_penalty": 1e39}, "repetition_penalty"),  # (float32 per slot: overflow)
         ({"repetition_penalty": float("inf")}, "repetition_penalty"),
         ({"temperature": float("inf")}, "temperature"),
+        ({"logit_bias": ((5, 101.0),)}, "logit_bias"),
+        ({"logit_bias": ((5, 1.0), (5, 2.0))}, "twice"),
+        ({"logit_bias": tuple((i, 1.0) for i in range(301))}, "at most 300"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3.0}, "frequency_penalty"),
     ):

@@ -163,6 +163,14 @@ def test_sampling_logprobs_and_stop_equal_fluid_generate(server, model_dir, tmp_
                                extra_body={"repetition_penalty": 5})  # fmt: skip
     assert out.choices[0].text == row["text"]
     assert row["text"] != offline(model_dir, tmp_path, ["xx"], 16)[0]["text"]
+    # a logit bias that forbids the chain's next letter: the output changes from there on
+    plain = c.completions.create(model="model", prompt="abc", max_tokens=6, temperature=0)
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": plain.choices[0].text,
+                     "add_special_tokens": False}, headers={"Authorization": f"Bearer {KEY}"}
+                     ).json()["tokens"]  # fmt: skip
+    banned = c.completions.create(model="model", prompt="abc", max_tokens=6, temperature=0,
+                                  logit_bias={str(ids[0]): -100})  # fmt: skip
+    assert banned.choices[0].text[:1] != plain.choices[0].text[:1]
     # log-probabilities: the same numbers as offline, in the OpenAI completions format
     row = offline(model_dir, tmp_path, ["nop"], 12, extra=("--logprobs", "2"))[0]
     out = c.completions.create(
@@ -238,8 +246,11 @@ def test_lm_eval_scores_and_generates_through_the_server(server, model_dir, tmp_
 def test_bad_requests_and_api_key(server):
     c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        c.completions.create(model="model", prompt="abc", temperature=0.7, logit_bias={"5": 1})
-    assert info.value.body["param"] == "logit_bias"
+        c.completions.create(model="model", prompt="abc", temperature=0.7, best_of=2)
+    assert info.value.body["param"] == "best_of"
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="model", prompt="abc", logit_bias={"99999": 1})
+    assert info.value.body["param"] == "logit_bias" and "outside the vocabulary" in str(info.value)
     with pytest.raises(openai.BadRequestError) as info:
         c.completions.create(model="model", prompt="abc", max_tokens=MAX_LEN)
     assert info.value.body["param"] == "max_tokens"

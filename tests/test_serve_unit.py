@@ -37,7 +37,7 @@ def test_completion_defaults_and_sampling_settings():
     assert s.stop == [] and not s.stream
     left_out = dict(temperature=None, top_p=None, top_k=None, min_p=None, seed=None,
                     repetition_penalty=None, presence_penalty=0.0,
-                    frequency_penalty=0.0)  # fmt: skip
+                    frequency_penalty=0.0, logit_bias=())  # fmt: skip
     assert s.params == {**left_out, "logprobs": False, "top_logprobs": 0, "prompt_logprobs": None}
     assert not s.echo
     s = parse_completion(
@@ -47,7 +47,8 @@ def test_completion_defaults_and_sampling_settings():
     ).sampling  # fmt: skip
     assert s.params == dict(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=3, logprobs=True,
                             top_logprobs=0, prompt_logprobs=None, repetition_penalty=1.1,
-                            presence_penalty=-0.5, frequency_penalty=2.0)  # fmt: skip
+                            presence_penalty=-0.5, frequency_penalty=2.0,
+                            logit_bias=())  # fmt: skip
     # (logprobs 0: the chosen tokens' only)
     assert (
         parse_completion({"prompt": "hi", "top_k": -1}).sampling.params["top_k"] == 0
@@ -76,6 +77,8 @@ def test_completion_prompt_lists_and_echo():
     assert s.echo and s.max_tokens == 0
     assert s.params["logprobs"] and s.params["top_logprobs"] == 1
     assert s.params["prompt_logprobs"] == 1
+    bias = parse_completion({"prompt": "x", "logit_bias": {"7": -100, "3": 2.5}}).sampling
+    assert bias.params["logit_bias"] == ((3, 2.5), (7, -100.0))
     six = ["\n\n", "Question:", "</s>", "<|im_end|>", "###", "Q:"]  # a task's until + EOS
     assert parse_completion({"prompt": "x", "stop": six}).sampling.stop == six
     plain_echo = parse_completion({"prompt": "x", "echo": True}).sampling  # no logprobs asked
@@ -101,7 +104,13 @@ def test_completion_prompt_lists_and_echo():
         ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
         ({"prompt": "a", "repetition_penalty": 1e39}, "repetition_penalty", "less than or equal"),
         ({"prompt": "a", "repetition_penalty": float("inf")}, "repetition_penalty", "finite"),
-        ({"prompt": "a", "logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
+        ({"prompt": "a", "logit_bias": {"x": 1.0}}, "logit_bias", "token ids (as strings)"),
+        ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias", "in [-100, 100]"),
+        (
+            {"prompt": "a", "logit_bias": {str(i): 1 for i in range(301)}},
+            "logit_bias",
+            "at most 300",
+        ),
         ({"prompt": "a", "stop": [f"s{i}" for i in range(65)]}, "stop", "up to 64"),
         ({"prompt": "a", "stop": [""]}, "stop", "non-empty"),
         ({"prompt": "a", "max_tokens": 0}, "max_tokens", "echo: true"),

@@ -197,7 +197,7 @@ def generate(
     )
     if do_sample and temperature == 0.0:
         raise ConfigError("do_sample=True needs temperature > 0 (or do_sample=False for greedy)")
-    if loop != "fused" and (stops or logprobs or params.penalised):
+    if loop != "fused" and (stops or logprobs or params.adjusted):
         raise ConfigError(
             "stop strings, logprobs and repetition_penalty run on the fused loop (the decode "
             "engine); use loop='fused'"

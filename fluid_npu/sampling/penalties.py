@@ -1,6 +1,6 @@
-"""Repetition, presence and frequency penalties in the decode engine: per-slot token counts kept on
-the device, and the penalised logits of a verify step whose every position sees the drafts before
-it.
+"""Repetition, presence and frequency penalties and the logit bias in the decode engine: per-slot
+token counts kept on the device, and the adjusted logits of a verify step whose every position
+sees the drafts before it.
 
 The semantics are vLLM's — transformers' for ``repetition_penalty``, OpenAI's for the other two —
 applied to the raw logits before temperature and the filters (the order of both):
@@ -9,7 +9,9 @@ applied to the raw logits before temperature and the filters (the order of both)
   has its logit divided by ``r`` where positive, multiplied by ``r`` otherwise (transformers'
   ``RepetitionPenaltyLogitsProcessor``);
 * ``presence_penalty`` ``a`` and ``frequency_penalty`` ``f`` (0 = off, each in [-2, 2]): logit
-  ``− a·[n > 0] − f·n`` where ``n`` counts the token's occurrences in the output so far.
+  ``− a·[n > 0] − f·n`` where ``n`` counts the token's occurrences in the output so far;
+* ``logit_bias`` (OpenAI's, up to 300 tokens, each in [-100, 100]) is added first, at every
+  position.
 
 A verify step scores position ``j`` after the pending drafts ``d_0 … d_{j−1}`` — the sequence the
 AR model would have seen there — so "so far" for position ``j`` includes those drafts: the counts
@@ -27,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fluid_npu.sampling.rules import MAX_LOGIT_BIAS, SamplingParams
+
 
 class Penalties:
     """The engine's per-slot penalty settings and counts (``scheduler.Scheduler.penalties``)."""
@@ -38,15 +42,25 @@ class Penalties:
         self.rep = torch.ones(slots, dtype=torch.float32, device=device)
         self.presence = torch.zeros(slots, dtype=torch.float32, device=device)
         self.frequency = torch.zeros(slots, dtype=torch.float32, device=device)
+        # logit_bias as (token, bias) pairs per slot; unused pairs add 0 to token 0
+        self.bias_ids = torch.zeros((slots, MAX_LOGIT_BIAS), dtype=torch.long, device=device)
+        self.bias = torch.zeros((slots, MAX_LOGIT_BIAS), dtype=torch.float32, device=device)
 
-    def admit(self, row: int, prompt: Sequence[int], rep: float, presence: float,
-              frequency: float) -> None:  # fmt: skip
-        """Slot ``row`` starts a request with these settings and ``prompt``."""
+    def admit(self, row: int, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Slot ``row`` starts a request with ``params``' penalties and bias, and ``prompt``."""
         dev = self.prompt.device
         self.prompt[row] = False
         self.count[row] = 0
         self.prompt[row, torch.tensor(list(prompt), dtype=torch.long, device=dev)] = True
-        self.rep[row], self.presence[row], self.frequency[row] = rep, presence, frequency
+        self.rep[row] = params.repetition_penalty
+        self.presence[row] = params.presence_penalty
+        self.frequency[row] = params.frequency_penalty
+        self.bias_ids[row], self.bias[row] = 0, 0.0
+        if params.logit_bias:
+            n = len(params.logit_bias)
+            ids, values = zip(*params.logit_bias)
+            self.bias_ids[row, :n] = torch.tensor(ids, dtype=torch.long, device=dev)
+            self.bias[row, :n] = torch.tensor(values, dtype=torch.float32, device=dev)
 
     def commit(self, rows: torch.Tensor, toks: torch.Tensor, take: torch.Tensor) -> None:
         """Rows ``rows`` (of the step's ``[hi, W]`` tokens ``toks``) committed their first
@@ -58,7 +72,8 @@ class Penalties:
 
     def move(self, dst: int, src: int) -> None:
         """A request moved from slot ``src`` to ``dst`` (the scheduler's compaction)."""
-        for t in (self.prompt, self.count, self.rep, self.presence, self.frequency):
+        for t in (self.prompt, self.count, self.rep, self.presence, self.frequency,
+                  self.bias_ids, self.bias):  # fmt: skip
             t[dst] = t[src]
 
     def apply(self, logits: torch.Tensor, drafts: torch.Tensor, m: torch.Tensor,
@@ -73,6 +88,9 @@ class Penalties:
         token drafted twice gets the same value from both entries (its count at a position does
         not depend on which of its occurrences wrote it)."""
         r, p, _ = logits.shape
+        # logit_bias first (transformers' sequence bias comes before its repetition penalty too)
+        ids = self.bias_ids[rows][:, None, :].expand(r, p, -1)
+        logits = logits.scatter_add(2, ids, self.bias[rows][:, None, :].expand(r, p, -1))
         rep = self.rep[rows][:, None, None]
         presence = self.presence[rows][:, None, None]
         frequency = self.frequency[rows][:, None, None]

@@ -66,12 +66,11 @@ class PrefillMixin:
             self.dhid = torch.zeros((self.slots_n, self.k, h), dtype=dtype, device=dev)
         for i, s in zip(rows, slots):  # penalties (penalties.py): counts from the prompt on
             p = s.params
-            if p.penalised and self.penalties is None:
+            if p.adjusted and self.penalties is None:
                 vocab = self.head.weight.shape[0]
                 self.penalties = Penalties(self.slots_n, vocab, dev)
-            if p.penalised:
-                self.penalties.admit(i, s.prompt, p.repetition_penalty, p.presence_penalty,
-                                     p.frequency_penalty)  # fmt: skip
+            if p.adjusted:
+                self.penalties.admit(i, s.prompt, p)
 
     def _decode_rows(self) -> int:
         """The rows the next decode step computes (the price of a draft is per step)."""

@@ -30,6 +30,7 @@ from fluid_npu.errors import ConfigError
 
 ACCEPT, DRAW, DRAFT = 0, 1, 2  # the purposes of a random number
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
+MAX_LOGIT_BIAS = 300  # tokens a request may bias (the OpenAI API's limit)
 MAX_REPETITION_PENALTY = 1e4  # finite, and far inside float32 (the engine keeps it per slot)
 MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily (as vLLM treats it)
 INT64_MAX = (1 << 63) - 1  # seeds and top_k live in int64 tensors
@@ -49,7 +50,8 @@ class SamplingParams:
     distribution (no temperature: a score) and that many alternatives (0–20; None: none), read
     from the prefill's own forwards (what a scorer such as lm-evaluation-harness asks a server
     for with ``echo``). ``repetition_penalty`` (transformers', 1 = off), ``presence_penalty`` and
-    ``frequency_penalty`` (OpenAI's, 0 = off, in [-2, 2]): ``penalties.py``.
+    ``frequency_penalty`` (OpenAI's, 0 = off, in [-2, 2]) and ``logit_bias`` (OpenAI's: ``(token,
+    bias)`` pairs, bias in [-100, 100], added to the logits first): ``penalties.py``.
     """
 
     temperature: float = 0.0
@@ -63,6 +65,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:
@@ -95,6 +98,17 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise ConfigError(f"{name} must lie in [-2, 2] (0 = off), got {value}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ConfigError(
+                f"logit_bias holds {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS}"
+            )
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ConfigError(
+                    f"logit_bias maps token ids >= 0 to biases in [-100, 100], got {token}: {bias}"
+                )
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise ConfigError("logit_bias gives a token twice; give each token one bias")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
             raise ConfigError(
                 f"prompt_logprobs must lie in [0, {MAX_TOP_LOGPROBS}] (or None), "
@@ -106,10 +120,10 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def penalised(self) -> bool:
-        """Whether a penalty is on (``penalties.py``)."""
-        return (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (
-            1.0, 0.0, 0.0)  # fmt: skip
+    def adjusted(self) -> bool:
+        """Whether penalties or a logit bias adjust the AR logits (``penalties.py``)."""
+        penalties = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
+        return penalties != (1.0, 0.0, 0.0) or bool(self.logit_bias)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

@@ -290,6 +290,12 @@ class Scheduler(PrefillMixin, StepMixin):
             raise PromptError(
                 f"request {req.request_id!r}: token ids must lie in [0, {vocab}) (the vocabulary)"
             )
+        biased = [t for t, _ in (req.sampling.logit_bias if req.sampling else ())]
+        if biased and max(biased) >= vocab:
+            raise ConfigError(
+                f"request {req.request_id!r}: logit_bias token {max(biased)} is outside the "
+                f"vocabulary [0, {vocab})"
+            )
         if req.stop and self.tokenizer is None:
             raise ConfigError(
                 f"request {req.request_id!r} has stop strings but the Scheduler has no tokenizer "

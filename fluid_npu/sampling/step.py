@@ -192,7 +192,7 @@ class StepMixin(SampledMixin):
         ar = self.head.argmax(hidden[:, : big_m + 1])
         logits = None
         penalised = [i for i, s in enumerate(self.slots[:hi]) if s is not None and s.running
-                     and s.params.penalised]  # fmt: skip
+                     and s.params.adjusted]  # fmt: skip
         if any_sampled or any_lp:
             logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
         pen_rows = None

@@ -244,6 +244,13 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
+        biased = [t for t, _ in params.logit_bias]
+        if biased and max(biased) >= len(tokenizer):
+            raise APIError(
+                f"logit_bias names token {max(biased)}, outside the vocabulary "
+                f"({len(tokenizer)} tokens)",
+                param="logit_bias",
+            )
         check_capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
         requests = [

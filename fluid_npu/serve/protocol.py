@@ -29,8 +29,10 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
 * penalties (``penalties.py``): OpenAI's ``presence_penalty`` / ``frequency_penalty`` ([-2, 2],
   on the output's tokens) and vLLM's ``repetition_penalty`` (transformers', on prompt and output;
   left out: the model's ``generation_config``, as vLLM reads it);
+* ``logit_bias`` (OpenAI's: token id -> bias in [-100, 100], up to 300 tokens), added to the
+  logits before the penalties;
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
-  ``suffix`` / ``logit_bias`` / tools absent; any other value is an error naming the
+  ``suffix`` / tools absent; any other value is an error naming the
   field and what is supported; ``user`` is an opaque end-user tag, accepted.
 """
 
@@ -42,7 +44,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fluid_npu.sampling.prompts import chat_messages
-from fluid_npu.sampling.rules import INT64_MAX, MAX_REPETITION_PENALTY
+from fluid_npu.sampling.rules import INT64_MAX, MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
@@ -273,9 +275,29 @@ def _neutral(body: _Common, name: str, ok: tuple[Any, ...], what: str) -> None:
         )
 
 
+def _logit_bias(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token id as a string -> bias in [-100, 100], up to 300) as the
+    engine's ``(token, bias)`` pairs."""
+    if not given:
+        return ()
+    if len(given) > MAX_LOGIT_BIAS:
+        raise APIError(
+            f"logit_bias holds {len(given)} tokens; at most {MAX_LOGIT_BIAS}", param="logit_bias"
+        )
+    pairs = []
+    for key, value in given.items():
+        if not key.isdigit() or not -100 <= value <= 100:
+            raise APIError(
+                f"logit_bias maps token ids (as strings) to biases in [-100, 100]; got "
+                f"{key!r}: {value}",
+                param="logit_bias",
+            )
+        pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
+
+
 def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> Sampling:
-    if body.logit_bias:
-        raise APIError("logit_bias is not supported; leave it out", param="logit_bias")
+    bias = _logit_bias(body.logit_bias)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP or any(s == "" for s in stop):
         raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
@@ -291,6 +313,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         ),
         "presence_penalty": float(body.presence_penalty or 0.0),
         "frequency_penalty": float(body.frequency_penalty or 0.0),
+        "logit_bias": bias,
         "seed": body.seed,
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
