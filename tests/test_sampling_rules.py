@@ -477,6 +477,9 @@ def test_bad_settings_name_the_field():
         ({"temperature": float("inf")}, "temperature"),
         ({"logit_bias": ((5, 101.0),)}, "logit_bias"),
         ({"logit_bias": ((5, 1.0), (5, 2.0))}, "twice"),
+        ({"logit_bias": ((5.7, 1.0),)}, "integer token ids"),
+        ({"logit_bias": ((True, 1.0),)}, "integer token ids"),
+        ({"logit_bias": (5,)}, "integer token ids"),
         ({"logit_bias": tuple((i, 1.0) for i in range(301))}, "at most 300"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3.0}, "frequency_penalty"),
@@ -485,6 +488,7 @@ def test_bad_settings_name_the_field():
             SamplingParams(**kwargs)
     # the ends of the range are fine, and a temperature too small to divide by decodes greedily
     assert SamplingParams(seed=-(1 << 63), top_k=(1 << 63) - 1).seed == -(1 << 63)
+    assert SamplingParams(logit_bias={7: -100, 3: 2}).logit_bias == ((3, 2.0), (7, -100.0))
     tiny = SamplingParams(temperature=1e-40)
     assert tiny.greedy and tiny.temperature == 0.0
     assert not SamplingParams(temperature=1e-4).greedy

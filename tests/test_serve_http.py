@@ -310,6 +310,16 @@ def test_sampling_settings_reach_the_engine_and_logprobs_come_back():
         assert plain.choices[0].logprobs is None
         p = sched.requests[-1].sampling  # left out: OpenAI's defaults (this model sets none)
         assert (p.temperature, p.top_p, p.top_k, p.min_p) == (1.0, 1.0, 0, 0.0)
+    sched = (
+        ScriptedScheduler()
+    )  # logit_bias ids: the model's vocabulary (padded past the tokenizer)
+    with serving(sched, vocab_size=len(TOK) + 8) as (url, _, _):
+        client(url).completions.create(model="tiny", prompt="abc", max_tokens=2,
+                                       logit_bias={str(len(TOK) + 7): 1})  # fmt: skip
+        assert sched.requests[-1].sampling.logit_bias == ((len(TOK) + 7, 1.0),)
+        with pytest.raises(openai.BadRequestError, match="outside the model's vocabulary"):
+            client(url).completions.create(model="tiny", prompt="abc", max_tokens=2,
+                                           logit_bias={str(len(TOK) + 8): 1})  # fmt: skip
     model_defaults = SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.05)
     sched = ScriptedScheduler()
     with serving(sched, defaults=model_defaults) as (url, _, _):

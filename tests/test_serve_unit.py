@@ -104,7 +104,10 @@ def test_completion_prompt_lists_and_echo():
         ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
         ({"prompt": "a", "repetition_penalty": 1e39}, "repetition_penalty", "less than or equal"),
         ({"prompt": "a", "repetition_penalty": float("inf")}, "repetition_penalty", "finite"),
-        ({"prompt": "a", "logit_bias": {"x": 1.0}}, "logit_bias", "token ids (as strings)"),
+        ({"prompt": "a", "logit_bias": {"x": 1.0}}, "logit_bias", "token ids (as strings"),
+        ({"prompt": "a", "logit_bias": {"²": 1.0}}, "logit_bias", "strings of digits"),  # not int()
+        ({"prompt": "a", "logit_bias": {"1" * 5000: 1.0}}, "logit_bias", "strings of digits"),
+        ({"prompt": "a", "logit_bias": {"5": 1.0, "05": 2.0}}, "logit_bias", "token 5 twice"),
         ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias", "in [-100, 100]"),
         (
             {"prompt": "a", "logit_bias": {str(i): 1 for i in range(301)}},

@@ -22,6 +22,7 @@ synchronised with the host (the step stays capturable).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:
@@ -98,6 +99,18 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:
                 raise ConfigError(f"{name} must lie in [-2, 2] (0 = off), got {value}")
+        given = self.logit_bias
+        pairs = sorted(given.items()) if isinstance(given, Mapping) else given  # OpenAI's {t: b}
+        try:
+            pairs = tuple((p[0], float(p[1])) for p in pairs if len(p) == 2)
+            ok = len(pairs) == len(given) and all(type(t) is int for t, _ in pairs)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                "logit_bias takes {token id: bias} or (token id, bias) pairs, integer token ids"
+            )
+        object.__setattr__(self, "logit_bias", pairs)
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise ConfigError(
                 f"logit_bias holds {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS}"

@@ -71,6 +71,7 @@ class ServeConfig:
     info: dict[str, Any] = field(default_factory=dict)  # shown by /health: policy, device, ...
     # what a request that leaves temperature / top_p / top_k / min_p out gets
     defaults: protocol.SamplingDefaults = field(default_factory=protocol.SamplingDefaults)
+    vocab_size: int | None = None  # the model's (logit_bias ids); None: the tokenizer's length
 
 
 class _ClosingStream(StreamingResponse):
@@ -245,10 +246,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
         biased = [t for t, _ in params.logit_bias]
-        if biased and max(biased) >= len(tokenizer):
+        vocab = config.vocab_size or len(tokenizer)
+        if biased and max(biased) >= vocab:
             raise APIError(
-                f"logit_bias names token {max(biased)}, outside the vocabulary "
-                f"({len(tokenizer)} tokens)",
+                f"logit_bias names token {max(biased)}, outside the model's vocabulary "
+                f"({vocab} tokens)",
                 param="logit_bias",
             )
         check_capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)

@@ -284,16 +284,19 @@ def _logit_bias(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]
         raise APIError(
             f"logit_bias holds {len(given)} tokens; at most {MAX_LOGIT_BIAS}", param="logit_bias"
         )
-    pairs = []
+    pairs: dict[int, float] = {}
     for key, value in given.items():
-        if not key.isdigit() or not -100 <= value <= 100:
+        digits = key.isascii() and key.isdigit() and len(key) <= 20  # (int64 has 19 digits)
+        if not digits or not -100 <= value <= 100:
             raise APIError(
-                f"logit_bias maps token ids (as strings) to biases in [-100, 100]; got "
-                f"{key!r}: {value}",
+                f"logit_bias maps token ids (as strings of digits) to biases in [-100, 100]; "
+                f"got {key[:40]!r}: {value}",
                 param="logit_bias",
             )
-        pairs.append((int(key), float(value)))
-    return tuple(sorted(pairs))
+        if int(key) in pairs:
+            raise APIError(f"logit_bias gives token {int(key)} twice", param="logit_bias")
+        pairs[int(key)] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> Sampling:

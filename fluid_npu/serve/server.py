@@ -187,6 +187,7 @@ def serve(settings: ServeSettings) -> int:
             api_key=settings.api_key,
             info=info,
             defaults=defaults,
+            vocab_size=scheduler.model.get_input_embeddings().weight.shape[0],
         )
         app = create_app(worker, tokenizer, config)
         host, port = sock.getsockname()[:2]
