@@ -441,6 +441,51 @@ def test_repetition_penalty_equals_transformers_generate(tok, arch):
                         repetition_penalty=1.3).sequences.tolist() == want.tolist()  # fmt: skip
 
 
+def test_min_new_tokens_keeps_eos_out_as_transformers_does(tok):
+    """``min_new_tokens`` (vLLM's ``min_tokens``): no EOS before that many new tokens, also where
+    the EOS sits inside a run of accepted drafts (the chain model ends "ijk" with "lm" + EOS);
+    equal to transformers' ``generate(min_new_tokens=...)``, through ``generate`` and a
+    ``generation_config``."""
+    from transformers import GenerationConfig
+
+    from fluid_npu.sampling import generate
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
+
+    model = chain_model(tok, attn_scale=4.0)
+    eos = tok.eos_token_id
+    for text in ("ijk", "abc"):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        for least in (0, 3, 11):
+            hf = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=12, min_new_tokens=least, eos_token_id=eos,
+                                pad_token_id=tok.pad_token_id)  # fmt: skip
+            want = hf[0, ids.shape[1] :].tolist()
+            want = want[: want.index(eos) + 1] if eos in want else want
+            got = generate(model, tok, ids, policy="fixed:4", max_new_tokens=12, eos_token_id=eos,
+                           min_new_tokens=least, engine_kwargs={"adaptive": False})  # fmt: skip
+            assert got.new_tokens[0] == want, (text, least)
+            assert least == 0 or eos not in want[:least]
+    fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
+    ids = torch.tensor([tok("ijk")["input_ids"]])
+    out = fluid.generate(ids, policy="fixed:4", generation_config=GenerationConfig(
+        min_new_tokens=5, max_new_tokens=8))  # fmt: skip
+    assert out.shape[1] - ids.shape[1] == 8 and eos not in out[0, ids.shape[1] :].tolist()[:5]
+    # within one verify step: position j is new token produced + j (here the chain model's drafts
+    # are never EOS, so the placement is checked on the adjustment itself)
+    from fluid_npu.sampling.penalties import Penalties
+
+    pen = Penalties(2, 10, torch.device("cpu"))
+    pen.admit(0, [1, 2], SamplingParams(min_tokens=3))
+    pen.admit(1, [1], SamplingParams(min_tokens=1))
+    got = pen.apply(torch.zeros(2, 4, 10), torch.zeros(2, 3, dtype=torch.long),
+                    torch.tensor([3, 3]), torch.tensor([0, 1]), produced=torch.tensor([1, 0]),
+                    eos=torch.tensor([[7, -1], [7, 8]]))  # fmt: skip
+    blocked = torch.isinf(got)
+    assert blocked[0, :, 7].tolist() == [True, True, False, False]  # tokens 2 and 3 of 3
+    assert blocked[1, :, 7].tolist() == blocked[1, :, 8].tolist() == [True, False, False, False]
+    assert blocked.sum() == 4  # nothing else (the -1 padding touches no token)
+
+
 def test_penalised_sampling_draws_the_same_alone_or_in_a_batch(tok):
     model = build_tiny_model("llama", tok, seed=3)
     prompt = tok("hello world")["input_ids"]
@@ -480,6 +525,7 @@ def test_bad_settings_name_the_field():
         ({"logit_bias": ((5.7, 1.0),)}, "integer token ids"),
         ({"logit_bias": ((True, 1.0),)}, "integer token ids"),
         ({"logit_bias": (5,)}, "integer token ids"),
+        ({"min_tokens": -1}, "min_tokens"),
         ({"logit_bias": tuple((i, 1.0) for i in range(301))}, "at most 300"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3.0}, "frequency_penalty"),
@@ -645,7 +691,7 @@ def test_generate_is_a_drop_in_for_transformers_generate(tok):
         (GenerationConfig(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
         (GenerationConfig(num_beams=2), "num_beams"),
         (GenerationConfig(do_sample=True, num_return_sequences=2), "num_return_sequences"),
-        (GenerationConfig(min_new_tokens=5), "min_new_tokens"),
+        (GenerationConfig(encoder_repetition_penalty=1.2), "encoder_repetition_penalty"),
     ):
         with pytest.raises(ConfigError, match=name):
             fluid.generate(ids, generation_config=bad, max_new_tokens=4)

@@ -336,6 +336,9 @@ def test_sampling_settings_reach_the_engine_and_logprobs_come_back():
         client(url).chat.completions.create(model="tiny", messages=hi, max_tokens=2,
                                             logit_bias={"9": -100, "5": 3})  # fmt: skip
         assert sched.requests[-1].sampling.logit_bias == ((5, 3.0), (9, -100.0))
+        client(url).completions.create(model="tiny", prompt="abc", max_tokens=4,
+                                       extra_body={"min_tokens": 4})  # fmt: skip
+        assert sched.requests[-1].sampling.min_tokens == 4
 
 
 def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():
@@ -541,6 +544,7 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
             (dict(prompt="a", logprobs=21), "logprobs"),
             (dict(prompt="a", presence_penalty=2.5), "presence_penalty"),
             (dict(prompt="a", logit_bias={"999999": 1}), "logit_bias"),  # (outside the vocab)
+            (dict(prompt="a", max_tokens=3, extra_body={"min_tokens": 4}), "min_tokens"),
             (dict(prompt="a", max_tokens=500), "max_tokens"),
             (dict(prompt="x" * 80), "prompt"),
             (dict(prompt="a", extra_body={"mystery": 1}), "mystery"),

@@ -37,7 +37,7 @@ def test_completion_defaults_and_sampling_settings():
     assert s.stop == [] and not s.stream
     left_out = dict(temperature=None, top_p=None, top_k=None, min_p=None, seed=None,
                     repetition_penalty=None, presence_penalty=0.0,
-                    frequency_penalty=0.0, logit_bias=())  # fmt: skip
+                    frequency_penalty=0.0, logit_bias=(), min_tokens=0)  # fmt: skip
     assert s.params == {**left_out, "logprobs": False, "top_logprobs": 0, "prompt_logprobs": None}
     assert not s.echo
     s = parse_completion(
@@ -48,7 +48,7 @@ def test_completion_defaults_and_sampling_settings():
     assert s.params == dict(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=3, logprobs=True,
                             top_logprobs=0, prompt_logprobs=None, repetition_penalty=1.1,
                             presence_penalty=-0.5, frequency_penalty=2.0,
-                            logit_bias=())  # fmt: skip
+                            logit_bias=(), min_tokens=0)  # fmt: skip
     # (logprobs 0: the chosen tokens' only)
     assert (
         parse_completion({"prompt": "hi", "top_k": -1}).sampling.params["top_k"] == 0
@@ -108,6 +108,7 @@ def test_completion_prompt_lists_and_echo():
         ({"prompt": "a", "logit_bias": {"²": 1.0}}, "logit_bias", "strings of digits"),  # not int()
         ({"prompt": "a", "logit_bias": {"1" * 5000: 1.0}}, "logit_bias", "strings of digits"),
         ({"prompt": "a", "logit_bias": {"5": 1.0, "05": 2.0}}, "logit_bias", "token 5 twice"),
+        ({"prompt": "a", "min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
         ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias", "in [-100, 100]"),
         (
             {"prompt": "a", "logit_bias": {str(i): 1 for i in range(301)}},

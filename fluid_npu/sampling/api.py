@@ -43,6 +43,7 @@ from fluid_npu.sampling.stats import GenerateStats
 LOOPS = ("fused", "reference")
 GENERATION_KEYS = (
     "do_sample", "temperature", "top_k", "top_p", "min_p", "stop_strings", "repetition_penalty",
+    "min_new_tokens",
 )  # fmt: skip
 TRANSFORMERS_TOP_K = 50  # transformers' top_k when sampling without one
 # Measured on CPU: for the sampler's short cached calls the model's own SDPA with a dense bool mask
@@ -118,6 +119,7 @@ def generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    min_new_tokens: int = 0,
     seed: int | None = None,
     stop_strings: Sequence[str] | str | None = None,
     stop_in_prompt: bool = True,
@@ -143,7 +145,8 @@ def generate(
     default; 0 = off) / ``top_p``
     (1.0 = off) / ``min_p`` apply in that order and the output distribution is exactly AR
     sampling's (``rules.py``). ``repetition_penalty`` (1.0 = off) applies before them, greedy
-    or not, as transformers applies it (``penalties.py``). ``seed`` seeds row ``r`` with
+    or not, as transformers applies it, and ``min_new_tokens`` keeps EOS out before that many
+    new tokens (``penalties.py``). ``seed`` seeds row ``r`` with
     ``seed + r`` (None: each row's seed drawn from torch's global generator, so
     ``torch.manual_seed`` reproduces a call and calls differ, as in transformers), so a row's
     tokens do not depend on the batch.
@@ -191,6 +194,7 @@ def generate(
         top_p=top_p if do_sample else 1.0,
         min_p=min_p if do_sample else 0.0,
         repetition_penalty=float(repetition_penalty),
+        min_tokens=int(min_new_tokens or 0),
         seed=seed,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
@@ -199,8 +203,8 @@ def generate(
         raise ConfigError("do_sample=True needs temperature > 0 (or do_sample=False for greedy)")
     if loop != "fused" and (stops or logprobs or params.adjusted):
         raise ConfigError(
-            "stop strings, logprobs and repetition_penalty run on the fused loop (the decode "
-            "engine); use loop='fused'"
+            "stop strings, logprobs, repetition_penalty and min_new_tokens run on the fused loop "
+            "(the decode engine); use loop='fused'"
         )
     start = time.perf_counter()
     if loop == "fused":

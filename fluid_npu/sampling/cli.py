@@ -108,6 +108,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         help="transformers' repetition penalty on prompt and output tokens, greedy or sampling "
         "(1 = off)",
     )
+    p.add_argument(
+        "--min-new-tokens", type=int, default=0, help="no EOS before this many new tokens"
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling: prompt i is seeded seed + i")
     p.add_argument(
         "--stop", action="append", default=None, help="a stop string (repeat the flag for more)"
@@ -194,6 +197,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             top_p=args.top_p,
             min_p=args.min_p,
             repetition_penalty=args.repetition_penalty,
+            min_tokens=args.min_new_tokens,
             logprobs=logprobs,
             top_logprobs=args.logprobs or 0,
         )
@@ -206,6 +210,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "top_p": args.top_p,
         "min_p": args.min_p,
         "repetition_penalty": args.repetition_penalty,
+        "min_new_tokens": args.min_new_tokens,
         "seed": args.seed,
         "stop_strings": args.stop,
         "stop_in_prompt": False,  # in the output only: the same text as fluid serve returns

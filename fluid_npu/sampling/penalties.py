@@ -11,7 +11,9 @@ applied to the raw logits before temperature and the filters (the order of both)
 * ``presence_penalty`` ``a`` and ``frequency_penalty`` ``f`` (0 = off, each in [-2, 2]): logit
   ``− a·[n > 0] − f·n`` where ``n`` counts the token's occurrences in the output so far;
 * ``logit_bias`` (OpenAI's, up to 300 tokens, each in [-100, 100]) is added first, at every
-  position.
+  position;
+* ``min_tokens`` (transformers' ``min_new_tokens``, vLLM's ``min_tokens``): the request's EOS ids
+  get ``-inf`` at every position before that many new tokens.
 
 A verify step scores position ``j`` after the pending drafts ``d_0 … d_{j−1}`` — the sequence the
 AR model would have seen there — so "so far" for position ``j`` includes those drafts: the counts
@@ -25,6 +27,7 @@ token is then the argmax (or the exact sample) of the penalised AR distribution,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,6 +48,7 @@ class Penalties:
         # logit_bias as (token, bias) pairs per slot; unused pairs add 0 to token 0
         self.bias_ids = torch.zeros((slots, MAX_LOGIT_BIAS), dtype=torch.long, device=device)
         self.bias = torch.zeros((slots, MAX_LOGIT_BIAS), dtype=torch.float32, device=device)
+        self.min_tokens = torch.zeros(slots, dtype=torch.long, device=device)
 
     def admit(self, row: int, prompt: Sequence[int], params: SamplingParams) -> None:
         """Slot ``row`` starts a request with ``params``' penalties and bias, and ``prompt``."""
@@ -55,6 +59,7 @@ class Penalties:
         self.rep[row] = params.repetition_penalty
         self.presence[row] = params.presence_penalty
         self.frequency[row] = params.frequency_penalty
+        self.min_tokens[row] = params.min_tokens
         self.bias_ids[row], self.bias[row] = 0, 0.0
         if params.logit_bias:
             n = len(params.logit_bias)
@@ -73,14 +78,23 @@ class Penalties:
     def move(self, dst: int, src: int) -> None:
         """A request moved from slot ``src`` to ``dst`` (the scheduler's compaction)."""
         for t in (self.prompt, self.count, self.rep, self.presence, self.frequency,
-                  self.bias_ids, self.bias):  # fmt: skip
+                  self.bias_ids, self.bias, self.min_tokens):  # fmt: skip
             t[dst] = t[src]
 
-    def apply(self, logits: torch.Tensor, drafts: torch.Tensor, m: torch.Tensor,
-              rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def apply(
+        self,
+        logits: torch.Tensor,
+        drafts: torch.Tensor,
+        m: torch.Tensor,
+        rows: torch.Tensor,
+        produced: torch.Tensor,
+        eos: torch.Tensor,
+    ) -> torch.Tensor:
         """The penalised ``logits [R, M+1, V]`` (float32) of the verify positions of slots
         ``rows`` (``[R]``): position ``j`` sees the committed tokens and the row's pending drafts
-        before ``j`` (``drafts [R, M]``, the first ``m [R]`` of each row real).
+        before ``j`` (``drafts [R, M]``, the first ``m [R]`` of each row real) and would be new
+        token ``produced + j`` of the row (``produced [R]``: committed so far); ``eos [R, E]``:
+        each row's EOS ids (-1: none), kept out before its ``min_tokens``.
 
         The committed counts penalise every position at once (broadcast); then only the entries
         of draft tokens are rewritten, at every position, with the counts the drafts before that
@@ -91,6 +105,12 @@ class Penalties:
         # logit_bias first (transformers' sequence bias comes before its repetition penalty too)
         ids = self.bias_ids[rows][:, None, :].expand(r, p, -1)
         logits = logits.scatter_add(2, ids, self.bias[rows][:, None, :].expand(r, p, -1))
+        # min_tokens: EOS impossible at positions before it (-inf added: a duplicate id adds 0)
+        j = torch.arange(p, device=logits.device)
+        early = (produced[:, None] + j[None]) < self.min_tokens[rows][:, None]  # [R, P]
+        blocked = early[:, :, None] & (eos >= 0)[:, None, :]  # [R, P, E]
+        block = torch.where(blocked, -math.inf, 0.0)
+        logits = logits.scatter_add(2, eos.clamp(min=0)[:, None, :].expand_as(block), block)
         rep = self.rep[rows][:, None, None]
         presence = self.presence[rows][:, None, None]
         frequency = self.frequency[rows][:, None, None]

@@ -127,7 +127,8 @@ class FluidForCausalLM:
 
         Greedy unless ``do_sample=True``; the sampling keywords are transformers' (``do_sample``,
         ``temperature``, ``top_k`` — 50 when sampling and not given, transformers' default; 0 turns
-        it off —, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_strings``) plus ``seed``
+        it off —, ``top_p``, ``min_p``, ``repetition_penalty``, ``min_new_tokens``,
+        ``stop_strings``) plus ``seed``
         (None: drawn from torch's global generator, so ``torch.manual_seed`` reproduces a call as
         in transformers), and a
         ``generation_config`` (a ``transformers.GenerationConfig``) supplies any of them, and

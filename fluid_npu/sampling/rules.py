@@ -52,7 +52,8 @@ class SamplingParams:
     from the prefill's own forwards (what a scorer such as lm-evaluation-harness asks a server
     for with ``echo``). ``repetition_penalty`` (transformers', 1 = off), ``presence_penalty`` and
     ``frequency_penalty`` (OpenAI's, 0 = off, in [-2, 2]) and ``logit_bias`` (OpenAI's: ``(token,
-    bias)`` pairs, bias in [-100, 100], added to the logits first): ``penalties.py``.
+    bias)`` pairs, bias in [-100, 100], added to the logits first) and ``min_tokens`` (EOS
+    impossible before that many new tokens, transformers' ``min_new_tokens``): ``penalties.py``.
     """
 
     temperature: float = 0.0
@@ -67,6 +68,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:
@@ -122,6 +124,8 @@ class SamplingParams:
                 )
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             raise ConfigError("logit_bias gives a token twice; give each token one bias")
+        if not 0 <= self.min_tokens <= INT64_MAX:
+            raise ConfigError(f"min_tokens must be >= 0 (0 = off), got {self.min_tokens}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
             raise ConfigError(
                 f"prompt_logprobs must lie in [0, {MAX_TOP_LOGPROBS}] (or None), "
@@ -134,9 +138,10 @@ class SamplingParams:
 
     @property
     def adjusted(self) -> bool:
-        """Whether penalties or a logit bias adjust the AR logits (``penalties.py``)."""
+        """Whether penalties, a logit bias or ``min_tokens`` adjust the AR logits
+        (``penalties.py``)."""
         penalties = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
-        return penalties != (1.0, 0.0, 0.0) or bool(self.logit_bias)
+        return penalties != (1.0, 0.0, 0.0) or bool(self.logit_bias) or self.min_tokens > 0
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

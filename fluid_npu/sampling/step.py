@@ -202,7 +202,8 @@ class StepMixin(SampledMixin):
                 self.head.logits(hidden[pen_rows, : big_m + 1]) if logits is None
                 else logits[pen_rows]
             )  # fmt: skip
-            own = self.penalties.apply(own, drafts[pen_rows], m[pen_rows], pen_rows)
+            own = self.penalties.apply(own, drafts[pen_rows], m[pen_rows], pen_rows,
+                                       self.new_count[pen_rows], self.eos[pen_rows])  # fmt: skip
             if logits is not None:
                 logits[pen_rows] = own
             ar = ar.index_copy(0, pen_rows, own.argmax(dim=-1))

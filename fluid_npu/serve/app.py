@@ -241,6 +241,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         prompts' text, which ``echo`` returns."""
         param = "messages" if shapes[0].chat else "prompt"
         limits = [check_length(ids, s, param) for ids in prompts]
+        if s.params["min_tokens"] > min(limits):
+            raise APIError(
+                f"min_tokens={s.params['min_tokens']} exceeds the {min(limits)} tokens this "
+                f"request may generate ({s.max_tokens_field} or the context); lower min_tokens",
+                param="min_tokens",
+            )
         try:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks

@@ -30,7 +30,8 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   on the output's tokens) and vLLM's ``repetition_penalty`` (transformers', on prompt and output;
   left out: the model's ``generation_config``, as vLLM reads it);
 * ``logit_bias`` (OpenAI's: token id -> bias in [-100, 100], up to 300 tokens), added to the
-  logits before the penalties;
+  logits before the penalties; vLLM's ``min_tokens`` (no EOS before that many tokens, at most
+  ``max_tokens``);
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
   ``suffix`` / tools absent; any other value is an error naming the
   field and what is supported; ``user`` is an opaque end-user tag, accepted.
@@ -126,6 +127,7 @@ class _Common(_Strict):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
 
 
 class CompletionBody(_Common):
@@ -206,6 +208,7 @@ class Sampling:
     stream: bool | None = None  # null = false, as the OpenAI API allows
     include_usage: bool = False
     ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
     model: str | None = None
     max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
     echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
@@ -317,6 +320,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         "presence_penalty": float(body.presence_penalty or 0.0),
         "frequency_penalty": float(body.frequency_penalty or 0.0),
         "logit_bias": bias,
+        "min_tokens": body.min_tokens or 0,
         "seed": body.seed,
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
