@@ -381,7 +381,7 @@ def test_response_shapes():
     assert use == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10,
                    "forwards": 3, "tpf": 2.0}  # fmt: skip
     chat = Shape(True, "chatcmpl-1", "m")
-    body = chat.full("hi", "stop", use)
+    body = chat.answer([chat.choice("hi", "stop")], use)
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
     first = json.loads(chat.chunk("", role=True).removeprefix("data: "))
@@ -392,7 +392,7 @@ def test_response_shapes():
     assert last["usage"] == use
     comp = Shape(False, "cmpl-1", "m")
     assert json.loads(comp.usage_chunk(use)[6:])["choices"] == []
-    assert comp.full("x", "length", use)["choices"][0]["text"] == "x"
+    assert comp.answer([comp.choice("x", "length")], use)["choices"][0]["text"] == "x"
 
 
 class _FailingScheduler:

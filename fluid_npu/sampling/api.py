@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -147,7 +147,7 @@ def generate(
     sampling's (``rules.py``). ``repetition_penalty`` (1.0 = off) applies before them, greedy
     or not, as transformers applies it, and ``min_new_tokens`` keeps EOS out before that many
     new tokens (``penalties.py``). ``seed`` seeds row ``r`` with
-    ``seed + r`` (None: each row's seed drawn from torch's global generator, so
+    ``seed + r``, wrapping in 64 bits (None: each row's seed drawn from torch's global generator, so
     ``torch.manual_seed`` reproduces a call and calls differ, as in transformers), so a row's
     tokens do not depend on the batch.
     ``stop_strings`` end a row on its committed text (cut as transformers cuts; needs the
@@ -305,7 +305,7 @@ def _generate_fused(
                 str(i),
                 p.tolist(),
                 max_new_tokens,
-                sampling=_row_params(params, i),
+                sampling=params.seeded_for(i),
                 stop=stops,
                 stop_in_prompt=stop_in_prompt,
             )
@@ -334,13 +334,6 @@ def _generate_fused(
         logprobs=[d.logprobs for d in done] if params.logprobs else None,
         top_logprobs=[d.top_logprobs for d in done] if params.top_logprobs else None,
     )
-
-
-def _row_params(params: SamplingParams, row: int) -> SamplingParams:
-    """Row ``row``'s settings: a given seed becomes ``seed + row``."""
-    if params.seed is None or params.greedy:
-        return params
-    return replace(params, seed=params.seed + row)
 
 
 def _sequences(ids: torch.Tensor, new: list[list[int]], pad_id: int) -> torch.Tensor:

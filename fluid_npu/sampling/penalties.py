@@ -39,7 +39,6 @@ class Penalties:
     """The engine's per-slot penalty settings and counts (``scheduler.Scheduler.penalties``)."""
 
     def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
-        self.vocab = vocab
         self.prompt = torch.zeros((slots, vocab), dtype=torch.bool, device=device)  # in the prompt
         self.count = torch.zeros((slots, vocab), dtype=torch.int32, device=device)  # in the output
         self.rep = torch.ones(slots, dtype=torch.float32, device=device)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -135,6 +135,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def seeded_for(self, copy: int) -> SamplingParams:
+        """The settings of row / copy ``copy`` of a batch sharing these: a given seed becomes
+        ``seed + copy`` (wrapping in 64 bits), so copy 0 is the single request's output and each
+        copy is reproducible alone (``generate``'s rows, the server's ``n``)."""
+        if copy == 0 or self.seed is None or self.greedy:
+            return self
+        wrapped = (self.seed + copy + (1 << 63)) % (1 << 64) - (1 << 63)
+        return replace(self, seed=wrapped)
 
     @property
     def adjusted(self) -> bool:

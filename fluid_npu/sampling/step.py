@@ -106,10 +106,13 @@ class StepMixin(SampledMixin):
                 top = max(top, len(s.prompt) + len(s.new))
         return min(top, self.max_len) + w
 
-    def _sampling_rows(self, hi: int) -> tuple[bool, bool]:
-        """Whether any slot below ``hi`` samples, and whether any wants logprobs (host flags)."""
+    def _sampling_rows(self, hi: int) -> tuple[bool, bool, list[int]]:
+        """Whether any slot below ``hi`` samples, whether any wants logprobs, and the running
+        rows whose logits penalties / a bias / ``min_tokens`` adjust (host flags)."""
         live = [s.params for s in self.slots[:hi] if s is not None]
-        return any(not p.greedy for p in live), any(p.logprobs for p in live)
+        adjusted = [i for i, s in enumerate(self.slots[:hi])
+                    if s is not None and s.running and s.params.adjusted]  # fmt: skip
+        return any(not p.greedy for p in live), any(p.logprobs for p in live), adjusted
 
     def _draft(
         self,
@@ -152,7 +155,7 @@ class StepMixin(SampledMixin):
             big_m = min(_pow2(big_m) if big_m else 0, self.k)
         n_blocks = min(n_blocks, self.anchors) if self.k else 0
         k = self.k  # this step's block length
-        any_sampled, any_lp = self._sampling_rows(hi)
+        any_sampled, any_lp, penalised = self._sampling_rows(hi)
         # a sampling row's tokens depend on its drafts (the rejection rule), so while one is in
         # the batch the block choices stay per-row (no timing-driven shape choices): its seed
         # then gives the same tokens alone or in any batch
@@ -191,8 +194,6 @@ class StepMixin(SampledMixin):
 
         ar = self.head.argmax(hidden[:, : big_m + 1])
         logits = None
-        penalised = [i for i, s in enumerate(self.slots[:hi]) if s is not None and s.running
-                     and s.params.adjusted]  # fmt: skip
         if any_sampled or any_lp:
             logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
         pen_rows = None

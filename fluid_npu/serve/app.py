@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluid_npu.errors import FluidError
 from fluid_npu.sampling.detok import Detokenizer
+from fluid_npu.sampling.prompts import chat_messages
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.generation import (
@@ -100,19 +101,6 @@ async def _read_json(request: Request) -> Any:
         raise APIError(f"the request body is not valid JSON ({exc})") from None
     except RecursionError:  # json.loads recurses once per level of nesting
         raise APIError("the request body nests too deeply to be a request") from None
-
-
-def _copy(params: SamplingParams, j: int) -> SamplingParams:
-    """The settings of copy ``j`` of a request's ``n``: a given seed moves to ``seed + j``
-    (wrapping in 64 bits), so copy 0 is the ``n: 1`` output and each copy is reproducible."""
-    if j == 0 or params.seed is None:
-        return params
-    return replace(params, seed=(params.seed + j + (1 << 63)) % (1 << 64) - (1 << 63))
-
-
-def body_messages(req: protocol.TokenizeBody) -> list[dict[str, Any]]:
-    """A ``/tokenize`` body's messages as a chat request gives them (checked again there)."""
-    return [m.model_dump(exclude_none=True) for m in req.messages or []]
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -267,7 +255,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 prompts[shape.index // s.n],
                 {
                     "max_new_tokens": max(limits[shape.index // s.n], 1),  # (0: one, dropped)
-                    "sampling": _copy(params, shape.index % s.n),
+                    "sampling": params.seeded_for(shape.index % s.n),
                 },
             )
             for shape in shapes
@@ -387,8 +375,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 param="add_special_tokens",
             )
         messages = None
-        if req.messages is not None:
-            messages = protocol.parse_chat({"messages": body_messages(req)}).messages
+        if req.messages is not None:  # as the chat route renders them (prompts.chat_messages)
+            given = [m.model_dump(exclude_none=True) for m in req.messages]
+            messages = chat_messages(given, "messages")
 
         def answer() -> bytes:  # on the tokenizing thread, the JSON too (4 MiB of text: seconds)
             if messages is not None:

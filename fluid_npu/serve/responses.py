@@ -150,16 +150,6 @@ class Shape:
         body["usage"] = use
         return body
 
-    def full(
-        self,
-        text: str,
-        finish_reason: str | None,
-        use: dict[str, Any],
-        logprobs: list[LogprobEntry] | None = None,
-    ) -> dict[str, Any]:
-        """The non-streamed answer of one choice."""
-        return self.answer([self.choice(text, finish_reason, logprobs)], use)
-
     def chunk(
         self,
         text: str | None,
