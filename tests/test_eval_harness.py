@@ -99,6 +99,20 @@ def test_generate_until_equals_the_sampler(random_lm, tok):
         random_lm.generate_until([request("generate_until", "a", {"do_sample": True})])
 
 
+def test_a_chat_rendering_that_writes_its_bos_is_read_with_one():
+    """lm-eval's ``--apply_chat_template`` hands the model the template's text: a template that
+    writes BOS (Llama 3) beside a tokenizer that adds it gets one BOS, not two; plain text still
+    gets the tokenizer's."""
+    adds = build_tiny_tokenizer(mask_token=True)
+    adds.add_bos_token = True
+    adds.chat_template = "{{ bos_token }}" + adds.chat_template
+    rendered = adds.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    ids = encode_text(adds, rendered)
+    assert ids.count(adds.bos_token_id) == 1 and ids[0] == adds.bos_token_id
+    assert encode_text(adds, "hi") == [adds.bos_token_id, *adds("hi", add_special_tokens=False)[
+        "input_ids"]]  # fmt: skip
+
+
 def test_model_args_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown model_args for the fluid model: pretrained"):
         FluidLM.create_from_arg_string("pretrained=gpt2")

@@ -270,6 +270,64 @@ def test_generate_reads_chat_conversations(dirs, tmp_path, capsys):
     assert "c.jsonl:1: the chat template rejected the messages: roles must alternate" in err
 
 
+THINKING = (  # a Qwen3-style template: enable_thinking false closes an empty reasoning block
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+
+
+def test_generate_takes_a_chat_template_and_its_variables(dirs, tmp_path, capsys):
+    """``--chat-template`` (a file, or the template itself) replaces the tokenizer's and
+    ``--chat-template-kwargs`` sets its variables: a ``--chat`` prompt decodes exactly as the ids
+    of that rendering given as ``input_ids``. Flags that would change nothing, a missing file, a
+    template Jinja cannot compile and bad keywords are one line each, before the model loads."""
+    tok = FluidForCausalLM.from_pretrained(dirs["model"]).tokenizer
+    user = [{"role": "user", "content": "count to three"}]
+    rendered = {
+        think: tok(tok.apply_chat_template(user, chat_template=THINKING, tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=think),
+                   add_special_tokens=False)["input_ids"]
+        for think in (True, False)
+    }  # fmt: skip
+    assert rendered[True] != rendered[False]
+    rows = [{"prompt": "count to three"}, {"messages": user}]
+    rows += [{"input_ids": rendered[False]}, {"input_ids": rendered[True]}]
+    src = _write_prompts(tmp_path / "c.jsonl", rows)
+    template = tmp_path / "thinking.jinja"
+    template.write_text(THINKING, encoding="utf-8")
+    base = ["generate", "--model", dirs["model"], "--max-new-tokens", "12", "--policy", "fixed:3",
+            "--prompts", src, "--chat", "--batch-size", "2"]  # fmt: skip
+    out = tmp_path / "c_out.jsonl"
+    for given in (str(template), THINKING):
+        argv = [*base, "--output", str(out), "--chat-template", given]
+        assert main([*argv, "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+        rows = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+        assert rows[0] == rows[1] == rows[2] != rows[3]  # (the two renderings decode apart)
+        assert main(argv) == 0  # no keywords: the template's own default (thinking on)
+        rows = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+        assert rows[0] == rows[1] == rows[3]
+    missing = str(tmp_path / "no_model")
+    plain = ["generate", "--model", missing, "--prompt", "hi", "--max-new-tokens", "2"]
+    bad = template.with_name("bad.jinja")
+    bad.write_text("{% for m in messages %}", encoding="utf-8")
+    for extra, fragment in (
+        (["--chat-template", str(tmp_path / "none.jinja"), "--chat"], "no such file"),
+        (["--chat-template", str(bad), "--chat"], "not a valid Jinja chat template"),
+        (["--chat-template", "{{ oops", "--chat"], "not a valid Jinja chat template"),
+        (["--chat-template-kwargs", '{"tokenize": false}', "--chat"], "sets tokenize"),
+        (["--chat-template-kwargs", "[1]", "--chat"], "must be a JSON object"),
+        (["--chat-template-kwargs", "{nope", "--chat"], "is not JSON"),
+        (["--chat-template-kwargs", "{}"], "add --chat"),
+        (["--chat-template", str(template)], "add --chat"),
+    ):
+        capsys.readouterr()
+        assert main([*plain, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], (extra, err)
+
+
 def test_one_prompt_with_output_is_written_and_ids_rows_may_label_the_prompt(dirs, tmp_path):
     out = tmp_path / "one.jsonl"
     base = ["generate", "--model", dirs["model"], "--max-new-tokens", "4", "--output", str(out)]
@@ -465,6 +523,41 @@ def test_bad_dtype_is_one_clear_error(dirs, tmp_path, capsys):
     assert main(_bench_argv(dirs["model"], src, tmp_path / "o.json", "--dtype", "fp8")) == 2
     err = capsys.readouterr().err
     assert "--dtype 'fp8'" in err and "bfloat16" in err and not (tmp_path / "o.json").exists()
+
+
+def test_bench_and_eval_render_chats_with_the_given_template_and_variables(
+    dirs, tmp_path, monkeypatch, capsys
+):
+    """``fluid bench sampler --chat`` and ``fluid eval --chat`` decode from the template and
+    variables the flags give (the engine's prompts are read back), and refuse them without
+    ``--chat``."""
+    from fluid_npu.sampling.scheduler import Scheduler
+
+    tok = FluidForCausalLM.from_pretrained(dirs["model"]).tokenizer
+    prompts: list[str] = []
+    submit = Scheduler.submit
+
+    def spy(self, req):
+        prompts.append(tok.decode(req.prompt))
+        return submit(self, req)
+
+    monkeypatch.setattr(Scheduler, "submit", spy)
+    chat = ["--chat", "--chat-template", THINKING, "--chat-template-kwargs"]
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "count 1 to 5"}])
+    argv = _bench_argv(dirs["model"], src, tmp_path / "b.json", "--batch-sizes", "1", "--loops",
+                       "fused", "--policies", "ar", "--max-new-tokens", "3")  # fmt: skip
+    assert main([*argv, *chat, '{"enable_thinking": false}']) == 0
+    assert prompts and all(p.endswith("assistant\n<think>\n\n</think>\n\n") for p in prompts)
+    prompts.clear()
+    data = _write_prompts(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
+    evargs = ["eval", "--model", dirs["model"], "--task", "gsm8k", "--data", data, "--policy",
+              "fixed:4", "--max-new-tokens", "3", "--json", str(tmp_path / "e.json")]  # fmt: skip
+    assert main([*evargs, *chat, '{"enable_thinking": false}']) == 0
+    assert prompts and all(p.endswith("assistant\n<think>\n\n</think>\n\n") for p in prompts)
+    capsys.readouterr()
+    for command in (argv, evargs):
+        assert main([*command, "--chat-template-kwargs", "{}"]) == 2
+        assert "add --chat" in capsys.readouterr().err
 
 
 def _bench_argv(model: str, src: str, out, *extra: str) -> list[str]:

@@ -41,6 +41,16 @@ def test_serve_flag_errors(capsys, tmp_path):
         port = str(taken.getsockname()[1])
         assert "choose another --port" in _error(capsys, ["serve", "--model", "m", "--port", port])
     assert "does not exist" in _error(capsys, ["serve", "--model", str(tmp_path / "missing")])
+    missing = str(tmp_path / "none.jinja")
+    msg = _error(capsys, ["serve", "--model", "m", "--chat-template", missing])
+    assert "--chat-template" in msg and "no such file" in msg
+    msg = _error(capsys, ["serve", "--model", "m", "--chat-template", "{% if %}"])
+    assert "--chat-template: not a valid Jinja chat template" in msg
+    kwargs = ["serve", "--model", "m", "--default-chat-template-kwargs"]
+    assert "--default-chat-template-kwargs sets tokenize" in _error(
+        capsys, [*kwargs, '{"tokenize": 0}']
+    )
+    assert "--default-chat-template-kwargs is not JSON" in _error(capsys, [*kwargs, "x"])
 
 
 def test_bench_serve_flag_errors(capsys, tmp_path):
@@ -54,6 +64,8 @@ def test_bench_serve_flag_errors(capsys, tmp_path):
     # flags for servers started here are not silently dropped against a running server
     url = [*base, "--url", "http://x"]
     assert "--threads configure the servers" in _error(capsys, [*url, "--threads", "2"])
+    msg = _error(capsys, [*url, "--chat-template", "{{ x }}"])
+    assert "--chat-template configure the servers" in msg
     msg = _error(capsys, [*url, "--dtype", "bfloat16", "--compile", "--max-batch", "4"])
     assert "--dtype, --max-batch, --compile configure" in msg
     bad = _prompts(tmp_path, [{"text": "abc"}])
@@ -145,6 +157,21 @@ def test_threads_set_the_engine_s_torch_threads(model_dir):  # noqa: F811
             assert info["torch_threads"] == n == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_served_chat_template_and_its_default_variables(model_dir):  # noqa: F811
+    """``--chat-template`` replaces the tokenizer's for the chat route, ``/tokenize`` and
+    ``/tokenizer_info``; ``--default-chat-template-kwargs`` is read as the variables the app
+    gets."""
+    from fluid_npu.serve.server import ServeSettings, build_scheduler
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ suffix }}"
+    settings = ServeSettings(model=model_dir, chat_template=template,
+                             default_chat_template_kwargs='{"suffix": "?"}')  # fmt: skip
+    settings.check()
+    _, tokenizer, *_ = build_scheduler(settings)
+    assert tokenizer.chat_template == template
+    assert settings.template_kwargs() == {"suffix": "?"}
 
 
 def test_missing_serve_extra_is_one_clear_error(capsys, monkeypatch):

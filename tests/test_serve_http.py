@@ -139,13 +139,14 @@ class ScriptedScheduler:
 
 
 @contextlib.contextmanager
-def serving(sched: ScriptedScheduler, drain_timeout: float = 30.0, **config: Any):
+def serving(sched: ScriptedScheduler, drain_timeout: float = 30.0, tokenizer: Any = TOK,
+            **config: Any):  # fmt: skip
     """An in-process server on 127.0.0.1 at a free port; yields (base url, server, worker)."""
     worker = Worker(sched)
     cfg = ServeConfig(model_name="tiny", max_len=sched.max_len, max_batch=sched.max_batch)
     for k, v in config.items():
         setattr(cfg, k, v)
-    app = create_app(worker, TOK, cfg)
+    app = create_app(worker, tokenizer, cfg)
     sock = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     uv = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30)
@@ -595,11 +596,11 @@ def test_a_prompt_that_takes_long_to_tokenize_stalls_no_other_stream(chat, monke
     name, where = ("chat_ids", app_mod) if chat else ("completion_ids", generation)
     real, entered, release = getattr(where, name), threading.Event(), threading.Event()
 
-    def held(tokenizer: Any, prompt: Any) -> list[int]:
+    def held(tokenizer: Any, prompt: Any, *rest: Any) -> list[int]:
         if "HOLD" in json.dumps(prompt):
             entered.set()
             release.wait(60)
-        return real(tokenizer, prompt)
+        return real(tokenizer, prompt, *rest)
 
     monkeypatch.setattr(where, name, held)
     sched = ScriptedScheduler()
@@ -690,6 +691,86 @@ def test_tokenizer_routes_answer_as_vllms():
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (path, body)
         wrong = post("/tokenize", {"model": "other", "prompt": "a"})
         assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
+
+
+THINKING = (  # a Qwen3-style template: enable_thinking false closes an empty reasoning block
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+
+
+def test_chat_rendering_fields_as_vllms():
+    """vLLM's chat fields: ``chat_template_kwargs`` over the server's defaults
+    (``--default-chat-template-kwargs``), ``add_generation_prompt``, ``continue_final_message``
+    (the last assistant message continued), a request's ``chat_template`` only with
+    ``--trust-request-chat-template``; ``/tokenize`` renders messages as the chat route does.
+    What the engine is given is checked token for token; bad combinations are 400s naming the
+    field."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.chat_template = THINKING
+    sched = ScriptedScheduler()
+    with serving(sched, tokenizer=tok, template_kwargs={"enable_thinking": False}) as (url, _, _):
+        c = client(url)
+        user = [{"role": "user", "content": "hello"}]
+
+        def sent(**body: Any) -> str:  # the prompt the engine got, as text
+            c.chat.completions.create(model="tiny", max_tokens=3, **body)
+            return tok.decode(sched.requests[-1].prompt)
+
+        def post(path: str, body: dict) -> httpx.Response:
+            return httpx.post(f"{url}{path}", json=body)
+
+        assert sent(messages=user).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        thinking = sent(
+            messages=user, extra_body={"chat_template_kwargs": {"enable_thinking": True}}
+        )
+        assert thinking.endswith("hello<|im_end|>\n<|im_start|>assistant\n")
+        assert (
+            sched.requests[-1].prompt
+            == post(
+                "/tokenize", {"messages": user, "chat_template_kwargs": {"enable_thinking": True}}
+            ).json()["tokens"]
+        )
+        closed = sent(messages=user, extra_body={"add_generation_prompt": False})
+        assert closed.endswith("hello<|im_end|>\n")
+        started = [*user, {"role": "assistant", "content": "Sure, the answer"}]
+        body = {"add_generation_prompt": False, "continue_final_message": True}
+        cont = sent(messages=started, extra_body=body)
+        assert cont.endswith("<|im_start|>assistant\nSure, the answer")
+        assert post("/tokenize", {"messages": started, **body}).json()["tokens"] == (
+            sched.requests[-1].prompt)  # fmt: skip
+        own = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{{ greeting }}"
+        refused = post("/v1/chat/completions", {"messages": user, "chat_template": own})
+        assert refused.status_code == 400
+        assert "--trust-request-chat-template" in refused.json()["error"]["message"]
+        for path, extra, param in (
+            ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+            ("/v1/chat/completions", {"continue_final_message": True,
+                                      "add_generation_prompt": False}, "continue_final_message"),
+            ("/v1/chat/completions", {"chat_template_kwargs": {"tokenize": False}},
+             "chat_template_kwargs"),
+            ("/v1/chat/completions", {"chat_template_kwargs": [1]}, "chat_template_kwargs"),
+            ("/tokenize", {"chat_template_kwargs": {"add_generation_prompt": True}},
+             "chat_template_kwargs"),
+            ("/tokenize", {"chat_template": own}, "chat_template"),
+        ):  # fmt: skip
+            bad = post(path, {"messages": user, **extra})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (path, extra)
+        for name, value in (("chat_template_kwargs", {}), ("continue_final_message", False),
+                            ("chat_template", own)):  # fmt: skip
+            bad = post("/tokenize", {"prompt": "a", name: value}).json()["error"]
+            assert bad["param"] == name and "applies to messages" in bad["message"]
+    with serving(sched, tokenizer=tok, trust_request_chat_template=True) as (url, _, _):
+        c = client(url)
+        own_body = {"chat_template": own, "chat_template_kwargs": {"greeting": "!"}}
+        c.chat.completions.create(model="tiny", messages=user, max_tokens=3, extra_body=own_body)
+        assert tok.decode(sched.requests[-1].prompt) == "[hello]!"
+        broken = httpx.post(f"{url}/v1/chat/completions", json={
+            "messages": user, "chat_template": "{% for m in messages %}"})  # fmt: skip
+        assert broken.status_code == 400 and broken.json()["error"]["param"] == "chat_template"
+        assert "not a valid Jinja chat template" in broken.json()["error"]["message"]
 
 
 def test_api_key():

@@ -221,6 +221,33 @@ def test_prompt_encoding_matches_fluid_generate(tok):
         chat_ids(plain, [{"role": "user", "content": "hi"}])
 
 
+def test_every_chat_path_encodes_a_conversation_as_training_does():
+    """openPangu's tokenizer prepends BOS to text and its chat template does not write it (its
+    model card reads ``tokenizer(apply_chat_template(..., tokenize=False))``): Stage I / II data,
+    ``fluid eval --chat``, ``fluid generate`` (``--chat`` and ``messages`` lines) and the server's
+    chat route all give the model that BOS, once; a template that writes BOS itself (Llama 3)
+    gets no second one, and a tokenizer without BOS gets none."""
+    from fluid_npu.data.templates import Conversation, get_template
+    from fluid_npu.eval.tasks import encode_question
+
+    adds = build_tiny_tokenizer(mask_token=True)
+    adds.add_bos_token = True
+    bos = adds.bos_token_id
+    user = [{"role": "user", "content": "hi"}]
+    turns = Conversation([("user", "hi"), ("assistant", "ok")])
+    trained = get_template("auto", adds).encode(adds, turns)
+    served = chat_ids(adds, user)
+    assert served == trained.input_ids[: trained.spans[0][0]]  # the training prompt, exactly
+    assert served[0] == bos and served.count(bos) == 1
+    assert encode_prompt(adds, {"messages": user}).ids == served
+    assert encode_prompt(adds, {"prompt": "hi"}, chat=True).ids == served
+    assert encode_question(adds, "hi", chat=True) == served
+    adds.chat_template = "{{ bos_token }}" + adds.chat_template
+    assert chat_ids(adds, user) == served  # written by the template: still one
+    plain = build_tiny_tokenizer(mask_token=True)  # adds no BOS to text
+    assert bos not in chat_ids(plain, user) and chat_ids(plain, user) == served[1:]
+
+
 def test_a_conversation_encodes_offline_as_the_chat_route_encodes_it(tok):
     """A ``messages`` line of ``fluid generate`` / ``fluid bench sampler`` is what the server's
     chat route renders for the same messages: text parts joined one per line, names kept."""

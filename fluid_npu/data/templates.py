@@ -88,6 +88,19 @@ def _tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def rendered_ids(tokenizer: Any, text: str, add_bos: bool | None = None) -> list[int]:
+    """Token ids of a chat template's rendered ``text``, as the model's own inference reads it
+    (``tokenizer(apply_chat_template(..., tokenize=False))``, openPangu's model card): BOS first
+    when the tokenizer prepends it to plain text and the template did not write it (one BOS
+    either way), the text itself without special tokens added. Training, ``fluid eval``,
+    ``fluid generate`` and ``fluid serve`` all encode a chat this way. ``add_bos``: the
+    tokenizer's ``_tokenizer_adds_bos`` when already known."""
+    if add_bos is None:
+        add_bos = _tokenizer_adds_bos(tokenizer)
+    bos = [tokenizer.bos_token_id] if add_bos and not text.startswith(tokenizer.bos_token) else []
+    return bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A chat format given by format strings with ``{content}`` and ``{eos}`` placeholders.
@@ -262,12 +275,13 @@ class TokenizerChatTemplate:
 
     name = "tokenizer"
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> None:
         source = tokenizer.chat_template
         if isinstance(source, dict):
             source = source.get("default") or next(iter(source.values()))
         self.has_generation_markers = bool(_GENERATION_MARKER.search(str(source)))
         self.add_bos = _tokenizer_adds_bos(tokenizer)
+        self.template_kwargs = dict(template_kwargs or {})  # the template's variables
 
     def _bos(self, tokenizer: Any, text: str) -> list[int]:
         if self.add_bos and not text.startswith(tokenizer.bos_token):
@@ -291,9 +305,13 @@ class TokenizerChatTemplate:
 
     def _ids(self, tokenizer: Any, messages: list[dict], tools: Any, generation: bool) -> list[int]:
         text = tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=generation
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=generation,
+            **self.template_kwargs,
         )
-        return self._bos(tokenizer, text) + tokenizer(text, add_special_tokens=False)["input_ids"]
+        return rendered_ids(tokenizer, text, self.add_bos)
 
     def encode(self, tokenizer: Any, conversation: Conversation) -> Encoded:
         messages, tools = self._messages(conversation), self._tools(conversation)

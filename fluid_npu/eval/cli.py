@@ -44,6 +44,8 @@ EVAL_KEYS = (
     "markdown",
     "plot_dir",
     "chat",
+    "chat_template",
+    "chat_template_kwargs",
     "dtype",
     "compile",
     "no_adaptive_drafting",
@@ -102,6 +104,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from fluid_npu.eval.tasks import read_rows, select_fewshot, task_rows
     from fluid_npu.io import check_output_file, prepare_output_dir
     from fluid_npu.sampling.cli import (
+        check_chat_flags,
         check_common,
         command_line,
         device_from_args,
@@ -111,6 +114,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from fluid_npu.sampling.policies import block_bound, parse_policy
 
     check_common(args)
+    check_chat_flags(args, args.chat)
     if args.num_fewshot is None:
         args.num_fewshot = DEFAULT_NUM_FEWSHOT if args.fewshot else 0
     rows = task_rows(args.task, args.data, args.limit)
@@ -139,6 +143,7 @@ def eval_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         chat=args.chat,
+        template_kwargs=args.template_kwargs,
         fewshot_rows=fewshot,
         num_fewshot=args.num_fewshot,
         loop=args.loop,

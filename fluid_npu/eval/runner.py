@@ -67,6 +67,7 @@ def run_eval(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     chat: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
     fewshot_rows: Sequence[dict] | None = None,
     num_fewshot: int = 0,
     loop: str = "fused",
@@ -78,7 +79,8 @@ def run_eval(
 
     Bad input — a row without its fields or its ``#### n``, ``num_fewshot`` beyond the few-shot
     rows, a misspelt policy, a bad size — raises a ``FluidError`` before anything is decoded.
-    ``gen_kwargs`` go to the sampler (``k_max``, ``anchors``, ``attn_backend``); ``echo`` receives
+    ``template_kwargs``: the chat template's variables (with ``chat``). ``gen_kwargs`` go to the
+    sampler (``k_max``, ``anchors``, ``attn_backend``); ``echo`` receives
     one progress line per policy. Returns the report described in the module docstring.
     """
     from fluid_npu.io import versions
@@ -103,7 +105,7 @@ def run_eval(
     names = policy_names(fluid, policies, gen_kwargs.get("k_max"))
     tok = fluid.tokenizer
     check_tokenizer_encodes(tok, [row["question"] for row in rows[:8]])  # it, not the prompts
-    prompts = [encode_question(tok, row["question"], shots, chat) for row in rows]
+    prompts = [encode_question(tok, row["question"], shots, chat, template_kwargs) for row in rows]
     _, pad = eos_and_pad(fluid.model, pad=tok.pad_token_id)
     batches = split_batches(prompts, batch_size)
 

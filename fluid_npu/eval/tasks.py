@@ -35,7 +35,11 @@ from fluid_npu.data.gsm8k import (
     prompt_text,
     reference_answer,
 )
-from fluid_npu.data.templates import Conversation, TokenizerChatTemplate, get_template
+from fluid_npu.data.templates import (
+    Conversation,
+    TokenizerChatTemplate,
+    rendered_ids,
+)
 from fluid_npu.errors import ConfigError, DataError
 
 TASKS = ("gsm8k", "demo")
@@ -114,14 +118,22 @@ def select_fewshot(rows: Sequence[dict] | None, k: int, where: str = "the few-sh
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """``text`` rendered by the ``empty`` template (BOS first when the tokenizer adds one)."""
-    return get_template("empty", tokenizer).encode_prompt(tokenizer, Conversation([("user", text)]))
+    """``text`` as the model reads plain text: BOS first when the tokenizer adds one (the
+    ``empty`` template's rule) unless the text begins with it already — a chat template's
+    rendering that wrote it (Llama 3, through lm-eval's ``--apply_chat_template``) gets no
+    second one (``templates.rendered_ids``)."""
+    return rendered_ids(tokenizer, text)
 
 
 def encode_question(
-    tokenizer: Any, question: str, shots: Sequence[dict] = (), chat: bool = False
+    tokenizer: Any,
+    question: str,
+    shots: Sequence[dict] = (),
+    chat: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Token ids of one question's prompt, plain or through the tokenizer's chat template."""
+    """Token ids of one question's prompt, plain or through the tokenizer's chat template (with
+    ``template_kwargs`` as its variables)."""
     if not chat:
         return encode_text(tokenizer, prompt_text(question, shots))
     if not getattr(tokenizer, "chat_template", None):
@@ -130,4 +142,5 @@ def encode_question(
     for s in shots:
         turns += [("user", s["question"]), ("assistant", s["answer"])]
     conversation = Conversation([*turns, ("user", question)])
-    return TokenizerChatTemplate(tokenizer).encode_prompt(tokenizer, conversation)
+    template = TokenizerChatTemplate(tokenizer, template_kwargs)
+    return template.encode_prompt(tokenizer, conversation)

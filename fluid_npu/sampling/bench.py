@@ -64,6 +64,8 @@ class BenchSettings:
     policies: tuple[str, ...] | None = None
     loops: tuple[str, ...] = ("fused", "reference")
     chat: bool = False
+    chat_template: str | None = None  # a Jinja template replacing the tokenizer's (its text)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # the chat template's variables
     mask_token: str | None = None
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
     command: str | None = None
@@ -196,6 +198,7 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
     from fluid_npu.sampling.pretrained import FluidForCausalLM
 
     dev = check_settings(s)
+    lines = read_prompt_lines(s.prompts)
     with quiet_loading():
         fluid = FluidForCausalLM.from_pretrained(
             s.model,
@@ -204,11 +207,15 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
             mask_token=s.mask_token,
             device=dev,
             dtype=parse_dtype(s.dtype),
+            chat_template=s.chat_template,
         )
     model, tok = fluid.model, fluid.tokenizer
+    where = s.prompts
     prompts = [
-        encode_prompt(tok, r, chat=s.chat, where=f"{s.prompts}:{n}").ids
-        for n, r in read_prompt_lines(s.prompts)
+        encode_prompt(
+            tok, r, chat=s.chat, where=f"{where}:{n}", template_kwargs=s.template_kwargs
+        ).ids
+        for n, r in lines
     ]
     eos_ids, pad = eos_and_pad(model, pad=tok.pad_token_id)
     policies = _policies(s, fluid)

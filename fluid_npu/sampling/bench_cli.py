@@ -14,6 +14,7 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.cli import (
     PROMPTS_HELP,
     add_model_args,
+    check_chat_flags,
     check_common,
     command_line,
     gen_kwargs,
@@ -60,6 +61,8 @@ BENCH_KEYS = (
     "compile",
     "no_adaptive_drafting",
     "chat",
+    "chat_template",
+    "chat_template_kwargs",
 )
 
 
@@ -78,6 +81,10 @@ def bench_command(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--batch-sizes needs positive integers like 1,8, got {args.batch_sizes!r}"
         )
+    from fluid_npu.sampling.prompts import read_prompt_lines
+
+    rows = read_prompt_lines(args.prompts)
+    check_chat_flags(args, args.chat or any("messages" in r for _, r in rows))
     settings = BenchSettings(
         model=args.model,
         adapter=args.adapter,
@@ -89,6 +96,8 @@ def bench_command(args: argparse.Namespace) -> int:
         policies=tuple(p.strip() for p in args.policies.split(",")) if args.policies else None,
         loops=tuple(s.strip() for s in args.loops.split(",") if s.strip()),
         chat=args.chat,
+        chat_template=args.chat_template_text,
+        template_kwargs=args.template_kwargs,
         mask_token=args.mask_token,
         gen_kwargs=gen_kwargs(args),
         command=command_line(["fluid", "bench", "sampler"], args, BENCH_KEYS),

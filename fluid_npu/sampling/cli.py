@@ -45,6 +45,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--khead", default=None, help="Stage II K-head directory")
     p.add_argument("--mask-token", default=None, help="MASK token (default: the tokenizer's)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template (a file, or the template itself) instead of the tokenizer's",
+    )
+    p.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        metavar="JSON",
+        help="the chat template's variables, e.g. '{\"enable_thinking\": false}'",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt")
     p.add_argument(
         "--k-max", type=int, default=None, help="largest horizon (default: K-head's, 16)"
@@ -138,8 +149,30 @@ def check_common(args: argparse.Namespace) -> None:
             f"--anchors must be at least 1 (the most draft blocks per step), got {args.anchors}"
         )
     from fluid_npu.sampling.inputs import parse_dtype
+    from fluid_npu.sampling.prompts import parse_template_kwargs, read_chat_template
 
     parse_dtype(getattr(args, "dtype", "auto"))
+    template = getattr(args, "chat_template", None)
+    args.chat_template_text = None if template is None else read_chat_template(template)
+    args.template_kwargs = parse_template_kwargs(getattr(args, "chat_template_kwargs", None))
+
+
+def check_chat_flags(args: argparse.Namespace, chat_prompts: bool) -> None:
+    """``--chat-template`` and ``--chat-template-kwargs`` only shape chat prompts (``--chat`` or
+    ``messages`` lines): given without any, a ``ConfigError`` rather than a flag with no effect."""
+    given = [
+        flag
+        for flag, value in (
+            ("--chat-template", getattr(args, "chat_template", None)),
+            ("--chat-template-kwargs", getattr(args, "chat_template_kwargs", None)),
+        )
+        if value is not None
+    ]
+    if given and not chat_prompts:
+        raise ConfigError(
+            f"{' and '.join(given)} shape chat prompts, and none is rendered here: add --chat "
+            '(or give "messages" lines), or leave them out'
+        )
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
@@ -162,6 +195,7 @@ def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
             mask_token=args.mask_token,
             device=dev,
             dtype=getattr(args, "dtype", "auto"),
+            chat_template=getattr(args, "chat_template_text", None),
         )
 
 
@@ -251,11 +285,17 @@ def generate_command(args: argparse.Namespace) -> int:
     for n, r in lines:  # what needs no model is checked before loading it
         if empty_prompt(r):
             raise PromptError(f"{where}:{n}: the prompt is empty; give some text")
+    check_chat_flags(args, args.chat or any("messages" in r for _, r in lines))
     if args.output is not None:  # a path that cannot be written fails now, not after decoding
         check_output_file(args.output, "--output")
     fluid = load_model(args, device_from_args(args))
     tok = fluid.tokenizer
-    prompts = [encode_prompt(tok, r, chat=args.chat, where=f"{where}:{n}") for n, r in lines]
+    prompts = [
+        encode_prompt(
+            tok, r, chat=args.chat, where=f"{where}:{n}", template_kwargs=args.template_kwargs
+        )
+        for n, r in lines
+    ]
     # the generation config's EOS ids and the tokenizer's own, as fluid serve (and vLLM) stop
     eos_ids, pad = eos_and_pad(fluid.model, serving_eos(fluid.model, tok), tok.pad_token_id)
     sampling = {**sampling, "eos_token_id": eos_ids}

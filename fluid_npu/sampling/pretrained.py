@@ -80,11 +80,13 @@ class FluidForCausalLM:
         dtype: str | torch.dtype | None = None,
         mask_token: str | None = None,
         device: str | torch.device | None = None,
+        chat_template: str | None = None,
     ) -> FluidForCausalLM:
         """Base model (+ Stage I adapter, merged) (+ K-head); mismatches are CheckpointErrors.
 
         ``dtype``: ``auto`` / None (the checkpoint's), ``float32``, ``bfloat16``, ``float16`` or a
-        ``torch.dtype``: the dtype the model computes in.
+        ``torch.dtype``: the dtype the model computes in. ``chat_template``: a Jinja chat template
+        (``prompts.read_chat_template``) that replaces the tokenizer's own.
         """
         from fluid_npu.model.adapters import load_fluid
         from fluid_npu.model.khead import load_khead
@@ -102,6 +104,8 @@ class FluidForCausalLM:
         model = loaded.model
         if device is not None:
             model = model.to(device)
+        if chat_template is not None:
+            loaded.tokenizer.chat_template = chat_template
         return cls(model, loaded.tokenizer, loaded.mask.id, head)
 
     def engine_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fluid_npu.errors import DataError
+from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.sampling.inputs import PromptError
 
 
@@ -95,9 +95,15 @@ def empty_prompt(row: dict[str, Any]) -> bool:
 
 
 def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], *, chat: bool = False, where: str = ""
+    tokenizer: PreTrainedTokenizerBase,
+    row: dict[str, Any],
+    *,
+    chat: bool = False,
+    where: str = "",
+    template_kwargs: dict[str, Any] | None = None,
 ) -> Prompt:
-    """Token ids of one prompt row; an empty prompt is a ``PromptError``."""
+    """Token ids of one prompt row; an empty prompt is a ``PromptError``. ``template_kwargs``: the
+    chat template's variables, for ``--chat`` and ``messages`` rows."""
     if "input_ids" in row:
         ids = row["input_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
@@ -113,7 +119,7 @@ def encode_prompt(
         messages = chat_messages(row["messages"], where)
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f'{where}: a "messages" line needs a tokenizer with a chat template')
-        return Prompt(None, _rendered(tokenizer, messages, where))
+        return Prompt(None, _rendered(tokenizer, messages, where, template_kwargs))
     text = row["prompt"]
     if not isinstance(text, str):
         raise DataError(f"{where}: prompt must be a string")
@@ -122,7 +128,8 @@ def encode_prompt(
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("--chat needs a tokenizer with a chat template; this one has none")
-        return Prompt(text, _rendered(tokenizer, [{"role": "user", "content": text}], where))
+        user = [{"role": "user", "content": text}]
+        return Prompt(text, _rendered(tokenizer, user, where, template_kwargs))
     return Prompt(text, [int(t) for t in tokenizer(text)["input_ids"]])
 
 
@@ -169,23 +176,118 @@ def chat_messages(value: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
-def _rendered(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[int]:
+def _rendered(
+    tokenizer: Any, messages: list[dict[str, str]], where: str, kwargs: dict[str, Any] | None
+) -> list[int]:
     try:
-        return chat_template_ids(tokenizer, messages)
+        return chat_template_ids(tokenizer, messages, template_kwargs=kwargs)
     except Exception as exc:  # the template's own (e.g. roles that must alternate)
         raise DataError(f"{where}: the chat template rejected the messages: {exc}") from None
 
 
 def chat_template_ids(
-    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool = True,
+    *,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
+    template: str | None = None,
 ) -> list[int]:
-    """Token ids of ``messages`` rendered by the tokenizer's chat template, the assistant turn
-    opened (``add_generation_prompt``): what ``--chat`` and the server's chat route decode from."""
-    enc = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True
+    """Token ids of ``messages`` rendered by the tokenizer's chat template (or ``template``), the
+    assistant turn opened (``add_generation_prompt``) or the last (assistant) message left open to
+    be continued (``continue_final_message``); ``template_kwargs`` are the template's own variables
+    (``enable_thinking``, ...). Encoded as training and ``fluid eval`` encode a chat
+    (``templates.rendered_ids``: the tokenizer's BOS first where it adds one and the template does
+    not write it): what ``--chat``, ``messages`` lines and the server's chat route decode from."""
+    from fluid_npu.data.templates import rendered_ids
+
+    text = tokenizer.apply_chat_template(
+        messages,
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        tokenize=False,
+        **(template_kwargs or {}),
     )
-    ids = enc["input_ids"] if hasattr(enc, "keys") else enc
-    return [int(t) for t in ids]
+    return rendered_ids(tokenizer, text)
+
+
+def reserved_template_kwargs(kwargs: dict[str, Any]) -> list[str]:
+    """The names in ``kwargs`` that are ``apply_chat_template``'s own arguments (``tokenize``,
+    ``chat_template``, ``add_generation_prompt``, ...) or the conversation, not template
+    variables: a chat-template keyword may not set them."""
+    import inspect
+
+    own = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+    return sorted(set(kwargs) & ((own - {"self", "kwargs"}) | {"messages"}))
+
+
+def read_chat_template(value: str, flag: str = "--chat-template") -> str:
+    """The Jinja chat template ``value`` names: a file's text, or ``value`` itself when it is a
+    template (it holds ``{``, ``}`` or a newline), as vLLM's ``--chat-template`` reads it. A path
+    that does not exist, an empty template and one Jinja cannot compile are ``ConfigError``s
+    naming ``flag`` (checked before any model is loaded)."""
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except OSError:  # (a template too long for a file name)
+        is_file = False
+    if is_file:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{flag} {value}: cannot be read ({exc})") from None
+    elif any(c in value for c in "{}\n"):
+        text = value
+    else:
+        raise ConfigError(
+            f"{flag} {value!r}: no such file, and not a Jinja template; give a template file "
+            "or the template itself"
+        )
+    if not text.strip():
+        raise ConfigError(f"{flag}: the chat template is empty")
+    check_template_syntax(text, flag)
+    return text
+
+
+def check_template_syntax(text: str, what: str) -> None:
+    """A ``ConfigError`` naming ``what`` when Jinja cannot compile ``text`` as transformers does
+    (its sandbox and extensions, ``{% generation %}`` included)."""
+    import jinja2
+    from transformers.utils import chat_template_utils
+
+    try:
+        chat_template_utils._compile_jinja_template(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(
+            f"{what}: not a valid Jinja chat template ({exc.message}, line {exc.lineno})"
+        ) from None
+
+
+def parse_template_kwargs(
+    value: str | None, flag: str = "--chat-template-kwargs"
+) -> dict[str, Any]:
+    """A JSON object of chat-template variables (``'{"enable_thinking": false}'``); not JSON,
+    not an object, or a name of ``apply_chat_template``'s own arguments is a ``ConfigError``."""
+    if value is None:
+        return {}
+    example = "'{\"enable_thinking\": false}'"
+    try:
+        kwargs = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{flag} is not JSON ({exc.msg}); give an object like {example}"
+        ) from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{flag} must be a JSON object like {example}")
+    reserved = reserved_template_kwargs(kwargs)
+    if reserved:
+        raise ConfigError(
+            f"{flag} sets {', '.join(reserved)}: arguments of the rendering itself, not template "
+            "variables; leave them out"
+        )
+    return kwargs
 
 
 def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluid_npu.errors import FluidError
 from fluid_npu.sampling.detok import Detokenizer
-from fluid_npu.sampling.prompts import chat_messages
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.generation import (
@@ -73,6 +72,9 @@ class ServeConfig:
     # what a request that leaves temperature / top_p / top_k / min_p out gets
     defaults: protocol.SamplingDefaults = field(default_factory=protocol.SamplingDefaults)
     vocab_size: int | None = None  # the model's (logit_bias ids); None: the tokenizer's length
+    # the chat template's variables a request's chat_template_kwargs go over
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_request_chat_template: bool = False  # whether a request may bring its own template
 
 
 class _ClosingStream(StreamingResponse):
@@ -172,6 +174,14 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 status=404,
                 param="model",
                 code="model_not_found",
+            )
+
+    def check_template(render: protocol.ChatRender) -> None:
+        if render.template is not None and not config.trust_request_chat_template:
+            raise APIError(
+                "this server renders conversations with its own chat template; a request's "
+                "chat_template needs a server started with --trust-request-chat-template",
+                param="chat_template",
             )
 
     def check_length(prompt: list[int], sampling: protocol.Sampling, param: str) -> int:
@@ -321,7 +331,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         loop = asyncio.get_running_loop()
         texts = None
         if isinstance(req, protocol.ChatRequest):
-            prompts = [await loop.run_in_executor(tokenizing, chat_ids, tokenizer, req.messages)]
+            check_template(req.render)
+            prompts = [await loop.run_in_executor(tokenizing, chat_ids, tokenizer, req.messages,
+                                                  req.render, config.template_kwargs)]  # fmt: skip
             cid = f"chatcmpl-{uuid.uuid4().hex}"
         else:
             prompts = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts)
@@ -366,23 +378,15 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         authorize(request)
-        req = protocol.parse_tokenize(await _read_json(request))
+        req, conversation = protocol.parse_tokenize(await _read_json(request))
         check_model(req.model)
-        if req.messages is not None and req.add_special_tokens:
-            raise APIError(
-                "add_special_tokens must be false or absent with messages: the chat template "
-                "places the special tokens itself",
-                param="add_special_tokens",
-            )
-        messages = None
-        if req.messages is not None:  # as the chat route renders them (prompts.chat_messages)
-            given = [m.model_dump(exclude_none=True) for m in req.messages]
-            messages = chat_messages(given, "messages")
+        if conversation is not None:
+            check_template(conversation.render)
 
         def answer() -> bytes:  # on the tokenizing thread, the JSON too (4 MiB of text: seconds)
-            if messages is not None:
-                opened = req.add_generation_prompt is not False
-                ids = chat_ids(tokenizer, messages, opened)
+            if conversation is not None:  # as the chat route renders them
+                ids = chat_ids(tokenizer, conversation.messages, conversation.render,
+                               config.template_kwargs)  # fmt: skip
             else:
                 ids = text_ids(tokenizer, req.prompt or "", req.add_special_tokens is not False)
             strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None

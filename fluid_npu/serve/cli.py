@@ -22,6 +22,7 @@ from fluid_npu.errors import ConfigError
 # the model flags a spawned server gets (``fluid bench serve`` passes them on)
 SERVER_KEYS = (
     "adapter", "khead", "mask_token", "dtype", "device", "max_batch", "max_len", "threads",
+    "chat_template", "default_chat_template_kwargs",
 )  # fmt: skip
 SERVER_SWITCHES = ("compile", "no_adaptive_drafting")
 
@@ -51,6 +52,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="every step drafts the policy's blocks (no choices from measured step costs): the "
         "same TPF on any machine, not the fastest",
     )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template (a file, or the template itself) instead of the tokenizer's",
+    )
+    p.add_argument(
+        "--default-chat-template-kwargs",
+        default=None,
+        metavar="JSON",
+        help="the chat template's variables when a request sets none, e.g. "
+        "'{\"enable_thinking\": false}' (a request's chat_template_kwargs go over them)",
+    )
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +79,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send")
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests"
+    )
+    p.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let a request bring its own chat_template (rendered in transformers' sandbox)",
     )
     p.set_defaults(handler=serve_command)
 
@@ -110,6 +128,9 @@ def serve_command(args: argparse.Namespace) -> int:
         compile=args.compile,
         adaptive=not args.no_adaptive_drafting,
         threads=args.threads,
+        chat_template=args.chat_template,
+        default_chat_template_kwargs=args.default_chat_template_kwargs,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     return serve(settings)
 

@@ -32,6 +32,12 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
 * ``logit_bias`` (OpenAI's: token id -> bias in [-100, 100], up to 300 tokens), added to the
   logits before the penalties; vLLM's ``min_tokens`` (no EOS before that many tokens, at most
   ``max_tokens``);
+* chat requests take vLLM's rendering fields (``chat_render``): ``chat_template_kwargs`` (the
+  template's variables, over ``--default-chat-template-kwargs``; not the rendering's own
+  arguments), ``add_generation_prompt``, ``continue_final_message`` (the last message, the
+  assistant's, left open; not with ``add_generation_prompt: true``) and ``chat_template`` (a
+  request's own, which the app takes only with ``--trust-request-chat-template``); ``/tokenize``
+  takes them for messages and refuses them for a prompt;
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
   ``suffix`` / tools absent; any other value is an error naming the
   field and what is supported; ``user`` is an opaque end-user tag, accepted.
@@ -130,6 +136,15 @@ class _Common(_Strict):
     min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
 
 
+class _Rendering(_Strict):
+    """How a conversation becomes a prompt (vLLM's chat fields)."""
+
+    add_generation_prompt: bool | None = None  # null: true (the assistant turn opened)
+    continue_final_message: bool | None = None  # the last (assistant) message left open
+    chat_template: str | None = None  # the request's own (--trust-request-chat-template)
+    chat_template_kwargs: dict[str, Any] | None = None  # the template's variables
+
+
 class CompletionBody(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=0)  # 0: with echo, the prompt scored alone
@@ -139,7 +154,7 @@ class CompletionBody(_Common):
     suffix: str | None = None
 
 
-class ChatBody(_Common):
+class ChatBody(_Common, _Rendering):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
@@ -150,14 +165,14 @@ class ChatBody(_Common):
     response_format: dict[str, Any] | None = None
 
 
-class TokenizeBody(_Strict):
-    """vLLM's ``/tokenize``: a text (``prompt``) or a conversation (``messages``)."""
+class TokenizeBody(_Rendering):
+    """vLLM's ``/tokenize``: a text (``prompt``) or a conversation (``messages``, rendered as the
+    chat route renders it)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
     add_special_tokens: bool | None = None  # text: True (BOS as a completion gets it); chat: False
-    add_generation_prompt: bool | None = None  # chat: True (the assistant turn opened)
     return_token_strs: bool | None = None
 
 
@@ -222,9 +237,20 @@ class CompletionRequest:
 
 
 @dataclass
+class ChatRender:
+    """How a request's conversation is rendered (``text.chat_ids``)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # over the server's defaults
+    template: str | None = None  # the request's own chat template; None: the server's
+
+
+@dataclass
 class ChatRequest:
     messages: list[dict[str, str]]  # role, content (text) and, where given, name
     sampling: Sampling
+    render: ChatRender = field(default_factory=ChatRender)
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -338,19 +364,75 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
     )
 
 
-def parse_tokenize(body: Any) -> TokenizeBody:
-    """A checked ``/tokenize`` body: exactly one of ``prompt`` and ``messages``."""
+RENDER_FIELDS = tuple(_Rendering.model_fields)
+
+
+def chat_render(req: _Rendering, messages: list[dict[str, str]]) -> ChatRender:
+    """A request's rendering fields, checked: ``continue_final_message`` needs the last message
+    to be the assistant's and ``add_generation_prompt`` not true (vLLM's and transformers' rule),
+    ``chat_template_kwargs`` may not set the rendering's own arguments, and a request's
+    ``chat_template`` must compile."""
+    from fluid_npu.errors import ConfigError
+    from fluid_npu.sampling.prompts import check_template_syntax, reserved_template_kwargs
+
+    cont = bool(req.continue_final_message)
+    if cont and req.add_generation_prompt:
+        raise APIError(
+            "continue_final_message and add_generation_prompt cannot both be true: send "
+            "add_generation_prompt: false to continue the last message",
+            param="continue_final_message",
+        )
+    if cont and messages[-1]["role"] != "assistant":
+        raise APIError(
+            "continue_final_message continues the last message, which must be the assistant's "
+            f"(it is the {messages[-1]['role']}'s)",
+            param="continue_final_message",
+        )
+    kwargs = dict(req.chat_template_kwargs or {})
+    reserved = reserved_template_kwargs(kwargs)
+    if reserved:
+        raise APIError(
+            f"chat_template_kwargs sets {', '.join(reserved)}: arguments of the rendering itself, "
+            "not template variables (add_generation_prompt, continue_final_message and "
+            "chat_template are request fields)",
+            param="chat_template_kwargs",
+        )
+    if req.chat_template is not None:
+        if not req.chat_template.strip():
+            raise APIError("chat_template is empty", param="chat_template")
+        try:
+            check_template_syntax(req.chat_template, "chat_template")
+        except ConfigError as exc:
+            raise APIError(str(exc), param="chat_template") from None
+    return ChatRender(
+        add_generation_prompt=not cont and req.add_generation_prompt is not False,
+        continue_final_message=cont,
+        template_kwargs=kwargs,
+        template=req.chat_template,
+    )
+
+
+def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
+    """A checked ``/tokenize`` body (exactly one of ``prompt`` and ``messages``) and, with
+    messages, the conversation as the chat route takes it (its ``messages`` and ``render``)."""
     req: TokenizeBody = _validate(TokenizeBody, body)
     if (req.prompt is None) == (req.messages is None):
         raise APIError("give either prompt (a text) or messages (a conversation)", param="prompt")
     if req.messages is not None and not req.messages:
         raise APIError("messages is empty; give at least one message", param="messages")
-    if req.prompt is not None and req.add_generation_prompt is not None:
+    if req.prompt is not None:
+        given = [name for name in RENDER_FIELDS if getattr(req, name) is not None]
+        if given:
+            raise APIError(f"{given[0]} applies to messages, not to a prompt", param=given[0])
+        return req, None
+    if req.add_special_tokens:
         raise APIError(
-            "add_generation_prompt applies to messages, not to a prompt",
-            param="add_generation_prompt",
+            "add_special_tokens must be false or absent with messages: the chat template "
+            "places the special tokens itself",
+            param="add_special_tokens",
         )
-    return req
+    messages = chat_messages([m.model_dump(exclude_none=True) for m in req.messages], "messages")
+    return req, ChatRequest(messages, Sampling(max_tokens=None), chat_render(req, messages))
 
 
 def parse_detokenize(body: Any) -> DetokenizeBody:
@@ -417,8 +499,9 @@ def parse_chat(body: Any) -> ChatRequest:
     # what the template gets (text parts one per line, as vLLM; names kept): the rule
     # ``fluid generate`` applies to a "messages" line, so both render a conversation alike
     messages = chat_messages([m.model_dump(exclude_none=True) for m in req.messages], "messages")
+    render = chat_render(req, messages)
     max_tokens = req.max_completion_tokens or req.max_tokens
     sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
     if req.max_completion_tokens:
         sampling.max_tokens_field = "max_completion_tokens"
-    return ChatRequest(messages=messages, sampling=sampling)
+    return ChatRequest(messages=messages, sampling=sampling, render=render)

@@ -51,6 +51,9 @@ class ServeSettings:
     compile: bool = False
     adaptive: bool = True  # the engine's cost-driven drafting choices (False: fixed blocks)
     threads: int | None = None  # torch's intra-op threads for the engine (None: torch's default)
+    chat_template: str | None = None  # a template file, or the template (vLLM's --chat-template)
+    default_chat_template_kwargs: str | None = None  # JSON: the template's variables by default
+    trust_request_chat_template: bool = False  # a request may bring its own chat_template
 
     def check(self) -> None:
         """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
@@ -70,6 +73,22 @@ class ServeSettings:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
+        self.template_text()
+        self.template_kwargs()
+
+    def template_text(self) -> str | None:
+        """The ``--chat-template`` text (None: the tokenizer's), read and compiled."""
+        from fluid_npu.sampling.prompts import read_chat_template
+
+        return None if self.chat_template is None else read_chat_template(self.chat_template)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """``--default-chat-template-kwargs`` as a dict of template variables."""
+        from fluid_npu.sampling.prompts import parse_template_kwargs
+
+        return parse_template_kwargs(
+            self.default_chat_template_kwargs, "--default-chat-template-kwargs"
+        )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -115,6 +134,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
             dtype=dtype,
             mask_token=settings.mask_token,
             device=dev,
+            chat_template=settings.template_text(),
         )
     policy = settings.policy or ("khead" if fluid.khead is not None else "entropy")
     scheduler = Scheduler(
@@ -188,6 +208,8 @@ def serve(settings: ServeSettings) -> int:
             info=info,
             defaults=defaults,
             vocab_size=scheduler.model.get_input_embeddings().weight.shape[0],
+            template_kwargs=settings.template_kwargs(),
+            trust_request_chat_template=settings.trust_request_chat_template,
         )
         app = create_app(worker, tokenizer, config)
         host, port = sock.getsockname()[:2]

@@ -3,8 +3,12 @@
 * ``completion_ids`` encodes a completion prompt exactly as ``fluid generate --prompt`` does
   (``fluid_npu.sampling.prompts.encode_prompt``), so a served completion equals the offline one;
   token-id prompts are used as given (checked against the vocabulary).
-* ``chat_ids`` renders the messages with the tokenizer's own chat template and the assistant turn
-  opened (``add_generation_prompt``), as ``fluid generate --chat`` does for one user message.
+* ``chat_ids`` renders the messages with the tokenizer's chat template (``--chat-template``
+  replaces it; a request may bring its own with ``--trust-request-chat-template``), the assistant
+  turn opened or the last assistant message continued, with the template's variables
+  (``chat_template_kwargs`` over ``--default-chat-template-kwargs``), and encodes the text as
+  training and ``fluid generate --chat`` do (the tokenizer's BOS first where the template does not
+  write it: ``templates.rendered_ids``).
 * committed token ids become text deltas through ``fluid_npu.sampling.detok.Detokenizer`` (shared
   with ``fluid generate``, so a served text equals the offline one).
 * ``TokenText`` is one token's own bytes and text for log-probabilities: a token may hold part of
@@ -19,7 +23,7 @@ import re
 from typing import Any
 
 from fluid_npu.errors import FluidError
-from fluid_npu.serve.protocol import APIError
+from fluid_npu.serve.protocol import APIError, ChatRender
 
 
 def completion_ids(tokenizer: Any, prompt: str | list[int]) -> list[int]:
@@ -66,18 +70,33 @@ def tokenizer_info(tokenizer: Any, max_len: int) -> dict[str, Any]:
 
 
 def chat_ids(
-    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    render: ChatRender | None = None,
+    default_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Token ids of a conversation rendered by the tokenizer's chat template (the assistant turn
-    opened unless ``add_generation_prompt`` is False)."""
-    if not getattr(tokenizer, "chat_template", None):
+    """Token ids of a conversation rendered by the tokenizer's chat template (or the request's),
+    as ``render`` says (default: the assistant turn opened); the template's variables are
+    ``default_kwargs`` (``--default-chat-template-kwargs``) with the request's over them. The
+    same ids as training, ``fluid eval --chat`` and ``fluid generate`` give the conversation."""
+    render = render or ChatRender()
+    if render.template is None and not getattr(tokenizer, "chat_template", None):
         raise APIError(
-            "this model's tokenizer has no chat template; use /v1/completions", param="messages"
+            "this model's tokenizer has no chat template; start the server with --chat-template, "
+            "or use /v1/completions",
+            param="messages",
         )
     from fluid_npu.sampling.prompts import chat_template_ids
 
     try:
-        return chat_template_ids(tokenizer, messages, add_generation_prompt)
+        return chat_template_ids(
+            tokenizer,
+            messages,
+            render.add_generation_prompt,
+            continue_final_message=render.continue_final_message,
+            template_kwargs={**(default_kwargs or {}), **render.template_kwargs},
+            template=render.template,
+        )
     except Exception as exc:  # the template's own error (e.g. a role it does not allow)
         raise APIError(
             f"the chat template rejected the messages: {exc}", param="messages"
