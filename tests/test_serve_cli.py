@@ -51,6 +51,8 @@ def test_serve_flag_errors(capsys, tmp_path):
         capsys, [*kwargs, '{"tokenize": 0}']
     )
     assert "--default-chat-template-kwargs is not JSON" in _error(capsys, [*kwargs, "x"])
+    msg = _error(capsys, ["serve", "--model", "m", "--reasoning-parser", "r1"])
+    assert "--reasoning-parser 'r1' is not one of deepseek_r1, openpangu, qwen3" in msg
 
 
 def test_bench_serve_flag_errors(capsys, tmp_path):
@@ -119,6 +121,30 @@ def test_bench_serve_sends_conversations_to_the_chat_route(tmp_path):
     assert sent == sorted([chat_ids(TOK, chat), TOK("abc")["input_ids"]])
 
 
+def test_bench_serve_reads_a_reasoning_parsers_chunks(tmp_path):
+    """Against a server with ``--reasoning-parser``, the load generator times and keeps the
+    reasoning's chunks as output too (reasoning, then answer), even where a chunk holds both."""
+    from test_serve_http import ReasoningScheduler
+
+    from fluid_npu.model.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    start, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    sched = ReasoningScheduler()
+    words = tok("a b c d e", add_special_tokens=False)["input_ids"]
+    sched.output = [start, *words, end, *words]
+    out = tmp_path / "report.json"
+    prompts = _prompts(tmp_path, [{"prompt": "hi"}])
+    with serving(sched, tokenizer=tok, reasoning_parser="qwen3") as (url, _, _):
+        argv = ["bench", "serve", "--url", url, "--prompts", prompts, "--json", str(out),
+                "--num-requests", "2", "--max-tokens", "20", "--warmup", "0", "--chat",
+                "--rounds", "1"]  # fmt: skip
+        assert main(argv) == 0
+    r = json.loads(out.read_text())["results"]["server"]
+    assert r["completed"] == 2 and r["sample_texts"][0] == "a b c d ea b c d e"
+
+
 @pytest.mark.slow
 def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
     prompts = _prompts(tmp_path, [{"prompt": p} for p in ("xx", "nop", "abc", "qrs")])
@@ -172,6 +198,10 @@ def test_the_served_chat_template_and_its_default_variables(model_dir):  # noqa:
     _, tokenizer, *_ = build_scheduler(settings)
     assert tokenizer.chat_template == template
     assert settings.template_kwargs() == {"suffix": "?"}
+    from fluid_npu.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'<think>' is not one token of this model's tokenizer"):
+        build_scheduler(ServeSettings(model=model_dir, reasoning_parser="qwen3"))
 
 
 def test_missing_serve_extra_is_one_clear_error(capsys, monkeypatch):

@@ -773,6 +773,102 @@ def test_chat_rendering_fields_as_vllms():
         assert "not a valid Jinja chat template" in broken.json()["error"]["message"]
 
 
+class ReasoningScheduler(ScriptedScheduler):
+    """Answers every request with ``self.output`` (then EOS), 1-3 tokens a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output: list[int] = []
+
+    def submit(self, req: Request) -> None:
+        super().submit(req)
+        out = [*self.output, EOS][: req.max_new_tokens]
+        self.waiting[-1] = (req, out)
+
+
+def test_a_reasoning_parser_returns_the_reasoning_apart_from_the_answer():
+    """``--reasoning-parser``: a thinking model's reasoning comes in the message's ``reasoning``
+    (and ``reasoning_content``), the answer alone in ``content``, streamed or not, split on the
+    marker tokens wherever a step's tokens fall; the markers count in usage and log-probabilities;
+    a prompt that leaves the block open makes the output reasoning from its first token, a closed
+    one makes it all answer; an output cut before its closing marker is all reasoning; a stop
+    string ends it inside the reasoning; completions keep the text whole."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    start, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    thought, reply = "Two and two: 2+2=4, no carry.", " The answer is 4."
+    sched = ReasoningScheduler()
+    sched.output = [start, *ids(thought), end, *ids(reply)]
+    user = [{"role": "user", "content": "2+2?"}]
+    with serving(sched, tokenizer=tok, reasoning_parser="qwen3",
+                 trust_request_chat_template=True) as (url, _, _):  # fmt: skip
+        c = client(url)
+        out = c.chat.completions.create(model="tiny", messages=user, max_tokens=60, logprobs=True)
+        message = out.choices[0].message
+        assert message.content == reply and message.model_extra["reasoning"] == thought
+        assert message.model_extra["reasoning_content"] == thought
+        assert out.usage.completion_tokens == len(sched.output) + 1  # markers and EOS counted
+        assert len(out.choices[0].logprobs.content) == len(sched.output) + 1  # as usage
+        chunks = list(c.chat.completions.create(model="tiny", messages=user, max_tokens=60,
+                                                stream=True))  # fmt: skip
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        said = [(d.model_extra.get("reasoning") or "", d.content or "") for d in deltas]
+        assert "".join(r for r, _ in said) == thought and "".join(a for _, a in said) == reply
+        first_answer = min(i for i, (_, a) in enumerate(said) if a)
+        assert not any(r for r, _ in said[first_answer:])  # reasoning first, then the answer
+        assert all(d.content is None for d in deltas if d.model_extra.get("reasoning"))
+        # a template that opens the block in the prompt: reasoning from the first token
+        opened = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                  "{% if add_generation_prompt %}<think>{% endif %}")  # fmt: skip
+        sched.output = [*ids(thought), end, *ids(reply)]
+        body = {"chat_template": opened}
+        out = c.chat.completions.create(model="tiny", messages=user, extra_body=body)
+        assert out.choices[0].message.content == reply
+        assert out.choices[0].message.model_extra["reasoning"] == thought
+        # closed in the prompt (enable_thinking false): all answer, the markers left out
+        body = {"chat_template": opened.replace("<think>", "<think></think>")}
+        out = c.chat.completions.create(model="tiny", messages=user, extra_body=body)
+        assert out.choices[0].message.content == thought + reply
+        assert out.choices[0].message.model_extra["reasoning"] is None
+        # cut before the closing marker: all reasoning, no content
+        sched.output = [start, *ids(thought), end, *ids(reply)]
+        cut = c.chat.completions.create(model="tiny", messages=user, max_tokens=6)
+        assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content is None
+        assert cut.choices[0].message.model_extra["reasoning"] == tok.decode(sched.output[1:6])
+        stopped = c.chat.completions.create(model="tiny", messages=user, stop=["=4"])
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.choices[0].message.model_extra["reasoning"] == thought.split("=4")[0]
+        assert stopped.choices[0].message.content is None
+        text = c.completions.create(model="tiny", prompt="2+2?", max_tokens=60).choices[0].text
+        assert text == thought + reply  # completions: the text as it is (special tokens out)
+        # the next turn sends the message back as the client got it (reasoning and all, or a null
+        # content): the template sees the reasoning under both names
+        turns = [
+            *user,
+            out.choices[0].message,
+            cut.choices[0].message,
+            {"role": "user", "content": "and 3+3?"},
+        ]
+        shows = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}"
+                 "({{ m.reasoning_content }}|{{ m.reasoning }}){% endfor %}")  # fmt: skip
+        c.chat.completions.create(model="tiny", messages=turns, extra_body={"chat_template": shows})
+        rendered = tok.decode(sched.requests[-1].prompt)
+        assert f"assistant:{thought + reply}(|)" in rendered  # (it had no reasoning: None)
+        gist = tok.decode(sched.output[1:6])
+        assert f"assistant:({gist}|{gist})" in rendered
+        for bad in (
+            {"role": "user", "content": "x", "reasoning": "r"},
+            {"role": "user"},
+            {"role": "assistant", "reasoning": "a", "reasoning_content": "b"},
+        ):
+            refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": [bad]})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+
+
 def test_api_key():
     with serving(ScriptedScheduler(), api_key="s3cret") as (url, _, _):
         for key in ("wrong", "none"):

@@ -171,7 +171,7 @@ def test_fields_the_openai_api_allows_as_null_or_extra_are_accepted():
         err = _err(parse_completion, {"prompt": "a", field: 1 << 64})
         assert err.param == field
     err = _err(parse_chat, {"messages": [{"role": "user", "content": "x", "nick": "b"}]})
-    assert "content, name, role" in err.message  # the fields a message takes, not the body's
+    assert "content, name, reasoning, reasoning_content, role" in err.message  # a message's fields
 
 
 def test_chat_parts_and_default_length():
@@ -558,3 +558,31 @@ def test_detokenizer_work_grows_linearly_and_matches_the_whole_decode(tok):
         out = "".join(d.add([t]) for t in ids) + d.flush()
         assert out == (whole.split(stop[0])[0] if stop else whole)
         assert sum(decoded) <= 8 * d.tokens_used, (sum(decoded), d.tokens_used)
+
+
+def test_reasoning_parsers_need_their_markers_as_single_tokens():
+    """``--reasoning-parser openpangu`` reads ``[unused16]`` / ``[unused17]`` (special tokens,
+    so left out of any text) as one token each; a tokenizer without a parser's markers, or an
+    unknown parser, is one clear error at start-up."""
+    from fluid_npu.errors import ConfigError
+    from fluid_npu.serve.reasoning import ReasoningText, reasoning_parser
+
+    pangu = build_tiny_tokenizer(mask_token=True)
+    pangu.add_tokens(["[unused16]", "[unused17]"], special_tokens=True)
+    parser = reasoning_parser("openpangu", pangu)
+    assert [parser.start, parser.end] == pangu.convert_tokens_to_ids(["[unused16]", "[unused17]"])
+    with pytest.raises(ConfigError, match="'<think>' is not one token"):
+        reasoning_parser("qwen3", pangu)
+    with pytest.raises(ConfigError, match="is not one of deepseek_r1, openpangu, qwen3"):
+        reasoning_parser("r1", pangu)
+    ids = pangu("x", add_special_tokens=False)["input_ids"]
+    assert parser.opened([*ids, parser.start, *ids]) and not parser.opened(
+        [parser.start, parser.end]
+    )
+    words = pangu("ok then", add_special_tokens=False)["input_ids"]
+    split = ReasoningText(pangu, parser, None, prompt=ids, eos_ids=())
+    answer = split.add([parser.start, *words[:2]])
+    assert answer == "" and split.reasoning_delta == pangu.decode(words[:2])
+    answer = split.add([*words[2:], parser.end, *words])
+    assert answer == "ok then" and split.reasoning_delta == pangu.decode(words[2:])
+    assert split.tokens_used == 2 + 2 * len(words)

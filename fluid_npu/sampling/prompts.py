@@ -134,6 +134,9 @@ def encode_prompt(
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")  # what fluid serve's chat route takes
+# an assistant turn's reasoning, as a reasoning parser returned it (vLLM's name and the older
+# one): handed to the chat template under both names (Qwen3's reads reasoning_content)
+REASONING_KEYS = ("reasoning", "reasoning_content")
 
 
 def join_text_parts(content: str | list[dict[str, Any]]) -> str:
@@ -154,10 +157,15 @@ def chat_messages(value: Any, where: str) -> list[dict[str, str]]:
         at = f"{where}: messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             raise DataError(f'{at} needs a "role": one of {", ".join(CHAT_ROLES)}')
-        unknown = set(m) - {"role", "content", "name"}
+        unknown = set(m) - {"role", "content", "name", *REASONING_KEYS}
         if unknown:
-            raise DataError(f"{at} has {sorted(unknown)}; a message holds role, content, name")
+            raise DataError(
+                f"{at} has {sorted(unknown)}; a message holds role, content, name (and an "
+                "assistant's reasoning)"
+            )
         content = m.get("content")
+        if content is None and m["role"] == "assistant":  # (OpenAI's null: the reasoning alone)
+            content = ""
         parts_ok = isinstance(content, list) and all(
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
             for p in content
@@ -172,6 +180,13 @@ def chat_messages(value: Any, where: str) -> list[dict[str, str]]:
             if not isinstance(m["name"], str):
                 raise DataError(f'{at}: "name" must be text')
             message["name"] = m["name"]
+        given = [m[k] for k in REASONING_KEYS if m.get(k) is not None]
+        if given:
+            if m["role"] != "assistant" or not all(isinstance(r, str) for r in given):
+                raise DataError(f"{at}: only an assistant message carries a reasoning, as text")
+            if len(set(given)) > 1:
+                raise DataError(f"{at}: reasoning and reasoning_content disagree; give one")
+            message.update(dict.fromkeys(REASONING_KEYS, given[0]))  # templates read either
         out.append(message)
     return out
 

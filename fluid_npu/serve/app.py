@@ -53,6 +53,7 @@ from fluid_npu.serve.generation import (
 )
 from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.protocol import APIError
+from fluid_npu.serve.reasoning import ReasoningText, reasoning_parser
 from fluid_npu.serve.responses import Shape
 from fluid_npu.serve.text import TokenText, chat_ids, text_ids, tokenizer_info
 from fluid_npu.serve.worker import Worker
@@ -75,6 +76,7 @@ class ServeConfig:
     # the chat template's variables a request's chat_template_kwargs go over
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_request_chat_template: bool = False  # whether a request may bring its own template
+    reasoning_parser: str | None = None  # --reasoning-parser: chat reasoning apart (reasoning.py)
 
 
 class _ClosingStream(StreamingResponse):
@@ -115,6 +117,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     metrics = ServerMetrics(config.model_name)
     worker.on_step, worker.on_failure = metrics.on_step, metrics.on_failure
     words = TokenText(tokenizer)  # log-probability tokens' text and bytes
+    reasoning = None
+    if config.reasoning_parser is not None:
+        reasoning = reasoning_parser(config.reasoning_parser, tokenizer)
     # prompts are tokenized here, off the event loop (the module docstring); the thread starts
     # with the first request
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-tokenize")
@@ -281,7 +286,13 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         gens: list[Generation] = []
         for shape, stream in zip(shapes, streams):
             k = shape.index // s.n  # the choice's prompt
-            detok = Detokenizer(tokenizer, s.stop, prompt=prompts[k], eos_ids=eos)
+            if shape.chat and reasoning is not None:  # reasoning apart from the answer
+                detok: Detokenizer | ReasoningText = ReasoningText(
+                    tokenizer, reasoning, s.stop, prompts[k], eos
+                )
+                shape.reasoning = True
+            else:
+                detok = Detokenizer(tokenizer, s.stop, prompt=prompts[k], eos_ids=eos)
             if detok.spelled_context:  # the output's leading space is kept: offsets count it
                 shape.strip = 0
             shape.alternatives = s.params["top_logprobs"] > 0
@@ -295,10 +306,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]
             )
         pieces: list[list[str]] = [[] for _ in gens]
+        thoughts: list[list[str]] = [[] for _ in gens]
 
         async def collect(n: int) -> None:
-            async for text, _ in gens[n].deltas():
+            async for text, _, reasoning in gens[n].deltas():
                 pieces[n].append(text)
+                thoughts[n].append(reasoning)
 
         work = asyncio.ensure_future(asyncio.gather(*(collect(n) for n in range(len(gens)))))
         gone = asyncio.ensure_future(_until_disconnect(request))
@@ -317,8 +330,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         except APIError as exc:  # counted once, by close (finish_reason "error"), not as a refusal
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         choices = [
-            shape.choice("".join(text), gen.finish_reason, gen.logprobs)
-            for shape, gen, text in zip(shapes, gens, pieces)
+            shape.choice("".join(text), gen.finish_reason, gen.logprobs, "".join(thought))
+            for shape, gen, text, thought in zip(shapes, gens, pieces, thoughts)
         ]
         return JSONResponse(shapes[0].answer(choices, usage(gens, s.n)))
 

@@ -145,7 +145,10 @@ async def _one(
                 if "error" in data:
                     rec["error"] = data["error"]["message"]
                 for choice in data.get("choices", []):
-                    piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}  # (a reasoning parser's text counts)
+                    piece = choice.get("text") or "".join(
+                        delta.get(k) or "" for k in ("reasoning", "content")
+                    )
                     if piece:
                         rec["chunks"].append(time.perf_counter() - start)
                         rec["text"] += piece

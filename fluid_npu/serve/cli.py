@@ -81,6 +81,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests"
     )
     p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="deepseek_r1 | qwen3 | openpangu: a chat answer's reasoning in the message's "
+        "reasoning (and reasoning_content), apart from its content",
+    )
+    p.add_argument(
         "--trust-request-chat-template",
         action="store_true",
         help="let a request bring its own chat_template (rendered in transformers' sandbox)",
@@ -131,6 +137,7 @@ def serve_command(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         default_chat_template_kwargs=args.default_chat_template_kwargs,
         trust_request_chat_template=args.trust_request_chat_template,
+        reasoning_parser=args.reasoning_parser,
     )
     return serve(settings)
 

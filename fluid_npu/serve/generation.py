@@ -20,6 +20,7 @@ from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.serve import protocol
 from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.protocol import APIError
+from fluid_npu.serve.reasoning import ReasoningText
 from fluid_npu.serve.responses import DONE, LogprobEntry, Shape
 from fluid_npu.serve.responses import usage as usage_body
 from fluid_npu.serve.text import completion_ids
@@ -50,7 +51,7 @@ class Generation:
         worker: Worker,
         metrics: ServerMetrics,
         stream: Stream,
-        detok: Detokenizer,
+        detok: Detokenizer | ReasoningText,
         logprobs: bool = False,
         echo: Echo | None = None,
     ) -> None:
@@ -63,8 +64,9 @@ class Generation:
         self._first = 0.0  # ... and first
         self._tokens = 0  # tokens delivered
 
-    async def deltas(self) -> AsyncIterator[tuple[str, list[LogprobEntry] | None]]:
-        """Text deltas and their tokens' log-probabilities until the request ends
+    async def deltas(self) -> AsyncIterator[tuple[str, list[LogprobEntry] | None, str]]:
+        """Text deltas, their tokens' log-probabilities and the reasoning's text deltas (with a
+        reasoning parser: ``reasoning.ReasoningText``; else empty) until the request ends
         (``finish_reason`` is then set); with ``echo`` the prompt's first."""
         while self.finish_reason is None:
             item = await self.stream.queue.get()
@@ -74,7 +76,7 @@ class Generation:
             broke = item.finished and item.finish_reason in ("error", "abort")
             if self.echo is not None and not broke:  # the first event: the prompt comes first
                 echo, self.echo = self.echo, None
-                yield echo.text, self._prompt_entries(echo, item)
+                yield echo.text, self._prompt_entries(echo, item), ""
                 if not echo.generate:  # scored alone: the token decoded to get here is dropped
                     self._timing(1)
                     self.finish_reason = "length"
@@ -97,8 +99,9 @@ class Generation:
             elif item.finished:
                 self.finish_reason = item.finish_reason or "stop"
                 text += self.detok.flush()
-            if text or entries:
-                yield text, entries
+            reasoning = getattr(self.detok, "reasoning_delta", "")
+            if text or entries or reasoning:
+                yield text, entries, reasoning
 
     def _prompt_entries(self, echo: Echo, item: Any) -> list[LogprobEntry] | None:
         """The prompt's tokens with their log-probabilities (the first one's null), from the
@@ -196,8 +199,8 @@ async def events(
         if shape.chat:
             await out.put((n, shape.chunk("", role=True)))
         try:
-            async for text, entries in gen.deltas():
-                await out.put((n, shape.chunk(text, logprobs=entries)))
+            async for text, entries, reasoning in gen.deltas():
+                await out.put((n, shape.chunk(text, logprobs=entries, reasoning=reasoning)))
         except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
             await out.put((n, exc))
         await out.put((n, None))

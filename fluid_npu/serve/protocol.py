@@ -107,8 +107,10 @@ class TextPart(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # null: an assistant's (its reasoning alone)
     name: str | None = None  # a participant's name: handed to the chat template, as vLLM does
+    reasoning: str | None = None  # an assistant turn's, as --reasoning-parser returned it
+    reasoning_content: str | None = None  # (its older name, which clients still send back)
 
 
 class _Common(_Strict):
@@ -367,6 +369,17 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
 RENDER_FIELDS = tuple(_Rendering.model_fields)
 
 
+def _conversation(given: list[Message]) -> list[dict[str, str]]:
+    """The messages as the chat template gets them (``prompts.chat_messages``, the rule
+    ``fluid generate`` applies to a ``messages`` line); a message it refuses is a 400."""
+    from fluid_npu.errors import DataError
+
+    try:
+        return chat_messages([m.model_dump(exclude_none=True) for m in given], "messages")
+    except DataError as exc:
+        raise APIError(str(exc).removeprefix("messages: "), param="messages") from None
+
+
 def chat_render(req: _Rendering, messages: list[dict[str, str]]) -> ChatRender:
     """A request's rendering fields, checked: ``continue_final_message`` needs the last message
     to be the assistant's and ``add_generation_prompt`` not true (vLLM's and transformers' rule),
@@ -431,7 +444,7 @@ def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
             "places the special tokens itself",
             param="add_special_tokens",
         )
-    messages = chat_messages([m.model_dump(exclude_none=True) for m in req.messages], "messages")
+    messages = _conversation(req.messages)
     return req, ChatRequest(messages, Sampling(max_tokens=None), chat_render(req, messages))
 
 
@@ -498,7 +511,7 @@ def parse_chat(body: Any) -> ChatRequest:
         )
     # what the template gets (text parts one per line, as vLLM; names kept): the rule
     # ``fluid generate`` applies to a "messages" line, so both render a conversation alike
-    messages = chat_messages([m.model_dump(exclude_none=True) for m in req.messages], "messages")
+    messages = _conversation(req.messages)
     render = chat_render(req, messages)
     max_tokens = req.max_completion_tokens or req.max_tokens
     sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)

@@ -80,6 +80,7 @@ class Shape:
         self.echo: tuple[int, int, int] | None = None
         self._entries = 0  # entries written so far
         self.alternatives = False  # completions: top_logprobs asked for (a list even if all null)
+        self.reasoning = False  # chat with a reasoning parser: messages carry ``reasoning``
 
     def echoing(self, prompt_entries: int, prompt_text: str) -> None:
         """The text returned starts with ``prompt_text``, whose log-probabilities (when asked for)
@@ -131,12 +132,23 @@ class Shape:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def choice(
-        self, text: str, finish_reason: str | None, logprobs: list[LogprobEntry] | None = None
+        self,
+        text: str,
+        finish_reason: str | None,
+        logprobs: list[LogprobEntry] | None = None,
+        reasoning: str = "",
     ) -> dict[str, Any]:
-        """This shape's choice of a non-streamed answer."""
+        """This shape's choice of a non-streamed answer (``reasoning``: the reasoning parser's
+        part, written as vLLM writes it: ``reasoning`` and ``reasoning_content``, null when the
+        output had none, and a null ``content`` when only reasoning came)."""
         out: dict[str, Any] = {"index": self.index}
         if self.chat:
             out["message"] = {"role": "assistant", "content": text}
+            if self.reasoning:
+                thought = reasoning or None
+                if thought is not None and not text:
+                    out["message"]["content"] = None
+                out["message"].update(reasoning=thought, reasoning_content=thought)
         else:
             out["text"] = text
         out["logprobs"] = self.logprobs(logprobs)
@@ -157,14 +169,18 @@ class Shape:
         use: dict[str, Any] | None = None,
         role: bool = False,
         logprobs: list[LogprobEntry] | None = None,
+        reasoning: str = "",
     ) -> str:
         """One stream event: a text delta (``None``: none), its tokens' log-probabilities, maybe
-        the end and the usage."""
+        the end and the usage; chat with a reasoning parser: the reasoning's delta as
+        ``delta.reasoning`` / ``delta.reasoning_content`` (and no empty ``content`` beside it)."""
         lps = self.logprobs(logprobs)
         if self.chat:
             body = self._head("chat.completion.chunk")
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text is not None:
+            if reasoning:
+                delta.update(reasoning=reasoning, reasoning_content=reasoning)
+            if text is not None and (text or not reasoning):
                 delta["content"] = text
             choice = {
                 "index": self.index,

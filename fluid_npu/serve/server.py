@@ -54,6 +54,7 @@ class ServeSettings:
     chat_template: str | None = None  # a template file, or the template (vLLM's --chat-template)
     default_chat_template_kwargs: str | None = None  # JSON: the template's variables by default
     trust_request_chat_template: bool = False  # a request may bring its own chat_template
+    reasoning_parser: str | None = None  # chat reasoning apart from the answer (reasoning.py)
 
     def check(self) -> None:
         """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
@@ -75,6 +76,13 @@ class ServeSettings:
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
         self.template_text()
         self.template_kwargs()
+        from fluid_npu.serve.reasoning import PARSERS
+
+        if self.reasoning_parser is not None and self.reasoning_parser not in PARSERS:
+            raise ConfigError(
+                f"--reasoning-parser {self.reasoning_parser!r} is not one of "
+                f"{', '.join(sorted(PARSERS))}"
+            )
 
     def template_text(self) -> str | None:
         """The ``--chat-template`` text (None: the tokenizer's), read and compiled."""
@@ -136,6 +144,10 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
             device=dev,
             chat_template=settings.template_text(),
         )
+    if settings.reasoning_parser is not None:  # its markers must be this tokenizer's tokens
+        from fluid_npu.serve.reasoning import reasoning_parser
+
+        reasoning_parser(settings.reasoning_parser, fluid.tokenizer)
     policy = settings.policy or ("khead" if fluid.khead is not None else "entropy")
     scheduler = Scheduler(
         fluid.model,
@@ -152,6 +164,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
     max_len = scheduler.max_len
     info = {
         "policy": policy,
+        "reasoning_parser": settings.reasoning_parser,
         "device": str(dev),
         "dtype": str(next(fluid.model.parameters()).dtype).removeprefix("torch."),
         "max_batch": settings.max_batch,
@@ -210,6 +223,7 @@ def serve(settings: ServeSettings) -> int:
             vocab_size=scheduler.model.get_input_embeddings().weight.shape[0],
             template_kwargs=settings.template_kwargs(),
             trust_request_chat_template=settings.trust_request_chat_template,
+            reasoning_parser=settings.reasoning_parser,
         )
         app = create_app(worker, tokenizer, config)
         host, port = sock.getsockname()[:2]

@@ -1,0 +1,168 @@
+"""Reasoning outputs: a thinking model's reasoning apart from its answer (``--reasoning-parser``).
+
+Thinking models (DeepSeek-R1 and its distillations, Qwen3, openPangu-Embedded's slow thinking)
+write their reasoning between two marker tokens before the answer. With ``fluid serve
+--reasoning-parser NAME`` a chat completion returns that reasoning in the message's ``reasoning``
+(and, for the clients that read the older name, ``reasoning_content``: vLLM writes both) and the
+answer alone in ``content``; streamed, ``delta.reasoning`` chunks come before ``delta.content``
+ones. ``/v1/completions`` returns the text as it is, as vLLM does.
+
+The split is made on token ids, not text: the markers are single tokens that a tokenizer may call
+special (openPangu's ``[unused16]`` / ``[unused17]``), and special tokens are left out of the text.
+An output is reasoning from its start when its first token opens a block, or when the prompt
+leaves one open (a chat template that writes the opening marker itself: DeepSeek-R1, Qwen3
+thinking models); the block ends at the closing marker, and what follows is the answer. Otherwise
+(a template that closed an empty block, ``enable_thinking: false``) the whole output is the answer.
+An output cut before its closing marker (``max_tokens``) is all reasoning. The markers themselves
+are counted in ``usage`` and carry log-probabilities, but are in neither text. Stop strings end the
+request in either part (each part's text is searched; one spanning the closing marker is not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.detok import Detokenizer
+
+
+@dataclass(frozen=True)
+class Markers:
+    """The opening and closing marker of a reasoning block (their text)."""
+
+    start: str
+    end: str
+
+
+PARSERS = {  # vLLM's names where it has the parser
+    "deepseek_r1": Markers("<think>", "</think>"),
+    "qwen3": Markers("<think>", "</think>"),
+    "openpangu": Markers("[unused16]", "[unused17]"),
+}
+
+
+@dataclass(frozen=True)
+class ReasoningParser:
+    """A parser bound to a tokenizer: the markers' token ids."""
+
+    name: str
+    start: int
+    end: int
+
+    def opened(self, prompt: Sequence[int]) -> bool:
+        """Whether ``prompt`` leaves a reasoning block open (its last marker is an opening one)."""
+        for tok in reversed(prompt):
+            if tok == self.end:
+                return False
+            if tok == self.start:
+                return True
+        return False
+
+
+def reasoning_parser(name: str, tokenizer: Any) -> ReasoningParser:
+    """The parser ``name`` for ``tokenizer``; an unknown name, or markers that are not single
+    tokens of this tokenizer, is a ``ConfigError`` naming ``--reasoning-parser``."""
+    if name not in PARSERS:
+        raise ConfigError(f"--reasoning-parser {name!r} is not one of {', '.join(sorted(PARSERS))}")
+    markers = PARSERS[name]
+    ids = []
+    for marker in (markers.start, markers.end):
+        tok = tokenizer.convert_tokens_to_ids(marker)
+        encoded = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if not isinstance(tok, int) or tok == tokenizer.unk_token_id or encoded != [tok]:
+            raise ConfigError(
+                f"--reasoning-parser {name}: {marker!r} is not one token of this model's "
+                "tokenizer, so this is not a model that parser is for"
+            )
+        ids.append(tok)
+    return ReasoningParser(name, ids[0], ids[1])
+
+
+class ReasoningText:
+    """A chat output's text in two parts, reasoning then answer, as ``Detokenizer`` gives one
+    text (the same interface: ``add``, ``flush``, ``stopped``, ``tokens_used``), with the
+    reasoning deltas in ``reasoning_delta`` after each call."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        parser: ReasoningParser,
+        stop: Sequence[str] | None,
+        prompt: Sequence[int],
+        eos_ids: Collection[int],
+    ) -> None:
+        self.tokenizer, self.parser, self.stop, self.eos = tokenizer, parser, stop, eos_ids
+        self.prompt = list(prompt)
+        self.thinking = parser.opened(prompt)  # reasoning from the first token
+        self.first = True  # no output token seen yet
+        self.reasoned: list[int] = []  # the reasoning's tokens, context of the answer
+        self.markers = 0  # marker tokens taken (counted, never spelled)
+        self.reason_part = Detokenizer(tokenizer, stop, prompt=prompt, eos_ids=eos_ids)
+        self.answer_part: Detokenizer | None = None if self.thinking else self.reason_part
+        self.reasoning_delta = ""
+        self.had_reasoning = False  # a block was opened (the message then has a reasoning)
+
+    @property
+    def current(self) -> Detokenizer:
+        return self.reason_part if self.answer_part is None else self.answer_part
+
+    @property
+    def stopped(self) -> bool:
+        return self.current.stopped
+
+    @property
+    def spelled_context(self) -> bool:
+        return self.current.spelled_context
+
+    @property
+    def tokens_used(self) -> int:
+        if self.answer_part is None or self.answer_part is self.reason_part:
+            return self.current.tokens_used + self.markers
+        return self.reason_part.tokens_used + self.markers + self.answer_part.tokens_used
+
+    def add(self, tokens: Sequence[int]) -> str:
+        """Feed committed tokens; returns the answer's new text (the reasoning's is in
+        ``reasoning_delta``)."""
+        self.reasoning_delta, answer = "", ""
+        run: list[int] = []
+        for tok in tokens:
+            first, self.first = self.first, False
+            if first and tok == self.parser.start:  # the output opens its own block
+                self.markers += 1
+                self.thinking, self.answer_part = True, None
+                context = [*self.prompt, tok]
+                self.reason_part = Detokenizer(self.tokenizer, self.stop, context, self.eos)
+                continue
+            if self.answer_part is None and tok == self.parser.end:  # the answer starts
+                self._feed(run)
+                run = []
+                if self.reason_part.stopped:
+                    break
+                self.reasoning_delta += self.reason_part.flush()
+                self.markers += 1
+                context = [*self.prompt, *self.reasoned, tok]
+                self.answer_part = Detokenizer(self.tokenizer, self.stop, context, self.eos)
+                continue
+            run.append(tok)
+        answer += self._feed(run)
+        self.had_reasoning = self.had_reasoning or self.thinking
+        return answer
+
+    def _feed(self, run: list[int]) -> str:
+        """Feed a run of one part's tokens; the answer's text (the reasoning's is kept)."""
+        if not run or self.current.stopped:
+            return ""
+        if self.answer_part is None:
+            self.reasoning_delta += self.reason_part.add(run)
+            self.reasoned += run
+            return ""
+        return self.answer_part.add(run)
+
+    def flush(self) -> str:
+        """The text still held back at the end of the output (the reasoning's too)."""
+        if self.answer_part is None:
+            self.reasoning_delta += self.reason_part.flush()
+            return ""
+        return self.answer_part.flush()
