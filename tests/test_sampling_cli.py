@@ -310,6 +310,8 @@ def test_generate_takes_a_chat_template_and_its_variables(dirs, tmp_path, capsys
         assert rows[0] == rows[1] == rows[3]
     missing = str(tmp_path / "no_model")
     plain = ["generate", "--model", missing, "--prompt", "hi", "--max-new-tokens", "2"]
+    config = template.with_name("chat_template.json")  # HF's file, not a template
+    config.write_text(json.dumps({"chat_template": THINKING}), encoding="utf-8")
     bad = template.with_name("bad.jinja")
     bad.write_text("{% for m in messages %}", encoding="utf-8")
     for extra, fragment in (
@@ -317,6 +319,9 @@ def test_generate_takes_a_chat_template_and_its_variables(dirs, tmp_path, capsys
         (["--chat-template", str(bad), "--chat"], "not a valid Jinja chat template"),
         (["--chat-template", "{{ oops", "--chat"], "not a valid Jinja chat template"),
         (["--chat-template-kwargs", '{"tokenize": false}', "--chat"], "sets tokenize"),
+        (["--chat-template-kwargs", '{"conversations": 1}', "--chat"], "sets conversations"),
+        (["--chat-template", str(config), "--chat"], "is a JSON file"),
+        (["--chat-template", str(tmp_path), "--chat"], "is a directory"),
         (["--chat-template-kwargs", "[1]", "--chat"], "must be a JSON object"),
         (["--chat-template-kwargs", "{nope", "--chat"], "is not JSON"),
         (["--chat-template-kwargs", "{}"], "add --chat"),

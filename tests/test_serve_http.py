@@ -752,6 +752,8 @@ def test_chat_rendering_fields_as_vllms():
             ("/v1/chat/completions", {"chat_template_kwargs": {"tokenize": False}},
              "chat_template_kwargs"),
             ("/v1/chat/completions", {"chat_template_kwargs": [1]}, "chat_template_kwargs"),
+            ("/v1/chat/completions", {"chat_template_kwargs": {"conversations": []}},
+             "chat_template_kwargs"),
             ("/tokenize", {"chat_template_kwargs": {"add_generation_prompt": True}},
              "chat_template_kwargs"),
             ("/tokenize", {"chat_template": own}, "chat_template"),
@@ -771,6 +773,13 @@ def test_chat_rendering_fields_as_vllms():
             "messages": user, "chat_template": "{% for m in messages %}"})  # fmt: skip
         assert broken.status_code == 400 and broken.json()["error"]["param"] == "chat_template"
         assert "not a valid Jinja chat template" in broken.json()["error"]["message"]
+        for path in ("/v1/chat/completions", "/tokenize"):  # renders nothing / fails: its fault
+            for template, says in (("{% for m in messages %}{% endfor %}", "as no text"),
+                                   ("{{ 1/0 }}", "division by zero")):  # fmt: skip
+                bad = httpx.post(f"{url}{path}", json={"messages": user, "chat_template": template})
+                error = bad.json()["error"]
+                assert bad.status_code == 400 and error["param"] == "chat_template", (path, error)
+                assert says in error["message"]
 
 
 class ReasoningScheduler(ScriptedScheduler):
@@ -867,6 +876,51 @@ def test_a_reasoning_parser_returns_the_reasoning_apart_from_the_answer():
         ):
             refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": [bad]})
             assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+
+
+def test_the_engine_ends_where_the_split_text_finds_a_stop():
+    """With a reasoning parser the real engine searches stop strings as the split text does:
+    none spans the closing marker (``Request.stop_reset``), so a stop string made of the
+    reasoning's end and the answer's start ends nothing, and one inside the answer ends it there.
+    A constructed chain Llama answers ``x y </think> z m`` after a prompt that opens the block."""
+    import torch
+
+    from fluid_npu.model.tiny import build_tiny_model
+    from fluid_npu.sampling.scheduler import Scheduler
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    tid = tok.convert_tokens_to_ids
+    start, end = tid("<think>"), tid("</think>")
+    succ = {start: tid("x"), tid("x"): tid("y"), tid("y"): end, end: tid("z"),
+            tid("z"): tid("m"), tid("m"): tok.eos_token_id}  # fmt: skip
+    model = build_tiny_model("llama", tok, seed=0)
+    size = model.config.hidden_size
+    basis, _ = torch.linalg.qr(torch.randn(size, size, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        head.zero_()
+        for i, x in enumerate([*succ, tok.mask_token_id]):
+            emb[x] = basis[:, i]
+            head[succ.get(x, tid("m"))] += 2.0 * basis[:, i]
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(4.0)
+    model.eval()
+    sched = Scheduler(model, tok.mask_token_id, policy="entropy", eos_ids=[tok.eos_token_id],
+                      max_batch=2, max_len=128, tokenizer=tok)  # fmt: skip
+    sched.max_batch, sched.gate = 2, threading.Event()  # (what serving() reads and opens)
+    opened = "{% for m in messages %}{{ m['content'] }}{% endfor %}<think>"
+    with serving(sched, tokenizer=tok, reasoning_parser="qwen3",
+                 trust_request_chat_template=True) as (url, _, _):  # fmt: skip
+        said = {}
+        for stop in (None, "yz", "zm"):
+            body = {"messages": [{"role": "user", "content": "q"}], "max_tokens": 10,
+                    "temperature": 0, "chat_template": opened, "stop": stop}  # fmt: skip
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+            message = r["choices"][0]["message"]
+            said[stop] = (message["reasoning"], message["content"], r["usage"]["completion_tokens"])
+    assert said[None] == said["yz"] == ("xy", "zm", 6)  # (x y </think> z m EOS)
+    assert said["zm"] == ("xy", None, 5)  # ended at m, the stop string cut from the answer
 
 
 def test_api_key():

@@ -242,8 +242,11 @@ def test_every_chat_path_encodes_a_conversation_as_training_does():
     assert encode_prompt(adds, {"messages": user}).ids == served
     assert encode_prompt(adds, {"prompt": "hi"}, chat=True).ids == served
     assert encode_question(adds, "hi", chat=True) == served
-    adds.chat_template = "{{ bos_token }}" + adds.chat_template
+    chatml = adds.chat_template
+    adds.chat_template = "{{ bos_token }}" + chatml
     assert chat_ids(adds, user) == served  # written by the template: still one
+    adds.chat_template = " {{ bos_token }}" + chatml  # (after a space: still the template's)
+    assert chat_ids(adds, user).count(bos) == 1
     plain = build_tiny_tokenizer(mask_token=True)  # adds no BOS to text
     assert bos not in chat_ids(plain, user) and chat_ids(plain, user) == served[1:]
 
@@ -586,3 +589,12 @@ def test_reasoning_parsers_need_their_markers_as_single_tokens():
     answer = split.add([*words[2:], parser.end, *words])
     assert answer == "ok then" and split.reasoning_delta == pangu.decode(words[2:])
     assert split.tokens_used == 2 + 2 * len(words)
+    # a character split by the closing marker stays split: each part decodes apart, as the
+    # engine reads stop strings (no byte of the reasoning completes the answer's)
+    smile = pangu("😀", add_special_tokens=False)["input_ids"]
+    assert len(smile) > 1
+    split = ReasoningText(pangu, parser, None, prompt=ids, eos_ids=())
+    answer = split.add([parser.start, smile[0], parser.end, *smile[1:], *words])
+    answer += split.flush()
+    assert split.reasoning_delta == pangu.decode(smile[:1]) and answer.endswith("ok then")
+    assert answer == pangu.decode([*smile[1:], *words])

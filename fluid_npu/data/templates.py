@@ -97,7 +97,8 @@ def rendered_ids(tokenizer: Any, text: str, add_bos: bool | None = None) -> list
     tokenizer's ``_tokenizer_adds_bos`` when already known."""
     if add_bos is None:
         add_bos = _tokenizer_adds_bos(tokenizer)
-    bos = [tokenizer.bos_token_id] if add_bos and not text.startswith(tokenizer.bos_token) else []
+    written = text.lstrip().startswith(tokenizer.bos_token) if add_bos else True
+    bos = [] if written else [tokenizer.bos_token_id]
     return bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

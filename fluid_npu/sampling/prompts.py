@@ -234,7 +234,12 @@ def reserved_template_kwargs(kwargs: dict[str, Any]) -> list[str]:
     variables: a chat-template keyword may not set them."""
     import inspect
 
+    from transformers.utils import chat_template_utils
+
     own = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+    render = getattr(chat_template_utils, "render_jinja_template", None)  # (what it calls)
+    if render is not None:
+        own |= set(inspect.signature(render).parameters)
     return sorted(set(kwargs) & ((own - {"self", "kwargs"}) | {"messages"}))
 
 
@@ -253,6 +258,14 @@ def read_chat_template(value: str, flag: str = "--chat-template") -> str:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{flag} {value}: cannot be read ({exc})") from None
+        with contextlib.suppress(ValueError):  # (a template is not JSON)
+            if isinstance(json.loads(text), dict):
+                raise ConfigError(
+                    f"{flag} {value} is a JSON file (a tokenizer's config?), not a Jinja "
+                    "template: give a .jinja file or the template itself"
+                )
+    elif path.is_dir():
+        raise ConfigError(f"{flag} {value} is a directory; give a template file or the template")
     elif any(c in value for c in "{}\n"):
         text = value
     else:

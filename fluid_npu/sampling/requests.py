@@ -26,6 +26,9 @@ class Request:
     # a stop string may begin in the prompt, as transformers' stop_strings read the whole
     # sequence (False: in the output only, as the OpenAI API and vLLM match them)
     stop_in_prompt: bool = False
+    # a token no stop string spans: the search starts afresh after it (a reasoning parser's
+    # closing marker, so the engine ends where the server's split text finds a stop)
+    stop_reset: int | None = None
 
 
 @dataclass

@@ -388,17 +388,40 @@ class StepMixin(SampledMixin):
 
     def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:
         """How many of this step's ``toks`` slot ``s`` keeps when one completes a stop string
-        (``stops.py``), else None."""
-        earlier, context = s.new, 0
+        (``stops.py``), else None. No stop string spans the request's ``stop_reset`` token: the
+        search starts afresh after it, with it as the only context."""
+        reset, done = s.req.stop_reset, 0
+        new = list(s.new)
+        while True:
+            found = reset is not None and reset in toks[done:]
+            cut = toks.index(reset, done) + 1 if found else None
+            part = toks[done:cut]
+            n = self._stop_cut_part(s, new, part)
+            if n is not None or cut is None:
+                s.stopped = s.stopped or n is not None
+                return None if n is None else done + n
+            new += part
+            done = cut
+
+    def _stop_cut_part(self, s: Slot, new: list[int], toks: list[int]) -> int | None:
+        """``_stop_cut`` for a run of tokens after the output's ``new`` ones, no reset among
+        them but maybe the last."""
+        if not toks:
+            return None
+        reset = s.req.stop_reset
+        if reset is not None and reset in new:  # the text after the last reset, as the server's
+            last = len(new) - 1 - new[::-1].index(reset)  # (read after the prompt's tail and it)
+            earlier = [*s.prompt[-PROMPT_CONTEXT:], *new[last:]]
+            context = min(len(s.prompt), PROMPT_CONTEXT) + 1
+            return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context)
+        earlier, context = new, 0
         window = 4 * (max(len(x.encode("utf-8")) for x in s.req.stop) + 8)  # stop_cut's, and more
-        if s.req.stop_in_prompt and len(s.new) < window:
-            earlier = [*s.prompt[-window:], *s.new]
-        elif len(s.new) < window:  # the output's text as the server spells it after its prompt
+        if s.req.stop_in_prompt and len(new) < window:
+            earlier = [*s.prompt[-window:], *new]
+        elif len(new) < window:  # the output's text as the server spells it after its prompt
             tail = s.prompt[-PROMPT_CONTEXT:]
-            earlier, context = [*tail, *s.new], len(tail)
-        n = stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context)
-        s.stopped = s.stopped or n is not None
-        return n
+            earlier, context = [*tail, *new], len(tail)
+        return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context)
 
     def _eos_of(self, i: int) -> list[int]:
         s = self.slots[i]

@@ -280,6 +280,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             arrived,
             eos_ids=[] if s.ignore_eos else None,
             stop=tuple(s.stop),
+            # reasoning apart: no stop string spans the closing marker, as the split text reads
+            stop_reset=reasoning.end if shapes[0].chat and reasoning is not None else None,
         )
         for ids in prompts:
             metrics.prompt_tokens.inc(len(ids))

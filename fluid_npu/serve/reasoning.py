@@ -15,7 +15,10 @@ thinking models); the block ends at the closing marker, and what follows is the 
 (a template that closed an empty block, ``enable_thinking: false``) the whole output is the answer.
 An output cut before its closing marker (``max_tokens``) is all reasoning. The markers themselves
 are counted in ``usage`` and carry log-probabilities, but are in neither text. Stop strings end the
-request in either part (each part's text is searched; one spanning the closing marker is not).
+request in either part; none spans a closing marker — the server searches each part's text and the
+engine starts its search afresh after the marker (``Request.stop_reset``), so both end alike.
+Unlike vLLM's ``deepseek_r1`` parser, a closing marker in an output that neither the prompt nor
+the output opened does not turn the text before it into reasoning (it stays answer).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.detok import Detokenizer
+from fluid_npu.sampling.detok import PROMPT_CONTEXT, Detokenizer
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,11 @@ def reasoning_parser(name: str, tokenizer: Any) -> ReasoningParser:
 class ReasoningText:
     """A chat output's text in two parts, reasoning then answer, as ``Detokenizer`` gives one
     text (the same interface: ``add``, ``flush``, ``stopped``, ``tokens_used``), with the
-    reasoning deltas in ``reasoning_delta`` after each call."""
+    reasoning deltas in ``reasoning_delta`` after each call.
+
+    Each part is its own ``Detokenizer`` (stop strings searched in it), started again after every
+    closing marker with the prompt's last tokens and the marker as context: no stop string and no
+    character spans a marker, as the engine reads it (``Request.stop_reset``)."""
 
     def __init__(
         self,
@@ -94,75 +101,67 @@ class ReasoningText:
         eos_ids: Collection[int],
     ) -> None:
         self.tokenizer, self.parser, self.stop, self.eos = tokenizer, parser, stop, eos_ids
-        self.prompt = list(prompt)
-        self.thinking = parser.opened(prompt)  # reasoning from the first token
+        self.tail = list(prompt[-PROMPT_CONTEXT:])
+        self.thinking = parser.opened(prompt)  # reasoning until the closing marker
         self.first = True  # no output token seen yet
-        self.reasoned: list[int] = []  # the reasoning's tokens, context of the answer
-        self.markers = 0  # marker tokens taken (counted, never spelled)
-        self.reason_part = Detokenizer(tokenizer, stop, prompt=prompt, eos_ids=eos_ids)
-        self.answer_part: Detokenizer | None = None if self.thinking else self.reason_part
+        self.done = 0  # tokens of the parts before the current one, markers included
+        self.part = Detokenizer(tokenizer, stop, prompt=prompt, eos_ids=eos_ids)
         self.reasoning_delta = ""
-        self.had_reasoning = False  # a block was opened (the message then has a reasoning)
-
-    @property
-    def current(self) -> Detokenizer:
-        return self.reason_part if self.answer_part is None else self.answer_part
+        self.had_reasoning = self.thinking  # a block was opened (the message has a reasoning)
 
     @property
     def stopped(self) -> bool:
-        return self.current.stopped
+        return self.part.stopped
 
     @property
     def spelled_context(self) -> bool:
-        return self.current.spelled_context
+        return self.part.spelled_context
 
     @property
     def tokens_used(self) -> int:
-        if self.answer_part is None or self.answer_part is self.reason_part:
-            return self.current.tokens_used + self.markers
-        return self.reason_part.tokens_used + self.markers + self.answer_part.tokens_used
+        return self.done + self.part.tokens_used
 
     def add(self, tokens: Sequence[int]) -> str:
         """Feed committed tokens; returns the answer's new text (the reasoning's is in
         ``reasoning_delta``)."""
-        self.reasoning_delta, answer = "", ""
+        self.reasoning_delta = ""
+        answer = ""
         run: list[int] = []
         for tok in tokens:
             first, self.first = self.first, False
-            if first and tok == self.parser.start:  # the output opens its own block
-                self.markers += 1
-                self.thinking, self.answer_part = True, None
-                context = [*self.prompt, tok]
-                self.reason_part = Detokenizer(self.tokenizer, self.stop, context, self.eos)
-                continue
-            if self.answer_part is None and tok == self.parser.end:  # the answer starts
-                self._feed(run)
+            opens = first and tok == self.parser.start  # the output opens its own block
+            if opens or tok == self.parser.end:
+                answer += self._feed(run)
                 run = []
-                if self.reason_part.stopped:
+                if self.part.stopped:
                     break
-                self.reasoning_delta += self.reason_part.flush()
-                self.markers += 1
-                context = [*self.prompt, *self.reasoned, tok]
-                self.answer_part = Detokenizer(self.tokenizer, self.stop, context, self.eos)
+                answer += self._flush()
+                self.done += self.part.tokens_used + 1  # the marker: counted, never spelled
+                self.thinking = opens
+                self.had_reasoning = self.had_reasoning or opens
+                context = [*self.tail, tok]
+                self.part = Detokenizer(self.tokenizer, self.stop, context, self.eos)
                 continue
             run.append(tok)
-        answer += self._feed(run)
-        self.had_reasoning = self.had_reasoning or self.thinking
-        return answer
+        return answer + self._feed(run)
 
     def _feed(self, run: list[int]) -> str:
         """Feed a run of one part's tokens; the answer's text (the reasoning's is kept)."""
-        if not run or self.current.stopped:
+        if not run or self.part.stopped:
             return ""
-        if self.answer_part is None:
-            self.reasoning_delta += self.reason_part.add(run)
-            self.reasoned += run
+        text = self.part.add(run)
+        if self.thinking:
+            self.reasoning_delta += text
             return ""
-        return self.answer_part.add(run)
+        return text
+
+    def _flush(self) -> str:
+        text = self.part.flush()
+        if self.thinking:
+            self.reasoning_delta += text
+            return ""
+        return text
 
     def flush(self) -> str:
         """The text still held back at the end of the output (the reasoning's too)."""
-        if self.answer_part is None:
-            self.reasoning_delta += self.reason_part.flush()
-            return ""
-        return self.answer_part.flush()
+        return self._flush()

@@ -88,8 +88,9 @@ def chat_ids(
         )
     from fluid_npu.sampling.prompts import chat_template_ids
 
+    param = "messages" if render.template is None else "chat_template"  # whose fault
     try:
-        return chat_template_ids(
+        ids = chat_template_ids(
             tokenizer,
             messages,
             render.add_generation_prompt,
@@ -98,9 +99,10 @@ def chat_ids(
             template=render.template,
         )
     except Exception as exc:  # the template's own error (e.g. a role it does not allow)
-        raise APIError(
-            f"the chat template rejected the messages: {exc}", param="messages"
-        ) from None
+        raise APIError(f"the chat template rejected the messages: {exc}", param=param) from None
+    if not ids:
+        raise APIError("the chat template rendered these messages as no text", param=param)
+    return ids
 
 
 _HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
