@@ -300,7 +300,8 @@ def test_generate_takes_a_chat_template_and_its_variables(dirs, tmp_path, capsys
     base = ["generate", "--model", dirs["model"], "--max-new-tokens", "12", "--policy", "fixed:3",
             "--prompts", src, "--chat", "--batch-size", "2"]  # fmt: skip
     out = tmp_path / "c_out.jsonl"
-    for given in (str(template), THINKING):
+    long = "{#" + "x" * 400 + "#}" + THINKING  # inline, and longer than a file name may be
+    for given in (str(template), long):
         argv = [*base, "--output", str(out), "--chat-template", given]
         assert main([*argv, "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
         rows = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]

@@ -250,9 +250,9 @@ def read_chat_template(value: str, flag: str = "--chat-template") -> str:
     naming ``flag`` (checked before any model is loaded)."""
     path = Path(value)
     try:
-        is_file = path.is_file()
+        is_file, is_dir = path.is_file(), path.is_dir()
     except OSError:  # (a template too long for a file name)
-        is_file = False
+        is_file = is_dir = False
     if is_file:
         try:
             text = path.read_text(encoding="utf-8")
@@ -264,7 +264,7 @@ def read_chat_template(value: str, flag: str = "--chat-template") -> str:
                     f"{flag} {value} is a JSON file (a tokenizer's config?), not a Jinja "
                     "template: give a .jinja file or the template itself"
                 )
-    elif path.is_dir():
+    elif is_dir:
         raise ConfigError(f"{flag} {value} is a directory; give a template file or the template")
     elif any(c in value for c in "{}\n"):
         text = value
