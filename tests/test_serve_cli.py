@@ -199,9 +199,13 @@ def test_the_served_chat_template_and_its_default_variables(model_dir):  # noqa:
     assert tokenizer.chat_template == template
     assert settings.template_kwargs() == {"suffix": "?"}
     from fluid_npu.errors import ConfigError
+    from fluid_npu.serve.app import ServeConfig, create_app
+    from fluid_npu.serve.worker import Worker
 
+    scheduler, tokenizer, max_len, _ = build_scheduler(ServeSettings(model=model_dir))
+    config = ServeConfig("m", max_len, 1, reasoning_parser="qwen3")  # (built before serving)
     with pytest.raises(ConfigError, match="'<think>' is not one token of this model's tokenizer"):
-        build_scheduler(ServeSettings(model=model_dir, reasoning_parser="qwen3"))
+        create_app(Worker(scheduler), tokenizer, config)
 
 
 def test_missing_serve_extra_is_one_clear_error(capsys, monkeypatch):

@@ -10,7 +10,8 @@ import pytest
 from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.sampling.prompts import encode_prompt
-from fluid_npu.serve.protocol import APIError, parse_chat, parse_completion
+from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.protocol import parse_chat, parse_completion
 from fluid_npu.serve.responses import Shape, usage
 from fluid_npu.serve.text import TokenText, chat_ids, completion_ids
 

@@ -15,6 +15,7 @@ behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -232,15 +233,21 @@ def reserved_template_kwargs(kwargs: dict[str, Any]) -> list[str]:
     """The names in ``kwargs`` that are ``apply_chat_template``'s own arguments (``tokenize``,
     ``chat_template``, ``add_generation_prompt``, ...) or the conversation, not template
     variables: a chat-template keyword may not set them."""
+    return sorted(set(kwargs) & _rendering_arguments()) if kwargs else []
+
+
+@functools.cache
+def _rendering_arguments() -> frozenset[str]:
+    """``apply_chat_template``'s and ``render_jinja_template``'s (what it calls) parameters."""
     import inspect
 
     from transformers.utils import chat_template_utils
 
     own = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
-    render = getattr(chat_template_utils, "render_jinja_template", None)  # (what it calls)
+    render = getattr(chat_template_utils, "render_jinja_template", None)
     if render is not None:
         own |= set(inspect.signature(render).parameters)
-    return sorted(set(kwargs) & ((own - {"self", "kwargs"}) | {"messages"}))
+    return frozenset((own - {"self", "kwargs"}) | {"messages"})
 
 
 def read_chat_template(value: str, flag: str = "--chat-template") -> str:

@@ -43,6 +43,7 @@ from fluid_npu.errors import FluidError
 from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
+from fluid_npu.serve.errors import APIError, error_body
 from fluid_npu.serve.generation import (
     Echo,
     Generation,
@@ -52,8 +53,8 @@ from fluid_npu.serve.generation import (
     usage,
 )
 from fluid_npu.serve.metrics import ServerMetrics
-from fluid_npu.serve.protocol import APIError
 from fluid_npu.serve.reasoning import ReasoningText, reasoning_parser
+from fluid_npu.serve.rendering import ChatRender
 from fluid_npu.serve.responses import Shape
 from fluid_npu.serve.text import TokenText, chat_ids, text_ids, tokenizer_info
 from fluid_npu.serve.worker import Worker
@@ -147,14 +148,14 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # routing errors (404 unknown path, 405 wrong method) in the OpenAI shape too
-        body = protocol.error_body(
+        body = error_body(
             f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error"
         )
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        body = protocol.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
         return JSONResponse(body, status_code=500)
 
     def authorize(request: Request) -> None:
@@ -181,7 +182,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 code="model_not_found",
             )
 
-    def check_template(render: protocol.ChatRender) -> None:
+    def check_template(render: ChatRender) -> None:
         if render.template is not None and not config.trust_request_chat_template:
             raise APIError(
                 "this server renders conversations with its own chat template; a request's "

@@ -18,8 +18,8 @@ from typing import Any
 
 from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.serve import protocol
+from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.metrics import ServerMetrics
-from fluid_npu.serve.protocol import APIError
 from fluid_npu.serve.reasoning import ReasoningText
 from fluid_npu.serve.responses import DONE, LogprobEntry, Shape
 from fluid_npu.serve.responses import usage as usage_body

@@ -32,7 +32,7 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
 * ``logit_bias`` (OpenAI's: token id -> bias in [-100, 100], up to 300 tokens), added to the
   logits before the penalties; vLLM's ``min_tokens`` (no EOS before that many tokens, at most
   ``max_tokens``);
-* chat requests take vLLM's rendering fields (``chat_render``): ``chat_template_kwargs`` (the
+* chat requests take vLLM's rendering fields (``rendering.py``): ``chat_template_kwargs`` (the
   template's variables, over ``--default-chat-template-kwargs``; not the rendering's own
   arguments), ``add_generation_prompt``, ``continue_final_message`` (the last message, the
   assistant's, left open; not with ``add_generation_prompt: true``) and ``chat_template`` (a
@@ -50,46 +50,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fluid_npu.sampling.prompts import chat_messages
 from fluid_npu.sampling.rules import INT64_MAX, MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
+from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
 MAX_STOP = 64  # each is matched on every step's new text: a bound, not OpenAI's 4
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
-
-
-class APIError(Exception):
-    """An HTTP error answered as an OpenAI-style JSON body."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        param: str | None = None,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.type = type
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """``{"error": {...}}`` as the OpenAI API writes it."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class _Strict(BaseModel):
@@ -239,16 +208,6 @@ class CompletionRequest:
 
 
 @dataclass
-class ChatRender:
-    """How a request's conversation is rendered (``text.chat_ids``)."""
-
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    template_kwargs: dict[str, Any] = field(default_factory=dict)  # over the server's defaults
-    template: str | None = None  # the request's own chat template; None: the server's
-
-
-@dataclass
 class ChatRequest:
     messages: list[dict[str, str]]  # role, content (text) and, where given, name
     sampling: Sampling
@@ -369,62 +328,6 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
 RENDER_FIELDS = tuple(_Rendering.model_fields)
 
 
-def _conversation(given: list[Message]) -> list[dict[str, str]]:
-    """The messages as the chat template gets them (``prompts.chat_messages``, the rule
-    ``fluid generate`` applies to a ``messages`` line); a message it refuses is a 400."""
-    from fluid_npu.errors import DataError
-
-    try:
-        return chat_messages([m.model_dump(exclude_none=True) for m in given], "messages")
-    except DataError as exc:
-        raise APIError(str(exc).removeprefix("messages: "), param="messages") from None
-
-
-def chat_render(req: _Rendering, messages: list[dict[str, str]]) -> ChatRender:
-    """A request's rendering fields, checked: ``continue_final_message`` needs the last message
-    to be the assistant's and ``add_generation_prompt`` not true (vLLM's and transformers' rule),
-    ``chat_template_kwargs`` may not set the rendering's own arguments, and a request's
-    ``chat_template`` must compile."""
-    from fluid_npu.errors import ConfigError
-    from fluid_npu.sampling.prompts import check_template_syntax, reserved_template_kwargs
-
-    cont = bool(req.continue_final_message)
-    if cont and req.add_generation_prompt:
-        raise APIError(
-            "continue_final_message and add_generation_prompt cannot both be true: send "
-            "add_generation_prompt: false to continue the last message",
-            param="continue_final_message",
-        )
-    if cont and messages[-1]["role"] != "assistant":
-        raise APIError(
-            "continue_final_message continues the last message, which must be the assistant's "
-            f"(it is the {messages[-1]['role']}'s)",
-            param="continue_final_message",
-        )
-    kwargs = dict(req.chat_template_kwargs or {})
-    reserved = reserved_template_kwargs(kwargs)
-    if reserved:
-        raise APIError(
-            f"chat_template_kwargs sets {', '.join(reserved)}: arguments of the rendering itself, "
-            "not template variables (add_generation_prompt, continue_final_message and "
-            "chat_template are request fields)",
-            param="chat_template_kwargs",
-        )
-    if req.chat_template is not None:
-        if not req.chat_template.strip():
-            raise APIError("chat_template is empty", param="chat_template")
-        try:
-            check_template_syntax(req.chat_template, "chat_template")
-        except ConfigError as exc:
-            raise APIError(str(exc), param="chat_template") from None
-    return ChatRender(
-        add_generation_prompt=not cont and req.add_generation_prompt is not False,
-        continue_final_message=cont,
-        template_kwargs=kwargs,
-        template=req.chat_template,
-    )
-
-
 def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
     """A checked ``/tokenize`` body (exactly one of ``prompt`` and ``messages``) and, with
     messages, the conversation as the chat route takes it (its ``messages`` and ``render``)."""
@@ -444,7 +347,7 @@ def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
             "places the special tokens itself",
             param="add_special_tokens",
         )
-    messages = _conversation(req.messages)
+    messages = conversation(req.messages)
     return req, ChatRequest(messages, Sampling(max_tokens=None), chat_render(req, messages))
 
 
@@ -511,7 +414,7 @@ def parse_chat(body: Any) -> ChatRequest:
         )
     # what the template gets (text parts one per line, as vLLM; names kept): the rule
     # ``fluid generate`` applies to a "messages" line, so both render a conversation alike
-    messages = _conversation(req.messages)
+    messages = conversation(req.messages)
     render = chat_render(req, messages)
     max_tokens = req.max_completion_tokens or req.max_tokens
     sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)

@@ -64,12 +64,17 @@ class ReasoningParser:
         return False
 
 
+def check_parser_name(name: str) -> Markers:
+    """The markers of the parser ``name``; an unknown one is a ``ConfigError`` naming the flag."""
+    if name not in PARSERS:
+        raise ConfigError(f"--reasoning-parser {name!r} is not one of {', '.join(sorted(PARSERS))}")
+    return PARSERS[name]
+
+
 def reasoning_parser(name: str, tokenizer: Any) -> ReasoningParser:
     """The parser ``name`` for ``tokenizer``; an unknown name, or markers that are not single
     tokens of this tokenizer, is a ``ConfigError`` naming ``--reasoning-parser``."""
-    if name not in PARSERS:
-        raise ConfigError(f"--reasoning-parser {name!r} is not one of {', '.join(sorted(PARSERS))}")
-    markers = PARSERS[name]
+    markers = check_parser_name(name)
     ids = []
     for marker in (markers.start, markers.end):
         tok = tokenizer.convert_tokens_to_ids(marker)
@@ -107,7 +112,6 @@ class ReasoningText:
         self.done = 0  # tokens of the parts before the current one, markers included
         self.part = Detokenizer(tokenizer, stop, prompt=prompt, eos_ids=eos_ids)
         self.reasoning_delta = ""
-        self.had_reasoning = self.thinking  # a block was opened (the message has a reasoning)
 
     @property
     def stopped(self) -> bool:
@@ -138,7 +142,6 @@ class ReasoningText:
                 answer += self._flush()
                 self.done += self.part.tokens_used + 1  # the marker: counted, never spelled
                 self.thinking = opens
-                self.had_reasoning = self.had_reasoning or opens
                 context = [*self.tail, tok]
                 self.part = Detokenizer(self.tokenizer, self.stop, context, self.eos)
                 continue

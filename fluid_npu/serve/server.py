@@ -76,13 +76,10 @@ class ServeSettings:
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
         self.template_text()
         self.template_kwargs()
-        from fluid_npu.serve.reasoning import PARSERS
+        if self.reasoning_parser is not None:
+            from fluid_npu.serve.reasoning import check_parser_name
 
-        if self.reasoning_parser is not None and self.reasoning_parser not in PARSERS:
-            raise ConfigError(
-                f"--reasoning-parser {self.reasoning_parser!r} is not one of "
-                f"{', '.join(sorted(PARSERS))}"
-            )
+            check_parser_name(self.reasoning_parser)
 
     def template_text(self) -> str | None:
         """The ``--chat-template`` text (None: the tokenizer's), read and compiled."""
@@ -144,10 +141,6 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
             device=dev,
             chat_template=settings.template_text(),
         )
-    if settings.reasoning_parser is not None:  # its markers must be this tokenizer's tokens
-        from fluid_npu.serve.reasoning import reasoning_parser
-
-        reasoning_parser(settings.reasoning_parser, fluid.tokenizer)
     policy = settings.policy or ("khead" if fluid.khead is not None else "entropy")
     scheduler = Scheduler(
         fluid.model,

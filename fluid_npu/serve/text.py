@@ -23,7 +23,8 @@ import re
 from typing import Any
 
 from fluid_npu.errors import FluidError
-from fluid_npu.serve.protocol import APIError, ChatRender
+from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.rendering import ChatRender
 
 
 def completion_ids(tokenizer: Any, prompt: str | list[int]) -> list[int]:

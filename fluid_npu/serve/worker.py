@@ -39,7 +39,7 @@ from typing import Any
 
 from fluid_npu.errors import FluidError
 from fluid_npu.sampling.requests import Request
-from fluid_npu.serve.protocol import APIError
+from fluid_npu.serve.errors import APIError
 
 logger = logging.getLogger(__name__)
 
