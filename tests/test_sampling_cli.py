@@ -488,14 +488,17 @@ def test_no_adaptive_drafting_reaches_every_engine_of_generate_bench_and_eval(
     dirs, tmp_path, monkeypatch
 ):
     """``--no-adaptive-drafting`` (as on ``fluid serve``): the engines run with the draft budget
-    off — TPF independent of the machine's speed — and the reports say so."""
+    off — TPF independent of the machine's speed — and the reports say so; the same for
+    ``--no-enable-prefix-caching`` (the engines' prefix reuse off)."""
     from fluid_npu.sampling.scheduler import Scheduler
 
     seen: list[bool] = []
+    reuse: list[bool] = []
     init = Scheduler.__init__
 
     def spy(self, *a, **k):
         seen.append(k.get("adaptive", True))
+        reuse.append(k.get("prefix_caching", True))
         init(self, *a, **k)
 
     monkeypatch.setattr(Scheduler, "__init__", spy)
@@ -503,25 +506,31 @@ def test_no_adaptive_drafting_reaches_every_engine_of_generate_bench_and_eval(
     out = tmp_path / "bench.json"
     argv = _bench_argv(dirs["model"], src, out, "--batch-sizes", "2", "--loops", "fused")
     flags = ["--policies", "fixed:4", "--max-new-tokens", "6", "--no-adaptive-drafting"]
-    assert main([*argv, *flags]) == 0
+    off = "--no-enable-prefix-caching"
+    assert main([*argv, *flags, off]) == 0
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["adaptive_drafting"] is False and "--no-adaptive-drafting" in report["command"]
-    assert seen and not any(seen)
+    assert report["prefix_caching"] is False and off in report["command"]
+    assert seen and not any(seen) and not any(reuse)
     seen.clear()
+    reuse.clear()
     gen = ["generate", "--model", dirs["model"], "--prompts", src, "--max-new-tokens", "4"]
-    assert main([*gen, "--output", str(tmp_path / "o.jsonl"), "--no-adaptive-drafting"]) == 0
-    assert seen and not any(seen)
+    assert main([*gen, "--output", str(tmp_path / "o.jsonl"), "--no-adaptive-drafting", off]) == 0
+    assert seen and not any(seen) and not any(reuse)
     seen.clear()
+    reuse.clear()
     ev = tmp_path / "eval.json"
     data = _write_prompts(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
     evargs = ["eval", "--model", dirs["model"], "--task", "gsm8k", "--data", data, "--policy"]
     evargs += ["fixed:4", "--max-new-tokens", "4", "--json", str(ev), "--no-adaptive-drafting"]
-    assert main(evargs) == 0
-    assert seen and not any(seen)
+    assert main([*evargs, off]) == 0
+    assert seen and not any(seen) and not any(reuse)
     assert "--no-adaptive-drafting" in json.loads(ev.read_text(encoding="utf-8"))["command"]
     seen.clear()
+    reuse.clear()
     assert main([*argv, "--policies", "ar", "--max-new-tokens", "2"]) == 0  # the default: on
     assert all(seen) and json.loads(out.read_text(encoding="utf-8"))["adaptive_drafting"]
+    assert all(reuse) and json.loads(out.read_text(encoding="utf-8"))["prefix_caching"]
 
 
 def test_bad_dtype_is_one_clear_error(dirs, tmp_path, capsys):

@@ -92,7 +92,7 @@ def cache_probe(monkeypatch):
 
     free = Scheduler._free
 
-    def free_slot(self: Scheduler, i: int):
+    def free_slot(self: Scheduler, i: int, reason: str | None):
         s = self.slots[i]
         if s is not None and s.running and len(s.new) > 0:
             fresh = fresh_cache(self.model, [*s.prompt, *s.new[:-1]])
@@ -101,8 +101,12 @@ def cache_probe(monkeypatch):
             for keys, values, ref in zip(self.kv.keys, self.kv.values, fresh.layers):
                 torch.testing.assert_close(keys[i, :, :n], ref.keys[0], atol=2e-5, rtol=0)
                 torch.testing.assert_close(values[i, :, :n], ref.values[0], atol=2e-5, rtol=0)
+            free(self, i, reason)
+            # what a later prompt may reuse (reuse.py) is exactly what was just checked
+            assert self.prefixes.held[i] == [*s.prompt, *s.new[:-1]]
             checked.append(i)
-        return free(self, i)
+            return None
+        return free(self, i, reason)
 
     monkeypatch.setattr(Engine, "retire", retire)
     monkeypatch.setattr(Scheduler, "_free", free_slot)

@@ -153,7 +153,7 @@ def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
     argv = ["bench", "serve", "--model", model_dir, "--prompts", prompts, "--json", str(out),
             "--num-requests", "12", "--concurrency", "4", "--max-tokens", "48",
             "--max-batch", "4", "--max-len", "128", "--warmup", "2",
-            "--no-adaptive-drafting", "--threads", "1"]  # fmt: skip
+            "--no-adaptive-drafting", "--threads", "1", "--no-enable-prefix-caching"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(out.read_text())
     fluid, ar = report["results"]["entropy"], report["results"]["ar"]
@@ -166,6 +166,9 @@ def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
     )
     assert report["server_args"][:2] == ["--model", model_dir]
     assert "--no-adaptive-drafting" in report["server_args"]
+    assert "--no-enable-prefix-caching" in report["server_args"]  # (repeated prompts: no reuse)
+    assert fluid["cached_prompt_tokens"] == ar["cached_prompt_tokens"] == 0
+    assert fluid["prompt_tokens"] == ar["prompt_tokens"] > 0
     at = report["server_args"].index("--threads")
     assert report["server_args"][at : at + 2] == ["--threads", "1"]
 

@@ -21,6 +21,7 @@ import uvicorn
 from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.api import PromptError
 from fluid_npu.sampling.requests import Request
+from fluid_npu.sampling.reuse import SlotPrefixes
 from fluid_npu.serve.app import ServeConfig, create_app
 from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.server import DrainingServer, bind
@@ -46,6 +47,7 @@ class Ev:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    cached: int = 0
 
 
 def script(prompt: list[int], max_new: int, eos: bool) -> list[int]:
@@ -73,6 +75,7 @@ class ScriptedScheduler:
         self.fail = False
         self.steps = 0  # steps run so far ...
         self.submitted_step: dict[str, int] = {}  # ... when each request was submitted
+        self.prefixes = SlotPrefixes(max_batch, enabled=False)  # prompt tokens admitted
 
     def submit(self, req: Request) -> None:
         if not req.prompt:

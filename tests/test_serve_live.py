@@ -243,6 +243,31 @@ def test_lm_eval_scores_and_generates_through_the_server(server, model_dir, tmp_
         assert texts == [row["text"].split(until)[0] for row in offline_rows]
 
 
+def test_the_next_turn_of_a_chat_reuses_the_cache_and_answers_as_offline(
+    server, model_dir, tmp_path
+):
+    # the second turn's prompt starts with the first turn's prompt and answer, still in the slot
+    # the first turn left: only the rest is encoded, and the answer is the offline one
+    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    turn = [{"role": "user", "content": "defgh"}]
+    hits = _metric(server.url, "fluid_prefix_cache_hits_total")
+    first = c.chat.completions.create(model="model", messages=turn, max_tokens=12, temperature=0)
+    turn += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "ijk"},
+    ]
+    second = c.chat.completions.create(model="model", messages=turn, max_tokens=12, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    assert _metric(server.url, "fluid_prefix_cache_hits_total") - hits >= cached
+    src, out = tmp_path / "turns.jsonl", tmp_path / "turns-out.jsonl"
+    src.write_text(json.dumps({"messages": turn}) + "\n", encoding="utf-8")
+    argv = ["generate", "--model", model_dir, "--prompts", str(src), "--output", str(out),
+            "--max-new-tokens", "12", "--no-enable-prefix-caching"]  # fmt: skip
+    assert main(argv) == 0
+    assert second.choices[0].message.content == json.loads(out.read_text(encoding="utf-8"))["text"]
+
+
 def test_bad_requests_and_api_key(server):
     c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:

@@ -410,7 +410,9 @@ def test_detokenizer_stop_strings(tok):
 def test_response_shapes():
     use = usage(4, 6, 3)
     assert use == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10,
+                   "prompt_tokens_details": {"cached_tokens": 0},
                    "forwards": 3, "tpf": 2.0}  # fmt: skip
+    assert usage(4, 6, 3, 2)["prompt_tokens_details"] == {"cached_tokens": 2}
     chat = Shape(True, "chatcmpl-1", "m")
     body = chat.answer([chat.choice("hi", "stop")], use)
     assert body["object"] == "chat.completion"

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from engine_args import engine_parser, load, report_head, save
+from engine_args import ab_row, engine_parser, load, report_head, save
 
 VARIANTS = {"lean": True, "modules": False}
 
@@ -88,15 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if sec < best[name]:
                         best[name], steps[name], out[name] = sec, n, toks
-            same = out["lean"] == out["modules"]
+            row, same = ab_row(batch, policy, out, best)
             failed |= not same
-            total = sum(len(t) for t in out["lean"])
             row = {
-                "batch_size": batch,
-                "policy": policy,
-                "new_tokens": total,
-                "identical_tokens": same,
-                **{f"{n}_tokens_per_s": total / best[n] for n in VARIANTS},
+                **row,
                 **{f"{n}_ms_per_step": 1e3 * best[n] / steps[n] for n in VARIANTS},
                 "lean_speedup": best["modules"] / best["lean"],
             }

@@ -1,6 +1,6 @@
 """What the engine benchmarks in ``tools/`` share: their flags, the model and prompts they load, the
-head of their JSON report and its writing (``bench_lean.py``, ``step_ops.py``; run as scripts from
-any directory).
+head of their JSON report, an A/B row and its writing (``bench_lean.py``, ``bench_prefix.py``,
+``step_ops.py``; run as scripts from any directory).
 """
 
 from __future__ import annotations
@@ -52,6 +52,17 @@ def report_head(argv: list[str] | None, fluid: Any, prompts: list[list[int]],
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
     }
+
+
+def ab_row(batch: int, policy: str, out: dict[str, list[list[int]]],
+           best: dict[str, float]) -> tuple[dict[str, Any], bool]:  # fmt: skip
+    """What every variant-against-variant row starts with (sizes, each variant's tokens/s from its
+    best time ``best``), and whether every variant committed the same tokens ``out``."""
+    first = next(iter(out.values()))
+    same = all(toks == first for toks in out.values())
+    total = sum(len(t) for t in first)
+    row = {"batch_size": batch, "policy": policy, "new_tokens": total, "identical_tokens": same}
+    return {**row, **{f"{n}_tokens_per_s": total / best[n] for n in out}}, same
 
 
 def save(path: str, report: dict[str, Any]) -> None:

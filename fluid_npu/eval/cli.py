@@ -49,6 +49,7 @@ EVAL_KEYS = (
     "dtype",
     "compile",
     "no_adaptive_drafting",
+    "no_enable_prefix_caching",
 )
 
 

@@ -320,6 +320,7 @@ def _generate_fused(
     stats.prefill_forwards = sched.prefill_forwards
     stats.decode_forwards = sched.decode_forwards
     stats.computed_tokens = sched.computed_tokens
+    stats.cached_tokens = sched.prefixes.hits
     stats.accept_hist.update(sched.accept_hist)
     stats.k_hist.update(sched.k_hist)
     stats.new_tokens = [len(t) for t in new]

@@ -60,6 +60,7 @@ BENCH_KEYS = (
     "dtype",
     "compile",
     "no_adaptive_drafting",
+    "no_enable_prefix_caching",
     "chat",
     "chat_template",
     "chat_template_kwargs",

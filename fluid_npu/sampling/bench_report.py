@@ -49,6 +49,7 @@ def bench_row(
         "prefill_forwards": sum(st.prefill_forwards for st in stats),
         "computed_tokens": (computed := sum(st.computed_tokens for st in stats)),
         "computed_per_token": computed / tokens if tokens else 0.0,
+        "cached_prompt_tokens": sum(st.cached_tokens for st in stats),  # (reuse.py)
         "tpf": tpf,
         "tpf_ratio": tpf / base["tpf"],
         "tokens_per_s": tokens / wall,
@@ -125,6 +126,7 @@ def build_report(
         "overhead_efficiency": efficiency,
         "dtype": str(dtype).removeprefix("torch."),
         "adaptive_drafting": (s.gen_kwargs.get("engine_kwargs") or {}).get("adaptive", True),
+        "prefix_caching": (s.gen_kwargs.get("engine_kwargs") or {}).get("prefix_caching", True),
         "speedup_b1": best_lossless(rows, "speedup", 1),
         "speedup_b8": best_lossless(rows, "speedup", 8),
         "mismatches": sum(len(r["mismatches"]) for r in rows),

@@ -86,6 +86,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "from measured step costs): the same TPF on any machine, not the fastest",
     )
     p.add_argument(
+        "--no-enable-prefix-caching",
+        action="store_true",
+        help="every prompt encoded whole (by default a prompt that starts with what a free slot's "
+        "cache still holds, e.g. a shared few-shot prefix, encodes only the rest)",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         help="auto (the checkpoint's) | float32 | bfloat16 | float16: the dtype the model runs in",
@@ -201,7 +207,7 @@ def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
 
 def gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The sampler keywords the flags set (``k_max``, ``anchors``, ``attn_backend``, and the
-    engine's ``compile`` and ``adaptive``)."""
+    engine's ``compile``, ``adaptive`` and ``prefix_caching``)."""
     out: dict[str, Any] = {
         "k_max": args.k_max,
         "anchors": args.anchors,
@@ -212,6 +218,8 @@ def gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         engine["compile"] = True
     if getattr(args, "no_adaptive_drafting", False):
         engine["adaptive"] = False
+    if getattr(args, "no_enable_prefix_caching", False):
+        engine["prefix_caching"] = False
     if engine:
         out["engine_kwargs"] = engine
     return out

@@ -1,16 +1,17 @@
 """Admission and prefill of the engine (``scheduler.py``): waiting requests into free slots, then
 their prompts into the slot cache, a chunk per step.
 
-``PrefillMixin._admit`` gives each free slot (lowest index first) the next waiting request, with its
-EOS ids, token budget and sampling settings (one write per setting for all the slots a step admits:
-on an eager accelerator every write is a launch). ``_prefill`` runs one forward for every slot still
-encoding its prompt: each its next chunk of at most ``prefill_chunk`` tokens of ``prompt[:-1]`` (a
-forward of first chunks without drafts is plain causal attention, no mask tensor); the chunk that
-ends a prompt also drafts the first tokens — MASK slots anchored at the prompt's ``P-2``, as Stage I
-trains them; as many as the decode steps' blocks now hold (``K`` for a sampling request) — unless
-drafting has not been paying. ``_start`` turns those slots into the requests' first drafts and
-candidate blocks, for every prompt the chunk ended at once: from the next step on the slots decode
-(``step.py``).
+``PrefillMixin._admit`` gives each waiting request a free slot (the one whose cache still holds
+the longest prefix of its prompt, which it then does not encode: ``reuse.py``; else the lowest
+index), with its EOS ids, token budget and sampling settings (one write per setting for all the
+slots a step admits: on an eager accelerator every write is a launch). ``_prefill`` runs one
+forward for every slot still encoding its prompt: each its next chunk of at most
+``prefill_chunk`` tokens of ``prompt[:-1]`` (a forward of first chunks without drafts is plain
+causal attention, no mask tensor); the chunk that ends a prompt also drafts the first tokens —
+MASK slots anchored at the prompt's ``P-2``, as Stage I trains them; as many as the decode steps'
+blocks now hold (``K`` for a sampling request) — unless drafting has not been paying. ``_start``
+turns those slots into the requests' first drafts and candidate blocks, for every prompt the chunk
+ended at once: from the next step on the slots decode (``step.py``).
 """
 
 from __future__ import annotations
@@ -35,12 +36,16 @@ class PrefillMixin:
         """Waiting requests into free slots (lowest index first), their per-slot settings written
         once for all of them."""
         rows = []
-        for i in range(self.slots_n):
-            if not self.waiting:
-                break
-            if self.slots[i] is None:
-                self.slots[i] = self.waiting.popleft()
-                rows.append(i)
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        while self.waiting and free:
+            s = self.waiting.popleft()
+            # the free slot whose cache holds the longest prefix of the prompt (reuse.py); a
+            # request that wants its prompt's log-probabilities encodes all of it
+            i, s.cached = self.prefixes.place(s.prompt, free, reuse=s.prompt_lps is None)
+            s.prefilled = s.cached
+            free.remove(i)
+            self.slots[i] = s
+            rows.append(i)
         if not rows:
             return
         slots = [self.slots[i] for i in rows]
@@ -52,7 +57,10 @@ class PrefillMixin:
         self.max_new[at] = torch.tensor([s.req.max_new_tokens for s in slots], device=dev)
         self.new_count.index_fill_(0, at, 0)
         self.overflowed.index_fill_(0, at, False)
-        self.length.index_fill_(0, at, 0)
+        if any(s.cached for s in slots):  # encoding starts after what the slot holds
+            self.length[at] = torch.tensor([s.cached for s in slots], device=dev)
+        else:
+            self.length.index_fill_(0, at, 0)
         self.run.index_fill_(0, at, False)
         params = [s.params for s in slots]
         self.temp[at] = torch.tensor([p.temperature for p in params], device=dev)

@@ -49,6 +49,7 @@ class Event:
     # with SamplingParams.prompt_logprobs, in the request's first event only: for each prompt
     # token after the first, its log-probability and the best alternatives (token id, logprob)
     prompt_logprobs: list[PromptLogprob] | None = None
+    cached: int = 0  # prompt tokens found in the slot's cache, not encoded (reuse.py)
 
 
 @dataclass
@@ -56,7 +57,8 @@ class Slot:
     req: Request
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    prefilled: int = 0  # prompt[:-1] tokens encoded so far
+    prefilled: int = 0  # prompt[:-1] tokens encoded so far (or found in the slot's cache)
+    cached: int = 0  # of them, found in the slot's cache (reuse.py)
     stopped: bool = False  # a stop string ended it
     running: bool = False
     forwards: int = 0

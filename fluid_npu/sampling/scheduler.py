@@ -3,7 +3,8 @@
 A ``Scheduler`` owns the model and ``max_batch`` request slots in one preallocated ``SlotKV``.
 Requests are ``submit``-ted into a FIFO queue; every ``step()``:
 
-1. retires aborted requests and admits waiting ones into free slots (lowest index first);
+1. retires aborted requests and admits waiting ones into free slots (lowest index first, or the
+   free slot whose cache still holds the longest prefix of the prompt: ``reuse.py``);
 2. runs one **prefill** forward for the slots still encoding their prompt (``prefill.py``): each
    row its next chunk of at most ``prefill_chunk`` tokens of ``prompt[:-1]`` (a chunk that starts
    a prompt, with no drafts, is plain causal attention — no mask tensor); the chunk that ends a
@@ -65,6 +66,7 @@ from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
+from fluid_npu.sampling.reuse import SlotPrefixes
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.step import StepMixin, _pow2, _round_up, cache_keyword
 from fluid_npu.sampling.support import PinnedRope, check_engine_support
@@ -99,6 +101,7 @@ class Scheduler(PrefillMixin, StepMixin):
         lean: bool = True,
         compile_options: dict[str, Any] | None = None,
         budgets: MutableMapping[Any, DraftBudget] | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ConfigError(
@@ -156,6 +159,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self._init_state()
         self.waiting: deque[Slot] = deque()
         self.slots: list[Slot | None] = [None] * max_batch
+        self.prefixes = SlotPrefixes(max_batch, prefix_caching)  # what free slots hold (reuse.py)
         self._ids: set[str] = set()
         self._aborted: list[Slot] = []  # aborted, their "abort" events due at the next step
         self.prefill_forwards = 0
@@ -363,9 +367,9 @@ class Scheduler(PrefillMixin, StepMixin):
             rid = slot.req.request_id
             at = [i for i, s in enumerate(self.slots) if s is slot]  # (a waiting one has none)
             for i in at:
-                self._free(i)
+                self._free(i, "abort")
             new, forwards = (len(slot.new), slot.forwards) if at else (0, 0)
-            events.append(Event(rid, [], True, "abort", new, forwards, 0))
+            events.append(Event(rid, [], True, "abort", new, forwards, 0, cached=slot.cached))
         self._aborted.clear()
         return events
 
@@ -403,7 +407,19 @@ class Scheduler(PrefillMixin, StepMixin):
                 self.penalties.move(dst, src)
             self.slots[dst], self.slots[src] = slot, None
             self.run[src] = False
+            self.prefixes.occupy(dst)  # and src still holds the request's first n entries
+            self.prefixes.release(src, (slot.prompt + slot.new)[:n])
 
-    def _free(self, i: int) -> None:
+    def _free(self, i: int, reason: str | None) -> None:
+        """Slot ``i``'s request ended (``reason``: its finish reason); the slot keeps the entries
+        its request wrote, for a later prompt that starts with the same tokens (``reuse.py``)."""
+        s = self.slots[i]
         self.slots[i] = None
         self.run[i] = False
+        if reason == "error" or (reason == "abort" and self._watch):
+            held = []  # float16: an entry may be an overflow written as zero
+        elif s.running:  # every token but the last (fed by a step that never came)
+            held = (s.prompt + s.new)[: len(s.prompt) - 1 + len(s.new)]
+        else:
+            held = s.prompt[: s.prefilled]
+        self.prefixes.release(i, held)

@@ -14,6 +14,8 @@ Counted, never estimated (DESIGN §1.3):
 * ``computed_tokens``: token positions the call's forwards computed, prefill included (rows ×
   width of each forward: padding, drafts that were rejected and blocks that were not used count
   too) — the work a compute-bound device pays for, against ``total_new_tokens`` committed;
+* ``cached_tokens``: prompt tokens not computed because a slot's cache already held them (the
+  engine's prefix reuse: ``reuse.py``);
 * ``wall_s``: wall time of the call, prefill included (the device synchronised at the end).
 
 ``GenerateStats.merged`` folds the calls of one run (its batches) into one record.
@@ -37,6 +39,7 @@ class GenerateStats:
     prefill_forwards: int = 0
     decode_forwards: int = 0
     computed_tokens: int = 0
+    cached_tokens: int = 0
     new_tokens: list[int] = field(default_factory=list)
     row_forwards: list[int] = field(default_factory=list)
     accept_hist: Counter = field(default_factory=Counter)
@@ -55,6 +58,7 @@ class GenerateStats:
             out.prefill_forwards += st.prefill_forwards
             out.decode_forwards += st.decode_forwards
             out.computed_tokens += st.computed_tokens
+            out.cached_tokens += st.cached_tokens
             out.new_tokens += st.new_tokens
             out.row_forwards += st.row_forwards
             out.accept_hist.update(st.accept_hist)
@@ -119,6 +123,7 @@ class GenerateStats:
             "prefill_forwards": self.prefill_forwards,
             "decode_forwards": self.decode_forwards,
             "computed_tokens": self.computed_tokens,
+            "cached_tokens": self.cached_tokens,
             "new_tokens": self.total_new_tokens,
             "tpf": self.tpf,
             "tokens_per_s": self.tokens_per_s,

@@ -374,13 +374,14 @@ class StepMixin(SampledMixin):
                 stopped = toks and (toks[-1] in self._eos_of(i) or s.stopped)
                 reason = "error" if done == 2 else "stop" if stopped else "length"
                 self._ids.discard(s.req.request_id)
-                self._free(i)
+                self._free(i, reason)
             # the accepted drafts that went into the output (a limit, EOS or stop string can end
             # the step's tokens inside the accepted run)
             kept = min(a, len(toks))
             event = Event(
-                s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, kept, lps, tops
-            )
+                s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, kept, lps, tops,
+                cached=s.cached,
+            )  # fmt: skip
             if s.prompt_lps is not None:  # the prompt's log-probabilities, in the first event
                 event.prompt_logprobs, s.prompt_lps = s.prompt_lps, None
             events.append(event)

@@ -42,6 +42,7 @@ BENCH_KEYS = (
     "model", "adapter", "khead", "url", "policies", "prompts", "json", "num_requests", "rate",
     "concurrency", "max_tokens", "ignore_eos", "chat", "warmup", "rounds", "seed", "dtype",
     "device", "max_batch", "max_len", "compile", "mask_token", "no_adaptive_drafting", "threads",
+    "no_enable_prefix_caching",
 )  # fmt: skip
 PERCENTILES = (50, 90, 99)
 GOAL_VS_AR = 3.0
@@ -208,6 +209,10 @@ def summarize(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         "errors": sorted({str(r["error"]) for r in records if r["error"] is not None})[:5],
         "wall_s": round(wall, 3),
         "generated_tokens": tokens,
+        "prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in ok),
+        "cached_prompt_tokens": sum(
+            (r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) for r in ok
+        ),  # found in a slot's cache (the engine's prefix reuse), not encoded
         "output_tokens_per_s": round(tokens / wall, 2),
         "requests_per_s": round(len(ok) / wall, 3),
         "tpf": round(tokens / forwards, 3) if forwards else None,

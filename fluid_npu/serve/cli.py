@@ -24,7 +24,7 @@ SERVER_KEYS = (
     "adapter", "khead", "mask_token", "dtype", "device", "max_batch", "max_len", "threads",
     "chat_template", "default_chat_template_kwargs",
 )  # fmt: skip
-SERVER_SWITCHES = ("compile", "no_adaptive_drafting")
+SERVER_SWITCHES = ("compile", "no_adaptive_drafting", "no_enable_prefix_caching")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -51,6 +51,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="every step drafts the policy's blocks (no choices from measured step costs): the "
         "same TPF on any machine, not the fastest",
+    )
+    p.add_argument(
+        "--no-enable-prefix-caching",
+        action="store_true",
+        help="encode every prompt whole (by default a prompt that starts with what a free slot's "
+        "cache still holds — the conversation so far, a shared system prompt — encodes only the "
+        "rest)",
     )
     p.add_argument(
         "--chat-template",
@@ -133,6 +140,7 @@ def serve_command(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         compile=args.compile,
         adaptive=not args.no_adaptive_drafting,
+        prefix_caching=not args.no_enable_prefix_caching,
         threads=args.threads,
         chat_template=args.chat_template,
         default_chat_template_kwargs=args.default_chat_template_kwargs,
@@ -225,4 +233,5 @@ def _server_args(args: argparse.Namespace) -> list[str]:
             out += [f"--{key.replace('_', '-')}", str(value)]
     out += ["--compile"] if args.compile else []
     out += ["--no-adaptive-drafting"] if args.no_adaptive_drafting else []
+    out += ["--no-enable-prefix-caching"] if args.no_enable_prefix_caching else []
     return out

@@ -59,6 +59,7 @@ class Generation:
         self.echo = echo
         self.finish_reason: str | None = None
         self.forwards = 0
+        self.cached = 0  # prompt tokens the engine found in a slot's cache
         self.logprobs: list[LogprobEntry] | None = [] if logprobs else None
         self._last: float | None = None  # when tokens last arrived ...
         self._first = 0.0  # ... and first
@@ -73,6 +74,7 @@ class Generation:
             if isinstance(item, BaseException):
                 self.finish_reason = "error"
                 raise APIError(f"the engine failed: {item}", status=500, type="server_error")
+            self.cached = item.cached
             broke = item.finished and item.finish_reason in ("error", "abort")
             if self.echo is not None and not broke:  # the first event: the prompt comes first
                 echo, self.echo = self.echo, None
@@ -140,7 +142,9 @@ class Generation:
         self._tokens += n
 
     def usage(self) -> dict[str, Any]:
-        return usage_body(self.stream.prompt_tokens, self.detok.tokens_used, self.forwards)
+        return usage_body(
+            self.stream.prompt_tokens, self.detok.tokens_used, self.forwards, self.cached
+        )
 
     def close(self, endpoint: str) -> None:
         """Account for the request; abort it in the engine if it did not finish."""
@@ -184,8 +188,9 @@ def usage(gens: list[Generation], n: int = 1) -> dict[str, Any]:
     vLLM counts it; TPF: their tokens over their forwards)."""
     uses = [gen.usage() for gen in gens]
     prompt = sum(u["prompt_tokens"] for u in uses[::n])
-    return usage_body(prompt, *(sum(u[k] for u in uses) for k in ("completion_tokens",
-                                                                   "forwards")))  # fmt: skip
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in uses[::n])
+    made, forwards = (sum(u[k] for u in uses) for k in ("completion_tokens", "forwards"))
+    return usage_body(prompt, made, forwards, cached)
 
 
 async def events(

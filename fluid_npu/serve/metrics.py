@@ -16,7 +16,9 @@ the figure is known:
   so ``rate()`` follows a long generation as it runs), ``fluid_accepted_draft_tokens`` (drafted
   tokens that went into a request's output in the step), ``fluid_num_requests_running`` /
   ``fluid_num_requests_waiting`` (the scheduler's own counts after the step),
-  ``fluid_step_seconds``.
+  ``fluid_step_seconds``, ``fluid_prefix_cache_queries_total`` / ``fluid_prefix_cache_hits_total``
+  (prompt tokens admitted, and of them those a slot's cache already held: ``sampling/reuse.py``;
+  vLLM's pair of the same meaning).
 
 prometheus-client's metrics are thread-safe, so both sides write without locks.
 """
@@ -73,6 +75,15 @@ class ServerMetrics:
         )
         self.e2e = hist("fluid_e2e_request_latency_seconds", "Request arrival to its last token")
         self.step_seconds = hist("fluid_step_seconds", "Duration of one scheduler step")
+        self.cache_queries = Counter(
+            "fluid_prefix_cache_queries", "Prompt tokens admitted into the engine", registry=r
+        )
+        self.cache_hits = Counter(
+            "fluid_prefix_cache_hits",
+            "Admitted prompt tokens a slot's cache already held (not encoded again)",
+            registry=r,
+        )
+        self._seen = (0, 0)  # the scheduler's (queried, hits) at the last step
         self.running = Gauge("fluid_num_requests_running", "Requests in the batch", registry=r)
         self.waiting = Gauge("fluid_num_requests_waiting", "Requests queued", registry=r)
         info = Gauge("fluid_model_info", "The served model", ["model"], registry=r)
@@ -90,6 +101,11 @@ class ServerMetrics:
             self.generation_tokens.inc(made)
         self.running.set(scheduler.num_running)
         self.waiting.set(scheduler.num_waiting)
+        now = (scheduler.prefixes.queried, scheduler.prefixes.hits)
+        if now != self._seen:
+            self.cache_queries.inc(now[0] - self._seen[0])
+            self.cache_hits.inc(now[1] - self._seen[1])
+            self._seen = now
 
     def on_failure(self) -> None:
         """Engine-thread hook: the engine failed, its requests were answered; none runs or waits."""

@@ -34,12 +34,18 @@ DONE = "data: [DONE]\n\n"
 LogprobEntry = tuple[int, float | None, list[tuple[int, float]] | None]  # None: a prompt's first
 
 
-def usage(prompt_tokens: int, completion_tokens: int, forwards: int) -> dict[str, Any]:
+def usage(
+    prompt_tokens: int, completion_tokens: int, forwards: int, cached_tokens: int = 0
+) -> dict[str, Any]:
+    """OpenAI's usage (``prompt_tokens_details.cached_tokens``: prompt tokens the engine found in
+    a slot's cache, as the OpenAI API and vLLM report them), plus the request's decode forwards
+    and TPF."""
     tpf = completion_tokens / forwards if forwards else 0.0
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
         "forwards": forwards,
         "tpf": round(tpf, 4),
     }

@@ -50,6 +50,7 @@ class ServeSettings:
     drain_timeout: float = 30.0
     compile: bool = False
     adaptive: bool = True  # the engine's cost-driven drafting choices (False: fixed blocks)
+    prefix_caching: bool = True  # a prompt reuses what a free slot's cache holds (reuse.py)
     threads: int | None = None  # torch's intra-op threads for the engine (None: torch's default)
     chat_template: str | None = None  # a template file, or the template (vLLM's --chat-template)
     default_chat_template_kwargs: str | None = None  # JSON: the template's variables by default
@@ -153,6 +154,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         tokenizer=fluid.tokenizer,  # the engine ends requests on their stop strings
         compile=settings.compile,
         adaptive=settings.adaptive,
+        prefix_caching=settings.prefix_caching,
     )
     max_len = scheduler.max_len
     info = {
@@ -164,6 +166,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "max_len": max_len,
         "compile": settings.compile,
         "adaptive_drafting": settings.adaptive,
+        "prefix_caching": settings.prefix_caching,
         "torch_threads": torch.get_num_threads(),
         "kv_cache_gib": round(scheduler.kv.nbytes / 2**30, 3),  # allocated once, at start
     }

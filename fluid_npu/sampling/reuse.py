@@ -1,0 +1,76 @@
+"""Prefix reuse in the decode engine: a free slot's cache keeps its last request's keys and values,
+and a request whose prompt starts with those tokens takes that slot and encodes only the rest.
+
+A slot's cache index is its token's position (``kv.py``), and nothing overwrites a free slot below
+its committed length: a decode step writes its idle rows at or past their length, a prefill writes
+only the rows it encodes, and compaction fills only slots it then occupies. So when a request
+leaves, ``SlotPrefixes`` records which tokens its slot still holds — the prompt and the output but
+the last token for a request that decoded (the last one is fed by the step that never came), what
+the prefill had encoded for one that left earlier — and admission gives the next request the free
+slot with the longest common prefix (the lowest-index free slot when none shares a token). Those
+entries were computed from the same tokens at the same positions, so attending to them is
+attending to what a fresh prefill computes (bit for bit where the arithmetic does not depend on
+how a prompt is cut into forwards; the same reading as chunked prefill where it does).
+
+What pays: a conversation's next turn (its prompt starts with the last turn's prompt and answer,
+still in the slot it left), a shared system prompt or few-shot examples (every slot ends up
+holding them). vLLM's automatic prefix caching shares hashed blocks between requests; this keeps
+one prefix per slot, with no extra memory and no lookup structure. At least one prompt token is
+always encoded (the last one before ``v_0``: its hidden state anchors the first drafts), a request
+that wants its prompt's log-probabilities encodes all of it, and a slot whose request ended with an
+error (float16 overflow) — or, in float16, was aborted before its prompt was judged — holds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+_BLOCK = 256  # tokens compared at once by common_prefix
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], cap: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``cap`` (compared a block at a time,
+    then token by token inside the first block that differs)."""
+    hi = min(len(a), len(b), cap)
+    n = 0
+    while n < hi:
+        m = min(n + _BLOCK, hi)
+        if a[n:m] != b[n:m]:
+            while a[n] == b[n]:  # (they differ before m)
+                n += 1
+            return n
+        n = m
+    return max(hi, 0)
+
+
+class SlotPrefixes:
+    """The tokens each free slot's cache holds, and where an admitted prompt goes."""
+
+    def __init__(self, slots: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.held: list[list[int]] = [[] for _ in range(slots)]
+        self.queried = 0  # prompt tokens admitted
+        self.hits = 0  # of them, found in a slot's cache (not encoded)
+
+    def place(self, prompt: list[int], free: list[int], reuse: bool = True) -> tuple[int, int]:
+        """The free slot (``free`` in index order) for ``prompt``, and how many of its leading
+        tokens that slot's cache already holds (0 when ``reuse`` is off for this request)."""
+        self.queried += len(prompt)
+        best, found = free[0], 0
+        cap = len(prompt) - 2  # the token before v_0 is always encoded (it anchors the drafts)
+        if self.enabled and reuse and cap > 0:
+            for i in free:
+                n = common_prefix(self.held[i], prompt, cap)
+                if n > found:
+                    best, found = i, n
+        self.held[best] = []  # occupied: what it holds is the new request's from now on
+        self.hits += found
+        return best, found
+
+    def release(self, slot: int, tokens: list[int]) -> None:
+        """``slot`` is free and its cache holds ``tokens`` at indices ``0 …``."""
+        self.held[slot] = tokens if self.enabled else []
+
+    def occupy(self, slot: int) -> None:
+        """``slot`` receives a running request by compaction (its cache is overwritten)."""
+        self.held[slot] = []

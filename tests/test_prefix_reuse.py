@@ -1,0 +1,179 @@
+"""Prefix reuse in the decode engine (``sampling/reuse.py``): a free slot keeps its last request's
+cache entries, and a prompt that starts with those tokens encodes only the rest.
+
+What a user relies on: the tokens never change (every output equals greedy decoding of the request
+alone, with reuse on or off), the next turn of a conversation and a shared prefix really skip
+their encoding (fewer positions computed, ``Event.cached`` says how many), and nothing is reused
+that the cache does not hold exactly (a request that ended early, a compacted slot, one that wants
+its prompt's log-probabilities, a float16 overflow).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sampling_dtype import _overflowing
+from test_scheduler import TEXTS, _assert_same, _greedy_alone
+
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.offline import run_requests
+from fluid_npu.sampling.reuse import SlotPrefixes, common_prefix
+from fluid_npu.sampling.rules import SamplingParams
+from fluid_npu.sampling.scheduler import Request, Scheduler
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(mask_token=True)
+
+
+def _drain(sched: Scheduler, reqs: list[Request]) -> dict[str, tuple[list[int], int]]:
+    """Each request's tokens and the prompt tokens its slot held (``Event.cached``)."""
+    for r in reqs:
+        sched.submit(r)
+    out: dict[str, tuple[list[int], int]] = {}
+    while sched.has_work():
+        for ev in sched.step():
+            toks, _ = out.get(ev.request_id, ([], 0))
+            out[ev.request_id] = (toks + ev.tokens, ev.cached)
+    return out
+
+
+def test_common_prefix_is_exact_at_every_split():
+    a = list(range(600))  # (compared 256 tokens at a time: splits inside and at the borders)
+    for n in [*range(40), 255, 256, 257, 300, 511, 512, 513, 599, 600]:
+        b = a[:n] + [-1] * 5
+        assert common_prefix(a, b, 1000) == n
+        assert common_prefix(a, b, 7) == min(n, 7)
+        assert common_prefix(b, a, 256) == min(n, 256)
+    assert common_prefix([], a, 10) == 0 and common_prefix(a, a, 0) == 0
+    assert common_prefix(a, a, -3) == 0 and common_prefix(a, a, 10**6) == 600
+    prefixes = SlotPrefixes(3, enabled=False)
+    prefixes.release(1, a)
+    assert prefixes.place(a, [1, 2]) == (1, 0)  # off: the lowest free slot, nothing held
+
+
+@pytest.mark.parametrize("policy", ["ar", "fixed:3", "entropy:6"])
+def test_the_next_turn_encodes_only_what_its_slot_does_not_hold(tok, policy):
+    model = build_tiny_model("llama", tok, seed=3)
+    first = tok("the quick brown fox jumps")["input_ids"]
+    runs = {}
+    for reuse in (True, False):
+        sched = Scheduler(
+            model, tok.mask_token_id, policy=policy, max_batch=2, eos_ids=[], k_max=4,
+            prefix_caching=reuse, adaptive=False,  # (block choices that do not follow timing)
+        )  # fmt: skip
+        answer = _drain(sched, [Request("t1", first, 8)])["t1"][0]
+        follow = first + answer + tok(" over the lazy dog")["input_ids"][1:]
+        before = sched.computed_tokens
+        runs[reuse] = (answer, follow, _drain(sched, [Request("t2", follow, 8)])["t2"])
+        runs[reuse] += (sched.computed_tokens - before,)
+        sched.close()
+    (answer, follow, (second, cached), cost), (_, _, (plain, none), plain_cost) = runs.values()
+    assert cached == len(first) + len(answer) - 1  # all but the answer's last token: never fed
+    assert none == 0
+    assert cost <= plain_cost - cached  # those positions were not computed again
+    _assert_same(model, [follow], [second], [_greedy_alone(model, follow, 8, [])], policy)
+    assert second == plain
+
+
+@pytest.mark.parametrize("policy", ["ar", "entropy:6"])
+def test_a_shared_prefix_under_staggered_arrivals_keeps_every_output(tok, policy):
+    model = build_tiny_model("qwen3", tok, seed=4)
+    shared = tok("over the lazy dog " * 4)["input_ids"]
+    prompts = [shared + tok(t)["input_ids"][1:] for t in TEXTS] + [shared[:5], shared[:2]]
+    lengths = [9, 4, 12, 7, 10, 5, 6, 6]
+    sched = Scheduler(
+        model, tok.mask_token_id, policy=policy, max_batch=3, eos_ids=[], k_max=4,
+        prefill_chunk=8, adaptive=False,
+    )  # fmt: skip
+    out, cached, step = {}, {}, 0
+    arrivals = {0: [0, 1], 2: [2], 3: [3, 4], 7: [5], 9: [6, 7]}
+    while step < 300 and (sched.has_work() or any(k >= step for k in arrivals)):
+        for i in arrivals.get(step, []):
+            sched.submit(Request(f"r{i}", prompts[i], lengths[i]))
+        for ev in sched.step():
+            out.setdefault(ev.request_id, []).extend(ev.tokens)
+            cached[ev.request_id] = ev.cached
+        step += 1
+    ours = [out[f"r{i}"] for i in range(len(prompts))]
+    alone = [_greedy_alone(model, p, n, []) for p, n in zip(prompts, lengths)]
+    _assert_same(model, prompts, ours, alone, policy)
+    assert cached["r3"] >= len(shared) - 1  # a refilled slot held the shared prefix
+    assert cached["r6"] == 3 and cached["r7"] == 0  # P - 2 at most; a 2-token prompt: nothing
+    assert sched.prefixes.hits == sum(cached.values()) > 0
+    assert sched.prefixes.queried == sum(len(p) for p in prompts)
+
+
+def test_an_aborted_prefill_leaves_only_what_it_encoded(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    long = tok("the quick brown fox jumps " * 5)["input_ids"]
+    sched = Scheduler(
+        model, tok.mask_token_id, policy="fixed:2", max_batch=1, eos_ids=[], k_max=4,
+        prefill_chunk=8,
+    )  # fmt: skip
+    sched.submit(Request("gone", long, 5))
+    sched.step()
+    sched.step()  # two chunks of 8 encoded, the prompt not finished
+    assert sched.abort("gone")
+    sched.step()
+    assert sched.prefixes.held[0] == long[:16]
+    got = _drain(sched, [Request("again", long, 6)])["again"]
+    assert got[1] == 16
+    _assert_same(model, [long], [got[0]], [_greedy_alone(model, long, 6, [])], "abort")
+
+
+def test_a_compacted_slot_keeps_what_was_copied_out_of_it(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:2]]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=2, eos_ids=[], k_max=4)
+    out = _drain(sched, [Request("short", prompts[0], 2), Request("long", prompts[1] * 3, 20)])
+    # "long" moved from slot 1 to slot 0 when "short" ended: slot 1 kept the entries it had then,
+    # slot 0 holds the whole of "long"
+    whole = prompts[1] * 3 + out["long"][0]
+    assert sched.prefixes.held[0] == whole[:-1]
+    moved = sched.prefixes.held[1]
+    assert 0 < len(moved) < len(whole) - 1 and moved == whole[: len(moved)]
+    # another request takes slot 0 first, so the next one finds its prefix in slot 1: exactly the
+    # entries copied out, not the ones the step after the copy wrote elsewhere
+    other = prompts[0]
+    follow = whole[: len(moved) + 6] + prompts[0][1:]
+    got = _drain(sched, [Request("other", other, 12), Request("next", follow, 6)])
+    assert got["next"][1] == len(moved)
+    for p, (toks, _) in ((other, got["other"]), (follow, got["next"])):
+        _assert_same(model, [p], [toks], [_greedy_alone(model, p, len(toks), [])], "compacted")
+
+
+def test_prompt_logprobs_and_seeded_sampling_are_those_of_a_fresh_slot(tok):
+    model = build_tiny_model("llama", tok, seed=3)
+    prompt = tok("the quick brown fox jumps over")["input_ids"]
+    results = {}
+    for reuse in (True, False):
+        sched = Scheduler(
+            model, tok.mask_token_id, policy="fixed:3", max_batch=1, eos_ids=[], k_max=4,
+            prefix_caching=reuse,
+        )  # fmt: skip
+        run_requests(sched, [Request("warm", prompt, 4)])
+        scored = run_requests(
+            sched, [Request("lp", prompt, 3, sampling=SamplingParams(prompt_logprobs=2))]
+        )["lp"]
+        drawn = _drain(
+            sched, [Request("s", prompt, 10, sampling=SamplingParams(temperature=0.9, seed=7))]
+        )["s"]
+        results[reuse] = (scored.final.cached, scored.prompt_logprobs, drawn)
+        sched.close()
+    assert results[True][0] == 0  # prompt log-probabilities need the whole prompt encoded
+    assert results[True][1] == results[False][1]
+    assert results[True][2][1] == len(prompt) - 2 and results[False][2][1] == 0
+    assert results[True][2][0] == results[False][2][0]  # the seed draws the same tokens
+
+
+def test_a_float16_request_that_overflowed_leaves_nothing_to_reuse(tok):
+    model = _overflowing(tok, "Z")
+    bad = tok("a long request Z that overflows")["input_ids"]
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=1, eos_ids=[], k_max=4)
+    final = _drain(sched, [Request("bad", bad, 4)])
+    assert "bad" in final and sched.prefixes.held[0] == []
+    assert _drain(sched, [Request("again", bad + bad, 2)])["again"][1] == 0
+    sched.close()
+    assert torch.float16 == next(model.parameters()).dtype
