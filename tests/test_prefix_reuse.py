@@ -123,24 +123,68 @@ def test_an_aborted_prefill_leaves_only_what_it_encoded(tok):
     _assert_same(model, [long], [got[0]], [_greedy_alone(model, long, 6, [])], "abort")
 
 
-def test_a_compacted_slot_keeps_what_was_copied_out_of_it(tok):
+def _holds_exactly(sched: Scheduler, model, slot: int) -> None:
+    """The slot's cache entries ``[0, len(held))`` are those a fresh forward of the held tokens
+    computes (what a later prompt reuses)."""
+    held = sched.prefixes.held[slot]
+    with torch.inference_mode():
+        fresh = model(input_ids=torch.tensor([held]), use_cache=True).past_key_values
+    n = len(held)
+    for keys, values, ref in zip(sched.kv.keys, sched.kv.values, fresh.layers):
+        torch.testing.assert_close(keys[slot, :, :n], ref.keys[0], atol=2e-5, rtol=0)
+        torch.testing.assert_close(values[slot, :, :n], ref.values[0], atol=2e-5, rtol=0)
+    assert int(sched.length[slot]) >= n  # idle rows write at or past their length
+
+
+def test_two_conversations_keep_their_turns_through_compaction_and_unrelated_requests(tok):
+    # user A's first turn ends in slot 0 while B runs in slot 1 and nothing waits: compaction
+    # moves B down and A's turn up (swapped, not overwritten); an unrelated request then takes a
+    # slot that holds nothing rather than A's; A's next turn still finds its whole history
+    model = build_tiny_model("llama", tok, seed=3)
+    a1 = tok("user a: tell me about the quick brown fox " * 3)["input_ids"]
+    b1 = tok("user b: something else entirely " * 3)["input_ids"]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=3, eos_ids=[], k_max=4)
+    for r in (Request("a1", a1, 3), Request("b1", b1, 30)):
+        sched.submit(r)
+    out: dict[str, list[int]] = {}
+    while "a1" not in out or len(out["a1"]) < 3:
+        for ev in sched.step():
+            out.setdefault(ev.request_id, []).extend(ev.tokens)
+    for ev in sched.step():  # nothing waits: b1 moves down into slot 0
+        out[ev.request_id] += ev.tokens
+    assert sched.slots[0].req.request_id == "b1" and sched.prefixes.held[1][: len(a1)] == a1
+    _holds_exactly(sched, model, 1)
+    other = tok("hello world")["input_ids"]
+    got = _drain(sched, [Request("u", other, 4)])  # no shared prefix: the empty slot 2
+    # (then moved down into slot 1 as b1 went on, a's turn swapped up into slot 2)
+    assert [i for i, h in enumerate(sched.prefixes.held) if h[: len(a1)] == a1] == [2]
+    _holds_exactly(sched, model, 2)
+    a2 = a1 + out["a1"] + tok(" and then?")["input_ids"][1:]
+    got |= _drain(sched, [Request("a2", a2, 6)])
+    assert got["a2"][1] == len(a1) + len(out["a1"]) - 1
+    for p, rid in ((a2, "a2"), (other, "u")):
+        want = _greedy_alone(model, p, len(got[rid][0]), [])
+        _assert_same(model, [p], [got[rid][0]], [want], rid)
+    b1_out = out["b1"] + got.get("b1", ([], 0))[0]
+    _assert_same(model, [b1], [b1_out], [_greedy_alone(model, b1, 30, [])], "b1")
+
+
+def test_a_compacted_slot_holds_the_entries_it_was_given(tok):
     model = build_tiny_model("llama", tok, seed=3)
     prompts = [tok(t)["input_ids"] for t in TEXTS[:2]]
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=2, eos_ids=[], k_max=4)
     out = _drain(sched, [Request("short", prompts[0], 2), Request("long", prompts[1] * 3, 20)])
-    # "long" moved from slot 1 to slot 0 when "short" ended: slot 1 kept the entries it had then,
-    # slot 0 holds the whole of "long"
+    # "long" moved from slot 1 to slot 0 when "short" ended, "short"'s entries to slot 1
     whole = prompts[1] * 3 + out["long"][0]
-    assert sched.prefixes.held[0] == whole[:-1]
-    moved = sched.prefixes.held[1]
-    assert 0 < len(moved) < len(whole) - 1 and moved == whole[: len(moved)]
-    # another request takes slot 0 first, so the next one finds its prefix in slot 1: exactly the
-    # entries copied out, not the ones the step after the copy wrote elsewhere
-    other = prompts[0]
-    follow = whole[: len(moved) + 6] + prompts[0][1:]
-    got = _drain(sched, [Request("other", other, 12), Request("next", follow, 6)])
-    assert got["next"][1] == len(moved)
-    for p, (toks, _) in ((other, got["other"]), (follow, got["next"])):
+    short = prompts[0] + out["short"][0]
+    assert sched.prefixes.held == [whole[:-1], short[:-1]]
+    for slot in (0, 1):
+        _holds_exactly(sched, model, slot)
+    # another request takes slot 0 first, so the next one finds its prefix in slot 1
+    follow = short[:-1] + tok(" over the lazy dog")["input_ids"]
+    got = _drain(sched, [Request("other", whole[:5], 12), Request("next", follow, 6)])
+    assert got["next"][1] == len(short) - 1
+    for p, (toks, _) in ((whole[:5], got["other"]), (follow, got["next"])):
         _assert_same(model, [p], [toks], [_greedy_alone(model, p, len(toks), [])], "compacted")
 
 

@@ -7,7 +7,10 @@ only the rows it encodes, and compaction fills only slots it then occupies. So w
 leaves, ``SlotPrefixes`` records which tokens its slot still holds — the prompt and the output but
 the last token for a request that decoded (the last one is fed by the step that never came), what
 the prefill had encoded for one that left earlier — and admission gives the next request the free
-slot with the longest common prefix (the lowest-index free slot when none shares a token). Those
+slot with the longest common prefix (when none shares a token: a slot that holds nothing, else the
+one that has held its tokens longest). Compaction, which moves a running request down into a free
+slot to keep the decode range small, swaps the two slots' contents when the lower one holds
+something (two copies of a few rows, against encoding a conversation again). Those
 entries were computed from the same tokens at the same positions, so attending to them is
 attending to what a fresh prefill computes (bit for bit where the arithmetic does not depend on
 how a prompt is cut into forwards; the same reading as chunked prefill where it does).
@@ -18,7 +21,8 @@ holding them). vLLM's automatic prefix caching shares hashed blocks between requ
 one prefix per slot, with no extra memory and no lookup structure. At least one prompt token is
 always encoded (the last one before ``v_0``: its hidden state anchors the first drafts), a request
 that wants its prompt's log-probabilities encodes all of it, and a slot whose request ended with an
-error (float16 overflow) — or, in float16, was aborted before its prompt was judged — holds nothing.
+error (float16 overflow) holds nothing; in float16 neither does one whose request was aborted (its
+prompt's overflow may not have been judged yet; every abort is treated so, disconnects included).
 """
 
 from __future__ import annotations
@@ -49,28 +53,45 @@ class SlotPrefixes:
     def __init__(self, slots: int, enabled: bool = True) -> None:
         self.enabled = enabled
         self.held: list[list[int]] = [[] for _ in range(slots)]
+        self.released = [0] * slots  # when each slot's held tokens were recorded (a counter)
+        self._clock = 0
         self.queried = 0  # prompt tokens admitted
         self.hits = 0  # of them, found in a slot's cache (not encoded)
 
     def place(self, prompt: list[int], free: list[int], reuse: bool = True) -> tuple[int, int]:
         """The free slot (``free`` in index order) for ``prompt``, and how many of its leading
-        tokens that slot's cache already holds (0 when ``reuse`` is off for this request)."""
+        tokens that slot's cache already holds (0 when ``reuse`` is off for this request).
+
+        The slot with the longest common prefix (the lowest index among equals); with none, a
+        slot that holds nothing, else the one whose tokens were recorded longest ago — so a
+        request with nothing to reuse does not take the place of a conversation that may go on.
+        """
         self.queried += len(prompt)
-        best, found = free[0], 0
+        best, found = -1, 0
         cap = len(prompt) - 2  # the token before v_0 is always encoded (it anchors the drafts)
         if self.enabled and reuse and cap > 0:
             for i in free:
                 n = common_prefix(self.held[i], prompt, cap)
                 if n > found:
                     best, found = i, n
+        if best < 0:
+            best = min(free, key=lambda i: (self.released[i], i) if self.held[i] else (0, i))
         self.held[best] = []  # occupied: what it holds is the new request's from now on
         self.hits += found
         return best, found
 
     def release(self, slot: int, tokens: list[int]) -> None:
         """``slot`` is free and its cache holds ``tokens`` at indices ``0 …``."""
+        self._clock += 1
         self.held[slot] = tokens if self.enabled else []
+        self.released[slot] = self._clock
 
     def occupy(self, slot: int) -> None:
         """``slot`` receives a running request by compaction (its cache is overwritten)."""
+        self.held[slot] = []
+
+    def move(self, slot: int, to: int) -> None:
+        """Compaction swapped two slots' caches: what ``slot`` held (and its age) is in ``to``
+        now, and ``slot`` receives a running request."""
+        self.held[to], self.released[to] = self.held[slot], self.released[slot]
         self.held[slot] = []

@@ -381,8 +381,9 @@ class Scheduler(PrefillMixin, StepMixin):
     def _compact(self) -> None:
         """Move running requests down into free slots below them, so the decode range ``[0, hi)``
         stays as small as the number of requests (no idle rows computed). A move copies one slot's
-        committed cache once, when a request leaves — never per step; with requests waiting, the
-        free slots are refilled instead."""
+        committed cache once, when a request leaves — never per step — and swaps it with what the
+        free slot held for a later prompt (``reuse.py``); with requests waiting, the free slots are
+        refilled instead."""
         if self.waiting:
             return
         while True:
@@ -395,9 +396,14 @@ class Scheduler(PrefillMixin, StepMixin):
             if not slot.running:
                 return  # a prompt still prefilling stays where it is
             n = len(slot.prompt) + len(slot.new) - 1  # committed cache entries
+            kept = self.prefixes.held[dst]  # a free slot's prefix (reuse.py) moves up, not lost
+            h = len(kept)
             for keys, values in zip(self.kv.keys, self.kv.values):
+                old = (keys[dst, :, :h].clone(), values[dst, :, :h].clone()) if h else None
                 keys[dst, :, :n] = keys[src, :, :n]
                 values[dst, :, :n] = values[src, :, :n]
+                if old is not None:
+                    keys[src, :, :h], values[src, :, :h] = old
             for name in self.ROW_STATE:
                 t = getattr(self, name)
                 t[dst] = t[src]
@@ -407,8 +413,12 @@ class Scheduler(PrefillMixin, StepMixin):
                 self.penalties.move(dst, src)
             self.slots[dst], self.slots[src] = slot, None
             self.run[src] = False
-            self.prefixes.occupy(dst)  # and src still holds the request's first n entries
-            self.prefixes.release(src, (slot.prompt + slot.new)[:n])
+            if h:  # src holds dst's prefix now (no step writes a free row below its length)
+                self.prefixes.move(dst, src)
+                self.length[src] = h
+            else:  # src still holds the request's first n entries
+                self.prefixes.occupy(dst)
+                self.prefixes.release(src, (slot.prompt + slot.new)[:n])
 
     def _free(self, i: int, reason: str | None) -> None:
         """Slot ``i``'s request ended (``reason``: its finish reason); the slot keeps the entries
