@@ -17,7 +17,7 @@ from test_scheduler import TEXTS, _assert_same, _greedy_alone
 
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling.offline import run_requests
-from fluid_npu.sampling.reuse import SlotPrefixes, common_prefix
+from fluid_npu.sampling.reuse import MIN_REUSE, SlotPrefixes, common_prefix
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.scheduler import Request, Scheduler
 
@@ -81,7 +81,8 @@ def test_the_next_turn_encodes_only_what_its_slot_does_not_hold(tok, policy):
 def test_a_shared_prefix_under_staggered_arrivals_keeps_every_output(tok, policy):
     model = build_tiny_model("qwen3", tok, seed=4)
     shared = tok("over the lazy dog " * 4)["input_ids"]
-    prompts = [shared + tok(t)["input_ids"][1:] for t in TEXTS] + [shared[:5], shared[:2]]
+    prompts = [shared + tok(t)["input_ids"][1:] for t in TEXTS]
+    prompts += [shared[:20], shared[: MIN_REUSE + 1]]  # (P - 2 reusable: 18, then too few)
     lengths = [9, 4, 12, 7, 10, 5, 6, 6]
     sched = Scheduler(
         model, tok.mask_token_id, policy=policy, max_batch=3, eos_ids=[], k_max=4,
@@ -100,7 +101,7 @@ def test_a_shared_prefix_under_staggered_arrivals_keeps_every_output(tok, policy
     alone = [_greedy_alone(model, p, n, []) for p, n in zip(prompts, lengths)]
     _assert_same(model, prompts, ours, alone, policy)
     assert cached["r3"] >= len(shared) - 1  # a refilled slot held the shared prefix
-    assert cached["r6"] == 3 and cached["r7"] == 0  # P - 2 at most; a 2-token prompt: nothing
+    assert cached["r6"] == 18 and cached["r7"] == 0  # P - 2 at most, and MIN_REUSE at least
     assert sched.prefixes.hits == sum(cached.values()) > 0
     assert sched.prefixes.queried == sum(len(p) for p in prompts)
 
@@ -171,20 +172,21 @@ def test_two_conversations_keep_their_turns_through_compaction_and_unrelated_req
 
 def test_a_compacted_slot_holds_the_entries_it_was_given(tok):
     model = build_tiny_model("llama", tok, seed=3)
-    prompts = [tok(t)["input_ids"] for t in TEXTS[:2]]
+    prompts = [tok(t)["input_ids"] for t in (TEXTS[2], TEXTS[1])]
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=2, eos_ids=[], k_max=4)
-    out = _drain(sched, [Request("short", prompts[0], 2), Request("long", prompts[1] * 3, 20)])
+    out = _drain(sched, [Request("short", prompts[0], 2), Request("long", prompts[1] * 3, 40)])
     # "long" moved from slot 1 to slot 0 when "short" ended, "short"'s entries to slot 1
     whole = prompts[1] * 3 + out["long"][0]
     short = prompts[0] + out["short"][0]
     assert sched.prefixes.held == [whole[:-1], short[:-1]]
     for slot in (0, 1):
         _holds_exactly(sched, model, slot)
-    # another request takes slot 0 first, so the next one finds its prefix in slot 1
+    # another request (its prefix in slot 0) takes slot 0 first, the next one finds its in slot 1
     follow = short[:-1] + tok(" over the lazy dog")["input_ids"]
-    got = _drain(sched, [Request("other", whole[:5], 12), Request("next", follow, 6)])
-    assert got["next"][1] == len(short) - 1
-    for p, (toks, _) in ((whole[:5], got["other"]), (follow, got["next"])):
+    other = whole[:20]
+    got = _drain(sched, [Request("other", other, 12), Request("next", follow, 6)])
+    assert got["other"][1] == 18 and got["next"][1] == len(short) - 1
+    for p, (toks, _) in ((other, got["other"]), (follow, got["next"])):
         _assert_same(model, [p], [toks], [_greedy_alone(model, p, len(toks), [])], "compacted")
 
 
