@@ -2,9 +2,9 @@
 their prompts into the slot cache, a chunk per step.
 
 ``PrefillMixin._admit`` gives each waiting request a free slot (the one whose cache still holds
-the longest prefix of its prompt, which it then does not encode: ``reuse.py``; else the lowest
-index), with its EOS ids, token budget and sampling settings (one write per setting for all the
-slots a step admits: on an eager accelerator every write is a launch). ``_prefill`` runs one
+the longest prefix of its prompt, which it then does not encode; else one that holds nothing:
+``reuse.py``), with its EOS ids, token budget and sampling settings (one write per setting for all
+the slots a step admits: on an eager accelerator every write is a launch). ``_prefill`` runs one
 forward for every slot still encoding its prompt: each its next chunk of at most
 ``prefill_chunk`` tokens of ``prompt[:-1]`` (a forward of first chunks without drafts is plain
 causal attention, no mask tensor); the chunk that ends a prompt also drafts the first tokens —
@@ -33,8 +33,8 @@ class PrefillMixin:
     """Admission and chunked prefill of ``Scheduler`` (which owns the state these methods use)."""
 
     def _admit(self) -> None:
-        """Waiting requests into free slots (lowest index first), their per-slot settings written
-        once for all of them."""
+        """Waiting requests into free slots (``reuse.py`` chooses which), their per-slot settings
+        written once for all of them."""
         rows = []
         free = [i for i, s in enumerate(self.slots) if s is None]
         while self.waiting and free:

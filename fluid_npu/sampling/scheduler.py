@@ -3,8 +3,9 @@
 A ``Scheduler`` owns the model and ``max_batch`` request slots in one preallocated ``SlotKV``.
 Requests are ``submit``-ted into a FIFO queue; every ``step()``:
 
-1. retires aborted requests and admits waiting ones into free slots (lowest index first, or the
-   free slot whose cache still holds the longest prefix of the prompt: ``reuse.py``);
+1. retires aborted requests and admits waiting ones into free slots (the free slot whose cache
+   still holds the longest prefix of the prompt, which is then not encoded again, else one that
+   holds nothing: ``reuse.py``);
 2. runs one **prefill** forward for the slots still encoding their prompt (``prefill.py``): each
    row its next chunk of at most ``prefill_chunk`` tokens of ``prompt[:-1]`` (a chunk that starts
    a prompt, with no drafts, is plain causal attention — no mask tensor); the chunk that ends a
