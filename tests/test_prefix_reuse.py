@@ -17,7 +17,7 @@ from test_scheduler import TEXTS, _assert_same, _greedy_alone
 
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling.offline import run_requests
-from fluid_npu.sampling.reuse import MIN_REUSE, SlotPrefixes, common_prefix
+from fluid_npu.sampling.reuse import MIN_REUSE, Placement, SlotPrefixes, common_prefix
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.scheduler import Request, Scheduler
 
@@ -50,7 +50,7 @@ def test_common_prefix_is_exact_at_every_split():
     assert common_prefix(a, a, -3) == 0 and common_prefix(a, a, 10**6) == 600
     prefixes = SlotPrefixes(3, enabled=False)
     prefixes.release(1, a)
-    assert prefixes.place(a, [1, 2]) == (1, 0)  # off: the lowest free slot, nothing held
+    assert prefixes.place(a, [1, 2]) == Placement(1, 0)  # off: the lowest free slot, nothing held
 
 
 @pytest.mark.parametrize("policy", ["ar", "fixed:3", "entropy:6"])
@@ -134,7 +134,8 @@ def _holds_exactly(sched: Scheduler, model, slot: int) -> None:
     for keys, values, ref in zip(sched.kv.keys, sched.kv.values, fresh.layers):
         torch.testing.assert_close(keys[slot, :, :n], ref.keys[0], atol=2e-5, rtol=0)
         torch.testing.assert_close(values[slot, :, :n], ref.values[0], atol=2e-5, rtol=0)
-    assert int(sched.length[slot]) >= n  # idle rows write at or past their length
+    if slot < sched.slots_n:  # (a pool row never decodes)
+        assert int(sched.length[slot]) >= n  # idle rows write at or past their length
 
 
 def test_two_conversations_keep_their_turns_through_compaction_and_unrelated_requests(tok):
@@ -223,3 +224,31 @@ def test_a_float16_request_that_overflowed_leaves_nothing_to_reuse(tok):
     assert _drain(sched, [Request("again", bad + bad, 2)])["again"][1] == 0
     sched.close()
     assert torch.float16 == next(model.parameters()).dtype
+
+
+@pytest.mark.parametrize("policy", ["ar", "fixed:3"])
+def test_a_prefix_pool_keeps_more_conversations_than_there_are_slots(tok, policy):
+    # three conversations take turns on one slot: with two pool rows each next turn finds its
+    # history (copied back from the pool), without them none does (the slot held another)
+    model = build_tiny_model("llama", tok, seed=3)
+    firsts = [tok(f"user {u}: tell me about the quick brown fox " * 2)["input_ids"] for u in "abc"]
+    for pool in (2, 0):
+        sched = Scheduler(
+            model, tok.mask_token_id, policy=policy, max_batch=1, eos_ids=[], k_max=4,
+            prefix_slots=pool, adaptive=False,
+        )  # fmt: skip
+        answers = [
+            _drain(sched, [Request(f"{u}1", p, 5)])[f"{u}1"][0] for u, p in zip("abc", firsts)
+        ]
+        if pool:
+            rows = sorted(len(h) for h in sched.prefixes.held)
+            assert rows == sorted(len(p) + len(a) - 1 for p, a in zip(firsts, answers))
+            for row in range(sched.kv.slots):
+                _holds_exactly(sched, model, row)
+        for u, p, a in zip("abc", firsts, answers):
+            follow = p + a + tok(" and then?")["input_ids"]
+            toks, cached = _drain(sched, [Request(f"{u}2", follow, 6)])[f"{u}2"]
+            assert cached == (len(p) + len(a) - 1 if pool else 0), (pool, u)
+            want = _greedy_alone(model, follow, 6, [])
+            _assert_same(model, [follow], [toks], [want], f"{policy}/{pool}/{u}")
+        sched.close()

@@ -32,6 +32,10 @@ def test_serve_flag_errors(capsys, tmp_path):
     assert "float8" in _error(capsys, ["serve", "--model", "m", "--dtype", "float8"])
     assert "--max-batch" in _error(capsys, ["serve", "--model", "m", "--max-batch", "0"])
     assert "--max-queue" in _error(capsys, ["serve", "--model", "m", "--max-queue", "-1"])
+    pool = ["serve", "--model", "m", "--prefix-cache-slots"]
+    assert "--prefix-cache-slots must be at least 0" in _error(capsys, [*pool, "-1"])
+    msg = _error(capsys, [*pool, "4", "--no-enable-prefix-caching"])
+    assert "--prefix-cache-slots" in msg and "--no-enable-prefix-caching" in msg
     assert "--api-key" in _error(capsys, ["serve", "--model", "m", "--api-key", " "])
     assert "--threads" in _error(capsys, ["serve", "--model", "m", "--threads", "0"])
     assert "--drain-timeout" in _error(capsys, ["serve", "--model", "m", "--drain-timeout", "nan"])

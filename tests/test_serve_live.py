@@ -45,9 +45,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    # fixed blocks (--no-adaptive-drafting): the TPF asserted below must not follow step timings
+    # fixed blocks (--no-adaptive-drafting): the TPF asserted below must not follow step timings;
+    # two prefix-cache rows: every served output below goes through the pool's copies too
     args = ["--model", model_dir, "--max-batch", "8", "--max-len", str(MAX_LEN), "--api-key", KEY,
-            "--no-adaptive-drafting"]  # fmt: skip
+            "--no-adaptive-drafting", "--prefix-cache-slots", "2"]  # fmt: skip
     with ServerProcess(args) as proc:
         yield proc
     assert proc.returncode == 0, proc.log_tail()
@@ -259,6 +260,8 @@ def test_the_next_turn_of_a_chat_reuses_the_cache_and_answers_as_offline(
     second = c.chat.completions.create(model="model", messages=turn, max_tokens=12, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    info = httpx.get(f"{server.url}/health").json()["info"]
+    assert info["prefix_caching"] and info["prefix_cache_slots"] == 2
     assert _metric(server.url, "fluid_prefix_cache_hits_total") - hits >= cached
     src, out = tmp_path / "turns.jsonl", tmp_path / "turns-out.jsonl"
     src.write_text(json.dumps({"messages": turn}) + "\n", encoding="utf-8")

@@ -30,12 +30,13 @@ from fluid_npu.sampling.reuse import common_prefix
 VARIANTS = {"reuse": True, "no_reuse": False}
 
 
-def _engine(fluid: Any, policy: str, batch: int, max_len: int, reuse: bool, budgets: dict) -> Any:
+def _engine(fluid: Any, policy: str, batch: int, max_len: int, reuse: bool, budgets: dict,
+            pool: int = 0) -> Any:  # fmt: skip
     from fluid_npu.sampling.scheduler import Scheduler
 
     return Scheduler(
         fluid.model, fluid.mask_id, policy=policy, khead=fluid.khead, max_batch=batch,
-        max_len=max_len, budgets=budgets, prefix_caching=reuse,
+        max_len=max_len, budgets=budgets, prefix_caching=reuse, prefix_slots=pool if reuse else 0,
     )  # fmt: skip
 
 
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", default="fewshot", choices=("fewshot", "chat"))
     ap.add_argument("--shots", type=int, default=4, help="fewshot: demonstrations in the prefix")
     ap.add_argument("--turns", type=int, default=4, help="chat: turns of each conversation")
+    ap.add_argument(
+        "--prefix-slots", type=int, default=0, help="reuse: cache rows that only keep prefixes"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     fluid, plain = load(args)
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         **report_head(argv, fluid, prompts, args),
         "workload": args.workload,
+        "prefix_slots": args.prefix_slots,
         **head,
         "repeats": args.repeats,
         "rows": [],
@@ -148,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeats + 1):  # the first pass warms each variant's budget
                 for name, on in VARIANTS.items():
                     # a new engine per pass (its slots hold nothing yet), the variant's budget kept
-                    sched = _engine(fluid, policy, batch, max_len, on, budgets[name])
+                    sched = _engine(
+                        fluid, policy, batch, max_len, on, budgets[name], args.prefix_slots
+                    )
                     try:
                         if args.workload == "chat":
                             sec, toks = _chat(sched, convs, max_new, _joiner(fluid, sched))

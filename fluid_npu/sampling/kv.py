@@ -139,7 +139,7 @@ class SlotKV(Cache):
             f"layers x {slots} request slots x {capacity} positions x {kv_heads} KV heads x "
             f"{head_dim} x {dtype.itemsize} bytes)"
         )
-        fix = "lower max_batch (--max-batch) or max_len (--max-len)"
+        fix = "lower max_batch (--max-batch), max_len (--max-len) or --prefix-cache-slots"
         free = devices.free_memory(device)
         if free is not None and need > free:  # before the allocator (on a CPU: the OOM killer)
             raise ConfigError(f"{why} but {device} has {free / 2**30:.2f} GiB free; {fix}")

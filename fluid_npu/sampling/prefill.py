@@ -41,8 +41,10 @@ class PrefillMixin:
             s = self.waiting.popleft()
             # the free slot whose cache holds the longest prefix of the prompt (reuse.py); a
             # request that wants its prompt's log-probabilities encodes all of it
-            i, s.cached = self.prefixes.place(s.prompt, free, reuse=s.prompt_lps is None)
-            s.prefilled = s.cached
+            placed = self.prefixes.place(s.prompt, free, reuse=s.prompt_lps is None)
+            self._bring(placed)  # (from or to the pool's rows, where it has some)
+            i, s.prefilled = placed.slot, placed.cached
+            s.cached = placed.cached
             free.remove(i)
             self.slots[i] = s
             rows.append(i)

@@ -29,6 +29,7 @@ prompt's overflow may not have been judged yet; every abort is treated so, disco
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _BLOCK = 256  # tokens compared at once by common_prefix
 # the fewest tokens worth reusing: a prefill that starts past 0 attends through a mask instead of
@@ -52,39 +53,76 @@ def common_prefix(a: Sequence[int], b: Sequence[int], cap: int) -> int:
     return max(hi, 0)
 
 
-class SlotPrefixes:
-    """The tokens each free slot's cache holds, and where an admitted prompt goes."""
+@dataclass
+class Placement:
+    """Where ``SlotPrefixes.place`` put a prompt, and the cache rows the engine copies for it."""
 
-    def __init__(self, slots: int, enabled: bool = True) -> None:
+    slot: int  # the free slot the request takes
+    cached: int  # leading prompt tokens found (its entries at [0, cached) once the copies are done)
+    source: int | None = None  # a pool row holding them: its [0, cached) go to ``slot``, and ...
+    keep: int = 0  # ... ``slot``'s own [0, keep) go there (to ``source``, or to ``save_to``)
+    save_to: int | None = None  # the pool row that keeps ``slot``'s tokens (no pool match)
+
+
+class SlotPrefixes:
+    """The tokens each free slot's (and each pool row's) cache holds, and where a prompt goes.
+
+    ``pool``: cache rows that never decode and only keep prefixes for later requests
+    (``Scheduler(prefix_slots=N)``): a slot's tokens move there when a request with nothing to
+    reuse takes the slot (the pool's least recently released row is overwritten), and back into a
+    free slot when a prompt starts with them — a copy of a few cache rows instead of encoding them,
+    so more conversations keep their history than there are slots.
+    """
+
+    def __init__(self, rows: int, enabled: bool = True, pool: list[int] | None = None) -> None:
         self.enabled = enabled
-        self.held: list[list[int]] = [[] for _ in range(slots)]
-        self.released = [0] * slots  # when each slot's held tokens were recorded (a counter)
+        self.held: list[list[int]] = [[] for _ in range(rows)]
+        self.released = [0] * rows  # when each row's held tokens were recorded (a counter)
+        self.pool = list(pool or []) if enabled else []
         self._clock = 0
         self.queried = 0  # prompt tokens admitted
         self.hits = 0  # of them, found in a slot's cache (not encoded)
 
-    def place(self, prompt: list[int], free: list[int], reuse: bool = True) -> tuple[int, int]:
-        """The free slot (``free`` in index order) for ``prompt``, and how many of its leading
-        tokens that slot's cache already holds (0 when ``reuse`` is off for this request).
+    def place(self, prompt: list[int], free: list[int], reuse: bool = True) -> Placement:
+        """The free slot (``free`` in index order) for ``prompt``, how many of its leading tokens
+        are found, and the copies that bring them (``Placement``).
 
-        The slot with the longest common prefix (the lowest index among equals; ``MIN_REUSE``
-        tokens at least); with none, a slot that holds nothing, else the one whose tokens were
-        recorded longest ago — so a request with nothing to reuse does not take the place of a
-        conversation that may go on.
+        The row with the longest common prefix (``MIN_REUSE`` tokens at least; a free slot before
+        a pool row, the lowest index among equals); a pool row's tokens are swapped into a free
+        slot chosen as when nothing matches: a slot that holds nothing, else the one whose tokens
+        were recorded longest ago — so a request does not take the place of a conversation that
+        may go on (with a pool, those tokens move into the pool's oldest row instead of being lost).
         """
         self.queried += len(prompt)
         best, found = -1, 0
         cap = len(prompt) - 2  # the token before v_0 is always encoded (it anchors the drafts)
         if self.enabled and reuse and cap > 0:
-            for i in free:
+            for i in [*free, *self.pool]:
                 n = common_prefix(self.held[i], prompt, cap)
                 if n > found and n >= MIN_REUSE:
                     best, found = i, n
-        if best < 0:
-            best = min(free, key=lambda i: (self.released[i], i) if self.held[i] else (0, i))
-        self.held[best] = []  # occupied: what it holds is the new request's from now on
         self.hits += found
-        return best, found
+        if best in free:
+            self.held[best] = []  # occupied: what it holds is the new request's from now on
+            return Placement(best, found)
+        slot = min(free, key=lambda i: (self.released[i], i) if self.held[i] else (0, i))
+        keep = len(self.held[slot]) if self.pool else 0
+        if found:  # swapped: the slot's own tokens go where the found ones were
+            out = Placement(slot, found, source=best, keep=keep)
+            self._put(slot, best)
+        elif keep >= MIN_REUSE:  # kept in the pool's least recently released row
+            to = min(self.pool, key=lambda i: (self.released[i], i) if self.held[i] else (0, i))
+            out = Placement(slot, 0, keep=keep, save_to=to)
+            self._put(slot, to)
+        else:
+            out = Placement(slot, 0)
+        self.held[slot] = []
+        return out
+
+    def _put(self, slot: int, row: int) -> None:
+        self.held[row], self.released[row] = self.held[slot], self.released[slot]
+        if not self.held[row]:
+            self.released[row] = 0
 
     def release(self, slot: int, tokens: list[int]) -> None:
         """``slot`` is free and its cache holds ``tokens`` at indices ``0 …``."""

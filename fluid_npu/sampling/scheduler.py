@@ -67,7 +67,7 @@ from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
-from fluid_npu.sampling.reuse import SlotPrefixes
+from fluid_npu.sampling.reuse import Placement, SlotPrefixes
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.step import StepMixin, _pow2, _round_up, cache_keyword
 from fluid_npu.sampling.support import PinnedRope, check_engine_support
@@ -103,11 +103,14 @@ class Scheduler(PrefillMixin, StepMixin):
         compile_options: dict[str, Any] | None = None,
         budgets: MutableMapping[Any, DraftBudget] | None = None,
         prefix_caching: bool = True,
+        prefix_slots: int = 0,
     ) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise ConfigError(
                 f"max_batch and prefill_chunk must be at least 1, got {max_batch}, {prefill_chunk}"
             )
+        if prefix_slots < 0:
+            raise ConfigError(f"prefix_slots must be 0 or more, got {prefix_slots}")
         if anchors < 1 or coverage <= 0:
             raise ConfigError(f"anchors must be >= 1 and coverage > 0, got {anchors}, {coverage}")
         self.policy = parse_policy(
@@ -155,12 +158,15 @@ class Scheduler(PrefillMixin, StepMixin):
             # other batches and lengths (a generate call each) reuse what an earlier one compiled
             # instead of spending dynamo's recompile limit, which every engine in a process shares
             cache_slots, capacity = _pow2(max_batch), _round_up(capacity, CAPACITY_STEP)
-        self.kv = SlotKV(model, cache_slots, capacity, dtype, self.device)
+        # rows past the slots (and a compiled engine's padding) only keep prefixes (reuse.py)
+        pool = list(range(cache_slots, cache_slots + prefix_slots)) if prefix_caching else []
+        self.kv = SlotKV(model, cache_slots + len(pool), capacity, dtype, self.device)
         self.head = LMHead(model)
         self._init_state()
         self.waiting: deque[Slot] = deque()
         self.slots: list[Slot | None] = [None] * max_batch
-        self.prefixes = SlotPrefixes(max_batch, prefix_caching)  # what free slots hold (reuse.py)
+        # what free slots and the pool's rows hold (reuse.py)
+        self.prefixes = SlotPrefixes(self.kv.slots, prefix_caching, pool)
         self._ids: set[str] = set()
         self._aborted: list[Slot] = []  # aborted, their "abort" events due at the next step
         self.prefill_forwards = 0
@@ -420,6 +426,19 @@ class Scheduler(PrefillMixin, StepMixin):
             else:  # src still holds the request's first n entries
                 self.prefixes.occupy(dst)
                 self.prefixes.release(src, (slot.prompt + slot.new)[:n])
+
+    def _bring(self, pl: Placement) -> None:
+        """The cache copies of a placement (``reuse.py``): the found tokens from a pool row into
+        the slot, and what the slot held into that row (a swap) or into ``save_to``."""
+        to = pl.source if pl.source is not None else pl.save_to
+        if to is None:
+            return
+        for t in (*self.kv.keys, *self.kv.values):
+            kept = t[pl.slot, :, : pl.keep].clone() if pl.keep else None
+            if pl.source is not None:
+                t[pl.slot, :, : pl.cached] = t[pl.source, :, : pl.cached]
+            if kept is not None:
+                t[to, :, : pl.keep] = kept
 
     def _free(self, i: int, reason: str | None) -> None:
         """Slot ``i``'s request ended (``reason``: its finish reason); the slot keeps the entries

@@ -22,7 +22,7 @@ from fluid_npu.errors import ConfigError
 # the model flags a spawned server gets (``fluid bench serve`` passes them on)
 SERVER_KEYS = (
     "adapter", "khead", "mask_token", "dtype", "device", "max_batch", "max_len", "threads",
-    "chat_template", "default_chat_template_kwargs",
+    "chat_template", "default_chat_template_kwargs", "prefix_cache_slots",
 )  # fmt: skip
 SERVER_SWITCHES = ("compile", "no_adaptive_drafting", "no_enable_prefix_caching")
 
@@ -58,6 +58,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="encode every prompt whole (by default a prompt that starts with what a free slot's "
         "cache still holds — the conversation so far, a shared system prompt — encodes only the "
         "rest)",
+    )
+    p.add_argument(
+        "--prefix-cache-slots",
+        type=int,
+        default=None,
+        help="extra KV-cache rows (each the size of a request slot) that keep prompts' prefixes "
+        "for later requests, so more conversations keep their history than --max-batch "
+        "(default 0)",
     )
     p.add_argument(
         "--chat-template",
@@ -141,6 +149,7 @@ def serve_command(args: argparse.Namespace) -> int:
         compile=args.compile,
         adaptive=not args.no_adaptive_drafting,
         prefix_caching=not args.no_enable_prefix_caching,
+        prefix_cache_slots=args.prefix_cache_slots or 0,
         threads=args.threads,
         chat_template=args.chat_template,
         default_chat_template_kwargs=args.default_chat_template_kwargs,

@@ -51,6 +51,7 @@ class ServeSettings:
     compile: bool = False
     adaptive: bool = True  # the engine's cost-driven drafting choices (False: fixed blocks)
     prefix_caching: bool = True  # a prompt reuses what a free slot's cache holds (reuse.py)
+    prefix_cache_slots: int = 0  # cache rows that only keep prefixes for later requests
     threads: int | None = None  # torch's intra-op threads for the engine (None: torch's default)
     chat_template: str | None = None  # a template file, or the template (vLLM's --chat-template)
     default_chat_template_kwargs: str | None = None  # JSON: the template's variables by default
@@ -67,6 +68,15 @@ class ServeSettings:
             raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.max_queue is not None and self.max_queue < 0:
             raise ConfigError(f"--max-queue must be at least 0, got {self.max_queue}")
+        if self.prefix_cache_slots < 0:
+            raise ConfigError(
+                f"--prefix-cache-slots must be at least 0, got {self.prefix_cache_slots}"
+            )
+        if self.prefix_cache_slots and not self.prefix_caching:
+            raise ConfigError(
+                "--prefix-cache-slots keeps prefixes for reuse, which --no-enable-prefix-caching "
+                "turns off; give one or the other"
+            )
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"--max-len must be at least 2, got {self.max_len}")
         if not self.drain_timeout >= 0:  # (NaN too)
@@ -155,6 +165,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         compile=settings.compile,
         adaptive=settings.adaptive,
         prefix_caching=settings.prefix_caching,
+        prefix_slots=settings.prefix_cache_slots,
     )
     max_len = scheduler.max_len
     info = {
@@ -167,6 +178,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "compile": settings.compile,
         "adaptive_drafting": settings.adaptive,
         "prefix_caching": settings.prefix_caching,
+        "prefix_cache_slots": settings.prefix_cache_slots,
         "torch_threads": torch.get_num_threads(),
         "kv_cache_gib": round(scheduler.kv.nbytes / 2**30, 3),  # allocated once, at start
     }
