@@ -226,12 +226,18 @@ def test_a_float16_request_that_overflowed_leaves_nothing_to_reuse(tok):
     assert torch.float16 == next(model.parameters()).dtype
 
 
-@pytest.mark.parametrize("policy", ["ar", "fixed:3"])
-def test_a_prefix_pool_keeps_more_conversations_than_there_are_slots(tok, policy):
+@pytest.mark.parametrize(
+    ("policy", "system"), [("ar", ""), ("fixed:3", ""), ("ar", "be brief. " * 4)]
+)
+def test_a_prefix_pool_keeps_more_conversations_than_there_are_slots(tok, policy, system):
     # three conversations take turns on one slot: with two pool rows each next turn finds its
-    # history (copied back from the pool), without them none does (the slot held another)
+    # history (copied back from the pool), without them none does (the slot held another); with a
+    # system prompt every conversation shares, a new one matches the slot's start and the rest of
+    # what the slot held goes to the pool rather than being overwritten
     model = build_tiny_model("llama", tok, seed=3)
-    firsts = [tok(f"user {u}: tell me about the quick brown fox " * 2)["input_ids"] for u in "abc"]
+    firsts = [
+        tok(f"{system}user {u}: tell me about the quick brown fox " * 2)["input_ids"] for u in "abc"
+    ]
     for pool in (2, 0):
         sched = Scheduler(
             model, tok.mask_token_id, policy=policy, max_batch=1, eos_ids=[], k_max=4,
@@ -248,7 +254,28 @@ def test_a_prefix_pool_keeps_more_conversations_than_there_are_slots(tok, policy
         for u, p, a in zip("abc", firsts, answers):
             follow = p + a + tok(" and then?")["input_ids"]
             toks, cached = _drain(sched, [Request(f"{u}2", follow, 6)])[f"{u}2"]
-            assert cached == (len(p) + len(a) - 1 if pool else 0), (pool, u)
+            shared = common_prefix(firsts[0], firsts[1], len(p)) if system else 0
+            assert cached == (len(p) + len(a) - 1 if pool else shared), (pool, u)
             want = _greedy_alone(model, follow, 6, [])
             _assert_same(model, [follow], [toks], [want], f"{policy}/{pool}/{u}")
         sched.close()
+
+
+def test_a_pool_row_that_matches_only_the_start_keeps_its_history():
+    system, a, q, b = (
+        [*range(1000, 1020)],
+        [*range(1, 101)],
+        [*range(5000, 5040)],
+        [*range(7000, 7040)],
+    )
+    prefixes = SlotPrefixes(3, pool=[1, 2])
+    for row, tokens in ((1, system + a), (2, q), (0, b)):  # oldest first: a's row is the oldest
+        prefixes.release(row, tokens)
+    placed = prefixes.place([*system, *range(9000, 9030)], [0])
+    # the system prompt is copied from row 1, which keeps a's history (though the oldest); the
+    # slot's own tokens take the other row
+    assert placed == Placement(0, 20, source=1, keep=40, save_to=2)
+    assert prefixes.held == [[], system + a, b]
+    taken = prefixes.place(system + a + [1, 2, 3], [0])  # a's next turn takes row 1 whole ...
+    assert taken == Placement(0, 120, source=1)  # (the slot held nothing to keep)
+    assert prefixes.held == [[], system + a, b]  # ... and row 1 still holds it (nothing swapped in)

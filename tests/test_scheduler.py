@@ -651,7 +651,9 @@ def test_a_kv_cache_larger_than_free_memory_is_one_clear_error(tok, monkeypatch)
     sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, max_len=64)
     need = sched.kv.nbytes
     monkeypatch.setattr(devices, "free_memory", lambda device: need - 1)
-    with pytest.raises(FluidError, match=r"KV cache needs 0\.00 GiB.*2 request slots.*--max-batch"):
+    with pytest.raises(
+        FluidError, match=r"KV cache needs 0\.00 GiB.*2 rows \(request slots.*--max-batch"
+    ):
         Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, max_len=64)
     monkeypatch.setattr(devices, "free_memory", lambda device: need)
     Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, max_len=64)  # exactly fits

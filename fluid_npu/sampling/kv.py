@@ -136,10 +136,13 @@ class SlotKV(Cache):
         need = 2 * layers * slots * kv_heads * capacity * head_dim * dtype.itemsize
         why = (
             f"the engine's KV cache needs {need / 2**30:.2f} GiB (keys and values: {layers} "
-            f"layers x {slots} request slots x {capacity} positions x {kv_heads} KV heads x "
-            f"{head_dim} x {dtype.itemsize} bytes)"
+            f"layers x {slots} rows (request slots, and prefix-cache rows if any) x {capacity} "
+            f"positions x {kv_heads} KV heads x {head_dim} x {dtype.itemsize} bytes)"
         )
-        fix = "lower max_batch (--max-batch), max_len (--max-len) or --prefix-cache-slots"
+        fix = (
+            "lower max_batch (--max-batch), max_len (--max-len) or fluid serve's "
+            "--prefix-cache-slots"
+        )
         free = devices.free_memory(device)
         if free is not None and need > free:  # before the allocator (on a CPU: the OOM killer)
             raise ConfigError(f"{why} but {device} has {free / 2**30:.2f} GiB free; {fix}")

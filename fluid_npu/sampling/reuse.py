@@ -59,19 +59,21 @@ class Placement:
 
     slot: int  # the free slot the request takes
     cached: int  # leading prompt tokens found (its entries at [0, cached) once the copies are done)
-    source: int | None = None  # a pool row holding them: its [0, cached) go to ``slot``, and ...
-    keep: int = 0  # ... ``slot``'s own [0, keep) go there (to ``source``, or to ``save_to``)
-    save_to: int | None = None  # the pool row that keeps ``slot``'s tokens (no pool match)
+    source: int | None = None  # a pool row holding them: its [0, cached) are copied to ``slot``
+    keep: int = 0  # ``slot``'s own [0, keep), copied first ...
+    save_to: int | None = None  # ... to this pool row (``source`` itself when swapped)
 
 
 class SlotPrefixes:
     """The tokens each free slot's (and each pool row's) cache holds, and where a prompt goes.
 
     ``pool``: cache rows that never decode and only keep prefixes for later requests
-    (``Scheduler(prefix_slots=N)``): a slot's tokens move there when a request with nothing to
-    reuse takes the slot (the pool's least recently released row is overwritten), and back into a
-    free slot when a prompt starts with them — a copy of a few cache rows instead of encoding them,
-    so more conversations keep their history than there are slots.
+    (``Scheduler(prefix_slots=N)``): a slot's tokens move there (the pool's least recently
+    released row is overwritten) when a request takes the slot and would overwrite more than
+    ``MIN_REUSE`` of them — a request with nothing to reuse, or one that shares only the start (a
+    system prompt) — and back into a free slot when a prompt starts with them: a copy of a few
+    cache rows instead of encoding them, so more conversations keep their history than there are
+    slots.
     """
 
     def __init__(self, rows: int, enabled: bool = True, pool: list[int] | None = None) -> None:
@@ -83,15 +85,20 @@ class SlotPrefixes:
         self.queried = 0  # prompt tokens admitted
         self.hits = 0  # of them, found in a slot's cache (not encoded)
 
+    def _oldest(self, rows: list[int]) -> int:
+        """A row that holds nothing, else the one whose tokens were recorded longest ago."""
+        return min(rows, key=lambda i: (self.released[i], i) if self.held[i] else (0, i))
+
     def place(self, prompt: list[int], free: list[int], reuse: bool = True) -> Placement:
         """The free slot (``free`` in index order) for ``prompt``, how many of its leading tokens
         are found, and the copies that bring them (``Placement``).
 
         The row with the longest common prefix (``MIN_REUSE`` tokens at least; a free slot before
-        a pool row, the lowest index among equals); a pool row's tokens are swapped into a free
-        slot chosen as when nothing matches: a slot that holds nothing, else the one whose tokens
-        were recorded longest ago — so a request does not take the place of a conversation that
-        may go on (with a pool, those tokens move into the pool's oldest row instead of being lost).
+        a pool row, the lowest index among equals); a pool row's tokens are copied into the free
+        slot chosen as when nothing matches: one that holds nothing, else the one whose tokens were
+        recorded longest ago — so a request does not take the place of a conversation that may go
+        on. What the chosen slot held and the request does not take goes into the pool (a pool row
+        the request takes whole receives it: a swap), else it is lost.
         """
         self.queried += len(prompt)
         best, found = -1, 0
@@ -102,27 +109,21 @@ class SlotPrefixes:
                 if n > found and n >= MIN_REUSE:
                     best, found = i, n
         self.hits += found
-        if best in free:
-            self.held[best] = []  # occupied: what it holds is the new request's from now on
-            return Placement(best, found)
-        slot = min(free, key=lambda i: (self.released[i], i) if self.held[i] else (0, i))
-        keep = len(self.held[slot]) if self.pool else 0
-        if found:  # swapped: the slot's own tokens go where the found ones were
-            out = Placement(slot, found, source=best, keep=keep)
-            self._put(slot, best)
-        elif keep >= MIN_REUSE:  # kept in the pool's least recently released row
-            to = min(self.pool, key=lambda i: (self.released[i], i) if self.held[i] else (0, i))
-            out = Placement(slot, 0, keep=keep, save_to=to)
-            self._put(slot, to)
-        else:
-            out = Placement(slot, 0)
-        self.held[slot] = []
-        return out
-
-    def _put(self, slot: int, row: int) -> None:
-        self.held[row], self.released[row] = self.held[slot], self.released[slot]
-        if not self.held[row]:
-            self.released[row] = 0
+        source = best if found and best not in free else None
+        slot = best if found and source is None else self._oldest(free)
+        keep = len(self.held[slot])
+        taken = found if source is None else 0  # of the slot's own tokens, what the request uses
+        save_to = None
+        if self.pool and keep >= MIN_REUSE and keep - taken >= MIN_REUSE:
+            if source is not None and found == len(self.held[source]):
+                save_to = source  # the request takes that row whole: swapped
+            else:
+                rows = [i for i in self.pool if i != source]
+                save_to = self._oldest(rows) if rows else None
+        if save_to is not None:
+            self.held[save_to], self.released[save_to] = self.held[slot], self.released[slot]
+        self.held[slot] = []  # occupied: what it holds is the new request's from now on
+        return Placement(slot, found, source, keep if save_to is not None else 0, save_to)
 
     def release(self, slot: int, tokens: list[int]) -> None:
         """``slot`` is free and its cache holds ``tokens`` at indices ``0 …``."""

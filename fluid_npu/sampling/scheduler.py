@@ -428,17 +428,16 @@ class Scheduler(PrefillMixin, StepMixin):
                 self.prefixes.release(src, (slot.prompt + slot.new)[:n])
 
     def _bring(self, pl: Placement) -> None:
-        """The cache copies of a placement (``reuse.py``): the found tokens from a pool row into
-        the slot, and what the slot held into that row (a swap) or into ``save_to``."""
-        to = pl.source if pl.source is not None else pl.save_to
-        if to is None:
+        """The cache copies of a placement (``reuse.py``): what the slot held into a pool row
+        (first), and the found tokens from a pool row into the slot."""
+        if pl.source is None and pl.save_to is None:
             return
         for t in (*self.kv.keys, *self.kv.values):
-            kept = t[pl.slot, :, : pl.keep].clone() if pl.keep else None
+            kept = t[pl.slot, :, : pl.keep].clone() if pl.save_to is not None else None
             if pl.source is not None:
                 t[pl.slot, :, : pl.cached] = t[pl.source, :, : pl.cached]
             if kept is not None:
-                t[to, :, : pl.keep] = kept
+                t[pl.save_to, :, : pl.keep] = kept
 
     def _free(self, i: int, reason: str | None) -> None:
         """Slot ``i``'s request ended (``reason``: its finish reason); the slot keeps the entries
