@@ -69,8 +69,8 @@ class SlotPrefixes:
 
     ``pool``: cache rows that never decode and only keep prefixes for later requests
     (``Scheduler(prefix_slots=N)``): a slot's tokens move there (the pool's least recently
-    released row is overwritten) when a request takes the slot and would overwrite more than
-    ``MIN_REUSE`` of them — a request with nothing to reuse, or one that shares only the start (a
+    released row is overwritten) when a request takes the slot and would overwrite ``MIN_REUSE``
+    or more of them — a request with nothing to reuse, or one that shares only the start (a
     system prompt) — and back into a free slot when a prompt starts with them: a copy of a few
     cache rows instead of encoding them, so more conversations keep their history than there are
     slots.
