@@ -279,3 +279,44 @@ def test_a_pool_row_that_matches_only_the_start_keeps_its_history():
     taken = prefixes.place(system + a + [1, 2, 3], [0])  # a's next turn takes row 1 whole ...
     assert taken == Placement(0, 120, source=1)  # (the slot held nothing to keep)
     assert prefixes.held == [[], system + a, b]  # ... and row 1 still holds it (nothing swapped in)
+
+
+@pytest.mark.parametrize(("chunk", "abort"), [(512, False), (8, False), (8, True)])
+def test_requests_arriving_together_encode_their_shared_prefix_once(tok, chunk, abort):
+    # four prompts sharing a long start, submitted at once: the first encodes it, the others wait
+    # for it (a step per chunk) and copy it from that busy slot; aborting the first lets them go
+    model = build_tiny_model("llama", tok, seed=3)
+    shared = tok("a shared system prompt: answer in one word. " * 2)["input_ids"]
+    prompts = [shared + tok(t)["input_ids"] for t in TEXTS[:4]]
+    runs = {}
+    for reuse in (True, False):
+        sched = Scheduler(
+            model, tok.mask_token_id, policy="fixed:3", max_batch=4, eos_ids=[], k_max=4,
+            prefill_chunk=chunk, prefix_caching=reuse, adaptive=False,
+        )  # fmt: skip
+        reqs = [Request(str(i), p, 8) for i, p in enumerate(prompts)]
+        if abort:
+            for r in reqs:
+                sched.submit(r)
+            sched.step()
+            assert (sched.num_running, sched.num_waiting) == ((1, 3) if reuse else (4, 0))
+            sched.abort("0")
+            out = _drain(sched, [])
+        else:
+            out = _drain(sched, reqs)
+        runs[reuse] = (out, sched.computed_tokens)
+        sched.close()
+    (out, cost), (plain, plain_cost) = runs[True], runs[False]
+    for i, p in enumerate(prompts[1:] if abort else prompts, start=1 if abort else 0):
+        toks = out[str(i)][0]
+        _assert_same(model, [p], [toks], [_greedy_alone(model, p, 8, [])], f"{chunk}/{i}")
+        assert toks == plain[str(i)][0]
+    # the first (after an abort: the next) encodes the shared start, the others copy it: all of
+    # it, or (a chunk at a time) what it had encoded once less than MIN_REUSE more was to come
+    first = 1 if abort else 0
+    cached = [out[str(i)][1] for i in range(first, 4)]
+    want = [min(len(shared), len(p) - 2) for p in prompts[first + 1 :]]
+    assert cached[0] == 0 and len(cached) == len(want) + 1
+    for got, full in zip(cached[1:], want):
+        assert (got == full) if chunk >= len(shared) else (full - MIN_REUSE < got <= full)
+    assert cost < plain_cost - (len(want) - 1) * len(shared)

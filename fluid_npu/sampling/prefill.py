@@ -24,6 +24,8 @@ from fluid_npu import device as devices
 from fluid_npu.layout import slot_block
 from fluid_npu.sampling.fused import choose_anchors
 from fluid_npu.sampling.penalties import Penalties
+from fluid_npu.sampling.requests import Slot
+from fluid_npu.sampling.reuse import MIN_REUSE, common_prefix
 from fluid_ops.meta import MAIN, PAD
 
 PROMPT_LOGITS = 1 << 24  # prompt logprobs: logits per LM-head call (64 MiB in float32)
@@ -37,17 +39,26 @@ class PrefillMixin:
         written once for all of them."""
         rows = []
         free = [i for i, s in enumerate(self.slots) if s is None]
+        # what each busy slot has encoded of its prompt (its entries below that never change)
+        busy = {i: s.prompt[: s.prefilled] for i, s in enumerate(self.slots) if s is not None}
+        waiting = []  # requests that wait for a slot to encode the prefix they share
         while self.waiting and free:
             s = self.waiting.popleft()
-            # the free slot whose cache holds the longest prefix of the prompt (reuse.py); a
-            # request that wants its prompt's log-probabilities encodes all of it
-            placed = self.prefixes.place(s.prompt, free, reuse=s.prompt_lps is None)
-            self._bring(placed)  # (from or to the pool's rows, where it has some)
+            # the free slot whose cache holds the longest prefix of the prompt, or a copy of it
+            # (reuse.py); a request that wants its prompt's log-probabilities encodes all of it
+            reuse = s.prompt_lps is None
+            if reuse and self._worth_waiting(s, free, busy):
+                waiting.append(s)
+                continue
+            placed = self.prefixes.place(s.prompt, free, reuse=reuse, busy=busy)
+            self._bring(placed)  # (from a pool row or busy slot, or to the pool)
             i, s.prefilled = placed.slot, placed.cached
             s.cached = placed.cached
             free.remove(i)
             self.slots[i] = s
+            busy[i] = s.prompt[: s.cached]
             rows.append(i)
+        self.waiting.extendleft(reversed(waiting))  # (first in the queue, in their order)
         if not rows:
             return
         slots = [self.slots[i] for i in rows]
@@ -81,6 +92,22 @@ class PrefillMixin:
                 self.penalties = Penalties(self.slots_n, vocab, dev)
             if p.adjusted:
                 self.penalties.admit(i, s.prompt, p)
+
+    def _worth_waiting(self, s: Slot, free: list[int], busy: dict[int, list[int]]) -> bool:
+        """Whether ``s`` should wait a step: a slot still encoding its prompt will hold at least
+        ``MIN_REUSE`` more of ``s``'s prompt than any row holds now (requests that share a prefix
+        and arrive together: the first encodes it, the others copy it). That slot's prefill moves
+        on every step, so the wait ends."""
+        cap = len(s.prompt) - 2
+        if not self.prefixes.enabled or cap < MIN_REUSE:
+            return False
+        _, found = self.prefixes.match(s.prompt, free, busy)
+        for t in self.slots:
+            if t is not None and not t.running:
+                n = common_prefix(t.prompt[:-1], s.prompt, cap)
+                if n - found >= MIN_REUSE and t.prefilled < n:
+                    return True
+        return False
 
     def _decode_rows(self) -> int:
         """The rows the next decode step computes (the price of a draft is per step)."""

@@ -89,25 +89,42 @@ class SlotPrefixes:
         """A row that holds nothing, else the one whose tokens were recorded longest ago."""
         return min(rows, key=lambda i: (self.released[i], i) if self.held[i] else (0, i))
 
-    def place(self, prompt: list[int], free: list[int], reuse: bool = True) -> Placement:
+    def match(
+        self, prompt: list[int], free: list[int], busy: dict[int, list[int]] | None = None
+    ) -> tuple[int, int]:
+        """The row whose tokens share the longest prefix with ``prompt`` (``MIN_REUSE`` at least;
+        a free slot before a pool row before a busy slot, the lowest index among equals) and that
+        length; ``(-1, 0)`` when none does. ``busy``: the tokens each busy slot has encoded."""
+        best, found = -1, 0
+        cap = len(prompt) - 2  # the token before v_0 is always encoded (it anchors the drafts)
+        if not self.enabled or cap < MIN_REUSE:
+            return best, found
+        rows = {i: self.held[i] for i in [*free, *self.pool]} | (busy or {})
+        for i, tokens in rows.items():
+            n = common_prefix(tokens, prompt, cap)
+            if n > found and n >= MIN_REUSE:
+                best, found = i, n
+        return best, found
+
+    def place(
+        self,
+        prompt: list[int],
+        free: list[int],
+        reuse: bool = True,
+        busy: dict[int, list[int]] | None = None,
+    ) -> Placement:
         """The free slot (``free`` in index order) for ``prompt``, how many of its leading tokens
         are found, and the copies that bring them (``Placement``).
 
-        The row with the longest common prefix (``MIN_REUSE`` tokens at least; a free slot before
-        a pool row, the lowest index among equals); a pool row's tokens are copied into the free
-        slot chosen as when nothing matches: one that holds nothing, else the one whose tokens were
-        recorded longest ago — so a request does not take the place of a conversation that may go
-        on. What the chosen slot held and the request does not take goes into the pool (a pool row
-        the request takes whole receives it: a swap), else it is lost.
+        The row with the longest common prefix (``match``); tokens found in a pool row or a busy
+        slot (what it has encoded: its entries below its length never change) are copied into
+        the free slot chosen as when nothing matches: one that holds nothing, else the one whose
+        tokens were recorded longest ago — so a request does not take the place of a conversation
+        that may go on. What the chosen slot held and the request does not take goes into the pool
+        (a pool row the request takes whole receives it: a swap), else it is lost.
         """
         self.queried += len(prompt)
-        best, found = -1, 0
-        cap = len(prompt) - 2  # the token before v_0 is always encoded (it anchors the drafts)
-        if self.enabled and reuse and cap > 0:
-            for i in [*free, *self.pool]:
-                n = common_prefix(self.held[i], prompt, cap)
-                if n > found and n >= MIN_REUSE:
-                    best, found = i, n
+        best, found = self.match(prompt, free, busy) if reuse else (-1, 0)
         self.hits += found
         source = best if found and best not in free else None
         slot = best if found and source is None else self._oldest(free)
