@@ -320,3 +320,24 @@ def test_requests_arriving_together_encode_their_shared_prefix_once(tok, chunk, 
     for got, full in zip(cached[1:], want):
         assert (got == full) if chunk >= len(shared) else (full - MIN_REUSE < got <= full)
     assert cost < plain_cost - (len(want) - 1) * len(shared)
+
+
+def test_float16_requests_arriving_together_do_not_copy_an_unjudged_overflow(tok):
+    # in float16 a prompt entry that overflowed is written as zero and judged a step later: a
+    # request that copied it from the busy slot encoding it would decode from the zero, silently;
+    # so float16 engines copy nothing from busy slots, and every such request ends as "error"
+    model = _overflowing(tok, "Z")
+    bad = tok("a long shared start with Z that overflows, then more " * 2)["input_ids"]
+    prompts = [bad + tok(t)["input_ids"] for t in TEXTS[:3]]
+    sched = Scheduler(
+        model, tok.mask_token_id, policy="ar", max_batch=3, eos_ids=[], k_max=4, prefill_chunk=8
+    )  # (the first prompt takes several steps to encode: the others could copy it meanwhile)
+    finals = {}
+    for r in [Request(str(i), p, 4) for i, p in enumerate(prompts)]:
+        sched.submit(r)
+    while sched.has_work():
+        for ev in sched.step():
+            if ev.finished:
+                finals[ev.request_id] = (ev.finish_reason, ev.cached)
+    sched.close()
+    assert finals == {str(i): ("error", 0) for i in range(3)}

@@ -39,8 +39,13 @@ class PrefillMixin:
         written once for all of them."""
         rows = []
         free = [i for i, s in enumerate(self.slots) if s is None]
-        # what each busy slot has encoded of its prompt (its entries below that never change)
-        busy = {i: s.prompt[: s.prefilled] for i, s in enumerate(self.slots) if s is not None}
+        # what each busy slot has encoded of its prompt (its entries below that never change); not
+        # in float16, where an entry written as zero may not have been judged an overflow yet
+        busy = {
+            i: s.prompt[: s.prefilled]
+            for i, s in enumerate(self.slots)
+            if s is not None and not self._watch
+        }
         waiting = []  # requests that wait for a slot to encode the prefix they share
         while self.waiting and free:
             s = self.waiting.popleft()
@@ -56,7 +61,8 @@ class PrefillMixin:
             s.cached = placed.cached
             free.remove(i)
             self.slots[i] = s
-            busy[i] = s.prompt[: s.cached]
+            if not self._watch:
+                busy[i] = s.prompt[: s.cached]
             rows.append(i)
         self.waiting.extendleft(reversed(waiting))  # (first in the queue, in their order)
         if not rows:
@@ -99,7 +105,7 @@ class PrefillMixin:
         and arrive together: the first encodes it, the others copy it). That slot's prefill moves
         on every step, so the wait ends."""
         cap = len(s.prompt) - 2
-        if not self.prefixes.enabled or cap < MIN_REUSE:
+        if not self.prefixes.enabled or cap < MIN_REUSE or self._watch:
             return False
         _, found = self.prefixes.match(s.prompt, free, busy)
         for t in self.slots:
