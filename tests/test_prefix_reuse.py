@@ -50,7 +50,8 @@ def test_common_prefix_is_exact_at_every_split():
     assert common_prefix(a, a, -3) == 0 and common_prefix(a, a, 10**6) == 600
     prefixes = SlotPrefixes(3, enabled=False)
     prefixes.release(1, a)
-    assert prefixes.place(a, [1, 2]) == Placement(1, 0)  # off: the lowest free slot, nothing held
+    assert prefixes.match(a, [1, 2]) == (-1, 0)  # off: nothing is found ...
+    assert prefixes.place(a, [1, 2]) == Placement(1, 0)  # ... and the lowest free slot taken
 
 
 @pytest.mark.parametrize("policy", ["ar", "fixed:3", "entropy:6"])
@@ -271,12 +272,14 @@ def test_a_pool_row_that_matches_only_the_start_keeps_its_history():
     prefixes = SlotPrefixes(3, pool=[1, 2])
     for row, tokens in ((1, system + a), (2, q), (0, b)):  # oldest first: a's row is the oldest
         prefixes.release(row, tokens)
-    placed = prefixes.place([*system, *range(9000, 9030)], [0])
+    prompt = [*system, *range(9000, 9030)]
+    placed = prefixes.place(prompt, [0], prefixes.match(prompt, [0]))
     # the system prompt is copied from row 1, which keeps a's history (though the oldest); the
     # slot's own tokens take the other row
     assert placed == Placement(0, 20, source=1, keep=40, save_to=2)
     assert prefixes.held == [[], system + a, b]
-    taken = prefixes.place(system + a + [1, 2, 3], [0])  # a's next turn takes row 1 whole ...
+    prompt = system + a + [1, 2, 3]  # a's next turn takes row 1 whole ...
+    taken = prefixes.place(prompt, [0], prefixes.match(prompt, [0]))
     assert taken == Placement(0, 120, source=1)  # (the slot held nothing to keep)
     assert prefixes.held == [[], system + a, b]  # ... and row 1 still holds it (nothing swapped in)
 

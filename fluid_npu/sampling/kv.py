@@ -162,6 +162,19 @@ class SlotKV(Cache):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def move_entries(
+        self, dst: int, src: int | None, n: int, keep: int = 0, keep_to: int | None = None
+    ) -> None:
+        """Every layer's entries ``[0, n)`` of row ``src`` into row ``dst``; first, with
+        ``keep_to``, ``dst``'s own ``[0, keep)`` into row ``keep_to`` (``src`` itself: a swap).
+        In place, between forwards (compaction and prefix reuse: ``reuse.py``)."""
+        for t in (*self.keys, *self.values):
+            kept = t[dst, :, :keep].clone() if keep_to is not None and keep else None
+            if src is not None and n:
+                t[dst, :, :n] = t[src, :, :n]
+            if kept is not None:
+                t[keep_to, :, :keep] = kept
+
     def set_plan(self, plan: ForwardPlan) -> None:
         self.plan = plan
         _ACTIVE_PLAN.set(plan)

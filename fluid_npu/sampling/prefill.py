@@ -39,6 +39,8 @@ class PrefillMixin:
         written once for all of them."""
         rows = []
         free = [i for i, s in enumerate(self.slots) if s is None]
+        if not self.waiting or not free:
+            return
         # what each busy slot has encoded of its prompt (its entries below that never change); not
         # in float16, where an entry written as zero may not have been judged an overflow yet
         busy = {
@@ -49,14 +51,17 @@ class PrefillMixin:
         waiting = []  # requests that wait for a slot to encode the prefix they share
         while self.waiting and free:
             s = self.waiting.popleft()
-            # the free slot whose cache holds the longest prefix of the prompt, or a copy of it
-            # (reuse.py); a request that wants its prompt's log-probabilities encodes all of it
-            reuse = s.prompt_lps is None
-            if reuse and self._worth_waiting(s, free, busy):
+            # the row whose cache holds the longest prefix of the prompt (reuse.py); a request
+            # that wants its prompt's log-probabilities encodes all of it
+            hit = self.prefixes.match(s.prompt, free, busy) if s.prompt_lps is None else (-1, 0)
+            if s.prompt_lps is None and self._worth_waiting(s, hit[1]):
                 waiting.append(s)
                 continue
-            placed = self.prefixes.place(s.prompt, free, reuse=reuse, busy=busy)
-            self._bring(placed)  # (from a pool row or busy slot, or to the pool)
+            placed = self.prefixes.place(s.prompt, free, hit)
+            # the found tokens from a pool row or busy slot; what the slot held, to the pool
+            self.kv.move_entries(
+                placed.slot, placed.source, placed.cached, placed.keep, placed.save_to
+            )
             i, s.prefilled = placed.slot, placed.cached
             s.cached = placed.cached
             free.remove(i)
@@ -99,15 +104,14 @@ class PrefillMixin:
             if p.adjusted:
                 self.penalties.admit(i, s.prompt, p)
 
-    def _worth_waiting(self, s: Slot, free: list[int], busy: dict[int, list[int]]) -> bool:
+    def _worth_waiting(self, s: Slot, found: int) -> bool:
         """Whether ``s`` should wait a step: a slot still encoding its prompt will hold at least
-        ``MIN_REUSE`` more of ``s``'s prompt than any row holds now (requests that share a prefix
-        and arrive together: the first encodes it, the others copy it). That slot's prefill moves
-        on every step, so the wait ends."""
+        ``MIN_REUSE`` more of ``s``'s prompt than the ``found`` tokens any row holds now (requests
+        that share a prefix and arrive together: the first encodes it, the others copy it). That
+        slot's prefill moves on every step, so the wait ends."""
         cap = len(s.prompt) - 2
         if not self.prefixes.enabled or cap < MIN_REUSE or self._watch:
             return False
-        _, found = self.prefixes.match(s.prompt, free, busy)
         for t in self.slots:
             if t is not None and not t.running:
                 n = common_prefix(t.prompt[:-1], s.prompt, cap)

@@ -66,3 +66,11 @@ class Slot:
     # its prompt's log-probabilities as the prefill reads them, until its first event carries them
     prompt_lps: list[PromptLogprob] | None = None
     new: list[int] = field(default_factory=list)
+
+    def written(self) -> list[int]:
+        """The tokens whose keys and values its slot holds at indices ``0 …``: prompt and output
+        but the last token once it decodes (the last is fed by the next step), else the prompt's
+        encoded part."""
+        if self.running:
+            return (self.prompt + self.new)[: len(self.prompt) - 1 + len(self.new)]
+        return self.prompt[: self.prefilled]

@@ -107,16 +107,13 @@ class SlotPrefixes:
         return best, found
 
     def place(
-        self,
-        prompt: list[int],
-        free: list[int],
-        reuse: bool = True,
-        busy: dict[int, list[int]] | None = None,
+        self, prompt: list[int], free: list[int], hit: tuple[int, int] = (-1, 0)
     ) -> Placement:
         """The free slot (``free`` in index order) for ``prompt``, how many of its leading tokens
         are found, and the copies that bring them (``Placement``).
 
-        The row with the longest common prefix (``match``); tokens found in a pool row or a busy
+        ``hit``: ``match``'s row and length (the default: none, the prompt is encoded whole);
+        tokens found in a pool row or a busy
         slot (what it has encoded: its entries below its length never change) are copied into
         the free slot chosen as when nothing matches: one that holds nothing, else the one whose
         tokens were recorded longest ago — so a request does not take the place of a conversation
@@ -124,7 +121,7 @@ class SlotPrefixes:
         (a pool row the request takes whole receives it: a swap), else it is lost.
         """
         self.queried += len(prompt)
-        best, found = self.match(prompt, free, busy) if reuse else (-1, 0)
+        best, found = hit
         self.hits += found
         source = best if found and best not in free else None
         slot = best if found and source is None else self._oldest(free)

@@ -67,7 +67,7 @@ from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
-from fluid_npu.sampling.reuse import Placement, SlotPrefixes
+from fluid_npu.sampling.reuse import SlotPrefixes
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.step import StepMixin, _pow2, _round_up, cache_keyword
 from fluid_npu.sampling.support import PinnedRope, check_engine_support
@@ -402,15 +402,9 @@ class Scheduler(PrefillMixin, StepMixin):
             slot = self.slots[src]
             if not slot.running:
                 return  # a prompt still prefilling stays where it is
-            n = len(slot.prompt) + len(slot.new) - 1  # committed cache entries
-            kept = self.prefixes.held[dst]  # a free slot's prefix (reuse.py) moves up, not lost
-            h = len(kept)
-            for keys, values in zip(self.kv.keys, self.kv.values):
-                old = (keys[dst, :, :h].clone(), values[dst, :, :h].clone()) if h else None
-                keys[dst, :, :n] = keys[src, :, :n]
-                values[dst, :, :n] = values[src, :, :n]
-                if old is not None:
-                    keys[src, :, :h], values[src, :, :h] = old
+            written = slot.written()  # its committed cache entries' tokens
+            h = len(self.prefixes.held[dst])  # a free slot's prefix (reuse.py) moves up, not lost
+            self.kv.move_entries(dst, src, len(written), h, src if h else None)
             for name in self.ROW_STATE:
                 t = getattr(self, name)
                 t[dst] = t[src]
@@ -423,21 +417,9 @@ class Scheduler(PrefillMixin, StepMixin):
             if h:  # src holds dst's prefix now (no step writes a free row below its length)
                 self.prefixes.move(dst, src)
                 self.length[src] = h
-            else:  # src still holds the request's first n entries
+            else:  # src still holds the request's entries
                 self.prefixes.occupy(dst)
-                self.prefixes.release(src, (slot.prompt + slot.new)[:n])
-
-    def _bring(self, pl: Placement) -> None:
-        """The cache copies of a placement (``reuse.py``): what the slot held into a pool row
-        (first), and the found tokens from a pool row into the slot."""
-        if pl.source is None and pl.save_to is None:
-            return
-        for t in (*self.kv.keys, *self.kv.values):
-            kept = t[pl.slot, :, : pl.keep].clone() if pl.save_to is not None else None
-            if pl.source is not None:
-                t[pl.slot, :, : pl.cached] = t[pl.source, :, : pl.cached]
-            if kept is not None:
-                t[pl.save_to, :, : pl.keep] = kept
+                self.prefixes.release(src, written)
 
     def _free(self, i: int, reason: str | None) -> None:
         """Slot ``i``'s request ended (``reason``: its finish reason); the slot keeps the entries
@@ -445,10 +427,6 @@ class Scheduler(PrefillMixin, StepMixin):
         s = self.slots[i]
         self.slots[i] = None
         self.run[i] = False
-        if reason == "error" or (reason == "abort" and self._watch):
-            held = []  # float16: an entry may be an overflow written as zero
-        elif s.running:  # every token but the last (fed by a step that never came)
-            held = (s.prompt + s.new)[: len(s.prompt) - 1 + len(s.new)]
-        else:
-            held = s.prompt[: s.prefilled]
-        self.prefixes.release(i, held)
+        broken = reason == "error" or (reason == "abort" and self._watch)
+        # (float16: an entry may be an overflow written as zero)
+        self.prefixes.release(i, [] if broken else s.written())
