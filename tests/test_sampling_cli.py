@@ -244,7 +244,40 @@ def test_generate_reads_chat_conversations(dirs, tmp_path, capsys):
             "text parts",
         ),
         "extra key": ({"messages": [{"role": "user", "content": "x", "tool": 1}]}, "['tool']"),
-        "a tool turn": ({"messages": [{"role": "tool", "content": "x"}]}, "one of system, "),
+        "a function turn": (
+            {"messages": [{"role": "function", "content": "x"}]},
+            "one of system, ",
+        ),
+        "a tool turn without its call": (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            'needs "tool_call_id"',
+        ),
+        "arguments not JSON": (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{x"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments is not valid JSON",
+        ),
+        "tools without messages": ({"prompt": "a", "tools": []}, '"tools" go with "messages"'),
+        "a bad tool": (
+            {"messages": chat, "tools": [{"type": "function", "function": {}}]},
+            'tools[0].function needs a "name"',
+        ),
+        "tools the template ignores": (
+            {"messages": chat, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "does not use tools",
+        ),
         "two prompts": ({"prompt": "a", "messages": chat}, "give one of prompt / messages"),
     }
     capsys.readouterr()
@@ -253,6 +286,20 @@ def test_generate_reads_chat_conversations(dirs, tmp_path, capsys):
         assert main([*base, "--prompts", bad_src, "--output", str(out)]) == 2, case
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "bad.jsonl:2" in err[0] and fragment in err[0], (case, err)
+    # tools beside the messages reach the template, with a past call and its result
+    template = ("{% for t in tools or [] %}{{ t.function.name }};{% endfor %}{% for m in messages"
+                " %}{{ m.content }}{% for c in m.tool_calls or [] %}{{ c.function.arguments.n }}"
+                "{% endfor %}{{ m.tool_call_id or '' }}{% endfor %}")  # fmt: skip
+    call = {"id": "c7", "type": "function", "function": {"name": "f", "arguments": '{"n": 5}'}}
+    turns = [*chat, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "c7", "content": "five"}]  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    tool_src = _write_prompts(tmp_path / "t.jsonl", [{"messages": turns, "tools": tools},
+                                                {"prompt": "f;be briefcount5fivec7"}])  # fmt: skip
+    argv = [*base, "--prompts", tool_src, "--output", str(out), "--chat-template", template]
+    assert main(argv) == 0
+    with_tools, spelled = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    assert with_tools["token_ids"] == spelled["token_ids"] and with_tools["messages"] == turns
     # "name": null is no name (as the server reads it); a template's own refusal is one line too
     named = _write_prompts(tmp_path / "n.jsonl", [{"messages": [{**chat[1], "name": None}]}])
     assert main([*base, "--prompts", named, "--output", str(out)]) == 0

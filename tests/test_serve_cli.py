@@ -57,6 +57,12 @@ def test_serve_flag_errors(capsys, tmp_path):
     assert "--default-chat-template-kwargs is not JSON" in _error(capsys, [*kwargs, "x"])
     msg = _error(capsys, ["serve", "--model", "m", "--reasoning-parser", "r1"])
     assert "--reasoning-parser 'r1' is not one of deepseek_r1, openpangu, qwen3" in msg
+    for alone in (["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"]):
+        msg = _error(capsys, ["serve", "--model", "m", *alone])
+        assert "--enable-auto-tool-choice and --tool-call-parser go together" in msg
+    msg = _error(capsys, ["serve", "--model", "m", "--enable-auto-tool-choice",
+                          "--tool-call-parser", "json"])  # fmt: skip
+    assert "--tool-call-parser 'json' is not one of hermes" in msg
 
 
 def test_bench_serve_flag_errors(capsys, tmp_path):
@@ -108,21 +114,29 @@ def test_bench_serve_against_a_running_server(tmp_path, capsys):
 
 
 def test_bench_serve_sends_conversations_to_the_chat_route(tmp_path):
-    """A ``messages`` line (as ``fluid generate`` reads it) is sent as that conversation."""
+    """A ``messages`` line (as ``fluid generate`` reads it) is sent as that conversation, with
+    the line's ``tools`` (``tool_choice: "none"``: the answer is text on any server)."""
+    from fluid_npu.model.tiny import build_tiny_tokenizer
     from fluid_npu.serve.text import chat_ids
 
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.chat_template = ("{% for t in tools or [] %}{{ t.function.name }};{% endfor %}"
+                         "{% for m in messages %}{{ m.content }}{% endfor %}")  # fmt: skip
     chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "hello"}]
-    prompts = _prompts(tmp_path, [{"messages": chat}, {"prompt": "abc"}])
+    tools = [{"type": "function", "function": {"name": "look_up"}}]
+    lines = [{"messages": chat}, {"prompt": "abc"}, {"messages": chat, "tools": tools}]
+    prompts = _prompts(tmp_path, lines)
     out = tmp_path / "report.json"
     sched = ScriptedScheduler(max_batch=2)
-    with serving(sched) as (url, _, _):
+    with serving(sched, tokenizer=tok) as (url, _, _):
         argv = ["bench", "serve", "--url", url, "--prompts", prompts, "--json", str(out),
-                "--num-requests", "2", "--max-tokens", "8", "--warmup", "0",
+                "--num-requests", "3", "--max-tokens", "8", "--warmup", "0",
                 "--rounds", "1"]  # fmt: skip
         assert main(argv) == 0
-    assert json.loads(out.read_text())["results"]["server"]["completed"] == 2
+    assert json.loads(out.read_text())["results"]["server"]["completed"] == 3
     sent = sorted(r.prompt for r in sched.requests)
-    assert sent == sorted([chat_ids(TOK, chat), TOK("abc")["input_ids"]])
+    expected = [chat_ids(tok, chat), tok("abc")["input_ids"], chat_ids(tok, chat, tools=tools)]
+    assert sent == sorted(expected) and tok.decode(max(sent, key=len)).startswith("look_up;")
 
 
 def test_bench_serve_reads_a_reasoning_parsers_chunks(tmp_path):

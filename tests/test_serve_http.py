@@ -881,22 +881,14 @@ def test_a_reasoning_parser_returns_the_reasoning_apart_from_the_answer():
             assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
 
 
-def test_the_engine_ends_where_the_split_text_finds_a_stop():
-    """With a reasoning parser the real engine searches stop strings as the split text does:
-    none spans the closing marker (``Request.stop_reset``), so a stop string made of the
-    reasoning's end and the answer's start ends nothing, and one inside the answer ends it there.
-    A constructed chain Llama answers ``x y </think> z m`` after a prompt that opens the block."""
+def chain_scheduler(tok: Any, succ: dict[int, int], other: int, max_len: int = 128) -> Any:
+    """A real ``Scheduler`` (entropy drafting) over a constructed chain Llama: after token ``x``
+    it answers ``succ[x]`` (``other`` after the MASK token), whatever came before."""
     import torch
 
     from fluid_npu.model.tiny import build_tiny_model
     from fluid_npu.sampling.scheduler import Scheduler
 
-    tok = build_tiny_tokenizer(mask_token=True)
-    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
-    tid = tok.convert_tokens_to_ids
-    start, end = tid("<think>"), tid("</think>")
-    succ = {start: tid("x"), tid("x"): tid("y"), tid("y"): end, end: tid("z"),
-            tid("z"): tid("m"), tid("m"): tok.eos_token_id}  # fmt: skip
     model = build_tiny_model("llama", tok, seed=0)
     size = model.config.hidden_size
     basis, _ = torch.linalg.qr(torch.randn(size, size, generator=torch.Generator().manual_seed(0)))
@@ -905,13 +897,28 @@ def test_the_engine_ends_where_the_split_text_finds_a_stop():
         head.zero_()
         for i, x in enumerate([*succ, tok.mask_token_id]):
             emb[x] = basis[:, i]
-            head[succ.get(x, tid("m"))] += 2.0 * basis[:, i]
+            head[succ.get(x, other)] += 2.0 * basis[:, i]
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.mul_(4.0)
     model.eval()
     sched = Scheduler(model, tok.mask_token_id, policy="entropy", eos_ids=[tok.eos_token_id],
-                      max_batch=2, max_len=128, tokenizer=tok)  # fmt: skip
+                      max_batch=2, max_len=max_len, tokenizer=tok)  # fmt: skip
     sched.max_batch, sched.gate = 2, threading.Event()  # (what serving() reads and opens)
+    return sched
+
+
+def test_the_engine_ends_where_the_split_text_finds_a_stop():
+    """With a reasoning parser the real engine searches stop strings as the split text does:
+    none spans the closing marker (``Request.stop_reset``), so a stop string made of the
+    reasoning's end and the answer's start ends nothing, and one inside the answer ends it there.
+    A constructed chain Llama answers ``x y </think> z m`` after a prompt that opens the block."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    tid = tok.convert_tokens_to_ids
+    start, end = tid("<think>"), tid("</think>")
+    succ = {start: tid("x"), tid("x"): tid("y"), tid("y"): end, end: tid("z"),
+            tid("z"): tid("m"), tid("m"): tok.eos_token_id}  # fmt: skip
+    sched = chain_scheduler(tok, succ, tid("m"))
     opened = "{% for m in messages %}{{ m['content'] }}{% endfor %}<think>"
     with serving(sched, tokenizer=tok, reasoning_parser="qwen3",
                  trust_request_chat_template=True) as (url, _, _):  # fmt: skip

@@ -4,11 +4,12 @@
 prompts file holds ``"prompt"`` (text, tokenized as the tokenizer does by default, or through its
 chat template with ``chat=True``), ``"input_ids"`` (a list of token ids, used as given) or
 ``"messages"`` (a conversation in the OpenAI chat format — ``role``, ``content`` as text or text
-parts, optional ``name`` — rendered by the tokenizer's chat template with the assistant turn opened,
-as ``fluid serve``'s chat route and vLLM's ``LLM.chat`` do; system prompts and earlier turns
-included). Bad lines are ``DataError``s naming the file and line. Output JSONL is written
-atomically (a temporary file beside the target, then a rename), so a crash never leaves half a file
-behind.
+parts, optional ``name``, an assistant's ``tool_calls`` and a ``tool`` message's ``tool_call_id``;
+with ``"tools"`` beside it the functions offered, ``tooluse.py`` — rendered by the tokenizer's chat
+template with the assistant turn opened, as ``fluid serve``'s chat route and vLLM's ``LLM.chat``
+do; system prompts and earlier turns included). Bad lines are ``DataError``s naming the file and
+line. Output JSONL is written atomically (a temporary file beside the target, then a rename), so a
+crash never leaves half a file behind.
 ``quiet_loading`` keeps transformers' progress bars off stderr while the commands load a model.
 """
 
@@ -27,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.sampling.inputs import PromptError
+from fluid_npu.sampling.tooluse import check_tool_calls, check_tools
 
 
 @dataclass
@@ -76,6 +78,10 @@ def read_prompt_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             raise DataError(f"{path}:{n}: give one of {' / '.join(given)} per line, not both")
         if "messages" in row:  # checked here, before any model is loaded
             chat_messages(row["messages"], f"{path}:{n}")
+        if "tools" in row:
+            if "messages" not in row:
+                raise DataError(f'{path}:{n}: "tools" go with "messages" (a conversation)')
+            check_tools(row["tools"], f"{path}:{n}: tools")
         rows.append((n, row))
     return rows
 
@@ -120,7 +126,8 @@ def encode_prompt(
         messages = chat_messages(row["messages"], where)
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f'{where}: a "messages" line needs a tokenizer with a chat template')
-        return Prompt(None, _rendered(tokenizer, messages, where, template_kwargs))
+        tools = None if row.get("tools") is None else check_tools(row["tools"], f"{where}: tools")
+        return Prompt(None, _rendered(tokenizer, messages, where, template_kwargs, tools))
     text = row["prompt"]
     if not isinstance(text, str):
         raise DataError(f"{where}: prompt must be a string")
@@ -134,7 +141,8 @@ def encode_prompt(
     return Prompt(text, [int(t) for t in tokenizer(text)["input_ids"]])
 
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")  # what fluid serve's chat route takes
+# what fluid serve's chat route takes ("tool": a tool call's result, answering its tool_call_id)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # an assistant turn's reasoning, as a reasoning parser returned it (vLLM's name and the older
 # one): handed to the chat template under both names (Qwen3's reads reasoning_content)
 REASONING_KEYS = ("reasoning", "reasoning_content")
@@ -158,14 +166,15 @@ def chat_messages(value: Any, where: str) -> list[dict[str, str]]:
         at = f"{where}: messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             raise DataError(f'{at} needs a "role": one of {", ".join(CHAT_ROLES)}')
-        unknown = set(m) - {"role", "content", "name", *REASONING_KEYS}
+        unknown = set(m) - {"role", "content", "name", "tool_calls", "tool_call_id",
+                            *REASONING_KEYS}  # fmt: skip
         if unknown:
             raise DataError(
-                f"{at} has {sorted(unknown)}; a message holds role, content, name (and an "
-                "assistant's reasoning)"
+                f"{at} has {sorted(unknown)}; a message holds role, content, name (an "
+                "assistant's: reasoning, tool_calls; a tool's: tool_call_id)"
             )
         content = m.get("content")
-        if content is None and m["role"] == "assistant":  # (OpenAI's null: the reasoning alone)
+        if content is None and m["role"] == "assistant":  # (OpenAI's null: reasoning / calls alone)
             content = ""
         parts_ok = isinstance(content, list) and all(
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -188,15 +197,37 @@ def chat_messages(value: Any, where: str) -> list[dict[str, str]]:
             if len(set(given)) > 1:
                 raise DataError(f"{at}: reasoning and reasoning_content disagree; give one")
             message.update(dict.fromkeys(REASONING_KEYS, given[0]))  # templates read either
+        _tool_fields(m, message, at)
         out.append(message)
     return out
 
 
+def _tool_fields(m: dict[str, Any], message: dict[str, Any], at: str) -> None:
+    """An assistant message's ``tool_calls`` and a tool message's ``tool_call_id``, checked into
+    ``message`` (``tooluse.py``)."""
+    if m.get("tool_calls") is not None:
+        if m["role"] != "assistant":
+            raise DataError(f"{at}: only an assistant message carries tool_calls")
+        message["tool_calls"] = check_tool_calls(m["tool_calls"], f"{at}.tool_calls")
+    if m["role"] == "tool":
+        if not isinstance(m.get("tool_call_id"), str) or not m["tool_call_id"]:
+            raise DataError(f'{at}: a tool message needs "tool_call_id", the call it answers')
+        message["tool_call_id"] = m["tool_call_id"]
+    elif m.get("tool_call_id") is not None:
+        raise DataError(f"{at}: only a tool message carries tool_call_id")
+
+
 def _rendered(
-    tokenizer: Any, messages: list[dict[str, str]], where: str, kwargs: dict[str, Any] | None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    where: str,
+    kwargs: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     try:
-        return chat_template_ids(tokenizer, messages, template_kwargs=kwargs)
+        return chat_template_ids(tokenizer, messages, template_kwargs=kwargs, tools=tools)
+    except ToolsIgnored as exc:
+        raise DataError(f"{where}: {exc}") from None
     except Exception as exc:  # the template's own (e.g. roles that must alternate)
         raise DataError(f"{where}: the chat template rejected the messages: {exc}") from None
 
@@ -209,24 +240,40 @@ def chat_template_ids(
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
     template: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Token ids of ``messages`` rendered by the tokenizer's chat template (or ``template``), the
     assistant turn opened (``add_generation_prompt``) or the last (assistant) message left open to
     be continued (``continue_final_message``); ``template_kwargs`` are the template's own variables
-    (``enable_thinking``, ...). Encoded as training and ``fluid eval`` encode a chat
+    (``enable_thinking``, ...); ``tools``: the functions the conversation offers
+    (``tooluse.check_tools``). Encoded as training and ``fluid eval`` encode a chat
     (``templates.rendered_ids``: the tokenizer's BOS first where it adds one and the template does
     not write it): what ``--chat``, ``messages`` lines and the server's chat route decode from."""
     from fluid_npu.data.templates import rendered_ids
 
-    text = tokenizer.apply_chat_template(
-        messages,
-        chat_template=template,
-        add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message,
-        tokenize=False,
-        **(template_kwargs or {}),
-    )
+    def render(offered: list[dict[str, Any]] | None) -> str:
+        return tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            tools=offered,
+            **(template_kwargs or {}),
+        )
+
+    text = render(tools)
+    if tools and text == render(None):  # the model would never see them
+        raise ToolsIgnored(
+            "the chat template does not use tools (it renders the conversation the same with "
+            "them and without): give a chat template that lists them (--chat-template), or "
+            "leave tools out"
+        )
     return rendered_ids(tokenizer, text)
+
+
+class ToolsIgnored(DataError):
+    """A conversation offers tools its chat template does not render."""
 
 
 def reserved_template_kwargs(kwargs: dict[str, Any]) -> list[str]:

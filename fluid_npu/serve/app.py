@@ -40,7 +40,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluid_npu.errors import FluidError
-from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.errors import APIError, error_body
@@ -50,13 +49,15 @@ from fluid_npu.serve.generation import (
     encode_prompts,
     events,
     prompt_texts,
+    text_reader,
     usage,
 )
 from fluid_npu.serve.metrics import ServerMetrics
-from fluid_npu.serve.reasoning import ReasoningText, reasoning_parser
+from fluid_npu.serve.reasoning import reasoning_parser
 from fluid_npu.serve.rendering import ChatRender
 from fluid_npu.serve.responses import Shape
 from fluid_npu.serve.text import TokenText, chat_ids, text_ids, tokenizer_info
+from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
 
 MAX_BODY_BYTES = 4 << 20
@@ -78,6 +79,7 @@ class ServeConfig:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_request_chat_template: bool = False  # whether a request may bring its own template
     reasoning_parser: str | None = None  # --reasoning-parser: chat reasoning apart (reasoning.py)
+    tool_call_parser: str | None = None  # --enable-auto-tool-choice's parser (tools.py)
 
 
 class _ClosingStream(StreamingResponse):
@@ -121,6 +123,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     reasoning = None
     if config.reasoning_parser is not None:
         reasoning = reasoning_parser(config.reasoning_parser, tokenizer)
+    calling = None if config.tool_call_parser is None else tool_parser(
+        config.tool_call_parser, tokenizer)  # fmt: skip
     # prompts are tokenized here, off the event loop (the module docstring); the thread starts
     # with the first request
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-tokenize")
@@ -239,10 +243,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         s: protocol.Sampling,
         arrived: float,
         texts: list[str] | None = None,
+        tools: ToolSetting | None = None,
     ) -> Response:
         """Run the request's prompts, ``s.n`` choices each (``shapes``: one per choice, prompt by
         prompt), and answer: streamed, or whole once every choice has ended. ``texts``: the
-        prompts' text, which ``echo`` returns."""
+        prompts' text, which ``echo`` returns; ``tools``: a chat's (its calls parsed out)."""
         param = "messages" if shapes[0].chat else "prompt"
         limits = [check_length(ids, s, param) for ids in prompts]
         if s.params["min_tokens"] > min(limits):
@@ -289,13 +294,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         gens: list[Generation] = []
         for shape, stream in zip(shapes, streams):
             k = shape.index // s.n  # the choice's prompt
-            if shape.chat and reasoning is not None:  # reasoning apart from the answer
-                detok: Detokenizer | ReasoningText = ReasoningText(
-                    tokenizer, reasoning, s.stop, prompts[k], eos
-                )
-                shape.reasoning = True
-            else:
-                detok = Detokenizer(tokenizer, s.stop, prompt=prompts[k], eos_ids=eos)
+            split = reasoning if shape.chat else None  # a chat's reasoning apart from its answer
+            detok = text_reader(tokenizer, split, s.stop, prompts[k], eos)
+            shape.reasoning = split is not None
             if detok.spelled_context:  # the output's leading space is kept: offsets count it
                 shape.strip = 0
             shape.alternatives = s.params["top_logprobs"] > 0
@@ -303,18 +304,22 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             if s.echo and texts is not None:
                 echo = Echo(texts[k], prompts[k], generate=limits[k] > 0)
                 shape.echoing(len(prompts[k]), texts[k])
-            gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo))
+            calls = None if tools is None else tools.reader()  # a chat's tool calls parsed out
+            gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
+                                   calls))  # fmt: skip
         if s.stream:
             return _ClosingStream(
                 events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]
             )
         pieces: list[list[str]] = [[] for _ in gens]
         thoughts: list[list[str]] = [[] for _ in gens]
+        calls: list[list[dict[str, Any]]] = [[] for _ in gens]
 
         async def collect(n: int) -> None:
-            async for text, _, reasoning in gens[n].deltas():
+            async for text, _, reasoning, called in gens[n].deltas():
                 pieces[n].append(text)
                 thoughts[n].append(reasoning)
+                calls[n] += called
 
         work = asyncio.ensure_future(asyncio.gather(*(collect(n) for n in range(len(gens)))))
         gone = asyncio.ensure_future(_until_disconnect(request))
@@ -333,8 +338,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         except APIError as exc:  # counted once, by close (finish_reason "error"), not as a refusal
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         choices = [
-            shape.choice("".join(text), gen.finish_reason, gen.logprobs, "".join(thought))
-            for shape, gen, text, thought in zip(shapes, gens, pieces, thoughts)
+            shape.choice("".join(text), gen.finish_reason, gen.logprobs, "".join(thought), call)
+            for shape, gen, text, thought, call in zip(shapes, gens, pieces, thoughts, calls)
         ]
         return JSONResponse(shapes[0].answer(choices, usage(gens, s.n)))
 
@@ -342,14 +347,15 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         arrived = time.monotonic()
         authorize(request)
         body = await _read_json(request)
-        req = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
+        req = protocol.parse_chat(body, calling) if chat else protocol.parse_completion(body)
         check_model(req.sampling.model)
         loop = asyncio.get_running_loop()
         texts = None
         if isinstance(req, protocol.ChatRequest):
             check_template(req.render)
             prompts = [await loop.run_in_executor(tokenizing, chat_ids, tokenizer, req.messages,
-                                                  req.render, config.template_kwargs)]  # fmt: skip
+                                                  req.render, config.template_kwargs,
+                                                  req.tools.tools)]  # fmt: skip
             cid = f"chatcmpl-{uuid.uuid4().hex}"
         else:
             prompts = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts)
@@ -360,8 +366,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         created = int(time.time())
         shapes = [Shape(chat, cid, config.model_name, words, index=k, created=created)
                   for k in range(len(prompts) * req.sampling.n)]  # fmt: skip
+        tools = req.tools if isinstance(req, protocol.ChatRequest) else None
         return await generate(request, request.url.path, shapes, prompts, req.sampling, arrived,
-                              texts)  # fmt: skip
+                              texts, tools)  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -402,7 +409,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         def answer() -> bytes:  # on the tokenizing thread, the JSON too (4 MiB of text: seconds)
             if conversation is not None:  # as the chat route renders them
                 ids = chat_ids(tokenizer, conversation.messages, conversation.render,
-                               config.template_kwargs)  # fmt: skip
+                               config.template_kwargs, conversation.tools.tools)  # fmt: skip
             else:
                 ids = text_ids(tokenizer, req.prompt or "", req.add_special_tokens is not False)
             strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None

@@ -81,19 +81,24 @@ class ServeBenchSettings:
             raise ConfigError("--policies needs servers started here (--model), not --url")
 
 
-Prompt = str | list[dict[str, str]]  # a text, or a conversation (chat messages)
+Prompt = str | dict[str, Any]  # a text, or a chat request's conversation fields
 
 
 def read_prompts(path: str) -> list[Prompt]:
     """The prompts of a JSONL file: each line's ``prompt`` text, or its ``messages`` (a
-    conversation, sent to the chat route; ``fluid generate`` reads the same lines). Errors name
-    the file and line."""
+    conversation, sent to the chat route; ``fluid generate`` reads the same lines) with its
+    ``tools`` (rendered into the prompt; sent with ``tool_choice: "none"``, so any server answers
+    in text). Errors name the file and line."""
     from fluid_npu.sampling.prompts import chat_messages, read_prompt_lines
 
     out: list[Prompt] = []
     for n, row in read_prompt_lines(path):  # (one of prompt / input_ids / messages a line)
         if "messages" in row:
-            out.append(chat_messages(row["messages"], f"{path}:{n}"))
+            chat_messages(row["messages"], f"{path}:{n}")  # (checked; sent as the line gives it)
+            chat: dict[str, Any] = {"messages": row["messages"]}
+            if row.get("tools") is not None:  # (checked by read_prompt_lines)
+                chat.update(tools=row["tools"], tool_choice="none")
+            out.append(chat)
         elif "input_ids" in row or not isinstance(row.get("prompt"), str):
             raise DataError(
                 f'{path}:{n}: fluid bench serve sends text: each line needs "prompt" (text) or '
@@ -115,8 +120,8 @@ async def _one(
     client: httpx.AsyncClient, s: ServeBenchSettings, model: str, prompt: Prompt
 ) -> dict[str, Any]:
     """One streamed request; its timings, text, usage and error (if any)."""
-    if isinstance(prompt, list):  # a conversation: the chat route, --chat or not
-        path, body = "/v1/chat/completions", {"messages": prompt}
+    if isinstance(prompt, dict):  # a conversation: the chat route, --chat or not
+        path, body = "/v1/chat/completions", dict(prompt)
     elif s.chat:
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
     else:

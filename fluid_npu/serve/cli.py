@@ -102,6 +102,18 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "reasoning (and reasoning_content), apart from its content",
     )
     p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let the model call the tools a chat request offers (tool_choice 'auto'): its "
+        "calls come back as the message's tool_calls (needs --tool-call-parser)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="hermes (Qwen2.5, Qwen3, Hermes: <tool_call> JSON blocks): how the model writes "
+        "its tool calls",
+    )
+    p.add_argument(
         "--trust-request-chat-template",
         action="store_true",
         help="let a request bring its own chat_template (rendered in transformers' sandbox)",
@@ -155,6 +167,8 @@ def serve_command(args: argparse.Namespace) -> int:
         default_chat_template_kwargs=args.default_chat_template_kwargs,
         trust_request_chat_template=args.trust_request_chat_template,
         reasoning_parser=args.reasoning_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
     return serve(settings)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +20,15 @@ from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.serve import protocol
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.metrics import ServerMetrics
-from fluid_npu.serve.reasoning import ReasoningText
+from fluid_npu.serve.reasoning import ReasoningParser, ReasoningText
 from fluid_npu.serve.responses import DONE, LogprobEntry, Shape
 from fluid_npu.serve.responses import usage as usage_body
 from fluid_npu.serve.text import completion_ids
+from fluid_npu.serve.tools import ToolCallText
 from fluid_npu.serve.worker import Stream, Worker
+
+# one delivery of a choice: text, its tokens' log-probabilities, reasoning text, tool calls
+Delta = tuple[str, list[LogprobEntry] | None, str, list[dict[str, Any]]]
 
 # a request whose numbers came out NaN / inf (the engine ends it, the others go on)
 NUMERIC_FAILURE = (
@@ -54,9 +58,11 @@ class Generation:
         detok: Detokenizer | ReasoningText,
         logprobs: bool = False,
         echo: Echo | None = None,
+        tools: ToolCallText | None = None,
     ) -> None:
         self.worker, self.metrics, self.stream, self.detok = worker, metrics, stream, detok
         self.echo = echo
+        self.tools = tools  # chat with tool_choice "auto": the answer's calls parsed out
         self.finish_reason: str | None = None
         self.forwards = 0
         self.cached = 0  # prompt tokens the engine found in a slot's cache
@@ -65,10 +71,11 @@ class Generation:
         self._first = 0.0  # ... and first
         self._tokens = 0  # tokens delivered
 
-    async def deltas(self) -> AsyncIterator[tuple[str, list[LogprobEntry] | None, str]]:
-        """Text deltas, their tokens' log-probabilities and the reasoning's text deltas (with a
-        reasoning parser: ``reasoning.ReasoningText``; else empty) until the request ends
-        (``finish_reason`` is then set); with ``echo`` the prompt's first."""
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Text deltas, their tokens' log-probabilities, the reasoning's text deltas (with a
+        reasoning parser: ``reasoning.ReasoningText``; else empty) and, at the end, the answer's
+        tool calls (``tools.ToolCallText``; else none) until the request ends (``finish_reason``
+        is then set: ``"tool_calls"`` when calls came); with ``echo`` the prompt's first."""
         while self.finish_reason is None:
             item = await self.stream.queue.get()
             if isinstance(item, BaseException):
@@ -78,7 +85,7 @@ class Generation:
             broke = item.finished and item.finish_reason in ("error", "abort")
             if self.echo is not None and not broke:  # the first event: the prompt comes first
                 echo, self.echo = self.echo, None
-                yield echo.text, self._prompt_entries(echo, item), ""
+                yield echo.text, self._prompt_entries(echo, item), "", []
                 if not echo.generate:  # scored alone: the token decoded to get here is dropped
                     self._timing(1)
                     self.finish_reason = "length"
@@ -102,8 +109,16 @@ class Generation:
                 self.finish_reason = item.finish_reason or "stop"
                 text += self.detok.flush()
             reasoning = getattr(self.detok, "reasoning_delta", "")
-            if text or entries or reasoning:
-                yield text, entries, reasoning
+            calls: list[dict[str, Any]] = []
+            if self.tools is not None:
+                text = self.tools.add(text)
+                if self.finish_reason is not None:
+                    rest, calls = self.tools.finish()
+                    text += rest
+                    if calls:
+                        self.finish_reason = "tool_calls"
+            if text or entries or reasoning or calls:
+                yield text, entries, reasoning, calls
 
     def _prompt_entries(self, echo: Echo, item: Any) -> list[LogprobEntry] | None:
         """The prompt's tokens with their log-probabilities (the first one's null), from the
@@ -161,6 +176,20 @@ class Generation:
             m.tpf.observe(self.detok.tokens_used / self.forwards)
 
 
+def text_reader(
+    tokenizer: Any,
+    reasoning: ReasoningParser | None,
+    stop: list[str],
+    prompt: list[int],
+    eos: Collection[int],
+) -> Detokenizer | ReasoningText:
+    """What turns one choice's tokens into text: the reasoning apart from the answer (a chat on
+    a server with a reasoning parser), else the text whole."""
+    if reasoning is not None:
+        return ReasoningText(tokenizer, reasoning, stop, prompt, eos)
+    return Detokenizer(tokenizer, stop, prompt=prompt, eos_ids=eos)
+
+
 def encode_prompts(tokenizer: Any, given: list[str | list[int]]) -> list[list[int]]:
     """Each completion prompt's token ids; a bad one is an ``APIError`` that says which."""
     out = []
@@ -204,8 +233,9 @@ async def events(
         if shape.chat:
             await out.put((n, shape.chunk("", role=True)))
         try:
-            async for text, entries, reasoning in gen.deltas():
-                await out.put((n, shape.chunk(text, logprobs=entries, reasoning=reasoning)))
+            async for text, entries, reasoning, calls in gen.deltas():
+                await out.put((n, shape.chunk(text, logprobs=entries, reasoning=reasoning,
+                                              tool_calls=calls)))  # fmt: skip
         except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
             await out.put((n, exc))
         await out.put((n, None))

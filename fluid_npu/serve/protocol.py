@@ -38,9 +38,13 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   assistant's, left open; not with ``add_generation_prompt: true``) and ``chat_template`` (a
   request's own, which the app takes only with ``--trust-request-chat-template``); ``/tokenize``
   takes them for messages and refuses them for a prompt;
+* chat requests may offer ``tools`` (``tools.py``: rendered into the prompt; with
+  ``tool_choice: "auto"`` and a server started with ``--enable-auto-tool-choice`` the answer's
+  calls come back as ``tool_calls``), and carry assistant ``tool_calls`` and ``tool`` messages;
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
-  ``suffix`` / tools absent; any other value is an error naming the
-  field and what is supported; ``user`` is an opaque end-user tag, accepted.
+  ``suffix`` absent, ``tool_choice`` not ``"required"`` or a named function (they need
+  constrained decoding); any other value is an error naming the field and what is supported;
+  ``user`` is an opaque end-user tag, accepted.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fluid_npu.sampling.rules import INT64_MAX, MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
+from fluid_npu.serve.tools import ToolMarkers, ToolSetting, tool_setting
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
@@ -75,11 +80,13 @@ class TextPart(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None  # null: an assistant's (its reasoning alone)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # null: an assistant's (reasoning / calls alone)
     name: str | None = None  # a participant's name: handed to the chat template, as vLLM does
     reasoning: str | None = None  # an assistant turn's, as --reasoning-parser returned it
     reasoning_content: str | None = None  # (its older name, which clients still send back)
+    tool_calls: list[Any] | None = None  # an assistant turn's (checked in tooluse.py)
+    tool_call_id: str | None = None  # a tool message's: the call it answers
 
 
 class _Common(_Strict):
@@ -130,7 +137,7 @@ class ChatBody(_Common, _Rendering):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # checked in tools.tool_setting
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
@@ -145,6 +152,7 @@ class TokenizeBody(_Rendering):
     messages: list[Message] | None = None
     add_special_tokens: bool | None = None  # text: True (BOS as a completion gets it); chat: False
     return_token_strs: bool | None = None
+    tools: list[Any] | None = None  # messages: the functions offered, rendered as chat does
 
 
 class DetokenizeBody(_Strict):
@@ -209,9 +217,10 @@ class CompletionRequest:
 
 @dataclass
 class ChatRequest:
-    messages: list[dict[str, str]]  # role, content (text) and, where given, name
+    messages: list[dict[str, Any]]  # role, content (text) and, where given, name, tool fields
     sampling: Sampling
     render: ChatRender = field(default_factory=ChatRender)
+    tools: ToolSetting = field(default_factory=ToolSetting)
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -337,7 +346,7 @@ def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
     if req.messages is not None and not req.messages:
         raise APIError("messages is empty; give at least one message", param="messages")
     if req.prompt is not None:
-        given = [name for name in RENDER_FIELDS if getattr(req, name) is not None]
+        given = [name for name in (*RENDER_FIELDS, "tools") if getattr(req, name) is not None]
         if given:
             raise APIError(f"{given[0]} applies to messages, not to a prompt", param=given[0])
         return req, None
@@ -348,7 +357,9 @@ def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
             param="add_special_tokens",
         )
     messages = conversation(req.messages)
-    return req, ChatRequest(messages, Sampling(max_tokens=None), chat_render(req, messages))
+    tools = ToolSetting(tool_setting(req.tools, "none", None, None).tools)  # rendered, not parsed
+    render = chat_render(req, messages)
+    return req, ChatRequest(messages, Sampling(max_tokens=None), render, tools)
 
 
 def parse_detokenize(body: Any) -> DetokenizeBody:
@@ -394,15 +405,13 @@ def parse_completion(body: Any) -> CompletionRequest:
     return CompletionRequest(prompts=prompts, sampling=sampling)
 
 
-def parse_chat(body: Any) -> ChatRequest:
-    """A checked ``/v1/chat/completions`` request (text messages only)."""
+def parse_chat(body: Any, tool_parser: ToolMarkers | None = None) -> ChatRequest:
+    """A checked ``/v1/chat/completions`` request (text messages only); ``tool_parser``: the
+    server's (``--enable-auto-tool-choice``), which ``tool_choice: "auto"`` needs."""
     req: ChatBody = _validate(ChatBody, body)
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-    if req.tools:
-        raise APIError("tools are not supported; leave them out", param="tools")
-    _neutral(req, "tool_choice", (None, "none"), "'none' or absent")
-    _neutral(req, "parallel_tool_calls", (None,), "absent")
+    tools = tool_setting(req.tools, req.tool_choice, req.parallel_tool_calls, tool_parser)
     if req.response_format not in (None, {"type": "text"}):
         raise APIError(
             "response_format must be {'type': 'text'} or absent", param="response_format"
@@ -420,4 +429,4 @@ def parse_chat(body: Any) -> ChatRequest:
     sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
     if req.max_completion_tokens:
         sampling.max_tokens_field = "max_completion_tokens"
-    return ChatRequest(messages=messages, sampling=sampling, render=render)
+    return ChatRequest(messages=messages, sampling=sampling, render=render, tools=tools)

@@ -143,10 +143,13 @@ class Shape:
         finish_reason: str | None,
         logprobs: list[LogprobEntry] | None = None,
         reasoning: str = "",
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """This shape's choice of a non-streamed answer (``reasoning``: the reasoning parser's
         part, written as vLLM writes it: ``reasoning`` and ``reasoning_content``, null when the
-        output had none, and a null ``content`` when only reasoning came)."""
+        output had none, and a null ``content`` when only reasoning came; ``tool_calls``: the
+        calls parsed out of the answer, ``tools.py``, with a null ``content`` when none came
+        before them)."""
         out: dict[str, Any] = {"index": self.index}
         if self.chat:
             out["message"] = {"role": "assistant", "content": text}
@@ -155,6 +158,9 @@ class Shape:
                 if thought is not None and not text:
                     out["message"]["content"] = None
                 out["message"].update(reasoning=thought, reasoning_content=thought)
+            if tool_calls:
+                out["message"]["tool_calls"] = tool_calls
+                out["message"]["content"] = text or None
         else:
             out["text"] = text
         out["logprobs"] = self.logprobs(logprobs)
@@ -176,17 +182,21 @@ class Shape:
         role: bool = False,
         logprobs: list[LogprobEntry] | None = None,
         reasoning: str = "",
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> str:
         """One stream event: a text delta (``None``: none), its tokens' log-probabilities, maybe
         the end and the usage; chat with a reasoning parser: the reasoning's delta as
-        ``delta.reasoning`` / ``delta.reasoning_content`` (and no empty ``content`` beside it)."""
+        ``delta.reasoning`` / ``delta.reasoning_content`` (and no empty ``content`` beside it);
+        ``tool_calls``: the answer's calls, each whole with its ``index``."""
         lps = self.logprobs(logprobs)
         if self.chat:
             body = self._head("chat.completion.chunk")
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if reasoning:
                 delta.update(reasoning=reasoning, reasoning_content=reasoning)
-            if text is not None and (text or not reasoning):
+            if tool_calls:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
+            if text is not None and (text or not (reasoning or tool_calls)):
                 delta["content"] = text
             choice = {
                 "index": self.index,

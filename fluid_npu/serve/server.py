@@ -57,6 +57,8 @@ class ServeSettings:
     default_chat_template_kwargs: str | None = None  # JSON: the template's variables by default
     trust_request_chat_template: bool = False  # a request may bring its own chat_template
     reasoning_parser: str | None = None  # chat reasoning apart from the answer (reasoning.py)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": the answer's calls parsed out
+    tool_call_parser: str | None = None  # how (tools.py)
 
     def check(self) -> None:
         """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
@@ -91,6 +93,15 @@ class ServeSettings:
             from fluid_npu.serve.reasoning import check_parser_name
 
             check_parser_name(self.reasoning_parser)
+        if self.enable_auto_tool_choice != (self.tool_call_parser is not None):
+            raise ConfigError(
+                "--enable-auto-tool-choice and --tool-call-parser go together (the first lets "
+                "the model call tools, the second says how its calls are written): give both"
+            )
+        if self.tool_call_parser is not None:
+            from fluid_npu.serve.tools import check_tool_parser_name
+
+            check_tool_parser_name(self.tool_call_parser)
 
     def template_text(self) -> str | None:
         """The ``--chat-template`` text (None: the tokenizer's), read and compiled."""
@@ -171,6 +182,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
     info = {
         "policy": policy,
         "reasoning_parser": settings.reasoning_parser,
+        "tool_call_parser": settings.tool_call_parser,
         "device": str(dev),
         "dtype": str(next(fluid.model.parameters()).dtype).removeprefix("torch."),
         "max_batch": settings.max_batch,
@@ -232,6 +244,7 @@ def serve(settings: ServeSettings) -> int:
             template_kwargs=settings.template_kwargs(),
             trust_request_chat_template=settings.trust_request_chat_template,
             reasoning_parser=settings.reasoning_parser,
+            tool_call_parser=settings.tool_call_parser,
         )
         app = create_app(worker, tokenizer, config)
         host, port = sock.getsockname()[:2]

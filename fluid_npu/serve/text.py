@@ -75,10 +75,12 @@ def chat_ids(
     messages: list[dict[str, str]],
     render: ChatRender | None = None,
     default_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Token ids of a conversation rendered by the tokenizer's chat template (or the request's),
     as ``render`` says (default: the assistant turn opened); the template's variables are
-    ``default_kwargs`` (``--default-chat-template-kwargs``) with the request's over them. The
+    ``default_kwargs`` (``--default-chat-template-kwargs``) with the request's over them;
+    ``tools``: the functions the request offers (the template lists them). The
     same ids as training, ``fluid eval --chat`` and ``fluid generate`` give the conversation."""
     render = render or ChatRender()
     if render.template is None and not getattr(tokenizer, "chat_template", None):
@@ -87,7 +89,7 @@ def chat_ids(
             "or use /v1/completions",
             param="messages",
         )
-    from fluid_npu.sampling.prompts import chat_template_ids
+    from fluid_npu.sampling.prompts import ToolsIgnored, chat_template_ids
 
     param = "messages" if render.template is None else "chat_template"  # whose fault
     try:
@@ -98,7 +100,10 @@ def chat_ids(
             continue_final_message=render.continue_final_message,
             template_kwargs={**(default_kwargs or {}), **render.template_kwargs},
             template=render.template,
+            tools=tools,
         )
+    except ToolsIgnored as exc:
+        raise APIError(str(exc), param="tools") from None
     except Exception as exc:  # the template's own error (e.g. a role it does not allow)
         raise APIError(f"the chat template rejected the messages: {exc}", param=param) from None
     if not ids:

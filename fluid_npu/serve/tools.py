@@ -1,0 +1,199 @@
+"""Tool calling in ``fluid serve``'s chat route: which requests get their tool calls parsed
+(``tool_choice``), and the calls parsed out of a model's answer (``ToolCallText``), as vLLM's
+``--enable-auto-tool-choice --tool-call-parser NAME`` does.
+
+A request offers functions in ``tools`` (rendered into the prompt by the chat template:
+``sampling/tooluse.py``) and says what the model may do with them in ``tool_choice``:
+
+* ``"none"`` — the answer is text, returned as it is (the tools are still in the prompt);
+* ``"auto"`` (the default when tools are given, as in the OpenAI API) — the model decides; the
+  server parses its calls out of the text, which needs ``--enable-auto-tool-choice`` and a
+  ``--tool-call-parser`` (a 400 naming them otherwise, as vLLM answers);
+* ``"required"`` or a named function — refused with a 400: both make the model call a tool by
+  constraining what it may decode (vLLM uses guided decoding for them), which this server does not
+  do. A client that needs them sends ``"auto"`` and checks the answer.
+
+``hermes`` (Hermes 2 Pro / 3, Qwen2.5, Qwen3, QwQ: vLLM's name) reads calls written as
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks. The answer's text before the
+first block is the message's ``content`` (null when empty); each block is a call, returned with an
+id (``chatcmpl-tool-…``, as vLLM's) and its arguments as a JSON text, and the choice's
+``finish_reason`` is ``"tool_calls"``. A last block cut before its closing marker (``max_tokens``,
+a stop string) still counts if its JSON is whole. Text after the first block is not part of the
+answer (as in vLLM). When any block is not a JSON object with a string ``name`` and an object
+``arguments``, there are no calls and the whole text is the ``content``, so nothing the model wrote
+is lost. ``parallel_tool_calls: false`` returns the first call only.
+
+Streamed, ``content`` deltas come as they are decoded up to the first block (a text that may be
+the start of its marker is held back until it is not), and the calls come in one chunk when the
+answer ends (each ``delta.tool_calls`` entry whole: index, id, type, name, arguments), so a streamed
+answer adds up to the non-streamed one exactly. The parse runs on the answer's text as returned
+(after ``--reasoning-parser`` took the reasoning apart, after stop strings): a tokenizer that calls
+the markers special tokens leaves them out of that text and is refused at start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.sampling.tooluse import check_tools
+from fluid_npu.serve.errors import APIError
+
+
+@dataclass(frozen=True)
+class ToolMarkers:
+    """The text that opens and closes a tool call block."""
+
+    start: str
+    end: str
+
+
+PARSERS = {"hermes": ToolMarkers("<tool_call>", "</tool_call>")}  # vLLM's names
+
+
+def check_tool_parser_name(name: str) -> ToolMarkers:
+    """The markers of the parser ``name``; an unknown one is a ``ConfigError`` naming the flag."""
+    if name not in PARSERS:
+        raise ConfigError(f"--tool-call-parser {name!r} is not one of {', '.join(sorted(PARSERS))}")
+    return PARSERS[name]
+
+
+def tool_parser(name: str, tokenizer: Any) -> ToolMarkers:
+    """The parser ``name`` for ``tokenizer``: its markers must survive decoding (a tokenizer that
+    makes them special tokens leaves them out of the text), else a ``ConfigError``."""
+    markers = check_tool_parser_name(name)
+    for marker in (markers.start, markers.end):
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if tokenizer.decode(ids, skip_special_tokens=True) != marker:
+            raise ConfigError(
+                f"--tool-call-parser {name}: this tokenizer spells {marker!r} as a special token, "
+                "which the returned text leaves out, so its calls could not be found; this parser "
+                "is for models whose tool-call markers are text (Qwen2.5, Qwen3, Hermes)"
+            )
+    return markers
+
+
+@dataclass(frozen=True)
+class ToolSetting:
+    """What a chat request asked of its tools, checked: the tools (for the template), the markers
+    its answer's calls are parsed on (``tool_choice`` ``auto``; None: not parsed) and whether
+    more than one call may come."""
+
+    tools: list[dict[str, Any]] | None = None
+    markers: ToolMarkers | None = None
+    parallel: bool = True
+
+    def reader(self) -> ToolCallText | None:
+        """A fresh reader of one answer's calls (None: the answer stays text)."""
+        return None if self.markers is None else ToolCallText(self.markers, self.parallel)
+
+
+def tool_setting(
+    tools: Any, choice: Any, parallel: bool | None, parser: ToolMarkers | None
+) -> ToolSetting:
+    """A request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` against the server's
+    ``parser`` (None: no ``--enable-auto-tool-choice``); a 400 naming the field otherwise."""
+    checked = None
+    if tools is not None:
+        try:
+            checked = check_tools(tools, "tools")
+        except DataError as exc:
+            raise APIError(str(exc), param="tools") from None
+    if choice is None:
+        choice = "auto" if checked else "none"  # the OpenAI API's default
+    if isinstance(choice, dict) or choice == "required":
+        raise APIError(
+            f"tool_choice={choice!r} makes the model call a tool, which needs constrained "
+            "decoding; this server does not constrain what it decodes: send 'auto' and check the "
+            "answer's tool_calls, or 'none'",
+            param="tool_choice",
+        )
+    if choice not in ("none", "auto"):
+        raise APIError(f"tool_choice={choice!r} is not 'none' or 'auto'", param="tool_choice")
+    if choice == "auto" and checked is None:
+        raise APIError("tool_choice 'auto' needs tools to choose from", param="tool_choice")
+    if choice == "auto" and parser is None:
+        raise APIError(
+            "tool_choice 'auto' (the default when tools are given) needs a server started with "
+            "--enable-auto-tool-choice and --tool-call-parser; send tool_choice: 'none' to have "
+            "the tools in the prompt and the answer as text",
+            param="tool_choice",
+        )
+    return ToolSetting(checked, parser if choice == "auto" else None, parallel is not False)
+
+
+class ToolCallText:
+    """An answer's text deltas in, ``content`` deltas out; the calls when it ends (``finish``)."""
+
+    def __init__(self, markers: ToolMarkers, parallel: bool = True) -> None:
+        self.markers, self.parallel = markers, parallel
+        self.pending = ""  # content held back: it may be the start of the opening marker
+        self.held: str | None = None  # everything from the first opening marker on
+
+    def add(self, text: str) -> str:
+        """Feed an answer's text delta; the ``content`` delta that can be passed on now."""
+        if self.held is not None:
+            self.held += text
+            return ""
+        self.pending += text
+        start = self.pending.find(self.markers.start)
+        if start >= 0:
+            out, self.held, self.pending = self.pending[:start], self.pending[start:], ""
+            return out
+        keep = _partial_suffix(self.pending, self.markers.start)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return out
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """At the answer's end: the ``content`` still held back and the calls (none: all text)."""
+        if self.held is None:
+            out, self.pending = self.pending, ""
+            return out, []
+        calls = parse_calls(self.held, self.markers)
+        if calls is None:
+            return self.held, []
+        return "", calls if self.parallel else calls[:1]
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of ``text`` that ``marker`` starts with."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
+    """The calls of ``text`` (which starts with an opening marker), or None when a block is not
+    a call (then nothing is)."""
+    blocks = re.findall(
+        f"{re.escape(markers.start)}(.*?)(?:{re.escape(markers.end)}|\\Z)", text, flags=re.DOTALL
+    )
+    calls = []
+    for block in blocks:
+        try:
+            call = json.loads(block)
+        except json.JSONDecodeError:
+            return None
+        if (
+            not isinstance(call, dict)
+            or not isinstance(call.get("name"), str)
+            or not isinstance(call.get("arguments"), dict)
+        ):
+            return None
+        calls.append(
+            {
+                "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
+                "type": "function",
+                "function": {
+                    "name": call["name"],
+                    "arguments": json.dumps(call["arguments"], ensure_ascii=False),
+                },
+            }
+        )
+    return calls or None
