@@ -113,6 +113,23 @@ def test_a_chat_rendering_that_writes_its_bos_is_read_with_one():
         "input_ids"]]  # fmt: skip
 
 
+def test_model_args_set_the_engine_switches(random_lm, tok):
+    """``prefix_caching=False`` (and ``adaptive_drafting`` / ``compile``) reach the decode engine
+    as ``fluid eval``'s flags do: few-shot prompts sharing their start reuse it by default and
+    encode it whole without, to the same text."""
+    shared = "Question: 1+1?\nAnswer: 2\n\nQuestion: 2+3?\nAnswer: 5\n\nQuestion: "
+    reqs = [request("generate_until", shared + q, {"until": ["\n"], "max_gen_toks": 6})
+            for q in ("4+4?\nAnswer:", "7+1?\nAnswer:", "9+9?\nAnswer:")]  # fmt: skip
+    texts, cached = [], []
+    for switches in ({}, {"prefix_caching": False, "adaptive_drafting": False}):
+        lm = FluidLM(fluid=random_lm.fluid, policy="fixed:3", batch_size=1, **switches)
+        texts.append(lm.generate_until(reqs))
+        cached.append(lm.generation_stats.cached_tokens)
+    assert texts[0] == texts[1] and cached[0] >= 2 * 16 and cached[1] == 0
+    with pytest.raises(ConfigError, match="prefix_caching='no' must be True or False"):
+        FluidLM(fluid=random_lm.fluid, prefix_caching="no")
+
+
 def test_model_args_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown model_args for the fluid model: pretrained"):
         FluidLM.create_from_arg_string("pretrained=gpt2")

@@ -344,3 +344,15 @@ def test_float16_requests_arriving_together_do_not_copy_an_unjudged_overflow(tok
                 finals[ev.request_id] = (ev.finish_reason, ev.cached)
     sched.close()
     assert finals == {str(i): ("error", 0) for i in range(3)}
+
+
+def test_a_prefix_pool_needs_prefix_caching(tok):
+    """Pool rows only keep prefixes for reuse: asking for them with reuse off (or fewer than
+    none) is one error, not rows allocated for nothing."""
+    from fluid_npu.errors import ConfigError
+
+    model = build_tiny_model("llama", tok, seed=0)
+    for kwargs in ({"prefix_slots": -1}, {"prefix_slots": 2, "prefix_caching": False}):
+        with pytest.raises(ConfigError, match="prefix_slots must be 0 or more, and 0 without"):
+            Scheduler(model, tok.mask_token_id, max_batch=1, max_len=64, **kwargs)
+    assert Scheduler(model, tok.mask_token_id, max_batch=1, max_len=64, prefix_slots=2).kv.slots > 1

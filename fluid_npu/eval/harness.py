@@ -13,8 +13,10 @@ into ``model_args``). ``model_args``: ``model`` (base or merged
 directory), ``adapter``, ``khead``, ``policy`` (default ``khead`` with a K-head, else
 ``entropy``), ``loop``, ``batch_size``, ``device`` (``auto``, ``cpu``, ``cuda:0``, ``npu``, …),
 ``max_gen_toks`` (default 256), ``max_length``, ``k_max``, ``mask_token``, ``dtype`` (``auto``,
-``float32``, ``bfloat16``, ``float16``); an unknown one is a ``ConfigError``. A loaded
-``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
+``float32``, ``bfloat16``, ``float16``) and the decode engine's switches ``compile`` (False),
+``adaptive_drafting`` and ``prefix_caching`` (True; ``fluid eval``'s ``--compile``,
+``--no-adaptive-drafting``, ``--no-enable-prefix-caching``); an unknown one is a
+``ConfigError``. A loaded ``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
 
 * ``generate_until``: greedy and lossless (the sampler's contract), ``until`` strings cut the text,
   ``max_gen_toks`` bounds it; a request to sample is a ``ConfigError``. Prompts are rendered like
@@ -100,6 +102,9 @@ class FluidLM(LM):
         mask_token: str | None = None,
         dtype: str | None = None,
         max_batch_size: int | None = None,  # lm-eval passes it; batches here are fixed
+        compile: bool = False,
+        adaptive_drafting: bool = True,
+        prefix_caching: bool = True,
         fluid: Any = None,
         **unknown: Any,
     ) -> None:
@@ -113,8 +118,13 @@ class FluidLM(LM):
             raise ConfigError(
                 f"unknown model_args for the fluid model: {', '.join(sorted(unknown))}; valid: "
                 "model, adapter, khead, policy, loop, batch_size, device, max_gen_toks, "
-                "max_length, k_max, mask_token, dtype"
+                "max_length, k_max, mask_token, dtype, compile, adaptive_drafting, prefix_caching"
             )
+        switches = {"compile": compile, "adaptive_drafting": adaptive_drafting,
+                    "prefix_caching": prefix_caching}  # fmt: skip
+        for name, value in switches.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"model_args {name}={value!r} must be True or False")
         if loop not in LOOPS:
             raise ConfigError(f"unknown sampler loop {loop!r}; choose {' or '.join(LOOPS)}")
         self.batch_size = _batch_size(batch_size)  # checked before the model is loaded
@@ -137,7 +147,18 @@ class FluidLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         cfg = fluid.model.config.get_text_config()
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 2048))
-        self.gen_kwargs = {"k_max": k_max} if k_max else {}
+        self.gen_kwargs: dict[str, Any] = {"k_max": k_max} if k_max else {}
+        # the decode engine's switches, as fluid eval's --compile / --no-adaptive-drafting /
+        # --no-enable-prefix-caching set them
+        engine: dict[str, Any] = {}
+        if compile:
+            engine["compile"] = True
+        if not adaptive_drafting:
+            engine["adaptive"] = False
+        if not prefix_caching:
+            engine["prefix_caching"] = False
+        if engine:
+            self.gen_kwargs["engine_kwargs"] = engine
         policy = policy or ("khead" if fluid.khead is not None else "entropy")
         self.policy = policy_names(fluid, [policy], k_max)[-1]  # checked, canonically spelt
         self._stats: list[Any] = []

@@ -109,8 +109,11 @@ class Scheduler(PrefillMixin, StepMixin):
             raise ConfigError(
                 f"max_batch and prefill_chunk must be at least 1, got {max_batch}, {prefill_chunk}"
             )
-        if prefix_slots < 0:
-            raise ConfigError(f"prefix_slots must be 0 or more, got {prefix_slots}")
+        if prefix_slots < 0 or (prefix_slots and not prefix_caching):
+            raise ConfigError(
+                f"prefix_slots must be 0 or more, and 0 without prefix_caching (rows that only "
+                f"keep prefixes for reuse); got {prefix_slots}"
+            )
         if anchors < 1 or coverage <= 0:
             raise ConfigError(f"anchors must be >= 1 and coverage > 0, got {anchors}, {coverage}")
         self.policy = parse_policy(
