@@ -21,7 +21,7 @@ from fluid_npu.model.loading import fingerprint
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
 from fluid_npu.sampling import FluidForCausalLM, HorizonError, PromptError, generate
 from fluid_npu.sampling.lossless import hf_greedy
-from fluid_npu.sampling.prompts import left_pad
+from fluid_npu.sampling.prompts import left_pad, read_prompt_lines
 
 CONTEXT = 96  # max_position_embeddings of the test model
 
@@ -298,6 +298,8 @@ def test_generate_reads_chat_conversations(dirs, tmp_path, capsys):
                                                 {"prompt": "f;be briefcount5fivec7"}])  # fmt: skip
     argv = [*base, "--prompts", tool_src, "--output", str(out), "--chat-template", template]
     assert main(argv) == 0
+    nothing = _write_prompts(tmp_path / "t0.jsonl", [{"messages": chat, "tools": None}])
+    assert read_prompt_lines(nothing)[0][1]["tools"] is None  # null: no tools, as the server
     with_tools, spelled = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
     assert with_tools["token_ids"] == spelled["token_ids"] and with_tools["messages"] == turns
     # "name": null is no name (as the server reads it); a template's own refusal is one line too

@@ -45,6 +45,8 @@ TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 USER = [{"role": "user", "content": "Weather in Paris?"}]
+DEEP = '<tool_call>\n{"name": "f", "arguments": {"x": ' + "[" * 3000
+HUGE = '<tool_call>{"name": "f", "arguments": {"x": ' + "1" * 5000 + "}}</tool_call>"
 
 
 def parsed(pieces: list[str], parallel: bool = True) -> tuple[str, list[dict[str, Any]]]:
@@ -74,6 +76,10 @@ def arguments(found: list[dict[str, Any]]) -> list[tuple[str, Any]]:
         (CALL + '<tool_call>["x"]</tool_call>', CALL + '<tool_call>["x"]</tool_call>', []),
         ("x<tool_call>\n{\"name\": \"g\", \"arguments\": {\"s\": \"é\"}}", "x",
          [("g", {"s": "é"})]),
+        ('<tool_call>{"name": "g", "arguments": "{\\"n\\": 1}"}</tool_call>', "",
+         [("g", {"n": 1})]),  # the arguments object written as a JSON text
+        (DEEP, DEEP, []),  # a model in a loop: nested past Python's recursion limit
+        (HUGE, HUGE, []),  # ... or an integer longer than Python converts
     ],
 )  # fmt: skip
 def test_an_answer_splits_into_content_and_calls_however_it_is_streamed(text, content, calls):
@@ -125,7 +131,11 @@ def test_conversation_tool_calls_reach_the_template_as_objects():
     assert check_tool_calls([call], "m")[0]["function"]["arguments"] == {"a": [1, 2]}
     given = {**call, "function": {"name": "f", "arguments": {"a": 1}}}  # an object is kept
     assert check_tool_calls([given], "m")[0]["function"]["arguments"] == {"a": 1}
+    shapes = {**call, "index": 0, "function": {**call["function"], "parsed_arguments": None}}
+    assert check_tool_calls([shapes], "m") == check_tool_calls([call], "m")  # (client helpers')
     for bad, says in (
+        ({**call, "function": {"name": "f", "arguments": "[" * 100000}}, "not JSON this server"),
+        ({**call, "function": {"name": "f", "arguments": "1" * 5000}}, "not JSON this server"),
         ({**call, "function": {"name": "f", "arguments": "[1]"}}, "must be a JSON object"),
         ({**call, "id": ""}, ".id must be the call's id"),
         ({**call, "type": "code"}, 'must be {"id"'),
@@ -135,6 +145,9 @@ def test_conversation_tool_calls_reach_the_template_as_objects():
             check_tool_calls([bad], "messages[1].tool_calls")
     with pytest.raises(DataError, match=r"tools\[0\].function.strict must be a boolean"):
         check_tools([{"type": "function", "function": {"name": "f", "strict": "yes"}}], "tools")
+    given = [{"type": "function", "function": {"name": "f", "parameters": None, "strict": None}}]
+    assert check_tools(given, "tools") == [{"type": "function", "function": {"name": "f"}}]
+    assert given[0]["function"]["strict"] is None  # (the caller's dicts untouched)
 
 
 def test_tool_calls_over_the_wire():
@@ -178,6 +191,18 @@ def test_tool_calls_over_the_wire():
                  {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]  # fmt: skip
         c.chat.completions.create(model="tiny", messages=turns, tools=TOOLS, max_tokens=5)
         rendered = tok.decode(sched.requests[-1].prompt)
+        # the same turn as the client's helpers hand it back: null refusal / audio /
+        # function_call / parsed, a call's index and parsed_arguments
+        dumped = {**choice.message.model_dump(), "parsed": None}
+        dumped["tool_calls"][0].update(index=0)
+        dumped["tool_calls"][0]["function"]["parsed_arguments"] = None
+        c.chat.completions.create(model="tiny", messages=[*USER, dumped, turns[-1]], tools=TOOLS,
+                                  max_tokens=5)  # fmt: skip
+        assert tok.decode(sched.requests[-1].prompt) == rendered
+        refused = httpx.post(f"{url}/v1/chat/completions", json={
+            "messages": [*USER, {**dumped, "refusal": "no"}], "tools": TOOLS})  # fmt: skip
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "messages[1].refusal"
         assert "<|im_start|>assistant\nLet me look." + CALL in rendered  # arguments as an object
         assert f"<|im_start|>tool\nsunny ({call.id})" in rendered
         none = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
@@ -287,3 +312,25 @@ def test_a_tokenizer_whose_markers_are_special_is_refused():
         tool_parser("hermes", tok)
     with pytest.raises(ConfigError, match="--tool-call-parser 'x' is not one of hermes"):
         tool_parser("x", tok)
+
+
+def test_a_stream_ends_even_when_its_answer_fails(monkeypatch):
+    """A failure while an answer is read (here a broken tool parser) ends the stream with an
+    error event, as an engine failure does, instead of leaving the client waiting."""
+
+    def broken(self: ToolCallText) -> Any:
+        raise RuntimeError("parser broke")
+
+    monkeypatch.setattr(ToolCallText, "finish", broken)
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.chat_template = TEMPLATE
+    sched = ReasoningScheduler()
+    sched.output = tok(CALL, add_special_tokens=False)["input_ids"]
+    with serving(sched, tokenizer=tok, tool_call_parser="hermes") as (url, _, _):
+        body = {"messages": USER, "tools": TOOLS, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            events = [line for line in r.iter_lines() if line]
+        last = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert last["type"] == "server_error" and "RuntimeError: parser broke" in last["message"]
+        whole = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
+        assert whole.status_code == 500 and "parser broke" in whole.json()["error"]["message"]

@@ -78,7 +78,7 @@ def read_prompt_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             raise DataError(f"{path}:{n}: give one of {' / '.join(given)} per line, not both")
         if "messages" in row:  # checked here, before any model is loaded
             chat_messages(row["messages"], f"{path}:{n}")
-        if "tools" in row:
+        if row.get("tools") is not None:  # (null: none, as the server reads it)
             if "messages" not in row:
                 raise DataError(f'{path}:{n}: "tools" go with "messages" (a conversation)')
             check_tools(row["tools"], f"{path}:{n}: tools")

@@ -28,9 +28,11 @@ FUNCTION_KEYS = {"name": str, "description": str, "parameters": dict, "strict": 
 
 
 def check_tools(value: Any, where: str) -> list[dict[str, Any]]:
-    """The tools a request offers, checked (``where``: how the error names them)."""
+    """The tools a request offers, checked (``where``: how the error names them); a function's
+    null fields are left out (OpenAI's "not given")."""
     if not isinstance(value, list) or not value:
         raise DataError(f'{where} must be a non-empty list of {{"type": "function", ...}} tools')
+    out = []
     for i, tool in enumerate(value):
         at = f"{where}[{i}]"
         if (
@@ -42,6 +44,7 @@ def check_tools(value: Any, where: str) -> list[dict[str, Any]]:
         fn = tool["function"]
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise DataError(f'{at}.function needs a "name" (a non-empty string)')
+        fn = {k: v for k, v in fn.items() if v is not None}
         for key, given in fn.items():
             kind = FUNCTION_KEYS.get(key)
             if kind is None:
@@ -50,7 +53,8 @@ def check_tools(value: Any, where: str) -> list[dict[str, Any]]:
                 )
             if not isinstance(given, kind):
                 raise DataError(f"{at}.function.{key} must be a {_kind(kind)}")
-    return value
+        out.append({"type": "function", "function": fn})
+    return out
 
 
 def check_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
@@ -62,7 +66,7 @@ def check_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
         at = f"{where}[{i}]"
         if (
             not isinstance(call, dict)
-            or set(call) - {"id", "type", "function"}
+            or set(call) - {"id", "type", "function", "index"}  # (index: a streamed call's)
             or call.get("type", "function") != "function"
             or not isinstance(call.get("function"), dict)
         ):
@@ -72,8 +76,10 @@ def check_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
             )
         if not isinstance(call.get("id"), str) or not call["id"]:
             raise DataError(f"{at}.id must be the call's id (a non-empty string)")
-        fn = call["function"]
-        if set(fn) - {"name", "arguments"} or not isinstance(fn.get("name"), str):
+        fn = call["function"]  # (parsed_arguments: what the openai client's helpers add)
+        if set(fn) - {"name", "arguments", "parsed_arguments"} or not isinstance(
+            fn.get("name"), str
+        ):
             raise DataError(f'{at}.function holds "name" (a string) and "arguments"')
         arguments = fn.get("arguments", "{}")
         if isinstance(arguments, str):
@@ -81,6 +87,8 @@ def check_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{at}.function.arguments is not valid JSON ({exc.msg})") from None
+            except (ValueError, RecursionError):  # too deep, or an integer past Python's limit
+                raise DataError(f"{at}.function.arguments is not JSON this server reads") from None
         if not isinstance(arguments, dict):
             raise DataError(f"{at}.function.arguments must be a JSON object")
         out.append(

@@ -238,6 +238,9 @@ async def events(
                                               tool_calls=calls)))  # fmt: skip
         except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
             await out.put((n, exc))
+        except Exception as exc:  # a bug: the stream still ends, with the error in it
+            await out.put((n, APIError(f"internal error: {type(exc).__name__}: {exc}",
+                                       status=500, type="server_error")))  # fmt: skip
         await out.put((n, None))
 
     tasks = [asyncio.ensure_future(run(n)) for n in range(len(gens))]

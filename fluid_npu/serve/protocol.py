@@ -87,6 +87,16 @@ class Message(_Strict):
     reasoning_content: str | None = None  # (its older name, which clients still send back)
     tool_calls: list[Any] | None = None  # an assistant turn's (checked in tooluse.py)
     tool_call_id: str | None = None  # a tool message's: the call it answers
+    # what the openai client's message objects carry back as null (its helpers' ``parsed``
+    # too) and a message's ``annotations``: output, not conversation, so left out (OUTPUT_ONLY)
+    refusal: None = None
+    audio: None = None
+    function_call: None = None
+    parsed: None = None
+    annotations: list[Any] | None = None
+
+
+OUTPUT_ONLY = {"refusal", "audio", "function_call", "parsed", "annotations"}  # of a Message
 
 
 class _Common(_Strict):
@@ -256,7 +266,7 @@ def _validate(model: type[_Strict], body: Any) -> Any:
         if err["type"] == "extra_forbidden":
             nested = {"messages": Message, "stream_options": StreamOptions}.get(str(err["loc"][0]))
             where = model if nested is None or len(err["loc"]) < 2 else nested
-            known = ", ".join(sorted(where.model_fields))
+            known = ", ".join(sorted(set(where.model_fields) - OUTPUT_ONLY))
             raise APIError(
                 f"unknown field {param!r}; this server accepts {known}", param=param
             ) from None

@@ -34,7 +34,9 @@ def conversation(given: list[Any]) -> list[dict[str, str]]:
     """The messages as the chat template gets them (``prompts.chat_messages``, the rule
     ``fluid generate`` applies to a ``messages`` line); a message it refuses is a 400."""
     try:
-        return chat_messages([m.model_dump(exclude_none=True) for m in given], "messages")
+        dumped = [m.model_dump(exclude_none=True, exclude={"annotations"}) for m in given]
+        # (the other output-only fields are null by their type: exclude_none leaves them out)
+        return chat_messages(dumped, "messages")
     except DataError as exc:
         raise APIError(str(exc).removeprefix("messages: "), param="messages") from None
 

@@ -14,7 +14,8 @@ A request offers functions in ``tools`` (rendered into the prompt by the chat te
   do. A client that needs them sends ``"auto"`` and checks the answer.
 
 ``hermes`` (Hermes 2 Pro / 3, Qwen2.5, Qwen3, QwQ: vLLM's name) reads calls written as
-``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks. The answer's text before the
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (arguments written as a
+JSON text holding the object are read too). The answer's text before the
 first block is the message's ``content`` (null when empty); each block is a call, returned with an
 id (``chatcmpl-tool-…``, as vLLM's) and its arguments as a JSON text, and the choice's
 ``finish_reason`` is ``"tool_calls"``. A last block cut before its closing marker (``max_tokens``,
@@ -168,6 +169,15 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
+def _json(text: str) -> Any:
+    """``text`` as JSON, or None where it is not (nested past Python's recursion limit, or an
+    integer of more digits than it converts, included: a model in a loop writes either)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
     """The calls of ``text`` (which starts with an opening marker), or None when a block is not
     a call (then nothing is)."""
@@ -176,15 +186,12 @@ def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
     )
     calls = []
     for block in blocks:
-        try:
-            call = json.loads(block)
-        except json.JSONDecodeError:
+        call = _json(block)
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return None
-        if (
-            not isinstance(call, dict)
-            or not isinstance(call.get("name"), str)
-            or not isinstance(call.get("arguments"), dict)
-        ):
+        if isinstance(call.get("arguments"), str):  # (some fine-tunes write the object as text)
+            call["arguments"] = _json(call["arguments"])
+        if not isinstance(call.get("arguments"), dict):
             return None
         calls.append(
             {
