@@ -20,9 +20,10 @@ from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.tooluse import check_tool_calls, check_tools
 from fluid_npu.serve.errors import APIError
-from fluid_npu.serve.tools import PARSERS, ToolCallText, tool_parser, tool_setting
+from fluid_npu.serve.tools import PARSERS, ToolCallText, ToolParser, tool_parser, tool_setting
 
 HERMES = PARSERS["hermes"]
+READS_HERMES = ToolParser(HERMES, {})  # (bound to a tokenizer that spells its markers as text)
 TOOLS = [
     {
         "type": "function",
@@ -104,21 +105,22 @@ def test_an_answer_splits_into_content_and_calls_however_it_is_streamed(text, co
 
 def test_what_a_request_asks_of_its_tools():
     assert tool_setting(None, None, None, None).reader() is None  # no tools: plain chat
-    none = tool_setting(TOOLS, "none", None, HERMES)
+    none = tool_setting(TOOLS, "none", None, READS_HERMES)
     assert none.tools == TOOLS and none.reader() is None  # rendered, the answer left as text
-    auto = tool_setting(TOOLS, None, False, HERMES)  # the OpenAI default with tools: auto
-    assert auto.markers == HERMES and not auto.parallel
+    auto = tool_setting(TOOLS, None, False, READS_HERMES)  # the OpenAI default with tools: auto
+    assert auto.parser == READS_HERMES and not auto.parallel
     for tools, choice, parser, param, says in (
         (TOOLS, None, None, "tool_choice", "--enable-auto-tool-choice and --tool-call-parser"),
-        (TOOLS, "required", HERMES, "tool_choice", "constrained decoding"),
-        (TOOLS, {"type": "function", "function": {"name": "get_weather"}}, HERMES, "tool_choice",
-         "constrained decoding"),
-        (TOOLS, "any", HERMES, "tool_choice", "not 'none' or 'auto'"),
-        (None, "auto", HERMES, "tool_choice", "needs tools"),
-        ([{"type": "function", "function": {"name": "f", "params": {}}}], None, HERMES, "tools",
-         "tools[0].function has 'params'"),
-        ([{"type": "retrieval"}], None, HERMES, "tools", 'tools[0] must be {"type": "function"'),
-        ([], None, HERMES, "tools", "non-empty list"),
+        (TOOLS, "required", READS_HERMES, "tool_choice", "constrained decoding"),
+        (TOOLS, {"type": "function", "function": {"name": "get_weather"}}, READS_HERMES,
+         "tool_choice", "constrained decoding"),
+        (TOOLS, "any", READS_HERMES, "tool_choice", "not 'none' or 'auto'"),
+        (None, "auto", READS_HERMES, "tool_choice", "needs tools"),
+        ([{"type": "function", "function": {"name": "f", "params": {}}}], None, READS_HERMES,
+         "tools", "tools[0].function has 'params'"),
+        ([{"type": "retrieval"}], None, READS_HERMES, "tools",
+         'tools[0] must be {"type": "function"'),
+        ([], None, READS_HERMES, "tools", "non-empty list"),
     ):  # fmt: skip
         with pytest.raises(APIError) as info:
             tool_setting(tools, choice, None, parser)
@@ -304,14 +306,84 @@ def test_the_real_engine_returns_a_models_call():
             assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
 
 
-def test_a_tokenizer_whose_markers_are_special_is_refused():
+def test_markers_a_tokenizer_makes_special_are_written_out_for_the_parser():
+    """Markers that decode as text are read there; one special token each is written out in the
+    answer's text (``spelled``); a marker the text cannot show, an unknown parser, or a ``pangu``
+    marker that is not one token, is refused at start."""
     tok = build_tiny_tokenizer(mask_token=True)
-    assert tool_parser("hermes", tok) == HERMES  # byte-level text: the markers are spelled
-    tok.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=True)
-    with pytest.raises(ConfigError, match="spells '<tool_call>' as a special token"):
-        tool_parser("hermes", tok)
-    with pytest.raises(ConfigError, match="--tool-call-parser 'x' is not one of hermes"):
+    assert tool_parser("hermes", tok) == READS_HERMES  # byte-level text: the markers show
+    special = build_tiny_tokenizer(mask_token=True)
+    special.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=True)
+    ids = special.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    assert tool_parser("hermes", special).spelled == dict(zip(ids, ["<tool_call>", "</tool_call>"]))
+    split = build_tiny_tokenizer(mask_token=True)
+    split.add_tokens(["<tool"], special_tokens=True)  # the marker spelled partly by a special
+    with pytest.raises(ConfigError, match="spells '<tool_call>' with special tokens"):
+        tool_parser("hermes", split)
+    with pytest.raises(ConfigError, match="'\\[unused11\\]' is not one token of this model's"):
+        tool_parser("pangu", tok)
+    with pytest.raises(ConfigError, match="--tool-call-parser 'x' is not one of hermes, pangu"):
         tool_parser("x", tok)
+
+
+def test_the_detokenizer_writes_out_the_tokens_it_is_told_to():
+    """Fed in any pieces, a detokenizer with ``spelled`` tokens gives the text decoded between
+    them and the tokens' own text where they stand; without it they are skipped as before."""
+    from fluid_npu.sampling.detok import Detokenizer
+
+    tok = build_tiny_tokenizer(mask_token=True, reserved=13)
+    opening, closing = tok.convert_tokens_to_ids(["[unused11]", "[unused12]"])
+    words = tok("Checking. [1, 2] done", add_special_tokens=False)["input_ids"]
+    out = [*words[:10], opening, *words[10:16], closing, *words[16:]]
+    spelled = {opening: "<<", closing: ">>"}
+    prompt = tok("hi", add_special_tokens=False)["input_ids"]
+    for size in (1, 2, 3, 7, len(out)):
+        d = Detokenizer(tok, prompt=prompt, spelled=spelled)
+        text = "".join(d.add(out[k : k + size]) for k in range(0, len(out), size)) + d.flush()
+        assert text == "Checking. <<[1, 2]>> done", size
+    plain = Detokenizer(tok, prompt=prompt)
+    assert plain.add(out) + plain.flush() == "Checking. [1, 2] done"
+
+
+def test_openpangu_calls_between_special_tokens():
+    """``--tool-call-parser pangu``: openPangu writes a list of calls between ``[unused11]`` and
+    ``[unused12]`` (special tokens): every call comes back, streamed or not; beside
+    ``--reasoning-parser openpangu`` the reasoning comes apart first; with ``tool_choice: none``
+    the special markers stay out of the text, as any special token."""
+    tok = build_tiny_tokenizer(mask_token=True, reserved=18)
+    tok.chat_template = TEMPLATE
+    opening, closing, think, done = tok.convert_tokens_to_ids(
+        ["[unused11]", "[unused12]", "[unused16]", "[unused17]"]
+    )
+    body = ('[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+            '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')  # fmt: skip
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    sched = ReasoningScheduler()
+    answer = [*ids("Checking."), opening, *ids(body), closing]
+    for reasoning in (None, "openpangu"):
+        sched.output = answer if reasoning is None else [think, *ids("look up"), done, *answer]
+        with serving(sched, tokenizer=tok, tool_call_parser="pangu",
+                     reasoning_parser=reasoning) as (url, _, _):  # fmt: skip
+            c = client(url)
+            out = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
+            message = out.choices[0].message
+            assert out.choices[0].finish_reason == "tool_calls" and message.content == "Checking."
+            cities = [json.loads(t.function.arguments)["city"] for t in message.tool_calls]
+            assert cities == ["Paris", "Oslo"]
+            if reasoning is not None:
+                assert message.model_extra["reasoning"] == "look up"
+            chunks = list(c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
+                                                    stream=True))  # fmt: skip
+            deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+            assert "".join(d.content or "" for d in deltas) == "Checking."
+            assert [t.function.arguments for d in deltas for t in d.tool_calls or []] == [
+                t.function.arguments for t in message.tool_calls]  # fmt: skip
+            text = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
+                                             tool_choice="none")  # fmt: skip
+            assert text.choices[0].message.content == "Checking." + body
 
 
 def test_a_stream_ends_even_when_its_answer_fails(monkeypatch):

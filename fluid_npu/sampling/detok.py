@@ -14,12 +14,14 @@ keeps the space that separates the completion from the prompt (``" Paris"`` afte
 not ``"Paris"``). The context also never consists of skipped special tokens alone: such a context
 spells nothing, and the space after a special token mid-output would be dropped in the same way.
 An EOS token that ends the output (``eos_ids``) is counted but never spelled, as vLLM leaves it out
-of the text — whether or not the tokenizer calls it special.
+of the text — whether or not the tokenizer calls it special. ``spelled`` names special tokens that
+are written out after all (openPangu's tool-call markers, which the server's tool parser reads in
+the text), the text between them decoded as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 PROMPT_CONTEXT = 4  # prompt tokens decoded before the output's first ones
@@ -34,8 +36,10 @@ class Detokenizer:
         stop: Sequence[str] | None = None,
         prompt: Sequence[int] = (),
         eos_ids: Collection[int] = (),
+        spelled: Mapping[int, str] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.spelled = dict(spelled or {})  # special tokens written out (a tool-call marker)
         self.stop = list(stop or [])
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.eos = frozenset(int(t) for t in eos_ids)
@@ -97,7 +101,16 @@ class Detokenizer:
             self.ids.append(int(tok))
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not self.spelled or self.spelled.keys().isdisjoint(tokens):
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        out, run = [], []  # the runs between spelled tokens decoded alone, the tokens written
+        for tok in tokens:
+            if tok in self.spelled:
+                out += [self.tokenizer.decode(run, skip_special_tokens=True), self.spelled[tok]]
+                run = []
+            else:
+                run.append(tok)
+        return "".join(out) + self.tokenizer.decode(run, skip_special_tokens=True)
 
     def _advance(self, final: bool) -> None:
         """Bring ``text`` up to every token fed. The newest tokens' text is decoded with the

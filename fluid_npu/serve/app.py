@@ -295,7 +295,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         for shape, stream in zip(shapes, streams):
             k = shape.index // s.n  # the choice's prompt
             split = reasoning if shape.chat else None  # a chat's reasoning apart from its answer
-            detok = text_reader(tokenizer, split, s.stop, prompts[k], eos)
+            spelled = {} if tools is None else tools.spelled  # tool-call markers written out
+            detok = text_reader(tokenizer, split, s.stop, prompts[k], eos, spelled)
             shape.reasoning = split is not None
             if detok.spelled_context:  # the output's leading space is kept: offsets count it
                 shape.strip = 0

@@ -110,8 +110,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tool-call-parser",
         default=None,
-        help="hermes (Qwen2.5, Qwen3, Hermes: <tool_call> JSON blocks): how the model writes "
-        "its tool calls",
+        help="how the model writes its tool calls: hermes (Qwen2.5, Qwen3, Hermes: <tool_call> "
+        "JSON blocks) | pangu (openPangu: a JSON list between [unused11] and [unused12])",
     )
     p.add_argument(
         "--trust-request-chat-template",

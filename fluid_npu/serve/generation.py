@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,12 +182,14 @@ def text_reader(
     stop: list[str],
     prompt: list[int],
     eos: Collection[int],
+    spelled: Mapping[int, str] | None = None,
 ) -> Detokenizer | ReasoningText:
     """What turns one choice's tokens into text: the reasoning apart from the answer (a chat on
-    a server with a reasoning parser), else the text whole."""
+    a server with a reasoning parser), else the text whole; ``spelled``: special tokens the
+    answer writes out (a tool parser's markers)."""
     if reasoning is not None:
-        return ReasoningText(tokenizer, reasoning, stop, prompt, eos)
-    return Detokenizer(tokenizer, stop, prompt=prompt, eos_ids=eos)
+        return ReasoningText(tokenizer, reasoning, stop, prompt, eos, spelled)
+    return Detokenizer(tokenizer, stop, prompt=prompt, eos_ids=eos, spelled=spelled)
 
 
 def encode_prompts(tokenizer: Any, given: list[str | list[int]]) -> list[list[int]]:

@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fluid_npu.sampling.rules import INT64_MAX, MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
-from fluid_npu.serve.tools import ToolMarkers, ToolSetting, tool_setting
+from fluid_npu.serve.tools import ToolParser, ToolSetting, tool_setting
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
@@ -415,7 +415,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     return CompletionRequest(prompts=prompts, sampling=sampling)
 
 
-def parse_chat(body: Any, tool_parser: ToolMarkers | None = None) -> ChatRequest:
+def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
     """A checked ``/v1/chat/completions`` request (text messages only); ``tool_parser``: the
     server's (``--enable-auto-tool-choice``), which ``tool_choice: "auto"`` needs."""
     req: ChatBody = _validate(ChatBody, body)

@@ -23,7 +23,7 @@ the output opened does not turn the text before it into reasoning (it stays answ
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,13 +104,15 @@ class ReasoningText:
         stop: Sequence[str] | None,
         prompt: Sequence[int],
         eos_ids: Collection[int],
+        spelled: Mapping[int, str] | None = None,
     ) -> None:
         self.tokenizer, self.parser, self.stop, self.eos = tokenizer, parser, stop, eos_ids
+        self.spelled = spelled  # special tokens the answer writes out (tool-call markers)
         self.tail = list(prompt[-PROMPT_CONTEXT:])
         self.thinking = parser.opened(prompt)  # reasoning until the closing marker
         self.first = True  # no output token seen yet
         self.done = 0  # tokens of the parts before the current one, markers included
-        self.part = Detokenizer(tokenizer, stop, prompt=prompt, eos_ids=eos_ids)
+        self.part = self._part(prompt)
         self.reasoning_delta = ""
 
     @property
@@ -142,11 +144,15 @@ class ReasoningText:
                 answer += self._flush()
                 self.done += self.part.tokens_used + 1  # the marker: counted, never spelled
                 self.thinking = opens
-                context = [*self.tail, tok]
-                self.part = Detokenizer(self.tokenizer, self.stop, context, self.eos)
+                self.part = self._part([*self.tail, tok])
                 continue
             run.append(tok)
         return answer + self._feed(run)
+
+    def _part(self, context: list[int]) -> Detokenizer:
+        """The detokenizer of the part that starts now (after ``context``)."""
+        spelled = None if self.thinking else self.spelled
+        return Detokenizer(self.tokenizer, self.stop, context, self.eos, spelled)
 
     def _feed(self, run: list[int]) -> str:
         """Feed a run of one part's tokens; the answer's text (the reasoning's is kept)."""

@@ -14,8 +14,12 @@ A request offers functions in ``tools`` (rendered into the prompt by the chat te
   do. A client that needs them sends ``"auto"`` and checks the answer.
 
 ``hermes`` (Hermes 2 Pro / 3, Qwen2.5, Qwen3, QwQ: vLLM's name) reads calls written as
-``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (arguments written as a
-JSON text holding the object are read too). The answer's text before the
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks; ``pangu`` (openPangu:
+vllm-ascend's name) reads ``[unused11][{"name": ..., "arguments": {...}}, ...][unused12]``, a
+list of calls between two special tokens, which the answer's text writes out for the parser
+(``Detokenizer(spelled=...)``; with ``tool_choice: "none"`` they stay out, as every special token
+does). A block may hold one call or a list; arguments written as a JSON text holding the object,
+or under ``parameters``, are read too. The answer's text before the
 first block is the message's ``content`` (null when empty); each block is a call, returned with an
 id (``chatcmpl-tool-…``, as vLLM's) and its arguments as a JSON text, and the choice's
 ``finish_reason`` is ``"tool_calls"``. A last block cut before its closing marker (``max_tokens``,
@@ -28,8 +32,9 @@ Streamed, ``content`` deltas come as they are decoded up to the first block (a t
 the start of its marker is held back until it is not), and the calls come in one chunk when the
 answer ends (each ``delta.tool_calls`` entry whole: index, id, type, name, arguments), so a streamed
 answer adds up to the non-streamed one exactly. The parse runs on the answer's text as returned
-(after ``--reasoning-parser`` took the reasoning apart, after stop strings): a tokenizer that calls
-the markers special tokens leaves them out of that text and is refused at start.
+(after ``--reasoning-parser`` took the reasoning apart, after stop strings). A marker that is
+neither text that decodes as itself nor one token (so it could not be found in that text) is
+refused at start, as is a ``pangu`` marker that is not one token of the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -47,13 +52,27 @@ from fluid_npu.serve.errors import APIError
 
 @dataclass(frozen=True)
 class ToolMarkers:
-    """The text that opens and closes a tool call block."""
+    """The text that opens and closes a tool call block; ``tokens``: each must be one token of
+    the model's tokenizer (markers that are not are no model's this parser is for)."""
 
     start: str
     end: str
+    tokens: bool = False
 
 
-PARSERS = {"hermes": ToolMarkers("<tool_call>", "</tool_call>")}  # vLLM's names
+PARSERS = {  # vLLM's names (vllm-ascend's for openPangu: pangu)
+    "hermes": ToolMarkers("<tool_call>", "</tool_call>"),
+    "pangu": ToolMarkers("[unused11]", "[unused12]", tokens=True),
+}
+
+
+@dataclass(frozen=True)
+class ToolParser:
+    """A parser bound to a tokenizer: its markers, and those the tokenizer calls special tokens
+    (which the text would leave out) by id, to be written out in an answer's text."""
+
+    markers: ToolMarkers
+    spelled: dict[int, str]
 
 
 def check_tool_parser_name(name: str) -> ToolMarkers:
@@ -63,19 +82,28 @@ def check_tool_parser_name(name: str) -> ToolMarkers:
     return PARSERS[name]
 
 
-def tool_parser(name: str, tokenizer: Any) -> ToolMarkers:
-    """The parser ``name`` for ``tokenizer``: its markers must survive decoding (a tokenizer that
-    makes them special tokens leaves them out of the text), else a ``ConfigError``."""
+def tool_parser(name: str, tokenizer: Any) -> ToolParser:
+    """The parser ``name`` for ``tokenizer``: a marker is read in the answer's text, written out
+    there when the tokenizer makes it one special token; a marker that is neither text that
+    survives decoding nor one token (or not one token where the parser needs it) is a
+    ``ConfigError`` naming ``--tool-call-parser``."""
     markers = check_tool_parser_name(name)
+    spelled = {}
     for marker in (markers.start, markers.end):
         ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-        if tokenizer.decode(ids, skip_special_tokens=True) != marker:
+        if len(ids) == 1 and tokenizer.decode(ids, skip_special_tokens=True) != marker:
+            spelled[int(ids[0])] = marker  # one special token: written out in the answer
+        elif markers.tokens and len(ids) != 1:
             raise ConfigError(
-                f"--tool-call-parser {name}: this tokenizer spells {marker!r} as a special token, "
-                "which the returned text leaves out, so its calls could not be found; this parser "
-                "is for models whose tool-call markers are text (Qwen2.5, Qwen3, Hermes)"
+                f"--tool-call-parser {name}: {marker!r} is not one token of this model's "
+                "tokenizer, so this is not a model that parser is for"
             )
-    return markers
+        elif tokenizer.decode(ids, skip_special_tokens=True) != marker:
+            raise ConfigError(
+                f"--tool-call-parser {name}: this tokenizer spells {marker!r} with special "
+                "tokens, which the returned text leaves out, so its calls could not be found"
+            )
+    return ToolParser(markers, spelled)
 
 
 @dataclass(frozen=True)
@@ -85,16 +113,21 @@ class ToolSetting:
     more than one call may come."""
 
     tools: list[dict[str, Any]] | None = None
-    markers: ToolMarkers | None = None
+    parser: ToolParser | None = None
     parallel: bool = True
 
     def reader(self) -> ToolCallText | None:
         """A fresh reader of one answer's calls (None: the answer stays text)."""
-        return None if self.markers is None else ToolCallText(self.markers, self.parallel)
+        return None if self.parser is None else ToolCallText(self.parser.markers, self.parallel)
+
+    @property
+    def spelled(self) -> dict[int, str]:
+        """The special tokens an answer whose calls are read writes out (its markers)."""
+        return {} if self.parser is None else self.parser.spelled
 
 
 def tool_setting(
-    tools: Any, choice: Any, parallel: bool | None, parser: ToolMarkers | None
+    tools: Any, choice: Any, parallel: bool | None, parser: ToolParser | None
 ) -> ToolSetting:
     """A request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` against the server's
     ``parser`` (None: no ``--enable-auto-tool-choice``); a 400 naming the field otherwise."""
@@ -185,10 +218,15 @@ def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
         f"{re.escape(markers.start)}(.*?)(?:{re.escape(markers.end)}|\\Z)", text, flags=re.DOTALL
     )
     calls = []
-    for block in blocks:
-        call = _json(block)
+    found = []
+    for block in blocks:  # a call, or a list of them (openPangu writes a list)
+        given = _json(block)
+        found += given if isinstance(given, list) else [given]
+    for call in found:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return None
+        if "arguments" not in call and "parameters" in call:  # (Llama 3's name for them)
+            call["arguments"] = call.pop("parameters")
         if isinstance(call.get("arguments"), str):  # (some fine-tunes write the object as text)
             call["arguments"] = _json(call["arguments"])
         if not isinstance(call.get("arguments"), dict):
