@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import ModuleType
@@ -242,6 +243,30 @@ def visible_device_count() -> int:
     if is_cuda_available():
         return torch.cuda.device_count()
     return 0
+
+
+VISIBLE_DEVICES = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
+
+
+def rank_environments(
+    kind: str, ranks: int, count: int, environ: Mapping[str, str] | None = None
+) -> list[dict[str, str]]:
+    """The environment that gives each of ``ranks`` processes one accelerator of ``kind`` (the
+    ones already visible, in order: ``ASCEND_RT_VISIBLE_DEVICES`` / ``CUDA_VISIBLE_DEVICES``, else
+    the ``count`` the host has); nothing for CPU processes. Fewer devices than ranks is a
+    ``ConfigError``."""
+    if kind == "cpu":
+        return [{} for _ in range(ranks)]
+    name = VISIBLE_DEVICES[kind]
+    given = (os.environ if environ is None else environ).get(name)
+    visible = [d.strip() for d in given.split(",") if d.strip()] if given else [
+        str(i) for i in range(count)]  # fmt: skip
+    if len(visible) < ranks:
+        raise ConfigError(
+            f"--data-parallel-size {ranks} runs one engine per {kind} device, and "
+            f"{len(visible)} are visible{f' ({name}={given})' if given else ''}: lower it"
+        )
+    return [{name: visible[r]} for r in range(ranks)]
 
 
 def seed_everything(seed: int) -> None:

@@ -57,6 +57,8 @@ def test_serve_flag_errors(capsys, tmp_path):
     assert "--default-chat-template-kwargs is not JSON" in _error(capsys, [*kwargs, "x"])
     msg = _error(capsys, ["serve", "--model", "m", "--reasoning-parser", "r1"])
     assert "--reasoning-parser 'r1' is not one of deepseek_r1, openpangu, qwen3" in msg
+    assert "--data-parallel-size must be at least 1" in _error(capsys, ["serve", "--model", "m",
+                                                                       "-dp", "0"])  # fmt: skip
     for alone in (["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"]):
         msg = _error(capsys, ["serve", "--model", "m", *alone])
         assert "--enable-auto-tool-choice and --tool-call-parser go together" in msg

@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -52,6 +51,7 @@ from fluid_npu.serve.generation import (
     text_reader,
     usage,
 )
+from fluid_npu.serve.http import ClosingStream, check_key, read_json, while_connected
 from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.reasoning import reasoning_parser
 from fluid_npu.serve.rendering import ChatRender
@@ -60,7 +60,6 @@ from fluid_npu.serve.text import TokenText, chat_ids, text_ids, tokenizer_info
 from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
 
-MAX_BODY_BYTES = 4 << 20
 RETRY_AFTER_S = 1
 
 
@@ -80,39 +79,6 @@ class ServeConfig:
     trust_request_chat_template: bool = False  # whether a request may bring its own template
     reasoning_parser: str | None = None  # --reasoning-parser: chat reasoning apart (reasoning.py)
     tool_call_parser: str | None = None  # --enable-auto-tool-choice's parser (tools.py)
-
-
-class _ClosingStream(StreamingResponse):
-    """A streaming response that runs ``on_close`` however it ends (done, disconnect, cancel)."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream")
-        self.on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-async def _read_json(request: Request) -> Any:
-    body = b""
-    async for part in request.stream():
-        body += part
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(f"the request body is over {MAX_BODY_BYTES} bytes")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(f"the request body is not valid JSON ({exc})") from None
-    except RecursionError:  # json.loads recurses once per level of nesting
-        raise APIError("the request body nests too deeply to be a request") from None
-
-
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
@@ -163,19 +129,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         return JSONResponse(body, status_code=500)
 
     def authorize(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        # compared as bytes (compare_digest refuses non-ASCII str): the header's raw bytes (ASGI
-        # servers hand them over decoded as latin-1) against the key's UTF-8
-        key, given_key = config.api_key.encode(), token.strip().encode("latin-1", "replace")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given_key, key):
-            raise APIError(
-                "a valid API key is required: send 'Authorization: Bearer KEY'",
-                status=401,
-                code="invalid_api_key",
-            )
+        check_key(request.headers.get("authorization", ""), config.api_key)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != config.model_name:
@@ -309,7 +263,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
                                    calls))  # fmt: skip
         if s.stream:
-            return _ClosingStream(
+            return ClosingStream(
                 events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]
             )
         pieces: list[list[str]] = [[] for _ in gens]
@@ -323,16 +277,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 calls[n] += called
 
         work = asyncio.ensure_future(asyncio.gather(*(collect(n) for n in range(len(gens)))))
-        gone = asyncio.ensure_future(_until_disconnect(request))
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finished = await while_connected(request, work)
         finally:
-            gone.cancel()
-            if not work.done():
-                work.cancel()
             for gen in gens:
                 gen.close(endpoint)
-        if not work.done() or work.cancelled():  # the client is gone: nobody reads an answer
+        if not finished:  # the client is gone: nobody reads an answer
             return Response(status_code=499)
         try:
             work.result()  # an engine failure raises its APIError here
@@ -347,7 +297,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     async def answer(request: Request, chat: bool) -> Response:
         arrived = time.monotonic()
         authorize(request)
-        body = await _read_json(request)
+        body = await read_json(request)
         req = protocol.parse_chat(body, calling) if chat else protocol.parse_completion(body)
         check_model(req.sampling.model)
         loop = asyncio.get_running_loop()
@@ -402,7 +352,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         authorize(request)
-        req, conversation = protocol.parse_tokenize(await _read_json(request))
+        req, conversation = protocol.parse_tokenize(await read_json(request))
         check_model(req.model)
         if conversation is not None:
             check_template(conversation.render)
@@ -425,7 +375,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         authorize(request)
-        req = protocol.parse_detokenize(await _read_json(request))
+        req = protocol.parse_detokenize(await read_json(request))
         check_model(req.model)
         if req.tokens and max(req.tokens) >= len(tokenizer):
             raise APIError(

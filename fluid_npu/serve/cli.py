@@ -22,7 +22,7 @@ from fluid_npu.errors import ConfigError
 # the model flags a spawned server gets (``fluid bench serve`` passes them on)
 SERVER_KEYS = (
     "adapter", "khead", "mask_token", "dtype", "device", "max_batch", "max_len", "threads",
-    "chat_template", "default_chat_template_kwargs", "prefix_cache_slots",
+    "chat_template", "default_chat_template_kwargs", "prefix_cache_slots", "data_parallel_size",
 )  # fmt: skip
 SERVER_SWITCHES = ("compile", "no_adaptive_drafting", "no_enable_prefix_caching")
 
@@ -71,6 +71,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--chat-template",
         default=None,
         help="a Jinja chat template (a file, or the template itself) instead of the tokenizer's",
+    )
+    p.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=None,
+        help="engine ranks behind one address, each a server on its own device (on a CPU: its "
+        "share of the cores); requests go to the rank holding their start, else the least busy "
+        "(default 1)",
     )
     p.add_argument(
         "--default-chat-template-kwargs",
@@ -169,7 +178,12 @@ def serve_command(args: argparse.Namespace) -> int:
         reasoning_parser=args.reasoning_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
+        data_parallel_size=1 if args.data_parallel_size is None else args.data_parallel_size,
     )
+    if settings.data_parallel_size > 1:
+        from fluid_npu.serve.dp import serve_data_parallel
+
+        return serve_data_parallel(settings)
     return serve(settings)
 
 

@@ -42,13 +42,16 @@ class ServerProcess:
         ready_timeout: float = 900.0,
         stop_timeout: float = 120.0,
         env: dict[str, str] | None = None,
+        new_session: bool = False,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [*args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
         self.env = {**os.environ, **(env or {})}
+        self.new_session = new_session  # out of the caller's process group (its Ctrl-C)
         self.proc: subprocess.Popen | None = None
+        self.terminated = False  # SIGTERM sent
         self.returncode: int | None = None
         # the child writes here for the server's whole life, so no context manager
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
@@ -63,7 +66,8 @@ class ServerProcess:
     def start(self) -> str:
         """Launch and wait for ``/health``; returns the base URL."""
         cmd = [sys.executable, "-m", "fluid_npu.cli", "serve", *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=self.new_session)  # fmt: skip
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -81,8 +85,9 @@ class ServerProcess:
         raise FluidError(f"fluid serve was not ready after {self.ready_timeout:g} s")
 
     def terminate(self) -> None:
-        """Send SIGTERM: the server drains and exits."""
-        if self.proc is not None and self.proc.poll() is None:
+        """Send SIGTERM (once): the server drains and exits."""
+        if self.proc is not None and self.proc.poll() is None and not self.terminated:
+            self.terminated = True
             self.proc.send_signal(signal.SIGTERM)
 
     def wait(self) -> int:
@@ -104,13 +109,17 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def close(self) -> None:
+        """Remove the log (after the process has ended)."""
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
+
     def __enter__(self) -> ServerProcess:
         try:
             self.start()
         except BaseException:
             self.kill()
-            self._log.close()
-            self.log_path.unlink(missing_ok=True)
+            self.close()
             raise
         return self
 
@@ -122,5 +131,4 @@ class ServerProcess:
     ) -> None:
         if self.proc is not None and self.returncode is None:
             self.stop()
-        self._log.close()
-        self.log_path.unlink(missing_ok=True)
+        self.close()

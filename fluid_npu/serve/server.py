@@ -59,6 +59,7 @@ class ServeSettings:
     reasoning_parser: str | None = None  # chat reasoning apart from the answer (reasoning.py)
     enable_auto_tool_choice: bool = False  # tool_choice "auto": the answer's calls parsed out
     tool_call_parser: str | None = None  # how (tools.py)
+    data_parallel_size: int = 1  # engine ranks behind one address (dp.py)
 
     def check(self) -> None:
         """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
@@ -78,6 +79,10 @@ class ServeSettings:
             raise ConfigError(
                 "--prefix-cache-slots keeps prefixes for reuse, which --no-enable-prefix-caching "
                 "turns off; give one or the other"
+            )
+        if self.data_parallel_size < 1:
+            raise ConfigError(
+                f"--data-parallel-size must be at least 1, got {self.data_parallel_size}"
             )
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"--max-len must be at least 2, got {self.max_len}")
@@ -221,6 +226,23 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals = [s for s in self._captured_signals if s != sig]
 
 
+def run_draining(server: uvicorn.Server, sock: socket.socket) -> None:
+    """``server.run`` on ``sock``, a SIGTERM / SIGINT that comes after its drain ignored: uvicorn
+    puts back the handler it found when it stops (here a no-op instead of the default, which
+    would kill the process in its last steps), and from then on the signals are ignored outright
+    (Python's exit puts its own handlers back to the default). A second signal is common: a rank
+    of ``--data-parallel-size`` gets one from its front and one from a service manager that
+    signals every process of the service."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def serve(settings: ServeSettings) -> int:
     """Run the server until SIGTERM / Ctrl-C; returns the exit status."""
     settings.check()
@@ -262,7 +284,7 @@ def serve(settings: ServeSettings) -> int:
             lifespan="on",
         )
         server = DrainingServer(uv_config, worker, settings.drain_timeout)
-        server.run(sockets=[sock])
+        run_draining(server, sock)
     finally:
         sock.close()
     if worker.error is not None:

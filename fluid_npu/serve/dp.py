@@ -1,0 +1,148 @@
+"""Running ``fluid serve --data-parallel-size N``: bind the front's port, start the N engine ranks
+(each a ``fluid serve`` child process, started together), serve the front (``router.py``) until
+SIGTERM, then drain the ranks and exit.
+
+Each rank gets the command's own settings but for its address (127.0.0.1 at a free port), its key
+(a random one, in its environment, which only the front sends) and its device: one accelerator
+per rank (``device.rank_environments``), or on a CPU ``--threads`` (default: the cores shared out,
+at least one each). A rank that fails to start stops them all with its log's tail. SIGTERM (or the
+first Ctrl-C) closes the front's socket, stops new requests (503), passes SIGTERM to every rank —
+each finishes its requests within ``--drain-timeout`` as a lone server does, while the front still
+relays their answers — and exits 0 when every rank did.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import threading
+from dataclasses import fields
+from types import FrameType
+
+import uvicorn
+
+from fluid_npu.errors import FluidError
+from fluid_npu.serve.launch import ServerProcess
+from fluid_npu.serve.router import Front, create_front
+from fluid_npu.serve.server import GRACE_S, ServeSettings, bind, run_draining
+
+OWN = {"host", "port", "api_key", "data_parallel_size"}  # the front's, not the ranks'
+# settings whose flag is not --name-with-dashes, set when the value is False
+NEGATED = {"adaptive": "--no-adaptive-drafting", "prefix_caching": "--no-enable-prefix-caching"}
+
+
+def rank_args(settings: ServeSettings, threads: int | None) -> list[str]:
+    """The ``fluid serve`` flags a rank runs with (the front's address and key left out)."""
+    out: list[str] = []
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in OWN or value is None or (f.name == "threads" and threads is not None):
+            continue
+        if f.name in NEGATED:
+            out += [] if value else [NEGATED[f.name]]
+        elif isinstance(value, bool):
+            out += [f"--{f.name.replace('_', '-')}"] if value else []
+        else:
+            out += [f"--{f.name.replace('_', '-')}", str(value)]
+    return out + (["--threads", str(threads)] if threads is not None else [])
+
+
+class FrontServer(uvicorn.Server):
+    """uvicorn's ``Server`` whose SIGTERM drains the ranks too."""
+
+    def __init__(self, config: uvicorn.Config, front: Front, ranks: list[ServerProcess]) -> None:
+        super().__init__(config)
+        self.front, self.ranks = front, ranks
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        first = not self.front.draining.is_set()
+        if first:
+            print("fluid: draining every rank", file=sys.stderr, flush=True)
+            self.front.draining.set()
+            for rank in self.ranks:
+                rank.terminate()
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM or (first and sig == signal.SIGINT):  # a drain is a clean exit
+            self._captured_signals = [s for s in self._captured_signals if s != sig]
+
+
+def serve_data_parallel(settings: ServeSettings) -> int:
+    """The front and its ranks until SIGTERM / Ctrl-C; returns the exit status."""
+    from fluid_npu import device
+
+    settings.check()
+    size = settings.data_parallel_size
+    choice = device.current(force=settings.device)
+    envs = device.rank_environments(choice.type, size, device.visible_device_count())
+    threads = settings.threads
+    if choice.type == "cpu" and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // size)
+    sock = bind(settings.host, settings.port)  # (a taken port fails before the ranks load)
+    key = secrets.token_urlsafe(32)
+    args = rank_args(settings, threads)
+    # each rank in its own session: a terminal's Ctrl-C (to the foreground group) reaches the
+    # front, which passes the drain on once
+    ranks = [ServerProcess(args, env={**env, "FLUID_API_KEY": key}, new_session=True)
+             for env in envs]  # fmt: skip
+    try:
+        _start_all(ranks)
+        front = Front(
+            urls=[r.url for r in ranks],
+            rank_key=key,
+            api_key=settings.api_key,
+            slack=settings.max_batch,
+            alive=lambda i: ranks[i].proc is not None and ranks[i].proc.poll() is None,
+        )
+        host, port = sock.getsockname()[:2]
+        where = f"[{host}]" if ":" in host else host
+        devices = ", ".join(v for env in envs for v in env.values())
+        placed = f"{threads} CPU threads each" if choice.type == "cpu" else f"devices {devices}"
+        print(
+            f"fluid: serving on http://{where}:{port}/v1 with {size} engine ranks ({placed})",
+            file=sys.stderr,
+            flush=True,
+        )
+        config = uvicorn.Config(
+            create_front(front),
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=settings.drain_timeout + GRACE_S,
+            lifespan="on",
+        )
+        run_draining(FrontServer(config, front, ranks), sock)
+    finally:
+        sock.close()
+        codes = [rank.stop() if rank.proc is not None else 1 for rank in ranks]
+        for rank in ranks:
+            rank.close()
+    failed = [i for i, code in enumerate(codes) if code != 0]
+    if failed:
+        print(f"fluid: ranks {failed} ended with status {[codes[i] for i in failed]}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print("fluid: server stopped", file=sys.stderr)
+    return 0
+
+
+def _start_all(ranks: list[ServerProcess]) -> None:
+    """Start every rank at once (each loads its model: minutes for a 7B one); one that fails
+    stops the others and raises its error."""
+    errors: list[BaseException] = []
+
+    def start(rank: ServerProcess) -> None:
+        try:
+            rank.start()
+        except BaseException as exc:  # (reported below, with the rank's log)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for rank in ranks:
+            rank.kill()
+        raise FluidError(f"an engine rank did not start: {errors[0]}")

@@ -1,0 +1,91 @@
+"""HTTP plumbing ``fluid serve``'s app and its data-parallel front share: the bearer-key check,
+request bodies read with a size bound, work that stops when its client disconnects, and a
+streaming response that runs a callback however it ends (done, disconnect, cancel)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterable, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from fluid_npu.serve.errors import APIError
+
+MAX_BODY_BYTES = 4 << 20
+
+
+class ClosingStream(StreamingResponse):
+    """A server-sent-events response that runs ``on_close`` however it ends."""
+
+    def __init__(self, content: AsyncIterable[str | bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body; over ``MAX_BODY_BYTES`` it is a 400 (read no further)."""
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(f"the request body is over {MAX_BODY_BYTES} bytes")
+    return body
+
+
+async def read_json(request: Request) -> Any:
+    """The request's body as JSON; a 400 saying why where it is not."""
+    body = await read_body(request)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:  # json.loads recurses once per level of nesting
+        raise APIError("the request body nests too deeply to be a request") from None
+
+
+def check_key(given: str, key: str | None) -> None:
+    """A 401 unless ``given`` (an Authorization header) is ``Bearer KEY`` (any, without a key)."""
+    if key is None:
+        return
+    scheme, _, token = given.partition(" ")
+    # compared as bytes (compare_digest refuses non-ASCII str): the header's raw bytes (ASGI
+    # servers hand them over decoded as latin-1) against the key's UTF-8
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode("latin-1", "replace"), key.encode()
+    ):
+        raise APIError(
+            "a valid API key is required: send 'Authorization: Bearer KEY'",
+            status=401,
+            code="invalid_api_key",
+        )
+
+
+async def until_disconnect(request: Request) -> None:
+    """Returns when the client has gone."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def while_connected(request: Request, work: asyncio.Future) -> bool:
+    """Wait for ``work`` or the client's disconnect, whichever comes first: True when ``work``
+    finished, False when the client left (``work`` is then cancelled)."""
+    gone = asyncio.ensure_future(until_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            # (read its end, so asyncio does not report an exception nobody retrieved)
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return work.done() and not work.cancelled()

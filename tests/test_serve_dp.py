@@ -1,0 +1,232 @@
+"""``fluid serve --data-parallel-size N`` (``serve/router.py``, ``serve/dp.py``): the routing rule,
+the metrics merge and the ranks' devices alone; the front app relaying to in-process scripted
+ranks (answers equal to a rank's own, streams, 429 passed on to the next rank, a rank down, a
+client gone, auth); and the real command with two engine ranks, driven by the ``openai`` client,
+its outputs equal to ``fluid generate``'s, a conversation's next turn sent to the rank that holds
+it, and SIGTERM draining every process."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from test_serve_http import ScriptedScheduler, _metric, _until, client, serving
+from test_serve_live import PROMPTS, model_dir, offline  # noqa: F401 (a fixture)
+
+from fluid_npu.device import rank_environments
+from fluid_npu.errors import ConfigError
+from fluid_npu.serve.dp import rank_args
+from fluid_npu.serve.launch import ServerProcess
+from fluid_npu.serve.router import (
+    MIN_SHARED,
+    Front,
+    Router,
+    create_front,
+    merge_metrics,
+    routing_key,
+    shared_start,
+)
+from fluid_npu.serve.server import ServeSettings, bind
+
+RANK_KEY = "rank-key"
+
+
+def test_shared_start_and_routing_keys():
+    assert shared_start("abcdef", "abcxyz") == 3 and shared_start("", "a") == 0
+    assert shared_start("abc", "abc") == 3 and shared_start("ab", "abc") == 2
+    turn = [{"role": "user", "content": "x" * 80}]
+    after = [*turn, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]
+    first = routing_key("/v1/chat/completions", {"messages": turn})
+    second = routing_key("/v1/chat/completions", {"messages": after})
+    assert shared_start(first, second) == len(first) - 2  # all but the closing brackets
+    assert routing_key("/v1/completions", {"prompt": ["abc", "d"]}) == "abc"
+    assert routing_key("/v1/completions", {"prompt": [1, 2]}) == "[1, 2]"
+    assert routing_key("/v1/completions", "not an object") == ""
+
+
+def test_the_router_follows_shared_starts_within_the_slack():
+    router = Router(3, slack=3)
+    long_a, long_b = "a" * MIN_SHARED + "1", "b" * MIN_SHARED + "1"
+    assert router.pick(long_a) == (0, False)  # nothing known: the least busy (ties: first)
+    router.start(0, long_a)
+    assert router.pick(long_b) == (1, False)
+    router.start(1, long_b)
+    assert router.pick(long_a[:-1] + "2") == (0, True)  # its start is rank 0's
+    assert router.pick("a" * (MIN_SHARED - 1)) == (2, False)  # too short a match to follow
+    router.start(0, long_a)
+    router.start(0, long_a)
+    assert router.pick(long_a) == (0, True)  # 3 busy, the least 0: within the slack of 3 ...
+    router.start(0, long_a)
+    assert router.pick(long_a) == (2, False)  # ... not past it
+    assert router.pick(long_a, skip={2}) == (0, True)  # against rank 1's 1: within the slack
+    assert router.pick(long_a, skip={0, 2}) == (1, False)
+    assert router.pick(long_a, skip={0, 1, 2}) is None
+    for _ in range(4):
+        router.end(0)
+    assert router.busy == [0, 1, 0]
+
+
+def test_metrics_of_every_rank_in_one_text():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    one = '# HELP x_total X\n# TYPE x_total counter\nx_total{a="1"} 2.0\n'
+    two = '# HELP x_total X\n# TYPE x_total counter\nx_total{a="1"} 5.0\n'
+    merged = merge_metrics([one, two, ""]).decode()
+    assert merged.count("# TYPE x_total counter") == 1
+    [family] = text_string_to_metric_families(merged)
+    assert {(s.labels["rank"], s.value) for s in family.samples} == {("0", 2.0), ("1", 5.0)}
+
+
+def test_each_rank_gets_its_device_and_the_commands_flags():
+    assert rank_environments("cpu", 2, 0) == [{}, {}]
+    assert rank_environments("npu", 2, 8, {}) == [
+        {"ASCEND_RT_VISIBLE_DEVICES": "0"}, {"ASCEND_RT_VISIBLE_DEVICES": "1"}]  # fmt: skip
+    given = {"CUDA_VISIBLE_DEVICES": "4, 6,7"}  # the ones visible, in order
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in rank_environments("cuda", 3, 8, given)] == [
+        "4", "6", "7"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--data-parallel-size 4 .* 3 are visible"):
+        rank_environments("cuda", 4, 8, given)
+    from fluid_npu.cli import build_parser
+
+    settings = ServeSettings(model="m", khead="k", api_key="secret", port=9, data_parallel_size=2,
+                             adaptive=False, prefix_caching=False, compile=True,
+                             tool_call_parser="hermes", enable_auto_tool_choice=True)  # fmt: skip
+    args = build_parser().parse_args(["serve", *rank_args(settings, threads=3)])
+    assert (args.model, args.khead, args.threads) == ("m", "k", 3)
+    assert args.no_adaptive_drafting and args.no_enable_prefix_caching and args.compile
+    assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
+    assert args.api_key is None and args.port == 8000 and args.data_parallel_size is None
+
+
+@contextlib.contextmanager
+def fronting(front: Front):
+    """The front app in-process on 127.0.0.1 at a free port; yields its URL."""
+    sock = bind("127.0.0.1", 0)
+    config = uvicorn.Config(create_front(front), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        _until(lambda: server.started, "the front to start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def test_the_front_relays_to_the_ranks():
+    """Answers (whole and streamed) are the rank's own; a full rank (429) passes the request on
+    and only all full is a 429; a rank down is skipped and makes /health 503; a client gone
+    aborts the request on its rank; the front's key, not the ranks', lets clients in."""
+    scheds = [ScriptedScheduler(max_batch=1, step_s=0.002) for _ in range(2)]
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(serving(s, api_key=RANK_KEY, max_queue=0))[0] for s in scheds]
+        down: set[int] = set()
+        front = Front(urls=urls, rank_key=RANK_KEY, api_key="front-key", slack=8,
+                      alive=lambda r: r not in down)  # fmt: skip
+        url = stack.enter_context(fronting(front))
+        c = client(url, "front-key")
+        direct = client(urls[0], RANK_KEY).completions.create(model="tiny", prompt="hello",
+                                                              max_tokens=12)  # fmt: skip
+        out = c.completions.create(model="tiny", prompt="hello", max_tokens=12)
+        assert out.choices[0].text == direct.choices[0].text and out.usage == direct.usage
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model="tiny", prompt="hello", max_tokens=12, stream=True) if ch.choices)  # fmt: skip
+        assert streamed == direct.choices[0].text
+        assert c.models.list().data[0].id == "tiny"
+        assert httpx.post(f"{url}/tokenize", json={"prompt": "a"}).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            client(url, RANK_KEY).completions.create(model="tiny", prompt="a", max_tokens=2)
+        # rank 0 busy (its queue holds none): a request that follows it there gets its 429 and
+        # goes on to rank 1; with both busy the client gets the 429
+        for sched in scheds:
+            sched.gate.clear()
+        shared = "the same long few-shot block " * 4
+        held: list[Any] = []
+
+        def hold(prompt: str) -> None:
+            held.append(c.completions.create(model="tiny", prompt=prompt, max_tokens=3))
+
+        workers = [threading.Thread(target=hold, args=(shared + "one",))]
+        workers[0].start()
+        _until(lambda: scheds[0].waiting or scheds[0].running, "rank 0 busy")
+        workers.append(threading.Thread(target=hold, args=(shared + "two",)))
+        workers[1].start()
+        _until(lambda: scheds[1].waiting or scheds[1].running, "rank 1 busy")
+        with pytest.raises(openai.RateLimitError):
+            c.completions.create(model="tiny", prompt="three", max_tokens=3)
+        for sched in scheds:
+            sched.gate.set()
+        for t in workers:
+            t.join(60)
+        assert len(held) == 2 and [len(s.requests) for s in scheds] == [2 + 1, 2]
+        # a client that leaves mid-stream: its rank aborts the request
+        aborted = sum(len(s.aborted) for s in scheds)
+        body = {"prompt": "long", "max_tokens": 500, "stream": True, "ignore_eos": True}
+        headers = {"authorization": "Bearer front-key"}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
+            assert next(line for line in r.iter_lines() if line.startswith("data: "))
+        _until(lambda: sum(len(s.aborted) for s in scheds) == aborted + 1, "the rank's abort")
+        for sched in scheds:  # ... and one that gives up waiting for a whole answer
+            sched.gate.clear()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5},
+                       headers=headers, timeout=0.5)  # fmt: skip
+        for sched in scheds:
+            sched.gate.set()
+        _until(lambda: sum(len(s.aborted) for s in scheds) == aborted + 2, "the second abort")
+        assert httpx.get(f"{url}/health").json()["info"]["data_parallel_size"] == 2
+        merged = httpx.get(f"{url}/metrics").text
+        assert 'fluid_prompt_tokens_total{rank="1"}' in merged and "fluid_dp_requests" in merged
+        down.add(0)  # rank 0 is gone: everything goes to rank 1
+        before = _metric(urls[1], "fluid_requests_total")
+        for _ in range(3):
+            assert c.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+        assert _metric(urls[1], "fluid_requests_total") == before + 3
+
+
+def test_serve_with_two_engine_ranks(model_dir, tmp_path):  # noqa: F811
+    """The real command: 8 concurrent streams over two engine ranks, each output equal to
+    ``fluid generate``'s; a conversation's second turn goes to the rank whose slot holds the
+    first (its prompt found there); SIGTERM drains the ranks and every process exits 0."""
+    key = "dp-key"
+    args = ["--model", model_dir, "--max-batch", "4", "--max-len", "160", "--api-key", key,
+            "--data-parallel-size", "2", "--no-adaptive-drafting"]  # fmt: skip
+    want = offline(model_dir, tmp_path, PROMPTS[:8], 24)
+    with ServerProcess(args) as front:
+        c = client(front.url, key)
+        got: dict[str, str] = {}
+
+        def stream(prompt: str) -> None:
+            chunks = c.completions.create(model="model", prompt=prompt, max_tokens=24,
+                                          temperature=0, stream=True)  # fmt: skip
+            got[prompt] = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+        threads = [threading.Thread(target=stream, args=(p,)) for p in PROMPTS[:8]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [got.get(p) for p in PROMPTS[:8]] == [row["text"] for row in want]
+        per_rank = [_metric(front.url, f'fluid_dp_requests_total{{affinity="false",rank="{r}"}}')
+                    for r in (0, 1)]  # fmt: skip
+        assert min(per_rank) >= 1 and sum(per_rank) == 8
+        turn = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 2}]
+        first = c.chat.completions.create(model="model", messages=turn, max_tokens=8,
+                                          temperature=0)  # fmt: skip
+        turn += [first.choices[0].message, {"role": "user", "content": "and then?"}]
+        second = c.chat.completions.create(model="model", messages=turn, max_tokens=8,
+                                           temperature=0)  # fmt: skip
+        assert second.usage.prompt_tokens_details.cached_tokens >= 16
+        assert _metric(front.url, "fluid_dp_requests_total") == 10
+        health = httpx.get(f"{front.url}/health").json()
+        assert health["info"]["data_parallel_size"] == 2 and health["info"]["torch_threads"] == 1
+    # leaving the block sent SIGTERM to the front: it drained its ranks, and exits 0 only when
+    # every rank did
+    assert front.returncode == 0
