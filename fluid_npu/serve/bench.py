@@ -42,7 +42,7 @@ BENCH_KEYS = (
     "model", "adapter", "khead", "url", "policies", "prompts", "json", "num_requests", "rate",
     "concurrency", "max_tokens", "ignore_eos", "chat", "warmup", "rounds", "seed", "dtype",
     "device", "max_batch", "max_len", "compile", "mask_token", "no_adaptive_drafting", "threads",
-    "no_enable_prefix_caching", "prefix_cache_slots",
+    "no_enable_prefix_caching", "prefix_cache_slots", "data_parallel_size",
 )  # fmt: skip
 PERCENTILES = (50, 90, 99)
 GOAL_VS_AR = 3.0
