@@ -230,3 +230,38 @@ def test_serve_with_two_engine_ranks(model_dir, tmp_path):  # noqa: F811
     # leaving the block sent SIGTERM to the front: it drained its ranks, and exits 0 only when
     # every rank did
     assert front.returncode == 0
+
+
+def _children(pid: int) -> list[int]:
+    """The process ids whose parent is ``pid`` (Linux /proc)."""
+    from pathlib import Path
+
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    from pathlib import Path
+
+    try:  # (a zombie has ended: only its exit status is left)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ranks_end_when_their_front_is_killed(model_dir):  # noqa: F811
+    """A front killed outright (SIGKILL: no drain) leaves no rank running on its devices: each
+    sees its parent gone, drains and exits."""
+    args = ["--model", model_dir, "--max-len", "64", "-dp", "2", "--policy", "ar"]
+    with ServerProcess(args) as front:
+        ranks = _children(front.proc.pid)
+        assert len(ranks) == 2 and all(_running(r) for r in ranks)
+        front.kill()
+        _until(lambda: not any(_running(r) for r in ranks), "the ranks to exit")

@@ -3,12 +3,13 @@
 SIGTERM, then drain the ranks and exit.
 
 Each rank gets the command's own settings but for its address (127.0.0.1 at a free port), its key
-(a random one, in its environment, which only the front sends) and its device: one accelerator
-per rank (``device.rank_environments``), or on a CPU ``--threads`` (default: the cores shared out,
-at least one each). A rank that fails to start stops them all with its log's tail. SIGTERM (or the
-first Ctrl-C) closes the front's socket, stops new requests (503), passes SIGTERM to every rank —
-each finishes its requests within ``--drain-timeout`` as a lone server does, while the front still
-relays their answers — and exits 0 when every rank did.
+(a random one, in its environment, which only the front sends), the front's process id (a rank
+whose front is killed outright drains and exits: ``server.watch_parent``) and its device: one
+accelerator per rank (``device.rank_environments``), or on a CPU ``--threads`` (default: the
+cores shared out, at least one each). A rank that fails to start stops them all with its log's
+tail. SIGTERM (or the first Ctrl-C) closes the front's socket, stops new requests (503), passes
+SIGTERM to every rank — each finishes its requests within ``--drain-timeout`` as a lone server
+does, while the front still relays their answers — and exits 0 when every rank did.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import uvicorn
 from fluid_npu.errors import FluidError
 from fluid_npu.serve.launch import ServerProcess
 from fluid_npu.serve.router import Front, create_front
-from fluid_npu.serve.server import GRACE_S, ServeSettings, bind, run_draining
+from fluid_npu.serve.server import GRACE_S, PARENT_ENV, ServeSettings, bind, run_draining
 
 OWN = {"host", "port", "api_key", "data_parallel_size"}  # the front's, not the ranks'
 # settings whose flag is not --name-with-dashes, set when the value is False
@@ -84,8 +85,8 @@ def serve_data_parallel(settings: ServeSettings) -> int:
     args = rank_args(settings, threads)
     # each rank in its own session: a terminal's Ctrl-C (to the foreground group) reaches the
     # front, which passes the drain on once
-    ranks = [ServerProcess(args, env={**env, "FLUID_API_KEY": key}, new_session=True)
-             for env in envs]  # fmt: skip
+    own = {"FLUID_API_KEY": key, PARENT_ENV: str(os.getpid())}  # (a rank ends when the front does)
+    ranks = [ServerProcess(args, env={**env, **own}, new_session=True) for env in envs]
     try:
         _start_all(ranks)
         front = Front(

@@ -11,9 +11,12 @@ and the process exits with status 0.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
@@ -243,9 +246,28 @@ def run_draining(server: uvicorn.Server, sock: socket.socket) -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+PARENT_ENV = "FLUID_PARENT_PID"  # a rank of --data-parallel-size: its front's process id
+
+
+def watch_parent() -> None:
+    """A rank of ``--data-parallel-size`` (``$FLUID_PARENT_PID`` set) drains and exits when its
+    front is gone, killed without a chance to stop it (its devices are freed, not orphaned)."""
+    pid = os.environ.get(PARENT_ENV)
+    if not pid:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(pid):
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="fluid-parent-watch", daemon=True).start()
+
+
 def serve(settings: ServeSettings) -> int:
     """Run the server until SIGTERM / Ctrl-C; returns the exit status."""
     settings.check()
+    watch_parent()
     sock = bind(settings.host, settings.port)
     try:
         scheduler, tokenizer, max_len, info = build_scheduler(settings)
