@@ -103,6 +103,14 @@ def choose(
     return DeviceChoice(kind, index, backend, dtype)
 
 
+def kind(force: str | None = None) -> str:
+    """The device type ``current`` would choose ("npu" | "cuda" | "cpu"), found without touching
+    a device (no context is created on it, as the bf16 probe of ``current`` would)."""
+    npu = is_npu_available()
+    cuda = not npu and is_cuda_available()
+    return choose(npu=npu, cuda=cuda, bf16_supported=True, force=force).type
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

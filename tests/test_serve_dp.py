@@ -8,7 +8,9 @@ it, and SIGTERM draining every process."""
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -18,57 +20,67 @@ import uvicorn
 from test_serve_http import ScriptedScheduler, _metric, _until, client, serving
 from test_serve_live import PROMPTS, model_dir, offline  # noqa: F401 (a fixture)
 
-from fluid_npu.device import rank_environments
+from fluid_npu.device import kind, rank_environments
 from fluid_npu.errors import ConfigError
 from fluid_npu.serve.dp import rank_args
 from fluid_npu.serve.launch import ServerProcess
 from fluid_npu.serve.router import (
+    BLOCK,
+    HEALTH_S,
     MIN_SHARED,
+    RECENT,
+    SHARED_PER_REQUEST,
     Front,
     Router,
+    block_hashes,
     create_front,
     merge_metrics,
     routing_key,
-    shared_start,
 )
 from fluid_npu.serve.server import ServeSettings, bind
 
 RANK_KEY = "rank-key"
 
 
-def test_shared_start_and_routing_keys():
-    assert shared_start("abcdef", "abcxyz") == 3 and shared_start("", "a") == 0
-    assert shared_start("abc", "abc") == 3 and shared_start("ab", "abc") == 2
-    turn = [{"role": "user", "content": "x" * 80}]
+def test_routing_keys_and_their_blocks():
+    turn = [{"role": "user", "content": "x" * 300}]
     after = [*turn, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]
     first = routing_key("/v1/chat/completions", {"messages": turn})
     second = routing_key("/v1/chat/completions", {"messages": after})
-    assert shared_start(first, second) == len(first) - 2  # all but the closing brackets
+    assert second.startswith(first[:-2])  # all but the closing brackets: the next turn extends it
+    one, two = block_hashes(first), block_hashes(second)
+    assert len(one) == len(first) // BLOCK and two[: len(one)] == one  # (closing in no block)
+    assert block_hashes("a" * (BLOCK - 1)) == [] and block_hashes("ab" * BLOCK)[1:] != []
     assert routing_key("/v1/completions", {"prompt": ["abc", "d"]}) == "abc"
     assert routing_key("/v1/completions", {"prompt": [1, 2]}) == "[1, 2]"
     assert routing_key("/v1/completions", "not an object") == ""
 
 
-def test_the_router_follows_shared_starts_within_the_slack():
-    router = Router(3, slack=3)
-    long_a, long_b = "a" * MIN_SHARED + "1", "b" * MIN_SHARED + "1"
-    assert router.pick(long_a) == (0, False)  # nothing known: the least busy (ties: first)
-    router.start(0, long_a)
-    assert router.pick(long_b) == (1, False)
-    router.start(1, long_b)
-    assert router.pick(long_a[:-1] + "2") == (0, True)  # its start is rank 0's
-    assert router.pick("a" * (MIN_SHARED - 1)) == (2, False)  # too short a match to follow
-    router.start(0, long_a)
-    router.start(0, long_a)
-    assert router.pick(long_a) == (0, True)  # 3 busy, the least 0: within the slack of 3 ...
-    router.start(0, long_a)
-    assert router.pick(long_a) == (2, False)  # ... not past it
-    assert router.pick(long_a, skip={2}) == (0, True)  # against rank 1's 1: within the slack
-    assert router.pick(long_a, skip={0, 2}) == (1, False)
-    assert router.pick(long_a, skip={0, 1, 2}) is None
-    for _ in range(4):
+def test_the_router_weighs_a_shared_start_against_the_wait():
+    router = Router(3, slack=4)
+    history = "h" * (4 * SHARED_PER_REQUEST)  # a long conversation: worth 4 requests of wait
+    system = "s" * MIN_SHARED  # a short system prompt: worth none
+    assert router.pick(history + "a") == (0, False)  # nothing known: the least busy, then first
+    router.start(0)
+    router.remember(0, history + "a")
+    for busy in (1, 2, 3, 4):  # the next turn follows its history while 4 or fewer wait there
+        assert router.busy[0] == busy and router.pick(history + "b") == (0, True)
+        router.start(0)
+    assert router.pick(history + "b") == (1, False)  # 5 busy against 0: the least busy
+    router.start(1)
+    router.remember(1, system + "x")
+    assert router.pick(system + "y") == (2, False)  # rank 1 holds it, but is busier than rank 2
+    router.remember(2, system + "z")
+    assert router.pick(system + "w") == (2, True)  # both hold it: the less busy
+    assert router.pick(system[:-1]) == (2, False)  # less than MIN_SHARED shared: none followed
+    assert router.pick(history, skip={0, 2}) == (1, False)
+    assert router.pick(history, skip={0, 1, 2}) is None
+    for _ in range(5):
         router.end(0)
     assert router.busy == [0, 1, 0]
+    for k in range(RECENT):  # the oldest requests are forgotten
+        router.remember(0, f"{k:08d}" * BLOCK)
+    assert router.shared(0, block_hashes(history)) == 0 and not router.pick(history + "c")[1]
 
 
 def test_metrics_of_every_rank_in_one_text():
@@ -83,7 +95,7 @@ def test_metrics_of_every_rank_in_one_text():
 
 
 def test_each_rank_gets_its_device_and_the_commands_flags():
-    assert rank_environments("cpu", 2, 0) == [{}, {}]
+    assert kind("cpu") == "cpu" and rank_environments("cpu", 2, 0) == [{}, {}]
     assert rank_environments("npu", 2, 8, {}) == [
         {"ASCEND_RT_VISIBLE_DEVICES": "0"}, {"ASCEND_RT_VISIBLE_DEVICES": "1"}]  # fmt: skip
     given = {"CUDA_VISIBLE_DEVICES": "4, 6,7"}  # the ones visible, in order
@@ -147,7 +159,7 @@ def test_the_front_relays_to_the_ranks():
         # goes on to rank 1; with both busy the client gets the 429
         for sched in scheds:
             sched.gate.clear()
-        shared = "the same long few-shot block " * 4
+        shared = "a long few-shot block " * 25  # (550 characters: worth one request of wait)
         held: list[Any] = []
 
         def hold(prompt: str) -> None:
@@ -159,8 +171,9 @@ def test_the_front_relays_to_the_ranks():
         workers.append(threading.Thread(target=hold, args=(shared + "two",)))
         workers[1].start()
         _until(lambda: scheds[1].waiting or scheds[1].running, "rank 1 busy")
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as full:
             c.completions.create(model="tiny", prompt="three", max_tokens=3)
+        assert full.value.body["code"] == "queue_full"  # (the rank's own 429)
         for sched in scheds:
             sched.gate.set()
         for t in workers:
@@ -189,6 +202,63 @@ def test_the_front_relays_to_the_ranks():
         for _ in range(3):
             assert c.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
         assert _metric(urls[1], "fluid_requests_total") == before + 3
+
+
+def test_a_rank_that_fails():
+    """A rank whose engine failed refuses before anything runs: the request goes to the next
+    rank, and the failed one leaves the rotation (/health 503 names it). A rank that dies while
+    answering ends the request with an error — an error event in a stream, a 502 for a whole
+    answer — and it is not sent again. Routing errors are OpenAI-shaped too."""
+    scheds = [ScriptedScheduler(max_batch=2, step_s=0.005) for _ in range(2)]
+    with contextlib.ExitStack() as stack:
+        ranks = [stack.enter_context(serving(s, api_key=RANK_KEY)) for s in scheds]
+        url = stack.enter_context(fronting(Front(urls=[r[0] for r in ranks], rank_key=RANK_KEY)))
+        assert httpx.get(f"{url}/v1/completions").json()["error"]["type"] == (
+            "invalid_request_error")  # fmt: skip
+        assert httpx.post(f"{url}/v1/embeddings").status_code == 404
+        ranks[0][2].draining = True  # rank 0 shutting down (503): requests go to rank 1
+        c = client(url)
+        assert c.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+        assert (len(scheds[0].requests), len(scheds[1].requests)) == (0, 1)
+        ranks[0][2].draining = False
+        _until(lambda: httpx.get(f"{url}/health").status_code == 200, "rank 0 back")
+        time.sleep(HEALTH_S + 0.5)  # (the front's own poll has seen it: rank 0 takes requests)
+        scheds[0].fail = True  # rank 0's next step fails: its engine is gone
+        direct = client(ranks[0][0], RANK_KEY)
+        with pytest.raises(openai.InternalServerError):
+            direct.completions.create(model="tiny", prompt="a", max_tokens=2)
+        for _ in range(3):
+            assert c.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+        assert len(scheds[1].requests) == 4 and len(scheds[0].requests) == 1
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["ranks"][0]["status"] == "engine failed"
+        # rank 1 goes away in the middle of two answers
+        results: dict[str, Any] = {}
+
+        def whole() -> None:
+            results["whole"] = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                "prompt": "w", "max_tokens": 400, "ignore_eos": True})  # fmt: skip
+
+        def streamed() -> None:
+            body = {"prompt": "s", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                results["stream"] = [line for line in r.iter_lines() if line]
+
+        workers = [threading.Thread(target=f) for f in (whole, streamed)]
+        for t in workers:
+            t.start()
+        _until(lambda: len(scheds[1].running) == 2, "both answers under way")
+        server = ranks[1][1]
+        server.force_exit = server.should_exit = True
+        for t in workers:
+            t.join(60)
+        # (the whole answer: the rank's own 500 as its engine stops, or the front's 502 when the
+        # connection goes first)
+        assert results["whole"].status_code in (500, 502)
+        assert results["whole"].json()["error"]["type"] == "server_error"
+        last = json.loads(results["stream"][-1].removeprefix("data: "))
+        assert "engine rank 1 failed while answering" in last["error"]["message"]
+        assert len(scheds[0].requests) == 1  # neither was sent again
 
 
 def test_serve_with_two_engine_ranks(model_dir, tmp_path):  # noqa: F811

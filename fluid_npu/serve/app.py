@@ -36,12 +36,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluid_npu.errors import FluidError
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
-from fluid_npu.serve.errors import APIError, error_body
+from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.generation import (
     Echo,
     Generation,
@@ -51,7 +50,13 @@ from fluid_npu.serve.generation import (
     text_reader,
     usage,
 )
-from fluid_npu.serve.http import ClosingStream, check_key, read_json, while_connected
+from fluid_npu.serve.http import (
+    ClosingStream,
+    check_key,
+    openai_errors,
+    read_json,
+    while_connected,
+)
 from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.reasoning import reasoning_parser
 from fluid_npu.serve.rendering import ChatRender
@@ -108,25 +113,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="fluid serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        endpoint = request.url.path
-        if endpoint in ("/v1/completions", "/v1/chat/completions"):
-            metrics.refused(endpoint, exc.status)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    def refused(request: Request, exc: APIError) -> None:
+        if request.url.path in ("/v1/completions", "/v1/chat/completions"):
+            metrics.refused(request.url.path, exc.status)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # routing errors (404 unknown path, 405 wrong method) in the OpenAI shape too
-        body = error_body(
-            f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error"
-        )
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
-        return JSONResponse(body, status_code=500)
+    openai_errors(app, refused)
 
     def authorize(request: Request) -> None:
         check_key(request.headers.get("authorization", ""), config.api_key)

@@ -64,6 +64,10 @@ class FrontServer(uvicorn.Server):
             self.front.draining.set()
             for rank in self.ranks:
                 rank.terminate()
+        elif sig == signal.SIGINT:  # a second Ctrl-C: every rank stops now too
+            for rank in self.ranks:
+                if rank.proc is not None and rank.proc.poll() is None:
+                    rank.proc.send_signal(signal.SIGINT)
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM or (first and sig == signal.SIGINT):  # a drain is a clean exit
             self._captured_signals = [s for s in self._captured_signals if s != sig]
@@ -75,10 +79,10 @@ def serve_data_parallel(settings: ServeSettings) -> int:
 
     settings.check()
     size = settings.data_parallel_size
-    choice = device.current(force=settings.device)
-    envs = device.rank_environments(choice.type, size, device.visible_device_count())
+    kind = device.kind(force=settings.device)  # (the front itself takes no device)
+    envs = device.rank_environments(kind, size, device.visible_device_count())
     threads = settings.threads
-    if choice.type == "cpu" and threads is None:
+    if kind == "cpu" and threads is None:
         threads = max(1, (os.cpu_count() or 1) // size)
     sock = bind(settings.host, settings.port)  # (a taken port fails before the ranks load)
     key = secrets.token_urlsafe(32)
@@ -86,7 +90,9 @@ def serve_data_parallel(settings: ServeSettings) -> int:
     # each rank in its own session: a terminal's Ctrl-C (to the foreground group) reaches the
     # front, which passes the drain on once
     own = {"FLUID_API_KEY": key, PARENT_ENV: str(os.getpid())}  # (a rank ends when the front does)
-    ranks = [ServerProcess(args, env={**env, **own}, new_session=True) for env in envs]
+    stop = settings.drain_timeout + 2 * GRACE_S
+    ranks = [ServerProcess(args, env={**env, **own}, new_session=True, stop_timeout=stop)
+             for env in envs]  # fmt: skip
     try:
         _start_all(ranks)
         front = Front(
@@ -95,11 +101,12 @@ def serve_data_parallel(settings: ServeSettings) -> int:
             api_key=settings.api_key,
             slack=settings.max_batch,
             alive=lambda i: ranks[i].proc is not None and ranks[i].proc.poll() is None,
+            log_tail=lambda i: ranks[i].log_tail(),
         )
         host, port = sock.getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
         devices = ", ".join(v for env in envs for v in env.values())
-        placed = f"{threads} CPU threads each" if choice.type == "cpu" else f"devices {devices}"
+        placed = f"{threads} CPU threads each" if kind == "cpu" else f"devices {devices}"
         print(
             f"fluid: serving on http://{where}:{port}/v1 with {size} engine ranks ({placed})",
             file=sys.stderr,
@@ -116,12 +123,12 @@ def serve_data_parallel(settings: ServeSettings) -> int:
     finally:
         sock.close()
         codes = [rank.stop() if rank.proc is not None else 1 for rank in ranks]
-        for rank in ranks:
+        for i, (rank, code) in enumerate(zip(ranks, codes)):
+            if code != 0 and rank.proc is not None:  # its own words, before its log goes
+                print(f"fluid: rank {i} ended with status {code}; its output ends:\n"
+                      f"{rank.log_tail()}", file=sys.stderr)  # fmt: skip
             rank.close()
-    failed = [i for i, code in enumerate(codes) if code != 0]
-    if failed:
-        print(f"fluid: ranks {failed} ended with status {[codes[i] for i in failed]}",
-              file=sys.stderr)  # fmt: skip
+    if any(codes):
         return 1
     print("fluid: server stopped", file=sys.stderr)
     return 0

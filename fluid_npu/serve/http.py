@@ -1,6 +1,7 @@
 """HTTP plumbing ``fluid serve``'s app and its data-parallel front share: the bearer-key check,
 request bodies read with a size bound, work that stops when its client disconnects, and a
-streaming response that runs a callback however it ends (done, disconnect, cancel)."""
+streaming response that runs a callback however it ends (done, disconnect, cancel), and the
+handlers that answer every error as the OpenAI API writes one."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import json
 from collections.abc import AsyncIterable, Callable
 from typing import Any
 
-from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.errors import APIError, error_body
 
 MAX_BODY_BYTES = 4 << 20
 
@@ -89,3 +91,26 @@ async def while_connected(request: Request, work: asyncio.Future) -> bool:
             # (read its end, so asyncio does not report an exception nobody retrieved)
             work.add_done_callback(lambda done: done.cancelled() or done.exception())
     return work.done() and not work.cancelled()
+
+
+def openai_errors(app: FastAPI, refused: Callable[[Request, APIError], None] | None = None) -> None:
+    """Answer every error of ``app`` as an OpenAI-style body: ``APIError`` (``refused`` sees each
+    first), routing errors (404 unknown path, 405 wrong method) and anything else (500)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if refused is not None:
+            refused(request, exc)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = error_body(
+            f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error"
+        )
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        return JSONResponse(body, status_code=500)

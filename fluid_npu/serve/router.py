@@ -8,18 +8,24 @@ listen on 127.0.0.1 behind a key of their own; the front process answers the cli
 included, so every answer is exactly what that rank gives alone (vLLM's ``--data-parallel-size``,
 with processes, as vLLM runs its engine cores).
 
-Routing (``Router``): a request goes to the rank whose recent requests share the longest start
-with it — a conversation's next turn to the rank whose slots still hold the turn before it, a
-shared system prompt to a rank that has it — when that start is at least ``MIN_SHARED`` characters
-and the rank is not ``slack`` (its ``--max-batch``) requests busier than the least busy one;
-otherwise to the least busy rank. A rank that answers 429 (its queue full) or cannot be reached
-passes the request to the next one; the client sees 429 only when every rank is full.
+Routing (``Router``): a request's start (a chat's tools and messages, a completion's prompt) is cut
+into ``BLOCK``-character blocks, hashed as a chain, and compared with the blocks of each rank's
+recent requests: the request goes to the rank that shares the longest start with it — a
+conversation's next turn to the rank whose slots hold the turn before it, a shared system prompt to
+a rank that has it — if that is at least ``MIN_SHARED`` characters and the rank is no more busy
+than the least busy one plus one request per ``SHARED_PER_REQUEST`` characters shared (at most
+``slack``, its ``--max-batch``): a long history is worth a short wait, a short system prompt is
+not worth any. Otherwise, and among equals, the least busy rank.
 
-``/health`` is 200 while every rank is (its ``info`` lists them), 503 otherwise; ``/metrics`` is
-every rank's metrics with a ``rank`` label, and the router's own (``fluid_dp_requests_total`` by
-rank and whether affinity chose it); ``/v1/models`` and the tokenizer routes are answered by a live
-rank. SIGTERM drains: the front stops accepting, each rank finishes its requests (their answers
-still relayed) and exits, then the front exits 0.
+A request is sent to another rank only when it cannot have started on the first: the rank could
+not be reached, answered 429 (its queue full: the client sees a 429 only when every rank's is),
+or refused it because its engine had failed or it is shutting down (it is then out of the
+rotation until its ``/health`` is 200 again; the front polls it every ``HEALTH_S`` seconds, and
+says on stderr when a rank goes down or comes back). A rank that fails while answering ends the
+request with an error: a 502, or in a stream an error event. ``/health`` is 200 while every rank
+is (their answers under ``ranks``), 503 otherwise; ``/metrics`` is every rank's metrics with a
+``rank`` label, and the router's own (``fluid_dp_requests_total`` by rank and whether a shared
+start chose it); ``/v1/models`` and the tokenizer routes are answered by a live rank.
 """
 
 from __future__ import annotations
@@ -28,11 +34,14 @@ import asyncio
 import contextlib
 import json
 import secrets
+import sys
 import threading
+from collections import Counter as Tally
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from fastapi import FastAPI, Request
@@ -42,24 +51,23 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from fluid_npu.serve.errors import APIError, error_body
+from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.http import (
+    ClosingStream,
+    check_key,
+    openai_errors,
+    read_body,
+    while_connected,
+)
+from fluid_npu.serve.worker import ENGINE_FAILED
 
+BLOCK = 64  # characters per block of a request's start that routing compares
 MIN_SHARED = 64  # characters a request must share with a rank's recent ones to follow them
-KEY_CHARS = 8192  # of a request's text compared (a longer shared start says nothing more)
+SHARED_PER_REQUEST = 512  # characters shared that are worth one request more in the queue
+KEY_CHARS = 64 * 1024  # of a request's start compared (a longer shared start says nothing more)
 RECENT = 256  # requests remembered per rank
+HEALTH_S = 2.0  # how often the front asks each rank's /health
 RELAYED = ("content-type", "retry-after")  # a rank's response headers the client gets
-
-
-def shared_start(a: str, b: str) -> int:
-    """The length of the longest common prefix of ``a`` and ``b`` (slices compared in C)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def routing_key(path: str, body: Any) -> str:
@@ -80,6 +88,16 @@ def routing_key(path: str, body: Any) -> str:
     return text[:KEY_CHARS]
 
 
+def block_hashes(key: str) -> list[int]:
+    """The chained hashes of ``key``'s whole ``BLOCK``-character blocks: two keys share their
+    first ``n`` hashes exactly when they share their first ``n`` blocks."""
+    out, chain = [], 0
+    for start in range(0, len(key) - BLOCK + 1, BLOCK):
+        chain = hash((chain, key[start : start + BLOCK]))
+        out.append(chain)
+    return out
+
+
 class Router:
     """Which rank takes a request (the module docstring); counts requests in flight per rank."""
 
@@ -87,7 +105,15 @@ class Router:
         self.slack = slack
         self.busy = [0] * ranks  # requests in flight
         self.routed = [0] * ranks  # requests sent so far (ties go to the one sent fewer)
-        self.recent: list[deque[str]] = [deque(maxlen=RECENT) for _ in range(ranks)]
+        self.recent: list[deque[list[int]]] = [deque() for _ in range(ranks)]
+        self.known: list[Tally[int]] = [Tally() for _ in range(ranks)]  # block hash -> requests
+
+    def shared(self, rank: int, hashes: list[int]) -> int:
+        """Characters of a request's start (its ``hashes``) that ``rank``'s recent ones hold."""
+        n = 0
+        while n < len(hashes) and hashes[n] in self.known[rank]:
+            n += 1
+        return n * BLOCK
 
     def pick(self, key: str, skip: set[int] = frozenset()) -> tuple[int, bool] | None:
         """The rank for a request (and whether its shared start chose it); None: no rank left."""
@@ -95,23 +121,31 @@ class Router:
         if not ranks:
             return None
         least = min(self.busy[r] for r in ranks)
-        best, longest = None, MIN_SHARED - 1
-        if len(key) >= MIN_SHARED:
-            for r in ranks:
-                if self.busy[r] > least + self.slack:
-                    continue
-                shared = max((shared_start(key, k) for k in self.recent[r]), default=0)
-                if shared > longest:
-                    best, longest = r, shared
-        if best is not None:
-            return best, True
+        hashes = block_hashes(key)
+        following = []  # (-shared, busy, routed, rank) of the ranks the start may go to
+        for r in ranks if hashes else ():
+            shared = self.shared(r, hashes)
+            allowed = least + min(self.slack, shared // SHARED_PER_REQUEST)
+            if shared >= MIN_SHARED and self.busy[r] <= allowed:
+                following.append((-shared, self.busy[r], self.routed[r], r))
+        if following:
+            return min(following)[3], True
         return min(ranks, key=lambda r: (self.busy[r], self.routed[r])), False
 
-    def start(self, rank: int, key: str) -> None:
+    def start(self, rank: int) -> None:
         self.busy[rank] += 1
         self.routed[rank] += 1
-        if key:
-            self.recent[rank].append(key)
+
+    def remember(self, rank: int, key: str) -> None:
+        """``rank`` took a request starting with ``key`` (its slots will hold it)."""
+        hashes = block_hashes(key)
+        if not hashes:
+            return
+        self.recent[rank].append(hashes)
+        self.known[rank].update(hashes)
+        if len(self.recent[rank]) > RECENT:
+            self.known[rank].subtract(self.recent[rank].popleft())
+            self.known[rank] += Tally()  # (drops the hashes no request holds any more)
 
     def end(self, rank: int) -> None:
         self.busy[rank] -= 1
@@ -148,14 +182,15 @@ class Front:
     api_key: str | None = None
     slack: int = 8
     alive: Callable[[int], bool] = lambda rank: True  # whether a rank's process still runs
+    log_tail: Callable[[int], str] = lambda rank: ""  # the end of a rank's output
     draining: threading.Event = field(default_factory=threading.Event)
 
 
 def create_front(front: Front) -> FastAPI:
     """The ASGI app in front of the ranks."""
-    from fluid_npu.serve.http import ClosingStream, check_key, read_body, while_connected
-
-    router = Router(len(front.urls), front.slack)
+    n = len(front.urls)
+    router = Router(n, front.slack)
+    healthy = [True] * n  # by the last /health poll (or an engine_failed refusal)
     registry = CollectorRegistry()
     routed = Counter(
         "fluid_dp_requests",
@@ -164,20 +199,50 @@ def create_front(front: Front) -> FastAPI:
         registry=registry,
     )
     inner = {"authorization": f"Bearer {front.rank_key}"}
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), headers=inner)
+    # requests: no bound of their own on connections (each rank bounds its queue); the health and
+    # metrics polls on a pool of their own, so a full one never holds them up
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=10.0), headers=inner,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64 * n))  # fmt: skip
+    control = httpx.AsyncClient(timeout=10.0, headers=inner)
+
+    def usable(rank: int) -> bool:
+        return healthy[rank] and front.alive(rank)
+
+    def mark(rank: int, ok: bool, why: str) -> None:
+        if healthy[rank] != ok:
+            tail = "" if ok or front.alive(rank) else f"; its output ends:\n{front.log_tail(rank)}"
+            print(f"fluid: rank {rank} is {'back' if ok else 'down'} ({why}){tail}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        healthy[rank] = ok
+
+    async def health_of(rank: int) -> dict[str, Any]:
+        if not front.alive(rank):
+            return {"status": "exited"}
+        try:
+            resp = await control.get(front.urls[rank] + "/health")
+            return resp.json() if resp.status_code in (200, 503) else {"status": "down"}
+        except (httpx.TransportError, ValueError):
+            return {"status": "down"}
+
+    async def poll() -> None:
+        while True:
+            for rank, state in enumerate(await asyncio.gather(*map(health_of, range(n)))):
+                mark(rank, state.get("status") == "ok", str(state.get("status")))
+            await asyncio.sleep(HEALTH_S)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        polling = asyncio.ensure_future(poll())
         yield
+        polling.cancel()
         await client.aclose()
+        await control.aclose()
 
     app = FastAPI(title="fluid serve (data parallel)", lifespan=lifespan, docs_url=None,
-                  redoc_url=None)  # fmt: skip
+                  redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.router = router
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    openai_errors(app)
 
     def authorize(request: Request) -> None:
         check_key(request.headers.get("authorization", ""), front.api_key)
@@ -197,18 +262,19 @@ def create_front(front: Front) -> FastAPI:
         except (ValueError, RecursionError):
             key = ""  # (the rank answers the malformed body)
         tried: set[int] = set()
+        full: Response | None = None  # the last 429 a rank gave
         while True:
-            picked = router.pick(key, tried | {r for r in range(len(front.urls))
-                                               if not front.alive(r)})  # fmt: skip
+            picked = router.pick(key, tried | {r for r in range(n) if not usable(r)})
             if picked is None:
-                raise APIError(
-                    "every engine rank is at capacity or down; retry later", status=429 if tried
-                    else 503, type="rate_limit_error" if tried else "server_error",
-                    headers={"Retry-After": "1"})  # fmt: skip
+                if full is not None:
+                    return full
+                raise APIError("no engine rank is up; retry later", status=503,
+                               type="server_error", headers={"Retry-After": "1"})  # fmt: skip
             rank, affine = picked
+            tried.add(rank)
             sent = client.build_request("POST", front.urls[rank] + request.url.path, content=raw,
                                         headers={"content-type": "application/json"})  # fmt: skip
-            router.start(rank, key)
+            router.start(rank)
             # a whole answer's headers come only with it: the client may leave while it waits
             sending = asyncio.ensure_future(client.send(sent, stream=True))
             try:
@@ -216,32 +282,57 @@ def create_front(front: Front) -> FastAPI:
                     router.end(rank)  # (the send cancelled: the rank sees its connection close)
                     return Response(status_code=499)
                 resp = sending.result()
-            except httpx.TransportError:
+            except (httpx.ConnectError, httpx.ConnectTimeout):  # never delivered: the next rank
                 router.end(rank)
-                tried.add(rank)
                 continue
-            if resp.status_code == 429:
+            except httpx.TransportError as exc:  # it may have run: not sent again
+                router.end(rank)
+                raise APIError(f"engine rank {rank} failed while answering ({exc!r})",
+                               status=502, type="server_error") from None  # fmt: skip
+            if resp.status_code in (429, 500, 503):
+                content = await resp.aread()
                 await resp.aclose()
                 router.end(rank)
-                tried.add(rank)
-                continue
+                if resp.status_code == 429:
+                    full = answer(resp, content)
+                    continue
+                if resp.status_code == 503:  # draining: refused before it ran
+                    mark(rank, False, "it is shutting down")
+                    continue
+                code = _error_code(content)
+                if code == ENGINE_FAILED:  # refused before it ran: the next rank
+                    mark(rank, False, "its engine failed")
+                    continue
+                if code is None:  # not the rank's own error: it went down while answering
+                    raise APIError(f"engine rank {rank} failed while answering", status=502,
+                                   type="server_error")  # fmt: skip
+                return answer(resp, content)
             routed.labels(rank=str(rank), affinity=str(affine).lower()).inc()
+            router.remember(rank, key)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                return ClosingStream(_chunks(resp), lambda r=rank, s=resp: _closed(r, s))
+                return ClosingStream(_chunks(rank, resp), lambda r=rank, s=resp: _closed(r, s))
             work = asyncio.ensure_future(resp.aread())
             try:  # (a client that leaves: the rank sees its connection close, and aborts)
                 finished = await while_connected(request, work)
+                content = work.result() if finished else b""
+            except httpx.TransportError as exc:
+                raise APIError(f"engine rank {rank} failed while answering ({exc!r})",
+                               status=502, type="server_error") from None  # fmt: skip
             finally:
                 await resp.aclose()
                 router.end(rank)
-            return answer(resp, work.result()) if finished else Response(status_code=499)
+            return answer(resp, content) if finished else Response(status_code=499)
 
     closing: set[asyncio.Future] = set()
 
-    async def _chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
+    async def _chunks(rank: int, resp: httpx.Response) -> AsyncIterator[bytes]:
         try:
             async for chunk in resp.aiter_raw():
                 yield chunk
+        except httpx.TransportError as exc:  # the rank died mid-stream: say so, then end
+            failed = APIError(f"engine rank {rank} failed while answering ({exc!r})", status=502,
+                              type="server_error")  # fmt: skip
+            yield f"\n\ndata: {json.dumps(failed.body())}\n\n".encode()
         finally:  # (a client that left: the rank sees its stream close, and aborts)
             await resp.aclose()
 
@@ -255,66 +346,71 @@ def create_front(front: Front) -> FastAPI:
     app.post("/v1/completions")(relay)
     app.post("/v1/chat/completions")(relay)
 
-    async def forward(request: Request, method: str) -> Response:
-        """A request any rank answers alike (models, tokenizer routes): the first live one."""
+    async def forward(request: Request, path: str, method: str = "GET") -> Response:
+        """A request any rank answers alike (models, tokenizer routes): the first usable one."""
         authorize(request)
         raw = await read_body(request) if method == "POST" else None
         headers = {"content-type": "application/json"}
-        for rank, base in enumerate(front.urls):
-            if not front.alive(rank):
-                continue
+        for rank in sorted(range(n), key=lambda r: not usable(r)):
             try:
-                resp = await client.request(method, base + request.url.path, content=raw,
-                                            headers=headers)  # fmt: skip
+                resp = await control.request(method, front.urls[rank] + path, content=raw,
+                                             headers=headers)  # fmt: skip
             except httpx.TransportError:
                 continue
             return answer(resp, resp.content)
         raise APIError("no engine rank is up", status=503, type="server_error")
 
-    async def forward_get(request: Request) -> Response:
-        return await forward(request, "GET")
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await forward(request, "/v1/models")
 
-    async def forward_post(request: Request) -> Response:
-        return await forward(request, "POST")
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> Response:
+        return await forward(request, "/v1/models/" + quote(model, safe=""))  # (one segment)
 
-    for path in ("/v1/models", "/v1/models/{model:path}", "/tokenizer_info"):
-        app.get(path)(forward_get)
-    for path in ("/tokenize", "/detokenize"):
-        app.post(path)(forward_post)
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> Response:
+        return await forward(request, "/tokenizer_info")
 
-    async def every_rank(path: str) -> list[httpx.Response | None]:
-        async def one(base: str) -> httpx.Response | None:
-            try:
-                return await client.get(base + path, timeout=10.0)
-            except httpx.TransportError:
-                return None
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await forward(request, "/tokenize", "POST")
 
-        return list(await asyncio.gather(*(one(base) for base in front.urls)))
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await forward(request, "/detokenize", "POST")
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        answers = await every_rank("/health")
-        ranks = [r.json() if r is not None and r.status_code in (200, 503) else {"status": "down"}
-                 for r in answers]  # fmt: skip
+        ranks = list(await asyncio.gather(*map(health_of, range(n))))
         if front.draining.is_set():
             return JSONResponse({"status": "draining", "ranks": ranks}, 503)
         ok = all(r.get("status") == "ok" for r in ranks)
         body = {"status": "ok" if ok else "degraded", "ranks": ranks}
         if ok:
-            info = {**ranks[0].get("info", {}), "data_parallel_size": len(ranks)}
+            info = {**ranks[0].get("info", {}), "data_parallel_size": n}
             body.update(model=ranks[0].get("model"), info=info)
         return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        texts = [r.text if r is not None and r.status_code == 200 else ""
-                 for r in await every_rank("/metrics")]  # fmt: skip
-        return Response(merge_metrics(texts) + generate_latest(registry),
+        async def one(base: str) -> str:
+            try:
+                resp = await control.get(base + "/metrics")
+            except httpx.TransportError:
+                return ""
+            return resp.text if resp.status_code == 200 else ""
+
+        texts = await asyncio.gather(*map(one, front.urls))
+        return Response(merge_metrics(list(texts)) + generate_latest(registry),
                         media_type=CONTENT_TYPE_LATEST)  # fmt: skip
 
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
-        return JSONResponse(body, status_code=500)
-
     return app
+
+
+def _error_code(content: bytes) -> str | None:
+    """The code of a rank's OpenAI-style error body ("" without one; None: not such a body)."""
+    try:
+        return json.loads(content)["error"].get("code") or ""
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -230,20 +230,17 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_draining(server: uvicorn.Server, sock: socket.socket) -> None:
-    """``server.run`` on ``sock``, a SIGTERM / SIGINT that comes after its drain ignored: uvicorn
-    puts back the handler it found when it stops (here a no-op instead of the default, which
-    would kill the process in its last steps), and from then on the signals are ignored outright
-    (Python's exit puts its own handlers back to the default). A second signal is common: a rank
-    of ``--data-parallel-size`` gets one from its front and one from a service manager that
-    signals every process of the service."""
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        signal.signal(sig, lambda *_: None)
+    """``server.run`` on ``sock``, a SIGTERM that comes after its drain ignored: uvicorn puts
+    back the handler it found when it stops (here a no-op instead of the default, which would
+    kill the process in its last steps), and from then on SIGTERM is ignored outright (Python's
+    exit puts its own handlers back to the default). A second SIGTERM is common: a rank of
+    ``--data-parallel-size`` gets one from its front and one from a service manager that signals
+    every process of the service. A second Ctrl-C still forces the exit, as an interrupt."""
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run(sockets=[sock])
     finally:
-        for sig in signals:
-            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 PARENT_ENV = "FLUID_PARENT_PID"  # a rank of --data-parallel-size: its front's process id
@@ -306,7 +303,11 @@ def serve(settings: ServeSettings) -> int:
             lifespan="on",
         )
         server = DrainingServer(uv_config, worker, settings.drain_timeout)
-        run_draining(server, sock)
+        try:
+            run_draining(server, sock)
+        except KeyboardInterrupt:  # a forced quit (a second Ctrl-C): no drain, status 130 at once
+            print("fluid: interrupted", file=sys.stderr, flush=True)  # (the engine's thread may
+            os._exit(130)  # still be inside a kernel: the interpreter's exit would abort)
     finally:
         sock.close()
     if worker.error is not None:

@@ -44,6 +44,7 @@ from fluid_npu.serve.errors import APIError
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # how long the idle thread waits on the inbox before checking its flags
+ENGINE_FAILED = "engine_failed"  # the error code of a request refused by a failed engine
 
 
 @dataclass
@@ -119,7 +120,8 @@ class Worker:
         if self.draining:
             raise APIError("the server is shutting down", status=503, type="server_error")
         if not self.alive:
-            raise APIError(f"the engine stopped: {self.error}", status=500, type="server_error")
+            raise APIError(f"the engine stopped: {self.error}", status=500, type="server_error",
+                           code=ENGINE_FAILED)  # fmt: skip
         reqs = [Request(request_id=rid, prompt=prompt, **fields, **own)
                 for rid, prompt, own in prompts]  # fmt: skip
         loop = asyncio.get_running_loop()
