@@ -101,6 +101,8 @@ def test_an_answer_splits_into_content_and_calls_however_it_is_streamed(text, co
         ids = [c["id"] for c in parsed([text])[1]]
         assert all(i.startswith("chatcmpl-tool-") for i in ids) and len(set(ids)) == len(ids)
         assert arguments(parsed([text], parallel=False)[1]) == calls[:1]
+        cut = ToolCallText(HERMES)  # an answer that did not end (aborted): all text, no calls
+        assert cut.add(text) + cut.finish(parse=False)[0] == text
 
 
 def test_what_a_request_asks_of_its_tools():
@@ -390,7 +392,7 @@ def test_a_stream_ends_even_when_its_answer_fails(monkeypatch):
     """A failure while an answer is read (here a broken tool parser) ends the stream with an
     error event, as an engine failure does, instead of leaving the client waiting."""
 
-    def broken(self: ToolCallText) -> Any:
+    def broken(self: ToolCallText, parse: bool = True) -> Any:
         raise RuntimeError("parser broke")
 
     monkeypatch.setattr(ToolCallText, "finish", broken)

@@ -263,13 +263,22 @@ def chat_template_ids(
         )
 
     text = render(tools)
-    if tools and text == render(None):  # the model would never see them
+    if tools and text == _or_none(render):  # the model would never see them
         raise ToolsIgnored(
             "the chat template does not use tools (it renders the conversation the same with "
             "them and without): give a chat template that lists them (--chat-template), or "
             "leave tools out"
         )
     return rendered_ids(tokenizer, text)
+
+
+def _or_none(render: Any) -> str | None:
+    """The conversation rendered without tools; None where the template refuses that (it needs
+    them: they are used)."""
+    try:
+        return render(None)
+    except Exception:  # the template's own refusal
+        return None
 
 
 class ToolsIgnored(DataError):

@@ -112,8 +112,8 @@ class Generation:
             calls: list[dict[str, Any]] = []
             if self.tools is not None:
                 text = self.tools.add(text)
-                if self.finish_reason is not None:
-                    rest, calls = self.tools.finish()
+                if self.finish_reason is not None:  # (an aborted answer stays text)
+                    rest, calls = self.tools.finish(parse=self.finish_reason in ("stop", "length"))
                     text += rest
                     if calls:
                         self.finish_reason = "tool_calls"

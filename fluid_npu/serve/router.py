@@ -143,9 +143,12 @@ class Router:
             return
         self.recent[rank].append(hashes)
         self.known[rank].update(hashes)
-        if len(self.recent[rank]) > RECENT:
-            self.known[rank].subtract(self.recent[rank].popleft())
-            self.known[rank] += Tally()  # (drops the hashes no request holds any more)
+        if len(self.recent[rank]) > RECENT:  # the oldest is forgotten
+            known = self.known[rank]
+            for h in self.recent[rank].popleft():
+                known[h] -= 1
+                if not known[h]:
+                    del known[h]
 
     def end(self, rank: int) -> None:
         self.busy[rank] -= 1
@@ -210,7 +213,7 @@ def create_front(front: Front) -> FastAPI:
         return healthy[rank] and front.alive(rank)
 
     def mark(rank: int, ok: bool, why: str) -> None:
-        if healthy[rank] != ok:
+        if healthy[rank] != ok and not front.draining.is_set():  # (quiet while shutting down)
             tail = "" if ok or front.alive(rank) else f"; its output ends:\n{front.log_tail(rank)}"
             print(f"fluid: rank {rank} is {'back' if ok else 'down'} ({why}){tail}",
                   file=sys.stderr, flush=True)  # fmt: skip

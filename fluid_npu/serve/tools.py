@@ -108,9 +108,9 @@ def tool_parser(name: str, tokenizer: Any) -> ToolParser:
 
 @dataclass(frozen=True)
 class ToolSetting:
-    """What a chat request asked of its tools, checked: the tools (for the template), the markers
-    its answer's calls are parsed on (``tool_choice`` ``auto``; None: not parsed) and whether
-    more than one call may come."""
+    """What a chat request asked of its tools, checked: the tools (for the template), the parser
+    its answer's calls are read with (``tool_choice`` ``auto``; None: the answer stays text) and
+    whether more than one call may come."""
 
     tools: list[dict[str, Any]] | None = None
     parser: ToolParser | None = None
@@ -183,12 +183,13 @@ class ToolCallText:
         self.pending = self.pending[len(self.pending) - keep :]
         return out
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """At the answer's end: the ``content`` still held back and the calls (none: all text)."""
+    def finish(self, parse: bool = True) -> tuple[str, list[dict[str, Any]]]:
+        """At the answer's end: the ``content`` still held back and the calls (none: all text;
+        ``parse=False``: the answer did not end, and stays text)."""
         if self.held is None:
             out, self.pending = self.pending, ""
             return out, []
-        calls = parse_calls(self.held, self.markers)
+        calls = parse_calls(self.held, self.markers) if parse else None
         if calls is None:
             return self.held, []
         return "", calls if self.parallel else calls[:1]
