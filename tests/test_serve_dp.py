@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import threading
 import time
 from typing import Any
@@ -335,3 +336,21 @@ def test_ranks_end_when_their_front_is_killed(model_dir):  # noqa: F811
         assert len(ranks) == 2 and all(_running(r) for r in ranks)
         front.kill()
         _until(lambda: not any(_running(r) for r in ranks), "the ranks to exit")
+
+
+def test_a_parent_pid_that_is_not_the_front(monkeypatch):
+    """``$FLUID_PARENT_PID`` is read once and not handed on; a live process that is not this
+    one's parent is ignored (nothing watched), a front already gone is one clear error."""
+    import os
+
+    from fluid_npu.serve.server import PARENT_ENV, watch_parent
+
+    monkeypatch.setenv(PARENT_ENV, str(os.getpid()))  # alive, but not our parent
+    before = threading.active_count()
+    watch_parent()
+    assert PARENT_ENV not in os.environ and threading.active_count() == before
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    monkeypatch.setenv(PARENT_ENV, str(gone.pid))
+    with pytest.raises(ConfigError, match=f"front \\(process {gone.pid}\\) has exited"):
+        watch_parent()

@@ -249,12 +249,21 @@ PARENT_ENV = "FLUID_PARENT_PID"  # a rank of --data-parallel-size: its front's p
 def watch_parent() -> None:
     """A rank of ``--data-parallel-size`` (``$FLUID_PARENT_PID`` set) drains and exits when its
     front is gone, killed without a chance to stop it (its devices are freed, not orphaned)."""
-    pid = os.environ.get(PARENT_ENV)
-    if not pid:
+    given = os.environ.pop(PARENT_ENV, "")  # (not handed on to anything this process starts)
+    if not given.isdigit():
         return
+    parent = int(given)
+    if parent != os.getppid():
+        try:
+            os.kill(parent, 0)  # still there: someone else's process, not a front
+            return
+        except ProcessLookupError:  # the front is already gone: nothing to serve for
+            raise ConfigError(f"the data-parallel front (process {parent}) has exited") from None
+        except PermissionError:
+            return
 
     def watch() -> None:
-        while os.getppid() == int(pid):
+        while os.getppid() == parent:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
