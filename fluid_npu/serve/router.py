@@ -204,34 +204,42 @@ def create_front(front: Front) -> FastAPI:
     inner = {"authorization": f"Bearer {front.rank_key}"}
     # requests: no bound of their own on connections (each rank bounds its queue); the health and
     # metrics polls on a pool of their own, so a full one never holds them up
+    # (idle connections expire before a rank's own keep-alive of 5 s closes them under a send)
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(None, connect=10.0), headers=inner,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64 * n))  # fmt: skip
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64 * n,
+                            keepalive_expiry=4.0))  # fmt: skip
     control = httpx.AsyncClient(timeout=10.0, headers=inner)
 
     def usable(rank: int) -> bool:
         return healthy[rank] and front.alive(rank)
 
     def mark(rank: int, ok: bool, why: str) -> None:
-        if healthy[rank] != ok and not front.draining.is_set():  # (quiet while shutting down)
+        changed, healthy[rank] = healthy[rank] != ok, ok
+        if changed and not front.draining.is_set():  # (quiet while shutting down)
             tail = "" if ok or front.alive(rank) else f"; its output ends:\n{front.log_tail(rank)}"
-            print(f"fluid: rank {rank} is {'back' if ok else 'down'} ({why}){tail}",
-                  file=sys.stderr, flush=True)  # fmt: skip
-        healthy[rank] = ok
+            with contextlib.suppress(OSError, ValueError):  # (a closed stderr)
+                print(f"fluid: rank {rank} is {'back' if ok else 'down'} ({why}){tail}",
+                      file=sys.stderr, flush=True)  # fmt: skip
 
     async def health_of(rank: int) -> dict[str, Any]:
         if not front.alive(rank):
             return {"status": "exited"}
         try:
             resp = await control.get(front.urls[rank] + "/health")
-            return resp.json() if resp.status_code in (200, 503) else {"status": "down"}
+            state = resp.json() if resp.status_code in (200, 503) else None
         except (httpx.TransportError, ValueError):
-            return {"status": "down"}
+            state = None
+        return state if isinstance(state, dict) else {"status": "down"}
 
     async def poll() -> None:
         while True:
-            for rank, state in enumerate(await asyncio.gather(*map(health_of, range(n)))):
-                mark(rank, state.get("status") == "ok", str(state.get("status")))
+            try:
+                for rank, state in enumerate(await asyncio.gather(*map(health_of, range(n)))):
+                    mark(rank, state.get("status") == "ok", str(state.get("status")))
+            except Exception as exc:  # (a bug here must not stop the polling: ranks come back)
+                with contextlib.suppress(OSError, ValueError):
+                    print(f"fluid: polling the ranks' health failed: {exc!r}", file=sys.stderr)
             await asyncio.sleep(HEALTH_S)
 
     @contextlib.asynccontextmanager
@@ -311,7 +319,8 @@ def create_front(front: Front) -> FastAPI:
                                    type="server_error")  # fmt: skip
                 return answer(resp, content)
             routed.labels(rank=str(rank), affinity=str(affine).lower()).inc()
-            router.remember(rank, key)
+            if resp.status_code < 400:  # (a refused request leaves nothing in the rank's cache)
+                router.remember(rank, key)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
                 return ClosingStream(_chunks(rank, resp), lambda r=rank, s=resp: _closed(r, s))
             work = asyncio.ensure_future(resp.aread())
