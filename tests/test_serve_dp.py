@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import threading
 import time
@@ -334,15 +335,17 @@ def test_ranks_end_when_their_front_is_killed(model_dir):  # noqa: F811
     with ServerProcess(args) as front:
         ranks = _children(front.proc.pid)
         assert len(ranks) == 2 and all(_running(r) for r in ranks)
+        logs = [os.readlink(f"/proc/{r}/fd/1") for r in ranks]  # (a killed front leaves them)
         front.kill()
         _until(lambda: not any(_running(r) for r in ranks), "the ranks to exit")
+    for log in logs:
+        with contextlib.suppress(OSError):
+            os.unlink(log)
 
 
 def test_a_parent_pid_that_is_not_the_front(monkeypatch):
     """``$FLUID_PARENT_PID`` is read once and not handed on; a live process that is not this
     one's parent is ignored (nothing watched), a front already gone is one clear error."""
-    import os
-
     from fluid_npu.serve.server import PARENT_ENV, watch_parent
 
     monkeypatch.setenv(PARENT_ENV, str(os.getpid()))  # alive, but not our parent
