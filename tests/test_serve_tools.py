@@ -408,3 +408,23 @@ def test_a_stream_ends_even_when_its_answer_fails(monkeypatch):
         assert last["type"] == "server_error" and "RuntimeError: parser broke" in last["message"]
         whole = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False})
         assert whole.status_code == 500 and "parser broke" in whole.json()["error"]["message"]
+
+
+def test_a_template_is_checked_for_tools_once():
+    """Whether a template ignores tools costs a second rendering the first time it meets them,
+    not on every request (the tokenizing thread is shared by all requests)."""
+    from fluid_npu.sampling import prompts
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.chat_template = TEMPLATE + "{# once #}"  # (a template no other test has shown)
+    renders = []
+    real = tok.apply_chat_template
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        renders.append(kwargs.get("tools"))
+        return real(*args, **kwargs)
+
+    tok.apply_chat_template = counted
+    first = prompts.chat_template_ids(tok, USER, tools=TOOLS)
+    assert renders == [TOOLS, None]  # with the tools, then without: they are used
+    assert prompts.chat_template_ids(tok, USER, tools=TOOLS) == first and renders[2:] == [TOOLS]

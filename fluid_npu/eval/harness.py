@@ -111,6 +111,7 @@ class FluidLM(LM):
         super().__init__()
         from fluid_npu.eval.runner import policy_names
         from fluid_npu.sampling.api import LOOPS
+        from fluid_npu.sampling.cli import engine_switches
         from fluid_npu.sampling.pretrained import FluidForCausalLM
         from fluid_npu.sampling.prompts import quiet_loading
 
@@ -148,15 +149,10 @@ class FluidLM(LM):
         cfg = fluid.model.config.get_text_config()
         self.max_length = int(max_length or getattr(cfg, "max_position_embeddings", 2048))
         self.gen_kwargs: dict[str, Any] = {"k_max": k_max} if k_max else {}
-        # the decode engine's switches, as fluid eval's --compile / --no-adaptive-drafting /
-        # --no-enable-prefix-caching set them
-        engine: dict[str, Any] = {}
-        if compile:
-            engine["compile"] = True
-        if not adaptive_drafting:
-            engine["adaptive"] = False
-        if not prefix_caching:
-            engine["prefix_caching"] = False
+        # the decode engine's switches, as fluid eval's flags set them
+        engine = engine_switches(
+            compile=compile, adaptive=adaptive_drafting, prefix_caching=prefix_caching
+        )
         if engine:
             self.gen_kwargs["engine_kwargs"] = engine
         policy = policy or ("khead" if fluid.khead is not None else "entropy")

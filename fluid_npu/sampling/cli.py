@@ -213,16 +213,23 @@ def gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "anchors": args.anchors,
         "attn_backend": args.attn_backend,
     }
-    engine: dict[str, Any] = {}
-    if getattr(args, "compile", False):
-        engine["compile"] = True
-    if getattr(args, "no_adaptive_drafting", False):
-        engine["adaptive"] = False
-    if getattr(args, "no_enable_prefix_caching", False):
-        engine["prefix_caching"] = False
+    engine = engine_switches(
+        compile=getattr(args, "compile", False),
+        adaptive=not getattr(args, "no_adaptive_drafting", False),
+        prefix_caching=not getattr(args, "no_enable_prefix_caching", False),
+    )
     if engine:
         out["engine_kwargs"] = engine
     return out
+
+
+def engine_switches(*, compile: bool, adaptive: bool, prefix_caching: bool) -> dict[str, Any]:
+    """The decode engine's keywords for its switches, those away from their defaults (compile
+    off, adaptive drafting and prefix caching on): what ``--compile``,
+    ``--no-adaptive-drafting`` and ``--no-enable-prefix-caching`` set, and lm-eval's model_args."""
+    given = {"compile": compile, "adaptive": adaptive, "prefix_caching": prefix_caching}
+    default = {"compile": False, "adaptive": True, "prefix_caching": True}
+    return {k: v for k, v in given.items() if v != default[k]}
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

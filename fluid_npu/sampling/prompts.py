@@ -263,13 +263,21 @@ def chat_template_ids(
         )
 
     text = render(tools)
-    if tools and text == _or_none(render):  # the model would never see them
-        raise ToolsIgnored(
-            "the chat template does not use tools (it renders the conversation the same with "
-            "them and without): give a chat template that lists them (--chat-template), or "
-            "leave tools out"
-        )
+    known = str(template if template is not None else tokenizer.chat_template)
+    if tools and known not in _USES_TOOLS:  # (each template rendered a second time once)
+        if text == _or_none(render):  # the model would never see them
+            raise ToolsIgnored(
+                "the chat template does not use tools (it renders the conversation the same "
+                "with them and without): give a chat template that lists them "
+                "(--chat-template), or leave tools out"
+            )
+        if len(_USES_TOOLS) >= 64:  # (requests' own templates: a bound, not a cache to keep)
+            _USES_TOOLS.clear()
+        _USES_TOOLS.add(known)
     return rendered_ids(tokenizer, text)
+
+
+_USES_TOOLS: set[str] = set()  # chat templates seen to render the tools they are given
 
 
 def _or_none(render: Any) -> str | None:

@@ -20,6 +20,7 @@ A bad entry is a ``DataError`` naming where it is (``messages[2].tool_calls[0].f
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from fluid_npu.errors import DataError
@@ -30,11 +31,8 @@ FUNCTION_KEYS = {"name": str, "description": str, "parameters": dict, "strict": 
 def check_tools(value: Any, where: str) -> list[dict[str, Any]]:
     """The tools a request offers, checked (``where``: how the error names them); a function's
     null fields are left out (OpenAI's "not given")."""
-    if not isinstance(value, list) or not value:
-        raise DataError(f'{where} must be a non-empty list of {{"type": "function", ...}} tools')
     out = []
-    for i, tool in enumerate(value):
-        at = f"{where}[{i}]"
+    for at, tool in _entries(value, where, '{"type": "function", ...} tools'):
         if (
             not isinstance(tool, dict)
             or set(tool) != {"type", "function"}
@@ -59,11 +57,8 @@ def check_tools(value: Any, where: str) -> list[dict[str, Any]]:
 
 def check_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     """An assistant message's tool calls as the chat template gets them (arguments an object)."""
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where} must be a non-empty list of tool calls")
     out = []
-    for i, call in enumerate(value):
-        at = f"{where}[{i}]"
+    for at, call in _entries(value, where, "tool calls"):
         if (
             not isinstance(call, dict)
             or set(call) - {"id", "type", "function", "index"}  # (index: a streamed call's)
@@ -96,6 +91,14 @@ def check_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
              "function": {"name": fn["name"], "arguments": arguments}}
         )  # fmt: skip
     return out
+
+
+def _entries(value: Any, where: str, what: str) -> Iterator[tuple[str, Any]]:
+    """``(where[i], entry)`` of a non-empty list; anything else is a ``DataError``."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where} must be a non-empty list of {what}")
+    for i, entry in enumerate(value):
+        yield f"{where}[{i}]", entry
 
 
 def _kind(kind: type) -> str:

@@ -250,9 +250,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             if s.echo and texts is not None:
                 echo = Echo(texts[k], prompts[k], generate=limits[k] > 0)
                 shape.echoing(len(prompts[k]), texts[k])
-            calls = None if tools is None else tools.reader()  # a chat's tool calls parsed out
+            reader = None if tools is None else tools.reader()  # a chat's tool calls parsed out
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
-                                   calls))  # fmt: skip
+                                   reader))  # fmt: skip
         if s.stream:
             return ClosingStream(
                 events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]

@@ -298,8 +298,7 @@ def create_front(front: Front) -> FastAPI:
                 continue
             except httpx.TransportError as exc:  # it may have run: not sent again
                 router.end(rank)
-                raise APIError(f"engine rank {rank} failed while answering ({exc!r})",
-                               status=502, type="server_error") from None  # fmt: skip
+                raise _failed(rank, exc) from None
             if resp.status_code in (429, 500, 503):
                 content = await resp.aread()
                 await resp.aclose()
@@ -315,8 +314,7 @@ def create_front(front: Front) -> FastAPI:
                     mark(rank, False, "its engine failed")
                     continue
                 if code is None:  # not the rank's own error: it went down while answering
-                    raise APIError(f"engine rank {rank} failed while answering", status=502,
-                                   type="server_error")  # fmt: skip
+                    raise _failed(rank)
                 return answer(resp, content)
             routed.labels(rank=str(rank), affinity=str(affine).lower()).inc()
             if resp.status_code < 400:  # (a refused request leaves nothing in the rank's cache)
@@ -328,8 +326,7 @@ def create_front(front: Front) -> FastAPI:
                 finished = await while_connected(request, work)
                 content = work.result() if finished else b""
             except httpx.TransportError as exc:
-                raise APIError(f"engine rank {rank} failed while answering ({exc!r})",
-                               status=502, type="server_error") from None  # fmt: skip
+                raise _failed(rank, exc) from None
             finally:
                 await resp.aclose()
                 router.end(rank)
@@ -342,9 +339,7 @@ def create_front(front: Front) -> FastAPI:
             async for chunk in resp.aiter_raw():
                 yield chunk
         except httpx.TransportError as exc:  # the rank died mid-stream: say so, then end
-            failed = APIError(f"engine rank {rank} failed while answering ({exc!r})", status=502,
-                              type="server_error")  # fmt: skip
-            yield f"\n\ndata: {json.dumps(failed.body())}\n\n".encode()
+            yield f"\n\ndata: {json.dumps(_failed(rank, exc).body())}\n\n".encode()
         finally:  # (a client that left: the rank sees its stream close, and aborts)
             await resp.aclose()
 
@@ -418,6 +413,13 @@ def create_front(front: Front) -> FastAPI:
                         media_type=CONTENT_TYPE_LATEST)  # fmt: skip
 
     return app
+
+
+def _failed(rank: int, exc: Exception | None = None) -> APIError:
+    """The 502 of a request whose rank went down while answering it (never sent again)."""
+    why = "" if exc is None else f" ({exc!r})"
+    return APIError(f"engine rank {rank} failed while answering{why}", status=502,
+                    type="server_error")  # fmt: skip
 
 
 def _error_code(content: bytes) -> str | None:
