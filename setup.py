@@ -24,6 +24,7 @@ SERVE = [
     "uvloop>=0.19; sys_platform != 'win32'",
     "prometheus-client>=0.20",
     "httpx>=0.27",
+    "xgrammar>=0.2",  # structured outputs (JSON schema, regex, choice, grammar), as vLLM's
 ]
 
 setup(

@@ -113,10 +113,12 @@ def test_what_a_request_asks_of_its_tools():
     assert auto.parser == READS_HERMES and not auto.parallel
     for tools, choice, parser, param, says in (
         (TOOLS, None, None, "tool_choice", "--enable-auto-tool-choice and --tool-call-parser"),
-        (TOOLS, "required", READS_HERMES, "tool_choice", "constrained decoding"),
-        (TOOLS, {"type": "function", "function": {"name": "get_weather"}}, READS_HERMES,
-         "tool_choice", "constrained decoding"),
-        (TOOLS, "any", READS_HERMES, "tool_choice", "not 'none' or 'auto'"),
+        (None, "required", None, "tool_choice", "needs tools to call"),
+        (TOOLS, {"type": "function", "function": {"name": "get_time"}}, None,
+         "tool_choice", "the tools offered are ['get_weather']"),
+        (TOOLS, {"type": "function", "name": "get_weather"}, None, "tool_choice",
+         'a named tool_choice is {"type": "function", "function": {"name": ...}}'),
+        (TOOLS, "any", READS_HERMES, "tool_choice", "is not 'none', 'auto', 'required' or"),
         (None, "auto", READS_HERMES, "tool_choice", "needs tools"),
         ([{"type": "function", "function": {"name": "f", "params": {}}}], None, READS_HERMES,
          "tools", "tools[0].function has 'params'"),
@@ -232,7 +234,8 @@ def test_tool_calls_over_the_wire():
         text = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
         assert text.choices[0].message.content == tok.decode(sched.output)
         assert text.choices[0].finish_reason == "stop" and not text.choices[0].message.tool_calls
-        for extra, param in (({"tool_choice": "required"}, "tool_choice"),
+        for extra, param in (({"tool_choice": {"type": "function", "function": {"name": "f"}}},
+                              "tool_choice"),
                              ({"tools": [{"type": "function"}]}, "tools"),
                              ({"tools": TOOLS, "tool_choice": "auto", "messages": [
                                  {"role": "tool", "content": "x"}]}, "messages")):  # fmt: skip

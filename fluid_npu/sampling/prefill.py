@@ -138,10 +138,11 @@ class PrefillMixin:
         # the chunk that ends a prompt drafts the first tokens — unless drafting has not been paying
         # — as many as the decode steps' blocks hold (sampling rows always draft K: their tokens
         # must not depend on the batch's history)
-        sampling = any(not self.slots[i].params.greedy for i in ending)
+        drafting = [i for i in ending if self.slots[i].matcher is None]  # (grammar.py: none)
+        sampling = any(not self.slots[i].params.greedy for i in drafting)
         rows_next = self._decode_rows()
         draft = 0
-        if k > 0 and ending and (sampling or self.budget.drafting_pays(rows_next)):
+        if k > 0 and drafting and (sampling or self.budget.drafting_pays(rows_next)):
             draft = k if sampling else self.budget.prefill_length(rows_next)
         if width == 0:  # one-token prompts only: nothing to encode and no anchor to draft from
             self._start(rows)
@@ -160,7 +161,7 @@ class PrefillMixin:
         ids, pos, anchor = (
             torch.tensor(x, dtype=torch.long).reshape(b, width) for x in (ids, pos, anchor)
         )
-        drafted = [i for i in ending if draft and len(self.slots[i].prompt) >= 2]
+        drafted = [i for i in drafting if draft and len(self.slots[i].prompt) >= 2]
         if draft:  # the first drafts: slots anchored at P-2 (PAD in rows that end no prompt)
             live = [i in drafted for i in rows]
             at_p2 = [len(self.slots[i].prompt) - 2 if d else 0 for i, d in zip(rows, live)]
@@ -247,7 +248,9 @@ class PrefillMixin:
             self.m.index_fill_(0, at, 0)
             self.paid.index_fill_(0, at, False)
             pays = self.k > 0 and self.budget.drafting_pays(self._decode_rows())
-            first = [self.k > 0 and (pays or not s.params.greedy) for s in slots]
+            first = [
+                self.k > 0 and (pays or not s.params.greedy) and s.matcher is None for s in slots
+            ]
             cand = torch.full((len(rows), self.anchors), -1, dtype=torch.long)
             cand[:, 0] = torch.tensor(first, dtype=torch.long) - 1  # 0: a block from v_0
             self.cand[at] = cand.to(dev)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from fluid_npu.sampling.grammar import Grammar
 from fluid_npu.sampling.rules import SamplingParams
 
 PromptLogprob = tuple[float, list[tuple[int, float]]]  # a prompt token's, and its alternatives
@@ -29,6 +31,8 @@ class Request:
     # a token no stop string spans: the search starts afresh after it (a reasoning parser's
     # closing marker, so the engine ends where the server's split text finds a stop)
     stop_reset: int | None = None
+    # structured output (grammar.py): every token follows this grammar, which ends with EOS
+    grammar: Grammar | None = None
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Slot:
     # its prompt's log-probabilities as the prefill reads them, until its first event carries them
     prompt_lps: list[PromptLogprob] | None = None
     new: list[int] = field(default_factory=list)
+    matcher: Any = None  # with a grammar: its state after the committed tokens (grammar.py)
 
     def written(self) -> list[int]:
         """The tokens whose keys and values its slot holds at indices ``0 …``: prompt and output

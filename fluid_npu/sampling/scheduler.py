@@ -317,6 +317,19 @@ class Scheduler(PrefillMixin, StepMixin):
             )
         if any(not isinstance(x, str) or not x for x in req.stop):
             raise ConfigError(f"request {req.request_id!r}: stop strings must be non-empty text")
+        if req.grammar is not None:
+            eos_ids = self.eos_ids if req.eos_ids is None else list(req.eos_ids)
+            if req.grammar.vocab_size != self.head.weight.shape[0]:
+                raise ConfigError(
+                    f"request {req.request_id!r}: its grammar was compiled for "
+                    f"{req.grammar.vocab_size} logits, the model has "
+                    f"{self.head.weight.shape[0]}; compile it with the model's vocabulary size"
+                )
+            if not eos_ids:
+                raise ConfigError(
+                    f"request {req.request_id!r}: a grammar ends with the EOS token, and the "
+                    "request has no EOS id (ignore_eos / eos_ids=[]); give it one"
+                )
         if req.eos_ids is not None and len(req.eos_ids) > self.eos.shape[1]:
             self._widen_eos(len(req.eos_ids))
         self._ids.add(req.request_id)
@@ -326,6 +339,8 @@ class Scheduler(PrefillMixin, StepMixin):
             # torch.manual_seed reproduces a run and two runs differ, as in vLLM without a seed)
             params = replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
         slot = Slot(req, [int(t) for t in req.prompt], params)
+        if req.grammar is not None:
+            slot.matcher = req.grammar.matcher(eos_ids)
         if params.prompt_logprobs is not None:
             slot.prompt_lps = []  # filled by the prefill (prefill.py), sent with the first event
         self.waiting.append(slot)

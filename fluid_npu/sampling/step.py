@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel
 from fluid_npu.layout import slot_block
 from fluid_npu.sampling.detok import PROMPT_CONTEXT
 from fluid_npu.sampling.fused import choose_anchors
+from fluid_npu.sampling.grammar import allowed_tokens, follow
 from fluid_npu.sampling.kv import ForwardPlan, step_mask
 from fluid_npu.sampling.requests import Event, Slot
 from fluid_npu.sampling.rules import DRAFT, sample, uniform
@@ -192,22 +194,35 @@ class StepMixin(SampledMixin):
         hidden = self._forward(0, ids_t, pos_t, anchor_t, base, compiled=True)
         self.decode_forwards += 1
 
+        # constrained rows (grammar.py) never draft: position 0 is theirs, masked by the grammar
+        constrained = [i for i, s in enumerate(self.slots[:hi])
+                       if s is not None and s.running and s.matcher is not None]  # fmt: skip
+        if constrained:  # (the host builds the masks while the device runs the forward)
+            vocab = self.head.weight.shape[0]
+            matchers = [self.slots[i].matcher for i in constrained]
+            allowed = allowed_tokens(matchers, vocab).to(dev, non_blocking=True)
         ar = self.head.argmax(hidden[:, : big_m + 1])
         logits = None
         if any_sampled or any_lp:
             logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
         pen_rows = None
-        if penalised:  # (penalties.py) the penalised AR distribution, its argmax for greedy rows
-            pen_rows = torch.tensor(penalised, device=dev)
-            own = (
-                self.head.logits(hidden[pen_rows, : big_m + 1]) if logits is None
-                else logits[pen_rows]
-            )  # fmt: skip
-            own = self.penalties.apply(own, drafts[pen_rows], m[pen_rows], pen_rows,
-                                       self.new_count[pen_rows], self.eos[pen_rows])  # fmt: skip
+        adjusted = sorted({*penalised, *constrained})
+        if adjusted:  # the penalised (penalties.py) / constrained AR distribution, and its argmax
+            at = torch.tensor(adjusted, device=dev)
+            own = self.head.logits(hidden[at, : big_m + 1]) if logits is None else logits[at]
+            if penalised:
+                pen_rows = torch.tensor(penalised, device=dev)
+                pen = [adjusted.index(i) for i in penalised]
+                count, eos_ids = self.new_count[pen_rows], self.eos[pen_rows]
+                own[pen] = self.penalties.apply(
+                    own[pen], drafts[pen_rows], m[pen_rows], pen_rows, count, eos_ids
+                )
+            if constrained:
+                ours = torch.tensor([adjusted.index(i) for i in constrained], device=dev)
+                own[ours, 0] = own[ours, 0].masked_fill(~allowed, -math.inf)
             if logits is not None:
-                logits[pen_rows] = own
-            ar = ar.index_copy(0, pen_rows, own.argmax(dim=-1))
+                logits[at] = own
+            ar = ar.index_copy(0, at, own.argmax(dim=-1))
         if big_m:
             match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
             a = match.long().cumprod(dim=1).sum(dim=1)
@@ -290,6 +305,8 @@ class StepMixin(SampledMixin):
                 # wide step per probe interval for the batch, not one per row
                 draft_on = worth | probe | (self.temp[:hi] > 0)
                 cand_next = torch.where(draft_on[:, None], cand_next, -1)
+        if constrained:
+            cand_next[torch.tensor(constrained, device=dev)] = -1
         self.m[:hi] = m_next
         self.cand[:hi] = cand_next
         # the step's one host read: per row take, done, accepted, drafted, tokens; then the shape
@@ -353,6 +370,10 @@ class StepMixin(SampledMixin):
                         [(int(ids[t * n_top + r]), vals[t * n_top + r]) for r in range(n)]
                         for t in range(take)
                     ]
+            refused = None if s.matcher is None else follow(s.matcher, toks)
+            if refused is not None:  # (grammar.follow) the row ends before that token
+                s.stopped = s.matcher.is_completed()
+                toks, done = toks[:refused], 1 if s.stopped else 2
             if s.req.stop and toks:
                 cut = self._stop_cut(s, toks)
                 if cut is not None:
@@ -371,7 +392,7 @@ class StepMixin(SampledMixin):
             self.k_hist[m] += 1
             reason = None
             if done:
-                stopped = toks and (toks[-1] in self._eos_of(i) or s.stopped)
+                stopped = s.stopped or (toks and toks[-1] in self._eos_of(i))
                 reason = "error" if done == 2 else "stop" if stopped else "length"
                 self._ids.discard(s.req.request_id)
                 self._free(i, reason)

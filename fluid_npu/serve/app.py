@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from fluid_npu.errors import FluidError
+from fluid_npu.sampling.grammar import Grammar
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.errors import APIError
@@ -61,6 +62,7 @@ from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.reasoning import reasoning_parser
 from fluid_npu.serve.rendering import ChatRender
 from fluid_npu.serve.responses import Shape
+from fluid_npu.serve.structured import Grammars
 from fluid_npu.serve.text import TokenText, chat_ids, text_ids, tokenizer_info
 from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
@@ -99,6 +101,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     # prompts are tokenized here, off the event loop (the module docstring); the thread starts
     # with the first request
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-tokenize")
+    # structured outputs: compiled in that thread too, by a compiler made at the first one
+    grammars = Grammars(tokenizer, config.vocab_size or len(tokenizer), worker.scheduler.eos_ids)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -189,10 +193,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         arrived: float,
         texts: list[str] | None = None,
         tools: ToolSetting | None = None,
+        grammar: Grammar | None = None,
     ) -> Response:
         """Run the request's prompts, ``s.n`` choices each (``shapes``: one per choice, prompt by
         prompt), and answer: streamed, or whole once every choice has ended. ``texts``: the
-        prompts' text, which ``echo`` returns; ``tools``: a chat's (its calls parsed out)."""
+        prompts' text, which ``echo`` returns; ``tools``: a chat's (its calls parsed out);
+        ``grammar``: what the output follows (``s.constraint`` compiled)."""
         param = "messages" if shapes[0].chat else "prompt"
         limits = [check_length(ids, s, param) for ids in prompts]
         if s.params["min_tokens"] > min(limits):
@@ -215,6 +221,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             )
         check_capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
+        # a chat's reasoning apart from its answer (not when a grammar holds the whole output)
+        split = reasoning if shapes[0].chat and grammar is None else None
         requests = [
             (
                 shape.id if len(shapes) == 1 else f"{shape.id}-{shape.index}",
@@ -232,14 +240,14 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             eos_ids=[] if s.ignore_eos else None,
             stop=tuple(s.stop),
             # reasoning apart: no stop string spans the closing marker, as the split text reads
-            stop_reset=reasoning.end if shapes[0].chat and reasoning is not None else None,
+            stop_reset=None if split is None else split.end,
+            grammar=grammar,
         )
         for ids in prompts:
             metrics.prompt_tokens.inc(len(ids))
         gens: list[Generation] = []
         for shape, stream in zip(shapes, streams):
             k = shape.index // s.n  # the choice's prompt
-            split = reasoning if shape.chat else None  # a chat's reasoning apart from its answer
             spelled = {} if tools is None else tools.spelled  # tool-call markers written out
             detok = text_reader(tokenizer, split, s.stop, prompts[k], eos, spelled)
             shape.reasoning = split is not None
@@ -309,8 +317,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         shapes = [Shape(chat, cid, config.model_name, words, index=k, created=created)
                   for k in range(len(prompts) * req.sampling.n)]  # fmt: skip
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
+        grammar = None
+        if req.sampling.constraint is not None:
+            grammar = await loop.run_in_executor(tokenizing, grammars.compile,
+                                                 req.sampling.constraint)  # fmt: skip
         return await generate(request, request.url.path, shapes, prompts, req.sampling, arrived,
-                              texts, tools)  # fmt: skip
+                              texts, tools, grammar)  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -24,7 +24,7 @@ from fluid_npu.serve.reasoning import ReasoningParser, ReasoningText
 from fluid_npu.serve.responses import DONE, LogprobEntry, Shape
 from fluid_npu.serve.responses import usage as usage_body
 from fluid_npu.serve.text import completion_ids
-from fluid_npu.serve.tools import ToolCallText
+from fluid_npu.serve.tools import ForcedCalls, ToolCallText
 from fluid_npu.serve.worker import Stream, Worker
 
 # one delivery of a choice: text, its tokens' log-probabilities, reasoning text, tool calls
@@ -58,11 +58,11 @@ class Generation:
         detok: Detokenizer | ReasoningText,
         logprobs: bool = False,
         echo: Echo | None = None,
-        tools: ToolCallText | None = None,
+        tools: ToolCallText | ForcedCalls | None = None,
     ) -> None:
         self.worker, self.metrics, self.stream, self.detok = worker, metrics, stream, detok
         self.echo = echo
-        self.tools = tools  # chat with tool_choice "auto": the answer's calls parsed out
+        self.tools = tools  # a chat with tools to call: the answer's calls read out
         self.finish_reason: str | None = None
         self.forwards = 0
         self.cached = 0  # prompt tokens the engine found in a slot's cache
@@ -115,8 +115,8 @@ class Generation:
                 if self.finish_reason is not None:  # (an aborted answer stays text)
                     rest, calls = self.tools.finish(parse=self.finish_reason in ("stop", "length"))
                     text += rest
-                    if calls:
-                        self.finish_reason = "tool_calls"
+                    if calls and self.tools.finish_reason:  # (a named call's stays "stop")
+                        self.finish_reason = self.tools.finish_reason
             if text or entries or reasoning or calls:
                 yield text, entries, reasoning, calls
 

@@ -40,10 +40,12 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   takes them for messages and refuses them for a prompt;
 * chat requests may offer ``tools`` (``tools.py``: rendered into the prompt; with
   ``tool_choice: "auto"`` and a server started with ``--enable-auto-tool-choice`` the answer's
-  calls come back as ``tool_calls``), and carry assistant ``tool_calls`` and ``tool`` messages;
+  calls come back as ``tool_calls``; ``"required"`` or a named function force a call), and carry
+  assistant ``tool_calls`` and ``tool`` messages;
+* structured outputs (``structured.py``): ``response_format`` (``json_object``, ``json_schema``)
+  and vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``), on both routes;
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
-  ``suffix`` absent, ``tool_choice`` not ``"required"`` or a named function (they need
-  constrained decoding); any other value is an error naming the field and what is supported;
+  ``suffix`` absent; any other value is an error naming the field and what is supported;
   ``user`` is an opaque end-user tag, accepted.
 """
 
@@ -57,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fluid_npu.sampling.rules import INT64_MAX, MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
+from fluid_npu.serve.structured import Constraint, request_constraint, with_eos
 from fluid_npu.serve.tools import ToolParser, ToolSetting, tool_setting
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
@@ -122,6 +125,8 @@ class _Common(_Strict):
     user: str | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
+    response_format: dict[str, Any] | None = None  # structured.py (vLLM's completions take it)
+    structured_outputs: dict[str, Any] | None = None  # vLLM's (structured.py)
 
 
 class _Rendering(_Strict):
@@ -150,7 +155,6 @@ class ChatBody(_Common, _Rendering):
     tools: list[Any] | None = None  # checked in tools.tool_setting
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class TokenizeBody(_Rendering):
@@ -217,6 +221,7 @@ class Sampling:
     max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
     echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
     n: int = 1  # completions of each prompt
+    constraint: Constraint | None = None  # the grammar the output follows (structured.py)
 
 
 @dataclass
@@ -315,6 +320,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options is only allowed with stream: true", param="stream_options")
+    constraint = request_constraint(body.response_format, body.structured_outputs)
     params = {  # None: left out, for the server's defaults (SamplingDefaults)
         "temperature": None if body.temperature is None else float(body.temperature),
         "top_p": None if body.top_p is None else float(body.top_p),
@@ -334,6 +340,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
     }
     return Sampling(
         max_tokens=max_tokens,
+        constraint=with_eos(constraint, body),
         params=params,
         stop=stop,
         stream=bool(body.stream),
@@ -422,10 +429,6 @@ def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     tools = tool_setting(req.tools, req.tool_choice, req.parallel_tool_calls, tool_parser)
-    if req.response_format not in (None, {"type": "text"}):
-        raise APIError(
-            "response_format must be {'type': 'text'} or absent", param="response_format"
-        )
     if req.max_tokens and req.max_completion_tokens and req.max_tokens != req.max_completion_tokens:
         raise APIError(
             "max_tokens and max_completion_tokens disagree; give one",
@@ -439,4 +442,12 @@ def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
     sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
     if req.max_completion_tokens:
         sampling.max_tokens_field = "max_completion_tokens"
+    if tools.constraint is not None:  # a call is forced: decoded under its schema
+        if sampling.constraint is not None:
+            raise APIError(
+                f"tool_choice {req.tool_choice!r} holds the answer to a call's schema; it "
+                "cannot also follow response_format / structured_outputs",
+                param="tool_choice",
+            )
+        sampling.constraint = with_eos(tools.constraint, req)
     return ChatRequest(messages=messages, sampling=sampling, render=render, tools=tools)

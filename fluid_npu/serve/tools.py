@@ -9,9 +9,14 @@ A request offers functions in ``tools`` (rendered into the prompt by the chat te
 * ``"auto"`` (the default when tools are given, as in the OpenAI API) — the model decides; the
   server parses its calls out of the text, which needs ``--enable-auto-tool-choice`` and a
   ``--tool-call-parser`` (a 400 naming them otherwise, as vLLM answers);
-* ``"required"`` or a named function — refused with a 400: both make the model call a tool by
-  constraining what it may decode (vLLM uses guided decoding for them), which this server does not
-  do. A client that needs them sends ``"auto"`` and checks the answer.
+* ``"required"`` or a named function (``{"type": "function", "function": {"name": ...}}``) —
+  the model must call: its output is decoded under a JSON schema (``structured.py``, as vLLM's
+  guided decoding does), a list of ``{"name", "parameters"}`` calls of the offered functions (one
+  at most with ``parallel_tool_calls: false``) or the named function's arguments, and read back
+  as ``tool_calls`` (``ForcedCalls``). Neither needs ``--enable-auto-tool-choice``. As in vLLM and
+  the OpenAI API, a named call's ``finish_reason`` stays ``"stop"``; ``"required"`` gives
+  ``"tool_calls"``. An output cut short (``max_tokens``) is not JSON and comes back as
+  ``content``.
 
 ``hermes`` (Hermes 2 Pro / 3, Qwen2.5, Qwen3, QwQ: vLLM's name) reads calls written as
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks; ``pangu`` (openPangu:
@@ -48,6 +53,9 @@ from typing import Any
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.sampling.tooluse import check_tools
 from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.structured import Constraint
+
+ANY_OBJECT = {"type": "object"}  # the arguments of a function that declares no parameters
 
 
 @dataclass(frozen=True)
@@ -115,10 +123,37 @@ class ToolSetting:
     tools: list[dict[str, Any]] | None = None
     parser: ToolParser | None = None
     parallel: bool = True
+    forced: str | None = None  # "required", or the function named in tool_choice
 
-    def reader(self) -> ToolCallText | None:
+    def reader(self) -> ToolCallText | ForcedCalls | None:
         """A fresh reader of one answer's calls (None: the answer stays text)."""
+        if self.forced is not None:
+            return ForcedCalls(None if self.forced == "required" else self.forced)
         return None if self.parser is None else ToolCallText(self.parser.markers, self.parallel)
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The schema a forced call is decoded under (None: not forced)."""
+        if self.forced is None or self.tools is None:
+            return None
+        fns = {t["function"]["name"]: t["function"] for t in self.tools}
+        if self.forced != "required":
+            return Constraint("json", fns[self.forced].get("parameters", ANY_OBJECT), "tool_choice")
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [name]},
+                    "parameters": fn.get("parameters", ANY_OBJECT),
+                },
+                "required": ["name", "parameters"],
+            }
+            for name, fn in fns.items()
+        ]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return Constraint("json", schema, "tool_choice")
 
     @property
     def spelled(self) -> dict[int, str]:
@@ -140,14 +175,21 @@ def tool_setting(
     if choice is None:
         choice = "auto" if checked else "none"  # the OpenAI API's default
     if isinstance(choice, dict) or choice == "required":
+        name = _named(choice) if isinstance(choice, dict) else None
+        offered = [t["function"]["name"] for t in checked or ()]
+        if not offered or (name is not None and name not in offered):
+            raise APIError(
+                f"tool_choice {choice!r} needs tools to call"
+                + (f"; the tools offered are {offered}" if offered else ""),
+                param="tool_choice",
+            )
+        return ToolSetting(checked, None, parallel is not False, name or "required")
+    if choice not in ("none", "auto"):
         raise APIError(
-            f"tool_choice={choice!r} makes the model call a tool, which needs constrained "
-            "decoding; this server does not constrain what it decodes: send 'auto' and check the "
-            "answer's tool_calls, or 'none'",
+            f"tool_choice={choice!r} is not 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}',
             param="tool_choice",
         )
-    if choice not in ("none", "auto"):
-        raise APIError(f"tool_choice={choice!r} is not 'none' or 'auto'", param="tool_choice")
     if choice == "auto" and checked is None:
         raise APIError("tool_choice 'auto' needs tools to choose from", param="tool_choice")
     if choice == "auto" and parser is None:
@@ -160,8 +202,64 @@ def tool_setting(
     return ToolSetting(checked, parser if choice == "auto" else None, parallel is not False)
 
 
+def _named(choice: dict[str, Any]) -> str:
+    fn = choice.get("function")
+    if (
+        set(choice) != {"type", "function"}
+        or choice["type"] != "function"
+        or not isinstance(fn, dict)
+        or set(fn) != {"name"}
+        or not isinstance(fn["name"], str)
+    ):
+        raise APIError(
+            'a named tool_choice is {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    return fn["name"]
+
+
+class ForcedCalls:
+    """The reader of an answer decoded as calls (``tool_choice`` ``"required"``: a JSON list of
+    ``{"name", "parameters"}``; ``name``: that function's arguments): no ``content`` while it
+    runs, the calls at its end (``ToolCallText``'s interface)."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.finish_reason = "tool_calls" if name is None else None  # (named: "stop" stays)
+        self.held = ""
+
+    def add(self, text: str) -> str:
+        self.held += text
+        return ""
+
+    def finish(self, parse: bool = True) -> tuple[str, list[dict[str, Any]]]:
+        given = _json(self.held) if parse else None
+        if self.name is not None:
+            found = [{"name": self.name, "arguments": given}] if isinstance(given, dict) else []
+        else:
+            found = [
+                {"name": c["name"], "arguments": c["parameters"]}
+                for c in (given if isinstance(given, list) else [])
+                if isinstance(c, dict) and isinstance(c.get("parameters"), dict)
+            ]
+        if not found:  # cut short (max_tokens, a stop string, an abort): the text as it came
+            return self.held, []
+        return "", [_call(c["name"], c["arguments"]) for c in found]
+
+
+def _call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as the API returns it: an id (vLLM's form), arguments as JSON text."""
+    return {
+        "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
+
+
 class ToolCallText:
     """An answer's text deltas in, ``content`` deltas out; the calls when it ends (``finish``)."""
+
+    finish_reason = "tool_calls"
 
     def __init__(self, markers: ToolMarkers, parallel: bool = True) -> None:
         self.markers, self.parallel = markers, parallel
@@ -232,14 +330,5 @@ def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
             call["arguments"] = _json(call["arguments"])
         if not isinstance(call.get("arguments"), dict):
             return None
-        calls.append(
-            {
-                "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
-                "type": "function",
-                "function": {
-                    "name": call["name"],
-                    "arguments": json.dumps(call["arguments"], ensure_ascii=False),
-                },
-            }
-        )
+        calls.append(_call(call["name"], call["arguments"]))
     return calls or None

@@ -1,0 +1,135 @@
+"""Structured output in the decode engine: requests whose tokens must follow a grammar — a JSON
+schema, any JSON object, a regular expression, one of a list of texts, or an EBNF grammar —
+matched token by token with xgrammar (the grammar library vLLM and SGLang use).
+
+``GrammarCompiler`` (one per tokenizer and vocabulary) turns a spec into a ``Grammar``; a
+``Request(grammar=...)`` carries it into the engine, which keeps one matcher per request (its
+state after the tokens committed so far). Each step, a constrained row's logits have every token
+the grammar forbids at that point set to ``-inf`` before the argmax (or the sample): the committed
+tokens are exactly those of AR decoding under the grammar, as transformers' ``generate`` with a
+grammar logits processor decodes them — lossless against that. The grammar ends with the request's
+EOS token (the only token allowed once the text is complete), so a constrained request needs one.
+
+A constrained row does not draft. The mask of the token after a draft is known only once the
+draft is, on the host, and the step computes drafts and their verify on the device with no host
+read between them; so the row decodes one token per step, its mask built from the step's one
+read-back, while the rows around it keep drafting.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fluid_npu.errors import ConfigError
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")  # vLLM's structured_outputs keys
+WHAT = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regular expression",
+        "choice": "choice", "grammar": "grammar"}  # fmt: skip
+
+
+class GrammarError(ConfigError):
+    """A grammar spec that cannot be compiled (its message says what is wrong)."""
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        raise ConfigError(
+            "structured output (a JSON schema, regex, choice or grammar) needs the xgrammar "
+            "package: pip install 'fluid-npu[serve]' (or pip install xgrammar)"
+        ) from None
+    return xgrammar
+
+
+def _reason(exc: BaseException) -> str:
+    """xgrammar's error message without its timestamp and source location."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text)
+
+
+@dataclass(frozen=True, eq=False)
+class Grammar:
+    """A compiled grammar for one tokenizer and vocabulary (``vocab_size``: the logits' width);
+    ``kind`` is one of ``KINDS``."""
+
+    compiled: Any
+    vocab_size: int
+    kind: str
+
+    def matcher(self, stop_ids: Sequence[int]) -> Any:
+        """A fresh matcher at the start of the text; ``stop_ids`` end it once the text is
+        complete (the request's EOS ids)."""
+        return _xgrammar().GrammarMatcher(self.compiled, override_stop_tokens=list(stop_ids))
+
+
+class GrammarCompiler:
+    """Compiles grammar specs for ``tokenizer`` (a transformers tokenizer) over logits of
+    ``vocab_size`` entries (a model's vocabulary may be padded past the tokenizer's); compiled
+    grammars are cached, so a schema sent again costs nothing."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int] = ()) -> None:
+        xgr = _xgrammar()
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids) or None
+        )
+        self.vocab_size = vocab_size
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+
+    def compile(self, kind: str, spec: Any, *, any_whitespace: bool = True) -> Grammar:
+        """``spec`` under ``kind``: ``json`` (a JSON schema, as a dict or its text),
+        ``json_object`` (any JSON object; ``spec`` ignored), ``regex`` (a pattern), ``choice`` (a
+        list of texts, one of which is the whole output) or ``grammar`` (EBNF, GBNF-style, with
+        a ``root`` rule). ``any_whitespace`` False: JSON without free whitespace (vLLM's
+        ``disable_any_whitespace``). A spec that does not compile is a ``GrammarError``."""
+        c = self._compiler
+        try:
+            if kind == "json":
+                schema = spec if isinstance(spec, str) else json.dumps(spec)
+                compiled = c.compile_json_schema(schema, any_whitespace=any_whitespace)
+            elif kind == "json_object":
+                compiled = c.compile_json_schema(
+                    '{"type": "object"}', any_whitespace=any_whitespace, strict_mode=False
+                )
+            elif kind == "regex":
+                compiled = c.compile_regex(spec)
+            elif kind == "choice":
+                if not spec or any(not isinstance(x, str) or not x for x in spec):
+                    raise GrammarError("choice takes a list of non-empty texts")
+                alternatives = " | ".join(json.dumps(x, ensure_ascii=False) for x in spec)
+                compiled = c.compile_grammar(f"root ::= {alternatives}")
+            elif kind == "grammar":
+                compiled = c.compile_grammar(spec)
+            else:
+                raise GrammarError(f"unknown grammar kind {kind!r}; use one of {', '.join(KINDS)}")
+        except GrammarError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise GrammarError(f"the {WHAT[kind]} does not compile: {_reason(exc)}") from None
+        return Grammar(compiled, self.vocab_size, kind)
+
+
+def allowed_tokens(matchers: Sequence[Any], vocab_size: int) -> torch.Tensor:
+    """``[len(matchers), vocab_size]`` bool on the CPU: the tokens each matcher allows next."""
+    bitmask = _xgrammar().allocate_token_bitmask(len(matchers), vocab_size)
+    for n, m in enumerate(matchers):
+        m.fill_next_token_bitmask(bitmask, n)
+    bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # lowest bit first
+    return bits.bool().flatten(1)[:, :vocab_size]
+
+
+def follow(matcher: Any, tokens: Sequence[int]) -> int | None:
+    """Feed a constrained row's committed ``tokens`` to its matcher; the index of the first one
+    the grammar refuses, else None. Only a row whose every allowed token was ``-inf`` commits
+    one: ``min_tokens`` holding back the EOS that alone completes the text (the text is then
+    complete: ``matcher.is_completed()``), or numbers that broke."""
+    for n, t in enumerate(tokens):
+        if not matcher.accept_token(t):
+            return n
+    return None

@@ -1,0 +1,156 @@
+"""Structured outputs in ``fluid serve``: the request fields that hold a model's output to a
+grammar, checked here and compiled for the engine (``sampling/grammar.py``), as vLLM serves them.
+
+* ``response_format`` (the OpenAI API's): ``{"type": "text"}`` (no constraint),
+  ``{"type": "json_object"}`` (any JSON object) or ``{"type": "json_schema", "json_schema":
+  {"name", "schema", "strict"?, "description"?}}`` (JSON that follows the schema — what the openai
+  client's ``chat.completions.parse(response_format=SomeModel)`` sends);
+* ``structured_outputs`` (vLLM's): one of ``json`` (a schema), ``regex``, ``choice`` (a list of
+  texts, one of which is the whole output), ``grammar`` (EBNF with a ``root`` rule) or
+  ``json_object: true``, and ``disable_any_whitespace`` (JSON without free whitespace);
+* ``tool_choice: "required"`` or a named function (``tools.py``): the answer is the calls,
+  decoded under the schema of a list of calls, or of the named function's arguments.
+
+Both routes take the first two (vLLM's completions route takes them too); a request gives at
+most one of the three. A spec is compiled off the event loop, in the thread that tokenizes, and
+compiled specs are cached, so a schema sent again costs nothing; one that does not compile is a
+400 naming its field. The grammar ends with EOS, so ``ignore_eos`` is refused with it.
+
+The engine decodes a constrained request one token per step (no drafts: ``grammar.py`` says why)
+while the requests around it keep drafting; its tokens are AR decoding under the grammar. With
+``--reasoning-parser``, a constrained chat answer is not split into reasoning and answer: the
+grammar holds the whole output, so the model writes no reasoning first (as vLLM served structured
+outputs before it learned to start the grammar after the reasoning).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.grammar import KINDS, Grammar, GrammarCompiler, GrammarError
+from fluid_npu.serve.errors import APIError
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A checked, not yet compiled, grammar spec (``grammar.KINDS``) and the request field it
+    came from (the 400's ``param`` when it does not compile)."""
+
+    kind: str
+    spec: Any
+    field: str
+    any_whitespace: bool = True
+
+
+def _response_format(given: dict[str, Any]) -> Constraint | None:
+    kind = given.get("type")
+    if kind == "text" and set(given) == {"type"}:
+        return None
+    if kind == "json_object" and set(given) == {"type"}:
+        return Constraint("json_object", None, "response_format")
+    if kind == "json_schema" and set(given) == {"type", "json_schema"}:
+        js = given["json_schema"]
+        known = {"name", "schema", "strict", "description"}
+        if (
+            isinstance(js, dict)
+            and set(js) <= known
+            and isinstance(js.get("name"), str)
+            and isinstance(js.get("schema"), dict)
+            and isinstance(js.get("strict", False), bool | None)
+        ):
+            return Constraint("json", js["schema"], "response_format")
+        raise APIError(
+            'response_format.json_schema must be {"name": text, "schema": a JSON schema object, '
+            '"strict"?: bool, "description"?: text}',
+            param="response_format",
+        )
+    raise APIError(
+        'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+        '"json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+        param="response_format",
+    )
+
+
+def _structured_outputs(given: dict[str, Any]) -> Constraint:
+    where = "structured_outputs"
+    extra = set(given) - {*KINDS, "disable_any_whitespace"}
+    if extra:
+        raise APIError(
+            f"structured_outputs has {sorted(extra)}; it takes one of {', '.join(KINDS)} and "
+            "disable_any_whitespace",
+            param=where,
+        )
+    chosen = [k for k in KINDS if given.get(k) not in (None, False)]
+    if len(chosen) != 1:
+        raise APIError(f"structured_outputs takes exactly one of {', '.join(KINDS)}", param=where)
+    kind = chosen[0]
+    spec = given[kind]
+    shapes = {  # what each key holds
+        "json": (dict | str, "a JSON schema (an object, or its text)"),
+        "json_object": (bool, "true"),
+        "regex": (str, "a regular expression"),
+        "choice": (list, "a list of texts"),
+        "grammar": (str, "an EBNF grammar with a root rule"),
+    }
+    shape, what = shapes[kind]
+    flat = given.get("disable_any_whitespace", False)
+    if not isinstance(spec, shape) or not isinstance(flat, bool | None):
+        raise APIError(f"structured_outputs.{kind} must be {what}", param=where)
+    return Constraint(kind, spec, where, any_whitespace=not flat)
+
+
+def request_constraint(
+    response_format: dict[str, Any] | None, structured_outputs: dict[str, Any] | None
+) -> Constraint | None:
+    """The constraint a request's ``response_format`` / ``structured_outputs`` ask for (None:
+    the output is free); a malformed one, or both, a 400 naming the field."""
+    found = None if response_format is None else _response_format(response_format)
+    if structured_outputs is not None:
+        if found is not None:
+            raise APIError(
+                "response_format and structured_outputs both constrain the output; give one",
+                param="structured_outputs",
+            )
+        found = _structured_outputs(structured_outputs)
+    return found
+
+
+def with_eos(constraint: Constraint | None, body: Any) -> Constraint | None:
+    """``constraint``, which a request's ``ignore_eos`` cannot go with: a grammar ends with EOS."""
+    if constraint is not None and body.ignore_eos:
+        raise APIError(
+            f"ignore_eos cannot go with {constraint.field}: the output's grammar ends with the "
+            "EOS token",
+            param="ignore_eos",
+        )
+    return constraint
+
+
+class Grammars:
+    """A server's grammar compiler, made at the first constrained request (xgrammar's tokenizer
+    tables cost a moment for a large vocabulary, and a server that gets none pays nothing)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int]) -> None:
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
+        self._compiler: GrammarCompiler | None = None
+        self._lock = threading.Lock()
+
+    def compile(self, constraint: Constraint) -> Grammar:
+        """``constraint`` compiled (call it off the event loop); a spec that does not compile, or
+        a server without xgrammar, is a 400 naming the request's field."""
+        try:
+            with self._lock:
+                if self._compiler is None:
+                    self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+                compiler = self._compiler
+            return compiler.compile(
+                constraint.kind, constraint.spec, any_whitespace=constraint.any_whitespace
+            )
+        except GrammarError as exc:
+            raise APIError(str(exc), param=constraint.field) from None
+        except ConfigError as exc:  # xgrammar is not installed
+            raise APIError(f"this server cannot constrain its output: {exc}",
+                           param=constraint.field) from None  # fmt: skip

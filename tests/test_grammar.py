@@ -1,0 +1,191 @@
+"""Structured output in the decode engine (``sampling/grammar.py``): a constrained request's tokens
+are exactly AR decoding under its grammar (the argmax of the masked logits, step by step), its text
+follows the grammar, and the requests batched with it keep their own tokens and their drafts."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.grammar import GrammarCompiler, GrammarError, allowed_tokens
+from fluid_npu.sampling.lossless import hf_greedy
+from fluid_npu.sampling.offline import run_requests
+from fluid_npu.sampling.rules import SamplingParams
+from fluid_npu.sampling.scheduler import Request, Scheduler
+
+COLOR = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}},
+    "required": ["color", "ok"],
+    "additionalProperties": False,
+}
+PROMPTS = ("hello world", "the quick brown fox", "a", "over the lazy dog")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(mask_token=True)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_tiny_model("llama", tok, seed=7)
+
+
+@pytest.fixture(scope="module")
+def compiler(tok, model):
+    return GrammarCompiler(tok, model.config.vocab_size, [tok.eos_token_id])
+
+
+def constrained_greedy(model, grammar, prompt: list[int], max_new: int, eos: int,
+                       bias: dict[int, float] | None = None) -> list[int]:  # fmt: skip
+    """The reference: transformers' forward over the whole sequence each step, ``bias`` added
+    and the grammar's mask (None: no grammar) on the last logits, their argmax (what
+    ``generate`` with a bias and a grammar logits processor does)."""
+    matcher = None if grammar is None else grammar.matcher([eos])
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            for t, b in (bias or {}).items():
+                logits[t] += b
+            if matcher is not None:
+                allowed = allowed_tokens([matcher], logits.shape[-1])[0]
+                logits = logits.masked_fill(~allowed, -torch.inf)
+            t = int(logits.argmax())
+            assert matcher is None or matcher.accept_token(t)
+            out.append(t)
+            ids.append(t)
+            if t == eos:
+                break
+    return out
+
+
+def _engine(model, tok, policy: str = "fixed:3", **kw) -> Scheduler:
+    return Scheduler(model, tok.mask_token_id, policy=policy, k_max=4, max_batch=4,
+                     eos_ids=[tok.eos_token_id], tokenizer=tok, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "check"),
+    [
+        ("json", COLOR, lambda text: json.loads(text)["color"] in ("red", "green", "blue")),
+        ("regex", r"[a-f]{2}-\d{3}", lambda text: re.fullmatch(r"[a-f]{2}-\d{3}", text)),
+        ("choice", ["yes", "no", "maybe so"], lambda text: text in ("yes", "no", "maybe so")),
+        ("grammar", 'root ::= "x" ("y" | "z")*', lambda text: re.fullmatch("x[yz]*", text)),
+    ],
+)  # fmt: skip
+def test_a_constrained_request_is_ar_decoding_under_its_grammar(tok, model, compiler, kind,
+                                                                  spec, check):  # fmt: skip
+    grammar = compiler.compile(kind, spec, any_whitespace=False)
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    eos = tok.eos_token_id
+    sched = _engine(model, tok)
+    # the constrained request between free ones that draft (fixed:3), all in one batch
+    reqs = [Request(str(i), p, 24, grammar=grammar if i == 1 else None)
+            for i, p in enumerate(prompts)]  # fmt: skip
+    out = run_requests(sched, reqs)
+    ours = out["1"][0]
+    assert ours == constrained_greedy(model, grammar, prompts[1], 24, eos)
+    if ours[-1] == eos:  # the grammar's text is whole: it ended with EOS
+        assert check(tok.decode(ours[:-1])), tok.decode(ours)
+    free = [hf_greedy(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 24,
+                      [eos], 0)[0] for p in prompts]  # fmt: skip
+    for i in (0, 2, 3):
+        assert out[str(i)][0] == free[i], i
+    assert sched.num_running == 0
+
+
+def test_grammars_and_a_logit_bias_share_a_batch(tok, model, compiler):
+    """Rows biased, constrained, both and neither in one batch: each is its own reference (the
+    step adjusts the biased and the constrained rows' logits together)."""
+    grammar = compiler.compile("regex", r"[a-z]{3,12}")
+    bias = {tok.convert_tokens_to_ids("e"): 8.0, tok.convert_tokens_to_ids("q"): 5.0}
+    pairs = list(bias.items())
+    eos = tok.eos_token_id
+    rows = [(None, None), (grammar, None), (None, bias), (grammar, bias)]
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    reqs = [Request(str(i), prompts[i], 16, grammar=g,
+                    sampling=SamplingParams(logit_bias=pairs) if b else None)
+            for i, (g, b) in enumerate(rows)]  # fmt: skip
+    out = run_requests(_engine(model, tok), reqs)
+    for i, (g, b) in enumerate(rows):
+        assert out[str(i)][0] == constrained_greedy(model, g, prompts[i], 16, eos, b), i
+
+
+def test_json_object_and_a_schema_end_with_whole_json(tok, model, compiler):
+    """A random model, its argmax held to the grammar: with room enough it writes the text out."""
+    sched = _engine(model, tok)
+    prompt = tok("hello world")["input_ids"]
+    grammar = compiler.compile("json", COLOR, any_whitespace=False)
+    out = run_requests(sched, [Request("s", prompt, 40, grammar=grammar)])["s"][0]
+    assert out[-1] == tok.eos_token_id
+    value = json.loads(tok.decode(out[:-1]))
+    assert set(value) == {"color", "ok"} and isinstance(value["ok"], bool)
+    grammar = compiler.compile("json_object", None)
+    text_ids = run_requests(sched, [Request("o", prompt, 24, grammar=grammar)])["o"][0]
+    assert tok.decode(text_ids).lstrip().startswith("{")
+
+
+def test_a_sampled_constrained_request_follows_its_grammar(tok, model, compiler):
+    grammar = compiler.compile("regex", r"(ab|cd){2,5}")
+    sched = _engine(model, tok, policy="entropy:4")
+    reqs = [
+        Request(f"r{n}", tok("xyz")["input_ids"], 16, grammar=grammar,
+                sampling=SamplingParams(temperature=1.0, seed=n))
+        for n in range(3)
+    ]  # fmt: skip
+    for n, (toks, *_) in run_requests(sched, reqs).items():
+        text = tok.decode(toks[:-1] if toks[-1] == tok.eos_token_id else toks)
+        assert re.fullmatch(r"(ab|cd){0,5}(a|c)?", text), (n, text)
+
+
+def test_min_tokens_holding_back_the_only_eos_ends_the_text_as_stop(tok, model, compiler):
+    grammar = compiler.compile("choice", ["yes"])
+    sched = _engine(model, tok)
+    events = []
+    sched.submit(Request("m", tok("a")["input_ids"], 12, grammar=grammar,
+                         sampling=SamplingParams(min_tokens=6)))  # fmt: skip
+    while sched.has_work():
+        events += sched.step()
+    assert tok.decode([t for e in events for t in e.tokens]) == "yes"
+    assert events[-1].finished and events[-1].finish_reason == "stop"
+
+
+def test_bad_specs_and_requests_are_clear_errors(tok, model, compiler):
+    with pytest.raises(GrammarError, match="JSON schema does not compile: Unsupported type"):
+        compiler.compile("json", {"type": "nonsense"})
+    with pytest.raises(GrammarError, match=r"regular expression does not compile: .*parenthesis"):
+        compiler.compile("regex", "(ab")
+    with pytest.raises(GrammarError, match="non-empty texts"):
+        compiler.compile("choice", ["a", ""])
+    with pytest.raises(GrammarError, match="unknown grammar kind 'xml'"):
+        compiler.compile("xml", "<a/>")
+    sched = _engine(model, tok)
+    other = GrammarCompiler(tok, model.config.vocab_size + 5).compile("regex", "a+")
+    with pytest.raises(ConfigError, match=r"compiled for .* logits"):
+        sched.submit(Request("v", [1, 2], 4, grammar=other))
+    with pytest.raises(ConfigError, match="no EOS id"):
+        sched.submit(Request("e", [1, 2], 4, grammar=compiler.compile("regex", "a+"), eos_ids=[]))
+
+
+def test_a_constrained_request_in_bfloat16_is_the_bfloat16_reference(tok):
+    """A Qwen3 in bfloat16 (its logits masked in the model's dtype's argmax): the engine, batched
+    with drafting rows, commits what the one-sequence reference commits."""
+    model = build_tiny_model("qwen3", tok, seed=7).to(torch.bfloat16)
+    grammar = GrammarCompiler(tok, model.config.vocab_size).compile(
+        "json", COLOR, any_whitespace=False
+    )
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    reqs = [Request(str(i), p, 40, grammar=grammar if i % 2 else None)
+            for i, p in enumerate(prompts)]  # fmt: skip
+    out = run_requests(_engine(model, tok), reqs)
+    for i in (1, 3):
+        ours = out[str(i)][0]
+        assert ours == constrained_greedy(model, grammar, prompts[i], 40, tok.eos_token_id)
+        assert json.loads(tok.decode(ours[:-1]))["color"] in ("red", "green", "blue")

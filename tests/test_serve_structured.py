@@ -1,0 +1,244 @@
+"""Structured outputs in ``fluid serve`` (``serve/structured.py``, ``serve/tools.py``): the fields a
+client holds an answer to a grammar with — ``response_format``, vLLM's ``structured_outputs``,
+``tool_choice: "required"`` / a named function — checked (a 400 naming the field), compiled and
+decoded by the real engine, driven by the official ``openai`` client (``chat.completions.parse``
+with a pydantic model included)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+from typing import Literal
+
+import openai
+import pytest
+from pydantic import BaseModel
+from test_serve_http import ReasoningScheduler, client, serving
+from test_serve_tools import TEMPLATE, TOOLS, USER
+
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.grammar import GrammarCompiler
+from fluid_npu.sampling.offline import run_requests
+from fluid_npu.sampling.scheduler import Request, Scheduler
+from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.protocol import parse_chat, parse_completion
+from fluid_npu.serve.structured import Constraint, Grammars, request_constraint
+from fluid_npu.serve.tools import ForcedCalls, tool_setting
+
+CITY = [{"type": "function", "function": {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                   "required": ["city"]},
+}}, {"type": "function", "function": {"name": "get_time"}}]  # fmt: skip
+
+
+OBJECT = {"type": "object"}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+class Color(BaseModel):
+    color: Literal["red", "green", "blue"]
+    ok: bool
+
+
+@pytest.mark.parametrize(
+    ("fields", "kind", "spec"),
+    [
+        ({"response_format": {"type": "text"}}, None, None),
+        ({"response_format": {"type": "json_object"}}, "json_object", None),
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "c", "schema": {"type": "object"}, "strict": True}}}, "json", OBJECT),
+        ({"structured_outputs": {"regex": "a+"}}, "regex", "a+"),
+        ({"structured_outputs": {"choice": ["x", "y"]}}, "choice", ["x", "y"]),
+        ({"structured_outputs": {"json": '{"type": "string"}'}}, "json", '{"type": "string"}'),
+        ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "grammar", 'root ::= "a"'),
+    ],
+)  # fmt: skip
+def test_what_a_request_holds_its_output_to(fields, kind, spec):
+    for parse, body in ((parse_chat, {"messages": USER}), (parse_completion, {"prompt": "a"})):
+        c = parse({**body, **fields}).sampling.constraint
+        assert (c and (c.kind, c.spec)) == ((kind, spec) if kind else None), parse
+    flat = request_constraint(None, {"json": {}, "disable_any_whitespace": True})
+    assert flat is not None and not flat.any_whitespace
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"response_format": {"type": "xml"}}, "response_format", '{"type": "json_object"}'),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "c"}}},
+         "response_format", '"schema": a JSON schema object'),
+        ({"response_format": {"type": "json_object", "schema": {}}}, "response_format", "must be"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs",
+         "exactly one of"),
+        ({"structured_outputs": {}}, "structured_outputs", "exactly one of"),
+        ({"structured_outputs": {"regex": 5}}, "structured_outputs", "regex must be a regular"),
+        ({"structured_outputs": {"json_schema": {}}}, "structured_outputs", "['json_schema']"),
+        ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+         "structured_outputs", "give one"),
+        ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "ignore_eos", "ends with"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+         "tool_choice", "cannot also follow"),
+        ({"tools": TOOLS, "tool_choice": "required", "ignore_eos": True}, "ignore_eos",
+         "tool_choice"),
+    ],
+)  # fmt: skip
+def test_malformed_constraints_are_400s_naming_the_field(fields, param, says):
+    with pytest.raises(APIError) as info:
+        parse_chat({"messages": USER, **fields})
+    assert info.value.param == param and says in info.value.message, info.value.message
+
+
+def test_forced_calls_are_decoded_under_the_calls_schema_and_read_back():
+    required = tool_setting(CITY, "required", None, None)
+    c = required.constraint
+    assert c.kind == "json" and c.field == "tool_choice" and c.spec["minItems"] == 1
+    names = [item["properties"]["name"]["enum"] for item in c.spec["items"]["anyOf"]]
+    assert names == [["get_weather"], ["get_time"]] and "maxItems" not in c.spec
+    one = tool_setting(CITY, "required", False, None).constraint
+    assert one.spec["maxItems"] == 1  # parallel_tool_calls: false
+    named = tool_setting(CITY, {"type": "function", "function": {"name": "get_time"}}, None, None)
+    assert named.constraint.spec == {"type": "object"}  # a function without parameters
+    assert named.reader().name == "get_time" and named.parser is None
+
+    def read(reader: ForcedCalls, text: str, parse: bool = True):
+        assert reader.add(text[:5]) == "" and reader.add(text[5:]) == ""  # no content while it runs
+        rest, calls = reader.finish(parse)
+        return rest, [(x["function"]["name"], json.loads(x["function"]["arguments"]))
+                      for x in calls]  # fmt: skip
+
+    text = '[{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "get_time", ' \
+           '"parameters": {}}]'  # fmt: skip
+    assert read(required.reader(), text) == ("", [("get_weather", {"city": "Oslo"}),
+                                                  ("get_time", {})])  # fmt: skip
+    assert required.reader().finish_reason == "tool_calls" and named.reader().finish_reason is None
+    assert read(named.reader(), '{"tz": "UTC"}') == ("", [("get_time", {"tz": "UTC"})])
+    assert read(named.reader(), '{"tz": "UT') == ('{"tz": "UT', [])  # cut short: the text
+    assert read(required.reader(), text, parse=False) == (text, [])  # aborted: the text
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A real Scheduler (entropy drafting) over a random tiny Llama, with a tools template."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.chat_template = TEMPLATE
+    model = build_tiny_model("llama", tok, seed=7)
+    sched = Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=4, max_len=512,
+                      eos_ids=[tok.eos_token_id], tokenizer=tok)  # fmt: skip
+    sched.max_batch, sched.gate = 4, threading.Event()  # (what serving() reads and opens)
+    # a random model's argmax may pick free whitespace forever: the tests bias it away
+    spaces = tok.convert_tokens_to_ids(["Ġ", "Ċ", "ĉ", "č"])
+    return tok, model, sched, {str(t): -100 for t in spaces}
+
+
+def test_structured_outputs_over_the_wire(engine):
+    tok, model, sched, no_spaces = engine
+    greedy = {"model": "tiny", "temperature": 0, "logit_bias": no_spaces}
+    with serving(sched, tokenizer=tok) as (url, _, _):
+        c = client(url)
+        got = c.chat.completions.parse(messages=USER, response_format=Color, max_tokens=60,
+                                       **greedy)  # fmt: skip
+        choice = got.choices[0]
+        assert isinstance(choice.message.parsed, Color) and choice.finish_reason == "stop"
+        assert choice.message.content == choice.message.parsed.model_dump_json()
+        answer = c.chat.completions.create(
+            messages=USER, max_tokens=60, response_format={"type": "json_object"}, **greedy
+        )
+        assert isinstance(json.loads(answer.choices[0].message.content), dict)
+        text = c.completions.create(
+            prompt="abc",
+            max_tokens=20,
+            **greedy,
+            extra_body={"structured_outputs": {"regex": r"\d{3}-[a-z]{2}"}},
+        )
+        assert re.fullmatch(r"\d{3}-[a-z]{2}", text.choices[0].text)
+        # the server decodes what the engine does offline with the same grammar
+        prompt = tok("abc")["input_ids"]
+        grammar = GrammarCompiler(tok, model.config.vocab_size).compile("regex", r"\d{3}-[a-z]{2}")
+        alone = run_requests(sched_copy(model, tok), [Request("a", prompt, 20, grammar=grammar,
+                             sampling=None)])["a"][0]  # fmt: skip
+        assert tok.decode(alone[:-1]) == text.choices[0].text
+        for stream in (False, True):
+            kwargs = dict(
+                messages=USER,
+                max_tokens=20,
+                **greedy,
+                extra_body={"structured_outputs": {"choice": ["alpha", "beta"]}},
+            )
+            if stream:
+                chunks = c.chat.completions.create(**kwargs, stream=True)
+                said = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            else:
+                said = c.chat.completions.create(**kwargs).choices[0].message.content
+            assert said in ("alpha", "beta"), said
+        for body, param, says in (
+            ({"structured_outputs": {"regex": "(a"}}, "structured_outputs",
+             "regular expression does not compile"),
+            ({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "nonsense"}}}}, "response_format",
+             "JSON schema does not compile: Unsupported type"),
+        ):  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as info:
+                c.chat.completions.create(messages=USER, model="tiny", max_tokens=5,
+                                          extra_body=body)  # fmt: skip
+            error = info.value.body
+            assert error["param"] == param and says in error["message"], error
+
+
+def sched_copy(model, tok) -> Scheduler:
+    return Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=2, max_len=512,
+                     eos_ids=[tok.eos_token_id], tokenizer=tok)  # fmt: skip
+
+
+def test_forced_tool_calls_over_the_wire(engine):
+    """``tool_choice: "required"`` / a named function: the answer is a call, streamed or not,
+    without ``--enable-auto-tool-choice``; ``"required"`` ends with ``tool_calls``, a named
+    call with ``stop`` (as the OpenAI API and vLLM)."""
+    tok, _, sched, no_spaces = engine
+    with serving(sched, tokenizer=tok) as (url, _, _):
+        c = client(url)
+        for choice, finish in (("required", "tool_calls"), (NAMED, "stop")):
+            kwargs = {"model": "tiny", "messages": USER, "tools": CITY, "tool_choice": choice,
+                      "max_tokens": 80, "temperature": 0, "logit_bias": no_spaces}  # fmt: skip
+            answer = c.chat.completions.create(**kwargs).choices[0]
+            calls = answer.message.tool_calls
+            assert answer.finish_reason == finish and answer.message.content is None, answer
+            assert calls and calls[0].id.startswith("chatcmpl-tool-")
+            if choice != "required":
+                assert [x.function.name for x in calls] == ["get_weather"]
+            for x in calls:
+                args = json.loads(x.function.arguments)
+                assert x.function.name == "get_time" or args["city"] in ("Paris", "Oslo")
+            chunks = [ch for ch in c.chat.completions.create(**kwargs, stream=True) if ch.choices]
+            streamed = [t for ch in chunks for t in ch.choices[0].delta.tool_calls or []]
+            assert chunks[-1].choices[0].finish_reason == finish
+            assert [(t.function.name, t.function.arguments) for t in streamed] == [
+                (x.function.name, x.function.arguments) for x in calls]  # fmt: skip
+
+
+def test_a_constrained_chat_answer_is_not_split_into_reasoning():
+    """With ``--reasoning-parser`` the grammar holds the whole output: the answer is content, and
+    the engine gets the grammar (the scripted engine answers as told)."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    sched = ReasoningScheduler()
+    sched.output = tok('{"a": 1}', add_special_tokens=False)["input_ids"]
+    with serving(sched, tokenizer=tok, reasoning_parser="qwen3") as (url, _, _):
+        c = client(url)
+        answer = c.chat.completions.create(model="tiny", messages=USER, max_tokens=20,
+                                           response_format={"type": "json_object"})  # fmt: skip
+        assert answer.choices[0].message.content == '{"a": 1}'
+        assert sched.requests[-1].grammar is not None and sched.requests[-1].stop_reset is None
+        plain = c.chat.completions.create(model="tiny", messages=USER, max_tokens=20)
+        assert sched.requests[-1].grammar is None and plain.choices[0].message.content
+
+
+def test_a_server_without_xgrammar_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # (import xgrammar raises ImportError)
+    grammars = Grammars(build_tiny_tokenizer(), 300, [1])
+    with pytest.raises(APIError) as info:
+        grammars.compile(Constraint("regex", "a+", "structured_outputs"))
+    assert info.value.param == "structured_outputs" and info.value.status == 400
+    assert "pip install 'fluid-npu[serve]'" in info.value.message
