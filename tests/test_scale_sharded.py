@@ -11,7 +11,8 @@ Every fused LM-head path runs here with the head sharded (ZeRO-3 partitions it, 
 
 The base has a tokenizer MASK token, so no embedding row is trainable: peft's trainable-token layer
 calls ``torch.cuda.current_device()`` under ZeRO-3 and cannot run on CPU processes.
-DeepSpeed on CPU JIT-compiles its shared-memory collective once (about a minute, then cached).
+DeepSpeed's CPU shared-memory collective (inference only) is not built for these runs
+(``train.common.skip_deepspeed_shm_collective``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def _two_processes(
     ]
     proc = subprocess.run([*cmd, *overrides], env=env, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    # DeepSpeed's CPU inference collective is never built for training (train.common)
+    assert "shm_comm_op built" not in proc.stdout + proc.stderr
     return json.loads((out / "run.json").read_text())
 
 

@@ -101,6 +101,8 @@ def training_arguments(
     )
     if t.deepspeed is not None:
         check_deepspeed_config(t.deepspeed)
+        if choice.type == "cpu":
+            skip_deepspeed_shm_collective()
     kwargs.update(cfg.extra_training_args)
     if evaluate:
         held = has_eval_split(cfg) if held_out is None else held_out
@@ -119,6 +121,16 @@ def requested_parallelism(cfg: FluidConfig) -> dict[str, Any]:
 
 def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
+
+
+def skip_deepspeed_shm_collective() -> None:
+    """DeepSpeed on a CPU JIT-compiles a shared-memory all-reduce when it sets up its process group
+    (about 30 s on two cores, and it needs a C++ compiler). Only its inference all-reduce (tensor-
+    parallel inference) calls it; ZeRO training reduces through torch.distributed (gloo), so the
+    build is skipped by marking the op unavailable, which DeepSpeed's own check reads."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def check_deepspeed_config(path: str) -> None:
