@@ -10,10 +10,15 @@ tokens are exactly those of AR decoding under the grammar, as transformers' ``ge
 grammar logits processor decodes them — lossless against that. The grammar ends with the request's
 EOS token (the only token allowed once the text is complete), so a constrained request needs one.
 
-A constrained row does not draft. The mask of the token after a draft is known only once the
-draft is, on the host, and the step computes drafts and their verify on the device with no host
-read between them; so the row decodes one token per step, its mask built from the step's one
-read-back, while the rows around it keep drafting.
+A constrained row does not take the model's drafts: the mask of the token after a draft is known
+only once the draft is, on the host, and the step computes drafts and their verify on the device
+with no host read between them. Its drafts come from the grammar instead: where the grammar forces
+the next text (a JSON schema's keys and punctuation, a choice's remaining letters), the host puts
+the tokens spelling it (``jump_forward``) as the row's drafts, with the masks of every position
+they lead to (``bitmasks``), before the step; the step verifies them against the masked argmax,
+so a forced run commits in one step and the output is still the model's. A sampling row decodes
+one token per step (the rejection rule's residual assumes drafts drawn from the model). The rows
+around a constrained one keep drafting as before.
 """
 
 from __future__ import annotations
@@ -115,13 +120,42 @@ class GrammarCompiler:
         return Grammar(compiled, self.vocab_size, kind)
 
 
+def jump_forward(matcher: Any, limit: int) -> list[int]:
+    """Up to ``limit`` tokens of the text the grammar forces next (xgrammar's jump-forward tokens:
+    the longest vocabulary tokens spelling it, which may not be how the model would split it).
+    The engine makes them a row's drafts: each is verified against the argmax of the masked
+    logits like any draft, so what is committed stays the model's own choice."""
+    return [] if limit <= 0 else [int(t) for t in matcher.find_jump_forward_tokens()[:limit]]
+
+
+def bitmasks(matchers: Sequence[Any], drafts: list[list[int]], width: int, vocab: int) -> Any:
+    """int32 bitmasks ``[len(matchers), width, ceil(vocab / 32)]``: at position ``j`` of row
+    ``g``, the tokens its grammar allows after the row's first ``j`` drafts (``drafts[g]``),
+    everything past them. A draft the grammar refuses ends the row's list there (``drafts[g]``
+    is cut in place). The matchers end where they began."""
+    out = _xgrammar().allocate_token_bitmask(len(matchers) * width, vocab)  # all allowed
+    for g, (m, ds) in enumerate(zip(matchers, drafts)):
+        taken = 0
+        for j in range(len(ds) + 1):
+            m.fill_next_token_bitmask(out, g * width + j)
+            if j == len(ds) or not m.accept_token(ds[j]):
+                break
+            taken += 1
+        del ds[taken:]
+        if taken:
+            m.rollback(taken)
+    return out.view(len(matchers), width, -1)
+
+
+def unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 bitmasks ``[..., words]`` as bool ``[..., vocab]`` (True: allowed), on their device."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask[..., None] >> bits) & 1).bool().flatten(-2)[..., :vocab]
+
+
 def allowed_tokens(matchers: Sequence[Any], vocab_size: int) -> torch.Tensor:
     """``[len(matchers), vocab_size]`` bool on the CPU: the tokens each matcher allows next."""
-    bitmask = _xgrammar().allocate_token_bitmask(len(matchers), vocab_size)
-    for n, m in enumerate(matchers):
-        m.fill_next_token_bitmask(bitmask, n)
-    bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # lowest bit first
-    return bits.bool().flatten(1)[:, :vocab_size]
+    return unpack(bitmasks(matchers, [[] for _ in matchers], 1, vocab_size)[:, 0], vocab_size)
 
 
 def follow(matcher: Any, tokens: Sequence[int]) -> int | None:

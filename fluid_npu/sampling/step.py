@@ -23,9 +23,10 @@ import torch
 from transformers import PreTrainedModel
 
 from fluid_npu.layout import slot_block
+from fluid_npu.sampling.constrained import ConstrainedMixin
 from fluid_npu.sampling.detok import PROMPT_CONTEXT
 from fluid_npu.sampling.fused import choose_anchors
-from fluid_npu.sampling.grammar import allowed_tokens, follow
+from fluid_npu.sampling.grammar import follow
 from fluid_npu.sampling.kv import ForwardPlan, step_mask
 from fluid_npu.sampling.requests import Event, Slot
 from fluid_npu.sampling.rules import DRAFT, sample, uniform
@@ -41,7 +42,7 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-class StepMixin(SampledMixin):
+class StepMixin(SampledMixin, ConstrainedMixin):
     """The decode step of ``Scheduler`` (which owns the state these methods read and write)."""
 
     # ------------------------------------------------------------------ forwards
@@ -153,6 +154,9 @@ class StepMixin(SampledMixin):
         hi = _pow2(hi) if self._compiled is not None else hi
         hi = min(hi, self.slots_n)
         big_m, n_blocks = self._next_shape
+        # constrained rows (grammar.py): the drafts their grammars force, masks made below
+        constrained, forced = self._constrained_rows(hi)
+        big_m = max([big_m, *map(len, forced)])
         if self._compiled is not None:  # a few shapes for the compiled step; exact sizes else
             big_m = min(_pow2(big_m) if big_m else 0, self.k)
         n_blocks = min(n_blocks, self.anchors) if self.k else 0
@@ -166,6 +170,7 @@ class StepMixin(SampledMixin):
             k = self.budget.choose_length(hi)
             n_blocks = self.budget.choose_blocks(hi, big_m, n_blocks, k)
         dev = self.device
+        allowed = self._grammar_masks(constrained, forced, big_m) if constrained else None
         run = self.run[:hi]
         base = self.length[:hi]
         j = torch.arange(big_m + 1, device=dev)
@@ -194,13 +199,6 @@ class StepMixin(SampledMixin):
         hidden = self._forward(0, ids_t, pos_t, anchor_t, base, compiled=True)
         self.decode_forwards += 1
 
-        # constrained rows (grammar.py) never draft: position 0 is theirs, masked by the grammar
-        constrained = [i for i, s in enumerate(self.slots[:hi])
-                       if s is not None and s.running and s.matcher is not None]  # fmt: skip
-        if constrained:  # (the host builds the masks while the device runs the forward)
-            vocab = self.head.weight.shape[0]
-            matchers = [self.slots[i].matcher for i in constrained]
-            allowed = allowed_tokens(matchers, vocab).to(dev, non_blocking=True)
         ar = self.head.argmax(hidden[:, : big_m + 1])
         logits = None
         if any_sampled or any_lp:
@@ -217,9 +215,9 @@ class StepMixin(SampledMixin):
                 own[pen] = self.penalties.apply(
                     own[pen], drafts[pen_rows], m[pen_rows], pen_rows, count, eos_ids
                 )
-            if constrained:
-                ours = torch.tensor([adjusted.index(i) for i in constrained], device=dev)
-                own[ours, 0] = own[ours, 0].masked_fill(~allowed, -math.inf)
+            if constrained:  # every verified position masked by the row's grammar
+                ours = [adjusted.index(i) for i in constrained]
+                own[ours] = own[ours].masked_fill(~allowed, -math.inf)
             if logits is not None:
                 logits[at] = own
             ar = ar.index_copy(0, at, own.argmax(dim=-1))
