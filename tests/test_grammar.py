@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from test_sampling_lossless import chain_model
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -206,3 +207,19 @@ def test_text_the_grammar_forces_is_drafted_and_commits_in_few_steps(tok, model,
         assert run_requests(sched, [Request("a", prompt, 60, grammar=grammar)])["a"][0] == want
         forwards[policy] = sched.decode_forwards
     assert forwards["ar"] == len(want) and forwards["entropy"] * 5 <= len(want), forwards
+
+
+@pytest.mark.parametrize("pattern", [r"[a-z*]{1,25}", r"yz\*{5}a[*]+"])
+def test_a_constrained_row_takes_the_models_drafts_up_to_what_its_grammar_refuses(tok, pattern):
+    """The chain Llama of test_sampling_lossless drafts its ``*`` runs right: under a grammar
+    that allows them its drafts are taken (few forwards), and where the grammar forces another
+    letter mid-run (``a`` after five stars) the drafts past it are not, and the masked argmax
+    commits the letter. Both equal the one-sequence reference."""
+    model = chain_model(tok, attn_scale=4.0)
+    grammar = GrammarCompiler(tok, model.config.vocab_size).compile("regex", pattern)
+    prompt = tok("xx")["input_ids"]
+    want = constrained_greedy(model, grammar, prompt, 30, tok.eos_token_id)
+    sched = Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=2,
+                      eos_ids=[tok.eos_token_id], tokenizer=tok)  # fmt: skip
+    assert run_requests(sched, [Request("a", prompt, 30, grammar=grammar)])["a"][0] == want
+    assert sched.decode_forwards * 4 <= len(want), (sched.decode_forwards, len(want))

@@ -2,29 +2,49 @@
 masks of the positions a step verifies for them.
 
 ``ConstrainedMixin`` is what ``step.py`` does only when a request follows a grammar: before the
-forward, each running constrained row gets the tokens its grammar forces next as its pending
-drafts (greedy rows, up to the policy's block length; a sampling row none) and the bitmask of
-every position it verifies (after 0, 1, … of those drafts), filled on the host by the row's
-matcher and unpacked on the device. After the forward the masks set every refused token's logit
-to ``-inf``, so the verify accepts a forced draft only where it is the masked argmax.
+forward, each running greedy constrained row gets its pending drafts — the block the model drafted
+for it in the last step (read back with that step's tokens), up to the first token its grammar
+refuses, or the tokens its grammar forces next where those are more — and the bitmask of every
+position it verifies (after 0, 1, … of those drafts), filled on the host by the row's matcher and
+unpacked on the device; a sampling row under a grammar takes no drafts. After the forward the
+masks set every refused token's logit to ``-inf``, so the verify accepts a draft only where it is
+the masked argmax.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fluid_npu.sampling.grammar import bitmasks, jump_forward, unpack
+from fluid_npu.sampling.grammar import bitmasks, jump_forward, unpack, valid_prefix
 
 
 class ConstrainedMixin:
     """Constrained-row bookkeeping of ``Scheduler`` (which owns the slots and their state)."""
 
     def _constrained_rows(self, hi: int) -> tuple[list[int], list[list[int]]]:
-        """The running constrained rows below ``hi`` and the drafts their grammars force."""
+        """The running constrained rows below ``hi`` and their drafts for this step: the longer
+        of the model's (the block the last step drafted, up to the first token the grammar
+        refuses) and the text the grammar forces; none for a sampling row."""
         rows = [i for i, s in enumerate(self.slots[:hi])
                 if s is not None and s.running and s.matcher is not None]  # fmt: skip
-        slots = [self.slots[i] for i in rows]
-        return rows, [jump_forward(s.matcher, self.k if s.params.greedy else 0) for s in slots]
+        drafts = []
+        for i in rows:
+            s = self.slots[i]
+            if not s.params.greedy:
+                drafts.append([])
+                continue
+            model = s.next_drafts[: valid_prefix(s.matcher, s.next_drafts)]
+            forced = jump_forward(s.matcher, self.k)
+            drafts.append(model if len(model) >= len(forced) else forced)
+        return rows, drafts
+
+    def _keep_drafts(self, rows: list[int], packed: list[list[float]], k: int) -> None:
+        """The constrained rows' next drafts, from the step's read (its last ``1 + k`` columns:
+        how many the row keeps, then the drafts)."""
+        for i in rows:
+            row = packed[i]
+            kept = int(row[-k - 1])
+            self.slots[i].next_drafts = [int(t) for t in row[len(row) - k :][:kept]]
 
     def _grammar_masks(self, rows: list[int], drafts: list[list[int]], big_m: int) -> torch.Tensor:
         """The rows' forced ``drafts`` become their pending drafts (cut where a grammar refuses

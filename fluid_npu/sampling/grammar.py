@@ -10,15 +10,15 @@ tokens are exactly those of AR decoding under the grammar, as transformers' ``ge
 grammar logits processor decodes them — lossless against that. The grammar ends with the request's
 EOS token (the only token allowed once the text is complete), so a constrained request needs one.
 
-A constrained row does not take the model's drafts: the mask of the token after a draft is known
-only once the draft is, on the host, and the step computes drafts and their verify on the device
-with no host read between them. Its drafts come from the grammar instead: where the grammar forces
-the next text (a JSON schema's keys and punctuation, a choice's remaining letters), the host puts
-the tokens spelling it (``jump_forward``) as the row's drafts, with the masks of every position
-they lead to (``bitmasks``), before the step; the step verifies them against the masked argmax,
-so a forced run commits in one step and the output is still the model's. A sampling row decodes
-one token per step (the rejection rule's residual assumes drafts drawn from the model). The rows
-around a constrained one keep drafting as before.
+A greedy constrained row drafts as any row does, but the mask at a draft's successor depends on
+the draft, so its drafts are read back with the step that made them and the host checks them
+before the step that verifies them (``constrained.py``): cut at the first token the grammar
+refuses (``valid_prefix``), or replaced by the tokens spelling the text the grammar forces next
+where those are more (``jump_forward``), with the masks of every position they lead to
+(``bitmasks``). The verify accepts a draft only where it is the masked argmax, so a forced or
+predicted run commits in one step and the output is still the model's. A sampling row decodes one
+token per step (its drafts cut where a drawn one is refused would break the rejection rule's
+residual). The rows around a constrained one draft as before.
 """
 
 from __future__ import annotations
@@ -126,6 +126,16 @@ def jump_forward(matcher: Any, limit: int) -> list[int]:
     The engine makes them a row's drafts: each is verified against the argmax of the masked
     logits like any draft, so what is committed stays the model's own choice."""
     return [] if limit <= 0 else [int(t) for t in matcher.find_jump_forward_tokens()[:limit]]
+
+
+def valid_prefix(matcher: Any, tokens: Sequence[int]) -> int:
+    """How many of ``tokens`` the grammar takes from the matcher's state (which is kept)."""
+    n = 0
+    while n < len(tokens) and matcher.accept_token(tokens[n]):
+        n += 1
+    if n:
+        matcher.rollback(n)
+    return n
 
 
 def bitmasks(matchers: Sequence[Any], drafts: list[list[int]], width: int, vocab: int) -> Any:

@@ -71,6 +71,7 @@ class Slot:
     prompt_lps: list[PromptLogprob] | None = None
     new: list[int] = field(default_factory=list)
     matcher: Any = None  # with a grammar: its state after the committed tokens (grammar.py)
+    next_drafts: list[int] = field(default_factory=list)  # a constrained row's, as last read
 
     def written(self) -> list[int]:
         """The tokens whose keys and values its slot holds at indices ``0 …``: prompt and output

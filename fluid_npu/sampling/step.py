@@ -303,8 +303,9 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                 # wide step per probe interval for the batch, not one per row
                 draft_on = worth | probe | (self.temp[:hi] > 0)
                 cand_next = torch.where(draft_on[:, None], cand_next, -1)
-        if constrained:
-            cand_next[torch.tensor(constrained, device=dev)] = -1
+        sampled_rules = [i for i in constrained if not self.slots[i].params.greedy]
+        if sampled_rules:  # (constrained.py: a sampling row under a grammar takes no drafts)
+            cand_next[torch.tensor(sampled_rules, device=dev)] = -1
         self.m[:hi] = m_next
         self.cand[:hi] = cand_next
         # the step's one host read: per row take, done, accepted, drafted, tokens; then the shape
@@ -331,11 +332,15 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                 top = lp.topk(n_top, dim=-1)
                 parts += [top.indices.flatten(1).double(), top.values.flatten(1).double()]
             packed_t = torch.cat(parts, dim=1)
+        if constrained and k:  # their next drafts, which their masks are built through
+            packed_t = torch.cat([packed_t, m_next[:, None], self.drafts[:hi, :k]], dim=1)
         packed = packed_t.tolist()
         if self._compiled is None or _compiles() == compiles:  # a step that compiled is no cost
             self.budget.record(hi, width, time.perf_counter() - t0)
         width_int = 4 + big_m + 1 + 2  # the two shape columns end here; two block columns follow
         self._next_shape = (int(packed[0][width_int - 2]), int(packed[0][width_int - 1]))
+        if constrained and k:
+            self._keep_drafts(constrained, packed, k)
         events = self._events(packed, hi, big_m, k, n_top)
         if self.adaptive and not self._prior_replaced and self.budget.has_history():
             # the first requests started on the optimistic prior (K); now that verifies tell what
@@ -379,7 +384,8 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                     lps = None if lps is None else lps[:cut]
                     tops = None if tops is None else tops[:cut]
             hit = int(row[4 + w + 3])
-            if s.params.greedy:  # what greedy drafts earn (a sampling row's rejection rule differs)
+            if s.params.greedy and s.matcher is None:  # what greedy drafts earn (a sampling
+                # row's rejection rule differs; a constrained row's drafts are often forced)
                 if m and s.drafted:  # a verify of drafts from a block of s.drafted slots
                     self.budget.observe(s.drafted, a)
                 self.budget.observe_blocks(int(row[4 + w + 2]), hit)
