@@ -146,16 +146,24 @@ def test_a_sampled_constrained_request_follows_its_grammar(tok, model, compiler)
         assert re.fullmatch(r"(ab|cd){0,5}(a|c)?", text), (n, text)
 
 
-def test_min_tokens_holding_back_the_only_eos_ends_the_text_as_stop(tok, model, compiler):
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_holding_back_the_only_eos_ends_the_text_as_stop(tok, model, compiler,
+                                                                     temperature):  # fmt: skip
+    """A complete text whose only next token, EOS, ``min_tokens`` holds back: greedy (the argmax
+    is refused) or sampling (nothing to draw), the request ends there as "stop", its
+    log-probabilities as many as its tokens."""
     grammar = compiler.compile("choice", ["yes"])
     sched = _engine(model, tok)
+    params = SamplingParams(min_tokens=6, temperature=temperature, seed=3, logprobs=True,
+                            top_logprobs=2)  # fmt: skip
     events = []
-    sched.submit(Request("m", tok("a")["input_ids"], 12, grammar=grammar,
-                         sampling=SamplingParams(min_tokens=6)))  # fmt: skip
+    sched.submit(Request("m", tok("a")["input_ids"], 12, grammar=grammar, sampling=params))
     while sched.has_work():
         events += sched.step()
     assert tok.decode([t for e in events for t in e.tokens]) == "yes"
     assert events[-1].finished and events[-1].finish_reason == "stop"
+    for e in events:
+        assert len(e.logprobs) == len(e.top_logprobs) == len(e.tokens), e
 
 
 def test_bad_specs_and_requests_are_clear_errors(tok, model, compiler):
@@ -163,6 +171,9 @@ def test_bad_specs_and_requests_are_clear_errors(tok, model, compiler):
         compiler.compile("json", {"type": "nonsense"})
     with pytest.raises(GrammarError, match=r"regular expression does not compile: .*parenthesis"):
         compiler.compile("regex", "(ab")
+    with pytest.raises(GrammarError, match=r"regular expression accepts no text"):
+        compiler.compile("regex", r"[^\s\S]")
+    assert compiler.compile("regex", "").kind == "regex"  # the empty text: EOS at once
     with pytest.raises(GrammarError, match="non-empty texts"):
         compiler.compile("choice", ["a", ""])
     with pytest.raises(GrammarError, match="unknown grammar kind 'xml'"):

@@ -82,6 +82,9 @@ def test_bench_serve_flag_errors(capsys, tmp_path):
     assert "--chat-template configure the servers" in msg
     msg = _error(capsys, [*url, "--dtype", "bfloat16", "--compile", "--max-batch", "4"])
     assert "--dtype, --max-batch, --compile configure" in msg
+    for bad_json in ("[1]", "{regex"):
+        msg = _error(capsys, [*url, "--structured-outputs", bad_json])
+        assert "--structured-outputs takes a JSON object" in msg
     bad = _prompts(tmp_path, [{"text": "abc"}])
     msg = _error(capsys, ["bench", "serve", "--prompts", bad, "--json", "r", "--url", "http://x"])
     assert 'prompts.jsonl:1: each line needs "prompt" (text), "input_ids"' in msg
@@ -135,6 +138,13 @@ def test_bench_serve_sends_conversations_to_the_chat_route(tmp_path):
                 "--num-requests", "3", "--max-tokens", "8", "--warmup", "0",
                 "--rounds", "1"]  # fmt: skip
         assert main(argv) == 0
+        assert all(r.grammar is None for r in sched.requests)
+        # every request held to --structured-outputs (vLLM's field); the command keeps its quotes
+        assert main([*argv, "--structured-outputs", '{"choice": ["yes sir", "no"]}']) == 0
+        assert all(r.grammar is not None for r in sched.requests[3:])
+        assert "--structured-outputs '{\"choice\": [\"yes sir\", \"no\"]}'" in json.loads(
+            out.read_text())["command"]  # fmt: skip
+        del sched.requests[3:]
     assert json.loads(out.read_text())["results"]["server"]["completed"] == 3
     sent = sorted(r.prompt for r in sched.requests)
     expected = [chat_ids(tok, chat), tok("abc")["input_ids"], chat_ids(tok, chat, tools=tools)]

@@ -242,3 +242,52 @@ def test_a_server_without_xgrammar_says_how_to_get_it(monkeypatch):
         grammars.compile(Constraint("regex", "a+", "structured_outputs"))
     assert info.value.param == "structured_outputs" and info.value.status == 400
     assert "pip install 'fluid-npu[serve]'" in info.value.message
+
+
+def test_forced_call_schemas_keep_references_and_object_arguments():
+    """A tool made from a nested pydantic model (its ``$defs``) and one with ``parameters: {}``:
+    under ``"required"`` the definitions move to the list's root, where their references point,
+    and arguments are always an object (OpenAI's rule), never any JSON value."""
+
+    class Inner(BaseModel):
+        city: str
+
+    class Outer(BaseModel):
+        where: Inner
+
+    tools = [openai.pydantic_function_tool(Outer, name="go"),
+             {"type": "function", "function": {"name": "ping", "parameters": {}}}]  # fmt: skip
+    assert "$defs" in tools[0]["function"]["parameters"]
+    tok = build_tiny_tokenizer(mask_token=True)
+    compiler = GrammarCompiler(tok, len(tok))
+
+    def takes(setting, text: str) -> bool:
+        c = setting.constraint
+        matcher = compiler.compile(c.kind, c.spec).matcher([tok.eos_token_id])
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    required = tool_setting(tools, "required", None, None)
+    assert "$defs" in required.constraint.spec  # (gathered at the root)
+    assert takes(required, '[{"name": "go", "parameters": {"where": {"city": "Oslo"}}}, '
+                           '{"name": "ping", "parameters": {}}]')  # fmt: skip
+    assert not takes(required, '[{"name": "go", "parameters": {"where": 5}}]')
+    assert not takes(required, '[{"name": "ping", "parameters": 666}]')
+    ping = tool_setting(tools, {"type": "function", "function": {"name": "ping"}}, None, None)
+    assert takes(ping, "{}") and not takes(ping, "666")
+    clash = [tools[0], {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "$defs": {"Inner": {"type": "integer"}}}}}]  # fmt: skip
+    with pytest.raises(APIError, match="define \\$defs 'Inner' differently"):
+        _ = tool_setting(clash, "required", None, None).constraint
+
+
+def test_forced_arguments_are_the_models_text_and_always_valid_json():
+    named = tool_setting(CITY, {"type": "function", "function": {"name": "get_time"}}, None, None)
+    reader = named.reader()
+    reader.add(' {"at": 1e5} ')
+    _, calls = reader.finish()
+    assert calls[0]["function"]["arguments"] == '{"at": 1e5}'  # as written (vLLM's)
+    for reader, text in ((named.reader(), '{"at": 1e999}'),
+                         (tool_setting(CITY, "required", None, None).reader(),
+                          '[{"name": "get_time", "parameters": {"at": 1e999}}]')):  # fmt: skip
+        reader.add(text)  # a number JSON cannot write back (infinite): the text, no calls
+        assert reader.finish() == (text, [])

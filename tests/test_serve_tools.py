@@ -47,6 +47,7 @@ TEMPLATE = (
 )
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 DEEP = '<tool_call>\n{"name": "f", "arguments": {"x": ' + "[" * 3000
+INF = '<tool_call>{"name": "f", "arguments": {"x": 1e999}}</tool_call>'
 HUGE = '<tool_call>{"name": "f", "arguments": {"x": ' + "1" * 5000 + "}}</tool_call>"
 
 
@@ -72,6 +73,7 @@ def arguments(found: list[dict[str, Any]]) -> list[tuple[str, Any]]:
         (CALL + "\nThat is all.", "", [("get_weather", {"city": "Paris"})]),  # (as vLLM)
         (CALL[: -len("</tool_call>")], "", [("get_weather", {"city": "Paris"})]),  # cut, JSON whole
         (CALL[:30], CALL[:30], []),  # cut inside the JSON: not a call, the text as it is
+        (INF, INF, []),  # a number JSON cannot write back as arguments: the text as it is
         ("a <tool> b <tool_call", "a <tool> b <tool_call", []),
         ('<tool_call>{"name": "f"}</tool_call>', '<tool_call>{"name": "f"}</tool_call>', []),
         (CALL + '<tool_call>["x"]</tool_call>', CALL + '<tool_call>["x"]</tool_call>', []),

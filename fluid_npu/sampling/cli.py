@@ -21,6 +21,7 @@ the CPU) names the device type to run on; one that is not available is a ``Confi
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -422,7 +423,7 @@ def command_line(words: Sequence[str], args: argparse.Namespace, keys: Sequence[
             continue
         parts.append(f"--{key.replace('_', '-')}")
         if isinstance(value, (list, tuple)):
-            parts += [str(v) for v in value]
+            parts += [shlex.quote(str(v)) for v in value]
         elif value is not True:
-            parts.append(str(value))
+            parts.append(shlex.quote(str(value)))  # (a JSON value's quotes and spaces kept)
     return " ".join(parts)

@@ -13,9 +13,11 @@ the masked argmax.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from fluid_npu.sampling.grammar import bitmasks, jump_forward, unpack, valid_prefix
+from fluid_npu.sampling.grammar import bitmasks, follow, jump_forward, unpack, valid_prefix
 
 
 class ConstrainedMixin:
@@ -37,6 +39,23 @@ class ConstrainedMixin:
             forced = jump_forward(s.matcher, self.k)
             drafts.append(model if len(model) >= len(forced) else forced)
         return rows, drafts
+
+    def _follow(
+        self, s: Any, toks: list[int], lps: list | None, tops: list | None, done: int
+    ) -> tuple[list[int], list | None, list | None, int]:
+        """A constrained row's committed tokens through its matcher (``grammar.follow``). A row
+        whose grammar left no token it could take — the EOS that alone completes its text held
+        back by ``min_tokens``: a greedy row's argmax is then refused, a sampling row's draw
+        finds nothing (``done`` 2) — ends before it, as "stop" when its text is complete, else
+        as "error"."""
+        refused = follow(s.matcher, toks)
+        if refused is None and done != 2:
+            return toks, lps, tops, done
+        cut = len(toks) if refused is None else refused
+        s.stopped = s.matcher.is_completed()
+        lps = None if lps is None else lps[:cut]
+        tops = None if tops is None else tops[:cut]
+        return toks[:cut], lps, tops, 1 if s.stopped else 2
 
     def _keep_drafts(self, rows: list[int], packed: list[list[float]], k: int) -> None:
         """The constrained rows' next drafts, from the step's read (its last ``1 + k`` columns:

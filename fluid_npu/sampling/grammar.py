@@ -33,6 +33,7 @@ import torch
 
 from fluid_npu.errors import ConfigError
 
+CACHE_BYTES = 512 << 20  # compiled grammars kept for reuse
 KINDS = ("json", "json_object", "regex", "choice", "grammar")  # vLLM's structured_outputs keys
 WHAT = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regular expression",
         "choice": "choice", "grammar": "grammar"}  # fmt: skip
@@ -85,7 +86,9 @@ class GrammarCompiler:
             tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids) or None
         )
         self.vocab_size = vocab_size
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self.stop_ids = list(info.stop_token_ids)
+        # compiled grammars are kept up to a bound (vLLM's default), not for every schema ever sent
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
 
     def compile(self, kind: str, spec: Any, *, any_whitespace: bool = True) -> Grammar:
         """``spec`` under ``kind``: ``json`` (a JSON schema, as a dict or its text),
@@ -117,7 +120,10 @@ class GrammarCompiler:
             raise
         except (RuntimeError, ValueError, TypeError) as exc:
             raise GrammarError(f"the {WHAT[kind]} does not compile: {_reason(exc)}") from None
-        return Grammar(compiled, self.vocab_size, kind)
+        grammar = Grammar(compiled, self.vocab_size, kind)
+        if not allowed_tokens([grammar.matcher(self.stop_ids)], self.vocab_size).any():
+            raise GrammarError(f"the {WHAT[kind]} accepts no text (not even an empty one)")
+        return grammar
 
 
 def jump_forward(matcher: Any, limit: int) -> list[int]:

@@ -26,7 +26,6 @@ from fluid_npu.layout import slot_block
 from fluid_npu.sampling.constrained import ConstrainedMixin
 from fluid_npu.sampling.detok import PROMPT_CONTEXT
 from fluid_npu.sampling.fused import choose_anchors
-from fluid_npu.sampling.grammar import follow
 from fluid_npu.sampling.kv import ForwardPlan, step_mask
 from fluid_npu.sampling.requests import Event, Slot
 from fluid_npu.sampling.rules import DRAFT, sample, uniform
@@ -373,10 +372,8 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                         [(int(ids[t * n_top + r]), vals[t * n_top + r]) for r in range(n)]
                         for t in range(take)
                     ]
-            refused = None if s.matcher is None else follow(s.matcher, toks)
-            if refused is not None:  # (grammar.follow) the row ends before that token
-                s.stopped = s.matcher.is_completed()
-                toks, done = toks[:refused], 1 if s.stopped else 2
+            if s.matcher is not None:  # (grammar.follow) a refused token ends the row before it
+                toks, lps, tops, done = self._follow(s, toks, lps, tops, done)
             if s.req.stop and toks:
                 cut = self._stop_cut(s, toks)
                 if cut is not None:

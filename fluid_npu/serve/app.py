@@ -101,8 +101,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     # prompts are tokenized here, off the event loop (the module docstring); the thread starts
     # with the first request
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-tokenize")
-    # structured outputs: compiled in that thread too, by a compiler made at the first one
+    # structured outputs: compiled in a thread of their own (a slow schema holds up no prompt),
+    # by a compiler made at the first one
     grammars = Grammars(tokenizer, config.vocab_size or len(tokenizer), worker.scheduler.eos_ids)
+    compiling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-grammar")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,7 +114,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             print(banner, file=sys.stderr, flush=True)
         yield
         worker.stop()
-        tokenizing.shutdown(wait=False, cancel_futures=True)
+        for pool in (tokenizing, compiling):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="fluid serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
@@ -319,7 +322,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
         grammar = None
         if req.sampling.constraint is not None:
-            grammar = await loop.run_in_executor(tokenizing, grammars.compile,
+            grammar = await loop.run_in_executor(compiling, grammars.compile,
                                                  req.sampling.constraint)  # fmt: skip
         return await generate(request, request.url.path, shapes, prompts, req.sampling, arrived,
                               texts, tools, grammar)  # fmt: skip

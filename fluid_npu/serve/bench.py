@@ -40,9 +40,10 @@ from fluid_npu.serve.launch import ServerProcess
 
 BENCH_KEYS = (
     "model", "adapter", "khead", "url", "policies", "prompts", "json", "num_requests", "rate",
-    "concurrency", "max_tokens", "ignore_eos", "chat", "warmup", "rounds", "seed", "dtype",
-    "device", "max_batch", "max_len", "compile", "mask_token", "no_adaptive_drafting", "threads",
-    "no_enable_prefix_caching", "prefix_cache_slots", "data_parallel_size",
+    "concurrency", "max_tokens", "ignore_eos", "chat", "structured_outputs", "warmup", "rounds",
+    "seed", "dtype", "device", "max_batch", "max_len", "compile", "mask_token",
+    "no_adaptive_drafting", "threads", "no_enable_prefix_caching", "prefix_cache_slots",
+    "data_parallel_size",
 )  # fmt: skip
 PERCENTILES = (50, 90, 99)
 GOAL_VS_AR = 3.0
@@ -60,6 +61,7 @@ class ServeBenchSettings:
     max_tokens: int = 128
     ignore_eos: bool = False
     chat: bool = False
+    structured_outputs: dict[str, Any] | None = None  # sent with every request (vLLM's field)
     warmup: int = 4
     rounds: int = 4
     seed: int = 0
@@ -137,6 +139,8 @@ async def _one(
     )
     if s.ignore_eos:  # not an OpenAI field: sent only when asked for (vLLM and fluid serve know it)
         body["ignore_eos"] = True
+    if s.structured_outputs is not None:
+        body["structured_outputs"] = s.structured_outputs
     rec: dict[str, Any] = {"chunks": [], "text": "", "usage": None, "error": None}
     start = time.perf_counter()
     try:

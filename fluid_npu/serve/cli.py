@@ -14,7 +14,9 @@ or loads a running server given by ``--url`` (whose own settings hold: a server 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from typing import Any
 
 from fluid_npu.demo.pipeline import _positive  # the same integers as the demo's --threads
 from fluid_npu.errors import ConfigError
@@ -207,6 +209,12 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
     s.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-tokens each")
     s.add_argument("--chat", action="store_true", help="send prompts to /v1/chat/completions")
+    s.add_argument(
+        "--structured-outputs",
+        default=None,
+        metavar="JSON",
+        help='vLLM\'s structured_outputs sent with every request, e.g. \'{"regex": "[0-9]+"}\'',
+    )
     s.add_argument("--warmup", type=int, default=4, help="untimed requests first, per server")
     s.add_argument("--rounds", type=int, default=4, help="slices visiting the servers in turn")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
@@ -250,6 +258,7 @@ def bench_serve_command(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
         chat=args.chat,
+        structured_outputs=_json_object(args.structured_outputs, "--structured-outputs"),
         warmup=args.warmup,
         rounds=args.rounds,
         seed=args.seed,
@@ -259,6 +268,19 @@ def bench_serve_command(args: argparse.Namespace) -> int:
     )
     report = run_serve_bench(settings)
     return 1 if report["failed_requests"] else 0
+
+
+def _json_object(text: str | None, flag: str) -> dict[str, Any] | None:
+    """A flag's JSON object (None: not given); anything else is a ``ConfigError`` naming it."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} takes a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f'{flag} takes a JSON object, e.g. \'{{"regex": "[0-9]+"}}\'')
+    return value
 
 
 def _server_args(args: argparse.Namespace) -> list[str]:

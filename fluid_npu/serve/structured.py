@@ -12,9 +12,10 @@ grammar, checked here and compiled for the engine (``sampling/grammar.py``), as 
   decoded under the schema of a list of calls, or of the named function's arguments.
 
 Both routes take the first two (vLLM's completions route takes them too); a request gives at
-most one of the three. A spec is compiled off the event loop, in the thread that tokenizes, and
-compiled specs are cached, so a schema sent again costs nothing; one that does not compile is a
-400 naming its field. The grammar ends with EOS, so ``ignore_eos`` is refused with it.
+most one of the three. A spec is compiled off the event loop, in a thread of its own, and
+compiled specs are cached (up to 512 MiB, as vLLM bounds it), so a schema sent again costs
+nothing; one that does not compile, or accepts no text, is a 400 naming its field. The grammar
+ends with EOS, so ``ignore_eos`` is refused with it.
 
 The engine decodes a constrained request one token per step (no drafts: ``grammar.py`` says why)
 while the requests around it keep drafting; its tokens are AR decoding under the grammar. With

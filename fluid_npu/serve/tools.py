@@ -55,7 +55,12 @@ from fluid_npu.sampling.tooluse import check_tools
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.structured import Constraint
 
-ANY_OBJECT = {"type": "object"}  # the arguments of a function that declares no parameters
+
+def _arguments(fn: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a function's arguments: always an object (OpenAI's rule), so a function
+    that declares none, or ``{}``, takes one with any fields."""
+    params = fn.get("parameters") or {}
+    return params if params.get("type") == "object" else {"type": "object", **params}
 
 
 @dataclass(frozen=True)
@@ -133,24 +138,28 @@ class ToolSetting:
 
     @property
     def constraint(self) -> Constraint | None:
-        """The schema a forced call is decoded under (None: not forced)."""
+        """The schema a forced call is decoded under (None: not forced): the named function's
+        arguments, or a list of ``{"name", "parameters"}`` calls of the offered functions, their
+        ``$defs`` gathered at the list's root, where their ``#/$defs/...`` references point."""
         if self.forced is None or self.tools is None:
             return None
         fns = {t["function"]["name"]: t["function"] for t in self.tools}
         if self.forced != "required":
-            return Constraint("json", fns[self.forced].get("parameters", ANY_OBJECT), "tool_choice")
-        calls = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "enum": [name]},
-                    "parameters": fn.get("parameters", ANY_OBJECT),
-                },
-                "required": ["name", "parameters"],
-            }
-            for name, fn in fns.items()
-        ]
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+            return Constraint("json", _arguments(fns[self.forced]), "tool_choice")
+        calls, defs = [], {}
+        for name, fn in fns.items():
+            params = dict(_arguments(fn))
+            for key in ("$defs", "definitions"):
+                for ref, sub in (params.pop(key, None) or {}).items():
+                    if defs.setdefault(key, {}).setdefault(ref, sub) != sub:
+                        raise APIError(
+                            f"tool_choice 'required': two tools define {key} {ref!r} "
+                            "differently; rename one",
+                            param="tool_choice",
+                        )
+            item = {"name": {"type": "string", "enum": [name]}, "parameters": params}
+            calls.append({"type": "object", "properties": item, "required": list(item)})
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **defs}
         if not self.parallel:
             schema["maxItems"] = 1
         return Constraint("json", schema, "tool_choice")
@@ -234,25 +243,37 @@ class ForcedCalls:
 
     def finish(self, parse: bool = True) -> tuple[str, list[dict[str, Any]]]:
         given = _json(self.held) if parse else None
-        if self.name is not None:
-            found = [{"name": self.name, "arguments": given}] if isinstance(given, dict) else []
+        if self.name is not None:  # the arguments as the model wrote them (vLLM's)
+            if not isinstance(given, dict) or _text(given) is None:
+                return self.held, []
+            return "", [_call(self.name, self.held.strip())]
         else:
             found = [
                 {"name": c["name"], "arguments": c["parameters"]}
                 for c in (given if isinstance(given, list) else [])
                 if isinstance(c, dict) and isinstance(c.get("parameters"), dict)
             ]
-        if not found:  # cut short (max_tokens, a stop string, an abort): the text as it came
+        texts = [_text(c["arguments"]) for c in found]
+        if not found or None in texts:  # cut short (max_tokens, a stop string, an abort): text
             return self.held, []
-        return "", [_call(c["name"], c["arguments"]) for c in found]
+        return "", [_call(c["name"], t) for c, t in zip(found, texts)]
 
 
-def _call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """A tool call as the API returns it: an id (vLLM's form), arguments as JSON text."""
+def _text(arguments: Any) -> str | None:
+    """Arguments as JSON text; None for a value JSON cannot write back (a number that read as
+    infinite)."""
+    try:
+        return json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return None
+
+
+def _call(name: str, arguments: str) -> dict[str, Any]:
+    """A tool call as the API returns it: an id (vLLM's form), its arguments' JSON text."""
     return {
         "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
         "type": "function",
-        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+        "function": {"name": name, "arguments": arguments},
     }
 
 
@@ -330,5 +351,8 @@ def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
             call["arguments"] = _json(call["arguments"])
         if not isinstance(call.get("arguments"), dict):
             return None
-        calls.append(_call(call["name"], call["arguments"]))
+        text = _text(call["arguments"])
+        if text is None:
+            return None
+        calls.append(_call(call["name"], text))
     return calls or None
