@@ -13,7 +13,14 @@ from test_sampling_lossless import chain_model
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
-from fluid_npu.sampling.grammar import GrammarCompiler, GrammarError, allowed_tokens
+from fluid_npu.sampling.grammar import (
+    GrammarCompiler,
+    GrammarError,
+    allowed_tokens,
+    bitmasks,
+    unpack,
+    valid_prefix,
+)
 from fluid_npu.sampling.lossless import hf_greedy
 from fluid_npu.sampling.offline import run_requests
 from fluid_npu.sampling.rules import SamplingParams
@@ -234,3 +241,21 @@ def test_a_constrained_row_takes_the_models_drafts_up_to_what_its_grammar_refuse
                       eos_ids=[tok.eos_token_id], tokenizer=tok)  # fmt: skip
     assert run_requests(sched, [Request("a", prompt, 30, grammar=grammar)])["a"][0] == want
     assert sched.decode_forwards * 4 <= len(want), (sched.decode_forwards, len(want))
+
+
+def test_drafts_past_a_stop_token_end_at_it(tok, compiler):
+    """A model's drafts may run past EOS (the demo's do): the grammar takes them up to the EOS
+    and nothing after it (a terminated matcher takes no token), and the matcher is left as it
+    was."""
+    grammar = compiler.compile("choice", ["ab"])
+    matcher = grammar.matcher([tok.eos_token_id])
+    a, b = tok.convert_tokens_to_ids(["a", "b"])
+    drafts = [a, b, tok.eos_token_id, a, b]
+    assert valid_prefix(matcher, drafts) == 3
+    masks = bitmasks([matcher], [drafts], 6, len(tok))
+    assert drafts == [a, b, tok.eos_token_id]  # (cut in place)
+    allowed = unpack(masks, len(tok))[0]
+    assert allowed[0].nonzero().flatten().tolist() == [a]
+    assert allowed[2].nonzero().flatten().tolist() == [tok.eos_token_id]
+    assert allowed[3].all()  # past the stop token: never committed, left open
+    assert not matcher.is_terminated() and valid_prefix(matcher, drafts) == 3

@@ -137,8 +137,8 @@ def jump_forward(matcher: Any, limit: int) -> list[int]:
 def valid_prefix(matcher: Any, tokens: Sequence[int]) -> int:
     """How many of ``tokens`` the grammar takes from the matcher's state (which is kept)."""
     n = 0
-    while n < len(tokens) and matcher.accept_token(tokens[n]):
-        n += 1
+    while n < len(tokens) and not matcher.is_terminated() and matcher.accept_token(tokens[n]):
+        n += 1  # (nothing follows a stop token)
     if n:
         matcher.rollback(n)
     return n
@@ -153,6 +153,8 @@ def bitmasks(matchers: Sequence[Any], drafts: list[list[int]], width: int, vocab
     for g, (m, ds) in enumerate(zip(matchers, drafts)):
         taken = 0
         for j in range(len(ds) + 1):
+            if m.is_terminated():  # a stop token ended the drafts: nothing follows it
+                break
             m.fill_next_token_bitmask(out, g * width + j)
             if j == len(ds) or not m.accept_token(ds[j]):
                 break
