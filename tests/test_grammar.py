@@ -51,10 +51,12 @@ def compiler(tok, model):
 
 
 def constrained_greedy(model, grammar, prompt: list[int], max_new: int, eos: int,
-                       bias: dict[int, float] | None = None) -> list[int]:  # fmt: skip
+                       bias: dict[int, float] | None = None,
+                       after: int | None = None) -> list[int]:  # fmt: skip
     """The reference: transformers' forward over the whole sequence each step, ``bias`` added
-    and the grammar's mask (None: no grammar) on the last logits, their argmax (what
-    ``generate`` with a bias and a grammar logits processor does)."""
+    and the grammar's mask (None: no grammar; with ``after``, once that token is out) on the
+    last logits, their argmax (what ``generate`` with a bias and a grammar logits processor
+    does)."""
     matcher = None if grammar is None else grammar.matcher([eos])
     ids, out = list(prompt), []
     with torch.no_grad():
@@ -62,11 +64,12 @@ def constrained_greedy(model, grammar, prompt: list[int], max_new: int, eos: int
             logits = model(torch.tensor([ids])).logits[0, -1].float()
             for t, b in (bias or {}).items():
                 logits[t] += b
-            if matcher is not None:
+            held = matcher is not None and (after is None or after in out)
+            if held:
                 allowed = allowed_tokens([matcher], logits.shape[-1])[0]
                 logits = logits.masked_fill(~allowed, -torch.inf)
             t = int(logits.argmax())
-            assert matcher is None or matcher.accept_token(t)
+            assert not held or matcher.accept_token(t)
             out.append(t)
             ids.append(t)
             if t == eos:
@@ -259,3 +262,39 @@ def test_drafts_past_a_stop_token_end_at_it(tok, compiler):
     assert allowed[2].nonzero().flatten().tolist() == [tok.eos_token_id]
     assert allowed[3].all()  # past the stop token: never committed, left open
     assert not matcher.is_terminated() and valid_prefix(matcher, drafts) == 3
+
+
+def test_a_grammar_after_a_marker_holds_only_what_follows_it(tok):
+    """``Request.grammar_after`` (a reasoning parser's closing marker): the tokens up to the
+    marker are free (and drafted as any row's), the grammar holds the rest — in one batch with a
+    row constrained from its start and a free one, greedy rows equal to the reference, a sampling
+    row's answer within its grammar. The chain Llama runs ``d e f ...`` from ``abc``; ``g`` plays
+    the marker."""
+    model = chain_model(tok, attn_scale=4.0)
+    compiler = GrammarCompiler(tok, model.config.vocab_size)
+    marker = tok.convert_tokens_to_ids("g")
+    eos = tok.eos_token_id
+    ok = compiler.compile("choice", ["ok"])
+    letters = compiler.compile("regex", "[a-z]{2,6}")
+    prompt = tok("abc")["input_ids"]
+    rows = [(ok, marker), (letters, None), (None, None), (letters, marker)]
+    reqs = [Request(str(n), prompt, 20, grammar=g, grammar_after=m)
+            for n, (g, m) in enumerate(rows)]  # fmt: skip
+    sched = Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=4, eos_ids=[eos],
+                      tokenizer=tok)  # fmt: skip
+    out = run_requests(sched, reqs)
+    for n, (g, m) in enumerate(rows):
+        assert out[str(n)][0] == constrained_greedy(model, g, prompt, 20, eos, after=m), n
+    assert tok.decode(out["0"][0]) == "defgok</s>"
+    # the marker accepted inside a run of drafts (the chain's stars): the step stops at it
+    star = tok.convert_tokens_to_ids("*")
+    xx = tok("xx")["input_ids"]
+    run = run_requests(sched, [Request("r", xx, 20, grammar=ok, grammar_after=star)])["r"][0]
+    assert tok.decode(run) == "yz*ok</s>" == tok.decode(
+        constrained_greedy(model, ok, xx, 20, eos, after=star))  # fmt: skip
+    sampled = Request("s", prompt, 20, grammar=ok, grammar_after=marker,
+                      sampling=SamplingParams(temperature=1.0, seed=5))  # fmt: skip
+    text = tok.decode(run_requests(sched, [sampled])["s"][0])
+    assert text.endswith("gok</s>") or "g" not in text, text
+    with pytest.raises(ConfigError, match="grammar_after names the token"):
+        sched.submit(Request("x", prompt, 4, grammar_after=marker))

@@ -15,7 +15,7 @@ from typing import Literal
 import openai
 import pytest
 from pydantic import BaseModel
-from test_serve_http import ReasoningScheduler, client, serving
+from test_serve_http import chain_scheduler, client, serving
 from test_serve_tools import TEMPLATE, TOOLS, USER
 
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -218,21 +218,59 @@ def test_forced_tool_calls_over_the_wire(engine):
                 (x.function.name, x.function.arguments) for x in calls]  # fmt: skip
 
 
-def test_a_constrained_chat_answer_is_not_split_into_reasoning():
-    """With ``--reasoning-parser`` the grammar holds the whole output: the answer is content, and
-    the engine gets the grammar (the scripted engine answers as told)."""
+def test_with_a_reasoning_parser_the_grammar_holds_the_answer():
+    """``--reasoning-parser``: the model reasons freely and the grammar starts after the closing
+    marker (a constructed chain Llama thinks ``x y`` then would answer ``z m``; under the choice
+    ``ok`` it answers ``ok``), streamed or not; a prompt that closed the block already makes the
+    grammar start at the first token; a free answer is unchanged."""
     tok = build_tiny_tokenizer(mask_token=True)
     tok.add_tokens(["<think>", "</think>"], special_tokens=True)
-    sched = ReasoningScheduler()
-    sched.output = tok('{"a": 1}', add_special_tokens=False)["input_ids"]
-    with serving(sched, tokenizer=tok, reasoning_parser="qwen3") as (url, _, _):
+    tid = tok.convert_tokens_to_ids
+    start, end = tid("<think>"), tid("</think>")
+    succ = {start: tid("x"), tid("x"): tid("y"), tid("y"): end, end: tid("z"),
+            tid("z"): tid("m"), tid("m"): tok.eos_token_id}  # fmt: skip
+    sched = chain_scheduler(tok, succ, tid("m"))
+    seen = []
+    submit = sched.submit
+    sched.submit = lambda req: (seen.append(req), submit(req))[1]  # (what the engine got)
+    opened = "{% for m in messages %}{{ m['content'] }}{% endfor %}<think>"
+    closed = opened + "</think>"
+    choice = {"structured_outputs": {"choice": ["ok"]}}
+    with serving(sched, tokenizer=tok, reasoning_parser="qwen3",
+                 trust_request_chat_template=True) as (url, _, _):  # fmt: skip
         c = client(url)
-        answer = c.chat.completions.create(model="tiny", messages=USER, max_tokens=20,
-                                           response_format={"type": "json_object"})  # fmt: skip
-        assert answer.choices[0].message.content == '{"a": 1}'
-        assert sched.requests[-1].grammar is not None and sched.requests[-1].stop_reset is None
-        plain = c.chat.completions.create(model="tiny", messages=USER, max_tokens=20)
-        assert sched.requests[-1].grammar is None and plain.choices[0].message.content
+        for stream in (False, True):
+            kwargs = {"model": "tiny", "messages": USER, "max_tokens": 12, "temperature": 0,
+                      "extra_body": {"chat_template": opened, **choice}}  # fmt: skip
+            if stream:
+                chunks = [ch for ch in c.chat.completions.create(**kwargs, stream=True)
+                          if ch.choices]  # fmt: skip
+                thought = "".join(getattr(ch.choices[0].delta, "reasoning", None) or ""
+                                  for ch in chunks)  # fmt: skip
+                said = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+            else:
+                message = c.chat.completions.create(**kwargs).choices[0].message
+                thought, said = message.reasoning, message.content
+            assert (thought, said) == ("xy", "ok"), stream
+            assert seen[-1].grammar_after == end
+        free = c.chat.completions.create(
+            model="tiny",
+            messages=USER,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"chat_template": opened},
+        )
+        assert (free.choices[0].message.reasoning, free.choices[0].message.content) == ("xy", "zm")
+        # a closed block: all answer, the grammar from the first token (the chain model would
+        # answer "z m"; the grammar makes it "ok")
+        shut = c.chat.completions.create(
+            model="tiny",
+            messages=USER,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"chat_template": closed, **choice},
+        )
+        assert shut.choices[0].message.content == "ok" and seen[-1].grammar_after is None
 
 
 def test_a_server_without_xgrammar_says_how_to_get_it(monkeypatch):

@@ -23,12 +23,15 @@ from fluid_npu.sampling.grammar import bitmasks, follow, jump_forward, unpack, v
 class ConstrainedMixin:
     """Constrained-row bookkeeping of ``Scheduler`` (which owns the slots and their state)."""
 
-    def _constrained_rows(self, hi: int) -> tuple[list[int], list[list[int]]]:
-        """The running constrained rows below ``hi`` and their drafts for this step: the longer
+    def _constrained_rows(self, hi: int) -> tuple[list[int], list[list[int]], list[int]]:
+        """The running constrained rows below ``hi``, their drafts for this step — the longer
         of the model's (the block the last step drafted, up to the first token the grammar
-        refuses) and the text the grammar forces; none for a sampling row."""
-        rows = [i for i, s in enumerate(self.slots[:hi])
-                if s is not None and s.running and s.matcher is not None]  # fmt: skip
+        refuses) and the text the grammar forces; none for a sampling row — and the running
+        rows whose grammar starts after a token not yet committed (``Request.grammar_after``)."""
+        rows, armed = [], []
+        for i, s in enumerate(self.slots[:hi]):
+            if s is not None and s.running and s.matcher is not None:
+                (armed if s.armed else rows).append(i)
         drafts = []
         for i in rows:
             s = self.slots[i]
@@ -38,7 +41,26 @@ class ConstrainedMixin:
             model = s.next_drafts[: valid_prefix(s.matcher, s.next_drafts)]
             forced = jump_forward(s.matcher, self.k)
             drafts.append(model if len(model) >= len(forced) else forced)
-        return rows, drafts
+        return rows, drafts, armed
+
+    def _cut_at_arm(
+        self, toks: torch.Tensor, take: torch.Tensor, a: torch.Tensor, j: torch.Tensor, hi: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row whose grammar starts after its ``arm`` token commits up to that token and no
+        further this step (the tokens after it are decoded again, under the grammar); which rows
+        it cut short of their accepted drafts (their new block is void)."""
+        arm = self.arm[:hi]
+        at = (toks == arm[:, None]) & (j[None] < take[:, None]) & (arm >= 0)[:, None]
+        found = at.any(dim=1)
+        cut = torch.where(found, at.long().argmax(dim=1) + 1, take)
+        return cut, found & (cut < a + 1)
+
+    def _arm(self, i: int, s: Any, toks: list[int]) -> None:
+        """Row ``i``'s tokens of a step: once its ``grammar_after`` token is among them (its
+        last: ``_cut_at_arm``), its grammar holds every token after."""
+        if s.req.grammar_after in toks:
+            s.armed = False
+            self.arm[i] = -1
 
     def _follow(
         self, s: Any, toks: list[int], lps: list | None, tops: list | None, done: int

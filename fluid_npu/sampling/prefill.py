@@ -79,6 +79,8 @@ class PrefillMixin:
         eos = [(ids := self._eos_of(i)) + [-1] * (width - len(ids)) for i in rows]
         self.eos[at] = torch.tensor(eos, dtype=torch.long, device=dev)
         self.max_new[at] = torch.tensor([s.req.max_new_tokens for s in slots], device=dev)
+        arm = [s.req.grammar_after if s.armed else -1 for s in slots]  # (constrained.py)
+        self.arm[at] = torch.tensor(arm, dtype=torch.long, device=dev)
         self.new_count.index_fill_(0, at, 0)
         self.overflowed.index_fill_(0, at, False)
         if any(s.cached for s in slots):  # encoding starts after what the slot holds
@@ -138,7 +140,8 @@ class PrefillMixin:
         # the chunk that ends a prompt drafts the first tokens — unless drafting has not been paying
         # — as many as the decode steps' blocks hold (sampling rows always draft K: their tokens
         # must not depend on the batch's history)
-        drafting = [i for i in ending if self.slots[i].matcher is None]  # (grammar.py: none)
+        # (a row under a grammar takes none: grammar.py; one whose grammar starts later does)
+        drafting = [i for i in ending if self.slots[i].matcher is None or self.slots[i].armed]
         sampling = any(not self.slots[i].params.greedy for i in drafting)
         rows_next = self._decode_rows()
         draft = 0
@@ -251,7 +254,7 @@ class PrefillMixin:
             first = [  # (a sampling row under a grammar takes no drafts: constrained.py)
                 self.k > 0
                 and (pays or not s.params.greedy)
-                and (s.matcher is None or s.params.greedy)
+                and (s.matcher is None or s.params.greedy or s.armed)
                 for s in slots
             ]
             cand = torch.full((len(rows), self.anchors), -1, dtype=torch.long)

@@ -31,8 +31,11 @@ class Request:
     # a token no stop string spans: the search starts afresh after it (a reasoning parser's
     # closing marker, so the engine ends where the server's split text finds a stop)
     stop_reset: int | None = None
-    # structured output (grammar.py): every token follows this grammar, which ends with EOS
+    # structured output (grammar.py): every token follows this grammar, which ends with EOS ...
     grammar: Grammar | None = None
+    # ... or every token after this one (a reasoning parser's closing marker: the grammar holds
+    # the answer, not the reasoning before it)
+    grammar_after: int | None = None
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Slot:
     prompt_lps: list[PromptLogprob] | None = None
     new: list[int] = field(default_factory=list)
     matcher: Any = None  # with a grammar: its state after the committed tokens (grammar.py)
+    armed: bool = False  # its grammar starts after Request.grammar_after, not yet committed
     next_drafts: list[int] = field(default_factory=list)  # a constrained row's, as last read
 
     def written(self) -> list[int]:

@@ -243,6 +243,7 @@ class Scheduler(PrefillMixin, StepMixin):
         self.new_count, self.max_new = z(s), z(s)
         self.eos = torch.full((s, max(1, len(self.eos_ids))), -1, dtype=torch.long, device=dev)
         self.run = z(s, dtype=torch.bool)
+        self.arm = torch.full((s,), -1, dtype=torch.long, device=dev)  # (constrained.py)
         self.ema = torch.ones(s, dtype=torch.float32, device=dev)
         self.paid = z(s, dtype=torch.bool)  # the row drafted a block for its current drafts
         self.overflowed = z(s, dtype=torch.bool)  # float16: a prompt token's key / value overflowed
@@ -317,6 +318,11 @@ class Scheduler(PrefillMixin, StepMixin):
             )
         if any(not isinstance(x, str) or not x for x in req.stop):
             raise ConfigError(f"request {req.request_id!r}: stop strings must be non-empty text")
+        if req.grammar_after is not None and (req.grammar is None or req.grammar_after < 0):
+            raise ConfigError(
+                f"request {req.request_id!r}: grammar_after names the token a grammar starts "
+                "after; give it with a grammar, as a token id"
+            )
         if req.grammar is not None:
             eos_ids = self.eos_ids if req.eos_ids is None else list(req.eos_ids)
             if req.grammar.vocab_size != self.head.weight.shape[0]:
@@ -341,6 +347,7 @@ class Scheduler(PrefillMixin, StepMixin):
         slot = Slot(req, [int(t) for t in req.prompt], params)
         if req.grammar is not None:
             slot.matcher = req.grammar.matcher(eos_ids)
+            slot.armed = req.grammar_after is not None
         if params.prompt_logprobs is not None:
             slot.prompt_lps = []  # filled by the prefill (prefill.py), sent with the first event
         self.waiting.append(slot)
@@ -400,7 +407,7 @@ class Scheduler(PrefillMixin, StepMixin):
 
     ROW_STATE = (
         "length", "last", "drafts", "logp", "m", "cand", "new_count", "max_new", "eos", "run",
-        "ema", "paid", "temp", "top_p", "min_p", "top_k", "seed", "qprob", "overflowed",
+        "ema", "paid", "temp", "top_p", "min_p", "top_k", "seed", "qprob", "overflowed", "arm",
     )  # fmt: skip
 
     def _compact(self) -> None:

@@ -154,7 +154,7 @@ class StepMixin(SampledMixin, ConstrainedMixin):
         hi = min(hi, self.slots_n)
         big_m, n_blocks = self._next_shape
         # constrained rows (grammar.py): the drafts their grammars force, masks made below
-        constrained, forced = self._constrained_rows(hi)
+        constrained, forced, armed = self._constrained_rows(hi)
         big_m = max([big_m, *map(len, forced)])
         if self._compiled is not None:  # a few shapes for the compiled step; exact sizes else
             big_m = min(_pow2(big_m) if big_m else 0, self.k)
@@ -237,6 +237,9 @@ class StepMixin(SampledMixin, ConstrainedMixin):
         is_eos = (toks[:, :, None] == eos[:, None, :]).any(dim=-1) & (j[None] < take[:, None])
         hit_eos = is_eos.any(dim=1)
         take = torch.where(hit_eos, is_eos.long().argmax(dim=1) + 1, take)
+        arm_cut = None
+        if armed:  # a row whose grammar starts after a token stops its step there (constrained.py)
+            take, arm_cut = self._cut_at_arm(toks, take, a, j, hi)
         take = torch.where(run, take, 0)
         # the position a new block's first slot guesses (after the correction), from the length
         # before this step's commit; only sampling rows' draws read it
@@ -271,6 +274,8 @@ class StepMixin(SampledMixin, ConstrainedMixin):
         if n_blocks:
             hit = cand == a[:, None]
             has = hit.any(dim=1) & run
+            if arm_cut is not None:  # its block was drafted after tokens it did not commit
+                has = has & ~arm_cut
             rows = torch.arange(hi, device=dev)
             sel = hidden[:, big_m + 1 :].view(hi, n_blocks, k, -1)[rows, hit.long().argmax(dim=1)]
             drafted, conf, keep = self._draft(slice(0, hi), sel, hidden[rows, a], first)
@@ -331,15 +336,16 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                 top = lp.topk(n_top, dim=-1)
                 parts += [top.indices.flatten(1).double(), top.values.flatten(1).double()]
             packed_t = torch.cat(parts, dim=1)
-        if constrained and k:  # their next drafts, which their masks are built through
+        reading = sorted(constrained + armed)
+        if reading and k:  # their next drafts, which their masks are built through
             packed_t = torch.cat([packed_t, m_next[:, None], self.drafts[:hi, :k]], dim=1)
         packed = packed_t.tolist()
         if self._compiled is None or _compiles() == compiles:  # a step that compiled is no cost
             self.budget.record(hi, width, time.perf_counter() - t0)
         width_int = 4 + big_m + 1 + 2  # the two shape columns end here; two block columns follow
         self._next_shape = (int(packed[0][width_int - 2]), int(packed[0][width_int - 1]))
-        if constrained and k:
-            self._keep_drafts(constrained, packed, k)
+        if reading and k:
+            self._keep_drafts(reading, packed, k)
         events = self._events(packed, hi, big_m, k, n_top)
         if self.adaptive and not self._prior_replaced and self.budget.has_history():
             # the first requests started on the optimistic prior (K); now that verifies tell what
@@ -372,7 +378,9 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                         [(int(ids[t * n_top + r]), vals[t * n_top + r]) for r in range(n)]
                         for t in range(take)
                     ]
-            if s.matcher is not None:  # (grammar.follow) a refused token ends the row before it
+            if s.armed:  # (constrained.py) its grammar holds the tokens after its marker
+                self._arm(i, s, toks)
+            elif s.matcher is not None:  # (grammar.follow) a refused token ends the row there
                 toks, lps, tops, done = self._follow(s, toks, lps, tops, done)
             if s.req.stop and toks:
                 cut = self._stop_cut(s, toks)
@@ -381,8 +389,8 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                     lps = None if lps is None else lps[:cut]
                     tops = None if tops is None else tops[:cut]
             hit = int(row[4 + w + 3])
-            if s.params.greedy and s.matcher is None:  # what greedy drafts earn (a sampling
-                # row's rejection rule differs; a constrained row's drafts are often forced)
+            if s.params.greedy and (s.matcher is None or s.armed):  # what greedy drafts earn
+                # (a sampling row's rejection rule differs; a constrained row's may be forced)
                 if m and s.drafted:  # a verify of drafts from a block of s.drafted slots
                     self.budget.observe(s.drafted, a)
                 self.budget.observe_blocks(int(row[4 + w + 2]), hit)

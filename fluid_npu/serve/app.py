@@ -62,7 +62,7 @@ from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.reasoning import reasoning_parser
 from fluid_npu.serve.rendering import ChatRender
 from fluid_npu.serve.responses import Shape
-from fluid_npu.serve.structured import Grammars
+from fluid_npu.serve.structured import Grammars, grammar_after
 from fluid_npu.serve.text import TokenText, chat_ids, text_ids, tokenizer_info
 from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
@@ -224,8 +224,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             )
         check_capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
-        # a chat's reasoning apart from its answer (not when a grammar holds the whole output)
-        split = reasoning if shapes[0].chat and grammar is None else None
+        # a chat's reasoning apart from its answer; a grammar holds the answer (structured.py)
+        split = reasoning if shapes[0].chat else None
         requests = [
             (
                 shape.id if len(shapes) == 1 else f"{shape.id}-{shape.index}",
@@ -233,6 +233,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 {
                     "max_new_tokens": max(limits[shape.index // s.n], 1),  # (0: one, dropped)
                     "sampling": params.seeded_for(shape.index % s.n),
+                    "grammar_after": grammar_after(split, grammar, prompts[shape.index // s.n]),
                 },
             )
             for shape in shapes

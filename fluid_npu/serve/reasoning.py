@@ -56,12 +56,18 @@ class ReasoningParser:
 
     def opened(self, prompt: Sequence[int]) -> bool:
         """Whether ``prompt`` leaves a reasoning block open (its last marker is an opening one)."""
+        return self._last_marker(prompt) == self.start
+
+    def closed(self, prompt: Sequence[int]) -> bool:
+        """Whether ``prompt`` closed a reasoning block last (``enable_thinking: false``): the
+        output is all answer."""
+        return self._last_marker(prompt) == self.end
+
+    def _last_marker(self, prompt: Sequence[int]) -> int | None:
         for tok in reversed(prompt):
-            if tok == self.end:
-                return False
-            if tok == self.start:
-                return True
-        return False
+            if tok in (self.start, self.end):
+                return tok
+        return None
 
 
 def check_parser_name(name: str) -> Markers:

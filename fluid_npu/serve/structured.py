@@ -17,22 +17,23 @@ compiled specs are cached (up to 512 MiB, as vLLM bounds it), so a schema sent a
 nothing; one that does not compile, or accepts no text, is a 400 naming its field. The grammar
 ends with EOS, so ``ignore_eos`` is refused with it.
 
-The engine decodes a constrained request one token per step (no drafts: ``grammar.py`` says why)
-while the requests around it keep drafting; its tokens are AR decoding under the grammar. With
-``--reasoning-parser``, a constrained chat answer is not split into reasoning and answer: the
-grammar holds the whole output, so the model writes no reasoning first (as vLLM served structured
-outputs before it learned to start the grammar after the reasoning).
+The engine masks what each step verifies for a constrained request (``grammar.py``), so its
+tokens are AR decoding under the grammar. With ``--reasoning-parser``, a chat's grammar holds the
+answer: the model reasons freely and the grammar starts after the closing marker (as vLLM's
+reasoning-aware structured outputs do), or at the first token when the prompt closed the block.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.grammar import KINDS, Grammar, GrammarCompiler, GrammarError
 from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.reasoning import ReasoningParser
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,17 @@ def request_constraint(
             )
         found = _structured_outputs(structured_outputs)
     return found
+
+
+def grammar_after(
+    parser: ReasoningParser | None, grammar: Grammar | None, prompt: Sequence[int]
+) -> int | None:
+    """The token a chat's grammar starts after (``Request.grammar_after``): the reasoning
+    parser's closing marker, so the model reasons freely and the grammar holds the answer — unless
+    the prompt closed the block already (``enable_thinking: false``: all answer)."""
+    if parser is None or grammar is None or parser.closed(prompt):
+        return None
+    return parser.end
 
 
 def with_eos(constraint: Constraint | None, body: Any) -> Constraint | None:
