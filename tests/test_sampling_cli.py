@@ -749,3 +749,32 @@ def test_bench_sampler_prints_no_third_party_notices(dirs, tmp_path):
         assert notice not in run_.stderr + run_.stdout, run_.stderr
     versions = json.loads(out.read_text(encoding="utf-8"))["versions"]
     assert versions["peft"] == metadata.version("peft")
+
+
+def test_generate_holds_outputs_to_structured_outputs(dirs, tmp_path, capsys):
+    """``--structured-outputs`` (vLLM's field as JSON): every row follows the grammar — here a
+    choice — and is the model's own pick under it, batch of two or one row alone; a malformed or
+    uncompilable one is one error naming the flag, before anything is decoded."""
+    src = _write_prompts(tmp_path / "in.jsonl", [{"prompt": "hello there"}, {"prompt": "a"}])
+    spec = '{"choice": ["yes", "no", "maybe so"]}'
+
+    def run(name: str, *extra: str) -> list[dict]:
+        out = tmp_path / name
+        argv = ["generate", "--model", dirs["model"], "--prompts", src, "--output", str(out),
+                "--max-new-tokens", "10", "--structured-outputs", spec, *extra]  # fmt: skip
+        assert main(argv) == 0
+        return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+    rows = run("two.jsonl", "--batch-size", "2")
+    assert [r["text"] in ("yes", "no", "maybe so") for r in rows] == [True, True]
+    assert all(r["finish_reason"] == "stop" for r in rows)
+    alone = run("one.jsonl", "--batch-size", "1", "--policy", "ar")
+    assert [r["token_ids"] for r in alone] == [r["token_ids"] for r in rows]
+    base = ["generate", "--model", dirs["model"], "--prompt", "a", "--max-new-tokens", "4"]
+    for bad, says in (("[1]", "takes a JSON object"),
+                      ('{"regex": "(a"}', "regular expression does not compile"),
+                      ('{"xml": "a"}', "structured_outputs has ['xml']")):  # fmt: skip
+        assert main([*base, "--structured-outputs", bad]) == 2
+        assert says in capsys.readouterr().err
+    assert main([*base, "--loop", "reference", "--structured-outputs", spec]) == 2
+    assert "need --loop fused" in capsys.readouterr().err

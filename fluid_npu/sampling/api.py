@@ -28,6 +28,7 @@ from fluid_npu.model.attention import DENSE_IMPLS, FLUID, attention_kind, config
 from fluid_npu.model.khead import KHead
 from fluid_npu.sampling.engine import Engine, StreamFn, split_prompts
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
+from fluid_npu.sampling.grammar import Grammar
 from fluid_npu.sampling.inputs import (
     PromptError,
     as_batch,
@@ -126,6 +127,7 @@ def generate(
     logprobs: bool = False,
     top_logprobs: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    grammar: Grammar | None = None,
 ) -> GenerateOutput:
     """Lossless elastic decoding of a batch of prompts (see the module docstring).
 
@@ -157,7 +159,8 @@ def generate(
     decoded text with special tokens skipped, as vLLM reads it — unlike transformers, which also
     matches a special token's own spelling (``"s"`` in ``<s>``); ``logprobs`` /
     ``top_logprobs`` return the committed tokens' log-probabilities under the AR distribution
-    after temperature.
+    after temperature. ``grammar`` (``grammar.GrammarCompiler(...).compile(...)``) holds every
+    row's output to it (structured outputs; the fused loop).
     """
     if loop not in LOOPS:
         raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
@@ -201,10 +204,10 @@ def generate(
     )
     if do_sample and temperature == 0.0:
         raise ConfigError("do_sample=True needs temperature > 0 (or do_sample=False for greedy)")
-    if loop != "fused" and (stops or logprobs or params.adjusted):
+    if loop != "fused" and (stops or logprobs or params.adjusted or grammar is not None):
         raise ConfigError(
-            "stop strings, logprobs, repetition_penalty and min_new_tokens run on the fused loop "
-            "(the decode engine); use loop='fused'"
+            "stop strings, logprobs, repetition_penalty, min_new_tokens and a grammar run on the "
+            "fused loop (the decode engine); use loop='fused'"
         )
     start = time.perf_counter()
     if loop == "fused":
@@ -229,6 +232,7 @@ def generate(
             params=params,
             stops=stops,
             stop_in_prompt=stop_in_prompt,
+            grammar=grammar,
             **engine,
         )
     with attention(model, attn_backend), torch.inference_mode():
@@ -277,6 +281,7 @@ def _generate_fused(
     params: SamplingParams,
     stops: list[str],
     stop_in_prompt: bool,
+    grammar: Grammar | None = None,
     **engine: Any,
 ) -> GenerateOutput:
     from fluid_npu.sampling.offline import run_requests
@@ -308,6 +313,7 @@ def _generate_fused(
                 sampling=params.seeded_for(i),
                 stop=stops,
                 stop_in_prompt=stop_in_prompt,
+                grammar=grammar,
             )
             for i, p in enumerate(prompts)
         ]

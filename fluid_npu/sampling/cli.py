@@ -21,6 +21,7 @@ the CPU) names the device type to run on; one that is not available is a ``Confi
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -140,7 +141,27 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="write each token's log-probability and its N best alternatives (0-20)",
     )
+    p.add_argument(
+        "--structured-outputs",
+        default=None,
+        metavar="JSON",
+        help="hold every output to a grammar, vLLM's structured_outputs: one of json (a schema), "
+        'regex, choice, grammar, json_object, e.g. \'{"regex": "[0-9]+"}\'',
+    )
     p.set_defaults(handler=generate_command)
+
+
+def json_object_flag(text: str | None, flag: str) -> dict[str, Any] | None:
+    """A flag's JSON object (None: not given); anything else is a ``ConfigError`` naming it."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} takes a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f'{flag} takes a JSON object, e.g. \'{{"regex": "[0-9]+"}}\'')
+    return value
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -280,11 +301,13 @@ def generate_command(args: argparse.Namespace) -> int:
         left_pad,
         read_prompt_lines,
     )
+    from fluid_npu.serve.structured import flag_grammar
 
     check_common(args)
     sampling = sampling_kwargs(args)
-    if args.loop != "fused" and (args.stop or args.logprobs is not None):
-        raise ConfigError("--stop and --logprobs need --loop fused")
+    if args.loop != "fused" and (args.stop or args.logprobs is not None or args.structured_outputs):
+        raise ConfigError("--stop, --logprobs and --structured-outputs need --loop fused")
+    json_object_flag(args.structured_outputs, "--structured-outputs")  # (before the model loads)
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts IN.jsonl")
     if args.output is None and (args.prompts is not None or args.logprobs is not None):
@@ -315,6 +338,11 @@ def generate_command(args: argparse.Namespace) -> int:
     # the generation config's EOS ids and the tokenizer's own, as fluid serve (and vLLM) stop
     eos_ids, pad = eos_and_pad(fluid.model, serving_eos(fluid.model, tok), tok.pad_token_id)
     sampling = {**sampling, "eos_token_id": eos_ids}
+    grammar = flag_grammar(  # (structured.py)
+        json_object_flag(args.structured_outputs, "--structured-outputs"), tok, fluid.model
+    )
+    if grammar is not None:
+        sampling["grammar"] = grammar
     if args.output is None:  # one --prompt: its text streamed to stdout
         return _stream_one(fluid, prompts[0].ids, args, sampling)
     out_rows = []

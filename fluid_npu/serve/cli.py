@@ -14,9 +14,7 @@ or loads a running server given by ``--url`` (whose own settings hold: a server 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from typing import Any
 
 from fluid_npu.demo.pipeline import _positive  # the same integers as the demo's --threads
 from fluid_npu.errors import ConfigError
@@ -230,7 +228,7 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def bench_serve_command(args: argparse.Namespace) -> int:
     need_serve_extra()
-    from fluid_npu.sampling.cli import command_line
+    from fluid_npu.sampling.cli import command_line, json_object_flag
     from fluid_npu.serve.bench import BENCH_KEYS, ServeBenchSettings, run_serve_bench
 
     if (args.url is None) == (args.model is None):
@@ -258,7 +256,7 @@ def bench_serve_command(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
         chat=args.chat,
-        structured_outputs=_json_object(args.structured_outputs, "--structured-outputs"),
+        structured_outputs=json_object_flag(args.structured_outputs, "--structured-outputs"),
         warmup=args.warmup,
         rounds=args.rounds,
         seed=args.seed,
@@ -268,19 +266,6 @@ def bench_serve_command(args: argparse.Namespace) -> int:
     )
     report = run_serve_bench(settings)
     return 1 if report["failed_requests"] else 0
-
-
-def _json_object(text: str | None, flag: str) -> dict[str, Any] | None:
-    """A flag's JSON object (None: not given); anything else is a ``ConfigError`` naming it."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{flag} takes a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f'{flag} takes a JSON object, e.g. \'{{"regex": "[0-9]+"}}\'')
-    return value
 
 
 def _server_args(args: argparse.Namespace) -> list[str]:

@@ -167,3 +167,21 @@ class Grammars:
         except ConfigError as exc:  # xgrammar is not installed
             raise APIError(f"this server cannot constrain its output: {exc}",
                            param=constraint.field) from None  # fmt: skip
+
+
+def flag_grammar(given: dict[str, Any] | None, tokenizer: Any, model: Any) -> Grammar | None:
+    """``fluid generate --structured-outputs`` (vLLM's ``structured_outputs`` as a JSON object)
+    compiled for ``model``'s logits (None: not given); a malformed or uncompilable one is a
+    ``ConfigError`` naming the flag."""
+    if given is None:
+        return None
+    try:
+        c = request_constraint(None, given)
+    except APIError as exc:
+        raise ConfigError(f"--structured-outputs: {exc.message}") from None
+    vocab = model.get_output_embeddings().weight.shape[0]
+    try:
+        compiler = GrammarCompiler(tokenizer, vocab)
+        return compiler.compile(c.kind, c.spec, any_whitespace=c.any_whitespace)
+    except ConfigError as exc:
+        raise ConfigError(f"--structured-outputs: {exc}") from None
