@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from test_sampling_dtype import _overflowing
 from test_sampling_lossless import chain_model
 
 from fluid_npu.errors import ConfigError
@@ -298,3 +299,20 @@ def test_a_grammar_after_a_marker_holds_only_what_follows_it(tok):
     assert text.endswith("gok</s>") or "g" not in text, text
     with pytest.raises(ConfigError, match="grammar_after names the token"):
         sched.submit(Request("x", prompt, 4, grammar_after=marker))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_an_overflow_under_a_grammar_is_an_error_even_when_the_text_is_complete(tok, temperature):
+    """float16 numbers that broke end a constrained request as "error" — whose cache is not kept
+    for reuse — though its grammar (``[a-z]*``) would take the text so far as complete."""
+    model = _overflowing(tok, "Z")
+    grammar = GrammarCompiler(tok, model.config.vocab_size).compile("regex", "[a-z]*")
+    prompt = tok("a long request Z that overflows")["input_ids"]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=1,
+                      eos_ids=[tok.eos_token_id], k_max=4)  # fmt: skip
+    sched.submit(Request("z", prompt, 12, grammar=grammar,
+                         sampling=SamplingParams(temperature=temperature, seed=1)))  # fmt: skip
+    events = []
+    while sched.has_work():
+        events += sched.step()
+    assert [e.finish_reason for e in events if e.finished] == ["error"]

@@ -66,15 +66,15 @@ class ConstrainedMixin:
         self, s: Any, toks: list[int], lps: list | None, tops: list | None, done: int
     ) -> tuple[list[int], list | None, list | None, int]:
         """A constrained row's committed tokens through its matcher (``grammar.follow``). A row
-        whose grammar left no token it could take — the EOS that alone completes its text held
-        back by ``min_tokens``: a greedy row's argmax is then refused, a sampling row's draw
-        finds nothing (``done`` 2) — ends before it, as "stop" when its text is complete, else
-        as "error"."""
+        whose grammar left no token it could take — its text complete, and the EOS that alone
+        ends it held back by ``min_tokens``: a greedy row's argmax is then refused, a sampling
+        row's draw finds nothing (``done`` 2) — ends there as "stop"; a token refused otherwise,
+        or numbers that broke (``done`` 2: an overflow), end it as "error"."""
         refused = follow(s.matcher, toks)
         if refused is None and done != 2:
             return toks, lps, tops, done
         cut = len(toks) if refused is None else refused
-        s.stopped = s.matcher.is_completed()
+        s.stopped = s.matcher.is_completed() and len(s.new) + cut < s.params.min_tokens
         lps = None if lps is None else lps[:cut]
         tops = None if tops is None else tops[:cut]
         return toks[:cut], lps, tops, 1 if s.stopped else 2
@@ -87,15 +87,23 @@ class ConstrainedMixin:
             kept = int(row[-k - 1])
             self.slots[i].next_drafts = [int(t) for t in row[len(row) - k :][:kept]]
 
-    def _grammar_masks(self, rows: list[int], drafts: list[list[int]], big_m: int) -> torch.Tensor:
-        """The rows' forced ``drafts`` become their pending drafts (cut where a grammar refuses
-        one); their masks ``[len(rows), big_m + 1, V]`` (True: allowed) on the device."""
-        vocab = self.head.weight.shape[0]
-        masks = bitmasks([self.slots[i].matcher for i in rows], drafts, big_m + 1, vocab)
+    def _set_drafts(self, rows: list[int], drafts: list[list[int]], big_m: int) -> None:
+        """The rows' ``drafts`` (each one its grammar takes: ``_constrained_rows``) become their
+        pending drafts, before the step reads them."""
         dev = self.device
         at = torch.tensor(rows, device=dev)
         if big_m:
             padded = [d + [0] * (big_m - len(d)) for d in drafts]
             self.drafts[at, :big_m] = torch.tensor(padded, dtype=torch.long, device=dev)
         self.m[at] = torch.tensor([len(d) for d in drafts], dtype=torch.long, device=dev)
-        return unpack(masks.to(dev), vocab)
+
+    def _grammar_masks(self, rows: list[int], drafts: list[list[int]], big_m: int) -> torch.Tensor:
+        """The rows' masks ``[len(rows), big_m + 1, V]`` (True: allowed) on the device, position
+        ``j`` after their first ``j`` drafts (filled on the host while the device runs the
+        forward)."""
+        vocab = self.head.weight.shape[0]
+        taken = [len(d) for d in drafts]
+        masks = bitmasks([self.slots[i].matcher for i in rows], drafts, big_m + 1, vocab)
+        if taken != [len(d) for d in drafts]:  # (they were checked: _constrained_rows)
+            raise RuntimeError("a constrained row was given a draft its grammar refuses")
+        return unpack(masks.to(self.device), vocab)

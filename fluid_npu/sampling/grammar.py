@@ -165,10 +165,17 @@ def bitmasks(matchers: Sequence[Any], drafts: list[list[int]], width: int, vocab
     return out.view(len(matchers), width, -1)
 
 
+# byte -> its 8 bits, lowest first: unpacking by a table lookup (indexing), not bit shifts, so
+# every backend runs it (CPU, CUDA, torch_npu)
+_BYTE_BITS = torch.tensor([[(b >> i) & 1 for i in range(8)] for b in range(256)], dtype=torch.bool)
+
+
 def unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """int32 bitmasks ``[..., words]`` as bool ``[..., vocab]`` (True: allowed), on their device."""
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    return ((bitmask[..., None] >> bits) & 1).bool().flatten(-2)[..., :vocab]
+    """int32 bitmasks ``[..., words]`` as bool ``[..., vocab]`` (True: allowed), on their device:
+    token ``32 w + i`` is bit ``i`` of word ``w``, byte ``i // 8`` of it in memory (little-endian,
+    as every device this runs on)."""
+    table = _BYTE_BITS.to(bitmask.device)
+    return table[bitmask.contiguous().view(torch.uint8).long()].flatten(-2)[..., :vocab]
 
 
 def allowed_tokens(matchers: Sequence[Any], vocab_size: int) -> torch.Tensor:

@@ -169,7 +169,8 @@ class StepMixin(SampledMixin, ConstrainedMixin):
             k = self.budget.choose_length(hi)
             n_blocks = self.budget.choose_blocks(hi, big_m, n_blocks, k)
         dev = self.device
-        allowed = self._grammar_masks(constrained, forced, big_m) if constrained else None
+        if constrained:
+            self._set_drafts(constrained, forced, big_m)
         run = self.run[:hi]
         base = self.length[:hi]
         j = torch.arange(big_m + 1, device=dev)
@@ -197,6 +198,7 @@ class StepMixin(SampledMixin, ConstrainedMixin):
         t0 = time.perf_counter()
         hidden = self._forward(0, ids_t, pos_t, anchor_t, base, compiled=True)
         self.decode_forwards += 1
+        allowed = self._grammar_masks(constrained, forced, big_m) if constrained else None
 
         ar = self.head.argmax(hidden[:, : big_m + 1])
         logits = None

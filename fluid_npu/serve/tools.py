@@ -60,7 +60,7 @@ def _arguments(fn: dict[str, Any]) -> dict[str, Any]:
     """The schema of a function's arguments: always an object (OpenAI's rule), so a function
     that declares none, or ``{}``, takes one with any fields."""
     params = fn.get("parameters") or {}
-    return params if params.get("type") == "object" else {"type": "object", **params}
+    return params if params.get("type") == "object" else {**params, "type": "object"}
 
 
 @dataclass(frozen=True)
