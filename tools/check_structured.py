@@ -1,0 +1,126 @@
+"""Structured outputs on a real model: the engine's constrained tokens against a one-sequence
+reference, and what the drafts save, in each dtype — printed and saved as JSON.
+
+    python tools/check_structured.py --model runs/real/base --json benchmarks/structured_real.json
+
+For every dtype (float32, bfloat16) and JSON style (free whitespace, as vLLM's default, and none:
+``disable_any_whitespace``): the reference decodes the prompt one forward per token over the whole
+sequence (transformers' forward, the grammar's mask on the last logits, their argmax); the engine
+(``Scheduler``) decodes it under ``ar`` and ``entropy``. Reported: whether each engine output is
+the reference's token for token, its tokens and decode forwards (the engine's drafts under a
+grammar: the model's own, cut where the grammar refuses, or the text the grammar forces), and the
+text. The prompt goes through the model's chat template; the MASK id is the project's rule
+(``fluid_npu.model.mask_token``), so an untrained base drafts nothing useful and only forced text
+saves forwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fluid_npu.io import write_json_atomic
+from fluid_npu.model.mask_token import resolve_mask_token
+from fluid_npu.sampling.grammar import GrammarCompiler, allowed_tokens
+from fluid_npu.sampling.inputs import serving_eos
+from fluid_npu.sampling.offline import run_requests
+from fluid_npu.sampling.scheduler import Request, Scheduler
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
+    },
+    "required": ["name", "age", "city"],
+}
+QUESTION = (
+    "Describe a fictional person as JSON with a name, an age and a city (Paris, Oslo or Lima)."
+)
+
+
+def reference(
+    model: Any, grammar: Any, prompt: list[int], max_new: int, eos: list[int]
+) -> list[int]:
+    """Greedy decoding under ``grammar``, one full forward per token."""
+    matcher = grammar.matcher(eos)
+    ids, out = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(max_new):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            allowed = allowed_tokens([matcher], logits.shape[-1])[0]
+            t = int(logits.masked_fill(~allowed, -torch.inf).argmax())
+            matcher.accept_token(t)
+            out.append(t)
+            ids.append(t)
+            if t in eos:
+                break
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--model", required=True, help="a chat model folder (fluid real prepare's base)"
+    )
+    ap.add_argument("--json", required=True, help="where the report is written")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    base = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    mask_id = resolve_mask_token(tok, base).id  # (the project's rule: fluid real's choice too)
+    messages = [{"role": "user", "content": QUESTION}]
+    prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)["input_ids"])  # fmt: skip
+    eos = serving_eos(base, tok)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    compiler = GrammarCompiler(tok, vocab, eos)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = base.to(dtype)
+        for free in (True, False):
+            grammar = compiler.compile("json", SCHEMA, any_whitespace=free)
+            want = reference(model, grammar, prompt, args.max_new_tokens, eos)
+            for policy in ("ar", "entropy"):
+                sched = Scheduler(model, mask_id, policy=policy, max_batch=1, eos_ids=eos,
+                                  tokenizer=tok)  # fmt: skip
+                t0 = time.perf_counter()
+                got = run_requests(sched, [Request("a", prompt, args.max_new_tokens,
+                                                   grammar=grammar)])["a"][0]  # fmt: skip
+                row = {
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "any_whitespace": free,
+                    "policy": policy,
+                    "equal_to_reference": got == want,
+                    "tokens": len(got),
+                    "decode_forwards": sched.decode_forwards,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "text": tok.decode(got, skip_special_tokens=True),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    report = {
+        "model": args.model,
+        "schema": SCHEMA,
+        "question": QUESTION,
+        "all_equal": all(r["equal_to_reference"] for r in rows),
+        "rows": rows,
+        "command": " ".join(["python", *sys.argv]),
+    }
+    write_json_atomic(Path(args.json), report)
+    print(f"wrote {args.json}: all equal to the reference: {report['all_equal']}")
+    return 0 if report["all_equal"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
