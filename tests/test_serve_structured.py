@@ -54,6 +54,12 @@ class Color(BaseModel):
         ({"structured_outputs": {"choice": ["x", "y"]}}, "choice", ["x", "y"]),
         ({"structured_outputs": {"json": '{"type": "string"}'}}, "json", '{"type": "string"}'),
         ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "grammar", 'root ::= "a"'),
+        ({"structured_outputs": {"regex": "a", "disable_fallback": True,
+                                 "disable_additional_properties": False}}, "regex", "a"),
+        ({"guided_json": OBJECT, "guided_decoding_backend": "xgrammar"}, "json", OBJECT),
+        ({"guided_regex": "a+"}, "regex", "a+"),  # (vLLM's older fields)
+        ({"guided_choice": ["x", "y"]}, "choice", ["x", "y"]),
+        ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"'),
     ],
 )  # fmt: skip
 def test_what_a_request_holds_its_output_to(fields, kind, spec):
@@ -79,6 +85,15 @@ def test_what_a_request_holds_its_output_to(fields, kind, spec):
         ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
          "structured_outputs", "give one"),
         ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "ignore_eos", "ends with"),
+        ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs",
+         "whitespace_pattern and structural_tag are not supported"),
+        ({"structured_outputs": {"regex": "a", "disable_fallback": 1}}, "structured_outputs",
+         "true or false"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex", "another field"),
+        ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice",
+         "give one"),
+        ({"guided_regex": "a", "guided_decoding_backend": "outlines"},
+         "guided_decoding_backend", "decodes with xgrammar"),
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
          "tool_choice", "cannot also follow"),
         ({"tools": TOOLS, "tool_choice": "required", "ignore_eos": True}, "ignore_eos",
@@ -176,6 +191,7 @@ def test_structured_outputs_over_the_wire(engine):
         for body, param, says in (
             ({"structured_outputs": {"regex": "(a"}}, "structured_outputs",
              "regular expression does not compile"),
+            ({"guided_regex": "(a"}, "guided_regex", "regular expression does not compile"),
             ({"response_format": {"type": "json_schema", "json_schema": {
                 "name": "x", "schema": {"type": "nonsense"}}}}, "response_format",
              "JSON schema does not compile: Unsupported type"),

@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fluid_npu.sampling.rules import INT64_MAX, MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
-from fluid_npu.serve.structured import Constraint, request_constraint, with_eos
+from fluid_npu.serve.structured import Constraint, body_constraint, with_eos
 from fluid_npu.serve.tools import ToolParser, ToolSetting, tool_setting
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
@@ -127,6 +127,11 @@ class _Common(_Strict):
     min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
     response_format: dict[str, Any] | None = None  # structured.py (vLLM's completions take it)
     structured_outputs: dict[str, Any] | None = None  # vLLM's (structured.py)
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names of its keys
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 class _Rendering(_Strict):
@@ -320,7 +325,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options is only allowed with stream: true", param="stream_options")
-    constraint = request_constraint(body.response_format, body.structured_outputs)
+    constraint = body_constraint(body)
     params = {  # None: left out, for the server's defaults (SamplingDefaults)
         "temperature": None if body.temperature is None else float(body.temperature),
         "top_p": None if body.top_p is None else float(body.top_p),

@@ -8,6 +8,9 @@ grammar, checked here and compiled for the engine (``sampling/grammar.py``), as 
 * ``structured_outputs`` (vLLM's): one of ``json`` (a schema), ``regex``, ``choice`` (a list of
   texts, one of which is the whole output), ``grammar`` (EBNF with a ``root`` rule) or
   ``json_object: true``, and ``disable_any_whitespace`` (JSON without free whitespace);
+  ``disable_fallback`` and ``disable_additional_properties`` are what this server does anyway;
+  vLLM's older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` fields
+  (and ``guided_decoding_backend`` ``"xgrammar"`` or ``"auto"``) are read as these keys;
 * ``tool_choice: "required"`` or a named function (``tools.py``): the answer is the calls,
   decoded under the schema of a list of calls, or of the named function's arguments.
 
@@ -76,15 +79,49 @@ def _response_format(given: dict[str, Any]) -> Constraint | None:
     )
 
 
-def _structured_outputs(given: dict[str, Any]) -> Constraint:
-    where = "structured_outputs"
-    extra = set(given) - {*KINDS, "disable_any_whitespace"}
+# vLLM's options this server's one backend (xgrammar) meets as they are: no other backend to
+# fall back to, and a schema's objects already take only the properties it lists
+AS_IS = ("disable_fallback", "disable_additional_properties")
+# the request fields vLLM had before structured_outputs, as its keys (guided_decoding_backend:
+# which backend, of which this server has one)
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+          "guided_grammar": "grammar"}  # fmt: skip
+
+
+def body_constraint(body: Any) -> Constraint | None:
+    """The constraint a checked request body asks for: its ``response_format``, its
+    ``structured_outputs`` or, read as that, its older ``guided_*`` fields (None: the output is
+    free); a malformed one, or two at once, a 400 naming the field."""
+    given = {key: getattr(body, name) for name, key in GUIDED.items()
+             if getattr(body, name) is not None}  # fmt: skip
+    backend = body.guided_decoding_backend
+    if backend not in (None, "auto", "xgrammar"):
+        raise APIError(
+            f"guided_decoding_backend {backend!r}: this server decodes with xgrammar ('auto')",
+            param="guided_decoding_backend",
+        )
+    if not given:
+        return request_constraint(body.response_format, body.structured_outputs)
+    field = next(name for name, key in GUIDED.items() if key in given)
+    if len(given) > 1 or body.structured_outputs is not None or body.response_format is not None:
+        raise APIError(
+            f"{field} and another field constrain the output; give one (structured_outputs)",
+            param=field,
+        )
+    return request_constraint(None, given, field)
+
+
+def _structured_outputs(given: dict[str, Any], where: str) -> Constraint:
+    extra = set(given) - {*KINDS, "disable_any_whitespace", *AS_IS}
     if extra:
         raise APIError(
             f"structured_outputs has {sorted(extra)}; it takes one of {', '.join(KINDS)} and "
-            "disable_any_whitespace",
+            f"disable_any_whitespace, {', '.join(AS_IS)} (whitespace_pattern and structural_tag "
+            "are not supported)",
             param=where,
         )
+    if any(not isinstance(given.get(k, False), bool | None) for k in AS_IS):
+        raise APIError(f"structured_outputs' {' and '.join(AS_IS)} are true or false", param=where)
     chosen = [k for k in KINDS if given.get(k) not in (None, False)]
     if len(chosen) != 1:
         raise APIError(f"structured_outputs takes exactly one of {', '.join(KINDS)}", param=where)
@@ -105,10 +142,13 @@ def _structured_outputs(given: dict[str, Any]) -> Constraint:
 
 
 def request_constraint(
-    response_format: dict[str, Any] | None, structured_outputs: dict[str, Any] | None
+    response_format: dict[str, Any] | None,
+    structured_outputs: dict[str, Any] | None,
+    where: str = "structured_outputs",
 ) -> Constraint | None:
-    """The constraint a request's ``response_format`` / ``structured_outputs`` ask for (None:
-    the output is free); a malformed one, or both, a 400 naming the field."""
+    """The constraint a request's ``response_format`` / ``structured_outputs`` (given as
+    ``where``) ask for (None: the output is free); a malformed one, or both, a 400 naming the
+    field."""
     found = None if response_format is None else _response_format(response_format)
     if structured_outputs is not None:
         if found is not None:
@@ -116,7 +156,7 @@ def request_constraint(
                 "response_format and structured_outputs both constrain the output; give one",
                 param="structured_outputs",
             )
-        found = _structured_outputs(structured_outputs)
+        found = _structured_outputs(structured_outputs, where)
     return found
 
 
