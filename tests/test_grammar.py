@@ -182,6 +182,20 @@ def test_bad_specs_and_requests_are_clear_errors(tok, model, compiler):
         compiler.compile("json", {"type": "nonsense"})
     with pytest.raises(GrammarError, match=r"regular expression does not compile: .*parenthesis"):
         compiler.compile("regex", "(ab")
+    for schema, says in (
+        (
+            {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}},
+            "multipleOf",
+        ),
+        ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems"),
+        ({"type": "string", "format": "color"}, "format 'color'"),
+        ({"anyOf": [{"type": "string", "pattern": "a+", "maxLength": 3}]}, "pattern / format"),
+    ):  # fmt: skip (keywords xgrammar would drop silently: refused, as vLLM refuses them)
+        with pytest.raises(GrammarError, match=f"uses {says}.*drop silently"):
+            compiler.compile("json", schema)
+    assert compiler.compile("json", {"type": "string", "format": "email"}).kind == "json"
+    with pytest.raises(GrammarError, match="NUL character"):
+        compiler.compile("regex", "a\x00")
     with pytest.raises(GrammarError, match=r"regular expression accepts no text"):
         compiler.compile("regex", r"[^\s\S]")
     assert compiler.compile("regex", "").kind == "regex"  # the empty text: EOS at once

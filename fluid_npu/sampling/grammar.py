@@ -100,12 +100,20 @@ class GrammarCompiler:
         try:
             if kind == "json":
                 schema = spec if isinstance(spec, str) else json.dumps(spec)
+                dropped = unsupported_schema_keyword(json.loads(schema))
+                if dropped:
+                    raise GrammarError(
+                        f"the JSON schema uses {dropped}, which the grammar library would drop "
+                        "silently (the output could break it); leave it out"
+                    )
                 compiled = c.compile_json_schema(schema, any_whitespace=any_whitespace)
             elif kind == "json_object":
                 compiled = c.compile_json_schema(
                     '{"type": "object"}', any_whitespace=any_whitespace, strict_mode=False
                 )
             elif kind == "regex":
+                if "\x00" in spec:  # (no grammar reads one; xgrammar's converter would not cope)
+                    raise GrammarError("the regular expression holds a NUL character")
                 compiled = c.compile_regex(spec)
             elif kind == "choice":
                 if not spec or any(not isinstance(x, str) or not x for x in spec):
@@ -124,6 +132,39 @@ class GrammarCompiler:
         if not allowed_tokens([grammar.matcher(self.stop_ids)], self.vocab_size).any():
             raise GrammarError(f"the {WHAT[kind]} accepts no text (not even an empty one)")
         return grammar
+
+
+# string formats xgrammar's JSON schema converter writes a grammar for (others it ignores)
+FORMATS = frozenset(("email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname",
+                     "uuid", "uri", "uri-reference", "uri-template", "json-pointer",
+                     "relative-json-pointer"))  # fmt: skip
+
+
+def unsupported_schema_keyword(schema: Any) -> str | None:
+    """The first keyword of ``schema`` (at any depth) that xgrammar compiles without honouring,
+    as vLLM refuses them: ``multipleOf``; ``uniqueItems`` / ``contains`` / ``minContains`` /
+    ``maxContains``; a string ``format`` it does not know; ``pattern`` or ``format`` together with
+    ``minLength`` / ``maxLength``. None: every keyword holds."""
+    if isinstance(schema, list):
+        return next((found for x in schema if (found := unsupported_schema_keyword(x))), None)
+    if not isinstance(schema, dict):
+        return None
+    kind = schema.get("type")
+    kinds = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else set()
+    if kinds & {"integer", "number"} and "multipleOf" in schema:
+        return "multipleOf"
+    if "array" in kinds:
+        for key in ("uniqueItems", "contains", "minContains", "maxContains"):
+            if key in schema:
+                return key
+    if "string" in kinds and schema.get("format", next(iter(FORMATS))) not in FORMATS:
+        return f"format {schema['format']!r}"
+    bounded = "minLength" in schema or "maxLength" in schema
+    if "string" in kinds and bounded and ("pattern" in schema or "format" in schema):
+        return "pattern / format with minLength / maxLength"
+    return next(
+        (found for value in schema.values() if (found := unsupported_schema_keyword(value))), None
+    )
 
 
 def jump_forward(matcher: Any, limit: int) -> list[int]:
