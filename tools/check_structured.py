@@ -6,10 +6,12 @@ reference, and what the drafts save, in each dtype — printed and saved as JSON
 For every dtype (float32, bfloat16) and JSON style (free whitespace, as vLLM's default, and none:
 ``disable_any_whitespace``): the reference decodes the prompt one forward per token over the whole
 sequence (transformers' forward, the grammar's mask on the last logits, their argmax); the engine
-(``Scheduler``) decodes it under ``ar`` and ``entropy``. Reported: whether each engine output is
-the reference's token for token, its tokens and decode forwards (the engine's drafts under a
-grammar: the model's own, cut where the grammar refuses, or the text the grammar forces), and the
-text. The prompt goes through the model's chat template; the MASK id is the project's rule
+(``Scheduler``) decodes it under ``ar`` and ``entropy``; transformers' greedy ``generate`` with
+xgrammar's logits processor (what a transformers user holds an output to a grammar with) decodes
+it too. Reported: whether each engine output is the reference's and ``generate``'s token for
+token, the wall time against ``generate``'s, its tokens and decode forwards (the engine's drafts
+under a grammar: the model's own, cut where the grammar refuses, or the text the grammar forces),
+and the text. The prompt goes through the model's chat template; the MASK id is the project's rule
 (``fluid_npu.model.mask_token``), so an untrained base drafts nothing useful and only forced text
 saves forwards.
 """
@@ -66,6 +68,22 @@ def reference(
     return out
 
 
+def hf_generate(
+    model: Any, grammar: Any, prompt: list[int], max_new: int, eos: list[int]
+) -> tuple[list[int], float]:
+    """transformers' greedy ``generate`` with xgrammar's own logits processor (what a
+    transformers user holds an output to a grammar with): its new tokens and seconds."""
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    ids = torch.tensor([prompt])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos[0],
+                             logits_processor=[LogitsProcessor(grammar.compiled)])  # fmt: skip
+    return out[0, len(prompt) :].tolist(), time.perf_counter() - t0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -91,6 +109,7 @@ def main() -> int:
         for free in (True, False):
             grammar = compiler.compile("json", SCHEMA, any_whitespace=free)
             want = reference(model, grammar, prompt, args.max_new_tokens, eos)
+            hf, hf_s = hf_generate(model, grammar, prompt, args.max_new_tokens, eos)
             for policy in ("ar", "entropy"):
                 sched = Scheduler(model, mask_id, policy=policy, max_batch=1, eos_ids=eos,
                                   tokenizer=tok)  # fmt: skip
@@ -102,9 +121,13 @@ def main() -> int:
                     "any_whitespace": free,
                     "policy": policy,
                     "equal_to_reference": got == want,
+                    # transformers' generate may go on past EOS to pad: compared up to it
+                    "equal_to_generate": got == hf[: len(got)],
                     "tokens": len(got),
                     "decode_forwards": sched.decode_forwards,
-                    "seconds": round(time.perf_counter() - t0, 3),
+                    "seconds": round(seconds := time.perf_counter() - t0, 3),
+                    "generate_seconds": round(hf_s, 3),
+                    "speedup_vs_generate": round(hf_s / seconds, 2),
                     "text": tok.decode(got, skip_special_tokens=True),
                 }
                 rows.append(row)
