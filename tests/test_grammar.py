@@ -259,6 +259,7 @@ def test_a_constrained_row_takes_the_models_drafts_up_to_what_its_grammar_refuse
                       eos_ids=[tok.eos_token_id], tokenizer=tok)  # fmt: skip
     assert run_requests(sched, [Request("a", prompt, 30, grammar=grammar)])["a"][0] == want
     assert sched.decode_forwards * 4 <= len(want), (sched.decode_forwards, len(want))
+    assert sum(sched.budget.verifies_by_len) > 0  # what the model's drafts earn is learned
 
 
 def test_drafts_past_a_stop_token_end_at_it(tok, compiler):

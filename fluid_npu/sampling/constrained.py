@@ -40,7 +40,8 @@ class ConstrainedMixin:
                 continue
             model = s.next_drafts[: valid_prefix(s.matcher, s.next_drafts)]
             forced = jump_forward(s.matcher, self.k)
-            drafts.append(model if len(model) >= len(forced) else forced)
+            s.model_drafts = bool(model) and len(model) >= len(forced)  # (the budget learns
+            drafts.append(model if s.model_drafts or not forced else forced)  # from these only)
         return rows, drafts, armed
 
     def _cut_at_arm(

@@ -76,6 +76,7 @@ class Slot:
     matcher: Any = None  # with a grammar: its state after the committed tokens (grammar.py)
     armed: bool = False  # its grammar starts after Request.grammar_after, not yet committed
     next_drafts: list[int] = field(default_factory=list)  # a constrained row's, as last read
+    model_drafts: bool = False  # its pending drafts are the model's (not forced text)
 
     def written(self) -> list[int]:
         """The tokens whose keys and values its slot holds at indices ``0 …``: prompt and output

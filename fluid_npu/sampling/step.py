@@ -200,12 +200,13 @@ class StepMixin(SampledMixin, ConstrainedMixin):
         self.decode_forwards += 1
         allowed = self._grammar_masks(constrained, forced, big_m) if constrained else None
 
-        ar = self.head.argmax(hidden[:, : big_m + 1])
+        adjusted = sorted({*penalised, *constrained})
+        # (every row adjusted: their argmax is the adjusted logits', one LM-head pass, not two)
+        ar = None if len(adjusted) == hi else self.head.argmax(hidden[:, : big_m + 1])
         logits = None
         if any_sampled or any_lp:
             logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
         pen_rows = None
-        adjusted = sorted({*penalised, *constrained})
         if adjusted:  # the penalised (penalties.py) / constrained AR distribution, and its argmax
             at = torch.tensor(adjusted, device=dev)
             own = self.head.logits(hidden[at, : big_m + 1]) if logits is None else logits[at]
@@ -221,7 +222,8 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                 own[ours] = own[ours].masked_fill(~allowed, -math.inf)
             if logits is not None:
                 logits[at] = own
-            ar = ar.index_copy(0, at, own.argmax(dim=-1))
+            best = own.argmax(dim=-1)
+            ar = best if ar is None else ar.index_copy(0, at, best)
         if big_m:
             match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
             a = match.long().cumprod(dim=1).sum(dim=1)
@@ -391,11 +393,14 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                     lps = None if lps is None else lps[:cut]
                     tops = None if tops is None else tops[:cut]
             hit = int(row[4 + w + 3])
-            if s.params.greedy and (s.matcher is None or s.armed):  # what greedy drafts earn
-                # (a sampling row's rejection rule differs; a constrained row's may be forced)
+            free = s.matcher is None or s.armed
+            if s.params.greedy and (free or s.model_drafts):  # what greedy drafts earn (a
+                # sampling row's rejection rule differs; a constrained row's forced ones are not
+                # the model's: constrained.py)
                 if m and s.drafted:  # a verify of drafts from a block of s.drafted slots
                     self.budget.observe(s.drafted, a)
-                self.budget.observe_blocks(int(row[4 + w + 2]), hit)
+                if free:
+                    self.budget.observe_blocks(int(row[4 + w + 2]), hit)
             s.drafted = k if hit >= 0 else 0  # the next drafts: this step's block of k slots
             s.forwards += 1
             s.new.extend(toks)
