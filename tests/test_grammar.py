@@ -182,18 +182,24 @@ def test_bad_specs_and_requests_are_clear_errors(tok, model, compiler):
         compiler.compile("json", {"type": "nonsense"})
     with pytest.raises(GrammarError, match=r"regular expression does not compile: .*parenthesis"):
         compiler.compile("regex", "(ab")
+    # keywords xgrammar would drop silently: refused, as vLLM refuses them
     for schema, says in (
-        (
-            {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}},
-            "multipleOf",
-        ),
-        ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems"),
+        ({"type": "object", "properties": {"n": {"type": "number", "multipleOf": 0.5}}},
+         "multipleOf"),
+        ({"items": {"type": "string"}, "uniqueItems": True}, "uniqueItems"),
+        ({"type": "integer", "not": {"const": 3}}, "not"),
         ({"type": "string", "format": "color"}, "format 'color'"),
         ({"anyOf": [{"type": "string", "pattern": "a+", "maxLength": 3}]}, "pattern / format"),
-    ):  # fmt: skip (keywords xgrammar would drop silently: refused, as vLLM refuses them)
+    ):  # fmt: skip
         with pytest.raises(GrammarError, match=f"uses {says}.*drop silently"):
             compiler.compile("json", schema)
-    assert compiler.compile("json", {"type": "string", "format": "email"}).kind == "json"
+    for fine in (  # what xgrammar honours, and names or data that only look like keywords
+        {"type": "string", "format": "email"},
+        {"type": "integer", "multipleOf": 2},
+        {"type": "object", "properties": {"not": {"type": "integer"}, "format": {"type": "string"}},
+         "default": {"type": "string", "format": "whatever"}},
+    ):  # fmt: skip
+        assert compiler.compile("json", fine).kind == "json"
     with pytest.raises(GrammarError, match="NUL character"):
         compiler.compile("regex", "a\x00")
     with pytest.raises(GrammarError, match=r"regular expression accepts no text"):
@@ -308,6 +314,16 @@ def test_a_grammar_after_a_marker_holds_only_what_follows_it(tok):
     run = run_requests(sched, [Request("r", xx, 20, grammar=ok, grammar_after=star)])["r"][0]
     assert tok.decode(run) == "yz*ok</s>" == tok.decode(
         constrained_greedy(model, ok, xx, 20, eos, after=star))  # fmt: skip
+    # ... and with an EOS right after it in the same step (a short answer after reasoning): the
+    # step ends at the marker, the EOS is not committed, the grammar holds what follows
+    to_eos = chain_model(tok, attn_scale=4.0, after={star: eos})
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(temperature=temperature, seed=3)
+        sched_eos = Scheduler(to_eos, tok.mask_token_id, policy="fixed:3", max_batch=2,
+                              eos_ids=[eos], tokenizer=tok)  # fmt: skip
+        got = run_requests(sched_eos, [Request("e", xx, 20, grammar=ok, grammar_after=star,
+                                               sampling=params)])["e"]  # fmt: skip
+        assert tok.decode(got.tokens) == "yz*ok</s>" and got.final.finish_reason == "stop"
     sampled = Request("s", prompt, 20, grammar=ok, grammar_after=marker,
                       sampling=SamplingParams(temperature=1.0, seed=5))  # fmt: skip
     text = tok.decode(run_requests(sched, [sampled])["s"][0])

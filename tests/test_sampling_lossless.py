@@ -162,14 +162,16 @@ def test_rows_are_independent_of_batch_order(tok, cache_probe):
     assert all(len(t) == 10 for t in fwd.new_tokens)  # max_new_tokens is exact
 
 
-def chain_model(tok, attn_scale: float) -> torch.nn.Module:
-    """The constructed Llama of the module docstring (deterministic)."""
+def chain_model(tok, attn_scale: float, after: dict[int, int] | None = None) -> torch.nn.Module:
+    """The constructed Llama of the module docstring (deterministic); ``after`` replaces some
+    tokens' successors."""
     model = build_tiny_model("llama", tok, seed=0)
     tid = tok.convert_tokens_to_ids
     letters = [tid(c) for c in string.ascii_lowercase]
     star, mask = tid("*"), tok.mask_token_id
     succ = dict(zip(letters, [*letters[1:], star]))
     succ.update({star: star, mask: star, tid("m"): tok.eos_token_id})
+    succ.update(after or {})
     size = model.config.hidden_size
     basis, _ = torch.linalg.qr(torch.randn(size, size, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():

@@ -58,6 +58,9 @@ class Color(BaseModel):
                                  "disable_additional_properties": False}}, "regex", "a"),
         ({"guided_json": OBJECT, "guided_decoding_backend": "xgrammar"}, "json", OBJECT),
         ({"guided_regex": "a+"}, "regex", "a+"),  # (vLLM's older fields)
+        ({"response_format": {"type": "json_object", "schema": OBJECT}}, "json", OBJECT),
+        ({"response_format": {"type": "text", "json_schema": None}}, None, None),  # null: absent
+        ({"structured_outputs": {"regex": "a", "whitespace_pattern": None}}, "regex", "a"),
         ({"guided_choice": ["x", "y"]}, "choice", ["x", "y"]),
         ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"'),
     ],
@@ -68,6 +71,14 @@ def test_what_a_request_holds_its_output_to(fields, kind, spec):
         assert (c and (c.kind, c.spec)) == ((kind, spec) if kind else None), parse
     flat = request_constraint(None, {"json": {}, "disable_any_whitespace": True})
     assert flat is not None and not flat.any_whitespace
+    old = parse_chat(
+        {
+            "messages": USER,
+            "guided_json": OBJECT,
+            "guided_decoding_backend": "xgrammar:disable-any-whitespace,no-fallback",
+        }
+    )
+    assert not old.sampling.constraint.any_whitespace  # (vLLM's backend options of before)
 
 
 @pytest.mark.parametrize(
@@ -76,7 +87,9 @@ def test_what_a_request_holds_its_output_to(fields, kind, spec):
         ({"response_format": {"type": "xml"}}, "response_format", '{"type": "json_object"}'),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "c"}}},
          "response_format", '"schema": a JSON schema object'),
-        ({"response_format": {"type": "json_object", "schema": {}}}, "response_format", "must be"),
+        ({"response_format": {"type": "json_object", "schema": 5}}, "response_format", "must be"),
+        ({"guided_regex": "a", "guided_decoding_backend": "xgrammar:fast"},
+         "guided_decoding_backend", "options disable-any-whitespace"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs",
          "exactly one of"),
         ({"structured_outputs": {}}, "structured_outputs", "exactly one of"),

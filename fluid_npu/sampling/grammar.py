@@ -140,31 +140,40 @@ FORMATS = frozenset(("email", "date", "time", "date-time", "duration", "ipv4", "
                      "relative-json-pointer"))  # fmt: skip
 
 
+DATA_KEYS = frozenset(("default", "examples", "const", "enum", "title", "description", "$comment"))
+# keywords whose value maps names to schemas (the names are not keywords)
+NAMED = frozenset(("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"))
+
+
 def unsupported_schema_keyword(schema: Any) -> str | None:
-    """The first keyword of ``schema`` (at any depth) that xgrammar compiles without honouring,
-    as vLLM refuses them: ``multipleOf``; ``uniqueItems`` / ``contains`` / ``minContains`` /
-    ``maxContains``; a string ``format`` it does not know; ``pattern`` or ``format`` together with
-    ``minLength`` / ``maxLength``. None: every keyword holds."""
-    if isinstance(schema, list):
-        return next((found for x in schema if (found := unsupported_schema_keyword(x))), None)
+    """The first keyword of ``schema`` (at any depth; values such as ``default`` are data, and
+    property names are names) that xgrammar compiles without honouring — ``multipleOf`` on a
+    number (an integer's it keeps), ``uniqueItems`` / ``contains`` / ``minContains`` /
+    ``maxContains``, ``not``, a string ``format`` it does not know, ``pattern`` or ``format`` with
+    ``minLength`` / ``maxLength`` (vLLM refuses these too). None: every keyword holds."""
     if not isinstance(schema, dict):
         return None
     kind = schema.get("type")
     kinds = {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else set()
-    if kinds & {"integer", "number"} and "multipleOf" in schema:
+    if "number" in kinds and "multipleOf" in schema:
         return "multipleOf"
-    if "array" in kinds:
-        for key in ("uniqueItems", "contains", "minContains", "maxContains"):
-            if key in schema:
-                return key
+    for key in ("uniqueItems", "contains", "minContains", "maxContains", "not"):
+        if schema.get(key, False) is not False:
+            return key
     if "string" in kinds and schema.get("format", next(iter(FORMATS))) not in FORMATS:
         return f"format {schema['format']!r}"
     bounded = "minLength" in schema or "maxLength" in schema
     if "string" in kinds and bounded and ("pattern" in schema or "format" in schema):
         return "pattern / format with minLength / maxLength"
-    return next(
-        (found for value in schema.values() if (found := unsupported_schema_keyword(value))), None
-    )
+    for key, value in schema.items():
+        if key in DATA_KEYS:
+            continue
+        named = key in NAMED and isinstance(value, dict)
+        subs = value.values() if named else value if isinstance(value, list) else [value]
+        found = next((f for sub in subs if (f := unsupported_schema_keyword(sub))), None)
+        if found:
+            return found
+    return None
 
 
 def jump_forward(matcher: Any, limit: int) -> list[int]:

@@ -244,6 +244,7 @@ class StepMixin(SampledMixin, ConstrainedMixin):
         arm_cut = None
         if armed:  # a row whose grammar starts after a token stops its step there (constrained.py)
             take, arm_cut = self._cut_at_arm(toks, take, a, j, hi)
+            hit_eos = (is_eos & (j[None] < take[:, None])).any(dim=1)  # (an EOS after it: not)
         take = torch.where(run, take, 0)
         # the position a new block's first slot guesses (after the correction), from the length
         # before this step's commit; only sampling rows' draws read it

@@ -2,9 +2,11 @@
 grammar, checked here and compiled for the engine (``sampling/grammar.py``), as vLLM serves them.
 
 * ``response_format`` (the OpenAI API's): ``{"type": "text"}`` (no constraint),
-  ``{"type": "json_object"}`` (any JSON object) or ``{"type": "json_schema", "json_schema":
-  {"name", "schema", "strict"?, "description"?}}`` (JSON that follows the schema — what the openai
-  client's ``chat.completions.parse(response_format=SomeModel)`` sends);
+  ``{"type": "json_object"}`` (any JSON object; with a ``schema`` beside it, as some providers'
+  clients send one, JSON that follows it) or ``{"type": "json_schema", "json_schema": {"name",
+  "schema", "strict"?, "description"?}}`` (JSON that follows the schema — what the openai
+  client's ``chat.completions.parse(response_format=SomeModel)`` sends); null fields are "not
+  given";
 * ``structured_outputs`` (vLLM's): one of ``json`` (a schema), ``regex``, ``choice`` (a list of
   texts, one of which is the whole output), ``grammar`` (EBNF with a ``root`` rule) or
   ``json_object: true``, and ``disable_any_whitespace`` (JSON without free whitespace);
@@ -51,11 +53,19 @@ class Constraint:
 
 
 def _response_format(given: dict[str, Any]) -> Constraint | None:
+    given = {k: v for k, v in given.items() if v is not None}  # (null: not given)
     kind = given.get("type")
     if kind == "text" and set(given) == {"type"}:
         return None
     if kind == "json_object" and set(given) == {"type"}:
         return Constraint("json_object", None, "response_format")
+    if (
+        kind == "json_object"
+        and set(given) == {"type", "schema"}
+        and isinstance(given["schema"], dict)
+    ):
+        # (how some providers' clients send a schema: held to it, not dropped)
+        return Constraint("json", given["schema"], "response_format")
     if kind == "json_schema" and set(given) == {"type", "json_schema"}:
         js = given["json_schema"]
         known = {"name", "schema", "strict", "description"}
@@ -86,6 +96,9 @@ AS_IS = ("disable_fallback", "disable_additional_properties")
 # which backend, of which this server has one)
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
           "guided_grammar": "grammar"}  # fmt: skip
+# guided_decoding_backend "xgrammar:option,...": what each did in vLLM is what happens here (the
+# first turns free whitespace off)
+BACKEND_OPTIONS = ("disable-any-whitespace", "no-fallback", "disable-additional-properties")
 
 
 def body_constraint(body: Any) -> Constraint | None:
@@ -94,16 +107,21 @@ def body_constraint(body: Any) -> Constraint | None:
     free); a malformed one, or two at once, a 400 naming the field."""
     given = {key: getattr(body, name) for name, key in GUIDED.items()
              if getattr(body, name) is not None}  # fmt: skip
-    backend = body.guided_decoding_backend
-    if backend not in (None, "auto", "xgrammar"):
+    backend, _, options = (body.guided_decoding_backend or "auto").partition(":")
+    chosen = set(filter(None, options.split(",")))
+    if backend not in ("auto", "xgrammar") or chosen - set(BACKEND_OPTIONS):
         raise APIError(
-            f"guided_decoding_backend {backend!r}: this server decodes with xgrammar ('auto')",
+            f"guided_decoding_backend {body.guided_decoding_backend!r}: this server decodes with "
+            f"xgrammar ('auto'), options {', '.join(BACKEND_OPTIONS)} after a colon",
             param="guided_decoding_backend",
         )
+    if given and "disable-any-whitespace" in chosen:
+        given["disable_any_whitespace"] = True
     if not given:
         return request_constraint(body.response_format, body.structured_outputs)
     field = next(name for name, key in GUIDED.items() if key in given)
-    if len(given) > 1 or body.structured_outputs is not None or body.response_format is not None:
+    others = body.structured_outputs is not None or body.response_format is not None
+    if len(set(given) & set(KINDS)) > 1 or others:
         raise APIError(
             f"{field} and another field constrain the output; give one (structured_outputs)",
             param=field,
@@ -112,6 +130,7 @@ def body_constraint(body: Any) -> Constraint | None:
 
 
 def _structured_outputs(given: dict[str, Any], where: str) -> Constraint:
+    given = {k: v for k, v in given.items() if v is not None}  # (null: not given, as in vLLM)
     extra = set(given) - {*KINDS, "disable_any_whitespace", *AS_IS}
     if extra:
         raise APIError(
