@@ -62,7 +62,8 @@ def constrained_greedy(model, grammar, prompt: list[int], max_new: int, eos: int
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(max_new):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            dev = next(model.parameters()).device
+            logits = model(torch.tensor([ids], device=dev)).logits[0, -1].float().cpu()
             for t, b in (bias or {}).items():
                 logits[t] += b
             held = matcher is not None and (after is None or after in out)
@@ -347,3 +348,22 @@ def test_an_overflow_under_a_grammar_is_an_error_even_when_the_text_is_complete(
     while sched.has_work():
         events += sched.step()
     assert [e.finish_reason for e in events if e.finished] == ["error"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_constrained_decoding_on_a_cuda_device(tok, dtype):
+    """The masks unpacked and applied on the device, drafts read back and cut: the chain Llama on
+    CUDA under grammars its drafts meet and one that overrides them, batched with a free row,
+    equals the one-sequence reference on the same device."""
+    model = chain_model(tok, attn_scale=4.0).to("cuda", dtype)
+    compiler = GrammarCompiler(tok, model.config.vocab_size)
+    eos = tok.eos_token_id
+    xx = tok("xx")["input_ids"]
+    sched = Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=3, eos_ids=[eos],
+                      tokenizer=tok)  # fmt: skip
+    grammars = [compiler.compile("regex", p) for p in (r"[a-z*]{1,25}", r"yz\*{5}a[*]+")]
+    reqs = [Request(str(n), xx, 30, grammar=g) for n, g in enumerate(grammars)]
+    out = run_requests(sched, [*reqs, Request("free", xx, 30)])
+    for n, g in enumerate(grammars):
+        assert out[str(n)][0] == constrained_greedy(model, g, xx, 30, eos), n

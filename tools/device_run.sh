@@ -64,7 +64,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 if [[ "${DRY:-0}" != 1 ]]; then
   nvidia-smi >> "$LOG" 2>&1
   step gpu_tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_attention_triton.py \
-    tests/test_ops_vocab_triton.py
+    tests/test_ops_vocab_triton.py tests/test_grammar.py
   step ops 90 "$PY" tools/bench_ops.py --device accelerator --skip-stage1 --json "$OUT/ops_gpu.json"
 fi
 step engine 150 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \

@@ -19,5 +19,5 @@ rm -rf .whl && mkdir -p .whl
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     transformers==5.24.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 \
     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-    opentelemetry-api==1.45.2
+    opentelemetry-api==1.45.2 xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 du -sh .whl
