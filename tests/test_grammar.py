@@ -278,8 +278,8 @@ def test_drafts_past_a_stop_token_end_at_it(tok, compiler):
     a, b = tok.convert_tokens_to_ids(["a", "b"])
     drafts = [a, b, tok.eos_token_id, a, b]
     assert valid_prefix(matcher, drafts) == 3
-    masks = bitmasks([matcher], [drafts], 6, len(tok))
-    assert drafts == [a, b, tok.eos_token_id]  # (cut in place)
+    masks, taken = bitmasks([matcher], [drafts], 6, len(tok))
+    assert taken == [3]  # up to and with the stop token
     allowed = unpack(masks, len(tok))[0]
     assert allowed[0].nonzero().flatten().tolist() == [a]
     assert allowed[2].nonzero().flatten().tolist() == [tok.eos_token_id]

@@ -21,6 +21,7 @@ from test_sampling_lossless import chain_model
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.grammar import GrammarCompiler, allowed_tokens
 from fluid_npu.sampling.offline import run_requests
 from fluid_npu.sampling.rules import SamplingParams, filtered_probs, uniform
 from fluid_npu.sampling.scheduler import Request, Scheduler
@@ -33,8 +34,11 @@ def tok():
     return build_tiny_tokenizer(mask_token=True)
 
 
-def _exact(model, prompt: list[int], temperature: float) -> dict[tuple[int, ...], float]:
-    """The exact distribution of the first LENGTH tokens under AR sampling (enumerated)."""
+def _exact(
+    model, prompt: list[int], temperature: float, grammar=None
+) -> dict[tuple[int, ...], float]:
+    """The exact distribution of the first LENGTH tokens under AR sampling (enumerated); with a
+    grammar, its mask on the logits first."""
     out: dict[tuple[int, ...], float] = {(): 1.0}
     one = torch.ones(1)
     for _ in range(LENGTH):
@@ -42,6 +46,11 @@ def _exact(model, prompt: list[int], temperature: float) -> dict[tuple[int, ...]
         for prefix, prob in out.items():
             with torch.inference_mode():
                 logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1]
+            if grammar is not None:
+                matcher = grammar.matcher([0])
+                assert all(matcher.accept_token(t) for t in prefix)
+                allowed = allowed_tokens([matcher], logits.shape[-1])[0]
+                logits = logits.masked_fill(~allowed, -torch.inf)
             p = filtered_probs(logits[None], one * temperature, one.long() * 0, one, one * MIN_P)[0]
             for t in p.nonzero().flatten().tolist():
                 grown[(*prefix, t)] = prob * float(p[t])
@@ -127,6 +136,34 @@ def test_sampled_outputs_follow_the_ar_distribution(tok, policy, loop):
     hf_tv = _tv([tuple(r) for r in hf[:, len(prompt) :].tolist()], exact)
     print(f"transformers do_sample TV {hf_tv:.4f}")
     assert hf_tv <= bound
+
+
+@pytest.mark.slow
+def test_sampling_under_a_grammar_follows_the_masked_ar_distribution(tok):
+    """A sampling row under a grammar drafts: its model drafts up to and with the first one the
+    grammar refuses, which the rejection rule turns down (probability 0 under the mask) before
+    drawing from the residual. The draws are exactly AR sampling under the grammar (the same
+    bound and power check as above), and drafts are both accepted and turned down."""
+    model = chain_model(tok, attn_scale=4.0)
+    prompt = tok("hello p")["input_ids"]
+    grammar = GrammarCompiler(tok, model.config.vocab_size).compile("regex", "[a-z*]{2}[e-s]")
+    exact = _exact(model, prompt, T, grammar)
+    assert 8 <= len(exact) <= 128  # (the mask lifts tokens over min_p: a wider support)
+    bound = 0.5 * math.sqrt(len(exact) / N) + 0.04
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=64, k_max=8,
+                      max_len=32, eos_ids=[tok.eos_token_id], tokenizer=tok)  # fmt: skip
+    params = [SamplingParams(temperature=T, min_p=MIN_P, seed=s) for s in range(1, N + 1)]
+    reqs = [Request(str(i), prompt, LENGTH, sampling=p, grammar=grammar)
+            for i, p in enumerate(params)]  # fmt: skip
+    res = run_requests(sched, reqs)
+    ours = [tuple(res[str(i)][0]) for i in range(N)]
+    tv = _tv(ours, exact)
+    hist = sched.accept_hist
+    verifies, accepted = sum(hist.values()), sum(c for a, c in hist.items() if a > 0)
+    print(f"grammar: TV {tv:.4f} (bound {bound:.4f}); accepted {accepted}/{verifies}")
+    assert tv <= bound
+    assert 0.05 < accepted / verifies < 0.95
+    assert _tv(ours, _exact(model, prompt, T)) > bound  # the grammar really changed the outputs
 
 
 def test_a_seed_gives_the_same_tokens_alone_or_in_any_batch(tok):

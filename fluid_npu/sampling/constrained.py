@@ -2,13 +2,14 @@
 masks of the positions a step verifies for them.
 
 ``ConstrainedMixin`` is what ``step.py`` does only when a request follows a grammar: before the
-forward, each running greedy constrained row gets its pending drafts — the block the model drafted
-for it in the last step (read back with that step's tokens), up to the first token its grammar
-refuses, or the tokens its grammar forces next where those are more — and the bitmask of every
-position it verifies (after 0, 1, … of those drafts), filled on the host by the row's matcher and
-unpacked on the device; a sampling row under a grammar takes no drafts. After the forward the
-masks set every refused token's logit to ``-inf``, so the verify accepts a draft only where it is
-the masked argmax.
+forward, each running constrained row gets its pending drafts — the block the model drafted
+for it in the last step (read back with that step's tokens), for a greedy row up to the first
+token its grammar refuses, or the tokens its grammar forces next where those are more; for a
+sampling row up to and with that token — and the bitmask of every position it verifies (after
+0, 1, … of those drafts), filled on the host by the row's matcher and unpacked on the device.
+After the forward the masks set every refused token's logit to ``-inf``, so the verify accepts a
+draft only where it is the masked argmax, or, sampling, where the rejection rule takes it (never
+a refused one: its probability is 0).
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ class ConstrainedMixin:
         drafts = []
         for i in rows:
             s = self.slots[i]
-            if not s.params.greedy:
-                drafts.append([])
+            n = valid_prefix(s.matcher, s.next_drafts)
+            if not s.params.greedy:  # its drafts up to and with the first one refused: the
+                # rejection rule turns that one down and draws from the residual (grammar.py)
+                ended = n and s.next_drafts[n - 1] in self._eos_of(i)
+                drafts.append(s.next_drafts[: n if ended else n + 1])
                 continue
-            model = s.next_drafts[: valid_prefix(s.matcher, s.next_drafts)]
+            model = s.next_drafts[:n]
             forced = jump_forward(s.matcher, self.k)
             s.model_drafts = bool(model) and len(model) >= len(forced)  # (the budget learns
             drafts.append(model if s.model_drafts or not forced else forced)  # from these only)
@@ -103,8 +107,8 @@ class ConstrainedMixin:
         ``j`` after their first ``j`` drafts (filled on the host while the device runs the
         forward)."""
         vocab = self.head.weight.shape[0]
-        taken = [len(d) for d in drafts]
-        masks = bitmasks([self.slots[i].matcher for i in rows], drafts, big_m + 1, vocab)
-        if taken != [len(d) for d in drafts]:  # (they were checked: _constrained_rows)
-            raise RuntimeError("a constrained row was given a draft its grammar refuses")
+        masks, taken = bitmasks([self.slots[i].matcher for i in rows], drafts, big_m + 1, vocab)
+        for i, d, n in zip(rows, drafts, taken):  # (they were checked: _constrained_rows)
+            if n < len(d) - (0 if self.slots[i].params.greedy else 1):
+                raise RuntimeError("a constrained row was given drafts its grammar refuses")
         return unpack(masks.to(self.device), vocab)

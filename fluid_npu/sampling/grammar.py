@@ -16,9 +16,11 @@ before the step that verifies them (``constrained.py``): cut at the first token 
 refuses (``valid_prefix``), or replaced by the tokens spelling the text the grammar forces next
 where those are more (``jump_forward``), with the masks of every position they lead to
 (``bitmasks``). The verify accepts a draft only where it is the masked argmax, so a forced or
-predicted run commits in one step and the output is still the model's. A sampling row decodes one
-token per step (its drafts cut where a drawn one is refused would break the rejection rule's
-residual). The rows around a constrained one draft as before.
+predicted run commits in one step and the output is still the model's. A sampling row keeps its
+drafts up to and with the first one the grammar refuses: the rejection rule then turns that one
+down (its probability under the masked distribution is 0) and draws from the residual, so the
+draws are exactly sampling under the grammar; forced text is not drafted for it (the rule's
+residual needs drafts drawn from the model). The rows around a constrained one draft as before.
 """
 
 from __future__ import annotations
@@ -194,25 +196,28 @@ def valid_prefix(matcher: Any, tokens: Sequence[int]) -> int:
     return n
 
 
-def bitmasks(matchers: Sequence[Any], drafts: list[list[int]], width: int, vocab: int) -> Any:
-    """int32 bitmasks ``[len(matchers), width, ceil(vocab / 32)]``: at position ``j`` of row
-    ``g``, the tokens its grammar allows after the row's first ``j`` drafts (``drafts[g]``),
-    everything past them. A draft the grammar refuses ends the row's list there (``drafts[g]``
-    is cut in place). The matchers end where they began."""
+def bitmasks(
+    matchers: Sequence[Any], drafts: Sequence[Sequence[int]], width: int, vocab: int
+) -> tuple[Any, list[int]]:
+    """int32 bitmasks ``[len(matchers), width, ceil(vocab / 32)]`` — at position ``j`` of row
+    ``g``, the tokens its grammar allows after the row's first ``j`` drafts (``drafts[g]``);
+    everything past a draft the grammar refuses, or past a stop token — and how many of each
+    row's drafts the grammar takes. The matchers end where they began."""
     out = _xgrammar().allocate_token_bitmask(len(matchers) * width, vocab)  # all allowed
+    taken = []
     for g, (m, ds) in enumerate(zip(matchers, drafts)):
-        taken = 0
+        n = 0
         for j in range(len(ds) + 1):
             if m.is_terminated():  # a stop token ended the drafts: nothing follows it
                 break
             m.fill_next_token_bitmask(out, g * width + j)
             if j == len(ds) or not m.accept_token(ds[j]):
                 break
-            taken += 1
-        del ds[taken:]
-        if taken:
-            m.rollback(taken)
-    return out.view(len(matchers), width, -1)
+            n += 1
+        if n:
+            m.rollback(n)
+        taken.append(n)
+    return out.view(len(matchers), width, -1), taken
 
 
 # byte -> its 8 bits, lowest first: unpacking by a table lookup (indexing), not bit shifts, so
@@ -230,7 +235,7 @@ def unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def allowed_tokens(matchers: Sequence[Any], vocab_size: int) -> torch.Tensor:
     """``[len(matchers), vocab_size]`` bool on the CPU: the tokens each matcher allows next."""
-    return unpack(bitmasks(matchers, [[] for _ in matchers], 1, vocab_size)[:, 0], vocab_size)
+    return unpack(bitmasks(matchers, [[] for _ in matchers], 1, vocab_size)[0][:, 0], vocab_size)
 
 
 def follow(matcher: Any, tokens: Sequence[int]) -> int | None:

@@ -251,12 +251,7 @@ class PrefillMixin:
             self.m.index_fill_(0, at, 0)
             self.paid.index_fill_(0, at, False)
             pays = self.k > 0 and self.budget.drafting_pays(self._decode_rows())
-            first = [  # (a sampling row under a grammar takes no drafts: constrained.py)
-                self.k > 0
-                and (pays or not s.params.greedy)
-                and (s.matcher is None or s.params.greedy or s.armed)
-                for s in slots
-            ]
+            first = [self.k > 0 and (pays or not s.params.greedy) for s in slots]
             cand = torch.full((len(rows), self.anchors), -1, dtype=torch.long)
             cand[:, 0] = torch.tensor(first, dtype=torch.long) - 1  # 0: a block from v_0
             self.cand[at] = cand.to(dev)

@@ -49,6 +49,7 @@ class SampledMixin:
         p_draft = p[:, :big_m].gather(-1, drafts[..., None])[..., 0]
         u = uniform(seed[:, None], guess, ACCEPT)
         ok = (u * self.qprob[:hi, :big_m].double() <= p_draft.double()) & (j[None] < m[:, None])
+        ok = ok & (p_draft > 0)  # (min(1, p/q) is 0 there: a draft a grammar refuses, included)
         a = ok.long().cumprod(dim=1).sum(dim=1)
         idx = torch.arange(hi, device=dev)
         p_a = p[idx, a]

@@ -312,9 +312,6 @@ class StepMixin(SampledMixin, ConstrainedMixin):
                 # wide step per probe interval for the batch, not one per row
                 draft_on = worth | probe | (self.temp[:hi] > 0)
                 cand_next = torch.where(draft_on[:, None], cand_next, -1)
-        sampled_rules = [i for i in constrained if not self.slots[i].params.greedy]
-        if sampled_rules:  # (constrained.py: a sampling row under a grammar takes no drafts)
-            cand_next[torch.tensor(sampled_rules, device=dev)] = -1
         self.m[:hi] = m_next
         self.cand[:hi] = cand_next
         # the step's one host read: per row take, done, accepted, drafted, tokens; then the shape
