@@ -367,3 +367,23 @@ def test_constrained_decoding_on_a_cuda_device(tok, dtype):
     out = run_requests(sched, [*reqs, Request("free", xx, 30)])
     for n, g in enumerate(grammars):
         assert out[str(n)][0] == constrained_greedy(model, g, xx, 30, eos), n
+
+
+def test_a_draw_the_grammar_leaves_nothing_ends_after_the_accepted_drafts(tok, model):
+    """A sampling row whose accepted draft completes its text, where ``min_tokens`` holds back the
+    EOS that alone could follow: the step commits the accepted draft and draws nothing — the
+    request ends as "stop" with its whole text (as AR sampling ends it), not as an overflow."""
+    eos = tok.eos_token_id
+    grammar = GrammarCompiler(tok, model.config.vocab_size, [eos]).compile(
+        "regex", "[a-z*]{2}[e-s]"
+    )
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", k_max=4, max_batch=1,
+                      eos_ids=[eos], tokenizer=tok, max_len=96)  # fmt: skip
+    params = SamplingParams(temperature=5.0, seed=995895571, top_k=2, min_tokens=6)
+    sched.submit(Request("r", tok("xx")["input_ids"], 12, grammar=grammar, sampling=params))
+    events = []
+    while sched.has_work():
+        events += sched.step()
+    text = tok.decode([t for e in events for t in e.tokens])
+    assert events[-1].finish_reason == "stop" and events[-1].accepted == 1, events[-1]
+    assert re.fullmatch("[a-z*]{2}[e-s]", text), text

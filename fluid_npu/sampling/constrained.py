@@ -73,9 +73,13 @@ class ConstrainedMixin:
         """A constrained row's committed tokens through its matcher (``grammar.follow``). A row
         whose grammar left no token it could take — its text complete, and the EOS that alone
         ends it held back by ``min_tokens``: a greedy row's argmax is then refused, a sampling
-        row's draw finds nothing (``done`` 2) — ends there as "stop"; a token refused otherwise,
-        or numbers that broke (``done`` 2: an overflow), end it as "error"."""
+        row's draw finds nothing (``done`` 3: the step committed its accepted drafts and no draw)
+        — ends there as "stop"; a token refused otherwise, or numbers that broke (``done`` 2: an
+        overflow), end it as "error"."""
         refused = follow(s.matcher, toks)
+        if done == 3:  # a sampling row's draw found nothing: its accepted drafts, then "stop"
+            s.stopped = True
+            return toks, lps, tops, 1
         if refused is None and done != 2:
             return toks, lps, tops, done
         cut = len(toks) if refused is None else refused

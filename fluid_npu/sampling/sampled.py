@@ -8,6 +8,8 @@ position it decides, so a seeded request draws the same numbers alone or in a ba
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fluid_npu.sampling.rules import ACCEPT, DRAW, filtered_probs, residual, sample, uniform
@@ -35,11 +37,13 @@ class SampledMixin:
         corr_greedy: torch.Tensor,
         hi: int,
         big_m: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Speculative rejection sampling for the sampling rows (``rules.py``); greedy rows keep
-        their argmax results. Returns accepted counts ``[hi]``, corrections ``[hi, 1]`` and which
+        their argmax results. Returns accepted counts ``[hi]``, corrections ``[hi, 1]``, which
         sampling rows' AR distributions are not finite ``[hi]`` (an overflow upstream: NaN or inf
-        logits, where transformers' sampling raises; nothing is drawn from them)."""
+        logits, where transformers' sampling raises; nothing is drawn from them) and which rows'
+        logits at the draw are all ``-inf`` ``[hi]`` (a grammar left nothing — its complete text's
+        EOS held back by ``min_tokens``: the row ends after its accepted drafts)."""
         dev = self.device
         rows = slice(0, hi)
         p = self._filtered(logits, rows)  # [hi, M+1, V]
@@ -62,5 +66,6 @@ class SampledMixin:
         a = torch.where(sampled, a, a_greedy)
         # the distribution the step draws from (a rejected draft's position, NaN or not, is not
         # drawn from; an accepted one's probability was finite, or it would not have passed)
-        broken = sampled & ~torch.isfinite(p_a).all(dim=-1)
-        return a, torch.where(sampled[:, None], drawn[:, None], corr_greedy), broken
+        empty = sampled & (logits[idx, a] == -math.inf).all(dim=-1)
+        broken = sampled & ~torch.isfinite(p_a).all(dim=-1) & ~empty
+        return a, torch.where(sampled[:, None], drawn[:, None], corr_greedy), broken, empty

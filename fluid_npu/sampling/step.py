@@ -231,12 +231,16 @@ class StepMixin(SampledMixin, ConstrainedMixin):
         else:  # nothing to verify: the argmax after v_0 is the step's token (a = m = 0)
             a, corr = m, ar
         broken = None  # sampling rows whose distribution is not finite (they end as "error")
+        empty = None  # sampling rows a grammar left nothing to draw (they end after their drafts)
         if any_sampled:
-            a, corr, broken = self._verify_sampled(logits, drafts, m, base, a, corr, hi, big_m)
+            a, corr, broken, empty = self._verify_sampled(logits, drafts, m, base, a, corr, hi,
+                                                          big_m)  # fmt: skip
         toks = corr  # [hi, M+1]: the accepted drafts, then the correction
         if big_m:
             toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)
         take = torch.minimum(a + 1, self.max_new[:hi] - self.new_count[:hi])
+        if empty is not None:  # the accepted drafts, no draw (constrained.py ends the row)
+            take = torch.where(empty, torch.minimum(take, a), take)
         eos = self.eos[:hi]
         is_eos = (toks[:, :, None] == eos[:, None, :]).any(dim=-1) & (j[None] < take[:, None])
         hit_eos = is_eos.any(dim=1)
@@ -250,6 +254,9 @@ class StepMixin(SampledMixin, ConstrainedMixin):
         # before this step's commit; only sampling rows' draws read it
         first = base + a + 2 if any_sampled else base
         done = run & (hit_eos | (self.new_count[:hi] + take >= self.max_new[:hi]))
+        if empty is not None:
+            empty = empty & run & ~done  # (done 3 in the read: constrained.py's "stop")
+            done = done | empty
         if self._overflow is not None:  # float16: a committed token's key / value overflowed
             # (v_0 and the accepted drafts fed this step: entries 0 ... take - 1; a rejected draft
             # that overflows is never part of the sequence)
@@ -319,7 +326,9 @@ class StepMixin(SampledMixin, ConstrainedMixin):
         packed_t = torch.cat(
             [
                 take[:, None],
-                done[:, None].long() + (0 if broken is None else broken[:, None].long()),
+                done[:, None].long()
+                + (0 if broken is None else broken[:, None].long())
+                + (0 if empty is None else 2 * empty[:, None].long()),
                 a[:, None],
                 m[:, None],
                 toks,
