@@ -35,13 +35,14 @@ def tok():
 
 
 def _exact(
-    model, prompt: list[int], temperature: float, grammar=None
-) -> dict[tuple[int, ...], float]:
-    """The exact distribution of the first LENGTH tokens under AR sampling (enumerated); with a
-    grammar, its mask on the logits first."""
+    model, prompt: list[int], temperature: float, grammar=None, length: int = LENGTH,
+    top_k: int = 0, min_p: float = MIN_P,
+) -> dict[tuple[int, ...], float]:  # fmt: skip
+    """The exact distribution of the first ``length`` tokens under AR sampling (enumerated); with
+    a grammar, its mask on the logits first."""
     out: dict[tuple[int, ...], float] = {(): 1.0}
     one = torch.ones(1)
-    for _ in range(LENGTH):
+    for _ in range(length):
         grown = {}
         for prefix, prob in out.items():
             with torch.inference_mode():
@@ -51,7 +52,8 @@ def _exact(
                 assert all(matcher.accept_token(t) for t in prefix)
                 allowed = allowed_tokens([matcher], logits.shape[-1])[0]
                 logits = logits.masked_fill(~allowed, -torch.inf)
-            p = filtered_probs(logits[None], one * temperature, one.long() * 0, one, one * MIN_P)[0]
+            k = one.long() * top_k
+            p = filtered_probs(logits[None], one * temperature, k, one, one * min_p)[0]
             for t in p.nonzero().flatten().tolist():
                 grown[(*prefix, t)] = prob * float(p[t])
         out = grown
@@ -164,6 +166,45 @@ def test_sampling_under_a_grammar_follows_the_masked_ar_distribution(tok):
     assert tv <= bound
     assert 0.05 < accepted / verifies < 0.95
     assert _tv(ours, _exact(model, prompt, T)) > bound  # the grammar really changed the outputs
+
+
+@pytest.mark.slow
+def test_keeping_the_refused_draft_is_what_makes_grammar_sampling_exact(tok, monkeypatch):
+    """A random model whose draft distribution is spread (not peaked on the refused token, as the
+    chain model's is): with the refused draft kept the draws meet the bound, and a sampler that
+    drops it instead (drawing from p where the residual belongs) is far outside it."""
+    from fluid_npu.sampling import constrained
+    from fluid_npu.sampling.grammar import valid_prefix
+
+    model = build_tiny_model("llama", tok, seed=7)
+    grammar = GrammarCompiler(tok, model.config.vocab_size).compile("regex", "[a-z]{2}")
+    prompt = tok("xx")["input_ids"]
+    n, temperature, top_k = 4000, 2.0, 3
+    exact = _exact(model, prompt, temperature, grammar, length=2, top_k=top_k, min_p=0.0)
+    bound = 0.5 * math.sqrt(len(exact) / n) + 0.04
+
+    def tv_of_engine() -> float:
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", k_max=3, max_batch=64,
+                          eos_ids=[tok.eos_token_id], tokenizer=tok, max_len=32)  # fmt: skip
+        reqs = [Request(str(i), prompt, 2, grammar=grammar, sampling=SamplingParams(
+            temperature=temperature, top_k=top_k, seed=i + 1)) for i in range(n)]  # fmt: skip
+        res = run_requests(sched, reqs)
+        return _tv([tuple(res[str(i)][0]) for i in range(n)], exact)
+
+    kept = tv_of_engine()
+    keep_rows = constrained.ConstrainedMixin._constrained_rows
+
+    def dropping(self, hi):  # the rule this test must tell from the right one
+        rows, drafts, armed = keep_rows(self, hi)
+        for d, i in zip(drafts, rows):
+            if not self.slots[i].params.greedy:
+                del d[valid_prefix(self.slots[i].matcher, d) :]
+        return rows, drafts, armed
+
+    monkeypatch.setattr(constrained.ConstrainedMixin, "_constrained_rows", dropping)
+    dropped = tv_of_engine()
+    print(f"grammar, spread drafts: TV kept {kept:.4f}, dropped {dropped:.4f} (bound {bound:.4f})")
+    assert kept <= bound < dropped
 
 
 def test_a_seed_gives_the_same_tokens_alone_or_in_any_batch(tok):

@@ -25,10 +25,11 @@ class ConstrainedMixin:
     """Constrained-row bookkeeping of ``Scheduler`` (which owns the slots and their state)."""
 
     def _constrained_rows(self, hi: int) -> tuple[list[int], list[list[int]], list[int]]:
-        """The running constrained rows below ``hi``, their drafts for this step — the longer
-        of the model's (the block the last step drafted, up to the first token the grammar
-        refuses) and the text the grammar forces; none for a sampling row — and the running
-        rows whose grammar starts after a token not yet committed (``Request.grammar_after``)."""
+        """The running constrained rows below ``hi``, their drafts for this step — a greedy
+        row's the longer of the model's (the block the last step drafted, up to the first token
+        the grammar refuses) and the text the grammar forces; a sampling row's the model's up to
+        and with the first refused one (grammar.py says why) — and the running rows whose grammar
+        starts after a token not yet committed (``Request.grammar_after``)."""
         rows, armed = [], []
         for i, s in enumerate(self.slots[:hi]):
             if s is not None and s.running and s.matcher is not None:
