@@ -907,18 +907,24 @@ def chain_scheduler(tok: Any, succ: dict[int, int], other: int, max_len: int = 1
     return sched
 
 
-def test_the_engine_ends_where_the_split_text_finds_a_stop():
-    """With a reasoning parser the real engine searches stop strings as the split text does:
-    none spans the closing marker (``Request.stop_reset``), so a stop string made of the
-    reasoning's end and the answer's start ends nothing, and one inside the answer ends it there.
-    A constructed chain Llama answers ``x y </think> z m`` after a prompt that opens the block."""
+def thinking_chain() -> tuple[Any, Any, int]:
+    """A tokenizer with ``<think>`` / ``</think>``, a real engine over a chain Llama that answers
+    ``x y </think> z m`` after ``<think>``, and the closing marker's id."""
     tok = build_tiny_tokenizer(mask_token=True)
     tok.add_tokens(["<think>", "</think>"], special_tokens=True)
     tid = tok.convert_tokens_to_ids
     start, end = tid("<think>"), tid("</think>")
     succ = {start: tid("x"), tid("x"): tid("y"), tid("y"): end, end: tid("z"),
             tid("z"): tid("m"), tid("m"): tok.eos_token_id}  # fmt: skip
-    sched = chain_scheduler(tok, succ, tid("m"))
+    return tok, chain_scheduler(tok, succ, tid("m")), end
+
+
+def test_the_engine_ends_where_the_split_text_finds_a_stop():
+    """With a reasoning parser the real engine searches stop strings as the split text does:
+    none spans the closing marker (``Request.stop_reset``), so a stop string made of the
+    reasoning's end and the answer's start ends nothing, and one inside the answer ends it there.
+    A constructed chain Llama answers ``x y </think> z m`` after a prompt that opens the block."""
+    tok, sched, _ = thinking_chain()
     opened = "{% for m in messages %}{{ m['content'] }}{% endfor %}<think>"
     with serving(sched, tokenizer=tok, reasoning_parser="qwen3",
                  trust_request_chat_template=True) as (url, _, _):  # fmt: skip

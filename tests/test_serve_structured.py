@@ -15,7 +15,7 @@ from typing import Literal
 import openai
 import pytest
 from pydantic import BaseModel
-from test_serve_http import chain_scheduler, client, serving
+from test_serve_http import client, serving, thinking_chain
 from test_serve_tools import TEMPLATE, TOOLS, USER
 
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -252,13 +252,7 @@ def test_with_a_reasoning_parser_the_grammar_holds_the_answer():
     marker (a constructed chain Llama thinks ``x y`` then would answer ``z m``; under the choice
     ``ok`` it answers ``ok``), streamed or not; a prompt that closed the block already makes the
     grammar start at the first token; a free answer is unchanged."""
-    tok = build_tiny_tokenizer(mask_token=True)
-    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
-    tid = tok.convert_tokens_to_ids
-    start, end = tid("<think>"), tid("</think>")
-    succ = {start: tid("x"), tid("x"): tid("y"), tid("y"): end, end: tid("z"),
-            tid("z"): tid("m"), tid("m"): tok.eos_token_id}  # fmt: skip
-    sched = chain_scheduler(tok, succ, tid("m"))
+    tok, sched, end = thinking_chain()
     seen = []
     submit = sched.submit
     sched.submit = lambda req: (seen.append(req), submit(req))[1]  # (what the engine got)

@@ -21,7 +21,6 @@ the CPU) names the device type to run on; one that is not available is a ``Confi
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ import torch
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.detok import Detokenizer
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS
+from fluid_npu.sampling.specs import flag_grammar, json_object_flag
 
 if TYPE_CHECKING:
     from fluid_npu.sampling.pretrained import FluidForCausalLM
@@ -149,19 +149,6 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         'regex, choice, grammar, json_object, e.g. \'{"regex": "[0-9]+"}\'',
     )
     p.set_defaults(handler=generate_command)
-
-
-def json_object_flag(text: str | None, flag: str) -> dict[str, Any] | None:
-    """A flag's JSON object (None: not given); anything else is a ``ConfigError`` naming it."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{flag} takes a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f'{flag} takes a JSON object, e.g. \'{{"regex": "[0-9]+"}}\'')
-    return value
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -301,7 +288,6 @@ def generate_command(args: argparse.Namespace) -> int:
         left_pad,
         read_prompt_lines,
     )
-    from fluid_npu.serve.structured import flag_grammar
 
     check_common(args)
     sampling = sampling_kwargs(args)
@@ -338,7 +324,7 @@ def generate_command(args: argparse.Namespace) -> int:
     # the generation config's EOS ids and the tokenizer's own, as fluid serve (and vLLM) stop
     eos_ids, pad = eos_and_pad(fluid.model, serving_eos(fluid.model, tok), tok.pad_token_id)
     sampling = {**sampling, "eos_token_id": eos_ids}
-    grammar = flag_grammar(  # (structured.py)
+    grammar = flag_grammar(
         json_object_flag(args.structured_outputs, "--structured-outputs"), tok, fluid.model
     )
     if grammar is not None:

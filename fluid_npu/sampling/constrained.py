@@ -18,11 +18,34 @@ from typing import Any
 
 import torch
 
+from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.grammar import bitmasks, follow, jump_forward, unpack, valid_prefix
 
 
 class ConstrainedMixin:
     """Constrained-row bookkeeping of ``Scheduler`` (which owns the slots and their state)."""
+
+    def _check_grammar(self, req: Any) -> None:
+        """A submitted request's grammar against this engine: compiled for its logits, with an
+        EOS to end on, ``grammar_after`` only with one; a ``ConfigError`` naming the problem."""
+        if req.grammar_after is not None and (req.grammar is None or req.grammar_after < 0):
+            raise ConfigError(
+                f"request {req.request_id!r}: grammar_after names the token a grammar starts "
+                "after; give it with a grammar, as a token id"
+            )
+        if req.grammar is not None:
+            eos_ids = self.eos_ids if req.eos_ids is None else list(req.eos_ids)
+            if req.grammar.vocab_size != self.head.weight.shape[0]:
+                raise ConfigError(
+                    f"request {req.request_id!r}: its grammar was compiled for "
+                    f"{req.grammar.vocab_size} logits, the model has "
+                    f"{self.head.weight.shape[0]}; compile it with the model's vocabulary size"
+                )
+            if not eos_ids:
+                raise ConfigError(
+                    f"request {req.request_id!r}: a grammar ends with the EOS token, and the "
+                    "request has no EOS id (ignore_eos / eos_ids=[]); give it one"
+                )
 
     def _constrained_rows(self, hi: int) -> tuple[list[int], list[list[int]], list[int]]:
         """The running constrained rows below ``hi``, their drafts for this step — a greedy

@@ -69,8 +69,8 @@ from fluid_npu.sampling.prefill import PrefillMixin
 from fluid_npu.sampling.requests import Event, Request, Slot
 from fluid_npu.sampling.reuse import SlotPrefixes
 from fluid_npu.sampling.rules import SamplingParams
-from fluid_npu.sampling.step import StepMixin, _pow2, _round_up, cache_keyword
-from fluid_npu.sampling.support import PinnedRope, check_engine_support
+from fluid_npu.sampling.step import StepMixin, _pow2, _round_up
+from fluid_npu.sampling.support import PinnedRope, cache_keyword, check_engine_support
 
 PREFILL_CHUNK = 512
 DEFAULT_MAX_LEN = 4096
@@ -318,24 +318,7 @@ class Scheduler(PrefillMixin, StepMixin):
             )
         if any(not isinstance(x, str) or not x for x in req.stop):
             raise ConfigError(f"request {req.request_id!r}: stop strings must be non-empty text")
-        if req.grammar_after is not None and (req.grammar is None or req.grammar_after < 0):
-            raise ConfigError(
-                f"request {req.request_id!r}: grammar_after names the token a grammar starts "
-                "after; give it with a grammar, as a token id"
-            )
-        if req.grammar is not None:
-            eos_ids = self.eos_ids if req.eos_ids is None else list(req.eos_ids)
-            if req.grammar.vocab_size != self.head.weight.shape[0]:
-                raise ConfigError(
-                    f"request {req.request_id!r}: its grammar was compiled for "
-                    f"{req.grammar.vocab_size} logits, the model has "
-                    f"{self.head.weight.shape[0]}; compile it with the model's vocabulary size"
-                )
-            if not eos_ids:
-                raise ConfigError(
-                    f"request {req.request_id!r}: a grammar ends with the EOS token, and the "
-                    "request has no EOS id (ignore_eos / eos_ids=[]); give it one"
-                )
+        self._check_grammar(req)  # (constrained.py)
         if req.eos_ids is not None and len(req.eos_ids) > self.eos.shape[1]:
             self._widen_eos(len(req.eos_ids))
         self._ids.add(req.request_id)
@@ -346,7 +329,7 @@ class Scheduler(PrefillMixin, StepMixin):
             params = replace(params, seed=int(torch.randint(0, 2**62, ()).item()))
         slot = Slot(req, [int(t) for t in req.prompt], params)
         if req.grammar is not None:
-            slot.matcher = req.grammar.matcher(eos_ids)
+            slot.matcher = req.grammar.matcher(self.eos_ids if req.eos_ids is None else req.eos_ids)
             slot.armed = req.grammar_after is not None
         if params.prompt_logprobs is not None:
             slot.prompt_lps = []  # filled by the prefill (prefill.py), sent with the first event

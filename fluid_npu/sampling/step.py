@@ -13,24 +13,19 @@ sampling rows) for both the prefill and this step.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import time
-from typing import Any
 
 import torch
-from transformers import PreTrainedModel
 
 from fluid_npu.layout import slot_block
 from fluid_npu.sampling.constrained import ConstrainedMixin
-from fluid_npu.sampling.detok import PROMPT_CONTEXT
 from fluid_npu.sampling.fused import choose_anchors
 from fluid_npu.sampling.kv import ForwardPlan, step_mask
-from fluid_npu.sampling.requests import Event, Slot
+from fluid_npu.sampling.requests import Event
 from fluid_npu.sampling.rules import DRAFT, sample, uniform
 from fluid_npu.sampling.sampled import SampledMixin
-from fluid_npu.sampling.stops import stop_cut
+from fluid_npu.sampling.stops import StopsMixin
 from fluid_ops.meta import MAIN, PAD
 
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
@@ -41,7 +36,7 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-class StepMixin(SampledMixin, ConstrainedMixin):
+class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin):
     """The decode step of ``Scheduler`` (which owns the state these methods read and write)."""
 
     # ------------------------------------------------------------------ forwards
@@ -431,41 +426,6 @@ class StepMixin(SampledMixin, ConstrainedMixin):
             events.append(event)
         return events
 
-    def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:
-        """How many of this step's ``toks`` slot ``s`` keeps when one completes a stop string
-        (``stops.py``), else None. No stop string spans the request's ``stop_reset`` token: the
-        search starts afresh after it, read after the prompt's tail and it."""
-        reset, done, new = s.req.stop_reset, 0, s.new
-        while True:
-            found = reset is not None and reset in toks[done:]
-            cut = toks.index(reset, done) + 1 if found else None
-            n = self._stop_cut_part(s, new, toks[done:cut])
-            if n is not None or cut is None:
-                s.stopped = s.stopped or n is not None
-                return None if n is None else done + n
-            new, done = [*new, *toks[done:cut]], cut  # (a copy only when a reset came)
-
-    def _stop_cut_part(self, s: Slot, new: list[int], toks: list[int]) -> int | None:
-        """``_stop_cut`` for a run of tokens after the output's ``new`` ones (a reset at most
-        their last)."""
-        if not toks:
-            return None
-        window = 4 * (max(len(x.encode("utf-8")) for x in s.req.stop) + 8)  # stop_cut's, and more
-        recent = new[-window:]
-        reset = s.req.stop_reset
-        if reset is not None and reset in recent:  # the text after the last reset
-            last = len(recent) - 1 - recent[::-1].index(reset)
-            tail = s.prompt[-PROMPT_CONTEXT:]
-            earlier, context = [*tail, *recent[last:]], len(tail) + 1
-        elif s.req.stop_in_prompt and len(new) < window:
-            earlier, context = [*s.prompt[-window:], *new], 0
-        elif len(new) < window:  # the output's text as the server spells it after its prompt
-            tail = s.prompt[-PROMPT_CONTEXT:]
-            earlier, context = [*tail, *new], len(tail)
-        else:
-            earlier, context = new, 0
-        return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context)
-
     def _eos_of(self, i: int) -> list[int]:
         s = self.slots[i]
         return list(s.req.eos_ids) if s.req.eos_ids is not None else self.eos_ids
@@ -480,14 +440,3 @@ def _compiles() -> int:
 
 def _round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
-
-
-def cache_keyword(model: PreTrainedModel) -> str:
-    """``cache`` on transformers >= 5.24 (``past_key_values`` is deprecated there), else the old."""
-    return _cache_keyword(type(model.get_decoder()).forward)
-
-
-@functools.lru_cache(maxsize=64)
-def _cache_keyword(forward: Any) -> str:
-    params = inspect.signature(forward).parameters
-    return "cache" if "cache" in params else "past_key_values"

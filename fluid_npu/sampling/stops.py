@@ -15,6 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fluid_npu.sampling.detok import PROMPT_CONTEXT
+from fluid_npu.sampling.requests import Slot
+
 
 def stop_cut(
     tokenizer: Any,
@@ -56,3 +59,43 @@ def _common_prefix(a: str, b: str) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+class StopsMixin:
+    """Stop strings on a decode step's committed tokens (``step.py``; the ``Scheduler`` owns the
+    tokenizer and the slots)."""
+
+    def _stop_cut(self, s: Slot, toks: list[int]) -> int | None:
+        """How many of this step's ``toks`` slot ``s`` keeps when one completes a stop string
+        (``stops.py``), else None. No stop string spans the request's ``stop_reset`` token: the
+        search starts afresh after it, read after the prompt's tail and it."""
+        reset, done, new = s.req.stop_reset, 0, s.new
+        while True:
+            found = reset is not None and reset in toks[done:]
+            cut = toks.index(reset, done) + 1 if found else None
+            n = self._stop_cut_part(s, new, toks[done:cut])
+            if n is not None or cut is None:
+                s.stopped = s.stopped or n is not None
+                return None if n is None else done + n
+            new, done = [*new, *toks[done:cut]], cut  # (a copy only when a reset came)
+
+    def _stop_cut_part(self, s: Slot, new: list[int], toks: list[int]) -> int | None:
+        """``_stop_cut`` for a run of tokens after the output's ``new`` ones (a reset at most
+        their last)."""
+        if not toks:
+            return None
+        window = 4 * (max(len(x.encode("utf-8")) for x in s.req.stop) + 8)  # stop_cut's, and more
+        recent = new[-window:]
+        reset = s.req.stop_reset
+        if reset is not None and reset in recent:  # the text after the last reset
+            last = len(recent) - 1 - recent[::-1].index(reset)
+            tail = s.prompt[-PROMPT_CONTEXT:]
+            earlier, context = [*tail, *recent[last:]], len(tail) + 1
+        elif s.req.stop_in_prompt and len(new) < window:
+            earlier, context = [*s.prompt[-window:], *new], 0
+        elif len(new) < window:  # the output's text as the server spells it after its prompt
+            tail = s.prompt[-PROMPT_CONTEXT:]
+            earlier, context = [*tail, *new], len(tail)
+        else:
+            earlier, context = new, 0
+        return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context)

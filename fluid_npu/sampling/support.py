@@ -23,6 +23,8 @@ depends on how a forward is cut:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -101,3 +103,14 @@ class PinnedRope:
                 del self.rotary.forward
             else:
                 self.rotary.forward = saved
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """``cache`` on transformers >= 5.24 (``past_key_values`` is deprecated there), else the old."""
+    return _cache_keyword(type(model.get_decoder()).forward)
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_keyword(forward: Any) -> str:
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -228,7 +228,8 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def bench_serve_command(args: argparse.Namespace) -> int:
     need_serve_extra()
-    from fluid_npu.sampling.cli import command_line, json_object_flag
+    from fluid_npu.sampling.cli import command_line
+    from fluid_npu.sampling.specs import json_object_flag
     from fluid_npu.serve.bench import BENCH_KEYS, ServeBenchSettings, run_serve_bench
 
     if (args.url is None) == (args.model is None):

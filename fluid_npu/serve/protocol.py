@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fluid_npu.sampling.rules import INT64_MAX, MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
-from fluid_npu.serve.structured import Constraint, body_constraint, with_eos
+from fluid_npu.serve.structured import Constraint, StructuredFields, body_constraint, with_eos
 from fluid_npu.serve.tools import ToolParser, ToolSetting, tool_setting
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
@@ -102,7 +102,7 @@ class Message(_Strict):
 OUTPUT_ONLY = {"refusal", "audio", "function_call", "parsed", "annotations"}  # of a Message
 
 
-class _Common(_Strict):
+class _Common(_Strict, StructuredFields):
     """Fields both endpoints share."""
 
     model: str | None = None
@@ -125,13 +125,6 @@ class _Common(_Strict):
     user: str | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
-    response_format: dict[str, Any] | None = None  # structured.py (vLLM's completions take it)
-    structured_outputs: dict[str, Any] | None = None  # vLLM's (structured.py)
-    guided_json: dict[str, Any] | str | None = None  # vLLM's older names of its keys
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    guided_decoding_backend: str | None = None
 
 
 class _Rendering(_Strict):

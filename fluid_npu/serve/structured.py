@@ -35,10 +35,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.grammar import KINDS, Grammar, GrammarCompiler, GrammarError
+from fluid_npu.sampling.specs import structured_spec
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.reasoning import ReasoningParser
+
+
+class StructuredFields(BaseModel):
+    """The request fields that hold an output to a grammar (both routes; ``protocol.py``)."""
+
+    response_format: dict[str, Any] | None = None  # (vLLM's completions take it too)
+    structured_outputs: dict[str, Any] | None = None  # vLLM's
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names of its keys
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,9 +104,6 @@ def _response_format(given: dict[str, Any]) -> Constraint | None:
     )
 
 
-# vLLM's options this server's one backend (xgrammar) meets as they are: no other backend to
-# fall back to, and a schema's objects already take only the properties it lists
-AS_IS = ("disable_fallback", "disable_additional_properties")
 # the request fields vLLM had before structured_outputs, as its keys (guided_decoding_backend:
 # which backend, of which this server has one)
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
@@ -130,34 +142,11 @@ def body_constraint(body: Any) -> Constraint | None:
 
 
 def _structured_outputs(given: dict[str, Any], where: str) -> Constraint:
-    given = {k: v for k, v in given.items() if v is not None}  # (null: not given, as in vLLM)
-    extra = set(given) - {*KINDS, "disable_any_whitespace", *AS_IS}
-    if extra:
-        raise APIError(
-            f"structured_outputs has {sorted(extra)}; it takes one of {', '.join(KINDS)} and "
-            f"disable_any_whitespace, {', '.join(AS_IS)} (whitespace_pattern and structural_tag "
-            "are not supported)",
-            param=where,
-        )
-    if any(not isinstance(given.get(k, False), bool | None) for k in AS_IS):
-        raise APIError(f"structured_outputs' {' and '.join(AS_IS)} are true or false", param=where)
-    chosen = [k for k in KINDS if given.get(k) not in (None, False)]
-    if len(chosen) != 1:
-        raise APIError(f"structured_outputs takes exactly one of {', '.join(KINDS)}", param=where)
-    kind = chosen[0]
-    spec = given[kind]
-    shapes = {  # what each key holds
-        "json": (dict | str, "a JSON schema (an object, or its text)"),
-        "json_object": (bool, "true"),
-        "regex": (str, "a regular expression"),
-        "choice": (list, "a list of texts"),
-        "grammar": (str, "an EBNF grammar with a root rule"),
-    }
-    shape, what = shapes[kind]
-    flat = given.get("disable_any_whitespace", False)
-    if not isinstance(spec, shape) or not isinstance(flat, bool | None):
-        raise APIError(f"structured_outputs.{kind} must be {what}", param=where)
-    return Constraint(kind, spec, where, any_whitespace=not flat)
+    try:
+        kind, spec, free = structured_spec(given)
+    except GrammarError as exc:
+        raise APIError(str(exc), param=where) from None
+    return Constraint(kind, spec, where, any_whitespace=free)
 
 
 def request_constraint(
@@ -226,21 +215,3 @@ class Grammars:
         except ConfigError as exc:  # xgrammar is not installed
             raise APIError(f"this server cannot constrain its output: {exc}",
                            param=constraint.field) from None  # fmt: skip
-
-
-def flag_grammar(given: dict[str, Any] | None, tokenizer: Any, model: Any) -> Grammar | None:
-    """``fluid generate --structured-outputs`` (vLLM's ``structured_outputs`` as a JSON object)
-    compiled for ``model``'s logits (None: not given); a malformed or uncompilable one is a
-    ``ConfigError`` naming the flag."""
-    if given is None:
-        return None
-    try:
-        c = request_constraint(None, given)
-    except APIError as exc:
-        raise ConfigError(f"--structured-outputs: {exc.message}") from None
-    vocab = model.get_output_embeddings().weight.shape[0]
-    try:
-        compiler = GrammarCompiler(tokenizer, vocab)
-        return compiler.compile(c.kind, c.spec, any_whitespace=c.any_whitespace)
-    except ConfigError as exc:
-        raise ConfigError(f"--structured-outputs: {exc}") from None
