@@ -56,6 +56,8 @@ def test_routing_keys_and_their_blocks():
     assert routing_key("/v1/completions", {"prompt": ["abc", "d"]}) == "abc"
     assert routing_key("/v1/completions", {"prompt": [1, 2]}) == "[1, 2]"
     assert routing_key("/v1/completions", "not an object") == ""
+    responses = routing_key("/v1/responses", {"instructions": "be brief", "input": turn})
+    assert "be brief" in responses and json.dumps(turn[0]["content"]) in responses
 
 
 def test_the_router_weighs_a_shared_start_against_the_wait():
@@ -204,6 +206,9 @@ def test_the_front_relays_to_the_ranks():
         for _ in range(3):
             assert c.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
         assert _metric(urls[1], "fluid_requests_total") == before + 3
+        answer = c.responses.create(model="tiny", input="hello", max_output_tokens=12)
+        assert answer.output_text == client(urls[1], RANK_KEY).responses.create(
+            model="tiny", input="hello", max_output_tokens=12).output_text  # fmt: skip
 
 
 def test_a_rank_that_fails():

@@ -94,6 +94,16 @@ def test_completion_chat_and_streams_equal_fluid_generate(server, model_dir, tmp
     )
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == chat_want["text"]
     assert chunks[-1].usage.completion_tokens == len(chat_want["token_ids"])
+    # the Responses API decodes the same conversation to the same tokens, streamed or not
+    answer = c.responses.create(model=model, input="abc", max_output_tokens=30, temperature=0)
+    assert answer.output_text == chat_want["text"]
+    cut = reply.choices[0].finish_reason == "length"
+    assert answer.status == ("incomplete" if cut else "completed")
+    assert answer.usage.output_tokens == len(chat_want["token_ids"])
+    with c.responses.stream(model=model, input=messages, max_output_tokens=30, temperature=0) as s:
+        assert "".join(e.delta for e in s if e.type == "response.output_text.delta") == (
+            chat_want["text"]
+        )
 
 
 def test_32_concurrent_streaming_clients_each_equal_offline(server, model_dir, tmp_path):

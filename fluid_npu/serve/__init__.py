@@ -12,6 +12,8 @@ The pieces, each one concept:
 * ``metrics``: the Prometheus metrics of one server;
 * ``app``: the FastAPI routes — they only translate requests into scheduler requests and events
   into responses (JSON or server-sent events); ``responses``: those OpenAI bodies;
+  ``responses_request`` / ``responses_output``: the Responses API (``/v1/responses``), read as a
+  chat request and answered as response items and their events;
 * ``server``: loading the model, building the scheduler, running uvicorn with a SIGTERM drain;
 * ``launch``: starting and stopping a ``fluid serve`` process (the benchmark and the tests);
 * ``bench``: ``fluid bench serve``, the load generator; ``cli``: both commands' flags.

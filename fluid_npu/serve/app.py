@@ -2,7 +2,8 @@
 (one scheduler request per prompt); ``generation.py`` turns their events into responses. No model
 code lives here; the ``Worker`` owns the model.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``),
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/responses`` (the
+Responses API, stateless: ``responses_request.py`` / ``responses_output.py``; all with ``stream``),
 ``GET /v1/models``, vLLM's ``POST /tokenize`` / ``POST /detokenize`` / ``GET /tokenizer_info``,
 ``GET /health`` (503 while draining or after an engine failure) and ``GET /metrics`` (Prometheus
 text). With an API key every ``/v1`` route and the tokenizer routes need
@@ -62,6 +63,9 @@ from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.reasoning import reasoning_parser
 from fluid_npu.serve.rendering import ChatRender
 from fluid_npu.serve.responses import Shape
+from fluid_npu.serve.responses_output import ResponseOutput
+from fluid_npu.serve.responses_output import answer as respond_with
+from fluid_npu.serve.responses_request import parse_responses
 from fluid_npu.serve.structured import Grammars, grammar_after
 from fluid_npu.serve.text import TokenText, chat_ids, text_ids, tokenizer_info
 from fluid_npu.serve.tools import ToolSetting, tool_parser
@@ -121,7 +125,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
 
     def refused(request: Request, exc: APIError) -> None:
-        if request.url.path in ("/v1/completions", "/v1/chat/completions"):
+        if request.url.path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
             metrics.refused(request.url.path, exc.status)
 
     openai_errors(app, refused)
@@ -187,9 +191,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
 
-    async def generate(
-        request: Request,
-        endpoint: str,
+    async def admit(
         shapes: list[Shape],
         prompts: list[list[int]],
         s: protocol.Sampling,
@@ -197,11 +199,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         texts: list[str] | None = None,
         tools: ToolSetting | None = None,
         grammar: Grammar | None = None,
-    ) -> Response:
-        """Run the request's prompts, ``s.n`` choices each (``shapes``: one per choice, prompt by
-        prompt), and answer: streamed, or whole once every choice has ended. ``texts``: the
-        prompts' text, which ``echo`` returns; ``tools``: a chat's (its calls parsed out);
-        ``grammar``: what the output follows (``s.constraint`` compiled)."""
+    ) -> list[Generation]:
+        """Check the request's prompts against the context and the capacity and submit them,
+        ``s.n`` choices each (``shapes``: one per choice, prompt by prompt): one ``Generation``
+        per choice. ``texts``: the prompts' text, which ``echo`` returns; ``tools``: a chat's
+        (its calls parsed out); ``grammar``: what the output follows (``s.constraint``
+        compiled)."""
         param = "messages" if shapes[0].chat else "prompt"
         limits = [check_length(ids, s, param) for ids in prompts]
         if s.params["min_tokens"] > min(limits):
@@ -265,6 +268,22 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             reader = None if tools is None else tools.reader()  # a chat's tool calls parsed out
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
                                    reader))  # fmt: skip
+        return gens
+
+    async def generate(
+        request: Request,
+        endpoint: str,
+        shapes: list[Shape],
+        prompts: list[list[int]],
+        s: protocol.Sampling,
+        arrived: float,
+        texts: list[str] | None = None,
+        tools: ToolSetting | None = None,
+        grammar: Grammar | None = None,
+    ) -> Response:
+        """Run the request's prompts (``admit``) and answer: streamed, or whole once every choice
+        has ended."""
+        gens = await admit(shapes, prompts, s, arrived, texts, tools, grammar)
         if s.stream:
             return ClosingStream(
                 events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]
@@ -297,6 +316,22 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         ]
         return JSONResponse(shapes[0].answer(choices, usage(gens, s.n)))
 
+    async def conversation_ids(req: protocol.ChatRequest) -> list[int]:
+        """A chat request's prompt (checked and rendered on the tokenizing thread)."""
+        check_model(req.sampling.model)
+        check_template(req.render)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(tokenizing, chat_ids, tokenizer, req.messages,
+                                          req.render, config.template_kwargs,
+                                          req.tools.tools)  # fmt: skip
+
+    async def compiled(s: protocol.Sampling) -> Grammar | None:
+        """The grammar a request's output follows (compiled on its own thread), if any."""
+        if s.constraint is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(compiling, grammars.compile, s.constraint)
+
     async def answer(request: Request, chat: bool) -> Response:
         arrived = time.monotonic()
         authorize(request)
@@ -306,10 +341,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         loop = asyncio.get_running_loop()
         texts = None
         if isinstance(req, protocol.ChatRequest):
-            check_template(req.render)
-            prompts = [await loop.run_in_executor(tokenizing, chat_ids, tokenizer, req.messages,
-                                                  req.render, config.template_kwargs,
-                                                  req.tools.tools)]  # fmt: skip
+            prompts = [await conversation_ids(req)]
             cid = f"chatcmpl-{uuid.uuid4().hex}"
         else:
             prompts = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts)
@@ -321,10 +353,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         shapes = [Shape(chat, cid, config.model_name, words, index=k, created=created)
                   for k in range(len(prompts) * req.sampling.n)]  # fmt: skip
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
-        grammar = None
-        if req.sampling.constraint is not None:
-            grammar = await loop.run_in_executor(compiling, grammars.compile,
-                                                 req.sampling.constraint)  # fmt: skip
+        grammar = await compiled(req.sampling)
         return await generate(request, request.url.path, shapes, prompts, req.sampling, arrived,
                               texts, tools, grammar)  # fmt: skip
 
@@ -335,6 +364,23 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         return await answer(request, chat=True)
+
+    @app.post("/v1/responses")  # the Responses API, answered as a chat (responses_request.py)
+    async def respond(request: Request) -> Response:
+        arrived = time.monotonic()
+        authorize(request)
+        req = parse_responses(await read_json(request), calling)
+        prompt = await conversation_ids(req.chat)
+        rid = f"resp_{uuid.uuid4().hex}"
+        shape = Shape(True, rid, config.model_name, words)
+        gen, = await admit([shape], [prompt], req.chat.sampling, arrived, None, req.chat.tools,
+                           await compiled(req.chat.sampling))  # fmt: skip
+        settings = dict(req.settings)
+        for k in ("temperature", "top_p"):  # as decoded: the server's default when left out
+            settings[k] = getattr(config.defaults, k) if settings[k] is None else settings[k]
+        out = ResponseOutput(rid, config.model_name, settings, shape)
+        return await respond_with(request, out, gen, bool(req.chat.sampling.stream),
+                                  request.url.path)  # fmt: skip
 
     card = {
         "id": config.model_name,

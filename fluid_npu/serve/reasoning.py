@@ -118,6 +118,7 @@ class ReasoningText:
         self.thinking = parser.opened(prompt)  # reasoning until the closing marker
         self.first = True  # no output token seen yet
         self.done = 0  # tokens of the parts before the current one, markers included
+        self.thought = 0  # ... of them the reasoning's (the markers of its block included)
         self.part = self._part(prompt)
         self.reasoning_delta = ""
 
@@ -132,6 +133,11 @@ class ReasoningText:
     @property
     def tokens_used(self) -> int:
         return self.done + self.part.tokens_used
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """The output's tokens that are reasoning: its text and the markers of its block."""
+        return self.thought + (self.part.tokens_used if self.thinking else 0)
 
     def add(self, tokens: Sequence[int]) -> str:
         """Feed committed tokens; returns the answer's new text (the reasoning's is in
@@ -149,6 +155,8 @@ class ReasoningText:
                     break
                 answer += self._flush()
                 self.done += self.part.tokens_used + 1  # the marker: counted, never spelled
+                if self.thinking or opens:  # (a block's own tokens, its closing marker too)
+                    self.thought += (self.part.tokens_used if self.thinking else 0) + 1
                 self.thinking = opens
                 self.part = self._part([*self.tail, tok])
                 continue

@@ -8,7 +8,8 @@ listen on 127.0.0.1 behind a key of their own; the front process answers the cli
 included, so every answer is exactly what that rank gives alone (vLLM's ``--data-parallel-size``,
 with processes, as vLLM runs its engine cores).
 
-Routing (``Router``): a request's start (a chat's tools and messages, a completion's prompt) is cut
+Routing (``Router``): a request's start (a chat's tools and messages, a Responses request's tools,
+instructions and input, a completion's prompt) is cut
 into ``BLOCK``-character blocks, hashed as a chain, and compared with the blocks of each rank's
 recent requests: the request goes to the rank that shares the longest start with it — a
 conversation's next turn to the rank whose slots hold the turn before it, a shared system prompt to
@@ -77,6 +78,8 @@ def routing_key(path: str, body: Any) -> str:
         return ""
     if path.endswith("/chat/completions"):
         given = [body.get("tools"), body.get("messages")]
+    elif path.endswith("/responses"):  # (rendered alike: the instructions first, then input)
+        given = [body.get("tools"), body.get("instructions"), body.get("input")]
     else:
         prompt = body.get("prompt")
         given = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(
@@ -352,6 +355,7 @@ def create_front(front: Front) -> FastAPI:
 
     app.post("/v1/completions")(relay)
     app.post("/v1/chat/completions")(relay)
+    app.post("/v1/responses")(relay)
 
     async def forward(request: Request, path: str, method: str = "GET") -> Response:
         """A request any rank answers alike (models, tokenizer routes): the first usable one."""
