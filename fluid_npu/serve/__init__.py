@@ -13,7 +13,8 @@ The pieces, each one concept:
 * ``app``: the FastAPI routes — they only translate requests into scheduler requests and events
   into responses (JSON or server-sent events); ``responses``: those OpenAI bodies;
   ``responses_request`` / ``responses_output``: the Responses API (``/v1/responses``), read as a
-  chat request and answered as response items and their events;
+  chat request and answered as response items and their events; ``tokenizing``: vLLM's
+  tokenizer routes;
 * ``server``: loading the model, building the scheduler, running uvicorn with a SIGTERM drain;
 * ``launch``: starting and stopping a ``fluid serve`` process (the benchmark and the tests);
 * ``bench``: ``fluid bench serve``, the load generator; ``cli``: both commands' flags.

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import time
 import uuid
@@ -67,7 +66,8 @@ from fluid_npu.serve.responses_output import ResponseOutput
 from fluid_npu.serve.responses_output import answer as respond_with
 from fluid_npu.serve.responses_request import parse_responses
 from fluid_npu.serve.structured import Grammars, grammar_after
-from fluid_npu.serve.text import TokenText, chat_ids, text_ids, tokenizer_info
+from fluid_npu.serve.text import TokenText, chat_ids
+from fluid_npu.serve.tokenizing import tokenizer_routes
 from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
 
@@ -402,46 +402,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         return card
 
     # vLLM's tokenizer routes (lm-evaluation-harness finds them and needs no local tokenizer)
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        authorize(request)
-        req, conversation = protocol.parse_tokenize(await read_json(request))
-        check_model(req.model)
-        if conversation is not None:
-            check_template(conversation.render)
-
-        def answer() -> bytes:  # on the tokenizing thread, the JSON too (4 MiB of text: seconds)
-            if conversation is not None:  # as the chat route renders them
-                ids = chat_ids(tokenizer, conversation.messages, conversation.render,
-                               config.template_kwargs, conversation.tools.tools)  # fmt: skip
-            else:
-                ids = text_ids(tokenizer, req.prompt or "", req.add_special_tokens is not False)
-            strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-            body = {"count": len(ids), "max_model_len": config.max_len, "tokens": ids,
-                    "token_strs": strs}  # fmt: skip
-            return json.dumps(body, ensure_ascii=False).encode()
-
-        loop = asyncio.get_running_loop()
-        content = await loop.run_in_executor(tokenizing, answer)
-        return Response(content, media_type="application/json")
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
-        authorize(request)
-        req = protocol.parse_detokenize(await read_json(request))
-        check_model(req.model)
-        if req.tokens and max(req.tokens) >= len(tokenizer):
-            raise APIError(
-                f"token id {max(req.tokens)} is outside the vocabulary ({len(tokenizer)})",
-                param="tokens",
-            )
-        loop = asyncio.get_running_loop()
-        return {"prompt": await loop.run_in_executor(tokenizing, tokenizer.decode, req.tokens)}
-
-    @app.get("/tokenizer_info")
-    async def info(request: Request) -> dict[str, Any]:
-        authorize(request)
-        return tokenizer_info(tokenizer, config.max_len)
+    tokenizer_routes(app, tokenizer, config.max_len, config.template_kwargs, tokenizing,
+                     authorize, check_model, check_template)  # fmt: skip
 
     @app.get("/health")
     async def health() -> JSONResponse:
