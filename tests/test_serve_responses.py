@@ -19,6 +19,8 @@ from test_serve_tools import CALL, TEMPLATE, TOOLS
 
 from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.responses import Shape
+from fluid_npu.serve.responses_output import ResponseOutput
 from fluid_npu.serve.responses_request import parse_responses
 
 USER = [{"role": "user", "content": "Weather in Paris?"}]
@@ -190,6 +192,11 @@ def test_calls_and_their_results_as_items():
         assert [o.type for o in final.output] == ["message", "function_call"]
         assert final.output[1].arguments == call.arguments
         assert "response.function_call_arguments.delta" in kinds
+        lp = c.responses.create(model="tiny", input=USER, tools=FLAT, top_logprobs=1)
+        assert [o.type for o in lp.output] == ["message", "function_call"]
+        assert len(lp.output[0].content[0].logprobs) < len(sched.output)  # (not the call's)
+        none = c.responses.create(model="tiny", input=USER, tools=[], include=[])
+        assert none.tool_choice == "none" and none.output_text == tok.decode(sched.output)
         # the next turn: the calls and the tool's output
         chat_call = chat.choices[0].message.tool_calls[0]
         turns = [
@@ -241,6 +248,18 @@ def test_reasoning_comes_as_its_own_item():
         final = events[-1][1]["response"]
         assert [o["type"] for o in final["output"]] == ["reasoning", "message"]
         assert final["usage"] == r.usage.model_dump(exclude_none=True)
+        # log-probabilities: the answer's tokens (and the EOS) only, in the one message
+        lp = c.responses.create(model="tiny", input="2+2?", top_logprobs=1)
+        assert [o.type for o in lp.output] == ["reasoning", "message"]
+        answer = len(sched.output) - len(thought) - 2
+        assert len(lp.output[1].content[0].logprobs) == answer + 1
+        streamed = raw_events(url, {"input": "2+2?", "top_logprobs": 1})
+        assert [o["type"] for o in streamed[-1][1]["response"]["output"]] == [
+            "reasoning",
+            "message",
+        ]
+    # sent back: a reasoning item is the next assistant turn's; one that no assistant item
+    # follows is a turn of its own; successive ones are joined
     back = parse_responses(
         {
             "input": [
@@ -252,6 +271,21 @@ def test_reasoning_comes_as_its_own_item():
     )
     turn = back.chat.messages[1]
     assert turn["role"] == "assistant" and turn["reasoning"] == "Two and two: 4."
+
+    def thinking(text: str) -> dict[str, Any]:
+        return {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text",
+                                                                 "text": text}]}  # fmt: skip
+
+    user = {"role": "user", "content": "q"}
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    turns = parse_responses(
+        {"input": [user, thinking("cut"), user, thinking("a"), thinking("b"), call, thinking("z")]}
+    ).chat.messages
+    assert [(m["role"], m.get("reasoning")) for m in turns] == [
+        ("user", None), ("assistant", "cut"), ("user", None), ("assistant", "a\nb"),
+        ("assistant", "z"),
+    ]  # fmt: skip
+    assert turns[3]["tool_calls"][0]["id"] == "c1"
 
 
 class Weather(BaseModel):
@@ -295,7 +329,22 @@ BAD = [
     ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"metadata": {str(k): "v" for k in range(17)}}, "metadata"),
-    ({"tool_choice": "required"}, "tool_choice"),  # (no tools)
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": FLAT, "tool_choice": {"type": "function", "name": "g"}}, "tool_choice"),
+    ({"input": {"role": "user"}}, "input"),
+    ({"prompt_cache_retention": "24h"}, "prompt_cache_retention"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+    (
+        {
+            "input": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {**{"type": "function_call", "call_id": "c", "name": "f"}, "arguments": "{"},
+            ]
+        },
+        "input",
+    ),  # (no tools)
 ]
 
 
@@ -306,6 +355,9 @@ def test_what_cannot_be_honoured_is_a_400_naming_it(extra, param):
     except APIError as exc:
         assert exc.status == 400 and exc.param == param, exc.message
         assert param.split("[")[0].split(".")[0] in exc.message or param == "input"
+        assert "messages" not in exc.message and "response_format" not in exc.message
+        if extra.get("input") and "arguments" in str(extra):  # (the call's item, merged or not)
+            assert exc.message.startswith("input[2].arguments"), exc.message
     else:  # (checked against the context when the server admits it)
         assert param == "max_output_tokens"
 
@@ -327,7 +379,24 @@ def test_the_server_answers_errors_as_the_other_routes():
                 ],
             )
         assert info.value.body["param"] == "input"
-        assert info.value.body["message"].startswith("input[1].tool_calls[0]")
+        assert info.value.body["message"].startswith("input[1].arguments")
+        with pytest.raises(openai.BadRequestError) as info:  # the context: the prompt alone
+            c.responses.create(model="tiny", input="long " * 64)
+        assert info.value.body["param"] == "input"
+        with pytest.raises(openai.BadRequestError) as info:  # a schema xgrammar refuses
+            c.responses.create(
+                model="tiny",
+                input="hi",
+                text={
+                    "format": {
+                        "type": "json_schema",
+                        "name": "n",
+                        "schema": {"type": "number", "multipleOf": 3},
+                    }
+                },
+            )
+        assert info.value.body["param"].startswith("text.format")
+        assert "response_format" not in info.value.body["message"]
         with pytest.raises(openai.BadRequestError) as info:
             c.responses.create(model="tiny", input="hi", store=True)
         assert info.value.body["param"] == "store"
@@ -336,3 +405,16 @@ def test_the_server_answers_errors_as_the_other_routes():
         with pytest.raises(openai.AuthenticationError):
             client(url, "wrong").responses.create(model="tiny", input="hi")
         assert c.responses.create(model="tiny", input="hi", max_output_tokens=4).output_text
+
+
+def test_a_response_the_server_stopped_has_failed():
+    """A request the drain's deadline aborted is not a completed answer: ``response.failed``."""
+    out = ResponseOutput("resp_1", "tiny", {}, Shape(True, "resp_1", "tiny"))
+    out.start()
+    out.add("partial")
+    use = {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}
+    events = out.finish("abort", use)
+    assert [e["type"] for e in events][-2:] == ["response.output_item.done", "response.failed"]
+    body = out.response()
+    assert body["status"] == "failed" and "shutting down" in body["error"]["message"]
+    assert body["output"][0]["status"] == "incomplete" and body["usage"] == use

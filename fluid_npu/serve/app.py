@@ -370,11 +370,14 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         arrived = time.monotonic()
         authorize(request)
         req = parse_responses(await read_json(request), calling)
-        prompt = await conversation_ids(req.chat)
         rid = f"resp_{uuid.uuid4().hex}"
         shape = Shape(True, rid, config.model_name, words)
-        gen, = await admit([shape], [prompt], req.chat.sampling, arrived, None, req.chat.tools,
-                           await compiled(req.chat.sampling))  # fmt: skip
+        try:  # (the later checks name the chat fields: renamed as the request gave them)
+            prompt = await conversation_ids(req.chat)
+            gen, = await admit([shape], [prompt], req.chat.sampling, arrived, None,
+                               req.chat.tools, await compiled(req.chat.sampling))  # fmt: skip
+        except APIError as exc:
+            raise req.came.renamed(exc) from None
         settings = dict(req.settings)
         for k in ("temperature", "top_p"):  # as decoded: the server's default when left out
             settings[k] = getattr(config.defaults, k) if settings[k] is None else settings[k]

@@ -4,9 +4,9 @@ one chat generation's deltas (``generation.Generation.deltas``).
 ``ResponseOutput`` keeps a response's ``output`` items as the deltas come: a ``reasoning`` item
 (``--reasoning-parser``: the reasoning's text as one ``reasoning_text`` part; no summary), a
 ``message`` with one ``output_text`` part (the answer before any call, with its tokens'
-``logprobs`` when asked for), and one ``function_call`` item per call. Each step returns the
-stream events that the OpenAI client's ``responses.stream`` accumulates, so a streamed and a
-non-streamed answer come from the same code and add up to the same output:
+``logprobs`` when asked for — not the reasoning's), and one ``function_call`` item per call.
+Each step returns the stream events that the OpenAI client's ``responses.stream`` accumulates,
+so a streamed and a non-streamed answer come from the same code and add up to the same output:
 
 ``response.created``, ``response.in_progress``; per item ``response.output_item.added``, its
 part's ``response.content_part.added``, the deltas (``response.reasoning_text.delta``,
@@ -14,7 +14,7 @@ part's ``response.content_part.added``, the deltas (``response.reasoning_text.de
 their ``.done`` events, ``response.content_part.done`` and ``response.output_item.done``; last
 ``response.completed``, or ``response.incomplete`` (``incomplete_details.reason``
 ``max_output_tokens``) when the limit cut the answer, or ``response.failed`` with the error when
-the engine failed on the request. Events are numbered by ``sequence_number`` from 0 and sent as
+the engine failed on the request or the server stopped it (its drain's deadline). Events are numbered by ``sequence_number`` from 0 and sent as
 ``event: TYPE`` / ``data: JSON``, as the OpenAI API sends them (no ``[DONE]``).
 
 ``usage``: ``input_tokens`` (``cached_tokens``: found in a slot's cache), ``output_tokens``
@@ -36,7 +36,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from fluid_npu.serve.errors import APIError
-from fluid_npu.serve.generation import Generation
+from fluid_npu.serve.generation import Delta, Generation
 from fluid_npu.serve.http import ClosingStream, while_connected
 from fluid_npu.serve.responses import LogprobEntry, Shape
 
@@ -76,6 +76,9 @@ class ResponseOutput:
         self.error: dict[str, Any] | None = None
         self.incomplete: dict[str, Any] | None = None
         self.completed: int | None = None  # when it completed
+        # the answer's tokens' log-probabilities whose text has not come yet (held back by the
+        # detokenizer, or a tool call's markup: dropped when the calls come)
+        self.pending: list[LogprobEntry] = []
 
     def response(self) -> dict[str, Any]:
         return {
@@ -108,11 +111,16 @@ class ResponseOutput:
         reasoning: str = "",
         calls: list[dict[str, Any]] | None = None,
     ) -> list[Event]:
-        """The events of one delivery: reasoning text, answer text (and its tokens'
-        log-probabilities), the answer's tool calls."""
+        """The events of one delivery: reasoning text, answer text (``entries``: the answer's
+        tokens' log-probabilities, which join the message with its next text), the answer's
+        tool calls."""
         events = self._write("reasoning", reasoning, None) if reasoning else []
-        if text or entries:
-            events += self._write("message", text, entries)
+        self.pending += entries or ()
+        if text:
+            events += self._write("message", text, self.pending)
+            self.pending = []
+        if calls:
+            self.pending = []  # (the calls' own tokens)
         for call in calls or ():
             events += self._close("completed") + self._call(call)
         return events
@@ -129,7 +137,7 @@ class ResponseOutput:
             events.append(self._event("response.reasoning_text.delta", item_id=item["id"],
                                       output_index=at, content_index=0, delta=text))  # fmt: skip
             return events
-        logprobs = (self.shape.logprobs(entries) or {}).get("content", [])
+        logprobs = (self.shape.logprobs(entries) or {}).get("content", []) if entries else []
         part["logprobs"] += logprobs
         events.append(self._event("response.output_text.delta", item_id=item["id"],
                                   output_index=at, content_index=0, delta=text,
@@ -193,11 +201,20 @@ class ResponseOutput:
 
     def finish(self, finish_reason: str | None, usage: dict[str, Any]) -> list[Event]:
         """The last events: the open item closed (an answer with nothing in it still gets its
-        empty message), the usage, the response's end."""
-        cut = finish_reason == "length"
-        events = [] if self.items else self._write("message", "", None)
-        events += self._close("incomplete" if cut else "completed")
+        empty message; the last tokens' log-probabilities join an open message), the usage, the
+        response's end — failed when the server stopped it (``abort``: the drain's deadline)."""
         self.usage = usage
+        if finish_reason == "abort":
+            return self.fail(APIError("the server stopped this response before it ended (it is "
+                                      "shutting down); send the request again", status=503,
+                                      type="server_error"))  # fmt: skip
+        cut = finish_reason == "length"
+        events = []
+        if not self.items or (self.pending and self.open is not None and
+                              self.open["type"] == "message"):  # fmt: skip
+            events += self._write("message", "", self.pending)
+        self.pending = []
+        events += self._close("incomplete" if cut else "completed")
         self.status = "incomplete" if cut else "completed"
         self.incomplete = {"reason": "max_output_tokens"} if cut else None
         self.completed = None if cut else int(time.time())
@@ -220,11 +237,21 @@ def _usage(gen: Generation) -> dict[str, Any]:
     return response_usage(gen.usage(), getattr(gen.detok, "reasoning_tokens", 0))
 
 
+async def deliveries(gen: Generation) -> AsyncIterator[Delta]:
+    """A generation's deltas with the log-probabilities of the answer's tokens only (a delivery's
+    first tokens may be reasoning: as many as it added to ``reasoning_tokens``)."""
+    before = 0
+    async for text, entries, reasoning, calls in gen.deltas():
+        now = getattr(gen.detok, "reasoning_tokens", 0)
+        yield text, None if entries is None else entries[now - before :], reasoning, calls
+        before = now
+
+
 async def _events(out: ResponseOutput, gen: Generation) -> AsyncIterator[str]:
     for event in out.start():
         yield sse_event(event)
     try:
-        async for text, entries, reasoning, calls in gen.deltas():
+        async for text, entries, reasoning, calls in deliveries(gen):
             for event in out.add(text, entries, reasoning, calls):
                 yield sse_event(event)
     except APIError as exc:  # the engine failed mid-stream: the response fails, the stream ends
@@ -250,7 +277,7 @@ async def answer(
         return ClosingStream(_events(out, gen), lambda: gen.close(endpoint))
 
     async def collect() -> None:
-        async for text, entries, reasoning, calls in gen.deltas():
+        async for text, entries, reasoning, calls in deliveries(gen):
             out.add(text, entries, reasoning, calls)
 
     work = asyncio.ensure_future(collect())

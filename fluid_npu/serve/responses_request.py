@@ -10,9 +10,9 @@ in ``input``, and nothing is kept after the answer. A Responses body becomes a c
   developer / assistant, ``content`` a text or a list of ``input_text`` / ``output_text`` /
   ``refusal`` parts), ``function_call`` items (an assistant turn's calls; consecutive ones, and
   the assistant message just before them, are one turn), ``function_call_output`` items (a
-  ``tool`` message) and ``reasoning`` items (the next assistant turn's ``reasoning``). An earlier
-  answer's ``output`` items can be sent back as they came. ``instructions``: a system message
-  first.
+  ``tool`` message) and ``reasoning`` items (the next assistant turn's ``reasoning``; one that
+  no assistant item follows is a turn of its own). An earlier answer's ``output`` items can be
+  sent back as they came. ``instructions``: a system message first. ``tools: []`` is no tools.
 * ``max_output_tokens`` → ``max_completion_tokens``; ``text.format`` → ``response_format``
   (``text``, ``json_object``, ``json_schema``); ``tools`` (Responses' flat function tools) and
   ``tool_choice`` (``{"type": "function", "name"}``) → chat's nested ones; ``top_logprobs`` or
@@ -21,7 +21,8 @@ in ``input``, and nothing is kept after the answer. A Responses body becomes a c
   (``top_k``, ``min_p``, ``seed``, ``stop``, penalties, ``logit_bias``, ``min_tokens``,
   ``chat_template_kwargs``) as on chat.
 * Accepted as tags and repeated in the response: ``metadata`` (up to 16 string pairs),
-  ``safety_identifier``, ``prompt_cache_key`` (prefixes are reused without it), ``service_tier``
+  ``safety_identifier``, ``prompt_cache_key`` (prefixes are reused without it),
+  ``prompt_cache_retention: "in_memory"`` (how this server keeps them), ``service_tier``
   ``auto`` / ``default``, ``max_tool_calls`` (it bounds hosted-tool calls, which this server never
   makes).
 * A 400 naming the field for what a stateless text server cannot do: ``store: true``,
@@ -31,14 +32,15 @@ in ``input``, and nothing is kept after the answer. A Responses body becomes a c
   logprobs one, image / file / audio parts, ``item_reference`` items, encrypted reasoning, and
   ``stream_options.include_obfuscation: true``.
 
-An error the chat checks raise names the Responses field (``input[2]`` for the message it made
-of that item, ``max_output_tokens``, ``text.format``).
+An error the chat checks raise names the Responses field (``input[2]`` for the message or call it
+made of that item, ``max_output_tokens``, ``text.format``), those of the route's later checks
+(the context, a schema that does not compile) too: ``ResponsesRequest.came``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -104,6 +106,7 @@ class ResponsesBody(_Strict):
     max_tool_calls: int | None = Field(default=None, ge=1)
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     # checked by the chat route under the same names
     model: Any = None
     temperature: Any = None
@@ -131,9 +134,12 @@ class ResponsesRequest:
     chat: ChatRequest
     logprobs: bool
     settings: dict[str, Any]
+    came: Origins  # renames the errors the route's later checks raise (the context, a schema)
 
 
 def _where(loc: tuple[Any, ...]) -> str:
+    if loc and loc[0] in ("input", "tool_choice"):  # (what follows: union members' tags)
+        return str(loc[0])
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -182,6 +188,9 @@ def _check_stateless(req: ResponsesBody) -> None:
     if req.truncation == "auto":
         raise _refuse("truncation", "this server never drops input items; send 'disabled' or "
                       "leave it out (a prompt longer than the context is a 400)")  # fmt: skip
+    if req.prompt_cache_retention == "24h":
+        raise _refuse("prompt_cache_retention", "this server keeps prefixes in memory only, "
+                      "while its slots hold them; send 'in_memory' or leave it out")  # fmt: skip
     if req.service_tier not in (None, "auto", "default"):
         raise _refuse("service_tier", "this server has one tier; send 'auto' or 'default'")
     r = req.reasoning
@@ -239,22 +248,61 @@ def _string(item: dict[str, Any], key: str, where: str) -> str:
 MESSAGE_KEYS = {"type", "role", "content", "id", "status", "phase"}  # id / status / phase: output
 
 
-def input_messages(given: str | list[Any], instructions: str | None) -> tuple[list[Any], list[str]]:
-    """The chat messages of ``input`` (after ``instructions``), and for each the field it came
-    from (``input[3]``)."""
+@dataclass
+class Origins:
+    """Where each chat message came from in a Responses request (``instructions``, ``input``,
+    ``input[3]``), and each call of an assistant turn (its ``function_call`` item), so that an
+    error the chat checks raise names the request's own fields."""
+
+    messages: list[str] = field(default_factory=list)
+    calls: dict[int, list[str]] = field(default_factory=dict)  # message -> its calls' items
+
+    def rename(self, text: str) -> str:
+        def call(m: re.Match) -> str:
+            return self.calls[int(m.group(1))][int(m.group(2))]
+
+        text = re.sub(r"messages\[(\d+)\]\.tool_calls\[(\d+)\](?:\.function)?", call, text)
+        text = re.sub(r"messages\[(\d+)\]", lambda m: self.messages[int(m.group(1))], text)
+        text = re.sub(r"tools\[(\d+)\]\.function", r"tools[\1]", text)
+        for old, new in (("max_completion_tokens", "max_output_tokens"),
+                         ("response_format.json_schema", "text.format"),
+                         ("response_format", "text.format"), ("messages", "input")):  # fmt: skip
+            text = text.replace(old, new)
+        return text
+
+    def renamed(self, exc: APIError) -> APIError:
+        """``exc`` (a chat check's) under the Responses fields' names."""
+        exc.message = self.rename(exc.message)
+        exc.args = (exc.message,)
+        exc.param = None if exc.param is None else self.rename(exc.param)
+        return exc
+
+
+def input_messages(
+    given: str | list[Any], instructions: str | None
+) -> tuple[list[dict[str, Any]], Origins]:
+    """The chat messages of ``input`` (after ``instructions``), and where each came from. A
+    reasoning item is the next assistant turn's ``reasoning`` (successive ones joined); one that
+    no assistant item follows is an assistant turn of its own (a turn cut in its reasoning)."""
     messages: list[dict[str, Any]] = []
-    came: list[str] = []
+    came = Origins()
+    thought: list[str] = []  # reasoning items' text, for the next assistant turn
+    at = ""  # where the first of them is
 
     def add(message: dict[str, Any], where: str) -> None:
+        nonlocal thought
+        if thought and message["role"] != "assistant":  # the reasoning was a turn of its own
+            add({"role": "assistant", "content": None}, at)
+        if thought:
+            message["reasoning"], thought = "\n".join(thought), []
         messages.append(message)
-        came.append(where)
+        came.messages.append(where)
 
     if instructions is not None:
         add({"role": "system", "content": instructions}, "instructions")
     if isinstance(given, str):
         add({"role": "user", "content": given}, "input")
         return messages, came
-    thought: str | None = None  # a reasoning item's text, for the next assistant turn
     for n, item in enumerate(given):
         where = f"input[{n}]"
         if not isinstance(item, dict):
@@ -268,22 +316,17 @@ def input_messages(given: str | list[Any], instructions: str | None) -> tuple[li
             if role not in ("user", "system", "developer", "assistant"):
                 raise _refuse(f"{where}.role", "'user', 'system', 'developer' or 'assistant'")
             kinds = ("output_text", "refusal") if role == "assistant" else ("input_text",)
-            message = {"role": role, "content": _parts(item.get("content"), where, kinds)}
-            if role == "assistant" and thought is not None:
-                message["reasoning"], thought = thought, None
-            add(message, where)
+            add({"role": role, "content": _parts(item.get("content"), where, kinds)}, where)
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", where), "type": "function", "function": {
                 "name": _string(item, "name", where),
                 "arguments": _string(item, "arguments", where)}}  # fmt: skip
             last = messages[-1] if messages else None
-            if thought is None and last is not None and last["role"] == "assistant":
+            if not thought and last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)  # the same turn's
             else:
-                turn = {"role": "assistant", "content": None, "tool_calls": [call]}
-                if thought is not None:
-                    turn["reasoning"], thought = thought, None
-                add(turn, where)
+                add({"role": "assistant", "content": None, "tool_calls": [call]}, where)
+            came.calls.setdefault(len(messages) - 1, []).append(where)
         elif kind == "function_call_output":
             output = item.get("output")
             content = _parts(output, where, ("input_text",)) if output is not None else None
@@ -301,19 +344,23 @@ def input_messages(given: str | list[Any], instructions: str | None) -> tuple[li
                 isinstance(p, dict) and isinstance(p.get("text"), str) for p in pieces
             ):
                 raise _refuse(f"{where}.content", "a reasoning item's parts need their text")
-            thought = "\n".join(p["text"] for p in pieces)
+            at = at if thought else where
+            thought.append("\n".join(p["text"] for p in pieces))
         elif kind == "item_reference":
             raise _refuse(where, "this server keeps no items to refer to; send the item itself")
         else:
             raise _refuse(f"{where}.type", f"items of type {kind!r} are not supported; this "
                           "server takes message, function_call, function_call_output and "
                           "reasoning items")  # fmt: skip
+    if thought:  # the input ends in reasoning: a turn of its own
+        add({"role": "assistant", "content": None}, at)
     return messages, came
 
 
 def _tools(given: list[Any] | None) -> list[Any] | None:
-    """Responses' flat function tools as chat's nested ones."""
-    if given is None:
+    """Responses' flat function tools as chat's nested ones (none for an empty list, which the
+    OpenAI API takes and the Agents SDK sends for an agent without tools)."""
+    if not given:
         return None
     out = []
     for n, tool in enumerate(given):
@@ -329,12 +376,22 @@ def _tools(given: list[Any] | None) -> list[Any] | None:
     return out
 
 
-def _tool_choice(given: str | dict[str, Any] | None) -> Any:
-    if not isinstance(given, dict):
+def _tool_choice(given: str | dict[str, Any] | None, tools: list[Any] | None) -> Any:
+    """Responses' ``tool_choice`` as chat's (a named function nested under ``function``)."""
+    if given is None:
+        return None
+    if isinstance(given, str) and given not in ("none", "auto", "required"):
+        raise _refuse("tool_choice", f"{given!r} is not 'none', 'auto', 'required' or "
+                      '{"type": "function", "name": ...}')  # fmt: skip
+    if isinstance(given, str):
         return given
     if given.get("type") != "function" or not isinstance(given.get("name"), str):
         raise _refuse("tool_choice", "'none', 'auto', 'required' or "
                       '{"type": "function", "name": ...}')  # fmt: skip
+    offered = [t.get("name") for t in tools or () if isinstance(t, dict)]
+    if given["name"] not in offered:
+        raise _refuse("tool_choice", f"names the function {given['name']!r}, which tools does "
+                      f"not offer (it offers {offered})")  # fmt: skip
     return {"type": "function", "function": {"name": given["name"]}}
 
 
@@ -349,23 +406,6 @@ def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": {k: v for k, v in spec.items() if v is not None}}
 
 
-def _renamed(exc: APIError, came: list[str]) -> APIError:
-    """A chat check's error under the Responses fields' names."""
-
-    def rename(text: str) -> str:
-        text = re.sub(r"messages\[(\d+)\]", lambda m: came[int(m.group(1))], text)
-        text = re.sub(r"tools\[(\d+)\]\.function", r"tools[\1]", text)
-        for old, new in (("max_completion_tokens", "max_output_tokens"),
-                         ("response_format", "text.format"), ("messages", "input")):  # fmt: skip
-            text = text.replace(old, new)
-        return text
-
-    exc.message = rename(exc.message)
-    exc.args = (exc.message,)
-    exc.param = None if exc.param is None else rename(exc.param)
-    return exc
-
-
 def parse_responses(body: Any, tool_parser: ToolParser | None = None) -> ResponsesRequest:
     """A checked ``/v1/responses`` request (``tool_parser``: the server's, as for chat)."""
     req = _body(body)
@@ -376,14 +416,14 @@ def parse_responses(body: Any, tool_parser: ToolParser | None = None) -> Respons
     logprobs = LOGPROBS in (req.include or ()) or bool(req.top_logprobs)
     chat: dict[str, Any] = {k: getattr(req, k) for k in PASSED if getattr(req, k) is not None}
     chat.update(messages=messages, max_completion_tokens=req.max_output_tokens,
-                tools=_tools(req.tools), tool_choice=_tool_choice(req.tool_choice),
+                tools=_tools(req.tools), tool_choice=_tool_choice(req.tool_choice, req.tools),
                 response_format=_response_format(req.text))  # fmt: skip
     if logprobs:
         chat.update(logprobs=True, top_logprobs=req.top_logprobs or 0)
     try:
         parsed = parse_chat({k: v for k, v in chat.items() if v is not None}, tool_parser)
     except APIError as exc:
-        raise _renamed(exc, came) from None
+        raise came.renamed(exc) from None
     if req.max_output_tokens is not None:
         parsed.sampling.max_tokens_field = "max_output_tokens"
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else {}
@@ -408,5 +448,6 @@ def parse_responses(body: Any, tool_parser: ToolParser | None = None) -> Respons
         "user": req.user,
         "safety_identifier": req.safety_identifier,
         "prompt_cache_key": req.prompt_cache_key,
+        "prompt_cache_retention": req.prompt_cache_retention,
     }
-    return ResponsesRequest(parsed, logprobs, settings)
+    return ResponsesRequest(parsed, logprobs, settings, came)

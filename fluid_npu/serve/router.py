@@ -79,7 +79,9 @@ def routing_key(path: str, body: Any) -> str:
     if path.endswith("/chat/completions"):
         given = [body.get("tools"), body.get("messages")]
     elif path.endswith("/responses"):  # (rendered alike: the instructions first, then input)
-        given = [body.get("tools"), body.get("instructions"), body.get("input")]
+        turns = body.get("input")  # (a text is the first turn of the list the next turn sends)
+        turns = [{"role": "user", "content": turns}] if isinstance(turns, str) else turns
+        given = [body.get("tools"), body.get("instructions"), turns]
     else:
         prompt = body.get("prompt")
         given = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(
