@@ -14,8 +14,9 @@ part's ``response.content_part.added``, the deltas (``response.reasoning_text.de
 their ``.done`` events, ``response.content_part.done`` and ``response.output_item.done``; last
 ``response.completed``, or ``response.incomplete`` (``incomplete_details.reason``
 ``max_output_tokens``) when the limit cut the answer, or ``response.failed`` with the error when
-the engine failed on the request or the server stopped it (its drain's deadline). Events are numbered by ``sequence_number`` from 0 and sent as
-``event: TYPE`` / ``data: JSON``, as the OpenAI API sends them (no ``[DONE]``).
+the engine failed on the request or the server stopped it (its drain's deadline). Events are
+numbered by ``sequence_number`` from 0 and sent as ``event: TYPE`` / ``data: JSON``, as the
+OpenAI API sends them (no ``[DONE]``).
 
 ``usage``: ``input_tokens`` (``cached_tokens``: found in a slot's cache), ``output_tokens``
 (``reasoning_tokens`` among them: the reasoning with its markers), ``total_tokens``, and the
