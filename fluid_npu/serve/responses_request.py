@@ -128,11 +128,10 @@ class ResponsesBody(_Strict):
 
 @dataclass
 class ResponsesRequest:
-    """A checked Responses request: the chat request it decodes as, whether its text carries
-    log-probabilities, and its settings as the response object repeats them."""
+    """A checked Responses request: the chat request it decodes as, and its settings as the
+    response object repeats them."""
 
     chat: ChatRequest
-    logprobs: bool
     settings: dict[str, Any]
     came: Origins  # renames the errors the route's later checks raise (the context, a schema)
 
@@ -450,4 +449,4 @@ def parse_responses(body: Any, tool_parser: ToolParser | None = None) -> Respons
         "prompt_cache_key": req.prompt_cache_key,
         "prompt_cache_retention": req.prompt_cache_retention,
     }
-    return ResponsesRequest(parsed, logprobs, settings, came)
+    return ResponsesRequest(parsed, settings, came)
