@@ -209,6 +209,9 @@ def test_the_front_relays_to_the_ranks():
         answer = c.responses.create(model="tiny", input="hello", max_output_tokens=12)
         assert answer.output_text == client(urls[1], RANK_KEY).responses.create(
             model="tiny", input="hello", max_output_tokens=12).output_text  # fmt: skip
+        assert c.responses.input_tokens.count(model="tiny", input="hello").input_tokens == (
+            answer.usage.input_tokens
+        )
 
 
 def test_a_rank_that_fails():

@@ -418,3 +418,36 @@ def test_a_response_the_server_stopped_has_failed():
     body = out.response()
     assert body["status"] == "failed" and "shutting down" in body["error"]["message"]
     assert body["output"][0]["status"] == "incomplete" and body["usage"] == use
+
+
+def test_input_tokens_are_counted_and_nothing_is_kept():
+    """``responses.input_tokens.count`` gives the prompt's length as a response would render it
+    (tools and instructions included); fetching, listing, cancelling or deleting a response is a
+    404 that says nothing is kept; both behind the key."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.chat_template = TEMPLATE
+    sched = ReasoningScheduler()
+    sched.output = tok("Sunny.", add_special_tokens=False)["input_ids"]
+    with serving(sched, tokenizer=tok, tool_call_parser="hermes", api_key="k") as (url, _, _):
+        c = client(url, "k")
+        body = {"input": USER, "instructions": "Be brief.", "tools": FLAT}
+        counted = c.responses.input_tokens.count(model="tiny", **body)
+        assert counted.object == "response.input_tokens"
+        made = c.responses.create(model="tiny", **body)
+        assert counted.input_tokens == made.usage.input_tokens == len(sched.requests[-1].prompt)
+        assert c.responses.input_tokens.count(input="Hi").input_tokens < counted.input_tokens
+        for call in (
+            lambda: c.responses.retrieve(made.id),
+            lambda: c.responses.delete(made.id),
+            lambda: c.responses.cancel(made.id),
+            lambda: c.responses.input_items.list(made.id),
+        ):
+            with pytest.raises(openai.NotFoundError) as info:
+                call()
+            assert info.value.body["code"] == "response_not_found"
+            assert "keeps no responses" in info.value.body["message"]
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").responses.retrieve(made.id)
+        with pytest.raises(openai.BadRequestError) as bad:
+            c.responses.input_tokens.count(input="Hi", previous_response_id="resp_1")
+        assert bad.value.body["param"] == "previous_response_id"

@@ -4,6 +4,8 @@ code lives here; the ``Worker`` owns the model.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/responses`` (the
 Responses API, stateless: ``responses_request.py`` / ``responses_output.py``; all with ``stream``),
+``POST /v1/responses/input_tokens`` (a response's prompt length; the routes that would read,
+cancel or delete a stored response answer 404: none is kept),
 ``GET /v1/models``, vLLM's ``POST /tokenize`` / ``POST /detokenize`` / ``GET /tokenizer_info``,
 ``GET /health`` (503 while draining or after an engine failure) and ``GET /metrics`` (Prometheus
 text). With an API key every ``/v1`` route and the tokenizer routes need
@@ -64,7 +66,7 @@ from fluid_npu.serve.rendering import ChatRender
 from fluid_npu.serve.responses import Shape
 from fluid_npu.serve.responses_output import ResponseOutput
 from fluid_npu.serve.responses_output import answer as respond_with
-from fluid_npu.serve.responses_request import parse_responses
+from fluid_npu.serve.responses_request import not_stored, parse_responses
 from fluid_npu.serve.structured import Grammars, grammar_after
 from fluid_npu.serve.text import TokenText, chat_ids
 from fluid_npu.serve.tokenizing import tokenizer_routes
@@ -384,6 +386,24 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         out = ResponseOutput(rid, config.model_name, settings, shape)
         return await respond_with(request, out, gen, bool(req.chat.sampling.stream),
                                   request.url.path)  # fmt: skip
+
+    @app.post("/v1/responses/input_tokens")  # the client's responses.input_tokens.count
+    async def input_tokens(request: Request) -> dict[str, Any]:
+        """The tokens a response's input takes: its prompt, rendered as the route renders it."""
+        authorize(request)
+        req = parse_responses(await read_json(request), calling)
+        try:
+            prompt = await conversation_ids(req.chat)
+        except APIError as exc:
+            raise req.came.renamed(exc) from None
+        return {"object": "response.input_tokens", "input_tokens": len(prompt)}
+
+    @app.api_route("/v1/responses/{rid}", methods=["GET", "DELETE"])
+    @app.get("/v1/responses/{rid}/input_items")
+    @app.post("/v1/responses/{rid}/cancel")
+    async def not_kept(request: Request, rid: str) -> Response:
+        authorize(request)
+        raise not_stored(rid)
 
     card = {
         "id": config.model_name,

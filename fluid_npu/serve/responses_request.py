@@ -172,6 +172,18 @@ def _refuse(param: str, what: str) -> APIError:
     return APIError(f"{param}: {what}", param=param)
 
 
+def not_stored(rid: str) -> APIError:
+    """The 404 of a route that reads, cancels or deletes a stored response."""
+    return APIError(
+        f"no response {rid[:80]!r} is kept here: this server keeps no responses (as vLLM without "
+        "its store), so none can be fetched, listed, cancelled or deleted; a stream is the way "
+        "to follow a response as it decodes",
+        status=404,
+        param="response_id",
+        code="response_not_found",
+    )
+
+
 def _check_stateless(req: ResponsesBody) -> None:
     """What a server that keeps nothing and has no hosted features cannot honour."""
     keep = "this server keeps no responses (as vLLM without its store): "

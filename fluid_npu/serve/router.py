@@ -78,7 +78,7 @@ def routing_key(path: str, body: Any) -> str:
         return ""
     if path.endswith("/chat/completions"):
         given = [body.get("tools"), body.get("messages")]
-    elif path.endswith("/responses"):  # (rendered alike: the instructions first, then input)
+    elif "/responses" in path:  # (rendered alike: the instructions first, then input)
         turns = body.get("input")  # (a text is the first turn of the list the next turn sends)
         turns = [{"role": "user", "content": turns}] if isinstance(turns, str) else turns
         given = [body.get("tools"), body.get("instructions"), turns]
@@ -358,6 +358,7 @@ def create_front(front: Front) -> FastAPI:
     app.post("/v1/completions")(relay)
     app.post("/v1/chat/completions")(relay)
     app.post("/v1/responses")(relay)
+    app.post("/v1/responses/input_tokens")(relay)
 
     async def forward(request: Request, path: str, method: str = "GET") -> Response:
         """A request any rank answers alike (models, tokenizer routes): the first usable one."""
