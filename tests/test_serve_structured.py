@@ -294,6 +294,17 @@ def test_with_a_reasoning_parser_the_grammar_holds_the_answer():
             extra_body={"chat_template": closed, **choice},
         )
         assert shut.choices[0].message.content == "ok" and seen[-1].grammar_after is None
+        shut = c.chat.completions.create(  # ... with whitespace after it, as Qwen3's template
+            model="tiny", messages=USER, max_tokens=12, temperature=0,
+            extra_body={"chat_template": closed + "\n\n", **choice})  # fmt: skip
+        assert seen[-1].grammar_after is None
+        # a block a previous turn closed (its reasoning kept, as templates keep it in a tool
+        # loop), the new turn not opened by the template: the turn may reason first
+        history = ("{% for m in messages %}{{ m['content'] }}{% endfor %}<think>a</think>b"
+                   "<|im_end|>")  # fmt: skip
+        c.chat.completions.create(model="tiny", messages=USER, max_tokens=2, temperature=0,
+                                  extra_body={"chat_template": history, **choice})  # fmt: skip
+        assert seen[-1].grammar_after == end
 
 
 def test_a_server_without_xgrammar_says_how_to_get_it(monkeypatch):

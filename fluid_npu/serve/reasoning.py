@@ -24,7 +24,7 @@ the output opened does not turn the text before it into reasoning (it stays answ
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fluid_npu.errors import ConfigError
@@ -46,27 +46,40 @@ PARSERS = {  # vLLM's names where it has the parser
 }
 
 
+CLOSED_TAIL = 8  # tokens a template may write after the block it closes (whitespace)
+
+
 @dataclass(frozen=True)
 class ReasoningParser:
-    """A parser bound to a tokenizer: the markers' token ids."""
+    """A parser bound to a tokenizer: the markers' token ids (``tokenizer``: reads what follows
+    a prompt's last closing marker)."""
 
     name: str
     start: int
     end: int
+    tokenizer: Any = field(default=None, compare=False, repr=False)
 
     def opened(self, prompt: Sequence[int]) -> bool:
         """Whether ``prompt`` leaves a reasoning block open (its last marker is an opening one)."""
-        return self._last_marker(prompt) == self.start
+        at = self._last_marker(prompt)
+        return at is not None and prompt[at] == self.start
 
     def closed(self, prompt: Sequence[int]) -> bool:
-        """Whether ``prompt`` closed a reasoning block last (``enable_thinking: false``): the
-        output is all answer."""
-        return self._last_marker(prompt) == self.end
+        """Whether the end of ``prompt`` closed a reasoning block (``enable_thinking: false``: the
+        template closes an empty block after opening the assistant's turn): its last marker is a
+        closing one with nothing but whitespace after it, so this turn's output is all answer. A
+        block closed earlier in the conversation — a previous turn's reasoning, which templates
+        keep in a tool loop — leaves this turn free to reason."""
+        at = self._last_marker(prompt)
+        if at is None or prompt[at] != self.end or len(prompt) - at - 1 > CLOSED_TAIL:
+            return False
+        tail = list(prompt[at + 1 :])
+        return not tail or self.tokenizer is None or not self.tokenizer.decode(tail).strip()
 
     def _last_marker(self, prompt: Sequence[int]) -> int | None:
-        for tok in reversed(prompt):
-            if tok in (self.start, self.end):
-                return tok
+        for at in range(len(prompt) - 1, -1, -1):
+            if prompt[at] in (self.start, self.end):
+                return at
         return None
 
 
@@ -91,7 +104,7 @@ def reasoning_parser(name: str, tokenizer: Any) -> ReasoningParser:
                 "tokenizer, so this is not a model that parser is for"
             )
         ids.append(tok)
-    return ReasoningParser(name, ids[0], ids[1])
+    return ReasoningParser(name, ids[0], ids[1], tokenizer)
 
 
 class ReasoningText:
