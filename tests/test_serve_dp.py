@@ -212,6 +212,11 @@ def test_the_front_relays_to_the_ranks():
         assert c.responses.input_tokens.count(model="tiny", input="hello").input_tokens == (
             answer.usage.input_tokens
         )
+        with pytest.raises(openai.NotFoundError) as info:  # (the front answers as a rank)
+            c.responses.retrieve(answer.id)
+        assert info.value.body["code"] == "response_not_found"
+        with pytest.raises(openai.AuthenticationError):
+            client(url, RANK_KEY).responses.delete(answer.id)
 
 
 def test_a_rank_that_fails():

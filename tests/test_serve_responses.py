@@ -192,11 +192,25 @@ def test_calls_and_their_results_as_items():
         assert [o.type for o in final.output] == ["message", "function_call"]
         assert final.output[1].arguments == call.arguments
         assert "response.function_call_arguments.delta" in kinds
-        lp = c.responses.create(model="tiny", input=USER, tools=FLAT, top_logprobs=1)
-        assert [o.type for o in lp.output] == ["message", "function_call"]
-        assert len(lp.output[0].content[0].logprobs) < len(sched.output)  # (not the call's)
-        none = c.responses.create(model="tiny", input=USER, tools=[], include=[])
-        assert none.tool_choice == "none" and none.output_text == tok.decode(sched.output)
+        # the message's log-probabilities are its text's tokens, however the steps (1-3 tokens)
+        # fall against the call's markup
+        saved = sched.output
+        for lead in ("Let me look.", "Let me loo.", "Let me lo.", "Hm"):
+            sched.output = tok(lead + CALL, add_special_tokens=False)["input_ids"]
+            for stream in (False, True):
+                body = {"input": USER, "tools": FLAT, "top_logprobs": 1}
+                if stream:
+                    out = raw_events(url, body)[-1][1]["response"]["output"]
+                else:
+                    out = c.responses.create(model="tiny", **body).model_dump()["output"]
+                assert [o["type"] for o in out] == ["message", "function_call"]
+                spelled = [e["token"] for e in out[0]["content"][0]["logprobs"]]
+                assert "".join(spelled) == lead, (lead, stream)
+        sched.output = saved
+        none = c.responses.create(
+            model="tiny", input=USER, tools=[], tool_choice="auto", include=[]
+        )
+        assert none.output_text == tok.decode(sched.output)
         # the next turn: the calls and the tool's output
         chat_call = chat.choices[0].message.tool_calls[0]
         turns = [
@@ -260,6 +274,12 @@ def test_reasoning_comes_as_its_own_item():
         ]
     # sent back: a reasoning item is the next assistant turn's; one that no assistant item
     # follows is a turn of its own; successive ones are joined
+    # nothing after the reasoning but the EOS: an empty message holds its log-probability
+    sched.output = [start, *thought, end]
+    with serving(sched, tokenizer=tok, reasoning_parser="qwen3") as (url, _, _):
+        bare = client(url).responses.create(model="tiny", input="2+2?", top_logprobs=1)
+        assert [o.type for o in bare.output] == ["reasoning", "message"]
+        assert bare.output_text == "" and len(bare.output[1].content[0].logprobs) == 1
     back = parse_responses(
         {
             "input": [

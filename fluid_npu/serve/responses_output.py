@@ -78,8 +78,10 @@ class ResponseOutput:
         self.incomplete: dict[str, Any] | None = None
         self.completed: int | None = None  # when it completed
         # the answer's tokens' log-probabilities whose text has not come yet (held back by the
-        # detokenizer, or a tool call's markup: dropped when the calls come)
+        # detokenizer, or a tool call's markup: dropped when the calls come), and the bytes of
+        # the message's text against those of the tokens whose entries it holds
         self.pending: list[LogprobEntry] = []
+        self.written = self.covered = 0
 
     def response(self) -> dict[str, Any]:
         return {
@@ -118,13 +120,26 @@ class ResponseOutput:
         events = self._write("reasoning", reasoning, None) if reasoning else []
         self.pending += entries or ()
         if text:
-            events += self._write("message", text, self.pending)
-            self.pending = []
+            self.written += len(text.encode())
+            events += self._write("message", text, self._spelled())
         if calls:
             self.pending = []  # (the calls' own tokens)
         for call in calls or ():
             events += self._close("completed") + self._call(call)
         return events
+
+    def _spelled(self) -> list[LogprobEntry]:
+        """The pending entries of the tokens the message's text has reached (a token that starts
+        before its end; a decoder's dropped leading spaces allowed for): a step may commit the
+        answer's last text with the first tokens of a call's markup, which stay pending."""
+        words = self.shape.tokens
+        out = []
+        while self.pending and (words is None or self.covered < self.written + words.strip_start):
+            tok = self.pending[0][0]
+            if words is not None and tok not in words.special:
+                self.covered += len(words.bytes(tok))
+            out.append(self.pending.pop(0))
+        return out
 
     def _write(self, kind: str, text: str, entries: list[LogprobEntry] | None) -> list[Event]:
         events = []
@@ -201,9 +216,11 @@ class ResponseOutput:
         ]  # fmt: skip
 
     def finish(self, finish_reason: str | None, usage: dict[str, Any]) -> list[Event]:
-        """The last events: the open item closed (an answer with nothing in it still gets its
-        empty message; the last tokens' log-probabilities join an open message), the usage, the
-        response's end — failed when the server stopped it (``abort``: the drain's deadline)."""
+        """The last events: the open item closed, the usage, the response's end — failed when
+        the server stopped it (``abort``: the drain's deadline). The last tokens'
+        log-probabilities join the message; an answer with no text (nothing decoded after the
+        reasoning, or an EOS at once) still gets its empty message, unless the limit cut the
+        output before it."""
         self.usage = usage
         if finish_reason == "abort":
             return self.fail(APIError("the server stopped this response before it ended (it is "
@@ -211,9 +228,10 @@ class ResponseOutput:
                                       type="server_error"))  # fmt: skip
         cut = finish_reason == "length"
         events = []
-        if not self.items or (self.pending and self.open is not None and
-                              self.open["type"] == "message"):  # fmt: skip
-            events += self._write("message", "", self.pending)
+        answered = any(item["type"] != "reasoning" for item in self.items)
+        writing = self.open is not None and self.open["type"] == "message"
+        if (writing and self.pending) or (not answered and (self.pending or not cut)):
+            events += self._write("message", "", self.pending)  # (the rest: no call came)
         self.pending = []
         events += self._close("incomplete" if cut else "completed")
         self.status = "incomplete" if cut else "completed"

@@ -106,7 +106,7 @@ class ResponsesBody(_Strict):
     max_tool_calls: int | None = Field(default=None, ge=1)
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_retention: Literal["in_memory", "in-memory", "24h"] | None = None
     # checked by the chat route under the same names
     model: Any = None
     temperature: Any = None
@@ -394,8 +394,8 @@ def _tool_choice(given: str | dict[str, Any] | None, tools: list[Any] | None) ->
     if isinstance(given, str) and given not in ("none", "auto", "required"):
         raise _refuse("tool_choice", f"{given!r} is not 'none', 'auto', 'required' or "
                       '{"type": "function", "name": ...}')  # fmt: skip
-    if isinstance(given, str):
-        return given
+    if isinstance(given, str):  # ('auto' with no tools: nothing to choose, as OpenAI takes it)
+        return None if given in ("none", "auto") and not tools else given
     if given.get("type") != "function" or not isinstance(given.get("name"), str):
         raise _refuse("tool_choice", "'none', 'auto', 'required' or "
                       '{"type": "function", "name": ...}')  # fmt: skip
