@@ -55,6 +55,8 @@ def test_serve_flag_errors(capsys, tmp_path):
         capsys, [*kwargs, '{"tokenize": 0}']
     )
     assert "--default-chat-template-kwargs is not JSON" in _error(capsys, [*kwargs, "x"])
+    msg = _error(capsys, ["serve", "--model", "m", "--generation-config", str(tmp_path)])
+    assert "--generation-config" in msg and "generation_config.json" in msg
     msg = _error(capsys, ["serve", "--model", "m", "--reasoning-parser", "r1"])
     assert "--reasoning-parser 'r1' is not one of deepseek_r1, openpangu, qwen3" in msg
     assert "--data-parallel-size must be at least 1" in _error(capsys, ["serve", "--model", "m",
@@ -349,3 +351,28 @@ def test_rounds_are_even_and_never_empty():
         assert [x for p in parts for x in p] == list(range(n))
         assert len(parts) == rounds and min(map(len, parts)) >= 1
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_vllms_flag_names_and_generation_config(tmp_path):
+    """vLLM's ``--max-model-len`` / ``--max-num-seqs`` are ``--max-len`` / ``--max-batch``, and its
+    ``--generation-config`` chooses where a request's left-out decoding settings come from."""
+    from transformers import GenerationConfig
+
+    from fluid_npu.cli import build_parser
+    from fluid_npu.serve.protocol import SamplingDefaults
+    from fluid_npu.serve.server import generation_defaults
+
+    args = build_parser().parse_args(
+        ["serve", "--model", "m", "--max-model-len", "64", "--max-num-seqs", "4"]
+    )
+    assert (args.max_len, args.max_batch, args.generation_config) == (64, 4, "auto")
+
+    class Model:
+        generation_config = GenerationConfig(temperature=0.7, top_p=0.8)
+
+    assert generation_defaults("auto", Model()) == SamplingDefaults(temperature=0.7, top_p=0.8)
+    assert generation_defaults("vllm", Model()) == SamplingDefaults()
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.3, "top_k": 20}')
+    assert generation_defaults(str(tmp_path), Model()) == SamplingDefaults(
+        temperature=0.3, top_k=20
+    )

@@ -34,9 +34,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-token", default=None, help="MASK token (default: the tokenizer's)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto (best accelerator, else CPU) or a type")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument(  # (vLLM's names too)
+        "--max-batch", "--max-num-seqs", type=int, default=8, help="requests decoded together"
+    )
     p.add_argument(
-        "--max-len", type=int, default=None, help="prompt + completion tokens per request"
+        "--max-len",
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="prompt + completion tokens per request",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument(
@@ -102,6 +108,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--served-model-name", default=None, help="the model id clients send")
     p.add_argument(
+        "--generation-config",
+        default="auto",
+        help="where the decoding settings a request leaves out come from (vLLM's flag): auto "
+        "(the model's generation_config.json), vllm (OpenAI's: temperature 1, top_p 1) or a "
+        "folder holding a generation_config.json",
+    )
+    p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests"
     )
     p.add_argument(
@@ -166,6 +179,7 @@ def serve_command(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         api_key=args.api_key or os.environ.get("FLUID_API_KEY") or None,
         served_model_name=args.served_model_name,
+        generation_config=args.generation_config,
         drain_timeout=args.drain_timeout,
         compile=args.compile,
         adaptive=not args.no_adaptive_drafting,

@@ -50,6 +50,7 @@ class ServeSettings:
     max_len: int | None = None
     api_key: str | None = None
     served_model_name: str | None = None
+    generation_config: str = "auto"  # the defaults' source: auto | vllm | a folder (vLLM's flag)
     drain_timeout: float = 30.0
     compile: bool = False
     adaptive: bool = True  # the engine's cost-driven drafting choices (False: fixed blocks)
@@ -93,6 +94,14 @@ class ServeSettings:
             raise ConfigError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        given = self.generation_config
+        if given not in ("auto", "vllm") and not os.path.isfile(
+            os.path.join(given, "generation_config.json")
+        ):
+            raise ConfigError(
+                f"--generation-config {given!r} is not auto, vllm or a folder holding a "
+                "generation_config.json"
+            )
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
         self.template_text()
@@ -270,6 +279,22 @@ def watch_parent() -> None:
     threading.Thread(target=watch, name="fluid-parent-watch", daemon=True).start()
 
 
+def generation_defaults(given: str, model: Any) -> SamplingDefaults:
+    """The decoding settings a request that leaves them out gets, as vLLM's
+    ``--generation-config`` chooses them: the model's generation config (``auto``), OpenAI's
+    (``vllm``), or those of the ``generation_config.json`` in a folder."""
+    if given == "auto":
+        return SamplingDefaults.of(getattr(model, "generation_config", None))
+    if given == "vllm":
+        return SamplingDefaults()
+    from transformers import GenerationConfig
+
+    try:
+        return SamplingDefaults.of(GenerationConfig.from_pretrained(given, local_files_only=True))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--generation-config {given!r}: cannot read it ({exc})") from None
+
+
 def serve(settings: ServeSettings) -> int:
     """Run the server until SIGTERM / Ctrl-C; returns the exit status."""
     settings.check()
@@ -278,7 +303,7 @@ def serve(settings: ServeSettings) -> int:
     try:
         scheduler, tokenizer, max_len, info = build_scheduler(settings)
         # a request that leaves a decoding setting out: the model's generation config, else OpenAI's
-        defaults = SamplingDefaults.of(getattr(scheduler.model, "generation_config", None))
+        defaults = generation_defaults(settings.generation_config, scheduler.model)
         info["default_sampling"] = asdict(defaults)
         worker = Worker(scheduler)
         name = settings.served_model_name or settings.model.rstrip("/").split("/")[-1]
