@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import socket
 
+import openai
 import pytest
-from test_serve_http import TOK, ScriptedScheduler, script, serving
+from test_serve_http import TOK, ScriptedScheduler, client, script, serving
 from test_serve_live import model_dir  # noqa: F401  (the constructed chain model, a fixture)
 
 from fluid_npu.cli import main
@@ -376,3 +377,20 @@ def test_vllms_flag_names_and_generation_config(tmp_path):
     assert generation_defaults(str(tmp_path), Model()) == SamplingDefaults(
         temperature=0.3, top_k=20
     )
+
+
+def test_the_request_log_has_a_line_per_request(caplog):
+    """``--enable-log-requests``: a line per request that ends (id, route, finish reason, token
+    counts, TPF, times; never the text) and per refused request (status, field)."""
+    logging = caplog.at_level("INFO", logger="fluid_npu.serve.requests")
+    with logging, serving(ScriptedScheduler()) as (url, _, _):
+        c = client(url)
+        out = c.completions.create(model="tiny", prompt="secret words", max_tokens=5)
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="tiny", prompt="a", temperature=9)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fluid_npu.serve.requests"]
+    done = next(line for line in lines if line.startswith(out.id))
+    assert " /v1/completions length " in done and "generated=5 " in done and "tpf=" in done
+    assert f"prompt={out.usage.prompt_tokens} " in done and "ttft=" in done
+    assert not any("secret" in line for line in lines)
+    assert any(line.startswith("refused /v1/completions 400 temperature") for line in lines)

@@ -136,7 +136,7 @@ def fronting(front: Front):
         sock.close()
 
 
-def test_the_front_relays_to_the_ranks():
+def test_the_front_relays_to_the_ranks(caplog):
     """Answers (whole and streamed) are the rank's own; a full rank (429) passes the request on
     and only all full is a 429; a rank down is skipped and makes /health 503; a client gone
     aborts the request on its rank; the front's key, not the ranks', lets clients in."""
@@ -150,7 +150,10 @@ def test_the_front_relays_to_the_ranks():
         c = client(url, "front-key")
         direct = client(urls[0], RANK_KEY).completions.create(model="tiny", prompt="hello",
                                                               max_tokens=12)  # fmt: skip
-        out = c.completions.create(model="tiny", prompt="hello", max_tokens=12)
+        with caplog.at_level("INFO", logger="fluid_npu.serve.routing"):  # --enable-log-requests
+            out = c.completions.create(model="tiny", prompt="hello", max_tokens=12)
+        [routed] = [r.getMessage() for r in caplog.records if r.name == "fluid_npu.serve.routing"]
+        assert routed.startswith("/v1/completions -> rank ") and routed.endswith(": 200")
         assert out.choices[0].text == direct.choices[0].text and out.usage == direct.usage
         streamed = "".join(ch.choices[0].text for ch in c.completions.create(
             model="tiny", prompt="hello", max_tokens=12, stream=True) if ch.choices)  # fmt: skip
@@ -282,7 +285,8 @@ def test_serve_with_two_engine_ranks(model_dir, tmp_path):  # noqa: F811
     first (its prompt found there); SIGTERM drains the ranks and every process exits 0."""
     key = "dp-key"
     args = ["--model", model_dir, "--max-batch", "4", "--max-len", "160", "--api-key", key,
-            "--data-parallel-size", "2", "--no-adaptive-drafting"]  # fmt: skip
+            "--data-parallel-size", "2", "--no-adaptive-drafting",
+            "--enable-log-requests"]  # fmt: skip
     want = offline(model_dir, tmp_path, PROMPTS[:8], 24)
     with ServerProcess(args) as front:
         c = client(front.url, key)
@@ -310,6 +314,8 @@ def test_serve_with_two_engine_ranks(model_dir, tmp_path):  # noqa: F811
                                            temperature=0)  # fmt: skip
         assert second.usage.prompt_tokens_details.cached_tokens >= 16
         assert _metric(front.url, "fluid_dp_requests_total") == 10
+        routed = [line for line in front.log_tail(100_000).splitlines() if " -> rank " in line]
+        assert len(routed) == 10 and routed[-1].endswith(" (its start): 200")  # (the 2nd turn)
         health = httpx.get(f"{front.url}/health").json()
         assert health["info"]["data_parallel_size"] == 2 and health["info"]["torch_threads"] == 1
     # leaving the block sent SIGTERM to the front: it drained its ranks, and exits 0 only when

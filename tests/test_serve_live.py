@@ -48,7 +48,8 @@ def server(model_dir):
     # fixed blocks (--no-adaptive-drafting): the TPF asserted below must not follow step timings;
     # two prefix-cache rows: every served output below goes through the pool's copies too
     args = ["--model", model_dir, "--max-batch", "8", "--max-len", str(MAX_LEN), "--api-key", KEY,
-            "--no-adaptive-drafting", "--prefix-cache-slots", "2"]  # fmt: skip
+            "--no-adaptive-drafting", "--prefix-cache-slots", "2",
+            "--enable-log-requests"]  # fmt: skip
     with ServerProcess(args) as proc:
         yield proc
     assert proc.returncode == 0, proc.log_tail()
@@ -82,6 +83,8 @@ def test_completion_chat_and_streams_equal_fluid_generate(server, model_dir, tmp
         )
         assert "".join(ch.choices[0].text for ch in streamed) == row["text"]
     assert max(tpf) > 1.5  # drafts were accepted: several tokens per forward
+    logged = server.log_tail(100_000)  # (--enable-log-requests: a line per request)
+    assert f"fluid: {out.id} /v1/completions " in logged and "generated=" in logged
 
     chat_want = offline(model_dir, tmp_path, ["abc"], 30, chat=True)[0]
     messages = [{"role": "user", "content": "abc"}]

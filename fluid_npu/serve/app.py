@@ -50,6 +50,7 @@ from fluid_npu.serve.generation import (
     encode_prompts,
     events,
     prompt_texts,
+    request_log,
     text_reader,
     usage,
 )
@@ -129,6 +130,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     def refused(request: Request, exc: APIError) -> None:
         if request.url.path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
             metrics.refused(request.url.path, exc.status)
+            request_log.info("refused %s %d %s: %s", request.url.path, exc.status,
+                             exc.param or "-", exc.message[:200])  # fmt: skip
 
     openai_errors(app, refused)
 

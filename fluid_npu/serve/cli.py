@@ -108,6 +108,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--served-model-name", default=None, help="the model id clients send")
     p.add_argument(
+        "--enable-log-requests",
+        action="store_true",
+        help="one line on stderr per request that ends (id, route, finish reason, token counts, "
+        "TPF, TTFT, latency; no text) or is refused; with --data-parallel-size, the front's "
+        "routing of each request",
+    )
+    p.add_argument(
         "--generation-config",
         default="auto",
         help="where the decoding settings a request leaves out come from (vLLM's flag): auto "
@@ -180,6 +187,7 @@ def serve_command(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("FLUID_API_KEY") or None,
         served_model_name=args.served_model_name,
         generation_config=args.generation_config,
+        enable_log_requests=args.enable_log_requests,
         drain_timeout=args.drain_timeout,
         compile=args.compile,
         adaptive=not args.no_adaptive_drafting,

@@ -27,9 +27,17 @@ import uvicorn
 from fluid_npu.errors import FluidError
 from fluid_npu.serve.launch import ServerProcess
 from fluid_npu.serve.router import Front, create_front
-from fluid_npu.serve.server import GRACE_S, PARENT_ENV, ServeSettings, bind, run_draining
+from fluid_npu.serve.server import (
+    GRACE_S,
+    PARENT_ENV,
+    ServeSettings,
+    bind,
+    log_to_stderr,
+    run_draining,
+)
 
-OWN = {"host", "port", "api_key", "data_parallel_size"}  # the front's, not the ranks'
+# the front's, not the ranks' (a rank's own output goes to its log file)
+OWN = {"host", "port", "api_key", "data_parallel_size", "enable_log_requests"}
 # settings whose flag is not --name-with-dashes, set when the value is False
 NEGATED = {"adaptive": "--no-adaptive-drafting", "prefix_caching": "--no-enable-prefix-caching"}
 
@@ -78,6 +86,8 @@ def serve_data_parallel(settings: ServeSettings) -> int:
     from fluid_npu import device
 
     settings.check()
+    if settings.enable_log_requests:
+        log_to_stderr("fluid_npu.serve.routing")
     size = settings.data_parallel_size
     kind = device.kind(force=settings.device)  # (the front itself takes no device)
     envs = device.rank_environments(kind, size, device.visible_device_count())

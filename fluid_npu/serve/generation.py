@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from fluid_npu.serve.responses import usage as usage_body
 from fluid_npu.serve.text import completion_ids
 from fluid_npu.serve.tools import ForcedCalls, ToolCallText
 from fluid_npu.serve.worker import Stream, Worker
+
+# one line per request that ended (``--enable-log-requests``: INFO on stderr), its counts and
+# times only: no prompt or output text
+request_log = logging.getLogger("fluid_npu.serve.requests")
 
 # one delivery of a choice: text, its tokens' log-probabilities, reasoning text, tool calls
 Delta = tuple[str, list[LogprobEntry] | None, str, list[dict[str, Any]]]
@@ -169,11 +174,26 @@ class Generation:
         self.worker.finished()
         m = self.metrics
         m.requests.labels(endpoint=endpoint, finish_reason=self.finish_reason).inc()
-        m.e2e.observe(time.monotonic() - self.stream.submitted_at)
+        e2e = time.monotonic() - self.stream.submitted_at
+        m.e2e.observe(e2e)
         if self._tokens >= 2 and self._last is not None:
             m.tpot.observe((self._last - self._first) / (self._tokens - 1))
         if self.forwards:
             m.tpf.observe(self.detok.tokens_used / self.forwards)
+        if request_log.isEnabledFor(logging.INFO):
+            self._log(endpoint, e2e)
+
+    def _log(self, endpoint: str, e2e: float) -> None:
+        """The request's line in the request log: its counts and times, no text."""
+        use = self.usage()
+        first = self._first - self.stream.submitted_at
+        request_log.info(
+            "%s %s %s prompt=%d cached=%d generated=%d forwards=%d tpf=%.2f ttft=%s e2e=%.0fms",
+            self.stream.request_id, endpoint, self.finish_reason, use["prompt_tokens"],
+            use["prompt_tokens_details"]["cached_tokens"], use["completion_tokens"],
+            use["forwards"], use["tpf"], "-" if self._last is None else f"{first * 1e3:.0f}ms",
+            e2e * 1e3,
+        )  # fmt: skip
 
 
 def text_reader(

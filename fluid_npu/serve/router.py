@@ -26,7 +26,8 @@ says on stderr when a rank goes down or comes back). A rank that fails while ans
 request with an error: a 502, or in a stream an error event. ``/health`` is 200 while every rank
 is (their answers under ``ranks``), 503 otherwise; ``/metrics`` is every rank's metrics with a
 ``rank`` label, and the router's own (``fluid_dp_requests_total`` by rank and whether a shared
-start chose it); ``/v1/models`` and the tokenizer routes are answered by a live rank.
+start chose it); ``/v1/models`` and the tokenizer routes are answered by a live rank. With
+``--enable-log-requests`` the front writes each request's rank (``routing_log``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import sys
 import threading
@@ -63,6 +65,7 @@ from fluid_npu.serve.http import (
 from fluid_npu.serve.responses_request import not_stored
 from fluid_npu.serve.worker import ENGINE_FAILED
 
+routing_log = logging.getLogger("fluid_npu.serve.routing")  # --enable-log-requests: the front's
 BLOCK = 64  # characters per block of a request's start that routing compares
 MIN_SHARED = 64  # characters a request must share with a rank's recent ones to follow them
 SHARED_PER_REQUEST = 512  # characters shared that are worth one request more in the queue
@@ -323,6 +326,8 @@ def create_front(front: Front) -> FastAPI:
                     raise _failed(rank)
                 return answer(resp, content)
             routed.labels(rank=str(rank), affinity=str(affine).lower()).inc()
+            routing_log.info("%s -> rank %d%s: %d", request.url.path, rank,
+                             " (its start)" if affine else "", resp.status_code)  # fmt: skip
             if resp.status_code < 400:  # (a refused request leaves nothing in the rank's cache)
                 router.remember(rank, key)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):

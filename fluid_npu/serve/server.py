@@ -51,6 +51,7 @@ class ServeSettings:
     api_key: str | None = None
     served_model_name: str | None = None
     generation_config: str = "auto"  # the defaults' source: auto | vllm | a folder (vLLM's flag)
+    enable_log_requests: bool = False  # a line per request on stderr (generation.request_log)
     drain_timeout: float = 30.0
     compile: bool = False
     adaptive: bool = True  # the engine's cost-driven drafting choices (False: fixed blocks)
@@ -295,9 +296,22 @@ def generation_defaults(given: str, model: Any) -> SamplingDefaults:
         raise ConfigError(f"--generation-config {given!r}: cannot read it ({exc})") from None
 
 
+def log_to_stderr(name: str) -> None:
+    """Send the INFO lines of the logger ``name`` (the request log, the front's routing) to
+    stderr, each as ``fluid: ...``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fluid: %(message)s"))
+    log = logging.getLogger(name)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def serve(settings: ServeSettings) -> int:
     """Run the server until SIGTERM / Ctrl-C; returns the exit status."""
     settings.check()
+    if settings.enable_log_requests:
+        log_to_stderr("fluid_npu.serve.requests")
     watch_parent()
     sock = bind(settings.host, settings.port)
     try:
