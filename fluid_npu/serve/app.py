@@ -130,8 +130,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     def refused(request: Request, exc: APIError) -> None:
         if request.url.path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
             metrics.refused(request.url.path, exc.status)
-            request_log.info("refused %s %d %s: %s", request.url.path, exc.status,
-                             exc.param or "-", exc.message[:200])  # fmt: skip
+            # (the field, not the message: a message may quote the request)
+            request_log.info("refused %s %d %s", request.url.path, exc.status, exc.param or "-")
 
     openai_errors(app, refused)
 
