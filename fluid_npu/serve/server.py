@@ -299,9 +299,12 @@ def generation_defaults(given: str, model: Any) -> SamplingDefaults:
 def log_to_stderr(name: str) -> None:
     """Send the INFO lines of the logger ``name`` (the request log, the front's routing) to
     stderr, each as ``fluid: ...``."""
+    log = logging.getLogger(name)
+    if any(getattr(h, "fluid", False) for h in log.handlers):
+        return  # (set up already: a second call adds no second line per record)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fluid: %(message)s"))
-    log = logging.getLogger(name)
+    handler.fluid = True  # type: ignore[attr-defined]
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
