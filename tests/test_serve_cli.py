@@ -58,6 +58,10 @@ def test_serve_flag_errors(capsys, tmp_path):
     assert "--default-chat-template-kwargs is not JSON" in _error(capsys, [*kwargs, "x"])
     msg = _error(capsys, ["serve", "--model", "m", "--generation-config", str(tmp_path)])
     assert "--generation-config" in msg and "generation_config.json" in msg
+    (tmp_path / "gc").mkdir()
+    (tmp_path / "gc" / "generation_config.json").write_text("{", encoding="utf-8")
+    msg = _error(capsys, ["serve", "--model", "m", "--generation-config", str(tmp_path / "gc")])
+    assert msg.startswith("fluid: error: --generation-config: ") and "is not valid" in msg
     msg = _error(capsys, ["serve", "--model", "m", "--reasoning-parser", "r1"])
     assert "--reasoning-parser 'r1' is not one of deepseek_r1, openpangu, qwen3" in msg
     assert "--data-parallel-size must be at least 1" in _error(capsys, ["serve", "--model", "m",
@@ -84,7 +88,9 @@ def test_bench_serve_flag_errors(capsys, tmp_path):
     msg = _error(capsys, [*url, "--chat-template", "{{ x }}"])
     assert "--chat-template configure the servers" in msg
     msg = _error(capsys, [*url, "--dtype", "bfloat16", "--compile", "--max-batch", "4"])
-    assert "--dtype, --max-batch, --compile configure" in msg
+    assert "--dtype, --max-batch (--max-num-seqs), --compile configure" in msg
+    msg = _error(capsys, [*url, "--max-model-len", "64"])  # (vLLM's spelling: both named)
+    assert "--max-len (--max-model-len) configure" in msg
     for bad_json in ("[1]", "{regex"):
         msg = _error(capsys, [*url, "--structured-outputs", bad_json])
         assert "--structured-outputs takes a JSON object" in msg
@@ -388,9 +394,12 @@ def test_the_request_log_has_a_line_per_request(caplog):
         out = c.completions.create(model="tiny", prompt="secret words", max_tokens=5)
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="tiny", prompt="a", temperature=9)
+        with pytest.raises(openai.BadRequestError):  # (an unknown field: the client's own text)
+            c.completions.create(model="tiny", prompt="a", extra_body={"x\nfluid: forged": 1})
     lines = [r.getMessage() for r in caplog.records if r.name == "fluid_npu.serve.requests"]
     done = next(line for line in lines if line.startswith(out.id))
     assert " /v1/completions length " in done and "generated=5 " in done and "tpf=" in done
     assert f"prompt={out.usage.prompt_tokens} " in done and "ttft=" in done
     assert not any("secret" in line for line in lines)
     assert any(line.startswith("refused /v1/completions 400 temperature") for line in lines)
+    assert "refused /v1/completions 400 -" in lines and not any("forged" in x for x in lines)

@@ -150,9 +150,13 @@ def test_the_front_relays_to_the_ranks(caplog):
         c = client(url, "front-key")
         direct = client(urls[0], RANK_KEY).completions.create(model="tiny", prompt="hello",
                                                               max_tokens=12)  # fmt: skip
-        with caplog.at_level("INFO", logger="fluid_npu.serve.routing"):  # --enable-log-requests
-            out = c.completions.create(model="tiny", prompt="hello", max_tokens=12)
-        [routed] = [r.getMessage() for r in caplog.records if r.name == "fluid_npu.serve.routing"]
+        caplog.set_level("INFO", logger="fluid_npu.serve.routing")  # (--enable-log-requests)
+
+        def routing() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "fluid_npu.serve.routing"]
+
+        out = c.completions.create(model="tiny", prompt="hello", max_tokens=12)
+        [routed] = routing()
         assert routed.startswith("/v1/completions -> rank ") and routed.endswith(": 200")
         assert out.choices[0].text == direct.choices[0].text and out.usage == direct.usage
         streamed = "".join(ch.choices[0].text for ch in c.completions.create(
@@ -181,6 +185,7 @@ def test_the_front_relays_to_the_ranks(caplog):
         with pytest.raises(openai.RateLimitError) as full:
             c.completions.create(model="tiny", prompt="three", max_tokens=3)
         assert full.value.body["code"] == "queue_full"  # (the rank's own 429)
+        assert routing()[-1] == "/v1/completions refused: 429 (every rank full)"
         for sched in scheds:
             sched.gate.set()
         for t in workers:

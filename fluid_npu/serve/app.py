@@ -49,6 +49,7 @@ from fluid_npu.serve.generation import (
     Generation,
     encode_prompts,
     events,
+    logged_param,
     prompt_texts,
     request_log,
     text_reader,
@@ -130,8 +131,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     def refused(request: Request, exc: APIError) -> None:
         if request.url.path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
             metrics.refused(request.url.path, exc.status)
-            # (the field, not the message: a message may quote the request)
-            request_log.info("refused %s %d %s", request.url.path, exc.status, exc.param or "-")
+            request_log.info("refused %s %d %s", request.url.path, exc.status, logged_param(exc))
 
     openai_errors(app, refused)
 

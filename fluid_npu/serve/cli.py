@@ -110,9 +110,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--enable-log-requests",
         action="store_true",
-        help="one line on stderr per request that ends (id, route, finish reason, token counts, "
-        "TPF, TTFT, latency; no text) or is refused; with --data-parallel-size, the front's "
-        "routing of each request",
+        help="one line on stderr per request (per choice: n, several prompts) that ends (id, "
+        "route, finish reason, token counts, TPF, TTFT, latency; no text) and per refused "
+        "request (status, field); with --data-parallel-size the front writes each request's "
+        "rank and status, the ranks nothing",
     )
     p.add_argument(
         "--generation-config",
@@ -257,8 +258,10 @@ def bench_serve_command(args: argparse.Namespace) -> int:
     if (args.url is None) == (args.model is None):
         raise ConfigError("give exactly one of --model DIR (servers started here) or --url URL")
     if args.url is not None:
+        spelled = {"max_len": "--max-len (--max-model-len)", "max_batch":
+                   "--max-batch (--max-num-seqs)"}  # fmt: skip
         given = [
-            f"--{key.replace('_', '-')}"
+            spelled.get(key, f"--{key.replace('_', '-')}")
             for key, default in args.server_defaults.items()
             if getattr(args, key) != default
         ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
@@ -28,9 +29,17 @@ from fluid_npu.serve.text import completion_ids
 from fluid_npu.serve.tools import ForcedCalls, ToolCallText
 from fluid_npu.serve.worker import Stream, Worker
 
-# one line per request that ended (``--enable-log-requests``: INFO on stderr), its counts and
+# one line per choice that ended (``--enable-log-requests``: INFO on stderr), its counts and
 # times only: no prompt or output text
 request_log = logging.getLogger("fluid_npu.serve.requests")
+FIELD = re.compile(r"[A-Za-z_][\w.\[\]]{0,63}")  # what a refused request's log line may name
+
+
+def logged_param(exc: APIError) -> str:
+    """The field a refusal names, as the request log writes it: a field's path, else ``-`` (an
+    unknown field's name is the client's own text, which may hold anything, a newline too)."""
+    return exc.param if exc.param and FIELD.fullmatch(exc.param) else "-"
+
 
 # one delivery of a choice: text, its tokens' log-probabilities, reasoning text, tool calls
 Delta = tuple[str, list[LogprobEntry] | None, str, list[dict[str, Any]]]

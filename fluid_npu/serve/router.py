@@ -262,7 +262,8 @@ def create_front(front: Front) -> FastAPI:
     app = FastAPI(title="fluid serve (data parallel)", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.router = router
-    openai_errors(app)
+    openai_errors(app, lambda request, exc: routing_log.info(  # (refused at the front)
+        "%s refused: %d", request.url.path, exc.status))  # fmt: skip
 
     def authorize(request: Request) -> None:
         check_key(request.headers.get("authorization", ""), front.api_key)
@@ -287,6 +288,7 @@ def create_front(front: Front) -> FastAPI:
             picked = router.pick(key, tried | {r for r in range(n) if not usable(r)})
             if picked is None:
                 if full is not None:
+                    routing_log.info("%s refused: 429 (every rank full)", request.url.path)
                     return full
                 raise APIError("no engine rank is up; retry later", status=503,
                                type="server_error", headers={"Retry-After": "1"})  # fmt: skip
@@ -324,6 +326,7 @@ def create_front(front: Front) -> FastAPI:
                     continue
                 if code is None:  # not the rank's own error: it went down while answering
                     raise _failed(rank)
+                routing_log.info("%s -> rank %d: %d", request.url.path, rank, resp.status_code)
                 return answer(resp, content)
             routed.labels(rank=str(rank), affinity=str(affine).lower()).inc()
             routing_log.info("%s -> rank %d%s: %d", request.url.path, rank,

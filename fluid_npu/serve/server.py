@@ -10,6 +10,7 @@ and the process exits with status 0.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -96,13 +97,19 @@ class ServeSettings:
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         given = self.generation_config
-        if given not in ("auto", "vllm") and not os.path.isfile(
-            os.path.join(given, "generation_config.json")
-        ):
-            raise ConfigError(
-                f"--generation-config {given!r} is not auto, vllm or a folder holding a "
-                "generation_config.json"
-            )
+        if given not in ("auto", "vllm"):
+            path = os.path.join(given, "generation_config.json")
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    if not isinstance(json.load(fh), dict):
+                        raise ValueError("not a JSON object")
+            except OSError:
+                raise ConfigError(
+                    f"--generation-config {given!r} is not auto, vllm or a folder holding a "
+                    "generation_config.json"
+                ) from None
+            except ValueError as exc:  # (json's errors too)
+                raise ConfigError(f"--generation-config: {path} is not valid ({exc})") from None
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
         self.template_text()
