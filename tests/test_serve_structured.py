@@ -305,6 +305,15 @@ def test_with_a_reasoning_parser_the_grammar_holds_the_answer():
         c.chat.completions.create(model="tiny", messages=USER, max_tokens=2, temperature=0,
                                   extra_body={"chat_template": history, **choice})  # fmt: skip
         assert seen[-1].grammar_after == end
+        # a chat that continues its final message continues its answer: held from the first
+        # token, unless that message stopped inside its reasoning
+        plain = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        for partial, after in (("<think>a</think>b", None), ("b", None), ("<think>a", end)):
+            c.chat.completions.create(model="tiny", max_tokens=2, temperature=0, messages=[
+                *USER, {"role": "assistant", "content": partial}], extra_body={
+                "chat_template": plain, "continue_final_message": True,
+                "add_generation_prompt": False, **choice})  # fmt: skip
+            assert seen[-1].grammar_after == after, partial
 
 
 def test_a_server_without_xgrammar_says_how_to_get_it(monkeypatch):

@@ -204,12 +204,13 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         texts: list[str] | None = None,
         tools: ToolSetting | None = None,
         grammar: Grammar | None = None,
+        continuing: bool = False,
     ) -> list[Generation]:
         """Check the request's prompts against the context and the capacity and submit them,
         ``s.n`` choices each (``shapes``: one per choice, prompt by prompt): one ``Generation``
         per choice. ``texts``: the prompts' text, which ``echo`` returns; ``tools``: a chat's
         (its calls parsed out); ``grammar``: what the output follows (``s.constraint``
-        compiled)."""
+        compiled); ``continuing``: a chat that continues its final message."""
         param = "messages" if shapes[0].chat else "prompt"
         limits = [check_length(ids, s, param) for ids in prompts]
         if s.params["min_tokens"] > min(limits):
@@ -241,7 +242,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 {
                     "max_new_tokens": max(limits[shape.index // s.n], 1),  # (0: one, dropped)
                     "sampling": params.seeded_for(shape.index % s.n),
-                    "grammar_after": grammar_after(split, grammar, prompts[shape.index // s.n]),
+                    "grammar_after": grammar_after(
+                        split, grammar, prompts[shape.index // s.n], continuing
+                    ),
                 },
             )
             for shape in shapes
@@ -285,10 +288,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         texts: list[str] | None = None,
         tools: ToolSetting | None = None,
         grammar: Grammar | None = None,
+        continuing: bool = False,
     ) -> Response:
         """Run the request's prompts (``admit``) and answer: streamed, or whole once every choice
         has ended."""
-        gens = await admit(shapes, prompts, s, arrived, texts, tools, grammar)
+        gens = await admit(shapes, prompts, s, arrived, texts, tools, grammar, continuing)
         if s.stream:
             return ClosingStream(
                 events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]
@@ -359,8 +363,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                   for k in range(len(prompts) * req.sampling.n)]  # fmt: skip
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
         grammar = await compiled(req.sampling)
+        chat_req = isinstance(req, protocol.ChatRequest)
+        continuing = chat_req and req.render.continue_final_message  # type: ignore[union-attr]
         return await generate(request, request.url.path, shapes, prompts, req.sampling, arrived,
-                              texts, tools, grammar)  # fmt: skip
+                              texts, tools, grammar, continuing)  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -169,14 +169,21 @@ def request_constraint(
 
 
 def grammar_after(
-    parser: ReasoningParser | None, grammar: Grammar | None, prompt: Sequence[int]
+    parser: ReasoningParser | None,
+    grammar: Grammar | None,
+    prompt: Sequence[int],
+    continuing: bool = False,
 ) -> int | None:
     """The token a chat's grammar starts after (``Request.grammar_after``): the reasoning
     parser's closing marker, so the model reasons freely and the grammar holds the answer — unless
-    the prompt closed the block already (``enable_thinking: false``: all answer)."""
-    if parser is None or grammar is None or parser.closed(prompt):
+    the prompt closed the block already (``enable_thinking: false``: all answer). A chat that
+    continues its final message (``continuing``) continues its answer, held from the first
+    token, unless that message stopped inside its reasoning."""
+    if parser is None or grammar is None:
         return None
-    return parser.end
+    if continuing:
+        return parser.end if parser.opened(prompt) else None
+    return None if parser.closed(prompt) else parser.end
 
 
 def with_eos(constraint: Constraint | None, body: Any) -> Constraint | None:
