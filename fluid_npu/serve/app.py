@@ -66,9 +66,9 @@ from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.reasoning import reasoning_parser
 from fluid_npu.serve.rendering import ChatRender
 from fluid_npu.serve.responses import Shape
-from fluid_npu.serve.responses_output import ResponseOutput
+from fluid_npu.serve.responses_output import ResponseOutput, not_kept_routes
 from fluid_npu.serve.responses_output import answer as respond_with
-from fluid_npu.serve.responses_request import not_stored, parse_responses
+from fluid_npu.serve.responses_request import parse_responses
 from fluid_npu.serve.structured import Grammars, grammar_after
 from fluid_npu.serve.text import TokenText, chat_ids
 from fluid_npu.serve.tokenizing import tokenizer_routes
@@ -278,21 +278,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                                    reader))  # fmt: skip
         return gens
 
-    async def generate(
-        request: Request,
-        endpoint: str,
-        shapes: list[Shape],
-        prompts: list[list[int]],
-        s: protocol.Sampling,
-        arrived: float,
-        texts: list[str] | None = None,
-        tools: ToolSetting | None = None,
-        grammar: Grammar | None = None,
-        continuing: bool = False,
-    ) -> Response:
-        """Run the request's prompts (``admit``) and answer: streamed, or whole once every choice
-        has ended."""
-        gens = await admit(shapes, prompts, s, arrived, texts, tools, grammar, continuing)
+    async def reply(
+        request: Request, endpoint: str, shapes: list[Shape], s: protocol.Sampling,
+        gens: list[Generation],
+    ) -> Response:  # fmt: skip
+        """The answer to a request whose choices run (``admit``): streamed, or whole once every
+        choice has ended."""
         if s.stream:
             return ClosingStream(
                 events(gens, shapes, s), lambda: [gen.close(endpoint) for gen in gens]
@@ -365,8 +356,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         grammar = await compiled(req.sampling)
         chat_req = isinstance(req, protocol.ChatRequest)
         continuing = chat_req and req.render.continue_final_message  # type: ignore[union-attr]
-        return await generate(request, request.url.path, shapes, prompts, req.sampling, arrived,
-                              texts, tools, grammar, continuing)  # fmt: skip
+        gens = await admit(shapes, prompts, req.sampling, arrived, texts, tools, grammar,
+                           continuing)  # fmt: skip
+        return await reply(request, request.url.path, shapes, req.sampling, gens)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -407,12 +399,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             raise req.came.renamed(exc) from None
         return {"object": "response.input_tokens", "input_tokens": len(prompt)}
 
-    @app.api_route("/v1/responses/{rid}", methods=["GET", "DELETE"])
-    @app.get("/v1/responses/{rid}/input_items")
-    @app.post("/v1/responses/{rid}/cancel")
-    async def not_kept(request: Request, rid: str) -> Response:
-        authorize(request)
-        raise not_stored(rid)
+    not_kept_routes(app, authorize)
 
     card = {
         "id": config.model_name,

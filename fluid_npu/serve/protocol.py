@@ -51,6 +51,7 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -155,25 +156,6 @@ class ChatBody(_Common, _Rendering):
     parallel_tool_calls: bool | None = None
 
 
-class TokenizeBody(_Rendering):
-    """vLLM's ``/tokenize``: a text (``prompt``) or a conversation (``messages``, rendered as the
-    chat route renders it)."""
-
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[Message] | None = None
-    add_special_tokens: bool | None = None  # text: True (BOS as a completion gets it); chat: False
-    return_token_strs: bool | None = None
-    tools: list[Any] | None = None  # messages: the functions offered, rendered as chat does
-
-
-class DetokenizeBody(_Strict):
-    """vLLM's ``/detokenize``."""
-
-    model: str | None = None
-    tokens: list[int]
-
-
 @dataclass(frozen=True)
 class SamplingDefaults:
     """What a request that leaves a decoding setting out gets: OpenAI's defaults (temperature 1,
@@ -251,15 +233,27 @@ def _param(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _validate(model: type[_Strict], body: Any) -> Any:
+def _nested(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model of a nested object an unknown field sits in (None: the body's)."""
+    return {"messages": Message, "stream_options": StreamOptions}.get(str(loc[0]))
+
+
+def validate(
+    model: type[BaseModel],
+    body: Any,
+    where: Callable[[tuple[Any, ...]], str] = _param,
+    nested: Callable[[tuple[Any, ...]], type[BaseModel] | None] = _nested,
+) -> Any:
+    """``body`` checked by ``model``, else one ``APIError`` naming the field (``where``: its
+    name from pydantic's location; ``nested``: the model an unknown field's neighbours are of)."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     try:
         return model.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = _param(err["loc"]) if err["loc"] else None
         loc = err["loc"]
+        param = where(loc) if loc else None
         if len(loc) > 2 and loc[0] == "messages" and loc[2] == "content":
             raise APIError(
                 f"{param}: a message's content is a string or a list of text parts "
@@ -267,9 +261,9 @@ def _validate(model: type[_Strict], body: Any) -> Any:
                 param=param,
             ) from None
         if err["type"] == "extra_forbidden":
-            nested = {"messages": Message, "stream_options": StreamOptions}.get(str(err["loc"][0]))
-            where = model if nested is None or len(err["loc"]) < 2 else nested
-            known = ", ".join(sorted(set(where.model_fields) - OUTPUT_ONLY))
+            inner = nested(loc) if len(loc) > 1 else None
+            fields = (inner or model).model_fields
+            known = ", ".join(sorted({f.alias or k for k, f in fields.items()} - OUTPUT_ONLY))
             raise APIError(
                 f"unknown field {param!r}; this server accepts {known}", param=param
             ) from None
@@ -349,45 +343,9 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
     )
 
 
-RENDER_FIELDS = tuple(_Rendering.model_fields)
-
-
-def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
-    """A checked ``/tokenize`` body (exactly one of ``prompt`` and ``messages``) and, with
-    messages, the conversation as the chat route takes it (its ``messages`` and ``render``)."""
-    req: TokenizeBody = _validate(TokenizeBody, body)
-    if (req.prompt is None) == (req.messages is None):
-        raise APIError("give either prompt (a text) or messages (a conversation)", param="prompt")
-    if req.messages is not None and not req.messages:
-        raise APIError("messages is empty; give at least one message", param="messages")
-    if req.prompt is not None:
-        given = [name for name in (*RENDER_FIELDS, "tools") if getattr(req, name) is not None]
-        if given:
-            raise APIError(f"{given[0]} applies to messages, not to a prompt", param=given[0])
-        return req, None
-    if req.add_special_tokens:
-        raise APIError(
-            "add_special_tokens must be false or absent with messages: the chat template "
-            "places the special tokens itself",
-            param="add_special_tokens",
-        )
-    messages = conversation(req.messages)
-    tools = ToolSetting(tool_setting(req.tools, "none", None, None).tools)  # rendered, not parsed
-    render = chat_render(req, messages)
-    return req, ChatRequest(messages, Sampling(max_tokens=None), render, tools)
-
-
-def parse_detokenize(body: Any) -> DetokenizeBody:
-    """A checked ``/detokenize`` body: non-negative token ids."""
-    req: DetokenizeBody = _validate(DetokenizeBody, body)
-    if any(t < 0 for t in req.tokens):
-        raise APIError("tokens must be non-negative token ids", param="tokens")
-    return req
-
-
 def parse_completion(body: Any) -> CompletionRequest:
     """A checked ``/v1/completions`` request: its prompts (text or token ids), one choice each."""
-    req: CompletionBody = _validate(CompletionBody, body)
+    req: CompletionBody = validate(CompletionBody, body)
     prompt = req.prompt
     many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
     prompts: list[str | list[int]] = list(prompt) if many else [prompt]  # type: ignore[arg-type]
@@ -423,7 +381,7 @@ def parse_completion(body: Any) -> CompletionRequest:
 def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
     """A checked ``/v1/chat/completions`` request (text messages only); ``tool_parser``: the
     server's (``--enable-auto-tool-choice``), which ``tool_choice: "auto"`` needs."""
-    req: ChatBody = _validate(ChatBody, body)
+    req: ChatBody = validate(ChatBody, body)
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     tools = tool_setting(req.tools, req.tool_choice, req.parallel_tool_calls, tool_parser)

@@ -30,10 +30,10 @@ import copy
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from fluid_npu.serve.errors import APIError
@@ -312,3 +312,27 @@ async def answer(
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
     out.finish(gen.finish_reason, _usage(gen))
     return JSONResponse(out.response())
+
+
+def not_stored(rid: str) -> APIError:
+    """The 404 of a route that reads, cancels or deletes a stored response."""
+    return APIError(
+        f"no response {rid[:80]!r} is kept here: this server keeps no responses (as vLLM without "
+        "its store), so none can be fetched, listed, cancelled or deleted; a stream is the way "
+        "to follow a response as it decodes",
+        status=404,
+        param="response_id",
+        code="response_not_found",
+    )
+
+
+def not_kept_routes(app: FastAPI, authorize: Callable[[Request], None]) -> None:
+    """The routes that would read, list, cancel or delete a stored response: each a 404 behind
+    the key (a server's and the data-parallel front's alike)."""
+
+    @app.api_route("/v1/responses/{rid}", methods=["GET", "DELETE"])
+    @app.get("/v1/responses/{rid}/input_items")
+    @app.post("/v1/responses/{rid}/cancel")
+    async def not_kept(request: Request, rid: str) -> Response:
+        authorize(request)
+        raise not_stored(rid)

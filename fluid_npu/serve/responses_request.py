@@ -43,10 +43,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from fluid_npu.serve.errors import APIError
-from fluid_npu.serve.protocol import MAX_TOP_LOGPROBS, ChatRequest, parse_chat
+from fluid_npu.serve.protocol import MAX_TOP_LOGPROBS, ChatRequest, parse_chat, validate
 from fluid_npu.serve.tools import ToolParser
 
 LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value this server fills
@@ -145,43 +145,14 @@ def _where(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _body(body: Any) -> ResponsesBody:
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    try:
-        return ResponsesBody.model_validate(body)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        param = _where(tuple(err["loc"])) or None
-        if err["type"] == "extra_forbidden":
-            nested = {"text": TextConfig, "reasoning": ReasoningConfig,
-                      "stream_options": StreamOptions}.get(str(err["loc"][0]))  # fmt: skip
-            if nested is TextConfig and len(err["loc"]) > 2:
-                nested = TextFormat
-            where = ResponsesBody if nested is None or len(err["loc"]) < 2 else nested
-            known = ", ".join(sorted(f.alias or k for k, f in where.model_fields.items()))
-            raise APIError(
-                f"unknown field {param!r}; this server accepts {known}", param=param
-            ) from None
-        if err["type"] == "missing":
-            raise APIError(f"{param!r} is required", param=param) from None
-        raise APIError(f"{param}: {err['msg']}", param=param) from None
+def _nested(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    inner = {"text": TextConfig, "reasoning": ReasoningConfig,
+             "stream_options": StreamOptions}.get(str(loc[0]))  # fmt: skip
+    return TextFormat if inner is TextConfig and len(loc) > 2 else inner
 
 
 def _refuse(param: str, what: str) -> APIError:
     return APIError(f"{param}: {what}", param=param)
-
-
-def not_stored(rid: str) -> APIError:
-    """The 404 of a route that reads, cancels or deletes a stored response."""
-    return APIError(
-        f"no response {rid[:80]!r} is kept here: this server keeps no responses (as vLLM without "
-        "its store), so none can be fetched, listed, cancelled or deleted; a stream is the way "
-        "to follow a response as it decodes",
-        status=404,
-        param="response_id",
-        code="response_not_found",
-    )
 
 
 def _check_stateless(req: ResponsesBody) -> None:
@@ -419,7 +390,7 @@ def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
 
 def parse_responses(body: Any, tool_parser: ToolParser | None = None) -> ResponsesRequest:
     """A checked ``/v1/responses`` request (``tool_parser``: the server's, as for chat)."""
-    req = _body(body)
+    req: ResponsesBody = validate(ResponsesBody, body, _where, _nested)
     _check_stateless(req)
     messages, came = input_messages(req.input, req.instructions)
     if not messages:

@@ -62,7 +62,7 @@ from fluid_npu.serve.http import (
     read_body,
     while_connected,
 )
-from fluid_npu.serve.responses_request import not_stored
+from fluid_npu.serve.responses_output import not_kept_routes
 from fluid_npu.serve.worker import ENGINE_FAILED
 
 routing_log = logging.getLogger("fluid_npu.serve.routing")  # --enable-log-requests: the front's
@@ -368,13 +368,7 @@ def create_front(front: Front) -> FastAPI:
     app.post("/v1/chat/completions")(relay)
     app.post("/v1/responses")(relay)
     app.post("/v1/responses/input_tokens")(relay)
-
-    @app.api_route("/v1/responses/{rid}", methods=["GET", "DELETE"])
-    @app.get("/v1/responses/{rid}/input_items")
-    @app.post("/v1/responses/{rid}/cancel")
-    async def not_kept(request: Request, rid: str) -> Response:
-        authorize(request)
-        raise not_stored(rid)  # (as every rank answers: none keeps responses)
+    not_kept_routes(app, authorize)  # (as every rank answers: none keeps responses)
 
     async def forward(request: Request, path: str, method: str = "GET") -> Response:
         """A request any rank answers alike (models, tokenizer routes): the first usable one."""

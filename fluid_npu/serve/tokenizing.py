@@ -1,7 +1,8 @@
-"""vLLM's tokenizer routes on ``fluid serve``: ``POST /tokenize`` (a text, or a conversation
-rendered as the chat route renders it), ``POST /detokenize`` and ``GET /tokenizer_info`` —
-lm-evaluation-harness finds them and then needs no local tokenizer. Their work runs on the app's
-tokenizing thread (a 4 MiB text takes seconds), beside the event loop."""
+"""vLLM's tokenizer routes on ``fluid serve`` and their request bodies: ``POST /tokenize`` (a
+text, or a conversation rendered as the chat route renders it), ``POST /detokenize`` and
+``GET /tokenizer_info`` — lm-evaluation-harness finds them and then needs no local tokenizer.
+Their work runs on the app's tokenizing thread (a 4 MiB text takes seconds), beside the event
+loop."""
 
 from __future__ import annotations
 
@@ -14,11 +15,74 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from fluid_npu.serve import protocol
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.http import read_json
-from fluid_npu.serve.rendering import ChatRender
+from fluid_npu.serve.protocol import (
+    ChatRequest,
+    Message,
+    Sampling,
+    _Rendering,
+    _Strict,
+    validate,
+)
+from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
 from fluid_npu.serve.text import chat_ids, text_ids, tokenizer_info
+from fluid_npu.serve.tools import ToolSetting, tool_setting
+
+
+class TokenizeBody(_Rendering):
+    """vLLM's ``/tokenize``: a text (``prompt``) or a conversation (``messages``, rendered as the
+    chat route renders it)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool | None = None  # text: True (BOS as a completion gets it); chat: False
+    return_token_strs: bool | None = None
+    tools: list[Any] | None = None  # messages: the functions offered, rendered as chat does
+
+
+class DetokenizeBody(_Strict):
+    """vLLM's ``/detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+RENDER_FIELDS = tuple(_Rendering.model_fields)
+
+
+def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
+    """A checked ``/tokenize`` body (exactly one of ``prompt`` and ``messages``) and, with
+    messages, the conversation as the chat route takes it (its ``messages`` and ``render``)."""
+    req: TokenizeBody = validate(TokenizeBody, body)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError("give either prompt (a text) or messages (a conversation)", param="prompt")
+    if req.messages is not None and not req.messages:
+        raise APIError("messages is empty; give at least one message", param="messages")
+    if req.prompt is not None:
+        given = [name for name in (*RENDER_FIELDS, "tools") if getattr(req, name) is not None]
+        if given:
+            raise APIError(f"{given[0]} applies to messages, not to a prompt", param=given[0])
+        return req, None
+    if req.add_special_tokens:
+        raise APIError(
+            "add_special_tokens must be false or absent with messages: the chat template "
+            "places the special tokens itself",
+            param="add_special_tokens",
+        )
+    messages = conversation(req.messages)
+    tools = ToolSetting(tool_setting(req.tools, "none", None, None).tools)  # rendered, not parsed
+    render = chat_render(req, messages)
+    return req, ChatRequest(messages, Sampling(max_tokens=None), render, tools)
+
+
+def parse_detokenize(body: Any) -> DetokenizeBody:
+    """A checked ``/detokenize`` body: non-negative token ids."""
+    req: DetokenizeBody = validate(DetokenizeBody, body)
+    if any(t < 0 for t in req.tokens):
+        raise APIError("tokens must be non-negative token ids", param="tokens")
+    return req
 
 
 def tokenizer_routes(
@@ -36,7 +100,7 @@ def tokenizer_routes(
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         authorize(request)
-        req, conversation = protocol.parse_tokenize(await read_json(request))
+        req, conversation = parse_tokenize(await read_json(request))
         check_model(req.model)
         if conversation is not None:
             check_template(conversation.render)
@@ -59,7 +123,7 @@ def tokenizer_routes(
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         authorize(request)
-        req = protocol.parse_detokenize(await read_json(request))
+        req = parse_detokenize(await read_json(request))
         check_model(req.model)
         if req.tokens and max(req.tokens) >= len(tokenizer):
             raise APIError(
