@@ -1,4 +1,5 @@
-"""The ``fluid`` command (train, merge, generate, bench, eval, demo, real, serve), one error style.
+"""The ``fluid`` command (train, merge, generate, bench, eval, demo, real, serve, run-batch), one
+error style.
 
 A bad input (a ``FluidError``: config, dataset, checkpoint, prompt, flag) prints one line on stderr
 — ``fluid: error: <what is wrong and how to fix it>`` — and exits with status 2; the traceback is
@@ -27,6 +28,7 @@ SUBCOMMANDS = (
     ("fluid_npu.demo", "add_demo_parser"),
     ("fluid_npu.real", "add_real_parser"),
     ("fluid_npu.serve.cli", "add_serve_parser"),
+    ("fluid_npu.serve.cli", "add_run_batch_parser"),
     ("fluid_npu.serve.cli", "add_bench_serve_parser"),
 )
 

@@ -8,6 +8,7 @@ the package but ``errors`` (and, in ``versions``, the package's version).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,10 +16,10 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fluid_npu.errors import ConfigError
 
@@ -60,8 +61,10 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def write_text_atomic(path: str | Path, chunks: Iterable[str]) -> Path:
-    """Write ``chunks`` to ``path`` through a temporary file, fsync, and an atomic rename."""
+@contextlib.contextmanager
+def open_atomic(path: str | Path) -> Iterator[TextIO]:
+    """A text file to write that appears at ``path`` only when the block ends without an error
+    (written to a temporary sibling, fsynced, renamed); on an error nothing is left behind."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -69,15 +72,21 @@ def write_text_atomic(path: str | Path, chunks: Iterable[str]) -> Path:
         # mkstemp makes the file 0600; the result gets the mode any new file gets (the umask's)
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+
+
+def write_text_atomic(path: str | Path, chunks: Iterable[str]) -> Path:
+    """Write ``chunks`` to ``path`` through a temporary file, fsync, and an atomic rename."""
+    with open_atomic(path) as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

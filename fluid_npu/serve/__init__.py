@@ -16,8 +16,10 @@ The pieces, each one concept:
   chat request and answered as response items and their events; ``tokenizing``: vLLM's
   tokenizer routes;
 * ``server``: loading the model, building the scheduler, running uvicorn with a SIGTERM drain;
+* ``batch``: ``fluid run-batch``, a file of OpenAI batch requests answered by the same app in
+  this process;
 * ``launch``: starting and stopping a ``fluid serve`` process (the benchmark and the tests);
-* ``bench``: ``fluid bench serve``, the load generator; ``cli``: both commands' flags.
+* ``bench``: ``fluid bench serve``, the load generator; ``cli``: the commands' flags.
 
 FastAPI, uvicorn and prometheus-client are the ``serve`` extra; of this package only ``serve.cli``
 (the flags, which import none of the extras) is imported by ``fluid_npu.cli``.

@@ -1,9 +1,11 @@
-"""The flags of ``fluid serve`` and ``fluid bench serve``; both register with ``fluid_npu.cli``.
+"""The flags of ``fluid serve``, ``fluid run-batch`` and ``fluid bench serve``; they register with
+``fluid_npu.cli``.
 
 ``fluid serve --model DIR [--adapter DIR] [--khead DIR] [--policy P] [--dtype D] [--host H]
 [--port N] [--max-batch N] [--max-queue N] [--api-key KEY] [--threads N] ...`` runs the
 OpenAI-compatible server (``fluid_npu.serve.server``); ``--api-key`` falls back to
-``$FLUID_API_KEY``.
+``$FLUID_API_KEY``. ``fluid run-batch -i IN.jsonl -o OUT.jsonl --model DIR ...`` answers a file
+of OpenAI batch requests with the same routes, offline (``fluid_npu.serve.batch``).
 
 ``fluid bench serve`` (``fluid_npu.serve.bench``) starts one ``fluid serve`` per policy — the
 FLUID policy and ``ar`` by default, same flags otherwise — and loads each with the same requests,
@@ -15,9 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from fluid_npu.demo.pipeline import _positive  # the same integers as the demo's --threads
 from fluid_npu.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fluid_npu.serve.server import ServeSettings
 
 # the model flags a spawned server gets (``fluid bench serve`` passes them on)
 SERVER_KEYS = (
@@ -96,16 +102,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+def _add_answer_flags(p: argparse.ArgumentParser) -> None:
+    """How requests are answered: the flags ``fluid serve`` and ``fluid run-batch`` share."""
     _add_model_flags(p)
     p.add_argument("--policy", default=None, help="ar | fixed:K | entropy[:T] | khead")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument(
-        "--max-queue", type=int, default=None, help="waiting places beyond the batch (429 past it)"
-    )
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--served-model-name", default=None, help="the model id clients send")
     p.add_argument(
         "--enable-log-requests",
@@ -121,9 +121,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="where the decoding settings a request leaves out come from (vLLM's flag): auto "
         "(the model's generation_config.json), vllm (OpenAI's: temperature 1, top_p 1) or a "
         "folder holding a generation_config.json",
-    )
-    p.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests"
     )
     p.add_argument(
         "--reasoning-parser",
@@ -148,7 +145,36 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="let a request bring its own chat_template (rendered in transformers' sandbox)",
     )
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    _add_answer_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument(
+        "--max-queue", type=int, default=None, help="waiting places beyond the batch (429 past it)"
+    )
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests"
+    )
     p.set_defaults(handler=serve_command)
+
+
+def add_run_batch_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run-batch",
+        help="answer a file of OpenAI batch requests (JSONL) offline, as the server would",
+    )
+    p.add_argument(
+        "-i", "--input-file", required=True, help="JSONL: one {custom_id, method, url, body} a line"
+    )
+    p.add_argument(
+        "-o", "--output-file", required=True, help="JSONL: one answer a line, in the input's order"
+    )
+    _add_answer_flags(p)
+    p.set_defaults(handler=run_batch_command)
 
 
 def need_serve_extra() -> None:
@@ -166,13 +192,13 @@ def need_serve_extra() -> None:
         )
 
 
-def serve_command(args: argparse.Namespace) -> int:
-    need_serve_extra()
-    from fluid_npu.serve.server import ServeSettings, serve
+def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
+    """The settings of the flags ``_add_answer_flags`` adds, and ``serving``'s (host, port, ...)."""
+    from fluid_npu.serve.server import ServeSettings
 
     if not args.model:
-        raise ConfigError("fluid serve needs --model DIR")
-    settings = ServeSettings(
+        raise ConfigError(f"fluid {args.command} needs --model DIR")
+    return ServeSettings(
         model=args.model,
         adapter=args.adapter,
         khead=args.khead,
@@ -180,16 +206,11 @@ def serve_command(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         mask_token=args.mask_token,
-        host=args.host,
-        port=args.port,
         max_batch=args.max_batch,
-        max_queue=args.max_queue,
         max_len=args.max_len,
-        api_key=args.api_key or os.environ.get("FLUID_API_KEY") or None,
         served_model_name=args.served_model_name,
         generation_config=args.generation_config,
         enable_log_requests=args.enable_log_requests,
-        drain_timeout=args.drain_timeout,
         compile=args.compile,
         adaptive=not args.no_adaptive_drafting,
         prefix_caching=not args.no_enable_prefix_caching,
@@ -202,12 +223,34 @@ def serve_command(args: argparse.Namespace) -> int:
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
         data_parallel_size=1 if args.data_parallel_size is None else args.data_parallel_size,
+        **serving,  # type: ignore[arg-type]
+    )
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    need_serve_extra()
+    from fluid_npu.serve.server import serve
+
+    settings = _settings(
+        args,
+        host=args.host,
+        port=args.port,
+        max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get("FLUID_API_KEY") or None,
+        drain_timeout=args.drain_timeout,
     )
     if settings.data_parallel_size > 1:
         from fluid_npu.serve.dp import serve_data_parallel
 
         return serve_data_parallel(settings)
     return serve(settings)
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    need_serve_extra()
+    from fluid_npu.serve.batch import run_batch
+
+    return run_batch(_settings(args), args.input_file, args.output_file)
 
 
 def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:

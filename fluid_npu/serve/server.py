@@ -317,6 +317,34 @@ def log_to_stderr(name: str) -> None:
     log.propagate = False
 
 
+def served_name(settings: ServeSettings) -> str:
+    """The model id clients send: ``--served-model-name``, else the model folder's name."""
+    return settings.served_model_name or settings.model.rstrip("/").split("/")[-1]
+
+
+def load_engine(settings: ServeSettings) -> tuple[Worker, Any, ServeConfig]:
+    """Load the model and build what ``create_app`` takes: ``(worker, tokenizer, config)``."""
+    scheduler, tokenizer, max_len, info = build_scheduler(settings)
+    # a request that leaves a decoding setting out: the model's generation config, else OpenAI's
+    defaults = generation_defaults(settings.generation_config, scheduler.model)
+    info["default_sampling"] = asdict(defaults)
+    config = ServeConfig(
+        model_name=served_name(settings),
+        max_len=max_len,
+        max_batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        api_key=settings.api_key,
+        info=info,
+        defaults=defaults,
+        vocab_size=scheduler.model.get_input_embeddings().weight.shape[0],
+        template_kwargs=settings.template_kwargs(),
+        trust_request_chat_template=settings.trust_request_chat_template,
+        reasoning_parser=settings.reasoning_parser,
+        tool_call_parser=settings.tool_call_parser,
+    )
+    return Worker(scheduler), tokenizer, config
+
+
 def serve(settings: ServeSettings) -> int:
     """Run the server until SIGTERM / Ctrl-C; returns the exit status."""
     settings.check()
@@ -325,26 +353,8 @@ def serve(settings: ServeSettings) -> int:
     watch_parent()
     sock = bind(settings.host, settings.port)
     try:
-        scheduler, tokenizer, max_len, info = build_scheduler(settings)
-        # a request that leaves a decoding setting out: the model's generation config, else OpenAI's
-        defaults = generation_defaults(settings.generation_config, scheduler.model)
-        info["default_sampling"] = asdict(defaults)
-        worker = Worker(scheduler)
-        name = settings.served_model_name or settings.model.rstrip("/").split("/")[-1]
-        config = ServeConfig(
-            model_name=name,
-            max_len=max_len,
-            max_batch=settings.max_batch,
-            max_queue=settings.max_queue,
-            api_key=settings.api_key,
-            info=info,
-            defaults=defaults,
-            vocab_size=scheduler.model.get_input_embeddings().weight.shape[0],
-            template_kwargs=settings.template_kwargs(),
-            trust_request_chat_template=settings.trust_request_chat_template,
-            reasoning_parser=settings.reasoning_parser,
-            tool_call_parser=settings.tool_call_parser,
-        )
+        worker, tokenizer, config = load_engine(settings)
+        name, info, max_len = config.model_name, config.info, config.max_len
         app = create_app(worker, tokenizer, config)
         host, port = sock.getsockname()[:2]
         where = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets

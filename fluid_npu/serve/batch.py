@@ -1,0 +1,254 @@
+"""``fluid run-batch``: a file of OpenAI batch requests answered offline by ``fluid serve``'s own
+routes, as vLLM's ``run-batch`` answers one (the OpenAI Batch API's file format).
+
+The input is JSONL, one request a line, as the Batch API takes them::
+
+    {"custom_id": "q-1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+
+``url`` is ``/v1/chat/completions``, ``/v1/completions`` or ``/v1/responses`` (lines may mix them);
+``body`` is the request as that route takes it, its ``model`` the served name
+(``--served-model-name``, else the model folder's name) or left out. Blank lines are skipped. The
+whole file is checked before the model loads: a line that is not such an object, a ``custom_id``
+given twice, another method or URL, a model that is not the one served — each is one error naming
+the line and the fix, and nothing is written.
+
+Each request then goes to the application ``fluid serve`` runs (``app.create_app``), in this
+process, through an in-memory ASGI transport: the same checks, chat templates, parsers and answers
+as over HTTP, and no port is opened. At most twice ``--max-batch`` requests are in flight, so the
+engine's batch stays full while requests join and leave it between steps.
+
+The output is JSONL, one line per request in the input's order::
+
+    {"id": "batch_req_…", "custom_id": "q-1",
+     "response": {"status_code": 200, "request_id": "chatcmpl-…", "body": {...}}, "error": null}
+
+``body`` is what the route answered (a chat completion, a completion, a response) and
+``request_id`` its id. A request the route refuses keeps its line, with the status (400, 404, ...)
+and the OpenAI error body, as the Batch API reports a failed request; ``stream: true`` is such a
+400 (a line holds one body). The file is written under a temporary name beside ``-o`` and renamed
+once every line is in it, so an interrupted run leaves nothing half-written. The exit status is 0
+when every request got its line, 1 when the engine failed (the requests it left get 500 lines and
+the file is still written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import httpx
+from fastapi import FastAPI
+
+from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.io import check_output_file, open_atomic
+from fluid_npu.serve.errors import APIError
+
+if TYPE_CHECKING:
+    from fluid_npu.serve.server import ServeSettings
+
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+FIELDS = ("custom_id", "method", "url", "body")
+PROGRESS_S = 10.0  # seconds between two progress lines on stderr
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One request of a batch file: where it is (``line``), its id, route and body."""
+
+    line: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+
+def read_batch(path: str | Path, model_name: str) -> list[BatchLine]:
+    """The requests of the batch file at ``path``, checked (the module docstring); a
+    ``DataError`` naming the line, or a ``ConfigError`` for the file or a model not served."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            rows = fh.readlines()
+    except OSError as exc:
+        raise ConfigError(f"--input-file {str(path)!r}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--input-file {str(path)!r} is not UTF-8 text ({exc.reason})") from None
+    requests: list[BatchLine] = []
+    seen: dict[str, int] = {}
+    for number, text in enumerate(rows, 1):
+        if text.strip():
+            request = _request(text, f"{path} line {number}", number, model_name)
+            if request.custom_id in seen:
+                raise DataError(
+                    f"{path} line {number}: custom_id {request.custom_id!r} is line "
+                    f"{seen[request.custom_id]}'s too; each request needs its own"
+                )
+            seen[request.custom_id] = number
+            requests.append(request)
+    if not requests:
+        raise DataError(f"{path} holds no requests (one JSON object a line)")
+    return requests
+
+
+def _request(text: str, where: str, number: int, model_name: str) -> BatchLine:
+    try:
+        row = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{where} is not JSON ({exc}); a line is one request object") from None
+    if not isinstance(row, dict) or set(row) != set(FIELDS):
+        got = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(
+            f"{where}: a request is an object with exactly {', '.join(FIELDS)}; got {got}"
+        )
+    custom_id, method, url, body = (row[k] for k in FIELDS)
+    if not isinstance(custom_id, str) or not custom_id:
+        raise DataError(f"{where}: custom_id must be a non-empty string, got {custom_id!r}")
+    if method != "POST":
+        raise DataError(f"{where}: method must be 'POST', got {method!r}")
+    if url not in URLS:
+        raise DataError(f"{where}: url {url!r} is not one of {', '.join(URLS)}")
+    if not isinstance(body, dict):
+        raise DataError(f"{where}: body must be the request's JSON object, got {body!r:.60}")
+    model = body.get("model")
+    if isinstance(model, str) and model != model_name:
+        raise ConfigError(
+            f"{where}: model {model!r} is not the one served ({model_name!r}); run with "
+            f"--served-model-name {model!r}, or change the file's model"
+        )
+    return BatchLine(number, custom_id, url, body)
+
+
+async def _answer(client: httpx.AsyncClient, request: BatchLine) -> dict[str, Any]:
+    """The output line of one request."""
+    if request.body.get("stream") is True:
+        refused = APIError(
+            "a batch request is answered with one body; remove stream (or set it false)",
+            param="stream",
+        )
+        status, body = refused.status, refused.body()
+    else:
+        r = await client.post(request.url, json=request.body)
+        status = r.status_code
+        try:
+            body = r.json()
+        except ValueError:  # (every route answers JSON; kept readable if one did not)
+            body = {"error": {"message": r.text, "type": "server_error", "code": status}}
+    ok = status == 200 and isinstance(body, dict) and isinstance(body.get("id"), str)
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": request.custom_id,
+        "response": {
+            "status_code": status,
+            "request_id": body["id"] if ok else f"req_{uuid.uuid4().hex}",
+            "body": body,
+        },
+        "error": None,
+    }
+
+
+def _completion_tokens(record: dict[str, Any]) -> int:
+    body = record["response"]["body"]
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0
+    return int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)
+
+
+@dataclass
+class BatchResult:
+    """What a batch's answers came to: the lines of each status, the tokens generated."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    tokens: int = 0
+
+
+async def answer_batch(
+    app: FastAPI, requests: list[BatchLine], out: TextIO, in_flight: int
+) -> BatchResult:
+    """Answer ``requests`` with ``app`` (its lifespan run around them), at most ``in_flight`` at
+    once, writing their lines to ``out`` in the input's order."""
+    result = BatchResult()
+    done: dict[int, dict[str, Any]] = {}
+    written, start = 0, time.monotonic()
+    shown = start
+    room = asyncio.Semaphore(in_flight)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # (a 500 is a line too)
+
+    async def one(k: int, request: BatchLine, client: httpx.AsyncClient) -> None:
+        nonlocal written, shown
+        try:
+            done[k] = await _answer(client, request)
+        finally:
+            room.release()
+        while written in done:
+            record = done.pop(written)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            result.statuses[record["response"]["status_code"]] += 1
+            result.tokens += _completion_tokens(record)
+            written += 1
+        now = time.monotonic()
+        if now - shown >= PROGRESS_S:
+            shown = now
+            print(
+                f"fluid: run-batch: {written} of {len(requests)} answered, {result.tokens} "
+                f"tokens generated ({result.tokens / (now - start):.1f}/s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://fluid-batch", timeout=None) as c,
+    ):
+        tasks = []
+        for k, request in enumerate(requests):
+            await room.acquire()
+            tasks.append(asyncio.create_task(one(k, request, c)))
+        await asyncio.gather(*tasks)
+    return result
+
+
+def run_batch(settings: ServeSettings, input_file: str, output_file: str) -> int:
+    """``fluid run-batch``: check the settings, the output path and the whole input file, load
+    the model, answer every request into ``output_file``; the exit status."""
+    from fluid_npu.serve.app import create_app
+    from fluid_npu.serve.server import load_engine, log_to_stderr, served_name
+
+    settings.check()
+    if settings.data_parallel_size > 1:
+        raise ConfigError(
+            "fluid run-batch runs one engine; --data-parallel-size is for fluid serve (split the "
+            "file and run one run-batch per device instead)"
+        )
+    check_output_file(output_file, "--output-file")
+    if Path(output_file).resolve() == Path(input_file).resolve():
+        raise ConfigError("--output-file is the --input-file; write the answers elsewhere")
+    requests = read_batch(input_file, served_name(settings))
+    if settings.enable_log_requests:
+        log_to_stderr("fluid_npu.serve.requests")
+    worker, tokenizer, config = load_engine(settings)
+    app = create_app(worker, tokenizer, config)
+    app.state.banner = (
+        f"fluid: run-batch: {len(requests)} requests from {input_file} to {config.model_name!r} "
+        f"(policy {config.info['policy']}, max batch {settings.max_batch}, context "
+        f"{config.max_len})"
+    )
+    start = time.monotonic()
+    with open_atomic(output_file) as out:
+        result = asyncio.run(answer_batch(app, requests, out, 2 * settings.max_batch))
+    took = time.monotonic() - start
+    counts = ", ".join(f"{n} with {code}" for code, n in sorted(result.statuses.items()))
+    print(
+        f"fluid: run-batch: {len(requests)} requests answered ({counts}) in {took:.2f} s, "
+        f"{result.tokens} tokens generated ({result.tokens / took:.0f}/s); wrote {output_file}",
+        file=sys.stderr,
+    )
+    if worker.error is not None:
+        print(f"fluid: the engine failed: {worker.error}", file=sys.stderr)
+        return 1
+    return 0
