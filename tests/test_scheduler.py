@@ -267,6 +267,36 @@ def test_abort_frees_the_slot_and_spares_the_others(tok):
         )
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_waiting_requests_start_by_priority_then_arrival(tok, policy):
+    """One slot, one request running: the waiting ones start lowest ``priority`` first, ties in
+    arrival order (first come, first served under "fcfs"); the running one is not preempted; each
+    output equals decoding it alone."""
+    model = build_tiny_model("llama", tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:5]]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=1, eos_ids=[],
+                      k_max=4, scheduling_policy=policy)  # fmt: skip
+    given = [0, 5, -1, 0, -1]
+    sched.submit(Request("r0", prompts[0], 6))
+    started, out = ["r0"], {"r0": [t for ev in sched.step() for t in ev.tokens]}  # r0 runs
+    for i in range(1, 5):
+        sched.submit(Request(f"r{i}", prompts[i], 6, priority=given[i] if policy != "fcfs" else 0))
+    while sched.has_work():
+        for ev in sched.step():
+            if ev.request_id not in out:
+                started.append(ev.request_id)
+            out.setdefault(ev.request_id, []).extend(ev.tokens)
+    want = ["r0", "r1", "r2", "r3", "r4"] if policy == "fcfs" else ["r0", "r2", "r4", "r3", "r1"]
+    assert started == want
+    ours = [out[f"r{i}"] for i in range(5)]
+    _assert_same(model, prompts, ours, [_greedy_alone(model, p, 6, []) for p in prompts], policy)
+    fcfs = Scheduler(model, tok.mask_token_id, max_batch=1)
+    with pytest.raises(FluidError, match=r"priority 3 needs Scheduler\(scheduling_policy="):
+        fcfs.submit(Request("x", prompts[0], 4, priority=3))
+    with pytest.raises(FluidError, match="scheduling_policy 'lifo' is not one of fcfs, priority"):
+        Scheduler(model, tok.mask_token_id, scheduling_policy="lifo")
+
+
 def test_an_aborted_id_can_be_submitted_again_at_once(tok):
     """As in vLLM, ``abort`` frees the id: a client retrying under its own id is not refused,
     whether the first request was still waiting or already decoding; the retry decodes as alone."""

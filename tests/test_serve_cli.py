@@ -72,6 +72,8 @@ def test_serve_flag_errors(capsys, tmp_path):
     msg = _error(capsys, ["serve", "--model", "m", "--enable-auto-tool-choice",
                           "--tool-call-parser", "json"])  # fmt: skip
     assert "--tool-call-parser 'json' is not one of hermes" in msg
+    msg = _error(capsys, ["serve", "--model", "m", "--scheduling-policy", "lifo"])
+    assert "--scheduling-policy 'lifo' is not one of fcfs, priority" in msg
 
 
 def test_bench_serve_flag_errors(capsys, tmp_path):
@@ -223,6 +225,10 @@ def test_threads_set_the_engine_s_torch_threads(model_dir):  # noqa: F811
         for n in (2, 1):
             *_, info = build_scheduler(ServeSettings(model=model_dir, threads=n))
             assert info["torch_threads"] == n == torch.get_num_threads()
+        # (and --scheduling-policy reaches the engine)
+        settings = ServeSettings(model=model_dir, scheduling_policy="priority")
+        sched, *_, info = build_scheduler(settings)
+        assert sched.scheduling_policy == info["scheduling_policy"] == "priority"
     finally:
         torch.set_num_threads(before)
 

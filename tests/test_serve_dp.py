@@ -111,8 +111,10 @@ def test_each_rank_gets_its_device_and_the_commands_flags():
 
     settings = ServeSettings(model="m", khead="k", api_key="secret", port=9, data_parallel_size=2,
                              adaptive=False, prefix_caching=False, compile=True,
-                             tool_call_parser="hermes", enable_auto_tool_choice=True)  # fmt: skip
+                             tool_call_parser="hermes", enable_auto_tool_choice=True,
+                             scheduling_policy="priority")  # fmt: skip
     args = build_parser().parse_args(["serve", *rank_args(settings, threads=3)])
+    assert args.scheduling_policy == "priority"
     assert (args.model, args.khead, args.threads) == ("m", "k", 3)
     assert args.no_adaptive_drafting and args.no_enable_prefix_caching and args.compile
     assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"

@@ -345,6 +345,33 @@ def test_sampling_settings_reach_the_engine_and_logprobs_come_back():
         assert sched.requests[-1].sampling.min_tokens == 4
 
 
+def test_priority_reaches_the_engine_only_with_the_priority_policy():
+    """vLLM's ``priority``: on every route, a 400 naming it unless the engine orders its queue by
+    priority (``--scheduling-policy priority``), then each of the request's prompts carries it."""
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        with pytest.raises(openai.BadRequestError, match="--scheduling-policy priority") as e:
+            c.completions.create(model="tiny", prompt="a", max_tokens=2, extra_body={"priority": 1})
+        assert e.value.body["param"] == "priority"
+        c.completions.create(model="tiny", prompt="a", max_tokens=2, extra_body={"priority": 0})
+        assert sched.requests[-1].priority == 0
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt="a", extra_body={"priority": "high"})
+        assert e.value.body["param"] == "priority"
+        sched.scheduling_policy = "priority"
+        c.completions.create(model="tiny", prompt=["a", "b"], max_tokens=2,
+                             extra_body={"priority": -4})  # fmt: skip
+        assert [r.priority for r in sched.requests[-2:]] == [-4, -4]
+        chat = [{"role": "user", "content": "hi"}]
+        c.chat.completions.create(model="tiny", messages=chat, max_tokens=2,
+                                  extra_body={"priority": 7})  # fmt: skip
+        assert sched.requests[-1].priority == 7
+        c.responses.create(model="tiny", input="hi", max_output_tokens=2,
+                           extra_body={"priority": 2})  # fmt: skip
+        assert sched.requests[-1].priority == 2
+
+
 def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():
     """As vLLM answers a batch: choice ``index`` in the order given, each the text its prompt alone
     gets, usage summed; streamed, the choices' chunks interleave and the usage comes once."""

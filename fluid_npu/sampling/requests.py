@@ -5,6 +5,7 @@ The serving layer and ``run_requests`` speak only these; the engine (``scheduler
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,9 @@ class Request:
     # ... or every token after this one (a reasoning parser's closing marker: the grammar holds
     # the answer, not the reasoning before it)
     grammar_after: int | None = None
+    # with the scheduler's "priority" policy: lower values are admitted first (vLLM's rule), ties
+    # in arrival order; under "fcfs" (the default) it must stay 0
+    priority: int = 0
 
 
 @dataclass
@@ -85,3 +89,17 @@ class Slot:
         if self.running:
             return (self.prompt + self.new)[: len(self.prompt) - 1 + len(self.new)]
         return self.prompt[: self.prefilled]
+
+
+SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's --scheduling-policy values
+
+
+def enqueue(waiting: deque[Slot], slot: Slot, by_priority: bool) -> None:
+    """Put ``slot`` in the queue of requests waiting for a slot: last (first come, first served),
+    or with ``by_priority`` before every waiting request of a higher ``priority`` value."""
+    if by_priority:
+        for i, other in enumerate(waiting):
+            if other.req.priority > slot.req.priority:
+                waiting.insert(i, slot)
+                return
+    waiting.append(slot)

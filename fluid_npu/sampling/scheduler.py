@@ -1,7 +1,9 @@
 """The decode engine: request slots over a static KV cache, continuous batching, fused steps.
 
 A ``Scheduler`` owns the model and ``max_batch`` request slots in one preallocated ``SlotKV``.
-Requests are ``submit``-ted into a FIFO queue; every ``step()``:
+Requests are ``submit``-ted into a queue (first come, first served; by ``Request.priority`` with
+``scheduling_policy="priority"``, as vLLM's ``--scheduling-policy``: running requests are never
+preempted); every ``step()``:
 
 1. retires aborted requests and admits waiting ones into free slots (the free slot whose cache
    still holds the longest prefix of the prompt, which is then not encoded again, else one that
@@ -66,7 +68,7 @@ from fluid_npu.sampling.lean import LeanDecoder
 from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
-from fluid_npu.sampling.requests import Event, Request, Slot
+from fluid_npu.sampling.requests import SCHEDULING_POLICIES, Event, Request, Slot, enqueue
 from fluid_npu.sampling.reuse import SlotPrefixes
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.step import StepMixin, _pow2, _round_up
@@ -104,7 +106,14 @@ class Scheduler(PrefillMixin, StepMixin):
         budgets: MutableMapping[Any, DraftBudget] | None = None,
         prefix_caching: bool = True,
         prefix_slots: int = 0,
+        scheduling_policy: str = "fcfs",
     ) -> None:
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(
+                f"scheduling_policy {scheduling_policy!r} is not one of "
+                f"{', '.join(SCHEDULING_POLICIES)}"
+            )
+        self.scheduling_policy = scheduling_policy
         if max_batch < 1 or prefill_chunk < 1:
             raise ConfigError(
                 f"max_batch and prefill_chunk must be at least 1, got {max_batch}, {prefill_chunk}"
@@ -282,6 +291,11 @@ class Scheduler(PrefillMixin, StepMixin):
             raise ConfigError(f"request id {req.request_id!r} is already queued or running")
         if not req.prompt:
             raise PromptError(f"request {req.request_id!r}: the prompt is empty; give some tokens")
+        if req.priority and self.scheduling_policy != "priority":
+            raise ConfigError(
+                f"request {req.request_id!r}: priority {req.priority} needs "
+                "Scheduler(scheduling_policy='priority')"
+            )
         if req.max_new_tokens < 1:
             raise ConfigError(
                 f"request {req.request_id!r}: max_new_tokens must be at least 1, "
@@ -333,7 +347,7 @@ class Scheduler(PrefillMixin, StepMixin):
             slot.armed = req.grammar_after is not None
         if params.prompt_logprobs is not None:
             slot.prompt_lps = []  # filled by the prefill (prefill.py), sent with the first event
-        self.waiting.append(slot)
+        enqueue(self.waiting, slot, self.scheduling_policy == "priority")
 
     def _widen_eos(self, n: int) -> None:
         pad = torch.full((self.slots_n, n - self.eos.shape[1]), -1, dtype=torch.long)

@@ -231,6 +231,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 f"({vocab} tokens)",
                 param="logit_bias",
             )
+        if s.priority and getattr(worker.scheduler, "scheduling_policy", "fcfs") != "priority":
+            raise APIError(
+                f"priority={s.priority}: this server starts requests in arrival order; start it "
+                "with --scheduling-policy priority, or leave priority out",
+                param="priority",
+            )
         check_capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
         # a chat's reasoning apart from its answer; a grammar holds the answer (structured.py)
@@ -245,6 +251,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                     "grammar_after": grammar_after(
                         split, grammar, prompts[shape.index // s.n], continuing
                     ),
+                    "priority": s.priority,
                 },
             )
             for shape in shapes

@@ -145,6 +145,13 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let a request bring its own chat_template (rendered in transformers' sandbox)",
     )
+    p.add_argument(
+        "--scheduling-policy",
+        default="fcfs",
+        help="which waiting request gets the next free slot: fcfs (arrival order) | priority "
+        "(a request's priority field, lower first, then arrival; running requests are not "
+        "preempted)",
+    )
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -223,6 +230,7 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
         data_parallel_size=1 if args.data_parallel_size is None else args.data_parallel_size,
+        scheduling_policy=args.scheduling_policy,
         **serving,  # type: ignore[arg-type]
     )
 

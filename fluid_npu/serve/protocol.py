@@ -31,7 +31,8 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   left out: the model's ``generation_config``, as vLLM reads it);
 * ``logit_bias`` (OpenAI's: token id -> bias in [-100, 100], up to 300 tokens), added to the
   logits before the penalties; vLLM's ``min_tokens`` (no EOS before that many tokens, at most
-  ``max_tokens``);
+  ``max_tokens``); vLLM's ``priority`` (where a request waits for a slot: lower first, with a
+  server started with ``--scheduling-policy priority``; otherwise only 0);
 * chat requests take vLLM's rendering fields (``rendering.py``): ``chat_template_kwargs`` (the
   template's variables, over ``--default-chat-template-kwargs``; not the rendering's own
   arguments), ``add_generation_prompt``, ``continue_final_message`` (the last message, the
@@ -126,6 +127,8 @@ class _Common(_Strict, StructuredFields):
     user: str | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
+    # vLLM's: with --scheduling-policy priority, lower starts first
+    priority: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX)
 
 
 class _Rendering(_Strict):
@@ -202,6 +205,7 @@ class Sampling:
     echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
     n: int = 1  # completions of each prompt
     constraint: Constraint | None = None  # the grammar the output follows (structured.py)
+    priority: int = 0  # where it waits for a slot (--scheduling-policy priority)
 
 
 @dataclass
@@ -340,6 +344,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         ignore_eos=bool(body.ignore_eos),
         model=body.model,
         n=body.n or 1,
+        priority=body.priority or 0,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import uvicorn
 
 from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.requests import SCHEDULING_POLICIES
 from fluid_npu.serve.app import ServeConfig, create_app
 from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.worker import Worker
@@ -66,6 +67,7 @@ class ServeSettings:
     enable_auto_tool_choice: bool = False  # tool_choice "auto": the answer's calls parsed out
     tool_call_parser: str | None = None  # how (tools.py)
     data_parallel_size: int = 1  # engine ranks behind one address (dp.py)
+    scheduling_policy: str = "fcfs"  # which waiting request starts next: fcfs | priority
 
     def check(self) -> None:
         """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
@@ -89,6 +91,11 @@ class ServeSettings:
         if self.data_parallel_size < 1:
             raise ConfigError(
                 f"--data-parallel-size must be at least 1, got {self.data_parallel_size}"
+            )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(
+                f"--scheduling-policy {self.scheduling_policy!r} is not one of "
+                f"{', '.join(SCHEDULING_POLICIES)}"
             )
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"--max-len must be at least 2, got {self.max_len}")
@@ -202,6 +209,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         adaptive=settings.adaptive,
         prefix_caching=settings.prefix_caching,
         prefix_slots=settings.prefix_cache_slots,
+        scheduling_policy=settings.scheduling_policy,
     )
     max_len = scheduler.max_len
     info = {
@@ -216,6 +224,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "adaptive_drafting": settings.adaptive,
         "prefix_caching": settings.prefix_caching,
         "prefix_cache_slots": settings.prefix_cache_slots,
+        "scheduling_policy": settings.scheduling_policy,
         "torch_threads": torch.get_num_threads(),
         "kv_cache_gib": round(scheduler.kv.nbytes / 2**30, 3),  # allocated once, at start
     }
