@@ -219,10 +219,28 @@ def test_fluid_run_batch_equals_fluid_generate(model_dir, tmp_path, capsys):  # 
         ([*base, "-o", str(fresh), "--served-model-name", "other"], "model 'model' is not"),
         ([*base, "-o", str(src)], "--output-file is the --input-file"),
         ([*base, "-o", str(tmp_path)], "is a directory"),
-        ([*base, "-o", str(fresh), "-dp", "2"], "runs one engine"),
         ([*base, "-o", str(fresh), "--tool-call-parser", "hermes"], "go together"),
     ]:
         assert main(argv) == 2
         assert message in capsys.readouterr().err
         assert not fresh.exists()
     assert Path(src).read_text(encoding="utf-8") == "".join(rows)
+
+
+def test_run_batch_over_two_engine_ranks(model_dir, tmp_path, capsys):  # noqa: F811
+    """``--data-parallel-size 2``: the lines go through the data-parallel front to two engine
+    processes, and come back in order with ``fluid generate``'s text."""
+    prompts = ["abc", "hello p", "xx", "ijk", "defgh", "the quick brown fox", "zz top", "k"]
+    want = offline(model_dir, tmp_path, prompts, 24)
+    src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(line(f"c{k}", "/v1/completions", {"prompt": p, "max_tokens": 24,
+                                                              "temperature": 0})
+                           for k, p in enumerate(prompts)), encoding="utf-8")  # fmt: skip
+    argv = ["run-batch", "-i", str(src), "-o", str(out), "--model", model_dir, "--max-batch", "2",
+            "--max-len", "160", "-dp", "2"]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["custom_id"] for r in rows] == [f"c{k}" for k in range(len(prompts))]
+    assert [r["response"]["body"]["choices"][0]["text"] for r in rows] == [w["text"] for w in want]
+    err = capsys.readouterr().err
+    assert "2 engine ranks" in err and "8 requests answered (8 with 200)" in err

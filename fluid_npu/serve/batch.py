@@ -15,7 +15,10 @@ the line and the fix, and nothing is written.
 Each request then goes to the application ``fluid serve`` runs (``app.create_app``), in this
 process, through an in-memory ASGI transport: the same checks, chat templates, parsers and answers
 as over HTTP, and no port is opened. At most twice ``--max-batch`` requests are in flight, so the
-engine's batch stays full while requests join and leave it between steps.
+engine's batch stays full while requests join and leave it between steps. With
+``--data-parallel-size N`` they go through the front of ``fluid serve -dp N`` (``dp.py``,
+``router.py``, in this process) to N engine ranks (child processes, each on its own device; on a
+CPU, its share of the threads), twice ``--max-batch`` per rank in flight.
 
 The output is JSONL, one line per request in the input's order::
 
@@ -27,8 +30,8 @@ The output is JSONL, one line per request in the input's order::
 and the OpenAI error body, as the Batch API reports a failed request; ``stream: true`` is such a
 400 (a line holds one body). The file is written under a temporary name beside ``-o`` and renamed
 once every line is in it, so an interrupted run leaves nothing half-written. The exit status is 0
-when every request got its line, 1 when the engine failed (the requests it left get 500 lines and
-the file is still written).
+when every request got its line, 1 when the engine (or a rank) failed: the requests it left get
+5xx lines and the file is still written.
 """
 
 from __future__ import annotations
@@ -215,32 +218,20 @@ async def answer_batch(
 
 def run_batch(settings: ServeSettings, input_file: str, output_file: str) -> int:
     """``fluid run-batch``: check the settings, the output path and the whole input file, load
-    the model, answer every request into ``output_file``; the exit status."""
-    from fluid_npu.serve.app import create_app
-    from fluid_npu.serve.server import load_engine, log_to_stderr, served_name
+    the model (or start the data-parallel ranks), answer every request into ``output_file``; the
+    exit status."""
+    from fluid_npu.serve.server import served_name
 
     settings.check()
-    if settings.data_parallel_size > 1:
-        raise ConfigError(
-            "fluid run-batch runs one engine; --data-parallel-size is for fluid serve (split the "
-            "file and run one run-batch per device instead)"
-        )
     check_output_file(output_file, "--output-file")
     if Path(output_file).resolve() == Path(input_file).resolve():
         raise ConfigError("--output-file is the --input-file; write the answers elsewhere")
     requests = read_batch(input_file, served_name(settings))
-    if settings.enable_log_requests:
-        log_to_stderr("fluid_npu.serve.requests")
-    worker, tokenizer, config = load_engine(settings)
-    app = create_app(worker, tokenizer, config)
-    app.state.banner = (
-        f"fluid: run-batch: {len(requests)} requests from {input_file} to {config.model_name!r} "
-        f"(policy {config.info['policy']}, max batch {settings.max_batch}, context "
-        f"{config.max_len})"
-    )
     start = time.monotonic()
-    with open_atomic(output_file) as out:
-        result = asyncio.run(answer_batch(app, requests, out, 2 * settings.max_batch))
+    if settings.data_parallel_size > 1:
+        ok, result = _on_ranks(settings, requests, input_file, output_file)
+    else:
+        ok, result = _on_one_engine(settings, requests, input_file, output_file)
     took = time.monotonic() - start
     counts = ", ".join(f"{n} with {code}" for code, n in sorted(result.statuses.items()))
     print(
@@ -248,7 +239,61 @@ def run_batch(settings: ServeSettings, input_file: str, output_file: str) -> int
         f"{result.tokens} tokens generated ({result.tokens / took:.0f}/s); wrote {output_file}",
         file=sys.stderr,
     )
+    return 0 if ok else 1
+
+
+def _banner(requests: list[BatchLine], input_file: str, name: str, settings: ServeSettings) -> str:
+    return (
+        f"fluid: run-batch: {len(requests)} requests from {input_file} to {name!r} (max batch "
+        f"{settings.max_batch}"
+    )
+
+
+def _on_one_engine(
+    settings: ServeSettings, requests: list[BatchLine], input_file: str, output_file: str
+) -> tuple[bool, BatchResult]:
+    """The app of ``fluid serve`` over one engine, in this process."""
+    from fluid_npu.serve.app import create_app
+    from fluid_npu.serve.server import load_engine, log_to_stderr
+
+    if settings.enable_log_requests:
+        log_to_stderr("fluid_npu.serve.requests")
+    worker, tokenizer, config = load_engine(settings)
+    app = create_app(worker, tokenizer, config)
+    app.state.banner = (
+        f"{_banner(requests, input_file, config.model_name, settings)}, policy "
+        f"{config.info['policy']}, context {config.max_len})"
+    )
+    with open_atomic(output_file) as out:
+        result = asyncio.run(answer_batch(app, requests, out, 2 * settings.max_batch))
     if worker.error is not None:
         print(f"fluid: the engine failed: {worker.error}", file=sys.stderr)
-        return 1
-    return 0
+    return worker.error is None, result
+
+
+def _on_ranks(
+    settings: ServeSettings, requests: list[BatchLine], input_file: str, output_file: str
+) -> tuple[bool, BatchResult]:
+    """The data-parallel front of ``fluid serve -dp N`` over its N engine ranks (child processes,
+    each on its device), the front in this process."""
+    from fluid_npu.serve.dp import Ranks
+    from fluid_npu.serve.router import create_front
+    from fluid_npu.serve.server import log_to_stderr, served_name
+
+    if settings.enable_log_requests:
+        log_to_stderr("fluid_npu.serve.routing")
+    size = settings.data_parallel_size
+    ranks = Ranks(settings)
+    try:
+        app = create_front(ranks.start())
+        print(
+            f"{_banner(requests, input_file, served_name(settings), settings)} per rank, "
+            f"{size} engine ranks: {ranks.placed})",
+            file=sys.stderr,
+            flush=True,
+        )
+        with open_atomic(output_file) as out:
+            result = asyncio.run(answer_batch(app, requests, out, 2 * settings.max_batch * size))
+    finally:
+        ok = ranks.stop()
+    return ok, result

@@ -81,44 +81,69 @@ class FrontServer(uvicorn.Server):
             self._captured_signals = [s for s in self._captured_signals if s != sig]
 
 
+class Ranks:
+    """The engine ranks of one front (``settings.data_parallel_size`` ``fluid serve`` processes,
+    each on its device or its share of the CPU threads): started together, stopped together."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from fluid_npu import device
+
+        self.settings, size = settings, settings.data_parallel_size
+        kind = device.kind(force=settings.device)  # (the front itself takes no device)
+        envs = device.rank_environments(kind, size, device.visible_device_count())
+        threads = settings.threads
+        if kind == "cpu" and threads is None:
+            threads = max(1, (os.cpu_count() or 1) // size)
+        devices = ", ".join(v for env in envs for v in env.values())
+        self.placed = f"{threads} CPU threads each" if kind == "cpu" else f"devices {devices}"
+        self.key = secrets.token_urlsafe(32)
+        args = rank_args(settings, threads)
+        # each rank in its own session: a terminal's Ctrl-C (to the foreground group) reaches the
+        # front, which passes the drain on once; a rank ends when the front does
+        own = {"FLUID_API_KEY": self.key, PARENT_ENV: str(os.getpid())}
+        stop = settings.drain_timeout + 2 * GRACE_S
+        self.procs = [ServerProcess(args, env={**env, **own}, new_session=True, stop_timeout=stop)
+                      for env in envs]  # fmt: skip
+
+    def start(self) -> Front:
+        """Start every rank (one that fails stops the others and raises); the front over them."""
+        _start_all(self.procs)
+        procs = self.procs
+        return Front(
+            urls=[r.url for r in procs],
+            rank_key=self.key,
+            api_key=self.settings.api_key,
+            slack=self.settings.max_batch,
+            alive=lambda i: procs[i].proc is not None and procs[i].proc.poll() is None,
+            log_tail=lambda i: procs[i].log_tail(),
+        )
+
+    def stop(self) -> bool:
+        """Drain and stop every rank; whether each ended with status 0 (the others' output is
+        shown)."""
+        codes = [rank.stop() if rank.proc is not None else 1 for rank in self.procs]
+        for i, (rank, code) in enumerate(zip(self.procs, codes)):
+            if code != 0 and rank.proc is not None:  # its own words, before its log goes
+                print(f"fluid: rank {i} ended with status {code}; its output ends:\n"
+                      f"{rank.log_tail()}", file=sys.stderr)  # fmt: skip
+            rank.close()
+        return not any(codes)
+
+
 def serve_data_parallel(settings: ServeSettings) -> int:
     """The front and its ranks until SIGTERM / Ctrl-C; returns the exit status."""
-    from fluid_npu import device
-
     settings.check()
     if settings.enable_log_requests:
         log_to_stderr("fluid_npu.serve.routing")
-    size = settings.data_parallel_size
-    kind = device.kind(force=settings.device)  # (the front itself takes no device)
-    envs = device.rank_environments(kind, size, device.visible_device_count())
-    threads = settings.threads
-    if kind == "cpu" and threads is None:
-        threads = max(1, (os.cpu_count() or 1) // size)
+    ranks = Ranks(settings)  # (too few devices: an error before anything is bound)
     sock = bind(settings.host, settings.port)  # (a taken port fails before the ranks load)
-    key = secrets.token_urlsafe(32)
-    args = rank_args(settings, threads)
-    # each rank in its own session: a terminal's Ctrl-C (to the foreground group) reaches the
-    # front, which passes the drain on once
-    own = {"FLUID_API_KEY": key, PARENT_ENV: str(os.getpid())}  # (a rank ends when the front does)
-    stop = settings.drain_timeout + 2 * GRACE_S
-    ranks = [ServerProcess(args, env={**env, **own}, new_session=True, stop_timeout=stop)
-             for env in envs]  # fmt: skip
     try:
-        _start_all(ranks)
-        front = Front(
-            urls=[r.url for r in ranks],
-            rank_key=key,
-            api_key=settings.api_key,
-            slack=settings.max_batch,
-            alive=lambda i: ranks[i].proc is not None and ranks[i].proc.poll() is None,
-            log_tail=lambda i: ranks[i].log_tail(),
-        )
+        front = ranks.start()
         host, port = sock.getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
-        devices = ", ".join(v for env in envs for v in env.values())
-        placed = f"{threads} CPU threads each" if kind == "cpu" else f"devices {devices}"
         print(
-            f"fluid: serving on http://{where}:{port}/v1 with {size} engine ranks ({placed})",
+            f"fluid: serving on http://{where}:{port}/v1 with {settings.data_parallel_size} "
+            f"engine ranks ({ranks.placed})",
             file=sys.stderr,
             flush=True,
         )
@@ -129,16 +154,11 @@ def serve_data_parallel(settings: ServeSettings) -> int:
             timeout_graceful_shutdown=settings.drain_timeout + GRACE_S,
             lifespan="on",
         )
-        run_draining(FrontServer(config, front, ranks), sock)
+        run_draining(FrontServer(config, front, ranks.procs), sock)
     finally:
         sock.close()
-        codes = [rank.stop() if rank.proc is not None else 1 for rank in ranks]
-        for i, (rank, code) in enumerate(zip(ranks, codes)):
-            if code != 0 and rank.proc is not None:  # its own words, before its log goes
-                print(f"fluid: rank {i} ended with status {code}; its output ends:\n"
-                      f"{rank.log_tail()}", file=sys.stderr)  # fmt: skip
-            rank.close()
-    if any(codes):
+        ok = ranks.stop()
+    if not ok:
         return 1
     print("fluid: server stopped", file=sys.stderr)
     return 0
