@@ -9,6 +9,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +149,19 @@ def test_a_file_of_requests_reads_back_and_empty_or_missing_files_are_refused(tm
     path.write_bytes(b"\xff\xfe{}\n")
     with pytest.raises(DataError, match="is not UTF-8"):
         read_batch(path, "tiny")
+    path.write_bytes(b"\xef\xbb\xbf" + line("a", "/v1/completions", {"prompt": "x"}).encode())
+    assert read_batch(path, "tiny")[0].custom_id == "a"  # (a byte-order mark is skipped)
+    path.write_text(line("a", "/v1/completions", {"prompt": "\ud83d"}), encoding="utf-8")
+    with pytest.raises(DataError, match="line 1 holds an unpaired UTF-16 surrogate"):
+        read_batch(path, "tiny")
+
+
+def saved_model_dir(path: Path) -> Path:
+    """A folder that passes the model-directory check (the scripted engine never loads it)."""
+    path.mkdir()
+    (path / "config.json").write_text("{}", encoding="utf-8")
+    (path / "model.safetensors").write_bytes(b"")
+    return path
 
 
 def scripted_engine(monkeypatch: pytest.MonkeyPatch, sched: ScriptedScheduler) -> None:
@@ -158,7 +176,7 @@ def test_an_interrupted_run_leaves_no_file_and_a_failed_engine_every_line(
 ):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(line(f"q{k}", "/v1/completions", {"prompt": "p" * (k + 1)})
-                           for k in range(6)), encoding="utf-8")  # fmt: skip
+                           for k in range(40)), encoding="utf-8")  # fmt: skip
     scripted_engine(monkeypatch, ScriptedScheduler(max_batch=2))
     calls = []
     real = batch._answer
@@ -170,19 +188,22 @@ def test_an_interrupted_run_leaves_no_file_and_a_failed_engine_every_line(
         return await real(client, request)
 
     monkeypatch.setattr(batch, "_answer", breaking)
+    model = str(saved_model_dir(tmp_path / "m"))  # (checked before anything runs; not loaded)
     with pytest.raises(RuntimeError, match="the run was cut"):
-        run_batch(ServeSettings(model="tiny", max_batch=2), str(src), str(out))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no temp file
+        run_batch(ServeSettings(model=model, max_batch=2), str(src), str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "m"]  # no output, no temp
+    assert len(calls) < 10  # the run stopped at the failure: the other 30 were never sent
+    assert not any(t.name == "fluid-engine" for t in threading.enumerate())  # the engine stopped
     monkeypatch.setattr(batch, "_answer", real)
     sched = ScriptedScheduler(max_batch=2)
     sched.fail = True  # the engine's first step raises: every request is a 500
     scripted_engine(monkeypatch, sched)
-    assert run_batch(ServeSettings(model="tiny", max_batch=2), str(src), str(out)) == 1
+    assert run_batch(ServeSettings(model=model, max_batch=2), str(src), str(out)) == 1
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
-    assert [r["custom_id"] for r in rows] == [f"q{k}" for k in range(6)]
+    assert [r["custom_id"] for r in rows] == [f"q{k}" for k in range(40)]
     assert {r["response"]["status_code"] for r in rows} == {500}
     err = capsys.readouterr().err
-    assert "6 requests answered (6 with 500)" in err and "the engine failed: device lost" in err
+    assert "40 requests answered (40 with 500)" in err and "the engine failed: device lost" in err
 
 
 def test_fluid_run_batch_equals_fluid_generate(model_dir, tmp_path, capsys):  # noqa: F811
@@ -219,12 +240,18 @@ def test_fluid_run_batch_equals_fluid_generate(model_dir, tmp_path, capsys):  # 
         ([*base, "-o", str(fresh), "--served-model-name", "other"], "model 'model' is not"),
         ([*base, "-o", str(src)], "--output-file is the --input-file"),
         ([*base, "-o", str(tmp_path)], "is a directory"),
+        ([*base[:4], str(tmp_path / "stagel"), "-o", str(fresh)], "does not exist"),
         ([*base, "-o", str(fresh), "--tool-call-parser", "hermes"], "go together"),
     ]:
         assert main(argv) == 2
         assert message in capsys.readouterr().err
         assert not fresh.exists()
     assert Path(src).read_text(encoding="utf-8") == "".join(rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n", encoding="utf-8")
+    argv = ["run-batch", "-i", str(bad), "-o", str(tmp_path / "new" / "o.jsonl"), "--model",
+            model_dir]  # fmt: skip
+    assert main(argv) == 2 and not (tmp_path / "new").exists()  # (no folder for a bad file)
 
 
 def test_run_batch_over_two_engine_ranks(model_dir, tmp_path, capsys):  # noqa: F811
@@ -244,3 +271,32 @@ def test_run_batch_over_two_engine_ranks(model_dir, tmp_path, capsys):  # noqa: 
     assert [r["response"]["body"]["choices"][0]["text"] for r in rows] == [w["text"] for w in want]
     err = capsys.readouterr().err
     assert "2 engine ranks" in err and "8 requests answered (8 with 200)" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_and_leaves_nothing(model_dir, tmp_path, sig):  # noqa: F811
+    """Ctrl-C or SIGTERM (a batch scheduler's stop) mid-run: the engine stops, the temporary file
+    goes, and the process exits at once with 128 + the signal's number, as a killed one reports."""
+    src, out = tmp_path / "big.jsonl", tmp_path / "out" / "big.jsonl"
+    body = {"prompt": "abc", "max_tokens": 60, "ignore_eos": True}
+    src.write_text("".join(line(f"c{k}", "/v1/completions", body) for k in range(3000)),
+                   encoding="utf-8")  # fmt: skip
+    argv = [sys.executable, "-m", "fluid_npu.cli", "run-batch", "-i", str(src), "-o", str(out),
+            "--model", model_dir, "--max-batch", "2", "--max-len", "160"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for text in proc.stderr:  # the banner: the engine has started decoding
+            seen.append(text)
+            if "requests from" in text:
+                break
+        time.sleep(0.5)
+        assert proc.poll() is None, "".join(seen)
+        proc.send_signal(sig)
+        rest = proc.stderr.read()
+        assert proc.wait(60) == 128 + sig, rest
+    finally:
+        proc.kill()
+        proc.wait()
+    assert f"stopped by {signal.Signals(sig).name}; nothing written" in rest
+    assert list(out.parent.iterdir()) == []  # no answers and no temporary file

@@ -120,10 +120,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         banner = getattr(app.state, "banner", None)
         if banner:
             print(banner, file=sys.stderr, flush=True)
-        yield
-        worker.stop()
-        for pool in (tokenizing, compiling):
-            pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            yield
+        finally:  # (an in-process run that is cancelled stops its engine thread too: batch.py)
+            worker.stop()
+            for pool in (tokenizing, compiling):
+                pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="fluid serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config

@@ -29,15 +29,20 @@ The output is JSONL, one line per request in the input's order::
 ``request_id`` its id. A request the route refuses keeps its line, with the status (400, 404, ...)
 and the OpenAI error body, as the Batch API reports a failed request; ``stream: true`` is such a
 400 (a line holds one body). The file is written under a temporary name beside ``-o`` and renamed
-once every line is in it, so an interrupted run leaves nothing half-written. The exit status is 0
-when every request got its line, 1 when the engine (or a rank) failed: the requests it left get
-5xx lines and the file is still written.
+once every line is in it, so an interrupted run leaves nothing half-written: SIGINT (Ctrl-C) or
+SIGTERM cancels the requests, stops the engine, removes the temporary file and exits with 128 + the
+signal's number; a request whose answering raised stops the run the same way, with its error.
+The exit status is 0 when every request got its line, 1 when the engine (or a rank) failed: the
+requests it left get 5xx lines and the file is still written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 import uuid
@@ -51,6 +56,7 @@ from fastapi import FastAPI
 
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.io import check_output_file, open_atomic
+from fluid_npu.model.loading import check_model_dir
 from fluid_npu.serve.errors import APIError
 
 if TYPE_CHECKING:
@@ -75,7 +81,7 @@ def read_batch(path: str | Path, model_name: str) -> list[BatchLine]:
     """The requests of the batch file at ``path``, checked (the module docstring); a
     ``DataError`` naming the line, or a ``ConfigError`` for the file or a model not served."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # (a byte-order mark is not a request)
             rows = fh.readlines()
     except OSError as exc:
         raise ConfigError(f"--input-file {str(path)!r}: cannot read it ({exc.strerror})") from None
@@ -117,6 +123,13 @@ def _request(text: str, where: str, number: int, model_name: str) -> BatchLine:
         raise DataError(f"{where}: url {url!r} is not one of {', '.join(URLS)}")
     if not isinstance(body, dict):
         raise DataError(f"{where}: body must be the request's JSON object, got {body!r:.60}")
+    try:  # (Python's JSON reads a lone UTF-16 surrogate, which no UTF-8 text can carry)
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"{where} holds an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape alone: "
+            "half of a character); fix or remove it"
+        ) from None
     model = body.get("model")
     if isinstance(model, str) and model != model_name:
         raise ConfigError(
@@ -204,16 +217,71 @@ async def answer_batch(
                 flush=True,
             )
 
+    running: set[asyncio.Task] = set()
+    failed: list[BaseException] = []
+
+    def ended(task: asyncio.Task) -> None:  # a request that raised stops the run at once
+        running.discard(task)
+        if not task.cancelled() and task.exception() is not None and not failed:
+            failed.append(task.exception())  # type: ignore[arg-type]
+            for other in running:
+                other.cancel()
+
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=transport, base_url="http://fluid-batch", timeout=None) as c,
     ):
-        tasks = []
-        for k, request in enumerate(requests):
-            await room.acquire()
-            tasks.append(asyncio.create_task(one(k, request, c)))
-        await asyncio.gather(*tasks)
+        try:
+            for k, request in enumerate(requests):
+                await room.acquire()
+                if failed:
+                    break
+                task = asyncio.create_task(one(k, request, c))
+                running.add(task)
+                task.add_done_callback(ended)
+            await asyncio.gather(*running, return_exceptions=True)
+        finally:  # (cancelled: the requests in flight go too, before the engine stops)
+            for task in list(running):
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+    if failed:
+        raise failed[0]
     return result
+
+
+async def _until_signalled(work: Any) -> Any:
+    """Await ``work`` (a coroutine); SIGINT or SIGTERM cancels it — its cleanup runs: the engine
+    stops, the temporary file goes — and raises ``Stopped``."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    got: list[int] = []
+
+    def stop(sig: int) -> None:
+        got.append(sig)
+        task.cancel()
+
+    watched = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # (no such handlers here)
+            loop.add_signal_handler(sig, stop, sig)
+            watched.append(sig)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if got:
+            raise Stopped(got[0]) from None
+        raise
+    finally:
+        for sig in watched:
+            loop.remove_signal_handler(sig)
+
+
+class Stopped(Exception):
+    """A run that SIGINT or SIGTERM stopped (``signal``)."""
+
+    def __init__(self, sig: int) -> None:
+        super().__init__(signal.Signals(sig).name)
+        self.signal = sig
 
 
 def run_batch(settings: ServeSettings, input_file: str, output_file: str) -> int:
@@ -223,15 +291,23 @@ def run_batch(settings: ServeSettings, input_file: str, output_file: str) -> int
     from fluid_npu.serve.server import served_name
 
     settings.check()
-    check_output_file(output_file, "--output-file")
+    check_model_dir(settings.model, allow_pickle=True)  # (a wrong path is not a model mismatch)
     if Path(output_file).resolve() == Path(input_file).resolve():
         raise ConfigError("--output-file is the --input-file; write the answers elsewhere")
     requests = read_batch(input_file, served_name(settings))
+    check_output_file(output_file, "--output-file")  # (its folder is made once the input is good)
     start = time.monotonic()
-    if settings.data_parallel_size > 1:
-        ok, result = _on_ranks(settings, requests, input_file, output_file)
-    else:
-        ok, result = _on_one_engine(settings, requests, input_file, output_file)
+    try:
+        if settings.data_parallel_size > 1:
+            ok, result = _on_ranks(settings, requests, input_file, output_file)
+        else:
+            ok, result = _on_one_engine(settings, requests, input_file, output_file)
+    except Stopped as stopped:  # (the engine stopped, the temporary file removed)
+        print(f"fluid: run-batch stopped by {stopped}; nothing written", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(128 + stopped.signal)  # (as a process killed by it reports; no interpreter
+        # teardown under a thread that may still be inside a kernel)
     took = time.monotonic() - start
     counts = ", ".join(f"{n} with {code}" for code, n in sorted(result.statuses.items()))
     print(
@@ -265,7 +341,9 @@ def _on_one_engine(
         f"{config.info['policy']}, context {config.max_len})"
     )
     with open_atomic(output_file) as out:
-        result = asyncio.run(answer_batch(app, requests, out, 2 * settings.max_batch))
+        result = asyncio.run(
+            _until_signalled(answer_batch(app, requests, out, 2 * settings.max_batch))
+        )
     if worker.error is not None:
         print(f"fluid: the engine failed: {worker.error}", file=sys.stderr)
     return worker.error is None, result
@@ -293,7 +371,9 @@ def _on_ranks(
             flush=True,
         )
         with open_atomic(output_file) as out:
-            result = asyncio.run(answer_batch(app, requests, out, 2 * settings.max_batch * size))
+            result = asyncio.run(
+                _until_signalled(answer_batch(app, requests, out, 2 * settings.max_batch * size))
+            )
     finally:
         ok = ranks.stop()
     return ok, result
