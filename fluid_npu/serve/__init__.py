@@ -16,6 +16,7 @@ The pieces, each one concept:
   chat request and answered as response items and their events; ``tokenizing``: vLLM's
   tokenizer routes;
 * ``server``: loading the model, building the scheduler, running uvicorn with a SIGTERM drain;
+  ``network``: browser origins (CORS) and TLS;
 * ``batch``: ``fluid run-batch``, a file of OpenAI batch requests answered by the same app in
   this process;
 * ``launch``: starting and stopping a ``fluid serve`` process (the benchmark and the tests);

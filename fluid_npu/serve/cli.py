@@ -166,6 +166,27 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests"
     )
+    p.add_argument(
+        "--allowed-origins",
+        default=None,
+        metavar="JSON",
+        help="browser page origins that may call the server, a JSON list ('[\"*\"]': any); "
+        "default none (vLLM allows any: here opt-in, as the server needs no key by default)",
+    )
+    p.add_argument("--allowed-methods", default=None, metavar="JSON", help="with --allowed-origins")
+    p.add_argument("--allowed-headers", default=None, metavar="JSON", help="with --allowed-origins")
+    p.add_argument(
+        "--allow-credentials", action="store_true", help="with --allowed-origins: cookies too"
+    )
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the PEM private key")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the PEM certificate")
+    p.add_argument("--ssl-ca-certs", default=None, help="who signs the clients' certificates")
+    p.add_argument(
+        "--ssl-cert-reqs",
+        type=int,
+        default=0,
+        help="client certificates: 0 not asked (default), 1 optional, 2 required",
+    )
     p.set_defaults(handler=serve_command)
 
 
@@ -237,8 +258,22 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
 
 def serve_command(args: argparse.Namespace) -> int:
     need_serve_extra()
+    from fluid_npu.serve.network import Network, json_list
     from fluid_npu.serve.server import serve
 
+    def listed(flag: str, text: str | None, default: list[str] | None) -> list[str] | None:
+        return default if text is None else json_list(flag, text)
+
+    network = Network(
+        allowed_origins=listed("--allowed-origins", args.allowed_origins, None),
+        allowed_methods=listed("--allowed-methods", args.allowed_methods, ["*"]),
+        allowed_headers=listed("--allowed-headers", args.allowed_headers, ["*"]),
+        allow_credentials=args.allow_credentials,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs,
+    )
     settings = _settings(
         args,
         host=args.host,
@@ -246,6 +281,7 @@ def serve_command(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         api_key=args.api_key or os.environ.get("FLUID_API_KEY") or None,
         drain_timeout=args.drain_timeout,
+        network=network,
     )
     if settings.data_parallel_size > 1:
         from fluid_npu.serve.dp import serve_data_parallel

@@ -31,13 +31,14 @@ from fluid_npu.serve.server import (
     GRACE_S,
     PARENT_ENV,
     ServeSettings,
+    address,
     bind,
     log_to_stderr,
     run_draining,
 )
 
 # the front's, not the ranks' (a rank's own output goes to its log file)
-OWN = {"host", "port", "api_key", "data_parallel_size", "enable_log_requests"}
+OWN = {"host", "port", "api_key", "data_parallel_size", "enable_log_requests", "network"}
 # settings whose flag is not --name-with-dashes, set when the value is False
 NEGATED = {"adaptive": "--no-adaptive-drafting", "prefix_caching": "--no-enable-prefix-caching"}
 
@@ -139,20 +140,21 @@ def serve_data_parallel(settings: ServeSettings) -> int:
     sock = bind(settings.host, settings.port)  # (a taken port fails before the ranks load)
     try:
         front = ranks.start()
-        host, port = sock.getsockname()[:2]
-        where = f"[{host}]" if ":" in host else host
         print(
-            f"fluid: serving on http://{where}:{port}/v1 with {settings.data_parallel_size} "
-            f"engine ranks ({ranks.placed})",
+            f"fluid: serving on {address(sock, settings.network)}/v1 with "
+            f"{settings.data_parallel_size} engine ranks ({ranks.placed})",
             file=sys.stderr,
             flush=True,
         )
+        app = create_front(front)
+        settings.network.add_cors(app)
         config = uvicorn.Config(
-            create_front(front),
+            app,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=settings.drain_timeout + GRACE_S,
             lifespan="on",
+            **settings.network.uvicorn_options(),
         )
         run_draining(FrontServer(config, front, ranks.procs), sock)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -43,9 +44,12 @@ class ServerProcess:
         stop_timeout: float = 120.0,
         env: dict[str, str] | None = None,
         new_session: bool = False,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "--ssl-certfile" in args else "http"  # (a server of --ssl-certfile)
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.verify = verify  # how its certificate is checked (httpx's verify)
         self.args = [*args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
         self.env = {**os.environ, **(env or {})}
@@ -76,7 +80,8 @@ class ServerProcess:
                     f"\n{self.log_tail()}"
                 )
             try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                health = httpx.get(f"{self.url}/health", timeout=5, verify=self.verify)
+                if health.status_code == 200:
                     return self.url
             except httpx.TransportError:
                 pass

@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -27,6 +27,7 @@ import uvicorn
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.requests import SCHEDULING_POLICIES
 from fluid_npu.serve.app import ServeConfig, create_app
+from fluid_npu.serve.network import Network
 from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.worker import Worker
 
@@ -68,6 +69,7 @@ class ServeSettings:
     tool_call_parser: str | None = None  # how (tools.py)
     data_parallel_size: int = 1  # engine ranks behind one address (dp.py)
     scheduling_policy: str = "fcfs"  # which waiting request starts next: fcfs | priority
+    network: Network = field(default_factory=Network)  # CORS and TLS (network.py)
 
     def check(self) -> None:
         """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
@@ -119,6 +121,7 @@ class ServeSettings:
                 raise ConfigError(f"--generation-config: {path} is not valid ({exc})") from None
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
+        self.network.check()
         self.template_text()
         self.template_kwargs()
         if self.reasoning_parser is not None:
@@ -326,6 +329,13 @@ def log_to_stderr(name: str) -> None:
     log.propagate = False
 
 
+def address(sock: socket.socket, network: Network) -> str:
+    """The URL a server on ``sock`` answers at (an IPv6 address in brackets)."""
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]" if ":" in host else host
+    return f"{network.scheme}://{where}:{port}"
+
+
 def served_name(settings: ServeSettings) -> str:
     """The model id clients send: ``--served-model-name``, else the model folder's name."""
     return settings.served_model_name or settings.model.rstrip("/").split("/")[-1]
@@ -365,10 +375,10 @@ def serve(settings: ServeSettings) -> int:
         worker, tokenizer, config = load_engine(settings)
         name, info, max_len = config.model_name, config.info, config.max_len
         app = create_app(worker, tokenizer, config)
-        host, port = sock.getsockname()[:2]
-        where = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
+        settings.network.add_cors(app)
         app.state.banner = (
-            f"fluid: serving {name!r} on http://{where}:{port}/v1 (policy {info['policy']}, "
+            f"fluid: serving {name!r} on {address(sock, settings.network)}/v1 (policy "
+            f"{info['policy']}, "
             f"max batch {settings.max_batch}, context {max_len}, KV cache "
             f"{info['kv_cache_gib']:.2f} GiB)"
         )
@@ -378,6 +388,7 @@ def serve(settings: ServeSettings) -> int:
             access_log=False,
             timeout_graceful_shutdown=settings.drain_timeout + GRACE_S,
             lifespan="on",
+            **settings.network.uvicorn_options(),
         )
         server = DrainingServer(uv_config, worker, settings.drain_timeout)
         try:

@@ -1,0 +1,130 @@
+"""How ``fluid serve`` meets clients past a script on the same machine: browser pages of other
+origins (CORS) and TLS, under vLLM's flag names.
+
+* ``--allowed-origins '["https://app.example"]'`` (a JSON list; ``'["*"]'``: any page) lets
+  browser pages of those origins call the server and read its answers; ``--allowed-methods`` and
+  ``--allowed-headers`` (JSON lists, default every one) and ``--allow-credentials`` go with it.
+  Without it no page of another origin may read an answer. vLLM allows every origin unless told
+  otherwise; here that is opt-in, because the server answers without a key unless it is given one,
+  so with every origin allowed any page the user opens could use the model.
+* ``--ssl-keyfile KEY --ssl-certfile CERT`` serve HTTPS (the data-parallel front does; its ranks
+  stay on the loopback); ``--ssl-ca-certs FILE`` with ``--ssl-cert-reqs 2`` (1: optional) asks
+  clients for certificates that file signed. The files are read at start: a missing one, or a key
+  that does not match its certificate, is one error naming the flag, before the model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from fluid_npu.errors import ConfigError
+
+CERT_REQS = (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED)  # 0, 1, 2 as vLLM takes them
+
+
+def json_list(flag: str, text: str) -> list[str]:
+    """A flag's JSON list of strings (``'["*"]'``), or a ``ConfigError`` naming the flag."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{flag} takes a JSON list of strings, e.g. '[\"*\"]'; got {text!r}")
+    return value
+
+
+@dataclass
+class Network:
+    """The server's CORS and TLS settings (the module docstring)."""
+
+    allowed_origins: list[str] | None = None  # None: no CORS headers at all
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int = 0
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"
+
+    def check(self) -> None:
+        """The flags taken together, and the TLS files loaded once; one ``ConfigError`` each."""
+        if self.allowed_origins is None and (
+            self.allow_credentials or self.allowed_methods != ["*"] or self.allowed_headers != ["*"]
+        ):
+            raise ConfigError(
+                "--allowed-methods, --allowed-headers and --allow-credentials shape the answers "
+                "to pages of the --allowed-origins; give --allowed-origins too"
+            )
+        if self.allow_credentials and self.allowed_origins == ["*"]:
+            raise ConfigError(
+                "--allow-credentials with --allowed-origins '[\"*\"]' would let any page send the "
+                "user's credentials; list the origins instead"
+            )
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ConfigError("--ssl-keyfile and --ssl-certfile go together: give both")
+        if self.ssl_cert_reqs not in range(len(CERT_REQS)):
+            raise ConfigError(
+                f"--ssl-cert-reqs is 0 (no client certificate), 1 (optional) or 2 (required), "
+                f"got {self.ssl_cert_reqs}"
+            )
+        if self.ssl_certfile is None:
+            if self.ssl_ca_certs is not None or self.ssl_cert_reqs:
+                raise ConfigError(
+                    "--ssl-ca-certs and --ssl-cert-reqs need --ssl-keyfile and --ssl-certfile"
+                )
+            return
+        if self.ssl_cert_reqs and self.ssl_ca_certs is None:
+            raise ConfigError(
+                "--ssl-cert-reqs asks clients for certificates; --ssl-ca-certs names who signs them"
+            )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"--ssl-certfile {self.ssl_certfile!r} / --ssl-keyfile {self.ssl_keyfile!r}: "
+                f"cannot load them ({_reason(exc)}); give a PEM certificate and its own key"
+            ) from None
+        if self.ssl_ca_certs is not None:
+            try:
+                context.load_verify_locations(self.ssl_ca_certs)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"--ssl-ca-certs {self.ssl_ca_certs!r}: cannot load it ({_reason(exc)})"
+                ) from None
+
+    def add_cors(self, app: FastAPI) -> None:
+        """Answer browser pages of the allowed origins (preflights included) on ``app``."""
+        if self.allowed_origins is not None:
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=self.allowed_origins,
+                allow_methods=self.allowed_methods,
+                allow_headers=self.allowed_headers,
+                allow_credentials=self.allow_credentials,
+            )
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """What ``uvicorn.Config`` takes for TLS (nothing without it)."""
+        if self.ssl_certfile is None:
+            return {}
+        return {
+            "ssl_keyfile": self.ssl_keyfile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_ca_certs": self.ssl_ca_certs,
+            "ssl_cert_reqs": CERT_REQS[self.ssl_cert_reqs],
+        }
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)

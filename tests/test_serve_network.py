@@ -1,0 +1,92 @@
+"""``fluid serve`` past the loopback (``serve/network.py``): browser origins (CORS) and HTTPS under
+vLLM's flag names, on one engine and on the data-parallel front — answers over TLS checked against
+the server's certificate, preflights and answers carrying the allowed origin and no other, and each
+bad flag one error before the model loads. ``tests/data/tls`` holds a self-signed certificate for
+127.0.0.1 (valid until 2126) and its key, made for these tests only."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from test_serve_live import model_dir  # noqa: F401  (a fixture: the constructed chain model)
+
+from fluid_npu.cli import main
+from fluid_npu.serve.launch import ServerProcess
+
+TLS = Path(__file__).parent / "data" / "tls"
+CERT, KEY = str(TLS / "cert.pem"), str(TLS / "key.pem")
+PAGE = "http://page.example"
+
+
+def trusting() -> ssl.SSLContext:
+    """A client context that trusts the test certificate (and nothing else)."""
+    return ssl.create_default_context(cafile=CERT)
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_network_flags_are_one_error_each(capsys, tmp_path):
+    serve = ["serve", "--model", "m"]
+    assert "--allowed-origins takes a JSON list" in _error(capsys, [*serve, "--allowed-origins",
+                                                                      "*"])  # fmt: skip
+    msg = _error(capsys, [*serve, "--allow-credentials"])
+    assert "give --allowed-origins too" in msg
+    msg = _error(capsys, [*serve, "--allowed-origins", '["*"]', "--allow-credentials"])
+    assert "list the origins instead" in msg
+    assert "go together" in _error(capsys, [*serve, "--ssl-keyfile", KEY])
+    assert "0 (no client certificate)" in _error(
+        capsys, [*serve, "--ssl-keyfile", KEY, "--ssl-certfile", CERT, "--ssl-cert-reqs", "5"]
+    )
+    msg = _error(capsys, [*serve, "--ssl-keyfile", KEY, "--ssl-certfile", CERT,
+                          "--ssl-cert-reqs", "2"])  # fmt: skip
+    assert "--ssl-ca-certs names who signs them" in msg
+    assert "need --ssl-keyfile" in _error(capsys, [*serve, "--ssl-ca-certs", CERT])
+    msg = _error(capsys, [*serve, "--ssl-keyfile", CERT, "--ssl-certfile", CERT])
+    assert "cannot load them" in msg and "its own key" in msg
+    missing = str(tmp_path / "none.pem")
+    assert "cannot load them" in _error(capsys, [*serve, "--ssl-keyfile", KEY, "--ssl-certfile",
+                                                missing])  # fmt: skip
+
+
+def _check_cors_and_tls(url: str) -> None:
+    assert url.startswith("https://")
+    with pytest.raises(httpx.ConnectError):  # an unknown certificate is refused ...
+        httpx.get(f"{url}/health", timeout=10)
+    with pytest.raises(httpx.RemoteProtocolError):  # ... and plain HTTP is not served
+        httpx.get(url.replace("https://", "http://") + "/health", timeout=10)
+    with httpx.Client(verify=trusting(), timeout=60) as http:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", http_client=http, max_retries=0)
+        out = c.completions.create(model="model", prompt="abc", max_tokens=8, temperature=0)
+        assert out.choices[0].text and out.usage.completion_tokens == 8
+        ask = {"Origin": PAGE, "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "content-type, authorization"}  # fmt: skip
+        pre = http.options(f"{url}/v1/chat/completions", headers=ask)
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == PAGE
+        body = {"prompt": "abc", "max_tokens": 4, "temperature": 0}
+        r = http.post(f"{url}/v1/completions", json=body, headers={"Origin": PAGE})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == PAGE
+        other = http.post(f"{url}/v1/completions", json=body, headers={"Origin": "http://evil"})
+        assert "access-control-allow-origin" not in other.headers  # (the browser hides it)
+        denied = http.options(f"{url}/v1/completions", headers={**ask, "Origin": "http://evil"})
+        assert denied.status_code == 400
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_https_and_allowed_origins(model_dir, ranks):  # noqa: F811
+    """One engine, and the data-parallel front (its ranks stay plain HTTP on the loopback)."""
+    args = ["--model", model_dir, "--max-batch", "2", "--max-len", "64", "--ssl-keyfile", KEY,
+            "--ssl-certfile", CERT, "--allowed-origins", f'["{PAGE}"]']  # fmt: skip
+    if ranks > 1:
+        args += ["--data-parallel-size", str(ranks)]
+    with ServerProcess(args, verify=trusting()) as server:
+        _check_cors_and_tls(server.url)
+        log = server.log_tail()
+    assert server.returncode == 0, log
+    assert f"on {server.url}/v1" in log  # the banner names the https address
