@@ -293,8 +293,44 @@ def test_waiting_requests_start_by_priority_then_arrival(tok, policy):
     fcfs = Scheduler(model, tok.mask_token_id, max_batch=1)
     with pytest.raises(FluidError, match=r"priority 3 needs Scheduler\(scheduling_policy="):
         fcfs.submit(Request("x", prompts[0], 4, priority=3))
+    ranked = Scheduler(model, tok.mask_token_id, max_batch=1, scheduling_policy="priority")
+    for bad in (None, 1.5, True):  # refused before the id is taken: the same id may come again
+        with pytest.raises(FluidError, match="priority must be an integer"):
+            ranked.submit(Request("y", prompts[0], 4, priority=bad))
+    ranked.submit(Request("y", prompts[0], 4, priority=2))
     with pytest.raises(FluidError, match="scheduling_policy 'lifo' is not one of fcfs, priority"):
         Scheduler(model, tok.mask_token_id, scheduling_policy="lifo")
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_a_request_waiting_for_a_shared_prefix_keeps_its_place(tok, policy):
+    """Two requests share a prefix the first is still encoding (in 8-token chunks): the second
+    waits to copy it, and a free slot waits with it — the request behind it in the queue (later,
+    or of a higher priority value) does not take the slot and run first."""
+    model = build_tiny_model("llama", tok, seed=3)
+    shared = tok("a shared system prompt: answer in one word. ")["input_ids"]
+    first, second = shared + tok("xyz")["input_ids"], shared + tok("hello world")["input_ids"]
+    other = tok("the quick brown fox jumps")["input_ids"]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=2, eos_ids=[],
+                      k_max=4, prefill_chunk=8, scheduling_policy=policy)  # fmt: skip
+    ranked = policy == "priority"
+    sched.submit(Request("first", first, 4, priority=-1 if ranked else 0))
+    sched.submit(Request("second", second, 4))
+    sched.submit(Request("other", other, 30, priority=1 if ranked else 0))
+    started, out, cached = {}, {}, {}
+    step = 0
+    while sched.has_work():
+        step += 1
+        for ev in sched.step():
+            started.setdefault(ev.request_id, step)
+            cached.setdefault(ev.request_id, ev.cached)
+            out.setdefault(ev.request_id, []).extend(ev.tokens)
+    assert started["first"] <= started["second"] < started["other"], started
+    assert cached["second"] >= 16  # (it copied the shared prefix)
+    prompts = {"first": first, "second": second, "other": other}
+    for rid, prompt in prompts.items():
+        want = _greedy_alone(model, prompt, len(out[rid]), [])
+        _assert_same(model, [prompt], [out[rid]], [want], rid)
 
 
 def test_an_aborted_id_can_be_submitted_again_at_once(tok):

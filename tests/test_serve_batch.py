@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -254,9 +256,10 @@ def test_fluid_run_batch_equals_fluid_generate(model_dir, tmp_path, capsys):  # 
     assert main(argv) == 2 and not (tmp_path / "new").exists()  # (no folder for a bad file)
 
 
-def test_run_batch_over_two_engine_ranks(model_dir, tmp_path, capsys):  # noqa: F811
-    """``--data-parallel-size 2``: the lines go through the data-parallel front to two engine
-    processes, and come back in order with ``fluid generate``'s text."""
+def test_run_batch_over_two_engine_ranks(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """``--data-parallel-size 2``: the lines go through the data-parallel front to both engine
+    processes, come back in order with ``fluid generate``'s text, and the ranks end with their
+    logs removed."""
     prompts = ["abc", "hello p", "xx", "ijk", "defgh", "the quick brown fox", "zz top", "k"]
     want = offline(model_dir, tmp_path, prompts, 24)
     src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
@@ -264,13 +267,18 @@ def test_run_batch_over_two_engine_ranks(model_dir, tmp_path, capsys):  # noqa: 
                                                               "temperature": 0})
                            for k, p in enumerate(prompts)), encoding="utf-8")  # fmt: skip
     argv = ["run-batch", "-i", str(src), "-o", str(out), "--model", model_dir, "--max-batch", "2",
-            "--max-len", "160", "-dp", "2"]  # fmt: skip
+            "--max-len", "160", "-dp", "2", "--enable-log-requests"]  # fmt: skip
+    temp = tmp_path / "tmp"  # (where the ranks' logs go)
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert main(argv) == 0
+    assert list(temp.iterdir()) == []
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert [r["custom_id"] for r in rows] == [f"c{k}" for k in range(len(prompts))]
     assert [r["response"]["body"]["choices"][0]["text"] for r in rows] == [w["text"] for w in want]
     err = capsys.readouterr().err
     assert "2 engine ranks" in err and "8 requests answered (8 with 200)" in err
+    assert "-> rank 0" in err and "-> rank 1" in err  # (the front's routing log: both served)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -300,3 +308,31 @@ def test_a_signal_stops_the_run_and_leaves_nothing(model_dir, tmp_path, sig):  #
         proc.wait()
     assert f"stopped by {signal.Signals(sig).name}; nothing written" in rest
     assert list(out.parent.iterdir()) == []  # no answers and no temporary file
+
+
+def test_sigterm_while_the_ranks_load_stops_them_and_leaves_nothing(model_dir, tmp_path):  # noqa: F811
+    """``-dp 2``: SIGTERM while the engine ranks are still loading stops them, removes their logs
+    and exits 143 with a word, instead of dying with the ranks left to notice on their own."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out" / "o.jsonl"
+    src.write_text(line("c0", "/v1/completions", {"prompt": "abc"}), encoding="utf-8")
+    temp = tmp_path / "tmp"  # (where the ranks' logs go: watched below)
+    temp.mkdir()
+    argv = [sys.executable, "-m", "fluid_npu.cli", "run-batch", "-i", str(src), "-o", str(out),
+            "--model", model_dir, "--max-len", "64", "-dp", "2"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+    try:
+        for _ in range(600):  # the ranks' logs appear as they are launched
+            if len(list(temp.glob("fluid-serve-*.log"))) == 2 or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.stderr.read()
+        assert proc.wait(60) == 128 + signal.SIGTERM, err
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "stopped by SIGTERM" in err and "ended with status" not in err, err
+    assert list(temp.glob("fluid-serve-*.log")) == [] and not out.exists()

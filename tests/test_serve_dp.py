@@ -383,3 +383,21 @@ def test_a_parent_pid_that_is_not_the_front(monkeypatch):
     monkeypatch.setenv(PARENT_ENV, str(gone.pid))
     with pytest.raises(ConfigError, match=f"front \\(process {gone.pid}\\) has exited"):
         watch_parent()
+
+
+def test_a_taken_port_is_refused_before_any_rank_is_made(tmp_path, monkeypatch):
+    """The front's port is bound before the ranks are made: a taken one is one error, and no
+    rank process or log file is left behind."""
+    import socket
+    import tempfile
+
+    from fluid_npu.serve.dp import serve_data_parallel
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (where rank logs would go)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        settings = ServeSettings(model="m", port=taken.getsockname()[1], data_parallel_size=2)
+        with pytest.raises(ConfigError, match="choose another --port"):
+            serve_data_parallel(settings)
+    assert list(tmp_path.iterdir()) == []

@@ -48,8 +48,9 @@ class PrefillMixin:
             for i, s in enumerate(self.slots)
             if s is not None and not self._watch
         }
-        waiting = []  # requests that wait for a slot to encode the prefix they share
-        while self.waiting and free:
+        waiting = []  # requests that wait for a slot to encode the prefix they share ...
+        while self.waiting and len(free) > len(waiting):  # ... each keeps a free slot, so no
+            # request behind it in the queue (later, or of a higher priority value) overtakes it
             s = self.waiting.popleft()
             # the row whose cache holds the longest prefix of the prompt (reuse.py); a request
             # that wants its prompt's log-probabilities encodes all of it

@@ -291,6 +291,10 @@ class Scheduler(PrefillMixin, StepMixin):
             raise ConfigError(f"request id {req.request_id!r} is already queued or running")
         if not req.prompt:
             raise PromptError(f"request {req.request_id!r}: the prompt is empty; give some tokens")
+        if not isinstance(req.priority, int) or isinstance(req.priority, bool):
+            raise ConfigError(
+                f"request {req.request_id!r}: priority must be an integer, got {req.priority!r}"
+            )
         if req.priority and self.scheduling_policy != "priority":
             raise ConfigError(
                 f"request {req.request_id!r}: priority {req.priority} needs "

@@ -58,6 +58,7 @@ from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.io import check_output_file, open_atomic
 from fluid_npu.model.loading import check_model_dir
 from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.launch import Stopped, stopped_by_signals
 
 if TYPE_CHECKING:
     from fluid_npu.serve.server import ServeSettings
@@ -276,14 +277,6 @@ async def _until_signalled(work: Any) -> Any:
             loop.remove_signal_handler(sig)
 
 
-class Stopped(Exception):
-    """A run that SIGINT or SIGTERM stopped (``signal``)."""
-
-    def __init__(self, sig: int) -> None:
-        super().__init__(signal.Signals(sig).name)
-        self.signal = sig
-
-
 def run_batch(settings: ServeSettings, input_file: str, output_file: str) -> int:
     """``fluid run-batch``: check the settings, the output path and the whole input file, load
     the model (or start the data-parallel ranks), answer every request into ``output_file``; the
@@ -334,7 +327,8 @@ def _on_one_engine(
 
     if settings.enable_log_requests:
         log_to_stderr("fluid_npu.serve.requests")
-    worker, tokenizer, config = load_engine(settings)
+    with stopped_by_signals():  # (loading a 7B model takes minutes)
+        worker, tokenizer, config = load_engine(settings)
     app = create_app(worker, tokenizer, config)
     app.state.banner = (
         f"{_banner(requests, input_file, config.model_name, settings)}, policy "

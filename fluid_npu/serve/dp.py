@@ -25,7 +25,7 @@ from types import FrameType
 import uvicorn
 
 from fluid_npu.errors import FluidError
-from fluid_npu.serve.launch import ServerProcess
+from fluid_npu.serve.launch import ServerProcess, Stopped, stopped_by_signals
 from fluid_npu.serve.router import Front, create_front
 from fluid_npu.serve.server import (
     GRACE_S,
@@ -87,28 +87,34 @@ class Ranks:
     each on its device or its share of the CPU threads): started together, stopped together."""
 
     def __init__(self, settings: ServeSettings) -> None:
+        """Plan the ranks (too few devices is an error here); nothing is started or made yet."""
         from fluid_npu import device
 
         self.settings, size = settings, settings.data_parallel_size
         kind = device.kind(force=settings.device)  # (the front itself takes no device)
-        envs = device.rank_environments(kind, size, device.visible_device_count())
+        self.envs = device.rank_environments(kind, size, device.visible_device_count())
         threads = settings.threads
         if kind == "cpu" and threads is None:
             threads = max(1, (os.cpu_count() or 1) // size)
-        devices = ", ".join(v for env in envs for v in env.values())
+        devices = ", ".join(v for env in self.envs for v in env.values())
         self.placed = f"{threads} CPU threads each" if kind == "cpu" else f"devices {devices}"
         self.key = secrets.token_urlsafe(32)
-        args = rank_args(settings, threads)
+        self.args = rank_args(settings, threads)
+        self.procs: list[ServerProcess] = []
+        self.ready = False
+
+    def start(self) -> Front:
+        """Start every rank (one that fails stops the others and raises; SIGINT or SIGTERM
+        meanwhile raises ``Stopped``); the front over them."""
         # each rank in its own session: a terminal's Ctrl-C (to the foreground group) reaches the
         # front, which passes the drain on once; a rank ends when the front does
         own = {"FLUID_API_KEY": self.key, PARENT_ENV: str(os.getpid())}
-        stop = settings.drain_timeout + 2 * GRACE_S
-        self.procs = [ServerProcess(args, env={**env, **own}, new_session=True, stop_timeout=stop)
-                      for env in envs]  # fmt: skip
-
-    def start(self) -> Front:
-        """Start every rank (one that fails stops the others and raises); the front over them."""
-        _start_all(self.procs)
+        stop = self.settings.drain_timeout + 2 * GRACE_S
+        self.procs = [ServerProcess(self.args, env={**env, **own}, new_session=True,
+                                    stop_timeout=stop) for env in self.envs]  # fmt: skip
+        with stopped_by_signals():
+            _start_all(self.procs)
+        self.ready = True
         procs = self.procs
         return Front(
             urls=[r.url for r in procs],
@@ -120,15 +126,18 @@ class Ranks:
         )
 
     def stop(self) -> bool:
-        """Drain and stop every rank; whether each ended with status 0 (the others' output is
-        shown)."""
-        codes = [rank.stop() if rank.proc is not None else 1 for rank in self.procs]
+        """Drain and stop every rank (all told at once); whether each ended with status 0 (the
+        others' output is shown, but for ranks stopped before they were ready)."""
+        for rank in self.procs:
+            rank.terminate()
+        codes = [rank.wait() if rank.proc is not None else 1 for rank in self.procs]
         for i, (rank, code) in enumerate(zip(self.procs, codes)):
-            if code != 0 and rank.proc is not None:  # its own words, before its log goes
-                print(f"fluid: rank {i} ended with status {code}; its output ends:\n"
+            expected = not self.ready and code == -signal.SIGTERM  # (stopped while loading)
+            if code != 0 and rank.proc is not None and not expected:  # its words, before its
+                print(f"fluid: rank {i} ended with status {code}; its output ends:\n"  # log goes
                       f"{rank.log_tail()}", file=sys.stderr)  # fmt: skip
             rank.close()
-        return not any(codes)
+        return self.ready and not any(codes)
 
 
 def serve_data_parallel(settings: ServeSettings) -> int:
@@ -139,7 +148,11 @@ def serve_data_parallel(settings: ServeSettings) -> int:
     ranks = Ranks(settings)  # (too few devices: an error before anything is bound)
     sock = bind(settings.host, settings.port)  # (a taken port fails before the ranks load)
     try:
-        front = ranks.start()
+        try:
+            front = ranks.start()
+        except Stopped as stopped:  # (stopped while the ranks loaded: the finally stops them)
+            print(f"fluid: stopped by {stopped} while the ranks started", file=sys.stderr)
+            return 128 + stopped.signal
         print(
             f"fluid: serving on {address(sock, settings.network)}/v1 with "
             f"{settings.data_parallel_size} engine ranks ({ranks.placed})",

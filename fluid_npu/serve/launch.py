@@ -8,6 +8,7 @@ waits for the exit status, killing the process only if it outlives the bound.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,9 +16,11 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import httpx
 
@@ -137,3 +140,30 @@ class ServerProcess:
         if self.proc is not None and self.returncode is None:
             self.stop()
         self.close()
+
+
+class Stopped(Exception):
+    """A run that SIGINT or SIGTERM ended on purpose (``signal``: which)."""
+
+    def __init__(self, sig: int) -> None:
+        super().__init__(signal.Signals(sig).name)
+        self.signal = sig
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGINT and SIGTERM raise ``Stopped`` there, so
+    its cleanup runs (processes stopped, temporary files removed) instead of the process dying."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(sig: int, frame: FrameType | None) -> None:
+        raise Stopped(sig)
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
