@@ -227,6 +227,9 @@ def test_the_front_relays_to_the_ranks(caplog):
         assert info.value.body["code"] == "response_not_found"
         with pytest.raises(openai.AuthenticationError):
             client(url, RANK_KEY).responses.delete(answer.id)
+        traced = c.completions.create(model="tiny", prompt="hello", max_tokens=2,
+                                      extra_headers={"X-Request-Id": "trace-7"})  # fmt: skip
+        assert traced.id == "cmpl-trace-7"  # (the client's id reaches the rank)
 
 
 def test_a_rank_that_fails():

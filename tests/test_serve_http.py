@@ -372,6 +372,60 @@ def test_priority_reaches_the_engine_only_with_the_priority_policy():
         assert sched.requests[-1].priority == 2
 
 
+def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header():
+    """vLLM's ``X-Request-Id``: the answer's id on every route and the engine's (one running
+    request per id: a second is a 400), a malformed one a 400; with ``--enable-request-id-headers``
+    every response (errors included) carries it, a random one when the client sent none."""
+    sched = ScriptedScheduler(max_batch=2)
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        chat = [{"role": "user", "content": "hi"}]
+        out = c.completions.create(model="tiny", prompt="a", max_tokens=2, n=2,
+                                   extra_headers={"X-Request-Id": "job-1"})  # fmt: skip
+        assert out.id == "cmpl-job-1"
+        assert {r.request_id for r in sched.requests[-2:]} == {"cmpl-job-1-0", "cmpl-job-1-1"}
+        reply = c.chat.completions.create(model="tiny", messages=chat, max_tokens=2,
+                                          extra_headers={"X-Request-Id": "job-2"})  # fmt: skip
+        assert reply.id == "chatcmpl-job-2" and sched.requests[-1].request_id == reply.id
+        r = c.responses.create(model="tiny", input="hi", max_output_tokens=2,
+                               extra_headers={"X-Request-Id": "job-3"})  # fmt: skip
+        assert r.id == "resp_job-3"
+        assert (
+            "x-request-id"
+            not in httpx.post(
+                f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1}
+            ).headers
+        )
+        for bad in ("has space", "x" * 300):
+            resp = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                              headers={"X-Request-Id": bad})  # fmt: skip
+            assert resp.status_code == 400 and "X-Request-Id" in resp.json()["error"]["message"]
+        sched.step_s = 0.02  # the first "dup" runs for seconds (then leaves) while the second comes
+        body = {"prompt": "a", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
+                          headers={"X-Request-Id": "dup"}) as first:  # fmt: skip
+            assert first.status_code == 200
+            lines = first.iter_lines()  # (kept: a dropped iterator closes the stream)
+            next(lines)  # (it runs)
+            second = httpx.post(f"{url}/v1/completions", json={"prompt": "b", "max_tokens": 1},
+                                headers={"X-Request-Id": "dup"}, timeout=60)  # fmt: skip
+            assert second.status_code == 400
+            assert "belongs to a request still running" in second.json()["error"]["message"]
+        sched.step_s = 0.0
+    with serving(ScriptedScheduler(), request_id_headers=True) as (url, _, _):
+        given = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                           headers={"X-Request-Id": "job-9"})  # fmt: skip
+        assert given.headers["x-request-id"] == "job-9" and given.json()["id"] == "cmpl-job-9"
+        fresh = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        assert fresh.json()["id"] == "cmpl-" + fresh.headers["x-request-id"]
+        missing = httpx.get(f"{url}/v1/nothing", headers={"X-Request-Id": "job-10"})
+        assert missing.status_code == 404 and missing.headers["x-request-id"] == "job-10"
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
+                          headers={"X-Request-Id": "job-11"}) as streamed:  # fmt: skip
+            assert streamed.headers["x-request-id"] == "job-11"
+            streamed.read()
+
+
 def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():
     """As vLLM answers a batch: choice ``index`` in the order given, each the text its prompt alone
     gets, usage summed; streamed, the choices' chunks interleave and the usage comes once."""

@@ -1,7 +1,8 @@
 """``fluid serve`` past the loopback (``serve/network.py``): browser origins (CORS) and HTTPS under
 vLLM's flag names, on one engine and on the data-parallel front — answers over TLS checked against
-the server's certificate, preflights and answers carrying the allowed origin and no other, and each
-bad flag one error before the model loads. ``tests/data/tls`` holds a self-signed certificate for
+the server's certificate, preflights and answers carrying the allowed origin and no other, a
+client's ``X-Request-Id`` naming its answer and coming back as a header
+(``--enable-request-id-headers``), and each bad flag one error before the model loads. ``tests/data/tls`` holds a self-signed certificate for
 127.0.0.1 (valid until 2126) and its key, made for these tests only."""
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def _check_cors_and_tls(url: str) -> None:
         body = {"prompt": "abc", "max_tokens": 4, "temperature": 0}
         r = http.post(f"{url}/v1/completions", json=body, headers={"Origin": PAGE})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == PAGE
+        traced = http.post(f"{url}/v1/completions", json=body, headers={"X-Request-Id": "t-1"})
+        assert traced.json()["id"] == "cmpl-t-1" and traced.headers["x-request-id"] == "t-1"
+        refused = http.post(f"{url}/v1/completions", json={**body, "n": 0})
+        assert refused.status_code == 400 and refused.headers["x-request-id"]
         other = http.post(f"{url}/v1/completions", json=body, headers={"Origin": "http://evil"})
         assert "access-control-allow-origin" not in other.headers  # (the browser hides it)
         denied = http.options(f"{url}/v1/completions", headers={**ask, "Origin": "http://evil"})
@@ -82,7 +87,8 @@ def _check_cors_and_tls(url: str) -> None:
 def test_https_and_allowed_origins(model_dir, ranks):  # noqa: F811
     """One engine, and the data-parallel front (its ranks stay plain HTTP on the loopback)."""
     args = ["--model", model_dir, "--max-batch", "2", "--max-len", "64", "--ssl-keyfile", KEY,
-            "--ssl-certfile", CERT, "--allowed-origins", f'["{PAGE}"]']  # fmt: skip
+            "--ssl-certfile", CERT, "--allowed-origins", f'["{PAGE}"]',
+            "--enable-request-id-headers"]  # fmt: skip
     if ranks > 1:
         args += ["--data-parallel-size", str(ranks)]
     with ServerProcess(args, verify=trusting()) as server:

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,9 +56,11 @@ from fluid_npu.serve.generation import (
 )
 from fluid_npu.serve.http import (
     ClosingStream,
+    RequestIdHeader,
     check_key,
     openai_errors,
     read_json,
+    request_id,
     while_connected,
 )
 from fluid_npu.serve.metrics import ServerMetrics
@@ -94,6 +95,7 @@ class ServeConfig:
     trust_request_chat_template: bool = False  # whether a request may bring its own template
     reasoning_parser: str | None = None  # --reasoning-parser: chat reasoning apart (reasoning.py)
     tool_call_parser: str | None = None  # --enable-auto-tool-choice's parser (tools.py)
+    request_id_headers: bool = False  # X-Request-Id on every response (http.RequestIdHeader)
 
 
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
@@ -128,6 +130,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="fluid serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    if config.request_id_headers:
+        app.add_middleware(RequestIdHeader)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
 
     def refused(request: Request, exc: APIError) -> None:
@@ -349,15 +353,16 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         check_model(req.sampling.model)
         loop = asyncio.get_running_loop()
         texts = None
+        base = request_id(request)  # (the client's X-Request-Id, else a random one)
         if isinstance(req, protocol.ChatRequest):
             prompts = [await conversation_ids(req)]
-            cid = f"chatcmpl-{uuid.uuid4().hex}"
+            cid = f"chatcmpl-{base}"
         else:
             prompts = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts)
             if req.sampling.echo:  # the text as given; token ids decoded (as vLLM echoes them)
                 texts = await loop.run_in_executor(tokenizing, prompt_texts, tokenizer,
                                                    req.prompts, prompts)  # fmt: skip
-            cid = f"cmpl-{uuid.uuid4().hex}"
+            cid = f"cmpl-{base}"
         created = int(time.time())
         shapes = [Shape(chat, cid, config.model_name, words, index=k, created=created)
                   for k in range(len(prompts) * req.sampling.n)]  # fmt: skip
@@ -382,7 +387,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         arrived = time.monotonic()
         authorize(request)
         req = parse_responses(await read_json(request), calling)
-        rid = f"resp_{uuid.uuid4().hex}"
+        rid = f"resp_{request_id(request)}"
         shape = Shape(True, rid, config.model_name, words)
         try:  # (the later checks name the chat fields: renamed as the request gave them)
             prompt = await conversation_ids(req.chat)

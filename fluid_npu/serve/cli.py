@@ -167,6 +167,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish requests"
     )
     p.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="an X-Request-Id header on every response (a client's own X-Request-Id names its "
+        "answer either way)",
+    )
+    p.add_argument(
         "--allowed-origins",
         default=None,
         metavar="JSON",
@@ -281,6 +287,7 @@ def serve_command(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         api_key=args.api_key or os.environ.get("FLUID_API_KEY") or None,
         drain_timeout=args.drain_timeout,
+        enable_request_id_headers=args.enable_request_id_headers,
         network=network,
     )
     if settings.data_parallel_size > 1:

@@ -25,6 +25,7 @@ from types import FrameType
 import uvicorn
 
 from fluid_npu.errors import FluidError
+from fluid_npu.serve.http import RequestIdHeader
 from fluid_npu.serve.launch import ServerProcess, Stopped, stopped_by_signals
 from fluid_npu.serve.router import Front, create_front
 from fluid_npu.serve.server import (
@@ -160,6 +161,8 @@ def serve_data_parallel(settings: ServeSettings) -> int:
             flush=True,
         )
         app = create_front(front)
+        if settings.enable_request_id_headers:  # (on the front's own answers: 401, 503, ...)
+            app.add_middleware(RequestIdHeader)
         settings.network.add_cors(app)
         config = uvicorn.Config(
             app,

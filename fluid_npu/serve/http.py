@@ -1,13 +1,21 @@
 """HTTP plumbing ``fluid serve``'s app and its data-parallel front share: the bearer-key check,
 request bodies read with a size bound, work that stops when its client disconnects, and a
 streaming response that runs a callback however it ends (done, disconnect, cancel), and the
-handlers that answer every error as the OpenAI API writes one."""
+handlers that answer every error as the OpenAI API writes one; a request's id (vLLM's
+``X-Request-Id``: a client's own id names its answer) and, with ``--enable-request-id-headers``,
+that id on every response.
+
+A client's ``X-Request-Id`` becomes the answer's id (``chatcmpl-ID``, ``cmpl-ID``, ``resp_ID``, as
+vLLM names them) and the engine's, so the request log and a gateway's traces meet; without one the
+id is random. An id the engine is still running is a 400 naming the header (the engine keeps one
+request per id), as is one over 256 characters or holding spaces or control characters."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import uuid
 from collections.abc import AsyncIterable, Callable
 from typing import Any
 
@@ -18,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fluid_npu.serve.errors import APIError, error_body
 
 MAX_BODY_BYTES = 4 << 20
+MAX_REQUEST_ID = 256
+REQUEST_ID = "x-request-id"
 
 
 class ClosingStream(StreamingResponse):
@@ -114,3 +124,46 @@ def openai_errors(app: FastAPI, refused: Callable[[Request, APIError], None] | N
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
         body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
         return JSONResponse(body, status_code=500)
+
+
+def request_id(request: Request) -> str:
+    """The request's id: its ``X-Request-Id`` (checked), else a random one; kept on the request's
+    state for the response header."""
+    given = request.headers.get(REQUEST_ID)
+    if given is not None and not (
+        0 < len(given) <= MAX_REQUEST_ID and given.isprintable() and given.isascii()
+        and " " not in given
+    ):  # fmt: skip
+        raise APIError(
+            f"the X-Request-Id header must be 1-{MAX_REQUEST_ID} visible ASCII characters without "
+            "spaces; send another or leave it out"
+        )
+    request.state.request_id = given or uuid.uuid4().hex
+    return request.state.request_id
+
+
+class RequestIdHeader:
+    """ASGI middleware (``--enable-request-id-headers``): every response carries
+    ``X-Request-Id`` — the id its route gave the request, else the client's, else a new one —
+    unless it already has one (a rank's, relayed by the data-parallel front)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == REQUEST_ID.encode() for k, _ in headers):
+                    given = dict(scope.get("headers", [])).get(REQUEST_ID.encode())
+                    rid = scope.get("state", {}).get("request_id")
+                    value = rid.encode() if rid else given or uuid.uuid4().hex.encode()
+                    headers.append((REQUEST_ID.encode(), value))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, sending)

@@ -72,7 +72,7 @@ SHARED_PER_REQUEST = 512  # characters shared that are worth one request more in
 KEY_CHARS = 64 * 1024  # of a request's start compared (a longer shared start says nothing more)
 RECENT = 256  # requests remembered per rank
 HEALTH_S = 2.0  # how often the front asks each rank's /health
-RELAYED = ("content-type", "retry-after")  # a rank's response headers the client gets
+RELAYED = ("content-type", "retry-after", "x-request-id")  # a rank's headers the client gets
 
 
 def routing_key(path: str, body: Any) -> str:
@@ -294,8 +294,11 @@ def create_front(front: Front) -> FastAPI:
                                type="server_error", headers={"Retry-After": "1"})  # fmt: skip
             rank, affine = picked
             tried.add(rank)
+            headers = {"content-type": "application/json"}
+            if "x-request-id" in request.headers:  # (the rank names its answer by it)
+                headers["x-request-id"] = request.headers["x-request-id"]
             sent = client.build_request("POST", front.urls[rank] + request.url.path, content=raw,
-                                        headers={"content-type": "application/json"})  # fmt: skip
+                                        headers=headers)  # fmt: skip
             router.start(rank)
             # a whole answer's headers come only with it: the client may leave while it waits
             sending = asyncio.ensure_future(client.send(sent, stream=True))

@@ -55,6 +55,7 @@ class ServeSettings:
     served_model_name: str | None = None
     generation_config: str = "auto"  # the defaults' source: auto | vllm | a folder (vLLM's flag)
     enable_log_requests: bool = False  # a line per request on stderr (generation.request_log)
+    enable_request_id_headers: bool = False  # X-Request-Id on every response (http.py)
     drain_timeout: float = 30.0
     compile: bool = False
     adaptive: bool = True  # the engine's cost-driven drafting choices (False: fixed blocks)
@@ -360,6 +361,7 @@ def load_engine(settings: ServeSettings) -> tuple[Worker, Any, ServeConfig]:
         trust_request_chat_template=settings.trust_request_chat_template,
         reasoning_parser=settings.reasoning_parser,
         tool_call_parser=settings.tool_call_parser,
+        request_id_headers=settings.enable_request_id_headers,
     )
     return Worker(scheduler), tokenizer, config
 
