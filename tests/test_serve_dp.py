@@ -289,16 +289,28 @@ def test_a_rank_that_fails():
         assert len(scheds[0].requests) == 1  # neither was sent again
 
 
-def test_serve_with_two_engine_ranks(model_dir, tmp_path):  # noqa: F811
+def test_serve_with_two_engine_ranks(model_dir, tmp_path, monkeypatch):  # noqa: F811
     """The real command: 8 concurrent streams over two engine ranks, each output equal to
     ``fluid generate``'s; a conversation's second turn goes to the rank whose slot holds the
-    first (its prompt found there); SIGTERM drains the ranks and every process exits 0."""
+    first (its prompt found there); the front serves HTTPS, answers the allowed browser origin
+    and passes a client's X-Request-Id on (``test_serve_network.py`` checks one engine);
+    SIGTERM drains the ranks and every process exits 0."""
+    from test_serve_network import CERT, KEY, PAGE
+
+    monkeypatch.setenv("SSL_CERT_FILE", CERT)  # (every client here trusts the test certificate)
     key = "dp-key"
     args = ["--model", model_dir, "--max-batch", "4", "--max-len", "160", "--api-key", key,
-            "--data-parallel-size", "2", "--no-adaptive-drafting",
-            "--enable-log-requests"]  # fmt: skip
+            "--data-parallel-size", "2", "--no-adaptive-drafting", "--enable-log-requests",
+            "--ssl-keyfile", KEY, "--ssl-certfile", CERT, "--allowed-origins", f'["{PAGE}"]',
+            "--enable-request-id-headers"]  # fmt: skip
     want = offline(model_dir, tmp_path, PROMPTS[:8], 24)
     with ServerProcess(args) as front:
+        assert front.url.startswith("https://")
+        traced = httpx.post(f"{front.url}/v1/completions", json={"prompt": "abc", "max_tokens": 2},
+                            headers={"Authorization": f"Bearer {key}", "Origin": PAGE,
+                                     "X-Request-Id": "dp-1"})  # fmt: skip
+        assert traced.json()["id"] == "cmpl-dp-1" and traced.headers["x-request-id"] == "dp-1"
+        assert traced.headers["access-control-allow-origin"] == PAGE
         c = client(front.url, key)
         got: dict[str, str] = {}
 
@@ -315,7 +327,7 @@ def test_serve_with_two_engine_ranks(model_dir, tmp_path):  # noqa: F811
         assert [got.get(p) for p in PROMPTS[:8]] == [row["text"] for row in want]
         per_rank = [_metric(front.url, f'fluid_dp_requests_total{{affinity="false",rank="{r}"}}')
                     for r in (0, 1)]  # fmt: skip
-        assert min(per_rank) >= 1 and sum(per_rank) == 8
+        assert min(per_rank) >= 1 and sum(per_rank) == 9
         turn = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 2}]
         first = c.chat.completions.create(model="model", messages=turn, max_tokens=8,
                                           temperature=0)  # fmt: skip
@@ -323,9 +335,9 @@ def test_serve_with_two_engine_ranks(model_dir, tmp_path):  # noqa: F811
         second = c.chat.completions.create(model="model", messages=turn, max_tokens=8,
                                            temperature=0)  # fmt: skip
         assert second.usage.prompt_tokens_details.cached_tokens >= 16
-        assert _metric(front.url, "fluid_dp_requests_total") == 10
+        assert _metric(front.url, "fluid_dp_requests_total") == 11
         routed = [line for line in front.log_tail(100_000).splitlines() if " -> rank " in line]
-        assert len(routed) == 10 and routed[-1].endswith(" (its start): 200")  # (the 2nd turn)
+        assert len(routed) == 11 and routed[-1].endswith(" (its start): 200")  # (the 2nd turn)
         health = httpx.get(f"{front.url}/health").json()
         assert health["info"]["data_parallel_size"] == 2 and health["info"]["torch_threads"] == 1
     # leaving the block sent SIGTERM to the front: it drained its ranks, and exits 0 only when

@@ -1,9 +1,9 @@
 """``fluid serve`` past the loopback (``serve/network.py``): browser origins (CORS) and HTTPS under
-vLLM's flag names, on one engine and on the data-parallel front — answers over TLS checked against
-the server's certificate, preflights and answers carrying the allowed origin and no other, a
-client's ``X-Request-Id`` naming its answer and coming back as a header
-(``--enable-request-id-headers``), and each bad flag one error before the model loads. ``tests/data/tls`` holds a self-signed certificate for
-127.0.0.1 (valid until 2126) and its key, made for these tests only."""
+vLLM's flag names — answers over TLS checked against the server's certificate, preflights and
+answers carrying the allowed origin and no other, a client's ``X-Request-Id`` naming its answer and
+coming back as a header (``--enable-request-id-headers``), and each bad flag one error before the
+model loads. ``tests/data/tls`` holds a self-signed certificate for 127.0.0.1 (valid until 2126)
+and its key, made for these tests only."""
 
 from __future__ import annotations
 
@@ -83,14 +83,12 @@ def _check_cors_and_tls(url: str) -> None:
         assert denied.status_code == 400
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_https_and_allowed_origins(model_dir, ranks):  # noqa: F811
-    """One engine, and the data-parallel front (its ranks stay plain HTTP on the loopback)."""
+def test_https_and_allowed_origins(model_dir):  # noqa: F811
+    """One engine (``test_serve_dp.py`` checks the data-parallel front, whose ranks stay plain
+    HTTP on the loopback)."""
     args = ["--model", model_dir, "--max-batch", "2", "--max-len", "64", "--ssl-keyfile", KEY,
             "--ssl-certfile", CERT, "--allowed-origins", f'["{PAGE}"]',
             "--enable-request-id-headers"]  # fmt: skip
-    if ranks > 1:
-        args += ["--data-parallel-size", str(ranks)]
     with ServerProcess(args, verify=trusting()) as server:
         _check_cors_and_tls(server.url)
         log = server.log_tail()
