@@ -72,6 +72,8 @@ def test_serve_flag_errors(capsys, tmp_path):
     msg = _error(capsys, ["serve", "--model", "m", "--enable-auto-tool-choice",
                           "--tool-call-parser", "json"])  # fmt: skip
     assert "--tool-call-parser 'json' is not one of hermes" in msg
+    msg = _error(capsys, ["serve", "--model", "m", "--prefill-chunk", "0"])
+    assert "--prefill-chunk must be at least 1" in msg
     msg = _error(capsys, ["serve", "--model", "m", "--scheduling-policy", "lifo"])
     assert "--scheduling-policy 'lifo' is not one of fcfs, priority" in msg
 
@@ -226,9 +228,14 @@ def test_threads_set_the_engine_s_torch_threads(model_dir):  # noqa: F811
             *_, info = build_scheduler(ServeSettings(model=model_dir, threads=n))
             assert info["torch_threads"] == n == torch.get_num_threads()
         # (and --scheduling-policy reaches the engine)
-        settings = ServeSettings(model=model_dir, scheduling_policy="priority")
+        settings = ServeSettings(model=model_dir, scheduling_policy="priority", prefill_chunk=64,
+                                 seed=7)  # fmt: skip
         sched, *_, info = build_scheduler(settings)
         assert sched.scheduling_policy == info["scheduling_policy"] == "priority"
+        assert sched.prefill_chunk == info["prefill_chunk"] == 64
+        assert torch.initial_seed() == info["seed"] == 7  # (unseeded requests draw from it)
+        *_, info = build_scheduler(ServeSettings(model=model_dir))
+        assert info["prefill_chunk"] == 512 and info["seed"] is None
     finally:
         torch.set_num_threads(before)
 

@@ -22,6 +22,7 @@ import uvicorn
 from test_serve_http import ScriptedScheduler, _metric, _until, client, serving
 from test_serve_live import PROMPTS, model_dir, offline  # noqa: F401 (a fixture)
 
+import fluid_npu
 from fluid_npu.device import kind, rank_environments
 from fluid_npu.errors import ConfigError
 from fluid_npu.serve.dp import rank_args
@@ -230,6 +231,7 @@ def test_the_front_relays_to_the_ranks(caplog):
         traced = c.completions.create(model="tiny", prompt="hello", max_tokens=2,
                                       extra_headers={"X-Request-Id": "trace-7"})  # fmt: skip
         assert traced.id == "cmpl-trace-7"  # (the client's id reaches the rank)
+        assert httpx.get(f"{url}/version").json()["version"] == fluid_npu.__version__
 
 
 def test_a_rank_that_fails():

@@ -38,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from fluid_npu import __version__
 from fluid_npu.errors import FluidError
 from fluid_npu.sampling.grammar import Grammar
 from fluid_npu.sampling.rules import SamplingParams
@@ -437,6 +438,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     # vLLM's tokenizer routes (lm-evaluation-harness finds them and needs no local tokenizer)
     tokenizer_routes(app, tokenizer, config.max_len, config.template_kwargs, tokenizing,
                      authorize, check_model, check_template)  # fmt: skip
+
+    @app.get("/version")  # (vLLM's)
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
 
     @app.get("/health")
     async def health() -> JSONResponse:

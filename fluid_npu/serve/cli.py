@@ -146,6 +146,21 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         help="let a request bring its own chat_template (rendered in transformers' sandbox)",
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prompt tokens a request encodes per step (default 512): larger starts long prompts "
+        "sooner, smaller keeps the running requests' steps short (vLLM bounds a whole step's "
+        "tokens with --max-num-batched-tokens instead)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="torch's seed at start, so requests without a seed draw the same numbers after a "
+        "restart (given the same requests in the same order)",
+    )
+    p.add_argument(
         "--scheduling-policy",
         default="fcfs",
         help="which waiting request gets the next free slot: fcfs (arrival order) | priority "
@@ -258,6 +273,8 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         tool_call_parser=args.tool_call_parser,
         data_parallel_size=1 if args.data_parallel_size is None else args.data_parallel_size,
         scheduling_policy=args.scheduling_policy,
+        prefill_chunk=args.prefill_chunk,
+        seed=args.seed,
         **serving,  # type: ignore[arg-type]
     )
 

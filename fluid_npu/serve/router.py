@@ -54,6 +54,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from fluid_npu import __version__
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.http import (
     ClosingStream,
@@ -406,6 +407,10 @@ def create_front(front: Front) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         return await forward(request, "/detokenize", "POST")
+
+    @app.get("/version")  # (the front's and its ranks': one package)
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -70,6 +70,8 @@ class ServeSettings:
     tool_call_parser: str | None = None  # how (tools.py)
     data_parallel_size: int = 1  # engine ranks behind one address (dp.py)
     scheduling_policy: str = "fcfs"  # which waiting request starts next: fcfs | priority
+    prefill_chunk: int | None = None  # prompt tokens a slot encodes per step (None: the engine's)
+    seed: int | None = None  # torch's global seed at start: unseeded draws repeat across restarts
     network: Network = field(default_factory=Network)  # CORS and TLS (network.py)
 
     def check(self) -> None:
@@ -100,6 +102,8 @@ class ServeSettings:
                 f"--scheduling-policy {self.scheduling_policy!r} is not one of "
                 f"{', '.join(SCHEDULING_POLICIES)}"
             )
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ConfigError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"--max-len must be at least 2, got {self.max_len}")
         if not self.drain_timeout >= 0:  # (NaN too)
@@ -187,6 +191,8 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
+    if settings.seed is not None:  # (a request without a seed draws one from torch's generator)
+        torch.manual_seed(settings.seed)
     dev = devices.current(force=settings.device).device
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     with quiet_loading():
@@ -214,6 +220,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         prefix_caching=settings.prefix_caching,
         prefix_slots=settings.prefix_cache_slots,
         scheduling_policy=settings.scheduling_policy,
+        **({} if settings.prefill_chunk is None else {"prefill_chunk": settings.prefill_chunk}),
     )
     max_len = scheduler.max_len
     info = {
@@ -229,6 +236,8 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "prefix_caching": settings.prefix_caching,
         "prefix_cache_slots": settings.prefix_cache_slots,
         "scheduling_policy": settings.scheduling_policy,
+        "prefill_chunk": scheduler.prefill_chunk,
+        "seed": settings.seed,
         "torch_threads": torch.get_num_threads(),
         "kv_cache_gib": round(scheduler.kv.nbytes / 2**30, 3),  # allocated once, at start
     }
