@@ -27,17 +27,14 @@ from fluid_npu.device import kind, rank_environments
 from fluid_npu.errors import ConfigError
 from fluid_npu.serve.dp import rank_args
 from fluid_npu.serve.launch import ServerProcess
-from fluid_npu.serve.router import (
+from fluid_npu.serve.router import HEALTH_S, Front, create_front, merge_metrics
+from fluid_npu.serve.routing import (
     BLOCK,
-    HEALTH_S,
     MIN_SHARED,
     RECENT,
     SHARED_PER_REQUEST,
-    Front,
     Router,
     block_hashes,
-    create_front,
-    merge_metrics,
     routing_key,
 )
 from fluid_npu.serve.server import ServeSettings, bind
@@ -160,7 +157,9 @@ def test_the_front_relays_to_the_ranks(caplog):
 
         out = c.completions.create(model="tiny", prompt="hello", max_tokens=12)
         [routed] = routing()
-        assert routed.startswith("/v1/completions -> rank ") and routed.endswith(": 200")
+        path, rid, arrow = routed.split(" ")[:3]  # the front's id for it, passed to the rank:
+        assert (path, arrow) == ("/v1/completions", "->") and routed.endswith(": 200")
+        assert out.id == f"cmpl-{rid}"  # (the answer names it)
         assert out.choices[0].text == direct.choices[0].text and out.usage == direct.usage
         streamed = "".join(ch.choices[0].text for ch in c.completions.create(
             model="tiny", prompt="hello", max_tokens=12, stream=True) if ch.choices)  # fmt: skip
@@ -188,7 +187,7 @@ def test_the_front_relays_to_the_ranks(caplog):
         with pytest.raises(openai.RateLimitError) as full:
             c.completions.create(model="tiny", prompt="three", max_tokens=3)
         assert full.value.body["code"] == "queue_full"  # (the rank's own 429)
-        assert routing()[-1] == "/v1/completions refused: 429 (every rank full)"
+        assert routing()[-1].endswith(" refused: 429 (every rank full)")
         for sched in scheds:
             sched.gate.set()
         for t in workers:
@@ -231,6 +230,28 @@ def test_the_front_relays_to_the_ranks(caplog):
         traced = c.completions.create(model="tiny", prompt="hello", max_tokens=2,
                                       extra_headers={"X-Request-Id": "trace-7"})  # fmt: skip
         assert traced.id == "cmpl-trace-7"  # (the client's id reaches the rank)
+        assert "/v1/completions trace-7 -> rank " in routing()[-1]
+        odd = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                         headers={"Authorization": "Bearer front-key",
+                                  "X-Request-Id": "caf\u00e9".encode()})  # fmt: skip
+        assert odd.status_code == 400 and "X-Request-Id" in odd.json()["error"]["message"]
+        # one running request per id across the ranks: the front refuses the second
+        long = {"prompt": "long", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        auth = {"Authorization": "Bearer front-key", "X-Request-Id": "same"}
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, headers=auth) as first:
+            lines = first.iter_lines()  # (kept: a dropped iterator closes the stream)
+            next(lines)
+            again = httpx.post(f"{url}/v1/completions", json={"prompt": "b", "max_tokens": 1},
+                               headers=auth)  # fmt: skip
+            assert again.status_code == 400
+            assert "belongs to a request still running" in again.json()["error"]["message"]
+
+        def reused() -> bool:
+            again = httpx.post(f"{url}/v1/completions", json={"prompt": "b", "max_tokens": 1},
+                               headers=auth)  # fmt: skip
+            return again.status_code == 200 and again.json()["id"] == "cmpl-same"
+
+        _until(reused, "the id free again once its stream closed")
         assert httpx.get(f"{url}/version").json()["version"] == fluid_npu.__version__
 
 

@@ -373,7 +373,7 @@ def test_priority_reaches_the_engine_only_with_the_priority_policy():
         assert sched.requests[-1].priority == 2
 
 
-def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header():
+def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header(monkeypatch):
     """vLLM's ``X-Request-Id``: the answer's id on every route and the engine's (one running
     request per id: a second is a 400), a malformed one a 400; with ``--enable-request-id-headers``
     every response (errors included) carries it, a random one when the client sent none."""
@@ -384,7 +384,7 @@ def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header():
         out = c.completions.create(model="tiny", prompt="a", max_tokens=2, n=2,
                                    extra_headers={"X-Request-Id": "job-1"})  # fmt: skip
         assert out.id == "cmpl-job-1"
-        assert {r.request_id for r in sched.requests[-2:]} == {"cmpl-job-1-0", "cmpl-job-1-1"}
+        assert {r.request_id for r in sched.requests[-2:]} == {"0_cmpl-job-1", "1_cmpl-job-1"}
         reply = c.chat.completions.create(model="tiny", messages=chat, max_tokens=2,
                                           extra_headers={"X-Request-Id": "job-2"})  # fmt: skip
         assert reply.id == "chatcmpl-job-2" and sched.requests[-1].request_id == reply.id
@@ -422,6 +422,15 @@ def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header():
                           headers={"X-Request-Id": "job-11"}) as streamed:  # fmt: skip
             assert streamed.headers["x-request-id"] == "job-11"
             streamed.read()
+
+        def bug(body: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr("fluid_npu.serve.app.protocol.parse_completion", bug)
+        broken = httpx.post(f"{url}/v1/completions", json={"prompt": "a"},
+                            headers={"X-Request-Id": "job-12"})  # fmt: skip
+        assert broken.status_code == 500 and "a bug" in broken.json()["error"]["message"]
+        assert broken.headers["x-request-id"] == "job-12"  # (a bug's 500 passes the middleware)
 
 
 def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():

@@ -3,7 +3,7 @@ vLLM's flag names — answers over TLS checked against the server's certificate,
 answers carrying the allowed origin and no other, a client's ``X-Request-Id`` naming its answer and
 coming back as a header (``--enable-request-id-headers``), and each bad flag one error before the
 model loads. ``tests/data/tls`` holds a self-signed certificate for 127.0.0.1 (valid until 2126)
-and its key, made for these tests only."""
+and its key (also encrypted, passphrase "fluid-test"), made for these tests only."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ def test_bad_network_flags_are_one_error_each(capsys, tmp_path):
     assert "need --ssl-keyfile" in _error(capsys, [*serve, "--ssl-ca-certs", CERT])
     msg = _error(capsys, [*serve, "--ssl-keyfile", CERT, "--ssl-certfile", CERT])
     assert "cannot load them" in msg and "its own key" in msg
+    encrypted = str(TLS / "encrypted-key.pem")  # (key.pem under the passphrase "fluid-test")
+    msg = _error(capsys, [*serve, "--ssl-keyfile", encrypted, "--ssl-certfile", CERT])
+    assert "is encrypted with a passphrase" in msg and "openssl pkey" in msg
     missing = str(tmp_path / "none.pem")
     assert "cannot load them" in _error(capsys, [*serve, "--ssl-keyfile", KEY, "--ssl-certfile",
                                                 missing])  # fmt: skip

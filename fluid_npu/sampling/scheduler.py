@@ -163,7 +163,8 @@ class Scheduler(PrefillMixin, StepMixin):
         self.anchors, self.coverage, self.adaptive = anchors, coverage, adaptive
         self.prefill_chunk = prefill_chunk
         self.slots_n = max_batch
-        widest = max(prefill_chunk, 1 + self.k + anchors * self.k) + self.k
+        # (a chunk is never longer than a prompt, so a --prefill-chunk past max_len costs nothing)
+        widest = max(min(prefill_chunk, self.max_len), 1 + self.k + anchors * self.k) + self.k
         dtype = next(model.parameters()).dtype
         cache_slots, capacity = max_batch, self.max_len + widest
         if compile:  # the cache's shape is a compiled one: a few sizes, so engines made for

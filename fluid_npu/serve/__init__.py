@@ -17,6 +17,8 @@ The pieces, each one concept:
   tokenizer routes;
 * ``server``: loading the model, building the scheduler, running uvicorn with a SIGTERM drain;
   ``network``: browser origins (CORS) and TLS;
+* ``router`` / ``routing`` / ``dp``: ``--data-parallel-size``: the front, which rank takes a
+  request, the ranks' processes;
 * ``batch``: ``fluid run-batch``, a file of OpenAI batch requests answered by the same app in
   this process;
 * ``launch``: starting and stopping a ``fluid serve`` process (the benchmark and the tests);

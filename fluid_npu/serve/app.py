@@ -131,16 +131,18 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="fluid serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    if config.request_id_headers:
-        app.add_middleware(RequestIdHeader)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
 
     def refused(request: Request, exc: APIError) -> None:
         if request.url.path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
             metrics.refused(request.url.path, exc.status)
-            request_log.info("refused %s %d %s", request.url.path, exc.status, logged_param(exc))
+            rid = getattr(request.state, "request_id", "-")
+            request_log.info("refused %s %d %s %s", request.url.path, exc.status,
+                             logged_param(exc), rid)  # fmt: skip
 
     openai_errors(app, refused)
+    if config.request_id_headers:  # (after openai_errors: outside its catch-all, so on 500s too)
+        app.add_middleware(RequestIdHeader)
 
     def authorize(request: Request) -> None:
         check_key(request.headers.get("authorization", ""), config.api_key)
@@ -250,7 +252,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         split = reasoning if shapes[0].chat else None
         requests = [
             (
-                shape.id if len(shapes) == 1 else f"{shape.id}-{shape.index}",
+                # (a choice's own: vLLM's "K_ID", which no client's X-Request-Id can be)
+                shape.id if len(shapes) == 1 else f"{shape.index}_{shape.id}",
                 prompts[shape.index // s.n],
                 {
                     "max_new_tokens": max(limits[shape.index // s.n], 1),  # (0: one, dropped)
@@ -349,12 +352,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     async def answer(request: Request, chat: bool) -> Response:
         arrived = time.monotonic()
         authorize(request)
+        base = request_id(request)  # (the client's X-Request-Id, else a random one)
         body = await read_json(request)
         req = protocol.parse_chat(body, calling) if chat else protocol.parse_completion(body)
         check_model(req.sampling.model)
         loop = asyncio.get_running_loop()
         texts = None
-        base = request_id(request)  # (the client's X-Request-Id, else a random one)
         if isinstance(req, protocol.ChatRequest):
             prompts = [await conversation_ids(req)]
             cid = f"chatcmpl-{base}"
@@ -387,8 +390,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     async def respond(request: Request) -> Response:
         arrived = time.monotonic()
         authorize(request)
-        req = parse_responses(await read_json(request), calling)
         rid = f"resp_{request_id(request)}"
+        req = parse_responses(await read_json(request), calling)
         shape = Shape(True, rid, config.model_name, words)
         try:  # (the later checks name the chat fields: renamed as the request gave them)
             prompt = await conversation_ids(req.chat)

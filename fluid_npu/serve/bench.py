@@ -239,7 +239,15 @@ def _auth(s: ServeBenchSettings) -> dict[str, str]:
 
 def _served_model(url: str, s: ServeBenchSettings) -> str:
     """The name a server serves (its ``/v1/models``); a refusal is one clear error."""
-    resp = httpx.get(f"{url}/v1/models", timeout=30, headers=_auth(s))
+    try:
+        resp = httpx.get(f"{url}/v1/models", timeout=30, headers=_auth(s))
+    except httpx.HTTPError as exc:
+        hint = (
+            "; a server whose certificate no known authority signed: SSL_CERT_FILE=its CA file"
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc)
+            else ""
+        )
+        raise ConfigError(f"--url {url}: cannot reach it ({exc}){hint}") from None
     if resp.status_code == 401:
         raise ConfigError(
             f"{url} wants an API key: give it with --api-key or $FLUID_API_KEY"

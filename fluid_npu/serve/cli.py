@@ -112,8 +112,8 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="one line on stderr per request (per choice: n, several prompts) that ends (id, "
         "route, finish reason, token counts, TPF, TTFT, latency; no text) and per refused "
-        "request (status, field); with --data-parallel-size the front writes each request's "
-        "rank and status, the ranks nothing",
+        "request (status, field, id); with --data-parallel-size the front writes each "
+        "request's id, rank and status, the ranks nothing",
     )
     p.add_argument(
         "--generation-config",

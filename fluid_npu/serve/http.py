@@ -122,8 +122,38 @@ def openai_errors(app: FastAPI, refused: Callable[[Request, APIError], None] | N
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-        body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
-        return JSONResponse(body, status_code=500)
+        return _internal_error(exc)
+
+    # (Starlette answers the handler above outside every middleware added later — CORS, request
+    # ids — so a bug's 500 would reach a browser without them: this, added first, is innermost)
+    app.add_middleware(_CatchAll)
+
+
+def _internal_error(exc: BaseException) -> JSONResponse:
+    body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    return JSONResponse(body, status_code=500)
+
+
+class _CatchAll:
+    """ASGI middleware: an exception before the response started is a 500 OpenAI error body."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started or scope["type"] != "http":
+                raise
+            await _internal_error(exc)(scope, receive, send)
 
 
 def request_id(request: Request) -> str:

@@ -50,7 +50,8 @@ class ServerProcess:
         verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.port = free_port()
-        scheme = "https" if "--ssl-certfile" in args else "http"  # (a server of --ssl-certfile)
+        tls = any(a == "--ssl-certfile" or a.startswith("--ssl-certfile=") for a in args)
+        scheme = "https" if tls else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.verify = verify  # how its certificate is checked (httpx's verify)
         self.args = [*args, "--host", "127.0.0.1", "--port", str(self.port)]

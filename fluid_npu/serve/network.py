@@ -88,9 +88,21 @@ class Network:
                 "--ssl-cert-reqs asks clients for certificates; --ssl-ca-certs names who signs them"
             )
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        asked = []
+
+        def passphrase() -> bytes:  # (asked only of an encrypted key; never on the terminal)
+            asked.append(True)
+            return b""
+
         try:
-            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=passphrase)
         except (OSError, ssl.SSLError) as exc:
+            if asked:
+                raise ConfigError(
+                    f"--ssl-keyfile {self.ssl_keyfile!r} is encrypted with a passphrase; give "
+                    "it unencrypted (openssl pkey -in KEY -out PLAIN_KEY), readable only by the "
+                    "server's user"
+                ) from None
             raise ConfigError(
                 f"--ssl-certfile {self.ssl_certfile!r} / --ssl-keyfile {self.ssl_keyfile!r}: "
                 f"cannot load them ({_reason(exc)}); give a PEM certificate and its own key"
@@ -112,6 +124,7 @@ class Network:
                 allow_methods=self.allowed_methods,
                 allow_headers=self.allowed_headers,
                 allow_credentials=self.allow_credentials,
+                expose_headers=["X-Request-Id"],  # (page scripts may read it)
             )
 
     def uvicorn_options(self) -> dict[str, Any]:

@@ -8,15 +8,7 @@ listen on 127.0.0.1 behind a key of their own; the front process answers the cli
 included, so every answer is exactly what that rank gives alone (vLLM's ``--data-parallel-size``,
 with processes, as vLLM runs its engine cores).
 
-Routing (``Router``): a request's start (a chat's tools and messages, a Responses request's tools,
-instructions and input, a completion's prompt) is cut
-into ``BLOCK``-character blocks, hashed as a chain, and compared with the blocks of each rank's
-recent requests: the request goes to the rank that shares the longest start with it — a
-conversation's next turn to the rank whose slots hold the turn before it, a shared system prompt to
-a rank that has it — if that is at least ``MIN_SHARED`` characters and the rank is no more busy
-than the least busy one plus one request per ``SHARED_PER_REQUEST`` characters shared (at most
-``slack``, its ``--max-batch``): a long history is worth a short wait, a short system prompt is
-not worth any. Otherwise, and among equals, the least busy rank.
+Routing: ``routing.py`` (the rank holding a request's start, else the least busy).
 
 A request is sent to another rank only when it cannot have started on the first: the rank could
 not be reached, answered 429 (its queue full: the client sees a 429 only when every rank's is),
@@ -39,8 +31,6 @@ import logging
 import secrets
 import sys
 import threading
-from collections import Counter as Tally
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,107 +51,16 @@ from fluid_npu.serve.http import (
     check_key,
     openai_errors,
     read_body,
+    request_id,
     while_connected,
 )
 from fluid_npu.serve.responses_output import not_kept_routes
+from fluid_npu.serve.routing import Router, routing_key
 from fluid_npu.serve.worker import ENGINE_FAILED
 
 routing_log = logging.getLogger("fluid_npu.serve.routing")  # --enable-log-requests: the front's
-BLOCK = 64  # characters per block of a request's start that routing compares
-MIN_SHARED = 64  # characters a request must share with a rank's recent ones to follow them
-SHARED_PER_REQUEST = 512  # characters shared that are worth one request more in the queue
-KEY_CHARS = 64 * 1024  # of a request's start compared (a longer shared start says nothing more)
-RECENT = 256  # requests remembered per rank
 HEALTH_S = 2.0  # how often the front asks each rank's /health
 RELAYED = ("content-type", "retry-after", "x-request-id")  # a rank's headers the client gets
-
-
-def routing_key(path: str, body: Any) -> str:
-    """The text a request's prompt starts with, as far as routing compares it: a chat's tools
-    and messages (a next turn extends the previous turn's), a completion's prompt."""
-    if not isinstance(body, dict):
-        return ""
-    if path.endswith("/chat/completions"):
-        given = [body.get("tools"), body.get("messages")]
-    elif "/responses" in path:  # (rendered alike: the instructions first, then input)
-        turns = body.get("input")  # (a text is the first turn of the list the next turn sends)
-        turns = [{"role": "user", "content": turns}] if isinstance(turns, str) else turns
-        given = [body.get("tools"), body.get("instructions"), turns]
-    else:
-        prompt = body.get("prompt")
-        given = prompt[0] if isinstance(prompt, list) and prompt and not isinstance(
-            prompt[0], int) else prompt  # fmt: skip
-    try:
-        text = given if isinstance(given, str) else json.dumps(given, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return ""
-    return text[:KEY_CHARS]
-
-
-def block_hashes(key: str) -> list[int]:
-    """The chained hashes of ``key``'s whole ``BLOCK``-character blocks: two keys share their
-    first ``n`` hashes exactly when they share their first ``n`` blocks."""
-    out, chain = [], 0
-    for start in range(0, len(key) - BLOCK + 1, BLOCK):
-        chain = hash((chain, key[start : start + BLOCK]))
-        out.append(chain)
-    return out
-
-
-class Router:
-    """Which rank takes a request (the module docstring); counts requests in flight per rank."""
-
-    def __init__(self, ranks: int, slack: int) -> None:
-        self.slack = slack
-        self.busy = [0] * ranks  # requests in flight
-        self.routed = [0] * ranks  # requests sent so far (ties go to the one sent fewer)
-        self.recent: list[deque[list[int]]] = [deque() for _ in range(ranks)]
-        self.known: list[Tally[int]] = [Tally() for _ in range(ranks)]  # block hash -> requests
-
-    def shared(self, rank: int, hashes: list[int]) -> int:
-        """Characters of a request's start (its ``hashes``) that ``rank``'s recent ones hold."""
-        n = 0
-        while n < len(hashes) and hashes[n] in self.known[rank]:
-            n += 1
-        return n * BLOCK
-
-    def pick(self, key: str, skip: set[int] = frozenset()) -> tuple[int, bool] | None:
-        """The rank for a request (and whether its shared start chose it); None: no rank left."""
-        ranks = [r for r in range(len(self.busy)) if r not in skip]
-        if not ranks:
-            return None
-        least = min(self.busy[r] for r in ranks)
-        hashes = block_hashes(key)
-        following = []  # (-shared, busy, routed, rank) of the ranks the start may go to
-        for r in ranks if hashes else ():
-            shared = self.shared(r, hashes)
-            allowed = least + min(self.slack, shared // SHARED_PER_REQUEST)
-            if shared >= MIN_SHARED and self.busy[r] <= allowed:
-                following.append((-shared, self.busy[r], self.routed[r], r))
-        if following:
-            return min(following)[3], True
-        return min(ranks, key=lambda r: (self.busy[r], self.routed[r])), False
-
-    def start(self, rank: int) -> None:
-        self.busy[rank] += 1
-        self.routed[rank] += 1
-
-    def remember(self, rank: int, key: str) -> None:
-        """``rank`` took a request starting with ``key`` (its slots will hold it)."""
-        hashes = block_hashes(key)
-        if not hashes:
-            return
-        self.recent[rank].append(hashes)
-        self.known[rank].update(hashes)
-        if len(self.recent[rank]) > RECENT:  # the oldest is forgotten
-            known = self.known[rank]
-            for h in self.recent[rank].popleft():
-                known[h] -= 1
-                if not known[h]:
-                    del known[h]
-
-    def end(self, rank: int) -> None:
-        self.busy[rank] -= 1
 
 
 def merge_metrics(texts: list[str]) -> bytes:
@@ -273,6 +172,8 @@ def create_front(front: Front) -> FastAPI:
         headers = {k: v for k, v in resp.headers.items() if k.lower() in RELAYED}
         return Response(content, status_code=resp.status_code, headers=headers)
 
+    running: set[str] = set()  # the ids of the requests relayed and not yet answered
+
     async def relay(request: Request) -> Response:
         """A generation request to its rank, the answer back as the rank gives it."""
         authorize(request)
@@ -283,21 +184,34 @@ def create_front(front: Front) -> FastAPI:
             key = routing_key(request.url.path, json.loads(raw))
         except (ValueError, RecursionError):
             key = ""  # (the rank answers the malformed body)
+        rid = request_id(request)  # the client's (checked here), else one made here for the rank
+        if rid in running:  # (each rank keeps one request per id; so does the front, across them)
+            raise APIError(f"request id {rid!r} belongs to a request still running; send another "
+                           "X-Request-Id (or none)")  # fmt: skip
+        running.add(rid)
+        streaming = False
+        try:
+            out = await _relay(request, raw, key, rid)
+            streaming = isinstance(out, ClosingStream)
+            return out
+        finally:
+            if not streaming:  # (a stream lets its id go when it closes)
+                running.discard(rid)
+
+    async def _relay(request: Request, raw: bytes, key: str, rid: str) -> Response:
         tried: set[int] = set()
         full: Response | None = None  # the last 429 a rank gave
         while True:
             picked = router.pick(key, tried | {r for r in range(n) if not usable(r)})
             if picked is None:
                 if full is not None:
-                    routing_log.info("%s refused: 429 (every rank full)", request.url.path)
+                    routing_log.info("%s %s refused: 429 (every rank full)", request.url.path, rid)
                     return full
                 raise APIError("no engine rank is up; retry later", status=503,
                                type="server_error", headers={"Retry-After": "1"})  # fmt: skip
             rank, affine = picked
             tried.add(rank)
-            headers = {"content-type": "application/json"}
-            if "x-request-id" in request.headers:  # (the rank names its answer by it)
-                headers["x-request-id"] = request.headers["x-request-id"]
+            headers = {"content-type": "application/json", "x-request-id": rid}  # (its name)
             sent = client.build_request("POST", front.urls[rank] + request.url.path, content=raw,
                                         headers=headers)  # fmt: skip
             router.start(rank)
@@ -330,15 +244,17 @@ def create_front(front: Front) -> FastAPI:
                     continue
                 if code is None:  # not the rank's own error: it went down while answering
                     raise _failed(rank)
-                routing_log.info("%s -> rank %d: %d", request.url.path, rank, resp.status_code)
+                routing_log.info("%s %s -> rank %d: %d", request.url.path, rid, rank,
+                                 resp.status_code)  # fmt: skip
                 return answer(resp, content)
             routed.labels(rank=str(rank), affinity=str(affine).lower()).inc()
-            routing_log.info("%s -> rank %d%s: %d", request.url.path, rank,
+            routing_log.info("%s %s -> rank %d%s: %d", request.url.path, rid, rank,
                              " (its start)" if affine else "", resp.status_code)  # fmt: skip
             if resp.status_code < 400:  # (a refused request leaves nothing in the rank's cache)
                 router.remember(rank, key)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                return ClosingStream(_chunks(rank, resp), lambda r=rank, s=resp: _closed(r, s))
+                return ClosingStream(_chunks(rank, resp),
+                                     lambda r=rank, s=resp: _closed(r, s, rid))  # fmt: skip
             work = asyncio.ensure_future(resp.aread())
             try:  # (a client that leaves: the rank sees its connection close, and aborts)
                 finished = await while_connected(request, work)
@@ -361,8 +277,9 @@ def create_front(front: Front) -> FastAPI:
         finally:  # (a client that left: the rank sees its stream close, and aborts)
             await resp.aclose()
 
-    def _closed(rank: int, resp: httpx.Response) -> None:
+    def _closed(rank: int, resp: httpx.Response, rid: str) -> None:
         router.end(rank)
+        running.discard(rid)
         if not resp.is_closed:  # a client gone before the first chunk
             task = asyncio.ensure_future(resp.aclose())
             closing.add(task)
