@@ -25,7 +25,7 @@ from test_serve_live import PROMPTS, model_dir, offline  # noqa: F401 (a fixture
 import fluid_npu
 from fluid_npu.device import kind, rank_environments
 from fluid_npu.errors import ConfigError
-from fluid_npu.serve.dp import rank_args
+from fluid_npu.serve.dp import Ranks, rank_args
 from fluid_npu.serve.launch import ServerProcess
 from fluid_npu.serve.router import HEALTH_S, Front, create_front, merge_metrics
 from fluid_npu.serve.routing import (
@@ -113,6 +113,8 @@ def test_each_rank_gets_its_device_and_the_commands_flags():
                              scheduling_policy="priority")  # fmt: skip
     args = build_parser().parse_args(["serve", *rank_args(settings, threads=3)])
     assert args.scheduling_policy == "priority"
+    seeded = Ranks(ServeSettings(model="m", seed=5, data_parallel_size=2))
+    assert [build_parser().parse_args(["serve", *seeded._args(i)]).seed for i in (0, 1)] == [5, 6]
     assert (args.model, args.khead, args.threads) == ("m", "k", 3)
     assert args.no_adaptive_drafting and args.no_enable_prefix_caching and args.compile
     assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
@@ -236,6 +238,8 @@ def test_the_front_relays_to_the_ranks(caplog):
                                   "X-Request-Id": "caf\u00e9".encode()})  # fmt: skip
         assert odd.status_code == 400 and "X-Request-Id" in odd.json()["error"]["message"]
         # one running request per id across the ranks: the front refuses the second
+        for sched in scheds:  # (the first runs for seconds while the second comes)
+            sched.step_s = 0.02
         long = {"prompt": "long", "max_tokens": 400, "stream": True, "ignore_eos": True}
         auth = {"Authorization": "Bearer front-key", "X-Request-Id": "same"}
         with httpx.stream("POST", f"{url}/v1/completions", json=long, headers=auth) as first:
@@ -251,6 +255,8 @@ def test_the_front_relays_to_the_ranks(caplog):
                                headers=auth)  # fmt: skip
             return again.status_code == 200 and again.json()["id"] == "cmpl-same"
 
+        for sched in scheds:
+            sched.step_s = 0.002
         _until(reused, "the id free again once its stream closed")
         assert httpx.get(f"{url}/version").json()["version"] == fluid_npu.__version__
 

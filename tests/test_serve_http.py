@@ -373,7 +373,7 @@ def test_priority_reaches_the_engine_only_with_the_priority_policy():
         assert sched.requests[-1].priority == 2
 
 
-def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header(monkeypatch):
+def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header(monkeypatch, caplog):
     """vLLM's ``X-Request-Id``: the answer's id on every route and the engine's (one running
     request per id: a second is a 400), a malformed one a 400; with ``--enable-request-id-headers``
     every response (errors included) carries it, a random one when the client sent none."""
@@ -409,6 +409,9 @@ def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header(monkey
                                 headers={"X-Request-Id": "dup"}, timeout=60)  # fmt: skip
             assert second.status_code == 400
             assert "belongs to a request still running" in second.json()["error"]["message"]
+            chat = httpx.post(f"{url}/v1/chat/completions", headers={"X-Request-Id": "dup"},
+                              json={"messages": [{"role": "user", "content": "b"}]})  # fmt: skip
+            assert chat.status_code == 400  # (one running request per id, whatever its route)
         sched.step_s = 0.0
     with serving(ScriptedScheduler(), request_id_headers=True) as (url, _, _):
         given = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1},
@@ -431,6 +434,8 @@ def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header(monkey
                             headers={"X-Request-Id": "job-12"})  # fmt: skip
         assert broken.status_code == 500 and "a bug" in broken.json()["error"]["message"]
         assert broken.headers["x-request-id"] == "job-12"  # (a bug's 500 passes the middleware)
+        assert any("a request failed: POST /v1/completions" in r.getMessage() and r.exc_info
+                   for r in caplog.records)  # (and its traceback is logged)  # fmt: skip
 
 
 def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():

@@ -97,9 +97,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's --scheduling-policy values
 def enqueue(waiting: deque[Slot], slot: Slot, by_priority: bool) -> None:
     """Put ``slot`` in the queue of requests waiting for a slot: last (first come, first served),
     or with ``by_priority`` before every waiting request of a higher ``priority`` value."""
-    if by_priority:
-        for i, other in enumerate(waiting):
-            if other.req.priority > slot.req.priority:
-                waiting.insert(i, slot)
-                return
-    waiting.append(slot)
+    at = len(waiting)  # (from the back: with equal priorities, the common case, at once)
+    while by_priority and at and waiting[at - 1].req.priority > slot.req.priority:
+        at -= 1
+    waiting.insert(at, slot)

@@ -7,10 +7,11 @@ Responses API, stateless: ``responses_request.py`` / ``responses_output.py``; al
 ``POST /v1/responses/input_tokens`` (a response's prompt length; the routes that would read,
 cancel or delete a stored response answer 404: none is kept),
 ``GET /v1/models``, vLLM's ``POST /tokenize`` / ``POST /detokenize`` / ``GET /tokenizer_info``,
-``GET /health`` (503 while draining or after an engine failure) and ``GET /metrics`` (Prometheus
-text). With an API key every ``/v1`` route and the tokenizer routes need
-``Authorization: Bearer KEY`` (401 otherwise: they spend the server's CPU and show its chat
-template); ``/health`` and ``/metrics`` stay open, as in vLLM.
+``GET /health`` (503 while draining or after an engine failure), ``GET /metrics`` (Prometheus
+text) and ``GET /version``. A request's id is its client's ``X-Request-Id`` (``http.request_id``;
+one running request per id) or a random one. With an API key every ``/v1`` route and the
+tokenizer routes need ``Authorization: Bearer KEY`` (401 otherwise: they spend the server's CPU
+and show its chat template); ``/health`` and ``/metrics`` stay open, as in vLLM.
 
 A request is checked before it touches the engine: body size and JSON, fields (``protocol``),
 model name (404), prompt + ``max_tokens`` against the context (400), then capacity — when the
@@ -59,6 +60,7 @@ from fluid_npu.serve.http import (
     ClosingStream,
     RequestIdHeader,
     check_key,
+    id_in_use,
     openai_errors,
     read_json,
     request_id,
@@ -116,6 +118,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     # by a compiler made at the first one
     grammars = Grammars(tokenizer, config.vocab_size or len(tokenizer), worker.scheduler.eos_ids)
     compiling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-grammar")
+    running: dict[str, int] = {}  # request id -> its choices not yet closed (one request per id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -214,12 +217,15 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         tools: ToolSetting | None = None,
         grammar: Grammar | None = None,
         continuing: bool = False,
+        *,
+        rid: str,
     ) -> list[Generation]:
         """Check the request's prompts against the context and the capacity and submit them,
         ``s.n`` choices each (``shapes``: one per choice, prompt by prompt): one ``Generation``
         per choice. ``texts``: the prompts' text, which ``echo`` returns; ``tools``: a chat's
         (its calls parsed out); ``grammar``: what the output follows (``s.constraint``
-        compiled); ``continuing``: a chat that continues its final message."""
+        compiled); ``continuing``: a chat that continues its final message; ``rid``: the
+        request's id (``http.request_id``), one running request per id on every route."""
         param = "messages" if shapes[0].chat else "prompt"
         limits = [check_length(ids, s, param) for ids in prompts]
         if s.params["min_tokens"] > min(limits):
@@ -266,15 +272,14 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             )
             for shape in shapes
         ]
-        streams = await worker.submit_many(  # admitted together: one step prefills them all
-            requests,
-            arrived,
-            eos_ids=[] if s.ignore_eos else None,
-            stop=tuple(s.stop),
-            # reasoning apart: no stop string spans the closing marker, as the split text reads
-            stop_reset=None if split is None else split.end,
-            grammar=grammar,
-        )
+        if rid in running:  # (checked and taken with no wait between)
+            raise id_in_use(rid)
+        running[rid] = len(shapes)  # (free once every choice's Generation closed)
+        try:
+            streams = await submit(requests, s, split, grammar, arrived)
+        except BaseException:
+            release(rid, len(shapes))
+            raise
         for ids in prompts:
             metrics.prompt_tokens.inc(len(ids))
         gens: list[Generation] = []
@@ -293,7 +298,29 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             reader = None if tools is None else tools.reader()  # a chat's tool calls parsed out
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
                                    reader))  # fmt: skip
+            gens[-1].on_close = lambda: release(rid)
         return gens
+
+    def release(rid: str, n: int = 1) -> None:
+        """``n`` of the choices of the request ``rid`` closed."""
+        running[rid] -= n
+        if running[rid] <= 0:
+            del running[rid]
+
+    async def submit(
+        requests: list[tuple[str, list[int], dict[str, Any]]], s: protocol.Sampling,
+        split: Any, grammar: Grammar | None, arrived: float,
+    ) -> list[Any]:  # fmt: skip
+        """A request's choices into the engine, admitted together (one step prefills them)."""
+        return await worker.submit_many(
+            requests,
+            arrived,
+            eos_ids=[] if s.ignore_eos else None,
+            stop=tuple(s.stop),
+            # reasoning apart: no stop string spans the closing marker, as the split text reads
+            stop_reset=None if split is None else split.end,
+            grammar=grammar,
+        )
 
     async def reply(
         request: Request, endpoint: str, shapes: list[Shape], s: protocol.Sampling,
@@ -375,7 +402,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         chat_req = isinstance(req, protocol.ChatRequest)
         continuing = chat_req and req.render.continue_final_message  # type: ignore[union-attr]
         gens = await admit(shapes, prompts, req.sampling, arrived, texts, tools, grammar,
-                           continuing)  # fmt: skip
+                           continuing, rid=base)  # fmt: skip
         return await reply(request, request.url.path, shapes, req.sampling, gens)
 
     @app.post("/v1/completions")
@@ -396,7 +423,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         try:  # (the later checks name the chat fields: renamed as the request gave them)
             prompt = await conversation_ids(req.chat)
             gen, = await admit([shape], [prompt], req.chat.sampling, arrived, None,
-                               req.chat.tools, await compiled(req.chat.sampling))  # fmt: skip
+                               req.chat.tools, await compiled(req.chat.sampling),
+                               rid=request.state.request_id)  # fmt: skip
         except APIError as exc:
             raise req.came.renamed(exc) from None
         settings = dict(req.settings)

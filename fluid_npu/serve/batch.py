@@ -47,9 +47,10 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import httpx
 from fastapi import FastAPI
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 FIELDS = ("custom_id", "method", "url", "body")
 PROGRESS_S = 10.0  # seconds between two progress lines on stderr
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -196,10 +198,13 @@ async def answer_batch(
     room = asyncio.Semaphore(in_flight)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # (a 500 is a line too)
 
+    answered = 0
+
     async def one(k: int, request: BatchLine, client: httpx.AsyncClient) -> None:
-        nonlocal written, shown
+        nonlocal written, shown, answered
         try:
             done[k] = await _answer(client, request)
+            answered += 1
         finally:
             room.release()
         while written in done:
@@ -212,8 +217,9 @@ async def answer_batch(
         if now - shown >= PROGRESS_S:
             shown = now
             print(
-                f"fluid: run-batch: {written} of {len(requests)} answered, {result.tokens} "
-                f"tokens generated ({result.tokens / (now - start):.1f}/s)",
+                f"fluid: run-batch: {answered} of {len(requests)} answered ({written} written "
+                f"in order), {result.tokens} tokens written ({result.tokens / (now - start):.1f}"
+                "/s)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -250,7 +256,7 @@ async def answer_batch(
     return result
 
 
-async def _until_signalled(work: Any) -> Any:
+async def _until_signalled(work: Coroutine[Any, Any, T]) -> T:
     """Await ``work`` (a coroutine); SIGINT or SIGTERM cancels it — its cleanup runs: the engine
     stops, the temporary file goes — and raises ``Stopped``."""
     loop = asyncio.get_running_loop()

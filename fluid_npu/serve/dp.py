@@ -9,7 +9,9 @@ accelerator per rank (``device.rank_environments``), or on a CPU ``--threads`` (
 cores shared out, at least one each). A rank that fails to start stops them all with its log's
 tail. SIGTERM (or the first Ctrl-C) closes the front's socket, stops new requests (503), passes
 SIGTERM to every rank — each finishes its requests within ``--drain-timeout`` as a lone server
-does, while the front still relays their answers — and exits 0 when every rank did.
+does, while the front still relays their answers — and exits 0 when every rank did; SIGINT or
+SIGTERM while the ranks still load stops them and exits with 128 + the signal's number. With
+``--seed S`` rank ``i`` is seeded ``S + i``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import secrets
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import fields
 from types import FrameType
 
@@ -103,6 +106,8 @@ class Ranks:
         self.args = rank_args(settings, threads)
         self.procs: list[ServerProcess] = []
         self.ready = False
+        self.stopping = False  # (set by stop: a rank not launched by then never is)
+        self.lock = threading.Lock()
 
     def start(self) -> Front:
         """Start every rank (one that fails stops the others and raises; SIGINT or SIGTERM
@@ -111,10 +116,12 @@ class Ranks:
         # front, which passes the drain on once; a rank ends when the front does
         own = {"FLUID_API_KEY": self.key, PARENT_ENV: str(os.getpid())}
         stop = self.settings.drain_timeout + 2 * GRACE_S
-        self.procs = [ServerProcess(self.args, env={**env, **own}, new_session=True,
-                                    stop_timeout=stop) for env in self.envs]  # fmt: skip
+        self.procs = [
+            ServerProcess(self._args(i), env={**env, **own}, new_session=True, stop_timeout=stop)
+            for i, env in enumerate(self.envs)
+        ]
         with stopped_by_signals():
-            _start_all(self.procs)
+            _start_all(self.procs, self._launch)
         self.ready = True
         procs = self.procs
         return Front(
@@ -126,9 +133,28 @@ class Ranks:
             log_tail=lambda i: procs[i].log_tail(),
         )
 
+    def _args(self, i: int) -> list[str]:
+        """Rank ``i``'s flags: ``--seed S`` becomes ``S + i``, so ranks given the same unseeded
+        request at the same point do not draw the same numbers."""
+        seed = self.settings.seed
+        if seed is None:
+            return self.args
+        at = self.args.index("--seed")
+        return [*self.args[: at + 1], str(seed + i), *self.args[at + 2 :]]
+
+    def _launch(self, rank: ServerProcess) -> bool:
+        """Launch ``rank`` unless the ranks are being stopped (then False)."""
+        with self.lock:
+            if self.stopping:
+                return False
+            rank.launch()
+            return True
+
     def stop(self) -> bool:
         """Drain and stop every rank (all told at once); whether each ended with status 0 (the
         others' output is shown, but for ranks stopped before they were ready)."""
+        with self.lock:  # (no rank is launched after this)
+            self.stopping = True
         for rank in self.procs:
             rank.terminate()
         codes = [rank.wait() if rank.proc is not None else 1 for rank in self.procs]
@@ -182,14 +208,15 @@ def serve_data_parallel(settings: ServeSettings) -> int:
     return 0
 
 
-def _start_all(ranks: list[ServerProcess]) -> None:
-    """Start every rank at once (each loads its model: minutes for a 7B one); one that fails
-    stops the others and raises its error."""
+def _start_all(ranks: list[ServerProcess], launch: Callable[[ServerProcess], bool]) -> None:
+    """Start every rank at once (each loads its model: minutes for a 7B one) through ``launch``
+    (False: not launched); one that fails stops the others and raises its error."""
     errors: list[BaseException] = []
 
     def start(rank: ServerProcess) -> None:
         try:
-            rank.start()
+            if launch(rank):
+                rank.ready()
         except BaseException as exc:  # (reported below, with the rank's log)
             errors.append(exc)
 

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,7 @@ class Generation:
         self.worker, self.metrics, self.stream, self.detok = worker, metrics, stream, detok
         self.echo = echo
         self.tools = tools  # a chat with tools to call: the answer's calls read out
+        self.on_close: Callable[[], None] | None = None  # called once, by close
         self.finish_reason: str | None = None
         self.forwards = 0
         self.cached = 0  # prompt tokens the engine found in a slot's cache
@@ -177,6 +178,9 @@ class Generation:
 
     def close(self, endpoint: str) -> None:
         """Account for the request; abort it in the engine if it did not finish."""
+        if self.on_close is not None:  # (its request's id is free once every choice closed)
+            self.on_close()
+            self.on_close = None
         if self.finish_reason is None:
             self.worker.abort(self.stream.request_id)
             self.finish_reason = "abort"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterable, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluid_npu.serve.errors import APIError, error_body
 
+logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 << 20
 MAX_REQUEST_ID = 256
 REQUEST_ID = "x-request-id"
@@ -120,7 +122,7 @@ def openai_errors(app: FastAPI, refused: Callable[[Request, APIError], None] | N
         )
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)  # (only what a middleware outside _CatchAll raises)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
         return _internal_error(exc)
 
@@ -153,17 +155,32 @@ class _CatchAll:
         except Exception as exc:
             if started or scope["type"] != "http":
                 raise
+            logger.exception("a request failed: %s %s", scope.get("method"), scope.get("path"))
             await _internal_error(exc)(scope, receive, send)
+
+
+def _well_formed(given: str) -> bool:
+    return (
+        0 < len(given) <= MAX_REQUEST_ID
+        and given.isprintable()
+        and given.isascii()
+        and (" " not in given)
+    )
+
+
+def id_in_use(rid: str) -> APIError:
+    """The 400 of a request whose id names one still running (one request per id)."""
+    return APIError(
+        f"request id {rid!r} belongs to a request still running; send another X-Request-Id "
+        "(or none)"
+    )
 
 
 def request_id(request: Request) -> str:
     """The request's id: its ``X-Request-Id`` (checked), else a random one; kept on the request's
     state for the response header."""
     given = request.headers.get(REQUEST_ID)
-    if given is not None and not (
-        0 < len(given) <= MAX_REQUEST_ID and given.isprintable() and given.isascii()
-        and " " not in given
-    ):  # fmt: skip
+    if given is not None and not _well_formed(given):
         raise APIError(
             f"the X-Request-Id header must be 1-{MAX_REQUEST_ID} visible ASCII characters without "
             "spaces; send another or leave it out"
@@ -189,9 +206,12 @@ class RequestIdHeader:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 if not any(k.lower() == REQUEST_ID.encode() for k, _ in headers):
-                    given = dict(scope.get("headers", [])).get(REQUEST_ID.encode())
+                    given = dict(scope.get("headers", [])).get(REQUEST_ID.encode(), b"")
                     rid = scope.get("state", {}).get("request_id")
-                    value = rid.encode() if rid else given or uuid.uuid4().hex.encode()
+                    if not rid:  # (a route that never read it: the client's, if well formed)
+                        text = given.decode("latin-1")
+                        rid = text if _well_formed(text) else uuid.uuid4().hex
+                    value = rid.encode()
                     headers.append((REQUEST_ID.encode(), value))
                 message = {**message, "headers": headers}
             await send(message)

@@ -3,7 +3,12 @@
 ``ServerProcess(args)`` runs ``python -m fluid_npu.cli serve ARGS --host 127.0.0.1 --port FREE``
 with its output in a log file, waits (bounded) until ``/health`` answers 200 — a server that exits
 first is a ``FluidError`` carrying the tail of its log — and on exit sends SIGTERM (the drain) and
-waits for the exit status, killing the process only if it outlives the bound.
+waits for the exit status, killing the process only if it outlives the bound. A server given
+``--ssl-certfile`` is polled over https (``verify``: how its certificate is checked).
+
+``stopped_by_signals`` turns SIGINT / SIGTERM into a ``Stopped`` exception while a block runs (the
+data-parallel ranks starting, a model loading), so the block's cleanup runs and the command exits
+with 128 + the signal's number instead of dying with processes or files left behind.
 """
 
 from __future__ import annotations
@@ -73,9 +78,18 @@ class ServerProcess:
 
     def start(self) -> str:
         """Launch and wait for ``/health``; returns the base URL."""
+        self.launch()
+        return self.ready()
+
+    def launch(self) -> None:
+        """Start the process (``ready`` waits for it to answer)."""
         cmd = [sys.executable, "-m", "fluid_npu.cli", "serve", *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=self.new_session)  # fmt: skip
+
+    def ready(self) -> str:
+        """Wait (bounded) for the launched server's ``/health``; returns the base URL."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

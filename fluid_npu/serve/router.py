@@ -19,7 +19,9 @@ request with an error: a 502, or in a stream an error event. ``/health`` is 200 
 is (their answers under ``ranks``), 503 otherwise; ``/metrics`` is every rank's metrics with a
 ``rank`` label, and the router's own (``fluid_dp_requests_total`` by rank and whether a shared
 start chose it); ``/v1/models`` and the tokenizer routes are answered by a live rank. With
-``--enable-log-requests`` the front writes each request's rank (``routing_log``).
+``--enable-log-requests`` the front writes each request's id and rank (``routing_log``). The
+front checks a request's ``X-Request-Id``, makes one where the client sent none, passes it to the
+rank and keeps one running request per id across the ranks; ``GET /version`` is its own.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.http import (
     ClosingStream,
     check_key,
+    id_in_use,
     openai_errors,
     read_body,
     request_id,
@@ -154,16 +157,19 @@ def create_front(front: Front) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         polling = asyncio.ensure_future(poll())
-        yield
-        polling.cancel()
-        await client.aclose()
-        await control.aclose()
+        try:
+            yield
+        finally:  # (an in-process front, run-batch's, that is cancelled closes its clients too)
+            polling.cancel()
+            await client.aclose()
+            await control.aclose()
 
     app = FastAPI(title="fluid serve (data parallel)", lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.router = router
     openai_errors(app, lambda request, exc: routing_log.info(  # (refused at the front)
-        "%s refused: %d", request.url.path, exc.status))  # fmt: skip
+        "%s %s refused: %d", request.url.path, getattr(request.state, "request_id", "-"),
+        exc.status))  # fmt: skip
 
     def authorize(request: Request) -> None:
         check_key(request.headers.get("authorization", ""), front.api_key)
@@ -186,8 +192,7 @@ def create_front(front: Front) -> FastAPI:
             key = ""  # (the rank answers the malformed body)
         rid = request_id(request)  # the client's (checked here), else one made here for the rank
         if rid in running:  # (each rank keeps one request per id; so does the front, across them)
-            raise APIError(f"request id {rid!r} belongs to a request still running; send another "
-                           "X-Request-Id (or none)")  # fmt: skip
+            raise id_in_use(rid)
         running.add(rid)
         streaming = False
         try:

@@ -186,12 +186,6 @@ class Worker:
     def _apply(self, item: Any) -> None:
         if isinstance(item, _Submit):
             taken: list[str] = []
-            used = [r.request_id for r in item.requests if r.request_id in self.streams]
-            if used:  # (a client's X-Request-Id is the engine's id: one request at a time)
-                self._send(_set_exception, item.accepted, APIError(
-                    f"request id {used[0]!r} belongs to a request still running; send another "
-                    "X-Request-Id (or none)"))  # fmt: skip
-                return
             try:
                 for req in item.requests:
                     self.scheduler.submit(req)
