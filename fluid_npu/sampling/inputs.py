@@ -200,3 +200,64 @@ def check_context(
             f"ones, {max(lengths) + max_new_tokens} asked); lower max_new_tokens or the horizon "
             "(k_max, a fixed:K policy, or ar)"
         )
+
+
+def check_request(
+    req: Any,
+    model: PreTrainedModel,
+    *,
+    block: int,
+    max_len: int,
+    by_priority: bool,
+    has_tokenizer: bool,
+) -> None:
+    """A ``Request`` the engine is given (``Scheduler.submit``), checked against the model, the
+    engine's ``max_len`` and ``block`` (its draft slots), its scheduling policy and whether it
+    can read text; each problem is one ``PromptError`` / ``ConfigError`` naming the request."""
+    if not req.prompt:
+        raise PromptError(f"request {req.request_id!r}: the prompt is empty; give some tokens")
+    if not isinstance(req.priority, int) or isinstance(req.priority, bool):
+        raise ConfigError(
+            f"request {req.request_id!r}: priority must be an integer, got {req.priority!r}"
+        )
+    if req.priority and not by_priority:
+        raise ConfigError(
+            f"request {req.request_id!r}: priority {req.priority} needs "
+            "Scheduler(scheduling_policy='priority')"
+        )
+    if req.max_new_tokens < 1:
+        raise ConfigError(
+            f"request {req.request_id!r}: max_new_tokens must be at least 1, "
+            f"got {req.max_new_tokens}"
+        )
+    check_context(
+        model,
+        [len(req.prompt)],
+        req.max_new_tokens,
+        block,
+        [f"request {req.request_id!r}"],
+    )
+    if len(req.prompt) + req.max_new_tokens > max_len:
+        raise PromptError(
+            f"request {req.request_id!r}: prompt ({len(req.prompt)} tokens) + max_new_tokens "
+            f"({req.max_new_tokens}) exceeds the engine's max_len {max_len}; shorten "
+            "the prompt or lower max_new_tokens"
+        )
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if min(req.prompt) < 0 or max(req.prompt) >= vocab:
+        raise PromptError(
+            f"request {req.request_id!r}: token ids must lie in [0, {vocab}) (the vocabulary)"
+        )
+    biased = [t for t, _ in (req.sampling.logit_bias if req.sampling else ())]
+    if biased and max(biased) >= vocab:
+        raise ConfigError(
+            f"request {req.request_id!r}: logit_bias token {max(biased)} is outside the "
+            f"vocabulary [0, {vocab})"
+        )
+    if req.stop and not has_tokenizer:
+        raise ConfigError(
+            f"request {req.request_id!r} has stop strings but the Scheduler has no tokenizer "
+            "to read the text with; pass Scheduler(..., tokenizer=...)"
+        )
+    if any(not isinstance(x, str) or not x for x in req.stop):
+        raise ConfigError(f"request {req.request_id!r}: stop strings must be non-empty text")

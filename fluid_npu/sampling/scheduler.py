@@ -57,7 +57,11 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.head import LMHead
-from fluid_npu.sampling.inputs import PromptError, check_context, eos_and_pad, sliding_window
+from fluid_npu.sampling.inputs import (
+    check_request,
+    eos_and_pad,
+    sliding_window,
+)
 from fluid_npu.sampling.kv import (
     SlotKV,
     hold_slot_attention,
@@ -290,53 +294,14 @@ class Scheduler(PrefillMixin, StepMixin):
         """Queue a request; a bad one is a ``PromptError`` / ``ConfigError`` naming the problem."""
         if req.request_id in self._ids:
             raise ConfigError(f"request id {req.request_id!r} is already queued or running")
-        if not req.prompt:
-            raise PromptError(f"request {req.request_id!r}: the prompt is empty; give some tokens")
-        if not isinstance(req.priority, int) or isinstance(req.priority, bool):
-            raise ConfigError(
-                f"request {req.request_id!r}: priority must be an integer, got {req.priority!r}"
-            )
-        if req.priority and self.scheduling_policy != "priority":
-            raise ConfigError(
-                f"request {req.request_id!r}: priority {req.priority} needs "
-                "Scheduler(scheduling_policy='priority')"
-            )
-        if req.max_new_tokens < 1:
-            raise ConfigError(
-                f"request {req.request_id!r}: max_new_tokens must be at least 1, "
-                f"got {req.max_new_tokens}"
-            )
-        check_context(
+        check_request(
+            req,
             self.model,
-            [len(req.prompt)],
-            req.max_new_tokens,
-            self.k,
-            [f"request {req.request_id!r}"],
+            block=self.k,
+            max_len=self.max_len,
+            by_priority=self.scheduling_policy == "priority",
+            has_tokenizer=self.tokenizer is not None,
         )
-        if len(req.prompt) + req.max_new_tokens > self.max_len:
-            raise PromptError(
-                f"request {req.request_id!r}: prompt ({len(req.prompt)} tokens) + max_new_tokens "
-                f"({req.max_new_tokens}) exceeds the engine's max_len {self.max_len}; shorten "
-                "the prompt or lower max_new_tokens"
-            )
-        vocab = self.model.get_input_embeddings().weight.shape[0]
-        if min(req.prompt) < 0 or max(req.prompt) >= vocab:
-            raise PromptError(
-                f"request {req.request_id!r}: token ids must lie in [0, {vocab}) (the vocabulary)"
-            )
-        biased = [t for t, _ in (req.sampling.logit_bias if req.sampling else ())]
-        if biased and max(biased) >= vocab:
-            raise ConfigError(
-                f"request {req.request_id!r}: logit_bias token {max(biased)} is outside the "
-                f"vocabulary [0, {vocab})"
-            )
-        if req.stop and self.tokenizer is None:
-            raise ConfigError(
-                f"request {req.request_id!r} has stop strings but the Scheduler has no tokenizer "
-                "to read the text with; pass Scheduler(..., tokenizer=...)"
-            )
-        if any(not isinstance(x, str) or not x for x in req.stop):
-            raise ConfigError(f"request {req.request_id!r}: stop strings must be non-empty text")
         self._check_grammar(req)  # (constrained.py)
         if req.eos_ids is not None and len(req.eos_ids) > self.eos.shape[1]:
             self._widen_eos(len(req.eos_ids))

@@ -13,11 +13,11 @@ one running request per id) or a random one. With an API key every ``/v1`` route
 tokenizer routes need ``Authorization: Bearer KEY`` (401 otherwise: they spend the server's CPU
 and show its chat template); ``/health`` and ``/metrics`` stay open, as in vLLM.
 
-A request is checked before it touches the engine: body size and JSON, fields (``protocol``),
-model name (404), prompt + ``max_tokens`` against the context (400), then capacity — when the
-requests in flight already fill the batch and ``max_queue`` waiting places, the answer is 429 with
-``Retry-After``. A client that disconnects (streaming or not) has its request aborted, which frees
-its slot before the scheduler's next step.
+A request is checked before it touches the engine (``admission.py``): body size and JSON, fields
+(``protocol``), model name (404), prompt + ``max_tokens`` against the context (400), then capacity
+— when the requests in flight already fill the batch and ``max_queue`` waiting places, the answer
+is 429 with ``Retry-After``. A client that disconnects (streaming or not) has its request aborted,
+which frees its slot before the scheduler's next step.
 
 Prompts are tokenized (and chat templates rendered) on one thread beside the event loop, as vLLM
 does: a long text (a 4 MiB body tokenizes for seconds) never stalls the other requests' streams,
@@ -44,6 +44,7 @@ from fluid_npu.errors import FluidError
 from fluid_npu.sampling.grammar import Grammar
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
+from fluid_npu.serve.admission import Admission
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.generation import (
     Echo,
@@ -60,7 +61,6 @@ from fluid_npu.serve.http import (
     ClosingStream,
     RequestIdHeader,
     check_key,
-    id_in_use,
     openai_errors,
     read_json,
     request_id,
@@ -68,7 +68,6 @@ from fluid_npu.serve.http import (
 )
 from fluid_npu.serve.metrics import ServerMetrics
 from fluid_npu.serve.reasoning import reasoning_parser
-from fluid_npu.serve.rendering import ChatRender
 from fluid_npu.serve.responses import Shape
 from fluid_npu.serve.responses_output import ResponseOutput, not_kept_routes
 from fluid_npu.serve.responses_output import answer as respond_with
@@ -78,8 +77,6 @@ from fluid_npu.serve.text import TokenText, chat_ids
 from fluid_npu.serve.tokenizing import tokenizer_routes
 from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
-
-RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -118,7 +115,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     # by a compiler made at the first one
     grammars = Grammars(tokenizer, config.vocab_size or len(tokenizer), worker.scheduler.eos_ids)
     compiling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-grammar")
-    running: dict[str, int] = {}  # request id -> its choices not yet closed (one request per id)
+    gate = Admission(config, worker)  # the checks a request passes before the engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -150,64 +147,6 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     def authorize(request: Request) -> None:
         check_key(request.headers.get("authorization", ""), config.api_key)
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != config.model_name:
-            raise APIError(
-                f"the model {name!r} is not served here; this server serves {config.model_name!r}",
-                status=404,
-                param="model",
-                code="model_not_found",
-            )
-
-    def check_template(render: ChatRender) -> None:
-        if render.template is not None and not config.trust_request_chat_template:
-            raise APIError(
-                "this server renders conversations with its own chat template; a request's "
-                "chat_template needs a server started with --trust-request-chat-template",
-                param="chat_template",
-            )
-
-    def check_length(prompt: list[int], sampling: protocol.Sampling, param: str) -> int:
-        room = config.max_len - len(prompt)
-        if room < 1:
-            raise APIError(
-                f"the prompt has {len(prompt)} tokens; this server's context holds "
-                f"{config.max_len} tokens including the completion",
-                param=param,
-            )
-        if sampling.max_tokens is None:
-            return room
-        if sampling.max_tokens > room:
-            name = sampling.max_tokens_field
-            raise APIError(
-                f"{name}={sampling.max_tokens} with a {len(prompt)}-token prompt exceeds the "
-                f"context of {config.max_len} tokens; ask for at most {room}",
-                param=name,
-            )
-        return sampling.max_tokens
-
-    def check_capacity(n: int, copies: int = 1) -> None:
-        """Room for ``n`` more requests (prompts x ``copies``): 429 while the queue is full; 400
-        for more than the batch and the queue hold together (no wait makes room for them)."""
-        if config.max_queue is None:
-            return
-        room = config.max_batch + config.max_queue
-        if n > room:
-            raise APIError(
-                f"the request asks for {n} completions (prompts x n); this server runs and queues "
-                f"at most {room} at once: send fewer prompts or a smaller n per request",
-                param="n" if copies > 1 else "prompt",
-            )
-        if worker.outstanding + n > room:
-            raise APIError(
-                f"the server is at capacity ({config.max_batch} running, {config.max_queue} "
-                "queued); retry later",
-                status=429,
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-
     async def admit(
         shapes: list[Shape],
         prompts: list[list[int]],
@@ -227,7 +166,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         compiled); ``continuing``: a chat that continues its final message; ``rid``: the
         request's id (``http.request_id``), one running request per id on every route."""
         param = "messages" if shapes[0].chat else "prompt"
-        limits = [check_length(ids, s, param) for ids in prompts]
+        limits = [gate.length(ids, s, param) for ids in prompts]
         if s.params["min_tokens"] > min(limits):
             raise APIError(
                 f"min_tokens={s.params['min_tokens']} exceeds the {min(limits)} tokens this "
@@ -252,7 +191,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 "with --scheduling-policy priority, or leave priority out",
                 param="priority",
             )
-        check_capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
+        gate.capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
         eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
         # a chat's reasoning apart from its answer; a grammar holds the answer (structured.py)
         split = reasoning if shapes[0].chat else None
@@ -272,13 +211,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             )
             for shape in shapes
         ]
-        if rid in running:  # (checked and taken with no wait between)
-            raise id_in_use(rid)
-        running[rid] = len(shapes)  # (free once every choice's Generation closed)
+        gate.take_id(rid, len(shapes))  # (free once every choice's Generation closed)
         try:
             streams = await submit(requests, s, split, grammar, arrived)
         except BaseException:
-            release(rid, len(shapes))
+            gate.release_id(rid, len(shapes))
             raise
         for ids in prompts:
             metrics.prompt_tokens.inc(len(ids))
@@ -298,14 +235,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             reader = None if tools is None else tools.reader()  # a chat's tool calls parsed out
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
                                    reader))  # fmt: skip
-            gens[-1].on_close = lambda: release(rid)
+            gens[-1].on_close = lambda: gate.release_id(rid)
         return gens
-
-    def release(rid: str, n: int = 1) -> None:
-        """``n`` of the choices of the request ``rid`` closed."""
-        running[rid] -= n
-        if running[rid] <= 0:
-            del running[rid]
 
     async def submit(
         requests: list[tuple[str, list[int], dict[str, Any]]], s: protocol.Sampling,
@@ -362,8 +293,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
 
     async def conversation_ids(req: protocol.ChatRequest) -> list[int]:
         """A chat request's prompt (checked and rendered on the tokenizing thread)."""
-        check_model(req.sampling.model)
-        check_template(req.render)
+        gate.model(req.sampling.model)
+        gate.template(req.render)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(tokenizing, chat_ids, tokenizer, req.messages,
                                           req.render, config.template_kwargs,
@@ -382,7 +313,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         base = request_id(request)  # (the client's X-Request-Id, else a random one)
         body = await read_json(request)
         req = protocol.parse_chat(body, calling) if chat else protocol.parse_completion(body)
-        check_model(req.sampling.model)
+        gate.model(req.sampling.model)
         loop = asyncio.get_running_loop()
         texts = None
         if isinstance(req, protocol.ChatRequest):
@@ -463,12 +394,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     @app.get("/v1/models/{model:path}")
     async def model(request: Request, model: str) -> dict[str, Any]:
         authorize(request)
-        check_model(model)
+        gate.model(model)
         return card
 
     # vLLM's tokenizer routes (lm-evaluation-harness finds them and needs no local tokenizer)
     tokenizer_routes(app, tokenizer, config.max_len, config.template_kwargs, tokenizing,
-                     authorize, check_model, check_template)  # fmt: skip
+                     authorize, gate.model, gate.template)  # fmt: skip
 
     @app.get("/version")  # (vLLM's)
     async def version() -> dict[str, str]:

@@ -1,0 +1,106 @@
+"""What a request must pass before ``fluid serve``'s engine takes it (``app.py`` asks): the model
+it names (404 for another), the chat template it brings (only with
+``--trust-request-chat-template``), its prompt and ``max_tokens`` against the context (400), the
+server's capacity (429 with ``Retry-After`` while ``--max-batch`` running and ``--max-queue``
+waiting requests fill it; 400 for more than both hold) and its id (one running request per id:
+``http.request_id``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fluid_npu.serve import protocol
+from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.http import id_in_use
+from fluid_npu.serve.rendering import ChatRender
+
+if TYPE_CHECKING:
+    from fluid_npu.serve.app import ServeConfig
+    from fluid_npu.serve.worker import Worker
+
+RETRY_AFTER_S = 1
+
+
+class Admission:
+    """The checks of one server (its ``ServeConfig`` and ``Worker``), and the ids running."""
+
+    def __init__(self, config: ServeConfig, worker: Worker) -> None:
+        self.config, self.worker = config, worker
+        self.running: dict[str, int] = {}  # request id -> its choices not yet closed
+
+    def model(self, name: str | None) -> None:
+        """A 404 for a model this server does not serve (None: the request named none)."""
+        if name is not None and name != self.config.model_name:
+            raise APIError(
+                f"the model {name!r} is not served here; this server serves "
+                f"{self.config.model_name!r}",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def template(self, render: ChatRender) -> None:
+        """A 400 for a request's own chat template, unless the server trusts them."""
+        if render.template is not None and not self.config.trust_request_chat_template:
+            raise APIError(
+                "this server renders conversations with its own chat template; a request's "
+                "chat_template needs a server started with --trust-request-chat-template",
+                param="chat_template",
+            )
+
+    def length(self, prompt: list[int], sampling: protocol.Sampling, param: str) -> int:
+        """The tokens a prompt may generate (its ``max_tokens``, else the context's room); a 400
+        when the prompt, or the prompt and ``max_tokens``, do not fit the context."""
+        context = self.config.max_len
+        room = context - len(prompt)
+        if room < 1:
+            raise APIError(
+                f"the prompt has {len(prompt)} tokens; this server's context holds {context} "
+                "tokens including the completion",
+                param=param,
+            )
+        if sampling.max_tokens is None:
+            return room
+        if sampling.max_tokens > room:
+            name = sampling.max_tokens_field
+            raise APIError(
+                f"{name}={sampling.max_tokens} with a {len(prompt)}-token prompt exceeds the "
+                f"context of {context} tokens; ask for at most {room}",
+                param=name,
+            )
+        return sampling.max_tokens
+
+    def capacity(self, n: int, copies: int = 1) -> None:
+        """Room for ``n`` more requests (prompts x ``copies``): 429 while the queue is full; 400
+        for more than the batch and the queue hold together (no wait makes room for them)."""
+        cfg = self.config
+        if cfg.max_queue is None:
+            return
+        room = cfg.max_batch + cfg.max_queue
+        if n > room:
+            raise APIError(
+                f"the request asks for {n} completions (prompts x n); this server runs and queues "
+                f"at most {room} at once: send fewer prompts or a smaller n per request",
+                param="n" if copies > 1 else "prompt",
+            )
+        if self.worker.outstanding + n > room:
+            raise APIError(
+                f"the server is at capacity ({cfg.max_batch} running, {cfg.max_queue} queued); "
+                "retry later",
+                status=429,
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+
+    def take_id(self, rid: str, choices: int) -> None:
+        """Hold ``rid`` for a request of ``choices`` choices; a 400 while another holds it."""
+        if rid in self.running:
+            raise id_in_use(rid)
+        self.running[rid] = choices
+
+    def release_id(self, rid: str, n: int = 1) -> None:
+        """``n`` of the choices of the request ``rid`` closed (its id is free after the last)."""
+        self.running[rid] -= n
+        if self.running[rid] <= 0:
+            del self.running[rid]
