@@ -7,7 +7,7 @@ waiting requests fill it; 400 for more than both hold) and its id (one running r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fluid_npu.serve import protocol
 from fluid_npu.serve.errors import APIError
@@ -15,16 +15,17 @@ from fluid_npu.serve.http import id_in_use
 from fluid_npu.serve.rendering import ChatRender
 
 if TYPE_CHECKING:
-    from fluid_npu.serve.app import ServeConfig
     from fluid_npu.serve.worker import Worker
 
 RETRY_AFTER_S = 1
 
 
 class Admission:
-    """The checks of one server (its ``ServeConfig`` and ``Worker``), and the ids running."""
+    """The checks of one server, and the ids running: ``config`` is its ``app.ServeConfig``
+    (``model_name``, ``max_len``, ``max_batch``, ``max_queue``, ``trust_request_chat_template``
+    are read; not imported here, as ``app`` imports this module)."""
 
-    def __init__(self, config: ServeConfig, worker: Worker) -> None:
+    def __init__(self, config: Any, worker: Worker) -> None:
         self.config, self.worker = config, worker
         self.running: dict[str, int] = {}  # request id -> its choices not yet closed
 

@@ -193,12 +193,10 @@ async def answer_batch(
     once, writing their lines to ``out`` in the input's order."""
     result = BatchResult()
     done: dict[int, dict[str, Any]] = {}
-    written, start = 0, time.monotonic()
-    shown = start
+    written = answered = 0  # lines written in the input's order; requests answered
+    start = shown = time.monotonic()
     room = asyncio.Semaphore(in_flight)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # (a 500 is a line too)
-
-    answered = 0
 
     async def one(k: int, request: BatchLine, client: httpx.AsyncClient) -> None:
         nonlocal written, shown, answered

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from types import FrameType
 
 import uvicorn
@@ -103,7 +103,7 @@ class Ranks:
         devices = ", ".join(v for env in self.envs for v in env.values())
         self.placed = f"{threads} CPU threads each" if kind == "cpu" else f"devices {devices}"
         self.key = secrets.token_urlsafe(32)
-        self.args = rank_args(settings, threads)
+        self.threads = threads
         self.procs: list[ServerProcess] = []
         self.ready = False
         self.stopping = False  # (set by stop: a rank not launched by then never is)
@@ -137,10 +137,8 @@ class Ranks:
         """Rank ``i``'s flags: ``--seed S`` becomes ``S + i``, so ranks given the same unseeded
         request at the same point do not draw the same numbers."""
         seed = self.settings.seed
-        if seed is None:
-            return self.args
-        at = self.args.index("--seed")
-        return [*self.args[: at + 1], str(seed + i), *self.args[at + 2 :]]
+        own = self.settings if seed is None else replace(self.settings, seed=seed + i)
+        return rank_args(own, self.threads)
 
     def _launch(self, rank: ServerProcess) -> bool:
         """Launch ``rank`` unless the ranks are being stopped (then False)."""
