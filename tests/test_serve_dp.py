@@ -324,7 +324,7 @@ def test_serve_with_two_engine_ranks(model_dir, tmp_path, monkeypatch):  # noqa:
     first (its prompt found there); the front serves HTTPS, answers the allowed browser origin
     and passes a client's X-Request-Id on (``test_serve_network.py`` checks one engine);
     SIGTERM drains the ranks and every process exits 0."""
-    from test_serve_network import CERT, KEY, PAGE
+    from test_serve_network import CERT, KEY, PAGE, STOP_S
 
     monkeypatch.setenv("SSL_CERT_FILE", CERT)  # (every client here trusts the test certificate)
     key = "dp-key"
@@ -333,7 +333,7 @@ def test_serve_with_two_engine_ranks(model_dir, tmp_path, monkeypatch):  # noqa:
             "--ssl-keyfile", KEY, "--ssl-certfile", CERT, "--allowed-origins", f'["{PAGE}"]',
             "--enable-request-id-headers"]  # fmt: skip
     want = offline(model_dir, tmp_path, PROMPTS[:8], 24)
-    with ServerProcess(args) as front:
+    with ServerProcess(args, stop_timeout=STOP_S) as front:  # (its clients stay open)
         assert front.url.startswith("https://")
         traced = httpx.post(f"{front.url}/v1/completions", json={"prompt": "abc", "max_tokens": 2},
                             headers={"Authorization": f"Bearer {key}", "Origin": PAGE,

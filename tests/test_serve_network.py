@@ -21,6 +21,7 @@ from fluid_npu.serve.launch import ServerProcess
 TLS = Path(__file__).parent / "data" / "tls"
 CERT, KEY = str(TLS / "cert.pem"), str(TLS / "key.pem")
 PAGE = "http://page.example"
+STOP_S = 15.0  # a TLS server's stop with idle clients: well under asyncio's 30 s close wait
 
 
 def trusting() -> ssl.SSLContext:
@@ -92,8 +93,15 @@ def test_https_and_allowed_origins(model_dir):  # noqa: F811
     args = ["--model", model_dir, "--max-batch", "2", "--max-len", "64", "--ssl-keyfile", KEY,
             "--ssl-certfile", CERT, "--allowed-origins", f'["{PAGE}"]',
             "--enable-request-id-headers"]  # fmt: skip
-    with ServerProcess(args, verify=trusting()) as server:
+    # a client whose pool keeps an idle connection while the server stops: closing it, asyncio
+    # waits up to 30 s for the client's close_notify, which it never reads; the server must not
+    # (a stop past STOP_S is killed, and its status is not 0)
+    with (
+        httpx.Client(verify=trusting()) as idle,
+        ServerProcess(args, verify=trusting(), stop_timeout=STOP_S) as server,
+    ):
         _check_cors_and_tls(server.url)
+        assert idle.get(f"{server.url}/health").status_code == 200
         log = server.log_tail()
     assert server.returncode == 0, log
     assert f"on {server.url}/v1" in log  # the banner names the https address

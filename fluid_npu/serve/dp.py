@@ -30,6 +30,7 @@ import uvicorn
 from fluid_npu.errors import FluidError
 from fluid_npu.serve.http import RequestIdHeader
 from fluid_npu.serve.launch import ServerProcess, Stopped, stopped_by_signals
+from fluid_npu.serve.network import ServerClosingTLS
 from fluid_npu.serve.router import Front, create_front
 from fluid_npu.serve.server import (
     GRACE_S,
@@ -63,7 +64,7 @@ def rank_args(settings: ServeSettings, threads: int | None) -> list[str]:
     return out + (["--threads", str(threads)] if threads is not None else [])
 
 
-class FrontServer(uvicorn.Server):
+class FrontServer(ServerClosingTLS):
     """uvicorn's ``Server`` whose SIGTERM drains the ranks too."""
 
     def __init__(self, config: uvicorn.Config, front: Front, ranks: list[ServerProcess]) -> None:

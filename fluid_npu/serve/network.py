@@ -11,21 +11,27 @@ origins (CORS) and TLS, under vLLM's flag names.
   stay on the loopback); ``--ssl-ca-certs FILE`` with ``--ssl-cert-reqs 2`` (1: optional) asks
   clients for certificates that file signed. The files are read at start: a missing one, or a key
   that does not match its certificate, is one error naming the flag, before the model loads.
+  A TLS server stops as promptly as a plain one (``ServerClosingTLS``): a client that keeps an
+  idle connection open does not hold its exit back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from fluid_npu.errors import ConfigError
 
 CERT_REQS = (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED)  # 0, 1, 2 as vLLM takes them
+TLS_CLOSE_S = 1.0  # how long a closing TLS connection waits for its client's close_notify
 
 
 def json_list(flag: str, text: str) -> list[str]:
@@ -141,3 +147,37 @@ class Network:
 
 def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+
+
+class ServerClosingTLS(uvicorn.Server):
+    """uvicorn's ``Server``, whose stop does not wait on idle TLS clients.
+
+    Stopping, uvicorn closes every idle connection and waits until each is gone. Closing a TLS
+    connection sends close_notify, and asyncio then waits up to 30 s for the client's; a client
+    that keeps an idle connection in its pool (the ``openai`` client, a browser) never reads it,
+    so every such client held the exit back 30 s — past the drain bound, and past a service
+    manager's stop timeout. While this server stops, a TLS connection still closing after
+    ``TLS_CLOSE_S`` is cut (its close_notify is sent; TLS 1.3 does not require waiting for the
+    answer). A plain-HTTP connection closes at once and is left alone.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        cutter = asyncio.create_task(self._cut_closing()) if self.config.is_ssl else None
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if cutter is not None:
+                cutter.cancel()
+
+    async def _cut_closing(self) -> None:
+        loop = asyncio.get_running_loop()
+        since: dict[Any, float] = {}  # connection -> when it was first seen closing
+        while True:
+            now = loop.time()
+            for conn in list(self.server_state.connections):
+                transport = getattr(conn, "transport", None)
+                if transport is None or not transport.is_closing():
+                    continue
+                if now - since.setdefault(conn, now) >= TLS_CLOSE_S:
+                    transport.abort()
+            await asyncio.sleep(0.1)

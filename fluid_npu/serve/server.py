@@ -27,7 +27,7 @@ import uvicorn
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.requests import SCHEDULING_POLICIES
 from fluid_npu.serve.app import ServeConfig, create_app
-from fluid_npu.serve.network import Network
+from fluid_npu.serve.network import Network, ServerClosingTLS
 from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.worker import Worker
 
@@ -244,7 +244,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
     return scheduler, fluid.tokenizer, max_len, info
 
 
-class DrainingServer(uvicorn.Server):
+class DrainingServer(ServerClosingTLS):
     """uvicorn's ``Server`` whose SIGTERM drains the engine and ends with status 0."""
 
     def __init__(self, config: uvicorn.Config, worker: Worker, drain_timeout: float) -> None:
