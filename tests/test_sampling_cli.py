@@ -522,6 +522,38 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     assert static["tokens_per_s"] > 0 and static["exact_match_rate"] == 1.0
 
 
+def test_bench_times_the_baseline_and_every_row_in_interleaved_rounds(monkeypatch):
+    """Every configuration is warmed up (first batch) before any is timed, then each round runs
+    them all once over every batch, each keeping its best time: a machine that slows down during
+    a run reaches the baseline and the rows alike, not whichever was timed first."""
+    from types import SimpleNamespace
+
+    from fluid_npu.sampling.bench import BenchSettings, _Runner
+
+    calls: list[tuple[str, int]] = []
+    now = [0.0]  # a fake clock: a timed run of a configuration takes its next cost
+
+    def config(name: str, costs: list[float]):
+        def fn(batches):
+            calls.append((name, len(batches)))
+            if len(batches) > 1:  # (a timed run; the warm-up decodes the first batch only)
+                now[0] += costs.pop(0)
+            return f"{name}-out-{len(calls)}"
+
+        return fn
+
+    import fluid_npu.sampling.bench as bench
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    s = BenchSettings(model="m", prompts="p", json_path="j", repeats=2)
+    run = _Runner(SimpleNamespace(device=torch.device("cpu")), s, [0], 0)
+    runs = {"generate": config("generate", [5.0, 3.0]), "khead": config("khead", [1.0, 2.0])}
+    got = run.timed(runs, [[[1]], [[2]], [[3]]])
+    assert calls == [("generate", 1), ("khead", 1)] + [("generate", 3), ("khead", 3)] * 2
+    assert got["generate"][1] == 3.0 and got["khead"][1] == 1.0  # each its best round
+    assert got["generate"][0] == "generate-out-5" and got["khead"][0] == "khead-out-6"  # the last
+
+
 def test_bench_sampler_in_bf16(dirs, tmp_path):
     src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "count 1 to 5"}, {"prompt": "ab"}])
     out = tmp_path / "bench.json"

@@ -7,8 +7,10 @@ requests in flight, refilling slots as rows finish — for every policy
 (``ar``, ``fixed:4``, ``fixed:8``, ``entropy``, and ``khead`` when a K-head is given) and loop
 (``fused``, ``reference``). Each row reports TPF and tokens/s, both also as ratios to the baseline,
 and the losslessness check of its tokens against the baseline's (``lossless.compare``: mismatches
-and tolerated numerical ties). Every configuration is warmed up once before it is timed; the
-engine keeps its draft budget (measured step costs and acceptance) from the warm-up on, as a
+and tolerated numerical ties). Every configuration is warmed up once before any is timed, then
+timed in ``repeats`` interleaved rounds (each round runs the baseline and every row once; each
+keeps its best time), so a drifting machine reaches the baseline and the rows alike; the engine
+keeps its draft budget (measured step costs and acceptance) from the warm-up on, as a
 long-lived engine would. Each fused row also counts the work its forwards did
 (``computed_tokens``, ``computed_per_token`` per committed token) and, from the engine's fitted
 step cost, the ``speedup_ceiling`` that per-token compute alone allows (``compute_bound``).
@@ -69,7 +71,7 @@ class BenchSettings:
     mask_token: str | None = None
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
     command: str | None = None
-    repeats: int = 1
+    repeats: int = 2  # interleaved timed rounds (``_Runner.timed``)
     device: str = "auto"
     dtype: str = "auto"
     static_baseline: bool = True
@@ -178,17 +180,24 @@ class _Runner:
             self.fluid, batches, policy, loop, self.s.max_new_tokens, self.pad, self.s.gen_kwargs
         )
 
-    def timed(self, fn: Any, *args: Any) -> tuple[Any, float]:
-        """Warm up on the first batch, then the best wall time of ``repeats`` full runs."""
-        fn(args[0][:1], *args[1:])
-        best, out = float("inf"), None
+    def timed(self, runs: dict[str, Any], batches: list[list[list[int]]]) -> dict[str, Any]:
+        """Each of ``runs`` (name -> a function of the batches) warmed up on the first batch, then
+        ``repeats`` rounds in which every one decodes all ``batches`` in turn: name -> (its last
+        output, its best wall time). Interleaved, so the machine's drift over a run (a shared
+        host's neighbours, clocks, the process's own first passes) reaches every configuration and
+        its baseline alike, instead of whichever one was timed first or last."""
+        for fn in runs.values():
+            fn(batches[:1])
+        best = dict.fromkeys(runs, float("inf"))
+        out: dict[str, Any] = {}
         for _ in range(self.s.repeats):
-            devices.synchronize(self.fluid.device)
-            start = time.perf_counter()
-            out = fn(*args)
-            devices.synchronize(self.fluid.device)
-            best = min(best, time.perf_counter() - start)
-        return out, best
+            for name, fn in runs.items():
+                devices.synchronize(self.fluid.device)
+                start = time.perf_counter()
+                out[name] = fn(batches)
+                devices.synchronize(self.fluid.device)
+                best[name] = min(best[name], time.perf_counter() - start)
+        return {name: (out[name], best[name]) for name in runs}
 
 
 def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
@@ -226,11 +235,18 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for bs in s.batch_sizes:
         batches = split_batches(prompts, bs)
-        ref, hf_s = run.timed(run.hf, batches)
+        runs: dict[Any, Any] = {"generate": run.hf}
+        if s.static_baseline:
+            runs["static"] = lambda b: run.hf(b, "static")
+        for loop in s.loops:
+            for pol in policies:
+                runs[loop, pol] = lambda b, pol=pol, loop=loop: run.ours(b, pol, loop)
+        timed = run.timed(runs, batches)
+        ref, hf_s = timed["generate"]
         n_ref = sum(len(t) for t in ref)
         baseline[bs] = {"tokens": n_ref, "wall_s": hf_s, "tokens_per_s": n_ref / hf_s, "tpf": 1.0}
         if s.static_baseline:
-            static, st_s = run.timed(run.hf, batches, "static")
+            static, st_s = timed["static"]
             baseline[bs]["static_cache"] = {
                 "wall_s": st_s,
                 "tokens_per_s": sum(len(t) for t in static) / st_s,
@@ -239,7 +255,7 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
             }
         for loop in s.loops:
             for pol in policies:
-                (new, stats), wall = run.timed(run.ours, batches, pol, loop)
+                (new, stats), wall = timed[loop, pol]
                 diffs = compare(model, prompts, new, ref, scorer=scorer)
                 rows.append(bench_row(bs, pol, loop, new, stats, wall, baseline[bs], diffs))
                 rows[-1]["exact_match_rate"] = exact_match_rate(new, ref)

@@ -31,7 +31,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
     s.add_argument("--policies", default=None, help="comma-separated (default: ar,fixed:4,...)")
     s.add_argument("--loops", default="fused,reference", help="comma-separated loops")
-    s.add_argument("--repeats", type=int, default=1, help="timed runs per row (best is kept)")
+    s.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed rounds, each running the baseline and every row once (each keeps its best)",
+    )
     s.set_defaults(handler=bench_command)
     p.set_defaults(handler=lambda args: _bench_usage(p))
 
