@@ -5,4 +5,23 @@ sampler, on Ascend NPUs, CUDA and CPU with one code path. See DESIGN.md in the t
 and the README for the tour.
 """
 
+from collections.abc import Callable
+
 __version__ = "0.1.0"
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], object]:
+    """A package's module ``__getattr__`` (PEP 562): ``exports`` maps a public name to the
+    submodule that defines it, imported on first use. So ``fluid --help`` and a mistyped flag
+    answer without importing torch and transformers (seconds), while ``from fluid_npu.sampling
+    import generate`` works as before."""
+    import importlib
+
+    def __getattr__(name: str) -> object:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name]), name)
+        setattr(importlib.import_module(package), name, value)  # (found directly from now on)
+        return value
+
+    return __getattr__

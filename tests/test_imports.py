@@ -9,12 +9,21 @@ The modules of ``fluid_npu`` are parsed with ``ast`` (nothing is imported). Two 
   ``errors`` — import none of the upper ones (``train/``, ``sampling/``, ``eval/``, ``serve/``,
   ``demo/``, ``real/``, ``cli``), not even inside a function; and ``fluid_ops`` imports nothing of
   ``fluid_npu``.
+
+And one run: ``fluid``'s command line answers ``--help`` and a bad flag without importing torch,
+transformers or the serving stack (seconds on a small machine; the package ``__init__`` files
+export their names lazily, ``fluid_npu.lazy_exports``).
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import fluid_npu
 import fluid_ops
@@ -146,3 +155,37 @@ def test_the_check_sees_a_cycle():
     """The cycle finder itself: a cycle is found, a chain is not."""
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+HEAVY = ["torch", "transformers", "peft", "datasets", "numpy", "yaml", "fastapi", "uvicorn"]
+HELP_RUN = """
+import contextlib, io, json, sys
+from fluid_npu.cli import main
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    assert code == (2 if "--bogus" in argv else 0), (argv, code)
+print(json.dumps(sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules)))
+"""
+
+
+def test_help_and_a_bad_flag_import_no_heavy_dependency():
+    argvs = [["--help"], *([c, "--help"] for c in ("train", "merge", "generate", "eval", "demo",
+             "real", "serve", "run-batch")), ["bench", "sampler", "--help"],
+             ["bench", "serve", "--help"], ["generate", "--model", "m", "--bogus"]]  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", HELP_RUN, json.dumps(argvs), json.dumps(HEAVY)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(run.stdout) == [], run.stdout
+    # the lazily exported names import as before; an unknown one is an AttributeError
+    import fluid_npu.sampling
+    from fluid_npu.data import get_template
+    from fluid_npu.eval import run_eval
+    from fluid_npu.sampling import FluidForCausalLM, generate
+
+    assert callable(get_template) and callable(run_eval) and callable(generate)
+    assert FluidForCausalLM.__name__ == "FluidForCausalLM"
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fluid_npu.sampling.no_such_name  # noqa: B018

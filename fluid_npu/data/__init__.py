@@ -4,21 +4,26 @@
 check; ``get_template`` / ``TEMPLATES`` render conversations for training and for inference.
 """
 
-from fluid_npu.data.loader import (
-    IGNORE_INDEX,
-    DataStats,
-    SFTData,
-    build_sft_dataset,
-    token_occurs,
-)
-from fluid_npu.data.templates import (
-    TEMPLATES,
-    ChatTemplate,
-    Conversation,
-    Encoded,
-    TokenizerChatTemplate,
-    get_template,
-)
+from typing import TYPE_CHECKING
+
+from fluid_npu import lazy_exports
+
+if TYPE_CHECKING:
+    from fluid_npu.data.loader import (
+        IGNORE_INDEX,
+        DataStats,
+        SFTData,
+        build_sft_dataset,
+        token_occurs,
+    )
+    from fluid_npu.data.templates import (
+        TEMPLATES,
+        ChatTemplate,
+        Conversation,
+        Encoded,
+        TokenizerChatTemplate,
+        get_template,
+    )
 
 __all__ = [
     "IGNORE_INDEX",
@@ -33,3 +38,9 @@ __all__ = [
     "get_template",
     "token_occurs",
 ]
+
+_LOADER = ("IGNORE_INDEX", "DataStats", "SFTData", "build_sft_dataset", "token_occurs")
+__getattr__ = lazy_exports(
+    __name__,
+    {n: f"{__name__}.loader" if n in _LOADER else f"{__name__}.templates" for n in __all__},
+)

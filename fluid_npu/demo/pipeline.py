@@ -33,8 +33,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fluid_npu.errors import ConfigError
 from fluid_npu.io import prepare_output_dir, write_json_atomic, write_text_atomic
 
@@ -203,6 +201,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench
 
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.fresh:

@@ -10,9 +10,14 @@
   only when asked for).
 """
 
-from fluid_npu.eval.report import markdown_table, write_eval_report
-from fluid_npu.eval.runner import run_eval
-from fluid_npu.eval.tasks import TASKS, extract_answer, is_correct, read_rows, task_rows
+from typing import TYPE_CHECKING
+
+from fluid_npu import lazy_exports
+
+if TYPE_CHECKING:
+    from fluid_npu.eval.report import markdown_table, write_eval_report
+    from fluid_npu.eval.runner import run_eval
+    from fluid_npu.eval.tasks import TASKS, extract_answer, is_correct, read_rows, task_rows
 
 __all__ = [
     "TASKS",
@@ -24,3 +29,17 @@ __all__ = [
     "task_rows",
     "write_eval_report",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "markdown_table": "fluid_npu.eval.report",
+        "write_eval_report": "fluid_npu.eval.report",
+        "run_eval": "fluid_npu.eval.runner",
+        "TASKS": "fluid_npu.eval.tasks",
+        "extract_answer": "fluid_npu.eval.tasks",
+        "is_correct": "fluid_npu.eval.tasks",
+        "read_rows": "fluid_npu.eval.tasks",
+        "task_rows": "fluid_npu.eval.tasks",
+    },
+)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fluid_npu.data.gsm8k import reference_answer
 from fluid_npu.data.tokenizer_check import check_tokenizer_encodes
@@ -37,7 +37,9 @@ from fluid_npu.eval.tasks import (
     extract_answer,
     select_fewshot,
 )
-from fluid_npu.sampling.stats import GenerateStats
+
+if TYPE_CHECKING:
+    from fluid_npu.sampling.stats import GenerateStats
 
 BASELINE = "ar"
 DEFAULT_BATCH_SIZE = 8
@@ -88,6 +90,7 @@ def run_eval(
     from fluid_npu.sampling.bench import decode_batches, split_batches
     from fluid_npu.sampling.bench_report import device_info
     from fluid_npu.sampling.lossless import compare, fp32_scorer
+    from fluid_npu.sampling.stats import GenerateStats
 
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

@@ -16,10 +16,15 @@
   prompt files and atomic JSONL output (``prompts.py``).
 """
 
-from fluid_npu.sampling.api import GenerateOutput, PromptError, generate
-from fluid_npu.sampling.policies import HorizonError, Policy, parse_policy
-from fluid_npu.sampling.pretrained import FluidForCausalLM
-from fluid_npu.sampling.stats import GenerateStats
+from typing import TYPE_CHECKING
+
+from fluid_npu import lazy_exports
+
+if TYPE_CHECKING:
+    from fluid_npu.sampling.api import GenerateOutput, PromptError, generate
+    from fluid_npu.sampling.policies import HorizonError, Policy, parse_policy
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
+    from fluid_npu.sampling.stats import GenerateStats
 
 __all__ = [
     "FluidForCausalLM",
@@ -31,3 +36,17 @@ __all__ = [
     "generate",
     "parse_policy",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "GenerateOutput": "fluid_npu.sampling.api",
+        "PromptError": "fluid_npu.sampling.api",
+        "generate": "fluid_npu.sampling.api",
+        "HorizonError": "fluid_npu.sampling.policies",
+        "Policy": "fluid_npu.sampling.policies",
+        "parse_policy": "fluid_npu.sampling.policies",
+        "FluidForCausalLM": "fluid_npu.sampling.pretrained",
+        "GenerateStats": "fluid_npu.sampling.stats",
+    },
+)

@@ -26,14 +26,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.detok import Detokenizer
-from fluid_npu.sampling.fused import DEFAULT_ANCHORS
-from fluid_npu.sampling.specs import flag_grammar, json_object_flag
+from fluid_npu.sampling.defaults import DEFAULT_ANCHORS
 
 if TYPE_CHECKING:
+    import torch
+
     from fluid_npu.sampling.pretrained import FluidForCausalLM
 
 
@@ -288,6 +286,7 @@ def generate_command(args: argparse.Namespace) -> int:
         left_pad,
         read_prompt_lines,
     )
+    from fluid_npu.sampling.specs import flag_grammar, json_object_flag
 
     check_common(args)
     sampling = sampling_kwargs(args)
@@ -390,6 +389,8 @@ class _TextStream:
     """Prints an output's text as it grows (whole characters only; ``detok.py``)."""
 
     def __init__(self, tokenizer: Any, prompt: list[int], eos_ids: list[int]) -> None:
+        from fluid_npu.sampling.detok import Detokenizer
+
         self.detok = Detokenizer(tokenizer, prompt=prompt, eos_ids=eos_ids)
 
     def __call__(self, row: int, tokens: list[int]) -> None:
@@ -404,6 +405,8 @@ class _TextStream:
 def _stream_one(
     fluid: Any, ids: list[int], args: argparse.Namespace, sampling: dict[str, Any]
 ) -> int:
+    import torch
+
     stream = _TextStream(fluid.tokenizer, ids, sampling["eos_token_id"])
     fluid.generate(
         torch.tensor([ids]),

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_ANCHORS = 2
-DEFAULT_COVERAGE = 0.9
+from fluid_npu.sampling.defaults import DEFAULT_ANCHORS, DEFAULT_COVERAGE
+
+__all__ = ["DEFAULT_ANCHORS", "DEFAULT_COVERAGE", "choose_anchors"]
 
 
 def choose_anchors(
