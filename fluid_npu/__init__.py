@@ -10,18 +10,28 @@ from collections.abc import Callable
 __version__ = "0.1.0"
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], object]:
-    """A package's module ``__getattr__`` (PEP 562): ``exports`` maps a public name to the
-    submodule that defines it, imported on first use. So ``fluid --help`` and a mistyped flag
-    answer without importing torch and transformers (seconds), while ``from fluid_npu.sampling
-    import generate`` works as before."""
+def lazy_exports(
+    package: str, exports: dict[str, str]
+) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+    """A package's module ``__getattr__`` and ``__dir__`` (PEP 562): ``exports`` maps a public
+    name to the submodule that defines it, imported on first use; any other name that is a
+    submodule is imported as one (``fluid_npu.sampling.api`` after ``import fluid_npu.sampling``).
+    So ``fluid --help`` and a mistyped flag answer without importing torch and transformers
+    (seconds), while ``from fluid_npu.sampling import generate`` works as before."""
     import importlib
+    import importlib.util
 
     def __getattr__(name: str) -> object:
-        if name not in exports:
+        if name in exports:
+            value = getattr(importlib.import_module(exports[name]), name)
+        elif not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}"):
+            value = importlib.import_module(f"{package}.{name}")
+        else:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(exports[name]), name)
         setattr(importlib.import_module(package), name, value)  # (found directly from now on)
         return value
 
-    return __getattr__
+    def __dir__() -> list[str]:
+        return sorted({*vars(importlib.import_module(package)), *exports})
+
+    return __getattr__, __dir__

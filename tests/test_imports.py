@@ -189,3 +189,5 @@ def test_help_and_a_bad_flag_import_no_heavy_dependency():
     assert FluidForCausalLM.__name__ == "FluidForCausalLM"
     with pytest.raises(AttributeError, match="no_such_name"):
         fluid_npu.sampling.no_such_name  # noqa: B018
+    assert fluid_npu.sampling.scheduler.__name__ == "fluid_npu.sampling.scheduler"  # a submodule
+    assert {"generate", "FluidForCausalLM"} <= set(dir(fluid_npu.sampling))

@@ -510,6 +510,7 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     assert report["best_lossless_tpf"] >= 1.0 and report["speedup_b1"] > 0
     assert "| batch | loop | policy |" in capsys.readouterr().out
     assert report["speedup_vs_generate"] == report["speedup_by_batch"]
+    assert report["repeats"] == 2  # (the default: interleaved timed rounds)
     assert set(report["overhead_efficiency"]) == {"1", "8"} and report["dtype"] == "float32"
     assert all(0.0 <= r["exact_match_rate"] <= 1.0 for r in report["rows"])
     # the work behind each row: at least one computed position per committed token, and a
@@ -687,6 +688,8 @@ def test_bench_sampler_mismatch_exits_1_after_writing(dirs, tmp_path, capsys, mo
     [
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--loops", "fused,bogus"], "--loops takes a comma-separated subset"),
+        (["--loops", "fused,fused"], "--loops names fused more than once; list each once"),
+        (["--policies", "ar,khead,ar"], "--policies names ar more than once"),
         (["--batch-sizes", "1,0"], "--batch-sizes needs positive integers"),
         (["--batch-sizes", "1,x"], "--batch-sizes takes integers"),
         (["--device", "bogus"], "unknown device 'bogus'"),

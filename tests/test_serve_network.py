@@ -7,12 +7,17 @@ and its key (also encrypted, passphrase "fluid-test"), made for these tests only
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from test_serve_http import _until
 from test_serve_live import model_dir  # noqa: F401  (a fixture: the constructed chain model)
 
 from fluid_npu.cli import main
@@ -105,3 +110,68 @@ def test_https_and_allowed_origins(model_dir):  # noqa: F811
         log = server.log_tail()
     assert server.returncode == 0, log
     assert f"on {server.url}/v1" in log  # the banner names the https address
+
+
+BIG = 4 << 20  # a response larger than the two sockets' buffers hold (64 KiB each, below)
+
+
+async def _tiny_app(scope, receive, send):  # (an ASGI app: "/" answers "ok", "/big" BIG bytes)
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b"x" * BIG if scope["path"] == "/big" else b"ok"
+    if scope["path"] == "/big":
+        await asyncio.sleep(0.5)  # (still answering when the stop begins)
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _tls_client(port: int, path: str) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    conn = trusting().wrap_socket(raw, server_hostname="127.0.0.1")
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return conn
+
+
+def test_a_tls_stop_ends_idle_connections_but_lets_a_slow_reader_finish():
+    """Idle pooled clients never answer a TLS close, which held a stopping server 30 s; they are
+    ended promptly — one idle past the keep-alive timeout too (asyncio's transport, closed twice,
+    forgets its TLS layer) — while a slow client still reading a response gets all of it."""
+    import uvicorn
+
+    from fluid_npu.serve.network import ServerClosingTLS
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # (accepted sockets too)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    config = uvicorn.Config(_tiny_app, ssl_keyfile=KEY, ssl_certfile=CERT, loop="asyncio",
+                            http="h11", timeout_keep_alive=1, timeout_graceful_shutdown=60,
+                            log_level="warning")  # fmt: skip
+    server = ServerClosingTLS(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]})
+    thread.start()
+    try:
+        _until(lambda: server.started)
+        idle = [_tls_client(port, "/") for _ in range(2)]
+        assert all(c.recv(1000).startswith(b"HTTP/1.1 200") for c in idle)
+        time.sleep(1.5)  # the first one's keep-alive timeout closes it
+        idle.append(_tls_client(port, "/"))
+        assert idle[-1].recv(1000).startswith(b"HTTP/1.1 200")
+        slow = _tls_client(port, "/big")
+        time.sleep(0.2)
+        server.should_exit = True  # (what SIGTERM sets)
+        got = b""
+        while chunk := slow.recv(1 << 16):
+            got += chunk
+            time.sleep(0.02)  # ~3 MB/s: the response's tail waits in the server for a while
+        assert len(got.partition(b"\r\n\r\n")[2]) == BIG
+        thread.join(STOP_S)  # (without the cut: 30 s)
+        assert not thread.is_alive()
+    finally:
+        server.should_exit = server.force_exit = True
+        thread.join()

@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 _LOADER = ("IGNORE_INDEX", "DataStats", "SFTData", "build_sft_dataset", "token_occurs")
-__getattr__ = lazy_exports(
-    __name__,
-    {n: f"{__name__}.loader" if n in _LOADER else f"{__name__}.templates" for n in __all__},
-)
+if not TYPE_CHECKING:  # (a checker reads the imports above, and knows every name)
+    __getattr__, __dir__ = lazy_exports(
+        __name__,
+        {n: f"{__name__}.loader" if n in _LOADER else f"{__name__}.templates" for n in __all__},
+    )

@@ -30,16 +30,17 @@ __all__ = [
     "write_eval_report",
 ]
 
-__getattr__ = lazy_exports(
-    __name__,
-    {
-        "markdown_table": "fluid_npu.eval.report",
-        "write_eval_report": "fluid_npu.eval.report",
-        "run_eval": "fluid_npu.eval.runner",
-        "TASKS": "fluid_npu.eval.tasks",
-        "extract_answer": "fluid_npu.eval.tasks",
-        "is_correct": "fluid_npu.eval.tasks",
-        "read_rows": "fluid_npu.eval.tasks",
-        "task_rows": "fluid_npu.eval.tasks",
-    },
-)
+if not TYPE_CHECKING:  # (a checker reads the imports above, and knows every name)
+    __getattr__, __dir__ = lazy_exports(
+        __name__,
+        {
+            "markdown_table": "fluid_npu.eval.report",
+            "write_eval_report": "fluid_npu.eval.report",
+            "run_eval": "fluid_npu.eval.runner",
+            "TASKS": "fluid_npu.eval.tasks",
+            "extract_answer": "fluid_npu.eval.tasks",
+            "is_correct": "fluid_npu.eval.tasks",
+            "read_rows": "fluid_npu.eval.tasks",
+            "task_rows": "fluid_npu.eval.tasks",
+        },
+    )

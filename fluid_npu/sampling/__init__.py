@@ -37,16 +37,17 @@ __all__ = [
     "parse_policy",
 ]
 
-__getattr__ = lazy_exports(
-    __name__,
-    {
-        "GenerateOutput": "fluid_npu.sampling.api",
-        "PromptError": "fluid_npu.sampling.api",
-        "generate": "fluid_npu.sampling.api",
-        "HorizonError": "fluid_npu.sampling.policies",
-        "Policy": "fluid_npu.sampling.policies",
-        "parse_policy": "fluid_npu.sampling.policies",
-        "FluidForCausalLM": "fluid_npu.sampling.pretrained",
-        "GenerateStats": "fluid_npu.sampling.stats",
-    },
-)
+if not TYPE_CHECKING:  # (a checker reads the imports above, and knows every name)
+    __getattr__, __dir__ = lazy_exports(
+        __name__,
+        {
+            "GenerateOutput": "fluid_npu.sampling.api",
+            "PromptError": "fluid_npu.sampling.api",
+            "generate": "fluid_npu.sampling.api",
+            "HorizonError": "fluid_npu.sampling.policies",
+            "Policy": "fluid_npu.sampling.policies",
+            "parse_policy": "fluid_npu.sampling.policies",
+            "FluidForCausalLM": "fluid_npu.sampling.pretrained",
+            "GenerateStats": "fluid_npu.sampling.stats",
+        },
+    )

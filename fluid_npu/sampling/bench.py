@@ -88,6 +88,10 @@ def check_settings(s: BenchSettings) -> torch.device:
         )
     if s.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {s.repeats}")
+    for flag, given in (("--policies", s.policies or ()), ("--loops", s.loops)):
+        twice = sorted({x for x in given if list(given).count(x) > 1})
+        if twice:
+            raise ConfigError(f"{flag} names {', '.join(twice)} more than once; list each once")
     sizes = s.batch_sizes
     if not sizes or not all(
         isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes
@@ -180,7 +184,7 @@ class _Runner:
             self.fluid, batches, policy, loop, self.s.max_new_tokens, self.pad, self.s.gen_kwargs
         )
 
-    def timed(self, runs: dict[str, Any], batches: list[list[list[int]]]) -> dict[str, Any]:
+    def timed(self, runs: dict[Any, Any], batches: list[list[list[int]]]) -> dict[Any, Any]:
         """Each of ``runs`` (name -> a function of the batches) warmed up on the first batch, then
         ``repeats`` rounds in which every one decodes all ``batches`` in turn: name -> (its last
         output, its best wall time). Interleaved, so the machine's drift over a run (a shared

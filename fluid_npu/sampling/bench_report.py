@@ -116,6 +116,7 @@ def build_report(
         "prompts": s.prompts,
         "n_prompts": n_prompts,
         "max_new_tokens": s.max_new_tokens,
+        "repeats": s.repeats,  # interleaved timed rounds; each row's best is reported
         "device": device_info(dev),
         "versions": vers,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -148,7 +149,7 @@ def device_info(dev: torch.device) -> dict[str, Any]:
 
 
 def print_row(r: dict[str, Any]) -> None:
-    """One line per row as it is measured."""
+    """One line per row, once its batch size's interleaved rounds are done."""
     print(
         f"bench: b={r['batch_size']} {r['loop']:9s} {r['policy']:12s} TPF {r['tpf']:.2f} "
         f"{r['tokens_per_s']:.1f} tok/s (x{r['speedup']:.2f}) "

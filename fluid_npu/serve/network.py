@@ -11,14 +11,17 @@ origins (CORS) and TLS, under vLLM's flag names.
   stay on the loopback); ``--ssl-ca-certs FILE`` with ``--ssl-cert-reqs 2`` (1: optional) asks
   clients for certificates that file signed. The files are read at start: a missing one, or a key
   that does not match its certificate, is one error naming the flag, before the model loads.
-  A TLS server stops as promptly as a plain one (``ServerClosingTLS``): a client that keeps an
-  idle connection open does not hold its exit back.
+  A client that keeps an idle TLS connection open no longer holds a stopping server back 30 s
+  (``ServerClosingTLS``): its connection ends about a second after its last byte left the
+  process, while a client still reading a response gets all of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import select
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -153,31 +156,74 @@ class ServerClosingTLS(uvicorn.Server):
     """uvicorn's ``Server``, whose stop does not wait on idle TLS clients.
 
     Stopping, uvicorn closes every idle connection and waits until each is gone. Closing a TLS
-    connection sends close_notify, and asyncio then waits up to 30 s for the client's; a client
-    that keeps an idle connection in its pool (the ``openai`` client, a browser) never reads it,
-    so every such client held the exit back 30 s — past the drain bound, and past a service
-    manager's stop timeout. While this server stops, a TLS connection still closing after
-    ``TLS_CLOSE_S`` is cut (its close_notify is sent; TLS 1.3 does not require waiting for the
-    answer). A plain-HTTP connection closes at once and is left alone.
+    connection sends close_notify, and the event loop then waits up to 30 s for the client's; a
+    client that keeps an idle connection in its pool (the ``openai`` client, a browser) never
+    reads it, so such clients held the exit back 30 s — past the drain bound, and past a service
+    manager's stop timeout. While this server stops, a TLS connection that is closing and has had
+    nothing left to send for ``TLS_CLOSE_S`` — its TLS layer's buffer empty and its socket
+    writable all that time, so no byte of a response (close_notify included) waits in the
+    process — is shut down at the socket: the kernel still delivers what it holds, then ends the
+    connection (TLS 1.3 does not require waiting for the client's close_notify). A client still
+    reading a response keeps its connection until the drain's bound. A plain-HTTP connection
+    closes at once and is left alone.
     """
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        cutter = asyncio.create_task(self._cut_closing()) if self.config.is_ssl else None
+        cutter = None
+        if self.config.is_ssl:  # (each socket taken now: a second close hides it, below)
+            fds = {c: fd for c in self.server_state.connections if (fd := _fileno(c)) is not None}
+            cutter = asyncio.create_task(self._cut_idle(fds))
         try:
             await super().shutdown(sockets)
         finally:
             if cutter is not None:
                 cutter.cancel()
 
-    async def _cut_closing(self) -> None:
+    async def _cut_idle(self, fds: dict[Any, int]) -> None:
         loop = asyncio.get_running_loop()
-        since: dict[Any, float] = {}  # connection -> when it was first seen closing
+        quiet: dict[Any, float] = {}  # connection -> since when it has had nothing to send
         while True:
             now = loop.time()
             for conn in list(self.server_state.connections):
-                transport = getattr(conn, "transport", None)
-                if transport is None or not transport.is_closing():
-                    continue
-                if now - since.setdefault(conn, now) >= TLS_CLOSE_S:
-                    transport.abort()
+                fd = fds.get(conn)
+                if fd is None or not _all_sent(conn.transport, fd):
+                    quiet.pop(conn, None)
+                elif now - quiet.setdefault(conn, now) >= TLS_CLOSE_S:
+                    _shut(fds.pop(conn))
             await asyncio.sleep(0.1)
+
+
+def _fileno(conn: Any) -> int | None:
+    """A connection's socket descriptor (asyncio's and uvloop's transports both give it)."""
+    try:
+        return int(conn.transport.get_extra_info("socket").fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _all_sent(transport: Any, fd: int) -> bool:
+    """The connection is closing and nothing of it waits in this process: its TLS layer holds no
+    byte and the socket takes more (were the event loop holding bytes for it, it would have
+    written them). asyncio's transport forgets its TLS layer when closed twice (uvicorn's
+    keep-alive timeout, then the stop): then the socket alone answers."""
+    if not transport.is_closing():
+        return False
+    with contextlib.suppress(AttributeError):
+        if transport.get_write_buffer_size():
+            return False
+    try:
+        return bool(select.select([], [fd], [], 0)[1])
+    except (OSError, ValueError):
+        return False
+
+
+def _shut(fd: int) -> None:
+    """End the connection on ``fd`` at the socket (what the kernel holds is still delivered);
+    the event loop sees it end and closes its side."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()  # (the descriptor stays the event loop's)
