@@ -11,15 +11,17 @@ __version__ = "0.1.0"
 
 
 def lazy_exports(
-    package: str, exports: dict[str, str]
+    package: str, names: dict[str, tuple[str, ...]]
 ) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
-    """A package's module ``__getattr__`` and ``__dir__`` (PEP 562): ``exports`` maps a public
-    name to the submodule that defines it, imported on first use; any other name that is a
+    """A package's module ``__getattr__`` and ``__dir__`` (PEP 562): ``names`` maps each submodule
+    to the public names it defines, imported on first use; any other name that is a
     submodule is imported as one (``fluid_npu.sampling.api`` after ``import fluid_npu.sampling``).
     So ``fluid --help`` and a mistyped flag answer without importing torch and transformers
     (seconds), while ``from fluid_npu.sampling import generate`` works as before."""
     import importlib
     import importlib.util
+
+    exports = {name: f"{package}.{module}" for module, own in names.items() for name in own}
 
     def __getattr__(name: str) -> object:
         if name in exports:

@@ -39,9 +39,18 @@ __all__ = [
     "token_occurs",
 ]
 
-_LOADER = ("IGNORE_INDEX", "DataStats", "SFTData", "build_sft_dataset", "token_occurs")
 if not TYPE_CHECKING:  # (a checker reads the imports above, and knows every name)
     __getattr__, __dir__ = lazy_exports(
         __name__,
-        {n: f"{__name__}.loader" if n in _LOADER else f"{__name__}.templates" for n in __all__},
+        {
+            "loader": ("IGNORE_INDEX", "DataStats", "SFTData", "build_sft_dataset", "token_occurs"),
+            "templates": (
+                "TEMPLATES",
+                "ChatTemplate",
+                "Conversation",
+                "Encoded",
+                "TokenizerChatTemplate",
+                "get_template",
+            ),
+        },
     )

@@ -34,13 +34,8 @@ if not TYPE_CHECKING:  # (a checker reads the imports above, and knows every nam
     __getattr__, __dir__ = lazy_exports(
         __name__,
         {
-            "markdown_table": "fluid_npu.eval.report",
-            "write_eval_report": "fluid_npu.eval.report",
-            "run_eval": "fluid_npu.eval.runner",
-            "TASKS": "fluid_npu.eval.tasks",
-            "extract_answer": "fluid_npu.eval.tasks",
-            "is_correct": "fluid_npu.eval.tasks",
-            "read_rows": "fluid_npu.eval.tasks",
-            "task_rows": "fluid_npu.eval.tasks",
+            "report": ("markdown_table", "write_eval_report"),
+            "runner": ("run_eval",),
+            "tasks": ("TASKS", "extract_answer", "is_correct", "read_rows", "task_rows"),
         },
     )

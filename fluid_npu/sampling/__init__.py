@@ -41,13 +41,9 @@ if not TYPE_CHECKING:  # (a checker reads the imports above, and knows every nam
     __getattr__, __dir__ = lazy_exports(
         __name__,
         {
-            "GenerateOutput": "fluid_npu.sampling.api",
-            "PromptError": "fluid_npu.sampling.api",
-            "generate": "fluid_npu.sampling.api",
-            "HorizonError": "fluid_npu.sampling.policies",
-            "Policy": "fluid_npu.sampling.policies",
-            "parse_policy": "fluid_npu.sampling.policies",
-            "FluidForCausalLM": "fluid_npu.sampling.pretrained",
-            "GenerateStats": "fluid_npu.sampling.stats",
+            "api": ("GenerateOutput", "PromptError", "generate"),
+            "policies": ("HorizonError", "Policy", "parse_policy"),
+            "pretrained": ("FluidForCausalLM",),
+            "stats": ("GenerateStats",),
         },
     )
