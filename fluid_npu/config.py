@@ -335,7 +335,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def build_config(values: dict[str, Any], source: str | None = None) -> FluidConfig:
     """Validate a flat key → value mapping into a ``FluidConfig`` (see the module docstring)."""
     owners = _owner_of()
-    hf_fields = _training_argument_fields()
+    hf_fields: dict[str, dataclasses.Field] | None = None  # (read only for a key not ours)
     per_group: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
     extra: dict[str, Any] = {}
     hints = {g: typing.get_type_hints(cls) for g, cls in GROUPS.items()}
@@ -345,11 +345,13 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
             per_group[group][key] = _coerce(key, value, hints[group][key])
         elif key in IGNORED_KEYS:
             logger.warning("config key %r is ignored: %s", key, IGNORED_KEYS[key])
-        elif key in hf_fields:
-            extra[key] = value
         else:
-            candidates = sorted(set(owners) | set(hf_fields))
-            raise ConfigError(f"unknown config key {key!r}{_nearest(key, candidates)}")
+            if hf_fields is None:  # transformers' TrainingArguments: seconds to import
+                hf_fields = _training_argument_fields()
+            if key not in hf_fields:
+                candidates = sorted(set(owners) | set(hf_fields))
+                raise ConfigError(f"unknown config key {key!r}{_nearest(key, candidates)}")
+            extra[key] = value
     if per_group["fluid"].get("stage") == "sft":
         raise ConfigError(
             "stage: sft is LLaMA-Factory's; use stage: fluid_stage1 (or fluid_stage2)"

@@ -143,7 +143,7 @@ def test_cli_reports_one_clear_line(tmp_path, yaml_text, needle, capsys):
 
 def test_cli_debug_shows_the_traceback(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("lora_rnak: 8\n")
+    cfg.write_text("stage: fluid_stage9\n")  # (an error in a key of ours: no transformers needed)
     proc = subprocess.run(
         [sys.executable, "-m", "fluid_npu.cli", "--debug", "train", str(cfg)],
         capture_output=True,
