@@ -212,6 +212,10 @@ def _all_sent(transport: Any, fd: int) -> bool:
         if transport.get_write_buffer_size():
             return False
     try:
+        if hasattr(select, "poll"):  # (any descriptor; select's stop at 1024)
+            ready = select.poll()
+            ready.register(fd, select.POLLOUT)
+            return bool(ready.poll(0))  # (writable, or the peer gone: nothing to deliver)
         return bool(select.select([], [fd], [], 0)[1])
     except (OSError, ValueError):
         return False
