@@ -26,7 +26,11 @@ def lazy_exports(
     def __getattr__(name: str) -> object:
         if name in exports:
             value = getattr(importlib.import_module(exports[name]), name)
-        elif not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}"):
+        elif (
+            name.isidentifier()
+            and not name.startswith("__")
+            and (importlib.util.find_spec(f"{package}.{name}"))
+        ):
             value = importlib.import_module(f"{package}.{name}")
         else:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -8,6 +8,7 @@ and its key (also encrypted, passphrase "fluid-test"), made for these tests only
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import ssl
 import threading
@@ -112,48 +113,70 @@ def test_https_and_allowed_origins(model_dir):  # noqa: F811
     assert f"on {server.url}/v1" in log  # the banner names the https address
 
 
-BIG = 4 << 20  # a response larger than the two sockets' buffers hold (64 KiB each, below)
+BIG = 4 << 20  # a response larger than a 64 KiB socket buffer on each side holds
 
 
-async def _tiny_app(scope, receive, send):  # (an ASGI app: "/" answers "ok", "/big" BIG bytes)
+async def _tiny_app(scope, receive, send):  # (ASGI: "/" answers "ok", "/big" BIG bytes)
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
     body = b"x" * BIG if scope["path"] == "/big" else b"ok"
-    if scope["path"] == "/big":
-        await asyncio.sleep(0.5)  # (still answering when the stop begins)
+    if scope["path"] in ("/big", "/slow"):  # (still answering when the stop begins)
+        await asyncio.sleep(0.5 if scope["path"] == "/big" else 2.0)
     headers = [(b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def _tls_client(port: int, path: str) -> ssl.SSLSocket:
+def _tls_client(port: int, path: str | None) -> ssl.SSLSocket | socket.socket:
+    """A client of the TLS server on ``port`` that asked for ``path`` (None: connected, no TLS
+    handshake yet), with a 64 KiB receive buffer."""
     raw = socket.create_connection(("127.0.0.1", port))
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    if path is None:
+        return raw
     conn = trusting().wrap_socket(raw, server_hostname="127.0.0.1")
     conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     return conn
 
 
-def test_a_tls_stop_ends_idle_connections_but_lets_a_slow_reader_finish():
+def _read_slowly(conn: ssl.SSLSocket, chunk: int, pause: float, send_at: float | None) -> int:
+    """Read a response slowly (sending a pipelined request once, ``send_at`` s in); the length of
+    its body."""
+    got, start = b"", time.monotonic()
+    while data := conn.recv(chunk):
+        got += data
+        time.sleep(pause)
+        if send_at is not None and time.monotonic() - start > send_at:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            send_at = None
+    return len(got.partition(b"\r\n\r\n")[2].split(b"HTTP/1.1")[0])
+
+
+@pytest.mark.parametrize(("loop", "http"), [("asyncio", "h11"), ("uvloop", "httptools")])
+def test_a_tls_stop_ends_idle_connections_but_lets_slow_readers_finish(loop, http):
     """Idle pooled clients never answer a TLS close, which held a stopping server 30 s; they are
-    ended promptly — one idle past the keep-alive timeout too (asyncio's transport, closed twice,
-    forgets its TLS layer) — while a slow client still reading a response gets all of it."""
+    ended promptly — one idle past the keep-alive timeout (asyncio's transport, closed twice,
+    forgets its TLS layer), one whose handshake ends after the stop began — while clients still
+    reading a response get all of it: one whose tail waits in the server process, one whose tail
+    waits in the kernel and which sends more meanwhile (data reaching a socket shut for reading
+    makes the kernel reset the connection, dropping what it held)."""
     import uvicorn
 
     from fluid_npu.serve.network import ServerClosingTLS
 
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # (accepted sockets too)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    config = uvicorn.Config(_tiny_app, ssl_keyfile=KEY, ssl_certfile=CERT, loop="asyncio",
-                            http="h11", timeout_keep_alive=1, timeout_graceful_shutdown=60,
+    small, large = socket.socket(), socket.socket()
+    small.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # (its accepted sockets too)
+    for listener in (small, large):
+        listener.bind(("127.0.0.1", 0))
+    port, kernel_port = small.getsockname()[1], large.getsockname()[1]
+    config = uvicorn.Config(_tiny_app, ssl_keyfile=KEY, ssl_certfile=CERT, loop=loop, http=http,
+                            timeout_keep_alive=1, timeout_graceful_shutdown=60,
                             log_level="warning")  # fmt: skip
     server = ServerClosingTLS(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]})
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [small, large]})
     thread.start()
     try:
         _until(lambda: server.started)
@@ -162,14 +185,19 @@ def test_a_tls_stop_ends_idle_connections_but_lets_a_slow_reader_finish():
         time.sleep(1.5)  # the first one's keep-alive timeout closes it
         idle.append(_tls_client(port, "/"))
         assert idle[-1].recv(1000).startswith(b"HTTP/1.1 200")
-        slow = _tls_client(port, "/big")
-        time.sleep(0.2)
+        busy, late = _tls_client(port, "/slow"), _tls_client(kernel_port, None)
+        slow = [_tls_client(port, "/big"), _tls_client(kernel_port, "/big")]
+        time.sleep(0.3)
         server.should_exit = True  # (what SIGTERM sets)
-        got = b""
-        while chunk := slow.recv(1 << 16):
-            got += chunk
-            time.sleep(0.02)  # ~3 MB/s: the response's tail waits in the server for a while
-        assert len(got.partition(b"\r\n\r\n")[2]) == BIG
+        time.sleep(0.3)
+        late = trusting().wrap_socket(late, server_hostname="127.0.0.1")
+        late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert late.recv(1000).startswith(b"HTTP/1.1 200")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            in_process = pool.submit(_read_slowly, slow[0], 1 << 16, 0.02, None)  # ~3 MB/s
+            in_kernel = pool.submit(_read_slowly, slow[1], 1 << 14, 0.01, 2.5)  # ~1.6 MB/s
+            assert [in_process.result(), in_kernel.result()] == [BIG, BIG]
+        assert busy.recv(1000).startswith(b"HTTP/1.1 200")
         thread.join(STOP_S)  # (without the cut: 30 s)
         assert not thread.is_alive()
     finally:

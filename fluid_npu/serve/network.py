@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import select
 import socket
 import ssl
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,74 +160,90 @@ class ServerClosingTLS(uvicorn.Server):
     client that keeps an idle connection in its pool (the ``openai`` client, a browser) never
     reads it, so such clients held the exit back 30 s — past the drain bound, and past a service
     manager's stop timeout. While this server stops, a TLS connection that is closing and has had
-    nothing left to send for ``TLS_CLOSE_S`` — its TLS layer's buffer empty and its socket
-    writable all that time, so no byte of a response (close_notify included) waits in the
-    process — is shut down at the socket: the kernel still delivers what it holds, then ends the
-    connection (TLS 1.3 does not require waiting for the client's close_notify). A client still
-    reading a response keeps its connection until the drain's bound. A plain-HTTP connection
-    closes at once and is left alone.
+    nothing left to deliver for ``TLS_CLOSE_S`` — its TLS layer's buffer empty and every byte the
+    kernel sent acknowledged by the client (close_notify included), all that time — is shut down
+    at the socket (TLS 1.3 does not require waiting for the client's close_notify). A client
+    still reading a response keeps its connection until the drain's bound; so does every
+    connection where the system does not tell what its kernel holds (Linux does). A plain-HTTP
+    connection closes at once and is left alone.
     """
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         cutter = None
-        if self.config.is_ssl:  # (each socket taken now: a second close hides it, below)
-            fds = {c: fd for c in self.server_state.connections if (fd := _fileno(c)) is not None}
-            cutter = asyncio.create_task(self._cut_idle(fds))
+        if self.config.is_ssl:
+            # each socket taken now, while every transport still gives it (asyncio's forgets its
+            # TLS layer when closed twice: uvicorn's keep-alive timeout, then this stop)
+            held = {c: at for c in self.server_state.connections if (at := _socket_of(c))}
+            cutter = asyncio.create_task(self._cut_idle(held))
         try:
             await super().shutdown(sockets)
         finally:
             if cutter is not None:
                 cutter.cancel()
 
-    async def _cut_idle(self, fds: dict[Any, int]) -> None:
+    async def _cut_idle(self, held: dict[Any, tuple[int, Any]]) -> None:
         loop = asyncio.get_running_loop()
-        quiet: dict[Any, float] = {}  # connection -> since when it has had nothing to send
+        quiet: dict[Any, float] = {}  # connection -> since when it has had nothing to deliver
         while True:
             now = loop.time()
             for conn in list(self.server_state.connections):
-                fd = fds.get(conn)
-                if fd is None or not _all_sent(conn.transport, fd):
+                if conn not in held and (at := _socket_of(conn)):  # (its handshake ended since)
+                    held[conn] = at
+                if conn not in held or not _all_delivered(conn.transport, held[conn][0]):
                     quiet.pop(conn, None)
                 elif now - quiet.setdefault(conn, now) >= TLS_CLOSE_S:
-                    _shut(fds.pop(conn))
+                    _shut(*held.pop(conn))
             await asyncio.sleep(0.1)
 
 
-def _fileno(conn: Any) -> int | None:
-    """A connection's socket descriptor (asyncio's and uvloop's transports both give it)."""
+def _socket_of(conn: Any) -> tuple[int, Any] | None:
+    """A connection's socket descriptor and peer (asyncio's and uvloop's transports give both)."""
     try:
-        return int(conn.transport.get_extra_info("socket").fileno())
+        info = conn.transport.get_extra_info
+        return int(info("socket").fileno()), info("peername")
     except (AttributeError, OSError, ValueError):
         return None
 
 
-def _all_sent(transport: Any, fd: int) -> bool:
-    """The connection is closing and nothing of it waits in this process: its TLS layer holds no
-    byte and the socket takes more (were the event loop holding bytes for it, it would have
-    written them). asyncio's transport forgets its TLS layer when closed twice (uvicorn's
-    keep-alive timeout, then the stop): then the socket alone answers."""
+def _all_delivered(transport: Any, fd: int) -> bool:
+    """The connection is closing, its TLS layer holds no byte, and the kernel holds none the
+    client has not acknowledged. (Were the event loop holding bytes for it, the kernel's queue
+    would not stay empty: the loop writes them as soon as the socket takes more.)"""
     if not transport.is_closing():
         return False
-    with contextlib.suppress(AttributeError):
+    with contextlib.suppress(AttributeError):  # (a transport closed twice: the kernel answers)
         if transport.get_write_buffer_size():
             return False
-    try:
-        if hasattr(select, "poll"):  # (any descriptor; select's stop at 1024)
-            ready = select.poll()
-            ready.register(fd, select.POLLOUT)
-            return bool(ready.poll(0))  # (writable, or the peer gone: nothing to deliver)
-        return bool(select.select([], [fd], [], 0)[1])
-    except (OSError, ValueError):
-        return False
+    return _kernel_queue(fd) == 0
 
 
-def _shut(fd: int) -> None:
-    """End the connection on ``fd`` at the socket (what the kernel holds is still delivered);
-    the event loop sees it end and closes its side."""
-    sock = socket.socket(fileno=fd)
+def _kernel_queue(fd: int) -> int | None:
+    """Bytes of ``fd``'s socket the kernel has not had acknowledged (Linux's ``SIOCOUTQ``); None
+    where the system does not say, or the descriptor is gone."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import fcntl
+    import struct
+    import termios
+
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return None
+
+
+def _shut(fd: int, peer: Any) -> None:
+    """End the connection on ``fd`` at the socket — if ``fd`` is still that connection's (its
+    peer the same) — and leave the descriptor to the event loop, which sees the end and closes
+    its side."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # (closed meanwhile, or no longer a socket)
+        return
+    try:
+        if sock.getpeername() == peer:
+            sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     finally:
-        sock.detach()  # (the descriptor stays the event loop's)
+        sock.detach()
