@@ -193,7 +193,7 @@ class _Runner:
         for fn in runs.values():
             fn(batches[:1])
         best = dict.fromkeys(runs, float("inf"))
-        out: dict[str, Any] = {}
+        out: dict[Any, Any] = {}
         for _ in range(self.s.repeats):
             for name, fn in runs.items():
                 devices.synchronize(self.fluid.device)

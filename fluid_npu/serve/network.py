@@ -34,7 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 from fluid_npu.errors import ConfigError
 
 CERT_REQS = (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED)  # 0, 1, 2 as vLLM takes them
-TLS_CLOSE_S = 1.0  # how long a closing TLS connection waits for its client's close_notify
+TLS_CLOSE_S = 1.0  # how long a stopping TLS connection with nothing left to deliver is kept
 
 
 def json_list(flag: str, text: str) -> list[str]:
