@@ -178,15 +178,18 @@ def test_a_tls_stop_ends_idle_connections_but_lets_slow_readers_finish(loop, htt
     server = ServerClosingTLS(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [small, large]})
     thread.start()
+    idle: list[socket.socket] = []
+    busy = late = socket.socket()  # (replaced below; closed at the end either way)
+    slow: list[socket.socket] = []
     try:
         _until(lambda: server.started)
-        idle = [_tls_client(port, "/") for _ in range(2)]
+        idle += [_tls_client(port, "/") for _ in range(2)]
         assert all(c.recv(1000).startswith(b"HTTP/1.1 200") for c in idle)
         time.sleep(1.5)  # the first one's keep-alive timeout closes it
         idle.append(_tls_client(port, "/"))
         assert idle[-1].recv(1000).startswith(b"HTTP/1.1 200")
         busy, late = _tls_client(port, "/slow"), _tls_client(kernel_port, None)
-        slow = [_tls_client(port, "/big"), _tls_client(kernel_port, "/big")]
+        slow += [_tls_client(port, "/big"), _tls_client(kernel_port, "/big")]
         time.sleep(0.3)
         server.should_exit = True  # (what SIGTERM sets)
         time.sleep(0.3)
@@ -203,3 +206,5 @@ def test_a_tls_stop_ends_idle_connections_but_lets_slow_readers_finish(loop, htt
     finally:
         server.should_exit = server.force_exit = True
         thread.join()
+        for conn in [*idle, busy, late, *slow]:
+            conn.close()
