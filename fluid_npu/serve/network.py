@@ -12,7 +12,7 @@ origins (CORS) and TLS, under vLLM's flag names.
   clients for certificates that file signed. The files are read at start: a missing one, or a key
   that does not match its certificate, is one error naming the flag, before the model loads.
   A client that keeps an idle TLS connection open no longer holds a stopping server back 30 s
-  (``ServerClosingTLS``): on Linux its connection ends about a second after the client
+  (``ServerClosingTLS``): on Linux its connection ends ``TLS_CLOSE_S`` after the client
   acknowledged its last byte, while a client still reading a response gets all of it.
 """
 
