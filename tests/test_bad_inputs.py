@@ -146,7 +146,7 @@ CASES: dict[str, Case] = {
     ),
     "remote-code-model": Case(
         lambda w, o: _stage1(w, o, model_name_or_path=w.remote_code),
-        "set trust_remote_code: true only if you trust the model's code",
+        "set trust_remote_code: true (trust_remote_code=True) only if you trust the model's code",
     ),
     "dataset-unknown": Case(
         lambda w, o: _stage1(w, o, dataset=w.root / "nope.jsonl"), "unknown dataset"

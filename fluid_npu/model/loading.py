@@ -39,6 +39,11 @@ PANGU_DROP = ("auto_map", "architectures", "model_type", "_name_or_path", "trans
 def check_model_dir(path: str | Path, *, allow_pickle: bool = False) -> Path:
     """Return the directory when it holds a loadable checkpoint, else raise a CheckpointError."""
     p = Path(path)
+    if p.is_file():
+        raise CheckpointError(
+            f"{str(p)!r} is a file; give the model's directory (the one holding config.json and "
+            f"the weights{': ' + repr(str(p.parent)) + '?' if p.name == 'config.json' else ''})"
+        )
     if not p.is_dir():
         raise CheckpointError(
             f"model directory {str(p)!r} does not exist; give a local HF model directory "
@@ -53,7 +58,7 @@ def check_model_dir(path: str | Path, *, allow_pickle: bool = False) -> Path:
         if pickles and not allow_pickle:
             raise CheckpointError(
                 f"{p} holds only pickle weights ({pickles[0].name}); convert them to safetensors, "
-                "or set allow_pickle: true if you trust the file"
+                "or set allow_pickle: true (allow_pickle=True) if you trust the file"
             )
         if not pickles:
             raise CheckpointError(f"{p} holds no weights (*.safetensors)")
@@ -87,7 +92,8 @@ def load_config(path: str | Path, *, trust_remote_code: bool = False) -> Pretrai
     except ValueError as exc:
         raise CheckpointError(
             f"{path}: transformers does not know model_type {raw.get('model_type')!r} ({exc}); "
-            "set trust_remote_code: true only if you trust the model's code"
+            "set trust_remote_code: true (trust_remote_code=True) only if you trust the model's "
+            "code"
         ) from None
 
 
@@ -186,7 +192,8 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     except (OSError, ValueError) as exc:
         raise CheckpointError(
             f"cannot load a tokenizer from {path}: {exc}. openPangu's PanguTokenizer is remote "
-            "code: save it once as a fast tokenizer, or set trust_remote_code: true"
+            "code: save it once as a fast tokenizer, or set trust_remote_code: true "
+            "(trust_remote_code=True)"
         ) from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

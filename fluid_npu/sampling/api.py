@@ -32,6 +32,7 @@ from fluid_npu.sampling.grammar import Grammar
 from fluid_npu.sampling.inputs import (
     PromptError,
     as_batch,
+    as_count,
     check_context,
     eos_and_pad,
     mask_id_of,
@@ -164,6 +165,7 @@ def generate(
     """
     if loop not in LOOPS:
         raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
+    max_new_tokens = as_count("max_new_tokens", max_new_tokens)
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if anchors < 1 or max_refine < 0 or not 0.0 < refine_threshold <= 1.0 or coverage <= 0:
@@ -184,6 +186,10 @@ def generate(
     if not prompts:
         raise PromptError("no prompts given")
     check_context(model, [len(p) for p in prompts], max_new_tokens, pol.block_len)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for row, p in enumerate(prompts):
+        if int(p.min()) < 0 or int(p.max()) >= vocab:
+            raise PromptError(f"prompt {row}: token ids must lie in [0, {vocab}) (the vocabulary)")
     stats = GenerateStats(policy=pol.name, loop=loop, batch_size=len(prompts))
     dev = next(model.parameters()).device
     if khead is not None:

@@ -268,7 +268,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "repetition_penalty": args.repetition_penalty,
         "min_new_tokens": args.min_new_tokens,
         "seed": args.seed,
-        "stop_strings": args.stop,
+        "stop_strings": args.stop or [],  # (given: the checkpoint's config supplies none)
         "stop_in_prompt": False,  # in the output only: the same text as fluid serve returns
         "logprobs": logprobs,
         "top_logprobs": args.logprobs or 0,

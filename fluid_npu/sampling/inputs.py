@@ -7,6 +7,7 @@ problem is one ``FluidError`` naming it and the fix.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,16 +31,28 @@ DTYPES = {
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``auto`` (None: the checkpoint's dtype), ``float32``, ``bfloat16`` or ``float16``."""
+def parse_dtype(name: str | torch.dtype | None, flag: str = "--dtype") -> torch.dtype | None:
+    """``auto`` (None: the checkpoint's dtype), ``float32``, ``bfloat16`` or ``float16``
+    (``flag``: what the error calls the setting)."""
     if name is None or isinstance(name, torch.dtype):
         return name
     key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
     if key not in DTYPES:
         raise ConfigError(
-            f"--dtype {name!r} is not a compute dtype; choose auto, float32, bfloat16 or float16"
+            f"{flag} {name!r} is not a compute dtype; choose auto, float32, bfloat16 or float16"
         )
     return DTYPES[key]
+
+
+def as_count(name: str, value: Any) -> int:
+    """``value`` as a whole number of tokens (an integral float, as transformers takes, too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a whole number of tokens, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not float(value).is_integer():
+        raise ConfigError(f"{name} must be a whole number of tokens, got {value!r}")
+    return int(value)
 
 
 def mask_id_of(model: PreTrainedModel, source: PreTrainedTokenizerBase | int | None) -> int:
@@ -105,7 +118,15 @@ def as_batch(
             return ids, mask
         ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), width)
     if attention_mask is None:
-        if not infer_mask or pad in set(eos_ids) or not bool((ids == pad).any()):
+        if not infer_mask or not bool((ids == pad).any()):
+            return ids.long(), None
+        if pad in set(eos_ids):
+            warnings.warn(
+                f"input_ids hold the pad id {pad}, which is also an EOS id, and no attention_mask "
+                "was given: the padding cannot be told from the prompt, so it is read as prompt "
+                "tokens; pass the attention_mask the tokenizer returned",
+                stacklevel=3,
+            )
             return ids.long(), None
         return ids.long(), ids.ne(pad).long()
     mask = torch.as_tensor(attention_mask)
@@ -186,10 +207,15 @@ def check_context(
         if n == 0:
             raise PromptError(f"{name} is empty; give at least one token")
         if limit is not None and n > limit - max_new_tokens:
+            room = (
+                f"this prompt leaves room for at most {limit - n} new tokens"
+                if n < limit
+                else "this prompt alone fills the context"
+            )
             raise PromptError(
-                f"{name} has {n} tokens but the context holds {limit} positions and "
-                f"{max_new_tokens} are reserved for new tokens (at most {limit - max_new_tokens}); "
-                "shorten the prompt or lower max_new_tokens"
+                f"{name} has {n} tokens and max_new_tokens is {max_new_tokens}: "
+                f"{n + max_new_tokens} positions, but the model's context holds {limit}; shorten "
+                f"the prompt or lower max_new_tokens ({room})"
             )
     window = sliding_window(cfg)
     if window is not None and max(lengths) + max_new_tokens + k_max > window:

@@ -1,14 +1,19 @@
 """``FluidForCausalLM``: a FLUID checkpoint loaded for decoding, with transformers' conventions.
 
 ``FluidForCausalLM.from_pretrained(model_dir, adapter=None, khead=None)`` loads base + Stage I
-adapter (merged for speed) + K-head with their fingerprint checks, and its ``generate(input_ids,
-attention_mask=None, max_new_tokens=..., policy=..., loop=...)`` feels like the transformers call
-(``do_sample`` / ``temperature`` / ``top_k`` / ``top_p`` / ``generation_config``), with
-``last_stats`` holding the statistics of the latest call. Decoding is ``api.generate``.
+adapter (merged for speed) + K-head with their fingerprint checks, and its ``generate(inputs,
+generation_config=None, **kwargs)`` is called as transformers' is: ``input_ids`` /
+``attention_mask`` (positionally or by name, ``**tokenizer(...)`` included), the sampling keywords
+(``do_sample`` / ``temperature`` / ``top_k`` / ``top_p`` / ...), and the checkpoint's own
+``generation_config`` for whatever a call leaves out; ``last_stats`` holds the statistics of the
+latest call. A transformers setting FLUID decoding does not do is refused by name unless it is at
+its "off" value (``num_beams=1``, ``use_cache=True``, ``output_scores=False``, ...), never dropped.
+Decoding is ``api.generate``.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.model.khead import KHead
 from fluid_npu.sampling.api import GENERATION_KEYS, GenerateOutput, generate
 from fluid_npu.sampling.drafting import DraftBudget
-from fluid_npu.sampling.inputs import parse_dtype
+from fluid_npu.sampling.inputs import as_count, parse_dtype
 from fluid_npu.sampling.stats import GenerateStats
 
 # GenerationConfig fields the decoding follows (the rest of GENERATION_KEYS' kin), and fields
@@ -31,23 +36,71 @@ _INERT = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_fr
 # other setting is off when it is None, False, 0 or empty
 _OFF_AT_ONE = {"num_beams", "num_beam_groups", "num_return_sequences", "repetition_penalty",
                "encoder_repetition_penalty", "length_penalty", "typical_p"}  # fmt: skip
+# transformers' own ``generate`` arguments (beside its GenerationConfig fields), and what FLUID
+# offers instead where it has something
+_HF_ARGUMENTS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
+                 "synced_gpus", "assistant_model", "assistant_tokenizer", "streamer",
+                 "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate",
+                 "use_model_defaults"}  # fmt: skip
+_INSTEAD = {
+    "streamer": "pass stream=callable(row, tokens), called as tokens are committed",
+    "num_return_sequences": "repeat the prompt's row once per sequence (seed row r with seed + r)",
+    "return_dict_in_generate": "read last_output (new tokens, finish reasons, log-probabilities)",
+    "output_scores": "pass logprobs=True (and top_logprobs=N); read last_output.logprobs",
+    "output_logits": "pass logprobs=True (and top_logprobs=N); read last_output.logprobs",
+    "stopping_criteria": "pass stop_strings, eos_token_id or max_new_tokens",
+}
 
 
-def _check_generation_config(config: Any) -> None:
+def _is_off(name: str, value: Any) -> bool:
+    """Whether a transformers generation setting is at a value that changes nothing."""
+    return name in _INERT or not value or (name in _OFF_AT_ONE and value == 1)
+
+
+def _check_generation_config(config: Any, source: str = "generation_config") -> None:
     """Refuse a ``GenerationConfig`` setting the engine would otherwise drop silently (every
     field it holds away from transformers' defaults must be one it follows)."""
     diff = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(vars(config))
     unknown = sorted(
         k for k, v in diff.items()
-        if k not in _FOLLOWED and k not in _INERT and k not in GENERATION_KEYS
-        and v and not (k in _OFF_AT_ONE and v == 1)
+        if k not in _FOLLOWED and k not in GENERATION_KEYS and not _is_off(k, v)
     )  # fmt: skip
     if unknown:
-        raise ConfigError(
-            f"generation_config sets {', '.join(unknown)}, which FLUID decoding does not do "
-            f"(it follows {', '.join(sorted({*GENERATION_KEYS, *_FOLLOWED}))}); leave them at "
-            "transformers' defaults"
+        fix = (
+            "pass generation_config=GenerationConfig(...) without them to this call, or set them "
+            "to None on model.generation_config"
+            if source != "generation_config"
+            else "leave them at transformers' defaults"
         )
+        raise ConfigError(
+            f"{source} sets {', '.join(unknown)}, which FLUID decoding does not do "
+            f"(it follows {', '.join(sorted({*GENERATION_KEYS, *_FOLLOWED}))}); {fix}"
+        )
+
+
+def _generation_fields() -> set[str]:
+    from transformers import GenerationConfig
+
+    return set(vars(GenerationConfig()))
+
+
+def _transformers_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without the transformers settings ``api.generate`` does not take that are at
+    their "off" value; one such setting asking for something is a ``ConfigError`` naming it (a
+    name neither knows stays, for ``api.generate``'s own TypeError)."""
+    own = set(inspect.signature(generate).parameters)
+    known = _HF_ARGUMENTS | _generation_fields()
+    kept = {}
+    for name, value in kwargs.items():
+        if name in own or name in _FOLLOWED or name not in known:
+            kept[name] = value
+        elif not _is_off(name, value):
+            instead = _INSTEAD.get(name, "leave it out (FLUID decodes greedily or samples exactly)")
+            raise ConfigError(
+                f"{name}={value!r} is a transformers generation setting FLUID decoding does not "
+                f"do; {instead}"
+            )
+    return kept
 
 
 class FluidForCausalLM:
@@ -80,19 +133,45 @@ class FluidForCausalLM:
         dtype: str | torch.dtype | None = None,
         mask_token: str | None = None,
         device: str | torch.device | None = None,
-        chat_template: str | None = None,
+        chat_template: str | Path | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        torch_dtype: str | torch.dtype | None = None,
+        device_map: str | torch.device | None = None,
     ) -> FluidForCausalLM:
         """Base model (+ Stage I adapter, merged) (+ K-head); mismatches are CheckpointErrors.
 
         ``dtype``: ``auto`` / None (the checkpoint's), ``float32``, ``bfloat16``, ``float16`` or a
-        ``torch.dtype``: the dtype the model computes in. ``chat_template``: a Jinja chat template
-        (``prompts.read_chat_template``) that replaces the tokenizer's own.
+        ``torch.dtype``: the dtype the model computes in (``torch_dtype``, transformers' older
+        name, is taken too). ``device``: where it runs (``device_map`` as one device, or
+        ``"auto"``: the accelerator this host has, else the CPU; FLUID keeps a model on one
+        device, so a per-module map is refused). ``chat_template``: a Jinja chat template or a file
+        holding one (``prompts.read_chat_template``), replacing the tokenizer's own.
+        ``trust_remote_code`` / ``allow_pickle``: as in transformers, for checkpoints that need
+        them (the loader's errors say when).
         """
         from fluid_npu.model.adapters import load_fluid
         from fluid_npu.model.khead import load_khead
+        from fluid_npu.sampling.prompts import read_chat_template
 
-        dtype = parse_dtype(dtype)
-        loaded = load_fluid(model_dir, adapter, dtype=dtype, merge=True, mask_token=mask_token)
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise ConfigError("give dtype or torch_dtype (its older name), not both")
+            dtype = torch_dtype
+        device = _one_device(device, device_map)
+        dtype = parse_dtype(dtype, "dtype")
+        template = None
+        if chat_template is not None:  # (checked before the weights load)
+            template = read_chat_template(str(chat_template), "chat_template")
+        loaded = load_fluid(
+            model_dir,
+            adapter,
+            dtype=dtype,
+            merge=True,
+            mask_token=mask_token,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
         head = None
         if khead is not None:
             head, _ = load_khead(
@@ -104,8 +183,8 @@ class FluidForCausalLM:
         model = loaded.model
         if device is not None:
             model = model.to(device)
-        if chat_template is not None:
-            loaded.tokenizer.chat_template = chat_template
+        if template is not None:
+            loaded.tokenizer.chat_template = template
         return cls(model, loaded.tokenizer, loaded.mask.id, head)
 
     def engine_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -117,9 +196,31 @@ class FluidForCausalLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def config(self) -> Any:
+        """The model's ``PretrainedConfig``."""
+        return self.model.config
+
+    @property
+    def generation_config(self) -> Any:
+        """The checkpoint's ``GenerationConfig``: what ``generate`` follows where a call is
+        silent."""
+        return self.model.generation_config
+
+    def to(self, device: str | torch.device) -> FluidForCausalLM:
+        """Move the model and K-head to ``device`` (in place, as ``nn.Module.to``); returns self."""
+        self.model.to(device)
+        if self.khead is not None:
+            self.khead.to(device)
+        return self
+
     def generate(
         self,
-        input_ids: torch.Tensor,
+        inputs: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
         policy: str | None = None,
@@ -129,27 +230,46 @@ class FluidForCausalLM:
     ) -> torch.Tensor:
         """Prompt + new tokens ``[B, L]`` like transformers; statistics in ``last_stats``.
 
-        Greedy unless ``do_sample=True``; the sampling keywords are transformers' (``do_sample``,
-        ``temperature``, ``top_k`` — 50 when sampling and not given, transformers' default; 0 turns
-        it off —, ``top_p``, ``min_p``, ``repetition_penalty``, ``min_new_tokens``,
-        ``stop_strings``) plus ``seed``
-        (None: drawn from torch's global generator, so ``torch.manual_seed`` reproduces a call as
-        in transformers), and a
-        ``generation_config`` (a ``transformers.GenerationConfig``) supplies any of them, and
-        ``max_new_tokens`` / ``max_length`` / ``eos_token_id`` / ``pad_token_id``, that are not
-        passed explicitly; any other setting it holds away from transformers' default (beams,
-        ``no_repeat_ngram_size``, ``num_return_sequences``, ...) is refused by name, never dropped.
+        Called as transformers' ``generate``: ``inputs`` (or ``input_ids=``) and
+        ``attention_mask`` (``**tokenizer(texts, return_tensors="pt", padding=True)`` works), a
+        ``GenerationConfig`` as the second argument or ``generation_config=``. The sampling
+        keywords are transformers' (``do_sample``, ``temperature``, ``top_k`` — 50 when sampling
+        and not given, transformers' default; 0 turns it off —, ``top_p``, ``min_p``,
+        ``repetition_penalty``, ``min_new_tokens``, ``stop_strings``) plus ``seed`` (None: drawn
+        from torch's global generator, so ``torch.manual_seed`` reproduces a call as in
+        transformers); a keyword given as None is left out. What a call leaves out comes from
+        ``generation_config`` — the one passed, else the checkpoint's own
+        (``model.generation_config``, as transformers reads it: an instruct checkpoint that sets
+        ``do_sample`` samples; pass ``do_sample=False`` for the lossless greedy output) — along
+        with ``max_new_tokens`` / ``max_length`` / ``eos_token_id`` / ``pad_token_id``. A setting
+        FLUID decoding does not do (beams, ``no_repeat_ngram_size``, ``num_return_sequences`` > 1,
+        a ``streamer``, ...) is refused by name, never dropped; at its "off" value it is accepted.
         ``max_length`` counts the prompt, as in transformers (``max_new_tokens`` wins when both
-        are set) and must leave room for a token; without either, 64 new tokens (the checkpoint's
-        own ``generation_config`` gives only the EOS and pad ids: FLUID decodes greedily, and the
-        lossless check compares with plain greedy decoding). ``eos_token_id=None`` given
-        explicitly turns EOS off, as in transformers.
+        are set) and must leave room for a token; with neither anywhere, 64 new tokens.
+        ``eos_token_id=None`` given explicitly turns EOS off, as in transformers.
         """
+        if "input_ids" in kwargs:
+            if inputs is not None:
+                raise ConfigError("give the prompt once: inputs or input_ids, not both")
+            inputs = kwargs.pop("input_ids")
+        if inputs is None:
+            raise ConfigError("generate needs the prompt: inputs (or input_ids), token ids [B, L]")
+        if hasattr(attention_mask, "to_diff_dict"):  # transformers' order: (inputs, config)
+            if generation_config is not None:
+                raise ConfigError("two generation configs given (positionally and by name)")
+            attention_mask, generation_config = None, attention_mask
+        source = "generation_config"
+        if generation_config is None:
+            generation_config = getattr(self.model, "generation_config", None)
+            source = "the checkpoint's generation_config"
+        kwargs = _transformers_keywords(
+            {k: v for k, v in kwargs.items() if v is not None or k == "eos_token_id"}
+        )
         max_length = kwargs.pop("max_length", None)
         if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
             kwargs["eos_token_id"] = []  # transformers: an explicit None stops at no token
         if generation_config is not None:
-            _check_generation_config(generation_config)
+            _check_generation_config(generation_config, source)
             for name in (*GENERATION_KEYS, "eos_token_id", "pad_token_id"):
                 value = getattr(generation_config, name, None)
                 if name not in kwargs and value is not None:
@@ -159,19 +279,20 @@ class FluidForCausalLM:
             if max_length is None:
                 max_length = getattr(generation_config, "max_length", None)
         if max_new_tokens is None and max_length is not None:
-            width = input_ids.shape[-1] if hasattr(input_ids, "shape") else max(map(len, input_ids))
-            if int(max_length) <= int(width):
+            width = inputs.shape[-1] if hasattr(inputs, "shape") else max(map(len, inputs))
+            max_length = as_count("max_length", max_length)
+            if max_length <= int(width):
                 raise ConfigError(
                     f"max_length {max_length} leaves no room after the prompt ({width} tokens): "
                     "max_length counts the prompt, as in transformers; give max_new_tokens instead"
                 )
-            max_new_tokens = int(max_length) - int(width)
+            max_new_tokens = max_length - int(width)
         if policy is None:
             policy = "khead" if self.khead is not None else "entropy"
         out = generate(
             self.model,
             self.mask_id,
-            input_ids,
+            inputs,
             attention_mask,
             policy=policy,
             loop=loop,
@@ -182,3 +303,23 @@ class FluidForCausalLM:
         )
         self.last_output, self.last_stats = out, out.stats
         return out.sequences
+
+
+def _one_device(
+    device: str | torch.device | None, device_map: str | torch.device | None
+) -> str | torch.device | None:
+    """The one device ``from_pretrained`` puts the model on, from ``device`` or ``device_map``."""
+    if device_map is None:
+        return device
+    if device is not None:
+        raise ConfigError("give device or device_map, not both")
+    if isinstance(device_map, dict):
+        raise ConfigError(
+            "device_map as a per-module map is not supported: FLUID decodes with the whole model "
+            "on one device; pass device='cuda:0' (or device_map='auto')"
+        )
+    if str(device_map) == "auto":
+        from fluid_npu import device as devices
+
+        return devices.current().device
+    return device_map

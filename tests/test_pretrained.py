@@ -1,0 +1,156 @@
+"""``FluidForCausalLM`` called as a transformers user calls a model: the checkpoint's own
+generation config, transformers' argument order and spellings, settings at their "off" values,
+``from_pretrained``'s transformers-style options, and errors that name the fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from fluid_npu.errors import CheckpointError, ConfigError
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
+from fluid_npu.sampling.inputs import PromptError
+from fluid_npu.sampling.pretrained import FluidForCausalLM
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(mask_token=True)
+
+
+@pytest.fixture
+def fluid(tok):
+    return FluidForCausalLM(build_tiny_model("llama", tok, seed=3), tok, tok.mask_token_id)
+
+
+def _ids(tok, text: str = "hello world") -> torch.Tensor:
+    return torch.tensor([tok(text)["input_ids"]])
+
+
+def test_the_checkpoints_generation_config_applies_where_a_call_is_silent(tok, fluid):
+    # transformers' generate starts from model.generation_config: an instruct checkpoint that
+    # samples and sets max_length does so through FluidForCausalLM too; keywords still win
+    ids = _ids(tok)
+    with torch.inference_mode():
+        greedy = fluid.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+            eos_token_id=None, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+    gc = fluid.generation_config
+    gc.do_sample, gc.temperature, gc.top_k = True, 50.0, 0
+    gc.max_length, gc.eos_token_id = ids.shape[1] + 8, None
+    outs = {tuple(fluid.generate(ids, seed=s, policy="ar")[0].tolist()) for s in range(6)}
+    assert {len(o) for o in outs} == {ids.shape[1] + 8}  # the checkpoint's max_length
+    assert len(outs) > 1  # it samples, as the checkpoint asks
+    assert fluid.generate(ids, do_sample=False, eos_token_id=[]).tolist() == greedy.tolist()
+    # a config passed to the call replaces the checkpoint's
+    plain = fluid.generate(ids, GenerationConfig(max_new_tokens=8), eos_token_id=[])
+    assert plain.tolist() == greedy.tolist()
+    # a setting the checkpoint's config holds that FLUID does not do is refused by name
+    gc.no_repeat_ngram_size = 3
+    with pytest.raises(ConfigError, match="the checkpoint's generation_config sets no_repeat"):
+        fluid.generate(ids)
+
+
+def test_transformers_argument_order_spellings_and_none(tok, fluid):
+    ids = _ids(tok)
+    kw = dict(policy="ar", eos_token_id=[])
+    want = fluid.generate(ids, max_new_tokens=3, **kw)
+    assert want.shape[1] == ids.shape[1] + 3
+    # (inputs, generation_config) as transformers orders them; inputs= and input_ids= by name;
+    # a tokenizer's output unpacked
+    assert fluid.generate(ids, GenerationConfig(max_new_tokens=3), **kw).tolist() == want.tolist()
+    assert fluid.generate(inputs=ids, max_new_tokens=3, **kw).tolist() == want.tolist()
+    enc = tok(["hello world"], return_tensors="pt")
+    assert fluid.generate(**enc, max_new_tokens=3, **kw).tolist() == want.tolist()
+    with pytest.raises(ConfigError, match="inputs or input_ids, not both"):
+        fluid.generate(ids, input_ids=ids, max_new_tokens=3)
+    # None means "not given" (transformers 5's GenerationConfig fields all default to None)
+    out = fluid.generate(
+        ids, max_new_tokens=3, do_sample=True, temperature=None, top_p=None, min_p=None,
+        top_k=None, repetition_penalty=None, seed=1, **kw,
+    )  # fmt: skip
+    assert out.shape[1] == ids.shape[1] + 3
+    # a whole number of tokens may come as a float, as transformers takes it; a fraction may not
+    assert fluid.generate(ids, max_new_tokens=3.0, **kw).tolist() == want.tolist()
+    with pytest.raises(ConfigError, match="max_new_tokens must be a whole number"):
+        fluid.generate(ids, max_new_tokens=2.5, **kw)
+
+
+def test_settings_at_their_off_value_pass_and_others_are_refused_by_name(tok, fluid):
+    ids = _ids(tok)
+    kw = dict(max_new_tokens=2, policy="ar", eos_token_id=[])
+    want = fluid.generate(ids, **kw)
+    off = dict(
+        use_cache=True, num_beams=1, num_return_sequences=1, return_dict_in_generate=False,
+        output_scores=False, bos_token_id=tok.bos_token_id, streamer=None, synced_gpus=False,
+    )  # fmt: skip
+    assert fluid.generate(ids, **off, **kw).tolist() == want.tolist()
+    for name, value, hint in (
+        ("streamer", object(), "stream=callable"),
+        ("num_beams", 2, "num_beams=2"),
+        ("output_scores", True, "logprobs=True"),
+        ("num_return_sequences", 2, "repeat the prompt"),
+        ("no_repeat_ngram_size", 3, "no_repeat_ngram_size=3"),
+    ):
+        with pytest.raises(ConfigError, match=hint):
+            fluid.generate(ids, **{name: value}, **kw)
+    with pytest.raises(TypeError, match="max_new_token"):  # a misspelling is Python's TypeError
+        fluid.generate(ids, max_new_token=2)
+
+
+def test_input_errors_name_the_prompt_and_the_room_left(tok):
+    model = build_tiny_model("llama", tok, seed=3, max_position_embeddings=32)
+    fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
+    ids = _ids(tok, "a" * 20)
+    with pytest.raises(PromptError, match="prompt 0 has 20 tokens and max_new_tokens is 64") as e:
+        fluid.generate(ids)
+    assert "room for at most 12 new tokens" in str(e.value)
+    with pytest.raises(PromptError, match=r"prompt 1: token ids must lie in \[0, "):
+        fluid.generate([[5, 6], [7, len(tok) + 3]], max_new_tokens=2)
+
+
+def test_padding_that_cannot_be_told_from_the_prompt_warns(tok, fluid):
+    # the usual recipe pad = EOS, a left-padded batch, no attention mask: transformers warns that
+    # the mask cannot be inferred; so does FLUID, and it reads the padding as prompt as it does
+    eos = tok.eos_token_id
+    ids = torch.tensor([[eos, eos, 104, 105], [104, 105, 106, 107]])
+    kw = dict(max_new_tokens=2, policy="ar", eos_token_id=eos, pad_token_id=eos)
+    with pytest.warns(UserWarning, match="pass the attention_mask"):
+        fluid.generate(ids, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fluid.generate(ids, torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), **kw)
+
+
+def test_from_pretrained_takes_transformers_spellings(tmp_path, tok):
+    base = save_tiny(tmp_path / "model", "llama", mask_token=True)
+    fluid = FluidForCausalLM.from_pretrained(base, torch_dtype="bfloat16", device_map="cpu")
+    assert fluid.dtype == torch.bfloat16 and fluid.device == torch.device("cpu")
+    assert fluid.config is fluid.model.config and fluid.to("cpu") is fluid
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    fluid = FluidForCausalLM.from_pretrained(base, chat_template=template)
+    assert fluid.tokenizer.chat_template == template.read_text()
+    for kwargs, message in (
+        (dict(chat_template=tmp_path / "missing.jinja"), "chat_template"),
+        (dict(dtype="float64"), "^dtype 'float64' is not a compute dtype"),
+        (dict(dtype="bfloat16", torch_dtype="bfloat16"), "not both"),
+        (dict(device_map={"": 0}), "pass device="),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            FluidForCausalLM.from_pretrained(base, **kwargs)
+    with pytest.raises(CheckpointError, match="is a file; give the model's directory"):
+        FluidForCausalLM.from_pretrained(base / "config.json")
+    # a checkpoint with pickle weights only loads once the caller says it trusts them
+    weights = base / "model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(weights)), base / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"allow_pickle=True"):
+        FluidForCausalLM.from_pretrained(base)
+    assert FluidForCausalLM.from_pretrained(base, allow_pickle=True).mask_id == tok.mask_token_id
