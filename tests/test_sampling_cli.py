@@ -213,7 +213,7 @@ def test_output_paths_and_prompt_rows_are_checked_before_loading(dirs, tmp_path,
         (_bench_argv(missing, src, tmp_path / "afile" / "b.json"), "the folder of --json"),
     ]  # fmt: skip
     blank = tmp_path / "blank.jsonl"
-    blank.write_text('\n{"prompt": "ok"}\n{"prompt": " "}\n')
+    blank.write_text('\n{"prompt": "ok"}\n{"input_ids": []}\n')  # (a text: after encoding)
     cases.append((["generate", "--model", missing, "--prompts", str(blank), "--output",
                    str(tmp_path / "o.jsonl")], "blank.jsonl:3: the prompt is empty"))  # fmt: skip
     for argv, fragment in cases:

@@ -554,9 +554,10 @@ def test_echo_returns_the_prompt_and_its_logprobs_first():
         s = scored.choices[0]
         assert s.text == TOK.decode(ids, skip_special_tokens=True)  # token ids: their text
         assert s.finish_reason == "length" and scored.usage.completion_tokens == 0
-        assert (
-            s.logprobs.token_logprobs == lp.token_logprobs[:n] and s.logprobs.top_logprobs is None
-        )
+        assert s.logprobs.token_logprobs == lp.token_logprobs[:n]
+        # logprobs 0: each position's token alone (OpenAI's "up to logprobs + 1", as vLLM)
+        assert s.logprobs.top_logprobs == [None] + [
+            {TOK.decode([t]): -0.5 * (j + 1)} for j, t in enumerate(ids[1:])]  # fmt: skip
         plain = c.completions.create(model="tiny", prompt=prompt, max_tokens=2, echo=True)
         assert plain.choices[0].text == prompt + expected_text(ids, 2)
         assert plain.choices[0].logprobs is None

@@ -372,3 +372,75 @@ def test_the_first_ctrl_c_drains_and_exits_0(model_dir):
         proc.proc.send_signal(signal.SIGINT)
         assert proc.wait() == 0, proc.log_tail()
         assert "draining" in proc.log_tail()
+
+
+def test_stop_extras_min_tokens_usage_stats_and_openai_fields(server):
+    """vLLM's extras and OpenAI's own chat fields as a client sends them: ``min_tokens`` holds
+    stop strings back in the engine and the text alike (vLLM's rule), ``include_stop_str_in_output``
+    keeps the stop string, ``stop_token_ids`` end a request as EOS does, ``continuous_usage_stats``
+    puts the usage on every chunk; completions' ``top_logprobs`` hold the token itself; a
+    whitespace prompt is a prompt; OpenAI's tags change nothing, its features are a 400 but at
+    their neutral value."""
+    c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+    def done(prompt: str = "abc", **kw) -> tuple[str, str, int]:
+        out = c.completions.create(model="model", prompt=prompt, max_tokens=20, temperature=0,
+                                   **kw)  # fmt: skip
+        return out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens
+
+    assert done() == ("defghijklm", "stop", 11)  # the chain, then EOS (counted, not spelled)
+    assert done(stop=["f", "k"]) == ("de", "stop", 3)
+    least = lambda n, **more: {"extra_body": {"min_tokens": n, **more}}  # noqa: E731
+    assert done(stop=["f", "k"], **least(5)) == ("defghij", "stop", 8)  # "f" within: skipped
+    assert done(stop=["fg"], **least(3)) == ("de", "stop", 4)  # began within, ends after
+    assert done(stop=["ef"], **least(3)) == ("defghijklm", "stop", 11)  # wholly within
+    body = {"model": "model", "prompt": "abc", "max_tokens": 20, "temperature": 0, "stream": True,
+            "stop": ["f", "k"], "min_tokens": 5,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as resp:  # fmt: skip
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    assert "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"]) == "defghij"
+    used = [ch["usage"]["completion_tokens"] for ch in chunks]  # on every chunk, as it grows
+    assert used == sorted(used) and used[-1] == 8 and not chunks[-1]["choices"]
+
+    keep = least(0, include_stop_str_in_output=True)
+    assert done(stop=["fg"], **keep) == ("defg", "stop", 4)
+    streamed = c.completions.create(model="model", prompt="abc", max_tokens=20, temperature=0,
+                                    stop=["fg"], stream=True, **keep)  # fmt: skip
+    assert "".join(ch.choices[0].text for ch in streamed) == "defg"
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "abc"}]
+    more = {"add_generation_prompt": False, "continue_final_message": True}  # (the chain again)
+    chat = lambda **kw: c.chat.completions.create(  # noqa: E731
+        model="model", messages=messages, max_tokens=12, temperature=0, **kw)  # fmt: skip
+    plain = chat(extra_body=more).choices[0].message.content
+    assert plain.startswith("defg")
+    kept = chat(stop=["fg"], extra_body={**more, "include_stop_str_in_output": True})
+    assert kept.choices[0].message.content == "defg"
+    h = httpx.post(f"{server.url}/tokenize", json={"prompt": "h", "add_special_tokens": False},
+                   headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]  # fmt: skip
+    assert done(extra_body={"stop_token_ids": h}) == ("defg", "stop", 5)  # the token not spelled
+    assert done(extra_body={"stop_token_ids": h, "include_stop_str_in_output": True}) == (
+        "defgh", "stop", 5)  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as info:
+        done(extra_body={"stop_token_ids": [99999]})
+    assert info.value.body["param"] == "stop_token_ids"
+
+    assert done(" ")[1] in ("stop", "length")  # whitespace: a prompt, as vLLM reads it
+    for n in (0, 1):
+        out = c.completions.create(model="model", prompt="hello p", max_tokens=12, logprobs=n,
+                                   temperature=1.5, seed=3)  # fmt: skip
+        lp = out.choices[0].logprobs
+        assert all(t in top and top[t] == p and len(top) <= n + 1
+                   for t, p, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))  # fmt: skip
+
+    tags = dict(metadata={"app": "test"}, store=False, service_tier="auto", prompt_cache_key="k",
+                safety_identifier="u1", modalities=["text"], verbosity="medium",
+                reasoning_effort=None, audio=None)  # fmt: skip
+    assert chat(extra_body=more, **tags).choices[0].message.content == plain
+    options = {"include_usage": True, "include_obfuscation": False}  # (OpenAI's, no padding)
+    streamed = chat(extra_body=more, stream=True, stream_options=options, **tags)
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == plain
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(model="model", messages=messages, reasoning_effort="low")
+    assert info.value.body["param"] == "reasoning_effort"

@@ -122,9 +122,8 @@ def test_completion_prompt_lists_and_echo():
         ({"prompt": "a", "max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
         ({"prompt": "a", "max_tokens": "5"}, "max_tokens", "valid integer"),
         ({"prompt": "a", "frobnicate": 1}, "frobnicate", "unknown field 'frobnicate'"),
-        ({"prompt": ""}, "prompt", "empty"),
-        ({"prompt": []}, "prompt", "empty"),
-        ({"prompt": ["a", " "]}, "prompt", "prompt[1] is empty"),
+        ({"prompt": []}, "prompt", "empty"),  # (a text: empty where it encodes to no tokens)
+        ({"prompt": [[1], []]}, "prompt", "prompt[1] is empty"),
         ({"prompt": [[1], [2, -3]]}, "prompt", "prompt[1]: token ids must be non-negative"),
         ({"prompt": ["a", [1]]}, "prompt", "valid string"),
         ({"prompt": [1, -2]}, "prompt", "non-negative"),

@@ -5,7 +5,11 @@ return it.
 skipped — decoding only the newest tokens with a few before them as context, so a long output costs
 linear, not quadratic, time; a trailing incomplete UTF-8 character is held back; with ``stop``
 strings the text is cut before the first one (OpenAI's rule: the stop string is not returned) and
-the tail that could still become one is held back until it cannot.
+the tail that could still become one is held back until it cannot — or, with ``include_stop``
+(vLLM's ``include_stop_str_in_output``), after the first one to be complete, nothing held back.
+With ``min_tokens`` no stop string ends the output before that many tokens, as vLLM reads it: the
+text is searched once the count is passed, and a match counts only where it ends after the text of
+the first ``min_tokens`` tokens (one that began within it and ends later counts).
 
 The text is what the tokens spell *after the prompt*, as vLLM and transformers' text-generation
 pipeline return it: the last prompt tokens are decoded as context before the first output tokens,
@@ -37,11 +41,17 @@ class Detokenizer:
         prompt: Sequence[int] = (),
         eos_ids: Collection[int] = (),
         spelled: Mapping[int, str] | None = None,
+        min_tokens: int = 0,
+        include_stop: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.spelled = dict(spelled or {})  # special tokens written out (a tool-call marker)
         self.stop = list(stop or [])
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.reach = max((len(s) for s in self.stop), default=1) - 1  # a stop begins this far back
+        self.hold = 0 if include_stop else self.reach  # the tail held back from the stream
+        self.include_stop = include_stop
+        self.min_tokens = min_tokens
+        self.floor = 0  # characters of ``text`` the first min_tokens tokens spell (no stop ends in)
         self.eos = frozenset(int(t) for t in eos_ids)
         self.ids: list[int] = [int(t) for t in prompt[-PROMPT_CONTEXT:]] if prompt else []
         self.start = len(self.ids)  # ids[:start]: prompt context; ids[start:]: the output's
@@ -66,7 +76,7 @@ class Detokenizer:
         """Feed committed tokens; returns the text that is now safe to send (maybe empty).
 
         With stop strings the tokens are taken one at a time, so ``tokens_used`` counts exactly
-        the tokens up to the one that completed the stop string.
+        the tokens up to the one that completed the stop string (after ``min_tokens``).
         """
         if self.stopped:
             return ""
@@ -77,16 +87,27 @@ class Detokenizer:
             return self._release(final=False)
         for tok in tokens:
             self._take(tok)
-            start = max(0, self.settled - self.hold)  # a stop may begin in the held-back tail
+            start = max(0, self.settled - self.reach)  # a stop may begin in the unsearched tail
             self._advance(final=False)
-            cut = min(
-                (i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1
-            )
-            if cut >= 0:
-                self.text = self.text[:cut]
+            if self.tokens_used <= self.min_tokens:  # (vLLM's: no stop string before min_tokens)
+                self.floor = len(self.text)
+                continue
+            end = self._stop_end(start)
+            if end is not None:
+                self.text = self.text[:end]
                 self.stopped = True
                 return self._release(final=True)
         return self._release(final=False)
+
+    def _stop_end(self, start: int) -> int | None:
+        """Where the text ends at a stop string found from ``start`` on (one that ends after
+        ``floor``): before the first to begin, or after the first to end (``include_stop``)."""
+        found = []
+        for s in self.stop:
+            at = self.text.find(s, max(start, self.floor - len(s) + 1))
+            if at >= 0:
+                found.append((at + len(s), at) if self.include_stop else (at, at))
+        return min(found)[0] if found else None
 
     def flush(self) -> str:
         """The text still held back, at the end of the output."""

@@ -92,13 +92,13 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
 
 
 def empty_prompt(row: dict[str, Any]) -> bool:
-    """Whether a row's prompt is empty: its ``input_ids`` when it has them (``prompt`` is then a
-    label), else its text."""
+    """Whether a row's prompt is empty before any tokenizer reads it: ``input_ids`` (``prompt``
+    is then a label) or ``messages`` that are ``[]``. A text is empty only where it encodes to no
+    tokens (``encode_prompt``: whitespace is a prompt, and ``""`` one with a tokenizer that adds a
+    BOS), as ``fluid serve`` and vLLM read it."""
     if "input_ids" in row:
         return row["input_ids"] == []
-    if "messages" in row:
-        return row["messages"] == []
-    return str(row.get("prompt", "")).strip() == ""
+    return "messages" in row and row["messages"] == []
 
 
 def encode_prompt(
@@ -109,8 +109,9 @@ def encode_prompt(
     where: str = "",
     template_kwargs: dict[str, Any] | None = None,
 ) -> Prompt:
-    """Token ids of one prompt row; an empty prompt is a ``PromptError``. ``template_kwargs``: the
-    chat template's variables, for ``--chat`` and ``messages`` rows."""
+    """Token ids of one prompt row; a prompt of no tokens (``input_ids: []``, a text that encodes
+    to none) is a ``PromptError``. ``template_kwargs``: the chat template's variables, for
+    ``--chat`` and ``messages`` rows."""
     if "input_ids" in row:
         ids = row["input_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
@@ -131,14 +132,15 @@ def encode_prompt(
     text = row["prompt"]
     if not isinstance(text, str):
         raise DataError(f"{where}: prompt must be a string")
-    if not text.strip():
-        raise PromptError(f"{where}: the prompt is empty; give some text")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("--chat needs a tokenizer with a chat template; this one has none")
         user = [{"role": "user", "content": text}]
         return Prompt(text, _rendered(tokenizer, user, where, template_kwargs))
-    return Prompt(text, [int(t) for t in tokenizer(text)["input_ids"]])
+    ids = [int(t) for t in tokenizer(text)["input_ids"]]
+    if not ids:  # ("" without a BOS; whitespace is text, as vLLM reads it)
+        raise PromptError(f"{where}: the prompt is empty: it encodes to no tokens; give some text")
+    return Prompt(text, ids)
 
 
 # what fluid serve's chat route takes ("tool": a tool call's result, answering its tool_call_id)

@@ -8,6 +8,13 @@ tokens skipped, as the server's text and vLLM read it (a ``<mask>`` or ``</s>`` 
 of text (a token spells at least one, and one character may take several tokens); a newly
 completed stop string ends past the text the earlier tokens alone spelled — compared by common
 prefix, since a character split over tokens reads as U+FFFD until its last byte comes.
+
+A request's ``min_tokens`` holds stop strings back as vLLM does (its detokenizer's check, vLLM
+#22014): no step's tokens are searched until the output is longer than ``min_tokens``, and a match
+then counts only where it ends past the text of the first ``min_tokens`` tokens — one that began
+within that text and ends after it counts, one that lay wholly within it never does. The server's
+text (``detok.Detokenizer``) reads them alike. A request without ``min_tokens`` is searched as
+before, at the same cost.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ def stop_cut(
     toks: Sequence[int],
     stops: Sequence[str],
     context: int = 0,
+    held: int = 0,
 ) -> int | None:
     """How many of ``toks`` (this step's, after ``earlier``) to keep when one of them completes
     a string of ``stops``, else None; ``special``: the tokenizer's special ids. The first
     ``context`` tokens of ``earlier`` are the prompt's: decoded only for how the output after them
     is spelled (a SentencePiece decoder drops the leading space of a text), no stop string may
-    begin in their text."""
+    begin in their text. The first ``held`` of ``toks`` are within the request's ``min_tokens``:
+    none of them ends the request, and a stop string must end past their text."""
     longest = max(len(x.encode("utf-8")) for x in stops)
     before: list[int] = []  # the last earlier tokens that spell longest + 8 of them
     spelled = 0
@@ -44,10 +53,12 @@ def stop_cut(
     kept = max(0, context - (len(earlier) - len(before)))  # prompt tokens still in the window
     floor = len(tokenizer.decode(before[:kept], skip_special_tokens=True)) if kept else 0
     text_before = tokenizer.decode(before, skip_special_tokens=True)
-    for n in range(1, len(toks) + 1):
+    text_held = tokenizer.decode([*before, *toks[:held]], skip_special_tokens=True) if held else ""
+    for n in range(held + 1, len(toks) + 1):
         text = tokenizer.decode([*before, *toks[:n]], skip_special_tokens=True)
         same = _common_prefix(text_before, text)
-        if any(text.find(x, max(floor, same - len(x) + 1)) >= 0 for x in stops):
+        least = _common_prefix(text_held, text) if held else 0  # the min_tokens text's end
+        if any(text.find(x, max(floor, same - len(x) + 1, least - len(x) + 1)) >= 0 for x in stops):
             return n
     return None
 
@@ -82,7 +93,8 @@ class StopsMixin:
     def _stop_cut_part(self, s: Slot, new: list[int], toks: list[int]) -> int | None:
         """``_stop_cut`` for a run of tokens after the output's ``new`` ones (a reset at most
         their last)."""
-        if not toks:
+        held = max(0, s.params.min_tokens - len(new))  # of toks, within min_tokens
+        if held >= len(toks):  # (none of them may end the request: nothing to search)
             return None
         window = 4 * (max(len(x.encode("utf-8")) for x in s.req.stop) + 8)  # stop_cut's, and more
         recent = new[-window:]
@@ -98,4 +110,4 @@ class StopsMixin:
             earlier, context = [*tail, *new], len(tail)
         else:
             earlier, context = new, 0
-        return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context)
+        return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context, held)

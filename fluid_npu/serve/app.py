@@ -191,8 +191,16 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 "with --scheduling-policy priority, or leave priority out",
                 param="priority",
             )
+        stops = s.stop_token_ids
+        if stops and max(stops) >= vocab:
+            raise APIError(f"stop_token_ids names token {max(stops)}, outside the model's "
+                           f"vocabulary ({vocab} tokens)", param="stop_token_ids")  # fmt: skip
         gate.capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
-        eos = [] if s.ignore_eos else worker.scheduler.eos_ids  # (the request's: it ends there)
+        # the tokens that end it: EOS (unless ignored) and vLLM's stop_token_ids, never spelled
+        # but with include_stop_str_in_output the stop tokens (vLLM writes their text then)
+        eos = [] if s.ignore_eos else list(worker.scheduler.eos_ids)
+        ends = [*eos, *(t for t in stops if t not in eos)]
+        unspelled = eos if s.include_stop else ends
         # a chat's reasoning apart from its answer; a grammar holds the answer (structured.py)
         split = reasoning if shapes[0].chat else None
         requests = [
@@ -213,7 +221,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         ]
         gate.take_id(rid, len(shapes))  # (free once every choice's Generation closed)
         try:
-            streams = await submit(requests, s, split, grammar, arrived)
+            streams = await submit(requests, s, split, grammar, arrived, ends)
         except BaseException:
             gate.release_id(rid, len(shapes))
             raise
@@ -223,11 +231,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         for shape, stream in zip(shapes, streams):
             k = shape.index // s.n  # the choice's prompt
             spelled = {} if tools is None else tools.spelled  # tool-call markers written out
-            detok = text_reader(tokenizer, split, s.stop, prompts[k], eos, spelled)
+            detok = text_reader(tokenizer, split, s, prompts[k], unspelled, spelled)
             shape.reasoning = split is not None
             if detok.spelled_context:  # the output's leading space is kept: offsets count it
                 shape.strip = 0
-            shape.alternatives = s.params["top_logprobs"] > 0
             echo = None
             if s.echo and texts is not None:
                 echo = Echo(texts[k], prompts[k], generate=limits[k] > 0)
@@ -240,13 +247,14 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
 
     async def submit(
         requests: list[tuple[str, list[int], dict[str, Any]]], s: protocol.Sampling,
-        split: Any, grammar: Grammar | None, arrived: float,
+        split: Any, grammar: Grammar | None, arrived: float, ends: list[int],
     ) -> list[Any]:  # fmt: skip
-        """A request's choices into the engine, admitted together (one step prefills them)."""
+        """A request's choices into the engine, admitted together (one step prefills them);
+        ``ends``: the tokens that end them (EOS unless ignored, stop_token_ids)."""
         return await worker.submit_many(
             requests,
             arrived,
-            eos_ids=[] if s.ignore_eos else None,
+            eos_ids=None if ends == worker.scheduler.eos_ids else ends,  # (None: the engine's)
             stop=tuple(s.stop),
             # reasoning apart: no stop string spans the closing marker, as the split text reads
             stop_reset=None if split is None else split.end,

@@ -212,17 +212,19 @@ class Generation:
 def text_reader(
     tokenizer: Any,
     reasoning: ReasoningParser | None,
-    stop: list[str],
+    s: protocol.Sampling,
     prompt: list[int],
     eos: Collection[int],
     spelled: Mapping[int, str] | None = None,
 ) -> Detokenizer | ReasoningText:
     """What turns one choice's tokens into text: the reasoning apart from the answer (a chat on
-    a server with a reasoning parser), else the text whole; ``spelled``: special tokens the
-    answer writes out (a tool parser's markers)."""
+    a server with a reasoning parser), else the text whole; ``s``: the request's stop strings,
+    ``min_tokens`` and ``include_stop_str_in_output``; ``eos``: the tokens counted but never
+    spelled; ``spelled``: special tokens the answer writes out (a tool parser's markers)."""
+    how = {"min_tokens": s.params["min_tokens"], "include_stop": s.include_stop}
     if reasoning is not None:
-        return ReasoningText(tokenizer, reasoning, stop, prompt, eos, spelled)
-    return Detokenizer(tokenizer, stop, prompt=prompt, eos_ids=eos, spelled=spelled)
+        return ReasoningText(tokenizer, reasoning, s.stop, prompt, eos, spelled, **how)
+    return Detokenizer(tokenizer, s.stop, prompt=prompt, eos_ids=eos, spelled=spelled, **how)
 
 
 def encode_prompts(tokenizer: Any, given: list[str | list[int]]) -> list[list[int]]:
@@ -263,14 +265,17 @@ async def events(
     """The server-sent events of one streamed request, its choices' chunks as they come."""
     out: asyncio.Queue = asyncio.Queue()  # (choice, chunk text) | (choice, None): it ended
 
+    def so_far(n: int) -> dict[str, Any] | None:  # vLLM's continuous_usage_stats: every chunk's
+        return gens[n].usage() if s.continuous_usage else None
+
     async def run(n: int) -> None:
         gen, shape = gens[n], shapes[n]
         if shape.chat:
-            await out.put((n, shape.chunk("", role=True)))
+            await out.put((n, shape.chunk("", role=True, use=so_far(n))))
         try:
             async for text, entries, reasoning, calls in gen.deltas():
                 await out.put((n, shape.chunk(text, logprobs=entries, reasoning=reasoning,
-                                              tool_calls=calls)))  # fmt: skip
+                                              tool_calls=calls, use=so_far(n))))  # fmt: skip
         except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
             await out.put((n, exc))
         except Exception as exc:  # a bug: the stream still ends, with the error in it
@@ -290,8 +295,8 @@ async def events(
                 yield item
                 continue
             open_ -= 1  # choice n ended: its last chunk (the usage once: in the last one ended,
-            # or in its own chunk when asked for, as OpenAI's)
-            last = usage(gens, s.n) if not open_ and not s.include_usage else None
+            # or in its own chunk when asked for, as OpenAI's; continuous: the choice's own)
+            last = usage(gens, s.n) if not open_ and not s.include_usage else so_far(n)
             yield shapes[n].chunk(None if shapes[n].chat else "", gens[n].finish_reason, last)
         if s.include_usage:
             yield shapes[0].usage_chunk(usage(gens, s.n))

@@ -11,15 +11,23 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   draw, docs/engine.md), ``logprobs`` (completions: the number of alternatives, 0–20;
   chat: ``logprobs`` + ``top_logprobs``), and vLLM's extensions ``top_k`` (0 or -1 = off),
   ``min_p`` and ``ignore_eos`` (decode exactly ``max_tokens`` tokens);
-* a decoding setting left out takes the server's default (``SamplingDefaults``), as vLLM does:
+* a decoding setting left out takes the server's default (``sampling_defaults.py``), as vLLM does:
   the model's ``generation_config`` where it sets ``temperature`` / ``top_p`` / ``top_k`` /
   ``min_p`` / ``repetition_penalty``, else the OpenAI API's (temperature 1, top_p 1): greedy
   decoding is ``temperature: 0``;
 * ``stop`` (up to 64 non-empty strings: OpenAI takes 4, vLLM any number, and lm-evaluation-harness
   adds the EOS text to a task's own) ends the request in the engine; the text is cut before the
-  stop string, as the OpenAI API returns it;
+  stop string, as the OpenAI API returns it, or after it with vLLM's
+  ``include_stop_str_in_output``; vLLM's ``stop_token_ids`` end it as EOS does (the token counted,
+  its text left out unless ``include_stop_str_in_output``; not with a grammar); vLLM's
+  ``skip_special_tokens`` only true (special tokens are never text here);
+* ``stream_options``: ``include_usage``, OpenAI's ``include_obfuscation`` (accepted; no padding
+  is added) and vLLM's ``continuous_usage_stats`` (every chunk carries its choice's usage so far;
+  it turns ``include_usage`` on where left out);
 * completions take ``prompt`` as one text or token-id list, or a list of them (each its own
-  choice, ``index`` in the order given, as vLLM answers a batch); ``echo`` returns the prompt before
+  choice, ``index`` in the order given, as vLLM answers a batch); a prompt is empty, a 400, only
+  where it encodes to no tokens (``[]``, or ``""`` with a tokenizer that adds no BOS: as vLLM
+  reads it, whitespace is a prompt); ``echo`` returns the prompt before
   the completion, with ``logprobs`` every prompt token's log-probability too (the first one's is
   null), and with ``max_tokens: 0`` the prompt alone — how lm-evaluation-harness scores text
   through a server (``local-completions``);
@@ -30,9 +38,10 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   on the output's tokens) and vLLM's ``repetition_penalty`` (transformers', on prompt and output;
   left out: the model's ``generation_config``, as vLLM reads it);
 * ``logit_bias`` (OpenAI's: token id -> bias in [-100, 100], up to 300 tokens), added to the
-  logits before the penalties; vLLM's ``min_tokens`` (no EOS before that many tokens, at most
-  ``max_tokens``); vLLM's ``priority`` (where a request waits for a slot: lower first, with a
-  server started with ``--scheduling-policy priority``; otherwise only 0);
+  logits before the penalties; vLLM's ``min_tokens`` (no EOS, stop token or stop string before
+  that many tokens, at most ``max_tokens``: ``sampling/stops.py``); vLLM's ``priority`` (where a
+  request waits for a slot: lower first, with a server started with ``--scheduling-policy
+  priority``; otherwise only 0);
 * chat requests take vLLM's rendering fields (``rendering.py``): ``chat_template_kwargs`` (the
   template's variables, over ``--default-chat-template-kwargs``; not the rendering's own
   arguments), ``add_generation_prompt``, ``continue_final_message`` (the last message, the
@@ -47,7 +56,10 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   and vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``), on both routes;
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
   ``suffix`` absent; any other value is an error naming the field and what is supported;
-  ``user`` is an opaque end-user tag, accepted.
+  ``user`` is an opaque end-user tag, accepted; so are OpenAI's chat tags (``metadata``,
+  ``store``, ``service_tier``, ``prompt_cache_key``, ``safety_identifier``, ...), and its chat
+  features (``modalities``, ``audio``, ``reasoning_effort``, ``functions``, ...) at their neutral
+  value only (``openai_fields.py``).
 """
 
 from __future__ import annotations
@@ -60,7 +72,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fluid_npu.sampling.rules import INT64_MAX, MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
 from fluid_npu.serve.errors import APIError
+from fluid_npu.serve.openai_fields import ChatFields, check_chat_fields
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
+from fluid_npu.serve.sampling_defaults import SamplingDefaults as SamplingDefaults
 from fluid_npu.serve.structured import Constraint, StructuredFields, body_constraint, with_eos
 from fluid_npu.serve.tools import ToolParser, ToolSetting, tool_setting
 
@@ -76,7 +90,9 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = None  # null: false, unless continuous_usage_stats asks for it
+    include_obfuscation: bool | None = None  # OpenAI's padding of chunks: accepted, none added
+    continuous_usage_stats: bool | None = None  # vLLM's: every chunk carries the usage so far
 
 
 class TextPart(_Strict):
@@ -129,6 +145,9 @@ class _Common(_Strict, StructuredFields):
     min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
     # vLLM's: with --scheduling-policy priority, lower starts first
     priority: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX)
+    include_stop_str_in_output: bool | None = None  # vLLM's: the text keeps the stop string
+    stop_token_ids: list[int] | None = None  # vLLM's: more tokens that end the request as EOS
+    skip_special_tokens: bool | None = None  # vLLM's: true (special tokens are never text here)
 
 
 class _Rendering(_Strict):
@@ -149,7 +168,7 @@ class CompletionBody(_Common):
     suffix: str | None = None
 
 
-class ChatBody(_Common, _Rendering):
+class ChatBody(_Common, _Rendering, ChatFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
@@ -157,35 +176,6 @@ class ChatBody(_Common, _Rendering):
     tools: list[Any] | None = None  # checked in tools.tool_setting
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """What a request that leaves a decoding setting out gets: OpenAI's defaults (temperature 1,
-    top_p 1, no top-k / min-p), or the model's ``generation_config`` where it sets one (vLLM's
-    ``--generation-config auto``, its default)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-
-    @classmethod
-    def of(cls, generation_config: Any) -> SamplingDefaults:
-        """The defaults a model's ``GenerationConfig`` (or None) sets; the rest stay OpenAI's."""
-        given = {}
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            value = getattr(generation_config, name, None)
-            if value is not None:
-                given[name] = type(getattr(cls, name))(value)  # (the field's type: int or float)
-        return cls(**given)
-
-    def fill(self, params: dict[str, Any]) -> dict[str, Any]:
-        """``params`` with every setting the request left out (None) taken from these."""
-        return {
-            k: getattr(self, k) if v is None and hasattr(self, k) else v for k, v in params.items()
-        }
 
 
 @dataclass
@@ -198,8 +188,10 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     stream: bool | None = None  # null = false, as the OpenAI API allows
     include_usage: bool = False
+    continuous_usage: bool = False  # every chunk carries its choice's usage so far (vLLM's)
     ignore_eos: bool | None = None
-    min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
+    stop_token_ids: tuple[int, ...] = ()  # end the request as EOS does (not spelled)
+    include_stop: bool = False  # the text keeps the stop string (or stop token) that ended it
     model: str | None = None
     max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
     echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
@@ -267,7 +259,8 @@ def validate(
         if err["type"] == "extra_forbidden":
             inner = nested(loc) if len(loc) > 1 else None
             fields = (inner or model).model_fields
-            known = ", ".join(sorted({f.alias or k for k, f in fields.items()} - OUTPUT_ONLY))
+            hidden = OUTPUT_ONLY if inner is Message else set()  # (a message's output fields)
+            known = ", ".join(sorted({f.alias or k for k, f in fields.items()} - hidden))
             raise APIError(
                 f"unknown field {param!r}; this server accepts {known}", param=param
             ) from None
@@ -309,6 +302,36 @@ def _logit_bias(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]
     return tuple(sorted(pairs.items()))
 
 
+def _usage_options(given: StreamOptions | None) -> tuple[bool, bool]:
+    """``(include_usage, continuous)`` of a stream: vLLM's ``continuous_usage_stats`` (the usage
+    on every chunk) goes with ``include_usage``, which it turns on where left out."""
+    if given is None:
+        return False, False
+    continuous = bool(given.continuous_usage_stats)
+    if continuous and given.include_usage is False:
+        raise APIError(
+            "stream_options.continuous_usage_stats needs include_usage: true (or left out)",
+            param="stream_options.continuous_usage_stats",
+        )
+    return bool(given.include_usage) or continuous, continuous
+
+
+def _stop_token_ids(given: list[int] | None, constraint: Constraint | None) -> tuple[int, ...]:
+    """vLLM's ``stop_token_ids``: up to ``MAX_STOP`` token ids (in the vocabulary: ``app.py``
+    checks) that end the request as EOS does; not with a grammar, which decides where it ends."""
+    ids = tuple(dict.fromkeys(given or ()))
+    if len(ids) > MAX_STOP or any(t < 0 for t in ids):
+        raise APIError(f"stop_token_ids takes up to {MAX_STOP} token ids (>= 0)",
+                       param="stop_token_ids")  # fmt: skip
+    if ids and constraint is not None:
+        raise APIError(
+            f"stop_token_ids cannot go with {constraint.field}: the output's grammar decides "
+            "where it ends",
+            param="stop_token_ids",
+        )
+    return ids
+
+
 def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> Sampling:
     bias = _logit_bias(body.logit_bias)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -316,7 +339,15 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options is only allowed with stream: true", param="stream_options")
+    include_usage, continuous = _usage_options(body.stream_options)
+    if body.skip_special_tokens is False:
+        raise APIError(
+            "skip_special_tokens=false is not supported: this server's text never spells special "
+            "tokens; send true or leave it out",
+            param="skip_special_tokens",
+        )
     constraint = body_constraint(body)
+    stop_ids = _stop_token_ids(body.stop_token_ids, constraint)
     params = {  # None: left out, for the server's defaults (SamplingDefaults)
         "temperature": None if body.temperature is None else float(body.temperature),
         "top_p": None if body.top_p is None else float(body.top_p),
@@ -340,8 +371,11 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         params=params,
         stop=stop,
         stream=bool(body.stream),
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        include_usage=include_usage,
+        continuous_usage=continuous,
         ignore_eos=bool(body.ignore_eos),
+        stop_token_ids=stop_ids,
+        include_stop=bool(body.include_stop_str_in_output),
         model=body.model,
         n=body.n or 1,
         priority=body.priority or 0,
@@ -358,7 +392,7 @@ def parse_completion(body: Any) -> CompletionRequest:
         where = f"prompt[{n}]" if many and len(prompts) > 1 else "prompt"
         if isinstance(one, list) and any(t < 0 for t in one):
             raise APIError(f"{where}: token ids must be non-negative", param="prompt")
-        if one == [] or (isinstance(one, str) and not one.strip()):
+        if one == []:  # (a text is refused where it encodes to no tokens: text.completion_ids)
             raise APIError(f"{where} is empty; give some text or token ids", param="prompt")
     _neutral(req, "best_of", (None, 1), "1 or absent")
     _neutral(req, "suffix", (None,), "absent")
@@ -387,6 +421,7 @@ def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
     """A checked ``/v1/chat/completions`` request (text messages only); ``tool_parser``: the
     server's (``--enable-auto-tool-choice``), which ``tool_choice: "auto"`` needs."""
     req: ChatBody = validate(ChatBody, body)
+    check_chat_fields(req)
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     tools = tool_setting(req.tools, req.tool_choice, req.parallel_tool_calls, tool_parser)
@@ -411,4 +446,5 @@ def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
                 param="tool_choice",
             )
         sampling.constraint = with_eos(tools.constraint, req)
+        _stop_token_ids(req.stop_token_ids, sampling.constraint)
     return ChatRequest(messages=messages, sampling=sampling, render=render, tools=tools)

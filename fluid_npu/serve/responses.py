@@ -5,11 +5,14 @@ the OpenAI counts plus the request's own FLUID figures: ``forwards`` (decode for
 in) and ``tpf`` (generated tokens per forward). A stream ends with a chunk holding the
 ``finish_reason``, and the usage once: with ``stream_options.include_usage`` in the OpenAI-style
 extra chunk (empty ``choices``) that follows it, else in that last chunk itself (a client that adds
-up the usage of every chunk counts it once either way); then ``data: [DONE]``.
+up the usage of every chunk counts it once either way); then ``data: [DONE]``. With vLLM's
+``continuous_usage_stats`` every chunk carries its choice's usage so far as well.
 
 Log-probabilities come as ``(token id, logprob, [(id, logprob), ...])`` per token and are written
 in each endpoint's own format: completions' ``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
-``text_offset``, chat's ``content`` list of ``{token, logprob, bytes, top_logprobs}``. A token's
+``text_offset`` (``top_logprobs``: the token itself, then its ``logprobs`` best alternatives —
+OpenAI's "up to logprobs + 1", as vLLM writes them; with ``logprobs: 0`` the token alone), chat's
+``content`` list of ``{token, logprob, bytes, top_logprobs}`` (the alternatives alone). A token's
 text and bytes are its own (``text.TokenText``: part of a multi-byte character is ``bytes:\\xNN``,
 and the bytes of consecutive tokens join into the text); ``text_offset`` counts characters of the
 returned text (special tokens, which it leaves out, take none). A log-probability that is not finite
@@ -85,7 +88,6 @@ class Shape:
         # ``strip`` then as the completion alone has it
         self.echo: tuple[int, int, int] | None = None
         self._entries = 0  # entries written so far
-        self.alternatives = False  # completions: top_logprobs asked for (a list even if all null)
         self.reasoning = False  # chat with a reasoning parser: messages carry ``reasoning``
 
     def echoing(self, prompt_entries: int, prompt_text: str) -> None:
@@ -125,12 +127,14 @@ class Shape:
                     self.strip = self.strip - 1 if piece[0] == " " else 0
                     piece = piece[1:] if piece[0] == " " else piece
                 self.offset += len(piece)
-        tops = [None if top is None else {words.text(t): _finite(p) for t, p in top}
-                for _, _, top in entries]  # fmt: skip
+        # the token itself, then its alternatives (OpenAI's "up to logprobs + 1", as vLLM)
+        tops = [None if top is None or lp is None else
+                {words.text(tok): _finite(lp), **{words.text(t): _finite(p) for t, p in top}}
+                for tok, lp, top in entries]  # fmt: skip
         return {
             "tokens": [words.text(tok) for tok, _, _ in entries],
             "token_logprobs": [_finite(lp) for _, lp, _ in entries],
-            "top_logprobs": tops if any(tops) or self.alternatives else None,
+            "top_logprobs": tops,
             "text_offset": offsets,
         }
 

@@ -28,7 +28,8 @@ from fluid_npu.serve.rendering import ChatRender
 
 
 def completion_ids(tokenizer: Any, prompt: str | list[int]) -> list[int]:
-    """Token ids of a completion prompt; a bad one is an ``APIError`` naming ``prompt``."""
+    """Token ids of a completion prompt; a bad one (a text that encodes to no tokens too: ``""``
+    without a BOS, never whitespace, as vLLM reads it) is an ``APIError`` naming ``prompt``."""
     from fluid_npu.sampling.prompts import encode_prompt
 
     row = {"input_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt}
