@@ -116,7 +116,7 @@ class FluidArgs:
     stage: str = "fluid_stage1"
     finetuning_type: str = "lora"
     lora_rank: int = 16
-    lora_alpha: float = 32.0
+    lora_alpha: float | None = None  # None: 2 × lora_rank, LLaMA-Factory's default
     lora_dropout: float = 0.0
     lora_target: str | list[str] = "all"
     train_mask_embedding: bool = False
@@ -139,6 +139,13 @@ class FluidArgs:
         _choice("khead_label", self.khead_label, ("ce_threshold", "accept_length"))
         _positive("k_masks", self.k_masks)
         _positive("lora_rank", self.lora_rank)
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be > 0 (or left out: 2 × lora_rank), got "
+                              f"{self.lora_alpha}")  # fmt: skip
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name in ("anchor_prob", "noise_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -185,6 +192,13 @@ class TrainArgs:
             _positive(name, getattr(self, name))
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(
+                f"warmup_ratio must be in [0, 1) (a share of the run's steps), got "
+                f"{self.warmup_ratio}; give a number of steps as warmup_steps"
+            )
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both true: choose one")
         if self.pure_bf16 and self.fp16:
@@ -361,6 +375,13 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
     except TypeError as exc:  # pragma: no cover - keys were checked above
         raise ConfigError(str(exc)) from None
     groups["data"].seed = groups["train"].seed
+    if groups["fluid"].stage == "fluid_stage1" and groups["model"].adapter_name_or_path:
+        raise ConfigError(
+            "adapter_name_or_path is Stage II's (the Stage I adapter the K-head is trained on); "
+            "Stage I trains a new adapter on model_name_or_path: to continue a Stage I run use "
+            "resume_from_checkpoint, to build on a finished adapter merge it first (fluid merge) "
+            "and give the merged model as model_name_or_path"
+        )
     return FluidConfig(**groups, extra_training_args=extra, source=source)
 
 

@@ -109,6 +109,9 @@ def test_overrides_apply_and_parse_yaml_scalars(tmp_path):
         ({"anchor_prob": 1.5}, "anchor_prob must be in [0, 1]"),
         ({"stage": "sft"}, "fluid_stage1"),
         ({"loss_reduction": "pooles"}, "did you mean 'pooled'"),
+        ({"lora_dropout": 1.5}, "lora_dropout must be in [0, 1)"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio must be in [0, 1)"),
+        ({"adapter_name_or_path": "prev"}, "adapter_name_or_path is Stage II's"),
     ],
 )
 def test_bad_values_name_the_key(values, needle):
@@ -152,3 +155,8 @@ def test_cli_debug_shows_the_traceback(tmp_path):
     )
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_lora_alpha_defaults_to_twice_the_rank_as_in_llama_factory():
+    assert build_config({"lora_rank": 64}).fluid.lora_alpha == 128
+    assert build_config({"lora_rank": 8, "lora_alpha": 32}).fluid.lora_alpha == 32

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -253,3 +254,21 @@ def test_llama_factory_fsdp_strings_become_fsdp_config(tmp_path):
         load_config(None, [f"output_dir={tmp_path / 'o'}", "fsdp=full_shard auto_wrap"]), _cpu()
     )
     assert args.fsdp and args.fsdp_config["reshard_after_forward"] is True
+
+
+def test_report_to_and_torch_compile_fail_before_the_model_loads(tmp_path):
+    # transformers would only find these out when the Trainer is built, after loading and
+    # tokenizing (minutes on a 7B model)
+    out = f"output_dir={tmp_path / 'o'}"
+    with pytest.raises(ConfigError, match="'tensorbord' is not an integration transformers knows"):
+        training_arguments(load_config(None, [out, "report_to=tensorbord"]), _cpu())
+    missing = [n for n in ("tensorboard", "wandb", "mlflow") if importlib.util.find_spec(n) is None]
+    if missing:  # (an integration this host lacks)
+        with pytest.raises(ConfigError, match="its package is not installed"):
+            training_arguments(load_config(None, [out, f"report_to={missing[0]}"]), _cpu())
+    with pytest.raises(ConfigError, match="set loss_impl: reference"):
+        training_arguments(load_config(None, [out, "torch_compile=true"]), _cpu())
+    args = training_arguments(
+        load_config(None, [out, "torch_compile=true", "loss_impl=reference"]), _cpu()
+    )
+    assert args.torch_compile and args.report_to == []

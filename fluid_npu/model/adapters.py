@@ -142,6 +142,10 @@ def load_fluid(
             )
         if (adir / "tokenizer_config.json").is_file():
             tok_dir = adir
+        if (adir / "generation_config.json").is_file():  # (what the adapter was trained for)
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(str(adir))
         tokenizer = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             n_old = model.get_input_embeddings().weight.shape[0]

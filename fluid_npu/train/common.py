@@ -107,10 +107,40 @@ def training_arguments(
     if evaluate:
         held = has_eval_split(cfg) if held_out is None else held_out
         kwargs.update(evaluation_arguments(cfg, held))
+    stage1 = cfg.fluid.stage == "fluid_stage1"
+    if kwargs.get("torch_compile") and stage1 and cfg.model.loss_impl != "reference":
+        raise ConfigError(
+            "torch_compile: true cannot trace Stage I's fused loss (loss_impl auto / fused runs "
+            "the LM head through a forward it swaps in for the call); set loss_impl: reference "
+            "with it, or leave torch_compile out"
+        )
     try:
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
         raise ConfigError(f"invalid training arguments: {exc}") from None
+    check_report_to(args.report_to)
+    return args
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Each ``report_to`` integration known to transformers and installed, checked before the
+    model loads (the Trainer would only find out after)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    available = set(get_available_reporting_integrations())
+    for name in report_to or []:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+            raise ConfigError(f"report_to {name!r} is not an integration transformers knows "
+                              f"({known}, or none)")  # fmt: skip
+        if name not in available:
+            raise ConfigError(
+                f"report_to {name!r}: its package is not installed here; install it or set "
+                "report_to: none"
+            )
 
 
 def requested_parallelism(cfg: FluidConfig) -> dict[str, Any]:
@@ -329,6 +359,11 @@ def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, extra: list[A
         return
     stage.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(stage))
+    gen = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
+    if gen is not None and (stage / "adapter_config.json").is_file():
+        # an adapter carries the generation config it was trained for (its EOS ids: a template's
+        # turn end, data/template_export.py); a full model's save_pretrained wrote its own
+        gen.save_pretrained(str(stage))
     last = []
     for item in extra:
         before = {p.name for p in stage.iterdir()}

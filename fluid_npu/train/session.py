@@ -22,6 +22,8 @@ from transformers import PreTrainedModel
 
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
+from fluid_npu.data.template_export import fit_tokenizer
+from fluid_npu.data.templates import get_template
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.model.adapters import FluidModelMeta, apply_lora
@@ -102,6 +104,8 @@ class TrainingSession:
             self.tokenizer, base, configured=cfg.model.mask_token, allow_new=True
         )
         self.data = self._load_data()
+        # the template's turn end as EOS, the template as the chat template (template_export.py)
+        fit_tokenizer(get_template(cfg.data.template, self.tokenizer), self.tokenizer, base)
         base.config.use_cache = False
         configure_attention(base, cfg.model.attn_backend, self.choice.type)
         self.fused_modules = apply_npu_fused_layers(

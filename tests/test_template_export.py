@@ -1,0 +1,76 @@
+"""A run trained with a named template decodes as it was trained: the template's turn end becomes
+the EOS (tokenizer and generation config, saved with the adapter), and a tokenizer without a chat
+template gets the named template as Jinja, rendering exactly the ids training encoded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import as_overrides, tiny_stage1_recipe
+from synthetic import write_short_dataset
+
+from fluid_npu.config import load_config
+from fluid_npu.data.template_export import fit_tokenizer, jinja, turn_end
+from fluid_npu.data.templates import TEMPLATES, Conversation, rendered_ids
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
+from fluid_npu.sampling.pretrained import FluidForCausalLM
+from fluid_npu.train.stage1 import run_stage1
+
+CONVERSATIONS = [
+    # (system, [(role, content), ...]): default system, own system, a tool result, several turns
+    (None, [("user", "hi there")]),
+    ("Be brief.", [("user", "2+2?"), ("assistant", "4"), ("user", "and 3+3?")]),
+    (None, [("user", "weather?"), ("assistant", "call"), ("observation", "sunny, 20 C")]),
+    ("", [("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")]),
+]
+HF_ROLE = {"observation": "tool"}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("case", range(len(CONVERSATIONS)))
+def test_the_jinja_renders_the_ids_training_encodes(name, case):
+    tok = build_tiny_tokenizer(reserved=11, chat_template=False)  # (openpangu's [unusedN])
+    template = TEMPLATES[name]
+    system, turns = CONVERSATIONS[case]
+    conversation = Conversation(messages=turns, system=system)
+    messages = ([] if system is None else [{"role": "system", "content": system}]) + [
+        {"role": HF_ROLE.get(r, r), "content": c} for r, c in turns
+    ]
+    text = tok.apply_chat_template(
+        messages, chat_template=jinja(template), tokenize=False, add_generation_prompt=True
+    )
+    assert rendered_ids(tok, text) == template.encode(tok, conversation).input_ids
+
+
+def test_fit_tokenizer_sets_the_turn_end_as_eos_and_the_template_as_chat_template():
+    tok = build_tiny_tokenizer(chat_template=False)
+    model = build_tiny_model("llama", tok)
+    old_eos = tok.eos_token_id
+    changes = fit_tokenizer(TEMPLATES["qwen"], tok, model)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|im_end|>" and len(changes) == 2
+    assert model.generation_config.eos_token_id == [end, old_eos]
+    assert tok.chat_template == jinja(TEMPLATES["qwen"])
+    # a template ending responses with {eos} keeps the EOS; a tokenizer's own template stays
+    tok = build_tiny_tokenizer()
+    own = tok.chat_template
+    assert turn_end(TEMPLATES["default"]) is None
+    assert fit_tokenizer(TEMPLATES["default"], tok, build_tiny_model("llama", tok)) == []
+    assert tok.chat_template == own and tok.eos_token == "</s>"
+
+
+def test_a_trained_adapter_ends_at_its_templates_turn_end(tmp_path):
+    base = save_tiny(tmp_path / "base", "llama", chat_template=False)
+    data = write_short_dataset(tmp_path / "data", n_train=8, seed=0)
+    out = tmp_path / "stage1"
+    recipe = tiny_stage1_recipe(
+        base, data, template="qwen", cutoff_len=256, max_steps=1, output_dir=str(out)
+    )
+    run_stage1(load_config(None, as_overrides(recipe)))
+    saved = json.loads((out / "generation_config.json").read_text())
+    fluid = FluidForCausalLM.from_pretrained(base, adapter=out)
+    end = fluid.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert fluid.tokenizer.eos_token == "<|im_end|>" and saved["eos_token_id"][0] == end
+    assert fluid.generation_config.eos_token_id[0] == end
+    assert fluid.tokenizer.chat_template == jinja(TEMPLATES["qwen"])
