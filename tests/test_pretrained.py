@@ -49,10 +49,18 @@ def test_the_checkpoints_generation_config_applies_where_a_call_is_silent(tok, f
     # a config passed to the call replaces the checkpoint's
     plain = fluid.generate(ids, GenerationConfig(max_new_tokens=8), eos_token_id=[])
     assert plain.tolist() == greedy.tolist()
-    # a setting the checkpoint's config holds that FLUID does not do is refused by name
+    # a setting the checkpoint's config holds that FLUID does not do is named in a warning (the
+    # call did not choose it) and not applied; in a config the call passes it is refused; a call
+    # that gives the setting itself (its "off" value) or a config of its own hears nothing
     gc.no_repeat_ngram_size = 3
-    with pytest.raises(ConfigError, match="the checkpoint's generation_config sets no_repeat"):
-        fluid.generate(ids)
+    with pytest.warns(UserWarning, match="the checkpoint's generation_config sets no_repeat"):
+        assert fluid.generate(ids, do_sample=False, eos_token_id=[]).tolist() == greedy.tolist()
+    with pytest.raises(ConfigError, match="generation_config sets no_repeat_ngram_size"):
+        fluid.generate(ids, GenerationConfig(no_repeat_ngram_size=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fluid.generate(ids, no_repeat_ngram_size=0, max_new_tokens=2)
+        fluid.generate(ids, GenerationConfig(), max_new_tokens=2)
 
 
 def test_transformers_argument_order_spellings_and_none(tok, fluid):
@@ -64,6 +72,12 @@ def test_transformers_argument_order_spellings_and_none(tok, fluid):
     # a tokenizer's output unpacked
     assert fluid.generate(ids, GenerationConfig(max_new_tokens=3), **kw).tolist() == want.tolist()
     assert fluid.generate(inputs=ids, max_new_tokens=3, **kw).tolist() == want.tolist()
+    mask = torch.ones_like(ids)
+    for call in (
+        lambda: fluid.generate(ids, GenerationConfig(max_new_tokens=3), attention_mask=mask, **kw),
+        lambda: fluid.generate(ids, mask, 3, **kw),  # (inputs, mask, max_new_tokens): this class's
+    ):
+        assert call().tolist() == want.tolist()
     enc = tok(["hello world"], return_tensors="pt")
     assert fluid.generate(**enc, max_new_tokens=3, **kw).tolist() == want.tolist()
     with pytest.raises(ConfigError, match="inputs or input_ids, not both"):

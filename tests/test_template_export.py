@@ -8,11 +8,18 @@ import json
 
 import pytest
 from conftest import as_overrides, tiny_stage1_recipe
+from jinja2 import TemplateError
 from synthetic import write_short_dataset
 
 from fluid_npu.config import load_config
 from fluid_npu.data.template_export import fit_tokenizer, jinja, turn_end
-from fluid_npu.data.templates import TEMPLATES, Conversation, rendered_ids
+from fluid_npu.data.templates import (
+    TEMPLATES,
+    Conversation,
+    _tokenizer_adds_bos,
+    get_template,
+    rendered_ids,
+)
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
 from fluid_npu.sampling.pretrained import FluidForCausalLM
 from fluid_npu.train.stage1 import run_stage1
@@ -41,6 +48,46 @@ def test_the_jinja_renders_the_ids_training_encodes(name, case):
         messages, chat_template=jinja(template), tokenize=False, add_generation_prompt=True
     )
     assert rendered_ids(tok, text) == template.encode(tok, conversation).input_ids
+
+
+@pytest.mark.parametrize(
+    ("messages", "kwargs", "refusal"),
+    [
+        ([{"role": "user", "content": "x"}], {"tools": [{"type": "function"}]}, "tools"),
+        ([{"role": "assistant", "content": "x"}], {}, "start with a user message"),
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], {}, "the first"),
+        (
+            [{"role": "user", "content": "x"},
+             {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}],
+            {}, "tool calls",
+        ),
+    ],
+)  # fmt: skip
+def test_the_jinja_refuses_what_training_never_encodes(messages, kwargs, refusal):
+    tok = build_tiny_tokenizer(chat_template=False)
+    with pytest.raises(TemplateError, match=refusal):
+        tok.apply_chat_template(messages, chat_template=jinja(TEMPLATES["qwen"]), **kwargs)
+    # a developer message first is the system message, as OpenAI's API reads it
+    developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"}]
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}]
+    render = dict(chat_template=jinja(TEMPLATES["qwen"]), tokenize=False)
+    assert tok.apply_chat_template(developer, **render) == tok.apply_chat_template(system, **render)
+
+
+def test_a_saved_template_is_read_as_the_named_one_and_carries_the_bos():
+    # Stage II (template: auto) on a Stage I tokenizer trains through the named template again,
+    # and a tokenizer that adds BOS to plain text gets it written by the template, as trained
+    tok = build_tiny_tokenizer(chat_template=False)
+    tok.add_bos_token = True  # (this tokenizer now prepends <s> to plain text)
+    assert _tokenizer_adds_bos(tok)
+    fit_tokenizer(TEMPLATES["qwen"], tok, build_tiny_model("llama", tok))
+    assert get_template("auto", tok) is TEMPLATES["qwen"]
+    conversation = Conversation(messages=[("user", "hi")])
+    # as vLLM's chat route tokenizes a rendered chat: no special tokens added
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert list(ids) == TEMPLATES["qwen"].encode(tok, conversation).input_ids
 
 
 def test_fit_tokenizer_sets_the_turn_end_as_eos_and_the_template_as_chat_template():

@@ -10,11 +10,20 @@ trained (LLaMA-Factory's ``fix_special_tokens`` / ``fix_jinja_template`` do the 
   tokenizer's EOS and the generation config's, ``FluidForCausalLM.generate`` on the config's
   (``model/adapters.py`` reads an adapter's own ``generation_config.json``);
 * **the template as the tokenizer's chat template**, when the tokenizer has none: ``jinja``
-  writes the named template as Jinja, so ``fluid generate --chat``, ``messages`` prompt lines and
-  ``fluid serve``'s chat route render a conversation exactly as training encoded it
-  (``tests/test_template_export.py`` compares the ids). The Jinja renders ``system``, ``user``,
-  ``assistant`` and ``tool`` messages with string contents; the generation prompt (the assistant
-  header) is part of a named template's user turn, so it follows every user turn, as in training.
+  writes the named template as Jinja, so ``fluid generate --chat``, ``messages`` prompt lines,
+  ``fluid serve``'s chat route (and vLLM, transformers' ``apply_chat_template``) render a
+  conversation as training wrote it: the same text, BOS included where training had one. Its ids
+  are training's wherever the tokenizer does not merge across a seam between pieces training
+  encoded apart (in ``qwen``, ``llama3`` and ``openpangu`` most seams are special tokens;
+  ``default`` / ``empty`` join plain text, which a merging BPE may cut otherwise — LLaMA-Factory's
+  export has the same seams; ``tests/test_template_export.py`` checks the ids with a byte-level
+  tokenizer). Training itself never goes through the Jinja: a later run with ``template: auto``
+  on such a tokenizer (Stage II) finds the named template again (the Jinja opens with a comment
+  naming it, which ``get_template`` reads). The Jinja renders ``system`` (or ``developer``)
+  first, then ``user``, ``assistant`` and ``tool`` messages with string contents; the generation
+  prompt (the assistant header) is part of a named template's user turn, so it follows every
+  user turn, as in training. What training never encodes (tools, tool calls, a later system
+  message, an assistant message first) is refused, not dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import json
 import logging
 from typing import Any
 
-from fluid_npu.data.templates import _PLACEHOLDER, ChatTemplate, Template
+from fluid_npu.data.templates import _PLACEHOLDER, EXPORT_MARK, ChatTemplate, Template
+from fluid_npu.data.templates import _tokenizer_adds_bos as adds_bos
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +60,45 @@ def _literal(fmt: str, content: str) -> str:
     return "".join(out)
 
 
-def jinja(template: ChatTemplate) -> str:
-    """``template`` as a Jinja chat template rendering what ``template.encode`` encodes (with
-    ``rendered_ids``, as inference encodes a rendered chat)."""
-    bos = "{% if bos_token %}{{ bos_token }}{% endif %}" if template.bos == "always" else ""
-    first = "messages and messages[0]['role'] == 'system'"
+def _refuse(why: str) -> str:
+    return "{{ raise_exception(" + json.dumps(why) + ") }}"
+
+
+def jinja(template: ChatTemplate, add_bos: bool | None = None) -> str:
+    """``template`` as a Jinja chat template rendering the text ``template.encode`` encodes
+    (``rendered_ids`` reads it as inference does). ``add_bos``: whether the text starts with the
+    BOS token (default: the template's ``bos: always``; a tokenizer that adds one to plain text
+    wants it too, so that consumers tokenizing with ``add_special_tokens=False`` get it). What
+    training never encodes — tools, tool calls, a system message that is not the first, an
+    assistant message before any user one — is refused by ``raise_exception``, not dropped."""
+    add_bos = template.bos == "always" if add_bos is None else add_bos
+    bos = "{% if bos_token %}{{ bos_token }}{% endif %}" if add_bos else ""
+    name = template.name
+    refuse_tools = (
+        "{% if tools %}"
+        + _refuse(f"the chat template exported from the {name} template does not render tools")
+        + "{% endif %}"
+    )
+    first = "messages and messages[0]['role'] in ('system', 'developer')"
     head = (
         f"{{% if {first} %}}{{% set system = messages[0]['content'] %}}"
         "{% set turns = messages[1:] %}"
         f"{{% else %}}{{% set system = {json.dumps(template.default_system)} %}}"
         "{% set turns = messages %}{% endif %}"
+        "{% if turns and turns[0]['role'] == 'assistant' %}"
+        + _refuse(f"the {name} template's conversations start with a user message")
+        + "{% endif %}"
     )
     force = " or true" if template.force_system else ""
     system = f"{{% if system{force} %}}{_literal(template.system, 'system')}{{% endif %}}"
     sep = f"{{% if not loop.first %}}{_literal(template.separator, '')}{{% endif %}}"
     observation = template.observation or template.user
     turns = (
-        "{% for m in turns %}{% if m['role'] == 'assistant' %}"
+        "{% for m in turns %}{% if m['role'] in ('system', 'developer') %}"
+        + _refuse(f"the {name} template takes one system message, the first")
+        + "{% elif m['role'] == 'assistant' %}{% if m['tool_calls'] %}"
+        + _refuse(f"the chat template exported from the {name} template does not render tool calls")
+        + "{% endif %}"
         + _literal(template.assistant, "m['content']")
         + "{% else %}"
         + sep
@@ -76,7 +108,8 @@ def jinja(template: ChatTemplate) -> str:
         + _literal(template.user, "m['content']")
         + "{% endif %}{% endif %}{% endfor %}"
     )
-    return bos + head + system + turns
+    mark = EXPORT_MARK.format(name=name)  # (get_template reads the named template from it)
+    return mark + bos + refuse_tools + head + system + turns
 
 
 def fit_tokenizer(template: Template, tokenizer: Any, model: Any) -> list[str]:
@@ -99,7 +132,7 @@ def fit_tokenizer(template: Template, tokenizer: Any, model: Any) -> list[str]:
                 "it), saved with the tokenizer and generation config"
             )
     if isinstance(template, ChatTemplate) and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = jinja(template)
+        tokenizer.chat_template = jinja(template, template.bos == "always" or adds_bos(tokenizer))
         changes.append(f"chat template: the {template.name} template, saved with the tokenizer")
     for line in changes:
         logger.info("template %s: %s", getattr(template, "name", "?"), line)

@@ -367,14 +367,24 @@ def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
     return spans
 
 
+# how a chat template exported from a named one (``template_export.jinja``) starts
+EXPORT_MARK = "{{# fluid-npu: the {name} template #}}"
+_EXPORTED = re.compile(r"\{# fluid-npu: the (\w+) template #\}")
+
+
 def get_template(name: str | None, tokenizer: Any) -> Template:
-    """The template called ``name``; None or ``auto`` picks the tokenizer's chat template if any.
+    """The template called ``name``; None or ``auto`` picks the tokenizer's chat template if any
+    (one a run exported from a named template: that named template, as the run trained on it).
 
     Raises ``ConfigError`` for an unknown name, listing the valid ones. Warns when a named
     template's markers are not single tokens of ``tokenizer`` (the wrong template for the model).
     """
     if name is None or name == AUTO:
-        if getattr(tokenizer, "chat_template", None):
+        saved = getattr(tokenizer, "chat_template", None)
+        named = _EXPORTED.match(saved) if isinstance(saved, str) else None
+        if named is not None and named.group(1) in TEMPLATES:  # a run saved it: train as it did
+            return TEMPLATES[named.group(1)]
+        if saved:
             return TokenizerChatTemplate(tokenizer)
         logger.info("the tokenizer has no chat template: using the `default` template")
         return TEMPLATES["default"]

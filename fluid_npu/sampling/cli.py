@@ -313,6 +313,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.output is not None:  # a path that cannot be written fails now, not after decoding
         check_output_file(args.output, "--output")
     fluid = load_model(args, device_from_args(args))
+    from transformers import GenerationConfig
     tok = fluid.tokenizer
     prompts = [
         encode_prompt(
@@ -349,6 +350,7 @@ def generate_command(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             policy=args.policy,
             loop=args.loop,
+            generation_config=GenerationConfig(),  # (every setting is the command's own)
             **kwargs,
             **{**sampling, "seed": first + start},
         )
@@ -406,6 +408,7 @@ def _stream_one(
     fluid: Any, ids: list[int], args: argparse.Namespace, sampling: dict[str, Any]
 ) -> int:
     import torch
+    from transformers import GenerationConfig
 
     stream = _TextStream(fluid.tokenizer, ids, sampling["eos_token_id"])
     fluid.generate(
@@ -414,6 +417,7 @@ def _stream_one(
         max_new_tokens=args.max_new_tokens,
         policy=args.policy,
         loop=args.loop,
+        generation_config=GenerationConfig(),  # (every setting is the command's own)
         stream=stream,
         **gen_kwargs(args),
         **sampling,

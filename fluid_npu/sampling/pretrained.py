@@ -14,6 +14,7 @@ Decoding is ``api.generate``.
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,25 +58,31 @@ def _is_off(name: str, value: Any) -> bool:
     return name in _INERT or not value or (name in _OFF_AT_ONE and value == 1)
 
 
-def _check_generation_config(config: Any, source: str = "generation_config") -> None:
-    """Refuse a ``GenerationConfig`` setting the engine would otherwise drop silently (every
-    field it holds away from transformers' defaults must be one it follows)."""
+def _check_generation_config(config: Any, given: set[str], *, checkpoint: bool) -> None:
+    """A ``GenerationConfig`` setting the engine does not do (held away from transformers'
+    defaults, and not given by the call itself) is refused by name — or, in the checkpoint's own
+    config (which the call did not choose), named in a warning and not applied."""
     diff = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(vars(config))
     unknown = sorted(
         k for k, v in diff.items()
-        if k not in _FOLLOWED and k not in GENERATION_KEYS and not _is_off(k, v)
+        if k not in _FOLLOWED and k not in GENERATION_KEYS and k not in given
+        and not _is_off(k, v)
     )  # fmt: skip
-    if unknown:
-        fix = (
-            "pass generation_config=GenerationConfig(...) without them to this call, or set them "
-            "to None on model.generation_config"
-            if source != "generation_config"
-            else "leave them at transformers' defaults"
+    if not unknown:
+        return
+    follows = ", ".join(sorted({*GENERATION_KEYS, *_FOLLOWED}))
+    if checkpoint:
+        warnings.warn(
+            f"the checkpoint's generation_config sets {', '.join(unknown)}, which FLUID decoding "
+            f"does not do; they are not applied (it follows {follows}): pass "
+            "generation_config=GenerationConfig(...) to decode without them",
+            stacklevel=3,
         )
-        raise ConfigError(
-            f"{source} sets {', '.join(unknown)}, which FLUID decoding does not do "
-            f"(it follows {', '.join(sorted({*GENERATION_KEYS, *_FOLLOWED}))}); {fix}"
-        )
+        return
+    raise ConfigError(
+        f"generation_config sets {', '.join(unknown)}, which FLUID decoding does not do (it "
+        f"follows {follows}); leave them at transformers' defaults"
+    )
 
 
 def _generation_fields() -> set[str]:
@@ -221,11 +228,14 @@ class FluidForCausalLM:
     def generate(
         self,
         inputs: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        mask_or_config: Any = None,
+        /,
         max_new_tokens: int | None = None,
         policy: str | None = None,
         loop: str = "fused",
         generation_config: Any = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Prompt + new tokens ``[B, L]`` like transformers; statistics in ``last_stats``.
@@ -248,20 +258,25 @@ class FluidForCausalLM:
         are set) and must leave room for a token; with neither anywhere, 64 new tokens.
         ``eos_token_id=None`` given explicitly turns EOS off, as in transformers.
         """
-        if "input_ids" in kwargs:
-            if inputs is not None:
-                raise ConfigError("give the prompt once: inputs or input_ids, not both")
-            inputs = kwargs.pop("input_ids")
+        for name in ("inputs", "input_ids"):  # (by name, as transformers takes them)
+            if name in kwargs:
+                if inputs is not None:
+                    raise ConfigError("give the prompt once: inputs or input_ids, not both")
+                inputs = kwargs.pop(name)
         if inputs is None:
             raise ConfigError("generate needs the prompt: inputs (or input_ids), token ids [B, L]")
-        if hasattr(attention_mask, "to_diff_dict"):  # transformers' order: (inputs, config)
+        if hasattr(mask_or_config, "to_diff_dict"):  # transformers' order: (inputs, config)
             if generation_config is not None:
                 raise ConfigError("two generation configs given (positionally and by name)")
-            attention_mask, generation_config = None, attention_mask
-        source = "generation_config"
-        if generation_config is None:
+            generation_config = mask_or_config
+        elif mask_or_config is not None:  # (inputs, attention_mask), this class's first order
+            if attention_mask is not None:
+                raise ConfigError("two attention masks given (positionally and by name)")
+            attention_mask = mask_or_config
+        given = set(kwargs)  # settings the call gives: the config's say nothing about them
+        own = generation_config is None
+        if own:
             generation_config = getattr(self.model, "generation_config", None)
-            source = "the checkpoint's generation_config"
         kwargs = _transformers_keywords(
             {k: v for k, v in kwargs.items() if v is not None or k == "eos_token_id"}
         )
@@ -269,7 +284,7 @@ class FluidForCausalLM:
         if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
             kwargs["eos_token_id"] = []  # transformers: an explicit None stops at no token
         if generation_config is not None:
-            _check_generation_config(generation_config, source)
+            _check_generation_config(generation_config, given, checkpoint=own)
             for name in (*GENERATION_KEYS, "eos_token_id", "pad_token_id"):
                 value = getattr(generation_config, name, None)
                 if name not in kwargs and value is not None:

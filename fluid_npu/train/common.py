@@ -123,24 +123,35 @@ def training_arguments(
 
 
 def check_report_to(report_to: list[str]) -> None:
-    """Each ``report_to`` integration known to transformers and installed, checked before the
-    model loads (the Trainer would only find out after)."""
-    from transformers.integrations import get_available_reporting_integrations
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    """Each ``report_to`` integration known to transformers and, where transformers can tell,
+    installed: checked before the model loads (the Trainer would only find out after)."""
+    from transformers.integrations import integration_utils as hf
 
-    available = set(get_available_reporting_integrations())
     for name in report_to or []:
         if name in ("none", "all"):
             continue
-        if name not in INTEGRATION_TO_CALLBACK:
-            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+        if name not in hf.INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(hf.INTEGRATION_TO_CALLBACK))
             raise ConfigError(f"report_to {name!r} is not an integration transformers knows "
                               f"({known}, or none)")  # fmt: skip
-        if name not in available:
+        check = getattr(hf, _AVAILABLE.get(name, ""), None)  # (none known: the Trainer tells)
+        if check is not None and not check():
             raise ConfigError(
                 f"report_to {name!r}: its package is not installed here; install it or set "
                 "report_to: none"
             )
+
+
+# report_to name -> transformers' check that its package is installed
+_AVAILABLE = {
+    "azure_ml": "is_azureml_available", "comet_ml": "is_comet_available",
+    "dagshub": "is_dagshub_available", "dvclive": "is_dvclive_available",
+    "mlflow": "is_mlflow_available", "neptune": "is_neptune_available",
+    "tensorboard": "is_tensorboard_available", "wandb": "is_wandb_available",
+    "codecarbon": "is_codecarbon_available", "clearml": "is_clearml_available",
+    "swanlab": "is_swanlab_available", "trackio": "is_trackio_available",
+    "kubeflow": "is_kubeflow_available",
+}  # fmt: skip
 
 
 def requested_parallelism(cfg: FluidConfig) -> dict[str, Any]:
