@@ -40,7 +40,6 @@ IGNORED_KEYS = {
     "do_train": "training always runs with `fluid train`",
     "do_predict": "use `fluid generate` for predictions",
     "overwrite_cache": "datasets are tokenized in memory, nothing is cached",
-    "overwrite_output_dir": "output_dir is written atomically; resume with resume_from_checkpoint",
     "plot_loss": "run.json carries the loss figures",
     "flash_attn": "the attention back end is chosen by attn_backend",
     "cache_dir": "nothing is downloaded",
@@ -183,6 +182,7 @@ class TrainArgs:
     save_total_limit: int | None = None
     seed: int = 42
     resume_from_checkpoint: str | bool | None = None  # true: the last complete checkpoint
+    overwrite_output_dir: bool = False  # start over: the earlier run in output_dir is removed
     report_to: str | list[str] = "none"
     gradient_checkpointing: bool = False
     dataloader_num_workers: int = 0

@@ -159,7 +159,7 @@ CASES: dict[str, Case] = {
         lambda w, o: _stage1(w, o, dataset="malformed"), "line 2: malformed JSON"
     ),
     "dataset-missing-column": Case(
-        lambda w, o: _stage1(w, o, dataset="no_output"), "row 1 (0-based): column 'output'"
+        lambda w, o: _stage1(w, o, dataset="no_output"), "no_output.jsonl line 2: column 'output'"
     ),
     "dataset-prompt-only": Case(
         lambda w, o: _stage1(w, o, dataset="prompt_only"), "the response is empty"

@@ -76,8 +76,10 @@ def test_llama_factory_keys_warn_or_pass_through(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         cfg = load_config(path)
     warned = " ".join(r.getMessage() for r in caplog.records)
-    for key in ("do_train", "overwrite_cache", "overwrite_output_dir", "plot_loss"):
+    for key in ("do_train", "overwrite_cache", "plot_loss"):
         assert key in warned
+    # overwrite_output_dir is a real key (fluid_npu.train.output_dir): no warning, a typed bool
+    assert "overwrite_output_dir" not in warned and cfg.train.overwrite_output_dir is True
     assert cfg.train.seed == 7 and cfg.data.seed == 7
     assert cfg.train.save_total_limit == 3
     assert cfg.data.preprocessing_num_workers == 16
@@ -96,6 +98,8 @@ def test_overrides_apply_and_parse_yaml_scalars(tmp_path):
     assert cfg.train.learning_rate == pytest.approx(1e-4)
     assert cfg.fluid.lora_target == ["q_proj", "v_proj"]
     assert parse_overrides(["max_slots_ratio=null"]) == {"max_slots_ratio": None}
+    assert load_config(path, ["overwrite_output_dir=true"]).train.overwrite_output_dir is True
+    assert load_config(path).train.overwrite_output_dir is False
 
 
 @pytest.mark.parametrize(
@@ -112,6 +116,7 @@ def test_overrides_apply_and_parse_yaml_scalars(tmp_path):
         ({"lora_dropout": 1.5}, "lora_dropout must be in [0, 1)"),
         ({"warmup_ratio": 1.0}, "warmup_ratio must be in [0, 1)"),
         ({"adapter_name_or_path": "prev"}, "adapter_name_or_path is Stage II's"),
+        ({"overwrite_output_dir": "maybe"}, "overwrite_output_dir: expected bool"),
     ],
 )
 def test_bad_values_name_the_key(values, needle):

@@ -353,7 +353,7 @@ def test_cutoff_len_truncates_the_response(tmp_path, tok):
     assert second == ("Human: Q\nAssistant: ab</s>", "ab</s>")
     assert all(len(ex["input_ids"]) <= 24 for ex in data.train)
     assert data.stats.truncated == 1
-    with pytest.raises(DataError, match=r"row 0 .*cutoff_len=20"):
+    with pytest.raises(DataError, match=r"t\.jsonl line 1: .*cutoff_len=20"):
         build_sft_dataset(make_args(tmp_path, "t.jsonl", template="default", cutoff_len=20), tok)
 
 
@@ -388,13 +388,14 @@ BAD_ROWS = [
 ]
 
 
-def test_bad_row_is_reported_with_its_index(tmp_path, tok):
+def test_bad_row_is_reported_with_its_file_and_line(tmp_path, tok):
     write_jsonl(tmp_path / "bad.jsonl", BAD_ROWS)
     write_info(tmp_path, {"mixed": {"file_name": "bad.jsonl"}})
     with pytest.raises(DataError) as err:
         build_sft_dataset(make_args(tmp_path, "mixed"), tok)
     message = str(err.value)
-    assert "'mixed' row 2" in message and "'output'" in message and "int" in message
+    assert f"dataset 'mixed': {tmp_path / 'bad.jsonl'} line 3: column 'output'" in message
+    assert "int" in message
     assert "skip_bad_rows: true" in message and "2 more bad rows" in message
 
 
@@ -408,10 +409,11 @@ def test_skip_bad_rows_skips_and_counts(tmp_path, tok):
     ]
     stats = data.stats
     assert (stats.rows_read, stats.rows_kept, stats.rows_skipped) == (6, 3, 3)
+    where = tmp_path / "bad.jsonl"
     assert [(i, why) for _, i, why in stats.skipped] == [
-        (2, "column 'output' has type int (42), expected text"),
-        (3, "the response is empty"),
-        (4, "column 'output' is missing"),
+        (2, f"{where} line 3: column 'output' has type int (42), expected text"),
+        (3, f"{where} line 4: the response is empty"),
+        (4, f"{where} line 5: column 'output' is missing"),
     ]
     assert "3 bad rows skipped" in stats.summary()
 
@@ -422,7 +424,7 @@ def test_sharegpt_roles_must_alternate(tmp_path, tok):
         {"conversations": [{"from": "human", "value": "U"}, {"from": "human", "value": "U"}]},
     ]
     write_jsonl(tmp_path / "s.jsonl", rows)
-    with pytest.raises(DataError, match=r"row 1 .*roles do not alternate: message 1 is 'human'"):
+    with pytest.raises(DataError, match=r"line 2: .*roles do not alternate: message 1 is 'human'"):
         build_sft_dataset(make_args(tmp_path, "s.jsonl"), tok)
 
 

@@ -213,6 +213,24 @@ def test_publishing_a_checkpoint_replaces_one_of_the_same_step(short_run, tmp_pa
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2"]
 
 
+def test_a_published_checkpoint_names_the_best_checkpoint_by_its_final_path(short_run, tmp_path):
+    """The Trainer writes trainer_state.json while the checkpoint is staged: its
+    best_model_checkpoint (what load_best_model_at_end and a resume read) must not keep the
+    staging path, which is gone once the checkpoint is published."""
+    run = tmp_path / "run"
+    staged = _copy(short_run / "checkpoint-2", staging_root(run, 2) / "checkpoint-2")
+    state = json.loads((staged / "trainer_state.json").read_text())
+    state["best_model_checkpoint"] = str(staged)
+    (staged / "trainer_state.json").write_text(json.dumps(state))
+    publish_checkpoint(staged, run / "checkpoint-2")
+    saved = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["best_model_checkpoint"] == str(run / "checkpoint-2")
+    assert {k: v for k, v in saved.items() if k != "best_model_checkpoint"} == {
+        k: v for k, v in state.items() if k != "best_model_checkpoint"
+    }
+    validate_checkpoint(run / "checkpoint-2")
+
+
 def test_a_truncated_checkpoint_fails_through_the_cli_before_training(
     short_run, tiny_model_dir, demo_data, tmp_path, capsys
 ):

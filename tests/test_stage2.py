@@ -479,6 +479,8 @@ def test_stage2_resume_continues_the_same_run(stage1_full, run_data, tmp_path):
     # the checkpoint holds the head and the training-label histogram, never the backbone
     saved = safetensors.torch.load_file(checkpoint / "model.safetensors")
     assert set(saved) == {"label_counts"} | {f"head.{k}" for k in a}
+    part = load_khead(tmp_path / "part")[0].state_dict()  # the checkpoint loads as the K-head
+    assert all(torch.equal(v, load_khead(checkpoint)[0].state_dict()[k]) for k, v in part.items())
     resumed = run(tmp_path / "part", resume_from_checkpoint=str(checkpoint)).train()
     assert resumed["global_step"] == whole["global_step"] == 4
     b = load_khead(tmp_path / "part")[0].state_dict()

@@ -112,10 +112,14 @@ def test_a_trained_adapter_ends_at_its_templates_turn_end(tmp_path):
     data = write_short_dataset(tmp_path / "data", n_train=8, seed=0)
     out = tmp_path / "stage1"
     recipe = tiny_stage1_recipe(
-        base, data, template="qwen", cutoff_len=256, max_steps=1, output_dir=str(out)
-    )
+        base, data, template="qwen", cutoff_len=256, max_steps=1, save_steps=1,
+        output_dir=str(out),
+    )  # fmt: skip
     run_stage1(load_config(None, as_overrides(recipe)))
     saved = json.loads((out / "generation_config.json").read_text())
+    # a checkpoint carries it too (an adapter's checkpoint-N is used as the final one is)
+    in_checkpoint = json.loads((out / "checkpoint-1" / "generation_config.json").read_text())
+    assert in_checkpoint["eos_token_id"] == saved["eos_token_id"]
     fluid = FluidForCausalLM.from_pretrained(base, adapter=out)
     end = fluid.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert fluid.tokenizer.eos_token == "<|im_end|>" and saved["eos_token_id"][0] == end

@@ -5,8 +5,11 @@ Stage I and Stage II read tokenized (prompt, response) examples: ``input_ids`` a
 the shift itself). This module reads the files through ``datasets`` (json / jsonl / parquet files or
 directories of them, never the network), converts each row with ``formats.py``, renders it with a
 chat template from ``templates.py``, truncates to ``cutoff_len`` and reports bad rows — as one clear
-``DataError`` naming the dataset, row and fix, or, with ``skip_bad_rows``, dropped and counted.
-Files that are missing, empty or malformed fail with the file (and line) named.
+``DataError`` naming the dataset, the row's file and place and the fix, or, with ``skip_bad_rows``,
+dropped and counted. A row's place is its 1-based line in a JSON lines file (blank lines counted,
+as an editor shows them), its index in a file holding one JSON array, its 0-based row in a parquet
+file. Files that are missing, empty or malformed (a line that is no JSON object) fail with the file
+and line named.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-REPORTED_SKIPS = 5  # how many skipped rows the stats keep (dataset, index, problem)
+REPORTED_SKIPS = 5  # how many skipped rows the stats keep (dataset, index, "place: problem")
 HEAD_ROWS = 8  # the first rows that tell the format (sharegpt tags) and test the tokenizer
 # Part of the key of the tokenization cache of ``datasets``: it hashes the mapped function and its
 # arguments but not the code they call, so a change to this package's data code must change the key.
@@ -119,33 +123,78 @@ def _data_files(spec: DatasetSpec) -> tuple[str, list[Path]]:
     return builders.pop(), files
 
 
+def _kind(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
 def _json_problem(file: Path) -> str | None:
-    """Why ``file`` is not JSON / JSON lines (with the line number), or None if it parses."""
+    """Why ``file`` is not JSON / JSON lines of objects (with the line number), or None."""
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         return f"{file} is not UTF-8 text ({e})"
-    lines = text.splitlines()
+    lines = text.split("\n")  # as datasets (pyarrow) splits JSON lines
     if not text.strip():
         return f"{file} is empty"
     try:
-        json.loads(text)
-        return None
-    except json.JSONDecodeError as whole:
+        whole = json.loads(text)
+    except json.JSONDecodeError as e:
         first = next(line for line in lines if line.strip())
         try:
-            is_lines = isinstance(json.loads(first), dict)
+            json.loads(first)
         except json.JSONDecodeError:
-            is_lines = False
-        if not is_lines:
-            return f"{file} line {whole.lineno}: malformed JSON ({whole.msg}, column {whole.colno})"
+            return f"{file} line {e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
+    else:
+        rows = whole if isinstance(whole, list) else [whole]
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is None:
+            return None
+        where = f"array index {bad}" if isinstance(whole, list) else "line 1"
+        return f"{file} {where}: {_kind(rows[bad])}, not an object (one example per row)"
     for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            if line.strip():
-                json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             return f"{file} line {lineno}: malformed JSON ({e.msg}, column {e.colno})"
+        if not isinstance(row, dict):
+            return f"{file} line {lineno}: {_kind(row)}, not an object (one example per line)"
     return None
+
+
+def _places(file: Path, builder: str) -> Iterator[str]:
+    """Where each row of ``file`` is, in the order ``datasets`` reads them (see the docstring)."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from (f"row {i} (0-based)" for i in range(pq.ParquetFile(file).metadata.num_rows))
+        return
+    text = file.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:  # JSON lines: one row per line that is not blank
+        whole = None
+    if isinstance(whole, list):
+        yield from (f"array index {i}" for i in range(len(whole)))
+        return
+    yield from (f"line {n}" for n, line in enumerate(text.split("\n"), 1) if line.strip())
+
+
+def row_places(spec: DatasetSpec, indices: list[int]) -> dict[int, str]:
+    """``"FILE line N"`` (or ``array index`` / parquet ``row``) for the rows ``indices`` (0-based
+    over the files of ``spec`` in order), read in one pass that stops after the last."""
+    builder, files = _data_files(spec)
+    wanted, found, row = set(indices), {}, 0
+    for file in files:
+        for place in _places(file, builder):
+            if row in wanted:
+                found[row] = f"{file} {place}"
+                if len(found) == len(wanted):
+                    return found
+            row += 1
+    return {**{i: f"row {i} (0-based)" for i in wanted}, **found}  # (a file changed meanwhile)
 
 
 def load_raw(spec: DatasetSpec, cache_dir: str | None = None) -> datasets.Dataset:
@@ -262,7 +311,7 @@ def _tokenize_dataset(
 
 
 def _drop_bad_rows(
-    name: str, processed: datasets.Dataset, skip: bool, stats: DataStats
+    spec: DatasetSpec, processed: datasets.Dataset, skip: bool, stats: DataStats
 ) -> datasets.Dataset:
     errors = _columns(processed, "error").column("error")
     bad = pc.indices_nonzero(pc.not_equal(errors, "")).to_pylist()
@@ -271,13 +320,15 @@ def _drop_bad_rows(
     first = bad[0]
     if not skip:
         more = f" ({len(bad) - 1} more bad rows in this dataset)" if len(bad) > 1 else ""
+        place = row_places(spec, [first])[first]
         raise DataError(
-            f"dataset {name!r} row {first} (0-based): {errors[first].as_py()}{more}. Fix the row, "
+            f"dataset {spec.name!r}: {place}: {errors[first].as_py()}{more}. Fix the row, "
             "or set skip_bad_rows: true to drop such rows"
         )
     stats.rows_skipped += len(bad)
-    room = REPORTED_SKIPS - len(stats.skipped)
-    stats.skipped += [(name, i, errors[i].as_py()) for i in bad[: max(room, 0)]]
+    shown = bad[: max(REPORTED_SKIPS - len(stats.skipped), 0)]
+    places = row_places(spec, shown) if shown else {}
+    stats.skipped += [(spec.name, i, f"{places[i]}: {errors[i].as_py()}") for i in shown]
     return processed.filter(_is_good, input_columns="error", batched=True)
 
 
@@ -318,7 +369,7 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
     ``args`` is any object with the data keys of the config (``dataset``, ``dataset_dir``,
     ``template``, ``cutoff_len``, ``skip_bad_rows``, ``max_samples``, ``val_size``, ``seed``,
     ``mask_history``, ``train_on_prompt``; optional ``preprocessing_num_workers``, ``cache_dir``).
-    ``max_samples`` keeps the first rows of each dataset. Row indices in messages are 0-based.
+    ``max_samples`` keeps the first rows of each dataset. A bad row is named by its file and line.
     """
     cutoff_len = int(args.cutoff_len)
     if cutoff_len < 2:
@@ -337,7 +388,7 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
         check_tokenizer_encodes(tokenizer, _sample_texts(spec, head))
         stats.rows_read += len(raw)
         processed = _tokenize_dataset(spec, raw, template, tokenizer, args)
-        kept = _drop_bad_rows(spec.name, processed, skip, stats)
+        kept = _drop_bad_rows(spec, processed, skip, stats)
         if len(kept):
             _count(kept, stats)
             parts.append(kept.remove_columns(["error", "truncated"]))

@@ -6,6 +6,9 @@ main token; class ``i`` means ``K = i + 1``. It is saved alone — ``khead.safet
 Stage I adapter) — and refuses to load onto another backbone. ``attach_khead`` loads a head for a
 model from ``fluid_npu.model.adapters.load_fluid`` with every check (hidden size, base, adapter),
 in fp32 on the model's device.
+
+A Stage II ``checkpoint-N`` is a K-head directory too: it holds ``khead_config.json`` and the
+Trainer's ``model.safetensors``, whose ``head.`` tensors are the head (``load_khead`` reads them).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
 
 WEIGHTS = "khead.safetensors"
 CONFIG = "khead_config.json"
+CHECKPOINT_WEIGHTS = "model.safetensors"  # a Stage II checkpoint-N: the Trainer's whole objective
+HEAD_PREFIX = "head."  # the K-head's tensors in it (the objective's ``head`` submodule)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,12 @@ class KHeadConfig:
     sigma: float = 1.5
     base_fingerprint: str = ""
     adapter_fingerprint: str | None = None
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``khead_config.json`` into ``directory`` (atomically)."""
+        from fluid_npu.io import write_json_atomic
+
+        write_json_atomic(Path(directory) / CONFIG, asdict(self))
 
 
 class KHead(nn.Module):
@@ -60,23 +71,40 @@ def save_khead(head: KHead, config: KHeadConfig, directory: str | Path) -> Path:
     """Write the head's weights and config (temp files renamed into place)."""
     from safetensors.torch import save_file
 
-    from fluid_npu.io import write_json_atomic
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{WEIGHTS}.tmp"
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     save_file(state, str(tmp))
     tmp.replace(out / WEIGHTS)
-    write_json_atomic(out / CONFIG, asdict(config))
+    config.save(out)
     return out
+
+
+def _weights(d: Path) -> Path | None:
+    """The head's weights in ``d``: a Stage II output_dir's, else a Stage II checkpoint's."""
+    for name in (WEIGHTS, CHECKPOINT_WEIGHTS):
+        if (d / name).is_file():
+            return d / name
+    return None
 
 
 def read_khead_config(directory: str | Path) -> KHeadConfig:
     """A K-head directory's config (its weights checked present); a CheckpointError says why not."""
     d = Path(directory)
-    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
-        raise CheckpointError(f"{d} is not a K-head directory (needs {WEIGHTS} and {CONFIG})")
+    if not (d / CONFIG).is_file() or _weights(d) is None:
+        if (d / "fluid_model.json").is_file():
+            what = "it is a Stage I output (pass it as the model or adapter)"
+        elif (d / CONFIG).is_file():
+            what = f"it has {CONFIG} but no {WEIGHTS}"
+        elif (d / CHECKPOINT_WEIGHTS).is_file() and (d / "trainer_state.json").is_file():
+            what = f"a checkpoint saved without {CONFIG} (by an older fluid-npu)"
+        else:
+            what = f"no {CONFIG}"
+        raise CheckpointError(
+            f"{d} is not a K-head directory: {what}. Pass a Stage II output_dir (with {WEIGHTS} "
+            f"and {CONFIG}) or one of its checkpoint-N directories"
+        )
     try:
         return KHeadConfig(**json.loads((d / CONFIG).read_text(encoding="utf-8")))
     except (json.JSONDecodeError, TypeError) as exc:
@@ -115,11 +143,17 @@ def load_khead(
             "was trained with"
         )
     head = KHead(config.hidden_size, config.k_max)
+    weights = _weights(d)
     try:
-        head.load_state_dict(load_file(str(d / WEIGHTS)))
+        state = load_file(str(weights))
+        if weights.name == CHECKPOINT_WEIGHTS:
+            state = {
+                k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)
+            }
+        head.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise CheckpointError(
-            f"{d / WEIGHTS} is truncated or corrupt ({exc}); re-run Stage II"
+            f"{weights} is truncated or corrupt ({exc}); re-run Stage II"
         ) from None
     return head.eval(), config
 

@@ -314,6 +314,7 @@ def generate_command(args: argparse.Namespace) -> int:
         check_output_file(args.output, "--output")
     fluid = load_model(args, device_from_args(args))
     from transformers import GenerationConfig
+
     tok = fluid.tokenizer
     prompts = [
         encode_prompt(

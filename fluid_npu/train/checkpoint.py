@@ -6,7 +6,8 @@ checkpoint and that ``get_last_checkpoint`` would pick. Here every process write
 ``<output_dir>/.tmp-checkpoint-N/checkpoint-N`` instead (the same path on every rank, so DeepSpeed
 and FSDP shards land together), and the saving process renames it to ``<output_dir>/checkpoint-N``
 once everyone is done: a ``checkpoint-N`` directory is complete by construction, and leftovers of a
-killed save are dot-directories nobody reads (removed by the next run).
+killed save are dot-directories nobody reads (removed by the next run). ``trainer_state.json``'s
+``best_model_checkpoint`` is rewritten from the staging path to the final one as it is published.
 
 Before a resume the chosen checkpoint is validated (``validate_checkpoint``): ``trainer_state.json``
 and every JSON file parse, weights are present, each ``*.safetensors`` file is exactly as long as
@@ -28,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from fluid_npu.errors import CheckpointError
+from fluid_npu.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def remove_stale_staging(run_dir: str | Path) -> list[Path]:
 
 def publish_checkpoint(staged: Path, target: Path) -> Path:
     """Flush ``staged`` to disk and rename it to ``target`` (replacing an older one)."""
+    _unstage_best(staged, target)
     for path in sorted(staged.rglob("*")):
         if path.is_file():
             _fsync(path)
@@ -79,6 +82,24 @@ def publish_checkpoint(staged: Path, target: Path) -> Path:
     if staged.parent.name.startswith(STAGING_PREFIX) and staged.parent != target.parent:
         shutil.rmtree(staged.parent, ignore_errors=True)
     return target
+
+
+def _unstage_best(staged: Path, target: Path) -> None:
+    """``best_model_checkpoint`` in ``staged``'s trainer state, written while the checkpoint was
+    staged (``.../.tmp-checkpoint-N/checkpoint-N``), made the published path."""
+    file = staged / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # validate_checkpoint reports a missing or broken state
+    best = state.get("best_model_checkpoint") if isinstance(state, dict) else None
+    if not isinstance(best, str):
+        return
+    where = Path(best)
+    if where.parent.name.startswith(STAGING_PREFIX) and where.parent.parent == target.parent:
+        state["best_model_checkpoint"] = str(target.parent / where.name)
+        # transformers' own layout (TrainerState.save_to_json)
+        write_text_atomic(file, (json.dumps(state, indent=2, sort_keys=True), "\n"))
 
 
 def _fsync(path: Path) -> None:
@@ -224,7 +245,8 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path | None) -> s
         if last is None:
             raise CheckpointError(
                 f"resume_from_checkpoint: true, but output_dir {str(output_dir)!r} holds no "
-                "complete checkpoint-N directory; remove the key to start from scratch"
+                "complete checkpoint-N directory; remove the key to start a new run (with "
+                "overwrite_output_dir: true if the directory holds an earlier run's output)"
             )
         logger.info("resuming from %s", last)
         return str(last)

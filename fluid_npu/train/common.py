@@ -13,7 +13,8 @@ accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingA
   memory of ``fluid_npu.train.report``; ``run_figures`` gives ``run.json`` the observed parallelism;
 * ``fsdp`` takes effect on CPU processes too (``fluid_npu.train.sharded``);
 * ``checkpoint-N`` directories appear atomically and a resume is validated first
-  (``fluid_npu.train.checkpoint``).
+  (``fluid_npu.train.checkpoint``); ``checkpoint_files`` (a stage's metadata, e.g.
+  ``fluid_model.json``) are written into each, so a checkpoint is usable like the final output.
 """
 
 from __future__ import annotations
@@ -114,20 +115,19 @@ def training_arguments(
             "the LM head through a forward it swaps in for the call); set loss_impl: reference "
             "with it, or leave torch_compile out"
         )
+    check_report_to(kwargs.get("report_to"))
     try:
-        args = TrainingArguments(**kwargs)
+        return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
         raise ConfigError(f"invalid training arguments: {exc}") from None
-    check_report_to(args.report_to)
-    return args
 
 
-def check_report_to(report_to: list[str]) -> None:
+def check_report_to(report_to: str | list[str] | None) -> None:
     """Each ``report_to`` integration known to transformers and, where transformers can tell,
     installed: checked before the model loads (the Trainer would only find out after)."""
     from transformers.integrations import integration_utils as hf
 
-    for name in report_to or []:
+    for name in [report_to] if isinstance(report_to, str) else report_to or []:
         if name in ("none", "all"):
             continue
         if name not in hf.INTEGRATION_TO_CALLBACK:
@@ -204,6 +204,7 @@ class FluidTrainer(Trainer):
         self.last_parts: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self.throughput = Throughput()
+        self.checkpoint_files: list[Any] = []  # objects with save(directory), in every checkpoint
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -334,6 +335,8 @@ class FluidTrainer(Trainer):
             del self._get_output_dir
         self.accelerator.wait_for_everyone()  # every shard / RNG state is on disk
         if self.args.should_save:
+            for item in self.checkpoint_files:
+                item.save(staging / name)
             publish_checkpoint(staging / name, run_dir / name)
             best = self.state.best_global_step
             if best and (run_dir / f"{PREFIX}-{best}").is_dir():

@@ -8,6 +8,12 @@ LoRA or full fine-tuning, and at the end saves the adapter / model, the tokenize
 ``fluid_model.json`` atomically and writes ``run.json``. A run that fails during set-up removes the
 output directory it created (nothing half-made is left); the loss runs inside the wrapped model's
 forward (``FluidTrainer.run_objective``), so DDP / FSDP / DeepSpeed see it.
+
+Before anything loads, ``output_dir`` is claimed (``fluid_npu.train.output_dir``: an earlier run's
+output there is an error unless the run resumes it or ``overwrite_output_dir`` removes it) and a
+resumed checkpoint is checked against this run's settings. Every ``checkpoint-N`` also gets
+``fluid_model.json``, so a checkpoint is usable downstream like the final output (Stage II's
+``adapter_name_or_path``, ``fluid generate --adapter``, ``fluid merge``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ from fluid_npu.model.loading import (
 )
 from fluid_npu.model.loading import load_config as load_model_config
 from fluid_npu.model.mask_token import resolve_mask_token
-from fluid_npu.train.checkpoint import resolve_resume
 from fluid_npu.train.common import (
     FluidTrainer,
     requested_parallelism,
@@ -46,6 +51,7 @@ from fluid_npu.train.common import (
     training_arguments,
 )
 from fluid_npu.train.data import load_run_data
+from fluid_npu.train.output_dir import check_resume, prepare_run_dir
 from fluid_npu.train.precision import device_choice, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -66,11 +72,23 @@ class TrainingSession:
         self.precision = resolve_precision(cfg.train, self.choice)
         self.quantization = self._quantization()
         self.mindspeed = enable_mindspeed() if cfg.model.use_mindspeed else None
-        self.resume = resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
+        f = cfg.fluid
+        rank = f.lora_rank if f.finetuning_type == "lora" else None
+        settings = {"stage": stage, "finetuning_type": f.finetuning_type, "lora_rank": rank}
+        self.resume = prepare_run_dir(cfg, self.args, settings)
         created = not Path(cfg.train.output_dir).exists()
         self.output_dir = prepare_output_dir(cfg.train.output_dir)
         try:
             self._load()
+            peft_config = getattr(self.model, "peft_config", {}).get("default")
+            targets = getattr(peft_config, "target_modules", None)
+            check_resume(  # what only the loaded model tells
+                self.resume,
+                {
+                    "base_fingerprint": self.base_fingerprint,
+                    "lora_target": sorted(targets) if isinstance(targets, set) else targets,
+                },
+            )
         except BaseException:
             if created:
                 remove_if_empty(self.output_dir)
@@ -190,9 +208,6 @@ class TrainingSession:
             processing_class=self.tokenizer,
             callbacks=callbacks,
         )
-        result = trainer.train(resume_from_checkpoint=self.resume)
-        if trainer.eval_dataset is not None and _last_eval_step(trainer) != result.global_step:
-            trainer.evaluate()  # the final weights' held-out losses, whatever eval_steps was
         meta = FluidModelMeta(
             base_fingerprint=self.base_fingerprint,
             mask_token=self.mask.token,
@@ -201,6 +216,14 @@ class TrainingSession:
             base_model=str(self.cfg.model.model_name_or_path),
             stage=self.stage,
         )
+        # a checkpoint-N is a Stage I output too: an adapter's carries its generation config
+        # (its EOS ids: a template's turn end, data/template_export.py), as the final save does
+        gen = getattr(self.model, "generation_config", None)
+        lora = self.cfg.fluid.finetuning_type == "lora" and gen is not None
+        trainer.checkpoint_files = [*([GenerationFile(gen)] if lora else []), meta]
+        result = trainer.train(resume_from_checkpoint=self.resume)
+        if trainer.eval_dataset is not None and _last_eval_step(trainer) != result.global_step:
+            trainer.evaluate()  # the final weights' held-out losses, whatever eval_steps was
         figures = trainer.run_figures(requested_parallelism(self.cfg))
         save_final(trainer, self.tokenizer, self.output_dir, [meta])
         record = {
@@ -245,3 +268,13 @@ def _as_dict(stats: Any) -> Any:
 def _last_eval_step(trainer: Any) -> int | None:
     steps = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
     return steps[-1] if steps else None
+
+
+class GenerationFile:
+    """A ``GenerationConfig`` as a checkpoint file (``FluidTrainer.checkpoint_files``)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def save(self, directory: str | Path) -> None:
+        self.config.save_pretrained(str(directory))

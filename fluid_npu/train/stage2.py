@@ -11,9 +11,10 @@ Why transformers' Trainer: the trainable module handed to it (``KHeadObjective``
 head as a submodule and calls the backbone through a plain attribute, so the optimizer, DDP /
 FSDP / DeepSpeed wrapping, gradient sync and ``checkpoint-N`` directories all see the head alone
 (a checkpoint is a few MB; resume works as in Stage I), while every process keeps its own frozen
-copy of the backbone on its device. The backbone never gets a gradient and stays in eval mode.
-Nothing is cached: anchors are redrawn each epoch exactly as in Stage I, and memory does not grow
-with the dataset.
+copy of the backbone on its device. Each checkpoint also gets ``khead_config.json``, so a
+``checkpoint-N`` loads as a K-head (``fluid generate --khead DIR/checkpoint-N``). The backbone
+never gets a gradient and stays in eval mode. Nothing is cached: anchors are redrawn each epoch
+exactly as in Stage I, and memory does not grow with the dataset.
 
 At the end (main process) the head is saved with ``save_khead`` (``khead.safetensors`` +
 ``khead_config.json`` with the fingerprints), the held-out report of ``khead_report`` is measured
@@ -42,7 +43,7 @@ from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.layout import LayoutConfig
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import configure_attention
-from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
+from fluid_npu.model.khead import HEAD_PREFIX, KHead, KHeadConfig, save_khead
 from fluid_npu.train.common import (
     FluidTrainer,
     requested_parallelism,
@@ -62,13 +63,12 @@ from fluid_npu.train.khead_report import (
     plot_khead_report,
     split_heldout,
 )
+from fluid_npu.train.output_dir import check_resume, prepare_run_dir
 from fluid_npu.train.precision import device_choice, resolve_precision
 from fluid_npu.train.sharded import unpartitioned_loading
 from fluid_npu.train.stage1 import EpochCallback, LayoutCollator
 
 logger = logging.getLogger(__name__)
-
-HEAD_PREFIX = "head."
 
 
 def load_stage1(cfg: FluidConfig, dtype: torch.dtype | None) -> LoadedFluid:
@@ -83,10 +83,13 @@ def load_stage1(cfg: FluidConfig, dtype: torch.dtype | None) -> LoadedFluid:
     meta_dir = Path(adapter if adapter else model_dir)
     meta = FluidModelMeta.load(meta_dir)
     if meta is None:
+        older = (meta_dir / "trainer_state.json").is_file()  # a checkpoint-N of an older fluid-npu
         raise CheckpointError(
-            f"{meta_dir} is not a Stage I output (no fluid_model.json). Train Stage I first and "
-            "pass its output_dir as adapter_name_or_path (LoRA, with the base as "
-            "model_name_or_path) or as model_name_or_path (full fine-tuning or `fluid merge`)"
+            f"{meta_dir} is not a Stage I output (no fluid_model.json"
+            f"{': a checkpoint saved before checkpoints carried it' if older else ''}). Pass a "
+            "Stage I output_dir, or one of its checkpoint-N directories, as adapter_name_or_path "
+            "(LoRA, with the base as model_name_or_path) or as model_name_or_path (full "
+            "fine-tuning or `fluid merge`)"
         )
     loaded = load_fluid(
         model_dir,
@@ -160,9 +163,17 @@ class Stage2Run:
         if self.args.activation_checkpointing:
             logger.warning("gradient_checkpointing is ignored in Stage II: the backbone is frozen")
             self.args.activation_checkpointing = False
+        self.resume = prepare_run_dir(cfg, self.args, {"stage": f.stage, "k_masks": f.k_masks})
         devices.seed_everything(cfg.train.seed)
         with unpartitioned_loading():  # every process keeps the whole frozen backbone
             self.loaded = load_stage1(cfg, self.backbone_dtype)
+        check_resume(
+            self.resume,
+            {
+                "base_fingerprint": self.loaded.base_fingerprint,
+                "adapter_fingerprint": self.loaded.adapter_fingerprint or "",
+            },
+        )
         self._load_data()
 
         tok = self.loaded.tokenizer
@@ -186,6 +197,15 @@ class Stage2Run:
         ).to(self.args.device)
         self.hidden_size = int(run_module.config.get_text_config().hidden_size)
         self.head = KHead(self.hidden_size, f.k_masks).to(self.precision.trainable_dtype)
+        self.khead_config = KHeadConfig(  # saved with the head, and into every checkpoint
+            hidden_size=self.hidden_size,
+            k_max=f.k_masks,
+            label_rule=f.khead_label,
+            tau=f.khead_tau,
+            sigma=f.khead_sigma,
+            base_fingerprint=self.loaded.base_fingerprint,
+            adapter_fingerprint=self.loaded.adapter_fingerprint,
+        )
         self.objective = KHeadObjective(self.head, self.backbone, f.khead_sigma)
         self.precision_record = self.precision.observe(nn.ModuleList([self.head, run_module]))
 
@@ -227,7 +247,8 @@ class Stage2Run:
             data_collator=collator,
             callbacks=[EpochCallback(collator)],
         )
-        result = trainer.train(resume_from_checkpoint=self.cfg.train.resume_from_checkpoint)
+        trainer.checkpoint_files = [self.khead_config]
+        result = trainer.train(resume_from_checkpoint=self.resume)
         self.trainer = trainer
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers ZeRO-3 / FSDP
         self.figures = trainer.run_figures(requested_parallelism(self.cfg))  # collective
@@ -248,15 +269,7 @@ class Stage2Run:
                 "Stage II saw no anchor with a supervised slot: responses are too short for the "
                 "layout, or anchor_prob is too low"
             )
-        config = KHeadConfig(
-            hidden_size=self.hidden_size,
-            k_max=f.k_masks,
-            label_rule=f.khead_label,
-            tau=f.khead_tau,
-            sigma=f.khead_sigma,
-            base_fingerprint=self.loaded.base_fingerprint,
-            adapter_fingerprint=self.loaded.adapter_fingerprint,
-        )
+        config = self.khead_config
         head = self.head.float().cpu()
         save_khead(head, config, self.output_dir)
 

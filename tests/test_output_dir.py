@@ -1,0 +1,264 @@
+"""One run per output_dir: an earlier run's output is refused (before any model loads) unless the
+run resumes it or ``overwrite_output_dir`` removes it; a resume from a checkpoint saved with other
+settings is one error naming the difference; a ``checkpoint-N`` serves downstream like a final
+output (Stage II on a Stage I checkpoint, a Stage II checkpoint as the K-head). Unit cases on
+hand-made directories, then tiny ``fluid train`` runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import as_overrides, tiny_stage1_recipe
+from synthetic import write_short_dataset
+
+from fluid_npu.cli import main as cli_main
+from fluid_npu.config import load_config
+from fluid_npu.errors import CheckpointError, ConfigError
+from fluid_npu.model.adapters import FluidModelMeta, load_fluid
+from fluid_npu.model.khead import attach_khead, read_khead_config
+from fluid_npu.train import session
+from fluid_npu.train.output_dir import (
+    check_resume,
+    claim_output_dir,
+    earlier_output,
+    recorded_settings,
+)
+from fluid_npu.train.stage2 import Stage2Run
+
+# --------------------------------------------------------------------------------------------
+# What counts, what is refused, what is removed (hand-made directories)
+# --------------------------------------------------------------------------------------------
+
+
+def _make(root: Path, entries: list[str]) -> Path:
+    """Files, and directories for names ending in "/" (with a file inside)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        path = root / entry.rstrip("/")
+        if entry.endswith("/"):
+            path.mkdir(parents=True)
+            (path / "trainer_state.json").write_text("{}")
+        else:
+            path.write_text("x")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("entries", "earlier"),
+    [
+        ([], []),
+        ([".hidden", ".tmp-checkpoint-4/", "notes.txt", "train.log", "README.md"], []),
+        (["tokenizer.json", "config.json", "checkpoint-3"], []),  # a file named checkpoint-3
+        (["run.json", "notes.txt"], ["run.json"]),
+        (["checkpoint-10/", "checkpoint-2/", "run.json"],
+         ["run.json", "checkpoint-2", "checkpoint-10"]),
+        (["adapter_model.safetensors", "x.txt"], ["adapter_model.safetensors"]),
+        (["model-00001-of-00002.safetensors"], ["model-00001-of-00002.safetensors"]),
+        (["khead.safetensors", "khead_config.json"], ["khead.safetensors", "khead_config.json"]),
+    ],
+)  # fmt: skip
+def test_what_counts_as_an_earlier_run(tmp_path, entries, earlier):
+    root = _make(tmp_path / "out", entries)
+    assert [p.name for p in earlier_output(root)] == earlier
+    claim = dict(resume=None, overwrite=False, inputs={})
+    if earlier:
+        with pytest.raises(ConfigError, match="holds an earlier run's output"):
+            claim_output_dir(root, **claim)
+    else:
+        claim_output_dir(root, **claim)  # nothing of a run: the run starts
+    assert sorted(p.name for p in root.iterdir()) == sorted(e.rstrip("/") for e in entries)
+
+
+def test_an_earlier_run_is_refused_with_the_three_ways_on(tmp_path):
+    root = _make(tmp_path / "out", ["run.json", "adapter_config.json", "checkpoint-2/", "x.txt"])
+    with pytest.raises(ConfigError) as err:
+        claim_output_dir(root, resume=None, overwrite=False, inputs={})
+    message = str(err.value)
+    assert f"output_dir {str(root)!r}" in message
+    assert "adapter_config.json, run.json, checkpoint-2" in message
+    for fix in ("resume_from_checkpoint: true", "overwrite_output_dir: true", "another output_dir"):
+        assert fix in message
+    # continuing the run in the directory is what resume_from_checkpoint is for
+    claim_output_dir(root, resume=True, overwrite=False, inputs={})
+    claim_output_dir(root, resume=str(root / "checkpoint-2"), overwrite=False, inputs={})
+    elsewhere = _make(tmp_path / "other", ["checkpoint-4/"]) / "checkpoint-4"
+    with pytest.raises(ConfigError, match="names a checkpoint elsewhere"):
+        claim_output_dir(root, resume=str(elsewhere), overwrite=False, inputs={})
+
+
+def test_overwrite_removes_the_earlier_run_and_nothing_else(tmp_path):
+    run = [
+        "run.json", "fluid_model.json", "adapter_config.json", "adapter_model.safetensors",
+        "README.md", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+        "generation_config.json", "training_args.bin", "checkpoint-2/", "checkpoint-4/",
+        ".tmp-checkpoint-6/", ".staging-final/",
+    ]  # fmt: skip
+    root = _make(tmp_path / "out", [*run, "notes.txt", ".hidden", "mine/"])
+    elsewhere = _make(tmp_path / "other", ["checkpoint-4/"]) / "checkpoint-4"
+    claim_output_dir(root, resume=str(elsewhere), overwrite=True, inputs={})
+    assert sorted(p.name for p in root.iterdir()) == [".hidden", "mine", "notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "resume", "needle"),
+    [
+        ({"model_name_or_path": "{out}"}, None, "would remove model_name_or_path"),
+        ({"adapter_name_or_path": "{out}/checkpoint-2"}, None, "would remove adapter_name_or_path"),
+        ({}, "{out}/checkpoint-2", "would remove resume_from_checkpoint"),
+        ({}, True, "resume_from_checkpoint: true continues the run in output_dir"),
+    ],
+)
+def test_overwrite_never_removes_what_the_run_reads(tmp_path, inputs, resume, needle):
+    root = _make(tmp_path / "out", ["run.json", "model.safetensors", "checkpoint-2/"])
+    fill = lambda v: v.format(out=root) if isinstance(v, str) else v  # noqa: E731
+    with pytest.raises(ConfigError, match=needle):
+        claim_output_dir(
+            root,
+            resume=fill(resume),
+            overwrite=True,
+            inputs={k: fill(v) for k, v in inputs.items()},
+        )
+    assert sorted(p.name for p in root.iterdir()) == [
+        "checkpoint-2",
+        "model.safetensors",
+        "run.json",
+    ]
+
+
+def test_a_checkpoint_saved_with_other_settings_is_named(tmp_path):
+    lora = _make(tmp_path / "lora", ["trainer_state.json"])
+    (lora / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["b", "a"]}))
+    FluidModelMeta("f00d", "<|mask|>", 9, 9, "base").save(lora)
+    assert recorded_settings(lora) == {
+        "stage": "fluid_stage1", "finetuning_type": "lora", "lora_rank": 8,
+        "lora_target": ["a", "b"], "base_fingerprint": "f00d",
+    }  # fmt: skip
+    check_resume(lora, {"stage": "fluid_stage1", "lora_rank": 8, "lora_target": ["a", "b"]})
+    cases = [
+        ({"lora_rank": 4}, "saved with lora_rank: 8, this run has lora_rank: 4"),
+        ({"finetuning_type": "full"}, "saved with finetuning_type: lora"),
+        ({"stage": "fluid_stage2"}, "saved with stage: fluid_stage1"),
+        ({"lora_target": ["a"]}, "saved with lora_target: ['a', 'b']"),
+        ({"base_fingerprint": "beef"}, "base model (model_name_or_path) with fingerprint f00d"),
+    ]
+    for settings, needle in cases:
+        with pytest.raises(ConfigError, match=r"cannot continue this run") as err:
+            check_resume(lora, settings)
+        assert needle in str(err.value) and "overwrite_output_dir: true" in str(err.value)
+    head = _make(tmp_path / "head", ["model.safetensors", "trainer_state.json"])
+    assert recorded_settings(head) == {"stage": "fluid_stage2"}  # written before khead_config
+    (head / "khead_config.json").write_text(json.dumps({"k_max": 4, "base_fingerprint": "f"}))
+    with pytest.raises(ConfigError, match="saved with k_masks: 4, this run has k_masks: 8"):
+        check_resume(head, {"stage": "fluid_stage2", "k_masks": 8})
+
+
+# --------------------------------------------------------------------------------------------
+# Through `fluid train`
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model_dir, tmp_path_factory):
+    """A finished tiny Stage I run (LoRA r8) with checkpoint-1 and checkpoint-2."""
+    data = write_short_dataset(tmp_path_factory.mktemp("data"), n_train=16, seed=0)
+    out = tmp_path_factory.mktemp("first")
+    assert cli_main(_train(tiny_model_dir, data, out, tmp_path_factory.mktemp("cfg"))) == 0
+    return tiny_model_dir, data, out
+
+
+def _train(base: Path, data: Path, out: Path, where: Path, **extra: object) -> list[str]:
+    values = dict(
+        per_device_train_batch_size=4, max_steps=2, save_steps=1, logging_steps=1, output_dir=out
+    )
+    values.update(extra)
+    cfg = where / "empty.yaml"
+    cfg.write_text("{}\n")
+    return ["train", str(cfg), *as_overrides(tiny_stage1_recipe(base, data, **values))]
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fluid: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def _listing(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        ({}, ("holds an earlier run's output", "resume_from_checkpoint: true")),
+        ({"lora_rank": 4, "resume_from_checkpoint": True}, ("lora_rank: 8", "lora_rank: 4")),
+        ({"finetuning_type": "full", "resume_from_checkpoint": True}, ("finetuning_type: lora",)),
+    ],
+)
+def test_a_used_output_dir_fails_before_the_model_loads(
+    first_run, tmp_path, monkeypatch, capsys, extra, needles
+):
+    base, data, out = first_run
+    before = _listing(out)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output_dir check")
+
+    monkeypatch.setattr(session, "load_model", no_loading)
+    assert cli_main(_train(base, data, out, tmp_path, **extra)) == 2
+    line = _one_error(capsys)
+    assert all(n in line for n in needles), line
+    assert _listing(out) == before  # nothing touched
+
+
+def test_overwrite_output_dir_starts_over_and_resume_continues_the_new_run(
+    first_run, tmp_path, capsys
+):
+    base, data, first = first_run
+    out = shutil.copytree(first, tmp_path / "out")
+    (out / "notes.txt").write_text("mine")
+    argv = _train(base, data, out, tmp_path, lora_rank=4, max_steps=1)
+    assert cli_main([*argv, "overwrite_output_dir=true"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # no 2 of run 1
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert json.loads((out / "run.json").read_text())["global_step"] == 1
+    # the checkpoint carries fluid_model.json: it loads like the final adapter
+    meta = FluidModelMeta.load(out / "checkpoint-1")
+    assert meta == FluidModelMeta.load(out)
+    assert load_fluid(base, out / "checkpoint-1").mask.id == meta.mask_id
+    # resuming now continues the new run (rank 4), not the removed one
+    assert cli_main([*argv, "max_steps=2", "resume_from_checkpoint=true"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["global_step"] == 2 and record["config"]["lora_rank"] == 4
+    assert [h["step"] for h in record["log_history"] if "loss" in h] == [1, 2]
+
+
+def test_checkpoints_serve_downstream_as_stage1_and_khead_outputs(first_run, tmp_path):
+    """Stage II on a Stage I checkpoint-N, and a Stage II checkpoint-N as the K-head."""
+    base, data, first = first_run
+    stage1 = first / "checkpoint-1"
+    out = tmp_path / "s2"
+    values = dict(
+        stage="fluid_stage2", model_name_or_path=base, adapter_name_or_path=stage1,
+        dataset="fluid_demo", dataset_dir=data, template="empty", cutoff_len=64, k_masks=4,
+        khead_tau=0.5, val_size=4, per_device_train_batch_size=4, max_steps=2, save_steps=1,
+        output_dir=out, report_to="none", seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    Stage2Run(load_config(None, as_overrides(values))).train()
+    loaded = load_fluid(base, stage1)
+    final, config = attach_khead(loaded, out)
+    head, checkpoint_config = attach_khead(loaded, out / "checkpoint-2")  # the last step's head
+    assert checkpoint_config == config and config.adapter_fingerprint == loaded.adapter_fingerprint
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in final.state_dict().items())
+    attach_khead(loaded, out / "checkpoint-1")
+    with pytest.raises(CheckpointError, match="another Stage I adapter"):  # the final adapter
+        attach_khead(load_fluid(base, first), out / "checkpoint-2")
+    with pytest.raises(CheckpointError, match="is not a K-head directory: it is a Stage I output"):
+        read_khead_config(stage1)
+    with pytest.raises(CheckpointError, match=r"is not a K-head directory: no khead_config\.json"):
+        read_khead_config(data)
