@@ -47,6 +47,16 @@ ROW_PLACES = {
         "n.jsonl",
         "n.jsonl line 3: an array, not an object",
     ),
+    "bom-json-array": (  # (a UTF-8 BOM, as some editors write one: datasets reads past it)
+        {"a.json": ["\ufeff" + json.dumps([*GOOD, MISSING])]},
+        "a.json",
+        "a.json array index 2",
+    ),
+    "bom-line-not-an-object": (
+        {"n.jsonl": ["\ufeff" + _lines(GOOD)[0], _lines(GOOD)[1], '["x"]']},
+        "n.jsonl",
+        "n.jsonl line 3: an array, not an object",
+    ),
     "array-element-not-an-object": (
         {"e.json": [json.dumps([*GOOD, 7])]},
         "e.json",

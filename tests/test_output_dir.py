@@ -16,7 +16,7 @@ from conftest import as_overrides, tiny_stage1_recipe
 from synthetic import write_short_dataset
 
 from fluid_npu.cli import main as cli_main
-from fluid_npu.config import load_config
+from fluid_npu.config import build_config, load_config
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.model.adapters import FluidModelMeta, load_fluid
 from fluid_npu.model.khead import attach_khead, read_khead_config
@@ -24,6 +24,7 @@ from fluid_npu.train import session
 from fluid_npu.train.output_dir import (
     check_resume,
     claim_output_dir,
+    clear_earlier_run,
     earlier_output,
     recorded_settings,
 )
@@ -100,6 +101,9 @@ def test_overwrite_removes_the_earlier_run_and_nothing_else(tmp_path):
     root = _make(tmp_path / "out", [*run, "notes.txt", ".hidden", "mine/"])
     elsewhere = _make(tmp_path / "other", ["checkpoint-4/"]) / "checkpoint-4"
     claim_output_dir(root, resume=str(elsewhere), overwrite=True, inputs={})
+    assert (root / "run.json").is_file()  # (the claim only checks: a refused run removes nothing)
+    values = {"output_dir": str(root), "overwrite_output_dir": True}
+    clear_earlier_run(build_config({**values, "resume_from_checkpoint": str(elsewhere)}))
     assert sorted(p.name for p in root.iterdir()) == [".hidden", "mine", "notes.txt"]
 
 
@@ -222,6 +226,11 @@ def test_overwrite_output_dir_starts_over_and_resume_continues_the_new_run(
     out = shutil.copytree(first, tmp_path / "out")
     (out / "notes.txt").write_text("mine")
     argv = _train(base, data, out, tmp_path, lora_rank=4, max_steps=1)
+    # a run refused on the way (here: a resume path that does not exist) leaves the earlier one
+    before = _listing(out)
+    missing = f"resume_from_checkpoint={tmp_path / 'nope' / 'checkpoint-9'}"
+    assert cli_main([*argv, "overwrite_output_dir=true", missing]) == 2
+    assert "resume_from_checkpoint" in _one_error(capsys) and _listing(out) == before
     assert cli_main([*argv, "overwrite_output_dir=true"]) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # no 2 of run 1
     assert (out / "notes.txt").read_text() == "mine"
@@ -262,3 +271,9 @@ def test_checkpoints_serve_downstream_as_stage1_and_khead_outputs(first_run, tmp
         read_khead_config(stage1)
     with pytest.raises(CheckpointError, match=r"is not a K-head directory: no khead_config\.json"):
         read_khead_config(data)
+    # a checkpoint saved sharded (ZeRO-3 without gathering, FSDP's sharded state dict) holds no
+    # model.safetensors: the error says so and how to get the weights
+    sharded = shutil.copytree(out / "checkpoint-2", tmp_path / "sharded")
+    (sharded / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"saved sharded .* zero_to_fp32"):
+        read_khead_config(sharded)

@@ -131,7 +131,7 @@ def _kind(value: Any) -> str:
 def _json_problem(file: Path) -> str | None:
     """Why ``file`` is not JSON / JSON lines of objects (with the line number), or None."""
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         return f"{file} is not UTF-8 text ({e})"
     lines = text.split("\n")  # as datasets (pyarrow) splits JSON lines
@@ -171,7 +171,7 @@ def _places(file: Path, builder: str) -> Iterator[str]:
 
         yield from (f"row {i} (0-based)" for i in range(pq.ParquetFile(file).metadata.num_rows))
         return
-    text = file.read_text(encoding="utf-8")
+    text = file.read_text(encoding="utf-8-sig")
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:  # JSON lines: one row per line that is not blank

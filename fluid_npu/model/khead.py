@@ -95,6 +95,13 @@ def read_khead_config(directory: str | Path) -> KHeadConfig:
     if not (d / CONFIG).is_file() or _weights(d) is None:
         if (d / "fluid_model.json").is_file():
             what = "it is a Stage I output (pass it as the model or adapter)"
+        elif (d / CONFIG).is_file() and (d / "trainer_state.json").is_file():
+            what = (
+                f"a checkpoint whose weights were saved sharded (no {CHECKPOINT_WEIGHTS}: "
+                "DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save, or FSDP's "
+                "SHARDED_STATE_DICT); consolidate it (DeepSpeed's zero_to_fp32.py) or train with "
+                "the gathered / FULL_STATE_DICT save"
+            )
         elif (d / CONFIG).is_file():
             what = f"it has {CONFIG} but no {WEIGHTS}"
         elif (d / CHECKPOINT_WEIGHTS).is_file() and (d / "trainer_state.json").is_file():

@@ -13,7 +13,9 @@ logs and anything else no run writes do not count):
   state_dict error at best, the old run's schedule continued silently at worst), so the user says;
 * ``overwrite_output_dir: true``: the earlier run's output (``removable``: the run files, their
   companions — config, tokenizer, README, plot — and leftovers of interrupted saves) is removed
-  first; other files stay. It never removes the model, adapter or checkpoint the run reads;
+  once the run has loaded and passed its checks, just before training (``clear_earlier_run``: a
+  run refused on the way leaves it whole); other files stay. It never removes the model, adapter
+  or checkpoint the run reads;
 * ``resume_from_checkpoint``: ``true`` continues the run from its last complete checkpoint, a path
   inside ``output_dir`` from that checkpoint; a checkpoint elsewhere needs a clean ``output_dir``.
 
@@ -164,9 +166,9 @@ def claim_output_dir(
                 "resume_from_checkpoint: true continues the run in output_dir and "
                 "overwrite_output_dir: true removes it: set one of them"
             )
-        if found:
+        if found:  # (checked now; removed only once the run has loaded: clear_earlier_run)
             reads = {**inputs, "resume_from_checkpoint": None if ckpt is None else str(ckpt)}
-            _remove_earlier_run(root, reads)
+            _check_removal(root, reads)
         return
     if not found or resume is True or (ckpt is not None and _within(ckpt.resolve(), root)):
         return
@@ -184,7 +186,9 @@ def claim_output_dir(
     )
 
 
-def _remove_earlier_run(root: Path, inputs: dict[str, str | None]) -> None:
+def _check_removal(root: Path, inputs: dict[str, str | None]) -> list[Path]:
+    """What ``overwrite_output_dir`` will remove from ``root``; an error if that holds what the
+    run reads (``inputs``: setting -> path)."""
     victims = removable(root)
     for key, value in inputs.items():
         for item in (value or "").split(","):
@@ -196,6 +200,37 @@ def _remove_earlier_run(root: Path, inputs: dict[str, str | None]) -> None:
                     f"overwrite_output_dir: true would remove {key} {item.strip()!r}, which is "
                     f"in output_dir {str(root)!r}; choose another output_dir"
                 )
+    return victims
+
+
+def clear_earlier_run(cfg: Any) -> None:
+    """``overwrite_output_dir``: remove the earlier run's output, once this run has loaded and
+    passed every check (a run refused on the way leaves the earlier one whole); on the main
+    process, the others waiting. Called just before training starts."""
+    from fluid_npu.train.data import main_process_builds
+
+    t, m = cfg.train, cfg.model
+    if not t.overwrite_output_dir:
+        return
+    root = Path(t.output_dir).resolve()
+
+    def clear() -> None:
+        if not earlier_output(root):
+            return
+        resume = t.resume_from_checkpoint
+        ckpt = None if resume is None or isinstance(resume, bool) or resume == "" else resume
+        reads = {
+            "model_name_or_path": m.model_name_or_path,
+            "adapter_name_or_path": m.adapter_name_or_path,
+            "resume_from_checkpoint": None if ckpt is None else str(ckpt),
+        }
+        victims = _check_removal(root, reads)
+        _remove(root, victims)
+
+    main_process_builds(clear, "output_dir")
+
+
+def _remove(root: Path, victims: list[Path]) -> None:
     logger.warning(
         "overwrite_output_dir: removing the earlier run's output from %s: %s",
         root,
@@ -305,7 +340,7 @@ def prepare_run_dir(cfg: Any, args: Any, settings: dict[str, Any]) -> str | None
             inputs=inputs,
         )
 
-    main_process_builds(claim, "output_dir")
     resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     check_resume(resume, settings)
+    main_process_builds(claim, "output_dir")  # (checks only: clear_earlier_run removes)
     return resume

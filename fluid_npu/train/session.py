@@ -51,7 +51,7 @@ from fluid_npu.train.common import (
     training_arguments,
 )
 from fluid_npu.train.data import load_run_data
-from fluid_npu.train.output_dir import check_resume, prepare_run_dir
+from fluid_npu.train.output_dir import check_resume, clear_earlier_run, prepare_run_dir
 from fluid_npu.train.precision import device_choice, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ class TrainingSession:
         gen = getattr(self.model, "generation_config", None)
         lora = self.cfg.fluid.finetuning_type == "lora" and gen is not None
         trainer.checkpoint_files = [*([GenerationFile(gen)] if lora else []), meta]
+        clear_earlier_run(self.cfg)  # overwrite_output_dir: only now that every check passed
         result = trainer.train(resume_from_checkpoint=self.resume)
         if trainer.eval_dataset is not None and _last_eval_step(trainer) != result.global_step:
             trainer.evaluate()  # the final weights' held-out losses, whatever eval_steps was

@@ -63,7 +63,7 @@ from fluid_npu.train.khead_report import (
     plot_khead_report,
     split_heldout,
 )
-from fluid_npu.train.output_dir import check_resume, prepare_run_dir
+from fluid_npu.train.output_dir import check_resume, clear_earlier_run, prepare_run_dir
 from fluid_npu.train.precision import device_choice, resolve_precision
 from fluid_npu.train.sharded import unpartitioned_loading
 from fluid_npu.train.stage1 import EpochCallback, LayoutCollator
@@ -248,6 +248,7 @@ class Stage2Run:
             callbacks=[EpochCallback(collator)],
         )
         trainer.checkpoint_files = [self.khead_config]
+        clear_earlier_run(self.cfg)  # overwrite_output_dir: only now that every check passed
         result = trainer.train(resume_from_checkpoint=self.resume)
         self.trainer = trainer
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers ZeRO-3 / FSDP
