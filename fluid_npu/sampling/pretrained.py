@@ -7,7 +7,8 @@ generation_config=None, **kwargs)`` is called as transformers' is: ``input_ids``
 (``do_sample`` / ``temperature`` / ``top_k`` / ``top_p`` / ...), and the checkpoint's own
 ``generation_config`` for whatever a call leaves out; ``last_stats`` holds the statistics of the
 latest call. A transformers setting FLUID decoding does not do is refused by name unless it is at
-its "off" value (``num_beams=1``, ``use_cache=True``, ``output_scores=False``, ...), never dropped.
+its "off" value (``num_beams=1``, ``use_cache=True``, ``output_scores=False``, ...); one the
+checkpoint's own config holds (which the call did not choose) is named in a warning and not applied.
 Decoding is ``api.generate``.
 """
 
@@ -253,7 +254,8 @@ class FluidForCausalLM:
         ``do_sample`` samples; pass ``do_sample=False`` for the lossless greedy output) — along
         with ``max_new_tokens`` / ``max_length`` / ``eos_token_id`` / ``pad_token_id``. A setting
         FLUID decoding does not do (beams, ``no_repeat_ngram_size``, ``num_return_sequences`` > 1,
-        a ``streamer``, ...) is refused by name, never dropped; at its "off" value it is accepted.
+        a ``streamer``, ...) is refused by name, never dropped; at its "off" value it is accepted;
+        in the checkpoint's own config it is named in a warning and not applied.
         ``max_length`` counts the prompt, as in transformers (``max_new_tokens`` wins when both
         are set) and must leave room for a token; with neither anywhere, 64 new tokens.
         ``eos_token_id=None`` given explicitly turns EOS off, as in transformers.
