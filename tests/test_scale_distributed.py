@@ -265,6 +265,10 @@ def test_deepspeed_config_problems_are_config_errors(tmp_path, monkeypatch):
     broken.write_text('{"zero_optimization": ')
     with pytest.raises(ConfigError, match="is not valid JSON"):
         common.training_arguments(load_config(None, [out, f"deepspeed={broken}"]), _cpu())
+    sharded = tmp_path / "z3.json"  # (DeepSpeed's default: the weights stay sharded on save)
+    sharded.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="stage3_gather_16bit_weights_on_model_save"):
+        common.training_arguments(load_config(None, [out, f"deepspeed={sharded}"]), _cpu())
     monkeypatch.setattr(common, "deepspeed_available", lambda: False)
     ds = ROOT / "configs" / "ds_z2.json"
     with pytest.raises(ConfigError, match="deepspeed package is not installed"):

@@ -171,20 +171,29 @@ def _places(file: Path, builder: str) -> Iterator[str]:
 
         yield from (f"row {i} (0-based)" for i in range(pq.ParquetFile(file).metadata.num_rows))
         return
-    text = file.read_text(encoding="utf-8-sig")
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:  # JSON lines: one row per line that is not blank
-        whole = None
-    if isinstance(whole, list):
-        yield from (f"array index {i}" for i in range(len(whole)))
-        return
-    yield from (f"line {n}" for n, line in enumerate(text.split("\n"), 1) if line.strip())
+    with file.open("rb") as fh:
+        head = fh.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
+    if head.startswith("["):  # one JSON array (a JSON-lines file whose first row is one fails)
+        try:
+            whole = json.loads(file.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            yield from (f"array index {i}" for i in range(len(whole)))
+            return
+    # JSON lines, read a line at a time (a large file is never held whole): one row per line that
+    # is not blank, lines split at "\n" only, as datasets (pyarrow) splits them
+    with file.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            line = raw.decode("utf-8", errors="replace")
+            if line.lstrip("\ufeff" if n == 1 else "").strip():
+                yield f"line {n}"
 
 
 def row_places(spec: DatasetSpec, indices: list[int]) -> dict[int, str]:
     """``"FILE line N"`` (or ``array index`` / parquet ``row``) for the rows ``indices`` (0-based
-    over the files of ``spec`` in order), read in one pass that stops after the last."""
+        over the files of ``spec`` in order), read in one pass that stops after the last (JSON lines
+    a line at a time)."""
     builder, files = _data_files(spec)
     wanted, found, row = set(indices), {}, 0
     for file in files:

@@ -180,9 +180,20 @@ def check_deepspeed_config(path: str) -> None:
     if not p.is_file():
         raise ConfigError(f"deepspeed config {path!r} does not exist; point it at a JSON file")
     try:
-        json.loads(p.read_text(encoding="utf-8"))
+        ds = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"deepspeed config {path!r} is not valid JSON ({exc})") from None
+    zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
+    zero = zero if isinstance(zero, dict) else {}
+    gather = zero.get("stage3_gather_16bit_weights_on_model_save")
+    if str(zero.get("stage")) == "3" and gather not in (True, "true", "auto"):
+        # (without it the Trainer saves only DeepSpeed's shards: no adapter, model or K-head
+        # weights in the output or a checkpoint-N, and Stage II's final save fails)
+        raise ConfigError(
+            f"deepspeed config {path!r}: ZeRO stage 3 without "
+            '"stage3_gather_16bit_weights_on_model_save": true saves only sharded weights, and '
+            "a FLUID run's outputs are whole weights; set it to true in zero_optimization"
+        )
     if not deepspeed_available():
         raise ConfigError(
             f"deepspeed: {path} is set but the deepspeed package is not installed; install it "
