@@ -12,8 +12,8 @@ from openai.types.chat import completion_create_params as chat_params
 from openai.types.chat.chat_completion_stream_options_param import (
     ChatCompletionStreamOptionsParam,
 )
+from test_serve_unit import USER, _err
 
-from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.inputs import PromptError
 from fluid_npu.sampling.prompts import empty_prompt, encode_prompt
 from fluid_npu.serve.errors import APIError
@@ -27,20 +27,6 @@ from fluid_npu.serve.protocol import (
 )
 from fluid_npu.serve.responses import Shape
 from fluid_npu.serve.text import TokenText, completion_ids
-
-USER = [{"role": "user", "content": "x"}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer(mask_token=True)
-
-
-def _err(fn, body) -> APIError:
-    with pytest.raises(APIError) as info:
-        fn(body)
-    assert info.value.status == 400
-    return info.value
 
 
 def test_every_field_the_openai_client_sends_is_known():
@@ -141,9 +127,10 @@ class _BosTokenizer:
         return 259
 
 
-def test_a_prompt_is_empty_only_where_it_encodes_to_no_tokens(tok):
+def test_a_prompt_is_empty_only_where_it_encodes_to_no_tokens(tokenizer):
     """vLLM's rule: whitespace is a prompt, and ``""`` too where the tokenizer adds a BOS; a
     text of no tokens is a 400 (``fluid generate`` reads a prompts file alike)."""
+    tok = tokenizer  # (conftest's tiny tokenizer, with a MASK token)
     for text in (" ", "\n", "  \t", ""):
         assert parse_completion({"prompt": text}).prompts == [text]
     assert completion_ids(tok, " ") == tok(" ")["input_ids"] != []
@@ -161,10 +148,11 @@ def test_a_prompt_is_empty_only_where_it_encodes_to_no_tokens(tok):
         encode_prompt(tok, {"prompt": ""}, where="p")
 
 
-def test_completion_top_logprobs_hold_the_token_and_its_alternatives(tok):
+def test_completion_top_logprobs_hold_the_token_and_its_alternatives(tokenizer):
     """OpenAI's "up to logprobs + 1" (as vLLM): each position's token first, then the best
     alternatives; ``logprobs: 0`` the token alone; echo's prompt tokens alike (the first null).
     Chat's ``top_logprobs`` stay the alternatives alone."""
+    tok = tokenizer  # (conftest's tiny tokenizer, with a MASK token)
     words = TokenText(tok)
     a, b, c = (tok.convert_tokens_to_ids(x) for x in "abc")
     entries = [(a, None, None), (b, -3.0, [(c, -0.1)]), (c, -0.1, [(c, -0.1), (a, -4.0)]),

@@ -14,6 +14,7 @@ and line named.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -185,14 +186,15 @@ def _places(file: Path, builder: str) -> Iterator[str]:
     # is not blank, lines split at "\n" only, as datasets (pyarrow) splits them
     with file.open("rb") as fh:
         for n, raw in enumerate(fh, 1):
-            line = raw.decode("utf-8", errors="replace")
-            if line.lstrip("\ufeff" if n == 1 else "").strip():
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            if raw.decode("utf-8", errors="replace").strip():
                 yield f"line {n}"
 
 
 def row_places(spec: DatasetSpec, indices: list[int]) -> dict[int, str]:
     """``"FILE line N"`` (or ``array index`` / parquet ``row``) for the rows ``indices`` (0-based
-        over the files of ``spec`` in order), read in one pass that stops after the last (JSON lines
+    over the files of ``spec`` in order), read in one pass that stops after the last (JSON lines
     a line at a time)."""
     builder, files = _data_files(spec)
     wanted, found, row = set(indices), {}, 0

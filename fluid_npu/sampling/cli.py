@@ -276,6 +276,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def generate_command(args: argparse.Namespace) -> int:
+    from transformers import GenerationConfig
+
     from fluid_npu.io import check_output_file
     from fluid_npu.sampling.api import PromptError, eos_and_pad
     from fluid_npu.sampling.detok import output_text
@@ -313,8 +315,6 @@ def generate_command(args: argparse.Namespace) -> int:
     if args.output is not None:  # a path that cannot be written fails now, not after decoding
         check_output_file(args.output, "--output")
     fluid = load_model(args, device_from_args(args))
-    from transformers import GenerationConfig
-
     tok = fluid.tokenizer
     prompts = [
         encode_prompt(
@@ -324,7 +324,8 @@ def generate_command(args: argparse.Namespace) -> int:
     ]
     # the generation config's EOS ids and the tokenizer's own, as fluid serve (and vLLM) stop
     eos_ids, pad = eos_and_pad(fluid.model, serving_eos(fluid.model, tok), tok.pad_token_id)
-    sampling = {**sampling, "eos_token_id": eos_ids}
+    # every setting is the command's own: the checkpoint's generation config supplies none
+    sampling = {**sampling, "eos_token_id": eos_ids, "generation_config": GenerationConfig()}
     grammar = flag_grammar(
         json_object_flag(args.structured_outputs, "--structured-outputs"), tok, fluid.model
     )
@@ -351,7 +352,6 @@ def generate_command(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             policy=args.policy,
             loop=args.loop,
-            generation_config=GenerationConfig(),  # (every setting is the command's own)
             **kwargs,
             **{**sampling, "seed": first + start},
         )
@@ -409,7 +409,6 @@ def _stream_one(
     fluid: Any, ids: list[int], args: argparse.Namespace, sampling: dict[str, Any]
 ) -> int:
     import torch
-    from transformers import GenerationConfig
 
     stream = _TextStream(fluid.tokenizer, ids, sampling["eos_token_id"])
     fluid.generate(
@@ -418,7 +417,6 @@ def _stream_one(
         max_new_tokens=args.max_new_tokens,
         policy=args.policy,
         loop=args.loop,
-        generation_config=GenerationConfig(),  # (every setting is the command's own)
         stream=stream,
         **gen_kwargs(args),
         **sampling,

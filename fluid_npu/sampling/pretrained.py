@@ -14,6 +14,7 @@ Decoding is ``api.generate``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from pathlib import Path
@@ -86,18 +87,21 @@ def _check_generation_config(config: Any, given: set[str], *, checkpoint: bool) 
     )
 
 
-def _generation_fields() -> set[str]:
+@functools.cache
+def _known_keywords() -> tuple[frozenset[str], frozenset[str]]:
+    """``api.generate``'s own keywords, and the transformers settings that are not (computed
+    once)."""
     from transformers import GenerationConfig
 
-    return set(vars(GenerationConfig()))
+    own = frozenset(inspect.signature(generate).parameters)
+    return own, frozenset(_HF_ARGUMENTS | set(vars(GenerationConfig())))
 
 
 def _transformers_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` without the transformers settings ``api.generate`` does not take that are at
     their "off" value; one such setting asking for something is a ``ConfigError`` naming it (a
     name neither knows stays, for ``api.generate``'s own TypeError)."""
-    own = set(inspect.signature(generate).parameters)
-    known = _HF_ARGUMENTS | _generation_fields()
+    own, known = _known_keywords()
     kept = {}
     for name, value in kwargs.items():
         if name in own or name in _FOLLOWED or name not in known:

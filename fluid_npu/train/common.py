@@ -384,11 +384,6 @@ def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, extra: list[A
         return
     stage.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(stage))
-    gen = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
-    if gen is not None and (stage / "adapter_config.json").is_file():
-        # an adapter carries the generation config it was trained for (its EOS ids: a template's
-        # turn end, data/template_export.py); a full model's save_pretrained wrote its own
-        gen.save_pretrained(str(stage))
     last = []
     for item in extra:
         before = {p.name for p in stage.iterdir()}

@@ -10,10 +10,11 @@ output directory it created (nothing half-made is left); the loss runs inside th
 forward (``FluidTrainer.run_objective``), so DDP / FSDP / DeepSpeed see it.
 
 Before anything loads, ``output_dir`` is claimed (``fluid_npu.train.output_dir``: an earlier run's
-output there is an error unless the run resumes it or ``overwrite_output_dir`` removes it) and a
-resumed checkpoint is checked against this run's settings. Every ``checkpoint-N`` also gets
-``fluid_model.json``, so a checkpoint is usable downstream like the final output (Stage II's
-``adapter_name_or_path``, ``fluid generate --adapter``, ``fluid merge``).
+output there is an error unless the run resumes it or ``overwrite_output_dir`` asks to remove it,
+which happens just before training, once every check passed) and a resumed checkpoint is checked
+against this run's settings. Every ``checkpoint-N`` also gets ``fluid_model.json`` (and an
+adapter's generation config), so a checkpoint is usable downstream like the final output (Stage
+II's ``adapter_name_or_path``, ``fluid generate --adapter``, ``fluid merge``).
 """
 
 from __future__ import annotations
@@ -216,17 +217,18 @@ class TrainingSession:
             base_model=str(self.cfg.model.model_name_or_path),
             stage=self.stage,
         )
-        # a checkpoint-N is a Stage I output too: an adapter's carries its generation config
-        # (its EOS ids: a template's turn end, data/template_export.py), as the final save does
+        # every checkpoint-N and the final output: an adapter's carry its generation config (its
+        # EOS ids: a template's turn end, data/template_export.py; a full model saves its own)
         gen = getattr(self.model, "generation_config", None)
         lora = self.cfg.fluid.finetuning_type == "lora" and gen is not None
-        trainer.checkpoint_files = [*([GenerationFile(gen)] if lora else []), meta]
+        files = [*([GenerationFile(gen)] if lora else []), meta]
+        trainer.checkpoint_files = files
         clear_earlier_run(self.cfg)  # overwrite_output_dir: only now that every check passed
         result = trainer.train(resume_from_checkpoint=self.resume)
         if trainer.eval_dataset is not None and _last_eval_step(trainer) != result.global_step:
             trainer.evaluate()  # the final weights' held-out losses, whatever eval_steps was
         figures = trainer.run_figures(requested_parallelism(self.cfg))
-        save_final(trainer, self.tokenizer, self.output_dir, [meta])
+        save_final(trainer, self.tokenizer, self.output_dir, files)
         record = {
             "stage": self.stage,
             "config": self.cfg.to_dict(),
