@@ -110,7 +110,6 @@ def test_vllm_stop_extras():
         ({"stop_token_ids": list(range(65))}, "stop_token_ids", "up to 64"),
         ({"stop_token_ids": [5], "response_format": {"type": "json_object"}}, "stop_token_ids",
          "grammar"),
-        ({"skip_special_tokens": False}, "skip_special_tokens", "never spells"),
         ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output", "boolean"),
     ]:  # fmt: skip
         err = _err(parse_chat, {"messages": USER, **body})

@@ -2,8 +2,9 @@
 return it.
 
 ``Detokenizer`` turns committed token ids into text deltas — the output's text with special tokens
-skipped — decoding only the newest tokens with a few before them as context, so a long output costs
-linear, not quadratic, time; a trailing incomplete UTF-8 character is held back; with ``stop``
+skipped (or written out: ``skip_special=False``, vLLM's ``skip_special_tokens: false``) —
+decoding only the newest tokens with a few before them as context, so a long output costs linear,
+not quadratic, time; a trailing incomplete UTF-8 character is held back; with ``stop``
 strings the text is cut before the first one (OpenAI's rule: the stop string is not returned) and
 the tail that could still become one is held back until it cannot — or, with ``include_stop``
 (vLLM's ``include_stop_str_in_output``), after the first one to be complete, nothing held back.
@@ -18,7 +19,8 @@ keeps the space that separates the completion from the prompt (``" Paris"`` afte
 not ``"Paris"``). The context also never consists of skipped special tokens alone: such a context
 spells nothing, and the space after a special token mid-output would be dropped in the same way.
 An EOS token that ends the output (``eos_ids``) is counted but never spelled, as vLLM leaves it out
-of the text — whether or not the tokenizer calls it special. ``spelled`` names special tokens that
+of the text — whether or not the tokenizer calls it special, and whether or not special tokens are
+written. ``spelled`` names special tokens that
 are written out after all (openPangu's tool-call markers, which the server's tool parser reads in
 the text), the text between them decoded as before.
 """
@@ -43,8 +45,10 @@ class Detokenizer:
         spelled: Mapping[int, str] | None = None,
         min_tokens: int = 0,
         include_stop: bool = False,
+        skip_special: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
+        self.skip_special = skip_special  # False: special tokens are written out as their text
         self.spelled = dict(spelled or {})  # special tokens written out (a tool-call marker)
         self.stop = list(stop or [])
         self.reach = max((len(s) for s in self.stop), default=1) - 1  # a stop begins this far back
@@ -122,8 +126,9 @@ class Detokenizer:
             self.ids.append(int(tok))
 
     def _decode(self, tokens: list[int]) -> str:
-        if not self.spelled or self.spelled.keys().isdisjoint(tokens):
-            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        skip = self.skip_special
+        if not skip or not self.spelled or self.spelled.keys().isdisjoint(tokens):
+            return self.tokenizer.decode(tokens, skip_special_tokens=skip)
         out, run = [], []  # the runs between spelled tokens decoded alone, the tokens written
         for tok in tokens:
             if tok in self.spelled:

@@ -3,9 +3,11 @@
 ``stop_cut`` is read on the host after each step's one device read (``step.py``), for the rows
 that asked for stop strings. A stop string is found in the text as it is returned — special
 tokens skipped, as the server's text and vLLM read it (a ``<mask>`` or ``</s>`` is no text to match
-``s>`` in) — and the tokens kept run through the one that completes it, as transformers'
-``stop_strings`` cuts. Only a window of the earlier tokens is decoded as context, counted in bytes
-of text (a token spells at least one, and one character may take several tokens); a newly
+``s>`` in), or written out where the request asks for them (``Request.skip_special``, vLLM's
+``skip_special_tokens: false``) — and the tokens kept run through the one that completes it, as
+transformers' ``stop_strings`` cuts. Only a window of the earlier tokens is decoded as context,
+counted in bytes of text (a token spells at least one, and one character may take several
+tokens); a newly
 completed stop string ends past the text the earlier tokens alone spelled — compared by common
 prefix, since a character split over tokens reads as U+FFFD until its last byte comes.
 
@@ -34,13 +36,15 @@ def stop_cut(
     stops: Sequence[str],
     context: int = 0,
     held: int = 0,
+    skip_special: bool = True,
 ) -> int | None:
     """How many of ``toks`` (this step's, after ``earlier``) to keep when one of them completes
     a string of ``stops``, else None; ``special``: the tokenizer's special ids. The first
     ``context`` tokens of ``earlier`` are the prompt's: decoded only for how the output after them
     is spelled (a SentencePiece decoder drops the leading space of a text), no stop string may
     begin in their text. The first ``held`` of ``toks`` are within the request's ``min_tokens``:
-    none of them ends the request, and a stop string must end past their text."""
+    none of them ends the request, and a stop string must end past their text. With
+    ``skip_special`` False the text spells special tokens too."""
     longest = max(len(x.encode("utf-8")) for x in stops)
     before: list[int] = []  # the last earlier tokens that spell longest + 8 of them
     spelled = 0
@@ -48,14 +52,18 @@ def stop_cut(
         if spelled >= longest + 8:
             break
         before.append(t)
-        spelled += t not in special
+        spelled += not skip_special or t not in special
     before.reverse()
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special)
+
     kept = max(0, context - (len(earlier) - len(before)))  # prompt tokens still in the window
-    floor = len(tokenizer.decode(before[:kept], skip_special_tokens=True)) if kept else 0
-    text_before = tokenizer.decode(before, skip_special_tokens=True)
-    text_held = tokenizer.decode([*before, *toks[:held]], skip_special_tokens=True) if held else ""
+    floor = len(decode(before[:kept])) if kept else 0
+    text_before = decode(before)
+    text_held = decode([*before, *toks[:held]]) if held else ""
     for n in range(held + 1, len(toks) + 1):
-        text = tokenizer.decode([*before, *toks[:n]], skip_special_tokens=True)
+        text = decode([*before, *toks[:n]])
         same = _common_prefix(text_before, text)
         least = _common_prefix(text_held, text) if held else 0  # the min_tokens text's end
         if any(text.find(x, max(floor, same - len(x) + 1, least - len(x) + 1)) >= 0 for x in stops):
@@ -110,4 +118,5 @@ class StopsMixin:
             earlier, context = [*tail, *new], len(tail)
         else:
             earlier, context = new, 0
-        return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context, held)
+        return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context, held,
+                        s.req.skip_special)  # fmt: skip

@@ -197,10 +197,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                            f"vocabulary ({vocab} tokens)", param="stop_token_ids")  # fmt: skip
         gate.capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
         # the tokens that end it: EOS (unless ignored) and vLLM's stop_token_ids, never spelled
-        # but with include_stop_str_in_output the stop tokens (vLLM writes their text then)
+        # but with include_stop_str_in_output the stop tokens (vLLM writes their text then), and
+        # the EOS too where special tokens are written (skip_special_tokens: false)
         eos = [] if s.ignore_eos else list(worker.scheduler.eos_ids)
         ends = [*eos, *(t for t in stops if t not in eos)]
-        unspelled = eos if s.include_stop else ends
+        unspelled = ends if not s.include_stop else eos if s.skip_special else []
         # a chat's reasoning apart from its answer; a grammar holds the answer (structured.py)
         split = reasoning if shapes[0].chat else None
         requests = [
@@ -258,6 +259,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             stop=tuple(s.stop),
             # reasoning apart: no stop string spans the closing marker, as the split text reads
             stop_reset=None if split is None else split.end,
+            skip_special=s.skip_special,
             grammar=grammar,
         )
 
@@ -331,10 +333,12 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             prompts = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts)
             if req.sampling.echo:  # the text as given; token ids decoded (as vLLM echoes them)
                 texts = await loop.run_in_executor(tokenizing, prompt_texts, tokenizer,
-                                                   req.prompts, prompts)  # fmt: skip
+                                                   req.prompts, prompts,
+                                                   req.sampling.skip_special)  # fmt: skip
             cid = f"cmpl-{base}"
         created = int(time.time())
-        shapes = [Shape(chat, cid, config.model_name, words, index=k, created=created)
+        shapes = [Shape(chat, cid, config.model_name, words, index=k, created=created,
+                        skip_special=req.sampling.skip_special)
                   for k in range(len(prompts) * req.sampling.n)]  # fmt: skip
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
         grammar = await compiled(req.sampling)

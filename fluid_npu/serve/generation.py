@@ -219,9 +219,14 @@ def text_reader(
 ) -> Detokenizer | ReasoningText:
     """What turns one choice's tokens into text: the reasoning apart from the answer (a chat on
     a server with a reasoning parser), else the text whole; ``s``: the request's stop strings,
-    ``min_tokens`` and ``include_stop_str_in_output``; ``eos``: the tokens counted but never
-    spelled; ``spelled``: special tokens the answer writes out (a tool parser's markers)."""
-    how = {"min_tokens": s.params["min_tokens"], "include_stop": s.include_stop}
+    ``min_tokens``, ``include_stop_str_in_output`` and ``skip_special_tokens``; ``eos``: the
+    tokens counted but never spelled; ``spelled``: special tokens the answer writes out (a tool
+    parser's markers)."""
+    how = {
+        "min_tokens": s.params["min_tokens"],
+        "include_stop": s.include_stop,
+        "skip_special": s.skip_special,
+    }
     if reasoning is not None:
         return ReasoningText(tokenizer, reasoning, s.stop, prompt, eos, spelled, **how)
     return Detokenizer(tokenizer, s.stop, prompt=prompt, eos_ids=eos, spelled=spelled, **how)
@@ -242,10 +247,14 @@ def encode_prompts(tokenizer: Any, given: list[str | list[int]]) -> list[list[in
 
 
 def prompt_texts(
-    tokenizer: Any, given: list[str | list[int]], prompts: list[list[int]]
+    tokenizer: Any,
+    given: list[str | list[int]],
+    prompts: list[list[int]],
+    skip_special: bool = True,
 ) -> list[str]:
-    """Each prompt's text: as given, or its token ids decoded (special tokens left out)."""
-    return [p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=True)
+    """Each prompt's text: as given, or its token ids decoded (special tokens left out unless
+    ``skip_special`` is False)."""
+    return [p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=skip_special)
             for p, ids in zip(given, prompts)]  # fmt: skip
 
 

@@ -20,7 +20,10 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   stop string, as the OpenAI API returns it, or after it with vLLM's
   ``include_stop_str_in_output``; vLLM's ``stop_token_ids`` end it as EOS does (the token counted,
   its text left out unless ``include_stop_str_in_output``; not with a grammar); vLLM's
-  ``skip_special_tokens`` only true (special tokens are never text here);
+  ``skip_special_tokens`` (default true: special tokens are no text; false writes them out, in
+  the text, the stop-string search, an echoed token-id prompt and ``text_offset`` — but not the
+  EOS or stop token that ends the output unless ``include_stop_str_in_output`` (as vLLM), nor a
+  reasoning parser's markers);
 * ``stream_options``: ``include_usage``, OpenAI's ``include_obfuscation`` (accepted; no padding
   is added) and vLLM's ``continuous_usage_stats`` (every chunk carries its choice's usage so far;
   it turns ``include_usage`` on where left out);
@@ -147,7 +150,7 @@ class _Common(_Strict, StructuredFields):
     priority: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX)
     include_stop_str_in_output: bool | None = None  # vLLM's: the text keeps the stop string
     stop_token_ids: list[int] | None = None  # vLLM's: more tokens that end the request as EOS
-    skip_special_tokens: bool | None = None  # vLLM's: true (special tokens are never text here)
+    skip_special_tokens: bool | None = None  # vLLM's: false writes special tokens in the text
 
 
 class _Rendering(_Strict):
@@ -192,6 +195,7 @@ class Sampling:
     ignore_eos: bool | None = None
     stop_token_ids: tuple[int, ...] = ()  # end the request as EOS does (not spelled)
     include_stop: bool = False  # the text keeps the stop string (or stop token) that ended it
+    skip_special: bool = True  # special tokens are no text (False: written out, vLLM's)
     model: str | None = None
     max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
     echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
@@ -340,12 +344,6 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options is only allowed with stream: true", param="stream_options")
     include_usage, continuous = _usage_options(body.stream_options)
-    if body.skip_special_tokens is False:
-        raise APIError(
-            "skip_special_tokens=false is not supported: this server's text never spells special "
-            "tokens; send true or leave it out",
-            param="skip_special_tokens",
-        )
     constraint = body_constraint(body)
     stop_ids = _stop_token_ids(body.stop_token_ids, constraint)
     params = {  # None: left out, for the server's defaults (SamplingDefaults)
@@ -376,6 +374,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         ignore_eos=bool(body.ignore_eos),
         stop_token_ids=stop_ids,
         include_stop=bool(body.include_stop_str_in_output),
+        skip_special=body.skip_special_tokens is not False,
         model=body.model,
         n=body.n or 1,
         priority=body.priority or 0,

@@ -126,9 +126,11 @@ class ReasoningText:
         spelled: Mapping[int, str] | None = None,
         min_tokens: int = 0,
         include_stop: bool = False,
+        skip_special: bool = True,
     ) -> None:
         self.tokenizer, self.parser, self.stop, self.eos = tokenizer, parser, stop, eos_ids
         self.min_tokens, self.include_stop = min_tokens, include_stop  # (each part's, as one)
+        self.skip_special = skip_special  # (the markers are never written either way)
         self.spelled = spelled  # special tokens the answer writes out (tool-call markers)
         self.tail = list(prompt[-PROMPT_CONTEXT:])
         self.thinking = parser.opened(prompt)  # reasoning until the closing marker
@@ -184,7 +186,7 @@ class ReasoningText:
         spelled = None if self.thinking else self.spelled
         least = max(0, self.min_tokens - self.done)  # (the output's tokens before this part)
         return Detokenizer(self.tokenizer, self.stop, context, self.eos, spelled, least,
-                           self.include_stop)  # fmt: skip
+                           self.include_stop, self.skip_special)  # fmt: skip
 
     def _feed(self, run: list[int]) -> str:
         """Feed a run of one part's tokens; the answer's text (the reasoning's is kept)."""

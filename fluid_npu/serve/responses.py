@@ -15,7 +15,8 @@ OpenAI's "up to logprobs + 1", as vLLM writes them; with ``logprobs: 0`` the tok
 ``content`` list of ``{token, logprob, bytes, top_logprobs}`` (the alternatives alone). A token's
 text and bytes are its own (``text.TokenText``: part of a multi-byte character is ``bytes:\\xNN``,
 and the bytes of consecutive tokens join into the text); ``text_offset`` counts characters of the
-returned text (special tokens, which it leaves out, take none). A log-probability that is not finite
+returned text (special tokens, which it leaves out, take none — unless the request's
+``skip_special_tokens`` is false). A log-probability that is not finite
 is written as ``-9999.0`` (JSON has no infinities). With ``echo`` the prompt's tokens come first,
 the first of them with a null log-probability (nothing predicts it), as vLLM writes it.
 
@@ -74,8 +75,10 @@ class Shape:
         tokens: TokenText | None = None,
         index: int = 0,
         created: int | None = None,
+        skip_special: bool = True,
     ) -> None:
         self.chat = chat
+        self.skip_special = skip_special  # whether the returned text leaves special tokens out
         self.id = request_id
         self.model = model
         self.tokens = tokens  # the text and bytes of log-probability tokens
@@ -121,7 +124,7 @@ class Shape:
                 self.offset, self.strip = self.echo[1], self.echo[2]
             self._entries += 1
             offsets.append(self.offset)
-            if tok not in words.special:  # the returned text skips special tokens
+            if not self.skip_special or tok not in words.special:  # (the text's characters)
                 piece = self._chars.decode(words.bytes(tok))
                 while self.strip and piece:  # the spaces the decoder drops at the start
                     self.strip = self.strip - 1 if piece[0] == " " else 0
