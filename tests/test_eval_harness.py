@@ -16,6 +16,8 @@ pytest.importorskip("lm_eval")
 
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import postprocess_generated_text
 from lm_eval.tasks import TaskManager
 from test_eval import ROWS, bigram_model, write_jsonl
 
@@ -93,10 +95,67 @@ def test_generate_until_equals_the_sampler(random_lm, tok):
         ids = torch.tensor([encode_text(tok, context)])
         out = generate(random_lm.fluid.model, tok, ids, policy="fixed:3", max_new_tokens=10)
         full = tok.decode(out.new_tokens[0], skip_special_tokens=True)
-        assert text == cut_at_stop(full, ["\n\n", "e"])
+        assert text == postprocess_generated_text(full, ["\n\n", "e"], None)
     assert random_lm.generation_stats.total_new_tokens > 0
     with pytest.raises(ConfigError, match="decodes greedily"):
         random_lm.generate_until([request("generate_until", "a", {"do_sample": True})])
+    for kwargs, words in [({"num_beams": 4}, "num_beams=4"), ({"max_length": 9}, "max_gen_toks"),
+                          ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size=2")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=words):
+            random_lm.generate_until([request("generate_until", "a", kwargs)])
+
+
+def test_generate_until_is_lm_evals_hf_model(random_lm, tok):
+    """The same texts as lm-eval's own ``hf`` model on the same weights: its reading of the
+    generation kwargs (aliases, ``do_sample: false`` with a temperature, repetition_penalty,
+    min_new_tokens) and its cut at ``until`` strings in the order given (overlapping ones included,
+    where cutting at the earliest would keep less)."""
+    hf = HFLM(pretrained=random_lm.fluid.model, tokenizer=tok, batch_size=1, device="cpu")
+    contexts = ["Question: What is 2+2?\nAnswer:", "Hello", "Question: a\nAnswer:"]
+    free = {"until": [], "max_gen_toks": 12}
+    texts = random_lm.generate_until([request("generate_until", c, free) for c in contexts])
+    # two strings ending at the same character, the second starting first (as "2" and " 2"): at
+    # each text's first place where both occur first (found on the text itself)
+    at = [next(i for i in range(len(t) - 1) if t.find(t[i + 1]) == i + 1
+               and t.find(t[i : i + 2]) == i) for t in texts]  # fmt: skip
+    reqs = [request("generate_until", c, {"until": [t[i + 1], t[i : i + 2]], "max_gen_toks": 12})
+            for c, t, i in zip(contexts, texts, at)]  # fmt: skip
+    for kwargs in ({"max_new_tokens": 5}, {"do_sample": False, "temperature": 0.7},
+                   {"repetition_penalty": 1.5, "max_gen_toks": 12, "top_p": 0.9},
+                   {"min_new_tokens": 8, "max_gen_toks": 12}):  # fmt: skip
+        reqs += [request("generate_until", c, kwargs) for c in contexts]
+    ours = random_lm.generate_until(reqs)
+    assert ours == hf.generate_until(reqs)
+    # lm-eval cuts at the first string, after which the second no longer occurs: one character
+    # more than a cut at the earliest string keeps
+    assert ours[:3] == [t[: i + 1] for t, i in zip(texts, at)]
+    assert all(cut_at_stop(t, r.args[1]["until"]) == t[:i] for t, r, i in zip(texts, reqs, at))
+
+
+def test_prompts_and_scores_are_lm_evals_hf_models(random_lm, tok):
+    """As lm-eval's ``hf`` model: an empty context before a continuation that starts with the
+    prefix token takes that token as its context; a chat without a generation prompt leaves the
+    last turn open (a task's ``gen_prefix``); a template that refuses system turns gets the chat
+    without them; ``max_gen_toks`` must leave room for a prompt."""
+    hf = HFLM(pretrained=random_lm.fluid.model, tokenizer=tok, batch_size=1, device="cpu")
+    reqs = [request("loglikelihood", "", f"{tok.bos_token}x y"), request("loglikelihood", "", "x")]
+    ours, theirs = random_lm.loglikelihood(reqs), hf.loglikelihood(reqs)
+    assert [s for s, _ in ours] == pytest.approx([s for s, _ in theirs], abs=1e-4)
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "capital?"},
+            {"role": "assistant", "content": "It is"}]  # fmt: skip
+    for prompt in (True, False):
+        assert random_lm.apply_chat_template(chat, prompt) == hf.apply_chat_template(chat, prompt)
+    assert random_lm.apply_chat_template(chat, False).endswith("It is")
+    strict = build_tiny_tokenizer(mask_token=True)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+        "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    lm = FluidLM(fluid=FluidForCausalLM(random_lm.fluid.model, strict, tok.mask_token_id))
+    assert lm.apply_chat_template(chat) == "user: capital?\nassistant: It is\n"
+    lm.max_length = 12
+    with pytest.raises(ConfigError, match="max_gen_toks 12 leaves no room"):
+        lm.generate_until([request("generate_until", "a", {"max_gen_toks": 12})])
 
 
 def test_a_chat_rendering_that_writes_its_bos_is_read_with_one():
@@ -198,7 +257,8 @@ def test_lm_eval_command_line_knows_the_fluid_model():
         "import sys; sys.argv = ['lm-eval', '--help']\n"
         "from lm_eval.api.registry import get_model\n"
         "try:\n    import fluid_npu.eval.__main__\nexcept SystemExit:\n    pass\n"
-        "print(get_model('fluid').__name__)"
+        "print(get_model('hf').__name__, get_model('fluid').__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "run" in out.stdout and out.stdout.strip().endswith("FluidLM")
+    # lm-eval's own models stay known beside it (its registry fills itself only while empty)
+    assert "run" in out.stdout and out.stdout.strip().endswith("HFLM FluidLM")

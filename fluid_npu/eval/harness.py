@@ -18,14 +18,24 @@ directory), ``adapter``, ``khead``, ``policy`` (default ``khead`` with a K-head,
 ``--no-adaptive-drafting``, ``--no-enable-prefix-caching``); an unknown one is a
 ``ConfigError``. A loaded ``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
 
-* ``generate_until``: greedy and lossless (the sampler's contract), ``until`` strings cut the text,
-  ``max_gen_toks`` bounds it; a request to sample is a ``ConfigError``. Prompts are rendered like
-  ``fluid eval``'s (the ``empty`` template) and decoded in batches of ``batch_size``; the calls'
-  statistics (TPF, K histogram) accumulate in ``generation_stats``.
+* ``generate_until``: greedy and lossless (the sampler's contract). The request's generation
+  kwargs are read as lm-eval's ``hf`` model reads them (``normalize_gen_kwargs``: ``max_gen_toks``
+  or its aliases ``max_new_tokens`` / ``max_tokens`` / ``max_completion_tokens``; ``do_sample:
+  false`` is greedy whatever the temperature); decoding ends at the first ``until`` string, and
+  the text is cut as ``hf`` cuts it (``postprocess_generated_text``: at each string in the order
+  given). ``repetition_penalty`` and ``min_new_tokens`` apply as in transformers; ``top_p`` /
+  ``top_k`` / ``min_p`` / ``typical_p`` change nothing in greedy decoding (transformers ignores
+  them too); any other setting, and a request to sample, is a ``ConfigError`` naming it.
+  Prompts are rendered like ``fluid eval``'s (the ``empty`` template) and decoded in batches of
+  ``batch_size``; the calls' statistics (TPF, K histogram) accumulate in ``generation_stats``.
 * ``loglikelihood`` / ``loglikelihood_rolling``: one plain forward of the model (right-padded
   batches), as lm-eval's ``hf`` model scores them: the context's trailing spaces move to the
-  continuation, an empty context is the BOS (else EOS) token, long inputs keep their last
-  ``max_length`` tokens, and rolling windows come from lm-eval's own ``get_rolling_token_windows``.
+  continuation, an empty context is the BOS (else EOS) token — the continuation's own first token
+  where it is that one — long inputs keep their last ``max_length`` tokens, and rolling windows
+  come from lm-eval's own ``get_rolling_token_windows``.
+* ``apply_chat_template`` (``--apply_chat_template``) renders as ``hf`` does: without a generation
+  prompt the last turn stays open (a task's ``gen_prefix``), and a template that refuses a system
+  turn gets the conversation without it.
 
 lm-eval is the ``eval`` extra; without it importing this module raises a ``ConfigError`` saying
 how to install it, and nothing else in ``fluid_npu`` imports it.
@@ -43,8 +53,12 @@ import torch
 from fluid_npu.errors import ConfigError
 
 try:
+    # lm-eval's own models first: its registry imports them only while it is empty, so a model
+    # registered before that would leave hf, vllm, ... unknown in this process
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 except ImportError as _exc:  # the harness was asked for without the eval extra
     raise ConfigError(
         f"the lm-eval model type `fluid` needs lm-evaluation-harness ({_exc}); "
@@ -56,6 +70,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 8  # for batch_size=auto
 TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 DEFAULT_MAX_GEN_TOKS = 256
+# generation kwargs: applied as transformers applies them; ignored by greedy decoding (as in
+# transformers without do_sample); at their neutral value only
+APPLIED = ("repetition_penalty", "min_new_tokens")
+GREEDY_IGNORES = ("temperature", "top_p", "top_k", "min_p", "typical_p")
+NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True}
 
 
 def _device(device: str | None) -> torch.device:
@@ -171,9 +190,26 @@ class FluidLM(LM):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        """The conversation as the tokenizer's chat template writes it, as lm-eval's ``hf`` model
+        renders it: without a generation prompt the last (assistant) turn is left open (a task's
+        ``gen_prefix``), and a template that refuses a system turn gets the turns without it."""
+        from jinja2.exceptions import TemplateError
+
+        def render(turns: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(
+                turns,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt,
+            )
+
+        try:
+            return render(chat_history)
+        except TemplateError:
+            logger.warning(
+                "the chat template refused the conversation; trying without system turns"
+            )
+            return render([turn for turn in chat_history if turn["role"] != "system"])
 
     @property
     def prefix_token_id(self) -> int:
@@ -200,6 +236,8 @@ class FluidLM(LM):
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         if not context:  # scored after the prefix token alone: no BOS of the template's own
             cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            if cont and cont[0] == self.prefix_token_id:  # it starts with it: that is the context
+                return cont[:1], cont[1:]
             return [self.prefix_token_id], cont
         ctx = self._encode(context)
         whole = self._encode(context + continuation)
@@ -270,7 +308,6 @@ class FluidLM(LM):
     # ------------------------------------------------------------------ generation
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        from fluid_npu.eval.tasks import cut_at_stop
         from fluid_npu.sampling.api import eos_and_pad
         from fluid_npu.sampling.bench import decode_batches, split_batches
 
@@ -280,10 +317,15 @@ class FluidLM(LM):
         _, pad = eos_and_pad(self.fluid.model, pad=self.tokenizer.pad_token_id)
         out: list[str] = [""] * len(requests)
         for indices in groups.values():
-            until, max_gen = self._generation_settings(requests[indices[0]].args[1])
-            keep = max(1, self.max_length - max_gen)
+            until, max_gen, applied = self._generation_settings(requests[indices[0]].args[1])
+            keep = self.max_length - max_gen
+            if keep < 1:
+                raise ConfigError(
+                    f"max_gen_toks {max_gen} leaves no room for the prompt in max_length "
+                    f"{self.max_length}; lower max_gen_toks or raise max_length"
+                )
             prompts = [self._encode(requests[i].args[0])[-keep:] for i in indices]
-            kwargs = dict(self.gen_kwargs)
+            kwargs = {**self.gen_kwargs, **applied}
             if until:  # decoding ends at lm-eval's stop sequences (``decode_batches``)
                 kwargs["stop_strings"] = list(until)
                 kwargs["stop_in_prompt"] = False  # lm-eval matches in the continuation only
@@ -298,21 +340,42 @@ class FluidLM(LM):
             )
             self._stats += stats
             for i, tokens in zip(indices, new):
-                text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), until)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                text = postprocess_generated_text(text, until, None)  # as lm-eval's hf cuts it
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
 
-    def _generation_settings(self, kwargs: dict[str, Any]) -> tuple[list[str], int]:
-        kwargs = dict(kwargs or {})
-        if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+    def _generation_settings(
+        self, given: dict[str, Any] | None
+    ) -> tuple[list[str], int, dict[str, Any]]:
+        """A request's ``until`` strings, token budget and the settings the sampler applies."""
+        kwargs = dict(normalize_gen_kwargs(dict(given or {}), self.max_gen_toks))
+        if kwargs.pop("do_sample", False):
             raise ConfigError(
                 "the fluid model decodes greedily (lossless elastic decoding); set the task's "
                 "generation_kwargs to do_sample: false, temperature: 0"
             )
-        until = kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        return until, int(kwargs.get("max_gen_toks", self.max_gen_toks))
+        until = [str(u) for u in kwargs.pop("until") or []]
+        max_gen = int(kwargs.pop("max_gen_toks"))
+        applied = {name: kwargs.pop(name) for name in APPLIED if name in kwargs}
+        for name in GREEDY_IGNORES:
+            kwargs.pop(name, None)
+        for name, neutral in NEUTRAL.items():
+            if kwargs.get(name, neutral) == neutral:
+                kwargs.pop(name, None)
+        if "max_length" in kwargs:
+            raise ConfigError(
+                "generation_kwargs max_length (prompt + generation) is not read by the fluid "
+                "model; bound the generation with max_gen_toks"
+            )
+        if kwargs:
+            raise ConfigError(
+                f"generation_kwargs {', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))}: "
+                "the fluid model does not do these; it takes until, max_gen_toks (or "
+                "max_new_tokens), do_sample: false, repetition_penalty and min_new_tokens"
+            )
+        return until, max_gen, applied
 
 
 def main() -> None:
