@@ -20,9 +20,9 @@ not ``"Paris"``). The context also never consists of skipped special tokens alon
 spells nothing, and the space after a special token mid-output would be dropped in the same way.
 An EOS token that ends the output (``eos_ids``) is counted but never spelled, as vLLM leaves it out
 of the text — whether or not the tokenizer calls it special, and whether or not special tokens are
-written. ``spelled`` names special tokens that
-are written out after all (openPangu's tool-call markers, which the server's tool parser reads in
-the text), the text between them decoded as before.
+written. ``spelled`` names special tokens that are written out after all (openPangu's tool-call
+markers, which the server's tool parser reads in the text), the text between them decoded as
+before.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ class Request:
     # a token no stop string spans: the search starts afresh after it (a reasoning parser's
     # closing marker, so the engine ends where the server's split text finds a stop)
     stop_reset: int | None = None
-    # whether the text stop strings are found in skips special tokens (True, as the server's text
-    # reads by default) or writes them out (vLLM's skip_special_tokens: false)
+    # the text stop strings are searched in: special tokens skipped (True, the server's default
+    # text) or written out (False: vLLM's skip_special_tokens: false)
     skip_special: bool = True
     # structured output (grammar.py): every token follows this grammar, which ends with EOS ...
     grammar: Grammar | None = None

@@ -7,9 +7,9 @@ tokens skipped, as the server's text and vLLM read it (a ``<mask>`` or ``</s>`` 
 ``skip_special_tokens: false``) — and the tokens kept run through the one that completes it, as
 transformers' ``stop_strings`` cuts. Only a window of the earlier tokens is decoded as context,
 counted in bytes of text (a token spells at least one, and one character may take several
-tokens); a newly
-completed stop string ends past the text the earlier tokens alone spelled — compared by common
-prefix, since a character split over tokens reads as U+FFFD until its last byte comes.
+tokens); a newly completed stop string ends past the text the earlier tokens alone spelled —
+compared by common prefix, since a character split over tokens reads as U+FFFD until its last
+byte comes.
 
 A request's ``min_tokens`` holds stop strings back as vLLM does (its detokenizer's check, vLLM
 #22014): no step's tokens are searched until the output is longer than ``min_tokens``, and a match

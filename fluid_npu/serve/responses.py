@@ -16,9 +16,9 @@ OpenAI's "up to logprobs + 1", as vLLM writes them; with ``logprobs: 0`` the tok
 text and bytes are its own (``text.TokenText``: part of a multi-byte character is ``bytes:\\xNN``,
 and the bytes of consecutive tokens join into the text); ``text_offset`` counts characters of the
 returned text (special tokens, which it leaves out, take none — unless the request's
-``skip_special_tokens`` is false). A log-probability that is not finite
-is written as ``-9999.0`` (JSON has no infinities). With ``echo`` the prompt's tokens come first,
-the first of them with a null log-probability (nothing predicts it), as vLLM writes it.
+``skip_special_tokens`` is false). A log-probability that is not finite is written as ``-9999.0``
+(JSON has no infinities). With ``echo`` the prompt's tokens come first, the first of them with a
+null log-probability (nothing predicts it), as vLLM writes it.
 
 A completions request with several prompts has one ``Shape`` per prompt (its choice's ``index``,
 its own text offsets), all under one id.
