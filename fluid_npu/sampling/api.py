@@ -187,9 +187,10 @@ def generate(
         raise PromptError("no prompts given")
     check_context(model, [len(p) for p in prompts], max_new_tokens, pol.block_len)
     vocab = model.get_input_embeddings().weight.shape[0]
-    for row, p in enumerate(prompts):
-        if int(p.min()) < 0 or int(p.max()) >= vocab:
-            raise PromptError(f"prompt {row}: token ids must lie in [0, {vocab}) (the vocabulary)")
+    flat = torch.cat(prompts)
+    if bool(((flat < 0) | (flat >= vocab)).any()):  # (one device read; the row only on a failure)
+        row = next(r for r, p in enumerate(prompts) if int(p.min()) < 0 or int(p.max()) >= vocab)
+        raise PromptError(f"prompt {row}: token ids must lie in [0, {vocab}) (the vocabulary)")
     stats = GenerateStats(policy=pol.name, loop=loop, batch_size=len(prompts))
     dev = next(model.parameters()).device
     if khead is not None:
