@@ -254,7 +254,10 @@ def _owner_of() -> dict[str, str]:
 
 
 def _training_argument_fields() -> dict[str, dataclasses.Field]:
-    from transformers import TrainingArguments
+    from fluid_npu.model.adapters import quiet_peft
+
+    with quiet_peft():  # (transformers' training_args imports peft, peft bitsandbytes)
+        from transformers import TrainingArguments
 
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
 

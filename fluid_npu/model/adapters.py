@@ -66,7 +66,8 @@ def apply_lora(
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_token_ids or None,
     )
-    return get_peft_model(model, config)
+    with quiet_peft():
+        return get_peft_model(model, config)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def load_fluid(
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             init_new_rows(model, n_old)
         try:
-            with _quiet_peft():
+            with quiet_peft():
                 from peft import PeftModel
 
                 model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
@@ -171,11 +172,12 @@ def load_fluid(
 
 
 @contextmanager
-def _quiet_peft() -> Iterator[None]:
+def quiet_peft() -> Iterator[None]:
     """Loading an adapter for use without two third-party notices on every load: importing peft
     imports bitsandbytes (when installed), which logs that its optional 4-bit CPU kernels are
     missing (only QLoRA training, ``quantization_bit``, uses them), and peft reads transformers'
-    deprecated ``is_gradient_checkpointing`` (a FutureWarning). Anything else still shows."""
+    deprecated ``is_gradient_checkpointing`` (a FutureWarning). Anything else still shows. Also
+    around the first import of ``TrainingArguments`` (``config``), which imports peft."""
     log = logging.getLogger("bitsandbytes")
     level = log.level
     log.setLevel(max(level, logging.ERROR))
