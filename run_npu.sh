@@ -116,8 +116,16 @@ case "$cmd" in
     exec "$PY" -m fluid_npu.cli demo "$@"
     ;;
   test)
+    # pytest-xdist (in the dev extra): one worker per core up to 4, each test file kept on one
+    # worker in its own order (--dist loadfile); a later `-n 0` in the arguments runs serially
+    workers=()
+    if "$PY" -c "import xdist" >/dev/null 2>&1; then
+      cores="$(nproc 2>/dev/null || echo 1)"
+      [ "$cores" -gt 4 ] && cores=4
+      [ "$cores" -ge 2 ] && workers=(-n "$cores" --dist loadfile)
+    fi
     set +e
-    "$PY" -m pytest tests "$@"
+    "$PY" -m pytest tests "${workers[@]}" "$@"
     rc=$?
     [ "$rc" = 5 ] && { log "error: pytest collected no tests"; exit 1; }
     exit "$rc"

@@ -64,7 +64,17 @@ setup(
         # everything the test suite exercises (triton is installed by run_npu.sh except on Ascend,
         # where triton-ascend provides it); the openai client drives the live server tests
         "dev": sorted(
-            {"pytest>=8", "ruff>=0.6", "openai>=1.40", *DEEPSPEED, *QLORA, *EVAL, *REAL, *SERVE}
+            {
+                "pytest>=8",
+                "pytest-xdist>=3.5",  # run_npu.sh test: one worker per core, up to 4
+                "ruff>=0.6",
+                "openai>=1.40",
+                *DEEPSPEED,
+                *QLORA,
+                *EVAL,
+                *REAL,
+                *SERVE,
+            }
         ),
     },
     entry_points={"console_scripts": ["fluid=fluid_npu.cli:main"]},

@@ -78,8 +78,10 @@ def test_client_disconnect_aborts_the_request():
         _until(lambda: worker.outstanding == 0, "the slot to be free")
 
         sched.gate.clear()  # a non-streamed request whose client gives up while it waits
+        # (long enough that its abort, however late the server sees the client go, comes first)
+        body = {"prompt": "x", "max_tokens": 500, "ignore_eos": True}
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=0.5)
+            httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
         sched.gate.set()
         _until(lambda: len(sched.aborted) == 2, "the abort of the non-streamed request")
         assert (
@@ -100,7 +102,7 @@ def test_a_disconnect_aborts_every_prompt_of_a_request():
         _until(lambda: len(sched.aborted) == 3, "the abort of all three prompts")
         _until(lambda: worker.outstanding == 0, "the slots to be free")
         sched.gate.clear()  # not streamed: the client gives up while they wait
-        body = {"prompt": ["x", "y"], "max_tokens": 5}
+        body = {"prompt": ["x", "y"], "max_tokens": 500, "ignore_eos": True}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
         sched.gate.set()
