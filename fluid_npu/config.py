@@ -223,6 +223,7 @@ class FluidConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
     extra_training_args: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
+    given: frozenset[str] = frozenset()  # the keys the recipe and overrides set (not defaults)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat key → value mapping (what a YAML for this run would hold)."""
@@ -378,14 +379,20 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
     except TypeError as exc:  # pragma: no cover - keys were checked above
         raise ConfigError(str(exc)) from None
     groups["data"].seed = groups["train"].seed
-    if groups["fluid"].stage == "fluid_stage1" and groups["model"].adapter_name_or_path:
-        raise ConfigError(
-            "adapter_name_or_path is Stage II's (the Stage I adapter the K-head is trained on); "
-            "Stage I trains a new adapter on model_name_or_path: to continue a Stage I run use "
-            "resume_from_checkpoint, to build on a finished adapter merge it first (fluid merge) "
-            "and give the merged model as model_name_or_path"
-        )
-    return FluidConfig(**groups, extra_training_args=extra, source=source)
+    adapter = groups["model"].adapter_name_or_path
+    if groups["fluid"].stage == "fluid_stage1" and adapter:
+        if groups["fluid"].finetuning_type != "lora":
+            raise ConfigError(
+                "adapter_name_or_path continues a Stage I LoRA adapter (finetuning_type: lora); "
+                "for full fine-tuning merge it first (fluid merge) and give the merged model as "
+                "model_name_or_path"
+            )
+        if "," in adapter:
+            raise ConfigError(
+                f"adapter_name_or_path {adapter!r} lists several adapters; Stage I continues one "
+                "(merge the others into the base first: fluid merge)"
+            )
+    return FluidConfig(**groups, extra_training_args=extra, source=source, given=frozenset(values))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FluidConfig:

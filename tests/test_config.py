@@ -115,7 +115,8 @@ def test_overrides_apply_and_parse_yaml_scalars(tmp_path):
         ({"loss_reduction": "pooles"}, "did you mean 'pooled'"),
         ({"lora_dropout": 1.5}, "lora_dropout must be in [0, 1)"),
         ({"warmup_ratio": 1.0}, "warmup_ratio must be in [0, 1)"),
-        ({"adapter_name_or_path": "prev"}, "adapter_name_or_path is Stage II's"),
+        ({"adapter_name_or_path": "prev", "finetuning_type": "full"}, "continues a Stage I LoRA"),
+        ({"adapter_name_or_path": "a,b"}, "lists several adapters; Stage I continues one"),
         ({"overwrite_output_dir": "maybe"}, "overwrite_output_dir: expected bool"),
     ],
 )

@@ -33,7 +33,7 @@ from fluid_npu.data.template_export import fit_tokenizer
 from fluid_npu.data.templates import get_template
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
-from fluid_npu.model.adapters import FluidModelMeta, apply_lora
+from fluid_npu.model.adapters import FluidModelMeta, apply_lora, quiet_peft
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.fused_layers import apply_npu_fused_layers, enable_mindspeed
 from fluid_npu.model.loading import (
@@ -44,13 +44,14 @@ from fluid_npu.model.loading import (
     quantization_config,
 )
 from fluid_npu.model.loading import load_config as load_model_config
-from fluid_npu.model.mask_token import resolve_mask_token
+from fluid_npu.model.mask_token import init_new_rows, resolve_mask_token
 from fluid_npu.train.common import (
     FluidTrainer,
     requested_parallelism,
     save_final,
     training_arguments,
 )
+from fluid_npu.train.continued import ContinuedAdapter, continued_adapter
 from fluid_npu.train.data import load_run_data
 from fluid_npu.train.output_dir import check_resume, clear_earlier_run, prepare_run_dir
 from fluid_npu.train.precision import device_choice, resolve_precision
@@ -73,6 +74,13 @@ class TrainingSession:
         self.precision = resolve_precision(cfg.train, self.choice)
         self.quantization = self._quantization()
         self.mindspeed = enable_mindspeed() if cfg.model.use_mindspeed else None
+        self.parent = continued_adapter(cfg) if stage == "fluid_stage1" else None
+        if self.parent is not None and _zero3(self.args):
+            raise ConfigError(
+                "continuing an adapter (adapter_name_or_path) under DeepSpeed ZeRO-3 is not "
+                "supported: its weights would load into partitioned parameters; continue under "
+                "DDP, FSDP or ZeRO-2, or merge it (fluid merge) and train a new adapter"
+            )
         f = cfg.fluid
         rank = f.lora_rank if f.finetuning_type == "lora" else None
         settings = {"stage": stage, "finetuning_type": f.finetuning_type, "lora_rank": rank}
@@ -105,8 +113,10 @@ class TrainingSession:
             )
         except CheckpointError as exc:  # transformers' text spans lines; the CLI prints one
             raise CheckpointError(" ".join(str(exc).split())) from None
-        self.tokenizer = load_tokenizer(
-            cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code
+        parent = self.parent
+        self.tokenizer = load_tokenizer(  # a continued adapter's: its MASK token and template
+            parent.path if parent else cfg.model.model_name_or_path,
+            trust_remote_code=cfg.model.trust_remote_code,
         )
         base = load_model(
             cfg.model.model_name_or_path,
@@ -119,9 +129,19 @@ class TrainingSession:
         self.base_fingerprint = fingerprint(base, checkpoint=cfg.model.model_name_or_path)
         # num_embeddings, not weight.shape: under ZeRO-3 the weight is this process's partition
         self.base_vocab_size = int(base.get_input_embeddings().num_embeddings)
+        if parent is not None:
+            self._fit_parent(base, parent)
         self.mask = resolve_mask_token(
-            self.tokenizer, base, configured=cfg.model.mask_token, allow_new=True
+            self.tokenizer,
+            base,
+            configured=parent.meta.mask_token if parent else cfg.model.mask_token,
+            allow_new=True,
         )
+        if parent is not None and self.mask.id != parent.meta.mask_id:
+            raise CheckpointError(
+                f"the adapter in {parent.path} trained with MASK {parent.meta.mask_token!r} as id "
+                f"{parent.meta.mask_id}, but its tokenizer gives id {self.mask.id}"
+            )
         self.data = self._load_data()
         # the template's turn end as EOS, the template as the chat template (template_export.py)
         fit_tokenizer(get_template(cfg.data.template, self.tokenizer), self.tokenizer, base)
@@ -133,6 +153,26 @@ class TrainingSession:
         self.model = self._trainable(base)
         self.precision.cast_trainable(self.model)
         self.precision_record = self.precision.observe(self.model)
+
+    def _fit_parent(self, base: PreTrainedModel, parent: ContinuedAdapter) -> None:
+        """The base as the continued adapter was trained on it: the same fingerprint and
+        vocabulary, then the adapter's added MASK row (rebuilt as Stage I made it; the adapter
+        holds its trained delta)."""
+        where = f"the adapter in {parent.path}"
+        if parent.meta.base_fingerprint != self.base_fingerprint:
+            raise CheckpointError(
+                f"{where} was trained on another base model (fingerprint "
+                f"{parent.meta.base_fingerprint}, this base is {self.base_fingerprint}); give the "
+                "base it was trained on as model_name_or_path"
+            )
+        if parent.meta.vocab_size != self.base_vocab_size:
+            raise CheckpointError(
+                f"{where} was trained on a base of {parent.meta.vocab_size} tokens, this one has "
+                f"{self.base_vocab_size}"
+            )
+        if len(self.tokenizer) > self.base_vocab_size:
+            base.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+            init_new_rows(base, self.base_vocab_size)
 
     def _quantization(self) -> Any:
         """QLoRA's ``BitsAndBytesConfig`` for ``quantization_bit``, or None (checked up front)."""
@@ -161,6 +201,14 @@ class TrainingSession:
         if f.finetuning_type == "full":
             model.train()
             return model
+        if self.parent is not None:  # its own LoRA settings and trainable MASK row
+            from peft import PeftModel
+
+            with quiet_peft():
+                peft_model = PeftModel.from_pretrained(
+                    model, str(self.parent.path), is_trainable=True
+                )
+            return self._ready(peft_model)
         tokens = [self.mask.id] if (f.train_mask_embedding or self.mask.source == "added") else None
         peft_model = apply_lora(
             model,
@@ -170,6 +218,9 @@ class TrainingSession:
             target=f.lora_target,
             trainable_token_ids=tokens,
         )
+        return self._ready(peft_model)
+
+    def _ready(self, peft_model: Any) -> Any:
         if self.cfg.train.gradient_checkpointing:
             peft_model.enable_input_require_grads()
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -281,3 +332,9 @@ class GenerationFile:
 
     def save(self, directory: str | Path) -> None:
         self.config.save_pretrained(str(directory))
+
+
+def _zero3(args: Any) -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(getattr(args, "deepspeed", None)) and is_deepspeed_zero3_enabled()

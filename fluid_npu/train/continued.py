@@ -1,0 +1,93 @@
+"""Stage I continued from a finished Stage I LoRA adapter (``adapter_name_or_path``).
+
+As LLaMA-Factory continues an adapter named in a LoRA run, the adapter's weights load trainable
+(its MASK-row deltas included) and training goes on from them with a new optimizer and schedule;
+``resume_from_checkpoint`` is what continues an interrupted run exactly. The adapter keeps its own
+LoRA settings and MASK token: a recipe key that sets another value is an error naming both, and an
+unset one takes the adapter's (so ``run.json`` records what ran). The adapter's tokenizer (MASK
+token, template) is the run's, and the base must be the one it was trained on (its fingerprint).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fluid_npu.config import FluidConfig
+from fluid_npu.errors import CheckpointError, ConfigError
+from fluid_npu.model.adapters import FluidModelMeta
+
+
+@dataclass(frozen=True)
+class ContinuedAdapter:
+    """The Stage I adapter a run continues: its directory and what it was trained with."""
+
+    path: Path
+    meta: FluidModelMeta
+    lora: dict[str, Any]  # adapter_config.json
+
+
+def continued_adapter(cfg: FluidConfig) -> ContinuedAdapter | None:
+    """The adapter a Stage I run continues (None without ``adapter_name_or_path``), checked, with
+    ``cfg``'s LoRA keys set to the adapter's; every disagreement is one ``ConfigError``."""
+    if not cfg.model.adapter_name_or_path:
+        return None
+    path = Path(cfg.model.adapter_name_or_path)
+    what = (
+        "adapter_name_or_path continues a Stage I adapter: give a Stage I output_dir (LoRA) or "
+        "one of its checkpoint-N directories"
+    )
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path} is not a LoRA adapter directory (no adapter_config.json); "
+                              f"{what}")  # fmt: skip
+    meta = FluidModelMeta.load(path)
+    if meta is None or meta.stage != "fluid_stage1":
+        found = "no fluid_model.json" if meta is None else f"its stage is {meta.stage}"
+        raise CheckpointError(f"{path} is not a Stage I output ({found}); {what}")
+    if cfg.train.output_dir and Path(cfg.train.output_dir).resolve() == path.resolve():
+        raise ConfigError(
+            f"output_dir {cfg.train.output_dir!r} is the adapter being continued; write the "
+            "continued adapter to another output_dir"
+        )
+    try:
+        lora = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / 'adapter_config.json'} is unreadable ({exc})") from None
+    theirs: dict[str, Any] = {
+        "lora_rank": lora.get("r"),
+        "lora_alpha": lora.get("lora_alpha"),
+        "lora_dropout": lora.get("lora_dropout"),
+        "lora_target": _targets(lora.get("target_modules")),
+    }
+    f = cfg.fluid
+    conflicts = []
+    for key, value in theirs.items():
+        ours = getattr(f, key)
+        if key in cfg.given and not _same(key, ours, value):
+            conflicts.append(f"{key}: {ours!r} (the adapter's: {value!r})")
+        setattr(f, key, value)
+    if cfg.model.mask_token and cfg.model.mask_token != meta.mask_token:
+        mask = cfg.model.mask_token
+        conflicts.append(f"mask_token: {mask!r} (the adapter's: {meta.mask_token!r})")
+    if conflicts:
+        raise ConfigError(
+            f"continuing the adapter in {path} keeps its LoRA settings and MASK token, but the "
+            f"recipe sets {'; '.join(conflicts)}: remove those keys or set the adapter's values"
+        )
+    return ContinuedAdapter(path, meta, lora)
+
+
+def _targets(modules: Any) -> str | list[str]:
+    """Target modules by layer name (``q_proj``), as a recipe writes them: peft saves "all-linear"
+    as every module path it resolved to."""
+    if isinstance(modules, (list, tuple, set)):
+        return sorted({str(m).rsplit(".", 1)[-1] for m in modules})
+    return "all" if modules in (None, "all-linear") else str(modules)
+
+
+def _same(key: str, ours: Any, theirs: Any) -> bool:
+    if key == "lora_target":  # "all" names every linear layer but the head: what it resolved to
+        return ours == "all" or _targets(ours) == _targets(theirs)
+    return ours == theirs
