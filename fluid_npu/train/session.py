@@ -75,12 +75,6 @@ class TrainingSession:
         self.quantization = self._quantization()
         self.mindspeed = enable_mindspeed() if cfg.model.use_mindspeed else None
         self.parent = continued_adapter(cfg) if stage == "fluid_stage1" else None
-        if self.parent is not None and _zero3(self.args):
-            raise ConfigError(
-                "continuing an adapter (adapter_name_or_path) under DeepSpeed ZeRO-3 is not "
-                "supported: its weights would load into partitioned parameters; continue under "
-                "DDP, FSDP or ZeRO-2, or merge it (fluid merge) and train a new adapter"
-            )
         f = cfg.fluid
         rank = f.lora_rank if f.finetuning_type == "lora" else None
         settings = {"stage": stage, "finetuning_type": f.finetuning_type, "lora_rank": rank}
@@ -332,9 +326,3 @@ class GenerationFile:
 
     def save(self, directory: str | Path) -> None:
         self.config.save_pretrained(str(directory))
-
-
-def _zero3(args: Any) -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return bool(getattr(args, "deepspeed", None)) and is_deepspeed_zero3_enabled()
