@@ -156,9 +156,13 @@ def test_the_main_process_builds_and_every_rank_gets_the_result(tmp_path):
 
 # -- quantization_bit: QLoRA through bitsandbytes, or one clear error -------------------------
 
+WEIGHTS = "adapter_model.safetensors"
+
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantization_bit_trains_qlora_on_a_quantized_base(tiny_model_dir, data, tmp_path, bits):
+    from safetensors.torch import load_file
+
     from fluid_npu.model.adapters import load_fluid
     from fluid_npu.model.loading import fingerprint, load_model
     from fluid_npu.train.session import TrainingSession
@@ -180,6 +184,15 @@ def test_quantization_bit_trains_qlora_on_a_quantized_base(tiny_model_dir, data,
     # same fingerprint as the unquantized base: the adapter loads onto it (Stage II, sampler)
     assert session.base_fingerprint == fingerprint(load_model(tiny_model_dir))
     load_fluid(tiny_model_dir, tmp_path / "o")
+    # continued on the quantized base (adapter_name_or_path): it starts from the adapter as saved
+    values = _overrides(tiny_model_dir, data, tmp_path / "c", quantization_bit=bits,
+                        adapter_name_or_path=tmp_path / "o")  # fmt: skip
+    values = [v for v in values if not v.startswith(("lora_rank=", "lora_alpha="))]
+    again = TrainingSession(load_config(None, values), stage="fluid_stage1")
+    again.model.save_pretrained(str(tmp_path / "as-loaded"))
+    saved, loaded = (load_file(str(tmp_path / d / WEIGHTS)) for d in ("o", "as-loaded"))
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
 def test_quantization_bit_problems_are_one_config_error(
