@@ -153,6 +153,15 @@ def test_a_checkpoint_saved_with_other_settings_is_named(tmp_path):
         with pytest.raises(ConfigError, match=r"cannot continue this run") as err:
             check_resume(lora, settings)
         assert needle in str(err.value) and "overwrite_output_dir: true" in str(err.value)
+    torch.save({"base_lrs": [2e-4, 2e-4], "last_epoch": 2}, lora / "scheduler.pt")
+    with pytest.raises(ConfigError, match=r"saved with learning_rate: 0\.0002, this run has "):
+        check_resume(lora, {"learning_rate": 1e-4})
+    check_resume(lora, {"learning_rate": 2e-4})
+    torch.save({"base_lrs": [2e-4, 1e-3]}, lora / "scheduler.pt")  # (groups of other rates)
+    (lora / "broken").mkdir()
+    (lora / "broken" / "scheduler.pt").write_bytes(b"not a checkpoint")
+    assert "learning_rate" not in recorded_settings(lora)
+    assert "learning_rate" not in recorded_settings(lora / "broken")
     head = _make(tmp_path / "head", ["model.safetensors", "trainer_state.json"])
     assert recorded_settings(head) == {"stage": "fluid_stage2"}  # written before khead_config
     (head / "khead_config.json").write_text(json.dumps({"k_max": 4, "base_fingerprint": "f"}))
@@ -201,6 +210,8 @@ def _listing(root: Path) -> dict[str, float]:
         ({}, ("holds an earlier run's output", "resume_from_checkpoint: true")),
         ({"lora_rank": 4, "resume_from_checkpoint": True}, ("lora_rank: 8", "lora_rank: 4")),
         ({"finetuning_type": "full", "resume_from_checkpoint": True}, ("finetuning_type: lora",)),
+        # (a resumed Trainer keeps the checkpoint's rate: its optimizer and scheduler state)
+        ({"learning_rate": 1e-3, "resume_from_checkpoint": True}, ("learning_rate: 0.01",)),
     ],
 )
 def test_a_used_output_dir_fails_before_the_model_loads(

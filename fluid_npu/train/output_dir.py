@@ -20,9 +20,10 @@ logs and anything else no run writes do not count):
   inside ``output_dir`` from that checkpoint; a checkpoint elsewhere needs a clean ``output_dir``.
 
 ``check_resume`` compares what a checkpoint records (``recorded_settings``: stage, LoRA or full
-fine-tuning, LoRA rank and target modules, ``k_masks``, the base model's and Stage I adapter's
-fingerprints) with this run's, so a checkpoint that cannot continue this run is one error naming
-the difference instead of a state_dict traceback. ``prepare_run_dir`` does both for a stage: the
+fine-tuning, LoRA rank and target modules, ``k_masks``, the learning rate, the base model's and
+Stage I adapter's fingerprints) with this run's, so a checkpoint that cannot continue this run is
+one error naming the difference instead of a state_dict traceback (or, for the learning rate, a
+run that silently keeps the old one). ``prepare_run_dir`` does both for a stage: the
 main process claims the directory while the others wait for its answer.
 """
 
@@ -259,7 +260,7 @@ def _json(path: Path) -> dict[str, Any] | None:
 def recorded_settings(ckpt: str | Path) -> dict[str, Any]:
     """What checkpoint ``ckpt`` says about the run that saved it (only the settings it records):
     ``stage``, ``finetuning_type``, ``lora_rank``, ``lora_target``, ``k_masks``,
-    ``base_fingerprint``, ``adapter_fingerprint``."""
+    ``learning_rate``, ``base_fingerprint``, ``adapter_fingerprint``."""
     d = Path(ckpt)
     rec: dict[str, Any] = {}
     adapter = _json(d / "adapter_config.json")
@@ -278,7 +279,26 @@ def recorded_settings(ckpt: str | Path) -> dict[str, Any]:
     meta = _json(d / META_FILE)
     if meta is not None:
         rec.update(stage=meta.get("stage"), base_fingerprint=meta.get("base_fingerprint"))
+    rec["learning_rate"] = _learning_rate(d / "scheduler.pt")
     return {k: v for k, v in rec.items() if v is not None}
+
+
+def _learning_rate(path: Path) -> float | None:
+    """The learning rate a checkpoint's schedule was built on: a resumed Trainer restores it (its
+    optimizer and scheduler state) whatever ``learning_rate`` the new run sets. None when the file
+    is missing or unreadable (the Trainer then says so) or its groups have different rates."""
+    if not path.is_file():
+        return None
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # (the Trainer reports an unreadable scheduler itself)
+        return None
+    rates = state.get("base_lrs") if isinstance(state, dict) else None
+    if not isinstance(rates, list) or not rates or len(set(rates)) != 1:
+        return None
+    return float(rates[0])
 
 
 _NAMED = {  # settings a user does not write as key: value

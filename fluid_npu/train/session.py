@@ -77,7 +77,8 @@ class TrainingSession:
         self.parent = continued_adapter(cfg) if stage == "fluid_stage1" else None
         f = cfg.fluid
         rank = f.lora_rank if f.finetuning_type == "lora" else None
-        settings = {"stage": stage, "finetuning_type": f.finetuning_type, "lora_rank": rank}
+        settings = {"stage": stage, "finetuning_type": f.finetuning_type, "lora_rank": rank,
+                    "learning_rate": cfg.train.learning_rate}  # fmt: skip
         self.resume = prepare_run_dir(cfg, self.args, settings)
         created = not Path(cfg.train.output_dir).exists()
         self.output_dir = prepare_output_dir(cfg.train.output_dir)

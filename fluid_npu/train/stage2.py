@@ -163,7 +163,12 @@ class Stage2Run:
         if self.args.activation_checkpointing:
             logger.warning("gradient_checkpointing is ignored in Stage II: the backbone is frozen")
             self.args.activation_checkpointing = False
-        self.resume = prepare_run_dir(cfg, self.args, {"stage": f.stage, "k_masks": f.k_masks})
+        settings = {
+            "stage": f.stage,
+            "k_masks": f.k_masks,
+            "learning_rate": cfg.train.learning_rate,
+        }
+        self.resume = prepare_run_dir(cfg, self.args, settings)
         devices.seed_everything(cfg.train.seed)
         with unpartitioned_loading():  # every process keeps the whole frozen backbone
             self.loaded = load_stage1(cfg, self.backbone_dtype)
