@@ -392,7 +392,8 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
                 f"adapter_name_or_path {adapter!r} lists several adapters; Stage I continues one "
                 "(merge the others into the base first: fluid merge)"
             )
-    return FluidConfig(**groups, extra_training_args=extra, source=source, given=frozenset(values))
+    given = frozenset(k for k, v in values.items() if v is not None)  # (null: left out)
+    return FluidConfig(**groups, extra_training_args=extra, source=source, given=given)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FluidConfig:

@@ -4,6 +4,8 @@ its LoRA settings, and every disagreement with the recipe or the base is one cle
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import as_overrides, tiny_stage1_recipe
@@ -13,6 +15,7 @@ from synthetic import write_short_dataset
 from fluid_npu.config import load_config
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.model.adapters import load_fluid
+from fluid_npu.model.mask_token import MaskToken
 from fluid_npu.model.tiny import save_tiny
 from fluid_npu.train.session import TrainingSession
 from fluid_npu.train.stage1 import run_stage1 as run
@@ -62,8 +65,19 @@ def test_a_continued_adapter_trains_on_from_its_weights(parent, tiny_model_dir, 
     for key in before:
         assert torch.equal(before[key], loaded[key]), key
     assert sum(p.requires_grad for p in session.model.parameters()) > 0
+    assert session.mask == MaskToken(record["mask_token"]["token"], record["mask_token"]["id"],
+                                     "adapter")  # fmt: skip
+    # an adapter directory without the tokenizer: the base's, its MASK token added again
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", WEIGHTS, "fluid_model.json"):
+        shutil.copy(out / name, bare / name)
+    again = TrainingSession(_config(tiny_model_dir, data, tmp_path / "s2",
+                                    adapter_name_or_path=str(bare)), "fluid_stage1")  # fmt: skip
+    assert again.mask == session.mask
     # its first loss (taken before the first update) is the trained adapter's, not a new one's
-    kept = _run(tiny_model_dir, data, tmp_path / "kept", max_steps=1, adapter_name_or_path=str(out))
+    kept = _run(tiny_model_dir, data, tmp_path / "kept", max_steps=1, adapter_name_or_path=str(out),
+                lora_alpha="null")  # (null: left out)  # fmt: skip
     fresh = _run(tiny_model_dir, data, tmp_path / "fresh", max_steps=1, lora_rank=4, lora_alpha=8)
     assert _first_loss(kept) < _first_loss(fresh) - 0.5  # (measured: 10.05 against 11.03)
     assert (kept["config"]["lora_rank"], kept["config"]["lora_alpha"]) == (4, 8)  # the adapter's
@@ -98,3 +112,13 @@ def test_continuing_refuses_what_does_not_match(parent, tiny_model_dir, tmp_path
         _run(other, data, tmp_path / "c", max_steps=1, adapter_name_or_path=str(out))
     for name in "abc":  # nothing is left behind
         assert not (tmp_path / name).exists()
+    # an adapter on two layers of a base whose tokenizer has a MASK token (no MASK row trained)
+    narrow = tmp_path / "narrow"
+    masked = save_tiny(tmp_path / "masked-base", "llama", mask_token=True)
+    _run(masked, data, narrow, max_steps=1, lora_target="[q_proj, v_proj]")
+    with pytest.raises(ConfigError, match=r"lora_target: 'all' .* the adapter targets \['q_proj'"):
+        _run(masked, data, tmp_path / "d", max_steps=1, lora_target="all",
+             adapter_name_or_path=str(narrow))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train_mask_embedding: True \(the adapter's: False\)"):
+        _run(masked, data, tmp_path / "e", max_steps=1, train_mask_embedding=True,
+             adapter_name_or_path=str(narrow))  # fmt: skip

@@ -40,7 +40,7 @@ PANGU_USED = ("[unused9]", "[unused10]", "[unused16]", "[unused17]")
 class MaskToken:
     token: str
     id: int
-    source: str  # "config" | "tokenizer" | "reserved" | "unused special" | "added"
+    source: str  # "config" | "tokenizer" | "reserved" | "unused special" | "added" | "adapter"
 
 
 def _single_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:

@@ -3,9 +3,11 @@
 As LLaMA-Factory continues an adapter named in a LoRA run, the adapter's weights load trainable
 (its MASK-row deltas included) and training goes on from them with a new optimizer and schedule;
 ``resume_from_checkpoint`` is what continues an interrupted run exactly. The adapter keeps its own
-LoRA settings and MASK token: a recipe key that sets another value is an error naming both, and an
-unset one takes the adapter's (so ``run.json`` records what ran). The adapter's tokenizer (MASK
-token, template) is the run's, and the base must be the one it was trained on (its fingerprint).
+LoRA settings (rank, alpha, dropout, target modules, whether the MASK row trains) and MASK token:
+a recipe key that sets another value is an error naming both, and an unset (or null) one takes the
+adapter's (so ``run.json`` records what ran). The adapter's tokenizer (MASK token, template) is the
+run's (the base's when the adapter directory holds none, as ``load_fluid`` reads it), and the base
+must be the one it was trained on (its fingerprint).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ContinuedAdapter:
     path: Path
     meta: FluidModelMeta
     lora: dict[str, Any]  # adapter_config.json
+    all_linear: bool = False  # the recipe says lora_target: all (checked once the base loads)
 
 
 def continued_adapter(cfg: FluidConfig) -> ContinuedAdapter | None:
@@ -62,6 +65,11 @@ def continued_adapter(cfg: FluidConfig) -> ContinuedAdapter | None:
         "lora_target": _targets(lora.get("target_modules")),
     }
     f = cfg.fluid
+    all_linear = "lora_target" in cfg.given and f.lora_target == "all"
+    # a MASK row the adapter trains: always for a MASK token Stage I added to the vocabulary
+    row = bool(lora.get("trainable_token_indices"))
+    if meta.mask_id < meta.vocab_size:  # (a token of the base: trained with train_mask_embedding)
+        theirs["train_mask_embedding"] = row
     conflicts = []
     for key, value in theirs.items():
         ours = getattr(f, key)
@@ -76,7 +84,19 @@ def continued_adapter(cfg: FluidConfig) -> ContinuedAdapter | None:
             f"continuing the adapter in {path} keeps its LoRA settings and MASK token, but the "
             f"recipe sets {'; '.join(conflicts)}: remove those keys or set the adapter's values"
         )
-    return ContinuedAdapter(path, meta, lora)
+    return ContinuedAdapter(path, meta, lora, all_linear=all_linear)
+
+
+def check_all_linear(parent: ContinuedAdapter, linear: list[str]) -> None:
+    """``lora_target: all`` in the recipe: the adapter must target every linear layer of the base
+    but its head (``linear``, by layer name), as "all" does for a new adapter."""
+    theirs = _targets(parent.lora.get("target_modules"))
+    if parent.all_linear and theirs != "all" and theirs != sorted(set(linear)):
+        raise ConfigError(
+            f"continuing the adapter in {parent.path} keeps its LoRA settings, but the recipe sets "
+            f"lora_target: 'all' ({sorted(set(linear))}) and the adapter targets {theirs}: remove "
+            "the key or set the adapter's value"
+        )
 
 
 def _targets(modules: Any) -> str | list[str]:
@@ -88,6 +108,6 @@ def _targets(modules: Any) -> str | list[str]:
 
 
 def _same(key: str, ours: Any, theirs: Any) -> bool:
-    if key == "lora_target":  # "all" names every linear layer but the head: what it resolved to
+    if key == "lora_target":  # ("all": compared with the base's layers by check_all_linear)
         return ours == "all" or _targets(ours) == _targets(theirs)
     return ours == theirs

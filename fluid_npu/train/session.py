@@ -44,14 +44,14 @@ from fluid_npu.model.loading import (
     quantization_config,
 )
 from fluid_npu.model.loading import load_config as load_model_config
-from fluid_npu.model.mask_token import init_new_rows, resolve_mask_token
+from fluid_npu.model.mask_token import MaskToken, init_new_rows, resolve_mask_token
 from fluid_npu.train.common import (
     FluidTrainer,
     requested_parallelism,
     save_final,
     training_arguments,
 )
-from fluid_npu.train.continued import ContinuedAdapter, continued_adapter
+from fluid_npu.train.continued import ContinuedAdapter, check_all_linear, continued_adapter
 from fluid_npu.train.data import load_run_data
 from fluid_npu.train.output_dir import check_resume, clear_earlier_run, prepare_run_dir
 from fluid_npu.train.precision import device_choice, resolve_precision
@@ -109,9 +109,11 @@ class TrainingSession:
         except CheckpointError as exc:  # transformers' text spans lines; the CLI prints one
             raise CheckpointError(" ".join(str(exc).split())) from None
         parent = self.parent
-        self.tokenizer = load_tokenizer(  # a continued adapter's: its MASK token and template
-            parent.path if parent else cfg.model.model_name_or_path,
-            trust_remote_code=cfg.model.trust_remote_code,
+        tokenizer_dir = cfg.model.model_name_or_path  # a continued adapter's: MASK, template
+        if parent is not None and (parent.path / "tokenizer_config.json").is_file():
+            tokenizer_dir = str(parent.path)
+        self.tokenizer = load_tokenizer(
+            tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code
         )
         base = load_model(
             cfg.model.model_name_or_path,
@@ -129,14 +131,16 @@ class TrainingSession:
         self.mask = resolve_mask_token(
             self.tokenizer,
             base,
-            configured=parent.meta.mask_token if parent else cfg.model.mask_token,
+            configured=self._parent_mask(parent) if parent else cfg.model.mask_token,
             allow_new=True,
         )
-        if parent is not None and self.mask.id != parent.meta.mask_id:
-            raise CheckpointError(
-                f"the adapter in {parent.path} trained with MASK {parent.meta.mask_token!r} as id "
-                f"{parent.meta.mask_id}, but its tokenizer gives id {self.mask.id}"
-            )
+        if parent is not None:
+            if self.mask.id != parent.meta.mask_id:
+                raise CheckpointError(
+                    f"the adapter in {parent.path} trained with MASK {parent.meta.mask_token!r} "
+                    f"as id {parent.meta.mask_id}, but the tokenizer gives id {self.mask.id}"
+                )
+            self.mask = MaskToken(self.mask.token, self.mask.id, "adapter")
         self.data = self._load_data()
         # the template's turn end as EOS, the template as the chat template (template_export.py)
         fit_tokenizer(get_template(cfg.data.template, self.tokenizer), self.tokenizer, base)
@@ -148,6 +152,13 @@ class TrainingSession:
         self.model = self._trainable(base)
         self.precision.cast_trainable(self.model)
         self.precision_record = self.precision.observe(self.model)
+
+    def _parent_mask(self, parent: ContinuedAdapter) -> str | None:
+        """The adapter's MASK token; None (added again, at the same id) when the tokenizer lacks
+        the token Stage I added (an adapter directory that holds no tokenizer)."""
+        if parent.meta.mask_token in self.tokenizer.get_vocab():
+            return parent.meta.mask_token
+        return None if parent.meta.mask_id >= parent.meta.vocab_size else parent.meta.mask_token
 
     def _fit_parent(self, base: PreTrainedModel, parent: ContinuedAdapter) -> None:
         """The base as the continued adapter was trained on it: the same fingerprint and
@@ -165,6 +176,10 @@ class TrainingSession:
                 f"{where} was trained on a base of {parent.meta.vocab_size} tokens, this one has "
                 f"{self.base_vocab_size}"
             )
+        head = base.get_output_embeddings()
+        linear = [n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                  if isinstance(m, torch.nn.Linear) and m is not head]  # fmt: skip
+        check_all_linear(parent, linear)
         if len(self.tokenizer) > self.base_vocab_size:
             base.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
             init_new_rows(base, self.base_vocab_size)
