@@ -73,8 +73,22 @@ def make_model():
     return make
 
 
+# the longest files (two-process runs, the demo) first: `run_npu.sh test` hands whole files to its
+# workers in this order, so they end together instead of one running a long file alone at the end
+FIRST = (
+    "test_scale_sharded.py",
+    "test_scale_sharded_zero3.py",
+    "test_demo.py",
+    "test_serve_dp.py",
+    "test_scale_distributed.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run compiled kernels on CUDA: they need a CUDA device and no interpreter."""
+    """The longest files first (``FIRST``); `gpu` tests run compiled kernels on CUDA: they need a
+    CUDA device and no interpreter."""
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # (stable: files keep order)
     if not is_cuda_available():
         reason = "compiled CUDA kernels: this host has no CUDA device"
     elif os.environ.get("TRITON_INTERPRET") == "1":
