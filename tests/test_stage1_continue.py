@@ -114,7 +114,7 @@ def test_continuing_refuses_what_does_not_match(parent, tiny_model_dir, tmp_path
         assert not (tmp_path / name).exists()
     # an adapter on two layers of a base whose tokenizer has a MASK token (no MASK row trained)
     narrow = tmp_path / "narrow"
-    masked = save_tiny(tmp_path / "masked-base", "llama", mask_token=True)
+    masked = save_tiny(tmp_path / "masked-base", "llama", mask_token=True, chat_template=False)
     _run(masked, data, narrow, max_steps=1, lora_target="[q_proj, v_proj]")
     with pytest.raises(ConfigError, match=r"lora_target: 'all' .* the adapter targets \['q_proj'"):
         _run(masked, data, tmp_path / "d", max_steps=1, lora_target="all",
@@ -122,3 +122,8 @@ def test_continuing_refuses_what_does_not_match(parent, tiny_model_dir, tmp_path
     with pytest.raises(ConfigError, match=r"train_mask_embedding: True \(the adapter's: False\)"):
         _run(masked, data, tmp_path / "e", max_steps=1, train_mask_embedding=True,
              adapter_name_or_path=str(narrow))  # fmt: skip
+    # its base had no chat template: the run exported its template (empty) with the tokenizer
+    with pytest.raises(ConfigError, match="trained with template 'empty', but the recipe sets"):
+        _run(masked, data, tmp_path / "f", max_steps=1, template="default",
+             adapter_name_or_path=str(narrow))  # fmt: skip
+    assert not any((tmp_path / name).exists() for name in "def")

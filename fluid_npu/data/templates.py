@@ -372,6 +372,13 @@ EXPORT_MARK = "{{# fluid-npu: the {name} template #}}"
 _EXPORTED = re.compile(r"\{# fluid-npu: the (\w+) template #\}")
 
 
+def exported_template(tokenizer: Any) -> str | None:
+    """The named template a run exported as ``tokenizer``'s chat template, or None."""
+    saved = getattr(tokenizer, "chat_template", None)
+    named = _EXPORTED.match(saved) if isinstance(saved, str) else None
+    return named.group(1) if named is not None else None
+
+
 def get_template(name: str | None, tokenizer: Any) -> Template:
     """The template called ``name``; None or ``auto`` picks the tokenizer's chat template if any
     (one a run exported from a named template: that named template, as the run trained on it).
@@ -381,9 +388,9 @@ def get_template(name: str | None, tokenizer: Any) -> Template:
     """
     if name is None or name == AUTO:
         saved = getattr(tokenizer, "chat_template", None)
-        named = _EXPORTED.match(saved) if isinstance(saved, str) else None
-        if named is not None and named.group(1) in TEMPLATES:  # a run saved it: train as it did
-            return TEMPLATES[named.group(1)]
+        named = exported_template(tokenizer)
+        if named is not None and named in TEMPLATES:  # a run saved it: train as it did
+            return TEMPLATES[named]
         if saved:
             return TokenizerChatTemplate(tokenizer)
         logger.info("the tokenizer has no chat template: using the `default` template")

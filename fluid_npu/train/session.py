@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.data.template_export import fit_tokenizer
-from fluid_npu.data.templates import get_template
+from fluid_npu.data.templates import AUTO, exported_template, get_template
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.model.adapters import FluidModelMeta, apply_lora, quiet_peft
@@ -115,6 +115,13 @@ class TrainingSession:
         self.tokenizer = load_tokenizer(
             tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code
         )
+        trained_on = exported_template(self.tokenizer) if parent is not None else None
+        if trained_on is not None and cfg.data.template not in (None, AUTO, trained_on):
+            raise ConfigError(  # (its tokenizer keeps that chat template: decoding would differ)
+                f"continuing the adapter in {parent.path}, trained with template {trained_on!r}, "
+                f"but the recipe sets template: {cfg.data.template!r}: remove the key or set "
+                f"template: {trained_on}"
+            )
         base = load_model(
             cfg.model.model_name_or_path,
             dtype=self.precision.load_dtype(cfg.fluid.finetuning_type),
