@@ -4,6 +4,7 @@ its LoRA settings, and every disagreement with the recipe or the base is one cle
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from conftest import as_overrides, tiny_stage1_recipe
 from safetensors.torch import load_file
 from synthetic import write_short_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluid_npu.config import load_config
 from fluid_npu.errors import CheckpointError, ConfigError
@@ -28,8 +30,8 @@ def _config(base, data, out, **extra):
     values = dict(per_device_train_batch_size=4, lr_scheduler_type="constant", save_steps=1000,
                   logging_steps=1, output_dir=str(out), **extra)  # fmt: skip
     recipe = tiny_stage1_recipe(base, data, **values)
-    if "adapter_name_or_path" in extra:  # (the shared recipe sets rank 8, alpha 16)
-        for key in ("lora_rank", "lora_alpha"):
+    if "adapter_name_or_path" in extra:  # (the shared recipe sets rank 8, alpha 16, empty)
+        for key in ("lora_rank", "lora_alpha", "template"):
             if key not in extra:
                 del recipe[key]
     return load_config(None, as_overrides(recipe))
@@ -75,12 +77,27 @@ def test_a_continued_adapter_trains_on_from_its_weights(parent, tiny_model_dir, 
     again = TrainingSession(_config(tiny_model_dir, data, tmp_path / "s2",
                                     adapter_name_or_path=str(bare)), "fluid_stage1")  # fmt: skip
     assert again.mask == session.mask
+    # ... also on a base whose embedding has more rows than its tokenizer has tokens (Qwen-style)
+    padded = tmp_path / "padded-base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    model.save_pretrained(padded)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(padded)
+    _run(padded, data, tmp_path / "p", max_steps=1, lora_rank=4)
+    for name in ("adapter_config.json", WEIGHTS, "fluid_model.json"):
+        shutil.copy(tmp_path / "p" / name, bare / name)
+    meta = json.loads((bare / "fluid_model.json").read_text())
+    assert meta["mask_id"] < meta["vocab_size"]  # (the added MASK took a padding row)
+    again = TrainingSession(_config(padded, data, tmp_path / "s3",
+                                    adapter_name_or_path=str(bare)), "fluid_stage1")  # fmt: skip
+    assert (again.mask.token, again.mask.id) == (meta["mask_token"], meta["mask_id"])
     # its first loss (taken before the first update) is the trained adapter's, not a new one's
     kept = _run(tiny_model_dir, data, tmp_path / "kept", max_steps=1, adapter_name_or_path=str(out),
                 lora_alpha="null")  # (null: left out)  # fmt: skip
     fresh = _run(tiny_model_dir, data, tmp_path / "fresh", max_steps=1, lora_rank=4, lora_alpha=8)
     assert _first_loss(kept) < _first_loss(fresh) - 0.5  # (measured: 10.05 against 11.03)
     assert (kept["config"]["lora_rank"], kept["config"]["lora_alpha"]) == (4, 8)  # the adapter's
+    assert kept["config"]["template"] == "empty"  # (its base has a chat template of its own)
     assert kept["config"]["lora_target"] == sorted(LINEAR)  # ("all": every linear but the head)
     assert kept["mask_token"]["id"] == record["mask_token"]["id"]
     # trained on: the weights move, and the result loads as any Stage I output
@@ -102,6 +119,9 @@ def test_continuing_refuses_what_does_not_match(parent, tiny_model_dir, tmp_path
     for target in ("all", "[" + ", ".join(LINEAR) + "]"):  # its targets, named either way
         _run(tiny_model_dir, data, tmp_path / "t", max_steps=1, lora_target=target,
              adapter_name_or_path=str(out), overwrite_output_dir=True)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"template: 'default' \(the adapter's: 'empty'\)"):
+        _run(tiny_model_dir, data, tmp_path / "a", max_steps=1, template="default",
+             adapter_name_or_path=str(out))  # fmt: skip
     with pytest.raises(ConfigError, match="is the adapter being continued"):
         _run(tiny_model_dir, data, out, max_steps=1, adapter_name_or_path=str(out))
     with pytest.raises(CheckpointError, match="not a LoRA adapter directory"):
@@ -122,7 +142,11 @@ def test_continuing_refuses_what_does_not_match(parent, tiny_model_dir, tmp_path
     with pytest.raises(ConfigError, match=r"train_mask_embedding: True \(the adapter's: False\)"):
         _run(masked, data, tmp_path / "e", max_steps=1, train_mask_embedding=True,
              adapter_name_or_path=str(narrow))  # fmt: skip
-    # its base had no chat template: the run exported its template (empty) with the tokenizer
+    # its base had no chat template: the run exported its template (empty) with the tokenizer,
+    # which is what an adapter from before fluid_model.json recorded the template is checked by
+    meta = json.loads((narrow / "fluid_model.json").read_text())
+    assert meta.pop("template") == "empty"
+    (narrow / "fluid_model.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="trained with template 'empty', but the recipe sets"):
         _run(masked, data, tmp_path / "f", max_steps=1, template="default",
              adapter_name_or_path=str(narrow))  # fmt: skip

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -78,6 +79,7 @@ class FluidModelMeta:
     vocab_size: int  # rows of the base vocabulary, before a MASK token was added
     base_model: str | None = None
     stage: str = "fluid_stage1"
+    template: str | None = None  # what Stage I formatted with: a name, or "auto" (None: unrecorded)
 
     def save(self, directory: str | Path) -> None:
         from fluid_npu.io import write_json_atomic
@@ -91,7 +93,8 @@ class FluidModelMeta:
             return None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**data)
+            known = {f.name for f in dataclasses.fields(cls)}  # (a later version's keys: skipped)
+            return cls(**{k: v for k, v in data.items() if k in known})
         except (json.JSONDecodeError, TypeError) as exc:
             raise CheckpointError(
                 f"{path} is unreadable ({exc}); re-run the stage that wrote it"

@@ -37,6 +37,7 @@ def merge_adapter(
             vocab_size=meta.vocab_size if meta else len(loaded.tokenizer),
             base_model=str(base),
             stage="fluid_stage1_merged",
+            template=meta.template if meta else None,
         ).save(staging)
         if out.exists():
             out.rmdir()

@@ -3,11 +3,11 @@
 As LLaMA-Factory continues an adapter named in a LoRA run, the adapter's weights load trainable
 (its MASK-row deltas included) and training goes on from them with a new optimizer and schedule;
 ``resume_from_checkpoint`` is what continues an interrupted run exactly. The adapter keeps its own
-LoRA settings (rank, alpha, dropout, target modules, whether the MASK row trains) and MASK token:
-a recipe key that sets another value is an error naming both, and an unset (or null) one takes the
-adapter's (so ``run.json`` records what ran). The adapter's tokenizer (MASK token, template) is the
-run's (the base's when the adapter directory holds none, as ``load_fluid`` reads it), and the base
-must be the one it was trained on (its fingerprint).
+LoRA settings (rank, alpha, dropout, target modules, whether the MASK row trains), MASK token and
+template: a recipe key that sets another value is an error naming both, and an unset one (or a
+null ``lora_alpha`` / ``template``) takes the adapter's (so ``run.json`` records what ran). The
+adapter's tokenizer is the run's (the base's when the adapter directory holds none, as
+``load_fluid`` reads it), and the base must be the one it was trained on (its fingerprint).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from fluid_npu.config import FluidConfig
+from fluid_npu.data.templates import AUTO
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.model.adapters import FluidModelMeta
+from fluid_npu.model.mask_token import NEW_MASK
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def continued_adapter(cfg: FluidConfig) -> ContinuedAdapter | None:
     all_linear = "lora_target" in cfg.given and f.lora_target == "all"
     # a MASK row the adapter trains: always for a MASK token Stage I added to the vocabulary
     row = bool(lora.get("trainable_token_indices"))
-    if meta.mask_id < meta.vocab_size:  # (a token of the base: trained with train_mask_embedding)
+    if meta.mask_token != NEW_MASK and meta.mask_id < meta.vocab_size:  # (a token of the base)
         theirs["train_mask_embedding"] = row
     conflicts = []
     for key, value in theirs.items():
@@ -76,6 +78,11 @@ def continued_adapter(cfg: FluidConfig) -> ContinuedAdapter | None:
         if key in cfg.given and not _same(key, ours, value):
             conflicts.append(f"{key}: {ours!r} (the adapter's: {value!r})")
         setattr(f, key, value)
+    if meta.template is not None:  # (recorded since the template joined fluid_model.json)
+        ours = cfg.data.template or AUTO
+        if "template" in cfg.given and ours != meta.template:
+            conflicts.append(f"template: {ours!r} (the adapter's: {meta.template!r})")
+        cfg.data.template = meta.template
     if cfg.model.mask_token and cfg.model.mask_token != meta.mask_token:
         mask = cfg.model.mask_token
         conflicts.append(f"mask_token: {mask!r} (the adapter's: {meta.mask_token!r})")

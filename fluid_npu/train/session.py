@@ -115,7 +115,9 @@ class TrainingSession:
         self.tokenizer = load_tokenizer(
             tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code
         )
-        trained_on = exported_template(self.tokenizer) if parent is not None else None
+        # (an adapter that recorded its template was checked by continued_adapter)
+        unrecorded = parent is not None and parent.meta.template is None
+        trained_on = exported_template(self.tokenizer) if unrecorded else None
         if trained_on is not None and cfg.data.template not in (None, AUTO, trained_on):
             raise ConfigError(  # (its tokenizer keeps that chat template: decoding would differ)
                 f"continuing the adapter in {parent.path}, trained with template {trained_on!r}, "
@@ -161,11 +163,12 @@ class TrainingSession:
         self.precision_record = self.precision.observe(self.model)
 
     def _parent_mask(self, parent: ContinuedAdapter) -> str | None:
-        """The adapter's MASK token; None (added again, at the same id) when the tokenizer lacks
-        the token Stage I added (an adapter directory that holds no tokenizer)."""
-        if parent.meta.mask_token in self.tokenizer.get_vocab():
-            return parent.meta.mask_token
-        return None if parent.meta.mask_id >= parent.meta.vocab_size else parent.meta.mask_token
+        """The adapter's MASK token; None (Stage I's token added again) when the tokenizer lacks
+        it (an adapter directory that holds no tokenizer): the id check then says whether it is
+        the one the adapter trained with."""
+        return (
+            parent.meta.mask_token if parent.meta.mask_token in self.tokenizer.get_vocab() else None
+        )
 
     def _fit_parent(self, base: PreTrainedModel, parent: ContinuedAdapter) -> None:
         """The base as the continued adapter was trained on it: the same fingerprint and
@@ -284,6 +287,7 @@ class TrainingSession:
             vocab_size=self.base_vocab_size,
             base_model=str(self.cfg.model.model_name_or_path),
             stage=self.stage,
+            template=self.cfg.data.template or AUTO,
         )
         # every checkpoint-N and the final output: an adapter's carry its generation config (its
         # EOS ids: a template's turn end, data/template_export.py; a full model saves its own)
