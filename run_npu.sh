@@ -117,12 +117,14 @@ case "$cmd" in
     ;;
   test)
     # pytest-xdist (in the dev extra): one worker per core up to 4, each test file kept on one
-    # worker in its own order (--dist loadfile); a later `-n 0` in the arguments runs serially
+    # worker in its own order (--dist loadfile), files handed out in collection order (conftest
+    # puts the longest first; xdist would otherwise start with the files of most tests); a later
+    # `-n 0` in the arguments runs serially
     workers=()
     if "$PY" -c "import xdist" >/dev/null 2>&1; then
       cores="$(nproc 2>/dev/null || echo 1)"
       [ "$cores" -gt 4 ] && cores=4
-      [ "$cores" -ge 2 ] && workers=(-n "$cores" --dist loadfile)
+      [ "$cores" -ge 2 ] && workers=(-n "$cores" --dist loadfile --no-loadscope-reorder)
     fi
     set +e
     "$PY" -m pytest tests "${workers[@]}" "$@"
