@@ -88,8 +88,9 @@ def continued_adapter(cfg: FluidConfig) -> ContinuedAdapter | None:
         conflicts.append(f"mask_token: {mask!r} (the adapter's: {meta.mask_token!r})")
     if conflicts:
         raise ConfigError(
-            f"continuing the adapter in {path} keeps its LoRA settings and MASK token, but the "
-            f"recipe sets {'; '.join(conflicts)}: remove those keys or set the adapter's values"
+            f"continuing the adapter in {path} keeps its LoRA settings, MASK token and template, "
+            f"but the recipe sets {'; '.join(conflicts)}: remove those keys or set the adapter's "
+            "values"
         )
     return ContinuedAdapter(path, meta, lora, all_linear=all_linear)
 
