@@ -118,10 +118,17 @@ case "$cmd" in
   test)
     # pytest-xdist (in the dev extra): one worker per core up to 4, each test file kept on one
     # worker in its own order (--dist loadfile), files handed out in collection order (conftest
-    # puts the longest first; xdist would otherwise start with the files of most tests); a later
-    # `-n 0` in the arguments runs serially
+    # puts the longest first; xdist would otherwise start with the files of most tests). Arguments
+    # that choose for themselves (-n / --numprocesses, --pdb, --trace, -p no:xdist) get no workers
     workers=()
-    if "$PY" -c "import xdist" >/dev/null 2>&1; then
+    own=0
+    for arg in "$@"; do
+      case "$arg" in
+        -n | -n[0-9]* | -nauto | -nlogical | --numprocesses | --numprocesses=* | --pdb | --trace | \
+          no:xdist | -pno:xdist) own=1 ;;
+      esac
+    done
+    if [ "$own" = 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
       cores="$(nproc 2>/dev/null || echo 1)"
       [ "$cores" -gt 4 ] && cores=4
       [ "$cores" -ge 2 ] && workers=(-n "$cores" --dist loadfile --no-loadscope-reorder)
