@@ -201,7 +201,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         # the EOS too where special tokens are written (skip_special_tokens: false)
         eos = [] if s.ignore_eos else list(worker.scheduler.eos_ids)
         ends = [*eos, *(t for t in stops if t not in eos)]
-        unspelled = ends if not s.include_stop else eos if s.skip_special else []
+        if not s.include_stop:
+            unspelled = ends
+        else:
+            unspelled = eos if s.skip_special else []
         # a chat's reasoning apart from its answer; a grammar holds the answer (structured.py)
         split = reasoning if shapes[0].chat else None
         requests = [
