@@ -111,7 +111,19 @@ def test_generate_samples_with_a_seed_and_stops(dirs, tmp_path):
     row = runs[0][0]
     assert len(row["logprobs"]) == len(row["token_ids"]) == len(row["top_logprobs"])
     assert all(len(t) == 2 for t in row["top_logprobs"])
-    text = row["text"]
+    assert all(lp < 0 for lp in row["logprobs"])  # the model's own (raw_logprobs, the default)
+    # processed_logprobs: the distribution drawn from, top-k 1 kept one token (log 1 = 0) and
+    # left the alternative at -inf, written as vLLM writes it (JSON has no infinities)
+    out = tmp_path / "processed.jsonl"
+    processed = [*flags[:2], "--top-k", "1", *flags[4:], "--logprobs", "2"]
+    assert main([*base, *processed, "--logprobs-mode", "processed_logprobs", "--output",
+                 str(out)]) == 0  # fmt: skip
+    row = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+    assert row["logprobs"] == [0.0] * len(row["token_ids"])
+    assert [[t[0][1], t[1][1]] for t in row["top_logprobs"]] == [[0.0, -9999.0]] * len(
+        row["token_ids"]
+    )
+    text = runs[0][0]["text"]
     stop = text[2:4] if len(text) >= 4 else text[-1]  # a stop string this run produces
     out = tmp_path / "stop.jsonl"
     assert main([*base, *flags, "--stop", stop, "--output", str(out)]) == 0
@@ -210,6 +222,11 @@ def test_output_paths_and_prompt_rows_are_checked_before_loading(dirs, tmp_path,
         (["generate", "--model", missing, "--prompts", src, "--output", str(tmp_path)],
          "is a directory"),
         (["generate", "--model", missing, "--prompt", "hi", "--logprobs", "2"], "--output"),
+        (["generate", "--model", missing, "--prompt", "hi", "--logprobs-mode", "raw",
+          "--logprobs", "1", "--output", str(tmp_path / "o.jsonl")],
+         "--logprobs-mode 'raw' is not one of"),
+        (["generate", "--model", missing, "--prompt", "hi", "--logprobs-mode", "raw_logits"],
+         "add --logprobs N"),
         (_bench_argv(missing, src, tmp_path / "afile" / "b.json"), "the folder of --json"),
     ]  # fmt: skip
     blank = tmp_path / "blank.jsonl"

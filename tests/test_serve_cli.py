@@ -76,6 +76,8 @@ def test_serve_flag_errors(capsys, tmp_path):
     assert "--prefill-chunk must be at least 1" in msg
     msg = _error(capsys, ["serve", "--model", "m", "--scheduling-policy", "lifo"])
     assert "--scheduling-policy 'lifo' is not one of fcfs, priority" in msg
+    msg = _error(capsys, ["serve", "--model", "m", "--logprobs-mode", "raw"])
+    assert "--logprobs-mode 'raw' is not one of raw_logprobs, processed_logprobs" in msg
 
 
 def test_bench_serve_flag_errors(capsys, tmp_path):
@@ -233,11 +235,12 @@ def test_threads_set_the_engine_s_torch_threads(model_dir):  # noqa: F811
         for n in (2, 1):
             *_, info = build_scheduler(ServeSettings(model=model_dir, threads=n))
             assert info["torch_threads"] == n == torch.get_num_threads()
-        # (and --scheduling-policy reaches the engine)
+        # (and --scheduling-policy, --logprobs-mode reach the engine)
         settings = ServeSettings(model=model_dir, scheduling_policy="priority", prefill_chunk=64,
-                                 seed=7)  # fmt: skip
+                                 seed=7, logprobs_mode="processed_logits")  # fmt: skip
         sched, *_, info = build_scheduler(settings)
         assert sched.scheduling_policy == info["scheduling_policy"] == "priority"
+        assert sched.logprobs_mode == info["logprobs_mode"] == "processed_logits"
         assert sched.prefill_chunk == info["prefill_chunk"] == 64
         assert torch.initial_seed() == info["seed"] == 7  # (unseeded requests draw from it)
         *_, info = build_scheduler(ServeSettings(model=model_dir))

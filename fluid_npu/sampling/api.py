@@ -127,6 +127,7 @@ def generate(
     stop_in_prompt: bool = True,
     logprobs: bool = False,
     top_logprobs: int = 0,
+    logprobs_mode: str | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     grammar: Grammar | None = None,
 ) -> GenerateOutput:
@@ -159,9 +160,12 @@ def generate(
     the output, as the OpenAI API, vLLM and lm-eval's ``until`` match). The text matched is the
     decoded text with special tokens skipped, as vLLM reads it — unlike transformers, which also
     matches a special token's own spelling (``"s"`` in ``<s>``); ``logprobs`` /
-    ``top_logprobs`` return the committed tokens' log-probabilities under the AR distribution
-    after temperature. ``grammar`` (``grammar.GrammarCompiler(...).compile(...)``) holds every
-    row's output to it (structured outputs; the fused loop).
+    ``top_logprobs`` return the committed tokens' log-probabilities under the model's own AR
+    distribution; ``logprobs_mode`` (vLLM's ``--logprobs-mode``: ``raw_logprobs``, the default,
+    ``processed_logprobs`` — the distribution the token was chosen from, after the penalties,
+    temperature and filters —, ``raw_logits`` or ``processed_logits``) says otherwise.
+    ``grammar`` (``grammar.GrammarCompiler(...).compile(...)``) holds every row's output to it
+    (structured outputs; the fused loop).
     """
     if loop not in LOOPS:
         raise ConfigError(f"unknown sampler loop {loop!r}; choose fused or reference")
@@ -211,14 +215,22 @@ def generate(
     )
     if do_sample and temperature == 0.0:
         raise ConfigError("do_sample=True needs temperature > 0 (or do_sample=False for greedy)")
-    if loop != "fused" and (stops or logprobs or params.adjusted or grammar is not None):
+    fused_only = stops or logprobs or logprobs_mode or params.adjusted or grammar is not None
+    if loop != "fused" and fused_only:
         raise ConfigError(
-            "stop strings, logprobs, repetition_penalty, min_new_tokens and a grammar run on the "
-            "fused loop (the decode engine); use loop='fused'"
+            "stop strings, logprobs (and logprobs_mode), repetition_penalty, min_new_tokens and a "
+            "grammar run on the fused loop (the decode engine); use loop='fused'"
         )
     start = time.perf_counter()
     if loop == "fused":
         engine = dict(engine_kwargs or {})
+        given = engine.setdefault("logprobs_mode", logprobs_mode)
+        if logprobs_mode is not None and given != logprobs_mode:
+            raise ConfigError(
+                f"logprobs_mode {logprobs_mode!r} and engine_kwargs' {given!r} differ; give one"
+            )
+        if engine["logprobs_mode"] is None:
+            del engine["logprobs_mode"]
         if stops:
             engine["tokenizer"] = tokenizer
         return _generate_fused(

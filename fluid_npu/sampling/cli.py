@@ -140,6 +140,13 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         help="write each token's log-probability and its N best alternatives (0-20)",
     )
     p.add_argument(
+        "--logprobs-mode",
+        default=None,
+        help="what --logprobs writes (vLLM's modes): raw_logprobs (the model's own, the default) | "
+        "processed_logprobs (the distribution the token was drawn from: penalties, grammar, "
+        "temperature, top-k/top-p/min-p) | raw_logits | processed_logits",
+    )
+    p.add_argument(
         "--structured-outputs",
         default=None,
         metavar="JSON",
@@ -241,11 +248,18 @@ def engine_switches(*, compile: bool, adaptive: bool, prefix_caching: bool) -> d
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``fluid generate``'s sampling flags as ``generate`` keywords (checked before loading)."""
+    from fluid_npu.sampling.requests import LOGPROBS_MODES
     from fluid_npu.sampling.rules import MAX_TOP_LOGPROBS, SamplingParams
 
     logprobs = args.logprobs is not None
     if logprobs and not 0 <= args.logprobs <= MAX_TOP_LOGPROBS:
         raise ConfigError(f"--logprobs N takes N in [0, {MAX_TOP_LOGPROBS}], got {args.logprobs}")
+    if args.logprobs_mode is not None and args.logprobs_mode not in LOGPROBS_MODES:
+        raise ConfigError(
+            f"--logprobs-mode {args.logprobs_mode!r} is not one of {', '.join(LOGPROBS_MODES)}"
+        )
+    if args.logprobs_mode is not None and not logprobs:
+        raise ConfigError("--logprobs-mode says what --logprobs N writes: add --logprobs N")
     try:
         SamplingParams(
             temperature=args.temperature,
@@ -272,6 +286,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "stop_in_prompt": False,  # in the output only: the same text as fluid serve returns
         "logprobs": logprobs,
         "top_logprobs": args.logprobs or 0,
+        **({"logprobs_mode": args.logprobs_mode} if args.logprobs_mode else {}),
     }
 
 
@@ -288,6 +303,7 @@ def generate_command(args: argparse.Namespace) -> int:
         left_pad,
         read_prompt_lines,
     )
+    from fluid_npu.sampling.rules import finite_logprob
     from fluid_npu.sampling.specs import flag_grammar, json_object_flag
 
     check_common(args)
@@ -371,10 +387,12 @@ def generate_command(args: argparse.Namespace) -> int:
                 row["finish_reason"] = out.finish_reasons[i]
             else:  # the reference loop stops at EOS or at the budget
                 row["finish_reason"] = "stop" if new and new[-1] in eos_ids else "length"
-            if out.logprobs is not None:
-                row["logprobs"] = out.logprobs[i]
+            if out.logprobs is not None:  # (JSON has no -inf: NO_LOGPROB, as fluid serve)
+                row["logprobs"] = [finite_logprob(v) for v in out.logprobs[i]]
             if out.top_logprobs is not None:
-                row["top_logprobs"] = [[list(pair) for pair in t] for t in out.top_logprobs[i]]
+                row["top_logprobs"] = [
+                    [[t, finite_logprob(v)] for t, v in top] for top in out.top_logprobs[i]
+                ]
             out_rows.append(row)
         print(
             f"fluid: {min(start + len(chunk), len(prompts))}/{len(prompts)} prompts, "

@@ -95,6 +95,10 @@ class Slot:
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's --scheduling-policy values
+# what a request's logprobs hold (vLLM's --logprobs-mode values): the model's own distribution
+# (raw, the default) or the one the token was chosen from (processed: logit bias, penalties,
+# grammar, temperature, top-k / top-p / min-p); as log-probabilities or as logits
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
 
 
 def enqueue(waiting: deque[Slot], slot: Slot, by_priority: bool) -> None:

@@ -31,6 +31,14 @@ from fluid_npu.errors import ConfigError
 
 ACCEPT, DRAW, DRAFT = 0, 1, 2  # the purposes of a random number
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
+NO_LOGPROB = -9999.0  # what JSON output writes for -inf (JSON has none), as vLLM's server does
+
+
+def finite_logprob(value: float | None) -> float | None:
+    """``value`` as JSON can hold it: a non-finite log-probability or logit is ``NO_LOGPROB``."""
+    return value if value is None or math.isfinite(value) else NO_LOGPROB
+
+
 MAX_LOGIT_BIAS = 300  # tokens a request may bias (the OpenAI API's limit)
 MAX_REPETITION_PENALTY = 1e4  # finite, and far inside float32 (the engine keeps it per slot)
 MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily (as vLLM treats it)
@@ -45,8 +53,9 @@ class SamplingParams:
     ``temperature`` 0 is greedy (so is one below ``MIN_TEMPERATURE``); ``top_k`` 0 and ``top_p``
     1.0 switch those filters off; ``min_p`` 0 too. ``seed`` None draws one from torch's global
     generator when the request is submitted (a given one is any 64-bit signed integer).
-    ``logprobs``: return the log-probability of each committed token under the AR distribution
-    after temperature, and its ``top_logprobs`` best alternatives (0–20). ``prompt_logprobs``
+    ``logprobs``: return the log-probability of each committed token under the model's own AR
+    distribution (what the engine's ``logprobs_mode`` reports), and its ``top_logprobs`` best
+    alternatives (0–20). ``prompt_logprobs``
     (vLLM's): every prompt token after the first with its log-probability under the model's own
     distribution (no temperature: a score) and that many alternatives (0–20; None: none), read
     from the prefill's own forwards (what a scorer such as lm-evaluation-harness asks a server

@@ -22,10 +22,20 @@ class SampledMixin:
         t, k, p, m = (x[rows] for x in (self.temp, self.top_k, self.top_p, self.min_p))
         return filtered_probs(logits, t, k, p, m)
 
-    def _logprobs(self, logits: torch.Tensor, hi: int) -> torch.Tensor:
-        """Log-probabilities under the AR distribution after temperature (1 for greedy rows)."""
+    def _logprobs(self, raw: torch.Tensor, adjusted: torch.Tensor, hi: int) -> torch.Tensor:
+        """What a request's logprobs report (``logprobs_mode``, vLLM's four), ``[hi, M+1, V]``:
+        the model's own logits ``raw`` or their log-softmax; or, processed, the logits the
+        token was chosen from — ``adjusted`` (logit bias, penalties, a grammar's mask) over the
+        temperature, the tokens top-k / top-p / min-p drop at ``-inf`` — or their log-softmax.
+        Greedy rows have no temperature and no filters (vLLM turns them off for greedy)."""
+        mode = self.logprobs_mode
+        if mode.startswith("raw"):
+            return raw if mode == "raw_logits" else raw.log_softmax(dim=-1)
+        sampled = (self.temp[:hi] > 0)[:, None, None]
         t = torch.where(self.temp[:hi] > 0, self.temp[:hi], 1.0)[:, None, None]
-        return (logits / t).log_softmax(dim=-1)
+        kept = self._filtered(adjusted, slice(0, hi)) > 0
+        scores = torch.where(sampled & ~kept, -math.inf, adjusted / t)
+        return scores if mode == "processed_logits" else scores.log_softmax(dim=-1)
 
     def _verify_sampled(
         self,

@@ -72,7 +72,14 @@ from fluid_npu.sampling.lean import LeanDecoder
 from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
-from fluid_npu.sampling.requests import SCHEDULING_POLICIES, Event, Request, Slot, enqueue
+from fluid_npu.sampling.requests import (
+    LOGPROBS_MODES,
+    SCHEDULING_POLICIES,
+    Event,
+    Request,
+    Slot,
+    enqueue,
+)
 from fluid_npu.sampling.reuse import SlotPrefixes
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.step import StepMixin, _pow2, _round_up
@@ -111,13 +118,16 @@ class Scheduler(PrefillMixin, StepMixin):
         prefix_caching: bool = True,
         prefix_slots: int = 0,
         scheduling_policy: str = "fcfs",
+        logprobs_mode: str = "raw_logprobs",
     ) -> None:
-        if scheduling_policy not in SCHEDULING_POLICIES:
-            raise ConfigError(
-                f"scheduling_policy {scheduling_policy!r} is not one of "
-                f"{', '.join(SCHEDULING_POLICIES)}"
-            )
+        for name, value, choices in (
+            ("scheduling_policy", scheduling_policy, SCHEDULING_POLICIES),
+            ("logprobs_mode", logprobs_mode, LOGPROBS_MODES),
+        ):
+            if value not in choices:
+                raise ConfigError(f"{name} {value!r} is not one of {', '.join(choices)}")
         self.scheduling_policy = scheduling_policy
+        self.logprobs_mode = logprobs_mode
         if max_batch < 1 or prefill_chunk < 1:
             raise ConfigError(
                 f"max_batch and prefill_chunk must be at least 1, got {max_batch}, {prefill_chunk}"

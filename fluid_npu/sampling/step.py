@@ -202,6 +202,9 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin):
         if any_sampled or any_lp:
             logits = self.head.logits(hidden[:, : big_m + 1])  # [hi, M+1, V]
         pen_rows = None
+        raw = logits  # the model's own, for logprobs (the adjusted rows' are replaced below)
+        if adjusted and any_lp and self.logprobs_mode.startswith("raw"):
+            raw = logits.clone()
         if adjusted:  # the penalised (penalties.py) / constrained AR distribution, and its argmax
             at = torch.tensor(adjusted, device=dev)
             own = self.head.logits(hidden[at, : big_m + 1]) if logits is None else logits[at]
@@ -336,7 +339,7 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin):
         n_top = 0
         if any_lp:  # logprobs of the committed tokens (+ the best alternatives), same read
             n_top = max(s.params.top_logprobs for s in self.slots[:hi] if s is not None)
-            lp = self._logprobs(logits, hi)
+            lp = self._logprobs(raw, logits, hi)
             parts = [packed_t.double(), lp.gather(-1, toks[..., None])[..., 0].double()]
             if n_top:
                 top = lp.topk(n_top, dim=-1)

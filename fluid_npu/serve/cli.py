@@ -167,6 +167,14 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         "(a request's priority field, lower first, then arrival; running requests are not "
         "preempted)",
     )
+    p.add_argument(
+        "--logprobs-mode",
+        default="raw_logprobs",
+        help="what logprobs hold (vLLM's modes): raw_logprobs (the model's own distribution; "
+        "the default, as vLLM) | processed_logprobs (the one the token was drawn from: logit "
+        "bias, penalties, grammar, temperature, top-k/top-p/min-p) | raw_logits | "
+        "processed_logits; prompt logprobs (echo) are the model's own in every mode",
+    )
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -273,6 +281,7 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         tool_call_parser=args.tool_call_parser,
         data_parallel_size=1 if args.data_parallel_size is None else args.data_parallel_size,
         scheduling_policy=args.scheduling_policy,
+        logprobs_mode=args.logprobs_mode,
         prefill_chunk=args.prefill_chunk,
         seed=args.seed,
         **serving,  # type: ignore[arg-type]

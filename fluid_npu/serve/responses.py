@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import codecs
 import json
-import math
 import time
 from typing import Any
 
+from fluid_npu.sampling.rules import finite_logprob as _finite
 from fluid_npu.serve.text import TokenText
 
 DONE = "data: [DONE]\n\n"
@@ -53,10 +53,6 @@ def usage(
         "forwards": forwards,
         "tpf": round(tpf, 4),
     }
-
-
-def _finite(logprob: float | None) -> float | None:
-    return logprob if logprob is None or math.isfinite(logprob) else -9999.0
 
 
 def sse(payload: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.requests import SCHEDULING_POLICIES
+from fluid_npu.sampling.requests import LOGPROBS_MODES, SCHEDULING_POLICIES
 from fluid_npu.serve.app import ServeConfig, create_app
 from fluid_npu.serve.network import Network, ServerClosingTLS
 from fluid_npu.serve.protocol import SamplingDefaults
@@ -70,6 +70,7 @@ class ServeSettings:
     tool_call_parser: str | None = None  # how (tools.py)
     data_parallel_size: int = 1  # engine ranks behind one address (dp.py)
     scheduling_policy: str = "fcfs"  # which waiting request starts next: fcfs | priority
+    logprobs_mode: str = "raw_logprobs"  # what logprobs hold (vLLM's --logprobs-mode)
     prefill_chunk: int | None = None  # prompt tokens a slot encodes per step (None: the engine's)
     seed: int | None = None  # torch's global seed at start: unseeded draws repeat across restarts
     network: Network = field(default_factory=Network)  # CORS and TLS (network.py)
@@ -101,6 +102,10 @@ class ServeSettings:
             raise ConfigError(
                 f"--scheduling-policy {self.scheduling_policy!r} is not one of "
                 f"{', '.join(SCHEDULING_POLICIES)}"
+            )
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ConfigError(
+                f"--logprobs-mode {self.logprobs_mode!r} is not one of {', '.join(LOGPROBS_MODES)}"
             )
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ConfigError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
@@ -220,6 +225,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         prefix_caching=settings.prefix_caching,
         prefix_slots=settings.prefix_cache_slots,
         scheduling_policy=settings.scheduling_policy,
+        logprobs_mode=settings.logprobs_mode,
         **({} if settings.prefill_chunk is None else {"prefill_chunk": settings.prefill_chunk}),
     )
     max_len = scheduler.max_len
@@ -236,6 +242,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "prefix_caching": settings.prefix_caching,
         "prefix_cache_slots": settings.prefix_cache_slots,
         "scheduling_policy": settings.scheduling_policy,
+        "logprobs_mode": settings.logprobs_mode,
         "prefill_chunk": scheduler.prefill_chunk,
         "seed": settings.seed,
         "torch_threads": torch.get_num_threads(),

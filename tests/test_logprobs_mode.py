@@ -1,0 +1,107 @@
+"""What a request's logprobs hold under each ``logprobs_mode`` (vLLM's ``--logprobs-mode``).
+
+Every committed token's reported value and its best alternatives are checked against transformers'
+own forward over the prompt and the output so far, processed by transformers' own logits
+processors (repetition penalty, temperature, top-k) for the ``processed_*`` modes: ``raw_*`` is the
+model's distribution whatever the request's settings, ``processed_*`` the one the token was chosen
+from — for a greedy row the penalty alone (no temperature, no filters, as vLLM).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+)
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.api import generate
+from fluid_npu.sampling.offline import run_requests
+from fluid_npu.sampling.requests import LOGPROBS_MODES
+from fluid_npu.sampling.rules import SamplingParams
+from fluid_npu.sampling.scheduler import Request, Scheduler
+
+PENALTY, TEMPERATURE, TOP_K, N_TOP = 1.3, 0.7, 2, 3  # N_TOP > TOP_K: one alternative is dropped
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(mask_token=True)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_tiny_model("llama", tok, seed=3)
+
+
+def _reference(model, prompt, tokens, mode, sampled):
+    """Per output position: what ``mode`` reports, from transformers' forward and processors."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+    out = []
+    for i, row in enumerate(logits):
+        scores = row[None]
+        if mode.startswith("processed"):
+            seen = torch.tensor([prompt + tokens[:i]])
+            steps = [RepetitionPenaltyLogitsProcessor(PENALTY)]
+            if sampled:
+                steps += [TemperatureLogitsWarper(TEMPERATURE), TopKLogitsWarper(TOP_K)]
+            scores = LogitsProcessorList(steps)(seen, scores)
+        out.append(scores[0] if mode.endswith("logits") else scores[0].log_softmax(-1))
+    return out
+
+
+@pytest.mark.parametrize("mode", LOGPROBS_MODES)
+def test_each_mode_reports_its_distribution(tok, model, mode):
+    prompt = tok("hello world")["input_ids"]
+    wants = dict(logprobs=True, top_logprobs=N_TOP, repetition_penalty=PENALTY)
+    params = {
+        "sampled": SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, seed=4, **wants),
+        "greedy": SamplingParams(**wants),
+    }
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=2, eos_ids=[],
+                      k_max=4, logprobs_mode=mode)  # fmt: skip
+    reqs = [Request(name, prompt, 8, sampling=p) for name, p in params.items()]
+    done = run_requests(sched, reqs)
+    for name, fin in done.items():
+        tokens, lps, tops = fin.tokens, fin.logprobs, fin.top_logprobs
+        assert len(tokens) == len(lps) == len(tops) == 8
+        ref = _reference(model, prompt, tokens, mode, sampled=name == "sampled")
+        for i, t in enumerate(tokens):
+            assert lps[i] == pytest.approx(float(ref[i][t]), abs=1e-4), (name, i)
+            values = [v for _, v in tops[i]]
+            best = ref[i].topk(N_TOP)
+            assert values == pytest.approx(best.values.tolist(), abs=1e-4), (name, i)
+            finite = [tid for tid, v in tops[i] if math.isfinite(v)]
+            assert finite == best.indices.tolist()[: len(finite)]
+        dropped = [v for top in tops for _, v in top if not math.isfinite(v)]
+        # a sampled row's processed top-3 holds the alternative top-k 2 dropped, at -inf
+        filtered = name == "sampled" and mode.startswith("processed")
+        assert dropped == ([-math.inf] * len(tokens) if filtered else []), name
+
+
+def test_raw_logprobs_are_the_default_and_the_reference_loop_has_none(tok, model):
+    assert Scheduler(model, tok.mask_token_id, max_batch=1).logprobs_mode == "raw_logprobs"
+    ids = [tok("hello")["input_ids"]]
+    # through generate: the same seeded tokens, their logits over the temperature when processed
+    got = {}
+    for mode in ("raw_logits", "processed_logits"):
+        out = generate(model, tok, ids, policy="fixed:3", max_new_tokens=4, logprobs=True,
+                       do_sample=True, temperature=0.5, seed=1, logprobs_mode=mode)  # fmt: skip
+        got[mode] = (out.new_tokens[0], out.logprobs[0])
+    assert got["processed_logits"][0] == got["raw_logits"][0]
+    assert got["processed_logits"][1] == pytest.approx([2 * v for v in got["raw_logits"][1]])
+    with pytest.raises(ConfigError, match="logprobs_mode 'logits' is not one of raw_logprobs"):
+        Scheduler(model, tok.mask_token_id, max_batch=1, logprobs_mode="logits")
+    with pytest.raises(ConfigError, match="use loop='fused'"):
+        generate(model, tok, ids, loop="reference", logprobs_mode="raw_logits")
+    with pytest.raises(ConfigError, match="differ; give one"):
+        generate(model, tok, ids, logprobs=True, logprobs_mode="raw_logits",
+                 engine_kwargs={"logprobs_mode": "processed_logits"})  # fmt: skip
