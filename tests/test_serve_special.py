@@ -113,3 +113,21 @@ def test_over_the_wire(special_script):
             "skip_special_tokens": False, "include_stop_str_in_output": True})  # fmt: skip
         assert kept.choices[0].text == TOK.decode(want, skip_special_tokens=False)
         assert kept.choices[0].text.endswith(TOK.eos_token)
+        # the Responses route takes the fields as chat does (vLLM's ResponsesRequest has them)
+        extra = {"skip_special_tokens": False, "include_stop_str_in_output": True}
+        chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}],
+                                         max_tokens=20, extra_body=extra)  # fmt: skip
+        text = chat.choices[0].message.content
+        assert TOK.decode([MASK]) in text and text.endswith(TOK.eos_token)
+        r = c.responses.create(model="tiny", input="a", max_output_tokens=20, extra_body=extra)
+        assert r.output_text == text
+        plain = c.responses.create(model="tiny", input="a", max_output_tokens=20)
+        assert (
+            plain.output_text
+            == c.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=20
+            )
+            .choices[0]
+            .message.content
+        )
+        assert TOK.decode([MASK]) not in plain.output_text

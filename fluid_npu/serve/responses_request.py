@@ -19,6 +19,7 @@ in ``input``, and nothing is kept after the answer. A Responses body becomes a c
   ``include: ["message.output_text.logprobs"]`` → ``logprobs``; ``temperature``, ``top_p``,
   ``parallel_tool_calls``, ``user``, ``stream`` as they are; vLLM's decoding extensions
   (``top_k``, ``min_p``, ``seed``, ``stop``, penalties, ``logit_bias``, ``min_tokens``,
+  ``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``,
   ``chat_template_kwargs``, ``priority``) as on chat.
 * Accepted as tags and repeated in the response: ``metadata`` (up to 16 string pairs),
   ``safety_identifier``, ``prompt_cache_key`` (prefixes are reused without it),
@@ -53,7 +54,8 @@ LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value this serv
 # fields handed to the chat route under their own name (its checks name them alike)
 PASSED = ("model", "temperature", "top_p", "stream", "parallel_tool_calls", "user", "top_k",
           "min_p", "seed", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty",
-          "logit_bias", "min_tokens", "chat_template_kwargs", "priority")  # fmt: skip
+          "logit_bias", "min_tokens", "chat_template_kwargs", "priority", "ignore_eos",
+          "skip_special_tokens", "include_stop_str_in_output")  # fmt: skip
 MAX_METADATA = 16  # pairs, as the OpenAI API allows (keys up to 64 characters, values 512)
 
 
@@ -125,6 +127,9 @@ class ResponsesBody(_Strict):
     min_tokens: Any = None
     chat_template_kwargs: Any = None
     priority: Any = None
+    ignore_eos: Any = None
+    skip_special_tokens: Any = None
+    include_stop_str_in_output: Any = None
 
 
 @dataclass
