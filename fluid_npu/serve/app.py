@@ -96,6 +96,7 @@ class ServeConfig:
     reasoning_parser: str | None = None  # --reasoning-parser: chat reasoning apart (reasoning.py)
     tool_call_parser: str | None = None  # --enable-auto-tool-choice's parser (tools.py)
     request_id_headers: bool = False  # X-Request-Id on every response (http.RequestIdHeader)
+    tokens_as_ids: bool = False  # --return-tokens-as-token-ids: logprobs' tokens "token_id:N"
 
 
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
@@ -299,7 +300,14 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         except APIError as exc:  # counted once, by close (finish_reason "error"), not as a refusal
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         choices = [
-            shape.choice("".join(text), gen.finish_reason, gen.logprobs, "".join(thought), call)
+            shape.choice(
+                "".join(text),
+                gen.finish_reason,
+                gen.logprobs,
+                "".join(thought),
+                call,
+                gen.token_ids,
+            )
             for shape, gen, text, thought, call in zip(shapes, gens, pieces, thoughts, calls)
         ]
         return JSONResponse(shapes[0].answer(choices, usage(gens, s.n)))
@@ -340,9 +348,13 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                                                    req.sampling.skip_special)  # fmt: skip
             cid = f"cmpl-{base}"
         created = int(time.time())
+        s = req.sampling
+        as_ids = config.tokens_as_ids if s.tokens_as_ids is None else s.tokens_as_ids
         shapes = [Shape(chat, cid, config.model_name, words, index=k, created=created,
-                        skip_special=req.sampling.skip_special)
-                  for k in range(len(prompts) * req.sampling.n)]  # fmt: skip
+                        skip_special=s.skip_special, return_ids=s.return_token_ids, as_ids=as_ids)
+                  for k in range(len(prompts) * s.n)]  # fmt: skip
+        for shape in shapes:
+            shape.prompt_ids = prompts[shape.index // s.n]
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
         grammar = await compiled(req.sampling)
         chat_req = isinstance(req, protocol.ChatRequest)

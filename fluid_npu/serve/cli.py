@@ -175,6 +175,12 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         "bias, penalties, grammar, temperature, top-k/top-p/min-p) | raw_logits | "
         "processed_logits; prompt logprobs (echo) are the model's own in every mode",
     )
+    p.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help="logprobs name each token 'token_id:N' (its bytes still the token's own), unless a "
+        "request's return_tokens_as_token_ids says otherwise (vLLM's flag)",
+    )
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -282,6 +288,7 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         data_parallel_size=1 if args.data_parallel_size is None else args.data_parallel_size,
         scheduling_policy=args.scheduling_policy,
         logprobs_mode=args.logprobs_mode,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         prefill_chunk=args.prefill_chunk,
         seed=args.seed,
         **serving,  # type: ignore[arg-type]

@@ -82,6 +82,8 @@ class Generation:
         self.forwards = 0
         self.cached = 0  # prompt tokens the engine found in a slot's cache
         self.logprobs: list[LogprobEntry] | None = [] if logprobs else None
+        self.token_ids: list[int] = []  # the output's tokens (up to a stop string; EOS counted)
+        self._taken = 0  # how many of them take_ids has returned
         self._last: float | None = None  # when tokens last arrived ...
         self._first = 0.0  # ... and first
         self._tokens = 0  # tokens delivered
@@ -113,6 +115,7 @@ class Generation:
             used = self.detok.tokens_used
             text = self.detok.add(item.tokens)
             entries = self._entries(item, self.detok.tokens_used - used)
+            self.token_ids += item.tokens[: self.detok.tokens_used - used]
             if self.detok.stopped:
                 self.finish_reason = "stop"
                 if not item.finished:
@@ -134,6 +137,11 @@ class Generation:
                         self.finish_reason = self.tools.finish_reason
             if text or entries or reasoning or calls:
                 yield text, entries, reasoning, calls
+
+    def take_ids(self) -> list[int]:
+        """The output's token ids no earlier call returned (a stream's chunk carries them)."""
+        ids, self._taken = self.token_ids[self._taken :], len(self.token_ids)
+        return ids
 
     def _prompt_entries(self, echo: Echo, item: Any) -> list[LogprobEntry] | None:
         """The prompt's tokens with their log-probabilities (the first one's null), from the
@@ -284,7 +292,8 @@ async def events(
         try:
             async for text, entries, reasoning, calls in gen.deltas():
                 await out.put((n, shape.chunk(text, logprobs=entries, reasoning=reasoning,
-                                              tool_calls=calls, use=so_far(n))))  # fmt: skip
+                                              tool_calls=calls, use=so_far(n),
+                                              token_ids=gen.take_ids())))  # fmt: skip
         except APIError as exc:  # the engine failed mid-stream: say so in the stream, then end it
             await out.put((n, exc))
         except Exception as exc:  # a bug: the stream still ends, with the error in it
@@ -306,7 +315,8 @@ async def events(
             open_ -= 1  # choice n ended: its last chunk (the usage once: in the last one ended,
             # or in its own chunk when asked for, as OpenAI's; continuous: the choice's own)
             last = usage(gens, s.n) if not open_ and not s.include_usage else so_far(n)
-            yield shapes[n].chunk(None if shapes[n].chat else "", gens[n].finish_reason, last)
+            yield shapes[n].chunk(None if shapes[n].chat else "", gens[n].finish_reason, last,
+                                  token_ids=gens[n].take_ids())  # fmt: skip
         if s.include_usage:
             yield shapes[0].usage_chunk(usage(gens, s.n))
         yield DONE

@@ -57,6 +57,12 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   assistant ``tool_calls`` and ``tool`` messages;
 * structured outputs (``structured.py``): ``response_format`` (``json_object``, ``json_schema``)
   and vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``), on both routes;
+* vLLM's ``return_token_ids`` (the prompt's token ids — completions: per choice; chat: beside
+  the choices — and each choice's output ``token_ids``, EOS included; streamed: the prompt's in a
+  choice's first chunk, each chunk the ids it delivered) and ``return_tokens_as_token_ids`` (a
+  log-probability's token written ``token_id:N``, its ``bytes`` still the token's own; the
+  server's ``--return-tokens-as-token-ids`` where left out), for clients that must not
+  tokenize the text again (agent and RL loops);
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
   ``suffix`` absent; any other value is an error naming the field and what is supported;
   ``user`` is an opaque end-user tag, accepted; so are OpenAI's chat tags (``metadata``,
@@ -151,6 +157,8 @@ class _Common(_Strict, StructuredFields):
     include_stop_str_in_output: bool | None = None  # vLLM's: the text keeps the stop string
     stop_token_ids: list[int] | None = None  # vLLM's: more tokens that end the request as EOS
     skip_special_tokens: bool | None = None  # vLLM's: false writes special tokens in the text
+    return_token_ids: bool | None = None  # vLLM's: prompt_token_ids and token_ids returned
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs tokens as "token_id:N"
 
 
 class _Rendering(_Strict):
@@ -196,6 +204,8 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()  # end the request as EOS does (not spelled)
     include_stop: bool = False  # the text keeps the stop string (or stop token) that ended it
     skip_special: bool = True  # special tokens are no text (False: written out, vLLM's)
+    return_token_ids: bool = False  # the prompt's and the output's token ids come back too
+    tokens_as_ids: bool | None = None  # logprobs' tokens as "token_id:N" (None: the server's)
     model: str | None = None
     max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
     echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
@@ -375,6 +385,8 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         stop_token_ids=stop_ids,
         include_stop=bool(body.include_stop_str_in_output),
         skip_special=body.skip_special_tokens is not False,
+        return_token_ids=bool(body.return_token_ids),
+        tokens_as_ids=body.return_tokens_as_token_ids,
         model=body.model,
         n=body.n or 1,
         priority=body.priority or 0,

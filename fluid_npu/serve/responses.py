@@ -72,9 +72,15 @@ class Shape:
         index: int = 0,
         created: int | None = None,
         skip_special: bool = True,
+        return_ids: bool = False,
+        as_ids: bool = False,
     ) -> None:
         self.chat = chat
         self.skip_special = skip_special  # whether the returned text leaves special tokens out
+        self.return_ids = return_ids  # vLLM's return_token_ids: the prompt's and output's ids
+        self.prompt_ids: list[int] = []  # (set by the app when return_ids)
+        self._prompt_sent = False  # a stream carries them in the choice's first chunk
+        self.as_ids = as_ids  # vLLM's return_tokens_as_token_ids: logprobs' tokens "token_id:N"
         self.id = request_id
         self.model = model
         self.tokens = tokens  # the text and bytes of log-probability tokens
@@ -103,11 +109,12 @@ class Shape:
         words = self.tokens
         if words is None:
             raise ValueError("log-probabilities need the tokenizer's TokenText")
+        name = (lambda t: f"token_id:{t}") if self.as_ids else words.text  # (bytes stay the text's)
         if self.chat:
 
             def item(tok: int, lp: float) -> dict[str, Any]:
                 raw = words.bytes(tok)
-                return {"token": words.text(tok), "logprob": _finite(lp), "bytes": list(raw)}
+                return {"token": name(tok), "logprob": _finite(lp), "bytes": list(raw)}
 
             content = [
                 {**item(tok, lp), "top_logprobs": [item(t, p) for t, p in top]}
@@ -128,10 +135,10 @@ class Shape:
                 self.offset += len(piece)
         # the token itself, then its alternatives (OpenAI's "up to logprobs + 1", as vLLM)
         tops = [None if top is None or lp is None else
-                {words.text(tok): _finite(lp), **{words.text(t): _finite(p) for t, p in top}}
+                {name(tok): _finite(lp), **{name(t): _finite(p) for t, p in top}}
                 for tok, lp, top in entries]  # fmt: skip
         return {
-            "tokens": [words.text(tok) for tok, _, _ in entries],
+            "tokens": [name(tok) for tok, _, _ in entries],
             "token_logprobs": [_finite(lp) for _, lp, _ in entries],
             "top_logprobs": tops,
             "text_offset": offsets,
@@ -147,6 +154,7 @@ class Shape:
         logprobs: list[LogprobEntry] | None = None,
         reasoning: str = "",
         tool_calls: list[dict[str, Any]] | None = None,
+        token_ids: list[int] | None = None,
     ) -> dict[str, Any]:
         """This shape's choice of a non-streamed answer (``reasoning``: the reasoning parser's
         part, written as vLLM writes it: ``reasoning`` and ``reasoning_content``, null when the
@@ -168,11 +176,27 @@ class Shape:
             out["text"] = text
         out["logprobs"] = self.logprobs(logprobs)
         out["finish_reason"] = finish_reason
+        if self.return_ids:  # vLLM's return_token_ids (a chat's prompt ids: beside the choices)
+            if not self.chat:
+                out["prompt_token_ids"] = list(self.prompt_ids)
+            out["token_ids"] = list(token_ids or [])
         return out
+
+    def _token_ids(self, body: dict[str, Any], choice: dict[str, Any], ids: Any) -> None:
+        """A stream's ``return_token_ids``: the ids this chunk delivers in ``choice``; the
+        prompt's in the choice's first chunk, in the choice (completions) or the body (chat)."""
+        if not self.return_ids:
+            return
+        if not self._prompt_sent:
+            (body if self.chat else choice)["prompt_token_ids"] = list(self.prompt_ids)
+            self._prompt_sent = True
+        choice["token_ids"] = list(ids or [])
 
     def answer(self, choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
         """The non-streamed answer holding ``choices`` (by ``index``)."""
         body = self._head("chat.completion" if self.chat else "text_completion")
+        if self.chat and self.return_ids:  # (a chat's choices share their prompt)
+            body["prompt_token_ids"] = list(self.prompt_ids)
         body["choices"] = sorted(choices, key=lambda c: c["index"])
         body["usage"] = use
         return body
@@ -186,6 +210,7 @@ class Shape:
         logprobs: list[LogprobEntry] | None = None,
         reasoning: str = "",
         tool_calls: list[dict[str, Any]] | None = None,
+        token_ids: list[int] | None = None,
     ) -> str:
         """One stream event: a text delta (``None``: none), its tokens' log-probabilities, maybe
         the end and the usage; chat with a reasoning parser: the reasoning's delta as
@@ -215,6 +240,7 @@ class Shape:
                 "logprobs": lps,
                 "finish_reason": finish_reason,
             }
+        self._token_ids(body, choice, token_ids)
         body["choices"] = [choice]
         if use is not None:
             body["usage"] = use

@@ -71,6 +71,7 @@ class ServeSettings:
     data_parallel_size: int = 1  # engine ranks behind one address (dp.py)
     scheduling_policy: str = "fcfs"  # which waiting request starts next: fcfs | priority
     logprobs_mode: str = "raw_logprobs"  # what logprobs hold (vLLM's --logprobs-mode)
+    return_tokens_as_token_ids: bool = False  # logprobs' tokens "token_id:N" by default
     prefill_chunk: int | None = None  # prompt tokens a slot encodes per step (None: the engine's)
     seed: int | None = None  # torch's global seed at start: unseeded draws repeat across restarts
     network: Network = field(default_factory=Network)  # CORS and TLS (network.py)
@@ -378,6 +379,7 @@ def load_engine(settings: ServeSettings) -> tuple[Worker, Any, ServeConfig]:
         reasoning_parser=settings.reasoning_parser,
         tool_call_parser=settings.tool_call_parser,
         request_id_headers=settings.enable_request_id_headers,
+        tokens_as_ids=settings.return_tokens_as_token_ids,
     )
     return Worker(scheduler), tokenizer, config
 

@@ -1,0 +1,115 @@
+"""vLLM's ``return_token_ids`` and ``return_tokens_as_token_ids`` on ``fluid serve``: the prompt's
+and the output's token ids come back (streamed: the prompt's once per choice, each chunk the ids it
+delivered, adding up to the whole answer's), and log-probabilities can name tokens by id — what an
+agent or RL loop needs so as not to tokenize a text again. Driven by the official ``openai``
+client against the scripted scheduler of ``test_serve_http.py``."""
+
+from __future__ import annotations
+
+import httpx
+from test_serve_http import EOS, TOK, ScriptedScheduler, client, script, serving
+
+IDS = {"return_token_ids": True}
+USER = [{"role": "user", "content": "Name a fox."}]
+
+
+def _streamed(chunks) -> tuple[list[list[int]], list[int], str]:
+    """The prompt ids each chunk carried (those that did), all output ids, and the text."""
+    prompts, ids, text = [], [], ""
+    for ch in chunks:
+        extra = ch.model_extra or {}
+        if "prompt_token_ids" in extra:
+            prompts.append(extra["prompt_token_ids"])
+        for choice in ch.choices:
+            more = choice.model_extra or {}
+            prompts += [more["prompt_token_ids"]] if "prompt_token_ids" in more else []
+            ids += more.get("token_ids") or []
+            delta = getattr(choice, "delta", None)  # (chat's; a completion's is its text)
+            text += (choice.text if delta is None else delta.content) or ""
+    return prompts, ids, text
+
+
+def test_completions_return_the_prompt_and_output_ids_streamed_or_not():
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        given = ["a fox", "over the lazy dog"]
+        out = c.completions.create(model="tiny", prompt=given, max_tokens=30, extra_body=IDS)
+        for choice, text in zip(out.choices, given):
+            prompt = TOK(text)["input_ids"]
+            extra = choice.model_extra
+            assert extra["prompt_token_ids"] == prompt
+            assert extra["token_ids"] == script(prompt, 30, eos=True)  # EOS included
+            assert extra["token_ids"][-1] == EOS and choice.finish_reason == "stop"
+            assert choice.text == TOK.decode(extra["token_ids"], skip_special_tokens=True)
+        # a stop string: the ids up to the one that completed it
+        prompt = TOK("a fox")["input_ids"]
+        stopped = c.completions.create(model="tiny", prompt="a fox", max_tokens=30, stop=["brown"],
+                                       extra_body=IDS).choices[0]  # fmt: skip
+        ids = stopped.model_extra["token_ids"]
+        assert ids == script(prompt, 30, eos=True)[: len(ids)]
+        assert TOK.decode(ids).endswith("brown") and "brown" not in TOK.decode(ids[:-1])
+        assert stopped.text == TOK.decode(ids).removesuffix("brown")
+        # streamed: the prompt once, then the ids as they come, adding up to the whole
+        chunks = list(c.completions.create(model="tiny", prompt="a fox", max_tokens=30,
+                                           stream=True, extra_body=IDS))  # fmt: skip
+        prompts, ids, text = _streamed(chunks)
+        assert prompts == [prompt] and ids == script(prompt, 30, eos=True)
+        assert text == TOK.decode(ids, skip_special_tokens=True)
+        # not asked for: the answer is OpenAI's, without them
+        plain = httpx.post(
+            f"{url}/v1/completions",
+            timeout=60,
+            json={"model": "tiny", "prompt": "a fox", "max_tokens": 5},
+        ).json()
+        assert (
+            "token_ids" not in plain["choices"][0] and "prompt_token_ids" not in plain["choices"][0]
+        )
+
+
+def test_chat_returns_the_rendered_prompt_ids_beside_the_choices():
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        out = c.chat.completions.create(model="tiny", messages=USER, max_tokens=30, n=2,
+                                        extra_body=IDS)  # fmt: skip
+        prompt = sched.requests[-1].prompt  # (the chat template's rendering)
+        assert out.model_extra["prompt_token_ids"] == prompt
+        for choice in out.choices:
+            assert "prompt_token_ids" not in choice.model_extra
+            assert choice.model_extra["token_ids"] == script(prompt, 30, eos=True)
+        chunks = list(c.chat.completions.create(model="tiny", messages=USER, max_tokens=30,
+                                                stream=True, extra_body=IDS))  # fmt: skip
+        prompts, ids, text = _streamed(chunks)
+        assert prompts == [prompt] and "prompt_token_ids" in (chunks[0].model_extra or {})
+        assert ids == script(prompt, 30, eos=True) and text == out.choices[0].message.content
+
+
+def test_logprobs_name_tokens_by_id_where_asked():
+    sched = ScriptedScheduler()
+    with serving(sched, tokens_as_ids=True) as (url, _, _):  # --return-tokens-as-token-ids
+        c = client(url)
+        out = c.completions.create(model="tiny", prompt="a fox", max_tokens=6, logprobs=1,
+                                   extra_body=IDS).choices[0]  # fmt: skip
+        ids = out.model_extra["token_ids"]
+        assert out.logprobs.tokens == [f"token_id:{t}" for t in ids]
+        assert [list(top) for top in out.logprobs.top_logprobs] == [
+            [f"token_id:{t}"] for t in ids]  # fmt: skip
+        assert out.logprobs.text_offset[1] == len(TOK.decode(ids[:1]))  # offsets: the text's
+        chat = c.chat.completions.create(model="tiny", messages=USER, max_tokens=6, logprobs=True,
+                                         top_logprobs=2, extra_body=IDS).choices[0]  # fmt: skip
+        ids = chat.model_extra["token_ids"]
+        content = chat.logprobs.content
+        assert [e.token for e in content] == [f"token_id:{t}" for t in ids]
+        assert [e.bytes for e in content] == [list(TOK.decode([t]).encode()) for t in ids]
+        assert [e.token for e in content[0].top_logprobs] == [f"token_id:{ids[0]}",
+                                                              f"token_id:{EOS}"]  # fmt: skip
+        # a request may turn the server's setting off
+        off = c.chat.completions.create(
+            model="tiny",
+            messages=USER,
+            max_tokens=6,
+            logprobs=True,
+            extra_body={"return_tokens_as_token_ids": False},
+        )
+        assert off.choices[0].logprobs.content[0].token == TOK.decode(ids[:1])
