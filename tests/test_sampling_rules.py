@@ -387,8 +387,9 @@ def test_prompt_logprobs_are_the_models_whatever_the_chunks_and_batch(tok, lean)
             ref = plain[len(prompt)].log_softmax(-1)  # (raw: a score, not a sampling setting)
             got = firsts[rid]
             assert len(got) == len(prompt) - 1
-            for j, (lp, top) in enumerate(got):
+            for j, (lp, top, rank) in enumerate(got):
                 assert lp == pytest.approx(float(ref[j, prompt[j + 1]]), abs=1e-4)
+                assert rank == int((ref[j] >= ref[j, prompt[j + 1]]).sum())  # (vLLM's count)
                 best = ref[j].topk(params.prompt_logprobs or 1)
                 assert [t for t, _ in top] == best.indices.tolist()[: len(top)]
                 assert len(top) == params.prompt_logprobs

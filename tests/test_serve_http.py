@@ -47,7 +47,7 @@ class Ev:
     accepted: int
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]], int]] | None = None
     cached: int = 0
 
 
@@ -136,8 +136,8 @@ class ScriptedScheduler:
                                    for t, lp in zip(chunk, ev.logprobs)]  # fmt: skip
             asked = req.sampling.prompt_logprobs if req.sampling is not None else None
             if fw == 0 and asked is not None:  # scripted: prompt token j + 1 has -0.5 (j + 1)
-                ev.prompt_logprobs = [(-0.5 * (j + 1), [(t, -0.5 * (j + 1)), (EOS, -9.0)][:asked])
-                                      for j, t in enumerate(req.prompt[1:])]  # fmt: skip
+                ev.prompt_logprobs = [(-0.5 * (j + 1), [(t, -0.5 * (j + 1)), (EOS, -9.0)][:asked],
+                                       1) for j, t in enumerate(req.prompt[1:])]  # fmt: skip
             events.append(ev)
         return events
 

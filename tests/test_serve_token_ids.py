@@ -1,8 +1,9 @@
-"""vLLM's ``return_token_ids`` and ``return_tokens_as_token_ids`` on ``fluid serve``: the prompt's
-and the output's token ids come back (streamed: the prompt's once per choice, each chunk the ids it
-delivered, adding up to the whole answer's), and log-probabilities can name tokens by id — what an
-agent or RL loop needs so as not to tokenize a text again. Driven by the official ``openai``
-client against the scripted scheduler of ``test_serve_http.py``."""
+"""vLLM's token-level extensions on ``fluid serve``: ``return_token_ids`` (the prompt's and the
+output's token ids come back; streamed: the prompt's once per choice, each chunk the ids it
+delivered, adding up to the whole answer's), ``return_tokens_as_token_ids`` (log-probabilities
+name tokens by id) — what an agent or RL loop needs so as not to tokenize a text again — and
+``prompt_logprobs`` (a prompt scored token by token, as a reference model is). Driven by the
+official ``openai`` client against the scripted scheduler of ``test_serve_http.py``."""
 
 from __future__ import annotations
 
@@ -113,3 +114,42 @@ def test_logprobs_name_tokens_by_id_where_asked():
             extra_body={"return_tokens_as_token_ids": False},
         )
         assert off.choices[0].logprobs.content[0].token == TOK.decode(ids[:1])
+
+
+def test_prompt_logprobs_come_with_ranks_and_their_own_count_of_alternatives():
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        prompt = TOK("a fox")["input_ids"]
+        one = c.completions.create(model="tiny", prompt="a fox", max_tokens=3,
+                                   extra_body={"prompt_logprobs": 2}).choices[0]  # fmt: skip
+        scored = one.model_extra["prompt_logprobs"]  # scripted: token j + 1 at -0.5 (j + 1)
+        assert scored[0] is None and len(scored) == len(prompt)
+        for j, (tok, entry) in enumerate(zip(prompt[1:], scored[1:])):
+            own = {"logprob": -0.5 * (j + 1), "rank": 1, "decoded_token": TOK.decode([tok])}
+            eos = {"logprob": -9.0, "rank": 2, "decoded_token": "</s>"}
+            assert entry == {str(tok): own, str(EOS): eos}
+        # with echo + logprobs 1 as well: the echoed entries keep their one alternative
+        both = c.completions.create(
+            model="tiny",
+            prompt="a fox",
+            max_tokens=3,
+            echo=True,
+            logprobs=1,
+            extra_body={"prompt_logprobs": 2},
+        ).choices[0]
+        assert sched.requests[-1].sampling.prompt_logprobs == 2
+        assert both.model_extra["prompt_logprobs"] == scored
+        assert all(len(t) == 1 for t in both.logprobs.top_logprobs[1 : len(prompt)])
+        chat = c.chat.completions.create(model="tiny", messages=USER, max_tokens=3,
+                                         extra_body={"prompt_logprobs": 0})  # fmt: skip
+        rendered = sched.requests[-1].prompt
+        scored = chat.model_extra["prompt_logprobs"]
+        assert scored[0] is None
+        assert [list(e) for e in scored[1:]] == [[str(t)] for t in rendered[1:]]
+        assert "prompt_logprobs" not in chat.choices[0].model_extra
+        for body in ({"prompt": "a fox"}, {"messages": USER}):  # not in a stream, as vLLM
+            route = "completions" if "prompt" in body else "chat/completions"
+            r = httpx.post(f"{url}/v1/{route}", timeout=60, json={
+                "model": "tiny", **body, "stream": True, "prompt_logprobs": 1})  # fmt: skip
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"

@@ -219,15 +219,17 @@ class PrefillMixin:
             for lo in range(0, n, piece):
                 hi = min(lo + piece, n)  # (the row's padding and draft slots follow its chunk)
                 lp = self.head.logits(hidden[r, lo:hi]).log_softmax(-1)
-                parts = [lp.gather(-1, targets[lo:hi, None])]
+                own = lp.gather(-1, targets[lo:hi, None])
+                parts = [own, (lp >= own).sum(-1, keepdim=True)]  # its rank, counted as vLLM
                 if n_top:
                     top = lp.topk(n_top, dim=-1)
                     parts += [top.indices, top.values]
                 read = torch.cat([x.double() for x in parts], dim=1).tolist()
                 s.prompt_lps += [
-                    (row[0], [(int(t), v) for t, v in zip(row[1 : 1 + n_top], row[1 + n_top :])])
+                    (row[0], [(int(t), v) for t, v in zip(row[2 : 2 + n_top], row[2 + n_top :])],
+                     int(row[1]))
                     for row in read
-                ]
+                ]  # fmt: skip
 
     def _start(
         self,

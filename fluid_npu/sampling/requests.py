@@ -13,7 +13,9 @@ from typing import Any
 from fluid_npu.sampling.grammar import Grammar
 from fluid_npu.sampling.rules import SamplingParams
 
-PromptLogprob = tuple[float, list[tuple[int, float]]]  # a prompt token's, and its alternatives
+# a prompt token's log-probability, its best alternatives (token id, logprob) and its rank (1:
+# the model's argmax; vLLM's ``rank``: the tokens at least as likely, itself included)
+PromptLogprob = tuple[float, list[tuple[int, float]], int]
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Event:
     logprobs: list[float] | None = None  # of ``tokens``, when the request asked for them
     top_logprobs: list[list[tuple[int, float]]] | None = None  # (token id, logprob) best first
     # with SamplingParams.prompt_logprobs, in the request's first event only: for each prompt
-    # token after the first, its log-probability and the best alternatives (token id, logprob)
+    # token after the first, its log-probability, the best alternatives and its rank
     prompt_logprobs: list[PromptLogprob] | None = None
     cached: int = 0  # prompt tokens found in the slot's cache, not encoded (reuse.py)
 

@@ -242,7 +242,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 shape.strip = 0
             echo = None
             if s.echo and texts is not None:
-                echo = Echo(texts[k], prompts[k], generate=limits[k] > 0)
+                echo = Echo(texts[k], prompts[k], limits[k] > 0, s.params["top_logprobs"])
                 shape.echoing(len(prompts[k]), texts[k])
             reader = None if tools is None else tools.reader()  # a chat's tool calls parsed out
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
@@ -299,18 +299,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             work.result()  # an engine failure raises its APIError here
         except APIError as exc:  # counted once, by close (finish_reason "error"), not as a refusal
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-        choices = [
-            shape.choice(
-                "".join(text),
-                gen.finish_reason,
-                gen.logprobs,
-                "".join(thought),
-                call,
-                gen.token_ids,
-            )
-            for shape, gen, text, thought, call in zip(shapes, gens, pieces, thoughts, calls)
-        ]
-        return JSONResponse(shapes[0].answer(choices, usage(gens, s.n)))
+        choices = [shape.choice("".join(text), gen.finish_reason, gen.logprobs, "".join(thought),
+                                call, gen.token_ids, gen.prompt_lps)
+                   for shape, gen, text, thought, call in zip(shapes, gens, pieces, thoughts,
+                                                              calls)]  # fmt: skip
+        return JSONResponse(shapes[0].answer(choices, usage(gens, s.n), gens[0].prompt_lps))
 
     async def conversation_ids(req: protocol.ChatRequest) -> list[int]:
         """A chat request's prompt (checked and rendered on the tokenizing thread)."""
@@ -354,7 +347,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                         skip_special=s.skip_special, return_ids=s.return_token_ids, as_ids=as_ids)
                   for k in range(len(prompts) * s.n)]  # fmt: skip
         for shape in shapes:
-            shape.prompt_ids = prompts[shape.index // s.n]
+            shape.prompt_ids, shape.prompt_top = prompts[shape.index // s.n], s.prompt_logprobs
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
         grammar = await compiled(req.sampling)
         chat_req = isinstance(req, protocol.ChatRequest)

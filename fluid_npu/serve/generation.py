@@ -59,6 +59,7 @@ class Echo:
     text: str
     ids: list[int]
     generate: bool
+    top: int = 0  # alternatives its log-probabilities show (the request's logprobs N)
 
 
 class Generation:
@@ -82,6 +83,7 @@ class Generation:
         self.forwards = 0
         self.cached = 0  # prompt tokens the engine found in a slot's cache
         self.logprobs: list[LogprobEntry] | None = [] if logprobs else None
+        self.prompt_lps: list[Any] | None = None  # the engine's prompt logprobs, when asked
         self.token_ids: list[int] = []  # the output's tokens (up to a stop string; EOS counted)
         self._taken = 0  # how many of them take_ids has returned
         self._last: float | None = None  # when tokens last arrived ...
@@ -99,6 +101,7 @@ class Generation:
                 self.finish_reason = "error"
                 raise APIError(f"the engine failed: {item}", status=500, type="server_error")
             self.cached = item.cached
+            self.prompt_lps = getattr(item, "prompt_logprobs", None) or self.prompt_lps
             broke = item.finished and item.finish_reason in ("error", "abort")
             if self.echo is not None and not broke:  # the first event: the prompt comes first
                 echo, self.echo = self.echo, None
@@ -150,8 +153,8 @@ class Generation:
         if self.logprobs is None or lps is None:
             return None
         out: list[LogprobEntry] = [(echo.ids[0], None, None)]
-        out += [(t, float(lp), [(a, float(b)) for a, b in top])
-                for t, (lp, top) in zip(echo.ids[1:], lps)]  # fmt: skip
+        out += [(t, float(lp), [(a, float(b)) for a, b in top[:echo.top]])
+                for t, (lp, top, _) in zip(echo.ids[1:], lps)]  # fmt: skip
         self.logprobs += out
         return out
 

@@ -57,6 +57,9 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   assistant ``tool_calls`` and ``tool`` messages;
 * structured outputs (``structured.py``): ``response_format`` (``json_object``, ``json_schema``)
   and vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``), on both routes;
+* vLLM's ``prompt_logprobs`` (N, 0–20; not with ``stream``): every prompt token after the
+  first with its log-probability under the model's own distribution, its ``rank`` and
+  ``decoded_token``, and N alternatives — a completion choice's own, beside a chat's choices;
 * vLLM's ``return_token_ids`` (the prompt's token ids — completions: per choice; chat: beside
   the choices — and each choice's output ``token_ids``, EOS included; streamed: the prompt's in a
   choice's first chunk, each chunk the ids it delivered) and ``return_tokens_as_token_ids`` (a
@@ -159,6 +162,8 @@ class _Common(_Strict, StructuredFields):
     skip_special_tokens: bool | None = None  # vLLM's: false writes special tokens in the text
     return_token_ids: bool | None = None  # vLLM's: prompt_token_ids and token_ids returned
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs tokens as "token_id:N"
+    # vLLM's: each prompt token's logprob, rank and this many alternatives (not streamed)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class _Rendering(_Strict):
@@ -206,6 +211,7 @@ class Sampling:
     skip_special: bool = True  # special tokens are no text (False: written out, vLLM's)
     return_token_ids: bool = False  # the prompt's and the output's token ids come back too
     tokens_as_ids: bool | None = None  # logprobs' tokens as "token_id:N" (None: the server's)
+    prompt_logprobs: int | None = None  # the response's prompt_logprobs: alternatives each
     model: str | None = None
     max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
     echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
@@ -353,6 +359,10 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options is only allowed with stream: true", param="stream_options")
+    if body.prompt_logprobs is not None and body.stream:
+        raise APIError("prompt_logprobs come with the whole answer, not in a stream (as vLLM); "
+                       "leave stream out or send the request without them",
+                       param="prompt_logprobs")  # fmt: skip
     include_usage, continuous = _usage_options(body.stream_options)
     constraint = body_constraint(body)
     stop_ids = _stop_token_ids(body.stop_token_ids, constraint)
@@ -371,7 +381,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         "seed": body.seed,
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
-        "prompt_logprobs": None,
+        "prompt_logprobs": body.prompt_logprobs,
     }
     return Sampling(
         max_tokens=max_tokens,
@@ -387,6 +397,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         skip_special=body.skip_special_tokens is not False,
         return_token_ids=bool(body.return_token_ids),
         tokens_as_ids=body.return_tokens_as_token_ids,
+        prompt_logprobs=body.prompt_logprobs,
         model=body.model,
         n=body.n or 1,
         priority=body.priority or 0,
@@ -424,7 +435,8 @@ def parse_completion(body: Any) -> CompletionRequest:
             param="n" if sampling.n > 1 else "prompt",
         )
     if echo and req.logprobs is not None:  # the prompt's log-probabilities, as vLLM's echo gives
-        sampling.params["prompt_logprobs"] = req.logprobs
+        asked = sampling.params["prompt_logprobs"]  # (and prompt_logprobs', when both come)
+        sampling.params["prompt_logprobs"] = max(req.logprobs, asked or 0)
     return CompletionRequest(prompts=prompts, sampling=sampling)
 
 

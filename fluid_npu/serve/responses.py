@@ -81,6 +81,7 @@ class Shape:
         self.prompt_ids: list[int] = []  # (set by the app when return_ids)
         self._prompt_sent = False  # a stream carries them in the choice's first chunk
         self.as_ids = as_ids  # vLLM's return_tokens_as_token_ids: logprobs' tokens "token_id:N"
+        self.prompt_top: int | None = None  # vLLM's prompt_logprobs: alternatives (None: off)
         self.id = request_id
         self.model = model
         self.tokens = tokens  # the text and bytes of log-probability tokens
@@ -144,6 +145,25 @@ class Shape:
             "text_offset": offsets,
         }
 
+    def prompt_logprobs(self, lps: list[Any] | None) -> list[Any] | None:
+        """vLLM's ``prompt_logprobs`` from the engine's (logprob, alternatives, rank) per prompt
+        token after the first: null for the first, then ``{id: {logprob, rank, decoded_token}}``
+        for the token and its ``prompt_top`` best alternatives (ranks 1, 2, ...)."""
+        if lps is None or self.prompt_top is None or self.tokens is None:
+            return None
+        words = self.tokens
+
+        def entry(tok: int, lp: float, rank: int) -> dict[str, Any]:
+            return {"logprob": _finite(lp), "rank": rank, "decoded_token": words.text(tok)}
+
+        out: list[Any] = [None]
+        for tok, (lp, top, rank) in zip(self.prompt_ids[1:], lps):
+            one = {tok: entry(tok, lp, rank)}
+            for k, (t, v) in enumerate(top[: self.prompt_top], 1):
+                one.setdefault(t, entry(t, v, k))
+            out.append({str(t): e for t, e in one.items()})
+        return out
+
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
@@ -155,6 +175,7 @@ class Shape:
         reasoning: str = "",
         tool_calls: list[dict[str, Any]] | None = None,
         token_ids: list[int] | None = None,
+        prompt_lps: list[Any] | None = None,
     ) -> dict[str, Any]:
         """This shape's choice of a non-streamed answer (``reasoning``: the reasoning parser's
         part, written as vLLM writes it: ``reasoning`` and ``reasoning_content``, null when the
@@ -176,6 +197,8 @@ class Shape:
             out["text"] = text
         out["logprobs"] = self.logprobs(logprobs)
         out["finish_reason"] = finish_reason
+        if self.prompt_top is not None and not self.chat:  # (a chat's: beside the choices)
+            out["prompt_logprobs"] = self.prompt_logprobs(prompt_lps)
         if self.return_ids:  # vLLM's return_token_ids (a chat's prompt ids: beside the choices)
             if not self.chat:
                 out["prompt_token_ids"] = list(self.prompt_ids)
@@ -192,10 +215,15 @@ class Shape:
             self._prompt_sent = True
         choice["token_ids"] = list(ids or [])
 
-    def answer(self, choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
-        """The non-streamed answer holding ``choices`` (by ``index``)."""
+    def answer(
+        self, choices: list[dict[str, Any]], use: dict[str, Any], prompt_lps: Any = None
+    ) -> dict[str, Any]:
+        """The non-streamed answer holding ``choices`` (by ``index``); a chat's prompt token ids
+        and ``prompt_lps`` beside them (its choices share their prompt)."""
         body = self._head("chat.completion" if self.chat else "text_completion")
-        if self.chat and self.return_ids:  # (a chat's choices share their prompt)
+        if self.chat and self.prompt_top is not None:
+            body["prompt_logprobs"] = self.prompt_logprobs(prompt_lps)
+        if self.chat and self.return_ids:
             body["prompt_token_ids"] = list(self.prompt_ids)
         body["choices"] = sorted(choices, key=lambda c: c["index"])
         body["usage"] = use
