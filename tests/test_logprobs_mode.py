@@ -25,7 +25,7 @@ from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling.api import generate
 from fluid_npu.sampling.offline import run_requests
 from fluid_npu.sampling.requests import LOGPROBS_MODES
-from fluid_npu.sampling.rules import SamplingParams
+from fluid_npu.sampling.rules import SamplingParams, kept_tokens
 from fluid_npu.sampling.scheduler import Request, Scheduler
 
 PENALTY, TEMPERATURE, TOP_K, N_TOP = 1.3, 0.7, 2, 3  # N_TOP > TOP_K: one alternative is dropped
@@ -105,3 +105,32 @@ def test_raw_logprobs_are_the_default_and_the_reference_loop_has_none(tok, model
     with pytest.raises(ConfigError, match="differ; give one"):
         generate(model, tok, ids, logprobs=True, logprobs_mode="raw_logits",
                  engine_kwargs={"logprobs_mode": "processed_logits"})  # fmt: skip
+
+
+def test_a_filter_that_is_off_drops_nothing(tok, model):
+    """Top-p at 1, top-k and min-p at 0 keep every token, however unlikely (float32 mass that
+    rounds to 1 and probabilities that underflow used to drop the tail): ``processed`` logprobs
+    of a peaked distribution report the tail's own values; a filter that is on still drops."""
+    logits = torch.randn(4, 3, 300) * 5
+    logits[..., 7] += 60  # (every other token's probability underflows in float32)
+    ones, zeros = torch.ones(4), torch.zeros(4)
+    keep, scores = kept_tokens(logits, ones, zeros.long(), ones, zeros)
+    assert keep.all() and torch.equal(scores, logits)
+    keep, _ = kept_tokens(logits, ones, torch.full((4,), 5), torch.full((4,), 0.5), zeros)
+    assert keep.sum(-1).eq(1).all()  # (top-p 0.5 keeps the one token holding the mass)
+    assert kept_tokens(logits, ones, torch.full((4,), 5), ones, zeros)[0].sum(-1).eq(5).all()
+    prompt = tok("hello world")["input_ids"]
+    params = SamplingParams(temperature=1.0, seed=2, logit_bias=((7, 40.0),), logprobs=True,
+                            top_logprobs=N_TOP)  # fmt: skip
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=1, eos_ids=[],
+                      k_max=4, logprobs_mode="processed_logprobs")  # fmt: skip
+    fin = run_requests(sched, [Request("b", prompt, 4, sampling=params)])["b"]
+    assert fin.tokens == [7] * 4
+    with torch.inference_mode():
+        ref = model(torch.tensor([prompt + fin.tokens])).logits[0, len(prompt) - 1 : -1].float()
+        ref = (ref + 40.0 * (torch.arange(ref.shape[-1]) == 7)).log_softmax(-1)
+    for i, top in enumerate(fin.top_logprobs):
+        best = ref[i].topk(N_TOP)
+        assert [t for t, _ in top] == best.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-3)
+        assert all(math.isfinite(v) for _, v in top)

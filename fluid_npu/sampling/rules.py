@@ -195,18 +195,20 @@ def uniform(
     return ((bits & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)
 
 
-def filtered_probs(
+def kept_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     min_p: torch.Tensor,
-) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p; per-row settings ``[B]``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens temperature, top-k, top-p and min-p keep (``[B, ..., V]`` bool; per-row settings
+    ``[B]``), and the scores (logits over the temperature) they were chosen by.
 
-    ``logits [B, ..., V]``; rows with temperature 0 get temperature 1 (their caller decodes them
-    greedily and never reads these).
-    """
+    Each filter decides only where it is on (top-k above 0, top-p below 1, min-p above 0), and
+    min-p compares log-probabilities, so a token no filter drops is kept however unlikely (its
+    probability may underflow to 0 in float32; ``processed`` logprobs still report it). Rows
+    with temperature 0 get temperature 1 (their caller decodes them greedily)."""
     shape = (-1,) + (1,) * (logits.dim() - 1)
     t = torch.where(temperature > 0, temperature, 1.0).to(torch.float32).view(shape)
     scores = logits.float() / t
@@ -214,19 +216,32 @@ def filtered_probs(
     # top-k: keep scores >= the k-th largest
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).view(shape)
     ordered = scores.sort(dim=-1, descending=True).values
-    kth = ordered.gather(-1, (k - 1).expand(*scores.shape[:-1], 1))
-    scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = scores.softmax(dim=-1)
+    keep = scores >= ordered.gather(-1, (k - 1).expand(*scores.shape[:-1], 1))
     # top-p: keep the smallest prefix (by probability) whose mass reaches top_p
-    sp, idx = probs.sort(dim=-1, descending=True)
-    before = sp.cumsum(dim=-1) - sp  # mass strictly before each token
-    drop = before >= top_p.to(torch.float32).view(shape)
+    p = top_p.to(torch.float32).view(shape)
+    sp, idx = scores.masked_fill(~keep, -math.inf).softmax(dim=-1).sort(dim=-1, descending=True)
+    drop = (sp.cumsum(dim=-1) - sp >= p) & (p < 1)  # (mass strictly before each token)
     drop[..., 0] = False
-    probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0.0))
-    # min-p: drop tokens below min_p × the top probability
-    top = probs.amax(dim=-1, keepdim=True)
-    probs = probs.masked_fill(probs < min_p.to(torch.float32).view(shape) * top, 0.0)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    keep &= ~torch.zeros_like(drop).scatter(-1, idx, drop)
+    # min-p: drop tokens below min_p x the top probability (in log space: no underflow)
+    logp = scores.masked_fill(~keep, -math.inf).log_softmax(dim=-1)
+    m = min_p.to(torch.float32).view(shape)
+    floor = torch.where(m > 0, m.clamp(min=1e-30).log(), -math.inf) + logp.amax(-1, keepdim=True)
+    return keep & (logp >= floor), scores
+
+
+def filtered_probs(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p (``kept_tokens``); per-row settings
+    ``[B]``. ``logits [B, ..., V]``; rows with temperature 0 get temperature 1 (their caller
+    decodes them greedily and never reads these)."""
+    keep, scores = kept_tokens(logits, temperature, top_k, top_p, min_p)
+    return scores.masked_fill(~keep, -math.inf).softmax(dim=-1)
 
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

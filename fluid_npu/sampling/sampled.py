@@ -12,15 +12,25 @@ import math
 
 import torch
 
-from fluid_npu.sampling.rules import ACCEPT, DRAW, filtered_probs, residual, sample, uniform
+from fluid_npu.sampling.rules import (
+    ACCEPT,
+    DRAW,
+    filtered_probs,
+    kept_tokens,
+    residual,
+    sample,
+    uniform,
+)
 
 
 class SampledMixin:
     """Sampling-row arithmetic of ``Scheduler`` (which owns the per-slot settings it reads)."""
 
+    def _filters(self) -> tuple[torch.Tensor, ...]:
+        return self.temp, self.top_k, self.top_p, self.min_p
+
     def _filtered(self, logits: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
-        t, k, p, m = (x[rows] for x in (self.temp, self.top_k, self.top_p, self.min_p))
-        return filtered_probs(logits, t, k, p, m)
+        return filtered_probs(logits, *(x[rows] for x in self._filters()))
 
     def _logprobs(self, raw: torch.Tensor, adjusted: torch.Tensor, hi: int) -> torch.Tensor:
         """What a request's logprobs report (``logprobs_mode``, vLLM's four), ``[hi, M+1, V]``:
@@ -32,9 +42,8 @@ class SampledMixin:
         if mode.startswith("raw"):
             return raw if mode == "raw_logits" else raw.log_softmax(dim=-1)
         sampled = (self.temp[:hi] > 0)[:, None, None]
-        t = torch.where(self.temp[:hi] > 0, self.temp[:hi], 1.0)[:, None, None]
-        kept = self._filtered(adjusted, slice(0, hi)) > 0
-        scores = torch.where(sampled & ~kept, -math.inf, adjusted / t)
+        kept, scores = kept_tokens(adjusted, *(x[:hi] for x in self._filters()))
+        scores = torch.where(sampled, scores.masked_fill(~kept, -math.inf), adjusted)
         return scores if mode == "processed_logits" else scores.log_softmax(dim=-1)
 
     def _verify_sampled(

@@ -370,7 +370,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         authorize(request)
         rid = f"resp_{request_id(request)}"
         req = parse_responses(await read_json(request), calling)
-        shape = Shape(True, rid, config.model_name, words)
+        shape = Shape(True, rid, config.model_name, words, as_ids=config.tokens_as_ids)
         try:  # (the later checks name the chat fields: renamed as the request gave them)
             prompt = await conversation_ids(req.chat)
             gen, = await admit([shape], [prompt], req.chat.sampling, arrived, None,
