@@ -134,3 +134,20 @@ def test_a_filter_that_is_off_drops_nothing(tok, model):
         assert [t for t, _ in top] == best.indices.tolist()
         assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-3)
         assert all(math.isfinite(v) for _, v in top)
+
+
+def test_as_many_alternatives_as_the_vocabulary_and_no_more(tok, model):
+    """No fixed cap in the engine (the server's is ``--max-logprobs``): every token's
+    log-probability comes back when asked, and more than the vocabulary is refused at submit."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prompt = tok("hello")["input_ids"]
+    every = SamplingParams(logprobs=True, top_logprobs=vocab, prompt_logprobs=vocab)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=1, eos_ids=[], k_max=4)
+    fin = run_requests(sched, [Request("all", prompt, 3, sampling=every)])["all"]
+    for top in [*fin.top_logprobs, *(alt for _, alt, _ in fin.prompt_logprobs)]:
+        assert sorted(t for t, _ in top) == list(range(vocab))
+        assert math.fsum(math.exp(v) for _, v in top) == pytest.approx(1.0, abs=1e-4)
+    for more in ({"top_logprobs": vocab + 1}, {"top_logprobs": 0, "prompt_logprobs": vocab + 1}):
+        params = SamplingParams(logprobs=True, **more)
+        with pytest.raises(ConfigError, match=f"more than the vocabulary's {vocab} tokens"):
+            sched.submit(Request("x", prompt, 3, sampling=params))

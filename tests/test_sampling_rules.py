@@ -588,12 +588,11 @@ def test_bad_settings_name_the_field():
         ({"top_p": 0.0}, "top_p"),
         ({"top_k": -2}, "top_k"),
         ({"min_p": 1.0}, "min_p"),
-        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": -1, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "logprobs=True"),
         ({"seed": 1 << 64}, "seed"),  # int64 tensors hold the seeds: one past them is refused
         ({"seed": -(1 << 63) - 1}, "seed"),
         ({"top_k": 1 << 63}, "top_k"),
-        ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt_logprobs": -1}, "prompt_logprobs"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"repetition_penalty": 1e39}, "repetition_penalty"),  # (float32 per slot: overflow)

@@ -76,6 +76,8 @@ def test_serve_flag_errors(capsys, tmp_path):
     assert "--prefill-chunk must be at least 1" in msg
     msg = _error(capsys, ["serve", "--model", "m", "--scheduling-policy", "lifo"])
     assert "--scheduling-policy 'lifo' is not one of fcfs, priority" in msg
+    msg = _error(capsys, ["serve", "--model", "m", "--max-logprobs", "-2"])
+    assert "--max-logprobs must be -1 (every token) or more, got -2" in msg
     msg = _error(capsys, ["serve", "--model", "m", "--logprobs-mode", "raw"])
     assert "--logprobs-mode 'raw' is not one of raw_logprobs, processed_logprobs" in msg
 

@@ -111,10 +111,10 @@ def test_each_rank_gets_its_device_and_the_commands_flags():
                              adaptive=False, prefix_caching=False, compile=True,
                              tool_call_parser="hermes", enable_auto_tool_choice=True,
                              scheduling_policy="priority", logprobs_mode="raw_logits",
-                             return_tokens_as_token_ids=True)  # fmt: skip
+                             return_tokens_as_token_ids=True, max_logprobs=-1)  # fmt: skip
     args = build_parser().parse_args(["serve", *rank_args(settings, threads=3)])
     assert args.scheduling_policy == "priority" and args.logprobs_mode == "raw_logits"
-    assert args.return_tokens_as_token_ids
+    assert args.return_tokens_as_token_ids and args.max_logprobs == -1
     seeded = Ranks(ServeSettings(model="m", seed=5, data_parallel_size=2))
     assert [build_parser().parse_args(["serve", *seeded._args(i)]).seed for i in (0, 1)] == [5, 6]
     assert (args.model, args.khead, args.threads) == ("m", "k", 3)

@@ -347,7 +347,7 @@ BAD = [
     ({"max_output_tokens": 5000}, "max_output_tokens"),
     ({"temperature": 3}, "temperature"),
     ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
-    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": -1}, "top_logprobs"),
     ({"metadata": {str(k): "v" for k in range(17)}}, "metadata"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice"),

@@ -153,3 +153,29 @@ def test_prompt_logprobs_come_with_ranks_and_their_own_count_of_alternatives():
             r = httpx.post(f"{url}/v1/{route}", timeout=60, json={
                 "model": "tiny", **body, "stream": True, "prompt_logprobs": 1})  # fmt: skip
             assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_max_logprobs_caps_what_a_request_may_ask_for():
+    """vLLM's ``--max-logprobs``: 20 by default (OpenAI's), -1 every token of the vocabulary."""
+    with serving(ScriptedScheduler()) as (url, _, _):
+        for route, body, name in (
+            ("completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
+            ("chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 21},
+             "top_logprobs"),
+            ("completions", {"prompt": "a", "prompt_logprobs": 21}, "prompt_logprobs"),
+            ("responses", {"input": "a", "top_logprobs": 21}, "top_logprobs"),
+        ):  # fmt: skip
+            r = httpx.post(f"{url}/v1/{route}", json={"model": "tiny", **body}, timeout=60)
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == name, error
+            assert f"{name}=21" in error["message"] and "--max-logprobs" in error["message"]
+    sched = ScriptedScheduler()
+    with serving(sched, max_logprobs=-1) as (url, _, _):
+        c = client(url)
+        c.completions.create(model="tiny", prompt="a", max_tokens=2, logprobs=50,
+                             extra_body={"prompt_logprobs": len(TOK)})  # fmt: skip
+        assert sched.requests[-1].sampling.top_logprobs == 50
+        assert sched.requests[-1].sampling.prompt_logprobs == len(TOK)
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "a", "prompt_logprobs": len(TOK) + 1})  # fmt: skip
+        assert r.status_code == 400 and f"({len(TOK)};" in r.json()["error"]["message"]

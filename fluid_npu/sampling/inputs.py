@@ -274,6 +274,13 @@ def check_request(
         raise PromptError(
             f"request {req.request_id!r}: token ids must lie in [0, {vocab}) (the vocabulary)"
         )
+    sp = req.sampling
+    top = max(sp.top_logprobs, sp.prompt_logprobs or 0) if sp is not None else 0
+    if top > vocab:
+        raise ConfigError(
+            f"request {req.request_id!r}: {top} alternatives asked for each token's "
+            f"log-probability, more than the vocabulary's {vocab} tokens"
+        )
     biased = [t for t, _ in (req.sampling.logit_bias if req.sampling else ())]
     if biased and max(biased) >= vocab:
         raise ConfigError(

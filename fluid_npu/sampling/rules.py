@@ -30,7 +30,7 @@ import torch
 from fluid_npu.errors import ConfigError
 
 ACCEPT, DRAW, DRAFT = 0, 1, 2  # the purposes of a random number
-MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows (fluid serve's default --max-logprobs)
 NO_LOGPROB = -9999.0  # what JSON output writes for -inf (JSON has none), as vLLM's server does
 
 
@@ -55,9 +55,10 @@ class SamplingParams:
     generator when the request is submitted (a given one is any 64-bit signed integer).
     ``logprobs``: return the log-probability of each committed token under the model's own AR
     distribution (what the engine's ``logprobs_mode`` reports), and its ``top_logprobs`` best
-    alternatives (0–20). ``prompt_logprobs``
+    alternatives (0 up to the vocabulary; the server caps them, ``--max-logprobs``).
+    ``prompt_logprobs``
     (vLLM's): every prompt token after the first with its log-probability under the model's own
-    distribution (no temperature: a score) and that many alternatives (0–20; None: none), read
+    distribution (no temperature: a score) and that many alternatives (None: none), read
     from the prefill's own forwards (what a scorer such as lm-evaluation-harness asks a server
     for with ``echo``). ``repetition_penalty`` (transformers', 1 = off), ``presence_penalty`` and
     ``frequency_penalty`` (OpenAI's, 0 = off, in [-2, 2]) and ``logit_bias`` (OpenAI's: ``(token,
@@ -95,10 +96,8 @@ class SamplingParams:
             raise ConfigError(f"top_p must lie in (0, 1] (1 = off), got {self.top_p}")
         if not 0.0 <= self.min_p < 1.0:
             raise ConfigError(f"min_p must lie in [0, 1) (0 = off), got {self.min_p}")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ConfigError(
-                f"top_logprobs must lie in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
-            )
+        if self.top_logprobs < 0:  # (at most the vocabulary: checked at submit, inputs.py)
+            raise ConfigError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise ConfigError("top_logprobs needs logprobs=True")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
@@ -135,11 +134,8 @@ class SamplingParams:
             raise ConfigError("logit_bias gives a token twice; give each token one bias")
         if not 0 <= self.min_tokens <= INT64_MAX:
             raise ConfigError(f"min_tokens must be >= 0 (0 = off), got {self.min_tokens}")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
-            raise ConfigError(
-                f"prompt_logprobs must lie in [0, {MAX_TOP_LOGPROBS}] (or None), "
-                f"got {self.prompt_logprobs}"
-            )
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ConfigError(f"prompt_logprobs must be >= 0 (or None), got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -97,6 +97,7 @@ class ServeConfig:
     tool_call_parser: str | None = None  # --enable-auto-tool-choice's parser (tools.py)
     request_id_headers: bool = False  # X-Request-Id on every response (http.RequestIdHeader)
     tokens_as_ids: bool = False  # --return-tokens-as-token-ids: logprobs' tokens "token_id:N"
+    max_logprobs: int = protocol.MAX_TOP_LOGPROBS  # alternatives a request may ask (-1: all)
 
 
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
@@ -180,6 +181,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             raise APIError(str(exc)) from None
         biased = [t for t, _ in params.logit_bias]
         vocab = config.vocab_size or len(tokenizer)
+        protocol.check_logprobs(s, shapes[0].chat, vocab if config.max_logprobs < 0 else
+                                min(config.max_logprobs, vocab))  # fmt: skip
         if biased and max(biased) >= vocab:
             raise APIError(
                 f"logit_bias names token {max(biased)}, outside the model's vocabulary "

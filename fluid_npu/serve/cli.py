@@ -176,6 +176,13 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         "processed_logits; prompt logprobs (echo) are the model's own in every mode",
     )
     p.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="the most alternatives a request's logprobs / top_logprobs / prompt_logprobs may ask "
+        "for (default 20, OpenAI's; -1: every token of the vocabulary), as vLLM's flag",
+    )
+    p.add_argument(
         "--return-tokens-as-token-ids",
         action="store_true",
         help="logprobs name each token 'token_id:N' (its bytes still the token's own), unless a "
@@ -289,6 +296,7 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         scheduling_policy=args.scheduling_policy,
         logprobs_mode=args.logprobs_mode,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        max_logprobs=args.max_logprobs,
         prefill_chunk=args.prefill_chunk,
         seed=args.seed,
         **serving,  # type: ignore[arg-type]

@@ -8,8 +8,9 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
 * the engine's decoding settings are honoured: ``temperature`` (0 = greedy, the lossless FLUID
   output; above 0 exact speculative sampling), ``top_p``, ``seed`` (the same seed gives the same
   output alone or in any batch in float32; in bfloat16 / float16 a batch's rounding can move a
-  draw, docs/engine.md), ``logprobs`` (completions: the number of alternatives, 0–20;
-  chat: ``logprobs`` + ``top_logprobs``), and vLLM's extensions ``top_k`` (0 or -1 = off),
+  draw, docs/engine.md), ``logprobs`` (completions: the number of alternatives;
+  chat: ``logprobs`` + ``top_logprobs``; 0–20, or up to vLLM's ``--max-logprobs``:
+  ``check_logprobs``), and vLLM's extensions ``top_k`` (0 or -1 = off),
   ``min_p`` and ``ignore_eos`` (decode exactly ``max_tokens`` tokens);
 * a decoding setting left out takes the server's default (``sampling_defaults.py``), as vLLM does:
   the model's ``generation_config`` where it sets ``temperature`` / ``top_p`` / ``top_k`` /
@@ -57,9 +58,9 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   assistant ``tool_calls`` and ``tool`` messages;
 * structured outputs (``structured.py``): ``response_format`` (``json_object``, ``json_schema``)
   and vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``, ``grammar``), on both routes;
-* vLLM's ``prompt_logprobs`` (N, 0–20; not with ``stream``): every prompt token after the
-  first with its log-probability under the model's own distribution, its ``rank`` and
-  ``decoded_token``, and N alternatives — a completion choice's own, beside a chat's choices;
+* vLLM's ``prompt_logprobs`` (N; not with ``stream``): every prompt token after the first with
+  its log-probability under the model's own distribution, its ``rank`` and ``decoded_token``,
+  and N alternatives — a completion choice's own, beside a chat's choices;
 * vLLM's ``return_token_ids`` (the prompt's token ids — completions: per choice; chat: beside
   the choices — and each choice's output ``token_ids``, EOS included; streamed: the prompt's in a
   choice's first chunk, each chunk the ids it delivered) and ``return_tokens_as_token_ids`` (a
@@ -93,7 +94,7 @@ from fluid_npu.serve.tools import ToolParser, ToolSetting, tool_setting
 MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
 MAX_STOP = 64  # each is matched on every step's new text: a bound, not OpenAI's 4
-MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows: --max-logprobs' default, as vLLM's
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
 
 
@@ -163,7 +164,7 @@ class _Common(_Strict, StructuredFields):
     return_token_ids: bool | None = None  # vLLM's: prompt_token_ids and token_ids returned
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs tokens as "token_id:N"
     # vLLM's: each prompt token's logprob, rank and this many alternatives (not streamed)
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt_logprobs: int | None = Field(default=None, ge=0)  # (at most --max-logprobs)
 
 
 class _Rendering(_Strict):
@@ -179,7 +180,7 @@ class CompletionBody(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=0)  # 0: with echo, the prompt scored alone
     echo: bool | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = Field(default=None, ge=0)  # (at most --max-logprobs: check_logprobs)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -188,7 +189,7 @@ class ChatBody(_Common, _Rendering, ChatFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0)  # (at most --max-logprobs: check_logprobs)
     tools: list[Any] | None = None  # checked in tools.tool_setting
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -320,6 +321,20 @@ def _logit_bias(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]
             raise APIError(f"logit_bias gives token {int(key)} twice", param="logit_bias")
         pairs[int(key)] = float(value)
     return tuple(sorted(pairs.items()))
+
+
+def check_logprobs(s: Sampling, chat: bool, cap: int) -> None:
+    """vLLM's ``--max-logprobs``: the alternatives a request asks for (``logprobs`` /
+    ``top_logprobs``, ``prompt_logprobs``, an echo's) are at most ``cap``."""
+    asked = ((s.params["top_logprobs"], "top_logprobs" if chat else "logprobs"),
+             (s.params["prompt_logprobs"] or 0, "prompt_logprobs"))  # fmt: skip
+    for n, name in asked:
+        if n > cap:
+            raise APIError(
+                f"{name}={n} asks for more alternatives than this server returns ({cap}; "
+                "--max-logprobs sets it); ask for fewer",
+                param=name,
+            )
 
 
 def _usage_options(given: StreamOptions | None) -> tuple[bool, bool]:

@@ -47,7 +47,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fluid_npu.serve.errors import APIError
-from fluid_npu.serve.protocol import MAX_TOP_LOGPROBS, ChatRequest, parse_chat, validate
+from fluid_npu.serve.protocol import ChatRequest, parse_chat, validate
 from fluid_npu.serve.tools import ToolParser
 
 LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value this server fills
@@ -94,7 +94,7 @@ class ResponsesBody(_Strict):
     tool_choice: str | dict[str, Any] | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0)  # (at most --max-logprobs)
     include: list[str] | None = None
     stream_options: StreamOptions | None = None
     metadata: dict[str, str] | None = None

@@ -28,7 +28,7 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.requests import LOGPROBS_MODES, SCHEDULING_POLICIES
 from fluid_npu.serve.app import ServeConfig, create_app
 from fluid_npu.serve.network import Network, ServerClosingTLS
-from fluid_npu.serve.protocol import SamplingDefaults
+from fluid_npu.serve.protocol import MAX_TOP_LOGPROBS, SamplingDefaults
 from fluid_npu.serve.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class ServeSettings:
     scheduling_policy: str = "fcfs"  # which waiting request starts next: fcfs | priority
     logprobs_mode: str = "raw_logprobs"  # what logprobs hold (vLLM's --logprobs-mode)
     return_tokens_as_token_ids: bool = False  # logprobs' tokens "token_id:N" by default
+    max_logprobs: int = MAX_TOP_LOGPROBS  # alternatives a request may ask for (-1: every token)
     prefill_chunk: int | None = None  # prompt tokens a slot encodes per step (None: the engine's)
     seed: int | None = None  # torch's global seed at start: unseeded draws repeat across restarts
     network: Network = field(default_factory=Network)  # CORS and TLS (network.py)
@@ -107,6 +108,10 @@ class ServeSettings:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ConfigError(
                 f"--logprobs-mode {self.logprobs_mode!r} is not one of {', '.join(LOGPROBS_MODES)}"
+            )
+        if self.max_logprobs < -1:
+            raise ConfigError(
+                f"--max-logprobs must be -1 (every token) or more, got {self.max_logprobs}"
             )
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ConfigError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
@@ -380,6 +385,7 @@ def load_engine(settings: ServeSettings) -> tuple[Worker, Any, ServeConfig]:
         tool_call_parser=settings.tool_call_parser,
         request_id_headers=settings.enable_request_id_headers,
         tokens_as_ids=settings.return_tokens_as_token_ids,
+        max_logprobs=settings.max_logprobs,
     )
     return Worker(scheduler), tokenizer, config
 
