@@ -11,6 +11,7 @@ import torch
 from transformers import GenerationConfig
 
 from fluid_npu.errors import CheckpointError, ConfigError
+from fluid_npu.model.khead import KHead
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
 from fluid_npu.sampling.inputs import PromptError
 from fluid_npu.sampling.pretrained import FluidForCausalLM
@@ -168,3 +169,27 @@ def test_from_pretrained_takes_transformers_spellings(tmp_path, tok):
     with pytest.raises(CheckpointError, match=r"allow_pickle=True"):
         FluidForCausalLM.from_pretrained(base)
     assert FluidForCausalLM.from_pretrained(base, allow_pickle=True).mask_id == tok.mask_token_id
+
+
+def test_it_is_a_module_whose_call_is_the_decoders_forward(tok, fluid):
+    """What a transformers user does with a model works on the FLUID one: its mode, parameters,
+    dtype and device moves reach the decoder (and a K-head), and calling it gives the AR
+    logits; ``logprobs_mode`` reaches ``generate`` (``output_logits``' counterpart)."""
+    head = KHead(fluid.model.config.hidden_size, 4)
+    fluid.khead = head
+    assert isinstance(fluid, torch.nn.Module) and not fluid.training  # (the decoder's mode)
+    assert fluid.train() is fluid and fluid.model.training and head.training
+    fluid.eval()
+    assert not fluid.model.training and not head.training
+    names = {n for n, _ in fluid.named_parameters()}
+    assert any(n.startswith("model.") for n in names) and any(n.startswith("khead.") for n in names)
+    ids = _ids(tok)
+    with torch.inference_mode():
+        torch.testing.assert_close(fluid(ids).logits, fluid.model(ids).logits, rtol=0, atol=0)
+        raw = fluid.generate(ids, max_new_tokens=3, logprobs=True, logprobs_mode="raw_logits")
+        logits = fluid(raw).logits[0, ids.shape[1] - 1 : -1]
+    new = raw[0, ids.shape[1] :].tolist()
+    want = [float(logits[i, t]) for i, t in enumerate(new)]
+    assert fluid.last_output.logprobs[0] == pytest.approx(want, abs=1e-4)
+    assert fluid.to(torch.float64) is fluid and fluid.dtype == torch.float64
+    assert next(head.parameters()).dtype == torch.float64

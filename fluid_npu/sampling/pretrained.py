@@ -49,8 +49,10 @@ _INSTEAD = {
     "streamer": "pass stream=callable(row, tokens), called as tokens are committed",
     "num_return_sequences": "repeat the prompt's row once per sequence (seed row r with seed + r)",
     "return_dict_in_generate": "read last_output (new tokens, finish reasons, log-probabilities)",
-    "output_scores": "pass logprobs=True (and top_logprobs=N); read last_output.logprobs",
-    "output_logits": "pass logprobs=True (and top_logprobs=N); read last_output.logprobs",
+    "output_scores": "pass logprobs=True, top_logprobs=N and logprobs_mode='processed_logits' "
+    "(the scores the token was chosen from); read last_output.logprobs / top_logprobs",
+    "output_logits": "pass logprobs=True, top_logprobs=N and logprobs_mode='raw_logits'; read "
+    "last_output.logprobs / top_logprobs",
     "stopping_criteria": "pass stop_strings, eos_token_id or max_new_tokens",
 }
 
@@ -115,8 +117,13 @@ def _transformers_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-class FluidForCausalLM:
-    """A loaded FLUID model with a transformers-style ``generate`` (greedy, lossless, elastic)."""
+class FluidForCausalLM(torch.nn.Module):
+    """A loaded FLUID model with a transformers-style ``generate`` (greedy, lossless, elastic).
+
+    An ``nn.Module`` holding the decoder (``model``) and the K-head (``khead``): ``to`` (a device
+    or a dtype), ``eval`` / ``train``, ``parameters``, ``state_dict`` and ``requires_grad_`` reach
+    both, and calling it runs the decoder's own forward (``fluid(**tokenizer(text,
+    return_tensors="pt")).logits``: the AR logits, as ``AutoModelForCausalLM`` gives them)."""
 
     def __init__(
         self,
@@ -125,6 +132,8 @@ class FluidForCausalLM:
         mask_id: int,
         khead: KHead | None = None,
     ) -> None:
+        super().__init__()
+        self.train(model.training)  # (the decoder's mode: eval, as from_pretrained leaves it)
         self.model = model
         self.tokenizer = tokenizer
         self.mask_id = mask_id
@@ -223,12 +232,9 @@ class FluidForCausalLM:
         silent."""
         return self.model.generation_config
 
-    def to(self, device: str | torch.device) -> FluidForCausalLM:
-        """Move the model and K-head to ``device`` (in place, as ``nn.Module.to``); returns self."""
-        self.model.to(device)
-        if self.khead is not None:
-            self.khead.to(device)
-        return self
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The decoder's forward, as transformers calls it (its ``CausalLMOutputWithPast``)."""
+        return self.model(*args, **kwargs)
 
     def generate(
         self,
