@@ -25,7 +25,7 @@ from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling.api import generate
 from fluid_npu.sampling.offline import run_requests
 from fluid_npu.sampling.requests import LOGPROBS_MODES
-from fluid_npu.sampling.rules import SamplingParams, kept_tokens
+from fluid_npu.sampling.rules import SamplingParams, filtered_probs, kept_tokens
 from fluid_npu.sampling.scheduler import Request, Scheduler
 
 PENALTY, TEMPERATURE, TOP_K, N_TOP = 1.3, 0.7, 2, 3  # N_TOP > TOP_K: one alternative is dropped
@@ -151,3 +151,13 @@ def test_as_many_alternatives_as_the_vocabulary_and_no_more(tok, model):
         params = SamplingParams(logprobs=True, **more)
         with pytest.raises(ConfigError, match=f"more than the vocabulary's {vocab} tokens"):
             sched.submit(Request("x", prompt, 3, sampling=params))
+
+
+def test_a_nan_logit_leaves_nothing_to_draw():
+    """A row with a NaN logit is all NaN after the filters (no filter decides on NaN), so the
+    engine ends such a request as an overflow instead of drawing from what is left."""
+    logits = torch.tensor([[1.0, float("nan"), 0.5, 0.2], [1.0, 0.3, 0.5, 0.2]])
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    for k in (0, 3):
+        probs = filtered_probs(logits, ones, torch.full((2,), k), ones, zeros)
+        assert probs[0].isnan().all() and torch.isfinite(probs[1]).all()

@@ -178,4 +178,29 @@ def test_max_logprobs_caps_what_a_request_may_ask_for():
         assert sched.requests[-1].sampling.prompt_logprobs == len(TOK)
         r = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": "a", "prompt_logprobs": len(TOK) + 1})  # fmt: skip
-        assert r.status_code == 400 and f"({len(TOK)};" in r.json()["error"]["message"]
+        assert r.status_code == 400
+        assert f"({len(TOK)}; the vocabulary" in r.json()["error"]["message"]
+
+
+def test_minus_one_asks_for_the_whole_vocabulary_where_the_server_allows_it():
+    """vLLM's -1 in ``top_logprobs`` / ``prompt_logprobs``: every token (only on a server
+    started with ``--max-logprobs -1``); a one-token prompt's prompt_logprobs are ``[null]``."""
+    with serving(ScriptedScheduler()) as (url, _, _):
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": USER, "logprobs": True, "top_logprobs": -1})  # fmt: skip
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "top_logprobs"
+        assert "(20; --max-logprobs sets it)" in error["message"]
+    sched = ScriptedScheduler()
+    with serving(sched, max_logprobs=-1) as (url, _, _):
+        c = client(url)
+        c.chat.completions.create(model="tiny", messages=USER, max_tokens=2, logprobs=True,
+                                  top_logprobs=-1, extra_body={"prompt_logprobs": -1})  # fmt: skip
+        assert sched.requests[-1].sampling.top_logprobs == len(TOK)
+        assert sched.requests[-1].sampling.prompt_logprobs == len(TOK)
+        one = c.completions.create(model="tiny", prompt=[64], max_tokens=2,
+                                   extra_body={"prompt_logprobs": 1}).choices[0]  # fmt: skip
+        assert one.model_extra["prompt_logprobs"] == [None]
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "a", "prompt_logprobs": len(TOK) + 1})  # fmt: skip
+        assert "the vocabulary's size" in r.json()["error"]["message"]

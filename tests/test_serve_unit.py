@@ -150,7 +150,7 @@ def test_completion_errors_name_the_field(body, param, words):
          "messages[0].content"),
         ({"messages": [{"role": "user", "content": "x", "nick": "bob"}]}, "messages[0].nick"),
         ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
-        ({"messages": USER, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ({"messages": USER, "logprobs": True, "top_logprobs": -2}, "top_logprobs"),
         ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
         ({"messages": USER, "response_format": {"type": "xml"}}, "response_format"),
         ({"messages": USER, "max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),

@@ -235,9 +235,12 @@ def filtered_probs(
 ) -> torch.Tensor:
     """Probabilities after temperature, top-k, top-p and min-p (``kept_tokens``); per-row settings
     ``[B]``. ``logits [B, ..., V]``; rows with temperature 0 get temperature 1 (their caller
-    decodes them greedily and never reads these)."""
+    decodes them greedily and never reads these); a row holding a NaN logit is all NaN (its
+    caller ends the request instead of drawing)."""
     keep, scores = kept_tokens(logits, temperature, top_k, top_p, min_p)
-    return scores.masked_fill(~keep, -math.inf).softmax(dim=-1)
+    probs = scores.masked_fill(~keep, -math.inf).softmax(dim=-1)
+    # a NaN logit leaves the whole distribution NaN (no filter decides on it): nothing is drawn
+    return torch.where(scores.isnan().any(dim=-1, keepdim=True), math.nan, probs)
 
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -175,14 +175,13 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 f"request may generate ({s.max_tokens_field} or the context); lower min_tokens",
                 param="min_tokens",
             )
+        vocab = config.vocab_size or len(tokenizer)
+        protocol.check_logprobs(s, shapes[0].chat, config.max_logprobs, vocab)
         try:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
         biased = [t for t, _ in params.logit_bias]
-        vocab = config.vocab_size or len(tokenizer)
-        protocol.check_logprobs(s, shapes[0].chat, vocab if config.max_logprobs < 0 else
-                                min(config.max_logprobs, vocab))  # fmt: skip
         if biased and max(biased) >= vocab:
             raise APIError(
                 f"logit_bias names token {max(biased)}, outside the model's vocabulary "

@@ -180,7 +180,8 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=20,
         help="the most alternatives a request's logprobs / top_logprobs / prompt_logprobs may ask "
-        "for (default 20, OpenAI's; -1: every token of the vocabulary), as vLLM's flag",
+        "for (default 20, OpenAI's; -1: every token of the vocabulary, which a request asks for "
+        "with -1 and which slows every step of its batch and may take gigabytes), as vLLM's flag",
     )
     p.add_argument(
         "--return-tokens-as-token-ids",

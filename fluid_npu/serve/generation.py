@@ -101,7 +101,8 @@ class Generation:
                 self.finish_reason = "error"
                 raise APIError(f"the engine failed: {item}", status=500, type="server_error")
             self.cached = item.cached
-            self.prompt_lps = getattr(item, "prompt_logprobs", None) or self.prompt_lps
+            if getattr(item, "prompt_logprobs", None) is not None:  # (a 1-token prompt's: [])
+                self.prompt_lps = item.prompt_logprobs
             broke = item.finished and item.finish_reason in ("error", "abort")
             if self.echo is not None and not broke:  # the first event: the prompt comes first
                 echo, self.echo = self.echo, None

@@ -164,7 +164,7 @@ class _Common(_Strict, StructuredFields):
     return_token_ids: bool | None = None  # vLLM's: prompt_token_ids and token_ids returned
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs tokens as "token_id:N"
     # vLLM's: each prompt token's logprob, rank and this many alternatives (not streamed)
-    prompt_logprobs: int | None = Field(default=None, ge=0)  # (at most --max-logprobs)
+    prompt_logprobs: int | None = Field(default=None, ge=-1)  # (-1: all; --max-logprobs caps)
 
 
 class _Rendering(_Strict):
@@ -189,7 +189,7 @@ class ChatBody(_Common, _Rendering, ChatFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0)  # (at most --max-logprobs: check_logprobs)
+    top_logprobs: int | None = Field(default=None, ge=-1)  # (-1: all; --max-logprobs caps)
     tools: list[Any] | None = None  # checked in tools.tool_setting
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -323,16 +323,23 @@ def _logit_bias(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]
     return tuple(sorted(pairs.items()))
 
 
-def check_logprobs(s: Sampling, chat: bool, cap: int) -> None:
+def check_logprobs(s: Sampling, chat: bool, cap: int, vocab: int) -> None:
     """vLLM's ``--max-logprobs``: the alternatives a request asks for (``logprobs`` /
-    ``top_logprobs``, ``prompt_logprobs``, an echo's) are at most ``cap``."""
-    asked = ((s.params["top_logprobs"], "top_logprobs" if chat else "logprobs"),
-             (s.params["prompt_logprobs"] or 0, "prompt_logprobs"))  # fmt: skip
-    for n, name in asked:
-        if n > cap:
+    ``top_logprobs``, ``prompt_logprobs``, an echo's) are at most ``cap`` (-1: the vocabulary);
+    -1 asks for the whole vocabulary (as vLLM reads it), which this resolves to ``vocab``."""
+    limit = vocab if cap < 0 else min(cap, vocab)
+    for key, name in (("top_logprobs", "top_logprobs" if chat else "logprobs"),
+                      ("prompt_logprobs", "prompt_logprobs")):  # fmt: skip
+        given = s.params[key]
+        if given == -1:
+            s.params[key] = vocab
+            if key == "prompt_logprobs" and s.prompt_logprobs == -1:
+                s.prompt_logprobs = vocab
+        if (s.params[key] or 0) > limit:
+            why = "--max-logprobs sets it" if limit < vocab else "the vocabulary's size"
             raise APIError(
-                f"{name}={n} asks for more alternatives than this server returns ({cap}; "
-                "--max-logprobs sets it); ask for fewer",
+                f"{name}={given} asks for more alternatives than this server returns ({limit}; "
+                f"{why}); ask for fewer",
                 param=name,
             )
 
@@ -451,7 +458,7 @@ def parse_completion(body: Any) -> CompletionRequest:
         )
     if echo and req.logprobs is not None:  # the prompt's log-probabilities, as vLLM's echo gives
         asked = sampling.params["prompt_logprobs"]  # (and prompt_logprobs', when both come)
-        sampling.params["prompt_logprobs"] = max(req.logprobs, asked or 0)
+        sampling.params["prompt_logprobs"] = -1 if asked == -1 else max(req.logprobs, asked or 0)
     return CompletionRequest(prompts=prompts, sampling=sampling)
 
 

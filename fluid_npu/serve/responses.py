@@ -159,7 +159,7 @@ class Shape:
         out: list[Any] = [None]
         for tok, (lp, top, rank) in zip(self.prompt_ids[1:], lps):
             one = {tok: entry(tok, lp, rank)}
-            for k, (t, v) in enumerate(top[: self.prompt_top], 1):
+            for k, (t, v) in enumerate(top if self.prompt_top < 0 else top[: self.prompt_top], 1):
                 one.setdefault(t, entry(t, v, k))
             out.append({str(t): e for t, e in one.items()})
         return out
