@@ -407,7 +407,7 @@ def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header(monkey
             next(lines)  # (it runs)
             second = httpx.post(f"{url}/v1/completions", json={"prompt": "b", "max_tokens": 1},
                                 headers={"X-Request-Id": "dup"}, timeout=60)  # fmt: skip
-            assert second.status_code == 400
+            assert second.status_code == 400 and second.json()["error"]["param"] == "X-Request-Id"
             assert "belongs to a request still running" in second.json()["error"]["message"]
             chat = httpx.post(f"{url}/v1/chat/completions", headers={"X-Request-Id": "dup"},
                               json={"messages": [{"role": "user", "content": "b"}]})  # fmt: skip

@@ -358,7 +358,12 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--policies", default=None, help="comma-separated (default: khead or entropy,ar)"
     )
-    s.add_argument("--prompts", required=True, help="JSONL with 'prompt' per line")
+    s.add_argument(
+        "--prompts",
+        required=True,
+        help="JSONL with 'prompt' (text) or 'messages' (a conversation, sent to the chat route) "
+        "per line",
+    )
     s.add_argument("--json", required=True, help="where the JSON report is written")
     s.add_argument("--num-requests", type=int, default=64, help="requests per policy")
     s.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrivals per second")

@@ -172,7 +172,8 @@ def id_in_use(rid: str) -> APIError:
     """The 400 of a request whose id names one still running (one request per id)."""
     return APIError(
         f"request id {rid!r} belongs to a request still running; send another X-Request-Id "
-        "(or none)"
+        "(or none)",
+        param="X-Request-Id",
     )
 
 
@@ -183,7 +184,8 @@ def request_id(request: Request) -> str:
     if given is not None and not _well_formed(given):
         raise APIError(
             f"the X-Request-Id header must be 1-{MAX_REQUEST_ID} visible ASCII characters without "
-            "spaces; send another or leave it out"
+            "spaces; send another or leave it out",
+            param="X-Request-Id",
         )
     request.state.request_id = given or uuid.uuid4().hex
     return request.state.request_id
