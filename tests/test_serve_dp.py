@@ -216,6 +216,7 @@ def test_the_front_relays_to_the_ranks(caplog):
         assert httpx.get(f"{url}/health").json()["info"]["data_parallel_size"] == 2
         merged = httpx.get(f"{url}/metrics").text
         assert 'fluid_prompt_tokens_total{rank="1"}' in merged and "fluid_dp_requests" in merged
+        assert 'vllm:prompt_tokens_total{model_name="tiny",rank="1"}' in merged
         down.add(0)  # rank 0 is gone: everything goes to rank 1
         before = _metric(urls[1], "fluid_requests_total")
         for _ in range(3):

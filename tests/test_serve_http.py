@@ -24,6 +24,7 @@ from fluid_npu.sampling.api import PromptError
 from fluid_npu.sampling.requests import Request
 from fluid_npu.sampling.reuse import SlotPrefixes
 from fluid_npu.serve.app import ServeConfig, create_app
+from fluid_npu.serve.metrics import VLLM_NAMES
 from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.server import DrainingServer, bind
 from fluid_npu.serve.worker import Worker
@@ -1102,6 +1103,14 @@ def test_metrics_count_steps_as_they_run_like_vllm():
         assert _metric(url, "fluid_request_time_per_output_token_seconds_count") == 1
         assert _metric(url, "fluid_accepted_draft_tokens_count") == 15
         assert _metric(url, "fluid_accepted_draft_tokens_sum") == 30 - 15
+        # the same series under vLLM's names (its dashboards and autoscalers read these)
+        for ours, theirs in VLLM_NAMES.items():
+            for end in ("", "_total", "_count", "_sum"):
+                assert _metric(url, theirs + end) == _metric(url, ours + end), (theirs, end)
+        assert _metric(url, "vllm:generation_tokens_total") == 30
+        text = httpx.get(f"{url}/metrics").text
+        assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text
+        assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in text
 
 
 class BreakingScheduler(ScriptedScheduler):

@@ -20,6 +20,12 @@ the figure is known:
   (prompt tokens admitted, and of them those a slot's cache already held: ``sampling/reuse.py``;
   vLLM's pair of the same meaning).
 
+The same figures are also exposed under vLLM's names (``vllm:num_requests_running``,
+``vllm:num_requests_waiting``, ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
+``vllm:request_success_total{finished_reason}`` — requests the engine ended, refusals left out —,
+the latency histograms and the prefix-cache pair), each with vLLM's ``model_name`` label, so
+dashboards, alerts and autoscalers written for vLLM read this server unchanged.
+
 prometheus-client's metrics are thread-safe, so both sides write without locks.
 """
 
@@ -28,10 +34,59 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 TPF_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 ACCEPT_BUCKETS = tuple(float(i) for i in range(17))
+
+
+# ours -> vLLM's (``_VllmNames``): the same series under the names vLLM's users read
+VLLM_NAMES = {
+    "fluid_num_requests_running": "vllm:num_requests_running",
+    "fluid_num_requests_waiting": "vllm:num_requests_waiting",
+    "fluid_prompt_tokens": "vllm:prompt_tokens",
+    "fluid_generation_tokens": "vllm:generation_tokens",
+    "fluid_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "fluid_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    "fluid_request_time_per_output_token_seconds": "vllm:request_time_per_output_token_seconds",
+    "fluid_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "fluid_prefix_cache_queries": "vllm:prefix_cache_queries",
+    "fluid_prefix_cache_hits": "vllm:prefix_cache_hits",
+}
+
+
+class _VllmNames(Collector):
+    """Our series again under vLLM's names, with its ``model_name`` label, read at each scrape
+    (nothing is counted twice); ``vllm:request_success_total`` from ``fluid_requests_total``."""
+
+    def __init__(self, sources: list[Any], requests: Counter, model_name: str) -> None:
+        self.sources, self.requests, self.model = sources, requests, model_name
+
+    def collect(self) -> Any:
+        for source in self.sources:
+            for fam in source.collect():
+                name = VLLM_NAMES[fam.name]
+                out = Metric(name, fam.documentation, fam.type)
+                for x in fam.samples:
+                    labels = {**x.labels, "model_name": self.model}
+                    out.add_sample(name + x.name[len(fam.name) :], labels, x.value, x.timestamp)
+                yield out
+        done: dict[str, float] = {}  # requests the engine ended (vLLM's finished_reason)
+        for fam in self.requests.collect():
+            for x in fam.samples:
+                reason = x.labels["finish_reason"]
+                if x.name.endswith("_total") and not reason.isdigit():  # (a status: refused)
+                    reason = "stop" if reason == "tool_calls" else reason
+                    done[reason] = done.get(reason, 0.0) + x.value
+        success = CounterMetricFamily(
+            "vllm:request_success", "Requests the engine ended, by finish reason",
+            labels=["finished_reason", "model_name"],
+        )  # fmt: skip
+        for reason, value in sorted(done.items()):
+            success.add_metric([reason, self.model], value)
+        yield success
 
 
 class ServerMetrics:
@@ -88,6 +143,19 @@ class ServerMetrics:
         self.waiting = Gauge("fluid_num_requests_waiting", "Requests queued", registry=r)
         info = Gauge("fluid_model_info", "The served model", ["model"], registry=r)
         info.labels(model=model_name).set(1)
+        mirrored = [
+            self.running,
+            self.waiting,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.ttft,
+            self.itl,
+            self.tpot,
+            self.e2e,
+            self.cache_queries,
+            self.cache_hits,
+        ]
+        r.register(_VllmNames(mirrored, self.requests, model_name))
 
     def on_step(self, scheduler: Any, events: list[Any], seconds: float) -> None:
         """Engine-thread hook, after every step."""
