@@ -193,3 +193,20 @@ def test_it_is_a_module_whose_call_is_the_decoders_forward(tok, fluid):
     assert fluid.last_output.logprobs[0] == pytest.approx(want, abs=1e-4)
     assert fluid.to(torch.float64) is fluid and fluid.dtype == torch.float64
     assert next(head.parameters()).dtype == torch.float64
+
+
+def test_a_model_in_train_mode_decodes_as_in_eval(tok):
+    """Dropout never reaches decoding: ``generate`` runs the decoder (and K-head) in eval mode
+    on both loops and gives the mode back, so ``fluid.train()`` between calls changes nothing."""
+    fluid = FluidForCausalLM(
+        build_tiny_model("llama", tok, seed=3, attention_dropout=0.5), tok, tok.mask_token_id
+    )
+    ids = _ids(tok, "the quick brown fox")
+    for loop in ("fused", "reference"):
+        fluid.eval()
+        want = fluid.generate(ids, max_new_tokens=12, loop=loop, eos_token_id=None)
+        fluid.train()
+        for _ in range(2):
+            got = fluid.generate(ids, max_new_tokens=12, loop=loop, eos_token_id=None)
+            assert torch.equal(got, want), loop
+        assert fluid.training and all(m.training for m in fluid.model.modules())

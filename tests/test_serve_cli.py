@@ -424,6 +424,8 @@ def test_the_request_log_has_a_line_per_request(caplog):
             c.completions.create(model="tiny", prompt="a", temperature=9)
         with pytest.raises(openai.BadRequestError):  # (an unknown field: the client's own text)
             c.completions.create(model="tiny", prompt="a", extra_body={"x\nfluid: forged": 1})
+        with pytest.raises(openai.BadRequestError):  # (a header the server names)
+            c.completions.create(model="tiny", prompt="a", extra_headers={"X-Request-Id": "a b"})
     lines = [r.getMessage() for r in caplog.records if r.name == "fluid_npu.serve.requests"]
     done = next(line for line in lines if line.startswith(out.id))
     assert " /v1/completions length " in done and "generated=5 " in done and "tpf=" in done
@@ -431,4 +433,5 @@ def test_the_request_log_has_a_line_per_request(caplog):
     assert not any("secret" in line for line in lines)
     assert any(line.startswith("refused /v1/completions 400 temperature") for line in lines)
     assert any(line.startswith("refused /v1/completions 400 - ") for line in lines)
+    assert any(line.startswith("refused /v1/completions 400 X-Request-Id ") for line in lines)
     assert not any("forged" in x for x in lines)

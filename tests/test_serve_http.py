@@ -1111,6 +1111,7 @@ def test_metrics_count_steps_as_they_run_like_vllm():
         text = httpx.get(f"{url}/metrics").text
         assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text
         assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in text
+        assert 'vllm:request_success_total{finished_reason="error",model_name="tiny"} 0.0' in text
 
 
 class BreakingScheduler(ScriptedScheduler):

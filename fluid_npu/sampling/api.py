@@ -233,28 +233,29 @@ def generate(
             del engine["logprobs_mode"]
         if stops:
             engine["tokenizer"] = tokenizer
-        return _generate_fused(
-            model,
-            mask_id,
-            ids,
-            prompts,
-            pol,
-            khead,
-            stats,
-            eos_ids,
-            pad_id,
-            max_new_tokens,
-            anchors=anchors,
-            coverage=coverage,
-            stream=stream,
-            start=start,
-            params=params,
-            stops=stops,
-            stop_in_prompt=stop_in_prompt,
-            grammar=grammar,
-            **engine,
-        )
-    with attention(model, attn_backend), torch.inference_mode():
+        with eval_mode(model, khead):  # (no dropout: each token is the model's own)
+            return _generate_fused(
+                model,
+                mask_id,
+                ids,
+                prompts,
+                pol,
+                khead,
+                stats,
+                eos_ids,
+                pad_id,
+                max_new_tokens,
+                anchors=anchors,
+                coverage=coverage,
+                stream=stream,
+                start=start,
+                params=params,
+                stops=stops,
+                stop_in_prompt=stop_in_prompt,
+                grammar=grammar,
+                **engine,
+            )
+    with attention(model, attn_backend), torch.inference_mode(), eval_mode(model, khead):
         eng = Engine(
             model,
             [p.to(dev) for p in prompts],
@@ -279,6 +280,20 @@ def generate(
     eng.finish()
     new = eng.new_tokens()
     return GenerateOutput(_sequences(ids, new, pad_id), new, stats)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """``modules`` (and every submodule) in eval mode — no dropout — for the block; each one's
+    own mode restored after (a model a user put in train mode decodes as in eval)."""
+    modes = [(m, m.training) for top in modules if top is not None for m in top.modules()]
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
 
 
 def _generate_fused(

@@ -32,7 +32,7 @@ from fluid_npu.serve.worker import Stream, Worker
 # one line per choice that ended (``--enable-log-requests``: INFO on stderr), its counts and
 # times only: no prompt or output text
 request_log = logging.getLogger("fluid_npu.serve.requests")
-FIELD = re.compile(r"[A-Za-z_][\w.\[\]]{0,63}")  # what a refused request's log line may name
+FIELD = re.compile(r"[A-Za-z_][\w.\[\]-]{0,63}")  # what a refused request's log line may name
 
 
 def logged_param(exc: APIError) -> str:

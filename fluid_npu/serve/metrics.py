@@ -24,7 +24,9 @@ The same figures are also exposed under vLLM's names (``vllm:num_requests_runnin
 ``vllm:num_requests_waiting``, ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
 ``vllm:request_success_total{finished_reason}`` — requests the engine ended, refusals left out —,
 the latency histograms and the prefix-cache pair), each with vLLM's ``model_name`` label, so
-dashboards, alerts and autoscalers written for vLLM read this server unchanged.
+dashboards, alerts and autoscalers written for vLLM read the series they share with this server
+(vLLM's KV-cache usage, queue time, per-request token histograms and speculative-decoding
+counters have no counterpart here).
 
 prometheus-client's metrics are thread-safe, so both sides write without locks.
 """
@@ -73,7 +75,8 @@ class _VllmNames(Collector):
                     labels = {**x.labels, "model_name": self.model}
                     out.add_sample(name + x.name[len(fam.name) :], labels, x.value, x.timestamp)
                 yield out
-        done: dict[str, float] = {}  # requests the engine ended (vLLM's finished_reason)
+        # requests the engine ended, by vLLM's finished_reason (its four from the start, at 0)
+        done = dict.fromkeys(("stop", "length", "abort", "error"), 0.0)
         for fam in self.requests.collect():
             for x in fam.samples:
                 reason = x.labels["finish_reason"]
