@@ -9,9 +9,9 @@ cancel or delete a stored response answer 404: none is kept),
 ``GET /v1/models``, vLLM's ``POST /tokenize`` / ``POST /detokenize`` / ``GET /tokenizer_info``,
 ``GET /health`` (503 after an engine failure; a drain closes the socket), ``GET /metrics``
 (Prometheus text) and ``GET /version``. A request's id is its client's ``X-Request-Id``
-(``http.request_id``; one running request per id) or a random one. With an API key every ``/v1`` route and the
-tokenizer routes need ``Authorization: Bearer KEY`` (401 otherwise: they spend the server's CPU
-and show its chat template); ``/health`` and ``/metrics`` stay open, as in vLLM.
+(``http.request_id``; one running request per id) or a random one. With an API key every ``/v1``
+route and the tokenizer routes need ``Authorization: Bearer KEY`` (401 otherwise: they spend the
+server's CPU and show its chat template); ``/health`` and ``/metrics`` stay open, as in vLLM.
 
 A request is checked before it touches the engine (``admission.py``): body size and JSON, fields
 (``protocol``), model name (404), prompt + ``max_tokens`` against the context (400), then capacity
