@@ -32,18 +32,16 @@ from fluid_npu.errors import ConfigError
 ACCEPT, DRAW, DRAFT = 0, 1, 2  # the purposes of a random number
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows (fluid serve's default --max-logprobs)
 NO_LOGPROB = -9999.0  # what JSON output writes for -inf (JSON has none), as vLLM's server does
-
-
-def finite_logprob(value: float | None) -> float | None:
-    """``value`` as JSON can hold it: a non-finite log-probability or logit is ``NO_LOGPROB``."""
-    return value if value is None or math.isfinite(value) else NO_LOGPROB
-
-
 MAX_LOGIT_BIAS = 300  # tokens a request may bias (the OpenAI API's limit)
 MAX_REPETITION_PENALTY = 1e4  # finite, and far inside float32 (the engine keeps it per slot)
 MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily (as vLLM treats it)
 INT64_MAX = (1 << 63) - 1  # seeds and top_k live in int64 tensors
 _M31 = (1 << 31) - 1
+
+
+def finite_logprob(value: float | None) -> float | None:
+    """``value`` as JSON can hold it: a non-finite log-probability or logit is ``NO_LOGPROB``."""
+    return value if value is None or math.isfinite(value) else NO_LOGPROB
 
 
 @dataclass(frozen=True)
@@ -56,14 +54,14 @@ class SamplingParams:
     ``logprobs``: return the log-probability of each committed token under the model's own AR
     distribution (what the engine's ``logprobs_mode`` reports), and its ``top_logprobs`` best
     alternatives (0 up to the vocabulary; the server caps them, ``--max-logprobs``).
-    ``prompt_logprobs``
-    (vLLM's): every prompt token after the first with its log-probability under the model's own
-    distribution (no temperature: a score) and that many alternatives (None: none), read
-    from the prefill's own forwards (what a scorer such as lm-evaluation-harness asks a server
-    for with ``echo``). ``repetition_penalty`` (transformers', 1 = off), ``presence_penalty`` and
-    ``frequency_penalty`` (OpenAI's, 0 = off, in [-2, 2]) and ``logit_bias`` (OpenAI's: ``(token,
-    bias)`` pairs, bias in [-100, 100], added to the logits first) and ``min_tokens`` (EOS
-    impossible before that many new tokens, transformers' ``min_new_tokens``): ``penalties.py``.
+    ``prompt_logprobs`` (vLLM's): every prompt token after the first with its log-probability
+    under the model's own distribution (no temperature: a score), its rank and that many
+    alternatives (None: none), read from the prefill's own forwards (what a scorer such as
+    lm-evaluation-harness asks a server for with ``echo``). ``repetition_penalty``
+    (transformers', 1 = off), ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, 0 = off,
+    in [-2, 2]) and ``logit_bias`` (OpenAI's: ``(token, bias)`` pairs, bias in [-100, 100], added
+    to the logits first) and ``min_tokens`` (EOS impossible before that many new tokens,
+    transformers' ``min_new_tokens``): ``penalties.py``.
     """
 
     temperature: float = 0.0
