@@ -1108,6 +1108,9 @@ def test_metrics_count_steps_as_they_run_like_vllm():
             for end in ("", "_total", "_count", "_sum"):
                 assert _metric(url, theirs + end) == _metric(url, ours + end), (theirs, end)
         assert _metric(url, "vllm:generation_tokens_total") == 30
+        assert _metric(url, "vllm:request_generation_tokens_sum") == 30
+        assert _metric(url, "vllm:request_generation_tokens_count") == 1
+        assert _metric(url, "fluid_request_prompt_tokens_sum") == out.usage.prompt_tokens
         text = httpx.get(f"{url}/metrics").text
         assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text
         assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in text

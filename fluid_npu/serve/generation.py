@@ -201,6 +201,8 @@ class Generation:
         m.requests.labels(endpoint=endpoint, finish_reason=self.finish_reason).inc()
         e2e = time.monotonic() - self.stream.submitted_at
         m.e2e.observe(e2e)
+        m.request_prompt.observe(self.stream.prompt_tokens)
+        m.request_generation.observe(self.detok.tokens_used)
         if self._tokens >= 2 and self._last is not None:
             m.tpot.observe((self._last - self._first) / (self._tokens - 1))
         if self.forwards:

@@ -11,7 +11,8 @@ the figure is known:
   it gave — what vLLM observes, so a multi-token step shows as one longer gap),
   ``fluid_request_time_per_output_token_seconds`` (per request with two or more tokens: first to
   last token over the tokens after the first — where several tokens a step show as a shorter
-  time), ``fluid_e2e_request_latency_seconds``;
+  time), ``fluid_e2e_request_latency_seconds``, ``fluid_request_prompt_tokens`` /
+  ``fluid_request_generation_tokens`` (per finished choice);
 * in the engine thread, per step: ``fluid_generation_tokens_total`` (the tokens the step committed,
   so ``rate()`` follows a long generation as it runs), ``fluid_accepted_draft_tokens`` (drafted
   tokens that went into a request's output in the step), ``fluid_num_requests_running`` /
@@ -23,10 +24,10 @@ the figure is known:
 The same figures are also exposed under vLLM's names (``vllm:num_requests_running``,
 ``vllm:num_requests_waiting``, ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
 ``vllm:request_success_total{finished_reason}`` — requests the engine ended, refusals left out —,
-the latency histograms and the prefix-cache pair), each with vLLM's ``model_name`` label, so
-dashboards, alerts and autoscalers written for vLLM read the series they share with this server
-(vLLM's KV-cache usage, queue time, per-request token histograms and speculative-decoding
-counters have no counterpart here).
+the latency and per-request token histograms and the prefix-cache pair), each with vLLM's
+``model_name`` label, so dashboards, alerts and autoscalers written for vLLM read the series they
+share with this server (vLLM's KV-cache usage, queue time and speculative-decoding counters have
+no counterpart here).
 
 prometheus-client's metrics are thread-safe, so both sides write without locks.
 """
@@ -42,6 +43,7 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 TPF_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 ACCEPT_BUCKETS = tuple(float(i) for i in range(17))
+TOKEN_BUCKETS = tuple(float(m * 10**e) for e in range(6) for m in (1, 2, 5))  # 1 ... 500 000
 
 
 # ours -> vLLM's (``_VllmNames``): the same series under the names vLLM's users read
@@ -54,6 +56,8 @@ VLLM_NAMES = {
     "fluid_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
     "fluid_request_time_per_output_token_seconds": "vllm:request_time_per_output_token_seconds",
     "fluid_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "fluid_request_prompt_tokens": "vllm:request_prompt_tokens",
+    "fluid_request_generation_tokens": "vllm:request_generation_tokens",
     "fluid_prefix_cache_queries": "vllm:prefix_cache_queries",
     "fluid_prefix_cache_hits": "vllm:prefix_cache_hits",
 }
@@ -132,6 +136,14 @@ class ServerMetrics:
             "Per request: first to last token, over the tokens after the first",
         )
         self.e2e = hist("fluid_e2e_request_latency_seconds", "Request arrival to its last token")
+        self.request_prompt = hist(
+            "fluid_request_prompt_tokens", "Prompt tokens of each finished choice", TOKEN_BUCKETS
+        )
+        self.request_generation = hist(
+            "fluid_request_generation_tokens",
+            "Tokens generated for each finished choice",
+            TOKEN_BUCKETS,
+        )
         self.step_seconds = hist("fluid_step_seconds", "Duration of one scheduler step")
         self.cache_queries = Counter(
             "fluid_prefix_cache_queries", "Prompt tokens admitted into the engine", registry=r
@@ -155,6 +167,8 @@ class ServerMetrics:
             self.itl,
             self.tpot,
             self.e2e,
+            self.request_prompt,
+            self.request_generation,
             self.cache_queries,
             self.cache_hits,
         ]
