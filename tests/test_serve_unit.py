@@ -38,7 +38,8 @@ def test_completion_defaults_and_sampling_settings():
     assert s.stop == [] and not s.stream
     left_out = dict(temperature=None, top_p=None, top_k=None, min_p=None, seed=None,
                     repetition_penalty=None, presence_penalty=0.0,
-                    frequency_penalty=0.0, logit_bias=(), min_tokens=0)  # fmt: skip
+                    frequency_penalty=0.0, logit_bias=(), min_tokens=0,
+                    allowed_token_ids=())  # fmt: skip
     assert s.params == {**left_out, "logprobs": False, "top_logprobs": 0, "prompt_logprobs": None}
     assert not s.echo
     s = parse_completion(
@@ -49,7 +50,7 @@ def test_completion_defaults_and_sampling_settings():
     assert s.params == dict(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=3, logprobs=True,
                             top_logprobs=0, prompt_logprobs=None, repetition_penalty=1.1,
                             presence_penalty=-0.5, frequency_penalty=2.0,
-                            logit_bias=(), min_tokens=0)  # fmt: skip
+                            logit_bias=(), min_tokens=0, allowed_token_ids=())  # fmt: skip
     # (logprobs 0: the chosen tokens' only)
     assert (
         parse_completion({"prompt": "hi", "top_k": -1}).sampling.params["top_k"] == 0

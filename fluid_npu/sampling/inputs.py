@@ -281,12 +281,14 @@ def check_request(
             f"request {req.request_id!r}: {top} alternatives asked for each token's "
             f"log-probability, more than the vocabulary's {vocab} tokens"
         )
-    biased = [t for t, _ in (req.sampling.logit_bias if req.sampling else ())]
-    if biased and max(biased) >= vocab:
-        raise ConfigError(
-            f"request {req.request_id!r}: logit_bias token {max(biased)} is outside the "
-            f"vocabulary [0, {vocab})"
-        )
+    biased = [t for t, _ in (sp.logit_bias if sp is not None else ())]
+    allowed = sp.allowed_token_ids if sp is not None else ()
+    for name, ids in (("logit_bias", biased), ("allowed_token_ids", allowed)):
+        if ids and max(ids) >= vocab:
+            raise ConfigError(
+                f"request {req.request_id!r}: {name} token {max(ids)} is outside the "
+                f"vocabulary [0, {vocab})"
+            )
     if req.stop and not has_tokenizer:
         raise ConfigError(
             f"request {req.request_id!r} has stop strings but the Scheduler has no tokenizer "

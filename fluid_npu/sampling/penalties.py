@@ -13,7 +13,9 @@ applied to the raw logits before temperature and the filters (the order of both)
 * ``logit_bias`` (OpenAI's, up to 300 tokens, each in [-100, 100]) is added first, at every
   position;
 * ``min_tokens`` (transformers' ``min_new_tokens``, vLLM's ``min_tokens``): the request's EOS ids
-  get ``-inf`` at every position before that many new tokens.
+  get ``-inf`` at every position before that many new tokens;
+* vLLM's ``allowed_token_ids``: every other token gets ``-inf`` at every position, first (a
+  ``[slots, V]`` mask made at the first request that restricts its tokens).
 
 A verify step scores position ``j`` after the pending drafts ``d_0 … d_{j−1}`` — the sequence the
 AR model would have seen there — so "so far" for position ``j`` includes those drafts: the counts
@@ -48,6 +50,7 @@ class Penalties:
         self.bias_ids = torch.zeros((slots, MAX_LOGIT_BIAS), dtype=torch.long, device=device)
         self.bias = torch.zeros((slots, MAX_LOGIT_BIAS), dtype=torch.float32, device=device)
         self.min_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.allowed: torch.Tensor | None = None  # [slots, V]: allowed_token_ids (None: any)
 
     def admit(self, row: int, prompt: Sequence[int], params: SamplingParams) -> None:
         """Slot ``row`` starts a request with ``params``' penalties and bias, and ``prompt``."""
@@ -60,6 +63,13 @@ class Penalties:
         self.frequency[row] = params.frequency_penalty
         self.min_tokens[row] = params.min_tokens
         self.bias_ids[row], self.bias[row] = 0, 0.0
+        if params.allowed_token_ids and self.allowed is None:
+            self.allowed = torch.ones_like(self.prompt)
+        if self.allowed is not None:
+            self.allowed[row] = not params.allowed_token_ids
+            if params.allowed_token_ids:
+                ids = torch.tensor(params.allowed_token_ids, dtype=torch.long, device=dev)
+                self.allowed[row, ids] = True
         if params.logit_bias:
             n = len(params.logit_bias)
             ids, values = zip(*params.logit_bias)
@@ -77,8 +87,9 @@ class Penalties:
     def move(self, dst: int, src: int) -> None:
         """A request moved from slot ``src`` to ``dst`` (the scheduler's compaction)."""
         for t in (self.prompt, self.count, self.rep, self.presence, self.frequency,
-                  self.bias_ids, self.bias, self.min_tokens):  # fmt: skip
-            t[dst] = t[src]
+                  self.bias_ids, self.bias, self.min_tokens, self.allowed):  # fmt: skip
+            if t is not None:
+                t[dst] = t[src]
 
     def apply(
         self,
@@ -101,7 +112,9 @@ class Penalties:
         token drafted twice gets the same value from both entries (its count at a position does
         not depend on which of its occurrences wrote it)."""
         r, p, _ = logits.shape
-        # logit_bias first (transformers' sequence bias comes before its repetition penalty too)
+        if self.allowed is not None:  # allowed_token_ids: nothing else may come, whatever else adds
+            logits = logits.masked_fill(~self.allowed[rows][:, None, :], -math.inf)
+        # logit_bias next (transformers' sequence bias comes before its repetition penalty too)
         ids = self.bias_ids[rows][:, None, :].expand(r, p, -1)
         logits = logits.scatter_add(2, ids, self.bias[rows][:, None, :].expand(r, p, -1))
         # min_tokens: EOS impossible at positions before it (-inf added: a duplicate id adds 0)

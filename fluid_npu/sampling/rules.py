@@ -61,7 +61,8 @@ class SamplingParams:
     (transformers', 1 = off), ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, 0 = off,
     in [-2, 2]) and ``logit_bias`` (OpenAI's: ``(token, bias)`` pairs, bias in [-100, 100], added
     to the logits first) and ``min_tokens`` (EOS impossible before that many new tokens,
-    transformers' ``min_new_tokens``): ``penalties.py``.
+    transformers' ``min_new_tokens``): ``penalties.py``; so is vLLM's ``allowed_token_ids`` (only
+    those tokens may be generated: every other one's logit is ``-inf``, before everything else).
     """
 
     temperature: float = 0.0
@@ -77,6 +78,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
     min_tokens: int = 0
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM's: only these may be generated (): any
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:
@@ -128,6 +130,14 @@ class SamplingParams:
                 raise ConfigError(
                     f"logit_bias maps token ids >= 0 to biases in [-100, 100], got {token}: {bias}"
                 )
+        allowed = self.allowed_token_ids
+        if not isinstance(allowed, (tuple, list)) or any(
+            not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in allowed
+        ):
+            raise ConfigError(
+                f"allowed_token_ids takes token ids >= 0 (empty: any token), got {allowed!r}"
+            )
+        object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(allowed))))
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             raise ConfigError("logit_bias gives a token twice; give each token one bias")
         if not 0 <= self.min_tokens <= INT64_MAX:
@@ -153,7 +163,12 @@ class SamplingParams:
         """Whether penalties, a logit bias or ``min_tokens`` adjust the AR logits
         (``penalties.py``)."""
         penalties = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
-        return penalties != (1.0, 0.0, 0.0) or bool(self.logit_bias) or self.min_tokens > 0
+        return (
+            penalties != (1.0, 0.0, 0.0)
+            or bool(self.logit_bias)
+            or self.min_tokens > 0
+            or bool(self.allowed_token_ids)
+        )
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

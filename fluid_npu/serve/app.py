@@ -74,6 +74,7 @@ from fluid_npu.serve.responses_output import answer as respond_with
 from fluid_npu.serve.responses_request import parse_responses
 from fluid_npu.serve.structured import Grammars, grammar_after
 from fluid_npu.serve.text import TokenText, chat_ids
+from fluid_npu.serve.token_fields import check_logprobs
 from fluid_npu.serve.tokenizing import tokenizer_routes
 from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
@@ -176,18 +177,16 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 param="min_tokens",
             )
         vocab = config.vocab_size or len(tokenizer)
-        protocol.check_logprobs(s, shapes[0].chat, config.max_logprobs, vocab)
+        check_logprobs(s, shapes[0].chat, config.max_logprobs, vocab)
         try:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
-        biased = [t for t, _ in params.logit_bias]
-        if biased and max(biased) >= vocab:
-            raise APIError(
-                f"logit_bias names token {max(biased)}, outside the model's vocabulary "
-                f"({vocab} tokens)",
-                param="logit_bias",
-            )
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                          ("allowed_token_ids", params.allowed_token_ids)):  # fmt: skip
+            if ids and max(ids) >= vocab:
+                raise APIError(f"{name} names token {max(ids)}, outside the model's vocabulary "
+                               f"({vocab} tokens)", param=name)  # fmt: skip
         if s.priority and getattr(worker.scheduler, "scheduling_policy", "fcfs") != "priority":
             raise APIError(
                 f"priority={s.priority}: this server starts requests in arrival order; start it "

@@ -67,6 +67,8 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   log-probability's token written ``token_id:N``, its ``bytes`` still the token's own; the
   server's ``--return-tokens-as-token-ids`` where left out), for clients that must not
   tokenize the text again (agent and RL loops);
+* vLLM's ``allowed_token_ids`` (only those tokens may be generated: every other one's logit is
+  ``-inf`` before the bias, penalties and filters; ``sampling/penalties.py``);
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
   ``suffix`` absent; any other value is an error naming the field and what is supported;
   ``user`` is an opaque end-user tag, accepted; so are OpenAI's chat tags (``metadata``,
@@ -83,17 +85,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fluid_npu.sampling.rules import INT64_MAX, MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY
+from fluid_npu.sampling.rules import INT64_MAX, MAX_REPETITION_PENALTY
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.openai_fields import ChatFields, check_chat_fields
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
 from fluid_npu.serve.sampling_defaults import SamplingDefaults as SamplingDefaults
 from fluid_npu.serve.structured import Constraint, StructuredFields, body_constraint, with_eos
+from fluid_npu.serve.token_fields import MAX_STOP as MAX_STOP
+from fluid_npu.serve.token_fields import allowed_ids, logit_bias_pairs, stop_token_ids
 from fluid_npu.serve.tools import ToolParser, ToolSetting, tool_setting
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
-MAX_STOP = 64  # each is matched on every step's new text: a bound, not OpenAI's 4
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows: --max-logprobs' default, as vLLM's
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
 
@@ -153,6 +156,7 @@ class _Common(_Strict, StructuredFields):
         default=None, gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False
     )  # vLLM's (transformers')
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be generated
     user: str | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
@@ -299,51 +303,6 @@ def _neutral(body: _Common, name: str, ok: tuple[Any, ...], what: str) -> None:
         )
 
 
-def _logit_bias(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    """OpenAI's ``logit_bias`` (token id as a string -> bias in [-100, 100], up to 300) as the
-    engine's ``(token, bias)`` pairs."""
-    if not given:
-        return ()
-    if len(given) > MAX_LOGIT_BIAS:
-        raise APIError(
-            f"logit_bias holds {len(given)} tokens; at most {MAX_LOGIT_BIAS}", param="logit_bias"
-        )
-    pairs: dict[int, float] = {}
-    for key, value in given.items():
-        digits = key.isascii() and key.isdigit() and len(key) <= 20  # (int64 has 19 digits)
-        if not digits or not -100 <= value <= 100:
-            raise APIError(
-                f"logit_bias maps token ids (as strings of digits) to biases in [-100, 100]; "
-                f"got {key[:40]!r}: {value}",
-                param="logit_bias",
-            )
-        if int(key) in pairs:
-            raise APIError(f"logit_bias gives token {int(key)} twice", param="logit_bias")
-        pairs[int(key)] = float(value)
-    return tuple(sorted(pairs.items()))
-
-
-def check_logprobs(s: Sampling, chat: bool, cap: int, vocab: int) -> None:
-    """vLLM's ``--max-logprobs``: the alternatives a request asks for (``logprobs`` /
-    ``top_logprobs``, ``prompt_logprobs``, an echo's) are at most ``cap`` (-1: the vocabulary);
-    -1 asks for the whole vocabulary (as vLLM reads it), which this resolves to ``vocab``."""
-    limit = vocab if cap < 0 else min(cap, vocab)
-    for key, name in (("top_logprobs", "top_logprobs" if chat else "logprobs"),
-                      ("prompt_logprobs", "prompt_logprobs")):  # fmt: skip
-        given = s.params[key]
-        if given == -1:
-            s.params[key] = vocab
-            if key == "prompt_logprobs" and s.prompt_logprobs == -1:
-                s.prompt_logprobs = vocab
-        if (s.params[key] or 0) > limit:
-            why = "--max-logprobs sets it" if limit < vocab else "the vocabulary's size"
-            raise APIError(
-                f"{name}={given} asks for more alternatives than this server returns ({limit}; "
-                f"{why}); ask for fewer",
-                param=name,
-            )
-
-
 def _usage_options(given: StreamOptions | None) -> tuple[bool, bool]:
     """``(include_usage, continuous)`` of a stream: vLLM's ``continuous_usage_stats`` (the usage
     on every chunk) goes with ``include_usage``, which it turns on where left out."""
@@ -358,24 +317,8 @@ def _usage_options(given: StreamOptions | None) -> tuple[bool, bool]:
     return bool(given.include_usage) or continuous, continuous
 
 
-def _stop_token_ids(given: list[int] | None, constraint: Constraint | None) -> tuple[int, ...]:
-    """vLLM's ``stop_token_ids``: up to ``MAX_STOP`` token ids (in the vocabulary: ``app.py``
-    checks) that end the request as EOS does; not with a grammar, which decides where it ends."""
-    ids = tuple(dict.fromkeys(given or ()))
-    if len(ids) > MAX_STOP or any(t < 0 for t in ids):
-        raise APIError(f"stop_token_ids takes up to {MAX_STOP} token ids (>= 0)",
-                       param="stop_token_ids")  # fmt: skip
-    if ids and constraint is not None:
-        raise APIError(
-            f"stop_token_ids cannot go with {constraint.field}: the output's grammar decides "
-            "where it ends",
-            param="stop_token_ids",
-        )
-    return ids
-
-
 def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> Sampling:
-    bias = _logit_bias(body.logit_bias)
+    bias = logit_bias_pairs(body.logit_bias)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP or any(s == "" for s in stop):
         raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
@@ -387,7 +330,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
                        param="prompt_logprobs")  # fmt: skip
     include_usage, continuous = _usage_options(body.stream_options)
     constraint = body_constraint(body)
-    stop_ids = _stop_token_ids(body.stop_token_ids, constraint)
+    stop_ids = stop_token_ids(body.stop_token_ids, constraint)
     params = {  # None: left out, for the server's defaults (SamplingDefaults)
         "temperature": None if body.temperature is None else float(body.temperature),
         "top_p": None if body.top_p is None else float(body.top_p),
@@ -399,6 +342,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         "presence_penalty": float(body.presence_penalty or 0.0),
         "frequency_penalty": float(body.frequency_penalty or 0.0),
         "logit_bias": bias,
+        "allowed_token_ids": allowed_ids(body.allowed_token_ids),
         "min_tokens": body.min_tokens or 0,
         "seed": body.seed,
         "logprobs": logprobs,
@@ -491,5 +435,5 @@ def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
                 param="tool_choice",
             )
         sampling.constraint = with_eos(tools.constraint, req)
-        _stop_token_ids(req.stop_token_ids, sampling.constraint)
+        stop_token_ids(req.stop_token_ids, sampling.constraint)
     return ChatRequest(messages=messages, sampling=sampling, render=render, tools=tools)
