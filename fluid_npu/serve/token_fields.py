@@ -6,13 +6,12 @@ bounds that need the model's vocabulary are checked by the app (``app.py``), whi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fluid_npu.sampling.rules import MAX_LOGIT_BIAS
 from fluid_npu.serve.errors import APIError
 
 if TYPE_CHECKING:
-    from fluid_npu.serve.protocol import Sampling
     from fluid_npu.serve.structured import Constraint
 
 MAX_STOP = 64  # stop strings / stop token ids: each is matched every step; a bound, not OpenAI's 4
@@ -72,10 +71,11 @@ def stop_token_ids(given: list[int] | None, constraint: Constraint | None) -> tu
     return ids
 
 
-def check_logprobs(s: Sampling, chat: bool, cap: int, vocab: int) -> None:
+def check_logprobs(s: Any, chat: bool, cap: int, vocab: int) -> None:
     """vLLM's ``--max-logprobs``: the alternatives a request asks for (``logprobs`` /
     ``top_logprobs``, ``prompt_logprobs``, an echo's) are at most ``cap`` (-1: the vocabulary);
-    -1 asks for the whole vocabulary (as vLLM reads it), which this resolves to ``vocab``."""
+    -1 asks for the whole vocabulary (as vLLM reads it), which this resolves to ``vocab``.
+    ``s`` is the request's ``protocol.Sampling`` (typed loosely: protocol imports this module)."""
     limit = vocab if cap < 0 else min(cap, vocab)
     for key, name in (("top_logprobs", "top_logprobs" if chat else "logprobs"),
                       ("prompt_logprobs", "prompt_logprobs")):  # fmt: skip
