@@ -232,11 +232,12 @@ def kept_tokens(
     drop = (sp.cumsum(dim=-1) - sp >= p) & (p < 1)  # (mass strictly before each token)
     drop[..., 0] = False
     keep &= ~torch.zeros_like(drop).scatter(-1, idx, drop)
-    # min-p: drop tokens below min_p x the top probability (in log space: no underflow)
-    logp = scores.masked_fill(~keep, -math.inf).log_softmax(dim=-1)
+    # min-p: drop tokens below min_p x the top probability — p_i / p_top = exp(s_i - s_top), so
+    # on the scores themselves (no normalisation, no underflow)
+    kept = scores.masked_fill(~keep, -math.inf)
     m = min_p.to(torch.float32).view(shape)
-    floor = torch.where(m > 0, m.clamp(min=1e-30).log(), -math.inf) + logp.amax(-1, keepdim=True)
-    return keep & (logp >= floor), scores
+    floor = torch.where(m > 0, m.clamp(min=1e-30).log(), -math.inf) + kept.amax(-1, keepdim=True)
+    return keep & (kept >= floor), scores
 
 
 def filtered_probs(
