@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from test_logprobs_mode import model, tok  # noqa: F401  (the tiny Llama and its tokenizer)
+from test_grammar import model, tok  # noqa: F401  (the tiny Llama and its tokenizer)
 from test_serve_http import ScriptedScheduler, serving
 
 from fluid_npu.errors import ConfigError

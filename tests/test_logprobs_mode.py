@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from test_grammar import model, tok  # noqa: F401  (the tiny Llama and its tokenizer)
 from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -21,7 +22,6 @@ from transformers import (
 )
 
 from fluid_npu.errors import ConfigError
-from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 from fluid_npu.sampling.api import generate
 from fluid_npu.sampling.offline import run_requests
 from fluid_npu.sampling.requests import LOGPROBS_MODES
@@ -31,17 +31,7 @@ from fluid_npu.sampling.scheduler import Request, Scheduler
 PENALTY, TEMPERATURE, TOP_K, N_TOP = 1.3, 0.7, 2, 3  # N_TOP > TOP_K: one alternative is dropped
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer(mask_token=True)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return build_tiny_model("llama", tok, seed=3)
-
-
-def _reference(model, prompt, tokens, mode, sampled):
+def _reference(model, prompt, tokens, mode, sampled):  # noqa: F811
     """Per output position: what ``mode`` reports, from transformers' forward and processors."""
     with torch.inference_mode():
         logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
@@ -59,7 +49,7 @@ def _reference(model, prompt, tokens, mode, sampled):
 
 
 @pytest.mark.parametrize("mode", LOGPROBS_MODES)
-def test_each_mode_reports_its_distribution(tok, model, mode):
+def test_each_mode_reports_its_distribution(tok, model, mode):  # noqa: F811
     prompt = tok("hello world")["input_ids"]
     wants = dict(logprobs=True, top_logprobs=N_TOP, repetition_penalty=PENALTY)
     params = {
@@ -87,7 +77,7 @@ def test_each_mode_reports_its_distribution(tok, model, mode):
         assert dropped == ([-math.inf] * len(tokens) if filtered else []), name
 
 
-def test_raw_logprobs_are_the_default_and_the_reference_loop_has_none(tok, model):
+def test_raw_logprobs_are_the_default_and_the_reference_loop_has_none(tok, model):  # noqa: F811
     assert Scheduler(model, tok.mask_token_id, max_batch=1).logprobs_mode == "raw_logprobs"
     ids = [tok("hello")["input_ids"]]
     # through generate: the same seeded tokens, their logits over the temperature when processed
@@ -107,7 +97,7 @@ def test_raw_logprobs_are_the_default_and_the_reference_loop_has_none(tok, model
                  engine_kwargs={"logprobs_mode": "processed_logits"})  # fmt: skip
 
 
-def test_a_filter_that_is_off_drops_nothing(tok, model):
+def test_a_filter_that_is_off_drops_nothing(tok, model):  # noqa: F811
     """Top-p at 1, top-k and min-p at 0 keep every token, however unlikely (float32 mass that
     rounds to 1 and probabilities that underflow used to drop the tail): ``processed`` logprobs
     of a peaked distribution report the tail's own values; a filter that is on still drops."""
@@ -136,7 +126,7 @@ def test_a_filter_that_is_off_drops_nothing(tok, model):
         assert all(math.isfinite(v) for _, v in top)
 
 
-def test_as_many_alternatives_as_the_vocabulary_and_no_more(tok, model):
+def test_as_many_alternatives_as_the_vocabulary_and_no_more(tok, model):  # noqa: F811
     """No fixed cap in the engine (the server's is ``--max-logprobs``): every token's
     log-probability comes back when asked, and more than the vocabulary is refused at submit."""
     vocab = model.get_input_embeddings().weight.shape[0]
