@@ -22,7 +22,7 @@ from fluid_npu.errors import FluidError
 SUBCOMMANDS = (
     ("fluid_npu.cli", "_add_train"),
     ("fluid_npu.cli", "_add_merge"),
-    ("fluid_npu.sampling.cli", "add_generate_parser"),
+    ("fluid_npu.sampling.generate_cli", "add_generate_parser"),
     ("fluid_npu.sampling.bench_cli", "add_bench_parser"),
     ("fluid_npu.eval.cli", "add_eval_parser"),
     ("fluid_npu.demo", "add_demo_parser"),
