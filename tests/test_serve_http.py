@@ -466,8 +466,12 @@ def test_a_list_of_prompts_is_one_choice_each_streamed_or_not():
         batch = [r.request_id for r in sched.requests[-3:]]
         assert len({sched.submitted_step[rid] for rid in batch}) == 1
 
+        # steps that take time, as a model's do: a scripted step of no time can run several
+        # steps before the event loop delivers one choice's first chunk
+        sched.step_s = 0.01
         chunks = list(c.completions.create(model="tiny", prompt=prompts, max_tokens=25,
                                            stream=True))  # fmt: skip
+        sched.step_s = 0.0
         texts, ends = ["", "", ""], {}
         for ch in chunks:
             for choice in ch.choices:
