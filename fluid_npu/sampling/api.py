@@ -45,7 +45,7 @@ from fluid_npu.sampling.stats import GenerateStats
 LOOPS = ("fused", "reference")
 GENERATION_KEYS = (
     "do_sample", "temperature", "top_k", "top_p", "min_p", "stop_strings", "repetition_penalty",
-    "min_new_tokens",
+    "min_new_tokens", "bad_words_ids",
 )  # fmt: skip
 TRANSFORMERS_TOP_K = 50  # transformers' top_k when sampling without one
 # Measured on CPU: for the sampler's short cached calls the model's own SDPA with a dense bool mask
@@ -122,6 +122,7 @@ def generate(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     min_new_tokens: int = 0,
+    bad_words_ids: Sequence[Sequence[int]] | None = None,
     seed: int | None = None,
     stop_strings: Sequence[str] | str | None = None,
     stop_in_prompt: bool = True,
@@ -150,7 +151,9 @@ def generate(
     (1.0 = off) / ``min_p`` apply in that order and the output distribution is exactly AR
     sampling's (``rules.py``). ``repetition_penalty`` (1.0 = off) applies before them, greedy
     or not, as transformers applies it, and ``min_new_tokens`` keeps EOS out before that many
-    new tokens (``penalties.py``). ``seed`` seeds row ``r`` with
+    new tokens (``penalties.py``); ``bad_words_ids`` are token sequences never generated (as
+    transformers' ``NoBadWordsLogitsProcessor``: a sequence may begin in the prompt, and a
+    one-token sequence that is an EOS id is dropped). ``seed`` seeds row ``r`` with
     ``seed + r``, wrapping in 64 bits (None: each row's seed drawn from torch's global generator, so
     ``torch.manual_seed`` reproduces a call and calls differ, as in transformers), so a row's
     tokens do not depend on the batch.
@@ -209,6 +212,8 @@ def generate(
         min_p=min_p if do_sample else 0.0,
         repetition_penalty=float(repetition_penalty),
         min_tokens=int(min_new_tokens or 0),
+        bad_words=_bad_words(bad_words_ids, eos_ids),
+        bad_words_in_prompt=True,
         seed=seed,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
@@ -218,8 +223,9 @@ def generate(
     fused_only = stops or logprobs or logprobs_mode or params.adjusted or grammar is not None
     if loop != "fused" and fused_only:
         raise ConfigError(
-            "stop strings, logprobs (and logprobs_mode), repetition_penalty, min_new_tokens and a "
-            "grammar run on the fused loop (the decode engine); use loop='fused'"
+            "stop strings, logprobs (and logprobs_mode), repetition_penalty, min_new_tokens, "
+            "bad_words_ids and a grammar run on the fused loop (the decode engine); use "
+            "loop='fused'"
         )
     start = time.perf_counter()
     if loop == "fused":
@@ -280,6 +286,21 @@ def generate(
     eng.finish()
     new = eng.new_tokens()
     return GenerateOutput(_sequences(ids, new, pad_id), new, stats)
+
+
+def _bad_words(
+    given: Sequence[Sequence[int]] | None, eos_ids: Sequence[int]
+) -> tuple[tuple[int, ...], ...]:
+    """transformers' ``bad_words_ids`` as the engine's ``bad_words``: a list of token-id lists
+    (None or empty: none); a one-token list that is an EOS id is dropped, as transformers does."""
+    if given is None:
+        return ()
+    if isinstance(given, torch.Tensor):
+        given = given.tolist()
+    if not isinstance(given, (list, tuple)) or any(not isinstance(w, (list, tuple)) for w in given):
+        raise ConfigError(f"bad_words_ids takes a list of token-id lists, got {given!r}")
+    words = [tuple(t.item() if hasattr(t, "item") else t for t in w) for w in given]
+    return tuple(w for w in words if not (len(w) == 1 and w[0] in eos_ids))
 
 
 @contextlib.contextmanager

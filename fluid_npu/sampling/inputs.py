@@ -283,7 +283,9 @@ def check_request(
         )
     biased = [t for t, _ in (sp.logit_bias if sp is not None else ())]
     allowed = sp.allowed_token_ids if sp is not None else ()
-    for name, ids in (("logit_bias", biased), ("allowed_token_ids", allowed)):
+    banned = [t for w in (sp.bad_words if sp is not None else ()) for t in w]
+    for name, ids in (("logit_bias", biased), ("allowed_token_ids", allowed),
+                      ("bad_words", banned)):  # fmt: skip
         if ids and max(ids) >= vocab:
             raise ConfigError(
                 f"request {req.request_id!r}: {name} token {max(ids)} is outside the "

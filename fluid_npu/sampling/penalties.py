@@ -15,7 +15,13 @@ applied to the raw logits before temperature and the filters (the order of both)
 * ``min_tokens`` (transformers' ``min_new_tokens``, vLLM's ``min_tokens``): the request's EOS ids
   get ``-inf`` at every position before that many new tokens;
 * vLLM's ``allowed_token_ids``: every other token gets ``-inf`` at every position, first (a
-  ``[slots, V]`` mask made at the first request that restricts its tokens).
+  ``[slots, V]`` mask made at the first request that restricts its tokens);
+* ``bad_words`` (vLLM's once tokenized, transformers' ``bad_words_ids``): a sequence's last token
+  gets ``-inf`` at a position whose preceding tokens end with the rest of it (a one-token
+  sequence: everywhere). Each slot keeps its last ``L`` tokens (``L``: the longest sequence's
+  length − 1) — from the output only (vLLM's reading: a sequence needs that many new tokens
+  before it), or the prompt's too (transformers') — and position ``j``'s window is those tokens
+  followed by the drafts before ``j``.
 
 A verify step scores position ``j`` after the pending drafts ``d_0 … d_{j−1}`` — the sequence the
 AR model would have seen there — so "so far" for position ``j`` includes those drafts: the counts
@@ -33,8 +39,11 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fluid_npu.sampling.rules import MAX_LOGIT_BIAS, SamplingParams
+
+NONE = -2  # a bad-word window's slot before the text (matches no token, and no "any")
 
 
 class Penalties:
@@ -51,6 +60,12 @@ class Penalties:
         self.bias = torch.zeros((slots, MAX_LOGIT_BIAS), dtype=torch.float32, device=device)
         self.min_tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self.allowed: torch.Tensor | None = None  # [slots, V]: allowed_token_ids (None: any)
+        # bad words (None until a request has some): per slot and sequence, the banned last token
+        # (-1: no sequence), the tokens before it right-aligned (-1: any, a shorter sequence's
+        # start), and the slot's last tokens (NONE: before the text)
+        self.bad_last: torch.Tensor | None = None  # [slots, NB]
+        self.bad_prefix: torch.Tensor | None = None  # [slots, NB, L]
+        self.tail: torch.Tensor | None = None  # [slots, L]
 
     def admit(self, row: int, prompt: Sequence[int], params: SamplingParams) -> None:
         """Slot ``row`` starts a request with ``params``' penalties and bias, and ``prompt``."""
@@ -70,11 +85,51 @@ class Penalties:
             if params.allowed_token_ids:
                 ids = torch.tensor(params.allowed_token_ids, dtype=torch.long, device=dev)
                 self.allowed[row, ids] = True
+        if params.bad_words or self.bad_last is not None:
+            self._admit_bad_words(row, prompt, params)
         if params.logit_bias:
             n = len(params.logit_bias)
             ids, values = zip(*params.logit_bias)
             self.bias_ids[row, :n] = torch.tensor(ids, dtype=torch.long, device=dev)
             self.bias[row, :n] = torch.tensor(values, dtype=torch.float32, device=dev)
+
+    def _admit_bad_words(self, row: int, prompt: Sequence[int], params: SamplingParams) -> None:
+        words = params.bad_words
+        nb = max(len(words), 0 if self.bad_last is None else self.bad_last.shape[1])
+        width = max([len(w) - 1 for w in words] + [0 if self.tail is None else self.tail.shape[1]])
+        self._fit_bad_words(nb, width)
+        assert self.bad_last is not None and self.bad_prefix is not None and self.tail is not None
+        last = torch.full((nb,), -1, dtype=torch.long)
+        prefix = torch.full((nb, width), -1, dtype=torch.long)
+        for b, w in enumerate(words):
+            last[b] = w[-1]
+            if len(w) > 1:
+                prefix[b, width - len(w) + 1 :] = torch.tensor(w[:-1])
+        tail = torch.full((width,), NONE, dtype=torch.long)
+        seen = list(prompt)[len(prompt) - width :] if params.bad_words_in_prompt and width else []
+        if seen:
+            tail[width - len(seen) :] = torch.tensor(seen)
+        dev = self.prompt.device
+        self.bad_last[row], self.bad_prefix[row] = last.to(dev), prefix.to(dev)
+        self.tail[row] = tail.to(dev)
+
+    def _fit_bad_words(self, nb: int, width: int) -> None:
+        """The bad-word tensors hold ``nb`` sequences of ``width`` + 1 tokens per slot, grown
+        where a request needs more: a sequence's start and a slot's earlier tokens are padded on
+        the left (any / none), which no shorter sequence reads."""
+        slots, dev = self.prompt.shape[0], self.prompt.device
+        if self.bad_last is None:
+            self.bad_last = torch.full((slots, nb), -1, dtype=torch.long, device=dev)
+            self.bad_prefix = torch.full((slots, nb, width), -1, dtype=torch.long, device=dev)
+            self.tail = torch.full((slots, width), NONE, dtype=torch.long, device=dev)
+            return
+        assert self.bad_prefix is not None and self.tail is not None
+        more_nb, more_w = nb - self.bad_last.shape[1], width - self.tail.shape[1]
+        if more_nb > 0 or more_w > 0:
+            self.bad_last = F.pad(self.bad_last, (0, max(more_nb, 0)), value=-1)
+            self.bad_prefix = F.pad(self.bad_prefix, (max(more_w, 0), 0, 0, max(more_nb, 0)),
+                                    value=-1)  # fmt: skip
+            self.tail = F.pad(self.tail, (max(more_w, 0), 0), value=NONE)
 
     def commit(self, rows: torch.Tensor, toks: torch.Tensor, take: torch.Tensor) -> None:
         """Rows ``rows`` (of the step's ``[hi, W]`` tokens ``toks``) committed their first
@@ -83,11 +138,17 @@ class Penalties:
         kept = torch.arange(toks.shape[1], device=toks.device)[None] < take[:, None]
         at = rows[:, None].expand_as(toks)
         self.count.index_put_((at, toks), kept.to(self.count.dtype), accumulate=True)
+        if self.tail is not None and self.tail.shape[1]:  # the last L tokens, after the new ones
+            width = self.tail.shape[1]
+            text = torch.cat([self.tail[rows], toks], dim=1)
+            shift = take[:, None] + torch.arange(width, device=toks.device)[None]
+            self.tail[rows] = text.gather(1, shift)
 
     def move(self, dst: int, src: int) -> None:
         """A request moved from slot ``src`` to ``dst`` (the scheduler's compaction)."""
         for t in (self.prompt, self.count, self.rep, self.presence, self.frequency,
-                  self.bias_ids, self.bias, self.min_tokens, self.allowed):  # fmt: skip
+                  self.bias_ids, self.bias, self.min_tokens, self.allowed, self.bad_last,
+                  self.bad_prefix, self.tail):  # fmt: skip
             if t is not None:
                 t[dst] = t[src]
 
@@ -114,6 +175,8 @@ class Penalties:
         r, p, _ = logits.shape
         if self.allowed is not None:  # allowed_token_ids: nothing else may come, whatever else adds
             logits = logits.masked_fill(~self.allowed[rows][:, None, :], -math.inf)
+        if self.bad_last is not None:
+            logits = self._ban_bad_words(logits, drafts, rows)
         # logit_bias next (transformers' sequence bias comes before its repetition penalty too)
         ids = self.bias_ids[rows][:, None, :].expand(r, p, -1)
         logits = logits.scatter_add(2, ids, self.bias[rows][:, None, :].expand(r, p, -1))
@@ -148,3 +211,22 @@ class Penalties:
         drafted = count.gather(1, d)[:, None, :] + occurrences
         seen = prompt.gather(1, d)[:, None, :] | (drafted > 0)
         return out.scatter(2, at, penalise(logits.gather(2, at), drafted, seen))
+
+    def _ban_bad_words(
+        self, logits: torch.Tensor, drafts: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """``logits [R, P, V]`` with each bad word's last token at ``-inf`` at the positions
+        whose preceding tokens (the slot's last ones, then the drafts before the position) end
+        with the rest of it: ``[R, P, NB, L]`` comparisons, no host read."""
+        assert self.bad_last is not None and self.bad_prefix is not None and self.tail is not None
+        r, p, _ = logits.shape
+        last = self.bad_last[rows]  # [R, NB]
+        hit = (last >= 0)[:, None, :].expand(r, p, -1)  # [R, P, NB]
+        width = self.tail.shape[1]
+        if width:
+            text = torch.cat([self.tail[rows], drafts[:, : p - 1]], dim=1)  # [R, L + P - 1]
+            window = text.unfold(1, width, 1)[:, :, None, :]  # [R, P, 1, L]: before position j
+            prefix = self.bad_prefix[rows][:, None]  # [R, 1, NB, L]
+            hit = hit & ((window == prefix) | (prefix < 0)).all(dim=-1)
+        ban = torch.where(hit, -math.inf, 0.0).to(logits.dtype)
+        return logits.scatter_add(2, last.clamp(min=0)[:, None, :].expand(r, p, -1), ban)

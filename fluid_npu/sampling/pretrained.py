@@ -256,10 +256,10 @@ class FluidForCausalLM(torch.nn.Module):
         ``GenerationConfig`` as the second argument or ``generation_config=``. The sampling
         keywords are transformers' (``do_sample``, ``temperature``, ``top_k`` — 50 when sampling
         and not given, transformers' default; 0 turns it off —, ``top_p``, ``min_p``,
-        ``repetition_penalty``, ``min_new_tokens``, ``stop_strings``) plus ``seed`` (None: drawn
-        from torch's global generator, so ``torch.manual_seed`` reproduces a call as in
-        transformers); a keyword given as None is left out. What a call leaves out comes from
-        ``generation_config`` — the one passed, else the checkpoint's own
+        ``repetition_penalty``, ``min_new_tokens``, ``bad_words_ids``, ``stop_strings``) plus
+        ``seed`` (None: drawn from torch's global generator, so ``torch.manual_seed`` reproduces
+        a call as in transformers); a keyword given as None is left out. What a call leaves out
+        comes from ``generation_config`` — the one passed, else the checkpoint's own
         (``model.generation_config``, as transformers reads it: an instruct checkpoint that sets
         ``do_sample`` samples; pass ``do_sample=False`` for the lossless greedy output) — along
         with ``max_new_tokens`` / ``max_length`` / ``eos_token_id`` / ``pad_token_id``. A setting

@@ -33,6 +33,8 @@ ACCEPT, DRAW, DRAFT = 0, 1, 2  # the purposes of a random number
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows (fluid serve's default --max-logprobs)
 NO_LOGPROB = -9999.0  # what JSON output writes for -inf (JSON has none), as vLLM's server does
 MAX_LOGIT_BIAS = 300  # tokens a request may bias (the OpenAI API's limit)
+MAX_BAD_WORDS = 256  # token sequences a request may ban (vLLM's 128 words, each two spellings)
+MAX_BAD_WORD_LEN = 128  # tokens in one (each position checks the tokens before it against them)
 MAX_REPETITION_PENALTY = 1e4  # finite, and far inside float32 (the engine keeps it per slot)
 MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily (as vLLM treats it)
 INT64_MAX = (1 << 63) - 1  # seeds and top_k live in int64 tensors
@@ -62,7 +64,11 @@ class SamplingParams:
     in [-2, 2]) and ``logit_bias`` (OpenAI's: ``(token, bias)`` pairs, bias in [-100, 100], added
     to the logits first) and ``min_tokens`` (EOS impossible before that many new tokens,
     transformers' ``min_new_tokens``): ``penalties.py``; so is vLLM's ``allowed_token_ids`` (only
-    those tokens may be generated: every other one's logit is ``-inf``, before everything else).
+    those tokens may be generated: every other one's logit is ``-inf``, before everything else)
+    and ``bad_words`` (token sequences never generated: a sequence's last token gets ``-inf``
+    wherever the tokens before it end the text so far; vLLM's ``bad_words`` once tokenized, which
+    match in the output only, or transformers' ``bad_words_ids`` with ``bad_words_in_prompt``,
+    whose sequences may begin in the prompt).
     """
 
     temperature: float = 0.0
@@ -79,6 +85,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
     min_tokens: int = 0
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: only these may be generated (): any
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never generated
+    bad_words_in_prompt: bool = False  # a bad word may begin in the prompt (transformers')
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:
@@ -138,12 +146,32 @@ class SamplingParams:
                 f"allowed_token_ids takes token ids >= 0 (empty: any token), got {allowed!r}"
             )
         object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(allowed))))
+        self._check_bad_words()
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             raise ConfigError("logit_bias gives a token twice; give each token one bias")
         if not 0 <= self.min_tokens <= INT64_MAX:
             raise ConfigError(f"min_tokens must be >= 0 (0 = off), got {self.min_tokens}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ConfigError(f"prompt_logprobs must be >= 0 (or None), got {self.prompt_logprobs}")
+
+    def _check_bad_words(self) -> None:
+        words = self.bad_words
+        ok = isinstance(words, (tuple, list)) and all(
+            isinstance(w, (tuple, list)) and w
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in w)
+            for w in words
+        )  # fmt: skip
+        if not ok:
+            raise ConfigError(
+                f"bad_words takes non-empty sequences of token ids >= 0, got {words!r}"
+            )
+        if len(words) > MAX_BAD_WORDS or any(len(w) > MAX_BAD_WORD_LEN for w in words):
+            raise ConfigError(
+                f"bad_words holds {len(words)} sequences of up to "
+                f"{max(map(len, words))} tokens; at most {MAX_BAD_WORDS} of up to "
+                f"{MAX_BAD_WORD_LEN} tokens each"
+            )
+        object.__setattr__(self, "bad_words", tuple(dict.fromkeys(tuple(w) for w in words)))
 
     @property
     def greedy(self) -> bool:
@@ -160,14 +188,15 @@ class SamplingParams:
 
     @property
     def adjusted(self) -> bool:
-        """Whether penalties, a logit bias or ``min_tokens`` adjust the AR logits
-        (``penalties.py``)."""
+        """Whether penalties, a logit bias, ``min_tokens``, allowed tokens or bad words adjust
+        the AR logits (``penalties.py``)."""
         penalties = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
         return (
             penalties != (1.0, 0.0, 0.0)
             or bool(self.logit_bias)
             or self.min_tokens > 0
             or bool(self.allowed_token_ids)
+            or bool(self.bad_words)
         )
 
 

@@ -74,7 +74,7 @@ from fluid_npu.serve.responses_output import answer as respond_with
 from fluid_npu.serve.responses_request import parse_responses
 from fluid_npu.serve.structured import Grammars, grammar_after
 from fluid_npu.serve.text import TokenText, chat_ids
-from fluid_npu.serve.token_fields import check_logprobs
+from fluid_npu.serve.token_fields import bad_word_ids, check_logprobs
 from fluid_npu.serve.tokenizing import tokenizer_routes
 from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
@@ -178,12 +178,15 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             )
         vocab = config.vocab_size or len(tokenizer)
         check_logprobs(s, shapes[0].chat, config.max_logprobs, vocab)
+        if s.bad_words:
+            s.params["bad_words"] = bad_word_ids(tokenizer, s.bad_words)
         try:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
             raise APIError(str(exc)) from None
         for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
-                          ("allowed_token_ids", params.allowed_token_ids)):  # fmt: skip
+                          ("allowed_token_ids", params.allowed_token_ids),
+                          ("bad_words", [t for w in params.bad_words for t in w])):  # fmt: skip
             if ids and max(ids) >= vocab:
                 raise APIError(f"{name} names token {max(ids)}, outside the model's vocabulary "
                                f"({vocab} tokens)", param=name)  # fmt: skip

@@ -68,7 +68,9 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   server's ``--return-tokens-as-token-ids`` where left out), for clients that must not
   tokenize the text again (agent and RL loops);
 * vLLM's ``allowed_token_ids`` (only those tokens may be generated: every other one's logit is
-  ``-inf`` before the bias, penalties and filters; ``sampling/penalties.py``);
+  ``-inf`` before the bias, penalties and filters; ``sampling/penalties.py``) and ``bad_words``
+  (words never generated, tokenized as vLLM does — ``token_fields.bad_word_ids`` — and matched in
+  the output);
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
   ``suffix`` absent; any other value is an error naming the field and what is supported;
   ``user`` is an opaque end-user tag, accepted; so are OpenAI's chat tags (``metadata``,
@@ -157,6 +159,7 @@ class _Common(_Strict, StructuredFields):
     )  # vLLM's (transformers')
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be generated
+    bad_words: list[str] | None = None  # vLLM's: words never generated (tokenized by the app)
     user: str | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
@@ -223,6 +226,7 @@ class Sampling:
     n: int = 1  # completions of each prompt
     constraint: Constraint | None = None  # the grammar the output follows (structured.py)
     priority: int = 0  # where it waits for a slot (--scheduling-policy priority)
+    bad_words: list[str] = field(default_factory=list)  # (token_fields.bad_word_ids: the app's)
 
 
 @dataclass
@@ -367,6 +371,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         model=body.model,
         n=body.n or 1,
         priority=body.priority or 0,
+        bad_words=list(body.bad_words or []),
     )
 
 
