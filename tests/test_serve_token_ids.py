@@ -2,7 +2,8 @@
 output's token ids come back; streamed: the prompt's once per choice, each chunk the ids it
 delivered, adding up to the whole answer's), ``return_tokens_as_token_ids`` (log-probabilities
 name tokens by id) — what an agent or RL loop needs so as not to tokenize a text again — and
-``prompt_logprobs`` (a prompt scored token by token, as a reference model is). Driven by the
+``prompt_logprobs`` (a prompt scored token by token, as a reference model is) and
+``truncate_prompt_tokens`` (a prompt's last K tokens). Driven by the
 official ``openai`` client against the scripted scheduler of ``test_serve_http.py``."""
 
 from __future__ import annotations
@@ -204,3 +205,42 @@ def test_minus_one_asks_for_the_whole_vocabulary_where_the_server_allows_it():
         r = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": "a", "prompt_logprobs": len(TOK) + 1})  # fmt: skip
         assert "the vocabulary's size" in r.json()["error"]["message"]
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens():
+    """vLLM's ``truncate_prompt_tokens``: K keeps a prompt's last K tokens (a text's, a token-id
+    list's, a rendered chat's), counted so in the usage and echoed as the text left; -1 keeps as
+    many as the context holds; 0, below -1 or more than the context is a 400 naming it."""
+    sched = ScriptedScheduler(max_len=64)
+    with serving(sched) as (url, _, _):
+        c = client(url)
+        text = "the quick brown fox"
+        ids = TOK(text)["input_ids"]
+        cut = {"truncate_prompt_tokens": 5}
+        out = c.completions.create(model="tiny", prompt=text, max_tokens=4, echo=True,
+                                   extra_body=cut)  # fmt: skip
+        assert sched.requests[-1].prompt == ids[-5:] and out.usage.prompt_tokens == 5
+        assert out.choices[0].text.startswith(TOK.decode(ids[-5:], skip_special_tokens=True))
+        assert not out.choices[0].text.startswith(text)
+        out = c.completions.create(model="tiny", prompt=[ids[:3], ids], max_tokens=4,
+                                   echo=True, extra_body=cut)  # fmt: skip
+        assert [r.prompt for r in sched.requests[-2:]] == [ids[:3], ids[-5:]]
+        assert out.usage.prompt_tokens == 3 + 5
+        assert out.choices[0].text.startswith(TOK.decode(ids[:3], skip_special_tokens=True))
+        chat = c.chat.completions.create(model="tiny", messages=USER, max_tokens=4,
+                                         extra_body=cut)  # fmt: skip
+        whole = c.chat.completions.create(model="tiny", messages=USER, max_tokens=4)
+        assert chat.usage.prompt_tokens == 5 < whole.usage.prompt_tokens
+        assert sched.requests[-2].prompt == sched.requests[-1].prompt[-5:]
+        long = list(range(40, 40 + 80))  # more than the context: -1 cuts it to the context,
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": long,
+                                                      "truncate_prompt_tokens": -1})  # fmt: skip
+        assert r.status_code == 400 and "context holds 64" in r.json()["error"]["message"]
+        c.completions.create(model="tiny", prompt=long[:20], max_tokens=2,
+                             extra_body={"truncate_prompt_tokens": -1})  # fmt: skip
+        assert sched.requests[-1].prompt == long[:20]  # (which leaves no room: as vLLM's)
+        for bad in (0, -2, 65, "5"):
+            body = {"model": "tiny", "prompt": "a", "truncate_prompt_tokens": bad}
+            r = httpx.post(f"{url}/v1/completions", json=body)
+            assert r.status_code == 400, bad
+            assert r.json()["error"]["param"] == "truncate_prompt_tokens", (bad, r.json())

@@ -1,9 +1,9 @@
 """What a request must pass before ``fluid serve``'s engine takes it (``app.py`` asks): the model
 it names (404 for another), the chat template it brings (only with
-``--trust-request-chat-template``), its prompt and ``max_tokens`` against the context (400), the
-server's capacity (429 with ``Retry-After`` while ``--max-batch`` running and ``--max-queue``
-waiting requests fill it; 400 for more than both hold) and its id (one running request per id:
-``http.request_id``)."""
+``--trust-request-chat-template``), its prompt (cut by vLLM's ``truncate_prompt_tokens``) and
+``max_tokens`` against the context (400), the server's capacity (429 with ``Retry-After`` while
+``--max-batch`` running and ``--max-queue`` waiting requests fill it; 400 for more than both hold)
+and its id (one running request per id: ``http.request_id``)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,21 @@ class Admission:
                 "chat_template needs a server started with --trust-request-chat-template",
                 param="chat_template",
             )
+
+    def truncated(self, prompts: list[list[int]], keep: int | None) -> list[list[int]]:
+        """vLLM's ``truncate_prompt_tokens``: each prompt's last ``keep`` tokens (-1: as many as
+        the context holds; None: whole); more than the context is a 400, as vLLM answers."""
+        if keep is None:
+            return prompts
+        context = self.config.max_len
+        if keep > context:
+            raise APIError(
+                f"truncate_prompt_tokens={keep} is more than this server's context of {context} "
+                f"tokens (--max-len); ask for at most {context}, or -1 for as many as it holds",
+                param="truncate_prompt_tokens",
+            )
+        keep = context if keep == -1 else keep
+        return [ids[len(ids) - keep :] if len(ids) > keep else ids for ids in prompts]
 
     def length(self, prompt: list[int], sampling: protocol.Sampling, param: str) -> int:
         """The tokens a prompt may generate (its ``max_tokens``, else the context's room); a 400

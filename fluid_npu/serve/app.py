@@ -335,14 +335,16 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         loop = asyncio.get_running_loop()
         texts = None
         if isinstance(req, protocol.ChatRequest):
-            prompts = [await conversation_ids(req)]
+            prompts = gate.truncated([await conversation_ids(req)], req.sampling.truncate)
             cid = f"chatcmpl-{base}"
         else:
-            prompts = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts)
+            whole = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts)
+            prompts = gate.truncated(whole, req.sampling.truncate)
             if req.sampling.echo:  # the text as given; token ids decoded (as vLLM echoes them)
-                texts = await loop.run_in_executor(tokenizing, prompt_texts, tokenizer,
-                                                   req.prompts, prompts,
-                                                   req.sampling.skip_special)  # fmt: skip
+                given = [g if len(ids) == len(cut) else cut  # (a cut text: what is left of it)
+                         for g, ids, cut in zip(req.prompts, whole, prompts)]  # fmt: skip
+                texts = await loop.run_in_executor(tokenizing, prompt_texts, tokenizer, given,
+                                                   prompts, req.sampling.skip_special)  # fmt: skip
             cid = f"cmpl-{base}"
         created = int(time.time())
         s = req.sampling

@@ -67,6 +67,9 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   log-probability's token written ``token_id:N``, its ``bytes`` still the token's own; the
   server's ``--return-tokens-as-token-ids`` where left out), for clients that must not
   tokenize the text again (agent and RL loops);
+* vLLM's ``truncate_prompt_tokens`` (K: only the prompt's last K tokens are decoded from — the
+  rendered conversation's, for a chat —, -1: as many as the context holds; more than the context
+  is a 400, as vLLM), applied before the context check and counted so in ``usage``;
 * vLLM's ``allowed_token_ids`` (only those tokens may be generated: every other one's logit is
   ``-inf`` before the bias, penalties and filters; ``sampling/penalties.py``) and ``bad_words``
   (words never generated, tokenized as vLLM does — ``token_fields.bad_word_ids`` — and matched in
@@ -160,6 +163,7 @@ class _Common(_Strict, StructuredFields):
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be generated
     bad_words: list[str] | None = None  # vLLM's: words never generated (tokenized by the app)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # vLLM's: keep the last K
     user: str | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)  # vLLM's: no EOS before it
@@ -227,6 +231,8 @@ class Sampling:
     constraint: Constraint | None = None  # the grammar the output follows (structured.py)
     priority: int = 0  # where it waits for a slot (--scheduling-policy priority)
     bad_words: list[str] = field(default_factory=list)  # (token_fields.bad_word_ids: the app's)
+    truncate: int | None = None  # vLLM's truncate_prompt_tokens: keep the prompt's last K (-1: all
+    # the context holds), before the context check
 
 
 @dataclass
@@ -332,6 +338,10 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         raise APIError("prompt_logprobs come with the whole answer, not in a stream (as vLLM); "
                        "leave stream out or send the request without them",
                        param="prompt_logprobs")  # fmt: skip
+    if body.truncate_prompt_tokens == 0:
+        raise APIError("truncate_prompt_tokens=0 would leave no prompt; give K >= 1 (keep the "
+                       "prompt's last K tokens) or -1 (as many as the context holds)",
+                       param="truncate_prompt_tokens")  # fmt: skip
     include_usage, continuous = _usage_options(body.stream_options)
     constraint = body_constraint(body)
     stop_ids = stop_token_ids(body.stop_token_ids, constraint)
@@ -372,6 +382,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         n=body.n or 1,
         priority=body.priority or 0,
         bad_words=list(body.bad_words or []),
+        truncate=body.truncate_prompt_tokens,
     )
 
 
