@@ -108,10 +108,11 @@ def encode_prompt(
     chat: bool = False,
     where: str = "",
     template_kwargs: dict[str, Any] | None = None,
+    add_special_tokens: bool = True,
 ) -> Prompt:
     """Token ids of one prompt row; a prompt of no tokens (``input_ids: []``, a text that encodes
     to none) is a ``PromptError``. ``template_kwargs``: the chat template's variables, for
-    ``--chat`` and ``messages`` rows."""
+    ``--chat`` and ``messages`` rows; ``add_special_tokens``: a plain text's (its BOS)."""
     if "input_ids" in row:
         ids = row["input_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
@@ -137,7 +138,7 @@ def encode_prompt(
             raise DataError("--chat needs a tokenizer with a chat template; this one has none")
         user = [{"role": "user", "content": text}]
         return Prompt(text, _rendered(tokenizer, user, where, template_kwargs))
-    ids = [int(t) for t in tokenizer(text)["input_ids"]]
+    ids = [int(t) for t in tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
     if not ids:  # ("" without a BOS; whitespace is text, as vLLM reads it)
         raise PromptError(f"{where}: the prompt is empty: it encodes to no tokens; give some text")
     return Prompt(text, ids)

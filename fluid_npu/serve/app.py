@@ -60,6 +60,7 @@ from fluid_npu.serve.generation import (
 from fluid_npu.serve.http import (
     ClosingStream,
     RequestIdHeader,
+    body_request_id,
     check_key,
     openai_errors,
     read_json,
@@ -241,7 +242,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             k = shape.index // s.n  # the choice's prompt
             spelled = {} if tools is None else tools.spelled  # tool-call markers written out
             detok = text_reader(tokenizer, split, s, prompts[k], unspelled, spelled)
-            shape.reasoning = split is not None
+            shape.reasoning, shape.show_reasoning = split is not None, s.include_reasoning
             if detok.spelled_context:  # the output's leading space is kept: offsets count it
                 shape.strip = 0
             echo = None
@@ -331,6 +332,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         base = request_id(request)  # (the client's X-Request-Id, else a random one)
         body = await read_json(request)
         req = protocol.parse_chat(body, calling) if chat else protocol.parse_completion(body)
+        base = body_request_id(request, req.sampling.request_id)
         gate.model(req.sampling.model)
         loop = asyncio.get_running_loop()
         texts = None
@@ -338,7 +340,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             prompts = gate.truncated([await conversation_ids(req)], req.sampling.truncate)
             cid = f"chatcmpl-{base}"
         else:
-            whole = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts)
+            whole = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts,
+                                               req.sampling.add_special)  # fmt: skip
             prompts = gate.truncated(whole, req.sampling.truncate)
             if req.sampling.echo:  # the text as given; token ids decoded (as vLLM echoes them)
                 given = [g if len(ids) == len(cut) else cut  # (a cut text: what is left of it)

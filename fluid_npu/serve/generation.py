@@ -246,12 +246,15 @@ def text_reader(
     return Detokenizer(tokenizer, s.stop, prompt=prompt, eos_ids=eos, spelled=spelled, **how)
 
 
-def encode_prompts(tokenizer: Any, given: list[str | list[int]]) -> list[list[int]]:
-    """Each completion prompt's token ids; a bad one is an ``APIError`` that says which."""
+def encode_prompts(
+    tokenizer: Any, given: list[str | list[int]], add_special: bool = True
+) -> list[list[int]]:
+    """Each completion prompt's token ids (texts with the tokenizer's special tokens unless
+    ``add_special`` is false); a bad one is an ``APIError`` that says which."""
     out = []
     for n, prompt in enumerate(given):
         try:
-            out.append(completion_ids(tokenizer, prompt))
+            out.append(completion_ids(tokenizer, prompt, add_special))
         except APIError as exc:
             if len(given) > 1:
                 exc.message = f"prompt[{n}]: {exc.message}"

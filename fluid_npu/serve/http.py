@@ -191,6 +191,21 @@ def request_id(request: Request) -> str:
     return request.state.request_id
 
 
+def body_request_id(request: Request, given: str | None) -> str:
+    """vLLM's ``request_id`` body field: the request's id where no ``X-Request-Id`` header gave
+    one (the header wins, as in vLLM); ``request_id`` must have run first."""
+    if given is None or request.headers.get(REQUEST_ID) is not None:
+        return request.state.request_id
+    if not _well_formed(given):
+        raise APIError(
+            f"request_id must be 1-{MAX_REQUEST_ID} visible ASCII characters without spaces; "
+            "send another or leave it out",
+            param="request_id",
+        )
+    request.state.request_id = given
+    return given
+
+
 class RequestIdHeader:
     """ASGI middleware (``--enable-request-id-headers``): every response carries
     ``X-Request-Id`` — the id its route gave the request, else the client's, else a new one —

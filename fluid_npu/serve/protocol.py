@@ -67,6 +67,8 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   log-probability's token written ``token_id:N``, its ``bytes`` still the token's own; the
   server's ``--return-tokens-as-token-ids`` where left out), for clients that must not
   tokenize the text again (agent and RL loops);
+* vLLM's ``add_special_tokens``, ``request_id``, ``include_reasoning`` and beam search at its
+  neutral value (``vllm_fields.py``);
 * vLLM's ``truncate_prompt_tokens`` (K: only the prompt's last K tokens are decoded from — the
   rendered conversation's, for a chat —, -1: as many as the context holds; more than the context
   is a 400, as vLLM), applied before the context check and counted so in ``usage``;
@@ -99,6 +101,7 @@ from fluid_npu.serve.structured import Constraint, StructuredFields, body_constr
 from fluid_npu.serve.token_fields import MAX_STOP as MAX_STOP
 from fluid_npu.serve.token_fields import allowed_ids, logit_bias_pairs, stop_token_ids
 from fluid_npu.serve.tools import ToolParser, ToolSetting, tool_setting
+from fluid_npu.serve.vllm_fields import VllmFields, check_vllm_fields
 
 MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
@@ -141,7 +144,7 @@ class Message(_Strict):
 OUTPUT_ONLY = {"refusal", "audio", "function_call", "parsed", "annotations"}  # of a Message
 
 
-class _Common(_Strict, StructuredFields):
+class _Common(_Strict, StructuredFields, VllmFields):
     """Fields both endpoints share."""
 
     model: str | None = None
@@ -204,6 +207,7 @@ class ChatBody(_Common, _Rendering, ChatFields):
     tools: list[Any] | None = None  # checked in tools.tool_setting
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    include_reasoning: bool | None = None  # vLLM's: false drops a reasoning parser's part
 
 
 @dataclass
@@ -231,6 +235,9 @@ class Sampling:
     constraint: Constraint | None = None  # the grammar the output follows (structured.py)
     priority: int = 0  # where it waits for a slot (--scheduling-policy priority)
     bad_words: list[str] = field(default_factory=list)  # (token_fields.bad_word_ids: the app's)
+    add_special: bool = True  # completions: text prompts get the tokenizer's special tokens
+    request_id: str | None = None  # vLLM's: the id where no X-Request-Id header gives one
+    include_reasoning: bool = True  # chat: a reasoning parser's part is returned (vLLM's)
     truncate: int | None = None  # vLLM's truncate_prompt_tokens: keep the prompt's last K (-1: all
     # the context holds), before the context check
 
@@ -383,6 +390,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         priority=body.priority or 0,
         bad_words=list(body.bad_words or []),
         truncate=body.truncate_prompt_tokens,
+        request_id=body.request_id,
     )
 
 
@@ -398,6 +406,7 @@ def parse_completion(body: Any) -> CompletionRequest:
             raise APIError(f"{where}: token ids must be non-negative", param="prompt")
         if one == []:  # (a text is refused where it encodes to no tokens: text.completion_ids)
             raise APIError(f"{where} is empty; give some text or token ids", param="prompt")
+    add_special = check_vllm_fields(req, chat=False)
     _neutral(req, "best_of", (None, 1), "1 or absent")
     _neutral(req, "suffix", (None,), "absent")
     echo = bool(req.echo)
@@ -409,7 +418,7 @@ def parse_completion(body: Any) -> CompletionRequest:
         )
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     sampling = _sampling(req, max_tokens, req.logprobs is not None, req.logprobs or 0)
-    sampling.echo = echo
+    sampling.echo, sampling.add_special = echo, add_special
     if len(prompts) * sampling.n > MAX_CHOICES:
         raise APIError(
             f"the request asks for {len(prompts) * sampling.n} completions ({len(prompts)} "
@@ -427,6 +436,7 @@ def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
     server's (``--enable-auto-tool-choice``), which ``tool_choice: "auto"`` needs."""
     req: ChatBody = validate(ChatBody, body)
     check_chat_fields(req)
+    check_vllm_fields(req, chat=True)
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     tools = tool_setting(req.tools, req.tool_choice, req.parallel_tool_calls, tool_parser)
@@ -443,6 +453,7 @@ def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
     sampling = _sampling(req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
     if req.max_completion_tokens:
         sampling.max_tokens_field = "max_completion_tokens"
+    sampling.include_reasoning = req.include_reasoning is not False
     if tools.constraint is not None:  # a call is forced: decoded under its schema
         if sampling.constraint is not None:
             raise APIError(

@@ -95,6 +95,7 @@ class Shape:
         self.echo: tuple[int, int, int] | None = None
         self._entries = 0  # entries written so far
         self.reasoning = False  # chat with a reasoning parser: messages carry ``reasoning``
+        self.show_reasoning = True  # (vLLM's include_reasoning: false leaves it out, null)
 
     def echoing(self, prompt_entries: int, prompt_text: str) -> None:
         """The text returned starts with ``prompt_text``, whose log-probabilities (when asked for)
@@ -189,6 +190,7 @@ class Shape:
                 thought = reasoning or None
                 if thought is not None and not text:
                     out["message"]["content"] = None
+                thought = thought if self.show_reasoning else None
                 out["message"].update(reasoning=thought, reasoning_content=thought)
             if tool_calls:
                 out["message"]["tool_calls"] = tool_calls
@@ -248,6 +250,7 @@ class Shape:
         if self.chat:
             body = self._head("chat.completion.chunk")
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            reasoning = reasoning if self.show_reasoning else ""
             if reasoning:
                 delta.update(reasoning=reasoning, reasoning_content=reasoning)
             if tool_calls:

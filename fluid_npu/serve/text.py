@@ -27,14 +27,15 @@ from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.rendering import ChatRender
 
 
-def completion_ids(tokenizer: Any, prompt: str | list[int]) -> list[int]:
-    """Token ids of a completion prompt; a bad one (a text that encodes to no tokens too: ``""``
-    without a BOS, never whitespace, as vLLM reads it) is an ``APIError`` naming ``prompt``."""
+def completion_ids(tokenizer: Any, prompt: str | list[int], add_special: bool = True) -> list[int]:
+    """Token ids of a completion prompt (a text's with the tokenizer's special tokens unless
+    ``add_special`` is false); a bad one (a text that encodes to no tokens too: ``""`` without a
+    BOS, never whitespace, as vLLM reads it) is an ``APIError`` naming ``prompt``."""
     from fluid_npu.sampling.prompts import encode_prompt
 
     row = {"input_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt}
     try:
-        return encode_prompt(tokenizer, row, where="prompt").ids
+        return encode_prompt(tokenizer, row, where="prompt", add_special_tokens=add_special).ids
     except FluidError as exc:
         raise APIError(str(exc).removeprefix("prompt: "), param="prompt") from None
     except Exception as exc:  # the tokenizer's own (e.g. a lone UTF-16 surrogate in the text)
