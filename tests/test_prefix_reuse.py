@@ -356,3 +356,44 @@ def test_a_prefix_pool_needs_prefix_caching(tok):
         with pytest.raises(ConfigError, match="prefix_slots must be 0 or more, and 0 without"):
             Scheduler(model, tok.mask_token_id, max_batch=1, max_len=64, **kwargs)
     assert Scheduler(model, tok.mask_token_id, max_batch=1, max_len=64, prefix_slots=2).kv.slots > 1
+
+
+def test_a_cache_salt_reuses_only_entries_of_its_own_salt(tok):
+    """vLLM's ``cache_salt``: a prompt finds only what requests of the same salt left (unsalted
+    ones share among themselves) — in a free slot, a pool row or a slot still encoding — so its
+    time to first token tells nothing of another tenant's prompts; outputs never change."""
+    model = build_tiny_model("llama", tok, seed=3)
+    shared = tok("a shared system prompt: answer in one word. " * 2)["input_ids"]
+    prompts = [shared + tok(t)["input_ids"] for t in TEXTS[:3]]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=1, eos_ids=[],
+                      k_max=4, prefix_slots=1, adaptive=False)  # fmt: skip
+    found = {}
+    for rid, p, salt in (("a", prompts[0], "t1"), ("b", prompts[1], "t2"), ("c", prompts[2], "t1"),
+                         ("d", prompts[1], None), ("e", prompts[2], None)):  # fmt: skip
+        toks, found[rid] = _drain(sched, [Request(rid, p, 4, cache_salt=salt)])[rid]
+        assert toks == _greedy_alone(model, p, 4, []), rid
+    assert found["a"] == found["b"] == found["d"] == 0  # nothing of their own salt held yet
+    assert found["c"] == found["e"] == len(shared)  # t1's from a (the pool), None's from d
+    sched.close()
+    # arriving together: a request waits for (and copies from) a slot still encoding only when
+    # that slot's request has its salt
+    for salts, copied in ((("x", "x"), True), (("x", "y"), False)):
+        sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=2, eos_ids=[],
+                          k_max=4, prefill_chunk=8, adaptive=False)  # fmt: skip
+        reqs = [Request(str(i), p, 4, cache_salt=s) for i, (p, s) in enumerate(zip(prompts, salts))]
+        for r in reqs:
+            sched.submit(r)
+        sched.step()
+        assert sched.num_waiting == (1 if copied else 0), salts  # (another salt: no wait)
+        out = _drain(sched, [])
+        assert (out["1"][1] > 0) == copied, salts
+        sched.close()
+    # compaction swaps the salts with the rows' contents
+    prefixes = SlotPrefixes(2)
+    prefixes.place(prompts[0], [0, 1], salt="t1")
+    prefixes.release(0, prompts[0])
+    prefixes.place(prompts[1], [1], salt="t2")  # row 1 runs a t2 request ...
+    prefixes.move(0, 1)  # ... moved down into row 0, whose t1 tokens go up to row 1
+    assert prefixes.salt == ["t2", "t1"] and prefixes.held[1] == prompts[0]
+    assert prefixes.match(prompts[2], [1], salt="t1") == (1, len(shared))
+    assert prefixes.match(prompts[2], [1], salt="t2") == (-1, 0)

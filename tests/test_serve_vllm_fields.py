@@ -1,8 +1,8 @@
 """vLLM's request fields beside the sampling ones on ``fluid serve`` (``serve/vllm_fields.py``):
 ``add_special_tokens`` (a completion's text prompt without the tokenizer's BOS), ``request_id``
-(the id where no header gives one), ``include_reasoning: false`` (a reasoning parser's part left
-out) and beam search at its neutral value only — driven over HTTP against the scripted scheduler
-of ``test_serve_http.py``."""
+(the id where no header gives one), ``cache_salt`` (handed to the engine), ``include_reasoning:
+false`` (a reasoning parser's part left out) and beam search at its neutral value only — driven
+over HTTP against the scripted scheduler of ``test_serve_http.py``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,21 @@ def test_a_body_request_id_names_the_request_unless_a_header_does():
         for bad in ("", "has space", "x" * 300, 5):
             r = httpx.post(f"{url}/v1/completions", json={**body, "request_id": bad})
             assert r.status_code == 400 and r.json()["error"]["param"] == "request_id", bad
+
+
+def test_a_cache_salt_reaches_the_engine():
+    """(what it keys: tests/test_prefix_reuse.py)"""
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        for route, body in (("completions", {"prompt": "a"}), ("chat/completions",
+                                                              {"messages": USER})):  # fmt: skip
+            r = httpx.post(f"{url}/v1/{route}", json={**body, "cache_salt": "tenant-7"})
+            assert r.status_code == 200 and sched.requests[-1].cache_salt == "tenant-7"
+            httpx.post(f"{url}/v1/{route}", json=body)
+            assert sched.requests[-1].cache_salt is None
+            for bad in ("", 7):
+                r = httpx.post(f"{url}/v1/{route}", json={**body, "cache_salt": bad})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
 
 
 def test_beam_search_is_accepted_at_its_neutral_value_only():

@@ -54,11 +54,14 @@ class PrefillMixin:
             s = self.waiting.popleft()
             # the row whose cache holds the longest prefix of the prompt (reuse.py); a request
             # that wants its prompt's log-probabilities encodes all of it
-            hit = self.prefixes.match(s.prompt, free, busy) if s.prompt_lps is None else (-1, 0)
+            salt = s.req.cache_salt
+            hit = (
+                self.prefixes.match(s.prompt, free, busy, salt) if s.prompt_lps is None else (-1, 0)
+            )
             if s.prompt_lps is None and self._worth_waiting(s, hit[1]):
                 waiting.append(s)
                 continue
-            placed = self.prefixes.place(s.prompt, free, hit)
+            placed = self.prefixes.place(s.prompt, free, hit, salt)
             # the found tokens from a pool row or busy slot; what the slot held, to the pool
             self.kv.move_entries(
                 placed.slot, placed.source, placed.cached, placed.keep, placed.save_to
@@ -116,7 +119,7 @@ class PrefillMixin:
         if not self.prefixes.enabled or cap < MIN_REUSE or self._watch:
             return False
         for t in self.slots:
-            if t is not None and not t.running:
+            if t is not None and not t.running and t.req.cache_salt == s.req.cache_salt:
                 n = common_prefix(t.prompt[:-1], s.prompt, cap)
                 if n - found >= MIN_REUSE and t.prefilled < n:
                     return True

@@ -45,6 +45,9 @@ class Request:
     # with the scheduler's "priority" policy: lower values are admitted first (vLLM's rule), ties
     # in arrival order; under "fcfs" (the default) it must stay 0
     priority: int = 0
+    # vLLM's cache_salt: a prompt reuses only cache entries written by requests of the same salt
+    # (None: unsalted), so tenants cannot learn from timing what others' prompts held (reuse.py)
+    cache_salt: str | None = None
 
 
 @dataclass

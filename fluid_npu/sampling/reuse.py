@@ -24,6 +24,9 @@ always encoded (the last one before ``v_0``: its hidden state anchors the first 
 that wants its prompt's log-probabilities encodes all of it, and a slot whose request ended with an
 error (float16 overflow) holds nothing; in float16 neither does one whose request was aborted (its
 prompt's overflow may not have been judged yet; every abort is treated so, disconnects included).
+A request's ``cache_salt`` (vLLM's) keys what it may reuse: only rows written by requests of the
+same salt (the unsalted ones share among themselves), so one tenant cannot tell from the time to
+its first token what another's prompts held.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class SlotPrefixes:
     def __init__(self, rows: int, enabled: bool = True, pool: list[int] | None = None) -> None:
         self.enabled = enabled
         self.held: list[list[int]] = [[] for _ in range(rows)]
+        self.salt: list[str | None] = [None] * rows  # the cache_salt of who wrote each row
         self.released = [0] * rows  # when each row's held tokens were recorded (a counter)
         self.pool = list(pool or []) if enabled else []
         self._clock = 0
@@ -90,24 +94,35 @@ class SlotPrefixes:
         return min(rows, key=lambda i: (self.released[i], i) if self.held[i] else (0, i))
 
     def match(
-        self, prompt: list[int], free: list[int], busy: dict[int, list[int]] | None = None
+        self,
+        prompt: list[int],
+        free: list[int],
+        busy: dict[int, list[int]] | None = None,
+        salt: str | None = None,
     ) -> tuple[int, int]:
         """The row whose tokens share the longest prefix with ``prompt`` (``MIN_REUSE`` at least;
         a free slot before a pool row before a busy slot, the lowest index among equals) and that
-        length; ``(-1, 0)`` when none does. ``busy``: the tokens each busy slot has encoded."""
+        length; ``(-1, 0)`` when none does. ``busy``: the tokens each busy slot has encoded;
+        ``salt``: the request's ``cache_salt`` — only rows written under the same one count."""
         best, found = -1, 0
         cap = len(prompt) - 2  # the token before v_0 is always encoded (it anchors the drafts)
         if not self.enabled or cap < MIN_REUSE:
             return best, found
         rows = {i: self.held[i] for i in [*free, *self.pool]} | (busy or {})
         for i, tokens in rows.items():
+            if self.salt[i] != salt:
+                continue
             n = common_prefix(tokens, prompt, cap)
             if n > found and n >= MIN_REUSE:
                 best, found = i, n
         return best, found
 
     def place(
-        self, prompt: list[int], free: list[int], hit: tuple[int, int] = (-1, 0)
+        self,
+        prompt: list[int],
+        free: list[int],
+        hit: tuple[int, int] = (-1, 0),
+        salt: str | None = None,
     ) -> Placement:
         """The free slot (``free`` in index order) for ``prompt``, how many of its leading tokens
         are found, and the copies that bring them (``Placement``).
@@ -136,7 +151,9 @@ class SlotPrefixes:
                 save_to = self._oldest(rows) if rows else None
         if save_to is not None:
             self.held[save_to], self.released[save_to] = self.held[slot], self.released[slot]
+            self.salt[save_to] = self.salt[slot]
         self.held[slot] = []  # occupied: what it holds is the new request's from now on
+        self.salt[slot] = salt
         return Placement(slot, found, source, keep if save_to is not None else 0, save_to)
 
     def release(self, slot: int, tokens: list[int]) -> None:
@@ -145,12 +162,14 @@ class SlotPrefixes:
         self.held[slot] = tokens if self.enabled else []
         self.released[slot] = self._clock
 
-    def occupy(self, slot: int) -> None:
-        """``slot`` receives a running request by compaction (its cache is overwritten)."""
-        self.held[slot] = []
+    def occupy(self, slot: int, salt: str | None = None) -> None:
+        """``slot`` receives a running request (of ``cache_salt`` ``salt``) by compaction (its
+        cache is overwritten)."""
+        self.held[slot], self.salt[slot] = [], salt
 
     def move(self, slot: int, to: int) -> None:
         """Compaction swapped two slots' caches: what ``slot`` held (and its age) is in ``to``
         now, and ``slot`` receives a running request."""
         self.held[to], self.released[to] = self.held[slot], self.released[slot]
         self.held[slot] = []
+        self.salt[to], self.salt[slot] = self.salt[slot], self.salt[to]  # (to: the request's)

@@ -420,7 +420,7 @@ class Scheduler(PrefillMixin, StepMixin):
                 self.prefixes.move(dst, src)
                 self.length[src] = h
             else:  # src still holds the request's entries
-                self.prefixes.occupy(dst)
+                self.prefixes.occupy(dst, slot.req.cache_salt)
                 self.prefixes.release(src, written)
 
     def _free(self, i: int, reason: str | None) -> None:

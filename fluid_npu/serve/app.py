@@ -225,6 +225,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                         split, grammar, prompts[shape.index // s.n], continuing
                     ),
                     "priority": s.priority,
+                    "cache_salt": s.cache_salt,
                 },
             )
             for shape in shapes

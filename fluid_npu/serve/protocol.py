@@ -67,8 +67,8 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   log-probability's token written ``token_id:N``, its ``bytes`` still the token's own; the
   server's ``--return-tokens-as-token-ids`` where left out), for clients that must not
   tokenize the text again (agent and RL loops);
-* vLLM's ``add_special_tokens``, ``request_id``, ``include_reasoning`` and beam search at its
-  neutral value (``vllm_fields.py``);
+* vLLM's ``add_special_tokens``, ``request_id``, ``cache_salt``, ``include_reasoning`` and beam
+  search at its neutral value (``vllm_fields.py``);
 * vLLM's ``truncate_prompt_tokens`` (K: only the prompt's last K tokens are decoded from — the
   rendered conversation's, for a chat —, -1: as many as the context holds; more than the context
   is a 400, as vLLM), applied before the context check and counted so in ``usage``;
@@ -237,6 +237,7 @@ class Sampling:
     bad_words: list[str] = field(default_factory=list)  # (token_fields.bad_word_ids: the app's)
     add_special: bool = True  # completions: text prompts get the tokenizer's special tokens
     request_id: str | None = None  # vLLM's: the id where no X-Request-Id header gives one
+    cache_salt: str | None = None  # vLLM's: reuses only cache entries of the same salt
     include_reasoning: bool = True  # chat: a reasoning parser's part is returned (vLLM's)
     truncate: int | None = None  # vLLM's truncate_prompt_tokens: keep the prompt's last K (-1: all
     # the context holds), before the context check
@@ -391,6 +392,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         bad_words=list(body.bad_words or []),
         truncate=body.truncate_prompt_tokens,
         request_id=body.request_id,
+        cache_salt=body.cache_salt,
     )
 
 

@@ -9,6 +9,9 @@ chat), typed as vLLM's OpenAI server takes them:
 * ``request_id`` — the request's id where no ``X-Request-Id`` header gives one (the header wins,
   as in vLLM): the response's ``id`` (``cmpl-…`` / ``chatcmpl-…``), the logs and the
   one-request-per-id rule;
+* ``cache_salt`` — a prompt reuses only cache entries that requests of the same salt wrote
+  (``sampling/reuse.py``): tenants that each send their own salt cannot learn from timing what
+  the others' prompts held (a non-empty string);
 * ``use_beam_search`` and ``length_penalty`` — beam search, accepted at its neutral value only
   (false, 1.0): this server decodes one sequence per choice.
 
@@ -30,6 +33,7 @@ class VllmFields(BaseModel):
 
     add_special_tokens: bool | None = None
     request_id: str | None = None
+    cache_salt: str | None = None
     use_beam_search: bool | None = None
     length_penalty: float | None = None
 
@@ -45,6 +49,8 @@ def check_vllm_fields(body: VllmFields, chat: bool) -> bool:
         raise APIError(f"length_penalty={body.length_penalty} ranks beams, which this server "
                        "does not search; leave it out or send 1.0",
                        param="length_penalty")  # fmt: skip
+    if body.cache_salt == "":
+        raise APIError("cache_salt must be a non-empty string (or left out)", param="cache_salt")
     if chat and body.add_special_tokens:
         raise APIError(
             "add_special_tokens=true is not supported on chat: a conversation is encoded as "
