@@ -210,3 +210,37 @@ def test_the_server_tokenizes_bad_words_as_vllm_and_refuses_bad_ones():
         for bad in ([""], "ab", [1], ["x" * 200], ["a"] * 300):
             r = httpx.post(f"{url}/v1/completions", json={**body, "bad_words": bad})
             assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words", (bad, r.text)
+
+
+def test_a_short_prompt_still_seeds_the_window_and_unused_buffers_go(tok):
+    """transformers' reading with a prompt shorter than the longest sequence held: the window
+    holds the whole prompt (right-aligned); once no running request has bad words the engine
+    drops the buffers (its steps skip the comparison); allowed tokens all banned is refused."""
+    pen = Penalties(slots=2, vocab=50, device=torch.device("cpu"))
+    pen.admit(0, [1, 2, 3, 4, 5, 6], SamplingParams(bad_words=((1, 2, 3, 4, 5),)))  # L = 4
+    pen.admit(1, [6, 7, 5], SamplingParams(bad_words=((7, 5, 9),), bad_words_in_prompt=True))
+    assert pen.tail[1].tolist() == [-2, 6, 7, 5]
+    logits = pen.apply(torch.zeros(1, 1, 50), torch.zeros(1, 0, dtype=torch.long),
+                       torch.tensor([0]), torch.tensor([1]), torch.tensor([0]),
+                       torch.tensor([[-1]]))  # fmt: skip
+    assert torch.nonzero(logits[0, 0] == -math.inf).flatten().tolist() == [9]
+    pen.move(0, 1)  # (compaction: the request in slot 1 moves down)
+    pen.release(1)
+    assert pen.bad_last is not None  # (slot 0 still runs one)
+    pen.admit(0, [5], SamplingParams(repetition_penalty=1.2))
+    assert pen.banning == set() and pen.bad_last is None and pen.tail is None
+    model = chain_model(tok, attn_scale=4.0)
+    hi = tok("hello")["input_ids"]  # (shorter than the other request's longest: 10 tokens)
+    words = [hi + banned_ar(model, hi, 1, [])]  # the whole prompt, then its first token
+    sched = _engine(model, tok, 2)
+    out = run_requests(sched, [
+        Request("long", tok("hello p")["input_ids"], 4, sampling=SamplingParams(
+            bad_words=[tuple(range(60, 70))])),
+        Request("short", hi, 4, sampling=SamplingParams(bad_words=words,
+                                                        bad_words_in_prompt=True)),
+    ])  # fmt: skip
+    assert out["short"].tokens == banned_ar(model, hi, 4, words, in_prompt=True)
+    assert out["short"].tokens[0] != banned_ar(model, hi, 1, [])[0]
+    assert sched.penalties.bad_last is None  # (both ended)
+    with pytest.raises(ConfigError, match="leave no token to generate"):
+        SamplingParams(allowed_token_ids=(3, 4), bad_words=[(3,), (4,), (5, 6)])

@@ -66,6 +66,7 @@ class Penalties:
         self.bad_last: torch.Tensor | None = None  # [slots, NB]
         self.bad_prefix: torch.Tensor | None = None  # [slots, NB, L]
         self.tail: torch.Tensor | None = None  # [slots, L]
+        self.banning: set[int] = set()  # the slots whose running request has some
 
     def admit(self, row: int, prompt: Sequence[int], params: SamplingParams) -> None:
         """Slot ``row`` starts a request with ``params``' penalties and bias, and ``prompt``."""
@@ -85,7 +86,13 @@ class Penalties:
             if params.allowed_token_ids:
                 ids = torch.tensor(params.allowed_token_ids, dtype=torch.long, device=dev)
                 self.allowed[row, ids] = True
-        if params.bad_words or self.bad_last is not None:
+        self.banning.discard(row)
+        if params.bad_words:
+            self.banning.add(row)
+            self._admit_bad_words(row, prompt, params)
+        elif not self.banning:  # no slot runs a request with bad words: the steps skip them
+            self.bad_last = self.bad_prefix = self.tail = None
+        elif self.bad_last is not None:
             self._admit_bad_words(row, prompt, params)
         if params.logit_bias:
             n = len(params.logit_bias)
@@ -106,8 +113,8 @@ class Penalties:
             if len(w) > 1:
                 prefix[b, width - len(w) + 1 :] = torch.tensor(w[:-1])
         tail = torch.full((width,), NONE, dtype=torch.long)
-        seen = list(prompt)[len(prompt) - width :] if params.bad_words_in_prompt and width else []
-        if seen:
+        seen = list(prompt)[max(len(prompt) - width, 0) :] if params.bad_words_in_prompt else []
+        if seen and width:
             tail[width - len(seen) :] = torch.tensor(seen)
         dev = self.prompt.device
         self.bad_last[row], self.bad_prefix[row] = last.to(dev), prefix.to(dev)
@@ -144,8 +151,19 @@ class Penalties:
             shift = take[:, None] + torch.arange(width, device=toks.device)[None]
             self.tail[rows] = text.gather(1, shift)
 
+    def release(self, row: int) -> None:
+        """Slot ``row``'s request ended: once no slot holds bad words, the steps skip them."""
+        self.banning.discard(row)
+        if not self.banning:
+            self.bad_last = self.bad_prefix = self.tail = None
+
     def move(self, dst: int, src: int) -> None:
         """A request moved from slot ``src`` to ``dst`` (the scheduler's compaction)."""
+        if src in self.banning:
+            self.banning.add(dst)
+        else:
+            self.banning.discard(dst)
+        self.banning.discard(src)
         for t in (self.prompt, self.count, self.rep, self.presence, self.frequency,
                   self.bias_ids, self.bias, self.min_tokens, self.allowed, self.bad_last,
                   self.bad_prefix, self.tail):  # fmt: skip

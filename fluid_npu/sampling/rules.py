@@ -147,6 +147,12 @@ class SamplingParams:
             )
         object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(allowed))))
         self._check_bad_words()
+        banned = {w[0] for w in self.bad_words if len(w) == 1}
+        if self.allowed_token_ids and set(self.allowed_token_ids) <= banned:
+            raise ConfigError(
+                "allowed_token_ids and bad_words leave no token to generate (every allowed token "
+                "is a one-token bad word); allow another token or drop a bad word"
+            )
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             raise ConfigError("logit_bias gives a token twice; give each token one bias")
         if not 0 <= self.min_tokens <= INT64_MAX:

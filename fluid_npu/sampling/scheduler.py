@@ -429,6 +429,8 @@ class Scheduler(PrefillMixin, StepMixin):
         s = self.slots[i]
         self.slots[i] = None
         self.run[i] = False
+        if self.penalties is not None:
+            self.penalties.release(i)
         broken = reason == "error" or (reason == "abort" and self._watch)
         # (float16: an entry may be an overflow written as zero)
         self.prefixes.release(i, [] if broken else s.written())

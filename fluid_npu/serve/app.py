@@ -179,8 +179,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             )
         vocab = config.vocab_size or len(tokenizer)
         check_logprobs(s, shapes[0].chat, config.max_logprobs, vocab)
-        if s.bad_words:
-            s.params["bad_words"] = bad_word_ids(tokenizer, s.bad_words)
+        if s.bad_words:  # (on the tokenizing thread: a long list takes a while)
+            loop = asyncio.get_running_loop()
+            s.params["bad_words"] = await loop.run_in_executor(tokenizing, bad_word_ids, tokenizer,
+                                                               s.bad_words)  # fmt: skip
         try:
             params = SamplingParams(**config.defaults.fill(s.params))
         except FluidError as exc:  # the engine's own check, beyond what protocol.py checks

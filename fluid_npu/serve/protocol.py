@@ -74,8 +74,8 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   is a 400, as vLLM), applied before the context check and counted so in ``usage``;
 * vLLM's ``allowed_token_ids`` (only those tokens may be generated: every other one's logit is
   ``-inf`` before the bias, penalties and filters; ``sampling/penalties.py``) and ``bad_words``
-  (words never generated, tokenized as vLLM does — ``token_fields.bad_word_ids`` — and matched in
-  the output);
+  (up to ``MAX_BAD_WORDS`` words, tokenized as vLLM does — ``token_fields.bad_word_ids`` — whose
+  token sequences are never generated, matched in the output);
 * a field it knows but cannot honour is accepted only at its neutral value: ``best_of`` 1,
   ``suffix`` absent; any other value is an error naming the field and what is supported;
   ``user`` is an opaque end-user tag, accepted; so are OpenAI's chat tags (``metadata``,
@@ -92,7 +92,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fluid_npu.sampling.rules import INT64_MAX, MAX_REPETITION_PENALTY
+from fluid_npu.sampling.rules import INT64_MAX, MAX_BAD_WORDS, MAX_REPETITION_PENALTY
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.openai_fields import ChatFields, check_chat_fields
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
@@ -165,7 +165,8 @@ class _Common(_Strict, StructuredFields, VllmFields):
     )  # vLLM's (transformers')
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be generated
-    bad_words: list[str] | None = None  # vLLM's: words never generated (tokenized by the app)
+    # vLLM's: words never generated (tokenized by the app; each may give two sequences)
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # vLLM's: keep the last K
     user: str | None = None
     ignore_eos: bool | None = None
