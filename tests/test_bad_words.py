@@ -244,3 +244,32 @@ def test_a_short_prompt_still_seeds_the_window_and_unused_buffers_go(tok):
     assert sched.penalties.bad_last is None  # (both ended)
     with pytest.raises(ConfigError, match="leave no token to generate"):
         SamplingParams(allowed_token_ids=(3, 4), bad_words=[(3,), (4,), (5, 6)])
+
+
+def test_a_row_left_no_token_ends_as_stop_with_what_came_before(tok):
+    """Adjustments that leave no token at a position (every allowed pair banned after the first
+    token; EOS the only allowed token but held back by ``min_tokens``): nothing there is the
+    model's, so the row ends there as "stop" — greedy (no argmax of nothing: token 0) or drawn."""
+    model = chain_model(tok, attn_scale=4.0)
+    prompt = tok("hello p")["input_ids"]
+    a, b = tok.convert_tokens_to_ids(["a", "b"])
+    pairs = [(x, y) for x in (a, b) for y in (a, b)]
+    eos = tok.eos_token_id
+    cases = {
+        "pairs": dict(allowed_token_ids=(a, b), bad_words=pairs),
+        "eos": dict(allowed_token_ids=(eos,), min_tokens=3),
+    }
+    for name, kw in cases.items():
+        for temperature in (0.0, 1.0):
+            params = SamplingParams(temperature=temperature, seed=1, **kw)
+            sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=2,
+                              eos_ids=[eos], k_max=4, adaptive=False)  # fmt: skip
+            out = run_requests(sched, [Request("x", prompt, 8, sampling=params),
+                                       Request("free", prompt, 8)])  # fmt: skip
+            got = out["x"]
+            assert got.final.finish_reason == "stop", (name, temperature)
+            if name == "pairs":
+                assert len(got.tokens) == 1 and got.tokens[0] in (a, b), got.tokens
+            else:
+                assert got.tokens == [], got.tokens
+            assert out["free"].tokens == banned_ar(model, prompt, 8, [])[: len(out["free"].tokens)]

@@ -222,17 +222,28 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin):
                 logits[at] = own
             best = own.argmax(dim=-1)
             ar = best if ar is None else ar.index_copy(0, at, best)
+            # positions where the adjustments left no token (allowed tokens all banned, EOS held
+            # back by min_tokens, ...): nothing there is the model's, so a greedy row ends before
+            nothing = torch.zeros((hi, big_m + 1), dtype=torch.bool, device=dev)
+            nothing = nothing.index_copy(0, at, torch.isneginf(own).all(dim=-1))
+        else:
+            nothing = None
         if big_m:
             match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
+            if nothing is not None:
+                match = match & ~nothing[:, :big_m]
             a = match.long().cumprod(dim=1).sum(dim=1)
             corr = ar.gather(1, a[:, None])
         else:  # nothing to verify: the argmax after v_0 is the step's token (a = m = 0)
             a, corr = m, ar
         broken = None  # sampling rows whose distribution is not finite (they end as "error")
-        empty = None  # sampling rows a grammar left nothing to draw (they end after their drafts)
+        empty = None  # rows left nothing to draw or pick (they end after their accepted drafts)
         if any_sampled:
             a, corr, broken, empty = self._verify_sampled(logits, drafts, m, base, a, corr, hi,
                                                           big_m)  # fmt: skip
+        if nothing is not None:  # a greedy row whose argmax would be one of no token's
+            stuck = nothing.gather(1, a[:, None])[:, 0] & (self.temp[:hi] == 0)
+            empty = stuck if empty is None else empty | stuck
         toks = corr  # [hi, M+1]: the accepted drafts, then the correction
         if big_m:
             toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)
@@ -391,6 +402,8 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin):
                 self._arm(i, s, toks)
             elif s.matcher is not None:  # (grammar.follow) a refused token ends the row there
                 toks, lps, tops, done = self._follow(s, toks, lps, tops, done)
+            if done == 3:  # nothing left to generate: its accepted drafts, then "stop"
+                s.stopped, done = True, 1
             if s.req.stop and toks:
                 cut = self._stop_cut(s, toks)
                 if cut is not None:
