@@ -138,7 +138,8 @@ def encode_prompt(
             raise DataError("--chat needs a tokenizer with a chat template; this one has none")
         user = [{"role": "user", "content": text}]
         return Prompt(text, _rendered(tokenizer, user, where, template_kwargs))
-    ids = [int(t) for t in tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
+    encoded = tokenizer(text) if add_special_tokens else tokenizer(text, add_special_tokens=False)
+    ids = [int(t) for t in encoded["input_ids"]]
     if not ids:  # ("" without a BOS; whitespace is text, as vLLM reads it)
         raise PromptError(f"{where}: the prompt is empty: it encodes to no tokens; give some text")
     return Prompt(text, ids)
