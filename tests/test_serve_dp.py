@@ -36,6 +36,7 @@ from fluid_npu.serve.routing import (
     Router,
     block_hashes,
     routing_key,
+    routing_salt,
 )
 from fluid_npu.serve.server import ServeSettings, bind
 
@@ -83,6 +84,21 @@ def test_the_router_weighs_a_shared_start_against_the_wait():
     for k in range(RECENT):  # the oldest requests are forgotten
         router.remember(0, f"{k:08d}" * BLOCK)
     assert router.shared(0, block_hashes(history)) == 0 and not router.pick(history + "c")[1]
+
+
+def test_a_cache_salt_follows_only_its_own_salts_requests():
+    """A salted request's start is compared only with requests of its salt (as a rank reuses
+    only their cache rows): another tenant's history neither draws it nor shows in the affinity."""
+    router = Router(2, slack=4)
+    history = "h" * (4 * SHARED_PER_REQUEST)
+    router.start(0)
+    router.remember(0, history + "a", salt="tenant-b")
+    router.start(1)  # (both ranks equally busy)
+    assert router.pick(history + "b", salt="tenant-a") == (0, False)  # not followed: no affinity
+    assert router.pick(history + "b") == (0, False)
+    assert router.pick(history + "b", salt="tenant-b") == (0, True)
+    assert block_hashes(history, "x") != block_hashes(history) != block_hashes(history, "y")
+    assert routing_salt({"cache_salt": "t"}) == "t" and routing_salt({"cache_salt": 5}) is None
 
 
 def test_metrics_of_every_rank_in_one_text():
@@ -241,6 +257,10 @@ def test_the_front_relays_to_the_ranks(caplog):
                          headers={"Authorization": "Bearer front-key",
                                   "X-Request-Id": "caf\u00e9".encode()})  # fmt: skip
         assert odd.status_code == 400 and "X-Request-Id" in odd.json()["error"]["message"]
+        named = c.completions.create(model="tiny", prompt="hello", max_tokens=2,
+                                     extra_body={"request_id": "job-3"})  # fmt: skip
+        assert named.id == "cmpl-job-3"  # vLLM's body field, where no header gives one
+        assert "/v1/completions job-3 -> rank " in routing()[-1]
         # one running request per id across the ranks: the front refuses the second
         for sched in scheds:  # (the first runs for seconds while the second comes)
             sched.step_s = 0.02

@@ -55,6 +55,29 @@ def test_a_body_request_id_names_the_request_unless_a_header_does():
         for bad in ("", "has space", "x" * 300, 5):
             r = httpx.post(f"{url}/v1/completions", json={**body, "request_id": bad})
             assert r.status_code == 400 and r.json()["error"]["param"] == "request_id", bad
+        answer = {"input": "hi", "max_output_tokens": 2, "request_id": "r-1", "cache_salt": "s"}
+        r = httpx.post(f"{url}/v1/responses", json=answer)
+        assert r.status_code == 200 and r.json()["id"] == "resp_r-1"
+        assert sched.requests[-1].cache_salt == "s"
+        # one running request per id: the refusal names where the id came from
+        sched.gate.clear()  # (the first request waits on the engine's step)
+        with httpx.Client() as http:
+            import threading
+
+            first = threading.Thread(target=http.post, args=(f"{url}/v1/completions",),
+                                     kwargs={"json": {**body, "request_id": "dup"}})  # fmt: skip
+            first.start()
+            try:
+                for _ in range(500):
+                    if any(r.request_id == "cmpl-dup" for r in sched.requests):
+                        break
+                    threading.Event().wait(0.01)
+                r = httpx.post(f"{url}/v1/completions", json={**body, "request_id": "dup"})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "request_id"
+                assert "send another request_id" in r.json()["error"]["message"]
+            finally:
+                sched.gate.set()
+                first.join(30)
 
 
 def test_a_cache_salt_reaches_the_engine():
@@ -110,5 +133,7 @@ def test_include_reasoning_false_leaves_the_reasoning_out():
         deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
         assert "".join(d.content or "" for d in deltas) == reply
         assert not any(d.model_extra.get("reasoning") for d in deltas)
+        blank = [d for d in deltas if d.content == "" and not d.role]
+        assert not blank  # (a hidden reasoning delta sends no chunk of nothing)
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", **hide})
         assert r.status_code == 400 and r.json()["error"]["param"] == "include_reasoning"

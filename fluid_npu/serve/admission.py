@@ -109,10 +109,11 @@ class Admission:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
 
-    def take_id(self, rid: str, choices: int) -> None:
-        """Hold ``rid`` for a request of ``choices`` choices; a 400 while another holds it."""
+    def take_id(self, rid: str, choices: int, param: str = "X-Request-Id") -> None:
+        """Hold ``rid`` for a request of ``choices`` choices; a 400 while another holds it
+        (``param``: where the id came from)."""
         if rid in self.running:
-            raise id_in_use(rid)
+            raise id_in_use(rid, param)
         self.running[rid] = choices
 
     def release_id(self, rid: str, n: int = 1) -> None:

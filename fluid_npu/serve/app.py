@@ -162,6 +162,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         continuing: bool = False,
         *,
         rid: str,
+        id_param: str = "X-Request-Id",
     ) -> list[Generation]:
         """Check the request's prompts against the context and the capacity and submit them,
         ``s.n`` choices each (``shapes``: one per choice, prompt by prompt): one ``Generation``
@@ -232,7 +233,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             )
             for shape in shapes
         ]
-        gate.take_id(rid, len(shapes))  # (free once every choice's Generation closed)
+        gate.take_id(rid, len(shapes), id_param)  # (free once every choice's Generation closed)
         try:
             streams = await submit(requests, s, split, grammar, arrived, ends)
         except BaseException:
@@ -365,7 +366,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         chat_req = isinstance(req, protocol.ChatRequest)
         continuing = chat_req and req.render.continue_final_message  # type: ignore[union-attr]
         gens = await admit(shapes, prompts, req.sampling, arrived, texts, tools, grammar,
-                           continuing, rid=base)  # fmt: skip
+                           continuing, rid=base, id_param=request.state.id_param)  # fmt: skip
         return await reply(request, request.url.path, shapes, req.sampling, gens)
 
     @app.post("/v1/completions")
@@ -380,14 +381,16 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     async def respond(request: Request) -> Response:
         arrived = time.monotonic()
         authorize(request)
-        rid = f"resp_{request_id(request)}"
+        request_id(request)
         req = parse_responses(await read_json(request), calling)
+        base = body_request_id(request, req.chat.sampling.request_id)
+        rid = f"resp_{base}"
         shape = Shape(True, rid, config.model_name, words, as_ids=config.tokens_as_ids)
         try:  # (the later checks name the chat fields: renamed as the request gave them)
             prompt = await conversation_ids(req.chat)
             gen, = await admit([shape], [prompt], req.chat.sampling, arrived, None,
-                               req.chat.tools, await compiled(req.chat.sampling),
-                               rid=request.state.request_id)  # fmt: skip
+                               req.chat.tools, await compiled(req.chat.sampling), rid=base,
+                               id_param=request.state.id_param)  # fmt: skip
         except APIError as exc:
             raise req.came.renamed(exc) from None
         settings = dict(req.settings)

@@ -300,6 +300,8 @@ async def events(
             await out.put((n, shape.chunk("", role=True, use=so_far(n))))
         try:
             async for text, entries, reasoning, calls in gen.deltas():
+                if reasoning and not (shape.show_reasoning or text or calls or entries):
+                    continue  # (include_reasoning: false: nothing left to send; its ids follow)
                 await out.put((n, shape.chunk(text, logprobs=entries, reasoning=reasoning,
                                               tool_calls=calls, use=so_far(n),
                                               token_ids=gen.take_ids())))  # fmt: skip

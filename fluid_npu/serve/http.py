@@ -168,12 +168,12 @@ def _well_formed(given: str) -> bool:
     )
 
 
-def id_in_use(rid: str) -> APIError:
-    """The 400 of a request whose id names one still running (one request per id)."""
+def id_in_use(rid: str, param: str = "X-Request-Id") -> APIError:
+    """The 400 of a request whose id names one still running (one request per id); ``param``:
+    where the id came from (the header, or vLLM's ``request_id`` field)."""
     return APIError(
-        f"request id {rid!r} belongs to a request still running; send another X-Request-Id "
-        "(or none)",
-        param="X-Request-Id",
+        f"request id {rid!r} belongs to a request still running; send another {param} (or none)",
+        param=param,
     )
 
 
@@ -188,6 +188,7 @@ def request_id(request: Request) -> str:
             param="X-Request-Id",
         )
     request.state.request_id = given or uuid.uuid4().hex
+    request.state.id_param = "X-Request-Id"  # (where it came from, for id_in_use)
     return request.state.request_id
 
 
@@ -202,7 +203,7 @@ def body_request_id(request: Request, given: str | None) -> str:
             "send another or leave it out",
             param="request_id",
         )
-    request.state.request_id = given
+    request.state.request_id, request.state.id_param = given, "request_id"
     return given
 
 

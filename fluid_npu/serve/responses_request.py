@@ -20,7 +20,8 @@ in ``input``, and nothing is kept after the answer. A Responses body becomes a c
   ``parallel_tool_calls``, ``user``, ``stream`` as they are; vLLM's decoding extensions
   (``top_k``, ``min_p``, ``seed``, ``stop``, penalties, ``logit_bias``, ``min_tokens``,
   ``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``,
-  ``chat_template_kwargs``, ``priority``) as on chat.
+  ``chat_template_kwargs``, ``priority``, ``cache_salt``, ``request_id`` — the response's id
+  ``resp_<id>`` where no ``X-Request-Id`` header gives one) as on chat.
 * Accepted as tags and repeated in the response: ``metadata`` (up to 16 string pairs),
   ``safety_identifier``, ``prompt_cache_key`` (prefixes are reused without it),
   ``prompt_cache_retention: "in_memory"`` (how this server keeps them), ``service_tier``
@@ -55,7 +56,8 @@ LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value this serv
 PASSED = ("model", "temperature", "top_p", "stream", "parallel_tool_calls", "user", "top_k",
           "min_p", "seed", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty",
           "logit_bias", "min_tokens", "chat_template_kwargs", "priority", "ignore_eos",
-          "skip_special_tokens", "include_stop_str_in_output")  # fmt: skip
+          "skip_special_tokens", "include_stop_str_in_output", "cache_salt",
+          "request_id")  # fmt: skip
 MAX_METADATA = 16  # pairs, as the OpenAI API allows (keys up to 64 characters, values 512)
 
 
@@ -130,6 +132,8 @@ class ResponsesBody(_Strict):
     ignore_eos: Any = None
     skip_special_tokens: Any = None
     include_stop_str_in_output: Any = None
+    cache_salt: Any = None
+    request_id: Any = None
 
 
 @dataclass

@@ -50,6 +50,7 @@ from fluid_npu import __version__
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.http import (
     ClosingStream,
+    body_request_id,
     check_key,
     id_in_use,
     openai_errors,
@@ -58,7 +59,7 @@ from fluid_npu.serve.http import (
     while_connected,
 )
 from fluid_npu.serve.responses_output import not_kept_routes
-from fluid_npu.serve.routing import Router, routing_key
+from fluid_npu.serve.routing import Router, routing_key, routing_salt
 from fluid_npu.serve.worker import ENGINE_FAILED
 
 routing_log = logging.getLogger("fluid_npu.serve.routing")  # --enable-log-requests: the front's
@@ -187,27 +188,33 @@ def create_front(front: Front) -> FastAPI:
             raise APIError("the server is shutting down", status=503, type="server_error")
         raw = await read_body(request)
         try:
-            key = routing_key(request.url.path, json.loads(raw))
+            body = json.loads(raw)
         except (ValueError, RecursionError):
-            key = ""  # (the rank answers the malformed body)
+            body = None  # (the rank answers the malformed body)
+        key, salt = routing_key(request.url.path, body), routing_salt(body)
         rid = request_id(request)  # the client's (checked here), else one made here for the rank
+        given = body.get("request_id") if isinstance(body, dict) else None
+        if isinstance(given, str):  # (vLLM's body field, where no header gives one)
+            rid = body_request_id(request, given)
         if rid in running:  # (each rank keeps one request per id; so does the front, across them)
-            raise id_in_use(rid)
+            raise id_in_use(rid, request.state.id_param)
         running.add(rid)
         streaming = False
         try:
-            out = await _relay(request, raw, key, rid)
+            out = await _relay(request, raw, key, rid, salt)
             streaming = isinstance(out, ClosingStream)
             return out
         finally:
             if not streaming:  # (a stream lets its id go when it closes)
                 running.discard(rid)
 
-    async def _relay(request: Request, raw: bytes, key: str, rid: str) -> Response:
+    async def _relay(
+        request: Request, raw: bytes, key: str, rid: str, salt: str | None
+    ) -> Response:
         tried: set[int] = set()
         full: Response | None = None  # the last 429 a rank gave
         while True:
-            picked = router.pick(key, tried | {r for r in range(n) if not usable(r)})
+            picked = router.pick(key, tried | {r for r in range(n) if not usable(r)}, salt)
             if picked is None:
                 if full is not None:
                     routing_log.info("%s %s refused: 429 (every rank full)", request.url.path, rid)
@@ -256,7 +263,7 @@ def create_front(front: Front) -> FastAPI:
             routing_log.info("%s %s -> rank %d%s: %d", request.url.path, rid, rank,
                              " (its start)" if affine else "", resp.status_code)  # fmt: skip
             if resp.status_code < 400:  # (a refused request leaves nothing in the rank's cache)
-                router.remember(rank, key)
+                router.remember(rank, key, salt)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
                 return ClosingStream(_chunks(rank, resp),
                                      lambda r=rank, s=resp: _closed(r, s, rid))  # fmt: skip

@@ -9,7 +9,10 @@ conversation's next turn to the rank whose slots hold the turn before it, a shar
 a rank that has it — if that is at least ``MIN_SHARED`` characters and the rank is no more busy
 than the least busy one plus one request per ``SHARED_PER_REQUEST`` characters shared (at most
 ``slack``, its ``--max-batch``): a long history is worth a short wait, a short system prompt is
-not worth any. Otherwise, and among equals, the least busy rank.
+not worth any. Otherwise, and among equals, the least busy rank. A request's ``cache_salt``
+(vLLM's) seeds its chain of hashes: it follows only requests of the same salt (as a rank's cache
+reuses only their rows), so neither its routing nor the front's affinity counter tells one tenant
+what another's prompts held.
 """
 
 from __future__ import annotations
@@ -48,10 +51,17 @@ def routing_key(path: str, body: Any) -> str:
     return text[:KEY_CHARS]
 
 
-def block_hashes(key: str) -> list[int]:
-    """The chained hashes of ``key``'s whole ``BLOCK``-character blocks: two keys share their
-    first ``n`` hashes exactly when they share their first ``n`` blocks."""
-    out, chain = [], 0
+def routing_salt(body: Any) -> str | None:
+    """A request's ``cache_salt`` (None: none, or not a string: the rank refuses it)."""
+    salt = body.get("cache_salt") if isinstance(body, dict) else None
+    return salt if isinstance(salt, str) else None
+
+
+def block_hashes(key: str, salt: str | None = None) -> list[int]:
+    """The chained hashes of ``key``'s whole ``BLOCK``-character blocks, the chain seeded by
+    ``salt``: two keys of one salt share their first ``n`` hashes exactly when they share their
+    first ``n`` blocks; keys of different salts share none."""
+    out, chain = [], 0 if salt is None else hash(("cache_salt", salt))
     for start in range(0, len(key) - BLOCK + 1, BLOCK):
         chain = hash((chain, key[start : start + BLOCK]))
         out.append(chain)
@@ -75,13 +85,15 @@ class Router:
             n += 1
         return n * BLOCK
 
-    def pick(self, key: str, skip: set[int] = frozenset()) -> tuple[int, bool] | None:
+    def pick(
+        self, key: str, skip: set[int] = frozenset(), salt: str | None = None
+    ) -> tuple[int, bool] | None:
         """The rank for a request (and whether its shared start chose it); None: no rank left."""
         ranks = [r for r in range(len(self.busy)) if r not in skip]
         if not ranks:
             return None
         least = min(self.busy[r] for r in ranks)
-        hashes = block_hashes(key)
+        hashes = block_hashes(key, salt)
         following = []  # (-shared, busy, routed, rank) of the ranks the start may go to
         for r in ranks if hashes else ():
             shared = self.shared(r, hashes)
@@ -96,9 +108,10 @@ class Router:
         self.busy[rank] += 1
         self.routed[rank] += 1
 
-    def remember(self, rank: int, key: str) -> None:
-        """``rank`` took a request starting with ``key`` (its slots will hold it)."""
-        hashes = block_hashes(key)
+    def remember(self, rank: int, key: str, salt: str | None = None) -> None:
+        """``rank`` took a request starting with ``key`` (of ``cache_salt`` ``salt``: its slots
+        will hold it)."""
+        hashes = block_hashes(key, salt)
         if not hashes:
             return
         self.recent[rank].append(hashes)
