@@ -2,7 +2,8 @@
 
 * ``generate(model, tokenizer_or_mask_id, input_ids, ...)`` → ``GenerateOutput`` (``api.py``);
   ``FluidForCausalLM.from_pretrained(model_dir, adapter, khead).generate(...)``
-  (``pretrained.py``, transformers' conventions);
+  (``pretrained.py``, transformers' conventions); ``LLM(model_dir, khead=...).generate(prompts,
+  SamplingParams(...))`` (``llm.py``, vLLM's offline API);
 * the decode engine the fused loop runs on: ``scheduler.py`` (request slots, queue, ``step()``),
   ``prefill.py`` (admission, chunked prefill, first drafts), ``step.py`` (the fixed-shape fused
   step, one host read), ``kv.py`` (the static slot KV cache), ``drafting.py`` (measured costs →
@@ -22,11 +23,13 @@ from fluid_npu import lazy_exports
 
 if TYPE_CHECKING:
     from fluid_npu.sampling.api import GenerateOutput, PromptError, generate
+    from fluid_npu.sampling.llm import LLM
     from fluid_npu.sampling.policies import HorizonError, Policy, parse_policy
     from fluid_npu.sampling.pretrained import FluidForCausalLM
     from fluid_npu.sampling.stats import GenerateStats
 
 __all__ = [
+    "LLM",
     "FluidForCausalLM",
     "GenerateOutput",
     "GenerateStats",
@@ -42,6 +45,7 @@ if not TYPE_CHECKING:  # (a checker reads the imports above, and knows every nam
         __name__,
         {
             "api": ("GenerateOutput", "PromptError", "generate"),
+            "llm": ("LLM",),
             "policies": ("HorizonError", "Policy", "parse_policy"),
             "pretrained": ("FluidForCausalLM",),
             "stats": ("GenerateStats",),

@@ -64,6 +64,7 @@ class Detokenizer:
         self.text = ""  # the decoded output so far (cut at a stop string once one is found)
         self.sent = 0  # characters of ``text`` already returned
         self.stopped = False  # a stop string was found: the output ends here
+        self.matched: str | None = None  # ... which one (vLLM's stop_reason)
         self.prefix, self.read = 0, self.start  # ids[prefix:read]: context; ids[:read] settled
         self.settled = 0  # characters of ``text`` that ids[:read] spell
 
@@ -107,11 +108,15 @@ class Detokenizer:
         """Where the text ends at a stop string found from ``start`` on (one that ends after
         ``floor``): before the first to begin, or after the first to end (``include_stop``)."""
         found = []
-        for s in self.stop:
+        for n, s in enumerate(self.stop):
             at = self.text.find(s, max(start, self.floor - len(s) + 1))
             if at >= 0:
-                found.append((at + len(s), at) if self.include_stop else (at, at))
-        return min(found)[0] if found else None
+                found.append(((at + len(s), at) if self.include_stop else (at, at), n))
+        if not found:
+            return None
+        where, n = min(found)
+        self.matched = self.stop[n]
+        return where[0]
 
     def flush(self) -> str:
         """The text still held back, at the end of the output."""

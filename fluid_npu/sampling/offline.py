@@ -30,9 +30,10 @@ class Finished(NamedTuple):
 
 
 def run_requests(
-    sched: Scheduler, requests: Sequence[Request], stream: Any = None
+    sched: Scheduler, requests: Sequence[Request], stream: Any = None, finished: Any = None
 ) -> dict[str, Finished]:
-    """Decode ``requests`` to the end; ``stream(index, tokens)`` as tokens commit."""
+    """Decode ``requests`` to the end; ``stream(index, tokens)`` as tokens commit,
+    ``finished(index)`` as each request ends."""
     index = {r.request_id: n for n, r in enumerate(requests)}
     final: dict[str, Event] = {}
     new: dict[str, list[int]] = {r.request_id: [] for r in requests}
@@ -70,6 +71,8 @@ def run_requests(
                 stream(index[rid], ev.tokens)
             if ev.finished:
                 final[rid] = ev
+                if finished is not None:
+                    finished(index[rid])
     broken = [index[rid] for rid, ev in final.items() if ev.finish_reason == "error"]
     if broken:
         raise NumericalError(

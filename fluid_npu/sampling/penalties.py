@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fluid_npu.sampling.rules import MAX_LOGIT_BIAS, SamplingParams
+from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.rules import MAX_BAD_WORD_LEN, MAX_BAD_WORDS, MAX_LOGIT_BIAS, SamplingParams
 
 NONE = -2  # a bad-word window's slot before the text (matches no token, and no "any")
 
@@ -248,3 +250,41 @@ class Penalties:
             hit = hit & ((window == prefix) | (prefix < 0)).all(dim=-1)
         ban = torch.where(hit, -math.inf, 0.0).to(logits.dtype)
         return logits.scatter_add(2, last.clamp(min=0)[:, None, :].expand(r, p, -1), ban)
+
+
+def bad_word_sequences(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's ``bad_words`` (text) as token sequences, as vLLM tokenizes them: each word (leading
+    whitespace stripped) as the tokenizer encodes it at the start of a text, and again after a
+    space where that spells it with other tokens of the same count (a word-start token) — so the
+    word is banned at the text's start and in the middle. A word that encodes to nothing, or more
+    than ``MAX_BAD_WORDS`` sequences (or one over ``MAX_BAD_WORD_LEN`` tokens), is a
+    ``ConfigError``."""
+    if len(words) > MAX_BAD_WORDS:  # (before tokenizing them all)
+        raise ConfigError(f"bad_words holds {len(words)} words; at most {MAX_BAD_WORDS}")
+    out: list[tuple[int, ...]] = []
+    for n, word in enumerate(words):
+        if not isinstance(word, str):
+            raise ConfigError(f"bad_words[{n}] must be a string, got {word!r}")
+        bare = _encoded(tokenizer, word.lstrip(), n)
+        if not bare:
+            raise ConfigError(
+                f"bad_words[{n}] is empty (or only whitespace); give a word or leave it out"
+            )
+        spaced = _encoded(tokenizer, " " + word.lstrip(), n)
+        out.append(bare)
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    if len(out) > MAX_BAD_WORDS or max(map(len, out), default=0) > MAX_BAD_WORD_LEN:
+        raise ConfigError(
+            f"bad_words makes {len(out)} token sequences of up to {max(map(len, out))} tokens; "
+            f"at most {MAX_BAD_WORDS} are taken (each word may count twice: with and without a "
+            f"leading space) of up to {MAX_BAD_WORD_LEN} tokens"
+        )
+    return tuple(out)
+
+
+def _encoded(tokenizer: Any, text: str, n: int) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as exc:  # the tokenizer's own (e.g. a lone UTF-16 surrogate in the text)
+        raise ConfigError(f"the tokenizer cannot encode bad_words[{n}]: {exc}") from None

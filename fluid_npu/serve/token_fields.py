@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fluid_npu.sampling.rules import MAX_BAD_WORD_LEN, MAX_BAD_WORDS, MAX_LOGIT_BIAS
+from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.penalties import bad_word_sequences
+from fluid_npu.sampling.rules import MAX_LOGIT_BIAS
 from fluid_npu.serve.errors import APIError
 
 if TYPE_CHECKING:
@@ -57,36 +59,12 @@ def allowed_ids(ids: list[int] | None) -> tuple[int, ...]:
 
 
 def bad_word_ids(tokenizer: Any, words: list[str]) -> tuple[tuple[int, ...], ...]:
-    """vLLM's ``bad_words`` as token sequences, as vLLM makes them: each word (leading whitespace
-    stripped) as the tokenizer encodes it at the start of a text, and again after a space where
-    that spells it with other tokens of the same count (a word-start token) — so the word is
-    banned at the text's start and in the middle. A word that encodes to nothing is refused."""
-    out: list[tuple[int, ...]] = []
-    for n, word in enumerate(words):
-        bare = _ids(tokenizer, word.lstrip(), n)
-        if not bare:
-            raise APIError(f"bad_words[{n}] is empty (or only whitespace); give a word or leave "
-                           "it out", param="bad_words")  # fmt: skip
-        spaced = _ids(tokenizer, " " + word.lstrip(), n)
-        out.append(bare)
-        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
-            out.append(spaced)
-    if len(out) > MAX_BAD_WORDS or max(map(len, out), default=0) > MAX_BAD_WORD_LEN:
-        raise APIError(
-            f"bad_words makes {len(out)} token sequences of up to {max(map(len, out))} tokens; "
-            f"this server takes at most {MAX_BAD_WORDS} (each word may count twice: with and "
-            f"without a leading space) of up to {MAX_BAD_WORD_LEN} tokens",
-            param="bad_words",
-        )
-    return tuple(out)
-
-
-def _ids(tokenizer: Any, text: str, n: int) -> tuple[int, ...]:
+    """vLLM's ``bad_words`` as token sequences (``sampling.penalties.bad_word_sequences``: as vLLM
+    tokenizes them); a bad one is a 400 naming ``bad_words``."""
     try:
-        return tuple(int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"])
-    except Exception as exc:  # the tokenizer's own (e.g. a lone UTF-16 surrogate in the text)
-        raise APIError(f"the tokenizer cannot encode bad_words[{n}]: {exc}",
-                       param="bad_words") from None  # fmt: skip
+        return bad_word_sequences(tokenizer, words)
+    except ConfigError as exc:
+        raise APIError(str(exc), param="bad_words") from None
 
 
 def stop_token_ids(given: list[int] | None, constraint: Constraint | None) -> tuple[int, ...]:

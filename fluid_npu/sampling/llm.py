@@ -1,0 +1,411 @@
+"""vLLM's offline API on the decode engine: ``LLM(model=DIR, khead=DIR).generate(prompts,
+SamplingParams(...))`` and ``.chat(messages, ...)``, with vLLM's names, defaults and outputs, so a
+script written for ``vllm.LLM`` runs on a FLUID model by changing its import::
+
+    from fluid_npu.sampling.llm import LLM, SamplingParams
+
+    llm = LLM(model="runs/demo/stage1", khead="runs/demo/stage2")
+    for out in llm.generate(["Q: 2 + 2 = ?"], SamplingParams(temperature=0, max_tokens=32)):
+        print(out.outputs[0].text, out.outputs[0].finish_reason)
+
+One ``Scheduler`` (``max_num_seqs`` slots) serves every call, so prefixes are reused across calls
+and the drafting budget keeps what it measured. Greedy outputs are the model's own AR argmax
+(lossless); sampled ones are exact AR sampling, a seeded request reproducible alone or in any batch
+(in float32).
+
+``SamplingParams`` takes vLLM's fields as vLLM reads them (defaults too: ``temperature`` 1,
+``max_tokens`` 16, ``top_k`` 0 or -1 off): ``n`` (copy ``j`` of a seeded request draws with
+``seed + j``), ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, the three penalties,
+``logit_bias``, ``allowed_token_ids``, ``bad_words`` (tokenized as vLLM does), ``stop`` (the text
+cut before it, or after it with ``include_stop_str_in_output``), ``stop_token_ids``,
+``ignore_eos``, ``max_tokens`` (None: what the context leaves), ``min_tokens``, ``logprobs`` /
+``prompt_logprobs`` (N alternatives, each a ``Logprob`` with ``rank`` and ``decoded_token``),
+``skip_special_tokens`` and ``truncate_prompt_tokens``. vLLM's other fields (beam search,
+``logits_processors``, ``structured_outputs``, ``output_kind``, ...) are not fields here: passing
+one is a ``TypeError`` naming it, never ignored. ``generate`` without ``sampling_params`` takes
+the model's ``generation_config`` where it sets temperature / top-p / top-k / min-p / repetition
+penalty, as vLLM does.
+
+Differences from vLLM, said here rather than hidden: a sampled token's ``rank`` is known only when
+it is among the ``logprobs`` alternatives (else None); ``decoded_token`` is the token decoded
+alone.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.detok import Detokenizer
+from fluid_npu.sampling.rules import INT64_MAX
+from fluid_npu.sampling.rules import SamplingParams as EngineParams
+
+Prompt = str | Mapping[str, Any]  # a text, {"prompt": text} or {"prompt_token_ids": [...]}
+
+
+@dataclass
+class SamplingParams:
+    """vLLM's ``SamplingParams`` (the fields of the module docstring, vLLM's defaults)."""
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k == -1:  # vLLM's "off", as 0
+            self.top_k = 0
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"n must be at least 1, got {self.n!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least 1 (or None), got {self.max_tokens}")
+        if any(not s for s in self.stop or []):
+            raise ConfigError("stop strings must be non-empty")
+        if any(t < 0 for t in self.stop_token_ids or []):
+            raise ConfigError("stop_token_ids must be token ids >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (or None), got {getattr(self, name)}")
+        cut = self.truncate_prompt_tokens
+        if cut is not None and (cut == 0 or cut < -1):
+            raise ConfigError(f"truncate_prompt_tokens must be >= 1 or -1, got {cut}")
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ConfigError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability, its rank among the vocabulary (1: the most likely) where
+    known, and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a prompt (vLLM's fields)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """A prompt's completions (vLLM's fields)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens found in the engine's cache (prefix reuse)
+    metrics: dict[str, Any] = field(default_factory=dict)  # forwards, TPF
+
+
+class LLM:
+    """A FLUID model for offline decoding, vLLM's way (the module docstring).
+
+    ``model`` / ``adapter`` / ``khead`` / ``mask_token`` / ``dtype`` / ``device`` /
+    ``chat_template`` / ``trust_remote_code``: as ``FluidForCausalLM.from_pretrained``;
+    ``max_num_seqs``: requests decoded at once (the engine's slots); ``max_model_len``: prompt and
+    output tokens per request (None: the model's context, at most 4096); ``policy``: the drafting
+    horizon (``khead`` with a K-head, else ``entropy``); ``seed``: where unseeded requests' seeds
+    come from (None: torch's global generator); ``enable_prefix_caching`` and ``logprobs_mode`` as
+    vLLM's flags; ``engine_kwargs`` go to the ``Scheduler``.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        adapter: str | Path | None = None,
+        khead: str | Path | None = None,
+        mask_token: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_num_seqs: int = 8,
+        max_model_len: int | None = None,
+        policy: str | None = None,
+        seed: int | None = None,
+        enable_prefix_caching: bool = True,
+        logprobs_mode: str = "raw_logprobs",
+        chat_template: str | Path | None = None,
+        trust_remote_code: bool = False,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        from fluid_npu.sampling.inputs import serving_eos
+        from fluid_npu.sampling.pretrained import FluidForCausalLM
+        from fluid_npu.sampling.scheduler import Scheduler
+
+        self.fluid = FluidForCausalLM.from_pretrained(
+            model, adapter, khead, dtype=dtype, mask_token=mask_token, device=device,
+            chat_template=chat_template, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        self.tokenizer = self.fluid.tokenizer
+        self.eos_ids = serving_eos(self.fluid.model, self.tokenizer)  # as fluid serve ends
+        self.engine = Scheduler(
+            self.fluid.model, self.fluid.mask_id,
+            policy=policy or ("khead" if self.fluid.khead is not None else "entropy"),
+            khead=self.fluid.khead, eos_ids=self.eos_ids, max_batch=max_num_seqs,
+            max_len=max_model_len, tokenizer=self.tokenizer, prefix_caching=enable_prefix_caching,
+            logprobs_mode=logprobs_mode, **(engine_kwargs or {}),
+        )  # fmt: skip
+        self._seeds = None if seed is None else random.Random(seed)
+        self._count = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses without ``sampling_params``: the model's generation config
+        where it sets a decoding setting, else vLLM's defaults."""
+        config = getattr(self.fluid.model, "generation_config", None)
+        given = {}
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            value = getattr(config, name, None)
+            if value is not None:
+                given[name] = type(getattr(SamplingParams, name))(value)
+        return SamplingParams(**given)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Each prompt's ``RequestOutput``, in the order given; ``sampling_params``: one for all,
+        or one per prompt."""
+        items = [prompts] if isinstance(prompts, (str, Mapping)) else list(prompts)
+        encoded = [self._encode(p, n) for n, p in enumerate(items)]
+        return self._run(items, encoded, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several, rendered by the chat template as
+        ``fluid serve``'s chat route renders them, then decoded as ``generate`` decodes."""
+        from fluid_npu.sampling.prompts import chat_messages, chat_template_ids
+
+        one = bool(messages) and isinstance(messages[0], Mapping)
+        talks = [messages] if one else list(messages)
+        if not getattr(self.tokenizer, "chat_template", None) and chat_template is None:
+            raise ConfigError(
+                "this model's tokenizer has no chat template; pass chat_template=, or use generate"
+            )
+        encoded = []
+        for n, talk in enumerate(talks):
+            ids = chat_template_ids(
+                self.tokenizer, chat_messages(list(talk), f"messages[{n}]"),
+                add_generation_prompt, continue_final_message=continue_final_message,
+                template_kwargs=chat_template_kwargs, template=chat_template, tools=tools,
+            )  # fmt: skip
+            encoded.append((self.tokenizer.decode(ids), ids))
+        return self._run(talks, encoded, sampling_params, use_tqdm)
+
+    def _encode(self, prompt: Prompt, n: int) -> tuple[str | None, list[int]]:
+        """A prompt's text (None for token ids) and token ids."""
+        if isinstance(prompt, str):
+            prompt = {"prompt": prompt}
+        if not isinstance(prompt, Mapping) or not {"prompt", "prompt_token_ids"} & set(prompt):
+            raise ConfigError(
+                f"prompt {n}: give a text, {{'prompt': text}} or {{'prompt_token_ids': [...]}}"
+            )
+        if "prompt_token_ids" in prompt:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            text = prompt.get("prompt")
+        else:
+            text = prompt["prompt"]
+            ids = [int(t) for t in self.tokenizer(text)["input_ids"]]
+        if not ids:
+            raise ConfigError(f"prompt {n} is empty: it encodes to no tokens; give some text")
+        return text, ids
+
+    def _draw(self) -> int:
+        """An unseeded request's seed: from ``LLM(seed=)``'s stream, else torch's generator."""
+        if self._seeds is not None:
+            return self._seeds.randint(-INT64_MAX - 1, INT64_MAX)
+        import torch
+
+        return int(torch.randint(-(2**62), 2**62, ()).item())
+
+    def _run(
+        self,
+        items: list[Any],
+        encoded: list[tuple[str | None, list[int]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        from fluid_npu.sampling.offline import run_requests
+        from fluid_npu.sampling.penalties import bad_word_sequences
+        from fluid_npu.sampling.requests import Request
+
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        params = (
+            [sampling_params] * len(items)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(items):
+            raise ConfigError(
+                f"{len(params)} sampling_params for {len(items)} prompts; give one, or one each"
+            )
+        context = self.engine.max_len
+        requests, plans = [], []
+        for n, ((text, ids), sp) in enumerate(zip(encoded, params)):
+            cut = sp.truncate_prompt_tokens
+            if cut is not None:
+                keep = context if cut == -1 else cut
+                if keep > context:
+                    raise ConfigError(
+                        f"prompt {n}: truncate_prompt_tokens {cut} is more than the context "
+                        f"({context} tokens, max_model_len)"
+                    )
+                if len(ids) > keep:
+                    text, ids = None, ids[len(ids) - keep :]
+            room = context - len(ids)
+            if room < 1 or (sp.max_tokens is not None and sp.max_tokens > room):
+                raise ConfigError(
+                    f"prompt {n} has {len(ids)} tokens and asks for {sp.max_tokens or 'any'} "
+                    f"more; the context holds {context} (max_model_len): shorten it or lower "
+                    "max_tokens"
+                )
+            engine = EngineParams(
+                temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p,
+                seed=sp.seed if sp.seed is not None or sp.temperature == 0 else self._draw(),
+                logprobs=sp.logprobs is not None, top_logprobs=sp.logprobs or 0,
+                prompt_logprobs=sp.prompt_logprobs, repetition_penalty=sp.repetition_penalty,
+                presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+                logit_bias=dict(sp.logit_bias or {}), min_tokens=sp.min_tokens,
+                allowed_token_ids=tuple(sp.allowed_token_ids or ()),
+                bad_words=bad_word_sequences(self.tokenizer, sp.bad_words or []),
+            )  # fmt: skip
+            eos = [] if sp.ignore_eos else list(self.eos_ids)
+            ends = [*eos, *(t for t in sp.stop_token_ids or [] if t not in eos)]
+            rid = f"{self._count}"
+            self._count += 1
+            plans.append((rid, text, ids, sp, eos))
+            for copy in range(sp.n):
+                requests.append(Request(
+                    f"{rid}-{copy}", ids, sp.max_tokens or room, eos_ids=ends,
+                    sampling=engine.seeded_for(copy), stop=list(sp.stop or []),
+                    skip_special=sp.skip_special_tokens,
+                ))  # fmt: skip
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(requests), desc="Processed prompts", unit="req")
+        try:
+            done = run_requests(
+                self.engine, requests, finished=None if bar is None else lambda _: bar.update(1)
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        return [self._output(plan, done) for plan in plans]
+
+    def _output(self, plan: tuple, done: Mapping[str, Any]) -> RequestOutput:
+        rid, text, ids, sp, eos = plan
+        outs = []
+        for copy in range(sp.n):
+            got = done[f"{rid}-{copy}"]
+            stops = set(sp.stop_token_ids or ()) - set(eos)
+            if not sp.include_stop_str_in_output:
+                unspelled = [*eos, *stops]
+            else:
+                unspelled = eos if sp.skip_special_tokens else []
+            d = Detokenizer(self.tokenizer, sp.stop, ids, unspelled, min_tokens=sp.min_tokens,
+                            include_stop=sp.include_stop_str_in_output,
+                            skip_special=sp.skip_special_tokens)  # fmt: skip
+            out_text = d.add(got.tokens) + d.flush()
+            tokens = got.tokens[: d.tokens_used] if d.stopped else got.tokens
+            reason = got.final.finish_reason
+            stop_reason: int | str | None = None
+            if d.stopped:
+                reason, stop_reason = "stop", d.matched
+            elif reason == "stop" and tokens and tokens[-1] in stops:
+                stop_reason = tokens[-1]
+            lps = None
+            if sp.logprobs is not None:
+                tops = got.top_logprobs or [[]] * len(tokens)
+                vals = got.logprobs or []
+                lps = [self._entry(t, v, top) for t, v, top in zip(tokens, vals, tops)]
+            outs.append(CompletionOutput(
+                copy, out_text, list(tokens),
+                None if lps is None else sum(e[t].logprob for t, e in zip(tokens, lps)),
+                lps, reason, stop_reason,
+            ))  # fmt: skip
+        first = done[f"{rid}-0"]
+        prompt_lps = None
+        if sp.prompt_logprobs is not None and first.prompt_logprobs is not None:
+            prompt_lps = [None] + [
+                self._entry(t, lp, top, rank)
+                for t, (lp, top, rank) in zip(ids[1:], first.prompt_logprobs)
+            ]
+        forwards = sum(done[f"{rid}-{c}"].final.forwards for c in range(sp.n))
+        made = sum(len(o.token_ids) for o in outs)
+        return RequestOutput(
+            rid, text if text is not None else self.tokenizer.decode(ids), list(ids), prompt_lps,
+            outs, True, first.final.cached,
+            {"forwards": forwards, "tpf": made / forwards if forwards else 0.0},
+        )  # fmt: skip
+
+    def _entry(
+        self, token: int, lp: float, top: Sequence[tuple[int, float]], rank: int | None = None
+    ) -> dict[int, Logprob]:
+        """vLLM's per-token logprobs: the token's own ``Logprob``, then its alternatives'."""
+        order = [t for t, _ in top]
+        own = rank if rank is not None else (order.index(token) + 1 if token in order else None)
+        out = {int(token): Logprob(lp, own, self.tokenizer.decode([token]))}
+        for k, (t, v) in enumerate(top):
+            if int(t) not in out:
+                out[int(t)] = Logprob(v, k + 1, self.tokenizer.decode([t]))
+        return out

@@ -1,0 +1,119 @@
+"""vLLM's offline API on the engine (``sampling/llm.py``): ``LLM(...).generate`` / ``.chat`` with
+vLLM's ``SamplingParams``, on the chain model (drafts accepted) saved as a checkpoint — greedy
+outputs equal to ``fluid generate``'s, seeded copies reproducible, stop strings and stop tokens
+with their ``stop_reason``, log-probabilities against transformers' forward, and the errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_serve_live import PROMPTS, model_dir, offline  # noqa: F401 (a fixture)
+
+from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.llm import LLM, CompletionOutput, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):  # noqa: F811
+    return LLM(model_dir, max_num_seqs=4, max_model_len=160, seed=7)
+
+
+def test_greedy_outputs_equal_fluid_generate(llm, model_dir, tmp_path):  # noqa: F811
+    want = offline(model_dir, tmp_path, PROMPTS[:4], 40)
+    outs = llm.generate(PROMPTS[:4], SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
+    assert [o.prompt for o in outs] == PROMPTS[:4]
+    for out, row in zip(outs, want):
+        got = out.outputs[0]
+        assert (got.text, got.token_ids, got.finish_reason) == (
+            row["text"], row["token_ids"], row["finish_reason"])  # fmt: skip
+        assert got.cumulative_logprob is None and got.logprobs is None
+        assert out.prompt_token_ids == llm.tokenizer(out.prompt)["input_ids"]
+    assert max(o.metrics["tpf"] for o in outs) > 1.5  # (the chain model's drafts are accepted)
+    ids = llm.generate({"prompt_token_ids": outs[0].prompt_token_ids},
+                       SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)  # fmt: skip
+    assert ids[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+
+
+def test_seeded_copies_stop_strings_and_stop_tokens(llm):
+    drawn = SamplingParams(temperature=20.0, seed=11, n=3, max_tokens=24)  # (the chain is peaked)
+    three = llm.generate("hello p", drawn, use_tqdm=False)[0].outputs
+    assert [o.index for o in three] == [0, 1, 2] and len({o.text for o in three}) > 1
+    alone = llm.generate("hello p", SamplingParams(temperature=20.0, seed=12, max_tokens=24),
+                         use_tqdm=False)[0].outputs[0]  # fmt: skip
+    assert alone.token_ids == three[1].token_ids  # copy j draws with seed + j
+    again = llm.generate(["x", "hello p"], drawn, use_tqdm=False)[1].outputs  # (another batch)
+    assert [o.token_ids for o in again] == [o.token_ids for o in three]
+    # the chain: "abc" -> "defghijklm" then EOS
+    plain = llm.generate("abc", SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)
+    assert plain[0].outputs[0].text == "defghijklm" and plain[0].outputs[0].stop_reason is None
+    cut = SamplingParams(temperature=0, max_tokens=30, stop=["hij", "zz"])
+    got = llm.generate("abc", cut, use_tqdm=False)[0].outputs[0]
+    assert (got.text, got.finish_reason, got.stop_reason) == ("defg", "stop", "hij")
+    assert llm.tokenizer.decode(got.token_ids) == "defghij"  # up to the token that completed it
+    kept = SamplingParams(temperature=0, max_tokens=30, stop="hij", include_stop_str_in_output=True)
+    assert llm.generate("abc", kept, use_tqdm=False)[0].outputs[0].text == "defghij"
+    g = llm.tokenizer.convert_tokens_to_ids("g")
+    on_token = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[g])
+    got = llm.generate("abc", on_token, use_tqdm=False)[0].outputs[0]
+    assert (got.text, got.token_ids[-1], got.stop_reason) == ("def", g, g)
+    endless = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    got = llm.generate("abc", endless, use_tqdm=False)[0].outputs[0]
+    assert len(got.token_ids) == 20 and got.finish_reason == "length"
+
+
+def test_logprobs_and_prompt_logprobs_are_the_models_own(llm):
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=2, prompt_logprobs=1)
+    out = llm.generate("hello p", params, use_tqdm=False)[0]
+    got: CompletionOutput = out.outputs[0]
+    ids = out.prompt_token_ids + got.token_ids
+    with torch.inference_mode():
+        ref = llm.fluid.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    start = len(out.prompt_token_ids)
+    for j, (tok, entry) in enumerate(zip(got.token_ids, got.logprobs)):
+        row = ref[start - 1 + j]
+        assert entry[tok].logprob == pytest.approx(float(row[tok]), abs=1e-4)
+        assert entry[tok].rank == 1 and entry[tok].decoded_token == llm.tokenizer.decode([tok])
+        assert len(entry) in (2, 3)  # the token and its two alternatives (itself among them)
+    assert got.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(got.token_ids, got.logprobs))
+    )
+    prompt = out.prompt_logprobs
+    assert prompt[0] is None and len(prompt) == start
+    for j in range(1, start):
+        tok = out.prompt_token_ids[j]
+        assert prompt[j][tok].logprob == pytest.approx(float(ref[j - 1, tok]), abs=1e-4)
+        assert prompt[j][tok].rank == int((ref[j - 1] >= ref[j - 1, tok]).sum())
+    assert all(math.isfinite(e[t].logprob) for t, e in zip(got.token_ids, got.logprobs))
+
+
+def test_chat_renders_as_the_server_and_refusals_name_the_problem(llm):
+    from fluid_npu.sampling.prompts import chat_template_ids
+
+    talk = [{"role": "user", "content": "abc"}]
+    out = llm.chat(talk, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    ids = chat_template_ids(llm.tokenizer, talk)
+    assert out.prompt_token_ids == ids
+    direct = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=8),
+                          use_tqdm=False)[0]  # fmt: skip
+    assert out.outputs[0].token_ids == direct.outputs[0].token_ids
+    two = llm.chat([talk, talk], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert len(two) == 2 and two[1].outputs[0].text == out.outputs[0].text
+    cut = llm.generate("the quick brown fox", SamplingParams(temperature=0, max_tokens=4,
+                       truncate_prompt_tokens=3), use_tqdm=False)[0]  # fmt: skip
+    assert cut.prompt_token_ids == llm.tokenizer("the quick brown fox")["input_ids"][-3:]
+    with pytest.raises(TypeError, match="best_of"):
+        SamplingParams(best_of=2)
+    with pytest.raises(ConfigError, match="context holds 160"):
+        llm.generate("abc", SamplingParams(max_tokens=200), use_tqdm=False)
+    with pytest.raises(ConfigError, match="2 sampling_params for 1 prompts"):
+        llm.generate("abc", [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(ConfigError, match="bad_words\\[0\\] is empty"):
+        llm.generate("abc", SamplingParams(bad_words=[" "]), use_tqdm=False)
+    for bad in (dict(n=0), dict(max_tokens=0), dict(truncate_prompt_tokens=0), dict(stop=[""])):
+        with pytest.raises(ConfigError):
+            SamplingParams(**bad)
+    banned = SamplingParams(temperature=0, max_tokens=6, bad_words=["ef"])
+    text = llm.generate("abc", banned, use_tqdm=False)[0].outputs[0].text
+    assert text.startswith("de") and "ef" not in text
