@@ -61,6 +61,11 @@ def test_seeded_copies_stop_strings_and_stop_tokens(llm):
     endless = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     got = llm.generate("abc", endless, use_tqdm=False)[0].outputs[0]
     assert len(got.token_ids) == 20 and got.finish_reason == "length"
+    eos = llm.tokenizer.eos_token_id
+    assert got.token_ids.index(eos) == 10  # (EOS ends nothing under ignore_eos) ...
+    held = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, min_tokens=15)
+    got = llm.generate("abc", held, use_tqdm=False)[0].outputs[0]
+    assert eos not in got.token_ids[:15]  # ... but min_tokens holds it back, as vLLM
 
 
 def test_logprobs_and_prompt_logprobs_are_the_models_own(llm):

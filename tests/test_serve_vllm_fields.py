@@ -137,3 +137,14 @@ def test_include_reasoning_false_leaves_the_reasoning_out():
         assert not blank  # (a hidden reasoning delta sends no chunk of nothing)
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", **hide})
         assert r.status_code == 400 and r.json()["error"]["param"] == "include_reasoning"
+
+
+def test_ignore_eos_still_holds_eos_back_before_min_tokens():
+    """(the engine's side: tests/test_stops_min_tokens.py)"""
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        body = {"prompt": "a", "max_tokens": 8}
+        for extra, hold in (({"ignore_eos": True, "min_tokens": 4}, tuple(sched.eos_ids)),
+                            ({"min_tokens": 4}, ()), ({"ignore_eos": True}, ())):  # fmt: skip
+            assert httpx.post(f"{url}/v1/completions", json={**body, **extra}).status_code == 200
+            assert tuple(sched.requests[-1].min_tokens_hold) == hold, extra

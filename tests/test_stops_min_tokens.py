@@ -106,3 +106,26 @@ def test_include_stop_keeps_the_stop_string_and_holds_nothing_back(tok):
     assert d.add(stream) == "one two."  # (one step) the first stop string to be complete
     d = Detokenizer(tok, ["two. three", "o."])
     assert d.add(stream) == "one tw" and d.tokens_used == len(_ids(tok, "one two."))
+
+
+def test_min_tokens_holds_eos_back_under_ignore_eos_as_vllm(tok):
+    """vLLM holds the model's EOS back before ``min_tokens`` even where EOS ends nothing
+    (``ignore_eos``): ``Request.min_tokens_hold``, which the server and ``LLM`` pass then. On the
+    chain model ("abc" -> "defghijklm", then EOS), EOS comes as the 11th token without it."""
+    from test_sampling_lossless import chain_model
+
+    from fluid_npu.sampling.offline import run_requests
+
+    model = chain_model(tok, attn_scale=4.0)
+    eos = tok.eos_token_id
+    abc = tok("abc")["input_ids"]
+    params = SamplingParams(min_tokens=15)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=2, eos_ids=[eos],
+                      k_max=4, adaptive=False)  # fmt: skip
+    out = run_requests(sched, [
+        Request("free", abc, 20, eos_ids=[], sampling=params),  # (ignore_eos alone)
+        Request("held", abc, 20, eos_ids=[], sampling=params, min_tokens_hold=[eos]),
+    ])  # fmt: skip
+    assert out["free"].tokens.index(eos) == 10
+    held = out["held"].tokens
+    assert eos not in held[:15] and len(held) == 20 and held[:10] == out["free"].tokens[:10]

@@ -337,6 +337,7 @@ class LLM:
                     f"{rid}-{copy}", ids, sp.max_tokens or room, eos_ids=ends,
                     sampling=engine.seeded_for(copy), stop=list(sp.stop or []),
                     skip_special=sp.skip_special_tokens,
+                    min_tokens_hold=tuple(self.eos_ids) if sp.ignore_eos and sp.min_tokens else (),
                 ))  # fmt: skip
         bar = None
         if use_tqdm:

@@ -69,10 +69,25 @@ class Penalties:
         self.bad_prefix: torch.Tensor | None = None  # [slots, NB, L]
         self.tail: torch.Tensor | None = None  # [slots, L]
         self.banning: set[int] = set()  # the slots whose running request has some
+        # more ids held back before min_tokens than the row's end ids (Request.min_tokens_hold)
+        self.hold: torch.Tensor | None = None  # [slots, H], -1 padded
 
-    def admit(self, row: int, prompt: Sequence[int], params: SamplingParams) -> None:
-        """Slot ``row`` starts a request with ``params``' penalties and bias, and ``prompt``."""
+    def admit(
+        self, row: int, prompt: Sequence[int], params: SamplingParams, hold: Sequence[int] = ()
+    ) -> None:
+        """Slot ``row`` starts a request with ``params``' penalties and bias, and ``prompt``;
+        ``hold``: more token ids kept out before ``min_tokens`` than the row's end ids."""
         dev = self.prompt.device
+        hold = sorted(set(hold)) if params.min_tokens else []
+        if hold and (self.hold is None or self.hold.shape[1] < len(hold)):
+            more = len(hold) - (0 if self.hold is None else self.hold.shape[1])
+            base = self.hold if self.hold is not None else self.prompt.new_empty(
+                (self.prompt.shape[0], 0), dtype=torch.long)  # fmt: skip
+            self.hold = F.pad(base, (0, more), value=-1)
+        if self.hold is not None:
+            self.hold[row] = -1
+            if hold:
+                self.hold[row, : len(hold)] = torch.tensor(hold, dtype=torch.long, device=dev)
         self.prompt[row] = False
         self.count[row] = 0
         self.prompt[row, torch.tensor(list(prompt), dtype=torch.long, device=dev)] = True
@@ -168,7 +183,7 @@ class Penalties:
         self.banning.discard(src)
         for t in (self.prompt, self.count, self.rep, self.presence, self.frequency,
                   self.bias_ids, self.bias, self.min_tokens, self.allowed, self.bad_last,
-                  self.bad_prefix, self.tail):  # fmt: skip
+                  self.bad_prefix, self.tail, self.hold):  # fmt: skip
             if t is not None:
                 t[dst] = t[src]
 
@@ -200,6 +215,8 @@ class Penalties:
         # logit_bias next (transformers' sequence bias comes before its repetition penalty too)
         ids = self.bias_ids[rows][:, None, :].expand(r, p, -1)
         logits = logits.scatter_add(2, ids, self.bias[rows][:, None, :].expand(r, p, -1))
+        if self.hold is not None:  # (and the ids held back besides them)
+            eos = torch.cat([eos, self.hold[rows]], dim=1)
         # min_tokens: EOS impossible at positions before it (-inf added: a duplicate id adds 0)
         j = torch.arange(p, device=logits.device)
         early = (produced[:, None] + j[None]) < self.min_tokens[rows][:, None]  # [R, P]

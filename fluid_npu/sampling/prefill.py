@@ -108,7 +108,7 @@ class PrefillMixin:
                 vocab = self.head.weight.shape[0]
                 self.penalties = Penalties(self.slots_n, vocab, dev)
             if p.adjusted:
-                self.penalties.admit(i, s.prompt, p)
+                self.penalties.admit(i, s.prompt, p, s.req.min_tokens_hold)
 
     def _worth_waiting(self, s: Slot, found: int) -> bool:
         """Whether ``s`` should wait a step: a slot still encoding its prompt will hold at least

@@ -48,6 +48,9 @@ class Request:
     # vLLM's cache_salt: a prompt reuses only cache entries written by requests of the same salt
     # (None: unsalted), so tenants cannot learn from timing what others' prompts held (reuse.py)
     cache_salt: str | None = None
+    # more tokens held back before SamplingParams.min_tokens besides the ones that end it (vLLM
+    # holds the model's EOS back there even under ignore_eos, which then does not end on it)
+    min_tokens_hold: Sequence[int] = ()
 
 
 @dataclass

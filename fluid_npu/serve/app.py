@@ -269,6 +269,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             requests,
             arrived,
             eos_ids=None if ends == worker.scheduler.eos_ids else ends,  # (None: the engine's)
+            # ignore_eos: EOS ends nothing, but min_tokens still holds it back (vLLM's rule)
+            min_tokens_hold=(
+                tuple(worker.scheduler.eos_ids) if s.ignore_eos and s.params["min_tokens"] else ()
+            ),
             stop=tuple(s.stop),
             # reasoning apart: no stop string spans the closing marker, as the split text reads
             stop_reset=None if split is None else split.end,
