@@ -122,3 +122,21 @@ def test_chat_renders_as_the_server_and_refusals_name_the_problem(llm):
     banned = SamplingParams(temperature=0, max_tokens=6, bad_words=["ef"])
     text = llm.generate("abc", banned, use_tqdm=False)[0].outputs[0].text
     assert text.startswith("de") and "ef" not in text
+
+
+def test_structured_outputs_hold_the_text(llm):
+    from fluid_npu.sampling.llm import StructuredOutputsParams
+
+    digits = SamplingParams(
+        temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex="[0-9]{3}")
+    )
+    got = llm.generate("abc", digits, use_tqdm=False)[0].outputs[0]
+    assert got.text.isdigit() and len(got.text) == 3 and got.finish_reason == "stop"
+    pick = SamplingParams(
+        temperature=0.8, seed=3, max_tokens=12, structured_outputs={"choice": ["yes", "no"]}
+    )
+    assert llm.generate("abc", pick, use_tqdm=False)[0].outputs[0].text in ("yes", "no")
+    for bad, match in ((dict(ignore_eos=True), "ignore_eos"), (dict(), "exactly one of")):
+        spec = {} if not bad else {"regex": "a+"}
+        with pytest.raises(ConfigError, match=match):
+            llm.generate("abc", SamplingParams(structured_outputs=spec, **bad), use_tqdm=False)

@@ -20,9 +20,12 @@ and the drafting budget keeps what it measured. Greedy outputs are the model's o
 cut before it, or after it with ``include_stop_str_in_output``), ``stop_token_ids``,
 ``ignore_eos``, ``max_tokens`` (None: what the context leaves), ``min_tokens``, ``logprobs`` /
 ``prompt_logprobs`` (N alternatives, each a ``Logprob`` with ``rank`` and ``decoded_token``),
-``skip_special_tokens`` and ``truncate_prompt_tokens``. vLLM's other fields (beam search,
-``logits_processors``, ``structured_outputs``, ``output_kind``, ...) are not fields here: passing
-one is a ``TypeError`` naming it, never ignored. ``generate`` without ``sampling_params`` takes
+``skip_special_tokens``, ``truncate_prompt_tokens`` and ``structured_outputs``
+(``StructuredOutputsParams(json= | regex= | choice= | grammar= | json_object=True)``, or the same
+as a dict: the output follows it, as ``fluid serve``'s field; not with ``ignore_eos`` or
+``stop_token_ids``, as there). vLLM's other fields (beam search, ``logits_processors``,
+``output_kind``, ...) are not fields here: passing one is a ``TypeError`` naming it, never
+ignored. ``generate`` without ``sampling_params`` takes
 the model's ``generation_config`` where it sets temperature / top-p / top-k / min-p / repetition
 penalty, as vLLM does.
 
@@ -45,6 +48,22 @@ from fluid_npu.sampling.rules import INT64_MAX
 from fluid_npu.sampling.rules import SamplingParams as EngineParams
 
 Prompt = str | Mapping[str, Any]  # a text, {"prompt": text} or {"prompt_token_ids": [...]}
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's ``StructuredOutputsParams``: exactly one of ``json`` (a schema, a dict or its
+    text), ``regex``, ``choice``, ``grammar`` (EBNF) or ``json_object``; ``sampling/specs.py``
+    checks it as the server checks its ``structured_outputs`` field."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
 
 
 @dataclass
@@ -73,6 +92,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -189,6 +209,7 @@ class LLM:
         )  # fmt: skip
         self._seeds = None if seed is None else random.Random(seed)
         self._count = 0
+        self._grammars: Any = None  # a GrammarCompiler, made at the first constrained request
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -327,6 +348,7 @@ class LLM:
                 allowed_token_ids=tuple(sp.allowed_token_ids or ()),
                 bad_words=bad_word_sequences(self.tokenizer, sp.bad_words or []),
             )  # fmt: skip
+            grammar = self._grammar(sp, n)
             eos = [] if sp.ignore_eos else list(self.eos_ids)
             ends = [*eos, *(t for t in sp.stop_token_ids or [] if t not in eos)]
             rid = f"{self._count}"
@@ -338,6 +360,7 @@ class LLM:
                     sampling=engine.seeded_for(copy), stop=list(sp.stop or []),
                     skip_special=sp.skip_special_tokens,
                     min_tokens_hold=tuple(self.eos_ids) if sp.ignore_eos and sp.min_tokens else (),
+                    grammar=grammar,
                 ))  # fmt: skip
         bar = None
         if use_tqdm:
@@ -398,6 +421,28 @@ class LLM:
             outs, True, first.final.cached,
             {"forwards": forwards, "tpf": made / forwards if forwards else 0.0},
         )  # fmt: skip
+
+    def _grammar(self, sp: SamplingParams, n: int) -> Any:
+        """``sp.structured_outputs`` compiled (None: not given); a bad one is a ``ConfigError``."""
+        given = sp.structured_outputs
+        if given is None:
+            return None
+        from dataclasses import asdict
+
+        from fluid_npu.sampling.grammar import GrammarCompiler
+        from fluid_npu.sampling.specs import structured_spec
+
+        if sp.ignore_eos or sp.stop_token_ids:
+            raise ConfigError(
+                f"prompt {n}: structured_outputs cannot go with ignore_eos or stop_token_ids: the "
+                "output's grammar decides where it ends (with the EOS token)"
+            )
+        spec = asdict(given) if isinstance(given, StructuredOutputsParams) else dict(given)
+        kind, body, free = structured_spec(spec)
+        if self._grammars is None:
+            vocab = self.fluid.model.get_output_embeddings().weight.shape[0]
+            self._grammars = GrammarCompiler(self.tokenizer, vocab, self.eos_ids)
+        return self._grammars.compile(kind, body, any_whitespace=free)
 
     def _entry(
         self, token: int, lp: float, top: Sequence[tuple[int, float]], rank: int | None = None
