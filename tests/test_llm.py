@@ -140,3 +140,54 @@ def test_structured_outputs_hold_the_text(llm):
         spec = {} if not bad else {"regex": "a+"}
         with pytest.raises(ConfigError, match=match):
             llm.generate("abc", SamplingParams(structured_outputs=spec, **bad), use_tqdm=False)
+
+
+def test_vllm_scripts_numbers_and_bad_inputs(llm, monkeypatch):
+    """What vLLM scripts pass (ints for floats, numpy scalars, whole floats for counts) works;
+    bad inputs are one ConfigError naming them; an interrupt mid-call leaves the engine clean."""
+    import numpy as np
+
+    from fluid_npu.errors import FluidError
+
+    ok = SamplingParams(temperature=1, top_p=1, min_p=np.float32(0.0), seed=2.0, max_tokens=4.0)
+    assert (type(ok.temperature), type(ok.max_tokens), ok.seed) == (float, int, 2)
+    assert len(llm.generate("abc", ok, use_tqdm=False)[0].outputs[0].token_ids) == 4
+    for bad in (dict(logprobs=True), dict(max_tokens=2.5), dict(temperature="0"),
+                dict(allowed_token_ids=[])):  # fmt: skip
+        with pytest.raises(ConfigError):
+            SamplingParams(**bad)
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    for prompt in ({"prompt_token_ids": "123"}, {"prompt_token_ids": [5.7]}, {"prompt": 5},
+                   {"prompt": "abc", "multi_modal_data": {}}, 7):  # fmt: skip
+        with pytest.raises(ConfigError, match="prompt 0"):
+            llm.generate(prompt, greedy, use_tqdm=False)
+    with pytest.raises(ConfigError, match="takes a SamplingParams"):
+        llm.generate("abc", {"temperature": 0}, use_tqdm=False)
+    with pytest.raises(ConfigError, match="min_tokens 200 exceeds"):
+        llm.generate("abc", SamplingParams(max_tokens=None, min_tokens=200), use_tqdm=False)
+    with pytest.raises(ConfigError, match="chat_template_kwargs sets add_generation_prompt"):
+        llm.chat([{"role": "user", "content": "hi"}], greedy, use_tqdm=False,
+                 chat_template_kwargs={"add_generation_prompt": False})  # fmt: skip
+    with pytest.raises(FluidError):
+        llm.chat([{"role": "user", "content": "hi"}], greedy, use_tqdm=False,
+                 tools=[{"name": "get"}])  # fmt: skip
+    every = llm.generate("abc", SamplingParams(temperature=0, max_tokens=2, logprobs=-1),
+                         use_tqdm=False)[0].outputs[0]  # fmt: skip
+    vocab = llm.fluid.model.get_input_embeddings().weight.shape[0]
+    assert all(len(entry) == vocab for entry in every.logprobs)  # -1: the whole vocabulary
+    # an interrupt mid-call (Ctrl-C): the engine aborts what it held, the next call is as new
+    real, calls = llm.engine.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["abc", "hello p", "xx"], greedy, use_tqdm=False)
+    monkeypatch.setattr(llm.engine, "step", real)
+    assert not llm.engine.has_work()
+    after = llm.generate(["abc", "xx"], greedy, use_tqdm=False)
+    assert after[0].outputs[0].text == "defg"

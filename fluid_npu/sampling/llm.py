@@ -19,7 +19,8 @@ and the drafting budget keeps what it measured. Greedy outputs are the model's o
 ``logit_bias``, ``allowed_token_ids``, ``bad_words`` (tokenized as vLLM does), ``stop`` (the text
 cut before it, or after it with ``include_stop_str_in_output``), ``stop_token_ids``,
 ``ignore_eos``, ``max_tokens`` (None: what the context leaves), ``min_tokens``, ``logprobs`` /
-``prompt_logprobs`` (N alternatives, each a ``Logprob`` with ``rank`` and ``decoded_token``),
+``prompt_logprobs`` (N alternatives, -1 the whole vocabulary, each a ``Logprob`` with ``rank``
+and ``decoded_token``),
 ``skip_special_tokens``, ``truncate_prompt_tokens`` and ``structured_outputs``
 (``StructuredOutputsParams(json= | regex= | choice= | grammar= | json_object=True)``, or the same
 as a dict: the output follows it, as ``fluid serve``'s field; not with ``ignore_eos`` or
@@ -28,6 +29,10 @@ as a dict: the output follows it, as ``fluid serve``'s field; not with ``ignore_
 ignored. ``generate`` without ``sampling_params`` takes
 the model's ``generation_config`` where it sets temperature / top-p / top-k / min-p / repetition
 penalty, as vLLM does.
+
+Numbers are taken as vLLM takes them (an int for a float, a numpy scalar, a whole float for a
+count); a wrong type or value is a ``ConfigError`` naming the field. A call interrupted mid-way
+(Ctrl-C, an error) aborts what it queued, so the engine is clean for the next one.
 
 Differences from vLLM, said here rather than hidden: a sampled token's ``rank`` is known only when
 it is among the ``logprobs`` alternatives (else None); ``decoded_token`` is the token decoded
@@ -95,21 +100,29 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        for name in _FLOATS:  # (an int or a numpy scalar is taken as vLLM takes it)
+            setattr(self, name, _number(name, getattr(self, name), float))
+        for name in _INTS:
+            value = getattr(self, name)
+            if value is not None or name in ("n", "top_k", "min_tokens"):
+                setattr(self, name, _number(name, value, int))
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.top_k == -1:  # vLLM's "off", as 0
             self.top_k = 0
-        if not isinstance(self.n, int) or self.n < 1:
+        if self.n < 1:
             raise ConfigError(f"n must be at least 1, got {self.n!r}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ConfigError("allowed_token_ids is empty; give some token ids (None: any token)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be at least 1 (or None), got {self.max_tokens}")
         if any(not s for s in self.stop or []):
             raise ConfigError("stop strings must be non-empty")
         if any(t < 0 for t in self.stop_token_ids or []):
             raise ConfigError("stop_token_ids must be token ids >= 0")
-        for name in ("logprobs", "prompt_logprobs"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 (or None), got {getattr(self, name)}")
+        for name in ("logprobs", "prompt_logprobs"):  # (-1: the whole vocabulary, as vLLM)
+            if getattr(self, name) is not None and getattr(self, name) < -1:
+                raise ConfigError(f"{name} must be >= 0 or -1 (or None), got {getattr(self, name)}")
         cut = self.truncate_prompt_tokens
         if cut is not None and (cut == 0 or cut < -1):
             raise ConfigError(f"truncate_prompt_tokens must be >= 1 or -1, got {cut}")
@@ -117,6 +130,26 @@ class SamplingParams:
             raise ConfigError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
+
+
+_FLOATS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
+           "min_p")  # fmt: skip
+_INTS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+         "truncate_prompt_tokens")  # fmt: skip
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    """``value`` as a Python ``kind`` (an int, a numpy scalar, a whole float for an int field);
+    anything else is a ``ConfigError`` naming the field."""
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok and kind is int:
+        ok = float(value).is_integer()
+    if not ok:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"SamplingParams.{name} must be {what}, got {value!r}")
+    return kind(value)
 
 
 @dataclass
@@ -234,7 +267,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Each prompt's ``RequestOutput``, in the order given; ``sampling_params``: one for all,
         or one per prompt."""
-        items = [prompts] if isinstance(prompts, (str, Mapping)) else list(prompts)
+        one = isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence)
+        items = [prompts] if one else list(prompts)  # (a bad one is refused by _encode)
         encoded = [self._encode(p, n) for n, p in enumerate(items)]
         return self._run(items, encoded, sampling_params, use_tqdm)
 
@@ -252,8 +286,26 @@ class LLM:
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several, rendered by the chat template as
         ``fluid serve``'s chat route renders them, then decoded as ``generate`` decodes."""
-        from fluid_npu.sampling.prompts import chat_messages, chat_template_ids
+        from fluid_npu.sampling.prompts import (
+            chat_messages,
+            chat_template_ids,
+            reserved_template_kwargs,
+        )
+        from fluid_npu.sampling.tooluse import check_tools
 
+        reserved = reserved_template_kwargs(dict(chat_template_kwargs or {}))
+        if reserved:
+            raise ConfigError(
+                f"chat_template_kwargs sets {', '.join(reserved)}: arguments of the rendering "
+                "itself (add_generation_prompt, continue_final_message and chat_template are "
+                "chat()'s own), not template variables"
+            )
+        if continue_final_message and add_generation_prompt:
+            raise ConfigError(
+                "continue_final_message and add_generation_prompt cannot both be true: pass "
+                "add_generation_prompt=False to continue the last message"
+            )
+        offered = None if tools is None else check_tools(tools, "tools")  # (as the server)
         one = bool(messages) and isinstance(messages[0], Mapping)
         talks = [messages] if one else list(messages)
         if not getattr(self.tokenizer, "chat_template", None) and chat_template is None:
@@ -265,7 +317,7 @@ class LLM:
             ids = chat_template_ids(
                 self.tokenizer, chat_messages(list(talk), f"messages[{n}]"),
                 add_generation_prompt, continue_final_message=continue_final_message,
-                template_kwargs=chat_template_kwargs, template=chat_template, tools=tools,
+                template_kwargs=chat_template_kwargs, template=chat_template, tools=offered,
             )  # fmt: skip
             encoded.append((self.tokenizer.decode(ids), ids))
         return self._run(talks, encoded, sampling_params, use_tqdm)
@@ -278,11 +330,23 @@ class LLM:
             raise ConfigError(
                 f"prompt {n}: give a text, {{'prompt': text}} or {{'prompt_token_ids': [...]}}"
             )
+        extra = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+        if extra:  # (multi_modal_data, ...: this model reads text)
+            raise ConfigError(f"prompt {n}: {', '.join(extra)} is not supported; give text or ids")
+        text = prompt.get("prompt")
+        if text is not None and not isinstance(text, str):
+            raise ConfigError(f"prompt {n}: 'prompt' must be a text, got {text!r}")
         if "prompt_token_ids" in prompt:
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
-            text = prompt.get("prompt")
+            given = prompt["prompt_token_ids"]
+            vocab = self.fluid.model.get_input_embeddings().weight.shape[0]
+            if not isinstance(given, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in given
+            ):
+                raise ConfigError(
+                    f"prompt {n}: prompt_token_ids must be a list of token ids in [0, {vocab})"
+                )
+            ids = list(given)
         else:
-            text = prompt["prompt"]
             ids = [int(t) for t in self.tokenizer(text)["input_ids"]]
         if not ids:
             raise ConfigError(f"prompt {n} is empty: it encodes to no tokens; give some text")
@@ -314,6 +378,12 @@ class LLM:
             if isinstance(sampling_params, SamplingParams)
             else list(sampling_params)
         )
+        if not items:
+            raise ConfigError("no prompts given")
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise ConfigError(
+                "sampling_params takes a SamplingParams (or a list of them, one per prompt)"
+            )
         if len(params) != len(items):
             raise ConfigError(
                 f"{len(params)} sampling_params for {len(items)} prompts; give one, or one each"
@@ -338,11 +408,18 @@ class LLM:
                     f"more; the context holds {context} (max_model_len): shorten it or lower "
                     "max_tokens"
                 )
+            if sp.min_tokens > (sp.max_tokens or room):
+                raise ConfigError(
+                    f"prompt {n}: min_tokens {sp.min_tokens} exceeds the {room} tokens the "
+                    "context leaves it; lower min_tokens"
+                )
+            vocab = self.fluid.model.get_input_embeddings().weight.shape[0]
+            top, asked = (vocab if k == -1 else k for k in (sp.logprobs, sp.prompt_logprobs))
             engine = EngineParams(
                 temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p,
                 seed=sp.seed if sp.seed is not None or sp.temperature == 0 else self._draw(),
-                logprobs=sp.logprobs is not None, top_logprobs=sp.logprobs or 0,
-                prompt_logprobs=sp.prompt_logprobs, repetition_penalty=sp.repetition_penalty,
+                logprobs=sp.logprobs is not None, top_logprobs=top or 0,
+                prompt_logprobs=asked, repetition_penalty=sp.repetition_penalty,
                 presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
                 logit_bias=dict(sp.logit_bias or {}), min_tokens=sp.min_tokens,
                 allowed_token_ids=tuple(sp.allowed_token_ids or ()),
@@ -362,17 +439,23 @@ class LLM:
                     min_tokens_hold=tuple(self.eos_ids) if sp.ignore_eos and sp.min_tokens else (),
                     grammar=grammar,
                 ))  # fmt: skip
-        bar = None
-        if use_tqdm:
+        tick = None
+        if use_tqdm:  # (a prompt counts once all its n completions have ended, as vLLM's bar)
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(requests), desc="Processed prompts", unit="req")
+            bar = tqdm(total=len(plans), desc="Processed prompts", unit="prompt")
+            owner = [k for k, plan in enumerate(plans) for _ in range(plan[3].n)]
+            left = [plan[3].n for plan in plans]
+
+            def tick(index: int) -> None:
+                left[owner[index]] -= 1
+                if not left[owner[index]]:
+                    bar.update(1)
+
         try:
-            done = run_requests(
-                self.engine, requests, finished=None if bar is None else lambda _: bar.update(1)
-            )
+            done = run_requests(self.engine, requests, finished=tick)
         finally:
-            if bar is not None:
+            if use_tqdm:
                 bar.close()
         return [self._output(plan, done) for plan in plans]
 
@@ -382,6 +465,8 @@ class LLM:
         for copy in range(sp.n):
             got = done[f"{rid}-{copy}"]
             stops = set(sp.stop_token_ids or ()) - set(eos)
+            # vLLM counts a generation-config EOS that is not the tokenizer's as a stop token
+            named = {*stops, *(t for t in eos if t != self.tokenizer.eos_token_id)}
             if not sp.include_stop_str_in_output:
                 unspelled = [*eos, *stops]
             else:
@@ -395,7 +480,7 @@ class LLM:
             stop_reason: int | str | None = None
             if d.stopped:
                 reason, stop_reason = "stop", d.matched
-            elif reason == "stop" and tokens and tokens[-1] in stops:
+            elif reason == "stop" and tokens and tokens[-1] in named:
                 stop_reason = tokens[-1]
             lps = None
             if sp.logprobs is not None:

@@ -55,9 +55,41 @@ def run_requests(
     except Exception:
         sched._withdraw(submitted)  # a bad request queues none of them
         raise
+    try:
+        _drain(sched, index, final, new, lps, tops, prompt_lps, stream, finished)
+    except BaseException:  # (a KeyboardInterrupt too) the engine is left with none of them
+        _abandon(sched, [rid for rid in submitted if rid not in final])
+        raise
+    broken = [index[rid] for rid, ev in final.items() if ev.finish_reason == "error"]
+    if broken:
+        raise NumericalError(
+            f"request(s) {sorted(broken)} (0-based, in the order given) stopped: the model's "
+            "activations overflowed to NaN or inf on their tokens (transformers' sampling refuses "
+            "such probabilities; its greedy decoding returns token 0 from there on). float16 "
+            "overflows where bfloat16 does not: run it in bfloat16 or float32 (--dtype)"
+        )
+    return {
+        rid: Finished(new[rid], final[rid], lps[rid], tops[rid], prompt_lps[rid]) for rid in new
+    }
+
+
+def _drain(
+    sched: Scheduler,
+    index: dict[str, int],
+    final: dict[str, Event],
+    new: dict[str, list[int]],
+    lps: dict[str, Any],
+    tops: dict[str, Any],
+    prompt_lps: dict[str, Any],
+    stream: Any,
+    finished: Any,
+) -> None:
+    """Step ``sched`` until it has no work, gathering each request's events."""
     while sched.has_work():
         for ev in sched.step():
             rid = ev.request_id
+            if rid not in new:  # (not one of these: nothing else runs on an offline engine)
+                continue
             new[rid].extend(ev.tokens)
             if ev.logprobs is not None:
                 lps[rid] = lps[rid] or []
@@ -73,14 +105,16 @@ def run_requests(
                 final[rid] = ev
                 if finished is not None:
                     finished(index[rid])
-    broken = [index[rid] for rid, ev in final.items() if ev.finish_reason == "error"]
-    if broken:
-        raise NumericalError(
-            f"request(s) {sorted(broken)} (0-based, in the order given) stopped: the model's "
-            "activations overflowed to NaN or inf on their tokens (transformers' sampling refuses "
-            "such probabilities; its greedy decoding returns token 0 from there on). float16 "
-            "overflows where bfloat16 does not: run it in bfloat16 or float32 (--dtype)"
-        )
-    return {
-        rid: Finished(new[rid], final[rid], lps[rid], tops[rid], prompt_lps[rid]) for rid in new
-    }
+
+
+def _abandon(sched: Scheduler, rids: list[str]) -> None:
+    """Abort ``rids`` after a failure mid-decode (an interrupt, a callback's error), so the
+    engine is clean for its next requests; a second failure while doing so is not raised over
+    the first."""
+    try:
+        for rid in rids:
+            sched.abort(rid)
+        while sched.has_work():
+            sched.step()
+    except Exception:  # (the first error is the one raised)
+        pass
