@@ -50,15 +50,16 @@ class Admission:
             )
 
     def truncated(self, prompts: list[list[int]], keep: int | None) -> list[list[int]]:
-        """vLLM's ``truncate_prompt_tokens``: each prompt's last ``keep`` tokens (-1: as many as
-        the context holds; None: whole); more than the context is a 400, as vLLM answers."""
+        """vLLM's ``truncate_prompt_tokens``: each prompt's last ``keep`` tokens (-1: the whole
+        context's worth, which leaves a longer prompt no room, as in vLLM; None: whole); more than
+        the context is a 400, as vLLM answers."""
         if keep is None:
             return prompts
         context = self.config.max_len
         if keep > context:
             raise APIError(
                 f"truncate_prompt_tokens={keep} is more than this server's context of {context} "
-                f"tokens (--max-len); ask for at most {context}, or -1 for as many as it holds",
+                f"tokens (--max-len); ask for fewer, leaving room for the completion",
                 param="truncate_prompt_tokens",
             )
         keep = context if keep == -1 else keep
