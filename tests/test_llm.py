@@ -191,3 +191,19 @@ def test_vllm_scripts_numbers_and_bad_inputs(llm, monkeypatch):
     assert not llm.engine.has_work()
     after = llm.generate(["abc", "xx"], greedy, use_tqdm=False)
     assert after[0].outputs[0].text == "defg"
+
+
+def test_a_sampled_tokens_rank_is_its_own(llm):
+    """vLLM's ``Logprob.rank`` of every output token (the tokens at least as likely), sampled ones
+    outside the alternatives included, against transformers' forward."""
+    params = SamplingParams(temperature=20.0, seed=5, max_tokens=8, logprobs=0)
+    out = llm.generate("hello p", params, use_tqdm=False)[0]
+    got = out.outputs[0]
+    ids = out.prompt_token_ids + got.token_ids
+    with torch.inference_mode():
+        ref = llm.fluid.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    start = len(out.prompt_token_ids)
+    ranks = [e[t].rank for t, e in zip(got.token_ids, got.logprobs)]
+    want = [int((ref[start - 1 + j] >= ref[start - 1 + j, t]).sum())
+            for j, t in enumerate(got.token_ids)]  # fmt: skip
+    assert ranks == want and max(ranks) > 1  # (drawn at temperature 20: not always the argmax)

@@ -34,8 +34,7 @@ Numbers are taken as vLLM takes them (an int for a float, a numpy scalar, a whol
 count); a wrong type or value is a ``ConfigError`` naming the field. A call interrupted mid-way
 (Ctrl-C, an error) aborts what it queued, so the engine is clean for the next one.
 
-Differences from vLLM, said here rather than hidden: a sampled token's ``rank`` is known only when
-it is among the ``logprobs`` alternatives (else None); ``decoded_token`` is the token decoded
+Differences from vLLM, said here rather than hidden: ``decoded_token`` is the token decoded
 alone.
 """
 
@@ -485,8 +484,8 @@ class LLM:
             lps = None
             if sp.logprobs is not None:
                 tops = got.top_logprobs or [[]] * len(tokens)
-                vals = got.logprobs or []
-                lps = [self._entry(t, v, top) for t, v, top in zip(tokens, vals, tops)]
+                vals, ranks = got.logprobs or [], got.ranks or [None] * len(tokens)
+                lps = [self._entry(t, v, top, r) for t, v, top, r in zip(tokens, vals, tops, ranks)]
             outs.append(CompletionOutput(
                 copy, out_text, list(tokens),
                 None if lps is None else sum(e[t].logprob for t, e in zip(tokens, lps)),

@@ -27,6 +27,7 @@ class Finished(NamedTuple):
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
     prompt_logprobs: list[PromptLogprob] | None = None  # with SamplingParams.prompt_logprobs
+    ranks: list[int] | None = None  # with logprobs: each token's rank (Event.ranks)
 
 
 def run_requests(
@@ -40,6 +41,7 @@ def run_requests(
     lps: dict[str, list[float] | None] = {r.request_id: None for r in requests}
     tops: dict[str, list | None] = {r.request_id: None for r in requests}
     prompt_lps: dict[str, list[PromptLogprob] | None] = {r.request_id: None for r in requests}
+    ranks: dict[str, list[int] | None] = {r.request_id: None for r in requests}
     seen: set[str] = set()
     for r in requests:
         if r.request_id in seen:
@@ -56,7 +58,7 @@ def run_requests(
         sched._withdraw(submitted)  # a bad request queues none of them
         raise
     try:
-        _drain(sched, index, final, new, lps, tops, prompt_lps, stream, finished)
+        _drain(sched, index, final, new, lps, tops, prompt_lps, ranks, stream, finished)
     except BaseException:  # (a KeyboardInterrupt too) the engine is left with none of them
         _abandon(sched, [rid for rid in submitted if rid not in final])
         raise
@@ -69,7 +71,8 @@ def run_requests(
             "overflows where bfloat16 does not: run it in bfloat16 or float32 (--dtype)"
         )
     return {
-        rid: Finished(new[rid], final[rid], lps[rid], tops[rid], prompt_lps[rid]) for rid in new
+        rid: Finished(new[rid], final[rid], lps[rid], tops[rid], prompt_lps[rid], ranks[rid])
+        for rid in new
     }
 
 
@@ -81,6 +84,7 @@ def _drain(
     lps: dict[str, Any],
     tops: dict[str, Any],
     prompt_lps: dict[str, Any],
+    ranks: dict[str, Any],
     stream: Any,
     finished: Any,
 ) -> None:
@@ -99,6 +103,8 @@ def _drain(
                 tops[rid].extend(ev.top_logprobs)
             if ev.prompt_logprobs is not None:
                 prompt_lps[rid] = ev.prompt_logprobs
+            if ev.ranks is not None:
+                ranks[rid] = (ranks[rid] or []) + ev.ranks
             if stream is not None and ev.tokens:
                 stream(index[rid], ev.tokens)
             if ev.finished:

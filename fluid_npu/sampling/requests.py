@@ -72,6 +72,9 @@ class Event:
     # token after the first, its log-probability, the best alternatives and its rank
     prompt_logprobs: list[PromptLogprob] | None = None
     cached: int = 0  # prompt tokens found in the slot's cache, not encoded (reuse.py)
+    # with logprobs: each token's rank where its log-probability is read (1: the most likely;
+    # the tokens at least as likely are counted, vLLM's rule)
+    ranks: list[int] | None = None
 
 
 @dataclass

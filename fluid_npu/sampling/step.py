@@ -351,7 +351,9 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin):
         if any_lp:  # logprobs of the committed tokens (+ the best alternatives), same read
             n_top = max(s.params.top_logprobs for s in self.slots[:hi] if s is not None)
             lp = self._logprobs(raw, logits, hi)
-            parts = [packed_t.double(), lp.gather(-1, toks[..., None])[..., 0].double()]
+            chosen = lp.gather(-1, toks[..., None])  # [hi, M+1, 1]
+            rank = (lp >= chosen).sum(dim=-1)  # tokens at least as likely (vLLM's rank)
+            parts = [packed_t.double(), chosen[..., 0].double(), rank.double()]
             if n_top:
                 top = lp.topk(n_top, dim=-1)
                 parts += [top.indices.flatten(1).double(), top.values.flatten(1).double()]
@@ -386,10 +388,12 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin):
             row = packed[i]
             take, done, a, m = (int(x) for x in row[:4])  # done 2: the row's numbers broke
             toks = [int(t) for t in row[4 : 4 + take]]
-            lps = tops = None
+            lps = tops = ranks = None
             if s.params.logprobs:
                 at = 4 + w + 4
                 lps = row[at : at + take]
+                ranks = [int(x) for x in row[at + w : at + w + take]]
+                at += w  # (the ranks' columns)
                 if s.params.top_logprobs:
                     ids = row[at + w : at + w + w * n_top]
                     vals = row[at + w + w * n_top : at + w + 2 * w * n_top]
@@ -435,7 +439,7 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin):
             kept = min(a, len(toks))
             event = Event(
                 s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, kept, lps, tops,
-                cached=s.cached,
+                cached=s.cached, ranks=None if ranks is None else ranks[: len(toks)],
             )  # fmt: skip
             if s.prompt_lps is not None:  # the prompt's log-probabilities, in the first event
                 event.prompt_logprobs, s.prompt_lps = s.prompt_lps, None
