@@ -207,3 +207,31 @@ def test_a_sampled_tokens_rank_is_its_own(llm):
     want = [int((ref[start - 1 + j] >= ref[start - 1 + j, t]).sum())
             for j, t in enumerate(got.token_ids)]  # fmt: skip
     assert ranks == want and max(ranks) > 1  # (drawn at temperature 20: not always the argmax)
+
+
+def test_priority_and_lora_request_as_vllm_takes_them(model_dir):  # noqa: F811
+    """``generate(priority=[...])`` with ``LLM(scheduling_policy="priority")``: with one slot,
+    the lowest value runs first (each output unchanged); ``lora_request`` None only."""
+    one = LLM(model_dir, max_num_seqs=1, max_model_len=160, scheduling_policy="priority")
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    prompts = ["abc", "xx", "ijk"]
+    alone = [one.generate(p, greedy, use_tqdm=False)[0].outputs[0].text for p in prompts]
+    finished: list[str] = []
+    step = one.engine.step
+
+    def watched():
+        events = step()
+        finished.extend(ev.request_id.split("-")[0] for ev in events if ev.finished)
+        return events
+
+    one.engine.step = watched
+    outs = one.generate(prompts, greedy, use_tqdm=False, priority=[5, 1, 3])
+    assert [o.outputs[0].text for o in outs] == alone
+    which = {o.request_id: k for k, o in enumerate(outs)}
+    assert [which[rid] for rid in finished] == [1, 2, 0]  # priorities 1, 3, 5
+    with pytest.raises(ConfigError, match="lora_request is not supported"):
+        one.generate("abc", greedy, use_tqdm=False, lora_request=object())
+    with pytest.raises(ConfigError, match="2 priorities for 3 prompts"):
+        one.generate(prompts, greedy, use_tqdm=False, priority=[1, 2])
+    with pytest.raises(ConfigError, match="priority"):
+        LLM(model_dir, max_num_seqs=1).generate("abc", greedy, use_tqdm=False, priority=[1])

@@ -199,8 +199,8 @@ class LLM:
     ``max_num_seqs``: requests decoded at once (the engine's slots); ``max_model_len``: prompt and
     output tokens per request (None: the model's context, at most 4096); ``policy``: the drafting
     horizon (``khead`` with a K-head, else ``entropy``); ``seed``: where unseeded requests' seeds
-    come from (None: torch's global generator); ``enable_prefix_caching`` and ``logprobs_mode`` as
-    vLLM's flags; ``engine_kwargs`` go to the ``Scheduler``.
+    come from (None: torch's global generator); ``enable_prefix_caching``, ``logprobs_mode`` and
+    ``scheduling_policy`` as vLLM's flags; ``engine_kwargs`` go to the ``Scheduler``.
     """
 
     def __init__(
@@ -218,6 +218,7 @@ class LLM:
         seed: int | None = None,
         enable_prefix_caching: bool = True,
         logprobs_mode: str = "raw_logprobs",
+        scheduling_policy: str = "fcfs",
         chat_template: str | Path | None = None,
         trust_remote_code: bool = False,
         engine_kwargs: dict[str, Any] | None = None,
@@ -237,7 +238,8 @@ class LLM:
             policy=policy or ("khead" if self.fluid.khead is not None else "entropy"),
             khead=self.fluid.khead, eos_ids=self.eos_ids, max_batch=max_num_seqs,
             max_len=max_model_len, tokenizer=self.tokenizer, prefix_caching=enable_prefix_caching,
-            logprobs_mode=logprobs_mode, **(engine_kwargs or {}),
+            logprobs_mode=logprobs_mode, scheduling_policy=scheduling_policy,
+            **(engine_kwargs or {}),
         )  # fmt: skip
         self._seeds = None if seed is None else random.Random(seed)
         self._count = 0
@@ -263,13 +265,24 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        lora_request: Any = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Each prompt's ``RequestOutput``, in the order given; ``sampling_params``: one for all,
-        or one per prompt."""
+        or one per prompt; ``priority``: one per prompt (lower first; needs
+        ``LLM(scheduling_policy="priority")``, as vLLM); ``lora_request``: None only (the Stage I
+        adapter is merged into the one model served)."""
+        if lora_request is not None:
+            raise ConfigError(
+                "lora_request is not supported: this LLM serves one model, its Stage I adapter "
+                "merged at load (LLM(model, adapter=...)); leave lora_request out"
+            )
         one = isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence)
         items = [prompts] if one else list(prompts)  # (a bad one is refused by _encode)
+        if priority is not None and len(priority) != len(items):
+            raise ConfigError(f"{len(priority)} priorities for {len(items)} prompts; give one each")
         encoded = [self._encode(p, n) for n, p in enumerate(items)]
-        return self._run(items, encoded, sampling_params, use_tqdm)
+        return self._run(items, encoded, sampling_params, use_tqdm, priority)
 
     def chat(
         self,
@@ -365,6 +378,7 @@ class LLM:
         encoded: list[tuple[str | None, list[int]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         from fluid_npu.sampling.offline import run_requests
         from fluid_npu.sampling.penalties import bad_word_sequences
@@ -436,7 +450,7 @@ class LLM:
                     sampling=engine.seeded_for(copy), stop=list(sp.stop or []),
                     skip_special=sp.skip_special_tokens,
                     min_tokens_hold=tuple(self.eos_ids) if sp.ignore_eos and sp.min_tokens else (),
-                    grammar=grammar,
+                    grammar=grammar, priority=0 if priority is None else priority[n],
                 ))  # fmt: skip
         tick = None
         if use_tqdm:  # (a prompt counts once all its n completions have ended, as vLLM's bar)
