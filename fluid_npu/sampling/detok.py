@@ -189,3 +189,22 @@ def output_text(
     """The whole text of an output ``new`` after ``prompt``, as ``Detokenizer`` streams it."""
     d = Detokenizer(tokenizer, prompt=prompt, eos_ids=eos_ids)
     return d.add(new) + d.flush()
+
+
+def end_tokens(
+    eos_ids: Sequence[int],
+    stop_token_ids: Sequence[int],
+    ignore_eos: bool,
+    include_stop: bool,
+    skip_special: bool,
+) -> tuple[list[int], list[int], list[int]]:
+    """A request's ``(eos, ends, unspelled)`` as vLLM reads its settings: the EOS ids that end it
+    (none under ``ignore_eos``), every token that ends it (those and ``stop_token_ids``), and the
+    ones its text never spells — all of them, but with ``include_stop_str_in_output`` the stop
+    tokens are written, and the EOS too where special tokens are (``skip_special_tokens: false``).
+    ``fluid serve`` and the offline ``LLM`` both read them here."""
+    eos = [] if ignore_eos else list(eos_ids)
+    ends = [*eos, *(t for t in dict.fromkeys(stop_token_ids) if t not in eos)]
+    if not include_stop:
+        return eos, ends, ends
+    return eos, ends, eos if skip_special else []

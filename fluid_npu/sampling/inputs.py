@@ -298,3 +298,18 @@ def check_request(
         )
     if any(not isinstance(x, str) or not x for x in req.stop):
         raise ConfigError(f"request {req.request_id!r}: stop strings must be non-empty text")
+
+
+def truncated_prompt(ids: list[int], keep: int | None, context: int) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: the whole
+    ``context``'s worth, which leaves a longer prompt no room to generate, as in vLLM; None: the
+    prompt whole); ``keep`` above the context is a ``ConfigError`` (``fluid serve`` and ``LLM``)."""
+    if keep is None:
+        return ids
+    if keep > context:
+        raise ConfigError(
+            f"truncate_prompt_tokens={keep} is more than the context of {context} tokens "
+            "(--max-len / max_model_len); ask for fewer, leaving room for the completion"
+        )
+    keep = context if keep == -1 else keep
+    return ids[len(ids) - keep :] if len(ids) > keep else ids

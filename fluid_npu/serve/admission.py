@@ -1,18 +1,22 @@
 """What a request must pass before ``fluid serve``'s engine takes it (``app.py`` asks): the model
 it names (404 for another), the chat template it brings (only with
 ``--trust-request-chat-template``), its prompt (cut by vLLM's ``truncate_prompt_tokens``) and
-``max_tokens`` against the context (400), the server's capacity (429 with ``Retry-After`` while
-``--max-batch`` running and ``--max-queue`` waiting requests fill it; 400 for more than both hold)
-and its id (one running request per id: ``http.request_id``)."""
+``max_tokens`` against the context (400), its decoding settings (the engine's checks, token ids
+within the vocabulary, log-probability alternatives, priority: 400), the server's capacity (429
+with ``Retry-After`` while ``--max-batch`` running and ``--max-queue`` waiting requests fill it;
+400 for more than both hold) and its id (one running request per id: ``http.request_id``)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fluid_npu.errors import ConfigError, FluidError
+from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.http import id_in_use
 from fluid_npu.serve.rendering import ChatRender
+from fluid_npu.serve.token_fields import check_logprobs
 
 if TYPE_CHECKING:
     from fluid_npu.serve.worker import Worker
@@ -22,8 +26,9 @@ RETRY_AFTER_S = 1
 
 class Admission:
     """The checks of one server, and the ids running: ``config`` is its ``app.ServeConfig``
-    (``model_name``, ``max_len``, ``max_batch``, ``max_queue``, ``trust_request_chat_template``
-    are read; not imported here, as ``app`` imports this module)."""
+    (``model_name``, ``max_len``, ``max_batch``, ``max_queue``, ``trust_request_chat_template``,
+    ``max_logprobs`` and ``defaults`` are read; not imported here, as ``app`` imports this
+    module)."""
 
     def __init__(self, config: Any, worker: Worker) -> None:
         self.config, self.worker = config, worker
@@ -53,17 +58,45 @@ class Admission:
         """vLLM's ``truncate_prompt_tokens``: each prompt's last ``keep`` tokens (-1: the whole
         context's worth, which leaves a longer prompt no room, as in vLLM; None: whole); more than
         the context is a 400, as vLLM answers."""
-        if keep is None:
-            return prompts
-        context = self.config.max_len
-        if keep > context:
+        from fluid_npu.sampling.inputs import truncated_prompt
+
+        try:
+            return [truncated_prompt(ids, keep, self.config.max_len) for ids in prompts]
+        except ConfigError as exc:
+            raise APIError(str(exc), param="truncate_prompt_tokens") from None
+
+    def sampling(self, s: protocol.Sampling, room: int, chat: bool, vocab: int) -> SamplingParams:
+        """The engine's settings of a request whose prompts may generate ``room`` tokens (the
+        fewest of its prompts'), the server's defaults filled in; each bad value — ``min_tokens``
+        past the room, too many log-probability alternatives, a token id beyond the model's
+        ``vocab``, a priority this server does not order by, the engine's own checks — is a 400
+        naming it."""
+        if s.params["min_tokens"] > room:
             raise APIError(
-                f"truncate_prompt_tokens={keep} is more than this server's context of {context} "
-                f"tokens (--max-len); ask for fewer, leaving room for the completion",
-                param="truncate_prompt_tokens",
+                f"min_tokens={s.params['min_tokens']} exceeds the {room} tokens this request may "
+                f"generate ({s.max_tokens_field} or the context); lower min_tokens",
+                param="min_tokens",
             )
-        keep = context if keep == -1 else keep
-        return [ids[len(ids) - keep :] if len(ids) > keep else ids for ids in prompts]
+        check_logprobs(s, chat, self.config.max_logprobs, vocab)
+        try:
+            params = SamplingParams(**self.config.defaults.fill(s.params))
+        except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
+            raise APIError(str(exc)) from None
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                          ("allowed_token_ids", params.allowed_token_ids),
+                          ("bad_words", [t for w in params.bad_words for t in w]),
+                          ("stop_token_ids", s.stop_token_ids)):  # fmt: skip
+            if ids and max(ids) >= vocab:
+                raise APIError(f"{name} names token {max(ids)}, outside the model's vocabulary "
+                               f"({vocab} tokens)", param=name)  # fmt: skip
+        policy = getattr(self.worker.scheduler, "scheduling_policy", "fcfs")
+        if s.priority and policy != "priority":
+            raise APIError(
+                f"priority={s.priority}: this server starts requests in arrival order; start it "
+                "with --scheduling-policy priority, or leave priority out",
+                param="priority",
+            )
+        return params
 
     def length(self, prompt: list[int], sampling: protocol.Sampling, param: str) -> int:
         """The tokens a prompt may generate (its ``max_tokens``, else the context's room); a 400

@@ -40,9 +40,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from fluid_npu import __version__
-from fluid_npu.errors import FluidError
+from fluid_npu.sampling.detok import end_tokens
 from fluid_npu.sampling.grammar import Grammar
-from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.admission import Admission
 from fluid_npu.serve.errors import APIError
@@ -75,7 +74,7 @@ from fluid_npu.serve.responses_output import answer as respond_with
 from fluid_npu.serve.responses_request import parse_responses
 from fluid_npu.serve.structured import Grammars, grammar_after
 from fluid_npu.serve.text import TokenText, chat_ids
-from fluid_npu.serve.token_fields import bad_word_ids, check_logprobs
+from fluid_npu.serve.token_fields import bad_word_ids
 from fluid_npu.serve.tokenizing import tokenizer_routes
 from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
@@ -172,48 +171,16 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         request's id (``http.request_id``), one running request per id on every route."""
         param = "messages" if shapes[0].chat else "prompt"
         limits = [gate.length(ids, s, param) for ids in prompts]
-        if s.params["min_tokens"] > min(limits):
-            raise APIError(
-                f"min_tokens={s.params['min_tokens']} exceeds the {min(limits)} tokens this "
-                f"request may generate ({s.max_tokens_field} or the context); lower min_tokens",
-                param="min_tokens",
-            )
-        vocab = config.vocab_size or len(tokenizer)
-        check_logprobs(s, shapes[0].chat, config.max_logprobs, vocab)
         if s.bad_words:  # (on the tokenizing thread: a long list takes a while)
             loop = asyncio.get_running_loop()
             s.params["bad_words"] = await loop.run_in_executor(tokenizing, bad_word_ids, tokenizer,
                                                                s.bad_words)  # fmt: skip
-        try:
-            params = SamplingParams(**config.defaults.fill(s.params))
-        except FluidError as exc:  # the engine's own check, beyond what protocol.py checks
-            raise APIError(str(exc)) from None
-        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
-                          ("allowed_token_ids", params.allowed_token_ids),
-                          ("bad_words", [t for w in params.bad_words for t in w])):  # fmt: skip
-            if ids and max(ids) >= vocab:
-                raise APIError(f"{name} names token {max(ids)}, outside the model's vocabulary "
-                               f"({vocab} tokens)", param=name)  # fmt: skip
-        if s.priority and getattr(worker.scheduler, "scheduling_policy", "fcfs") != "priority":
-            raise APIError(
-                f"priority={s.priority}: this server starts requests in arrival order; start it "
-                "with --scheduling-policy priority, or leave priority out",
-                param="priority",
-            )
+        params = gate.sampling(s, min(limits), shapes[0].chat, config.vocab_size or len(tokenizer))
         stops = s.stop_token_ids
-        if stops and max(stops) >= vocab:
-            raise APIError(f"stop_token_ids names token {max(stops)}, outside the model's "
-                           f"vocabulary ({vocab} tokens)", param="stop_token_ids")  # fmt: skip
         gate.capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
-        # the tokens that end it: EOS (unless ignored) and vLLM's stop_token_ids, never spelled
-        # but with include_stop_str_in_output the stop tokens (vLLM writes their text then), and
-        # the EOS too where special tokens are written (skip_special_tokens: false)
-        eos = [] if s.ignore_eos else list(worker.scheduler.eos_ids)
-        ends = [*eos, *(t for t in stops if t not in eos)]
-        if not s.include_stop:
-            unspelled = ends
-        else:
-            unspelled = eos if s.skip_special else []
+        # the tokens that end it (EOS unless ignored, stop_token_ids) and those never spelled
+        _, ends, unspelled = end_tokens(worker.scheduler.eos_ids, stops, bool(s.ignore_eos),
+                                        s.include_stop, s.skip_special)  # fmt: skip
         # a chat's reasoning apart from its answer; a grammar holds the answer (structured.py)
         split = reasoning if shapes[0].chat else None
         requests = [

@@ -1,0 +1,147 @@
+"""vLLM's offline-API data classes for ``llm.py``: ``SamplingParams`` (vLLM's fields, names and
+defaults, checked and cast as vLLM takes them), ``StructuredOutputsParams``, and the outputs
+``RequestOutput`` / ``CompletionOutput`` / ``Logprob``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fluid_npu.errors import ConfigError
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's ``StructuredOutputsParams``: exactly one of ``json`` (a schema, a dict or its
+    text), ``regex``, ``choice``, ``grammar`` (EBNF) or ``json_object``; ``sampling/specs.py``
+    checks it as the server checks its ``structured_outputs`` field."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+
+@dataclass
+class SamplingParams:
+    """vLLM's ``SamplingParams`` (the fields of the module docstring, vLLM's defaults)."""
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in _FLOATS:  # (an int or a numpy scalar is taken as vLLM takes it)
+            setattr(self, name, _number(name, getattr(self, name), float))
+        for name in _INTS:
+            value = getattr(self, name)
+            if value is not None or name in ("n", "top_k", "min_tokens"):
+                setattr(self, name, _number(name, value, int))
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k == -1:  # vLLM's "off", as 0
+            self.top_k = 0
+        if self.n < 1:
+            raise ConfigError(f"n must be at least 1, got {self.n!r}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ConfigError("allowed_token_ids is empty; give some token ids (None: any token)")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least 1 (or None), got {self.max_tokens}")
+        if any(not s for s in self.stop or []):
+            raise ConfigError("stop strings must be non-empty")
+        if any(t < 0 for t in self.stop_token_ids or []):
+            raise ConfigError("stop_token_ids must be token ids >= 0")
+        for name in ("logprobs", "prompt_logprobs"):  # (-1: the whole vocabulary, as vLLM)
+            if getattr(self, name) is not None and getattr(self, name) < -1:
+                raise ConfigError(f"{name} must be >= 0 or -1 (or None), got {getattr(self, name)}")
+        cut = self.truncate_prompt_tokens
+        if cut is not None and (cut == 0 or cut < -1):
+            raise ConfigError(f"truncate_prompt_tokens must be >= 1 or -1, got {cut}")
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ConfigError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+
+
+_FLOATS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
+           "min_p")  # fmt: skip
+_INTS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+         "truncate_prompt_tokens")  # fmt: skip
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    """``value`` as a Python ``kind`` (an int, a numpy scalar, a whole float for an int field);
+    anything else is a ``ConfigError`` naming the field."""
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok and kind is int:
+        ok = float(value).is_integer()
+    if not ok:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"SamplingParams.{name} must be {what}, got {value!r}")
+    return kind(value)
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability, its rank among the vocabulary (1: the most likely) where
+    known, and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a prompt (vLLM's fields)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """A prompt's completions (vLLM's fields)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens found in the engine's cache (prefix reuse)
+    metrics: dict[str, Any] = field(default_factory=dict)  # forwards, TPF
