@@ -93,6 +93,32 @@ def test_logprobs_and_prompt_logprobs_are_the_models_own(llm):
     assert all(math.isfinite(e[t].logprob) for t, e in zip(got.token_ids, got.logprobs))
 
 
+def test_a_truncated_text_keeps_its_bos_and_its_text(model_dir, tmp_path):  # noqa: F811
+    """``truncate_prompt_tokens`` on a text whose tokenizer adds a BOS keeps the BOS and the
+    text's last K - 1 tokens (vLLM's cut: the tokenizer's left truncation); the output's
+    ``prompt`` stays the text as given; token ids are cut plainly."""
+    import shutil
+
+    from test_serve_token_ids import _bos_tokenizer
+
+    path = tmp_path / "bos"
+    shutil.copytree(model_dir, path)
+    tok = _bos_tokenizer()
+    tok.save_pretrained(path)
+    bos_llm = LLM(str(path), max_num_seqs=2, max_model_len=160)
+    text = "the quick brown fox"
+    ids = tok(text)["input_ids"]
+    bos = tok.convert_tokens_to_ids("<s>")
+    assert bos_llm.tokenizer(text)["input_ids"] == ids and ids[0] == bos
+    cut = SamplingParams(temperature=0, max_tokens=2, truncate_prompt_tokens=4)
+    out = bos_llm.generate(text, cut, use_tqdm=False)[0]
+    assert out.prompt_token_ids == [bos, *ids[-3:]] and out.prompt == text
+    out = bos_llm.generate({"prompt_token_ids": ids}, cut, use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids[-4:]
+    with pytest.raises(ConfigError, match="no room for the prompt's text"):
+        bos_llm.generate(text, SamplingParams(truncate_prompt_tokens=1), use_tqdm=False)
+
+
 def test_chat_renders_as_the_server_and_refusals_name_the_problem(llm):
     from fluid_npu.sampling.prompts import chat_template_ids
 
@@ -108,6 +134,7 @@ def test_chat_renders_as_the_server_and_refusals_name_the_problem(llm):
     cut = llm.generate("the quick brown fox", SamplingParams(temperature=0, max_tokens=4,
                        truncate_prompt_tokens=3), use_tqdm=False)[0]  # fmt: skip
     assert cut.prompt_token_ids == llm.tokenizer("the quick brown fox")["input_ids"][-3:]
+    assert cut.prompt == "the quick brown fox"  # (the text as given, as vLLM's RequestOutput)
     with pytest.raises(TypeError, match="best_of"):
         SamplingParams(best_of=2)
     with pytest.raises(ConfigError, match="context holds 160"):

@@ -244,3 +244,58 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens():
             r = httpx.post(f"{url}/v1/completions", json=body)
             assert r.status_code == 400, bad
             assert r.json()["error"]["param"] == "truncate_prompt_tokens", (bad, r.json())
+
+
+def _bos_tokenizer(single: str = "<s> $A"):
+    """The test tokenizer, adding what ``single`` says to every text (a BOS, or a BOS and EOS)."""
+    from tokenizers import processors
+
+    from fluid_npu.model.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    marks = [(t, tok.convert_tokens_to_ids(t)) for t in ("<s>", "</s>") if t in single]
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=marks
+    )
+    return tok
+
+
+def test_a_truncated_text_keeps_the_special_tokens_its_tokenizer_adds():
+    """As vLLM cuts a text prompt (the tokenizer's own left truncation to K tokens): a BOS the
+    tokenizer adds stays first, and the text's last K - 1 tokens follow it (a BOS and an EOS:
+    both kept, K - 2 of the text between). A token-id prompt and a chat are cut plainly; a K that
+    leaves no room for text beside the special tokens is a 400 naming it."""
+    from fluid_npu.sampling.inputs import special_ends, text_specials, truncated_prompt
+
+    tok = _bos_tokenizer()
+    bos = tok.convert_tokens_to_ids("<s>")
+    sched = ScriptedScheduler(max_len=64)
+    with serving(sched, tokenizer=tok) as (url, _, _):
+        c = client(url)
+        text = "the quick brown fox"
+        ids = tok(text)["input_ids"]
+        assert ids[0] == bos and bos not in ids[1:]
+        out = c.completions.create(model="tiny", prompt=text, max_tokens=2,
+                                   extra_body={"truncate_prompt_tokens": 5})  # fmt: skip
+        assert sched.requests[-1].prompt == [bos, *ids[-4:]] and out.usage.prompt_tokens == 5
+        c.completions.create(model="tiny", prompt=ids, max_tokens=2,
+                             extra_body={"truncate_prompt_tokens": 5})  # fmt: skip
+        assert sched.requests[-1].prompt == ids[-5:]  # (ids are the client's: cut as given)
+        c.completions.create(model="tiny", prompt=text, max_tokens=2, extra_body={
+            "truncate_prompt_tokens": 5, "add_special_tokens": False})  # fmt: skip
+        assert sched.requests[-1].prompt == ids[-5:]
+        short = c.completions.create(model="tiny", prompt="fox", max_tokens=2,
+                                     extra_body={"truncate_prompt_tokens": 5})  # fmt: skip
+        assert short.usage.prompt_tokens == 4
+        assert sched.requests[-1].prompt == tok("fox")["input_ids"]
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": text,
+                                                      "truncate_prompt_tokens": 1})  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+        assert "add_special_tokens" in r.json()["error"]["message"]
+    both = _bos_tokenizer("<s> $A </s>")
+    ids = both(text)["input_ids"]
+    added = text_specials(both)
+    assert len(added) == 2 and special_ends(added, ids) == (1, 1)
+    assert truncated_prompt(ids, 4, 64, special_ends(added, ids)) == [ids[0], *ids[-3:-1], ids[-1]]
+    assert special_ends(text_specials(TOK), TOK(text)["input_ids"]) == (0, 0)
+    assert special_ends([bos], [5, 6]) == (0, 0)  # (not there: cut plainly)

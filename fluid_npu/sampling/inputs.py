@@ -300,10 +300,17 @@ def check_request(
         raise ConfigError(f"request {req.request_id!r}: stop strings must be non-empty text")
 
 
-def truncated_prompt(ids: list[int], keep: int | None, context: int) -> list[int]:
+def truncated_prompt(
+    ids: list[int], keep: int | None, context: int, ends: tuple[int, int] = (0, 0)
+) -> list[int]:
     """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: the whole
     ``context``'s worth, which leaves a longer prompt no room to generate, as in vLLM; None: the
-    prompt whole); ``keep`` above the context is a ``ConfigError`` (``fluid serve`` and ``LLM``)."""
+    prompt whole); ``keep`` above the context is a ``ConfigError`` (``fluid serve`` and ``LLM``).
+
+    ``ends``: how many of ``ids``' first and last tokens are the special tokens the tokenizer adds
+    to a text (``special_ends``). They are kept and the text between them is cut to the rest, as
+    vLLM cuts a text prompt (the tokenizer's own left truncation): a BOS stays first. A ``keep``
+    that leaves no room for text between them is a ``ConfigError``."""
     if keep is None:
         return ids
     if keep > context:
@@ -312,4 +319,38 @@ def truncated_prompt(ids: list[int], keep: int | None, context: int) -> list[int
             "(--max-len / max_model_len); ask for fewer, leaving room for the completion"
         )
     keep = context if keep == -1 else keep
-    return ids[len(ids) - keep :] if len(ids) > keep else ids
+    if len(ids) <= keep:
+        return ids
+    head, tail = ends
+    if keep <= head + tail:
+        raise ConfigError(
+            f"truncate_prompt_tokens={keep} leaves no room for the prompt's text beside the "
+            f"{head + tail} special token(s) the tokenizer adds to it; keep more, or encode "
+            "without them (add_special_tokens=false)"
+        )
+    body = keep - head - tail
+    return ids[:head] + ids[len(ids) - tail - body : len(ids) - tail] + ids[len(ids) - tail :]
+
+
+def text_specials(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer adds to every text it encodes (what it adds to ``""``: a
+    BOS, say, or a BOS and an EOS); none when it cannot encode an empty text."""
+    try:
+        return [int(t) for t in tokenizer("", add_special_tokens=True)["input_ids"]]
+    except Exception:  # (a tokenizer that refuses "": no ends we can tell)
+        return []
+
+
+def special_ends(added: list[int], ids: list[int]) -> tuple[int, int]:
+    """How many of ``ids``' (a text encoded with special tokens) first and last tokens are the
+    ones the tokenizer adds to every text (``added``: ``text_specials``), found at its ends;
+    (0, 0) when it adds none or they are not there."""
+    for head in range(len(added), -1, -1):
+        tail = len(added) - head
+        if (
+            head + tail <= len(ids)
+            and ids[:head] == added[:head]
+            and (not tail or ids[len(ids) - tail :] == added[head:])
+        ):
+            return (head, tail)
+    return (0, 0)

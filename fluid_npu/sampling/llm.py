@@ -47,7 +47,7 @@ from typing import Any
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.detok import Detokenizer, end_tokens
-from fluid_npu.sampling.inputs import truncated_prompt
+from fluid_npu.sampling.inputs import special_ends, text_specials, truncated_prompt
 from fluid_npu.sampling.llm_params import (
     CompletionOutput,
     Logprob,
@@ -111,6 +111,7 @@ class LLM:
             logprobs_mode=logprobs_mode, scheduling_policy=scheduling_policy,
             **(engine_kwargs or {}),
         )  # fmt: skip
+        self._specials = text_specials(self.tokenizer)  # (kept when a text is truncated)
         self._seeds = None if seed is None else random.Random(seed)
         self._count = 0
         self._grammars: Any = None  # a GrammarCompiler, made at the first constrained request
@@ -201,11 +202,12 @@ class LLM:
                 add_generation_prompt, continue_final_message=continue_final_message,
                 template_kwargs=chat_template_kwargs, template=chat_template, tools=offered,
             )  # fmt: skip
-            encoded.append((self.tokenizer.decode(ids), ids))
+            encoded.append((self.tokenizer.decode(ids), ids, (0, 0)))  # (no special tokens added)
         return self._run(talks, encoded, sampling_params, use_tqdm)
 
-    def _encode(self, prompt: Prompt, n: int) -> tuple[str | None, list[int]]:
-        """A prompt's text (None for token ids) and token ids."""
+    def _encode(self, prompt: Prompt, n: int) -> tuple[str | None, list[int], tuple[int, int]]:
+        """A prompt's text (None for token ids), token ids and how many of their first and last
+        are special tokens the tokenizer added (kept by ``truncate_prompt_tokens``)."""
         if isinstance(prompt, str):
             prompt = {"prompt": prompt}
         if not isinstance(prompt, Mapping) or not {"prompt", "prompt_token_ids"} & set(prompt):
@@ -227,12 +229,13 @@ class LLM:
                 raise ConfigError(
                     f"prompt {n}: prompt_token_ids must be a list of token ids in [0, {vocab})"
                 )
-            ids = list(given)
+            ids, ends = list(given), (0, 0)
         else:
             ids = [int(t) for t in self.tokenizer(text)["input_ids"]]
+            ends = special_ends(self._specials, ids)
         if not ids:
             raise ConfigError(f"prompt {n} is empty: it encodes to no tokens; give some text")
-        return text, ids
+        return text, ids, ends
 
     def _draw(self) -> int:
         """An unseeded request's seed: from ``LLM(seed=)``'s stream, else torch's generator."""
@@ -245,7 +248,7 @@ class LLM:
     def _run(
         self,
         items: list[Any],
-        encoded: list[tuple[str | None, list[int]]],
+        encoded: list[tuple[str | None, list[int], tuple[int, int]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
         priority: Sequence[int] | None = None,
@@ -273,13 +276,11 @@ class LLM:
             )
         context = self.engine.max_len
         requests, plans = [], []
-        for n, ((text, ids), sp) in enumerate(zip(encoded, params)):
+        for n, ((text, ids, ends), sp) in enumerate(zip(encoded, params)):
             try:
-                kept = truncated_prompt(ids, sp.truncate_prompt_tokens, context)
-            except ConfigError as exc:
+                ids = truncated_prompt(ids, sp.truncate_prompt_tokens, context, ends)
+            except ConfigError as exc:  # (a cut text keeps its text, as vLLM's prompt does)
                 raise ConfigError(f"prompt {n}: {exc}") from None
-            if len(kept) < len(ids):  # (a cut text: its text is what is left)
-                text, ids = None, kept
             room = context - len(ids)
             if room < 1 or (sp.max_tokens is not None and sp.max_tokens > room):
                 raise ConfigError(

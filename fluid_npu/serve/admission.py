@@ -54,14 +54,22 @@ class Admission:
                 param="chat_template",
             )
 
-    def truncated(self, prompts: list[list[int]], keep: int | None) -> list[list[int]]:
+    def truncated(
+        self,
+        prompts: list[list[int]],
+        keep: int | None,
+        ends: list[tuple[int, int]] | None = None,
+    ) -> list[list[int]]:
         """vLLM's ``truncate_prompt_tokens``: each prompt's last ``keep`` tokens (-1: the whole
-        context's worth, which leaves a longer prompt no room, as in vLLM; None: whole); more than
-        the context is a 400, as vLLM answers."""
+        context's worth, which leaves a longer prompt no room, as in vLLM; None: whole), a text's
+        special tokens at its ``ends`` kept (``inputs.truncated_prompt``); more than the context,
+        or too few for a text beside its special tokens, is a 400, as vLLM answers."""
         from fluid_npu.sampling.inputs import truncated_prompt
 
+        ends = ends or [(0, 0)] * len(prompts)
         try:
-            return [truncated_prompt(ids, keep, self.config.max_len) for ids in prompts]
+            return [truncated_prompt(ids, keep, self.config.max_len, end)
+                    for ids, end in zip(prompts, ends)]  # fmt: skip
         except ConfigError as exc:
             raise APIError(str(exc), param="truncate_prompt_tokens") from None
 

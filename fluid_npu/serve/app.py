@@ -42,6 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from fluid_npu import __version__
 from fluid_npu.sampling.detok import end_tokens
 from fluid_npu.sampling.grammar import Grammar
+from fluid_npu.sampling.inputs import special_ends, text_specials
 from fluid_npu.serve import protocol
 from fluid_npu.serve.admission import Admission
 from fluid_npu.serve.errors import APIError
@@ -119,6 +120,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     grammars = Grammars(tokenizer, config.vocab_size or len(tokenizer), worker.scheduler.eos_ids)
     compiling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-grammar")
     gate = Admission(config, worker)  # the checks a request passes before the engine
+    specials = text_specials(tokenizer)  # what it adds to a text (kept when one is truncated)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -317,7 +319,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         else:
             whole = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts,
                                                req.sampling.add_special)  # fmt: skip
-            prompts = gate.truncated(whole, req.sampling.truncate)
+            ends = [special_ends(specials, ids) if isinstance(p, str) and req.sampling.add_special
+                    else (0, 0) for p, ids in zip(req.prompts, whole)]  # fmt: skip
+            prompts = gate.truncated(whole, req.sampling.truncate, ends)
             if req.sampling.echo:  # the text as given; token ids decoded (as vLLM echoes them)
                 given = [g if len(ids) == len(cut) else cut  # (a cut text: what is left of it)
                          for g, ids, cut in zip(req.prompts, whole, prompts)]  # fmt: skip

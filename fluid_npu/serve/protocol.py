@@ -70,9 +70,10 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
 * vLLM's ``add_special_tokens``, ``request_id``, ``cache_salt``, ``include_reasoning`` and beam
   search at its neutral value (``vllm_fields.py``);
 * vLLM's ``truncate_prompt_tokens`` (K: only the prompt's last K tokens are decoded from — the
-  rendered conversation's, for a chat —; -1: cut to the whole context, which leaves a longer
-  prompt no room to generate, so it is still a 400, as in vLLM; more than the context is a 400),
-  applied before the context check and counted so in ``usage``;
+  rendered conversation's, for a chat; a text's BOS kept first, as vLLM's cut keeps it —; -1:
+  cut to the whole context, which leaves a longer prompt no room to generate, so it is still a
+  400, as in vLLM; more than the context is a 400), applied before the context check and counted
+  so in ``usage``;
 * vLLM's ``allowed_token_ids`` (only those tokens may be generated: every other one's logit is
   ``-inf`` before the bias, penalties and filters; ``sampling/penalties.py``) and ``bad_words``
   (words tokenized as vLLM does — ``token_fields.bad_word_ids``: one or two sequences a word, up
