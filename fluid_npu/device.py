@@ -215,6 +215,25 @@ def free_memory(device: torch.device | str) -> int | None:
     return None
 
 
+def total_memory(device: torch.device | str) -> int | None:
+    """Bytes of memory the accelerator has in all (its ``mem_get_info``), or the host's
+    (``MemTotal``) for the CPU; None where the figure is not known."""
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda", "npu"):
+        return None
+    module = device_module(dev.type)
+    try:
+        if module is not None:
+            return int(module.mem_get_info(dev)[1])
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, AttributeError, ValueError):
+        return None
+    return None
+
+
 def device_name(device: torch.device | str) -> str:
     """A human-readable name of the accelerator (or the CPU) for benchmark reports."""
     dev = torch.device(device)

@@ -112,6 +112,22 @@ def step_mask(
     return mask[:, None]
 
 
+def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
+    """The model's layers, KV heads and head size: what a cache holds per position."""
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def kv_row_bytes(model: PreTrainedModel, capacity: int, dtype: torch.dtype) -> int:
+    """Bytes of one cache row (a request slot, or a prefix-cache row): keys and values of
+    ``capacity`` positions in every layer."""
+    layers, kv_heads, head_dim = kv_shape(model)
+    return 2 * layers * kv_heads * capacity * head_dim * dtype.itemsize
+
+
 class SlotKV(Cache):
     """Static per-slot KV cache (see the module docstring); a transformers ``Cache`` for the model.
 
@@ -127,13 +143,9 @@ class SlotKV(Cache):
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        cfg = model.config.get_text_config()
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        layers, kv_heads, head_dim = kv_shape(model)
         shape = (slots, kv_heads, capacity, head_dim)
-        layers = cfg.num_hidden_layers
-        need = 2 * layers * slots * kv_heads * capacity * head_dim * dtype.itemsize
+        need = slots * kv_row_bytes(model, capacity, dtype)
         why = (
             f"the engine's KV cache needs {need / 2**30:.2f} GiB (keys and values: {layers} "
             f"layers x {slots} rows (request slots, and prefix-cache rows if any) x {capacity} "

@@ -66,7 +66,10 @@ class LLM:
 
     ``model`` / ``adapter`` / ``khead`` / ``mask_token`` / ``dtype`` / ``device`` /
     ``chat_template`` / ``trust_remote_code``: as ``FluidForCausalLM.from_pretrained``;
-    ``max_num_seqs``: requests decoded at once (the engine's slots); ``max_model_len``: prompt and
+    ``max_num_seqs``: requests decoded at once (the engine's slots; default 8, or with
+    ``gpu_memory_utilization`` — the share of the device's memory the weights and the KV cache
+    may take, as vLLM's — as many as fit, at most 256); ``tensor_parallel_size``: 1 only (one
+    device holds the model); ``max_model_len``: prompt and
     output tokens per request (None: the model's context, at most 4096); ``policy``: the drafting
     horizon (``khead`` with a K-head, else ``entropy``); ``seed``: where unseeded requests' seeds
     come from (None: torch's global generator); ``enable_prefix_caching``, ``logprobs_mode`` and
@@ -82,8 +85,10 @@ class LLM:
         mask_token: str | None = None,
         dtype: str = "auto",
         device: str | None = None,
-        max_num_seqs: int = 8,
+        max_num_seqs: int | None = None,
         max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        tensor_parallel_size: int = 1,
         policy: str | None = None,
         seed: int | None = None,
         enable_prefix_caching: bool = True,
@@ -97,6 +102,13 @@ class LLM:
         from fluid_npu.sampling.pretrained import FluidForCausalLM
         from fluid_npu.sampling.scheduler import Scheduler
 
+        if tensor_parallel_size != 1:
+            raise ConfigError(
+                f"tensor_parallel_size={tensor_parallel_size}: this LLM holds the whole model on "
+                "one device; leave it at 1"
+            )
+        if max_num_seqs is None and gpu_memory_utilization is None:
+            max_num_seqs = 8
         self.fluid = FluidForCausalLM.from_pretrained(
             model, adapter, khead, dtype=dtype, mask_token=mask_token, device=device,
             chat_template=chat_template, trust_remote_code=trust_remote_code,
@@ -107,7 +119,8 @@ class LLM:
             self.fluid.model, self.fluid.mask_id,
             policy=policy or ("khead" if self.fluid.khead is not None else "entropy"),
             khead=self.fluid.khead, eos_ids=self.eos_ids, max_batch=max_num_seqs,
-            max_len=max_model_len, tokenizer=self.tokenizer, prefix_caching=enable_prefix_caching,
+            memory_fraction=gpu_memory_utilization, max_len=max_model_len,
+            tokenizer=self.tokenizer, prefix_caching=enable_prefix_caching,
             logprobs_mode=logprobs_mode, scheduling_policy=scheduling_policy,
             **(engine_kwargs or {}),
         )  # fmt: skip

@@ -65,10 +65,12 @@ from fluid_npu.sampling.inputs import (
 from fluid_npu.sampling.kv import (
     SlotKV,
     hold_slot_attention,
+    kv_row_bytes,
     register_slot_attention,
     release_slot_attention,
 )
 from fluid_npu.sampling.lean import LeanDecoder
+from fluid_npu.sampling.memory import module_bytes, sized_batch
 from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
@@ -91,7 +93,9 @@ CAPACITY_STEP = 256  # a compiled engine's cache length is a multiple of this
 
 
 class Scheduler(PrefillMixin, StepMixin):
-    """Continuous-batching lossless decoder; see the module docstring. Not thread-safe."""
+    """Continuous-batching lossless decoder; see the module docstring. Not thread-safe.
+    ``memory_fraction``: vLLM's ``gpu_memory_utilization`` (``memory.py``; ``max_batch=None``:
+    as many slots as it holds)."""
 
     def __init__(
         self,
@@ -102,7 +106,7 @@ class Scheduler(PrefillMixin, StepMixin):
         khead: torch.nn.Module | None = None,
         k_max: int | None = None,
         k_min: int = 1,
-        max_batch: int = 8,
+        max_batch: int | None = 8,
         max_len: int | None = None,
         eos_ids: Sequence[int] | None = None,
         pad_id: int | None = None,
@@ -119,6 +123,7 @@ class Scheduler(PrefillMixin, StepMixin):
         prefix_slots: int = 0,
         scheduling_policy: str = "fcfs",
         logprobs_mode: str = "raw_logprobs",
+        memory_fraction: float | None = None,
     ) -> None:
         for name, value, choices in (
             ("scheduling_policy", scheduling_policy, SCHEDULING_POLICIES),
@@ -128,7 +133,12 @@ class Scheduler(PrefillMixin, StepMixin):
                 raise ConfigError(f"{name} {value!r} is not one of {', '.join(choices)}")
         self.scheduling_policy = scheduling_policy
         self.logprobs_mode = logprobs_mode
-        if max_batch < 1 or prefill_chunk < 1:
+        if max_batch is None and memory_fraction is None:
+            raise ConfigError(
+                "max_batch=None sizes the slots from memory_fraction (vLLM's "
+                "gpu_memory_utilization); give one of them"
+            )
+        if (max_batch is not None and max_batch < 1) or prefill_chunk < 1:
             raise ConfigError(
                 f"max_batch and prefill_chunk must be at least 1, got {max_batch}, {prefill_chunk}"
             )
@@ -176,15 +186,26 @@ class Scheduler(PrefillMixin, StepMixin):
             self.max_len = min(self.max_len, room)
         self.anchors, self.coverage, self.adaptive = anchors, coverage, adaptive
         self.prefill_chunk = prefill_chunk
-        self.slots_n = max_batch
         # (a chunk is never longer than a prompt, so a --prefill-chunk past max_len costs nothing)
         widest = max(min(prefill_chunk, self.max_len), 1 + self.k + anchors * self.k) + self.k
         dtype = next(model.parameters()).dtype
-        cache_slots, capacity = max_batch, self.max_len + widest
+        capacity = self.max_len + widest
+        if compile:
+            capacity = _round_up(capacity, CAPACITY_STEP)
+        if memory_fraction is not None:  # the slots a share of the device's memory holds
+            max_batch = sized_batch(
+                fraction=memory_fraction, max_batch=max_batch, device=self.device,
+                row_bytes=kv_row_bytes(model, capacity, dtype),
+                weight_bytes=module_bytes((model, self.khead)),
+                prefix_rows=prefix_slots if prefix_caching else 0, power_of_two=compile,
+            )  # fmt: skip
+        assert max_batch is not None
+        self.slots_n = max_batch
+        cache_slots = max_batch
         if compile:  # the cache's shape is a compiled one: a few sizes, so engines made for
             # other batches and lengths (a generate call each) reuse what an earlier one compiled
             # instead of spending dynamo's recompile limit, which every engine in a process shares
-            cache_slots, capacity = _pow2(max_batch), _round_up(capacity, CAPACITY_STEP)
+            cache_slots = _pow2(max_batch)
         # rows past the slots (and a compiled engine's padding) only keep prefixes (reuse.py)
         pool = list(range(cache_slots, cache_slots + prefix_slots)) if prefix_caching else []
         self.kv = SlotKV(model, cache_slots + len(pool), capacity, dtype, self.device)

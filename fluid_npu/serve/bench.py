@@ -41,7 +41,8 @@ from fluid_npu.serve.launch import ServerProcess
 BENCH_KEYS = (
     "model", "adapter", "khead", "url", "policies", "prompts", "json", "num_requests", "rate",
     "concurrency", "max_tokens", "ignore_eos", "chat", "structured_outputs", "warmup", "rounds",
-    "seed", "dtype", "device", "max_batch", "max_len", "compile", "mask_token",
+    "seed", "dtype", "device", "max_batch", "gpu_memory_utilization", "max_len", "compile",
+    "mask_token",
     "no_adaptive_drafting", "threads", "no_enable_prefix_caching", "prefix_cache_slots",
     "data_parallel_size",
 )  # fmt: skip

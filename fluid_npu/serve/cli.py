@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 # the model flags a spawned server gets (``fluid bench serve`` passes them on)
 SERVER_KEYS = (
-    "adapter", "khead", "mask_token", "dtype", "device", "max_batch", "max_len", "threads",
+    "adapter", "khead", "mask_token", "dtype", "device", "max_batch", "gpu_memory_utilization",
+    "max_len", "threads",
     "chat_template", "default_chat_template_kwargs", "prefix_cache_slots", "data_parallel_size",
 )  # fmt: skip
 SERVER_SWITCHES = ("compile", "no_adaptive_drafting", "no_enable_prefix_caching")
@@ -41,7 +42,21 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto (best accelerator, else CPU) or a type")
     p.add_argument(  # (vLLM's names too)
-        "--max-batch", "--max-num-seqs", type=int, default=8, help="requests decoded together"
+        "--max-batch",
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="requests decoded together (default 8; with --gpu-memory-utilization: as many as "
+        "fit, at most 256)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        metavar="F",
+        help="size the KV cache as vLLM does: the weights and the cache take at most this share "
+        "of the device's memory (the host's on a CPU); without --max-batch the slots are as many "
+        "as fit",
     )
     p.add_argument(
         "--max-len",
@@ -105,6 +120,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def _add_answer_flags(p: argparse.ArgumentParser) -> None:
     """How requests are answered: the flags ``fluid serve`` and ``fluid run-batch`` share."""
     _add_model_flags(p)
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="1 only: each engine holds the whole model on one device (more devices: "
+        "--data-parallel-size)",
+    )
     p.add_argument("--policy", default=None, help="ar | fixed:K | entropy[:T] | khead")
     p.add_argument("--served-model-name", default=None, help="the model id clients send")
     p.add_argument(
@@ -269,6 +292,14 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
 
     if not args.model:
         raise ConfigError(f"fluid {args.command} needs --model DIR")
+    if args.tensor_parallel_size != 1:
+        raise ConfigError(
+            f"--tensor-parallel-size {args.tensor_parallel_size}: an engine holds the whole model "
+            "on one device here; serve on more devices with --data-parallel-size N (a copy each)"
+        )
+    batch = args.max_batch  # (None with --gpu-memory-utilization: as many as fit)
+    if batch is None and args.gpu_memory_utilization is None:
+        batch = 8
     return ServeSettings(
         model=args.model,
         adapter=args.adapter,
@@ -277,7 +308,8 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         dtype=args.dtype,
         device=args.device,
         mask_token=args.mask_token,
-        max_batch=args.max_batch,
+        max_batch=batch,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_len=args.max_len,
         served_model_name=args.served_model_name,
         generation_config=args.generation_config,

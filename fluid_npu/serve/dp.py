@@ -125,6 +125,8 @@ class Ranks:
             _start_all(self.procs, self._launch)
         self.ready = True
         procs = self.procs
+        if self.settings.max_batch is None:  # each rank sized its slots (gpu_memory_utilization)
+            self.settings.max_batch = min(int(p.health["info"]["max_batch"]) for p in procs)
         return Front(
             urls=[r.url for r in procs],
             rank_key=self.key,

@@ -66,6 +66,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.terminated = False  # SIGTERM sent
         self.returncode: int | None = None
+        self.health: dict = {}  # its /health answer once ready
         # the child writes here for the server's whole life, so no context manager
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="fluid-serve-", suffix=".log", delete=False
@@ -100,6 +101,7 @@ class ServerProcess:
             try:
                 health = httpx.get(f"{self.url}/health", timeout=5, verify=self.verify)
                 if health.status_code == 200:
+                    self.health = health.json()  # (its info: what it was sized to)
                     return self.url
             except httpx.TransportError:
                 pass

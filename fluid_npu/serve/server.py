@@ -48,7 +48,8 @@ class ServeSettings:
     mask_token: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch: int = 8
+    max_batch: int | None = 8  # None: as many as gpu_memory_utilization holds (set at load)
+    gpu_memory_utilization: float | None = None  # vLLM's: weights + KV cache within this share
     max_queue: int | None = None
     max_len: int | None = None
     api_key: str | None = None
@@ -83,8 +84,16 @@ class ServeSettings:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
-        if self.max_batch < 1:
+        if self.max_batch is None and self.gpu_memory_utilization is None:
+            raise ConfigError("give --max-batch, or --gpu-memory-utilization to size it")
+        if self.max_batch is not None and self.max_batch < 1:
             raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
+        fraction = self.gpu_memory_utilization
+        if fraction is not None and not 0.0 < fraction <= 1.0:
+            raise ConfigError(
+                f"--gpu-memory-utilization must be in (0, 1], got {fraction}: the share of the "
+                "device's memory the weights and the KV cache may take"
+            )
         if self.max_queue is not None and self.max_queue < 0:
             raise ConfigError(f"--max-queue must be at least 0, got {self.max_queue}")
         if self.prefix_cache_slots < 0:
@@ -191,7 +200,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, Any]]:
-    """Load the model, build the scheduler: ``(scheduler, tokenizer, max_len, info)``."""
+    """Load the model, build the scheduler: ``(scheduler, tokenizer, max_len, info)``; a
+    ``max_batch`` left to ``gpu_memory_utilization`` is set in ``settings`` to what it sized."""
     import torch
 
     from fluid_npu import device as devices
@@ -232,9 +242,11 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         prefix_slots=settings.prefix_cache_slots,
         scheduling_policy=settings.scheduling_policy,
         logprobs_mode=settings.logprobs_mode,
+        memory_fraction=settings.gpu_memory_utilization,
         **({} if settings.prefill_chunk is None else {"prefill_chunk": settings.prefill_chunk}),
     )
     max_len = scheduler.max_len
+    settings.max_batch = scheduler.slots_n  # (sized from gpu_memory_utilization when not given)
     info = {
         "policy": policy,
         "reasoning_parser": settings.reasoning_parser,
@@ -242,6 +254,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "device": str(dev),
         "dtype": str(next(fluid.model.parameters()).dtype).removeprefix("torch."),
         "max_batch": settings.max_batch,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
         "max_len": max_len,
         "compile": settings.compile,
         "adaptive_drafting": settings.adaptive,
