@@ -131,6 +131,9 @@ def test_llm_takes_vllms_memory_and_parallel_arguments(model_dir, monkeypatch): 
                          use_tqdm=False)  # fmt: skip
     assert [len(o.outputs[0].token_ids) for o in out] == [4, 4]
     assert LLM(model_dir, max_model_len=64).engine.slots_n == 8  # (no share given: 8, as before)
+    assert sized.engine._compiled is None  # (enforce_eager: True by default here)
+    graphs = LLM(model_dir, max_num_seqs=1, max_model_len=64, enforce_eager=False)
+    assert graphs.engine._compiled is not None  # (its tokens: test_scheduler's compiled test)
     with pytest.raises(ConfigError, match="tensor_parallel_size=2"):
         LLM(model_dir, tensor_parallel_size=2)
     with pytest.raises(ConfigError, match="max_batch 9 needs 9"):

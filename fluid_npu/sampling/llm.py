@@ -69,11 +69,14 @@ class LLM:
     ``max_num_seqs``: requests decoded at once (the engine's slots; default 8, or with
     ``gpu_memory_utilization`` — the share of the device's memory the weights and the KV cache
     may take, as vLLM's — as many as fit, at most 256); ``tensor_parallel_size``: 1 only (one
-    device holds the model); ``max_model_len``: prompt and
-    output tokens per request (None: the model's context, at most 4096); ``policy``: the drafting
-    horizon (``khead`` with a K-head, else ``entropy``); ``seed``: where unseeded requests' seeds
-    come from (None: torch's global generator); ``enable_prefix_caching``, ``logprobs_mode`` and
-    ``scheduling_policy`` as vLLM's flags; ``engine_kwargs`` go to the ``Scheduler``.
+    device holds the model); ``enforce_eager``: vLLM's, but True by default here — False
+    compiles the decode step (``Scheduler(compile=True)``: device graphs on an accelerator; on a
+    CPU it paid for ``ar`` at batch 1 and little else, docs/engine.md); ``max_model_len``:
+    prompt and output tokens per request (None: the model's context, at most 4096); ``policy``:
+    the drafting horizon (``khead`` with a K-head, else ``entropy``); ``seed``: where unseeded
+    requests' seeds come from (None: torch's global generator); ``enable_prefix_caching``,
+    ``logprobs_mode`` and ``scheduling_policy`` as vLLM's flags; ``engine_kwargs`` go to the
+    ``Scheduler``.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class LLM:
         max_model_len: int | None = None,
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
+        enforce_eager: bool = True,
         policy: str | None = None,
         seed: int | None = None,
         enable_prefix_caching: bool = True,
@@ -122,7 +126,7 @@ class LLM:
             memory_fraction=gpu_memory_utilization, max_len=max_model_len,
             tokenizer=self.tokenizer, prefix_caching=enable_prefix_caching,
             logprobs_mode=logprobs_mode, scheduling_policy=scheduling_policy,
-            **(engine_kwargs or {}),
+            **{"compile": not enforce_eager, **(engine_kwargs or {})},
         )  # fmt: skip
         self._specials = text_specials(self.tokenizer)  # (kept when a text is truncated)
         self._seeds = None if seed is None else random.Random(seed)

@@ -128,6 +128,11 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         help="1 only: each engine holds the whole model on one device (more devices: "
         "--data-parallel-size)",
     )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="vLLM's: no graphs — what the engine does unless --compile (so the two conflict)",
+    )
     p.add_argument("--policy", default=None, help="ar | fixed:K | entropy[:T] | khead")
     p.add_argument("--served-model-name", default=None, help="the model id clients send")
     p.add_argument(
@@ -296,6 +301,11 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         raise ConfigError(
             f"--tensor-parallel-size {args.tensor_parallel_size}: an engine holds the whole model "
             "on one device here; serve on more devices with --data-parallel-size N (a copy each)"
+        )
+    if args.enforce_eager and args.compile:
+        raise ConfigError(
+            "--enforce-eager and --compile contradict each other: the engine runs eager unless "
+            "--compile; give one"
         )
     batch = args.max_batch  # (None with --gpu-memory-utilization: as many as fit)
     if batch is None and args.gpu_memory_utilization is None:
