@@ -78,6 +78,7 @@ def make_model():
 FIRST = (
     "test_scale_sharded.py",
     "test_scale_sharded_zero3.py",
+    "test_scale_zero3_added_mask.py",
     "test_demo.py",
     "test_serve_dp.py",
     "test_scale_distributed.py",

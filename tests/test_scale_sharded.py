@@ -9,8 +9,8 @@ equal to the printed digits), and (3) leave checkpoints that resume to the unint
 Every fused LM-head path runs here with the head sharded (ZeRO-3 partitions it, FSDP2 shards it):
 ``fluid_npu.train.sharded.through_forward`` is what makes that work.
 
-The base has a tokenizer MASK token, so no embedding row is trainable: peft's trainable-token layer
-calls ``torch.cuda.current_device()`` under ZeRO-3 and cannot run on CPU processes.
+The base has a tokenizer MASK token, so no embedding row is trainable (an added MASK token's row
+under ZeRO-3: ``test_scale_zero3_added_mask``).
 DeepSpeed's CPU shared-memory collective (inference only) is not built for these runs
 (``train.common.skip_deepspeed_shm_collective``).
 """

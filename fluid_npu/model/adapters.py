@@ -67,7 +67,7 @@ def apply_lora(
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_token_ids or None,
     )
-    with quiet_peft():
+    with quiet_peft(), trainable_tokens_on_any_device():
         return get_peft_model(model, config)
 
 
@@ -192,6 +192,27 @@ def quiet_peft() -> Iterator[None]:
             yield
     finally:
         log.setLevel(level)
+
+
+@contextmanager
+def trainable_tokens_on_any_device() -> Iterator[None]:
+    """Inside: peft's trainable tokens (an added MASK token's row) set up under DeepSpeed ZeRO-3 on
+    any device. peft copies the rows out of the gathered embedding on rank 0 and broadcasts them
+    into a buffer placed with ``torch.cuda.current_device()``, which fails on CPU and NPU processes;
+    here every process copies them out of the gathered embedding itself (no broadcast)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.utils.integrations import gather_params_ctx
+
+    def collect(self: Any, weight: torch.Tensor, rows: Any, embed_dim: int) -> torch.Tensor:
+        with gather_params_ctx([weight], modifier_rank=None):
+            return weight[rows].clone()
+
+    saved = TrainableTokensLayer.__dict__["_collect_token_weights"]
+    TrainableTokensLayer._collect_token_weights = collect
+    try:
+        yield
+    finally:
+        TrainableTokensLayer._collect_token_weights = saved
 
 
 def _file_digest(directory: Path) -> str:

@@ -123,7 +123,8 @@ def resolve_mask_token(
         raise ValueError("adding a MASK token needs the model, to resize its embeddings")
     tokenizer.add_special_tokens({"mask_token": NEW_MASK})
     tid = int(tokenizer.convert_tokens_to_ids(NEW_MASK))
-    old = model.get_input_embeddings().weight.shape[0]
+    # num_embeddings, not weight.shape: under ZeRO-3 the weight is this process's (empty) partition
+    old = int(model.get_input_embeddings().num_embeddings)
     if tid >= old:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         init_new_rows(model, old)

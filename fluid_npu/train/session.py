@@ -33,7 +33,12 @@ from fluid_npu.data.template_export import fit_tokenizer
 from fluid_npu.data.templates import AUTO, exported_template, get_template
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
-from fluid_npu.model.adapters import FluidModelMeta, apply_lora, quiet_peft
+from fluid_npu.model.adapters import (
+    FluidModelMeta,
+    apply_lora,
+    quiet_peft,
+    trainable_tokens_on_any_device,
+)
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.fused_layers import apply_npu_fused_layers, enable_mindspeed
 from fluid_npu.model.loading import (
@@ -224,7 +229,7 @@ class TrainingSession:
         if self.parent is not None:  # its own LoRA settings and trainable MASK row
             from peft import PeftModel
 
-            with quiet_peft():
+            with quiet_peft(), trainable_tokens_on_any_device():
                 peft_model = PeftModel.from_pretrained(
                     model, str(self.parent.path), is_trainable=True
                 )

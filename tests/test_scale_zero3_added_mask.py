@@ -1,0 +1,113 @@
+"""Stage I with a MASK token Stage I *added* (its base's tokenizer has none) under DeepSpeed ZeRO-3,
+against DDP, on two gloo processes: a new adapter, and the DDP one continued.
+
+The added token resizes the embedding and head, and its embedding row trains as a peft
+trainable-token delta saved with the adapter (``test_scale_sharded``'s base has a MASK token, so
+no row trains there). Under ZeRO-3 that delta is set up from, and loaded into, partitioned weights:
+each run must train as DDP does and save the same MASK row and LoRA weights (the same model once
+loaded; DDP's adapter also holds the resized frozen embedding and head, which ZeRO-3 saves without
+and loading rebuilds). Continued (``adapter_name_or_path``), the run starts where the parent ended —
+its held-out loss before the first update is the parent's final one — and keeps its MASK token and
+id.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import test_scale_sharded as sharded
+import torch
+import yaml
+from conftest import tiny_stage1_recipe
+from safetensors.torch import load_file
+from synthetic import write_short_dataset
+from test_scale_sharded import LOSS_RTOL, WEIGHT_ATOL, ZERO3, _curve, _same_curve, _two_processes
+from transformers import AutoTokenizer
+
+from fluid_npu.model.adapters import load_fluid
+from fluid_npu.model.tiny import save_tiny
+
+WEIGHTS = "adapter_model.safetensors"
+MASK_ROW = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+ddp = sharded.ddp  # (a module fixture, run on this file's setup: the new adapter under DDP)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("added-mask")
+    base = save_tiny(root / "base")  # (no MASK token: Stage I adds one)
+    data = write_short_dataset(root / "data", n_train=28, seed=0)
+    recipe = tiny_stage1_recipe(
+        base, data, max_steps=2, save_steps=100, logging_steps=1, per_device_train_batch_size=2,
+        val_size=4, eval_steps=100,  # held out: evaluated at the end (and a continuation's start)
+    )  # fmt: skip
+    (root / "stage1.yaml").write_text(yaml.safe_dump(recipe))
+    (root / "z3.json").write_text(json.dumps(ZERO3))
+    return root
+
+
+def _eval_losses(record: dict) -> list[float]:
+    return [h["eval_loss"] for h in record["log_history"] if "eval_loss" in h]
+
+
+def _same_trained(got: Path, want: Path, base: Path) -> None:
+    """``got``'s adapter holds ``want``'s trained weights and loads as the same model."""
+    a, b = load_file(str(got / WEIGHTS)), load_file(str(want / WEIGHTS))
+    assert MASK_ROW in a and a.keys() <= b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=WEIGHT_ATOL, rtol=0, msg=key)
+    a, b = (load_fluid(base, out, merge=True) for out in (got, want))
+    assert a.mask == b.mask
+    weights = b.model.state_dict()
+    for key, value in a.model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], atol=WEIGHT_ATOL, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_an_added_mask_trains_under_zero3_as_under_ddp(setup, ddp):
+    assert ddp["mask_token"]["source"] == "added"
+    record = _two_processes(setup, setup / "zero3", f"deepspeed={setup / 'z3.json'}")
+    assert record["parallelism"]["zero_stage"] == 3
+    assert record["parallelism"]["local_param_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert record["mask_token"] == ddp["mask_token"]
+    _same_curve(record, ddp)
+    assert _eval_losses(record) == pytest.approx(_eval_losses(ddp), rel=LOSS_RTOL)
+    _same_trained(setup / "zero3", setup / "ddp", setup / "base")
+
+
+@pytest.mark.slow
+def test_an_added_mask_adapter_continues_under_zero3_as_under_ddp(setup, ddp):
+    mask = ddp["mask_token"]
+    recipe = yaml.safe_load((setup / "stage1.yaml").read_text())
+    for key in ("lora_rank", "lora_alpha"):  # (the adapter's own)
+        del recipe[key]
+    recipe.update(adapter_name_or_path=str(setup / "ddp"), eval_on_start=True)
+    (setup / "continue.yaml").write_text(yaml.safe_dump(recipe))
+
+    def run(out: str, *keys: str) -> dict:
+        return _two_processes(setup, setup / out, *keys, recipe_name="continue.yaml")
+
+    plain = run("c-ddp")
+    zero3 = run("c-zero3", f"deepspeed={setup / 'z3.json'}")
+    assert zero3["parallelism"]["zero_stage"] == 3
+    assert zero3["parallelism"]["local_param_fraction"] == pytest.approx(0.5, abs=0.01)
+    # each starts from the parent as it ended: the held-out loss before the first update
+    for record in (plain, zero3):
+        assert _eval_losses(record)[0] == pytest.approx(_eval_losses(ddp)[-1], rel=LOSS_RTOL)
+    assert _curve(plain)[0][0] < _curve(ddp)[0][0]  # (the parent's first loss: a new adapter's)
+    _same_curve(zero3, plain)
+    assert _eval_losses(zero3) == pytest.approx(_eval_losses(plain), rel=LOSS_RTOL)
+    _same_trained(setup / "c-zero3", setup / "c-ddp", setup / "base")
+    moved = load_file(str(setup / "c-zero3" / WEIGHTS))[MASK_ROW]
+    assert not torch.equal(moved, load_file(str(setup / "ddp" / WEIGHTS))[MASK_ROW])  # trained on
+    # the parent's MASK token and id: in the run record, fluid_model.json and the tokenizer
+    for record in (plain, zero3):
+        assert record["mask_token"] == {**mask, "source": "adapter"}
+    for out in ("c-ddp", "c-zero3"):
+        meta = json.loads((setup / out / "fluid_model.json").read_text())
+        assert (meta["mask_token"], meta["mask_id"]) == (mask["token"], mask["id"])
+        tokenizer = AutoTokenizer.from_pretrained(setup / out)
+        assert (tokenizer.mask_token, tokenizer.mask_token_id) == (mask["token"], mask["id"])
