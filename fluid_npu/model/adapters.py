@@ -200,14 +200,21 @@ def trainable_tokens_on_any_device() -> Iterator[None]:
     any device. peft copies the rows out of the gathered embedding on rank 0 and broadcasts them
     into a buffer placed with ``torch.cuda.current_device()``, which fails on CPU and NPU processes;
     here every process copies them out of the gathered embedding itself (no broadcast)."""
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-    from peft.utils.integrations import gather_params_ctx
+    try:
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+        from peft.utils.integrations import gather_params_ctx
+    except ImportError:  # a peft without trainable tokens, or with other internals: as it is
+        yield
+        return
+    saved = TrainableTokensLayer.__dict__.get("_collect_token_weights")
+    if saved is None:  # (a peft without the method this replaces: as it is)
+        yield
+        return
 
     def collect(self: Any, weight: torch.Tensor, rows: Any, embed_dim: int) -> torch.Tensor:
         with gather_params_ctx([weight], modifier_rank=None):
             return weight[rows].clone()
 
-    saved = TrainableTokensLayer.__dict__["_collect_token_weights"]
     TrainableTokensLayer._collect_token_weights = collect
     try:
         yield
