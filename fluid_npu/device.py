@@ -196,8 +196,8 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
 
 def free_memory(device: torch.device | str) -> int | None:
     """Bytes free on the accelerator (its ``mem_get_info``, plus what torch's caching allocator
-    holds unused), or the host's available memory (``MemAvailable``) for the CPU; None where the
-    figure is not known."""
+    holds unused), or the host's available memory for the CPU (``MemAvailable``, or what this
+    process's memory cgroup — a container's limit — leaves, if less); None where not known."""
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda", "npu"):  # mps, xpu, meta, ...: not known here
         return None
@@ -206,18 +206,18 @@ def free_memory(device: torch.device | str) -> int | None:
         if module is not None:
             cached = module.memory_reserved(dev) - module.memory_allocated(dev)
             return int(module.mem_get_info(dev)[0]) + int(cached)
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        available = _meminfo("MemAvailable")
+        limit, used = cgroup_memory()
+        if limit is not None and used is not None and available is not None:
+            return max(0, min(available, limit - used))  # (a container's limit binds first)
+        return available
     except (OSError, RuntimeError, AttributeError, ValueError):
         return None
-    return None
 
 
 def total_memory(device: torch.device | str) -> int | None:
-    """Bytes of memory the accelerator has in all (its ``mem_get_info``), or the host's
-    (``MemTotal``) for the CPU; None where the figure is not known."""
+    """Bytes of memory the accelerator has in all (its ``mem_get_info``), or the host's for the CPU
+    (``MemTotal``, or this process's memory cgroup limit if lower); None where not known."""
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda", "npu"):
         return None
@@ -225,13 +225,53 @@ def total_memory(device: torch.device | str) -> int | None:
     try:
         if module is not None:
             return int(module.mem_get_info(dev)[1])
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
+        total = _meminfo("MemTotal")
+        limit, _ = cgroup_memory()
+        return total if limit is None or total is None else min(total, limit)
     except (OSError, RuntimeError, AttributeError, ValueError):
         return None
+
+
+def _meminfo(key: str) -> int | None:
+    """A ``/proc/meminfo`` figure in bytes (None where there is none)."""
+    with open("/proc/meminfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     return None
+
+
+def cgroup_memory(
+    proc: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup"
+) -> tuple[int | None, int | None]:
+    """This process's memory cgroup limit and usage in bytes (v2 ``memory.max`` /
+    ``memory.current``, v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``): what a
+    container may use, which ``/proc/meminfo`` does not know. (None, None) without a limit."""
+    try:
+        with open(proc, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            names, root = ("memory.max", "memory.current"), mount
+        elif "memory" in controllers.split(","):
+            names, root = ("memory.limit_in_bytes", "memory.usage_in_bytes"), f"{mount}/memory"
+        else:
+            continue
+        for where in (root + path.rstrip("/"), root):  # its own group, else the mount's root
+            try:
+                with open(f"{where}/{names[0]}", encoding="utf-8") as fh:
+                    limit_text = fh.read().strip()
+                with open(f"{where}/{names[1]}", encoding="utf-8") as fh:
+                    used = int(fh.read().strip())
+            except (OSError, ValueError):
+                continue
+            if limit_text == "max" or int(limit_text) >= 1 << 60:  # (v1's "none": ~2^63)
+                return None, used
+            return int(limit_text), used
+    return None, None
 
 
 def device_name(device: torch.device | str) -> str:

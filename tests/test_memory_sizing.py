@@ -36,14 +36,17 @@ def test_sized_batch_counts_rows_beside_the_weights(monkeypatch):
     assert sized_batch(fraction=0.5, max_batch=None, prefix_rows=1, **size) == 2
     assert sized_batch(fraction=0.5, max_batch=None, power_of_two=True, **size) == 2
     assert sized_batch(fraction=0.5, max_batch=3, **size) == 3
-    with pytest.raises(ConfigError, match="so 3 rows fit, and max_batch 4 needs 4") as err:
-        sized_batch(fraction=0.5, max_batch=4, **size)
-    assert "raise gpu_memory_utilization" in str(err.value)
-    with pytest.raises(ConfigError, match=r"needs 4 .*power of two"):  # 3 slots are a cache of 4
-        sized_batch(fraction=0.5, max_batch=3, power_of_two=True, **size)
-    with pytest.raises(ConfigError, match="no slot beside 3 prefix-cache rows"):
+    assert sized_batch(fraction=0.5, max_batch=2, **size) == 2  # (a cap, as vLLM's max_num_seqs)
+    with pytest.warns(UserWarning, match="max_batch 4: .* holds 3 slots"):
+        assert sized_batch(fraction=0.5, max_batch=4, **size) == 3
+    with pytest.warns(UserWarning, match="holds 2 slots"):  # 3 slots would be a cache of 4
+        assert sized_batch(fraction=0.5, max_batch=3, power_of_two=True, **size) == 2
+    with pytest.raises(ConfigError, match="not one slot fits beside 3 prefix-cache rows") as err:
         sized_batch(fraction=0.5, max_batch=None, prefix_rows=3, **size)
-    with pytest.raises(ConfigError, match="weights take"):  # the weights alone fill the share
+    assert "raise gpu_memory_utilization" in str(err.value)
+    with pytest.raises(ConfigError, match=r"weights take 0\.0 MiB"):  # (bytes here: MiB figures)
+        sized_batch(fraction=0.5, max_batch=8, prefix_rows=3, **size)
+    with pytest.raises(ConfigError, match="not one slot fits;"):  # the weights fill the share
         sized_batch(fraction=0.1, max_batch=None, **size)
     for bad in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="must be in \\(0, 1\\]"):
@@ -83,8 +86,13 @@ def test_a_sized_engine_holds_what_fits_and_decodes(tiny, monkeypatch):
     want = run_requests(alone, [Request(str(i), p, 6) for i, p in enumerate(prompts)])
     assert {k: v.tokens for k, v in got.items()} == {k: v.tokens for k, v in want.items()}
     assert Scheduler(model, mask, max_batch=3, memory_fraction=1.0, **kw).slots_n == 3
-    with pytest.raises(ConfigError, match="max_batch 4 needs 4"):
-        Scheduler(model, mask, max_batch=4, memory_fraction=1.0, **kw)
+    with pytest.warns(UserWarning, match="so 3 requests run at once"):
+        assert Scheduler(model, mask, max_batch=4, memory_fraction=1.0, **kw).slots_n == 3
+    free = devices.free_memory  # a share the device has not got free: the fix names the share
+    monkeypatch.setattr(devices, "free_memory", lambda device: row)
+    with pytest.raises(ConfigError, match=r"utilization 1\.0 asks for more than is free"):
+        Scheduler(model, mask, max_batch=None, memory_fraction=1.0, **kw)
+    monkeypatch.setattr(devices, "free_memory", free)
     with pytest.raises(ConfigError, match="max_batch=None sizes the slots"):
         Scheduler(model, mask, max_batch=None, **kw)
 
@@ -131,10 +139,56 @@ def test_llm_takes_vllms_memory_and_parallel_arguments(model_dir, monkeypatch): 
                          use_tqdm=False)  # fmt: skip
     assert [len(o.outputs[0].token_ids) for o in out] == [4, 4]
     assert LLM(model_dir, max_model_len=64).engine.slots_n == 8  # (no share given: 8, as before)
-    assert sized.engine._compiled is None  # (enforce_eager: True by default here)
+    assert sized.engine._compiled is None  # (eager unless told: vLLM's enforce_eager=True here)
     graphs = LLM(model_dir, max_num_seqs=1, max_model_len=64, enforce_eager=False)
     assert graphs.engine._compiled is not None  # (its tokens: test_scheduler's compiled test)
+    with pytest.raises(ConfigError, match="contradict"):
+        LLM(model_dir, enforce_eager=True, engine_kwargs={"compile": True})
+    with pytest.raises(ConfigError, match="must be in"):  # (refused before the model loads)
+        LLM("no/such/model", gpu_memory_utilization=1.5)
     with pytest.raises(ConfigError, match="tensor_parallel_size=2"):
         LLM(model_dir, tensor_parallel_size=2)
-    with pytest.raises(ConfigError, match="max_batch 9 needs 9"):
-        LLM(model_dir, max_num_seqs=9, gpu_memory_utilization=0.8, max_model_len=64)
+    with pytest.warns(UserWarning, match="max_batch 9: .* holds 4 slots"):
+        capped = LLM(model_dir, max_num_seqs=9, gpu_memory_utilization=0.8, max_model_len=64)
+    assert capped.engine.slots_n == 4
+
+
+def test_a_containers_memory_limit_bounds_the_host_s(tmp_path, monkeypatch):
+    """A memory cgroup (a container's limit, v1 or v2, in the process's own group or at the
+    mount's root as a namespace shows it) bounds what the host's /proc/meminfo says."""
+    proc, mount = tmp_path / "cgroup", tmp_path / "fs"
+
+    def group(where: str, files: dict[str, str]) -> None:
+        (mount / where).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (mount / where / name).write_text(text + "\n")
+
+    proc.write_text("0::/pod/x\n")
+    group("pod/x", {"memory.max": str(2**30), "memory.current": "4096"})
+    assert devices.cgroup_memory(str(proc), str(mount)) == (2**30, 4096)
+    group("pod/x", {"memory.max": "max", "memory.current": "4096"})
+    assert devices.cgroup_memory(str(proc), str(mount)) == (None, 4096)
+    proc.write_text("5:cpu,cpuacct:/\n4:memory:/job\n")
+    group("memory", {"memory.limit_in_bytes": str(3 << 30), "memory.usage_in_bytes": "77"})
+    assert devices.cgroup_memory(str(proc), str(mount)) == (3 << 30, 77)  # (the root's view)
+    group("memory/job", {"memory.limit_in_bytes": "9223372036854771712",
+                         "memory.usage_in_bytes": "5"})  # fmt: skip
+    assert devices.cgroup_memory(str(proc), str(mount)) == (None, 5)  # (v1's "no limit")
+    assert devices.cgroup_memory(str(tmp_path / "none"), str(mount)) == (None, None)
+    host_total, host_free = devices.total_memory("cpu"), devices.free_memory("cpu")
+    monkeypatch.setattr(devices, "cgroup_memory", lambda: (2**20, 2**18))
+    assert devices.total_memory("cpu") == min(host_total, 2**20)
+    assert devices.free_memory("cpu") <= min(host_free, 2**20 - 2**18)
+
+
+def test_cpu_ranks_share_the_share(model_dir):  # noqa: F811
+    """``--data-parallel-size N`` on a CPU: the ranks share one memory, so each sizes its cache
+    from F / N (on accelerators each rank has its device, and F)."""
+    from fluid_npu.serve.dp import Ranks
+    from fluid_npu.serve.server import ServeSettings
+
+    settings = ServeSettings(model=model_dir, max_batch=None, gpu_memory_utilization=0.5,
+                             data_parallel_size=2, device="cpu")  # fmt: skip
+    args = Ranks(settings)._args(1)
+    assert args[args.index("--gpu-memory-utilization") + 1] == "0.25"
+    assert settings.gpu_memory_utilization == 0.5  # (the front's own settings keep what was given)

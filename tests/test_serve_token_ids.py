@@ -294,8 +294,23 @@ def test_a_truncated_text_keeps_the_special_tokens_its_tokenizer_adds():
         assert "add_special_tokens" in r.json()["error"]["message"]
     both = _bos_tokenizer("<s> $A </s>")
     ids = both(text)["input_ids"]
+    eos = both.convert_tokens_to_ids("</s>")
     added = text_specials(both)
-    assert len(added) == 2 and special_ends(added, ids) == (1, 1)
+    assert added == ([bos], [eos]) and special_ends(added, ids) == (1, 1)
     assert truncated_prompt(ids, 4, 64, special_ends(added, ids)) == [ids[0], *ids[-3:-1], ids[-1]]
-    assert special_ends(text_specials(TOK), TOK(text)["input_ids"]) == (0, 0)
-    assert special_ends([bos], [5, 6]) == (0, 0)  # (not there: cut plainly)
+    assert text_specials(_bos_tokenizer("$A </s>")) == ([], [eos])
+    assert text_specials(TOK) == ([], []) and special_ends(([], []), ids) == (0, 0)
+    assert special_ends(([bos], []), [5, 6]) == (0, 0)  # (not there: cut plainly)
+    # a text that itself starts with the EOS's text: the template's ends, not the text's, are kept
+    odd = both("</s>abcdefgh")["input_ids"]
+    assert odd[:2] == [bos, eos] and special_ends(added, odd) == (1, 1)
+    for single in ("<s> $A", "<s> $A </s>", "$A </s>"):  # against the tokenizer's own cut
+        hf = _bos_tokenizer(single)
+        hf.truncation_side = "left"  # (vLLM's: the tokenizer's left truncation to K tokens)
+        ends = text_specials(hf)
+        for given in (text, "</s>abcdefgh", "<s>xy</s>z"):
+            whole = hf(given)["input_ids"]
+            for k in range(len(ends[0]) + len(ends[1]) + 1, len(whole) + 2):
+                want = hf(given, truncation=True, max_length=k)["input_ids"]
+                got = truncated_prompt(whole, k, 64, special_ends(ends, whole))
+                assert got == want, (single, given, k)

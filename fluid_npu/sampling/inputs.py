@@ -325,32 +325,37 @@ def truncated_prompt(
     if keep <= head + tail:
         raise ConfigError(
             f"truncate_prompt_tokens={keep} leaves no room for the prompt's text beside the "
-            f"{head + tail} special token(s) the tokenizer adds to it; keep more, or encode "
-            "without them (add_special_tokens=false)"
+            f"{head + tail} special token(s) the tokenizer adds to it; keep more, or send the "
+            "prompt without them (add_special_tokens=false, or as token ids)"
         )
     body = keep - head - tail
     return ids[:head] + ids[len(ids) - tail - body : len(ids) - tail] + ids[len(ids) - tail :]
 
 
-def text_specials(tokenizer: Any) -> list[int]:
-    """The special tokens the tokenizer adds to every text it encodes (what it adds to ``""``: a
-    BOS, say, or a BOS and an EOS); none when it cannot encode an empty text."""
+def text_specials(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer adds before and after every text it encodes (a BOS, say,
+    or a BOS and an EOS): a probe text encoded with and without them, the bare ids found inside;
+    none when it cannot tell."""
     try:
-        return [int(t) for t in tokenizer("", add_special_tokens=True)["input_ids"]]
-    except Exception:  # (a tokenizer that refuses "": no ends we can tell)
-        return []
+        bare = [int(t) for t in tokenizer("a", add_special_tokens=False)["input_ids"]]
+        full = [int(t) for t in tokenizer("a", add_special_tokens=True)["input_ids"]]
+    except Exception:  # (a tokenizer that refuses the probe: no ends we can tell)
+        return [], []
+    for head in range(len(full) - len(bare) + 1):
+        if bare and full[head : head + len(bare)] == bare:
+            return full[:head], full[head + len(bare) :]
+    return [], []
 
 
-def special_ends(added: list[int], ids: list[int]) -> tuple[int, int]:
+def special_ends(added: tuple[list[int], list[int]], ids: list[int]) -> tuple[int, int]:
     """How many of ``ids``' (a text encoded with special tokens) first and last tokens are the
-    ones the tokenizer adds to every text (``added``: ``text_specials``), found at its ends;
-    (0, 0) when it adds none or they are not there."""
-    for head in range(len(added), -1, -1):
-        tail = len(added) - head
-        if (
-            head + tail <= len(ids)
-            and ids[:head] == added[:head]
-            and (not tail or ids[len(ids) - tail :] == added[head:])
-        ):
-            return (head, tail)
-    return (0, 0)
+    ones the tokenizer adds before and after every text (``added``: ``text_specials``); 0 for an
+    end where they are not there."""
+    head, tail = added
+    h = len(head) if ids[: len(head)] == head else 0
+    t = (
+        len(tail)
+        if tail and len(ids) - h >= len(tail) and ids[len(ids) - len(tail) :] == tail
+        else 0
+    )
+    return (h, t)

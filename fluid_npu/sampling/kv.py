@@ -142,7 +142,10 @@ class SlotKV(Cache):
         capacity: int,
         dtype: torch.dtype,
         device: torch.device,
+        fix: str | None = None,
     ) -> None:
+        """``fix``: what the error of a cache that does not fit says to do (default: smaller
+        sizes)."""
         layers, kv_heads, head_dim = kv_shape(model)
         shape = (slots, kv_heads, capacity, head_dim)
         need = slots * kv_row_bytes(model, capacity, dtype)
@@ -151,7 +154,7 @@ class SlotKV(Cache):
             f"layers x {slots} rows (request slots, and prefix-cache rows if any) x {capacity} "
             f"positions x {kv_heads} KV heads x {head_dim} x {dtype.itemsize} bytes)"
         )
-        fix = (
+        fix = fix or (
             "lower max_batch (--max-batch), max_len (--max-len) or fluid serve's "
             "--prefix-cache-slots"
         )

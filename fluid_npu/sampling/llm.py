@@ -69,7 +69,7 @@ class LLM:
     ``max_num_seqs``: requests decoded at once (the engine's slots; default 8, or with
     ``gpu_memory_utilization`` — the share of the device's memory the weights and the KV cache
     may take, as vLLM's — as many as fit, at most 256); ``tensor_parallel_size``: 1 only (one
-    device holds the model); ``enforce_eager``: vLLM's, but True by default here — False
+    device holds the model); ``enforce_eager``: vLLM's, but eager by default here — False
     compiles the decode step (``Scheduler(compile=True)``: device graphs on an accelerator; on a
     CPU it paid for ``ar`` at batch 1 and little else, docs/engine.md); ``max_model_len``:
     prompt and output tokens per request (None: the model's context, at most 4096); ``policy``:
@@ -92,7 +92,7 @@ class LLM:
         max_model_len: int | None = None,
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
         policy: str | None = None,
         seed: int | None = None,
         enable_prefix_caching: bool = True,
@@ -103,6 +103,7 @@ class LLM:
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from fluid_npu.sampling.inputs import serving_eos
+        from fluid_npu.sampling.memory import check_fraction
         from fluid_npu.sampling.pretrained import FluidForCausalLM
         from fluid_npu.sampling.scheduler import Scheduler
 
@@ -111,8 +112,19 @@ class LLM:
                 f"tensor_parallel_size={tensor_parallel_size}: this LLM holds the whole model on "
                 "one device; leave it at 1"
             )
+        if gpu_memory_utilization is not None:
+            check_fraction(gpu_memory_utilization)  # (before the model loads)
         if max_num_seqs is None and gpu_memory_utilization is None:
             max_num_seqs = 8
+        switches = dict(engine_kwargs or {})
+        # (enforce_eager: vLLM's name for what the engine's compile switch says)
+        if enforce_eager is not None and switches.setdefault("compile", not enforce_eager) == (
+            enforce_eager
+        ):
+            raise ConfigError(
+                f"enforce_eager={enforce_eager} and engine_kwargs compile={switches['compile']} "
+                "contradict each other; give one"
+            )
         self.fluid = FluidForCausalLM.from_pretrained(
             model, adapter, khead, dtype=dtype, mask_token=mask_token, device=device,
             chat_template=chat_template, trust_remote_code=trust_remote_code,
@@ -126,7 +138,7 @@ class LLM:
             memory_fraction=gpu_memory_utilization, max_len=max_model_len,
             tokenizer=self.tokenizer, prefix_caching=enable_prefix_caching,
             logprobs_mode=logprobs_mode, scheduling_policy=scheduling_policy,
-            **{"compile": not enforce_eager, **(engine_kwargs or {})},
+            **switches,
         )  # fmt: skip
         self._specials = text_specials(self.tokenizer)  # (kept when a text is truncated)
         self._seeds = None if seed is None else random.Random(seed)

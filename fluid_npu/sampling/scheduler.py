@@ -70,7 +70,7 @@ from fluid_npu.sampling.kv import (
     release_slot_attention,
 )
 from fluid_npu.sampling.lean import LeanDecoder
-from fluid_npu.sampling.memory import module_bytes, sized_batch
+from fluid_npu.sampling.memory import module_bytes, short_of_free, sized_batch
 from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
@@ -208,7 +208,8 @@ class Scheduler(PrefillMixin, StepMixin):
             cache_slots = _pow2(max_batch)
         # rows past the slots (and a compiled engine's padding) only keep prefixes (reuse.py)
         pool = list(range(cache_slots, cache_slots + prefix_slots)) if prefix_caching else []
-        self.kv = SlotKV(model, cache_slots + len(pool), capacity, dtype, self.device)
+        fix = None if memory_fraction is None else short_of_free(memory_fraction)
+        self.kv = SlotKV(model, cache_slots + len(pool), capacity, dtype, self.device, fix)
         self.head = LMHead(model)
         self._init_state()
         self.waiting: deque[Slot] = deque()

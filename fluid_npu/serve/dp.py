@@ -105,6 +105,9 @@ class Ranks:
         self.placed = f"{threads} CPU threads each" if kind == "cpu" else f"devices {devices}"
         self.key = secrets.token_urlsafe(32)
         self.threads = threads
+        # on a CPU the ranks share one memory: each sizes its cache from its share of the share
+        fraction = settings.gpu_memory_utilization
+        self.fraction = fraction / size if fraction is not None and kind == "cpu" else fraction
         self.procs: list[ServerProcess] = []
         self.ready = False
         self.stopping = False  # (set by stop: a rank not launched by then never is)
@@ -138,9 +141,11 @@ class Ranks:
 
     def _args(self, i: int) -> list[str]:
         """Rank ``i``'s flags: ``--seed S`` becomes ``S + i``, so ranks given the same unseeded
-        request at the same point do not draw the same numbers."""
+        request at the same point do not draw the same numbers; on a CPU each rank sizes its
+        cache from ``--gpu-memory-utilization`` / N (the ranks share the host's memory)."""
         seed = self.settings.seed
-        own = self.settings if seed is None else replace(self.settings, seed=seed + i)
+        own = replace(self.settings, gpu_memory_utilization=self.fraction)
+        own = own if seed is None else replace(own, seed=seed + i)
         return rank_args(own, self.threads)
 
     def _launch(self, rank: ServerProcess) -> bool:
