@@ -50,6 +50,7 @@ class Ev:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[tuple[float, list[tuple[int, float]], int]] | None = None
     cached: int = 0
+    drafted: int = 0
 
 
 def script(prompt: list[int], max_new: int, eos: bool) -> list[int]:
@@ -130,7 +131,8 @@ class ScriptedScheduler:
             if done:
                 reason = "stop" if chunk and chunk[-1] == EOS else "length"
                 del self.running[rid]
-            ev = Ev(rid, chunk, done, reason, entry[2], entry[3], len(chunk) - 1)
+            # (scripted: two drafts verified each step, the step's tokens but one accepted)
+            ev = Ev(rid, chunk, done, reason, entry[2], entry[3], len(chunk) - 1, drafted=2)
             if req.sampling is not None and req.sampling.logprobs:  # scripted: -0.25 per token
                 ev.logprobs = [-0.25 * (n + i + 1) for i in range(len(chunk))]
                 ev.top_logprobs = [[(t, lp), (EOS, lp - 1.0)][: req.sampling.top_logprobs]
@@ -1107,6 +1109,13 @@ def test_metrics_count_steps_as_they_run_like_vllm():
         assert _metric(url, "fluid_request_time_per_output_token_seconds_count") == 1
         assert _metric(url, "fluid_accepted_draft_tokens_count") == 15
         assert _metric(url, "fluid_accepted_draft_tokens_sum") == 30 - 15
+        # vLLM's speculative-decoding counters: 15 verifies of 2 drafts, 0 / 1 / 2 accepted in turn
+        assert _metric(url, "fluid_spec_decode_num_drafts_total") == 15
+        assert _metric(url, "fluid_spec_decode_num_draft_tokens_total") == 30
+        assert _metric(url, "fluid_spec_decode_num_accepted_tokens_total") == 15
+        per_pos = "fluid_spec_decode_num_accepted_tokens_per_pos_total"
+        assert _metric(url, per_pos + '{position="0"}') == 10
+        assert _metric(url, per_pos + '{position="1"}') == 5
         # the same series under vLLM's names (its dashboards and autoscalers read these)
         for ours, theirs in VLLM_NAMES.items():
             for end in ("", "_total", "_count", "_sum"):

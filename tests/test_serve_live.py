@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import threading
 import time
@@ -140,6 +141,24 @@ def test_32_concurrent_streaming_clients_each_equal_offline(server, model_dir, t
         assert reason == ("length" if len(row["token_ids"]) == n else "stop")
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "fluid_num_requests_running 0.0" in metrics
+    # the drafts as vLLM's speculative decoding counts them (its dashboards' acceptance rate and
+    # mean acceptance length): the chain model's drafts are verified and mostly accepted
+    seen = {}
+    for line in metrics.splitlines():
+        if line.startswith(("vllm:spec_decode", "fluid_spec_decode", "fluid_accepted_draft")):
+            key, value = line.rsplit(" ", 1)
+            seen[key] = float(value)
+    drafts = seen['vllm:spec_decode_num_drafts_total{model_name="model"}']
+    drafted = seen['vllm:spec_decode_num_draft_tokens_total{model_name="model"}']
+    accepted = seen['vllm:spec_decode_num_accepted_tokens_total{model_name="model"}']
+    assert seen["fluid_spec_decode_num_accepted_tokens_total"] == accepted
+    assert 0 < accepted <= drafted and 1 + accepted / drafts > 2  # (TPF > 2 on this model)
+    assert accepted == seen["fluid_accepted_draft_tokens_sum"]  # (the per-step histogram's sum)
+    by_pos = {int(re.search(r'position="(\d+)"', k)[1]): v for k, v in seen.items()
+              if k.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total{")}  # fmt: skip
+    at = [by_pos.get(p, 0.0) for p in range(max(by_pos) + 1)]
+    assert sum(at) == accepted and at[0] <= drafts
+    assert at == sorted(at, reverse=True)  # (position p accepted: so was p - 1)
 
 
 def test_sampling_logprobs_and_stop_equal_fluid_generate(server, model_dir, tmp_path):

@@ -75,6 +75,7 @@ class Event:
     # with logprobs: each token's rank where its log-probability is read (1: the most likely;
     # the tokens at least as likely are counted, vLLM's rule)
     ranks: list[int] | None = None
+    drafted: int = 0  # drafts verified for the request in this step (``accepted`` of them kept)
 
 
 @dataclass

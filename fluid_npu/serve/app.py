@@ -104,7 +104,7 @@ class ServeConfig:
 
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     """The server's ASGI application around a (not yet started) ``Worker``."""
-    metrics = ServerMetrics(config.model_name)
+    metrics = ServerMetrics(config.model_name, getattr(worker.scheduler, "k", 0))
     worker.on_step, worker.on_failure = metrics.on_step, metrics.on_failure
     words = TokenText(tokenizer)  # log-probability tokens' text and bytes
     reasoning = None

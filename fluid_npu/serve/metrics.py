@@ -19,15 +19,20 @@ the figure is known:
   ``fluid_num_requests_waiting`` (the scheduler's own counts after the step),
   ``fluid_step_seconds``, ``fluid_prefix_cache_queries_total`` / ``fluid_prefix_cache_hits_total``
   (prompt tokens admitted, and of them those a slot's cache already held: ``sampling/reuse.py``;
-  vLLM's pair of the same meaning).
+  vLLM's pair of the same meaning), ``fluid_spec_decode_num_drafts_total`` /
+  ``_num_draft_tokens_total`` / ``_num_accepted_tokens_total`` /
+  ``_num_accepted_tokens_per_pos_total{position}`` (the drafts each request verified in the step,
+  and those accepted into its output, by position).
 
 The same figures are also exposed under vLLM's names (``vllm:num_requests_running``,
 ``vllm:num_requests_waiting``, ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
 ``vllm:request_success_total{finished_reason}`` — requests the engine ended, refusals left out —,
-the latency and per-request token histograms and the prefix-cache pair), each with vLLM's
-``model_name`` label, so dashboards, alerts and autoscalers written for vLLM read the series they
-share with this server (vLLM's KV-cache usage, queue time and speculative-decoding counters have
-no counterpart here).
+the latency and per-request token histograms, the prefix-cache pair and the speculative-decoding
+counters — ``vllm:spec_decode_num_drafts`` / ``_num_draft_tokens`` / ``_num_accepted_tokens`` /
+``_num_accepted_tokens_per_pos{position}``: a request's verify of its drafts in a step is one
+draft, as a vLLM drafter's proposal is), each with vLLM's ``model_name`` label, so dashboards,
+alerts and autoscalers written for vLLM read the series they share with this server (vLLM's
+KV-cache usage and queue time have no counterpart here).
 
 prometheus-client's metrics are thread-safe, so both sides write without locks.
 """
@@ -60,6 +65,10 @@ VLLM_NAMES = {
     "fluid_request_generation_tokens": "vllm:request_generation_tokens",
     "fluid_prefix_cache_queries": "vllm:prefix_cache_queries",
     "fluid_prefix_cache_hits": "vllm:prefix_cache_hits",
+    "fluid_spec_decode_num_drafts": "vllm:spec_decode_num_drafts",
+    "fluid_spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "fluid_spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+    "fluid_spec_decode_num_accepted_tokens_per_pos": "vllm:spec_decode_num_accepted_tokens_per_pos",
 }
 
 
@@ -99,7 +108,9 @@ class _VllmNames(Collector):
 class ServerMetrics:
     """Every metric of one server, in its own registry."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, positions: int = 0) -> None:
+        """``positions``: the draft positions whose acceptance is counted from the start (the
+        engine's block length; later ones appear when first accepted)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -154,6 +165,28 @@ class ServerMetrics:
             registry=r,
         )
         self._seen = (0, 0)  # the scheduler's (queried, hits) at the last step
+        # the drafts as vLLM's speculative decoding counts them: a request's verify of drafts in a
+        # step is one draft; acceptance rate = accepted / draft tokens, mean acceptance length =
+        # 1 + accepted / drafts, per position = accepted_per_pos / drafts
+        self.drafts = Counter(
+            "fluid_spec_decode_num_drafts", "Request steps that verified drafts", registry=r
+        )
+        self.draft_tokens = Counter(
+            "fluid_spec_decode_num_draft_tokens", "Drafted tokens verified", registry=r
+        )
+        self.accepted_tokens = Counter(
+            "fluid_spec_decode_num_accepted_tokens",
+            "Drafted tokens accepted into a request's output",
+            registry=r,
+        )
+        self.accepted_at = Counter(
+            "fluid_spec_decode_num_accepted_tokens_per_pos",
+            "Accepted drafted tokens by their position in the verified drafts",
+            ["position"],
+            registry=r,
+        )
+        for pos in range(positions):
+            self.accepted_at.labels(position=str(pos))
         self.running = Gauge("fluid_num_requests_running", "Requests in the batch", registry=r)
         self.waiting = Gauge("fluid_num_requests_waiting", "Requests queued", registry=r)
         info = Gauge("fluid_model_info", "The served model", ["model"], registry=r)
@@ -171,6 +204,10 @@ class ServerMetrics:
             self.request_generation,
             self.cache_queries,
             self.cache_hits,
+            self.drafts,
+            self.draft_tokens,
+            self.accepted_tokens,
+            self.accepted_at,
         ]
         r.register(_VllmNames(mirrored, self.requests, model_name))
 
@@ -182,6 +219,12 @@ class ServerMetrics:
             made += len(ev.tokens)
             if ev.tokens:
                 self.accepted.observe(ev.accepted)
+            if ev.drafted:
+                self.drafts.inc()
+                self.draft_tokens.inc(ev.drafted)
+                self.accepted_tokens.inc(ev.accepted)
+                for pos in range(ev.accepted):
+                    self.accepted_at.labels(position=str(pos)).inc()
         if made:
             self.generation_tokens.inc(made)
         self.running.set(scheduler.num_running)
