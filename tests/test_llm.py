@@ -262,3 +262,36 @@ def test_priority_and_lora_request_as_vllm_takes_them(model_dir):  # noqa: F811
         one.generate(prompts, greedy, use_tqdm=False, priority=[1, 2])
     with pytest.raises(ConfigError, match="priority"):
         LLM(model_dir, max_num_seqs=1).generate("abc", greedy, use_tqdm=False, priority=[1])
+
+
+def test_get_metrics_reads_as_vllms(model_dir):  # noqa: F811
+    """``llm.get_metrics()`` as vLLM's speculative-decoding example reads it: the drafts
+    verified, those accepted and by position (each position accepted only after the one before
+    it), and the mean acceptance length 1 + accepted / drafts (above 1: the chain model's drafts
+    are accepted), counted over every call."""
+    from fluid_npu.sampling.llm import Counter, Gauge, Vector
+
+    llm = LLM(model_dir, max_num_seqs=4, max_model_len=160, engine_kwargs={"adaptive": False})
+    greedy = SamplingParams(temperature=0, max_tokens=24)  # (fixed blocks: every step drafts)
+    llm.generate(PROMPTS[3:5], greedy, use_tqdm=False)
+
+    def read() -> dict:
+        return {m.name: m for m in llm.get_metrics()}
+
+    before = read()
+    llm.generate(PROMPTS[:3], greedy, use_tqdm=False)
+    got = read()
+    assert isinstance(got["vllm:num_requests_running"], Gauge)
+    assert got["vllm:num_requests_running"].value == 0 == got["vllm:num_requests_waiting"].value
+    drafts, drafted, accepted = (
+        got[f"vllm:spec_decode_num_{n}"] for n in ("drafts", "draft_tokens", "accepted_tokens")
+    )
+    assert all(isinstance(c, Counter) for c in (drafts, drafted, accepted))
+    assert drafts.labels == {"model_name": model_dir}
+    assert drafts.value > before["vllm:spec_decode_num_drafts"].value  # (counted over calls)
+    assert 0 < accepted.value <= drafted.value
+    assert 1 + accepted.value / drafts.value > 1.5
+    per_pos = got["vllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert isinstance(per_pos, Vector) and len(per_pos.values) >= llm.engine.k
+    assert sum(per_pos.values) == accepted.value and per_pos.values[0] <= drafts.value
+    assert per_pos.values == sorted(per_pos.values, reverse=True)

@@ -34,6 +34,10 @@ Numbers are taken as vLLM takes them (an int for a float, a numpy scalar, a whol
 count); a wrong type or value is a ``ConfigError`` naming the field. A call interrupted mid-way
 (Ctrl-C, an error) aborts what it queued, so the engine is clean for the next one.
 
+``llm.get_metrics()`` gives vLLM's ``Counter`` / ``Vector`` / ``Gauge`` list: the requests
+running and waiting and the speculative-decoding counters, from which vLLM's example computes the
+mean acceptance length (1 + accepted / drafts) and the acceptance rate by position.
+
 The data classes live in ``llm_params.py`` (imported from here too). A difference from vLLM,
 said here rather than hidden: ``decoded_token`` is the token decoded alone.
 """
@@ -50,13 +54,18 @@ from fluid_npu.sampling.detok import Detokenizer, end_tokens
 from fluid_npu.sampling.inputs import special_ends, text_specials, truncated_prompt
 from fluid_npu.sampling.llm_params import (
     CompletionOutput,
+    Counter,
+    Gauge,
     Logprob,
+    Metric,
     RequestOutput,
     SamplingParams,
     StructuredOutputsParams,
+    Vector,
+    engine_metrics,
+    one_each,
 )
 from fluid_npu.sampling.rules import INT64_MAX
-from fluid_npu.sampling.rules import SamplingParams as EngineParams
 
 Prompt = str | Mapping[str, Any]  # a text, {"prompt": text} or {"prompt_token_ids": [...]}
 
@@ -140,6 +149,7 @@ class LLM:
             logprobs_mode=logprobs_mode, scheduling_policy=scheduling_policy,
             **switches,
         )  # fmt: skip
+        self._model_name = str(model)  # (the metrics' model_name label, as vLLM's)
         self._specials = text_specials(self.tokenizer)  # (kept when a text is truncated)
         self._seeds = None if seed is None else random.Random(seed)
         self._count = 0
@@ -147,6 +157,11 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's ``LLM.get_metrics()``: the requests running and waiting, and the
+        speculative-decoding counters over every call so far (``llm_params.engine_metrics``)."""
+        return engine_metrics(self.engine, self._model_name)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate`` uses without ``sampling_params``: the model's generation config
@@ -288,21 +303,7 @@ class LLM:
 
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        params = (
-            [sampling_params] * len(items)
-            if isinstance(sampling_params, SamplingParams)
-            else list(sampling_params)
-        )
-        if not items:
-            raise ConfigError("no prompts given")
-        if not all(isinstance(p, SamplingParams) for p in params):
-            raise ConfigError(
-                "sampling_params takes a SamplingParams (or a list of them, one per prompt)"
-            )
-        if len(params) != len(items):
-            raise ConfigError(
-                f"{len(params)} sampling_params for {len(items)} prompts; give one, or one each"
-            )
+        params = one_each(sampling_params, len(items))
         context = self.engine.max_len
         requests, plans = [], []
         for n, ((text, ids, ends), sp) in enumerate(zip(encoded, params)):
@@ -323,17 +324,9 @@ class LLM:
                     "context leaves it; lower min_tokens"
                 )
             vocab = self.fluid.model.get_input_embeddings().weight.shape[0]
-            top, asked = (vocab if k == -1 else k for k in (sp.logprobs, sp.prompt_logprobs))
-            engine = EngineParams(
-                temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p,
-                seed=sp.seed if sp.seed is not None or sp.temperature == 0 else self._draw(),
-                logprobs=sp.logprobs is not None, top_logprobs=top or 0,
-                prompt_logprobs=asked, repetition_penalty=sp.repetition_penalty,
-                presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
-                logit_bias=dict(sp.logit_bias or {}), min_tokens=sp.min_tokens,
-                allowed_token_ids=tuple(sp.allowed_token_ids or ()),
-                bad_words=bad_word_sequences(self.tokenizer, sp.bad_words or []),
-            )  # fmt: skip
+            seed = sp.seed if sp.seed is not None or sp.temperature == 0 else self._draw()
+            banned = bad_word_sequences(self.tokenizer, sp.bad_words or [])
+            engine = sp.engine_params(vocab, seed, banned)
             grammar = self._grammar(sp, n)
             eos, ends, _ = end_tokens(
                 self.eos_ids,
@@ -462,8 +455,12 @@ class LLM:
 __all__ = [
     "LLM",
     "CompletionOutput",
+    "Counter",
+    "Gauge",
     "Logprob",
+    "Metric",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputsParams",
+    "Vector",
 ]

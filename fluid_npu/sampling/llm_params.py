@@ -1,6 +1,7 @@
 """vLLM's offline-API data classes for ``llm.py``: ``SamplingParams`` (vLLM's fields, names and
-defaults, checked and cast as vLLM takes them), ``StructuredOutputsParams``, and the outputs
-``RequestOutput`` / ``CompletionOutput`` / ``Logprob``."""
+defaults, checked and cast as vLLM takes them), ``StructuredOutputsParams``, the outputs
+``RequestOutput`` / ``CompletionOutput`` / ``Logprob``, and ``get_metrics``' ``Metric`` /
+``Counter`` / ``Vector`` / ``Gauge``."""
 
 from __future__ import annotations
 
@@ -86,11 +87,41 @@ class SamplingParams:
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
 
+    def engine_params(self, vocab: int, seed: int | None, bad_words: Any) -> Any:
+        """The engine's ``rules.SamplingParams`` for these (``vocab``: what -1 logprobs means;
+        ``seed``: the request's, drawn where unseeded; ``bad_words``: tokenized)."""
+        from fluid_npu.sampling.rules import SamplingParams as EngineParams
+
+        top, asked = (vocab if k == -1 else k for k in (self.logprobs, self.prompt_logprobs))
+        return EngineParams(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+            seed=seed, logprobs=self.logprobs is not None, top_logprobs=top or 0,
+            prompt_logprobs=asked, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            logit_bias=dict(self.logit_bias or {}), min_tokens=self.min_tokens,
+            allowed_token_ids=tuple(self.allowed_token_ids or ()), bad_words=bad_words,
+        )  # fmt: skip
+
 
 _FLOATS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
            "min_p")  # fmt: skip
 _INTS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
          "truncate_prompt_tokens")  # fmt: skip
+
+
+def one_each(given: Any, n: int) -> list[SamplingParams]:
+    """``generate``'s ``sampling_params`` (one for all, or one per prompt) as one per prompt; a
+    wrong kind or count is a ``ConfigError``."""
+    params = [given] * n if isinstance(given, SamplingParams) else list(given)
+    if not n:
+        raise ConfigError("no prompts given")
+    if not all(isinstance(p, SamplingParams) for p in params):
+        raise ConfigError(
+            "sampling_params takes a SamplingParams (or a list of them, one per prompt)"
+        )
+    if len(params) != n:
+        raise ConfigError(f"{len(params)} sampling_params for {n} prompts; give one, or one each")
+    return params
 
 
 def _number(name: str, value: Any, kind: type) -> Any:
@@ -145,3 +176,50 @@ class RequestOutput:
     finished: bool = True
     num_cached_tokens: int = 0  # prompt tokens found in the engine's cache (prefix reuse)
     metrics: dict[str, Any] = field(default_factory=dict)  # forwards, TPF
+
+
+@dataclass
+class Metric:
+    """vLLM's ``vllm.v1.metrics.reader.Metric``: a named series with labels."""
+
+    name: str
+    labels: dict[str, str]
+
+
+@dataclass
+class Counter(Metric):
+    value: int
+
+
+@dataclass
+class Vector(Metric):
+    """An ordered array of counters (vLLM's ``spec_decode_num_accepted_tokens_per_pos``)."""
+
+    values: list[int]
+
+
+@dataclass
+class Gauge(Metric):
+    value: float
+
+
+def engine_metrics(engine: Any, model_name: str) -> list[Metric]:
+    """What ``LLM.get_metrics()`` returns, as vLLM's reader does, from the engine's own counts
+    (every call so far): the requests running and waiting, and the speculative-decoding counters
+    — each request's verify of its drafts in a step is one draft, its accepted drafts counted by
+    position — from which vLLM's example takes the acceptance rate and mean acceptance length."""
+    labels = {"model_name": model_name}
+    verified, accepted = engine.k_hist, engine.accept_hist  # (per request-step: drafts, accepted)
+    longest = max([engine.k, *verified])
+    return [
+        Gauge("vllm:num_requests_running", dict(labels), float(engine.num_running)),
+        Gauge("vllm:num_requests_waiting", dict(labels), float(engine.num_waiting)),
+        Counter("vllm:spec_decode_num_drafts", dict(labels),
+                sum(n for m, n in verified.items() if m)),
+        Counter("vllm:spec_decode_num_draft_tokens", dict(labels),
+                sum(m * n for m, n in verified.items())),
+        Counter("vllm:spec_decode_num_accepted_tokens", dict(labels),
+                sum(a * n for a, n in accepted.items())),
+        Vector("vllm:spec_decode_num_accepted_tokens_per_pos", dict(labels),
+               [sum(n for a, n in accepted.items() if a > p) for p in range(longest)]),
+    ]  # fmt: skip
