@@ -14,7 +14,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 
 from fluid_npu.errors import FluidError
 
@@ -49,6 +49,11 @@ def _train(args: argparse.Namespace) -> int:
     from fluid_npu.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if (cfg.train.deepspeed or cfg.train.fsdp) and one_process_environment(os.environ):
+        logging.getLogger("fluid_npu").warning(
+            "deepspeed / fsdp without a launcher: training as one process on one device "
+            "(several devices: bash run_npu.sh train, or torchrun)"
+        )
     if cfg.fluid.stage == "fluid_stage1":
         from fluid_npu.train.stage1 import run_stage1
 
@@ -64,6 +69,23 @@ def _train(args: argparse.Namespace) -> int:
     if _close_process_group() and os.environ.get("TORCHELASTIC_RUN_ID"):
         _exit_without_teardown()
     return 0
+
+
+def one_process_environment(env: MutableMapping[str, str]) -> bool:
+    """Where no launcher set the distributed environment (``WORLD_SIZE`` / ``LOCAL_RANK``), set
+    that of one process on a free local port, as transformers' docs do for DeepSpeed in a notebook
+    (DeepSpeed and FSDP need a process group, which the Trainer makes from it); returns whether
+    it did. LLaMA-Factory's ``llamafactory-cli train`` starts torchrun itself instead."""
+    if "WORLD_SIZE" in env or "LOCAL_RANK" in env:
+        return False
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    return True
 
 
 def _close_process_group() -> bool:

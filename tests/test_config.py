@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import yaml
 
 from fluid_npu.cli import main as cli_main
 from fluid_npu.config import build_config, load_config, parse_overrides
@@ -166,3 +167,56 @@ def test_cli_debug_shows_the_traceback(tmp_path):
 def test_lora_alpha_defaults_to_twice_the_rank_as_in_llama_factory():
     assert build_config({"lora_rank": 64}).fluid.lora_alpha == 128
     assert build_config({"lora_rank": 8, "lora_alpha": 32}).fluid.lora_alpha == 32
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("use_dora", True, "a LoRA variant"),
+        ("image_max_pixels", 589824, "text-only"),
+        ("mix_strategy", "interleave_under", "joined in the order"),
+        ("pref_beta", 0.1, "other stages"),
+        ("vllm_maxlen", 4096, "fluid serve"),
+        ("use_galore", True, "optimizer"),
+        ("master_port", 29500, "MASTER_PORT"),
+    ],
+)
+def test_llama_factory_features_missing_here_are_refused_by_name(key, value, why):
+    """A LLaMA-Factory key of a feature this project lacks names itself and the reason — not a
+    typo of some unrelated key (``use_dora`` is not ``use_cache``)."""
+    with pytest.raises(ConfigError) as err:
+        build_config({"stage": "fluid_stage1", key: value})
+    message = str(err.value)
+    assert f"{key!r} is LLaMA-Factory's" in message and why in message
+    assert "did you mean" not in message
+
+
+def test_llama_factory_spellings_read_as_ours():
+    """``disable_gradient_checkpointing`` is the negation of ``gradient_checkpointing``;
+    ``quantization_method: bnb`` is the only one here (another is refused by value); an unquoted
+    ``no`` (YAML 1.1's false) is the strategy "no"; Trainer keys only its own loss would apply
+    are refused when set."""
+    base = {"stage": "fluid_stage1"}
+    assert not build_config(
+        {**base, "disable_gradient_checkpointing": True}
+    ).train.gradient_checkpointing
+    assert build_config(
+        {**base, "disable_gradient_checkpointing": False}
+    ).train.gradient_checkpointing
+    with pytest.raises(ConfigError, match="contradict"):
+        build_config(
+            {**base, "disable_gradient_checkpointing": True, "gradient_checkpointing": True}
+        )
+    cfg = build_config({**base, "quantization_bit": 4, "quantization_method": "bnb"})
+    assert cfg.model.quantization_bit == 4 and "quantization_method" not in cfg.extra_training_args
+    with pytest.raises(ConfigError, match="bitsandbytes only"):
+        build_config({**base, "quantization_bit": 4, "quantization_method": "gptq"})
+    values = yaml.safe_load("eval_strategy: no\nsave_strategy: no\n")  # (YAML 1.1: false)
+    assert values == {"eval_strategy": False, "save_strategy": False}
+    cfg = build_config({**base, **values})
+    assert cfg.extra_training_args == {"eval_strategy": "no", "save_strategy": "no"}
+    assert build_config({**base, "label_smoothing_factor": 0.0}).extra_training_args
+    with pytest.raises(ConfigError, match=r"label_smoothing_factor: 0\.3 would not apply"):
+        build_config({**base, "label_smoothing_factor": 0.3})
+    with pytest.raises(ConfigError, match="use_liger_kernel"):
+        build_config({**base, "use_liger_kernel": True})

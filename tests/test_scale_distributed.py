@@ -294,3 +294,37 @@ def test_the_dataset_index_survives_the_trainer_dataloader(tiny_model_dir, demo_
     next(iter(trainer.get_train_dataloader()))
     assert seen and all(len(batch) == cfg.train.per_device_train_batch_size for batch in seen)
     assert all(isinstance(i, int) and 0 <= i < len(session.data.train) for b in seen for i in b)
+
+
+def test_one_process_environment_only_where_no_launcher_set_one():
+    from fluid_npu.cli import one_process_environment
+
+    env: dict[str, str] = {}
+    assert one_process_environment(env)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("0", "0", "1")
+    assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
+    launched = {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert not one_process_environment(launched) and launched == {
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+    }
+
+
+@pytest.mark.slow
+def test_fsdp_without_a_launcher_trains_as_one_process(tiny_model_dir, demo_data, tmp_path):
+    """``fluid train`` with ``fsdp`` (or ``deepspeed``) and no torchrun trains as one process,
+    saying so, where the Trainer alone stops ("fsdp only works in distributed training")."""
+    recipe = tmp_path / "stage1.yaml"
+    recipe.write_text(yaml.safe_dump({**_recipe(tiny_model_dir, demo_data), "max_steps": 1}))
+    out = tmp_path / "fsdp-one"
+    env = _launcher_env(OMP_NUM_THREADS="1")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "fluid_npu.cli", "train", str(recipe), "fsdp=full_shard",
+           f"output_dir={out}"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "training as one process on one device" in proc.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["device"]["world_size"] == 1
+    assert record["parallelism"]["wrapper"].startswith("FSDP")

@@ -183,7 +183,10 @@ class ChatTemplate:
         ]
 
 
-# The ChatML layout of Qwen (and LLaMA-Factory's ``qwen`` template, default system included).
+# The ChatML layout of Qwen, with Qwen2's default system prompt (LLaMA-Factory's ``qwen`` template
+# now has Qwen2.5's, "You are Qwen, created by Alibaba Cloud. ...", and writes tool calls and
+# results in <tool_call> / <tool_response> tags: for those, leave ``template`` out and train on
+# the tokenizer's own chat template).
 _QWEN = ChatTemplate(
     name="qwen",
     system="<|im_start|>system\n{content}<|im_end|>\n",
@@ -393,11 +396,17 @@ def get_template(name: str | None, tokenizer: Any) -> Template:
             return TEMPLATES[named]
         if saved:
             return TokenizerChatTemplate(tokenizer)
-        logger.info("the tokenizer has no chat template: using the `default` template")
+        logger.warning(
+            "the tokenizer has no chat template and the recipe names none: using the `default` "
+            "template (Human: / Assistant: turns); set template (e.g. empty) to choose"
+        )
         return TEMPLATES["default"]
     if name not in TEMPLATES:
         valid = ", ".join([AUTO, *sorted(TEMPLATES)])
-        raise ConfigError(f"unknown template {name!r}; valid templates: {valid}")
+        raise ConfigError(
+            f"unknown template {name!r}; valid templates: {valid} — or leave template out to "
+            "train on the tokenizer's own chat template"
+        )
     template = TEMPLATES[name]
     missing = template.missing_tokens(tokenizer)
     if missing:
