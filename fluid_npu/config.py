@@ -55,7 +55,6 @@ IGNORED_KEYS = {
     "upcast_layernorm": "norms follow the model dtype",
     "use_unsloth": "not used",
     "print_param_status": "trainable parameters are logged at start",
-    "new_special_tokens": "the MASK token is added by mask_token resolution",
 }
 
 

@@ -76,6 +76,7 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     ),
     TOKENS: (
         "resize_vocab", "split_special_tokens", "add_tokens", "add_special_tokens",
+        "new_special_tokens",
         "new_special_tokens_config", "init_special_tokens",
     ),
     MODEL: (

@@ -179,6 +179,7 @@ def test_lora_alpha_defaults_to_twice_the_rank_as_in_llama_factory():
         ("vllm_maxlen", 4096, "fluid serve"),
         ("use_galore", True, "optimizer"),
         ("master_port", 29500, "MASTER_PORT"),
+        ("new_special_tokens", "<think>,</think>", "only the MASK token is added"),
     ],
 )
 def test_llama_factory_features_missing_here_are_refused_by_name(key, value, why):
