@@ -252,6 +252,28 @@ def test_alpaca_with_column_mapping(tmp_path, tok):
     )
 
 
+def test_empty_system_is_unset(tmp_path, tok):
+    """``"system": ""`` keeps the template's default system, as LLaMA-Factory's ``system or
+    default_system`` does (alpaca's system column, sharegpt's column and system message)."""
+    alpaca = [
+        {"instruction": "Q", "output": "R", "system": ""},
+        {"instruction": "Q", "output": "R"},
+    ]
+    turns = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "R"}]
+    sharegpt = [
+        {"conversations": turns, "system": ""},
+        {"conversations": [{"from": "system", "value": ""}, *turns]},
+        {"conversations": turns},
+    ]
+    write_jsonl(tmp_path / "a.jsonl", alpaca)
+    write_jsonl(tmp_path / "s.jsonl", sharegpt)
+    write_info(tmp_path, {"a": {"file_name": "a.jsonl", "columns": {"system": "system"}}})
+    data = build_sft_dataset(make_args(tmp_path, "a, s.jsonl"), tok)
+    expected = QWEN_SYSTEM + "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nR<|im_end|>"
+    assert [split_text(tok, ex)[0] for ex in data.train] == [expected] * 5
+    assert len({tuple(ex["input_ids"]) for ex in data.train}) == 1
+
+
 def test_sharegpt_with_custom_tags(tmp_path, tok):
     rows = [
         {

@@ -5,7 +5,8 @@ A ``dataset:`` entry is either a name described in ``<dataset_dir>/dataset_info.
 names and defaults) or a path to a file or directory whose format is inferred from its columns.
 This module turns those into ``DatasetSpec`` objects and converts one row of either format into a
 ``Conversation``, raising ``RowError`` with the problem when the row is bad (missing column, wrong
-type, empty response, roles that do not alternate). Reading the files is ``loader.py``'s job.
+type, empty response, roles that do not alternate). An empty system counts as unset (the
+template's default system applies), as in LLaMA-Factory. Reading the files is ``loader.py``'s job.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def _alpaca(row: Mapping[str, Any], cols: Mapping[str, str | None]) -> Conversat
             messages.append((ASSISTANT, _text(pair[1], f"history entry {i} response")))
     messages.append((USER, "\n".join(t for t in (prompt, query) if t)))
     messages.append((ASSISTANT, response))
-    return Conversation(messages, system=get("system"))
+    return Conversation(messages, system=get("system") or None)  # "" is unset, as for sharegpt
 
 
 def _sharegpt(
@@ -298,7 +299,8 @@ def _sharegpt(
         if not isinstance(tools, list | dict):
             raise RowError(f"column {cols['tools']!r} must be JSON text or a list of tools")
         tools = json.dumps(tools, ensure_ascii=False)
-    return Conversation(out, system=system, tools=tools or None)
+    # an empty system is unset, as in LLaMA-Factory: the template's default system applies
+    return Conversation(out, system=system or None, tools=tools or None)
 
 
 def to_conversation(row: Mapping[str, Any], spec: DatasetSpec) -> Conversation:
