@@ -6,7 +6,7 @@ names and defaults) or a path to a file or directory whose format is inferred fr
 This module turns those into ``DatasetSpec`` objects and converts one row of either format into a
 ``Conversation``, raising ``RowError`` with the problem when the row is bad (missing column, wrong
 type, empty response, roles that do not alternate). An empty system counts as unset (the
-template's default system applies), as in LLaMA-Factory. Reading the files is ``loader.py``'s job.
+template's default system applies), as in LLaMA-Factory. Reading the files is ``files.py``'s job.
 """
 
 from __future__ import annotations

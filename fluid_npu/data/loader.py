@@ -2,24 +2,18 @@
 
 Stage I and Stage II read tokenized (prompt, response) examples: ``input_ids`` and ``labels`` with
 ``labels[i] = input_ids[i]`` on response tokens and -100 on prompt tokens (the Stage I layout does
-the shift itself). This module reads the files through ``datasets`` (json / jsonl / parquet files or
+the shift itself). This module reads the files with ``files.py`` (json / jsonl / parquet files or
 directories of them, never the network), converts each row with ``formats.py``, renders it with a
 chat template from ``templates.py``, truncates to ``cutoff_len`` and reports bad rows — as one clear
-``DataError`` naming the dataset, the row's file and place and the fix, or, with ``skip_bad_rows``,
-dropped and counted. A row's place is its 1-based line in a JSON lines file (blank lines counted,
-as an editor shows them), its index in a file holding one JSON array, its 0-based row in a parquet
-file. Files that are missing, empty or malformed (a line that is no JSON object) fail with the file
-and line named.
+``DataError`` naming the dataset, the row's file and place (``files.row_places``) and the fix, or,
+with ``skip_bad_rows``, dropped and counted.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
-import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +21,7 @@ from typing import Any
 import datasets
 import pyarrow.compute as pc
 
+from fluid_npu.data.files import load_raw, row_places
 from fluid_npu.data.formats import DatasetSpec, RowError, finalize_spec, resolve_datasets
 from fluid_npu.data.formats import to_conversation as _to_conversation
 from fluid_npu.data.templates import Template, get_template
@@ -36,7 +31,6 @@ from fluid_npu.errors import DataError
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 REPORTED_SKIPS = 5  # how many skipped rows the stats keep (dataset, index, "place: problem")
 HEAD_ROWS = 8  # the first rows that tell the format (sharegpt tags) and test the tokenizer
 # Part of the key of the tokenization cache of ``datasets``: it hashes the mapped function and its
@@ -44,7 +38,7 @@ HEAD_ROWS = 8  # the first rows that tell the format (sharegpt tags) and test th
 _CODE_DIGEST = hashlib.sha256(
     b"".join(
         (Path(__file__).parent / n).read_bytes()
-        for n in ("formats.py", "loader.py", "templates.py")
+        for n in ("files.py", "formats.py", "loader.py", "templates.py")
     )
 ).hexdigest()
 _FEATURES = datasets.Features(
@@ -91,146 +85,6 @@ class SFTData:
     eval: datasets.Dataset | None
     stats: DataStats
     template: str
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading files
-# ---------------------------------------------------------------------------------------------
-
-
-def _data_files(spec: DatasetSpec) -> tuple[str, list[Path]]:
-    """The ``datasets`` builder name and the files of ``spec`` (a file or a directory)."""
-    path, where = spec.path, f"dataset {spec.name!r}"
-    if not path.exists():
-        raise DataError(f"{where}: {path} does not exist; check `file_name` / the path")
-    if path.is_dir():
-        files = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix in SUFFIX_BUILDERS
-        )
-        if not files:
-            raise DataError(f"{where}: directory {path} has no {'/'.join(SUFFIX_BUILDERS)} files")
-    elif path.suffix not in SUFFIX_BUILDERS:
-        raise DataError(f"{where}: {path} is not a {'/'.join(SUFFIX_BUILDERS)} file")
-    else:
-        files = [path]
-    builders = {SUFFIX_BUILDERS[p.suffix] for p in files}
-    if len(builders) > 1:
-        raise DataError(f"{where}: directory {path} mixes json and parquet files; keep one kind")
-    for f in files:
-        if f.stat().st_size == 0:
-            raise DataError(f"{where}: {f} is empty")
-    return builders.pop(), files
-
-
-def _kind(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
-
-
-def _json_problem(file: Path) -> str | None:
-    """Why ``file`` is not JSON / JSON lines of objects (with the line number), or None."""
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        return f"{file} is not UTF-8 text ({e})"
-    lines = text.split("\n")  # as datasets (pyarrow) splits JSON lines
-    if not text.strip():
-        return f"{file} is empty"
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as e:
-        first = next(line for line in lines if line.strip())
-        try:
-            json.loads(first)
-        except json.JSONDecodeError:
-            return f"{file} line {e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
-    else:
-        rows = whole if isinstance(whole, list) else [whole]
-        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
-        if bad is None:
-            return None
-        where = f"array index {bad}" if isinstance(whole, list) else "line 1"
-        return f"{file} {where}: {_kind(rows[bad])}, not an object (one example per row)"
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            return f"{file} line {lineno}: malformed JSON ({e.msg}, column {e.colno})"
-        if not isinstance(row, dict):
-            return f"{file} line {lineno}: {_kind(row)}, not an object (one example per line)"
-    return None
-
-
-def _places(file: Path, builder: str) -> Iterator[str]:
-    """Where each row of ``file`` is, in the order ``datasets`` reads them (see the docstring)."""
-    if builder == "parquet":
-        import pyarrow.parquet as pq
-
-        yield from (f"row {i} (0-based)" for i in range(pq.ParquetFile(file).metadata.num_rows))
-        return
-    with file.open("rb") as fh:
-        head = fh.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
-    if head.startswith("["):  # one JSON array (a JSON-lines file whose first row is one fails)
-        try:
-            whole = json.loads(file.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError:
-            whole = None
-        if isinstance(whole, list):
-            yield from (f"array index {i}" for i in range(len(whole)))
-            return
-    # JSON lines, read a line at a time (a large file is never held whole): one row per line that
-    # is not blank, lines split at "\n" only, as datasets (pyarrow) splits them
-    with file.open("rb") as fh:
-        for n, raw in enumerate(fh, 1):
-            if n == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            if raw.decode("utf-8", errors="replace").strip():
-                yield f"line {n}"
-
-
-def row_places(spec: DatasetSpec, indices: list[int]) -> dict[int, str]:
-    """``"FILE line N"`` (or ``array index`` / parquet ``row``) for the rows ``indices`` (0-based
-    over the files of ``spec`` in order), read in one pass that stops after the last (JSON lines
-    a line at a time)."""
-    builder, files = _data_files(spec)
-    wanted, found, row = set(indices), {}, 0
-    for file in files:
-        for place in _places(file, builder):
-            if row in wanted:
-                found[row] = f"{file} {place}"
-                if len(found) == len(wanted):
-                    return found
-            row += 1
-    return {**{i: f"row {i} (0-based)" for i in wanted}, **found}  # (a file changed meanwhile)
-
-
-def load_raw(spec: DatasetSpec, cache_dir: str | None = None) -> datasets.Dataset:
-    """Read the rows of ``spec`` with ``datasets`` (offline); clear errors for bad files."""
-    builder, files = _data_files(spec)
-    # datasets logs its own ERROR line for a parse failure; ours below names the line and the fix
-    json_log = logging.getLogger("datasets.packaged_modules.json.json")
-    level = json_log.level
-    json_log.setLevel(logging.CRITICAL)
-    try:
-        ds = datasets.load_dataset(
-            builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir
-        )
-    except Exception as e:  # datasets wraps parse errors in several types: diagnose them here
-        problems = [_json_problem(f) for f in files] if builder == "json" else []
-        problem = next((p for p in problems if p), None)
-        cause = e.__cause__ or e
-        names = ", ".join(map(str, files))
-        detail = problem or f"cannot read {names} ({type(cause).__name__}: {cause})"
-        raise DataError(f"dataset {spec.name!r}: {detail}; fix the file") from e
-    finally:
-        json_log.setLevel(level)
-    if len(ds) == 0:
-        raise DataError(f"dataset {spec.name!r}: {spec.path} has no rows")
-    return ds
 
 
 # ---------------------------------------------------------------------------------------------
