@@ -5,6 +5,8 @@ and turns a missing, empty or malformed file into one ``DataError`` naming the f
 line that is no JSON object included). ``row_places`` names where rows are, for the messages about
 bad rows: a row's place is its 1-based line in a JSON lines file (blank lines counted, as an editor
 shows them), its index in a file holding one JSON array, its 0-based row in a parquet file.
+``keep_raw_text`` gives the row checks a JSON file's own values where ``datasets`` typed a used
+column as something other than text (one mistyped row types the whole column ``Json``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import codecs
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ import datasets
 
 from fluid_npu.data.formats import DatasetSpec
 from fluid_npu.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 SUFFIX_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -91,12 +96,14 @@ def _json_problem(file: Path) -> str | None:
     return None
 
 
-def _places(file: Path, builder: str) -> Iterator[str]:
-    """Where each row of ``file`` is, in the order ``datasets`` reads them (see the docstring)."""
+def _records(file: Path, builder: str) -> Iterator[tuple[str, Any]]:
+    """``(place, record)`` for each row of ``file``, in the order ``datasets`` reads them (see the
+    docstring): the record is the row of a JSON array, a JSON line's bytes, None for parquet."""
     if builder == "parquet":
         import pyarrow.parquet as pq
 
-        yield from (f"row {i} (0-based)" for i in range(pq.ParquetFile(file).metadata.num_rows))
+        rows = pq.ParquetFile(file).metadata.num_rows
+        yield from ((f"row {i} (0-based)", None) for i in range(rows))
         return
     with file.open("rb") as fh:
         head = fh.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
@@ -106,7 +113,7 @@ def _places(file: Path, builder: str) -> Iterator[str]:
         except json.JSONDecodeError:
             whole = None
         if isinstance(whole, list):
-            yield from (f"array index {i}" for i in range(len(whole)))
+            yield from ((f"array index {i}", row) for i, row in enumerate(whole))
             return
     # JSON lines, read a line at a time (a large file is never held whole): one row per line that
     # is not blank, lines split at "\n" only, as datasets (pyarrow) splits them
@@ -115,7 +122,7 @@ def _places(file: Path, builder: str) -> Iterator[str]:
             if n == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             if raw.decode("utf-8", errors="replace").strip():
-                yield f"line {n}"
+                yield f"line {n}", raw
 
 
 def row_places(spec: DatasetSpec, indices: list[int]) -> dict[int, str]:
@@ -125,7 +132,7 @@ def row_places(spec: DatasetSpec, indices: list[int]) -> dict[int, str]:
     builder, files = _data_files(spec)
     wanted, found, row = set(indices), {}, 0
     for file in files:
-        for place in _places(file, builder):
+        for place, _ in _records(file, builder):
             if row in wanted:
                 found[row] = f"{file} {place}"
                 if len(found) == len(wanted):
@@ -157,3 +164,57 @@ def load_raw(spec: DatasetSpec, cache_dir: str | None = None) -> datasets.Datase
     if len(ds) == 0:
         raise DataError(f"dataset {spec.name!r}: {spec.path} has no rows")
     return ds
+
+
+def _is_text(feature: Any) -> bool:
+    """Whether ``feature`` holds text only: string (or all-null) values, in lists and structs."""
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("string", "large_string", "null")
+    if isinstance(feature, dict):
+        return all(map(_is_text, feature.values()))
+    if isinstance(feature, list):  # (the old spelling of a list feature)
+        return all(map(_is_text, feature))
+    inner = getattr(feature, "feature", None)  # List, LargeList
+    return inner is not None and _is_text(inner)
+
+
+def keep_raw_text(spec: DatasetSpec, raw: datasets.Dataset) -> tuple[DatasetSpec, datasets.Dataset]:
+    """The used columns of a JSON dataset that ``datasets`` did not type as text, replaced by each
+    row's value as the file holds it (read with ``json``, kept as JSON text: ``spec.json_columns``
+    tells ``to_conversation`` to decode them). ``spec`` is finalized (its columns known).
+
+    One mistyped row (``"output": 7``) makes ``datasets`` type its whole column ``Json``, which
+    decodes every string that is valid JSON (``"2"``, ``"true"``, ``"null"``) into a number, a
+    boolean or null; a column of dates becomes timestamps. Either would blame good rows, or drop
+    them with ``skip_bad_rows``. With the file's values a good row's text stays text, and the row
+    check names the row that is not.
+    """
+    builder, files = _data_files(spec)
+    used = dict.fromkeys(c for c in spec.columns.values() if c)
+    columns = [c for c in used if builder == "json" and not _is_text(raw.features[c])]
+    if not columns:
+        return spec, raw
+    logger.info(
+        "dataset %r: column(s) %s are not all text; reading their values from the files",
+        spec.name,
+        ", ".join(columns),
+    )
+    values: dict[str, list[str]] = {c: [] for c in columns}
+    for file in files:
+        for place, record in _records(file, builder):
+            try:
+                row = json.loads(record) if isinstance(record, bytes) else record
+            except json.JSONDecodeError as e:  # (datasets read it: the file changed meanwhile)
+                raise DataError(f"dataset {spec.name!r}: {file} {place}: malformed JSON") from e
+            for c in columns:
+                value = row.get(c) if isinstance(row, dict) else None
+                values[c].append(json.dumps(value, ensure_ascii=False))
+    if len(values[columns[0]]) != len(raw):
+        raise DataError(
+            f"dataset {spec.name!r}: its files changed while being read ({len(raw)} rows, then "
+            f"{len(values[columns[0]])}); run again"
+        )
+    for c in columns:  # (added first: a table with no column left would have no rows either)
+        raw = raw.add_column(f"{c}\ttext", values[c], feature=datasets.Value("string"))
+    raw = raw.remove_columns(columns).rename_columns({f"{c}\ttext": c for c in columns})
+    return replace(spec, json_columns=frozenset(columns)), raw

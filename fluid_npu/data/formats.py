@@ -83,6 +83,7 @@ class DatasetSpec:
     columns: Mapping[str, str | None]
     tags: Mapping[str, str] | None  # sharegpt only; None: inferred from the first message
     explicit: frozenset[str] = frozenset()  # column roles the user mapped: they must exist
+    json_columns: frozenset[str] = frozenset()  # columns holding JSON text (files.keep_raw_text)
 
 
 def _names_hint(name: str, names: Sequence[str]) -> str:
@@ -305,6 +306,8 @@ def _sharegpt(
 
 def to_conversation(row: Mapping[str, Any], spec: DatasetSpec) -> Conversation:
     """Convert one row of a finalized spec; raises ``RowError`` when the row is bad."""
+    if spec.json_columns:
+        row = {**row, **{c: json.loads(row[c]) for c in spec.json_columns}}
     if spec.formatting == "alpaca":
         conversation = _alpaca(row, spec.columns)
     else:

@@ -21,7 +21,7 @@ from typing import Any
 import datasets
 import pyarrow.compute as pc
 
-from fluid_npu.data.files import load_raw, row_places
+from fluid_npu.data.files import keep_raw_text, load_raw, row_places
 from fluid_npu.data.formats import DatasetSpec, RowError, finalize_spec, resolve_datasets
 from fluid_npu.data.formats import to_conversation as _to_conversation
 from fluid_npu.data.templates import Template, get_template
@@ -149,6 +149,10 @@ def _sample_texts(spec: DatasetSpec, head: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
+def _head(raw: datasets.Dataset) -> list[dict[str, Any]]:
+    return raw.select(range(min(HEAD_ROWS, len(raw)))).to_list()
+
+
 def _is_good(errors: list[str]) -> list[bool]:
     return [e == "" for e in errors]
 
@@ -246,11 +250,11 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
     stats, parts = DataStats(), []
     for spec in specs:
         raw = load_raw(spec, getattr(args, "cache_dir", None))
+        spec = finalize_spec(spec, raw.column_names, _head(raw))
+        spec, raw = keep_raw_text(spec, raw)
         if max_samples is not None:
             raw = raw.select(range(min(int(max_samples), len(raw))))
-        head = raw.select(range(min(HEAD_ROWS, len(raw)))).to_list()
-        spec = finalize_spec(spec, raw.column_names, head)
-        check_tokenizer_encodes(tokenizer, _sample_texts(spec, head))
+        check_tokenizer_encodes(tokenizer, _sample_texts(spec, _head(raw)))
         stats.rows_read += len(raw)
         processed = _tokenize_dataset(spec, raw, template, tokenizer, args)
         kept = _drop_bad_rows(spec, processed, skip, stats)
