@@ -1,8 +1,9 @@
 """Dataset descriptions and row formats, compatible with LLaMA-Factory.
 
 A ``dataset:`` entry is either a name described in ``<dataset_dir>/dataset_info.json``
-(``file_name``, ``formatting`` alpaca | sharegpt, ``columns``, ``tags``, with LLaMA-Factory's key
-names and defaults) or a path to a file or directory whose format is inferred from its columns.
+(``file_name``, ``formatting`` alpaca | sharegpt, ``columns``, ``tags``, ``num_samples``, with
+LLaMA-Factory's key names and defaults; its hub keys ``split``, ``subset``, ``folder`` are refused,
+the files being local) or a path to a file or directory whose format is inferred from its columns.
 This module turns those into ``DatasetSpec`` objects and converts one row of either format into a
 ``Conversation``, raising ``RowError`` with the problem when the row is bad (missing column, wrong
 type, empty response, roles that do not alternate). An empty system counts as unset (the
@@ -28,7 +29,7 @@ from fluid_npu.data.templates import (
     USER,
     Conversation,
 )
-from fluid_npu.errors import DataError
+from fluid_npu.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class DatasetSpec:
     tags: Mapping[str, str] | None  # sharegpt only; None: inferred from the first message
     explicit: frozenset[str] = frozenset()  # column roles the user mapped: they must exist
     json_columns: frozenset[str] = frozenset()  # columns holding JSON text (files.keep_raw_text)
+    num_samples: int | None = None  # rows drawn with the run's seed (LLaMA-Factory's key)
 
 
 def _names_hint(name: str, names: Sequence[str]) -> str:
@@ -118,6 +120,7 @@ def _spec_from_info(name: str, entry: Any, dataset_dir: Path) -> DatasetSpec:
         raise DataError(f"{where}: {why}set `file_name` to a file or directory in {dataset_dir}")
     if entry.get("ranking"):
         raise DataError(f"{where}: preference datasets (ranking: true) are not supervised SFT data")
+    _check_local_keys(entry, where)
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATS:
         raise DataError(f"{where}: formatting {formatting!r} is not one of {FORMATS}")
@@ -142,7 +145,34 @@ def _spec_from_info(name: str, entry: Any, dataset_dir: Path) -> DatasetSpec:
         columns={**defaults, **columns},
         tags=tags,
         explicit=frozenset(k for k, v in columns.items() if v),
+        num_samples=_num_samples(entry.get("num_samples"), where),
     )
+
+
+def _check_local_keys(entry: Mapping[str, Any], where: str) -> None:
+    """Refuse LLaMA-Factory's hub keys ``split``, ``subset`` and ``folder``: it ignores ``subset``
+    and ``folder`` for a local file, and a local file has no split but ``train``."""
+    split = entry.get("split")
+    if split is not None and split != "train":
+        raise ConfigError(
+            f"{where}: split {split!r}: the rows of a local file are its train split (as in "
+            "LLaMA-Factory); remove `split` and point `file_name` at the file holding those rows "
+            "(num_samples or max_samples take fewer rows)"
+        )
+    for key in ("subset", "folder"):
+        if entry.get(key) is not None:
+            raise ConfigError(
+                f"{where}: `{key}` is for a dataset on a hub, and a local file has none; remove "
+                f'`{key}` (a file in a subdirectory is `"file_name": "dir/file.jsonl"`)'
+            )
+
+
+def _num_samples(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: num_samples={value!r} must be a whole number of rows, >= 1")
+    return value
 
 
 def resolve_datasets(dataset: str, dataset_dir: str | Path) -> list[DatasetSpec]:

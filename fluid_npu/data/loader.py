@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow.compute as pc
 
 from fluid_npu.data.files import keep_raw_text, load_raw, row_places
@@ -179,25 +181,47 @@ def _tokenize_dataset(
     )
 
 
+def _draw(spec: DatasetSpec, n_rows: int, rng: np.random.RandomState) -> list[int]:
+    """The rows ``num_samples`` takes, as LLaMA-Factory draws them: a random permutation cut to
+    ``num_samples``; beyond the rows, the whole permutation and a random remainder (with
+    replacement)."""
+    target = spec.num_samples
+    assert target is not None
+    indexes = rng.permutation(n_rows)[:target]
+    if target > len(indexes):
+        indexes = np.concatenate((indexes, rng.choice(n_rows, target - len(indexes))))
+    logger.info("dataset %r: drew num_samples=%d of its %d rows", spec.name, target, n_rows)
+    return indexes.tolist()
+
+
 def _drop_bad_rows(
-    spec: DatasetSpec, processed: datasets.Dataset, skip: bool, stats: DataStats
+    spec: DatasetSpec,
+    processed: datasets.Dataset,
+    skip: bool,
+    stats: DataStats,
+    rows: Sequence[int] | None,
 ) -> datasets.Dataset:
+    """Raise on the first bad row, or drop them and count them (``skip``). ``rows``: the file row
+    of each example (num_samples / max_samples took them), None when they are the file's rows."""
     errors = _columns(processed, "error").column("error")
     bad = pc.indices_nonzero(pc.not_equal(errors, "")).to_pylist()
     if not bad:
         return processed
-    first = bad[0]
+    source = bad if rows is None else [rows[i] for i in bad]  # (the row in the files)
     if not skip:
         more = f" ({len(bad) - 1} more bad rows in this dataset)" if len(bad) > 1 else ""
-        place = row_places(spec, [first])[first]
+        place = row_places(spec, source[:1])[source[0]]
         raise DataError(
-            f"dataset {spec.name!r}: {place}: {errors[first].as_py()}{more}. Fix the row, "
+            f"dataset {spec.name!r}: {place}: {errors[bad[0]].as_py()}{more}. Fix the row, "
             "or set skip_bad_rows: true to drop such rows"
         )
     stats.rows_skipped += len(bad)
-    shown = bad[: max(REPORTED_SKIPS - len(stats.skipped), 0)]
-    places = row_places(spec, shown) if shown else {}
-    stats.skipped += [(spec.name, i, f"{places[i]}: {errors[i].as_py()}") for i in shown]
+    shown = max(REPORTED_SKIPS - len(stats.skipped), 0)
+    places = row_places(spec, source[:shown]) if shown else {}
+    stats.skipped += [
+        (spec.name, row, f"{places[row]}: {errors[i].as_py()}")
+        for i, row in zip(bad[:shown], source[:shown])
+    ]
     return processed.filter(_is_good, input_columns="error", batched=True)
 
 
@@ -238,7 +262,9 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
     ``args`` is any object with the data keys of the config (``dataset``, ``dataset_dir``,
     ``template``, ``cutoff_len``, ``skip_bad_rows``, ``max_samples``, ``val_size``, ``seed``,
     ``mask_history``, ``train_on_prompt``; optional ``preprocessing_num_workers``, ``cache_dir``).
-    ``max_samples`` keeps the first rows of each dataset. A bad row is named by its file and line.
+    A dataset_info.json entry's ``num_samples`` draws that many rows with ``seed`` (repeating rows
+    when it exceeds them), then ``max_samples`` keeps the first rows of each dataset, as in
+    LLaMA-Factory. A bad row is named by its file and line.
     """
     cutoff_len = int(args.cutoff_len)
     if cutoff_len < 2:
@@ -248,16 +274,22 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
     skip = bool(getattr(args, "skip_bad_rows", False))
     max_samples = getattr(args, "max_samples", None)
     stats, parts = DataStats(), []
+    # LLaMA-Factory draws num_samples with numpy's global RNG, which its parser seeds with the
+    # run's seed: one generator for all the datasets, in their order, draws the same rows
+    rng = np.random.RandomState(int(args.seed))
     for spec in specs:
         raw = load_raw(spec, getattr(args, "cache_dir", None))
         spec = finalize_spec(spec, raw.column_names, _head(raw))
         spec, raw = keep_raw_text(spec, raw)
+        rows = None if spec.num_samples is None else _draw(spec, len(raw), rng)
         if max_samples is not None:
-            raw = raw.select(range(min(int(max_samples), len(raw))))
+            rows = (range(len(raw)) if rows is None else rows)[: int(max_samples)]
+        if rows is not None:
+            raw = raw.select(rows)
         check_tokenizer_encodes(tokenizer, _sample_texts(spec, _head(raw)))
         stats.rows_read += len(raw)
         processed = _tokenize_dataset(spec, raw, template, tokenizer, args)
-        kept = _drop_bad_rows(spec, processed, skip, stats)
+        kept = _drop_bad_rows(spec, processed, skip, stats, rows)
         if len(kept):
             _count(kept, stats)
             parts.append(kept.remove_columns(["error", "truncated"]))
