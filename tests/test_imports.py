@@ -6,9 +6,9 @@ The modules of ``fluid_npu`` are parsed with ``ast`` (nothing is imported). Two 
   hides a cycle: the two modules still need each other), and the package ``__init__`` that
   importing a submodule runs first;
 * the lower layers — ``layout``, ``data/``, ``model/``, ``device``, ``io``, ``config`` (and its
-  ``lf_keys``), ``errors`` — import none of the upper ones (``train/``, ``sampling/``, ``eval/``, ``serve/``,
-  ``demo/``, ``real/``, ``cli``), not even inside a function; and ``fluid_ops`` imports nothing of
-  ``fluid_npu``.
+  ``lf_keys``), ``errors`` — import none of the upper ones (``train/``, ``sampling/``, ``eval/``,
+  ``serve/``, ``demo/``, ``real/``, ``cli``), not even inside a function; and ``fluid_ops``
+  imports nothing of ``fluid_npu``.
 
 And one run: ``fluid``'s command line answers ``--help`` and a bad flag without importing torch,
 transformers or the serving stack (seconds on a small machine; the package ``__init__`` files
