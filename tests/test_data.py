@@ -498,3 +498,54 @@ def test_token_occurs(tmp_path, tok):
     assert token_occurs(data.train, im_end) and token_occurs(data.eval, im_end)
     assert not token_occurs(data.train, unused) and not token_occurs(None, im_end)
     assert token_occurs([{"input_ids": [1, unused]}], unused)
+
+
+def test_openai_formatting_reads_tool_calls_as_llama_factory_does():
+    """``formatting: openai``: an assistant message's ``tool_calls`` is a function-call turn (the
+    calls' ``function`` objects as JSON) and consecutive tool results one observation, as
+    LLaMA-Factory's OpenAI converter reads them; a role its tags do not name says which tags."""
+    from pathlib import Path
+
+    from fluid_npu.data.formats import OPENAI_TAGS, DatasetSpec, RowError, to_conversation
+
+    columns = {"messages": "messages", "system": None, "tools": "tools"}
+    spec = DatasetSpec("t", Path("t.jsonl"), "openai", columns, OPENAI_TAGS)
+    call = {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    row = {
+        "tools": [{"name": "add"}],
+        "messages": [
+            {"role": "user", "content": "1+2 and 3+4?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": call},
+                {"id": "c2", "type": "function", "function": call}]},
+            {"role": "tool", "content": "3", "tool_call_id": "c1"},
+            {"role": "tool", "content": "7", "tool_call_id": "c2"},
+            {"role": "assistant", "content": "3 and 7"},
+        ],
+    }  # fmt: skip
+    conv = to_conversation(row, spec)
+    assert [r for r, _ in conv.messages] == ["user", "function", "observation", "assistant"]
+    assert json.loads(conv.messages[1][1]) == [call, call]
+    assert conv.messages[2][1] == "3\n</tool_response>\n<tool_response>\n7"
+    assert json.loads(conv.tools) == [{"name": "add"}]
+    with pytest.raises(RowError, match=r"tags` of its dataset_info\.json entry"):
+        to_conversation({"messages": [{"role": "human", "content": "x"}]}, spec)
+
+
+def test_alpaca_tools_and_unsupported_columns_by_path(tmp_path, tok):
+    """An alpaca entry may map a ``tools`` column (LLaMA-Factory's alpaca converter reads one);
+    a file given by path with an ``images`` column is refused, not trained without its images."""
+    tools = [{"name": "add", "parameters": {}}]
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": "1+2?", "output": "3", "tools": tools}])
+    write_info(tmp_path, {"a": {"file_name": "a.jsonl", "columns": {"tools": "tools"}}})
+    qwen = build_sft_dataset(make_args(tmp_path, "a"), tok).train[0]
+    write_info(tmp_path, {"a": {"file_name": "a.jsonl"}})
+    plain = build_sft_dataset(make_args(tmp_path, "a"), tok).train[0]
+    assert '"add"' in tok.decode(qwen["input_ids"]) and '"add"' not in tok.decode(
+        plain["input_ids"]
+    )
+    talk = [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "a cat"}]
+    rows = [{"messages": talk, "images": ["cat.png"]}]
+    write_jsonl(tmp_path / "mllm.jsonl", rows)
+    with pytest.raises(DataError, match="'images' column"):
+        build_sft_dataset(make_args(tmp_path, str(tmp_path / "mllm.jsonl")), tok)

@@ -1,7 +1,8 @@
 """Dataset descriptions and row formats, compatible with LLaMA-Factory.
 
 A ``dataset:`` entry is either a name described in ``<dataset_dir>/dataset_info.json``
-(``file_name``, ``formatting`` alpaca | sharegpt, ``columns``, ``tags``, ``num_samples``, with
+(``file_name``, ``formatting`` alpaca | sharegpt | openai — sharegpt rows whose tool calls come as
+OpenAI's ``tool_calls`` and ``tool`` messages —, ``columns``, ``tags``, ``num_samples``, with
 LLaMA-Factory's key names and defaults; its hub keys ``split``, ``subset``, ``folder`` are refused,
 the files being local) or a path to a file or directory whose format is inferred from its columns.
 This module turns those into ``DatasetSpec`` objects and converts one row of either format into a
@@ -34,13 +35,14 @@ from fluid_npu.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 DATASET_INFO = "dataset_info.json"
-FORMATS = ("alpaca", "sharegpt")
+FORMATS = ("alpaca", "sharegpt", "openai")  # openai: sharegpt rows with OpenAI's tool calls
 ALPACA_COLUMNS: dict[str, str | None] = {
     "prompt": "instruction",
     "query": "input",
     "response": "output",
     "system": None,
     "history": None,
+    "tools": None,
 }
 SHAREGPT_COLUMNS: dict[str, str | None] = {
     "messages": "conversations",
@@ -221,13 +223,21 @@ def finalize_spec(
     cols = set(column_names)
     found = ", ".join(sorted(cols))
     if spec.formatting is None:
+        unsupported = sorted(cols & set(UNSUPPORTED_COLUMNS))
+        if unsupported:  # (LLaMA-Factory's multimodal / preference data, given as a path)
+            raise DataError(
+                f"dataset {spec.name!r} has a {unsupported[0]!r} column: preference and "
+                "multimodal data are not supervised text SFT, and fluid-npu trains text-only "
+                "models; give a dataset without it"
+            )
         if "conversations" in cols or "messages" in cols:
             key = "conversations" if "conversations" in cols else "messages"
             columns = {"messages": key, "system": None, "tools": None}
             columns |= {k: k for k in ("system", "tools") if k in cols}
             spec = replace(spec, formatting="sharegpt", columns=columns)
         elif "instruction" in cols and "output" in cols:
-            columns = dict(ALPACA_COLUMNS) | {k: k for k in ("system", "history") if k in cols}
+            columns = dict(ALPACA_COLUMNS)
+            columns |= {k: k for k in ("system", "history", "tools") if k in cols}
             spec = replace(spec, formatting="alpaca", columns=columns)
         else:
             raise DataError(
@@ -247,7 +257,7 @@ def finalize_spec(
             )
         columns[role] = None  # an optional default column that this dataset does not have
     spec = replace(spec, columns=columns)
-    if spec.formatting == "sharegpt" and spec.tags is None:
+    if spec.formatting != "alpaca" and spec.tags is None:
         spec = replace(spec, tags=_infer_tags([row.get(columns["messages"]) for row in head]))
     return spec
 
@@ -283,11 +293,15 @@ def _alpaca(row: Mapping[str, Any], cols: Mapping[str, str | None]) -> Conversat
             messages.append((ASSISTANT, _text(pair[1], f"history entry {i} response")))
     messages.append((USER, "\n".join(t for t in (prompt, query) if t)))
     messages.append((ASSISTANT, response))
-    return Conversation(messages, system=get("system") or None)  # "" is unset, as for sharegpt
+    # "" is unset, as for sharegpt
+    return Conversation(messages, system=get("system") or None, tools=_tools(row, cols))
 
 
 def _sharegpt(
-    row: Mapping[str, Any], cols: Mapping[str, str | None], tags: Mapping[str, str]
+    row: Mapping[str, Any],
+    cols: Mapping[str, str | None],
+    tags: Mapping[str, str],
+    openai: bool = False,
 ) -> Conversation:
     column = cols["messages"]
     messages = row.get(column)
@@ -295,6 +309,8 @@ def _sharegpt(
         raise RowError(f"column {column!r} is missing")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise RowError(f"column {column!r} must be a list of message objects")
+    if openai:
+        messages = _openai_turns(messages, tags)
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
     system = _text(row.get(cols["system"]) if cols["system"] else None, "the system", False)
     start = 0
@@ -313,7 +329,11 @@ def _sharegpt(
     for pos, message in enumerate(messages[start:], start):
         tag = message.get(role_tag)
         if tag not in roles:
-            raise RowError(f"message {pos} has {role_tag}={tag!r}; expected one of {list(roles)}")
+            raise RowError(
+                f"message {pos} has {role_tag}={tag!r}; expected one of {list(roles)} (the `tags` "
+                "of its dataset_info.json entry name the roles: user_tag, assistant_tag, "
+                "observation_tag, function_tag, system_tag)"
+            )
         expected = prompt_tags if len(out) % 2 == 0 else response_tags
         if tag not in expected:
             raise RowError(
@@ -325,13 +345,48 @@ def _sharegpt(
         raise RowError("the conversation has no messages")
     if len(out) % 2:
         raise RowError("the conversation ends with a prompt turn; it must end with a response")
-    tools = row.get(cols["tools"]) if cols["tools"] else None
+    # an empty system is unset, as in LLaMA-Factory: the template's default system applies
+    return Conversation(out, system=system or None, tools=_tools(row, cols))
+
+
+def _tools(row: Mapping[str, Any], cols: Mapping[str, str | None]) -> str | None:
+    """The row's tools column as JSON text (None: no tools)."""
+    tools = row.get(cols["tools"]) if cols.get("tools") else None
     if tools is not None and not isinstance(tools, str):
         if not isinstance(tools, list | dict):
             raise RowError(f"column {cols['tools']!r} must be JSON text or a list of tools")
         tools = json.dumps(tools, ensure_ascii=False)
-    # an empty system is unset, as in LLaMA-Factory: the template's default system applies
-    return Conversation(out, system=system or None, tools=tools or None)
+    return tools or None
+
+
+def _openai_turns(messages: list[Any], tags: Mapping[str, str]) -> list[Any]:
+    """OpenAI's messages as LLaMA-Factory's ``openai`` formatting reads them: an assistant
+    message's ``tool_calls`` become a function-call turn (the calls' ``function`` objects as JSON),
+    and consecutive tool results one observation turn."""
+    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+    out: list[Any] = []
+    results: list[Any] = []
+    for message in messages:
+        role, content = message.get(role_tag), message.get(content_tag)
+        calls = message.get("tool_calls")
+        if role in (tags["assistant_tag"], tags["function_tag"]) and calls:
+            if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls
+            ):
+                raise RowError('tool_calls must be a list of {"function": {...}} objects')
+            role = tags["function_tag"]
+            content = json.dumps([c["function"] for c in calls], ensure_ascii=False)
+        if role == tags["observation_tag"]:
+            results.append(content)
+            continue
+        if results:
+            joined = "\n</tool_response>\n<tool_response>\n".join(map(str, results))
+            out.append({role_tag: tags["observation_tag"], content_tag: joined})
+            results = []
+        out.append({**message, role_tag: role, content_tag: content})
+    if results:  # (a conversation that ends on tool results: refused below, as a prompt turn)
+        out.append({role_tag: tags["observation_tag"], content_tag: "\n".join(map(str, results))})
+    return out
 
 
 def to_conversation(row: Mapping[str, Any], spec: DatasetSpec) -> Conversation:
@@ -342,7 +397,7 @@ def to_conversation(row: Mapping[str, Any], spec: DatasetSpec) -> Conversation:
         conversation = _alpaca(row, spec.columns)
     else:
         assert spec.tags is not None, "finalize_spec() first"
-        conversation = _sharegpt(row, spec.columns, spec.tags)
+        conversation = _sharegpt(row, spec.columns, spec.tags, spec.formatting == "openai")
     for i, (role, content) in enumerate(conversation.messages):
         if role in RESPONSE_ROLES and not content.strip():
             last = i == len(conversation.messages) - 1
