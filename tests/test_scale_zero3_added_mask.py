@@ -8,12 +8,18 @@ each run must train as DDP does and save the same MASK row and LoRA weights (the
 loaded; DDP's adapter also holds the resized frozen embedding and head, which ZeRO-3 saves without
 and loading rebuilds). Continued (``adapter_name_or_path``), the run starts where the parent ended —
 its held-out loss before the first update is the parent's final one — and keeps its MASK token and
-id.
+id. A full fine-tune with ``bf16`` trains there too, as one process: the resized embedding and head
+(not partitioned by loading) are stored in the dtype of DeepSpeed's partitions, not precision.py's
+fp32 (DeepSpeed keeps the fp32 master weights), as its stage-3 optimizer takes one dtype.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +29,15 @@ import yaml
 from conftest import tiny_stage1_recipe
 from safetensors.torch import load_file
 from synthetic import write_short_dataset
-from test_scale_sharded import LOSS_RTOL, WEIGHT_ATOL, ZERO3, _curve, _same_curve, _two_processes
+from test_scale_sharded import (
+    LOSS_RTOL,
+    ROOT,
+    WEIGHT_ATOL,
+    ZERO3,
+    _curve,
+    _same_curve,
+    _two_processes,
+)
 from transformers import AutoTokenizer
 
 from fluid_npu.model.adapters import load_fluid
@@ -111,3 +125,34 @@ def test_an_added_mask_adapter_continues_under_zero3_as_under_ddp(setup, ddp):
         assert (meta["mask_token"], meta["mask_id"]) == (mask["token"], mask["id"])
         tokenizer = AutoTokenizer.from_pretrained(setup / out)
         assert (tokenizer.mask_token, tokenizer.mask_token_id) == (mask["token"], mask["id"])
+
+
+@pytest.mark.slow
+def test_a_bf16_full_fine_tune_adds_the_mask_under_zero3_in_one_process(setup):
+    recipe = yaml.safe_load((setup / "stage1.yaml").read_text())
+    for key in ("lora_rank", "lora_alpha"):
+        del recipe[key]
+    recipe.update(finetuning_type="full", bf16=True, max_steps=1)
+    (setup / "full.yaml").write_text(yaml.safe_dump(recipe))
+    out = setup / "full-zero3"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}  # fmt: skip
+    cmd = [sys.executable, "-m", "fluid_npu.cli", "train", str(setup / "full.yaml"),
+           f"deepspeed={setup / 'z3.json'}", f"output_dir={out}"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["parallelism"]["zero_stage"] == 3
+    assert all(math.isfinite(loss) for loss, _, _ in _curve(record))
+    # every trainable weight as DeepSpeed stored it: bf16 (its optimizer holds the fp32 masters)
+    precision = record["precision"]
+    assert (precision["mode"], list(precision["trainable_params"])) == ("bf16", ["bfloat16"])
+    mask = record["mask_token"]
+    assert mask["source"] == "added"
+    meta = json.loads((out / "fluid_model.json").read_text())
+    assert (meta["mask_token"], meta["mask_id"]) == (mask["token"], mask["id"])
+    loaded = load_fluid(out)
+    assert (loaded.mask.token, loaded.mask.id) == (mask["token"], mask["id"])
+    assert loaded.model.get_input_embeddings().num_embeddings == mask["id"] + 1

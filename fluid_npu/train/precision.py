@@ -11,6 +11,11 @@ round away). The rule:
   optimizer memory, the updates of a pure bf16 run);
 * neither — fp32 throughout.
 
+Under DeepSpeed ZeRO-3 the loaded weights are partitions DeepSpeed stores in its config's dtype
+(``zero.Init``), keeping fp32 master weights in its optimizer: a full fine-tune's trainable weights
+stay in that dtype, and the ones loading did not partition (an embedding and head resized for an
+added MASK token) join them, as stage 3's optimizer takes one dtype.
+
 ``Precision.observe`` reads the dtypes back from the model, so ``run.json`` states what really
 trained, not what was asked for.
 """
@@ -46,11 +51,14 @@ class Precision:
         return self.trainable_dtype if finetuning_type == "full" else self.compute_dtype
 
     def cast_trainable(self, model: torch.nn.Module) -> None:
-        """Store every trainable floating-point parameter of ``model`` in ``trainable_dtype``."""
-        for param in model.parameters():
-            trainable = param.requires_grad and param.is_floating_point()
-            if trainable and param.dtype != self.trainable_dtype:
-                param.data = param.data.to(self.trainable_dtype)
+        """Store every trainable floating-point parameter of ``model`` in ``trainable_dtype`` or,
+        where some are ZeRO-3 partitions, in theirs (DeepSpeed's; see the module docstring)."""
+        params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+        partitioned = [p.ds_tensor.dtype for p in params if hasattr(p, "ds_tensor")]
+        dtype = partitioned[0] if partitioned else self.trainable_dtype
+        for param in params:
+            if not hasattr(param, "ds_tensor") and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     def observe(self, model: torch.nn.Module) -> dict[str, Any]:
         """The run's precision as the model's parameters show it (for ``run.json``)."""
@@ -58,7 +66,9 @@ class Precision:
         frozen: Counter[str] = Counter()
         for param in model.parameters():  # ds_numel: the whole size of a ZeRO-3 partition
             count = int(getattr(param, "ds_numel", param.numel()))
-            (trainable if param.requires_grad else frozen)[_name(param.dtype)] += count
+            # a ZeRO-3 partition's dtype, not its empty placeholder's
+            dtype = getattr(param, "ds_tensor", param).dtype
+            (trainable if param.requires_grad else frozen)[_name(dtype)] += count
         return {
             "mode": self.mode,
             "compute_dtype": _name(self.compute_dtype),
