@@ -54,10 +54,10 @@ class Precision:
         """Store every trainable floating-point parameter of ``model`` in ``trainable_dtype`` or,
         where some are ZeRO-3 partitions, in theirs (DeepSpeed's; see the module docstring)."""
         params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
-        partitioned = [p.ds_tensor.dtype for p in params if hasattr(p, "ds_tensor")]
+        partitioned = [_partition(p).dtype for p in params if _partition(p) is not None]
         dtype = partitioned[0] if partitioned else self.trainable_dtype
         for param in params:
-            if not hasattr(param, "ds_tensor") and param.dtype != dtype:
+            if _partition(param) is None and param.dtype != dtype:
                 param.data = param.data.to(dtype)
 
     def observe(self, model: torch.nn.Module) -> dict[str, Any]:
@@ -67,7 +67,7 @@ class Precision:
         for param in model.parameters():  # ds_numel: the whole size of a ZeRO-3 partition
             count = int(getattr(param, "ds_numel", param.numel()))
             # a ZeRO-3 partition's dtype, not its empty placeholder's
-            dtype = getattr(param, "ds_tensor", param).dtype
+            dtype = (_partition(param) if _partition(param) is not None else param).dtype
             (trainable if param.requires_grad else frozen)[_name(dtype)] += count
         return {
             "mode": self.mode,
@@ -76,6 +76,11 @@ class Precision:
             "trainable_params": dict(trainable),
             "frozen_params": dict(frozen),
         }
+
+
+def _partition(param: torch.Tensor) -> torch.Tensor | None:
+    """A ZeRO-3 parameter's partition (what it really stores), None for a plain tensor."""
+    return getattr(param, "ds_tensor", None)
 
 
 def device_choice(train: Any, force: str | None = None) -> DeviceChoice:
