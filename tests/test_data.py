@@ -549,3 +549,12 @@ def test_alpaca_tools_and_unsupported_columns_by_path(tmp_path, tok):
     write_jsonl(tmp_path / "mllm.jsonl", rows)
     with pytest.raises(DataError, match="'images' column"):
         build_sft_dataset(make_args(tmp_path, str(tmp_path / "mllm.jsonl")), tok)
+
+
+def test_a_misspelt_dataset_info_key_is_named(tmp_path, tok):
+    """LLaMA-Factory ignores an entry key it does not read, so a misspelt ``columns`` maps
+    nothing; here it is one error naming it and the key meant."""
+    write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS)
+    write_info(tmp_path, {"a": {"file_name": "a.jsonl", "colums": {"response": "output"}}})
+    with pytest.raises(DataError, match="unknown key 'colums'; did you mean 'columns'"):
+        build_sft_dataset(make_args(tmp_path, "a"), tok)

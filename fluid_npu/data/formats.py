@@ -112,10 +112,22 @@ def _read_info(dataset_dir: Path) -> dict[str, Any] | None:
     return info
 
 
+# the keys of a dataset_info.json entry LLaMA-Factory reads (its data/parser.py): others are typos
+ENTRY_KEYS = (
+    "file_name", "formatting", "ranking", "columns", "tags", "num_samples", "split", "subset",
+    "folder", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name",
+)  # fmt: skip
+
+
 def _spec_from_info(name: str, entry: Any, dataset_dir: Path) -> DatasetSpec:
     where = f"dataset {name!r} in {dataset_dir / DATASET_INFO}"
     if not isinstance(entry, dict):
         raise DataError(f"{where}: the description must be a JSON object")
+    unknown = [k for k in entry if k not in ENTRY_KEYS]
+    if unknown:  # (LLaMA-Factory ignores it: a misspelt `columns` would map nothing)
+        raise DataError(
+            f"{where}: unknown key {unknown[0]!r}; {_names_hint(unknown[0], ENTRY_KEYS)}"
+        )
     if "file_name" not in entry:
         remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url") if k in entry]
         why = f"it names {remote[0]}, but fluid-npu reads local files only; " if remote else ""
