@@ -49,19 +49,27 @@ def _train(args: argparse.Namespace) -> int:
     from fluid_npu.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    before = {k: os.environ.get(k) for k in ONE_PROCESS}
     if (cfg.train.deepspeed or cfg.train.fsdp) and one_process_environment(os.environ):
         logging.getLogger("fluid_npu").warning(
             "deepspeed / fsdp without a launcher: training as one process on one device "
             "(several devices: bash run_npu.sh train, or torchrun)"
         )
-    if cfg.fluid.stage == "fluid_stage1":
-        from fluid_npu.train.stage1 import run_stage1
+    try:
+        if cfg.fluid.stage == "fluid_stage1":
+            from fluid_npu.train.stage1 import run_stage1
 
-        record = run_stage1(cfg)
-    else:
-        from fluid_npu.train.stage2 import run_stage2
+            record = run_stage1(cfg)
+        else:
+            from fluid_npu.train.stage2 import run_stage2
 
-        record = run_stage2(cfg)
+            record = run_stage2(cfg)
+    finally:  # (a later run in this process is not distributed by what this one set)
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     keys = ("train_loss", "loss_ar", "loss_diff", "khead_exact_acc")
     summary = ", ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))
     if is_main_process():  # torchrun runs one process per device: one line, not one per rank
@@ -71,12 +79,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# what one_process_environment sets, and what says a launcher started this process
+ONE_PROCESS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHED = ("WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
 def one_process_environment(env: MutableMapping[str, str]) -> bool:
     """Where no launcher set the distributed environment (``WORLD_SIZE`` / ``LOCAL_RANK``), set
     that of one process on a free local port, as transformers' docs do for DeepSpeed in a notebook
     (DeepSpeed and FSDP need a process group, which the Trainer makes from it); returns whether
     it did. LLaMA-Factory's ``llamafactory-cli train`` starts torchrun itself instead."""
-    if "WORLD_SIZE" in env or "LOCAL_RANK" in env:
+    if any(k in env for k in LAUNCHED):  # (torchrun's, or an MPI / Slurm launch's own)
         return False
     import socket
 

@@ -427,7 +427,7 @@ def _lf_spellings(values: dict[str, Any]) -> dict[str, Any]:
         if key.endswith("_strategy") and value is False:  # (YAML 1.1 reads an unquoted no)
             out[key] = "no"
     for key, (neutral, why) in LOSS_ONLY.items():
-        if key in out and out[key] != neutral:
+        if out.get(key) not in (None, neutral):  # (null: left out)
             raise ConfigError(f"{key}: {out[key]!r} would not apply: {why}; remove it")
     return out
 
@@ -448,5 +448,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value, got {type(loaded).__name__}")
         values.update(loaded)
-    values.update(parse_overrides(overrides or []))
+    given = parse_overrides(overrides or [])
+    if "gradient_checkpointing" in given:  # (an override beats the recipe's other spelling)
+        values.pop("disable_gradient_checkpointing", None)
+    values.update(given)
     return build_config(values, source=str(path) if path is not None else None)

@@ -59,7 +59,6 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
         "ref_model_adapters", "ref_model_quantization_bit", "reward_model",
         "reward_model_adapters", "reward_model_quantization_bit", "reward_model_type", "ld_alpha",
         "use_dft_loss", "use_asft_loss", "asft_alpha", "use_eaft_loss", "eaft_alpha",
-        "compute_accuracy",
     ),
     SERVING: (
         "infer_backend", "infer_dtype", "use_kv_cache", "use_v1_kernels", "vllm_maxlen",
@@ -72,7 +71,7 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     ),
     DATA_MIX: (
         "streaming", "buffer_size", "mix_strategy", "interleave_probs", "eval_on_each_dataset",
-        "data_shared_file_system", "preprocessing_batch_size", "disable_shuffling",
+        "data_shared_file_system", "preprocessing_batch_size",
     ),
     TOKENS: (
         "resize_vocab", "split_special_tokens", "add_tokens", "add_special_tokens",
@@ -111,6 +110,9 @@ _OWN = {
     "preserve_thinking": "the template decides thinking markers",
     "ignore_pad_token_for_loss": "padding never counts in FLUID's losses",
     "early_stopping_steps": "not supported: give max_steps or num_train_epochs",
+    "disable_shuffling": "the Trainer shuffles the training data by `seed`",
+    "compute_accuracy": "evaluation reports FLUID's own figures (eval_loss, eval_loss_ar, "
+    "eval_loss_diff; Stage II its K-head accuracy)",
     "master_addr": "the launcher's: set MASTER_ADDR in the environment (bash run_npu.sh train)",
     "master_port": "the launcher's: set MASTER_PORT in the environment (bash run_npu.sh train)",
 }

@@ -192,7 +192,7 @@ def test_llama_factory_features_missing_here_are_refused_by_name(key, value, why
     assert "did you mean" not in message
 
 
-def test_llama_factory_spellings_read_as_ours():
+def test_llama_factory_spellings_read_as_ours(tmp_path):
     """``disable_gradient_checkpointing`` is the negation of ``gradient_checkpointing``;
     ``quantization_method: bnb`` is the only one here (another is refused by value); an unquoted
     ``no`` (YAML 1.1's false) is the strategy "no"; Trainer keys only its own loss would apply
@@ -208,6 +208,10 @@ def test_llama_factory_spellings_read_as_ours():
         build_config(
             {**base, "disable_gradient_checkpointing": True, "gradient_checkpointing": True}
         )
+    recipe = tmp_path / "lf.yaml"  # (an override beats the recipe's other spelling)
+    recipe.write_text("stage: fluid_stage1\ndisable_gradient_checkpointing: false\n")
+    assert load_config(recipe).train.gradient_checkpointing
+    assert not load_config(recipe, ["gradient_checkpointing=false"]).train.gradient_checkpointing
     cfg = build_config({**base, "quantization_bit": 4, "quantization_method": "bnb"})
     assert cfg.model.quantization_bit == 4 and "quantization_method" not in cfg.extra_training_args
     with pytest.raises(ConfigError, match="bitsandbytes only"):
@@ -221,3 +225,4 @@ def test_llama_factory_spellings_read_as_ours():
         build_config({**base, "label_smoothing_factor": 0.3})
     with pytest.raises(ConfigError, match="use_liger_kernel"):
         build_config({**base, "use_liger_kernel": True})
+    assert build_config({**base, "label_smoothing_factor": None})  # (null: left out)

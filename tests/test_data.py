@@ -528,8 +528,11 @@ def test_openai_formatting_reads_tool_calls_as_llama_factory_does():
     assert json.loads(conv.messages[1][1]) == [call, call]
     assert conv.messages[2][1] == "3\n</tool_response>\n<tool_response>\n7"
     assert json.loads(conv.tools) == [{"name": "add"}]
-    with pytest.raises(RowError, match=r"tags` of its dataset_info\.json entry"):
+    with pytest.raises(RowError, match=r"tags` of a dataset_info\.json entry"):
         to_conversation({"messages": [{"role": "human", "content": "x"}]}, spec)
+    ends_on_results = {"messages": row["messages"][:3]}  # (user, calls, a result: no answer)
+    conv = to_conversation(ends_on_results, spec)  # its last results dropped, as LLaMA-Factory
+    assert [r for r, _ in conv.messages] == ["user", "function"]
 
 
 def test_alpaca_tools_and_unsupported_columns_by_path(tmp_path, tok):
@@ -557,4 +560,11 @@ def test_a_misspelt_dataset_info_key_is_named(tmp_path, tok):
     write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS)
     write_info(tmp_path, {"a": {"file_name": "a.jsonl", "colums": {"response": "output"}}})
     with pytest.raises(DataError, match="unknown key 'colums'; did you mean 'columns'"):
+        build_sft_dataset(make_args(tmp_path, "a"), tok)
+    # an older LLaMA-Factory's file_sha1 is read by neither; a hub key is refused even beside a
+    # file_name (LLaMA-Factory would read the hub's data instead of the file)
+    write_info(tmp_path, {"a": {"file_name": "a.jsonl", "file_sha1": None}})
+    assert len(build_sft_dataset(make_args(tmp_path, "a"), tok).train) == len(ALPACA_ROWS)
+    write_info(tmp_path, {"a": {"file_name": "a.jsonl", "hf_hub_url": "org/set"}})
+    with pytest.raises(DataError, match="it names hf_hub_url, but fluid-npu reads local files"):
         build_sft_dataset(make_args(tmp_path, "a"), tok)

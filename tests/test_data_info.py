@@ -9,7 +9,7 @@ import pytest
 from test_data import make_args, split_text, write_info, write_jsonl
 
 from fluid_npu.data import build_sft_dataset
-from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.errors import DataError
 from fluid_npu.model.tiny import build_tiny_tokenizer
 
 
@@ -102,7 +102,7 @@ REFUSED = {
 def test_keys_without_a_meaning_for_a_local_file_are_refused(two_files, tok, case):
     keys, message = REFUSED[case]
     write_info(two_files, {"a": {"file_name": "a.jsonl", **keys}})
-    with pytest.raises(ConfigError, match=f"dataset 'a' in .*dataset_info.json: {message}"):
+    with pytest.raises(DataError, match=f"dataset 'a' in .*dataset_info.json: {message}"):
         build_sft_dataset(make_args(two_files, "a"), tok)
 
 

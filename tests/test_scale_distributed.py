@@ -304,10 +304,32 @@ def test_one_process_environment_only_where_no_launcher_set_one():
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("0", "0", "1")
     assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
     launched = {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}
-    assert not one_process_environment(launched) and launched == {
-        "WORLD_SIZE": "2",
-        "LOCAL_RANK": "1",
-    }
+    assert not one_process_environment(launched)
+    assert launched == {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    for mpi_or_slurm in ({"OMPI_COMM_WORLD_SIZE": "4"}, {"SLURM_NTASKS": "8"}):
+        assert not one_process_environment(dict(mpi_or_slurm))  # (their launch: theirs to set)
+
+
+def test_fluid_train_leaves_the_environment_as_it_found_it(tmp_path, monkeypatch):
+    """The one-process environment ``fluid train`` sets for deepspeed / fsdp lasts for that run
+    only: a later run in the same Python process is not made distributed by it."""
+    import fluid_npu.train.stage1 as stage1
+    from fluid_npu.cli import ONE_PROCESS, main
+
+    seen = []
+
+    def fake_run(cfg):
+        seen.append(os.environ.get("WORLD_SIZE"))
+        return {}
+
+    monkeypatch.setattr(stage1, "run_stage1", fake_run)
+    for key in ONE_PROCESS:
+        monkeypatch.delenv(key, raising=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: fluid_stage1\n")
+    assert main(["train", str(recipe), "fsdp=full_shard", f"output_dir={tmp_path}"]) == 0
+    assert main(["train", str(recipe), f"output_dir={tmp_path}"]) == 0
+    assert seen == ["1", None] and not any(k in os.environ for k in ONE_PROCESS)
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ class Ev:
     prompt_logprobs: list[tuple[float, list[tuple[int, float]], int]] | None = None
     cached: int = 0
     drafted: int = 0
+    drafts_accepted: int = 0
 
 
 def script(prompt: list[int], max_new: int, eos: bool) -> list[int]:
@@ -132,7 +133,8 @@ class ScriptedScheduler:
                 reason = "stop" if chunk and chunk[-1] == EOS else "length"
                 del self.running[rid]
             # (scripted: two drafts verified each step, the step's tokens but one accepted)
-            ev = Ev(rid, chunk, done, reason, entry[2], entry[3], len(chunk) - 1, drafted=2)
+            ev = Ev(rid, chunk, done, reason, entry[2], entry[3], len(chunk) - 1, drafted=2,
+                    drafts_accepted=len(chunk) - 1)  # fmt: skip
             if req.sampling is not None and req.sampling.logprobs:  # scripted: -0.25 per token
                 ev.logprobs = [-0.25 * (n + i + 1) for i in range(len(chunk))]
                 ev.top_logprobs = [[(t, lp), (EOS, lp - 1.0)][: req.sampling.top_logprobs]

@@ -153,7 +153,8 @@ def test_32_concurrent_streaming_clients_each_equal_offline(server, model_dir, t
     accepted = seen['vllm:spec_decode_num_accepted_tokens_total{model_name="model"}']
     assert seen["fluid_spec_decode_num_accepted_tokens_total"] == accepted
     assert 0 < accepted <= drafted and 1 + accepted / drafts > 2  # (TPF > 2 on this model)
-    assert accepted == seen["fluid_accepted_draft_tokens_sum"]  # (the per-step histogram's sum)
+    # (the per-step histogram counts those kept, after a stop or limit's cut: no more)
+    assert accepted >= seen["fluid_accepted_draft_tokens_sum"] > 0
     by_pos = {int(re.search(r'position="(\d+)"', k)[1]): v for k, v in seen.items()
               if k.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total{")}  # fmt: skip
     at = [by_pos.get(p, 0.0) for p in range(max(by_pos) + 1)]

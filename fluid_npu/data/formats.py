@@ -30,7 +30,7 @@ from fluid_npu.data.templates import (
     USER,
     Conversation,
 )
-from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,11 @@ def _read_info(dataset_dir: Path) -> dict[str, Any] | None:
 
 
 # the keys of a dataset_info.json entry LLaMA-Factory reads (its data/parser.py): others are typos
+HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 ENTRY_KEYS = (
     "file_name", "formatting", "ranking", "columns", "tags", "num_samples", "split", "subset",
-    "folder", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name",
+    "folder", *HUB_KEYS,
+    "file_sha1",  # (older LLaMA-Factory's checksum, still in copies of its file: unread there too)
 )  # fmt: skip
 
 
@@ -128,10 +130,14 @@ def _spec_from_info(name: str, entry: Any, dataset_dir: Path) -> DatasetSpec:
         raise DataError(
             f"{where}: unknown key {unknown[0]!r}; {_names_hint(unknown[0], ENTRY_KEYS)}"
         )
+    remote = [k for k in HUB_KEYS if k in entry]
+    if remote:  # (LLaMA-Factory reads the hub's data over file_name's: refused, not ignored)
+        raise DataError(
+            f"{where}: it names {remote[0]}, but fluid-npu reads local files only; remove it and "
+            f"set `file_name` to a file or directory in {dataset_dir}"
+        )
     if "file_name" not in entry:
-        remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url") if k in entry]
-        why = f"it names {remote[0]}, but fluid-npu reads local files only; " if remote else ""
-        raise DataError(f"{where}: {why}set `file_name` to a file or directory in {dataset_dir}")
+        raise DataError(f"{where}: set `file_name` to a file or directory in {dataset_dir}")
     if entry.get("ranking"):
         raise DataError(f"{where}: preference datasets (ranking: true) are not supervised SFT data")
     _check_local_keys(entry, where)
@@ -168,14 +174,14 @@ def _check_local_keys(entry: Mapping[str, Any], where: str) -> None:
     and ``folder`` for a local file, and a local file has no split but ``train``."""
     split = entry.get("split")
     if split is not None and split != "train":
-        raise ConfigError(
+        raise DataError(
             f"{where}: split {split!r}: the rows of a local file are its train split (as in "
             "LLaMA-Factory); remove `split` and point `file_name` at the file holding those rows "
             "(num_samples or max_samples take fewer rows)"
         )
     for key in ("subset", "folder"):
         if entry.get(key) is not None:
-            raise ConfigError(
+            raise DataError(
                 f"{where}: `{key}` is for a dataset on a hub, and a local file has none; remove "
                 f'`{key}` (a file in a subdirectory is `"file_name": "dir/file.jsonl"`)'
             )
@@ -185,7 +191,7 @@ def _num_samples(value: Any, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}: num_samples={value!r} must be a whole number of rows, >= 1")
+        raise DataError(f"{where}: num_samples={value!r} must be a whole number of rows, >= 1")
     return value
 
 
@@ -343,7 +349,7 @@ def _sharegpt(
         if tag not in roles:
             raise RowError(
                 f"message {pos} has {role_tag}={tag!r}; expected one of {list(roles)} (the `tags` "
-                "of its dataset_info.json entry name the roles: user_tag, assistant_tag, "
+                "of a dataset_info.json entry name the roles: user_tag, assistant_tag, "
                 "observation_tag, function_tag, system_tag)"
             )
         expected = prompt_tags if len(out) % 2 == 0 else response_tags
@@ -396,9 +402,7 @@ def _openai_turns(messages: list[Any], tags: Mapping[str, str]) -> list[Any]:
             out.append({role_tag: tags["observation_tag"], content_tag: joined})
             results = []
         out.append({**message, role_tag: role, content_tag: content})
-    if results:  # (a conversation that ends on tool results: refused below, as a prompt turn)
-        out.append({role_tag: tags["observation_tag"], content_tag: "\n".join(map(str, results))})
-    return out
+    return out  # (tool results at the very end are dropped, as LLaMA-Factory's converter does)
 
 
 def to_conversation(row: Mapping[str, Any], spec: DatasetSpec) -> Conversation:

@@ -207,9 +207,9 @@ def engine_metrics(engine: Any, model_name: str) -> list[Metric]:
     """What ``LLM.get_metrics()`` returns, as vLLM's reader does, from the engine's own counts
     (every call so far): the requests running and waiting, and the speculative-decoding counters
     — each request's verify of its drafts in a step is one draft, its accepted drafts counted by
-    position (as verified: ``fluid serve``'s counters count those kept, which differ when a stop
-    string or limit ends the output inside them) — from which vLLM's example takes the acceptance
-    rate and mean acceptance length."""
+    position (as the verify accepted them, before a stop string or limit cuts the output, as vLLM
+    and ``fluid serve`` count them) — from which vLLM's example takes the acceptance rate and mean
+    acceptance length."""
     labels = {"model_name": model_name}
     verified, accepted = engine.k_hist, engine.accept_hist  # (per request-step: drafts, accepted)
     longest = max([engine.k, *verified])

@@ -75,7 +75,9 @@ class Event:
     # with logprobs: each token's rank where its log-probability is read (1: the most likely;
     # the tokens at least as likely are counted, vLLM's rule)
     ranks: list[int] | None = None
-    drafted: int = 0  # drafts verified for the request in this step (``accepted`` of them kept)
+    drafted: int = 0  # drafts verified for the request in this step
+    # of them, those the verify accepted (``accepted``: those kept, after a stop or limit's cut)
+    drafts_accepted: int = 0
 
 
 @dataclass

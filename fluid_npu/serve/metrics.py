@@ -22,7 +22,8 @@ the figure is known:
   vLLM's pair of the same meaning), ``fluid_spec_decode_num_drafts_total`` /
   ``_num_draft_tokens_total`` / ``_num_accepted_tokens_total`` /
   ``_num_accepted_tokens_per_pos_total{position}`` (the drafts each request verified in the step,
-  and those accepted into its output, by position).
+  and those the verify accepted, by position — before a stop string or limit cuts the output, as
+  vLLM counts them).
 
 The same figures are also exposed under vLLM's names (``vllm:num_requests_running``,
 ``vllm:num_requests_waiting``, ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
@@ -219,11 +220,11 @@ class ServerMetrics:
             made += len(ev.tokens)
             if ev.tokens:
                 self.accepted.observe(ev.accepted)
-            if ev.drafted:
+            if ev.drafted:  # (as vLLM counts them: accepted by the verify, before a stop's cut)
                 self.drafts.inc()
                 self.draft_tokens.inc(ev.drafted)
-                self.accepted_tokens.inc(ev.accepted)
-                for pos in range(ev.accepted):
+                self.accepted_tokens.inc(ev.drafts_accepted)
+                for pos in range(ev.drafts_accepted):
                     self.accepted_at.labels(position=str(pos)).inc()
         if made:
             self.generation_tokens.inc(made)
