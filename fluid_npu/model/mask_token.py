@@ -124,7 +124,8 @@ def resolve_mask_token(
     tokenizer.add_special_tokens({"mask_token": NEW_MASK})
     tid = int(tokenizer.convert_tokens_to_ids(NEW_MASK))
     # num_embeddings, not weight.shape: under ZeRO-3 the weight is this process's (empty) partition
-    old = int(model.get_input_embeddings().num_embeddings)
+    embeddings = model.get_input_embeddings()
+    old = int(getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0])
     if tid >= old:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         init_new_rows(model, old)
