@@ -29,7 +29,7 @@ SUBCOMMANDS = (
     ("fluid_npu.real", "add_real_parser"),
     ("fluid_npu.serve.cli", "add_serve_parser"),
     ("fluid_npu.serve.cli", "add_run_batch_parser"),
-    ("fluid_npu.serve.cli", "add_bench_serve_parser"),
+    ("fluid_npu.serve.bench_cli", "add_bench_serve_parser"),
 )
 
 

@@ -11,9 +11,9 @@ A YAML is flat, as in LLaMA-Factory. Each key belongs to exactly one group:
 Keys that LLaMA-Factory recipes carry but that mean nothing here (``do_train``,
 ``overwrite_cache``, …) are accepted with a one-line warning; LLaMA-Factory's keys of features this
 project lacks are refused by name with the reason (``lf_keys.py``), and its other spellings of a
-key here are read as that key (``_lf_spellings``). An unknown key or a value of the wrong type is a
-``ConfigError`` naming the key and the nearest valid one; values are checked in each dataclass's
-``__post_init__``.
+key here are read as that key (``lf_keys.lf_spellings``). An unknown key or a value of the wrong
+type is a ``ConfigError`` naming the key and the nearest valid one; values are checked in each
+dataclass's ``__post_init__``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import yaml
 
 from fluid_npu.device import DEVICE_CHOICES
 from fluid_npu.errors import ConfigError
-from fluid_npu.lf_keys import LOSS_ONLY, refusal
+from fluid_npu.lf_keys import lf_spellings, refusal
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
     per_group: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
     extra: dict[str, Any] = {}
     hints = {g: typing.get_type_hints(cls) for g, cls in GROUPS.items()}
-    for key, value in _lf_spellings(values).items():
+    for key, value in lf_spellings(values).items():
         if key in owners:
             group = owners[key]
             per_group[group][key] = _coerce(key, value, hints[group][key])
@@ -399,37 +399,6 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
             )
     given = frozenset(k for k, v in values.items() if v is not None)  # (null: left out)
     return FluidConfig(**groups, extra_training_args=extra, source=source, given=given)
-
-
-def _lf_spellings(values: dict[str, Any]) -> dict[str, Any]:
-    """LLaMA-Factory's ways of saying what a key here says: ``disable_gradient_checkpointing``
-    (the negation of ``gradient_checkpointing``), ``quantization_method: bnb`` (the only one
-    here), ``*_strategy: no`` read by YAML 1.1 as false; and the Trainer keys whose effect FLUID's
-    own losses would drop (``lf_keys.LOSS_ONLY``), refused unless neutral."""
-    out = dict(values)
-    if "disable_gradient_checkpointing" in out:
-        off = out.pop("disable_gradient_checkpointing")
-        if not isinstance(off, bool):
-            raise ConfigError(f"disable_gradient_checkpointing: expected a bool, got {off!r}")
-        if out.get("gradient_checkpointing", not off) == off:
-            raise ConfigError(
-                "gradient_checkpointing and LLaMA-Factory's disable_gradient_checkpointing "
-                "contradict each other; keep one"
-            )
-        out["gradient_checkpointing"] = not off
-    method = out.pop("quantization_method", None)
-    if method is not None and str(method).lower() not in ("bnb", "bitsandbytes"):
-        raise ConfigError(
-            f"quantization_method {method!r}: QLoRA here quantizes the base with bitsandbytes "
-            "only (quantization_method: bnb, with quantization_bit 4 or 8)"
-        )
-    for key, value in out.items():
-        if key.endswith("_strategy") and value is False:  # (YAML 1.1 reads an unquoted no)
-            out[key] = "no"
-    for key, (neutral, why) in LOSS_ONLY.items():
-        if out.get(key) not in (None, neutral):  # (null: left out)
-            raise ConfigError(f"{key}: {out[key]!r} would not apply: {why}; remove it")
-    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> FluidConfig:

@@ -4,11 +4,16 @@ A LLaMA-Factory recipe brought here carries keys of features this project does n
 stages, multimodal inputs, other optimizers and adapter variants, inference and export settings).
 Such a key is refused by name — "LLaMA-Factory's X: <why>; remove it" — rather than read as a typo
 of some unrelated key; keys that do mean something here are ``config.py``'s own (or the Trainer's)
-and keys that change nothing are warned about there (``IGNORED_KEYS``). The names are those of
+and keys that change nothing are warned about there (``IGNORED_KEYS``). ``lf_spellings`` reads
+LLaMA-Factory's other ways of saying what a key here says. The names are those of
 LLaMA-Factory's ``hparams`` dataclasses (model, data, finetuning and training arguments).
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from fluid_npu.errors import ConfigError
 
 TEXT_ONLY = "fluid-npu trains text-only language models (no image, video or audio inputs)"
 OPTIMIZER = "an alternative optimizer of LLaMA-Factory's; here the Trainer's `optim` chooses one"
@@ -135,3 +140,34 @@ def refusal(key: str) -> str | None:
     if why is None:
         return None
     return f"{key!r} is LLaMA-Factory's, not fluid-npu's: {why}; remove it from the recipe"
+
+
+def lf_spellings(values: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA-Factory's ways of saying what a key here says: ``disable_gradient_checkpointing``
+    (the negation of ``gradient_checkpointing``), ``quantization_method: bnb`` (the only one
+    here), ``*_strategy: no`` read by YAML 1.1 as false; and the Trainer keys whose effect FLUID's
+    own losses would drop (``lf_keys.LOSS_ONLY``), refused unless neutral."""
+    out = dict(values)
+    if "disable_gradient_checkpointing" in out:
+        off = out.pop("disable_gradient_checkpointing")
+        if not isinstance(off, bool):
+            raise ConfigError(f"disable_gradient_checkpointing: expected a bool, got {off!r}")
+        if out.get("gradient_checkpointing", not off) == off:
+            raise ConfigError(
+                "gradient_checkpointing and LLaMA-Factory's disable_gradient_checkpointing "
+                "contradict each other; keep one"
+            )
+        out["gradient_checkpointing"] = not off
+    method = out.pop("quantization_method", None)
+    if method is not None and str(method).lower() not in ("bnb", "bitsandbytes"):
+        raise ConfigError(
+            f"quantization_method {method!r}: QLoRA here quantizes the base with bitsandbytes "
+            "only (quantization_method: bnb, with quantization_bit 4 or 8)"
+        )
+    for key, value in out.items():
+        if key.endswith("_strategy") and value is False:  # (YAML 1.1 reads an unquoted no)
+            out[key] = "no"
+    for key, (neutral, why) in LOSS_ONLY.items():
+        if out.get(key) not in (None, neutral):  # (null: left out)
+            raise ConfigError(f"{key}: {out[key]!r} would not apply: {why}; remove it")
+    return out

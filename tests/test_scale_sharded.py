@@ -92,6 +92,23 @@ def _two_processes(
     return json.loads((out / "run.json").read_text())
 
 
+def _continued_under_ddp_and_zero3(setup: Path, **recipe_keys: object) -> tuple[dict, dict]:
+    """The DDP run's adapter (``setup / "ddp"``) continued by Stage I under DDP and under ZeRO-3
+    (``c-ddp``, ``c-zero3``), the stage1 recipe without its own LoRA sizes (the adapter's)."""
+    recipe = yaml.safe_load((setup / "stage1.yaml").read_text())
+    for key in ("lora_rank", "lora_alpha"):
+        del recipe[key]
+    recipe.update(adapter_name_or_path=str(setup / "ddp"), **recipe_keys)
+    (setup / "continue.yaml").write_text(yaml.safe_dump(recipe))
+    plain = _two_processes(setup, setup / "c-ddp", recipe_name="continue.yaml")
+    zero3 = _two_processes(
+        setup, setup / "c-zero3", f"deepspeed={setup / 'z3.json'}", recipe_name="continue.yaml"
+    )
+    assert zero3["parallelism"]["zero_stage"] == 3
+    assert zero3["parallelism"]["local_param_fraction"] == pytest.approx(0.5, abs=0.01)
+    return plain, zero3
+
+
 def _curve(record: dict) -> list[tuple[float, float, float]]:
     return [(h["loss"], h["loss_ar"], h["loss_diff"]) for h in record["log_history"] if "loss" in h]
 

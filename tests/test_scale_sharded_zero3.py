@@ -40,19 +40,7 @@ def test_stage2_trains_the_khead_under_zero3_as_under_ddp(setup, ddp):
 def test_a_finished_adapter_continues_under_zero3_as_under_ddp(setup, ddp):
     """Stage I continued from the DDP run's adapter: ZeRO-3 partitions the parameters it loads
     into, and still starts from the adapter and trains as DDP does."""
-    recipe = yaml.safe_load((setup / "stage1.yaml").read_text())
-    for key in ("lora_rank", "lora_alpha"):  # (the adapter's own)
-        del recipe[key]
-    recipe.update(adapter_name_or_path=str(setup / "ddp"), max_steps=2)
-    (setup / "continue.yaml").write_text(yaml.safe_dump(recipe))
-
-    def run(out: str, *keys: str) -> dict:
-        return _two_processes(setup, setup / out, *keys, recipe_name="continue.yaml")
-
-    plain = run("c-ddp")
-    zero3 = run("c-zero3", f"deepspeed={setup / 'z3.json'}")
-    assert zero3["parallelism"]["zero_stage"] == 3
-    assert zero3["parallelism"]["local_param_fraction"] == pytest.approx(0.5, abs=0.01)
+    plain, zero3 = sharded._continued_under_ddp_and_zero3(setup, max_steps=2)
     _same_curve(zero3, plain)
     # it starts where the adapter got to, not where a new one starts (measured: 10.35 vs 11.15)
     assert _curve(plain)[0][0] < _curve(ddp)[0][0] - 0.5

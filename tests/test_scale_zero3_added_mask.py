@@ -95,19 +95,7 @@ def test_an_added_mask_trains_under_zero3_as_under_ddp(setup, ddp):
 @pytest.mark.slow
 def test_an_added_mask_adapter_continues_under_zero3_as_under_ddp(setup, ddp):
     mask = ddp["mask_token"]
-    recipe = yaml.safe_load((setup / "stage1.yaml").read_text())
-    for key in ("lora_rank", "lora_alpha"):  # (the adapter's own)
-        del recipe[key]
-    recipe.update(adapter_name_or_path=str(setup / "ddp"), eval_on_start=True)
-    (setup / "continue.yaml").write_text(yaml.safe_dump(recipe))
-
-    def run(out: str, *keys: str) -> dict:
-        return _two_processes(setup, setup / out, *keys, recipe_name="continue.yaml")
-
-    plain = run("c-ddp")
-    zero3 = run("c-zero3", f"deepspeed={setup / 'z3.json'}")
-    assert zero3["parallelism"]["zero_stage"] == 3
-    assert zero3["parallelism"]["local_param_fraction"] == pytest.approx(0.5, abs=0.01)
+    plain, zero3 = sharded._continued_under_ddp_and_zero3(setup, eval_on_start=True)
     # each starts from the parent as it ended: the held-out loss before the first update
     for record in (plain, zero3):
         assert _eval_losses(record)[0] == pytest.approx(_eval_losses(ddp)[-1], rel=LOSS_RTOL)

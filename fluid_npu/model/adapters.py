@@ -198,8 +198,8 @@ def quiet_peft() -> Iterator[None]:
 def trainable_tokens_on_any_device() -> Iterator[None]:
     """Inside: peft's trainable tokens (an added MASK token's row) set up under DeepSpeed ZeRO-3 on
     any device. peft copies the rows out of the gathered embedding on rank 0 and broadcasts them
-    into a buffer placed with ``torch.cuda.current_device()``, which fails on CPU and NPU processes;
-    here every process copies them out of the gathered embedding itself (no broadcast)."""
+    into a buffer it places on an NVIDIA device, which fails on CPU and NPU processes; here every
+    process copies them out of the gathered embedding itself (no broadcast)."""
     try:
         from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
         from peft.utils.integrations import gather_params_ctx

@@ -63,6 +63,7 @@ from fluid_npu.sampling.llm_params import (
     StructuredOutputsParams,
     Vector,
     engine_metrics,
+    logprob_entry,
     one_each,
 )
 from fluid_npu.sampling.rules import INT64_MAX
@@ -396,7 +397,10 @@ class LLM:
             if sp.logprobs is not None:
                 tops = got.top_logprobs or [[]] * len(tokens)
                 vals, ranks = got.logprobs or [], got.ranks or [None] * len(tokens)
-                lps = [self._entry(t, v, top, r) for t, v, top, r in zip(tokens, vals, tops, ranks)]
+                lps = [
+                    logprob_entry(self.tokenizer, t, v, top, r)
+                    for t, v, top, r in zip(tokens, vals, tops, ranks)
+                ]
             outs.append(CompletionOutput(
                 copy, out_text, list(tokens),
                 None if lps is None else sum(e[t].logprob for t, e in zip(tokens, lps)),
@@ -406,7 +410,7 @@ class LLM:
         prompt_lps = None
         if sp.prompt_logprobs is not None and first.prompt_logprobs is not None:
             prompt_lps = [None] + [
-                self._entry(t, lp, top, rank)
+                logprob_entry(self.tokenizer, t, lp, top, rank)
                 for t, (lp, top, rank) in zip(ids[1:], first.prompt_logprobs)
             ]
         forwards = sum(done[f"{rid}-{c}"].final.forwards for c in range(sp.n))
@@ -419,37 +423,16 @@ class LLM:
 
     def _grammar(self, sp: SamplingParams, n: int) -> Any:
         """``sp.structured_outputs`` compiled (None: not given); a bad one is a ``ConfigError``."""
-        given = sp.structured_outputs
-        if given is None:
+        spec = sp.structured(n)
+        if spec is None:
             return None
-        from dataclasses import asdict
-
         from fluid_npu.sampling.grammar import GrammarCompiler
-        from fluid_npu.sampling.specs import structured_spec
 
-        if sp.ignore_eos or sp.stop_token_ids:
-            raise ConfigError(
-                f"prompt {n}: structured_outputs cannot go with ignore_eos or stop_token_ids: the "
-                "output's grammar decides where it ends (with the EOS token)"
-            )
-        spec = asdict(given) if isinstance(given, StructuredOutputsParams) else dict(given)
-        kind, body, free = structured_spec(spec)
         if self._grammars is None:
             vocab = self.fluid.model.get_output_embeddings().weight.shape[0]
             self._grammars = GrammarCompiler(self.tokenizer, vocab, self.eos_ids)
+        kind, body, free = spec
         return self._grammars.compile(kind, body, any_whitespace=free)
-
-    def _entry(
-        self, token: int, lp: float, top: Sequence[tuple[int, float]], rank: int | None = None
-    ) -> dict[int, Logprob]:
-        """vLLM's per-token logprobs: the token's own ``Logprob``, then its alternatives'."""
-        order = [t for t, _ in top]
-        own = rank if rank is not None else (order.index(token) + 1 if token in order else None)
-        out = {int(token): Logprob(lp, own, self.tokenizer.decode([token]))}
-        for k, (t, v) in enumerate(top):
-            if int(t) not in out:
-                out[int(t)] = Logprob(v, k + 1, self.tokenizer.decode([t]))
-        return out
 
 
 __all__ = [

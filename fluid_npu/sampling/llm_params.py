@@ -87,6 +87,25 @@ class SamplingParams:
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
 
+    def structured(self, n: int) -> tuple[str, Any, bool] | None:
+        """``structured_outputs`` as the grammar compiler takes it (kind, body, free whitespace);
+        None when not given; with ``ignore_eos`` or ``stop_token_ids`` a ``ConfigError`` naming
+        prompt ``n``, as the server refuses them."""
+        given = self.structured_outputs
+        if given is None:
+            return None
+        from dataclasses import asdict
+
+        from fluid_npu.sampling.specs import structured_spec
+
+        if self.ignore_eos or self.stop_token_ids:
+            raise ConfigError(
+                f"prompt {n}: structured_outputs cannot go with ignore_eos or stop_token_ids: the "
+                "output's grammar decides where it ends (with the EOS token)"
+            )
+        return structured_spec(asdict(given) if isinstance(given, StructuredOutputsParams)
+                               else dict(given))  # fmt: skip
+
     def engine_params(self, vocab: int, seed: int | None, bad_words: Any) -> Any:
         """The engine's ``rules.SamplingParams`` for these (``vocab``: what -1 logprobs means;
         ``seed``: the request's, drawn where unseeded; ``bad_words``: tokenized)."""
@@ -225,3 +244,17 @@ def engine_metrics(engine: Any, model_name: str) -> list[Metric]:
         Vector("vllm:spec_decode_num_accepted_tokens_per_pos", dict(labels),
                [sum(n for a, n in accepted.items() if a > p) for p in range(longest)]),
     ]  # fmt: skip
+
+
+def logprob_entry(
+    tokenizer: Any, token: int, lp: float, top: Any, rank: int | None = None
+) -> dict[int, Logprob]:
+    """vLLM's per-token logprobs: the token's own ``Logprob``, then its alternatives' (``top``:
+    ``(token id, logprob)`` best first; ``rank`` where read, else its place in ``top``)."""
+    order = [t for t, _ in top]
+    own = rank if rank is not None else (order.index(token) + 1 if token in order else None)
+    out = {int(token): Logprob(lp, own, tokenizer.decode([token]))}
+    for k, (t, v) in enumerate(top):
+        if int(t) not in out:
+            out[int(t)] = Logprob(v, k + 1, tokenizer.decode([t]))
+    return out

@@ -22,6 +22,7 @@ import torch
 
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.kv import kv_row_bytes
 
 MAX_SIZED_BATCH = 256  # the most slots a share of memory is turned into (vLLM's usual cap)
 GIB = 2**30
@@ -39,6 +40,33 @@ def module_bytes(modules: Iterable[torch.nn.Module | None]) -> int:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
+
+
+def engine_slots(
+    modules: tuple[torch.nn.Module, torch.nn.Module | None],
+    max_batch: int | None,
+    fraction: float | None,
+    capacity: int,
+    dtype: torch.dtype,
+    prefix_rows: int = 0,
+    power_of_two: bool = False,
+) -> int:
+    """A ``Scheduler``'s slots: ``max_batch`` as given, or under ``fraction`` (``sized_batch``)
+    for the ``modules`` (the model and its K-head, on their device) and cache rows of
+    ``capacity`` positions in ``dtype``; neither given is a ``ConfigError``."""
+    if fraction is None:
+        if max_batch is None:
+            raise ConfigError(
+                "max_batch=None sizes the slots from memory_fraction (vLLM's "
+                "gpu_memory_utilization); give one of them"
+            )
+        return max_batch
+    model = modules[0]
+    return sized_batch(
+        fraction=fraction, max_batch=max_batch, device=next(model.parameters()).device,
+        row_bytes=kv_row_bytes(model, capacity, dtype), weight_bytes=module_bytes(modules),
+        prefix_rows=prefix_rows, power_of_two=power_of_two,
+    )  # fmt: skip
 
 
 def sized_batch(

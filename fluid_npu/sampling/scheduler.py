@@ -65,12 +65,11 @@ from fluid_npu.sampling.inputs import (
 from fluid_npu.sampling.kv import (
     SlotKV,
     hold_slot_attention,
-    kv_row_bytes,
     register_slot_attention,
     release_slot_attention,
 )
 from fluid_npu.sampling.lean import LeanDecoder
-from fluid_npu.sampling.memory import module_bytes, short_of_free, sized_batch
+from fluid_npu.sampling.memory import engine_slots, short_of_free
 from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.policies import Policy, block_bound, parse_policy
 from fluid_npu.sampling.prefill import PrefillMixin
@@ -133,11 +132,6 @@ class Scheduler(PrefillMixin, StepMixin):
                 raise ConfigError(f"{name} {value!r} is not one of {', '.join(choices)}")
         self.scheduling_policy = scheduling_policy
         self.logprobs_mode = logprobs_mode
-        if max_batch is None and memory_fraction is None:
-            raise ConfigError(
-                "max_batch=None sizes the slots from memory_fraction (vLLM's "
-                "gpu_memory_utilization); give one of them"
-            )
         if (max_batch is not None and max_batch < 1) or prefill_chunk < 1:
             raise ConfigError(
                 f"max_batch and prefill_chunk must be at least 1, got {max_batch}, {prefill_chunk}"
@@ -192,14 +186,8 @@ class Scheduler(PrefillMixin, StepMixin):
         capacity = self.max_len + widest
         if compile:
             capacity = _round_up(capacity, CAPACITY_STEP)
-        if memory_fraction is not None:  # the slots a share of the device's memory holds
-            max_batch = sized_batch(
-                fraction=memory_fraction, max_batch=max_batch, device=self.device,
-                row_bytes=kv_row_bytes(model, capacity, dtype),
-                weight_bytes=module_bytes((model, self.khead)),
-                prefix_rows=prefix_slots if prefix_caching else 0, power_of_two=compile,
-            )  # fmt: skip
-        assert max_batch is not None
+        max_batch = engine_slots((model, self.khead), max_batch, memory_fraction, capacity, dtype,
+                                 prefix_slots if prefix_caching else 0, compile)  # fmt: skip
         self.slots_n = max_batch
         cache_slots = max_batch
         if compile:  # the cache's shape is a compiled one: a few sizes, so engines made for
