@@ -319,8 +319,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         else:
             whole = await loop.run_in_executor(tokenizing, encode_prompts, tokenizer, req.prompts,
                                                req.sampling.add_special)  # fmt: skip
-            ends = [special_ends(specials, ids) if isinstance(p, str) and req.sampling.add_special
-                    else (0, 0) for p, ids in zip(req.prompts, whole)]  # fmt: skip
+            cut_text = req.sampling.truncate is not None and req.sampling.add_special
+            ends = [special_ends(specials, ids) if cut_text and isinstance(p, str) else (0, 0)
+                    for p, ids in zip(req.prompts, whole)]  # fmt: skip
             prompts = gate.truncated(whole, req.sampling.truncate, ends)
             if req.sampling.echo:  # the text as given; token ids decoded (as vLLM echoes them)
                 given = [g if len(ids) == len(cut) else cut  # (a cut text: what is left of it)
