@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -71,7 +73,7 @@ class ScriptedScheduler:
         self.eos_ids = [EOS]  # where a request ends unless it asks to ignore EOS
         self.waiting: list[tuple[Request, list[int]]] = []
         self.running: dict[str, list] = {}  # id -> [request, remaining tokens, new, forwards]
-        self.aborts: list[str] = []
+        self.aborts: list[tuple[str, int, int]] = []  # (id, tokens, forwards): events to come
         self.aborted: list[str] = []  # every abort applied, for the tests
         self.requests: list[Request] = []  # every request submitted, for the tests
         self.gate = threading.Event()
@@ -91,7 +93,11 @@ class ScriptedScheduler:
         self.waiting.append((req, script(req.prompt, req.max_new_tokens, req.eos_ids != [])))
 
     def abort(self, request_id: str) -> bool:
-        self.aborts.append(request_id)
+        """As the Scheduler's: the request is taken out (its id free) now, its event comes with
+        the next step."""
+        entry = self.running.pop(request_id, None)
+        self.waiting = [w for w in self.waiting if w[0].request_id != request_id]
+        self.aborts.append((request_id, *((entry[2], entry[3]) if entry else (0, 0))))
         return True
 
     def has_work(self) -> bool:
@@ -112,11 +118,8 @@ class ScriptedScheduler:
         self.steps += 1
         time.sleep(self.step_s)
         events = []
-        for rid in self.aborts:
+        for rid, n, fw in self.aborts:
             self.aborted.append(rid)
-            entry = self.running.pop(rid, None)
-            self.waiting = [w for w in self.waiting if w[0].request_id != rid]
-            n, fw = (entry[2], entry[3]) if entry else (0, 0)
             events.append(Ev(rid, [], True, "abort", n, fw, 0))
         self.aborts.clear()
         while self.waiting and len(self.running) < self.max_batch:
@@ -690,6 +693,26 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
         ok = c.completions.create(model="tiny", prompt="a", max_tokens=8)
         assert ok.choices[0].text == expected_text(TOK("a")["input_ids"], 8)
         assert _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="400"}')
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_server_error(caplog):
+    """A client that disconnects half-way through its body (a timeout, a killed script) leaves
+    an info line, not an ERROR with a traceback and a 500 written to nobody; others go on."""
+    with caplog.at_level(logging.INFO, logger="fluid_npu.serve"), \
+            serving(ScriptedScheduler()) as (url, _, _):  # fmt: skip
+        host, port = url.removeprefix("http://").split(":")
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/"
+                    'json\r\nContent-Length: 1000\r\n\r\n{"prompt": '.encode()
+                )
+                time.sleep(0.1)  # (the app is reading the body when the client goes)
+        _until(lambda: sum("left before its request was read" in r.getMessage()
+                           for r in caplog.records) == 2, "the two lines")  # fmt: skip
+        ok = client(url).completions.create(model="tiny", prompt="a", max_tokens=8)
+        assert ok.choices[0].text == expected_text(TOK("a")["input_ids"], 8)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize("chat", [False, True])

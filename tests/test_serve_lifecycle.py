@@ -92,6 +92,36 @@ def test_client_disconnect_aborts_the_request():
         assert out.usage.completion_tokens == 4
 
 
+def test_a_retry_under_the_id_of_a_request_just_abandoned_gets_its_own_answer():
+    """A gateway that gives up on a request and retries it at once under the same
+    ``X-Request-Id``: the id is free as soon as the first is aborted, before the engine's next
+    step retires it; that retirement must not end the retry, which answers in full."""
+    sched = ScriptedScheduler(max_batch=2)
+    with serving(sched) as (url, _, worker):
+        sched.gate.clear()  # the engine is held inside a step until both have come
+        head = {"X-Request-Id": "retried"}
+        body = {"prompt": "x", "max_tokens": 12, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=body, headers=head, timeout=0.5)
+        answers: list[httpx.Response] = []
+
+        def retry() -> None:
+            while not answers or answers[-1].status_code == 400:  # (400: not yet let go)
+                answers.append(httpx.post(f"{url}/v1/completions", json=body, headers=head,
+                                          timeout=60))  # fmt: skip
+
+        thread = threading.Thread(target=retry)
+        thread.start()
+        _until(lambda: worker.inbox.qsize() >= 2, "the abort and the retry")
+        sched.gate.set()
+        thread.join(60)
+        got = answers[-1].json()
+        assert answers[-1].status_code == 200, got
+        assert got["id"] == "cmpl-retried" and got["choices"][0]["finish_reason"] == "length"
+        assert got["choices"][0]["text"] == expected_text(TOK("x")["input_ids"], 12, eos=False)
+        _until(lambda: worker.outstanding == 0 and not sched.has_work(), "nothing left running")
+
+
 def test_a_disconnect_aborts_every_prompt_of_a_request():
     sched = ScriptedScheduler(max_batch=2, step_s=0.002)
     with serving(sched) as (url, _, worker):

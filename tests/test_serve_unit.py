@@ -516,6 +516,75 @@ def test_a_submission_that_reaches_a_dead_engine_late_is_refused_not_lost(monkey
     assert refused.status == 500 and "device lost" in str(refused)
 
 
+class _Gated:
+    """A real scheduler whose ``step`` waits for ``gate`` (``at_gate`` is set while it waits)."""
+
+    def __init__(self, scheduler) -> None:
+        import threading
+
+        self.scheduler = scheduler
+        self.gate, self.at_gate = threading.Event(), threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name: str):
+        return getattr(self.scheduler, name)
+
+    def step(self):
+        self.at_gate.set()
+        assert self.gate.wait(60), "the test left the gate closed"
+        self.at_gate.clear()
+        return self.scheduler.step()
+
+
+def test_an_id_reused_right_after_its_request_was_abandoned_gets_its_own_tokens():
+    """A client that drops a request and sends a new one under the same id at once (a gateway's
+    retry) frees the id before the engine has retired the first: the first's "abort" event,
+    emitted at the next step, must not end the new request, which decodes as it would alone."""
+    import asyncio
+
+    from fluid_npu.model.tiny import build_tiny_model
+    from fluid_npu.sampling.offline import run_requests
+    from fluid_npu.sampling.scheduler import Request, Scheduler
+    from fluid_npu.serve.worker import Worker
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = build_tiny_model("llama", tok, seed=3)
+    first, again = tok("the cat sat on")["input_ids"], tok("a dog ran")["input_ids"]
+    alone = run_requests(Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2),
+                         [Request("x", again, 6, eos_ids=[])])["x"].tokens  # fmt: skip
+
+    async def scenario() -> tuple[list, list, _Gated]:
+        sched = _Gated(Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2))
+        worker = Worker(sched)
+        worker.start(asyncio.get_running_loop())
+        try:
+            old = await worker.submit("x", first, max_new_tokens=40, eos_ids=[])
+            assert (await old.queue.get()).tokens  # it runs
+            sched.gate.clear()
+            await asyncio.to_thread(sched.at_gate.wait, 60)  # the engine waits inside a step
+            worker.abort("x")  # the client left (Generation.close) ...
+            new = asyncio.ensure_future(worker.submit("x", again, max_new_tokens=6, eos_ids=[]))
+            while worker.inbox.qsize() < 2:  # ... and came back under its id before the step
+                await asyncio.sleep(0.001)
+            sched.gate.set()
+            stream = await new
+            events = [await asyncio.wait_for(stream.queue.get(), 60)]
+            while not events[-1].finished:
+                events.append(await asyncio.wait_for(stream.queue.get(), 60))
+            olds = []
+            while not old.queue.empty():
+                olds.append(old.queue.get_nowait())
+            return events, olds, sched
+        finally:
+            worker.stop()
+
+    events, olds, sched = asyncio.run(scenario())
+    assert events[-1].finish_reason == "length"
+    assert [t for ev in events for t in ev.tokens] == alone
+    assert not any(ev.finished for ev in olds)  # (its abort event went nowhere)
+    assert not sched.has_work() and sched.num_running == 0
+
+
 def test_bench_report_survives_an_ar_run_whose_requests_all_failed():
     """Every ``ar`` request failing leaves no ratio to report (None), not a crash after the run."""
     from types import SimpleNamespace

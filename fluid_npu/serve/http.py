@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fluid_npu.serve.errors import APIError, error_body
 
@@ -137,7 +138,8 @@ def _internal_error(exc: BaseException) -> JSONResponse:
 
 
 class _CatchAll:
-    """ASGI middleware: an exception before the response started is a 500 OpenAI error body."""
+    """ASGI middleware: an exception before the response started is a 500 OpenAI error body; a
+    client that disconnects while its body is read gets nothing (an info line, not an error)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -152,6 +154,11 @@ class _CatchAll:
 
         try:
             await self.app(scope, receive, sending)
+        except ClientDisconnect:  # the client left while it sent its request: nobody to answer
+            if started:
+                raise
+            logger.info("a client left before its request was read: %s %s", scope.get("method"),
+                        scope.get("path"))  # fmt: skip
         except Exception as exc:
             if started or scope["type"] != "http":
                 raise

@@ -11,7 +11,10 @@ one thread and the asyncio server never touches it:
   refused, none (those taken are aborted before any step runs them). Both count the requests as
   ``outstanding`` before they first wait, so a capacity check just before them holds;
 * ``abort`` (a client went away, a stop string matched) is applied before the next step, so the
-  slot is free for the step after;
+  slot is free for the step after. Nobody reads that request any more, and its id is free at
+  once (a client may send a new request under it straight away, as a gateway retrying does), so
+  the "abort" event the engine emits for it at the next step is dropped, never delivered to a
+  new request under the same id;
 * between steps the thread takes every command waiting in the inbox, then steps while there is
   work, and sleeps on the inbox when there is none;
 * ``drain(timeout)`` (SIGTERM) refuses new requests and lets the running ones finish; those still
@@ -33,6 +36,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +83,8 @@ class Worker:
         self.on_failure = on_failure  # the engine failed: nothing runs any more (metrics)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, Stream] = {}  # touched by the engine thread only
+        # ids aborted for a reader that is gone: their "abort" events (next step) go nowhere
+        self._abandoned: Counter[str] = Counter()  # (engine thread only)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None
         self.draining = False
@@ -191,8 +197,8 @@ class Worker:
                     self.scheduler.submit(req)
                     taken.append(req.request_id)
             except Exception as exc:
-                for rid in taken:  # all or none: those taken never run (their abort events
-                    self.scheduler.abort(rid)  # find no stream and go nowhere)
+                for rid in taken:  # all or none: those taken never run
+                    self._abandon(rid)
                 if isinstance(exc, FluidError):
                     self._send(_set_exception, item.accepted, APIError(str(exc), param="prompt"))
                 else:  # a bug in one request's admission fails that request only
@@ -206,9 +212,16 @@ class Worker:
             return
         kind, value = item
         if kind == "abort" and value in self.streams:
-            self.scheduler.abort(value)
+            self._abandon(value)
         elif kind == "drain":
             self._drain_deadline = value
+
+    def _abandon(self, request_id: str) -> None:
+        """Abort a request nobody reads any more: the "abort" event the engine emits for it at
+        the next step is dropped (the id may name a new request by then)."""
+        self.streams.pop(request_id, None)
+        if self.scheduler.abort(request_id):  # (False: not running; no event comes)
+            self._abandoned[request_id] += 1
 
     def _run(self) -> None:
         try:
@@ -225,6 +238,12 @@ class Worker:
                 seconds = time.perf_counter() - start
                 delivery = []
                 for ev in events:
+                    rid = ev.request_id
+                    if ev.finished and ev.finish_reason == "abort" and self._abandoned[rid]:
+                        self._abandoned[rid] -= 1  # (before any event of a new request by its id)
+                        if not self._abandoned[rid]:
+                            del self._abandoned[rid]
+                        continue
                     stream = self.streams.get(ev.request_id)
                     if stream is None:
                         continue
