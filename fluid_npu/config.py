@@ -156,6 +156,14 @@ class FluidArgs:
             raise ConfigError(f"max_slots_ratio must be > 0 or null, got {self.max_slots_ratio}")
         if self.khead_sigma <= 0 or self.khead_tau <= 0:
             raise ConfigError("khead_sigma and khead_tau must be > 0")
+        if min(self.ar_loss_weight, self.diff_loss_weight) < 0 or not (
+            self.ar_loss_weight or self.diff_loss_weight
+        ):
+            raise ConfigError(
+                f"ar_loss_weight {self.ar_loss_weight} and diff_loss_weight "
+                f"{self.diff_loss_weight}: each must be >= 0 and one > 0 (a negative weight "
+                "ascends its loss; both 0 train nothing)"
+            )
         if isinstance(self.lora_target, str) and self.lora_target != "all":
             self.lora_target = [t.strip() for t in self.lora_target.split(",") if t.strip()]
 
@@ -191,8 +199,21 @@ class TrainArgs:
     dataloader_num_workers: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps"):  # fmt: skip
             _positive(name, getattr(self, name))
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ConfigError(
+                f"max_steps {self.max_steps} with num_train_epochs {self.num_train_epochs} trains "
+                "no step: give max_steps > 0, or max_steps: -1 and num_train_epochs > 0"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.dataloader_num_workers < 0:
+            raise ConfigError(
+                f"dataloader_num_workers must be >= 0 (0: load in the main process), got "
+                f"{self.dataloader_num_workers}"
+            )
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -121,6 +122,37 @@ def publish_dir(staging: Path, target: Path, last: list[str] | None = None) -> N
             shutil.rmtree(dest)
         os.replace(item, dest)
     staging.rmdir()
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why ``file`` is not a whole safetensors file (truncated, an unreadable header), or None:
+    the header parses and the file is exactly as long as the header says (an interrupted copy or
+    download shows here, before a loader fails deep inside with the bytes it lacks)."""
+    size = file.stat().st_size
+    with file.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"is truncated ({size} bytes, no safetensors header)"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"is truncated (header of {n} bytes, file of {size})"
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return f"has an unreadable safetensors header ({exc})"
+    if not isinstance(header, dict):
+        return "has an unreadable safetensors header (not a JSON object)"
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
+    if not all(isinstance(e, int) for e in ends):
+        return "has an unreadable safetensors header (offsets that are not integers)"
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"is truncated ({size} bytes, its header describes {expected})"
+    return None
 
 
 def _finite(obj: Any) -> Any:

@@ -8,6 +8,7 @@ they created when they fail during set-up; ``merge`` writes nothing)."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,12 @@ def world(tmp_path_factory) -> World:
         (data / f"{name}.jsonl").write_text(text)
         info[name] = {"file_name": f"{name}.jsonl"}
     info["missing_file"] = {"file_name": "not_there.jsonl"}
+    latin1 = (data / "demo.jsonl").read_bytes().splitlines(keepends=True)[:3]
+    latin1.append(
+        json.dumps({"instruction": "caf_", "output": "ok"}).encode().replace(b"_", b"\xe9")
+    )
+    (data / "latin1.jsonl").write_bytes(b"".join(latin1) + b"\n")  # (a Latin-1 export's byte)
+    info["latin1"] = {"file_name": "latin1.jsonl"}
     (data / "dataset_info.json").write_text(json.dumps(info))
 
     model, tok = load_model(base), load_tokenizer(base)  # a Stage I output, without training
@@ -94,9 +101,23 @@ def world(tmp_path_factory) -> World:
             }
         )
     )
-    (remote / "model.safetensors").write_bytes((remote / "config.json").read_bytes())
+    shutil.copy(base / "model.safetensors", remote)  # (whole weights: the config needs code)
     load_tokenizer(base).save_pretrained(remote)  # its tokenizer is fine; the model needs code
+    # an interrupted copy: the base's and the adapter's weights cut short; a corrupt config.json
+    cut = shutil.copytree(base, root / "base-cut")
+    _truncate(cut / "model.safetensors")
+    cut_adapter = shutil.copytree(adapter, root / "adapter-cut")
+    _truncate(cut_adapter / "adapter_model.safetensors")
+    no_weights = shutil.copytree(adapter, root / "adapter-no-weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    bad_config = shutil.copytree(base, root / "base-bad-config")
+    (bad_config / "config.json").write_text('{"model_type": "llama",', encoding="utf-8")
     return World(root, base, base_mask, other, data, adapter, khead, pickle_only, remote)
+
+
+def _truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) * 2 // 3])
 
 
 def _stage1(w: World, out: Path, **extra: object) -> list[str]:
@@ -155,6 +176,37 @@ CASES: dict[str, Case] = {
         lambda w, o: _stage1(w, o, dataset="missing_file"), "not_there.jsonl does not exist"
     ),
     "dataset-empty": Case(lambda w, o: _stage1(w, o, dataset="empty"), "empty.jsonl is empty"),
+    "dataset-not-utf8": Case(
+        lambda w, o: _stage1(w, o, dataset="latin1"),
+        "latin1.jsonl line 4: not UTF-8 text (byte 0xe9 at column 21); save the file as UTF-8",
+    ),
+    "base-weights-truncated": Case(
+        lambda w, o: _stage1(w, o, model_name_or_path=w.root / "base-cut"),
+        "model.safetensors is truncated",
+    ),
+    "base-config-corrupt": Case(
+        lambda w, o: _stage1(w, o, model_name_or_path=w.root / "base-bad-config"),
+        "config.json is unreadable JSON",
+    ),
+    "continued-adapter-truncated": Case(
+        lambda w, o: _stage1(w, o, adapter_name_or_path=w.root / "adapter-cut", lora_rank=4),
+        "adapter_model.safetensors is truncated",
+    ),
+    "stage2-adapter-truncated": Case(
+        lambda w, o: _stage2(w, o, adapter_name_or_path=w.root / "adapter-cut"),
+        "adapter_model.safetensors is truncated",
+    ),
+    "stage2-adapter-without-weights": Case(
+        lambda w, o: _stage2(w, o, adapter_name_or_path=w.root / "adapter-no-weights"),
+        "has adapter_config.json but no adapter_model.safetensors",
+    ),
+    "merge-output-is-a-file": Case(
+        lambda w, o: [
+            *("merge", "--base", str(w.base), "--adapter", str(w.adapter)),
+            *("--output", str(w.data / "demo.jsonl")),
+        ],
+        "is a file; give a new directory",
+    ),
     "dataset-malformed-line": Case(
         lambda w, o: _stage1(w, o, dataset="malformed"), "line 2: malformed JSON"
     ),

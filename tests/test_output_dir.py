@@ -135,15 +135,19 @@ def test_overwrite_never_removes_what_the_run_reads(tmp_path, inputs, resume, ne
 
 def test_a_checkpoint_saved_with_other_settings_is_named(tmp_path):
     lora = _make(tmp_path / "lora", ["trainer_state.json"])
-    (lora / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["b", "a"]}))
+    (lora / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["b", "a"]})
+    )
     FluidModelMeta("f00d", "<|mask|>", 9, 9, "base").save(lora)
     assert recorded_settings(lora) == {
-        "stage": "fluid_stage1", "finetuning_type": "lora", "lora_rank": 8,
+        "stage": "fluid_stage1", "finetuning_type": "lora", "lora_rank": 8, "lora_alpha": 16,
         "lora_target": ["a", "b"], "base_fingerprint": "f00d",
     }  # fmt: skip
     check_resume(lora, {"stage": "fluid_stage1", "lora_rank": 8, "lora_target": ["a", "b"]})
     cases = [
         ({"lora_rank": 4}, "saved with lora_rank: 8, this run has lora_rank: 4"),
+        # (the trained delta is scaled by alpha / rank: another alpha is another model)
+        ({"lora_alpha": 64.0}, "saved with lora_alpha: 16, this run has lora_alpha: 64.0"),
         ({"finetuning_type": "full"}, "saved with finetuning_type: lora"),
         ({"stage": "fluid_stage2"}, "saved with stage: fluid_stage1"),
         ({"lora_target": ["a"]}, "saved with lora_target: ['a', 'b']"),
@@ -209,6 +213,7 @@ def _listing(root: Path) -> dict[str, float]:
     [
         ({}, ("holds an earlier run's output", "resume_from_checkpoint: true")),
         ({"lora_rank": 4, "resume_from_checkpoint": True}, ("lora_rank: 8", "lora_rank: 4")),
+        ({"lora_alpha": 64, "resume_from_checkpoint": True}, ("lora_alpha: 16", "lora_alpha: 64")),
         ({"finetuning_type": "full", "resume_from_checkpoint": True}, ("finetuning_type: lora",)),
         # (a resumed Trainer keeps the checkpoint's rate: its optimizer and scheduler state)
         ({"learning_rate": 1e-3, "resume_from_checkpoint": True}, ("learning_rate: 0.01",)),

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
+from safetensors.torch import save_file
 from test_serve_http import TOK, ScriptedScheduler, expected_text, serving
 from test_serve_live import model_dir, offline  # noqa: F401  (model_dir: a fixture)
 
@@ -162,7 +164,7 @@ def saved_model_dir(path: Path) -> Path:
     """A folder that passes the model-directory check (the scripted engine never loads it)."""
     path.mkdir()
     (path / "config.json").write_text("{}", encoding="utf-8")
-    (path / "model.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(1)}, str(path / "model.safetensors"))  # (a whole file)
     return path
 
 

@@ -60,6 +60,19 @@ def _kind(value: Any) -> str:
     return names.get(type(value), "a number")
 
 
+def _utf8_problem(file: Path) -> str | None:
+    """Where ``file`` first stops being UTF-8 text (its line and byte), or None; a line at a
+    time, so a large file is never held whole."""
+    with file.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{file} line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1})")  # fmt: skip
+    return None
+
+
 def _json_problem(file: Path) -> str | None:
     """Why ``file`` is not JSON / JSON lines of objects (with the line number), or None."""
     try:
@@ -145,6 +158,10 @@ def load_raw(spec: DatasetSpec, cache_dir: str | None = None) -> datasets.Datase
     """Read the rows of ``spec`` with ``datasets`` (offline); clear errors for bad files."""
     builder, files = _data_files(spec)
     # datasets logs its own ERROR line for a parse failure; ours below names the line and the fix
+    if builder == "json":  # (pyarrow reads bytes that are not UTF-8 without a word)
+        problem = next(filter(None, map(_utf8_problem, files)), None)
+        if problem is not None:
+            raise DataError(f"dataset {spec.name!r}: {problem}; save the file as UTF-8")
     json_log = logging.getLogger("datasets.packaged_modules.json.json")
     level = json_log.level
     json_log.setLevel(logging.CRITICAL)

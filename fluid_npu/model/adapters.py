@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fluid_npu.errors import CheckpointError
-from fluid_npu.model.loading import fingerprint, load_model, load_tokenizer
+from fluid_npu.model.loading import check_adapter_dir, fingerprint, load_model, load_tokenizer
 from fluid_npu.model.mask_token import MaskToken, init_new_rows, resolve_mask_token
 
 META_FILE = "fluid_model.json"
@@ -134,10 +134,7 @@ def load_fluid(
     adapter_fp = None
     if adapter_dir is not None:
         adir = Path(adapter_dir)
-        if not (adir / "adapter_config.json").is_file():
-            raise CheckpointError(
-                f"{adir} is not a LoRA adapter directory (no adapter_config.json)"
-            )
+        check_adapter_dir(adir, "give a Stage I output_dir (LoRA) or one of its checkpoints")
         meta = FluidModelMeta.load(adir)
         if meta is not None and meta.base_fingerprint != base_fp:
             raise CheckpointError(

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from fluid_npu.errors import CheckpointError, ConfigError
+from fluid_npu.io import safetensors_problem
 
 PANGU_TYPES = ("pangu_embedded", "panguembedded")
 # openPangu config keys that are Llama keys under another name.
@@ -62,7 +63,32 @@ def check_model_dir(path: str | Path, *, allow_pickle: bool = False) -> Path:
             )
         if not pickles:
             raise CheckpointError(f"{p} holds no weights (*.safetensors)")
+    check_weights(safetensors, "copy or download the model again")
     return p
+
+
+def check_weights(files: list[Path], fix: str) -> None:
+    """A CheckpointError naming the first of the safetensors ``files`` that is not whole (an
+    interrupted copy or download), and ``fix``."""
+    for file in sorted(files):
+        why = safetensors_problem(file)
+        if why is not None:
+            raise CheckpointError(f"{file} {why}; {fix}")
+
+
+def check_adapter_dir(path: Path, what: str) -> None:
+    """A CheckpointError unless ``path`` holds a LoRA adapter's config and whole weights
+    (``what``: what the directory should have been)."""
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path} is not a LoRA adapter directory (no adapter_config.json); "
+                              f"{what}")  # fmt: skip
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file() and not (path / "adapter_model.bin").is_file():
+        raise CheckpointError(
+            f"{path} has adapter_config.json but no adapter_model.safetensors: copy the adapter's "
+            "weights beside it"
+        )
+    check_weights([weights] if weights.is_file() else [], "copy the adapter again")
 
 
 def is_pangu_config(raw: dict[str, Any]) -> bool:
@@ -84,7 +110,13 @@ def pangu_to_llama_config(raw: dict[str, Any]) -> LlamaConfig:
 
 
 def load_config(path: str | Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
-    raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    file = Path(path) / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file} is unreadable JSON ({exc}); copy the model again") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} is not a JSON object; copy the model again")
     if is_pangu_config(raw):
         return pangu_to_llama_config(raw)
     try:

@@ -20,6 +20,8 @@ def merge_adapter(
 ) -> Path:
     """Merge ``adapter`` into ``base`` and save to ``output``; returns the output path."""
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--output {str(out)!r} is a file; give a new directory")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; choose a new --output directory")
     loaded = load_fluid(base, adapter, allow_pickle=allow_pickle, merge=True)

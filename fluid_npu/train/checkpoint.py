@@ -24,12 +24,11 @@ import logging
 import os
 import re
 import shutil
-import struct
 import zipfile
 from pathlib import Path
 
 from fluid_npu.errors import CheckpointError
-from fluid_npu.io import write_text_atomic
+from fluid_npu.io import safetensors_problem, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -130,26 +129,9 @@ def _bad(ckpt: Path, file: Path, why: str) -> CheckpointError:
 
 def _check_safetensors(ckpt: Path, file: Path) -> None:
     """The header parses and the file is exactly as long as the header says."""
-    size = file.stat().st_size
-    with file.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise _bad(ckpt, file, f"is truncated ({size} bytes, no safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise _bad(ckpt, file, f"is truncated (header of {n} bytes, file of {size})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _bad(ckpt, file, f"has an unreadable safetensors header ({exc})") from None
-    ends = [
-        int(v["data_offsets"][1])
-        for k, v in header.items()
-        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
-    ]
-    expected = 8 + n + max(ends, default=0)
-    if size != expected:
-        raise _bad(ckpt, file, f"is truncated ({size} bytes, its header describes {expected})")
+    why = safetensors_problem(file)
+    if why is not None:
+        raise _bad(ckpt, file, why)
 
 
 def _check_archive(ckpt: Path, file: Path) -> None:

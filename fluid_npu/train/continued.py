@@ -21,6 +21,7 @@ from fluid_npu.config import FluidConfig
 from fluid_npu.data.templates import AUTO
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.model.adapters import FluidModelMeta
+from fluid_npu.model.loading import check_adapter_dir
 from fluid_npu.model.mask_token import NEW_MASK
 
 
@@ -44,9 +45,7 @@ def continued_adapter(cfg: FluidConfig) -> ContinuedAdapter | None:
         "adapter_name_or_path continues a Stage I adapter: give a Stage I output_dir (LoRA) or "
         "one of its checkpoint-N directories"
     )
-    if not (path / "adapter_config.json").is_file():
-        raise CheckpointError(f"{path} is not a LoRA adapter directory (no adapter_config.json); "
-                              f"{what}")  # fmt: skip
+    check_adapter_dir(path, what)
     meta = FluidModelMeta.load(path)
     if meta is None or meta.stage != "fluid_stage1":
         found = "no fluid_model.json" if meta is None else f"its stage is {meta.stage}"

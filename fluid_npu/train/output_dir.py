@@ -259,7 +259,7 @@ def _json(path: Path) -> dict[str, Any] | None:
 
 def recorded_settings(ckpt: str | Path) -> dict[str, Any]:
     """What checkpoint ``ckpt`` says about the run that saved it (only the settings it records):
-    ``stage``, ``finetuning_type``, ``lora_rank``, ``lora_target``, ``k_masks``,
+    ``stage``, ``finetuning_type``, ``lora_rank``, ``lora_alpha``, ``lora_target``, ``k_masks``,
     ``learning_rate``, ``base_fingerprint``, ``adapter_fingerprint``."""
     d = Path(ckpt)
     rec: dict[str, Any] = {}
@@ -267,7 +267,8 @@ def recorded_settings(ckpt: str | Path) -> dict[str, Any]:
     head = _json(d / KHEAD_CONFIG)
     if adapter is not None:
         targets = adapter.get("target_modules")
-        rec.update(stage="fluid_stage1", finetuning_type="lora", lora_rank=adapter.get("r"))
+        rec.update(stage="fluid_stage1", finetuning_type="lora", lora_rank=adapter.get("r"),
+                   lora_alpha=adapter.get("lora_alpha"))  # fmt: skip
         rec["lora_target"] = sorted(targets) if isinstance(targets, list) else targets
     elif (d / "config.json").is_file():
         rec.update(stage="fluid_stage1", finetuning_type="full")

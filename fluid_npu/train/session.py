@@ -81,8 +81,10 @@ class TrainingSession:
         self.mindspeed = enable_mindspeed() if cfg.model.use_mindspeed else None
         self.parent = continued_adapter(cfg) if stage == "fluid_stage1" else None
         f = cfg.fluid
-        rank = f.lora_rank if f.finetuning_type == "lora" else None
-        settings = {"stage": stage, "finetuning_type": f.finetuning_type, "lora_rank": rank,
+        lora = f.finetuning_type == "lora"
+        settings = {"stage": stage, "finetuning_type": f.finetuning_type,
+                    "lora_rank": f.lora_rank if lora else None,
+                    "lora_alpha": f.lora_alpha if lora else None,  # (it scales what trained)
                     "learning_rate": cfg.train.learning_rate}  # fmt: skip
         self.resume = prepare_run_dir(cfg, self.args, settings)
         created = not Path(cfg.train.output_dir).exists()
