@@ -349,6 +349,20 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     )
 
 
+def _pass_through(key: str, value: Any, hint: Any) -> Any:
+    """A TrainingArguments value checked against its field's type where that is plain (bool,
+    int, float, str, or one of them or None), so ``adam_beta1: abc`` is an error naming the key,
+    not a failure deep in the optimizer; a float written as text (YAML 1.1's "2e-4") is read as
+    one; other values (enums, dicts, lists) go to transformers as they are."""
+    plain = {bool, int, float, str, type(None)}
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = set(typing.get_args(hint)) if union else {hint}
+    if value is None or not options <= plain:  # (null: left out)
+        return value
+    checked = _coerce(key, value, hint)
+    return checked if isinstance(value, str) else value
+
+
 def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
@@ -395,7 +409,7 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
             if key not in hf_fields:
                 candidates = sorted(set(owners) | set(hf_fields))
                 raise ConfigError(f"unknown config key {key!r}{_nearest(key, candidates)}")
-            extra[key] = value
+            extra[key] = _pass_through(key, value, hf_fields[key].type)
     if per_group["fluid"].get("stage") == "sft":
         raise ConfigError(
             "stage: sft is LLaMA-Factory's; use stage: fluid_stage1 (or fluid_stage2)"

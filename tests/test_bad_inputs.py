@@ -110,6 +110,12 @@ def world(tmp_path_factory) -> World:
     _truncate(cut_adapter / "adapter_model.safetensors")
     no_weights = shutil.copytree(adapter, root / "adapter-no-weights")
     (no_weights / "adapter_model.safetensors").unlink()
+    no_tokenizer = shutil.copytree(adapter, root / "adapter-no-tokenizer")  # (shared bare)
+    for file in no_tokenizer.glob("tokenizer*"):
+        file.unlink()
+    bare = shutil.copytree(base, root / "base-no-tokenizer")
+    for file in [*bare.glob("tokenizer*"), *bare.glob("*.jinja"), *bare.glob("special_tokens*")]:
+        file.unlink()
     bad_config = shutil.copytree(base, root / "base-bad-config")
     (bad_config / "config.json").write_text('{"model_type": "llama",', encoding="utf-8")
     return World(root, base, base_mask, other, data, adapter, khead, pickle_only, remote)
@@ -199,6 +205,30 @@ CASES: dict[str, Case] = {
     "stage2-adapter-without-weights": Case(
         lambda w, o: _stage2(w, o, adapter_name_or_path=w.root / "adapter-no-weights"),
         "has adapter_config.json but no adapter_model.safetensors",
+    ),
+    "stage2-adapter-without-tokenizer": Case(
+        lambda w, o: _stage2(w, o, adapter_name_or_path=w.root / "adapter-no-tokenizer"),
+        "has no tokenizer, and its MASK token",
+    ),
+    "generate-adapter-without-tokenizer": Case(
+        lambda w, o: [
+            *(
+                "generate",
+                "--model",
+                str(w.base),
+                "--adapter",
+                str(w.root / "adapter-no-tokenizer"),
+            ),
+            *("--prompt", "hi", "--max-new-tokens", "2"),
+        ],
+        "copy the tokenizer files saved with the adapter",
+    ),
+    "base-without-tokenizer": Case(
+        lambda w, o: _stage1(w, o, model_name_or_path=w.root / "base-no-tokenizer"),
+        "copy the tokenizer files saved with the model",
+    ),
+    "pass-through-key-of-the-wrong-type": Case(
+        lambda w, o: _stage1(w, o, adam_beta1="abc"), "adam_beta1: expected float"
     ),
     "merge-output-is-a-file": Case(
         lambda w, o: [

@@ -125,6 +125,11 @@ def test_overrides_apply_and_parse_yaml_scalars(tmp_path):
         ({"ar_loss_weight": -1}, "a negative weight ascends its loss"),
         ({"ar_loss_weight": 0, "diff_loss_weight": 0}, "both 0 train nothing"),
         ({"ar_loss_weight": 0}, None),  # (the slots' loss alone)
+        # TrainingArguments' own keys, passed through, are checked against their plain types
+        ({"adam_beta1": "abc"}, "adam_beta1: expected float, got 'abc'"),
+        ({"eval_steps": "often"}, "eval_steps: expected float | None, got 'often'"),
+        ({"save_only_model": "yes please"}, "save_only_model: expected bool"),
+        ({"adam_beta1": 0.8, "adam_epsilon": "1e-6", "optim": "adamw_torch"}, None),
         ({"adapter_name_or_path": "prev", "finetuning_type": "full"}, "continues a Stage I LoRA"),
         ({"adapter_name_or_path": "a,b"}, "lists several adapters; Stage I continues one"),
         ({"overwrite_output_dir": "maybe"}, "overwrite_output_dir: expected bool"),

@@ -148,6 +148,12 @@ def load_fluid(
 
             model.generation_config = GenerationConfig.from_pretrained(str(adir))
         tokenizer = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
+        if tok_dir == model_dir and meta is not None and meta.mask_id >= len(tokenizer):
+            raise CheckpointError(
+                f"{adir} has no tokenizer, and its MASK token {meta.mask_token!r} (id "
+                f"{meta.mask_id}) was added to the base's vocabulary: copy the tokenizer files "
+                "saved with the adapter (tokenizer.json, tokenizer_config.json, ...) beside it"
+            )
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             n_old = model.get_input_embeddings().weight.shape[0]
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

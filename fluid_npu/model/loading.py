@@ -222,10 +222,12 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]  # (the CLI shows one line)
         raise CheckpointError(
-            f"cannot load a tokenizer from {path}: {exc}. openPangu's PanguTokenizer is remote "
-            "code: save it once as a fast tokenizer, or set trust_remote_code: true "
-            "(trust_remote_code=True)"
+            f"cannot load a tokenizer from {path} ({lines[0].strip()}): copy the tokenizer files "
+            "saved with the model (tokenizer.json, tokenizer_config.json, ...) beside it; "
+            "openPangu's PanguTokenizer is remote code: save it once as a fast tokenizer, or set "
+            "trust_remote_code: true (trust_remote_code=True)"
         ) from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
