@@ -23,7 +23,7 @@ from fluid_npu.model.adapters import FluidModelMeta, apply_lora
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
 from fluid_npu.model.loading import fingerprint, load_model, load_tokenizer
 from fluid_npu.model.mask_token import resolve_mask_token
-from fluid_npu.model.tiny import save_tiny
+from fluid_npu.model.tiny import build_tiny_tokenizer, save_tiny
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,8 @@ def world(tmp_path_factory) -> World:
     no_tokenizer = shutil.copytree(adapter, root / "adapter-no-tokenizer")  # (shared bare)
     for file in no_tokenizer.glob("tokenizer*"):
         file.unlink()
+    big = shutil.copytree(base, root / "base-bigger-tokenizer")  # another checkpoint's tokenizer
+    build_tiny_tokenizer(reserved=20).save_pretrained(big)  # (its [unusedN] past the rows)
     bare = shutil.copytree(base, root / "base-no-tokenizer")
     for file in [*bare.glob("tokenizer*"), *bare.glob("*.jinja"), *bare.glob("special_tokens*")]:
         file.unlink()
@@ -222,6 +224,10 @@ CASES: dict[str, Case] = {
             *("--prompt", "hi", "--max-new-tokens", "2"),
         ],
         "copy the tokenizer files saved with the adapter",
+    ),
+    "base-with-another-checkpoints-tokenizer": Case(
+        lambda w, o: _stage1(w, o, model_name_or_path=w.root / "base-bigger-tokenizer"),
+        "past the model's 261 embedding rows",
     ),
     "base-without-tokenizer": Case(
         lambda w, o: _stage1(w, o, model_name_or_path=w.root / "base-no-tokenizer"),

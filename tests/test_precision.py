@@ -9,6 +9,8 @@ is why pure bf16 is an explicit choice and never what a bf16 checkpoint gets by 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import as_overrides, tiny_stage1_recipe
@@ -146,3 +148,33 @@ def test_a_bf16_accelerator_is_chosen_for_pure_bf16_alone(
     assert (choice.type, choice.autocast_dtype) == ("cuda", BF16)
     expected = "pure_bf16" if keys.get("pure_bf16") else "bf16"
     assert resolve_precision(cfg.train, choice).mode == expected
+
+
+@pytest.mark.parametrize(
+    ("keys", "cuda_bf16", "expected", "said"),
+    [
+        (
+            {"fp16": True},
+            None,
+            "fp32",
+            "fp16: true, but this cpu device trains in fp32 (no float16 "
+            "autocast on a CPU: bf16: true there)",
+        ),
+        ({"bf16": True}, False, "fp16", "bf16: true, but this cuda device trains in fp16"),
+        ({"bf16": True}, True, "bf16", None),
+        ({"bf16": True}, None, "bf16", None),  # (CPU autocast has bf16)
+    ],
+)
+def test_a_precision_the_device_cannot_run_is_said_not_silent(
+    bf16_base, data, tmp_path, monkeypatch, caplog, keys, cuda_bf16, expected, said
+):
+    """``fp16: true`` on a CPU trains in fp32 (no float16 autocast there), ``bf16: true`` on a GPU
+    without bf16 in fp16: a warning says so (run.json's precision records what ran)."""
+    monkeypatch.setattr(devices, "is_npu_available", lambda: False)
+    monkeypatch.setattr(devices, "is_cuda_available", lambda: cuda_bf16 is not None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bool(cuda_bf16))
+    cfg = load_config(None, _values(bf16_base, data, tmp_path / "o", **keys))
+    with caplog.at_level(logging.WARNING, logger="fluid_npu"):
+        assert resolve_precision(cfg.train, device_choice(cfg.train)).mode == expected
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ([said] if said else [])

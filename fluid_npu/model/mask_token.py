@@ -102,9 +102,10 @@ def resolve_mask_token(
                 "single token (e.g. a reserved [unusedN]) or remove the key to let fluid pick one"
             )
         tokenizer.mask_token = configured
-        return MaskToken(configured, tid, "config")
+        return _embedded(MaskToken(configured, tid, "config"), tokenizer, model)
     if tokenizer.mask_token is not None and tokenizer.mask_token_id is not None:
-        return MaskToken(tokenizer.mask_token, int(tokenizer.mask_token_id), "tokenizer")
+        mask = MaskToken(tokenizer.mask_token, int(tokenizer.mask_token_id), "tokenizer")
+        return _embedded(mask, tokenizer, model)
     for source, candidates in (
         ("reserved", reserved_candidates(tokenizer)),
         ("unused special", unused_special_candidates(tokenizer)),
@@ -112,7 +113,8 @@ def resolve_mask_token(
         if candidates:
             token = candidates[0]
             tokenizer.mask_token = token
-            return MaskToken(token, int(tokenizer.convert_tokens_to_ids(token)), source)
+            mask = MaskToken(token, int(tokenizer.convert_tokens_to_ids(token)), source)
+            return _embedded(mask, tokenizer, model)
     if not allow_new:
         raise FluidError(
             "the tokenizer has no MASK token and no reserved token to use as one; this model was "
@@ -123,13 +125,31 @@ def resolve_mask_token(
         raise ValueError("adding a MASK token needs the model, to resize its embeddings")
     tokenizer.add_special_tokens({"mask_token": NEW_MASK})
     tid = int(tokenizer.convert_tokens_to_ids(NEW_MASK))
-    # num_embeddings, not weight.shape: under ZeRO-3 the weight is this process's (empty) partition
-    embeddings = model.get_input_embeddings()
-    old = int(getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0])
+    old = _rows(model)
     if tid >= old:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         init_new_rows(model, old)
     return MaskToken(NEW_MASK, tid, "added")
+
+
+def _rows(model: PreTrainedModel) -> int:
+    # num_embeddings, not weight.shape: under ZeRO-3 the weight is this process's (empty) partition
+    embeddings = model.get_input_embeddings()
+    return int(getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0])
+
+
+def _embedded(
+    mask: MaskToken, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None
+) -> MaskToken:
+    """``mask``, when the model has an embedding row for it (a tokenizer with more tokens than
+    the weights have rows belongs to another checkpoint: a ConfigError says so)."""
+    if model is not None and mask.id >= _rows(model):
+        raise ConfigError(
+            f"the MASK token {mask.token!r} has id {mask.id}, past the model's {_rows(model)} "
+            f"embedding rows: the tokenizer ({len(tokenizer)} tokens) is not the one these "
+            "weights were saved with; use the model's own tokenizer files"
+        )
+    return mask
 
 
 def init_new_rows(model: PreTrainedModel, n_old: int) -> None:

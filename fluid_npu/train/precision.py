@@ -22,6 +22,7 @@ trained, not what was asked for.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ import torch
 from fluid_npu import device as devices
 from fluid_npu.device import DeviceChoice
 from fluid_npu.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,10 +113,18 @@ def resolve_precision(train: Any, choice: DeviceChoice) -> Precision:
                 "fp32 master weights): use bf16: true, or remove the deepspeed key"
             )
         return Precision("pure_bf16", torch.bfloat16, torch.bfloat16)
+    mode = "fp32"
     if (bf16 or fp16) and choice.autocast_dtype is not None:
         mode = "bf16" if choice.autocast_dtype == torch.bfloat16 else "fp16"
-        return Precision(mode, choice.autocast_dtype, torch.float32)
-    return Precision("fp32", torch.float32, torch.float32)
+    asked = "bf16" if bf16 else "fp16" if fp16 else "fp32"
+    if mode != asked:  # (run.json's precision records what ran)
+        logger.warning(
+            "%s: true, but this %s device trains in %s%s", asked, choice.type, mode,
+            " (no float16 autocast on a CPU: bf16: true there)" if choice.type == "cpu" else "",
+        )  # fmt: skip
+    if mode == "fp32":
+        return Precision("fp32", torch.float32, torch.float32)
+    return Precision(mode, choice.autocast_dtype, torch.float32)
 
 
 def _name(dtype: torch.dtype) -> str:
