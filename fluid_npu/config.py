@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from fluid_npu.config_values import coerce, pass_through
 from fluid_npu.device import DEVICE_CHOICES
 from fluid_npu.errors import ConfigError
 from fluid_npu.lf_keys import lf_spellings, refusal
@@ -299,76 +299,6 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a field annotation, converting the few safe cases (int → float)."""
-    hint = annotation
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(key, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(
-            f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})"
-        )
-    if origin is list:
-        (inner,) = typing.get_args(hint) or (Any,)
-        if isinstance(value, list):
-            return [_coerce(key, v, inner) for v in value]
-        raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise ConfigError(
-        f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__}); "
-        f"fix the value in the YAML or the {key}=... override"
-    )
-
-
-def _pass_through(key: str, value: Any, hint: Any) -> Any:
-    """A TrainingArguments value checked against its field's type where that is plain (bool,
-    int, float, str, or one of them or None), so ``adam_beta1: abc`` is an error naming the key,
-    not a failure deep in the optimizer; a float written as text (YAML 1.1's "2e-4") is read as
-    one; other values (enums, dicts, lists) go to transformers as they are."""
-    plain = {bool, int, float, str, type(None)}
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    options = set(typing.get_args(hint)) if union else {hint}
-    if value is None or not options <= plain:  # (null: left out)
-        return value
-    checked = _coerce(key, value, hint)
-    return checked if isinstance(value, str) else value
-
-
-def _type_name(hint: Any) -> str:
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "")
-
-
 def _nearest(key: str, candidates: list[str]) -> str:
     near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     return f"; did you mean {near[0]!r}?" if near else ""
@@ -398,7 +328,7 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
     for key, value in lf_spellings(values).items():
         if key in owners:
             group = owners[key]
-            per_group[group][key] = _coerce(key, value, hints[group][key])
+            per_group[group][key] = coerce(key, value, hints[group][key])
         elif key in IGNORED_KEYS:
             logger.warning("config key %r is ignored: %s", key, IGNORED_KEYS[key])
         elif refusal(key) is not None:  # (a feature of LLaMA-Factory's this project lacks)
@@ -409,7 +339,7 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
             if key not in hf_fields:
                 candidates = sorted(set(owners) | set(hf_fields))
                 raise ConfigError(f"unknown config key {key!r}{_nearest(key, candidates)}")
-            extra[key] = _pass_through(key, value, hf_fields[key].type)
+            extra[key] = pass_through(key, value, hf_fields[key].type)
     if per_group["fluid"].get("stage") == "sft":
         raise ConfigError(
             "stage: sft is LLaMA-Factory's; use stage: fluid_stage1 (or fluid_stage2)"

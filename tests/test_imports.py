@@ -30,7 +30,7 @@ import fluid_ops
 
 PACKAGE = Path(fluid_npu.__file__).parent
 OPS = Path(fluid_ops.__file__).parent
-LOWER = ("layout", "data", "model", "device", "io", "config", "lf_keys", "errors")
+LOWER = ("layout", "data", "model", "device", "io", "config", "config_values", "lf_keys", "errors")
 UPPER = ("train", "sampling", "eval", "serve", "demo", "real", "cli")
 
 
