@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
-from fluid_npu.errors import ConfigError
+from fluid_npu.errors import ConfigError, DataError
 
 RUN_FILE = "run.json"
 FINAL_STAGING = ".staging-final"  # where every rank writes the final save before it is published
@@ -122,6 +122,21 @@ def publish_dir(staging: Path, target: Path, last: list[str] | None = None) -> N
             shutil.rmtree(dest)
         os.replace(item, dest)
     staging.rmdir()
+
+
+def utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line of ``file``, read a line at a time; a ``DataError``
+    names the first line that is not UTF-8 text (its byte and column), a Latin-1 or GBK export's."""
+    with file.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{file} line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1}); save the file as UTF-8"
+                ) from None
+            yield n, text
 
 
 def safetensors_problem(file: Path) -> str | None:

@@ -69,6 +69,7 @@ def world(tmp_path_factory) -> World:
     )
     (data / "latin1.jsonl").write_bytes(b"".join(latin1) + b"\n")  # (a Latin-1 export's byte)
     info["latin1"] = {"file_name": "latin1.jsonl"}
+    (root / "latin1-prompts.jsonl").write_bytes(b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n')
     (data / "dataset_info.json").write_text(json.dumps(info))
 
     model, tok = load_model(base), load_tokenizer(base)  # a Stage I output, without training
@@ -224,6 +225,14 @@ CASES: dict[str, Case] = {
             *("--prompt", "hi", "--max-new-tokens", "2"),
         ],
         "copy the tokenizer files saved with the adapter",
+    ),
+    "prompts-not-utf8": Case(
+        lambda w, o: [
+            *("generate", "--model", str(w.base_mask), "--prompts"),
+            *(str(w.root / "latin1-prompts.jsonl"), "--max-new-tokens", "2"),
+            *("--output", str(o / "rows.jsonl")),
+        ],
+        "latin1-prompts.jsonl line 2: not UTF-8 text (byte 0xe9 at column 16)",
     ),
     "base-with-another-checkpoints-tokenizer": Case(
         lambda w, o: _stage1(w, o, model_name_or_path=w.root / "base-bigger-tokenizer"),

@@ -12,6 +12,7 @@ column as something other than text (one mistyped row types the whole column ``J
 from __future__ import annotations
 
 import codecs
+import collections
 import json
 import logging
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import datasets
 
 from fluid_npu.data.formats import DatasetSpec
 from fluid_npu.errors import DataError
+from fluid_npu.io import utf8_lines
 
 logger = logging.getLogger(__name__)
 
@@ -60,25 +62,9 @@ def _kind(value: Any) -> str:
     return names.get(type(value), "a number")
 
 
-def _utf8_problem(file: Path) -> str | None:
-    """Where ``file`` first stops being UTF-8 text (its line and byte), or None; a line at a
-    time, so a large file is never held whole."""
-    with file.open("rb") as fh:
-        for n, raw in enumerate(fh, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return (f"{file} line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                        f"{e.start + 1})")  # fmt: skip
-    return None
-
-
 def _json_problem(file: Path) -> str | None:
     """Why ``file`` is not JSON / JSON lines of objects (with the line number), or None."""
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        return f"{file} is not UTF-8 text ({e})"
+    text = file.read_text(encoding="utf-8-sig")  # (load_raw checked it is UTF-8)
     lines = text.split("\n")  # as datasets (pyarrow) splits JSON lines
     if not text.strip():
         return f"{file} is empty"
@@ -159,9 +145,11 @@ def load_raw(spec: DatasetSpec, cache_dir: str | None = None) -> datasets.Datase
     builder, files = _data_files(spec)
     # datasets logs its own ERROR line for a parse failure; ours below names the line and the fix
     if builder == "json":  # (pyarrow reads bytes that are not UTF-8 without a word)
-        problem = next(filter(None, map(_utf8_problem, files)), None)
-        if problem is not None:
-            raise DataError(f"dataset {spec.name!r}: {problem}; save the file as UTF-8")
+        try:
+            for file in files:
+                collections.deque(utf8_lines(file), maxlen=0)
+        except DataError as e:
+            raise DataError(f"dataset {spec.name!r}: {e}") from None
     json_log = logging.getLogger("datasets.packaged_modules.json.json")
     level = json_log.level
     json_log.setLevel(logging.CRITICAL)

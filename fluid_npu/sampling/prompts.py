@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.io import utf8_lines
 from fluid_npu.sampling.inputs import PromptError
 from fluid_npu.sampling.tooluse import check_tool_calls, check_tools
 
@@ -47,14 +48,15 @@ def read_jsonl(path: str | Path, what: str = "prompts") -> list[tuple[int, Any]]
     if not p.is_file():
         raise DataError(f"{what} file {str(p)!r} does not exist; pass a JSONL file")
     rows = []
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
+    for n, line in utf8_lines(p):  # (a byte that is not UTF-8: a DataError naming the line)
+        if n == 1:
+            line = line.removeprefix("\ufeff")  # (a byte-order mark is not a row)
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
     if not rows:
         raise DataError(f"{what} file {p} holds no {what}")
     return rows
