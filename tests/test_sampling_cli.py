@@ -160,6 +160,22 @@ def test_sampling_flags_are_checked_before_loading(dirs, capsys):
     assert "need --loop fused" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--min-new-tokens", "-1"], "--min-new-tokens must be >= 0 (0 = off), got -1"),
+        (["--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens 9 exceeds"),
+        (["--attn-backend", "flash"], "--attn-backend 'flash' is not one of eager, sdpa, auto"),
+        (["--attn-backend", "eager"], "leave --attn-backend out, or use --loop reference"),
+    ],
+)
+def test_generate_flags_are_checked_before_loading(tmp_path, capsys, extra, fragment):
+    # the model directory does not exist: an error about it would mean the model was loaded first
+    assert main(["generate", "--model", str(tmp_path / "no_model"), "--prompt", "hi", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+
+
 def test_generate_streams_one_prompt(dirs, capsys):
     argv = [
         "generate",
@@ -706,6 +722,10 @@ def test_bench_sampler_mismatch_exits_1_after_writing(dirs, tmp_path, capsys, mo
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--loops", "fused,bogus"], "--loops takes a comma-separated subset"),
         (["--loops", "fused,fused"], "--loops names fused more than once; list each once"),
+        (["--loops", "bogus"], "subset of fused,reference, got 'bogus'"),
+        (["--policies", ","], "--policies takes comma-separated names like ar,fixed:4; got ','"),
+        (["--attn-backend", "flash"], "--attn-backend 'flash' is not one of eager, sdpa, auto"),
+        (["--attn-backend", "eager"], "leave --attn-backend out, or use --loops reference"),
         (["--policies", "ar,khead,ar"], "--policies names ar more than once"),
         (["--batch-sizes", "1,0"], "--batch-sizes needs positive integers"),
         (["--batch-sizes", "1,x"], "--batch-sizes takes integers"),

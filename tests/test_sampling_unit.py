@@ -176,11 +176,34 @@ def test_attention_backends_agree_and_are_restored(backend):
     model = build_tiny_model("qwen3", tok, seed=2)
     ids, mask = left_pad([tok("abc def")["input_ids"], tok("z")["input_ids"]], tok.pad_token_id)
     kw = dict(policy="fixed:3", max_new_tokens=8, eos_token_id=[])
-    ref = generate(model, tok, ids, mask, **kw)
-    got = generate(model, tok, ids, mask, attn_backend=backend, **kw)
+    ref = generate(model, tok, ids, mask, **kw)  # the decode engine
+    seen = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda *_: seen.append(
+            (attention_kind(model), model.config.__dict__.get("fluid_attn_backend"))
+        )
+    )
+    got = generate(model, tok, ids, mask, attn_backend=backend, loop="reference", **kw)
+    hook.remove()
+    want = (backend if backend == "eager" else "fluid", backend)
+    assert seen and set(seen) == {want}  # every forward ran on the back end asked for
     prompts = [tok("abc def")["input_ids"], tok("z")["input_ids"]]
     assert all(d.tie for d in compare(model, prompts, got.new_tokens, ref.new_tokens))
     assert attention_kind(model) == "sdpa" and "fluid_attn_backend" not in model.config.__dict__
+
+
+def test_attention_backend_is_checked_and_refused_where_it_would_do_nothing():
+    from fluid_npu.errors import ConfigError
+    from fluid_npu.sampling import generate
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = build_tiny_model("qwen3", tok, seed=2)
+    ids = [tok("abc")["input_ids"]]
+    with pytest.raises(ConfigError, match="attn_backend 'flash' is not one of eager, sdpa, auto"):
+        generate(model, tok, ids, attn_backend="flash", loop="reference")
+    # the decode engine attends over its slot cache itself: a back end there would be ignored
+    with pytest.raises(ConfigError, match="leave attn_backend out, or use loop='reference'"):
+        generate(model, tok, ids, attn_backend="eager")
 
 
 @pytest.mark.parametrize("loop", ["fused", "reference"])

@@ -84,7 +84,8 @@ def check_settings(s: BenchSettings) -> torch.device:
     bad_loops = [loop for loop in s.loops if loop not in LOOPS]
     if not s.loops or bad_loops:
         raise ConfigError(
-            f"--loops takes a comma-separated subset of {','.join(LOOPS)}, got {s.loops!r}"
+            f"--loops takes a comma-separated subset of {','.join(LOOPS)}, "
+            f"got {','.join(s.loops)!r}"
         )
     if s.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {s.repeats}")

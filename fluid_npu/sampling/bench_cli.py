@@ -72,6 +72,14 @@ BENCH_KEYS = (
 )
 
 
+def _names(flag: str, given: str, example: str) -> tuple[str, ...]:
+    """A comma-separated list of names (blanks between commas dropped); none is an error."""
+    names = tuple(n.strip() for n in given.split(",") if n.strip())
+    if not names:
+        raise ConfigError(f"{flag} takes comma-separated names like {example}; got {given!r}")
+    return names
+
+
 def bench_command(args: argparse.Namespace) -> int:
     from fluid_npu.sampling.bench import BenchSettings, run_sampler_bench
     from fluid_npu.sampling.bench_report import unlossless_rows
@@ -91,6 +99,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
     rows = read_prompt_lines(args.prompts)
     check_chat_flags(args, args.chat or any("messages" in r for _, r in rows))
+    policies = None if args.policies is None else _names("--policies", args.policies, "ar,fixed:4")
     settings = BenchSettings(
         model=args.model,
         adapter=args.adapter,
@@ -99,8 +108,8 @@ def bench_command(args: argparse.Namespace) -> int:
         json_path=args.json,
         max_new_tokens=args.max_new_tokens,
         batch_sizes=sizes,
-        policies=tuple(p.strip() for p in args.policies.split(",")) if args.policies else None,
-        loops=tuple(s.strip() for s in args.loops.split(",") if s.strip()),
+        policies=policies,
+        loops=_names("--loops", args.loops, "fused,reference"),
         chat=args.chat,
         chat_template=args.chat_template_text,
         template_kwargs=args.template_kwargs,

@@ -88,7 +88,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attn-backend",
         default=None,
-        help="sdpa (default) | eager | auto | reference | blocked | npu | triton",
+        help="reference loop: sdpa (default) | eager | auto | reference | blocked | npu | triton "
+        "(the fused loop's engine attends over its slot cache itself)",
     )
 
 
@@ -104,9 +105,15 @@ def check_common(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--anchors must be at least 1 (the most draft blocks per step), got {args.anchors}"
         )
+    from fluid_npu.sampling.api import check_attn_backend
     from fluid_npu.sampling.inputs import parse_dtype
     from fluid_npu.sampling.prompts import parse_template_kwargs, read_chat_template
 
+    if getattr(args, "loops", None) is not None:  # fluid bench sampler: several
+        loops, fix = [s.strip() for s in args.loops.split(",")], "--loops reference"
+    else:
+        loops, fix = [getattr(args, "loop", "fused")], "--loop reference"
+    check_attn_backend(args.attn_backend, loops, flag="--attn-backend", fix=fix)
     parse_dtype(getattr(args, "dtype", "auto"))
     template = getattr(args, "chat_template", None)
     args.chat_template_text = None if template is None else read_chat_template(template)

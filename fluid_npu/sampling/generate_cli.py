@@ -84,6 +84,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=generate_command)
 
 
+FLAGS = {"min_tokens": "--min-new-tokens", "top_logprobs": "--logprobs"}  # (params named otherwise)
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``fluid generate``'s sampling flags as ``generate`` keywords (checked before loading)."""
     from fluid_npu.sampling.requests import LOGPROBS_MODES
@@ -109,8 +112,14 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             logprobs=logprobs,
             top_logprobs=args.logprobs or 0,
         )
-    except ConfigError as exc:
-        raise ConfigError(f"--{str(exc).replace('_', '-', 1)}") from None
+    except ConfigError as exc:  # (the message leads with the parameter's name: say the flag's)
+        name, _, rest = str(exc).partition(" ")
+        raise ConfigError(f"{FLAGS.get(name, '--' + name.replace('_', '-'))} {rest}") from None
+    if args.min_new_tokens > args.max_new_tokens:  # (vLLM refuses min_tokens > max_tokens too)
+        raise ConfigError(
+            f"--min-new-tokens {args.min_new_tokens} exceeds --max-new-tokens "
+            f"{args.max_new_tokens}: no row could end before its budget; lower it"
+        )
     return {
         "do_sample": args.temperature > 0,
         "temperature": args.temperature if args.temperature > 0 else 1.0,
