@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -13,6 +14,7 @@ from transformers import GenerationConfig
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.model.khead import KHead
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
+from fluid_npu.sampling import generate
 from fluid_npu.sampling.inputs import PromptError
 from fluid_npu.sampling.pretrained import FluidForCausalLM
 
@@ -47,9 +49,24 @@ def test_the_checkpoints_generation_config_applies_where_a_call_is_silent(tok, f
     assert {len(o) for o in outs} == {ids.shape[1] + 8}  # the checkpoint's max_length
     assert len(outs) > 1  # it samples, as the checkpoint asks
     assert fluid.generate(ids, do_sample=False, eos_token_id=[]).tolist() == greedy.tolist()
-    # a config passed to the call replaces the checkpoint's
-    plain = fluid.generate(ids, GenerationConfig(max_new_tokens=8), eos_token_id=[])
+    # a config passed to the call fills in what the call leaves out, and the checkpoint's what
+    # that config leaves unset, as transformers merges them: the checkpoint still samples
+    passed = GenerationConfig(max_new_tokens=8)
+    outs = {tuple(fluid.generate(ids, passed, seed=s, policy="ar")[0].tolist()) for s in range(6)}
+    assert {len(o) for o in outs} == {ids.shape[1] + 8} and len(outs) > 1
+    plain = fluid.generate(ids, GenerationConfig(max_new_tokens=8, do_sample=False))
     assert plain.tolist() == greedy.tolist()
+    # min_length counts the prompt, as in transformers: EOS (the third greedy token) held back
+    eos = int(greedy[0, ids.shape[1] + 2])
+    least = GenerationConfig(
+        do_sample=False, min_length=ids.shape[1] + 5, max_new_tokens=8, eos_token_id=eos
+    )
+    with torch.inference_mode():
+        want = fluid.model.generate(ids, least, attention_mask=torch.ones_like(ids))
+    assert fluid.generate(ids, least).tolist() == want.tolist()
+    stopped = fluid.generate(ids, do_sample=False, eos_token_id=eos)  # (EOS as its third token)
+    assert stopped.shape[1] == ids.shape[1] + 3 < want.shape[1]
+    gc.max_length = ids.shape[1] + 8
     # a setting the checkpoint's config holds that FLUID does not do is named in a warning (the
     # call did not choose it) and not applied; in a config the call passes it is refused; a call
     # that gives the setting itself (its "off" value) or a config of its own hears nothing
@@ -61,7 +78,9 @@ def test_the_checkpoints_generation_config_applies_where_a_call_is_silent(tok, f
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fluid.generate(ids, no_repeat_ngram_size=0, max_new_tokens=2)
-        fluid.generate(ids, GenerationConfig(), max_new_tokens=2)
+        fluid.generate(ids, GenerationConfig(no_repeat_ngram_size=0), max_new_tokens=2)
+    with pytest.warns(UserWarning, match="the checkpoint's generation_config sets no_repeat"):
+        fluid.generate(ids, GenerationConfig(), max_new_tokens=2)  # (it leaves the setting unset)
 
 
 def test_transformers_argument_order_spellings_and_none(tok, fluid):
@@ -122,10 +141,70 @@ def test_input_errors_name_the_prompt_and_the_room_left(tok):
     fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
     ids = _ids(tok, "a" * 20)
     with pytest.raises(PromptError, match="prompt 0 has 20 tokens and max_new_tokens is 64") as e:
-        fluid.generate(ids)
+        fluid.generate(ids, max_new_tokens=64)
     assert "room for at most 12 new tokens" in str(e.value)
+    # with no length anywhere, transformers' 20 new tokens, at most the context's room
+    for prompt in (_ids(tok, "ab"), ids):
+        with torch.inference_mode():
+            want = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False)
+        got = fluid.generate(prompt, do_sample=False)
+        assert got.tolist() == want.tolist()
+        assert got.shape[1] == min(prompt.shape[1] + 20, 32)
     with pytest.raises(PromptError, match=r"prompt 1: token ids must lie in \[0, "):
         fluid.generate([[5, 6], [7, len(tok) + 3]], max_new_tokens=2)
+
+
+def test_numbers_come_in_any_numeric_type_as_transformers_takes_them(tok, fluid):
+    # a whole temperature / top_p (a checkpoint's generation_config.json holds "temperature": 1),
+    # numpy scalars, a whole float top_k: the same output as the floats and ints
+    ids = _ids(tok)
+    kw = dict(max_new_tokens=6, do_sample=True, policy="ar", eos_token_id=[])
+    want = fluid.generate(ids, temperature=1.0, top_p=1.0, min_p=0.0, top_k=2, seed=1, **kw)
+    got = fluid.generate(
+        ids, temperature=1, top_p=1, min_p=np.float64(0), top_k=2.0, seed=np.int64(1), **kw
+    )
+    assert got.tolist() == want.tolist()
+    fluid.generation_config.temperature, fluid.generation_config.top_p = 1, 1
+    assert fluid.generate(ids, top_k=2, seed=1, **kw).tolist() == want.tolist()
+    for name, value, message in (
+        ("top_k", 2.5, "top_k must be a whole number, got 2.5"),
+        ("temperature", "hot", "temperature must be a number, got 'hot'"),
+        ("min_new_tokens", 2.5, "min_tokens must be a whole number"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            fluid.generate(ids, **{**kw, name: value})
+
+
+def test_prompts_ids_and_arguments_in_the_shapes_users_pass_them(tok, fluid):
+    ids = _ids(tok)
+    kw = dict(max_new_tokens=3, policy="ar")
+    want = fluid.generate(ids, **kw)
+    # one prompt as a flat list (a tokenizer's output without return_tensors) or a numpy row
+    assert fluid.generate(ids[0].tolist(), **kw).tolist() == want.tolist()
+    assert fluid.generate(np.array(ids[0]), **kw).tolist() == want.tolist()
+    assert fluid.generate(**tok("hello world"), **kw).tolist() == want.tolist()
+    assert fluid.generate(ids[0].tolist(), max_length=ids.shape[1] + 3).tolist() == want.tolist()
+    # EOS / pad / MASK ids as tensors and numpy integers, as transformers takes them
+    eos = int(want[0, -2])
+    stop = fluid.generate(ids, max_new_tokens=3, policy="ar", eos_token_id=eos)
+    for given in (torch.tensor(eos), np.int64(eos), torch.tensor([eos])):
+        assert fluid.generate(ids, eos_token_id=given, **kw).tolist() == stop.tolist()
+    out = generate(fluid.model, np.int64(tok.mask_token_id), ids, policy="ar", max_new_tokens=3)
+    assert out.sequences.tolist() == want.tolist()
+    # api.generate takes None for transformers 5's unset settings
+    none = dict(temperature=None, top_p=None, min_p=None, repetition_penalty=None)
+    out = generate(fluid.model, tok, ids, policy="ar", max_new_tokens=3, **none)
+    assert out.sequences.tolist() == want.tolist()
+    for call, message in (
+        (lambda: fluid.generate(ids, eos_token_id="</s>", **kw), "eos_token_id takes a token id"),
+        (lambda: fluid.generate(ids, pad_token_id=1.5, **kw), "pad_token_id takes a token id"),
+        (lambda: fluid.generate(ids, stop_strings=5, **kw), "stop_strings takes a string"),
+        (lambda: fluid.generate(ids, tokenizer="gpt2", **kw), "must be a loaded tokenizer"),
+        (lambda: fluid.generate(ids, generation_config={"top_k": 2}), "takes a transformers Gen"),
+        (lambda: generate(fluid, tok, ids), "for a FluidForCausalLM call its own .generate"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            call()
 
 
 def test_padding_that_cannot_be_told_from_the_prompt_warns(tok, fluid):
@@ -141,7 +220,7 @@ def test_padding_that_cannot_be_told_from_the_prompt_warns(tok, fluid):
         fluid.generate(ids, torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), **kw)
 
 
-def test_from_pretrained_takes_transformers_spellings(tmp_path, tok):
+def test_from_pretrained_takes_transformers_spellings(tmp_path, tok, monkeypatch):
     base = save_tiny(tmp_path / "model", "llama", mask_token=True)
     fluid = FluidForCausalLM.from_pretrained(base, torch_dtype="bfloat16", device_map="cpu")
     assert fluid.dtype == torch.bfloat16 and fluid.device == torch.device("cpu")
@@ -155,9 +234,16 @@ def test_from_pretrained_takes_transformers_spellings(tmp_path, tok):
         (dict(dtype="float64"), "^dtype 'float64' is not a compute dtype"),
         (dict(dtype="bfloat16", torch_dtype="bfloat16"), "not both"),
         (dict(device_map={"": 0}), "pass device="),
+        (dict(device="bogus"), "'bogus' is not a device; give cpu, cuda"),
+        (dict(device="cuda:x"), "the index after cuda: is a number"),
     ):
         with pytest.raises(ConfigError, match=message):
             FluidForCausalLM.from_pretrained(base, **kwargs)
+    from fluid_npu import device
+
+    monkeypatch.setattr(device, "is_cuda_available", lambda: False)
+    with pytest.raises(ConfigError, match="device 'cuda' was requested but is not available"):
+        FluidForCausalLM.from_pretrained(tmp_path / "not_loaded", device="cuda:0")
     with pytest.raises(CheckpointError, match="is a file; give the model's directory"):
         FluidForCausalLM.from_pretrained(base / "config.json")
     # a checkpoint with pickle weights only loads once the caller says it trusts them

@@ -232,14 +232,24 @@ def generate(
         khead = khead.to(dev)
     if tokenizer is None and isinstance(tokenizer_or_mask_id, PreTrainedTokenizerBase):
         tokenizer = tokenizer_or_mask_id
-    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    stops = _stop_strings(stop_strings)
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise ConfigError(
+            f"tokenizer must be a loaded tokenizer (AutoTokenizer.from_pretrained(...)), got "
+            f"{tokenizer!r}"
+        )
+    # None is "not given", as in transformers 5's GenerationConfig: its defaults
+    temperature = 1.0 if temperature is None else temperature
+    top_p = 1.0 if top_p is None else top_p
+    min_p = 0.0 if min_p is None else min_p
+    repetition_penalty = 1.0 if repetition_penalty is None else repetition_penalty
     params = SamplingParams(
         temperature=temperature if do_sample else 0.0,
         top_k=(TRANSFORMERS_TOP_K if top_k is None else top_k) if do_sample else 0,
         top_p=top_p if do_sample else 1.0,
         min_p=min_p if do_sample else 0.0,
-        repetition_penalty=float(repetition_penalty),
-        min_tokens=int(min_new_tokens or 0),
+        repetition_penalty=repetition_penalty,
+        min_tokens=min_new_tokens or 0,
         bad_words=_bad_words(bad_words_ids, eos_ids),
         bad_words_in_prompt=True,
         seed=seed,
@@ -314,6 +324,16 @@ def generate(
     eng.finish()
     new = eng.new_tokens()
     return GenerateOutput(_sequences(ids, new, pad_id), new, stats)
+
+
+def _stop_strings(given: Sequence[str] | str | None) -> list[str]:
+    """``stop_strings`` as a list (one string, a list of them, or None: none)."""
+    stops = [given] if isinstance(given, str) else given
+    if stops is None:
+        return []
+    if not isinstance(stops, Sequence) or not all(isinstance(t, str) for t in stops):
+        raise ConfigError(f"stop_strings takes a string or a list of strings, got {given!r}")
+    return list(stops)
 
 
 def _bad_words(

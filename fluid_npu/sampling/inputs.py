@@ -56,8 +56,13 @@ def as_count(name: str, value: Any) -> int:
 
 
 def mask_id_of(model: PreTrainedModel, source: PreTrainedTokenizerBase | int | None) -> int:
-    if isinstance(source, int):
-        mask_id = source
+    if not hasattr(model, "get_input_embeddings"):
+        raise ConfigError(
+            f"generate takes the transformers model, got {type(model).__name__}; for a "
+            "FluidForCausalLM call its own .generate(...) (or pass its .model)"
+        )
+    if _token_id(source):  # (a Python / numpy integer, a 0-d integer tensor)
+        mask_id = int(source)
     elif source is None:
         raise ConfigError("generate needs the tokenizer (or the MASK token id) of the FLUID model")
     else:
@@ -96,7 +101,10 @@ def as_batch(
             )
         ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
     else:
-        rows = [list(r) for r in input_ids]
+        flat = list(input_ids)
+        if flat and all(_token_id(t) for t in flat):  # one prompt as a flat list of ids
+            flat = [flat]
+        rows = [r.tolist() if isinstance(r, torch.Tensor) else list(r) for r in flat]
         if not all(_token_id(t) for r in rows for t in r):
             raise PromptError(
                 "input_ids must be one prompt or a batch of prompts of integer token ids (the "
@@ -156,11 +164,18 @@ def eos_and_pad(
     gen = getattr(model, "generation_config", None)
     if eos is None:
         eos = getattr(gen, "eos_token_id", None)
-    eos_ids = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    if isinstance(eos, torch.Tensor):  # (transformers takes a tensor of ids)
+        eos = eos.tolist()
+    eos = [eos] if eos is None or _token_id(eos) else eos
+    if isinstance(eos, (str, bytes)) or not all(t is None or _token_id(t) for t in eos):
+        raise ConfigError(f"eos_token_id takes a token id or a list of them, got {eos!r}")
+    eos_ids = [int(t) for t in eos if t is not None]
     if pad is None:
         pad = getattr(gen, "pad_token_id", None)
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0
+    if not _token_id(pad):
+        raise ConfigError(f"pad_token_id takes a token id, got {pad!r}")
     return eos_ids, int(pad)
 
 

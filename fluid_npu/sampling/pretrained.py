@@ -32,7 +32,9 @@ from fluid_npu.sampling.stats import GenerateStats
 
 # GenerationConfig fields the decoding follows (the rest of GENERATION_KEYS' kin), and fields
 # that only describe the checkpoint or transformers' own bookkeeping
-_FOLLOWED = {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id"}
+_LENGTHS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length")
+_FOLLOWED = {*_LENGTHS, "eos_token_id", "pad_token_id"}
+DEFAULT_NEW_TOKENS = 20  # transformers' when nothing sets a length (its max_length 20, new tokens)
 _INERT = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
           "use_cache", "cache_implementation", "return_legacy_cache"}  # fmt: skip
 # settings whose "off" is 1 (a config made from a model's writes some out explicitly); every
@@ -180,6 +182,7 @@ class FluidForCausalLM(torch.nn.Module):
                 raise ConfigError("give dtype or torch_dtype (its older name), not both")
             dtype = torch_dtype
         device = _one_device(device, device_map)
+        _check_device(device)
         dtype = parse_dtype(dtype, "dtype")
         template = None
         if chat_template is not None:  # (checked before the weights load)
@@ -207,6 +210,23 @@ class FluidForCausalLM(torch.nn.Module):
         if template is not None:
             loaded.tokenizer.chat_template = template
         return cls(model, loaded.tokenizer, loaded.mask.id, head)
+
+    def _max_new_tokens(self, lengths: dict[str, Any], width: int) -> int:
+        """transformers' length rule: ``max_new_tokens``, else ``max_length`` less the prompt,
+        else its default of 20 new tokens (at most the context's room)."""
+        if lengths["max_new_tokens"] is not None:
+            return lengths["max_new_tokens"]
+        if lengths["max_length"] is not None:
+            max_length = as_count("max_length", lengths["max_length"])
+            if max_length <= width:
+                raise ConfigError(
+                    f"max_length {max_length} leaves no room after the prompt ({width} tokens): "
+                    "max_length counts the prompt, as in transformers; give max_new_tokens instead"
+                )
+            return max_length - width
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        room = DEFAULT_NEW_TOKENS if context is None else min(DEFAULT_NEW_TOKENS, context - width)
+        return room if room > 0 else DEFAULT_NEW_TOKENS  # (none left: the prompt's error says so)
 
     def engine_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` with this model's draft budgets added to its ``engine_kwargs``."""
@@ -259,15 +279,17 @@ class FluidForCausalLM(torch.nn.Module):
         ``repetition_penalty``, ``min_new_tokens``, ``bad_words_ids``, ``stop_strings``) plus
         ``seed`` (None: drawn from torch's global generator, so ``torch.manual_seed`` reproduces
         a call as in transformers); a keyword given as None is left out. What a call leaves out
-        comes from ``generation_config`` — the one passed, else the checkpoint's own
-        (``model.generation_config``, as transformers reads it: an instruct checkpoint that sets
-        ``do_sample`` samples; pass ``do_sample=False`` for the lossless greedy output) — along
-        with ``max_new_tokens`` / ``max_length`` / ``eos_token_id`` / ``pad_token_id``. A setting
-        FLUID decoding does not do (beams, ``no_repeat_ngram_size``, ``num_return_sequences`` > 1,
-        a ``streamer``, ...) is refused by name, never dropped; at its "off" value it is accepted;
-        in the checkpoint's own config it is named in a warning and not applied.
-        ``max_length`` counts the prompt, as in transformers (``max_new_tokens`` wins when both
-        are set) and must leave room for a token; with neither anywhere, 64 new tokens.
+        comes from the ``generation_config`` it passes, and what that leaves unset from the
+        checkpoint's own (``model.generation_config``), as transformers merges them: an instruct
+        checkpoint that sets ``do_sample`` samples; pass ``do_sample=False`` for the lossless
+        greedy output. That covers ``max_new_tokens`` / ``max_length`` / ``min_new_tokens`` /
+        ``min_length`` / ``eos_token_id`` / ``pad_token_id`` too. A setting FLUID decoding does
+        not do (beams, ``no_repeat_ngram_size``, ``num_return_sequences`` > 1, a ``streamer``, ...)
+        is refused by name, never dropped; at its "off" value it is accepted; in the checkpoint's
+        own config it is named in a warning and not applied. ``max_length`` / ``min_length``
+        count the prompt, as in transformers (``max_new_tokens`` / ``min_new_tokens`` win when
+        both are set); ``max_length`` must leave room for a token; with no length anywhere,
+        transformers' 20 new tokens (at most what the context has room for).
         ``eos_token_id=None`` given explicitly turns EOS off, as in transformers.
         """
         for name in ("inputs", "input_ids"):  # (by name, as transformers takes them)
@@ -285,35 +307,45 @@ class FluidForCausalLM(torch.nn.Module):
             if attention_mask is not None:
                 raise ConfigError("two attention masks given (positionally and by name)")
             attention_mask = mask_or_config
-        given = set(kwargs)  # settings the call gives: the config's say nothing about them
-        own = generation_config is None
-        if own:
-            generation_config = getattr(self.model, "generation_config", None)
+        if generation_config is not None and not hasattr(generation_config, "to_diff_dict"):
+            raise ConfigError(
+                f"generation_config takes a transformers GenerationConfig, got "
+                f"{type(generation_config).__name__}; pass GenerationConfig(**settings) or the "
+                "settings themselves as keywords"
+            )
+        given = set(kwargs)  # settings the call gives: the configs' say nothing about them
+        checkpoint = getattr(self.model, "generation_config", None)
         kwargs = _transformers_keywords(
             {k: v for k, v in kwargs.items() if v is not None or k == "eos_token_id"}
         )
-        max_length = kwargs.pop("max_length", None)
         if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
             kwargs["eos_token_id"] = []  # transformers: an explicit None stops at no token
-        if generation_config is not None:
-            _check_generation_config(generation_config, given, checkpoint=own)
+        # what the call leaves out comes from the config it passes, then from the checkpoint's
+        # (transformers fills a passed config's unset fields from model.generation_config)
+        lengths: dict[str, Any] = {n: kwargs.pop(n, None) for n in _LENGTHS}
+        if max_new_tokens is not None:
+            lengths["max_new_tokens"] = max_new_tokens
+        for config, own in ((generation_config, False), (checkpoint, True)):
+            if config is None:
+                continue
+            _check_generation_config(config, given, checkpoint=own)
+            given |= {k for k, v in config.to_diff_dict().items() if v is not None}
             for name in (*GENERATION_KEYS, "eos_token_id", "pad_token_id"):
-                value = getattr(generation_config, name, None)
-                if name not in kwargs and value is not None:
+                value = getattr(config, name, None)
+                if name not in kwargs and name not in _LENGTHS and value is not None:
                     kwargs[name] = value
-            if max_new_tokens is None:
-                max_new_tokens = getattr(generation_config, "max_new_tokens", None)
-            if max_length is None:
-                max_length = getattr(generation_config, "max_length", None)
-        if max_new_tokens is None and max_length is not None:
-            width = inputs.shape[-1] if hasattr(inputs, "shape") else max(map(len, inputs))
-            max_length = as_count("max_length", max_length)
-            if max_length <= int(width):
-                raise ConfigError(
-                    f"max_length {max_length} leaves no room after the prompt ({width} tokens): "
-                    "max_length counts the prompt, as in transformers; give max_new_tokens instead"
-                )
-            max_new_tokens = max_length - int(width)
+            for name in _LENGTHS:
+                if lengths[name] is None:
+                    lengths[name] = getattr(config, name, None)
+        width = _prompt_width(inputs)
+        max_new_tokens = self._max_new_tokens(lengths, width)
+        if lengths["min_new_tokens"] is None and lengths["min_length"]:
+            # min_length counts the prompt, as in transformers (min_new_tokens wins)
+            least = as_count("min_length", lengths["min_length"]) - width
+            if least > 0:
+                kwargs["min_new_tokens"] = least
+        elif lengths["min_new_tokens"] is not None:
+            kwargs["min_new_tokens"] = lengths["min_new_tokens"]
         if policy is None:
             policy = "khead" if self.khead is not None else "entropy"
         out = generate(
@@ -323,13 +355,24 @@ class FluidForCausalLM(torch.nn.Module):
             attention_mask,
             policy=policy,
             loop=loop,
-            max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
+            max_new_tokens=max_new_tokens,
             khead=self.khead,
             tokenizer=kwargs.pop("tokenizer", self.tokenizer),
             **self.engine_kwargs(kwargs),
         )
         self.last_output, self.last_stats = out, out.stats
         return out.sequences
+
+
+def _prompt_width(inputs: Any) -> int:
+    """The prompt's width as transformers counts ``max_length`` / ``min_length`` from it: the
+    padded batch's (a list of rows: its longest; a flat list of ids: one row)."""
+    if hasattr(inputs, "shape") and len(inputs.shape):
+        return int(inputs.shape[-1])
+    rows = list(inputs)
+    if rows and not hasattr(rows[0], "__len__"):
+        return len(rows)  # (one prompt given flat)
+    return max((len(r) for r in rows), default=0)
 
 
 def _one_device(
@@ -350,3 +393,30 @@ def _one_device(
 
         return devices.current().device
     return device_map
+
+
+def _check_device(device: str | torch.device | None) -> None:
+    """A ``ConfigError`` before any weight loads for a device this host does not have (or that
+    names none), rather than torch's error once the model is in memory."""
+    if device is None:
+        return
+    from fluid_npu import device as devices
+
+    text = str(device)
+    kind, _, index = text.partition(":")
+    if kind in ("npu", "cuda"):
+        if index and not index.isdigit():
+            raise ConfigError(f"device {text!r}: the index after {kind}: is a number ({kind}:0)")
+        devices.choose(
+            npu=devices.is_npu_available(),
+            cuda=devices.is_cuda_available(),
+            bf16_supported=True,
+            force=kind,
+        )  # (its ConfigError names the device and the fix)
+        return
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device {text!r} is not a device; give cpu, cuda[:N], npu[:N] (or device_map='auto')"
+        ) from None

@@ -22,6 +22,7 @@ synchronised with the host (the step stays capturable).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -44,6 +45,12 @@ _M31 = (1 << 31) - 1
 def finite_logprob(value: float | None) -> float | None:
     """``value`` as JSON can hold it: a non-finite log-probability or logit is ``NO_LOGPROB``."""
     return value if value is None or math.isfinite(value) else NO_LOGPROB
+
+
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+           "frequency_penalty")  # fmt: skip
+_INTS = ("top_k", "top_logprobs", "min_tokens")
+_OPTIONAL_INTS = ("seed", "prompt_logprobs")  # (None: not set)
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class SamplingParams:
     bad_words_in_prompt: bool = False  # a bad word may begin in the prompt (transformers')
 
     def __post_init__(self) -> None:
+        self._coerce()
         if not 0 <= self.temperature < math.inf:
             raise ConfigError(
                 f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}"
@@ -159,6 +167,23 @@ class SamplingParams:
             raise ConfigError(f"min_tokens must be >= 0 (0 = off), got {self.min_tokens}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ConfigError(f"prompt_logprobs must be >= 0 (or None), got {self.prompt_logprobs}")
+
+    def _coerce(self) -> None:
+        """The numeric settings as Python floats and ints, whatever number type they came as (a
+        whole ``temperature=1``, a numpy scalar, ``top_k=2.0``, as transformers takes them): the
+        engine's per-row tensors take them as they are. Anything else names the setting."""
+        for name in _FLOATS + _INTS + _OPTIONAL_INTS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INTS:
+                continue
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            whole = name not in _FLOATS
+            if ok and whole and not isinstance(value, numbers.Integral):
+                ok = math.isfinite(value) and float(value).is_integer()
+            if not ok:
+                what = "a whole number" if whole else "a number"
+                raise ConfigError(f"{name} must be {what}, got {value!r}")
+            object.__setattr__(self, name, int(value) if whole else float(value))
 
     def _check_bad_words(self) -> None:
         words = self.bad_words
