@@ -137,8 +137,14 @@ def test_chat_renders_as_the_server_and_refusals_name_the_problem(llm):
     assert cut.prompt == "the quick brown fox"  # (the text as given, as vLLM's RequestOutput)
     with pytest.raises(TypeError, match="best_of"):
         SamplingParams(best_of=2)
-    with pytest.raises(ConfigError, match="context holds 160"):
-        llm.generate("abc", SamplingParams(max_tokens=200), use_tqdm=False)
+    # more max_tokens than the context leaves: the output ends where it is full (vLLM's offline
+    # engine); a prompt that fills it is refused
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    full = llm.generate({"prompt_token_ids": [5, 6, 7]}, long, use_tqdm=False)[0]
+    assert len(full.outputs[0].token_ids) == 157 and full.outputs[0].finish_reason == "length"
+    assert full.prompt is None  # (token ids given: no prompt text, as vLLM)
+    with pytest.raises(ConfigError, match="prompt 0 has 160 tokens and leaves no room"):
+        llm.generate({"prompt_token_ids": [5] * 160}, long, use_tqdm=False)
     with pytest.raises(ConfigError, match="2 sampling_params for 1 prompts"):
         llm.generate("abc", [SamplingParams(), SamplingParams()], use_tqdm=False)
     with pytest.raises(ConfigError, match="bad_words\\[0\\] is empty"):
@@ -190,8 +196,44 @@ def test_vllm_scripts_numbers_and_bad_inputs(llm, monkeypatch):
             llm.generate(prompt, greedy, use_tqdm=False)
     with pytest.raises(ConfigError, match="takes a SamplingParams"):
         llm.generate("abc", {"temperature": 0}, use_tqdm=False)
-    with pytest.raises(ConfigError, match="min_tokens 200 exceeds"):
-        llm.generate("abc", SamplingParams(max_tokens=None, min_tokens=200), use_tqdm=False)
+    held = SamplingParams(temperature=0, max_tokens=None, min_tokens=200)  # (EOS held to the end)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, held, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 157 and out.finish_reason == "length"
+    for bad, message in (
+        (dict(stop=5), "SamplingParams.stop takes a string or a list of them, got 5"),
+        (dict(stop_token_ids=5), "SamplingParams.stop_token_ids takes a list of token ids"),
+        (dict(stop_token_ids=["5"]), "SamplingParams.stop_token_ids must be a whole number"),
+        (dict(bad_words="ab"), "SamplingParams.bad_words takes a list of strings"),
+        (dict(logit_bias=[(5, 1.0)]), "SamplingParams.logit_bias takes {token id: bias}"),
+        (dict(structured_outputs="yes|no"), "structured_outputs takes StructuredOutputsParams"),
+        (dict(top_p=0), "SamplingParams.top_p must lie in \\(0, 1\\]"),
+        (dict(temperature=-1), "SamplingParams.temperature must be a finite number >= 0"),
+        (dict(top_k=-2), "SamplingParams.top_k must lie in"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            SamplingParams(**bad)
+    # numpy integers inside lists and maps, as in single values
+    ids = np.array([llm.tokenizer.convert_tokens_to_ids("d")])
+    only = SamplingParams(temperature=0, max_tokens=2, allowed_token_ids=list(ids),
+                          logit_bias={ids[0]: 1.0}, stop_token_ids=list(ids + 1))  # fmt: skip
+    assert only.allowed_token_ids == [int(ids[0])] and type(only.allowed_token_ids[0]) is int
+    out = llm.generate("abc", only, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [int(ids[0])] * 2
+    # use_tqdm as vLLM's: a tqdm-like class to draw the bar with
+    made = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            made.append(kwargs["total"])
+
+        def update(self, n):
+            made.append(n)
+
+        def close(self):
+            made.append("closed")
+
+    llm.generate(["abc", "de"], greedy, use_tqdm=Bar)
+    assert made == [2, 1, 1, "closed"]
     with pytest.raises(ConfigError, match="chat_template_kwargs sets add_generation_prompt"):
         llm.chat([{"role": "user", "content": "hi"}], greedy, use_tqdm=False,
                  chat_template_kwargs={"add_generation_prompt": False})  # fmt: skip

@@ -18,7 +18,8 @@ and the drafting budget keeps what it measured. Greedy outputs are the model's o
 ``seed + j``), ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, the three penalties,
 ``logit_bias``, ``allowed_token_ids``, ``bad_words`` (tokenized as vLLM does), ``stop`` (the text
 cut before it, or after it with ``include_stop_str_in_output``), ``stop_token_ids``,
-``ignore_eos``, ``max_tokens`` (None: what the context leaves), ``min_tokens``, ``logprobs`` /
+``ignore_eos``, ``max_tokens`` (None, or more than the context leaves: the output ends where the
+context is full, as vLLM's offline engine ends it), ``min_tokens``, ``logprobs`` /
 ``prompt_logprobs`` (N alternatives, -1 the whole vocabulary, each a ``Logprob`` with ``rank``
 and ``decoded_token``),
 ``skip_special_tokens``, ``truncate_prompt_tokens`` and ``structured_outputs``
@@ -45,7 +46,7 @@ said here rather than hidden: ``decoded_token`` is the token decoded alone.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,7 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., Any] = True,
         lora_request: Any = None,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
@@ -205,7 +206,7 @@ class LLM:
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., Any] = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
@@ -295,7 +296,7 @@ class LLM:
         items: list[Any],
         encoded: list[tuple[str | None, list[int], tuple[int, int]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-        use_tqdm: bool,
+        use_tqdm: bool | Callable[..., Any],
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         from fluid_npu.sampling.offline import run_requests
@@ -313,17 +314,15 @@ class LLM:
             except ConfigError as exc:  # (a cut text keeps its text, as vLLM's prompt does)
                 raise ConfigError(f"prompt {n}: {exc}") from None
             room = context - len(ids)
-            if room < 1 or (sp.max_tokens is not None and sp.max_tokens > room):
+            if room < 1:
                 raise ConfigError(
-                    f"prompt {n} has {len(ids)} tokens and asks for {sp.max_tokens or 'any'} "
-                    f"more; the context holds {context} (max_model_len): shorten it or lower "
-                    "max_tokens"
+                    f"prompt {n} has {len(ids)} tokens and leaves no room for an output: the "
+                    f"context holds {context} (max_model_len): shorten it, or raise "
+                    "LLM(max_model_len=...) up to the model's own context"
                 )
-            if sp.min_tokens > (sp.max_tokens or room):
-                raise ConfigError(
-                    f"prompt {n}: min_tokens {sp.min_tokens} exceeds the {room} tokens the "
-                    "context leaves it; lower min_tokens"
-                )
+            # vLLM's offline engine ends an output where the context is full (finish_reason
+            # "length"), whatever max_tokens asked for
+            budget = room if sp.max_tokens is None else min(sp.max_tokens, room)
             vocab = self.fluid.model.get_input_embeddings().weight.shape[0]
             seed = sp.seed if sp.seed is not None or sp.temperature == 0 else self._draw()
             banned = bad_word_sequences(self.tokenizer, sp.bad_words or [])
@@ -341,7 +340,7 @@ class LLM:
             plans.append((rid, text, ids, sp, eos))
             for copy in range(sp.n):
                 requests.append(Request(
-                    f"{rid}-{copy}", ids, sp.max_tokens or room, eos_ids=ends,
+                    f"{rid}-{copy}", ids, budget, eos_ids=ends,
                     sampling=engine.seeded_for(copy), stop=list(sp.stop or []),
                     skip_special=sp.skip_special_tokens,
                     min_tokens_hold=tuple(self.eos_ids) if sp.ignore_eos and sp.min_tokens else (),
@@ -351,7 +350,8 @@ class LLM:
         if use_tqdm:  # (a prompt counts once all its n completions have ended, as vLLM's bar)
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(plans), desc="Processed prompts", unit="prompt")
+            make = use_tqdm if callable(use_tqdm) else tqdm  # (vLLM's: a tqdm-like class)
+            bar = make(total=len(plans), desc="Processed prompts", unit="prompt")
             owner = [k for k, plan in enumerate(plans) for _ in range(plan[3].n)]
             left = [plan[3].n for plan in plans]
 
@@ -416,7 +416,7 @@ class LLM:
         forwards = sum(done[f"{rid}-{c}"].final.forwards for c in range(sp.n))
         made = sum(len(o.token_ids) for o in outs)
         return RequestOutput(
-            rid, text if text is not None else self.tokenizer.decode(ids), list(ids), prompt_lps,
+            rid, text, list(ids), prompt_lps,  # (token ids given: no prompt text, as vLLM)
             outs, True, first.final.cached,
             {"forwards": forwards, "tpf": made / forwards if forwards else 0.0},
         )  # fmt: skip

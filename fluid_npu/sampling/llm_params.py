@@ -5,6 +5,7 @@ defaults, checked and cast as vLLM takes them), ``StructuredOutputsParams``, the
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,44 @@ class SamplingParams:
                 setattr(self, name, _number(name, value, int))
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and (
+            isinstance(self.stop, Mapping)
+            or not isinstance(self.stop, Iterable)
+            or not all(isinstance(s, str) for s in self.stop)
+        ):
+            raise ConfigError(
+                f"SamplingParams.stop takes a string or a list of them, got {self.stop!r}"
+            )
+        self.stop = None if self.stop is None else list(self.stop)
+        for name in ("stop_token_ids", "allowed_token_ids", "bad_words"):
+            given = getattr(self, name)
+            if given is not None and (
+                isinstance(given, (str, Mapping)) or not isinstance(given, Iterable)
+            ):
+                what = "strings" if name == "bad_words" else "token ids"
+                raise ConfigError(f"SamplingParams.{name} takes a list of {what}, got {given!r}")
+        for name in ("stop_token_ids", "allowed_token_ids"):  # (numpy integers as ints)
+            if getattr(self, name) is not None:
+                setattr(self, name, [_number(name, t, int) for t in getattr(self, name)])
+        if self.bad_words is not None and not all(isinstance(w, str) for w in self.bad_words):
+            raise ConfigError(
+                f"SamplingParams.bad_words takes a list of strings, got {self.bad_words!r}"
+            )
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise ConfigError(
+                    f"SamplingParams.logit_bias takes {{token id: bias}}, got {self.logit_bias!r}"
+                )
+            self.logit_bias = {
+                _number("logit_bias", t, int): _number("logit_bias", b, float)
+                for t, b in self.logit_bias.items()
+            }
+        given = self.structured_outputs
+        if given is not None and not isinstance(given, (StructuredOutputsParams, Mapping)):
+            raise ConfigError(
+                "SamplingParams.structured_outputs takes StructuredOutputsParams(...) or a dict "
+                f"such as {{'regex': '[0-9]+'}}, got {given!r}"
+            )
         if self.top_k == -1:  # vLLM's "off", as 0
             self.top_k = 0
         if self.n < 1:
@@ -86,6 +125,10 @@ class SamplingParams:
             raise ConfigError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
+        try:  # the ranges the engine holds them to, checked now, as vLLM checks at construction
+            self.engine_params(vocab=1, seed=self.seed, bad_words=())
+        except ConfigError as exc:
+            raise ConfigError(f"SamplingParams.{exc}") from None
 
     def structured(self, n: int) -> tuple[str, Any, bool] | None:
         """``structured_outputs`` as the grammar compiler takes it (kind, body, free whitespace);
