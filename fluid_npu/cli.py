@@ -144,13 +144,24 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", required=True, help="Stage I adapter directory")
     p.add_argument("--output", required=True, help="where the merged HF model is written")
     p.add_argument("--allow-pickle", action="store_true", help="accept a pickle .bin base")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors file written (LLaMA-Factory's export_size), e.g. 5GB, 500MB",
+    )
     p.set_defaults(handler=_merge)
 
 
 def _merge(args: argparse.Namespace) -> int:
     from fluid_npu.model.merge import merge_adapter
 
-    out = merge_adapter(args.base, args.adapter, args.output, allow_pickle=args.allow_pickle)
+    out = merge_adapter(
+        args.base,
+        args.adapter,
+        args.output,
+        allow_pickle=args.allow_pickle,
+        max_shard_size=args.max_shard_size,
+    )
     print(f"fluid: merged model written to {out}")
     return 0
 

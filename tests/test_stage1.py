@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,8 +75,23 @@ def test_stage1_lowers_both_losses(which, request):
         assert key in saved
     assert saved["config"]["k_masks"] == 4 and saved["device"]["type"] == devices.current().type
     weights = "adapter_model.safetensors" if which == "trained" else "model.safetensors"
+    if which == "trained_full":  # (off while training; the saved model decodes with its cache)
+        assert json.loads((out / "config.json").read_text())["use_cache"] is True
     assert (out / weights).is_file() and (out / "fluid_model.json").is_file()
     assert not list(out.glob(".staging-*"))  # nothing half-written left behind
+
+
+def test_a_relative_base_path_is_recorded_absolute(
+    tiny_model_dir, demo_data, tmp_path, monkeypatch
+):
+    # peft's AutoPeftModelForCausalLM loads the base from adapter_config.json's path: it must not
+    # depend on the directory the training ran in
+    monkeypatch.chdir(Path(tiny_model_dir).parent)
+    out = tmp_path / "rel"
+    run(load_config(None, _overrides(Path(tiny_model_dir).name, demo_data, out, max_steps=1)))
+    where = str(Path(tiny_model_dir).resolve())
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == where
+    assert json.loads((out / "fluid_model.json").read_text())["base_model"] == where
 
 
 def test_saved_run_reloads_to_identical_logits(trained, tiny_model_dir):
@@ -111,11 +127,24 @@ def test_loading_an_adapter_prints_no_third_party_notices(trained, tiny_model_di
         assert notice not in run_.stderr, run_.stderr
 
 
-def test_merge_loads_with_plain_transformers(trained, tiny_model_dir, tmp_path):
+def test_merge_loads_with_plain_transformers(trained, tiny_model_dir, tmp_path, capsys):
     out, _ = trained
     merged_dir = tmp_path / "merged"
     argv = ["merge", "--base", str(tiny_model_dir), "--adapter", str(out)]
-    assert cli_main([*argv, "--output", str(merged_dir)]) == 0
+    # bad sizes and an --output under a file: refused before the weights load
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for extra, message in (
+        (["--max-shard-size", "5GiB"], "--max-shard-size '5GiB': give a size such as 5GB"),
+        (["--output", str(afile / "sub")], "lies under"),
+    ):
+        assert cli_main([*argv, "--output", str(merged_dir), *extra]) == 2
+        assert message in capsys.readouterr().err
+    # shards of at most --max-shard-size, with their index, as LLaMA-Factory's export_size
+    argv_sharded = [*argv, "--output", str(merged_dir), "--max-shard-size", "200KB"]
+    assert cli_main(argv_sharded) == 0
+    shards = sorted(merged_dir.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (merged_dir / "model.safetensors.index.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     ref = load_fluid(tiny_model_dir, out).model
     ids = torch.randint(0, 250, (1, 10))

@@ -151,3 +151,19 @@ def test_continuing_refuses_what_does_not_match(parent, tiny_model_dir, tmp_path
         _run(masked, data, tmp_path / "f", max_steps=1, template="default",
              adapter_name_or_path=str(narrow))  # fmt: skip
     assert not any((tmp_path / name).exists() for name in "def")
+
+
+def test_the_adapter_loads_with_plain_peft_as_the_readme_says(parent, tiny_model_dir):
+    # README's recipe for an adapter whose Stage I added the MASK token: resize the base to the
+    # adapter's tokenizer, then peft's own loader gives fluid's logits (embedding and head saved)
+    from peft import PeftModel
+
+    _, out, record = parent
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(out)))
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.randint(0, 250, (2, 9))
+    ids[0, 4] = record["mask_token"]["id"]
+    with torch.no_grad():
+        want = load_fluid(tiny_model_dir, out).model(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)

@@ -410,6 +410,16 @@ def test_stage2_on_a_lora_adapter_via_cli(stage1_lora, tiny_model_dir, run_data,
         attach_khead(dataclasses.replace(lora, adapter_fingerprint="other:0123"), out)
     with pytest.raises(CheckpointError, match="loaded with no adapter"):
         attach_khead(dataclasses.replace(lora, adapter_fingerprint=None), out)
+    # fluid merge of that base + adapter is the same network: the head loads on it too
+    from fluid_npu.model.merge import merge_adapter
+
+    merged = load_fluid(merge_adapter(tiny_model_dir, stage1_lora, tmp_path / "merged"))
+    assert (merged.base_fingerprint, merged.adapter_fingerprint) == (
+        lora.base_fingerprint,
+        lora.adapter_fingerprint,
+    )
+    on_merged, _ = attach_khead(merged, out)
+    assert all(torch.equal(a, b) for a, b in zip(on_merged.parameters(), head.parameters()))
 
 
 def test_stage2_keeps_a_lora_backbone_bit_identical(

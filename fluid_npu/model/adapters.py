@@ -80,6 +80,10 @@ class FluidModelMeta:
     base_model: str | None = None
     stage: str = "fluid_stage1"
     template: str | None = None  # what Stage I formatted with: a name, or "auto" (None: unrecorded)
+    # a merged model (``fluid merge``): the base and adapter it was merged from, so a K-head
+    # trained on that base + adapter loads on it (and a head trained on it, on them)
+    source_fingerprint: str | None = None
+    adapter_fingerprint: str | None = None
 
     def save(self, directory: str | Path) -> None:
         from fluid_npu.io import write_json_atomic
@@ -172,6 +176,10 @@ def load_fluid(
             model = model.merge_and_unload()
     else:
         tokenizer = load_tokenizer(tok_dir, trust_remote_code=trust_remote_code)
+        merged = FluidModelMeta.load(model_dir)
+        if merged is not None and merged.source_fingerprint and merged.base_fingerprint == base_fp:
+            # the weights are base + adapter merged: the network they were merged from
+            base_fp, adapter_fp = merged.source_fingerprint, merged.adapter_fingerprint
     mask = resolve_mask_token(tokenizer, configured=mask_token, allow_new=False)
     model.eval()
     return LoadedFluid(model, tokenizer, mask, base_fp, adapter_fp)

@@ -378,6 +378,9 @@ def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, extra: list[A
     if trainer.args.should_save and stage.exists():
         shutil.rmtree(stage)
     trainer.accelerator.wait_for_everyone()
+    config = getattr(trainer.model, "config", None)
+    if config is not None:  # (off while training; a saved model decodes with its KV cache)
+        config.use_cache = True
     trainer.save_model(str(stage))
     trainer.accelerator.wait_for_everyone()
     if not trainer.args.should_save:

@@ -131,8 +131,12 @@ class TrainingSession:
                 f"but the recipe sets template: {cfg.data.template!r}: remove the key or set "
                 f"template: {trained_on}"
             )
+        # a local base by its absolute path: the adapter's base_model_name_or_path (peft's
+        # AutoPeftModelForCausalLM loads it from there) must not depend on the working directory
+        local = Path(cfg.model.model_name_or_path)
+        self.base_source = str(local.resolve()) if local.is_dir() else cfg.model.model_name_or_path
         base = load_model(
-            cfg.model.model_name_or_path,
+            self.base_source,
             dtype=self.precision.load_dtype(cfg.fluid.finetuning_type),
             trust_remote_code=cfg.model.trust_remote_code,
             allow_pickle=cfg.model.allow_pickle,
@@ -292,7 +296,7 @@ class TrainingSession:
             mask_token=self.mask.token,
             mask_id=self.mask.id,
             vocab_size=self.base_vocab_size,
-            base_model=str(self.cfg.model.model_name_or_path),
+            base_model=self.base_source,
             stage=self.stage,
             template=self.cfg.data.template or AUTO,
         )
