@@ -850,3 +850,28 @@ def test_generate_holds_outputs_to_structured_outputs(dirs, tmp_path, capsys):
         assert says in capsys.readouterr().err
     assert main([*base, "--loop", "reference", "--structured-outputs", spec]) == 2
     assert "need --loop fused" in capsys.readouterr().err
+
+
+def test_generate_takes_nothing_from_the_checkpoints_generation_config(dirs, tmp_path, capsys):
+    # every setting is the command's own: a checkpoint that samples, bans a word and sets
+    # no_repeat_ngram_size changes nothing, and says nothing (its EOS ids aside)
+    import shutil
+    import warnings
+
+    from transformers import GenerationConfig
+
+    argv = ["generate", "--prompt", "one two", "--max-new-tokens", "6", "--policy", "ar"]
+    assert main([*argv, "--model", dirs["model"]]) == 0
+    want = capsys.readouterr().out
+    first = FluidForCausalLM.from_pretrained(dirs["model"]).tokenizer(want)["input_ids"][0]
+    copy = tmp_path / "model"
+    shutil.copytree(dirs["model"], copy)
+    model_config = json.loads((copy / "config.json").read_text())
+    GenerationConfig(
+        do_sample=True, temperature=5.0, bad_words_ids=[[first]], no_repeat_ngram_size=3,
+        eos_token_id=model_config.get("eos_token_id"),
+    ).save_pretrained(copy)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*argv, "--model", str(copy)]) == 0
+    assert capsys.readouterr().out == want

@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
 
 from fluid_npu.eval.tasks import encode_question, is_correct
 from fluid_npu.sampling.lossless import cut_at_eos, plain_generation
@@ -110,13 +109,10 @@ def _fluid_decode(
     draft budget off, so every step drafts as the policy says (what the slots can draft, not
     only what pays on this machine)."""
     x = torch.tensor([ids], device=fluid.device)
-    fluid.generate(
-        x,
-        GenerationConfig(do_sample=False),  # plain greedy, whatever the checkpoint's config says
-        max_new_tokens=max_new,
-        policy=policy,
-        engine_kwargs={"adaptive": adaptive},
-    )
+    with plain_generation(fluid.model):  # plain greedy, whatever the checkpoint's config says
+        fluid.generate(
+            x, max_new_tokens=max_new, policy=policy, engine_kwargs={"adaptive": adaptive}
+        )
     out, stats = fluid.last_output, fluid.last_stats
     return {
         "tokens": out.new_tokens[0],

@@ -138,12 +138,11 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from transformers import GenerationConfig
-
     from fluid_npu.io import check_output_file
     from fluid_npu.sampling.api import PromptError, eos_and_pad
     from fluid_npu.sampling.detok import output_text
     from fluid_npu.sampling.inputs import serving_eos
+    from fluid_npu.sampling.lossless import special_ids_only
     from fluid_npu.sampling.prompts import (
         empty_prompt,
         encode_prompt,
@@ -187,8 +186,10 @@ def generate_command(args: argparse.Namespace) -> int:
     ]
     # the generation config's EOS ids and the tokenizer's own, as fluid serve (and vLLM) stop
     eos_ids, pad = eos_and_pad(fluid.model, serving_eos(fluid.model, tok), tok.pad_token_id)
-    # every setting is the command's own: the checkpoint's generation config supplies none
-    sampling = {**sampling, "eos_token_id": eos_ids, "generation_config": GenerationConfig()}
+    # every setting is the command's own: the checkpoint's generation config supplies none (its
+    # EOS and pad ids aside), neither directly nor through a merge with a config passed
+    fluid.model.generation_config = special_ids_only(fluid.model.generation_config)
+    sampling = {**sampling, "eos_token_id": eos_ids}
     grammar = flag_grammar(
         json_object_flag(args.structured_outputs, "--structured-outputs"), tok, fluid.model
     )

@@ -66,6 +66,12 @@ def cut_at_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     return out
 
 
+def special_ids_only(config: GenerationConfig) -> GenerationConfig:
+    """``config`` with nothing but its special token ids (no decoding setting)."""
+    keep = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    return GenerationConfig(**{k: getattr(config, k, None) for k in keep})
+
+
 @contextlib.contextmanager
 def plain_generation(model: PreTrainedModel) -> Iterator[None]:
     """transformers' ``generate`` as plain decoding while inside: the checkpoint's own
@@ -74,8 +80,7 @@ def plain_generation(model: PreTrainedModel) -> Iterator[None]:
     it is swapped for one that keeps only the special token ids — the reference is then the
     model's own argmax, as every token the sampler commits is."""
     saved = model.generation_config
-    keep = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-    model.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in keep})
+    model.generation_config = special_ids_only(saved)
     try:
         yield
     finally:

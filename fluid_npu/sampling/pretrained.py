@@ -80,8 +80,8 @@ def _check_generation_config(config: Any, given: set[str], *, checkpoint: bool) 
     if checkpoint:
         warnings.warn(
             f"the checkpoint's generation_config sets {', '.join(unknown)}, which FLUID decoding "
-            f"does not do; they are not applied (it follows {follows}): pass "
-            "generation_config=GenerationConfig(...) to decode without them",
+            f"does not do; they are not applied (it follows {follows}): set them to their "
+            "defaults in model.generation_config to decode without this warning",
             stacklevel=3,
         )
         return
