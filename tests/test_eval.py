@@ -324,3 +324,16 @@ def test_decoding_ends_at_the_stop_strings(bigram, monkeypatch):
     monkeypatch.setattr(bench, "decode_batches", spy)
     run_eval(bigram, "gsm8k", ROWS, ["fixed:2"], max_new_tokens=12, warmup=False)
     assert seen and all(s == list(STOP_STRINGS) for s in seen)
+
+
+def test_decoding_ends_at_the_tokenizers_eos(tok):
+    """fluid eval ends an output at the tokenizer's EOS token where the generation config lists
+    another, as fluid serve does, for the AR baseline and every policy alike."""
+    model = bigram_model(tok).eval()
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
+    report = run_eval(fluid, "gsm8k", ROWS[:1], ["fixed:2"], max_new_tokens=12, warmup=False)
+    (sample,) = report["samples"]
+    assert sample["outputs"]["ar"]["text"] == " x=42"
+    assert report["results"]["ar"]["new_tokens"] <= 6  # " x=42" and the EOS token at most
+    assert report["results"]["fixed:2"]["identical_to_ar"] == 1.0

@@ -97,12 +97,43 @@ def test_generate_until_equals_the_sampler(random_lm, tok):
         full = tok.decode(out.new_tokens[0], skip_special_tokens=True)
         assert text == postprocess_generated_text(full, ["\n\n", "e"], None)
     assert random_lm.generation_stats.total_new_tokens > 0
-    with pytest.raises(ConfigError, match="decodes greedily"):
-        random_lm.generate_until([request("generate_until", "a", {"do_sample": True})])
     for kwargs, words in [({"num_beams": 4}, "num_beams=4"), ({"max_length": 9}, "max_gen_toks"),
-                          ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size=2")]:  # fmt: skip
+                          ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size=2"),
+                          ({"do_sample": True, "typical_p": 0.5}, "typical_p=0.5"),
+                          ({"do_sample": True, "temperature": 0}, "temperature > 0")]:  # fmt: skip
         with pytest.raises(ConfigError, match=words):
             random_lm.generate_until([request("generate_until", "a", kwargs)])
+
+
+def test_generate_until_samples_as_lm_evals_hf_model_asks(random_lm, tok):
+    """A temperature above 0 samples (``do_sample`` unset: lm-eval's ``hf`` reading), as does
+    ``do_sample: true``; temperature, top_k, top_p, min_p and seed reach the sampler."""
+    context = "Question: What is 2+2?\nAnswer:"
+    ids = torch.tensor([encode_text(tok, context)])
+    filters = {"temperature": 0.7, "top_k": 7, "top_p": 0.9, "min_p": 0.01}
+    cases = [({"temperature": 5.0, "seed": 3}, {"temperature": 5.0}),
+             ({"do_sample": True, "seed": 3, **filters}, filters)]  # fmt: skip
+    greedy = random_lm.generate_until([request("generate_until", context, {"max_gen_toks": 12})])
+    texts = []
+    for kwargs, sampler in cases:
+        kwargs = {"until": [], "max_gen_toks": 12, **kwargs}
+        (text,) = random_lm.generate_until([request("generate_until", context, kwargs)])
+        out = generate(random_lm.fluid.model, tok, ids, policy="fixed:3", max_new_tokens=12,
+                       do_sample=True, seed=3, **sampler)  # fmt: skip
+        assert text == tok.decode(out.new_tokens[0], skip_special_tokens=True)
+        texts.append(text)
+    assert texts[0] != greedy[0]  # (at temperature 5 a random model's text is not the greedy one)
+
+
+def test_generation_ends_at_the_tokenizers_eos(tok):
+    """A checkpoint whose generation config lists another EOS id still ends at the tokenizer's
+    EOS token, as lm-eval's ``hf`` model ends there (it adds that token's text to ``until``)."""
+    model = bigram_model(tok).eval()
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    lm = FluidLM(fluid=FluidForCausalLM(model, tok, tok.mask_token_id), policy="fixed:3")
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
+    reqs = [request("generate_until", "Question: 2+2?\nAnswer:", {"until": [], "max_gen_toks": 12})]
+    assert lm.generate_until(reqs) == hf.generate_until(reqs) == [" x=42"]
 
 
 def test_generate_until_is_lm_evals_hf_model(random_lm, tok):
@@ -204,6 +235,33 @@ def test_model_args_choose_the_dtype(tmp_path, tok):
     tok.save_pretrained(tmp_path / "m")
     lm = FluidLM.create_from_arg_string(f"model={tmp_path / 'm'},dtype=bfloat16,policy=ar")
     assert next(lm.fluid.model.parameters()).dtype == torch.bfloat16
+
+
+def test_model_args_take_the_loaders_options_and_lm_evals_own(tmp_path, tok, monkeypatch):
+    """``trust_remote_code`` (what lm-eval's ``--trust_remote_code`` adds), ``allow_pickle`` and
+    ``chat_template`` reach the loader; lm-eval's ``--batch_size`` / ``--device``, which its
+    command line always passes, combine with ``model_args``, whose own value wins."""
+    build_tiny_model("llama", tok, seed=5).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    seen = {}
+    real = FluidForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(FluidForCausalLM, "from_pretrained", classmethod(spy))
+    args = f"model={tmp_path / 'm'},policy=ar,chat_template={tmp_path / 't.jinja'},batch_size=3,"
+    cli = {"batch_size": 1, "max_batch_size": None, "device": "cpu"}  # as lm-eval passes them
+    lm = FluidLM.create_from_arg_string(args + "trust_remote_code=True,allow_pickle=true", cli)
+    assert seen["trust_remote_code"] is True and seen["allow_pickle"] is True
+    assert lm.batch_size == 3 and lm.fluid.device.type == "cpu"
+    assert lm.tokenizer.chat_template == "{{ messages[0]['content'] }}"
+    lm = FluidLM.create_from_arg_obj({"model": str(tmp_path / "m"), "policy": "ar"}, cli)
+    assert lm.batch_size == 1 and seen["trust_remote_code"] is False
+    with pytest.raises(ConfigError, match="allow_pickle='maybe' must be True or False"):
+        FluidLM(fluid=lm.fluid, allow_pickle="maybe")
 
 
 @pytest.mark.slow

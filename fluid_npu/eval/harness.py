@@ -8,24 +8,30 @@ a FLUID model::
     lm_eval.simple_evaluate(model="fluid", model_args="model=DIR,khead=DIR,policy=khead", ...)
 
 or from the shell, ``python -m fluid_npu.eval run --model fluid --model_args ... --device cpu``
-(lm-eval's own command line with the model registered; there ``--device`` goes to lm-eval, not
-into ``model_args``). ``model_args``: ``model`` (base or merged
-directory), ``adapter``, ``khead``, ``policy`` (default ``khead`` with a K-head, else
-``entropy``), ``loop``, ``batch_size``, ``device`` (``auto``, ``cpu``, ``cuda:0``, ``npu``, …),
-``max_gen_toks`` (default 256), ``max_length``, ``k_max``, ``mask_token``, ``dtype`` (``auto``,
-``float32``, ``bfloat16``, ``float16``) and the decode engine's switches ``compile`` (False),
-``adaptive_drafting`` and ``prefix_caching`` (True; ``fluid eval``'s ``--compile``,
-``--no-adaptive-drafting``, ``--no-enable-prefix-caching``); an unknown one is a
-``ConfigError``. A loaded ``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
+(lm-eval's own command line with the model registered). The batch size and the device
+(``auto``, ``cpu``, ``cuda:0``, ``npu``, …) are lm-eval's ``--batch_size`` / ``--device``, which
+its command line always passes; given in ``model_args`` too, the ``model_args`` value wins.
+``model_args``: ``model`` (base or merged directory), ``adapter``, ``khead``, ``policy`` (default
+``khead`` with a K-head, else ``entropy``), ``loop``, ``max_gen_toks`` (default 256),
+``max_length``, ``k_max``, ``mask_token``, ``dtype`` (``auto``, ``float32``, ``bfloat16``,
+``float16``), the loader's ``chat_template`` (a template or a file holding one),
+``trust_remote_code`` and ``allow_pickle`` (lm-eval's ``--trust_remote_code`` sets the first), and
+the decode engine's switches ``compile`` (False), ``adaptive_drafting`` and ``prefix_caching``
+(True; ``fluid eval``'s ``--compile``, ``--no-adaptive-drafting``,
+``--no-enable-prefix-caching``); an unknown one is a ``ConfigError``. A loaded
+``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
 
-* ``generate_until``: greedy and lossless (the sampler's contract). The request's generation
-  kwargs are read as lm-eval's ``hf`` model reads them (``normalize_gen_kwargs``: ``max_gen_toks``
-  or its aliases ``max_new_tokens`` / ``max_tokens`` / ``max_completion_tokens``; ``do_sample:
-  false`` is greedy whatever the temperature); decoding ends at the first ``until`` string, and
-  the text is cut as ``hf`` cuts it (``postprocess_generated_text``: at each string in the order
-  given). ``repetition_penalty`` and ``min_new_tokens`` apply as in transformers; ``top_p`` /
-  ``top_k`` / ``min_p`` / ``typical_p`` change nothing in greedy decoding (transformers ignores
-  them too); any other setting, and a request to sample, is a ``ConfigError`` naming it.
+* ``generate_until``: greedy decoding is lossless (the sampler's contract). The request's
+  generation kwargs are read as lm-eval's ``hf`` model reads them (``normalize_gen_kwargs``:
+  ``max_gen_toks`` or its aliases ``max_new_tokens`` / ``max_tokens`` / ``max_completion_tokens``;
+  ``do_sample: false`` or temperature 0 is greedy; a temperature above 0 without ``do_sample``
+  samples); decoding ends at the first ``until`` string or at an EOS token — the generation
+  config's or the tokenizer's, as ``fluid serve`` ends an output (``hf`` adds the tokenizer's EOS
+  to ``until``) — and the text is cut as ``hf`` cuts it (``postprocess_generated_text``: at each
+  string in the order given). ``repetition_penalty`` and ``min_new_tokens`` apply as in
+  transformers; sampling takes ``temperature``, ``top_k``, ``top_p``, ``min_p`` (unset: the
+  generation config's, as transformers) and ``seed``; in greedy decoding those and ``typical_p``
+  change nothing (transformers ignores them too); any other setting is a ``ConfigError`` naming it.
   Prompts are rendered like ``fluid eval``'s (the ``empty`` template) and decoded in batches of
   ``batch_size``; the calls' statistics (TPF, K histogram) accumulate in ``generation_stats``.
 * ``loglikelihood`` / ``loglikelihood_rolling``: one plain forward of the model (right-padded
@@ -73,7 +79,8 @@ DEFAULT_MAX_GEN_TOKS = 256
 # generation kwargs: applied as transformers applies them; ignored by greedy decoding (as in
 # transformers without do_sample); at their neutral value only
 APPLIED = ("repetition_penalty", "min_new_tokens")
-GREEDY_IGNORES = ("temperature", "top_p", "top_k", "min_p", "typical_p")
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "seed")
+GREEDY_IGNORES = (*SAMPLING, "typical_p")
 NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True}
 
 
@@ -102,6 +109,15 @@ def _batch_size(value: Any) -> int:
     return size
 
 
+def _flag(name: str, value: Any) -> bool:
+    """A boolean model_arg: True / False, or their spelling in a string (as lm-eval passes)."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(f"model_args {name}={value!r} must be True or False")
+    return value
+
+
 @register_model("fluid")
 class FluidLM(LM):
     """A ``FluidForCausalLM`` behind lm-eval's ``LM`` interface (see the module docstring)."""
@@ -124,6 +140,9 @@ class FluidLM(LM):
         compile: bool = False,
         adaptive_drafting: bool = True,
         prefix_caching: bool = True,
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
         fluid: Any = None,
         **unknown: Any,
     ) -> None:
@@ -138,13 +157,14 @@ class FluidLM(LM):
             raise ConfigError(
                 f"unknown model_args for the fluid model: {', '.join(sorted(unknown))}; valid: "
                 "model, adapter, khead, policy, loop, batch_size, device, max_gen_toks, "
-                "max_length, k_max, mask_token, dtype, compile, adaptive_drafting, prefix_caching"
+                "max_length, k_max, mask_token, dtype, compile, adaptive_drafting, "
+                "prefix_caching, chat_template, trust_remote_code, allow_pickle"
             )
-        switches = {"compile": compile, "adaptive_drafting": adaptive_drafting,
-                    "prefix_caching": prefix_caching}  # fmt: skip
-        for name, value in switches.items():
-            if not isinstance(value, bool):
-                raise ConfigError(f"model_args {name}={value!r} must be True or False")
+        compile = _flag("compile", compile)
+        adaptive_drafting = _flag("adaptive_drafting", adaptive_drafting)
+        prefix_caching = _flag("prefix_caching", prefix_caching)
+        trust_remote_code = _flag("trust_remote_code", trust_remote_code)
+        allow_pickle = _flag("allow_pickle", allow_pickle)
         if loop not in LOOPS:
             raise ConfigError(f"unknown sampler loop {loop!r}; choose {' or '.join(LOOPS)}")
         self.batch_size = _batch_size(batch_size)  # checked before the model is loaded
@@ -159,6 +179,9 @@ class FluidLM(LM):
                     mask_token=mask_token,
                     device=_device(device),
                     dtype=dtype,
+                    chat_template=chat_template,
+                    trust_remote_code=trust_remote_code,
+                    allow_pickle=allow_pickle,
                 )
         self.fluid = fluid
         self.tokenizer = fluid.tokenizer
@@ -179,6 +202,24 @@ class FluidLM(LM):
         self._stats: list[Any] = []
 
     # ------------------------------------------------------------------ lm-eval plumbing
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> FluidLM:
+        """``model_args`` plus lm-eval's own settings (``--batch_size``, ``--device``): a setting
+        given in both is taken from ``model_args`` (lm-eval's command line passes its own)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict | None = None
+    ) -> FluidLM:
+        """As ``create_from_arg_string``, from a dict of ``model_args``."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
 
     @property
     def tokenizer_name(self) -> str:
@@ -310,11 +351,14 @@ class FluidLM(LM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         from fluid_npu.sampling.api import eos_and_pad
         from fluid_npu.sampling.bench import decode_batches, split_batches
+        from fluid_npu.sampling.inputs import serving_eos
 
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
         _, pad = eos_and_pad(self.fluid.model, pad=self.tokenizer.pad_token_id)
+        # the tokenizer's EOS ends an output too, as hf ends one (it adds its text to ``until``)
+        eos = serving_eos(self.fluid.model, self.tokenizer)
         out: list[str] = [""] * len(requests)
         for indices in groups.values():
             until, max_gen, applied = self._generation_settings(requests[indices[0]].args[1])
@@ -325,7 +369,7 @@ class FluidLM(LM):
                     f"{self.max_length}; lower max_gen_toks or raise max_length"
                 )
             prompts = [self._encode(requests[i].args[0])[-keep:] for i in indices]
-            kwargs = {**self.gen_kwargs, **applied}
+            kwargs = {**self.gen_kwargs, **applied, "eos_token_id": eos}
             if until:  # decoding ends at lm-eval's stop sequences (``decode_batches``)
                 kwargs["stop_strings"] = list(until)
                 kwargs["stop_in_prompt"] = False  # lm-eval matches in the continuation only
@@ -351,16 +395,22 @@ class FluidLM(LM):
     ) -> tuple[list[str], int, dict[str, Any]]:
         """A request's ``until`` strings, token budget and the settings the sampler applies."""
         kwargs = dict(normalize_gen_kwargs(dict(given or {}), self.max_gen_toks))
-        if kwargs.pop("do_sample", False):
-            raise ConfigError(
-                "the fluid model decodes greedily (lossless elastic decoding); set the task's "
-                "generation_kwargs to do_sample: false, temperature: 0"
-            )
         until = [str(u) for u in kwargs.pop("until") or []]
         max_gen = int(kwargs.pop("max_gen_toks"))
         applied = {name: kwargs.pop(name) for name in APPLIED if name in kwargs}
-        for name in GREEDY_IGNORES:
-            kwargs.pop(name, None)
+        # as hf decides it (normalize_gen_kwargs): a temperature above 0 without do_sample samples
+        if kwargs.pop("do_sample", False):
+            applied["do_sample"] = True
+            applied.update((name, kwargs.pop(name)) for name in SAMPLING if name in kwargs)
+            config = getattr(self.fluid.model, "generation_config", None)
+            for name in ("top_k", "top_p", "min_p"):  # unset: the checkpoint's, as transformers
+                if name not in applied and getattr(config, name, None) is not None:
+                    applied[name] = getattr(config, name)
+            if kwargs.get("typical_p", 1.0) == 1.0:  # (off; the sampler has no typical sampling)
+                kwargs.pop("typical_p", None)
+        else:
+            for name in GREEDY_IGNORES:
+                kwargs.pop(name, None)
         for name, neutral in NEUTRAL.items():
             if kwargs.get(name, neutral) == neutral:
                 kwargs.pop(name, None)
@@ -373,7 +423,8 @@ class FluidLM(LM):
             raise ConfigError(
                 f"generation_kwargs {', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))}: "
                 "the fluid model does not do these; it takes until, max_gen_toks (or "
-                "max_new_tokens), do_sample: false, repetition_penalty and min_new_tokens"
+                "max_new_tokens), do_sample, temperature, top_k, top_p, min_p, seed, "
+                "repetition_penalty and min_new_tokens"
             )
         return until, max_gen, applied
 

@@ -89,6 +89,7 @@ def run_eval(
     from fluid_npu.sampling.api import LOOPS, eos_and_pad
     from fluid_npu.sampling.bench import decode_batches, split_batches
     from fluid_npu.sampling.bench_report import device_info
+    from fluid_npu.sampling.inputs import serving_eos
     from fluid_npu.sampling.lossless import compare, fp32_scorer
     from fluid_npu.sampling.stats import GenerateStats
 
@@ -119,6 +120,9 @@ def run_eval(
     decode_kwargs = dict(gen_kwargs)  # decoding ends at the stop strings outputs are cut at
     decode_kwargs.setdefault("stop_strings", list(STOP_STRINGS))
     decode_kwargs.setdefault("stop_in_prompt", False)  # in the answer only, as the server
+    # the tokenizer's EOS ends an output too, as fluid serve ends one; one set for every policy,
+    # so each is compared with an AR baseline that stopped where it would
+    decode_kwargs.setdefault("eos_token_id", serving_eos(fluid.model, tok))
     scorer = fp32_scorer(fluid.model)  # one fp32 copy (if any) for every policy's check
     for name in names:
         if warmup:
