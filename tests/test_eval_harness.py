@@ -136,6 +136,38 @@ def test_generation_ends_at_the_tokenizers_eos(tok):
     assert lm.generate_until(reqs) == hf.generate_until(reqs) == [" x=42"]
 
 
+def test_reasoning_model_options_are_lm_evals_hf_models(random_lm, tok):
+    """``think_end_token`` (a text, or a token id) removes a generation's text up to its last
+    occurrence before the ``until`` cut, as ``hf`` does; ``enable_thinking`` and
+    ``chat_template_args`` reach the chat template, and ``enable_thinking`` needs the former and
+    refuses log-likelihoods."""
+    model = bigram_model(tok).eval()  # it answers " x=42"
+    reqs = [
+        request("generate_until", "Question: 2+2?\nAnswer:", {"until": ["2"], "max_gen_toks": 9})
+    ]
+    equals = str(tok.convert_tokens_to_ids("="))  # (a digit string is a token id, as hf reads it)
+    fluid = FluidForCausalLM(model, tok, tok.mask_token_id)
+    for marker, text in (("x", "=4"), (equals, "4")):
+        lm = FluidLM(fluid=fluid, policy="fixed:3", think_end_token=marker)
+        hf = HFLM(pretrained=model, tokenizer=tok, device="cpu", think_end_token=marker)
+        assert lm.generate_until(reqs) == hf.generate_until(reqs) == [text]
+    own = build_tiny_tokenizer(mask_token=True)
+    own.chat_template = "{{ 'T' if enable_thinking else 'F' }}{{ messages[0]['content'] }}"
+    fluid = FluidForCausalLM(random_lm.fluid.model, own, own.mask_token_id)
+    hi = [{"role": "user", "content": "hi"}]
+    for args, text in [({"enable_thinking": True, "think_end_token": "</think>"}, "Thi"),
+                       ({"chat_template_args": '{"enable_thinking": false}'}, "Fhi"),
+                       ({"chat_template_args": {"enable_thinking": True}}, "Thi")]:  # fmt: skip
+        assert FluidLM(fluid=fluid, **args).apply_chat_template(hi) == text
+    with pytest.raises(ConfigError, match="enable_thinking=True needs think_end_token"):
+        FluidLM(fluid=fluid, enable_thinking="True")
+    with pytest.raises(ConfigError, match="chat_template_args='x' must be a JSON object"):
+        FluidLM(fluid=fluid, chat_template_args="x")
+    lm = FluidLM(fluid=fluid, enable_thinking=True, think_end_token="</think>")
+    with pytest.raises(ConfigError, match="enable_thinking=True is for generative tasks"):
+        lm.loglikelihood([request("loglikelihood", "a", " b")])
+
+
 def test_generate_until_is_lm_evals_hf_model(random_lm, tok):
     """The same texts as lm-eval's own ``hf`` model on the same weights: its reading of the
     generation kwargs (aliases, ``do_sample: false`` with a temperature, repetition_penalty,

@@ -15,11 +15,14 @@ its command line always passes; given in ``model_args`` too, the ``model_args`` 
 ``khead`` with a K-head, else ``entropy``), ``loop``, ``max_gen_toks`` (default 256),
 ``max_length``, ``k_max``, ``mask_token``, ``dtype`` (``auto``, ``float32``, ``bfloat16``,
 ``float16``), the loader's ``chat_template`` (a template or a file holding one),
-``trust_remote_code`` and ``allow_pickle`` (lm-eval's ``--trust_remote_code`` sets the first), and
-the decode engine's switches ``compile`` (False), ``adaptive_drafting`` and ``prefix_caching``
-(True; ``fluid eval``'s ``--compile``, ``--no-adaptive-drafting``,
-``--no-enable-prefix-caching``); an unknown one is a ``ConfigError``. A loaded
-``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
+``trust_remote_code`` and ``allow_pickle`` (lm-eval's ``--trust_remote_code`` sets the first),
+``hf``'s reasoning-model options ``enable_thinking`` (a chat template variable; it needs
+``think_end_token`` and refuses log-likelihood tasks), ``chat_template_args`` (the template's
+variables, a dict or its JSON) and ``think_end_token`` (a text, or a token id: a generation's
+text up to its last one is removed before the ``until`` cut), and the decode engine's switches
+``compile`` (False), ``adaptive_drafting`` and ``prefix_caching`` (True; ``fluid eval``'s
+``--compile``, ``--no-adaptive-drafting``, ``--no-enable-prefix-caching``); an unknown one is a
+``ConfigError``. A loaded ``FluidForCausalLM`` can be passed directly: ``FluidLM(fluid=...)``.
 
 * ``generate_until``: greedy decoding is lossless (the sampler's contract). The request's
   generation kwargs are read as lm-eval's ``hf`` model reads them (``normalize_gen_kwargs``:
@@ -41,14 +44,16 @@ the decode engine's switches ``compile`` (False), ``adaptive_drafting`` and ``pr
   come from lm-eval's own ``get_rolling_token_windows``.
 * ``apply_chat_template`` (``--apply_chat_template``) renders as ``hf`` does: without a generation
   prompt the last turn stays open (a task's ``gen_prefix``), and a template that refuses a system
-  turn gets the conversation without it.
+  turn gets the conversation without it; ``chat_template_args`` / ``enable_thinking`` are passed.
 
 lm-eval is the ``eval`` extra; without it importing this module raises a ``ConfigError`` saying
-how to install it, and nothing else in ``fluid_npu`` imports it.
+how to install it, and nothing else in ``fluid_npu`` imports it (``harness_generation.py``, its
+reading of a generation request, is imported by it alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -64,7 +69,6 @@ try:
     import lm_eval.models  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
-    from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 except ImportError as _exc:  # the harness was asked for without the eval extra
     raise ConfigError(
         f"the lm-eval model type `fluid` needs lm-evaluation-harness ({_exc}); "
@@ -76,12 +80,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 8  # for batch_size=auto
 TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 DEFAULT_MAX_GEN_TOKS = 256
-# generation kwargs: applied as transformers applies them; ignored by greedy decoding (as in
-# transformers without do_sample); at their neutral value only
-APPLIED = ("repetition_penalty", "min_new_tokens")
-SAMPLING = ("temperature", "top_k", "top_p", "min_p", "seed")
-GREEDY_IGNORES = (*SAMPLING, "typical_p")
-NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True}
 
 
 def _device(device: str | None) -> torch.device:
@@ -118,6 +116,28 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
+def _chat_args(enable_thinking: Any, given: Any, think_end_token: Any) -> dict[str, Any]:
+    """The chat template's variables as lm-eval's ``hf`` model sets them: ``chat_template_args``
+    (a dict, or its JSON) and ``enable_thinking`` (which needs ``think_end_token``)."""
+    if isinstance(given, str):
+        with contextlib.suppress(ValueError):  # (not JSON: refused below, named)
+            given = json.loads(given) if given.strip() else None
+    if given is not None and not isinstance(given, dict):
+        raise ConfigError(
+            f"model_args chat_template_args={given!r} must be a JSON object of the chat "
+            'template\'s variables, e.g. {"enable_thinking": false}'
+        )
+    args = dict(given or {})
+    if enable_thinking is not None:
+        args["enable_thinking"] = _flag("enable_thinking", enable_thinking)
+        if args["enable_thinking"] and think_end_token is None:
+            raise ConfigError(
+                "model_args enable_thinking=True needs think_end_token (the text or token id "
+                "that ends the thinking, e.g. think_end_token=</think>)"
+            )
+    return args
+
+
 @register_model("fluid")
 class FluidLM(LM):
     """A ``FluidForCausalLM`` behind lm-eval's ``LM`` interface (see the module docstring)."""
@@ -143,6 +163,9 @@ class FluidLM(LM):
         chat_template: str | None = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        enable_thinking: bool | None = None,
+        chat_template_args: dict[str, Any] | str | None = None,
+        think_end_token: str | int | None = None,
         fluid: Any = None,
         **unknown: Any,
     ) -> None:
@@ -158,13 +181,19 @@ class FluidLM(LM):
                 f"unknown model_args for the fluid model: {', '.join(sorted(unknown))}; valid: "
                 "model, adapter, khead, policy, loop, batch_size, device, max_gen_toks, "
                 "max_length, k_max, mask_token, dtype, compile, adaptive_drafting, "
-                "prefix_caching, chat_template, trust_remote_code, allow_pickle"
+                "prefix_caching, chat_template, trust_remote_code, allow_pickle, "
+                "enable_thinking, chat_template_args, think_end_token"
             )
         compile = _flag("compile", compile)
         adaptive_drafting = _flag("adaptive_drafting", adaptive_drafting)
         prefix_caching = _flag("prefix_caching", prefix_caching)
         trust_remote_code = _flag("trust_remote_code", trust_remote_code)
         allow_pickle = _flag("allow_pickle", allow_pickle)
+        self.chat_template_args = _chat_args(enable_thinking, chat_template_args, think_end_token)
+        self.enable_thinking = bool(self.chat_template_args.get("enable_thinking"))
+        if isinstance(think_end_token, str) and think_end_token.isdigit():  # a token id, as hf
+            think_end_token = int(think_end_token)
+        self.think_end_token = think_end_token
         if loop not in LOOPS:
             raise ConfigError(f"unknown sampler loop {loop!r}; choose {' or '.join(LOOPS)}")
         self.batch_size = _batch_size(batch_size)  # checked before the model is loaded
@@ -242,6 +271,7 @@ class FluidLM(LM):
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=not add_generation_prompt,
+                **self.chat_template_args,
             )
 
         try:
@@ -316,6 +346,11 @@ class FluidLM(LM):
         return out  # type: ignore[return-value]
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list:
+        if self.enable_thinking:  # as lm-eval's hf: a thinking model's score is of no answer
+            raise ConfigError(
+                "model_args enable_thinking=True is for generative tasks only; drop it (or set "
+                "it False) for log-likelihood tasks"
+            )
         pairs = [self._context_continuation(*r.args) for r in requests]
         empty = [i for i, (_, cont) in enumerate(pairs) if not cont]
         if empty:
@@ -349,6 +384,7 @@ class FluidLM(LM):
     # ------------------------------------------------------------------ generation
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        from fluid_npu.eval.harness_generation import generation_settings, generation_text
         from fluid_npu.sampling.api import eos_and_pad
         from fluid_npu.sampling.bench import decode_batches, split_batches
         from fluid_npu.sampling.inputs import serving_eos
@@ -361,7 +397,11 @@ class FluidLM(LM):
         eos = serving_eos(self.fluid.model, self.tokenizer)
         out: list[str] = [""] * len(requests)
         for indices in groups.values():
-            until, max_gen, applied = self._generation_settings(requests[indices[0]].args[1])
+            until, max_gen, applied = generation_settings(
+                requests[indices[0]].args[1],
+                self.max_gen_toks,
+                getattr(self.fluid.model, "generation_config", None),
+            )
             keep = self.max_length - max_gen
             if keep < 1:
                 raise ConfigError(
@@ -384,49 +424,10 @@ class FluidLM(LM):
             )
             self._stats += stats
             for i, tokens in zip(indices, new):
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                text = postprocess_generated_text(text, until, None)  # as lm-eval's hf cuts it
+                text = generation_text(tokens, self.tokenizer, until, self.think_end_token)
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
-
-    def _generation_settings(
-        self, given: dict[str, Any] | None
-    ) -> tuple[list[str], int, dict[str, Any]]:
-        """A request's ``until`` strings, token budget and the settings the sampler applies."""
-        kwargs = dict(normalize_gen_kwargs(dict(given or {}), self.max_gen_toks))
-        until = [str(u) for u in kwargs.pop("until") or []]
-        max_gen = int(kwargs.pop("max_gen_toks"))
-        applied = {name: kwargs.pop(name) for name in APPLIED if name in kwargs}
-        # as hf decides it (normalize_gen_kwargs): a temperature above 0 without do_sample samples
-        if kwargs.pop("do_sample", False):
-            applied["do_sample"] = True
-            applied.update((name, kwargs.pop(name)) for name in SAMPLING if name in kwargs)
-            config = getattr(self.fluid.model, "generation_config", None)
-            for name in ("top_k", "top_p", "min_p"):  # unset: the checkpoint's, as transformers
-                if name not in applied and getattr(config, name, None) is not None:
-                    applied[name] = getattr(config, name)
-            if kwargs.get("typical_p", 1.0) == 1.0:  # (off; the sampler has no typical sampling)
-                kwargs.pop("typical_p", None)
-        else:
-            for name in GREEDY_IGNORES:
-                kwargs.pop(name, None)
-        for name, neutral in NEUTRAL.items():
-            if kwargs.get(name, neutral) == neutral:
-                kwargs.pop(name, None)
-        if "max_length" in kwargs:
-            raise ConfigError(
-                "generation_kwargs max_length (prompt + generation) is not read by the fluid "
-                "model; bound the generation with max_gen_toks"
-            )
-        if kwargs:
-            raise ConfigError(
-                f"generation_kwargs {', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))}: "
-                "the fluid model does not do these; it takes until, max_gen_toks (or "
-                "max_new_tokens), do_sample, temperature, top_k, top_p, min_p, seed, "
-                "repetition_penalty and min_new_tokens"
-            )
-        return until, max_gen, applied
 
 
 def main() -> None:
