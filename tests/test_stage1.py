@@ -140,8 +140,9 @@ def test_merge_loads_with_plain_transformers(trained, tiny_model_dir, tmp_path, 
     ):
         assert cli_main([*argv, "--output", str(merged_dir), *extra]) == 2
         assert message in capsys.readouterr().err
-    # shards of at most --max-shard-size, with their index, as LLaMA-Factory's export_size
-    argv_sharded = [*argv, "--output", str(merged_dir), "--max-shard-size", "200KB"]
+    # shards of at most --max-shard-size (here in bytes), with their index, as LLaMA-Factory's
+    # export_size
+    argv_sharded = [*argv, "--output", str(merged_dir), "--max-shard-size", "200000"]
     assert cli_main(argv_sharded) == 0
     shards = sorted(merged_dir.glob("model-*.safetensors"))
     assert len(shards) > 1 and (merged_dir / "model.safetensors.index.json").is_file()

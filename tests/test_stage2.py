@@ -420,6 +420,13 @@ def test_stage2_on_a_lora_adapter_via_cli(stage1_lora, tiny_model_dir, run_data,
     )
     on_merged, _ = attach_khead(merged, out)
     assert all(torch.equal(a, b) for a, b in zip(on_merged.parameters(), head.parameters()))
+    # ... but not on the bare base: FluidForCausalLM (generate, LLM, serve) checks as strictly
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
+
+    pad = lora.tokenizer.pad_token  # (the bare base has no MASK token: borrow one to load it)
+    with pytest.raises(CheckpointError, match="loaded with no adapter"):
+        FluidForCausalLM.from_pretrained(tiny_model_dir, khead=out, mask_token=pad)
+    assert FluidForCausalLM.from_pretrained(tmp_path / "merged", khead=out).khead is not None
 
 
 def test_stage2_keeps_a_lora_backbone_bit_identical(

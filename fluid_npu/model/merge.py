@@ -38,6 +38,8 @@ def merge_adapter(
     if above is not None and not above.is_dir():
         raise CheckpointError(f"--output {str(out)!r} lies under {str(above)!r}, a file")
     _check_shard_size(max_shard_size)
+    if isinstance(max_shard_size, str) and max_shard_size.strip().isdigit():
+        max_shard_size = int(max_shard_size)  # (bytes: transformers reads a string by its unit)
     loaded = load_fluid(base, adapter, allow_pickle=allow_pickle, merge=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.merging"

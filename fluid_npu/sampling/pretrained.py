@@ -174,7 +174,7 @@ class FluidForCausalLM(torch.nn.Module):
         them (the loader's errors say when).
         """
         from fluid_npu.model.adapters import load_fluid
-        from fluid_npu.model.khead import load_khead
+        from fluid_npu.model.khead import attach_khead
         from fluid_npu.sampling.prompts import read_chat_template
 
         if torch_dtype is not None:
@@ -197,13 +197,8 @@ class FluidForCausalLM(torch.nn.Module):
             allow_pickle=allow_pickle,
         )
         head = None
-        if khead is not None:
-            head, _ = load_khead(
-                khead,
-                base_fingerprint=loaded.base_fingerprint,
-                adapter_fingerprint=loaded.adapter_fingerprint,
-                hidden_size=loaded.model.config.get_text_config().hidden_size,
-            )
+        if khead is not None:  # (the strict check: the very backbone the head was trained on)
+            head, _ = attach_khead(loaded, khead)
         model = loaded.model
         if device is not None:
             model = model.to(device)
