@@ -219,6 +219,17 @@ def test_vllm_scripts_numbers_and_bad_inputs(llm, monkeypatch):
     assert only.allowed_token_ids == [int(ids[0])] and type(only.allowed_token_ids[0]) is int
     out = llm.generate("abc", only, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [int(ids[0])] * 2
+    # detokenize=False (vLLM's): the same tokens, no text, no decoded tokens; stop strings refused
+    spelt = SamplingParams(temperature=0, max_tokens=5, logprobs=1)
+    bare = SamplingParams(temperature=0, max_tokens=5, logprobs=1, detokenize=False)
+    want, got = (llm.generate("abc", sp, use_tqdm=False)[0].outputs[0] for sp in (spelt, bare))
+    assert got.token_ids == want.token_ids and want.text and got.text == ""
+    assert [e[t].logprob for t, e in zip(got.token_ids, got.logprobs)] == [
+        e[t].logprob for t, e in zip(want.token_ids, want.logprobs)
+    ]
+    assert all(lp.decoded_token is None for e in got.logprobs for lp in e.values())
+    with pytest.raises(ConfigError, match="stop needs detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)
     # use_tqdm as vLLM's: a tqdm-like class to draw the bar with
     made = []
 

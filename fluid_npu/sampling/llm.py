@@ -22,7 +22,8 @@ cut before it, or after it with ``include_stop_str_in_output``), ``stop_token_id
 context is full, as vLLM's offline engine ends it), ``min_tokens``, ``logprobs`` /
 ``prompt_logprobs`` (N alternatives, -1 the whole vocabulary, each a ``Logprob`` with ``rank``
 and ``decoded_token``),
-``skip_special_tokens``, ``truncate_prompt_tokens`` and ``structured_outputs``
+``skip_special_tokens``, ``detokenize`` (False: token ids only, text "" and no
+``decoded_token``, as vLLM), ``truncate_prompt_tokens`` and ``structured_outputs``
 (``StructuredOutputsParams(json= | regex= | choice= | grammar= | json_object=True)``, or the same
 as a dict: the output follows it, as ``fluid serve``'s field; not with ``ignore_eos`` or
 ``stop_token_ids``, as there). vLLM's other fields (beam search, ``logits_processors``,
@@ -385,7 +386,8 @@ class LLM:
             d = Detokenizer(self.tokenizer, sp.stop, ids, unspelled, min_tokens=sp.min_tokens,
                             include_stop=sp.include_stop_str_in_output,
                             skip_special=sp.skip_special_tokens)  # fmt: skip
-            out_text = d.add(got.tokens) + d.flush()
+            # detokenize=False (vLLM's): token ids only, no text (no stop strings: refused then)
+            out_text = d.add(got.tokens) + d.flush() if sp.detokenize else ""
             tokens = got.tokens[: d.tokens_used] if d.stopped else got.tokens
             reason = got.final.finish_reason
             stop_reason: int | str | None = None
@@ -397,8 +399,9 @@ class LLM:
             if sp.logprobs is not None:
                 tops = got.top_logprobs or [[]] * len(tokens)
                 vals, ranks = got.logprobs or [], got.ranks or [None] * len(tokens)
+                spell = self.tokenizer if sp.detokenize else None
                 lps = [
-                    logprob_entry(self.tokenizer, t, v, top, r)
+                    logprob_entry(spell, t, v, top, r)
                     for t, v, top, r in zip(tokens, vals, tops, ranks)
                 ]
             outs.append(CompletionOutput(
@@ -410,7 +413,7 @@ class LLM:
         prompt_lps = None
         if sp.prompt_logprobs is not None and first.prompt_logprobs is not None:
             prompt_lps = [None] + [
-                logprob_entry(self.tokenizer, t, lp, top, rank)
+                logprob_entry(self.tokenizer if sp.detokenize else None, t, lp, top, rank)
                 for t, (lp, top, rank) in zip(ids[1:], first.prompt_logprobs)
             ]
         forwards = sum(done[f"{rid}-{c}"].final.forwards for c in range(sp.n))

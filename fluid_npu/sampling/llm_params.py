@@ -51,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (no text, no stop strings), as vLLM
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
@@ -105,6 +106,8 @@ class SamplingParams:
             )
         if self.top_k == -1:  # vLLM's "off", as 0
             self.top_k = 0
+        if not self.detokenize and self.stop:  # (vLLM refuses it too: stop strings match text)
+            raise ConfigError("SamplingParams.stop needs detokenize=True: stop strings match text")
         if self.n < 1:
             raise ConfigError(f"n must be at least 1, got {self.n!r}")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
@@ -293,11 +296,16 @@ def logprob_entry(
     tokenizer: Any, token: int, lp: float, top: Any, rank: int | None = None
 ) -> dict[int, Logprob]:
     """vLLM's per-token logprobs: the token's own ``Logprob``, then its alternatives' (``top``:
-    ``(token id, logprob)`` best first; ``rank`` where read, else its place in ``top``)."""
+    ``(token id, logprob)`` best first; ``rank`` where read, else its place in ``top``); no
+    ``decoded_token`` without a tokenizer (``detokenize=False``)."""
+
+    def spelt(t: int) -> str | None:
+        return None if tokenizer is None else tokenizer.decode([t])
+
     order = [t for t, _ in top]
     own = rank if rank is not None else (order.index(token) + 1 if token in order else None)
-    out = {int(token): Logprob(lp, own, tokenizer.decode([token]))}
+    out = {int(token): Logprob(lp, own, spelt(token))}
     for k, (t, v) in enumerate(top):
         if int(t) not in out:
-            out[int(t)] = Logprob(v, k + 1, tokenizer.decode([t]))
+            out[int(t)] = Logprob(v, k + 1, spelt(t))
     return out
