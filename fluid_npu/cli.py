@@ -146,8 +146,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="accept a pickle .bin base")
     p.add_argument(
         "--max-shard-size",
-        default="5GB",
-        help="largest safetensors file written (LLaMA-Factory's export_size), e.g. 5GB, 500MB",
+        help="largest safetensors file written (LLaMA-Factory's export_size), e.g. 500MB "
+        "(default 5GB)",
     )
     p.set_defaults(handler=_merge)
 
@@ -155,12 +155,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 def _merge(args: argparse.Namespace) -> int:
     from fluid_npu.model.merge import merge_adapter
 
+    size = {} if args.max_shard_size is None else {"max_shard_size": args.max_shard_size}
     out = merge_adapter(
-        args.base,
-        args.adapter,
-        args.output,
-        allow_pickle=args.allow_pickle,
-        max_shard_size=args.max_shard_size,
+        args.base, args.adapter, args.output, allow_pickle=args.allow_pickle, **size
     )
     print(f"fluid: merged model written to {out}")
     return 0

@@ -111,6 +111,26 @@ def kind(force: str | None = None) -> str:
     return choose(npu=npu, cuda=cuda, bf16_supported=True, force=force).type
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """A ``ConfigError`` for a device this host does not have, or a string that names none —
+    before anything loads, rather than torch's error once a model is in memory."""
+    if device is None:
+        return
+    text = str(device)
+    name, _, index = text.partition(":")
+    if name in ("npu", "cuda"):
+        if index and not index.isdigit():
+            raise ConfigError(f"device {text!r}: the index after {name}: is a number ({name}:0)")
+        kind(force=name)  # (its ConfigError names the device and the fix)
+        return
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device {text!r} is not a device; give cpu, cuda[:N], npu[:N] (or device_map='auto')"
+        ) from None
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

@@ -165,7 +165,10 @@ def test_sampling_flags_are_checked_before_loading(dirs, capsys):
     [
         (["--min-new-tokens", "-1"], "--min-new-tokens must be >= 0 (0 = off), got -1"),
         (["--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens 9 exceeds"),
-        (["--attn-backend", "flash"], "--attn-backend 'flash' is not one of eager, sdpa, auto"),
+        (
+            ["--attn-backend", "flash"],
+            "--attn-backend 'flash' is not one of auto, reference, blocked",
+        ),
         (["--attn-backend", "eager"], "leave --attn-backend out, or use --loop reference"),
     ],
 )
@@ -724,7 +727,10 @@ def test_bench_sampler_mismatch_exits_1_after_writing(dirs, tmp_path, capsys, mo
         (["--loops", "fused,fused"], "--loops names fused more than once; list each once"),
         (["--loops", "bogus"], "subset of fused,reference, got 'bogus'"),
         (["--policies", ","], "--policies takes comma-separated names like ar,fixed:4; got ','"),
-        (["--attn-backend", "flash"], "--attn-backend 'flash' is not one of eager, sdpa, auto"),
+        (
+            ["--attn-backend", "flash"],
+            "--attn-backend 'flash' is not one of auto, reference, blocked",
+        ),
         (["--attn-backend", "eager"], "leave --attn-backend out, or use --loops reference"),
         (["--policies", "ar,khead,ar"], "--policies names ar more than once"),
         (["--batch-sizes", "1,0"], "--batch-sizes needs positive integers"),

@@ -199,7 +199,9 @@ def test_attention_backend_is_checked_and_refused_where_it_would_do_nothing():
     tok = build_tiny_tokenizer(mask_token=True)
     model = build_tiny_model("qwen3", tok, seed=2)
     ids = [tok("abc")["input_ids"]]
-    with pytest.raises(ConfigError, match="attn_backend 'flash' is not one of eager, sdpa, auto"):
+    with pytest.raises(
+        ConfigError, match="attn_backend 'flash' is not one of auto, reference, blocked"
+    ):
         generate(model, tok, ids, attn_backend="flash", loop="reference")
     # the decode engine attends over its slot cache itself: a back end there would be ignored
     with pytest.raises(ConfigError, match="leave attn_backend out, or use loop='reference'"):

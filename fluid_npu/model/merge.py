@@ -37,9 +37,7 @@ def merge_adapter(
     above = next((p for p in out.absolute().parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise CheckpointError(f"--output {str(out)!r} lies under {str(above)!r}, a file")
-    _check_shard_size(max_shard_size)
-    if isinstance(max_shard_size, str) and max_shard_size.strip().isdigit():
-        max_shard_size = int(max_shard_size)  # (bytes: transformers reads a string by its unit)
+    max_shard_size = _shard_size(max_shard_size)
     loaded = load_fluid(base, adapter, allow_pickle=allow_pickle, merge=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.merging"
@@ -70,11 +68,13 @@ def merge_adapter(
     return out
 
 
-def _check_shard_size(size: str | int) -> None:
-    """A ``ConfigError`` for a shard size transformers cannot read (``5GB``, ``500MB``, bytes)."""
+def _shard_size(size: str | int) -> str | int:
+    """``size`` as ``save_pretrained`` takes it (``5GB``, ``500MB``; plain bytes as an int: it
+    reads a string by its unit); a size it cannot read is a ``ConfigError`` now, before loading."""
     text = str(size).strip().upper()
     if (
         not re.fullmatch(r"[0-9]+(\.[0-9]+)?(TB|GB|MB|KB)|[0-9]+", text)
         or float(re.sub("[A-Z]", "", text)) <= 0
     ):
         raise ConfigError(f"--max-shard-size {size!r}: give a size such as 5GB or 500MB")
+    return int(text) if text.isdigit() else text

@@ -23,14 +23,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fluid_npu import device as devices
+from fluid_npu.config import ATTN_BACKENDS
 from fluid_npu.errors import ConfigError
-from fluid_npu.model.attention import (
-    DENSE_IMPLS,
-    FLUID,
-    KERNEL_BACKENDS,
-    attention_kind,
-    configure_attention,
-)
+from fluid_npu.model.attention import DENSE_IMPLS, FLUID, attention_kind, configure_attention
 from fluid_npu.model.khead import KHead
 from fluid_npu.sampling.engine import Engine, StreamFn, split_prompts
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
@@ -39,6 +34,7 @@ from fluid_npu.sampling.inputs import (
     PromptError,
     as_batch,
     as_count,
+    check_attn_backend,
     check_context,
     eos_and_pad,
     mask_id_of,
@@ -96,29 +92,6 @@ def attention(model: PreTrainedModel, backend: str | None) -> Iterator[None]:
             model.config.__dict__.pop("fluid_attn_backend", None)
         else:
             model.config.fluid_attn_backend = old_backend
-
-
-ATTN_BACKENDS = (*DENSE_IMPLS, *KERNEL_BACKENDS)  # what attn_backend may name
-
-
-def check_attn_backend(
-    backend: str | None,
-    loops: Sequence[str],
-    flag: str = "attn_backend",
-    fix: str = "loop='reference'",
-) -> None:
-    """A ``ConfigError`` for an ``attn_backend`` that names no back end, or that is given where
-    only the decode engine runs (``loop='fused'``: it attends over its slot cache itself, so the
-    setting would have no effect)."""
-    if backend is None:
-        return
-    if backend not in ATTN_BACKENDS:
-        raise ConfigError(f"{flag} {backend!r} is not one of {', '.join(ATTN_BACKENDS)}")
-    if "fused" in loops:
-        raise ConfigError(
-            f"{flag} chooses the reference loop's attention; the decode engine (the fused loop) "
-            f"runs its own over the slot cache: leave {flag} out, or use {fix}"
-        )
 
 
 def generate(

@@ -105,8 +105,7 @@ def check_common(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--anchors must be at least 1 (the most draft blocks per step), got {args.anchors}"
         )
-    from fluid_npu.sampling.api import check_attn_backend
-    from fluid_npu.sampling.inputs import parse_dtype
+    from fluid_npu.sampling.inputs import check_attn_backend, parse_dtype
     from fluid_npu.sampling.prompts import parse_template_kwargs, read_chat_template
 
     if getattr(args, "loops", None) is not None:  # fluid bench sampler: several

@@ -1,4 +1,5 @@
-"""The sampler's inputs, checked: prompts, MASK id, EOS / pad ids, context limits, compute dtype.
+"""The sampler's inputs, checked: prompts, MASK id, EOS / pad ids, context limits, compute dtype,
+attention back end.
 
 Shared by the public API (``api.py``), the decode engine (``scheduler.py``) and the CLI; every
 problem is one ``FluidError`` naming it and the fix.
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fluid_npu.config import ATTN_BACKENDS
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.model.mask_token import resolve_mask_token
 
@@ -166,10 +168,10 @@ def eos_and_pad(
         eos = getattr(gen, "eos_token_id", None)
     if isinstance(eos, torch.Tensor):  # (transformers takes a tensor of ids)
         eos = eos.tolist()
-    eos = [eos] if eos is None or _token_id(eos) else eos
-    if isinstance(eos, (str, bytes)) or not all(t is None or _token_id(t) for t in eos):
+    eos = [] if eos is None else [eos] if _token_id(eos) else eos
+    if isinstance(eos, (str, bytes)) or not all(_token_id(t) for t in eos):
         raise ConfigError(f"eos_token_id takes a token id or a list of them, got {eos!r}")
-    eos_ids = [int(t) for t in eos if t is not None]
+    eos_ids = [int(t) for t in eos]
     if pad is None:
         pad = getattr(gen, "pad_token_id", None)
     if pad is None:
@@ -374,3 +376,23 @@ def special_ends(added: tuple[list[int], list[int]], ids: list[int]) -> tuple[in
         else 0
     )
     return (h, t)
+
+
+def check_attn_backend(
+    backend: str | None,
+    loops: Sequence[str],
+    flag: str = "attn_backend",
+    fix: str = "loop='reference'",
+) -> None:
+    """A ``ConfigError`` for an ``attn_backend`` that names no back end, or that is given where
+    only the decode engine runs (``loop='fused'``: it attends over its slot cache itself, so the
+    setting would have no effect)."""
+    if backend is None:
+        return
+    if backend not in ATTN_BACKENDS:
+        raise ConfigError(f"{flag} {backend!r} is not one of {', '.join(ATTN_BACKENDS)}")
+    if "fused" in loops:
+        raise ConfigError(
+            f"{flag} chooses the reference loop's attention; the decode engine (the fused loop) "
+            f"runs its own over the slot cache: leave {flag} out, or use {fix}"
+        )

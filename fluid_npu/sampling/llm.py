@@ -21,9 +21,8 @@ cut before it, or after it with ``include_stop_str_in_output``), ``stop_token_id
 ``ignore_eos``, ``max_tokens`` (None, or more than the context leaves: the output ends where the
 context is full, as vLLM's offline engine ends it), ``min_tokens``, ``logprobs`` /
 ``prompt_logprobs`` (N alternatives, -1 the whole vocabulary, each a ``Logprob`` with ``rank``
-and ``decoded_token``),
-``skip_special_tokens``, ``detokenize`` (False: token ids only, text "" and no
-``decoded_token``, as vLLM), ``truncate_prompt_tokens`` and ``structured_outputs``
+and ``decoded_token``), ``skip_special_tokens``, ``detokenize`` (False: token ids only, no text
+or ``decoded_token``), ``truncate_prompt_tokens`` and ``structured_outputs``
 (``StructuredOutputsParams(json= | regex= | choice= | grammar= | json_object=True)``, or the same
 as a dict: the output follows it, as ``fluid serve``'s field; not with ``ignore_eos`` or
 ``stop_token_ids``, as there). vLLM's other fields (beam search, ``logits_processors``,
@@ -321,8 +320,7 @@ class LLM:
                     f"context holds {context} (max_model_len): shorten it, or raise "
                     "LLM(max_model_len=...) up to the model's own context"
                 )
-            # vLLM's offline engine ends an output where the context is full (finish_reason
-            # "length"), whatever max_tokens asked for
+            # where the context is full, the output ends (finish_reason length), as vLLM's engine
             budget = room if sp.max_tokens is None else min(sp.max_tokens, room)
             vocab = self.fluid.model.get_input_embeddings().weight.shape[0]
             seed = sp.seed if sp.seed is not None or sp.temperature == 0 else self._draw()
@@ -370,6 +368,7 @@ class LLM:
 
     def _output(self, plan: tuple, done: Mapping[str, Any]) -> RequestOutput:
         rid, text, ids, sp, eos = plan
+        spell = self.tokenizer if sp.detokenize else None  # (logprobs' decoded_token)
         outs = []
         for copy in range(sp.n):
             got = done[f"{rid}-{copy}"]
@@ -399,7 +398,6 @@ class LLM:
             if sp.logprobs is not None:
                 tops = got.top_logprobs or [[]] * len(tokens)
                 vals, ranks = got.logprobs or [], got.ranks or [None] * len(tokens)
-                spell = self.tokenizer if sp.detokenize else None
                 lps = [
                     logprob_entry(spell, t, v, top, r)
                     for t, v, top, r in zip(tokens, vals, tops, ranks)
@@ -413,7 +411,7 @@ class LLM:
         prompt_lps = None
         if sp.prompt_logprobs is not None and first.prompt_logprobs is not None:
             prompt_lps = [None] + [
-                logprob_entry(self.tokenizer if sp.detokenize else None, t, lp, top, rank)
+                logprob_entry(spell, t, lp, top, rank)
                 for t, (lp, top, rank) in zip(ids[1:], first.prompt_logprobs)
             ]
         forwards = sum(done[f"{rid}-{c}"].final.forwards for c in range(sp.n))

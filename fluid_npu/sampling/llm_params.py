@@ -190,17 +190,10 @@ def one_each(given: Any, n: int) -> list[SamplingParams]:
 
 
 def _number(name: str, value: Any, kind: type) -> Any:
-    """``value`` as a Python ``kind`` (an int, a numpy scalar, a whole float for an int field);
-    anything else is a ``ConfigError`` naming the field."""
-    import numbers
+    """``value`` as a Python ``kind`` (``rules.as_number``); an error names the field."""
+    from fluid_npu.sampling.rules import as_number
 
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok and kind is int:
-        ok = float(value).is_integer()
-    if not ok:
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"SamplingParams.{name} must be {what}, got {value!r}")
-    return kind(value)
+    return as_number(f"SamplingParams.{name}", value, kind)
 
 
 @dataclass

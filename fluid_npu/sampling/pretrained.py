@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.khead import KHead
 from fluid_npu.sampling.api import GENERATION_KEYS, GenerateOutput, generate
@@ -182,7 +183,7 @@ class FluidForCausalLM(torch.nn.Module):
                 raise ConfigError("give dtype or torch_dtype (its older name), not both")
             dtype = torch_dtype
         device = _one_device(device, device_map)
-        _check_device(device)
+        devices.check_device(device)
         dtype = parse_dtype(dtype, "dtype")
         template = None
         if chat_template is not None:  # (checked before the weights load)
@@ -384,34 +385,5 @@ def _one_device(
             "on one device; pass device='cuda:0' (or device_map='auto')"
         )
     if str(device_map) == "auto":
-        from fluid_npu import device as devices
-
         return devices.current().device
     return device_map
-
-
-def _check_device(device: str | torch.device | None) -> None:
-    """A ``ConfigError`` before any weight loads for a device this host does not have (or that
-    names none), rather than torch's error once the model is in memory."""
-    if device is None:
-        return
-    from fluid_npu import device as devices
-
-    text = str(device)
-    kind, _, index = text.partition(":")
-    if kind in ("npu", "cuda"):
-        if index and not index.isdigit():
-            raise ConfigError(f"device {text!r}: the index after {kind}: is a number ({kind}:0)")
-        devices.choose(
-            npu=devices.is_npu_available(),
-            cuda=devices.is_cuda_available(),
-            bf16_supported=True,
-            force=kind,
-        )  # (its ConfigError names the device and the fix)
-        return
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ConfigError(
-            f"device {text!r} is not a device; give cpu, cuda[:N], npu[:N] (or device_map='auto')"
-        ) from None

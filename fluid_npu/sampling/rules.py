@@ -25,6 +25,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -51,6 +52,20 @@ _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_pena
            "frequency_penalty")  # fmt: skip
 _INTS = ("top_k", "top_logprobs", "min_tokens")
 _OPTIONAL_INTS = ("seed", "prompt_logprobs")  # (None: not set)
+
+
+def as_number(name: str, value: Any, kind: type) -> Any:
+    """``value`` as a Python ``kind`` (``float``, or ``int``: a whole number, e.g. ``2.0``), from
+    any real number type (numpy scalars too); anything else, a bool included, is a ``ConfigError``
+    naming ``name``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok and kind is int and not isinstance(value, numbers.Integral):
+        ok = math.isfinite(value) and float(value).is_integer()
+    if not ok:
+        raise ConfigError(
+            f"{name} must be {'a whole number' if kind is int else 'a number'}, got {value!r}"
+        )
+    return kind(value)
 
 
 @dataclass(frozen=True)
@@ -174,16 +189,10 @@ class SamplingParams:
         engine's per-row tensors take them as they are. Anything else names the setting."""
         for name in _FLOATS + _INTS + _OPTIONAL_INTS:
             value = getattr(self, name)
-            if value is None and name in _OPTIONAL_INTS:
-                continue
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            whole = name not in _FLOATS
-            if ok and whole and not isinstance(value, numbers.Integral):
-                ok = math.isfinite(value) and float(value).is_integer()
-            if not ok:
-                what = "a whole number" if whole else "a number"
-                raise ConfigError(f"{name} must be {what}, got {value!r}")
-            object.__setattr__(self, name, int(value) if whole else float(value))
+            if value is not None or name not in _OPTIONAL_INTS:
+                object.__setattr__(
+                    self, name, as_number(name, value, float if name in _FLOATS else int)
+                )
 
     def _check_bad_words(self) -> None:
         words = self.bad_words
