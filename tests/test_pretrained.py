@@ -124,7 +124,6 @@ def test_settings_at_their_off_value_pass_and_others_are_refused_by_name(tok, fl
     )  # fmt: skip
     assert fluid.generate(ids, **off, **kw).tolist() == want.tolist()
     for name, value, hint in (
-        ("streamer", object(), "stream=callable"),
         ("num_beams", 2, "num_beams=2"),
         ("output_scores", True, "logprobs=True"),
         ("num_return_sequences", 2, "repeat the prompt"),
@@ -296,3 +295,62 @@ def test_a_model_in_train_mode_decodes_as_in_eval(tok):
             got = fluid.generate(ids, max_new_tokens=12, loop=loop, eos_token_id=None)
             assert torch.equal(got, want), loop
         assert fluid.training and all(m.training for m in fluid.model.modules())
+
+
+class _Recorder:
+    """A transformers streamer that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.puts: list[list[list[int]]] = []
+        self.ends = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.view(1, -1).tolist())
+
+    def end(self) -> None:
+        self.ends += 1
+
+
+@pytest.mark.parametrize("loop", ["fused", "reference"])
+def test_a_streamer_gets_what_transformers_streams(tok, fluid, loop):
+    # the prompt first, then the committed tokens step by step, then end(): concatenated, the same
+    # stream transformers' greedy generate hands it, EOS included
+    from transformers import TextIteratorStreamer
+
+    ids = _ids(tok)
+    kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    with torch.inference_mode():
+        greedy = fluid.model.generate(
+            ids, attention_mask=torch.ones_like(ids), eos_token_id=None, **kw
+        )
+    eos = int(greedy[0, ids.shape[1] + 6])  # (EOS as its seventh new token)
+    theirs, ours = _Recorder(), _Recorder()
+    with torch.inference_mode():
+        want = fluid.model.generate(
+            ids, attention_mask=torch.ones_like(ids), eos_token_id=eos, streamer=theirs, **kw
+        )
+    got = fluid.generate(ids, eos_token_id=eos, streamer=ours, loop=loop, **kw)
+    assert got.tolist() == want.tolist() and got[0, -1] == eos
+    flat = [[t for put in rec.puts[1:] for t in put[0]] for rec in (theirs, ours)]
+    assert ours.puts[0] == theirs.puts[0] == ids.tolist()
+    assert flat[0] == flat[1] == got[0, ids.shape[1] :].tolist()
+    assert len(ours.puts) > 2  # (as tokens commit, not once at the end)
+    assert ours.ends == theirs.ends == 1
+    # a TextIteratorStreamer read from another thread: the text of the new tokens
+    text = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    out = fluid.generate(ids, streamer=text, loop=loop, eos_token_id=[], **kw)
+    assert "".join(text) == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_streamer_errors_name_the_fix_and_the_streamer_still_ends(tok, fluid):
+    ids = _ids(tok)
+    with pytest.raises(ConfigError, match=r"streamer reads one sequence.*2 prompts.*stream="):
+        fluid.generate(ids.repeat(2, 1), max_new_tokens=2, streamer=_Recorder())
+    with pytest.raises(ConfigError, match=r"put / end.*got object"):
+        fluid.generate(ids, max_new_tokens=2, streamer=object())
+    with pytest.raises(ConfigError, match="a streamer or stream="):
+        fluid.generate(ids, max_new_tokens=2, streamer=_Recorder(), stream=lambda r, t: None)
+    rec = _Recorder()  # decoding refused after the prompt went out: end() all the same
+    with pytest.raises(PromptError, match="max_new_tokens"):
+        fluid.generate(ids, max_new_tokens=10**6, streamer=rec)
+    assert rec.ends == 1

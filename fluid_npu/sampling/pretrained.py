@@ -9,7 +9,9 @@ generation_config=None, **kwargs)`` is called as transformers' is: ``input_ids``
 latest call. A transformers setting FLUID decoding does not do is refused by name unless it is at
 its "off" value (``num_beams=1``, ``use_cache=True``, ``output_scores=False``, ...); one the
 checkpoint's own config holds (which the call did not choose) is named in a warning and not applied.
-Decoding is ``api.generate``.
+A ``streamer`` (``TextStreamer``, ``TextIteratorStreamer``) gets the prompt, then each step's
+committed tokens, then ``end()``, as transformers' assisted decoding feeds it. Decoding is
+``api.generate``.
 """
 
 from __future__ import annotations
@@ -45,11 +47,10 @@ _OFF_AT_ONE = {"num_beams", "num_beam_groups", "num_return_sequences", "repetiti
 # transformers' own ``generate`` arguments (beside its GenerationConfig fields), and what FLUID
 # offers instead where it has something
 _HF_ARGUMENTS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
-                 "synced_gpus", "assistant_model", "assistant_tokenizer", "streamer",
+                 "synced_gpus", "assistant_model", "assistant_tokenizer",
                  "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate",
                  "use_model_defaults"}  # fmt: skip
 _INSTEAD = {
-    "streamer": "pass stream=callable(row, tokens), called as tokens are committed",
     "num_return_sequences": "repeat the prompt's row once per sequence (seed row r with seed + r)",
     "return_dict_in_generate": "read last_output (new tokens, finish reasons, log-probabilities)",
     "output_scores": "pass logprobs=True, top_logprobs=N and logprobs_mode='processed_logits' "
@@ -263,6 +264,7 @@ class FluidForCausalLM(torch.nn.Module):
         generation_config: Any = None,
         *,
         attention_mask: torch.Tensor | None = None,
+        streamer: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Prompt + new tokens ``[B, L]`` like transformers; statistics in ``last_stats``.
@@ -280,13 +282,16 @@ class FluidForCausalLM(torch.nn.Module):
         checkpoint that sets ``do_sample`` samples; pass ``do_sample=False`` for the lossless
         greedy output. That covers ``max_new_tokens`` / ``max_length`` / ``min_new_tokens`` /
         ``min_length`` / ``eos_token_id`` / ``pad_token_id`` too. A setting FLUID decoding does
-        not do (beams, ``no_repeat_ngram_size``, ``num_return_sequences`` > 1, a ``streamer``, ...)
-        is refused by name, never dropped; at its "off" value it is accepted; in the checkpoint's
+        not do (beams, ``no_repeat_ngram_size``, ``num_return_sequences`` > 1, ...) is refused
+        by name, never dropped; at its "off" value it is accepted; in the checkpoint's
         own config it is named in a warning and not applied. ``max_length`` / ``min_length``
         count the prompt, as in transformers (``max_new_tokens`` / ``min_new_tokens`` win when
         both are set); ``max_length`` must leave room for a token; with no length anywhere,
         transformers' 20 new tokens (at most what the context has room for).
-        ``eos_token_id=None`` given explicitly turns EOS off, as in transformers.
+        ``eos_token_id=None`` given explicitly turns EOS off, as in transformers. ``streamer``: a
+        transformers streamer for a one-prompt call: ``put`` the prompt ``[1, L]``, then each
+        step's committed tokens ``[1, n]`` (several per step), then ``end()`` (also when decoding
+        fails); for a batch pass ``stream=callable(row, tokens)``.
         """
         for name in ("inputs", "input_ids"):  # (by name, as transformers takes them)
             if name in kwargs:
@@ -344,20 +349,51 @@ class FluidForCausalLM(torch.nn.Module):
             kwargs["min_new_tokens"] = lengths["min_new_tokens"]
         if policy is None:
             policy = "khead" if self.khead is not None else "entropy"
-        out = generate(
-            self.model,
-            self.mask_id,
-            inputs,
-            attention_mask,
-            policy=policy,
-            loop=loop,
-            max_new_tokens=max_new_tokens,
-            khead=self.khead,
-            tokenizer=kwargs.pop("tokenizer", self.tokenizer),
-            **self.engine_kwargs(kwargs),
-        )
+        if streamer is not None:
+            if kwargs.get("stream") is not None:
+                raise ConfigError("give a streamer or stream=callable(row, tokens), not both")
+            kwargs["stream"] = _feed(streamer, inputs)
+        try:
+            out = generate(
+                self.model,
+                self.mask_id,
+                inputs,
+                attention_mask,
+                policy=policy,
+                loop=loop,
+                max_new_tokens=max_new_tokens,
+                khead=self.khead,
+                tokenizer=kwargs.pop("tokenizer", self.tokenizer),
+                **self.engine_kwargs(kwargs),
+            )
+        finally:  # (a TextIteratorStreamer's reader stops waiting, whatever happened)
+            if streamer is not None:
+                streamer.end()
         self.last_output, self.last_stats = out, out.stats
         return out.sequences
+
+
+def _feed(streamer: Any, inputs: Any) -> Any:
+    """``stream(row, tokens)`` feeding a transformers streamer (``put`` / ``end``) the way
+    transformers' assisted decoding does: the prompt ``[1, L]`` first (a ``TextStreamer`` with
+    ``skip_prompt`` drops it), then each step's committed tokens ``[1, n]``. One prompt only:
+    transformers' streamers read one sequence."""
+    if not callable(getattr(streamer, "put", None)) or not callable(getattr(streamer, "end", None)):
+        raise ConfigError(
+            f"streamer takes a transformers streamer (put / end: TextStreamer, "
+            f"TextIteratorStreamer, a BaseStreamer), got {type(streamer).__name__}; for a plain "
+            "function pass stream=callable(row, tokens)"
+        )
+    rows = inputs.tolist() if hasattr(inputs, "tolist") else list(inputs)
+    if rows and not hasattr(rows[0], "__len__"):
+        rows = [rows]  # (one prompt given flat)
+    if len(rows) != 1:
+        raise ConfigError(
+            f"a streamer reads one sequence, as transformers' streamers do; this call has "
+            f"{len(rows)} prompts: pass one, or stream=callable(row, tokens) for a batch"
+        )
+    streamer.put(torch.tensor([list(rows[0])], dtype=torch.long))
+    return lambda row, tokens: streamer.put(torch.tensor([tokens], dtype=torch.long))
 
 
 def _prompt_width(inputs: Any) -> int:
