@@ -149,6 +149,8 @@ def test_input_errors_name_the_prompt_and_the_room_left(tok):
         got = fluid.generate(prompt, do_sample=False)
         assert got.tolist() == want.tolist()
         assert got.shape[1] == min(prompt.shape[1] + 20, 32)
+    with pytest.raises(ConfigError, match=r"max_length 40 is past the model.s context \(32"):
+        fluid.generate(ids, max_length=40)
     with pytest.raises(PromptError, match=r"prompt 1: token ids must lie in \[0, "):
         fluid.generate([[5, 6], [7, len(tok) + 3]], max_new_tokens=2)
 

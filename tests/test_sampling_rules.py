@@ -587,7 +587,7 @@ def test_bad_settings_name_the_field():
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_k": -2}, "top_k"),
-        ({"min_p": 1.0}, "min_p"),
+        ({"min_p": 1.01}, "min_p"),
         ({"top_logprobs": -1, "logprobs": True}, "top_logprobs"),
         ({"top_logprobs": 2}, "logprobs=True"),
         ({"seed": 1 << 64}, "seed"),  # int64 tensors hold the seeds: one past them is refused
@@ -738,6 +738,16 @@ def test_generate_api_takes_transformers_sampling_settings(tok):
     assert a.new_tokens == [b.new_tokens[0], c.new_tokens[0]]  # row r is seeded seed + r
     greedy = generate(model, tok, ids[:1], temperature=T, **kw)  # do_sample=False: greedy
     assert greedy.new_tokens == generate(model, tok, ids[:1], **kw).new_tokens
+    # min_p 1 (vLLM's and transformers' upper bound) keeps only the most likely token: sampling
+    # with it, at any seed, is the greedy output
+    for seed in (1, 2):
+        top = generate(
+            model, tok, ids[:1], do_sample=True, temperature=1.0, min_p=1.0, seed=seed, **kw
+        )
+        assert top.new_tokens == greedy.new_tokens
+    one = torch.ones(1)
+    probs = filtered_probs(torch.tensor([[0.5, 2.0, 2.0, -1.0]]), one, 0 * one.long(), one, one)
+    assert probs.tolist() == [[0.0, 0.5, 0.5, 0.0]]  # (ties with the top stay)
     out = generate(model, tok, ids[:1], logprobs=True, top_logprobs=2, stop_strings="rs", **kw)
     assert out.finish_reasons == ["stop"] and tok.decode(out.new_tokens[0]).endswith("rs")
     assert len(out.logprobs[0]) == len(out.new_tokens[0]) == len(out.top_logprobs[0])

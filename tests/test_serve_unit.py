@@ -94,7 +94,7 @@ def test_completion_prompt_lists_and_echo():
         ({"prompt": "a", "temperature": 2.5}, "temperature", "less than or equal to 2"),
         ({"prompt": "a", "top_p": 0}, "top_p", "greater than 0"),
         ({"prompt": "a", "top_k": -2}, "top_k", "greater than or equal to -1"),
-        ({"prompt": "a", "min_p": 1.0}, "min_p", "less than 1"),
+        ({"prompt": "a", "min_p": 1.01}, "min_p", "less than or equal to 1"),
         ({"prompt": "a", "n": 65}, "n", "less than or equal to 64"),
         ({"prompt": "a", "n": 0}, "n", "greater than or equal to 1"),
         ({"prompt": ["a"] * 17, "n": 64}, "n", "1088 completions (17 prompts x n=64)"),

@@ -213,6 +213,7 @@ class FluidForCausalLM(torch.nn.Module):
         else its default of 20 new tokens (at most the context's room)."""
         if lengths["max_new_tokens"] is not None:
             return lengths["max_new_tokens"]
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if lengths["max_length"] is not None:
             max_length = as_count("max_length", lengths["max_length"])
             if max_length <= width:
@@ -220,8 +221,12 @@ class FluidForCausalLM(torch.nn.Module):
                     f"max_length {max_length} leaves no room after the prompt ({width} tokens): "
                     "max_length counts the prompt, as in transformers; give max_new_tokens instead"
                 )
+            if context is not None and max_length > context:
+                raise ConfigError(
+                    f"max_length {max_length} is past the model's context ({context} positions): "
+                    f"give max_length <= {context} (it counts the prompt, as in transformers)"
+                )
             return max_length - width
-        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         room = DEFAULT_NEW_TOKENS if context is None else min(DEFAULT_NEW_TOKENS, context - width)
         return room if room > 0 else DEFAULT_NEW_TOKENS  # (none left: the prompt's error says so)
 

@@ -125,8 +125,8 @@ class SamplingParams:
             raise ConfigError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must lie in (0, 1] (1 = off), got {self.top_p}")
-        if not 0.0 <= self.min_p < 1.0:
-            raise ConfigError(f"min_p must lie in [0, 1) (0 = off), got {self.min_p}")
+        if not 0.0 <= self.min_p <= 1.0:  # (1: only the most likely tokens, as vLLM allows)
+            raise ConfigError(f"min_p must lie in [0, 1] (0 = off), got {self.min_p}")
         if self.top_logprobs < 0:  # (at most the vocabulary: checked at submit, inputs.py)
             raise ConfigError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:

@@ -121,7 +121,7 @@ class _Common(_Strict, StructuredFields, VllmFields):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, le=INT64_MAX)  # vLLM's; 0 or -1 = off
-    min_p: float | None = Field(default=None, ge=0, lt=1)  # vLLM's extension; 0 = off
+    min_p: float | None = Field(default=None, ge=0, le=1)  # vLLM's extension; 0 = off
     n: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool | None = None  # null = false, as the OpenAI API allows
     stream_options: StreamOptions | None = None
