@@ -76,7 +76,11 @@ def test_stage1_lowers_both_losses(which, request):
     assert saved["config"]["k_masks"] == 4 and saved["device"]["type"] == devices.current().type
     weights = "adapter_model.safetensors" if which == "trained" else "model.safetensors"
     if which == "trained_full":  # (off while training; the saved model decodes with its cache)
-        assert json.loads((out / "config.json").read_text())["use_cache"] is True
+        config = json.loads((out / "config.json").read_text())
+        assert config["use_cache"] is True
+        # RoPE and dtype as transformers 4.x runtimes read them too (model/legacy_config.py)
+        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+        assert config["torch_dtype"] == config["dtype"]
     assert (out / weights).is_file() and (out / "fluid_model.json").is_file()
     assert not list(out.glob(".staging-*"))  # nothing half-written left behind
 
@@ -152,6 +156,10 @@ def test_merge_loads_with_plain_transformers(trained, tiny_model_dir, tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
     assert cli_main([*argv, "--output", str(merged_dir)]) == 2  # never overwrites a model
+    # RoPE and dtype as transformers 4.x runtimes read them too (model/legacy_config.py)
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert config["torch_dtype"] == config["dtype"] == "float32"
 
 
 def test_resume_from_checkpoint_continues_the_same_run(tiny_model_dir, demo_data, tmp_path):

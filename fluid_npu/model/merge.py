@@ -1,8 +1,10 @@
 """``fluid merge``: fold a Stage I LoRA adapter into its base and write a plain HF directory.
 
-The result loads with ``AutoModelForCausalLM.from_pretrained`` alone (no peft, no fluid-npu); its
-tokenizer carries the MASK token and ``fluid_model.json`` keeps the provenance. Written to a
-staging directory and renamed, so a failed merge leaves nothing behind.
+The result loads with ``AutoModelForCausalLM.from_pretrained`` alone (no peft, no fluid-npu), in
+transformers 5 and, through the legacy RoPE / dtype keys ``legacy_config`` adds, in the 4.x
+releases serving runtimes pin; its tokenizer carries the MASK token and ``fluid_model.json``
+keeps the provenance. Written to a staging directory and renamed, so a failed merge leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.model.adapters import FluidModelMeta, load_fluid
+from fluid_npu.model.legacy_config import add_legacy_keys
 from fluid_npu.model.loading import fingerprint
 
 DEFAULT_SHARD_SIZE = "5GB"  # LLaMA-Factory's export_size (5, in GB): a 7B model in bf16 in 3 files
@@ -46,6 +49,7 @@ def merge_adapter(
         loaded.model.save_pretrained(
             staging, safe_serialization=True, max_shard_size=max_shard_size
         )
+        add_legacy_keys(staging)  # (read right by transformers 4.x runtimes too)
         loaded.tokenizer.save_pretrained(staging)
         meta = FluidModelMeta.load(adapter)
         FluidModelMeta(

@@ -36,6 +36,7 @@ from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.errors import ConfigError, FluidError
 from fluid_npu.io import FINAL_STAGING, publish_dir
+from fluid_npu.model.legacy_config import add_legacy_keys
 from fluid_npu.train.checkpoint import (
     PREFIX,
     last_complete_checkpoint,
@@ -386,6 +387,7 @@ def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, extra: list[A
     if not trainer.args.should_save:
         return
     stage.mkdir(parents=True, exist_ok=True)
+    add_legacy_keys(stage)  # (a full fine-tune's config, read right by transformers 4.x too)
     tokenizer.save_pretrained(str(stage))
     last = []
     for item in extra:
