@@ -356,3 +356,58 @@ def test_streamer_errors_name_the_fix_and_the_streamer_still_ends(tok, fluid):
     with pytest.raises(PromptError, match="max_new_tokens"):
         fluid.generate(ids, max_new_tokens=10**6, streamer=rec)
     assert rec.ends == 1
+
+
+def test_transformers_pipeline_and_model_methods_take_it(tok, fluid):
+    # pipeline("text-generation") over FluidForCausalLM gives what it gives over the bare decoder
+    # (greedy: the AR argmax), one prompt or a batch
+    from transformers import pipeline
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # (its "not supported for text-generation" class-name list)
+    try:
+        ours = pipeline("text-generation", model=fluid, tokenizer=tok)
+        theirs = pipeline("text-generation", model=fluid.model, tokenizer=tok)
+    finally:
+        hf_logging.set_verbosity_warning()
+    assert "'model': 'FluidForCausalLM'" in repr(ours)
+    kw = dict(max_new_tokens=6, do_sample=False, return_full_text=False)
+    chat = [{"role": "user", "content": "hello"}]
+    for prompt, extra in (
+        ("hello world", {}), (["hello world", "lo"], {"batch_size": 2}), (chat, {})
+    ):  # fmt: skip
+        assert ours(prompt, **kw, **extra) == theirs(prompt, **kw, **extra)
+    # transformers' model methods a user reaches for
+    assert FluidForCausalLM.can_generate()
+    assert fluid.num_parameters() == fluid.model.num_parameters()  # (no K-head attached)
+    assert fluid.get_input_embeddings() is fluid.model.get_input_embeddings()
+    assert fluid.get_output_embeddings() is fluid.model.get_output_embeddings()
+    fluid.generation_config = GenerationConfig(max_new_tokens=3, do_sample=False)
+    assert fluid.model.generation_config.max_new_tokens == 3
+    assert fluid.generate(_ids(tok), eos_token_id=[]).shape[1] == _ids(tok).shape[1] + 3
+    head = KHead(fluid.model.config.hidden_size, 4)
+    with_head = FluidForCausalLM(fluid.model, tok, tok.mask_token_id, head)
+    counted = sum(p.numel() for p in head.parameters())
+    assert with_head.num_parameters() == fluid.model.num_parameters() + counted
+
+
+def test_save_pretrained_of_a_model_built_in_memory_reloads_the_same(tmp_path, tok, fluid):
+    ids = _ids(tok)
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=[])
+    want = fluid.generate(ids, **kw)
+    fluid.save_pretrained(tmp_path / "saved")
+    again = FluidForCausalLM.from_pretrained(tmp_path / "saved")
+    assert again.mask_id == fluid.mask_id and again.khead is None
+    assert again.generate(ids, **kw).tolist() == want.tolist()
+    assert not list(tmp_path.glob(".*"))  # (the staging directory renamed away)
+    for call, words in (
+        (lambda: fluid.save_pretrained(tmp_path / "saved"), "exists and is not empty"),
+        (lambda: fluid.save_pretrained(tmp_path / "b", push_to_hub=True), "upload_folder"),
+        (lambda: fluid.save_pretrained(tmp_path / "c", max_shard_size="5GiB"), "max_shard_size"),
+    ):
+        with pytest.raises((CheckpointError, ConfigError), match=words):
+            call()
+    head = KHead(fluid.model.config.hidden_size, 4)  # (a head without its config: no provenance)
+    with pytest.raises(ConfigError, match="KHeadConfig"):
+        FluidForCausalLM(fluid.model, tok, tok.mask_token_id, head).save_pretrained(tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]

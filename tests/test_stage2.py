@@ -427,6 +427,27 @@ def test_stage2_on_a_lora_adapter_via_cli(stage1_lora, tiny_model_dir, run_data,
     with pytest.raises(CheckpointError, match="loaded with no adapter"):
         FluidForCausalLM.from_pretrained(tiny_model_dir, khead=out, mask_token=pad)
     assert FluidForCausalLM.from_pretrained(tmp_path / "merged", khead=out).khead is not None
+    # save_pretrained writes base + adapter (merged) + K-head whole: from_pretrained of that one
+    # directory (its K-head found beside the model) decodes the same, and transformers alone
+    # loads the decoder; in bfloat16 too (the dtype it is saved in)
+    from transformers import AutoModelForCausalLM
+
+    fluid = FluidForCausalLM.from_pretrained(tiny_model_dir, stage1_lora, khead=out)
+    ids = torch.tensor([lora.tokenizer("abc de")["input_ids"]])
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=[], policy="khead")
+    want = fluid.generate(ids, **kw)
+    fluid.save_pretrained(tmp_path / "saved", max_shard_size="100KB")
+    again = FluidForCausalLM.from_pretrained(tmp_path / "saved")
+    assert again.khead is not None and again.generate(ids, **kw).tolist() == want.tolist()
+    assert all(torch.equal(a, b) for a, b in zip(again.khead.parameters(), head.parameters()))
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(ids).logits
+        torch.testing.assert_close(plain, fluid(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CheckpointError, match="not empty"):
+        fluid.save_pretrained(tmp_path / "saved")
+    fluid.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    half = FluidForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert half.dtype == torch.bfloat16 and half.khead is not None
 
 
 def test_stage2_keeps_a_lora_backbone_bit_identical(

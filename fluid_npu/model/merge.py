@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fluid_npu.errors import CheckpointError, ConfigError
-from fluid_npu.model.adapters import FluidModelMeta, load_fluid
+from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.legacy_config import add_legacy_keys
 from fluid_npu.model.loading import fingerprint
 
@@ -32,37 +34,75 @@ def merge_adapter(
     """Merge ``adapter`` into ``base`` and save to ``output`` (safetensors in shards of at most
     ``max_shard_size``, with their index, as transformers writes them); returns the output path.
     Everything that needs no model is checked before the weights load."""
+    out = check_output(output, "--output")
+    max_shard_size = shard_size(max_shard_size)
+    loaded = load_fluid(base, adapter, allow_pickle=allow_pickle, merge=True)
+    meta = FluidModelMeta.load(adapter)
+    return save_fluid(
+        loaded.model,
+        loaded.tokenizer,
+        out,
+        merged_meta(loaded, meta, base=str(base)),
+        max_shard_size=max_shard_size,
+    )
+
+
+def check_output(output: str | Path, name: str) -> Path:
+    """``output`` as a new (or empty) directory to save a model into, else a ``CheckpointError``
+    naming ``name`` (the flag or argument that gave it)."""
     out = Path(output)
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--output {str(out)!r} is a file; give a new directory")
+        raise CheckpointError(f"{name} {str(out)!r} is a file; give a new directory")
     if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty; choose a new --output directory")
+        raise CheckpointError(f"{out} exists and is not empty; choose a new {name} directory")
     above = next((p for p in out.absolute().parents if p.exists()), None)
     if above is not None and not above.is_dir():
-        raise CheckpointError(f"--output {str(out)!r} lies under {str(above)!r}, a file")
-    max_shard_size = _shard_size(max_shard_size)
-    loaded = load_fluid(base, adapter, allow_pickle=allow_pickle, merge=True)
+        raise CheckpointError(f"{name} {str(out)!r} lies under {str(above)!r}, a file")
+    return out
+
+
+def merged_meta(
+    loaded: LoadedFluid, meta: FluidModelMeta | None, *, base: str | None
+) -> FluidModelMeta:
+    """``fluid_model.json`` for ``loaded.model`` saved whole: its MASK token, and the network it
+    was loaded as (``loaded``'s base and adapter fingerprints), so a K-head trained on that base
+    + adapter loads on the saved model. ``meta``: the source's own record, if any."""
+    merged = loaded.adapter_fingerprint is not None
+    return FluidModelMeta(
+        base_fingerprint=fingerprint(loaded.model),
+        mask_token=loaded.mask.token,
+        mask_id=loaded.mask.id,
+        vocab_size=meta.vocab_size if meta else len(loaded.tokenizer),
+        base_model=base,
+        stage="fluid_stage1_merged" if merged or meta is None else meta.stage,
+        template=meta.template if meta else None,
+        source_fingerprint=loaded.base_fingerprint,
+        adapter_fingerprint=loaded.adapter_fingerprint,
+    )
+
+
+def save_fluid(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    meta: FluidModelMeta,
+    *,
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``model`` (safetensors shards, with the legacy config keys), ``tokenizer``, ``meta``
+    and whatever ``extra(staging)`` adds into a staging directory beside ``out``, then rename it
+    to ``out`` (new or empty): a failed save leaves nothing behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.merging"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        loaded.model.save_pretrained(
-            staging, safe_serialization=True, max_shard_size=max_shard_size
-        )
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         add_legacy_keys(staging)  # (read right by transformers 4.x runtimes too)
-        loaded.tokenizer.save_pretrained(staging)
-        meta = FluidModelMeta.load(adapter)
-        FluidModelMeta(
-            base_fingerprint=fingerprint(loaded.model),
-            mask_token=loaded.mask.token,
-            mask_id=loaded.mask.id,
-            vocab_size=meta.vocab_size if meta else len(loaded.tokenizer),
-            base_model=str(base),
-            stage="fluid_stage1_merged",
-            template=meta.template if meta else None,
-            source_fingerprint=loaded.base_fingerprint,
-            adapter_fingerprint=loaded.adapter_fingerprint,
-        ).save(staging)
+        tokenizer.save_pretrained(staging)
+        if extra is not None:
+            extra(staging)
+        meta.save(staging)
         if out.exists():
             out.rmdir()
         staging.rename(out)
@@ -72,7 +112,7 @@ def merge_adapter(
     return out
 
 
-def _shard_size(size: str | int) -> str | int:
+def shard_size(size: str | int, name: str = "--max-shard-size") -> str | int:
     """``size`` as ``save_pretrained`` takes it (``5GB``, ``500MB``; plain bytes as an int: it
     reads a string by its unit); a size it cannot read is a ``ConfigError`` now, before loading."""
     text = str(size).strip().upper()
@@ -80,5 +120,5 @@ def _shard_size(size: str | int) -> str | int:
         not re.fullmatch(r"[0-9]+(\.[0-9]+)?(TB|GB|MB|KB)|[0-9]+", text)
         or float(re.sub("[A-Z]", "", text)) <= 0
     ):
-        raise ConfigError(f"--max-shard-size {size!r}: give a size such as 5GB or 500MB")
+        raise ConfigError(f"{name} {size!r}: give a size such as 5GB or 500MB")
     return int(text) if text.isdigit() else text

@@ -58,7 +58,8 @@ def as_count(name: str, value: Any) -> int:
 
 
 def mask_id_of(model: PreTrainedModel, source: PreTrainedTokenizerBase | int | None) -> int:
-    if not hasattr(model, "get_input_embeddings"):
+    # (a FluidForCausalLM has transformers' model methods too; its draft budgets tell it apart)
+    if not hasattr(model, "get_input_embeddings") or hasattr(model, "draft_budgets"):
         raise ConfigError(
             f"generate takes the transformers model, got {type(model).__name__}; for a "
             "FluidForCausalLM call its own .generate(...) (or pass its .model)"

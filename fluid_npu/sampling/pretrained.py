@@ -16,9 +16,7 @@ committed tokens, then ``end()``, as transformers' assisted decoding feeds it. D
 
 from __future__ import annotations
 
-import functools
-import inspect
-import warnings
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -27,98 +25,30 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
-from fluid_npu.model.khead import KHead
+from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid
+from fluid_npu.model.khead import CONFIG as KHEAD_CONFIG
+from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
+from fluid_npu.model.loading import fingerprint
+from fluid_npu.model.mask_token import MaskToken
+from fluid_npu.model.merge import (
+    DEFAULT_SHARD_SIZE,
+    check_output,
+    merged_meta,
+    save_fluid,
+    shard_size,
+)
 from fluid_npu.sampling.api import GENERATION_KEYS, GenerateOutput, generate
 from fluid_npu.sampling.drafting import DraftBudget
+from fluid_npu.sampling.hf_generate import (
+    DEFAULT_NEW_TOKENS,
+    LENGTHS,
+    check_generation_config,
+    feed_streamer,
+    prompt_width,
+    transformers_keywords,
+)
 from fluid_npu.sampling.inputs import as_count, parse_dtype
 from fluid_npu.sampling.stats import GenerateStats
-
-# GenerationConfig fields the decoding follows (the rest of GENERATION_KEYS' kin), and fields
-# that only describe the checkpoint or transformers' own bookkeeping
-_LENGTHS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length")
-_FOLLOWED = {*_LENGTHS, "eos_token_id", "pad_token_id"}
-DEFAULT_NEW_TOKENS = 20  # transformers' when nothing sets a length (its max_length 20, new tokens)
-_INERT = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
-          "use_cache", "cache_implementation", "return_legacy_cache"}  # fmt: skip
-# settings whose "off" is 1 (a config made from a model's writes some out explicitly); every
-# other setting is off when it is None, False, 0 or empty
-_OFF_AT_ONE = {"num_beams", "num_beam_groups", "num_return_sequences", "repetition_penalty",
-               "encoder_repetition_penalty", "length_penalty", "typical_p"}  # fmt: skip
-# transformers' own ``generate`` arguments (beside its GenerationConfig fields), and what FLUID
-# offers instead where it has something
-_HF_ARGUMENTS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
-                 "synced_gpus", "assistant_model", "assistant_tokenizer",
-                 "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate",
-                 "use_model_defaults"}  # fmt: skip
-_INSTEAD = {
-    "num_return_sequences": "repeat the prompt's row once per sequence (seed row r with seed + r)",
-    "return_dict_in_generate": "read last_output (new tokens, finish reasons, log-probabilities)",
-    "output_scores": "pass logprobs=True, top_logprobs=N and logprobs_mode='processed_logits' "
-    "(the scores the token was chosen from); read last_output.logprobs / top_logprobs",
-    "output_logits": "pass logprobs=True, top_logprobs=N and logprobs_mode='raw_logits'; read "
-    "last_output.logprobs / top_logprobs",
-    "stopping_criteria": "pass stop_strings, eos_token_id or max_new_tokens",
-}
-
-
-def _is_off(name: str, value: Any) -> bool:
-    """Whether a transformers generation setting is at a value that changes nothing."""
-    return name in _INERT or not value or (name in _OFF_AT_ONE and value == 1)
-
-
-def _check_generation_config(config: Any, given: set[str], *, checkpoint: bool) -> None:
-    """A ``GenerationConfig`` setting the engine does not do (held away from transformers'
-    defaults, and not given by the call itself) is refused by name — or, in the checkpoint's own
-    config (which the call did not choose), named in a warning and not applied."""
-    diff = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(vars(config))
-    unknown = sorted(
-        k for k, v in diff.items()
-        if k not in _FOLLOWED and k not in GENERATION_KEYS and k not in given
-        and not _is_off(k, v)
-    )  # fmt: skip
-    if not unknown:
-        return
-    follows = ", ".join(sorted({*GENERATION_KEYS, *_FOLLOWED}))
-    if checkpoint:
-        warnings.warn(
-            f"the checkpoint's generation_config sets {', '.join(unknown)}, which FLUID decoding "
-            f"does not do; they are not applied (it follows {follows}): set them to their "
-            "defaults in model.generation_config to decode without this warning",
-            stacklevel=3,
-        )
-        return
-    raise ConfigError(
-        f"generation_config sets {', '.join(unknown)}, which FLUID decoding does not do (it "
-        f"follows {follows}); leave them at transformers' defaults"
-    )
-
-
-@functools.cache
-def _known_keywords() -> tuple[frozenset[str], frozenset[str]]:
-    """``api.generate``'s own keywords, and the transformers settings that are not (computed
-    once)."""
-    from transformers import GenerationConfig
-
-    own = frozenset(inspect.signature(generate).parameters)
-    return own, frozenset(_HF_ARGUMENTS | set(vars(GenerationConfig())))
-
-
-def _transformers_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` without the transformers settings ``api.generate`` does not take that are at
-    their "off" value; one such setting asking for something is a ``ConfigError`` naming it (a
-    name neither knows stays, for ``api.generate``'s own TypeError)."""
-    own, known = _known_keywords()
-    kept = {}
-    for name, value in kwargs.items():
-        if name in own or name in _FOLLOWED or name not in known:
-            kept[name] = value
-        elif not _is_off(name, value):
-            instead = _INSTEAD.get(name, "leave it out (FLUID decodes greedily or samples exactly)")
-            raise ConfigError(
-                f"{name}={value!r} is a transformers generation setting FLUID decoding does not "
-                f"do; {instead}"
-            )
-    return kept
 
 
 class FluidForCausalLM(torch.nn.Module):
@@ -127,7 +57,12 @@ class FluidForCausalLM(torch.nn.Module):
     An ``nn.Module`` holding the decoder (``model``) and the K-head (``khead``): ``to`` (a device
     or a dtype), ``eval`` / ``train``, ``parameters``, ``state_dict`` and ``requires_grad_`` reach
     both, and calling it runs the decoder's own forward (``fluid(**tokenizer(text,
-    return_tensors="pt")).logits``: the AR logits, as ``AutoModelForCausalLM`` gives them)."""
+    return_tensors="pt")).logits``: the AR logits, as ``AutoModelForCausalLM`` gives them).
+    transformers' ``pipeline("text-generation", model=fluid, tokenizer=fluid.tokenizer)`` takes
+    it."""
+
+    input_modalities = "text"  # (what transformers' pipelines read of a model)
+    output_modalities = ("text",)
 
     def __init__(
         self,
@@ -142,6 +77,9 @@ class FluidForCausalLM(torch.nn.Module):
         self.tokenizer = tokenizer
         self.mask_id = mask_id
         self.khead = khead
+        self.khead_config: KHeadConfig | None = None  # (what save_pretrained records the head by)
+        # (from_pretrained: what it loaded, the source's fluid_model.json and its path)
+        self.source: tuple[LoadedFluid, FluidModelMeta | None, str | None] | None = None
         self.last_stats: GenerateStats | None = None
         self.last_output: GenerateOutput | None = None
         # the decode engine's measured step costs and acceptance, per policy: each generate call
@@ -198,15 +136,64 @@ class FluidForCausalLM(torch.nn.Module):
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
         )
-        head = None
+        head = head_config = None
+        if khead is None and (Path(model_dir) / KHEAD_CONFIG).is_file():
+            khead = model_dir  # (a directory save_pretrained wrote: its K-head beside the model)
         if khead is not None:  # (the strict check: the very backbone the head was trained on)
-            head, _ = attach_khead(loaded, khead)
+            head, head_config = attach_khead(loaded, khead)
         model = loaded.model
         if device is not None:
             model = model.to(device)
         if template is not None:
             loaded.tokenizer.chat_template = template
-        return cls(model, loaded.tokenizer, loaded.mask.id, head)
+        fluid = cls(model, loaded.tokenizer, loaded.mask.id, head)
+        fluid.khead_config = head_config
+        meta = FluidModelMeta.load(adapter or model_dir)  # (the base: the one merged into)
+        base = str(model_dir) if adapter is not None or meta is None else meta.base_model
+        fluid.source = (loaded, meta, base)
+        return fluid
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+    ) -> Path:
+        """Write the model whole into ``save_directory`` (new or empty): the decoder in the dtype
+        it has now (safetensors shards of at most ``max_shard_size``), the tokenizer (MASK token
+        and chat template included), ``fluid_model.json`` and the K-head beside them, so that
+        ``from_pretrained(save_directory)`` gives the same model (an adapter arrives merged; a
+        K-head trained on base + adapter still loads) and ``AutoModelForCausalLM`` loads the
+        decoder. Written to a staging directory and renamed: a failed save leaves nothing."""
+        if push_to_hub or not safe_serialization:
+            raise ConfigError(
+                "save_pretrained writes safetensors to a local directory only; upload it with "
+                "huggingface_hub's upload_folder"
+            )
+        if self.khead is not None and self.khead_config is None:
+            raise ConfigError(
+                "this model's K-head came without its KHeadConfig (the base it was trained on): "
+                "load it with FluidForCausalLM.from_pretrained(..., khead=DIR) to save it whole, "
+                "or set .khead_config"
+            )
+        out = check_output(save_directory, "save_directory")
+        size = shard_size(max_shard_size, "max_shard_size")
+        if self.source is not None:
+            loaded, meta, base = self.source
+            loaded = dataclasses.replace(loaded, model=self.model, tokenizer=self.tokenizer)
+        else:  # (built from a model in memory: it is its own source)
+            token = self.tokenizer.convert_ids_to_tokens(self.mask_id)
+            fp = fingerprint(self.model)
+            mask = MaskToken(token, self.mask_id, "tokenizer")
+            loaded, meta, base = LoadedFluid(self.model, self.tokenizer, mask, fp, None), None, None
+        head, head_config = self.khead, self.khead_config
+        extra = None if head is None else (lambda d: save_khead(head, head_config, d))
+        return save_fluid(
+            self.model, self.tokenizer, out, merged_meta(loaded, meta, base=base),
+            max_shard_size=size, extra=extra,
+        )  # fmt: skip
 
     def _max_new_tokens(self, lengths: dict[str, Any], width: int) -> int:
         """transformers' length rule: ``max_new_tokens``, else ``max_length`` less the prompt,
@@ -251,8 +238,29 @@ class FluidForCausalLM(torch.nn.Module):
     @property
     def generation_config(self) -> Any:
         """The checkpoint's ``GenerationConfig``: what ``generate`` follows where a call is
-        silent."""
+        silent (assignable, as a transformers model's)."""
         return self.model.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.model.generation_config = value
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: transformers' ``pipeline("text-generation", model=fluid)`` asks."""
+        return True
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The decoder's parameter count (transformers' arguments) plus the K-head's."""
+        head = self.khead.parameters() if self.khead is not None else ()
+        extra = sum(p.numel() for p in head if p.requires_grad or not only_trainable)
+        return self.model.num_parameters(only_trainable, exclude_embeddings) + extra
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> torch.nn.Module | None:
+        return self.model.get_output_embeddings()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The decoder's forward, as transformers calls it (its ``CausalLMOutputWithPast``)."""
@@ -321,29 +329,29 @@ class FluidForCausalLM(torch.nn.Module):
             )
         given = set(kwargs)  # settings the call gives: the configs' say nothing about them
         checkpoint = getattr(self.model, "generation_config", None)
-        kwargs = _transformers_keywords(
+        kwargs = transformers_keywords(
             {k: v for k, v in kwargs.items() if v is not None or k == "eos_token_id"}
         )
         if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
             kwargs["eos_token_id"] = []  # transformers: an explicit None stops at no token
         # what the call leaves out comes from the config it passes, then from the checkpoint's
         # (transformers fills a passed config's unset fields from model.generation_config)
-        lengths: dict[str, Any] = {n: kwargs.pop(n, None) for n in _LENGTHS}
+        lengths: dict[str, Any] = {n: kwargs.pop(n, None) for n in LENGTHS}
         if max_new_tokens is not None:
             lengths["max_new_tokens"] = max_new_tokens
         for config, own in ((generation_config, False), (checkpoint, True)):
             if config is None:
                 continue
-            _check_generation_config(config, given, checkpoint=own)
+            check_generation_config(config, given, checkpoint=own)
             given |= {k for k, v in config.to_diff_dict().items() if v is not None}
             for name in (*GENERATION_KEYS, "eos_token_id", "pad_token_id"):
                 value = getattr(config, name, None)
-                if name not in kwargs and name not in _LENGTHS and value is not None:
+                if name not in kwargs and name not in LENGTHS and value is not None:
                     kwargs[name] = value
-            for name in _LENGTHS:
+            for name in LENGTHS:
                 if lengths[name] is None:
                     lengths[name] = getattr(config, name, None)
-        width = _prompt_width(inputs)
+        width = prompt_width(inputs)
         max_new_tokens = self._max_new_tokens(lengths, width)
         if lengths["min_new_tokens"] is None and lengths["min_length"]:
             # min_length counts the prompt, as in transformers (min_new_tokens wins)
@@ -357,7 +365,7 @@ class FluidForCausalLM(torch.nn.Module):
         if streamer is not None:
             if kwargs.get("stream") is not None:
                 raise ConfigError("give a streamer or stream=callable(row, tokens), not both")
-            kwargs["stream"] = _feed(streamer, inputs)
+            kwargs["stream"] = feed_streamer(streamer, inputs)
         try:
             out = generate(
                 self.model,
@@ -376,40 +384,6 @@ class FluidForCausalLM(torch.nn.Module):
                 streamer.end()
         self.last_output, self.last_stats = out, out.stats
         return out.sequences
-
-
-def _feed(streamer: Any, inputs: Any) -> Any:
-    """``stream(row, tokens)`` feeding a transformers streamer (``put`` / ``end``) the way
-    transformers' assisted decoding does: the prompt ``[1, L]`` first (a ``TextStreamer`` with
-    ``skip_prompt`` drops it), then each step's committed tokens ``[1, n]``. One prompt only:
-    transformers' streamers read one sequence."""
-    if not callable(getattr(streamer, "put", None)) or not callable(getattr(streamer, "end", None)):
-        raise ConfigError(
-            f"streamer takes a transformers streamer (put / end: TextStreamer, "
-            f"TextIteratorStreamer, a BaseStreamer), got {type(streamer).__name__}; for a plain "
-            "function pass stream=callable(row, tokens)"
-        )
-    rows = inputs.tolist() if hasattr(inputs, "tolist") else list(inputs)
-    if rows and not hasattr(rows[0], "__len__"):
-        rows = [rows]  # (one prompt given flat)
-    if len(rows) != 1:
-        raise ConfigError(
-            f"a streamer reads one sequence, as transformers' streamers do; this call has "
-            f"{len(rows)} prompts: pass one, or stream=callable(row, tokens) for a batch"
-        )
-    streamer.put(torch.tensor([list(rows[0])], dtype=torch.long))
-    return lambda row, tokens: streamer.put(torch.tensor([tokens], dtype=torch.long))
-
-
-def _prompt_width(inputs: Any) -> int:
-    """The prompt's width as transformers counts ``max_length`` / ``min_length`` from it: the
-    padded batch's (a list of rows: its longest; a flat list of ids: one row)."""
-    if hasattr(inputs, "shape") and len(inputs.shape):
-        return int(inputs.shape[-1])
-    rows = list(inputs)
-    if rows and not hasattr(rows[0], "__len__"):
-        return len(rows)  # (one prompt given flat)
-    return max((len(r) for r in rows), default=0)
 
 
 def _one_device(
