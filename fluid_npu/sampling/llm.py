@@ -35,24 +35,36 @@ Numbers are taken as vLLM takes them (an int for a float, a numpy scalar, a whol
 count); a wrong type or value is a ``ConfigError`` naming the field. A call interrupted mid-way
 (Ctrl-C, an error) aborts what it queued, so the engine is clean for the next one.
 
-``llm.get_metrics()`` gives vLLM's ``Counter`` / ``Vector`` / ``Gauge`` list: the requests
-running and waiting and the speculative-decoding counters, from which vLLM's example computes the
-mean acceptance length (1 + accepted / drafts) and the acceptance rate by position.
-
-The data classes live in ``llm_params.py`` (imported from here too). A difference from vLLM,
-said here rather than hidden: ``decoded_token`` is the token decoded alone.
+``llm.get_metrics()`` gives vLLM's ``Counter`` / ``Vector`` / ``Gauge`` list (requests running
+and waiting, the speculative-decoding counters). The data classes live in ``llm_params.py``;
+vLLM's other constructor keywords, ``TokensPrompt`` / ``TextPrompt`` and the other tasks'
+methods in ``llm_compat.py`` (all imported from here too). A difference from vLLM, said here
+rather than hidden: ``decoded_token`` is the token decoded alone.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.detok import Detokenizer, end_tokens
 from fluid_npu.sampling.inputs import special_ends, text_specials, truncated_prompt
+from fluid_npu.sampling.llm_compat import (
+    TextPrompt,
+    TokensPrompt,
+    VLLMOtherTasks,
+    check_logprobs_cap,
+    check_text_chat,
+    check_vllm_keywords,
+    engine_switches,
+    generation_defaults,
+    no_lora,
+    progress_bar,
+)
 from fluid_npu.sampling.llm_params import (
     CompletionOutput,
     Counter,
@@ -72,7 +84,7 @@ from fluid_npu.sampling.rules import INT64_MAX
 Prompt = str | Mapping[str, Any]  # a text, {"prompt": text} or {"prompt_token_ids": [...]}
 
 
-class LLM:
+class LLM(VLLMOtherTasks):
     """A FLUID model for offline decoding, vLLM's way (the module docstring).
 
     ``model`` / ``adapter`` / ``khead`` / ``mask_token`` / ``dtype`` / ``device`` /
@@ -87,7 +99,8 @@ class LLM:
     the drafting horizon (``khead`` with a K-head, else ``entropy``); ``seed``: where unseeded
     requests' seeds come from (None: torch's global generator); ``enable_prefix_caching``,
     ``logprobs_mode`` and ``scheduling_policy`` as vLLM's flags; ``engine_kwargs`` go to the
-    ``Scheduler``.
+    ``Scheduler``; ``max_logprobs``: vLLM's cap on a request's alternatives (None: no cap).
+    vLLM's other constructor keywords are answered by ``llm_compat.check_vllm_keywords``.
     """
 
     def __init__(
@@ -112,12 +125,16 @@ class LLM:
         chat_template: str | Path | None = None,
         trust_remote_code: bool = False,
         engine_kwargs: dict[str, Any] | None = None,
+        max_logprobs: int | None = None,
+        **vllm_keywords: Any,
     ) -> None:
         from fluid_npu.sampling.inputs import serving_eos
         from fluid_npu.sampling.memory import check_fraction
         from fluid_npu.sampling.pretrained import FluidForCausalLM
         from fluid_npu.sampling.scheduler import Scheduler
 
+        self._generation_defaults = check_vllm_keywords(vllm_keywords, model)
+        self._max_logprobs = max_logprobs
         if tensor_parallel_size != 1:
             raise ConfigError(
                 f"tensor_parallel_size={tensor_parallel_size}: this LLM holds the whole model on "
@@ -127,15 +144,7 @@ class LLM:
             check_fraction(gpu_memory_utilization)  # (before the model loads)
         if max_num_seqs is None and gpu_memory_utilization is None:
             max_num_seqs = 8
-        switches = dict(engine_kwargs or {})
-        # (enforce_eager: vLLM's name for what the engine's compile switch says)
-        if enforce_eager is not None and switches.setdefault("compile", not enforce_eager) == (
-            enforce_eager
-        ):
-            raise ConfigError(
-                f"enforce_eager={enforce_eager} and engine_kwargs compile={switches['compile']} "
-                "contradict each other; give one"
-            )
+        switches = engine_switches(enforce_eager, engine_kwargs)
         self.fluid = FluidForCausalLM.from_pretrained(
             model, adapter, khead, dtype=dtype, mask_token=mask_token, device=device,
             chat_template=chat_template, trust_remote_code=trust_remote_code,
@@ -168,13 +177,9 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate`` uses without ``sampling_params``: the model's generation config
         where it sets a decoding setting, else vLLM's defaults."""
-        config = getattr(self.fluid.model, "generation_config", None)
-        given = {}
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            value = getattr(config, name, None)
-            if value is not None:
-                given[name] = type(getattr(SamplingParams, name))(value)
-        return SamplingParams(**given)
+        if self._generation_defaults == "vllm":  # (LLM(generation_config="vllm"): not read)
+            return SamplingParams()
+        return SamplingParams(**generation_defaults(self.fluid.model))
 
     def generate(
         self,
@@ -189,11 +194,7 @@ class LLM:
         or one per prompt; ``priority``: one per prompt (lower first; needs
         ``LLM(scheduling_policy="priority")``, as vLLM); ``lora_request``: None only (the Stage I
         adapter is merged into the one model served)."""
-        if lora_request is not None:
-            raise ConfigError(
-                "lora_request is not supported: this LLM serves one model, its Stage I adapter "
-                "merged at load (LLM(model, adapter=...)); leave lora_request out"
-            )
+        no_lora(lora_request)
         one = isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence)
         items = [prompts] if one else list(prompts)  # (a bad one is refused by _encode)
         if priority is not None and len(priority) != len(items):
@@ -212,9 +213,15 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        lora_request: Any = None,
+        chat_template_content_format: str = "auto",
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several, rendered by the chat template as
-        ``fluid serve``'s chat route renders them, then decoded as ``generate`` decodes."""
+        ``fluid serve``'s chat route renders them, then decoded as ``generate`` decodes. Text
+        parts of a message are joined into one text (vLLM's ``"string"`` content format)."""
+        no_lora(lora_request)
+        check_text_chat(chat_template_content_format, mm_processor_kwargs)
         from fluid_npu.sampling.prompts import (
             chat_messages,
             chat_template_ids,
@@ -244,7 +251,7 @@ class LLM:
         encoded = []
         for n, talk in enumerate(talks):
             ids = chat_template_ids(
-                self.tokenizer, chat_messages(list(talk), f"messages[{n}]"),
+                self.tokenizer, chat_messages(list(talk), f"conversation {n}"),
                 add_generation_prompt, continue_final_message=continue_final_message,
                 template_kwargs=chat_template_kwargs, template=chat_template, tools=offered,
             )  # fmt: skip
@@ -270,12 +277,13 @@ class LLM:
             given = prompt["prompt_token_ids"]
             vocab = self.fluid.model.get_input_embeddings().weight.shape[0]
             if not isinstance(given, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in given
-            ):
+                isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab
+                for t in given
+            ):  # (numpy integers too)
                 raise ConfigError(
                     f"prompt {n}: prompt_token_ids must be a list of token ids in [0, {vocab})"
                 )
-            ids, ends = list(given), (0, 0)
+            ids, ends = [int(t) for t in given], (0, 0)
         else:
             ids = [int(t) for t in self.tokenizer(text)["input_ids"]]
             ends = special_ends(self._specials, ids)
@@ -309,6 +317,7 @@ class LLM:
         context = self.engine.max_len
         requests, plans = [], []
         for n, ((text, ids, ends), sp) in enumerate(zip(encoded, params)):
+            check_logprobs_cap(sp, self._max_logprobs, n)
             try:
                 ids = truncated_prompt(ids, sp.truncate_prompt_tokens, context, ends)
             except ConfigError as exc:  # (a cut text keeps its text, as vLLM's prompt does)
@@ -345,24 +354,11 @@ class LLM:
                     min_tokens_hold=tuple(self.eos_ids) if sp.ignore_eos and sp.min_tokens else (),
                     grammar=grammar, priority=0 if priority is None else priority[n],
                 ))  # fmt: skip
-        tick = None
-        if use_tqdm:  # (a prompt counts once all its n completions have ended, as vLLM's bar)
-            from tqdm.auto import tqdm
-
-            make = use_tqdm if callable(use_tqdm) else tqdm  # (vLLM's: a tqdm-like class)
-            bar = make(total=len(plans), desc="Processed prompts", unit="prompt")
-            owner = [k for k, plan in enumerate(plans) for _ in range(plan[3].n)]
-            left = [plan[3].n for plan in plans]
-
-            def tick(index: int) -> None:
-                left[owner[index]] -= 1
-                if not left[owner[index]]:
-                    bar.update(1)
-
+        bar = progress_bar(use_tqdm, [plan[3].n for plan in plans])
         try:
-            done = run_requests(self.engine, requests, finished=tick)
+            done = run_requests(self.engine, requests, finished=bar and bar.tick)
         finally:
-            if use_tqdm:
+            if bar is not None:
                 bar.close()
         return [self._output(plan, done) for plan in plans]
 
@@ -446,5 +442,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputsParams",
+    "TextPrompt",
+    "TokensPrompt",
     "Vector",
 ]

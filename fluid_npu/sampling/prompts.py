@@ -171,7 +171,9 @@ def chat_messages(value: Any, where: str) -> list[dict[str, str]]:
     for i, m in enumerate(value):
         at = f"{where}: messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            raise DataError(f'{at} needs a "role": one of {", ".join(CHAT_ROLES)}')
+            given = isinstance(m, dict) and "role" in m
+            has = f'has role {m["role"]!r}; a "role" is' if given else 'needs a "role":'
+            raise DataError(f"{at} {has} one of {', '.join(CHAT_ROLES)}")
         unknown = set(m) - {"role", "content", "name", "tool_calls", "tool_call_id",
                             *REASONING_KEYS}  # fmt: skip
         if unknown:

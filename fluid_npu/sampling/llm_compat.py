@@ -1,0 +1,235 @@
+"""vLLM's ``LLM`` surface beyond what the FLUID engine does, so a ``vllm.LLM`` script gets an
+answer for every argument it passes rather than a bare ``TypeError``.
+
+* ``check_vllm_keywords``: vLLM constructor keywords. At the value that changes nothing here (the
+  default, or ``tokenizer=`` the model's own directory) one is accepted; a scheduler / memory /
+  logging setting of vLLM's own engine, which changes no output, is accepted and named in one
+  warning; any other value is a ``ConfigError`` naming the keyword and what to do instead. A
+  name vLLM does not take stays Python's ``TypeError``.
+* ``VLLMOtherTasks``: ``beam_search``, the pooling methods (``encode`` / ``embed`` /
+  ``classify`` / ``score`` / ``reward``) and sleep mode, refused with what to use instead.
+* ``TokensPrompt`` / ``TextPrompt``: vLLM's prompt dicts (``vllm.inputs``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn, TypedDict
+
+from fluid_npu.errors import ConfigError
+
+
+class TextPrompt(TypedDict):
+    """vLLM's ``TextPrompt``: ``{"prompt": text}``."""
+
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    """vLLM's ``TokensPrompt``: ``{"prompt_token_ids": [...]}``."""
+
+    prompt_token_ids: list[int]
+
+
+def _is(*values: Any) -> Callable[[Any], bool]:
+    return lambda v: any(v is x or (type(v) is type(x) and v == x) for x in values)
+
+
+_NOTHING = "nothing is downloaded: the model is a local directory"
+# keyword -> (the values that change nothing here, what to do instead of another value)
+_NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "task": (_is("auto", "generate"), "this LLM generates text"),
+    "runner": (_is("auto", "generate"), "this LLM generates text"),
+    "tokenizer_mode": (_is("auto", "hf"), "the model's own (fast) tokenizer is used"),
+    "skip_tokenizer_init": (_is(False), "the tokenizer (with its MASK token) is always loaded"),
+    "quantization": (_is(None), "weights load in dtype=; there are no quantized kernels here"),
+    "revision": (_is(None), _NOTHING),
+    "tokenizer_revision": (_is(None), _NOTHING),
+    "code_revision": (_is(None), _NOTHING),
+    "download_dir": (_is(None), _NOTHING),
+    "hf_token": (_is(None, False), _NOTHING),
+    "load_format": (_is("auto", "safetensors"), "weights load as transformers loads them"),
+    "hf_overrides": (lambda v: not v, "edit the model's config.json instead"),
+    "cpu_offload_gb": (_is(0, 0.0), "the weights stay on one device"),
+    "pipeline_parallel_size": (_is(1), "one device holds the model"),
+    "data_parallel_size": (_is(1), "one device holds the model; fluid serve --data-parallel-size "
+                           "runs replicas"),
+    "distributed_executor_backend": (_is(None, "mp", "uni"), "one process decodes"),
+    "kv_cache_dtype": (_is("auto"), "the KV cache holds the model's dtype"),
+    "enable_lora": (_is(False, None), "the Stage I adapter merges at load: LLM(model, "
+                    "adapter=DIR)"),
+    "speculative_config": (lambda v: not v, "FLUID drafts with the model itself (policy=, "
+                           "khead=): there is no draft model"),
+    "compilation_config": (lambda v: v is None or v == 0 or v == {}, "enforce_eager=False "
+                           "compiles the decode step"),
+    "enable_sleep_mode": (_is(False), "the model stays loaded"),
+    "mm_processor_kwargs": (lambda v: not v, "this LLM reads text"),
+    "allowed_local_media_path": (lambda v: not v, "this LLM reads text"),
+    "limit_mm_per_prompt": (lambda v: not v, "this LLM reads text"),
+    "override_pooler_config": (_is(None), "this LLM generates text"),
+    "pooler_config": (_is(None), "this LLM generates text"),
+    "worker_cls": (_is("auto", None), "one process decodes"),
+    "worker_extension_cls": (_is("", None), "one process decodes"),
+    "guided_decoding_backend": (_is("auto", "xgrammar", None), "structured outputs use xgrammar"),
+    "generation_config": (_is("auto", "vllm"), "'auto' follows the model's "
+                          "generation_config.json, 'vllm' ignores it"),
+}  # fmt: skip
+# vLLM's own scheduler / memory / logging settings: they change no output, and this engine has no
+# counterpart (its slots, prefill chunks and cache are its own), so they are accepted and named
+_ENGINE_ONLY = {
+    "swap_space", "max_num_batched_tokens", "enable_chunked_prefill", "block_size",
+    "max_seq_len_to_capture", "disable_custom_all_reduce", "disable_async_output_proc",
+    "disable_log_stats", "preemption_mode", "num_scheduler_steps", "max_loras", "max_lora_rank",
+    "max_cpu_loras", "enable_prefix_caching_hash_algo", "async_scheduling", "cuda_graph_sizes",
+    "long_prefill_token_threshold", "max_num_partial_prefills", "seed_everything",
+}  # fmt: skip
+
+
+def check_vllm_keywords(given: Mapping[str, Any], model: str | Path) -> str:
+    """Check ``LLM(**given)``'s vLLM keywords (module docstring); returns the
+    ``generation_config`` choice (``"auto"``: the model's, ``"vllm"``: vLLM's defaults)."""
+    unknown = sorted(set(given) - set(_NEUTRAL) - _ENGINE_ONLY - {"tokenizer"})
+    if unknown:
+        raise TypeError(f"LLM.__init__() got an unexpected keyword argument {unknown[0]!r}")
+    tokenizer = given.get("tokenizer")
+    if tokenizer is not None and Path(tokenizer).resolve() != Path(model).resolve():
+        raise ConfigError(
+            f"tokenizer={str(tokenizer)!r}: the tokenizer is the model's own (it holds the MASK "
+            "token Stage I trained with); leave tokenizer out"
+        )
+    for name, value in given.items():
+        if name in _NEUTRAL and not _NEUTRAL[name][0](value):
+            raise ConfigError(f"LLM({name}={value!r}) is not supported: {_NEUTRAL[name][1]}")
+    ignored = sorted(set(given) & _ENGINE_ONLY)
+    if ignored:
+        warnings.warn(
+            f"LLM({', '.join(ignored)}): vLLM's own scheduler / memory / logging settings, with "
+            "no counterpart in this engine (its slots, prefill chunks and KV cache are its own); "
+            "they change nothing here",
+            stacklevel=3,
+        )
+    return given.get("generation_config", "auto")
+
+
+def check_logprobs_cap(params: Any, cap: int | None, n: int) -> None:
+    """vLLM's ``max_logprobs``: a request asking for more alternatives (or -1, all) is refused."""
+    if cap is None or cap < 0:
+        return
+    for name in ("logprobs", "prompt_logprobs"):
+        asked = getattr(params, name)
+        if asked is not None and (asked < 0 or asked > cap):
+            raise ConfigError(
+                f"prompt {n}: {name}={asked} is more than LLM(max_logprobs={cap}) allows; ask "
+                f"for at most {cap}, or raise max_logprobs (-1: no cap)"
+            )
+
+
+def engine_switches(
+    enforce_eager: bool | None, engine_kwargs: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """``engine_kwargs`` with vLLM's ``enforce_eager`` as the engine's ``compile`` switch (the
+    two contradicting each other: a ``ConfigError``)."""
+    switches = dict(engine_kwargs or {})
+    if enforce_eager is not None and switches.setdefault("compile", not enforce_eager) == (
+        enforce_eager
+    ):
+        raise ConfigError(
+            f"enforce_eager={enforce_eager} and engine_kwargs compile={switches['compile']} "
+            "contradict each other; give one"
+        )
+    return switches
+
+
+def no_lora(lora_request: Any) -> None:
+    """``generate`` / ``chat``'s ``lora_request``: None only."""
+    if lora_request is not None:
+        raise ConfigError(
+            "lora_request is not supported: this LLM serves one model, its Stage I adapter "
+            "merged at load (LLM(model, adapter=...)); leave lora_request out"
+        )
+
+
+def check_text_chat(content_format: str, mm_processor_kwargs: Any) -> None:
+    """``chat``'s vLLM options for other content: text parts are joined into one text."""
+    if content_format not in ("auto", "string") or mm_processor_kwargs:
+        raise ConfigError(
+            "chat() reads text: chat_template_content_format 'auto' or 'string' (text parts "
+            "joined into one text), and no mm_processor_kwargs"
+        )
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """The ``SamplingParams`` a model's ``generation_config`` sets, as vLLM reads it (its
+    ``max_new_tokens`` as ``max_tokens``)."""
+    config = getattr(model, "generation_config", None)
+    given: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(config, name, None)
+        if value is not None:
+            given[name] = float(value) if name != "top_k" else int(value)
+    if getattr(config, "max_new_tokens", None) is not None:
+        given["max_tokens"] = int(config.max_new_tokens)
+    return given
+
+
+class _Bar:
+    """vLLM's progress bar: a prompt counts once all its ``n`` completions have ended."""
+
+    def __init__(self, bar: Any, copies: list[int]) -> None:
+        self.bar, self.left = bar, list(copies)
+        self.owner = [k for k, n in enumerate(copies) for _ in range(n)]
+
+    def tick(self, index: int) -> None:
+        self.left[self.owner[index]] -= 1
+        if not self.left[self.owner[index]]:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress_bar(use_tqdm: bool | Callable[..., Any], copies: list[int]) -> _Bar | None:
+    """``use_tqdm`` (True, False, or vLLM's tqdm-like class) over prompts of ``copies``
+    completions each."""
+    if not use_tqdm:
+        return None
+    from tqdm.auto import tqdm
+
+    make = use_tqdm if callable(use_tqdm) else tqdm
+    return _Bar(make(total=len(copies), desc="Processed prompts", unit="prompt"), copies)
+
+
+def _refusal(what: str, instead: str) -> Callable[..., NoReturn]:
+    """A method refusing ``what`` (a vLLM task this LLM does not do), saying what to use."""
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
+        raise ConfigError(
+            f"{what} is not supported by this LLM (a FLUID model generating text): {instead}"
+        )
+
+    method.__name__ = what
+    return method
+
+
+_POOLING = "for hidden states or logits load FluidForCausalLM and call it (fluid(ids).logits)"
+
+
+class VLLMOtherTasks:
+    """vLLM ``LLM`` methods for other tasks, each refused with what to use instead."""
+
+    beam_search = _refusal(
+        "beam_search", "decoding is greedy (lossless) or exact sampling; use generate() with "
+        "SamplingParams(n=..., temperature=...)",
+    )  # fmt: skip
+    encode = _refusal("encode", _POOLING)
+    embed = _refusal("embed", _POOLING)
+    classify = _refusal("classify", _POOLING)
+    reward = _refusal("reward", _POOLING)
+    score = _refusal(
+        "score", "for a text's log-probabilities use generate() with "
+        "SamplingParams(prompt_logprobs=0, max_tokens=1)",
+    )  # fmt: skip
+    sleep = _refusal("sleep", "delete the LLM to free its memory")
+    wake_up = _refusal("wake_up", "the model never sleeps here")

@@ -1,0 +1,99 @@
+"""vLLM's ``LLM`` surface beyond the engine (``sampling/llm_compat.py``): the constructor keywords
+a vLLM script passes — accepted where they change nothing, warned about where they tune vLLM's own
+engine, refused by name otherwise —, the model's generation config read as vLLM reads it,
+``max_logprobs``, ``chat``'s vLLM options, numpy token ids, and the other tasks' methods."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from test_llm import llm  # noqa: F401 (a fixture)
+from test_serve_live import model_dir  # noqa: F401 (a fixture)
+
+from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.sampling.llm import LLM, SamplingParams, TokensPrompt
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def test_vllm_constructor_keywords_get_an_answer(model_dir, llm):  # noqa: F811
+    # what a vLLM script passes at values that change nothing: the same outputs, no warning
+    neutral = dict(
+        tokenizer=str(model_dir), tokenizer_mode="auto", revision=None, quantization=None,
+        kv_cache_dtype="auto", enable_lora=False, pipeline_parallel_size=1, hf_overrides=None,
+        speculative_config=None, compilation_config=None, generation_config="auto",
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = LLM(model_dir, max_num_seqs=2, max_model_len=160, **neutral)
+    want = llm.generate(["abc", "hello p"], GREEDY, use_tqdm=False)
+    got = plain.generate(["abc", "hello p"], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    # vLLM's own scheduler / memory settings: accepted, named in one warning
+    with pytest.warns(UserWarning, match="max_num_batched_tokens, swap_space.*change nothing"):
+        LLM(model_dir, max_num_seqs=1, max_model_len=160, swap_space=4,
+            max_num_batched_tokens=8192)  # fmt: skip
+    # a value that would change something here: refused by name, before the model loads
+    for kwargs, words in (
+        ({"tokenizer": "gpt2"}, "tokenizer='gpt2': the tokenizer is the model's own"),
+        ({"quantization": "awq"}, "quantization='awq'"),
+        ({"enable_lora": True}, "adapter=DIR"),
+        ({"speculative_config": {"method": "eagle"}}, "no draft model"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+        ({"pipeline_parallel_size": 2}, "one device"),
+        ({"revision": "main"}, "nothing is downloaded"),
+        ({"generation_config": "/some/dir"}, "generation_config"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            LLM("/no/such/model", **kwargs)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_num_seq'"):
+        LLM(model_dir, max_num_seq=2)  # (a misspelling stays Python's TypeError)
+
+
+def test_generation_config_as_vllm_reads_it(model_dir, tmp_path):  # noqa: F811
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    (copy / "generation_config.json").write_text(
+        json.dumps({"max_new_tokens": 3, "temperature": 0.5, "top_k": 7})
+    )
+    auto = LLM(copy, max_num_seqs=1, max_model_len=160).get_default_sampling_params()
+    assert (auto.max_tokens, auto.temperature, auto.top_k) == (3, 0.5, 7)
+    own = LLM(copy, max_num_seqs=1, max_model_len=160, generation_config="vllm")
+    assert own.get_default_sampling_params() == SamplingParams()
+
+
+def test_max_logprobs_chat_options_numpy_ids_and_other_tasks(llm, model_dir):  # noqa: F811
+    capped = LLM(model_dir, max_num_seqs=1, max_model_len=160, max_logprobs=2)
+    two = capped.generate("abc", SamplingParams(temperature=0, max_tokens=3, logprobs=2),
+                          use_tqdm=False)[0].outputs[0]  # fmt: skip
+    assert all(len(entry) >= 2 for entry in two.logprobs)
+    for asked in (dict(logprobs=3), dict(logprobs=-1), dict(prompt_logprobs=5)):
+        with pytest.raises(ConfigError, match=r"max_logprobs=2"):
+            capped.generate("abc", SamplingParams(max_tokens=3, **asked), use_tqdm=False)
+    # chat(): vLLM's lora_request None and the "string" content format (text parts joined)
+    talk = [{"role": "user", "content": [{"type": "text", "text": "abc"}]}]
+    want = llm.chat(talk, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    got = llm.chat(talk, GREEDY, use_tqdm=False, lora_request=None,
+                   chat_template_content_format="string")[0].outputs[0].token_ids  # fmt: skip
+    assert got == want
+    with pytest.raises(ConfigError, match="chat_template_content_format"):
+        llm.chat(talk, GREEDY, use_tqdm=False, chat_template_content_format="openai")
+    with pytest.raises(ConfigError, match="lora_request"):
+        llm.chat(talk, GREEDY, use_tqdm=False, lora_request=object())
+    with pytest.raises(DataError, match=r"conversation 0: messages\[0\] has role 'bot'; a "):
+        llm.chat([{"role": "bot", "content": "x"}], GREEDY, use_tqdm=False)
+    # token ids as numpy integers, in vLLM's TokensPrompt
+    ids = llm.tokenizer("abc")["input_ids"]
+    first = llm.generate(TokensPrompt(prompt_token_ids=ids), GREEDY, use_tqdm=False)
+    again = llm.generate({"prompt_token_ids": list(np.array(ids))}, GREEDY, use_tqdm=False)
+    assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
+    for method, words in (
+        (llm.beam_search, "beam_search.*SamplingParams"), (llm.embed, "embed.*fluid\\(ids\\)"),
+        (llm.score, "prompt_logprobs"), (llm.sleep, "sleep"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=words):
+            method(["abc"])
