@@ -54,7 +54,9 @@ setup(
     ],
     extras_require={
         # torch_npu must match the preinstalled torch exactly; CANN comes from Ascend's installer.
-        "npu": ["torch_npu", "decorator", "attrs", "psutil", "cloudpickle", "tornado"],
+        # (sentencepiece: openPangu's PanguTokenizer)
+        "npu": ["torch_npu", "decorator", "attrs", "psutil", "cloudpickle", "tornado",
+                "sentencepiece"],
         "cuda": ["triton>=3.0"],
         "deepspeed": DEEPSPEED,
         "qlora": QLORA,

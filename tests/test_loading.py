@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from transformers import AddedToken, LlamaConfig, LlamaForCausalLM
 
 from fluid_npu.errors import CheckpointError, ConfigError, DataError, FluidError
-from fluid_npu.model.loading import check_model_dir, fingerprint, load_model
+from fluid_npu.model.loading import check_model_dir, fingerprint, load_model, load_tokenizer
 from fluid_npu.model.mask_token import check_unused, resolve_mask_token
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -185,3 +185,20 @@ def test_unused_special_mask_survives_save_and_reload(tmp_path):
     assert (again.token, again.id) == (first.token, first.id)
     fresh = _with_unused_specials(["<repo_name>", "<empty_output>"])  # without the saved record
     assert resolve_mask_token(fresh).id == first.id
+
+
+def test_a_tokenizer_needing_a_missing_package_names_it(tmp_path):
+    # openPangu's PanguTokenizer is remote code importing sentencepiece: a missing dependency is
+    # one CheckpointError naming the package, not a traceback
+    build_tiny_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "tokenization_needs.py").write_text(
+        "import fluid_test_missing_package  # noqa: F401\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class NeedsTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    auto_map = {"AutoTokenizer": [None, "tokenization_needs.NeedsTokenizer"]}
+    config.update(tokenizer_class="NeedsTokenizer", auto_map=auto_map)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"needs a package.*fluid_test_missing_package"):
+        load_tokenizer(tmp_path, trust_remote_code=True)

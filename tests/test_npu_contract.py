@@ -195,6 +195,7 @@ def test_the_pangu_recipes_load_with_the_8x910b_settings(stage):
     assert cfg.train.learning_rate == 2e-4 and cfg.train.lr_scheduler_type == "cosine"
     assert cfg.train.warmup_ratio == 0.1
     assert cfg.data.template == "openpangu" and cfg.model.attn_backend == "npu"
+    assert cfg.model.trust_remote_code is True  # (PanguTokenizer is remote code)
     assert cfg.train.deepspeed == "configs/ds_z2.json" and (ROOT / cfg.train.deepspeed).is_file()
     if stage == 1:
         f = cfg.fluid

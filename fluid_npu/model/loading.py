@@ -221,6 +221,11 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     """The tokenizer saved beside a model (a pad token is set to EOS when it has none)."""
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ImportError as exc:  # (a tokenizer's own dependency: openPangu's needs sentencepiece)
+        raise CheckpointError(
+            f"the tokenizer in {path} needs a package that is not installed ({exc}); install it "
+            "(openPangu's PanguTokenizer: pip install sentencepiece, in the npu extra)"
+        ) from None
     except (OSError, ValueError) as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]  # (the CLI shows one line)
         raise CheckpointError(

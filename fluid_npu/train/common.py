@@ -161,6 +161,21 @@ def requested_parallelism(cfg: FluidConfig) -> dict[str, Any]:
     return {"deepspeed": t.deepspeed, "fsdp": t.fsdp, "fsdp_config": t.fsdp_config}
 
 
+def fill_hidden_size_autos(args: TrainingArguments, hidden_size: int) -> None:
+    """DeepSpeed's hidden-size ``"auto"`` entries (``reduce_bucket_size``; ZeRO-3's prefetch
+    bucket and persistence threshold), filled as transformers fills them from ``model.config`` —
+    which Stage II's objective (the K-head around a frozen backbone) does not have: without this,
+    a ZeRO-2 config such as ``configs/ds_z2.json`` or LLaMA-Factory's stops Stage II when the
+    Trainer starts."""
+    ds = getattr(args, "hf_deepspeed_config", None)
+    if ds is None:
+        return
+    ds.fill_only("zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
+    if ds.is_zero3():
+        ds.fill_only("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size**2))
+        ds.fill_only("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
+
+
 def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 

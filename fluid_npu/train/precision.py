@@ -81,6 +81,22 @@ class Precision:
         }
 
 
+def observe_trained(precision: Precision, model: torch.nn.Module, trainer: Any) -> dict[str, Any]:
+    """The run's precision as training left it (``run.json``). Under DeepSpeed the engine decides:
+    with its bf16 / fp16 enabled it holds the module in that dtype (what ``save_model`` writes;
+    the float32 master weights live in its optimizer) and the Trainer runs without autocast."""
+    record = precision.observe(model)
+    engine = getattr(trainer, "model_wrapped", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and hasattr(engine, "bfloat16_enabled"):
+        half = engine.bfloat16_enabled() or engine.fp16_enabled()
+        record["autocast"] = False
+        record["deepspeed_mixed_precision"] = (
+            "bfloat16" if engine.bfloat16_enabled() else "float16" if half else None
+        )
+        record["master_weights"] = "float32 (DeepSpeed's optimizer)" if half else None
+    return record
+
+
 def _partition(param: torch.Tensor) -> torch.Tensor | None:
     """A ZeRO-3 parameter's partition (what it really stores), None for a plain tensor."""
     return getattr(param, "ds_tensor", None)

@@ -59,7 +59,7 @@ from fluid_npu.train.common import (
 from fluid_npu.train.continued import ContinuedAdapter, check_all_linear, continued_adapter
 from fluid_npu.train.data import load_run_data
 from fluid_npu.train.output_dir import check_resume, clear_earlier_run, prepare_run_dir
-from fluid_npu.train.precision import device_choice, resolve_precision
+from fluid_npu.train.precision import device_choice, observe_trained, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +311,7 @@ class TrainingSession:
         if trainer.eval_dataset is not None and _last_eval_step(trainer) != result.global_step:
             trainer.evaluate()  # the final weights' held-out losses, whatever eval_steps was
         figures = trainer.run_figures(requested_parallelism(self.cfg))
+        self.precision_record = observe_trained(self.precision, self.model, trainer)
         save_final(trainer, self.tokenizer, self.output_dir, files)
         record = {
             "stage": self.stage,

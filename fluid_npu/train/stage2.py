@@ -46,6 +46,7 @@ from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.khead import HEAD_PREFIX, KHead, KHeadConfig, save_khead
 from fluid_npu.train.common import (
     FluidTrainer,
+    fill_hidden_size_autos,
     requested_parallelism,
     training_arguments,
 )
@@ -64,7 +65,7 @@ from fluid_npu.train.khead_report import (
     split_heldout,
 )
 from fluid_npu.train.output_dir import check_resume, clear_earlier_run, prepare_run_dir
-from fluid_npu.train.precision import device_choice, resolve_precision
+from fluid_npu.train.precision import device_choice, observe_trained, resolve_precision
 from fluid_npu.train.sharded import unpartitioned_loading
 from fluid_npu.train.stage1 import EpochCallback, LayoutCollator
 
@@ -201,6 +202,7 @@ class Stage2Run:
             run_module, rule=f.khead_label, tau=f.khead_tau, k_max=f.k_masks
         ).to(self.args.device)
         self.hidden_size = int(run_module.config.get_text_config().hidden_size)
+        fill_hidden_size_autos(self.args, self.hidden_size)  # (the Trainer reads model.config)
         self.head = KHead(self.hidden_size, f.k_masks).to(self.precision.trainable_dtype)
         self.khead_config = KHeadConfig(  # saved with the head, and into every checkpoint
             hidden_size=self.hidden_size,
@@ -212,7 +214,8 @@ class Stage2Run:
             adapter_fingerprint=self.loaded.adapter_fingerprint,
         )
         self.objective = KHeadObjective(self.head, self.backbone, f.khead_sigma)
-        self.precision_record = self.precision.observe(nn.ModuleList([self.head, run_module]))
+        self.trained = nn.ModuleList([self.head, run_module])  # (what run.json's precision reads)
+        self.precision_record = self.precision.observe(self.trained)
 
     def _load_data(self) -> None:
         self.args.device  # noqa: B018 - sets up torch.distributed: the data is built on rank 0
@@ -256,6 +259,7 @@ class Stage2Run:
         clear_earlier_run(self.cfg)  # overwrite_output_dir: only now that every check passed
         result = trainer.train(resume_from_checkpoint=self.resume)
         self.trainer = trainer
+        self.precision_record = observe_trained(self.precision, self.trained, trainer)
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers ZeRO-3 / FSDP
         self.figures = trainer.run_figures(requested_parallelism(self.cfg))  # collective
         if not trainer.is_world_process_zero():  # only the main process saves and reports
