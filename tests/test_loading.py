@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -74,6 +75,19 @@ def test_openpangu_checkpoint_loads_as_llama_with_biases(tmp_path):
         assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-6, rtol=0)
     for name, p in model.named_parameters():
         assert torch.equal(p, dict(ref.named_parameters())[name]), name
+    # its tokenizer loads without transformers' warning about the PanguEmbedded model type (the
+    # model is a Llama here)
+    build_tiny_tokenizer().save_pretrained(tmp_path)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("transformers.configuration_utils")
+    log.addHandler(handler)
+    try:
+        assert len(load_tokenizer(tmp_path)) > 0
+    finally:
+        log.removeHandler(handler)
+    assert not [m for m in seen if "PanguEmbedded" in m]
 
 
 def test_missing_and_pickle_only_dirs_are_clear_errors(tmp_path):

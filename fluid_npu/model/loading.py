@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -217,10 +220,31 @@ def load_model(
     return model.eval()
 
 
+@contextmanager
+def _quiet_pangu_config(path: str | Path) -> Iterator[None]:
+    """Around the tokenizer's load from an openPangu directory: transformers reads its config as a
+    bare ``PretrainedConfig`` and warns that the ``PanguEmbedded`` type "can yield errors" — which
+    is about a model, and the model loads as a Llama (``pangu_to_llama_config``)."""
+    file = Path(path) / "config.json"
+    try:
+        pangu = file.is_file() and is_pangu_config(json.loads(file.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        pangu = False
+    log = logging.getLogger("transformers.configuration_utils")
+    level = log.level
+    if pangu:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside a model (a pad token is set to EOS when it has none)."""
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _quiet_pangu_config(path):
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ImportError as exc:  # (a tokenizer's own dependency: openPangu's needs sentencepiece)
         raise CheckpointError(
             f"the tokenizer in {path} needs a package that is not installed ({exc}); install it "
