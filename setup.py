@@ -55,8 +55,15 @@ setup(
     extras_require={
         # torch_npu must match the preinstalled torch exactly; CANN comes from Ascend's installer.
         # (sentencepiece: openPangu's PanguTokenizer)
-        "npu": ["torch_npu", "decorator", "attrs", "psutil", "cloudpickle", "tornado",
-                "sentencepiece"],
+        "npu": [
+            "torch_npu",
+            "decorator",
+            "attrs",
+            "psutil",
+            "cloudpickle",
+            "tornado",
+            "sentencepiece",
+        ],
         "cuda": ["triton>=3.0"],
         "deepspeed": DEEPSPEED,
         "qlora": QLORA,

@@ -137,27 +137,27 @@ def test_a_bad_line_is_one_error_naming_it(tmp_path, bad, kind, message):
     good = line("q0", "/v1/completions", {"model": "tiny", "prompt": "hi"})
     path.write_text(good + "\n" + bad + "\n", encoding="utf-8")  # (a blank line between)
     with pytest.raises(kind) as caught:
-        read_batch(path, "tiny")
+        read_batch(path, ("tiny",))
     assert f"{path} line 3" in str(caught.value) and message in str(caught.value)
 
 
 def test_a_file_of_requests_reads_back_and_empty_or_missing_files_are_refused(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text(line("a", "/v1/responses", {"input": "hi"}) + "\n\n", encoding="utf-8")
-    assert read_batch(path, "tiny") == [BatchLine(1, "a", "/v1/responses", {"input": "hi"})]
+    assert read_batch(path, ("tiny",)) == [BatchLine(1, "a", "/v1/responses", {"input": "hi"})]
     path.write_text("\n  \n", encoding="utf-8")
     with pytest.raises(DataError, match="holds no requests"):
-        read_batch(path, "tiny")
+        read_batch(path, ("tiny",))
     with pytest.raises(ConfigError, match="cannot read it"):
-        read_batch(tmp_path / "missing.jsonl", "tiny")
+        read_batch(tmp_path / "missing.jsonl", ("tiny",))
     path.write_bytes(b"\xff\xfe{}\n")
     with pytest.raises(DataError, match="is not UTF-8"):
-        read_batch(path, "tiny")
+        read_batch(path, ("tiny",))
     path.write_bytes(b"\xef\xbb\xbf" + line("a", "/v1/completions", {"prompt": "x"}).encode())
-    assert read_batch(path, "tiny")[0].custom_id == "a"  # (a byte-order mark is skipped)
+    assert read_batch(path, ("tiny",))[0].custom_id == "a"  # (a byte-order mark is skipped)
     path.write_text(line("a", "/v1/completions", {"prompt": "\ud83d"}), encoding="utf-8")
     with pytest.raises(DataError, match="line 1 holds an unpaired UTF-16 surrogate"):
-        read_batch(path, "tiny")
+        read_batch(path, ("tiny",))
 
 
 def saved_model_dir(path: Path) -> Path:

@@ -668,11 +668,13 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
         with pytest.raises(openai.NotFoundError) as info:
             c.completions.create(model="other", prompt="a")
         assert info.value.body["code"] == "model_not_found"
-        raw = httpx.post(f"{url}/v1/completions", content=b"{not json")
+        as_json = {"content-type": "application/json"}
+        raw = httpx.post(f"{url}/v1/completions", content=b"{not json", headers=as_json)
         assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
-        raw = httpx.post(f"{url}/v1/chat/completions", content=b"x" * (5 << 20))
+        raw = httpx.post(f"{url}/v1/chat/completions", content=b"x" * (5 << 20), headers=as_json)
         assert raw.status_code == 400 and "bytes" in raw.json()["error"]["message"]
-        raw = httpx.post(f"{url}/v1/completions", content=b"[" * 100_000)  # deeper than Python
+        deep = b"[" * 100_000  # deeper than Python
+        raw = httpx.post(f"{url}/v1/completions", content=deep, headers=as_json)
         assert raw.status_code == 400 and "nests" in raw.json()["error"]["message"]
         # the limit is named as the request gave it
         messages = [{"role": "user", "content": "a"}]
@@ -680,7 +682,8 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
             c.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=500)
         assert info.value.body["param"] == "max_completion_tokens"
         # a prompt the tokenizer cannot encode (a lone surrogate: half an emoji) is the client's
-        raw = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "hi \\ud83d"}')
+        raw = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "hi \\ud83d"}',
+                         headers=as_json)  # fmt: skip
         assert raw.status_code == 400 and raw.json()["error"]["param"] == "prompt"
         # a seed past int64 is refused before the engine, which keeps serving everyone
         raw = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "seed": 1 << 64})

@@ -35,8 +35,10 @@ class Admission:
         self.running: dict[str, int] = {}  # request id -> its choices not yet closed
 
     def model(self, name: str | None) -> None:
-        """A 404 for a model this server does not serve (None: the request named none)."""
-        if name is not None and name != self.config.model_name:
+        """A 404 for a model this server does not serve (None or "": the request named none, as
+        vLLM takes it; the served names and the aliases are this model)."""
+        cfg = self.config
+        if name and name not in (cfg.model_name, *cfg.other_names, *cfg.aliases):
             raise APIError(
                 f"the model {name!r} is not served here; this server serves "
                 f"{self.config.model_name!r}",

@@ -68,6 +68,7 @@ from fluid_npu.serve.http import (
     while_connected,
 )
 from fluid_npu.serve.metrics import ServerMetrics
+from fluid_npu.serve.probes import model_card, probe_routes
 from fluid_npu.serve.reasoning import reasoning_parser
 from fluid_npu.serve.responses import Shape
 from fluid_npu.serve.responses_output import ResponseOutput, not_kept_routes
@@ -83,7 +84,7 @@ from fluid_npu.serve.worker import Worker
 
 @dataclass
 class ServeConfig:
-    model_name: str
+    model_name: str  # the default id (answers carry it)
     max_len: int  # prompt + new tokens, per request
     max_batch: int
     max_queue: int | None = None  # waiting places beyond the batch; None: unbounded
@@ -100,6 +101,9 @@ class ServeConfig:
     request_id_headers: bool = False  # X-Request-Id on every response (http.RequestIdHeader)
     tokens_as_ids: bool = False  # --return-tokens-as-token-ids: logprobs' tokens "token_id:N"
     max_logprobs: int = protocol.MAX_TOP_LOGPROBS  # alternatives a request may ask (-1: all)
+    other_names: tuple[str, ...] = ()  # more --served-model-name ids (listed and accepted)
+    aliases: tuple[str, ...] = ()  # accepted, not listed (the --model string as given)
+    root: str | None = None  # the model's directory (its cards' root, as vLLM's)
 
 
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
@@ -389,24 +393,19 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
 
     not_kept_routes(app, authorize)
 
-    card = {
-        "id": config.model_name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "fluid-npu",
-        "max_model_len": config.max_len,
-    }
+    names = (config.model_name, *config.other_names)
+    cards = {name: model_card(name, config.root, config.max_len) for name in names}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": list(cards.values())}
 
     @app.get("/v1/models/{model:path}")
     async def model(request: Request, model: str) -> dict[str, Any]:
         authorize(request)
         gate.model(model)
-        return card
+        return cards.get(model, cards[config.model_name])
 
     # vLLM's tokenizer routes (lm-evaluation-harness finds them and needs no local tokenizer)
     tokenizer_routes(app, tokenizer, config.max_len, config.template_kwargs, tokenizing,
@@ -428,4 +427,5 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    probe_routes(app, health, lambda: sum(gate.running.values()))
     return app

@@ -80,9 +80,10 @@ class BatchLine:
     body: dict[str, Any]
 
 
-def read_batch(path: str | Path, model_name: str) -> list[BatchLine]:
+def read_batch(path: str | Path, names: tuple[str, ...]) -> list[BatchLine]:
     """The requests of the batch file at ``path``, checked (the module docstring); a
-    ``DataError`` naming the line, or a ``ConfigError`` for the file or a model not served."""
+    ``DataError`` naming the line, or a ``ConfigError`` for the file or a model not served
+    (``names``: the ids served, the default first, and the accepted aliases)."""
     try:
         with open(path, encoding="utf-8-sig") as fh:  # (a byte-order mark is not a request)
             rows = fh.readlines()
@@ -94,7 +95,7 @@ def read_batch(path: str | Path, model_name: str) -> list[BatchLine]:
     seen: dict[str, int] = {}
     for number, text in enumerate(rows, 1):
         if text.strip():
-            request = _request(text, f"{path} line {number}", number, model_name)
+            request = _request(text, f"{path} line {number}", number, names)
             if request.custom_id in seen:
                 raise DataError(
                     f"{path} line {number}: custom_id {request.custom_id!r} is line "
@@ -107,7 +108,7 @@ def read_batch(path: str | Path, model_name: str) -> list[BatchLine]:
     return requests
 
 
-def _request(text: str, where: str, number: int, model_name: str) -> BatchLine:
+def _request(text: str, where: str, number: int, names: tuple[str, ...]) -> BatchLine:
     try:
         row = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -134,9 +135,9 @@ def _request(text: str, where: str, number: int, model_name: str) -> BatchLine:
             "half of a character); fix or remove it"
         ) from None
     model = body.get("model")
-    if isinstance(model, str) and model != model_name:
+    if isinstance(model, str) and model and model not in names:
         raise ConfigError(
-            f"{where}: model {model!r} is not the one served ({model_name!r}); run with "
+            f"{where}: model {model!r} is not the one served ({names[0]!r}); run with "
             f"--served-model-name {model!r}, or change the file's model"
         )
     return BatchLine(number, custom_id, url, body)
@@ -285,13 +286,13 @@ def run_batch(settings: ServeSettings, input_file: str, output_file: str) -> int
     """``fluid run-batch``: check the settings, the output path and the whole input file, load
     the model (or start the data-parallel ranks), answer every request into ``output_file``; the
     exit status."""
-    from fluid_npu.serve.server import served_name
+    from fluid_npu.serve.server import model_aliases, served_names
 
     settings.check()
     check_model_dir(settings.model, allow_pickle=True)  # (a wrong path is not a model mismatch)
     if Path(output_file).resolve() == Path(input_file).resolve():
         raise ConfigError("--output-file is the --input-file; write the answers elsewhere")
-    requests = read_batch(input_file, served_name(settings))
+    requests = read_batch(input_file, (*served_names(settings), *model_aliases(settings)))
     check_output_file(output_file, "--output-file")  # (its folder is made once the input is good)
     start = time.monotonic()
     try:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from fluid_npu.demo.pipeline import _positive  # the same integers as the demo's --threads
 from fluid_npu.errors import ConfigError
+from fluid_npu.serve.vllm_flags import add_vllm_flags, check_vllm_flags
 
 if TYPE_CHECKING:
     from fluid_npu.serve.server import ServeSettings
@@ -129,7 +130,13 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         help="vLLM's: no graphs — what the engine does unless --compile (so the two conflict)",
     )
     p.add_argument("--policy", default=None, help="ar | fixed:K | entropy[:T] | khead")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the model ids clients send, the first the default (vLLM's: several are all listed "
+        "and accepted); default: the model folder's name, and the --model string as given",
+    )
     p.add_argument(
         "--enable-log-requests",
         action="store_true",
@@ -217,6 +224,7 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
     _add_answer_flags(p)
+    add_vllm_flags(p, http=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument(
@@ -268,6 +276,7 @@ def add_run_batch_parser(sub: argparse._SubParsersAction) -> None:
         "-o", "--output-file", required=True, help="JSONL: one answer a line, in the input's order"
     )
     _add_answer_flags(p)
+    add_vllm_flags(p, http=False)
     p.set_defaults(handler=run_batch_command)
 
 
@@ -292,6 +301,7 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
 
     if not args.model:
         raise ConfigError(f"fluid {args.command} needs --model DIR")
+    check_vllm_flags(args)
     if args.tensor_parallel_size != 1:
         raise ConfigError(
             f"--tensor-parallel-size {args.tensor_parallel_size}: an engine holds the whole model "
@@ -316,7 +326,8 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         max_batch=batch,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_len=args.max_len,
-        served_model_name=args.served_model_name,
+        served_model_name=None if args.served_model_name is None else tuple(args.served_model_name),
+        trust_remote_code=args.trust_remote_code,
         generation_config=args.generation_config,
         enable_log_requests=args.enable_log_requests,
         compile=args.compile,
@@ -368,6 +379,8 @@ def serve_command(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         enable_request_id_headers=args.enable_request_id_headers,
         network=network,
+        root_path=args.root_path,
+        uvicorn_log_level=args.uvicorn_log_level,
     )
     if settings.data_parallel_size > 1:
         from fluid_npu.serve.dp import serve_data_parallel

@@ -43,7 +43,8 @@ from fluid_npu.serve.server import (
 )
 
 # the front's, not the ranks' (a rank's own output goes to its log file)
-OWN = {"host", "port", "api_key", "data_parallel_size", "enable_log_requests", "network"}
+OWN = {"host", "port", "api_key", "data_parallel_size", "enable_log_requests", "network",
+       "root_path"}  # fmt: skip
 # settings whose flag is not --name-with-dashes, set when the value is False
 NEGATED = {"adaptive": "--no-adaptive-drafting", "prefix_caching": "--no-enable-prefix-caching"}
 
@@ -59,6 +60,8 @@ def rank_args(settings: ServeSettings, threads: int | None) -> list[str]:
             out += [] if value else [NEGATED[f.name]]
         elif isinstance(value, bool):
             out += [f"--{f.name.replace('_', '-')}"] if value else []
+        elif isinstance(value, tuple):  # (--served-model-name: several)
+            out += [f"--{f.name.replace('_', '-')}", *map(str, value)]
         else:
             out += [f"--{f.name.replace('_', '-')}", str(value)]
     return out + (["--threads", str(threads)] if threads is not None else [])
@@ -198,7 +201,8 @@ def serve_data_parallel(settings: ServeSettings) -> int:
         settings.network.add_cors(app)
         config = uvicorn.Config(
             app,
-            log_level="warning",
+            log_level=settings.uvicorn_log_level,
+            root_path=settings.root_path,
             access_log=False,
             timeout_graceful_shutdown=settings.drain_timeout + GRACE_S,
             lifespan="on",

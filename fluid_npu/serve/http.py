@@ -48,13 +48,27 @@ class ClosingStream(StreamingResponse):
 
 
 async def read_body(request: Request) -> bytes:
-    """The request's body; over ``MAX_BODY_BYTES`` it is a 400 (read no further)."""
+    """The request's body; over ``MAX_BODY_BYTES`` it is a 400 (read no further); not sent as
+    JSON, a 415 (``check_json_media``)."""
+    check_json_media(request)
     body = b""
     async for part in request.stream():
         body += part
         if len(body) > MAX_BODY_BYTES:
             raise APIError(f"the request body is over {MAX_BODY_BYTES} bytes")
     return body
+
+
+def check_json_media(request: Request) -> None:
+    """A 415 for a body not sent as ``application/json`` (vLLM's rule): a form or ``text/plain``
+    post — which any web page can send to a local server without asking — runs nothing."""
+    given = request.headers.get("content-type", "")
+    if given.split(";")[0].strip().lower() != "application/json":
+        raise APIError(
+            f"the request body must be sent as Content-Type: application/json, got "
+            f"{given or 'no Content-Type'} (curl: -H 'Content-Type: application/json')",
+            status=415,
+        )
 
 
 async def read_json(request: Request) -> Any:

@@ -58,6 +58,7 @@ from fluid_npu.serve.http import (
     request_id,
     while_connected,
 )
+from fluid_npu.serve.probes import probe_routes
 from fluid_npu.serve.responses_output import not_kept_routes
 from fluid_npu.serve.routing import Router, routing_key, routing_salt
 from fluid_npu.serve.worker import ENGINE_FAILED
@@ -366,6 +367,7 @@ def create_front(front: Front) -> FastAPI:
         return Response(merge_metrics(list(texts)) + generate_latest(registry),
                         media_type=CONTENT_TYPE_LATEST)  # fmt: skip
 
+    probe_routes(app, health, lambda: len(running))  # (the requests relayed, not yet answered)
     return app
 
 

@@ -1,0 +1,81 @@
+"""``fluid serve`` as clients and command lines written for ``vllm serve`` meet it: the model
+ids it answers to (several ``--served-model-name``, the ``--model`` string, an empty name),
+vLLM's model-card fields, ``/ping`` and ``/load``, bodies sent as something other than JSON
+(415, nothing run), and vLLM's launch flags (accepted, honoured or refused by name)."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+from test_serve_http import TOK, ScriptedScheduler, _until, client, expected_text, serving
+
+from fluid_npu.cli import build_parser
+from fluid_npu.errors import ConfigError
+
+
+def test_model_ids_cards_and_probes_as_vllms():
+    sched = ScriptedScheduler()
+    names = dict(other_names=("alias",), aliases=("runs/x/tiny",), root="runs/x/tiny")
+    with serving(sched, **names) as (url, _, _):
+        c = client(url)
+        cards = c.models.list().data
+        assert [m.id for m in cards] == ["tiny", "alias"]  # (the --model string: not listed)
+        card = cards[0].model_dump()
+        assert card["root"] == "runs/x/tiny" and card["parent"] is None and card["created"] > 0
+        assert card["max_model_len"] == sched.max_len and card["permission"][0]["allow_sampling"]
+        want = expected_text(TOK("a")["input_ids"], 6)
+        for name in ("tiny", "alias", "runs/x/tiny", ""):  # ("": the default, as vLLM)
+            out = c.completions.create(model=name, prompt="a", max_tokens=6)
+            assert out.choices[0].text == want and out.model == "tiny", name
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="other", prompt="a", max_tokens=6)
+        # /ping answers as /health (GET and POST); /load counts the requests in flight
+        for method in ("GET", "POST"):
+            assert httpx.request(method, f"{url}/ping").json()["status"] == "ok"
+        assert httpx.get(f"{url}/load").json() == {"server_load": 0}
+        sched.gate.clear()  # (the engine holds: a request stays in flight)
+        held = threading.Thread(target=lambda: c.completions.create(model="tiny", prompt="a"))
+        held.start()
+        _until(lambda: httpx.get(f"{url}/load").json()["server_load"] == 1, "a request in flight")
+        sched.gate.set()
+        held.join(30)
+
+
+def test_a_body_not_sent_as_json_runs_nothing():
+    # a form or text/plain post is what a web page may send to a local server without asking
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        body = b'{"model": "tiny", "prompt": "a", "max_tokens": 4}'
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {} if ctype is None else {"content-type": ctype}
+            raw = httpx.post(f"{url}/v1/completions", content=body, headers=headers)
+            assert raw.status_code == 415, ctype
+            assert "application/json" in raw.json()["error"]["message"]
+        assert sched.requests == []
+        ok = {"content-type": "application/json; charset=utf-8"}
+        assert httpx.post(f"{url}/v1/completions", content=body, headers=ok).status_code == 200
+
+
+def test_vllm_launch_flags(capsys):
+    from fluid_npu.serve.cli import _settings
+
+    argv = ["serve", "--model", "runs/m", "--served-model-name", "a", "b", "--dtype", "half",
+            "--enable-prefix-caching", "--disable-log-requests", "--disable-log-stats",
+            "--disable-uvicorn-access-log", "--disable-fastapi-docs", "--trust-remote-code",
+            "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking",
+            "--root-path", "/llm", "--uvicorn-log-level", "info"]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    settings = _settings(args, root_path=args.root_path, uvicorn_log_level=args.uvicorn_log_level)
+    settings.check()
+    assert settings.served_model_name == ("a", "b") and settings.dtype == "float16"
+    assert settings.trust_remote_code and settings.prefix_caching
+    assert (settings.root_path, settings.uvicorn_log_level) == ("/llm", "info")
+    for extra, words in (
+        (["--enable-prefix-caching", "--no-enable-prefix-caching"], "contradict"),
+        (["--disable-log-requests", "--enable-log-requests"], "contradict"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            _settings(build_parser().parse_args(["serve", "--model", "m", *extra]))
