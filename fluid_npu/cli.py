@@ -145,6 +145,11 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="where the merged HF model is written")
     p.add_argument("--allow-pickle", action="store_true", help="accept a pickle .bin base")
     p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model directory's own code where it needs it (openPangu's tokenizer)",
+    )
+    p.add_argument(
         "--max-shard-size",
         help="largest safetensors file written (LLaMA-Factory's export_size), e.g. 500MB "
         "(default 5GB)",
@@ -157,8 +162,9 @@ def _merge(args: argparse.Namespace) -> int:
 
     size = {} if args.max_shard_size is None else {"max_shard_size": args.max_shard_size}
     out = merge_adapter(
-        args.base, args.adapter, args.output, allow_pickle=args.allow_pickle, **size
-    )
+        args.base, args.adapter, args.output, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, **size,
+    )  # fmt: skip
     print(f"fluid: merged model written to {out}")
     return 0
 

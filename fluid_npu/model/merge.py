@@ -30,13 +30,16 @@ def merge_adapter(
     *,
     allow_pickle: bool = False,
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Merge ``adapter`` into ``base`` and save to ``output`` (safetensors in shards of at most
     ``max_shard_size``, with their index, as transformers writes them); returns the output path.
     Everything that needs no model is checked before the weights load."""
     out = check_output(output, "--output")
     max_shard_size = shard_size(max_shard_size)
-    loaded = load_fluid(base, adapter, allow_pickle=allow_pickle, merge=True)
+    loaded = load_fluid(
+        base, adapter, allow_pickle=allow_pickle, merge=True, trust_remote_code=trust_remote_code
+    )
     meta = FluidModelMeta.load(adapter)
     return save_fluid(
         loaded.model,

@@ -75,6 +75,7 @@ class BenchSettings:
     device: str = "auto"
     dtype: str = "auto"
     static_baseline: bool = True
+    trust_remote_code: bool = False  # the model directory's own code (openPangu's tokenizer)
 
 
 def check_settings(s: BenchSettings) -> torch.device:
@@ -222,6 +223,7 @@ def run_sampler_bench(s: BenchSettings) -> dict[str, Any]:
             device=dev,
             dtype=parse_dtype(s.dtype),
             chat_template=s.chat_template,
+            trust_remote_code=s.trust_remote_code,
         )
     model, tok = fluid.model, fluid.tokenizer
     where = s.prompts

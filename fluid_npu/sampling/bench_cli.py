@@ -119,6 +119,7 @@ def bench_command(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         device=args.device,
         dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
     )
     report = run_sampler_bench(settings)  # checks the settings before loading the model
     bad = unlossless_rows(report)

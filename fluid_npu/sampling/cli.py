@@ -33,6 +33,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="Stage I LoRA adapter directory")
     p.add_argument("--khead", default=None, help="Stage II K-head directory")
     p.add_argument("--mask-token", default=None, help="MASK token (default: the tokenizer's)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model directory's own code where it needs it (openPangu's tokenizer)",
+    )
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument(
         "--chat-template",
@@ -158,6 +163,7 @@ def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
             device=dev,
             dtype=getattr(args, "dtype", "auto"),
             chat_template=getattr(args, "chat_template_text", None),
+            trust_remote_code=args.trust_remote_code,
         )
 
 

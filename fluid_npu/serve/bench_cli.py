@@ -114,4 +114,5 @@ def _server_args(args: argparse.Namespace) -> list[str]:
     out += ["--compile"] if args.compile else []
     out += ["--no-adaptive-drafting"] if args.no_adaptive_drafting else []
     out += ["--no-enable-prefix-caching"] if args.no_enable_prefix_caching else []
+    out += ["--trust-remote-code"] if args.trust_remote_code else []
     return out

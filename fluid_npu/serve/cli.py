@@ -27,7 +27,12 @@ SERVER_KEYS = (
     "max_len", "threads",
     "chat_template", "default_chat_template_kwargs", "prefix_cache_slots", "data_parallel_size",
 )  # fmt: skip
-SERVER_SWITCHES = ("compile", "no_adaptive_drafting", "no_enable_prefix_caching")
+SERVER_SWITCHES = (
+    "compile",
+    "no_adaptive_drafting",
+    "no_enable_prefix_caching",
+    "trust_remote_code",
+)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -35,6 +40,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="Stage I LoRA adapter directory")
     p.add_argument("--khead", default=None, help="Stage II K-head directory")
     p.add_argument("--mask-token", default=None, help="MASK token (default: the tokenizer's)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model directory's own code where it needs it (openPangu's tokenizer, "
+        "PanguTokenizer; vLLM's flag)",
+    )
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto (best accelerator, else CPU) or a type")
     p.add_argument(  # (vLLM's names too)

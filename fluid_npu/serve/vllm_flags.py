@@ -1,11 +1,11 @@
 """vLLM's ``vllm serve`` flags that a copied command line carries, for ``fluid serve`` and
-``fluid run-batch``: those this server does something with (``--trust-remote-code``,
-``--root-path``, ``--uvicorn-log-level``), and those that ask for what it does anyway — accepted
-and changing nothing (``--enable-prefix-caching``: on by default; ``--disable-log-requests`` /
-``--disable-log-stats`` / ``--disable-uvicorn-access-log``: nothing is logged unless asked;
-``--disable-fastapi-docs``: no docs page; ``--enable-tokenizer-info-endpoint`` /
-``--enable-server-load-tracking``: ``/tokenizer_info`` and ``/load`` are always there). One that
-contradicts another flag is one error naming both.
+``fluid run-batch``: those this server does something with (``--root-path``,
+``--uvicorn-log-level``; ``--trust-remote-code`` is a model flag, in ``cli.py``), and those that
+ask for what it does anyway — accepted and changing nothing (``--enable-prefix-caching``: on by
+default; ``--disable-log-requests`` / ``--disable-log-stats`` / ``--disable-uvicorn-access-log``:
+nothing is logged unless asked; ``--disable-fastapi-docs``: no docs page;
+``--enable-tokenizer-info-endpoint`` / ``--enable-server-load-tracking``: ``/tokenizer_info``
+and ``/load`` are always there). One that contradicts another flag is one error naming both.
 """
 
 from __future__ import annotations
@@ -28,11 +28,6 @@ _ALREADY = (
 
 def add_vllm_flags(p: argparse.ArgumentParser, *, http: bool) -> None:
     """Add the flags (``http``: the server's own too: ``--root-path``, ``--uvicorn-log-level``)."""
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model directory's own code where it needs it (openPangu's tokenizer)",
-    )
     for flag, why in _ALREADY:
         p.add_argument(flag, action="store_true", help=f"vLLM's; accepted: {why}")
     if http:

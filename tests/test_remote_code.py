@@ -1,0 +1,51 @@
+"""A model whose tokenizer is the directory's own code (openPangu's PanguTokenizer): refused
+with the fix by every command until ``--trust-remote-code`` (``trust_remote_code=True``) is
+given, then loaded — ``fluid generate`` / ``eval`` / ``bench sampler`` / ``serve`` /
+``run-batch`` / ``bench serve`` / ``merge`` all take the flag."""
+
+from __future__ import annotations
+
+import json
+
+from fluid_npu.cli import build_parser
+from fluid_npu.cli import main as cli_main
+from fluid_npu.model.tiny import save_tiny
+
+
+def _remote_tokenizer_model(root):
+    model = save_tiny(root / "model", mask_token=True)
+    (model / "tokenization_mine.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class MineTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    auto_map = {"AutoTokenizer": [None, "tokenization_mine.MineTokenizer"]}
+    config.update(tokenizer_class="MineTokenizer", auto_map=auto_map)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_every_command_takes_trust_remote_code(tmp_path, capsys):
+    model = str(_remote_tokenizer_model(tmp_path))
+    argv = ["generate", "--model", model, "--prompt", "ab", "--max-new-tokens", "3"]
+    assert cli_main(argv) == 2
+    assert "trust_remote_code" in capsys.readouterr().err
+    assert cli_main([*argv, "--trust-remote-code"]) == 0
+    parser = build_parser()
+    for command in (
+        ["eval", "--model", model, "--task", "demo", "--data", "x.jsonl", "--json", "r.json"],
+        ["bench", "sampler", "--model", model, "--prompts", "p.jsonl", "--json", "r.json"],
+        ["serve", "--model", model],
+        ["run-batch", "--model", model, "-i", "in.jsonl", "-o", "out.jsonl"],
+        ["bench", "serve", "--model", model, "--prompts", "p.jsonl", "--json", "r.json"],
+        ["merge", "--base", model, "--adapter", "a", "--output", "o"],
+    ):
+        assert parser.parse_args([*command, "--trust-remote-code"]).trust_remote_code, command
+    from fluid_npu.serve.bench_cli import _server_args
+    from fluid_npu.serve.cli import _settings
+
+    served = parser.parse_args(["serve", "--model", model, "--trust-remote-code"])
+    assert _settings(served).trust_remote_code
+    spawned = parser.parse_args(["bench", "serve", "--model", model, "--prompts", "p.jsonl",
+                                 "--json", "r.json", "--trust-remote-code"])  # fmt: skip
+    assert "--trust-remote-code" in _server_args(spawned)
