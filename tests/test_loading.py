@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_remote_code import remote_tokenizer
 from transformers import AddedToken, LlamaConfig, LlamaForCausalLM
 
 from fluid_npu.errors import CheckpointError, ConfigError, DataError, FluidError
@@ -205,14 +206,6 @@ def test_a_tokenizer_needing_a_missing_package_names_it(tmp_path):
     # openPangu's PanguTokenizer is remote code importing sentencepiece: a missing dependency is
     # one CheckpointError naming the package, not a traceback
     build_tiny_tokenizer().save_pretrained(tmp_path)
-    (tmp_path / "tokenization_needs.py").write_text(
-        "import fluid_test_missing_package  # noqa: F401\n"
-        "from transformers import PreTrainedTokenizerFast\n\n\n"
-        "class NeedsTokenizer(PreTrainedTokenizerFast):\n    pass\n"
-    )
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    auto_map = {"AutoTokenizer": [None, "tokenization_needs.NeedsTokenizer"]}
-    config.update(tokenizer_class="NeedsTokenizer", auto_map=auto_map)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    remote_tokenizer(tmp_path, imports="import fluid_test_missing_package  # noqa: F401\n")
     with pytest.raises(CheckpointError, match=r"needs a package.*fluid_test_missing_package"):
         load_tokenizer(tmp_path, trust_remote_code=True)

@@ -6,27 +6,29 @@ given, then loaded — ``fluid generate`` / ``eval`` / ``bench sampler`` / ``ser
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from fluid_npu.cli import build_parser
 from fluid_npu.cli import main as cli_main
 from fluid_npu.model.tiny import save_tiny
 
 
-def _remote_tokenizer_model(root):
-    model = save_tiny(root / "model", mask_token=True)
-    (model / "tokenization_mine.py").write_text(
-        "from transformers import PreTrainedTokenizerFast\n\n\n"
+def remote_tokenizer(directory: Path, imports: str = "") -> Path:
+    """Make the tokenizer saved in ``directory`` a class of the directory's own code (as
+    openPangu's is), its module importing ``imports`` first."""
+    (directory / "tokenization_mine.py").write_text(
+        f"{imports}from transformers import PreTrainedTokenizerFast\n\n\n"
         "class MineTokenizer(PreTrainedTokenizerFast):\n    pass\n"
     )
-    config = json.loads((model / "tokenizer_config.json").read_text())
+    config = json.loads((directory / "tokenizer_config.json").read_text())
     auto_map = {"AutoTokenizer": [None, "tokenization_mine.MineTokenizer"]}
     config.update(tokenizer_class="MineTokenizer", auto_map=auto_map)
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
-    return model
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
 
 
 def test_every_command_takes_trust_remote_code(tmp_path, capsys):
-    model = str(_remote_tokenizer_model(tmp_path))
+    model = str(remote_tokenizer(save_tiny(tmp_path / "model", mask_token=True)))
     argv = ["generate", "--model", model, "--prompt", "ab", "--max-new-tokens", "3"]
     assert cli_main(argv) == 2
     assert "trust_remote_code" in capsys.readouterr().err
