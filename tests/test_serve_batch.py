@@ -127,7 +127,7 @@ BAD_LINES = [
      DataError, "method must be 'POST', got 'GET'"),
     (line("a", "/v1/completions", []), DataError, "body must be the request's JSON object"),
     (line("a", "/v1/completions", {"model": "gpt-4o"}), ConfigError,
-     "model 'gpt-4o' is not the one served ('tiny'); run with --served-model-name 'gpt-4o'"),
+     "model 'gpt-4o' is not one served ('tiny'); run with --served-model-name 'gpt-4o'"),
 ]  # fmt: skip
 
 

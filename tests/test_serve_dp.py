@@ -144,10 +144,11 @@ def test_each_rank_gets_its_device_and_the_commands_flags():
 
 
 @contextlib.contextmanager
-def fronting(front: Front):
+def fronting(front: Front, root_path: str = ""):
     """The front app in-process on 127.0.0.1 at a free port; yields its URL."""
     sock = bind("127.0.0.1", 0)
-    config = uvicorn.Config(create_front(front), log_level="warning", lifespan="on")
+    config = uvicorn.Config(create_front(front), log_level="warning", lifespan="on",
+                            root_path=root_path)  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

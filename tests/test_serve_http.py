@@ -152,7 +152,7 @@ class ScriptedScheduler:
 
 @contextlib.contextmanager
 def serving(sched: ScriptedScheduler, drain_timeout: float = 30.0, tokenizer: Any = TOK,
-            **config: Any):  # fmt: skip
+            root_path: str = "", **config: Any):  # fmt: skip
     """An in-process server on 127.0.0.1 at a free port; yields (base url, server, worker)."""
     worker = Worker(sched)
     cfg = ServeConfig(model_name="tiny", max_len=sched.max_len, max_batch=sched.max_batch)
@@ -161,7 +161,8 @@ def serving(sched: ScriptedScheduler, drain_timeout: float = 30.0, tokenizer: An
     app = create_app(worker, tokenizer, cfg)
     sock = bind("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30)
+    uv = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30,
+                        root_path=root_path)  # fmt: skip
     server = DrainingServer(uv, worker, drain_timeout)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -30,14 +30,16 @@ def test_model_ids_cards_and_probes_as_vllms():
         for name in ("tiny", "alias", "runs/x/tiny", ""):  # ("": the default, as vLLM)
             out = c.completions.create(model=name, prompt="a", max_tokens=6)
             assert out.choices[0].text == want and out.model == "tiny", name
-        with pytest.raises(openai.NotFoundError):
+        with pytest.raises(openai.NotFoundError, match="serves 'tiny' or 'alias'"):
             c.completions.create(model="other", prompt="a", max_tokens=6)
         # /ping answers as /health (GET and POST); /load counts the requests in flight
         for method in ("GET", "POST"):
             assert httpx.request(method, f"{url}/ping").json()["status"] == "ok"
         assert httpx.get(f"{url}/load").json() == {"server_load": 0}
         sched.gate.clear()  # (the engine holds: a request stays in flight)
-        held = threading.Thread(target=lambda: c.completions.create(model="tiny", prompt="a"))
+        held = threading.Thread(  # (one request of two choices: one, as vLLM counts requests)
+            target=lambda: c.completions.create(model="tiny", prompt="a", n=2)
+        )
         held.start()
         _until(lambda: httpx.get(f"{url}/load").json()["server_load"] == 1, "a request in flight")
         sched.gate.set()
@@ -74,8 +76,40 @@ def test_vllm_launch_flags(capsys):
     assert settings.trust_remote_code and settings.prefix_caching
     assert (settings.root_path, settings.uvicorn_log_level) == ("/llm", "info")
     for extra, words in (
+        (["--served-model-name", "a", " "], "non-empty names"),
         (["--enable-prefix-caching", "--no-enable-prefix-caching"], "contradict"),
         (["--disable-log-requests", "--enable-log-requests"], "contradict"),
     ):
         with pytest.raises(ConfigError, match=words):
-            _settings(build_parser().parse_args(["serve", "--model", "m", *extra]))
+            _settings(build_parser().parse_args(["serve", "--model", "m", *extra])).check()
+
+
+def test_a_root_path_changes_no_route_label_or_relay():
+    # behind a proxy that strips --root-path: the server's metrics and refusals keep the route's
+    # own name, and the data-parallel front relays to its ranks (which have no root path)
+    from test_serve_dp import RANK_KEY, fronting
+    from test_serve_http import _metric
+
+    from fluid_npu.serve.router import Front
+
+    sched = ScriptedScheduler()
+    with serving(sched, root_path="/x") as (url, _, _):
+        c = client(url)
+        c.completions.create(model="tiny", prompt="a", max_tokens=4)
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="zzz", prompt="a", max_tokens=4)
+        assert _metric(url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="404"}')
+        served = _metric(
+            url, 'fluid_requests_total{endpoint="/v1/completions",finish_reason="length"}'
+        )
+        assert served == 1.0
+        missing = httpx.get(f"{url}/v1/nope").json()["error"]["message"]
+        assert missing.endswith("GET /x/v1/nope")  # (the scope's path: not "/x/x/...")
+    rank = ScriptedScheduler()
+    with serving(rank, api_key=RANK_KEY) as (rank_url, _, _):
+        front = Front(urls=[rank_url], rank_key=RANK_KEY, api_key=None, slack=8)
+        with fronting(front, root_path="/x") as url:
+            out = client(url).completions.create(model="tiny", prompt="a", max_tokens=4)
+            assert out.choices[0].text == expected_text(TOK("a")["input_ids"], 4)
+            chat = [{"role": "user", "content": "a"}]
+            assert client(url).chat.completions.create(model="tiny", messages=chat, max_tokens=4)

@@ -39,9 +39,9 @@ class Admission:
         vLLM takes it; the served names and the aliases are this model)."""
         cfg = self.config
         if name and name not in (cfg.model_name, *cfg.other_names, *cfg.aliases):
+            served = " or ".join(repr(n) for n in (cfg.model_name, *cfg.other_names))
             raise APIError(
-                f"the model {name!r} is not served here; this server serves "
-                f"{self.config.model_name!r}",
+                f"the model {name!r} is not served here; this server serves {served}",
                 status=404,
                 param="model",
                 code="model_not_found",

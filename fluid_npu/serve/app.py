@@ -65,6 +65,7 @@ from fluid_npu.serve.http import (
     openai_errors,
     read_json,
     request_id,
+    route_path,
     while_connected,
 )
 from fluid_npu.serve.metrics import ServerMetrics
@@ -143,10 +144,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
 
     def refused(request: Request, exc: APIError) -> None:
-        if request.url.path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
-            metrics.refused(request.url.path, exc.status)
+        route = route_path(request)
+        if route in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
+            metrics.refused(route, exc.status)
             rid = getattr(request.state, "request_id", "-")
-            request_log.info("refused %s %d %s %s", request.url.path, exc.status,
+            request_log.info("refused %s %d %s %s", route, exc.status,
                              logged_param(exc), rid)  # fmt: skip
 
     openai_errors(app, refused)
@@ -347,7 +349,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         continuing = chat_req and req.render.continue_final_message  # type: ignore[union-attr]
         gens = await admit(shapes, prompts, req.sampling, arrived, texts, tools, grammar,
                            continuing, rid=base, id_param=request.state.id_param)  # fmt: skip
-        return await reply(request, request.url.path, shapes, req.sampling, gens)
+        return await reply(request, route_path(request), shapes, req.sampling, gens)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -378,7 +380,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             settings[k] = getattr(config.defaults, k) if settings[k] is None else settings[k]
         out = ResponseOutput(rid, config.model_name, settings, shape)
         return await respond_with(request, out, gen, bool(req.chat.sampling.stream),
-                                  request.url.path)  # fmt: skip
+                                  route_path(request))  # fmt: skip
 
     @app.post("/v1/responses/input_tokens")  # the client's responses.input_tokens.count
     async def input_tokens(request: Request) -> dict[str, Any]:
@@ -427,5 +429,5 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    probe_routes(app, health, lambda: sum(gate.running.values()))
+    probe_routes(app, health, lambda: len(gate.running))  # (requests, as vLLM counts them)
     return app

@@ -137,7 +137,7 @@ def _request(text: str, where: str, number: int, names: tuple[str, ...]) -> Batc
     model = body.get("model")
     if isinstance(model, str) and model and model not in names:
         raise ConfigError(
-            f"{where}: model {model!r} is not the one served ({names[0]!r}); run with "
+            f"{where}: model {model!r} is not one served ({', '.join(map(repr, names))}); run with "
             f"--served-model-name {model!r}, or change the file's model"
         )
     return BatchLine(number, custom_id, url, body)

@@ -59,6 +59,14 @@ async def read_body(request: Request) -> bytes:
     return body
 
 
+def route_path(request: Request) -> str:
+    """The route a request reached, as the server names it (``/v1/completions``), whatever
+    ``--root-path`` prefixes it with (uvicorn puts the prefix in front of the scope's path):
+    metrics, logs and the data-parallel front's relay use this one."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or request.scope.get("path", request.url.path)
+
+
 def check_json_media(request: Request) -> None:
     """A 415 for a body not sent as ``application/json`` (vLLM's rule): a form or ``text/plain``
     post — which any web page can send to a local server without asking — runs nothing."""
@@ -133,7 +141,8 @@ def openai_errors(app: FastAPI, refused: Callable[[Request, APIError], None] | N
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         body = error_body(
-            f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error"
+            f"{exc.detail}: {request.method} {request.scope.get('path', request.url.path)}",
+            "invalid_request_error",
         )
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 

@@ -56,6 +56,7 @@ from fluid_npu.serve.http import (
     openai_errors,
     read_body,
     request_id,
+    route_path,
     while_connected,
 )
 from fluid_npu.serve.probes import probe_routes
@@ -170,7 +171,7 @@ def create_front(front: Front) -> FastAPI:
                   redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.router = router
     openai_errors(app, lambda request, exc: routing_log.info(  # (refused at the front)
-        "%s %s refused: %d", request.url.path, getattr(request.state, "request_id", "-"),
+        "%s %s refused: %d", route_path(request), getattr(request.state, "request_id", "-"),
         exc.status))  # fmt: skip
 
     def authorize(request: Request) -> None:
@@ -192,7 +193,7 @@ def create_front(front: Front) -> FastAPI:
             body = json.loads(raw)
         except (ValueError, RecursionError):
             body = None  # (the rank answers the malformed body)
-        key, salt = routing_key(request.url.path, body), routing_salt(body)
+        key, salt = routing_key(route_path(request), body), routing_salt(body)
         rid = request_id(request)  # the client's (checked here), else one made here for the rank
         given = body.get("request_id") if isinstance(body, dict) else None
         if isinstance(given, str):  # (vLLM's body field, where no header gives one)
@@ -218,14 +219,16 @@ def create_front(front: Front) -> FastAPI:
             picked = router.pick(key, tried | {r for r in range(n) if not usable(r)}, salt)
             if picked is None:
                 if full is not None:
-                    routing_log.info("%s %s refused: 429 (every rank full)", request.url.path, rid)
+                    routing_log.info(
+                        "%s %s refused: 429 (every rank full)", route_path(request), rid
+                    )
                     return full
                 raise APIError("no engine rank is up; retry later", status=503,
                                type="server_error", headers={"Retry-After": "1"})  # fmt: skip
             rank, affine = picked
             tried.add(rank)
             headers = {"content-type": "application/json", "x-request-id": rid}  # (its name)
-            sent = client.build_request("POST", front.urls[rank] + request.url.path, content=raw,
+            sent = client.build_request("POST", front.urls[rank] + route_path(request), content=raw,
                                         headers=headers)  # fmt: skip
             router.start(rank)
             # a whole answer's headers come only with it: the client may leave while it waits
@@ -257,11 +260,11 @@ def create_front(front: Front) -> FastAPI:
                     continue
                 if code is None:  # not the rank's own error: it went down while answering
                     raise _failed(rank)
-                routing_log.info("%s %s -> rank %d: %d", request.url.path, rid, rank,
+                routing_log.info("%s %s -> rank %d: %d", route_path(request), rid, rank,
                                  resp.status_code)  # fmt: skip
                 return answer(resp, content)
             routed.labels(rank=str(rank), affinity=str(affine).lower()).inc()
-            routing_log.info("%s %s -> rank %d%s: %d", request.url.path, rid, rank,
+            routing_log.info("%s %s -> rank %d%s: %d", route_path(request), rid, rank,
                              " (its start)" if affine else "", resp.status_code)  # fmt: skip
             if resp.status_code < 400:  # (a refused request leaves nothing in the rank's cache)
                 router.remember(rank, key, salt)

@@ -65,6 +65,12 @@ class ServeSettings:
     def check(self) -> None:
         """What needs no model, checked before anything is loaded; one ``ConfigError`` each."""
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)  # (vLLM's half, ...)
+        names = self.served_model_name
+        if names is not None and not all(n.strip() for n in names):
+            raise ConfigError(
+                "--served-model-name takes non-empty names (an empty model in a request already "
+                "means the default one)"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not 0 <= self.port <= 65535:
