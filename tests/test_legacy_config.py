@@ -58,6 +58,12 @@ def test_nothing_is_added_where_nothing_is_missing(tmp_path):
     # RoPE per attention kind has no model-independent 4.x spelling: left as transformers wrote it
     nested = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}
     assert legacy_keys({"rope_parameters": nested}) == {}
+    # a factor 4.x reads at the top level, and default RoPE with more keys (Qwen2-VL's sections)
+    rope = {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5,
+            "mrope_section": [16, 24, 24]}  # fmt: skip
+    extra = legacy_keys({"rope_parameters": rope})
+    assert extra["partial_rotary_factor"] == 0.5
+    assert extra["rope_scaling"] == {"rope_type": "default", "mrope_section": [16, 24, 24]}
     # a multimodal config's text part gets its keys too
     text = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
     assert legacy_keys({"text_config": text})["text_config"]["rope_theta"] == 1e6

@@ -50,6 +50,10 @@ def test_vllm_constructor_keywords_get_an_answer(model_dir, llm):  # noqa: F811
     ):
         with pytest.raises(ConfigError, match=words):
             LLM("/no/such/model", **kwargs)
+    from fluid_npu.sampling.llm_compat import check_vllm_keywords
+
+    # tokenizer= the adapter's own folder (what loads with an adapter) is the model's own too
+    assert check_vllm_keywords({"tokenizer": "a/adapter"}, "a/base", "a/adapter") == "auto"
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_num_seq'"):
         LLM(model_dir, max_num_seq=2)  # (a misspelling stays Python's TypeError)
 

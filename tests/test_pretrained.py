@@ -5,6 +5,7 @@ generation config, transformers' argument order and spellings, settings at their
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 from transformers import GenerationConfig
 
 from fluid_npu.errors import CheckpointError, ConfigError
-from fluid_npu.model.khead import KHead
+from fluid_npu.model.khead import KHead, KHeadConfig
+from fluid_npu.model.loading import fingerprint
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
 from fluid_npu.sampling import generate
 from fluid_npu.sampling.inputs import PromptError
@@ -356,6 +358,10 @@ def test_streamer_errors_name_the_fix_and_the_streamer_still_ends(tok, fluid):
     with pytest.raises(PromptError, match="max_new_tokens"):
         fluid.generate(ids, max_new_tokens=10**6, streamer=rec)
     assert rec.ends == 1
+    rec = _Recorder()  # refused before anything went out (a reader waits all the same)
+    with pytest.raises(ConfigError, match="max_length 1000000 is past"):
+        fluid.generate(ids, max_length=10**6, streamer=rec)
+    assert rec.ends == 1 and rec.puts == []
 
 
 def test_transformers_pipeline_and_model_methods_take_it(tok, fluid):
@@ -408,6 +414,29 @@ def test_save_pretrained_of_a_model_built_in_memory_reloads_the_same(tmp_path, t
         with pytest.raises((CheckpointError, ConfigError), match=words):
             call()
     head = KHead(fluid.model.config.hidden_size, 4)  # (a head without its config: no provenance)
+    with_head = FluidForCausalLM(fluid.model, tok, tok.mask_token_id, head)
     with pytest.raises(ConfigError, match="KHeadConfig"):
-        FluidForCausalLM(fluid.model, tok, tok.mask_token_id, head).save_pretrained(tmp_path / "d")
+        with_head.save_pretrained(tmp_path / "d")
+    # a head recorded as trained on another network would not load on the saved weights
+    hidden, fp = fluid.model.config.hidden_size, fingerprint(fluid.model)
+    with_head.khead_config = KHeadConfig(hidden, 4, base_fingerprint="another")
+    with pytest.raises(ConfigError, match="another network"):
+        with_head.save_pretrained(tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+    with_head.khead_config = KHeadConfig(hidden, 4, base_fingerprint=fp)  # (its own: saved)
+    with_head.save_pretrained(tmp_path / "headed")
+    assert FluidForCausalLM.from_pretrained(tmp_path / "headed").khead is not None
+
+
+def test_save_pretrained_into_the_working_directory(tmp_path, tok, fluid, monkeypatch):
+    # "." (an empty folder the process works in) is filled in place, and stays the process's
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    fluid.save_pretrained(".")
+    assert Path.cwd().is_dir() and (Path.cwd() / "fluid_model.json").is_file()
+    ids = _ids(tok)
+    kw = dict(max_new_tokens=4, do_sample=False, eos_token_id=[])
+    assert FluidForCausalLM.from_pretrained(".").generate(ids, **kw).tolist() == (
+        fluid.generate(ids, **kw).tolist()
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]  # (no staging folder left)

@@ -53,7 +53,7 @@ def trained(tiny_model_dir, demo_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_full(tiny_model_dir, demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1-full")
-    extra = dict(finetuning_type="full", learning_rate=3e-3)
+    extra = dict(finetuning_type="full", learning_rate=3e-3, save_steps=50)  # (checkpoint-50)
     record = run(load_config(None, _overrides(tiny_model_dir, demo_data, out, **extra)))
     return out, record
 
@@ -78,9 +78,11 @@ def test_stage1_lowers_both_losses(which, request):
     if which == "trained_full":  # (off while training; the saved model decodes with its cache)
         config = json.loads((out / "config.json").read_text())
         assert config["use_cache"] is True
-        # RoPE and dtype as transformers 4.x runtimes read them too (model/legacy_config.py)
-        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
-        assert config["torch_dtype"] == config["dtype"]
+        # RoPE and dtype as transformers 4.x runtimes read them too (model/legacy_config.py),
+        # in the final model and in a checkpoint (a model directory as well)
+        for saved in (config, json.loads((out / "checkpoint-50" / "config.json").read_text())):
+            assert saved["rope_theta"] == saved["rope_parameters"]["rope_theta"]
+            assert saved["torch_dtype"] == saved["dtype"]
     assert (out / weights).is_file() and (out / "fluid_model.json").is_file()
     assert not list(out.glob(".staging-*"))  # nothing half-written left behind
 

@@ -437,6 +437,17 @@ def test_stage2_on_a_lora_adapter_via_cli(stage1_lora, tiny_model_dir, run_data,
     kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=[], policy="khead")
     want = fluid.generate(ids, **kw)
     fluid.save_pretrained(tmp_path / "saved", max_shard_size="100KB")
+    # the head in a subfolder: a runtime that loads every *.safetensors of the folder (vLLM's
+    # default loader) reads the decoder's shards only
+    tops = {p.name for p in (tmp_path / "saved").glob("*.safetensors")}
+    assert tops and all(name.startswith("model") for name in tops)
+    assert (tmp_path / "saved" / "khead" / "khead_config.json").is_file()
+    from fluid_npu.model.khead import saved_khead
+    from fluid_npu.serve.bench import default_policies
+
+    assert saved_khead(tmp_path / "saved") == tmp_path / "saved" / "khead"
+    assert saved_khead(tmp_path / "saved", adapter="another") is None  # (saved for it alone)
+    assert default_policies(["--model", str(tmp_path / "saved")]) == ("khead", "ar")
     again = FluidForCausalLM.from_pretrained(tmp_path / "saved")
     assert again.khead is not None and again.generate(ids, **kw).tolist() == want.tolist()
     assert all(torch.equal(a, b) for a, b in zip(again.khead.parameters(), head.parameters()))

@@ -83,7 +83,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=eval_command, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
 
 
-def khead_k_max(khead: str | None) -> int | None:
+def khead_k_max(khead: str | Path | None) -> int | None:
     """The ``k_max`` a K-head directory was trained with, read before any model loads (None when
     there is no K-head or its config is unreadable: loading it reports that)."""
     from fluid_npu.model.khead import read_khead_config
@@ -130,9 +130,12 @@ def eval_command(args: argparse.Namespace) -> int:
     check_output_file(json_path, "--json")
     check_output_file(markdown, "--markdown" if args.markdown else "--json")
     prepare_output_dir(plot_dir, "--plot-dir" if args.plot_dir else "the folder of --json")
-    k_max = block_bound(args.k_max, khead_k_max(args.khead))
+    from fluid_npu.model.khead import saved_khead
+
+    khead = args.khead or saved_khead(args.model, args.adapter)  # (as from_pretrained finds it)
+    k_max = block_bound(args.k_max, khead_k_max(khead))
     for spec in args.policy or ():
-        parse_policy(spec, k_max=k_max, has_khead=args.khead is not None)
+        parse_policy(spec, k_max=k_max, has_khead=khead is not None)
     dev = device_from_args(args)
     fluid = load_model(args, dev)
     policies = args.policy or ["khead" if fluid.khead is not None else "entropy"]

@@ -89,6 +89,17 @@ def _weights(d: Path) -> Path | None:
     return None
 
 
+SAVED_SUBDIR = "khead"  # FluidForCausalLM.save_pretrained's K-head, beside the model's weights
+
+
+def saved_khead(model_dir: str | Path, adapter: str | Path | None = None) -> Path | None:
+    """The K-head ``FluidForCausalLM.save_pretrained`` wrote with a model (``model_dir/khead``:
+    a subfolder, so runtimes that load every ``*.safetensors`` of a model directory never read
+    it), or None — also when an adapter is given: the head was saved for the model alone."""
+    found = Path(model_dir) / SAVED_SUBDIR
+    return found if adapter is None and (found / CONFIG).is_file() else None
+
+
 def read_khead_config(directory: str | Path) -> KHeadConfig:
     """A K-head directory's config (its weights checked present); a CheckpointError says why not."""
     d = Path(directory)

@@ -25,8 +25,15 @@ def legacy_keys(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(rope, dict) and "rope_type" in rope:  # (flat: one RoPE for every layer)
         if "rope_theta" in rope and "rope_theta" not in config:
             extra["rope_theta"] = rope["rope_theta"]
-        if rope["rope_type"] != "default" and config.get("rope_scaling") is None:
-            extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if "partial_rotary_factor" in rope and "partial_rotary_factor" not in config:
+            extra["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        inside = ("rope_theta", "partial_rotary_factor")  # (4.x: top-level keys)
+        scaling = {k: v for k, v in rope.items() if k not in inside}
+        # (default RoPE with more keys — Qwen2-VL's mrope_section — keeps them there too)
+        if (rope["rope_type"] != "default" or set(scaling) - {"rope_type"}) and config.get(
+            "rope_scaling"
+        ) is None:
+            extra["rope_scaling"] = scaling
     if "dtype" in config and "torch_dtype" not in config:
         extra["torch_dtype"] = config["dtype"]
     for name, sub in config.items():  # (a multimodal config's text part, if any)

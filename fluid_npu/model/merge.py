@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fluid_npu.errors import CheckpointError, ConfigError
-from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
+from fluid_npu.model.adapters import META_FILE, FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.legacy_config import add_legacy_keys
 from fluid_npu.model.loading import fingerprint
 
@@ -53,7 +53,7 @@ def merge_adapter(
 def check_output(output: str | Path, name: str) -> Path:
     """``output`` as a new (or empty) directory to save a model into, else a ``CheckpointError``
     naming ``name`` (the flag or argument that gave it)."""
-    out = Path(output)
+    out = Path(output).absolute()  # (".": a staging folder beside it, then renamed into it)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{name} {str(out)!r} is a file; give a new directory")
     if out.exists() and any(out.iterdir()):
@@ -106,9 +106,13 @@ def save_fluid(
         if extra is not None:
             extra(staging)
         meta.save(staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        if out.exists():  # (an empty folder, perhaps a process's working directory: kept, and
+            # filled entry by entry, fluid_model.json last: the mark of a complete model)
+            for entry in sorted(staging.iterdir(), key=lambda p: p.name == META_FILE):
+                entry.rename(out / entry.name)
+            staging.rmdir()
+        else:
+            staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -133,7 +133,7 @@ class LLM(VLLMOtherTasks):
         from fluid_npu.sampling.pretrained import FluidForCausalLM
         from fluid_npu.sampling.scheduler import Scheduler
 
-        self._generation_defaults = check_vllm_keywords(vllm_keywords, model)
+        self._generation_defaults = check_vllm_keywords(vllm_keywords, model, adapter)
         self._max_logprobs = max_logprobs
         if tensor_parallel_size != 1:
             raise ConfigError(

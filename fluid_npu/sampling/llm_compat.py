@@ -87,14 +87,17 @@ _ENGINE_ONLY = {
 }  # fmt: skip
 
 
-def check_vllm_keywords(given: Mapping[str, Any], model: str | Path) -> str:
+def check_vllm_keywords(
+    given: Mapping[str, Any], model: str | Path, adapter: str | Path | None = None
+) -> str:
     """Check ``LLM(**given)``'s vLLM keywords (module docstring); returns the
     ``generation_config`` choice (``"auto"``: the model's, ``"vllm"``: vLLM's defaults)."""
     unknown = sorted(set(given) - set(_NEUTRAL) - _ENGINE_ONLY - {"tokenizer"})
     if unknown:
         raise TypeError(f"LLM.__init__() got an unexpected keyword argument {unknown[0]!r}")
     tokenizer = given.get("tokenizer")
-    if tokenizer is not None and Path(tokenizer).resolve() != Path(model).resolve():
+    own = {Path(d).resolve() for d in (model, adapter) if d is not None}  # (an adapter's own)
+    if tokenizer is not None and Path(tokenizer).resolve() not in own:
         raise ConfigError(
             f"tokenizer={str(tokenizer)!r}: the tokenizer is the model's own (it holds the MASK "
             "token Stage I trained with); leave tokenizer out"

@@ -26,8 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid
-from fluid_npu.model.khead import CONFIG as KHEAD_CONFIG
-from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
+from fluid_npu.model.khead import SAVED_SUBDIR, KHead, KHeadConfig, save_khead, saved_khead
 from fluid_npu.model.loading import fingerprint
 from fluid_npu.model.mask_token import MaskToken
 from fluid_npu.model.merge import (
@@ -137,8 +136,8 @@ class FluidForCausalLM(torch.nn.Module):
             allow_pickle=allow_pickle,
         )
         head = head_config = None
-        if khead is None and (Path(model_dir) / KHEAD_CONFIG).is_file():
-            khead = model_dir  # (a directory save_pretrained wrote: its K-head beside the model)
+        if khead is None:  # (a directory save_pretrained wrote: its K-head in a subfolder)
+            khead = saved_khead(model_dir, adapter)
         if khead is not None:  # (the strict check: the very backbone the head was trained on)
             head, head_config = attach_khead(loaded, khead)
         model = loaded.model
@@ -163,10 +162,12 @@ class FluidForCausalLM(torch.nn.Module):
     ) -> Path:
         """Write the model whole into ``save_directory`` (new or empty): the decoder in the dtype
         it has now (safetensors shards of at most ``max_shard_size``), the tokenizer (MASK token
-        and chat template included), ``fluid_model.json`` and the K-head beside them, so that
-        ``from_pretrained(save_directory)`` gives the same model (an adapter arrives merged; a
-        K-head trained on base + adapter still loads) and ``AutoModelForCausalLM`` loads the
-        decoder. Written to a staging directory and renamed: a failed save leaves nothing."""
+        and chat template included), ``fluid_model.json`` and the K-head in ``khead/`` (a
+        subfolder: runtimes that load every ``*.safetensors`` of a model directory, vLLM's among
+        them, never read it), so that ``from_pretrained(save_directory)`` gives the same model
+        (an adapter arrives merged; a K-head trained on base + adapter still loads) and
+        ``AutoModelForCausalLM`` loads the decoder. Written to a staging directory and renamed:
+        a failed save leaves nothing."""
         if push_to_hub or not safe_serialization:
             raise ConfigError(
                 "save_pretrained writes safetensors to a local directory only; upload it with "
@@ -188,8 +189,20 @@ class FluidForCausalLM(torch.nn.Module):
             fp = fingerprint(self.model)
             mask = MaskToken(token, self.mask_id, "tokenizer")
             loaded, meta, base = LoadedFluid(self.model, self.tokenizer, mask, fp, None), None, None
+            config = self.khead_config
+            if config is not None and (config.base_fingerprint, config.adapter_fingerprint) != (
+                fp,
+                None,
+            ):  # (its record would not match the saved weights: from_pretrained would refuse it)
+                raise ConfigError(
+                    "this K-head was trained on another network than the model in memory (its "
+                    "base or adapter); save through FluidForCausalLM.from_pretrained(base, "
+                    "adapter, khead=DIR), which records what the weights were merged from"
+                )
         head, head_config = self.khead, self.khead_config
-        extra = None if head is None else (lambda d: save_khead(head, head_config, d))
+        extra = None
+        if head is not None:
+            extra = lambda d: save_khead(head, head_config, d / SAVED_SUBDIR)  # noqa: E731
         return save_fluid(
             self.model, self.tokenizer, out, merged_meta(loaded, meta, base=base),
             max_shard_size=size, extra=extra,
@@ -304,8 +317,30 @@ class FluidForCausalLM(torch.nn.Module):
         ``eos_token_id=None`` given explicitly turns EOS off, as in transformers. ``streamer``: a
         transformers streamer for a one-prompt call: ``put`` the prompt ``[1, L]``, then each
         step's committed tokens ``[1, n]`` (several per step), then ``end()`` (also when decoding
-        fails); for a batch pass ``stream=callable(row, tokens)``.
+        fails or is refused); for a batch pass ``stream=callable(row, tokens)``.
         """
+        try:
+            return self._generate(
+                inputs, mask_or_config, max_new_tokens, policy, loop, generation_config,
+                attention_mask, streamer, kwargs,
+            )  # fmt: skip
+        finally:  # (a TextIteratorStreamer's reader stops waiting, whatever happened, refusals too)
+            if callable(getattr(streamer, "end", None)):
+                streamer.end()
+
+    def _generate(
+        self,
+        inputs: Any,
+        mask_or_config: Any,
+        max_new_tokens: int | None,
+        policy: str | None,
+        loop: str,
+        generation_config: Any,
+        attention_mask: torch.Tensor | None,
+        streamer: Any,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """``generate``'s work (``generate`` ends the streamer, whatever happens here)."""
         for name in ("inputs", "input_ids"):  # (by name, as transformers takes them)
             if name in kwargs:
                 if inputs is not None:
@@ -366,22 +401,18 @@ class FluidForCausalLM(torch.nn.Module):
             if kwargs.get("stream") is not None:
                 raise ConfigError("give a streamer or stream=callable(row, tokens), not both")
             kwargs["stream"] = feed_streamer(streamer, inputs)
-        try:
-            out = generate(
-                self.model,
-                self.mask_id,
-                inputs,
-                attention_mask,
-                policy=policy,
-                loop=loop,
-                max_new_tokens=max_new_tokens,
-                khead=self.khead,
-                tokenizer=kwargs.pop("tokenizer", self.tokenizer),
-                **self.engine_kwargs(kwargs),
-            )
-        finally:  # (a TextIteratorStreamer's reader stops waiting, whatever happened)
-            if streamer is not None:
-                streamer.end()
+        out = generate(
+            self.model,
+            self.mask_id,
+            inputs,
+            attention_mask,
+            policy=policy,
+            loop=loop,
+            max_new_tokens=max_new_tokens,
+            khead=self.khead,
+            tokenizer=kwargs.pop("tokenizer", self.tokenizer),
+            **self.engine_kwargs(kwargs),
+        )
         self.last_output, self.last_stats = out, out.stats
         return out.sequences
 

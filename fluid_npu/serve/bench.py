@@ -273,7 +273,16 @@ def _machine(url: str) -> dict[str, Any]:
 
 
 def default_policies(server_args: list[str]) -> tuple[str, ...]:
-    return ("khead" if "--khead" in server_args else "entropy", "ar")
+    """The servers' policies when ``--policies`` is not given: the K-head's (``--khead``, or the
+    one a saved model keeps) and ``ar``."""
+    from fluid_npu.model.khead import saved_khead
+
+    def flag(name: str) -> str | None:
+        return server_args[server_args.index(name) + 1] if name in server_args else None
+
+    model = flag("--model")
+    saved = model is not None and saved_khead(model, flag("--adapter")) is not None
+    return ("khead" if "--khead" in server_args or saved else "entropy", "ar")
 
 
 def split_rounds(jobs: list[Any], rounds: int) -> list[list[Any]]:

@@ -362,6 +362,7 @@ class FluidTrainer(Trainer):
             del self._get_output_dir
         self.accelerator.wait_for_everyone()  # every shard / RNG state is on disk
         if self.args.should_save:
+            add_legacy_keys(staging / name)  # (a full fine-tune's checkpoint is a model too)
             for item in self.checkpoint_files:
                 item.save(staging / name)
             publish_checkpoint(staging / name, run_dir / name)
