@@ -25,7 +25,7 @@ def test_vllm_constructor_keywords_get_an_answer(model_dir, llm):  # noqa: F811
     neutral = dict(
         tokenizer=str(model_dir), tokenizer_mode="auto", revision=None, quantization=None,
         kv_cache_dtype="auto", enable_lora=False, pipeline_parallel_size=1, hf_overrides=None,
-        speculative_config=None, compilation_config=None, generation_config="auto",
+        speculative_config=None, compilation_config={"level": 0}, generation_config="auto",
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -44,6 +44,7 @@ def test_vllm_constructor_keywords_get_an_answer(model_dir, llm):  # noqa: F811
         ({"enable_lora": True}, "adapter=DIR"),
         ({"speculative_config": {"method": "eagle"}}, "no draft model"),
         ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+        ({"compilation_config": {"level": 3}}, "enforce_eager=False"),
         ({"pipeline_parallel_size": 2}, "one device"),
         ({"revision": "main"}, "nothing is downloaded"),
         ({"generation_config": "/some/dir"}, "generation_config"),

@@ -49,5 +49,8 @@ def test_every_command_takes_trust_remote_code(tmp_path, capsys):
     served = parser.parse_args(["serve", "--model", model, "--trust-remote-code"])
     assert _settings(served).trust_remote_code
     spawned = parser.parse_args(["bench", "serve", "--model", model, "--prompts", "p.jsonl",
-                                 "--json", "r.json", "--trust-remote-code"])  # fmt: skip
-    assert "--trust-remote-code" in _server_args(spawned)
+                                 "--json", "r.json", "--trust-remote-code",
+                                 "--served-model-name", "a", "b"])  # fmt: skip
+    args = _server_args(spawned)
+    assert "--trust-remote-code" in args
+    assert args[args.index("--served-model-name") :][:3] == ["--served-model-name", "a", "b"]

@@ -38,6 +38,15 @@ def _is(*values: Any) -> Callable[[Any], bool]:
 
 
 _NOTHING = "nothing is downloaded: the model is a local directory"
+
+
+def _no_compilation(value: Any) -> bool:
+    """vLLM's ``compilation_config`` at "none": None, 0, or a dict of ``level`` / ``mode`` 0."""
+    if isinstance(value, Mapping):
+        return set(value) <= {"level", "mode"} and all(v == 0 for v in value.values())
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0)
+
+
 # keyword -> (the values that change nothing here, what to do instead of another value)
 _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task": (_is("auto", "generate"), "this LLM generates text"),
@@ -62,8 +71,8 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
                     "adapter=DIR)"),
     "speculative_config": (lambda v: not v, "FLUID drafts with the model itself (policy=, "
                            "khead=): there is no draft model"),
-    "compilation_config": (lambda v: v is None or v == 0 or v == {}, "enforce_eager=False "
-                           "compiles the decode step"),
+    "compilation_config": (lambda v: _no_compilation(v), "enforce_eager=False compiles the "
+                           "decode step"),
     "enable_sleep_mode": (_is(False), "the model stays loaded"),
     "mm_processor_kwargs": (lambda v: not v, "this LLM reads text"),
     "allowed_local_media_path": (lambda v: not v, "this LLM reads text"),

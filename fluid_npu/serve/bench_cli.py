@@ -23,6 +23,13 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
     targets = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
     s = targets.add_parser("serve", help="load `fluid serve`: throughput, TTFT, ITL vs ar")
     _add_model_flags(s)
+    s.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the model ids the servers started here answer to (vLLM's flag; the load names the "
+        "first, as /v1/models lists it)",
+    )
     s.add_argument("--url", default=None, help="load this running server instead (no --model)")
     s.add_argument(
         "--policies", default=None, help="comma-separated (default: khead or entropy,ar)"
@@ -55,7 +62,9 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="bearer key of the servers (default: $FLUID_API_KEY; servers started here get it)",
     )
     # what a server flag is when not given: with --url, a flag set otherwise is an error
-    defaults = {key: s.get_default(key) for key in (*SERVER_KEYS, *SERVER_SWITCHES)}
+    defaults = {
+        key: s.get_default(key) for key in (*SERVER_KEYS, *SERVER_SWITCHES, "served_model_name")
+    }
     s.set_defaults(handler=bench_serve_command, server_defaults=defaults)
 
 
@@ -115,4 +124,5 @@ def _server_args(args: argparse.Namespace) -> list[str]:
     out += ["--no-adaptive-drafting"] if args.no_adaptive_drafting else []
     out += ["--no-enable-prefix-caching"] if args.no_enable_prefix_caching else []
     out += ["--trust-remote-code"] if args.trust_remote_code else []
+    out += ["--served-model-name", *args.served_model_name] if args.served_model_name else []
     return out
