@@ -125,3 +125,26 @@ def test_a_trained_adapter_ends_at_its_templates_turn_end(tmp_path):
     assert fluid.tokenizer.eos_token == "<|im_end|>" and saved["eos_token_id"][0] == end
     assert fluid.generation_config.eos_token_id[0] == end
     assert fluid.tokenizer.chat_template == jinja(TEMPLATES["qwen"])
+
+
+def test_a_named_template_the_tokenizers_own_serves_differently_is_warned(caplog):
+    # the tokenizer keeps its own chat template (serving renders with it): a named template that
+    # writes conversations otherwise trains a format the model is not served — warned, with the
+    # first difference; one that writes the same text is not
+    from fluid_npu.data.template_export import warn_if_served_differently
+
+    tok = build_tiny_tokenizer(chat_template=False)
+    tok.chat_template = (  # (Qwen2.5's: another default system prompt than the qwen template's)
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+        "You are Qwen.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    caplog.set_level("WARNING", logger="fluid_npu.data.template_export")
+    assert warn_if_served_differently(TEMPLATES["qwen"], tok)
+    [record] = caplog.records
+    assert "template: auto" in record.getMessage() and "served 'Qwen." in record.getMessage()
+    caplog.clear()
+    tok.chat_template = jinja(TEMPLATES["qwen"])  # (the same format: nothing to say)
+    assert not warn_if_served_differently(TEMPLATES["qwen"], tok) and not caplog.records
+    fit_tokenizer(TEMPLATES["qwen"], tok, build_tiny_model("llama", tok))  # (its check runs it)
+    assert not caplog.records

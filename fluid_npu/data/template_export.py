@@ -112,6 +112,41 @@ def jinja(template: ChatTemplate, add_bos: bool | None = None) -> str:
     return mark + bos + refuse_tools + head + system + turns
 
 
+SAMPLE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+          {"role": "user", "content": "How are you?"}]  # fmt: skip
+
+
+def warn_if_served_differently(template: ChatTemplate, tokenizer: Any) -> bool:
+    """Warn (and return True) when the tokenizer's own chat template — the one the checkpoint is
+    served with (``fluid serve``, ``generate --chat``, vLLM), which a named template does not
+    replace — renders a conversation otherwise than ``template`` trains it (Qwen2.5's default
+    system prompt against ``qwen``'s, Llama 3.1's dated preamble against ``llama3``'s): the model
+    would be served a format it was not trained on. A conversation either refuses is no verdict."""
+    add_bos = template.bos == "always" or adds_bos(tokenizer)
+    try:
+        trained = tokenizer.apply_chat_template(
+            SAMPLE, chat_template=jinja(template, add_bos), tokenize=False,
+            add_generation_prompt=True,
+        )  # fmt: skip
+        served = tokenizer.apply_chat_template(SAMPLE, tokenize=False, add_generation_prompt=True)
+    except Exception:  # (a template that raises on this conversation says nothing here)
+        return False
+    # (a BOS the served template leaves to the tokenizer's encoding is the same text trained)
+    bos = tokenizer.bos_token or ""
+    if trained == served or (bos and trained == bos + served):
+        return False
+    at = next((i for i, (a, b) in enumerate(zip(trained, served)) if a != b), None)
+    at = min(len(trained), len(served)) if at is None else at
+    logger.warning(
+        "template %s: the tokenizer's own chat template, which serving renders with, writes a "
+        "conversation otherwise than this template trains it (from character %d: trained %r, "
+        "served %r); train with template: auto to learn the format it is served with, or give "
+        "fluid serve / generate --chat-template the format training used",
+        template.name, at, trained[at : at + 60], served[at : at + 60],
+    )  # fmt: skip
+    return True
+
+
 def fit_tokenizer(template: Template, tokenizer: Any, model: Any) -> list[str]:
     """Give ``tokenizer`` (and ``model``'s generation config) what a checkpoint trained with
     ``template`` needs (module docstring); returns what changed, one line each (logged)."""
@@ -134,6 +169,8 @@ def fit_tokenizer(template: Template, tokenizer: Any, model: Any) -> list[str]:
     if isinstance(template, ChatTemplate) and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = jinja(template, template.bos == "always" or adds_bos(tokenizer))
         changes.append(f"chat template: the {template.name} template, saved with the tokenizer")
+    elif isinstance(template, ChatTemplate):
+        warn_if_served_differently(template, tokenizer)
     for line in changes:
         logger.info("template %s: %s", getattr(template, "name", "?"), line)
     return changes
