@@ -198,8 +198,9 @@ def test_chat_template_that_rewrites_history_is_refused(tok):
     odd.chat_template = (
         "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     )
-    with pytest.raises(ConfigError, match="turn by turn"):
+    with pytest.raises(ConfigError, match="turn by turn") as refused:
         get_template("auto", odd).encode(odd, TWO_TURNS)
+    assert "its own example" in str(refused.value)  # (the fix: one example per assistant turn)
 
 
 def test_template_selection(tok):

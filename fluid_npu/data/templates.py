@@ -343,8 +343,10 @@ class TokenizerChatTemplate:
                 raise ConfigError(
                     "the tokenizer's chat template does not render conversations turn by turn "
                     f"(rendering up to message {k} is not a prefix of the whole conversation), so "
-                    "the response tokens cannot be located; set `template:` to one of "
-                    f"{sorted(TEMPLATES)}"
+                    "the response tokens cannot be located (Qwen3's drops earlier turns' "
+                    "reasoning); give each assistant turn its own example (a conversation up to "
+                    "it), or set `template:` to one of "
+                    f"{sorted(TEMPLATES)} and serve with that format (--chat-template)"
                 )
             end = max(len(upto), start)
             while end > start and not tokenizer.decode(upto[end - 1 : end]).strip():
