@@ -47,7 +47,7 @@ def test_vllm_constructor_keywords_get_an_answer(model_dir, llm):  # noqa: F811
         ({"compilation_config": {"level": 3}}, "enforce_eager=False"),
         ({"pipeline_parallel_size": 2}, "one device"),
         ({"revision": "main"}, "nothing is downloaded"),
-        ({"generation_config": "/some/dir"}, "generation_config"),
+        ({"generation_config": "/some/dir"}, "generation_config '/some/dir': cannot read it"),
     ):
         with pytest.raises(ConfigError, match=words):
             LLM("/no/such/model", **kwargs)
@@ -69,6 +69,11 @@ def test_generation_config_as_vllm_reads_it(model_dir, tmp_path):  # noqa: F811
     assert (auto.max_tokens, auto.temperature, auto.top_k) == (3, 0.5, 7)
     own = LLM(copy, max_num_seqs=1, max_model_len=160, generation_config="vllm")
     assert own.get_default_sampling_params() == SamplingParams()
+    # or a folder's generation_config.json (vLLM's third choice), read as the server reads it
+    (tmp_path / "gc").mkdir()
+    (tmp_path / "gc" / "generation_config.json").write_text(json.dumps({"temperature": 0.2}))
+    folder = LLM(copy, max_num_seqs=1, max_model_len=160, generation_config=str(tmp_path / "gc"))
+    assert folder.get_default_sampling_params() == SamplingParams(temperature=0.2)
 
 
 def test_max_logprobs_chat_options_numpy_ids_and_other_tasks(llm, model_dir):  # noqa: F811

@@ -13,9 +13,10 @@ pair back to the same ``rope_parameters`` (``tests/test_legacy_config.py``). Per
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from fluid_npu.io import write_json_atomic
 
 
 def legacy_keys(config: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def legacy_keys(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_legacy_keys(directory: str | Path) -> None:
-    """Add ``legacy_keys`` to ``directory/config.json`` in place (a temp file renamed over it);
+    """Add ``legacy_keys`` to ``directory/config.json`` in place (written atomically);
     nothing when the directory holds no config (an adapter) or it has them all."""
     path = Path(directory) / "config.json"
     if not path.is_file():
@@ -54,6 +55,4 @@ def add_legacy_keys(directory: str | Path) -> None:
     extra = legacy_keys(config)
     if not extra:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**config, **extra}, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, {**config, **extra})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fluid_npu.errors import CheckpointError, ConfigError
+from fluid_npu.io import publish_dir
 from fluid_npu.model.adapters import META_FILE, FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.legacy_config import add_legacy_keys
 from fluid_npu.model.loading import fingerprint
@@ -107,10 +108,7 @@ def save_fluid(
             extra(staging)
         meta.save(staging)
         if out.exists():  # (an empty folder, perhaps a process's working directory: kept, and
-            # filled entry by entry, fluid_model.json last: the mark of a complete model)
-            for entry in sorted(staging.iterdir(), key=lambda p: p.name == META_FILE):
-                entry.rename(out / entry.name)
-            staging.rmdir()
+            publish_dir(staging, out, last=[META_FILE])  # filled, fluid_model.json last)
         else:
             staging.rename(out)
     except BaseException:

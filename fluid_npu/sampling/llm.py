@@ -27,9 +27,8 @@ or ``decoded_token``), ``truncate_prompt_tokens`` and ``structured_outputs``
 as a dict: the output follows it, as ``fluid serve``'s field; not with ``ignore_eos`` or
 ``stop_token_ids``, as there). vLLM's other fields (beam search, ``logits_processors``,
 ``output_kind``, ...) are not fields here: passing one is a ``TypeError`` naming it, never
-ignored. ``generate`` without ``sampling_params`` takes
-the model's ``generation_config`` where it sets temperature / top-p / top-k / min-p / repetition
-penalty, as vLLM does.
+ignored. ``generate`` without ``sampling_params`` takes what ``LLM(generation_config=)`` (auto:
+the model's, vllm, or a folder) sets, ``max_new_tokens`` as ``max_tokens``, as vLLM does.
 
 Numbers are taken as vLLM takes them (an int for a float, a numpy scalar, a whole float for a
 count); a wrong type or value is a ``ConfigError`` naming the field. A call interrupted mid-way
@@ -60,8 +59,8 @@ from fluid_npu.sampling.llm_compat import (
     check_logprobs_cap,
     check_text_chat,
     check_vllm_keywords,
+    default_params,
     engine_switches,
-    generation_defaults,
     no_lora,
     progress_bar,
 )
@@ -80,6 +79,7 @@ from fluid_npu.sampling.llm_params import (
     one_each,
 )
 from fluid_npu.sampling.rules import INT64_MAX
+from fluid_npu.serve.sampling_defaults import generation_config_of
 
 Prompt = str | Mapping[str, Any]  # a text, {"prompt": text} or {"prompt_token_ids": [...]}
 
@@ -93,14 +93,13 @@ class LLM(VLLMOtherTasks):
     ``gpu_memory_utilization`` — the share of the device's memory the weights and the KV cache
     may take, as vLLM's — as many as fit, at most 256); ``tensor_parallel_size``: 1 only (one
     device holds the model); ``enforce_eager``: vLLM's, but eager by default here — False
-    compiles the decode step (``Scheduler(compile=True)``: device graphs on an accelerator; on a
-    CPU it paid for ``ar`` at batch 1 and little else, docs/engine.md); ``max_model_len``:
+    compiles the decode step (``Scheduler(compile=True)``, docs/engine.md); ``max_model_len``:
     prompt and output tokens per request (None: the model's context, at most 4096); ``policy``:
     the drafting horizon (``khead`` with a K-head, else ``entropy``); ``seed``: where unseeded
     requests' seeds come from (None: torch's global generator); ``enable_prefix_caching``,
     ``logprobs_mode`` and ``scheduling_policy`` as vLLM's flags; ``engine_kwargs`` go to the
-    ``Scheduler``; ``max_logprobs``: vLLM's cap on a request's alternatives (None: no cap).
-    vLLM's other constructor keywords are answered by ``llm_compat.check_vllm_keywords``.
+    ``Scheduler``; ``max_logprobs``: vLLM's cap on a request's alternatives (None: no cap);
+    vLLM's other keywords: ``llm_compat.check_vllm_keywords``.
     """
 
     def __init__(
@@ -133,7 +132,10 @@ class LLM(VLLMOtherTasks):
         from fluid_npu.sampling.pretrained import FluidForCausalLM
         from fluid_npu.sampling.scheduler import Scheduler
 
-        self._generation_defaults = check_vllm_keywords(vllm_keywords, model, adapter)
+        choice = check_vllm_keywords(vllm_keywords, model, adapter)
+        folder = None  # (a folder's generation_config.json: read now, before the model loads)
+        if choice not in ("auto", "vllm"):
+            folder = generation_config_of(choice, None, "generation_config")
         self._max_logprobs = max_logprobs
         if tensor_parallel_size != 1:
             raise ConfigError(
@@ -161,6 +163,9 @@ class LLM(VLLMOtherTasks):
             **switches,
         )  # fmt: skip
         self._model_name = str(model)  # (the metrics' model_name label, as vLLM's)
+        self._generation_config = (
+            folder if folder is not None else generation_config_of(choice, self.fluid.model)
+        )
         self._specials = text_specials(self.tokenizer)  # (kept when a text is truncated)
         self._seeds = None if seed is None else random.Random(seed)
         self._count = 0
@@ -175,11 +180,9 @@ class LLM(VLLMOtherTasks):
         return engine_metrics(self.engine, self._model_name)
 
     def get_default_sampling_params(self) -> SamplingParams:
-        """What ``generate`` uses without ``sampling_params``: the model's generation config
-        where it sets a decoding setting, else vLLM's defaults."""
-        if self._generation_defaults == "vllm":  # (LLM(generation_config="vllm"): not read)
-            return SamplingParams()
-        return SamplingParams(**generation_defaults(self.fluid.model))
+        """What ``generate`` uses without ``sampling_params``: what ``LLM(generation_config=)``'s
+        config (the model's by default) sets, else vLLM's defaults."""
+        return SamplingParams(**default_params(self._generation_config))
 
     def generate(
         self,

@@ -82,8 +82,6 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "worker_cls": (_is("auto", None), "one process decodes"),
     "worker_extension_cls": (_is("", None), "one process decodes"),
     "guided_decoding_backend": (_is("auto", "xgrammar", None), "structured outputs use xgrammar"),
-    "generation_config": (_is("auto", "vllm"), "'auto' follows the model's "
-                          "generation_config.json, 'vllm' ignores it"),
 }  # fmt: skip
 # vLLM's own scheduler / memory / logging settings: they change no output, and this engine has no
 # counterpart (its slots, prefill chunks and cache are its own), so they are accepted and named
@@ -100,8 +98,9 @@ def check_vllm_keywords(
     given: Mapping[str, Any], model: str | Path, adapter: str | Path | None = None
 ) -> str:
     """Check ``LLM(**given)``'s vLLM keywords (module docstring); returns the
-    ``generation_config`` choice (``"auto"``: the model's, ``"vllm"``: vLLM's defaults)."""
-    unknown = sorted(set(given) - set(_NEUTRAL) - _ENGINE_ONLY - {"tokenizer"})
+    ``generation_config`` choice (``"auto"``: the model's, ``"vllm"``: vLLM's defaults, or a
+    folder holding a ``generation_config.json``)."""
+    unknown = sorted(set(given) - set(_NEUTRAL) - _ENGINE_ONLY - {"tokenizer", "generation_config"})
     if unknown:
         raise TypeError(f"LLM.__init__() got an unexpected keyword argument {unknown[0]!r}")
     tokenizer = given.get("tokenizer")
@@ -172,15 +171,14 @@ def check_text_chat(content_format: str, mm_processor_kwargs: Any) -> None:
         )
 
 
-def generation_defaults(model: Any) -> dict[str, Any]:
-    """The ``SamplingParams`` a model's ``generation_config`` sets, as vLLM reads it (its
-    ``max_new_tokens`` as ``max_tokens``)."""
-    config = getattr(model, "generation_config", None)
-    given: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-        value = getattr(config, name, None)
-        if value is not None:
-            given[name] = float(value) if name != "top_k" else int(value)
+def default_params(config: Any) -> dict[str, Any]:
+    """The ``SamplingParams`` a ``GenerationConfig`` (or None) sets, as vLLM reads it: the
+    server's decoding defaults (``SamplingDefaults``), and ``max_new_tokens`` as ``max_tokens``."""
+    from dataclasses import asdict
+
+    from fluid_npu.serve.sampling_defaults import SamplingDefaults
+
+    given = asdict(SamplingDefaults.of(config))
     if getattr(config, "max_new_tokens", None) is not None:
         given["max_tokens"] = int(config.max_new_tokens)
     return given

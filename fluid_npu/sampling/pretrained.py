@@ -16,7 +16,6 @@ committed tokens, then ``end()``, as transformers' assisted decoding feeds it. D
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +76,10 @@ class FluidForCausalLM(torch.nn.Module):
         self.mask_id = mask_id
         self.khead = khead
         self.khead_config: KHeadConfig | None = None  # (what save_pretrained records the head by)
-        # (from_pretrained: what it loaded, the source's fluid_model.json and its path)
-        self.source: tuple[LoadedFluid, FluidModelMeta | None, str | None] | None = None
+        # (from_pretrained: the MASK token, base and adapter fingerprints it loaded, the source's
+        # fluid_model.json and base path — what save_pretrained records; no second model ref)
+        self.source: tuple[MaskToken, str, str | None, FluidModelMeta | None, str | None] | None
+        self.source = None
         self.last_stats: GenerateStats | None = None
         self.last_output: GenerateOutput | None = None
         # the decode engine's measured step costs and acceptance, per policy: each generate call
@@ -149,7 +150,8 @@ class FluidForCausalLM(torch.nn.Module):
         fluid.khead_config = head_config
         meta = FluidModelMeta.load(adapter or model_dir)  # (the base: the one merged into)
         base = str(model_dir) if adapter is not None or meta is None else meta.base_model
-        fluid.source = (loaded, meta, base)
+        fingerprints = (loaded.base_fingerprint, loaded.adapter_fingerprint)
+        fluid.source = (loaded.mask, *fingerprints, meta, base)
         return fluid
 
     def save_pretrained(
@@ -182,13 +184,11 @@ class FluidForCausalLM(torch.nn.Module):
         out = check_output(save_directory, "save_directory")
         size = shard_size(max_shard_size, "max_shard_size")
         if self.source is not None:
-            loaded, meta, base = self.source
-            loaded = dataclasses.replace(loaded, model=self.model, tokenizer=self.tokenizer)
+            mask, fp, adapter_fp, meta, base = self.source
         else:  # (built from a model in memory: it is its own source)
             token = self.tokenizer.convert_ids_to_tokens(self.mask_id)
-            fp = fingerprint(self.model)
-            mask = MaskToken(token, self.mask_id, "tokenizer")
-            loaded, meta, base = LoadedFluid(self.model, self.tokenizer, mask, fp, None), None, None
+            mask, fp = MaskToken(token, self.mask_id, "tokenizer"), fingerprint(self.model)
+            adapter_fp = meta = base = None
             config = self.khead_config
             if config is not None and (config.base_fingerprint, config.adapter_fingerprint) != (
                 fp,
@@ -203,6 +203,7 @@ class FluidForCausalLM(torch.nn.Module):
         extra = None
         if head is not None:
             extra = lambda d: save_khead(head, head_config, d / SAVED_SUBDIR)  # noqa: E731
+        loaded = LoadedFluid(self.model, self.tokenizer, mask, fp, adapter_fp)
         return save_fluid(
             self.model, self.tokenizer, out, merged_meta(loaded, meta, base=base),
             max_shard_size=size, extra=extra,

@@ -39,3 +39,27 @@ class SamplingDefaults:
         return {
             k: getattr(self, k) if v is None and hasattr(self, k) else v for k, v in params.items()
         }
+
+
+def generation_config_of(given: str, model: Any, name: str = "--generation-config") -> Any:
+    """The ``GenerationConfig`` vLLM's ``--generation-config`` choice names: the model's own
+    (``auto``), none (``vllm``: OpenAI's defaults), or the ``generation_config.json`` in the
+    folder ``given``; one that cannot be read is a ``ConfigError`` naming ``name``."""
+    if given == "auto":
+        return getattr(model, "generation_config", None)
+    if given == "vllm":
+        return None
+    from transformers import GenerationConfig
+
+    from fluid_npu.errors import ConfigError
+
+    try:
+        return GenerationConfig.from_pretrained(given, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{name} {given!r}: cannot read it ({exc})") from None
+
+
+def generation_defaults(given: str, model: Any) -> SamplingDefaults:
+    """The decoding settings a request that leaves them out gets, as vLLM's
+    ``--generation-config`` chooses them (``generation_config_of``)."""
+    return SamplingDefaults.of(generation_config_of(given, model))

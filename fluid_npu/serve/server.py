@@ -26,7 +26,7 @@ import uvicorn
 from fluid_npu.errors import ConfigError
 from fluid_npu.serve.app import ServeConfig, create_app
 from fluid_npu.serve.network import Network, ServerClosingTLS
-from fluid_npu.serve.protocol import SamplingDefaults
+from fluid_npu.serve.sampling_defaults import generation_defaults  # (the tests import it here)
 from fluid_npu.serve.settings import (  # (imported from here by dp.py, batch.py, the tests)
     ServeSettings,
     model_aliases,
@@ -196,22 +196,6 @@ def watch_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="fluid-parent-watch", daemon=True).start()
-
-
-def generation_defaults(given: str, model: Any) -> SamplingDefaults:
-    """The decoding settings a request that leaves them out gets, as vLLM's
-    ``--generation-config`` chooses them: the model's generation config (``auto``), OpenAI's
-    (``vllm``), or those of the ``generation_config.json`` in a folder."""
-    if given == "auto":
-        return SamplingDefaults.of(getattr(model, "generation_config", None))
-    if given == "vllm":
-        return SamplingDefaults()
-    from transformers import GenerationConfig
-
-    try:
-        return SamplingDefaults.of(GenerationConfig.from_pretrained(given, local_files_only=True))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--generation-config {given!r}: cannot read it ({exc})") from None
 
 
 def log_to_stderr(name: str) -> None:

@@ -171,7 +171,6 @@ class TrainingSession:
         )
         self.model = self._trainable(base)
         self.precision.cast_trainable(self.model)
-        self.precision_record = self.precision.observe(self.model)
 
     def _parent_mask(self, parent: ContinuedAdapter) -> str | None:
         """The adapter's MASK token; None (Stage I's token added again) when the tokenizer lacks

@@ -215,7 +215,6 @@ class Stage2Run:
         )
         self.objective = KHeadObjective(self.head, self.backbone, f.khead_sigma)
         self.trained = nn.ModuleList([self.head, run_module])  # (what run.json's precision reads)
-        self.precision_record = self.precision.observe(self.trained)
 
     def _load_data(self) -> None:
         self.args.device  # noqa: B018 - sets up torch.distributed: the data is built on rank 0
