@@ -29,6 +29,7 @@ from fluid_npu.data.templates import (
     RESPONSE_ROLES,
     USER,
     Conversation,
+    RowError,
 )
 from fluid_npu.errors import DataError
 
@@ -70,10 +71,6 @@ OPENAI_TAGS = {
 }
 # LLaMA-Factory columns for preference, KTO and multimodal data: not supervised text SFT.
 UNSUPPORTED_COLUMNS = ("chosen", "rejected", "kto_tag", "images", "videos", "audios")
-
-
-class RowError(Exception):
-    """One bad row; the message says what is wrong with it."""
 
 
 @dataclass(frozen=True)

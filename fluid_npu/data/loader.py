@@ -40,8 +40,9 @@ HEAD_ROWS = 8  # the first rows that tell the format (sharegpt tags) and test th
 _CODE_DIGEST = hashlib.sha256(
     b"".join(
         (Path(__file__).parent / n).read_bytes()
-        for n in ("files.py", "formats.py", "loader.py", "templates.py")
+        for n in ("files.py", "formats.py", "loader.py", "templates.py", "tool_turns.py")
     )
+    + (Path(__file__).parents[1] / "sampling" / "tooluse.py").read_bytes()  # (checks calls)
 ).hexdigest()
 _FEATURES = datasets.Features(
     {
@@ -114,10 +115,9 @@ def _tokenize_row(
     ``code_digest`` is unused here: it only keys the ``datasets`` cache on this package's code.
     """
     try:
-        conversation = _to_conversation(row, spec)
+        encoded = template.encode(tokenizer, _to_conversation(row, spec))
     except RowError as e:
         return _bad(str(e))
-    encoded = template.encode(tokenizer, conversation)
     ids, spans = encoded.input_ids, encoded.spans
     if mask_history:
         spans = spans[-1:]

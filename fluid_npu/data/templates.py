@@ -16,7 +16,6 @@ Both return an ``Encoded`` (ids + response spans) and can encode a bare prompt f
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -31,6 +30,10 @@ USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "fu
 PROMPT_ROLES = (USER, OBSERVATION)  # roles at even positions: no loss
 RESPONSE_ROLES = (ASSISTANT, FUNCTION)  # roles at odd positions: the loss-carrying turns
 AUTO = "auto"
+
+
+class RowError(Exception):
+    """One bad row; the message says what is wrong with it."""
 
 
 @dataclass
@@ -259,7 +262,6 @@ TEMPLATES: dict[str, ChatTemplate] = {
 # ---------------------------------------------------------------------------------------------
 
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_HF_ROLES = {USER: "user", ASSISTANT: "assistant", OBSERVATION: "tool", FUNCTION: "assistant"}
 
 
 class TokenizerChatTemplate:
@@ -292,23 +294,9 @@ class TokenizerChatTemplate:
             return [tokenizer.bos_token_id]
         return []
 
-    @staticmethod
-    def _messages(conversation: Conversation) -> list[dict[str, str]]:
-        out = []
-        if conversation.system is not None:
-            out.append({"role": "system", "content": conversation.system})
-        out += [{"role": _HF_ROLES[r], "content": c} for r, c in conversation.messages]
-        return out
-
-    @staticmethod
-    def _tools(conversation: Conversation) -> list[dict] | None:
-        if not conversation.tools:
-            return None
-        tools = json.loads(conversation.tools)
-        return tools if isinstance(tools, list) else [tools]
-
     def _ids(self, tokenizer: Any, messages: list[dict], tools: Any, generation: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(
+        text = _refused_as_row(
+            tokenizer.apply_chat_template,
             messages,
             tools=tools,
             tokenize=False,
@@ -318,23 +306,28 @@ class TokenizerChatTemplate:
         return rendered_ids(tokenizer, text, self.add_bos)
 
     def encode(self, tokenizer: Any, conversation: Conversation) -> Encoded:
-        messages, tools = self._messages(conversation), self._tools(conversation)
+        from fluid_npu.data.tool_turns import hf_messages, hf_tools
+
+        (messages, places), tools = hf_messages(conversation), hf_tools(conversation.tools)
         if self.has_generation_markers:
-            out = tokenizer.apply_chat_template(
+            out = _refused_as_row(
+                tokenizer.apply_chat_template,
                 messages, tools=tools, tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=True,
+                return_assistant_tokens_mask=True, **self.template_kwargs,
             )  # fmt: skip
-            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+            text = _refused_as_row(
+                tokenizer.apply_chat_template,
+                messages, tools=tools, tokenize=False, **self.template_kwargs,
+            )  # fmt: skip
             bos = self._bos(tokenizer, text)
             spans = [(s + len(bos), e + len(bos)) for s, e in _runs(out["assistant_masks"])]
             return Encoded(bos + list(out["input_ids"]), spans)
         full = self._ids(tokenizer, messages, tools, generation=False)
-        offset = len(messages) - len(conversation.messages)
         spans = []
         for i, (role, _) in enumerate(conversation.messages):
             if role not in RESPONSE_ROLES:
                 continue
-            k = offset + i
+            k = places[i]
             prompt = self._ids(tokenizer, messages[:k], tools, generation=True)
             upto = self._ids(tokenizer, messages[: k + 1], tools, generation=False)
             start = len(prompt)
@@ -356,8 +349,21 @@ class TokenizerChatTemplate:
 
     def encode_prompt(self, tokenizer: Any, conversation: Conversation) -> list[int]:
         """The ids of a conversation ending with a user turn, with the generation prompt."""
-        tools = self._tools(conversation)
-        return self._ids(tokenizer, self._messages(conversation), tools, generation=True)
+        from fluid_npu.data.tool_turns import hf_messages, hf_tools
+
+        messages, tools = hf_messages(conversation)[0], hf_tools(conversation.tools)
+        return self._ids(tokenizer, messages, tools, generation=True)
+
+
+def _refused_as_row(render: Any, *args: Any, **kwargs: Any) -> Any:
+    """``render(*args, **kwargs)``; the template's own exception (Llama 3.1's one call per turn,
+    Mistral's alternating roles) becomes a ``RowError`` naming it: the row cannot be rendered."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return render(*args, **kwargs)
+    except TemplateError as exc:
+        raise RowError(f"the tokenizer's chat template refused this conversation: {exc}") from None
 
 
 def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:

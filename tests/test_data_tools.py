@@ -1,0 +1,178 @@
+"""Training on tool-use conversations with the tokenizer's own chat template.
+
+A tool call in LLaMA-Factory's data is a ``function_call`` turn holding JSON; a tokenizer's
+template writes calls from structured ``tool_calls`` (with their markers) and answers from
+``tool`` messages. What a model trains on must be what ``fluid serve`` renders for the same
+conversation sent as OpenAI messages — else it learns calls the server's tool-call parser never
+reads. Each check compares the trained ids with the server's rendering (``chat_template_ids``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+from fluid_npu.data import IGNORE_INDEX, build_sft_dataset
+from fluid_npu.errors import DataError
+from fluid_npu.model.tiny import build_tiny_tokenizer
+from fluid_npu.sampling.prompts import chat_messages, chat_template_ids
+from fluid_npu.sampling.tooluse import check_tools
+
+# A hermes-style template (Qwen2.5's layout): tools listed in the system turn, each call in
+# <tool_call> tags with its arguments as JSON, each result in a tool turn naming its call.
+HERMES = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}"
+    "<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}, '
+    '"id": "{{ c.id }}"}\n</tool_call>{% endfor %}'
+    "{% if m.role == 'tool' %} ({{ m.tool_call_id }}){% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Llama 3.1's rule: one call per assistant turn, refused by the template itself
+ONE_CALL = (
+    "{% for m in messages %}{% if m.tool_calls and m.tool_calls | length > 1 %}"
+    "{{ raise_exception('This model only supports single tool-calls at once!') }}{% endif %}"
+    "{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}{{ c.function | tojson }}"
+    "{% endfor %}</s>\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+TOOLS = [{"name": "add", "description": "Adds", "parameters": {"type": "object"}}]
+CALL = {"name": "add", "arguments": {"a": 1, "b": 2}}
+
+
+def sharegpt_row(call: object = CALL, result: str = "3") -> dict:
+    """A LLaMA-Factory sharegpt row with a tool call, its result and the answer."""
+    return {
+        "conversations": [
+            {"from": "human", "value": "1+2?"},
+            {"from": "function_call", "value": json.dumps(call)},
+            {"from": "observation", "value": result},
+            {"from": "gpt", "value": "It is 3."},
+        ],
+        "tools": json.dumps(TOOLS),
+    }
+
+
+def trained(tmp_path, tok, rows, formatting="sharegpt", **overrides):
+    """The examples ``rows`` give with the tokenizer's own template (``template: auto``)."""
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    entry = {"file_name": "t.jsonl", "formatting": formatting}
+    if formatting == "sharegpt":
+        entry["columns"] = {"messages": "conversations", "tools": "tools"}
+    elif formatting == "openai":
+        entry["columns"] = {"messages": "messages", "tools": "tools"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"t": entry}), "utf-8")
+    args = dict(
+        dataset="t", dataset_dir=str(tmp_path), template="auto", cutoff_len=2048,
+        skip_bad_rows=False, max_samples=None, val_size=0, seed=0, mask_history=False,
+        train_on_prompt=False, preprocessing_num_workers=None, cache_dir=str(tmp_path / "c"),
+    )  # fmt: skip
+    args.update(overrides)
+    return build_sft_dataset(SimpleNamespace(**args), tok)
+
+
+def responses(tok, example) -> list[str]:
+    """The loss-carrying runs of an example, decoded."""
+    out, run = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            out, run = [*out, tok.decode(run)], []
+    return out + ([tok.decode(run)] if run else [])
+
+
+@pytest.fixture
+def tok():
+    tok = build_tiny_tokenizer()
+    tok.chat_template = HERMES
+    return tok
+
+
+def test_a_tool_call_trains_as_the_server_renders_it(tmp_path, tok):
+    """The sharegpt row's ids are the server's rendering of the same conversation (the call with
+    its markers, the result answering it, the tools in OpenAI's form); the call and the answer
+    carry the loss, the result does not."""
+    example = trained(tmp_path, tok, [sharegpt_row()]).train[0]
+    served = chat_messages(
+        [
+            {"role": "user", "content": "1+2?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call00001", "type": "function",
+                 "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+            {"role": "tool", "content": "3", "tool_call_id": "call00001"},
+            {"role": "assistant", "content": "It is 3."},
+        ],
+        "request",
+    )  # fmt: skip
+    tools = check_tools([{"type": "function", "function": TOOLS[0]}], "tools")
+    ids = chat_template_ids(tok, served, add_generation_prompt=False, tools=tools)
+    assert example["input_ids"] == ids
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}, "id": "call00001"}\n'
+    assert responses(tok, example) == [f"{call}</tool_call><|im_end|>", "It is 3.<|im_end|>"]
+    # The prompt the server decodes a call from is the trained text up to the first response.
+    prompt = chat_template_ids(tok, served[:1], tools=tools)
+    assert example["input_ids"][: len(prompt)] == prompt
+    assert example["labels"][len(prompt)] != IGNORE_INDEX
+
+
+def test_parallel_calls_get_one_result_each(tmp_path, tok):
+    """``formatting: openai``: two calls and their two results — each result is its own tool
+    message answering its call, as the server renders the request."""
+    call = {"name": "add", "arguments": '{"a": 1}'}
+    row = {
+        "messages": [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "x", "type": "function", "function": call},
+                {"id": "y", "type": "function", "function": call}]},
+            {"role": "tool", "content": "1", "tool_call_id": "x"},
+            {"role": "tool", "content": "2", "tool_call_id": "y"},
+            {"role": "assistant", "content": "done"},
+        ],
+        "tools": [{"type": "function", "function": TOOLS[0]}],
+    }  # fmt: skip
+    text = tok.decode(trained(tmp_path, tok, [row], formatting="openai").train[0]["input_ids"])
+    assert "<|im_start|>tool\n1 (call00001)<|im_end|>\n<|im_start|>tool\n2 (call00002)" in text
+    assert text.count('"id": "call0000') == 2 and "</tool_response>" not in text
+    assert text.count('{"type": "function", "function": {"name": "add"') == 1  # (kept as given)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        ("add(1, 2)", "function-call turn 1 is not JSON"),
+        ({"name": "add", "args": {}}, "call 0 must be"),
+        ({"name": "add", "arguments": "[1]"}, "arguments must be a JSON object"),
+    ],
+)
+def test_a_bad_call_names_the_row(tmp_path, tok, call, message):
+    """A function-call turn the template cannot be given: one error naming the row and what the
+    turn must hold; with skip_bad_rows the row is dropped and counted."""
+    bad = sharegpt_row(call if isinstance(call, dict) else None)
+    if not isinstance(call, dict):
+        bad["conversations"][1]["value"] = call
+    with pytest.raises(DataError, match=message) as refused:
+        trained(tmp_path, tok, [sharegpt_row(), bad])
+    assert "t.jsonl" in str(refused.value) and "skip_bad_rows" in str(refused.value)
+    data = trained(tmp_path, tok, [sharegpt_row(), bad], skip_bad_rows=True)
+    assert len(data.train) == 1 and data.stats.rows_skipped == 1
+
+
+def test_a_template_refusing_a_conversation_names_the_row(tmp_path):
+    """A template's own refusal (Llama 3.1: one call per turn) is the row's error, not a crash in
+    tokenization; the rows it renders train."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = ONE_CALL
+    two = sharegpt_row([CALL, CALL])
+    with pytest.raises(DataError, match="refused this conversation: This model only supports"):
+        trained(tmp_path, tok, [sharegpt_row(), two])
+    data = trained(tmp_path, tok, [sharegpt_row(), two], skip_bad_rows=True)
+    assert len(data.train) == 1
+    assert responses(tok, data.train[0])[0] == '{"name": "add", "arguments": {"a": 1, "b": 2}}</s>'
