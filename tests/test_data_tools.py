@@ -59,6 +59,22 @@ def sharegpt_row(call: object = CALL, result: str = "3") -> dict:
     }
 
 
+def openai_row(results: list[tuple[str, str]]) -> dict:
+    """A ``formatting: openai`` row: two calls (ids x and y), ``results`` (id, text) and the
+    answer."""
+    call = {"name": "add", "arguments": '{"a": 1}'}
+    calls = [{"id": i, "type": "function", "function": call} for i in ("x", "y")]
+    return {
+        "messages": [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            *({"role": "tool", "content": text, "tool_call_id": i} for i, text in results),
+            {"role": "assistant", "content": "done"},
+        ],
+        "tools": None,
+    }
+
+
 def trained(tmp_path, tok, rows, formatting="sharegpt", **overrides):
     """The examples ``rows`` give with the tokenizer's own template (``template: auto``)."""
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
@@ -125,19 +141,8 @@ def test_a_tool_call_trains_as_the_server_renders_it(tmp_path, tok):
 def test_parallel_calls_get_one_result_each(tmp_path, tok):
     """``formatting: openai``: two calls and their two results — each result is its own tool
     message answering its call, as the server renders the request."""
-    call = {"name": "add", "arguments": '{"a": 1}'}
-    row = {
-        "messages": [
-            {"role": "user", "content": "go"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "x", "type": "function", "function": call},
-                {"id": "y", "type": "function", "function": call}]},
-            {"role": "tool", "content": "1", "tool_call_id": "x"},
-            {"role": "tool", "content": "2", "tool_call_id": "y"},
-            {"role": "assistant", "content": "done"},
-        ],
-        "tools": [{"type": "function", "function": TOOLS[0]}],
-    }  # fmt: skip
+    row = openai_row([("x", "1"), ("y", "2")])
+    row["tools"] = [{"type": "function", "function": TOOLS[0]}]
     text = tok.decode(trained(tmp_path, tok, [row], formatting="openai").train[0]["input_ids"])
     assert "<|im_start|>tool\n1 (call00001)<|im_end|>\n<|im_start|>tool\n2 (call00002)" in text
     assert text.count('"id": "call0000') == 2 and "</tool_response>" not in text
@@ -176,3 +181,59 @@ def test_a_template_refusing_a_conversation_names_the_row(tmp_path):
     data = trained(tmp_path, tok, [sharegpt_row(), two], skip_bad_rows=True)
     assert len(data.train) == 1
     assert responses(tok, data.train[0])[0] == '{"name": "add", "arguments": {"a": 1, "b": 2}}</s>'
+
+
+def test_a_template_that_does_not_write_calls_trains_their_json(tmp_path):
+    """A template that renders an assistant turn without its ``tool_calls`` (plain ChatML,
+    Qwen2's) would train the call as an empty answer: the call's JSON is its text instead."""
+    tok = build_tiny_tokenizer()  # (ChatML: content only)
+    example = trained(tmp_path, tok, [sharegpt_row()]).train[0]
+    assert responses(tok, example) == [json.dumps(CALL) + "<|im_end|>", "It is 3.<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    "turns, message",
+    [
+        ([("human", "hi"), ("observation", "3"), ("gpt", "ok")], None),  # (not at turn 0)
+        ([("human", "go"), ("gpt", "sure"), ("observation", "3"), ("gpt", "ok")],
+         "observation turn 2 answers no function call"),
+        ([("human", "go"), ("function_call", json.dumps([CALL, CALL])),
+          ("observation", "1\n</tool_response>\n<tool_response>\n2\n</tool_response>\n"
+                          "<tool_response>\n3"), ("gpt", "ok")],
+         "observation turn 2 holds 3 results for 2 calls"),
+    ],
+)  # fmt: skip
+def test_results_that_answer_no_call_name_the_row(tmp_path, tok, turns, message):
+    row = {"conversations": [{"from": f, "value": v} for f, v in turns], "tools": None}
+    if message is None:  # (sharegpt's roles: a conversation cannot open with a tool result)
+        with pytest.raises(DataError, match="roles do not alternate"):
+            trained(tmp_path, tok, [row])
+        return
+    with pytest.raises(DataError, match=message):
+        trained(tmp_path, tok, [row])
+
+
+def test_one_result_for_several_calls_answers_the_first(tmp_path, tok):
+    """LLaMA-Factory's rows often give one observation for parallel calls: it answers the first."""
+    text = tok.decode(trained(tmp_path, tok, [sharegpt_row([CALL, CALL])]).train[0]["input_ids"])
+    assert "<|im_start|>tool\n3 (call00001)<|im_end|>" in text and "call00002)" not in text
+
+
+def test_openai_results_follow_their_calls(tmp_path, tok):
+    """``formatting: openai`` results given out of order answer the calls they name."""
+    row = openai_row([("y", "of y"), ("x", "of x")])
+    text = tok.decode(trained(tmp_path, tok, [row], formatting="openai").train[0]["input_ids"])
+    assert text.index("of x (call00001)") < text.index("of y (call00002)")
+
+
+def test_bad_tools_and_a_failing_template_name_the_row(tmp_path, tok):
+    bad = sharegpt_row()
+    bad["tools"] = "[{not json"
+    with pytest.raises(DataError, match=r"t\.jsonl.*the tools column is not JSON"):
+        trained(tmp_path, tok, [bad])
+    needs_tools = build_tiny_tokenizer()
+    needs_tools.chat_template = "{% for t in tools %}{{ t.function.name }}{% endfor %}"
+    row = sharegpt_row()
+    row["tools"] = None
+    with pytest.raises(DataError, match=r"refused this conversation: .*\(TypeError\)"):
+        trained(tmp_path, needs_tools, [row])

@@ -377,10 +377,12 @@ def _tools(row: Mapping[str, Any], cols: Mapping[str, str | None]) -> str | None
 def _openai_turns(messages: list[Any], tags: Mapping[str, str]) -> list[Any]:
     """OpenAI's messages as LLaMA-Factory's ``openai`` formatting reads them: an assistant
     message's ``tool_calls`` become a function-call turn (the calls' ``function`` objects as JSON),
-    and consecutive tool results one observation turn."""
+    and consecutive tool results one observation turn, in the order of the calls they answer
+    (their ``tool_call_id``s) where every result names one of them."""
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
     out: list[Any] = []
-    results: list[Any] = []
+    results: list[tuple[Any, Any]] = []  # (tool_call_id, content)
+    order: list[Any] = []  # the ids of the last calls
     for message in messages:
         role, content = message.get(role_tag), message.get(content_tag)
         calls = message.get("tool_calls")
@@ -391,11 +393,15 @@ def _openai_turns(messages: list[Any], tags: Mapping[str, str]) -> list[Any]:
                 raise RowError('tool_calls must be a list of {"function": {...}} objects')
             role = tags["function_tag"]
             content = json.dumps([c["function"] for c in calls], ensure_ascii=False)
+            order = [c.get("id") for c in calls]
         if role == tags["observation_tag"]:
-            results.append(content)
+            results.append((message.get("tool_call_id"), content))
             continue
         if results:
-            joined = "\n</tool_response>\n<tool_response>\n".join(map(str, results))
+            answered = [i for i, _ in results]
+            if sorted(map(str, answered)) == sorted(map(str, order)) and None not in answered:
+                results.sort(key=lambda r: order.index(r[0]))
+            joined = "\n</tool_response>\n<tool_response>\n".join(str(c) for _, c in results)
             out.append({role_tag: tags["observation_tag"], content_tag: joined})
             results = []
         out.append({**message, role_tag: role, content_tag: content})

@@ -288,6 +288,7 @@ class TokenizerChatTemplate:
         self.has_generation_markers = bool(_GENERATION_MARKER.search(str(source)))
         self.add_bos = _tokenizer_adds_bos(tokenizer)
         self.template_kwargs = dict(template_kwargs or {})  # the template's variables
+        self._calls_written: bool | None = None  # whether it writes tool_calls (_writes_calls)
 
     def _bos(self, tokenizer: Any, text: str) -> list[int]:
         if self.add_bos and not text.startswith(tokenizer.bos_token):
@@ -309,6 +310,10 @@ class TokenizerChatTemplate:
         from fluid_npu.data.tool_turns import hf_messages, hf_tools
 
         (messages, places), tools = hf_messages(conversation), hf_tools(conversation.tools)
+        if any("tool_calls" in m for m in messages) and not self._writes_calls(
+            tokenizer, messages, tools
+        ):  # the calls as text, as the template would otherwise drop them
+            messages, places = hf_messages(conversation, structured=False)
         if self.has_generation_markers:
             out = _refused_as_row(
                 tokenizer.apply_chat_template,
@@ -335,10 +340,11 @@ class TokenizerChatTemplate:
             if full[:start] != prompt or full[: len(upto)] != upto or start < previous_end:
                 raise ConfigError(
                     "the tokenizer's chat template does not render conversations turn by turn "
-                    f"(rendering up to message {k} is not a prefix of the whole conversation), so "
-                    "the response tokens cannot be located (Qwen3's drops earlier turns' "
-                    "reasoning); give each assistant turn its own example (a conversation up to "
-                    "it), or set `template:` to one of "
+                    f"(the conversation up to response turn {i} renders otherwise than the same "
+                    "turns inside the whole conversation: the template rewrites earlier turns, as "
+                    "Qwen3's drops their reasoning), so the response tokens cannot be located; "
+                    "give each assistant turn its own example ending with it (one response "
+                    "turn), or set `template:` to one of "
                     f"{sorted(TEMPLATES)} and serve with that format (--chat-template)"
                 )
             end = max(len(upto), start)
@@ -346,6 +352,22 @@ class TokenizerChatTemplate:
                 end -= 1
             spans.append((start, end))
         return Encoded(full, spans)
+
+    def _writes_calls(self, tokenizer: Any, messages: list[dict], tools: Any) -> bool:
+        """Whether the template writes an assistant turn's ``tool_calls`` (ChatML-only templates,
+        Qwen2's, do not: they render the turn as if it held nothing); asked once."""
+        if self._calls_written is None:
+            bare = [
+                {"role": m["role"], "content": m["content"]} if "tool_calls" in m else m
+                for m in messages
+            ]
+            with_calls = self._ids(tokenizer, messages, tools, generation=False)
+            try:
+                without: list[int] | None = self._ids(tokenizer, bare, tools, False)
+            except RowError:  # (a template that needs the calls there writes them)
+                without = None
+            self._calls_written = with_calls != without
+        return self._calls_written
 
     def encode_prompt(self, tokenizer: Any, conversation: Conversation) -> list[int]:
         """The ids of a conversation ending with a user turn, with the generation prompt."""
@@ -357,13 +379,14 @@ class TokenizerChatTemplate:
 
 def _refused_as_row(render: Any, *args: Any, **kwargs: Any) -> Any:
     """``render(*args, **kwargs)``; the template's own exception (Llama 3.1's one call per turn,
-    Mistral's alternating roles) becomes a ``RowError`` naming it: the row cannot be rendered."""
-    from jinja2.exceptions import TemplateError
-
+    Mistral's alternating roles, a template that needs tools iterating over none) becomes a
+    ``RowError`` naming it: the row cannot be rendered."""
     try:
         return render(*args, **kwargs)
-    except TemplateError as exc:
-        raise RowError(f"the tokenizer's chat template refused this conversation: {exc}") from None
+    except Exception as exc:  # (whatever the template's code raised)
+        raise RowError(
+            f"the tokenizer's chat template refused this conversation: {exc} ({type(exc).__name__})"
+        ) from None
 
 
 def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:

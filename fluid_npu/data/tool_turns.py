@@ -34,14 +34,19 @@ from fluid_npu.data.templates import (
 )
 from fluid_npu.errors import DataError
 
+_PLAIN_ROLES = {USER: "user", ASSISTANT: "assistant", OBSERVATION: "tool", FUNCTION: "assistant"}
 # how ``formatting: openai`` joins consecutive tool results into one observation turn (as
 # LLaMA-Factory's converter does); split back into one ``tool`` message per result here
 RESULTS_JOIN = "\n</tool_response>\n<tool_response>\n"
 
 
-def hf_messages(conversation: Conversation) -> tuple[list[dict[str, Any]], list[int]]:
+def hf_messages(
+    conversation: Conversation, structured: bool = True
+) -> tuple[list[dict[str, Any]], list[int]]:
     """The chat template's messages for ``conversation`` and, for each of its turns, the index of
-    the last message it became (an observation answering several calls becomes several)."""
+    the last message it became (an observation answering several calls becomes several).
+    ``structured=False``: each turn one message, a call's JSON as the assistant's text (for a
+    template that does not write ``tool_calls``)."""
     from fluid_npu.sampling.tooluse import check_tool_calls
 
     out: list[dict[str, Any]] = []
@@ -51,7 +56,9 @@ def hf_messages(conversation: Conversation) -> tuple[list[dict[str, Any]], list[
     ids: list[str] = []  # the calls the last function-call turn made
     made = 0
     for turn, (role, content) in enumerate(conversation.messages):
-        if role == FUNCTION:
+        if not structured:
+            out.append({"role": _PLAIN_ROLES[role], "content": content})
+        elif role == FUNCTION:
             calls = _calls(content, turn, made)
             try:
                 checked = check_tool_calls(calls, f"function-call turn {turn}")
@@ -61,20 +68,33 @@ def hf_messages(conversation: Conversation) -> tuple[list[dict[str, Any]], list[
             ids = [c["id"] for c in checked]
             out.append({"role": "assistant", "content": "", "tool_calls": checked})
         elif role == OBSERVATION:
-            results = content.split(RESULTS_JOIN) if len(ids) > 1 else [content]
-            if len(results) != len(ids):  # one answer to several calls, or no call before it
-                results = [content]
-            for i, result in enumerate(results):
-                message = {"role": "tool", "content": result}
-                if i < len(ids):
-                    message["tool_call_id"] = ids[i]
-                out.append(message)
+            out += _results(content, ids, turn)
             ids = []
         else:
-            out.append({"role": {USER: "user", ASSISTANT: "assistant"}[role], "content": content})
+            out.append({"role": _PLAIN_ROLES[role], "content": content})
             ids = []
         places.append(len(out) - 1)
     return out, places
+
+
+def _results(content: str, ids: list[str], turn: int) -> list[dict[str, Any]]:
+    """An observation turn as ``tool`` messages: one per call of the turn before it (results
+    joined as ``formatting: openai`` joins them), or one answering the first call (a single
+    result for several calls, as LLaMA-Factory's rows often write them)."""
+    if not ids:
+        raise RowError(
+            f"observation turn {turn} answers no function call (the turn before it is not a "
+            "function_call); a tool result follows the call it answers"
+        )
+    results = content.split(RESULTS_JOIN) if len(ids) > 1 else [content]
+    if len(results) == 1:
+        return [{"role": "tool", "content": content, "tool_call_id": ids[0]}]
+    if len(results) != len(ids):
+        raise RowError(
+            f"observation turn {turn} holds {len(results)} results for {len(ids)} calls; give "
+            "one result per call"
+        )
+    return [{"role": "tool", "content": r, "tool_call_id": i} for r, i in zip(results, ids)]
 
 
 def hf_tools(tools: str | None) -> list[dict[str, Any]] | None:
@@ -83,7 +103,10 @@ def hf_tools(tools: str | None) -> list[dict[str, Any]] | None:
     ...}``; entries already in that form, or of another shape, are kept as they are."""
     if not tools:
         return None
-    given = json.loads(tools)
+    try:
+        given = json.loads(tools)
+    except (ValueError, RecursionError):
+        raise RowError("the tools column is not JSON (a list of functions)") from None
     out = []
     for tool in given if isinstance(given, list) else [given]:
         bare = isinstance(tool, dict) and "name" in tool and "function" not in tool

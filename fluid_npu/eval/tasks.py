@@ -37,6 +37,7 @@ from fluid_npu.data.gsm8k import (
 )
 from fluid_npu.data.templates import (
     Conversation,
+    RowError,
     TokenizerChatTemplate,
     rendered_ids,
 )
@@ -143,4 +144,7 @@ def encode_question(
         turns += [("user", s["question"]), ("assistant", s["answer"])]
     conversation = Conversation([*turns, ("user", question)])
     template = TokenizerChatTemplate(tokenizer, template_kwargs)
-    return template.encode_prompt(tokenizer, conversation)
+    try:
+        return template.encode_prompt(tokenizer, conversation)
+    except RowError as exc:
+        raise DataError(f"--chat: {exc}") from None
