@@ -267,6 +267,29 @@ def test_abort_frees_the_slot_and_spares_the_others(tok):
         )
 
 
+def test_events_carry_the_engines_clock(tok):
+    """Each event says when its step ended and when its request was queued and given a slot (what
+    a server's queue / prefill / decode times come from): a request waiting for the only slot is
+    admitted after the first one ended, and every time follows the one before it."""
+    model = build_tiny_model("llama", tok, seed=3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS[:2]]
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=1, eos_ids=[], k_max=4)
+    for i, p in enumerate(prompts):
+        sched.submit(Request(str(i), p, 6))
+    seen: dict[str, list] = {"0": [], "1": []}
+    while sched.has_work():
+        for ev in sched.step():
+            seen[ev.request_id].append(ev)
+    for events in seen.values():
+        queued, admitted = events[0].queued_at, events[0].admitted_at
+        assert all((e.queued_at, e.admitted_at) == (queued, admitted) for e in events)
+        steps = [e.at for e in events]
+        assert queued <= admitted <= steps[0] and steps == sorted(steps)
+    assert seen["0"][0].queued_at <= seen["1"][0].queued_at
+    assert seen["1"][0].admitted_at >= seen["0"][-1].at  # (it waited for the slot)
+    assert seen["1"][0].admitted_at - seen["1"][0].queued_at > 0
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 def test_waiting_requests_start_by_priority_then_arrival(tok, policy):
     """One slot, one request running: the waiting ones start lowest ``priority`` first, ties in

@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -54,6 +54,9 @@ class Ev:
     cached: int = 0
     drafted: int = 0
     drafts_accepted: int = 0
+    at: float = field(default_factory=time.monotonic)  # (the engine's times: Event's)
+    queued_at: float | None = None
+    admitted_at: float | None = None
 
 
 def script(prompt: list[int], max_new: int, eos: bool) -> list[int]:
@@ -70,6 +73,7 @@ class ScriptedScheduler:
 
     def __init__(self, max_batch: int = 4, max_len: int = 600, step_s: float = 0.0) -> None:
         self.max_batch, self.max_len, self.step_s = max_batch, max_len, step_s
+        self.slots_n = max_batch
         self.eos_ids = [EOS]  # where a request ends unless it asks to ignore EOS
         self.waiting: list[tuple[Request, list[int]]] = []
         self.running: dict[str, list] = {}  # id -> [request, remaining tokens, new, forwards]
@@ -82,6 +86,7 @@ class ScriptedScheduler:
         self.steps = 0  # steps run so far ...
         self.submitted_step: dict[str, int] = {}  # ... when each request was submitted
         self.prefixes = SlotPrefixes(max_batch, enabled=False)  # prompt tokens admitted
+        self.times: dict[str, tuple[float, float | None]] = {}  # id -> (queued, admitted)
 
     def submit(self, req: Request) -> None:
         if not req.prompt:
@@ -91,6 +96,7 @@ class ScriptedScheduler:
         self.requests.append(req)
         self.submitted_step[req.request_id] = self.steps
         self.waiting.append((req, script(req.prompt, req.max_new_tokens, req.eos_ids != [])))
+        self.times[req.request_id] = (time.monotonic(), None)
 
     def abort(self, request_id: str) -> bool:
         """As the Scheduler's: the request is taken out (its id free) now, its event comes with
@@ -125,6 +131,8 @@ class ScriptedScheduler:
         while self.waiting and len(self.running) < self.max_batch:
             req, toks = self.waiting.pop(0)
             self.running[req.request_id] = [req, toks, 0, 0]
+            self.times[req.request_id] = (self.times[req.request_id][0], time.monotonic())
+            self.prefixes.queried += len(req.prompt)
         for rid, entry in list(self.running.items()):
             req, toks, n, fw = entry
             take = 1 + fw % 3  # 1, 2, 3 tokens per step in turn
@@ -136,8 +144,10 @@ class ScriptedScheduler:
                 reason = "stop" if chunk and chunk[-1] == EOS else "length"
                 del self.running[rid]
             # (scripted: two drafts verified each step, the step's tokens but one accepted)
+            queued, admitted = self.times[rid]
             ev = Ev(rid, chunk, done, reason, entry[2], entry[3], len(chunk) - 1, drafted=2,
-                    drafts_accepted=len(chunk) - 1)  # fmt: skip
+                    drafts_accepted=len(chunk) - 1, queued_at=queued,
+                    admitted_at=admitted)  # fmt: skip
             if req.sampling is not None and req.sampling.logprobs:  # scripted: -0.25 per token
                 ev.logprobs = [-0.25 * (n + i + 1) for i in range(len(chunk))]
                 ev.top_logprobs = [[(t, lp), (EOS, lp - 1.0)][: req.sampling.top_logprobs]

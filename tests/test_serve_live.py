@@ -141,6 +141,20 @@ def test_32_concurrent_streaming_clients_each_equal_offline(server, model_dir, t
         assert reason == ("length" if len(row["token_ids"]) == n else "stop")
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "fluid_num_requests_running 0.0" in metrics
+    assert 'vllm:kv_cache_usage_perc{model_name="model"} 0.0' in metrics
+    # vLLM's request phases from the engine's clock: 32 clients on 8 slots queued, and a
+    # request's time in its slot is its prefill plus its decode
+    phase = {}
+    for line in metrics.splitlines():
+        found = re.match(r"vllm:request_(\w+)_time_seconds_(sum|count)\{[^}]*\} (\S+)", line)
+        if found:
+            phase[found[1], found[2]] = float(found[3])
+    counts = {phase[p, "count"] for p in ("queue", "prefill", "decode", "inference")}
+    assert len(counts) == 1 and counts.pop() >= 32
+    assert phase["queue", "sum"] > 0
+    assert phase["inference", "sum"] == pytest.approx(
+        phase["prefill", "sum"] + phase["decode", "sum"], rel=1e-6
+    )
     # the drafts as vLLM's speculative decoding counts them (its dashboards' acceptance rate and
     # mean acceptance length): the chain model's drafts are verified and mostly accepted
     seen = {}

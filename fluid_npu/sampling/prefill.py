@@ -67,7 +67,7 @@ class PrefillMixin:
                 placed.slot, placed.source, placed.cached, placed.keep, placed.save_to
             )
             i, s.prefilled = placed.slot, placed.cached
-            s.cached = placed.cached
+            s.cached, s.admitted_at = placed.cached, time.monotonic()
             free.remove(i)
             self.slots[i] = s
             if not self._watch:

@@ -5,6 +5,7 @@ The serving layer and ``run_requests`` speak only these; the engine (``scheduler
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,12 @@ class Event:
     drafted: int = 0  # drafts verified for the request in this step
     # of them, those the verify accepted (``accepted``: those kept, after a stop or limit's cut)
     drafts_accepted: int = 0
+    # the request's times (``time.monotonic()``, the engine's clock, as vLLM's engine core stamps
+    # its outputs): when the step that made this event ended, when the request was submitted and
+    # when it was given a slot (None: never, an abort while it waited)
+    at: float = field(default_factory=time.monotonic)
+    queued_at: float | None = None
+    admitted_at: float | None = None
 
 
 @dataclass
@@ -98,6 +105,8 @@ class Slot:
     armed: bool = False  # its grammar starts after Request.grammar_after, not yet committed
     next_drafts: list[int] = field(default_factory=list)  # a constrained row's, as last read
     model_drafts: bool = False  # its pending drafts are the model's (not forced text)
+    queued_at: float = field(default_factory=time.monotonic)  # submitted (the engine's clock)
+    admitted_at: float | None = None  # given a slot
 
     def written(self) -> list[int]:
         """The tokens whose keys and values its slot holds at indices ``0 …``: prompt and output

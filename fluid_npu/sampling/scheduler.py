@@ -45,6 +45,7 @@ decoding of it alone, whatever else shares the batch (``tests/test_scheduler.py`
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import MutableMapping, Sequence
 from dataclasses import replace
@@ -378,6 +379,9 @@ class Scheduler(PrefillMixin, StepMixin):
             self._prefill()
         if any(s is not None and s.running for s in self.slots):
             events += self._decode()
+        now = time.monotonic()
+        for event in events:
+            event.at = now
         return events
 
     def _retire_aborted(self) -> list[Event]:
@@ -388,7 +392,9 @@ class Scheduler(PrefillMixin, StepMixin):
             for i in at:
                 self._free(i, "abort")
             new, forwards = (len(slot.new), slot.forwards) if at else (0, 0)
-            events.append(Event(rid, [], True, "abort", new, forwards, 0, cached=slot.cached))
+            times = {"queued_at": slot.queued_at, "admitted_at": slot.admitted_at}
+            aborted = Event(rid, [], True, "abort", new, forwards, 0, cached=slot.cached, **times)
+            events.append(aborted)
         self._aborted.clear()
         return events
 

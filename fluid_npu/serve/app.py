@@ -49,6 +49,7 @@ from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.generation import (
     Echo,
     Generation,
+    Parent,
     encode_prompts,
     events,
     logged_param,
@@ -109,7 +110,7 @@ class ServeConfig:
 
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     """The server's ASGI application around a (not yet started) ``Worker``."""
-    metrics = ServerMetrics(config.model_name, getattr(worker.scheduler, "k", 0))
+    metrics = ServerMetrics(config.model_name, getattr(worker.scheduler, "k", 0), config.max_len)
     worker.on_step, worker.on_failure = metrics.on_step, metrics.on_failure
     words = TokenText(tokenizer)  # log-probability tokens' text and bytes
     reasoning = None
@@ -214,9 +215,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         except BaseException:
             gate.release_id(rid, len(shapes))
             raise
-        for ids in prompts:
-            metrics.prompt_tokens.inc(len(ids))
         gens: list[Generation] = []
+        parents = [Parent(metrics, s.n) for _ in prompts]
         for shape, stream in zip(shapes, streams):
             k = shape.index // s.n  # the choice's prompt
             spelled = {} if tools is None else tools.spelled  # tool-call markers written out
@@ -232,6 +232,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
                                    reader))  # fmt: skip
             gens[-1].on_close = lambda: gate.release_id(rid)
+            gens[-1].parent, gens[-1].max_tokens = parents[k], limits[k]
         return gens
 
     async def submit(

@@ -86,9 +86,13 @@ class Generation:
         self.prompt_lps: list[Any] | None = None  # the engine's prompt logprobs, when asked
         self.token_ids: list[int] = []  # the output's tokens (up to a stop string; EOS counted)
         self._taken = 0  # how many of them take_ids has returned
-        self._last: float | None = None  # when tokens last arrived ...
-        self._first = 0.0  # ... and first
+        self._last: float | None = None  # when the step that gave it tokens last ended ...
+        self._first = 0.0  # ... and first (the engine's clock: Event.at)
         self._tokens = 0  # tokens delivered
+        self._queued: float | None = None  # when the engine took it, and gave it a slot
+        self._admitted: float | None = None
+        self.max_tokens = 0  # its limit (vLLM's max_tokens parameter; 0: not counted)
+        self.parent: Parent | None = None  # the choices of its prompt (n), counted together
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas, their tokens' log-probabilities, the reasoning's text deltas (with a
@@ -101,6 +105,7 @@ class Generation:
                 self.finish_reason = "error"
                 raise APIError(f"the engine failed: {item}", status=500, type="server_error")
             self.cached = item.cached
+            self._queued, self._admitted = item.queued_at, item.admitted_at
             if getattr(item, "prompt_logprobs", None) is not None:  # (a 1-token prompt's: [])
                 self.prompt_lps = item.prompt_logprobs
             broke = item.finished and item.finish_reason in ("error", "abort")
@@ -108,13 +113,13 @@ class Generation:
                 echo, self.echo = self.echo, None
                 yield echo.text, self._prompt_entries(echo, item), "", []
                 if not echo.generate:  # scored alone: the token decoded to get here is dropped
-                    self._timing(1)
+                    self._timing(1, item.at)
                     self.finish_reason = "length"
                     if not item.finished:
                         self.worker.abort(self.stream.request_id)
                     return
             self.echo = None  # (a request that overflowed or was aborted echoes nothing)
-            self._timing(len(item.tokens))
+            self._timing(len(item.tokens), item.at)
             self.forwards = item.forwards
             used = self.detok.tokens_used
             text = self.detok.add(item.tokens)
@@ -170,17 +175,17 @@ class Generation:
         self.logprobs += out
         return out
 
-    def _timing(self, n: int) -> None:
-        """Time to first token, then one inter-token gap per delivery of tokens (a step's)."""
+    def _timing(self, n: int, at: float) -> None:
+        """Time to first token, then one inter-token gap per delivery of tokens (a step's), from
+        when the steps ended (``at``: the engine's clock)."""
         if not n:
             return
-        now = time.monotonic()
         if self._last is None:
-            self.metrics.ttft.observe(now - self.stream.submitted_at)
-            self._first = now
+            self.metrics.ttft.observe(max(at - self.stream.submitted_at, 0.0))
+            self._first = at
         else:
-            self.metrics.itl.observe(now - self._last)
-        self._last = now
+            self.metrics.itl.observe(at - self._last)
+        self._last = at
         self._tokens += n
 
     def usage(self) -> dict[str, Any]:
@@ -203,8 +208,18 @@ class Generation:
         m.e2e.observe(e2e)
         m.request_prompt.observe(self.stream.prompt_tokens)
         m.request_generation.observe(self.detok.tokens_used)
-        if self._tokens >= 2 and self._last is not None:
-            m.tpot.observe((self._last - self._first) / (self._tokens - 1))
+        if self.max_tokens:
+            m.max_tokens.observe(self.max_tokens)
+        if self._last is not None:  # (vLLM's phases, for a request that made a token)
+            m.tpot.observe((self._last - self._first) / max(self._tokens - 1, 1))
+            m.decode_time.observe(self._last - self._first)
+            if self._admitted is not None:
+                m.prefill_time.observe(self._first - self._admitted)
+                m.inference_time.observe(self._last - self._admitted)
+                if self._queued is not None:
+                    m.queue_time.observe(self._admitted - self._queued)
+        if self.parent is not None:
+            self.parent.ended(self.detok.tokens_used)
         if self.forwards:
             m.tpf.observe(self.detok.tokens_used / self.forwards)
         if request_log.isEnabledFor(logging.INFO):
@@ -221,6 +236,21 @@ class Generation:
             use["forwards"], use["tpf"], "-" if self._last is None else f"{first * 1e3:.0f}ms",
             e2e * 1e3,
         )  # fmt: skip
+
+
+class Parent:
+    """The ``n`` choices of one prompt: once all ended, its ``n`` and its longest choice's tokens
+    are counted (vLLM's ``request_params_n`` / ``request_max_num_generation_tokens``)."""
+
+    def __init__(self, metrics: ServerMetrics, n: int) -> None:
+        self.metrics, self.n, self.left, self.longest = metrics, n, n, 0
+
+    def ended(self, tokens: int) -> None:
+        self.left -= 1
+        self.longest = max(self.longest, tokens)
+        if self.left == 0:
+            self.metrics.n.observe(self.n)
+            self.metrics.longest.observe(self.longest)
 
 
 def text_reader(

@@ -4,36 +4,45 @@ Each server has its own registry (so several servers can live in one test proces
 the figure is known:
 
 * on the event loop, per request: ``fluid_requests_total{endpoint, finish_reason}`` (finish reason,
-  or the HTTP status of a refused request), ``fluid_prompt_tokens_total``, ``fluid_request_tpf``
-  (tokens per decode forward of each finished request), ``fluid_time_to_first_token_seconds``
-  (arrival to the first token), ``fluid_inter_token_latency_seconds`` (the gap between two
-  deliveries of tokens to one request: one observation per step that gave it tokens, however many
-  it gave — what vLLM observes, so a multi-token step shows as one longer gap),
-  ``fluid_request_time_per_output_token_seconds`` (per request with two or more tokens: first to
-  last token over the tokens after the first — where several tokens a step show as a shorter
-  time), ``fluid_e2e_request_latency_seconds``, ``fluid_request_prompt_tokens`` /
-  ``fluid_request_generation_tokens`` (per finished choice);
-* in the engine thread, per step: ``fluid_generation_tokens_total`` (the tokens the step committed,
-  so ``rate()`` follows a long generation as it runs), ``fluid_accepted_draft_tokens`` (drafted
-  tokens that went into a request's output in the step), ``fluid_num_requests_running`` /
-  ``fluid_num_requests_waiting`` (the scheduler's own counts after the step),
-  ``fluid_step_seconds``, ``fluid_prefix_cache_queries_total`` / ``fluid_prefix_cache_hits_total``
-  (prompt tokens admitted, and of them those a slot's cache already held: ``sampling/reuse.py``;
-  vLLM's pair of the same meaning), ``fluid_spec_decode_num_drafts_total`` /
-  ``_num_draft_tokens_total`` / ``_num_accepted_tokens_total`` /
-  ``_num_accepted_tokens_per_pos_total{position}`` (the drafts each request verified in the step,
-  and those the verify accepted, by position — before a stop string or limit cuts the output, as
-  vLLM counts them).
+  or the HTTP status of a refused request), ``fluid_request_tpf`` (tokens per decode forward of
+  each finished request), ``fluid_time_to_first_token_seconds`` (arrival to the end of the step
+  that made the first token), ``fluid_inter_token_latency_seconds`` (the gap between the steps
+  that gave one request tokens: one observation per step, however many tokens it gave — what vLLM
+  observes, so a multi-token step shows as one longer gap), ``fluid_request_time_per_output_token
+  _seconds`` (per request: first to last token over the tokens after the first; 0 for a
+  one-token request, as vLLM records it), ``fluid_e2e_request_latency_seconds``,
+  ``fluid_request_queue_time_seconds`` / ``_prefill_time_seconds`` / ``_decode_time_seconds`` /
+  ``_inference_time_seconds`` (vLLM's phases: submitted to given a slot, to the first token, to
+  the last token; a slot to the last token), ``fluid_request_prompt_tokens`` /
+  ``fluid_request_generation_tokens`` / ``fluid_request_params_max_tokens`` (per finished choice),
+  ``fluid_request_params_n`` / ``fluid_request_max_num_generation_tokens`` (per prompt, once its
+  ``n`` choices ended: ``n`` and the longest choice). Times come from the engine's clock (each
+  event carries when its step ended), so event-loop lag or a slow reader does not move them;
+* in the engine thread, per step: ``fluid_prompt_tokens_total`` (prompt tokens given a slot: one
+  prompt per choice, as vLLM counts its ``n`` child requests), ``fluid_generation_tokens_total``
+  (the tokens the step committed, so ``rate()`` follows a long generation as it runs),
+  ``fluid_iteration_tokens_total`` (a histogram: prompt tokens admitted plus tokens committed, per
+  step), ``fluid_accepted_draft_tokens`` (drafted tokens that went into a request's output in the
+  step), ``fluid_num_requests_running`` / ``fluid_num_requests_waiting`` (the scheduler's own counts
+  after the step), ``fluid_kv_cache_usage_perc`` (request slots held ÷ slots: the engine reserves a
+  whole ``max_len`` row of the KV cache per request, so 1 means a new request waits, vLLM's
+  meaning; a free slot still holding a reusable prefix counts as free, as vLLM's unreferenced
+  cached blocks do), ``fluid_step_seconds``, ``fluid_prefix_cache_queries_total`` /
+  ``fluid_prefix_cache_hits_total`` (prompt tokens admitted, and of them those a slot's cache
+  already held: ``sampling/reuse.py``; vLLM's pair of the same meaning),
+  ``fluid_spec_decode_num_drafts_total`` / ``_num_draft_tokens_total`` /
+  ``_num_accepted_tokens_total`` / ``_num_accepted_tokens_per_pos_total{position}`` (the drafts
+  each request verified in the step, and those the verify accepted, by position — before a stop
+  string or limit cuts the output, as vLLM counts them).
 
-The same figures are also exposed under vLLM's names (``vllm:num_requests_running``,
-``vllm:num_requests_waiting``, ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
-``vllm:request_success_total{finished_reason}`` — requests the engine ended, refusals left out —,
-the latency and per-request token histograms, the prefix-cache pair and the speculative-decoding
-counters — ``vllm:spec_decode_num_drafts`` / ``_num_draft_tokens`` / ``_num_accepted_tokens`` /
-``_num_accepted_tokens_per_pos{position}``: a request's verify of its drafts in a step is one
-draft, as a vLLM drafter's proposal is), each with vLLM's ``model_name`` label, so dashboards,
-alerts and autoscalers written for vLLM read the series they share with this server (vLLM's
-KV-cache usage and queue time have no counterpart here).
+The same figures are also exposed under vLLM's names (``VLLM_NAMES``: ``vllm:num_requests_running``,
+``vllm:kv_cache_usage_perc``, ``vllm:prompt_tokens_total``, ``vllm:request_success_total
+{finished_reason}`` — requests the engine ended, refusals left out —, the latency, phase and
+per-request token histograms with vLLM's bucket edges, the prefix-cache pair and the
+speculative-decoding counters — a request's verify of its drafts in a step is one draft, as a
+vLLM drafter's proposal is), each with vLLM's ``model_name`` label, so the dashboards, alerts and
+autoscalers written for vLLM (its Grafana dashboard's panels) read the series they share with
+this server.
 
 prometheus-client's metrics are thread-safe, so both sides write without locks.
 """
@@ -46,22 +55,52 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# vLLM's bucket edges (vllm/v1/metrics/loggers.py), so its dashboards' quantiles and a sum over
+# vLLM and fluid servers ``by (le)`` mean the same
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                           50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+N_BUCKETS = (1, 2, 5, 10, 20)
+STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 TPF_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 ACCEPT_BUCKETS = tuple(float(i) for i in range(17))
-TOKEN_BUCKETS = tuple(float(m * 10**e) for e in range(6) for m in (1, 2, 5))  # 1 ... 500 000
+
+
+def token_buckets(max_len: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, ... up to ``max_len`` (vLLM's ``build_1_2_5_buckets(max_model_len)``)."""
+    out = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_len:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 # ours -> vLLM's (``_VllmNames``): the same series under the names vLLM's users read
 VLLM_NAMES = {
     "fluid_num_requests_running": "vllm:num_requests_running",
     "fluid_num_requests_waiting": "vllm:num_requests_waiting",
+    "fluid_kv_cache_usage_perc": "vllm:kv_cache_usage_perc",
     "fluid_prompt_tokens": "vllm:prompt_tokens",
     "fluid_generation_tokens": "vllm:generation_tokens",
     "fluid_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
     "fluid_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
     "fluid_request_time_per_output_token_seconds": "vllm:request_time_per_output_token_seconds",
     "fluid_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "fluid_request_queue_time_seconds": "vllm:request_queue_time_seconds",
+    "fluid_request_prefill_time_seconds": "vllm:request_prefill_time_seconds",
+    "fluid_request_decode_time_seconds": "vllm:request_decode_time_seconds",
+    "fluid_request_inference_time_seconds": "vllm:request_inference_time_seconds",
+    "fluid_iteration_tokens_total": "vllm:iteration_tokens_total",
+    "fluid_request_params_n": "vllm:request_params_n",
+    "fluid_request_params_max_tokens": "vllm:request_params_max_tokens",
+    "fluid_request_max_num_generation_tokens": "vllm:request_max_num_generation_tokens",
     "fluid_request_prompt_tokens": "vllm:request_prompt_tokens",
     "fluid_request_generation_tokens": "vllm:request_generation_tokens",
     "fluid_prefix_cache_queries": "vllm:prefix_cache_queries",
@@ -109,9 +148,10 @@ class _VllmNames(Collector):
 class ServerMetrics:
     """Every metric of one server, in its own registry."""
 
-    def __init__(self, model_name: str, positions: int = 0) -> None:
+    def __init__(self, model_name: str, positions: int = 0, max_len: int = 1 << 20) -> None:
         """``positions``: the draft positions whose acceptance is counted from the start (the
-        engine's block length; later ones appear when first accepted)."""
+        engine's block length; later ones appear when first accepted); ``max_len``: the longest
+        sequence, where the token histograms' buckets end (vLLM's ``max_model_len``)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -120,16 +160,19 @@ class ServerMetrics:
             ["endpoint", "finish_reason"],
             registry=r,
         )
-        self.prompt_tokens = Counter("fluid_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.prompt_tokens = Counter(
+            "fluid_prompt_tokens", "Prompt tokens given a slot (one prompt per choice)", registry=r
+        )
         self.generation_tokens = Counter(
             "fluid_generation_tokens",
             "Tokens generated, counted at the step that made them",
             registry=r,
         )
 
-        def hist(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, buckets=buckets, registry=r)
 
+        tokens = token_buckets(max_len)
         self.tpf = hist(
             "fluid_request_tpf", "Tokens per decode forward of each finished request", TPF_BUCKETS
         )
@@ -138,25 +181,58 @@ class ServerMetrics:
             "Drafted tokens accepted into a request's output, per request per step",
             ACCEPT_BUCKETS,
         )
-        self.ttft = hist("fluid_time_to_first_token_seconds", "Request arrival to its first token")
+        self.ttft = hist(
+            "fluid_time_to_first_token_seconds", "Request arrival to its first token", TTFT_BUCKETS
+        )
         self.itl = hist(
             "fluid_inter_token_latency_seconds",
             "Time between two steps that gave one request tokens (one observation per step)",
+            TOKEN_LATENCY_BUCKETS,
         )
         self.tpot = hist(
             "fluid_request_time_per_output_token_seconds",
             "Per request: first to last token, over the tokens after the first",
+            TOKEN_LATENCY_BUCKETS,
         )
-        self.e2e = hist("fluid_e2e_request_latency_seconds", "Request arrival to its last token")
+        latency = REQUEST_LATENCY_BUCKETS
+        self.e2e = hist(
+            "fluid_e2e_request_latency_seconds", "Request arrival to its last token", latency
+        )
+        self.queue_time = hist(
+            "fluid_request_queue_time_seconds", "Submitted to the engine, to given a slot", latency
+        )
+        self.prefill_time = hist(
+            "fluid_request_prefill_time_seconds", "Given a slot, to its first token", latency
+        )
+        self.decode_time = hist(
+            "fluid_request_decode_time_seconds", "First token to last token", latency
+        )
+        self.inference_time = hist(
+            "fluid_request_inference_time_seconds", "Given a slot, to its last token", latency
+        )
         self.request_prompt = hist(
-            "fluid_request_prompt_tokens", "Prompt tokens of each finished choice", TOKEN_BUCKETS
+            "fluid_request_prompt_tokens", "Prompt tokens of each finished choice", tokens
         )
         self.request_generation = hist(
-            "fluid_request_generation_tokens",
-            "Tokens generated for each finished choice",
-            TOKEN_BUCKETS,
+            "fluid_request_generation_tokens", "Tokens generated for each finished choice", tokens
         )
-        self.step_seconds = hist("fluid_step_seconds", "Duration of one scheduler step")
+        self.max_tokens = hist(
+            "fluid_request_params_max_tokens", "max_tokens of each finished choice", tokens
+        )
+        self.n = hist("fluid_request_params_n", "n of each prompt, once it ended", N_BUCKETS)
+        self.longest = hist(
+            "fluid_request_max_num_generation_tokens",
+            "Tokens of a prompt's longest choice, once its n choices ended",
+            tokens,
+        )
+        self.iteration = hist(
+            "fluid_iteration_tokens_total",
+            "Prompt tokens admitted plus tokens committed, per step",
+            ITERATION_BUCKETS,
+        )
+        self.step_seconds = hist(
+            "fluid_step_seconds", "Duration of one scheduler step", STEP_BUCKETS
+        )
         self.cache_queries = Counter(
             "fluid_prefix_cache_queries", "Prompt tokens admitted into the engine", registry=r
         )
@@ -190,26 +266,21 @@ class ServerMetrics:
             self.accepted_at.labels(position=str(pos))
         self.running = Gauge("fluid_num_requests_running", "Requests in the batch", registry=r)
         self.waiting = Gauge("fluid_num_requests_waiting", "Requests queued", registry=r)
+        self.kv_usage = Gauge(
+            "fluid_kv_cache_usage_perc",
+            "Request slots held, over slots (1: a new request waits for one)",
+            registry=r,
+        )
         info = Gauge("fluid_model_info", "The served model", ["model"], registry=r)
         info.labels(model=model_name).set(1)
         mirrored = [
-            self.running,
-            self.waiting,
-            self.prompt_tokens,
-            self.generation_tokens,
-            self.ttft,
-            self.itl,
-            self.tpot,
-            self.e2e,
-            self.request_prompt,
-            self.request_generation,
-            self.cache_queries,
-            self.cache_hits,
-            self.drafts,
-            self.draft_tokens,
-            self.accepted_tokens,
+            self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
+            self.ttft, self.itl, self.tpot, self.e2e, self.queue_time, self.prefill_time,
+            self.decode_time, self.inference_time, self.iteration, self.n, self.max_tokens,
+            self.longest, self.request_prompt, self.request_generation, self.cache_queries,
+            self.cache_hits, self.drafts, self.draft_tokens, self.accepted_tokens,
             self.accepted_at,
-        ]
+        ]  # fmt: skip
         r.register(_VllmNames(mirrored, self.requests, model_name))
 
     def on_step(self, scheduler: Any, events: list[Any], seconds: float) -> None:
@@ -230,11 +301,15 @@ class ServerMetrics:
             self.generation_tokens.inc(made)
         self.running.set(scheduler.num_running)
         self.waiting.set(scheduler.num_waiting)
+        self.kv_usage.set(scheduler.num_running / max(scheduler.slots_n, 1))
         now = (scheduler.prefixes.queried, scheduler.prefixes.hits)
+        admitted = now[0] - self._seen[0]
         if now != self._seen:
-            self.cache_queries.inc(now[0] - self._seen[0])
+            self.prompt_tokens.inc(admitted)
+            self.cache_queries.inc(admitted)
             self.cache_hits.inc(now[1] - self._seen[1])
             self._seen = now
+        self.iteration.observe(admitted + made)
 
     def on_failure(self) -> None:
         """Engine-thread hook: the engine failed, its requests were answered; none runs or waits."""
