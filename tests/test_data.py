@@ -198,9 +198,9 @@ def test_chat_template_that_rewrites_history_is_refused(tok):
     odd.chat_template = (
         "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     )
-    with pytest.raises(ConfigError, match="turn by turn") as refused:
-        get_template("auto", odd).encode(odd, TWO_TURNS)
-    assert "its own example" in str(refused.value)  # (the fix: one example per assistant turn)
+    with pytest.raises(ConfigError, match="cannot be located") as refused:
+        get_template("auto", odd).encode_examples(odd, TWO_TURNS)
+    assert "`template:` to one of" in str(refused.value)  # (the fix: a named template)
 
 
 def test_template_selection(tok):

@@ -1,4 +1,4 @@
-"""Training on tool-use conversations with the tokenizer's own chat template.
+"""Training on tool-use and multi-turn conversations with the tokenizer's own chat template.
 
 A tool call in LLaMA-Factory's data is a ``function_call`` turn holding JSON; a tokenizer's
 template writes calls from structured ``tool_calls`` (with their markers) and answers from
@@ -18,10 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from fluid_npu.data import IGNORE_INDEX, build_sft_dataset
+from fluid_npu.data.tooluse import check_tools
 from fluid_npu.errors import DataError
 from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.prompts import chat_messages, chat_template_ids
-from fluid_npu.sampling.tooluse import check_tools
 
 # A hermes-style template (Qwen2.5's layout): tools listed in the system turn, each call in
 # <tool_call> tags with its arguments as JSON, each result in a tool turn naming its call.
@@ -237,3 +237,69 @@ def test_bad_tools_and_a_failing_template_name_the_row(tmp_path, tok):
     row["tools"] = None
     with pytest.raises(DataError, match=r"refused this conversation: .*\(TypeError\)"):
         trained(tmp_path, needs_tools, [row])
+
+
+# Qwen3's rule: the last assistant turn (only) gets an empty <think> block, so a turn renders
+# otherwise once later turns follow
+LAST_THINKS = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def multi_turn(*answers: str) -> dict:
+    turns = []
+    for i, answer in enumerate(answers):
+        turns += [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": answer}]
+    return {"conversations": turns, "tools": None}
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_one_example_per_turn(tmp_path):
+    """Each response turn trains in its own example — the conversation up to it, as the server
+    renders the prompt of that turn — where one sequence cannot hold every turn as served."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = LAST_THINKS
+    data = trained(tmp_path, tok, [multi_turn("A0", "A1")])
+    assert data.stats.rows_kept == 1 and len(data.train) == 2
+    think = "<think>\n\n</think>\n\n"
+    for i, example in enumerate(data.train):
+        assert responses(tok, example) == [f"{think}A{i}<|im_end|>"]  # (the turn's own loss)
+        served = chat_messages(
+            [{"role": r, "content": c} for k in range(i) for r, c in (("user", f"q{k}"),
+             ("assistant", f"A{k}"))] + [{"role": "user", "content": f"q{i}"}], "request",
+        )  # fmt: skip
+        prompt = chat_template_ids(tok, served)
+        assert example["input_ids"][: len(prompt)] == prompt
+        assert example["labels"][len(prompt) - 1] == IGNORE_INDEX != example["labels"][len(prompt)]
+    assert "A0<|im_end|>" in tok.decode(data.train[1]["input_ids"])  # (history without the block)
+    # mask_history: the last turn alone, as for any template
+    (last,) = trained(tmp_path, tok, [multi_turn("A0", "A1")], mask_history=True).train
+    assert last["input_ids"] == data.train[1]["input_ids"]
+
+
+def test_a_bad_row_among_expanded_ones_is_named_by_its_line(tmp_path):
+    tok = build_tiny_tokenizer()
+    tok.chat_template = LAST_THINKS
+    rows = [multi_turn("A0", "A1"), multi_turn("A0", "A1", "A2"), multi_turn("A0", " ")]
+    with pytest.raises(DataError, match=r"t\.jsonl line 3: the response is empty"):
+        trained(tmp_path, tok, rows)
+    data = trained(tmp_path, tok, rows, skip_bad_rows=True)
+    assert (data.stats.rows_read, data.stats.rows_kept, len(data.train)) == (3, 2, 5)
+
+
+def test_a_conversations_examples_stay_on_one_side_of_val_size(tmp_path):
+    """val_size holds out whole conversations (else a turn's example would be trained on while
+    a later turn of the same conversation, holding it as history, is evaluated)."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = LAST_THINKS
+    rows = [multi_turn(f"x{r}", f"y{r}") for r in range(6)]
+    data = trained(tmp_path, tok, rows, val_size=0.5)
+    sides = []
+    for examples in (data.train, data.eval):
+        texts = [tok.decode(e["input_ids"]) for e in examples]
+        sides.append(sorted(r for r in range(6) for t in texts if f"x{r}<" in t))
+    assert len(data.train) == len(data.eval) == 6  # (3 conversations each, 2 turns each)
+    assert all(side.count(r) == 2 for side in sides for r in side)
+    assert not set(sides[0]) & set(sides[1])

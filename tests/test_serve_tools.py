@@ -1,4 +1,4 @@
-"""Tool calling in ``fluid serve`` (``serve/tools.py``, ``sampling/tooluse.py``): the tools a chat
+"""Tool calling in ``fluid serve`` (``serve/tools.py``, ``data/tooluse.py``): the tools a chat
 request offers reach the chat template, a model's ``<tool_call>`` blocks come back as the
 message's ``tool_calls`` (streamed or not, the same), conversations carry calls and their results
 back to the template, and what the server cannot do is a 400 naming the field. Driven by the
@@ -16,9 +16,9 @@ import httpx
 import pytest
 from test_serve_http import ReasoningScheduler, chain_scheduler, client, serving
 
+from fluid_npu.data.tooluse import check_tool_calls, check_tools
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.model.tiny import build_tiny_tokenizer
-from fluid_npu.sampling.tooluse import check_tool_calls, check_tools
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.tools import PARSERS, ToolCallText, ToolParser, tool_parser, tool_setting
 

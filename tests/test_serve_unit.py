@@ -232,7 +232,8 @@ def test_every_chat_path_encodes_a_conversation_as_training_does():
     ``fluid eval --chat``, ``fluid generate`` (``--chat`` and ``messages`` lines) and the server's
     chat route all give the model that BOS, once; a template that writes BOS itself (Llama 3)
     gets no second one, and a tokenizer without BOS gets none."""
-    from fluid_npu.data.templates import Conversation, get_template
+    from fluid_npu.data.auto_template import get_template
+    from fluid_npu.data.templates import Conversation
     from fluid_npu.eval.tasks import encode_question
 
     adds = build_tiny_tokenizer(mask_token=True)

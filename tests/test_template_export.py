@@ -12,12 +12,12 @@ from jinja2 import TemplateError
 from synthetic import write_short_dataset
 
 from fluid_npu.config import load_config
+from fluid_npu.data.auto_template import get_template
 from fluid_npu.data.template_export import fit_tokenizer, jinja, turn_end
 from fluid_npu.data.templates import (
     TEMPLATES,
     Conversation,
     _tokenizer_adds_bos,
-    get_template,
     rendered_ids,
 )
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from fluid_npu import lazy_exports
 
 if TYPE_CHECKING:
+    from fluid_npu.data.auto_template import TokenizerChatTemplate, get_template
     from fluid_npu.data.loader import (
         IGNORE_INDEX,
         DataStats,
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
         ChatTemplate,
         Conversation,
         Encoded,
-        TokenizerChatTemplate,
-        get_template,
     )
 
 __all__ = [
@@ -49,8 +48,7 @@ if not TYPE_CHECKING:  # (a checker reads the imports above, and knows every nam
                 "ChatTemplate",
                 "Conversation",
                 "Encoded",
-                "TokenizerChatTemplate",
-                "get_template",
             ),
+            "auto_template": ("TokenizerChatTemplate", "get_template"),
         },
     )

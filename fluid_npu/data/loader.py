@@ -23,10 +23,11 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
+from fluid_npu.data.auto_template import get_template
 from fluid_npu.data.files import keep_raw_text, load_raw, row_places
 from fluid_npu.data.formats import DatasetSpec, RowError, finalize_spec, resolve_datasets
 from fluid_npu.data.formats import to_conversation as _to_conversation
-from fluid_npu.data.templates import Template, get_template
+from fluid_npu.data.templates import Encoded, Template
 from fluid_npu.data.tokenizer_check import check_tokenizer_encodes
 from fluid_npu.errors import DataError
 
@@ -37,12 +38,10 @@ REPORTED_SKIPS = 5  # how many skipped rows the stats keep (dataset, index, "pla
 HEAD_ROWS = 8  # the first rows that tell the format (sharegpt tags) and test the tokenizer
 # Part of the key of the tokenization cache of ``datasets``: it hashes the mapped function and its
 # arguments but not the code they call, so a change to this package's data code must change the key.
+_CODE = ("files.py", "formats.py", "loader.py", "templates.py", "auto_template.py",
+         "tool_turns.py", "tooluse.py")  # fmt: skip
 _CODE_DIGEST = hashlib.sha256(
-    b"".join(
-        (Path(__file__).parent / n).read_bytes()
-        for n in ("files.py", "formats.py", "loader.py", "templates.py", "tool_turns.py")
-    )
-    + (Path(__file__).parents[1] / "sampling" / "tooluse.py").read_bytes()  # (checks calls)
+    b"".join((Path(__file__).parent / n).read_bytes() for n in _CODE)
 ).hexdigest()
 _FEATURES = datasets.Features(
     {
@@ -50,6 +49,7 @@ _FEATURES = datasets.Features(
         "labels": datasets.List(datasets.Value("int32")),
         "error": datasets.Value("string"),
         "truncated": datasets.Value("bool"),
+        "row": datasets.Value("int64"),  # the row of the dataset the example came from
     }
 )
 
@@ -71,8 +71,8 @@ class DataStats:
     def summary(self) -> str:
         text = (
             f"{self.rows_read} rows read, {self.rows_kept} kept ({self.train_examples} train, "
-            f"{self.eval_examples} eval), {self.truncated} truncated, {self.tokens} tokens "
-            f"({self.response_tokens} with loss)"
+            f"{self.eval_examples} eval examples), {self.truncated} truncated, "
+            f"{self.tokens} tokens ({self.response_tokens} with loss)"
         )
         if self.rows_skipped:
             first = ", ".join(f"{name}[{i}]: {why}" for name, i, why in self.skipped)
@@ -99,8 +99,9 @@ def _bad(problem: str) -> dict[str, Any]:
     return {"input_ids": [], "labels": [], "error": problem, "truncated": False}
 
 
-def _tokenize_row(
-    row: dict[str, Any],
+def _tokenize_rows(
+    batch: dict[str, list[Any]],
+    indices: list[int],
     *,
     spec: DatasetSpec,
     template: Template,
@@ -109,18 +110,39 @@ def _tokenize_row(
     mask_history: bool,
     train_on_prompt: bool,
     code_digest: str,
-) -> dict[str, Any]:
-    """One row → ``input_ids`` / ``labels``, or an ``error`` text when the row is bad.
+) -> dict[str, list[Any]]:
+    """Rows → examples: ``input_ids`` / ``labels`` and the ``row`` each came from, or an ``error``
+    text for a bad row. A row is one example, or one per response turn where the template renders
+    a turn otherwise once later turns follow (``encode_examples``; with ``mask_history`` the last).
 
     ``code_digest`` is unused here: it only keys the ``datasets`` cache on this package's code.
     """
-    try:
-        encoded = template.encode(tokenizer, _to_conversation(row, spec))
-    except RowError as e:
-        return _bad(str(e))
+    out: dict[str, list[Any]] = {name: [] for name in _FEATURES}
+    for at, index in enumerate(indices):
+        row = {column: values[at] for column, values in batch.items()}
+        try:
+            examples = template.encode_examples(tokenizer, _to_conversation(row, spec))
+        except RowError as e:
+            examples = [_bad(str(e))]
+        else:
+            if mask_history:
+                examples = [_last_turn(examples[-1])]
+            examples = [_labelled(e, cutoff_len, train_on_prompt) for e in examples]
+        bad = [e for e in examples if e["error"]]
+        for example in bad[:1] or examples:  # (a bad turn makes the row bad)
+            for name, value in example.items():
+                out[name].append(value)
+            out["row"].append(index)
+    return out
+
+
+def _last_turn(encoded: Encoded) -> Encoded:
+    return Encoded(encoded.input_ids, encoded.spans[-1:])
+
+
+def _labelled(encoded: Encoded, cutoff_len: int, train_on_prompt: bool) -> dict[str, Any]:
+    """One example's ``input_ids`` / ``labels`` (its response spans), or its ``error``."""
     ids, spans = encoded.input_ids, encoded.spans
-    if mask_history:
-        spans = spans[-1:]
     if not any(end > start for start, end in spans):
         return _bad("the rendered conversation has no response tokens")
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
@@ -164,7 +186,9 @@ def _tokenize_dataset(
 ) -> datasets.Dataset:
     workers = getattr(args, "preprocessing_num_workers", None)
     return raw.map(
-        _tokenize_row,
+        _tokenize_rows,
+        batched=True,
+        with_indices=True,
         remove_columns=raw.column_names,
         features=_FEATURES,
         num_proc=workers if workers and workers > 1 else None,
@@ -203,11 +227,13 @@ def _drop_bad_rows(
 ) -> datasets.Dataset:
     """Raise on the first bad row, or drop them and count them (``skip``). ``rows``: the file row
     of each example (num_samples / max_samples took them), None when they are the file's rows."""
-    errors = _columns(processed, "error").column("error")
+    table = _columns(processed, "error", "row")
+    errors = table.column("error")
     bad = pc.indices_nonzero(pc.not_equal(errors, "")).to_pylist()
     if not bad:
         return processed
-    source = bad if rows is None else [rows[i] for i in bad]  # (the row in the files)
+    of = [table.column("row")[i].as_py() for i in bad]  # (a bad row gives one example)
+    source = of if rows is None else [rows[i] for i in of]  # (the row in the files)
     if not skip:
         more = f" ({len(bad) - 1} more bad rows in this dataset)" if len(bad) > 1 else ""
         place = row_places(spec, source[:1])[source[0]]
@@ -239,21 +265,33 @@ def _count(dataset: datasets.Dataset, stats: DataStats) -> None:
     stats.truncated += pc.sum(table.column("truncated")).as_py() or 0
 
 
-def _split(data: datasets.Dataset, val_size: float, seed: int) -> tuple[Any, Any]:
+def _split(
+    data: datasets.Dataset, val_size: float, seed: int, groups: list[int]
+) -> tuple[Any, Any]:
+    """Train and eval examples, as LLaMA-Factory splits them (``train_test_split`` with the
+    seed); where a conversation gave one example per response turn (``groups``: each example's
+    conversation), its examples stay on one side and ``val_size`` counts conversations."""
     if not val_size:
         return data, None
     if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
         raise DataError(f"val_size={val_size} must be a fraction in (0, 1) or a number of examples")
     test_size: float | int = int(val_size) if val_size >= 1 else float(val_size)
+    whole = len(set(groups)) == len(data)
+    units = data if whole else datasets.Dataset.from_dict({"group": sorted(set(groups))})
     # datasets rounds the held-out fraction up
-    held = test_size if isinstance(test_size, int) else math.ceil(test_size * len(data))
-    if not 1 <= held < len(data):
+    held = test_size if isinstance(test_size, int) else math.ceil(test_size * len(units))
+    if not 1 <= held < len(units):
+        what = "examples" if whole else "conversations"
         raise DataError(
-            f"val_size={val_size} holds out {held} of {len(data)} examples; both train and eval "
+            f"val_size={val_size} holds out {held} of {len(units)} {what}; both train and eval "
             "need at least one: lower val_size or add data"
         )
-    parts = data.train_test_split(test_size=test_size, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
+    parts = units.train_test_split(test_size=test_size, seed=seed, shuffle=True)
+    if whole:
+        return parts["train"], parts["test"]
+    out = set(parts["test"]["group"])
+    train = [i for i, g in enumerate(groups) if g not in out]
+    return data.select(train), data.select([i for i, g in enumerate(groups) if g in out])
 
 
 def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
@@ -273,7 +311,7 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
     specs = resolve_datasets(args.dataset, getattr(args, "dataset_dir", "data"))
     skip = bool(getattr(args, "skip_bad_rows", False))
     max_samples = getattr(args, "max_samples", None)
-    stats, parts = DataStats(), []
+    stats, parts, groups = DataStats(), [], []
     # LLaMA-Factory draws num_samples with numpy's global RNG, which its parser seeds with the
     # run's seed: one generator for all the datasets, in their order, draws the same rows
     rng = np.random.RandomState(int(args.seed))
@@ -292,15 +330,20 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
         kept = _drop_bad_rows(spec, processed, skip, stats, rows)
         if len(kept):
             _count(kept, stats)
-            parts.append(kept.remove_columns(["error", "truncated"]))
+            # the conversation of each example, across the datasets (one split side each)
+            offset = len(groups) and groups[-1] + 1
+            groups += [offset + r for r in _columns(kept, "row").column("row").to_pylist()]
+            parts.append(kept.remove_columns(["error", "truncated", "row"]))
     if not parts:
         raise DataError(
             f"no usable examples in {args.dataset!r}: all {stats.rows_read} rows are bad "
             f"({stats.summary()})"
         )
     data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    stats.rows_kept = len(data)
-    train, evaluation = _split(data, float(getattr(args, "val_size", 0) or 0), int(args.seed))
+    stats.rows_kept = stats.rows_read - stats.rows_skipped
+    train, evaluation = _split(
+        data, float(getattr(args, "val_size", 0) or 0), int(args.seed), groups
+    )
     stats.train_examples = len(train)
     stats.eval_examples = 0 if evaluation is None else len(evaluation)
     log = logger.warning if stats.rows_skipped else logger.info

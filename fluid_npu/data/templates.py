@@ -9,7 +9,8 @@ split, for two kinds of template:
   format strings, rendered piece by piece so the response spans are known by construction;
 * the tokenizer's own Jinja chat template (``template: auto`` or unset, when the tokenizer has one):
   rendered with ``apply_chat_template``; the spans come from ``{% generation %}`` markers when the
-  template has them, otherwise from rendering each turn incrementally and diffing token prefixes.
+  template has them, otherwise from rendering each turn incrementally and diffing token prefixes
+  (``auto_template.py``).
 
 Both return an ``Encoded`` (ids + response spans) and can encode a bare prompt for inference.
 """
@@ -18,11 +19,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from fluid_npu.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +71,8 @@ class Template(Protocol):
     def encode(self, tokenizer: Any, conversation: Conversation) -> Encoded: ...
 
     def encode_prompt(self, tokenizer: Any, conversation: Conversation) -> list[int]: ...
+
+    def encode_examples(self, tokenizer: Any, conversation: Conversation) -> list[Encoded]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +177,10 @@ class ChatTemplate:
         """The ids of a conversation ending with a user turn, up to the assistant header."""
         return self.encode(tokenizer, conversation).input_ids
 
+    def encode_examples(self, tokenizer: Any, conversation: Conversation) -> list[Encoded]:
+        """The training examples of a conversation: one (the pieces render turn by turn)."""
+        return [self.encode(tokenizer, conversation)]
+
     def missing_tokens(self, tokenizer: Any) -> list[str]:
         """The markers of this template that ``tokenizer`` would split into several tokens."""
         return [
@@ -257,193 +261,5 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# The tokenizer's own chat template
-# ---------------------------------------------------------------------------------------------
-
-_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-class TokenizerChatTemplate:
-    """The tokenizer's Jinja chat template, with response spans located robustly.
-
-    With ``{% generation %}`` markers, ``return_assistant_tokens_mask`` gives the spans directly.
-    Otherwise each response turn ``k`` is rendered twice — the conversation before it with the
-    generation prompt, and up to and including it — and the span is the token difference; trailing
-    whitespace-only tokens (the newline after ``<|im_end|>`` in ChatML) are left to the prompt.
-    Every partial rendering must be a token prefix of the full one; templates that rewrite earlier
-    turns (e.g. dropping past reasoning) cannot be split this way and raise ``ConfigError``.
-
-    BOS: when the tokenizer prepends BOS to plain text (openPangu) but the template does not write
-    it, it is prepended, as ``tokenizer(apply_chat_template(..., tokenize=False))`` would at
-    inference; a template that writes BOS itself (Llama 3) does not get a second one.
-    """
-
-    name = "tokenizer"
-
-    def __init__(self, tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> None:
-        source = tokenizer.chat_template
-        if isinstance(source, dict):
-            source = source.get("default") or next(iter(source.values()))
-        self.has_generation_markers = bool(_GENERATION_MARKER.search(str(source)))
-        self.add_bos = _tokenizer_adds_bos(tokenizer)
-        self.template_kwargs = dict(template_kwargs or {})  # the template's variables
-        self._calls_written: bool | None = None  # whether it writes tool_calls (_writes_calls)
-
-    def _bos(self, tokenizer: Any, text: str) -> list[int]:
-        if self.add_bos and not text.startswith(tokenizer.bos_token):
-            return [tokenizer.bos_token_id]
-        return []
-
-    def _ids(self, tokenizer: Any, messages: list[dict], tools: Any, generation: bool) -> list[int]:
-        text = _refused_as_row(
-            tokenizer.apply_chat_template,
-            messages,
-            tools=tools,
-            tokenize=False,
-            add_generation_prompt=generation,
-            **self.template_kwargs,
-        )
-        return rendered_ids(tokenizer, text, self.add_bos)
-
-    def encode(self, tokenizer: Any, conversation: Conversation) -> Encoded:
-        from fluid_npu.data.tool_turns import hf_messages, hf_tools
-
-        (messages, places), tools = hf_messages(conversation), hf_tools(conversation.tools)
-        if any("tool_calls" in m for m in messages) and not self._writes_calls(
-            tokenizer, messages, tools
-        ):  # the calls as text, as the template would otherwise drop them
-            messages, places = hf_messages(conversation, structured=False)
-        if self.has_generation_markers:
-            out = _refused_as_row(
-                tokenizer.apply_chat_template,
-                messages, tools=tools, tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=True, **self.template_kwargs,
-            )  # fmt: skip
-            text = _refused_as_row(
-                tokenizer.apply_chat_template,
-                messages, tools=tools, tokenize=False, **self.template_kwargs,
-            )  # fmt: skip
-            bos = self._bos(tokenizer, text)
-            spans = [(s + len(bos), e + len(bos)) for s, e in _runs(out["assistant_masks"])]
-            return Encoded(bos + list(out["input_ids"]), spans)
-        full = self._ids(tokenizer, messages, tools, generation=False)
-        spans = []
-        for i, (role, _) in enumerate(conversation.messages):
-            if role not in RESPONSE_ROLES:
-                continue
-            k = places[i]
-            prompt = self._ids(tokenizer, messages[:k], tools, generation=True)
-            upto = self._ids(tokenizer, messages[: k + 1], tools, generation=False)
-            start = len(prompt)
-            previous_end = spans[-1][1] if spans else 0
-            if full[:start] != prompt or full[: len(upto)] != upto or start < previous_end:
-                raise ConfigError(
-                    "the tokenizer's chat template does not render conversations turn by turn "
-                    f"(the conversation up to response turn {i} renders otherwise than the same "
-                    "turns inside the whole conversation: the template rewrites earlier turns, as "
-                    "Qwen3's drops their reasoning), so the response tokens cannot be located; "
-                    "give each assistant turn its own example ending with it (one response "
-                    "turn), or set `template:` to one of "
-                    f"{sorted(TEMPLATES)} and serve with that format (--chat-template)"
-                )
-            end = max(len(upto), start)
-            while end > start and not tokenizer.decode(upto[end - 1 : end]).strip():
-                end -= 1
-            spans.append((start, end))
-        return Encoded(full, spans)
-
-    def _writes_calls(self, tokenizer: Any, messages: list[dict], tools: Any) -> bool:
-        """Whether the template writes an assistant turn's ``tool_calls`` (ChatML-only templates,
-        Qwen2's, do not: they render the turn as if it held nothing); asked once."""
-        if self._calls_written is None:
-            bare = [
-                {"role": m["role"], "content": m["content"]} if "tool_calls" in m else m
-                for m in messages
-            ]
-            with_calls = self._ids(tokenizer, messages, tools, generation=False)
-            try:
-                without: list[int] | None = self._ids(tokenizer, bare, tools, False)
-            except RowError:  # (a template that needs the calls there writes them)
-                without = None
-            self._calls_written = with_calls != without
-        return self._calls_written
-
-    def encode_prompt(self, tokenizer: Any, conversation: Conversation) -> list[int]:
-        """The ids of a conversation ending with a user turn, with the generation prompt."""
-        from fluid_npu.data.tool_turns import hf_messages, hf_tools
-
-        messages, tools = hf_messages(conversation)[0], hf_tools(conversation.tools)
-        return self._ids(tokenizer, messages, tools, generation=True)
-
-
-def _refused_as_row(render: Any, *args: Any, **kwargs: Any) -> Any:
-    """``render(*args, **kwargs)``; the template's own exception (Llama 3.1's one call per turn,
-    Mistral's alternating roles, a template that needs tools iterating over none) becomes a
-    ``RowError`` naming it: the row cannot be rendered."""
-    try:
-        return render(*args, **kwargs)
-    except Exception as exc:  # (whatever the template's code raised)
-        raise RowError(
-            f"the tokenizer's chat template refused this conversation: {exc} ({type(exc).__name__})"
-        ) from None
-
-
-def _runs(mask: Sequence[int]) -> list[tuple[int, int]]:
-    """The ``[start, end)`` runs of ones in a 0/1 mask."""
-    spans, start = [], None
-    for i, m in enumerate([*mask, 0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
-
-
 # how a chat template exported from a named one (``template_export.jinja``) starts
 EXPORT_MARK = "{{# fluid-npu: the {name} template #}}"
-_EXPORTED = re.compile(r"\{# fluid-npu: the (\w+) template #\}")
-
-
-def exported_template(tokenizer: Any) -> str | None:
-    """The named template a run exported as ``tokenizer``'s chat template, or None."""
-    saved = getattr(tokenizer, "chat_template", None)
-    named = _EXPORTED.match(saved) if isinstance(saved, str) else None
-    return named.group(1) if named is not None else None
-
-
-def get_template(name: str | None, tokenizer: Any) -> Template:
-    """The template called ``name``; None or ``auto`` picks the tokenizer's chat template if any
-    (one a run exported from a named template: that named template, as the run trained on it).
-
-    Raises ``ConfigError`` for an unknown name, listing the valid ones. Warns when a named
-    template's markers are not single tokens of ``tokenizer`` (the wrong template for the model).
-    """
-    if name is None or name == AUTO:
-        saved = getattr(tokenizer, "chat_template", None)
-        named = exported_template(tokenizer)
-        if named is not None and named in TEMPLATES:  # a run saved it: train as it did
-            return TEMPLATES[named]
-        if saved:
-            return TokenizerChatTemplate(tokenizer)
-        logger.warning(
-            "the tokenizer has no chat template and the recipe names none: using the `default` "
-            "template (Human: / Assistant: turns); set template (e.g. empty) to choose"
-        )
-        return TEMPLATES["default"]
-    if name not in TEMPLATES:
-        valid = ", ".join([AUTO, *sorted(TEMPLATES)])
-        raise ConfigError(
-            f"unknown template {name!r}; valid templates: {valid} — or leave template out to "
-            "train on the tokenizer's own chat template"
-        )
-    template = TEMPLATES[name]
-    missing = template.missing_tokens(tokenizer)
-    if missing:
-        logger.warning(
-            "template %r: %s are not single tokens of this tokenizer; is it the model's template?",
-            name,
-            ", ".join(missing),
-        )
-    return template

@@ -32,6 +32,7 @@ from fluid_npu.data.templates import (
     Conversation,
     RowError,
 )
+from fluid_npu.data.tooluse import check_tool_calls
 from fluid_npu.errors import DataError
 
 _PLAIN_ROLES = {USER: "user", ASSISTANT: "assistant", OBSERVATION: "tool", FUNCTION: "assistant"}
@@ -47,8 +48,6 @@ def hf_messages(
     the last message it became (an observation answering several calls becomes several).
     ``structured=False``: each turn one message, a call's JSON as the assistant's text (for a
     template that does not write ``tool_calls``)."""
-    from fluid_npu.sampling.tooluse import check_tool_calls
-
     out: list[dict[str, Any]] = []
     if conversation.system is not None:
         out.append({"role": "system", "content": conversation.system})

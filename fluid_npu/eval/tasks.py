@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fluid_npu.data import demo
+from fluid_npu.data.auto_template import TokenizerChatTemplate
 from fluid_npu.data.gsm8k import (
     FINAL_NUMBER,
     NUMBER,
@@ -35,12 +36,7 @@ from fluid_npu.data.gsm8k import (
     prompt_text,
     reference_answer,
 )
-from fluid_npu.data.templates import (
-    Conversation,
-    RowError,
-    TokenizerChatTemplate,
-    rendered_ids,
-)
+from fluid_npu.data.templates import Conversation, RowError, rendered_ids
 from fluid_npu.errors import ConfigError, DataError
 
 TASKS = ("gsm8k", "demo")

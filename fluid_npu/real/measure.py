@@ -42,7 +42,8 @@ def chat_ids(tokenizer: Any, question: str) -> list[int]:
 
 def gold_ids(tokenizer: Any, row: dict[str, str]) -> tuple[list[int], int]:
     """``(ids, n_prompt)``: the chat prompt, then the gold solution and the turn-end token."""
-    from fluid_npu.data.templates import Conversation, get_template
+    from fluid_npu.data.auto_template import get_template
+    from fluid_npu.data.templates import Conversation
 
     conversation = Conversation([("user", row["question"]), ("assistant", row["answer"])])
     enc = get_template("auto", tokenizer).encode(tokenizer, conversation)

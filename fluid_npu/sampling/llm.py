@@ -225,12 +225,12 @@ class LLM(VLLMOtherTasks):
         parts of a message are joined into one text (vLLM's ``"string"`` content format)."""
         no_lora(lora_request)
         check_text_chat(chat_template_content_format, mm_processor_kwargs)
+        from fluid_npu.data.tooluse import check_tools
         from fluid_npu.sampling.prompts import (
             chat_messages,
             chat_template_ids,
             reserved_template_kwargs,
         )
-        from fluid_npu.sampling.tooluse import check_tools
 
         reserved = reserved_template_kwargs(dict(chat_template_kwargs or {}))
         if reserved:

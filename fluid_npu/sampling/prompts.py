@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fluid_npu.data.tooluse import check_tool_calls, check_tools
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.io import utf8_lines
 from fluid_npu.sampling.inputs import PromptError
-from fluid_npu.sampling.tooluse import check_tool_calls, check_tools
 
 
 @dataclass

@@ -3,7 +3,7 @@
 ``--enable-auto-tool-choice --tool-call-parser NAME`` does.
 
 A request offers functions in ``tools`` (rendered into the prompt by the chat template:
-``sampling/tooluse.py``) and says what the model may do with them in ``tool_choice``:
+``data/tooluse.py``) and says what the model may do with them in ``tool_choice``:
 
 * ``"none"`` — the answer is text, returned as it is (the tools are still in the prompt);
 * ``"auto"`` (the default when tools are given, as in the OpenAI API) — the model decides; the
@@ -50,8 +50,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from fluid_npu.data.tooluse import check_tools
 from fluid_npu.errors import ConfigError, DataError
-from fluid_npu.sampling.tooluse import check_tools
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.structured import Constraint
 

@@ -29,8 +29,9 @@ from transformers import PreTrainedModel
 
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
+from fluid_npu.data.auto_template import exported_template, get_template
 from fluid_npu.data.template_export import fit_tokenizer
-from fluid_npu.data.templates import AUTO, exported_template, get_template
+from fluid_npu.data.templates import AUTO
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.model.adapters import (
