@@ -50,7 +50,6 @@ IGNORED_KEYS = {
     "tokenized_path": "datasets are tokenized in memory",
     "packing": "FLUID expands each example separately; packing is not used",
     "neat_packing": "FLUID expands each example separately; packing is not used",
-    "enable_thinking": "the template decides thinking markers",
     "use_fast_tokenizer": "the tokenizer's own class is used",
     "upcast_layernorm": "norms follow the model dtype",
     "use_unsloth": "not used",
@@ -95,6 +94,9 @@ class DataArgs:
     eval_dataset: str | None = None  # held out instead of val_size: evaluated every eval_steps
     mask_history: bool = False
     train_on_prompt: bool = False
+    # the tokenizer's chat template's variable (Qwen3: false trains the non-thinking answers
+    # after the empty <think> block its prompt then carries); None: the template's default
+    enable_thinking: bool | None = None
     preprocessing_num_workers: int | None = None
     seed: int = field(default=42, metadata={"internal": True})  # copied from TrainArgs.seed
 

@@ -303,3 +303,32 @@ def test_a_conversations_examples_stay_on_one_side_of_val_size(tmp_path):
     assert len(data.train) == len(data.eval) == 6  # (3 conversations each, 2 turns each)
     assert all(side.count(r) == 2 for side in sides for r in side)
     assert not set(sides[0]) & set(sides[1])
+
+
+# Qwen3's thinking switch: off, the generation prompt carries an empty <think> block and so does
+# the last assistant turn
+THINKING = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def test_enable_thinking_reaches_the_tokenizers_template(tmp_path, caplog):
+    """LLaMA-Factory's ``enable_thinking: false``: the answers train after the empty <think>
+    block the prompt then carries (as the server renders it with that variable), no loss on it."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = THINKING
+    (example,) = trained(tmp_path, tok, [multi_turn("A0")], enable_thinking=False).train
+    assert responses(tok, example) == ["A0<|im_end|>"]
+    served = chat_messages([{"role": "user", "content": "q0"}], "request")
+    prompt = chat_template_ids(tok, served, template_kwargs={"enable_thinking": False})
+    assert example["input_ids"][: len(prompt)] == prompt
+    assert tok.decode(prompt).endswith("assistant\n<think>\n\n</think>\n\n")
+    (default,) = trained(tmp_path, tok, [multi_turn("A0")]).train  # (the block carries loss)
+    assert responses(tok, default) == ["<think>\n\n</think>\n\nA0<|im_end|>"]
+    with caplog.at_level("WARNING"):
+        trained(tmp_path, tok, [multi_turn("A0")], enable_thinking=False, template="qwen")
+    assert "enable_thinking apply to the tokenizer's own chat template only" in caplog.text

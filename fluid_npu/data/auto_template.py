@@ -218,20 +218,36 @@ def exported_template(tokenizer: Any) -> str | None:
     return named.group(1) if named is not None else None
 
 
-def get_template(name: str | None, tokenizer: Any) -> Template:
+def get_template(
+    name: str | None, tokenizer: Any, template_kwargs: dict[str, Any] | None = None
+) -> Template:
     """The template called ``name``; None or ``auto`` picks the tokenizer's chat template if any
-    (one a run exported from a named template: that named template, as the run trained on it).
+    (one a run exported from a named template: that named template, as the run trained on it),
+    rendered with ``template_kwargs`` as its variables (``enable_thinking``).
 
     Raises ``ConfigError`` for an unknown name, listing the valid ones. Warns when a named
-    template's markers are not single tokens of ``tokenizer`` (the wrong template for the model).
+    template's markers are not single tokens of ``tokenizer`` (the wrong template for the model),
+    and when ``template_kwargs`` are given to a template that has no variables.
     """
+    template = _chosen(name, tokenizer, template_kwargs)
+    if template_kwargs and not isinstance(template, TokenizerChatTemplate):
+        logger.warning(
+            "%s apply to the tokenizer's own chat template only; the %r template has no such "
+            "variables, so they change nothing",
+            ", ".join(sorted(template_kwargs)),
+            template.name,
+        )
+    return template
+
+
+def _chosen(name: str | None, tokenizer: Any, template_kwargs: dict[str, Any] | None) -> Template:
     if name is None or name == AUTO:
         saved = getattr(tokenizer, "chat_template", None)
         named = exported_template(tokenizer)
         if named is not None and named in TEMPLATES:  # a run saved it: train as it did
             return TEMPLATES[named]
         if saved:
-            return TokenizerChatTemplate(tokenizer)
+            return TokenizerChatTemplate(tokenizer, template_kwargs)
         logger.warning(
             "the tokenizer has no chat template and the recipe names none: using the `default` "
             "template (Human: / Assistant: turns); set template (e.g. empty) to choose"

@@ -299,7 +299,8 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
 
     ``args`` is any object with the data keys of the config (``dataset``, ``dataset_dir``,
     ``template``, ``cutoff_len``, ``skip_bad_rows``, ``max_samples``, ``val_size``, ``seed``,
-    ``mask_history``, ``train_on_prompt``; optional ``preprocessing_num_workers``, ``cache_dir``).
+    ``mask_history``, ``train_on_prompt``; optional ``preprocessing_num_workers``, ``cache_dir``,
+    ``enable_thinking``: the chat template's variable, where the tokenizer's template is used).
     A dataset_info.json entry's ``num_samples`` draws that many rows with ``seed`` (repeating rows
     when it exceeds them), then ``max_samples`` keeps the first rows of each dataset, as in
     LLaMA-Factory. A bad row is named by its file and line.
@@ -307,7 +308,9 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
     cutoff_len = int(args.cutoff_len)
     if cutoff_len < 2:
         raise DataError(f"cutoff_len={cutoff_len} is too small; use at least 2 (1024 is typical)")
-    template = get_template(getattr(args, "template", None), tokenizer)
+    thinking = getattr(args, "enable_thinking", None)  # (LLaMA-Factory's key)
+    kwargs = None if thinking is None else {"enable_thinking": bool(thinking)}
+    template = get_template(getattr(args, "template", None), tokenizer, kwargs)
     specs = resolve_datasets(args.dataset, getattr(args, "dataset_dir", "data"))
     skip = bool(getattr(args, "skip_bad_rows", False))
     max_samples = getattr(args, "max_samples", None)
