@@ -332,3 +332,28 @@ def test_enable_thinking_reaches_the_tokenizers_template(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         trained(tmp_path, tok, [multi_turn("A0")], enable_thinking=False, template="qwen")
     assert "enable_thinking apply to the tokenizer's own chat template only" in caplog.text
+
+
+def test_a_later_turn_past_cutoff_len_is_left_out_as_truncation_would(tmp_path):
+    """A split conversation whose later turn starts past cutoff_len keeps the turns that fit
+    (counted truncated), as one truncated sequence would; only a first turn that does not fit
+    makes the row bad."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = LAST_THINKS
+    row = multi_turn("A0", "A1")
+    row["conversations"][2]["value"] = "q " * 60  # a long second question
+    data = trained(tmp_path, tok, [row], cutoff_len=50)
+    assert len(data.train) == 1 and data.stats.truncated == 1
+    assert responses(tok, data.train[0]) == ["<think>\n\n</think>\n\nA0<|im_end|>"]
+    row["conversations"][0]["value"] = "q " * 60  # the first turn past it too: the row is bad
+    with pytest.raises(DataError, match="no response token fits in cutoff_len=50"):
+        trained(tmp_path, tok, [row], cutoff_len=50)
+
+
+def test_openai_results_follow_their_calls_whatever_the_ids_type(tmp_path, tok):
+    row = openai_row([])
+    row["messages"][1]["tool_calls"][0]["id"], row["messages"][1]["tool_calls"][1]["id"] = "1", "2"
+    row["messages"][2:2] = [{"role": "tool", "content": "of 2", "tool_call_id": 2},
+                            {"role": "tool", "content": "of 1", "tool_call_id": 1}]  # fmt: skip
+    text = tok.decode(trained(tmp_path, tok, [row], formatting="openai").train[0]["input_ids"])
+    assert text.index("of 1 (call00001)") < text.index("of 2 (call00002)")

@@ -79,3 +79,19 @@ def test_the_dashboards_series():
         assert f'vllm:e2e_request_latency_seconds_bucket{{le="{last}"' in text
         assert 'vllm:request_prompt_tokens_bucket{le="500.0"' in text  # (max_len 600)
         assert 'vllm:request_prompt_tokens_bucket{le="1000.0"' not in text
+
+
+def test_an_engine_failure_leaves_no_usage_behind():
+    from types import SimpleNamespace
+
+    from fluid_npu.serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    full = SimpleNamespace(num_running=4, num_waiting=2, slots_n=4,
+                           prefixes=SimpleNamespace(queried=0, hits=0))  # fmt: skip
+    metrics.on_step(full, [], 0.01)
+    read = metrics.registry.get_sample_value
+    assert read("vllm:kv_cache_usage_perc", {"model_name": "m"}) == 1.0
+    metrics.on_failure()  # (nothing runs or waits any more, nothing holds a slot)
+    assert read("vllm:kv_cache_usage_perc", {"model_name": "m"}) == 0.0
+    assert read("fluid_num_requests_running") == 0.0

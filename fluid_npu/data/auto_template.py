@@ -61,6 +61,11 @@ class TokenizerChatTemplate:
         self.template_kwargs = dict(template_kwargs or {})  # the template's variables
         self._calls_written: bool | None = None  # whether it writes tool_calls (_writes_calls)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without what it learned while encoding (``_calls_written``): the ``datasets`` cache
+        keys on the pickled template, which must not change during a run."""
+        return {**self.__dict__, "_calls_written": None}
+
     def _bos(self, tokenizer: Any, text: str) -> list[int]:
         if self.add_bos and not text.startswith(tokenizer.bos_token):
             return [tokenizer.bos_token_id]

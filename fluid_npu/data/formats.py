@@ -400,7 +400,8 @@ def _openai_turns(messages: list[Any], tags: Mapping[str, str]) -> list[Any]:
         if results:
             answered = [i for i, _ in results]
             if sorted(map(str, answered)) == sorted(map(str, order)) and None not in answered:
-                results.sort(key=lambda r: order.index(r[0]))
+                place = {str(i): n for n, i in reversed(list(enumerate(order)))}
+                results.sort(key=lambda r: place[str(r[0])])
             joined = "\n</tool_response>\n<tool_response>\n".join(str(c) for _, c in results)
             out.append({role_tag: tags["observation_tag"], content_tag: joined})
             results = []

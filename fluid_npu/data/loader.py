@@ -127,7 +127,13 @@ def _tokenize_rows(
         else:
             if mask_history:
                 examples = [_last_turn(examples[-1])]
-            examples = [_labelled(e, cutoff_len, train_on_prompt) for e in examples]
+            # a later turn whose response starts past cutoff_len is left out, as truncating one
+            # sequence leaves it out; the conversation then counts as truncated
+            fits = examples[:1] + [e for e in examples[1:] if e.spans[-1][0] < cutoff_len]
+            labelled = [_labelled(e, cutoff_len, train_on_prompt) for e in fits]
+            if len(fits) < len(examples) and not labelled[-1]["error"]:
+                labelled[-1]["truncated"] = True
+            examples = labelled
         bad = [e for e in examples if e["error"]]
         for example in bad[:1] or examples:  # (a bad turn makes the row bad)
             for name, value in example.items():

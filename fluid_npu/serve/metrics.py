@@ -315,6 +315,7 @@ class ServerMetrics:
         """Engine-thread hook: the engine failed, its requests were answered; none runs or waits."""
         self.running.set(0)
         self.waiting.set(0)
+        self.kv_usage.set(0)
 
     def refused(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, finish_reason=str(status)).inc()
