@@ -357,3 +357,13 @@ def test_openai_results_follow_their_calls_whatever_the_ids_type(tmp_path, tok):
                             {"role": "tool", "content": "of 1", "tool_call_id": 1}]  # fmt: skip
     text = tok.decode(trained(tmp_path, tok, [row], formatting="openai").train[0]["input_ids"])
     assert text.index("of 1 (call00001)") < text.index("of 2 (call00002)")
+
+
+def test_split_conversations_are_kept_for_stage_iis_held_out_part(tmp_path):
+    """With val_size 0 the train examples' conversations go with the data (SFTData.train_groups),
+    so Stage II's own held-out part keeps conversations whole too."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = LAST_THINKS
+    data = trained(tmp_path, tok, [multi_turn(f"x{r}", f"y{r}") for r in range(3)])
+    assert data.train_groups == [0, 0, 1, 1, 2, 2]
+    assert trained(tmp_path, build_tiny_tokenizer(), [multi_turn("a", "b")]).train_groups is None

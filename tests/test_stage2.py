@@ -167,6 +167,11 @@ def test_split_heldout_uses_val_size_or_holds_out_a_seeded_part():
     assert seen == set(range(50))
     again = split_heldout(data, None, seed=0)[1]
     assert again["input_ids"] == held["input_ids"]
+    # conversations a template split into one example per turn stay whole (groups: 25 of 2)
+    train, held, source = split_heldout(data, None, seed=0, groups=[i // 2 for i in range(50)])
+    conversations = [{r[0] // 2 for r in part["input_ids"]} for part in (train, held)]
+    assert not conversations[0] & conversations[1] and len(held) == 2 * len(conversations[1])
+    assert len(conversations[1]) == 2 and "2 of 25 conversations, 4 of 50 examples" in source
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,6 +88,9 @@ class SFTData:
     eval: datasets.Dataset | None
     stats: DataStats
     template: str
+    # the conversation of each train example where a template split conversations into one
+    # example per response turn (a held-out part taken later keeps them whole); None: one each
+    train_groups: list[int] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,12 +276,13 @@ def _count(dataset: datasets.Dataset, stats: DataStats) -> None:
 
 def _split(
     data: datasets.Dataset, val_size: float, seed: int, groups: list[int]
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, list[int] | None]:
     """Train and eval examples, as LLaMA-Factory splits them (``train_test_split`` with the
     seed); where a conversation gave one example per response turn (``groups``: each example's
-    conversation), its examples stay on one side and ``val_size`` counts conversations."""
+    conversation), its examples stay on one side and ``val_size`` counts conversations. Also the
+    train examples' conversations where they are not one example each (else None)."""
     if not val_size:
-        return data, None
+        return data, None, None if len(set(groups)) == len(data) else groups
     if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
         raise DataError(f"val_size={val_size} must be a fraction in (0, 1) or a number of examples")
     test_size: float | int = int(val_size) if val_size >= 1 else float(val_size)
@@ -294,10 +298,11 @@ def _split(
         )
     parts = units.train_test_split(test_size=test_size, seed=seed, shuffle=True)
     if whole:
-        return parts["train"], parts["test"]
+        return parts["train"], parts["test"], None
     out = set(parts["test"]["group"])
     train = [i for i, g in enumerate(groups) if g not in out]
-    return data.select(train), data.select([i for i, g in enumerate(groups) if g in out])
+    held = data.select([i for i, g in enumerate(groups) if g in out])
+    return data.select(train), held, [groups[i] for i in train]
 
 
 def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
@@ -350,14 +355,14 @@ def build_sft_dataset(args: Any, tokenizer: Any) -> SFTData:
         )
     data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     stats.rows_kept = stats.rows_read - stats.rows_skipped
-    train, evaluation = _split(
+    train, evaluation, train_groups = _split(
         data, float(getattr(args, "val_size", 0) or 0), int(args.seed), groups
     )
     stats.train_examples = len(train)
     stats.eval_examples = 0 if evaluation is None else len(evaluation)
     log = logger.warning if stats.rows_skipped else logger.info
     log("data (%s, template %s): %s", args.dataset, template.name, stats.summary())
-    return SFTData(train=train, eval=evaluation, stats=stats, template=template.name)
+    return SFTData(train, evaluation, stats, template.name, train_groups)
 
 
 def token_occurs(dataset: Any, token_id: int) -> bool:

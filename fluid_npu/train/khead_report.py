@@ -2,7 +2,8 @@
 
 * ``split_heldout`` — the examples the report is measured on: the ``val_size`` split when the
   config has one, otherwise ``AUTO_HELDOUT_FRACTION`` of the examples (at least 1, at most
-  ``AUTO_HELDOUT_MAX``), drawn with the run's seed and removed from Stage II training.
+  ``AUTO_HELDOUT_MAX``), drawn with the run's seed and removed from Stage II training — of the
+  conversations, whole, where a template split them into one example per response turn.
 * ``heldout_figures`` — the head's exact accuracy, accuracy within ±1 and mean |K̂ − K*|, and the
   same figures for a constant predictor. The constant is chosen without looking at the held-out
   labels: the mode of the training labels (``const_k``). The constant that would be best *on the
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 
 from fluid_npu.errors import DataError
 from fluid_npu.train.khead_labels import horizon_metrics
@@ -32,10 +34,16 @@ PLOT_FILE = "khead_report.png"
 
 
 def split_heldout(
-    train: Any, evaluation: Any, seed: int, given: str = "val_size"
+    train: Any,
+    evaluation: Any,
+    seed: int,
+    given: str = "val_size",
+    groups: list[int] | None = None,
 ) -> tuple[Any, Any, str]:
     """``(train, heldout, source)``: the held-out data the config gave (``given`` names where it
-    came from: ``val_size`` or ``eval_dataset``), or a seeded part of ``train``."""
+    came from: ``val_size`` or ``eval_dataset``), or a seeded part of ``train`` — whole
+    conversations where ``groups`` (each example's, ``SFTData.train_groups``) says a template
+    split them into one example per response turn."""
     if evaluation is not None and len(evaluation) > 0:
         return train, evaluation, given
     n = len(train)
@@ -43,9 +51,23 @@ def split_heldout(
         raise DataError(
             f"Stage II holds out examples for its report but the dataset has {n}; add examples"
         )
-    held = min(max(1, round(AUTO_HELDOUT_FRACTION * n)), AUTO_HELDOUT_MAX)
-    parts = train.train_test_split(test_size=held, seed=seed, shuffle=True)
-    return parts["train"], parts["test"], f"auto: {held} of {n} examples (val_size is 0)"
+    if groups is None or len(set(groups)) == n:
+        held = min(max(1, round(AUTO_HELDOUT_FRACTION * n)), AUTO_HELDOUT_MAX)
+        parts = train.train_test_split(test_size=held, seed=seed, shuffle=True)
+        return parts["train"], parts["test"], f"auto: {held} of {n} examples (val_size is 0)"
+    units = sorted(set(groups))
+    if len(units) < 2:
+        raise DataError(
+            "Stage II holds out whole conversations for its report but the dataset has one; "
+            "add conversations"
+        )
+    held = min(max(1, round(AUTO_HELDOUT_FRACTION * len(units))), AUTO_HELDOUT_MAX)
+    parts = Dataset.from_dict({"group": units}).train_test_split(test_size=held, seed=seed)
+    out = set(parts["test"]["group"])
+    kept = train.select([i for i, g in enumerate(groups) if g not in out])
+    heldout = train.select([i for i, g in enumerate(groups) if g in out])
+    what = f"auto: {held} of {len(units)} conversations, {len(heldout)} of {n} examples"
+    return kept, heldout, f"{what} (val_size is 0)"
 
 
 def histogram(values: torch.Tensor, k_max: int) -> list[int]:

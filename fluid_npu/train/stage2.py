@@ -221,7 +221,9 @@ class Stage2Run:
         data = load_run_data(self.cfg, self.loaded.tokenizer, self.loaded.mask)
         # load_run_data numbered both splits; after split_heldout's split the numbers stay unique
         given = "eval_dataset" if self.cfg.data.eval_dataset else "val_size"
-        train, heldout, source = split_heldout(data.train, data.eval, self.cfg.train.seed, given)
+        train, heldout, source = split_heldout(
+            data.train, data.eval, self.cfg.train.seed, given, data.train_groups
+        )
         if "epoch" not in heldout.column_names:  # a part of train: one layout per evaluation too
             heldout = heldout.add_column("epoch", [EVAL_EPOCH] * len(heldout))
         self.train_set = train
