@@ -23,9 +23,13 @@ A request offers functions in ``tools`` (rendered into the prompt by the chat te
 vllm-ascend's name) reads ``[unused11][{"name": ..., "arguments": {...}}, ...][unused12]``, a
 list of calls between two special tokens, which the answer's text writes out for the parser
 (``Detokenizer(spelled=...)``; with ``tool_choice: "none"`` they stay out, as every special token
-does). A block may hold one call or a list; arguments written as a JSON text holding the object,
-or under ``parameters``, are read too. The answer's text before the
-first block is the message's ``content`` (null when empty); each block is a call, returned with an
+does); ``llama3_json`` (Llama 3.1 / 3.2 / 3.3: vLLM's name) reads an answer that is nothing but
+calls — JSON objects ``{"name": ..., "parameters": {...}}`` separated by ``;``, after an optional
+``<|python_tag|>`` —, so an answer that starts otherwise is text from its first characters on,
+and one that starts with ``{`` is held until it ends. A block may hold one call or a list;
+arguments written as a JSON text holding the object, or under ``parameters``, are read too. The
+answer's text before the first block is the message's ``content`` (null when empty); each block
+is a call, returned with an
 id (``chatcmpl-tool-…``, as vLLM's) and its arguments as a JSON text, and the choice's
 ``finish_reason`` is ``"tool_calls"``. A last block cut before its closing marker (``max_tokens``,
 a stop string) still counts if its JSON is whole. Text after the first block is not part of the
@@ -66,16 +70,20 @@ def _arguments(fn: dict[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ToolMarkers:
     """The text that opens and closes a tool call block; ``tokens``: each must be one token of
-    the model's tokenizer (markers that are not are no model's this parser is for)."""
+    the model's tokenizer (markers that are not are no model's this parser is for); ``whole``:
+    the calls are the whole answer, JSON objects separated by ``;`` that the opening marker may
+    precede, and no closing marker (Llama 3's)."""
 
     start: str
     end: str
     tokens: bool = False
+    whole: bool = False
 
 
 PARSERS = {  # vLLM's names (vllm-ascend's for openPangu: pangu)
     "hermes": ToolMarkers("<tool_call>", "</tool_call>"),
     "pangu": ToolMarkers("[unused11]", "[unused12]", tokens=True),
+    "llama3_json": ToolMarkers("<|python_tag|>", "", whole=True),
 }
 
 
@@ -102,7 +110,7 @@ def tool_parser(name: str, tokenizer: Any) -> ToolParser:
     ``ConfigError`` naming ``--tool-call-parser``."""
     markers = check_tool_parser_name(name)
     spelled = {}
-    for marker in (markers.start, markers.end):
+    for marker in (m for m in (markers.start, markers.end) if m):
         ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
         if len(ids) == 1 and tokenizer.decode(ids, skip_special_tokens=True) != marker:
             spelled[int(ids[0])] = marker  # one special token: written out in the answer
@@ -284,7 +292,9 @@ class ToolCallText:
 
     def __init__(self, markers: ToolMarkers, parallel: bool = True) -> None:
         self.markers, self.parallel = markers, parallel
-        self.pending = ""  # content held back: it may be the start of the opening marker
+        # content held back: it may be the start of the opening marker (None: ``whole`` markers,
+        # and the answer is text)
+        self.pending: str | None = ""
         self.held: str | None = None  # everything from the first opening marker on
 
     def add(self, text: str) -> str:
@@ -292,6 +302,8 @@ class ToolCallText:
         if self.held is not None:
             self.held += text
             return ""
+        if self.markers.whole:
+            return self._add_whole(text)
         self.pending += text
         start = self.pending.find(self.markers.start)
         if start >= 0:
@@ -302,11 +314,26 @@ class ToolCallText:
         self.pending = self.pending[len(self.pending) - keep :]
         return out
 
+    def _add_whole(self, text: str) -> str:
+        """``whole`` markers: the answer is held while it may still be calls (it starts with the
+        opening marker or a JSON object, after any whitespace), else passed on from then on."""
+        if self.pending is None:  # (decided: text)
+            return text
+        self.pending += text
+        begun = self.pending.lstrip()
+        if begun.startswith((self.markers.start, "{")):
+            self.held, self.pending = self.pending, ""
+            return ""
+        if not begun or self.markers.start.startswith(begun):
+            return ""
+        out, self.pending = self.pending, None
+        return out
+
     def finish(self, parse: bool = True) -> tuple[str, list[dict[str, Any]]]:
         """At the answer's end: the ``content`` still held back and the calls (none: all text;
         ``parse=False``: the answer did not end, and stays text)."""
         if self.held is None:
-            out, self.pending = self.pending, ""
+            out, self.pending = self.pending or "", ""
             return out, []
         calls = parse_calls(self.held, self.markers) if parse else None
         if calls is None:
@@ -332,16 +359,43 @@ def _json(text: str) -> Any:
 
 
 def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
-    """The calls of ``text`` (which starts with an opening marker), or None when a block is not
-    a call (then nothing is)."""
+    """The calls of ``text`` (which starts with an opening marker, or for ``whole`` markers with
+    a JSON object), or None when a block is not a call (then nothing is)."""
+    if markers.whole:
+        found = _objects(text.lstrip().removeprefix(markers.start))
+        return None if found is None else _checked(found)
     blocks = re.findall(
         f"{re.escape(markers.start)}(.*?)(?:{re.escape(markers.end)}|\\Z)", text, flags=re.DOTALL
     )
-    calls = []
     found = []
     for block in blocks:  # a call, or a list of them (openPangu writes a list)
         given = _json(block)
         found += given if isinstance(given, list) else [given]
+    return _checked(found)
+
+
+def _objects(text: str) -> list[Any] | None:
+    """JSON values one after another, separated by ``;`` (Llama 3's parallel calls), or None
+    where ``text`` is anything else."""
+    decoder, out, at = json.JSONDecoder(), [], 0
+    while True:
+        at = len(text) - len(text[at:].lstrip())
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except (ValueError, RecursionError):
+            return None
+        out += value if isinstance(value, list) else [value]
+        rest = text[at:].lstrip()
+        if not rest:
+            return out
+        if not rest.startswith(";"):
+            return None
+        at = len(text) - len(rest) + 1
+
+
+def _checked(found: list[Any]) -> list[dict[str, Any]] | None:
+    """The calls ``found`` as the API returns them, or None when one is not a call."""
+    calls = []
     for call in found:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return None
