@@ -329,7 +329,7 @@ def test_markers_a_tokenizer_makes_special_are_written_out_for_the_parser():
         tool_parser("hermes", split)
     with pytest.raises(ConfigError, match="'\\[unused11\\]' is not one token of this model's"):
         tool_parser("pangu", tok)
-    with pytest.raises(ConfigError, match="'x' is not one of hermes, llama3_json, pangu"):
+    with pytest.raises(ConfigError, match="'x' is not one of hermes, llama3_json, mistral, pangu"):
         tool_parser("x", tok)
 
 

@@ -180,7 +180,8 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="how the model writes its tool calls: hermes (Qwen2.5, Qwen3, Hermes: <tool_call> "
         "JSON blocks) | pangu (openPangu: a JSON list between [unused11] and [unused12]) | "
-        "llama3_json (Llama 3.x: an answer of JSON calls, ';'-separated)",
+        "llama3_json (Llama 3.x: an answer of JSON calls, ';'-separated) | mistral (a JSON "
+        "list after [TOOL_CALLS])",
     )
     p.add_argument(
         "--trust-request-chat-template",

@@ -26,7 +26,10 @@ list of calls between two special tokens, which the answer's text writes out for
 does); ``llama3_json`` (Llama 3.1 / 3.2 / 3.3: vLLM's name) reads an answer that is nothing but
 calls — JSON objects ``{"name": ..., "parameters": {...}}`` separated by ``;``, after an optional
 ``<|python_tag|>`` —, so an answer that starts otherwise is text from its first characters on,
-and one that starts with ``{`` is held until it ends. A block may hold one call or a list;
+and one that starts with ``{`` is held until it ends; ``mistral`` (Mistral v0.3 and later
+instruct models: vLLM's name) reads the JSON list after the special token ``[TOOL_CALLS]`` to
+the answer's end, its calls' ids nine letters and digits (vLLM's, which Mistral's templates
+require when the calls come back in a conversation). A block may hold one call or a list;
 arguments written as a JSON text holding the object, or under ``parameters``, are read too. The
 answer's text before the first block is the message's ``content`` (null when empty); each block
 is a call, returned with an
@@ -50,6 +53,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +63,8 @@ from fluid_npu.data.tooluse import check_tools
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.structured import Constraint
+
+_ID_CHARS = string.ascii_letters + string.digits
 
 
 def _arguments(fn: dict[str, Any]) -> dict[str, Any]:
@@ -75,15 +82,17 @@ class ToolMarkers:
     precede, and no closing marker (Llama 3's)."""
 
     start: str
-    end: str
+    end: str  # "": the block runs to the answer's end (Mistral's)
     tokens: bool = False
     whole: bool = False
+    short_ids: bool = False  # the calls' ids are 9 letters and digits (Mistral templates' rule)
 
 
 PARSERS = {  # vLLM's names (vllm-ascend's for openPangu: pangu)
     "hermes": ToolMarkers("<tool_call>", "</tool_call>"),
     "pangu": ToolMarkers("[unused11]", "[unused12]", tokens=True),
     "llama3_json": ToolMarkers("<|python_tag|>", "", whole=True),
+    "mistral": ToolMarkers("[TOOL_CALLS]", "", tokens=True, short_ids=True),
 }
 
 
@@ -276,10 +285,13 @@ def _text(arguments: Any) -> str | None:
         return None
 
 
-def _call(name: str, arguments: str) -> dict[str, Any]:
-    """A tool call as the API returns it: an id (vLLM's form), its arguments' JSON text."""
+def _call(name: str, arguments: str, short_id: bool = False) -> dict[str, Any]:
+    """A tool call as the API returns it: an id (vLLM's form; ``short_id``: nine letters and
+    digits, as vLLM's Mistral parser makes them, which Mistral's templates require when the call
+    comes back in a conversation), its arguments' JSON text."""
+    ident = "".join(secrets.choice(_ID_CHARS) for _ in range(9)) if short_id else None
     return {
-        "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
+        "id": ident or f"chatcmpl-tool-{uuid.uuid4().hex}",
         "type": "function",
         "function": {"name": name, "arguments": arguments},
     }
@@ -364,14 +376,19 @@ def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
     if markers.whole:
         found = _objects(text.lstrip().removeprefix(markers.start))
         return None if found is None else _checked(found)
-    blocks = re.findall(
-        f"{re.escape(markers.start)}(.*?)(?:{re.escape(markers.end)}|\\Z)", text, flags=re.DOTALL
-    )
+    if markers.end:
+        blocks = re.findall(
+            f"{re.escape(markers.start)}(.*?)(?:{re.escape(markers.end)}|\\Z)",
+            text,
+            flags=re.DOTALL,
+        )
+    else:  # (each block runs to the next opening marker, the last to the answer's end)
+        blocks = text.split(markers.start)[1:]
     found = []
-    for block in blocks:  # a call, or a list of them (openPangu writes a list)
+    for block in blocks:  # a call, or a list of them (openPangu and Mistral write a list)
         given = _json(block)
         found += given if isinstance(given, list) else [given]
-    return _checked(found)
+    return _checked(found, markers.short_ids)
 
 
 def _objects(text: str) -> list[Any] | None:
@@ -393,8 +410,9 @@ def _objects(text: str) -> list[Any] | None:
         at = len(text) - len(rest) + 1
 
 
-def _checked(found: list[Any]) -> list[dict[str, Any]] | None:
-    """The calls ``found`` as the API returns them, or None when one is not a call."""
+def _checked(found: list[Any], short_ids: bool = False) -> list[dict[str, Any]] | None:
+    """The calls ``found`` as the API returns them (``short_ids``: ``_call``'s), or None when
+    one is not a call."""
     calls = []
     for call in found:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
@@ -408,5 +426,5 @@ def _checked(found: list[Any]) -> list[dict[str, Any]] | None:
         text = _text(call["arguments"])
         if text is None:
             return None
-        calls.append(_call(call["name"], text))
+        calls.append(_call(call["name"], text, short_ids))
     return calls or None

@@ -1,12 +1,17 @@
-"""``--tool-call-parser llama3_json``: a Llama 3.x answer that is nothing but calls — JSON objects
-``{"name", "parameters"}`` separated by ``;``, after an optional ``<|python_tag|>`` — comes back as
-``tool_calls``; any other answer is text, streamed from its first characters on."""
+"""``--tool-call-parser llama3_json`` and ``mistral`` (``hermes`` and ``pangu``:
+``test_serve_tools.py``).
+
+A Llama 3.x answer that is nothing but calls — JSON objects ``{"name", "parameters"}`` separated
+by ``;``, after an optional ``<|python_tag|>`` — comes back as ``tool_calls``; any other answer is
+text, streamed from its first characters on. A Mistral answer's JSON list after ``[TOOL_CALLS]``
+comes back as calls whose ids a Mistral template takes back (nine letters and digits)."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import random
+import re
 
 import pytest
 from test_serve_http import client, serving
@@ -16,6 +21,7 @@ from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.serve.tools import PARSERS, ToolCallText
 
 LLAMA3 = PARSERS["llama3_json"]
+MISTRAL = PARSERS["mistral"]
 PARIS = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
 OSLO = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
 
@@ -92,3 +98,57 @@ def test_the_python_tag_a_tokenizer_makes_special_is_read():
         text = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
                                          tool_choice="none")  # fmt: skip
         assert text.choices[0].message.content == PARIS
+
+
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        ("[TOOL_CALLS] [" + PARIS + ", " + OSLO + "]", "", [("get_weather", {"city": "Paris"}),
+                                                          ("get_weather", {"city": "Oslo"})]),
+        ("Checking.[TOOL_CALLS]" + PARIS, "Checking.", [("get_weather", {"city": "Paris"})]),
+        ("[TOOL_CALLS] [" + PARIS[:-3], "[TOOL_CALLS] [" + PARIS[:-3], []),  # cut: text
+        ("It is sunny.", "It is sunny.", []),
+    ],
+)  # fmt: skip
+def test_a_mistral_answer_splits_into_content_and_calls(text, content, calls):
+    for pieces in ([text], list(text)):
+        reader = ToolCallText(MISTRAL)
+        passed = "".join(reader.add(p) for p in pieces)
+        rest, found = reader.finish()
+        assert passed + rest == content and arguments(found) == calls, pieces
+        assert all(re.fullmatch("[A-Za-z0-9]{9}", c["id"]) for c in found)
+
+
+# Mistral's rules: ids of nine letters and digits, calls written after [TOOL_CALLS]
+NINE = (
+    "{% for m in messages %}{% for c in m.tool_calls or [] %}"
+    "{% if c.id | length != 9 %}{{ raise_exception('ids must be 9 characters') }}{% endif %}"
+    "{% endfor %}{% if m.role == 'tool' and m.tool_call_id | length != 9 %}"
+    "{{ raise_exception('ids must be 9 characters') }}{% endif %}"
+    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}{% for c in m.tool_calls or [] %}[TOOL_CALLS]"
+    "{{ c.function | tojson }}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_mistral_calls_come_back_in_a_conversation():
+    """The calls' ids are ones a Mistral template takes back: the conversation with the call and
+    its result is rendered again (the next turn), where vLLM's long ids would be refused."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    tok.chat_template = NINE
+    sched = ReasoningScheduler()
+    sched.max_len = 4000  # (byte-level tokens: the tools, twice)
+    marker = tok.convert_tokens_to_ids("[TOOL_CALLS]")
+    sched.output = [marker, *tok("[" + PARIS + "]", add_special_tokens=False)["input_ids"]]
+    with serving(sched, tokenizer=tok, tool_call_parser="mistral") as (url, _, _):
+        c = client(url)
+        out = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
+        (call,) = out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "tool_calls" and len(call.id) == 9
+        back = [*USER, out.choices[0].message.model_dump(exclude_none=True),
+                {"role": "tool", "content": "sunny", "tool_call_id": call.id}]  # fmt: skip
+        sched.output = tok("It is sunny.", add_special_tokens=False)["input_ids"]
+        again = c.chat.completions.create(model="tiny", messages=back, tools=TOOLS)
+        assert again.choices[0].message.content == "It is sunny."
