@@ -152,3 +152,10 @@ def test_mistral_calls_come_back_in_a_conversation():
         sched.output = tok("It is sunny.", add_special_tokens=False)["input_ids"]
         again = c.chat.completions.create(model="tiny", messages=back, tools=TOOLS)
         assert again.choices[0].message.content == "It is sunny."
+        # a call tool_choice forces is one such template takes back too
+        forced = '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]'
+        sched.output = tok(forced, add_special_tokens=False)["input_ids"]
+        out = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
+                                        tool_choice="required")  # fmt: skip
+        (call,) = out.choices[0].message.tool_calls
+        assert re.fullmatch("[A-Za-z0-9]{9}", call.id), call.id

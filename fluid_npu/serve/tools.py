@@ -146,11 +146,12 @@ class ToolSetting:
     parser: ToolParser | None = None
     parallel: bool = True
     forced: str | None = None  # "required", or the function named in tool_choice
+    short_ids: bool = False  # the server's parser gives nine-character ids (Mistral's): these too
 
     def reader(self) -> ToolCallText | ForcedCalls | None:
         """A fresh reader of one answer's calls (None: the answer stays text)."""
         if self.forced is not None:
-            return ForcedCalls(None if self.forced == "required" else self.forced)
+            return ForcedCalls(None if self.forced == "required" else self.forced, self.short_ids)
         return None if self.parser is None else ToolCallText(self.parser.markers, self.parallel)
 
     @property
@@ -209,7 +210,8 @@ def tool_setting(
                 + (f"; the tools offered are {offered}" if offered else ""),
                 param="tool_choice",
             )
-        return ToolSetting(checked, None, parallel is not False, name or "required")
+        short = parser is not None and parser.markers.short_ids  # (the model's template's rule)
+        return ToolSetting(checked, None, parallel is not False, name or "required", short)
     if choice not in ("none", "auto"):
         raise APIError(
             f"tool_choice={choice!r} is not 'none', 'auto', 'required' or "
@@ -249,8 +251,8 @@ class ForcedCalls:
     ``{"name", "parameters"}``; ``name``: that function's arguments): no ``content`` while it
     runs, the calls at its end (``ToolCallText``'s interface)."""
 
-    def __init__(self, name: str | None) -> None:
-        self.name = name
+    def __init__(self, name: str | None, short_ids: bool = False) -> None:
+        self.name, self.short_ids = name, short_ids  # (short_ids: ``_call``'s)
         self.finish_reason = "tool_calls" if name is None else None  # (named: "stop" stays)
         self.held = ""
 
@@ -263,7 +265,7 @@ class ForcedCalls:
         if self.name is not None:  # the arguments as the model wrote them (vLLM's)
             if not isinstance(given, dict) or _text(given) is None:
                 return self.held, []
-            return "", [_call(self.name, self.held.strip())]
+            return "", [_call(self.name, self.held.strip(), self.short_ids)]
         else:
             found = [
                 {"name": c["name"], "arguments": c["parameters"]}
@@ -273,7 +275,7 @@ class ForcedCalls:
         texts = [_text(c["arguments"]) for c in found]
         if not found or None in texts:  # cut short (max_tokens, a stop string, an abort): text
             return self.held, []
-        return "", [_call(c["name"], t) for c, t in zip(found, texts)]
+        return "", [_call(c["name"], t, self.short_ids) for c, t in zip(found, texts)]
 
 
 def _text(arguments: Any) -> str | None:
