@@ -36,7 +36,9 @@ OSLO = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
                                    ("get_weather", {"city": "Oslo"})]),
         ("It is sunny.", "It is sunny.", []),
         ("<|python", "<|python", []),  # (the marker's start, then the end: text)
-        ("Sure: " + PARIS, "Sure: " + PARIS, []),  # (not the whole answer: text, as vLLM's)
+        ("Sure: " + PARIS, "Sure: " + PARIS, []),  # (not the whole answer: text)
+        (PARIS + ";", "", [("get_weather", {"city": "Paris"})]),  # (a last ';': vLLM reads it)
+        ("<|python_tag|>[" + PARIS + "]", "<|python_tag|>[" + PARIS + "]", []),  # (objects only)
         (PARIS[:-1], PARIS[:-1], []),  # cut inside the JSON
         (PARIS + " and more", PARIS + " and more", []),
         ('{"a": 1}', '{"a": 1}', []),  # JSON that is no call
@@ -98,6 +100,16 @@ def test_the_python_tag_a_tokenizer_makes_special_is_read():
         text = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
                                          tool_choice="none")  # fmt: skip
         assert text.choices[0].message.content == PARIS
+        # no call after the special tag (Llama 3.1's built-in tools): the tag stays out of the
+        # text, as with tool_choice none
+        sched.output = [tag, *tok("brave_search.call(query='x')", add_special_tokens=False)[
+            "input_ids"]]  # fmt: skip
+        for stream in (False, True):
+            answer = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
+                                               stream=stream)  # fmt: skip
+            content = ("".join(ch.choices[0].delta.content or "" for ch in answer if ch.choices)
+                       if stream else answer.choices[0].message.content)  # fmt: skip
+            assert content == "brave_search.call(query='x')", stream
 
 
 @pytest.mark.parametrize(

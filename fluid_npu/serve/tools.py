@@ -26,11 +26,14 @@ list of calls between two special tokens, which the answer's text writes out for
 does); ``llama3_json`` (Llama 3.1 / 3.2 / 3.3: vLLM's name) reads an answer that is nothing but
 calls — JSON objects ``{"name": ..., "parameters": {...}}`` separated by ``;``, after an optional
 ``<|python_tag|>`` —, so an answer that starts otherwise is text from its first characters on,
-and one that starts with ``{`` is held until it ends; ``mistral`` (Mistral v0.3 and later
-instruct models: vLLM's name) reads the JSON list after the special token ``[TOOL_CALLS]`` to
-the answer's end, its calls' ids nine letters and digits (vLLM's, which Mistral's templates
-require when the calls come back in a conversation). A block may hold one call or a list;
-arguments written as a JSON text holding the object, or under ``parameters``, are read too. The
+and one that starts with ``{`` is held until it ends; ``mistral`` (vLLM's name; the Mistral
+models that write a JSON list after ``[TOOL_CALLS]``: 7B Instruct v0.3, Nemo, Small up to 3.1,
+Large 2407 / 2411 — later ones write ``[TOOL_CALLS]name[ARGS]{...}``, read as text here) reads
+that list, to the answer's end, its calls' ids nine letters and digits (vLLM's, which Mistral's
+templates require when the calls come back in a conversation). A marker that is a special token
+of the tokenizer is written out for the parser only: an answer that holds no call leaves it out.
+A block may hold one call or a list (``llama3_json``: objects only); arguments written as a JSON
+text holding the object, or under ``parameters``, are read too. The
 answer's text before the first block is the message's ``content`` (null when empty); each block
 is a call, returned with an
 id (``chatcmpl-tool-…``, as vLLM's) and its arguments as a JSON text, and the choice's
@@ -152,7 +155,10 @@ class ToolSetting:
         """A fresh reader of one answer's calls (None: the answer stays text)."""
         if self.forced is not None:
             return ForcedCalls(None if self.forced == "required" else self.forced, self.short_ids)
-        return None if self.parser is None else ToolCallText(self.parser.markers, self.parallel)
+        if self.parser is None:
+            return None
+        special = tuple(self.parser.spelled.values())
+        return ToolCallText(self.parser.markers, self.parallel, special)
 
     @property
     def constraint(self) -> Constraint | None:
@@ -304,8 +310,13 @@ class ToolCallText:
 
     finish_reason = "tool_calls"
 
-    def __init__(self, markers: ToolMarkers, parallel: bool = True) -> None:
-        self.markers, self.parallel = markers, parallel
+    def __init__(
+        self, markers: ToolMarkers, parallel: bool = True, special: tuple[str, ...] = ()
+    ) -> None:
+        """``special``: the markers that are special tokens of the model's tokenizer, written
+        out for the parser only: an answer that holds no call leaves them out, as its text leaves
+        out every special token."""
+        self.markers, self.parallel, self.special = markers, parallel, special
         # content held back: it may be the start of the opening marker (None: ``whole`` markers,
         # and the answer is text)
         self.pending: str | None = ""
@@ -351,7 +362,10 @@ class ToolCallText:
             return out, []
         calls = parse_calls(self.held, self.markers) if parse else None
         if calls is None:
-            return self.held, []
+            text = self.held
+            for marker in self.special:
+                text = text.replace(marker, "")
+            return text, []
         return "", calls if self.parallel else calls[:1]
 
 
@@ -403,9 +417,9 @@ def _objects(text: str) -> list[Any] | None:
             value, at = decoder.raw_decode(text, at)
         except (ValueError, RecursionError):
             return None
-        out += value if isinstance(value, list) else [value]
+        out.append(value)
         rest = text[at:].lstrip()
-        if not rest:
+        if not rest or rest == ";":  # (a last ';' too, as vLLM reads it)
             return out
         if not rest.startswith(";"):
             return None
