@@ -185,7 +185,7 @@ class TokenizerChatTemplate:
 
     def encode_prompt(self, tokenizer: Any, conversation: Conversation) -> list[int]:
         """The ids of a conversation ending with a user turn, with the generation prompt."""
-        messages, tools = hf_messages(conversation)[0], hf_tools(conversation.tools)
+        messages, _, tools = self._prepared(tokenizer, conversation)
         return self._ids(tokenizer, messages, tools, generation=True)
 
 

@@ -374,6 +374,11 @@ def _tools(row: Mapping[str, Any], cols: Mapping[str, str | None]) -> str | None
     return tools or None
 
 
+# how consecutive tool results become one observation turn, as LLaMA-Factory's converter joins
+# them (``tool_turns`` splits them again for a tokenizer's template)
+RESULTS_JOIN = "\n</tool_response>\n<tool_response>\n"
+
+
 def _openai_turns(messages: list[Any], tags: Mapping[str, str]) -> list[Any]:
     """OpenAI's messages as LLaMA-Factory's ``openai`` formatting reads them: an assistant
     message's ``tool_calls`` become a function-call turn (the calls' ``function`` objects as JSON),
@@ -402,7 +407,7 @@ def _openai_turns(messages: list[Any], tags: Mapping[str, str]) -> list[Any]:
             if sorted(map(str, answered)) == sorted(map(str, order)) and None not in answered:
                 place = {str(i): n for n, i in reversed(list(enumerate(order)))}
                 results.sort(key=lambda r: place[str(r[0])])
-            joined = "\n</tool_response>\n<tool_response>\n".join(str(c) for _, c in results)
+            joined = RESULTS_JOIN.join(str(c) for _, c in results)
             out.append({role_tag: tags["observation_tag"], content_tag: joined})
             results = []
         out.append({**message, role_tag: role, content_tag: content})

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fluid_npu.data.formats import RESULTS_JOIN
 from fluid_npu.data.templates import (
     ASSISTANT,
     FUNCTION,
@@ -36,9 +37,6 @@ from fluid_npu.data.tooluse import check_tool_calls
 from fluid_npu.errors import DataError
 
 _PLAIN_ROLES = {USER: "user", ASSISTANT: "assistant", OBSERVATION: "tool", FUNCTION: "assistant"}
-# how ``formatting: openai`` joins consecutive tool results into one observation turn (as
-# LLaMA-Factory's converter does); split back into one ``tool`` message per result here
-RESULTS_JOIN = "\n</tool_response>\n<tool_response>\n"
 
 
 def hf_messages(

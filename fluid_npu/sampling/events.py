@@ -75,7 +75,7 @@ class EventsMixin:
             event = Event(
                 s.req.request_id, toks, bool(done), reason, len(s.new), s.forwards, kept, lps, tops,
                 cached=s.cached, ranks=None if ranks is None else ranks[: len(toks)], drafted=m,
-                drafts_accepted=a, queued_at=s.queued_at, admitted_at=s.admitted_at,
+                drafts_accepted=a, **s.times(),
             )  # fmt: skip
             if s.prompt_lps is not None:  # the prompt's log-probabilities, in the first event
                 event.prompt_logprobs, s.prompt_lps = s.prompt_lps, None

@@ -49,8 +49,10 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
+from fluid_npu.data.tooluse import check_tools
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.detok import Detokenizer, end_tokens
+from fluid_npu.sampling.generation_defaults import generation_config_of
 from fluid_npu.sampling.inputs import special_ends, text_specials, truncated_prompt
 from fluid_npu.sampling.llm_compat import (
     TextPrompt,
@@ -78,8 +80,8 @@ from fluid_npu.sampling.llm_params import (
     logprob_entry,
     one_each,
 )
+from fluid_npu.sampling.prompts import chat_messages, chat_template_ids, reserved_template_kwargs
 from fluid_npu.sampling.rules import INT64_MAX
-from fluid_npu.serve.sampling_defaults import generation_config_of
 
 Prompt = str | Mapping[str, Any]  # a text, {"prompt": text} or {"prompt_token_ids": [...]}
 
@@ -225,13 +227,6 @@ class LLM(VLLMOtherTasks):
         parts of a message are joined into one text (vLLM's ``"string"`` content format)."""
         no_lora(lora_request)
         check_text_chat(chat_template_content_format, mm_processor_kwargs)
-        from fluid_npu.data.tooluse import check_tools
-        from fluid_npu.sampling.prompts import (
-            chat_messages,
-            chat_template_ids,
-            reserved_template_kwargs,
-        )
-
         reserved = reserved_template_kwargs(dict(chat_template_kwargs or {}))
         if reserved:
             raise ConfigError(

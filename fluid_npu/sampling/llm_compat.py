@@ -176,7 +176,7 @@ def default_params(config: Any) -> dict[str, Any]:
     server's decoding defaults (``SamplingDefaults``), and ``max_new_tokens`` as ``max_tokens``."""
     from dataclasses import asdict
 
-    from fluid_npu.serve.sampling_defaults import SamplingDefaults
+    from fluid_npu.sampling.generation_defaults import SamplingDefaults
 
     given = asdict(SamplingDefaults.of(config))
     if getattr(config, "max_new_tokens", None) is not None:

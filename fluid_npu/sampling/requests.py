@@ -82,7 +82,7 @@ class Event:
     # the request's times (``time.monotonic()``, the engine's clock, as vLLM's engine core stamps
     # its outputs): when the step that made this event ended, when the request was submitted and
     # when it was given a slot (None: never, an abort while it waited)
-    at: float = field(default_factory=time.monotonic)
+    at: float = 0.0  # (set by Scheduler.step)
     queued_at: float | None = None
     admitted_at: float | None = None
 
@@ -107,6 +107,10 @@ class Slot:
     model_drafts: bool = False  # its pending drafts are the model's (not forced text)
     queued_at: float = field(default_factory=time.monotonic)  # submitted (the engine's clock)
     admitted_at: float | None = None  # given a slot
+
+    def times(self) -> dict[str, float | None]:
+        """When the request was queued and given a slot, as its events carry them."""
+        return {"queued_at": self.queued_at, "admitted_at": self.admitted_at}
 
     def written(self) -> list[int]:
         """The tokens whose keys and values its slot holds at indices ``0 …``: prompt and output

@@ -379,9 +379,9 @@ class Scheduler(PrefillMixin, StepMixin):
             self._prefill()
         if any(s is not None and s.running for s in self.slots):
             events += self._decode()
-        now = time.monotonic()
+        ended = time.monotonic()  # (the engine's clock: Event.at)
         for event in events:
-            event.at = now
+            event.at = ended
         return events
 
     def _retire_aborted(self) -> list[Event]:
@@ -392,9 +392,8 @@ class Scheduler(PrefillMixin, StepMixin):
             for i in at:
                 self._free(i, "abort")
             new, forwards = (len(slot.new), slot.forwards) if at else (0, 0)
-            times = {"queued_at": slot.queued_at, "admitted_at": slot.admitted_at}
-            aborted = Event(rid, [], True, "abort", new, forwards, 0, cached=slot.cached, **times)
-            events.append(aborted)
+            events.append(Event(rid, [], True, "abort", new, forwards, 0, cached=slot.cached,
+                                **slot.times()))  # fmt: skip
         self._aborted.clear()
         return events
 
@@ -442,8 +441,7 @@ class Scheduler(PrefillMixin, StepMixin):
     def _free(self, i: int, reason: str | None) -> None:
         """Slot ``i``'s request ended (``reason``: its finish reason); the slot keeps the entries
         its request wrote, for a later prompt that starts with the same tokens (``reuse.py``)."""
-        s = self.slots[i]
-        self.slots[i] = None
+        s, self.slots[i] = self.slots[i], None
         self.run[i] = False
         if self.penalties is not None:
             self.penalties.release(i)

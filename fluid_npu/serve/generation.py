@@ -212,12 +212,12 @@ class Generation:
             m.max_tokens.observe(self.max_tokens)
         if self._last is not None:  # (vLLM's phases, for a request that made a token)
             m.tpot.observe((self._last - self._first) / max(self._tokens - 1, 1))
-            m.decode_time.observe(self._last - self._first)
+            m.phases["decode"].observe(self._last - self._first)
             if self._admitted is not None:
-                m.prefill_time.observe(self._first - self._admitted)
-                m.inference_time.observe(self._last - self._admitted)
+                m.phases["prefill"].observe(self._first - self._admitted)
+                m.phases["inference"].observe(self._last - self._admitted)
                 if self._queued is not None:
-                    m.queue_time.observe(self._admitted - self._queued)
+                    m.phases["queue"].observe(self._admitted - self._queued)
         if self.parent is not None:
             self.parent.ended(self.detok.tokens_used)
         if self.forwards:

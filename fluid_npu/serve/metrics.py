@@ -198,18 +198,16 @@ class ServerMetrics:
         self.e2e = hist(
             "fluid_e2e_request_latency_seconds", "Request arrival to its last token", latency
         )
-        self.queue_time = hist(
-            "fluid_request_queue_time_seconds", "Submitted to the engine, to given a slot", latency
-        )
-        self.prefill_time = hist(
-            "fluid_request_prefill_time_seconds", "Given a slot, to its first token", latency
-        )
-        self.decode_time = hist(
-            "fluid_request_decode_time_seconds", "First token to last token", latency
-        )
-        self.inference_time = hist(
-            "fluid_request_inference_time_seconds", "Given a slot, to its last token", latency
-        )
+        # vLLM's phases of a request: submitted to the engine, given a slot, first, last token
+        self.phases = {
+            name: hist(f"fluid_request_{name}_time_seconds", doc, latency)
+            for name, doc in (
+                ("queue", "Submitted to the engine, to given a slot"),
+                ("prefill", "Given a slot, to its first token"),
+                ("decode", "First token to last token"),
+                ("inference", "Given a slot, to its last token"),
+            )
+        }
         self.request_prompt = hist(
             "fluid_request_prompt_tokens", "Prompt tokens of each finished choice", tokens
         )
@@ -275,11 +273,10 @@ class ServerMetrics:
         info.labels(model=model_name).set(1)
         mirrored = [
             self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
-            self.ttft, self.itl, self.tpot, self.e2e, self.queue_time, self.prefill_time,
-            self.decode_time, self.inference_time, self.iteration, self.n, self.max_tokens,
-            self.longest, self.request_prompt, self.request_generation, self.cache_queries,
-            self.cache_hits, self.drafts, self.draft_tokens, self.accepted_tokens,
-            self.accepted_at,
+            self.ttft, self.itl, self.tpot, self.e2e, *self.phases.values(), self.iteration,
+            self.n, self.max_tokens, self.longest, self.request_prompt, self.request_generation,
+            self.cache_queries, self.cache_hits, self.drafts, self.draft_tokens,
+            self.accepted_tokens, self.accepted_at,
         ]  # fmt: skip
         r.register(_VllmNames(mirrored, self.requests, model_name))
 

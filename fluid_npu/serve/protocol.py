@@ -12,10 +12,10 @@ OpenAI API does: ``{"error": {"message", "type", "param", "code"}}``. Nothing is
   chat: ``logprobs`` + ``top_logprobs``; 0–20, or up to vLLM's ``--max-logprobs``:
   ``check_logprobs``), and vLLM's extensions ``top_k`` (0 or -1 = off),
   ``min_p`` and ``ignore_eos`` (decode exactly ``max_tokens`` tokens);
-* a decoding setting left out takes the server's default (``sampling_defaults.py``), as vLLM does:
-  the model's ``generation_config`` where it sets ``temperature`` / ``top_p`` / ``top_k`` /
-  ``min_p`` / ``repetition_penalty``, else the OpenAI API's (temperature 1, top_p 1): greedy
-  decoding is ``temperature: 0``;
+* a decoding setting left out takes the server's default (``sampling/generation_defaults.py``),
+  as vLLM does: the model's ``generation_config`` where it sets ``temperature`` / ``top_p`` /
+  ``top_k`` / ``min_p`` / ``repetition_penalty``, else the OpenAI API's (temperature 1, top_p 1):
+  greedy decoding is ``temperature: 0``;
 * ``stop`` (up to 64 non-empty strings: OpenAI takes 4, vLLM any number, and lm-evaluation-harness
   adds the EOS text to a task's own) ends the request in the engine; the text is cut before the
   stop string, as the OpenAI API returns it, or after it with vLLM's
@@ -94,13 +94,13 @@ from typing import Any
 
 from pydantic import Field
 
+from fluid_npu.sampling.generation_defaults import SamplingDefaults as SamplingDefaults
 from fluid_npu.sampling.rules import INT64_MAX, MAX_BAD_WORDS, MAX_REPETITION_PENALTY
 from fluid_npu.serve.bodies import Message, StreamOptions, _Strict
 from fluid_npu.serve.bodies import validate as validate
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.openai_fields import ChatFields, check_chat_fields
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
-from fluid_npu.serve.sampling_defaults import SamplingDefaults as SamplingDefaults
 from fluid_npu.serve.structured import Constraint, StructuredFields, body_constraint, with_eos
 from fluid_npu.serve.token_fields import MAX_STOP as MAX_STOP
 from fluid_npu.serve.token_fields import allowed_ids, logit_bias_pairs, stop_token_ids

@@ -24,9 +24,9 @@ from typing import Any
 import uvicorn
 
 from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.generation_defaults import generation_defaults  # (the tests import it here)
 from fluid_npu.serve.app import ServeConfig, create_app
 from fluid_npu.serve.network import Network, ServerClosingTLS
-from fluid_npu.serve.sampling_defaults import generation_defaults  # (the tests import it here)
 from fluid_npu.serve.settings import (  # (imported from here by dp.py, batch.py, the tests)
     ServeSettings,
     model_aliases,

@@ -1,9 +1,10 @@
-"""What a request that leaves a decoding setting out gets: the server's ``SamplingDefaults``.
+"""What a request that leaves a decoding setting out gets: ``SamplingDefaults``, read by
+``fluid serve`` (``serve/protocol.py``) and the offline ``LLM`` alike.
 
 OpenAI's defaults (temperature 1, top_p 1, no top-k / min-p, no repetition penalty), or the
 model's ``generation_config`` where it sets one, as vLLM's ``--generation-config auto`` (its
-default) reads it. ``protocol.py`` leaves a setting the request did not give as None; ``fill``
-puts the default there.
+default) reads it. ``serve/protocol.py`` leaves a setting the request did not give as None;
+``fill`` puts the default there.
 """
 
 from __future__ import annotations
