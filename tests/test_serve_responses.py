@@ -46,7 +46,7 @@ def test_a_response_is_the_chat_answer_streamed_or_not():
     numbered from 0 and add up to the response; a cut answer is incomplete; logprobs are chat's;
     the response repeats the request's settings (the decoding defaults filled in)."""
     sched = ScriptedScheduler()
-    with serving(sched) as (url, _, _):
+    with serving(sched) as (url, _, worker):
         c = client(url)
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
         chat = c.chat.completions.create(model="tiny", messages=messages, temperature=0)
@@ -133,6 +133,9 @@ def test_a_response_is_the_chat_answer_streamed_or_not():
         body = {"input": "Hi", "stream": True, "max_output_tokens": 200}
         with httpx.stream("POST", f"{url}/v1/responses", json=body) as gone:
             assert next(line for line in gone.iter_lines() if line.startswith("data: "))
+        # (the steps wait until the server has seen the client go: else, on a busy host, the 200
+        # tokens can all be made before the abort reaches the engine)
+        _until(lambda: worker.inbox.qsize() >= 1, "the abort to reach the engine")
         sched.gate.set()
         _until(lambda: sched.requests[-1].request_id in sched.aborted, "the abort")
 
