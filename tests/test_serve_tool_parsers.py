@@ -3,8 +3,9 @@
 
 A Llama 3.x answer that is nothing but calls — JSON objects ``{"name", "parameters"}`` separated
 by ``;``, after an optional ``<|python_tag|>`` — comes back as ``tool_calls``; any other answer is
-text, streamed from its first characters on. A Mistral answer's JSON list after ``[TOOL_CALLS]``
-comes back as calls whose ids a Mistral template takes back (nine letters and digits)."""
+text, streamed from its first characters on. A Mistral answer's JSON list after ``[TOOL_CALLS]``,
+or its calls written ``[TOOL_CALLS]name[ARGS]{...}``, come back as calls whose ids a Mistral
+template takes back (nine letters and digits)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from test_serve_http import client, serving
 from test_serve_tools import TOOLS, USER, ReasoningScheduler, arguments
 
 from fluid_npu.model.tiny import build_tiny_tokenizer
-from fluid_npu.serve.tools import PARSERS, ToolCallText
+from fluid_npu.serve.tool_text import PARSERS, ToolCallText
 
 LLAMA3 = PARSERS["llama3_json"]
 MISTRAL = PARSERS["mistral"]
@@ -120,6 +121,21 @@ def test_the_python_tag_a_tokenizer_makes_special_is_read():
         ("Checking.[TOOL_CALLS]" + PARIS, "Checking.", [("get_weather", {"city": "Paris"})]),
         ("[TOOL_CALLS] [" + PARIS[:-3], "[TOOL_CALLS] [" + PARIS[:-3], []),  # cut: text
         ("It is sunny.", "It is sunny.", []),
+        # the later form (Small 3.2, Magistral, Devstral): one call per marker, name[ARGS]{...}
+        ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', "", [("get_weather",
+                                                                {"city": "Paris"})]),
+        ('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}',
+         "Checking.", [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+        ('[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Oslo"}', "",
+         [("get_weather", {"city": "Oslo"})]),  # (version 11: the model's id is not kept)
+        ('[TOOL_CALLS]get_weather{"city": "Oslo"}', "", [("get_weather", {"city": "Oslo"})]),
+        ('[TOOL_CALLS]get_weather[ARGS]{"city": "Pa', '[TOOL_CALLS]get_weather[ARGS]{"city": "Pa',
+         []),  # cut inside the arguments: text
+        ('[TOOL_CALLS]get weather[ARGS]{"city": "Oslo"}', '[TOOL_CALLS]get weather[ARGS]{"city": '
+         '"Oslo"}', []),  # no function's name
+        ('[TOOL_CALLS]get_weather[ARGS]["Oslo"]', '[TOOL_CALLS]get_weather[ARGS]["Oslo"]', []),
+        ('[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"} done', '[TOOL_CALLS]get_weather[ARGS]'
+         '{"city": "Oslo"} done', []),  # text after the call
     ],
 )  # fmt: skip
 def test_a_mistral_answer_splits_into_content_and_calls(text, content, calls):
@@ -171,3 +187,61 @@ def test_mistral_calls_come_back_in_a_conversation():
                                         tool_choice="required")  # fmt: skip
         (call,) = out.choices[0].message.tool_calls
         assert re.fullmatch("[A-Za-z0-9]{9}", call.id), call.id
+
+
+# Mistral Small 3.2's form: [TOOL_CALLS]name[CALL_ID]id[ARGS]{...} per call, every marker special
+SMALL32 = (
+    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}"
+    "{% for c in m.tool_calls %}{% if c.id | length != 9 %}"
+    "{{ raise_exception('ids must be 9 characters') }}{% endif %}[TOOL_CALLS]"
+    "{{ c.function.name }}[CALL_ID]{{ c.id }}[ARGS]{{ c.function.arguments | tojson }}"
+    "{% endfor %}</s>{% elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.tool_call_id }}[TOOL_CONTENT]"
+    "{{ m.content }}[/TOOL_RESULTS]{% else %}[INST]{{ m.content }}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def test_mistral_calls_in_the_later_form_over_the_wire():
+    """A tokenizer whose ``[TOOL_CALLS]``, ``[CALL_ID]`` and ``[ARGS]`` are special tokens: the
+    answer's markers are written out for the parser, two calls come back (whole, streamed too)
+    with ids the template takes back in the next turn; an answer without a call leaves the
+    markers out of its text."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    markers = ["[TOOL_CALLS]", "[CALL_ID]", "[ARGS]", "[TOOL_RESULTS]", "[TOOL_CONTENT]",
+               "[/TOOL_RESULTS]", "[INST]", "[/INST]"]  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": markers})
+    tok.chat_template = SMALL32
+    call, cid, args = (tok.convert_tokens_to_ids(m) for m in markers[:3])
+
+    def text(t: str) -> list[int]:
+        return tok(t, add_special_tokens=False)["input_ids"]
+
+    sched = ReasoningScheduler()
+    sched.max_len = 4000
+    sched.output = [call, *text("get_weather"), cid, *text("a1B2c3D4e"), args,
+                    *text('{"city": "Paris"}'), call, *text("get_weather"), args,
+                    *text('{"city": "Oslo"}')]  # fmt: skip
+    with serving(sched, tokenizer=tok, tool_call_parser="mistral") as (url, _, _):
+        c = client(url)
+        out = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
+        message = out.choices[0].message
+        assert out.choices[0].finish_reason == "tool_calls" and message.content is None
+        calls = arguments([t.model_dump() for t in message.tool_calls])
+        assert calls == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Oslo"})]
+        assert all(re.fullmatch("[A-Za-z0-9]{9}", t.id) for t in message.tool_calls)
+        streamed = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
+                                             stream=True)  # fmt: skip
+        deltas = [d for ch in streamed if ch.choices for d in ch.choices[0].delta.tool_calls or []]
+        assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == (
+            arguments([t.model_dump() for t in message.tool_calls])
+        )
+        back = [*USER, message.model_dump(exclude_none=True)] + [
+            {"role": "tool", "content": "sunny", "tool_call_id": t.id} for t in message.tool_calls
+        ]
+        sched.output = text("It is sunny.")
+        again = c.chat.completions.create(model="tiny", messages=back, tools=TOOLS)
+        assert again.choices[0].message.content == "It is sunny."
+        # no call: the special markers stay out of the text, as every special token does
+        sched.output = [*text("get_weather"), args, *text("is a tool")]
+        plain = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
+        assert plain.choices[0].message.content == "get_weatheris a tool"
