@@ -196,7 +196,7 @@ def test_tokenizer_chat_template_with_generation_markers(tok):
 def test_chat_template_that_rewrites_history_is_refused(tok):
     odd = build_tiny_tokenizer()
     odd.chat_template = (
-        "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{{ messages | length }}{% for m in messages %}{{ m['content'] | lower }}{% endfor %}"
     )
     with pytest.raises(ConfigError, match="cannot be located") as refused:
         get_template("auto", odd).encode_examples(odd, TWO_TURNS)

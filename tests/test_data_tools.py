@@ -279,6 +279,53 @@ def test_a_template_that_rewrites_earlier_turns_trains_one_example_per_turn(tmp_
     assert last["input_ids"] == data.train[1]["input_ids"]
 
 
+# Mistral v0.3's rule: the system prompt goes into the last user turn only, when that turn ends
+# the conversation (the prompt of a turn the server renders), so no turn's prompt is a prefix of
+# the conversation that holds its answer
+SYSTEM_LAST = (
+    "{% set system = messages[0].content if messages[0].role == 'system' else '' %}"
+    "{% for m in messages if m.role != 'system' %}{% if m.role == 'user' %}[INST] "
+    "{% if loop.last and system %}{{ system }}\n\n{% endif %}{{ m.content }}[/INST]"
+    "{% else %} {{ m.content }}</s>{% endif %}{% endfor %}"
+)
+# Hermes 3's rule: a tool result that ends the conversation has no newline before <|im_end|>
+LAST_RESULT = HERMES.replace(
+    "({{ m.tool_call_id }}){% endif %}",
+    "({{ m.tool_call_id }}){% if not loop.last %}{{ '\\n' }}{% endif %}{% endif %}",
+)
+
+
+def test_a_turn_whose_prompt_renders_otherwise_trains_after_the_served_prompt(tmp_path):
+    """Where the template renders a turn's prompt otherwise once the turn follows (Mistral
+    v0.3's system prompt, Hermes 3's last tool result), each turn trains after the prompt the
+    server renders for it, its loss on the turn's own tokens."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = SYSTEM_LAST
+    history = [{"role": "system", "content": "Be brief."}]
+    rows = [{"messages": [*history, {"role": "user", "content": "q0"},
+                          {"role": "assistant", "content": "A0"},
+                          {"role": "user", "content": "q1"},
+                          {"role": "assistant", "content": "A1"}], "tools": None}]  # fmt: skip
+    data = trained(tmp_path, tok, rows, formatting="openai")
+    assert data.stats.rows_kept == 1 and len(data.train) == 2
+    for i, example in enumerate(data.train):
+        assert responses(tok, example) == [f"A{i}</s>"]
+        served = [*history, *rows[0]["messages"][1 : 2 + 2 * i]]
+        prompt = chat_template_ids(tok, chat_messages(served, "request"))
+        assert tok.decode(prompt).endswith(f"[INST] Be brief.\n\nq{i}[/INST]")
+        assert example["input_ids"][: len(prompt)] == prompt
+        assert example["labels"][len(prompt) - 1] == IGNORE_INDEX
+    # a tool call, its result (the last message of the answer's prompt) and the answer
+    tok.chat_template = LAST_RESULT
+    (tmp_path / "hermes").mkdir()
+    (call, answer) = trained(tmp_path / "hermes", tok, [sharegpt_row()]).train
+    assert responses(tok, answer) == ["It is 3.<|im_end|>"]
+    assert tok.decode(answer["input_ids"]).endswith(
+        "3 (call00001)<|im_end|>\n<|im_start|>assistant\nIt is 3.<|im_end|>\n"
+    )  # (no newline after the result: as served)
+    assert responses(tok, call)[0].startswith("<tool_call>")
+
+
 def test_a_bad_row_among_expanded_ones_is_named_by_its_line(tmp_path):
     tok = build_tiny_tokenizer()
     tok.chat_template = LAST_THINKS

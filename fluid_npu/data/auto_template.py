@@ -6,7 +6,9 @@ A conversation reaches ``apply_chat_template`` as the messages ``fluid serve`` w
 %}`` markers where the template has them, else from rendering each response turn's prompt (with
 the generation prompt, as the server does) against the whole conversation. A template that
 renders a turn otherwise once later turns follow (Qwen3's empty ``<think>`` block on the last
-assistant turn) gives one example per response turn (``encode_examples``).
+assistant turn) gives one example per response turn (``encode_examples``); where even the turn's
+own prompt renders otherwise inside it (Hermes 3, Mistral v0.3), that example is the served
+prompt followed by the turn's own tokens.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class TokenizerChatTemplate:
     Otherwise each response turn ``k`` is rendered twice — the conversation before it with the
     generation prompt, and up to and including it — and the span is the token difference; trailing
     whitespace-only tokens (the newline after ``<|im_end|>`` in ChatML) are left to the prompt.
-    Every partial rendering must be a token prefix of the full one; templates that rewrite earlier
-    turns (e.g. dropping past reasoning) cannot be split this way and raise ``ConfigError``.
+    Where a partial rendering is not a token prefix of the full one, the conversation becomes one
+    example per response turn (``encode_examples``); a turn whose text cannot be located even
+    then raises ``ConfigError``.
 
     BOS: when the tokenizer prepends BOS to plain text (openPangu) but the template does not write
     it, it is prepended, as ``tokenizer(apply_chat_template(..., tokenize=False))`` would at
@@ -141,13 +144,8 @@ class TokenizerChatTemplate:
             prompt = self._ids(tokenizer, messages[:k], tools, generation=True)
             upto = self._ids(tokenizer, messages[: k + 1], tools, generation=False)
             start = len(prompt)
-            if upto[:start] != prompt:  # (not even the turn's own prompt: nothing to locate)
-                raise ConfigError(
-                    f"the tokenizer's chat template renders response turn {i} without the "
-                    "prompt it renders for that turn before it (add_generation_prompt), so the "
-                    f"response tokens cannot be located; set `template:` to one of "
-                    f"{sorted(TEMPLATES)} and serve with that format (--chat-template)"
-                )
+            if upto[:start] != prompt:  # the turn's own prompt renders otherwise inside it
+                upto = prompt + self._turn_alone(tokenizer, messages, k, tools, upto, i)
             previous_end = turns[-1][1][1] if turns else 0
             whole &= full[: len(upto)] == upto and start >= previous_end
             end = max(len(upto), start)
@@ -166,6 +164,33 @@ class TokenizerChatTemplate:
                 f"{sorted(TEMPLATES)} and serve with that format (--chat-template)"
             )
         return [Encoded(upto, [span]) for upto, span in turns]
+
+    def _turn_alone(
+        self, tokenizer: Any, messages: list[dict], k: int, tools: Any, upto: list[int], i: int
+    ) -> list[int]:
+        """The tokens of turn ``messages[k]`` where the template renders its prompt otherwise
+        once the turn follows (Hermes 3 ends a last tool result without the newline it writes
+        inside a conversation; Mistral v0.3 writes the system prompt and the tools into the last
+        user turn only): what the conversation up to the turn (``upto``) has after the same
+        conversation with that turn empty, to follow the prompt the server renders for it. A
+        ``ConfigError`` when the turn's text is not among them (nothing to locate)."""
+        empty = [*messages[:k], {"role": messages[k]["role"], "content": ""}]
+        try:
+            bare = self._ids(tokenizer, empty, tools, generation=False)
+        except RowError:  # (a template that refuses an empty turn)
+            bare = []
+        same = next((n for n, (a, b) in enumerate(zip(upto, bare)) if a != b), len(bare))
+        turn = upto[same:]
+        content = (messages[k].get("content") or "").strip()
+        if not bare or not turn or content not in tokenizer.decode(turn):
+            raise ConfigError(
+                f"the tokenizer's chat template renders response turn {i} without the "
+                "prompt it renders for that turn before it (add_generation_prompt), and its "
+                "text cannot be told apart either, so the response tokens cannot be located; "
+                f"set `template:` to one of {sorted(TEMPLATES)} and serve with that format "
+                "(--chat-template)"
+            )
+        return turn
 
     def _writes_calls(self, tokenizer: Any, messages: list[dict], tools: Any) -> bool:
         """Whether the template writes an assistant turn's ``tool_calls`` (ChatML-only templates,
