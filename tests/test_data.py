@@ -25,6 +25,7 @@ from fluid_npu.data import (
     get_template,
     token_occurs,
 )
+from fluid_npu.data.templates import RowError
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.model.tiny import build_tiny_tokenizer
 
@@ -198,7 +199,7 @@ def test_chat_template_that_rewrites_history_is_refused(tok):
     odd.chat_template = (
         "{{ messages | length }}{% for m in messages %}{{ m['content'] | lower }}{% endfor %}"
     )
-    with pytest.raises(ConfigError, match="cannot be located") as refused:
+    with pytest.raises(RowError, match="cannot be located") as refused:
         get_template("auto", odd).encode_examples(odd, TWO_TURNS)
     assert "`template:` to one of" in str(refused.value)  # (the fix: a named template)
 

@@ -288,6 +288,14 @@ SYSTEM_LAST = (
     "{% if loop.last and system %}{{ system }}\n\n{% endif %}{{ m.content }}[/INST]"
     "{% else %} {{ m.content }}</s>{% endif %}{% endfor %}"
 )
+# ... and a template that writes nothing for an assistant turn without content
+SKIPS_EMPTY = (
+    "{% set system = messages[0].content if messages[0].role == 'system' else '' %}"
+    "{% for m in messages if m.role != 'system' %}{% if m.role == 'user' %}<|im_start|>user\n"
+    "{% if loop.last and system %}{{ system }}\n{% endif %}{{ m.content }}<|im_end|>\n"
+    "{% elif m.content %}<|im_start|>assistant\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # Hermes 3's rule: a tool result that ends the conversation has no newline before <|im_end|>
 LAST_RESULT = HERMES.replace(
     "({{ m.tool_call_id }}){% endif %}",
@@ -309,7 +317,7 @@ def test_a_turn_whose_prompt_renders_otherwise_trains_after_the_served_prompt(tm
     data = trained(tmp_path, tok, rows, formatting="openai")
     assert data.stats.rows_kept == 1 and len(data.train) == 2
     for i, example in enumerate(data.train):
-        assert responses(tok, example) == [f"A{i}</s>"]
+        assert responses(tok, example) == [f" A{i}</s>"]  # (the space the template writes too)
         served = [*history, *rows[0]["messages"][1 : 2 + 2 * i]]
         prompt = chat_template_ids(tok, chat_messages(served, "request"))
         assert tok.decode(prompt).endswith(f"[INST] Be brief.\n\nq{i}[/INST]")
@@ -324,6 +332,25 @@ def test_a_turn_whose_prompt_renders_otherwise_trains_after_the_served_prompt(tm
         "3 (call00001)<|im_end|>\n<|im_start|>assistant\nIt is 3.<|im_end|>\n"
     )  # (no newline after the result: as served)
     assert responses(tok, call)[0].startswith("<tool_call>")
+    # a template that writes nothing for an empty turn: the header the served prompt ends with is
+    # not trained again; an answer whose text cannot be found is a bad row, not a bad dataset
+    tok.chat_template = SKIPS_EMPTY
+    (tmp_path / "skips").mkdir()
+    data = trained(tmp_path / "skips", tok, rows, formatting="openai")
+    assert [responses(tok, e) for e in data.train] == [["A0<|im_end|>"], ["A1<|im_end|>"]]
+    assert tok.decode(data.train[1]["input_ids"]).endswith(
+        "user\nBe brief.\nq1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+    )
+    lost = {"messages": [*history, {"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "LOST"}]}  # fmt: skip
+    tok.chat_template = SKIPS_EMPTY.replace("{{ m.content }}<|im_end|>\n{% endif %}",
+                                            "{{ m.content | replace('LOST', 'x') }}<|im_end|>\n"
+                                            "{% endif %}")  # fmt: skip
+    with pytest.raises(DataError, match=r"line 2: .* cannot be located; set `template:`"):
+        trained(tmp_path / "skips", tok, [*rows, {**lost, "tools": None}], formatting="openai")
+    kept = trained(tmp_path / "skips", tok, [*rows, {**lost, "tools": None}], formatting="openai",
+                   skip_bad_rows=True)  # fmt: skip
+    assert kept.stats.rows_kept == 1
 
 
 def test_a_bad_row_among_expanded_ones_is_named_by_its_line(tmp_path):

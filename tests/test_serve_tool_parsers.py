@@ -131,8 +131,9 @@ def test_the_python_tag_a_tokenizer_makes_special_is_read():
         ('[TOOL_CALLS]get_weather{"city": "Oslo"}', "", [("get_weather", {"city": "Oslo"})]),
         ('[TOOL_CALLS]get_weather[ARGS]{"city": "Pa', '[TOOL_CALLS]get_weather[ARGS]{"city": "Pa',
          []),  # cut inside the arguments: text
-        ('[TOOL_CALLS]get weather[ARGS]{"city": "Oslo"}', '[TOOL_CALLS]get weather[ARGS]{"city": '
-         '"Oslo"}', []),  # no function's name
+        ('[TOOL_CALLS] [ARGS]{"city": "Oslo"}', '[TOOL_CALLS] [ARGS]{"city": "Oslo"}', []),  # no
+        # name; any other is read (vLLM's rule: a tool's name is any text)
+        ('[TOOL_CALLS]weather:get[ARGS]{}', "", [("weather:get", {})]),
         ('[TOOL_CALLS]get_weather[ARGS]["Oslo"]', '[TOOL_CALLS]get_weather[ARGS]["Oslo"]', []),
         ('[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"} done', '[TOOL_CALLS]get_weather[ARGS]'
          '{"city": "Oslo"} done', []),  # text after the call
@@ -145,6 +146,26 @@ def test_a_mistral_answer_splits_into_content_and_calls(text, content, calls):
         rest, found = reader.finish()
         assert passed + rest == content and arguments(found) == calls, pieces
         assert all(re.fullmatch("[A-Za-z0-9]{9}", c["id"]) for c in found)
+
+
+def test_special_markers_are_read_in_any_delta_and_left_out_of_text():
+    """Markers a tokenizer makes special tokens (written out for the parser): a whole answer in
+    one delta (a step commits many tokens) is still its calls; outside a call they are left out
+    of the content however the deltas cut them (a stop string makes the detokenizer hold text
+    back, so a delta may end inside one)."""
+    special = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
+    answer = '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Oslo"}'
+    for text, content, calls in [
+        (answer, "", [("get_weather", {"city": "Oslo"})]),
+        ("Checking." + answer, "Checking.", [("get_weather", {"city": "Oslo"})]),
+        ("get_weather[ARGS] is a tool[CALL_ID]", "get_weather is a tool", []),
+        ("[AR is no marker", "[AR is no marker", []),
+    ]:
+        for cut in range(len(text) + 1):
+            reader = ToolCallText(MISTRAL, special=special)
+            passed = reader.add(text[:cut]) + reader.add(text[cut:])
+            rest, found = reader.finish()
+            assert (passed + rest, arguments(found)) == (content, calls), (text, cut)
 
 
 # Mistral's rules: ids of nine letters and digits, calls written after [TOOL_CALLS]

@@ -145,7 +145,7 @@ class TokenizerChatTemplate:
             upto = self._ids(tokenizer, messages[: k + 1], tools, generation=False)
             start = len(prompt)
             if upto[:start] != prompt:  # the turn's own prompt renders otherwise inside it
-                upto = prompt + self._turn_alone(tokenizer, messages, k, tools, upto, i)
+                upto = prompt + self._turn_alone(tokenizer, messages, k, tools, prompt, upto, i)
             previous_end = turns[-1][1][1] if turns else 0
             whole &= full[: len(upto)] == upto and start >= previous_end
             end = max(len(upto), start)
@@ -166,28 +166,54 @@ class TokenizerChatTemplate:
         return [Encoded(upto, [span]) for upto, span in turns]
 
     def _turn_alone(
-        self, tokenizer: Any, messages: list[dict], k: int, tools: Any, upto: list[int], i: int
+        self,
+        tokenizer: Any,
+        messages: list[dict],
+        k: int,
+        tools: Any,
+        prompt: list[int],
+        upto: list[int],
+        i: int,
     ) -> list[int]:
         """The tokens of turn ``messages[k]`` where the template renders its prompt otherwise
         once the turn follows (Hermes 3 ends a last tool result without the newline it writes
         inside a conversation; Mistral v0.3 writes the system prompt and the tools into the last
-        user turn only): what the conversation up to the turn (``upto``) has after the same
-        conversation with that turn empty, to follow the prompt the server renders for it. A
-        ``ConfigError`` when the turn's text is not among them (nothing to locate)."""
-        empty = [*messages[:k], {"role": messages[k]["role"], "content": ""}]
-        try:
-            bare = self._ids(tokenizer, empty, tools, generation=False)
-        except RowError:  # (a template that refuses an empty turn)
-            bare = []
-        same = next((n for n, (a, b) in enumerate(zip(upto, bare)) if a != b), len(bare))
-        turn = upto[same:]
-        content = (messages[k].get("content") or "").strip()
-        if not bare or not turn or content not in tokenizer.decode(turn):
-            raise ConfigError(
-                f"the tokenizer's chat template renders response turn {i} without the "
-                "prompt it renders for that turn before it (add_generation_prompt), and its "
-                "text cannot be told apart either, so the response tokens cannot be located; "
-                f"set `template:` to one of {sorted(TEMPLATES)} and serve with that format "
+        user turn only), to follow the prompt the server renders for it (``prompt``).
+
+        The turn's content starts where the conversation up to it (``upto``) first differs from
+        the same conversation with stand-in contents (several: a first token may merge with what
+        the template writes before the content, as ``" " + content`` does in SentencePiece); the
+        turn itself starts where the tokens before that end as ``prompt`` ends (the longest
+        common ending, at most ``_BACK`` tokens back: Mistral's ``[/INST]`` before the space it
+        writes), less the header ``prompt`` ends with if the template wrote it there too. A
+        ``RowError`` when the turn's own text (its content, its calls' names) is not in it."""
+        starts = []
+        for stand_in in _STAND_INS:
+            try:
+                other = [*messages[:k], {"role": messages[k]["role"], "content": stand_in}]
+                starts.append(_common(upto, self._ids(tokenizer, other, tools, False)))
+            except RowError:  # (a template that refuses such a turn)
+                continue
+        turn: list[int] = []
+        if starts:
+            at = min(starts)
+            ends = [(_common(prompt[::-1], upto[: at - back][::-1]), -back)
+                    for back in range(min(at, _BACK) + 1)]  # fmt: skip
+            turn = upto[at + max(ends)[1] :]
+        history = self._ids(tokenizer, messages[:k], tools, generation=False)
+        header = prompt[_common(prompt, history) :]  # what add_generation_prompt writes
+        if header and turn[: len(header)] == header:
+            turn = turn[len(header) :]
+        text = tokenizer.decode(turn)
+        own = [(messages[k].get("content") or "").strip()] + [
+            c["function"]["name"] for c in messages[k].get("tool_calls") or ()
+        ]
+        if not turn or any(part not in text for part in own):
+            raise RowError(
+                f"the tokenizer's chat template renders response turn {i} without the prompt it "
+                "renders for that turn before it (add_generation_prompt), and the turn's text "
+                "cannot be found in it either, so its response tokens cannot be located; set "
+                f"`template:` to one of {sorted(TEMPLATES)} and serve with that format "
                 "(--chat-template)"
             )
         return turn
@@ -212,6 +238,15 @@ class TokenizerChatTemplate:
         """The ids of a conversation ending with a user turn, with the generation prompt."""
         messages, _, tools = self._prepared(tokenizer, conversation)
         return self._ids(tokenizer, messages, tools, generation=True)
+
+
+_STAND_INS = ("", "a", "0")  # contents a turn is rendered with to find where its own starts
+_BACK = 8  # how far before that the turn may start (text the template writes before a content)
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of ``a`` and ``b``."""
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _refused_as_row(render: Any, *args: Any, **kwargs: Any) -> Any:

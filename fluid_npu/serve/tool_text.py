@@ -27,7 +27,8 @@ block is the message's ``content`` (null when empty); each block is a call, retu
 (``chatcmpl-tool-…``, as vLLM's) and its arguments as a JSON text, and the choice's
 ``finish_reason`` is ``"tool_calls"``. A last block cut before its closing marker (``max_tokens``,
 a stop string) still counts if its JSON is whole. Text after the first block is not part of the
-answer (as in vLLM). When any block is not a JSON object with a string ``name`` and an object
+answer (as in vLLM; ``mistral``'s blocks run to the answer's end, so text after a call's JSON
+makes the answer text). When any block is not a JSON object with a string ``name`` and an object
 ``arguments``, there are no calls and the whole text is the ``content``, so nothing the model wrote
 is lost. ``parallel_tool_calls: false`` returns the first call only.
 
@@ -145,27 +146,34 @@ class ToolCallText:
         out for the parser only: an answer that holds no call leaves them out, as its text leaves
         out every special token."""
         self.markers, self.parallel, self.special = markers, parallel, special
+        # the special markers that may come outside a call (pangu's closing one, Mistral's
+        # [ARGS]): left out of the content, held back while a delta may end inside one
+        self.stray = tuple(m for m in special if m != markers.start)
         # content held back: it may be the start of the opening marker (None: ``whole`` markers,
         # and the answer is text)
         self.pending: str | None = ""
         self.held: str | None = None  # everything from the first opening marker on
+
+    def _plain(self, text: str) -> str:
+        for marker in self.stray:
+            text = text.replace(marker, "")
+        return text
 
     def add(self, text: str) -> str:
         """Feed an answer's text delta; the ``content`` delta that can be passed on now."""
         if self.held is not None:
             self.held += text
             return ""
-        for marker in self.special:  # (a special marker outside a call: left out of the text)
-            if marker != self.markers.start:
-                text = text.replace(marker, "")
         if self.markers.whole:
-            return self._add_whole(text)
+            return self._add_whole(self._plain(text))
         self.pending += text
         start = self.pending.find(self.markers.start)
-        if start >= 0:
-            out, self.held, self.pending = self.pending[:start], self.pending[start:], ""
+        if start >= 0:  # (the markers after it are the calls')
+            out, self.held = self._plain(self.pending[:start]), self.pending[start:]
+            self.pending = ""
             return out
-        keep = _partial_suffix(self.pending, self.markers.start)
+        self.pending = self._plain(self.pending)
+        keep = max(_partial_suffix(self.pending, m) for m in (self.markers.start, *self.stray))
         out = self.pending[: len(self.pending) - keep]
         self.pending = self.pending[len(self.pending) - keep :]
         return out
@@ -189,7 +197,7 @@ class ToolCallText:
         """At the answer's end: the ``content`` still held back and the calls (none: all text;
         ``parse=False``: the answer did not end, and stays text)."""
         if self.held is None:
-            out, self.pending = self.pending or "", ""
+            out, self.pending = self._plain(self.pending or ""), ""
             return out, []
         calls = parse_calls(self.held, self.markers) if parse else None
         if calls is None:
@@ -240,9 +248,6 @@ def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
     return _checked(found, markers.short_ids)
 
 
-_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # (OpenAI's rule, and dots: vLLM's)
-
-
 def _named_call(block: str) -> dict[str, Any] | None:
     """Mistral's later form of one call, ``name[CALL_ID]id[ARGS]{...}`` (``[CALL_ID]id`` and
     ``[ARGS]`` may be missing: ``name{...}``), as ``{"name", "arguments"}``; None if it is not."""
@@ -250,9 +255,9 @@ def _named_call(block: str) -> dict[str, Any] | None:
     if not sep:  # (a tokenizer whose text leaves [ARGS] out: the object starts the arguments)
         at = block.find("{")
         head, args = (block[:at], block[at:]) if at > 0 else ("", "")
-    name = head.partition("[CALL_ID]")[0].strip()
+    name = head.partition("[CALL_ID]")[0].strip()  # (any name, as vLLM reads it)
     given = _json(args)
-    if not _FUNCTION_NAME.fullmatch(name) or not isinstance(given, dict):
+    if not name or not isinstance(given, dict):
         return None
     return {"name": name, "arguments": given}
 
