@@ -266,3 +266,104 @@ def test_mistral_calls_in_the_later_form_over_the_wire():
         sched.output = [*text("get_weather"), args, *text("is a tool")]
         plain = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
         assert plain.choices[0].message.content == "get_weatheris a tool"
+
+
+# Qwen3-Coder's (and Qwen3.5's) XML calls: values typed by the offered function's schema
+XML = PARSERS["qwen3_coder"]
+PROPERTIES = {
+    "city": {"type": "string"}, "nights": {"type": "integer"}, "budget": {"type": "number"},
+    "late": {"type": "boolean"}, "guests": {"type": "array"}, "prefs": {"type": "object"},
+    "note": {"type": ["string", "null"]},
+    "floor": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+}  # fmt: skip
+TYPED = [{"type": "function", "function": {"name": "book", "parameters": {
+    "type": "object", "properties": PROPERTIES}}}]  # fmt: skip
+
+
+def xml_call(name: str, **params: str) -> str:
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        (xml_call("book", city="Paris", nights="3", budget="99.5", late="True", guests='["a", "b"]',
+                  prefs="{'view': 'sea'}", note="None", floor="null"),
+         "", [("book", {"city": "Paris", "nights": 3, "budget": 99.5, "late": True,
+                        "guests": ["a", "b"], "prefs": {"view": "sea"}, "note": None,
+                        "floor": None})]),
+        # a string keeps its text (lines, spaces, 'null', digits); an undeclared argument too
+        (xml_call("book", city="  New\nYork ", note="null", other="42"), "",
+         [("book", {"city": "  New\nYork ", "note": None, "other": "42"})]),
+        (xml_call("book", city="007"), "", [("book", {"city": "007"})]),
+        # a value that is not of its type stays text; a number without a fraction is an integer
+        (xml_call("book", nights="three", budget="100.0", late="maybe"), "",
+         [("book", {"nights": "three", "budget": 100, "late": "maybe"})]),
+        (xml_call("book", budget="inf"), "", [("book", {"budget": "inf"})]),
+        # a function not offered: every value its text
+        (xml_call("other", n="1"), "", [("other", {"n": "1"})]),
+        ("Let me book.\n\n" + xml_call("book", city="Oslo") + "\n" + xml_call("book", city="Rome"),
+         "Let me book.\n\n", [("book", {"city": "Oslo"}), ("book", {"city": "Rome"})]),
+        (xml_call("book"), "", [("book", {})]),
+        # not a call: the whole answer stays text
+        (xml_call("book", city="Oslo")[:-25], xml_call("book", city="Oslo")[:-25], []),
+        ("<tool_call>\n<function=book>\nsay hi\n</function>\n</tool_call>",
+         "<tool_call>\n<function=book>\nsay hi\n</function>\n</tool_call>", []),
+        ('<tool_call>\n{"name": "book", "arguments": {}}\n</tool_call>',
+         '<tool_call>\n{"name": "book", "arguments": {}}\n</tool_call>', []),
+    ],
+)  # fmt: skip
+def test_an_xml_answer_is_typed_by_the_functions_schema(text, content, calls):
+    for pieces in ([text], list(text)):
+        reader = ToolCallText(XML, tools=TYPED)
+        passed = "".join(reader.add(p) for p in pieces)
+        rest, found = reader.finish()
+        assert passed + rest == content and arguments(found) == calls, pieces
+
+
+# Qwen3.5's chat template, cut down: tools in the system turn, calls written as XML (a string
+# as it is, anything else as JSON), results in a user turn
+QWEN35 = (
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}{% for m in messages %}{% if m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n<function={{ c.function.name }}>\n"
+    "{% for k, v in c.function.arguments | items %}<parameter={{ k }}>\n"
+    "{{ v if v is string else v | tojson }}\n</parameter>\n{% endfor %}</function>\n</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_xml_calls_over_the_wire_come_back_in_the_conversation():
+    """--tool-call-parser qwen3_coder: the calls typed by the request's tools, streamed chunks
+    equal to the whole answer, and the conversation with the calls and their results renders
+    them back as the model wrote them."""
+    tok = build_tiny_tokenizer(mask_token=True)
+    tok.chat_template = QWEN35
+    sched = ReasoningScheduler()
+    sched.max_len = 4000
+    answer = xml_call("book", city="Paris", nights="3") + "\n" + xml_call("book", city="Rome")
+    sched.output = tok(answer, add_special_tokens=False)["input_ids"]
+    with serving(sched, tokenizer=tok, tool_call_parser="qwen3_coder") as (url, _, _):
+        c = client(url)
+        out = c.chat.completions.create(model="tiny", messages=USER, tools=TYPED)
+        message = out.choices[0].message
+        calls = arguments([t.model_dump() for t in message.tool_calls])
+        assert calls == [("book", {"city": "Paris", "nights": 3}), ("book", {"city": "Rome"})]
+        assert out.choices[0].finish_reason == "tool_calls" and message.content is None
+        streamed = c.chat.completions.create(model="tiny", messages=USER, tools=TYPED,
+                                             stream=True)  # fmt: skip
+        deltas = [d for ch in streamed if ch.choices for d in ch.choices[0].delta.tool_calls or []]
+        assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == calls
+        back = [*USER, message.model_dump(exclude_none=True)] + [
+            {"role": "tool", "content": "booked", "tool_call_id": t.id} for t in message.tool_calls
+        ]
+        sched.output = tok("Booked.", add_special_tokens=False)["input_ids"]
+        again = c.chat.completions.create(model="tiny", messages=back, tools=TYPED)
+        assert again.choices[0].message.content == "Booked."
+        prompt = tok.decode(sched.requests[-1].prompt)  # (the calls as the model wrote them)
+        assert xml_call("book", city="Paris", nights="3") in prompt
+        assert xml_call("book", city="Rome") in prompt

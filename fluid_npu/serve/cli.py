@@ -181,7 +181,9 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         help="how the model writes its tool calls: hermes (Qwen2.5, Qwen3, Hermes: <tool_call> "
         "JSON blocks) | pangu (openPangu: a JSON list between [unused11] and [unused12]) | "
         "llama3_json (Llama 3.x: an answer of JSON calls, ';'-separated) | mistral (a JSON "
-        "list after [TOOL_CALLS])",
+        "list, or name[ARGS]{...}, after [TOOL_CALLS]) | qwen3_coder (Qwen3-Coder, Qwen3.5: "
+        "<tool_call><function=NAME><parameter=ARG>value</parameter>..., typed by the tools' "
+        "schemas; also named qwen3_xml)",
     )
     p.add_argument(
         "--trust-request-chat-template",

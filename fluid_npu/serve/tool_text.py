@@ -17,7 +17,10 @@ forms Mistral's models write after ``[TOOL_CALLS]``: a JSON list of calls, to th
 ``name[ARGS]{...}`` (Small 3.2, Magistral, Ministral 3, Devstral; ``name[CALL_ID]id[ARGS]{...}``
 in the tokenizers of version 11, ``name{...}`` where ``[ARGS]`` was left out), its calls' ids nine
 letters and digits (vLLM's, which Mistral's templates require when the calls come back in a
-conversation: the id a model wrote after ``[CALL_ID]`` is not kept, as vLLM keeps none). A marker
+conversation: the id a model wrote after ``[CALL_ID]`` is not kept, as vLLM keeps none);
+``qwen3_coder`` (vLLM's name, ``qwen3_xml`` too: Qwen3-Coder, Qwen3.5) reads ``<tool_call>``
+blocks holding one XML call, ``<function=NAME>`` with ``<parameter=ARG>value</parameter>``
+arguments, typed by the offered functions' schemas (``tool_xml.py``). A marker
 that is a special token of the tokenizer is written out for the parser only: an answer that holds
 no call leaves it out.
 
@@ -51,6 +54,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from fluid_npu.serve.tool_xml import schemas, xml_call
+
 _ID_CHARS = string.ascii_letters + string.digits
 
 
@@ -69,6 +74,7 @@ class ToolMarkers:
     # markers inside a block: a block that is not JSON is read as "name[CALL_ID]id[ARGS]{...}"
     # (Mistral's later form; written out when the tokenizer has them as special tokens)
     inner: tuple[str, ...] = ()
+    xml: bool = False  # a block is Qwen3-Coder's <function=...> call (tool_xml.py)
 
 
 PARSERS = {  # vLLM's names (vllm-ascend's for openPangu: pangu)
@@ -78,6 +84,8 @@ PARSERS = {  # vLLM's names (vllm-ascend's for openPangu: pangu)
     "mistral": ToolMarkers(
         "[TOOL_CALLS]", "", tokens=True, short_ids=True, inner=("[ARGS]", "[CALL_ID]")
     ),
+    "qwen3_coder": ToolMarkers("<tool_call>", "</tool_call>", xml=True),
+    "qwen3_xml": ToolMarkers("<tool_call>", "</tool_call>", xml=True),  # (vLLM's second name)
 }
 
 
@@ -140,12 +148,18 @@ class ToolCallText:
     finish_reason = "tool_calls"
 
     def __init__(
-        self, markers: ToolMarkers, parallel: bool = True, special: tuple[str, ...] = ()
+        self,
+        markers: ToolMarkers,
+        parallel: bool = True,
+        special: tuple[str, ...] = (),
+        tools: list[dict[str, Any]] | None = None,
     ) -> None:
         """``special``: the markers that are special tokens of the model's tokenizer, written
         out for the parser only: an answer that holds no call leaves them out, as its text leaves
-        out every special token."""
+        out every special token; ``tools``: the functions offered (their schemas type the values
+        of XML calls)."""
         self.markers, self.parallel, self.special = markers, parallel, special
+        self.functions = schemas(tools) if markers.xml else {}
         # the special markers that may come outside a call (pangu's closing one, Mistral's
         # [ARGS]): left out of the content, held back while a delta may end inside one
         self.stray = tuple(m for m in special if m != markers.start)
@@ -199,7 +213,7 @@ class ToolCallText:
         if self.held is None:
             out, self.pending = self._plain(self.pending or ""), ""
             return out, []
-        calls = parse_calls(self.held, self.markers) if parse else None
+        calls = parse_calls(self.held, self.markers, self.functions) if parse else None
         if calls is None:
             text = self.held
             for marker in self.special:
@@ -225,9 +239,12 @@ def _json(text: str) -> Any:
         return None
 
 
-def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
+def parse_calls(
+    text: str, markers: ToolMarkers, functions: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]] | None:
     """The calls of ``text`` (which starts with an opening marker, or for ``whole`` markers with
-    a JSON object), or None when a block is not a call (then nothing is)."""
+    a JSON object), or None when a block is not a call (then nothing is); ``functions``: the
+    offered functions' argument schemas (``tool_xml.schemas``), for XML calls."""
     if markers.whole:
         found = _objects(text.lstrip().removeprefix(markers.start))
         return None if found is None else _checked(found)
@@ -241,6 +258,9 @@ def parse_calls(text: str, markers: ToolMarkers) -> list[dict[str, Any]] | None:
         blocks = text.split(markers.start)[1:]
     found = []
     for block in blocks:  # a call, or a list of them (openPangu and Mistral write a list)
+        if markers.xml:
+            found.append(xml_call(block, functions or {}))
+            continue
         given = _json(block)
         if given is None and markers.inner:
             given = _named_call(block)

@@ -101,7 +101,7 @@ class ToolSetting:
         if self.parser is None:
             return None
         special = tuple(self.parser.spelled.values())
-        return ToolCallText(self.parser.markers, self.parallel, special)
+        return ToolCallText(self.parser.markers, self.parallel, special, self.tools)
 
     @property
     def constraint(self) -> Constraint | None:
