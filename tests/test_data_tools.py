@@ -17,11 +17,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from fluid_npu.data import IGNORE_INDEX, build_sft_dataset
+from fluid_npu.data import IGNORE_INDEX, TEMPLATES, build_sft_dataset
+from fluid_npu.data.template_export import turn_end
 from fluid_npu.data.tooluse import check_tools
 from fluid_npu.errors import DataError
 from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.prompts import chat_messages, chat_template_ids
+from fluid_npu.serve.tool_text import PARSERS, ToolCallText
 
 # A hermes-style template (Qwen2.5's layout): tools listed in the system turn, each call in
 # <tool_call> tags with its arguments as JSON, each result in a tool turn naming its call.
@@ -441,3 +443,29 @@ def test_split_conversations_are_kept_for_stage_iis_held_out_part(tmp_path):
     data = trained(tmp_path, tok, [multi_turn(f"x{r}", f"y{r}") for r in range(3)])
     assert data.train_groups == [0, 0, 1, 1, 2, 2]
     assert trained(tmp_path, build_tiny_tokenizer(), [multi_turn("a", "b")]).train_groups is None
+
+
+@pytest.mark.parametrize("name", [n for n, t in sorted(TEMPLATES.items()) if t.calls])
+def test_a_named_template_trains_calls_its_models_parser_reads(tmp_path, name):
+    """openpangu / qwen / llama3 write a function-call turn as their models write calls (the
+    format of --tool-call-parser pangu / hermes / llama3_json), so the call the model learns is
+    one the server reads back; the tools are listed in the system turn as one JSON list."""
+    tok = build_tiny_tokenizer(reserved=13)  # (openPangu's [unusedN] markers)
+    template = TEMPLATES[name]
+    row = sharegpt_row(call=[CALL, {"name": "add", "arguments": {"a": 3, "b": 4}}])
+    (example,) = trained(tmp_path, tok, [row], template=name).train
+    call, answer = responses(tok, example)
+    end = turn_end(template)
+    assert call.endswith(end) and answer == f"It is 3.{end}"
+    reader = ToolCallText(PARSERS[template.calls])
+    content = reader.add(call.removesuffix(end))
+    rest, found = reader.finish()
+    assert content + rest == "" and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                     for c in found] == [("add", CALL["arguments"]),
+                                                         ("add", {"a": 3, "b": 4})]  # fmt: skip
+    assert "tools:\n" + json.dumps(TOOLS) in tok.decode(example["input_ids"])
+    bad = {**row, "conversations": [row["conversations"][0], {"from": "function_call",
+                                                               "value": "add(1, 2)"}]}  # fmt: skip
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(DataError, match="line 1: function-call turn 1 is not JSON"):
+        trained(tmp_path / "bad", tok, [bad], template=name)

@@ -50,23 +50,55 @@ def test_the_jinja_renders_the_ids_training_encodes(name, case):
     assert rendered_ids(tok, text) == template.encode(tok, conversation).input_ids
 
 
+CALL = {"name": "add", "arguments": {"a": 1, "b": "é"}}
+TOOLS = [{"name": "add", "description": "Adds", "parameters": {"type": "object"}}]
+
+
+@pytest.mark.parametrize("name", [n for n, t in sorted(TEMPLATES.items()) if t.calls])
+def test_the_jinja_renders_tools_and_calls_as_training_writes_them(name):
+    """Tools listed in the system turn, two calls written in the template's call format (the one
+    its model's tool-call parser reads), their two results as one observation turn: the served
+    conversation (OpenAI messages, one tool message per result) renders training's ids."""
+    tok = build_tiny_tokenizer(reserved=11, chat_template=False)
+    template = TEMPLATES[name]
+    conversation = Conversation(
+        [("user", "1+2?"), ("function", json.dumps([CALL, CALL])),
+         ("observation", "3\n</tool_response>\n<tool_response>\n4"), ("assistant", "3, 4")],
+        system="S", tools=json.dumps(TOOLS),
+    )  # fmt: skip
+    calls = [{"id": i, "type": "function", "function": CALL} for i in ("a", "b")]
+    messages = [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "1+2?"},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "content": "3", "tool_call_id": "a"},
+        {"role": "tool", "content": "4", "tool_call_id": "b"},
+        {"role": "assistant", "content": "3, 4"},
+    ]  # fmt: skip
+    text = tok.apply_chat_template(
+        messages, tools=[{"type": "function", "function": f} for f in TOOLS],
+        chat_template=jinja(template), tokenize=False,
+    )  # fmt: skip
+    assert rendered_ids(tok, text) == template.encode(tok, conversation).input_ids
+
+
+CALLED = [{"role": "user", "content": "x"},
+          {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("messages", "kwargs", "refusal"),
+    ("name", "messages", "refusal"),
     [
-        ([{"role": "user", "content": "x"}], {"tools": [{"type": "function"}]}, "tools"),
-        ([{"role": "assistant", "content": "x"}], {}, "start with a user message"),
-        ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], {}, "the first"),
-        (
-            [{"role": "user", "content": "x"},
-             {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}],
-            {}, "tool calls",
-        ),
+        ("qwen", [{"role": "assistant", "content": "x"}], "start with a user message"),
+        ("qwen", [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}],
+         "the first"),
+        ("default", CALLED, "does not render tool calls"),  # (a template without a call format)
+        ("qwen", [CALLED[0], {**CALLED[1], "content": "Sure."}], "tool-call turn without text"),
     ],
 )  # fmt: skip
-def test_the_jinja_refuses_what_training_never_encodes(messages, kwargs, refusal):
+def test_the_jinja_refuses_what_training_never_encodes(name, messages, refusal):
     tok = build_tiny_tokenizer(chat_template=False)
     with pytest.raises(TemplateError, match=refusal):
-        tok.apply_chat_template(messages, chat_template=jinja(TEMPLATES["qwen"]), **kwargs)
+        tok.apply_chat_template(messages, chat_template=jinja(TEMPLATES[name]))
     # a developer message first is the system message, as OpenAI's API reads it
     developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"}]
     system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}]

@@ -22,8 +22,11 @@ trained (LLaMA-Factory's ``fix_special_tokens`` / ``fix_jinja_template`` do the 
   naming it, which ``get_template`` reads). The Jinja renders ``system`` (or ``developer``)
   first, then ``user``, ``assistant`` and ``tool`` messages with string contents; the generation
   prompt (the assistant header) is part of a named template's user turn, so it follows every
-  user turn, as in training. What training never encodes (tools, tool calls, a later system
-  message, an assistant message first) is refused, not dropped.
+  user turn, as in training; the tools are listed in the system turn, an assistant's tool calls
+  written in the template's call format (``call_formats.py``) and consecutive tool results joined
+  into one observation turn, as training writes them. What training never encodes (tool calls in
+  ``default`` / ``empty``, a later system message, an assistant message first) is refused, not
+  dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import json
 import logging
 from typing import Any
 
+from fluid_npu.data.formats import RESULTS_JOIN
 from fluid_npu.data.templates import _PLACEHOLDER, EXPORT_MARK, ChatTemplate, Template
 from fluid_npu.data.templates import _tokenizer_adds_bos as adds_bos
 
@@ -68,17 +72,16 @@ def jinja(template: ChatTemplate, add_bos: bool | None = None) -> str:
     """``template`` as a Jinja chat template rendering the text ``template.encode`` encodes
     (``rendered_ids`` reads it as inference does). ``add_bos``: whether the text starts with the
     BOS token (default: the template's ``bos: always``; a tokenizer that adds one to plain text
-    wants it too, so that consumers tokenizing with ``add_special_tokens=False`` get it). What
-    training never encodes — tools, tool calls, a system message that is not the first, an
-    assistant message before any user one — is refused by ``raise_exception``, not dropped."""
+    wants it too, so that consumers tokenizing with ``add_special_tokens=False`` get it). The
+    tools are listed in the system turn, an assistant's tool calls written as the template writes
+    a function-call turn (``call_formats``), consecutive tool results as one observation turn,
+    joined as ``formatting: openai`` joins them. What training never encodes — tool calls in a
+    template without a call format, a call turn with text, a system message that is not the
+    first, an assistant message before any user one — is refused by ``raise_exception``, not
+    dropped."""
     add_bos = template.bos == "always" if add_bos is None else add_bos
     bos = "{% if bos_token %}{{ bos_token }}{% endif %}" if add_bos else ""
     name = template.name
-    refuse_tools = (
-        "{% if tools %}"
-        + _refuse(f"the chat template exported from the {name} template does not render tools")
-        + "{% endif %}"
-    )
     first = "messages and messages[0]['role'] in ('system', 'developer')"
     head = (
         f"{{% if {first} %}}{{% set system = messages[0]['content'] %}}"
@@ -87,29 +90,79 @@ def jinja(template: ChatTemplate, add_bos: bool | None = None) -> str:
         "{% set turns = messages %}{% endif %}"
         "{% if turns and turns[0]['role'] == 'assistant' %}"
         + _refuse(f"the {name} template's conversations start with a user message")
-        + "{% endif %}"
+        + "{% endif %}{% set ns = namespace(fns=[], calls='', results='') %}"
+    )
+    tools = (  # (the functions of OpenAI's {"type": "function", "function": ...} entries)
+        "{% if tools %}{% for t in tools %}{% set ns.fns = ns.fns + [t['function'] if "
+        "t['type'] == 'function' and t['function'] is defined else t] %}{% endfor %}"
+        "{% set listed = 'You have access to the following tools:\\n' + ns.fns | tojson %}"
+        "{% set system = system + '\\n\\n' + listed if system else listed %}{% endif %}"
     )
     force = " or true" if template.force_system else ""
     system = f"{{% if system{force} %}}{_literal(template.system, 'system')}{{% endif %}}"
     sep = f"{{% if not loop.first %}}{_literal(template.separator, '')}{{% endif %}}"
     observation = template.observation or template.user
+    join = json.dumps(RESULTS_JOIN)
     turns = (
         "{% for m in turns %}{% if m['role'] in ('system', 'developer') %}"
         + _refuse(f"the {name} template takes one system message, the first")
         + "{% elif m['role'] == 'assistant' %}{% if m['tool_calls'] %}"
-        + _refuse(f"the chat template exported from the {name} template does not render tool calls")
-        + "{% endif %}"
+        + _calls(template)
+        + "{% else %}"
         + _literal(template.assistant, "m['content']")
-        + "{% else %}"
+        + "{% endif %}{% elif m['role'] == 'tool' %}"
+        + "{% if loop.previtem and loop.previtem['role'] == 'tool' %}"
+        + f"{{% set ns.results = ns.results + {join} + m['content'] %}}"
+        + "{% else %}{% set ns.results = m['content'] %}{% endif %}"
+        + "{% if not (loop.nextitem and loop.nextitem['role'] == 'tool') %}"
         + sep
-        + "{% if m['role'] == 'tool' %}"
-        + _literal(observation, "m['content']")
-        + "{% else %}"
+        + _literal(observation, "ns.results")
+        + "{% endif %}{% else %}"
+        + sep
         + _literal(template.user, "m['content']")
-        + "{% endif %}{% endif %}{% endfor %}"
+        + "{% endif %}{% endfor %}"
     )
     mark = EXPORT_MARK.format(name=name)  # (get_template reads the named template from it)
-    return mark + bos + refuse_tools + head + system + turns
+    return mark + bos + head + tools + system + turns
+
+
+# how each call format writes an assistant's tool calls (call_formats.WRITERS), as Jinja adding
+# to ns.calls: the OpenAI call's name and arguments, as json.dumps writes them (tojson)
+_CALL = "{'name': c['function']['name'], %s: c['function']['arguments']} | tojson"
+_WRITE = {
+    "pangu": (
+        "{% set ns.calls = '[unused11]' %}{% set ns.fns = [] %}{% for c in m['tool_calls'] %}"
+        "{% set ns.fns = ns.fns + [{'name': c['function']['name'], 'arguments': "
+        "c['function']['arguments']}] %}{% endfor %}"
+        "{% set ns.calls = ns.calls + ns.fns | tojson + '[unused12]' %}"
+    ),
+    "hermes": (
+        "{% set ns.calls = '' %}{% for c in m['tool_calls'] %}{% set ns.calls = ns.calls + "
+        "('\\n' if not loop.first else '') + '<tool_call>\\n' + "
+        + _CALL % "'arguments'"
+        + " + '\\n</tool_call>' %}{% endfor %}"
+    ),
+    "llama3_json": (
+        "{% set ns.calls = '' %}{% for c in m['tool_calls'] %}{% set ns.calls = ns.calls + "
+        "('; ' if not loop.first else '') + " + _CALL % "'parameters'" + " %}{% endfor %}"
+    ),
+}
+
+
+def _calls(template: ChatTemplate) -> str:
+    """The Jinja of an assistant message's tool calls in ``template``: written as its function-call
+    turn writes them, or refused where it has no call format (or the message has text too)."""
+    name = template.name
+    if template.calls is None:
+        return _refuse(f"the chat template exported from the {name} template does not render "
+                       "tool calls")  # fmt: skip
+    return (
+        "{% if m['content'] %}"
+        + _refuse(f"the {name} template writes a tool-call turn without text")
+        + "{% endif %}"
+        + _WRITE[template.calls]
+        + _literal(template.assistant, "ns.calls")
+    )
 
 
 SAMPLE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},

@@ -6,7 +6,9 @@ EOS token the model must learn to emit so the sampler knows when to stop. This m
 split, for two kinds of template:
 
 * named templates (``default``, ``empty``, ``qwen``, ``llama3``, ``openpangu``): a handful of
-  format strings, rendered piece by piece so the response spans are known by construction;
+  format strings, rendered piece by piece so the response spans are known by construction; a
+  function-call turn written as the template's model writes calls (``calls``: the format of the
+  tool-call parser that reads them back, ``call_formats.py``);
 * the tokenizer's own Jinja chat template (``template: auto`` or unset, when the tokenizer has one):
   rendered with ``apply_chat_template``; the spans come from ``{% generation %}`` markers when the
   template has them, otherwise from rendering each turn incrementally and diffing token prefixes
@@ -21,6 +23,9 @@ import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from fluid_npu.data.call_formats import function_calls, tools_text, written_calls
+from fluid_npu.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +131,7 @@ class ChatTemplate:
     force_system: bool = False
     bos: str = "tokenizer"
     special_tokens: tuple[str, ...] = ()
+    calls: str | None = None  # how a function-call turn is written (call_formats.WRITERS)
 
     def _pieces(self, tokenizer: Any, fmt: str, content: str) -> list[int]:
         ids: list[int] = []
@@ -150,13 +156,23 @@ class ChatTemplate:
             ids.append(tokenizer.bos_token_id)
         system = conversation.system if conversation.system is not None else self.default_system
         if conversation.tools:
-            tools = f"You have access to the following tools:\n{conversation.tools}"
+            try:
+                listed = tools_text(conversation.tools)
+            except DataError as exc:
+                raise RowError(str(exc)) from None
+            tools = f"You have access to the following tools:\n{listed}"
             system = f"{system}\n\n{tools}" if system else tools
         if system or self.force_system:
             ids += self._pieces(tokenizer, self.system, system)
         return ids
 
     def _turn(self, tokenizer: Any, index: int, role: str, content: str) -> list[int]:
+        if role == FUNCTION and self.calls:  # as the model writes them for its tool-call parser
+            try:
+                calls = function_calls(content, f"function-call turn {index}")
+            except DataError as exc:
+                raise RowError(str(exc)) from None
+            content = written_calls(self.calls, calls)
         if role in RESPONSE_ROLES:
             return self._pieces(tokenizer, self.assistant, content)
         fmt = self.observation if role == OBSERVATION and self.observation else self.user
@@ -203,6 +219,7 @@ _QWEN = ChatTemplate(
     separator="\n",
     default_system="You are a helpful assistant.",
     special_tokens=("<|im_start|>", "<|im_end|>"),
+    calls="hermes",
 )
 
 # Llama 3 / 3.1 instruct: header tokens, <|eot_id|> ends every turn, BOS <|begin_of_text|> first.
@@ -220,6 +237,7 @@ _LLAMA3 = ChatTemplate(
     ),
     bos="always",
     special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    calls="llama3_json",
 )
 
 # openPangu-Embedded (7B V1.1 / 1B). Based on the ``chat_template`` of its tokenizer_config.json
@@ -239,6 +257,7 @@ _OPENPANGU = ChatTemplate(
     force_system=True,
     bos="always",
     special_tokens=("[unused9]", "[unused10]"),
+    calls="pangu",  # vllm-ascend's parser: [unused11][{"name", "arguments"}, ...][unused12]
 )
 
 TEMPLATES: dict[str, ChatTemplate] = {

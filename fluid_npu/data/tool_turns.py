@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fluid_npu.data.call_formats import function_calls
 from fluid_npu.data.formats import RESULTS_JOIN
 from fluid_npu.data.templates import (
     ASSISTANT,
@@ -33,7 +34,6 @@ from fluid_npu.data.templates import (
     Conversation,
     RowError,
 )
-from fluid_npu.data.tooluse import check_tool_calls
 from fluid_npu.errors import DataError
 
 _PLAIN_ROLES = {USER: "user", ASSISTANT: "assistant", OBSERVATION: "tool", FUNCTION: "assistant"}
@@ -56,9 +56,8 @@ def hf_messages(
         if not structured:
             out.append({"role": _PLAIN_ROLES[role], "content": content})
         elif role == FUNCTION:
-            calls = _calls(content, turn, made)
             try:
-                checked = check_tool_calls(calls, f"function-call turn {turn}")
+                checked = function_calls(content, f"function-call turn {turn}", made + 1)
             except DataError as exc:
                 raise RowError(str(exc)) from None
             made += len(checked)
@@ -108,26 +107,4 @@ def hf_tools(tools: str | None) -> list[dict[str, Any]] | None:
     for tool in given if isinstance(given, list) else [given]:
         bare = isinstance(tool, dict) and "name" in tool and "function" not in tool
         out.append({"type": "function", "function": tool} if bare else tool)
-    return out
-
-
-def _calls(content: str, turn: int, made: int) -> list[dict[str, Any]]:
-    """A function-call turn's JSON as OpenAI tool calls with ids (not yet checked)."""
-    where = f"function-call turn {turn}"
-    try:
-        given = json.loads(content)
-    except (ValueError, RecursionError):
-        raise RowError(
-            f'{where} is not JSON: its content must be {{"name": ..., "arguments": {{...}}}} or '
-            "a list of such calls (LLaMA-Factory's function_call format)"
-        ) from None
-    calls = given if isinstance(given, list) else [given]
-    out = []
-    for i, call in enumerate(calls):
-        if not isinstance(call, dict) or set(call) - {"name", "arguments"}:
-            raise RowError(
-                f'{where}: call {i} must be {{"name": ..., "arguments": {{...}}}} (has '
-                f"{sorted(call) if isinstance(call, dict) else type(call).__name__})"
-            )
-        out.append({"id": f"call{made + i + 1:05d}", "type": "function", "function": call})
     return out
