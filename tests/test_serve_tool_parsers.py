@@ -9,6 +9,7 @@ template takes back (nine letters and digits)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
@@ -275,6 +276,7 @@ PROPERTIES = {
     "late": {"type": "boolean"}, "guests": {"type": "array"}, "prefs": {"type": "object"},
     "note": {"type": ["string", "null"]},
     "floor": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+    "rooms": {"type": ["integer", "null"], "anyOf": [{"type": "integer"}]},
 }  # fmt: skip
 TYPED = [{"type": "function", "function": {"name": "book", "parameters": {
     "type": "object", "properties": PROPERTIES}}}]  # fmt: skip
@@ -306,20 +308,34 @@ def xml_call(name: str, **params: str) -> str:
         ("Let me book.\n\n" + xml_call("book", city="Oslo") + "\n" + xml_call("book", city="Rome"),
          "Let me book.\n\n", [("book", {"city": "Oslo"}), ("book", {"city": "Rome"})]),
         (xml_call("book"), "", [("book", {})]),
+        # what JSON cannot write stays text (a set, bytes, too deep); a huge number stays a float
+        (xml_call("book", prefs="{1, 2}", guests="[b'x']", budget="1e300"), "",
+         [("book", {"prefs": "{1, 2}", "guests": "[b'x']", "budget": 1e300})]),
+        (xml_call("book", guests="[" * 5000 + "]" * 5000), "",
+         [("book", {"guests": "[" * 5000 + "]" * 5000})]),
+        (xml_call("book", rooms="2"), "", [("book", {"rooms": 2})]),
+        # a </parameter> left out: the value ends where the next parameter starts (vLLM's reading)
+        ("<tool_call>\n<function=book>\n<parameter=city>\nOslo\n<parameter=nights>\n2\n"
+         "</function>\n</tool_call>", "", [("book", {"city": "Oslo", "nights": 2})]),
         # not a call: the whole answer stays text
         (xml_call("book", city="Oslo")[:-25], xml_call("book", city="Oslo")[:-25], []),
         ("<tool_call>\n<function=book>\nsay hi\n</function>\n</tool_call>",
          "<tool_call>\n<function=book>\nsay hi\n</function>\n</tool_call>", []),
         ('<tool_call>\n{"name": "book", "arguments": {}}\n</tool_call>',
          '<tool_call>\n{"name": "book", "arguments": {}}\n</tool_call>', []),
+        (xml_call("{{ name }}"), xml_call("{{ name }}"), []),  # (a name with spaces: no call)
+        (xml_call("book", city="a") + "\n" + xml_call("book", city="a", city2="b")[:-30],
+         xml_call("book", city="a") + "\n" + xml_call("book", city="a", city2="b")[:-30], []),
     ],
 )  # fmt: skip
 def test_an_xml_answer_is_typed_by_the_functions_schema(text, content, calls):
+    schema = copy.deepcopy(TYPED)
     for pieces in ([text], list(text)):
         reader = ToolCallText(XML, tools=TYPED)
         passed = "".join(reader.add(p) for p in pieces)
         rest, found = reader.finish()
         assert passed + rest == content and arguments(found) == calls, pieces
+    assert schema == TYPED  # (the request's tools are read, never changed)
 
 
 # Qwen3.5's chat template, cut down: tools in the system turn, calls written as XML (a string
