@@ -129,6 +129,13 @@ def test_mask_from_reserved_tokens_prefers_unused32_and_skips_template_tokens():
     assert (
         mask.token == "[unused8]"
     )  # 11 is used by the template; 9, 10 are openPangu's turn markers
+    tok = build_tiny_tokenizer(reserved=14)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    # 13 is free; 11 and 12 open and close openPangu's tool calls (--tool-call-parser pangu)
+    assert resolve_mask_token(tok).token == "[unused13]"
+    tok = build_tiny_tokenizer(reserved=13)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert resolve_mask_token(tok).token == "[unused8]"
 
 
 def test_mask_added_as_new_token_resizes_embeddings():

@@ -32,8 +32,9 @@ RESERVED_PATTERNS = (
     re.compile(r"^<\|reserved_special_token_(\d+)\|>$"),
 )
 PREFERRED_RESERVED = ("[unused32]",)
-# Special tokens with a meaning in openPangu's chat format / thinking mode, never used as MASK.
-PANGU_USED = ("[unused9]", "[unused10]", "[unused16]", "[unused17]")
+# Special tokens with a meaning in openPangu's chat format / tool calls / thinking mode, never used
+# as MASK (its own chat template writes only the first two: the others are not found there)
+PANGU_USED = ("[unused9]", "[unused10]", "[unused11]", "[unused12]", "[unused16]", "[unused17]")
 
 
 @dataclass(frozen=True)
