@@ -46,7 +46,7 @@ class TokenizerChatTemplate:
     whitespace-only tokens (the newline after ``<|im_end|>`` in ChatML) are left to the prompt.
     Where a partial rendering is not a token prefix of the full one, the conversation becomes one
     example per response turn (``encode_examples``); a turn whose text cannot be located even
-    then raises ``ConfigError``.
+    then is a ``RowError`` (the row is bad, ``skip_bad_rows`` skips it).
 
     BOS: when the tokenizer prepends BOS to plain text (openPangu) but the template does not write
     it, it is prepended, as ``tokenizer(apply_chat_template(..., tokenize=False))`` would at
