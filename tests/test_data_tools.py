@@ -464,6 +464,21 @@ def test_a_named_template_trains_calls_its_models_parser_reads(tmp_path, name):
                                      for c in found] == [("add", CALL["arguments"]),
                                                          ("add", {"a": 3, "b": 4})]  # fmt: skip
     assert "tools:\n" + json.dumps(TOOLS) in tok.decode(example["input_ids"])
+    # no tools ("[]", as many rows without them write it): no listing, as a request without tools;
+    # a call in OpenAI's own shape (its id and type ignored) trains as the plain one
+    openai_call = {"id": "x", "type": "function", "function": CALL}
+    plain = {"conversations": [row["conversations"][0],
+                               {"from": "function_call", "value": json.dumps(openai_call)},
+                               *row["conversations"][2:]], "tools": "[]"}  # fmt: skip
+    (tmp_path / "plain").mkdir()
+    (other,) = trained(tmp_path / "plain", tok, [plain], template=name).train
+    assert "tools:" not in tok.decode(other["input_ids"])
+    same = {**plain, "conversations": [plain["conversations"][0],
+                                       {"from": "function_call", "value": json.dumps(CALL)},
+                                       *plain["conversations"][2:]]}  # fmt: skip
+    (tmp_path / "same").mkdir()
+    (bare,) = trained(tmp_path / "same", tok, [same], template=name).train
+    assert bare["input_ids"] == other["input_ids"]
     bad = {**row, "conversations": [row["conversations"][0], {"from": "function_call",
                                                                "value": "add(1, 2)"}]}  # fmt: skip
     (tmp_path / "bad").mkdir()

@@ -79,6 +79,19 @@ def test_the_jinja_renders_tools_and_calls_as_training_writes_them(name):
         chat_template=jinja(template), tokenize=False,
     )  # fmt: skip
     assert rendered_ids(tok, text) == template.encode(tok, conversation).input_ids
+    # text the model wrote before its calls (the parser's content) is given back before them
+    messages[2]["content"] = "Sure."
+    text = tok.apply_chat_template(messages, chat_template=jinja(template), tokenize=False)
+    call = json.dumps(CALL, ensure_ascii=False)
+    assert (
+        "Sure.[unused11][" + call in text
+        or "Sure.<tool_call>\n" + call in text
+        or (
+            "Sure."
+            + json.dumps({"name": "add", "parameters": CALL["arguments"]}, ensure_ascii=False)
+            in text
+        )
+    )
 
 
 CALLED = [{"role": "user", "content": "x"},
@@ -92,7 +105,6 @@ CALLED = [{"role": "user", "content": "x"},
         ("qwen", [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}],
          "the first"),
         ("default", CALLED, "does not render tool calls"),  # (a template without a call format)
-        ("qwen", [CALLED[0], {**CALLED[1], "content": "Sure."}], "tool-call turn without text"),
     ],
 )  # fmt: skip
 def test_the_jinja_refuses_what_training_never_encodes(name, messages, refusal):

@@ -3,7 +3,8 @@ them for a tool-call parser.
 
 LLaMA-Factory's data write a call as a ``function_call`` turn whose content is JSON —
 ``{"name": ..., "arguments": {...}}`` or a list of such objects (``function_calls`` reads it into
-the OpenAI form ``tooluse.check_tool_calls`` checks, arguments an object, ids ``call00001``, …).
+the OpenAI form ``tooluse.check_tool_calls`` checks, arguments an object, ids ``call00001``, …;
+OpenAI's own call objects are read too, a call's ``id`` / ``type`` ignored).
 The named templates write a turn's calls in their model's own format (``written_calls``), the one
 ``fluid serve --tool-call-parser NAME`` reads back: ``pangu`` (openPangu: a JSON list between
 ``[unused11]`` and ``[unused12]``), ``hermes`` (Qwen: each call a ``<tool_call>`` block),
@@ -33,6 +34,10 @@ def function_calls(content: str, where: str, first: int = 1) -> list[dict[str, A
     calls = given if isinstance(given, list) else [given]
     out = []
     for i, call in enumerate(calls):
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            call = call["function"]  # (OpenAI's {"id", "type": "function", "function": ...})
+        if isinstance(call, dict):
+            call = {k: v for k, v in call.items() if k not in ("id", "type")}
         if not isinstance(call, dict) or set(call) - {"name", "arguments"}:
             raise DataError(
                 f'{where}: call {i} must be {{"name": ..., "arguments": {{...}}}} (has '
@@ -67,14 +72,17 @@ def written_calls(parser: str, calls: list[dict[str, Any]]) -> str:
     return WRITERS[parser]([{"name": f["name"], "arguments": f["arguments"]} for f in fns])
 
 
-def tools_text(tools: str) -> str:
+def tools_text(tools: str) -> str | None:
     """A conversation's tools (JSON text: LLaMA-Factory's bare functions, or OpenAI's
     ``{"type": "function", "function": ...}`` entries) as the named templates list them: the
-    functions as one JSON list; a ``DataError`` when it is not JSON."""
+    functions as one JSON list (None for none: ``[]``, ``{}``, ``null``, as a request without
+    tools); a ``DataError`` when it is not JSON."""
     try:
         given = json.loads(tools)
     except (ValueError, RecursionError):
         raise DataError("the tools column is not JSON (a list of functions)") from None
+    if not given:
+        return None
     listed = given if isinstance(given, list) else [given]
     return _dumps([_function(t) for t in listed])
 

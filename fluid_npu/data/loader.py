@@ -38,8 +38,9 @@ REPORTED_SKIPS = 5  # how many skipped rows the stats keep (dataset, index, "pla
 HEAD_ROWS = 8  # the first rows that tell the format (sharegpt tags) and test the tokenizer
 # Part of the key of the tokenization cache of ``datasets``: it hashes the mapped function and its
 # arguments but not the code they call, so a change to this package's data code must change the key.
-_CODE = ("files.py", "formats.py", "loader.py", "templates.py", "auto_template.py",
-         "tool_turns.py", "tooluse.py")  # fmt: skip
+# the tokenization cache is keyed on the source of every module of this package (one that
+# decides a token and is not listed would leave a stale cache after an upgrade)
+_CODE = sorted(p.name for p in Path(__file__).parent.glob("*.py"))
 _CODE_DIGEST = hashlib.sha256(
     b"".join((Path(__file__).parent / n).read_bytes() for n in _CODE)
 ).hexdigest()

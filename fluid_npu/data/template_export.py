@@ -76,9 +76,8 @@ def jinja(template: ChatTemplate, add_bos: bool | None = None) -> str:
     tools are listed in the system turn, an assistant's tool calls written as the template writes
     a function-call turn (``call_formats``), consecutive tool results as one observation turn,
     joined as ``formatting: openai`` joins them. What training never encodes — tool calls in a
-    template without a call format, a call turn with text, a system message that is not the
-    first, an assistant message before any user one — is refused by ``raise_exception``, not
-    dropped."""
+    template without a call format, a system message that is not the first, an assistant message
+    before any user one — is refused by ``raise_exception``, not dropped."""
     add_bos = template.bos == "always" if add_bos is None else add_bos
     bos = "{% if bos_token %}{{ bos_token }}{% endif %}" if add_bos else ""
     name = template.name
@@ -151,18 +150,15 @@ _WRITE = {
 
 def _calls(template: ChatTemplate) -> str:
     """The Jinja of an assistant message's tool calls in ``template``: written as its function-call
-    turn writes them, or refused where it has no call format (or the message has text too)."""
+    turn writes them, after the message's text if it has one, or refused where it has no call
+    format."""
     name = template.name
     if template.calls is None:
         return _refuse(f"the chat template exported from the {name} template does not render "
                        "tool calls")  # fmt: skip
-    return (
-        "{% if m['content'] %}"
-        + _refuse(f"the {name} template writes a tool-call turn without text")
-        + "{% endif %}"
-        + _WRITE[template.calls]
-        + _literal(template.assistant, "ns.calls")
-    )
+    # (text before the calls, which the server's parser returns as the message's content: the
+    # answer the model wrote, given back in the next request; training's call turns have none)
+    return _WRITE[template.calls] + _literal(template.assistant, "(m['content'] or '') + ns.calls")
 
 
 SAMPLE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},

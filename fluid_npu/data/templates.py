@@ -155,11 +155,11 @@ class ChatTemplate:
         if add_bos and tokenizer.bos_token_id is not None:
             ids.append(tokenizer.bos_token_id)
         system = conversation.system if conversation.system is not None else self.default_system
-        if conversation.tools:
-            try:
-                listed = tools_text(conversation.tools)
-            except DataError as exc:
-                raise RowError(str(exc)) from None
+        try:
+            listed = tools_text(conversation.tools) if conversation.tools else None
+        except DataError as exc:
+            raise RowError(str(exc)) from None
+        if listed is not None:
             tools = f"You have access to the following tools:\n{listed}"
             system = f"{system}\n\n{tools}" if system else tools
         if system or self.force_system:
@@ -207,9 +207,9 @@ class ChatTemplate:
 
 
 # The ChatML layout of Qwen, with Qwen2's default system prompt (LLaMA-Factory's ``qwen`` template
-# now has Qwen2.5's, "You are Qwen, created by Alibaba Cloud. ...", and writes tool calls and
-# results in <tool_call> / <tool_response> tags: for those, leave ``template`` out and train on
-# the tokenizer's own chat template).
+# now has Qwen2.5's, "You are Qwen, created by Alibaba Cloud. ..."; to train on exactly the format
+# a Qwen2.5 / Qwen3 checkpoint is served with, leave ``template`` out and train on the tokenizer's
+# own chat template); calls written in <tool_call> blocks, as --tool-call-parser hermes reads them.
 _QWEN = ChatTemplate(
     name="qwen",
     system="<|im_start|>system\n{content}<|im_end|>\n",

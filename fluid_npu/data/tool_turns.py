@@ -3,7 +3,8 @@
 LLaMA-Factory's data write a tool call as a ``function_call`` turn whose content is JSON —
 ``{"name": ..., "arguments": {...}}`` or a list of such objects — and a tool's answer as an
 ``observation`` turn (``formatting: openai`` rows reach the same two turns, ``formats.py``). The
-named templates write those texts where their format strings say. A tokenizer's own Jinja
+named templates write the calls in their model's format (``call_formats.py``) and the results
+where their format strings say. A tokenizer's own Jinja
 template instead renders tool calls from an assistant message's structured ``tool_calls`` and
 answers from ``tool`` messages (Qwen2.5's ``<tool_call>`` tags, Llama 3.1's ``ipython`` turns,
 Mistral's ``[TOOL_CALLS]``): handed the JSON as plain assistant text, it writes the call without
