@@ -5,6 +5,7 @@ template gets the named template as Jinja, rendering exactly the ids training en
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import as_overrides, tiny_stage1_recipe
@@ -13,7 +14,14 @@ from synthetic import write_short_dataset
 
 from fluid_npu.config import load_config
 from fluid_npu.data.auto_template import get_template
-from fluid_npu.data.template_export import fit_tokenizer, jinja, turn_end
+from fluid_npu.data.template_export import (
+    TRAINED_TEMPLATE,
+    fit_tokenizer,
+    jinja,
+    served_otherwise,
+    trained_template,
+    turn_end,
+)
 from fluid_npu.data.templates import (
     TEMPLATES,
     Conversation,
@@ -22,6 +30,7 @@ from fluid_npu.data.templates import (
 )
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
 from fluid_npu.sampling.pretrained import FluidForCausalLM
+from fluid_npu.sampling.prompts import read_chat_template
 from fluid_npu.train.stage1 import run_stage1
 
 CONVERSATIONS = [
@@ -151,8 +160,9 @@ def test_fit_tokenizer_sets_the_turn_end_as_eos_and_the_template_as_chat_templat
     assert tok.chat_template == own and tok.eos_token == "</s>"
 
 
-def test_a_trained_adapter_ends_at_its_templates_turn_end(tmp_path):
-    base = save_tiny(tmp_path / "base", "llama", chat_template=False)
+def _qwen_run(tmp_path, **tok_kwargs: bool) -> tuple[Path, Path]:
+    """A one-step Stage I run with the qwen template on a tiny base: (base, output)."""
+    base = save_tiny(tmp_path / "base", "llama", **tok_kwargs)
     data = write_short_dataset(tmp_path / "data", n_train=8, seed=0)
     out = tmp_path / "stage1"
     recipe = tiny_stage1_recipe(
@@ -160,6 +170,11 @@ def test_a_trained_adapter_ends_at_its_templates_turn_end(tmp_path):
         output_dir=str(out),
     )  # fmt: skip
     run_stage1(load_config(None, as_overrides(recipe)))
+    return base, out
+
+
+def test_a_trained_adapter_ends_at_its_templates_turn_end(tmp_path):
+    base, out = _qwen_run(tmp_path, chat_template=False)
     saved = json.loads((out / "generation_config.json").read_text())
     # a checkpoint carries it too (an adapter's checkpoint-N is used as the final one is)
     in_checkpoint = json.loads((out / "checkpoint-1" / "generation_config.json").read_text())
@@ -169,6 +184,7 @@ def test_a_trained_adapter_ends_at_its_templates_turn_end(tmp_path):
     assert fluid.tokenizer.eos_token == "<|im_end|>" and saved["eos_token_id"][0] == end
     assert fluid.generation_config.eos_token_id[0] == end
     assert fluid.tokenizer.chat_template == jinja(TEMPLATES["qwen"])
+    assert not (out / TRAINED_TEMPLATE).exists()  # (the template is its chat template now)
 
 
 def test_a_named_template_the_tokenizers_own_serves_differently_is_warned(caplog):
@@ -192,3 +208,42 @@ def test_a_named_template_the_tokenizers_own_serves_differently_is_warned(caplog
     assert not warn_if_served_differently(TEMPLATES["qwen"], tok) and not caplog.records
     fit_tokenizer(TEMPLATES["qwen"], tok, build_tiny_model("llama", tok))  # (its check runs it)
     assert not caplog.records
+
+
+# openPangu's own chat template (its tokenizer_config.json): no tools, no tool calls
+PANGU_OWN = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '[unused9]系统：[unused10]' }}{% endif %}{% if message['role'] == 'system' %}"
+    "{{ '[unused9]系统：' + message['content'] + '[unused10]' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{'[unused9]助手：' + message['content'] + '[unused10]'}}{% endif %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{'[unused9]工具：' + message['content'] + '[unused10]'}}{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{{'[unused9]用户：' + message['content'] + '[unused10]'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[unused9]助手：' }}{% endif %}"
+)
+
+
+def test_a_tokenizer_whose_own_template_drops_tools_is_served_otherwise():
+    """openPangu's own template renders a plain chat as the openpangu template trains it, but
+    drops the tools and the calls: the run is told, and saves the format it trained."""
+    tok = build_tiny_tokenizer(reserved=13)
+    tok.chat_template = PANGU_OWN
+    template = TEMPLATES["openpangu"]
+    found = served_otherwise(template, tok)
+    assert found is not None and "You have access to the following tools" in found[1]
+    assert trained_template(template, tok).text == jinja(template, True)
+    tok.chat_template = jinja(template)  # (its own format: nothing to save)
+    assert served_otherwise(template, tok) is None and trained_template(template, tok) is None
+
+
+def test_a_run_served_otherwise_saves_the_format_it_trained(tmp_path):
+    """A base whose own chat template (plain ChatML) renders otherwise than the qwen template
+    (its default system prompt): the run saves the qwen template's Jinja beside the adapter and
+    in its checkpoints, a file --chat-template reads; a base without a template gets none (the
+    template becomes its chat template)."""
+    _, out = _qwen_run(tmp_path)
+    saved = out / TRAINED_TEMPLATE
+    assert read_chat_template(str(saved)) == jinja(TEMPLATES["qwen"], False)
+    assert (out / "checkpoint-1" / TRAINED_TEMPLATE).read_text() == saved.read_text()

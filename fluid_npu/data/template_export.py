@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from fluid_npu.data.formats import RESULTS_JOIN
 from fluid_npu.data.templates import _PLACEHOLDER, EXPORT_MARK, ChatTemplate, Template
 from fluid_npu.data.templates import _tokenizer_adds_bos as adds_bos
+from fluid_npu.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -163,37 +165,85 @@ def _calls(template: ChatTemplate) -> str:
 
 SAMPLE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
           {"role": "user", "content": "How are you?"}]  # fmt: skip
+# ... and one with a tool, a call and its result: a template that ignores tools (openPangu's own)
+_CALL = {"id": "call00001", "type": "function",
+         "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}  # fmt: skip
+TOOL_SAMPLE = (
+    [{"role": "user", "content": "1+2?"},
+     {"role": "assistant", "content": "", "tool_calls": [_CALL]},
+     {"role": "tool", "content": "3", "tool_call_id": "call00001"}],
+    [{"type": "function", "function": {"name": "add", "description": "Adds two numbers",
+                                       "parameters": {"type": "object"}}}],
+)  # fmt: skip
+TRAINED_TEMPLATE = "trained_chat_template.jinja"  # what a run saves when it is served otherwise
+
+
+def served_otherwise(template: ChatTemplate, tokenizer: Any) -> tuple[int, str, str] | None:
+    """Where the tokenizer's own chat template — the one the checkpoint is served with (``fluid
+    serve``, ``generate --chat``, vLLM), which a named template does not replace — renders a
+    conversation otherwise than ``template`` trains it (Qwen2.5's default system prompt against
+    ``qwen``'s, Llama 3.1's dated preamble against ``llama3``'s, openPangu's that drops tools and
+    calls): ``(character, trained text, served text)`` from the first difference, over a plain
+    chat and one with a tool call; None when both render alike. A conversation either refuses is
+    no verdict."""
+    add_bos = template.bos == "always" or adds_bos(tokenizer)
+    bos = tokenizer.bos_token or ""
+    for messages, tools in ((SAMPLE, None), TOOL_SAMPLE):
+        try:
+            trained = tokenizer.apply_chat_template(
+                messages, tools=tools, chat_template=jinja(template, add_bos), tokenize=False,
+                add_generation_prompt=True,
+            )  # fmt: skip
+            served = tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
+            )
+        except Exception:  # (a template that raises on this conversation says nothing here)
+            continue
+        # (a BOS the served template leaves to the tokenizer's encoding is the same text trained)
+        if trained == served or (bos and trained == bos + served):
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(trained, served)) if a != b), None)
+        at = min(len(trained), len(served)) if at is None else at
+        return at, trained[at : at + 60], served[at : at + 60]
+    return None
 
 
 def warn_if_served_differently(template: ChatTemplate, tokenizer: Any) -> bool:
-    """Warn (and return True) when the tokenizer's own chat template — the one the checkpoint is
-    served with (``fluid serve``, ``generate --chat``, vLLM), which a named template does not
-    replace — renders a conversation otherwise than ``template`` trains it (Qwen2.5's default
-    system prompt against ``qwen``'s, Llama 3.1's dated preamble against ``llama3``'s): the model
-    would be served a format it was not trained on. A conversation either refuses is no verdict."""
-    add_bos = template.bos == "always" or adds_bos(tokenizer)
-    try:
-        trained = tokenizer.apply_chat_template(
-            SAMPLE, chat_template=jinja(template, add_bos), tokenize=False,
-            add_generation_prompt=True,
-        )  # fmt: skip
-        served = tokenizer.apply_chat_template(SAMPLE, tokenize=False, add_generation_prompt=True)
-    except Exception:  # (a template that raises on this conversation says nothing here)
+    """Warn (and return True) when the tokenizer's own chat template serves a conversation
+    otherwise than ``template`` trains it (``served_otherwise``): the model would be served a
+    format it was not trained on. The run then saves the format it trained as
+    ``TRAINED_TEMPLATE`` (``TrainedTemplate``), which the warning names."""
+    found = served_otherwise(template, tokenizer)
+    if found is None:
         return False
-    # (a BOS the served template leaves to the tokenizer's encoding is the same text trained)
-    bos = tokenizer.bos_token or ""
-    if trained == served or (bos and trained == bos + served):
-        return False
-    at = next((i for i, (a, b) in enumerate(zip(trained, served)) if a != b), None)
-    at = min(len(trained), len(served)) if at is None else at
+    at, trained, served = found
     logger.warning(
         "template %s: the tokenizer's own chat template, which serving renders with, writes a "
         "conversation otherwise than this template trains it (from character %d: trained %r, "
-        "served %r); train with template: auto to learn the format it is served with, or give "
-        "fluid serve / generate --chat-template the format training used",
-        template.name, at, trained[at : at + 60], served[at : at + 60],
+        "served %r); train with template: auto to learn the format it is served with, or serve "
+        "with --chat-template OUTPUT_DIR/%s, the format training used, which this run saves",
+        template.name, at, trained, served, TRAINED_TEMPLATE,
     )  # fmt: skip
     return True
+
+
+class TrainedTemplate:
+    """A named template's Jinja saved beside a checkpoint as ``TRAINED_TEMPLATE`` (a checkpoint
+    file: ``save(directory)``), for serving with ``--chat-template``."""
+
+    def __init__(self, template: ChatTemplate, tokenizer: Any) -> None:
+        self.text = jinja(template, template.bos == "always" or adds_bos(tokenizer))
+
+    def save(self, directory: str | Path) -> None:
+        write_text_atomic(Path(directory) / TRAINED_TEMPLATE, [self.text])
+
+
+def trained_template(template: Template, tokenizer: Any) -> TrainedTemplate | None:
+    """The file a run with ``template`` saves when the tokenizer's own chat template serves its
+    conversations otherwise (None: the same format, or not a named template)."""
+    if not isinstance(template, ChatTemplate) or not getattr(tokenizer, "chat_template", None):
+        return None
+    return TrainedTemplate(template, tokenizer) if served_otherwise(template, tokenizer) else None
 
 
 def fit_tokenizer(template: Template, tokenizer: Any, model: Any) -> list[str]:

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.data.auto_template import exported_template, get_template
-from fluid_npu.data.template_export import fit_tokenizer
+from fluid_npu.data.template_export import fit_tokenizer, trained_template
 from fluid_npu.data.templates import AUTO
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
@@ -163,8 +163,11 @@ class TrainingSession:
                 )
             self.mask = MaskToken(self.mask.token, self.mask.id, "adapter")
         self.data = self._load_data()
-        # the template's turn end as EOS, the template as the chat template (template_export.py)
-        fit_tokenizer(get_template(cfg.data.template, self.tokenizer), self.tokenizer, base)
+        # the template's turn end as EOS, the template as the chat template (template_export.py);
+        # where the tokenizer's own serves otherwise, the format trained saved beside the weights
+        template = get_template(cfg.data.template, self.tokenizer)
+        self.trained_template = trained_template(template, self.tokenizer)
+        fit_tokenizer(template, self.tokenizer, base)
         base.config.use_cache = False
         configure_attention(base, cfg.model.attn_backend, self.choice.type)
         self.fused_modules = apply_npu_fused_layers(
@@ -305,6 +308,8 @@ class TrainingSession:
         gen = getattr(self.model, "generation_config", None)
         lora = self.cfg.fluid.finetuning_type == "lora" and gen is not None
         files = [*([GenerationFile(gen)] if lora else []), meta]
+        if self.trained_template is not None:  # (the meta file stays last: it marks a whole save)
+            files.insert(-1, self.trained_template)
         trainer.checkpoint_files = files
         clear_earlier_run(self.cfg)  # overwrite_output_dir: only now that every check passed
         result = trainer.train(resume_from_checkpoint=self.resume)
