@@ -28,6 +28,7 @@ from fluid_npu.data.templates import (
     _tokenizer_adds_bos,
     rendered_ids,
 )
+from fluid_npu.model.merge import merge_adapter
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
 from fluid_npu.sampling.pretrained import FluidForCausalLM
 from fluid_npu.sampling.prompts import read_chat_template
@@ -238,12 +239,21 @@ def test_a_tokenizer_whose_own_template_drops_tools_is_served_otherwise():
     assert served_otherwise(template, tok) is None and trained_template(template, tok) is None
 
 
-def test_a_run_served_otherwise_saves_the_format_it_trained(tmp_path):
+def test_a_run_served_otherwise_saves_the_format_it_trained(tmp_path, caplog):
     """A base whose own chat template (plain ChatML) renders otherwise than the qwen template
     (its default system prompt): the run saves the qwen template's Jinja beside the adapter and
-    in its checkpoints, a file --chat-template reads; a base without a template gets none (the
-    template becomes its chat template)."""
-    _, out = _qwen_run(tmp_path)
+    in its checkpoints, a file --chat-template reads, which loading names and merging keeps; a base
+    without a template gets none (the template becomes its chat template)."""
+    base, out = _qwen_run(tmp_path)
     saved = out / TRAINED_TEMPLATE
     assert read_chat_template(str(saved)) == jinja(TEMPLATES["qwen"], False)
     assert (out / "checkpoint-1" / TRAINED_TEMPLATE).read_text() == saved.read_text()
+    # loading it without that template says so, with the file; merged, the model keeps it
+    caplog.set_level("WARNING", logger="fluid_npu.sampling.pretrained")
+    FluidForCausalLM.from_pretrained(base, adapter=out)
+    assert str(saved) in caplog.text and "--chat-template" in caplog.text
+    caplog.clear()
+    served = FluidForCausalLM.from_pretrained(base, adapter=out, chat_template=saved)
+    assert not caplog.records and served.tokenizer.chat_template == saved.read_text()
+    merged = merge_adapter(base, out, tmp_path / "merged")
+    assert (merged / TRAINED_TEMPLATE).read_text() == saved.read_text()

@@ -16,6 +16,7 @@ committed tokens, then ``end()``, as transformers' assisted decoding feeds it. D
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fluid_npu import device as devices
+from fluid_npu.data.template_export import TRAINED_TEMPLATE
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid
 from fluid_npu.model.khead import SAVED_SUBDIR, KHead, KHeadConfig, save_khead, saved_khead
@@ -47,6 +49,8 @@ from fluid_npu.sampling.hf_generate import (
 )
 from fluid_npu.sampling.inputs import as_count, parse_dtype
 from fluid_npu.sampling.stats import GenerateStats
+
+logger = logging.getLogger(__name__)
 
 
 class FluidForCausalLM(torch.nn.Module):
@@ -146,6 +150,14 @@ class FluidForCausalLM(torch.nn.Module):
             model = model.to(device)
         if template is not None:
             loaded.tokenizer.chat_template = template
+        trained = Path(adapter or model_dir) / TRAINED_TEMPLATE
+        if template is None and trained.is_file():  # (a named template its own renders otherwise)
+            logger.warning(
+                "%s was trained on another chat format than its tokenizer's own chat template "
+                "renders (the run saved it as %s): give chat_template (--chat-template) that file "
+                "to prompt it as it was trained",
+                adapter or model_dir, trained,
+            )  # fmt: skip
         fluid = cls(model, loaded.tokenizer, loaded.mask.id, head)
         fluid.khead_config = head_config
         meta = FluidModelMeta.load(adapter or model_dir)  # (the base: the one merged into)
