@@ -242,7 +242,8 @@ def test_a_tokenizer_whose_own_template_drops_tools_is_served_otherwise():
 def test_a_run_served_otherwise_saves_the_format_it_trained(tmp_path, caplog):
     """A base whose own chat template (plain ChatML) renders otherwise than the qwen template
     (its default system prompt): the run saves the qwen template's Jinja beside the adapter and
-    in its checkpoints, a file --chat-template reads, which loading names and merging keeps; a base
+    in its checkpoints, a file --chat-template reads, which loading names and merging (fluid merge,
+    save_pretrained) keeps; a base
     without a template gets none (the template becomes its chat template)."""
     base, out = _qwen_run(tmp_path)
     saved = out / TRAINED_TEMPLATE
@@ -257,3 +258,5 @@ def test_a_run_served_otherwise_saves_the_format_it_trained(tmp_path, caplog):
     assert not caplog.records and served.tokenizer.chat_template == saved.read_text()
     merged = merge_adapter(base, out, tmp_path / "merged")
     assert (merged / TRAINED_TEMPLATE).read_text() == saved.read_text()
+    again = served.save_pretrained(tmp_path / "saved")  # (the Python API's merged save too)
+    assert (again / TRAINED_TEMPLATE).read_text() == saved.read_text()

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fluid_npu import device as devices
 from fluid_npu.data.template_export import TRAINED_TEMPLATE
 from fluid_npu.errors import ConfigError
+from fluid_npu.io import write_text_atomic
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid
 from fluid_npu.model.khead import SAVED_SUBDIR, KHead, KHeadConfig, save_khead, saved_khead
 from fluid_npu.model.loading import fingerprint
@@ -84,6 +85,8 @@ class FluidForCausalLM(torch.nn.Module):
         # fluid_model.json and base path — what save_pretrained records; no second model ref)
         self.source: tuple[MaskToken, str, str | None, FluidModelMeta | None, str | None] | None
         self.source = None
+        # (from_pretrained: the checkpoint's trained_chat_template.jinja, which a save carries)
+        self.trained_template: str | None = None
         self.last_stats: GenerateStats | None = None
         self.last_output: GenerateOutput | None = None
         # the decode engine's measured step costs and acceptance, per policy: each generate call
@@ -160,6 +163,7 @@ class FluidForCausalLM(torch.nn.Module):
             )  # fmt: skip
         fluid = cls(model, loaded.tokenizer, loaded.mask.id, head)
         fluid.khead_config = head_config
+        fluid.trained_template = trained.read_text(encoding="utf-8") if trained.is_file() else None
         meta = FluidModelMeta.load(adapter or model_dir)  # (the base: the one merged into)
         base = str(model_dir) if adapter is not None or meta is None else meta.base_model
         fingerprints = (loaded.base_fingerprint, loaded.adapter_fingerprint)
@@ -176,7 +180,8 @@ class FluidForCausalLM(torch.nn.Module):
     ) -> Path:
         """Write the model whole into ``save_directory`` (new or empty): the decoder in the dtype
         it has now (safetensors shards of at most ``max_shard_size``), the tokenizer (MASK token
-        and chat template included), ``fluid_model.json`` and the K-head in ``khead/`` (a
+        and chat template included; the checkpoint's ``trained_chat_template.jinja`` beside it),
+        ``fluid_model.json`` and the K-head in ``khead/`` (a
         subfolder: runtimes that load every ``*.safetensors`` of a model directory, vLLM's among
         them, never read it), so that ``from_pretrained(save_directory)`` gives the same model
         (an adapter arrives merged; a K-head trained on base + adapter still loads) and
@@ -211,10 +216,14 @@ class FluidForCausalLM(torch.nn.Module):
                     "base or adapter); save through FluidForCausalLM.from_pretrained(base, "
                     "adapter, khead=DIR), which records what the weights were merged from"
                 )
-        head, head_config = self.khead, self.khead_config
-        extra = None
-        if head is not None:
-            extra = lambda d: save_khead(head, head_config, d / SAVED_SUBDIR)  # noqa: E731
+        head, head_config, trained = self.khead, self.khead_config, self.trained_template
+
+        def extra(staging: Path) -> None:
+            if head is not None:
+                save_khead(head, head_config, staging / SAVED_SUBDIR)
+            if trained is not None:  # (the format a named template trained: kept, as merge does)
+                write_text_atomic(staging / TRAINED_TEMPLATE, [trained])
+
         loaded = LoadedFluid(self.model, self.tokenizer, mask, fp, adapter_fp)
         return save_fluid(
             self.model, self.tokenizer, out, merged_meta(loaded, meta, base=base),
