@@ -37,9 +37,9 @@ IGNORE_INDEX = -100
 REPORTED_SKIPS = 5  # how many skipped rows the stats keep (dataset, index, "place: problem")
 HEAD_ROWS = 8  # the first rows that tell the format (sharegpt tags) and test the tokenizer
 # Part of the key of the tokenization cache of ``datasets``: it hashes the mapped function and its
-# arguments but not the code they call, so a change to this package's data code must change the key.
-# the tokenization cache is keyed on the source of every module of this package (one that
-# decides a token and is not listed would leave a stale cache after an upgrade)
+# arguments but not the code they call, so a change to this package's data code must change the
+# key: the source of every module of ``data/`` (a module left out that decides a token would leave
+# a stale cache after an upgrade)
 _CODE = sorted(p.name for p in Path(__file__).parent.glob("*.py"))
 _CODE_DIGEST = hashlib.sha256(
     b"".join((Path(__file__).parent / n).read_bytes() for n in _CODE)

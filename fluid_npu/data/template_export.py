@@ -228,22 +228,42 @@ def warn_if_served_differently(template: ChatTemplate, tokenizer: Any) -> bool:
 
 
 class TrainedTemplate:
-    """A named template's Jinja saved beside a checkpoint as ``TRAINED_TEMPLATE`` (a checkpoint
-    file: ``save(directory)``), for serving with ``--chat-template``."""
+    """A named template's Jinja, saved beside a checkpoint as ``TRAINED_TEMPLATE`` (a checkpoint
+    file: ``save(directory)``) for serving with ``--chat-template``; loading, ``fluid merge`` and
+    ``save_pretrained`` read it back (``read``) and carry it."""
 
-    def __init__(self, template: ChatTemplate, tokenizer: Any) -> None:
-        self.text = jinja(template, template.bos == "always" or adds_bos(tokenizer))
+    def __init__(self, text: str) -> None:
+        self.text = text
 
     def save(self, directory: str | Path) -> None:
         write_text_atomic(Path(directory) / TRAINED_TEMPLATE, [self.text])
 
+    @classmethod
+    def read(cls, directory: str | Path, warn: bool = False) -> TrainedTemplate | None:
+        """The file a checkpoint in ``directory`` holds (None: none); ``warn``: say so, as the
+        checkpoint is about to be prompted with its tokenizer's own chat template."""
+        path = Path(directory) / TRAINED_TEMPLATE
+        if not path.is_file():
+            return None
+        if warn:
+            logger.warning(
+                "%s was trained on another chat format than its tokenizer's own chat template "
+                "renders (the run saved it as %s): give chat_template (--chat-template) that file "
+                "to prompt it as it was trained",
+                directory, path,
+            )  # fmt: skip
+        return cls(path.read_text(encoding="utf-8"))
+
 
 def trained_template(template: Template, tokenizer: Any) -> TrainedTemplate | None:
-    """The file a run with ``template`` saves when the tokenizer's own chat template serves its
-    conversations otherwise (None: the same format, or not a named template)."""
+    """What a run with ``template`` saves where the tokenizer's own chat template serves its
+    conversations otherwise, which it warns of (``warn_if_served_differently``); None: the same
+    format, no template of its own (``fit_tokenizer`` gives it this one), or not a named one."""
     if not isinstance(template, ChatTemplate) or not getattr(tokenizer, "chat_template", None):
         return None
-    return TrainedTemplate(template, tokenizer) if served_otherwise(template, tokenizer) else None
+    if not warn_if_served_differently(template, tokenizer):
+        return None
+    return TrainedTemplate(jinja(template, template.bos == "always" or adds_bos(tokenizer)))
 
 
 def fit_tokenizer(template: Template, tokenizer: Any, model: Any) -> list[str]:
@@ -268,8 +288,6 @@ def fit_tokenizer(template: Template, tokenizer: Any, model: Any) -> list[str]:
     if isinstance(template, ChatTemplate) and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = jinja(template, template.bos == "always" or adds_bos(tokenizer))
         changes.append(f"chat template: the {template.name} template, saved with the tokenizer")
-    elif isinstance(template, ChatTemplate):
-        warn_if_served_differently(template, tokenizer)
     for line in changes:
         logger.info("template %s: %s", getattr(template, "name", "?"), line)
     return changes

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fluid_npu.data.template_export import TRAINED_TEMPLATE
+from fluid_npu.data.template_export import TrainedTemplate
 from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.io import publish_dir
 from fluid_npu.model.adapters import META_FILE, FluidModelMeta, LoadedFluid, load_fluid
@@ -43,19 +43,14 @@ def merge_adapter(
         base, adapter, allow_pickle=allow_pickle, merge=True, trust_remote_code=trust_remote_code
     )
     meta = FluidModelMeta.load(adapter)
-    trained = Path(adapter) / TRAINED_TEMPLATE  # (the format a named template trained: kept)
-
-    def carry(staging: Path) -> None:
-        if trained.is_file():
-            shutil.copyfile(trained, staging / TRAINED_TEMPLATE)
-
+    trained = TrainedTemplate.read(adapter)  # (the format a named template trained: kept)
     return save_fluid(
         loaded.model,
         loaded.tokenizer,
         out,
         merged_meta(loaded, meta, base=str(base)),
         max_shard_size=max_shard_size,
-        extra=carry,
+        extra=None if trained is None else trained.save,
     )
 
 

@@ -16,7 +16,6 @@ committed tokens, then ``end()``, as transformers' assisted decoding feeds it. D
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fluid_npu import device as devices
-from fluid_npu.data.template_export import TRAINED_TEMPLATE
+from fluid_npu.data.template_export import TrainedTemplate
 from fluid_npu.errors import ConfigError
-from fluid_npu.io import write_text_atomic
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid
 from fluid_npu.model.khead import SAVED_SUBDIR, KHead, KHeadConfig, save_khead, saved_khead
 from fluid_npu.model.loading import fingerprint
@@ -50,8 +48,6 @@ from fluid_npu.sampling.hf_generate import (
 )
 from fluid_npu.sampling.inputs import as_count, parse_dtype
 from fluid_npu.sampling.stats import GenerateStats
-
-logger = logging.getLogger(__name__)
 
 
 class FluidForCausalLM(torch.nn.Module):
@@ -86,7 +82,7 @@ class FluidForCausalLM(torch.nn.Module):
         self.source: tuple[MaskToken, str, str | None, FluidModelMeta | None, str | None] | None
         self.source = None
         # (from_pretrained: the checkpoint's trained_chat_template.jinja, which a save carries)
-        self.trained_template: str | None = None
+        self.trained_template: TrainedTemplate | None = None
         self.last_stats: GenerateStats | None = None
         self.last_output: GenerateOutput | None = None
         # the decode engine's measured step costs and acceptance, per policy: each generate call
@@ -153,17 +149,9 @@ class FluidForCausalLM(torch.nn.Module):
             model = model.to(device)
         if template is not None:
             loaded.tokenizer.chat_template = template
-        trained = Path(adapter or model_dir) / TRAINED_TEMPLATE
-        if template is None and trained.is_file():  # (a named template its own renders otherwise)
-            logger.warning(
-                "%s was trained on another chat format than its tokenizer's own chat template "
-                "renders (the run saved it as %s): give chat_template (--chat-template) that file "
-                "to prompt it as it was trained",
-                adapter or model_dir, trained,
-            )  # fmt: skip
         fluid = cls(model, loaded.tokenizer, loaded.mask.id, head)
         fluid.khead_config = head_config
-        fluid.trained_template = trained.read_text(encoding="utf-8") if trained.is_file() else None
+        fluid.trained_template = TrainedTemplate.read(adapter or model_dir, warn=template is None)
         meta = FluidModelMeta.load(adapter or model_dir)  # (the base: the one merged into)
         base = str(model_dir) if adapter is not None or meta is None else meta.base_model
         fingerprints = (loaded.base_fingerprint, loaded.adapter_fingerprint)
@@ -222,7 +210,7 @@ class FluidForCausalLM(torch.nn.Module):
             if head is not None:
                 save_khead(head, head_config, staging / SAVED_SUBDIR)
             if trained is not None:  # (the format a named template trained: kept, as merge does)
-                write_text_atomic(staging / TRAINED_TEMPLATE, [trained])
+                trained.save(staging)
 
         loaded = LoadedFluid(self.model, self.tokenizer, mask, fp, adapter_fp)
         return save_fluid(
