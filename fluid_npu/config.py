@@ -54,6 +54,8 @@ IGNORED_KEYS = {
     "upcast_layernorm": "norms follow the model dtype",
     "use_unsloth": "not used",
     "print_param_status": "trainable parameters are logged at start",
+    "preprocessing_batch_size": "rows are tokenized one at a time; the result is the same",
+    "data_shared_file_system": "every process reads the local files itself",
 }
 
 
@@ -107,6 +109,11 @@ class DataArgs:
         if self.val_size < 0:
             raise ConfigError(
                 f"val_size must be ≥ 0 (a fraction < 1 or a count), got {self.val_size}"
+            )
+        if self.mask_history and self.train_on_prompt:  # (LLaMA-Factory refuses it too)
+            raise ConfigError(
+                "mask_history (loss on the last response only) and train_on_prompt (loss on the "
+                "prompts too) contradict each other; set one of them"
             )
         if self.val_size and self.eval_dataset:
             raise ConfigError(
@@ -333,8 +340,10 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
             per_group[group][key] = coerce(key, value, hints[group][key])
         elif key in IGNORED_KEYS:
             logger.warning("config key %r is ignored: %s", key, IGNORED_KEYS[key])
-        elif refusal(key) is not None:  # (a feature of LLaMA-Factory's this project lacks)
-            raise ConfigError(str(refusal(key)))
+        elif refusal(key, value) is not None:  # (a feature of LLaMA-Factory's this lacks)
+            raise ConfigError(str(refusal(key, value)))
+        elif refusal(key) is not None:  # (the same feature, asked to stay off: it is)
+            logger.info("config key %r: %r asks for nothing fluid-npu does not do", key, value)
         else:
             if hf_fields is None:  # transformers' TrainingArguments: seconds to import
                 hf_fields = _training_argument_fields()

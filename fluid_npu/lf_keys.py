@@ -5,8 +5,10 @@ stages, multimodal inputs, other optimizers and adapter variants, inference and 
 Such a key is refused by name — "LLaMA-Factory's X: <why>; remove it" — rather than read as a typo
 of some unrelated key; keys that do mean something here are ``config.py``'s own (or the Trainer's)
 and keys that change nothing are warned about there (``IGNORED_KEYS``). ``lf_spellings`` reads
-LLaMA-Factory's other ways of saying what a key here says. The names are those of
-LLaMA-Factory's ``hparams`` dataclasses (model, data, finetuning and training arguments).
+LLaMA-Factory's other ways of saying what a key here says. A refused key whose value asks for
+nothing (null, false, or LLaMA-Factory's default where fluid-npu does just that) is accepted. The
+names are those of LLaMA-Factory's ``hparams`` dataclasses (model, data, finetuning and training
+arguments).
 """
 
 from __future__ import annotations
@@ -76,7 +78,6 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     ),
     DATA_MIX: (
         "streaming", "buffer_size", "mix_strategy", "interleave_probs", "eval_on_each_dataset",
-        "data_shared_file_system", "preprocessing_batch_size",
     ),
     TOKENS: (
         "resize_vocab", "split_special_tokens", "add_tokens", "add_special_tokens",
@@ -134,20 +135,36 @@ LOSS_ONLY: dict[str, tuple[object, str]] = {
 }  # fmt: skip
 
 
-def refusal(key: str) -> str | None:
-    """The error for LLaMA-Factory's ``key`` if fluid-npu does not take it, else None."""
+# LLaMA-Factory's defaults of refused keys that are neither null nor false: what fluid-npu does
+NEUTRAL: dict[str, object] = {"mix_strategy": "concat", "buffer_size": 16384}
+
+
+def refusal(key: str, value: Any = True) -> str | None:
+    """The error for LLaMA-Factory's ``key`` set to ``value`` if fluid-npu does not take it,
+    else None — also for a value that asks for nothing (null, false, or LLaMA-Factory's default
+    where that is what fluid-npu does: ``mix_strategy: concat``), which ``config.py`` accepts."""
     why = UNSUPPORTED.get(key)
-    if why is None:
+    if why is None or neutral(key, value):
         return None
     return f"{key!r} is LLaMA-Factory's, not fluid-npu's: {why}; remove it from the recipe"
 
 
+def neutral(key: str, value: Any) -> bool:
+    """Whether LLaMA-Factory's ``key`` at ``value`` asks for nothing fluid-npu does not do."""
+    return value is None or value is False or (key in NEUTRAL and value == NEUTRAL[key])
+
+
 def lf_spellings(values: dict[str, Any]) -> dict[str, Any]:
-    """LLaMA-Factory's ways of saying what a key here says: ``disable_gradient_checkpointing``
+    """LLaMA-Factory's ways of saying what a key here says: ``dataset`` / ``eval_dataset`` as a
+    list of names, ``disable_gradient_checkpointing``
     (the negation of ``gradient_checkpointing``), ``quantization_method: bnb`` (the only one
     here), ``*_strategy: no`` read by YAML 1.1 as false; and the Trainer keys whose effect FLUID's
     own losses would drop (``lf_keys.LOSS_ONLY``), refused unless neutral."""
     out = dict(values)
+    for key in ("dataset", "eval_dataset"):  # (a YAML list, as LLaMA-Factory's split_arg takes)
+        names = out.get(key)
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            out[key] = ",".join(names)
     if "disable_gradient_checkpointing" in out:
         off = out.pop("disable_gradient_checkpointing")
         if not isinstance(off, bool):

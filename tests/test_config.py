@@ -243,3 +243,31 @@ def test_llama_factory_spellings_read_as_ours(tmp_path):
     with pytest.raises(ConfigError, match="use_liger_kernel"):
         build_config({**base, "use_liger_kernel": True})
     assert build_config({**base, "label_smoothing_factor": None})  # (null: left out)
+
+
+def test_llama_factory_keys_that_ask_for_nothing_are_accepted():
+    """A LLaMA-Factory recipe carries its data keys at their defaults (``mix_strategy: concat``,
+    ``streaming: false``, nulls): they ask for what fluid-npu does, so they pass; a value that
+    asks for the feature is still refused; ``dataset`` may be a YAML list, as LLaMA-Factory's."""
+    base = {"stage": "fluid_stage1"}
+    neutral = {
+        "mix_strategy": "concat", "streaming": False, "interleave_probs": None,
+        "eval_on_each_dataset": False, "tool_format": None, "default_system": None,
+        "use_dora": False, "buffer_size": 16384, "preprocessing_batch_size": 500,
+        "data_shared_file_system": True,
+    }  # fmt: skip
+    cfg = build_config({**base, **neutral})
+    assert not set(neutral) & set(cfg.extra_training_args)
+    for key, value in [("streaming", True), ("default_system", "Be brief."), ("buffer_size", 8)]:
+        with pytest.raises(ConfigError, match=f"'{key}' is LLaMA-Factory's"):
+            build_config({**base, key: value})
+    cfg = build_config({**base, "dataset": ["a", "b"], "eval_dataset": ["c"]})
+    assert (cfg.data.dataset, cfg.data.eval_dataset) == ("a,b", "c")
+    with pytest.raises(ConfigError, match="dataset"):
+        build_config({**base, "dataset": ["a", 3]})
+
+
+def test_mask_history_with_train_on_prompt_is_refused():
+    """LLaMA-Factory refuses the pair too: one masks the history, the other trains it."""
+    with pytest.raises(ConfigError, match=r"mask_history .* train_on_prompt .* contradict"):
+        build_config({"stage": "fluid_stage1", "mask_history": True, "train_on_prompt": True})

@@ -269,7 +269,8 @@ def test_empty_system_is_unset(tmp_path, tok):
     ]
     write_jsonl(tmp_path / "a.jsonl", alpaca)
     write_jsonl(tmp_path / "s.jsonl", sharegpt)
-    write_info(tmp_path, {"a": {"file_name": "a.jsonl", "columns": {"system": "system"}}})
+    columns = {"prompt": "instruction", "response": "output", "system": "system"}
+    write_info(tmp_path, {"a": {"file_name": "a.jsonl", "columns": columns}})
     data = build_sft_dataset(make_args(tmp_path, "a, s.jsonl"), tok)
     expected = QWEN_SYSTEM + "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nR<|im_end|>"
     assert [split_text(tok, ex)[0] for ex in data.train] == [expected] * 5
@@ -485,7 +486,8 @@ def test_unknown_dataset_and_missing_column(tmp_path, tok):
     with pytest.raises(DataError) as err:
         build_sft_dataset(make_args(tmp_path, "alpaca_dem"), tok)
     assert "did you mean 'alpaca_demo'" in str(err.value) and "other" in str(err.value)
-    write_info(tmp_path, {"cols": {"file_name": "a.jsonl", "columns": {"response": "answer"}}})
+    columns = {"prompt": "instruction", "response": "answer"}
+    write_info(tmp_path, {"cols": {"file_name": "a.jsonl", "columns": columns}})
     with pytest.raises(DataError, match="no column 'answer'"):
         build_sft_dataset(make_args(tmp_path, "cols"), tok)
     write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
@@ -542,7 +544,8 @@ def test_alpaca_tools_and_unsupported_columns_by_path(tmp_path, tok):
     a file given by path with an ``images`` column is refused, not trained without its images."""
     tools = [{"name": "add", "parameters": {}}]
     write_jsonl(tmp_path / "a.jsonl", [{"instruction": "1+2?", "output": "3", "tools": tools}])
-    write_info(tmp_path, {"a": {"file_name": "a.jsonl", "columns": {"tools": "tools"}}})
+    columns = {"prompt": "instruction", "response": "output", "tools": "tools"}
+    write_info(tmp_path, {"a": {"file_name": "a.jsonl", "columns": columns}})
     qwen = build_sft_dataset(make_args(tmp_path, "a"), tok).train[0]
     write_info(tmp_path, {"a": {"file_name": "a.jsonl"}})
     plain = build_sft_dataset(make_args(tmp_path, "a"), tok).train[0]

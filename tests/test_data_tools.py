@@ -48,8 +48,9 @@ TOOLS = [{"name": "add", "description": "Adds", "parameters": {"type": "object"}
 CALL = {"name": "add", "arguments": {"a": 1, "b": 2}}
 
 
-def sharegpt_row(call: object = CALL, result: str = "3") -> dict:
-    """A LLaMA-Factory sharegpt row with a tool call, its result and the answer."""
+def sharegpt_row(call: object = CALL, result: str = "3", tools: bool = True) -> dict:
+    """A LLaMA-Factory sharegpt row with a tool call, its result and the answer (and the tools
+    offered, unless ``tools`` is false: for templates that write none)."""
     return {
         "conversations": [
             {"from": "human", "value": "1+2?"},
@@ -57,7 +58,7 @@ def sharegpt_row(call: object = CALL, result: str = "3") -> dict:
             {"from": "observation", "value": result},
             {"from": "gpt", "value": "It is 3."},
         ],
-        "tools": json.dumps(TOOLS),
+        "tools": json.dumps(TOOLS) if tools else None,
     }
 
 
@@ -176,11 +177,11 @@ def test_a_template_refusing_a_conversation_names_the_row(tmp_path):
     """A template's own refusal (Llama 3.1: one call per turn) is the row's error, not a crash in
     tokenization; the rows it renders train."""
     tok = build_tiny_tokenizer()
-    tok.chat_template = ONE_CALL
-    two = sharegpt_row([CALL, CALL])
+    tok.chat_template = ONE_CALL  # (it writes no tools: rows without them)
+    one, two = sharegpt_row(tools=False), sharegpt_row([CALL, CALL], tools=False)
     with pytest.raises(DataError, match="refused this conversation: This model only supports"):
-        trained(tmp_path, tok, [sharegpt_row(), two])
-    data = trained(tmp_path, tok, [sharegpt_row(), two], skip_bad_rows=True)
+        trained(tmp_path, tok, [one, two])
+    data = trained(tmp_path, tok, [one, two], skip_bad_rows=True)
     assert len(data.train) == 1
     assert responses(tok, data.train[0])[0] == '{"name": "add", "arguments": {"a": 1, "b": 2}}</s>'
 
@@ -188,8 +189,8 @@ def test_a_template_refusing_a_conversation_names_the_row(tmp_path):
 def test_a_template_that_does_not_write_calls_trains_their_json(tmp_path):
     """A template that renders an assistant turn without its ``tool_calls`` (plain ChatML,
     Qwen2's) would train the call as an empty answer: the call's JSON is its text instead."""
-    tok = build_tiny_tokenizer()  # (ChatML: content only)
-    example = trained(tmp_path, tok, [sharegpt_row()]).train[0]
+    tok = build_tiny_tokenizer()  # (ChatML: content only, no tools)
+    example = trained(tmp_path, tok, [sharegpt_row(tools=False)]).train[0]
     assert responses(tok, example) == [json.dumps(CALL) + "<|im_end|>", "It is 3.<|im_end|>"]
 
 

@@ -63,11 +63,12 @@ class TokenizerChatTemplate:
         self.add_bos = _tokenizer_adds_bos(tokenizer)
         self.template_kwargs = dict(template_kwargs or {})  # the template's variables
         self._calls_written: bool | None = None  # whether it writes tool_calls (_writes_calls)
+        self._rendered: dict[str, bool] = {}  # what of a conversation it writes (_check_rendered)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Without what it learned while encoding (``_calls_written``): the ``datasets`` cache
-        keys on the pickled template, which must not change during a run."""
-        return {**self.__dict__, "_calls_written": None}
+        """Without what it learned while encoding (``_calls_written``, ``_rendered``): the
+        ``datasets`` cache keys on the pickled template, which must not change during a run."""
+        return {**self.__dict__, "_calls_written": None, "_rendered": {}}
 
     def _bos(self, tokenizer: Any, text: str) -> list[int]:
         if self.add_bos and not text.startswith(tokenizer.bos_token):
@@ -93,7 +94,42 @@ class TokenizerChatTemplate:
             tokenizer, messages, tools
         ):  # the calls as text, as the template would otherwise drop them
             messages, places = hf_messages(conversation, structured=False)
+        self._check_rendered(tokenizer, messages, tools)
         return messages, places, tools
+
+    def _check_rendered(self, tokenizer: Any, messages: list[dict], tools: Any) -> None:
+        """Refuse a conversation whose tools or tool results the template leaves out (Qwen2's
+        plain ChatML writes no tools; a template of user and assistant turns only writes no tool
+        messages): trained on it, the model learns calls and answers whose grounds it never saw.
+        A system prompt it leaves out is named in a warning: the server leaves it out too, so the
+        examples stay as served. Each asked once, of the first conversation that has it."""
+        probes: dict[str, tuple[list[dict], Any]] = {}
+        if tools:
+            probes["the tools"] = (messages, None)
+        for kind, role in (("the tool results", "tool"), ("the system prompt", "system")):
+            if any(m["role"] == role for m in messages):
+                other = [{**m, "content": _other(m["content"])} if m["role"] == role else m
+                         for m in messages]  # fmt: skip
+                probes[kind] = (other, tools)
+        for kind, (other, other_tools) in probes.items():
+            if kind not in self._rendered:
+                ids = self._ids(tokenizer, messages, tools, generation=False)
+                self._rendered[kind] = ids != self._ids(tokenizer, other, other_tools, False)
+                if not self._rendered[kind] and kind == "the system prompt":
+                    logger.warning(
+                        "the tokenizer's chat template does not write a system message: the rows' "
+                        "system prompts are left out of training (as the server leaves them out "
+                        "of prompts); set `template:` to one of %s to train with them",
+                        sorted(TEMPLATES),
+                    )
+            if not self._rendered[kind] and kind != "the system prompt":
+                raise ConfigError(
+                    f"the tokenizer's chat template does not write {kind} (a conversation "
+                    "renders the same without them), so the model would learn calls and answers "
+                    "whose grounds it never sees; set `template:` to one of "
+                    f"{sorted(TEMPLATES)} (they write tools and results), or train on data "
+                    "without them"
+                )
 
     def encode(self, tokenizer: Any, conversation: Conversation) -> Encoded:
         messages, places, tools = self._prepared(tokenizer, conversation)
@@ -238,6 +274,11 @@ class TokenizerChatTemplate:
         """The ids of a conversation ending with a user turn, with the generation prompt."""
         messages, _, tools = self._prepared(tokenizer, conversation)
         return self._ids(tokenizer, messages, tools, generation=True)
+
+
+def _other(content: Any) -> str:
+    """A content other than ``content``, to see whether the template writes it."""
+    return "1" if content == "0" else "0"
 
 
 _STAND_INS = ("", "a", "0")  # contents a turn is rendered with to find where its own starts

@@ -45,7 +45,12 @@ def _data_files(spec: DatasetSpec) -> tuple[str, list[Path]]:
         if not files:
             raise DataError(f"{where}: directory {path} has no {'/'.join(SUFFIX_BUILDERS)} files")
     elif path.suffix not in SUFFIX_BUILDERS:
-        raise DataError(f"{where}: {path} is not a {'/'.join(SUFFIX_BUILDERS)} file")
+        raise DataError(
+            f"{where}: {path} is not a {'/'.join(SUFFIX_BUILDERS)} file (csv, arrow and text files "
+            'are not read here); convert it to JSON lines, e.g. for a csv: python -c "import '
+            "pandas as p, sys; p.read_csv(sys.argv[1]).to_json(sys.argv[2], orient='records', "
+            f'lines=True, force_ascii=False)" {path.name} {path.stem}.jsonl'
+        )
     else:
         files = [path]
     builders = {SUFFIX_BUILDERS[p.suffix] for p in files}

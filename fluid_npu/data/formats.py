@@ -3,8 +3,10 @@
 A ``dataset:`` entry is either a name described in ``<dataset_dir>/dataset_info.json``
 (``file_name``, ``formatting`` alpaca | sharegpt | openai — sharegpt rows whose tool calls come as
 OpenAI's ``tool_calls`` and ``tool`` messages —, ``columns``, ``tags``, ``num_samples``, with
-LLaMA-Factory's key names and defaults; its hub keys ``split``, ``subset``, ``folder`` are refused,
-the files being local) or a path to a file or directory whose format is inferred from its columns.
+LLaMA-Factory's key names and defaults — an alpaca ``columns`` mapping reads only the columns it
+names, as LLaMA-Factory's does —; its hub keys ``split``, ``subset``, ``folder`` are refused,
+the files being local) or a path to a file or directory whose format is inferred from its columns
+(messages with ``role`` / ``content`` are read as ``openai``).
 This module turns those into ``DatasetSpec`` objects and converts one row of either format into a
 ``Conversation``, raising ``RowError`` with the problem when the row is bad (missing column, wrong
 type, empty response, roles that do not alternate). An empty system counts as unset (the
@@ -146,9 +148,28 @@ def _spec_from_info(name: str, entry: Any, dataset_dir: Path) -> DatasetSpec:
     bad = [k for k in columns if k not in defaults]
     if bad:
         why = "is not supported" if bad[0] in UNSUPPORTED_COLUMNS else "is not a column role"
+        hint = ""
+        if formatting == "alpaca" and bad[0] in SHAREGPT_COLUMNS:
+            hint = ' (formatting defaults to alpaca: add "formatting": "sharegpt" for messages)'
         raise DataError(
-            f"{where}: columns.{bad[0]} {why} for {formatting} SFT data; valid: {sorted(defaults)}"
+            f"{where}: columns.{bad[0]} {why} for {formatting} SFT data{hint}; valid: "
+            f"{sorted(defaults)}"
         )
+    if "columns" in entry and formatting == "alpaca":
+        # LLaMA-Factory reads only the alpaca columns a mapping names (parser.py: every role it
+        # leaves out is None), so {"prompt": "input", ...} does not read "input" twice
+        defaults = {role: None for role in defaults}
+        if not columns.get("response"):
+            raise DataError(
+                f"{where}: `columns` names no response column, and with a mapping only the "
+                'columns it names are read (as in LLaMA-Factory); add e.g. "response": "output"'
+            )
+        if not columns.get("prompt") and not columns.get("query"):
+            raise DataError(
+                f"{where}: `columns` names no prompt (or query) column, and with a mapping only "
+                'the columns it names are read (as in LLaMA-Factory); add e.g. "prompt": '
+                '"instruction"'
+            )
     tags = entry.get("tags")
     if tags is not None:
         bad = [k for k in tags if k not in SHAREGPT_TAGS]
@@ -273,7 +294,11 @@ def finalize_spec(
         columns[role] = None  # an optional default column that this dataset does not have
     spec = replace(spec, columns=columns)
     if spec.formatting != "alpaca" and spec.tags is None:
-        spec = replace(spec, tags=_infer_tags([row.get(columns["messages"]) for row in head]))
+        tags = _infer_tags([row.get(columns["messages"]) for row in head])
+        # OpenAI's messages are read as `formatting: openai` reads them (their tool_calls and
+        # tool results too): rows without calls come out the same as sharegpt's
+        formatting = "openai" if tags is OPENAI_TAGS else spec.formatting
+        spec = replace(spec, tags=tags, formatting=formatting)
     return spec
 
 
@@ -293,8 +318,7 @@ def _alpaca(row: Mapping[str, Any], cols: Mapping[str, str | None]) -> Conversat
         value = row.get(column) if column else None
         return _text(value, f"column {column!r}", required)
 
-    prompt = get("prompt", required=True)
-    query = get("query")
+    prompt, query = get("prompt"), get("query")  # (either may be empty, as in LLaMA-Factory)
     response = get("response", required=True)
     messages: list[tuple[str, str]] = []
     history = row.get(cols["history"]) if cols["history"] else None
@@ -338,6 +362,11 @@ def _sharegpt(
         tags["assistant_tag"]: ASSISTANT,
         tags["function_tag"]: FUNCTION,
     }
+    if not openai and any(m.get("tool_calls") for m in messages):
+        raise RowError(
+            "a message has OpenAI's tool_calls, which sharegpt formatting does not read (the "
+            'calls would be lost); set "formatting": "openai" in the dataset_info.json entry'
+        )
     prompt_tags = [t for t, r in roles.items() if r in PROMPT_ROLES]
     response_tags = [t for t, r in roles.items() if r in RESPONSE_ROLES]
     out: list[tuple[str, str]] = []
