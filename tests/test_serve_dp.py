@@ -342,7 +342,8 @@ def test_a_rank_that_fails():
         # connection goes first)
         assert results["whole"].status_code in (500, 502)
         assert results["whole"].json()["error"]["type"] == "server_error"
-        last = json.loads(results["stream"][-1].removeprefix("data: "))
+        assert results["stream"][-1] == "data: [DONE]"  # (after the error, as vLLM ends it)
+        last = json.loads(results["stream"][-2].removeprefix("data: "))
         assert "engine rank 1 failed while answering" in last["error"]["message"]
         assert len(scheds[0].requests) == 1  # neither was sent again
 

@@ -208,6 +208,27 @@ def test_engine_failure_is_500_and_unhealthy():
             client(url).completions.create(model="tiny", prompt="a", max_tokens=2)
 
 
+def test_a_stream_whose_engine_fails_ends_with_the_error_then_done():
+    """The engine fails mid-stream: an OpenAI-style error event, then ``[DONE]`` (as vLLM ends
+    such a stream), so a client reading to ``[DONE]`` is not left waiting."""
+    sched = ScriptedScheduler(max_batch=2, step_s=0.01)
+    with serving(sched) as (url, _, _):
+        lines: list[str] = []
+        body = {"prompt": "x", "max_tokens": 300, "ignore_eos": True, "stream": True}
+
+        def read() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                lines.extend(line for line in r.iter_lines() if line)
+
+        t = threading.Thread(target=read)
+        t.start()
+        _until(lambda: len(lines) > 2, "the stream under way")
+        sched.fail = True
+        t.join(60)
+        assert lines[-1] == "data: [DONE]"
+        assert "device lost" in json.loads(lines[-2].removeprefix("data: "))["error"]["message"]
+
+
 def test_gauges_fall_to_zero_when_the_engine_fails():
     sched = ScriptedScheduler(max_batch=2, step_s=0.01)
     with serving(sched) as (url, _, _):

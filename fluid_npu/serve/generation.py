@@ -347,8 +347,9 @@ async def events(
         open_ = len(gens)
         while open_:
             n, item = await out.get()
-            if isinstance(item, APIError):
+            if isinstance(item, APIError):  # (then [DONE], as vLLM ends such a stream)
                 yield f"data: {json.dumps(item.body())}\n\n"
+                yield DONE
                 return
             if item is not None:
                 yield item

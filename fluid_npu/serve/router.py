@@ -289,7 +289,7 @@ def create_front(front: Front) -> FastAPI:
             async for chunk in resp.aiter_raw():
                 yield chunk
         except httpx.TransportError as exc:  # the rank died mid-stream: say so, then end
-            yield f"\n\ndata: {json.dumps(_failed(rank, exc).body())}\n\n".encode()
+            yield f"\n\ndata: {json.dumps(_failed(rank, exc).body())}\n\ndata: [DONE]\n\n".encode()
         finally:  # (a client that left: the rank sees its stream close, and aborts)
             await resp.aclose()
 
