@@ -148,7 +148,7 @@ def test_chat_renders_as_the_server_and_refusals_name_the_problem(llm):
     with pytest.raises(ConfigError, match="2 sampling_params for 1 prompts"):
         llm.generate("abc", [SamplingParams(), SamplingParams()], use_tqdm=False)
     with pytest.raises(ConfigError, match="bad_words\\[0\\] is empty"):
-        llm.generate("abc", SamplingParams(bad_words=[" "]), use_tqdm=False)
+        SamplingParams(bad_words=[" "])  # (when built, as vLLM checks it)
     for bad in (dict(n=0), dict(max_tokens=0), dict(truncate_prompt_tokens=0), dict(stop=[""])):
         with pytest.raises(ConfigError):
             SamplingParams(**bad)
@@ -185,7 +185,7 @@ def test_vllm_scripts_numbers_and_bad_inputs(llm, monkeypatch):
     ok = SamplingParams(temperature=1, top_p=1, min_p=np.float32(0.0), seed=2.0, max_tokens=4.0)
     assert (type(ok.temperature), type(ok.max_tokens), ok.seed) == (float, int, 2)
     assert len(llm.generate("abc", ok, use_tqdm=False)[0].outputs[0].token_ids) == 4
-    for bad in (dict(logprobs=True), dict(max_tokens=2.5), dict(temperature="0"),
+    for bad in (dict(logprobs=-2), dict(max_tokens=2.5), dict(temperature="0"),
                 dict(allowed_token_ids=[])):  # fmt: skip
         with pytest.raises(ConfigError):
             SamplingParams(**bad)

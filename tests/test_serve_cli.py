@@ -415,6 +415,31 @@ def test_vllms_flag_names_and_generation_config(tmp_path):
     )
 
 
+def test_override_generation_config_sets_the_served_defaults(model_dir, capsys):  # noqa: F811
+    """vLLM's ``--override-generation-config``: the defaults a request that leaves a setting
+    out gets, set over ``--generation-config``'s (``/health``'s ``info.default_sampling``); a
+    setting the server does not read as a default, or a value that is no number, is refused."""
+    from fluid_npu.serve.dp import rank_args
+    from fluid_npu.serve.protocol import SamplingDefaults
+    from fluid_npu.serve.server import ServeSettings, load_engine
+
+    over = '{"temperature": 0.4, "top_k": 3}'
+    settings = ServeSettings(model=model_dir, max_batch=1, override_generation_config=over)
+    settings.check()
+    _, _, config = load_engine(settings)
+    assert config.defaults == SamplingDefaults(temperature=0.4, top_k=3)
+    assert config.info["default_sampling"]["temperature"] == 0.4
+    flags = rank_args(settings, None)  # (the ranks of a data-parallel server get it too)
+    assert flags[flags.index("--override-generation-config") + 1] == over
+    flag = ["serve", "--model", "m", "--override-generation-config"]
+    assert "'max_new_tokens' is not a setting it overrides" in _error(
+        capsys, [*flag, '{"max_new_tokens": 5}']
+    )
+    assert "--override-generation-config: top_p takes a number" in _error(
+        capsys, [*flag, '{"top_p": "x"}']
+    )
+
+
 def test_the_request_log_has_a_line_per_request(caplog):
     """``--enable-log-requests``: a line per request that ends (id, route, finish reason, token
     counts, TPF, times; never the text) and per refused request (status, field)."""

@@ -525,6 +525,8 @@ def test_n_completions_per_prompt_in_vllms_order_with_seeds_that_reproduce():
         top = (1 << 63) - 1
         c.completions.create(model="tiny", prompt="x", n=2, max_tokens=2, seed=top)
         assert [r.sampling.seed for r in sched.requests[-2:]] == [top, -(1 << 63)]  # wraps
+        c.completions.create(model="tiny", prompt="x", max_tokens=2, seed=-1, temperature=1)
+        assert sched.requests[-1].sampling.seed is None  # vLLM's -1: no seed (the engine draws)
         chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                          n=3, max_tokens=5)  # fmt: skip
         assert [ch.index for ch in chat.choices] == [0, 1, 2]

@@ -3,14 +3,20 @@
 
 OpenAI's defaults (temperature 1, top_p 1, no top-k / min-p, no repetition penalty), or the
 model's ``generation_config`` where it sets one, as vLLM's ``--generation-config auto`` (its
-default) reads it. ``serve/protocol.py`` leaves a setting the request did not give as None;
-``fill`` puts the default there.
+default) reads it, with vLLM's ``override_generation_config`` (``--override-generation-config``)
+set over it. ``serve/protocol.py`` leaves a setting the request did not give as None; ``fill``
+puts the default there.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+# the generation-config settings vLLM reads as request defaults (max_new_tokens: max_tokens)
+OVERRIDABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -26,11 +32,14 @@ class SamplingDefaults:
     repetition_penalty: float = 1.0
 
     @classmethod
-    def of(cls, generation_config: Any) -> SamplingDefaults:
-        """The defaults a model's ``GenerationConfig`` (or None) sets; the rest stay OpenAI's."""
+    def of(
+        cls, generation_config: Any, override: Mapping[str, Any] | None = None
+    ) -> SamplingDefaults:
+        """The defaults a model's ``GenerationConfig`` (or None) sets, ``override``'s settings
+        (``check_override``) over it; the rest stay OpenAI's."""
         given = {}
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            value = getattr(generation_config, name, None)
+            value = setting(generation_config, override, name)
             if value is not None:
                 given[name] = type(getattr(cls, name))(value)  # (the field's type: int or float)
         return cls(**given)
@@ -60,7 +69,42 @@ def generation_config_of(given: str, model: Any, name: str = "--generation-confi
         raise ConfigError(f"{name} {given!r}: cannot read it ({exc})") from None
 
 
-def generation_defaults(given: str, model: Any) -> SamplingDefaults:
+def generation_defaults(
+    given: str, model: Any, override: Mapping[str, Any] | None = None
+) -> SamplingDefaults:
     """The decoding settings a request that leaves them out gets, as vLLM's
-    ``--generation-config`` chooses them (``generation_config_of``)."""
-    return SamplingDefaults.of(generation_config_of(given, model))
+    ``--generation-config`` chooses them (``generation_config_of``) and
+    ``--override-generation-config`` overrides them."""
+    return SamplingDefaults.of(generation_config_of(given, model), override)
+
+
+def setting(generation_config: Any, override: Mapping[str, Any] | None, name: str) -> Any:
+    """``name``'s value: ``override``'s where it sets it, else the config's (None: unset)."""
+    if override and override.get(name) is not None:
+        return override[name]
+    return getattr(generation_config, name, None)
+
+
+def check_override(given: Any, name: str, keys: tuple[str, ...] = OVERRIDABLE) -> dict[str, Any]:
+    """vLLM's ``override_generation_config`` (a dict, or its JSON text), checked: only the
+    settings read as defaults (``keys``), each a finite number; an error names ``name``."""
+    import json
+
+    from fluid_npu.errors import ConfigError
+
+    if isinstance(given, str):
+        try:
+            given = json.loads(given)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: not JSON ({exc})") from None
+    if not isinstance(given, Mapping):
+        raise ConfigError(f'{name} takes a JSON object such as {{"temperature": 0.6}}')
+    for key, value in given.items():
+        if key not in keys:
+            raise ConfigError(f"{name}: {key!r} is not a setting it overrides; give some of {keys}")
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value)):
+            raise ConfigError(f"{name}: {key} takes a number, got {value!r}")
+        if key in ("top_k", "max_new_tokens") and value is not None and value != int(value):
+            raise ConfigError(f"{name}: {key} takes a whole number, got {value!r}")
+    return dict(given)

@@ -30,7 +30,13 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+}  # fmt: skip (vLLM's names: float, half)
 
 
 def parse_dtype(name: str | torch.dtype | None, flag: str = "--dtype") -> torch.dtype | None:

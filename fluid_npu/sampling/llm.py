@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from fluid_npu.data.tooluse import check_tools
-from fluid_npu.errors import ConfigError
+from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.sampling.detok import Detokenizer, end_tokens
 from fluid_npu.sampling.generation_defaults import generation_config_of
 from fluid_npu.sampling.inputs import special_ends, text_specials, truncated_prompt
@@ -58,7 +58,9 @@ from fluid_npu.sampling.llm_compat import (
     TextPrompt,
     TokensPrompt,
     VLLMOtherTasks,
+    by_prompt,
     check_logprobs_cap,
+    check_sizes,
     check_text_chat,
     check_vllm_keywords,
     default_params,
@@ -134,7 +136,9 @@ class LLM(VLLMOtherTasks):
         from fluid_npu.sampling.pretrained import FluidForCausalLM
         from fluid_npu.sampling.scheduler import Scheduler
 
-        choice = check_vllm_keywords(vllm_keywords, model, adapter)
+        read = check_vllm_keywords(vllm_keywords, model, adapter)
+        choice, self._override = read["generation_config"], read["override_generation_config"]
+        check_sizes(max_num_seqs, max_model_len)
         folder = None  # (a folder's generation_config.json: read now, before the model loads)
         if choice not in ("auto", "vllm"):
             folder = generation_config_of(choice, None, "generation_config")
@@ -153,6 +157,7 @@ class LLM(VLLMOtherTasks):
             model, adapter, khead, dtype=dtype, mask_token=mask_token, device=device,
             chat_template=chat_template, trust_remote_code=trust_remote_code,
         )  # fmt: skip
+        check_sizes(max_num_seqs, max_model_len, self.fluid.model)
         self.tokenizer = self.fluid.tokenizer
         self.eos_ids = serving_eos(self.fluid.model, self.tokenizer)  # as fluid serve ends
         self.engine = Scheduler(
@@ -164,7 +169,7 @@ class LLM(VLLMOtherTasks):
             logprobs_mode=logprobs_mode, scheduling_policy=scheduling_policy,
             **switches,
         )  # fmt: skip
-        self._model_name = str(model)  # (the metrics' model_name label, as vLLM's)
+        self._model_name = read["served_model_name"] or str(model)  # (the metrics' label)
         self._generation_config = (
             folder if folder is not None else generation_config_of(choice, self.fluid.model)
         )
@@ -184,7 +189,7 @@ class LLM(VLLMOtherTasks):
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate`` uses without ``sampling_params``: what ``LLM(generation_config=)``'s
         config (the model's by default) sets, else vLLM's defaults."""
-        return SamplingParams(**default_params(self._generation_config))
+        return SamplingParams(**default_params(self._generation_config, self._override))
 
     def generate(
         self,
@@ -355,6 +360,8 @@ class LLM(VLLMOtherTasks):
         bar = progress_bar(use_tqdm, [plan[3].n for plan in plans])
         try:
             done = run_requests(self.engine, requests, finished=bar and bar.tick)
+        except (ConfigError, DataError) as exc:  # (a request refused: named as the prompt given)
+            raise type(exc)(by_prompt(str(exc), [plan[0] for plan in plans])) from None
         finally:
             if bar is not None:
                 bar.close()

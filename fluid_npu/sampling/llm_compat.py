@@ -13,8 +13,9 @@ answer for every argument it passes rather than a bare ``TypeError``.
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypedDict
 
@@ -82,7 +83,15 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "worker_cls": (_is("auto", None), "one process decodes"),
     "worker_extension_cls": (_is("", None), "one process decodes"),
     "guided_decoding_backend": (_is("auto", "xgrammar", None), "structured outputs use xgrammar"),
+    "model_impl": (_is("auto", "transformers"), "the model loads with transformers (its "
+                   "decoders run through the engine's own forward)"),
+    "config_format": (_is("auto", "hf"), "the model's config.json is read"),
+    "logits_processors": (lambda v: not v, "a custom logits processor cannot see the drafts a "
+                          "step verifies; use SamplingParams' logit_bias, allowed_token_ids, "
+                          "bad_words or structured_outputs"),
 }  # fmt: skip
+# keywords the LLM reads itself (check_vllm_keywords returns them)
+_READ = {"tokenizer", "generation_config", "override_generation_config", "served_model_name"}
 # vLLM's own scheduler / memory / logging settings: they change no output, and this engine has no
 # counterpart (its slots, prefill chunks and cache are its own), so they are accepted and named
 _ENGINE_ONLY = {
@@ -96,11 +105,14 @@ _ENGINE_ONLY = {
 
 def check_vllm_keywords(
     given: Mapping[str, Any], model: str | Path, adapter: str | Path | None = None
-) -> str:
-    """Check ``LLM(**given)``'s vLLM keywords (module docstring); returns the
-    ``generation_config`` choice (``"auto"``: the model's, ``"vllm"``: vLLM's defaults, or a
-    folder holding a ``generation_config.json``)."""
-    unknown = sorted(set(given) - set(_NEUTRAL) - _ENGINE_ONLY - {"tokenizer", "generation_config"})
+) -> dict[str, Any]:
+    """Check ``LLM(**given)``'s vLLM keywords (module docstring); returns what the LLM reads
+    of them: ``generation_config`` (``"auto"``: the model's, ``"vllm"``: vLLM's defaults, or a
+    folder holding a ``generation_config.json``), ``override_generation_config`` (checked, {}
+    when not given) and ``served_model_name`` (the metrics' model name; None: the model's path)."""
+    from fluid_npu.sampling.generation_defaults import check_override
+
+    unknown = sorted(set(given) - set(_NEUTRAL) - _ENGINE_ONLY - _READ)
     if unknown:
         raise TypeError(f"LLM.__init__() got an unexpected keyword argument {unknown[0]!r}")
     tokenizer = given.get("tokenizer")
@@ -121,7 +133,51 @@ def check_vllm_keywords(
             "they change nothing here",
             stacklevel=3,
         )
-    return given.get("generation_config", "auto")
+    names = given.get("served_model_name")
+    if isinstance(names, list | tuple):  # (vLLM's: several names, the first one reported)
+        names = names[0] if names else None
+    if names is not None and (not isinstance(names, str) or not names.strip()):
+        raise ConfigError(f"served_model_name takes a non-empty name, got {names!r}")
+    override = given.get("override_generation_config")
+    return {
+        "generation_config": given.get("generation_config", "auto"),
+        "override_generation_config": check_override(
+            override or {}, "LLM(override_generation_config=...)"
+        ),
+        "served_model_name": names,
+    }
+
+
+def check_sizes(max_num_seqs: Any, max_model_len: Any, model: Any = None) -> None:
+    """``LLM(max_num_seqs=, max_model_len=)``: None or a whole number of at least 1 (and, once
+    ``model`` is loaded, a length within its context), each error naming the keyword."""
+    for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len)):
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if value is not None and not (whole and value >= 1):
+            raise ConfigError(f"LLM({name}={value!r}): give a whole number of at least 1, or None")
+    if model is None or max_model_len is None:
+        return
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and max_model_len > limit:
+        raise ConfigError(
+            f"LLM(max_model_len={max_model_len}) is over the model's context ({limit} "
+            f"positions); use at most {limit}, or leave it out"
+        )
+
+
+def by_prompt(message: str, ids: Sequence[str]) -> str:
+    """An engine error about request ``"R-C"`` (copy C of the prompt whose request id is
+    ``ids[n]``) as the LLM's caller knows it: prompt n; the engine's ``Scheduler(...)`` setting
+    as the ``LLM(...)`` keyword."""
+    index = {rid: n for n, rid in enumerate(ids)}
+
+    def name(match: re.Match) -> str:
+        n = index.get(match.group(1))
+        return match.group(0) if n is None else f"prompt {n}"
+
+    message = re.sub(r"request '([^'-]+)-\d+'", name, message)
+    return message.replace("Scheduler(scheduling_policy='priority')",
+                           "LLM(scheduling_policy=\"priority\")")  # fmt: skip
 
 
 def check_logprobs_cap(params: Any, cap: int | None, n: int) -> None:
@@ -171,16 +227,17 @@ def check_text_chat(content_format: str, mm_processor_kwargs: Any) -> None:
         )
 
 
-def default_params(config: Any) -> dict[str, Any]:
-    """The ``SamplingParams`` a ``GenerationConfig`` (or None) sets, as vLLM reads it: the
-    server's decoding defaults (``SamplingDefaults``), and ``max_new_tokens`` as ``max_tokens``."""
+def default_params(config: Any, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``SamplingParams`` a ``GenerationConfig`` (or None) sets, ``override`` (vLLM's
+    ``override_generation_config``) over it, as vLLM reads them: the server's decoding defaults
+    (``SamplingDefaults``), and ``max_new_tokens`` as ``max_tokens``."""
     from dataclasses import asdict
 
-    from fluid_npu.sampling.generation_defaults import SamplingDefaults
+    from fluid_npu.sampling.generation_defaults import SamplingDefaults, setting
 
-    given = asdict(SamplingDefaults.of(config))
-    if getattr(config, "max_new_tokens", None) is not None:
-        given["max_tokens"] = int(config.max_new_tokens)
+    given = asdict(SamplingDefaults.of(config, override))
+    if setting(config, override, "max_new_tokens") is not None:
+        given["max_tokens"] = int(setting(config, override, "max_new_tokens"))
     return given
 
 

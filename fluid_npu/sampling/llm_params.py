@@ -27,6 +27,13 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
 
+    def __post_init__(self) -> None:  # (checked when built, as vLLM checks it)
+        from dataclasses import asdict
+
+        from fluid_npu.sampling.specs import structured_spec
+
+        structured_spec(asdict(self))
+
 
 @dataclass
 class SamplingParams:
@@ -58,12 +65,17 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("logprobs", "prompt_logprobs"):  # (True: one, as vLLM reads it)
+            if getattr(self, name) is True:
+                setattr(self, name, 1)
         for name in _FLOATS:  # (an int or a numpy scalar is taken as vLLM takes it)
             setattr(self, name, _number(name, getattr(self, name), float))
         for name in _INTS:
             value = getattr(self, name)
             if value is not None or name in ("n", "top_k", "min_tokens"):
                 setattr(self, name, _number(name, value, int))
+        if self.seed == -1:  # vLLM's "no seed"
+            self.seed = None
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None and (
@@ -89,6 +101,12 @@ class SamplingParams:
             raise ConfigError(
                 f"SamplingParams.bad_words takes a list of strings, got {self.bad_words!r}"
             )
+        for n, word in enumerate(self.bad_words or ()):  # (checked when built, as vLLM's)
+            if not word.strip():
+                raise ConfigError(
+                    f"SamplingParams.bad_words[{n}] is empty (or only whitespace); give a word "
+                    "or leave it out"
+                )
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, Mapping):
                 raise ConfigError(
@@ -104,6 +122,10 @@ class SamplingParams:
                 "SamplingParams.structured_outputs takes StructuredOutputsParams(...) or a dict "
                 f"such as {{'regex': '[0-9]+'}}, got {given!r}"
             )
+        if isinstance(given, Mapping):  # (its keys and kinds checked now, as the class's)
+            from fluid_npu.sampling.specs import structured_spec
+
+            structured_spec(dict(given))
         if self.top_k == -1:  # vLLM's "off", as 0
             self.top_k = 0
         if not self.detokenize and self.stop:  # (vLLM refuses it too: stop strings match text)

@@ -164,6 +164,12 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
         "folder holding a generation_config.json",
     )
     p.add_argument(
+        "--override-generation-config",
+        default=None,
+        help="JSON: decoding defaults set over --generation-config's (vLLM's flag), some of "
+        "temperature, top_p, top_k, min_p, repetition_penalty, e.g. '{\"temperature\": 0.6}'",
+    )
+    p.add_argument(
         "--reasoning-parser",
         default=None,
         help="deepseek_r1 | qwen3 | openpangu: a chat answer's reasoning in the message's "
@@ -344,6 +350,7 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         served_model_name=None if args.served_model_name is None else tuple(args.served_model_name),
         trust_remote_code=args.trust_remote_code,
         generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
         enable_log_requests=args.enable_log_requests,
         compile=args.compile,
         adaptive=not args.no_adaptive_drafting,

@@ -281,7 +281,7 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
         "logit_bias": bias,
         "allowed_token_ids": allowed_ids(body.allowed_token_ids),
         "min_tokens": body.min_tokens or 0,
-        "seed": body.seed,
+        "seed": None if body.seed == -1 else body.seed,  # (vLLM's -1: no seed)
         "logprobs": logprobs,
         "top_logprobs": top_logprobs,
         "prompt_logprobs": body.prompt_logprobs,

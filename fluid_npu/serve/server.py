@@ -24,10 +24,15 @@ from typing import Any
 import uvicorn
 
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.generation_defaults import generation_defaults  # (the tests import it here)
+from fluid_npu.sampling.generation_defaults import (  # (the tests import it here)
+    check_override,
+    generation_defaults,
+)
 from fluid_npu.serve.app import ServeConfig, create_app
 from fluid_npu.serve.network import Network, ServerClosingTLS
 from fluid_npu.serve.settings import (  # (imported from here by dp.py, batch.py, the tests)
+    OVERRIDE_FLAG,
+    SERVED_DEFAULTS,
     ServeSettings,
     model_aliases,
     served_name,
@@ -223,7 +228,12 @@ def load_engine(settings: ServeSettings) -> tuple[Worker, Any, ServeConfig]:
     """Load the model and build what ``create_app`` takes: ``(worker, tokenizer, config)``."""
     scheduler, tokenizer, max_len, info = build_scheduler(settings)
     # a request that leaves a decoding setting out: the model's generation config, else OpenAI's
-    defaults = generation_defaults(settings.generation_config, scheduler.model)
+    override = settings.override_generation_config
+    defaults = generation_defaults(
+        settings.generation_config,
+        scheduler.model,
+        None if override is None else check_override(override, OVERRIDE_FLAG, SERVED_DEFAULTS),
+    )
     info["default_sampling"] = asdict(defaults)
     config = ServeConfig(
         model_name=served_name(settings),

@@ -10,12 +10,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.generation_defaults import check_override
 from fluid_npu.sampling.inputs import DTYPE_ALIASES
 from fluid_npu.sampling.requests import LOGPROBS_MODES, SCHEDULING_POLICIES
 from fluid_npu.serve.network import Network
 from fluid_npu.serve.protocol import MAX_TOP_LOGPROBS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+OVERRIDE_FLAG = "--override-generation-config"
+# what it may set: the defaults the server reads (not max_new_tokens, which it does not read)
+SERVED_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass
@@ -36,6 +42,7 @@ class ServeSettings:
     api_key: str | None = None
     served_model_name: tuple[str, ...] | None = None  # the first: the default id
     generation_config: str = "auto"  # the defaults' source: auto | vllm | a folder (vLLM's flag)
+    override_generation_config: str | None = None  # JSON: defaults set over those (vLLM's flag)
     enable_log_requests: bool = False  # a line per request on stderr (generation.request_log)
     enable_request_id_headers: bool = False  # X-Request-Id on every response (http.py)
     drain_timeout: float = 30.0
@@ -135,6 +142,8 @@ class ServeSettings:
                 ) from None
             except ValueError as exc:  # (json's errors too)
                 raise ConfigError(f"--generation-config: {path} is not valid ({exc})") from None
+        if self.override_generation_config is not None:
+            check_override(self.override_generation_config, OVERRIDE_FLAG, SERVED_DEFAULTS)
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty; give a key or leave the flag out")
         self.network.check()
