@@ -31,7 +31,7 @@ import yaml
 from fluid_npu.config_values import coerce, pass_through
 from fluid_npu.device import DEVICE_CHOICES
 from fluid_npu.errors import ConfigError
-from fluid_npu.lf_keys import lf_spellings, refusal
+from fluid_npu.lf_keys import UNSUPPORTED, lf_spellings, refusal
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def build_config(values: dict[str, Any], source: str | None = None) -> FluidConf
             logger.warning("config key %r is ignored: %s", key, IGNORED_KEYS[key])
         elif refusal(key, value) is not None:  # (a feature of LLaMA-Factory's this lacks)
             raise ConfigError(str(refusal(key, value)))
-        elif refusal(key) is not None:  # (the same feature, asked to stay off: it is)
+        elif key in UNSUPPORTED:  # (the same feature, asked to stay off: it is)
             logger.info("config key %r: %r asks for nothing fluid-npu does not do", key, value)
         else:
             if hf_fields is None:  # transformers' TrainingArguments: seconds to import

@@ -135,11 +135,17 @@ LOSS_ONLY: dict[str, tuple[object, str]] = {
 }  # fmt: skip
 
 
-# LLaMA-Factory's defaults of refused keys that are neither null nor false: what fluid-npu does
-NEUTRAL: dict[str, object] = {"mix_strategy": "concat", "buffer_size": 16384}
+# LLaMA-Factory's defaults of refused keys that are not false, where fluid-npu does just that
+# (for these, false asks for something: loss on padding, a model loaded at full CPU memory)
+NEUTRAL: dict[str, object] = {
+    "mix_strategy": "concat",
+    "buffer_size": 16384,
+    "ignore_pad_token_for_loss": True,
+    "low_cpu_mem_usage": True,
+}
 
 
-def refusal(key: str, value: Any = True) -> str | None:
+def refusal(key: str, value: Any) -> str | None:
     """The error for LLaMA-Factory's ``key`` set to ``value`` if fluid-npu does not take it,
     else None — also for a value that asks for nothing (null, false, or LLaMA-Factory's default
     where that is what fluid-npu does: ``mix_strategy: concat``), which ``config.py`` accepts."""
@@ -151,7 +157,9 @@ def refusal(key: str, value: Any = True) -> str | None:
 
 def neutral(key: str, value: Any) -> bool:
     """Whether LLaMA-Factory's ``key`` at ``value`` asks for nothing fluid-npu does not do."""
-    return value is None or value is False or (key in NEUTRAL and value == NEUTRAL[key])
+    if key in NEUTRAL:
+        return value is None or value == NEUTRAL[key]
+    return value is None or value is False
 
 
 def lf_spellings(values: dict[str, Any]) -> dict[str, Any]:

@@ -258,7 +258,9 @@ def test_llama_factory_keys_that_ask_for_nothing_are_accepted():
     }  # fmt: skip
     cfg = build_config({**base, **neutral})
     assert not set(neutral) & set(cfg.extra_training_args)
-    for key, value in [("streaming", True), ("default_system", "Be brief."), ("buffer_size", 8)]:
+    assert build_config({**base, "ignore_pad_token_for_loss": True, "low_cpu_mem_usage": True})
+    for key, value in [("streaming", True), ("default_system", "Be brief."), ("buffer_size", 8),
+                       ("ignore_pad_token_for_loss", False)]:  # fmt: skip
         with pytest.raises(ConfigError, match=f"'{key}' is LLaMA-Factory's"):
             build_config({**base, key: value})
     cfg = build_config({**base, "dataset": ["a", "b"], "eval_dataset": ["c"]})

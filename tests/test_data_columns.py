@@ -155,3 +155,20 @@ def test_a_template_that_leaves_out_tools_or_results_is_refused(tmp_path, caplog
     assert "does not write a system message" in caplog.text
     text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
     assert tok.decode(example["input_ids"]) == text
+
+    # what the check reads is the template's: a template that trims contents (Llama 3's) still
+    # writes a result "0\n"; one that fails on tools=None (it iterates over them) writes tools
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (tmp_path / "trim").mkdir()
+    trained(tmp_path / "trim", tok, [sharegpt_row(result="0\n", tools=False)])
+    tok.chat_template = (
+        "{% for t in tools %}{{ t.function.name }}\n{% endfor %}{% for m in messages %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (tmp_path / "iter").mkdir()
+    example = trained(tmp_path / "iter", tok, [sharegpt_row()]).train[0]
+    assert tok.decode(example["input_ids"]).startswith("add\n")

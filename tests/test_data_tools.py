@@ -306,7 +306,7 @@ LAST_RESULT = HERMES.replace(
 )
 
 
-def test_a_turn_whose_prompt_renders_otherwise_trains_after_the_served_prompt(tmp_path):
+def test_a_turn_whose_prompt_renders_otherwise_trains_after_the_served_prompt(tmp_path, caplog):
     """Where the template renders a turn's prompt otherwise once the turn follows (Mistral
     v0.3's system prompt, Hermes 3's last tool result), each turn trains after the prompt the
     server renders for it, its loss on the turn's own tokens."""
@@ -317,7 +317,9 @@ def test_a_turn_whose_prompt_renders_otherwise_trains_after_the_served_prompt(tm
                           {"role": "assistant", "content": "A0"},
                           {"role": "user", "content": "q1"},
                           {"role": "assistant", "content": "A1"}], "tools": None}]  # fmt: skip
-    data = trained(tmp_path, tok, rows, formatting="openai")
+    with caplog.at_level("WARNING", logger="fluid_npu.data.auto_template"):
+        data = trained(tmp_path, tok, rows, formatting="openai")
+    assert "system" not in caplog.text  # (written into the last user turn: trained, served)
     assert data.stats.rows_kept == 1 and len(data.train) == 2
     for i, example in enumerate(data.train):
         assert responses(tok, example) == [f" A{i}</s>"]  # (the space the template writes too)

@@ -438,6 +438,12 @@ def test_override_generation_config_sets_the_served_defaults(model_dir, capsys):
     assert "--override-generation-config: top_p takes a number" in _error(
         capsys, [*flag, '{"top_p": "x"}']
     )
+    assert "temperature must lie in [0.0, inf], got -3" in _error(
+        capsys, [*flag, '{"temperature": -3}']
+    )
+    from fluid_npu.sampling.generation_defaults import check_override
+
+    assert check_override('{"top_k": -1}', "x") == {"top_k": 0}  # (vLLM's off, as a request's)
 
 
 def test_the_request_log_has_a_line_per_request(caplog):

@@ -103,18 +103,17 @@ class TokenizerChatTemplate:
         messages): trained on it, the model learns calls and answers whose grounds it never saw.
         A system prompt it leaves out is named in a warning: the server leaves it out too, so the
         examples stay as served. Each asked once, of the first conversation that has it."""
-        probes: dict[str, tuple[list[dict], Any]] = {}
+        probes: dict[str, tuple[tuple[list[dict], Any], tuple[list[dict], Any]]] = {}
         if tools:
-            probes["the tools"] = (messages, None)
+            probes["the tools"] = ((messages, tools), (messages, None))
         for kind, role in (("the tool results", "tool"), ("the system prompt", "system")):
             if any(m["role"] == role for m in messages):
-                other = [{**m, "content": _other(m["content"])} if m["role"] == role else m
-                         for m in messages]  # fmt: skip
-                probes[kind] = (other, tools)
-        for kind, (other, other_tools) in probes.items():
+                one, two = ([{**m, "content": c} if m["role"] == role else m for m in messages]
+                            for c in ("0", "1"))  # fmt: skip
+                probes[kind] = ((one, tools), (two, tools))
+        for kind, (one, two) in probes.items():
             if kind not in self._rendered:
-                ids = self._ids(tokenizer, messages, tools, generation=False)
-                self._rendered[kind] = ids != self._ids(tokenizer, other, other_tools, False)
+                self._rendered[kind] = self._differ(tokenizer, one, two)
                 if not self._rendered[kind] and kind == "the system prompt":
                     logger.warning(
                         "the tokenizer's chat template does not write a system message: the rows' "
@@ -130,6 +129,25 @@ class TokenizerChatTemplate:
                     f"{sorted(TEMPLATES)} (they write tools and results), or train on data "
                     "without them"
                 )
+
+    def _differ(
+        self, tokenizer: Any, one: tuple[list[dict], Any], two: tuple[list[dict], Any]
+    ) -> bool:
+        """Whether two versions of a conversation (messages, tools) render otherwise: whole, or
+        as the prompt of its last response (Mistral v0.3 writes the system prompt and the tools
+        into the last user turn only when that turn ends what is rendered). A version the
+        template refuses counts as written (it reads what changed)."""
+        last = max((i for i, m in enumerate(one[0]) if m["role"] == "assistant"), default=None)
+        try:
+            for upto, generation in ((None, False), (last, True)):
+                if generation and last is None:
+                    continue
+                a = self._ids(tokenizer, one[0][:upto], one[1], generation)
+                if a != self._ids(tokenizer, two[0][:upto], two[1], generation):
+                    return True
+        except RowError:
+            return True
+        return False
 
     def encode(self, tokenizer: Any, conversation: Conversation) -> Encoded:
         messages, places, tools = self._prepared(tokenizer, conversation)
@@ -274,11 +292,6 @@ class TokenizerChatTemplate:
         """The ids of a conversation ending with a user turn, with the generation prompt."""
         messages, _, tools = self._prepared(tokenizer, conversation)
         return self._ids(tokenizer, messages, tools, generation=True)
-
-
-def _other(content: Any) -> str:
-    """A content other than ``content``, to see whether the template writes it."""
-    return "1" if content == "0" else "0"
 
 
 _STAND_INS = ("", "a", "0")  # contents a turn is rendered with to find where its own starts

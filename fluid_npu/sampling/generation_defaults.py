@@ -107,4 +107,16 @@ def check_override(given: Any, name: str, keys: tuple[str, ...] = OVERRIDABLE) -
             raise ConfigError(f"{name}: {key} takes a number, got {value!r}")
         if key in ("top_k", "max_new_tokens") and value is not None and value != int(value):
             raise ConfigError(f"{name}: {key} takes a whole number, got {value!r}")
-    return dict(given)
+        low, high = _RANGES[key]
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"{name}: {key} must lie in [{low}, {high}], got {value!r}")
+    out = dict(given)
+    if out.get("top_k") == -1:  # (vLLM's "off", as a request's top_k: 0 here)
+        out["top_k"] = 0
+    return out
+
+
+# the values each setting may take (repetition_penalty: above 0, as the engine holds it)
+_RANGES = {"temperature": (0.0, math.inf), "top_p": (1e-9, 1.0), "top_k": (-1, math.inf),
+           "min_p": (0.0, 1.0), "repetition_penalty": (1e-9, math.inf),
+           "max_new_tokens": (1, math.inf)}  # fmt: skip

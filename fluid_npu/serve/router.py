@@ -269,7 +269,8 @@ def create_front(front: Front) -> FastAPI:
             if resp.status_code < 400:  # (a refused request leaves nothing in the rank's cache)
                 router.remember(rank, key, salt)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                return ClosingStream(_chunks(rank, resp),
+                done = not route_path(request).endswith("/responses")  # (no [DONE] there)
+                return ClosingStream(_chunks(rank, resp, done),
                                      lambda r=rank, s=resp: _closed(r, s, rid))  # fmt: skip
             work = asyncio.ensure_future(resp.aread())
             try:  # (a client that leaves: the rank sees its connection close, and aborts)
@@ -284,12 +285,14 @@ def create_front(front: Front) -> FastAPI:
 
     closing: set[asyncio.Future] = set()
 
-    async def _chunks(rank: int, resp: httpx.Response) -> AsyncIterator[bytes]:
+    async def _chunks(rank: int, resp: httpx.Response, done: bool) -> AsyncIterator[bytes]:
         try:
             async for chunk in resp.aiter_raw():
                 yield chunk
-        except httpx.TransportError as exc:  # the rank died mid-stream: say so, then end
-            yield f"\n\ndata: {json.dumps(_failed(rank, exc).body())}\n\ndata: [DONE]\n\n".encode()
+        except httpx.TransportError as exc:  # the rank died mid-stream: say so, then end (with
+            # [DONE] after it, as vLLM ends such a stream, where the route's streams end so)
+            end = "data: [DONE]\n\n" if done else ""
+            yield f"\n\ndata: {json.dumps(_failed(rank, exc).body())}\n\n{end}".encode()
         finally:  # (a client that left: the rank sees its stream close, and aborts)
             await resp.aclose()
 
