@@ -16,7 +16,7 @@ from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.model.khead import KHead, KHeadConfig
 from fluid_npu.model.loading import fingerprint
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny
-from fluid_npu.sampling import generate
+from fluid_npu.sampling import generate, pretrained
 from fluid_npu.sampling.inputs import PromptError
 from fluid_npu.sampling.pretrained import FluidForCausalLM
 
@@ -104,12 +104,29 @@ def test_transformers_argument_order_spellings_and_none(tok, fluid):
     assert fluid.generate(**enc, max_new_tokens=3, **kw).tolist() == want.tolist()
     with pytest.raises(ConfigError, match="inputs or input_ids, not both"):
         fluid.generate(ids, input_ids=ids, max_new_tokens=3)
-    # None means "not given" (transformers 5's GenerationConfig fields all default to None)
-    out = fluid.generate(
-        ids, max_new_tokens=3, do_sample=True, temperature=None, top_p=None, min_p=None,
-        top_k=None, repetition_penalty=None, seed=1, **kw,
-    )  # fmt: skip
-    assert out.shape[1] == ids.shape[1] + 3
+    # a sampling keyword given as None is transformers' "off" (its generate applies the call's
+    # keywords last, None included): not the checkpoint's setting, not top-k 50
+    seen: dict = {}
+    real = pretrained.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    fluid.model.generation_config.update(do_sample=True, temperature=0.05, top_k=7)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pretrained, "generate", spy)
+        out = fluid.generate(
+            ids, max_new_tokens=3, do_sample=True, temperature=None, top_p=None, min_p=None,
+            top_k=None, repetition_penalty=None, seed=1, **kw,
+        )  # fmt: skip
+        assert out.shape[1] == ids.shape[1] + 3
+        assert (seen["temperature"], seen["top_k"], seen["top_p"], seen["min_p"]) == (1, 0, 1, 0)
+        greedy = fluid.generate(ids, max_new_tokens=3, do_sample=None, **kw)  # (transformers':
+        assert greedy.tolist() == want.tolist()  # greedy, whatever the checkpoint says)
+    fluid.model.generation_config.update(do_sample=False, temperature=None, top_k=None)
+    with pytest.raises(ConfigError, match=r"inputs_embeds is not supported.*pass input_ids"):
+        fluid.generate(inputs_embeds=torch.zeros(1, 2, 8), max_new_tokens=2)
     # a whole number of tokens may come as a float, as transformers takes it; a fraction may not
     assert fluid.generate(ids, max_new_tokens=3.0, **kw).tolist() == want.tolist()
     with pytest.raises(ConfigError, match="max_new_tokens must be a whole number"):
@@ -123,6 +140,8 @@ def test_settings_at_their_off_value_pass_and_others_are_refused_by_name(tok, fl
     off = dict(
         use_cache=True, num_beams=1, num_return_sequences=1, return_dict_in_generate=False,
         output_scores=False, bos_token_id=tok.bos_token_id, streamer=None, synced_gpus=False,
+        num_assistant_tokens=20, num_assistant_tokens_schedule="constant",
+        assistant_confidence_threshold=0.4, guidance_scale=1.0,  # (transformers' defaults)
     )  # fmt: skip
     assert fluid.generate(ids, **off, **kw).tolist() == want.tolist()
     for name, value, hint in (
@@ -153,8 +172,17 @@ def test_input_errors_name_the_prompt_and_the_room_left(tok):
         assert got.shape[1] == min(prompt.shape[1] + 20, 32)
     with pytest.raises(ConfigError, match=r"max_length 40 is past the model.s context \(32"):
         fluid.generate(ids, max_length=40)
+    # a length the checkpoint's config gives (the whole context) decodes: capped at the room
+    for length in ("max_new_tokens", "max_length"):
+        model.generation_config = GenerationConfig(**{length: 32})
+        assert fluid.generate(ids, do_sample=False, eos_token_id=[]).shape[1] == 32
+    model.generation_config = GenerationConfig()
     with pytest.raises(PromptError, match=r"prompt 1: token ids must lie in \[0, "):
         fluid.generate([[5, 6], [7, len(tok) + 3]], max_new_tokens=2)
+    with pytest.raises(PromptError, match=r"unpack it: generate\(\*\*tokenizer"):
+        fluid.generate(tok(["ab"], return_tensors="pt"), max_new_tokens=2)
+    with pytest.raises(PromptError, match="tokenize it first"):
+        fluid.generate("ab", max_new_tokens=2)
 
 
 def test_numbers_come_in_any_numeric_type_as_transformers_takes_them(tok, fluid):

@@ -21,7 +21,11 @@ LENGTHS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length")
 FOLLOWED = {*LENGTHS, "eos_token_id", "pad_token_id"}
 DEFAULT_NEW_TOKENS = 20  # transformers' when nothing sets a length (its max_length 20, new tokens)
 _INERT = {"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
-          "use_cache", "cache_implementation", "return_legacy_cache"}  # fmt: skip
+          "use_cache", "cache_implementation", "return_legacy_cache",
+          # assisted decoding's settings: nothing without an assistant_model (refused here)
+          "num_assistant_tokens", "num_assistant_tokens_schedule",
+          "assistant_confidence_threshold", "assistant_lookbehind",
+          "target_lookbehind"}  # fmt: skip
 # settings whose "off" is 1 (a config made from a model's writes some out explicitly); every
 # other setting is off when it is None, False, 0 or empty
 _OFF_AT_ONE = {"num_beams", "num_beam_groups", "num_return_sequences", "repetition_penalty",
@@ -45,7 +49,28 @@ _INSTEAD = {
 
 def _is_off(name: str, value: Any) -> bool:
     """Whether a transformers generation setting is at a value that changes nothing."""
+    if name == "guidance_scale":  # (transformers guides only above 1)
+        return value is None or value <= 1
     return name in _INERT or not value or (name in _OFF_AT_ONE and value == 1)
+
+
+# transformers' "off" for a sampling setting a call gives as None: its generate applies the
+# call's keywords last, None included, and adds no processor for a None setting
+OFF_WHEN_NONE = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                 "repetition_penalty": 1.0}  # fmt: skip
+
+
+def explicit_nones(model: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's keywords with each sampling setting given as None at its "off" value, and
+    ``pad_token_id=None`` as the first EOS id (transformers pads with it then)."""
+    from fluid_npu.sampling.inputs import eos_and_pad
+
+    out = {k: OFF_WHEN_NONE[k] if v is None and k in OFF_WHEN_NONE else v
+           for k, v in kwargs.items()}  # fmt: skip
+    if "pad_token_id" in out and out["pad_token_id"] is None:
+        eos = eos_and_pad(model, out.get("eos_token_id"))[0]
+        out["pad_token_id"] = eos[0] if eos else None
+    return out
 
 
 def check_generation_config(config: Any, given: set[str], *, checkpoint: bool) -> None:
@@ -135,3 +160,36 @@ def prompt_width(inputs: Any) -> int:
     if rows and not hasattr(rows[0], "__len__"):
         return len(rows)  # (one prompt given flat)
     return max((len(r) for r in rows), default=0)
+
+
+def new_tokens(
+    lengths: dict[str, Any], width: int, configured: set[str], context: int | None
+) -> int:
+    """transformers' length rule: ``max_new_tokens``, else ``max_length`` less the prompt
+    (``width`` tokens), else its default of 20 new tokens (at most the ``context``'s room); a
+    length from a config (``configured``), not the call, at most the context's room too (a
+    checkpoint's ``max_new_tokens`` of the whole context still decodes a prompt)."""
+    from fluid_npu.sampling.inputs import as_count
+
+    room = None if context is None or context <= width else context - width
+    if lengths["max_new_tokens"] is not None:
+        if "max_new_tokens" in configured and room is not None:
+            return min(as_count("max_new_tokens", lengths["max_new_tokens"]), room)
+        return lengths["max_new_tokens"]
+    if lengths["max_length"] is not None:
+        max_length = as_count("max_length", lengths["max_length"])
+        if "max_length" in configured and context is not None:
+            max_length = min(max_length, context)
+        if max_length <= width:
+            raise ConfigError(
+                f"max_length {max_length} leaves no room after the prompt ({width} tokens): "
+                "max_length counts the prompt, as in transformers; give max_new_tokens instead"
+            )
+        if context is not None and max_length > context:
+            raise ConfigError(
+                f"max_length {max_length} is past the model's context ({context} positions): "
+                f"give max_length <= {context} (it counts the prompt, as in transformers)"
+            )
+        return max_length - width
+    room = DEFAULT_NEW_TOKENS if context is None else min(DEFAULT_NEW_TOKENS, context - width)
+    return room if room > 0 else DEFAULT_NEW_TOKENS  # (none left: the prompt's error says so)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -97,6 +97,15 @@ def as_batch(
     pad id of its own, or one was given), a batch that holds the pad id is padded where it holds
     it — unless the pad id is an EOS id — as transformers' ``generate`` infers it.
     """
+    if isinstance(input_ids, Mapping):  # (a tokenizer's whole output, a BatchEncoding)
+        raise PromptError(
+            "input_ids got a mapping (a tokenizer's whole output?); unpack it: "
+            "generate(**tokenizer(texts, return_tensors='pt', padding=True))"
+        )
+    if isinstance(input_ids, str | bytes):
+        raise PromptError(
+            "input_ids got text; tokenize it first: tokenizer(text, return_tensors='pt')"
+        )
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() not in (1, 2):
             raise PromptError(

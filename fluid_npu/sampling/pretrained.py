@@ -39,10 +39,11 @@ from fluid_npu.model.merge import (
 from fluid_npu.sampling.api import GENERATION_KEYS, GenerateOutput, generate
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.hf_generate import (
-    DEFAULT_NEW_TOKENS,
     LENGTHS,
     check_generation_config,
+    explicit_nones,
     feed_streamer,
+    new_tokens,
     prompt_width,
     transformers_keywords,
 )
@@ -218,28 +219,6 @@ class FluidForCausalLM(torch.nn.Module):
             max_shard_size=size, extra=extra,
         )  # fmt: skip
 
-    def _max_new_tokens(self, lengths: dict[str, Any], width: int) -> int:
-        """transformers' length rule: ``max_new_tokens``, else ``max_length`` less the prompt,
-        else its default of 20 new tokens (at most the context's room)."""
-        if lengths["max_new_tokens"] is not None:
-            return lengths["max_new_tokens"]
-        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        if lengths["max_length"] is not None:
-            max_length = as_count("max_length", lengths["max_length"])
-            if max_length <= width:
-                raise ConfigError(
-                    f"max_length {max_length} leaves no room after the prompt ({width} tokens): "
-                    "max_length counts the prompt, as in transformers; give max_new_tokens instead"
-                )
-            if context is not None and max_length > context:
-                raise ConfigError(
-                    f"max_length {max_length} is past the model's context ({context} positions): "
-                    f"give max_length <= {context} (it counts the prompt, as in transformers)"
-                )
-            return max_length - width
-        room = DEFAULT_NEW_TOKENS if context is None else min(DEFAULT_NEW_TOKENS, context - width)
-        return room if room > 0 else DEFAULT_NEW_TOKENS  # (none left: the prompt's error says so)
-
     def engine_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` with this model's draft budgets added to its ``engine_kwargs``."""
         engine = {"budgets": self.draft_budgets, **(kwargs.get("engine_kwargs") or {})}
@@ -312,7 +291,10 @@ class FluidForCausalLM(torch.nn.Module):
         and not given, transformers' default; 0 turns it off —, ``top_p``, ``min_p``,
         ``repetition_penalty``, ``min_new_tokens``, ``bad_words_ids``, ``stop_strings``) plus
         ``seed`` (None: drawn from torch's global generator, so ``torch.manual_seed`` reproduces
-        a call as in transformers); a keyword given as None is left out. What a call leaves out
+        a call as in transformers); a sampling keyword or ``pad_token_id`` given as None is
+        transformers' "off" (``do_sample`` False, no temperature / top-k / top-p / min-p /
+        repetition penalty, padding with the first EOS id), as its ``generate`` reads an explicit
+        None, and another keyword given as None is left out. What a call leaves out
         comes from the ``generation_config`` it passes, and what that leaves unset from the
         checkpoint's own (``model.generation_config``), as transformers merges them: an instruct
         checkpoint that sets ``do_sample`` samples; pass ``do_sample=False`` for the lossless
@@ -323,7 +305,8 @@ class FluidForCausalLM(torch.nn.Module):
         own config it is named in a warning and not applied. ``max_length`` / ``min_length``
         count the prompt, as in transformers (``max_new_tokens`` / ``min_new_tokens`` win when
         both are set); ``max_length`` must leave room for a token; with no length anywhere,
-        transformers' 20 new tokens (at most what the context has room for).
+        transformers' 20 new tokens (at most what the context has room for); a length that
+        comes from a config, not from the call, is capped at the context's room too.
         ``eos_token_id=None`` given explicitly turns EOS off, as in transformers. ``streamer``: a
         transformers streamer for a one-prompt call: ``put`` the prompt ``[1, L]``, then each
         step's committed tokens ``[1, n]`` (several per step), then ``end()`` (also when decoding
@@ -356,6 +339,12 @@ class FluidForCausalLM(torch.nn.Module):
                 if inputs is not None:
                     raise ConfigError("give the prompt once: inputs or input_ids, not both")
                 inputs = kwargs.pop(name)
+        if kwargs.get("inputs_embeds") is not None:
+            raise ConfigError(
+                "inputs_embeds is not supported: FLUID decodes from token ids (its drafts are "
+                "MASK tokens in the same sequence); pass input_ids"
+            )
+        kwargs.pop("inputs_embeds", None)
         if inputs is None:
             raise ConfigError("generate needs the prompt: inputs (or input_ids), token ids [B, L]")
         if hasattr(mask_or_config, "to_diff_dict"):  # transformers' order: (inputs, config)
@@ -374,6 +363,7 @@ class FluidForCausalLM(torch.nn.Module):
             )
         given = set(kwargs)  # settings the call gives: the configs' say nothing about them
         checkpoint = getattr(self.model, "generation_config", None)
+        kwargs = explicit_nones(self.model, kwargs)
         kwargs = transformers_keywords(
             {k: v for k, v in kwargs.items() if v is not None or k == "eos_token_id"}
         )
@@ -384,6 +374,7 @@ class FluidForCausalLM(torch.nn.Module):
         lengths: dict[str, Any] = {n: kwargs.pop(n, None) for n in LENGTHS}
         if max_new_tokens is not None:
             lengths["max_new_tokens"] = max_new_tokens
+        configured: set[str] = set()  # the lengths a config gave (capped at the context's room)
         for config, own in ((generation_config, False), (checkpoint, True)):
             if config is None:
                 continue
@@ -394,10 +385,12 @@ class FluidForCausalLM(torch.nn.Module):
                 if name not in kwargs and name not in LENGTHS and value is not None:
                     kwargs[name] = value
             for name in LENGTHS:
-                if lengths[name] is None:
-                    lengths[name] = getattr(config, name, None)
+                if lengths[name] is None and getattr(config, name, None) is not None:
+                    lengths[name] = getattr(config, name)
+                    configured.add(name)
         width = prompt_width(inputs)
-        max_new_tokens = self._max_new_tokens(lengths, width)
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        max_new_tokens = new_tokens(lengths, width, configured, context)
         if lengths["min_new_tokens"] is None and lengths["min_length"]:
             # min_length counts the prompt, as in transformers (min_new_tokens wins)
             least = as_count("min_length", lengths["min_length"]) - width
