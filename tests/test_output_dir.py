@@ -21,6 +21,7 @@ from fluid_npu.errors import CheckpointError, ConfigError
 from fluid_npu.model.adapters import FluidModelMeta, load_fluid
 from fluid_npu.model.khead import attach_khead, read_khead_config
 from fluid_npu.train import session
+from fluid_npu.train.checkpoint import last_complete_checkpoint, validate_checkpoint
 from fluid_npu.train.output_dir import (
     check_resume,
     claim_output_dir,
@@ -217,6 +218,10 @@ def _listing(root: Path) -> dict[str, float]:
         ({"finetuning_type": "full", "resume_from_checkpoint": True}, ("finetuning_type: lora",)),
         # (a resumed Trainer keeps the checkpoint's rate: its optimizer and scheduler state)
         ({"learning_rate": 1e-3, "resume_from_checkpoint": True}, ("learning_rate: 0.01",)),
+        ({"k_masks": 8, "resume_from_checkpoint": True}, ("k_masks: 4", "k_masks: 8")),
+        ({"template": "auto", "resume_from_checkpoint": True}, ("template: empty",)),
+        # the run ended at its last checkpoint: transformers' Trainer would train a step past it
+        ({"resume_from_checkpoint": True}, ("is at step 2, where the run ends", "raise max_steps")),
     ],
 )
 def test_a_used_output_dir_fails_before_the_model_loads(
@@ -233,6 +238,19 @@ def test_a_used_output_dir_fails_before_the_model_loads(
     line = _one_error(capsys)
     assert all(n in line for n in needles), line
     assert _listing(out) == before  # nothing touched
+
+
+def test_a_run_folder_or_a_weights_only_checkpoint_is_no_checkpoint_to_resume(first_run, tmp_path):
+    """A run's output_dir given as the checkpoint names its last complete one; a checkpoint
+    saved without the optimizer's state (save_only_model) would restart the schedule and the
+    optimizer, so it is refused, and ``true`` skips it."""
+    _, _, out = first_run
+    with pytest.raises(CheckpointError, match=r"is a run's output_dir .*/checkpoint-2\)"):
+        validate_checkpoint(out)
+    bare = shutil.copytree(out, tmp_path / "run", ignore=shutil.ignore_patterns("optimizer*"))
+    with pytest.raises(CheckpointError, match="no optimizer state: saved with save_only_model"):
+        validate_checkpoint(bare / "checkpoint-2")
+    assert last_complete_checkpoint(bare) is None
 
 
 def test_overwrite_output_dir_starts_over_and_resume_continues_the_new_run(
@@ -293,3 +311,18 @@ def test_checkpoints_serve_downstream_as_stage1_and_khead_outputs(first_run, tmp
     (sharded / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"saved sharded .* zero_to_fp32"):
         read_khead_config(sharded)
+
+
+def test_run_json_reports_the_loaded_best_checkpoints_eval_loss(tiny_model_dir, tmp_path):
+    """With load_best_model_at_end the saved weights are the best checkpoint's: run.json's
+    eval_loss is theirs (evaluated again once loaded), not the last step's."""
+    data = write_short_dataset(tmp_path / "data", n_train=24, seed=0)
+    out = tmp_path / "best"
+    argv = _train(tiny_model_dir, data, out, tmp_path, max_steps=4, save_steps=2, eval_steps=2,
+                  eval_strategy="steps", val_size=4, load_best_model_at_end=True,
+                  metric_for_best_model="eval_loss", greater_is_better=True)  # fmt: skip
+    assert cli_main(argv) == 0
+    record = json.loads((out / "run.json").read_text())
+    evals = {h["step"]: h["eval_loss"] for h in record["log_history"] if "eval_loss" in h}
+    best = max(evals[2], evals[4])  # (greater is better here: the worse weights win)
+    assert record["eval_loss"] == pytest.approx(best)

@@ -514,6 +514,9 @@ def test_stage2_refuses_a_model_that_is_not_a_stage1_output(tiny_model_dir, run_
     )
     with pytest.raises(CheckpointError, match="not a Stage I output"):
         Stage2Run(load_config(None, _values(**values)))
+    values["model_name_or_path"] = str(tmp_path / "no-such-run")  # (a misspelt path: named)
+    with pytest.raises(CheckpointError, match="no-such-run does not exist"):
+        Stage2Run(load_config(None, _values(**values)))
 
 
 def test_stage2_resume_continues_the_same_run(stage1_full, run_data, tmp_path):

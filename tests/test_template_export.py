@@ -260,3 +260,11 @@ def test_a_run_served_otherwise_saves_the_format_it_trained(tmp_path, caplog):
     assert (merged / TRAINED_TEMPLATE).read_text() == saved.read_text()
     again = served.save_pretrained(tmp_path / "saved")  # (the Python API's merged save too)
     assert (again / TRAINED_TEMPLATE).read_text() == saved.read_text()
+    # a new run over it in the format the base serves leaves no earlier run's file behind
+    data = tmp_path / "data"
+    recipe = tiny_stage1_recipe(
+        base, data, template="auto", cutoff_len=256, max_steps=1, save_steps=1,
+        output_dir=str(out), overwrite_output_dir=True,
+    )  # fmt: skip
+    run_stage1(load_config(None, as_overrides(recipe)))
+    assert not saved.exists() and not (out / "checkpoint-1" / TRAINED_TEMPLATE).exists()

@@ -80,6 +80,7 @@ class FluidModelMeta:
     base_model: str | None = None
     stage: str = "fluid_stage1"
     template: str | None = None  # what Stage I formatted with: a name, or "auto" (None: unrecorded)
+    k_masks: int | None = None  # Stage I's MASK slots per anchor (None: unrecorded)
     # a merged model (``fluid merge``): the base and adapter it was merged from, so a K-head
     # trained on that base + adapter loads on it (and a head trained on it, on them)
     source_fingerprint: str | None = None

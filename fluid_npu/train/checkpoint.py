@@ -14,7 +14,9 @@ and every JSON file parse, weights are present, each ``*.safetensors`` file is e
 its header says, and each torch archive (optimizer, scheduler, RNG, DeepSpeed shards) has its zip
 directory intact. A truncated or corrupt checkpoint is a ``CheckpointError`` naming the file, raised
 before the Trainer touches it. ``resume_from_checkpoint: true`` picks the newest checkpoint that
-passes (``last_complete_checkpoint``), skipping damaged ones with a warning.
+passes (``last_complete_checkpoint``), skipping damaged ones with a warning. A checkpoint without
+the optimizer's state (``save_only_model``) cannot continue a run as it would have gone on, and a
+run's folder given as a checkpoint is named as such.
 """
 
 from __future__ import annotations
@@ -157,6 +159,26 @@ def _has_weights(ckpt: Path) -> bool:
     return any(ckpt.glob("global_step*")) or any(ckpt.glob("pytorch_model_fsdp*"))
 
 
+def _has_optimizer(ckpt: Path) -> bool:
+    """Whether the Trainer saved its optimizer there (a file, FSDP's folder, DeepSpeed's)."""
+    return any(
+        p.name.startswith("optimizer") or (p.is_dir() and p.name.startswith("global_step"))
+        for p in ckpt.iterdir()
+    )
+
+
+def finished_at(ckpt: str | Path, max_steps: int, epochs: float) -> int | None:
+    """The step checkpoint ``ckpt`` ended its run at, where it reached the end a run of
+    ``max_steps`` (> 0) or, without one, of ``epochs`` would train to; else None. transformers'
+    Trainer resumed there trains one step past it."""
+    state = json.loads((Path(ckpt) / TRAINER_STATE).read_text(encoding="utf-8"))
+    step, total = state.get("global_step"), state.get("max_steps")
+    if max_steps > 0:
+        return step if step >= max_steps else None
+    same_epochs = epochs <= (state.get("num_train_epochs") or 0)
+    return step if same_epochs and isinstance(total, int) and total and step >= total else None
+
+
 def validate_checkpoint(path: str | Path) -> Path:
     """Return ``path`` when it is a complete Trainer checkpoint, else raise a CheckpointError."""
     ckpt = Path(path)
@@ -166,6 +188,14 @@ def validate_checkpoint(path: str | Path) -> Path:
             "directory of an earlier run, or true for the last complete one in output_dir"
         )
     state = ckpt / TRAINER_STATE
+    if not state.is_file() and checkpoint_step(ckpt) is None:  # (a run's folder, a model's)
+        last = last_complete_checkpoint(ckpt)
+        raise CheckpointError(
+            f"resume_from_checkpoint {str(ckpt)!r} is a run's output_dir or a model folder, not "
+            "a checkpoint: pass one of its checkpoint-N directories"
+            + (f" (its last complete one: {last})" if last else "")
+            + ", or resume_from_checkpoint: true with output_dir set to the run's folder"
+        )
     if not state.is_file():
         raise _bad(ckpt, state, "is missing (the save did not finish)")
     data = _check_json(ckpt, state)
@@ -173,6 +203,13 @@ def validate_checkpoint(path: str | Path) -> Path:
         raise _bad(ckpt, state, "has no global_step")
     if not _has_weights(ckpt):
         raise _bad(ckpt, ckpt / WEIGHT_FILES[0], "is missing: the checkpoint holds no weights")
+    if not _has_optimizer(ckpt):  # (save_only_model: the run cannot go on as it would have)
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds the weights only (no optimizer state: saved with "
+            "save_only_model), so a resume would restart the schedule and the optimizer; "
+            "continue from its weights as a new run (adapter_name_or_path: the checkpoint), or "
+            "resume from a checkpoint saved without save_only_model"
+        )
     for file in sorted(p for p in ckpt.rglob("*") if p.is_file()):
         if file.suffix == ".safetensors":
             _check_safetensors(ckpt, file)

@@ -34,6 +34,7 @@ from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
+from fluid_npu.data.template_export import TRAINED_TEMPLATE
 from fluid_npu.errors import ConfigError, FluidError
 from fluid_npu.io import FINAL_STAGING, publish_dir
 from fluid_npu.model.legacy_config import add_legacy_keys
@@ -410,4 +411,7 @@ def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, extra: list[A
         before = {p.name for p in stage.iterdir()}
         item.save(stage)
         last = sorted({p.name for p in stage.iterdir()} - before)
+    stale = output_dir / TRAINED_TEMPLATE  # (an earlier save's: this run serves as it trained)
+    if not (stage / TRAINED_TEMPLATE).exists() and stale.is_file():
+        stale.unlink()
     publish_dir(stage, output_dir, last=last)

@@ -21,9 +21,10 @@ logs and anything else no run writes do not count):
 
 ``check_resume`` compares what a checkpoint records (``recorded_settings``: stage, LoRA or full
 fine-tuning, LoRA rank and target modules, ``k_masks``, the learning rate, the base model's and
-Stage I adapter's fingerprints) with this run's, so a checkpoint that cannot continue this run is
-one error naming the difference instead of a state_dict traceback (or, for the learning rate, a
-run that silently keeps the old one). ``prepare_run_dir`` does both for a stage: the
+Stage I adapter's fingerprints, Stage I's template) with this run's, so a checkpoint that cannot
+continue this run is one error naming the difference instead of a state_dict traceback (or, for
+the learning rate, a run that silently keeps the old one); a checkpoint at the run's last step is
+refused (the run has finished there). ``prepare_run_dir`` does both for a stage: the
 main process claims the directory while the others wait for its answer.
 """
 
@@ -36,12 +37,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fluid_npu.data.template_export import TRAINED_TEMPLATE
 from fluid_npu.errors import ConfigError
 from fluid_npu.io import FINAL_STAGING, RUN_FILE
 from fluid_npu.model.adapters import META_FILE
 from fluid_npu.model.khead import CONFIG as KHEAD_CONFIG
 from fluid_npu.model.khead import WEIGHTS as KHEAD_WEIGHTS
-from fluid_npu.train.checkpoint import PREFIX, STAGING_PREFIX, checkpoint_step, resolve_resume
+from fluid_npu.train.checkpoint import (
+    PREFIX,
+    STAGING_PREFIX,
+    checkpoint_step,
+    finished_at,
+    resolve_resume,
+)
 from fluid_npu.train.khead_report import PLOT_FILE
 
 logger = logging.getLogger(__name__)
@@ -73,6 +81,7 @@ COMPANION_FILES = frozenset(
         "README.md",
         PLOT_FILE,
         "chat_template.jinja",
+        TRAINED_TEMPLATE,
         "chat_template.json",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -280,6 +289,8 @@ def recorded_settings(ckpt: str | Path) -> dict[str, Any]:
     meta = _json(d / META_FILE)
     if meta is not None:
         rec.update(stage=meta.get("stage"), base_fingerprint=meta.get("base_fingerprint"))
+        if meta.get("stage", "fluid_stage1") == "fluid_stage1":  # (what Stage I trained with)
+            rec.update(template=meta.get("template"), k_masks=meta.get("k_masks"))
     rec["learning_rate"] = _learning_rate(d / "scheduler.pt")
     return {k: v for k, v in rec.items() if v is not None}
 
@@ -363,5 +374,12 @@ def prepare_run_dir(cfg: Any, args: Any, settings: dict[str, Any]) -> str | None
 
     resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
     check_resume(resume, settings)
+    done = None if resume is None else finished_at(resume, t.max_steps, t.num_train_epochs)
+    if done is not None:  # (transformers' Trainer would train a step past the end)
+        raise ConfigError(
+            f"resume_from_checkpoint {resume!r} is at step {done}, where the run ends "
+            f"(max_steps / num_train_epochs): it has finished; its weights are the run's final "
+            "ones (fluid merge or adapter_name_or_path take them), or raise max_steps to train on"
+        )
     main_process_builds(claim, "output_dir")  # (checks only: clear_earlier_run removes)
     return resume

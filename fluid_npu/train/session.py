@@ -87,6 +87,8 @@ class TrainingSession:
                     "lora_rank": f.lora_rank if lora else None,
                     "lora_alpha": f.lora_alpha if lora else None,  # (it scales what trained)
                     "learning_rate": cfg.train.learning_rate}  # fmt: skip
+        if stage == "fluid_stage1":  # (what the examples and the layout were built with)
+            settings.update(template=cfg.data.template or AUTO, k_masks=cfg.fluid.k_masks)
         self.resume = prepare_run_dir(cfg, self.args, settings)
         created = not Path(cfg.train.output_dir).exists()
         self.output_dir = prepare_output_dir(cfg.train.output_dir)
@@ -302,6 +304,7 @@ class TrainingSession:
             base_model=self.base_source,
             stage=self.stage,
             template=self.cfg.data.template or AUTO,
+            k_masks=self.cfg.fluid.k_masks if self.stage == "fluid_stage1" else None,
         )
         # every checkpoint-N and the final output: an adapter's carry its generation config (its
         # EOS ids: a template's turn end, data/template_export.py; a full model saves its own)
@@ -313,8 +316,12 @@ class TrainingSession:
         trainer.checkpoint_files = files
         clear_earlier_run(self.cfg)  # overwrite_output_dir: only now that every check passed
         result = trainer.train(resume_from_checkpoint=self.resume)
-        if trainer.eval_dataset is not None and _last_eval_step(trainer) != result.global_step:
-            trainer.evaluate()  # the final weights' held-out losses, whatever eval_steps was
+        best = getattr(trainer.state, "best_global_step", None)  # (load_best_model_at_end)
+        reloaded = trainer.args.load_best_model_at_end and best not in (None, result.global_step)
+        if trainer.eval_dataset is not None and (
+            reloaded or _last_eval_step(trainer) != result.global_step
+        ):  # the final weights' held-out losses (the best checkpoint's, when it was loaded)
+            trainer.evaluate()
         figures = trainer.run_figures(requested_parallelism(self.cfg))
         self.precision_record = observe_trained(self.precision, self.model, trainer)
         save_final(trainer, self.tokenizer, self.output_dir, files)

@@ -44,6 +44,7 @@ from fluid_npu.layout import LayoutConfig
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.khead import HEAD_PREFIX, KHead, KHeadConfig, save_khead
+from fluid_npu.train.checkpoint import last_complete_checkpoint
 from fluid_npu.train.common import (
     FluidTrainer,
     fill_hidden_size_autos,
@@ -83,6 +84,17 @@ def load_stage1(cfg: FluidConfig, dtype: torch.dtype | None) -> LoadedFluid:
         )
     meta_dir = Path(adapter if adapter else model_dir)
     meta = FluidModelMeta.load(meta_dir)
+    if meta is None and not meta_dir.exists():
+        raise CheckpointError(
+            f"{meta_dir} does not exist; give the Stage I run's output_dir (or one of its "
+            "checkpoint-N directories)"
+        )
+    last = last_complete_checkpoint(meta_dir) if meta is None else None
+    if last is not None:  # (a run that was stopped before its final save)
+        raise CheckpointError(
+            f"{meta_dir} holds no final Stage I output (the run did not finish its final save); "
+            f"give its last complete checkpoint, {last}, or resume the run to its end first"
+        )
     if meta is None:
         older = (meta_dir / "trainer_state.json").is_file()  # a checkpoint-N of an older fluid-npu
         raise CheckpointError(
