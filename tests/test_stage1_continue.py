@@ -127,6 +127,14 @@ def test_continuing_refuses_what_does_not_match(parent, tiny_model_dir, tmp_path
     with pytest.raises(CheckpointError, match="not a LoRA adapter directory"):
         _run(tiny_model_dir, data, tmp_path / "b", max_steps=1,
              adapter_name_or_path=str(tiny_model_dir))  # fmt: skip
+    with pytest.raises(CheckpointError, match="no-such-run does not exist"):  # (misspelt)
+        _run(tiny_model_dir, data, tmp_path / "b", max_steps=1,
+             adapter_name_or_path=str(tmp_path / "no-such-run"))  # fmt: skip
+    stopped = tmp_path / "stopped"  # (a run stopped before its final save: checkpoints only)
+    shutil.copytree(out, stopped / "checkpoint-3", ignore=shutil.ignore_patterns("checkpoint-*"))
+    with pytest.raises(CheckpointError, match=r"its last checkpoint is .*stopped/checkpoint-3"):
+        _run(tiny_model_dir, data, tmp_path / "b", max_steps=1,
+             adapter_name_or_path=str(stopped))  # fmt: skip
     other = save_tiny(tmp_path / "other-base", "llama", seed=1)
     with pytest.raises(CheckpointError, match="trained on another base model"):
         _run(other, data, tmp_path / "c", max_steps=1, adapter_name_or_path=str(out))

@@ -82,9 +82,20 @@ def check_weights(files: list[Path], fix: str) -> None:
 def check_adapter_dir(path: Path, what: str) -> None:
     """A CheckpointError unless ``path`` holds a LoRA adapter's config and whole weights
     (``what``: what the directory should have been)."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; {what}")
     if not (path / "adapter_config.json").is_file():
-        raise CheckpointError(f"{path} is not a LoRA adapter directory (no adapter_config.json); "
-                              f"{what}")  # fmt: skip
+        saved = sorted(
+            (int(c.name.split("-")[1]), c) for c in path.glob("checkpoint-*")
+            if c.name.split("-")[1].isdigit() and (c / "adapter_config.json").is_file()
+        )  # fmt: skip
+        stopped = (
+            f" — a run stopped before its final save? its last checkpoint is {saved[-1][1]}"
+            if saved else ""
+        )  # fmt: skip
+        raise CheckpointError(
+            f"{path} is not a LoRA adapter directory (no adapter_config.json{stopped}); {what}"
+        )
     weights = path / "adapter_model.safetensors"
     if not weights.is_file() and not (path / "adapter_model.bin").is_file():
         raise CheckpointError(
