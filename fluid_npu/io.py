@@ -32,6 +32,8 @@ def prepare_output_dir(path: str | Path, name: str = "output_dir") -> Path:
     """Create ``path`` when needed and check it is writable; a ConfigError names it (as ``name``,
     the setting or flag it came from) otherwise."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{name} {str(out)!r} is a file, not a folder; give a folder path")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True):

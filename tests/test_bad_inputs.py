@@ -287,6 +287,9 @@ CASES: dict[str, Case] = {
     "output-dir-under-a-file": Case(
         lambda w, o: _stage1(w, o, output_dir=w.data / "demo.jsonl" / "run"), "is not writable"
     ),
+    "output-dir-is-a-file": Case(
+        lambda w, o: _stage1(w, o, output_dir=w.data / "demo.jsonl"), "is a file, not a folder"
+    ),
     "deepspeed-json-missing": Case(
         lambda w, o: _stage1(w, o, deepspeed=w.root / "ds.json"), "does not exist"
     ),
