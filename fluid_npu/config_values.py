@@ -82,3 +82,17 @@ def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "")
+
+
+def json_object(text: str, flag: str, example: str) -> dict[str, Any]:
+    """A flag's JSON object text as a dict; anything else is a ``ConfigError`` naming ``flag``
+    and showing ``example``."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} takes a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} takes a JSON object, e.g. '{example}'")
+    return value

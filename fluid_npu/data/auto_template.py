@@ -103,16 +103,18 @@ class TokenizerChatTemplate:
         messages): trained on it, the model learns calls and answers whose grounds it never saw.
         A system prompt it leaves out is named in a warning: the server leaves it out too, so the
         examples stay as served. Each asked once, of the first conversation that has it."""
-        probes: dict[str, tuple[tuple[list[dict], Any], tuple[list[dict], Any]]] = {}
-        if tools:
-            probes["the tools"] = ((messages, tools), (messages, None))
-        for kind, role in (("the tool results", "tool"), ("the system prompt", "system")):
-            if any(m["role"] == role for m in messages):
-                one, two = ([{**m, "content": c} if m["role"] == role else m for m in messages]
-                            for c in ("0", "1"))  # fmt: skip
-                probes[kind] = ((one, tools), (two, tools))
-        for kind, (one, two) in probes.items():
-            if kind not in self._rendered:
+        roles = {m["role"] for m in messages}
+        for kind, role, here in (("the tools", None, bool(tools)),
+                                 ("the tool results", "tool", "tool" in roles),
+                                 ("the system prompt", "system", "system" in roles)):  # fmt: skip
+            if not here:
+                continue
+            if kind not in self._rendered:  # (asked once: the stand-ins are built only then)
+                if role is None:
+                    one, two = (messages, tools), (messages, None)
+                else:
+                    one, two = (([{**m, "content": c} if m["role"] == role else m
+                                  for m in messages], tools) for c in ("0", "1"))  # fmt: skip
                 self._rendered[kind] = self._differ(tokenizer, one, two)
                 if not self._rendered[kind] and kind == "the system prompt":
                     logger.warning(

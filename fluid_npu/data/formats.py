@@ -33,6 +33,7 @@ from fluid_npu.data.templates import (
     Conversation,
     RowError,
 )
+from fluid_npu.data.tool_turns import openai_turns
 from fluid_npu.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -349,7 +350,7 @@ def _sharegpt(
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise RowError(f"column {column!r} must be a list of message objects")
     if openai:
-        messages = _openai_turns(messages, tags)
+        messages = openai_turns(messages, tags)
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
     system = _text(row.get(cols["system"]) if cols["system"] else None, "the system", False)
     start = 0
@@ -401,46 +402,6 @@ def _tools(row: Mapping[str, Any], cols: Mapping[str, str | None]) -> str | None
             raise RowError(f"column {cols['tools']!r} must be JSON text or a list of tools")
         tools = json.dumps(tools, ensure_ascii=False)
     return tools or None
-
-
-# how consecutive tool results become one observation turn, as LLaMA-Factory's converter joins
-# them (``tool_turns`` splits them again for a tokenizer's template)
-RESULTS_JOIN = "\n</tool_response>\n<tool_response>\n"
-
-
-def _openai_turns(messages: list[Any], tags: Mapping[str, str]) -> list[Any]:
-    """OpenAI's messages as LLaMA-Factory's ``openai`` formatting reads them: an assistant
-    message's ``tool_calls`` become a function-call turn (the calls' ``function`` objects as JSON),
-    and consecutive tool results one observation turn, in the order of the calls they answer
-    (their ``tool_call_id``s) where every result names one of them."""
-    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
-    out: list[Any] = []
-    results: list[tuple[Any, Any]] = []  # (tool_call_id, content)
-    order: list[Any] = []  # the ids of the last calls
-    for message in messages:
-        role, content = message.get(role_tag), message.get(content_tag)
-        calls = message.get("tool_calls")
-        if role in (tags["assistant_tag"], tags["function_tag"]) and calls:
-            if not isinstance(calls, list) or not all(
-                isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls
-            ):
-                raise RowError('tool_calls must be a list of {"function": {...}} objects')
-            role = tags["function_tag"]
-            content = json.dumps([c["function"] for c in calls], ensure_ascii=False)
-            order = [c.get("id") for c in calls]
-        if role == tags["observation_tag"]:
-            results.append((message.get("tool_call_id"), content))
-            continue
-        if results:
-            answered = [i for i, _ in results]
-            if sorted(map(str, answered)) == sorted(map(str, order)) and None not in answered:
-                place = {str(i): n for n, i in reversed(list(enumerate(order)))}
-                results.sort(key=lambda r: place[str(r[0])])
-            joined = RESULTS_JOIN.join(str(c) for _, c in results)
-            out.append({role_tag: tags["observation_tag"], content_tag: joined})
-            results = []
-        out.append({**message, role_tag: role, content_tag: content})
-    return out  # (tool results at the very end are dropped, as LLaMA-Factory's converter does)
 
 
 def to_conversation(row: Mapping[str, Any], spec: DatasetSpec) -> Conversation:

@@ -36,9 +36,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fluid_npu.data.formats import RESULTS_JOIN
 from fluid_npu.data.templates import _PLACEHOLDER, EXPORT_MARK, ChatTemplate, Template
 from fluid_npu.data.templates import _tokenizer_adds_bos as adds_bos
+from fluid_npu.data.tool_turns import RESULTS_JOIN
 from fluid_npu.io import write_text_atomic
 
 logger = logging.getLogger(__name__)

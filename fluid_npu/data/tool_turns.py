@@ -2,7 +2,8 @@
 
 LLaMA-Factory's data write a tool call as a ``function_call`` turn whose content is JSON —
 ``{"name": ..., "arguments": {...}}`` or a list of such objects — and a tool's answer as an
-``observation`` turn (``formatting: openai`` rows reach the same two turns, ``formats.py``). The
+``observation`` turn (``formatting: openai`` rows reach the same two turns: ``openai_turns``,
+which ``formats.py`` calls, joining consecutive results with ``RESULTS_JOIN``). The
 named templates write the calls in their model's format (``call_formats.py``) and the results
 where their format strings say. A tokenizer's own Jinja
 template instead renders tool calls from an assistant message's structured ``tool_calls`` and
@@ -23,10 +24,10 @@ write it as given).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from fluid_npu.data.call_formats import function_calls
-from fluid_npu.data.formats import RESULTS_JOIN
 from fluid_npu.data.templates import (
     ASSISTANT,
     FUNCTION,
@@ -36,6 +37,46 @@ from fluid_npu.data.templates import (
     RowError,
 )
 from fluid_npu.errors import DataError
+
+# how consecutive tool results become one observation turn, as LLaMA-Factory's converter joins
+# them (``tool_turns`` splits them again for a tokenizer's template)
+RESULTS_JOIN = "\n</tool_response>\n<tool_response>\n"
+
+
+def openai_turns(messages: list[Any], tags: Mapping[str, str]) -> list[Any]:
+    """OpenAI's messages as LLaMA-Factory's ``openai`` formatting reads them: an assistant
+    message's ``tool_calls`` become a function-call turn (the calls' ``function`` objects as JSON),
+    and consecutive tool results one observation turn, in the order of the calls they answer
+    (their ``tool_call_id``s) where every result names one of them."""
+    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+    out: list[Any] = []
+    results: list[tuple[Any, Any]] = []  # (tool_call_id, content)
+    order: list[Any] = []  # the ids of the last calls
+    for message in messages:
+        role, content = message.get(role_tag), message.get(content_tag)
+        calls = message.get("tool_calls")
+        if role in (tags["assistant_tag"], tags["function_tag"]) and calls:
+            if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls
+            ):
+                raise RowError('tool_calls must be a list of {"function": {...}} objects')
+            role = tags["function_tag"]
+            content = json.dumps([c["function"] for c in calls], ensure_ascii=False)
+            order = [c.get("id") for c in calls]
+        if role == tags["observation_tag"]:
+            results.append((message.get("tool_call_id"), content))
+            continue
+        if results:
+            answered = [i for i, _ in results]
+            if sorted(map(str, answered)) == sorted(map(str, order)) and None not in answered:
+                place = {str(i): n for n, i in reversed(list(enumerate(order)))}
+                results.sort(key=lambda r: place[str(r[0])])
+            joined = RESULTS_JOIN.join(str(c) for _, c in results)
+            out.append({role_tag: tags["observation_tag"], content_tag: joined})
+            results = []
+        out.append({**message, role_tag: role, content_tag: content})
+    return out  # (tool results at the very end are dropped, as LLaMA-Factory's converter does)
+
 
 _PLAIN_ROLES = {USER: "user", ASSISTANT: "assistant", OBSERVATION: "tool", FUNCTION: "assistant"}
 

@@ -88,17 +88,14 @@ def setting(generation_config: Any, override: Mapping[str, Any] | None, name: st
 def check_override(given: Any, name: str, keys: tuple[str, ...] = OVERRIDABLE) -> dict[str, Any]:
     """vLLM's ``override_generation_config`` (a dict, or its JSON text), checked: only the
     settings read as defaults (``keys``), each a finite number; an error names ``name``."""
-    import json
-
+    from fluid_npu.config_values import json_object
     from fluid_npu.errors import ConfigError
 
+    example = '{"temperature": 0.6}'
     if isinstance(given, str):
-        try:
-            given = json.loads(given)
-        except ValueError as exc:
-            raise ConfigError(f"{name}: not JSON ({exc})") from None
+        given = json_object(given, name, example)
     if not isinstance(given, Mapping):
-        raise ConfigError(f'{name} takes a JSON object such as {{"temperature": 0.6}}')
+        raise ConfigError(f"{name} takes a JSON object, e.g. '{example}'")
     for key, value in given.items():
         if key not in keys:
             raise ConfigError(f"{name}: {key!r} is not a setting it overrides; give some of {keys}")

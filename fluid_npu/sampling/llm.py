@@ -438,16 +438,6 @@ class LLM(VLLMOtherTasks):
 
 
 __all__ = [
-    "LLM",
-    "CompletionOutput",
-    "Counter",
-    "Gauge",
-    "Logprob",
-    "Metric",
-    "RequestOutput",
-    "SamplingParams",
-    "StructuredOutputsParams",
-    "TextPrompt",
-    "TokensPrompt",
-    "Vector",
-]
+    "LLM", "CompletionOutput", "Counter", "Gauge", "Logprob", "Metric", "RequestOutput",
+    "SamplingParams", "StructuredOutputsParams", "TextPrompt", "TokensPrompt", "Vector",
+]  # fmt: skip

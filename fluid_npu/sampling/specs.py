@@ -11,9 +11,9 @@ naming it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from fluid_npu.config_values import json_object
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.grammar import KINDS, Grammar, GrammarCompiler, GrammarError
 
@@ -52,15 +52,7 @@ def structured_spec(given: dict[str, Any]) -> tuple[str, Any, bool]:
 
 def json_object_flag(text: str | None, flag: str) -> dict[str, Any] | None:
     """A flag's JSON object (None: not given); anything else is a ``ConfigError`` naming it."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{flag} takes a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f'{flag} takes a JSON object, e.g. \'{{"regex": "[0-9]+"}}\'')
-    return value
+    return None if text is None else json_object(text, flag, '{"regex": "[0-9]+"}')
 
 
 def flag_grammar(given: dict[str, Any] | None, tokenizer: Any, model: Any) -> Grammar | None:
