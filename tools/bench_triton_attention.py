@@ -23,6 +23,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ def stage1_layout(
     return AttnMeta.self_attention(pos, anchor, n_main=n_main)
 
 
-def timed(fn, warmup: int, iters: int, device: torch.device) -> float:
+def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
     """Median milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs.
 
     Each run is timed with ``time.perf_counter`` between two synchronizations of ``device``, so the

@@ -12,12 +12,23 @@ cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 PY="${PY:-.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
+# versions: the ones this project's tests run with (read from the environment, so they never drift)
+NAMES=(transformers fastapi starlette uvicorn pydantic pydantic-core annotated-types
+       typing-inspection opentelemetry-api xgrammar apache-tvm-ffi)
+PINS_TEXT=$("$PY" - "${NAMES[@]}" <<'PYEOF'
+import importlib.metadata as md
+import sys
+
+for name in sys.argv[1:]:
+    try:
+        print(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        sys.exit(f"{name} is not installed in this environment: run `bash run_npu.sh test` first")
+PYEOF
+)  # a missing package stops the script here (set -e)
+mapfile -t PINS <<< "$PINS_TEXT"
 rm -rf .whl && mkdir -p .whl
-# versions: the ones this project's tests run with (pip show in .venv)
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    transformers==5.24.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 \
-    pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-    opentelemetry-api==1.45.2 xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${PINS[@]}"
 du -sh .whl
