@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from sentencepiece_like import byte_fallback_tokenizer
 
 from fluid_npu.model.tiny import build_tiny_tokenizer
 from fluid_npu.sampling.detok import Detokenizer
@@ -293,36 +294,13 @@ def test_detokenizer_streams_the_decoded_text(tok):
     assert d.tokens_used == 2
 
 
-def _byte_fallback_tokenizer():
-    """A Llama 2 / Mistral-style tokenizer built offline: SentencePiece-like BPE over single
-    characters with ``<0xNN>`` byte-fallback tokens, ``▁`` for spaces."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"])}
-    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
-    for ch in "▁abcdefghijklmnopqrstuvwxyz.,!?":
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-    )
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-         decoders.Strip(" ", 1, 0)]
-    )  # fmt: skip
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 @pytest.mark.parametrize("kind", ["byte_level", "byte_fallback"])
 def test_detokenizer_never_streams_a_replacement_character(tok, kind):
     """Multi-byte characters split over tokens: a byte-fallback tokenizer spells a whole run of
     byte tokens as U+FFFDs (complete characters in it too) until the run ends; streamed a token
     or a few at a time, with or without stop strings, the text is the whole decode's, and no
     piece carries a U+FFFD."""
-    tk = tok if kind == "byte_level" else _byte_fallback_tokenizer()
+    tk = tok if kind == "byte_level" else byte_fallback_tokenizer()
     for answer in ("hi 😀 €, 日本", "a😀😀b €€ x", "日本語 🎉!"):
         ids = [*_ids(tk, answer), tk.eos_token_id]
         whole = tk.decode(ids, skip_special_tokens=True)
@@ -343,7 +321,7 @@ def test_detokenizer_spells_the_output_as_it_reads_after_its_prompt():
     from fluid_npu.sampling.detok import output_text
     from fluid_npu.sampling.stops import stop_cut
 
-    tk = _byte_fallback_tokenizer()
+    tk = byte_fallback_tokenizer()
     prompt, whole = _ids(tk, "the capital is"), _ids(tk, "the capital is paris. i like it")
     out = whole[len(prompt) :]
     assert tk.decode(out) == "paris. i like it"  # decoded alone: the space is gone
@@ -369,7 +347,7 @@ def test_detokenizer_spells_the_output_as_it_reads_after_its_prompt():
 
 @pytest.mark.parametrize("kind", ["byte_level", "byte_fallback"])
 def test_logprob_tokens_carry_their_own_bytes(tok, kind):
-    tk = tok if kind == "byte_level" else _byte_fallback_tokenizer()
+    tk = tok if kind == "byte_level" else byte_fallback_tokenizer()
     words = TokenText(tk)
     assert (words.byte_level, words.byte_fallback) == (kind == "byte_level", kind != "byte_level")
     ids = _ids(tk, "héllo 😀 日本")

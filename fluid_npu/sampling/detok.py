@@ -16,8 +16,12 @@ The text is what the tokens spell *after the prompt*, as vLLM and transformers' 
 pipeline return it: the last prompt tokens are decoded as context before the first output tokens,
 so a SentencePiece tokenizer (Llama 2, Mistral, Gemma), which drops the leading space of a text,
 keeps the space that separates the completion from the prompt (``" Paris"`` after ``"… is"``,
-not ``"Paris"``). The context also never consists of skipped special tokens alone: such a context
-spells nothing, and the space after a special token mid-output would be dropped in the same way.
+not ``"Paris"``). The context is taken longer (``context_ids``) where its last ``PROMPT_CONTEXT``
+tokens would begin inside a character — a byte-fallback decoder spells a whole run of byte tokens as
+U+FFFDs when the run begins mid-character, the output's own bytes included — or spell only
+whitespace (a SentencePiece decoder drops every leading space, so such a context spells nothing).
+A chunk of the output that spells nothing or only whitespace (skipped special tokens, a run of
+``"▁"``) is never the context alone either, for the same reason.
 An EOS token that ends the output (``eos_ids``) is counted but never spelled, as vLLM leaves it out
 of the text — whether or not the tokenizer calls it special, and whether or not special tokens are
 written. ``spelled`` names special tokens that are written out after all (openPangu's tool-call
@@ -30,7 +34,21 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-PROMPT_CONTEXT = 4  # prompt tokens decoded before the output's first ones
+PROMPT_CONTEXT = 4  # prompt tokens decoded before the output's first ones (at least)
+CONTEXT_LIMIT = 4 * PROMPT_CONTEXT  # ... and at most, however they spell
+WINDOW_LIMIT = 64  # tokens of whitespace-only chunks a context may grow by before it moves on
+
+
+def context_ids(tokenizer: Any, prompt: Sequence[int], skip_special: bool = True) -> list[int]:
+    """The prompt's last tokens an output's text is decoded after: ``PROMPT_CONTEXT`` of them, more
+    (up to ``CONTEXT_LIMIT``) while their text begins inside a character or is only whitespace."""
+    n = min(PROMPT_CONTEXT, len(prompt))
+    while n < min(len(prompt), CONTEXT_LIMIT):
+        head = tokenizer.decode(list(prompt[-n:]), skip_special_tokens=skip_special)
+        if head.strip() and not head.startswith("\ufffd"):
+            break
+        n += 1
+    return [int(t) for t in prompt[len(prompt) - n :]]
 
 
 class Detokenizer:
@@ -57,7 +75,7 @@ class Detokenizer:
         self.min_tokens = min_tokens
         self.floor = 0  # characters of ``text`` the first min_tokens tokens spell (no stop ends in)
         self.eos = frozenset(int(t) for t in eos_ids)
-        self.ids: list[int] = [int(t) for t in prompt[-PROMPT_CONTEXT:]] if prompt else []
+        self.ids = context_ids(tokenizer, prompt, skip_special) if prompt else []
         self.start = len(self.ids)  # ids[:start]: prompt context; ids[start:]: the output's
         self.head = self._decode(self.ids)  # the context's own text (not part of the output)
         self.ended = 0  # EOS tokens taken (counted, never spelled)
@@ -161,9 +179,11 @@ class Detokenizer:
             self.text = self._whole()
         else:
             self.text = self.text[: self.settled] + now[len(before) :]
-        spelled = len(self.text) > self.settled
+        spelled = bool(self.text[self.settled :].strip())
         self.settled = len(self.text)
-        if spelled:  # a chunk that spelled nothing (skipped special tokens) is no context alone
+        # a chunk that spelled nothing (skipped special tokens) or only whitespace is no context
+        # alone: decoded first, its text would be lost (a SentencePiece decoder drops it)
+        if spelled or self.read - self.prefix > WINDOW_LIMIT:
             self.prefix = self.read
         self.read = len(self.ids)
 

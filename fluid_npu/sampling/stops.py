@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fluid_npu.sampling.detok import PROMPT_CONTEXT
+from fluid_npu.sampling.detok import context_ids
 from fluid_npu.sampling.requests import Slot
 
 
@@ -57,6 +57,11 @@ def stop_cut(
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+    # not from inside a character: a byte-fallback decoder would spell the whole run of byte
+    # tokens it cuts as U+FFFDs, a stop string in them too
+    while len(before) < len(earlier) and decode(before[:4]).startswith("\ufffd"):
+        before.insert(0, earlier[-len(before) - 1])
 
     kept = max(0, context - (len(earlier) - len(before)))  # prompt tokens still in the window
     floor = len(decode(before[:kept])) if kept else 0
@@ -109,12 +114,12 @@ class StopsMixin:
         reset = s.req.stop_reset
         if reset is not None and reset in recent:  # the text after the last reset
             last = len(recent) - 1 - recent[::-1].index(reset)
-            tail = s.prompt[-PROMPT_CONTEXT:]
+            tail = context_ids(self.tokenizer, s.prompt, s.req.skip_special)
             earlier, context = [*tail, *recent[last:]], len(tail) + 1
         elif s.req.stop_in_prompt and len(new) < window:
             earlier, context = [*s.prompt[-window:], *new], 0
         elif len(new) < window:  # the output's text as the server spells it after its prompt
-            tail = s.prompt[-PROMPT_CONTEXT:]
+            tail = context_ids(self.tokenizer, s.prompt, s.req.skip_special)
             earlier, context = [*tail, *new], len(tail)
         else:
             earlier, context = new, 0

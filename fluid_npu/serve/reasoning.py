@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.detok import PROMPT_CONTEXT, Detokenizer
+from fluid_npu.sampling.detok import Detokenizer, context_ids
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class ReasoningText:
         self.min_tokens, self.include_stop = min_tokens, include_stop  # (each part's, as one)
         self.skip_special = skip_special  # (the markers are never written either way)
         self.spelled = spelled  # special tokens the answer writes out (tool-call markers)
-        self.tail = list(prompt[-PROMPT_CONTEXT:])
+        self.tail = context_ids(tokenizer, prompt, skip_special)
         self.thinking = parser.opened(prompt)  # reasoning until the closing marker
         self.first = True  # no output token seen yet
         self.done = 0  # tokens of the parts before the current one, markers included

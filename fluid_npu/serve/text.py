@@ -139,12 +139,21 @@ def _decoder_parts(tokenizer: Any) -> list[dict[str, Any]]:
     return spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
 
 
+def _byte_pieces(tokenizer: Any) -> bool:
+    """Whether the vocabulary spells bytes as SentencePiece's byte fallback does (``<0x00>`` …
+    ``<0xFF>``), for a tokenizer without a fast decoder to say so."""
+    ids = tokenizer.convert_tokens_to_ids(["<0x00>", "<0xE4>", "<0xFF>"])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return all(isinstance(i, int) and i != unk for i in ids)
+
+
 class TokenText:
     """One token's bytes and printable text (log-probabilities' ``token`` / ``bytes``), cached.
 
     Byte-level tokenizers (GPT-2, Llama 3, Qwen, SmolLM2) spell each byte with one character;
-    SentencePiece byte fallback (Llama 2, Mistral, Gemma) has ``<0xNN>`` tokens and ``▁`` for a
-    space; other tokenizers' tokens are their decoded text. A token whose bytes are not UTF-8 on
+    SentencePiece byte fallback (Llama 2, Mistral, Gemma; openPangu's slow ``PanguTokenizer``,
+    known by its ``<0xNN>`` pieces) has ``<0xNN>`` tokens and ``▁`` for a space; other tokenizers'
+    tokens are their decoded text. A token whose bytes are not UTF-8 on
     their own is written ``bytes:\\xNN…`` (as the OpenAI API writes such tokens).
     ``strip_start``: how many leading spaces the decoder drops from a text (SentencePiece's ``▁``
     before the first word), so character offsets in the returned text can leave them out.
@@ -155,8 +164,11 @@ class TokenText:
         parts = _decoder_parts(tokenizer)
         kinds = {str(p.get("type")) for p in parts}
         self.byte_level = "ByteLevel" in kinds
-        self.byte_fallback = "ByteFallback" in kinds
-        self.strip_start = sum(
+        # a slow SentencePiece tokenizer has no decoder steps to read: its byte pieces tell, and
+        # its decoder drops the leading space as the fast conversion's Strip(start=1) does
+        slow_pieces = not parts and _byte_pieces(tokenizer)
+        self.byte_fallback = "ByteFallback" in kinds or slow_pieces
+        self.strip_start = int(slow_pieces) + sum(
             int(p.get("start", 0))
             for p in parts
             if p.get("type") == "Strip" and p.get("content") == " "

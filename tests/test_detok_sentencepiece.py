@@ -1,0 +1,82 @@
+"""Text of outputs under SentencePiece tokenizers, fast (Llama 2 / Mistral's decoder) and slow
+(openPangu's ``PanguTokenizer``): Chinese and emoji split into byte tokens, runs of spaces, and
+the log-probabilities' token bytes — what ``fluid serve``, ``fluid generate`` and ``LLM`` return."""
+
+from __future__ import annotations
+
+import pytest
+from sentencepiece_like import SlowPieces, byte_fallback_tokenizer
+
+from fluid_npu.sampling.detok import Detokenizer, output_text
+from fluid_npu.sampling.stops import stop_cut
+from fluid_npu.serve.text import TokenText
+
+
+def _bytes_of(tk, text: str) -> list[int]:
+    return tk.convert_tokens_to_ids([f"<0x{b:02X}>" for b in text.encode()])
+
+
+def _streamed(tk, prompt: list[int], out: list[int], step: int = 1, stop=None) -> str:
+    d = Detokenizer(tk, stop, prompt=prompt)
+    return "".join(d.add(out[i : i + step]) for i in range(0, len(out), step)) + d.flush()
+
+
+@pytest.fixture(params=["fast", "slow"])
+def tk(request):
+    return byte_fallback_tokenizer() if request.param == "fast" else SlowPieces()
+
+
+def test_an_output_after_a_prompt_cut_inside_a_character_is_its_own_text(tk):
+    """The prompt's last four tokens begin inside "😀" (bytes of a run that continues into the
+    output's): decoded as context from there, a byte-fallback decoder spells the whole run —
+    the answer's emoji too — as U+FFFDs, and a stop string in it is never found."""
+    prompt = tk("你好😀！")["input_ids"]
+    assert tk.decode(prompt[-4:]).startswith("\ufffd")  # the case: four tokens cut "😀"
+    out = _bytes_of(tk, "🎉🎉中")
+    assert output_text(tk, prompt, out) == "🎉🎉中"
+    for step in (1, 3):
+        assert _streamed(tk, prompt, out, step) == "🎉🎉中"
+        assert _streamed(tk, prompt, out, step, stop=["中"]) == "🎉🎉"
+    from fluid_npu.sampling.detok import context_ids  # (what the engine's stop search reads too)
+
+    assert not tk.decode(context_ids(tk, prompt)).startswith("\ufffd")
+
+
+def test_a_run_of_spaces_streamed_a_token_at_a_time_keeps_every_space(tk):
+    """``a▁▁Ching`` is "a  Ching": a chunk spelling only spaces is no context alone (the slow
+    decoder drops a text's leading spaces), streamed or not."""
+    prompt = tk("北京")["input_ids"]
+    out = tk.convert_tokens_to_ids(["a", "▁", "▁", "C", "h", "i", "n", "g"])
+    whole = tk.decode([*prompt, *out], skip_special_tokens=True)
+    assert whole.endswith("北京a  Ching")
+    for step in (1, 2):
+        assert _streamed(tk, prompt, out, step) == "a  Ching", step
+    # a prompt whose last tokens are spaces: the output's first word keeps them
+    prompt = tk("北京 ")["input_ids"] + tk.convert_tokens_to_ids(["▁", "▁", "▁"])
+    assert output_text(tk, prompt, tk.convert_tokens_to_ids(["C", "h"])) == "Ch"
+    out = tk.convert_tokens_to_ids(["▁", "C", "h"])
+    assert _streamed(tk, tk("北京")["input_ids"], out) == " Ch"
+
+
+def test_the_engines_stop_window_never_begins_inside_a_character():
+    """After three or more byte-fallback emoji the stop window's first token was a character's
+    continuation byte: the run decoded as U+FFFDs and "中" in it was missed."""
+    tk = byte_fallback_tokenizer()
+    special = frozenset(tk.all_special_ids)
+    for n in (1, 2, 3, 5, 9):
+        earlier = _bytes_of(tk, "🎉" * n)
+        assert stop_cut(tk, special, earlier, _bytes_of(tk, "中"), ["中"]) == 3, n
+
+
+def test_logprob_tokens_of_a_slow_sentencepiece_tokenizer_carry_their_bytes():
+    """openPangu's slow tokenizer has no fast decoder to read: its ``<0xNN>`` pieces are bytes
+    (not U+FFFD) and ``▁`` a space, as the fast conversion of the same model spells them."""
+    slow, fast = SlowPieces(), byte_fallback_tokenizer()
+    words, fast_words = TokenText(slow), TokenText(fast)
+    assert words.byte_fallback and words.strip_start == fast_words.strip_start == 1
+    ids = slow("好😀 café 北京", add_special_tokens=False)["input_ids"]
+    assert ids == fast("好😀 café 北京", add_special_tokens=False)["input_ids"]
+    assert [words.text(t) for t in ids] == [fast_words.text(t) for t in ids]
+    assert words.bytes(slow.convert_tokens_to_ids("<0xF0>")) == b"\xf0"
+    assert words.text(slow.convert_tokens_to_ids("<0xF0>")) == "bytes:\\xf0"
+    assert b"".join(words.bytes(t) for t in ids).decode() == " 好😀 café 北京"
