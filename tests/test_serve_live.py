@@ -460,6 +460,21 @@ def test_stop_extras_min_tokens_usage_stats_and_openai_fields(server):
         done(extra_body={"stop_token_ids": [99999]})
     assert info.value.body["param"] == "stop_token_ids"
 
+    # vLLM's stop_reason: the stop string or stop token id that ended it (None: EOS, a limit)
+    def reason(stream: bool = False, **kw) -> list:
+        out = c.completions.create(model="model", prompt="abc", temperature=0, stream=stream,
+                                   **{"max_tokens": 20, **kw})  # fmt: skip
+        ends = [ch.choices[0] for ch in out if ch.choices[0].finish_reason] if stream else None
+        return [(ch.finish_reason, ch.model_extra["stop_reason"]) for ch in ends or out.choices]
+
+    assert reason() == reason(stream=True) == [("stop", None)]  # the tokenizer's EOS
+    assert reason(stop=["k", "f"]) == reason(stop=["k", "f"], stream=True) == [("stop", "f")]
+    assert reason(extra_body={"stop_token_ids": h}) == [("stop", h[0])]
+    assert reason(extra_body={"stop_token_ids": h}, stream=True) == [("stop", h[0])]
+    assert reason(max_tokens=2) == [("length", None)]
+    said = chat(stop=["fg"], extra_body=more).choices[0]
+    assert (said.finish_reason, said.model_extra["stop_reason"]) == ("stop", "fg")
+
     assert done(" ")[1] in ("stop", "length")  # whitespace: a prompt, as vLLM reads it
     for n in (0, 1):
         out = c.completions.create(model="model", prompt="hello p", max_tokens=12, logprobs=n,

@@ -404,7 +404,11 @@ def test_response_shapes():
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     last = json.loads(chat.chunk(None, "length", use).removeprefix("data: "))
     assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
-                                  "finish_reason": "length"}  # fmt: skip
+                                  "finish_reason": "length", "stop_reason": None}  # fmt: skip
+    ended = json.loads(chat.chunk(None, "stop", stop_reason="\n\n").removeprefix("data: "))
+    assert ended["choices"][0]["stop_reason"] == "\n\n"  # vLLM's: the stop string that ended it
+    assert "stop_reason" not in first["choices"][0]  # (only where it ends)
+    assert chat.choice("hi", "stop", stop_reason=7)["stop_reason"] == 7
     assert last["usage"] == use
     comp = Shape(False, "cmpl-1", "m")
     assert json.loads(comp.usage_chunk(use)[6:])["choices"] == []

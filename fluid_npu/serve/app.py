@@ -188,8 +188,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         stops = s.stop_token_ids
         gate.capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
         # the tokens that end it (EOS unless ignored, stop_token_ids) and those never spelled
-        _, ends, unspelled = end_tokens(worker.scheduler.eos_ids, stops, bool(s.ignore_eos),
-                                        s.include_stop, s.skip_special)  # fmt: skip
+        eos, ends, unspelled = end_tokens(worker.scheduler.eos_ids, stops, bool(s.ignore_eos),
+                                          s.include_stop, s.skip_special)  # fmt: skip
+        # vLLM's stop_reason names these (a generation config's further EOS ids too, not the
+        # tokenizer's own EOS)
+        named = {*stops, *(t for t in eos if t != tokenizer.eos_token_id)}
         # a chat's reasoning apart from its answer; a grammar holds the answer (structured.py)
         split = reasoning if shapes[0].chat else None
         requests = [
@@ -230,7 +233,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                 shape.echoing(len(prompts[k]), texts[k])
             reader = None if tools is None else tools.reader()  # a chat's tool calls parsed out
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
-                                   reader))  # fmt: skip
+                                   reader, named))  # fmt: skip
             gens[-1].on_close = lambda: gate.release_id(rid)
             gens[-1].parent, gens[-1].max_tokens = parents[k], limits[k]
         return gens
@@ -289,7 +292,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         except APIError as exc:  # counted once, by close (finish_reason "error"), not as a refusal
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         choices = [shape.choice("".join(text), gen.finish_reason, gen.logprobs, "".join(thought),
-                                call, gen.token_ids, gen.prompt_lps)
+                                call, gen.token_ids, gen.prompt_lps, gen.stop_reason)
                    for shape, gen, text, thought, call in zip(shapes, gens, pieces, thoughts,
                                                               calls)]  # fmt: skip
         return JSONResponse(shapes[0].answer(choices, usage(gens, s.n), gens[0].prompt_lps))

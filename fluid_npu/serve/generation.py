@@ -74,8 +74,10 @@ class Generation:
         logprobs: bool = False,
         echo: Echo | None = None,
         tools: ToolCallText | ForcedCalls | None = None,
+        stop_ids: Collection[int] = (),
     ) -> None:
         self.worker, self.metrics, self.stream, self.detok = worker, metrics, stream, detok
+        self.stop_ids = frozenset(stop_ids)  # tokens whose ending it is a stop_reason (vLLM's)
         self.echo = echo
         self.tools = tools  # a chat with tools to call: the answer's calls read out
         self.on_close: Callable[[], None] | None = None  # called once, by close
@@ -146,6 +148,17 @@ class Generation:
                         self.finish_reason = self.tools.finish_reason
             if text or entries or reasoning or calls:
                 yield text, entries, reasoning, calls
+
+    @property
+    def stop_reason(self) -> int | str | None:
+        """vLLM's ``stop_reason``: the stop string, or the stop token id, that ended the output;
+        None when it ended otherwise (the tokenizer's EOS, a length limit, tool calls)."""
+        if self.finish_reason != "stop":
+            return None
+        if self.detok.stopped:
+            return self.detok.matched
+        last = self.token_ids[-1] if self.token_ids else None
+        return last if last in self.stop_ids else None
 
     def take_ids(self) -> list[int]:
         """The output's token ids no earlier call returned (a stream's chunk carries them)."""
@@ -358,7 +371,8 @@ async def events(
             # or in its own chunk when asked for, as OpenAI's; continuous: the choice's own)
             last = usage(gens, s.n) if not open_ and not s.include_usage else so_far(n)
             yield shapes[n].chunk(None if shapes[n].chat else "", gens[n].finish_reason, last,
-                                  token_ids=gens[n].take_ids())  # fmt: skip
+                                  token_ids=gens[n].take_ids(),
+                                  stop_reason=gens[n].stop_reason)  # fmt: skip
         if s.include_usage:
             yield shapes[0].usage_chunk(usage(gens, s.n))
         yield DONE

@@ -145,6 +145,10 @@ class ReasoningText:
         return self.part.stopped
 
     @property
+    def matched(self) -> str | None:
+        return self.part.matched
+
+    @property
     def spelled_context(self) -> bool:
         return self.part.spelled_context
 

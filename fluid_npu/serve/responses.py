@@ -177,8 +177,10 @@ class Shape:
         tool_calls: list[dict[str, Any]] | None = None,
         token_ids: list[int] | None = None,
         prompt_lps: list[Any] | None = None,
+        stop_reason: int | str | None = None,
     ) -> dict[str, Any]:
-        """This shape's choice of a non-streamed answer (``reasoning``: the reasoning parser's
+        """This shape's choice of a non-streamed answer (``stop_reason``: vLLM's, the stop string
+        or token id that ended it; ``reasoning``: the reasoning parser's
         part, written as vLLM writes it: ``reasoning`` and ``reasoning_content``, null when the
         output had none, and a null ``content`` when only reasoning came; ``tool_calls``: the
         calls parsed out of the answer, ``tools.py``, with a null ``content`` when none came
@@ -199,6 +201,7 @@ class Shape:
             out["text"] = text
         out["logprobs"] = self.logprobs(logprobs)
         out["finish_reason"] = finish_reason
+        out["stop_reason"] = stop_reason
         if self.prompt_top is not None and not self.chat:  # (a chat's: beside the choices)
             out["prompt_logprobs"] = self.prompt_logprobs(prompt_lps)
         if self.return_ids:  # vLLM's return_token_ids (a chat's prompt ids: beside the choices)
@@ -241,10 +244,12 @@ class Shape:
         reasoning: str = "",
         tool_calls: list[dict[str, Any]] | None = None,
         token_ids: list[int] | None = None,
+        stop_reason: int | str | None = None,
     ) -> str:
         """One stream event: a text delta (``None``: none), its tokens' log-probabilities, maybe
-        the end and the usage; chat with a reasoning parser: the reasoning's delta as
-        ``delta.reasoning`` / ``delta.reasoning_content`` (and no empty ``content`` beside it);
+        the end (vLLM's ``stop_reason`` beside ``finish_reason``) and the usage; chat with a
+        reasoning parser: the reasoning's delta as ``delta.reasoning`` /
+        ``delta.reasoning_content`` (and no empty ``content`` beside it);
         ``tool_calls``: the answer's calls, each whole with its ``index``."""
         lps = self.logprobs(logprobs)
         if self.chat:
@@ -271,6 +276,8 @@ class Shape:
                 "logprobs": lps,
                 "finish_reason": finish_reason,
             }
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
         self._token_ids(body, choice, token_ids)
         body["choices"] = [choice]
         if use is not None:
