@@ -55,7 +55,8 @@ IGNORED_KEYS = {
     "use_unsloth": "not used",
     "print_param_status": "trainable parameters are logged at start",
     "preprocessing_batch_size": "rows are tokenized one at a time; the result is the same",
-    "data_shared_file_system": "every process reads the local files itself",
+    "data_shared_file_system": "rank 0 alone reads and tokenizes the datasets and sends them to "
+    "every rank (with their rows to other nodes): no file system is shared for them",
 }
 
 

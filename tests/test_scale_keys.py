@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
+import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -16,8 +19,9 @@ from synthetic import short_examples, write_short_dataset
 from fluid_npu import device as devices
 from fluid_npu.config import load_config
 from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.model.mask_token import MaskToken
 from fluid_npu.train.common import training_arguments
-from fluid_npu.train.data import main_process_builds
+from fluid_npu.train.data import load_run_data, main_process_builds
 from fluid_npu.train.stage1 import run_stage1
 
 
@@ -152,6 +156,46 @@ def test_the_main_process_builds_and_every_rank_gets_the_result(tmp_path):
     fails = sorted(p.name for p in (tmp_path / "fails").iterdir())
     assert fails == ["built-on-0", "error-0.txt", "error-1.txt"]
     assert (tmp_path / "fails" / "error-1.txt").read_text().startswith("row 3 has no response")
+
+
+def _sent_by_rank_0(monkeypatch, cfg, tokenizer, local_world_size: int) -> tuple[object, bytes]:
+    """Rank 0 of a two-process run (torch.distributed stood in for) with ``local_world_size``
+    processes on its node: the data it keeps and what it broadcasts, pickled as the collective
+    pickles it."""
+    import torch.distributed as dist
+
+    sent: list[bytes] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(
+        dist, "broadcast_object_list", lambda box, src=0: sent.append(pickle.dumps(box))
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
+    mask = MaskToken(tokenizer.mask_token, tokenizer.mask_token_id, "tokenizer")
+    kept = load_run_data(cfg, tokenizer, mask)
+    return kept, sent[0]
+
+
+def test_the_datasets_sent_to_another_node_carry_their_rows(
+    tiny_model_dir, data, tokenizer, tmp_path, monkeypatch
+):
+    """A rank on another node cannot read rank 0's datasets cache (node-local): what rank 0 sends
+    it unpickles once that cache is gone, with every row of both splits. The ranks of one node
+    read rank 0's cache file, so nothing is copied for them."""
+    cache = tmp_path / "datasets-cache"  # (rank 0's node-local cache)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    cfg = load_config(None, _overrides(tiny_model_dir, data, tmp_path / "o", val_size=6))
+    kept, blob = _sent_by_rank_0(monkeypatch, cfg, tokenizer, local_world_size=2)
+    assert kept.train.cache_files and str(cache).encode() in blob  # one node: the file's path
+    kept, blob = _sent_by_rank_0(monkeypatch, cfg, tokenizer, local_world_size=1)
+    assert kept.train.cache_files and str(cache) in kept.train.cache_files[0]["filename"]
+    rows = {name: split[:] for name, split in (("train", kept.train), ("eval", kept.eval))}
+    shutil.rmtree(cache)
+    [(kind, got)] = pickle.loads(blob)
+    assert kind == "ok" and (len(got.train), len(got.eval)) == (26, 6)
+    assert got.train[:] == rows["train"] and got.eval[:] == rows["eval"]
+    assert got.train.column_names == kept.train.column_names  # (index, epoch: as rank 0's)
 
 
 # -- quantization_bit: QLoRA through bitsandbytes, or one clear error -------------------------

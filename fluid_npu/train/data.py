@@ -9,12 +9,21 @@ evaluation to the next).
 Under torchrun only rank 0 reads and tokenizes; the result (or its error) reaches the other ranks
 with one ``broadcast_object_list``, so 8 processes do not tokenize the same corpus 8 times, and a
 bad row fails every rank with the same message instead of hanging the others in a collective.
+
+A ``datasets.Dataset`` backed by a cache file pickles as that file's path, which names rank 0's
+local datasets cache. The ranks of one node read that file (one copy, in the page cache); when the
+run spans several nodes (torchrun's ``LOCAL_WORLD_SIZE`` below ``WORLD_SIZE``) rank 0 sends the
+splits with their rows instead (``with_rows``: an in-memory copy, sent once), so no rank needs the
+cache of another node or a file system shared for it. Each rank on another node then holds the
+tokenized data in memory.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,17 +36,30 @@ T = TypeVar("T")
 EVAL_EPOCH = 0  # the layout epoch of every held-out row
 
 
-def main_process_builds(build: Callable[[], T], what: str = "the datasets") -> T:
-    """``build()`` on rank 0 only; its result (or error) is shared with the other ranks."""
+def main_process_builds(
+    build: Callable[[], T],
+    what: str = "the datasets",
+    to_other_nodes: Callable[[T], T] | None = None,
+) -> T:
+    """``build()`` on rank 0 only; its result (or error) is shared with the other ranks.
+
+    ``to_other_nodes``: what rank 0 sends in place of the result when the ranks span several nodes
+    (a form that does not refer to files on rank 0's node); rank 0 keeps the result itself.
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return build()
     box: list[Any] = [None]
     failure: BaseException | None = None
+    built: Any = None
     if dist.get_rank() == 0:
         try:
-            box = [("ok", build())]
+            built = build()
+            send = built
+            if to_other_nodes is not None and spans_nodes(dist.get_world_size()):
+                send = to_other_nodes(built)
+            box = [("ok", send)]
         except Exception as exc:  # every rank must still reach the broadcast below
             failure = exc
             message = str(exc) if isinstance(exc, FluidError) else f"{type(exc).__name__}: {exc}"
@@ -49,14 +71,34 @@ def main_process_builds(build: Callable[[], T], what: str = "the datasets") -> T
     if kind == "error":
         cls, message = value
         raise cls(f"{message} (raised on the main process while building {what})")
-    if dist.get_rank() != 0:
-        logger.info("%s: received from the main process", what)
+    if dist.get_rank() == 0:
+        return built
+    logger.info("%s: received from the main process", what)
     return value
 
 
+def spans_nodes(world_size: int) -> bool:
+    """Whether the run's ``world_size`` processes are on more than one node: torchrun's
+    ``LOCAL_WORLD_SIZE`` (the processes of this node) is smaller; unknown (another launcher):
+    assumed so."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return not local.isdigit() or int(local) < world_size
+
+
+def with_rows(data: Any) -> Any:
+    """``data`` (an ``SFTData``) whose splits hold their rows in memory: it pickles with them,
+    not as the path of a local cache file."""
+    data = copy.copy(data)
+    data.train = data.train.flatten_indices(keep_in_memory=True)
+    if data.eval is not None:
+        data.eval = data.eval.flatten_indices(keep_in_memory=True)
+    return data
+
+
 def load_run_data(cfg: FluidConfig, tokenizer: Any, mask: Any) -> Any:
-    """Tokenized train (+ held-out) data with ``index`` columns, shared from the main process."""
-    return main_process_builds(lambda: _build(cfg, tokenizer, mask))
+    """Tokenized train (+ held-out) data with ``index`` columns, shared from the main process
+    (with their rows to the ranks of other nodes)."""
+    return main_process_builds(lambda: _build(cfg, tokenizer, mask), to_other_nodes=with_rows)
 
 
 def _build(cfg: FluidConfig, tokenizer: Any, mask: Any) -> Any:
