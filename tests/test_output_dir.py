@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from fluid_npu.train.output_dir import (
     claim_output_dir,
     clear_earlier_run,
     earlier_output,
+    prepare_run_dir,
     recorded_settings,
 )
 from fluid_npu.train.stage2 import Stage2Run
@@ -172,6 +174,52 @@ def test_a_checkpoint_saved_with_other_settings_is_named(tmp_path):
     (head / "khead_config.json").write_text(json.dumps({"k_max": 4, "base_fingerprint": "f"}))
     with pytest.raises(ConfigError, match="saved with k_masks: 4, this run has k_masks: 8"):
         check_resume(head, {"stage": "fluid_stage2", "k_masks": 8})
+
+
+def _deepspeed_checkpoint(root: Path, world_size: int, prefix: str = "bf16_") -> Path:
+    """A checkpoint as the Trainer saves one under DeepSpeed ZeRO on ``world_size`` processes: the
+    optimizer state in one file per rank (DeepSpeedEngine._get_rank_zero_ckpt_name; ``bf16_``
+    under bf16), the module's in mp_rank_00_model_states.pt."""
+    step = root / "global_step2"
+    step.mkdir(parents=True)
+    for rank in range(world_size):
+        torch.save({}, step / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    torch.save({}, step / "mp_rank_00_model_states.pt")
+    (root / "latest").write_text("global_step2")
+    (root / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
+    return root
+
+
+@pytest.mark.parametrize("prefix", ["bf16_", ""])
+def test_a_deepspeed_checkpoint_of_another_device_count_is_refused_up_front(tmp_path, prefix):
+    """DeepSpeed cannot load ZeRO optimizer state split over another number of processes (it said
+    so once the model had loaded on every rank): the resume is refused before anything loads,
+    naming both counts, the same device count and the keys that start a new run from the
+    checkpoint's weights."""
+    out = tmp_path / "run"
+    ckpt = _deepspeed_checkpoint(out / "checkpoint-2", world_size=2, prefix=prefix)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+
+    def prepare(world_size: int, *keys: str, deepspeed: bool = True) -> str | None:
+        given = [f"output_dir={out}", "resume_from_checkpoint=true", "max_steps=4", *keys]
+        cfg = load_config(
+            None, given + ([f"deepspeed={tmp_path / 'ds.json'}"] if deepspeed else [])
+        )
+        args = SimpleNamespace(device="cpu", world_size=world_size)
+        return prepare_run_dir(cfg, args, {})
+
+    assert prepare(2) == str(ckpt)  # the same count resumes
+    assert prepare(1, deepspeed=False) == str(ckpt)  # (without DeepSpeed: the Trainer's to judge)
+    for keys, fix in [
+        ((), f"adapter_name_or_path: {ckpt} without resume_from_checkpoint"),
+        (("finetuning_type=full",), f"model_name_or_path: {ckpt} without resume_from_checkpoint"),
+        (("stage=fluid_stage2",), "start Stage II over"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            prepare(1, *keys)
+        message = str(err.value)
+        assert "split over 2 processes and this run has 1" in message, message
+        assert "Resume on 2 devices" in message and fix in message, message
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 TORCH_ARCHIVES = (".pt", ".pth", ".bin")
+# DeepSpeed's ZeRO optimizer state, one file per data-parallel rank in global_stepN/
+# (DeepSpeedEngine._get_rank_zero_ckpt_name; older releases wrote "..._mp_rank_00optim_states.pt")
+ZERO_SHARD_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_?optim_states\.pt$")
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -165,6 +168,20 @@ def _has_optimizer(ckpt: Path) -> bool:
         p.name.startswith("optimizer") or (p.is_dir() and p.name.startswith("global_step"))
         for p in ckpt.iterdir()
     )
+
+
+def zero_world_size(ckpt: str | Path) -> int | None:
+    """How many processes a DeepSpeed checkpoint's ZeRO optimizer state is split over (its
+    ``global_stepN/[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`` files, one per rank R);
+    None when it holds no such state (saved without DeepSpeed, or without ZeRO)."""
+    ranks = {
+        int(match.group(1))
+        for step in Path(ckpt).glob("global_step*")
+        if step.is_dir()
+        for file in step.iterdir()
+        if (match := ZERO_SHARD_RE.match(file.name))
+    }
+    return len(ranks) or None
 
 
 def finished_at(ckpt: str | Path, max_steps: int, epochs: float) -> int | None:

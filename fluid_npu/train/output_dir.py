@@ -24,8 +24,9 @@ fine-tuning, LoRA rank and target modules, ``k_masks``, the learning rate, the b
 Stage I adapter's fingerprints, Stage I's template) with this run's, so a checkpoint that cannot
 continue this run is one error naming the difference instead of a state_dict traceback (or, for
 the learning rate, a run that silently keeps the old one); a checkpoint at the run's last step is
-refused (the run has finished there). ``prepare_run_dir`` does both for a stage: the
-main process claims the directory while the others wait for its answer.
+refused (the run has finished there), and so is DeepSpeed ZeRO optimizer state split over another
+number of processes than this run has (``check_world_size``). ``prepare_run_dir`` does all this
+for a stage: the main process claims the directory while the others wait for its answer.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from fluid_npu.train.checkpoint import (
     checkpoint_step,
     finished_at,
     resolve_resume,
+    zero_world_size,
 )
 from fluid_npu.train.khead_report import PLOT_FILE
 
@@ -381,5 +383,32 @@ def prepare_run_dir(cfg: Any, args: Any, settings: dict[str, Any]) -> str | None
             f"(max_steps / num_train_epochs): it has finished; its weights are the run's final "
             "ones (fluid merge or adapter_name_or_path take them), or raise max_steps to train on"
         )
+    check_world_size(resume, cfg, args.world_size)
     main_process_builds(claim, "output_dir")  # (checks only: clear_earlier_run removes)
     return resume
+
+
+def check_world_size(ckpt: str | None, cfg: Any, world_size: int) -> None:
+    """A ConfigError when checkpoint ``ckpt`` holds DeepSpeed ZeRO optimizer state split over
+    another number of processes than this run's ``world_size``: DeepSpeed cannot load it (and
+    would say so only once the model has loaded on every rank)."""
+    then = None if ckpt is None or cfg.train.deepspeed is None else zero_world_size(ckpt)
+    if then is None or then == world_size:
+        return
+    f = cfg.fluid
+    if f.stage == "fluid_stage2":  # (no key continues a K-head's weights)
+        fresh = (
+            "start Stage II over (overwrite_output_dir: true without resume_from_checkpoint): it "
+            "trains the K-head alone"
+        )
+    else:
+        key = "adapter_name_or_path" if f.finetuning_type == "lora" else "model_name_or_path"
+        fresh = (
+            f"start a new run from its weights, with a new optimizer and schedule, in another "
+            f"output_dir: {key}: {ckpt} without resume_from_checkpoint"
+        )
+    raise ConfigError(
+        f"resume_from_checkpoint {ckpt!r} holds DeepSpeed ZeRO optimizer state split over {then} "
+        f"processes and this run has {world_size}: DeepSpeed cannot load it on another count. "
+        f"Resume on {then} devices (ASCEND_RT_VISIBLE_DEVICES or NPROC, and NNODES), or {fresh}"
+    )
