@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,12 +70,6 @@ def _recipe(base: Path, data: Path) -> dict[str, object]:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launcher_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(FLUID_PYTHON=sys.executable, **extra)
@@ -92,7 +85,7 @@ def test_two_gloo_processes_match_one_process_and_save_once(tiny_model_dir, demo
     recipe = tmp_path / "stage1.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(tiny_model_dir, demo_data)))
     two = tmp_path / "two-procs"
-    env = _launcher_env(NPROC="2", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env = _launcher_env(NPROC="2", OMP_NUM_THREADS="1")  # (torchrun --standalone: a free port)
     cmd = ["bash", str(LAUNCHER), "train", str(recipe), "per_device_train_batch_size=2"]
     proc = subprocess.run(
         [*cmd, f"output_dir={two}"], env=env, cwd=ROOT, capture_output=True, text=True
@@ -171,7 +164,8 @@ def test_two_gloo_processes_match_one_process_and_save_once(tiny_model_dir, demo
                 "--master_port=29999",
             ],
         ),
-        ({}, ["--nproc_per_node=1", "--master_addr=127.0.0.1", "--master_port=29500"]),
+        ({}, ["--nproc_per_node=1", "--nnodes=1", "--standalone"]),
+        (dict(MASTER_PORT="29611"), ["--master_addr=127.0.0.1", "--master_port=29611"]),
     ],
 )
 def test_launcher_maps_devices_and_nodes_to_torchrun(env, expect):
@@ -188,6 +182,35 @@ def test_launcher_maps_devices_and_nodes_to_torchrun(env, expect):
     for flag in expect:
         assert flag in args
     assert "HCCL_CONNECT_TIMEOUT=1200 HCCL_EXEC_TIMEOUT=1800" in proc.stderr  # the defaults
+
+
+@pytest.mark.parametrize(
+    ("env", "port"),
+    [
+        (dict(ASCEND_RT_VISIBLE_DEVICES="0,1,2,3"), None),
+        (dict(ASCEND_RT_VISIBLE_DEVICES="4,5,6,7", MASTER_ADDR="10.1.2.3"), None),
+        (dict(NPROC="2", MASTER_PORT="29611"), "29611"),
+        (dict(NPROC="8", NNODES="2", MASTER_ADDR="10.1.2.3"), "29500"),
+    ],
+)
+def test_single_node_jobs_without_master_port_take_a_free_port(env, port):
+    """Two jobs on one node's devices (the README's ASCEND_RT_VISIBLE_DEVICES subsets) must not
+    both bind port 29500, the second failing with EADDRINUSE: on one node without MASTER_PORT
+    torchrun --standalone takes a free port; a MASTER_PORT given, or several nodes (which must
+    agree on one), name theirs."""
+    proc = subprocess.run(
+        ["bash", str(LAUNCHER), "train", "x.yaml"],
+        env=_launcher_env(FLUID_DRY_RUN="1", **env),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    args = proc.stdout.split()
+    ports = [a for a in args if a.startswith("--master_port")]
+    if port is None:
+        assert "--standalone" in args and ports == [], args
+    else:
+        assert "--standalone" not in args and ports == [f"--master_port={port}"], args
 
 
 def test_launcher_keeps_user_hccl_values_and_refuses_bad_ones():
