@@ -17,13 +17,17 @@ import pytest
 import torch
 from synthetic import write_short_dataset
 
+from fluid_npu import device as devices
 from fluid_npu.cli import main as cli_main
 from fluid_npu.config import ModelArgs
+from fluid_npu.errors import ConfigError
 from fluid_npu.model.adapters import FluidModelMeta, apply_lora
+from fluid_npu.model.attention import check_backend
 from fluid_npu.model.khead import KHead, KHeadConfig, save_khead
 from fluid_npu.model.loading import fingerprint, load_model, load_tokenizer
 from fluid_npu.model.mask_token import resolve_mask_token
 from fluid_npu.model.tiny import build_tiny_tokenizer, save_tiny
+from fluid_npu.train import session, stage2
 
 
 @dataclass(frozen=True)
@@ -273,7 +277,7 @@ CASES: dict[str, Case] = {
     "k-masks-zero": Case(lambda w, o: _stage1(w, o, k_masks=0), "k_masks must be > 0, got 0"),
     "k-masks-negative": Case(lambda w, o: _stage1(w, o, k_masks=-3), "k_masks must be > 0"),
     "attn-backend-unavailable": Case(
-        lambda w, o: _stage1(w, o, attn_backend="npu"), "attn_backend: 'npu' cannot run on cpu"
+        lambda w, o: _stage1(w, o, attn_backend="npu"), "attn_backend: 'npu' needs an NPU"
     ),
     "device-unavailable": Case(
         lambda w, o: _stage1(w, o, device="npu"), "device 'npu' was requested but is not available"
@@ -337,6 +341,36 @@ def test_bad_input_fails_with_one_clear_line(name, world, tmp_path, capsys):
     assert not out.exists(), sorted(p.name for p in out.iterdir())  # nothing left behind
     if name == "output-dir-under-a-file":
         assert (world.data / "demo.jsonl").is_file()  # untouched
+
+
+@pytest.mark.parametrize("stage", [_stage1, _stage2])
+def test_an_npu_attention_without_a_usable_npu_is_refused_before_loading(
+    world, tmp_path, monkeypatch, capsys, stage
+):
+    """attn_backend: npu (the openPangu recipes') where no NPU is usable: refused before any model
+    loads (on every rank), with the reason and what to check; attn_backend: auto is named as what
+    would run the model on the CPU, not offered as the fix."""
+    why = "torch_npu imported but no NPU is visible (check ASCEND_RT_VISIBLE_DEVICES)"
+    monkeypatch.setattr(devices, "npu_import_error", lambda: why)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the attn_backend check")
+
+    monkeypatch.setattr(session, "load_model", no_loading)
+    monkeypatch.setattr(stage2, "load_stage1", no_loading)
+    out = tmp_path / "out"
+    assert cli_main(stage(world, out, attn_backend="npu")) == 2
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("fluid: error:")]
+    assert f"none is usable here ({why})" in line, line
+    assert "set_env.sh" in line and "attn_backend: auto would run the model on" in line, line
+    assert not out.exists()
+
+
+def test_an_npu_attention_on_a_device_key_off_the_npu_names_that_key(monkeypatch):
+    monkeypatch.setattr(devices, "npu_import_error", lambda: None)  # (an NPU is usable)
+    with pytest.raises(ConfigError, match="this run is on cpu \\(the device key\\): set device"):
+        check_backend("npu", "cpu")
 
 
 def test_debug_shows_the_traceback(world, tmp_path):

@@ -21,6 +21,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 import fluid_ops
+from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
 from fluid_ops.meta import AttnMeta, visibility
 
@@ -71,21 +72,11 @@ def configure_attention(
     ``eager`` / ``sdpa`` keep the model's own attention (a dense mask is passed); every other
     value selects the registered ``"fluid"`` attention and the named ``fluid_ops`` back end.
     With ``device_type`` (``DeviceChoice.type``: where the model will run), a named back end that
-    cannot run there is a ``ConfigError`` now, not a failure at the first forward.
+    cannot run there is a ``ConfigError`` now (``check_backend``), not a failure at the first
+    forward.
     """
-    if device_type is not None and backend in KERNEL_BACKENDS and backend != "auto":
-        from types import SimpleNamespace
-
-        from fluid_ops.dispatch import why_unavailable
-
-        # The availability checks read only ``.type`` ("npu" is no torch device type before
-        # torch_npu is imported).
-        reason = why_unavailable("attention", backend, SimpleNamespace(type=device_type))
-        if reason is not None:
-            raise ConfigError(
-                f"attn_backend: {backend!r} cannot run on {device_type} ({reason}); "
-                "use attn_backend: auto"
-            )
+    if device_type is not None:
+        check_backend(backend, device_type)
     if backend in DENSE_IMPLS:
         model.set_attn_implementation(backend)
     elif backend in KERNEL_BACKENDS:
@@ -94,6 +85,40 @@ def configure_attention(
     else:
         raise ValueError(f"unknown attention back end {backend!r}")
     model.config.fluid_attn_backend = backend
+
+
+def check_backend(backend: str, device_type: str) -> None:
+    """A ``ConfigError`` when attention back end ``backend`` (config key ``attn_backend``) cannot
+    run on ``device_type`` (``DeviceChoice.type``), for a run to raise before anything loads.
+    ``npu`` off an NPU says why no NPU is usable and what to check, rather than only offering
+    ``auto``, which would run on the device the run fell back to."""
+    if backend not in KERNEL_BACKENDS or backend == "auto":
+        return
+    from types import SimpleNamespace
+
+    from fluid_ops.dispatch import why_unavailable
+
+    # The availability checks read only ``.type`` ("npu" is no torch device type before
+    # torch_npu is imported).
+    reason = why_unavailable("attention", backend, SimpleNamespace(type=device_type))
+    if reason is None:
+        return
+    if backend == "npu" and device_type != "npu":
+        unusable = devices.npu_import_error()
+        if unusable is None:  # (an NPU is there: the device key chose another)
+            raise ConfigError(
+                f"attn_backend: 'npu' runs on an NPU and this run is on {device_type} (the "
+                "device key): set device: npu (or auto), or choose another attn_backend"
+            )
+        raise ConfigError(
+            f"attn_backend: 'npu' needs an NPU, and none is usable here ({unusable}), so this "
+            f"run would be on {device_type}. On an Ascend host check that CANN's set_env.sh is "
+            "sourced (run_npu.sh sources it) and that ASCEND_RT_VISIBLE_DEVICES lists this "
+            f"node's NPUs; attn_backend: auto would run the model on {device_type} instead"
+        )
+    raise ConfigError(
+        f"attn_backend: {backend!r} cannot run on {device_type} ({reason}); use attn_backend: auto"
+    )
 
 
 def dense_mask(meta: AttnMeta, impl: str, dtype: torch.dtype) -> torch.Tensor:

@@ -40,7 +40,7 @@ from fluid_npu.model.adapters import (
     quiet_peft,
     trainable_tokens_on_any_device,
 )
-from fluid_npu.model.attention import configure_attention
+from fluid_npu.model.attention import check_backend, configure_attention
 from fluid_npu.model.fused_layers import apply_npu_fused_layers, enable_mindspeed
 from fluid_npu.model.loading import (
     check_model_dir,
@@ -76,6 +76,7 @@ class TrainingSession:
         self.stage = stage
         check_model_dir(cfg.model.model_name_or_path, allow_pickle=cfg.model.allow_pickle)
         self.choice = device_choice(cfg.train, cfg.model.device)
+        check_backend(cfg.model.attn_backend, self.choice.type)  # (before anything loads)
         self.args = training_arguments(cfg, self.choice)  # fail on bad arguments before loading
         self.precision = resolve_precision(cfg.train, self.choice)
         self.quantization = self._quantization()

@@ -42,7 +42,7 @@ from fluid_npu.errors import CheckpointError, ConfigError, DataError
 from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.layout import LayoutConfig
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
-from fluid_npu.model.attention import configure_attention
+from fluid_npu.model.attention import check_backend, configure_attention
 from fluid_npu.model.khead import HEAD_PREFIX, KHead, KHeadConfig, save_khead
 from fluid_npu.train.checkpoint import last_complete_checkpoint
 from fluid_npu.train.common import (
@@ -160,6 +160,7 @@ class Stage2Run:
     def _set_up(self) -> None:
         cfg, f = self.cfg, self.cfg.fluid
         self.choice = device_choice(cfg.train, cfg.model.device)
+        check_backend(cfg.model.attn_backend, self.choice.type)  # (before anything loads)
         # bf16 / fp16 apply to the frozen backbone (loaded in that dtype, run as at inference);
         # the head trains in fp32 (bf16 under pure_bf16), so the Trainer itself runs without mixed
         # precision (DeepSpeed's and FSDP's "auto" precision then keep the head as it is).
