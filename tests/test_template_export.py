@@ -226,17 +226,29 @@ PANGU_OWN = (
 )
 
 
-def test_a_tokenizer_whose_own_template_drops_tools_is_served_otherwise():
-    """openPangu's own template renders a plain chat as the openpangu template trains it, but
-    drops the tools and the calls: the run is told, and saves the format it trained."""
+def test_a_tokenizer_whose_own_template_drops_tools_is_served_otherwise(caplog):
+    """openPangu's own template leaves the BOS to its tokenizer, which prepends it when encoding,
+    so it renders a plain chat as the openpangu template trains it (BOS included); it drops the
+    tools and the calls, which is the difference named — after the system turn's header, not at
+    the BOS. The run is told, and saves the format it trained."""
     tok = build_tiny_tokenizer(reserved=13)
+    tok.add_bos_token = True  # (as openPangu's tokenizer_config.json sets it)
     tok.chat_template = PANGU_OWN
     template = TEMPLATES["openpangu"]
     found = served_otherwise(template, tok)
-    assert found is not None and "You have access to the following tools" in found[1]
+    assert found is not None and found.conversation == "a chat with a tool call"
+    assert (found.at, found.before) == (len("[unused9]系统："), "[unused9]系统：")
+    assert found.trained.startswith("You have access to the following tools")
+    assert found.served.startswith("[unused10][unused9]用户：1+2?")
+    caplog.set_level("WARNING", logger="fluid_npu.data.template_export")
     assert trained_template(template, tok).text == jinja(template, True)
+    assert "from character 12 of the served text (after '[unused9]系统：')" in caplog.text
     tok.chat_template = jinja(template)  # (its own format: nothing to save)
     assert served_otherwise(template, tok) is None and trained_template(template, tok) is None
+    # a tokenizer that does not prepend the BOS serves the chat without the one training wrote
+    tok.add_bos_token, tok.chat_template = False, PANGU_OWN
+    found = served_otherwise(template, tok)
+    assert found.conversation == "a plain chat" and found.at == 0 and found.trained[:3] == "<s>"
 
 
 def test_a_run_served_otherwise_saves_the_format_it_trained(tmp_path, caplog):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fluid_npu.data.templates import _PLACEHOLDER, EXPORT_MARK, ChatTemplate, Template
 from fluid_npu.data.templates import _tokenizer_adds_bos as adds_bos
@@ -175,20 +175,33 @@ TOOL_SAMPLE = (
     [{"type": "function", "function": {"name": "add", "description": "Adds two numbers",
                                        "parameters": {"type": "object"}}}],
 )  # fmt: skip
+_CONVERSATIONS = (("a plain chat", SAMPLE, None), ("a chat with a tool call", *TOOL_SAMPLE))
 TRAINED_TEMPLATE = "trained_chat_template.jinja"  # what a run saves when it is served otherwise
 
 
-def served_otherwise(template: ChatTemplate, tokenizer: Any) -> tuple[int, str, str] | None:
+class Difference(NamedTuple):
+    """Where a conversation served with the tokenizer's own chat template first differs from the
+    text training writes (``served_otherwise``)."""
+
+    conversation: str  # which one: "a plain chat" or "a chat with a tool call"
+    at: int  # the character of the served text (a BOS the tokenizer adds when encoding aside)
+    before: str  # the text both share just before it (up to 24 characters)
+    trained: str  # up to 60 characters from there, as trained
+    served: str  # ... and as served
+
+
+def served_otherwise(template: ChatTemplate, tokenizer: Any) -> Difference | None:
     """Where the tokenizer's own chat template — the one the checkpoint is served with (``fluid
     serve``, ``generate --chat``, vLLM), which a named template does not replace — renders a
     conversation otherwise than ``template`` trains it (Qwen2.5's default system prompt against
     ``qwen``'s, Llama 3.1's dated preamble against ``llama3``'s, openPangu's that drops tools and
-    calls): ``(character, trained text, served text)`` from the first difference, over a plain
-    chat and one with a tool call; None when both render alike. A conversation either refuses is
-    no verdict."""
+    calls), over a plain chat and one with a tool call; None when both render alike. A BOS the
+    served template leaves to the tokenizer, which prepends it when encoding, is the BOS training
+    writes: the texts are compared after it. A conversation either refuses is no verdict."""
     add_bos = template.bos == "always" or adds_bos(tokenizer)
     bos = tokenizer.bos_token or ""
-    for messages, tools in ((SAMPLE, None), TOOL_SAMPLE):
+    encoded_bos = bool(bos) and adds_bos(tokenizer)
+    for name, messages, tools in _CONVERSATIONS:
         try:
             trained = tokenizer.apply_chat_template(
                 messages, tools=tools, chat_template=jinja(template, add_bos), tokenize=False,
@@ -199,12 +212,15 @@ def served_otherwise(template: ChatTemplate, tokenizer: Any) -> tuple[int, str, 
             )
         except Exception:  # (a template that raises on this conversation says nothing here)
             continue
-        # (a BOS the served template leaves to the tokenizer's encoding is the same text trained)
-        if trained == served or (bos and trained == bos + served):
+        if encoded_bos and trained.startswith(bos) and not served.startswith(bos):
+            trained = trained[len(bos) :]
+        if trained == served:
             continue
-        at = next((i for i, (a, b) in enumerate(zip(trained, served)) if a != b), None)
-        at = min(len(trained), len(served)) if at is None else at
-        return at, trained[at : at + 60], served[at : at + 60]
+        pairs = enumerate(zip(trained, served))
+        at = next((i for i, (a, b) in pairs if a != b), min(len(trained), len(served)))
+        return Difference(
+            name, at, served[max(0, at - 24) : at], trained[at : at + 60], served[at : at + 60]
+        )
     return None
 
 
@@ -216,13 +232,14 @@ def warn_if_served_differently(template: ChatTemplate, tokenizer: Any) -> bool:
     found = served_otherwise(template, tokenizer)
     if found is None:
         return False
-    at, trained, served = found
     logger.warning(
-        "template %s: the tokenizer's own chat template, which serving renders with, writes a "
-        "conversation otherwise than this template trains it (from character %d: trained %r, "
-        "served %r); train with template: auto to learn the format it is served with, or serve "
-        "with --chat-template OUTPUT_DIR/%s, the format training used, which this run saves",
-        template.name, at, trained, served, TRAINED_TEMPLATE,
+        "template %s: the tokenizer's own chat template, which serving renders with, writes %s "
+        "otherwise than this template trains it, from character %d of the served text (after "
+        "%r): trained %r, served %r; train with template: auto to learn the format it is served "
+        "with, or serve with --chat-template OUTPUT_DIR/%s, the format training used, which this "
+        "run saves",
+        template.name, found.conversation, found.at, found.before, found.trained, found.served,
+        TRAINED_TEMPLATE,
     )  # fmt: skip
     return True
 
