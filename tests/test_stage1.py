@@ -3,6 +3,7 @@ continues the same run, the fused loss equals the reference loss, and `fluid mer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,8 +20,9 @@ from fluid_npu import device as devices
 from fluid_npu.cli import main as cli_main
 from fluid_npu.config import load_config
 from fluid_npu.layout import LayoutConfig
-from fluid_npu.model.adapters import load_fluid
+from fluid_npu.model.adapters import FluidModelMeta, load_fluid
 from fluid_npu.model.attention import configure_attention
+from fluid_npu.model.merge import merge_adapter
 from fluid_npu.train.stage1 import LayoutCollator, stage1_loss
 from fluid_npu.train.stage1 import run_stage1 as run
 
@@ -162,6 +164,24 @@ def test_merge_loads_with_plain_transformers(trained, tiny_model_dir, tmp_path, 
     config = json.loads((merged_dir / "config.json").read_text())
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
     assert config["torch_dtype"] == config["dtype"] == "float32"
+
+
+def test_merge_keeps_what_stage1_recorded(trained, tiny_model_dir, tmp_path):
+    """The merged model's fluid_model.json keeps Stage I's record (k_masks, template, MASK token,
+    vocabulary); only where the weights came from is written anew."""
+    out, _ = trained
+    merged = merge_adapter(tiny_model_dir, out, tmp_path / "merged")
+    source, saved = FluidModelMeta.load(out), FluidModelMeta.load(merged)
+    assert source.k_masks == 4 and saved.k_masks == 4
+    provenance = {"base_fingerprint", "base_model", "stage", "source_fingerprint",
+                  "adapter_fingerprint"}  # fmt: skip
+    for field in dataclasses.fields(FluidModelMeta):
+        if field.name not in provenance:
+            assert getattr(saved, field.name) == getattr(source, field.name), field.name
+    assert (saved.stage, saved.source_fingerprint) == (
+        "fluid_stage1_merged",
+        source.base_fingerprint,
+    )
 
 
 def test_resume_from_checkpoint_continues_the_same_run(tiny_model_dir, demo_data, tmp_path):

@@ -73,7 +73,8 @@ def merged_meta(
 ) -> FluidModelMeta:
     """``fluid_model.json`` for ``loaded.model`` saved whole: its MASK token, and the network it
     was loaded as (``loaded``'s base and adapter fingerprints), so a K-head trained on that base
-    + adapter loads on the saved model. ``meta``: the source's own record, if any."""
+    + adapter loads on the saved model. ``meta``: the source's own record, if any, whose account
+    of Stage I (vocabulary, ``template``, ``k_masks``) the saved model keeps."""
     merged = loaded.adapter_fingerprint is not None
     return FluidModelMeta(
         base_fingerprint=fingerprint(loaded.model),
@@ -83,6 +84,7 @@ def merged_meta(
         base_model=base,
         stage="fluid_stage1_merged" if merged or meta is None else meta.stage,
         template=meta.template if meta else None,
+        k_masks=meta.k_masks if meta else None,
         source_fingerprint=loaded.base_fingerprint,
         adapter_fingerprint=loaded.adapter_fingerprint,
     )
