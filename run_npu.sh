@@ -21,12 +21,16 @@
 # (127.0.0.1; required when NNODES > 1), MASTER_PORT (NNODES > 1: 29500; one node: unset, torchrun
 # --standalone takes a free port, so several single-node jobs share a host). Each process binds the
 # device of its LOCAL_RANK and joins hccl (NPU) / nccl (CUDA) / gloo (CPU) through the Trainer.
-# HCCL defaults, exported when unset: HCCL_CONNECT_TIMEOUT=1200 s (link set-up; CANN's default is
-# 120 s, allowed 120-7200; raised because ranks that load a 7B checkpoint at different speeds reach
-# the first collective minutes apart) and HCCL_EXEC_TIMEOUT=1800 s (how long ranks wait for each
-# other in a collective, e.g. while rank 0 writes a checkpoint; CANN's default was 1800 s up to
-# 6.3 and is 1836 s from 7.0, so the bound is the same on every release; CANN clamps it to 1091 s
-# in its AIV expansion mode).
+# HCCL defaults, exported when unset: HCCL_CONNECT_TIMEOUT=1200 s (how long a rank waits for the
+# others while HCCL sets up a communicator's links, at its first collective; CANN's default is
+# 120 s, allowed 120-7200). The first collective is the output_dir claim (train/output_dir.py),
+# before any model loads: ranks reach it after their imports and, on a resume, after each one has
+# validated the checkpoints, which on a busy node or shared storage can leave them minutes apart;
+# the margin costs nothing when they arrive together. HCCL_EXEC_TIMEOUT=1800 s (how long ranks
+# wait for each other inside a collective once linked: rank 0 tokenizing and ranks loading the
+# model at different speeds before the data broadcast, rank 0 writing a checkpoint; CANN's default
+# was 1800 s up to 6.3 and is 1836 s from 7.0, so the bound is the same on every release; CANN
+# clamps it to 1091 s in its AIV expansion mode).
 # FLUID_DRY_RUN=1 prints the torchrun command and the HCCL settings instead of running them.
 set -eo pipefail
 
