@@ -36,6 +36,7 @@ from fluid_npu.model.tiny import save_tiny
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
 ZERO3 = {
+    "train_batch_size": "auto",  # (as LLaMA-Factory's ZeRO configs and configs/ds_z2.json have)
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
     "gradient_clipping": "auto",

@@ -119,9 +119,12 @@ def training_arguments(
         )
     check_report_to(kwargs.get("report_to"))
     try:
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
         raise ConfigError(f"invalid training arguments: {exc}") from None
+    if t.deepspeed is not None and choice.type == "cpu":
+        join_deepspeed_comm(args)
+    return args
 
 
 def check_report_to(report_to: str | list[str] | None) -> None:
@@ -189,6 +192,25 @@ def skip_deepspeed_shm_collective() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def join_deepspeed_comm(args: TrainingArguments) -> None:
+    """DeepSpeed's communication layer over the run's process group, on CPU processes.
+
+    On an accelerator accelerate starts the processes through ``deepspeed.comm``; on a CPU it
+    starts plain gloo and leaves DeepSpeed's layer uninitialised, so ZeRO-3's ``zero.Init`` (which
+    transformers enters to load the model partitioned) reads a world size of 1 and refuses an
+    ``"auto"`` ``train_batch_size`` the Trainer filled for every process (LLaMA-Factory's ZeRO
+    configs and ``configs/ds_z2.json`` have one)."""
+    import torch.distributed as dist
+
+    _ = args.device  # (the process group is set up with the arguments' devices)
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 
 def check_deepspeed_config(path: str) -> None:
