@@ -86,7 +86,9 @@ def _child(args: argparse.Namespace) -> dict:
             sched.submit(Request("0", prompt.tolist(), 1))
             captured = {}
             original = sched._start
-            sched._start = lambda i, sh, ah: (captured.setdefault("h", ah), original(i, sh, ah))
+            sched._start = lambda i, sh=None, ah=None: (
+                ah is None or captured.setdefault("h", ah[0]), original(i, sh, ah)
+            )  # (the call that starts the prompt with its first drafts brings its anchor)
             sched._admit()
             base = _rss()
             start = time.perf_counter()
