@@ -38,6 +38,8 @@ def test_serve_flag_errors(capsys, tmp_path):
     msg = _error(capsys, [*pool, "4", "--no-enable-prefix-caching"])
     assert "--prefix-cache-slots" in msg and "--no-enable-prefix-caching" in msg
     assert "--api-key" in _error(capsys, ["serve", "--model", "m", "--api-key", " "])
+    # `--api-key "$KEY"` with KEY unset: refused, not a server open to anyone
+    assert "--api-key is empty" in _error(capsys, ["serve", "--model", "m", "--api-key", ""])
     both = _error(capsys, ["serve", "--model", "m", "--enforce-eager", "--compile"])
     assert "--enforce-eager and --compile" in both
     assert "--threads" in _error(capsys, ["serve", "--model", "m", "--threads", "0"])

@@ -145,7 +145,9 @@ class ServeSettings:
         if self.override_generation_config is not None:
             check_override(self.override_generation_config, OVERRIDE_FLAG, SERVED_DEFAULTS)
         if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("--api-key is empty; give a key or leave the flag out")
+            raise ConfigError(
+                "--api-key is empty (an unset shell variable?); give a key or leave the flag out"
+            )
         self.network.check()
         self.template_text()
         self.template_kwargs()
