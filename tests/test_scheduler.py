@@ -321,6 +321,11 @@ def test_waiting_requests_start_by_priority_then_arrival(tok, policy):
         with pytest.raises(FluidError, match="priority must be an integer"):
             ranked.submit(Request("y", prompts[0], 4, priority=bad))
     ranked.submit(Request("y", prompts[0], 4, priority=2))
+    from fluid_npu.sampling import llm
+
+    vllms = llm.SamplingParams(temperature=0.7)  # (the LLM API's, given to the engine by mistake)
+    with pytest.raises(FluidError, match=r"sampling is a .*llm_params.SamplingParams; the engine"):
+        ranked.submit(Request("z", prompts[0], 4, sampling=vllms))
     with pytest.raises(FluidError, match="scheduling_policy 'lifo' is not one of fcfs, priority"):
         Scheduler(model, tok.mask_token_id, scheduling_policy="lifo")
 

@@ -87,7 +87,8 @@ def _child(args: argparse.Namespace) -> dict:
             captured = {}
             original = sched._start
             sched._start = lambda i, sh=None, ah=None: (
-                ah is None or captured.setdefault("h", ah[0]), original(i, sh, ah)
+                ah is None or captured.setdefault("h", ah[0]),
+                original(i, sh, ah),
             )  # (the call that starts the prompt with its first drafts brings its anchor)
             sched._admit()
             base = _rss()

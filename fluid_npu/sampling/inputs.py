@@ -284,6 +284,15 @@ def check_request(
             f"request {req.request_id!r}: priority {req.priority} needs "
             "Scheduler(scheduling_policy='priority')"
         )
+    from fluid_npu.sampling.rules import SamplingParams
+
+    if req.sampling is not None and not isinstance(req.sampling, SamplingParams):
+        kind = type(req.sampling)
+        raise ConfigError(
+            f"request {req.request_id!r}: sampling is a {kind.__module__}.{kind.__qualname__}; "
+            "the engine takes fluid_npu.sampling.rules.SamplingParams (vLLM's SamplingParams "
+            "goes to fluid_npu.sampling.llm.LLM.generate)"
+        )
     if req.max_new_tokens < 1:
         raise ConfigError(
             f"request {req.request_id!r}: max_new_tokens must be at least 1, "

@@ -54,7 +54,11 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runner": (_is("auto", "generate"), "this LLM generates text"),
     "tokenizer_mode": (_is("auto", "hf"), "the model's own (fast) tokenizer is used"),
     "skip_tokenizer_init": (_is(False), "the tokenizer (with its MASK token) is always loaded"),
-    "quantization": (_is(None), "weights load in dtype=; there are no quantized kernels here"),
+    "quantization": (
+        _is(None),
+        "weights load in the dtype= you give (auto: the checkpoint's); there are no quantized "
+        "kernels here",
+    ),
     "revision": (_is(None), _NOTHING),
     "tokenizer_revision": (_is(None), _NOTHING),
     "code_revision": (_is(None), _NOTHING),
