@@ -47,7 +47,8 @@ IGNORED_KEYS = {
     "plot_loss": "run.json carries the loss figures",
     "flash_attn": "the attention back end is chosen by attn_backend",
     "cache_dir": "nothing is downloaded",
-    "tokenized_path": "datasets are tokenized in memory",
+    "tokenized_path": "datasets are tokenized at each start (the datasets library may reuse its "
+    "cache); no tokenized copy is saved to or read from a path",
     "packing": "FLUID expands each example separately; packing is not used",
     "neat_packing": "FLUID expands each example separately; packing is not used",
     "use_fast_tokenizer": "the tokenizer's own class is used",
