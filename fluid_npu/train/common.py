@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
@@ -204,6 +205,8 @@ def join_deepspeed_comm(args: TrainingArguments) -> None:
     configs and ``configs/ds_z2.json`` have one)."""
     import torch.distributed as dist
 
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # (one process: nothing to communicate)
+        return
     _ = args.device  # (the process group is set up with the arguments' devices)
     if not (dist.is_available() and dist.is_initialized()):
         return
