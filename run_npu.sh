@@ -18,8 +18,8 @@
 # Distributed launch (train): torchrun with NPROC processes per node (default: the devices listed
 # in ASCEND_RT_VISIBLE_DEVICES, else CUDA_VISIBLE_DEVICES, else every visible NPU/GPU, else 1 CPU
 # process; NPROC=2 on a CPU host runs two gloo processes), NNODES (1), NODE_RANK (0), MASTER_ADDR
-# (127.0.0.1; required when NNODES > 1), MASTER_PORT (NNODES > 1: 29500; one node: unset, torchrun
-# --standalone takes a free port, so several single-node jobs share a host). Each process binds the
+# (127.0.0.1; required when NNODES > 1), MASTER_PORT (NNODES > 1: 29500; one node: a free port
+# when unset, so several single-node jobs share a host). Each process binds the
 # device of its LOCAL_RANK and joins hccl (NPU) / nccl (CUDA) / gloo (CPU) through the Trainer.
 # HCCL defaults, exported when unset: HCCL_CONNECT_TIMEOUT=1200 s (how long a rank waits for the
 # others while HCCL sets up a communicator's links, at its first collective; CANN's default is
@@ -161,13 +161,19 @@ case "$cmd" in
       log "error: NNODES=$nnodes needs MASTER_ADDR (the address of node 0) on every node"
       exit 2
     fi
+    port="${MASTER_PORT:-29500}"
     if [ "$nnodes" = 1 ] && [ -z "${MASTER_PORT:-}" ]; then
-      rendezvous=(--standalone)  # a free port: two jobs on one node's devices do not collide
-    else
-      rendezvous=(--master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}")
+      # a free port, so two jobs on one node's devices do not collide (torchrun --standalone would
+      # pick one too, but hands the workers the host's FQDN as MASTER_ADDR, which not every host
+      # resolves; this keeps 127.0.0.1)
+      port="$("$PY" -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')"
     fi
     launch=("$PY" -m torch.distributed.run
-      --nproc_per_node="$nproc" --nnodes="$nnodes" --node_rank="$node_rank" "${rendezvous[@]}"
+      --nproc_per_node="$nproc" --nnodes="$nnodes" --node_rank="$node_rank"
+      --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="$port"
       -m fluid_npu.cli train "$@")
     log "torchrun: $nproc process(es) per node, $nnodes node(s), node rank $node_rank;" \
       "HCCL_CONNECT_TIMEOUT=$HCCL_CONNECT_TIMEOUT HCCL_EXEC_TIMEOUT=$HCCL_EXEC_TIMEOUT"

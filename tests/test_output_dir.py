@@ -220,6 +220,11 @@ def test_a_deepspeed_checkpoint_of_another_device_count_is_refused_up_front(tmp_
         message = str(err.value)
         assert "split over 2 processes and this run has 1" in message, message
         assert "Resume on 2 devices" in message and fix in message, message
+        assert "ds_to_universal" in message, message
+    # DeepSpeed reshards a universal checkpoint itself: a config that loads one may resume anywhere
+    universal = {"zero_optimization": {"stage": 2}, "checkpoint": {"load_universal": True}}
+    (tmp_path / "ds.json").write_text(json.dumps(universal))
+    assert prepare(1) == str(ckpt)
 
 
 # --------------------------------------------------------------------------------------------

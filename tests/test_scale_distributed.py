@@ -85,7 +85,7 @@ def test_two_gloo_processes_match_one_process_and_save_once(tiny_model_dir, demo
     recipe = tmp_path / "stage1.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(tiny_model_dir, demo_data)))
     two = tmp_path / "two-procs"
-    env = _launcher_env(NPROC="2", OMP_NUM_THREADS="1")  # (torchrun --standalone: a free port)
+    env = _launcher_env(NPROC="2", OMP_NUM_THREADS="1")  # (no MASTER_PORT: a free port)
     cmd = ["bash", str(LAUNCHER), "train", str(recipe), "per_device_train_batch_size=2"]
     proc = subprocess.run(
         [*cmd, f"output_dir={two}"], env=env, cwd=ROOT, capture_output=True, text=True
@@ -164,7 +164,7 @@ def test_two_gloo_processes_match_one_process_and_save_once(tiny_model_dir, demo
                 "--master_port=29999",
             ],
         ),
-        ({}, ["--nproc_per_node=1", "--nnodes=1", "--standalone"]),
+        ({}, ["--nproc_per_node=1", "--nnodes=1", "--master_addr=127.0.0.1"]),
         (dict(MASTER_PORT="29611"), ["--master_addr=127.0.0.1", "--master_port=29611"]),
     ],
 )
@@ -188,7 +188,7 @@ def test_launcher_maps_devices_and_nodes_to_torchrun(env, expect):
     ("env", "port"),
     [
         (dict(ASCEND_RT_VISIBLE_DEVICES="0,1,2,3"), None),
-        (dict(ASCEND_RT_VISIBLE_DEVICES="4,5,6,7", MASTER_ADDR="10.1.2.3"), None),
+        (dict(ASCEND_RT_VISIBLE_DEVICES="4,5,6,7", MASTER_ADDR="127.0.0.2"), None),
         (dict(NPROC="2", MASTER_PORT="29611"), "29611"),
         (dict(NPROC="8", NNODES="2", MASTER_ADDR="10.1.2.3"), "29500"),
     ],
@@ -196,8 +196,9 @@ def test_launcher_maps_devices_and_nodes_to_torchrun(env, expect):
 def test_single_node_jobs_without_master_port_take_a_free_port(env, port):
     """Two jobs on one node's devices (the README's ASCEND_RT_VISIBLE_DEVICES subsets) must not
     both bind port 29500, the second failing with EADDRINUSE: on one node without MASTER_PORT
-    torchrun --standalone takes a free port; a MASTER_PORT given, or several nodes (which must
-    agree on one), name theirs."""
+    the launcher takes a free port (and keeps MASTER_ADDR, 127.0.0.1 by default: torchrun
+    --standalone would hand the workers the host's FQDN, which not every host resolves); a
+    MASTER_PORT given, or several nodes (which must agree on one), name theirs."""
     proc = subprocess.run(
         ["bash", str(LAUNCHER), "train", "x.yaml"],
         env=_launcher_env(FLUID_DRY_RUN="1", **env),
@@ -206,11 +207,13 @@ def test_single_node_jobs_without_master_port_take_a_free_port(env, port):
     )
     assert proc.returncode == 0, proc.stderr
     args = proc.stdout.split()
-    ports = [a for a in args if a.startswith("--master_port")]
+    ports = [a.removeprefix("--master_port=") for a in args if a.startswith("--master_port")]
+    assert "--standalone" not in args and len(ports) == 1, args
+    assert f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}" in args
     if port is None:
-        assert "--standalone" in args and ports == [], args
+        assert ports[0].isdigit() and ports[0] != "29500", args  # (the one taken first, free)
     else:
-        assert "--standalone" not in args and ports == [f"--master_port={port}"], args
+        assert ports == [port], args
 
 
 def test_launcher_keeps_user_hccl_values_and_refuses_bad_ones():

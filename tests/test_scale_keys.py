@@ -158,23 +158,30 @@ def test_the_main_process_builds_and_every_rank_gets_the_result(tmp_path):
     assert (tmp_path / "fails" / "error-1.txt").read_text().startswith("row 3 has no response")
 
 
-def _sent_by_rank_0(monkeypatch, cfg, tokenizer, local_world_size: int) -> tuple[object, bytes]:
-    """Rank 0 of a two-process run (torch.distributed stood in for) with ``local_world_size``
-    processes on its node: the data it keeps and what it broadcasts, pickled as the collective
-    pickles it."""
+def _sent_by_rank_0(
+    monkeypatch, cfg, tokenizer, local_world_size: int
+) -> tuple[object, bytes, object]:
+    """Rank 0 of a two-process hccl run (torch.distributed stood in for) with ``local_world_size``
+    processes on its node: the data it keeps, what it broadcasts, pickled as the collective
+    pickles it, and the backend of the group it goes through (None: the run's own)."""
     import torch.distributed as dist
 
-    sent: list[bytes] = []
+    sent: list[tuple[bytes, object]] = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "hccl")
+    monkeypatch.setattr(dist, "new_group", lambda backend=None: f"group:{backend}")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: None)
     monkeypatch.setattr(
-        dist, "broadcast_object_list", lambda box, src=0: sent.append(pickle.dumps(box))
+        dist,
+        "broadcast_object_list",
+        lambda box, src=0, group=None: sent.append((pickle.dumps(box), group)),
     )
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
     mask = MaskToken(tokenizer.mask_token, tokenizer.mask_token_id, "tokenizer")
     kept = load_run_data(cfg, tokenizer, mask)
-    return kept, sent[0]
+    return kept, *sent[0]
 
 
 def test_the_datasets_sent_to_another_node_carry_their_rows(
@@ -182,13 +189,16 @@ def test_the_datasets_sent_to_another_node_carry_their_rows(
 ):
     """A rank on another node cannot read rank 0's datasets cache (node-local): what rank 0 sends
     it unpickles once that cache is gone, with every row of both splits. The ranks of one node
-    read rank 0's cache file, so nothing is copied for them."""
+    read rank 0's cache file, so nothing is copied for them. The rows go through a gloo group
+    (host memory), not hccl's, which would stage the pickle on every device."""
     cache = tmp_path / "datasets-cache"  # (rank 0's node-local cache)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     cfg = load_config(None, _overrides(tiny_model_dir, data, tmp_path / "o", val_size=6))
-    kept, blob = _sent_by_rank_0(monkeypatch, cfg, tokenizer, local_world_size=2)
+    kept, blob, group = _sent_by_rank_0(monkeypatch, cfg, tokenizer, local_world_size=2)
     assert kept.train.cache_files and str(cache).encode() in blob  # one node: the file's path
-    kept, blob = _sent_by_rank_0(monkeypatch, cfg, tokenizer, local_world_size=1)
+    assert group is None
+    kept, blob, group = _sent_by_rank_0(monkeypatch, cfg, tokenizer, local_world_size=1)
+    assert group == "group:gloo"
     assert kept.train.cache_files and str(cache) in kept.train.cache_files[0]["filename"]
     rows = {name: split[:] for name, split in (("train", kept.train), ("eval", kept.eval))}
     shutil.rmtree(cache)

@@ -11,7 +11,9 @@ accelerate: the config's ``deepspeed`` / ``fsdp`` keys are handed to ``TrainingA
 * loss parts (``loss_ar``, ``loss_diff``, …) are averaged over all processes before they are logged,
   for training and for the held-out evaluation (``eval_loss_ar``, …), with the token rates and peak
   memory of ``fluid_npu.train.report``; ``run_figures`` gives ``run.json`` the observed parallelism;
-* ``fsdp`` takes effect on CPU processes too (``fluid_npu.train.sharded``);
+* ``fsdp`` takes effect on CPU processes too (``fluid_npu.train.sharded``), and so does ZeRO-3's
+  partitioned loading (``join_deepspeed_comm``: accelerate starts DeepSpeed's communication layer
+  only for accelerator processes);
 * ``checkpoint-N`` directories appear atomically and a resume is validated first
   (``fluid_npu.train.checkpoint``); ``checkpoint_files`` (a stage's metadata, e.g.
   ``fluid_model.json``) are written into each, so a checkpoint is usable like the final output.

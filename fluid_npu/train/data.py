@@ -13,9 +13,10 @@ bad row fails every rank with the same message instead of hanging the others in 
 A ``datasets.Dataset`` backed by a cache file pickles as that file's path, which names rank 0's
 local datasets cache. The ranks of one node read that file (one copy, in the page cache); when the
 run spans several nodes (torchrun's ``LOCAL_WORLD_SIZE`` below ``WORLD_SIZE``) rank 0 sends the
-splits with their rows instead (``with_rows``: an in-memory copy, sent once), so no rank needs the
-cache of another node or a file system shared for it. Each rank on another node then holds the
-tokenized data in memory.
+splits with their rows instead (``with_rows``: an in-memory copy, sent once, through a gloo group
+so the pickle is not staged in device memory as hccl / nccl would), so no rank needs the cache of
+another node or a file system shared for it. Every rank but rank 0 then holds the tokenized data
+in memory.
 """
 
 from __future__ import annotations
@@ -58,13 +59,19 @@ def main_process_builds(
             built = build()
             send = built
             if to_other_nodes is not None and spans_nodes(dist.get_world_size()):
-                send = to_other_nodes(built)
+                send = to_other_nodes(built)  # (rank 0 keeps its own, file-backed)
             box = [("ok", send)]
         except Exception as exc:  # every rank must still reach the broadcast below
             failure = exc
             message = str(exc) if isinstance(exc, FluidError) else f"{type(exc).__name__}: {exc}"
             box = [("error", (type(exc) if isinstance(exc, FluidError) else FluidError, message))]
-    dist.broadcast_object_list(box, src=0)
+    rows = to_other_nodes is not None and spans_nodes(dist.get_world_size())  # (every rank agrees)
+    group = None
+    if rows and dist.get_backend() != "gloo":  # the rows travel through host memory: hccl / nccl
+        group = dist.new_group(backend="gloo")  # would stage the whole pickle on every device
+    dist.broadcast_object_list(box, src=0, group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
     kind, value = box[0]
     if failure is not None:
         raise failure

@@ -391,8 +391,11 @@ def prepare_run_dir(cfg: Any, args: Any, settings: dict[str, Any]) -> str | None
 def check_world_size(ckpt: str | None, cfg: Any, world_size: int) -> None:
     """A ConfigError when checkpoint ``ckpt`` holds DeepSpeed ZeRO optimizer state split over
     another number of processes than this run's ``world_size``: DeepSpeed cannot load it (and
-    would say so only once the model has loaded on every rank)."""
-    then = None if ckpt is None or cfg.train.deepspeed is None else zero_world_size(ckpt)
+    would say so only once the model has loaded on every rank). A run whose DeepSpeed config
+    loads universal checkpoints (``"checkpoint": {"load_universal": true}``, after DeepSpeed's
+    ``ds_to_universal``) may resume on another count: DeepSpeed reshards those itself."""
+    ds = cfg.train.deepspeed
+    then = None if ckpt is None or ds is None or _loads_universal(ds) else zero_world_size(ckpt)
     if then is None or then == world_size:
         return
     f = cfg.fluid
@@ -410,5 +413,17 @@ def check_world_size(ckpt: str | None, cfg: Any, world_size: int) -> None:
     raise ConfigError(
         f"resume_from_checkpoint {ckpt!r} holds DeepSpeed ZeRO optimizer state split over {then} "
         f"processes and this run has {world_size}: DeepSpeed cannot load it on another count. "
-        f"Resume on {then} devices (ASCEND_RT_VISIBLE_DEVICES or NPROC, and NNODES), or {fresh}"
+        f"Resume on {then} devices (ASCEND_RT_VISIBLE_DEVICES or NPROC, and NNODES); or convert "
+        'it with DeepSpeed\'s ds_to_universal and set "checkpoint": {"load_universal": true} '
+        f"in the DeepSpeed config; or {fresh}"
     )
+
+
+def _loads_universal(path: str) -> bool:
+    """Whether the DeepSpeed config at ``path`` loads universal checkpoints."""
+    try:
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (check_deepspeed_config names an unreadable file)
+        return False
+    section = ds.get("checkpoint") if isinstance(ds, dict) else None
+    return isinstance(section, dict) and bool(section.get("load_universal"))
