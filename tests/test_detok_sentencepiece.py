@@ -80,3 +80,28 @@ def test_logprob_tokens_of_a_slow_sentencepiece_tokenizer_carry_their_bytes():
     assert words.bytes(slow.convert_tokens_to_ids("<0xF0>")) == b"\xf0"
     assert words.text(slow.convert_tokens_to_ids("<0xF0>")) == "bytes:\\xf0"
     assert b"".join(words.bytes(t) for t in ids).decode() == " 好😀 café 北京"
+
+
+def test_the_engine_and_the_reasoning_split_read_the_output_after_the_same_context(make_model):
+    """The engine's stop search and a reasoning parser's answer part take the prompt's context as
+    the text does: after a prompt whose last four tokens begin inside "😀" (and so does every
+    shorter tail), "中" in the output ends it, and the answer after a closing marker is its own
+    text."""
+    from fluid_npu.sampling.requests import Request, Slot
+    from fluid_npu.sampling.scheduler import Scheduler
+    from fluid_npu.serve.reasoning import ReasoningText, reasoning_parser
+
+    tk = byte_fallback_tokenizer()
+    tk.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    prompt = tk("你好😀é")["input_ids"]  # (é: two byte tokens, after two of 😀's four)
+    assert tk.decode(prompt[-4:]).startswith("\ufffd")
+    engine = Scheduler(make_model("llama", tk), tk.unk_token_id, max_batch=1, tokenizer=tk)
+    slot = Slot(Request("r", prompt, 16, stop=["中"]), prompt)
+    slot.new = _bytes_of(tk, "🎉")
+    assert engine._stop_cut(slot, _bytes_of(tk, "中")) == 3
+
+    opened, closed = tk.convert_tokens_to_ids(["<think>", "</think>"])
+    split = ReasoningText(tk, reasoning_parser("qwen3", tk), None, prompt=prompt, eos_ids=())
+    out = [opened, *_bytes_of(tk, "想"), closed, *_bytes_of(tk, "🎉🎉")]
+    answer = "".join(split.add([t]) for t in out) + split.flush()
+    assert answer == "🎉🎉"

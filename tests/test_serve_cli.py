@@ -28,7 +28,7 @@ def _prompts(tmp_path, rows) -> str:
     return str(path)
 
 
-def test_serve_flag_errors(capsys, tmp_path):
+def test_serve_flag_errors(capsys, tmp_path, monkeypatch):
     assert "--model" in _error(capsys, ["serve"])
     assert "float8" in _error(capsys, ["serve", "--model", "m", "--dtype", "float8"])
     assert "--max-batch" in _error(capsys, ["serve", "--model", "m", "--max-batch", "0"])
@@ -39,7 +39,12 @@ def test_serve_flag_errors(capsys, tmp_path):
     assert "--prefix-cache-slots" in msg and "--no-enable-prefix-caching" in msg
     assert "--api-key" in _error(capsys, ["serve", "--model", "m", "--api-key", " "])
     # `--api-key "$KEY"` with KEY unset: refused, not a server open to anyone
-    assert "--api-key is empty" in _error(capsys, ["serve", "--model", "m", "--api-key", ""])
+    assert "--api-key (or $FLUID_API_KEY) is empty" in _error(
+        capsys, ["serve", "--model", "m", "--api-key", ""]
+    )
+    monkeypatch.setenv("FLUID_API_KEY", "")  # (FLUID_API_KEY="$KEY", KEY unset)
+    assert "$FLUID_API_KEY) is empty" in _error(capsys, ["serve", "--model", "m"])
+    monkeypatch.delenv("FLUID_API_KEY")
     both = _error(capsys, ["serve", "--model", "m", "--enforce-eager", "--compile"])
     assert "--enforce-eager and --compile" in both
     assert "--threads" in _error(capsys, ["serve", "--model", "m", "--threads", "0"])

@@ -472,6 +472,8 @@ def test_stop_extras_min_tokens_usage_stats_and_openai_fields(server):
     assert reason(extra_body={"stop_token_ids": h}) == [("stop", h[0])]
     assert reason(extra_body={"stop_token_ids": h}, stream=True) == [("stop", h[0])]
     assert reason(max_tokens=2) == [("length", None)]
+    eos = build_tiny_tokenizer(mask_token=True).eos_token_id  # (the served model's tokenizer)
+    assert reason(extra_body={"stop_token_ids": [eos]}) == [("stop", None)]  # vLLM: EOS first
     said = chat(stop=["fg"], extra_body=more).choices[0]
     assert (said.finish_reason, said.model_extra["stop_reason"]) == ("stop", "fg")
 

@@ -105,6 +105,8 @@ class Slot:
     armed: bool = False  # its grammar starts after Request.grammar_after, not yet committed
     next_drafts: list[int] = field(default_factory=list)  # a constrained row's, as last read
     model_drafts: bool = False  # its pending drafts are the model's (not forced text)
+    # the prompt's last tokens its output's text is read after (detok.context_ids), found once
+    context: list[int] | None = None
     queued_at: float = field(default_factory=time.monotonic)  # submitted (the engine's clock)
     admitted_at: float | None = None  # given a slot
 

@@ -9,7 +9,8 @@ transformers' ``stop_strings`` cuts. Only a window of the earlier tokens is deco
 counted in bytes of text (a token spells at least one, and one character may take several
 tokens); a newly completed stop string ends past the text the earlier tokens alone spelled —
 compared by common prefix, since a character split over tokens reads as U+FFFD until its last
-byte comes.
+byte comes. The window never begins inside a character (up to three tokens more are taken): a
+byte-fallback decoder would spell the whole run of byte tokens it cuts as U+FFFDs.
 
 A request's ``min_tokens`` holds stop strings back as vLLM does (its detokenizer's check, vLLM
 #22014): no step's tokens are searched until the output is longer than ``min_tokens``, and a match
@@ -59,8 +60,13 @@ def stop_cut(
         return tokenizer.decode(ids, skip_special_tokens=skip_special)
 
     # not from inside a character: a byte-fallback decoder would spell the whole run of byte
-    # tokens it cuts as U+FFFDs, a stop string in them too
-    while len(before) < len(earlier) and decode(before[:4]).startswith("\ufffd"):
+    # tokens it cuts as U+FFFDs, a stop string in them too (a character's first byte is at most
+    # three tokens back; text that stays U+FFFD further back is the output's own). The window is
+    # decoded whole: its first four tokens alone may end inside the next character, a run that
+    # reads as U+FFFDs however it begins.
+    for _ in range(3):
+        if len(before) == len(earlier) or not decode(before).startswith("\ufffd"):
+            break
         before.insert(0, earlier[-len(before) - 1])
 
     kept = max(0, context - (len(earlier) - len(before)))  # prompt tokens still in the window
@@ -114,14 +120,21 @@ class StopsMixin:
         reset = s.req.stop_reset
         if reset is not None and reset in recent:  # the text after the last reset
             last = len(recent) - 1 - recent[::-1].index(reset)
-            tail = context_ids(self.tokenizer, s.prompt, s.req.skip_special)
+            tail = self._context(s)
             earlier, context = [*tail, *recent[last:]], len(tail) + 1
         elif s.req.stop_in_prompt and len(new) < window:
             earlier, context = [*s.prompt[-window:], *new], 0
         elif len(new) < window:  # the output's text as the server spells it after its prompt
-            tail = context_ids(self.tokenizer, s.prompt, s.req.skip_special)
+            tail = self._context(s)
             earlier, context = [*tail, *new], len(tail)
         else:
             earlier, context = new, 0
         return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context, held,
                         s.req.skip_special)  # fmt: skip
+
+    def _context(self, s: Slot) -> list[int]:
+        """The prompt tokens slot ``s``'s output is read after (``detok.context_ids``; found on
+        its first search, then kept)."""
+        if s.context is None:
+            s.context = context_ids(self.tokenizer, s.prompt, s.req.skip_special)
+        return s.context

@@ -190,9 +190,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         # the tokens that end it (EOS unless ignored, stop_token_ids) and those never spelled
         eos, ends, unspelled = end_tokens(worker.scheduler.eos_ids, stops, bool(s.ignore_eos),
                                           s.include_stop, s.skip_special)  # fmt: skip
-        # vLLM's stop_reason names these (a generation config's further EOS ids too, not the
-        # tokenizer's own EOS)
-        named = {*stops, *(t for t in eos if t != tokenizer.eos_token_id)}
+        # vLLM's stop_reason names these: stop_token_ids and a generation config's further EOS
+        # ids, not the tokenizer's own EOS (which vLLM checks first) unless EOS is ignored
+        own = None if s.ignore_eos else tokenizer.eos_token_id
+        named = {*(t for t in stops if t != own), *(t for t in eos if t != own)}
         # a chat's reasoning apart from its answer; a grammar holds the answer (structured.py)
         split = reasoning if shapes[0].chat else None
         requests = [

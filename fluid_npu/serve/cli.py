@@ -397,8 +397,9 @@ def serve_command(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_queue=args.max_queue,
-        # (an empty --api-key, say "$KEY" unset, is refused by the settings: never no key)
-        api_key=os.environ.get("FLUID_API_KEY") or None if args.api_key is None else args.api_key,
+        # (an empty --api-key or $FLUID_API_KEY, say "$KEY" unset, is refused by the settings:
+        # never no key)
+        api_key=os.environ.get("FLUID_API_KEY") if args.api_key is None else args.api_key,
         drain_timeout=args.drain_timeout,
         enable_request_id_headers=args.enable_request_id_headers,
         network=network,

@@ -2,8 +2,9 @@
 
 Pure functions from what a request produced to the JSON the OpenAI client parses. ``usage`` carries
 the OpenAI counts plus the request's own FLUID figures: ``forwards`` (decode forwards it took part
-in) and ``tpf`` (generated tokens per forward). A stream ends with a chunk holding the
-``finish_reason``, and the usage once: with ``stream_options.include_usage`` in the OpenAI-style
+in) and ``tpf`` (generated tokens per forward). A choice's end carries ``finish_reason`` and vLLM's
+``stop_reason`` (the stop string or stop token id that ended it, else null). A stream ends with a
+chunk holding them, and the usage once: with ``stream_options.include_usage`` in the OpenAI-style
 extra chunk (empty ``choices``) that follows it, else in that last chunk itself (a client that adds
 up the usage of every chunk counts it once either way); then ``data: [DONE]``. With vLLM's
 ``continuous_usage_stats`` every chunk carries its choice's usage so far as well.

@@ -146,7 +146,8 @@ class ServeSettings:
             check_override(self.override_generation_config, OVERRIDE_FLAG, SERVED_DEFAULTS)
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError(
-                "--api-key is empty (an unset shell variable?); give a key or leave the flag out"
+                "--api-key (or $FLUID_API_KEY) is empty (an unset shell variable?); give a key, "
+                "or leave the flag out and unset FLUID_API_KEY"
             )
         self.network.check()
         self.template_text()
