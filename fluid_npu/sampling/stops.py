@@ -64,14 +64,15 @@ def stop_cut(
     # three tokens back; text that stays U+FFFD further back is the output's own). The window is
     # decoded whole: its first four tokens alone may end inside the next character, a run that
     # reads as U+FFFDs however it begins.
+    text_before = decode(before)
     for _ in range(3):
-        if len(before) == len(earlier) or not decode(before).startswith("\ufffd"):
+        if len(before) == len(earlier) or not text_before.startswith("\ufffd"):
             break
         before.insert(0, earlier[-len(before) - 1])
+        text_before = decode(before)
 
     kept = max(0, context - (len(earlier) - len(before)))  # prompt tokens still in the window
     floor = len(decode(before[:kept])) if kept else 0
-    text_before = decode(before)
     text_held = decode([*before, *toks[:held]]) if held else ""
     for n in range(held + 1, len(toks) + 1):
         text = decode([*before, *toks[:n]])
