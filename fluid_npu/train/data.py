@@ -51,6 +51,10 @@ def main_process_builds(
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return build()
+    rows = to_other_nodes is not None and spans_nodes(dist.get_world_size())  # (every rank agrees)
+    group = None  # (made before rank 0 builds: the ranks then wait in the broadcast, as before)
+    if rows and dist.get_backend() != "gloo":  # the rows travel through host memory: hccl / nccl
+        group = dist.new_group(backend="gloo")  # would stage the whole pickle on every device
     box: list[Any] = [None]
     failure: BaseException | None = None
     built: Any = None
@@ -58,17 +62,13 @@ def main_process_builds(
         try:
             built = build()
             send = built
-            if to_other_nodes is not None and spans_nodes(dist.get_world_size()):
+            if rows and to_other_nodes is not None:
                 send = to_other_nodes(built)  # (rank 0 keeps its own, file-backed)
             box = [("ok", send)]
         except Exception as exc:  # every rank must still reach the broadcast below
             failure = exc
             message = str(exc) if isinstance(exc, FluidError) else f"{type(exc).__name__}: {exc}"
             box = [("error", (type(exc) if isinstance(exc, FluidError) else FluidError, message))]
-    rows = to_other_nodes is not None and spans_nodes(dist.get_world_size())  # (every rank agrees)
-    group = None
-    if rows and dist.get_backend() != "gloo":  # the rows travel through host memory: hccl / nccl
-        group = dist.new_group(backend="gloo")  # would stage the whole pickle on every device
     dist.broadcast_object_list(box, src=0, group=group)
     if group is not None:
         dist.destroy_process_group(group)
