@@ -91,3 +91,21 @@ class SlowPieces(PreTrainedTokenizer):
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple:
         return ()
+
+
+class SpacedSpecials(SlowPieces):
+    """``SlowPieces`` whose text of special tokens depends on their surroundings, as Llama /
+    InternLM-style remote tokenizers (openPangu's among them) write them: a space before the run
+    that precedes each group of special tokens."""
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        out, run, after_special = "", [], False
+        for token in tokens:
+            if token in self.all_special_tokens:
+                space = "" if after_special else " "
+                out += space + super().convert_tokens_to_string(run) + token
+                run, after_special = [], True
+            else:
+                run.append(token)
+                after_special = False
+        return out + super().convert_tokens_to_string(run)

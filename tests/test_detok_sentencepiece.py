@@ -5,7 +5,7 @@ the log-probabilities' token bytes — what ``fluid serve``, ``fluid generate`` 
 from __future__ import annotations
 
 import pytest
-from sentencepiece_like import SlowPieces, byte_fallback_tokenizer
+from sentencepiece_like import SlowPieces, SpacedSpecials, byte_fallback_tokenizer
 
 from fluid_npu.sampling.detok import Detokenizer, output_text
 from fluid_npu.sampling.stops import stop_cut
@@ -105,3 +105,20 @@ def test_the_engine_and_the_reasoning_split_read_the_output_after_the_same_conte
     out = [opened, *_bytes_of(tk, "想"), closed, *_bytes_of(tk, "🎉🎉")]
     answer = "".join(split.add([t]) for t in out) + split.flush()
     assert answer == "🎉🎉"
+
+
+def test_special_tokens_written_out_by_a_slow_tokenizer_read_the_same_in_any_piece():
+    """``skip_special_tokens: false`` with a slow tokenizer that puts a space before the text of
+    special tokens (Llama / InternLM-style remote code, as openPangu's): decoded in pieces, a
+    piece ending in a special token began otherwise than the whole, and characters came out twice
+    ("thingg", a tool call's JSON broken). Each special token is now written as itself between
+    runs decoded alone, as vLLM does for slow tokenizers: the same text in any piece."""
+    tk = SpacedSpecials()
+    tk.add_special_tokens({"additional_special_tokens": ["[u11]"]})
+    out = tk.convert_tokens_to_ids([*"Sure", "▁", *"thing", "[u11]", *"ok", "▁", *"now"])
+    assert tk.decode(out[:10]) + "[u11]" != tk.decode(out[:11])  # (the case: the space before)
+    for prompt in (tk("hello")["input_ids"], tk("hello", add_special_tokens=False)["input_ids"]):
+        for step in (1, 2, 3, len(out)):
+            d = Detokenizer(tk, prompt=prompt, skip_special=False)
+            text = "".join(d.add(out[i : i + step]) for i in range(0, len(out), step)) + d.flush()
+            assert text == "Sure thing[u11]ok now", (prompt, step)

@@ -26,7 +26,10 @@ An EOS token that ends the output (``eos_ids``) is counted but never spelled, as
 of the text — whether or not the tokenizer calls it special, and whether or not special tokens are
 written. ``spelled`` names special tokens that are written out after all (openPangu's tool-call
 markers, which the server's tool parser reads in the text), the text between them decoded as
-before.
+before. With special tokens written out, a slow tokenizer's added tokens are written the same way
+(``written_alone``): its own decode may spell them otherwise with what surrounds them (a space
+before each, in Llama / InternLM-style remote code such as openPangu's), so a text decoded in
+pieces would not begin as the whole does; the engine's stop search (``stops.py``) reads that text.
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self.skip_special = skip_special  # False: special tokens are written out as their text
         self.spelled = dict(spelled or {})  # special tokens written out (a tool-call marker)
+        # the tokens written as themselves between runs decoded alone: with special tokens skipped
+        # the spelled ones; written out, none for a fast tokenizer (its decode writes them), every
+        # added token for a slow one, whose own spelling of them depends on what surrounds them
+        self.written = self.spelled if skip_special else written_alone(tokenizer)
         self.stop = list(stop or [])
         self.reach = max((len(s) for s in self.stop), default=1) - 1  # a stop begins this far back
         self.hold = 0 if include_stop else self.reach  # the tail held back from the stream
@@ -149,17 +156,7 @@ class Detokenizer:
             self.ids.append(int(tok))
 
     def _decode(self, tokens: list[int]) -> str:
-        skip = self.skip_special
-        if not skip or not self.spelled or self.spelled.keys().isdisjoint(tokens):
-            return self.tokenizer.decode(tokens, skip_special_tokens=skip)
-        out, run = [], []  # the runs between spelled tokens decoded alone, the tokens written
-        for tok in tokens:
-            if tok in self.spelled:
-                out += [self.tokenizer.decode(run, skip_special_tokens=True), self.spelled[tok]]
-                run = []
-            else:
-                run.append(tok)
-        return "".join(out) + self.tokenizer.decode(run, skip_special_tokens=True)
+        return decode_written(self.tokenizer, tokens, self.skip_special, self.written)
 
     def _advance(self, final: bool) -> None:
         """Bring ``text`` up to every token fed. The newest tokens' text is decoded with the
@@ -201,6 +198,38 @@ class Detokenizer:
         out = self.text[self.sent : end]
         self.sent = max(self.sent, end)
         return out
+
+
+def written_alone(tokenizer: Any) -> dict[int, str]:
+    """The added (special) tokens of a slow tokenizer, each with its own text: written out, they
+    go between runs decoded alone, as vLLM writes them for slow tokenizers — whose own decode may
+    spell them otherwise with what surrounds them (Llama / InternLM-style remote tokenizers, as
+    openPangu's, put a space before each), so that a text decoded in pieces would not begin as the
+    whole does. Empty for a fast tokenizer, whose decode spells them the same in any piece."""
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        return {}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    out = {int(i): str(t) for i, t in added.items()}
+    for i in getattr(tokenizer, "all_special_ids", None) or ():
+        out.setdefault(int(i), str(tokenizer.convert_ids_to_tokens(int(i))))
+    return out
+
+
+def decode_written(
+    tokenizer: Any, tokens: Sequence[int], skip_special: bool, written: Mapping[int, str]
+) -> str:
+    """The text of ``tokens`` with the ``written`` ones as their own text between runs decoded
+    alone (``Detokenizer.written``); the tokenizer's own decode where none of them is there."""
+    if not written or written.keys().isdisjoint(tokens):
+        return tokenizer.decode(list(tokens), skip_special_tokens=skip_special)
+    out, run = [], []  # the runs between written tokens decoded alone, the tokens written
+    for tok in tokens:
+        if tok in written:
+            out += [tokenizer.decode(run, skip_special_tokens=True), written[tok]]
+            run = []
+        else:
+            run.append(tok)
+    return "".join(out) + tokenizer.decode(run, skip_special_tokens=True)
 
 
 def output_text(

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fluid_npu.sampling.detok import context_ids
+from fluid_npu.sampling.detok import context_ids, decode_written, written_alone
 from fluid_npu.sampling.requests import Slot
 
 
@@ -56,8 +56,10 @@ def stop_cut(
         spelled += not skip_special or t not in special
     before.reverse()
 
+    written = {} if skip_special else written_alone(tokenizer)  # (as the server's text spells)
+
     def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=skip_special)
+        return decode_written(tokenizer, ids, skip_special, written)
 
     # not from inside a character: a byte-fallback decoder would spell the whole run of byte
     # tokens it cuts as U+FFFDs, a stop string in them too (a character's first byte is at most
