@@ -391,6 +391,16 @@ def test_openpangu_calls_between_special_tokens():
             text = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
                                              tool_choice="none")  # fmt: skip
             assert text.choices[0].message.content == "Checking." + body
+            # a stop string found in a marker's text (written for the parser only) ends the
+            # answer there, and no piece of the marker becomes content
+            cut = c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS, stop=["]"])
+            assert cut.choices[0].message.content == "Checking.", cut
+            assert (cut.choices[0].finish_reason, cut.choices[0].model_extra["stop_reason"]) == (
+                "stop", "]")  # fmt: skip
+            chunks = list(c.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
+                                                    stop=["]"], stream=True))  # fmt: skip
+            streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            assert streamed == "Checking."
 
 
 def test_a_stream_ends_even_when_its_answer_fails(monkeypatch):

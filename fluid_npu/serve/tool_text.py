@@ -211,15 +211,22 @@ class ToolCallText:
         """At the answer's end: the ``content`` still held back and the calls (none: all text;
         ``parse=False``: the answer did not end, and stays text)."""
         if self.held is None:
-            out, self.pending = self._plain(self.pending or ""), ""
+            out, self.pending = self._cut_marker(self._plain(self.pending or "")), ""
             return out, []
         calls = parse_calls(self.held, self.markers, self.functions) if parse else None
         if calls is None:
             text = self.held
             for marker in self.special:
                 text = text.replace(marker, "")
-            return text, []
+            return self._cut_marker(text), []
         return "", calls if self.parallel else calls[:1]
+
+    def _cut_marker(self, text: str) -> str:
+        """``text`` without the start of a special marker it ends in: a special token is written
+        whole, so only a stop string found inside its text (written for the parser alone) ends
+        one part-way, and none of it is the model's text."""
+        cut = max((_partial_suffix(text, m) for m in self.special), default=0)
+        return text[: len(text) - cut]
 
 
 def _partial_suffix(text: str, marker: str) -> int:
