@@ -167,6 +167,13 @@ def test_special_markers_are_read_in_any_delta_and_left_out_of_text():
             passed = reader.add(text[:cut]) + reader.add(text[cut:])
             rest, found = reader.finish()
             assert (passed + rest, arguments(found)) == (content, calls), (text, cut)
+    # an answer that ends in the start of a special marker's text keeps it (the model's own "["),
+    # unless a stop string ended it there: then that is the marker's text, cut, and left out
+    for stopped, content in ((False, "it is ["), (True, "it is ")):
+        reader = ToolCallText(MISTRAL, special=special)
+        passed = reader.add("it is [")
+        rest, found = reader.finish(stopped=stopped)
+        assert (passed + rest, found) == (content, []), stopped
 
 
 # Mistral's rules: ids of nine letters and digits, calls written after [TOOL_CALLS]

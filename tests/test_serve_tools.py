@@ -407,7 +407,7 @@ def test_a_stream_ends_even_when_its_answer_fails(monkeypatch):
     """A failure while an answer is read (here a broken tool parser) ends the stream with an
     error event, as an engine failure does, instead of leaving the client waiting."""
 
-    def broken(self: ToolCallText, parse: bool = True) -> Any:
+    def broken(self: ToolCallText, parse: bool = True, stopped: bool = False) -> Any:
         raise RuntimeError("parser broke")
 
     monkeypatch.setattr(ToolCallText, "finish", broken)

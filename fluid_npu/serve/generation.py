@@ -142,7 +142,8 @@ class Generation:
             if self.tools is not None:
                 text = self.tools.add(text)
                 if self.finish_reason is not None:  # (an aborted answer stays text)
-                    rest, calls = self.tools.finish(parse=self.finish_reason in ("stop", "length"))
+                    parse = self.finish_reason in ("stop", "length")
+                    rest, calls = self.tools.finish(parse, stopped=self.detok.stopped)
                     text += rest
                     if calls and self.tools.finish_reason:  # (a named call's stays "stop")
                         self.finish_reason = self.tools.finish_reason

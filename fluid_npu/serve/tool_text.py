@@ -103,7 +103,7 @@ class ForcedCalls:
         self.held += text
         return ""
 
-    def finish(self, parse: bool = True) -> tuple[str, list[dict[str, Any]]]:
+    def finish(self, parse: bool = True, stopped: bool = False) -> tuple[str, list[dict[str, Any]]]:
         given = _json(self.held) if parse else None
         if self.name is not None:  # the arguments as the model wrote them (vLLM's)
             if not isinstance(given, dict) or _text(given) is None:
@@ -207,24 +207,25 @@ class ToolCallText:
         out, self.pending = self.pending, None
         return out
 
-    def finish(self, parse: bool = True) -> tuple[str, list[dict[str, Any]]]:
+    def finish(self, parse: bool = True, stopped: bool = False) -> tuple[str, list[dict[str, Any]]]:
         """At the answer's end: the ``content`` still held back and the calls (none: all text;
-        ``parse=False``: the answer did not end, and stays text)."""
+        ``parse=False``: the answer did not end, and stays text; ``stopped``: a stop string ended
+        it, maybe inside a special marker's text)."""
         if self.held is None:
-            out, self.pending = self._cut_marker(self._plain(self.pending or "")), ""
-            return out, []
+            out, self.pending = self._plain(self.pending or ""), ""
+            return self._cut_marker(out) if stopped else out, []
         calls = parse_calls(self.held, self.markers, self.functions) if parse else None
         if calls is None:
             text = self.held
             for marker in self.special:
                 text = text.replace(marker, "")
-            return self._cut_marker(text), []
+            return self._cut_marker(text) if stopped else text, []
         return "", calls if self.parallel else calls[:1]
 
     def _cut_marker(self, text: str) -> str:
-        """``text`` without the start of a special marker it ends in: a special token is written
-        whole, so only a stop string found inside its text (written for the parser alone) ends
-        one part-way, and none of it is the model's text."""
+        """``text``, which a stop string ended, without the start of a special marker it ends in:
+        a special token is written whole, so only a stop string found inside its text (written for
+        the parser alone) ends one part-way, and none of it is the model's text."""
         cut = max((_partial_suffix(text, m) for m in self.special), default=0)
         return text[: len(text) - cut]
 
