@@ -202,7 +202,8 @@ class Detokenizer:
 
 def written_alone(tokenizer: Any) -> dict[int, str]:
     """The added (special) tokens of a slow tokenizer, each with its own text: written out, they
-    go between runs decoded alone, as vLLM writes them for slow tokenizers — whose own decode may
+    go between runs decoded alone (as vLLM's slow-tokenizer path does, here without its optional
+    spaces between them) — for a slow tokenizer's own decode may
     spell them otherwise with what surrounds them (Llama / InternLM-style remote tokenizers, as
     openPangu's, put a space before each), so that a text decoded in pieces would not begin as the
     whole does. Empty for a fast tokenizer, whose decode spells them the same in any piece."""
