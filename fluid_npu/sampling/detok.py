@@ -34,6 +34,7 @@ pieces would not begin as the whole does; the engine's stop search (``stops.py``
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -206,14 +207,24 @@ def written_alone(tokenizer: Any) -> dict[int, str]:
     spaces between them) — for a slow tokenizer's own decode may
     spell them otherwise with what surrounds them (Llama / InternLM-style remote tokenizers, as
     openPangu's, put a space before each), so that a text decoded in pieces would not begin as the
-    whole does. Empty for a fast tokenizer, whose decode spells them the same in any piece."""
+    whole does. Empty for a fast tokenizer, whose decode spells them the same in any piece. Found
+    once per tokenizer (again where tokens were added to it since)."""
     if getattr(tokenizer, "backend_tokenizer", None) is not None:
         return {}
+    size = len(tokenizer)
+    known = _WRITTEN.get(tokenizer)
+    if known is not None and known[0] == size:
+        return known[1]
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     out = {int(i): str(t) for i, t in added.items()}
     for i in getattr(tokenizer, "all_special_ids", None) or ():
         out.setdefault(int(i), str(tokenizer.convert_ids_to_tokens(int(i))))
+    _WRITTEN[tokenizer] = (size, out)
     return out
+
+
+# written_alone's answers, per tokenizer (with its size then)
+_WRITTEN: weakref.WeakKeyDictionary[Any, tuple[int, dict[int, str]]] = weakref.WeakKeyDictionary()
 
 
 def decode_written(

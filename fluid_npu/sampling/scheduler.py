@@ -55,7 +55,6 @@ import torch
 from transformers import PreTrainedModel
 
 from fluid_npu.errors import ConfigError
-from fluid_npu.sampling.detok import written_alone
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.head import LMHead
@@ -155,8 +154,6 @@ class Scheduler(PrefillMixin, StepMixin):
         self.mask_id = int(mask_id)
         self.tokenizer = tokenizer  # decodes committed text for stop strings
         self._special = frozenset(getattr(tokenizer, "all_special_ids", None) or [])
-        # the tokens a slow tokenizer's written-out text writes alone (detok.written_alone)
-        self._written = written_alone(tokenizer) if tokenizer is not None else {}
         self.eos_ids, self.pad_id = eos_and_pad(model, eos_ids, pad_id)
         cfg = model.config.get_text_config()
         limit = getattr(cfg, "max_position_embeddings", None)

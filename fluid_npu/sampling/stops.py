@@ -22,7 +22,7 @@ before, at the same cost.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from fluid_npu.sampling.detok import context_ids, decode_written, written_alone
@@ -38,7 +38,6 @@ def stop_cut(
     context: int = 0,
     held: int = 0,
     skip_special: bool = True,
-    written: Mapping[int, str] | None = None,
 ) -> int | None:
     """How many of ``toks`` (this step's, after ``earlier``) to keep when one of them completes
     a string of ``stops``, else None; ``special``: the tokenizer's special ids. The first
@@ -46,8 +45,8 @@ def stop_cut(
     is spelled (a SentencePiece decoder drops the leading space of a text), no stop string may
     begin in their text. The first ``held`` of ``toks`` are within the request's ``min_tokens``:
     none of them ends the request, and a stop string must end past their text. With
-    ``skip_special`` False the text spells special tokens too (``written``: the tokenizer's
-    ``detok.written_alone``, found here when not given)."""
+    ``skip_special`` False the text spells special tokens too (a slow tokenizer's as the server's
+    text writes them: ``detok.written_alone``)."""
     longest = max(len(x.encode("utf-8")) for x in stops)
     before: list[int] = []  # the last earlier tokens that spell longest + 8 of them
     spelled = 0
@@ -58,10 +57,7 @@ def stop_cut(
         spelled += not skip_special or t not in special
     before.reverse()
 
-    if skip_special:
-        written = {}
-    elif written is None:  # (as the server's text spells)
-        written = written_alone(tokenizer)
+    written = {} if skip_special else written_alone(tokenizer)
 
     def decode(ids: list[int]) -> str:
         return decode_written(tokenizer, ids, skip_special, written)
@@ -138,7 +134,7 @@ class StopsMixin:
         else:
             earlier, context = new, 0
         return stop_cut(self.tokenizer, self._special, earlier, toks, s.req.stop, context, held,
-                        s.req.skip_special, self._written)  # fmt: skip
+                        s.req.skip_special)  # fmt: skip
 
     def _context(self, s: Slot) -> list[int]:
         """The prompt tokens slot ``s``'s output is read after (``detok.context_ids``; found on
