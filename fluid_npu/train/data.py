@@ -51,10 +51,11 @@ def main_process_builds(
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return build()
-    rows = to_other_nodes is not None and spans_nodes(dist.get_world_size())  # (every rank agrees)
+    # what goes to the ranks of other nodes, when there are any (every rank agrees)
+    rows = to_other_nodes if spans_nodes(dist.get_world_size()) else None
     group = None  # (made before rank 0 builds: the ranks then wait in the broadcast, as before)
-    if rows and dist.get_backend() != "gloo":  # the rows travel through host memory: hccl / nccl
-        group = dist.new_group(backend="gloo")  # would stage the whole pickle on every device
+    if rows is not None and dist.get_backend() != "gloo":  # the rows go through host memory:
+        group = dist.new_group(backend="gloo")  # hccl / nccl would stage the pickle on each device
     box: list[Any] = [None]
     failure: BaseException | None = None
     built: Any = None
@@ -62,8 +63,8 @@ def main_process_builds(
         try:
             built = build()
             send = built
-            if rows and to_other_nodes is not None:
-                send = to_other_nodes(built)  # (rank 0 keeps its own, file-backed)
+            if rows is not None:
+                send = rows(built)  # (rank 0 keeps its own, file-backed)
             box = [("ok", send)]
         except Exception as exc:  # every rank must still reach the broadcast below
             failure = exc
