@@ -9,6 +9,7 @@ initialised widely enough that its greedy answers vary and often end with EOS.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -147,8 +148,15 @@ def test_fluid_decoders_run_with_the_draft_budget_and_without(tmp_path, monkeypa
 
     monkeypatch.setattr(Scheduler, "__init__", spy)
     ids = chat_ids(fluid.tokenizer, ROWS[0]["question"])
-    on = _fluid_decode(fluid, ids, 8, "fixed:4")
-    off = _fluid_decode(fluid, ids, 8, "fixed:4", adaptive=False)
+    end = fluid.tokenizer.convert_tokens_to_ids("<|im_end|>")  # SmolLM2's pad is its EOS, which
+    for config in (fluid.model.config, fluid.model.generation_config):  # every chat turn holds
+        config.pad_token_id = config.eos_token_id = end
+    assert end in ids
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on = _fluid_decode(fluid, ids, 8, "fixed:4")
+        off = _fluid_decode(fluid, ids, 8, "fixed:4", adaptive=False)
+    assert not [w for w in caught if "attention_mask" in str(w.message)]  # (the run's own calls)
     assert seen == [True, False]
     assert on["tokens"] == off["tokens"]  # lossless either way
     # the two keep separate draft budgets: the budget-off decode never feeds the default one

@@ -111,8 +111,12 @@ def _fluid_decode(
     only what pays on this machine)."""
     x = torch.tensor([ids], device=fluid.device)
     with plain_generation(fluid.model):  # plain greedy, whatever the checkpoint's config says
-        fluid.generate(
-            x, max_new_tokens=max_new, policy=policy, engine_kwargs={"adaptive": adaptive}
+        fluid.generate(  # (the mask: a chat prompt holds the pad id where it is the EOS)
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new,
+            policy=policy,
+            engine_kwargs={"adaptive": adaptive},
         )
     out, stats = fluid.last_output, fluid.last_stats
     return {
