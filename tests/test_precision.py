@@ -15,11 +15,13 @@ import pytest
 import torch
 from conftest import as_overrides, tiny_stage1_recipe
 from synthetic import write_short_dataset
+from transformers import training_args
 
 from fluid_npu import device as devices
 from fluid_npu.config import load_config
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.train.common import training_arguments
 from fluid_npu.train.precision import device_choice, resolve_precision
 from fluid_npu.train.session import TrainingSession
 from fluid_npu.train.stage1 import run_stage1, stage1_objective
@@ -169,12 +171,19 @@ def test_a_precision_the_device_cannot_run_is_said_not_silent(
     bf16_base, data, tmp_path, monkeypatch, caplog, keys, cuda_bf16, expected, said
 ):
     """``fp16: true`` on a CPU trains in fp32 (no float16 autocast there), ``bf16: true`` on a GPU
-    without bf16 in fp16: a warning says so (run.json's precision records what ran)."""
+    without bf16 in fp16: a warning says so (run.json's precision records what ran), and the
+    Trainer's arguments ask for what runs (``bf16=True`` there made transformers refuse the run,
+    so the fallback never happened)."""
     monkeypatch.setattr(devices, "is_npu_available", lambda: False)
     monkeypatch.setattr(devices, "is_cuda_available", lambda: cuda_bf16 is not None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bool(cuda_bf16))
+    # (transformers' own check of a bf16 GPU, answered as this stand-in device would)
+    monkeypatch.setattr(training_args, "is_torch_bf16_gpu_available", lambda: bool(cuda_bf16))
     cfg = load_config(None, _values(bf16_base, data, tmp_path / "o", **keys))
+    choice = device_choice(cfg.train)
     with caplog.at_level(logging.WARNING, logger="fluid_npu"):
-        assert resolve_precision(cfg.train, device_choice(cfg.train)).mode == expected
+        assert resolve_precision(cfg.train, choice).mode == expected
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == ([said] if said else [])
+    args = training_arguments(cfg, choice)
+    assert (args.bf16, args.fp16) == (expected == "bf16", expected == "fp16")

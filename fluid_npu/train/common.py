@@ -50,6 +50,7 @@ from fluid_npu.train.checkpoint import (
     staging_root,
 )
 from fluid_npu.train.data import evaluation_arguments, has_eval_split
+from fluid_npu.train.precision import mixed_mode
 from fluid_npu.train.report import Throughput, observe_parallelism, peak_memory_mib
 from fluid_npu.train.sharded import (
     enable_fsdp_on_cpu_processes,
@@ -75,6 +76,7 @@ def training_arguments(
     data; None leaves it to the config (``val_size`` / ``eval_dataset``, Stage I's rule).
     """
     t = cfg.train
+    mixed = mixed_mode(t, choice)
     kwargs: dict[str, Any] = dict(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -88,8 +90,9 @@ def training_arguments(
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
-        bf16=t.bf16 and not t.pure_bf16,  # pure bf16 runs without autocast (precision.py)
-        fp16=t.fp16,
+        # what the device runs (precision.py): bf16 on one without it falls back to fp16
+        bf16=mixed == "bf16",
+        fp16=mixed == "fp16",
         deepspeed=t.deepspeed,
         **fsdp_arguments(t.fsdp, t.fsdp_config),
         logging_steps=t.logging_steps,

@@ -129,9 +129,7 @@ def resolve_precision(train: Any, choice: DeviceChoice) -> Precision:
                 "fp32 master weights): use bf16: true, or remove the deepspeed key"
             )
         return Precision("pure_bf16", torch.bfloat16, torch.bfloat16)
-    mode = "fp32"
-    if (bf16 or fp16) and choice.autocast_dtype is not None:
-        mode = "bf16" if choice.autocast_dtype == torch.bfloat16 else "fp16"
+    mode = mixed_mode(train, choice)
     asked = "bf16" if bf16 else "fp16" if fp16 else "fp32"
     if mode != asked:  # (run.json's precision records what ran)
         logger.warning(
@@ -141,6 +139,15 @@ def resolve_precision(train: Any, choice: DeviceChoice) -> Precision:
     if mode == "fp32":
         return Precision("fp32", torch.float32, torch.float32)
     return Precision(mode, choice.autocast_dtype, torch.float32)
+
+
+def mixed_mode(train: Any, choice: DeviceChoice) -> str:
+    """The Trainer's mixed precision, ``bf16`` or ``fp16`` (``fp32``: none, as under
+    ``pure_bf16``): the device's autocast dtype where ``bf16`` or ``fp16`` asks for one — an
+    accelerator without bf16 runs ``bf16: true`` in fp16, a CPU runs ``fp16: true`` in fp32."""
+    if train.pure_bf16 or not (train.bf16 or train.fp16) or choice.autocast_dtype is None:
+        return "fp32"
+    return "bf16" if choice.autocast_dtype == torch.bfloat16 else "fp16"
 
 
 def _name(dtype: torch.dtype) -> str:
