@@ -72,20 +72,27 @@ def choose(
     want_fp16: bool = False,
     local_rank: int | None = None,
     force: str | None = None,
+    reason: str | None = None,
 ) -> DeviceChoice:
     """The pure device decision: npu > cuda > cpu, its collective back end and autocast dtype.
 
-    ``force`` ("npu" / "cuda" / "cpu") overrides the order (config key ``device``); forcing a device
-    that is not available raises ``ConfigError`` naming it.
+    ``force`` ("npu" / "cuda" / "cpu") overrides the order (config key ``device``, flag
+    ``--device``); forcing a device that is not available raises ``ConfigError`` naming it, with
+    ``reason`` (why it is not: torch_npu's import error) and what to check.
     """
     available = {"npu": npu, "cuda": cuda, "cpu": True}
     if force not in (None, "auto"):
         if force not in available:
             raise ConfigError(f"unknown device {force!r}; choose npu, cuda, cpu or auto")
         if not available[force]:
+            why = f" ({reason})" if reason else ""
+            check = ""
+            if force == "npu":
+                check = "on an Ascend host, source CANN's set_env.sh and check "
+                check += "ASCEND_RT_VISIBLE_DEVICES; or "
             raise ConfigError(
-                f"device {force!r} was requested but is not available here; "
-                "set device: auto (or the device this host has)"
+                f"device {force!r} was requested but is not available here{why}; {check}ask "
+                "for a device this host has (cpu), or auto for the best one it has"
             )
         kind = force
     else:
@@ -108,7 +115,7 @@ def kind(force: str | None = None) -> str:
     a device (no context is created on it, as the bf16 probe of ``current`` would)."""
     npu = is_npu_available()
     cuda = not npu and is_cuda_available()
-    return choose(npu=npu, cuda=cuda, bf16_supported=True, force=force).type
+    return choose(npu=npu, cuda=cuda, bf16_supported=True, force=force, reason=_why(force)).type
 
 
 def check_device(device: str | torch.device | None) -> None:
@@ -155,7 +162,17 @@ def current(
         want_fp16=want_fp16,
         local_rank=local_rank() if (npu or cuda) else None,
         force=force,
+        reason=_why(force),
     )
+
+
+def _why(force: str | None) -> str | None:
+    """Why a forced accelerator is not available (asked only when one is forced)."""
+    if force == "npu":
+        return npu_import_error()
+    if force == "cuda" and not is_cuda_available():
+        return "torch.cuda.is_available() is False"
+    return None
 
 
 def device_module(device_type: str) -> ModuleType | None:

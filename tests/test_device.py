@@ -43,9 +43,19 @@ def test_no_mixed_precision_unless_asked():
     )
 
 
-def test_forcing_an_absent_device_fails_clearly():
+def test_forcing_an_absent_device_fails_clearly(monkeypatch):
     with pytest.raises(ConfigError, match="'npu' was requested but is not available"):
         device.choose(npu=False, cuda=False, bf16_supported=True, force="npu")
+    # what the probe found and what to check, wherever the device is forced (--device, device:)
+    seen = "torch_npu imported but no NPU is visible (check ASCEND_RT_VISIBLE_DEVICES)"
+    monkeypatch.setattr(device, "npu_import_error", lambda: seen)
+    monkeypatch.setattr(device, "is_cuda_available", lambda: False)
+    for probe in (device.current, device.kind):
+        with pytest.raises(ConfigError) as err:
+            probe(force="npu")
+        assert seen in str(err.value) and "set_env.sh" in str(err.value)
+    with pytest.raises(ConfigError, match=r"cuda.is_available\(\) is False"):
+        device.kind(force="cuda")
 
 
 def test_this_host_is_detected_as_what_it_has():
