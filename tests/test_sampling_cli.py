@@ -170,6 +170,10 @@ def test_sampling_flags_are_checked_before_loading(dirs, capsys):
             "--attn-backend 'flash' is not one of auto, reference, blocked",
         ),
         (["--attn-backend", "eager"], "leave --attn-backend out, or use --loop reference"),
+        (
+            ["--device", "cpu", "--loop", "reference", "--attn-backend", "npu"],
+            "attn_backend: 'npu'",
+        ),
     ],
 )
 def test_generate_flags_are_checked_before_loading(tmp_path, capsys, extra, fragment):

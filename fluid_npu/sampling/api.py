@@ -80,8 +80,8 @@ def attention(model: PreTrainedModel, backend: str | None) -> Iterator[None]:
         yield
         return
     old_backend = model.config.__dict__.get("fluid_attn_backend")
-    try:
-        configure_attention(model, backend)
+    try:  # (with the device: a back end that cannot run there is refused before a forward)
+        configure_attention(model, backend, model.device.type)
     except ValueError as exc:
         raise ConfigError(f"{exc}; choose one of {', '.join(ATTN_BACKENDS)}") from None
     try:

@@ -143,10 +143,15 @@ def check_chat_flags(args: argparse.Namespace, chat_prompts: bool) -> None:
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
-    """The ``--device`` to run on (checked before any model is loaded)."""
+    """The ``--device`` to run on, and that ``--attn-backend`` can run there (checked before any
+    model is loaded)."""
     from fluid_npu import device as devices
+    from fluid_npu.model.attention import check_backend
 
-    return devices.current(force=args.device).device
+    dev = devices.current(force=args.device).device
+    if getattr(args, "attn_backend", None) is not None:
+        check_backend(args.attn_backend, dev.type)
+    return dev
 
 
 def load_model(args: argparse.Namespace, dev: torch.device) -> FluidForCausalLM:
