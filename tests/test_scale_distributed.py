@@ -268,9 +268,17 @@ def test_deepspeed_and_fsdp_keys_reach_training_arguments(tmp_path, monkeypatch)
 
     monkeypatch.setattr(common, "TrainingArguments", Spy)
     monkeypatch.setattr(common, "deepspeed_available", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "")  # (so that undo restores what was there, or none)
+    monkeypatch.delenv("DS_ACCELERATOR")
     cfg = load_config(None, [f"output_dir={tmp_path / 'o'}", f"deepspeed={ds}"])
     common.training_arguments(cfg, _cpu())
     assert seen["deepspeed"] == str(ds)
+    # DeepSpeed takes the NPU's accelerator wherever torch_npu imports, NPU or not: a CPU run
+    # names the CPU's (a user's own choice stays)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "mine")
+    common.training_arguments(cfg, _cpu())
+    assert os.environ["DS_ACCELERATOR"] == "mine"
     monkeypatch.undo()
 
     wrap = tmp_path / "fsdp.json"

@@ -111,7 +111,7 @@ def training_arguments(
     if t.deepspeed is not None:
         check_deepspeed_config(t.deepspeed)
         if choice.type == "cpu":
-            skip_deepspeed_shm_collective()
+            deepspeed_on_cpu()
     kwargs.update(cfg.extra_training_args)
     if evaluate:
         held = has_eval_split(cfg) if held_out is None else held_out
@@ -190,11 +190,18 @@ def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def skip_deepspeed_shm_collective() -> None:
-    """DeepSpeed on a CPU JIT-compiles a shared-memory all-reduce when it sets up its process group
-    (about 30 s on two cores, and it needs a C++ compiler). Only its inference all-reduce (tensor-
-    parallel inference) calls it; ZeRO training reduces through torch.distributed (gloo), so the
-    build is skipped by marking the op unavailable, which DeepSpeed's own check reads."""
+def deepspeed_on_cpu() -> None:
+    """DeepSpeed for a run on the CPU, set before DeepSpeed is first imported.
+
+    Its accelerator is the CPU's: DeepSpeed takes the NPU's wherever torch_npu imports, device or
+    not (a CANN container with no NPU visible, or ``device: cpu`` on an Ascend host), and then
+    sets an NPU device that is not there. ``$DS_ACCELERATOR`` set by the user is kept.
+
+    On a CPU it JIT-compiles a shared-memory all-reduce when it sets up its process group (about
+    30 s on two cores, and it needs a C++ compiler). Only its inference all-reduce (tensor-parallel
+    inference) calls it; ZeRO training reduces through torch.distributed (gloo), so the build is
+    skipped by marking the op unavailable, which DeepSpeed's own check reads."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # (inherited by the processes it starts)
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
