@@ -4,10 +4,11 @@
 expanded sequence that one strictly causal forward pass trains on:
 
 * main stream: positions ``0…N-1``, input ``x_i``, label ``x_{i+1}`` where that is a response token;
-* anchors: each column ``c`` whose next token is a response token — and the column just before
-  each run of those, whose slots are what the sampler's prefill drafts from (the prompt's second
-  to last token; DESIGN §1.1 leaves it out) — with probability ``anchor_prob``, drawn per example;
-  ``k_c ~ U{1…k_max}`` slots (every anchor gets ``k_max`` with ``fixed_k``);
+* anchors: each column ``c`` whose next token is a response token, with probability
+  ``anchor_prob``, drawn per example; and always the column just before each run of those, whose
+  slots are what the sampler's prefill drafts from (the prompt's second to last token; DESIGN
+  §1.1; the ``max_slots_ratio`` budget drops it last); ``k_c ~ U{1…k_max}`` slots (every anchor
+  gets ``k_max`` with ``fixed_k``);
 * slot ``(c, j)``: position ``c+j``, input ``MASK`` (revealed to ``x_{c+j}`` with probability
   ``r_c ~ U(0,1)``, then replaced by a random token with probability ``noise_ratio``), label
   ``x_{c+j+1}`` (-100 on a prompt token). Slots are clipped so every slot's label exists.
@@ -123,15 +124,16 @@ def expand(
     target = np.full(n, IGNORE, dtype=np.int64)
     target[:-1] = np.where(resp[1:], x[1:], IGNORE)
 
-    # Anchors: columns whose next token is a response token, and the column just before each of
-    # those runs (its slots' labels are the response's first tokens: the sampler drafts from it in
-    # the prefill, before the prompt's last token is decoded); each must leave a supervised slot.
+    # Anchors: columns whose next token is a response token, drawn; and always the column just
+    # before each of those runs (its slots' labels are the response's first tokens: the sampler
+    # drafts from it in the prefill, before the prompt's last token is decoded — demo TPF +10 %
+    # over drawing it too); each must leave a supervised slot.
     supervised = target != IGNORE
     lead = np.zeros(n, dtype=bool)
     lead[:-1] = supervised[1:] & ~supervised[:-1]
     cols = np.nonzero(supervised | lead)[0]
     cols = cols[cols <= n - 3]
-    chosen = cols[rng.random(len(cols)) < cfg.anchor_prob]
+    chosen = cols[(rng.random(len(cols)) < cfg.anchor_prob) | lead[cols]]
     if cfg.fixed_k:
         ks = np.full(len(chosen), cfg.k_max, dtype=np.int64)
     else:
@@ -141,6 +143,7 @@ def expand(
         budget = int(cfg.max_slots_ratio * n)
         if ks.sum() > budget:
             order = rng.permutation(len(chosen))
+            order = order[np.argsort(~lead[chosen[order]], kind="stable")]  # the lead ones first
             keep = np.cumsum(ks[order]) <= budget
             kept = np.sort(order[keep])
             chosen, ks = chosen[kept], ks[kept]

@@ -112,6 +112,24 @@ def test_the_column_before_the_response_is_an_anchor(tok):
     assert np.array_equal(e.labels[lead], ids[8 : 8 + int(lead.sum())])  # the response's first
 
 
+@pytest.mark.parametrize("anchor_prob", [0.0, 0.3])
+def test_the_column_before_every_response_run_is_always_an_anchor(tok, anchor_prob):
+    """DESIGN §1.1: whatever ``anchor_prob`` draws, and however tight the slot budget, the column
+    before each response run (every turn's, in a conversation) anchors slots; the others are
+    drawn."""
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, 250, 40).tolist()
+    labels = [IGNORE] * 6 + ids[6:18] + [IGNORE] * 8 + ids[26:]  # two turns: answers at 6, 26
+    for budget in (None, 0.3):  # (0.3: 12 slots, the two lead anchors' most)
+        cfg = _cfg(tok, anchor_prob=anchor_prob, max_slots_ratio=budget)
+        for index in range(40):
+            e = expand(ids, labels, cfg, index)
+            anchors = set(e.anchor[e.n_main :].tolist())
+            assert {4, 24} <= anchors
+            if anchor_prob == 0.0:
+                assert anchors == {4, 24}
+
+
 def test_max_slots_ratio_caps_the_expansion(tok):
     rng = np.random.default_rng(3)
     ids, labels = _example(rng, 200, 0)
