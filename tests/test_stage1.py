@@ -272,3 +272,22 @@ def test_gradient_checkpointing_trains_as_without_it(finetuning_type, tiny_model
     a, b = (load_file(str(out / name)) for _, out in runs.values())
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_the_trainers_import_without_third_party_notices():
+    """Whatever starts a run (``fluid train`` with any recipe, ``fluid demo``, ``run_stage1`` from
+    Python), importing the trainers shows no bitsandbytes notice about its optional 4-bit CPU
+    kernels (transformers' Trainer imports peft, peft bitsandbytes): the demo's recipe, whose keys
+    never made the config import them quietly, showed it."""
+    code = (
+        "import logging; logging.basicConfig(); from fluid_npu.config import load_config; "
+        "load_config('fluid_npu/demo/configs/demo_stage1.yaml', []); "
+        "import fluid_npu.train.stage1, fluid_npu.train.stage2"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    run_ = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root
+    )
+    assert run_.returncode == 0, run_.stderr
+    assert "gemm_4bit" not in run_.stderr, run_.stderr
