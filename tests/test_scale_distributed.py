@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -270,15 +271,18 @@ def test_deepspeed_and_fsdp_keys_reach_training_arguments(tmp_path, monkeypatch)
     monkeypatch.setattr(common, "deepspeed_available", lambda: True)
     monkeypatch.setenv("DS_ACCELERATOR", "")  # (so that undo restores what was there, or none)
     monkeypatch.delenv("DS_ACCELERATOR")
+    # DeepSpeed takes its NPU accelerator wherever torch_npu imports, NPU or not (a CANN host with
+    # no NPU visible, stood in for here): a CPU run gets DeepSpeed's CPU accelerator, and leaves
+    # no setting behind for later runs or the processes it starts
+    from deepspeed.accelerator import get_accelerator, real_accelerator
+
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", None)  # (none chosen yet)
     cfg = load_config(None, [f"output_dir={tmp_path / 'o'}", f"deepspeed={ds}"])
     common.training_arguments(cfg, _cpu())
     assert seen["deepspeed"] == str(ds)
-    # DeepSpeed takes the NPU's accelerator wherever torch_npu imports, NPU or not: a CPU run
-    # names the CPU's (a user's own choice stays)
-    assert os.environ["DS_ACCELERATOR"] == "cpu"
-    monkeypatch.setenv("DS_ACCELERATOR", "mine")
-    common.training_arguments(cfg, _cpu())
-    assert os.environ["DS_ACCELERATOR"] == "mine"
+    assert get_accelerator().device_name() == "cpu"
+    assert "DS_ACCELERATOR" not in os.environ
     monkeypatch.undo()
 
     wrap = tmp_path / "fsdp.json"

@@ -191,17 +191,33 @@ def deepspeed_available() -> bool:
 
 
 def deepspeed_on_cpu() -> None:
-    """DeepSpeed for a run on the CPU, set before DeepSpeed is first imported.
+    """DeepSpeed for a run on the CPU.
 
     Its accelerator is the CPU's: DeepSpeed takes the NPU's wherever torch_npu imports, device or
     not (a CANN container with no NPU visible, or ``device: cpu`` on an Ascend host), and then
-    sets an NPU device that is not there. ``$DS_ACCELERATOR`` set by the user is kept.
+    sets an NPU device that is not there. DeepSpeed keeps the accelerator it first chooses for the
+    whole process, so it is chosen here with ``$DS_ACCELERATOR`` set to ``cpu`` for that moment
+    only (a value the user set is kept; nothing is left for later runs or child processes).
 
     On a CPU it JIT-compiles a shared-memory all-reduce when it sets up its process group (about
     30 s on two cores, and it needs a C++ compiler). Only its inference all-reduce (tensor-parallel
     inference) calls it; ZeRO training reduces through torch.distributed (gloo), so the build is
     skipped by marking the op unavailable, which DeepSpeed's own check reads."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # (inherited by the processes it starts)
+    given = os.environ.get("DS_ACCELERATOR")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        chosen = get_accelerator().device_name()
+    finally:
+        if given is None:
+            os.environ.pop("DS_ACCELERATOR", None)
+    if given is None and chosen != "cpu":
+        raise ConfigError(
+            f"DeepSpeed already chose its {chosen!r} accelerator in this process, and this run is "
+            "on the CPU: start the run in a new process (or set DS_ACCELERATOR=cpu before "
+            "DeepSpeed is first imported)"
+        )
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
