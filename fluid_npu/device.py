@@ -85,14 +85,17 @@ def choose(
         if force not in available:
             raise ConfigError(f"unknown device {force!r}; choose npu, cuda, cpu or auto")
         if not available[force]:
-            why = f" ({reason})" if reason else ""
+            why = f": {reason}" if reason else ""
             check = ""
-            if force == "npu":
-                check = "on an Ascend host, source CANN's set_env.sh and check "
-                check += "ASCEND_RT_VISIBLE_DEVICES; or "
+            if force == "npu":  # (the reason may already name the variable)
+                check = "on an Ascend host, source CANN's set_env.sh"
+                if "ASCEND_RT_VISIBLE_DEVICES" not in why:
+                    check += " and check ASCEND_RT_VISIBLE_DEVICES"
+                check += "; or "
+            has = ", ".join(name for name in ("npu", "cuda", "cpu") if available[name])
             raise ConfigError(
                 f"device {force!r} was requested but is not available here{why}; {check}ask "
-                "for a device this host has (cpu), or auto for the best one it has"
+                f"for a device this host has ({has}), or auto for the best one it has"
             )
         kind = force
     else:
