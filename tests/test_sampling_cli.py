@@ -172,7 +172,7 @@ def test_sampling_flags_are_checked_before_loading(dirs, capsys):
         (["--attn-backend", "eager"], "leave --attn-backend out, or use --loop reference"),
         (
             ["--device", "cpu", "--loop", "reference", "--attn-backend", "npu"],
-            "attn_backend: 'npu'",
+            "--attn-backend 'npu'",
         ),
     ],
 )

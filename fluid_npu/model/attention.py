@@ -87,11 +87,12 @@ def configure_attention(
     model.config.fluid_attn_backend = backend
 
 
-def check_backend(backend: str, device_type: str) -> None:
-    """A ``ConfigError`` when attention back end ``backend`` (config key ``attn_backend``) cannot
-    run on ``device_type`` (``DeviceChoice.type``), for a run to raise before anything loads.
-    ``npu`` off an NPU says why no NPU is usable and what to check, rather than only offering
-    ``auto``, which would run on the device the run fell back to."""
+def check_backend(backend: str, device_type: str, *, flags: bool = False) -> None:
+    """A ``ConfigError`` when attention back end ``backend`` (config key ``attn_backend``; with
+    ``flags``, the CLI's ``--attn-backend`` and ``--device``) cannot run on ``device_type``
+    (``DeviceChoice.type``), for a run to raise before anything loads. ``npu`` off an NPU says why
+    no NPU is usable and what to check, rather than only offering ``auto``, which would run on the
+    device the run fell back to."""
     if backend not in KERNEL_BACKENDS or backend == "auto":
         return
     from types import SimpleNamespace
@@ -103,22 +104,21 @@ def check_backend(backend: str, device_type: str) -> None:
     reason = why_unavailable("attention", backend, SimpleNamespace(type=device_type))
     if reason is None:
         return
+    key, dev = ("--attn-backend", "--device") if flags else ("attn_backend:", "device:")
     if backend == "npu" and device_type != "npu":
         unusable = devices.npu_import_error()
         if unusable is None:  # (an NPU is there: the device key chose another)
             raise ConfigError(
-                f"attn_backend: 'npu' runs on an NPU and this run is on {device_type} (the "
-                "device key): set device: npu (or auto), or choose another attn_backend"
+                f"{key} 'npu' runs on an NPU and this run is on {device_type} ({dev}): set "
+                f"{dev} npu (or auto), or choose another {key.rstrip(':')}"
             )
         raise ConfigError(
-            f"attn_backend: 'npu' needs an NPU, and none is usable here ({unusable}), so this "
+            f"{key} 'npu' needs an NPU, and none is usable here ({unusable}), so this "
             f"run would be on {device_type}. On an Ascend host check that CANN's set_env.sh is "
             "sourced (run_npu.sh sources it) and that ASCEND_RT_VISIBLE_DEVICES lists this "
-            f"node's NPUs; attn_backend: auto would run the model on {device_type} instead"
+            f"node's NPUs; {key} auto would run the model on {device_type} instead"
         )
-    raise ConfigError(
-        f"attn_backend: {backend!r} cannot run on {device_type} ({reason}); use attn_backend: auto"
-    )
+    raise ConfigError(f"{key} {backend!r} cannot run on {device_type} ({reason}); use {key} auto")
 
 
 def dense_mask(meta: AttnMeta, impl: str, dtype: torch.dtype) -> torch.Tensor:

@@ -150,7 +150,7 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
 
     dev = devices.current(force=args.device).device
     if getattr(args, "attn_backend", None) is not None:
-        check_backend(args.attn_backend, dev.type)
+        check_backend(args.attn_backend, dev.type, flags=True)
     return dev
 
 
