@@ -134,7 +134,8 @@ class FluidArgs:
     lora_target: str | list[str] = "all"
     train_mask_embedding: bool = False
     k_masks: int = 16
-    anchor_prob: float = 0.5
+    anchor_prob: float = 0.5  # each response column's chance to anchor slots (the column before
+    # each response always anchors: the sampler's prefill drafts from it; layout.py)
     noise_ratio: float = 0.1
     max_slots_ratio: float | None = 6.0
     loss_reduction: str = "sum_of_means"

@@ -134,7 +134,10 @@ class Stage2Run:
         if f.stage != "fluid_stage2":
             raise ConfigError(f"run_stage2 needs stage: fluid_stage2, got {f.stage!r}")
         if f.anchor_prob <= 0:
-            raise ConfigError("anchor_prob must be > 0 for Stage II: anchors are what it labels")
+            raise ConfigError(
+                "anchor_prob must be > 0 for Stage II: the anchors it labels are drawn with it "
+                "(at 0 only the column before each response would be one)"
+            )
         if cfg.model.quantization_bit is not None:
             raise ConfigError(
                 f"quantization_bit: {cfg.model.quantization_bit} is QLoRA for Stage I; Stage II "
