@@ -371,6 +371,8 @@ def test_an_npu_attention_on_a_device_key_off_the_npu_names_that_key(monkeypatch
     monkeypatch.setattr(devices, "npu_import_error", lambda: None)  # (an NPU is usable)
     with pytest.raises(ConfigError, match="this run is on cpu \\(the device key\\): set device"):
         check_backend("npu", "cpu")
+    with pytest.raises(ConfigError, match="on cpu \\(the --device flag\\): set --device npu"):
+        check_backend("npu", "cpu", flags=True)  # (fluid generate / eval / bench's words)
 
 
 def test_debug_shows_the_traceback(world, tmp_path):

@@ -108,8 +108,9 @@ def check_backend(backend: str, device_type: str, *, flags: bool = False) -> Non
     if backend == "npu" and device_type != "npu":
         unusable = devices.npu_import_error()
         if unusable is None:  # (an NPU is there: the device key chose another)
+            where = "the --device flag" if flags else "the device key"
             raise ConfigError(
-                f"{key} 'npu' runs on an NPU and this run is on {device_type} ({dev}): set "
+                f"{key} 'npu' runs on an NPU and this run is on {device_type} ({where}): set "
                 f"{dev} npu (or auto), or choose another {key.rstrip(':')}"
             )
         raise ConfigError(
