@@ -263,7 +263,7 @@ def test_deepspeed_and_fsdp_keys_reach_training_arguments(tmp_path, monkeypatch)
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     seen: dict[str, object] = {}
 
-    class Spy:  # TrainingArguments as the Trainer would get it (deepspeed is not installed here)
+    class Spy:  # TrainingArguments as the Trainer would get it (without DeepSpeed starting)
         def __init__(self, **kwargs: object) -> None:
             seen.update(kwargs)
 
