@@ -35,7 +35,7 @@ from synthetic import write_short_dataset
 from fluid_npu import device as devices
 from fluid_npu.config import load_config
 from fluid_npu.errors import ConfigError
-from fluid_npu.train import common
+from fluid_npu.train import common, deepspeed_setup
 from fluid_npu.train.checkpoint import validate_checkpoint
 from fluid_npu.train.stage1 import run_stage1
 
@@ -268,7 +268,7 @@ def test_deepspeed_and_fsdp_keys_reach_training_arguments(tmp_path, monkeypatch)
             seen.update(kwargs)
 
     monkeypatch.setattr(common, "TrainingArguments", Spy)
-    monkeypatch.setattr(common, "deepspeed_available", lambda: True)
+    monkeypatch.setattr(deepspeed_setup, "deepspeed_available", lambda: True)
     monkeypatch.setenv("DS_ACCELERATOR", "")  # (so that undo restores what was there, or none)
     monkeypatch.delenv("DS_ACCELERATOR")
     # DeepSpeed takes its NPU accelerator wherever torch_npu imports, NPU or not (a CANN host with
@@ -309,7 +309,7 @@ def test_deepspeed_config_problems_are_config_errors(tmp_path, monkeypatch):
     sharded.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="stage3_gather_16bit_weights_on_model_save"):
         common.training_arguments(load_config(None, [out, f"deepspeed={sharded}"]), _cpu())
-    monkeypatch.setattr(common, "deepspeed_available", lambda: False)
+    monkeypatch.setattr(deepspeed_setup, "deepspeed_available", lambda: False)
     ds = ROOT / "configs" / "ds_z2.json"
     with pytest.raises(ConfigError, match="deepspeed package is not installed"):
         common.training_arguments(load_config(None, [out, f"deepspeed={ds}"]), _cpu())

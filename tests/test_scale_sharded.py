@@ -12,7 +12,7 @@ Every fused LM-head path runs here with the head sharded (ZeRO-3 partitions it, 
 The base has a tokenizer MASK token, so no embedding row is trainable (an added MASK token's row
 under ZeRO-3: ``test_scale_zero3_added_mask``).
 DeepSpeed's CPU shared-memory collective (inference only) is not built for these runs
-(``train.common.deepspeed_on_cpu``).
+(``train.deepspeed_setup.deepspeed_on_cpu``).
 """
 
 from __future__ import annotations

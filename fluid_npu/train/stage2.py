@@ -45,13 +45,9 @@ from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import check_backend, configure_attention
 from fluid_npu.model.khead import HEAD_PREFIX, KHead, KHeadConfig, save_khead
 from fluid_npu.train.checkpoint import last_complete_checkpoint
-from fluid_npu.train.common import (
-    FluidTrainer,
-    fill_hidden_size_autos,
-    requested_parallelism,
-    training_arguments,
-)
+from fluid_npu.train.common import FluidTrainer, requested_parallelism, training_arguments
 from fluid_npu.train.data import EVAL_EPOCH, load_run_data
+from fluid_npu.train.deepspeed_setup import fill_hidden_size_autos
 from fluid_npu.train.khead_objective import (
     COUNTS,
     FrozenBackbone,
