@@ -83,6 +83,13 @@ class ModelArgs:
         _choice("quantization_type", self.quantization_type, ("nf4", "fp4"))
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _choice("loss_impl", self.loss_impl, ("auto", "fused", "reference"))
+        name, _, index = str(self.device).partition(":")
+        if name in ("npu", "cuda") and index:  # (each training rank takes the card LOCAL_RANK says)
+            raise ConfigError(
+                f"device: {self.device!r} names one card; a run takes its cards from the launcher "
+                f"(rank r on card r): give {name!r}, and pick the cards with "
+                "ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES"
+            )
         _choice("device", self.device, DEVICE_CHOICES)
 
 

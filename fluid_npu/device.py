@@ -73,18 +73,25 @@ def choose(
     local_rank: int | None = None,
     force: str | None = None,
     reason: str | None = None,
+    count: int | None = None,
 ) -> DeviceChoice:
     """The pure device decision: npu > cuda > cpu, its collective back end and autocast dtype.
 
-    ``force`` ("npu" / "cuda" / "cpu") overrides the order (config key ``device``, flag
-    ``--device``); forcing a device that is not available raises ``ConfigError`` naming it, with
-    ``reason`` (why it is not: torch_npu's import error) and what to check.
+    ``force`` ("npu" / "cuda" / "cpu", or an accelerator with its index, "npu:1") overrides the
+    order (config key ``device``, flag ``--device``); forcing a device that is not available
+    raises ``ConfigError`` naming it, with ``reason`` (why it is not: torch_npu's import error)
+    and what to check; so does an index past the ``count`` devices of that type the host shows.
     """
     available = {"npu": npu, "cuda": cuda, "cpu": True}
+    forced_index = None
     if force not in (None, "auto"):
-        if force not in available:
-            raise ConfigError(f"unknown device {force!r}; choose npu, cuda, cpu or auto")
-        if not available[force]:
+        name, forced_index = split_device(force)
+        if name not in available:
+            raise ConfigError(
+                f"unknown device {force!r}; choose npu, cuda, cpu or auto (npu:N / cuda:N for "
+                "one card of several)"
+            )
+        if not available[name]:
             why = f": {reason}" if reason else ""
             check = ""
             if force == "npu":  # (the reason may already name the variable)
@@ -97,7 +104,15 @@ def choose(
                 f"device {force!r} was requested but is not available here{why}; {check}ask "
                 f"for a device this host has ({has}), or auto for the best one it has"
             )
-        kind = force
+        kind = name
+        if forced_index is not None and count is not None and forced_index >= count:
+            cards = (
+                f"{kind}:0" if count == 1 else f"{count} devices, {kind}:0 to {kind}:{count - 1}"
+            )
+            raise ConfigError(
+                f"device {force!r}: this host shows {cards}; give one of those (with "
+                f"{VISIBLE_DEVICES[kind]} set, the visible ones count from 0)"
+            )
     else:
         kind = "npu" if npu else "cuda" if cuda else "cpu"
     backend = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[kind]
@@ -109,8 +124,21 @@ def choose(
             dtype = torch.float16
     elif want_bf16:
         dtype = torch.bfloat16  # CPU autocast supports bf16; only used when asked for
-    index = None if kind == "cpu" else (local_rank or 0)
+    index = None if kind == "cpu" else forced_index if forced_index is not None else local_rank or 0
     return DeviceChoice(kind, index, backend, dtype)
+
+
+def split_device(text: str) -> tuple[str, int | None]:
+    """``"npu:1"`` → ``("npu", 1)``, ``"cuda"`` → ``("cuda", None)``: a device type and its index;
+    a ``ConfigError`` for an index that is not a number, or one given to the CPU."""
+    name, colon, index = text.partition(":")
+    if not colon:
+        return name, None
+    if name == "cpu":
+        raise ConfigError(f"device {text!r}: the CPU takes no index; give cpu")
+    if not index.isdigit():
+        raise ConfigError(f"device {text!r}: the index after {name}: is a number ({name}:0)")
+    return name, int(index)
 
 
 def kind(force: str | None = None) -> str:
@@ -118,7 +146,10 @@ def kind(force: str | None = None) -> str:
     a device (no context is created on it, as the bf16 probe of ``current`` would)."""
     npu = is_npu_available()
     cuda = not npu and is_cuda_available()
-    return choose(npu=npu, cuda=cuda, bf16_supported=True, force=force, reason=_why(force)).type
+    count = visible_device_count() if force is not None and ":" in force else None
+    return choose(
+        npu=npu, cuda=cuda, bf16_supported=True, force=force, reason=_why(force), count=count
+    ).type
 
 
 def check_device(device: str | torch.device | None) -> None:
@@ -127,11 +158,8 @@ def check_device(device: str | torch.device | None) -> None:
     if device is None:
         return
     text = str(device)
-    name, _, index = text.partition(":")
-    if name in ("npu", "cuda"):
-        if index and not index.isdigit():
-            raise ConfigError(f"device {text!r}: the index after {name}: is a number ({name}:0)")
-        kind(force=name)  # (its ConfigError names the device and the fix)
+    if text.partition(":")[0] in ("npu", "cuda"):
+        kind(force=text)  # (its ConfigError names the device, a bad index, and the fix)
         return
     try:
         torch.device(text)
@@ -151,6 +179,7 @@ def current(
     """The device this process should use, probing torch_npu / CUDA for real."""
     npu = is_npu_available()
     cuda = not npu and is_cuda_available()
+    indexed = force is not None and ":" in force
     if npu:
         bf16 = bool(torch.npu.is_bf16_supported())
     elif cuda:
@@ -166,14 +195,16 @@ def current(
         local_rank=local_rank() if (npu or cuda) else None,
         force=force,
         reason=_why(force),
+        count=visible_device_count() if indexed else None,
     )
 
 
 def _why(force: str | None) -> str | None:
     """Why a forced accelerator is not available (asked only when one is forced)."""
-    if force == "npu":
+    name = None if force is None else force.partition(":")[0]
+    if name == "npu":
         return npu_import_error()
-    if force == "cuda" and not is_cuda_available():
+    if name == "cuda" and not is_cuda_available():
         return "torch.cuda.is_available() is False"
     return None
 

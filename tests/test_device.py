@@ -32,6 +32,35 @@ def test_local_rank_selects_the_accelerator_index():
     assert device.choose(npu=False, cuda=False, bf16_supported=True, local_rank=5).index is None
 
 
+def test_one_card_of_several_is_forced_by_its_index(monkeypatch):
+    """``--device npu:1`` / ``cuda:1`` runs on that card (a user's pick on a multi-card host); an
+    index past what the host shows, a bad index or one given to the CPU is one clear error."""
+    pick = device.choose(npu=True, cuda=False, bf16_supported=True, force="npu:1", count=2)
+    assert (pick.type, pick.index, pick.backend) == ("npu", 1, "hccl")
+    assert device.choose(npu=True, cuda=True, bf16_supported=True, force="cuda:0").index == 0
+    with pytest.raises(ConfigError, match=r"'npu:2': this host shows 2 devices, npu:0 to npu:1"):
+        device.choose(npu=True, cuda=False, bf16_supported=True, force="npu:2", count=2)
+    with pytest.raises(ConfigError, match=r"'cuda:1': this host shows cuda:0;.*CUDA_VISIBLE"):
+        device.choose(npu=False, cuda=True, bf16_supported=True, force="cuda:1", count=1)
+    for bad, says in [
+        ("npu:x", "the index after npu: is a number"),
+        ("cpu:0", "the CPU takes no index; give cpu"),
+        ("tpu:0", "unknown device 'tpu:0'"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            device.choose(npu=True, cuda=True, bf16_supported=True, force=bad)
+    with pytest.raises(ConfigError, match="'npu:1' was requested but is not available"):
+        device.choose(npu=False, cuda=True, bf16_supported=True, force="npu:1", count=0)
+    # the probes count the host's cards when an index is given
+    monkeypatch.setattr(device, "is_npu_available", lambda: False)
+    monkeypatch.setattr(device, "is_cuda_available", lambda: True)
+    monkeypatch.setattr(device, "visible_device_count", lambda: 2)
+    assert device.kind(force="cuda:1") == "cuda"
+    device.check_device("cuda:1")
+    with pytest.raises(ConfigError, match="this host shows 2 devices"):
+        device.check_device("cuda:2")
+
+
 def test_no_mixed_precision_unless_asked():
     assert (
         device.choose(npu=False, cuda=True, bf16_supported=True, want_bf16=False).autocast_dtype

@@ -741,6 +741,9 @@ def test_bench_sampler_mismatch_exits_1_after_writing(dirs, tmp_path, capsys, mo
         (["--batch-sizes", "1,x"], "--batch-sizes takes integers"),
         (["--device", "bogus"], "unknown device 'bogus'"),
         (["--device", "npu"], "device 'npu' was requested but is not available"),
+        (["--device", "npu:1"], "device 'npu:1' was requested but is not available"),
+        (["--device", "cpu:0"], "the CPU takes no index; give cpu"),
+        (["--device", "cuda:x"], "the index after cuda: is a number (cuda:0)"),
     ],
 )
 def test_bench_sampler_bad_args_before_loading(tmp_path, capsys, monkeypatch, extra, fragment):

@@ -87,12 +87,11 @@ def _device(device: str | None) -> torch.device:
 
     text = "auto" if device is None else str(device)
     try:
-        choice = devices.current(force=text.split(":")[0])
+        return devices.current(force=text).device
     except ConfigError as exc:  # lm-eval's command line asks for cuda unless told otherwise
         raise ConfigError(
             f"{exc}; with lm-eval's command line pass --device cpu | cuda | npu | auto"
         ) from None
-    return torch.device(text) if ":" in text else choice.device
 
 
 def _batch_size(value: Any) -> int:

@@ -64,8 +64,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
         default="auto",
-        help="auto (default: the best available accelerator, else the CPU) or a device type to "
-        "force, e.g. npu or cpu; an unavailable one is an error",
+        help="auto (default: the best available accelerator, else the CPU) or a device to "
+        "force: a type (npu, cuda, cpu) or one card (npu:1); an unavailable one is an error",
     )
     p.add_argument(
         "--compile",

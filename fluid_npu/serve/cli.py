@@ -47,7 +47,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "PanguTokenizer; vLLM's flag)",
     )
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="auto", help="auto (best accelerator, else CPU) or a type")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (best accelerator, else CPU), a type (npu, cuda, cpu) or one card (npu:1)",
+    )
     p.add_argument(  # (vLLM's names too)
         "--max-batch",
         "--max-num-seqs",
@@ -332,6 +336,13 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         raise ConfigError(
             "--enforce-eager and --compile contradict each other: the engine runs eager unless "
             "--compile; give one"
+        )
+    if ":" in args.device and (args.data_parallel_size or 1) > 1:
+        raise ConfigError(
+            f"--device {args.device} names one card, and --data-parallel-size "
+            f"{args.data_parallel_size} gives each rank its own: give the type alone "
+            f"(--device {args.device.partition(':')[0]}), and pick the cards with "
+            "ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES"
         )
     batch = args.max_batch  # (None with --gpu-memory-utilization: as many as fit)
     if batch is None and args.gpu_memory_utilization is None:
