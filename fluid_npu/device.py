@@ -227,6 +227,15 @@ def set_device(choice: DeviceChoice) -> None:
         module.set_device(choice.index)
 
 
+def claim(force: str | None = None) -> torch.device:
+    """The device an inference command runs on (``--device``: ``current(force=...)``), made this
+    process's current accelerator, so that work torch creates without an index (streams, graphs,
+    torch_npu's workspaces) lands on the same card as the model."""
+    choice = current(force=force)
+    set_device(choice)
+    return choice.device
+
+
 def autocast(choice: DeviceChoice) -> AbstractContextManager[Any]:
     """``torch.autocast`` on the chosen device type in its dtype, or a no-op."""
     if choice.autocast_dtype is None:

@@ -61,6 +61,22 @@ def test_one_card_of_several_is_forced_by_its_index(monkeypatch):
         device.check_device("cuda:2")
 
 
+def test_an_inference_command_binds_the_card_it_names(monkeypatch):
+    """``claim`` (behind ``--device`` of generate / bench / eval / serve) makes the card the
+    process's current one, so that work created without an index lands beside the model."""
+    bound = []
+    monkeypatch.setattr(device, "is_npu_available", lambda: False)
+    monkeypatch.setattr(device, "is_cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    assert device.claim("cuda:3") == torch.device("cuda", 3) and bound == [3]
+    assert device.claim("auto") == torch.device("cuda", 0) and bound == [3, 0]
+    with pytest.raises(ConfigError, match="this host shows 4 devices, cuda:0 to cuda:3"):
+        device.claim("cuda:4")
+    assert device.claim("cpu") == torch.device("cpu") and bound == [3, 0]
+
+
 def test_no_mixed_precision_unless_asked():
     assert (
         device.choose(npu=False, cuda=True, bf16_supported=True, want_bf16=False).autocast_dtype

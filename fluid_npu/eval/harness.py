@@ -87,7 +87,7 @@ def _device(device: str | None) -> torch.device:
 
     text = "auto" if device is None else str(device)
     try:
-        return devices.current(force=text).device
+        return devices.claim(force=text)
     except ConfigError as exc:  # lm-eval's command line asks for cuda unless told otherwise
         raise ConfigError(
             f"{exc}; with lm-eval's command line pass --device cpu | cuda | npu | auto"

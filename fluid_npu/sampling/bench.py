@@ -105,7 +105,7 @@ def check_settings(s: BenchSettings) -> torch.device:
 
     parse_dtype(s.dtype)
     check_output_file(s.json_path, "--json")  # before the runs, not after them
-    return devices.current(force=s.device).device
+    return devices.claim(force=s.device)
 
 
 def split_batches(items: list[list[int]], size: int) -> list[list[list[int]]]:

@@ -148,7 +148,7 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
     from fluid_npu import device as devices
     from fluid_npu.model.attention import check_backend
 
-    dev = devices.current(force=args.device).device
+    dev = devices.claim(force=args.device)
     if getattr(args, "attn_backend", None) is not None:
         check_backend(args.attn_backend, dev.type, flags=True)
     return dev

@@ -81,7 +81,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         torch.set_num_threads(settings.threads)
     if settings.seed is not None:  # (a request without a seed draws one from torch's generator)
         torch.manual_seed(settings.seed)
-    dev = devices.current(force=settings.device).device
+    dev = devices.claim(force=settings.device)
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     with quiet_loading():
         fluid = FluidForCausalLM.from_pretrained(
