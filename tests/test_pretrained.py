@@ -273,7 +273,7 @@ def test_from_pretrained_takes_transformers_spellings(tmp_path, tok, monkeypatch
     from fluid_npu import device
 
     monkeypatch.setattr(device, "is_cuda_available", lambda: False)
-    with pytest.raises(ConfigError, match="device 'cuda' was requested but is not available"):
+    with pytest.raises(ConfigError, match="device 'cuda:0' was requested but is not available"):
         FluidForCausalLM.from_pretrained(tmp_path / "not_loaded", device="cuda:0")
     with pytest.raises(CheckpointError, match="is a file; give the model's directory"):
         FluidForCausalLM.from_pretrained(base / "config.json")
