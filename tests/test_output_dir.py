@@ -31,6 +31,7 @@ from fluid_npu.train.output_dir import (
     prepare_run_dir,
     recorded_settings,
 )
+from fluid_npu.train.run_shape import BATCH_FILE, check_run_shape, record_batch, saved_wrapper
 from fluid_npu.train.stage2 import Stage2Run
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +210,9 @@ def test_a_deepspeed_checkpoint_of_another_device_count_is_refused_up_front(tmp_
         return prepare_run_dir(cfg, args, {})
 
     assert prepare(2) == str(ckpt)  # the same count resumes
-    assert prepare(1, deepspeed=False) == str(ckpt)  # (without DeepSpeed: the Trainer's to judge)
+    # without the deepspeed key the Trainer would silently start the optimizer and schedule over
+    with pytest.raises(ConfigError, match="saved under DeepSpeed, and this run uses neither"):
+        prepare(1, deepspeed=False)
     for keys, fix in [
         ((), f"adapter_name_or_path: {ckpt} without resume_from_checkpoint"),
         (("finetuning_type=full",), f"model_name_or_path: {ckpt} without resume_from_checkpoint"),
@@ -275,6 +278,19 @@ def _listing(root: Path) -> dict[str, float]:
         ({"template": "auto", "resume_from_checkpoint": True}, ("template: empty",)),
         # the run ended at its last checkpoint: transformers' Trainer would train a step past it
         ({"resume_from_checkpoint": True}, ("is at step 2, where the run ends", "raise max_steps")),
+        # another global batch: the data and the schedule would go on counted in the old one
+        (
+            {"gradient_accumulation_steps": 2, "max_steps": 3, "resume_from_checkpoint": True},
+            (
+                "global batch of 4 (1 process × 4 per device × 1 accumulated)",
+                "this run has 8",
+                "gradient_accumulation_steps: 1 keeps it on 1 process",
+            ),
+        ),
+        (
+            {"per_device_train_batch_size": 3, "max_steps": 3, "resume_from_checkpoint": True},
+            ("this run has 3", "per_device_train_batch_size × gradient_accumulation_steps = 4"),
+        ),
     ],
 )
 def test_a_used_output_dir_fails_before_the_model_loads(
@@ -291,6 +307,50 @@ def test_a_used_output_dir_fails_before_the_model_loads(
     line = _one_error(capsys)
     assert all(n in line for n in needles), line
     assert _listing(out) == before  # nothing touched
+
+
+def test_a_resume_on_another_split_of_the_same_global_batch_goes_on(first_run, tmp_path):
+    """4 per device × 1 saved, 2 per device × 2 accumulated resumed (as 2 processes → 1 needs):
+    the same global batch, so the run goes on; every checkpoint records its batch."""
+    base, data, first = first_run
+    assert json.loads((first / "checkpoint-2" / BATCH_FILE).read_text()) == {
+        "world_size": 1,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "wrapper": "plain",
+    }
+    out = shutil.copytree(first, tmp_path / "out")
+    argv = _train(base, data, out, tmp_path, max_steps=3, resume_from_checkpoint=True)
+    assert cli_main([*argv, "per_device_train_batch_size=2", "gradient_accumulation_steps=2"]) == 0
+    assert json.loads((out / "run.json").read_text())["global_step"] == 3
+
+
+def test_optimizer_state_of_another_wrapper_is_refused_before_loading(tmp_path):
+    """DeepSpeed's state resumed without the deepspeed key would restart the optimizer and the
+    schedule silently; FSDP's or the plain Trainer's under another wrapper fail after loading."""
+    args = SimpleNamespace(
+        world_size=2, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+        deepspeed=None, fsdp=[],
+    )  # fmt: skip
+    ckpt = tmp_path / "checkpoint-4"
+    (ckpt / "global_step4").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="saved under DeepSpeed, and this run uses neither"):
+        check_run_shape(str(ckpt), args, args, "start afresh")
+    ds = SimpleNamespace(**{**vars(args), "deepspeed": "ds.json"})
+    check_run_shape(str(ckpt), ds, ds, "")
+    fsdp = tmp_path / "checkpoint-6"
+    fsdp.mkdir()
+    (fsdp / "optimizer.bin").write_bytes(b"")
+    assert saved_wrapper(fsdp) == "fsdp"
+    with pytest.raises(ConfigError, match=r"Resume with the fsdp key \(and fsdp_config\)"):
+        check_run_shape(str(fsdp), args, args, "start afresh")
+    # saved on 2 processes × 2, resumed on 1: the accumulation that keeps the batch is named
+    record_batch(fsdp, args)
+    one = SimpleNamespace(**{**vars(args), "world_size": 1, "fsdp": ["full_shard"]})
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps: 2 keeps it on 1 process;"):
+        check_run_shape(str(fsdp), one, one, "start afresh")
+    kept = SimpleNamespace(**{**vars(one), "gradient_accumulation_steps": 2})
+    check_run_shape(str(fsdp), kept, kept, "")
 
 
 def test_a_run_folder_or_a_weights_only_checkpoint_is_no_checkpoint_to_resume(first_run, tmp_path):

@@ -54,6 +54,7 @@ from fluid_npu.train.deepspeed_setup import (
 )
 from fluid_npu.train.precision import mixed_mode
 from fluid_npu.train.report import Throughput, observe_parallelism, peak_memory_mib
+from fluid_npu.train.run_shape import record_batch
 from fluid_npu.train.sharded import (
     enable_fsdp_on_cpu_processes,
     fsdp_arguments,
@@ -321,6 +322,7 @@ class FluidTrainer(Trainer):
             add_legacy_keys(staging / name)  # (a full fine-tune's checkpoint is a model too)
             for item in self.checkpoint_files:
                 item.save(staging / name)
+            record_batch(staging / name, self.args)  # (checked when a run resumes from it)
             publish_checkpoint(staging / name, run_dir / name)
             best = self.state.best_global_step
             if best and (run_dir / f"{PREFIX}-{best}").is_dir():

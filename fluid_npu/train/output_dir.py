@@ -25,7 +25,8 @@ Stage I adapter's fingerprints, Stage I's template) with this run's, so a checkp
 continue this run is one error naming the difference instead of a state_dict traceback (or, for
 the learning rate, a run that silently keeps the old one); a checkpoint at the run's last step is
 refused (the run has finished there), and so is DeepSpeed ZeRO optimizer state split over another
-number of processes than this run has (``check_world_size``). ``prepare_run_dir`` does all this
+number of processes than this run has (``check_world_size``), and one saved with another global
+batch or under another wrapper (``run_shape``). ``prepare_run_dir`` does all this
 for a stage: the main process claims the directory while the others wait for its answer.
 """
 
@@ -53,6 +54,7 @@ from fluid_npu.train.checkpoint import (
     zero_world_size,
 )
 from fluid_npu.train.khead_report import PLOT_FILE
+from fluid_npu.train.run_shape import check_run_shape
 
 logger = logging.getLogger(__name__)
 
@@ -384,6 +386,7 @@ def prepare_run_dir(cfg: Any, args: Any, settings: dict[str, Any]) -> str | None
             "ones (fluid merge or adapter_name_or_path take them), or raise max_steps to train on"
         )
     check_world_size(resume, cfg, args.world_size)
+    check_run_shape(resume, t, args, _fresh_start(resume, cfg))
     main_process_builds(claim, "output_dir")  # (checks only: clear_earlier_run removes)
     return resume
 
@@ -398,24 +401,28 @@ def check_world_size(ckpt: str | None, cfg: Any, world_size: int) -> None:
     then = None if ckpt is None or ds is None or _loads_universal(ds) else zero_world_size(ckpt)
     if then is None or then == world_size:
         return
+    raise ConfigError(
+        f"resume_from_checkpoint {ckpt!r} holds DeepSpeed ZeRO optimizer state split over {then} "
+        f"process{'' if then == 1 else 'es'} and this run has {world_size}: DeepSpeed cannot load "
+        f"it on another count. Resume on {then} device{'' if then == 1 else 's'} "
+        "(ASCEND_RT_VISIBLE_DEVICES or NPROC, and NNODES); or convert it with DeepSpeed's "
+        'ds_to_universal and set "checkpoint": {"load_universal": true} in the DeepSpeed config; '
+        f"or {_fresh_start(ckpt, cfg)}"
+    )
+
+
+def _fresh_start(ckpt: str | None, cfg: Any) -> str:
+    """How to start a new run from checkpoint ``ckpt``'s weights instead of resuming it."""
     f = cfg.fluid
     if f.stage == "fluid_stage2":  # (no key continues a K-head's weights)
-        fresh = (
+        return (
             "start Stage II over (overwrite_output_dir: true without resume_from_checkpoint): it "
             "trains the K-head alone"
         )
-    else:
-        key = "adapter_name_or_path" if f.finetuning_type == "lora" else "model_name_or_path"
-        fresh = (
-            f"start a new run from its weights, with a new optimizer and schedule, in another "
-            f"output_dir: {key}: {ckpt} without resume_from_checkpoint"
-        )
-    raise ConfigError(
-        f"resume_from_checkpoint {ckpt!r} holds DeepSpeed ZeRO optimizer state split over {then} "
-        f"processes and this run has {world_size}: DeepSpeed cannot load it on another count. "
-        f"Resume on {then} devices (ASCEND_RT_VISIBLE_DEVICES or NPROC, and NNODES); or convert "
-        'it with DeepSpeed\'s ds_to_universal and set "checkpoint": {"load_universal": true} '
-        f"in the DeepSpeed config; or {fresh}"
+    key = "adapter_name_or_path" if f.finetuning_type == "lora" else "model_name_or_path"
+    return (
+        f"start a new run from its weights, with a new optimizer and schedule, in another "
+        f"output_dir: {key}: {ckpt} without resume_from_checkpoint"
     )
 
 
