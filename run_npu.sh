@@ -9,7 +9,8 @@
 # Environment set-up: an existing .venv is used as it is. Otherwise, when the system Python already
 # has torch (an Ascend host with its matched torch/torch_npu pair, or a CUDA host), a .venv is made
 # with --system-site-packages so that pair is kept and never reinstalled; on a bare machine a plain
-# .venv gets the CPU wheel torch==2.13.0. Then `pip install -e .[dev]` (and triton, except on Ascend
+# .venv gets torch==2.13.0 (the build pip's configured index serves for this platform: a CPU wheel
+# here). Then `pip install -e .[dev]` (and triton, except on Ascend
 # where triton-ascend provides it). On Ascend the CANN set_env.sh is sourced when present.
 #
 # FLUID_PYTHON=/path/to/python uses that interpreter as it is (a managed cluster image, CI): no
@@ -68,7 +69,7 @@ PY="$ROOT/.venv/bin/python"
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  log "installing torch==2.13.0 (CPU wheel)"
+  log "installing torch==2.13.0 (the build pip's configured index serves for this platform)"
   pip_install "torch==2.13.0"
 fi
 ASCEND=0

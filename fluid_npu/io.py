@@ -100,12 +100,29 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, (text, "\n"))
 
 
-def remove_if_empty(path: str | Path) -> None:
-    """Remove the directory ``path`` if it exists and holds nothing (a run that failed early)."""
-    p = Path(path)
+def first_missing(path: str | Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (what creating ``path`` with
+    its parents would make first), or None when ``path`` exists."""
+    p = Path(path).absolute()
+    if p.exists():
+        return None
+    while not p.parent.exists():
+        p = p.parent
+    return p
+
+
+def remove_if_empty(path: str | Path, up_to: str | Path | None = None) -> None:
+    """Remove the directory ``path`` if it exists and holds nothing (a run that failed early), and
+    then each empty parent, up to and including ``up_to`` (the outermost one the run created:
+    ``first_missing`` before it made ``path``)."""
+    p = Path(path).absolute()
+    top = None if up_to is None else Path(up_to).absolute()
     try:
-        if p.is_dir() and not any(p.iterdir()):
+        while p.is_dir() and not any(p.iterdir()):
             p.rmdir()
+            if top is None or p == top or top not in p.parents:
+                return
+            p = p.parent
     except OSError:
         pass  # best effort: an empty directory left behind is harmless
 

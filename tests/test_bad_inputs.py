@@ -358,13 +358,13 @@ def test_an_npu_attention_without_a_usable_npu_is_refused_before_loading(
 
     monkeypatch.setattr(session, "load_model", no_loading)
     monkeypatch.setattr(stage2, "load_stage1", no_loading)
-    out = tmp_path / "out"
+    out = tmp_path / "outputs" / "pangu7b" / "stage"  # (the recipes' nested output_dir)
     assert cli_main(stage(world, out, attn_backend="npu")) == 2
     err = capsys.readouterr().err
     [line] = [x for x in err.splitlines() if x.startswith("fluid: error:")]
     assert f"none is usable here ({why})" in line, line
     assert "set_env.sh" in line and "attn_backend: auto would run the model on" in line, line
-    assert not out.exists()
+    assert not (tmp_path / "outputs").exists()  # nor the parents the run would have made
 
 
 def test_an_npu_attention_on_a_device_key_off_the_npu_names_that_key(monkeypatch):

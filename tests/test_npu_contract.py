@@ -102,14 +102,21 @@ def test_the_npu_attention_backend_is_selected_and_says_why_it_cannot_run_here(m
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stage", ["fluid_stage1", "fluid_stage2"])
 def test_use_mindspeed_without_it_installed_says_how_to_install(
-    tiny_model_dir, tmp_path, capsys, monkeypatch
+    tiny_model_dir, tmp_path, capsys, monkeypatch, stage
 ):
     monkeypatch.setitem(sys.modules, "mindspeed", None)  # importlib finds no such package
     out = tmp_path / "out"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    argv = ["train", str(cfg), f"model_name_or_path={tiny_model_dir}", "dataset=x"]
+    argv = [
+        "train",
+        str(cfg),
+        f"model_name_or_path={tiny_model_dir}",
+        "dataset=x",
+        f"stage={stage}",
+    ]
     assert cli_main([*argv, f"output_dir={out}", "use_mindspeed=true"]) == 2
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("fluid: error:")]

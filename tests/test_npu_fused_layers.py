@@ -262,6 +262,45 @@ def test_the_training_session_swaps_the_kernels_on_npu_unless_opted_out(
     assert counts == {"true": 9, "false": 0}  # 5 norms + 2 MLPs + 2 attentions of the tiny Llama
 
 
+def test_stage2_swaps_the_kernels_into_its_frozen_backbone_on_npu(
+    fake_npu, tiny_model_dir, tmp_path, monkeypatch
+):
+    """``npu_fused_kernels`` reaches Stage II too: its frozen backbone runs Stage I's forward."""
+    from fluid_npu.train import precision
+    from fluid_npu.train.stage1 import run_stage1
+    from fluid_npu.train.stage2 import Stage2Run
+
+    data = write_short_dataset(tmp_path / "data", n_train=8)
+    common = [f"dataset_dir={data}", "dataset=fluid_demo", "template=empty", "cutoff_len=32"]
+    stage1 = tmp_path / "stage1"
+    run_stage1(
+        load_config(
+            None,
+            [
+                f"model_name_or_path={tiny_model_dir}",
+                *common,
+                f"output_dir={stage1}",
+                "max_steps=1",
+            ],
+        )
+    )
+    npu = devices.DeviceChoice("npu", 0, "hccl", None)
+    monkeypatch.setattr(precision.devices, "current", lambda **kwargs: npu)
+    counts = {}
+    for flag in ("true", "false"):
+        values = [f"model_name_or_path={tiny_model_dir}", f"adapter_name_or_path={stage1}", *common]
+        values += ["stage=fluid_stage2", "k_masks=4"]
+        run = Stage2Run(
+            load_config(
+                None, [*values, f"output_dir={tmp_path / flag}", f"npu_fused_kernels={flag}"]
+            )
+        )
+        counts[flag] = run.fused_modules
+        swapped = [m for m in run.backbone.model.modules() if getattr(m, MARK, False)]
+        assert len(swapped) == counts[flag]
+    assert counts == {"true": 9, "false": 0}
+
+
 def test_fake_npu_semantics_match_the_plain_modules():
     """The fake itself is checked against transformers' own code paths, so it cannot drift."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb

@@ -33,7 +33,7 @@ from fluid_npu.data.auto_template import exported_template, get_template
 from fluid_npu.data.template_export import fit_tokenizer, trained_template
 from fluid_npu.data.templates import AUTO
 from fluid_npu.errors import CheckpointError, ConfigError
-from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
+from fluid_npu.io import first_missing, prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.model.adapters import (
     FluidModelMeta,
     apply_lora,
@@ -91,7 +91,7 @@ class TrainingSession:
         if stage == "fluid_stage1":  # (what the examples and the layout were built with)
             settings.update(template=cfg.data.template or AUTO, k_masks=cfg.fluid.k_masks)
         self.resume = prepare_run_dir(cfg, self.args, settings)
-        created = not Path(cfg.train.output_dir).exists()
+        created = first_missing(cfg.train.output_dir)  # (a failure removes what it made)
         self.output_dir = prepare_output_dir(cfg.train.output_dir)
         try:
             self._load()
@@ -105,8 +105,8 @@ class TrainingSession:
                 },
             )
         except BaseException:
-            if created:
-                remove_if_empty(self.output_dir)
+            if created is not None:
+                remove_if_empty(self.output_dir, up_to=created)
             raise
 
     def _load(self) -> None:

@@ -39,10 +39,11 @@ from torch import nn
 from fluid_npu import device as devices
 from fluid_npu.config import FluidConfig
 from fluid_npu.errors import CheckpointError, ConfigError, DataError
-from fluid_npu.io import prepare_output_dir, remove_if_empty, write_run_json
+from fluid_npu.io import first_missing, prepare_output_dir, remove_if_empty, write_run_json
 from fluid_npu.layout import LayoutConfig
 from fluid_npu.model.adapters import FluidModelMeta, LoadedFluid, load_fluid
 from fluid_npu.model.attention import check_backend, configure_attention
+from fluid_npu.model.fused_layers import apply_npu_fused_layers, enable_mindspeed
 from fluid_npu.model.khead import HEAD_PREFIX, KHead, KHeadConfig, save_khead
 from fluid_npu.train.checkpoint import last_complete_checkpoint
 from fluid_npu.train.common import FluidTrainer, requested_parallelism, training_arguments
@@ -147,17 +148,18 @@ class Stage2Run:
                 f"output_dir {cfg.train.output_dir!r} is the Stage I model directory; Stage II "
                 "would overwrite its run.json: choose another output_dir"
             )
-        created = not out.exists()
+        created = first_missing(out)  # (what this run makes: a failure removes it again)
         self.output_dir = prepare_output_dir(cfg.train.output_dir)
         try:
             self._set_up()
         except BaseException:
-            if created:  # a directory this run made and left empty goes again
-                remove_if_empty(self.output_dir)
+            if created is not None:  # the directories this run made, left empty, go again
+                remove_if_empty(self.output_dir, up_to=created)
             raise
 
     def _set_up(self) -> None:
         cfg, f = self.cfg, self.cfg.fluid
+        self.mindspeed = enable_mindspeed() if cfg.model.use_mindspeed else None  # (as Stage I)
         self.choice = device_choice(cfg.train, cfg.model.device)
         check_backend(cfg.model.attn_backend, self.choice.type)  # (before anything loads)
         # bf16 / fp16 apply to the frozen backbone (loaded in that dtype, run as at inference);
@@ -209,6 +211,10 @@ class Stage2Run:
         model = self.loaded.model
         run_module = model.get_base_model() if hasattr(model, "get_base_model") else model
         configure_attention(run_module, cfg.model.attn_backend, self.choice.type)
+        # the frozen backbone's forward is Stage I's: torch_npu's fused kernels serve it too
+        self.fused_modules = apply_npu_fused_layers(
+            run_module, enabled=self.choice.type == "npu" and cfg.model.npu_fused_kernels
+        )
         run_module.config.use_cache = False
         self.backbone = FrozenBackbone(
             run_module, rule=f.khead_label, tau=f.khead_tau, k_max=f.k_masks
