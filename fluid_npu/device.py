@@ -2,7 +2,8 @@
 
 Order of preference: Ascend NPU (torch_npu) > CUDA > CPU. ``torch_npu`` is imported here and only
 here (plus ``ops/``), lazily and inside ``try/except``: with torch_npu installed but no CANN toolkit
-even ``import torch`` can fail, so nothing at import time touches it.
+even ``import torch`` can fail, so nothing at import time touches it. So is TorchAir, the NPU's
+graph mode, when a compiled engine runs on an NPU (``compile_kwargs``).
 
 The decision itself is the pure function ``choose`` (given what is available, what we pick), so it
 is tested on a CPU for every combination; ``current()`` feeds it the real probes.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import ModuleType
@@ -218,6 +219,43 @@ def device_module(device_type: str) -> ModuleType | None:
     if device_type == "cuda":
         return torch.cuda
     return None
+
+
+def compile_kwargs(device_type: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``torch.compile``'s keywords for a decode step on ``device_type``, ``given`` over them:
+    inductor on a CPU; inductor's CUDA graphs (``mode="reduce-overhead"``) on CUDA; TorchAir's
+    npu backend in its ``reduce-overhead`` mode (aclgraph, ``npu_graph_backend``) on an Ascend
+    NPU, unless ``given`` names a backend or an inductor ``mode``."""
+    options = dict(given or {})
+    if device_type == "npu" and "backend" not in options and "mode" not in options:
+        options["backend"] = npu_graph_backend()
+    elif "backend" not in options:
+        options.setdefault("mode", None if device_type == "cpu" else "reduce-overhead")
+    return options
+
+
+@functools.lru_cache(maxsize=1)
+def npu_graph_backend() -> Callable[..., Any]:
+    """TorchAir's npu backend with ``CompilerConfig().mode = "reduce-overhead"`` (aclgraph, the
+    NPU's CUDA graphs), torch_npu imported first as TorchAir requires; one per process (cached),
+    so engines share dynamo's compiled entries. A ``ConfigError`` says what is missing and why."""
+    fix = (
+        "TorchAir ships with torch_npu (Ascend Extension for PyTorch): install the torchair that "
+        "matches your torch_npu (7.0 or later has reduce-overhead), or leave out --compile"
+    )
+    try:
+        import torch_npu  # noqa: F401  (before torchair, as TorchAir requires)
+        import torchair
+    except Exception as exc:  # not installed, or not matching torch_npu / CANN
+        raise ConfigError(
+            f"--compile on an Ascend NPU runs TorchAir's graph mode, which cannot be imported "
+            f"({exc}); {fix}"
+        ) from exc
+    config = torchair.CompilerConfig()
+    if not hasattr(config, "mode"):  # torchair 6.0.x (it refuses an option it does not have)
+        raise ConfigError(f"this torchair's CompilerConfig has no mode (no reduce-overhead); {fix}")
+    config.mode = "reduce-overhead"
+    return torchair.get_npu_backend(compiler_config=config)
 
 
 def set_device(choice: DeviceChoice) -> None:

@@ -3,6 +3,8 @@
 * The device layer: on an NPU host a process binds ``npu:<LOCAL_RANK>``, joins ``hccl`` and
   autocasts to bf16 (``torch.autocast("npu", dtype=torch.bfloat16)``); the FLUID attention runs the
   ``npu`` back end when asked for.
+* ``--compile`` on an NPU is TorchAir's ``reduce-overhead`` graph mode (aclgraph), imported lazily;
+  its absence is a clear ConfigError.
 * MindSpeed is optional and imported lazily; its absence is a clear ConfigError.
 * The openPangu-7B recipes load and ship valid ZeRO-2 JSON.
 * torch_npu's fused layer kernels: ``test_npu_fused_layers``; the attention ops' argument names
@@ -15,6 +17,7 @@ import inspect
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,8 @@ from fluid_npu.config import load_config
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.fused_layers import enable_mindspeed
+from fluid_npu.model.tiny import build_tiny_model
+from fluid_npu.sampling.scheduler import Scheduler
 from fluid_ops.meta import AttnMeta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +100,120 @@ def test_the_npu_attention_backend_is_selected_and_says_why_it_cannot_run_here(m
     meta = AttnMeta.self_attention(pos, torch.full_like(pos, -1), n_main=4)
     with pytest.raises(fluid_ops.BackendUnavailable, match="need NPU tensors"):
         fluid_ops.fluid_attention(q, k, v, meta, backend="npu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph mode: --compile on an NPU
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeCompilerConfig:
+    """``torchair.CompilerConfig`` reduced to its graph mode (Ascend IR graphs by default)."""
+
+    def __init__(self) -> None:
+        self.mode = "max-autotune"
+
+
+@pytest.fixture
+def torchair(monkeypatch):
+    """torch_npu and TorchAir as an NPU host imports them: ``get_npu_backend`` records the config
+    it is given and returns a backend that runs the traced graph as it is."""
+    module = types.ModuleType("torchair")
+    module.configs = []
+
+    def get_npu_backend(*, compiler_config=None, custom_decompositions=None):
+        module.configs.append(compiler_config)
+        return lambda gm, example_inputs: gm.forward
+
+    module.CompilerConfig = FakeCompilerConfig
+    module.get_npu_backend = get_npu_backend
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    monkeypatch.setitem(sys.modules, "torchair", module)
+    devices.npu_graph_backend.cache_clear()  # (a backend cached earlier, real or not, is not this)
+    yield module
+    devices.npu_graph_backend.cache_clear()
+
+
+def test_the_npu_graph_backend_is_torchairs_in_reduce_overhead_mode(torchair):
+    backend = devices.npu_graph_backend()
+    (config,) = torchair.configs
+    assert isinstance(config, FakeCompilerConfig) and config.mode == "reduce-overhead"
+    assert devices.npu_graph_backend() is backend and len(torchair.configs) == 1  # one a process
+    assert devices.compile_kwargs("npu") == {"backend": backend}  # no inductor mode beside it
+
+
+@pytest.mark.parametrize(
+    ("device_type", "given", "expected"),
+    [
+        ("cpu", None, {"mode": None}),  # inductor
+        ("cuda", None, {"mode": "reduce-overhead"}),  # inductor's CUDA graphs
+        ("cuda", {"backend": "eager"}, {"backend": "eager"}),
+        ("npu", {"backend": "eager", "dynamic": None}, {"backend": "eager", "dynamic": None}),
+        ("npu", {"mode": "max-autotune"}, {"mode": "max-autotune"}),  # inductor, as asked
+    ],
+)
+def test_compile_settings_per_device_and_what_a_caller_gives_wins(
+    device_type, given, expected, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "torchair", None)  # none of these imports it
+    assert devices.compile_kwargs(device_type, given) == expected
+
+
+def test_a_compiled_engine_on_an_npu_hands_torch_compile_torchairs_backend(
+    torchair, tokenizer, monkeypatch
+):
+    seen, asked = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    real = devices.compile_kwargs
+
+    def on_npu(device_type, given=None):  # the engine's device is this CPU: ask as an NPU's
+        asked.append(device_type)
+        return real("npu", given)
+
+    monkeypatch.setattr(devices, "compile_kwargs", on_npu)
+    model = build_tiny_model("llama", tokenizer, seed=3)
+    store: dict = {}
+
+    def engine(**kw):
+        return Scheduler(
+            model, tokenizer.mask_token_id, policy="ar", compile=True, budgets=store, **kw
+        )
+
+    npu = engine()
+    backend = devices.npu_graph_backend()
+    assert asked == ["cpu"]  # the engine asks for its own device type
+    assert seen == [{"backend": backend, "dynamic": False}]  # no inductor mode, static shapes
+    assert torchair.configs[0].mode == "reduce-overhead"
+    assert npu._compiled is npu._lean
+    assert ("backend", repr(backend)) in npu._compile_key
+    assert engine().budget is npu.budget  # one backend a process: engines share what they measure
+    inductor = engine(compile_options={"mode": "reduce-overhead"})
+    assert seen[-1] == {"mode": "reduce-overhead", "dynamic": False}
+    assert inductor.budget is not npu.budget and inductor._compile_key != npu._compile_key
+
+
+def test_compile_on_an_npu_without_torchair_says_what_to_install(torchair, tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchair", None)  # importlib finds no such package
+    with pytest.raises(ConfigError) as err:
+        devices.npu_graph_backend()
+    message = str(err.value)
+    assert "--compile on an Ascend NPU runs TorchAir's graph mode" in message
+    assert "cannot be imported" in message and "torchair" in message
+    assert "install the torchair that matches your torch_npu" in message
+    assert "or leave out --compile" in message
+
+    real = devices.compile_kwargs
+    monkeypatch.setattr(devices, "compile_kwargs", lambda _, given=None: real("npu", given))
+    model = build_tiny_model("llama", tokenizer, seed=3)
+    with pytest.raises(ConfigError, match="TorchAir"):
+        Scheduler(model, tokenizer.mask_token_id, policy="ar", lean=False, compile=True)
+    assert model.config._attn_implementation == "sdpa"  # the failed engine gave it back
+
+
+def test_a_torchair_without_graph_modes_is_a_config_error(torchair):
+    torchair.CompilerConfig = type("CompilerConfig", (), {})  # torchair 6.0.x: no ``mode``
+    with pytest.raises(ConfigError, match=r"has no mode .*7\.0 or later has reduce-overhead"):
+        devices.npu_graph_backend()
 
 
 # ---------------------------------------------------------------------------------------------

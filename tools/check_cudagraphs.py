@@ -1,12 +1,13 @@
 """Whether a compiled engine's decode step really runs as device graphs on this accelerator.
 
-``Scheduler(compile=True)`` compiles the decode step with ``mode="reduce-overhead"`` off the CPU:
-inductor's cudagraph trees then record the step as a CUDA graph — unless they skip it, which they
-say only on an off-by-default log and in ``torch._dynamo.utils.counters["inductor"]
-["cudagraph_skips"]`` (a graph that writes an input whose address is not static is skipped: the
-engine marks its cache static for this). This decodes the prompts through a compiled engine and an
-eager one on the same model, and reports the skips, the decode forwards and the rows whose tokens
-differ (in bf16 a fused kernel may round a near-tie the other way); exit 1 when a step was skipped.
+``Scheduler(compile=True)`` compiles the decode step with ``mode="reduce-overhead"`` on CUDA (on an
+Ascend NPU with TorchAir's backend, which this does not check): inductor's cudagraph trees then
+record the step as a CUDA graph — unless they skip it, which they say only on an off-by-default log
+and in ``torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]`` (a graph that writes an input
+whose address is not static is skipped: the engine marks its cache static for this). This decodes
+the prompts through a compiled engine and an eager one on the same model, and reports the skips, the
+decode forwards and the rows whose tokens differ (in bf16 a fused kernel may round a near-tie the
+other way); exit 1 when a step was skipped.
 
     python tools/check_cudagraphs.py --model runs/demo/stage1 --prompts \
         benchmarks/demo_prompts64.jsonl --json cudagraphs_gpu.json --dtype bfloat16

@@ -70,8 +70,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run the engine's decode step under torch.compile (inductor; device graphs on an "
-        "accelerator): slower first steps, faster ones after",
+        help="run the engine's decode step under torch.compile: inductor on a CPU, with CUDA "
+        "graphs (reduce-overhead) on CUDA, TorchAir's reduce-overhead graph mode (aclgraph; "
+        "needs torchair, not yet run on a 910B) on an Ascend NPU: slower first steps, faster "
+        "ones after",
     )
     p.add_argument(
         "--no-adaptive-drafting",

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
@@ -229,12 +230,8 @@ class Scheduler(PrefillMixin, StepMixin):
             self._compiled = None
             self._compile_key: tuple[tuple[str, str], ...] | None = None  # (the budget's key)
             if compile:
-                # inductor on a CPU; on an accelerator also device graphs ("reduce-overhead"); an
-                # Ascend graph mode comes as compile_options={"backend": torchair's npu backend}
-                options = dict(compile_options or {})
-                if "backend" not in options:
-                    graphs = None if self.device.type == "cpu" else "reduce-overhead"
-                    options.setdefault("mode", graphs)
+                # inductor on a CPU, its CUDA graphs on CUDA, TorchAir's aclgraph on an NPU
+                options = devices.compile_kwargs(self.device.type, compile_options)
                 target = self._decoder if self._lean is None else self._lean
                 options.setdefault("dynamic", False)  # static shapes (bucketed): see docs/engine.md
                 if options.get("mode") == "reduce-overhead" or self.device.type != "cpu":

@@ -76,7 +76,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="prompt + completion tokens per request",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step: inductor on a CPU, with CUDA graphs on CUDA, "
+        "TorchAir's reduce-overhead graph mode on an Ascend NPU (needs torchair; not yet run on "
+        "a 910B)",
+    )
     p.add_argument(
         "--threads",
         type=_positive,
