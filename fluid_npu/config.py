@@ -86,8 +86,8 @@ class ModelArgs:
         name, _, index = str(self.device).partition(":")
         if name in ("npu", "cuda") and index:  # (each training rank takes the card LOCAL_RANK says)
             raise ConfigError(
-                f"device: {self.device!r} names one card; a run takes its cards from the launcher "
-                f"(rank r on card r): give {name!r}, and pick the cards with "
+                f"device: {self.device!r} gives a card index; a run takes its cards from the "
+                f"launcher (rank r on card r): give {name!r}, and pick the cards with "
                 "ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES"
             )
         _choice("device", self.device, DEVICE_CHOICES)

@@ -95,7 +95,7 @@ def choose(
         if not available[name]:
             why = f": {reason}" if reason else ""
             check = ""
-            if force == "npu":  # (the reason may already name the variable)
+            if name == "npu":  # (the reason may already name the variable)
                 check = "on an Ascend host, source CANN's set_env.sh"
                 if "ASCEND_RT_VISIBLE_DEVICES" not in why:
                     check += " and check ASCEND_RT_VISIBLE_DEVICES"
@@ -133,11 +133,11 @@ def split_device(text: str) -> tuple[str, int | None]:
     """``"npu:1"`` → ``("npu", 1)``, ``"cuda"`` → ``("cuda", None)``: a device type and its index;
     a ``ConfigError`` for an index that is not a number, or one given to the CPU."""
     name, colon, index = text.partition(":")
-    if not colon:
+    if not colon or name not in ("npu", "cuda", "cpu"):  # (an unknown name is the caller's to say)
         return name, None
     if name == "cpu":
         raise ConfigError(f"device {text!r}: the CPU takes no index; give cpu")
-    if not index.isdigit():
+    if not (index.isascii() and index.isdigit()):
         raise ConfigError(f"device {text!r}: the index after {name}: is a number ({name}:0)")
     return name, int(index)
 
@@ -225,8 +225,9 @@ def compile_kwargs(device_type: str, given: Mapping[str, Any] | None = None) -> 
     """``torch.compile``'s keywords for a decode step on ``device_type``, ``given`` over them:
     inductor on a CPU; inductor's CUDA graphs (``mode="reduce-overhead"``) on CUDA; TorchAir's
     npu backend in its ``reduce-overhead`` mode (aclgraph, ``npu_graph_backend``) on an Ascend
-    NPU, unless ``given`` names a backend or an inductor ``mode``."""
-    options = dict(given or {})
+    NPU, unless ``given`` names a backend or an inductor ``mode`` (``backend=None``, torch's own
+    default, counts as naming none)."""
+    options = {k: v for k, v in (given or {}).items() if not (k == "backend" and v is None)}
     if device_type == "npu" and "backend" not in options and "mode" not in options:
         options["backend"] = npu_graph_backend()
     elif "backend" not in options:

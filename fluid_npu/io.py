@@ -103,7 +103,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 def first_missing(path: str | Path) -> Path | None:
     """The outermost directory of ``path`` that does not exist yet (what creating ``path`` with
     its parents would make first), or None when ``path`` exists."""
-    p = Path(path).absolute()
+    p = Path(os.path.abspath(path))  # (.. collapsed: the folders really made)
     if p.exists():
         return None
     while not p.parent.exists():
@@ -115,12 +115,14 @@ def remove_if_empty(path: str | Path, up_to: str | Path | None = None) -> None:
     """Remove the directory ``path`` if it exists and holds nothing (a run that failed early), and
     then each empty parent, up to and including ``up_to`` (the outermost one the run created:
     ``first_missing`` before it made ``path``)."""
-    p = Path(path).absolute()
-    top = None if up_to is None else Path(up_to).absolute()
+    p = Path(os.path.abspath(path))
+    top = None if up_to is None else Path(os.path.abspath(up_to))
+    if top is not None and top != p and top not in p.parents:
+        top = None  # (not an ancestor: only ``path`` itself may go)
     try:
         while p.is_dir() and not any(p.iterdir()):
             p.rmdir()
-            if top is None or p == top or top not in p.parents:
+            if top is None or p == top:
                 return
             p = p.parent
     except OSError:

@@ -365,6 +365,7 @@ def test_an_npu_attention_without_a_usable_npu_is_refused_before_loading(
     assert f"none is usable here ({why})" in line, line
     assert "set_env.sh" in line and "attn_backend: auto would run the model on" in line, line
     assert not (tmp_path / "outputs").exists()  # nor the parents the run would have made
+    assert tmp_path.is_dir()  # (and nothing above them)
 
 
 def test_an_npu_attention_on_a_device_key_off_the_npu_names_that_key(monkeypatch):

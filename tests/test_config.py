@@ -133,7 +133,7 @@ def test_overrides_apply_and_parse_yaml_scalars(tmp_path):
         ({"adapter_name_or_path": "prev", "finetuning_type": "full"}, "continues a Stage I LoRA"),
         ({"adapter_name_or_path": "a,b"}, "lists several adapters; Stage I continues one"),
         ({"overwrite_output_dir": "maybe"}, "overwrite_output_dir: expected bool"),
-        ({"device": "npu:1"}, "'npu:1' names one card; a run takes its cards from the launcher"),
+        ({"device": "npu:1"}, "'npu:1' gives a card index; a run takes its cards from the"),
         ({"device": "gpu"}, "device: 'gpu' is not valid"),
     ],
 )

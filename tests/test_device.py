@@ -46,11 +46,14 @@ def test_one_card_of_several_is_forced_by_its_index(monkeypatch):
         ("npu:x", "the index after npu: is a number"),
         ("cpu:0", "the CPU takes no index; give cpu"),
         ("tpu:0", "unknown device 'tpu:0'"),
+        ("gpu:x", "unknown device 'gpu:x'"),  # (the name first: gpu:0 is no fix)
+        ("cuda:²", "the index after cuda: is a number"),  # (a digit int() refuses)
     ]:
         with pytest.raises(ConfigError, match=says):
             device.choose(npu=True, cuda=True, bf16_supported=True, force=bad)
-    with pytest.raises(ConfigError, match="'npu:1' was requested but is not available"):
+    with pytest.raises(ConfigError, match="'npu:1' was requested but is not available") as err:
         device.choose(npu=False, cuda=True, bf16_supported=True, force="npu:1", count=0)
+    assert "set_env.sh" in str(err.value)  # (the Ascend hint, as for a bare npu)
     # the probes count the host's cards when an index is given
     monkeypatch.setattr(device, "is_npu_available", lambda: False)
     monkeypatch.setattr(device, "is_cuda_available", lambda: True)

@@ -140,6 +140,8 @@ def test_the_npu_graph_backend_is_torchairs_in_reduce_overhead_mode(torchair):
     assert isinstance(config, FakeCompilerConfig) and config.mode == "reduce-overhead"
     assert devices.npu_graph_backend() is backend and len(torchair.configs) == 1  # one a process
     assert devices.compile_kwargs("npu") == {"backend": backend}  # no inductor mode beside it
+    # backend=None is torch.compile's own default: no backend named, TorchAir still runs
+    assert devices.compile_kwargs("npu", {"backend": None}) == {"backend": backend}
 
 
 @pytest.mark.parametrize(

@@ -325,7 +325,7 @@ def test_a_resume_on_another_split_of_the_same_global_batch_goes_on(first_run, t
     assert json.loads((out / "run.json").read_text())["global_step"] == 3
 
 
-def test_optimizer_state_of_another_wrapper_is_refused_before_loading(tmp_path):
+def test_optimizer_state_of_another_wrapper_is_refused_before_loading(tmp_path, caplog):
     """DeepSpeed's state resumed without the deepspeed key would restart the optimizer and the
     schedule silently; FSDP's or the plain Trainer's under another wrapper fail after loading."""
     args = SimpleNamespace(
@@ -337,7 +337,9 @@ def test_optimizer_state_of_another_wrapper_is_refused_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="saved under DeepSpeed, and this run uses neither"):
         check_run_shape(str(ckpt), args, args, "start afresh")
     ds = SimpleNamespace(**{**vars(args), "deepspeed": "ds.json"})
-    check_run_shape(str(ckpt), ds, ds, "")
+    with caplog.at_level("WARNING", logger="fluid_npu.train.run_shape"):
+        check_run_shape(str(ckpt), ds, ds, "")  # (an earlier build's checkpoint: no batch record)
+    assert "records no global batch" in caplog.text
     fsdp = tmp_path / "checkpoint-6"
     fsdp.mkdir()
     (fsdp / "optimizer.bin").write_bytes(b"")

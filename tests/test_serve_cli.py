@@ -50,6 +50,8 @@ def test_serve_flag_errors(capsys, tmp_path, monkeypatch):
     assert "--threads" in _error(capsys, ["serve", "--model", "m", "--threads", "0"])
     one_card = _error(capsys, ["serve", "--model", "m", "--device", "npu:1", "-dp", "2"])
     assert "--device npu:1 names one card" in one_card and "ASCEND_RT_VISIBLE_DEVICES" in one_card
+    cpu = _error(capsys, ["serve", "--model", "m", "--device", "cpu:0", "-dp", "2"])
+    assert "the CPU takes no index" in cpu and "VISIBLE_DEVICES" not in cpu
     assert "--drain-timeout" in _error(capsys, ["serve", "--model", "m", "--drain-timeout", "nan"])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

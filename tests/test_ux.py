@@ -256,3 +256,32 @@ def test_files_written_atomically_get_the_usual_mode(tmp_path):
     # JSON has no Infinity / NaN (strict readers refuse them): a number that is not finite is null
     text = (tmp_path / "report.json").read_text()
     assert json.loads(text, parse_constant=_refuse) == {"a": 1, "rate": None, "x": [None]}
+
+
+def test_a_failed_run_removes_the_folders_it_made_and_nothing_else(tmp_path):
+    """``first_missing`` / ``remove_if_empty(up_to=)``: the folders a failed run created go again,
+    parents included; a folder the user had — empty or not, reached through ``..`` — stays."""
+    from fluid_npu.io import first_missing, remove_if_empty
+
+    out = tmp_path / "outputs" / "pangu7b" / "stage2"
+    made = first_missing(out)
+    assert made == tmp_path / "outputs"
+    out.mkdir(parents=True)
+    remove_if_empty(out, up_to=made)
+    assert sorted(tmp_path.iterdir()) == [] and tmp_path.is_dir()
+    # a user's empty folder inside the path is not the run's: only what it made goes
+    (tmp_path / "mine").mkdir()
+    out = tmp_path / "mine" / "run"
+    made = first_missing(out)
+    out.mkdir()
+    remove_if_empty(out, up_to=made)
+    assert (tmp_path / "mine").is_dir() and not out.exists()
+    # "new/../victim/run": `new` is never made (.. is collapsed), `victim` is the user's
+    (tmp_path / "victim").mkdir()
+    dotted = tmp_path / "new" / ".." / "victim" / "run"
+    made = first_missing(dotted)
+    assert made == tmp_path / "victim" / "run"
+    (tmp_path / "victim" / "run").mkdir()
+    remove_if_empty(dotted, up_to=made)
+    assert (tmp_path / "victim").is_dir() and not (tmp_path / "new").exists()
+    assert first_missing(tmp_path) is None

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from fluid_npu.sampling.pretrained import FluidForCausalLM
     from fluid_npu.sampling.scheduler import Request, Scheduler
 
-    dev = devices.current(force=None if args.device == "auto" else args.device).device
+    dev = devices.claim(force=None if args.device == "auto" else args.device)
     fluid = FluidForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=dev)
     with open(args.prompts, encoding="utf-8") as fh:
         texts = [json.loads(line)["prompt"] for line in fh if line.strip()][: args.num_prompts]

@@ -343,7 +343,8 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
             "--enforce-eager and --compile contradict each other: the engine runs eager unless "
             "--compile; give one"
         )
-    if ":" in args.device and (args.data_parallel_size or 1) > 1:
+    one_card = args.device.partition(":")[0] in ("npu", "cuda") and ":" in args.device
+    if one_card and (args.data_parallel_size or 1) > 1:
         raise ConfigError(
             f"--device {args.device} names one card, and --data-parallel-size "
             f"{args.data_parallel_size} gives each rank its own: give the type alone "

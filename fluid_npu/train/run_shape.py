@@ -9,7 +9,8 @@ trains examples twice or never, and an epoch-based run can find itself past its 
 nothing; transformers says nothing of either. Every checkpoint therefore records the batch it was
 saved with (``BATCH_FILE``), and ``check_run_shape`` refuses a resume with another one, naming the
 ``gradient_accumulation_steps`` that keeps it: on another number of processes with the same global
-batch a resume goes on exactly as the run would have (checked against an uninterrupted run).
+batch a resume goes on as the run would have (a tiny run resumed from 2 processes on 1 matched the
+uninterrupted run to 1.5e-8; RNG states are per process, so dropout's draws are not the same ones).
 
 The wrapper is read from the checkpoint's own files (``saved_wrapper``), so checkpoints written
 before ``BATCH_FILE`` existed are checked too: DeepSpeed's state (``global_stepN/``), FSDP's
@@ -22,11 +23,14 @@ schedule over.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.io import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 BATCH_FILE = "fluid_batch.json"
 BATCH_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
@@ -106,7 +110,14 @@ def check_run_shape(ckpt: str | None, train: Any, args: Any, fresh: str) -> None
             f"optimizer and the schedule over). Resume {WRAPPERS[then_wrapper][1]}; or {fresh}"
         )
     then = recorded_batch(ckpt)
-    if then is None:
+    if then is None:  # (saved by an earlier build, before every checkpoint recorded it)
+        logger.warning(
+            "%s records no global batch (%s): resume with the processes, "
+            "per_device_train_batch_size and gradient_accumulation_steps it was saved with, or "
+            "examples are trained twice or skipped",
+            ckpt,
+            BATCH_FILE,
+        )
         return
     now = batch_shape(args)
     (g_then, said_then), (g_now, said_now) = _global(then), _global(now)

@@ -325,6 +325,8 @@ class Stage2Run:
                 "backbone_dtype": str(next(self.backbone.model.parameters()).dtype),
                 "head_dtype": str(self.precision.trainable_dtype),
                 "world_size": self.args.world_size,
+                "npu_fused_modules": self.fused_modules,
+                "mindspeed": self.mindspeed,
             },
             **self.figures,
             "precision": self.precision_record,
