@@ -37,6 +37,7 @@ from fluid_npu.config import load_config
 from fluid_npu.errors import ConfigError
 from fluid_npu.train import common, deepspeed_setup
 from fluid_npu.train.checkpoint import validate_checkpoint
+from fluid_npu.train.run_shape import BATCH_FILE
 from fluid_npu.train.stage1 import run_stage1
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +142,25 @@ def test_two_gloo_processes_match_one_process_and_save_once(tiny_model_dir, demo
         assert files.count("adapter_model.safetensors") == 1 and "optimizer.pt" in files
         state = json.loads((ckpt / "trainer_state.json").read_text())
         assert state["global_step"] == step
+
+    # Resumed on one process: the same global batch (1 × 2 × 2) continues the two-process run;
+    # another one (1 × 2 × 1) is refused before the model loads, naming the accumulation.
+    saved = json.loads((two / "checkpoint-2" / BATCH_FILE).read_text())
+    assert (saved["world_size"], saved["gradient_accumulation_steps"]) == (2, 1)
+    resume = [f"resume_from_checkpoint={two / 'checkpoint-2'}", "per_device_train_batch_size=2"]
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps: 2 keeps it on 1 process"):
+        run_stage1(load_config(recipe, [*resume, f"output_dir={tmp_path / 'refused'}"]))
+    resumed = run_stage1(
+        load_config(
+            recipe,
+            [*resume, "gradient_accumulation_steps=2", f"output_dir={tmp_path / 'resumed'}"],
+        )
+    )
+    for got, want in zip(_curve(resumed), curve):  # (the first two: the checkpoint's history)
+        assert got == pytest.approx(want, rel=1e-5)
+    c = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
