@@ -133,7 +133,8 @@ def check_run_shape(ckpt: str | None, train: Any, args: Any, fresh: str) -> None
             f"on {w} process{'' if w == 1 else 'es'}"
         )
     else:
-        keep = f"resume on {then['world_size']} processes as it was saved"
+        saved = then["world_size"]
+        keep = f"resume on {saved} process{'' if saved == 1 else 'es'}, as it was saved"
     raise ConfigError(
         f"resume_from_checkpoint {ckpt!r} was saved with a global batch of {g_then} ({said_then}) "
         f"and this run has {g_now} ({said_now}): a resume continues the data and the schedule "
