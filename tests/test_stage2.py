@@ -548,3 +548,39 @@ def test_stage2_resume_continues_the_same_run(stage1_full, run_data, tmp_path):
     evals = [h for h in whole["log_history"] if "eval_loss" in h]
     assert evals and {"eval_khead_acc", "eval_khead_label_mean"} <= set(evals[-1])
     assert whole["eval_loss"] == evals[-1]["eval_loss"]
+
+
+def test_the_label_histogram_sums_every_process_each_training_step(monkeypatch):
+    """Under several processes ``label_counts`` holds the whole global batch's labels (it held
+    rank 0's share, so a 2-process run reported 107 labels where one process reported 220), and
+    every process joins the sum each training step, an empty batch included (or the others wait
+    forever); evaluation makes no collective."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from fluid_npu.model.khead import KHead
+    from fluid_npu.train.khead_objective import AnchorBatch, KHeadObjective
+
+    labels = {"k": torch.tensor([1, 1, 3])}
+
+    def anchors(inputs):
+        k = labels["k"]
+        return AnchorBatch(hidden=torch.randn(len(k), 8), k_star=k, n_valid=torch.ones_like(k))
+
+    objective = KHeadObjective(KHead(8, 4), SimpleNamespace(anchors=anchors), sigma=1.5)
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    # the other process holds the same labels here: the sum doubles them
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: calls.append(1) or t.mul_(2))
+    objective.train()
+    objective()
+    assert objective.label_counts.tolist() == [4, 0, 2, 0] and len(calls) == 1
+    labels["k"] = torch.zeros(0, dtype=torch.long)  # no supervised anchor on this process
+    objective()
+    assert objective.label_counts.tolist() == [4, 0, 2, 0] and len(calls) == 2
+    objective.eval()
+    labels["k"] = torch.tensor([2])
+    objective()
+    assert objective.label_counts.tolist() == [4, 0, 2, 0] and len(calls) == 2

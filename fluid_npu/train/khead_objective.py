@@ -124,8 +124,10 @@ class KHeadObjective(nn.Module):
     ``forward(**batch)`` returns ``{"loss", "khead_acc", "khead_label_mean"}``; it also counts the
     training labels in the buffer ``label_counts``, whose mode is the report's constant-K
     baseline. Being a buffer, the histogram is saved in every ``checkpoint-N`` and restored on
-    resume, so a resumed run reports the same baseline as an uninterrupted one (under DDP the
-    buffer is rank 0's, broadcast each step: the histogram of rank 0's share of the batches).
+    resume, so a resumed run reports the same baseline as an uninterrupted one. Under several
+    processes each step's counts are summed over them (one small all-reduce per training forward,
+    made by every process whatever its batch holds), so every process holds the histogram of the
+    whole global batch: the same as one process with the same global batch, resumed on any count.
     """
 
     def __init__(self, head: KHead, backbone: FrozenBackbone, sigma: float) -> None:
@@ -138,15 +140,14 @@ class KHeadObjective(nn.Module):
     def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
         batch = self.backbone.anchors(inputs)
         logits = head_logits(self.head, batch.hidden)
+        if self.training:  # the training labels only, not a held-out evaluation's
+            self._count(batch.k_star)
         if batch.k_star.numel() == 0:  # no supervised anchor in this batch: a zero with a graph
             zero = logits.sum() * 0.0
             nan = torch.tensor(float("nan"))
             return {"loss": zero, "khead_acc": nan, "khead_label_mean": nan}
         target = gaussian_target(batch.k_star, self.head.k_max, self.sigma)
         loss = khead_kl_loss(logits, target)
-        if self.training:  # the training labels only, not a held-out evaluation's
-            counts = torch.bincount(batch.k_star - 1, minlength=self.head.k_max)
-            self.label_counts += counts.to(self.label_counts.device)
         with torch.no_grad():
             acc = ((logits.argmax(dim=-1) + 1) == batch.k_star).float().mean()
         return {
@@ -154,6 +155,19 @@ class KHeadObjective(nn.Module):
             "khead_acc": acc,
             "khead_label_mean": batch.k_star.float().mean(),
         }
+
+    @torch.no_grad()
+    def _count(self, k_star: torch.Tensor) -> None:
+        """Add this step's labels (every process's, summed) to ``label_counts``."""
+        import torch.distributed as dist
+
+        counts = torch.bincount(k_star - 1, minlength=self.head.k_max)
+        counts = counts.to(self.label_counts.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            total = counts.float()  # (exact: a step's counts are far below 2**24; every back end
+            dist.all_reduce(total)  # sums float32, not every one int64)
+            counts = total.round().long()
+        self.label_counts += counts
 
 
 @torch.no_grad()
