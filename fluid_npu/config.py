@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from fluid_npu.config_values import coerce, pass_through
-from fluid_npu.device import DEVICE_CHOICES
+from fluid_npu.device import DEVICE_CHOICES, VISIBLE_DEVICES, card_type
 from fluid_npu.errors import ConfigError
 from fluid_npu.lf_keys import UNSUPPORTED, lf_spellings, refusal
 
@@ -83,12 +83,12 @@ class ModelArgs:
         _choice("quantization_type", self.quantization_type, ("nf4", "fp4"))
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _choice("loss_impl", self.loss_impl, ("auto", "fused", "reference"))
-        name, _, index = str(self.device).partition(":")
-        if name in ("npu", "cuda") and index:  # (each training rank takes the card LOCAL_RANK says)
+        name = card_type(str(self.device))
+        if name is not None:  # (each training rank takes the card LOCAL_RANK says)
             raise ConfigError(
                 f"device: {self.device!r} gives a card index; a run takes its cards from the "
                 f"launcher (rank r on card r): give {name!r}, and pick the cards with "
-                "ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES"
+                f"{VISIBLE_DEVICES[name]}"
             )
         _choice("device", self.device, DEVICE_CHOICES)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fluid_npu import host
 from fluid_npu.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")  # the config key ``device``
@@ -140,6 +141,13 @@ def split_device(text: str) -> tuple[str, int | None]:
     if not (index.isascii() and index.isdigit()):
         raise ConfigError(f"device {text!r}: the index after {name}: is a number ({name}:0)")
     return name, int(index)
+
+
+def card_type(text: str) -> str | None:
+    """The accelerator type a device string names one card of (``"npu:1"`` → ``"npu"``), else
+    None (a type alone, the CPU, ``auto``)."""
+    name, _, index = text.partition(":")
+    return name if name in ("npu", "cuda") and index else None
 
 
 def kind(force: str | None = None) -> str:
@@ -325,8 +333,8 @@ def free_memory(device: torch.device | str) -> int | None:
         if module is not None:
             cached = module.memory_reserved(dev) - module.memory_allocated(dev)
             return int(module.mem_get_info(dev)[0]) + int(cached)
-        available = _meminfo("MemAvailable")
-        limit, used = cgroup_memory()
+        available = host.meminfo("MemAvailable")
+        limit, used = host.cgroup_memory()
         if limit is not None and used is not None and available is not None:
             return max(0, min(available, limit - used))  # (a container's limit binds first)
         return available
@@ -344,53 +352,11 @@ def total_memory(device: torch.device | str) -> int | None:
     try:
         if module is not None:
             return int(module.mem_get_info(dev)[1])
-        total = _meminfo("MemTotal")
-        limit, _ = cgroup_memory()
+        total = host.meminfo("MemTotal")
+        limit, _ = host.cgroup_memory()
         return total if limit is None or total is None else min(total, limit)
     except (OSError, RuntimeError, AttributeError, ValueError):
         return None
-
-
-def _meminfo(key: str) -> int | None:
-    """A ``/proc/meminfo`` figure in bytes (None where there is none)."""
-    with open("/proc/meminfo", encoding="utf-8") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def cgroup_memory(
-    proc: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup"
-) -> tuple[int | None, int | None]:
-    """This process's memory cgroup limit and usage in bytes (v2 ``memory.max`` /
-    ``memory.current``, v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``): what a
-    container may use, which ``/proc/meminfo`` does not know. (None, None) without a limit."""
-    try:
-        with open(proc, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None, None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2: one unified hierarchy
-            names, root = ("memory.max", "memory.current"), mount
-        elif "memory" in controllers.split(","):
-            names, root = ("memory.limit_in_bytes", "memory.usage_in_bytes"), f"{mount}/memory"
-        else:
-            continue
-        for where in (root + path.rstrip("/"), root):  # its own group, else the mount's root
-            try:
-                with open(f"{where}/{names[0]}", encoding="utf-8") as fh:
-                    limit_text = fh.read().strip()
-                with open(f"{where}/{names[1]}", encoding="utf-8") as fh:
-                    used = int(fh.read().strip())
-            except (OSError, ValueError):
-                continue
-            if limit_text == "max" or int(limit_text) >= 1 << 60:  # (v1's "none": ~2^63)
-                return None, used
-            return int(limit_text), used
-    return None, None
 
 
 def device_name(device: torch.device | str) -> str:
@@ -398,22 +364,8 @@ def device_name(device: torch.device | str) -> str:
     dev = torch.device(device)
     module = device_module(dev.type)
     if module is None:
-        return cpu_name()
+        return host.cpu_name()
     return str(module.get_device_name(dev))
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def empty_cache(device: torch.device | str) -> None:

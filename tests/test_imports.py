@@ -5,10 +5,10 @@ The modules of ``fluid_npu`` are parsed with ``ast`` (nothing is imported). Two 
 * the import graph has no cycle — counting the imports inside functions too (a lazy import only
   hides a cycle: the two modules still need each other), and the package ``__init__`` that
   importing a submodule runs first;
-* the lower layers — ``layout``, ``data/``, ``model/``, ``device``, ``io``, ``config`` (and its
-  ``lf_keys``), ``errors`` — import none of the upper ones (``train/``, ``sampling/``, ``eval/``,
-  ``serve/``, ``demo/``, ``real/``, ``cli``), not even inside a function; and ``fluid_ops``
-  imports nothing of ``fluid_npu``.
+* the lower layers — ``layout``, ``data/``, ``model/``, ``device`` (and ``host``), ``io``,
+  ``config`` (and its ``lf_keys``), ``errors`` — import none of the upper ones (``train/``,
+  ``sampling/``, ``eval/``, ``serve/``, ``demo/``, ``real/``, ``cli``), not even inside a function;
+  and ``fluid_ops`` imports nothing of ``fluid_npu``.
 
 And one run: ``fluid``'s command line answers ``--help`` and a bad flag without importing torch,
 transformers or the serving stack (seconds on a small machine; the package ``__init__`` files
@@ -30,7 +30,18 @@ import fluid_ops
 
 PACKAGE = Path(fluid_npu.__file__).parent
 OPS = Path(fluid_ops.__file__).parent
-LOWER = ("layout", "data", "model", "device", "io", "config", "config_values", "lf_keys", "errors")
+LOWER = (
+    "layout",
+    "data",
+    "model",
+    "device",
+    "host",
+    "io",
+    "config",
+    "config_values",
+    "lf_keys",
+    "errors",
+)
 UPPER = ("train", "sampling", "eval", "serve", "demo", "real", "cli")
 
 

@@ -13,6 +13,7 @@ import torch
 from test_serve_live import model_dir  # noqa: F401  (the constructed chain model, a fixture)
 
 from fluid_npu import device as devices
+from fluid_npu import host
 from fluid_npu.cli import main
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -165,18 +166,18 @@ def test_a_containers_memory_limit_bounds_the_host_s(tmp_path, monkeypatch):
 
     proc.write_text("0::/pod/x\n")
     group("pod/x", {"memory.max": str(2**30), "memory.current": "4096"})
-    assert devices.cgroup_memory(str(proc), str(mount)) == (2**30, 4096)
+    assert host.cgroup_memory(str(proc), str(mount)) == (2**30, 4096)
     group("pod/x", {"memory.max": "max", "memory.current": "4096"})
-    assert devices.cgroup_memory(str(proc), str(mount)) == (None, 4096)
+    assert host.cgroup_memory(str(proc), str(mount)) == (None, 4096)
     proc.write_text("5:cpu,cpuacct:/\n4:memory:/job\n")
     group("memory", {"memory.limit_in_bytes": str(3 << 30), "memory.usage_in_bytes": "77"})
-    assert devices.cgroup_memory(str(proc), str(mount)) == (3 << 30, 77)  # (the root's view)
+    assert host.cgroup_memory(str(proc), str(mount)) == (3 << 30, 77)  # (the root's view)
     group("memory/job", {"memory.limit_in_bytes": "9223372036854771712",
                          "memory.usage_in_bytes": "5"})  # fmt: skip
-    assert devices.cgroup_memory(str(proc), str(mount)) == (None, 5)  # (v1's "no limit")
-    assert devices.cgroup_memory(str(tmp_path / "none"), str(mount)) == (None, None)
+    assert host.cgroup_memory(str(proc), str(mount)) == (None, 5)  # (v1's "no limit")
+    assert host.cgroup_memory(str(tmp_path / "none"), str(mount)) == (None, None)
     host_total, host_free = devices.total_memory("cpu"), devices.free_memory("cpu")
-    monkeypatch.setattr(devices, "cgroup_memory", lambda: (2**20, 2**18))
+    monkeypatch.setattr(host, "cgroup_memory", lambda: (2**20, 2**18))
     assert devices.total_memory("cpu") == min(host_total, 2**20)
     assert devices.free_memory("cpu") <= min(host_free, 2**20 - 2**18)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from fluid_npu.device import cpu_name
 from fluid_npu.eval.report import pyplot, save_figure
+from fluid_npu.host import cpu_name
 from fluid_npu.io import versions, write_json_atomic, write_text_atomic
 from fluid_npu.real.measure import ALWAYS
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fluid_npu import device as devices
+from fluid_npu import host
 
 
 def unlossless_rows(report: dict[str, Any]) -> int:
@@ -142,7 +143,7 @@ def device_info(dev: torch.device) -> dict[str, Any]:
         "type": dev.type,
         "index": dev.index,
         "name": devices.device_name(dev),
-        "cpu": devices.cpu_name(),
+        "cpu": host.cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }

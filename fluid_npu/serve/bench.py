@@ -34,8 +34,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from fluid_npu.device import cpu_name
 from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.host import cpu_name
 from fluid_npu.serve.launch import ServerProcess
 
 BENCH_KEYS = (

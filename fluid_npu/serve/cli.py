@@ -343,13 +343,14 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
             "--enforce-eager and --compile contradict each other: the engine runs eager unless "
             "--compile; give one"
         )
-    one_card = args.device.partition(":")[0] in ("npu", "cuda") and ":" in args.device
-    if one_card and (args.data_parallel_size or 1) > 1:
+    from fluid_npu import device as devices
+
+    one_card = devices.card_type(args.device)
+    if one_card is not None and (args.data_parallel_size or 1) > 1:
         raise ConfigError(
             f"--device {args.device} names one card, and --data-parallel-size "
             f"{args.data_parallel_size} gives each rank its own: give the type alone "
-            f"(--device {args.device.partition(':')[0]}), and pick the cards with "
-            "ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES"
+            f"(--device {one_card}), and pick the cards with {devices.VISIBLE_DEVICES[one_card]}"
         )
     batch = args.max_batch  # (None with --gpu-memory-utilization: as many as fit)
     if batch is None and args.gpu_memory_utilization is None:

@@ -25,8 +25,8 @@ Stage I adapter's fingerprints, Stage I's template) with this run's, so a checkp
 continue this run is one error naming the difference instead of a state_dict traceback (or, for
 the learning rate, a run that silently keeps the old one); a checkpoint at the run's last step is
 refused (the run has finished there), and so is DeepSpeed ZeRO optimizer state split over another
-number of processes than this run has (``check_world_size``), and one saved with another global
-batch or under another wrapper (``run_shape``). ``prepare_run_dir`` does all this
+number of processes than this run has, and one saved with another global batch or under another
+wrapper (both in ``run_shape``). ``prepare_run_dir`` does all this
 for a stage: the main process claims the directory while the others wait for its answer.
 """
 
@@ -51,10 +51,9 @@ from fluid_npu.train.checkpoint import (
     checkpoint_step,
     finished_at,
     resolve_resume,
-    zero_world_size,
 )
 from fluid_npu.train.khead_report import PLOT_FILE
-from fluid_npu.train.run_shape import check_run_shape
+from fluid_npu.train.run_shape import check_run_shape, check_world_size, fresh_start
 
 logger = logging.getLogger(__name__)
 
@@ -386,51 +385,6 @@ def prepare_run_dir(cfg: Any, args: Any, settings: dict[str, Any]) -> str | None
             "ones (fluid merge or adapter_name_or_path take them), or raise max_steps to train on"
         )
     check_world_size(resume, cfg, args.world_size)
-    check_run_shape(resume, t, args, _fresh_start(resume, cfg))
+    check_run_shape(resume, t, args, fresh_start(resume, cfg))
     main_process_builds(claim, "output_dir")  # (checks only: clear_earlier_run removes)
     return resume
-
-
-def check_world_size(ckpt: str | None, cfg: Any, world_size: int) -> None:
-    """A ConfigError when checkpoint ``ckpt`` holds DeepSpeed ZeRO optimizer state split over
-    another number of processes than this run's ``world_size``: DeepSpeed cannot load it (and
-    would say so only once the model has loaded on every rank). A run whose DeepSpeed config
-    loads universal checkpoints (``"checkpoint": {"load_universal": true}``, after DeepSpeed's
-    ``ds_to_universal``) may resume on another count: DeepSpeed reshards those itself."""
-    ds = cfg.train.deepspeed
-    then = None if ckpt is None or ds is None or _loads_universal(ds) else zero_world_size(ckpt)
-    if then is None or then == world_size:
-        return
-    raise ConfigError(
-        f"resume_from_checkpoint {ckpt!r} holds DeepSpeed ZeRO optimizer state split over {then} "
-        f"process{'' if then == 1 else 'es'} and this run has {world_size}: DeepSpeed cannot load "
-        f"it on another count. Resume on {then} device{'' if then == 1 else 's'} "
-        "(ASCEND_RT_VISIBLE_DEVICES or NPROC, and NNODES); or convert it with DeepSpeed's "
-        'ds_to_universal and set "checkpoint": {"load_universal": true} in the DeepSpeed config; '
-        f"or {_fresh_start(ckpt, cfg)}"
-    )
-
-
-def _fresh_start(ckpt: str | None, cfg: Any) -> str:
-    """How to start a new run from checkpoint ``ckpt``'s weights instead of resuming it."""
-    f = cfg.fluid
-    if f.stage == "fluid_stage2":  # (no key continues a K-head's weights)
-        return (
-            "start Stage II over (overwrite_output_dir: true without resume_from_checkpoint): it "
-            "trains the K-head alone"
-        )
-    key = "adapter_name_or_path" if f.finetuning_type == "lora" else "model_name_or_path"
-    return (
-        f"start a new run from its weights, with a new optimizer and schedule, in another "
-        f"output_dir: {key}: {ckpt} without resume_from_checkpoint"
-    )
-
-
-def _loads_universal(path: str) -> bool:
-    """Whether the DeepSpeed config at ``path`` loads universal checkpoints."""
-    try:
-        ds = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # (check_deepspeed_config names an unreadable file)
-        return False
-    section = ds.get("checkpoint") if isinstance(ds, dict) else None
-    return isinstance(section, dict) and bool(section.get("load_universal"))

@@ -12,6 +12,9 @@ saved with (``BATCH_FILE``), and ``check_run_shape`` refuses a resume with anoth
 batch a resume goes on as the run would have (a tiny run resumed from 2 processes on 1 matched the
 uninterrupted run to 1.5e-8; RNG states are per process, so dropout's draws are not the same ones).
 
+DeepSpeed's ZeRO state also needs the process count that saved it (``check_world_size``), unless
+the run loads DeepSpeed's universal checkpoints.
+
 The wrapper is read from the checkpoint's own files (``saved_wrapper``), so checkpoints written
 before ``BATCH_FILE`` existed are checked too: DeepSpeed's state (``global_stepN/``), FSDP's
 (accelerate's ``optimizer*.bin`` / ``optimizer_N/``) and the plain Trainer's (``optimizer.pt``)
@@ -29,6 +32,7 @@ from typing import Any
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.io import write_text_atomic
+from fluid_npu.train.checkpoint import zero_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +145,48 @@ def check_run_shape(ckpt: str | None, train: Any, args: Any, fresh: str) -> None
         "counted in steps of the saved batch, so examples would be trained twice or skipped. "
         f"To go on: {keep}; or {fresh}"
     )
+
+
+def check_world_size(ckpt: str | None, cfg: Any, world_size: int) -> None:
+    """A ConfigError when checkpoint ``ckpt`` holds DeepSpeed ZeRO optimizer state split over
+    another number of processes than this run's ``world_size``: DeepSpeed cannot load it (and
+    would say so only once the model has loaded on every rank). A run whose DeepSpeed config
+    loads universal checkpoints (``"checkpoint": {"load_universal": true}``, after DeepSpeed's
+    ``ds_to_universal``) may resume on another count: DeepSpeed reshards those itself."""
+    ds = cfg.train.deepspeed
+    then = None if ckpt is None or ds is None or _loads_universal(ds) else zero_world_size(ckpt)
+    if then is None or then == world_size:
+        return
+    raise ConfigError(
+        f"resume_from_checkpoint {ckpt!r} holds DeepSpeed ZeRO optimizer state split over {then} "
+        f"process{'' if then == 1 else 'es'} and this run has {world_size}: DeepSpeed cannot load "
+        f"it on another count. Resume on {then} device{'' if then == 1 else 's'} "
+        "(ASCEND_RT_VISIBLE_DEVICES or NPROC, and NNODES); or convert it with DeepSpeed's "
+        'ds_to_universal and set "checkpoint": {"load_universal": true} in the DeepSpeed config; '
+        f"or {fresh_start(ckpt, cfg)}"
+    )
+
+
+def fresh_start(ckpt: str | None, cfg: Any) -> str:
+    """How to start a new run from checkpoint ``ckpt``'s weights instead of resuming it."""
+    f = cfg.fluid
+    if f.stage == "fluid_stage2":  # (no key continues a K-head's weights)
+        return (
+            "start Stage II over (overwrite_output_dir: true without resume_from_checkpoint): it "
+            "trains the K-head alone"
+        )
+    key = "adapter_name_or_path" if f.finetuning_type == "lora" else "model_name_or_path"
+    return (
+        f"start a new run from its weights, with a new optimizer and schedule, in another "
+        f"output_dir: {key}: {ckpt} without resume_from_checkpoint"
+    )
+
+
+def _loads_universal(path: str) -> bool:
+    """Whether the DeepSpeed config at ``path`` loads universal checkpoints."""
+    try:
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (check_deepspeed_config names an unreadable file)
+        return False
+    section = ds.get("checkpoint") if isinstance(ds, dict) else None
+    return isinstance(section, dict) and bool(section.get("load_universal"))
