@@ -218,6 +218,34 @@ def test_a_dynamic_rope_keeps_generates_frequencies_while_drafts_run_ahead(tok):
         _assert_same(model, [prompt], [ours], [_greedy_alone(model, prompt, n, [])], f"s{seed}")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_learned_positions_decode_a_request_that_fills_the_context(tok, arch):
+    """GPT-2's and OPT's positions index a table as long as the context: the draft slots a block
+    past the committed tokens once indexed past its end (IndexError; the server's engine died)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    size = {"gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64},
+            "opt": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "ffn_dim": 128, "word_embed_proj_dim": 64, "max_position_embeddings": 64}}
+    config = AutoConfig.for_model(arch, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                  **size[arch])  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prompts = [tok("the quick brown fox")["input_ids"], tok("ab")["input_ids"]]
+    for policy in ("fixed:8", "entropy"):
+        sched = Scheduler(model, tok.mask_token_id, policy=policy, k_max=8, max_batch=2,
+                          adaptive=False, eos_ids=[])  # fmt: skip
+        assert sched.max_len == 64
+        requests = [Request(str(i), p, 64 - len(p)) for i, p in enumerate(prompts)]
+        results = run_requests(sched, requests)
+        sched.close()
+        ours = [results[str(i)].tokens for i in range(len(prompts))]
+        assert [len(t) for t in ours] == [64 - len(p) for p in prompts]
+        alone = [_greedy_alone(model, p, 64 - len(p), []) for p in prompts]
+        _assert_same(model, prompts, ours, alone, f"{arch}/{policy}")
+
+
 @pytest.mark.parametrize("feature", ["longrope", "softcap"])
 def test_features_the_engine_cannot_reproduce_are_refused(tok, feature):
     if feature == "longrope":

@@ -164,6 +164,7 @@ class Scheduler(PrefillMixin, StepMixin):
                 f"use at most {limit}"
             )
         self.max_len = int(max_len or min(limit or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN))
+        self.positions = None if limit is None else int(limit)  # the model's context (step.py)
         self.k = self.policy.block_len
         window = sliding_window(cfg)
         if window is not None:  # a request's tokens and drafts stay inside the window

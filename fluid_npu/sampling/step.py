@@ -72,6 +72,12 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
         self._overflow = plan.overflow
         self.kv.set_plan(plan)
         self.computed_tokens += ids.numel()
+        if self.positions is not None and self._max_extent(slots, w) > self.positions:
+            # a MASK slot past the model's context drafts a token no request can commit (max_len
+            # is at most the context), so it reads the last position: a table of learned
+            # positions (GPT-2, OPT) is never indexed past its end. Host bound, no device read;
+            # the visibility above keeps the true positions.
+            pos = pos.clamp(max=self.positions - 1)
         use_compiled = self._compiled is not None and lo == 0 and not causal and compiled
         try:
             with self._rope():  # (support.py: a dynamic rope at generate's frequencies)
