@@ -224,9 +224,17 @@ def test_learned_positions_decode_a_request_that_fills_the_context(tok, arch):
     past the committed tokens once indexed past its end (IndexError; the server's engine died)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    size = {"gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64},
-            "opt": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "ffn_dim": 128, "word_embed_proj_dim": 64, "max_position_embeddings": 64}}
+    size = {
+        "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64},
+        "opt": {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "ffn_dim": 128,
+            "word_embed_proj_dim": 64,
+            "max_position_embeddings": 64,
+        },
+    }
     config = AutoConfig.for_model(arch, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                   **size[arch])  # fmt: skip
