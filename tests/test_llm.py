@@ -119,7 +119,7 @@ def test_a_truncated_text_keeps_its_bos_and_its_text(model_dir, tmp_path):  # no
         bos_llm.generate(text, SamplingParams(truncate_prompt_tokens=1), use_tqdm=False)
 
 
-def test_chat_renders_as_the_server_and_refusals_name_the_problem(llm):
+def test_chat_renders_as_the_server_and_refusals_name_the_problem(llm, model_dir):  # noqa: F811
     from fluid_npu.sampling.prompts import chat_template_ids
 
     talk = [{"role": "user", "content": "abc"}]
@@ -143,8 +143,15 @@ def test_chat_renders_as_the_server_and_refusals_name_the_problem(llm):
     full = llm.generate({"prompt_token_ids": [5, 6, 7]}, long, use_tqdm=False)[0]
     assert len(full.outputs[0].token_ids) == 157 and full.outputs[0].finish_reason == "length"
     assert full.prompt is None  # (token ids given: no prompt text, as vLLM)
-    with pytest.raises(ConfigError, match="prompt 0 has 160 tokens and leaves no room"):
+    with pytest.raises(
+        ConfigError,
+        match=r"prompt 0 has 160 tokens and leaves no room.*"
+        r"raise LLM\(max_model_len=...\) up to the model's own context \(2048\)",
+    ):
         llm.generate({"prompt_token_ids": [5] * 160}, long, use_tqdm=False)
+    whole = LLM(model_dir, max_num_seqs=1)  # (its context: the model's own)
+    with pytest.raises(ConfigError, match=r"holds 2048 \(max_model_len\): shorten it \(the model"):
+        whole.generate({"prompt_token_ids": [5] * 2048}, long, use_tqdm=False)
     with pytest.raises(ConfigError, match="2 sampling_params for 1 prompts"):
         llm.generate("abc", [SamplingParams(), SamplingParams()], use_tqdm=False)
     with pytest.raises(ConfigError, match="bad_words\\[0\\] is empty"):

@@ -785,6 +785,11 @@ def test_generate_is_a_drop_in_for_transformers_generate(tok):
             fluid.generate(ids, generation_config=bad, max_new_tokens=4)
     with pytest.raises(ConfigError, match="max_length 5 leaves no room"):
         fluid.generate(ids, max_length=5)
+    # no length asked for and a prompt that fills the context: named so (was "max_new_tokens is
+    # 20", the default, which the caller never passed)
+    full = ids[:, :1].expand(1, model.config.max_position_embeddings)
+    with pytest.raises(PromptError, match=r"fills the model's context \(\d+ positions\): no room"):
+        fluid.generate(full)
     for bad_ids in (ids[None], ids.float(), [[104.9, 101.2]], [[[5, 6]], [[7, 8]]]):
         with pytest.raises(PromptError, match="input_ids"):
             fluid.generate(bad_ids, max_new_tokens=2)

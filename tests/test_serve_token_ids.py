@@ -239,6 +239,15 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens():
         c.completions.create(model="tiny", prompt=long[:20], max_tokens=2,
                              extra_body={"truncate_prompt_tokens": -1})  # fmt: skip
         assert sched.requests[-1].prompt == long[:20]  # (which leaves no room: as vLLM's)
+        for extra, words in (
+            ({}, "max_tokens was not given, and the completions default of 16"),
+            ({"max_tokens": 10}, "max_tokens=10 with a 60-token prompt"),
+        ):
+            r = httpx.post(f"{url}/v1/completions",
+                           json={"model": "tiny", "prompt": long[:60], **extra})  # fmt: skip
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == "max_tokens", error
+            assert words in error["message"] and "ask for at most 4" in error["message"], error
         for bad in (0, -2, 65, "5"):
             body = {"model": "tiny", "prompt": "a", "truncate_prompt_tokens": bad}
             r = httpx.post(f"{url}/v1/completions", json=body)

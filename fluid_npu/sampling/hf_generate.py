@@ -169,9 +169,20 @@ def new_tokens(
     (``width`` tokens), else its default of 20 new tokens (at most the ``context``'s room); a
     length from a config (``configured``), not the call, at most the context's room too (a
     checkpoint's ``max_new_tokens`` of the whole context still decodes a prompt)."""
-    from fluid_npu.sampling.inputs import as_count
+    from fluid_npu.sampling.inputs import PromptError, as_count
 
     room = None if context is None or context <= width else context - width
+    asked = [
+        n
+        for n in ("max_new_tokens", "max_length")
+        if lengths[n] is not None and n not in configured
+    ]
+    if context is not None and room is None and not asked:  # (a length from a config or the
+        # default of 20, named in an error, would be nothing the caller passed)
+        raise PromptError(
+            f"the prompt has {width} tokens and fills the model's context ({context} positions): "
+            "no room for a new token; shorten the prompt"
+        )
     if lengths["max_new_tokens"] is not None:
         if "max_new_tokens" in configured and room is not None:
             return min(as_count("max_new_tokens", lengths["max_new_tokens"]), room)
@@ -191,5 +202,4 @@ def new_tokens(
                 f"give max_length <= {context} (it counts the prompt, as in transformers)"
             )
         return max_length - width
-    room = DEFAULT_NEW_TOKENS if context is None else min(DEFAULT_NEW_TOKENS, context - width)
-    return room if room > 0 else DEFAULT_NEW_TOKENS  # (none left: the prompt's error says so)
+    return DEFAULT_NEW_TOKENS if room is None else min(DEFAULT_NEW_TOKENS, room)

@@ -327,10 +327,15 @@ class LLM(VLLMOtherTasks):
                 raise ConfigError(f"prompt {n}: {exc}") from None
             room = context - len(ids)
             if room < 1:
+                own = self.engine.positions  # (the model's context; None: not recorded)
+                more = (
+                    f", or raise LLM(max_model_len=...) up to the model's own context ({own})"
+                    if own is None or own > context
+                    else " (the model's own context)"
+                )
                 raise ConfigError(
                     f"prompt {n} has {len(ids)} tokens and leaves no room for an output: the "
-                    f"context holds {context} (max_model_len): shorten it, or raise "
-                    "LLM(max_model_len=...) up to the model's own context"
+                    f"context holds {context} (max_model_len): shorten it{more}"
                 )
             # where the context is full, the output ends (finish_reason length), as vLLM's engine
             budget = room if sp.max_tokens is None else min(sp.max_tokens, room)

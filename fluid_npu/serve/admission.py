@@ -123,9 +123,14 @@ class Admission:
             return room
         if sampling.max_tokens > room:
             name = sampling.max_tokens_field
+            asked = (
+                f"{name} was not given, and the completions default of {sampling.max_tokens}"
+                if sampling.max_tokens_default
+                else f"{name}={sampling.max_tokens}"
+            )
             raise APIError(
-                f"{name}={sampling.max_tokens} with a {len(prompt)}-token prompt exceeds the "
-                f"context of {context} tokens; ask for at most {room}",
+                f"{asked} with a {len(prompt)}-token prompt exceeds the context of {context} "
+                f"tokens; ask for at most {room}",
                 param=name,
             )
         return sampling.max_tokens

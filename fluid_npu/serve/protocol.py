@@ -200,6 +200,7 @@ class Sampling:
     prompt_logprobs: int | None = None  # the response's prompt_logprobs: alternatives each
     model: str | None = None
     max_tokens_field: str = "max_tokens"  # the name the request gave its limit under
+    max_tokens_default: bool = False  # max_tokens is the completions default, not the request's
     echo: bool = False  # completions: the prompt's text (and log-probabilities) come first
     n: int = 1  # completions of each prompt
     constraint: Constraint | None = None  # the grammar the output follows (structured.py)
@@ -336,6 +337,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     sampling = _sampling(req, max_tokens, req.logprobs is not None, req.logprobs or 0)
     sampling.echo, sampling.add_special = echo, add_special
+    sampling.max_tokens_default = req.max_tokens is None
     if len(prompts) * sampling.n > MAX_CHOICES:
         raise APIError(
             f"the request asks for {len(prompts) * sampling.n} completions ({len(prompts)} "
