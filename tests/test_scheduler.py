@@ -169,6 +169,9 @@ def test_a_sliding_window_bounds_the_engines_context(tok):
     model = build_tiny_model("mistral", tok, seed=3, sliding_window=64, max_position_embeddings=512)
     sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", k_max=4, max_batch=1)
     assert sched.max_len == 64 - 4
+    assert sched.max_len_reason == (  # (the server's banner and /health say why)
+        "the sliding attention window of 64 positions less the policy's 4 draft slots"
+    )
     prompt = tok("hello world")["input_ids"]
     sched.submit(Request("full", prompt, sched.max_len - len(prompt)))  # no error: it fits
     with pytest.raises(FluidError, match="at most 60"):
@@ -766,6 +769,12 @@ def test_window_and_context_errors_say_what_fits(tok):
     assert len(out.new_tokens[0]) == 6
     small = build_tiny_model("llama", tok, seed=3, max_position_embeddings=32)
     sched = Scheduler(small, tok.mask_token_id, policy="ar", max_batch=2)
+    assert (sched.max_len, sched.max_len_reason) == (32, "the model's context")
+    long = build_tiny_model("llama", tok, seed=3, max_position_embeddings=8192)
+    capped = Scheduler(long, tok.mask_token_id, policy="ar", max_batch=1)  # (a 4096 default)
+    assert (capped.max_len, capped.max_len_reason) == (
+        4096, "the default cap; the model's own context is 8192: max_len raises it"
+    )  # fmt: skip
     sched.submit(Request("alpha", [5] * 4, 4))
     with pytest.raises(FluidError, match=r"request 'gamma' has 30 tokens.*lower max_new_tokens"):
         sched.submit(Request("gamma", [5] * 30, 8))

@@ -260,6 +260,9 @@ def test_threads_set_the_engine_s_torch_threads(model_dir):  # noqa: F811
         assert torch.initial_seed() == info["seed"] == 7  # (unseeded requests draw from it)
         *_, info = build_scheduler(ServeSettings(model=model_dir))
         assert info["prefill_chunk"] == 512 and info["seed"] is None
+        assert (info["max_len"], info["max_len_reason"]) == (2048, "the model's context")
+        *_, info = build_scheduler(ServeSettings(model=model_dir, max_len=64))
+        assert (info["max_len"], info["max_len_reason"]) == (64, "as asked")
         # no chunk is longer than a prompt: one past the context costs the cache no more
         *_, huge = build_scheduler(ServeSettings(model=model_dir, prefill_chunk=10**6))
         whole = ServeSettings(model=model_dir, prefill_chunk=huge["max_len"])

@@ -165,6 +165,13 @@ class Scheduler(PrefillMixin, StepMixin):
             )
         self.max_len = int(max_len or min(limit or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN))
         self.positions = None if limit is None else int(limit)  # the model's context (step.py)
+        # why the context is what it is (the server's banner says it)
+        self.max_len_reason = (
+            "as asked" if max_len else
+            "the default: the model states no context" if limit is None else
+            f"the default cap; the model's own context is {limit}: max_len raises it"
+            if limit > DEFAULT_MAX_LEN else "the model's context"
+        )  # fmt: skip
         self.k = self.policy.block_len
         window = sliding_window(cfg)
         if window is not None:  # a request's tokens and drafts stay inside the window
@@ -180,7 +187,12 @@ class Scheduler(PrefillMixin, StepMixin):
                     f"max_len {max_len} does not fit this model's sliding attention window "
                     f"({window} positions, {self.k} of them for drafts); use at most {room}"
                 )
-            self.max_len = min(self.max_len, room)
+            if room < self.max_len:
+                self.max_len = room
+                self.max_len_reason = (
+                    f"the sliding attention window of {window} positions less the policy's "
+                    f"{self.k} draft slots"
+                )
         self.anchors, self.coverage, self.adaptive = anchors, coverage, adaptive
         self.prefill_chunk = prefill_chunk
         # (a chunk is never longer than a prompt, so a --prefill-chunk past max_len costs nothing)

@@ -74,7 +74,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--max-model-len",
         type=int,
         default=None,
-        help="prompt + completion tokens per request",
+        help="prompt + completion tokens per request (default: the model's context, at most "
+        "4096; a sliding-window model's window less the policy's draft slots)",
     )
     p.add_argument(
         "--compile",

@@ -124,6 +124,7 @@ def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, A
         "max_batch": settings.max_batch,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "max_len": max_len,
+        "max_len_reason": scheduler.max_len_reason,
         "compile": settings.compile,
         "adaptive_drafting": settings.adaptive,
         "prefix_caching": settings.prefix_caching,
@@ -272,9 +273,8 @@ def serve(settings: ServeSettings) -> int:
         settings.network.add_cors(app)
         app.state.banner = (
             f"fluid: serving {name!r} on {address(sock, settings.network)}/v1 (policy "
-            f"{info['policy']}, "
-            f"max batch {settings.max_batch}, context {max_len}, KV cache "
-            f"{info['kv_cache_gib']:.2f} GiB)"
+            f"{info['policy']}, max batch {settings.max_batch}, context {max_len} "
+            f"({info['max_len_reason']}), KV cache {info['kv_cache_gib']:.2f} GiB)"
         )
         uv_config = uvicorn.Config(
             app,
