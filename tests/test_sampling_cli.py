@@ -423,7 +423,9 @@ def test_generate_takes_a_chat_template_and_its_variables(dirs, tmp_path, capsys
         assert len(err) == 1 and fragment in err[0], (extra, err)
 
 
-def test_one_prompt_with_output_is_written_and_ids_rows_may_label_the_prompt(dirs, tmp_path):
+def test_one_prompt_with_output_is_written_and_ids_rows_may_label_the_prompt(
+    dirs, tmp_path, capsys
+):
     out = tmp_path / "one.jsonl"
     base = ["generate", "--model", dirs["model"], "--max-new-tokens", "4", "--output", str(out)]
     assert main([*base, "--prompt", "hello", "--logprobs", "1"]) == 0
@@ -432,6 +434,14 @@ def test_one_prompt_with_output_is_written_and_ids_rows_may_label_the_prompt(dir
     # input_ids are the prompt; an empty "prompt" beside them is only its label
     src = _write_prompts(tmp_path / "ids.jsonl", [{"prompt": "", "input_ids": [5, 6, 7]}])
     assert main([*base, "--prompts", src]) == 0
+    # a prompt past the context is named by the file's line (it was "prompt 1", counted from 0)
+    rows = [{"input_ids": [5, 6, 7]}, {"input_ids": [5] * 95}]
+    src = _write_prompts(tmp_path / "long.jsonl", rows)
+    capsys.readouterr()
+    assert main([*base, "--prompts", src]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "long.jsonl:2: the prompt has 95 tokens" in err[0], err
+    assert "holds 96" in err[0], err
 
 
 def test_api_bad_input(dirs):

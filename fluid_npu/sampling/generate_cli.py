@@ -141,8 +141,9 @@ def generate_command(args: argparse.Namespace) -> int:
     from fluid_npu.io import check_output_file
     from fluid_npu.sampling.api import PromptError, eos_and_pad
     from fluid_npu.sampling.detok import output_text
-    from fluid_npu.sampling.inputs import serving_eos
+    from fluid_npu.sampling.inputs import check_context, serving_eos
     from fluid_npu.sampling.lossless import special_ids_only
+    from fluid_npu.sampling.policies import block_bound, parse_policy
     from fluid_npu.sampling.prompts import (
         empty_prompt,
         encode_prompt,
@@ -184,6 +185,12 @@ def generate_command(args: argparse.Namespace) -> int:
         )
         for n, r in lines
     ]
+    # a prompt past the context is named by its line (the engine counts prompts from 0)
+    horizon = parse_policy(args.policy, k_max=block_bound(args.k_max, fluid.khead),
+                           has_khead=fluid.khead is not None).block_len  # fmt: skip
+    check_context(fluid.model, [len(p.ids) for p in prompts], args.max_new_tokens, horizon,
+                  names=[f"{where}:{n}: the prompt" if args.prompts else "the prompt"
+                         for n, _ in lines])  # fmt: skip
     # the generation config's EOS ids and the tokenizer's own, as fluid serve (and vLLM) stop
     eos_ids, pad = eos_and_pad(fluid.model, serving_eos(fluid.model, tok), tok.pad_token_id)
     # every setting is the command's own: the checkpoint's generation config supplies none (its
