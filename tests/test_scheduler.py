@@ -451,6 +451,12 @@ def test_bad_requests_are_clear_errors(tok):
     for words, req in cases.items():
         with pytest.raises(FluidError, match=words):
             sched.submit(req)
+    # a stop string no text can hold: refused at submit (matching it as UTF-8 mid-step failed
+    # the whole engine: every request in the batch, and on the server every later one)
+    reader = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=1, tokenizer=tok)
+    with pytest.raises(FluidError, match="unpaired UTF-16 surrogate"):
+        reader.submit(Request("s", [1, 2], 4, stop=["ok", "\ud800"]))
+    assert not reader.has_work()
     limit = model.config.max_position_embeddings  # a cache longer than the model can attend
     with pytest.raises(FluidError, match=f"over the model's context \\({limit} positions"):
         Scheduler(model, tok.mask_token_id, policy="ar", max_len=limit + 1)

@@ -698,6 +698,25 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
         raw = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "hi \\ud83d"}',
                          headers=as_json)  # fmt: skip
         assert raw.status_code == 400 and raw.json()["error"]["param"] == "prompt"
+        # half an emoji in a stop string is refused before the engine, on every route (matching
+        # it as UTF-8 there failed the engine: this request, the others, every later one)
+        for path, body, param in (
+            ("/v1/completions", b'{"prompt": "hi", "stop": ["ok", "\\ud800"]}', "stop[1]"),
+            ("/v1/chat/completions",
+             b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\udfff"}', "stop"),
+            ("/v1/responses", b'{"input": "hi", "stop": ["\\ud83d"]}', "stop[0]"),
+        ):  # fmt: skip
+            raw = httpx.post(f"{url}{path}", content=body, headers=as_json)
+            error = raw.json()["error"]
+            assert raw.status_code == 400 and error["param"] == param, (path, error)
+            assert "unpaired UTF-16 surrogate" in error["message"], error
+        # a whole emoji as a pair of escapes is text
+        pair = b'{"prompt": "hi", "stop": ["\\ud83d\\ude00"], "max_tokens": 2}'
+        assert httpx.post(f"{url}/v1/completions", content=pair, headers=as_json).status_code == 200
+        # an integer past Python's 4300 digits is the body's fault (it was a 500)
+        huge = b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}"
+        raw = httpx.post(f"{url}/v1/completions", content=huge, headers=as_json)
+        assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
         # a seed past int64 is refused before the engine, which keeps serving everyone
         raw = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "seed": 1 << 64})
         assert raw.status_code == 400 and raw.json()["error"]["param"] == "seed"

@@ -340,6 +340,15 @@ def check_request(
         )
     if any(not isinstance(x, str) or not x for x in req.stop):
         raise ConfigError(f"request {req.request_id!r}: stop strings must be non-empty text")
+    for x in req.stop:  # (the engine matches them as UTF-8: a lone surrogate has none, and
+        # failing there would stop every request in the batch)
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"request {req.request_id!r}: stop string {x!r} holds an unpaired UTF-16 "
+                "surrogate, which no text can contain; give the character whole"
+            ) from None
 
 
 def truncated_prompt(

@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterable, Callable
 from typing import Any
@@ -79,15 +80,57 @@ def check_json_media(request: Request) -> None:
         )
 
 
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \ud800-\udfff escape (alone or paired)
+
+
 async def read_json(request: Request) -> Any:
-    """The request's body as JSON; a 400 saying why where it is not."""
+    """The request's body as JSON; a 400 saying why where it is not, or where a text in it
+    holds an unpaired UTF-16 surrogate (valid JSON, but no text: the engine matches and writes
+    text as UTF-8)."""
     body = await read_body(request)
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        value = json.loads(body)
+    except ValueError as exc:  # (not JSON, not UTF-8, or an integer past Python's 4300 digits)
         raise APIError(f"the request body is not valid JSON ({exc})") from None
     except RecursionError:  # json.loads recurses once per level of nesting
         raise APIError("the request body nests too deeply to be a request") from None
+    if _SURROGATE.search(body):  # (a bytes scan; the walk only where an escape is)
+        where = lone_surrogate(value)
+        if where is not None:
+            raise APIError(
+                f"{where or 'the body'} holds an unpaired UTF-16 surrogate (a \\ud800-\\udfff "
+                "escape without its pair), which no text can contain; send the character whole",
+                param=where or None,
+            )
+    return value
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where in ``value`` (a parsed JSON body) a text holds an unpaired surrogate, as a field
+    path (``stop[0]``, ``messages[1].content``; a key's path for a bad key), else None."""
+    stack = [(value, path)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            if not _encodes(item):
+                return at
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                name = f"{at}.{key}" if at else str(key)
+                if not _encodes(str(key)):
+                    return at or "a key"
+                stack.append((sub, name))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{at}[{i}]") for i, sub in enumerate(item))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_key(given: str, key: str | None) -> None:
