@@ -214,6 +214,16 @@ def test_structured_outputs_over_the_wire(engine):
                                           extra_body=body)  # fmt: skip
             error = info.value.body
             assert error["param"] == param and says in error["message"], error
+        # a prompt past the context is refused before its grammar compiles (one with
+        # tool_choice required compiled every tool's schema first: seconds and gigabytes)
+        for route, field in ((c.completions.create, "prompt"),
+                             (c.chat.completions.create, "messages")):  # fmt: skip
+            prompt = {"prompt": [5] * 600} if field == "prompt" else {
+                "messages": [{"role": "user", "content": "a " * 600}]}  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as info:
+                route(model="tiny", max_tokens=5, **prompt,
+                      extra_body={"structured_outputs": {"regex": "(a"}})  # fmt: skip
+            assert info.value.body["param"] == field, info.value.body
 
 
 def sched_copy(model, tok) -> Scheduler:

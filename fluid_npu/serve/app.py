@@ -307,10 +307,16 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                                           req.render, config.template_kwargs,
                                           req.tools.tools)  # fmt: skip
 
-    async def compiled(s: protocol.Sampling) -> Grammar | None:
-        """The grammar a request's output follows (compiled on its own thread), if any."""
+    async def compiled(
+        s: protocol.Sampling, prompts: list[list[int]], chat: bool
+    ) -> Grammar | None:
+        """The grammar a request's output follows (compiled on its own thread), if any; only
+        once its prompts fit the context (a refused request compiled nothing: a chat's tools
+        forced by tool_choice can take seconds and gigabytes to compile)."""
         if s.constraint is None:
             return None
+        for ids in prompts:
+            gate.length(ids, s, "messages" if chat else "prompt")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(compiling, grammars.compile, s.constraint)
 
@@ -349,7 +355,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         for shape in shapes:
             shape.prompt_ids, shape.prompt_top = prompts[shape.index // s.n], s.prompt_logprobs
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
-        grammar = await compiled(req.sampling)
+        grammar = await compiled(req.sampling, prompts, chat)
         chat_req = isinstance(req, protocol.ChatRequest)
         continuing = chat_req and req.render.continue_final_message  # type: ignore[union-attr]
         gens = await admit(shapes, prompts, req.sampling, arrived, texts, tools, grammar,
@@ -375,8 +381,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         shape = Shape(True, rid, config.model_name, words, as_ids=config.tokens_as_ids)
         try:  # (the later checks name the chat fields: renamed as the request gave them)
             prompt = await conversation_ids(req.chat)
+            grammar = await compiled(req.chat.sampling, [prompt], True)
             gen, = await admit([shape], [prompt], req.chat.sampling, arrived, None,
-                               req.chat.tools, await compiled(req.chat.sampling), rid=base,
+                               req.chat.tools, grammar, rid=base,
                                id_param=request.state.id_param)  # fmt: skip
         except APIError as exc:
             raise req.came.renamed(exc) from None
