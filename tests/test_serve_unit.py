@@ -120,6 +120,7 @@ def test_completion_prompt_lists_and_echo():
         ),
         ({"prompt": "a", "stop": [f"s{i}" for i in range(65)]}, "stop", "up to 64"),
         ({"prompt": "a", "stop": [""]}, "stop", "non-empty"),
+        ({"prompt": "a", "stop": ["ok", "é" * 513]}, "stop", "at most 1024 bytes of UTF-8"),
         ({"prompt": "a", "max_tokens": 0}, "max_tokens", "echo: true"),
         ({"prompt": "a", "max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
         ({"prompt": "a", "max_tokens": "5"}, "max_tokens", "valid integer"),

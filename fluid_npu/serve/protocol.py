@@ -103,7 +103,12 @@ from fluid_npu.serve.openai_fields import ChatFields, check_chat_fields
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
 from fluid_npu.serve.structured import Constraint, StructuredFields, body_constraint, with_eos
 from fluid_npu.serve.token_fields import MAX_STOP as MAX_STOP
-from fluid_npu.serve.token_fields import allowed_ids, logit_bias_pairs, stop_token_ids
+from fluid_npu.serve.token_fields import (
+    MAX_STOP_BYTES,
+    allowed_ids,
+    logit_bias_pairs,
+    stop_token_ids,
+)
 from fluid_npu.serve.tools import ToolParser, ToolSetting, tool_setting
 from fluid_npu.serve.vllm_fields import VllmFields, check_vllm_fields
 
@@ -256,6 +261,12 @@ def _sampling(body: _Common, max_tokens: int | None, logprobs: bool, top_logprob
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP or any(s == "" for s in stop):
         raise APIError(f"stop takes up to {MAX_STOP} non-empty strings", param="stop")
+    if any(len(x.encode("utf-8", "surrogatepass")) > MAX_STOP_BYTES for x in stop):
+        raise APIError(
+            f"a stop string takes at most {MAX_STOP_BYTES} bytes of UTF-8 (each is matched "
+            "every step, against that much of the output); give a shorter one",
+            param="stop",
+        )
     if body.stream_options is not None and not body.stream:
         raise APIError("stream_options is only allowed with stream: true", param="stream_options")
     if body.prompt_logprobs is not None and body.stream:

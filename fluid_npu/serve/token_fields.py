@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from fluid_npu.serve.structured import Constraint
 
 MAX_STOP = 64  # stop strings / stop token ids: each is matched every step; a bound, not OpenAI's 4
+# a stop string's UTF-8 bytes: the engine decodes a window of the output that long every step
+# (stops.py), so one request's 60 KB stop doubled every other request's step time
+MAX_STOP_BYTES = 1024
 
 
 def logit_bias_pairs(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
