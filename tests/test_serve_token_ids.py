@@ -183,6 +183,39 @@ def test_max_logprobs_caps_what_a_request_may_ask_for():
         assert f"({len(TOK)}; the vocabulary" in r.json()["error"]["message"]
 
 
+def test_an_answer_holds_a_bounded_number_of_log_probabilities(monkeypatch):
+    """Tokens x (1 + alternatives) over a request's outputs and echoed prompts, times n: past
+    MAX_LOGPROB_VALUES a 400 naming the field (a 256-prompt echo with 20 alternatives took
+    2.7 GB and stalled every stream while its answer was built); --max-logprobs -1 takes any."""
+    import fluid_npu.serve.admission as admission
+
+    monkeypatch.setattr(admission, "MAX_LOGPROB_VALUES", 200)
+    ids = list(range(40, 60))  # 20 prompt tokens
+    cases = (  # (body, param): 21 x 20 x 2 = 840 / 6 x 20 x 2 = 240 / 21 x 10 = 210 values
+        ("completions", {"prompt": [ids, ids], "echo": True, "logprobs": 20, "max_tokens": 0},
+         "logprobs"),
+        ("completions", {"prompt": [ids, ids], "max_tokens": 1, "prompt_logprobs": 5},
+         "prompt_logprobs"),
+        ("chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 20,
+                              "max_tokens": 10}, "top_logprobs"),
+    )  # fmt: skip
+    sched = ScriptedScheduler()
+    with serving(sched) as (url, _, _):
+        for route, body, param in cases:
+            r = httpx.post(f"{url}/v1/{route}", json={"model": "tiny", **body}, timeout=60)
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == param, (body, error)
+            assert "an answer holds at most 200 here" in error["message"], error
+        assert not sched.requests  # nothing reached the engine
+        ok = {"prompt": ids, "echo": True, "logprobs": 8, "max_tokens": 0}  # 9 x 20 = 180
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", **ok}, timeout=60)
+        assert r.status_code == 200, r.json()
+    with serving(ScriptedScheduler(), max_logprobs=-1) as (url, _, _):
+        route, body, _ = cases[0]
+        r = httpx.post(f"{url}/v1/{route}", json={"model": "tiny", **body}, timeout=60)
+        assert r.status_code == 200, r.json()
+
+
 def test_minus_one_asks_for_the_whole_vocabulary_where_the_server_allows_it():
     """vLLM's -1 in ``top_logprobs`` / ``prompt_logprobs``: every token (only on a server
     started with ``--max-logprobs -1``); a one-token prompt's prompt_logprobs are ``[null]``."""

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from fluid_npu.serve.worker import Worker
 
 RETRY_AFTER_S = 1
+# log-probability values (a token's and its alternatives') one answer may hold: ~500 bytes each
+# while the answer is built, so a 256-prompt echo with 20 alternatives (5.4 M) took 2.7 GB and
+# stalled every stream for seconds; a server started with --max-logprobs -1 takes any
+MAX_LOGPROB_VALUES = 1 << 21
 
 
 class Admission:
@@ -134,6 +138,31 @@ class Admission:
                 param=name,
             )
         return sampling.max_tokens
+
+    def answer_size(
+        self, prompts: list[list[int]], limits: list[int], s: protocol.Sampling, chat: bool
+    ) -> None:
+        """A 400 when the log-probabilities a request asks for (``s``, its alternatives
+        resolved by ``sampling``) would pass ``MAX_LOGPROB_VALUES`` in its answer: each choice's
+        output (``limits``: each prompt's token bound) and, with ``prompt_logprobs`` or an echo's,
+        its prompt."""
+        if self.config.max_logprobs < 0:
+            return
+        top, ptop = s.params["top_logprobs"] or 0, s.params["prompt_logprobs"]
+        out = (1 + top) * sum(limits) if s.params["logprobs"] else 0
+        into = (1 + ptop) * sum(map(len, prompts)) if ptop is not None else 0
+        values = s.n * (out + into)
+        if values > MAX_LOGPROB_VALUES:
+            asked_prompt = into > out and s.prompt_logprobs is not None  # (else an echo's)
+            name = "prompt_logprobs" if asked_prompt else "top_logprobs" if chat else "logprobs"
+            raise APIError(
+                f"this request asks for {values:,} log-probability values (tokens and their "
+                f"alternatives, over its {'prompts' if into > out else 'outputs'}); an answer "
+                f"holds at most {MAX_LOGPROB_VALUES:,} here: ask for fewer alternatives, fewer "
+                "or shorter prompts, or fewer tokens (a server started with --max-logprobs -1 "
+                "takes any)",
+                param=name,
+            )
 
     def capacity(self, n: int, copies: int = 1) -> None:
         """Room for ``n`` more requests (prompts x ``copies``): 429 while the queue is full; 400

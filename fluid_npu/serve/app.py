@@ -185,6 +185,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             s.params["bad_words"] = await loop.run_in_executor(tokenizing, bad_word_ids, tokenizer,
                                                                s.bad_words)  # fmt: skip
         params = gate.sampling(s, min(limits), shapes[0].chat, config.vocab_size or len(tokenizer))
+        gate.answer_size(prompts, limits, s, shapes[0].chat)
         stops = s.stop_token_ids
         gate.capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
         # the tokens that end it (EOS unless ignored, stop_token_ids) and those never spelled
