@@ -25,7 +25,7 @@ RETRY_AFTER_S = 1
 # log-probability values (a token's and its alternatives') one answer may hold: ~500 bytes each
 # while the answer is built, so a 256-prompt echo with 20 alternatives (5.4 M) took 2.7 GB and
 # stalled every stream for seconds; a server started with --max-logprobs -1 takes any
-MAX_LOGPROB_VALUES = 1 << 21
+MAX_LOGPROB_VALUES = 1 << 20
 
 
 class Admission:

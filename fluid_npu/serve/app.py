@@ -293,11 +293,20 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             work.result()  # an engine failure raises its APIError here
         except APIError as exc:  # counted once, by close (finish_reason "error"), not as a refusal
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-        choices = [shape.choice("".join(text), gen.finish_reason, gen.logprobs, "".join(thought),
-                                call, gen.token_ids, gen.prompt_lps, gen.stop_reason)
-                   for shape, gen, text, thought, call in zip(shapes, gens, pieces, thoughts,
-                                                              calls)]  # fmt: skip
-        return JSONResponse(shapes[0].answer(choices, usage(gens, s.n), gens[0].prompt_lps))
+
+        def build() -> JSONResponse:
+            choices = [shape.choice("".join(text), gen.finish_reason, gen.logprobs,
+                                    "".join(thought), call, gen.token_ids, gen.prompt_lps,
+                                    gen.stop_reason)
+                       for shape, gen, text, thought, call in zip(shapes, gens, pieces, thoughts,
+                                                                  calls)]  # fmt: skip
+            return JSONResponse(shapes[0].answer(choices, usage(gens, s.n), gens[0].prompt_lps))
+
+        if s.params["logprobs"] or s.params["prompt_logprobs"] is not None:
+            # (an answer of log-probabilities can take seconds to build and write: off the event
+            # loop, which the thread gives back every few ms, so the other streams go on)
+            return await asyncio.get_running_loop().run_in_executor(None, build)
+        return build()
 
     async def conversation_ids(req: protocol.ChatRequest) -> list[int]:
         """A chat request's prompt (checked and rendered on the tokenizing thread)."""
