@@ -368,6 +368,9 @@ BAD = [
         },
         "input",
     ),  # (no tools)
+    # as the OpenAI API bounds them, before each item is checked (100,000 took seconds)
+    ({"input": [{"role": "user", "content": "a"}] * 2049}, "input"),
+    ({"tools": [{"type": "function", "name": f"f{i}"} for i in range(129)]}, "tools"),
 ]
 
 

@@ -158,12 +158,17 @@ def test_completion_errors_name_the_field(body, param, words):
         ({"messages": USER, "response_format": {"type": "xml"}}, "response_format"),
         ({"messages": USER, "max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
         ("not an object", None),
+        ({"messages": USER * 2049}, "messages"),  # (OpenAI's bounds, checked before the items)
+        ({"messages": USER, "tools": [{"type": "function", "function": {"name": f"f{i}"}}
+                                      for i in range(129)]}, "tools"),
     ],
 )  # fmt: skip
 def test_chat_errors_name_the_field(body, param):
     err = _err(parse_chat, body)
     if param is not None:
         assert err.param is not None and err.param.startswith(param)
+    if isinstance(body, dict) and param in ("messages", "tools") and len(body[param]) > 128:
+        assert f"at most {2048 if param == 'messages' else 128}" in err.message, err.message
 
 
 def test_fields_the_openai_api_allows_as_null_or_extra_are_accepted():
@@ -658,3 +663,33 @@ def test_reasoning_parsers_need_their_markers_as_single_tokens():
     answer += split.flush()
     assert split.reasoning_delta == pangu.decode(smile[:1]) and answer.endswith("ok then")
     assert answer == pangu.decode([*smile[1:], *words])
+
+
+def test_a_large_body_is_checked_off_the_event_loop():
+    """A body over BIG_BODY_BYTES is parsed and checked on a worker thread (100,000 chat
+    messages took pydantic seconds on the event loop, stalling every stream); a small one here,
+    without the thread hop."""
+    import asyncio
+    import threading
+
+    from starlette.requests import Request
+
+    from fluid_npu.serve.http import BIG_BODY_BYTES, read_parsed
+
+    async def where_parsed(size: int) -> tuple[bool, int]:
+        body = json.dumps({"prompt": "a" * size}).encode()
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+        here = threading.get_ident()
+        return await read_parsed(
+            Request(scope, receive),
+            lambda v, k: (threading.get_ident() != here, len(v[k])),
+            "prompt",
+        )
+
+    assert asyncio.run(where_parsed(BIG_BODY_BYTES)) == (True, BIG_BODY_BYTES)
+    assert asyncio.run(where_parsed(1000)) == (False, 1000)

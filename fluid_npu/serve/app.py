@@ -64,7 +64,7 @@ from fluid_npu.serve.http import (
     body_request_id,
     check_key,
     openai_errors,
-    read_json,
+    read_parsed,
     request_id,
     route_path,
     while_connected,
@@ -334,8 +334,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         arrived = time.monotonic()
         authorize(request)
         base = request_id(request)  # (the client's X-Request-Id, else a random one)
-        body = await read_json(request)
-        req = protocol.parse_chat(body, calling) if chat else protocol.parse_completion(body)
+        req = await (read_parsed(request, protocol.parse_chat, calling) if chat
+                     else read_parsed(request, protocol.parse_completion))  # fmt: skip
         base = body_request_id(request, req.sampling.request_id)
         gate.model(req.sampling.model)
         loop = asyncio.get_running_loop()
@@ -385,7 +385,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         arrived = time.monotonic()
         authorize(request)
         request_id(request)
-        req = parse_responses(await read_json(request), calling)
+        req = await read_parsed(request, parse_responses, calling)
         base = body_request_id(request, req.chat.sampling.request_id)
         rid = f"resp_{base}"
         shape = Shape(True, rid, config.model_name, words, as_ids=config.tokens_as_ids)
@@ -408,7 +408,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     async def input_tokens(request: Request) -> dict[str, Any]:
         """The tokens a response's input takes: its prompt, rendered as the route renders it."""
         authorize(request)
-        req = parse_responses(await read_json(request), calling)
+        req = await read_parsed(request, parse_responses, calling)
         try:
             prompt = await conversation_ids(req.chat)
         except APIError as exc:

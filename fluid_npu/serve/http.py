@@ -19,7 +19,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from fluid_npu.serve.errors import APIError, error_body
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 MAX_BODY_BYTES = 4 << 20
 MAX_REQUEST_ID = 256
 REQUEST_ID = "x-request-id"
@@ -52,12 +53,13 @@ async def read_body(request: Request) -> bytes:
     """The request's body; over ``MAX_BODY_BYTES`` it is a 400 (read no further); not sent as
     JSON, a 415 (``check_json_media``)."""
     check_json_media(request)
-    body = b""
+    parts, size = [], 0
     async for part in request.stream():
-        body += part
-        if len(body) > MAX_BODY_BYTES:
+        parts.append(part)
+        size += len(part)
+        if size > MAX_BODY_BYTES:
             raise APIError(f"the request body is over {MAX_BODY_BYTES} bytes")
-    return body
+    return b"".join(parts)
 
 
 def route_path(request: Request) -> str:
@@ -80,6 +82,7 @@ def check_json_media(request: Request) -> None:
         )
 
 
+BIG_BODY_BYTES = 1 << 18  # a body this large is checked off the event loop (read_parsed)
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \ud800-\udfff escape (alone or paired)
 
 
@@ -94,6 +97,7 @@ async def read_json(request: Request) -> Any:
         raise APIError(f"the request body is not valid JSON ({exc})") from None
     except RecursionError:  # json.loads recurses once per level of nesting
         raise APIError("the request body nests too deeply to be a request") from None
+    request.state.body_bytes = len(body)
     if _SURROGATE.search(body):  # (a bytes scan; the walk only where an escape is)
         where = lone_surrogate(value)
         if where is not None:
@@ -103,6 +107,16 @@ async def read_json(request: Request) -> Any:
                 param=where or None,
             )
     return value
+
+
+async def read_parsed(request: Request, parse: Callable[..., T], *args: Any) -> T:
+    """``parse(body, *args)`` of the request's JSON body (``read_json``): on a worker thread for
+    a body over ``BIG_BODY_BYTES`` (checking 100,000 chat messages takes pydantic seconds, which
+    on the event loop stalled every stream), here for the rest."""
+    value = await read_json(request)
+    if request.state.body_bytes > BIG_BODY_BYTES:
+        return await asyncio.get_running_loop().run_in_executor(None, parse, value, *args)
+    return parse(value, *args)
 
 
 def lone_surrogate(value: Any, path: str = "") -> str | None:

@@ -115,6 +115,25 @@ from fluid_npu.serve.vllm_fields import VllmFields, check_vllm_fields
 MAX_N = 64  # completions per prompt (each one a request in the batch)
 MAX_CHOICES = 1024  # prompts x n per request (each costs the server memory before it runs)
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows: --max-logprobs' default, as vLLM's
+# a chat's messages and tools, as the OpenAI API allows: checking 100,000 messages took pydantic
+# seconds, during which no other stream moved (its check holds the interpreter throughout)
+MAX_MESSAGES = 2048
+MAX_TOOLS = 128
+
+
+def check_list_sizes(body: Any, limits: tuple[tuple[str, int], ...]) -> None:
+    """A 400 naming the field when one of ``body``'s lists is longer than its limit, before the
+    body's fields are checked one by one."""
+    for name, most in limits:
+        given = body.get(name) if isinstance(body, dict) else None
+        if isinstance(given, list) and len(given) > most:
+            raise APIError(
+                f"{name} holds {len(given)} items; a request takes at most {most}, as the OpenAI "
+                "API does",
+                param=name,
+            )
+
+
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
 
 
@@ -364,6 +383,7 @@ def parse_completion(body: Any) -> CompletionRequest:
 def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
     """A checked ``/v1/chat/completions`` request (text messages only); ``tool_parser``: the
     server's (``--enable-auto-tool-choice``), which ``tool_choice: "auto"`` needs."""
+    check_list_sizes(body, (("messages", MAX_MESSAGES), ("tools", MAX_TOOLS)))
     req: ChatBody = validate(ChatBody, body)
     check_chat_fields(req)
     check_vllm_fields(req, chat=True)

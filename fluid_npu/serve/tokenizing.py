@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from fluid_npu.serve.errors import APIError
-from fluid_npu.serve.http import read_json
+from fluid_npu.serve.http import read_parsed
 from fluid_npu.serve.protocol import (
     ChatRequest,
     Message,
@@ -100,7 +100,7 @@ def tokenizer_routes(
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         authorize(request)
-        req, conversation = parse_tokenize(await read_json(request))
+        req, conversation = await read_parsed(request, parse_tokenize)
         check_model(req.model)
         if conversation is not None:
             check_template(conversation.render)
@@ -123,7 +123,7 @@ def tokenizer_routes(
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         authorize(request)
-        req = parse_detokenize(await read_json(request))
+        req = await read_parsed(request, parse_detokenize)
         check_model(req.model)
         if req.tokens and max(req.tokens) >= len(tokenizer):
             raise APIError(
