@@ -848,6 +848,7 @@ def test_tokenizer_routes_answer_as_vllms():
             ("/tokenize", {"messages": messages, "add_special_tokens": True},
              "add_special_tokens"),
             ("/tokenize", {"prompt": "a", "echo": True}, "echo"),
+            ("/tokenize", {"messages": messages * 2049}, "messages"),  # (the chat route's bound)
             ("/detokenize", {"tokens": [1, -2]}, "tokens"),
             ("/detokenize", {"tokens": [10**9]}, "tokens"),
             ("/detokenize", {"tokens": "abc"}, "tokens"),

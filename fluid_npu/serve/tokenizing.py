@@ -18,11 +18,14 @@ from fastapi.responses import Response
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.http import read_parsed
 from fluid_npu.serve.protocol import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
     ChatRequest,
     Message,
     Sampling,
     _Rendering,
     _Strict,
+    check_list_sizes,
     validate,
 )
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
@@ -55,6 +58,7 @@ RENDER_FIELDS = tuple(_Rendering.model_fields)
 def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
     """A checked ``/tokenize`` body (exactly one of ``prompt`` and ``messages``) and, with
     messages, the conversation as the chat route takes it (its ``messages`` and ``render``)."""
+    check_list_sizes(body, (("messages", MAX_MESSAGES), ("tools", MAX_TOOLS)))  # (as chat's)
     req: TokenizeBody = validate(TokenizeBody, body)
     if (req.prompt is None) == (req.messages is None):
         raise APIError("give either prompt (a text) or messages (a conversation)", param="prompt")
