@@ -355,3 +355,19 @@ def test_get_metrics_reads_as_vllms(model_dir):  # noqa: F811
     assert isinstance(per_pos, Vector) and len(per_pos.values) >= llm.engine.k
     assert sum(per_pos.values) == accepted.value and per_pos.values[0] <= drafts.value
     assert per_pos.values == sorted(per_pos.values, reverse=True)
+
+
+def test_a_full_context_names_why_the_context_is_what_it_is(tmp_path):
+    """A prompt that leaves no room is told to raise max_model_len only where that helps: a
+    sliding window's context is the window less the draft slots, whatever max_model_len says."""
+    from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = build_tiny_model("mistral", tok, seed=3, sliding_window=64, max_position_embeddings=512)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), max_num_seqs=1)
+    full = {"prompt_token_ids": [5] * llm.engine.max_len}
+    with pytest.raises(ConfigError, match=r"shorten it \(the sliding attention window of 64") as e:
+        llm.generate(full, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert "raise LLM(max_model_len" not in str(e.value)

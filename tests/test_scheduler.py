@@ -255,6 +255,12 @@ def test_learned_positions_decode_a_request_that_fills_the_context(tok, arch):
         assert [len(t) for t in ours] == [64 - len(p) for p in prompts]
         alone = [_greedy_alone(model, p, 64 - len(p), []) for p in prompts]
         _assert_same(model, prompts, ours, alone, f"{arch}/{policy}")
+        reference = [  # (the published loop as well)
+            generate(model, tok, [p], policy=policy, k_max=8, max_new_tokens=64 - len(p),
+                     eos_token_id=[], loop="reference").new_tokens[0]
+            for p in prompts
+        ]  # fmt: skip
+        _assert_same(model, prompts, reference, alone, f"{arch}/{policy}/reference")
 
 
 @pytest.mark.parametrize("feature", ["longrope", "softcap"])

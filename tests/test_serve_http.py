@@ -710,6 +710,15 @@ def test_bad_requests_get_openai_errors_and_leave_others_alone():
             error = raw.json()["error"]
             assert raw.status_code == 400 and error["param"] == param, (path, error)
             assert "unpaired UTF-16 surrogate" in error["message"], error
+        # nor without an escape: a surrogate's own bytes, or a UTF-16 body (json.loads reads
+        # both; a Responses metadata value then failed its answer with a 500)
+        for body in (
+            b'{"input": "hi", "metadata": {"k": "\xed\xa0\x80"}}',
+            '{"input": "hi", "stop": ["\ud800"]}'.encode("utf-16", "surrogatepass"),
+        ):
+            raw = httpx.post(f"{url}/v1/responses", content=body, headers=as_json)
+            error = raw.json()["error"]
+            assert raw.status_code == 400 and "not UTF-8 text" in error["message"], error
         # a whole emoji as a pair of escapes is text
         pair = b'{"prompt": "hi", "stop": ["\\ud83d\\ude00"], "max_tokens": 2}'
         assert httpx.post(f"{url}/v1/completions", content=pair, headers=as_json).status_code == 200

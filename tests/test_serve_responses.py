@@ -374,6 +374,14 @@ BAD = [
 ]
 
 
+def test_the_input_bound_leaves_room_for_instructions():
+    # instructions become one message more than the input's 2,048 items: not refused as 2,049
+    req = parse_responses(
+        {"input": [{"role": "user", "content": "a"}] * 2048, "instructions": "be brief"}
+    )
+    assert len(req.chat.messages) == 2049
+
+
 @pytest.mark.parametrize("extra, param", BAD)
 def test_what_cannot_be_honoured_is_a_400_naming_it(extra, param):
     try:

@@ -206,7 +206,16 @@ def test_an_answer_holds_a_bounded_number_of_log_probabilities(monkeypatch):
             error = r.json()["error"]
             assert r.status_code == 400 and error["param"] == param, (body, error)
             assert "an answer holds at most 200 here" in error["message"], error
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": USER, "logprobs": True, "max_tokens": 201})  # fmt: skip
+        assert r.json()["error"]["param"] == "logprobs"  # (no top_logprobs was sent)
         assert not sched.requests  # nothing reached the engine
+        # a stream holds no whole answer, and without max_tokens the model ends the output:
+        # neither counts the outputs (the same chat request as above, streamed; without it)
+        chat = {"model": "tiny", "messages": USER, "logprobs": True, "top_logprobs": 20}
+        for extra in ({"max_tokens": 10, "stream": True}, {}):
+            r = httpx.post(f"{url}/v1/chat/completions", json={**chat, **extra}, timeout=60)
+            assert r.status_code == 200, (extra, r.text[:300])
         ok = {"prompt": ids, "echo": True, "logprobs": 8, "max_tokens": 0}  # 9 x 20 = 180
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", **ok}, timeout=60)
         assert r.status_code == 200, r.json()

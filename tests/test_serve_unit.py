@@ -693,3 +693,16 @@ def test_a_large_body_is_checked_off_the_event_loop():
 
     assert asyncio.run(where_parsed(BIG_BODY_BYTES)) == (True, BIG_BODY_BYTES)
     assert asyncio.run(where_parsed(1000)) == (False, 1000)
+    # the JSON itself, and the search for a lone surrogate, off the loop too
+    from fluid_npu.serve import http
+
+    seen = []
+    real = http.parse_json
+    try:
+        http.parse_json = lambda body: seen.append(threading.get_ident()) or real(body)
+        asyncio.run(where_parsed(BIG_BODY_BYTES))
+        here = threading.get_ident()
+        asyncio.run(where_parsed(10))
+    finally:
+        http.parse_json = real
+    assert seen[0] != here and seen[1] == here

@@ -66,6 +66,9 @@ class Engine:
         check_engine_support(model)
         self.model = model
         self._rope = PinnedRope(model)
+        # the model's context: a MASK slot past it drafts nothing a row can commit, and reads the
+        # last position (a table of learned positions, GPT-2's, ends there; as the engine does)
+        self._positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         self.head = LMHead(model)
         self.mask_id = mask_id
@@ -143,9 +146,12 @@ class Engine:
         self, ids: torch.Tensor, pos: torch.Tensor, anchor: torch.Tensor, n_main: int
     ) -> torch.Tensor:
         meta = self.cache.meta(pos, anchor, n_main)
+        at = pos  # (the metadata keeps the true positions)
+        if self._positions is not None and int(pos.max()) >= self._positions:
+            at = pos.clamp(max=self._positions - 1)
         with self._rope():  # a dynamic rope at generate's frequencies (support.py)
             hidden, _ = forward_hidden(
-                self.model, ids, pos, meta, cache=self.cache.kv, use_cache=True
+                self.model, ids, at, meta, cache=self.cache.kv, use_cache=True
             )
         self.cache.appended(pos, anchor)
         self.stats.computed_tokens += ids.numel()

@@ -327,11 +327,13 @@ class LLM(VLLMOtherTasks):
                 raise ConfigError(f"prompt {n}: {exc}") from None
             room = context - len(ids)
             if room < 1:
-                own = self.engine.positions  # (the model's context; None: not recorded)
+                own, why = self.engine.positions, self.engine.max_len_reason
+                # (raising it helps only where a default or the caller's value left room)
+                room = why.startswith("the default cap") or why == "as asked"
                 more = (
                     f", or raise LLM(max_model_len=...) up to the model's own context ({own})"
-                    if own is None or own > context
-                    else " (the model's own context)"
+                    if room and own is not None and own > context
+                    else f" ({why})"
                 )
                 raise ConfigError(
                     f"prompt {n} has {len(ids)} tokens and leaves no room for an output: the "

@@ -34,8 +34,8 @@ follow a fitted model of the measured step cost and the acceptance seen so far, 
 drafts earn less than a block costs decodes as plain AR, probing now and then. These choices follow
 measured time, so they vary run to run (in float32 the tokens never do; in bfloat16 / float16 a
 step of another width may round a near-tie the other way: README, Drafting); ``adaptive=False``
-turns them off, and while a sampling request is in the batch they stay per-row (so its seed is batch-invariant in
-float32: docs/engine.md, Sampling).
+turns them off, and while a sampling request is in the batch they stay per-row (so its seed is
+batch-invariant in float32: docs/engine.md, Sampling).
 ``budgets=`` (a dict the caller keeps, as ``FluidForCausalLM`` does) lets engines on the same model
 share what they measured — one budget per policy, ``adaptive`` setting, device, dtype and forward —
 instead of each starting from the prior.

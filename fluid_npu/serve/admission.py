@@ -143,18 +143,25 @@ class Admission:
         self, prompts: list[list[int]], limits: list[int], s: protocol.Sampling, chat: bool
     ) -> None:
         """A 400 when the log-probabilities a request asks for (``s``, its alternatives
-        resolved by ``sampling``) would pass ``MAX_LOGPROB_VALUES`` in its answer: each choice's
-        output (``limits``: each prompt's token bound) and, with ``prompt_logprobs`` or an echo's,
-        its prompt."""
+        resolved by ``sampling``) would pass ``MAX_LOGPROB_VALUES`` in memory at once: its
+        prompts' (``prompt_logprobs``, or an echo's: each choice carries its own) and, for an
+        answer sent whole with a ``max_tokens`` given (``limits``: each prompt's), its outputs'.
+        A stream holds no whole answer, and without ``max_tokens`` the output's length is the
+        model's to end, so neither counts the outputs."""
         if self.config.max_logprobs < 0:
             return
         top, ptop = s.params["top_logprobs"] or 0, s.params["prompt_logprobs"]
-        out = (1 + top) * sum(limits) if s.params["logprobs"] else 0
-        into = (1 + ptop) * sum(map(len, prompts)) if ptop is not None else 0
-        values = s.n * (out + into)
+        whole = s.params["logprobs"] and not s.stream and s.max_tokens is not None
+        out = (1 + top) * sum(limits) * s.n if whole else 0
+        into = (
+            (1 + ptop) * sum(map(len, prompts)) * (s.n if s.echo else 1) if ptop is not None else 0
+        )
+        values = out + into
         if values > MAX_LOGPROB_VALUES:
-            asked_prompt = into > out and s.prompt_logprobs is not None  # (else an echo's)
-            name = "prompt_logprobs" if asked_prompt else "top_logprobs" if chat else "logprobs"
+            if into > out:
+                name = "prompt_logprobs" if s.prompt_logprobs is not None else "logprobs"
+            else:
+                name = "top_logprobs" if chat and top else "logprobs"
             raise APIError(
                 f"this request asks for {values:,} log-probability values (tokens and their "
                 f"alternatives, over its {'prompts' if into > out else 'outputs'}); an answer "

@@ -380,10 +380,13 @@ def parse_completion(body: Any) -> CompletionRequest:
     return CompletionRequest(prompts=prompts, sampling=sampling)
 
 
-def parse_chat(body: Any, tool_parser: ToolParser | None = None) -> ChatRequest:
+def parse_chat(
+    body: Any, tool_parser: ToolParser | None = None, bounded: bool = True
+) -> ChatRequest:
     """A checked ``/v1/chat/completions`` request (text messages only); ``tool_parser``: the
     server's (``--enable-auto-tool-choice``), which ``tool_choice: "auto"`` needs."""
-    check_list_sizes(body, (("messages", MAX_MESSAGES), ("tools", MAX_TOOLS)))
+    if bounded:  # (False: a Responses request, whose input the same bounds held)
+        check_list_sizes(body, (("messages", MAX_MESSAGES), ("tools", MAX_TOOLS)))
     req: ChatBody = validate(ChatBody, body)
     check_chat_fields(req)
     check_vllm_fields(req, chat=True)

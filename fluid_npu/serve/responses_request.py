@@ -421,7 +421,9 @@ def parse_responses(body: Any, tool_parser: ToolParser | None = None) -> Respons
     if logprobs:
         chat.update(logprobs=True, top_logprobs=req.top_logprobs or 0)
     try:
-        parsed = parse_chat({k: v for k, v in chat.items() if v is not None}, tool_parser)
+        parsed = parse_chat(
+            {k: v for k, v in chat.items() if v is not None}, tool_parser, bounded=False
+        )  # (its instructions are one message more than the input's items)
     except APIError as exc:
         raise came.renamed(exc) from None
     if req.max_output_tokens is not None:
