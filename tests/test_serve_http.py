@@ -1245,3 +1245,35 @@ def _streamed_body(url: str, body: dict):
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
         assert resp.status_code == 200
         yield list(resp.iter_lines())
+
+
+def test_a_request_the_engine_finished_holds_no_place_while_its_reader_lags():
+    """A streaming client that stops reading kept its --max-queue place (and its id) until it
+    closed the connection, though the engine had finished its request: an idle server answered
+    429 to everyone. The place and the id go when the engine's last event reaches the loop; the
+    reader's close later counts nothing twice."""
+    import asyncio
+
+    sched = ScriptedScheduler(max_batch=2)
+    worker = Worker(sched)
+    released: list[str] = []
+
+    async def run() -> None:
+        worker.start(asyncio.get_running_loop())
+        (stream,) = await worker.submit_many([("r1", [5, 6, 7], {})], max_new_tokens=5)
+        stream.on_release = lambda: released.append("r1")
+        for _ in range(WAIT_STEPS):
+            if worker.outstanding == 0:
+                break
+            await asyncio.sleep(0.005)
+        # nobody read the stream's queue: its events wait there, its place and id are free
+        assert worker.outstanding == 0 and released == ["r1"] and not stream.held
+        events = [stream.queue.get_nowait() for _ in range(stream.queue.qsize())]
+        assert events[-1].finished and sum(len(e.tokens) for e in events) == 5
+        worker.release(stream)  # (the reader's close, later)
+        assert worker.outstanding == 0 and released == ["r1"]
+
+    try:
+        asyncio.run(run())
+    finally:
+        worker.stop()

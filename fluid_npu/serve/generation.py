@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +80,6 @@ class Generation:
         self.stop_ids = frozenset(stop_ids)  # tokens whose ending it is a stop_reason (vLLM's)
         self.echo = echo
         self.tools = tools  # a chat with tools to call: the answer's calls read out
-        self.on_close: Callable[[], None] | None = None  # called once, by close
         self.finish_reason: str | None = None
         self.forwards = 0
         self.cached = 0  # prompt tokens the engine found in a slot's cache
@@ -209,13 +208,10 @@ class Generation:
 
     def close(self, endpoint: str) -> None:
         """Account for the request; abort it in the engine if it did not finish."""
-        if self.on_close is not None:  # (its request's id is free once every choice closed)
-            self.on_close()
-            self.on_close = None
         if self.finish_reason is None:
             self.worker.abort(self.stream.request_id)
             self.finish_reason = "abort"
-        self.worker.finished()
+        self.worker.release(self.stream)  # (if the engine's last event has not already)
         m = self.metrics
         m.requests.labels(endpoint=endpoint, finish_reason=self.finish_reason).inc()
         e2e = time.monotonic() - self.stream.submitted_at

@@ -59,6 +59,10 @@ class Stream:
     prompt_tokens: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Event | BaseException
     submitted_at: float = field(default_factory=time.monotonic)
+    # counted in ``Worker.outstanding`` until the engine's last event for it reaches the loop or
+    # its reader closes it, whichever is first (``Worker.release``); then ``on_release`` runs
+    held: bool = True
+    on_release: Callable[[], None] | None = None
 
 
 @dataclass
@@ -153,9 +157,22 @@ class Worker:
             raise
         return streams
 
-    def finished(self) -> None:
-        """The event loop is done with one stream (its last event was read, or it was aborted)."""
-        self.outstanding -= 1
+    def release(self, stream: Stream) -> None:
+        """``stream`` no longer holds a place (event-loop side, once): the engine delivered its
+        last event — a client that stops reading keeps no place, or its id, for a request the
+        engine has finished — or its reader closed it (aborted, if it was still running)."""
+        if stream.held:
+            stream.held = False
+            self.outstanding -= 1
+            if stream.on_release is not None:
+                stream.on_release()
+                stream.on_release = None
+
+    def _deliver(self, delivery: list[tuple[Stream, Any]]) -> None:
+        for stream, ev in delivery:
+            stream.queue.put_nowait(ev)
+            if ev.finished:
+                self.release(stream)
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
@@ -249,9 +266,9 @@ class Worker:
                         continue
                     if ev.finished:
                         del self.streams[ev.request_id]
-                    delivery.append((stream.queue, ev))
+                    delivery.append((stream, ev))
                 if delivery:  # one wake-up of the event loop per step, not one per request
-                    self._send(_deliver, delivery)
+                    self._send(self._deliver, delivery)
                 if self.on_step is not None:
                     self.on_step(self.scheduler, events, seconds)
         except BaseException as exc:  # the engine cannot go on: fail every open request loudly
@@ -280,11 +297,6 @@ class Worker:
 def _engine_error(exc: BaseException | None) -> APIError:
     why = "it stopped" if exc is None else f"{type(exc).__name__}: {exc}"
     return APIError(f"the engine cannot take the request: {why}", status=500, type="server_error")
-
-
-def _deliver(delivery: list[tuple[asyncio.Queue, Any]]) -> None:
-    for q, ev in delivery:
-        q.put_nowait(ev)
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:
