@@ -329,10 +329,10 @@ class LLM(VLLMOtherTasks):
             if room < 1:
                 own, why = self.engine.positions, self.engine.max_len_reason
                 # (raising it helps only where a default or the caller's value left room)
-                room = why.startswith("the default cap") or why == "as asked"
+                helps = why.startswith("the default cap") or why == "as asked"
                 more = (
                     f", or raise LLM(max_model_len=...) up to the model's own context ({own})"
-                    if room and own is not None and own > context
+                    if helps and own is not None and own > context
                     else f" ({why})"
                 )
                 raise ConfigError(

@@ -119,6 +119,7 @@ MAX_TOP_LOGPROBS = 20  # as the OpenAI API allows: --max-logprobs' default, as v
 # seconds, during which no other stream moved (its check holds the interpreter throughout)
 MAX_MESSAGES = 2048
 MAX_TOOLS = 128
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
 
 
 def check_list_sizes(body: Any, limits: tuple[tuple[str, int], ...]) -> None:
@@ -132,9 +133,6 @@ def check_list_sizes(body: Any, limits: tuple[tuple[str, int], ...]) -> None:
                 "API does",
                 param=name,
             )
-
-
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
 
 
 class _Common(_Strict, StructuredFields, VllmFields):
