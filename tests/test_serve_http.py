@@ -654,6 +654,10 @@ def test_more_prompts_than_the_server_holds_is_400_then_429():
         _until(lambda: worker.outstanding == 3, "three prompts counted")
         with pytest.raises(openai.RateLimitError):
             c.completions.create(model="tiny", prompt="d", max_tokens=2)
+        # a full server refuses before a grammar compiles (here one that would not compile)
+        with pytest.raises(openai.RateLimitError):
+            c.completions.create(model="tiny", prompt="d", max_tokens=2,
+                                 extra_body={"structured_outputs": {"regex": "(a"}})  # fmt: skip
         sched.gate.set()
         three.join(60)
 

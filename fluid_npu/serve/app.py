@@ -321,12 +321,13 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         s: protocol.Sampling, prompts: list[list[int]], chat: bool
     ) -> Grammar | None:
         """The grammar a request's output follows (compiled on its own thread), if any; only
-        once its prompts fit the context (a refused request compiled nothing: a chat's tools
-        forced by tool_choice can take seconds and gigabytes to compile)."""
+        once its prompts fit the context and the server has room (a refused request compiled
+        nothing: a chat's tools forced by tool_choice can take seconds and gigabytes)."""
         if s.constraint is None:
             return None
         for ids in prompts:
             gate.length(ids, s, "messages" if chat else "prompt")
+        gate.capacity(len(prompts) * s.n, s.n)  # (a full server: 429 before the compile too)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(compiling, grammars.compile, s.constraint)
 
