@@ -310,8 +310,14 @@ async def answer(
         work.result()
     except APIError as exc:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-    out.finish(gen.finish_reason, _usage(gen))
-    return JSONResponse(out.response())
+
+    def build() -> JSONResponse:
+        out.finish(gen.finish_reason, _usage(gen))
+        return JSONResponse(out.response())
+
+    if gen.logprobs is not None:  # (log-probabilities: built off the event loop, as chat's)
+        return await asyncio.get_running_loop().run_in_executor(None, build)
+    return build()
 
 
 def not_stored(rid: str) -> APIError:
