@@ -63,7 +63,6 @@ from fluid_npu.sampling.head import LMHead
 from fluid_npu.sampling.inputs import (
     check_request,
     eos_and_pad,
-    sliding_window,
 )
 from fluid_npu.sampling.kv import (
     SlotKV,
@@ -87,10 +86,14 @@ from fluid_npu.sampling.requests import (
 from fluid_npu.sampling.reuse import SlotPrefixes
 from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.sampling.step import StepMixin, _pow2, _round_up
-from fluid_npu.sampling.support import PinnedRope, cache_keyword, check_engine_support
+from fluid_npu.sampling.support import (
+    PinnedRope,
+    cache_keyword,
+    check_engine_support,
+    engine_context,
+)
 
 PREFILL_CHUNK = 512
-DEFAULT_MAX_LEN = 4096
 CAPACITY_STEP = 256  # a compiled engine's cache length is a multiple of this
 
 
@@ -157,43 +160,9 @@ class Scheduler(PrefillMixin, StepMixin):
         self.tokenizer = tokenizer  # decodes committed text for stop strings
         self._special = frozenset(getattr(tokenizer, "all_special_ids", None) or [])
         self.eos_ids, self.pad_id = eos_and_pad(model, eos_ids, pad_id)
-        cfg = model.config.get_text_config()
-        limit = getattr(cfg, "max_position_embeddings", None)
-        if max_len is not None and limit is not None and max_len > limit:
-            raise ConfigError(
-                f"max_len {max_len} is over the model's context ({limit} positions); "
-                f"use at most {limit}"
-            )
-        self.max_len = int(max_len or min(limit or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN))
-        self.positions = None if limit is None else int(limit)  # the model's context (step.py)
-        # why the context is what it is (the server's banner says it)
-        self.max_len_reason = (
-            "as asked" if max_len else
-            "the default: the model states no context" if limit is None else
-            f"the default cap; the model's own context is {limit}: max_len raises it"
-            if limit > DEFAULT_MAX_LEN else "the model's context"
-        )  # fmt: skip
         self.k = self.policy.block_len
-        window = sliding_window(cfg)
-        if window is not None:  # a request's tokens and drafts stay inside the window
-            room = window - self.k
-            if room < 2:
-                raise ConfigError(
-                    f"this model's sliding attention window ({window} positions) leaves no room "
-                    f"beside the policy's {self.k} draft slots; use a shorter horizon (k_max, a "
-                    "fixed:K policy, or ar)"
-                )
-            if max_len is not None and max_len > room:
-                raise ConfigError(
-                    f"max_len {max_len} does not fit this model's sliding attention window "
-                    f"({window} positions, {self.k} of them for drafts); use at most {room}"
-                )
-            if room < self.max_len:
-                self.max_len = room
-                self.max_len_reason = (
-                    f"the sliding attention window of {window} positions less the policy's "
-                    f"{self.k} draft slots"
-                )
+        # what a request may fill, the model's own context (step.py) and why (the server says it)
+        self.max_len, self.positions, self.max_len_reason = engine_context(model, max_len, self.k)
         self.anchors, self.coverage, self.adaptive = anchors, coverage, adaptive
         self.prefill_chunk = prefill_chunk
         # (a chunk is never longer than a prompt, so a --prefill-chunk past max_len costs nothing)

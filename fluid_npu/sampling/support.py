@@ -1,5 +1,6 @@
-"""What the decode engine reproduces exactly, checked when an engine is made, and the rotary
-embedding it pins.
+"""What the decode engine reproduces exactly, checked when an engine is made, the rotary
+embedding it pins, and the context it gives a request (``engine_context``: the model's, at most
+``DEFAULT_MAX_LEN`` unless asked, and within a sliding window room for the drafts beside it).
 
 The engine runs one forward over a batch's committed tokens, pending drafts and MASK slots, in
 chunks for long prompts; transformers' ``generate`` runs a prompt at once and then one token a
@@ -32,8 +33,10 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from fluid_npu.errors import ConfigError
+from fluid_npu.sampling.inputs import sliding_window
 
 _NOTHING = contextlib.nullcontext()
+DEFAULT_MAX_LEN = 4096  # an engine's context when not asked for (its cache is sized for it)
 
 
 def rope_types(rotary: Any) -> set[str]:
@@ -114,3 +117,48 @@ def cache_keyword(model: PreTrainedModel) -> str:
 def _cache_keyword(forward: Any) -> str:
     params = inspect.signature(forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def engine_context(
+    model: PreTrainedModel, max_len: int | None, k: int
+) -> tuple[int, int | None, str]:
+    """``(max_len, positions, reason)`` of an engine whose policy drafts ``k`` slots: what a
+    request may fill (``max_len`` as asked, else the model's context up to ``DEFAULT_MAX_LEN``;
+    within a sliding window, room for the drafts beside it), the model's own context (None: not
+    stated) and why ``max_len`` is what it is; a ``max_len`` that does not fit is a
+    ``ConfigError``."""
+    cfg = model.config.get_text_config()
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if max_len is not None and limit is not None and max_len > limit:
+        raise ConfigError(
+            f"max_len {max_len} is over the model's context ({limit} positions); "
+            f"use at most {limit}"
+        )
+    fits = int(max_len or min(limit or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN))
+    reason = (
+        "as asked" if max_len else
+        "the default: the model states no context" if limit is None else
+        f"the default cap; the model's own context is {limit}: max_len raises it"
+        if limit > DEFAULT_MAX_LEN else "the model's context"
+    )  # fmt: skip
+    window = sliding_window(cfg)
+    if window is not None:  # a request's tokens and drafts stay inside the window
+        room = window - k
+        if room < 2:
+            raise ConfigError(
+                f"this model's sliding attention window ({window} positions) leaves no room "
+                f"beside the policy's {k} draft slots; use a shorter horizon (k_max, a "
+                "fixed:K policy, or ar)"
+            )
+        if max_len is not None and max_len > room:
+            raise ConfigError(
+                f"max_len {max_len} does not fit this model's sliding attention window "
+                f"({window} positions, {k} of them for drafts); use at most {room}"
+            )
+        if room < fits:
+            fits = room
+            reason = (
+                f"the sliding attention window of {window} positions less the policy's {k} "
+                "draft slots"
+            )
+    return fits, None if limit is None else int(limit), reason

@@ -61,6 +61,7 @@ from fluid_npu.serve.generation import (
 from fluid_npu.serve.http import (
     ClosingStream,
     RequestIdHeader,
+    answered,
     body_request_id,
     check_key,
     openai_errors,
@@ -302,11 +303,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                                                                   calls)]  # fmt: skip
             return JSONResponse(shapes[0].answer(choices, usage(gens, s.n), gens[0].prompt_lps))
 
-        if s.params["logprobs"] or s.params["prompt_logprobs"] is not None:
-            # (an answer of log-probabilities can take seconds to build and write: off the event
-            # loop, which the thread gives back every few ms, so the other streams go on)
-            return await asyncio.get_running_loop().run_in_executor(None, build)
-        return build()
+        return await answered(
+            build, s.params["logprobs"] or s.params["prompt_logprobs"] is not None
+        )
 
     async def conversation_ids(req: protocol.ChatRequest) -> list[int]:
         """A chat request's prompt (checked and rendered on the tokenizing thread)."""
@@ -321,13 +320,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         s: protocol.Sampling, prompts: list[list[int]], chat: bool
     ) -> Grammar | None:
         """The grammar a request's output follows (compiled on its own thread), if any; only
-        once its prompts fit the context and the server has room (a refused request compiled
-        nothing: a chat's tools forced by tool_choice can take seconds and gigabytes)."""
+        once the request fits (``gate.fits``: a refused one compiles nothing)."""
         if s.constraint is None:
             return None
-        for ids in prompts:
-            gate.length(ids, s, "messages" if chat else "prompt")
-        gate.capacity(len(prompts) * s.n, s.n)  # (a full server: 429 before the compile too)
+        gate.fits(prompts, s, "messages" if chat else "prompt")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(compiling, grammars.compile, s.constraint)
 

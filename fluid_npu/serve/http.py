@@ -22,7 +22,7 @@ from collections.abc import AsyncIterable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -127,6 +127,15 @@ async def read_parsed(request: Request, parse: Callable[..., T], *args: Any) -> 
     if request.state.body_bytes > BIG_BODY_BYTES:
         return await asyncio.get_running_loop().run_in_executor(None, parse, value, *args)
     return parse(value, *args)
+
+
+async def answered(build: Callable[[], Response], heavy: bool) -> Response:
+    """``build()``, on a worker thread where ``heavy`` (an answer of log-probabilities can take
+    seconds to build and write; the thread gives the event loop back every few ms, so the other
+    streams go on)."""
+    if heavy:
+        return await asyncio.get_running_loop().run_in_executor(None, build)
+    return build()
 
 
 def lone_surrogate(value: Any, path: str = "") -> str | None:

@@ -122,10 +122,10 @@ MAX_TOOLS = 128
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default; chat defaults to the context
 
 
-def check_list_sizes(body: Any, limits: tuple[tuple[str, int], ...]) -> None:
-    """A 400 naming the field when one of ``body``'s lists is longer than its limit, before the
-    body's fields are checked one by one."""
-    for name, most in limits:
+def check_chat_lists(body: Any, messages: str = "messages") -> None:
+    """A 400 naming the field when a chat body's ``messages`` (a Responses body's ``input``) or
+    ``tools`` list is longer than the OpenAI API allows, before its items are checked one by one."""
+    for name, most in ((messages, MAX_MESSAGES), ("tools", MAX_TOOLS)):
         given = body.get(name) if isinstance(body, dict) else None
         if isinstance(given, list) and len(given) > most:
             raise APIError(
@@ -384,7 +384,7 @@ def parse_chat(
     """A checked ``/v1/chat/completions`` request (text messages only); ``tool_parser``: the
     server's (``--enable-auto-tool-choice``), which ``tool_choice: "auto"`` needs."""
     if bounded:  # (False: a Responses request, whose input the same bounds held)
-        check_list_sizes(body, (("messages", MAX_MESSAGES), ("tools", MAX_TOOLS)))
+        check_chat_lists(body)
     req: ChatBody = validate(ChatBody, body)
     check_chat_fields(req)
     check_vllm_fields(req, chat=True)

@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, Response
 
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.generation import Delta, Generation
-from fluid_npu.serve.http import ClosingStream, while_connected
+from fluid_npu.serve.http import ClosingStream, answered, while_connected
 from fluid_npu.serve.responses import LogprobEntry, Shape
 
 Event = dict[str, Any]
@@ -315,9 +315,7 @@ async def answer(
         out.finish(gen.finish_reason, _usage(gen))
         return JSONResponse(out.response())
 
-    if gen.logprobs is not None:  # (log-probabilities: built off the event loop, as chat's)
-        return await asyncio.get_running_loop().run_in_executor(None, build)
-    return build()
+    return await answered(build, gen.logprobs is not None)
 
 
 def not_stored(rid: str) -> APIError:

@@ -48,14 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fluid_npu.serve.errors import APIError
-from fluid_npu.serve.protocol import (
-    MAX_MESSAGES,
-    MAX_TOOLS,
-    ChatRequest,
-    check_list_sizes,
-    parse_chat,
-    validate,
-)
+from fluid_npu.serve.protocol import ChatRequest, check_chat_lists, parse_chat, validate
 from fluid_npu.serve.tools import ToolParser
 
 LOGPROBS = "message.output_text.logprobs"  # the one ``include`` value this server fills
@@ -407,7 +400,7 @@ def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
 
 def parse_responses(body: Any, tool_parser: ToolParser | None = None) -> ResponsesRequest:
     """A checked ``/v1/responses`` request (``tool_parser``: the server's, as for chat)."""
-    check_list_sizes(body, (("input", MAX_MESSAGES), ("tools", MAX_TOOLS)))
+    check_chat_lists(body, "input")
     req: ResponsesBody = validate(ResponsesBody, body, _where, _nested)
     _check_stateless(req)
     messages, came = input_messages(req.input, req.instructions)

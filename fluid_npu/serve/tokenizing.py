@@ -18,14 +18,12 @@ from fastapi.responses import Response
 from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.http import read_parsed
 from fluid_npu.serve.protocol import (
-    MAX_MESSAGES,
-    MAX_TOOLS,
     ChatRequest,
     Message,
     Sampling,
     _Rendering,
     _Strict,
-    check_list_sizes,
+    check_chat_lists,
     validate,
 )
 from fluid_npu.serve.rendering import ChatRender, chat_render, conversation
@@ -58,7 +56,7 @@ RENDER_FIELDS = tuple(_Rendering.model_fields)
 def parse_tokenize(body: Any) -> tuple[TokenizeBody, ChatRequest | None]:
     """A checked ``/tokenize`` body (exactly one of ``prompt`` and ``messages``) and, with
     messages, the conversation as the chat route takes it (its ``messages`` and ``render``)."""
-    check_list_sizes(body, (("messages", MAX_MESSAGES), ("tools", MAX_TOOLS)))  # (as chat's)
+    check_chat_lists(body)  # (the chat route's bounds)
     req: TokenizeBody = validate(TokenizeBody, body)
     if (req.prompt is None) == (req.messages is None):
         raise APIError("give either prompt (a text) or messages (a conversation)", param="prompt")
