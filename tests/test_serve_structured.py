@@ -224,6 +224,14 @@ def test_structured_outputs_over_the_wire(engine):
                 route(model="tiny", max_tokens=5, **prompt,
                       extra_body={"structured_outputs": {"regex": "(a"}})  # fmt: skip
             assert info.value.body["param"] == field, info.value.body
+        # so is a bad setting: the sampling and log-probability checks come before the compile
+        for body, param in (({"min_tokens": 9}, "min_tokens"),
+                            ({"logprobs": True, "top_logprobs": 500}, "top_logprobs"),
+                            ({"logit_bias": {"999999": 1}}, "logit_bias")):  # fmt: skip
+            with pytest.raises(openai.BadRequestError) as info:
+                c.chat.completions.create(messages=USER, model="tiny", max_tokens=5, extra_body={
+                    **body, "structured_outputs": {"regex": "(a"}})  # fmt: skip
+            assert info.value.body["param"] == param, info.value.body
 
 
 def sched_copy(model, tok) -> Scheduler:

@@ -139,14 +139,6 @@ class Admission:
             )
         return sampling.max_tokens
 
-    def fits(self, prompts: list[list[int]], s: protocol.Sampling, param: str) -> None:
-        """The checks a request passes before work is spent on it (a grammar compiled: a chat's
-        tools forced by tool_choice can take seconds and gigabytes): each prompt against the
-        context (``length``), and the server's room (``capacity``); ``admit`` checks both again."""
-        for ids in prompts:
-            self.length(ids, s, param)
-        self.capacity(len(prompts) * s.n, s.n)
-
     def answer_size(
         self, prompts: list[list[int]], limits: list[int], s: protocol.Sampling, chat: bool
     ) -> None:

@@ -43,6 +43,7 @@ from fluid_npu import __version__
 from fluid_npu.sampling.detok import end_tokens
 from fluid_npu.sampling.grammar import Grammar
 from fluid_npu.sampling.inputs import special_ends, text_specials
+from fluid_npu.sampling.rules import SamplingParams
 from fluid_npu.serve import protocol
 from fluid_npu.serve.admission import Admission
 from fluid_npu.serve.errors import APIError
@@ -160,35 +161,50 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     def authorize(request: Request) -> None:
         check_key(request.headers.get("authorization", ""), config.api_key)
 
+    async def checked(
+        prompts: list[list[int]], s: protocol.Sampling, chat: bool
+    ) -> tuple[list[int], SamplingParams, Grammar | None]:
+        """Every check of a request's prompts and settings — each prompt against the context,
+        the sampling settings, the size of its log-probabilities, the server's room — then its
+        grammar (``s.constraint`` compiled on a thread of its own), so that a refused request
+        costs no compile (a chat's tools forced by ``tool_choice`` take seconds and gigabytes):
+        each prompt's token limit, the engine's settings and the grammar, for ``admit``."""
+        limits = [gate.length(ids, s, "messages" if chat else "prompt") for ids in prompts]
+        loop = asyncio.get_running_loop()
+        if s.bad_words:  # (on the tokenizing thread: a long list takes a while)
+            s.params["bad_words"] = await loop.run_in_executor(tokenizing, bad_word_ids, tokenizer,
+                                                               s.bad_words)  # fmt: skip
+        params = gate.sampling(s, min(limits), chat, config.vocab_size or len(tokenizer))
+        gate.answer_size(prompts, limits, s, chat)
+        gate.capacity(len(prompts) * s.n, s.n)
+        if s.constraint is None:
+            return limits, params, None
+        return limits, params, await loop.run_in_executor(compiling, grammars.compile,
+                                                          s.constraint)  # fmt: skip
+
     async def admit(
         shapes: list[Shape],
         prompts: list[list[int]],
         s: protocol.Sampling,
         arrived: float,
+        settled: tuple[list[int], SamplingParams, Grammar | None],
         texts: list[str] | None = None,
         tools: ToolSetting | None = None,
-        grammar: Grammar | None = None,
         continuing: bool = False,
         *,
         rid: str,
         id_param: str = "X-Request-Id",
     ) -> list[Generation]:
-        """Check the request's prompts against the context and the capacity and submit them,
-        ``s.n`` choices each (``shapes``: one per choice, prompt by prompt): one ``Generation``
+        """Submit a request's prompts, ``s.n`` choices each (``shapes``: one per choice, prompt
+        by prompt), checked by ``checked`` (``settled``: what it returned): one ``Generation``
         per choice. ``texts``: the prompts' text, which ``echo`` returns; ``tools``: a chat's
-        (its calls parsed out); ``grammar``: what the output follows (``s.constraint``
-        compiled); ``continuing``: a chat that continues its final message; ``rid``: the
-        request's id (``http.request_id``), one running request per id on every route."""
-        param = "messages" if shapes[0].chat else "prompt"
-        limits = [gate.length(ids, s, param) for ids in prompts]
-        if s.bad_words:  # (on the tokenizing thread: a long list takes a while)
-            loop = asyncio.get_running_loop()
-            s.params["bad_words"] = await loop.run_in_executor(tokenizing, bad_word_ids, tokenizer,
-                                                               s.bad_words)  # fmt: skip
-        params = gate.sampling(s, min(limits), shapes[0].chat, config.vocab_size or len(tokenizer))
-        gate.answer_size(prompts, limits, s, shapes[0].chat)
+        (its calls parsed out); ``continuing``: a chat that continues its final message;
+        ``rid``: the request's id (``http.request_id``), one running request per id on every
+        route."""
+        limits, params, grammar = settled
         stops = s.stop_token_ids
-        gate.capacity(len(shapes), s.n)  # (counted at once by submit_many: no await between)
+        # (the room again: a grammar's compile let others in; counted at once by submit_many)
+        gate.capacity(len(shapes), s.n)
         # the tokens that end it (EOS unless ignored, stop_token_ids) and those never spelled
         eos, ends, unspelled = end_tokens(worker.scheduler.eos_ids, stops, bool(s.ignore_eos),
                                           s.include_stop, s.skip_special)  # fmt: skip
@@ -316,17 +332,6 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
                                           req.render, config.template_kwargs,
                                           req.tools.tools)  # fmt: skip
 
-    async def compiled(
-        s: protocol.Sampling, prompts: list[list[int]], chat: bool
-    ) -> Grammar | None:
-        """The grammar a request's output follows (compiled on its own thread), if any; only
-        once the request fits (``gate.fits``: a refused one compiles nothing)."""
-        if s.constraint is None:
-            return None
-        gate.fits(prompts, s, "messages" if chat else "prompt")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(compiling, grammars.compile, s.constraint)
-
     async def answer(request: Request, chat: bool) -> Response:
         arrived = time.monotonic()
         authorize(request)
@@ -362,10 +367,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         for shape in shapes:
             shape.prompt_ids, shape.prompt_top = prompts[shape.index // s.n], s.prompt_logprobs
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
-        grammar = await compiled(req.sampling, prompts, chat)
+        settled = await checked(prompts, req.sampling, chat)
         chat_req = isinstance(req, protocol.ChatRequest)
         continuing = chat_req and req.render.continue_final_message  # type: ignore[union-attr]
-        gens = await admit(shapes, prompts, req.sampling, arrived, texts, tools, grammar,
+        gens = await admit(shapes, prompts, req.sampling, arrived, settled, texts, tools,
                            continuing, rid=base, id_param=request.state.id_param)  # fmt: skip
         return await reply(request, route_path(request), shapes, req.sampling, gens)
 
@@ -388,9 +393,9 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         shape = Shape(True, rid, config.model_name, words, as_ids=config.tokens_as_ids)
         try:  # (the later checks name the chat fields: renamed as the request gave them)
             prompt = await conversation_ids(req.chat)
-            grammar = await compiled(req.chat.sampling, [prompt], True)
-            gen, = await admit([shape], [prompt], req.chat.sampling, arrived, None,
-                               req.chat.tools, grammar, rid=base,
+            settled = await checked([prompt], req.chat.sampling, True)
+            gen, = await admit([shape], [prompt], req.chat.sampling, arrived, settled, None,
+                               req.chat.tools, rid=base,
                                id_param=request.state.id_param)  # fmt: skip
         except APIError as exc:
             raise req.came.renamed(exc) from None
