@@ -234,6 +234,40 @@ def test_structured_outputs_over_the_wire(engine):
             assert info.value.body["param"] == param, info.value.body
 
 
+def test_a_slow_grammar_holds_up_no_other_structured_request(engine, monkeypatch):
+    """A schema that takes long to compile (a 15,000-entry choice: 46 s on one thread) holds
+    up only its own request: another structured request compiles beside it and is answered."""
+    tok, _, sched, no_spaces = engine
+    slow, started = threading.Event(), threading.Event()
+    real = Grammars.compile
+
+    def compile(self, constraint):
+        if constraint.spec == "slow":
+            started.set()
+            assert slow.wait(120), "the slow compile was never let go"
+        return real(self, constraint)
+
+    monkeypatch.setattr(Grammars, "compile", compile)
+    greedy = {"model": "tiny", "temperature": 0, "logit_bias": no_spaces, "max_tokens": 8}
+    with serving(sched, tokenizer=tok) as (url, _, _):
+        c = client(url)
+        held = threading.Thread(
+            target=lambda: c.completions.create(
+                prompt="a", extra_body={"structured_outputs": {"regex": "slow"}}, **greedy
+            )
+        )
+        held.start()
+        try:
+            assert started.wait(60)
+            quick = c.with_options(timeout=60, max_retries=0).completions.create(
+                prompt="a", **greedy, extra_body={"structured_outputs": {"regex": "ab"}}
+            )
+            assert quick.choices[0].text == "ab" and held.is_alive()
+        finally:
+            slow.set()
+            held.join(60)
+
+
 def sched_copy(model, tok) -> Scheduler:
     return Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=2, max_len=512,
                      eos_ids=[tok.eos_token_id], tokenizer=tok)  # fmt: skip

@@ -78,7 +78,7 @@ from fluid_npu.serve.responses import Shape
 from fluid_npu.serve.responses_output import ResponseOutput, not_kept_routes
 from fluid_npu.serve.responses_output import answer as respond_with
 from fluid_npu.serve.responses_request import parse_responses
-from fluid_npu.serve.structured import Grammars, grammar_after
+from fluid_npu.serve.structured import COMPILE_THREADS, Grammars, grammar_after
 from fluid_npu.serve.text import TokenText, chat_ids
 from fluid_npu.serve.token_fields import bad_word_ids
 from fluid_npu.serve.tokenizing import tokenizer_routes
@@ -123,10 +123,11 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     # prompts are tokenized here, off the event loop (the module docstring); the thread starts
     # with the first request
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-tokenize")
-    # structured outputs: compiled in a thread of their own (a slow schema holds up no prompt),
-    # by a compiler made at the first one
+    # structured outputs: compiled on threads of their own (a slow schema holds up no prompt),
+    # by a compiler made at the first one; several at once (COMPILE_THREADS), so that one slow
+    # schema holds up no other request's (xgrammar's compiler is thread-safe, its work C++)
     grammars = Grammars(tokenizer, config.vocab_size or len(tokenizer), worker.scheduler.eos_ids)
-    compiling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluid-grammar")
+    compiling = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="fluid-grammar")
     gate = Admission(config, worker)  # the checks a request passes before the engine
     specials = text_specials(tokenizer)  # what it adds to a text (kept when one is truncated)
 

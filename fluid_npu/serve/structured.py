@@ -30,6 +30,7 @@ reasoning-aware structured outputs do), or at the first token when the prompt cl
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -195,6 +196,12 @@ def with_eos(constraint: Constraint | None, body: Any) -> Constraint | None:
             param="ignore_eos",
         )
     return constraint
+
+
+# grammars a server compiles at once (app.py's pool): as vLLM sizes its pool (half the
+# cores, at most 8), and at least 2
+COMPILE_THREADS = max(2, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                             else os.cpu_count() or 1, 16) // 2)  # fmt: skip
 
 
 class Grammars:
