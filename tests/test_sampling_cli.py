@@ -562,6 +562,15 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
     assert report["speedup_vs_generate"] == report["speedup_by_batch"]
     assert report["repeats"] == 2  # (the default: interleaved timed rounds)
     assert set(report["overhead_efficiency"]) == {"1", "8"} and report["dtype"] == "float32"
+    for bs, eff in report["overhead_efficiency"].items():  # against the engine's own ar row too
+        if eff is not None:
+            drafting = [r for r in rows if str(r["batch_size"]) == bs and r["lossless"]
+                        and r["tpf"] > 1.0]  # fmt: skip
+            best = max(drafting, key=lambda r: r["speedup"])
+            ar = next(r for r in rows if str(r["batch_size"]) == bs and r["policy"] == "ar"
+                      and r["loop"] == best["loop"])  # fmt: skip
+            want = best["speedup"] / ar["speedup"] / best["tpf"]
+            assert report["overhead_efficiency_vs_ar"][bs] == pytest.approx(want)
     assert all(0.0 <= r["exact_match_rate"] <= 1.0 for r in report["rows"])
     # the work behind each row: at least one computed position per committed token, and a
     # drafting policy never computes less than plain AR (alone in the batch, AR computes exactly
@@ -575,8 +584,9 @@ def test_bench_sampler_writes_report(dirs, tmp_path, capsys):
 
 def test_bench_times_the_baseline_and_every_row_in_interleaved_rounds(monkeypatch):
     """Every configuration is warmed up (first batch) before any is timed, then each round runs
-    them all once over every batch, each keeping its best time: a machine that slows down during
-    a run reaches the baseline and the rows alike, not whichever was timed first."""
+    them all once over every batch, each keeping its best time and that round's output: a
+    machine that slows down during a run reaches the baseline and the rows alike, not whichever
+    was timed first."""
     from types import SimpleNamespace
 
     from fluid_npu.sampling.bench import BenchSettings, _Runner
@@ -602,7 +612,8 @@ def test_bench_times_the_baseline_and_every_row_in_interleaved_rounds(monkeypatc
     got = run.timed(runs, [[[1]], [[2]], [[3]]])
     assert calls == [("generate", 1), ("khead", 1)] + [("generate", 3), ("khead", 3)] * 2
     assert got["generate"][1] == 3.0 and got["khead"][1] == 1.0  # each its best round
-    assert got["generate"][0] == "generate-out-5" and got["khead"][0] == "khead-out-6"  # the last
+    # the output (its TPF, work counts) of the round whose time is reported
+    assert got["generate"][0] == "generate-out-5" and got["khead"][0] == "khead-out-4"
 
 
 def test_bench_sampler_in_bf16(dirs, tmp_path):

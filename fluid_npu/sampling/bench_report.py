@@ -100,7 +100,7 @@ def build_report(
 ) -> dict:
     """The report of a run (``s``: its ``BenchSettings``); the keys are ``bench.py``'s."""
     by_batch = {str(bs): best_lossless(rows, "speedup", bs) for bs in s.batch_sizes}
-    efficiency = {}
+    efficiency, against_ar = {}, {}
     for bs in s.batch_sizes:
         best = max(
             (r for r in rows if r["lossless"] and r["batch_size"] == bs and r["tpf"] > 1.0),
@@ -108,6 +108,11 @@ def build_report(
             default=None,
         )
         efficiency[str(bs)] = None if best is None else best["speedup"] / best["tpf"]
+        ar = next((r for r in rows if r["batch_size"] == bs and r["policy"] == "ar"
+                   and r["loop"] == (best or {}).get("loop") and r["lossless"]), None)  # fmt: skip
+        against_ar[str(bs)] = (
+            None if best is None or ar is None else best["speedup"] / ar["speedup"] / best["tpf"]
+        )
     return {
         "benchmark": "sampler",
         "command": s.command,
@@ -126,6 +131,7 @@ def build_report(
         "speedup_by_batch": by_batch,
         "speedup_vs_generate": by_batch,
         "overhead_efficiency": efficiency,
+        "overhead_efficiency_vs_ar": against_ar,
         "dtype": str(dtype).removeprefix("torch."),
         "adaptive_drafting": (s.gen_kwargs.get("engine_kwargs") or {}).get("adaptive", True),
         "prefix_caching": (s.gen_kwargs.get("engine_kwargs") or {}).get("prefix_caching", True),
