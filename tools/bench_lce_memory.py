@@ -240,8 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        from fluid_npu.io import write_json_atomic
+
+        write_json_atomic(args.json, report)
     return report
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fluid_npu.io import write_json_atomic
 from fluid_npu.layout import LayoutConfig, collate, expand
 from fluid_ops.attention_tiles import tile_stats
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"token_stats_time_ratio {report['token_stats_time_ratio']}", flush=True)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=2))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json_atomic(args.json, report)
     return 0
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fluid_npu.io import write_json_atomic
 from fluid_npu.layout import LayoutConfig, collate, expand, noise_vocabulary
 from fluid_npu.model.attention import configure_attention
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(args.json, report)
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fluid_npu import device as hw
+from fluid_npu.io import write_json_atomic
 from fluid_ops import attention_tiles, attention_triton
 from fluid_ops.attention_tiles import tile_stats
 from fluid_ops.attention_triton import triton_attention
@@ -202,8 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(prof.key_averages().table(sort_by="device_time_total", row_limit=20))
     print(json.dumps(results, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(args.json, results)
     return results
 
 
