@@ -4,8 +4,9 @@ For each batch size and policy it decodes every prompt of ``--prompts`` through 
 twice per repeat — ``Scheduler(lean=True)`` and ``Scheduler(lean=False)``, alternating, each
 variant with its own draft budget (warmed up by one untimed pass) — and keeps each variant's best
 time. It reports tokens/s of both, their ratio (``lean_speedup``), the pass's wall time over its
-decode steps (``*_ms_per_step``: the prefills and the engine's set-up are in it), and checks that both variants committed exactly the same tokens (the lean forward is the modules'
-arithmetic bit for bit; the draft budget's timing-driven choices change shapes, never tokens).
+decode steps (``*_ms_per_step``: the prefills and the engine's set-up are in it), and checks
+that both variants committed exactly the same tokens (the lean forward is the modules' arithmetic
+bit for bit; the draft budget's timing-driven choices change shapes, never tokens).
 Exits 1 when any row's tokens differ.
 
     OMP_NUM_THREADS=1 python tools/bench_lean.py --model runs/demo/stage1 --khead runs/demo/stage2 \
