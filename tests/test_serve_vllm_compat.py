@@ -84,6 +84,49 @@ def test_vllm_launch_flags(capsys):
             _settings(build_parser().parse_args(["serve", "--model", "m", *extra])).check()
 
 
+def test_a_copied_vllm_serve_command_line_gets_an_answer_for_every_flag(capsys, tmp_path):
+    """`vllm serve MODEL ...` as users write it: the model as the first argument; vLLM's flags
+    at values that change nothing accepted, its scheduler / cache settings accepted with one
+    note naming them, any other value one error naming the flag and what to do instead."""
+    from fluid_npu.serve.cli import _settings
+
+    model = str(tmp_path)
+
+    def settings(*argv: str):
+        return _settings(build_parser().parse_args(["serve", *argv]))
+
+    assert settings(model).model == model  # (vllm serve MODEL)
+    assert settings(model, "--model", model).model == model
+    with pytest.raises(ConfigError, match="name two models"):
+        settings(model, "--model", "other")
+    with pytest.raises(ConfigError, match=r"needs a model: fluid serve MODEL_DIR \(or --model"):
+        settings()
+    quiet = settings(model, "--kv-cache-dtype", "auto", "-pp", "1", "--tokenizer", model + "/",
+                     "--load-format", "safetensors", "--guided-decoding-backend", "xgrammar",
+                     "--distributed-executor-backend", "mp",
+                     "--speculative-config", "{}")  # fmt: skip
+    assert quiet.model == model and capsys.readouterr().err == ""
+    settings(model, "--block-size", "16", "--swap-space", "4", "--enable-chunked-prefill")
+    note = capsys.readouterr().err
+    assert "--block-size, --swap-space, --enable-chunked-prefill" in note and "ignored" in note
+    for extra, words in (
+        (["--enable-lora"], "--enable-lora: a Stage I LoRA adapter merges at load: --adapter"),
+        (["--lora-modules", "a=dir"], "--lora-modules: this server serves one model"),
+        (["-q", "awq"], "--quantization awq: .*no quantized kernels"),
+        (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: the KV cache holds the model's"),
+        (["--pipeline-parallel-size", "2"], "--data-parallel-size"),
+        (["--revision", "main"], "nothing is downloaded"),
+        (["--speculative-config", '{"method": "eagle"}'], "FLUID drafts with the model itself"),
+        (["--tokenizer", str(tmp_path.parent)], "the tokenizer is the model directory's own"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            settings(model, *extra)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    shown = capsys.readouterr().out
+    assert "--max-model-len" in shown and "--block-size" not in shown  # (left out of --help)
+
+
 def test_a_root_path_changes_no_route_label_or_relay():
     # behind a proxy that strips --root-path: the server's metrics and refusals keep the route's
     # own name, and the data-parallel front relays to its ranks (which have no root path)

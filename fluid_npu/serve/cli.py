@@ -1,8 +1,8 @@
 """The flags of ``fluid serve`` and ``fluid run-batch`` (``fluid bench serve``'s: ``bench_cli.py``);
 they register with ``fluid_npu.cli``.
 
-``fluid serve --model DIR [--adapter DIR] [--khead DIR] [--policy P] [--dtype D] [--host H]
-[--port N] [--max-batch N] [--max-queue N] [--api-key KEY] [--threads N] ...`` runs the
+``fluid serve [MODEL_DIR | --model DIR] [--adapter DIR] [--khead DIR] [--policy P] [--dtype D]
+[--host H] [--port N] [--max-batch N] [--max-queue N] [--api-key KEY] [--threads N] ...`` runs the
 OpenAI-compatible server (``fluid_npu.serve.server``); ``--api-key`` falls back to
 ``$FLUID_API_KEY``. ``fluid run-batch -i IN.jsonl -o OUT.jsonl --model DIR ...`` answers a file
 of OpenAI batch requests with the same routes, offline (``fluid_npu.serve.batch``).
@@ -255,6 +255,13 @@ def _add_answer_flags(p: argparse.ArgumentParser) -> None:
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    p.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="the model directory, as `vllm serve MODEL` takes it (or --model)",
+    )
     _add_answer_flags(p)
     add_vllm_flags(p, http=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -331,8 +338,15 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
     """The settings of the flags ``_add_answer_flags`` adds, and ``serving``'s (host, port, ...)."""
     from fluid_npu.serve.server import ServeSettings
 
+    tag = getattr(args, "model_tag", None)  # (fluid serve MODEL, as vllm serve MODEL)
+    if tag is not None and args.model is not None and tag != args.model:
+        raise ConfigError(
+            f"fluid {args.command} {tag} and --model {args.model} name two models; give one"
+        )
+    args.model = tag or args.model
     if not args.model:
-        raise ConfigError(f"fluid {args.command} needs --model DIR")
+        where = "MODEL_DIR (or --model DIR)" if args.command == "serve" else "--model DIR"
+        raise ConfigError(f"fluid {args.command} needs a model: fluid {args.command} {where}")
     check_vllm_flags(args)
     if args.tensor_parallel_size != 1:
         raise ConfigError(

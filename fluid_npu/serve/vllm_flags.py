@@ -6,11 +6,24 @@ default; ``--disable-log-requests`` / ``--disable-log-stats`` / ``--disable-uvic
 nothing is logged unless asked; ``--disable-fastapi-docs``: no docs page;
 ``--enable-tokenizer-info-endpoint`` / ``--enable-server-load-tracking``: ``/tokenizer_info``
 and ``/load`` are always there). One that contradicts another flag is one error naming both.
+
+The rest of ``vllm serve``'s flags, so a copied command line gets an answer for each rather than
+"unrecognized arguments" (as ``LLM``'s keywords do, ``sampling/llm_compat.py``): at the value
+that changes nothing here (``--pipeline-parallel-size 1``, ``--kv-cache-dtype auto``,
+``--tokenizer`` the model's own directory, ...) one is accepted; a setting of vLLM's own
+scheduler or cache (``--block-size``, ``--swap-space``, ``--max-num-batched-tokens``, ...), which
+changes no output and has no counterpart in this engine (its slots, prefill chunks and cache are
+its own), is accepted and named in one note on stderr; any other value is one error naming the
+flag and what to do instead (``--enable-lora``: ``--adapter DIR``; ``--speculative-config``:
+FLUID drafts with the model itself, ``--policy`` / ``--khead``; ``--quantization``: no quantized
+kernels). They are left out of ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from fluid_npu.errors import ConfigError
 
@@ -26,10 +39,64 @@ _ALREADY = (
 )
 
 
+_DOWNLOAD = "nothing is downloaded: the model is a local directory"
+_TEXT = "this server reads and writes text"
+# a value flag -> (its values that change nothing here, lower-cased; what to do instead)
+_NEUTRAL: dict[str, tuple[tuple[str, ...], str]] = {
+    "--task": (("auto", "generate"), _TEXT),
+    "--runner": (("auto", "generate"), _TEXT),
+    "--tokenizer-mode": (("auto", "hf"), "the model's own (fast) tokenizer is used"),
+    "--quantization": (("none",), "weights load in --dtype (auto: the checkpoint's); there are "
+                       "no quantized kernels here"),
+    "--revision": ((), _DOWNLOAD),
+    "--tokenizer-revision": ((), _DOWNLOAD),
+    "--code-revision": ((), _DOWNLOAD),
+    "--download-dir": ((), _DOWNLOAD),
+    "--hf-token": ((), _DOWNLOAD),
+    "--load-format": (("auto", "safetensors"), "weights load as transformers loads them"),
+    "--pipeline-parallel-size": (("1",), "an engine holds the whole model on one device; "
+                                 "--data-parallel-size N serves copies"),
+    "--distributed-executor-backend": (("mp", "uni"), "one process runs each engine"),
+    "--kv-cache-dtype": (("auto",), "the KV cache holds the model's dtype (--dtype)"),
+    "--cpu-offload-gb": (("0", "0.0"), "the weights stay on one device"),
+    "--speculative-config": (("{}", "null"), "FLUID drafts with the model itself (--policy, "
+                             "--khead): there is no draft model"),
+    "--guided-decoding-backend": (("auto", "xgrammar"), "structured outputs use xgrammar"),
+    "--model-impl": (("auto", "transformers"), "the model loads with transformers"),
+    "--limit-mm-per-prompt": (("{}",), _TEXT),
+    "--hf-overrides": (("{}",), "edit the model's config.json instead"),
+}  # fmt: skip
+_SHORT = {"--quantization": "-q", "--pipeline-parallel-size": "-pp"}  # (vLLM's short forms)
+_ADAPTERS = "a Stage I LoRA adapter merges at load: --adapter DIR (or fluid merge it)"
+_REFUSED_SWITCHES = {"--enable-lora": _ADAPTERS, "--enable-sleep-mode": "the model stays loaded"}
+# vLLM's own scheduler / cache / compilation settings: no output changes, no counterpart here
+_ENGINE_ONLY = (
+    "--block-size", "--swap-space", "--max-num-batched-tokens", "--max-seq-len-to-capture",
+    "--num-gpu-blocks-override", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
+    "--preemption-mode", "--num-scheduler-steps", "--cuda-graph-sizes", "--scheduler-delay-factor",
+    "--long-prefill-token-threshold", "--max-num-partial-prefills", "--compilation-config",
+)  # fmt: skip
+_ENGINE_SWITCHES = (
+    "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--disable-custom-all-reduce",
+    "--async-scheduling", "--disable-async-output-proc",
+)  # fmt: skip
+
+
+def _dest(flag: str) -> str:
+    return "vllm_" + flag.lstrip("-").replace("-", "_")
+
+
 def add_vllm_flags(p: argparse.ArgumentParser, *, http: bool) -> None:
     """Add the flags (``http``: the server's own too: ``--root-path``, ``--uvicorn-log-level``)."""
     for flag, why in _ALREADY:
         p.add_argument(flag, action="store_true", help=f"vLLM's; accepted: {why}")
+    hidden = argparse.SUPPRESS
+    for flag in (*_NEUTRAL, "--tokenizer", *_ENGINE_ONLY):
+        names = (flag, _SHORT[flag]) if flag in _SHORT else (flag,)
+        p.add_argument(*names, dest=_dest(flag), default=None, help=hidden)
+    for flag in (*_REFUSED_SWITCHES, *_ENGINE_SWITCHES):
+        p.add_argument(flag, dest=_dest(flag), action="store_true", help=hidden)
+    p.add_argument("--lora-modules", dest=_dest("--lora-modules"), nargs="+", help=hidden)
     if http:
         p.add_argument(
             "--root-path",
@@ -45,7 +112,33 @@ def add_vllm_flags(p: argparse.ArgumentParser, *, http: bool) -> None:
 
 
 def check_vllm_flags(args: argparse.Namespace) -> None:
-    """A vLLM flag that contradicts one of this server's: one error naming both."""
+    """A vLLM flag that contradicts one of this server's: one error naming both; one this server
+    has no use for at the value given: one error naming it and what to do instead (module
+    docstring); vLLM's engine settings given: one note naming them."""
+    for flag, (neutral, why) in _NEUTRAL.items():
+        value = getattr(args, _dest(flag), None)
+        if value is not None and value.strip().lower() not in neutral:
+            raise ConfigError(f"{flag} {value}: {why}; leave {flag} out")
+    tokenizer = getattr(args, _dest("--tokenizer"), None)
+    if tokenizer is not None and not _same_dir(tokenizer, args.model):
+        raise ConfigError(
+            f"--tokenizer {tokenizer}: the tokenizer is the model directory's own (with its MASK "
+            "token); copy its files into the model directory and leave --tokenizer out"
+        )
+    for flag, why in _REFUSED_SWITCHES.items():
+        if getattr(args, _dest(flag), False):
+            raise ConfigError(f"{flag}: {why}; leave {flag} out")
+    if getattr(args, _dest("--lora-modules"), None):
+        raise ConfigError(f"--lora-modules: this server serves one model; {_ADAPTERS}")
+    ignored = [f for f in _ENGINE_ONLY if getattr(args, _dest(f), None) is not None]
+    ignored += [f for f in _ENGINE_SWITCHES if getattr(args, _dest(f), False)]
+    if ignored:
+        print(
+            f"fluid: note: {', '.join(ignored)}: vLLM's own scheduler and cache settings, which "
+            "change no output and have no counterpart in this engine (its slots, prefill chunks "
+            "and cache are its own): ignored",
+            file=sys.stderr,
+        )
     if args.enable_prefix_caching and args.no_enable_prefix_caching:
         raise ConfigError(
             "--enable-prefix-caching and --no-enable-prefix-caching contradict each other; give one"
@@ -54,3 +147,10 @@ def check_vllm_flags(args: argparse.Namespace) -> None:
         raise ConfigError(
             "--disable-log-requests and --enable-log-requests contradict each other; give one"
         )
+
+
+def _same_dir(a: str, b: str | None) -> bool:
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b or "")
