@@ -93,7 +93,8 @@ def add_vllm_flags(p: argparse.ArgumentParser, *, http: bool) -> None:
     hidden = argparse.SUPPRESS
     for flag in (*_NEUTRAL, "--tokenizer", *_ENGINE_ONLY):
         names = (flag, _SHORT[flag]) if flag in _SHORT else (flag,)
-        p.add_argument(*names, dest=_dest(flag), default=None, help=hidden)
+        bare = {"nargs": "?", "const": "true"} if flag == "--hf-token" else {}  # (vLLM's: bare)
+        p.add_argument(*names, dest=_dest(flag), default=None, help=hidden, **bare)
     for flag in (*_REFUSED_SWITCHES, *_ENGINE_SWITCHES):
         p.add_argument(flag, dest=_dest(flag), action="store_true", help=hidden)
     p.add_argument("--lora-modules", dest=_dest("--lora-modules"), nargs="+", help=hidden)
