@@ -431,6 +431,10 @@ def test_a_clients_request_id_names_its_answer_and_comes_back_as_a_header(monkey
             chat = httpx.post(f"{url}/v1/chat/completions", headers={"X-Request-Id": "dup"},
                               json={"messages": [{"role": "user", "content": "b"}]})  # fmt: skip
             assert chat.status_code == 400  # (one running request per id, whatever its route)
+            # refused before its grammar compiles (here one that would not compile)
+            held = httpx.post(f"{url}/v1/completions", headers={"X-Request-Id": "dup"}, json={
+                "prompt": "b", "max_tokens": 1, "structured_outputs": {"regex": "(a"}})  # fmt: skip
+            assert held.json()["error"]["param"] == "X-Request-Id", held.json()
         sched.step_s = 0.0
     with serving(ScriptedScheduler(), request_id_headers=True) as (url, _, _):
         given = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 1},

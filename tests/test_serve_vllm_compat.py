@@ -96,19 +96,26 @@ def test_a_copied_vllm_serve_command_line_gets_an_answer_for_every_flag(capsys, 
         return _settings(build_parser().parse_args(["serve", *argv]))
 
     assert settings(model).model == model  # (vllm serve MODEL)
-    assert settings(model, "--model", model).model == model
+    assert settings(model, "--model", model + "/").model == model  # (the same directory)
     with pytest.raises(ConfigError, match="name two models"):
         settings(model, "--model", "other")
     with pytest.raises(ConfigError, match=r"needs a model: fluid serve MODEL_DIR \(or --model"):
         settings()
+    with pytest.raises(ConfigError, match=r"--served-model-name took .* put the model first"):
+        settings("--served-model-name", "a", model)  # (its list takes MODEL, as vLLM's does)
     quiet = settings(model, "--kv-cache-dtype", "auto", "-pp", "1", "--tokenizer", model + "/",
                      "--load-format", "safetensors", "--guided-decoding-backend", "xgrammar",
-                     "--distributed-executor-backend", "mp",
-                     "--speculative-config", "{}")  # fmt: skip
+                     "--distributed-executor-backend", "mp", "--speculative-config", "{}",
+                     "--chat-template-content-format", "string", "--response-role", "assistant",
+                     "--enable-prompt-tokens-details")  # fmt: skip
     assert quiet.model == model and capsys.readouterr().err == ""
-    settings(model, "--block-size", "16", "--swap-space", "4", "--enable-chunked-prefill")
+    settings(model, "--block-size", "16", "--swap-space", "4", "--enable-chunked-prefill", "-O3")
     note = capsys.readouterr().err
-    assert "--block-size, --swap-space, --enable-chunked-prefill" in note and "ignored" in note
+    assert "--block-size, --swap-space, --compilation-config, --enable-chunked-prefill" in note
+    assert "ignored" in note
+    with pytest.raises(ConfigError) as info:
+        settings(model, "--hf-token", "hf_SECRET")
+    assert "nothing is downloaded" in str(info.value) and "hf_SECRET" not in str(info.value)
     for extra, words in (
         (["--enable-lora"], "--enable-lora: a Stage I LoRA adapter merges at load: --adapter"),
         (["--lora-modules", "a=dir"], "--lora-modules: this server serves one model"),
@@ -118,6 +125,9 @@ def test_a_copied_vllm_serve_command_line_gets_an_answer_for_every_flag(capsys, 
         (["--revision", "main"], "nothing is downloaded"),
         (["--speculative-config", '{"method": "eagle"}'], "FLUID drafts with the model itself"),
         (["--tokenizer", str(tmp_path.parent)], "the tokenizer is the model directory's own"),
+        (["--chat-template-content-format", "openai"], "vLLM's 'string' format"),
+        (["--disable-sliding-window"], "decodes within its window"),
+        (["--api-server-count", "4"], "one HTTP process"),
     ):
         with pytest.raises(ConfigError, match=words):
             settings(model, *extra)

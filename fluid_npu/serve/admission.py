@@ -194,11 +194,16 @@ class Admission:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
 
+    def id_free(self, rid: str, param: str = "X-Request-Id") -> None:
+        """A 400 while another running request holds the id ``rid`` (``param``: where it came
+        from); ``take_id`` checks again as it takes it."""
+        if rid in self.running:
+            raise id_in_use(rid, param)
+
     def take_id(self, rid: str, choices: int, param: str = "X-Request-Id") -> None:
         """Hold ``rid`` for a request of ``choices`` choices; a 400 while another holds it
         (``param``: where the id came from)."""
-        if rid in self.running:
-            raise id_in_use(rid, param)
+        self.id_free(rid, param)
         self.running[rid] = choices
 
     def release_id(self, rid: str, n: int = 1) -> None:

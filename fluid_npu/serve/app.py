@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -78,36 +77,13 @@ from fluid_npu.serve.responses import Shape
 from fluid_npu.serve.responses_output import ResponseOutput, not_kept_routes
 from fluid_npu.serve.responses_output import answer as respond_with
 from fluid_npu.serve.responses_request import parse_responses
+from fluid_npu.serve.settings import ServeConfig
 from fluid_npu.serve.structured import COMPILE_THREADS, Grammars, grammar_after
 from fluid_npu.serve.text import TokenText, chat_ids
 from fluid_npu.serve.token_fields import bad_word_ids
 from fluid_npu.serve.tokenizing import tokenizer_routes
 from fluid_npu.serve.tools import ToolSetting, tool_parser
 from fluid_npu.serve.worker import Worker
-
-
-@dataclass
-class ServeConfig:
-    model_name: str  # the default id (answers carry it)
-    max_len: int  # prompt + new tokens, per request
-    max_batch: int
-    max_queue: int | None = None  # waiting places beyond the batch; None: unbounded
-    api_key: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)  # shown by /health: policy, device, ...
-    # what a request that leaves temperature / top_p / top_k / min_p out gets
-    defaults: protocol.SamplingDefaults = field(default_factory=protocol.SamplingDefaults)
-    vocab_size: int | None = None  # the model's (logit_bias ids); None: the tokenizer's length
-    # the chat template's variables a request's chat_template_kwargs go over
-    template_kwargs: dict[str, Any] = field(default_factory=dict)
-    trust_request_chat_template: bool = False  # whether a request may bring its own template
-    reasoning_parser: str | None = None  # --reasoning-parser: chat reasoning apart (reasoning.py)
-    tool_call_parser: str | None = None  # --enable-auto-tool-choice's parser (tools.py)
-    request_id_headers: bool = False  # X-Request-Id on every response (http.RequestIdHeader)
-    tokens_as_ids: bool = False  # --return-tokens-as-token-ids: logprobs' tokens "token_id:N"
-    max_logprobs: int = protocol.MAX_TOP_LOGPROBS  # alternatives a request may ask (-1: all)
-    other_names: tuple[str, ...] = ()  # more --served-model-name ids (listed and accepted)
-    aliases: tuple[str, ...] = ()  # accepted, not listed (the --model string as given)
-    root: str | None = None  # the model's directory (its cards' root, as vLLM's)
 
 
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
@@ -163,13 +139,14 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         check_key(request.headers.get("authorization", ""), config.api_key)
 
     async def checked(
-        prompts: list[list[int]], s: protocol.Sampling, chat: bool
+        prompts: list[list[int]], s: protocol.Sampling, chat: bool, rid: str, id_param: str
     ) -> tuple[list[int], SamplingParams, Grammar | None]:
         """Every check of a request's prompts and settings — each prompt against the context,
-        the sampling settings, the size of its log-probabilities, the server's room — then its
-        grammar (``s.constraint`` compiled on a thread of its own), so that a refused request
-        costs no compile (a chat's tools forced by ``tool_choice`` take seconds and gigabytes):
-        each prompt's token limit, the engine's settings and the grammar, for ``admit``."""
+        the sampling settings, the size of its log-probabilities, the server's room, its id
+        (``rid``) not running — then its grammar (``s.constraint`` compiled on the grammar
+        pool), so that a refused request costs no compile (a chat's tools forced by
+        ``tool_choice`` take seconds and gigabytes): each prompt's token limit, the engine's
+        settings and the grammar, for ``admit``."""
         limits = [gate.length(ids, s, "messages" if chat else "prompt") for ids in prompts]
         loop = asyncio.get_running_loop()
         if s.bad_words:  # (on the tokenizing thread: a long list takes a while)
@@ -178,6 +155,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         params = gate.sampling(s, min(limits), chat, config.vocab_size or len(tokenizer))
         gate.answer_size(prompts, limits, s, chat)
         gate.capacity(len(prompts) * s.n, s.n)
+        gate.id_free(rid, id_param)
         if s.constraint is None:
             return limits, params, None
         return limits, params, await loop.run_in_executor(compiling, grammars.compile,
@@ -368,7 +346,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         for shape in shapes:
             shape.prompt_ids, shape.prompt_top = prompts[shape.index // s.n], s.prompt_logprobs
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
-        settled = await checked(prompts, req.sampling, chat)
+        settled = await checked(prompts, req.sampling, chat, base, request.state.id_param)
         chat_req = isinstance(req, protocol.ChatRequest)
         continuing = chat_req and req.render.continue_final_message  # type: ignore[union-attr]
         gens = await admit(shapes, prompts, req.sampling, arrived, settled, texts, tools,
@@ -394,7 +372,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         shape = Shape(True, rid, config.model_name, words, as_ids=config.tokens_as_ids)
         try:  # (the later checks name the chat fields: renamed as the request gave them)
             prompt = await conversation_ids(req.chat)
-            settled = await checked([prompt], req.chat.sampling, True)
+            settled = await checked([prompt], req.chat.sampling, True, base,
+                                    request.state.id_param)  # fmt: skip
             gen, = await admit([shape], [prompt], req.chat.sampling, arrived, settled, None,
                                req.chat.tools, rid=base,
                                id_param=request.state.id_param)  # fmt: skip

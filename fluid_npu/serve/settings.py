@@ -1,6 +1,6 @@
 """``fluid serve``'s settings (``ServeSettings``: every flag of ``fluid serve`` / ``fluid
-run-batch``, checked before anything loads) and the model ids it answers to (``served_names``,
-``model_aliases``)."""
+run-batch``, checked before anything loads), the model ids it answers to (``served_names``,
+``model_aliases``) and what the application reads of them (``ServeConfig``, ``app.py``'s)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.generation_defaults import check_override
 from fluid_npu.sampling.inputs import DTYPE_ALIASES
 from fluid_npu.sampling.requests import LOGPROBS_MODES, SCHEDULING_POLICIES
+from fluid_npu.serve import protocol
 from fluid_npu.serve.network import Network
 from fluid_npu.serve.protocol import MAX_TOP_LOGPROBS
 
@@ -196,3 +197,27 @@ def model_aliases(settings: ServeSettings) -> tuple[str, ...]:
     """Ids accepted but not listed: without ``--served-model-name``, the ``--model`` string as
     given (vLLM's default id, which clients written for it send)."""
     return () if settings.served_model_name else (settings.model,)
+
+
+@dataclass
+class ServeConfig:
+    model_name: str  # the default id (answers carry it)
+    max_len: int  # prompt + new tokens, per request
+    max_batch: int
+    max_queue: int | None = None  # waiting places beyond the batch; None: unbounded
+    api_key: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # shown by /health: policy, device, ...
+    # what a request that leaves temperature / top_p / top_k / min_p out gets
+    defaults: protocol.SamplingDefaults = field(default_factory=protocol.SamplingDefaults)
+    vocab_size: int | None = None  # the model's (logit_bias ids); None: the tokenizer's length
+    # the chat template's variables a request's chat_template_kwargs go over
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_request_chat_template: bool = False  # whether a request may bring its own template
+    reasoning_parser: str | None = None  # --reasoning-parser: chat reasoning apart (reasoning.py)
+    tool_call_parser: str | None = None  # --enable-auto-tool-choice's parser (tools.py)
+    request_id_headers: bool = False  # X-Request-Id on every response (http.RequestIdHeader)
+    tokens_as_ids: bool = False  # --return-tokens-as-token-ids: logprobs' tokens "token_id:N"
+    max_logprobs: int = protocol.MAX_TOP_LOGPROBS  # alternatives a request may ask (-1: all)
+    other_names: tuple[str, ...] = ()  # more --served-model-name ids (listed and accepted)
+    aliases: tuple[str, ...] = ()  # accepted, not listed (the --model string as given)
+    root: str | None = None  # the model's directory (its cards' root, as vLLM's)

@@ -198,10 +198,10 @@ def with_eos(constraint: Constraint | None, body: Any) -> Constraint | None:
     return constraint
 
 
-# grammars a server compiles at once (app.py's pool): as vLLM sizes its pool (half the
-# cores, at most 8), and at least 2
-COMPILE_THREADS = max(2, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                             else os.cpu_count() or 1, 16) // 2)  # fmt: skip
+# grammars a server compiles at once (app.py's pool): as vLLM sizes its pool, half the cores
+# (rounded up), and here at least 2 (one slow schema holds up no other) and at most 8
+COMPILE_THREADS = max(2, min((len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count() or 1) + 1, 16) // 2)  # fmt: skip
 
 
 class Grammars:

@@ -7,9 +7,9 @@ nothing is logged unless asked; ``--disable-fastapi-docs``: no docs page;
 ``--enable-tokenizer-info-endpoint`` / ``--enable-server-load-tracking``: ``/tokenizer_info``
 and ``/load`` are always there). One that contradicts another flag is one error naming both.
 
-The rest of ``vllm serve``'s flags, so a copied command line gets an answer for each rather than
-"unrecognized arguments" (as ``LLM``'s keywords do, ``sampling/llm_compat.py``): at the value
-that changes nothing here (``--pipeline-parallel-size 1``, ``--kv-cache-dtype auto``,
+Most of the rest of ``vllm serve``'s flags, so a copied command line gets an answer for each
+rather than "unrecognized arguments" (as ``LLM``'s keywords do, ``sampling/llm_compat.py``): at
+the value that changes nothing here (``--pipeline-parallel-size 1``, ``--kv-cache-dtype auto``,
 ``--tokenizer`` the model's own directory, ...) one is accepted; a setting of vLLM's own
 scheduler or cache (``--block-size``, ``--swap-space``, ``--max-num-batched-tokens``, ...), which
 changes no output and has no counterpart in this engine (its slots, prefill chunks and cache are
@@ -36,6 +36,7 @@ _ALREADY = (
     ("--disable-fastapi-docs", "no /docs page is served"),
     ("--enable-tokenizer-info-endpoint", "/tokenizer_info is always served"),
     ("--enable-server-load-tracking", "/load is always served"),
+    ("--enable-prompt-tokens-details", "usage's prompt_tokens_details is always given"),
 )
 
 
@@ -65,20 +66,35 @@ _NEUTRAL: dict[str, tuple[tuple[str, ...], str]] = {
     "--model-impl": (("auto", "transformers"), "the model loads with transformers"),
     "--limit-mm-per-prompt": (("{}",), _TEXT),
     "--hf-overrides": (("{}",), "edit the model's config.json instead"),
+    "--chat-template-content-format": (("auto", "string"), "the chat template gets each "
+                                       "message's text as one string, text parts joined one per "
+                                       "line (vLLM's 'string' format)"),
+    "--response-role": (("assistant",), "answers come from the assistant role"),
+    "--api-server-count": (("1",), "one HTTP process fronts the engines; --data-parallel-size N "
+                           "serves copies"),
+    "--config": ((), "give the flags on the command line"),
 }  # fmt: skip
-_SHORT = {"--quantization": "-q", "--pipeline-parallel-size": "-pp"}  # (vLLM's short forms)
+_SECRET = ("--hf-token",)  # (its value is never repeated in an error)
+_SHORT = {"--quantization": "-q", "--pipeline-parallel-size": "-pp", "--compilation-config": "-O"}
 _ADAPTERS = "a Stage I LoRA adapter merges at load: --adapter DIR (or fluid merge it)"
-_REFUSED_SWITCHES = {"--enable-lora": _ADAPTERS, "--enable-sleep-mode": "the model stays loaded"}
+_REFUSED_SWITCHES = {
+    "--enable-lora": _ADAPTERS,
+    "--enable-sleep-mode": "the model stays loaded",
+    "--disable-sliding-window": "a sliding-window model decodes within its window (--max-len "
+    "is capped by it)",
+}
 # vLLM's own scheduler / cache / compilation settings: no output changes, no counterpart here
 _ENGINE_ONLY = (
     "--block-size", "--swap-space", "--max-num-batched-tokens", "--max-seq-len-to-capture",
     "--num-gpu-blocks-override", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
     "--preemption-mode", "--num-scheduler-steps", "--cuda-graph-sizes", "--scheduler-delay-factor",
-    "--long-prefill-token-threshold", "--max-num-partial-prefills", "--compilation-config",
+    "--long-prefill-token-threshold", "--max-num-partial-prefills", "--max-long-partial-prefills",
+    "--compilation-config",
 )  # fmt: skip
 _ENGINE_SWITCHES = (
     "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--disable-custom-all-reduce",
-    "--async-scheduling", "--disable-async-output-proc",
+    "--async-scheduling", "--disable-async-output-proc", "--disable-frontend-multiprocessing",
+    "--enable-expert-parallel",
 )  # fmt: skip
 
 
@@ -119,9 +135,10 @@ def check_vllm_flags(args: argparse.Namespace) -> None:
     for flag, (neutral, why) in _NEUTRAL.items():
         value = getattr(args, _dest(flag), None)
         if value is not None and value.strip().lower() not in neutral:
-            raise ConfigError(f"{flag} {value}: {why}; leave {flag} out")
+            given = flag if flag in _SECRET else f"{flag} {value}"
+            raise ConfigError(f"{given}: {why}; leave {flag} out")
     tokenizer = getattr(args, _dest("--tokenizer"), None)
-    if tokenizer is not None and not _same_dir(tokenizer, args.model):
+    if tokenizer is not None and not same_dir(tokenizer, args.model):
         raise ConfigError(
             f"--tokenizer {tokenizer}: the tokenizer is the model directory's own (with its MASK "
             "token); copy its files into the model directory and leave --tokenizer out"
@@ -150,7 +167,8 @@ def check_vllm_flags(args: argparse.Namespace) -> None:
         )
 
 
-def _same_dir(a: str, b: str | None) -> bool:
+def same_dir(a: str, b: str | None) -> bool:
+    """Whether ``a`` and ``b`` name the same directory (the same path where neither exists)."""
     try:
         return b is not None and os.path.samefile(a, b)
     except OSError:
