@@ -86,6 +86,35 @@ def test_lean_forward_is_bit_identical_to_the_modules(tok, arch, extra, dtype, m
         assert ours.dtype == dtype and torch.equal(ours, theirs)
 
 
+def test_restated_norms_are_the_modules_and_follow_a_replaced_forward(tok):
+    """transformers' RMSNorm runs restated (fewer ops, the same bits); a forward replaced on the
+    instance or the class after the engine was made is followed."""
+    model = build_tiny_model("qwen3", tok, seed=3)
+    lean = LeanDecoder.of(model)
+    norms = [model.model.norm, model.model.layers[0].self_attn.q_norm]
+    assert all(id(n) in lean._stock for n in norms)
+    with torch.no_grad():
+        for n in norms:
+            n.weight.add_(torch.randn_like(n.weight))
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in norms:
+            n.to(dtype)
+            x = torch.randn(2, 3, n.weight.shape[0], dtype=dtype) * 5
+            assert torch.equal(lean._norm(n, x), n.forward(x))
+    norm = norms[0]
+    x = torch.randn(2, 3, norm.weight.shape[0], dtype=norm.weight.dtype)
+    norm.forward = lambda h: h * 2
+    assert torch.equal(lean._norm(norm, x), x * 2)
+    del norm.forward
+    cls = type(norm)
+    original = cls.forward
+    try:
+        cls.forward = lambda self, h: h * 3
+        assert torch.equal(lean._norm(norm, x), x * 3)
+    finally:
+        cls.forward = original
+
+
 def test_models_it_cannot_reproduce_keep_the_module_path(tok):
     from peft import LoraConfig, get_peft_model
 

@@ -6,9 +6,14 @@ model that walk is a large share of a decode step: on this project's CPU the dem
 step spends ~0.3 ms of its ~1.3 ms there, and an AR step ~0.25 ms of ~0.6 ms; on an Ascend NPU in
 eager mode every launch is host work too. ``LeanDecoder`` runs the decoder of a Llama, Mistral,
 Qwen2 or Qwen3 model as plain tensor calls over the engine's slot cache (``kv.py``): the layers'
-own weights (no copy), the model's own rotary-embedding and RMSNorm modules' ``forward`` (so every
-RoPE scaling and norm detail is transformers'), and exactly the operations of the modeling code
-in its order, so its hidden states are bit-identical to the module path (tested in fp32 and bf16).
+own weights (no copy), the model's own rotary-embedding module's ``forward`` (so every RoPE
+scaling is transformers'), its RMSNorms' arithmetic, and exactly the operations of the modeling
+code in its order, so its hidden states are bit-identical to the module path (tested in fp32 and
+bf16). Two restatements keep the bits with fewer ops: an RMSNorm whose forward is transformers'
+own runs as ``_rms_norm`` (the same ops, in-place where the tensor is its own, no no-op casts),
+and ``rotate_half(x) * sin`` runs as ``x.roll(half) * sin'`` with ``sin'`` the sine with its first
+half negated (made once per forward; a negation is exact and a product rounds symmetrically in
+sign, so every element is the same).
 
 It applies only where that equivalence is known; ``LeanDecoder.of`` returns None otherwise and the
 engine runs the model's modules as before. Every module it bypasses — the decoder, its layers,
@@ -19,8 +24,10 @@ projection a plain ``nn.Linear`` (no PEFT wrapper, no quantised layer); each lay
 its place; no forward hook, global or per module (accelerate's offload included; transformers'
 output-capturing hooks, inert unless outputs are captured, are allowed); no ``torch.compile``-d
 submodule; no hub kernels; and transformers' own ``apply_rotary_pos_emb`` in the modeling module
-(the fused layers of training replace it process-wide). Norms, the rotary embedding, the activation
-and the embedding are called through their ``forward``, so a replacement there is followed.
+(the fused layers of training replace it process-wide). The rotary embedding, the activation, the
+embedding and any norm whose forward is not transformers' own RMSNorm's are called through their
+``forward``, so a replacement there (on the instance or the class, made before or after the
+engine) is followed.
 ``Scheduler(lean=False)`` turns it off; under ``Scheduler(compile=True)`` it is also what the
 decode step compiles.
 """
@@ -117,14 +124,19 @@ class LeanDecoder:
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm
         self.layers = layers
+        # norms whose forward is transformers' own RMSNorm run as ``_rms_norm`` (its arithmetic,
+        # fewer dispatches) while their class keeps that forward; any other is called as is
+        norms = [n for y in layers for n in (y.norm1, y.norm2, y.q_norm, y.k_norm) if n is not None]
+        self._stock = {id(n): type(n).forward for n in [self.norm, *norms] if _stock_rms_norm(n)}
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> LeanDecoder | None:
         """The lean forward of ``model``'s decoder, or None where it is not known to be exact.
 
         Every module it bypasses must be exactly transformers' class with the class's forward;
-        norms, the rotary embedding, the activation and the embedding are called through their own
-        ``forward`` (an instance's replacement included). Checked once, when an engine is made.
+        the rotary embedding, the activation, the embedding and norms not restated are called
+        through their own ``forward`` (an instance's replacement included). Checked once, when an
+        engine is made (a norm's forward replaced later is followed: ``_norm``).
         """
         dec = model.get_decoder()
         kinds = _classes(dec)
@@ -180,31 +192,73 @@ class LeanDecoder:
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, kv: SlotKV
     ) -> torch.Tensor:
         plan = kv.plan
+        norm = self._norm
         h = self.embed.forward(input_ids)
         cos, sin = self.rotary.forward(h, position_ids)
         cos, sin = cos[:, None], sin[:, None]
+        # rotate_half(x) * sin == x.roll(half) * [-sin_lo, sin_hi], bit for bit (a negation is
+        # exact and a product's rounding is symmetric in sign): a roll, not slices, neg and cat
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         b, w = input_ids.shape
         for i, ly in enumerate(self.layers):
-            x = ly.norm1.forward(h)
+            x = norm(ly.norm1, h)
             shape = (b, w, -1, ly.head_dim)
             q = F.linear(x, ly.q.weight, ly.q.bias).view(shape)
             k = F.linear(x, ly.k.weight, ly.k.bias).view(shape)
             if ly.q_norm is not None:
-                q, k = ly.q_norm.forward(q), ly.k_norm.forward(k)
+                q, k = norm(ly.q_norm, q), norm(ly.k_norm, k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = F.linear(x, ly.v.weight, ly.v.bias).view(shape).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
             k, v = kv.update(k, v, i)
             out, _ = slot_attention(ly.attn, q, k, v, None, ly.attn.scaling, fluid_plan=plan)
             h = h + F.linear(out.reshape(b, w, -1), ly.o.weight, ly.o.bias)
-            x = ly.norm2.forward(h)
+            x = norm(ly.norm2, h)
             gate = ly.act.forward(F.linear(x, ly.gate.weight, ly.gate.bias))
             x = gate * F.linear(x, ly.up.weight, ly.up.bias)
             h = h + F.linear(x, ly.down.weight, ly.down.bias)
-        return self.norm.forward(h)
+        return norm(self.norm, h)
+
+    def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        stock = self._stock.get(id(module))
+        if stock is None or type(module).forward is not stock or "forward" in vars(module):
+            return module.forward(x)  # (a forward replaced since: followed)
+        return _rms_norm(module, x)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _stock_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is transformers' own RMSNorm forward of its architecture (the
+    one ``_rms_norm`` restates), not one patched onto the class or the instance."""
+    cls = type(module)
+    fn = cls.__dict__.get("forward")
+    return (
+        fn is not None
+        and "forward" not in vars(module)
+        and cls.__name__.endswith("RMSNorm")
+        and cls.__module__.startswith("transformers.models.")
+        and getattr(fn, "__module__", None) == cls.__module__
+        and getattr(fn, "__qualname__", None) == f"{cls.__name__}.forward"
+        and not hasattr(fn, "__wrapped__")
+        and fn.__code__.co_names == _RMS_NAMES
+    )
+
+
+def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' Llama-family RMSNorm (``_RMS_NAMES``' forward), op for op in its arithmetic
+    — pow, mean, + eps, rsqrt, x * that, weight * x (a product commutes bit for bit) — with the
+    casts that change nothing skipped and the in-place ops writing only tensors made here."""
+    dtype = x.dtype
+    h = x if dtype == torch.float32 else x.to(torch.float32)
+    var = h.pow(2).mean(-1, keepdim=True)
+    h = h * var.add_(module.variance_epsilon).rsqrt_()
+    if dtype != torch.float32:
+        h = h.to(dtype)
+    weight = module.weight
+    return h.mul_(weight) if weight.dtype == h.dtype else weight * h
+
+
+# the names Llama's RMSNorm forward reads (its code changing changes them: then no restating)
+_RMS_NAMES = ("dtype", "to", "torch", "float32", "pow", "mean", "rsqrt",
+              "variance_epsilon", "weight")  # fmt: skip
