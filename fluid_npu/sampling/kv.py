@@ -6,10 +6,10 @@ once (zeros, so no stale memory is ever NaN); a cache larger than the device's f
 killer would otherwise end the process later, without a word). A slot's cache index *is* the token's
 position: a request in slot ``s`` with ``n`` committed tokens holds positions ``0 … n-2`` at indices
 ``0 … n-2`` (the last committed token is fed by the next step). A forward writes its ``W`` new
-entries per row at indices ``len_b … len_b + W − 1`` (``index_put_``: no reallocation, no
-concatenation, no copy of the cache); after the step only the accepted main tokens — which come
-first in a step's memory order, at index = position — count as committed, so nothing needs cutting:
-whatever lies at or beyond a row's committed length is simply never visible.
+entries per row at indices ``len_b … len_b + W − 1`` (``index_copy_``; compiled, ``index_put_``:
+no reallocation, no concatenation, no copy of the cache); after the step only the accepted main
+tokens — which come first in a step's memory order, at index = position — count as committed, so
+nothing needs cutting: whatever lies at or beyond a row's committed length is simply never visible.
 
 Visibility, per forward, from the committed lengths and the new tokens' §1.1 metadata alone
 (``step_mask``): a real query sees every committed entry of its row (every anchor of a step lies
@@ -172,6 +172,7 @@ class SlotKV(Cache):
         self.layers: list[Any] = []  # transformers' layer objects are not used
         self.plan: ForwardPlan | None = None
         self._rows: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -197,6 +198,14 @@ class SlotKV(Cache):
             self._rows = plan.rows[:, None]
         else:
             self._rows = torch.arange(plan.lo, plan.hi, device=plan.write.device)[:, None]
+        # eager, the same writes as one index_copy_ per tensor into the cache seen as
+        # [slots * kv_heads * capacity, head_dim], at each new entry's row in the new keys'
+        # [B, W, H] order: every index distinct (a slot per row, an index per token) and, as the
+        # engine sizes its cache (scheduler.py: max_len plus the widest forward), in range — a
+        # write past capacity would land in the next head's row here, not raise
+        _, heads, cap, _ = self.keys[0].shape
+        h = torch.arange(heads, device=plan.write.device)
+        self._flat = ((self._rows[:, :, None] * heads + h) * cap + plan.write[:, :, None]).flatten()
 
     def update(
         self,
@@ -225,8 +234,13 @@ class SlotKV(Cache):
                 plan.overflow |= ~fine
             new_k = torch.nan_to_num(new_k, nan=0.0, posinf=0.0, neginf=0.0)
             new_v = torch.nan_to_num(new_v, nan=0.0, posinf=0.0, neginf=0.0)
-        keys[self._rows, :, plan.write] = new_k
-        values[self._rows, :, plan.write] = new_v
+        if not torch.compiler.is_compiling() and self._flat is not None:  # (compiled: below)
+            d = keys.shape[-1]
+            keys.view(-1, d).index_copy_(0, self._flat, new_k.reshape(-1, d))
+            values.view(-1, d).index_copy_(0, self._flat, new_v.reshape(-1, d))
+        else:
+            keys[self._rows, :, plan.write] = new_k
+            values[self._rows, :, plan.write] = new_v
         if plan.rows is None:
             return (
                 keys[plan.lo : plan.hi, :, : plan.extent],
