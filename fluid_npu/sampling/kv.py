@@ -200,10 +200,15 @@ class SlotKV(Cache):
             self._rows = torch.arange(plan.lo, plan.hi, device=plan.write.device)[:, None]
         # eager, the same writes as one index_copy_ per tensor into the cache seen as
         # [slots * kv_heads * capacity, head_dim], at each new entry's row in the new keys'
-        # [B, W, H] order: every index distinct (a slot per row, an index per token) and, as the
-        # engine sizes its cache (scheduler.py: max_len plus the widest forward), in range — a
-        # write past capacity would land in the next head's row here, not raise
+        # [B, W, H] order: every index distinct (a slot per row, an index per token) and in range
+        # (a new entry lies below the extent its own query attends; the extent is checked here,
+        # on the host, as a write past capacity would land in the next head's row, not raise)
         _, heads, cap, _ = self.keys[0].shape
+        if plan.extent > cap:
+            raise RuntimeError(
+                f"a forward attends {plan.extent} cache entries, past the slot cache's {cap} "
+                "(the engine sizes its cache to max_len plus its widest forward): an engine bug"
+            )
         h = torch.arange(heads, device=plan.write.device)
         self._flat = ((self._rows[:, :, None] * heads + h) * cap + plan.write[:, :, None]).flatten()
 
