@@ -5,7 +5,8 @@ ask for what it does anyway — accepted and changing nothing (``--enable-prefix
 default; ``--disable-log-requests`` / ``--disable-log-stats`` / ``--disable-uvicorn-access-log``:
 nothing is logged unless asked; ``--disable-fastapi-docs``: no docs page;
 ``--enable-tokenizer-info-endpoint`` / ``--enable-server-load-tracking``: ``/tokenizer_info``
-and ``/load`` are always there). One that contradicts another flag is one error naming both.
+and ``/load`` are always there; ``--enable-prompt-tokens-details``: usage always has them). One
+that contradicts another flag is one error naming both.
 
 Most of the rest of ``vllm serve``'s flags, so a copied command line gets an answer for each
 rather than "unrecognized arguments" (as ``LLM``'s keywords do, ``sampling/llm_compat.py``): at
