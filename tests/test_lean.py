@@ -25,7 +25,9 @@ def tok():
     return build_tiny_tokenizer(mask_token=True)
 
 
-def _decode(model, tok, lean: bool, monkeypatch) -> tuple[list[list[int]], list[torch.Tensor]]:
+def _decode(
+    model, tok, lean: bool, monkeypatch, compile: bool = False
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Every request's tokens and every forward's hidden states, with or without the lean path."""
     hidden: list[torch.Tensor] = []
     forward = step_module.StepMixin._forward
@@ -46,6 +48,7 @@ def _decode(model, tok, lean: bool, monkeypatch) -> tuple[list[list[int]], list[
         k_max=4,
         adaptive=False,  # the same shapes in both runs (the budget follows measured time)
         lean=lean,
+        compile=compile,
     )
     assert (sched._lean is not None) is lean
     prompts = [tok(t)["input_ids"] for t in TEXTS]
@@ -84,6 +87,21 @@ def test_lean_forward_is_bit_identical_to_the_modules(tok, arch, extra, dtype, m
     assert len(hidden) == len(ref_hidden) > len(TEXTS)
     for ours, theirs in zip(hidden, ref_hidden):
         assert ours.dtype == dtype and torch.equal(ours, theirs)
+
+
+def test_a_compiled_lean_step_is_bit_identical_to_the_compiled_modules_in_bf16(tok, monkeypatch):
+    """Compiled, the lean forward keeps the modeling code's RoPE form: inductor fuses the eager
+    restatement (a roll times a sign-folded sine) otherwise, and in bf16 the bits moved."""
+    model = build_tiny_model("qwen2", tok, seed=11)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.to(torch.bfloat16)
+    tokens, hidden = _decode(model, tok, True, monkeypatch, compile=True)
+    ref_tokens, ref_hidden = _decode(model, tok, False, monkeypatch, compile=True)
+    assert tokens == ref_tokens and len(hidden) == len(ref_hidden)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(hidden, ref_hidden))
 
 
 def test_restated_norms_are_the_modules_and_follow_a_replaced_forward(tok):

@@ -103,19 +103,16 @@ def test_refill_chunked_prefill_and_static_cache(tok):
 
 def test_a_forward_past_the_slot_cache_is_refused_before_it_writes(tok):
     """The eager cache write is one index_copy_ into the flattened cache, where an index past a
-    slot's capacity would land in the next head's row: a forward whose attended extent passes the
-    capacity is refused on the host when its plan is set, and the cache is left as it was."""
-    from fluid_npu.sampling.kv import ForwardPlan
-
+    slot's capacity would land in another row rather than raise: a forward whose host-side bound
+    on its write indices passes the capacity (an engine that sized its cache wrong) is refused
+    before its plan is set, and nothing is written."""
     model = build_tiny_model("llama", tok, seed=4)
-    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=2, eos_ids=[])
-    kv, cap = sched.kv, sched.kv.keys[0].shape[2]
-    before = [k.clone() for k in kv.keys]
-    write = torch.tensor([[cap - 1, cap]])  # (the second entry is past the capacity)
-    with pytest.raises(RuntimeError, match="past the slot cache"):
-        kv.set_plan(ForwardPlan(lo=0, hi=1, write=write, extent=cap + 1, mask=None))
-    assert all(torch.equal(a, b) for a, b in zip(before, kv.keys))
-    kv.set_plan(ForwardPlan(lo=0, hi=1, write=write - 1, extent=cap, mask=None))  # (in range)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:2", max_batch=2, eos_ids=[])
+    before = [k.clone() for k in sched.kv.keys]
+    sched.kv.capacity = 8  # (as if sized for 8 entries: the tensors themselves are larger)
+    with pytest.raises(RuntimeError, match="past the slot cache's 8"):
+        run_requests(sched, [Request("a", tok("the quick brown fox jumps")["input_ids"], 4)])
+    assert all(torch.equal(a, b) for a, b in zip(before, sched.kv.keys))
 
 
 def test_predictable_model_batched_with_other_lengths(tok):

@@ -201,14 +201,9 @@ class SlotKV(Cache):
         # eager, the same writes as one index_copy_ per tensor into the cache seen as
         # [slots * kv_heads * capacity, head_dim], at each new entry's row in the new keys'
         # [B, W, H] order: every index distinct (a slot per row, an index per token) and in range
-        # (a new entry lies below the extent its own query attends; the extent is checked here,
-        # on the host, as a write past capacity would land in the next head's row, not raise)
+        # — a write past capacity would land in another row here, not raise, so the engine checks
+        # its host bound on the indices before it sets a plan (step.py ``_forward``)
         _, heads, cap, _ = self.keys[0].shape
-        if plan.extent > cap:
-            raise RuntimeError(
-                f"a forward attends {plan.extent} cache entries, past the slot cache's {cap} "
-                "(the engine sizes its cache to max_len plus its widest forward): an engine bug"
-            )
         h = torch.arange(heads, device=plan.write.device)
         self._flat = ((self._rows[:, :, None] * heads + h) * cap + plan.write[:, :, None]).flatten()
 

@@ -11,9 +11,10 @@ scaling is transformers'), its RMSNorms' arithmetic, and exactly the operations 
 code in its order, so its hidden states are bit-identical to the module path (tested in fp32 and
 bf16). Two restatements keep the bits with fewer ops: an RMSNorm whose forward is transformers'
 own runs as ``_rms_norm`` (the same ops, in-place where the tensor is its own, no no-op casts),
-and ``rotate_half(x) * sin`` runs as ``x.roll(half) * sin'`` with ``sin'`` the sine with its first
-half negated (made once per forward; a negation is exact and a product rounds symmetrically in
-sign, so every element is the same).
+and, eager, ``rotate_half(x) * sin`` runs as ``x.roll(half) * sin'`` with ``sin'`` the sine with
+its first half negated (made once per forward; a negation is exact and a product rounds
+symmetrically in sign, so every element is the same; compiled, inductor would fuse it otherwise
+than the modules' form, so a compiled step keeps that form).
 
 It applies only where that equivalence is known; ``LeanDecoder.of`` returns None otherwise and the
 engine runs the model's modules as before. Every module it bypasses — the decoder, its layers,
@@ -197,9 +198,13 @@ class LeanDecoder:
         cos, sin = self.rotary.forward(h, position_ids)
         cos, sin = cos[:, None], sin[:, None]
         # rotate_half(x) * sin == x.roll(half) * [-sin_lo, sin_hi], bit for bit (a negation is
-        # exact and a product's rounding is symmetric in sign): a roll, not slices, neg and cat
+        # exact and a product's rounding is symmetric in sign): a roll, not slices, neg and cat.
+        # Eager only: compiled, inductor fuses the two forms differently (bf16 bits move), so a
+        # compiled step keeps the modeling code's form, as the compiled modules run it
         half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        rolled = not torch.compiler.is_compiling()
+        if rolled:
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         b, w = input_ids.shape
         for i, ly in enumerate(self.layers):
             x = norm(ly.norm1, h)
@@ -210,8 +215,12 @@ class LeanDecoder:
                 q, k = norm(ly.q_norm, q), norm(ly.k_norm, k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = F.linear(x, ly.v.weight, ly.v.bias).view(shape).transpose(1, 2)
-            q = q * cos + q.roll(half, -1) * sin
-            k = k * cos + k.roll(half, -1) * sin
+            if rolled:
+                q = q * cos + q.roll(half, -1) * sin
+                k = k * cos + k.roll(half, -1) * sin
+            else:
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
             k, v = kv.update(k, v, i)
             out, _ = slot_attention(ly.attn, q, k, v, None, ly.attn.scaling, fluid_plan=plan)
             h = h + F.linear(out.reshape(b, w, -1), ly.o.weight, ly.o.bias)
@@ -226,6 +235,11 @@ class LeanDecoder:
         if stock is None or type(module).forward is not stock or "forward" in vars(module):
             return module.forward(x)  # (a forward replaced since: followed)
         return _rms_norm(module, x)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _stock_rms_norm(module: nn.Module) -> bool:

@@ -58,11 +58,18 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
         b, w = ids.shape
         write = length[:, None] + torch.arange(w, device=ids.device)[None]
         slots = range(lo, lo + b) if rows is None else rows
+        top = w if causal else self._max_extent(slots, w)  # every new entry's index lies below
+        if top > self.kv.capacity:  # (kv.py writes by flat index: past capacity, another row's)
+            raise RuntimeError(
+                f"a forward would write cache entries up to index {top - 1}, past the slot "
+                f"cache's {self.kv.capacity} (sized to max_len plus the widest forward): an "
+                "engine bug; nothing was written"
+            )
         if causal:
             plan = ForwardPlan(lo, lo + b, write, w, None, causal=True)
         else:
             # keys [0, extent): the committed entries and this forward's; rounded for few shapes
-            extent = min(self.kv.capacity, self._bucket(self._max_extent(slots, w), 64))
+            extent = min(self.kv.capacity, self._bucket(top, 64))
             mask = step_mask(length, pos, anchor, extent)
             plan = ForwardPlan(lo, lo + b, write, extent, mask)
         if rows is not None:
@@ -72,7 +79,7 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
         self._overflow = plan.overflow
         self.kv.set_plan(plan)
         self.computed_tokens += ids.numel()
-        if self.positions is not None and self._max_extent(slots, w) > self.positions:
+        if self.positions is not None and top > self.positions:
             # a MASK slot past the model's context drafts a token no request can commit (max_len
             # is at most the context), so it reads the last position: a table of learned
             # positions (GPT-2, OPT) is never indexed past its end. Host bound, no device read;
