@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from fluid_npu.demo.pipeline import _positive  # the same integers as the demo's --threads
 from fluid_npu.errors import ConfigError
-from fluid_npu.serve.vllm_flags import add_vllm_flags, check_vllm_flags, same_dir
+from fluid_npu.serve.vllm_flags import add_vllm_flags, check_vllm_flags, model_given
 
 if TYPE_CHECKING:
     from fluid_npu.serve.server import ServeSettings
@@ -338,23 +338,7 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
     """The settings of the flags ``_add_answer_flags`` adds, and ``serving``'s (host, port, ...)."""
     from fluid_npu.serve.server import ServeSettings
 
-    tag = getattr(args, "model_tag", None)  # (fluid serve MODEL, as vllm serve MODEL)
-    if tag is not None and args.model is not None and not same_dir(tag, args.model):
-        raise ConfigError(
-            f"fluid {args.command} {tag} and --model {args.model} name two models; give one"
-        )
-    args.model = tag or args.model
-    if not args.model:
-        where = "MODEL_DIR (or --model DIR)" if args.command == "serve" else "--model DIR"
-        names = args.served_model_name or []
-        taken = (  # (a list flag before it takes MODEL as one of its values, as in vLLM)
-            f"; --served-model-name took {names[-1]!r} as a name: put the model first"
-            if names and os.path.isdir(names[-1])
-            else ""
-        )
-        raise ConfigError(
-            f"fluid {args.command} needs a model: fluid {args.command} {where}{taken}"
-        )
+    args.model = model_given(args)
     check_vllm_flags(args)
     if args.tensor_parallel_size != 1:
         raise ConfigError(

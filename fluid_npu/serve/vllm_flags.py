@@ -168,6 +168,29 @@ def check_vllm_flags(args: argparse.Namespace) -> None:
         )
 
 
+def model_given(args: argparse.Namespace) -> str:
+    """The model directory: ``fluid serve MODEL`` (as ``vllm serve MODEL``) or ``--model``; both
+    naming two directories, or neither, is one error."""
+    tag = getattr(args, "model_tag", None)
+    if tag is not None and args.model is not None and not same_dir(tag, args.model):
+        raise ConfigError(
+            f"fluid {args.command} {tag} and --model {args.model} name two models; give one"
+        )
+    model = tag or args.model
+    if not model:
+        where = "MODEL_DIR (or --model DIR)" if args.command == "serve" else "--model DIR"
+        names = args.served_model_name or []
+        taken = (  # (a list flag before it takes MODEL as one of its values, as in vLLM)
+            f"; --served-model-name took {names[-1]!r} as a name: put the model first"
+            if names and os.path.isdir(names[-1])
+            else ""
+        )
+        raise ConfigError(
+            f"fluid {args.command} needs a model: fluid {args.command} {where}{taken}"
+        )
+    return model
+
+
 def same_dir(a: str, b: str | None) -> bool:
     """Whether ``a`` and ``b`` name the same directory (the same path where neither exists)."""
     try:
