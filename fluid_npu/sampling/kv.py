@@ -198,14 +198,18 @@ class SlotKV(Cache):
             self._rows = plan.rows[:, None]
         else:
             self._rows = torch.arange(plan.lo, plan.hi, device=plan.write.device)[:, None]
-        # eager, the same writes as one index_copy_ per tensor into the cache seen as
-        # [slots * kv_heads * capacity, head_dim], at each new entry's row in the new keys'
-        # [B, W, H] order: every index distinct (a slot per row, an index per token) and in range
-        # — a write past capacity would land in another row here, not raise, so the engine checks
-        # its host bound on the indices before it sets a plan (step.py ``_forward``)
+        self._flat = None  # (the eager writes' indices: made by the forward's first update)
+
+    def _flat_rows(self, plan: ForwardPlan) -> torch.Tensor:
+        """The eager writes' indices, shared by every layer of a forward: the same writes as one
+        index_copy_ per tensor into the cache seen as [slots * kv_heads * capacity, head_dim], at
+        each new entry's row in the new keys' [B, W, H] order. Every index is distinct (a slot per
+        row, an index per token) and in range — a write past capacity would land in another row
+        here, not raise, so the engine checks its host bound on the indices before it sets a plan
+        (step.py ``_forward``)."""
         _, heads, cap, _ = self.keys[0].shape
         h = torch.arange(heads, device=plan.write.device)
-        self._flat = ((self._rows[:, :, None] * heads + h) * cap + plan.write[:, :, None]).flatten()
+        return ((self._rows[:, :, None] * heads + h) * cap + plan.write[:, :, None]).flatten()
 
     def update(
         self,
@@ -234,7 +238,9 @@ class SlotKV(Cache):
                 plan.overflow |= ~fine
             new_k = torch.nan_to_num(new_k, nan=0.0, posinf=0.0, neginf=0.0)
             new_v = torch.nan_to_num(new_v, nan=0.0, posinf=0.0, neginf=0.0)
-        if not torch.compiler.is_compiling() and self._flat is not None:  # (compiled: below)
+        if not torch.compiler.is_compiling():  # (compiled: below, no scatter in the graph)
+            if self._flat is None:
+                self._flat = self._flat_rows(plan)
             d = keys.shape[-1]
             keys.view(-1, d).index_copy_(0, self._flat, new_k.reshape(-1, d))
             values.view(-1, d).index_copy_(0, self._flat, new_v.reshape(-1, d))

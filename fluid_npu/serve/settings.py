@@ -13,9 +13,8 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.generation_defaults import check_override
 from fluid_npu.sampling.inputs import DTYPE_ALIASES
 from fluid_npu.sampling.requests import LOGPROBS_MODES, SCHEDULING_POLICIES
-from fluid_npu.serve import protocol
 from fluid_npu.serve.network import Network
-from fluid_npu.serve.protocol import MAX_TOP_LOGPROBS
+from fluid_npu.serve.protocol import MAX_TOP_LOGPROBS, SamplingDefaults
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -201,6 +200,9 @@ def model_aliases(settings: ServeSettings) -> tuple[str, ...]:
 
 @dataclass
 class ServeConfig:
+    """What ``app.create_app`` reads: the served names, the context, the room and each
+    request-facing setting (``server.py`` fills it from ``ServeSettings``)."""
+
     model_name: str  # the default id (answers carry it)
     max_len: int  # prompt + new tokens, per request
     max_batch: int
@@ -208,7 +210,7 @@ class ServeConfig:
     api_key: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # shown by /health: policy, device, ...
     # what a request that leaves temperature / top_p / top_k / min_p out gets
-    defaults: protocol.SamplingDefaults = field(default_factory=protocol.SamplingDefaults)
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     vocab_size: int | None = None  # the model's (logit_bias ids); None: the tokenizer's length
     # the chat template's variables a request's chat_template_kwargs go over
     template_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -217,7 +219,7 @@ class ServeConfig:
     tool_call_parser: str | None = None  # --enable-auto-tool-choice's parser (tools.py)
     request_id_headers: bool = False  # X-Request-Id on every response (http.RequestIdHeader)
     tokens_as_ids: bool = False  # --return-tokens-as-token-ids: logprobs' tokens "token_id:N"
-    max_logprobs: int = protocol.MAX_TOP_LOGPROBS  # alternatives a request may ask (-1: all)
+    max_logprobs: int = MAX_TOP_LOGPROBS  # alternatives a request may ask (-1: all)
     other_names: tuple[str, ...] = ()  # more --served-model-name ids (listed and accepted)
     aliases: tuple[str, ...] = ()  # accepted, not listed (the --model string as given)
     root: str | None = None  # the model's directory (its cards' root, as vLLM's)
