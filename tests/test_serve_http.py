@@ -29,7 +29,7 @@ from fluid_npu.serve.app import ServeConfig, create_app
 from fluid_npu.serve.metrics import VLLM_NAMES
 from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.server import DrainingServer, bind
-from fluid_npu.serve.worker import Worker
+from fluid_npu.serve.worker import Stream, Worker
 
 TOK = build_tiny_tokenizer(mask_token=True)
 EOS = TOK.eos_token_id
@@ -1255,6 +1255,24 @@ def _streamed_body(url: str, body: dict):
         yield list(resp.iter_lines())
 
 
+def test_a_release_callback_set_after_the_last_event_still_runs_once():
+    """A request can finish before its handler resumes from ``submit_many`` (the delivery was
+    queued on the loop ahead of the handler's wake-up, as under load): the server's callback that
+    frees the request's id, attached then, runs at once — the id was held forever before — and a
+    later close runs nothing twice."""
+    worker = Worker(ScriptedScheduler(max_batch=1))
+    early, late = Stream("a", 3), Stream("b", 3)
+    worker.outstanding = 2
+    calls: list[str] = []
+    late.when_released(lambda: calls.append("b"))  # attached while held: runs at the release
+    worker.release(early)  # (the engine's last event reached the loop first)
+    early.when_released(lambda: calls.append("a"))
+    assert calls == ["a"] and worker.outstanding == 1
+    worker.release(late)
+    worker.release(early)  # (the reader's close, later)
+    assert calls == ["a", "b"] and worker.outstanding == 0
+
+
 def test_a_request_the_engine_finished_holds_no_place_while_its_reader_lags():
     """A streaming client that stops reading kept its --max-queue place (and its id) until it
     closed the connection, though the engine had finished its request: an idle server answered
@@ -1269,7 +1287,7 @@ def test_a_request_the_engine_finished_holds_no_place_while_its_reader_lags():
     async def run() -> None:
         worker.start(asyncio.get_running_loop())
         (stream,) = await worker.submit_many([("r1", [5, 6, 7], {})], max_new_tokens=5)
-        stream.on_release = lambda: released.append("r1")
+        stream.when_released(lambda: released.append("r1"))  # (now, if already finished)
         for _ in range(WAIT_STEPS):
             if worker.outstanding == 0:
                 break

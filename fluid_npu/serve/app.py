@@ -232,7 +232,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
             reader = None if tools is None else tools.reader()  # a chat's tool calls parsed out
             gens.append(Generation(worker, metrics, stream, detok, s.params["logprobs"], echo,
                                    reader, named))  # fmt: skip
-            stream.on_release = lambda: gate.release_id(rid)  # (once its engine request ends)
+            stream.when_released(lambda: gate.release_id(rid))  # (once its engine request ends)
             gens[-1].parent, gens[-1].max_tokens = parents[k], limits[k]
         return gens
 

@@ -64,6 +64,15 @@ class Stream:
     held: bool = True
     on_release: Callable[[], None] | None = None
 
+    def when_released(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the stream no longer holds a place — now, if the engine's last event
+        already reached the loop: a request can finish before its handler resumes from
+        ``submit_many`` (the delivery was queued on the loop ahead of the handler's wake-up)."""
+        if self.held:
+            self.on_release = fn
+        else:
+            fn()
+
 
 @dataclass
 class _Submit:
