@@ -484,7 +484,10 @@ def test_bad_requests_are_clear_errors(tok):
 
 def test_decode_step_reads_the_device_once(tok, monkeypatch):
     model = chain_model(tok, attn_scale=4.0)
-    sched = Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=2, eos_ids=[], k_max=8)
+    # the tensor step, which accelerators run (a CPU engine's lone greedy row steps on host
+    # numbers, where a read costs nothing: test_host_step.py)
+    sched = Scheduler(model, tok.mask_token_id, policy="entropy", max_batch=2, eos_ids=[], k_max=8,
+                      host_step=False)  # fmt: skip
     for i, p in enumerate(("abc", "xx")):
         sched.submit(Request(str(i), tok(p)["input_ids"], 30))
     sched.step()  # admission + prefill (host work is allowed there)

@@ -228,8 +228,9 @@ class SlotKV(Cache):
         # functionalised into a copy of the whole cache every step (measured: 16 of 32 slots ran
         # 3-20x slower than all 32); [B, H, W, D] -> [B, W, H, D]: the layout of an index with
         # rows and columns broadcast
-        new_k = key_states.transpose(1, 2).to(keys.dtype)
-        new_v = value_states.transpose(1, 2).to(values.dtype)
+        new_k, new_v = key_states.transpose(1, 2), value_states.transpose(1, 2)
+        if new_k.dtype != keys.dtype or new_v.dtype != values.dtype:  # (most models: no call)
+            new_k, new_v = new_k.to(keys.dtype), new_v.to(values.dtype)
         if keys.dtype == torch.float16:  # see the module docstring: no NaN / inf enters the cache
             if plan.overflow is not None:  # which entries overflowed (the engine judges them)
                 fine = torch.isfinite(new_k).flatten(2).all(-1) & torch.isfinite(new_v).flatten(
@@ -248,6 +249,8 @@ class SlotKV(Cache):
             keys[self._rows, :, plan.write] = new_k
             values[self._rows, :, plan.write] = new_v
         if plan.rows is None:
+            if plan.lo == 0 and plan.hi == keys.shape[0]:  # every row (a call less per tensor)
+                return keys[:, :, : plan.extent], values[:, :, : plan.extent]
             return (
                 keys[plan.lo : plan.hi, :, : plan.extent],
                 values[plan.lo : plan.hi, :, : plan.extent],

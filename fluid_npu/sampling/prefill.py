@@ -23,6 +23,7 @@ import torch
 from fluid_npu import device as devices
 from fluid_npu.layout import slot_block
 from fluid_npu.sampling.fused import choose_anchors
+from fluid_npu.sampling.host_step import choose_anchors_host
 from fluid_npu.sampling.penalties import Penalties
 from fluid_npu.sampling.requests import Slot
 from fluid_npu.sampling.reuse import MIN_REUSE, common_prefix
@@ -275,7 +276,12 @@ class PrefillMixin:
         self.drafts[at, :n], self.logp[at, :n] = drafts, conf
         self.m[at] = keep
         self.paid.index_fill_(0, at, True)
-        self.cand[at] = choose_anchors(conf, keep, self.anchors, self.coverage)
+        if self.host_step:  # a CPU: host numbers cost no read (host_step.py), and fewer calls
+            cand = [choose_anchors_host(c[:m], m, self.anchors, self.coverage)
+                    for c, m in zip(conf.tolist(), keep.tolist())]  # fmt: skip
+            self.cand[at] = torch.tensor(cand, dtype=torch.long)
+        else:
+            self.cand[at] = choose_anchors(conf, keep, self.anchors, self.coverage)
         for s in slots:
             s.drafted = n
             s.running = True

@@ -18,6 +18,8 @@ preempted); every ``step()``:
    on the device;
 4. reads back one small packed tensor (the only host synchronisation of the step) and turns it
    into ``Event``s: committed tokens, finished requests (EOS / ``max_new_tokens``), statistics.
+   On a CPU, where the host is the device, a step with one plain greedy request does 3-4 on Python
+   numbers instead (``host_step.py``: the same tokens, events and choices, a sixth of the calls).
 
 Shapes are fixed per step: the decode batch is the slot range ``[0, hi)`` and the width is ``(M +
 1) + A·K`` with ``M`` pending drafts and ``A`` candidate blocks (``hi`` and ``M`` rounded up to
@@ -60,6 +62,7 @@ from fluid_npu.errors import ConfigError
 from fluid_npu.sampling.drafting import DraftBudget
 from fluid_npu.sampling.fused import DEFAULT_ANCHORS, DEFAULT_COVERAGE
 from fluid_npu.sampling.head import LMHead
+from fluid_npu.sampling.host_step import HostStepMixin
 from fluid_npu.sampling.inputs import (
     check_request,
     eos_and_pad,
@@ -97,10 +100,11 @@ PREFILL_CHUNK = 512
 CAPACITY_STEP = 256  # a compiled engine's cache length is a multiple of this
 
 
-class Scheduler(PrefillMixin, StepMixin):
+class Scheduler(PrefillMixin, StepMixin, HostStepMixin):
     """Continuous-batching lossless decoder; see the module docstring. Not thread-safe.
     ``memory_fraction``: vLLM's ``gpu_memory_utilization`` (``memory.py``; ``max_batch=None``:
-    as many slots as it holds)."""
+    as many slots as it holds); ``host_step=False``: a CPU engine's lone greedy row steps on
+    tensors too (``host_step.py``)."""
 
     def __init__(
         self,
@@ -129,6 +133,7 @@ class Scheduler(PrefillMixin, StepMixin):
         scheduling_policy: str = "fcfs",
         logprobs_mode: str = "raw_logprobs",
         memory_fraction: float | None = None,
+        host_step: bool = True,
     ) -> None:
         for name, value, choices in (
             ("scheduling_policy", scheduling_policy, SCHEDULING_POLICIES),
@@ -155,6 +160,9 @@ class Scheduler(PrefillMixin, StepMixin):
         check_engine_support(model)  # features whose arithmetic depends on how forwards are cut
         self.model = model
         self.device = next(model.parameters()).device
+        self.host_step = host_step and self.device.type == "cpu"  # (host_step.py)
+        self._host_views: dict[str, tuple[torch.Tensor, Any]] = {}
+        self._host_layouts: dict[tuple, tuple] = {}  # (host_step.py's masks)
         self.khead = None if khead is None else khead.to(self.device)
         self.mask_id = int(mask_id)
         self.tokenizer = tokenizer  # decodes committed text for stop strings

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -52,9 +53,11 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
         causal: bool = False,
         compiled: bool = False,
         rows: list[int] | None = None,
+        mask_of: Callable[[int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Hidden states ``[B, W, H]`` of new tokens written at ``length + t`` in slots ``lo…``
-        (or in the slots ``rows``)."""
+        (or in the slots ``rows``); ``mask_of(extent)``: the mask ``step_mask`` would give, made
+        by the caller (``host_step.py``)."""
         b, w = ids.shape
         write = length[:, None] + torch.arange(w, device=ids.device)[None]
         slots = range(lo, lo + b) if rows is None else rows
@@ -70,7 +73,7 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
         else:
             # keys [0, extent): the committed entries and this forward's; rounded for few shapes
             extent = min(self.kv.capacity, self._bucket(top, 64))
-            mask = step_mask(length, pos, anchor, extent)
+            mask = step_mask(length, pos, anchor, extent) if mask_of is None else mask_of(extent)
             plan = ForwardPlan(lo, lo + b, write, extent, mask)
         if rows is not None:
             plan.rows = torch.tensor(rows, dtype=torch.long, device=ids.device)
@@ -177,6 +180,9 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
         if adaptive and n_blocks:
             k = self.budget.choose_length(hi)
             n_blocks = self.budget.choose_blocks(hi, big_m, n_blocks, k)
+        plain = not (constrained or armed or any_sampled or any_lp or penalised)
+        if self._host_step_ok(hi, plain):  # one greedy row on a CPU: host_step.py
+            return self._decode_host(big_m, n_blocks, k)
         dev = self.device
         if constrained:
             self._set_drafts(constrained, forced, big_m)
