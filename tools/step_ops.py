@@ -53,8 +53,10 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
             kernels[where[-1]] += not (func.is_view or func._schema.name in NO_LAUNCH)
             return func(*args, **(kwargs or {}))
 
+    # the tensor step, as an accelerator runs it (a CPU engine's lone greedy row otherwise keeps
+    # its bookkeeping on the host: sampling/host_step.py)
     sched = Scheduler(fluid.model, fluid.mask_id, policy=policy, khead=fluid.khead,
-                      max_batch=batch, adaptive=adaptive)  # fmt: skip
+                      max_batch=batch, adaptive=adaptive, host_step=False)  # fmt: skip
     calls: Counter = Counter()
 
     def within(name: str, fn: Any) -> Any:
