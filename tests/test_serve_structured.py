@@ -424,3 +424,59 @@ def test_forced_arguments_are_the_models_text_and_always_valid_json():
                           '[{"name": "get_time", "parameters": {"at": 1e999}}]')):  # fmt: skip
         reader.add(text)  # a number JSON cannot write back (infinite): the text, no calls
         assert reader.finish() == (text, [])
+
+
+def test_a_client_gone_while_its_grammar_waits_costs_no_compile(engine, monkeypatch):
+    """Every compile thread busy, a structured request queues for one; its client leaves: the
+    compile never runs (its place goes to the next request), and the others are answered."""
+    import httpx
+
+    import fluid_npu.serve.app as app_module
+    from fluid_npu.serve.structured import COMPILE_THREADS
+
+    tok, _, sched, no_spaces = engine
+    slow, started, compiled, gone = threading.Event(), threading.Semaphore(0), [], []
+    real = Grammars.compile
+
+    def compile(self, constraint):
+        compiled.append(constraint.spec)
+        if constraint.spec.startswith("slow"):
+            started.release()
+            assert slow.wait(120), "the slow compiles were never let go"
+        return real(self, constraint)
+
+    watched = app_module.while_connected
+
+    async def noticed(request, work):
+        stayed = await watched(request, work)
+        gone.append(not stayed)
+        return stayed
+
+    monkeypatch.setattr(Grammars, "compile", compile)
+    monkeypatch.setattr(app_module, "while_connected", noticed)
+    greedy = {"model": "tiny", "temperature": 0, "logit_bias": no_spaces, "max_tokens": 8}
+    with serving(sched, tokenizer=tok) as (url, _, _):
+        c = client(url)
+        held = [threading.Thread(target=lambda n=n: c.completions.create(
+            prompt="a", extra_body={"structured_outputs": {"regex": f"slow{n}"}}, **greedy))
+            for n in range(COMPILE_THREADS)]  # fmt: skip
+        for t in held:
+            t.start()
+        try:
+            for _ in held:
+                assert started.acquire(timeout=60)  # every compile thread holds a slow one
+            body = {"prompt": "a", "structured_outputs": {"regex": "left"}, **greedy}
+            with pytest.raises(httpx.ReadTimeout):  # the client leaves while its compile waits
+                httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+            for _ in range(400):
+                if gone:
+                    break
+                threading.Event().wait(0.05)
+            assert gone == [True]  # the server saw it go
+        finally:
+            slow.set()
+            for t in held:
+                t.join(60)
+        ab = {"structured_outputs": {"regex": "ab"}}
+        assert c.completions.create(prompt="a", **greedy, extra_body=ab).choices[0].text == "ab"
+    assert "left" not in compiled and "ab" in compiled

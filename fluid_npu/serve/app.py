@@ -17,7 +17,8 @@ A request is checked before it touches the engine (``admission.py``): body size 
 (``protocol``), model name (404), prompt + ``max_tokens`` against the context (400), then capacity
 — when the requests in flight already fill the batch and ``max_queue`` waiting places, the answer
 is 429 with ``Retry-After``. A client that disconnects (streaming or not) has its request aborted,
-which frees its slot before the scheduler's next step.
+which frees its slot before the scheduler's next step; one that leaves while its structured
+output's grammar waits for a compile thread never has it compiled.
 
 Prompts are tokenized (and chat templates rendered) on one thread beside the event loop, as vLLM
 does: a long text (a 4 MiB body tokenizes for seconds) never stalls the other requests' streams,
@@ -59,6 +60,7 @@ from fluid_npu.serve.generation import (
     usage,
 )
 from fluid_npu.serve.http import (
+    ClientGone,
     ClosingStream,
     RequestIdHeader,
     answered,
@@ -139,14 +141,17 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         check_key(request.headers.get("authorization", ""), config.api_key)
 
     async def checked(
-        prompts: list[list[int]], s: protocol.Sampling, chat: bool, rid: str, id_param: str
-    ) -> tuple[list[int], SamplingParams, Grammar | None]:
+        request: Request, prompts: list[list[int]], s: protocol.Sampling, chat: bool, rid: str,
+        id_param: str,
+    ) -> tuple[list[int], SamplingParams, Grammar | None]:  # fmt: skip
         """Every check of a request's prompts and settings — each prompt against the context,
         the sampling settings, the size of its log-probabilities, the server's room, its id
         (``rid``) not running — then its grammar (``s.constraint`` compiled on the grammar
         pool), so that a refused request costs no compile (a chat's tools forced by
         ``tool_choice`` take seconds and gigabytes): each prompt's token limit, the engine's
-        settings and the grammar, for ``admit``."""
+        settings and the grammar, for ``admit``. A client that leaves while its grammar waits
+        for a compile thread (or compiles) is ``ClientGone``: a compile not started never runs
+        (one that started ends on its thread, its result dropped)."""
         limits = [gate.length(ids, s, "messages" if chat else "prompt") for ids in prompts]
         loop = asyncio.get_running_loop()
         if s.bad_words:  # (on the tokenizing thread: a long list takes a while)
@@ -158,8 +163,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         gate.id_free(rid, id_param)
         if s.constraint is None:
             return limits, params, None
-        return limits, params, await loop.run_in_executor(compiling, grammars.compile,
-                                                          s.constraint)  # fmt: skip
+        compiled = loop.run_in_executor(compiling, grammars.compile, s.constraint)
+        if not await while_connected(request, compiled):  # (cancelled: a queued one never runs)
+            raise ClientGone
+        return limits, params, compiled.result()
 
     async def admit(
         shapes: list[Shape],
@@ -346,7 +353,8 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         for shape in shapes:
             shape.prompt_ids, shape.prompt_top = prompts[shape.index // s.n], s.prompt_logprobs
         tools = req.tools if isinstance(req, protocol.ChatRequest) else None
-        settled = await checked(prompts, req.sampling, chat, base, request.state.id_param)
+        settled = await checked(request, prompts, req.sampling, chat, base,
+                                request.state.id_param)  # fmt: skip
         chat_req = isinstance(req, protocol.ChatRequest)
         continuing = chat_req and req.render.continue_final_message  # type: ignore[union-attr]
         gens = await admit(shapes, prompts, req.sampling, arrived, settled, texts, tools,
@@ -372,7 +380,7 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
         shape = Shape(True, rid, config.model_name, words, as_ids=config.tokens_as_ids)
         try:  # (the later checks name the chat fields: renamed as the request gave them)
             prompt = await conversation_ids(req.chat)
-            settled = await checked([prompt], req.chat.sampling, True, base,
+            settled = await checked(request, [prompt], req.chat.sampling, True, base,
                                     request.state.id_param)  # fmt: skip
             gen, = await admit([shape], [prompt], req.chat.sampling, arrived, settled, None,
                                req.chat.tools, rid=base,

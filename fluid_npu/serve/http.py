@@ -183,6 +183,11 @@ def check_key(given: str, key: str | None) -> None:
         )
 
 
+class ClientGone(Exception):
+    """The client left before its request reached the engine: answered 499, which nobody reads
+    (nginx's "client closed request", as the routes answer a client gone mid-decode)."""
+
+
 async def until_disconnect(request: Request) -> None:
     """Returns when the client has gone."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -213,6 +218,10 @@ def openai_errors(app: FastAPI, refused: Callable[[Request, APIError], None] | N
         if refused is not None:
             refused(request, exc)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
