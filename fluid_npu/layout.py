@@ -95,8 +95,10 @@ def slot_block(
     of anchor ``c`` sits at position ``c + j``, carries the anchor id ``c`` and the input ``MASK``.
 
     Stage I's layout, the sampler's prefill drafts and the decode step's draft blocks all place
-    their slots with this one rule. ``live`` ``[...]`` (per anchor) or ``[..., k]`` (per slot):
-    where False the slot's anchor id is ``PAD`` (a slot no query sees and that sees nothing).
+    their slots with this one rule (a CPU's host step writes the same placement on Python lists:
+    ``sampling/host_step.py``, held to this by its tests). ``live`` ``[...]`` (per anchor) or
+    ``[..., k]`` (per slot): where False the slot's anchor id is ``PAD`` (a slot no query sees and
+    that sees nothing).
     """
     j = torch.arange(1, k + 1, device=anchors.device)
     pos = anchors[..., None] + j

@@ -44,7 +44,7 @@ def choose_anchors(
     ``logp [B, M]``: log-confidence of each pending draft; ``m [B]``: how many are real. Lengths
     are taken most likely first until they cover ``coverage`` of the probability or ``count``
     of them are taken. Always ``count`` columns, computed on the device (the engine's fixed
-    shapes: no host read).
+    shapes: no host read). ``host_step.choose_anchors_host`` is its one-row twin on a CPU.
     """
     b, big_m = logp.shape
     j = torch.arange(big_m + 1, device=logp.device)

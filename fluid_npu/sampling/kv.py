@@ -94,7 +94,8 @@ def step_mask(
 
     ``length [B]``: committed entries per row (the new tokens' first index); ``q_pos`` /
     ``q_anchor [B, W]``: the new tokens' §1.1 metadata. Rows with no visible key (padding) are
-    opened to key 0 so no softmax is empty; their outputs are never read.
+    opened to key 0 so no softmax is empty; their outputs are never read. (``host_step.py``
+    assembles the same mask for one row: a change here changes it there.)
     """
     b, w = q_pos.shape
     j = torch.arange(extent, device=q_pos.device)
