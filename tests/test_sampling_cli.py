@@ -644,6 +644,34 @@ def test_bench_sampler_in_bf16(dirs, tmp_path):
     assert report["dtype"] == "bfloat16" and report["mismatches"] == 0
 
 
+def test_bench_sampler_can_leave_out_the_static_cache_baseline(dirs, tmp_path, monkeypatch):
+    """``--no-static-baseline``: transformers' static-cache generate is never called (on CUDA it
+    compiles per shape), the report has no such entry, and its command says so."""
+    import fluid_npu.sampling.bench as bench
+
+    caches = []
+    real_hf_greedy = bench.hf_greedy
+
+    def counted(model, ids, mask, new, eos, pad, cache=None):
+        caches.append(cache)
+        return real_hf_greedy(model, ids, mask, new, eos, pad, cache)
+
+    monkeypatch.setattr(bench, "hf_greedy", counted)
+    src = _write_prompts(tmp_path / "p.jsonl", [{"prompt": "count 1 to 5"}, {"prompt": "ab"}])
+    out = tmp_path / "bench.json"
+    argv = _bench_argv(dirs["model"], src, out, "--batch-sizes", "1", "--repeats", "1")
+    extra = ["--loops", "fused", "--policies", "ar", "--max-new-tokens", "4"]
+    assert main([*argv, *extra, "--no-static-baseline"]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert caches and "static" not in caches
+    assert "static_cache" not in report["baseline"]["1"]
+    assert "--no-static-baseline" in report["command"]
+    caches.clear()
+    assert main([*argv, *extra]) == 0  # the default keeps it
+    assert "static" in caches
+    assert "static_cache" in json.loads(out.read_text(encoding="utf-8"))["baseline"]["1"]
+
+
 def test_no_adaptive_drafting_reaches_every_engine_of_generate_bench_and_eval(
     dirs, tmp_path, monkeypatch
 ):

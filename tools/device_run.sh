@@ -5,18 +5,22 @@
 # Before: `bash run_npu.sh` (the demo's models in runs/demo) and `bash tools/device_wheels.sh`
 # (transformers 5.24 and the FastAPI stack as wheels in .whl/). Then, through the device tool:
 #
-#   run(command="bash tools/device_run.sh", timeout_s=590,
+#   run(command="bash tools/device_run.sh", timeout_s=600,
 #       carry=[".whl", "runs/demo/stage1", "runs/demo/stage2"])
 #
-# Every step has its own time limit and log; a failing step does not stop the others. What comes
-# back under $OUT (at most 8 files): engine_gpu_bf16.json (`fluid bench sampler`, batch 1 / 8 /
-# 32, bf16, against transformers' generate and its static cache), engine_gpu_compile.json (the
-# same with the decode step under torch.compile, "reduce-overhead": CUDA graphs), ops_gpu.json
-# (`tools/bench_ops.py --device accelerator`: token_stats vs the naive path, and the Triton
-# kernel's tile-work ratio), lean_gpu.json (`tools/bench_lean.py`: the eager forward without transformers' modules
-# against with them, batch 1 / 8), serve_gpu_c16.json (`fluid bench serve`, 16 concurrent clients),
+# Steps run in order of need, each with its own time limit and log, all under one deadline
+# (DEADLINE, 560 s); a failing step does not stop the others. What comes back under $OUT (the
+# tool's 8 files at most), in that order: serve_gpu_c16.json (`fluid bench serve`, 16 concurrent
+# clients, every FLUID policy against `ar` on the same server build, bf16: [serve]'s goal),
+# engine_gpu_bf16.json (`fluid bench sampler`, batch 1 / 8 / 32, bf16, against transformers'
+# generate; its static-cache baseline left out, since on CUDA transformers compiles it anew per
+# batch shape and prompt length), the kernels' GPU tests (`pytest -m gpu`, in run.log),
+# serve_gpu_c16_fp32.json (the serve run in fp32: every output identical to `ar`'s, no near-ties),
 # cudagraphs_gpu.json (`tools/check_cudagraphs.py`: the compiled step recorded as CUDA graphs, no
-# skip) and run.log.
+# skip), serve_gpu_c16_compiled.json (the serve run, entropy:2 and ar, with `--compile`),
+# engine_gpu_compile.json (batch 1 / 8 with the decode step under torch.compile, "reduce-overhead":
+# CUDA graphs), ops_gpu.json (`tools/bench_ops.py --device accelerator`: token_stats against the
+# naive path, the Triton kernel's tile-work ratio) and run.log.
 #
 # `DRY=1 bash tools/device_run.sh` runs the same steps on this machine's CPU with small sizes and
 # no GPU-only step: it checks the commands, not the figures.
@@ -39,11 +43,21 @@ fi
 mkdir -p /tmp/fluid_shim && ln -sfn "$PWD/ops" /tmp/fluid_shim/fluid_ops
 export PYTHONPATH="$PWD:/tmp/fluid_shim${PYTHONPATH:+:$PYTHONPATH}"
 
+# One deadline for the whole run (the device call's limit less the copy back): a step gets at most
+# its own limit and what is left before the deadline, and is skipped with under 20 s left — the
+# steps run in order of need, so a slow machine drops the last ones, never the first.
+DEADLINE=${DEADLINE:-560}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, never stop the script
   local name=$1 limit=$2
   shift 2
+  local left=$((DEADLINE - SECONDS))
+  ((limit > left)) && limit=$left
+  if ((limit < 20)); then
+    echo "== $name: skipped, ${left} s left before the ${DEADLINE} s deadline" | tee -a "$LOG"
+    return
+  fi
   local t0=$SECONDS
-  echo "== $name" | tee -a "$LOG"
+  echo "== $name (limit $limit s)" | tee -a "$LOG"
   timeout "$limit" "$@" >> "$LOG" 2>&1
   echo "== $name: rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
@@ -53,34 +67,44 @@ MODEL=runs/demo/stage1
 KHEAD=runs/demo/stage2
 PROMPTS=benchmarks/demo_prompts64.jsonl
 if [[ "${DRY:-0}" == 1 ]]; then
-  DEV=cpu DT=float32 SIZES=1 POLICIES=ar,entropy NEW=16 REQ=8 COMPILE_SIZES=1
+  DEV=cpu DT=float32 SIZES=1 POLICIES=ar,entropy NEW=16 REQ=8 WARM=2 ROUNDS=2 COMPILE_SIZES=1
 else
-  DEV=cuda DT=bfloat16 SIZES=1,8,32 POLICIES=ar,fixed:16,entropy,khead NEW=96 REQ=512 \
-    COMPILE_SIZES=1,8
+  DEV=cuda DT=bfloat16 SIZES=1,8,32 POLICIES=ar,fixed:16,entropy,khead NEW=96 REQ=512 WARM=32 \
+    ROUNDS=8 COMPILE_SIZES=1,8
 fi
+serve() {  # serve NAME DTYPE POLICIES [FLAG...]: 16 concurrent clients, FLUID against ar
+  local name=$1 dtype=$2 policies=$3
+  shift 3
+  step "$name" 150 "${FLUID[@]}" bench serve --model "$MODEL" --khead "$KHEAD" \
+    --policies "$policies" --prompts "$PROMPTS" --json "$OUT/$name.json" \
+    --num-requests "$REQ" --rate inf --concurrency 16 --max-batch 16 --max-tokens 128 \
+    --warmup "$WARM" --rounds "$ROUNDS" --seed 0 --device "$DEV" --dtype "$dtype" "$@"
+}
 
 step env 60 "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
-if [[ "${DRY:-0}" != 1 ]]; then
-  nvidia-smi >> "$LOG" 2>&1
-  step gpu_tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_attention_triton.py \
-    tests/test_ops_vocab_triton.py tests/test_grammar.py
-  step ops 90 "$PY" tools/bench_ops.py --device accelerator --skip-stage1 --json "$OUT/ops_gpu.json"
-fi
-step engine 150 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
+[[ "${DRY:-0}" != 1 ]] && nvidia-smi >> "$LOG" 2>&1
+serve serve_gpu_c16 "$DT" khead,entropy:2,fixed:4,ar  # [serve]'s goal
+step engine 180 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/engine_gpu_bf16.json" --max-new-tokens "$NEW" --batch-sizes "$SIZES" \
-  --policies "$POLICIES" --loops fused --repeats 2 --device "$DEV" --dtype "$DT"
-step lean 60 "$PY" tools/bench_lean.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
-  --json "$OUT/lean_gpu.json" --max-new-tokens "$NEW" --batch-sizes "$COMPILE_SIZES" \
-  --policies ar,entropy --repeats 2 --device "$DEV" --dtype "$DT"
+  --policies "$POLICIES" --loops fused --repeats 2 --no-static-baseline --device "$DEV" --dtype "$DT"
+if [[ "${DRY:-0}" != 1 ]]; then  # the Triton kernels and the grammar masks on the GPU
+  step gpu_tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_attention_triton.py \
+    tests/test_ops_vocab_triton.py tests/test_grammar.py
+fi
+# bf16 rounds a near-tie by the batch's shape; in fp32 every output should be ar's
+serve serve_gpu_c16_fp32 float32 khead,entropy:2,fixed:4,ar
 if [[ "${DRY:-0}" != 1 ]]; then  # device graphs really recorded (0 skips), tokens as eager
-  step cudagraphs 60 "$PY" tools/check_cudagraphs.py --model "$MODEL" --prompts "$PROMPTS" \
+  step cudagraphs 90 "$PY" tools/check_cudagraphs.py --model "$MODEL" --prompts "$PROMPTS" \
     --json "$OUT/cudagraphs_gpu.json" --dtype "$DT" --device "$DEV"
 fi
-step engine_compile 120 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
-  --json "$OUT/engine_gpu_compile.json" --max-new-tokens "$NEW" --batch-sizes "$COMPILE_SIZES" \
-  --policies ar,entropy --loops fused --repeats 2 --device "$DEV" --dtype "$DT" --compile
-step serve 120 "${FLUID[@]}" bench serve --model "$MODEL" --khead "$KHEAD" --policies entropy:2,fixed:4,ar \
-  --prompts "$PROMPTS" --json "$OUT/serve_gpu_c16.json" --num-requests "$REQ" --concurrency 16 \
-  --max-batch 16 --max-tokens 128 --warmup 16 --rounds 4 --device "$DEV" --dtype "$DT"
-grep -h "speedup_by_batch\|best_lossless_tpf\|bench serve:" "$LOG" | tail -20
+# the decode step as CUDA graphs behind the server (the warm-up requests compile its shapes)
+serve serve_gpu_c16_compiled "$DT" entropy:2,ar --compile
+step engine_compile 120 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" \
+  --prompts "$PROMPTS" --json "$OUT/engine_gpu_compile.json" --max-new-tokens "$NEW" \
+  --batch-sizes "$COMPILE_SIZES" --policies ar,entropy --loops fused --repeats 2 \
+  --no-static-baseline --device "$DEV" --dtype "$DT" --compile
+if [[ "${DRY:-0}" != 1 ]]; then
+  step ops 60 "$PY" tools/bench_ops.py --device accelerator --skip-stage1 --json "$OUT/ops_gpu.json"
+fi
+grep -h "speedup_by_batch\|best_lossless_tpf\|bench serve:\|passed\|failed" "$LOG" | tail -40

@@ -4,7 +4,8 @@
 # That machine's image (Python 3.12) holds torch, triton, accelerate, httpx, prometheus-client,
 # typer and click, but transformers 5.17 (this project pins 5.24) and no FastAPI stack; nothing can
 # be fetched there, so the missing ones travel as wheels (`carry: [".whl", ...]` in the device
-# call). Keep one version of each: two stop the install there.
+# call), with typing-extensions and regex at this project's versions (pydantic and transformers
+# need newer ones than such an image may hold). Keep one version of each: two stop the install.
 #
 #   bash tools/device_wheels.sh        # then run tools/device_run.sh through the device tool
 set -euo pipefail
@@ -14,7 +15,7 @@ PY="${PY:-.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 # versions: the ones this project's tests run with (read from the environment, so they never drift)
 NAMES=(transformers fastapi starlette uvicorn pydantic pydantic-core annotated-types
-       typing-inspection opentelemetry-api xgrammar apache-tvm-ffi)
+       typing-inspection opentelemetry-api xgrammar apache-tvm-ffi typing-extensions regex)
 PINS_TEXT=$("$PY" - "${NAMES[@]}" <<'PYEOF'
 import importlib.metadata as md
 import sys

@@ -37,6 +37,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         default=2,
         help="timed rounds, each running the baseline and every row once (each keeps its best)",
     )
+    s.add_argument(
+        "--no-static-baseline",
+        action="store_true",
+        help="leave out the second baseline, generate with transformers' static cache (on CUDA "
+        "transformers compiles it anew for each batch shape and prompt length: minutes)",
+    )
     s.set_defaults(handler=bench_command)
     p.set_defaults(handler=lambda args: _bench_usage(p))
 
@@ -57,6 +63,7 @@ BENCH_KEYS = (
     "policies",
     "loops",
     "repeats",
+    "no_static_baseline",
     "k_max",
     "anchors",
     "attn_backend",
@@ -117,6 +124,7 @@ def bench_command(args: argparse.Namespace) -> int:
         gen_kwargs=gen_kwargs(args),
         command=command_line(["fluid", "bench", "sampler"], args, BENCH_KEYS),
         repeats=args.repeats,
+        static_baseline=not args.no_static_baseline,
         device=args.device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
