@@ -16,6 +16,7 @@ from test_sampling_dtype import _overflowing
 from test_scheduler import TEXTS, _assert_same, _greedy_alone
 
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+from fluid_npu.sampling.kv import SlotKV
 from fluid_npu.sampling.offline import run_requests
 from fluid_npu.sampling.reuse import MIN_REUSE, Placement, SlotPrefixes, common_prefix
 from fluid_npu.sampling.rules import SamplingParams
@@ -190,6 +191,101 @@ def test_a_compacted_slot_holds_the_entries_it_was_given(tok):
     assert got["other"][1] == 18 and got["next"][1] == len(short) - 1
     for p, (toks, _) in ((other, got["other"]), (follow, got["next"])):
         _assert_same(model, [p], [toks], [_greedy_alone(model, p, len(toks), [])], "compacted")
+
+
+def test_requests_that_end_together_are_compacted_at_once_and_keep_every_prefix(tok, monkeypatch):
+    # three requests end in the same step while nothing waits: the three running above them move
+    # down in one batched compaction (kv.swap_rows), each finished one's entries swapped up, not
+    # overwritten; every slot then holds exactly what a fresh forward computes, the moved requests
+    # finish as greedy decoding alone, and each finished request's next turn finds its history
+    model = build_tiny_model("llama", tok, seed=3)
+    moves = []
+    original = SlotKV.swap_rows
+
+    def counted(self, batch):
+        moves.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(SlotKV, "swap_rows", counted)
+    prompts = [tok(f"{t} number {i} " * 4)["input_ids"] for i, t in enumerate(TEXTS)]
+    assert min(map(len, prompts)) > MIN_REUSE  # (long enough to be reused)
+    sched = Scheduler(model, tok.mask_token_id, policy="ar", max_batch=6, eos_ids=[])
+    lengths = (3, 3, 3, 9, 12, 15)  # (AR: one token a step, so the first three end together)
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        sched.submit(Request(f"r{i}", p, n))
+    out: dict[str, list[int]] = {}
+    while len(out.get("r0", [])) < 3:
+        for ev in sched.step():
+            out.setdefault(ev.request_id, []).extend(ev.tokens)
+    for ev in sched.step():  # nothing waits: r5, r4, r3 move into slots 0, 1, 2
+        out[ev.request_id] += ev.tokens
+    assert moves == [3]
+    assert [s.req.request_id for s in sched.slots[:3]] == ["r5", "r4", "r3"]
+    assert sched.slots[3:] == [None] * 3
+    for i in (0, 1, 2):  # the finished turns, swapped up: slot 5 holds r0's, 4 r1's, 3 r2's
+        assert sched.prefixes.held[5 - i] == (prompts[i] + out[f"r{i}"])[:-1]
+    for slot in (3, 4, 5):
+        _holds_exactly(sched, model, slot)
+    while sched.has_work():
+        for ev in sched.step():
+            out[ev.request_id] += ev.tokens
+    for i in (3, 4, 5):
+        want = _greedy_alone(model, prompts[i], lengths[i], [])
+        _assert_same(model, [prompts[i]], [out[f"r{i}"]], [want], f"moved r{i}")
+    turns = [prompts[i] + out[f"r{i}"] + tok(" and then?")["input_ids"][1:] for i in range(3)]
+    got = _drain(sched, [Request(f"t{i}", t, 5) for i, t in enumerate(turns)])
+    for i, t in enumerate(turns):
+        assert got[f"t{i}"][1] == len(prompts[i]) + 3 - 1  # its whole first turn was found
+        _assert_same(model, [t], [got[f"t{i}"][0]], [_greedy_alone(model, t, 5, [])], f"t{i}")
+
+
+@pytest.mark.parametrize("policy", ["fixed:3", "entropy:6"])
+def test_a_batched_compaction_leaves_what_one_move_at_a_time_leaves(tok, policy):
+    # every moved row takes its whole state along (drafts, acceptance averages, candidate
+    # blocks: a wrong one would cost speed, not tokens), and the same requests through an engine
+    # that applies each compaction's moves one at a time leave identical events, slot contents,
+    # per-row state and cache entries
+    model = build_tiny_model("llama", tok, seed=5)
+    prompts = [tok(t * (1 + i % 3))["input_ids"] for i, t in enumerate(TEXTS * 2)]
+    runs = []
+    for batched in (True, False):
+        sched = Scheduler(
+            model, tok.mask_token_id, policy=policy, max_batch=8, eos_ids=[], k_max=4,
+            adaptive=False,
+        )  # fmt: skip
+        moved = []
+        plain = sched._move_rows
+
+        def one_at_a_time(moves, sched=sched, plain=plain, batched=batched, moved=moved):
+            moved.append(len(moves))
+            before = {n: getattr(sched, n).clone() for n in Scheduler.ROW_STATE}
+            for n in Scheduler.ROW_STATE:  # a free row's state is dead: make it differ
+                t = getattr(sched, n)
+                for dst, src, _, _ in moves:
+                    t[dst] = ~t[src] if t.dtype == torch.bool else t[src] + 1
+            for group in [moves] if batched else [[m] for m in moves]:
+                plain(group)
+            for dst, src, _, h in moves:  # each moved row's state went with it
+                for n, was in before.items():
+                    assert torch.equal(getattr(sched, n)[dst], was[src]), (n, dst, src)
+                assert not sched.run[src] and (not h or int(sched.length[src]) == h)
+
+        sched._move_rows = one_at_a_time
+        events = []
+        for i, p in enumerate(prompts[:8]):
+            sched.submit(Request(f"r{i}", p, 2 + (i % 4) * 2))
+        while sched.has_work():
+            events += [(e.request_id, e.tokens, e.finished) for e in sched.step()]
+        state = [getattr(sched, n).clone() for n in Scheduler.ROW_STATE]
+        runs.append((events, moved, state, list(sched.prefixes.held), sched.kv))
+    (ev_a, moved, state_a, held_a, kv_a), (ev_b, _, state_b, held_b, kv_b) = runs
+    assert any(n > 1 for n in moved), moved  # (the case under test happened)
+    assert ev_a == ev_b and held_a == held_b
+    for a, b in zip(state_a, state_b):
+        assert torch.equal(a, b)
+    for slot, held in enumerate(held_a):
+        for a, b in zip((*kv_a.keys, *kv_a.values), (*kv_b.keys, *kv_b.values)):
+            assert torch.equal(a[slot, :, : len(held)], b[slot, :, : len(held)])
 
 
 def test_prompt_logprobs_and_seeded_sampling_are_those_of_a_fresh_slot(tok):

@@ -46,6 +46,7 @@ feeds it). transformers decodes NaN there (token 0 when greedy; its sampling rai
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -188,6 +189,28 @@ class SlotKV(Cache):
         for t in (*self.keys, *self.values):
             kept = t[dst, :, :keep].clone() if keep_to is not None and keep else None
             if src is not None and n:
+                t[dst, :, :n] = t[src, :, :n]
+            if kept is not None:
+                t[keep_to, :, :keep] = kept
+
+    def swap_rows(self, moves: Sequence[tuple[int, int, int, int]]) -> None:
+        """``move_entries(dst, src, n, keep, src if keep else None)`` for every ``(dst, src, n,
+        keep)`` of ``moves`` at once (compaction: no row is both a source and a destination), in
+        four launches a layer tensor however many rows move instead of up to three a row. Every
+        row copies the longest move's ``n`` (and ``keep``) entries: what lands past a row's own
+        count is past its length or its kept prefix, never read."""
+        dev = self.keys[0].device
+        dst = torch.tensor([m[0] for m in moves], device=dev)
+        src = torch.tensor([m[1] for m in moves], device=dev)
+        n = max(m[2] for m in moves)
+        swapped = [m for m in moves if m[3]]
+        keep = max((m[3] for m in swapped), default=0)
+        if swapped:
+            keep_from = torch.tensor([m[0] for m in swapped], device=dev)
+            keep_to = torch.tensor([m[1] for m in swapped], device=dev)
+        for t in (*self.keys, *self.values):
+            kept = t[keep_from, :, :keep] if keep else None  # (advanced indexing: a copy)
+            if n:
                 t[dst, :, :n] = t[src, :, :n]
             if kept is not None:
                 t[keep_to, :, :keep] = kept
