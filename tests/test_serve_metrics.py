@@ -95,3 +95,31 @@ def test_an_engine_failure_leaves_no_usage_behind():
     metrics.on_failure()  # (nothing runs or waits any more, nothing holds a slot)
     assert read("vllm:kv_cache_usage_perc", {"model_name": "m"}) == 0.0
     assert read("fluid_num_requests_running") == 0.0
+
+
+def test_a_step_of_several_drafting_rows_counts_each_accepted_position_once_per_row():
+    """A step's events are summed: rows that accepted 3, 1 and 0 of their drafts (and one that
+    verified none) add 2 / 1 / 1 to positions 0 / 1 / 2, 3 verifies of 3 + 2 + 4 drafts and 4
+    accepted — a position past the engine's block length appears when first accepted."""
+    from types import SimpleNamespace
+
+    from fluid_npu.sampling.requests import Event
+    from fluid_npu.serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m", positions=2)
+    sched = SimpleNamespace(num_running=4, num_waiting=0, slots_n=4,
+                            prefixes=SimpleNamespace(queried=0, hits=0))  # fmt: skip
+    rows = [(4, 3, 3), (2, 2, 1), (1, 4, 0), (1, 0, 0)]  # (tokens, drafted, drafts accepted)
+    events = [
+        Event(f"r{i}", [7] * n, False, None, n, 1, n - 1, drafted=d, drafts_accepted=a)
+        for i, (n, d, a) in enumerate(rows)
+    ]
+    metrics.on_step(sched, events, 0.01)
+    metrics.on_step(sched, events[1:2], 0.01)  # (a second step adds to the same series)
+    read = metrics.registry.get_sample_value
+    per_pos = "fluid_spec_decode_num_accepted_tokens_per_pos_total"
+    assert [read(per_pos, {"position": str(p)}) for p in range(3)] == [3.0, 1.0, 1.0]
+    assert read("fluid_spec_decode_num_drafts_total") == 4.0
+    assert read("fluid_spec_decode_num_draft_tokens_total") == 3 + 2 + 4 + 2
+    assert read("fluid_spec_decode_num_accepted_tokens_total") == 4 + 1
+    assert read("fluid_generation_tokens_total") == 8 + 2

@@ -260,8 +260,8 @@ class ServerMetrics:
             ["position"],
             registry=r,
         )
-        for pos in range(positions):
-            self.accepted_at.labels(position=str(pos))
+        # (the children, made once: a step counts each position once, not once per row)
+        self._accepted_at = [self.accepted_at.labels(position=str(p)) for p in range(positions)]
         self.running = Gauge("fluid_num_requests_running", "Requests in the batch", registry=r)
         self.waiting = Gauge("fluid_num_requests_waiting", "Requests queued", registry=r)
         self.kv_usage = Gauge(
@@ -283,17 +283,30 @@ class ServerMetrics:
     def on_step(self, scheduler: Any, events: list[Any], seconds: float) -> None:
         """Engine-thread hook, after every step."""
         self.step_seconds.observe(seconds)
-        made = 0
+        made = drafts = drafted = accepted = 0
+        at: list[int] = []  # accepted drafts by position, summed over the step's rows
         for ev in events:
             made += len(ev.tokens)
             if ev.tokens:
                 self.accepted.observe(ev.accepted)
             if ev.drafted:  # (as vLLM counts them: accepted by the verify, before a stop's cut)
-                self.drafts.inc()
-                self.draft_tokens.inc(ev.drafted)
-                self.accepted_tokens.inc(ev.drafts_accepted)
+                drafts += 1
+                drafted += ev.drafted
+                accepted += ev.drafts_accepted
+                at += [0] * (ev.drafts_accepted - len(at))
                 for pos in range(ev.drafts_accepted):
-                    self.accepted_at.labels(position=str(pos)).inc()
+                    at[pos] += 1
+        if drafts:
+            self.drafts.inc(drafts)
+            self.draft_tokens.inc(drafted)
+            self.accepted_tokens.inc(accepted)
+            for pos, n in enumerate(at):
+                child = (
+                    self._accepted_at[pos]
+                    if pos < len(self._accepted_at)
+                    else self.accepted_at.labels(position=str(pos))
+                )
+                child.inc(n)
         if made:
             self.generation_tokens.inc(made)
         self.running.set(scheduler.num_running)
