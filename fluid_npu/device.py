@@ -368,6 +368,21 @@ def device_name(device: torch.device | str) -> str:
     return str(module.get_device_name(dev))
 
 
+def engine_attention(device: torch.device | str) -> AbstractContextManager[Any]:
+    """The SDPA back ends a decode engine's forward may take on ``device``: on CUDA every one but
+    cuDNN's. torch (2.5 on) tries cuDNN first for a masked SDPA on Hopper and newer, and cuDNN
+    builds an execution plan for every new shape — tens of milliseconds each — while an engine's
+    steps change shape whenever their rows, blocks or key extent do (a lent H200: steps of 4-5 ms
+    with one in ten taking ~40 ms under adaptive drafting, none without it). Flash (unmasked) and
+    memory-efficient attention build nothing. Elsewhere: torch's own choice."""
+    if torch.device(device).type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(backends)
+
+
 def empty_cache(device: torch.device | str) -> None:
     module = device_module(torch.device(device).type)
     if module is not None:

@@ -158,3 +158,52 @@ def test_free_memory_counts_the_caching_allocators_unused_blocks(monkeypatch):
     assert device.free_memory("meta") is None  # a device it knows nothing of: not the host's
     cpu = device.free_memory("cpu")
     assert cpu is None or cpu > 0
+
+
+def _sdpa_backends() -> tuple[bool, bool, bool, bool]:
+    cuda = torch.backends.cuda
+    return (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+            cuda.math_sdp_enabled())  # fmt: skip
+
+
+def test_an_engine_forward_on_cuda_never_takes_cudnn_attention():
+    """cuDNN's SDPA builds a plan per new shape (tens of ms; an engine's steps change shape all the
+    time): on CUDA the engine's forwards may take every back end but it, elsewhere torch's choice
+    stands, and the process's own setting is back afterwards."""
+    before = _sdpa_backends()
+    with device.engine_attention(torch.device("cuda", 0)):
+        assert _sdpa_backends() == (False, True, True, True)
+    assert _sdpa_backends() == before
+    for other in ("cpu", "meta"):
+        with device.engine_attention(other):
+            assert _sdpa_backends() == before
+
+
+def test_every_engine_forward_runs_under_the_engines_attention_choice(monkeypatch):
+    from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+    from fluid_npu.sampling.offline import run_requests
+    from fluid_npu.sampling.scheduler import Request, Scheduler
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = build_tiny_model("llama", tok, seed=0)
+    entered = []
+
+    class Seen:
+        def __init__(self, dev):
+            self.dev = torch.device(dev)
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(device, "engine_attention", Seen)
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=2, eos_ids=[])
+    forwards = []
+    real = sched._forward
+    sched._forward = lambda *a, **kw: forwards.append(1) or real(*a, **kw)
+    prompts = [tok(t)["input_ids"] for t in ("hello world", "the quick brown fox")]
+    run_requests(sched, [Request(str(i), p, 5) for i, p in enumerate(prompts)])
+    assert forwards and len(entered) == len(forwards)  # (prefills and decode steps alike)
+    assert set(entered) == {torch.device("cpu")}

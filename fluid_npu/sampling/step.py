@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from fluid_npu import device as devices
 from fluid_npu.layout import slot_block
 from fluid_npu.sampling.constrained import ConstrainedMixin
 from fluid_npu.sampling.events import EventsMixin
@@ -90,7 +91,8 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
             pos = pos.clamp(max=self.positions - 1)
         use_compiled = self._compiled is not None and lo == 0 and not causal and compiled
         try:
-            with self._rope():  # (support.py: a dynamic rope at generate's frequencies)
+            # (support.py: a dynamic rope at generate's frequencies; device.py: no cuDNN plans)
+            with self._rope(), devices.engine_attention(ids.device):
                 if self._lean is not None:  # the same arithmetic without module dispatch (lean.py)
                     hidden = (self._compiled if use_compiled else self._lean)(ids, pos, self.kv)
                 else:
