@@ -12,15 +12,17 @@
 # (DEADLINE, 560 s); a failing step does not stop the others. What comes back under $OUT (the
 # tool's 8 files at most), in that order: serve_gpu_c16.json (`fluid bench serve`, 16 concurrent
 # clients, every FLUID policy against `ar` on the same server build, bf16: [serve]'s goal),
-# engine_gpu_bf16.json (`fluid bench sampler`, batch 1 / 8 / 32, bf16, against transformers'
-# generate; its static-cache baseline left out, since on CUDA transformers compiles it anew per
-# batch shape and prompt length), the kernels' GPU tests (`pytest -m gpu`, in run.log),
-# serve_gpu_c16_fp32.json (the serve run in fp32: every output identical to `ar`'s, no near-ties),
-# cudagraphs_gpu.json (`tools/check_cudagraphs.py`: the compiled step recorded as CUDA graphs, no
-# skip), serve_gpu_c16_compiled.json (the serve run, entropy:2 and ar, with `--compile`),
-# engine_gpu_compile.json (batch 1 / 8 with the decode step under torch.compile, "reduce-overhead":
-# CUDA graphs), ops_gpu.json (`tools/bench_ops.py --device accelerator`: token_stats against the
-# naive path, the Triton kernel's tile-work ratio) and run.log.
+# step_times_gpu.json (`tools/step_times.py`: each engine phase timed alone at batch 16 / 32, the
+# draft budget on and off, and profiler tables), engine_gpu_bf16.json (`fluid bench sampler`,
+# batch 1 / 8 / 32, bf16, against transformers' generate; its static-cache baseline left out,
+# since on CUDA transformers compiles it anew per batch shape and prompt length), the kernels' GPU
+# tests (`pytest -m gpu`, in run.log), serve_gpu_c16_fp32.json (the serve run in fp32: every
+# output identical to `ar`'s, no near-ties), cudagraphs_gpu.json (`tools/check_cudagraphs.py`:
+# the compiled step recorded as CUDA graphs, no skip), serve_gpu_c16_compiled.json (entropy:2 and
+# ar with `--compile`), ops_gpu.json (`tools/bench_ops.py --device accelerator`: token_stats
+# against the naive path, the Triton kernel's tile-work ratio) and run.log. Session 40's run (an
+# H200, 559 s) reached the compiled serve run with 80 s left, too few for its compiles: the last two
+# steps are for a faster machine or a later trim.
 #
 # `DRY=1 bash tools/device_run.sh` runs the same steps on this machine's CPU with small sizes and
 # no GPU-only step: it checks the commands, not the figures.
@@ -67,10 +69,10 @@ MODEL=runs/demo/stage1
 KHEAD=runs/demo/stage2
 PROMPTS=benchmarks/demo_prompts64.jsonl
 if [[ "${DRY:-0}" == 1 ]]; then
-  DEV=cpu DT=float32 SIZES=1 POLICIES=ar,entropy NEW=16 REQ=8 WARM=2 ROUNDS=2 COMPILE_SIZES=1
+  DEV=cpu DT=float32 SIZES=1 POLICIES=ar,entropy NEW=16 REQ=8 WARM=2 ROUNDS=2 STEP_SIZES=2 TOP=2
 else
   DEV=cuda DT=bfloat16 SIZES=1,8,32 POLICIES=ar,fixed:16,entropy,khead NEW=96 REQ=512 WARM=32 \
-    ROUNDS=8 COMPILE_SIZES=1,8
+    ROUNDS=8 STEP_SIZES=16,32 TOP=16
 fi
 serve() {  # serve NAME DTYPE POLICIES [FLAG...]: 16 concurrent clients, FLUID against ar
   local name=$1 dtype=$2 policies=$3
@@ -85,6 +87,10 @@ step env 60 "$PY" -c "import torch, transformers; print(torch.__version__, trans
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 [[ "${DRY:-0}" != 1 ]] && nvidia-smi >> "$LOG" 2>&1
 serve serve_gpu_c16 "$DT" khead,entropy:2,fixed:4,ar  # [serve]'s goal
+# where a step's time goes: each phase timed alone, the budget on and off, a profiler table
+step step_times 90 "$PY" tools/step_times.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
+  --json "$OUT/step_times_gpu.json" --max-new-tokens "$NEW" --batch-sizes "$STEP_SIZES" \
+  --policies ar,entropy:2,khead --device "$DEV" --dtype "$DT" --profile "entropy:2:$TOP,ar:$TOP"
 step engine 180 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/engine_gpu_bf16.json" --max-new-tokens "$NEW" --batch-sizes "$SIZES" \
   --policies "$POLICIES" --loops fused --repeats 2 --no-static-baseline --device "$DEV" --dtype "$DT"
@@ -100,10 +106,6 @@ if [[ "${DRY:-0}" != 1 ]]; then  # device graphs really recorded (0 skips), toke
 fi
 # the decode step as CUDA graphs behind the server (the warm-up requests compile its shapes)
 serve serve_gpu_c16_compiled "$DT" entropy:2,ar --compile
-step engine_compile 120 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" \
-  --prompts "$PROMPTS" --json "$OUT/engine_gpu_compile.json" --max-new-tokens "$NEW" \
-  --batch-sizes "$COMPILE_SIZES" --policies ar,entropy --loops fused --repeats 2 \
-  --no-static-baseline --device "$DEV" --dtype "$DT" --compile
 if [[ "${DRY:-0}" != 1 ]]; then
   step ops 60 "$PY" tools/bench_ops.py --device accelerator --skip-stage1 --json "$OUT/ops_gpu.json"
 fi
