@@ -374,8 +374,9 @@ def engine_attention(device: torch.device | str) -> AbstractContextManager[Any]:
     builds an execution plan for every new shape — tens of milliseconds each — while an engine's
     steps change shape whenever their rows, blocks or key extent do (a lent H200: steps of 4-5 ms
     with one in ten taking ~40 ms under adaptive drafting, none without it). Flash (unmasked) and
-    memory-efficient attention build nothing. Elsewhere: torch's own choice."""
-    if torch.device(device).type != "cuda":
+    memory-efficient attention build nothing. Elsewhere, or with ``FLUID_SDPA_CUDNN=1`` in the
+    environment (to measure the difference): torch's own choice."""
+    if torch.device(device).type != "cuda" or os.environ.get("FLUID_SDPA_CUDNN") == "1":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

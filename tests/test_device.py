@@ -179,6 +179,13 @@ def test_an_engine_forward_on_cuda_never_takes_cudnn_attention():
             assert _sdpa_backends() == before
 
 
+def test_fluid_sdpa_cudnn_gives_torch_its_choice_back(monkeypatch):
+    before = _sdpa_backends()
+    monkeypatch.setenv("FLUID_SDPA_CUDNN", "1")  # (to measure what leaving cuDNN out changes)
+    with device.engine_attention("cuda"):
+        assert _sdpa_backends() == before
+
+
 def test_every_engine_forward_runs_under_the_engines_attention_choice(monkeypatch):
     from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
     from fluid_npu.sampling.offline import run_requests
