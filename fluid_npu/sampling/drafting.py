@@ -141,6 +141,18 @@ class DraftBudget:
             self._fit = (max(my - c1 * mx, 1e-9), c1)
         return self._fit
 
+    def prefill_seconds(self, tokens: int) -> float | None:
+        """A prefill forward's expected seconds for ``tokens`` tokens: least squares over the
+        prefill forwards measured alone (two token counts at least; None before)."""
+        pts = list(self.prefill_cost.items())
+        if len({x for x, _ in pts}) < 2:
+            return None
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        c1 = max(0.0, sum((x - mx) * (t - my) for x, t in pts) / sxx)
+        return max(my - c1 * mx, 1e-9) + c1 * tokens
+
     def seconds(self, rows: int, width: int) -> float | None:
         """A step's expected seconds. Plain AR (width 1): measured at this row count, else at the
         nearest one measured (plus the model's cost of the rows between) — the drafting model's
