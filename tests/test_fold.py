@@ -122,3 +122,17 @@ def test_only_an_adaptive_eager_engine_folds(tok, monkeypatch):
     eager._watch = False
     wide = SimpleNamespace(ids=SimpleNamespace(shape=(1, 10**6), numel=lambda: 10**6), rows=[1])
     assert not eager._folds(wide)  # past the slot cache's capacity: a forward of its own
+
+
+def test_a_prefill_forwards_cost_is_fitted_over_the_prefills_measured_alone():
+    from fluid_npu.sampling.drafting import DraftBudget
+
+    budget = DraftBudget(4, fixed=False, adaptive=True)
+    assert budget.prefill_seconds(100) is None  # nothing measured
+    budget.record_prefill(50, 2.0e-3)
+    assert budget.prefill_seconds(100) is None  # one token count: no slope yet
+    budget.record_prefill(150, 3.0e-3)
+    budget.record_prefill(150, 4.0e-3)  # (a shape's cost: the least of its recent timings)
+    assert budget.prefill_seconds(100) == pytest.approx(2.5e-3)  # 1.5 ms + 10 us a token
+    budget.record(4, 8, 9.0e-3)  # decode steps do not enter it
+    assert budget.prefill_seconds(250) == pytest.approx(4.0e-3)

@@ -132,26 +132,14 @@ class DraftBudget:
             pts = [(r * w, t) for (r, w), t in self.step_cost.items() if w > 1]
             if len({x for x, _ in pts}) < 2:
                 pts += list(self.prefill_cost.items())
-            if len({x for x, _ in pts}) < 2:
-                return None
-            n = len(pts)
-            mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
-            sxx = sum((x - mx) ** 2 for x, _ in pts)
-            c1 = max(0.0, sum((x - mx) * (t - my) for x, t in pts) / sxx)
-            self._fit = (max(my - c1 * mx, 1e-9), c1)
+            self._fit = _line(pts)
         return self._fit
 
     def prefill_seconds(self, tokens: int) -> float | None:
         """A prefill forward's expected seconds for ``tokens`` tokens: least squares over the
         prefill forwards measured alone (two token counts at least; None before)."""
-        pts = list(self.prefill_cost.items())
-        if len({x for x, _ in pts}) < 2:
-            return None
-        n = len(pts)
-        mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
-        sxx = sum((x - mx) ** 2 for x, _ in pts)
-        c1 = max(0.0, sum((x - mx) * (t - my) for x, t in pts) / sxx)
-        return max(my - c1 * mx, 1e-9) + c1 * tokens
+        fit = _line(list(self.prefill_cost.items()))
+        return None if fit is None else fit[0] + fit[1] * tokens
 
     def seconds(self, rows: int, width: int) -> float | None:
         """A step's expected seconds. Plain AR (width 1): measured at this row count, else at the
@@ -278,3 +266,15 @@ class DraftBudget:
             return 2
         gained = self.second_hits / self.two_block_rows * self.expected_accept(length)
         return 2 if two / one - 1.0 <= gained / (1.0 + self.expected_accept(length)) else 1
+
+
+def _line(pts: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """``(c0, c1)`` of ``t ≈ c0 + c1 · x`` by least squares over ``pts`` (c1 ≥ 0, c0 > 0); None
+    with fewer than two distinct ``x``."""
+    if len({x for x, _ in pts}) < 2:
+        return None
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    c1 = max(0.0, sum((x - mx) * (t - my) for x, t in pts) / sxx)
+    return max(my - c1 * mx, 1e-9), c1
