@@ -86,37 +86,51 @@ def test_folding_saves_a_forward_per_prefill_that_meets_a_running_row(tok, monke
         _assert_same(model, [p], [folded[f"r{i}"]], [want], f"folded r{i}")
 
 
-def _engine_with(tok, fit, prefill_s, **kw):
+def _engine_with(tok, fit, prefill, policy="fixed:3", **kw):
+    """A 16-row engine whose budget reports the step fit ``fit`` and the prefill fit
+    ``prefill`` (``(c0, c1)`` each, or None: not measured)."""
     model = build_tiny_model("llama", tok, seed=3)
-    sched = Scheduler(model, tok.mask_token_id, policy="fixed:3", max_batch=16, eos_ids=[],
+    sched = Scheduler(model, tok.mask_token_id, policy=policy, max_batch=16, eos_ids=[],
                       k_max=4, **kw)  # fmt: skip
     sched.budget.cost_model = lambda: fit
-    sched.budget.prefill_seconds = lambda tokens: None if prefill_s is None else prefill_s
+    sched.budget.prefill_model = lambda: prefill
     return sched
 
 
 def test_the_budget_folds_a_launch_bound_step_and_never_a_compute_bound_one(tok):
     # an accelerator's step (session 40's H200: ~4.5 ms a step whatever its width, a prefill
     # forward ~3.7 ms): two new rows of 16 fold
-    gpu = _engine_with(tok, (4.5e-3, 0.0), 3.7e-3)
+    gpu = _engine_with(tok, (4.5e-3, 0.0), (3.7e-3, 0.0))
     assert gpu._fold_pays(tokens=2 * 57, rows=2, hi=16, w_step=33, w=57)
-    # a CPU's (c1 ~ 12 us a token; a prefill forward ~1.2 ms): widening 8 rows by 24 tokens and
-    # starting a row a step later cost more than the forward saves
-    cpu = _engine_with(tok, (1.3e-3, 12e-6), 1.2e-3)
+    # a CPU's (c1 ~ 12 us a token; a prefill forward of 57 tokens ~1.2 ms): widening 8 rows by
+    # 24 tokens and starting a row a step later cost more than the forward saves
+    cpu = _engine_with(tok, (1.3e-3, 12e-6), (0.6e-3, 10e-6))
     assert not cpu._fold_pays(tokens=57, rows=1, hi=8, w_step=33, w=57)
     # before both are measured: no fold
-    assert not _engine_with(tok, None, 3.7e-3)._fold_pays(114, 2, 16, 33, 57)
+    assert not _engine_with(tok, None, (3.7e-3, 0.0))._fold_pays(114, 2, 16, 33, 57)
     assert not _engine_with(tok, (4.5e-3, 0.0), None)._fold_pays(114, 2, 16, 33, 57)
     # many new rows of a small batch: their late start outweighs the saved forward
     assert not gpu._fold_pays(tokens=4 * 57, rows=4, hi=4, w_step=33, w=57)
 
 
+def test_an_ar_engine_folds_by_its_own_measured_steps(tok):
+    # AR drafts nothing, so it has no fitted step cost: its measured AR steps and the prefills'
+    # per-token cost decide, as they do for a drafting engine
+    gpu = _engine_with(tok, None, (2.7e-3, 0.0), policy="ar")
+    assert not gpu._fold_pays(tokens=40, rows=1, hi=16, w_step=1, w=40)  # no AR step measured yet
+    gpu.budget.record(16, 1, 3.0e-3)
+    assert gpu._fold_pays(tokens=40, rows=1, hi=16, w_step=1, w=40)
+    cpu = _engine_with(tok, None, (0.5e-3, 10e-6), policy="ar")
+    cpu.budget.record(16, 1, 1.0e-3)
+    assert not cpu._fold_pays(tokens=40, rows=1, hi=16, w_step=1, w=40)  # 16 rows widened x40
+
+
 def test_only_an_adaptive_eager_engine_folds(tok, monkeypatch):
     monkeypatch.setattr(Scheduler, "_fold_pays", lambda self, *a: True)
     plan = SimpleNamespace(ids=SimpleNamespace(shape=(1, 8), numel=lambda: 8), rows=[1])
-    eager = _engine_with(tok, (4.5e-3, 0.0), 3.7e-3)
+    eager = _engine_with(tok, (4.5e-3, 0.0), (3.7e-3, 0.0))
     assert eager._folds(plan)
-    assert not _engine_with(tok, (4.5e-3, 0.0), 3.7e-3, adaptive=False)._folds(plan)
+    assert not _engine_with(tok, (4.5e-3, 0.0), (3.7e-3, 0.0), adaptive=False)._folds(plan)
     eager._watch = True  # (float16's overflow watch reads the prefill's own forward)
     assert not eager._folds(plan)
     eager._watch = False
@@ -128,11 +142,11 @@ def test_a_prefill_forwards_cost_is_fitted_over_the_prefills_measured_alone():
     from fluid_npu.sampling.drafting import DraftBudget
 
     budget = DraftBudget(4, fixed=False, adaptive=True)
-    assert budget.prefill_seconds(100) is None  # nothing measured
+    assert budget.prefill_model() is None  # nothing measured
     budget.record_prefill(50, 2.0e-3)
-    assert budget.prefill_seconds(100) is None  # one token count: no slope yet
+    assert budget.prefill_model() is None  # one token count: no slope yet
     budget.record_prefill(150, 3.0e-3)
     budget.record_prefill(150, 4.0e-3)  # (a shape's cost: the least of its recent timings)
-    assert budget.prefill_seconds(100) == pytest.approx(2.5e-3)  # 1.5 ms + 10 us a token
+    assert budget.prefill_model() == pytest.approx((1.5e-3, 1e-5))  # 1.5 ms + 10 us a token
     budget.record(4, 8, 9.0e-3)  # decode steps do not enter it
-    assert budget.prefill_seconds(250) == pytest.approx(4.0e-3)
+    assert budget.prefill_model() == pytest.approx((1.5e-3, 1e-5))

@@ -135,11 +135,10 @@ class DraftBudget:
             self._fit = _line(pts)
         return self._fit
 
-    def prefill_seconds(self, tokens: int) -> float | None:
-        """A prefill forward's expected seconds for ``tokens`` tokens: least squares over the
+    def prefill_model(self) -> tuple[float, float] | None:
+        """``(c0, c1)``: a prefill forward's seconds ≈ c0 + c1 · tokens, least squares over the
         prefill forwards measured alone (two token counts at least; None before)."""
-        fit = _line(list(self.prefill_cost.items()))
-        return None if fit is None else fit[0] + fit[1] * tokens
+        return _line(list(self.prefill_cost.items()))
 
     def seconds(self, rows: int, width: int) -> float | None:
         """A step's expected seconds. Plain AR (width 1): measured at this row count, else at the

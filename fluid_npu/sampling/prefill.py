@@ -145,19 +145,18 @@ class PrefillMixin:
                                plan.anchor.to(dev), plan.length, plan.causal,
                                rows=plan.rows)  # fmt: skip
         self.prefill_forwards += 1
-        if self.adaptive and plan.draft:  # what width costs, known before the first decode step
+        if self.adaptive:  # what width costs, known before the first decode step (_folds too)
             devices.synchronize(dev)
             self.budget.record_prefill(plan.ids.numel(), time.perf_counter() - t0)
         self._prefill_finish(plan, hidden, self._overflow)
 
     def _folds(self, plan: PrefillPlan) -> bool:
         """Whether ``plan``'s chunks should ride in this step's decode forward (``_decode(fold=)``)
-        rather than in a forward of their own. By the draft budget's measurements: the prefill
-        forward it saves (``prefill_seconds``) against what folding adds — the step widened to the
-        chunks (its fitted ``c1`` per token) and the prompts starting to decode a step later (their
-        rows' share of a step). A step that costs what it launches (a small model on an
-        accelerator) folds; a compute-bound one (a CPU) does not. Not compiled (its shapes are
-        few), not in float16 (whose overflow watch reads the prefill's own forward)."""
+        rather than in a forward of their own (``_fold_pays``: by the draft budget's measurements,
+        the forward saved against the step's widening and the new rows' step of delay). A step that
+        costs what it launches (a small model on an accelerator) folds; a compute-bound one (a CPU)
+        does not. Never compiled (its shapes are few), nor in float16 (whose overflow watch reads
+        the prefill's own forward), nor past the slot cache's capacity."""
         if self._compiled is not None or self._watch or not self.adaptive:
             return False
         hi = self._decode_rows()
@@ -170,14 +169,18 @@ class PrefillMixin:
 
     def _fold_pays(self, tokens: int, rows: int, hi: int, w_step: int, w: int) -> bool:
         """``_folds``' cost rule: a prefill forward of ``tokens`` for ``rows`` new rows, against a
-        step of ``hi`` rows widened from ``w_step`` to ``w`` (by the budget's measurements; no
-        decision before both are measured)."""
-        fit = self.budget.cost_model()
-        saved = self.budget.prefill_seconds(tokens)
-        if fit is None or saved is None:
+        step of ``hi`` rows widened from ``w_step`` to ``w``, by the budget's measurements: the
+        prefill forwards run alone (``prefill_model``), the step's cost (``seconds``; AR steps are
+        measured as they are) and a token's (the drafting steps' fitted ``c1``, else the
+        prefills'). No decision before they are measured."""
+        pre = self.budget.prefill_model()
+        step = self.budget.seconds(hi, w_step)
+        if pre is None or step is None:
             return False
-        c0, c1 = fit
-        late = rows / hi * (c0 + c1 * hi * w_step)  # the new rows' decoding, a step later
+        fit = self.budget.cost_model()
+        c1 = pre[1] if fit is None else fit[1]
+        saved = pre[0] + pre[1] * tokens
+        late = rows / hi * step  # the new rows' decoding, a step later
         return saved > FOLD_MARGIN * (c1 * hi * (w - w_step) + late)
 
     def _prefill_plan(self) -> PrefillPlan | None:
