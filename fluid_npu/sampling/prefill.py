@@ -163,7 +163,8 @@ class PrefillMixin:
         big_m, n_blocks = self._next_shape
         w_step = 1 + big_m + min(n_blocks, self.anchors) * self.k  # the step's width, at least
         w = max(w_step, plan.ids.shape[1])
-        if self._max_extent(range(hi), w) > self.kv.capacity:
+        widest = max(1 + self.k * (1 + self.anchors), w)  # (the step may still widen: forced text)
+        if self._max_extent(range(hi), widest) > self.kv.capacity:
             return False
         return self._fold_pays(plan.ids.numel(), len(plan.rows), hi, w_step, w)
 
