@@ -136,6 +136,8 @@ def test_only_an_adaptive_eager_engine_folds(tok, monkeypatch):
     eager._watch = False
     wide = SimpleNamespace(ids=SimpleNamespace(shape=(1, 10**6), numel=lambda: 10**6), rows=[1])
     assert not eager._folds(wide)  # past the slot cache's capacity: a forward of its own
+    monkeypatch.setenv("FLUID_FOLD_PREFILL", "0")  # (to measure what folding changes)
+    assert not eager._folds(plan)
 
 
 def test_a_prefill_forwards_cost_is_fitted_over_the_prefills_measured_alone():

@@ -16,6 +16,7 @@ ended at once: from the next step on the slots decode (``step.py``).
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -156,8 +157,11 @@ class PrefillMixin:
         the forward saved against the step's widening and the new rows' step of delay). A step that
         costs what it launches (a small model on an accelerator) folds; a compute-bound one (a CPU)
         does not. Never compiled (its shapes are few), nor in float16 (whose overflow watch reads
-        the prefill's own forward), nor past the slot cache's capacity."""
+        the prefill's own forward), nor past the slot cache's capacity, nor with
+        ``FLUID_FOLD_PREFILL=0`` in the environment (to measure what folding changes)."""
         if self._compiled is not None or self._watch or not self.adaptive:
+            return False
+        if os.environ.get("FLUID_FOLD_PREFILL") == "0":
             return False
         hi = self._decode_rows()
         big_m, n_blocks = self._next_shape
