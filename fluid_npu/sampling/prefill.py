@@ -11,7 +11,11 @@ causal attention, no mask tensor); the chunk that ends a prompt also drafts the 
 MASK slots anchored at the prompt's ``P-2``, as Stage I trains them; as many as the decode steps'
 blocks now hold (``K`` for a sampling request) — unless drafting has not been paying. ``_start``
 turns those slots into the requests' first drafts and candidate blocks, for every prompt the chunk
-ended at once: from the next step on the slots decode (``step.py``).
+ended at once: from the next step on the slots decode (``step.py``). Where the draft budget's
+measurements say a forward costs more than widening the decode step to the chunks and starting
+their prompts a step later (``_folds``: a small model on an accelerator, not a CPU), the chunks
+ride in the decode step's forward instead (``step.py``'s ``_decode(fold=)``; ``_prefill_plan``
+builds them, ``_prefill_finish`` takes their hidden states either way).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ correction (argmax, or the rejection rule of ``rules.py`` for sampling rows), EO
 one packed tensor (plus logprobs when a request wants them) is read back and turned into
 ``Event``s on the host, where stop strings are checked on the committed text. ``_draft`` turns
 slot hidden states into drafts (argmax, or drawn from the slots' own distribution ``q`` for
-sampling rows) for both the prefill and this step.
+sampling rows) for both the prefill and this step. With ``fold`` the step's forward also carries
+the prefill chunks of its idle rows (``prefill.py``: ``_folds``).
 """
 
 from __future__ import annotations
