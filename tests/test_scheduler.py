@@ -98,8 +98,7 @@ def test_refill_chunked_prefill_and_static_cache(tok):
     ours = [results[str(i)][0] for i in range(len(prompts))]
     alone = [_greedy_alone(model, p, 6 + i, []) for i, p in enumerate(prompts)]
     _assert_same(model, prompts, ours, alone, "refill/chunks")
-    # long prompts took several chunks (in forwards of their own or riding in decode steps)
-    assert sched.prefill_forwards + sched.folded_prefills > len(prompts) // 2
+    assert sched.prefill_forwards > len(prompts) // 2  # long prompts took several chunks
 
 
 def test_a_forward_past_the_slot_cache_is_refused_before_it_writes(tok):

@@ -13,16 +13,15 @@
 # tool's 8 files at most), in that order: serve_gpu_c16.json (`fluid bench serve`, 16 concurrent
 # clients, every FLUID policy against `ar` on the same server build, bf16: [serve]'s goal),
 # step_times_gpu.json (`tools/step_times.py`: each engine phase timed alone at batch 16 / 32, the
-# draft budget on and off, and profiler tables), serve_gpu_c16_nofold.json and
-# serve_gpu_c16_cudnn.json (entropy:2 and ar with FLUID_FOLD_PREFILL=0, then FLUID_SDPA_CUDNN=1:
-# what folding prefills and leaving cuDNN's SDPA out change), engine_gpu_bf16.json (`fluid bench
+# draft budget on and off, and profiler tables), serve_gpu_c16_cudnn.json (entropy:2 and ar with
+# FLUID_SDPA_CUDNN=1: what leaving cuDNN's SDPA out changes), engine_gpu_bf16.json (`fluid bench
 # sampler`, batch 1 / 8 / 32, bf16, against transformers' generate; its static-cache baseline left
 # out, since on CUDA transformers compiles it anew per batch shape and prompt length), the
 # kernels' GPU tests (`pytest -m gpu`, in run.log), serve_gpu_c16_fp32.json (the serve run in
 # fp32: every output identical to `ar`'s, no near-ties), cudagraphs_gpu.json
-# (`tools/check_cudagraphs.py`: the compiled step recorded as CUDA graphs, no skip) and run.log
-# (`tools/bench_ops.py --device accelerator`, token_stats against the naive path on a GPU, is
-# still to run: it did not fit). Session 40's run (an H200) took 559 s and never reached
+# (`tools/check_cudagraphs.py`: the compiled step recorded as CUDA graphs, no skip), ops_gpu.json
+# (`tools/bench_ops.py --device accelerator`: token_stats against the naive path, the Triton
+# kernel's tile-work ratio) and run.log. Session 40's run (an H200) took 559 s and never reached
 # its last step (a compiled server, since dropped: its compiles did not fit in the 80 s left).
 #
 # `DRY=1 bash tools/device_run.sh` runs the same steps on this machine's CPU with small sizes and
@@ -92,9 +91,7 @@ serve serve_gpu_c16 "$DT" khead,entropy:2,fixed:4,ar  # [serve]'s goal
 step step_times 90 "$PY" tools/step_times.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/step_times_gpu.json" --max-new-tokens "$NEW" --batch-sizes "$STEP_SIZES" \
   --policies ar,entropy:2,khead --device "$DEV" --dtype "$DT" --profile "entropy:2:$TOP,ar:$TOP"
-# the same server with no prefill folded into a decode step (prefill.py: _folds), then with
-# cuDNN's SDPA allowed (the engine leaves it out: device.engine_attention)
-FLUID_FOLD_PREFILL=0 serve serve_gpu_c16_nofold "$DT" entropy:2,ar
+# the same server with cuDNN's SDPA allowed (the engine leaves it out: device.engine_attention)
 FLUID_SDPA_CUDNN=1 serve serve_gpu_c16_cudnn "$DT" entropy:2,ar
 step engine 180 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/engine_gpu_bf16.json" --max-new-tokens "$NEW" --batch-sizes "$SIZES" \
@@ -108,5 +105,8 @@ serve serve_gpu_c16_fp32 float32 khead,entropy:2,fixed:4,ar
 if [[ "${DRY:-0}" != 1 ]]; then  # device graphs really recorded (0 skips), tokens as eager
   step cudagraphs 90 "$PY" tools/check_cudagraphs.py --model "$MODEL" --prompts "$PROMPTS" \
     --json "$OUT/cudagraphs_gpu.json" --dtype "$DT" --device "$DEV"
+fi
+if [[ "${DRY:-0}" != 1 ]]; then
+  step ops 60 "$PY" tools/bench_ops.py --device accelerator --skip-stage1 --json "$OUT/ops_gpu.json"
 fi
 grep -h "speedup_by_batch\|best_lossless_tpf\|bench serve:\|passed\|failed" "$LOG" | tail -40

@@ -132,13 +132,14 @@ class DraftBudget:
             pts = [(r * w, t) for (r, w), t in self.step_cost.items() if w > 1]
             if len({x for x, _ in pts}) < 2:
                 pts += list(self.prefill_cost.items())
-            self._fit = _line(pts)
+            if len({x for x, _ in pts}) < 2:
+                return None
+            n = len(pts)
+            mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
+            sxx = sum((x - mx) ** 2 for x, _ in pts)
+            c1 = max(0.0, sum((x - mx) * (t - my) for x, t in pts) / sxx)
+            self._fit = (max(my - c1 * mx, 1e-9), c1)
         return self._fit
-
-    def prefill_model(self) -> tuple[float, float] | None:
-        """``(c0, c1)``: a prefill forward's seconds ≈ c0 + c1 · tokens, least squares over the
-        prefill forwards measured alone (two token counts at least; None before)."""
-        return _line(list(self.prefill_cost.items()))
 
     def seconds(self, rows: int, width: int) -> float | None:
         """A step's expected seconds. Plain AR (width 1): measured at this row count, else at the
@@ -265,15 +266,3 @@ class DraftBudget:
             return 2
         gained = self.second_hits / self.two_block_rows * self.expected_accept(length)
         return 2 if two / one - 1.0 <= gained / (1.0 + self.expected_accept(length)) else 1
-
-
-def _line(pts: list[tuple[int, float]]) -> tuple[float, float] | None:
-    """``(c0, c1)`` of ``t ≈ c0 + c1 · x`` by least squares over ``pts`` (c1 ≥ 0, c0 > 0); None
-    with fewer than two distinct ``x``."""
-    if len({x for x, _ in pts}) < 2:
-        return None
-    n = len(pts)
-    mx, my = sum(x for x, _ in pts) / n, sum(t for _, t in pts) / n
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    c1 = max(0.0, sum((x - mx) * (t - my) for x, t in pts) / sxx)
-    return max(my - c1 * mx, 1e-9), c1

@@ -11,16 +11,11 @@ causal attention, no mask tensor); the chunk that ends a prompt also drafts the 
 MASK slots anchored at the prompt's ``P-2``, as Stage I trains them; as many as the decode steps'
 blocks now hold (``K`` for a sampling request) — unless drafting has not been paying. ``_start``
 turns those slots into the requests' first drafts and candidate blocks, for every prompt the chunk
-ended at once: from the next step on the slots decode (``step.py``). Where the draft budget's
-measurements say a forward costs more than widening the decode step to the chunks and starting
-their prompts a step later (``_folds``: a small model on an accelerator, not a CPU), the chunks
-ride in the decode step's forward instead (``step.py``'s ``_decode(fold=)``; ``_prefill_plan``
-builds them, ``_prefill_finish`` takes their hidden states either way).
+ended at once: from the next step on the slots decode (``step.py``).
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -30,15 +25,11 @@ from fluid_npu.layout import slot_block
 from fluid_npu.sampling.fused import choose_anchors
 from fluid_npu.sampling.host_step import choose_anchors_host
 from fluid_npu.sampling.penalties import Penalties
-from fluid_npu.sampling.requests import PrefillPlan, Slot
+from fluid_npu.sampling.requests import Slot
 from fluid_npu.sampling.reuse import MIN_REUSE, common_prefix
 from fluid_ops.meta import MAIN, PAD
 
 PROMPT_LOGITS = 1 << 24  # prompt logprobs: logits per LM-head call (64 MiB in float32)
-# a prefill folds into the decode step only when the forward it saves is worth this many times
-# what folding costs by the budget's estimate (which leaves out the later rows' later admissions:
-# near break-even on a CPU, folding measured 5-10 % slower at batch 8)
-FOLD_MARGIN = 2.0
 
 
 class PrefillMixin:
@@ -139,63 +130,8 @@ class PrefillMixin:
         """The rows the next decode step computes (the price of a draft is per step)."""
         return 1 + max((i for i, x in enumerate(self.slots) if x is not None), default=0)
 
-    def _prefill(self, plan: PrefillPlan | None = None) -> None:
+    def _prefill(self) -> None:
         """One forward: every prefilling slot encodes its next chunk of ``prompt[:-1]``."""
-        plan = self._prefill_plan() if plan is None else plan
-        if plan is None:
-            return
-        dev = self.device
-        t0 = time.perf_counter()
-        hidden = self._forward(plan.rows[0], plan.ids.to(dev), plan.pos.to(dev),
-                               plan.anchor.to(dev), plan.length, plan.causal,
-                               rows=plan.rows)  # fmt: skip
-        self.prefill_forwards += 1
-        if self.adaptive:  # what width costs, known before the first decode step (_folds too)
-            devices.synchronize(dev)
-            self.budget.record_prefill(plan.ids.numel(), time.perf_counter() - t0)
-        self._prefill_finish(plan, hidden, self._overflow)
-
-    def _folds(self, plan: PrefillPlan) -> bool:
-        """Whether ``plan``'s chunks should ride in this step's decode forward (``_decode(fold=)``)
-        rather than in a forward of their own (``_fold_pays``: by the draft budget's measurements,
-        the forward saved against the step's widening and the new rows' step of delay). A step that
-        costs what it launches (a small model on an accelerator) folds; a compute-bound one (a CPU)
-        does not. Never compiled (its shapes are few), nor in float16 (whose overflow watch reads
-        the prefill's own forward), nor past the slot cache's capacity, nor with
-        ``FLUID_FOLD_PREFILL=0`` in the environment (to measure what folding changes)."""
-        if self._compiled is not None or self._watch or not self.adaptive:
-            return False
-        if os.environ.get("FLUID_FOLD_PREFILL") == "0":
-            return False
-        hi = self._decode_rows()
-        big_m, n_blocks = self._next_shape
-        w_step = 1 + big_m + min(n_blocks, self.anchors) * self.k  # the step's width, at least
-        w = max(w_step, plan.ids.shape[1])
-        widest = max(1 + self.k * (1 + self.anchors), w)  # (the step may still widen: forced text)
-        if self._max_extent(range(hi), widest) > self.kv.capacity:
-            return False
-        return self._fold_pays(plan.ids.numel(), len(plan.rows), hi, w_step, w)
-
-    def _fold_pays(self, tokens: int, rows: int, hi: int, w_step: int, w: int) -> bool:
-        """``_folds``' cost rule: a prefill forward of ``tokens`` for ``rows`` new rows, against a
-        step of ``hi`` rows widened from ``w_step`` to ``w``, by the budget's measurements: the
-        prefill forwards run alone (``prefill_model``), the step's cost (``seconds``; AR steps are
-        measured as they are) and a token's (the drafting steps' fitted ``c1``, else the
-        prefills'). No decision before they are measured."""
-        pre = self.budget.prefill_model()
-        step = self.budget.seconds(hi, w_step)
-        if pre is None or step is None:
-            return False
-        fit = self.budget.cost_model()
-        c1 = pre[1] if fit is None else fit[1]
-        saved = pre[0] + pre[1] * tokens
-        late = rows / hi * step  # the new rows' decoding, a step later
-        return saved > FOLD_MARGIN * (c1 * hi * (w - w_step) + late)
-
-    def _prefill_plan(self) -> PrefillPlan | None:
-        """The next chunk of every prefilling slot as one forward's inputs (on the host), and
-        whether its prompt ends there and drafts; None when only one-token prompts were left
-        (they start at once: nothing to encode, no anchor to draft from)."""
         rows = [i for i, s in enumerate(self.slots) if s is not None and not s.running]
         chunks: dict[int, tuple[int, list[int], bool]] = {}
         for i in rows:
@@ -218,8 +154,9 @@ class PrefillMixin:
             draft = k if sampling else self.budget.prefill_length(rows_next)
         if width == 0:  # one-token prompts only: nothing to encode and no anchor to draft from
             self._start(rows)
-            return None
+            return
         b = len(rows)
+        at_row = {i: r for r, i in enumerate(rows)}  # slot -> row of this forward
         # built as lists on the host, one tensor each (few ops however many rows)
         pad = [self.pad_id] * width, [0] * width, [PAD] * width
         ids, pos, anchor = ([], [], [])
@@ -239,36 +176,31 @@ class PrefillMixin:
             block = slot_block(torch.tensor(at_p2), draft, self.mask_id, live=torch.tensor(live))
             ids, pos, anchor = (torch.cat(x, dim=1) for x in zip((ids, pos, anchor), block[:3]))
         causal = draft == 0 and all(start == 0 for start, _, _ in chunks.values())
+        dev = self.device
         # a prefilling slot's chunk goes right after what it has encoded so far
-        length = torch.tensor([chunks[i][0] for i in rows], dtype=torch.long, device=self.device)
-        return PrefillPlan(rows, chunks, width, draft, ending, drafted, ids, pos, anchor, length,
-                           causal)  # fmt: skip
-
-    def _prefill_finish(
-        self, plan: PrefillPlan, hidden: torch.Tensor, overflow: torch.Tensor | None
-    ) -> None:
-        """After the forward of ``plan``'s chunks (``hidden [b, width + draft, H]`` in its rows'
-        order; ``overflow``: float16's overflowed entries, same layout): the prompts' logprobs,
-        the slots' lengths, and the prompts it ended start decoding."""
-        rows, chunks, width, dev = plan.rows, plan.chunks, plan.width, self.device
+        length = torch.tensor([chunks[i][0] for i in rows], dtype=torch.long, device=dev)
+        t0 = time.perf_counter()
+        anchor = anchor.to(dev)
+        hidden = self._forward(rows[0], ids.to(dev), pos.to(dev), anchor, length, causal, rows=rows)
+        self.prefill_forwards += 1
         self._prompt_logprobs(rows, chunks, hidden)
+        if self.adaptive and draft:  # what width costs, known before the first decode step
+            devices.synchronize(dev)
+            self.budget.record_prefill(b * (width + draft), time.perf_counter() - t0)
         for i, (start, chunk, _) in chunks.items():
             self.slots[i].prefilled = start + len(chunk)
         at = torch.tensor(rows, device=dev)  # a prefilling slot's length: what it has encoded
         self.length[at] = torch.tensor([self.slots[i].prefilled for i in rows], device=dev)
-        if overflow is not None:  # float16: a prompt token overflowed (judged next step)
-            main = plan.anchor[:, :width].to(dev) == MAIN
-            hit = (overflow[:, :width] & main).any(dim=1)
+        if self._overflow is not None:  # float16: a prompt token overflowed (judged next step)
+            hit = (self._overflow[:, :width] & (anchor[:, :width] == MAIN)).any(dim=1)
             self.overflowed[at] = self.overflowed[at] | hit
         # the prompts this chunk ended decode from the next step: with their first drafts (one
         # batch for all of them), or without (a prompt of one token, or drafting not paying)
-        drafted = plan.drafted
         if drafted:  # the anchor: each prompt's last encoded token (shorter chunks are padded)
-            at_row = {i: r for r, i in enumerate(rows)}  # slot -> row of this forward
             r = torch.tensor([at_row[i] for i in drafted], device=dev)
             end = torch.tensor([len(chunks[i][1]) - 1 for i in drafted], device=dev)
             self._start(drafted, hidden[r, width:], hidden[r, end])
-        self._start([i for i in plan.ending if i not in drafted])
+        self._start([i for i in ending if i not in drafted])
 
     def _prompt_logprobs(
         self, rows: list[int], chunks: dict[int, tuple[int, list[int], bool]], hidden: torch.Tensor

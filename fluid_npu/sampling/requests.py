@@ -1,5 +1,4 @@
-"""What flows through the decode engine: a ``Request`` in, ``Event``s out, and a ``Slot`` between
-(and, inside it, a ``PrefillPlan``: one prefill forward's inputs).
+"""What flows through the decode engine: a ``Request`` in, ``Event``s out, and a ``Slot`` between.
 
 The serving layer and ``run_requests`` speak only these; the engine (``scheduler.py``) owns slots.
 """
@@ -10,13 +9,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fluid_npu.sampling.grammar import Grammar
 from fluid_npu.sampling.rules import SamplingParams
-
-if TYPE_CHECKING:
-    import torch
 
 # a prompt token's log-probability, its best alternatives (token id, logprob) and its rank (1:
 # the model's argmax; vLLM's ``rank``: the tokens at least as likely, itself included)
@@ -141,20 +137,3 @@ def enqueue(waiting: deque[Slot], slot: Slot, by_priority: bool) -> None:
     while by_priority and at and waiting[at - 1].req.priority > slot.req.priority:
         at -= 1
     waiting.insert(at, slot)
-
-
-@dataclass
-class PrefillPlan:
-    """One prefill forward's inputs, built on the host (``PrefillMixin._prefill_plan``)."""
-
-    rows: list[int]  # the prefilling slots, in the forward's row order
-    chunks: dict[int, tuple[int, list[int], bool]]  # slot -> (start, chunk, the prompt ends)
-    width: int  # the longest chunk (the first-draft slots follow it)
-    draft: int  # first-draft slots per row (0: none)
-    ending: list[int]  # slots whose prompt this chunk ends
-    drafted: list[int]  # ... of them, those that draft
-    ids: torch.Tensor  # [b, width + draft] (host)
-    pos: torch.Tensor
-    anchor: torch.Tensor
-    length: torch.Tensor  # [b] each chunk's start (device)
-    causal: bool  # plain causal attention: first chunks, no drafts

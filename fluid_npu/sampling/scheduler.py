@@ -200,7 +200,6 @@ class Scheduler(PrefillMixin, StepMixin, HostStepMixin):
         self._ids: set[str] = set()
         self._aborted: list[Slot] = []  # aborted, their "abort" events due at the next step
         self.prefill_forwards = 0
-        self.folded_prefills = 0  # prefill chunks that rode in a decode step's forward
         self.decode_forwards = 0
         self.computed_tokens = 0  # rows x width of every forward (GenerateStats.computed_tokens)
         self.accept_hist: Counter = Counter()
@@ -364,17 +363,10 @@ class Scheduler(PrefillMixin, StepMixin, HostStepMixin):
         events = self._retire_aborted()
         self._admit()
         self._compact()
-        plan = None
         if any(s is not None and not s.running for s in self.slots):
-            plan = self._prefill_plan()  # (None: one-token prompts, started at once)
-        running = any(s is not None and s.running for s in self.slots)
-        if plan is not None and running and self._folds(plan):
-            events += self._decode(fold=plan)  # one forward for both (prefill.py: _folds)
-        else:
-            if plan is not None:
-                self._prefill(plan)
-            if any(s is not None and s.running for s in self.slots):
-                events += self._decode()
+            self._prefill()
+        if any(s is not None and s.running for s in self.slots):
+            events += self._decode()
         ended = time.monotonic()  # (the engine's clock: Event.at)
         for event in events:
             event.at = ended

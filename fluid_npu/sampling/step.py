@@ -8,8 +8,7 @@ correction (argmax, or the rejection rule of ``rules.py`` for sampling rows), EO
 one packed tensor (plus logprobs when a request wants them) is read back and turned into
 ``Event``s on the host, where stop strings are checked on the committed text. ``_draft`` turns
 slot hidden states into drafts (argmax, or drawn from the slots' own distribution ``q`` for
-sampling rows) for both the prefill and this step. With ``fold`` the step's forward also carries
-the prefill chunks of its idle rows (``prefill.py``: ``_folds``).
+sampling rows) for both the prefill and this step.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from fluid_npu.sampling.constrained import ConstrainedMixin
 from fluid_npu.sampling.events import EventsMixin
 from fluid_npu.sampling.fused import choose_anchors
 from fluid_npu.sampling.kv import ForwardPlan, step_mask
-from fluid_npu.sampling.requests import Event, PrefillPlan
+from fluid_npu.sampling.requests import Event
 from fluid_npu.sampling.rules import DRAFT, sample, uniform
 from fluid_npu.sampling.sampled import SampledMixin
 from fluid_npu.sampling.stops import StopsMixin
@@ -163,13 +162,8 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
             self.dhid[at, :n] = hidden.to(self.dhid.dtype)
         return drafts, conf, self.policy.keep(st.entropy, anchor_hidden, self.khead)
 
-    def _decode(self, fold: PrefillPlan | None = None) -> list[Event]:
-        """One decode step of the running rows; with ``fold``, the prefill chunks of its rows
-        ride in the same forward (``_folds``: a step that costs what it launches), their prompts
-        starting to decode from the next step."""
+    def _decode(self) -> list[Event]:
         hi = 1 + max(i for i, s in enumerate(self.slots) if s is not None and s.running)
-        if fold is not None:
-            hi = max(hi, 1 + max(fold.rows))
         hi = _pow2(hi) if self._compiled is not None else hi
         hi = min(hi, self.slots_n)
         big_m, n_blocks = self._next_shape
@@ -189,7 +183,7 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
             k = self.budget.choose_length(hi)
             n_blocks = self.budget.choose_blocks(hi, big_m, n_blocks, k)
         plain = not (constrained or armed or any_sampled or any_lp or penalised)
-        if fold is None and self._host_step_ok(hi, plain):  # one greedy row on a CPU: host_step.py
+        if self._host_step_ok(hi, plain):  # one greedy row on a CPU: host_step.py
             return self._decode_host(big_m, n_blocks, k)
         dev = self.device
         if constrained:
@@ -219,11 +213,8 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
         width = ids_t.shape[1]
         compiles = _compiles() if self._compiled is not None else 0
         t0 = time.perf_counter()
-        if fold is not None:  # the prefill rows' chunks in place of their idle (PAD) inputs
-            ids_t, pos_t, anchor_t = self._fold_in(fold, ids_t, pos_t, anchor_t)
-        hidden = self._forward(0, ids_t, pos_t, anchor_t, base, compiled=fold is None)
+        hidden = self._forward(0, ids_t, pos_t, anchor_t, base, compiled=True)
         self.decode_forwards += 1
-        wide, hidden = hidden, hidden[:, :width]  # (the decode rows' part; PAD past it)
         allowed = self._grammar_masks(constrained, forced, big_m) if constrained else None
 
         adjusted = sorted({*penalised, *constrained})
@@ -396,7 +387,7 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
             packed_t = torch.cat([packed_t, m_next[:, None], self.drafts[:hi, :k]], dim=1)
         packed = packed_t.tolist()
         if self._compiled is None or _compiles() == compiles:  # a step that compiled is no cost
-            self.budget.record(hi, wide.shape[1], time.perf_counter() - t0)
+            self.budget.record(hi, width, time.perf_counter() - t0)
         width_int = 4 + big_m + 1 + 2  # the two shape columns end here; two block columns follow
         self._next_shape = (int(packed[0][width_int - 2]), int(packed[0][width_int - 1]))
         if reading and k:
@@ -407,35 +398,7 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
             # drafts earn, no row keeps more credit than that (on the device: no read)
             self.ema.clamp_(max=self.budget.prior_accept())
             self._prior_replaced = True
-        if fold is not None:  # after the step's writes to those (idle) rows: they start now
-            at = torch.tensor(fold.rows, device=dev)
-            n = fold.ids.shape[1]
-            overflow = None if self._overflow is None else self._overflow[at, :n]
-            self._prefill_finish(fold, wide[at, :n], overflow)
-            self.folded_prefills += 1
         return events
-
-    def _fold_in(
-        self, fold: PrefillPlan, ids: torch.Tensor, pos: torch.Tensor, anchor: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step's inputs ``[hi, W]`` widened to the prefill's width where it is wider (PAD
-        columns), with the prefill rows' chunks and first-draft slots written over their idle
-        inputs (a prefilling slot's length is its chunk's start, as the prefill forward's)."""
-        hi, w = ids.shape
-        n = fold.ids.shape[1]
-        if n > w:
-            grow = (hi, n - w)
-            ids = torch.cat([ids, ids.new_full(grow, self.pad_id)], dim=1)
-            pos = torch.cat([pos, pos.new_zeros(grow)], dim=1)
-            anchor = torch.cat([anchor, anchor.new_full(grow, PAD)], dim=1)
-        at = torch.tensor(fold.rows, device=self.device)
-        width = ids.shape[1]
-        for dst, src, fill in ((ids, fold.ids, self.pad_id), (pos, fold.pos, 0),
-                               (anchor, fold.anchor, PAD)):  # fmt: skip
-            if n < width:
-                src = torch.cat([src, src.new_full((src.shape[0], width - n), fill)], dim=1)
-            dst[at] = src.to(self.device)
-        return ids, pos, anchor
 
 
 def _compiles() -> int:
