@@ -384,6 +384,17 @@ def engine_attention(device: torch.device | str) -> AbstractContextManager[Any]:
     return sdpa_kernel(backends)
 
 
+def profiler_activities(device: torch.device | str) -> list[Any]:
+    """What ``torch.profiler`` should record for work on ``device``: the host always, the device's
+    kernels where torch's profiler reads them (CUDA)."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU]
+    if torch.device(device).type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    return activities
+
+
 def empty_cache(device: torch.device | str) -> None:
     module = device_module(torch.device(device).type)
     if module is not None:

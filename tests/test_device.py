@@ -214,3 +214,12 @@ def test_every_engine_forward_runs_under_the_engines_attention_choice(monkeypatc
     run_requests(sched, [Request(str(i), p, 5) for i, p in enumerate(prompts)])
     assert forwards and len(entered) == len(forwards)  # (prefills and decode steps alike)
     assert set(entered) == {torch.device("cpu")}
+
+
+def test_the_profiler_records_a_cuda_devices_kernels_and_the_host_always():
+    from torch.profiler import ProfilerActivity
+
+    cpu, cuda = ProfilerActivity.CPU, ProfilerActivity.CUDA
+    assert device.profiler_activities("cpu") == [cpu]
+    assert device.profiler_activities(torch.device("cuda", 1)) == [cpu, cuda]
+    assert device.profiler_activities("meta") == [cpu]

@@ -26,6 +26,12 @@ def engine_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def grid(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """Every (batch size, policy) of ``--batch-sizes`` × ``--policies``, in that order."""
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    return [(b, p) for b in sizes for p in args.policies.split(",")]
+
+
 def load(args: argparse.Namespace) -> tuple[Any, list[list[int]]]:
     """The FLUID model (``FluidForCausalLM``) and the prompts' token ids."""
     from fluid_npu.sampling.pretrained import FluidForCausalLM

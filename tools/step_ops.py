@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from engine_args import engine_parser, load, report_head, save
+from engine_args import engine_parser, grid, load, report_head, save
 
 # ops that only change a tensor's metadata, hand the same tensor back, or wrap a Python scalar on
 # the host (``torch.where(c, x, 0)``): no launch on an accelerator either
@@ -111,17 +111,16 @@ def main(argv: list[str] | None = None) -> int:
 
     fluid, prompts = load(args)
     report: dict[str, Any] = {**report_head(argv, fluid, prompts, args), "rows": []}
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        for policy in args.policies.split(","):
-            row = count(fluid, prompts, batch, policy, not args.no_adaptive, args.max_new_tokens)
-            report["rows"].append(row)
-            print(
-                f"step_ops: b={batch} {policy:10s} decode step {row['decode_ops_per_step']} ops "
-                f"({row['decode_kernels_per_step']} kernels), prefill "
-                f"{row['prefill_ops_per_prefill']} ({row['prefill_kernels_per_prefill']}), "
-                f"forward {row['forward_ops_per_forward']} ({row['forward_kernels_per_forward']})",
-                flush=True,
-            )
+    for batch, policy in grid(args):
+        row = count(fluid, prompts, batch, policy, not args.no_adaptive, args.max_new_tokens)
+        report["rows"].append(row)
+        print(
+            f"step_ops: b={batch} {policy:10s} decode step {row['decode_ops_per_step']} ops "
+            f"({row['decode_kernels_per_step']} kernels), prefill "
+            f"{row['prefill_ops_per_prefill']} ({row['prefill_kernels_per_prefill']}), "
+            f"forward {row['forward_ops_per_forward']} ({row['forward_kernels_per_forward']})",
+            flush=True,
+        )
     save(args.json, report)
     return 0
 

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from engine_args import engine_parser, load, report_head, save
+from engine_args import engine_parser, grid, load, report_head, save
 
 PHASES = ("decode", "prefill", "admit", "compact")
 
@@ -112,15 +112,14 @@ def measure(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adapt
 def profile_table(fluid: Any, prompts: list[list[int]], batch: int, policy: str,
                   max_new: int) -> str:  # fmt: skip
     """``torch.profiler``'s per-op table (host and device time) of one warm pass."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    activities = [ProfilerActivity.CPU]
-    if fluid.device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
+    from fluid_npu import device as devices
+
     sched, _ = _engine(fluid, policy, batch, True)
     try:
         _pass(fluid, sched, prompts, max_new, "w")
-        with profile(activities=activities) as prof:
+        with profile(activities=devices.profiler_activities(fluid.device)) as prof:
             _pass(fluid, sched, prompts, max_new, "p")
     finally:
         sched.close()
@@ -137,20 +136,18 @@ def main(argv: list[str] | None = None) -> int:
 
     fluid, prompts = load(args)
     report: dict[str, Any] = {**report_head(argv, fluid, prompts, args), "rows": []}
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        for policy in args.policies.split(","):
-            modes = [True] if policy == "ar" or args.no_adaptive_rows else [True, False]
-            for adaptive in modes:
-                row = measure(fluid, prompts, batch, policy, adaptive, args.max_new_tokens)
-                report["rows"].append(row)
-                print(
-                    f"step_times: b={batch} {policy:10s} adaptive={adaptive!s:5s} "
-                    f"{row['tokens_per_s']:9.1f} tok/s, {row['decode_steps']} steps "
-                    f"(p50 {row['decode_ms']['p50']} / p90 {row['decode_ms']['p90']} / max "
-                    f"{row['decode_ms']['max']} ms), {row['prefills']} prefills (p50 "
-                    f"{row['prefill_ms']['p50']} ms), fit {row['step_cost_fit']}",
-                    flush=True,
-                )
+    for batch, policy in grid(args):
+        for adaptive in [True] if policy == "ar" or args.no_adaptive_rows else [True, False]:
+            row = measure(fluid, prompts, batch, policy, adaptive, args.max_new_tokens)
+            report["rows"].append(row)
+            print(
+                f"step_times: b={batch} {policy:10s} adaptive={adaptive!s:5s} "
+                f"{row['tokens_per_s']:9.1f} tok/s, {row['decode_steps']} steps "
+                f"(p50 {row['decode_ms']['p50']} / p90 {row['decode_ms']['p90']} / max "
+                f"{row['decode_ms']['max']} ms), {row['prefills']} prefills (p50 "
+                f"{row['prefill_ms']['p50']} ms), fit {row['step_cost_fit']}",
+                flush=True,
+            )
     report["profiles"] = {}
     for spec in filter(None, args.profile.split(",")):
         policy, batch = spec.rsplit(":", 1)
