@@ -150,8 +150,16 @@ def test_bench_serve_against_a_running_server(tmp_path, capsys):
     assert r["sample_texts"] == [TOK.decode(w, skip_special_tokens=True) for w in want[:2]]
     assert r["tpf"] > 1.0  # the scripted scheduler commits 1-3 tokens a step
     assert all(r[k]["p50"] is not None for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"))
+    # the engine's side, from /metrics over the timed load only (the warm-up's steps left out):
+    # the requests of its steps add up to the timed requests' forwards
+    e = r["engine"]
+    forwards = r["generated_tokens"] / r["tpf"]
+    assert e["requests_per_step"] * e["steps"] == pytest.approx(forwards, abs=0.5)
+    assert 1 <= e["requests_per_step"] <= 2  # (max_batch 2)
+    assert 0 < e["busy_share"] <= 1 and 0 < e["engine_cpu_share"] <= 1.01
     assert report["command"].startswith("fluid bench serve --url")
-    assert "| server |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| server |" in printed and f"{e['steps']} steps of" in printed
 
 
 def test_bench_serve_sends_conversations_to_the_chat_route(tmp_path):

@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1202,10 +1203,40 @@ def test_metrics_count_steps_as_they_run_like_vllm():
         assert _metric(url, "vllm:request_generation_tokens_sum") == 30
         assert _metric(url, "vllm:request_generation_tokens_count") == 1
         assert _metric(url, "fluid_request_prompt_tokens_sum") == out.usage.prompt_tokens
+        # one request in each of the 15 steps (the last one, which ended it, included)
+        assert _metric(url, "fluid_step_requests_count") == _metric(url, "fluid_step_seconds_count")
+        assert _metric(url, "fluid_step_requests_sum") == 15
         text = httpx.get(f"{url}/metrics").text
         assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text
         assert 'vllm:num_requests_running{model_name="tiny"} 0.0' in text
         assert 'vllm:request_success_total{finished_reason="error",model_name="tiny"} 0.0' in text
+
+
+def test_metrics_count_the_requests_of_each_step_and_the_engine_threads_cpu():
+    # requests of different lengths at once: fluid_step_requests sums, over the steps, the
+    # requests holding a slot — each request's forwards — whatever steps they shared; the
+    # engine thread's CPU time is counted, never more than its steps' wall time
+    sched = ScriptedScheduler(max_batch=2)
+    with serving(sched) as (url, _, worker):
+        c = client(url)
+        sched.gate.clear()  # (no step runs until all three are in: two share the second step)
+        with ThreadPoolExecutor(3) as pool:
+            runs = [pool.submit(
+                c.completions.create,
+                model="tiny", prompt="one two", max_tokens=n, extra_body={"ignore_eos": True},
+            ) for n in (3, 12, 7)]  # fmt: skip
+            _until(lambda: worker.outstanding == 3, "the three requests in flight")
+            sched.gate.set()
+            outs = [run.result(60) for run in runs]
+        forwards = sum(out.usage.forwards for out in outs)
+        assert forwards == 2 + 6 + 4  # 1, 2, 3, 1, 2, 3, ... tokens a step
+        steps = _metric(url, "fluid_step_seconds_count")
+        assert _metric(url, "fluid_step_requests_count") == steps
+        assert _metric(url, "fluid_step_requests_sum") == forwards
+        assert steps < forwards  # (two slots: some steps ran two requests)
+        assert 'fluid_step_requests_bucket{le="2.0"}' in httpx.get(f"{url}/metrics").text
+        cpu = _metric(url, "fluid_engine_cpu_seconds_total")
+        assert 0 < cpu <= _metric(url, "fluid_step_seconds_sum") + 1e-3
 
 
 class BreakingScheduler(ScriptedScheduler):

@@ -603,6 +603,52 @@ def test_bench_report_survives_an_ar_run_whose_requests_all_failed():
     assert "| khead | 100.0 | — |" in table(report)
 
 
+def test_bench_engine_figures_per_rank_and_none_from_a_server_without_them():
+    """The engine's figures are the counters' growth over the load: behind a data-parallel front
+    the ranks' series add up and the busy share is each rank's; a server whose ``/metrics`` lacks
+    them (another implementation) or answers none gets no figures, not made-up ones."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from fluid_npu.serve.bench_engine import SERIES, engine_view, scrape
+
+    def snap(steps: float, busy: float, rows: float, cpu: float, engines: int = 1) -> dict:
+        values = (steps, busy, steps, rows, cpu)
+        return {"totals": dict(zip(SERIES, values, strict=True)), "engines": engines}
+
+    view = engine_view(snap(10, 1.0, 30, 0.5), snap(110, 3.0, 630, 2.0, engines=2), wall=2.0)
+    assert view == {"steps": 100, "step_ms": 20.0, "busy_share": 0.5, "requests_per_step": 6.0,
+                    "engine_cpu_share": 0.75}  # fmt: skip
+    assert engine_view(snap(5, 1, 5, 1), snap(5, 1, 5, 1), wall=1.0) is None  # no step ran
+    assert engine_view(None, snap(5, 1, 5, 1), wall=1.0) is None
+
+    pages = {"/metrics": (200, b"# HELP x_total a counter\n# TYPE x_total counter\nx_total 1.0\n")}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # (http.server's name)
+            status, body = pages.get(self.path, (404, b"no"))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert scrape(url, {}) is None  # metrics, but not these
+        pages["/metrics"] = (200, b"fluid_step_seconds_count 3.0\n")
+        assert scrape(url, {}) is None  # some of them only
+        del pages["/metrics"]
+        assert scrape(url, {}) is None  # a 404
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_detokenizer_work_grows_linearly_and_matches_the_whole_decode(tok):
     """A long output streamed a token at a time: the same text as one decode of all of it (stop
     strings applied the same way), with the tokens decoded in all growing linearly, not

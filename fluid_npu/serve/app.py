@@ -90,7 +90,9 @@ from fluid_npu.serve.worker import Worker
 
 def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
     """The server's ASGI application around a (not yet started) ``Worker``."""
-    metrics = ServerMetrics(config.model_name, getattr(worker.scheduler, "k", 0), config.max_len)
+    metrics = ServerMetrics(
+        config.model_name, getattr(worker.scheduler, "k", 0), config.max_len, config.max_batch
+    )
     worker.on_step, worker.on_failure = metrics.on_step, metrics.on_failure
     words = TokenText(tokenizer)  # log-probability tokens' text and bytes
     reasoning = None

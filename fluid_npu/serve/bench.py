@@ -12,7 +12,8 @@ Per policy: generated-token throughput (completion tokens ÷ the summed wall tim
 requests/s, TTFT, ITL (gap between successive streamed chunks: with FLUID one chunk holds every
 token a step committed), TPOT ((end − first token) ÷ (tokens − 1)) and end-to-end latency at
 p50 / p90 / p99, the TPF over all requests (completion tokens ÷ the forwards the server reported),
-and failures. Across policies:
+and failures; from the server's ``/metrics``, the engine's steps, busy share and requests per
+step (``bench_engine.py``). Across policies:
 throughput ÷ ``ar``'s and the fraction of outputs identical to ``ar``'s (greedy decoding is
 lossless, so every FLUID output should equal AR's). The JSON (command, machine, versions, every
 figure) is written atomically and a markdown table printed.
@@ -36,6 +37,7 @@ import numpy as np
 
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.host import cpu_name
+from fluid_npu.serve.bench_engine import describe, engine_view, scrape
 from fluid_npu.serve.launch import ServerProcess
 
 BENCH_KEYS = (
@@ -308,6 +310,7 @@ def run_rounds(
     slices = split_rounds(jobs, s.rounds)
     records: dict[str, list[dict[str, Any]]] = {n: [] for n in urls}
     walls = dict.fromkeys(urls, 0.0)
+    before = {n: scrape(u, _auth(s)) for n, u in urls.items()}  # (after the warm-up's steps)
     load = [round(os.getloadavg()[0], 2)]
     for r in range(s.rounds):
         chunk = slices[r]
@@ -319,6 +322,7 @@ def run_rounds(
     results = {}
     for name, url in urls.items():
         results[name] = summarize(records[name], walls[name])
+        results[name]["engine"] = engine_view(before[name], scrape(url, _auth(s)), walls[name])
         # the host's 1-minute load average at the start and after each round: other work on
         # the machine skews timings
         results[name]["machine"] = {**_machine(url), "loadavg_1m": load}
@@ -414,7 +418,8 @@ def _report(s: ServeBenchSettings, results: dict[str, Any], n_prompts: int) -> d
 def _print(name: str, r: dict[str, Any]) -> None:
     print(
         f"bench serve: {name}: {r['output_tokens_per_s']:.1f} tok/s, TPF {r['tpf']}, TTFT p50 "
-        f"{r['ttft_ms']['p50']} ms, ITL p50 {r['itl_ms']['p50']} ms, {r['failed']} failed",
+        f"{r['ttft_ms']['p50']} ms, ITL p50 {r['itl_ms']['p50']} ms, {r['failed']} failed; "
+        f"{describe(r.get('engine'))}",
         flush=True,
     )
 
@@ -423,8 +428,8 @@ def table(report: dict[str, Any]) -> str:
     """The markdown table of a report (one row per policy)."""
     lines = [
         "| policy | tokens/s | × ar | TPF | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms "
-        "| TPOT p50 ms | identical to ar | failed |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|",
+        "| TPOT p50 ms | requests / step | engine busy | identical to ar | failed |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in report["results"].items():
         ratio = report["throughput_vs_ar"].get(name, 1.0 if name == "ar" else None)
@@ -433,9 +438,12 @@ def table(report: dict[str, Any]) -> str:
         def trio(key: str, r: dict[str, Any] = r) -> str:
             return " / ".join("—" if v is None else f"{v:.1f}" for v in r[key].values())
 
+        engine = r.get("engine") or {}
+        rows, busy = engine.get("requests_per_step"), engine.get("busy_share")
         lines.append(
             f"| {name} | {r['output_tokens_per_s']:.1f} | "
             f"{'—' if ratio is None else f'{ratio:.2f}'} | {r['tpf']} | {trio('ttft_ms')} | "
-            f"{trio('itl_ms')} | {r['tpot_ms']['p50']} | {same} | {r['failed']} |"
+            f"{trio('itl_ms')} | {r['tpot_ms']['p50']} | {'—' if rows is None else rows} | "
+            f"{'—' if busy is None else f'{busy:.0%}'} | {same} | {r['failed']} |"
         )
     return "\n".join(lines)

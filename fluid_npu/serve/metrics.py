@@ -27,9 +27,14 @@ the figure is known:
   after the step), ``fluid_kv_cache_usage_perc`` (request slots held ÷ slots: the engine reserves a
   whole ``max_len`` row of the KV cache per request, so 1 means a new request waits, vLLM's
   meaning; a free slot still holding a reusable prefix counts as free, as vLLM's unreferenced
-  cached blocks do), ``fluid_step_seconds``, ``fluid_prefix_cache_queries_total`` /
-  ``fluid_prefix_cache_hits_total`` (prompt tokens admitted, and of them those a slot's cache
-  already held: ``sampling/reuse.py``; vLLM's pair of the same meaning),
+  cached blocks do), ``fluid_step_seconds``, ``fluid_step_requests`` (a histogram: the requests
+  that held a slot in the step, those it ended included — the mean is the batch's occupancy),
+  ``fluid_engine_cpu_seconds_total`` (the engine thread's own CPU time in its steps: far below
+  ``fluid_step_seconds_sum`` on an accelerator whose host has cores to spare, the thread waited —
+  for the interpreter's lock, held by the HTTP side, or for the device),
+  ``fluid_prefix_cache_queries_total`` / ``fluid_prefix_cache_hits_total`` (prompt tokens
+  admitted, and of them those a slot's cache already held: ``sampling/reuse.py``; vLLM's pair of
+  the same meaning),
   ``fluid_spec_decode_num_drafts_total`` / ``_num_draft_tokens_total`` /
   ``_num_accepted_tokens_total`` / ``_num_accepted_tokens_per_pos_total{position}`` (the drafts
   each request verified in the step, and those the verify accepted, by position — before a stop
@@ -68,6 +73,14 @@ N_BUCKETS = (1, 2, 5, 10, 20)
 STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 TPF_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 ACCEPT_BUCKETS = tuple(float(i) for i in range(17))
+
+
+def step_request_buckets(max_batch: int) -> tuple[int, ...]:
+    """Bucket edges for the requests in a step: powers of two below ``max_batch``, then it."""
+    edges = [1]
+    while edges[-1] * 2 < max_batch:
+        edges.append(edges[-1] * 2)
+    return (*edges, max_batch) if max_batch > 1 else (1,)
 
 
 def token_buckets(max_len: int) -> tuple[int, ...]:
@@ -148,10 +161,13 @@ class _VllmNames(Collector):
 class ServerMetrics:
     """Every metric of one server, in its own registry."""
 
-    def __init__(self, model_name: str, positions: int = 0, max_len: int = 1 << 20) -> None:
+    def __init__(
+        self, model_name: str, positions: int = 0, max_len: int = 1 << 20, max_batch: int = 256
+    ) -> None:
         """``positions``: the draft positions whose acceptance is counted from the start (the
         engine's block length; later ones appear when first accepted); ``max_len``: the longest
-        sequence, where the token histograms' buckets end (vLLM's ``max_model_len``)."""
+        sequence, where the token histograms' buckets end (vLLM's ``max_model_len``);
+        ``max_batch``: the engine's slots, where the step-requests buckets end."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -231,6 +247,16 @@ class ServerMetrics:
         self.step_seconds = hist(
             "fluid_step_seconds", "Duration of one scheduler step", STEP_BUCKETS
         )
+        self.step_requests = hist(
+            "fluid_step_requests",
+            "Requests holding a slot in a scheduler step (those it ended included)",
+            step_request_buckets(max_batch),
+        )
+        self.engine_cpu = Counter(
+            "fluid_engine_cpu_seconds",
+            "CPU time of the engine thread in its scheduler steps",
+            registry=r,
+        )
         self.cache_queries = Counter(
             "fluid_prefix_cache_queries", "Prompt tokens admitted into the engine", registry=r
         )
@@ -280,9 +306,14 @@ class ServerMetrics:
         ]  # fmt: skip
         r.register(_VllmNames(mirrored, self.requests, model_name))
 
-    def on_step(self, scheduler: Any, events: list[Any], seconds: float) -> None:
-        """Engine-thread hook, after every step."""
+    def on_step(
+        self, scheduler: Any, events: list[Any], seconds: float, cpu_seconds: float = 0.0
+    ) -> None:
+        """Engine-thread hook, after every step (``cpu_seconds``: the thread's CPU time in it)."""
         self.step_seconds.observe(seconds)
+        self.engine_cpu.inc(cpu_seconds)
+        ended = sum(1 for ev in events if ev.finished and ev.finish_reason != "abort")
+        self.step_requests.observe(scheduler.num_running + ended)  # (an abort left before it)
         made = drafts = drafted = accepted = 0
         at: list[int] = []  # accepted drafts by position, summed over the step's rows
         for ev in events:

@@ -88,11 +88,12 @@ class Worker:
         self,
         scheduler: Any,
         *,
-        on_step: Callable[[Any, list[Any], float], None] | None = None,
+        on_step: Callable[[Any, list[Any], float, float], None] | None = None,
         on_failure: Callable[[], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
-        self.on_step = on_step  # (scheduler, events, step seconds): metrics, called in the thread
+        # (scheduler, events, step seconds, the thread's CPU seconds in it): metrics, in the thread
+        self.on_step = on_step
         self.on_failure = on_failure  # the engine failed: nothing runs any more (metrics)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, Stream] = {}  # touched by the engine thread only
@@ -259,9 +260,9 @@ class Worker:
                     self._drain_deadline = None
                 if not self.scheduler.has_work():
                     continue
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 events = self.scheduler.step()
-                seconds = time.perf_counter() - start
+                seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
                 delivery = []
                 for ev in events:
                     rid = ev.request_id
@@ -279,7 +280,7 @@ class Worker:
                 if delivery:  # one wake-up of the event loop per step, not one per request
                     self._send(self._deliver, delivery)
                 if self.on_step is not None:
-                    self.on_step(self.scheduler, events, seconds)
+                    self.on_step(self.scheduler, events, seconds, cpu)
         except BaseException as exc:  # the engine cannot go on: fail every open request loudly
             logger.exception("the engine thread failed")
             self.error = exc
