@@ -11,7 +11,9 @@
 # Steps run in order of need, each with its own time limit and log, all under one deadline
 # (DEADLINE, 560 s); a failing step does not stop the others. What comes back under $OUT (the
 # tool's 8 files at most), in that order: serve_gpu_c16.json (`fluid bench serve`, 16 concurrent
-# clients, every FLUID policy against `ar` on the same server build, bf16: [serve]'s goal),
+# clients, every FLUID policy against `ar` on the same server build, bf16: [serve]'s goal; each
+# policy's `engine` figures — step time, requests a step, the engine thread's CPU share — say
+# whether a served step waits on the HTTP side's interpreter lock or on the closed loop),
 # step_times_gpu.json (`tools/step_times.py`: each engine phase timed alone at batch 16 / 32, the
 # draft budget on and off, and profiler tables), serve_gpu_c16_cudnn.json (entropy:2 and ar with
 # FLUID_SDPA_CUDNN=1: what leaving cuDNN's SDPA out changes), engine_gpu_bf16.json (`fluid bench
