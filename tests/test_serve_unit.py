@@ -649,6 +649,25 @@ def test_bench_engine_figures_per_rank_and_none_from_a_server_without_them():
         httpd.server_close()
 
 
+def test_a_load_freezes_the_heap_and_gives_it_back(monkeypatch):
+    """The load generator's start-up objects leave the collector's scans for the load and come
+    back after it (a process that called it, a test run's included, collects as before);
+    ``FLUID_GC_FREEZE=0`` leaves the collector alone, as it leaves a server's."""
+    import gc
+
+    from fluid_npu.host import GC_FREEZE_ENV, freeze_heap, frozen_heap
+
+    assert gc.get_freeze_count() == 0, "a test froze this process's heap and left it frozen"
+    kept = [[i] for i in range(1000)]  # alive now: frozen with everything else
+    with frozen_heap():
+        assert gc.get_freeze_count() >= len(kept)
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setenv(GC_FREEZE_ENV, "0")
+    with frozen_heap():
+        assert gc.get_freeze_count() == 0
+    assert freeze_heap() == 0 and len(kept) == 1000
+
+
 def test_detokenizer_work_grows_linearly_and_matches_the_whole_decode(tok):
     """A long output streamed a token at a time: the same text as one decode of all of it (stop
     strings applied the same way), with the tokens decoded in all growing linearly, not

@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 
 from fluid_npu.errors import ConfigError, DataError
-from fluid_npu.host import cpu_name
+from fluid_npu.host import cpu_name, frozen_heap
 from fluid_npu.serve.bench_engine import describe, engine_view, scrape
 from fluid_npu.serve.launch import ServerProcess
 
@@ -302,6 +302,13 @@ def run_rounds(
     Every server gets the same requests in the same order and arrival times; interleaving the
     servers round by round spreads a change in the machine's load over all of them alike.
     """
+    with frozen_heap():  # (the load generator's own collections would stall every client)
+        return _run_rounds(urls, s, prompts)
+
+
+def _run_rounds(
+    urls: dict[str, str], s: ServeBenchSettings, prompts: list[Prompt]
+) -> dict[str, Any]:
     models = {n: _served_model(u, s) for n, u in urls.items()}
     warm = [(i, prompts[i % len(prompts)]) for i in range(s.warmup)]
     for name, url in urls.items():

@@ -24,6 +24,7 @@ from typing import Any
 import uvicorn
 
 from fluid_npu.errors import ConfigError
+from fluid_npu.host import freeze_heap
 from fluid_npu.sampling.generation_defaults import (  # (the tests import it here)
     check_override,
     generation_defaults,
@@ -271,6 +272,7 @@ def serve(settings: ServeSettings) -> int:
         name, info, max_len = config.model_name, config.info, config.max_len
         app = create_app(worker, tokenizer, config)
         settings.network.add_cors(app)
+        info["gc_frozen_objects"] = freeze_heap()  # (/health's info: the dict itself)
         app.state.banner = (
             f"fluid: serving {name!r} on {address(sock, settings.network)}/v1 (policy "
             f"{info['policy']}, max batch {settings.max_batch}, context {max_len} "
