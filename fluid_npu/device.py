@@ -389,10 +389,8 @@ def profiler_activities(device: torch.device | str) -> list[Any]:
     kernels where torch's profiler reads them (CUDA)."""
     from torch.profiler import ProfilerActivity
 
-    activities = [ProfilerActivity.CPU]
-    if torch.device(device).type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    return activities
+    cuda = torch.device(device).type == "cuda"
+    return [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
 
 
 def empty_cache(device: torch.device | str) -> None:

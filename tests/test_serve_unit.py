@@ -578,7 +578,7 @@ def test_bench_report_survives_an_ar_run_whose_requests_all_failed():
     """Every ``ar`` request failing leaves no ratio to report (None), not a crash after the run."""
     from types import SimpleNamespace
 
-    from fluid_npu.serve.bench import _report, table
+    from fluid_npu.serve.bench_report import build_report, table
 
     keys = ("num_requests", "rate", "concurrency", "max_tokens", "ignore_eos", "chat", "warmup")
     s = SimpleNamespace(
@@ -590,15 +590,14 @@ def test_bench_report_survives_an_ar_run_whose_requests_all_failed():
         return {"output_tokens_per_s": rate, "texts": [None] * failed, "failed": failed, "tpf": 1.0,
                 "ttft_ms": quiet, "itl_ms": quiet, "tpot_ms": quiet}  # fmt: skip
 
-    report = _report(s, {"khead": result(100.0, 0), "ar": result(0.0, 4)}, 4)
+    report = build_report(s, {"khead": result(100.0, 0), "ar": result(0.0, 4)}, 4)
     assert report["throughput_vs_ar"] == {"khead": None}
     # some requests failed on one side: the two did not serve the same requests, no ratio
     for failed in ({"khead": 1, "ar": 0}, {"khead": 0, "ar": 1}):
         runs = {name: result(100.0, n) for name, n in failed.items()}
-        assert _report(s, runs, 4)["throughput_vs_ar"] == {"khead": None}
-    assert _report(s, {n: result(100.0, 0) for n in ("khead", "ar")}, 4)["throughput_vs_ar"] == {
-        "khead": 1.0
-    }
+        assert build_report(s, runs, 4)["throughput_vs_ar"] == {"khead": None}
+    same = build_report(s, {n: result(100.0, 0) for n in ("khead", "ar")}, 4)
+    assert same["throughput_vs_ar"] == {"khead": 1.0}
     assert report["goal"]["best"] is None and not report["goal"]["met"]
     assert "| khead | 100.0 | — |" in table(report)
 

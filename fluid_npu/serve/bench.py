@@ -38,6 +38,7 @@ import numpy as np
 from fluid_npu.errors import ConfigError, DataError
 from fluid_npu.host import cpu_name, frozen_heap
 from fluid_npu.serve.bench_engine import describe, engine_view, scrape
+from fluid_npu.serve.bench_report import build_report, table
 from fluid_npu.serve.launch import ServerProcess
 
 BENCH_KEYS = (
@@ -49,7 +50,6 @@ BENCH_KEYS = (
     "data_parallel_size",
 )  # fmt: skip
 PERCENTILES = (50, 90, 99)
-GOAL_VS_AR = 3.0
 
 
 @dataclass
@@ -358,7 +358,7 @@ def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
             results = run_rounds({p: srv.url for p, srv in servers.items()}, s, prompts)
         for policy, srv in servers.items():
             results[policy]["server_exit_status"] = srv.returncode
-    report = _report(s, results, len(prompts))
+    report = build_report(s, results, len(prompts))
     write_json_atomic(s.json_path, report)  # written whatever happened: the figures say what did
     print(table(report))
     print(f"bench serve: wrote {s.json_path}", flush=True)
@@ -371,57 +371,6 @@ def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
     return report
 
 
-def _report(s: ServeBenchSettings, results: dict[str, Any], n_prompts: int) -> dict[str, Any]:
-    ar = results.get("ar")
-    vs_ar, same = {}, {}
-    for name, r in results.items():
-        if ar is None or name == "ar":
-            continue
-        # a run with failed requests kept their time but not their tokens: no ratio then (the
-        # two sides would not have served the same requests)
-        failed = r["failed"] or ar["failed"]
-        ar_rate = ar["output_tokens_per_s"]
-        vs_ar[name] = (
-            None if failed or not ar_rate else round(r["output_tokens_per_s"] / ar_rate, 3)
-        )
-        pairs = [(a, b) for a, b in zip(r["texts"], ar["texts"]) if a is not None and b is not None]
-        same[name] = round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
-    best = max((v for v in vs_ar.values() if v is not None), default=None)
-    for r in results.values():  # the outputs were needed for the comparison, not in the report
-        r["sample_texts"] = [t for t in r.pop("texts") if t is not None][:2]
-    return {
-        "benchmark": "serve",
-        "command": s.command,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "prompts": s.prompts,
-        "n_prompts": n_prompts,
-        "settings": {
-            k: getattr(s, k)
-            for k in (
-                "num_requests",
-                "rate",
-                "concurrency",
-                "max_tokens",
-                "ignore_eos",
-                "chat",
-                "warmup",
-                "rounds",
-                "seed",
-            )
-        },
-        "server_args": s.server_args,
-        "results": results,
-        "throughput_vs_ar": vs_ar,
-        "identical_to_ar": same,
-        "failed_requests": sum(r["failed"] for r in results.values()),
-        "goal": {
-            "throughput_vs_ar": GOAL_VS_AR,
-            "best": best,
-            "met": best is not None and best >= GOAL_VS_AR,
-        },
-    }
-
-
 def _print(name: str, r: dict[str, Any]) -> None:
     print(
         f"bench serve: {name}: {r['output_tokens_per_s']:.1f} tok/s, TPF {r['tpf']}, TTFT p50 "
@@ -429,28 +378,3 @@ def _print(name: str, r: dict[str, Any]) -> None:
         f"{describe(r.get('engine'))}",
         flush=True,
     )
-
-
-def table(report: dict[str, Any]) -> str:
-    """The markdown table of a report (one row per policy)."""
-    lines = [
-        "| policy | tokens/s | × ar | TPF | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms "
-        "| TPOT p50 ms | requests / step | engine busy | identical to ar | failed |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in report["results"].items():
-        ratio = report["throughput_vs_ar"].get(name, 1.0 if name == "ar" else None)
-        same = report["identical_to_ar"].get(name, "—" if name != "ar" else "")
-
-        def trio(key: str, r: dict[str, Any] = r) -> str:
-            return " / ".join("—" if v is None else f"{v:.1f}" for v in r[key].values())
-
-        engine = r.get("engine") or {}
-        rows, busy = engine.get("requests_per_step"), engine.get("busy_share")
-        lines.append(
-            f"| {name} | {r['output_tokens_per_s']:.1f} | "
-            f"{'—' if ratio is None else f'{ratio:.2f}'} | {r['tpf']} | {trio('ttft_ms')} | "
-            f"{trio('itl_ms')} | {r['tpot_ms']['p50']} | {'—' if rows is None else rows} | "
-            f"{'—' if busy is None else f'{busy:.0%}'} | {same} | {r['failed']} |"
-        )
-    return "\n".join(lines)
