@@ -5,6 +5,7 @@ follows the grammar, and the requests batched with it keep their own tokens and 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 
 import pytest
@@ -143,6 +144,28 @@ def test_json_object_and_a_schema_end_with_whole_json(tok, model, compiler):
     grammar = compiler.compile("json_object", None)
     text_ids = run_requests(sched, [Request("o", prompt, 24, grammar=grammar)])["o"][0]
     assert tok.decode(text_ids).lstrip().startswith("{")
+
+
+def test_a_grammar_pickled_for_an_engine_process_decodes_the_same(
+    tok, model, compiler, monkeypatch
+):
+    """A grammar crosses to an engine in another process as xgrammar's serialised form, rebuilt
+    there against that process's tokenizer tables (``receive_into``): the same tokens."""
+    from fluid_npu.sampling import grammar as grammars
+
+    monkeypatch.setattr(grammars, "_RECEIVER", {})
+    grammar = compiler.compile("json", COLOR, any_whitespace=False)
+    blob = pickle.dumps(Request("s", [1, 2], 40, grammar=grammar))
+    with pytest.raises(GrammarError, match="engine's process"):
+        pickle.loads(blob)  # (no tables here: nothing to rebuild it against)
+    grammars.receive_into(tok, model.config.vocab_size, [tok.eos_token_id])
+    sent = pickle.loads(blob)
+    assert sent.grammar is not grammar and sent.grammar.kind == "json"
+    prompt = tok("hello world")["input_ids"]
+    want = run_requests(_engine(model, tok), [Request("s", prompt, 40, grammar=grammar)])
+    got = run_requests(_engine(model, tok), [Request("s", prompt, 40, grammar=sent.grammar)])
+    assert got["s"][0] == want["s"][0]
+    assert json.loads(tok.decode(got["s"][0][:-1]))["color"] in ("red", "green", "blue")
 
 
 def test_a_sampled_constrained_request_follows_its_grammar(tok, model, compiler):

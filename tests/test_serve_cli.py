@@ -448,9 +448,12 @@ def test_override_generation_config_sets_the_served_defaults(model_dir, capsys):
     over = '{"temperature": 0.4, "top_k": 3}'
     settings = ServeSettings(model=model_dir, max_batch=1, override_generation_config=over)
     settings.check()
-    _, _, config = load_engine(settings)
-    assert config.defaults == SamplingDefaults(temperature=0.4, top_k=3)
-    assert config.info["default_sampling"]["temperature"] == 0.4
+    for own_process in (False, True):  # (read in the engine's process, or in the server's)
+        settings.engine_process = own_process
+        worker, _, config = load_engine(settings)
+        worker.stop()
+        assert config.defaults == SamplingDefaults(temperature=0.4, top_k=3)
+        assert config.info["default_sampling"]["temperature"] == 0.4
     flags = rank_args(settings, None)  # (the ranks of a data-parallel server get it too)
     assert flags[flags.index("--override-generation-config") + 1] == over
     flag = ["serve", "--model", "m", "--override-generation-config"]

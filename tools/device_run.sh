@@ -11,14 +11,16 @@
 # Steps run in order of need, each with its own time limit and log, all under one deadline
 # (DEADLINE, 560 s); a failing step does not stop the others. What comes back under $OUT (the
 # tool's 8 files at most), in that order: serve_gpu_c16.json (`fluid bench serve`, 16 concurrent
-# clients, every FLUID policy against `ar` on the same server build, bf16: [serve]'s goal; each
-# policy's `engine` figures — step time, requests a step, the engine thread's CPU share — say
-# whether a served step waits on the HTTP side's interpreter lock or on the closed loop),
-# step_times_gpu.json (`tools/step_times.py`: each engine phase timed alone at batch 16 / 32, the
-# draft budget on and off, and profiler tables), serve_gpu_c16_cudnn.json (entropy:2 and ar with
-# FLUID_SDPA_CUDNN=1: what leaving cuDNN's SDPA out changes), engine_gpu_bf16.json (`fluid bench
-# sampler`, batch 1 / 8 / 32, bf16, against transformers' generate; its static-cache baseline left
-# out, since on CUDA transformers compiles it anew per batch shape and prompt length), the
+# clients, every FLUID policy against `ar` on the same server build, bf16: [serve]'s goal; the
+# engine in its own process, the default since session 42), step_times_gpu.json
+# (`tools/step_times.py`: each engine phase timed alone at batch 16 / 32, the draft budget on and
+# off, and profiler tables), serve_gpu_c16_thread.json (entropy:2 and ar with the engine in a
+# thread of the server, `--no-engine-process`: what the process of its own gains on a GPU, where a
+# launch-bound step needs the interpreter the HTTP side holds; each policy's `engine` figures —
+# step time, requests a step, the engine's CPU share — in both files), engine_gpu_bf16.json
+# (`fluid bench sampler`, batch 1 / 8 / 32, bf16, against transformers' generate; its static-cache
+# baseline left out, since on CUDA transformers compiles it anew per batch shape and prompt
+# length), the
 # kernels' GPU tests (`pytest -m gpu`, in run.log), serve_gpu_c16_fp32.json (the serve run in
 # fp32: every output identical to `ar`'s, no near-ties), cudagraphs_gpu.json
 # (`tools/check_cudagraphs.py`: the compiled step recorded as CUDA graphs, no skip), ops_gpu.json
@@ -93,8 +95,8 @@ serve serve_gpu_c16 "$DT" khead,entropy:2,fixed:4,ar  # [serve]'s goal
 step step_times 90 "$PY" tools/step_times.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/step_times_gpu.json" --max-new-tokens "$NEW" --batch-sizes "$STEP_SIZES" \
   --policies ar,entropy:2,khead --device "$DEV" --dtype "$DT" --profile "entropy:2:$TOP,ar:$TOP"
-# the same server with cuDNN's SDPA allowed (the engine leaves it out: device.engine_attention)
-FLUID_SDPA_CUDNN=1 serve serve_gpu_c16_cudnn "$DT" entropy:2,ar
+# the same server with its engine in a thread (before session 42): the process split's A/B
+serve serve_gpu_c16_thread "$DT" entropy:2,ar --no-engine-process
 step engine 180 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/engine_gpu_bf16.json" --max-new-tokens "$NEW" --batch-sizes "$SIZES" \
   --policies "$POLICIES" --loops fused --repeats 2 --no-static-baseline --device "$DEV" --dtype "$DT"

@@ -76,6 +76,34 @@ class Grammar:
         complete (the request's EOS ids)."""
         return _xgrammar().GrammarMatcher(self.compiled, override_stop_tokens=list(stop_ids))
 
+    def __reduce__(self) -> tuple[Any, tuple[str, int, str]]:
+        """Pickled as xgrammar's serialised form, for an engine in another process
+        (``receive_into`` there); the compiled object itself does not pickle."""
+        return _received, (self.compiled.serialize_json(), self.vocab_size, self.kind)
+
+
+_RECEIVER: dict[str, Any] = {}  # this process's tokenizer tables for grammars sent to it
+
+
+def receive_into(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
+    """Let this process (an engine's own) rebuild grammars pickled elsewhere for ``tokenizer``
+    (the tables, as ``GrammarCompiler`` makes them, are built at the first grammar)."""
+    _RECEIVER.clear()
+    _RECEIVER.update(tokenizer=tokenizer, vocab_size=vocab_size, stop_ids=list(stop_ids))
+
+
+def _received(serialized: str, vocab_size: int, kind: str) -> Grammar:
+    if "tokenizer" not in _RECEIVER:
+        raise GrammarError("a grammar is rebuilt from its pickle only in an engine's process")
+    xgr = _xgrammar()
+    if "info" not in _RECEIVER:
+        r = _RECEIVER
+        r["info"] = xgr.TokenizerInfo.from_huggingface(
+            r["tokenizer"], vocab_size=r["vocab_size"], stop_token_ids=r["stop_ids"] or None
+        )
+    return Grammar(xgr.CompiledGrammar.deserialize_json(serialized, _RECEIVER["info"]), vocab_size,
+                   kind)  # fmt: skip
+
 
 class GrammarCompiler:
     """Compiles grammar specs for ``tokenizer`` (a transformers tokenizer) over logits of

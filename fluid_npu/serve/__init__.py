@@ -8,7 +8,8 @@ The pieces, each one concept:
 * ``text``: prompt encoding, chat-template rendering and the incremental detokenizer that applies
   ``stop`` strings;
 * ``worker``: the engine thread that owns the scheduler (the model) and talks to the asyncio side
-  through queues: submit, abort, drain;
+  through queues: submit, abort, drain; ``engine_process``: the same calls with the engine in a
+  process of its own (the default), across two pipes; ``loading``: the model and scheduler built;
 * ``metrics``: the Prometheus metrics of one server;
 * ``app``: the FastAPI routes — they only translate requests into scheduler requests and events
   into responses (JSON or server-sent events); ``responses``: those OpenAI bodies;

@@ -47,7 +47,7 @@ BENCH_KEYS = (
     "seed", "dtype", "device", "max_batch", "gpu_memory_utilization", "max_len", "compile",
     "mask_token",
     "no_adaptive_drafting", "threads", "no_enable_prefix_caching", "prefix_cache_slots",
-    "data_parallel_size",
+    "data_parallel_size", "no_engine_process",
 )  # fmt: skip
 PERCENTILES = (50, 90, 99)
 

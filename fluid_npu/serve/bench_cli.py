@@ -121,6 +121,7 @@ def _server_args(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out += [f"--{key.replace('_', '-')}", str(value)]
     out += ["--compile"] if args.compile else []
+    out += ["--no-engine-process"] if args.no_engine_process else []
     out += ["--no-adaptive-drafting"] if args.no_adaptive_drafting else []
     out += ["--no-enable-prefix-caching"] if args.no_enable_prefix_caching else []
     out += ["--trust-remote-code"] if args.trust_remote_code else []

@@ -29,6 +29,7 @@ SERVER_KEYS = (
 )  # fmt: skip
 SERVER_SWITCHES = (
     "compile",
+    "no_engine_process",
     "no_adaptive_drafting",
     "no_enable_prefix_caching",
     "trust_remote_code",
@@ -125,6 +126,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="engine ranks behind one address, each a server on its own device (on a CPU: its "
         "share of the cores); requests go to the rank holding their start, else the least busy "
         "(default 1)",
+    )
+    p.add_argument(
+        "--no-engine-process",
+        action="store_true",
+        help="run the engine (model and scheduler) in a thread of the HTTP server's process "
+        "(by default it has a process of its own, as vLLM's engine core, so the server's Python "
+        "work never holds up a step)",
     )
     p.add_argument(
         "--default-chat-template-kwargs",
@@ -390,6 +398,7 @@ def _settings(args: argparse.Namespace, **serving: object) -> ServeSettings:
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
         data_parallel_size=1 if args.data_parallel_size is None else args.data_parallel_size,
+        engine_process=not args.no_engine_process,
         scheduling_policy=args.scheduling_policy,
         logprobs_mode=args.logprobs_mode,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,

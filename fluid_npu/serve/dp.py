@@ -46,7 +46,8 @@ from fluid_npu.serve.server import (
 OWN = {"host", "port", "api_key", "data_parallel_size", "enable_log_requests", "network",
        "root_path"}  # fmt: skip
 # settings whose flag is not --name-with-dashes, set when the value is False
-NEGATED = {"adaptive": "--no-adaptive-drafting", "prefix_caching": "--no-enable-prefix-caching"}
+NEGATED = {"adaptive": "--no-adaptive-drafting", "prefix_caching": "--no-enable-prefix-caching",
+           "engine_process": "--no-engine-process"}  # fmt: skip
 
 
 def rank_args(settings: ServeSettings, threads: int | None) -> list[str]:

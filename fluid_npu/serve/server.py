@@ -25,15 +25,12 @@ import uvicorn
 
 from fluid_npu.errors import ConfigError
 from fluid_npu.host import freeze_heap
-from fluid_npu.sampling.generation_defaults import (  # (the tests import it here)
-    check_override,
-    generation_defaults,
-)
+from fluid_npu.sampling.generation_defaults import generation_defaults  # noqa: F401 (the tests')
 from fluid_npu.serve.app import ServeConfig, create_app
+from fluid_npu.serve.engine_process import EngineProcess
+from fluid_npu.serve.loading import build_scheduler, engine_defaults
 from fluid_npu.serve.network import Network, ServerClosingTLS
 from fluid_npu.serve.settings import (  # (imported from here by dp.py, batch.py, the tests)
-    OVERRIDE_FLAG,
-    SERVED_DEFAULTS,
     ServeSettings,
     model_aliases,
     served_name,
@@ -65,79 +62,6 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-
-
-def build_scheduler(settings: ServeSettings) -> tuple[Any, Any, int, dict[str, Any]]:
-    """Load the model, build the scheduler: ``(scheduler, tokenizer, max_len, info)``; a
-    ``max_batch`` left to ``gpu_memory_utilization`` is set in ``settings`` to what it sized."""
-    import torch
-
-    from fluid_npu import device as devices
-    from fluid_npu.sampling.inputs import serving_eos
-    from fluid_npu.sampling.pretrained import FluidForCausalLM
-    from fluid_npu.sampling.prompts import quiet_loading
-    from fluid_npu.sampling.scheduler import Scheduler
-
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    if settings.seed is not None:  # (a request without a seed draws one from torch's generator)
-        torch.manual_seed(settings.seed)
-    dev = devices.claim(force=settings.device)
-    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    with quiet_loading():
-        fluid = FluidForCausalLM.from_pretrained(
-            settings.model,
-            settings.adapter,
-            settings.khead,
-            dtype=dtype,
-            mask_token=settings.mask_token,
-            device=dev,
-            chat_template=settings.template_text(),
-            trust_remote_code=settings.trust_remote_code,
-        )
-    policy = settings.policy or ("khead" if fluid.khead is not None else "entropy")
-    scheduler = Scheduler(
-        fluid.model,
-        fluid.mask_id,
-        policy=policy,
-        khead=fluid.khead,
-        eos_ids=serving_eos(fluid.model, fluid.tokenizer),  # the tokenizer's EOS too, as vLLM
-        max_batch=settings.max_batch,
-        max_len=settings.max_len,  # None: the scheduler's default (the context, at most 4096)
-        tokenizer=fluid.tokenizer,  # the engine ends requests on their stop strings
-        compile=settings.compile,
-        adaptive=settings.adaptive,
-        prefix_caching=settings.prefix_caching,
-        prefix_slots=settings.prefix_cache_slots,
-        scheduling_policy=settings.scheduling_policy,
-        logprobs_mode=settings.logprobs_mode,
-        memory_fraction=settings.gpu_memory_utilization,
-        **({} if settings.prefill_chunk is None else {"prefill_chunk": settings.prefill_chunk}),
-    )
-    max_len = scheduler.max_len
-    settings.max_batch = scheduler.slots_n  # (sized from gpu_memory_utilization when not given)
-    info = {
-        "policy": policy,
-        "reasoning_parser": settings.reasoning_parser,
-        "tool_call_parser": settings.tool_call_parser,
-        "device": str(dev),
-        "dtype": str(next(fluid.model.parameters()).dtype).removeprefix("torch."),
-        "max_batch": settings.max_batch,
-        "gpu_memory_utilization": settings.gpu_memory_utilization,
-        "max_len": max_len,
-        "max_len_reason": scheduler.max_len_reason,
-        "compile": settings.compile,
-        "adaptive_drafting": settings.adaptive,
-        "prefix_caching": settings.prefix_caching,
-        "prefix_cache_slots": settings.prefix_cache_slots,
-        "scheduling_policy": settings.scheduling_policy,
-        "logprobs_mode": settings.logprobs_mode,
-        "prefill_chunk": scheduler.prefill_chunk,
-        "seed": settings.seed,
-        "torch_threads": torch.get_num_threads(),
-        "kv_cache_gib": round(scheduler.kv.nbytes / 2**30, 3),  # allocated once, at start
-    }
-    return scheduler, fluid.tokenizer, max_len, info
 
 
 class DrainingServer(ServerClosingTLS):
@@ -227,16 +151,20 @@ def address(sock: socket.socket, network: Network) -> str:
 
 
 def load_engine(settings: ServeSettings) -> tuple[Worker, Any, ServeConfig]:
-    """Load the model and build what ``create_app`` takes: ``(worker, tokenizer, config)``."""
-    scheduler, tokenizer, max_len, info = build_scheduler(settings)
-    # a request that leaves a decoding setting out: the model's generation config, else OpenAI's
-    override = settings.override_generation_config
-    defaults = generation_defaults(
-        settings.generation_config,
-        scheduler.model,
-        None if override is None else check_override(override, OVERRIDE_FLAG, SERVED_DEFAULTS),
-    )
+    """Load the model and build what ``create_app`` takes: ``(worker, tokenizer, config)`` — the
+    engine in a process of its own, or with ``--no-engine-process`` in a thread of this one."""
+    if settings.engine_process:
+        worker: Worker = EngineProcess(settings)
+        ready = worker.launch()  # (the model loads there; what the server needs comes back)
+        settings.max_batch = ready.max_batch
+        tokenizer, max_len, info = ready.tokenizer, ready.max_len, ready.info
+        defaults, vocab_size = ready.defaults, ready.vocab_size
+    else:
+        scheduler, tokenizer, max_len, info = build_scheduler(settings)
+        defaults, vocab_size = engine_defaults(settings, scheduler.model)
+        worker = Worker(scheduler)
     info["default_sampling"] = asdict(defaults)
+    info["engine_process"] = settings.engine_process
     config = ServeConfig(
         model_name=served_name(settings),
         other_names=served_names(settings)[1:],
@@ -248,7 +176,7 @@ def load_engine(settings: ServeSettings) -> tuple[Worker, Any, ServeConfig]:
         api_key=settings.api_key,
         info=info,
         defaults=defaults,
-        vocab_size=scheduler.model.get_input_embeddings().weight.shape[0],
+        vocab_size=vocab_size,
         template_kwargs=settings.template_kwargs(),
         trust_request_chat_template=settings.trust_request_chat_template,
         reasoning_parser=settings.reasoning_parser,
@@ -257,7 +185,7 @@ def load_engine(settings: ServeSettings) -> tuple[Worker, Any, ServeConfig]:
         tokens_as_ids=settings.return_tokens_as_token_ids,
         max_logprobs=settings.max_logprobs,
     )
-    return Worker(scheduler), tokenizer, config
+    return worker, tokenizer, config
 
 
 def serve(settings: ServeSettings) -> int:

@@ -58,6 +58,7 @@ class ServeSettings:
     enable_auto_tool_choice: bool = False  # tool_choice "auto": the answer's calls parsed out
     tool_call_parser: str | None = None  # how (tools.py)
     data_parallel_size: int = 1  # engine ranks behind one address (dp.py)
+    engine_process: bool = True  # the engine in a process of its own (False: a thread)
     scheduling_policy: str = "fcfs"  # which waiting request starts next: fcfs | priority
     logprobs_mode: str = "raw_logprobs"  # what logprobs hold (vLLM's --logprobs-mode)
     return_tokens_as_token_ids: bool = False  # logprobs' tokens "token_id:N" by default

@@ -1,4 +1,6 @@
 """The engine thread: the one owner of the scheduler (and so of the model), fed through queues.
+(How ``fluid serve --no-engine-process`` runs it; by default the engine has a process of its own,
+``engine_process.py``, whose ``EngineProcess`` keeps this class's calls and guarantees.)
 
 The scheduler is not thread-safe and its ``step()`` blocks for a whole forward pass, so it lives in
 one thread and the asyncio server never touches it:
