@@ -102,6 +102,10 @@ def test_bench_serve_flag_errors(capsys, tmp_path):
     assert "exactly one of --model" in _error(capsys, [*base, "--model", "m", "--url", "u"])
     assert "--policies" in _error(capsys, [*base, "--url", "http://x", "--policies", "ar"])
     assert "--rate" in _error(capsys, [*base, "--url", "http://x", "--rate", "0"])
+    msg = _error(capsys, [*base, "--url", "http://x", "--check-lossless"])
+    assert "--check-lossless judges the policies' outputs against ar's" in msg
+    grammar = ["--structured-outputs", '{"regex": "[0-9]+"}', "--check-lossless"]
+    assert "--check-lossless judges" in _error(capsys, [*base, "--model", "m", *grammar])
     assert "--threads" in _error(capsys, [*base, "--model", "m", "--threads", "-1"])
     # flags for servers started here are not silently dropped against a running server
     url = [*base, "--url", "http://x"]
@@ -227,12 +231,17 @@ def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
     argv = ["bench", "serve", "--model", model_dir, "--prompts", prompts, "--json", str(out),
             "--num-requests", "12", "--concurrency", "4", "--max-tokens", "48",
             "--max-batch", "4", "--max-len", "128", "--warmup", "2",
-            "--no-adaptive-drafting", "--threads", "1", "--no-enable-prefix-caching"]  # fmt: skip
+            "--no-adaptive-drafting", "--threads", "1", "--no-enable-prefix-caching",
+            "--check-lossless"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(out.read_text())
     fluid, ar = report["results"]["entropy"], report["results"]["ar"]
     assert fluid["failed"] == ar["failed"] == 0
     assert report["identical_to_ar"] == {"entropy": 1.0}  # lossless through the whole server
+    # every request's token ids came back and were compared (none differs: nothing to score)
+    assert fluid["lossless"] == {"checked": 12, "differ": 0, "near_ties": 0, "mismatches": 0,
+                                 "divergences": []}  # fmt: skip
+    assert "lossless" not in ar and "--check-lossless" in report["command"]
     assert fluid["generated_tokens"] == ar["generated_tokens"]
     assert ar["tpf"] == 1.0 and fluid["tpf"] > 1.5
     assert report["throughput_vs_ar"]["entropy"] == pytest.approx(

@@ -667,6 +667,58 @@ def test_a_load_freezes_the_heap_and_gives_it_back(monkeypatch):
     assert freeze_heap() == 0 and len(kept) == 1000
 
 
+def test_check_lossless_judges_each_divergence_in_fp32():
+    """``fluid bench serve --check-lossless``: an output that differs from ``ar``'s where the
+    fp32 model sees two equal logits is a near-tie; one that took a worse token is a mismatch;
+    the model is loaded only when something differs."""
+    import torch
+
+    from fluid_npu.model.tiny import build_tiny_model
+    from fluid_npu.serve.bench_lossless import judge
+
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = build_tiny_model("llama", tok, seed=3).float().eval()
+    p1, p2, p3 = (tok(t)["input_ids"] for t in ("hello world", "the quick", "a b c"))
+    with torch.no_grad():
+        first = int(model(input_ids=torch.tensor([p3])).logits[0, -1].argmax())
+        twin = next(t for t in range(10, 40) if t != first)
+        model.lm_head.weight[twin] = model.lm_head.weight[first]  # two tokens, one logit
+
+    @torch.no_grad()
+    def decode(prompt: list[int], n: int, second_at: int | None = None) -> list[int]:
+        ids: list[int] = []
+        for k in range(n):
+            logits = model(input_ids=torch.tensor([[*prompt, *ids]])).logits[0, -1]
+            ids.append(int(torch.topk(logits, 2).indices[1 if k == second_at else 0]))
+        return ids
+
+    ar3 = decode(p3, 4)
+    assert ar3[0] in (first, twin)
+    other = [twin if ar3[0] == first else first, *ar3[1:]]
+    ids = {
+        "ar": [(p1, decode(p1, 5)), (p2, decode(p2, 5)), (p3, ar3), (p1, [1])],
+        "entropy": [(p1, decode(p1, 5)), (p2, decode(p2, 5, second_at=2)), (p3, other), None],
+    }
+    results = {n: {"machine": {"server": {"dtype": "bfloat16"}}} for n in ids}
+    loads = []
+    verdict = judge(results, ids, lambda: loads.append(1) or model)["entropy"]
+    assert loads == [1]
+    assert (verdict["checked"], verdict["differ"], verdict["near_ties"], verdict["mismatches"]) == (
+        3,
+        2,
+        1,
+        1,
+    )
+    assert [(d["request"], d["index"], d["tie"]) for d in verdict["divergences"]] == [
+        (1, 2, False),
+        (2, 0, True),
+    ]
+    assert verdict["divergences"][1]["gap"] == 0.0
+    same = {"ar": ids["ar"][:1], "entropy": ids["entropy"][:1]}
+    quiet = judge(results, same, lambda: pytest.fail("nothing differs: no model to load"))
+    assert quiet["entropy"]["checked"] == 1 and quiet["entropy"]["differ"] == 0
+
+
 def test_a_frozen_heap_goes_back_to_the_collector_at_exit():
     """A server's frozen heap is unfrozen when its process exits, so the interpreter's last
     collection sees those objects (left frozen, triton's extension reported each as leaked on

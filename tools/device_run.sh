@@ -78,10 +78,10 @@ else
   DEV=cuda DT=bfloat16 SIZES=1,8,32 POLICIES=ar,fixed:16,entropy,khead NEW=96 REQ=512 WARM=32 \
     ROUNDS=8 STEP_SIZES=16,32 TOP=16
 fi
-serve() {  # serve NAME DTYPE POLICIES [FLAG...]: 16 concurrent clients, FLUID against ar
-  local name=$1 dtype=$2 policies=$3
+serve() {  # serve NAME DTYPE POLICIES [FLAG...]: 16 concurrent clients, FLUID against ar, each
+  local name=$1 dtype=$2 policies=$3  # output that differs from ar's judged in fp32
   shift 3
-  step "$name" 150 "${FLUID[@]}" bench serve --model "$MODEL" --khead "$KHEAD" \
+  step "$name" 150 "${FLUID[@]}" bench serve --model "$MODEL" --khead "$KHEAD" --check-lossless \
     --policies "$policies" --prompts "$PROMPTS" --json "$OUT/$name.json" \
     --num-requests "$REQ" --rate inf --concurrency 16 --max-batch 16 --max-tokens 128 \
     --warmup "$WARM" --rounds "$ROUNDS" --seed 0 --device "$DEV" --dtype "$dtype" "$@"

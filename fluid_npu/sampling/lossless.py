@@ -137,11 +137,14 @@ def compare(
     theirs: Sequence[Sequence[int]],
     ulps: float = TIE_ULPS,
     scorer: Callable[[], PreTrainedModel] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[Difference]:
     """Every row's first difference between ``ours`` and ``theirs`` (see the module docstring);
-    ``scorer``: the run's ``fp32_scorer(model)``, else one of this call's own."""
+    ``scorer``: the run's ``fp32_scorer(model)``, else one of this call's own. ``compute_dtype``:
+    the dtype the tokens were computed in, when not ``model``'s (a float32 copy scoring a bf16
+    server's outputs), whose resolution sets the tolerance."""
     diffs = []
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype or next(model.parameters()).dtype
     dev = next(model.parameters()).device
     scorer = scorer or fp32_scorer(model)
     for row, (prompt, a, b) in enumerate(zip(prompts, ours, theirs)):

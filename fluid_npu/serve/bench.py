@@ -15,7 +15,8 @@ p50 / p90 / p99, the TPF over all requests (completion tokens ÷ the forwards th
 and failures; from the server's ``/metrics``, the engine's steps, busy share and requests per
 step (``bench_engine.py``). Across policies:
 throughput ÷ ``ar``'s and the fraction of outputs identical to ``ar``'s (greedy decoding is
-lossless, so every FLUID output should equal AR's). The JSON (command, machine, versions, every
+lossless, so every FLUID output should equal AR's; ``--check-lossless`` judges each one that does
+not in fp32: ``bench_lossless.py``). The JSON (command, machine, versions, every
 figure) is written atomically and a markdown table printed.
 """
 
@@ -35,9 +36,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from fluid_npu.errors import ConfigError, DataError
+from fluid_npu.errors import ConfigError, DataError, FluidError
 from fluid_npu.host import cpu_name, frozen_heap
 from fluid_npu.serve.bench_engine import describe, engine_view, scrape
+from fluid_npu.serve.bench_lossless import describe as verdict_line
+from fluid_npu.serve.bench_lossless import judge, served_ids
 from fluid_npu.serve.bench_report import build_report, table
 from fluid_npu.serve.launch import ServerProcess
 
@@ -47,7 +50,7 @@ BENCH_KEYS = (
     "seed", "dtype", "device", "max_batch", "gpu_memory_utilization", "max_len", "compile",
     "mask_token",
     "no_adaptive_drafting", "threads", "no_enable_prefix_caching", "prefix_cache_slots",
-    "data_parallel_size", "no_engine_process",
+    "data_parallel_size", "no_engine_process", "check_lossless",
 )  # fmt: skip
 PERCENTILES = (50, 90, 99)
 
@@ -69,6 +72,7 @@ class ServeBenchSettings:
     rounds: int = 4
     seed: int = 0
     api_key: str | None = None  # sent as a bearer token; servers started here get it too
+    check_lossless: bool = False  # judge outputs that differ from ar's in fp32 (bench_lossless)
     server_args: list[str] = field(default_factory=list)
     command: str = ""
 
@@ -84,6 +88,12 @@ class ServeBenchSettings:
             )
         if self.url is not None and self.policies:
             raise ConfigError("--policies needs servers started here (--model), not --url")
+        if self.check_lossless and (self.url is not None or self.structured_outputs is not None):
+            raise ConfigError(
+                "--check-lossless judges the policies' outputs against ar's on servers started "
+                "here (--model), without --structured-outputs (a grammar's masked argmax is not "
+                "the model's); leave one of them out"
+            )
 
 
 Prompt = str | dict[str, Any]  # a text, or a chat request's conversation fields
@@ -144,7 +154,9 @@ async def _one(
         body["ignore_eos"] = True
     if s.structured_outputs is not None:
         body["structured_outputs"] = s.structured_outputs
-    rec: dict[str, Any] = {"chunks": [], "text": "", "usage": None, "error": None}
+    if s.check_lossless:  # (vLLM's field: the prompt's ids and each chunk's, bench_lossless.py)
+        body["return_token_ids"] = True
+    rec: dict[str, Any] = {"chunks": [], "text": "", "usage": None, "error": None, "ids": []}
     start = time.perf_counter()
     try:
         async with client.stream("POST", path, json=body) as resp:
@@ -157,7 +169,10 @@ async def _one(
                 data = json.loads(line[6:])
                 if "error" in data:
                     rec["error"] = data["error"]["message"]
+                rec["prompt_ids"] = data.get("prompt_token_ids") or rec.get("prompt_ids")
                 for choice in data.get("choices", []):
+                    rec["prompt_ids"] = choice.get("prompt_token_ids") or rec["prompt_ids"]
+                    rec["ids"] += choice.get("token_ids") or []
                     delta = choice.get("delta") or {}  # (a reasoning parser's text counts)
                     piece = choice.get("text") or "".join(
                         delta.get(k) or "" for k in ("reasoning", "content")
@@ -233,6 +248,7 @@ def summarize(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         "tpot_ms": _pct(tpot),
         "e2e_ms": _pct([r["e2e"] for r in ok]),
         "texts": [r["text"] if r["error"] is None else None for r in records],
+        "ids": served_ids(records),
     }
 
 
@@ -358,6 +374,16 @@ def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
             results = run_rounds({p: srv.url for p, srv in servers.items()}, s, prompts)
         for policy, srv in servers.items():
             results[policy]["server_exit_status"] = srv.returncode
+    ids = {name: r.pop("ids") for name, r in results.items()}
+    verdicts, unjudged = {}, None
+    if s.check_lossless and "ar" in results:  # (the servers have stopped: the memory is free)
+        try:
+            verdicts = judge(results, ids, lambda: _fp32_model(s.server_args))
+        except FluidError as exc:  # (the figures are still written)
+            unjudged = exc
+        for name, verdict in verdicts.items():
+            results[name]["lossless"] = verdict
+            print(verdict_line(name, verdict), flush=True)
     report = build_report(s, results, len(prompts))
     write_json_atomic(s.json_path, report)  # written whatever happened: the figures say what did
     print(table(report))
@@ -368,7 +394,36 @@ def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
             f"fluid serve exited with a non-zero status after the drain: {bad} (the report was "
             f"written to {s.json_path}; the server's own output says why)"
         )
+    if unjudged is not None:
+        raise ConfigError(
+            f"--check-lossless could not score the outputs that differ: {unjudged} (the report, "
+            f"{s.json_path}, was written without its verdict)"
+        )
+    wrong = {n: v["mismatches"] for n, v in verdicts.items() if v["mismatches"]}
+    if wrong:
+        raise DataError(
+            f"outputs differ from ar's where fp32 sees no near-tie: {wrong} (not lossless; the "
+            f"report, {s.json_path}, lists them under results.<policy>.lossless)"
+        )
     return report
+
+
+def _fp32_model(server_args: list[str]) -> Any:
+    """The servers' model (with its adapter) in float32 on the servers' device, to score."""
+    from fluid_npu.sampling.pretrained import FluidForCausalLM
+    from fluid_npu.sampling.prompts import quiet_loading
+
+    def flag(name: str) -> str | None:
+        return server_args[server_args.index(name) + 1] if name in server_args else None
+
+    device = flag("--device")
+    where = {"device_map": "auto"} if device in (None, "auto") else {"device": device}
+    with quiet_loading():
+        fluid = FluidForCausalLM.from_pretrained(
+            flag("--model"), flag("--adapter"), dtype="float32", mask_token=flag("--mask-token"),
+            trust_remote_code="--trust-remote-code" in server_args, **where,
+        )  # fmt: skip
+    return fluid.model
 
 
 def _print(name: str, r: dict[str, Any]) -> None:

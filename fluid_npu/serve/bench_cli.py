@@ -53,6 +53,12 @@ def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help='vLLM\'s structured_outputs sent with every request, e.g. \'{"regex": "[0-9]+"}\'',
     )
+    s.add_argument(
+        "--check-lossless",
+        action="store_true",
+        help="ask for token ids and judge every output that differs from ar's in fp32 (the model "
+        "loaded here once the servers stop): a near-tie of the served dtype, or a failure",
+    )
     s.add_argument("--warmup", type=int, default=4, help="untimed requests first, per server")
     s.add_argument("--rounds", type=int, default=4, help="slices visiting the servers in turn")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
@@ -106,6 +112,7 @@ def bench_serve_command(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         seed=args.seed,
         api_key=args.api_key or os.environ.get("FLUID_API_KEY") or None,
+        check_lossless=args.check_lossless,
         server_args=_server_args(args),
         command=command_line(["fluid", "bench", "serve"], args, BENCH_KEYS),
     )
