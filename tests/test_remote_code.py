@@ -54,3 +54,25 @@ def test_every_command_takes_trust_remote_code(tmp_path, capsys):
     args = _server_args(spawned)
     assert "--trust-remote-code" in args
     assert args[args.index("--served-model-name") :][:3] == ["--served-model-name", "a", "b"]
+
+
+def test_a_remote_code_tokenizer_crosses_from_the_engine_s_process(tmp_path):
+    """``fluid serve --trust-remote-code``: the engine's process loads the tokenizer of the model's
+    own code and sends it to the server's, which imports that code from transformers' module
+    cache; the answers are those of the engine in a thread (``--no-engine-process``)."""
+    import httpx
+
+    from fluid_npu.serve.launch import ServerProcess
+
+    model = str(remote_tokenizer(save_tiny(tmp_path / "m", mask_token=True)))
+    body = {"prompt": "hello world", "max_tokens": 6, "temperature": 0}
+    texts = []
+    for extra in ([], ["--no-engine-process"]):
+        with ServerProcess(
+            ["--model", model, "--trust-remote-code", "--policy", "ar", *extra]
+        ) as p:
+            assert p.health["info"]["engine_process"] is not bool(extra)
+            answer = httpx.post(f"{p.url}/v1/completions", json=body, timeout=60)
+            assert answer.status_code == 200, answer.text
+            texts.append(answer.json()["choices"][0]["text"])
+    assert texts[0] == texts[1] and texts[0]

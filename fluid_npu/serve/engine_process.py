@@ -31,6 +31,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
@@ -114,6 +115,10 @@ class EngineProcess(Worker):
         atexit.register(self._kill)  # (before multiprocessing's own exit, which would join it)
         commands_r.close()
         replies_w.close()
+        if self.settings.trust_remote_code:  # (a tokenizer of the model's own code: its module,
+            from transformers.dynamic_module_utils import init_hf_modules  # written by the engine
+
+            init_hf_modules()  # into transformers' module cache, is imported from there here)
         try:
             while not self._replies.poll(0.2):
                 if not self.process.is_alive():
@@ -121,7 +126,14 @@ class EngineProcess(Worker):
                         f"the engine's process exited (status {self.process.exitcode}) before "
                         "its model was loaded; its error is above"
                     )
-            kind, value = self._replies.recv()
+            try:
+                kind, value = self._replies.recv()
+            except (ImportError, AttributeError, pickle.UnpicklingError) as exc:
+                raise FluidError(
+                    f"the engine's process loaded the model, but what it sent back cannot be "
+                    f"read in the server's ({type(exc).__name__}: {exc}); --no-engine-process "
+                    "runs the engine in the server's process"
+                ) from None
         except BaseException:
             self._kill()
             raise
@@ -318,8 +330,6 @@ def _exit_with(parent: int) -> None:
 
 
 def _portable(exc: BaseException) -> bool:
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
         return True
