@@ -719,6 +719,40 @@ def test_check_lossless_judges_each_divergence_in_fp32():
     assert quiet["entropy"]["checked"] == 1 and quiet["entropy"]["differ"] == 0
 
 
+def test_a_submission_sent_as_the_engine_process_fails_is_refused():
+    """The engine's process fails while a submission is on its way to it: no answer will come,
+    so the submission is refused (500) rather than left waiting forever."""
+    import asyncio
+    import threading
+
+    from fluid_npu.sampling.requests import Request
+    from fluid_npu.serve.engine_process import EngineProcess
+    from fluid_npu.serve.settings import ServeSettings
+    from fluid_npu.serve.worker import Stream, _Submit
+
+    async def run() -> None:
+        worker = EngineProcess(ServeSettings(model="m"))
+        worker.loop = asyncio.get_running_loop()
+
+        class Gone:  # the pipe of a process that died as the submission went in
+            def send(self, message: object) -> None:
+                worker.error = RuntimeError("the engine's process exited (status -9)")
+                raise BrokenPipeError
+
+        worker._commands = Gone()  # type: ignore[assignment]
+        accepted = worker.loop.create_future()
+        worker.inbox.put(_Submit([Request("a", [1, 2], 4)], [Stream("a", 2)], accepted))
+        sender = threading.Thread(target=worker._send_commands)
+        sender.start()
+        with pytest.raises(APIError, match="status -9") as info:
+            await asyncio.wait_for(accepted, 30)
+        assert info.value.status == 500
+        sender.join(30)
+        assert not sender.is_alive()
+
+    asyncio.run(run())
+
+
 def test_a_frozen_heap_goes_back_to_the_collector_at_exit():
     """A server's frozen heap is unfrozen when its process exits, so the interpreter's last
     collection sees those objects (left frozen, triton's extension reported each as leaked on

@@ -232,6 +232,14 @@ class EngineProcess(Worker):
             with self._inbox_lock:
                 self._closed = True
             self._refuse_queued(self.error)
+            if self.error is not None:  # (one sent as the engine failed: no answer will come)
+                self._refuse_pending(self.error)
+
+    def _refuse_pending(self, exc: BaseException) -> None:
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for item in pending:
+            self._send(_refuse, item.accepted, "engine", str(exc))
 
     def _take_replies(self) -> None:
         assert self._replies is not None
@@ -242,7 +250,9 @@ class EngineProcess(Worker):
                     self._step(*rest)
                 elif kind in ("taken", "refused"):
                     with self._lock:
-                        item = self._pending.pop(rest[0])
+                        item = self._pending.pop(rest[0], None)
+                    if item is None:  # (refused already: the engine had failed)
+                        continue
                     if kind == "taken":
                         self._send(self._taken, item)
                     else:
@@ -261,10 +271,7 @@ class EngineProcess(Worker):
             logger.error("the engine failed: %s", exc)
             self.error = exc
             self._send(self._failed, exc)
-            with self._lock:
-                pending, self._pending = list(self._pending.values()), {}
-            for item in pending:
-                self._send(_refuse, item.accepted, "engine", str(exc))
+            self._refuse_pending(exc)
             if self.on_failure is not None:
                 self.on_failure()
             self.inbox.put(("wake", None))  # (the sender ends too, refusing what waits)
