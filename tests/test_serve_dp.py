@@ -129,9 +129,13 @@ def test_each_rank_gets_its_device_and_the_commands_flags():
                              scheduling_policy="priority", logprobs_mode="raw_logits",
                              return_tokens_as_token_ids=True, max_logprobs=-1,
                              served_model_name=("a", "b"), trust_remote_code=True,
-                             root_path="/llm", uvicorn_log_level="info")  # fmt: skip
+                             root_path="/llm", uvicorn_log_level="info",
+                             engine_process=False)  # fmt: skip
     args = build_parser().parse_args(["serve", *rank_args(settings, threads=3)])
     assert args.served_model_name == ["a", "b"] and args.trust_remote_code
+    assert args.no_engine_process  # (each rank's engine in a thread too, as the front was told)
+    default = ServeSettings(model="m", data_parallel_size=2)  # (the default: a process each)
+    assert not build_parser().parse_args(["serve", *rank_args(default, None)]).no_engine_process
     assert args.root_path == "" and args.uvicorn_log_level == "info"  # (the front's own path)
     assert args.scheduling_policy == "priority" and args.logprobs_mode == "raw_logits"
     assert args.return_tokens_as_token_ids and args.max_logprobs == -1

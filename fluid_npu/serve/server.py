@@ -1,11 +1,12 @@
 """Running ``fluid serve``: bind the port, load the model, build the scheduler, serve, drain.
 
 The port is bound first (a taken port fails before minutes of model loading), on 127.0.0.1 unless
-``--host`` says otherwise. uvicorn serves the FastAPI app on that socket; the engine thread is
-started by the app's lifespan. SIGTERM (or the first Ctrl-C) drains: the listening socket closes,
-new requests on open connections get 503, requests in flight run to their end — those still running
-``drain_timeout`` seconds later are aborted (their streams end with ``finish_reason: "abort"``) —
-and the process exits with status 0.
+``--host`` says otherwise. The engine loads in a process of its own (``engine_process.py``; with
+``--no-engine-process`` in a thread of this one, ``worker.py``), which the app's lifespan sets
+going; uvicorn serves the FastAPI app on that socket. SIGTERM (or the first Ctrl-C) drains: the
+listening socket closes, new requests on open connections get 503, requests in flight run to their
+end — those still running ``drain_timeout`` seconds later are aborted (their streams end with
+``finish_reason: "abort"``) — and the process exits with status 0.
 """
 
 from __future__ import annotations
