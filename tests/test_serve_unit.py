@@ -753,6 +753,134 @@ def test_a_submission_sent_as_the_engine_process_fails_is_refused():
     asyncio.run(run())
 
 
+def test_a_request_the_engine_finished_is_never_aborted_by_its_id():
+    """Once the engine's last event for a request reached the loop its id is free (a gateway may
+    retry under it at once), so a reader that goes away afterwards — or stops at a stop string —
+    must not abort by that id: the abort would end the new request instead."""
+    from fluid_npu.serve.generation import Generation
+    from fluid_npu.serve.metrics import ServerMetrics
+    from fluid_npu.serve.worker import Stream
+
+    class Engine:  # what Generation calls on its worker
+        def __init__(self) -> None:
+            self.aborted: list[str] = []
+
+        def abort(self, request_id: str) -> None:
+            self.aborted.append(request_id)
+
+        def release(self, stream: Stream) -> None:
+            stream.held = False
+
+    tok = build_tiny_tokenizer()
+    for finished_first in (False, True):
+        engine, stream = Engine(), Stream("dup", 3)
+        if finished_first:  # (the engine's last event delivered, the reader not there yet)
+            engine.release(stream)
+        gen = Generation(engine, ServerMetrics("m"), stream, Detokenizer(tok))  # type: ignore[arg-type]
+        gen.close("completions")  # the client went away before reading to the end
+        assert gen.finish_reason == "abort" and not stream.held
+        assert engine.aborted == ([] if finished_first else ["dup"])
+
+
+def test_a_client_leaving_as_its_request_is_taken_frees_its_place_once():
+    """A client cancelled while its submission is being accepted, after the engine's last event
+    for it already released its place: the place is given back once (the capacity count stays
+    right), and no abort goes out under an id that is free again."""
+    import asyncio
+
+    from fluid_npu.serve.worker import Worker
+
+    async def run() -> None:
+        worker = Worker(None)
+        worker._thread = type("T", (), {"is_alive": lambda self: True})()  # (no engine thread)
+        task = asyncio.ensure_future(worker.submit("dup", [1, 2, 3], max_new_tokens=4))
+        await asyncio.sleep(0)
+        submitted = worker.inbox.get_nowait()
+        assert worker.outstanding == 1
+        worker._deliver([(submitted.streams[0], type("Ev", (), {"finished": True})())])
+        assert worker.outstanding == 0  # (the engine finished it: its place is free)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert worker.outstanding == 0
+        assert worker.inbox.empty()  # no abort under the free id
+
+    asyncio.run(run())
+
+
+def test_a_request_that_cannot_cross_to_the_engine_process_fails_alone(monkeypatch):
+    """One request that cannot be pickled on the server's side, or unpickled on the engine's (a
+    grammar that cannot be rebuilt there), is refused; the ones after it go through, and the
+    engine goes on."""
+    import asyncio
+    import pickle
+    import threading
+
+    from fluid_npu.sampling import grammar as grammars
+    from fluid_npu.sampling.grammar import Grammar
+    from fluid_npu.sampling.requests import Request
+    from fluid_npu.serve import engine_process
+
+    monkeypatch.setattr(grammars, "_RECEIVER", {})  # (no tables in this process)
+    from fluid_npu.serve.settings import ServeSettings
+    from fluid_npu.serve.worker import Stream, _Submit
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.sent: list[tuple] = []
+
+        def send(self, message: tuple) -> None:
+            self.sent.append(message)
+
+    async def serve_side() -> None:  # the sender thread
+        worker = engine_process.EngineProcess(ServeSettings(model="m"))
+        worker.loop = asyncio.get_running_loop()
+        worker._commands = pipe = Pipe()  # type: ignore[assignment]
+        odd = Request("odd", [1], 4, grammar=Grammar(object(), 8, "regex"))  # (no serialised form)
+        bad, good = worker.loop.create_future(), worker.loop.create_future()
+        worker.inbox.put(_Submit([odd], [Stream("odd", 1)], bad))
+        worker.inbox.put(_Submit([Request("ok", [1], 4)], [Stream("ok", 1)], good))
+        worker.inbox.put(("wake", None))
+        sender = threading.Thread(target=worker._send_commands)
+        sender.start()
+        with pytest.raises(APIError, match="the engine cannot take the request: AttributeError"):
+            await asyncio.wait_for(bad, 30)
+        sender.join(30)
+        assert [m[0] for m in pipe.sent] == ["submit", "stop"]
+        assert pickle.loads(pipe.sent[0][2])[0].request_id == "ok"
+
+    asyncio.run(serve_side())
+
+    class Scheduler:
+        def __init__(self) -> None:
+            self.submitted: list[str] = []
+
+        def submit(self, req: Request) -> None:
+            self.submitted.append(req.request_id)
+
+    # the engine's side: a grammar no tables here can rebuild
+    grammar_blob = pickle.dumps([Request("g", [1], 4, grammar=_FakeSerialized())])
+    plain_blob = pickle.dumps([Request("p", [1], 4)])
+    replies, sched = Pipe(), Scheduler()
+    loop = engine_process._EngineLoop(sched, None, replies)  # type: ignore[arg-type]
+    loop._apply("submit", [1, grammar_blob])
+    loop._apply("submit", [2, plain_blob])
+    assert (
+        replies.sent[0][:3] == ("refused", 1, "request")
+        and "engine's process" in replies.sent[0][3]
+    )
+    assert replies.sent[1] == ("taken", 2) and sched.submitted == ["p"] and loop.live == {"p"}
+
+
+class _FakeSerialized:
+    """Pickles as a grammar would (``grammar._received``), for a process without the tables."""
+
+    def __reduce__(self) -> tuple:
+        from fluid_npu.sampling.grammar import _received
+
+        return _received, ("{}", 8, "regex")
+
+
 def test_a_frozen_heap_goes_back_to_the_collector_at_exit():
     """A server's frozen heap is unfrozen when its process exits, so the interpreter's last
     collection sees those objects (left frozen, triton's extension reported each as leaked on

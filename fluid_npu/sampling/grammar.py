@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,25 +84,35 @@ class Grammar:
 
 
 _RECEIVER: dict[str, Any] = {}  # this process's tokenizer tables for grammars sent to it
+_RECEIVER_LOCK = threading.Lock()
 
 
 def receive_into(tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
     """Let this process (an engine's own) rebuild grammars pickled elsewhere for ``tokenizer``
-    (the tables, as ``GrammarCompiler`` makes them, are built at the first grammar)."""
-    _RECEIVER.clear()
-    _RECEIVER.update(tokenizer=tokenizer, vocab_size=vocab_size, stop_ids=list(stop_ids))
+    (the tables, as ``GrammarCompiler`` makes them: ``receiver_tables``, else at the first
+    grammar)."""
+    with _RECEIVER_LOCK:
+        _RECEIVER.clear()
+        _RECEIVER.update(tokenizer=tokenizer, vocab_size=vocab_size, stop_ids=list(stop_ids))
+
+
+def receiver_tables() -> Any:
+    """This process's tokenizer tables for received grammars, built at the first call (seconds
+    for a large vocabulary: an engine builds them on a thread of its own as it starts)."""
+    with _RECEIVER_LOCK:
+        r = _RECEIVER
+        if "tokenizer" not in r:
+            raise GrammarError("a grammar is rebuilt from its pickle only in an engine's process")
+        if "info" not in r:
+            r["info"] = _xgrammar().TokenizerInfo.from_huggingface(
+                r["tokenizer"], vocab_size=r["vocab_size"], stop_token_ids=r["stop_ids"] or None
+            )
+        return r["info"]
 
 
 def _received(serialized: str, vocab_size: int, kind: str) -> Grammar:
-    if "tokenizer" not in _RECEIVER:
-        raise GrammarError("a grammar is rebuilt from its pickle only in an engine's process")
-    xgr = _xgrammar()
-    if "info" not in _RECEIVER:
-        r = _RECEIVER
-        r["info"] = xgr.TokenizerInfo.from_huggingface(
-            r["tokenizer"], vocab_size=r["vocab_size"], stop_token_ids=r["stop_ids"] or None
-        )
-    return Grammar(xgr.CompiledGrammar.deserialize_json(serialized, _RECEIVER["info"]), vocab_size,
+    tables = receiver_tables()
+    return Grammar(_xgrammar().CompiledGrammar.deserialize_json(serialized, tables), vocab_size,
                    kind)  # fmt: skip
 
 

@@ -35,6 +35,7 @@ import pickle
 import signal
 import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -47,7 +48,7 @@ from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.loading import build_scheduler, engine_defaults
 from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.settings import ServeSettings
-from fluid_npu.serve.worker import IDLE_WAIT_S, Stream, Worker, _engine_error, _Submit
+from fluid_npu.serve.worker import IDLE_WAIT_S, Stream, Worker, _Submit
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,9 @@ class EngineProcess(Worker):
         commands_r, self._commands = ctx.Pipe(duplex=False)
         self._replies, replies_w = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
-            target=engine_main, args=(commands_r, replies_w, self.settings), name="fluid-engine"
+            target=engine_main,
+            args=(commands_r, replies_w, self.settings, os.getpid()),
+            name="fluid-engine",
         )
         self.process.start()
         atexit.register(self._kill)  # (before multiprocessing's own exit, which would join it)
@@ -214,10 +217,16 @@ class EngineProcess(Worker):
             while self.error is None:
                 item = self.inbox.get()
                 if isinstance(item, _Submit):
+                    try:  # (apart: what does not pickle fails its request, not this thread)
+                        payload = pickle.dumps(item.requests, protocol=pickle.HIGHEST_PROTOCOL)
+                    except Exception as exc:
+                        logger.exception("a request could not be sent to the engine")
+                        self._send(_refuse, item.accepted, "engine", f"{type(exc).__name__}: {exc}")
+                        continue
                     with self._lock:
                         self._sent += 1
                         self._pending[self._sent] = item
-                    self._commands.send(("submit", self._sent, item.requests))
+                    self._commands.send(("submit", self._sent, payload))
                     continue
                 kind, value = item
                 if kind == "wake":  # (stop)
@@ -293,16 +302,20 @@ def _refuse(fut: asyncio.Future, kind: str, message: str) -> None:
         return
     if kind == "request":  # (a FluidError: the prompt is empty, too long, ...)
         fut.set_exception(APIError(message, param="prompt"))
-    else:
-        fut.set_exception(_engine_error(RuntimeError(message)))
+    else:  # (worker.py's wording)
+        fut.set_exception(APIError(f"the engine cannot take the request: {message}", status=500,
+                                   type="server_error"))  # fmt: skip
 
 
 # --- the engine's process ----------------------------------------------------------------------
-def engine_main(commands: Connection, replies: Connection, settings: ServeSettings) -> None:
-    """The child's whole life: load, answer ``ready`` (or the error), run until stopped."""
+def engine_main(
+    commands: Connection, replies: Connection, settings: ServeSettings, server: int
+) -> None:
+    """The child's whole life: load, answer ``ready`` (or the error), run until stopped;
+    ``server``: the server's process id (gone: this one ends)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the server drains, then stops it)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _exit_with(os.getppid())
+    _exit_with(server)
     try:
         scheduler, tokenizer, max_len, info = build_scheduler(settings)
         defaults, vocab_size = engine_defaults(settings, scheduler.model)
@@ -314,6 +327,8 @@ def engine_main(commands: Connection, replies: Connection, settings: ServeSettin
             getattr(scheduler, "scheduling_policy", "fcfs"),
         )  # fmt: skip
     except BaseException as exc:  # (a FluidError says what to fix; anything else as it is)
+        if not isinstance(exc, FluidError):
+            traceback.print_exc()  # (where it failed, on the server's stderr)
         with contextlib.suppress(OSError):
             replies.send(("error", exc if _portable(exc) else RuntimeError(repr(exc))))
         return
@@ -321,7 +336,15 @@ def engine_main(commands: Connection, replies: Connection, settings: ServeSettin
         replies.send(("ready", ready))
     except OSError:  # (the server is gone)
         return
+    threading.Thread(target=_grammar_tables, name="fluid-grammar-tables", daemon=True).start()
     _EngineLoop(scheduler, commands, replies).run()
+
+
+def _grammar_tables() -> None:
+    """The tokenizer tables received grammars need, built now rather than in the step of the
+    first constrained request (seconds for a large vocabulary); nothing without xgrammar."""
+    with contextlib.suppress(FluidError):
+        grammars.receiver_tables()
 
 
 def _exit_with(parent: int) -> None:
@@ -329,7 +352,7 @@ def _exit_with(parent: int) -> None:
     model (between steps the closed pipe ends it anyway): its device is freed, not orphaned."""
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent:  # (reparented: the server has exited)
             time.sleep(1.0)
         os._exit(0)
 
@@ -377,7 +400,7 @@ class _EngineLoop:
                 stats = (s.num_running, s.num_waiting, s.prefixes.queried, s.prefixes.hits)
                 self.replies.send(("step", events, dropped, seconds, cpu, stats))
             self.replies.send(("stopped",))
-        except (EOFError, OSError, BrokenPipeError):  # the server is gone: nothing to serve
+        except (EOFError, OSError):  # the server is gone: nothing to serve
             return
         except BaseException as exc:
             logger.exception("the engine failed")
@@ -399,9 +422,11 @@ class _EngineLoop:
     def _apply(self, kind: str, rest: list[Any]) -> None:
         s = self.scheduler
         if kind == "submit":
-            cmd, requests = rest
+            cmd, payload = rest
             taken: list[str] = []
-            try:
+            requests: list[Any] = []
+            try:  # (unpickled here: a grammar that cannot be rebuilt fails its request alone)
+                requests = pickle.loads(payload)
                 for req in requests:
                     s.submit(req)
                     taken.append(req.request_id)
@@ -412,7 +437,7 @@ class _EngineLoop:
                 if isinstance(exc, FluidError):
                     self.replies.send(("refused", cmd, "request", str(exc)))
                 else:  # a bug in one request's admission fails that request only
-                    failed = requests[len(taken)].request_id
+                    failed = requests[len(taken)].request_id if requests else "(unread)"
                     logger.exception("submitting request %s failed", failed)
                     self.replies.send(("refused", cmd, "engine", f"{type(exc).__name__}: {exc}"))
                 return

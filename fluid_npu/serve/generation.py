@@ -117,7 +117,7 @@ class Generation:
                     self._timing(1, item.at)
                     self.finish_reason = "length"
                     if not item.finished:
-                        self.worker.abort(self.stream.request_id)
+                        self._abort()
                     return
             self.echo = None  # (a request that overflowed or was aborted echoes nothing)
             self._timing(len(item.tokens), item.at)
@@ -129,7 +129,7 @@ class Generation:
             if self.detok.stopped:
                 self.finish_reason = "stop"
                 if not item.finished:
-                    self.worker.abort(self.stream.request_id)
+                    self._abort()
             elif item.finished and item.finish_reason == "error":
                 self.finish_reason = "error"
                 raise APIError(NUMERIC_FAILURE, status=500, type="server_error")
@@ -206,10 +206,17 @@ class Generation:
             self.stream.prompt_tokens, self.detok.tokens_used, self.forwards, self.cached
         )
 
+    def _abort(self) -> None:
+        """Abort the request in the engine — unless the engine's last event for it has reached
+        the loop already (then it holds no place, and its id may name a new request by now: an
+        abort by that id would end the new one)."""
+        if self.stream.held:
+            self.worker.abort(self.stream.request_id)
+
     def close(self, endpoint: str) -> None:
         """Account for the request; abort it in the engine if it did not finish."""
         if self.finish_reason is None:
-            self.worker.abort(self.stream.request_id)
+            self._abort()
             self.finish_reason = "abort"
         self.worker.release(self.stream)  # (if the engine's last event has not already)
         m = self.metrics

@@ -160,9 +160,10 @@ class Worker:
         try:
             await accepted
         except asyncio.CancelledError:  # the client left while the requests were being queued
-            for req in reqs:
-                self.abort(req.request_id)
-            self.outstanding -= len(reqs)
+            for req, stream in zip(reqs, streams):
+                if stream.held:  # (not if the engine finished it already: its id may be reused)
+                    self.abort(req.request_id)
+                self.release(stream)  # (once: a stream its last event released stays released)
             raise
         except BaseException:
             self.outstanding -= len(reqs)
