@@ -1,8 +1,8 @@
 """The engine (model, scheduler) in a process of its own: how ``fluid serve`` runs it unless
 ``--no-engine-process`` keeps it in a thread of the server's process (``worker.py``).
 
-In the default server one process holds both the HTTP side (parsing, checks, tokenizing, streaming
-chunks) and the engine's thread, and Python runs one of them at a time: a request's front work
+With the engine in a thread, one process holds both the HTTP side (parsing, checks, tokenizing,
+streaming chunks) and the engine, and Python runs one of them at a time: a request's front work
 holds up a step that needs the interpreter between kernels, which on an accelerator is most of a
 step. Here, as vLLM's engine core, the engine runs in a child process and the two sides meet
 through two pipes:
@@ -16,11 +16,12 @@ through two pipes:
   while there is work. It answers each submission (taken, or refused with the reason), drops the
   "abort" events of requests the server gave up on, and after the drain's deadline aborts what
   still runs. It ignores SIGINT and SIGTERM — the server drains it and then stops it — and exits
-  when the server's end of the pipe closes (the server died).
+  when the server's end of the pipe closes or, even while loading, the server's process is gone.
 
 A failing step, or a child that dies, ends every open stream with an error and marks the engine
 failed, as a failing step does in the thread. Grammars cross as xgrammar's serialised form
-(``grammar.py``), rebuilt in the child against its own tokenizer tables.
+(``grammar.py``), rebuilt in the child against its own tokenizer tables; a request that cannot
+cross (pickled here, rebuilt there) is refused alone.
 """
 
 from __future__ import annotations
