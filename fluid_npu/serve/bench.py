@@ -290,16 +290,18 @@ def _machine(url: str) -> dict[str, Any]:
     return out
 
 
+def server_flag(server_args: list[str], name: str) -> str | None:
+    """The value of flag ``name`` among the servers' flags (None: not given)."""
+    return server_args[server_args.index(name) + 1] if name in server_args else None
+
+
 def default_policies(server_args: list[str]) -> tuple[str, ...]:
     """The servers' policies when ``--policies`` is not given: the K-head's (``--khead``, or the
     one a saved model keeps) and ``ar``."""
     from fluid_npu.model.khead import saved_khead
 
-    def flag(name: str) -> str | None:
-        return server_args[server_args.index(name) + 1] if name in server_args else None
-
-    model = flag("--model")
-    saved = model is not None and saved_khead(model, flag("--adapter")) is not None
+    model = server_flag(server_args, "--model")
+    saved = model is not None and saved_khead(model, server_flag(server_args, "--adapter"))
     return ("khead" if "--khead" in server_args or saved else "entropy", "ar")
 
 
@@ -414,7 +416,7 @@ def _fp32_model(server_args: list[str]) -> Any:
     from fluid_npu.sampling.prompts import quiet_loading
 
     def flag(name: str) -> str | None:
-        return server_args[server_args.index(name) + 1] if name in server_args else None
+        return server_flag(server_args, name)
 
     device = flag("--device")
     where = {"device_map": "auto"} if device in (None, "auto") else {"device": device}

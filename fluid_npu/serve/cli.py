@@ -27,13 +27,8 @@ SERVER_KEYS = (
     "max_len", "threads",
     "chat_template", "default_chat_template_kwargs", "prefix_cache_slots", "data_parallel_size",
 )  # fmt: skip
-SERVER_SWITCHES = (
-    "compile",
-    "no_engine_process",
-    "no_adaptive_drafting",
-    "no_enable_prefix_caching",
-    "trust_remote_code",
-)
+SERVER_SWITCHES = ("compile", "no_engine_process", "no_adaptive_drafting",
+                   "no_enable_prefix_caching", "trust_remote_code")  # fmt: skip
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -130,9 +125,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-engine-process",
         action="store_true",
-        help="run the engine (model and scheduler) in a thread of the HTTP server's process "
-        "(by default it has a process of its own, as vLLM's engine core, so the server's Python "
-        "work never holds up a step)",
+        help="the engine (model, scheduler) in a thread of the HTTP server's process (default: a "
+        "process of its own, as vLLM's engine core: the server's Python never holds up a step)",
     )
     p.add_argument(
         "--default-chat-template-kwargs",

@@ -37,7 +37,6 @@ import signal
 import threading
 import time
 import traceback
-from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -49,7 +48,7 @@ from fluid_npu.serve.errors import APIError
 from fluid_npu.serve.loading import build_scheduler, engine_defaults
 from fluid_npu.serve.protocol import SamplingDefaults
 from fluid_npu.serve.settings import ServeSettings
-from fluid_npu.serve.worker import IDLE_WAIT_S, Stream, Worker, _Submit
+from fluid_npu.serve.worker import IDLE_WAIT_S, Abandoned, Stream, Worker, _Submit, submit_all
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +371,7 @@ class _EngineLoop:
     def __init__(self, scheduler: Any, commands: Connection, replies: Connection) -> None:
         self.scheduler, self.commands, self.replies = scheduler, commands, replies
         self.live: set[str] = set()  # taken and not finished
-        self.abandoned: Counter[str] = Counter()  # aborted for the server: their events dropped
+        self.abandoned = Abandoned()  # aborted for the server: their "abort" events dropped
         self.deadline: float | None = None
 
     def run(self) -> None:
@@ -390,14 +389,10 @@ class _EngineLoop:
                 seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
                 dropped = []
                 for i, ev in enumerate(events):
-                    rid = ev.request_id
-                    if ev.finished and ev.finish_reason == "abort" and self.abandoned[rid]:
-                        self.abandoned[rid] -= 1
-                        if not self.abandoned[rid]:
-                            del self.abandoned[rid]
+                    if self.abandoned.drops(ev):
                         dropped.append(i)
                     elif ev.finished:
-                        self.live.discard(rid)
+                        self.live.discard(ev.request_id)
                 stats = (s.num_running, s.num_waiting, s.prefixes.queried, s.prefixes.hits)
                 self.replies.send(("step", events, dropped, seconds, cpu, stats))
             self.replies.send(("stopped",))
@@ -424,31 +419,20 @@ class _EngineLoop:
         s = self.scheduler
         if kind == "submit":
             cmd, payload = rest
-            taken: list[str] = []
-            requests: list[Any] = []
             try:  # (unpickled here: a grammar that cannot be rebuilt fails its request alone)
                 requests = pickle.loads(payload)
-                for req in requests:
-                    s.submit(req)
-                    taken.append(req.request_id)
+                submit_all(s, requests, self.abandoned)
             except Exception as exc:
-                for rid in taken:  # all or none: those taken never run
-                    if s.abort(rid):
-                        self.abandoned[rid] += 1
-                if isinstance(exc, FluidError):
-                    self.replies.send(("refused", cmd, "request", str(exc)))
-                else:  # a bug in one request's admission fails that request only
-                    failed = requests[len(taken)].request_id if requests else "(unread)"
-                    logger.exception("submitting request %s failed", failed)
-                    self.replies.send(("refused", cmd, "engine", f"{type(exc).__name__}: {exc}"))
+                kind = "request" if isinstance(exc, FluidError) else "engine"
+                why = str(exc) if kind == "request" else f"{type(exc).__name__}: {exc}"
+                self.replies.send(("refused", cmd, kind, why))
                 return
-            self.live.update(taken)
+            self.live.update(req.request_id for req in requests)
             self.replies.send(("taken", cmd))
         elif kind == "abort":
             rid = rest[0]
             if rid in self.live:
                 self.live.discard(rid)
-                if s.abort(rid):  # (False: not running; no event comes)
-                    self.abandoned[rid] += 1
+                self.abandoned.abort(s, rid)
         elif kind == "drain":
             self.deadline = time.monotonic() + rest[0]

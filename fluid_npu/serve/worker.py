@@ -100,7 +100,7 @@ class Worker:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[str, Stream] = {}  # touched by the engine thread only
         # ids aborted for a reader that is gone: their "abort" events (next step) go nowhere
-        self._abandoned: Counter[str] = Counter()  # (engine thread only)
+        self._abandoned = Abandoned()  # (engine thread only)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None
         self.draining = False
@@ -221,20 +221,12 @@ class Worker:
 
     def _apply(self, item: Any) -> None:
         if isinstance(item, _Submit):
-            taken: list[str] = []
             try:
-                for req in item.requests:
-                    self.scheduler.submit(req)
-                    taken.append(req.request_id)
+                submit_all(self.scheduler, item.requests, self._abandoned)
             except Exception as exc:
-                for rid in taken:  # all or none: those taken never run
-                    self._abandon(rid)
-                if isinstance(exc, FluidError):
-                    self._send(_set_exception, item.accepted, APIError(str(exc), param="prompt"))
-                else:  # a bug in one request's admission fails that request only
-                    failed = item.requests[len(taken)].request_id
-                    logger.exception("submitting request %s failed", failed)
-                    self._send(_set_exception, item.accepted, _engine_error(exc))
+                refusal = (APIError(str(exc), param="prompt") if isinstance(exc, FluidError)
+                           else _engine_error(exc))  # fmt: skip
+                self._send(_set_exception, item.accepted, refusal)
                 return
             for stream in item.streams:
                 self.streams[stream.request_id] = stream
@@ -247,11 +239,9 @@ class Worker:
             self._drain_deadline = value
 
     def _abandon(self, request_id: str) -> None:
-        """Abort a request nobody reads any more: the "abort" event the engine emits for it at
-        the next step is dropped (the id may name a new request by then)."""
+        """Abort a request nobody reads any more (``Abandoned``)."""
         self.streams.pop(request_id, None)
-        if self.scheduler.abort(request_id):  # (False: not running; no event comes)
-            self._abandoned[request_id] += 1
+        self._abandoned.abort(self.scheduler, request_id)
 
     def _run(self) -> None:
         try:
@@ -269,10 +259,7 @@ class Worker:
                 delivery = []
                 for ev in events:
                     rid = ev.request_id
-                    if ev.finished and ev.finish_reason == "abort" and self._abandoned[rid]:
-                        self._abandoned[rid] -= 1  # (before any event of a new request by its id)
-                        if not self._abandoned[rid]:
-                            del self._abandoned[rid]
+                    if self._abandoned.drops(ev):
                         continue
                     stream = self.streams.get(ev.request_id)
                     if stream is None:
@@ -305,6 +292,45 @@ class Worker:
                 return
             if isinstance(item, _Submit):
                 self._send(_set_exception, item.accepted, _engine_error(exc))
+
+
+class Abandoned:
+    """Requests aborted for a reader that is gone: the "abort" event the engine emits for each at
+    its next step is dropped — before any event of a new request under the same id."""
+
+    def __init__(self) -> None:
+        self._count: Counter[str] = Counter()
+
+    def abort(self, scheduler: Any, request_id: str) -> None:
+        if scheduler.abort(request_id):  # (False: not running; no event comes)
+            self._count[request_id] += 1
+
+    def drops(self, ev: Any) -> bool:
+        """Whether ``ev`` is such an event (then it is counted off)."""
+        rid = ev.request_id
+        if not (ev.finished and ev.finish_reason == "abort" and self._count[rid]):
+            return False
+        self._count[rid] -= 1
+        if not self._count[rid]:
+            del self._count[rid]
+        return True
+
+
+def submit_all(scheduler: Any, requests: list[Any], abandoned: Abandoned) -> None:
+    """Every request into ``scheduler``, or none: when one is refused its exception is raised
+    (logged first unless a ``FluidError``: a bug in one request's admission fails that request
+    only) and those taken are aborted before any step runs them."""
+    taken = 0
+    try:
+        for req in requests:
+            scheduler.submit(req)
+            taken += 1
+    except Exception as exc:
+        for req in requests[:taken]:
+            abandoned.abort(scheduler, req.request_id)
+        if not isinstance(exc, FluidError):
+            logger.exception("submitting request %s failed", requests[taken].request_id)
+        raise
 
 
 def _engine_error(exc: BaseException | None) -> APIError:
