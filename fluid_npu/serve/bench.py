@@ -14,7 +14,8 @@ token a step committed), TPOT ((end − first token) ÷ (tokens − 1)) and end-
 p50 / p90 / p99, the TPF over all requests (completion tokens ÷ the forwards the server reported),
 and failures; from the server's ``/metrics``, the engine's steps, busy share and requests per
 step (``bench_engine.py``). Across policies:
-throughput ÷ ``ar``'s and the fraction of outputs identical to ``ar``'s (greedy decoding is
+throughput ÷ ``ar``'s, its four factors (``bench_report.ratio_terms``: TPF, step cost, requests a
+step, busy share) and the fraction of outputs identical to ``ar``'s (greedy decoding is
 lossless, so every FLUID output should equal AR's; ``--check-lossless`` judges each one that does
 not in fp32: ``bench_lossless.py``). The JSON (command, machine, versions, every
 figure) is written atomically and a markdown table printed.
@@ -41,7 +42,7 @@ from fluid_npu.host import cpu_name, frozen_heap
 from fluid_npu.serve.bench_engine import describe, engine_view, scrape
 from fluid_npu.serve.bench_lossless import describe as verdict_line
 from fluid_npu.serve.bench_lossless import judge, served_ids
-from fluid_npu.serve.bench_report import build_report, table
+from fluid_npu.serve.bench_report import build_report, describe_terms, table
 from fluid_npu.serve.launch import ServerProcess
 
 BENCH_KEYS = (
@@ -389,6 +390,9 @@ def run_serve_bench(s: ServeBenchSettings) -> dict[str, Any]:
     report = build_report(s, results, len(prompts))
     write_json_atomic(s.json_path, report)  # written whatever happened: the figures say what did
     print(table(report))
+    for name, terms in report["ratio_terms"].items():
+        if (line := describe_terms(name, terms)) is not None:
+            print(line)
     print(f"bench serve: wrote {s.json_path}", flush=True)
     bad = {n: r["server_exit_status"] for n, r in results.items() if r.get("server_exit_status")}
     if bad:

@@ -1,6 +1,17 @@
 """The report of a ``fluid bench serve`` run: the JSON (``build_report``: per-policy figures, each
-FLUID policy's throughput over ``ar``'s and the share of its outputs identical to ``ar``'s, the
-[serve] goal) and its markdown table (``table``)."""
+FLUID policy's throughput over ``ar``'s, where that ratio comes from, the share of its outputs
+identical to ``ar``'s, the [serve] goal) and its markdown table (``table``).
+
+Where the ratio comes from (``ratio_terms``): an engine's generated tokens a second are its tokens
+a step — TPF times the requests a step decodes — over its step time, times the share of the time it
+was busy. So a FLUID policy's throughput over ``ar``'s is the product of four factors, each read
+from the same run: ``tpf`` (tokens a request commits per forward, over ``ar``'s), ``step_cost``
+(``ar``'s step time over the policy's: below 1, a FLUID step is dearer), ``occupancy`` (requests a
+step over ``ar``'s: a closed loop leaves a slot empty while its client's next request comes, a
+larger share of a short FLUID request's life) and ``busy`` (busy shares). ``product`` is theirs; it
+agrees with the measured ratio to within the rounding of its terms when every step's requests
+commit tokens, which tells the factor to work on.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ def build_report(s: Any, results: dict[str, Any], n_prompts: int) -> dict[str, A
         )
         pairs = [(a, b) for a, b in zip(r["texts"], ar["texts"]) if a is not None and b is not None]
         same[name] = round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
+    terms = {n: ratio_terms(r, ar) for n, r in results.items() if ar is not None and n != "ar"}
     best = max((v for v in vs_ar.values() if v is not None), default=None)
     for r in results.values():  # the outputs were needed for the comparison, not in the report
         r["sample_texts"] = [t for t in r.pop("texts") if t is not None][:2]
@@ -52,6 +64,7 @@ def build_report(s: Any, results: dict[str, Any], n_prompts: int) -> dict[str, A
         "server_args": s.server_args,
         "results": results,
         "throughput_vs_ar": vs_ar,
+        "ratio_terms": terms,
         "identical_to_ar": same,
         "failed_requests": sum(r["failed"] for r in results.values()),
         "goal": {
@@ -60,6 +73,38 @@ def build_report(s: Any, results: dict[str, Any], n_prompts: int) -> dict[str, A
             "met": best is not None and best >= GOAL_VS_AR,
         },
     }
+
+
+def ratio_terms(r: dict[str, Any], ar: dict[str, Any]) -> dict[str, float] | None:
+    """The factors of ``r``'s throughput over ``ar``'s (the module docstring); None without both
+    engines' figures (a server without the ``fluid_step_*`` series) or with failed requests."""
+    a, b = r.get("engine"), ar.get("engine")
+    if not a or not b or r["failed"] or ar["failed"] or not ar["tpf"]:
+        return None
+    try:
+        terms = {
+            "tpf": r["tpf"] / ar["tpf"],
+            "step_cost": b["step_ms"] / a["step_ms"],
+            "occupancy": a["requests_per_step"] / b["requests_per_step"],
+            "busy": a["busy_share"] / b["busy_share"],
+        }
+    except (TypeError, ZeroDivisionError):  # (a figure missing or zero: no steps measured)
+        return None
+    product = 1.0
+    for value in terms.values():
+        product *= value
+    return {k: round(v, 3) for k, v in {**terms, "product": product}.items()}
+
+
+def describe_terms(name: str, terms: dict[str, float] | None) -> str | None:
+    """One console line of ``ratio_terms``."""
+    if terms is None:
+        return None
+    return (
+        f"bench serve: {name} over ar: {terms['product']:.2f}× = TPF ×{terms['tpf']:.2f} · step "
+        f"cost ×{terms['step_cost']:.2f} · requests a step ×{terms['occupancy']:.2f} · busy "
+        f"×{terms['busy']:.2f}"
+    )
 
 
 def table(report: dict[str, Any]) -> str:
