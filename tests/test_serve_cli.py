@@ -247,6 +247,10 @@ def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
     assert report["throughput_vs_ar"]["entropy"] == pytest.approx(
         fluid["output_tokens_per_s"] / ar["output_tokens_per_s"], rel=1e-2
     )
+    # where that ratio comes from, read from the servers' /metrics: the factors account for it
+    terms = report["ratio_terms"]["entropy"]
+    assert terms["tpf"] == pytest.approx(fluid["tpf"], rel=1e-2)
+    assert terms["product"] == pytest.approx(report["throughput_vs_ar"]["entropy"], rel=0.02)
     assert report["server_args"][:2] == ["--model", model_dir]
     assert "--no-adaptive-drafting" in report["server_args"]
     assert "--no-enable-prefix-caching" in report["server_args"]  # (repeated prompts: no reuse)
