@@ -609,7 +609,7 @@ def test_bench_engine_figures_per_rank_and_none_from_a_server_without_them():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from fluid_npu.serve.bench_engine import SERIES, engine_view, scrape
+    from fluid_npu.serve.bench_engine import PHASES, SERIES, engine_view, scrape
 
     def snap(steps: float, busy: float, rows: float, cpu: float, engines: int = 1) -> dict:
         values = (steps, busy, steps, rows, cpu)
@@ -617,9 +617,19 @@ def test_bench_engine_figures_per_rank_and_none_from_a_server_without_them():
 
     view = engine_view(snap(10, 1.0, 30, 0.5), snap(110, 3.0, 630, 2.0, engines=2), wall=2.0)
     assert view == {"steps": 100, "step_ms": 20.0, "busy_share": 0.5, "requests_per_step": 6.0,
-                    "engine_cpu_share": 0.75}  # fmt: skip
+                    "engine_cpu_share": 0.75, "first_token": None}  # fmt: skip
     assert engine_view(snap(5, 1, 5, 1), snap(5, 1, 5, 1), wall=1.0) is None  # no step ran
     assert engine_view(None, snap(5, 1, 5, 1), wall=1.0) is None
+    # with the first token's phases (means over the requests of the load): where TTFT went
+    phased = [snap(10, 1.0, 30, 0.5), snap(110, 3.0, 630, 2.0)]
+    for at, (ttft, queue, step, n) in zip(phased, ((1.0, 0.1, 0.5, 10), (3.0, 0.3, 1.5, 110))):
+        at["phases"] = True
+        at["totals"].update(zip(PHASES, (ttft, n, queue, n, step, n), strict=True))
+    assert engine_view(*phased, wall=2.0)["first_token"] == {
+        "server_ttft_ms": 20.0, "to_engine_ms": 8.0, "queue_ms": 2.0, "first_step_ms": 10.0
+    }  # fmt: skip
+    phased[0]["phases"] = False  # (a server that lacked them at the first scrape: none)
+    assert engine_view(*phased, wall=2.0)["first_token"] is None
 
     pages = {"/metrics": (200, b"# HELP x_total a counter\n# TYPE x_total counter\nx_total 1.0\n")}
 

@@ -13,7 +13,7 @@ requests/s, TTFT, ITL (gap between successive streamed chunks: with FLUID one ch
 token a step committed), TPOT ((end − first token) ÷ (tokens − 1)) and end-to-end latency at
 p50 / p90 / p99, the TPF over all requests (completion tokens ÷ the forwards the server reported),
 and failures; from the server's ``/metrics``, the engine's steps, busy share and requests per
-step (``bench_engine.py``). Across policies:
+step, and where the server's time to first token went (``bench_engine.py``). Across policies:
 throughput ÷ ``ar``'s, its four factors (``bench_report.ratio_terms``: TPF, step cost, requests a
 step, busy share) and the fraction of outputs identical to ``ar``'s (greedy decoding is
 lossless, so every FLUID output should equal AR's; ``--check-lossless`` judges each one that does
@@ -245,6 +245,7 @@ def summarize(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         "requests_per_s": round(len(ok) / wall, 3),
         "tpf": round(tokens / forwards, 3) if forwards else None,
         "ttft_ms": _pct(ttft),
+        "ttft_mean_ms": round(float(np.mean(ttft)) * 1000, 3) if ttft else None,
         "itl_ms": _pct(itl),
         "tpot_ms": _pct(tpot),
         "e2e_ms": _pct([r["e2e"] for r in ok]),

@@ -14,7 +14,15 @@ loaded, and idling adds no steps):
   ``--max-batch``);
 * ``engine_cpu_share`` (the engine thread's CPU time over its steps' time: on a host with cores to
   spare, what is missing is time the thread waited — for the interpreter's lock, held by the HTTP
-  side, or for the device).
+  side, or for the device);
+* ``first_token`` — where the server's mean time to first token goes, from vLLM's request phases:
+  ``to_engine_ms`` (arrival at the server until the engine takes the request: parsing, tokenizing,
+  the way to the engine and the wait for the step then running to end), ``queue_ms`` (waiting for a
+  slot), ``first_step_ms`` (the admitting step: prefill and first decode); their sum is
+  ``server_ttft_ms``. Against the client's mean TTFT (``ttft_mean_ms`` of the policy's figures)
+  the rest is the way between client and server. A slot whose request ended stays empty for about
+  the way back to the client, its next request's way in and ``to_engine_ms``: the closed loop's
+  share of ``ratio_terms``' occupancy (``bench_report.py``).
 
 A server without these series (another implementation, an older build) gets ``None``; behind
 ``--data-parallel-size`` the ranks' series are summed and ``busy_share`` is per rank.
@@ -33,6 +41,15 @@ SERIES = (
     "fluid_step_requests_sum",
     "fluid_engine_cpu_seconds_total",
 )
+# the first token's phases (optional: a server without them still gets the figures above)
+PHASES = (
+    "fluid_time_to_first_token_seconds_sum",
+    "fluid_time_to_first_token_seconds_count",
+    "fluid_request_queue_time_seconds_sum",
+    "fluid_request_queue_time_seconds_count",
+    "fluid_request_prefill_time_seconds_sum",
+    "fluid_request_prefill_time_seconds_count",
+)
 
 
 def scrape(url: str, headers: dict[str, str]) -> dict[str, Any] | None:
@@ -46,7 +63,7 @@ def scrape(url: str, headers: dict[str, str]) -> dict[str, Any] | None:
         return None
     if resp.status_code != 200:
         return None
-    totals = dict.fromkeys(SERIES, 0.0)
+    totals = dict.fromkeys((*SERIES, *PHASES), 0.0)
     seen: set[str] = set()
     engines: set[tuple[tuple[str, str], ...]] = set()
     try:
@@ -59,9 +76,9 @@ def scrape(url: str, headers: dict[str, str]) -> dict[str, Any] | None:
                         engines.add(tuple(sorted(sample.labels.items())))
     except ValueError:  # not Prometheus' text format
         return None
-    if seen != set(SERIES):
+    if not seen >= set(SERIES):
         return None
-    return {"totals": totals, "engines": max(len(engines), 1)}
+    return {"totals": totals, "engines": max(len(engines), 1), "phases": seen >= set(PHASES)}
 
 
 def engine_view(
@@ -70,7 +87,7 @@ def engine_view(
     """What the engine did between two scrapes over ``wall`` seconds of load (module docstring)."""
     if before is None or after is None or wall <= 0:
         return None
-    d = {k: after["totals"][k] - before["totals"][k] for k in SERIES}
+    d = {k: after["totals"].get(k, 0.0) - before["totals"].get(k, 0.0) for k in (*SERIES, *PHASES)}
     steps = round(d["fluid_step_seconds_count"])
     if steps <= 0:
         return None
@@ -82,6 +99,25 @@ def engine_view(
         "busy_share": round(busy / (wall * after["engines"]), 3),
         "requests_per_step": round(d["fluid_step_requests_sum"] / rows, 2) if rows else None,
         "engine_cpu_share": round(d["fluid_engine_cpu_seconds_total"] / busy, 3) if busy else None,
+        "first_token": _first_token(d) if before.get("phases") and after.get("phases") else None,
+    }
+
+
+def _first_token(d: dict[str, float]) -> dict[str, float] | None:
+    """The server's mean time to first token and its phases (module docstring), in ms."""
+    mean = {}
+    for name, key in (("ttft", "fluid_time_to_first_token_seconds"),
+                      ("queue", "fluid_request_queue_time_seconds"),
+                      ("step", "fluid_request_prefill_time_seconds")):  # fmt: skip
+        n = d[f"{key}_count"]
+        if n <= 0:
+            return None
+        mean[name] = d[f"{key}_sum"] / n * 1000
+    return {
+        "server_ttft_ms": round(mean["ttft"], 3),
+        "to_engine_ms": round(mean["ttft"] - mean["queue"] - mean["step"], 3),
+        "queue_ms": round(mean["queue"], 3),
+        "first_step_ms": round(mean["step"], 3),
     }
 
 
@@ -89,9 +125,16 @@ def describe(view: dict[str, Any] | None) -> str:
     """One line of a policy's engine figures, for the console."""
     if view is None:
         return "engine figures: none (the server's /metrics lacks fluid_step_* series)"
-    cpu = view["engine_cpu_share"]
+    cpu, first = view["engine_cpu_share"], view.get("first_token")
     return (
         f"engine busy {view['busy_share']:.0%} of the time, {view['steps']} steps of "
         f"{view['step_ms']:.2f} ms, {view['requests_per_step']} requests a step"
         + ("" if cpu is None else f", its thread on a CPU {cpu:.0%} of its steps")
+        + (
+            ""
+            if first is None
+            else f"; first token {first['server_ttft_ms']:.1f} ms in the server: "
+            f"{first['to_engine_ms']:.1f} to reach the engine, {first['queue_ms']:.1f} queued, "
+            f"{first['first_step_ms']:.1f} the admitting step"
+        )
     )
