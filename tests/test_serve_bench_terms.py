@@ -61,12 +61,28 @@ def test_no_terms_without_the_engines_figures_or_with_failed_requests():
     assert report["ratio_terms"] == {"khead": None}
 
 
-@pytest.mark.parametrize(
-    "name", ["serve_gpu_h200_c16_process.json", "serve_demo_c16_engine_process.json"]
-)
+def _kept_runs() -> list[str]:
+    """The kept ``fluid bench serve`` reports whose every policy has the engine's figures."""
+    names = []
+    for path in sorted(BENCHMARKS.glob("serve*.json")):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        results = report.get("results", {})
+        if "ar" in results and all(r.get("engine") for r in results.values()):
+            names.append(path.name)
+    return names
+
+
+def test_kept_runs_with_engine_figures_include_the_h200_s_and_this_cpu_s():
+    assert {"serve_gpu_h200_c16_process.json", "serve_demo_c16_engine_process.json"} <= set(
+        _kept_runs()
+    )
+
+
+@pytest.mark.parametrize("name", _kept_runs())
 def test_the_terms_of_measured_runs_give_their_measured_ratios(name):
-    """On runs kept in ``benchmarks/`` (an H200's and this CPU's) the product is the ratio the
-    run measured, to its rounding: the four factors account for all of it."""
+    """On every run kept in ``benchmarks/`` with the engine's figures (an H200's and this CPU's)
+    the product is the ratio the run measured, to its rounding: the four factors account for all
+    of it."""
     report = json.loads((BENCHMARKS / name).read_text(encoding="utf-8"))
     results = report["results"]
     for policy, measured in report["throughput_vs_ar"].items():

@@ -251,11 +251,9 @@ def test_bench_serve_fluid_against_ar(model_dir, tmp_path):  # noqa: F811
     terms = report["ratio_terms"]["entropy"]
     assert terms["tpf"] == pytest.approx(fluid["tpf"], rel=1e-2)
     assert terms["product"] == pytest.approx(report["throughput_vs_ar"]["entropy"], rel=0.02)
-    for r in (fluid, ar):  # the server's time to first token, split into its phases
-        first = r["engine"]["first_token"]
-        parts = first["to_engine_ms"] + first["queue_ms"] + first["first_step_ms"]
-        assert parts == pytest.approx(first["server_ttft_ms"], abs=0.01)
-        assert min(first.values()) >= 0 and first["first_step_ms"] > 0
+    for r in (fluid, ar):  # the server's time to first token, split into its phases (counted
+        first = r["engine"]["first_token"]  # over the same requests: else None)
+        assert first is not None and min(first.values()) >= 0 and first["first_step_ms"] > 0
         assert r["ttft_mean_ms"] > first["server_ttft_ms"]  # (the client's includes the way)
     assert report["server_args"][:2] == ["--model", model_dir]
     assert "--no-adaptive-drafting" in report["server_args"]

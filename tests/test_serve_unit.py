@@ -628,6 +628,10 @@ def test_bench_engine_figures_per_rank_and_none_from_a_server_without_them():
     assert engine_view(*phased, wall=2.0)["first_token"] == {
         "server_ttft_ms": 20.0, "to_engine_ms": 8.0, "queue_ms": 2.0, "first_step_ms": 10.0
     }  # fmt: skip
+    # phases counted over other requests than the first tokens (an aborted one): no split
+    phased[1]["totals"][PHASES[3]] += 1
+    assert engine_view(*phased, wall=2.0)["first_token"] is None
+    phased[1]["totals"][PHASES[3]] -= 1
     phased[0]["phases"] = False  # (a server that lacked them at the first scrape: none)
     assert engine_view(*phased, wall=2.0)["first_token"] is None
 
@@ -651,6 +655,22 @@ def test_bench_engine_figures_per_rank_and_none_from_a_server_without_them():
         assert scrape(url, {}) is None  # metrics, but not these
         pages["/metrics"] = (200, b"fluid_step_seconds_count 3.0\n")
         assert scrape(url, {}) is None  # some of them only
+
+        def lines(keys: tuple[str, ...], values: tuple[float, ...]) -> str:  # two ranks' series
+            pairs = zip(keys, values, strict=True)
+            return "".join(f'{k}{{rank="{r}"}} {v}\n' for k, v in pairs for r in (0, 1))
+
+        ranks = lines(SERIES, (2.0, 0.5, 2.0, 6.0, 0.4))
+        pages["/metrics"] = (200, ranks.encode())
+        got = scrape(url, {})  # two ranks, their series summed; no phases: the view stands
+        assert got["engines"] == 2 and got["phases"] is False
+        assert got["totals"]["fluid_step_requests_sum"] == 12.0
+        phases = lines(PHASES, (0.2, 4, 0.04, 4, 0.1, 4))
+        pages["/metrics"] = (200, (ranks + phases).encode())
+        got = scrape(url, {})
+        assert got["phases"] is True
+        assert got["totals"]["fluid_time_to_first_token_seconds_sum"] == pytest.approx(0.4)
+        assert got["totals"]["fluid_request_prefill_time_seconds_count"] == 8
         del pages["/metrics"]
         assert scrape(url, {}) is None  # a 404
     finally:

@@ -22,9 +22,11 @@
 # token_stats against the naive path, the Triton kernel's tile-work ratio), step_times_gpu.json
 # (`tools/step_times.py`: each engine phase timed alone, with profiler tables) and run.log.
 # Session 43's run (an H200) gave a served run of four policies 150 s and it did not finish (four
-# servers each starting a process with its own CUDA context: ~35 s a policy), so the served runs
-# now have the time that took; the engine in a thread against its own process was measured there
-# and is no longer run.
+# servers, started one after another, each a process with its own CUDA context: a two-policy run
+# took 75 s there), so the served runs now get 190 s and 110 s — an estimate, ~35 s a policy plus
+# the fp32 judge; the engine in a thread against its own process was measured there and is no
+# longer run. fixed:16 replaced fixed:4 in the served policies (the fastest policy offline on the
+# H200, TPF 9.03): its figures are not comparable with the kept runs' fixed:4 column.
 #
 # `DRY=1 bash tools/device_run.sh` runs the same steps on this machine's CPU with small sizes and
 # no GPU-only step: it checks the commands, not the figures.
@@ -99,7 +101,7 @@ step engine 130 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --
   --json "$OUT/engine_gpu_bf16.json" --max-new-tokens "$NEW" --batch-sizes "$SIZES" \
   --policies "$POLICIES" --loops fused --repeats 2 --no-static-baseline --device "$DEV" --dtype "$DT"
 if [[ "${DRY:-0}" != 1 ]]; then  # device graphs really recorded (0 skips), tokens as eager
-  step cudagraphs 60 "$PY" tools/check_cudagraphs.py --model "$MODEL" --prompts "$PROMPTS" \
+  step cudagraphs 90 "$PY" tools/check_cudagraphs.py --model "$MODEL" --prompts "$PROMPTS" \
     --json "$OUT/cudagraphs_gpu.json" --dtype "$DT" --device "$DEV"
   step ops 50 "$PY" tools/bench_ops.py --device accelerator --skip-stage1 --json "$OUT/ops_gpu.json"
 fi

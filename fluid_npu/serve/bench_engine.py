@@ -104,15 +104,17 @@ def engine_view(
 
 
 def _first_token(d: dict[str, float]) -> dict[str, float] | None:
-    """The server's mean time to first token and its phases (module docstring), in ms."""
-    mean = {}
-    for name, key in (("ttft", "fluid_time_to_first_token_seconds"),
-                      ("queue", "fluid_request_queue_time_seconds"),
-                      ("step", "fluid_request_prefill_time_seconds")):  # fmt: skip
-        n = d[f"{key}_count"]
-        if n <= 0:
-            return None
-        mean[name] = d[f"{key}_sum"] / n * 1000
+    """The server's mean time to first token and its phases (module docstring), in ms; None
+    unless all three were counted over the same requests (a request that ends early — aborted,
+    failed — counts a first token but no phases, and the means would not add up)."""
+    keys = {"ttft": "fluid_time_to_first_token_seconds",
+            "queue": "fluid_request_queue_time_seconds",
+            "step": "fluid_request_prefill_time_seconds"}  # fmt: skip
+    counts = {round(d[f"{key}_count"]) for key in keys.values()}
+    if len(counts) != 1 or min(counts) <= 0:
+        return None
+    n = counts.pop()
+    mean = {name: d[f"{key}_sum"] / n * 1000 for name, key in keys.items()}
     return {
         "server_ttft_ms": round(mean["ttft"], 3),
         "to_engine_ms": round(mean["ttft"] - mean["queue"] - mean["step"], 3),
