@@ -11,6 +11,7 @@ in a thread (``--no-engine-process``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -58,6 +59,10 @@ def server(model_dir):  # noqa: F811
 def test_outputs_equal_fluid_generate_with_16_concurrent_streams(server, model_dir, tmp_path):  # noqa: F811
     info = server.health["info"]
     assert info["engine_process"] is True and info["engine_gc_frozen_objects"] > 1000
+    # the HTTP stack uvicorn's "auto" chose: uvloop and httptools where installed (setup.py's)
+    fast = {m: importlib.util.find_spec(m) is not None for m in ("uvloop", "httptools")}
+    assert info["event_loop"] == ("uvloop" if fast["uvloop"] else "asyncio")
+    assert info["http_parser"] == ("HttpTools" if fast["httptools"] else "H11")
     assert not _gone(_engine_pid(server))
     c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
     model = c.models.list().data[0].id

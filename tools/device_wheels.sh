@@ -5,7 +5,11 @@
 # typer and click, but transformers 5.17 (this project pins 5.24) and no FastAPI stack; nothing can
 # be fetched there, so the missing ones travel as wheels (`carry: [".whl", ...]` in the device
 # call), with typing-extensions and regex at this project's versions (pydantic and transformers
-# need newer ones than such an image may hold). Keep one version of each: two stop the install.
+# need newer ones than such an image may hold), and uvloop and httptools (uvicorn's fast event loop
+# and HTTP parser, which setup.py installs here: without them uvicorn falls back to asyncio's loop
+# and h11, and a served request pays more Python on its way in and out; whether sessions 40 and
+# 43 served with them was not recorded — /health's `http_stack` now says, and `fluid bench serve`
+# keeps it). Keep one version of each: two stop the install.
 #
 #   bash tools/device_wheels.sh        # then run tools/device_run.sh through the device tool
 set -euo pipefail
@@ -15,7 +19,8 @@ PY="${PY:-.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 # versions: the ones this project's tests run with (read from the environment, so they never drift)
 NAMES=(transformers fastapi starlette uvicorn pydantic pydantic-core annotated-types
-       typing-inspection opentelemetry-api xgrammar apache-tvm-ffi typing-extensions regex)
+       typing-inspection opentelemetry-api xgrammar apache-tvm-ffi typing-extensions regex
+       uvloop httptools)
 PINS_TEXT=$("$PY" - "${NAMES[@]}" <<'PYEOF'
 import importlib.metadata as md
 import sys

@@ -113,7 +113,10 @@ def create_app(worker: Worker, tokenizer: Any, config: ServeConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker.start(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        # (/health: uvicorn's "auto" runs on uvloop when it is installed, else asyncio's own loop)
+        config.info["event_loop"] = type(loop).__module__.split(".")[0]
+        worker.start(loop)
         banner = getattr(app.state, "banner", None)
         if banner:
             print(banner, file=sys.stderr, flush=True)

@@ -216,6 +216,9 @@ def serve(settings: ServeSettings) -> int:
             lifespan="on",
             **settings.network.uvicorn_options(),
         )
+        uv_config.load()  # (as uvicorn's run would: here so /health can say which HTTP parser
+        # "auto" chose — httptools when installed, else the pure-Python h11)
+        info["http_parser"] = uv_config.http_protocol_class.__name__.removesuffix("Protocol")
         server = DrainingServer(uv_config, worker, settings.drain_timeout)
         try:
             run_draining(server, sock)
