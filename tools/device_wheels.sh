@@ -8,8 +8,8 @@
 # need newer ones than such an image may hold), and uvloop and httptools (uvicorn's fast event loop
 # and HTTP parser, which setup.py installs here: without them uvicorn falls back to asyncio's loop
 # and h11, and a served request pays more Python on its way in and out; whether sessions 40 and
-# 43 served with them was not recorded — /health's `http_stack` now says, and `fluid bench serve`
-# keeps it). Keep one version of each: two stop the install.
+# 43 served with them was not recorded — /health's `event_loop` and `http_parser` now say, and
+# `fluid bench serve` keeps them). Keep one version of each: two stop the install.
 #
 #   bash tools/device_wheels.sh        # then run tools/device_run.sh through the device tool
 set -euo pipefail
