@@ -338,3 +338,30 @@ def test_one_row_worth_a_block_does_not_widen_a_batch_that_pays_more(tok, monkey
     run(["hello", "a b c", "x y", "one two three four"])
     # the block it asked for (width 5) and the verify of its drafts (5); then no more blocks
     assert widths[:2] == [5, 5] and set(widths[2:]) == {1}, widths
+
+
+def test_prefills_are_timed_only_while_the_cost_fit_needs_them(tok, monkeypatch):
+    """Timing a prefill waits for the device in the middle of a step; the engine times one only
+    until two drafting step shapes have run (from then on the cost fit reads the steps alone), so
+    a loaded server's every-step prefill no longer synchronises. The tokens stay greedy's."""
+    from fluid_npu import device as devices
+
+    model = build_tiny_model("llama", tok, seed=3)
+    monkeypatch.setattr(DraftBudget, "drafting_pays", lambda self, rows: True)  # always drafts
+    timed, syncs = [], []
+    original = DraftBudget.record_prefill
+
+    def record_prefill(self, tokens, seconds):
+        timed.append(self.needs_prefill_timing())
+        original(self, tokens, seconds)
+
+    monkeypatch.setattr(DraftBudget, "record_prefill", record_prefill)
+    monkeypatch.setattr(devices, "synchronize", lambda device=None: syncs.append(device))
+    sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=2, eos_ids=[], k_max=4)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    results = run_requests(sched, [Request(str(i), p, 8) for i, p in enumerate(prompts)])
+    assert not sched.budget.needs_prefill_timing()  # two drafting shapes ran
+    assert timed and all(timed) and len(syncs) == len(timed)  # each timed prefill waited once
+    assert sched.prefill_forwards > len(timed)  # the later prefills were not timed
+    ours = [results[str(i)][0] for i in range(len(prompts))]
+    _assert_same(model, prompts, ours, [_greedy_alone(model, p, 8, []) for p in prompts], "timing")

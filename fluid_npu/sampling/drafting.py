@@ -29,7 +29,8 @@ compute) gets ``c1 ≈ 0`` and drafts long; a compute-bound one (a large batch o
 Until two drafting shapes have run, the prefill forwards (``record_prefill``) stand in, so the
 engine's first decode steps already know what width costs: a wide batch on a CPU does not open
 with a second block it cannot afford (one is tried only while it adds at most ``MEASURE_SHARE`` to
-a step).
+a step); after that prefills are no longer timed (``needs_prefill_timing``: timing one waits for
+the device mid-step).
 Expected accepted drafts come from the verify history: ``P(a ≥ j)`` among verifies whose block
 reached depth ``j``; a drafting row commits ``1 + hit_rate · E[a]`` tokens a step, where
 ``hit_rate`` is the measured share of its steps whose accept length hit one of its blocks (the
@@ -91,6 +92,12 @@ class DraftBudget:
         """A prefill forward of ``tokens`` tokens (slots included) took ``seconds``."""
         self.prefill_cost[tokens] = self._least_recent(("prefill", tokens), seconds)
         self._fit = None
+
+    def needs_prefill_timing(self) -> bool:
+        """Whether ``cost_model`` still reads prefill forwards: until two drafting step shapes
+        (token counts) have run. After that a prefill is not timed, so the engine spares the
+        device synchronisation its timing takes (one a step in a loaded server)."""
+        return len({r * w for (r, w) in self.step_cost if w > 1}) < 2
 
     def _least_recent(self, key: object, seconds: float) -> float:
         """The least of a shape's last ``WINDOW`` timings: robust to a host busy with other work

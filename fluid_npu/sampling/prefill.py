@@ -184,7 +184,8 @@ class PrefillMixin:
         hidden = self._forward(rows[0], ids.to(dev), pos.to(dev), anchor, length, causal, rows=rows)
         self.prefill_forwards += 1
         self._prompt_logprobs(rows, chunks, hidden)
-        if self.adaptive and draft:  # what width costs, known before the first decode step
+        if self.adaptive and draft and self.budget.needs_prefill_timing():  # what width costs,
+            # known before the first decode step (later the steps' own costs tell: no wait here)
             devices.synchronize(dev)
             self.budget.record_prefill(b * (width + draft), time.perf_counter() - t0)
         for i, (start, chunk, _) in chunks.items():
