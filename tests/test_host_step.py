@@ -186,8 +186,8 @@ def test_a_lone_row_drafts_from_the_block_its_accept_length_hit(tok, clock):
 def test_the_host_steps_mask_is_step_mask(tok, monkeypatch):
     """The host step builds its forward's mask from the kept visibility of its layout: for every
     step of a run (layouts met again at other lengths included), the mask ``step_mask`` gives."""
-    from fluid_npu.sampling.kv import step_mask
     from fluid_npu.sampling.step import StepMixin
+    from fluid_ops.step_mask import step_mask
 
     checked = []
     forward = StepMixin._forward
@@ -204,8 +204,9 @@ def test_the_host_steps_mask_is_step_mask(tok, monkeypatch):
     for model in (chain_model(tok, attn_scale=20.0), build_tiny_model("llama", tok, seed=3)):
         # one request after another in one slot: a request's first step keeps the shape the
         # one before left (PAD where its own drafts and blocks are fewer)
+        # (adaptive=False: no timing-driven shape choices, so the same layouts on any machine)
         sched = Scheduler(model, tok.mask_token_id, policy="fixed:4", max_batch=1, k_max=4,
-                          eos_ids=[tok.eos_token_id])  # fmt: skip
+                          eos_ids=[tok.eos_token_id], adaptive=False)  # fmt: skip
         for i, text in enumerate(("hello p", "xyz", "a", "hello world")):
             sched.submit(Request(str(i), tok(text)["input_ids"], 40))
         while sched.has_work():

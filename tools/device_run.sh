@@ -13,14 +13,17 @@
 # tool's 8 files at most), in that order: serve_gpu_c16.json (`fluid bench serve`, 16 concurrent
 # clients, the FLUID policies against `ar` on the same server build, bf16, every output that
 # differs from `ar`'s judged in fp32: [serve]'s goal; each policy's `engine` figures — step time,
-# requests a step, busy share, the engine's CPU share), serve_gpu_c16_fp32.json (entropy:2 and ar
+# requests a step, busy share, the engine's CPU share; the step mask by its Triton kernel, checked
+# first), serve_gpu_c16_torch_mask.json (entropy:2 and ar with the torch rule's mask,
+# FLUID_STEP_MASK_BACKEND=torch: the kernel's A/B), serve_gpu_c16_fp32.json (entropy:2 and ar
 # in fp32: every output identical to `ar`'s), the kernels' GPU tests (`pytest -m gpu`, in run.log),
 # engine_gpu_bf16.json (`fluid bench sampler`, batch 1 / 8 / 32, bf16, against transformers'
 # generate; its static-cache baseline left out, since on CUDA transformers compiles it anew per
 # batch shape and prompt length), cudagraphs_gpu.json (`tools/check_cudagraphs.py`: the compiled
 # step recorded as CUDA graphs, no skip), ops_gpu.json (`tools/bench_ops.py --device accelerator`:
 # token_stats against the naive path, the Triton kernel's tile-work ratio), step_times_gpu.json
-# (`tools/step_times.py`: each engine phase timed alone, with profiler tables) and run.log.
+# (`tools/step_times.py`: each engine phase timed alone) and run.log; the last ones only when time
+# is left (the kernel's A/B came in session 43).
 # Session 43's run (an H200) gave a served run of four policies 150 s and it did not finish (four
 # servers, started one after another, each a process with its own CUDA context: a two-policy run
 # took 75 s there), so the served runs now get 190 s and 110 s — an estimate, ~35 s a policy plus
@@ -90,12 +93,27 @@ serve() {  # serve NAME LIMIT DTYPE POLICIES [FLAG...]: 16 concurrent clients, F
 step env 60 "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 [[ "${DRY:-0}" != 1 ]] && nvidia-smi >> "$LOG" 2>&1
+# the step mask's Triton kernel (one launch for the ~31 of the torch rule in a FLUID forward) is
+# what CUDA picks: checked first, and if it fails the rest of the run uses the torch rule
+if [[ "${DRY:-0}" != 1 ]]; then
+  step mask_kernel 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_step_mask.py
+  if ! grep -q "1 passed" "$LOG"; then
+    export FLUID_STEP_MASK_BACKEND=torch
+    echo "== the step mask's kernel failed: FLUID_STEP_MASK_BACKEND=torch from here on" | tee -a "$LOG"
+  fi
+fi
 serve serve_gpu_c16 190 "$DT" khead,entropy:2,fixed:16,ar  # [serve]'s goal
+# the A/B of the kernel: the same server with the torch rule's mask
+step serve_gpu_c16_torch_mask 110 env FLUID_STEP_MASK_BACKEND=torch "${FLUID[@]}" bench serve \
+  --model "$MODEL" --khead "$KHEAD" --policies entropy:2,ar --prompts "$PROMPTS" \
+  --json "$OUT/serve_gpu_c16_torch_mask.json" --num-requests "$REQ" --rate inf --concurrency 16 \
+  --max-batch 16 --max-tokens 128 --warmup "$WARM" --rounds "$ROUNDS" --seed 0 --device "$DEV" \
+  --dtype "$DT"
 # bf16 rounds a near-tie by the batch's shape; in fp32 every output should be ar's
 serve serve_gpu_c16_fp32 110 float32 entropy:2,ar
 if [[ "${DRY:-0}" != 1 ]]; then  # the Triton kernels and the grammar masks on the GPU
   step gpu_tests 80 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_attention_triton.py \
-    tests/test_ops_vocab_triton.py tests/test_grammar.py
+    tests/test_ops_vocab_triton.py tests/test_grammar.py tests/test_ops_step_mask.py
 fi
 step engine 130 "${FLUID[@]}" bench sampler --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/engine_gpu_bf16.json" --max-new-tokens "$NEW" --batch-sizes "$SIZES" \

@@ -8,7 +8,9 @@ whatever the model size. This tool decodes every prompt of ``--prompts`` through
 (``max_batch`` = the batch size, slots refilled as requests finish, as ``fluid bench sampler`` does)
 under a ``TorchDispatchMode`` that counts every aten op, and splits them by where they ran:
 ``decode`` (a decode step outside its forward), ``prefill`` (a prefill outside its forward, its
-requests' admission included) and ``forward`` (inside the model forward, mask included). ``kernels``
+requests' admission included) and ``forward`` (inside the model forward, its attention mask
+included; ``mask_kernels_per_forward``: the mask's share, which ``fluid_ops.step_mask``'s Triton
+back end makes one launch on CUDA). ``kernels``
 leaves out view ops (``is_view``) and those that only touch metadata (``NO_LAUNCH``: ``to`` that
 needs no copy, ``detach_``, a Python scalar wrapped on the host, ...): no launch on any device. On a
 CPU the small input tensors a step builds on the host before moving them are counted too, so on an
@@ -49,8 +51,10 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops[where[-1]] += 1
-            kernels[where[-1]] += not (func.is_view or func._schema.name in NO_LAUNCH)
+            launch = not (func.is_view or func._schema.name in NO_LAUNCH)
+            for region in {where[-1], "forward" if where[-1] == "mask" else where[-1]}:
+                ops[region] += 1  # (the mask's ops count in their forward's too)
+                kernels[region] += launch
             return func(*args, **(kwargs or {}))
 
     # the tensor step, as an accelerator runs it (a CPU engine's lone greedy row otherwise keeps
@@ -71,6 +75,10 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         return run
 
     sched._forward = within("forward", sched._forward)
+    from fluid_npu.sampling import step as engine_step
+
+    mask_rule = engine_step.step_mask  # the forward's mask (fluid_ops.step_mask), counted apart
+    engine_step.step_mask = within("mask", mask_rule)
     sched._decode = within("decode", sched._decode)
     sched._prefill = within("prefill", sched._prefill)
     sched._admit = within("prefill", sched._admit)  # admission is a prefill's share
@@ -84,6 +92,7 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
             done = run_requests(sched, reqs)
     finally:
         sched.close()
+        engine_step.step_mask = mask_rule
     steps, forwards = calls["decode"], calls["forward"]
     prefills = sched.prefill_forwards - before
     per = lambda c, n: round(c / max(n, 1), 1)  # noqa: E731
@@ -101,6 +110,9 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         "prefill_kernels_per_prefill": per(kernels["prefill"], prefills),
         "forward_ops_per_forward": per(ops["forward"], forwards),
         "forward_kernels_per_forward": per(kernels["forward"], forwards),
+        # of which the attention mask (torch's rule; fluid_ops.step_mask's Triton back end, picked
+        # on CUDA, makes it one launch)
+        "mask_kernels_per_forward": per(kernels["mask"], forwards),
     }
 
 
@@ -118,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             f"step_ops: b={batch} {policy:10s} decode step {row['decode_ops_per_step']} ops "
             f"({row['decode_kernels_per_step']} kernels), prefill "
             f"{row['prefill_ops_per_prefill']} ({row['prefill_kernels_per_prefill']}), "
-            f"forward {row['forward_ops_per_forward']} ({row['forward_kernels_per_forward']})",
+            f"forward {row['forward_ops_per_forward']} ({row['forward_kernels_per_forward']}, "
+            f"{row['mask_kernels_per_forward']} of them the mask's)",
             flush=True,
         )
     save(args.json, report)

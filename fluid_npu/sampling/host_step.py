@@ -10,13 +10,13 @@ with that arithmetic on Python numbers, reading and writing the engine's per-slo
 whenever a second request joins), and calls the model, the LM head, the horizon policy and the
 K-head on exactly the tensors ``step.py`` gives them: the same forwards, logits and drafts, bit for
 bit. What it restates on Python numbers: step.py's accept / commit / EOS / limit / AR-fallback
-rules, ``layout.slot_block``'s placement of the candidate blocks, ``kv.step_mask``'s assembly of
-the mask (from the new tokens' ``visibility``, kept per layout relative to the row's length) and
-``fused.choose_anchors`` (on Python floats: double, where the tensor version rounds to float32,
-exact ties taken shortest first — which blocks a step drafts can differ at a near-tie of two accept
-lengths' scores: a step's shape, never a token; a CPU engine's prefill picks its first candidate
-blocks with it too, ``prefill.py``). ``tests/test_host_step.py`` holds each to the tensor version:
-a change to one of those rules must change its host twin.
+rules, ``layout.slot_block``'s placement of the candidate blocks, ``fluid_ops.step_mask``'s
+assembly of the mask (from the new tokens' ``visibility``, kept per layout relative to the row's
+length) and ``fused.choose_anchors`` (on Python floats: double, where the tensor version rounds
+to float32, exact ties taken shortest first — which blocks a step drafts can differ at a near-tie
+of two accept lengths' scores: a step's shape, never a token; a CPU engine's prefill picks its
+first candidate blocks with it too, ``prefill.py``). ``tests/test_host_step.py`` holds each to
+the tensor version: a change to one of those rules must change its host twin.
 
 It runs where ``step.py`` would read a step and nothing else: a CPU engine, not compiled (a
 compiled step is the tensor one), one running slot, greedy, no logprobs, no logits adjusted
@@ -59,7 +59,7 @@ class HostStepMixin:
     def _host_mask(
         self, base: int, pos: list[int], anchor: list[int]
     ) -> Callable[[int], torch.Tensor]:
-        """``kv.step_mask`` of one row whose new tokens start at cache index ``base``: the
+        """``fluid_ops.step_mask`` of one row whose new tokens start at cache index ``base``: the
         committed entries for every real query, then the new tokens' own visibility — which
         depends only on their layout relative to ``base`` (``fluid_ops.meta.visibility`` is
         translation-invariant), so it is computed once per layout and kept."""

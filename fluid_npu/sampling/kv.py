@@ -12,7 +12,8 @@ tokens — which come first in a step's memory order, at index = position — co
 nothing needs cutting: whatever lies at or beyond a row's committed length is simply never visible.
 
 Visibility, per forward, from the committed lengths and the new tokens' §1.1 metadata alone
-(``step_mask``): a real query sees every committed entry of its row (every anchor of a step lies
+(``fluid_ops.step_mask``: a torch rule, and one Triton launch where a step costs what it
+launches): a real query sees every committed entry of its row (every anchor of a step lies
 at or after the row's last committed position, so the §1.1 rule reduces to that), and the new
 entries by ``fluid_ops.meta.visibility`` of the step itself. Stale entries (rejected drafts, a
 previous request's tail) are at or beyond ``len_b + W`` or overwritten, so they are never seen.
@@ -59,7 +60,6 @@ from fluid_npu import device as devices
 from fluid_npu.errors import ConfigError
 from fluid_npu.model.attention import attention_kind
 from fluid_ops.attention_blocked import _sdpa
-from fluid_ops.meta import PAD, AttnMeta, visibility
 
 SLOT_ATTENTION = "fluid_slots"
 # the plan of the engine forward running in this thread (None outside one): the attention reads
@@ -86,32 +86,6 @@ class ForwardPlan:
     causal: bool = False
     rows: torch.Tensor | None = None
     overflow: torch.Tensor | None = None  # [B, W] float16: entries whose key / value was NaN / inf
-
-
-def step_mask(
-    length: torch.Tensor, q_pos: torch.Tensor, q_anchor: torch.Tensor, extent: int
-) -> torch.Tensor:
-    """The bool mask ``[B, 1, W, extent]`` of a forward whose new tokens sit at ``length + t``.
-
-    ``length [B]``: committed entries per row (the new tokens' first index); ``q_pos`` /
-    ``q_anchor [B, W]``: the new tokens' §1.1 metadata. Rows with no visible key (padding) are
-    opened to key 0 so no softmax is empty; their outputs are never read. (``host_step.py``
-    assembles the same mask for one row: a change here changes it there.)
-    """
-    b, w = q_pos.shape
-    j = torch.arange(extent, device=q_pos.device)
-    rel = j[None, :] - length[:, None]  # index among the new tokens, [B, extent]
-    if w == 1:  # one main token per row (AR steps): the committed entries and itself
-        mask = (rel <= 0)[:, None, :] & (q_anchor != PAD)[:, :, None]
-        mask[..., 0] = True
-        return mask[:, None]
-    new_vis = visibility(AttnMeta.self_attention(q_pos, q_anchor))  # [B, W, W]
-    in_new = (rel >= 0) & (rel < w)
-    new_part = new_vis.gather(2, rel.clamp(0, w - 1)[:, None, :].expand(b, w, extent))
-    real = (q_anchor != PAD)[:, :, None]
-    mask = ((rel < 0)[:, None, :] & real) | (new_part & in_new[:, None, :])
-    mask[..., 0] |= ~mask.any(dim=-1)
-    return mask[:, None]
 
 
 def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:

@@ -24,12 +24,13 @@ from fluid_npu.layout import slot_block
 from fluid_npu.sampling.constrained import ConstrainedMixin
 from fluid_npu.sampling.events import EventsMixin
 from fluid_npu.sampling.fused import choose_anchors
-from fluid_npu.sampling.kv import ForwardPlan, step_mask
+from fluid_npu.sampling.kv import ForwardPlan
 from fluid_npu.sampling.requests import Event
 from fluid_npu.sampling.rules import DRAFT, sample, uniform
 from fluid_npu.sampling.sampled import SampledMixin
 from fluid_npu.sampling.stops import StopsMixin
 from fluid_ops.meta import MAIN, PAD
+from fluid_ops.step_mask import step_mask
 
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
 EMA = 0.7  # weight of the past in a row's accepted-drafts average

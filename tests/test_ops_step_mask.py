@@ -1,0 +1,123 @@
+"""The engine's step mask (``fluid_ops.step_mask``): the ``triton`` back end equals the torch rule.
+
+On CPU the kernel runs under ``TRITON_INTERPRET=1`` in a child process (the flag never leaks into
+other test modules): random metadata (padding, anchors anywhere, key ranges of several kernel
+blocks) and every mask a real engine run builds — decode steps with drafts and candidate blocks,
+prefills with their first drafts, one-token steps — give the same booleans. On a lent CUDA machine
+(``-m gpu``) the compiled kernel is checked the same way, and on CUDA the engine picks it.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fluid_ops import dispatch
+from fluid_ops.step_mask import step_mask, step_mask_torch
+
+_CASES = textwrap.dedent(
+    """
+    import torch
+    from fluid_ops.meta import MAIN, PAD
+
+    def cases(device):
+        gen = torch.Generator().manual_seed(0)
+        out = []
+        for n in range(40):
+            b = int(torch.randint(1, 5, (), generator=gen))
+            w = int(torch.randint(1, 24, (), generator=gen))
+            length = torch.randint(0, 300, (b,), generator=gen)
+            extent = int(length.max()) + w + int(torch.randint(0, 60, (), generator=gen))
+            pos = length[:, None] + torch.randint(-3, w + 3, (b, w), generator=gen)
+            lag = torch.randint(1, 5, (b, w), generator=gen)
+            anchor = torch.where(torch.rand(b, w, generator=gen) < 0.4, MAIN, pos - lag)
+            anchor = torch.where(torch.rand(b, w, generator=gen) < 0.2, PAD, anchor)
+            out.append(tuple(t.to(device) for t in (length, pos, anchor)) + (extent,))
+        return out
+    """
+)
+
+_TRITON_CHILD = _CASES + textwrap.dedent(
+    """
+    from fluid_ops import dispatch, step_mask as sm
+    from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
+    from fluid_npu.sampling import step as engine_step
+    from fluid_npu.sampling.offline import run_requests
+    from fluid_npu.sampling.scheduler import Request, Scheduler
+
+    assert dispatch.select("step_mask", torch.device("cpu"), "triton") == "triton"
+    for length, pos, anchor, extent in cases("cpu"):
+        got = sm.step_mask(length, pos, anchor, extent, backend="triton")
+        assert torch.equal(got, sm.step_mask_torch(length, pos, anchor, extent)), (pos, anchor)
+
+    # every mask of a real run: decode steps (drafts, candidate blocks, one-token rows), prefills
+    seen = []
+    def capture(length, pos, anchor, extent):
+        seen.append((length.clone(), pos.clone(), anchor.clone(), extent))
+        return sm.step_mask_torch(length, pos, anchor, extent)
+    engine_step.step_mask = capture
+    tok = build_tiny_tokenizer(mask_token=True)
+    model = build_tiny_model("llama", tok, seed=3)
+    texts = ["hello world", "a", "the quick brown fox jumps", "xyz", "over the lazy dog"]
+    for policy in ("fixed:3", "entropy:6", "ar"):
+        sched = Scheduler(model, tok.mask_token_id, policy=policy, max_batch=3, eos_ids=[],
+                          k_max=4, host_step=False)
+        reqs = [Request(str(i), tok(t * 2)["input_ids"], 9) for i, t in enumerate(texts)]
+        run_requests(sched, reqs)
+        sched.close()
+    widths = {pos.shape[1] for _, pos, _, _ in seen}
+    assert len(seen) > 40 and 1 in widths and max(widths) > 8, (len(seen), widths)
+    for length, pos, anchor, extent in seen:
+        got = sm.step_mask(length, pos, anchor, extent, backend="triton")
+        assert torch.equal(got, sm.step_mask_torch(length, pos, anchor, extent))
+    print("ok", len(seen))
+    """
+)
+
+
+def test_triton_step_mask_equals_the_torch_rule_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_CHILD], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
+
+
+def test_the_engine_s_devices_pick_their_back_end(monkeypatch):
+    """CUDA runs the kernel (one launch where the torch rule is ~30); a CPU the torch rule; an NPU
+    the torch rule unless asked (not yet run on triton-ascend); a back end that cannot run is an
+    error naming why, never a silent fallback."""
+    monkeypatch.delenv("FLUID_STEP_MASK_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pytest.importorskip("triton")
+    assert dispatch.select("step_mask", torch.device("cuda")) == "triton"
+    assert dispatch.select("step_mask", torch.device("cpu")) == "torch"
+    npu = SimpleNamespace(type="npu")  # (torch knows the type only once torch_npu is imported)
+    assert dispatch.select("step_mask", npu) == "torch"  # type: ignore[arg-type]
+    with pytest.raises(dispatch.BackendUnavailable, match="TRITON_INTERPRET"):
+        dispatch.select("step_mask", torch.device("cpu"), "triton")
+    monkeypatch.setenv("FLUID_STEP_MASK_BACKEND", "torch")
+    assert dispatch.select("step_mask", torch.device("cuda")) == "torch"
+
+
+def test_the_engine_s_mask_is_the_dispatched_one():
+    """The engine's forwards (``fluid_npu.sampling.step``) build their mask with this op."""
+    from fluid_npu.sampling import step as engine_step
+
+    assert engine_step.step_mask is step_mask
+    length, pos, anchor = torch.tensor([3]), torch.tensor([[3, 4, 5]]), torch.tensor([[-1, -1, 4]])
+    assert torch.equal(step_mask(length, pos, anchor, 8), step_mask_torch(length, pos, anchor, 8))
+
+
+@pytest.mark.gpu
+def test_compiled_step_mask_on_cuda_equals_the_torch_rule():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (run with -m gpu)")
+    namespace: dict = {}
+    exec(_CASES, namespace)  # (the same cases as the interpreter's)
+    for length, pos, anchor, extent in namespace["cases"]("cuda"):
+        got = step_mask(length, pos, anchor, extent)  # (CUDA picks the kernel)
+        assert torch.equal(got, step_mask_torch(length, pos, anchor, extent))
