@@ -45,7 +45,8 @@ def _visible(
     return vis & inside
 
 
-@triton.jit
+# (one compiled variant whatever the width and key range: no compile stalls as shapes change)
+@triton.jit(do_not_specialize=["W", "extent"])
 def _step_mask_kernel(
     length_ptr,  # [B] int64: committed entries per row (the new tokens' first cache index)
     pos_ptr,  # [B, W] int64: the new tokens' positions
