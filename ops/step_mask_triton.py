@@ -42,6 +42,8 @@ def _visible(
     see_main = (ka == MAIN_) & (q_main | q_slot) & (kp <= limit)
     see_slot = (ka >= 0) & q_slot & (ka == qa) & (kp <= qp)
     vis = ((rel < 0) & (qa != PAD_)) | ((see_main | see_slot) & in_new)
+    # the torch rule's one-token step: a real query sees itself whatever its anchor says
+    vis = vis | ((W == 1) & (rel == 0) & (qa != PAD_))
     return vis & inside
 
 
@@ -58,8 +60,8 @@ def _step_mask_kernel(
     PAD_: tl.constexpr,
     BLOCK_: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    q = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)  # (int64: B·W·extent passes 2³¹ in a long prefill)
+    q = tl.program_id(1).to(tl.int64)
     length = tl.load(length_ptr + b)
     pos_row = pos_ptr + b * W
     anchor_row = anchor_ptr + b * W

@@ -37,6 +37,14 @@ _CASES = textwrap.dedent(
             anchor = torch.where(torch.rand(b, w, generator=gen) < 0.4, MAIN, pos - lag)
             anchor = torch.where(torch.rand(b, w, generator=gen) < 0.2, PAD, anchor)
             out.append(tuple(t.to(device) for t in (length, pos, anchor)) + (extent,))
+        # edges: nothing committed, rows all padding, one-token rows of every anchor kind (an
+        # invalid one too), key ranges of several 128-column blocks
+        t = torch.tensor
+        out += [(t([0, 0]), t([[0, 1, 2], [0, 1, 2]]), t([[MAIN, MAIN, 0], [PAD, PAD, PAD]]), 3),
+                (t([5, 0, 2, 7]), t([[5], [0], [2], [7]]), t([[MAIN], [PAD], [1], [-3]]), 9),
+                (t([0]), t([[0]]), t([[MAIN]]), 1),
+                (t([260, 3]), t([[260, 261], [3, 4]]), t([[MAIN, 260], [PAD, PAD]]), 300)]
+        out = [tuple(x.to(device) if torch.is_tensor(x) else x for x in c) for c in out]
         return out
     """
 )
@@ -119,5 +127,6 @@ def test_compiled_step_mask_on_cuda_equals_the_torch_rule():
     namespace: dict = {}
     exec(_CASES, namespace)  # (the same cases as the interpreter's)
     for length, pos, anchor, extent in namespace["cases"]("cuda"):
-        got = step_mask(length, pos, anchor, extent)  # (CUDA picks the kernel)
+        got = step_mask(length, pos, anchor, extent, backend="triton")  # (asked by name: a
+        # FLUID_STEP_MASK_BACKEND=torch in the environment must not make this torch against torch)
         assert torch.equal(got, step_mask_torch(length, pos, anchor, extent))

@@ -91,8 +91,8 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
             reqs = [Request(str(i), p, max_new) for i, p in enumerate(prompts)]
             done = run_requests(sched, reqs)
     finally:
-        sched.close()
         engine_step.step_mask = mask_rule
+        sched.close()
     steps, forwards = calls["decode"], calls["forward"]
     prefills = sched.prefill_forwards - before
     per = lambda c, n: round(c / max(n, 1), 1)  # noqa: E731
