@@ -10,7 +10,8 @@ under a ``TorchDispatchMode`` that counts every aten op, and splits them by wher
 ``decode`` (a decode step outside its forward), ``prefill`` (a prefill outside its forward, its
 requests' admission included) and ``forward`` (inside the model forward, its attention mask
 included; ``mask_kernels_per_forward``: the mask's share, which ``fluid_ops.step_mask``'s Triton
-back end makes one launch on CUDA). ``kernels``
+back end makes one launch on CUDA; ``anchor_kernels_per_decode_step`` / ``_per_prefill``: the next
+blocks' lengths', ``fluid_ops.choose_anchors``, likewise). ``kernels``
 leaves out view ops (``is_view``) and those that only touch metadata (``NO_LAUNCH``: ``to`` that
 needs no copy, ``detach_``, a Python scalar wrapped on the host, ...): no launch on any device. On a
 CPU the small input tensors a step builds on the host before moving them are counted too, so on an
@@ -52,8 +53,11 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             launch = not (func.is_view or func._schema.name in NO_LAUNCH)
-            for region in {where[-1], "forward" if where[-1] == "mask" else where[-1]}:
-                ops[region] += 1  # (the mask's ops count in their forward's too)
+            regions = {where[-1]}
+            if where[-1] in ("mask", "anchors"):  # (their ops count in their caller's too)
+                regions |= {where[-2], f"{where[-1]}_{where[-2]}"}
+            for region in regions:
+                ops[region] += 1
                 kernels[region] += launch
             return func(*args, **(kwargs or {}))
 
@@ -76,9 +80,12 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
 
     sched._forward = within("forward", sched._forward)
     from fluid_npu.sampling import step as engine_step
+    from fluid_ops import anchors
 
     mask_rule = engine_step.step_mask  # the forward's mask (fluid_ops.step_mask), counted apart
     engine_step.step_mask = within("mask", mask_rule)
+    anchor_rule = anchors.choose_anchors  # the next blocks' lengths, counted apart
+    anchors.choose_anchors = within("anchors", anchor_rule)
     sched._decode = within("decode", sched._decode)
     sched._prefill = within("prefill", sched._prefill)
     sched._admit = within("prefill", sched._admit)  # admission is a prefill's share
@@ -92,6 +99,7 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
             done = run_requests(sched, reqs)
     finally:
         engine_step.step_mask = mask_rule
+        anchors.choose_anchors = anchor_rule
         sched.close()
     steps, forwards = calls["decode"], calls["forward"]
     prefills = sched.prefill_forwards - before
@@ -113,6 +121,10 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         # of which the attention mask (torch's rule; fluid_ops.step_mask's Triton back end, picked
         # on CUDA, makes it one launch)
         "mask_kernels_per_forward": per(kernels["mask"], forwards),
+        # of a decode step's / a prefill's, the next blocks' lengths (fluid_ops.choose_anchors;
+        # its Triton back end, picked on CUDA, makes them one launch a call)
+        "anchor_kernels_per_decode_step": per(kernels["anchors_decode"], steps),
+        "anchor_kernels_per_prefill": per(kernels["anchors_prefill"], prefills),
     }
 
 
@@ -131,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             f"({row['decode_kernels_per_step']} kernels), prefill "
             f"{row['prefill_ops_per_prefill']} ({row['prefill_kernels_per_prefill']}), "
             f"forward {row['forward_ops_per_forward']} ({row['forward_kernels_per_forward']}, "
-            f"{row['mask_kernels_per_forward']} of them the mask's)",
+            f"{row['mask_kernels_per_forward']} of them the mask's; the next blocks' lengths "
+            f"{row['anchor_kernels_per_decode_step']} a step, {row['anchor_kernels_per_prefill']} "
+            "a prefill)",
             flush=True,
         )
     save(args.json, report)

@@ -1,7 +1,7 @@
 """The fused loop (DESIGN §1.3): verify the pending drafts and draft the next ones in one forward.
 
 The decode engine (``scheduler.py``) runs it with fixed shapes; this module states the method and
-holds its one pure piece, ``choose_anchors``.
+names its one pure piece, ``choose_anchors`` (the rule and its kernel: ``fluid_ops.anchors``).
 
 Per step and row, with ``n`` committed tokens (the last one, ``v_0``, not yet in the cache) and
 pending drafts ``v_1 … v_m`` (guesses for positions ``n … n+m-1``), the forward's input is:
@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from fluid_npu.sampling.defaults import DEFAULT_ANCHORS, DEFAULT_COVERAGE
+from fluid_ops import anchors
 
 __all__ = ["DEFAULT_ANCHORS", "DEFAULT_COVERAGE", "choose_anchors"]
 
@@ -42,22 +43,10 @@ def choose_anchors(
     """Candidate accept lengths that get a draft block, ``[B, count]`` (``-1`` = no block).
 
     ``logp [B, M]``: log-confidence of each pending draft; ``m [B]``: how many are real. Lengths
-    are taken most likely first until they cover ``coverage`` of the probability or ``count``
-    of them are taken. Always ``count`` columns, computed on the device (the engine's fixed
-    shapes: no host read). ``host_step.choose_anchors_host`` is its one-row twin on a CPU.
+    are taken most likely first (ties: the shorter first) until they cover ``coverage`` of the
+    probability or ``count`` of them are taken. Always ``count`` columns, computed on the device
+    (the engine's fixed shapes: no host read) by ``fluid_ops.anchors.choose_anchors`` — on CUDA
+    one Triton launch, elsewhere the torch rule. ``host_step.choose_anchors_host`` is its one-row
+    twin on a CPU.
     """
-    b, big_m = logp.shape
-    j = torch.arange(big_m + 1, device=logp.device)
-    p = torch.where(j[None, :big_m] < m[:, None], logp.exp(), 0.0)
-    ones = torch.ones((b, 1), dtype=p.dtype, device=p.device)
-    reach = torch.cat([ones, torch.cumprod(p, dim=1)], dim=1)  # P(a >= j)
-    stop = torch.cat([1.0 - p, ones], dim=1)  # P(draft j+1 rejected | reached j)
-    score = torch.where(j[None] <= m[:, None], reach * stop, -1.0)
-    vals, idx = score.sort(dim=1, descending=True)
-    vals, idx = vals[:, :count], idx[:, :count]
-    mass = vals.clamp(min=0)
-    keep = (vals >= 0) & (mass.cumsum(dim=1) - mass < coverage)
-    out = torch.where(keep, idx, -1)
-    if out.shape[1] < count:  # fewer lengths than count exist (M + 1 < count)
-        out = torch.cat([out, out.new_full((b, count - out.shape[1]), -1)], dim=1)
-    return out
+    return anchors.choose_anchors(logp, m, count, coverage)
