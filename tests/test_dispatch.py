@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import triton.backends
@@ -28,3 +30,26 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_unknown_backend_names_the_choices():
     with pytest.raises(dispatch.BackendUnavailable, match="choose one of"):
         dispatch.select("attention", torch.device("cpu"), "flash9")
+
+
+@pytest.mark.parametrize("op", ["step_mask", "choose_anchors", "logit_stats"])
+def test_the_decode_step_s_kernels_run_where_an_eager_step_costs_its_launches(op, monkeypatch):
+    """The engine's step ops (its forwards' mask, the next blocks' lengths, the drafts'
+    statistics): CUDA runs the Triton kernel (one launch for the torch rule's 7-31); a CPU the
+    torch rule; an NPU the torch rule unless asked (not yet run on triton-ascend); a back end that
+    cannot run is an error naming why, never a silent fallback; ``FLUID_<OP>_BACKEND`` forces."""
+    import fluid_ops.anchors
+    import fluid_ops.logit_stats
+    import fluid_ops.step_mask  # noqa: F401  (each registers its op)
+
+    env = f"FLUID_{op.upper()}_BACKEND"
+    monkeypatch.delenv(env, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert dispatch.select(op, torch.device("cuda")) == "triton"
+    assert dispatch.select(op, torch.device("cpu")) == "torch"
+    npu = SimpleNamespace(type="npu")  # (torch knows the type only once torch_npu is imported)
+    assert dispatch.select(op, npu) == "torch"  # type: ignore[arg-type]
+    with pytest.raises(dispatch.BackendUnavailable, match="TRITON_INTERPRET"):
+        dispatch.select(op, torch.device("cpu"), "triton")
+    monkeypatch.setenv(env, "torch")
+    assert dispatch.select(op, torch.device("cuda")) == "torch"

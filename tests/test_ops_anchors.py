@@ -14,13 +14,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fluid_npu.sampling.host_step import choose_anchors_host
-from fluid_ops import dispatch
 from fluid_ops.anchors import choose_anchors, choose_anchors_torch
 
 _CASES = textwrap.dedent(
@@ -114,23 +112,6 @@ def test_ties_go_to_the_shorter_length_as_the_host_twin_takes_them():
         assert got[0].tolist() == want, (logp, m, got, want)
     got = choose_anchors_torch(torch.full((1, 6), -math.inf), torch.tensor([6]), 4, 1.5)
     assert got[0].tolist() == [0, 1, 2, 3]
-
-
-def test_the_engine_s_devices_pick_their_back_end(monkeypatch):
-    """CUDA runs the kernel (one launch where the torch rule is ~20); a CPU the torch rule; an NPU
-    the torch rule unless asked (not yet run on triton-ascend); a back end that cannot run is an
-    error naming why, never a silent fallback."""
-    monkeypatch.delenv("FLUID_CHOOSE_ANCHORS_BACKEND", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    pytest.importorskip("triton")
-    assert dispatch.select("choose_anchors", torch.device("cuda")) == "triton"
-    assert dispatch.select("choose_anchors", torch.device("cpu")) == "torch"
-    npu = SimpleNamespace(type="npu")  # (torch knows the type only once torch_npu is imported)
-    assert dispatch.select("choose_anchors", npu) == "torch"  # type: ignore[arg-type]
-    with pytest.raises(dispatch.BackendUnavailable, match="TRITON_INTERPRET"):
-        dispatch.select("choose_anchors", torch.device("cpu"), "triton")
-    monkeypatch.setenv("FLUID_CHOOSE_ANCHORS_BACKEND", "torch")
-    assert dispatch.select("choose_anchors", torch.device("cuda")) == "torch"
 
 
 def test_the_engine_s_lengths_are_the_dispatched_ones(monkeypatch):

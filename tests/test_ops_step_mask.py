@@ -11,12 +11,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fluid_ops import dispatch
 from fluid_ops.step_mask import step_mask, step_mask_torch
 
 _CASES = textwrap.dedent(
@@ -92,23 +90,6 @@ def test_triton_step_mask_equals_the_torch_rule_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", _TRITON_CHILD], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
-
-
-def test_the_engine_s_devices_pick_their_back_end(monkeypatch):
-    """CUDA runs the kernel (one launch where the torch rule is ~30); a CPU the torch rule; an NPU
-    the torch rule unless asked (not yet run on triton-ascend); a back end that cannot run is an
-    error naming why, never a silent fallback."""
-    monkeypatch.delenv("FLUID_STEP_MASK_BACKEND", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    pytest.importorskip("triton")
-    assert dispatch.select("step_mask", torch.device("cuda")) == "triton"
-    assert dispatch.select("step_mask", torch.device("cpu")) == "torch"
-    npu = SimpleNamespace(type="npu")  # (torch knows the type only once torch_npu is imported)
-    assert dispatch.select("step_mask", npu) == "torch"  # type: ignore[arg-type]
-    with pytest.raises(dispatch.BackendUnavailable, match="TRITON_INTERPRET"):
-        dispatch.select("step_mask", torch.device("cpu"), "triton")
-    monkeypatch.setenv("FLUID_STEP_MASK_BACKEND", "torch")
-    assert dispatch.select("step_mask", torch.device("cuda")) == "torch"
 
 
 def test_the_engine_s_mask_is_the_dispatched_one():

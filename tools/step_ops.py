@@ -11,7 +11,8 @@ under a ``TorchDispatchMode`` that counts every aten op, and splits them by wher
 requests' admission included) and ``forward`` (inside the model forward, its attention mask
 included; ``mask_kernels_per_forward``: the mask's share, which ``fluid_ops.step_mask``'s Triton
 back end makes one launch on CUDA; ``anchor_kernels_per_decode_step`` / ``_per_prefill``: the next
-blocks' lengths', ``fluid_ops.choose_anchors``, likewise). ``kernels``
+blocks' lengths', ``fluid_ops.choose_anchors``, likewise; ``stats_kernels_per_…``: the drafts'
+statistics of their logits, ``fluid_ops.logit_stats``, likewise). ``kernels``
 leaves out view ops (``is_view``) and those that only touch metadata (``NO_LAUNCH``: ``to`` that
 needs no copy, ``detach_``, a Python scalar wrapped on the host, ...): no launch on any device. On a
 CPU the small input tensors a step builds on the host before moving them are counted too, so on an
@@ -54,7 +55,7 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             launch = not (func.is_view or func._schema.name in NO_LAUNCH)
             regions = {where[-1]}
-            if where[-1] in ("mask", "anchors"):  # (their ops count in their caller's too)
+            if where[-1] in ("mask", "anchors", "stats"):  # (counted in their caller's too)
                 regions |= {where[-2], f"{where[-1]}_{where[-2]}"}
             for region in regions:
                 ops[region] += 1
@@ -79,6 +80,7 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         return run
 
     sched._forward = within("forward", sched._forward)
+    from fluid_npu.sampling import head
     from fluid_npu.sampling import step as engine_step
     from fluid_ops import anchors
 
@@ -86,6 +88,8 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
     engine_step.step_mask = within("mask", mask_rule)
     anchor_rule = anchors.choose_anchors  # the next blocks' lengths, counted apart
     anchors.choose_anchors = within("anchors", anchor_rule)
+    stats_rule = head.logit_stats  # the drafts' statistics of their logits, counted apart
+    head.logit_stats = within("stats", stats_rule)
     sched._decode = within("decode", sched._decode)
     sched._prefill = within("prefill", sched._prefill)
     sched._admit = within("prefill", sched._admit)  # admission is a prefill's share
@@ -100,6 +104,7 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
     finally:
         engine_step.step_mask = mask_rule
         anchors.choose_anchors = anchor_rule
+        head.logit_stats = stats_rule
         sched.close()
     steps, forwards = calls["decode"], calls["forward"]
     prefills = sched.prefill_forwards - before
@@ -125,6 +130,9 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         # its Triton back end, picked on CUDA, makes them one launch a call)
         "anchor_kernels_per_decode_step": per(kernels["anchors_decode"], steps),
         "anchor_kernels_per_prefill": per(kernels["anchors_prefill"], prefills),
+        # the drafts' statistics of their logits (fluid_ops.logit_stats: likewise one launch)
+        "stats_kernels_per_decode_step": per(kernels["stats_decode"], steps),
+        "stats_kernels_per_prefill": per(kernels["stats_prefill"], prefills),
     }
 
 
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             f"forward {row['forward_ops_per_forward']} ({row['forward_kernels_per_forward']}, "
             f"{row['mask_kernels_per_forward']} of them the mask's; the next blocks' lengths "
             f"{row['anchor_kernels_per_decode_step']} a step, {row['anchor_kernels_per_prefill']} "
-            "a prefill)",
+            f"a prefill; the drafts' statistics {row['stats_kernels_per_decode_step']} / "
+            f"{row['stats_kernels_per_prefill']})",
             flush=True,
         )
     save(args.json, report)

@@ -3,7 +3,8 @@
 Both go through ``fluid_ops.token_stats``, which never materialises the logits, once a call would
 hold more than ``DIRECT_LOGITS`` of them; below that the head is applied directly — the same
 ``F.linear`` and softmax, without the op's fixed cost (≈ 0.7 ms a call on a CPU, as much as a
-whole decode step of a tiny model).
+whole decode step of a tiny model), the statistics read by ``fluid_ops.logit_stats`` (on CUDA one
+Triton launch).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel
 
 import fluid_ops
 from fluid_npu.model.attention import lm_head
+from fluid_ops.logit_stats import logit_stats
 
 DIRECT_LOGITS = 1 << 22  # logits per call up to which the LM head is applied directly
 
@@ -42,8 +44,4 @@ class LMHead:
         """Argmax, max log-prob and entropy (nats) on ``hidden [..., H]``."""
         if not self._direct(hidden):
             return fluid_ops.token_stats(hidden, self.weight, bias=self.bias)
-        logits = F.linear(hidden, self.weight, self.bias)
-        logp = logits.float().log_softmax(dim=-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1)
-        arg = logits.argmax(dim=-1)
-        return fluid_ops.TokenStats(arg, logp.gather(-1, arg[..., None])[..., 0], entropy, None)
+        return logit_stats(F.linear(hidden, self.weight, self.bias))
