@@ -1,0 +1,64 @@
+"""The decode step's Triton kernels compile for a GPU on a machine without one.
+
+``TRITON_INTERPRET=1`` (the other ``test_ops_*`` modules) checks what the kernels compute, but
+runs them as Python: it accepts code the compiler refuses (a loop-carried value that changes type,
+an op without a lowering). Here each kernel that CUDA picks by default in the engine's step — the
+step mask, the next blocks' lengths, the drafts' statistics — is compiled ahead of time, through
+Triton's own front end, its LLVM lowering and the ``ptxas`` its wheel ships, for an H100 / H200
+(sm_90) and an A100 (sm_80), in a child process with its own kernel cache, in every dtype and
+shape the engine launches it with. That the compiled kernel also computes the right thing on a
+real device is the ``-m gpu`` tests' part.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_CHILD = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fluid_ops import anchors_triton, logit_stats_triton, step_mask_triton
+    from fluid_ops.meta import MAIN, PAD
+
+    launches = [
+        (anchors_triton._anchors_kernel,
+         {"logp_ptr": "*fp32", "m_ptr": "*i64", "out_ptr": "*i64", "M": "i32", "count": "i32",
+          "coverage": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 32}),
+        (step_mask_triton._step_mask_kernel,
+         {"length_ptr": "*i64", "pos_ptr": "*i64", "anchor_ptr": "*i64", "out_ptr": "*u8",
+          "W": "i32", "extent": "i32", "MAIN_": "constexpr", "PAD_": "constexpr",
+          "BLOCK_": "constexpr"},
+         {"MAIN_": MAIN, "PAD_": PAD, "BLOCK_": step_mask_triton.BLOCK}),
+    ] + [
+        (logit_stats_triton._logit_stats_kernel,
+         {"logits_ptr": f"*{dt}", "arg_ptr": "*i64", "lp_ptr": "*fp32", "ent_ptr": "*fp32",
+          "V": "i32", "BLOCK": "constexpr"}, {"BLOCK": logit_stats_triton.MAX_BLOCK})
+        for dt in ("fp32", "bf16", "fp16")
+    ]
+    for arch in (90, 80):
+        for fn, signature, constexprs in launches:
+            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+            assert len(kernel.asm["cubin"]) > 1000, (fn, arch)
+    print("ok", len(launches))
+    """
+)
+
+
+def test_the_step_kernels_compile_for_cuda_without_a_gpu(tmp_path):
+    triton = pytest.importorskip("triton")
+    from triton.backends import backends
+
+    if "nvidia" not in backends:  # (triton-ascend: no CUDA back end to compile with)
+        pytest.skip(f"triton {triton.__version__} has no CUDA back end to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith("ok 5"), proc.stderr[-3000:]
