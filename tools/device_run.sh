@@ -107,6 +107,11 @@ if [[ "${DRY:-0}" != 1 ]]; then
     echo "== a step kernel failed: the torch rules from here on" | tee -a "$LOG"
   fi
 fi
+# the kernels each engine phase launches with the step kernels on (a Triton launch is no aten op:
+# each counts as its output's allocation; to the log only, the tool's 8 files being taken)
+step step_ops 40 "$PY" tools/step_ops.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
+  --json /tmp/step_ops_gpu.json --batch-sizes 16 --policies ar,entropy:2 --no-adaptive \
+  --max-new-tokens "$NEW" --device "$DEV" --dtype "$DT"
 serve serve_gpu_c16 190 "$DT" khead,entropy:2,fixed:16,ar  # [serve]'s goal
 # the A/B of the kernels: the same server with the torch rules
 step serve_gpu_c16_torch_rules 110 env FLUID_STEP_MASK_BACKEND=torch \
@@ -133,4 +138,4 @@ fi
 step step_times 90 "$PY" tools/step_times.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/step_times_gpu.json" --max-new-tokens "$NEW" --batch-sizes "$STEP_SIZES" \
   --policies ar,entropy:2,khead --device "$DEV" --dtype "$DT" --profile "entropy:2:$TOP,ar:$TOP"
-grep -h "speedup_by_batch\|best_lossless_tpf\|bench serve:\|passed\|failed" "$LOG" | tail -40
+grep -h "speedup_by_batch\|best_lossless_tpf\|bench serve:\|step_ops:\|passed\|failed" "$LOG" | tail -40
