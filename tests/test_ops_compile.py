@@ -2,11 +2,11 @@
 
 ``TRITON_INTERPRET=1`` (the other ``test_ops_*`` modules) checks what the kernels compute, but
 runs them as Python: it accepts code the compiler refuses (a loop-carried value that changes type,
-an op without a lowering). Here each kernel that CUDA picks by default in the engine's step — the
-step mask, the next blocks' lengths, the drafts' statistics — is compiled ahead of time, through
-Triton's own front end, its LLVM lowering and the ``ptxas`` its wheel ships, for an H100 / H200
-(sm_90) and an A100 (sm_80), in a child process with its own kernel cache, in every dtype and
-shape the engine launches it with. That the compiled kernel also computes the right thing on a
+an op without a lowering). Here each kernel that CUDA picks by default in the engine's step — its
+inputs, its mask, the next blocks' lengths, the drafts' statistics — is compiled ahead of time,
+through Triton's own front end, its LLVM lowering and the ``ptxas`` its wheel ships, for an
+H100 / H200 (sm_90) and an A100 (sm_80), in a child process with its own kernel cache, in every
+dtype the engine launches it with. That the compiled kernel also computes the right thing on a
 real device is the ``-m gpu`` tests' part.
 """
 
@@ -23,7 +23,7 @@ _CHILD = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fluid_ops import anchors_triton, logit_stats_triton, step_mask_triton
+    from fluid_ops import anchors_triton, logit_stats_triton, step_inputs_triton, step_mask_triton
     from fluid_ops.meta import MAIN, PAD
 
     launches = [
@@ -35,6 +35,14 @@ _CHILD = textwrap.dedent(
           "W": "i32", "extent": "i32", "MAIN_": "constexpr", "PAD_": "constexpr",
           "BLOCK_": "constexpr"},
          {"MAIN_": MAIN, "PAD_": PAD, "BLOCK_": step_mask_triton.BLOCK}),
+        (step_inputs_triton._step_inputs_kernel,
+         {"last_ptr": "*i64", "drafts_ptr": "*i64", "base_ptr": "*i64", "m_ptr": "*i64",
+          "run_ptr": "*u8", "cand_ptr": "*i64", "ids_ptr": "*i64", "pos_ptr": "*i64",
+          "anchor_ptr": "*i64", "m_out_ptr": "*i64", "cand_out_ptr": "*i64", "big_m": "i32",
+          "n_blocks": "i32", "k": "i32", "mask_id": "i32", "d_stride": "i32", "c_stride": "i32",
+          "MAIN_": "constexpr", "PAD_": "constexpr", "BLOCK_W": "constexpr",
+          "BLOCK_C": "constexpr"},
+         {"MAIN_": MAIN, "PAD_": PAD, "BLOCK_W": 64, "BLOCK_C": 2}),
     ] + [
         (logit_stats_triton._logit_stats_kernel,
          {"logits_ptr": f"*{dt}", "arg_ptr": "*i64", "lp_ptr": "*fp32", "ent_ptr": "*fp32",
@@ -61,4 +69,4 @@ def test_the_step_kernels_compile_for_cuda_without_a_gpu(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.startswith("ok 5"), proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.startswith("ok 6"), proc.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Draft statistics of logits (``fluid_ops.logit_stats``): the ``triton`` back end gives the torch
 rule's argmax and, to float32 rounding, its log-probability and entropy; and the decode engine with
-every step kernel on (the step mask, the next blocks' lengths, these statistics) commits the same
-tokens as with the torch rules.
+every step kernel on (its inputs, the step mask, the next blocks' lengths, these statistics)
+commits the same tokens and drafts as with the torch rules.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` in a child process (the flag never leaks into
 other test modules). On a lent CUDA machine (``-m gpu``) the compiled kernel is checked the same
@@ -63,10 +63,13 @@ _TRITON_CHILD = _CASES + textwrap.dedent(
     tok = build_tiny_tokenizer(mask_token=True)
     model = build_tiny_model("llama", tok, seed=3)
     texts = ["hello world", "a", "the quick brown fox jumps", "xyz", "over the lazy dog"]
-    ops = ("step_mask", "choose_anchors", "logit_stats")
+    import contextlib
+    import fluid_npu.sampling.step_inputs  # (registers its op)
+    ops = ("step_mask", "choose_anchors", "logit_stats", "step_inputs")
     def decode(backend, policy):
-        with dispatch.force_backend(ops[0], backend), dispatch.force_backend(ops[1], backend), \\
-                dispatch.force_backend(ops[2], backend):
+        with contextlib.ExitStack() as forced:
+            for op in ops:
+                forced.enter_context(dispatch.force_backend(op, backend))
             sched = Scheduler(model, tok.mask_token_id, policy=policy, max_batch=3, eos_ids=[],
                               k_max=4, host_step=False, adaptive=False)
             drafts, draft = [], sched._draft

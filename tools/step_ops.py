@@ -12,7 +12,8 @@ requests' admission included) and ``forward`` (inside the model forward, its att
 included; ``mask_kernels_per_forward``: the mask's share, which ``fluid_ops.step_mask``'s Triton
 back end makes one launch on CUDA; ``anchor_kernels_per_decode_step`` / ``_per_prefill``: the next
 blocks' lengths', ``fluid_ops.choose_anchors``, likewise; ``stats_kernels_per_…``: the drafts'
-statistics of their logits, ``fluid_ops.logit_stats``, likewise). ``kernels``
+statistics of their logits, ``fluid_ops.logit_stats``, likewise; ``inputs_kernels_per_decode_step``:
+a decode step's inputs, ``fluid_npu.sampling.step_inputs``, likewise). ``kernels``
 leaves out view ops (``is_view``) and those that only touch metadata (``NO_LAUNCH``: ``to`` that
 needs no copy, ``detach_``, a Python scalar wrapped on the host, ...): no launch on any device. On a
 CPU the small input tensors a step builds on the host before moving them are counted too, so on an
@@ -55,7 +56,7 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             launch = not (func.is_view or func._schema.name in NO_LAUNCH)
             regions = {where[-1]}
-            if where[-1] in ("mask", "anchors", "stats"):  # (counted in their caller's too)
+            if where[-1] in ("mask", "anchors", "stats", "inputs"):  # (their caller's too)
                 regions |= {where[-2], f"{where[-1]}_{where[-2]}"}
             for region in regions:
                 ops[region] += 1
@@ -90,6 +91,8 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
     anchors.choose_anchors = within("anchors", anchor_rule)
     stats_rule = head.logit_stats  # the drafts' statistics of their logits, counted apart
     head.logit_stats = within("stats", stats_rule)
+    inputs_rule = engine_step.step_inputs  # a decode step's inputs, counted apart
+    engine_step.step_inputs = within("inputs", inputs_rule)
     sched._decode = within("decode", sched._decode)
     sched._prefill = within("prefill", sched._prefill)
     sched._admit = within("prefill", sched._admit)  # admission is a prefill's share
@@ -105,6 +108,7 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         engine_step.step_mask = mask_rule
         anchors.choose_anchors = anchor_rule
         head.logit_stats = stats_rule
+        engine_step.step_inputs = inputs_rule
         sched.close()
     steps, forwards = calls["decode"], calls["forward"]
     prefills = sched.prefill_forwards - before
@@ -133,6 +137,8 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         # the drafts' statistics of their logits (fluid_ops.logit_stats: likewise one launch)
         "stats_kernels_per_decode_step": per(kernels["stats_decode"], steps),
         "stats_kernels_per_prefill": per(kernels["stats_prefill"], prefills),
+        # a decode step's inputs (fluid_npu.sampling.step_inputs: likewise one launch)
+        "inputs_kernels_per_decode_step": per(kernels["inputs_decode"], steps),
     }
 
 
@@ -154,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['mask_kernels_per_forward']} of them the mask's; the next blocks' lengths "
             f"{row['anchor_kernels_per_decode_step']} a step, {row['anchor_kernels_per_prefill']} "
             f"a prefill; the drafts' statistics {row['stats_kernels_per_decode_step']} / "
-            f"{row['stats_kernels_per_prefill']})",
+            f"{row['stats_kernels_per_prefill']}; a decode step's inputs "
+            f"{row['inputs_kernels_per_decode_step']})",
             flush=True,
         )
     save(args.json, report)

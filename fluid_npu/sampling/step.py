@@ -20,7 +20,6 @@ from collections.abc import Callable
 import torch
 
 from fluid_npu import device as devices
-from fluid_npu.layout import slot_block
 from fluid_npu.sampling.constrained import ConstrainedMixin
 from fluid_npu.sampling.events import EventsMixin
 from fluid_npu.sampling.fused import choose_anchors
@@ -28,8 +27,8 @@ from fluid_npu.sampling.kv import ForwardPlan
 from fluid_npu.sampling.requests import Event
 from fluid_npu.sampling.rules import DRAFT, sample, uniform
 from fluid_npu.sampling.sampled import SampledMixin
+from fluid_npu.sampling.step_inputs import step_inputs
 from fluid_npu.sampling.stops import StopsMixin
-from fluid_ops.meta import MAIN, PAD
 from fluid_ops.step_mask import step_mask
 
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
@@ -192,25 +191,12 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
         run = self.run[:hi]
         base = self.length[:hi]
         j = torch.arange(big_m + 1, device=dev)
-        if big_m:
-            m = torch.where(run, self.m[:hi].clamp(max=big_m), 0)
-            real = run[:, None] & (j[None] <= m[:, None])
-        else:  # no row has pending drafts (every AR step): each feeds its last token alone
-            m = torch.zeros(hi, dtype=torch.long, device=dev)
-            real = run[:, None]
         drafts = self.drafts[:hi, :big_m]
-        ids = [torch.cat([self.last[:hi, None], drafts], dim=1)]
-        pos = [base[:, None] + j[None]]
-        anchor = [torch.where(real, MAIN, PAD)]
-        cand = torch.where(run[:, None], self.cand[:hi, :n_blocks], -1)
-        if n_blocks:  # the block anchored at accept length j: anchor position base + j
-            block = slot_block(base[:, None] + cand.clamp(min=0), k, self.mask_id, live=cand >= 0)
-            ids.append(block.input_ids.reshape(hi, -1))
-            pos.append(block.position_ids.reshape(hi, -1))
-            anchor.append(block.anchor.reshape(hi, -1))
-        ids_t, pos_t, anchor_t = (
-            t[0] if len(t) == 1 else torch.cat(t, dim=1) for t in (ids, pos, anchor)
-        )
+        # the main tokens (v_0 and the pending drafts), then a MASK block per candidate length
+        ids_t, pos_t, anchor_t, m, cand = step_inputs(
+            self.last[:hi], drafts, base, self.m[:hi], run, self.cand[:hi, :n_blocks], k,
+            self.mask_id,
+        )  # fmt: skip
         width = ids_t.shape[1]
         compiles = _compiles() if self._compiled is not None else 0
         t0 = time.perf_counter()
