@@ -13,7 +13,8 @@ launch; CUDA first, where an eager step costs what it launches; on an NPU only w
 ``FLUID_CHOOSE_ANCHORS_BACKEND=triton`` — not yet run on triton-ascend; on a CPU only under
 ``TRITON_INTERPRET=1``, for tests). Both take the same lengths; where two scores (or a running
 mass and ``coverage``) differ only by float32 rounding, the back ends' ``exp`` and products may
-round them apart — a step's shape, never a token.
+round them apart — a step's shape, never a token. A NaN confidence (a row whose logits overflowed,
+which then ends as an error) may get other lengths from each.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ The torch rule scores every accept length, sorts, and cuts at ``coverage`` in ab
 tensor ops; on an eager accelerator each is a kernel launch, paid twice by a loaded FLUID step
 (its decode step's next blocks and the prefill's first). Here it is one launch: a program per row
 scores the lengths ``0 … M`` in one pass over the drafts (``P(a ≥ j)`` carried as a running
-product, in the torch rule's order), then takes the ``count`` best, a stable pick (ties to the
+product, in the order a CPU's ``cumprod`` takes; a CUDA scan may group the products otherwise),
+then takes the ``count`` best, a stable pick (ties to the
 shorter length), until their mass reaches ``coverage``.
 
 One source for CUDA and triton-ascend (no ``tl.dot``, no atomics, no float64, 1-D grid); under

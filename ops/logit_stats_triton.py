@@ -10,7 +10,9 @@ entropy ``log s − t / s``.
 
 One source for CUDA and triton-ascend (no ``tl.dot``, no atomics, no float64, 1-D grid); under
 ``TRITON_INTERPRET=1`` it runs on CPU tensors (tests). Logits are read in their own dtype and
-summed in float32; rows are expected finite (a row of ``-inf`` or NaN gives NaN statistics).
+summed in float32. The engine's logits (the head applied to hidden states) are finite; a ``-inf``
+logit (a banned token) adds nothing here, where the torch rule's entropy turns NaN
+(``0 · −inf``), and a position with a NaN logit or none finite gets NaN statistics.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ def _logit_stats_kernel(
         tile_arg = tl.min(tl.where(x == tile_max, cols, V), axis=0).to(tl.int64)
         arg = tl.where(tile_max > m, tile_arg, arg)  # (a tie keeps the earlier index)
         new_m = tl.maximum(m, tile_max)
-        alpha = tl.exp(m - new_m)
-        shift = tl.where(s > 0, m - new_m, 0.0) * s  # (no 0·(−inf) on the first tile)
-        e = tl.exp(x - new_m)
+        # (no −inf − (−inf) while every logit so far is −inf, no 0·(−inf) on the first tile)
+        alpha = tl.where(new_m > -float("inf"), tl.exp(m - new_m), 1.0)
+        shift = tl.where(s > 0, m - new_m, 0.0) * s
+        e = tl.where(x > -float("inf"), tl.exp(x - new_m), 0.0)
         t = alpha * (t + shift) + tl.sum(tl.where(e > 0, x - new_m, 0.0) * e, axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = new_m

@@ -5,9 +5,10 @@ A decode step feeds each row its last committed token and its pending drafts (th
 at the row's next positions, ``PAD`` past its real drafts) and then one MASK block of ``k`` slots
 per candidate accept length (slot ``s`` of the block anchored at length ``c`` sits at position
 ``length + c + s`` with anchor id ``length + c``; ``PAD`` where the row has no such block). The
-torch rule builds that in about eighteen small ops (clamps, comparisons, the block placement, three
-concatenations); here one program per row writes its ids, positions and anchor ids, and the
-clamped draft counts and live candidate lengths the rest of the step reads.
+torch rule builds that in 19 small ops with drafts and blocks, 6 for an AR step (clamps,
+comparisons, the block placement, three concatenations); here one program per row writes its ids,
+positions and anchor ids, and the clamped draft counts and live candidate lengths the rest of the
+step reads.
 
 One source for CUDA and triton-ascend (no ``tl.dot``, no atomics, 1-D grid); under
 ``TRITON_INTERPRET=1`` it runs on CPU tensors (tests).
@@ -23,7 +24,7 @@ from fluid_ops.meta import MAIN, PAD
 
 
 # (one compiled variant per power of two of the width and of the blocks, whatever the sizes)
-@triton.jit(do_not_specialize=["big_m", "n_blocks", "k", "mask_id", "d_stride", "c_stride"])
+@triton.jit(do_not_specialize=["big_m", "n_blocks", "k", "w", "mask_id", "d_stride", "c_stride"])
 def _step_inputs_kernel(
     last_ptr,  # [B] int64: each row's last committed token
     drafts_ptr,  # [B, >= big_m] int64, row stride d_stride: its pending drafts
@@ -38,7 +39,8 @@ def _step_inputs_kernel(
     cand_out_ptr,  # [B, n_blocks] int64 out: the blocks it drafts (-1 where the row does not run)
     big_m,
     n_blocks,
-    k,
+    k,  # the block length, at least 1 (k = 0 places no block column: w says so)
+    w,  # the row's width, big_m + 1 + n_blocks * (the real k)
     mask_id,
     d_stride,
     c_stride,
@@ -56,7 +58,6 @@ def _step_inputs_kernel(
     cand = tl.load(cand_ptr + b * c_stride + blocks, mask=blocks < n_blocks, other=-1)
     cand = tl.where(run, cand, -1)
     tl.store(cand_out_ptr + b * n_blocks + blocks, cand, mask=blocks < n_blocks)
-    w = big_m + 1 + n_blocks * k
     t = tl.arange(0, BLOCK_W)
     main = t <= big_m
     # the main tokens: v_0 (the last token), then the drafts, at the row's next positions
@@ -116,7 +117,8 @@ def step_inputs(
         cand_out,
         big_m,
         n_blocks,
-        max(k, 1),  # (no block column without blocks: any k places none)
+        max(k, 1),  # (a divisor: with k = 0 no column is a block's, w = big_m + 1)
+        w,
         mask_id,
         drafts.stride(0) if big_m else 0,
         cand.stride(0) if n_blocks else 0,

@@ -58,6 +58,12 @@ _TRITON_CHILD = _CASES + textwrap.dedent(
     logit_stats_triton.MAX_BLOCK = 64  # many tiles a row, a tie across them
     for x in cases("cpu")[:7]:
         check(ls.logit_stats(x, backend="triton"), ls.logit_stats_torch(x))
+    # banned tokens (-inf), whole first tiles of them: the statistics of the tokens left (where the
+    # torch rule's entropy is NaN)
+    x = torch.randn(2, 300) * 3
+    x[:, :150] = -float("inf")
+    got, rest = ls.logit_stats(x, backend="triton"), ls.logit_stats_torch(x[:, 150:])
+    check(ls.TokenStats(got.argmax - 150, got.max_logprob, got.entropy, None), rest)
 
     # the engine with every step kernel against the torch rules: the same tokens (greedy, fp32)
     tok = build_tiny_tokenizer(mask_token=True)

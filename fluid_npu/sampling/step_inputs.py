@@ -4,8 +4,8 @@
 Each running row feeds its last committed token ``v_0`` and its pending drafts at its next
 positions (the main tokens; ``PAD`` past its real drafts), then one MASK block of ``k`` slots per
 candidate accept length, placed by ``fluid_npu.layout.slot_block`` (DESIGN §1.3;
-``sampling/fused.py``). Back ends: ``torch`` (any device: about eighteen small ops for a step with
-drafts and blocks, five for an AR step) and ``triton`` (``fluid_ops.step_inputs_triton``: one
+``sampling/fused.py``). Back ends: ``torch`` (any device: 19 small ops for a step with drafts and
+blocks, 6 for an AR step) and ``triton`` (``fluid_ops.step_inputs_triton``: one
 launch; CUDA first, where an eager step costs what it launches; on an NPU only when asked for with
 ``FLUID_STEP_INPUTS_BACKEND=triton`` — not yet run on triton-ascend; on a CPU only under
 ``TRITON_INTERPRET=1``, for tests). Both give the same integers.
