@@ -39,10 +39,10 @@ def test_the_decode_step_s_kernels_run_where_an_eager_step_costs_its_launches(op
     CPU the torch rule; an NPU the torch rule unless asked (not yet run on triton-ascend); a back
     end that cannot run is an error naming why, never a silent fallback; ``FLUID_<OP>_BACKEND``
     forces."""
-    import fluid_npu.sampling.step_inputs  # noqa: F401  (each registers its op)
     import fluid_ops.anchors
     import fluid_ops.logit_stats
-    import fluid_ops.step_mask  # noqa: F401
+    import fluid_ops.step_inputs
+    import fluid_ops.step_mask  # noqa: F401  (each registers its op)
 
     env = f"FLUID_{op.upper()}_BACKEND"
     monkeypatch.delenv(env, raising=False)

@@ -1,14 +1,13 @@
-"""The decode step's inputs (``step_inputs``): the torch rule and its Triton launch, behind
-``fluid_ops.dispatch`` (op ``"step_inputs"``).
+"""The decode step's inputs (``step_inputs``): the torch rule, and the entry to its Triton launch
+(op ``"step_inputs"`` of ``fluid_ops.dispatch``: ``fluid_ops.step_inputs`` says which back end a
+device runs).
 
 Each running row feeds its last committed token ``v_0`` and its pending drafts at its next
 positions (the main tokens; ``PAD`` past its real drafts), then one MASK block of ``k`` slots per
 candidate accept length, placed by ``fluid_npu.layout.slot_block`` (DESIGN §1.3;
 ``sampling/fused.py``). Back ends: ``torch`` (any device: 19 small ops for a step with drafts and
-blocks, 6 for an AR step) and ``triton`` (``fluid_ops.step_inputs_triton``: one
-launch; CUDA first, where an eager step costs what it launches; on an NPU only when asked for with
-``FLUID_STEP_INPUTS_BACKEND=triton`` — not yet run on triton-ascend; on a CPU only under
-``TRITON_INTERPRET=1``, for tests). Both give the same integers.
+blocks, 6 for an AR step) and ``triton`` (``fluid_ops.step_inputs_triton``: one launch; CUDA's
+choice). Both give the same integers.
 """
 
 from __future__ import annotations
@@ -16,14 +15,8 @@ from __future__ import annotations
 import torch
 
 from fluid_npu.layout import slot_block
-from fluid_ops import dispatch
+from fluid_ops import step_inputs as op
 from fluid_ops.meta import MAIN, PAD
-
-OP = "step_inputs"
-dispatch.register_backend(OP, "torch", lambda device: None)
-dispatch.register_backend(OP, "triton", dispatch.triton_unavailable)
-dispatch.set_preference(OP, "cuda", ["triton", "torch"])
-dispatch.set_preference(OP, "default", ["torch"])
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -43,7 +36,7 @@ def step_inputs(
     ``[B, M + 1 + n·k]`` (``drafts [B, M]``, ``cand [B, n]``), the pending drafts each row verifies
     (its ``m`` clamped to ``M``, 0 where it does not run) and the blocks it drafts (-1 where it
     does not run). ``last``, ``base`` (committed entries), ``m``, ``run`` are ``[B]``."""
-    if dispatch.select(OP, last.device, backend) == "triton":
+    if op.backend(last.device, backend) == "triton":
         from fluid_ops import step_inputs_triton
 
         return step_inputs_triton.step_inputs(last, drafts, base, m, run, cand, k, mask_id)
