@@ -24,10 +24,7 @@ import torch
 from fluid_ops import dispatch
 
 OP = "choose_anchors"
-dispatch.register_backend(OP, "torch", lambda device: None)
-dispatch.register_backend(OP, "triton", dispatch.triton_unavailable)
-dispatch.set_preference(OP, "cuda", ["triton", "torch"])
-dispatch.set_preference(OP, "default", ["torch"])
+dispatch.register_step_op(OP)
 
 
 def choose_anchors(

@@ -49,6 +49,17 @@ def set_preference(op: str, device_type: str, order: list[str]) -> None:
     _OPS.setdefault(op, _Op()).preference[device_type] = list(order)
 
 
+def register_step_op(op: str) -> None:
+    """Declare a decode-step op of the engine: a ``torch`` rule (any device) and a ``triton``
+    kernel that CUDA runs first — where an eager step costs what it launches — and any other device
+    only when asked for (an NPU: not yet run on triton-ascend; a CPU: under ``TRITON_INTERPRET=1``,
+    for tests)."""
+    register_backend(op, "torch", lambda device: None)
+    register_backend(op, "triton", triton_unavailable)
+    set_preference(op, "cuda", ["triton", "torch"])
+    set_preference(op, "default", ["torch"])
+
+
 def backends(op: str) -> list[str]:
     """Names of the registered back ends of ``op``."""
     return list(_OPS[op].backends)

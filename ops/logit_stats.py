@@ -22,10 +22,7 @@ from fluid_ops import dispatch
 from fluid_ops.vocab import TokenStats
 
 OP = "logit_stats"
-dispatch.register_backend(OP, "torch", lambda device: None)
-dispatch.register_backend(OP, "triton", dispatch.triton_unavailable)
-dispatch.set_preference(OP, "cuda", ["triton", "torch"])
-dispatch.set_preference(OP, "default", ["torch"])
+dispatch.register_step_op(OP)
 
 
 def logit_stats(logits: torch.Tensor, backend: str | None = None) -> TokenStats:

@@ -19,10 +19,7 @@ from fluid_ops import dispatch
 from fluid_ops.meta import PAD, AttnMeta, visibility
 
 OP = "step_mask"
-dispatch.register_backend(OP, "torch", lambda device: None)
-dispatch.register_backend(OP, "triton", dispatch.triton_unavailable)
-dispatch.set_preference(OP, "cuda", ["triton", "torch"])
-dispatch.set_preference(OP, "default", ["torch"])
+dispatch.register_step_op(OP)
 
 
 def step_mask(

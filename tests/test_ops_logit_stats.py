@@ -1,7 +1,8 @@
 """Draft statistics of logits (``fluid_ops.logit_stats``): the ``triton`` back end gives the torch
 rule's argmax and, to float32 rounding, its log-probability and entropy; and the decode engine with
-every step kernel on (its inputs, the step mask, the next blocks' lengths, these statistics)
-commits the same tokens and drafts as with the torch rules.
+every step kernel on (its inputs, the step mask, its verify, the next blocks' lengths, these
+statistics) commits the same tokens and drafts as with the torch rules — and, with the draft
+budget's gate on as well, the same tokens.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` in a child process (the flag never leaks into
 other test modules). On a lent CUDA machine (``-m gpu``) the compiled kernel is checked the same
@@ -69,14 +70,15 @@ _TRITON_CHILD = _CASES + textwrap.dedent(
     model = build_tiny_model("llama", tok, seed=3)
     texts = ["hello world", "a", "the quick brown fox jumps", "xyz", "over the lazy dog"]
     import contextlib
-    import fluid_ops.step_inputs  # (registers its op)
-    ops = ("step_mask", "choose_anchors", "logit_stats", "step_inputs")
-    def decode(backend, policy):
+    import fluid_ops.gate, fluid_ops.step_inputs, fluid_ops.verify  # (they register their ops)
+    ops = ("step_mask", "choose_anchors", "logit_stats", "step_inputs", "verify_drafts",
+           "draft_gate")
+    def decode(backend, policy, adaptive=False):
         with contextlib.ExitStack() as forced:
             for op in ops:
                 forced.enter_context(dispatch.force_backend(op, backend))
             sched = Scheduler(model, tok.mask_token_id, policy=policy, max_batch=3, eos_ids=[],
-                              k_max=4, host_step=False, adaptive=False)
+                              k_max=4, host_step=False, adaptive=adaptive)
             drafts, draft = [], sched._draft
             def record(*a):  # every draft block and how much of it the policy keeps
                 out = draft(*a)
@@ -96,6 +98,8 @@ _TRITON_CHILD = _CASES + textwrap.dedent(
         # move a policy's cut on a near-tie: none in these runs)
         assert got == want and got_drafts == want_drafts, (dtype, got, want)
         assert len(want_drafts) > 10, len(want_drafts)
+        # with the draft budget on (its gate): the shapes follow timings, the tokens must not
+        assert decode("triton", policy, adaptive=True)[0] == want, dtype
     print("ok")
     """
 )

@@ -13,11 +13,12 @@
 # tool's 8 files at most), in that order: serve_gpu_c16.json (`fluid bench serve`, 16 concurrent
 # clients, the FLUID policies against `ar` on the same server build, bf16, every output that
 # differs from `ar`'s judged in fp32: [serve]'s goal; each policy's `engine` figures — step time,
-# requests a step, busy share, the engine's CPU share; the step's inputs, its mask, the next
-# blocks' lengths and the drafts' statistics by their Triton kernels, checked first),
-# serve_gpu_c16_torch_rules.json (entropy:2 and ar with the torch rules instead,
-# FLUID_{STEP_INPUTS,STEP_MASK,CHOOSE_ANCHORS,LOGIT_STATS}_BACKEND=torch: the kernels' A/B), serve_gpu_c16_fp32.json (entropy:2 and ar
-# in fp32: every output identical to `ar`'s), the kernels' GPU tests (`pytest -m gpu`, in run.log),
+# requests a step, busy share, the engine's CPU share; the step's inputs, its mask, its verify, the
+# next blocks' lengths, the drafts' statistics and the draft budget's gate by their Triton kernels,
+# checked first), serve_gpu_c16_torch_rules.json (entropy:2 and ar with the torch rules instead,
+# FLUID_{STEP_INPUTS,STEP_MASK,VERIFY_DRAFTS,CHOOSE_ANCHORS,LOGIT_STATS,DRAFT_GATE}_BACKEND=torch:
+# the kernels' A/B), serve_gpu_c16_fp32.json (entropy:2 and ar in fp32: every output identical to
+# `ar`'s), the kernels' GPU tests (`pytest -m gpu`, in run.log),
 # engine_gpu_bf16.json (`fluid bench sampler`, batch 1 / 8 / 32, bf16, against transformers'
 # generate; its static-cache baseline left out, since on CUDA transformers compiles it anew per
 # batch shape and prompt length), cudagraphs_gpu.json (`tools/check_cudagraphs.py`: the compiled
@@ -96,28 +97,30 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 [[ "${DRY:-0}" != 1 ]] && nvidia-smi >> "$LOG" 2>&1
 # the step mask's Triton kernel (one launch for the ~31 of the torch rule in a FLUID forward), the
 # next blocks' lengths' (one for 20) and the drafts' statistics' (one for 7; both twice a loaded
-# FLUID step), the step inputs' (one for ~18) are what CUDA picks: checked first, and if one fails
-# the run uses the torch rules
+# FLUID step), the step inputs' (one for ~18), the verify's (one for 9) and the draft budget's
+# gate (one for 14) are what CUDA picks: checked first, and if one fails the run uses the torch rules
+TORCH_RULES=(FLUID_STEP_MASK_BACKEND=torch FLUID_CHOOSE_ANCHORS_BACKEND=torch
+  FLUID_LOGIT_STATS_BACKEND=torch FLUID_STEP_INPUTS_BACKEND=torch
+  FLUID_VERIFY_DRAFTS_BACKEND=torch FLUID_DRAFT_GATE_BACKEND=torch)
 if [[ "${DRY:-0}" != 1 ]]; then
   lines=$(wc -l < "$LOG")
   step kernels 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_step_mask.py \
-    tests/test_ops_anchors.py tests/test_ops_logit_stats.py tests/test_ops_step_inputs.py
-  if ! tail -n +$((lines + 1)) "$LOG" | grep -qE '^4 passed'; then
-    export FLUID_STEP_MASK_BACKEND=torch FLUID_CHOOSE_ANCHORS_BACKEND=torch \
-      FLUID_LOGIT_STATS_BACKEND=torch FLUID_STEP_INPUTS_BACKEND=torch
+    tests/test_ops_anchors.py tests/test_ops_logit_stats.py tests/test_ops_step_inputs.py \
+    tests/test_ops_verify.py tests/test_ops_gate.py
+  if ! tail -n +$((lines + 1)) "$LOG" | grep -qE '^6 passed'; then
+    export "${TORCH_RULES[@]}"
     echo "== a step kernel failed: the torch rules from here on" | tee -a "$LOG"
   fi
 fi
 # the kernels each engine phase launches with the step kernels on (a Triton launch is no aten op:
-# each counts as its output's allocation; to the log only, the tool's 8 files being taken)
+# each counts as its output's allocation; to the log only, the tool's 8 files being taken; the draft
+# budget on, as served)
 step step_ops 40 "$PY" tools/step_ops.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
-  --json /tmp/step_ops_gpu.json --batch-sizes 16 --policies ar,entropy:2 --no-adaptive \
+  --json /tmp/step_ops_gpu.json --batch-sizes 16 --policies ar,entropy:2 \
   --max-new-tokens "$NEW" --device "$DEV" --dtype "$DT"
 serve serve_gpu_c16 190 "$DT" khead,entropy:2,fixed:16,ar  # [serve]'s goal
 # the A/B of the kernels: the same server with the torch rules
-step serve_gpu_c16_torch_rules 110 env FLUID_STEP_MASK_BACKEND=torch \
-  FLUID_CHOOSE_ANCHORS_BACKEND=torch FLUID_LOGIT_STATS_BACKEND=torch \
-  FLUID_STEP_INPUTS_BACKEND=torch "${FLUID[@]}" bench serve \
+step serve_gpu_c16_torch_rules 110 env "${TORCH_RULES[@]}" "${FLUID[@]}" bench serve \
   --model "$MODEL" --khead "$KHEAD" --policies entropy:2,ar --prompts "$PROMPTS" \
   --json "$OUT/serve_gpu_c16_torch_rules.json" --num-requests "$REQ" --rate inf --concurrency 16 \
   --max-batch 16 --max-tokens 128 --warmup "$WARM" --rounds "$ROUNDS" --seed 0 --device "$DEV" \

@@ -13,12 +13,13 @@ included; ``mask_kernels_per_forward``: the mask's share, which ``fluid_ops.step
 back end makes one launch on CUDA; ``anchor_kernels_per_decode_step`` / ``_per_prefill``: the next
 blocks' lengths', ``fluid_ops.choose_anchors``, likewise; ``stats_kernels_per_…``: the drafts'
 statistics of their logits, ``fluid_ops.logit_stats``, likewise; ``inputs_kernels_per_decode_step``:
-a decode step's inputs, ``fluid_npu.sampling.step_inputs``, likewise). ``kernels``
-leaves out view ops (``is_view``) and those that only touch metadata (``NO_LAUNCH``: ``to`` that
-needs no copy, ``detach_``, a Python scalar wrapped on the host, ...): no launch on any device. On a
-CPU the small input tensors a step builds on the host before moving them are counted too, so on an
-accelerator the launches are at most these counts. Counts depend a little on the draft budget's
-timing-driven shape choices; ``--no-adaptive`` makes them repeatable.
+a decode step's inputs, ``fluid_npu.sampling.step_inputs``, likewise; ``verify_…`` / ``gate_…``:
+its verify, ``fluid_ops.verify``, and the draft budget's gate, ``fluid_ops.gate``, likewise).
+``kernels`` leaves out view ops (``is_view``) and those that only touch metadata (``NO_LAUNCH``:
+``to`` that needs no copy, ``detach_``, a Python scalar wrapped on the host, ...): no launch on any
+device. On a CPU the small input tensors a step builds on the host before moving them are counted
+too, so on an accelerator the launches are at most these counts. Counts depend a little on the
+draft budget's timing-driven shape choices; ``--no-adaptive`` makes them repeatable.
 
     python tools/step_ops.py --model runs/demo/stage1 --khead runs/demo/stage2 \\
         --prompts benchmarks/demo_prompts64.jsonl --json benchmarks/step_ops_cpu.json
@@ -40,6 +41,9 @@ NO_LAUNCH = {
 }  # fmt: skip
 
 
+SHARES = ("mask", "anchors", "stats", "inputs", "verify", "gate")  # the step ops counted apart
+
+
 def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptive: bool,
           max_new: int) -> dict[str, Any]:  # fmt: skip
     """Ops (and non-view ops) per decode step, per prefill and per forward of one warm pass."""
@@ -56,7 +60,7 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             launch = not (func.is_view or func._schema.name in NO_LAUNCH)
             regions = {where[-1]}
-            if where[-1] in ("mask", "anchors", "stats", "inputs"):  # (their caller's too)
+            if where[-1] in SHARES:  # (their caller's too)
                 regions |= {where[-2], f"{where[-1]}_{where[-2]}"}
             for region in regions:
                 ops[region] += 1
@@ -93,6 +97,10 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
     head.logit_stats = within("stats", stats_rule)
     inputs_rule = engine_step.step_inputs  # a decode step's inputs, counted apart
     engine_step.step_inputs = within("inputs", inputs_rule)
+    verify_rule = engine_step.verify_drafts  # the verify (fluid_ops.verify), counted apart
+    engine_step.verify_drafts = within("verify", verify_rule)
+    gate_rule = engine_step.draft_gate  # the draft budget's gate (fluid_ops.gate), counted apart
+    engine_step.draft_gate = within("gate", gate_rule)
     sched._decode = within("decode", sched._decode)
     sched._prefill = within("prefill", sched._prefill)
     sched._admit = within("prefill", sched._admit)  # admission is a prefill's share
@@ -109,6 +117,8 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         anchors.choose_anchors = anchor_rule
         head.logit_stats = stats_rule
         engine_step.step_inputs = inputs_rule
+        engine_step.verify_drafts = verify_rule
+        engine_step.draft_gate = gate_rule
         sched.close()
     steps, forwards = calls["decode"], calls["forward"]
     prefills = sched.prefill_forwards - before
@@ -139,6 +149,10 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         "stats_kernels_per_prefill": per(kernels["stats_prefill"], prefills),
         # a decode step's inputs (fluid_npu.sampling.step_inputs: likewise one launch)
         "inputs_kernels_per_decode_step": per(kernels["inputs_decode"], steps),
+        # its verify (fluid_ops.verify) and the draft budget's gate (fluid_ops.gate, adaptive
+        # drafting only): likewise one launch each
+        "verify_kernels_per_decode_step": per(kernels["verify_decode"], steps),
+        "gate_kernels_per_decode_step": per(kernels["gate_decode"], steps),
     }
 
 
@@ -161,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['anchor_kernels_per_decode_step']} a step, {row['anchor_kernels_per_prefill']} "
             f"a prefill; the drafts' statistics {row['stats_kernels_per_decode_step']} / "
             f"{row['stats_kernels_per_prefill']}; a decode step's inputs "
-            f"{row['inputs_kernels_per_decode_step']})",
+            f"{row['inputs_kernels_per_decode_step']}; its verify "
+            f"{row['verify_kernels_per_decode_step']}; the draft budget's gate "
+            f"{row['gate_kernels_per_decode_step']})",
             flush=True,
         )
     save(args.json, report)

@@ -29,7 +29,9 @@ from fluid_npu.sampling.rules import DRAFT, sample, uniform
 from fluid_npu.sampling.sampled import SampledMixin
 from fluid_npu.sampling.step_inputs import step_inputs
 from fluid_npu.sampling.stops import StopsMixin
+from fluid_ops.gate import draft_gate
 from fluid_ops.step_mask import step_mask
+from fluid_ops.verify import commit_tokens, verify_drafts
 
 _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # a 4D stand-in: transformers builds no mask
 EMA = 0.7  # weight of the past in a row's accepted-drafts average
@@ -239,12 +241,9 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
             nothing = nothing.index_copy(0, at, none_left)
         else:
             nothing = None
-        if big_m:
-            match = (drafts == ar[:, :big_m]) & (j[None, :big_m] < m[:, None])
-            if nothing is not None:
-                match = match & ~nothing[:, :big_m]
-            a = match.long().cumprod(dim=1).sum(dim=1)
-            corr = ar.gather(1, a[:, None])
+        verified = None  # the tokens the verify built (its accepted drafts, then the correction)
+        if big_m:  # (fluid_ops.verify: one launch on CUDA)
+            a, corr, verified = verify_drafts(drafts, ar, m, nothing)
         else:  # nothing to verify: the argmax after v_0 is the step's token (a = m = 0)
             a, corr = m, ar
         broken = None  # sampling rows whose distribution is not finite (they end as "error")
@@ -256,8 +255,8 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
             stuck = nothing.gather(1, a[:, None])[:, 0] & (self.temp[:hi] == 0)
             empty = stuck if empty is None else empty | stuck
         toks = corr  # [hi, M+1]: the accepted drafts, then the correction
-        if big_m:
-            toks = torch.cat([drafts, corr], dim=1).scatter(1, a[:, None], corr)
+        if big_m:  # (sampling rows: the rejection rule set a and the correction anew)
+            toks = commit_tokens(drafts, corr, a) if any_sampled else verified
         take = torch.minimum(a + 1, self.max_new[:hi] - self.new_count[:hi])
         if empty is not None:  # the accepted drafts, no draw (constrained.py ends the row)
             take = torch.where(empty, torch.minimum(take, a), take)
@@ -327,18 +326,12 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
             else:  # no block, so no pending drafts: what choose_anchors gives for m = 0
                 cand_next = self._from_v0[:hi]
             if self.adaptive:  # drafts already made are verified; new blocks only where they pay
-                price = self.budget.price(hi)
-                worth = self.ema[:hi] >= price
                 # a block widens the step for every row, so the rows worth a block draft only while
-                # together they earn what the whole batch pays: sum of their averages >= price
-                # times the rows still running (all rows worth it: each row's own test)
-                going = run & ~done
-                earned = torch.where(worth & going, self.ema[:hi], 0.0).sum()
-                worth = worth & (earned >= price * going.sum())
-                # every row that decodes as AR probes on the same step (probe_due above): one
-                # wide step per probe interval for the batch, not one per row
-                draft_on = worth | probe | (self.temp[:hi] > 0)
-                cand_next = torch.where(draft_on[:, None], cand_next, -1)
+                # together they earn what the whole batch pays (fluid_ops.gate: one launch on
+                # CUDA); every row that decodes as AR probes on the same step (probe_due above):
+                # one wide step per probe interval for the batch, not one per row
+                cand_next = draft_gate(cand_next, self.ema[:hi], run, done, self.temp[:hi],
+                                       self.budget.price(hi), probe)  # fmt: skip
         self.m[:hi] = m_next
         self.cand[:hi] = cand_next
         # the step's one host read: per row take, done, accepted, drafted, tokens; then the shape
