@@ -25,7 +25,7 @@ from fluid_ops import dispatch
 OP = "verify_drafts"
 dispatch.register_step_op(OP)
 
-Verified = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Verified = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def verify_drafts(
@@ -33,22 +33,27 @@ def verify_drafts(
     ar: torch.Tensor,
     m: torch.Tensor,
     nothing: torch.Tensor | None = None,
+    tokens: bool = True,
     backend: str | None = None,
 ) -> Verified:
     """``(a, corr, toks)``: the accepted drafts per row ``[B]``, the correction ``[B, 1]`` and the
     tokens ``[B, M + 1]`` (the drafts with the correction written at ``a`` and at ``M``: the row
-    commits ``toks[:, :a + 1]``). ``drafts [B, M]`` (a row slice of wider state is fine), ``ar
-    [B, M + 1]`` the argmax after ``v_0 … v_M``, ``m [B]`` how many drafts are real (at most
-    ``M``), ``nothing [B, M + 1]`` bool or None. On the device: no host read."""
+    commits ``toks[:, :a + 1]``; None unless ``tokens``). ``drafts [B, M]`` and ``ar [B, M + 1]``
+    (the argmax after ``v_0 … v_M``) int64 — row slices of wider state are fine — ``m [B]`` how
+    many drafts are real, ``nothing [B, >= M]`` bool or None. On the device: no host read."""
     if dispatch.select(OP, drafts.device, backend) == "triton":
         from fluid_ops import verify_triton
 
-        return verify_triton.verify_drafts(drafts, ar, m, nothing)
-    return verify_drafts_torch(drafts, ar, m, nothing)
+        return verify_triton.verify_drafts(drafts, ar, m, nothing, tokens)
+    return verify_drafts_torch(drafts, ar, m, nothing, tokens)
 
 
 def verify_drafts_torch(
-    drafts: torch.Tensor, ar: torch.Tensor, m: torch.Tensor, nothing: torch.Tensor | None = None
+    drafts: torch.Tensor,
+    ar: torch.Tensor,
+    m: torch.Tensor,
+    nothing: torch.Tensor | None = None,
+    tokens: bool = True,
 ) -> Verified:
     """The torch rule (any device)."""
     big_m = drafts.shape[1]
@@ -58,7 +63,7 @@ def verify_drafts_torch(
         match = match & ~nothing[:, :big_m]
     a = match.long().cumprod(dim=1).sum(dim=1)
     corr = ar.gather(1, a[:, None])
-    return a, corr, commit_tokens(drafts, corr, a)
+    return a, corr, commit_tokens(drafts, corr, a) if tokens else None
 
 
 def commit_tokens(drafts: torch.Tensor, corr: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

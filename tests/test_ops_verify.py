@@ -35,14 +35,19 @@ _CASES = textwrap.dedent(
             ar[:, :big_m] = torch.where(agree, drafts, ar[:, :big_m])
             m = torch.randint(0, big_m + 1, (hi,), generator=gen)
             nothing = None
-            if n % 3 == 0:
-                nothing = torch.rand(hi, big_m + 1, generator=gen) < 0.15
+            if n % 3 == 0:  # (as wide as the engine's, or a row slice of wider flags)
+                wide = big_m + 1 + int(torch.randint(0, 3, (), generator=gen))
+                nothing = (torch.rand(hi, wide, generator=gen) < 0.15)[:, : big_m + 1]
             t = [x.to(device) for x in (drafts, ar, m)]
-            out.append((*t, None if nothing is None else nothing.to(device)))
+            tokens = n % 7 != 0  # (sampling steps build their tokens later)
+            out.append((*t, None if nothing is None else nothing.to(device), tokens))
         return out
 
     def check(got, want):
         for g, w in zip(got, want, strict=True):
+            if w is None:
+                assert g is None
+                continue
             assert g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w), (g, w)
     """
 )
@@ -65,9 +70,9 @@ _TRITON_CHILD = _CASES + textwrap.dedent(
     seen = []
     def keep(a):  # a copy with the same strides (the engine's row slices of wider state)
         return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).copy_(a)
-    def capture(*args):
-        seen.append(tuple(keep(a) if torch.is_tensor(a) else a for a in args))
-        return verify.verify_drafts_torch(*args)
+    def capture(*args, tokens=True):
+        seen.append((*(keep(a) if torch.is_tensor(a) else a for a in args), tokens))
+        return verify.verify_drafts_torch(*args, tokens=tokens)
     engine_step.verify_drafts = capture
     tok = build_tiny_tokenizer(mask_token=True)
     model = build_tiny_model("llama", tok, seed=3)
@@ -86,6 +91,7 @@ _TRITON_CHILD = _CASES + textwrap.dedent(
         run_requests(sched, reqs)
         sched.close()
     assert len(seen) > 20 and any(a[3] is not None for a in seen)
+    assert {a[4] for a in seen} == {True, False}  # (greedy and sampling steps)
     accepted = [verify.verify_drafts_torch(*a)[0] for a in seen]
     assert any(bool((a == 0).any()) for a in accepted)  # (drafts rejected at once, ...
     assert any(int(a.max()) == args[0].shape[1] for a, args in zip(accepted, seen))  # ... all taken

@@ -241,9 +241,9 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
             nothing = nothing.index_copy(0, at, none_left)
         else:
             nothing = None
-        verified = None  # the tokens the verify built (its accepted drafts, then the correction)
+        verified = None  # the tokens the verify built (greedy steps; sampling rows' come below)
         if big_m:  # (fluid_ops.verify: one launch on CUDA)
-            a, corr, verified = verify_drafts(drafts, ar, m, nothing)
+            a, corr, verified = verify_drafts(drafts, ar, m, nothing, tokens=not any_sampled)
         else:  # nothing to verify: the argmax after v_0 is the step's token (a = m = 0)
             a, corr = m, ar
         broken = None  # sampling rows whose distribution is not finite (they end as "error")
