@@ -25,7 +25,9 @@
 # step recorded as CUDA graphs, no skip), ops_gpu.json (`tools/bench_ops.py --device accelerator`:
 # token_stats against the naive path, the Triton kernel's tile-work ratio), step_times_gpu.json
 # (`tools/step_times.py`: each engine phase timed alone) and run.log; the last ones only when time
-# is left (the kernel's A/B came in session 43).
+# is left (the kernel's A/B came in session 43). To run.log only: the step's kernels counted
+# (`tools/step_ops.py`) and each step kernel's µs a call against its torch rule on the engine's own
+# calls (`tools/step_kernels.py`).
 # Session 43's run (an H200) gave a served run of four policies 150 s and it did not finish (four
 # servers, started one after another, each a process with its own CUDA context: a two-policy run
 # took 75 s there), so the served runs now get 190 s and 110 s — an estimate, ~35 s a policy plus
@@ -118,6 +120,11 @@ fi
 step step_ops 40 "$PY" tools/step_ops.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json /tmp/step_ops_gpu.json --batch-sizes 16 --policies ar,entropy:2 \
   --max-new-tokens "$NEW" --device "$DEV" --dtype "$DT"
+# what each step kernel saves per call against its torch rule, the engine's own calls replayed
+# (to the log only)
+step step_kernels 40 "$PY" tools/step_kernels.py --model "$MODEL" --khead "$KHEAD" \
+  --prompts "$PROMPTS" --json /tmp/step_kernels_gpu.json --batch-sizes 16 --policies entropy:2 \
+  --max-new-tokens "$NEW" --device "$DEV" --dtype "$DT"
 serve serve_gpu_c16 190 "$DT" khead,entropy:2,fixed:16,ar  # [serve]'s goal
 # the A/B of the kernels: the same server with the torch rules
 step serve_gpu_c16_torch_rules 110 env "${TORCH_RULES[@]}" "${FLUID[@]}" bench serve \
@@ -143,4 +150,5 @@ fi
 step step_times 90 "$PY" tools/step_times.py --model "$MODEL" --khead "$KHEAD" --prompts "$PROMPTS" \
   --json "$OUT/step_times_gpu.json" --max-new-tokens "$NEW" --batch-sizes "$STEP_SIZES" \
   --policies ar,entropy:2,khead --device "$DEV" --dtype "$DT" --profile "entropy:2:$TOP,ar:$TOP"
-grep -h "speedup_by_batch\|best_lossless_tpf\|bench serve:\|step_ops:\|passed\|failed" "$LOG" | tail -40
+grep -h "speedup_by_batch\|best_lossless_tpf\|bench serve:\|step_ops:\|step_kernels:\|passed\|failed" \
+  "$LOG" | tail -40
