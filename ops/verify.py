@@ -8,7 +8,7 @@ at ``v_a`` is the correction, and the tokens the row commits are ``v_1 … v_a``
 correction — the argmax all the way, so greedy decoding's tokens. Positions the caller marks
 ``nothing`` (its adjusted logits left no token there) are never accepted.
 
-Back ends: ``torch`` (any device: eight small ops — the match, its running product, the
+Back ends: ``torch`` (any device: nine small ops — the match, its running product, the
 correction's gather, the tokens' concatenation and scatter — paid by every FLUID decode step and
 never by ``ar``'s, which has no drafts) and ``triton`` (``fluid_ops.verify_triton``: one launch;
 CUDA first, where an eager step costs what it launches; on an NPU only when asked for with

@@ -1,7 +1,7 @@
 """Triton kernel of the fused loop's verify (``fluid_ops.verify``'s ``triton`` back end).
 
 The torch rule compares the drafts with the argmax, takes the running product of the matches,
-gathers the correction and builds the tokens with a concatenation and a scatter: eight small
+gathers the correction and builds the tokens with a concatenation and a scatter: nine small
 ops, each a kernel launch on an eager accelerator, in every FLUID decode step. Here one program
 per row finds the first position that is not accepted — the accepted length is the leading run of
 matches, so no product is needed — and writes the accepted length, the correction and the tokens.
