@@ -100,19 +100,39 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 # the step mask's Triton kernel (one launch for the ~31 of the torch rule in a FLUID forward), the
 # next blocks' lengths' (one for 20) and the drafts' statistics' (one for 7; both twice a loaded
 # FLUID step), the step inputs' (one for ~18), the verify's (one for 9) and the draft budget's
-# gate (one for 14) are what CUDA picks: checked first, and if one fails the run uses the torch rules
-TORCH_RULES=(FLUID_STEP_MASK_BACKEND=torch FLUID_CHOOSE_ANCHORS_BACKEND=torch
-  FLUID_LOGIT_STATS_BACKEND=torch FLUID_STEP_INPUTS_BACKEND=torch
-  FLUID_VERIFY_DRAFTS_BACKEND=torch FLUID_DRAFT_GATE_BACKEND=torch)
+# gate (one for 14) are what CUDA picks: checked first; a kernel whose check fails is replaced by
+# its torch rule for the rest of the run (the others stay), and all six are when the check itself
+# does not finish
+KERNELS=(step_mask:STEP_MASK anchors:CHOOSE_ANCHORS logit_stats:LOGIT_STATS
+  step_inputs:STEP_INPUTS verify:VERIFY_DRAFTS gate:DRAFT_GATE)  # test file : op
+TORCH_RULES=()
+for pair in "${KERNELS[@]}"; do TORCH_RULES+=("FLUID_${pair#*:}_BACKEND=torch"); done
+torch_rules_for_failed() {  # torch_rules_for_failed PYTEST_OUTPUT: export what failed's rules
+  local summary
+  summary=$(grep -E '^[0-9]+ (passed|failed|errors?|skipped)' <<< "$1" | tail -1)
+  if [[ "$summary" =~ ^${#KERNELS[@]}\ passed ]] && ! grep -qE 'failed|error|skipped' <<< "$summary"
+  then
+    return
+  fi
+  if ! grep -qE '^(FAILED|ERROR) tests/' <<< "$1"; then
+    export "${TORCH_RULES[@]}"
+    echo "== the step kernels' check did not run through: the torch rules from here on" | tee -a "$LOG"
+    return
+  fi
+  local pair
+  for pair in "${KERNELS[@]}"; do
+    if grep -qE "^(FAILED|ERROR) tests/test_ops_${pair%%:*}\.py" <<< "$1"; then
+      export "FLUID_${pair#*:}_BACKEND=torch"
+      echo "== ${pair#*:}'s kernel failed: its torch rule from here on" | tee -a "$LOG"
+    fi
+  done
+}
 if [[ "${DRY:-0}" != 1 ]]; then
   lines=$(wc -l < "$LOG")
-  step kernels 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_ops_step_mask.py \
-    tests/test_ops_anchors.py tests/test_ops_logit_stats.py tests/test_ops_step_inputs.py \
-    tests/test_ops_verify.py tests/test_ops_gate.py
-  if ! tail -n +$((lines + 1)) "$LOG" | grep -qE '^6 passed'; then
-    export "${TORCH_RULES[@]}"
-    echo "== a step kernel failed: the torch rules from here on" | tee -a "$LOG"
-  fi
+  files=()
+  for pair in "${KERNELS[@]}"; do files+=("tests/test_ops_${pair%%:*}.py"); done
+  step kernels 90 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider "${files[@]}"
+  torch_rules_for_failed "$(tail -n +$((lines + 1)) "$LOG")"
 fi
 # the kernels each engine phase launches with the step kernels on (a Triton launch is no aten op:
 # each counts as its output's allocation; to the log only, the tool's 8 files being taken; the draft
