@@ -34,17 +34,25 @@ def test_unknown_backend_names_the_choices():
 
 @pytest.mark.parametrize(
     "op",
-    ["step_mask", "choose_anchors", "logit_stats", "step_inputs", "verify_drafts", "draft_gate"],
+    [
+        "step_mask",
+        "choose_anchors",
+        "logit_stats",
+        "step_inputs",
+        "verify_drafts",
+        "draft_gate",
+        "block_hits",
+    ],
 )
 def test_the_decode_step_s_kernels_run_where_an_eager_step_costs_its_launches(op, monkeypatch):
-    """The engine's step ops (its forwards' mask, the next blocks' lengths, the drafts'
-    statistics, its inputs, its verify, the draft budget's gate): CUDA runs the Triton kernel (one
-    launch for the torch rule's 5-31); a
-    CPU the torch rule; an NPU the torch rule unless asked (not yet run on triton-ascend); a back
-    end that cannot run is an error naming why, never a silent fallback; ``FLUID_<OP>_BACKEND``
-    forces."""
+    """The engine's step ops (its forwards' mask, the next blocks' lengths, the drafts' statistics,
+    its inputs, its verify, the block it hit, the draft budget's gate): CUDA runs the Triton kernel
+    (one launch for the torch rule's 5-31); a CPU the torch rule; an NPU the torch rule unless asked
+    (not yet run on triton-ascend); a back end that cannot run is an error naming why, never a
+    silent fallback; ``FLUID_<OP>_BACKEND`` forces."""
     import fluid_ops.anchors
     import fluid_ops.gate
+    import fluid_ops.hits
     import fluid_ops.logit_stats
     import fluid_ops.step_inputs
     import fluid_ops.step_mask

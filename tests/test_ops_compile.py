@@ -3,11 +3,11 @@
 ``TRITON_INTERPRET=1`` (the other ``test_ops_*`` modules) checks what the kernels compute, but
 runs them as Python: it accepts code the compiler refuses (a loop-carried value that changes type,
 an op without a lowering). Here each kernel that CUDA picks by default in the engine's step — its
-inputs, its mask, its verify, the next blocks' lengths, the drafts' statistics, the draft budget's
-gate — is compiled ahead of time, through Triton's own front end, its LLVM lowering and the
-``ptxas`` its wheel ships, for an H100 / H200 (sm_90) and an A100 (sm_80), in a child process with
-its own kernel cache, in every dtype the engine launches it with. That the compiled kernel also
-computes the right thing on a real device is the ``-m gpu`` tests' part.
+inputs, its mask, its verify, the block the verify hit, the next blocks' lengths, the drafts'
+statistics, the draft budget's gate — is compiled ahead of time, through Triton's own front end, its
+LLVM lowering and the ``ptxas`` its wheel ships, for an H100 / H200 (sm_90) and an A100 (sm_80), in
+a child process with its own kernel cache, in every dtype the engine launches it with. That the
+compiled kernel also computes the right thing on a real device is the ``-m gpu`` tests' part.
 """
 
 import os
@@ -24,8 +24,8 @@ _CHILD = textwrap.dedent(
     from triton.compiler import ASTSource
 
     from fluid_ops import (
-        anchors_triton, gate_triton, logit_stats_triton, step_inputs_triton, step_mask_triton,
-        verify_triton,
+        anchors_triton, gate_triton, hits_triton, logit_stats_triton, step_inputs_triton,
+        step_mask_triton, verify_triton,
     )
     from fluid_ops.meta import MAIN, PAD
 
@@ -59,6 +59,10 @@ _CHILD = textwrap.dedent(
           "d_stride": "i32", "r_stride": "i32", "n_stride": "i32", "HAS_NOTHING": "constexpr",
           "TOKENS": "constexpr", "BLOCK": "constexpr"},
          {"HAS_NOTHING": False, "TOKENS": False, "BLOCK": 32}),
+        (hits_triton._hits_kernel,
+         {"cand_ptr": "*i64", "a_ptr": "*i64", "run_ptr": "*u8", "cut_ptr": "*u8",
+          "blk_ptr": "*i64", "has_ptr": "*u8", "hit_ptr": "*i64", "n": "i32", "c_stride": "i32",
+          "HAS_CUT": "constexpr", "BLOCK": "constexpr"}, {"HAS_CUT": True, "BLOCK": 2}),
         (gate_triton._gate_kernel,
          {"cand_ptr": "*i64", "ema_ptr": "*fp32", "run_ptr": "*u8", "done_ptr": "*u8",
           "temp_ptr": "*fp32", "out_ptr": "*i64", "rows": "i32", "n": "i32", "c_stride": "i32",
@@ -90,4 +94,4 @@ def test_the_step_kernels_compile_for_cuda_without_a_gpu(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.startswith("ok 9"), proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.startswith("ok 10"), proc.stderr[-3000:]

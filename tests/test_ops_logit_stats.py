@@ -1,8 +1,8 @@
 """Draft statistics of logits (``fluid_ops.logit_stats``): the ``triton`` back end gives the torch
 rule's argmax and, to float32 rounding, its log-probability and entropy; and the decode engine with
-every step kernel on (its inputs, the step mask, its verify, the next blocks' lengths, these
-statistics) commits the same tokens and drafts as with the torch rules — and, with the draft
-budget's gate on as well, the same tokens.
+every step kernel on (its inputs, the step mask, its verify, the block it hit, the next blocks'
+lengths, these statistics) commits the same tokens and drafts as with the torch rules — and, with
+the draft budget's gate on as well, the same tokens.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` in a child process (the flag never leaks into
 other test modules). On a lent CUDA machine (``-m gpu``) the compiled kernel is checked the same
@@ -70,9 +70,9 @@ _TRITON_CHILD = _CASES + textwrap.dedent(
     model = build_tiny_model("llama", tok, seed=3)
     texts = ["hello world", "a", "the quick brown fox jumps", "xyz", "over the lazy dog"]
     import contextlib
-    import fluid_ops.gate, fluid_ops.step_inputs, fluid_ops.verify  # (they register their ops)
+    import fluid_ops.gate, fluid_ops.hits, fluid_ops.step_inputs, fluid_ops.verify  # (their ops)
     ops = ("step_mask", "choose_anchors", "logit_stats", "step_inputs", "verify_drafts",
-           "draft_gate")
+           "draft_gate", "block_hits")
     def decode(backend, policy, adaptive=False):
         with contextlib.ExitStack() as forced:
             for op in ops:

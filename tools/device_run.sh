@@ -14,10 +14,9 @@
 # clients, the FLUID policies against `ar` on the same server build, bf16, every output that
 # differs from `ar`'s judged in fp32: [serve]'s goal; each policy's `engine` figures — step time,
 # requests a step, busy share, the engine's CPU share; the step's inputs, its mask, its verify, the
-# next blocks' lengths, the drafts' statistics and the draft budget's gate by their Triton kernels,
-# checked first), serve_gpu_c16_torch_rules.json (entropy:2 and ar with the torch rules instead,
-# FLUID_{STEP_INPUTS,STEP_MASK,VERIFY_DRAFTS,CHOOSE_ANCHORS,LOGIT_STATS,DRAFT_GATE}_BACKEND=torch:
-# the kernels' A/B), serve_gpu_c16_fp32.json (entropy:2 and ar in fp32: every output identical to
+# block it hit, the next blocks' lengths, the drafts' statistics and the draft budget's gate by
+# their Triton kernels, checked first), serve_gpu_c16_torch_rules.json (entropy:2 and ar with the
+# torch rules instead, FLUID_<OP>_BACKEND=torch for the seven: the kernels' A/B), serve_gpu_c16_fp32.json (entropy:2 and ar in fp32: every output identical to
 # `ar`'s), the kernels' GPU tests (`pytest -m gpu`, in run.log),
 # engine_gpu_bf16.json (`fluid bench sampler`, batch 1 / 8 / 32, bf16, against transformers'
 # generate; its static-cache baseline left out, since on CUDA transformers compiles it anew per
@@ -99,12 +98,12 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 [[ "${DRY:-0}" != 1 ]] && nvidia-smi >> "$LOG" 2>&1
 # the step mask's Triton kernel (one launch for the ~31 of the torch rule in a FLUID forward), the
 # next blocks' lengths' (one for 20) and the drafts' statistics' (one for 7; both twice a loaded
-# FLUID step), the step inputs' (one for ~18), the verify's (one for 9) and the draft budget's
-# gate (one for 14) are what CUDA picks: checked first; a kernel whose check fails is replaced by
-# its torch rule for the rest of the run (the others stay), and all six are when the check itself
-# does not finish
+# FLUID step), the step inputs' (one for ~18), the verify's (one for 9), the block it hit (one for
+# 8) and the draft budget's gate (one for 14) are what CUDA picks: checked first; a kernel whose
+# check fails is replaced by its torch rule for the rest of the run (the others stay), and all are
+# when the check itself does not run through
 KERNELS=(step_mask:STEP_MASK anchors:CHOOSE_ANCHORS logit_stats:LOGIT_STATS
-  step_inputs:STEP_INPUTS verify:VERIFY_DRAFTS gate:DRAFT_GATE)  # test file : op
+  step_inputs:STEP_INPUTS verify:VERIFY_DRAFTS hits:BLOCK_HITS gate:DRAFT_GATE)  # test file : op
 TORCH_RULES=()
 for pair in "${KERNELS[@]}"; do TORCH_RULES+=("FLUID_${pair#*:}_BACKEND=torch"); done
 torch_rules_for_failed() {  # torch_rules_for_failed PYTEST_OUTPUT: export what failed's rules

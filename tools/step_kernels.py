@@ -1,19 +1,20 @@
-"""What each of the decode step's six kernels saves per call on this device: the engine's own
+"""What each of the decode step's seven kernels saves per call on this device: the engine's own
 calls, replayed through the torch rule and through the Triton kernel.
 
-The six step ops (``step_inputs``, ``step_mask``, ``verify_drafts``, ``logit_stats``,
-``choose_anchors``, ``draft_gate``; docs/engine.md) each replace several small torch ops with one
-Triton launch on CUDA. What that is worth depends on the host: a launch-bound step pays each
-kernel's dispatch, and a Triton launch has its own Python-side cost. This tool decodes the prompts
-through the engine as a server does (``max_batch`` = the batch size, slots refilled as requests
-finish, the draft budget on unless ``--no-adaptive``), keeps a copy of every call's arguments, and
-then replays the calls of each op back to back with each back end that can run here — the device
-synchronised only after each pass, so the figure is what a launch-bound step pays per call — and
-reports per op: calls per decode step (a loaded server's prefills' calls included), µs per call with
-each back end, what the kernel saves per decode step, and the calls whose outputs differ (integers
-exactly; the statistics' argmax and, to 1e-4, their log-probability and entropy). Where the Triton
-back end cannot run (a CPU outside ``TRITON_INTERPRET=1``) only the torch rule is timed, and the
-reason is reported; under the interpreter the kernels run as Python (``interpreted`` in the
+The seven step ops (``step_inputs``, ``step_mask``, ``verify_drafts``, ``block_hits``,
+``logit_stats``, ``choose_anchors``, ``draft_gate``; docs/engine.md) each replace several small
+torch ops with one Triton launch on CUDA. What that is worth depends on the host: a launch-bound
+step pays each kernel's dispatch, and a Triton launch has its own Python-side cost. This tool
+decodes the prompts through the engine as a server does (``max_batch`` = the batch size, slots
+refilled as requests finish, the draft budget on unless ``--no-adaptive``), keeps a copy of every
+call's arguments, and then replays the calls of each op back to back with each back end that can run
+here — the device synchronised only after each pass, so the figure is what a launch-bound step pays
+per call — and reports per op: calls per decode step (a loaded server's prefills' calls included),
+µs per call with each back end, what the kernel saves per decode step, and the calls whose outputs
+differ (integers exactly; the statistics' argmax and, to 1e-4, their log-probability and entropy).
+Where the Triton back end cannot run (a CPU outside ``TRITON_INTERPRET=1``) only the torch rule is
+timed, and the reason is reported; under the interpreter the kernels run as Python (``interpreted``
+in the
 report): their outputs are checked, their times are no device's.
 
     python tools/step_kernels.py --model runs/demo/stage1 --khead runs/demo/stage2 \\
@@ -37,6 +38,7 @@ OPS = (
     ("step_inputs", "fluid_npu.sampling.step", "step_inputs"),
     ("step_mask", "fluid_npu.sampling.step", "step_mask"),
     ("verify_drafts", "fluid_npu.sampling.step", "verify_drafts"),
+    ("block_hits", "fluid_npu.sampling.step", "block_hits"),
     ("logit_stats", "fluid_npu.sampling.head", "logit_stats"),
     ("choose_anchors", "fluid_ops.anchors", "choose_anchors"),
     ("draft_gate", "fluid_npu.sampling.step", "draft_gate"),
@@ -52,7 +54,7 @@ def _copy(x: Any) -> Any:
 
 def capture(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptive: bool,
             max_new: int) -> tuple[dict[str, list], int]:  # fmt: skip
-    """Every call of the six ops in one warm pass of the engine, and its decode steps."""
+    """Every call of the seven ops in one warm pass of the engine, and its decode steps."""
     import importlib
 
     from fluid_npu.sampling.offline import run_requests

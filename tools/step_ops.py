@@ -14,7 +14,8 @@ back end makes one launch on CUDA; ``anchor_kernels_per_decode_step`` / ``_per_p
 blocks' lengths', ``fluid_ops.choose_anchors``, likewise; ``stats_kernels_per_…``: the drafts'
 statistics of their logits, ``fluid_ops.logit_stats``, likewise; ``inputs_kernels_per_decode_step``:
 a decode step's inputs, ``fluid_npu.sampling.step_inputs``, likewise; ``verify_…`` / ``gate_…``:
-its verify, ``fluid_ops.verify``, and the draft budget's gate, ``fluid_ops.gate``, likewise).
+its verify, ``fluid_ops.verify``, and the draft budget's gate, ``fluid_ops.gate``, likewise;
+``hits_…``: the block the accepted length hit, ``fluid_ops.hits``, likewise).
 ``kernels`` leaves out view ops (``is_view``) and those that only touch metadata (``NO_LAUNCH``:
 ``to`` that needs no copy, ``detach_``, a Python scalar wrapped on the host, ...): no launch on any
 device. On a CPU the small input tensors a step builds on the host before moving them are counted
@@ -41,7 +42,7 @@ NO_LAUNCH = {
 }  # fmt: skip
 
 
-SHARES = ("mask", "anchors", "stats", "inputs", "verify", "gate")  # the step ops counted apart
+SHARES = ("mask", "anchors", "stats", "inputs", "verify", "hits", "gate")  # step ops counted apart
 
 
 def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptive: bool,
@@ -99,6 +100,8 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
     engine_step.step_inputs = within("inputs", inputs_rule)
     verify_rule = engine_step.verify_drafts  # the verify (fluid_ops.verify), counted apart
     engine_step.verify_drafts = within("verify", verify_rule)
+    hits_rule = engine_step.block_hits  # the block the verify hit (fluid_ops.hits), counted apart
+    engine_step.block_hits = within("hits", hits_rule)
     gate_rule = engine_step.draft_gate  # the draft budget's gate (fluid_ops.gate), counted apart
     engine_step.draft_gate = within("gate", gate_rule)
     sched._decode = within("decode", sched._decode)
@@ -119,6 +122,7 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         engine_step.step_inputs = inputs_rule
         engine_step.verify_drafts = verify_rule
         engine_step.draft_gate = gate_rule
+        engine_step.block_hits = hits_rule
         sched.close()
     steps, forwards = calls["decode"], calls["forward"]
     prefills = sched.prefill_forwards - before
@@ -153,6 +157,8 @@ def count(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptiv
         # drafting only): likewise one launch each
         "verify_kernels_per_decode_step": per(kernels["verify_decode"], steps),
         "gate_kernels_per_decode_step": per(kernels["gate_decode"], steps),
+        # the block the accepted length hit (fluid_ops.hits): likewise
+        "hits_kernels_per_decode_step": per(kernels["hits_decode"], steps),
     }
 
 
@@ -176,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             f"a prefill; the drafts' statistics {row['stats_kernels_per_decode_step']} / "
             f"{row['stats_kernels_per_prefill']}; a decode step's inputs "
             f"{row['inputs_kernels_per_decode_step']}; its verify "
-            f"{row['verify_kernels_per_decode_step']}; the draft budget's gate "
+            f"{row['verify_kernels_per_decode_step']}; the block it hit "
+            f"{row['hits_kernels_per_decode_step']}; the draft budget's gate "
             f"{row['gate_kernels_per_decode_step']})",
             flush=True,
         )

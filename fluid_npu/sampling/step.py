@@ -30,6 +30,7 @@ from fluid_npu.sampling.sampled import SampledMixin
 from fluid_npu.sampling.step_inputs import step_inputs
 from fluid_npu.sampling.stops import StopsMixin
 from fluid_ops.gate import draft_gate
+from fluid_ops.hits import block_hits
 from fluid_ops.step_mask import step_mask
 from fluid_ops.verify import commit_tokens, verify_drafts
 
@@ -302,18 +303,16 @@ class StepMixin(SampledMixin, ConstrainedMixin, StopsMixin, EventsMixin):
         self.paid[:hi] = False
         blocks_had = (cand >= 0).sum(dim=1)  # candidate blocks each row had in this step
         hit_block = torch.full_like(a, -1)  # which of them the accepted length hit (-1: none)
-        if n_blocks:
-            hit = cand == a[:, None]
-            has = hit.any(dim=1) & run
-            if arm_cut is not None:  # its block was drafted after tokens it did not commit
-                has = has & ~arm_cut
+        if n_blocks:  # the block anchored at the accepted length (fluid_ops.hits: one launch on
+            # CUDA); a row whose grammar cut its step has none: the block was drafted after
+            # tokens it did not commit
+            blk, has, hit_block = block_hits(cand, a, run, arm_cut)
             rows = torch.arange(hi, device=dev)
-            sel = hidden[:, big_m + 1 :].view(hi, n_blocks, k, -1)[rows, hit.long().argmax(dim=1)]
+            sel = hidden[:, big_m + 1 :].view(hi, n_blocks, k, -1)[rows, blk]
             drafted, conf, keep = self._draft(slice(0, hi), sel, hidden[rows, a], first)
             m_next = torch.where(has, keep, 0)
             self.drafts[:hi, :k], self.logp[:hi, :k] = drafted, conf
             self.paid[:hi] = has  # the next verify judges a block this row paid for
-            hit_block = torch.where(has, hit.long().argmax(dim=1), -1)
         cand_next = torch.full((hi, self.anchors), -1, dtype=torch.long, device=dev)
         probe = self.adaptive and bool(k) and self.budget.probe_due(hi)
         # a plain AR step of a batch where no row drafts and no probe is due leaves every row AR:
