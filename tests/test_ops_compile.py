@@ -63,6 +63,10 @@ _CHILD = textwrap.dedent(
          {"cand_ptr": "*i64", "a_ptr": "*i64", "run_ptr": "*u8", "cut_ptr": "*u8",
           "blk_ptr": "*i64", "has_ptr": "*u8", "hit_ptr": "*i64", "n": "i32", "c_stride": "i32",
           "HAS_CUT": "constexpr", "BLOCK": "constexpr"}, {"HAS_CUT": True, "BLOCK": 2}),
+        (hits_triton._hits_kernel,
+         {"cand_ptr": "*i64", "a_ptr": "*i64", "run_ptr": "*u8", "cut_ptr": "*i64",
+          "blk_ptr": "*i64", "has_ptr": "*u8", "hit_ptr": "*i64", "n": "i32", "c_stride": "i32",
+          "HAS_CUT": "constexpr", "BLOCK": "constexpr"}, {"HAS_CUT": False, "BLOCK": 1}),
         (gate_triton._gate_kernel,
          {"cand_ptr": "*i64", "ema_ptr": "*fp32", "run_ptr": "*u8", "done_ptr": "*u8",
           "temp_ptr": "*fp32", "out_ptr": "*i64", "rows": "i32", "n": "i32", "c_stride": "i32",
@@ -94,4 +98,4 @@ def test_the_step_kernels_compile_for_cuda_without_a_gpu(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.startswith("ok 10"), proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.startswith("ok 11"), proc.stderr[-3000:]
