@@ -10,7 +10,7 @@ import torch
 from test_scheduler import TEXTS, _assert_same, _greedy_alone
 
 from fluid_npu.model.tiny import build_tiny_model, build_tiny_tokenizer
-from fluid_npu.sampling.drafting import HISTORY, MARGIN, DraftBudget
+from fluid_npu.sampling.drafting import DEFAULT_PRICE, HISTORY, MARGIN, WINDOW, DraftBudget
 from fluid_npu.sampling.offline import run_requests
 from fluid_npu.sampling.scheduler import Request, Scheduler
 
@@ -140,6 +140,40 @@ def test_the_budget_is_cautious_where_width_costs_and_deaf_to_a_busy_host():
     cheap = budget.probe_interval(4)
     budget.record(4, 1, 0.0001)  # AR steps are now far cheaper than drafting ones
     assert budget.price(4) > 10 and budget.probe_interval(4) >= 10 * budget.price(4) > cheap
+
+
+def test_drafting_timed_on_a_busy_host_does_not_price_it_out_once_the_host_is_quiet():
+    """Where drafting does not run, its shapes are timed again only by the rare probes while every
+    AR step re-times AR: drafting shapes timed while the host was busy (AR steps three times dearer
+    than now) no longer count, so a server whose first steps ran beside other work drafts again
+    once it runs alone; on a steady host nothing is dropped."""
+
+    def cost(rows, width, busy=1.0):  # an overhead-bound step: 4 ms + 2 us a token
+        return busy * (0.004 + 2e-6 * rows * width)
+
+    steady, recovered = (DraftBudget(16, fixed=False, adaptive=True) for _ in range(2))
+    for budget, busy in ((steady, 1.0), (recovered, 3.0)):
+        for _ in range(40):
+            budget.observe(16, 7)  # drafts earn 7 a verify
+        budget.record(16, 1, cost(16, 1, busy))
+        for width in (9, 17, 33):
+            for rows in (12, 14, 16):
+                budget.record(rows, width, cost(rows, width, busy))
+    quiet = steady.price(16)
+    assert quiet < 1 and recovered.price(16) == pytest.approx(quiet)  # (both timed alike)
+    for _ in range(WINDOW):  # the host is quiet again: AR steps at their quiet cost
+        recovered.record(16, 1, cost(16, 1))
+        steady.record(16, 1, cost(16, 1))
+    assert steady.price(16) == pytest.approx(quiet) and not steady.needs_prefill_timing()
+    # the busy drafting timings (price ~3 against AR's quiet cost) are dropped: the prior price,
+    # and the prefill forwards are timed again until drafting shapes run on the quiet host
+    assert recovered.price(16) == pytest.approx(DEFAULT_PRICE) and recovered.needs_prefill_timing()
+    recovered.record_prefill(16 * 17, cost(16, 17))
+    recovered.record_prefill(16 * 33, cost(16, 33))
+    assert recovered.price(16) == pytest.approx(quiet)
+    # a host that got busier keeps what it measured before (the least of the timings)
+    steady.record(16, 1, cost(16, 1, 3.0))
+    assert steady.price(16) == pytest.approx(quiet)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

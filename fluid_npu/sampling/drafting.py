@@ -30,7 +30,9 @@ Until two drafting shapes have run, the prefill forwards (``record_prefill``) st
 engine's first decode steps already know what width costs: a wide batch on a CPU does not open
 with a second block it cannot afford (one is tried only while it adds at most ``MEASURE_SHARE`` to
 a step); after that prefills are no longer timed (``needs_prefill_timing``: timing one waits for
-the device mid-step).
+the device mid-step). A drafting shape or a prefill timed while AR steps cost ``ERA`` times what
+they cost now no longer counts (a host since freed of other work: where drafting does not run, only
+the rare probes would re-time it), so the prefills stand in again until drafting shapes run.
 Expected accepted drafts come from the verify history: ``P(a ≥ j)`` among verifies whose block
 reached depth ``j``; a drafting row commits ``1 + hit_rate · E[a]`` tokens a step, where
 ``hit_rate`` is the measured share of its steps whose accept length hit one of its blocks (the
@@ -58,6 +60,9 @@ PROBE_SHARE = 0.05  # ... and at most this share of the AR steps' time spent pro
 MEASURE_SHARE = 0.25  # a second block is tried only while it adds at most this share to a step
 HISTORY = 4096  # verifies counted before the acceptance counts are halved (recent past weighs most)
 MARGIN = 0.1  # a block must beat plain AR by this share of its cost: break-even choices go to AR
+# a drafting shape (or a prefill) timed while AR steps cost this many times what they cost now was
+# timed on a busier host: it no longer counts (``cost_model``)
+ERA = 1.4
 
 
 class DraftBudget:
@@ -68,6 +73,9 @@ class DraftBudget:
         self.step_cost: dict[tuple[int, int], float] = {}  # (rows, width) -> seconds
         self.prefill_cost: dict[int, float] = {}  # tokens of a prefill forward -> seconds
         self._timings: dict[object, deque[float]] = {}
+        # what an AR step cost when a drafting shape or a prefill was last timed: (rows, seconds)
+        self._ar_then: dict[object, tuple[int, float]] = {}
+        self._ar_rows: int | None = None  # the rows of the AR step recorded last
         self.verifies_by_len = [0] * (k + 1)  # verifies of drafts from blocks of length L
         self.accepted_by_count = [0] * (k + 2)  # verifies that accepted a drafts
         self.length = k  # the block length chosen last
@@ -85,19 +93,25 @@ class DraftBudget:
     def record(self, rows: int, width: int, seconds: float) -> None:
         """A decode step of ``rows`` × ``width`` tokens took ``seconds`` (width 1: plain AR)."""
         self.step_cost[(rows, width)] = self._least_recent((rows, width), seconds)
+        if width == 1:
+            self._ar_rows = rows
+        else:
+            self._mark((rows, width), rows)
         self._fit = None
         self._decode_steps += 1
 
     def record_prefill(self, tokens: int, seconds: float) -> None:
         """A prefill forward of ``tokens`` tokens (slots included) took ``seconds``."""
         self.prefill_cost[tokens] = self._least_recent(("prefill", tokens), seconds)
+        if self._ar_rows is not None:
+            self._mark(("prefill", tokens), self._ar_rows)
         self._fit = None
 
     def needs_prefill_timing(self) -> bool:
         """Whether ``cost_model`` still reads prefill forwards: until two drafting step shapes
         (token counts) have run. After that a prefill is not timed, so the engine spares the
         device synchronisation its timing takes (one a step in a loaded server)."""
-        return len({r * w for (r, w) in self.step_cost if w > 1}) < 2
+        return len({r * w for (r, w) in self.step_cost if w > 1 and self._current((r, w))}) < 2
 
     def _least_recent(self, key: object, seconds: float) -> float:
         """The least of a shape's last ``WINDOW`` timings: robust to a host busy with other work
@@ -105,6 +119,28 @@ class DraftBudget:
         timings = self._timings.setdefault(key, deque(maxlen=WINDOW))
         timings.append(seconds)
         return min(timings)
+
+    def _ar_at(self, rows: int) -> float | None:
+        """An AR step's measured cost at ``rows`` (or at the nearest row count measured)."""
+        ar = [r for (r, w) in self.step_cost if w == 1]
+        if not ar:
+            return None
+        return self.step_cost[(min(ar, key=lambda r: (abs(r - rows), r)), 1)]
+
+    def _mark(self, key: object, rows: int) -> None:
+        """Remember what an AR step of ``rows`` costs as ``key`` is timed (its era)."""
+        ar = self._ar_at(rows)
+        if ar is not None:
+            self._ar_then[key] = (rows, ar)
+
+    def _current(self, key: object) -> bool:
+        """Whether ``key``'s timing is of this host's present: not taken while AR steps cost
+        ``ERA`` times what they cost now (a host since freed of other work)."""
+        then = self._ar_then.get(key)
+        if then is None:
+            return True
+        now = self._ar_at(then[0])
+        return now is None or now * ERA >= then[1]
 
     def observe(self, drafted_len: int, accepted: int) -> None:
         """A verify of drafts from a block of ``drafted_len`` slots accepted ``accepted``."""
@@ -134,11 +170,19 @@ class DraftBudget:
         """``(c0, c1)``: a drafting step's seconds ≈ c0 + c1 · tokens, least squares over the
         drafting shapes seen, the prefill forwards added until two token counts ran (None until
         then). Plain AR steps (width 1) are kept apart: a drafting step also pays for reading its
-        slots, which width alone does not tell."""
+        slots, which width alone does not tell.
+
+        A shape timed while AR steps cost ``ERA`` times what they cost now is left out: where
+        drafting does not pay its shapes are timed again only by the rare probes, while every AR
+        step re-times AR, so drafting timed on a busy host would keep it priced out long after
+        the host is quiet, its rows never drafting to show otherwise. With fewer than two current
+        drafting shapes the prefill forwards stand in again (and are timed again) until they run."""
         if self._fit is None:
-            pts = [(r * w, t) for (r, w), t in self.step_cost.items() if w > 1]
+            pts = [(r * w, t) for (r, w), t in self.step_cost.items()
+                   if w > 1 and self._current((r, w))]  # fmt: skip
             if len({x for x, _ in pts}) < 2:
-                pts += list(self.prefill_cost.items())
+                pts += [(n, t) for n, t in self.prefill_cost.items()
+                        if self._current(("prefill", n))]  # fmt: skip
             if len({x for x, _ in pts}) < 2:
                 return None
             n = len(pts)
