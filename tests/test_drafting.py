@@ -174,6 +174,14 @@ def test_drafting_timed_on_a_busy_host_does_not_price_it_out_once_the_host_is_qu
     # a host that got busier keeps what it measured before (the least of the timings)
     steady.record(16, 1, cost(16, 1, 3.0))
     assert steady.price(16) == pytest.approx(quiet)
+    # AR measured later at fewer rows is cheaper for its rows, not for a quieter host: each shape
+    # is compared with the AR shape it was timed beside (here a compute-bound 1 ms + 100 us a token)
+    wide = DraftBudget(16, fixed=False, adaptive=True)
+    wide.record(32, 1, 0.001 + 100e-6 * 32)
+    wide.record(16, 33, 0.001 + 100e-6 * 16 * 33)
+    wide.record(16, 17, 0.001 + 100e-6 * 16 * 17)
+    wide.record(16, 1, 0.001 + 100e-6 * 16)  # 0.62 of the 32-row step
+    assert not wide.needs_prefill_timing() and wide.cost_model() == pytest.approx((0.001, 100e-6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

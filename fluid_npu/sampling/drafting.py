@@ -73,7 +73,7 @@ class DraftBudget:
         self.step_cost: dict[tuple[int, int], float] = {}  # (rows, width) -> seconds
         self.prefill_cost: dict[int, float] = {}  # tokens of a prefill forward -> seconds
         self._timings: dict[object, deque[float]] = {}
-        # what an AR step cost when a drafting shape or a prefill was last timed: (rows, seconds)
+        # what an AR shape cost when a drafting shape or a prefill was last timed: (rows, seconds)
         self._ar_then: dict[object, tuple[int, float]] = {}
         self._ar_rows: int | None = None  # the rows of the AR step recorded last
         self.verifies_by_len = [0] * (k + 1)  # verifies of drafts from blocks of length L
@@ -120,26 +120,19 @@ class DraftBudget:
         timings.append(seconds)
         return min(timings)
 
-    def _ar_at(self, rows: int) -> float | None:
-        """An AR step's measured cost at ``rows`` (or at the nearest row count measured)."""
-        ar = [r for (r, w) in self.step_cost if w == 1]
-        if not ar:
-            return None
-        return self.step_cost[(min(ar, key=lambda r: (abs(r - rows), r)), 1)]
-
     def _mark(self, key: object, rows: int) -> None:
-        """Remember what an AR step of ``rows`` costs as ``key`` is timed (its era)."""
-        ar = self._ar_at(rows)
-        if ar is not None:
-            self._ar_then[key] = (rows, ar)
+        """Remember, as ``key`` is timed (its era), what the AR step measured nearest ``rows``
+        rows costs — the same AR shape is compared later, whatever else gets measured since."""
+        ar = [r for (r, w) in self.step_cost if w == 1]
+        if ar:
+            near = min(ar, key=lambda r: (abs(r - rows), r))
+            self._ar_then[key] = (near, self.step_cost[(near, 1)])
 
     def _current(self, key: object) -> bool:
-        """Whether ``key``'s timing is of this host's present: not taken while AR steps cost
-        ``ERA`` times what they cost now (a host since freed of other work)."""
+        """Whether ``key``'s timing is of this host's present: not taken while its AR shape cost
+        ``ERA`` times what it costs now (a host since freed of other work)."""
         then = self._ar_then.get(key)
-        if then is None:
-            return True
-        now = self._ar_at(then[0])
+        now = None if then is None else self.step_cost.get((then[0], 1))
         return now is None or now * ERA >= then[1]
 
     def observe(self, drafted_len: int, accepted: int) -> None:
