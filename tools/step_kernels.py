@@ -52,9 +52,13 @@ def _copy(x: Any) -> Any:
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
 
 
+Calls = dict[str, list]
+
+
 def capture(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adaptive: bool,
-            max_new: int) -> tuple[dict[str, list], int]:  # fmt: skip
-    """Every call of the seven ops in one warm pass of the engine, and its decode steps."""
+            max_new: int, max_calls: int) -> tuple[Calls, dict[str, int], int]:  # fmt: skip
+    """The calls of the seven ops in one warm pass of the engine (each op's first ``max_calls``:
+    a large vocabulary's logits are kept per call), and its decode steps."""
     import importlib
 
     from fluid_npu.sampling.offline import run_requests
@@ -63,6 +67,7 @@ def capture(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adapt
     sched = Scheduler(fluid.model, fluid.mask_id, policy=policy, khead=fluid.khead,
                       max_batch=batch, adaptive=adaptive, host_step=False)  # fmt: skip
     calls: dict[str, list] = {op: [] for op, _, _ in OPS}
+    seen = dict.fromkeys(calls, 0)
     keeping = [False]
     originals = []
     for op, module, name in OPS:
@@ -72,7 +77,9 @@ def capture(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adapt
 
         def kept(*a: Any, _op: str = op, _rule: Callable = rule, **kw: Any) -> Any:
             if keeping[0]:
-                calls[_op].append(([_copy(x) for x in a], {k: _copy(v) for k, v in kw.items()}))
+                seen[_op] += 1
+                if len(calls[_op]) < max_calls:
+                    calls[_op].append(([_copy(x) for x in a], {k: _copy(v) for k, v in kw.items()}))
             return _rule(*a, **kw)
 
         setattr(mod, name, kept)
@@ -93,7 +100,7 @@ def capture(fluid: Any, prompts: list[list[int]], batch: int, policy: str, adapt
         for mod, name, rule in originals:
             setattr(mod, name, rule)
         sched.close()
-    return calls, steps[0]
+    return calls, seen, steps[0]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -122,8 +129,10 @@ def replay(op: str, fn: Callable, calls: list, backend: str, repeats: int,
     return (time.perf_counter() - start) / (repeats * len(calls)) * 1e6
 
 
-def measure(calls: dict[str, list], steps: int, repeats: int, device: torch.device) -> dict:
-    """Per op: calls per decode step, µs per call with each back end, the saving per step."""
+def measure(calls: dict[str, list], seen: dict[str, int], steps: int, repeats: int,
+            device: torch.device) -> dict:  # fmt: skip
+    """Per op: calls per decode step (``seen``: all its calls, kept or not), µs per call with each
+    back end, the saving per step."""
     import importlib
 
     from fluid_ops import dispatch
@@ -132,8 +141,9 @@ def measure(calls: dict[str, list], steps: int, repeats: int, device: torch.devi
     saved = 0.0
     for op, module, name in OPS:
         fn = getattr(importlib.import_module(module), name)
-        per_step = round(len(calls[op]) / max(steps, 1), 2)
-        row: dict[str, Any] = {"calls": len(calls[op]), "calls_per_decode_step": per_step}
+        per_step = round(seen[op] / max(steps, 1), 2)
+        row: dict[str, Any] = {"calls": seen[op], "calls_timed": len(calls[op]),
+                               "calls_per_decode_step": per_step}  # fmt: skip
         if not calls[op]:
             out[op] = row
             continue
@@ -162,16 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = engine_parser(__doc__ or "")
     ap.add_argument("--no-adaptive", action="store_true", help="the draft budget off")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes over the calls")
+    ap.add_argument("--max-calls", type=int, default=256, help="calls kept and timed per op")
     args = ap.parse_args(argv)
     fluid, prompts = load(args)
     report: dict[str, Any] = {**report_head(argv, fluid, prompts, args),
                               "interpreted": os.environ.get("TRITON_INTERPRET") == "1",
                               "rows": []}  # fmt: skip
     for batch, policy in grid(args):
-        calls, steps = capture(fluid, prompts, batch, policy, not args.no_adaptive,
-                               args.max_new_tokens)  # fmt: skip
+        calls, seen, steps = capture(fluid, prompts, batch, policy, not args.no_adaptive,
+                                     args.max_new_tokens, args.max_calls)  # fmt: skip
         row = {"batch_size": batch, "policy": policy, "decode_steps": steps,
-               **measure(calls, steps, args.repeats, fluid.device)}  # fmt: skip
+               **measure(calls, seen, steps, args.repeats, fluid.device)}  # fmt: skip
         report["rows"].append(row)
         parts = []
         for op, _, _ in OPS:
