@@ -113,8 +113,7 @@ def _same(a: Any, b: Any) -> bool:
     return bool(torch.equal(a, b))
 
 
-def replay(op: str, fn: Callable, calls: list, backend: str, repeats: int,
-           device: torch.device) -> float:  # fmt: skip
+def replay(fn: Callable, calls: list, backend: str, repeats: int, device: torch.device) -> float:
     """µs per call of ``calls`` through ``backend``, back to back (one warm pass first)."""
     from fluid_npu import device as devices
 
@@ -147,14 +146,12 @@ def measure(calls: dict[str, list], seen: dict[str, int], steps: int, repeats: i
         if not calls[op]:
             out[op] = row
             continue
-        row["torch_us_per_call"] = round(replay(op, fn, calls[op], "torch", repeats, device), 2)
+        row["torch_us_per_call"] = round(replay(fn, calls[op], "torch", repeats, device), 2)
         why = dispatch.why_unavailable(op, "triton", device)
         if why is not None:
             row["triton_unavailable"] = why
         else:
-            row["triton_us_per_call"] = round(
-                replay(op, fn, calls[op], "triton", repeats, device), 2
-            )
+            row["triton_us_per_call"] = round(replay(fn, calls[op], "triton", repeats, device), 2)
             row["differing_calls"] = sum(
                 not _same(fn(*a, **kw, backend="triton"), fn(*a, **kw, backend="torch"))
                 for a, kw in calls[op]
